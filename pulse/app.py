@@ -1,0 +1,103 @@
+"""create_app(settings): the Quart app, its extensions, blueprints and lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import cast
+
+import asyncpg
+from quart import Quart, current_app
+from quart_schema import QuartSchema
+
+from pulse.auth.tokens import TokenVerifier
+from pulse.config import Settings
+from pulse.db.embedded import embedded_postgres
+from pulse.db.migrate import migrate
+from pulse.db.pool import connect, create_pool
+from pulse.errors import register_error_handlers
+from pulse.ops.metrics import Metrics
+from pulse.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+@dataclasses.dataclass
+class Runtime:
+    """What a running process owns; built at startup, torn down at shutdown."""
+
+    settings: Settings
+    metrics: Metrics
+    verifier: TokenVerifier
+    supervisor: Supervisor
+    started_at: float
+    dsn: str = ""
+    pool: asyncpg.Pool = None
+
+
+def runtime() -> Runtime:
+    return cast(Runtime, current_app.extensions["pulse"])
+
+
+def create_app(settings: Settings | None = None) -> Quart:
+    settings = settings or Settings.from_env()
+    app = Quart("pulse")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    QuartSchema(
+        app,
+        info={"title": "Pulse", "version": "1"},  # type: ignore[arg-type]
+        openapi_path="/openapi.json",
+        swagger_ui_path="/docs",
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+    )
+    register_error_handlers(app)
+    rt = Runtime(
+        settings=settings,
+        metrics=Metrics(),
+        verifier=TokenVerifier.from_settings(settings),
+        supervisor=Supervisor(),
+        started_at=time.monotonic(),
+    )
+    app.extensions["pulse"] = rt
+    exit_stack = contextlib.AsyncExitStack()
+
+    from pulse.ingest.routes import blueprint as ingest_bp
+    from pulse.ops.routes import blueprint as ops_bp
+
+    for bp in (ops_bp, ingest_bp):
+        app.register_blueprint(bp)
+
+    @app.before_serving
+    async def _start() -> None:
+        await exit_stack.__aenter__()
+        rt.dsn = settings.database_url or await _start_embedded(exit_stack, settings)
+        rt.pool = await create_pool(rt.dsn, max_size=settings.db_pool_size)
+        exit_stack.push_async_callback(rt.pool.close)
+        exit_stack.push_async_callback(rt.supervisor.stop)
+
+    @app.after_serving
+    async def _stop() -> None:
+        await exit_stack.aclose()
+
+    return app
+
+
+async def _start_embedded(stack: contextlib.AsyncExitStack, settings: Settings) -> str:
+    loop = asyncio.get_running_loop()
+    cm = embedded_postgres(settings.data_dir)
+    dsn = await loop.run_in_executor(None, cm.__enter__)
+    stack.push_async_callback(loop.run_in_executor, None, cm.__exit__, None, None, None)
+    conn = await connect(dsn)
+    try:
+        applied = await migrate(conn)
+        if applied:
+            log.info("embedded database migrated: %s", ", ".join(applied))
+    finally:
+        await conn.close()
+    return dsn

@@ -1,0 +1,84 @@
+"""Settings: the only place that reads the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "pulse"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    port: int = 8000
+    data_dir: Path = dataclasses.field(default_factory=_default_data_dir)
+
+    jwt_secret: str | None = None
+    jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+
+    max_connections: int = 10_000
+    max_connections_per_tenant: int = 100
+    max_device_filters: int = 1000
+    queue_size: int = 1000
+
+    stale_after_s: float = 30.0
+    offline_after_s: float = 300.0
+    ws_keepalive_s: float = 10.0
+    ws_ping_s: float = 30.0
+    sse_keepalive_s: float = 15.0
+    allowed_origins: tuple[str, ...] = ()
+
+    retention_hours: float = 168.0
+    shutdown_timeout_s: float = 10.0
+    ingest_rate_per_device: float = 100.0
+    ingest_burst_per_device: int = 200
+    db_pool_size: int = 10
+    listener_backoff_max_s: float = 5.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, object] = {}
+        for name, field in fields.items():
+            key = _env_key(name)
+            raw = env.get(key)
+            if raw is None or raw == "":
+                continue
+            values[name] = _parse(key, raw, str(field.type))
+        return cls(**values)  # type: ignore[arg-type]
+
+
+_PLAIN_KEYS = {"database_url": "DATABASE_URL", "port": "PORT"}
+
+
+def _env_key(name: str) -> str:
+    return _PLAIN_KEYS.get(name) or "PULSE_" + name.upper()
+
+
+def _parse(key: str, raw: str, type_name: str) -> object:
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if type_name == "Path":
+            return Path(raw).expanduser()
+        if type_name.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{key}={raw!r} is not a valid {type_name}") from exc
+    return raw

@@ -1,0 +1,84 @@
+"""Applies the numbered .sql files of migrations/ in order, each once."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+from importlib import resources
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+# Any constant shared by every runner: concurrent `pulse migrate` runs queue here.
+_LOCK_KEY = 0x70756C7365  # "pulse"
+_FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def discover(package: str = "pulse.migrations") -> list[Migration]:
+    found = []
+    for entry in resources.files(package).iterdir():
+        match = _FILE_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), entry.name, entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"two migrations share a number: {versions}")
+    return found
+
+
+async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
+    """Apply what is missing; return the names applied by this call."""
+    migrations = discover() if migrations is None else migrations
+    applied_now: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS pulse_migrations (
+                   version    integer PRIMARY KEY,
+                   name       text NOT NULL,
+                   checksum   text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        rows = await conn.fetch("SELECT version, name, checksum FROM pulse_migrations")
+        applied = {row["version"]: row for row in rows}
+        for migration in migrations:
+            done = applied.get(migration.version)
+            if done is not None:
+                if done["checksum"] != migration.checksum:
+                    raise MigrationError(
+                        f"migration {migration.name} was edited after it was applied "
+                        f"(recorded as {done['name']}); add a new migration instead"
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO pulse_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
+                )
+            log.info("applied migration %s", migration.name)
+            applied_now.append(migration.name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    return applied_now

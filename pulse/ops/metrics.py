@@ -1,0 +1,53 @@
+"""Prometheus metrics, one registry per app so several apps can live in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge(
+            "pulse_stream_connections", "Open stream connections", ["kind"], registry=r
+        )
+        self.events_delivered = Counter(
+            "pulse_events_delivered", "Events queued to stream clients", ["kind"], registry=r
+        )
+        self.events_dropped_lagging = Counter(
+            "pulse_events_dropped_lagging",
+            "Events not queued because the client was disconnected as lagging",
+            ["kind"],
+            registry=r,
+        )
+        self.lagging_disconnects = Counter(
+            "pulse_lagging_disconnects", "Clients disconnected as lagging", ["kind"], registry=r
+        )
+        self.listener_reconnects = Counter(
+            "pulse_listener_reconnects", "Reconnects of the LISTEN connection", registry=r
+        )
+        self.listener_connected = Gauge(
+            "pulse_listener_connected", "1 while the LISTEN connection is up", registry=r
+        )
+        self.ingest_rows = Counter(
+            "pulse_ingest_rows", "Telemetry rows committed", ["endpoint"], registry=r
+        )
+        self.ingest_rejected = Counter(
+            "pulse_ingest_rejected", "Ingest messages rejected", ["reason"], registry=r
+        )
+        self.ingest_latency = Histogram(
+            "pulse_ingest_latency_seconds",
+            "Ingest request latency, receipt to commit",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.fetch_latency = Histogram(
+            "pulse_listener_fetch_seconds",
+            "Time to read notified rows from the table",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )

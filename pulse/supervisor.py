@@ -1,0 +1,52 @@
+"""Owns the long-running side tasks: starts them, restarts the ones that die, stops them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+
+class Supervisor:
+    def __init__(self, *, max_backoff_s: float = 30.0) -> None:
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._max_backoff_s = max_backoff_s
+        self.restarts: dict[str, int] = {}
+
+    def start(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run ``run()`` under ``name``; if it returns or raises, log it and run it again."""
+        if name in self._tasks:
+            raise ValueError(f"task {name!r} already running")
+        self.restarts[name] = 0
+        self._tasks[name] = asyncio.create_task(self._watch(name, run), name=f"pulse:{name}")
+
+    async def _watch(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await run()
+                log.error("task %s returned; restarting it", name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("task %s died; restarting it in %.1f s", name, delay)
+            self.restarts[name] += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_backoff_s)
+
+    def running(self) -> dict[str, bool]:
+        return {name: not task.done() for name, task in self._tasks.items()}
+
+    async def stop(self) -> None:
+        """Cancel every task, newest first, and wait for each to finish."""
+        for name in reversed(list(self._tasks)):
+            task = self._tasks.pop(name)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("task %s failed while stopping", name)

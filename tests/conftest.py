@@ -1,0 +1,124 @@
+"""Shared fixtures: a real PostgreSQL, a template database, real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from pulse.auth.dev_tokens import mint_token
+from pulse.config import Settings
+from pulse.db.migrate import migrate
+from pulse.db.pool import connect, create_pool
+from tests.support import TEST_SECRET, dsn_for, running_server
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server: PULSE_TEST_DATABASE_URL, else an embedded one for this session."""
+    url = os.environ.get("PULSE_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from pulse.db.embedded import embedded_postgres
+
+    with embedded_postgres(tmp_path_factory.mktemp("embedded-pg")) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_dsn: str) -> Iterator[str]:
+    """A database migrated once per session; each test copies it."""
+    name = f"pulse_tpl_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        admin = await asyncpg.connect(pg_admin_dsn)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        conn = await connect(dsn_for(pg_admin_dsn, name))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    yield name
+    asyncio.run(_drop_database(pg_admin_dsn, name))
+
+
+async def _drop_database(admin_dsn: str, name: str) -> None:
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def database_url(pg_admin_dsn: str, template_db: str) -> AsyncIterator[str]:
+    """A fresh database for this test, copied from the migrated template."""
+    name = f"pulse_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    finally:
+        await admin.close()
+    yield dsn_for(pg_admin_dsn, name)
+    await _drop_database(pg_admin_dsn, name)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await create_pool(database_url, max_size=10)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(database_url=database_url, jwt_secret=TEST_SECRET, data_dir=tmp_path)
+
+
+@pytest.fixture
+def make_token() -> Callable[..., str]:
+    def make(
+        tenant_id: str | None = "t1", roles: tuple[str, ...] = ("customer",), **kw: Any
+    ) -> str:
+        return mint_token(TEST_SECRET, tenant_id=tenant_id, roles=roles, **kw)
+
+    return make
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[str]:
+    """A real Pulse server on a loopback port, in this test's event loop; yields its base URL."""
+    async with running_server(settings) as url:
+        yield url
+
+
+@pytest.fixture
+async def http(server: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every test that reaches PostgreSQL is marked `db`, so CI can rerun just
+    # those against a second server.
+    for item in items:
+        if "pg_admin_dsn" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.db)
