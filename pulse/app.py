@@ -67,10 +67,11 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.extensions["pulse"] = rt
     exit_stack = contextlib.AsyncExitStack()
 
+    from pulse.fleet.devices import blueprint as devices_bp
     from pulse.ingest.routes import blueprint as ingest_bp
     from pulse.ops.routes import blueprint as ops_bp
 
-    for bp in (ops_bp, ingest_bp):
+    for bp in (ops_bp, ingest_bp, devices_bp):
         app.register_blueprint(bp)
 
     @app.before_serving
