@@ -1,51 +1,171 @@
-"""JWT verification: pure, no web framework. (Minimal HS256 version; JWKS to come.)"""
+"""JWT verification (CONTRACT section 1): pure, no web framework.
+
+``TokenVerifier.verify`` turns a compact JWT into a ``Principal`` or raises
+``AuthError`` (401-like) or ``Forbidden`` (403-like).
+"""
 
 from __future__ import annotations
 
-import time
+import logging
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from joserfc import jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import OctKey
+from joserfc import jws, jwt
+from joserfc.errors import (
+    ExpiredTokenError,
+    InvalidClaimError,
+    JoseError,
+    MissingClaimError,
+)
+from joserfc.jwk import KeySet, OctKey
+from joserfc.jwt import ClaimsOption, JWTClaimsRegistry
 
-from pulse.auth.errors import AuthError
-from pulse.auth.principal import KNOWN_ROLES, Principal
+from pulse.auth.errors import AuthError, Forbidden
+from pulse.auth.jwks import JwksCache, JwksUnavailable
+from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES, Principal
 from pulse.config import Settings
+from pulse.names import is_valid_name
+
+log = logging.getLogger(__name__)
 
 LEEWAY_S = 30
+SECRET_ALGORITHMS = ("HS256",)
+# With a JWKS, HMAC is never accepted: a verifier that did would take the
+# provider's *public* key as an HMAC secret (algorithm confusion).
+JWKS_ALGORITHMS = ("RS256", "ES256")
 
 
 class TokenVerifier:
-    def __init__(self, secret: str | None) -> None:
-        self._key = OctKey.import_key(secret) if secret else None
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        jwks: JwksCache | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+    ) -> None:
+        self._jwks = jwks
+        # A configured JWKS wins over the secret, so one deployment never
+        # accepts both kinds of token.
+        self._secret_key = OctKey.import_key(secret) if secret and jwks is None else None
+        self._algorithms = JWKS_ALGORITHMS if jwks is not None else SECRET_ALGORITHMS
+        # An empty option still type-checks the claim when present, but requires nothing.
+        iss: ClaimsOption = {"essential": True, "value": issuer} if issuer else {}
+        aud: ClaimsOption = {"essential": True, "value": audience} if audience else {}
+        self._claims = JWTClaimsRegistry(leeway=LEEWAY_S, exp={"essential": True}, iss=iss, aud=aud)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
-        return cls(settings.jwt_secret)
+        return cls(
+            secret=settings.jwt_secret,
+            jwks=JwksCache(settings.jwks_url) if settings.jwks_url else None,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
 
     async def verify(self, token: str) -> Principal:
-        if self._key is None:
-            raise AuthError("invalid_token", "No token verification is configured.")
+        header = _header(token)
+        alg = header.get("alg")
+        if alg not in self._algorithms:
+            raise AuthError("invalid_token", f"Tokens signed with {alg!r} are not accepted.")
+        key = await self._key_for(header)
         try:
-            decoded = jwt.decode(token, self._key, algorithms=["HS256"])
+            claims = jwt.decode(token, key, algorithms=self._algorithms).claims
         except (JoseError, ValueError) as exc:
-            raise AuthError("invalid_token", "The token could not be verified.") from exc
-        return principal_from_claims(decoded.claims)
+            raise AuthError("invalid_token", "The token's signature is not valid.") from exc
+        self._check_claims(claims)
+        return principal_from_claims(claims)
+
+    async def _key_for(self, header: Mapping[str, Any]) -> OctKey | KeySet:
+        if self._jwks is not None:
+            kid = header.get("kid")
+            try:
+                return await self._jwks.keys_for(kid if isinstance(kid, str) else None)
+            except JwksUnavailable as exc:
+                log.warning("%s", exc)
+                raise AuthError(
+                    "invalid_token", "The signing keys are unavailable; retry shortly."
+                ) from exc
+        if self._secret_key is None:
+            raise AuthError("invalid_token", "This server has no token verification configured.")
+        return self._secret_key
+
+    def _check_claims(self, claims: dict[str, Any]) -> None:
+        try:
+            self._claims.validate(claims)
+        except ExpiredTokenError as exc:
+            raise AuthError("token_expired", "The token has expired.") from exc
+        except MissingClaimError as exc:
+            raise AuthError("invalid_token", f"The token lacks the claim {exc.claim}.") from exc
+        except InvalidClaimError as exc:
+            raise AuthError("invalid_token", f"The token's {exc.claim} is not accepted.") from exc
 
 
-def principal_from_claims(claims: dict[str, Any]) -> Principal:
+def _header(token: str) -> dict[str, Any]:
+    """The protected header, read before verification only to choose the key."""
+    try:
+        return dict(jws.extract_compact(token.encode()).headers())
+    except (JoseError, ValueError, UnicodeError) as exc:
+        raise AuthError("invalid_token", "The token is not a well-formed JWT.") from exc
+
+
+def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
+    """Map verified claims to Pulse's identity; raises Forbidden for a token Pulse cannot use."""
     exp = claims.get("exp")
-    if not isinstance(exp, int | float):
-        raise AuthError("invalid_token", "The token has no exp claim.")
-    if exp + LEEWAY_S < time.time():
-        raise AuthError("token_expired", "The token has expired.")
-    roles = set(claims.get("roles") or []) & KNOWN_ROLES
-    tenant = claims.get("organization") or claims.get("tenant_id")
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise AuthError("invalid_token", "The token has no numeric exp claim.")
+    roles = _roles(claims)
+    if not roles:
+        raise Forbidden(
+            "forbidden",
+            "The token carries none of the roles " + ", ".join(sorted(KNOWN_ROLES)) + ".",
+        )
+    tenant = None
+    if not roles & OPERATOR_ROLES:
+        tenant = tenant_claim(claims)
+        if tenant is None:
+            raise Forbidden(
+                "forbidden", "The token names no tenant (claim organization or tenant_id)."
+            )
+        if not is_valid_name(tenant):
+            raise Forbidden(
+                "forbidden",
+                "The token's tenant is not a valid tenant id (1 to 64 of [A-Za-z0-9_.:-]).",
+            )
+    sub = claims.get("sub")
     return Principal(
-        subject=str(claims.get("sub", "")),
-        tenant_id=tenant if isinstance(tenant, str) else None,
-        roles=frozenset(roles),
+        subject=sub if isinstance(sub, str) else "",
+        tenant_id=tenant,
+        roles=roles,
         expires_at=datetime.fromtimestamp(exp, UTC),
     )
+
+
+def tenant_claim(claims: Mapping[str, Any]) -> str | None:
+    """Claim ``organization`` (a string; a dict: its first key; a list: its first
+    non-empty string), falling back to claim ``tenant_id``."""
+    organization = claims.get("organization")
+    if isinstance(organization, str) and organization:
+        return organization
+    # Keycloak sends a list of names, or a dict keyed by name when it adds attributes.
+    names: Iterable[Any] = ()
+    if isinstance(organization, dict):
+        names = list(organization)[:1]
+    elif isinstance(organization, list):
+        names = organization
+    for name in names:
+        if isinstance(name, str) and name:
+            return name
+    tenant_id = claims.get("tenant_id")
+    return tenant_id if isinstance(tenant_id, str) and tenant_id else None
+
+
+def _roles(claims: Mapping[str, Any]) -> frozenset[str]:
+    realm_access = claims.get("realm_access")
+    realm_roles = realm_access.get("roles") if isinstance(realm_access, dict) else None
+    found: set[str] = set()
+    for roles in (realm_roles, claims.get("roles")):
+        if isinstance(roles, list):
+            found.update(role for role in roles if isinstance(role, str))
+    return frozenset(found & KNOWN_ROLES)

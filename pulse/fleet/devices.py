@@ -1,7 +1,156 @@
-"""Device management API (to be written)."""
+"""Device management API (CONTRACT section 3): provision, list, delete, rotate tokens.
+
+Every route acts on one tenant: the caller's own, or for operators the one
+named by ``tenant_id``. Another tenant's device is answered exactly like a
+device that does not exist, so ids never leak across tenants.
+"""
 
 from __future__ import annotations
 
-from quart import Blueprint
+from datetime import UTC, datetime
+from typing import Annotated, Literal, cast
 
-blueprint = Blueprint("devices", __name__)
+from pydantic import AfterValidator, BaseModel, Field
+from quart import Blueprint, Response, g, request
+from quart_schema import document_querystring, validate_request, validate_response
+
+from pulse.app import runtime
+from pulse.auth.device_tokens import new_device_token
+from pulse.auth.http import authenticate_request, request_tenant
+from pulse.auth.principal import ADMIN_ROLES
+from pulse.db.errors import translate_errors
+from pulse.db.queries import load_queries
+from pulse.errors import ApiError
+from pulse.names import is_valid_name
+
+Q = load_queries(__package__)
+
+blueprint = Blueprint("devices", __name__, url_prefix="/api/v1/customer/devices")
+
+# Provision tokens are shown once: no cache or proxy may keep a copy.
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _valid_name(value: str) -> str:
+    if not is_valid_name(value):
+        raise ValueError("must be 1 to 64 characters of [A-Za-z0-9_.:-]")
+    return value
+
+
+class NewDevice(BaseModel):
+    device_id: Annotated[
+        str,
+        AfterValidator(_valid_name),
+        Field(description="1 to 64 characters of [A-Za-z0-9_.:-]"),
+    ]
+    site_id: str | None = Field(default=None, max_length=64)
+    name: str | None = Field(default=None, max_length=200)
+
+
+class ProvisionedDevice(BaseModel):
+    device_id: str
+    provision_token: str
+
+
+class Device(BaseModel):
+    device_id: str
+    site_id: str | None
+    name: str | None
+    status: Literal["ONLINE", "STALE", "OFFLINE"]
+    last_seen_at: str | None
+    created_at: str
+
+
+class DeviceList(BaseModel):
+    devices: list[Device]
+
+
+class TenantQuery(BaseModel):
+    tenant_id: str | None = Field(default=None, description="Required for operators.")
+
+
+@blueprint.before_request
+async def _authorize() -> None:
+    # Runs before body validation, so a caller without the right to write is
+    # told 401/403 rather than how to fix a body it may not send.
+    writes = request.method not in ("GET", "HEAD", "OPTIONS")
+    principal = await authenticate_request(roles=ADMIN_ROLES if writes else None)
+    g.tenant_id = request_tenant(principal)
+
+
+def _tenant() -> str:
+    return cast(str, g.tenant_id)
+
+
+@blueprint.post("")
+@document_querystring(TenantQuery)
+@validate_request(NewDevice)
+@validate_response(ProvisionedDevice, 201)
+async def create_device(data: NewDevice) -> tuple[ProvisionedDevice, int, dict[str, str]]:
+    tenant = _tenant()
+    token, token_hash = new_device_token()
+    with translate_errors():
+        async with runtime().pool.acquire() as conn, conn.transaction():
+            await conn.execute(Q["ensure_tenant"], tenant)
+            created = await conn.fetchval(
+                Q["insert_device"], tenant, data.device_id, data.site_id, data.name, token_hash
+            )
+    if created is None:
+        raise ApiError(409, "device_exists", f"Device {data.device_id} already exists.")
+    return ProvisionedDevice(device_id=data.device_id, provision_token=token), 201, _NO_STORE
+
+
+@blueprint.get("")
+@document_querystring(TenantQuery)
+@validate_response(DeviceList)
+async def list_devices() -> DeviceList:
+    with translate_errors():
+        rows = await runtime().pool.fetch(Q["list_devices"], _tenant())
+    return DeviceList(
+        devices=[
+            Device(
+                device_id=row["device_id"],
+                site_id=row["site_id"],
+                name=row["name"],
+                status=row["status"],
+                last_seen_at=_iso(row["last_seen_at"]),
+                created_at=_iso(row["created_at"]) or "",
+            )
+            for row in rows
+        ]
+    )
+
+
+@blueprint.delete("/<device_id>")
+@document_querystring(TenantQuery)
+async def delete_device(device_id: str) -> Response:
+    with translate_errors():
+        deleted = await runtime().pool.fetchval(Q["delete_device"], _tenant(), device_id)
+    if deleted is None:
+        raise _unknown_device(device_id)
+    return Response(status=204)
+
+
+@blueprint.post("/<device_id>/rotate-token")
+@document_querystring(TenantQuery)
+@validate_response(ProvisionedDevice)
+async def rotate_device_token(device_id: str) -> tuple[ProvisionedDevice, int, dict[str, str]]:
+    token, token_hash = new_device_token()
+    with translate_errors():
+        updated = await runtime().pool.fetchval(
+            Q["replace_device_token"], _tenant(), device_id, token_hash
+        )
+    if updated is None:
+        raise _unknown_device(device_id)
+    return ProvisionedDevice(device_id=device_id, provision_token=token), 200, _NO_STORE
+
+
+def _unknown_device(device_id: str) -> ApiError:
+    return ApiError(404, "unknown_device", f"There is no device {device_id} in this tenant.")
+
+
+def _iso(moment: datetime | None) -> str | None:
+    """ISO-8601 UTC with a Z suffix, to the millisecond (the contract's time format)."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,38 @@
+"""Who may act on which tenant, and with which roles (CONTRACT section 1). Pure."""
+
+from __future__ import annotations
+
+from pulse.auth.errors import BadRequest, Forbidden
+from pulse.auth.principal import Principal
+from pulse.names import is_valid_name
+
+
+def tenant_for(principal: Principal, requested: str | None) -> str:
+    """The tenant a request acts on, given its ``tenant_id`` query parameter (or None).
+
+    An empty parameter counts as absent: clients fill URL templates like
+    ``...&tenant_id=`` whether or not they name a tenant.
+    """
+    requested = requested or None
+    if requested is not None and not is_valid_name(requested):
+        raise BadRequest(
+            "invalid_tenant_id", "tenant_id must be 1 to 64 characters of [A-Za-z0-9_.:-]."
+        )
+    if principal.is_operator:
+        if requested is None:
+            raise BadRequest(
+                "tenant_required", "Operators must name a tenant with the tenant_id parameter."
+            )
+        return requested
+    if principal.tenant_id is None:
+        raise Forbidden("forbidden", "The token names no tenant.")
+    if requested is not None and requested != principal.tenant_id:
+        raise Forbidden("forbidden", "The token does not grant access to that tenant.")
+    return principal.tenant_id
+
+
+def require_roles(principal: Principal, allowed: frozenset[str]) -> None:
+    if not principal.roles & allowed:
+        raise Forbidden(
+            "forbidden", "This needs one of the roles " + ", ".join(sorted(allowed)) + "."
+        )

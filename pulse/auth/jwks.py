@@ -1,0 +1,125 @@
+"""Signing keys published at a JWKS URL (an OIDC provider such as Keycloak).
+
+Keys are fetched on first use and cached. A token whose ``kid`` the cache does
+not know triggers one refetch, because providers rotate keys by publishing the
+new one shortly before signing with it. Unknown kids are also what an attacker
+can send at will, so such refetches are rate limited; and only one fetch runs at
+a time: callers that queued behind it reuse its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+log = logging.getLogger(__name__)
+
+
+class JwksUnavailable(Exception):
+    """No signing keys could be had from the JWKS URL."""
+
+
+class JwksCache:
+    def __init__(
+        self,
+        url: str,
+        *,
+        refetch_interval_s: float = 10.0,
+        max_age_s: float = 3600.0,
+        retry_after_failure_s: float = 1.0,
+        timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self._refetch_interval_s = refetch_interval_s
+        self._max_age_s = max_age_s
+        self._retry_after_failure_s = retry_after_failure_s
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._keys: KeySet | None = None
+        self._kids: frozenset[str] = frozenset()
+        self._fetched_at = -math.inf
+        self._unknown_kid_fetch_at = -math.inf
+        self._failed_at = -math.inf
+        self._attempts = 0
+        self._lock = asyncio.Lock()
+
+    async def keys_for(self, kid: str | None) -> KeySet:
+        """The key set to verify a token with this ``kid``, fetching it if needed.
+
+        The set may still lack ``kid`` (an unknown key, refetch refused by the
+        rate limit); verification then fails as it should.
+        """
+        if self._keys is not None and self._knows(kid) and not self._too_old():
+            return self._keys
+        attempts_seen = self._attempts
+        async with self._lock:
+            # Someone else fetched while we queued: use that rather than fetch again.
+            if self._attempts == attempts_seen and self._should_fetch(kid):
+                await self._fetch()
+        if self._keys is None:
+            raise JwksUnavailable(f"no signing keys from {self.url}")
+        return self._keys
+
+    def _knows(self, kid: str | None) -> bool:
+        # A token without kid is matched against the set as it is (joserfc picks
+        # the only key); refetching would not make it any more specific.
+        return kid is None or kid in self._kids
+
+    def _too_old(self) -> bool:
+        return self._clock() - self._fetched_at >= self._max_age_s
+
+    def _should_fetch(self, kid: str | None) -> bool:
+        now = self._clock()
+        if now - self._failed_at < self._retry_after_failure_s:
+            return False
+        if self._keys is None or self._too_old():
+            return True
+        if self._knows(kid):
+            return False
+        if now - self._unknown_kid_fetch_at < self._refetch_interval_s:
+            return False
+        self._unknown_kid_fetch_at = now
+        return True
+
+    async def _fetch(self) -> None:
+        self._attempts += 1
+        try:
+            async with httpx.AsyncClient(timeout=self._timeout_s) as client:
+                response = await client.get(self.url, headers={"Accept": "application/json"})
+                response.raise_for_status()
+                keys = signing_keys(response.json())
+        except (httpx.HTTPError, ValueError, JoseError) as exc:
+            # Keep serving with the keys we had: a provider hiccup must not log everyone out.
+            self._failed_at = self._clock()
+            log.warning("could not fetch signing keys from %s: %s", self.url, exc)
+            return
+        self._keys = keys
+        self._kids = frozenset(key.kid for key in keys if key.kid)
+        self._fetched_at = self._clock()
+        log.info("fetched %d signing keys from %s", len(keys.keys), self.url)
+
+
+def signing_keys(document: Any) -> KeySet:
+    """The asymmetric signature keys of a JWKS document.
+
+    Symmetric (``oct``) keys are dropped: a key that anyone holding it can sign
+    with has no place in a public key set, and accepting one would reopen the
+    HMAC algorithm confusion the allow-list closes. So are encryption keys.
+    """
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("the JWKS document has no 'keys' list")
+    keys = [
+        key
+        for key in document["keys"]
+        if isinstance(key, dict) and key.get("kty") != "oct" and key.get("use", "sig") == "sig"
+    ]
+    return KeySet.import_key_set({"keys": keys})

@@ -1,0 +1,384 @@
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey, OctKey, RSAKey
+
+from pulse.auth.dev_tokens import mint_token
+from pulse.auth.errors import AuthError, Forbidden
+from pulse.auth.jwks import JwksCache, signing_keys
+from pulse.auth.principal import Principal
+from pulse.auth.tokens import TokenVerifier, principal_from_claims
+from pulse.config import Settings
+from tests.auth.jwks_server import JwksServer, serve_jwks
+from tests.support import TEST_SECRET
+
+RSA = RSAKey.generate_key(2048, parameters={"kid": "rsa-1", "alg": "RS256", "use": "sig"})
+EC = ECKey.generate_key("P-256", parameters={"kid": "ec-1", "alg": "ES256", "use": "sig"})
+RSA_NEXT = RSAKey.generate_key(2048, parameters={"kid": "rsa-2", "alg": "RS256", "use": "sig"})
+
+
+def claims(**extra: Any) -> dict[str, Any]:
+    return {
+        "sub": "user-1",
+        "exp": int(time.time()) + 300,
+        "roles": ["customer"],
+        "tenant_id": "t1",
+        **extra,
+    }
+
+
+def sign(key: RSAKey | ECKey, alg: str, body: dict[str, Any]) -> str:
+    return jwt.encode({"alg": alg, "kid": key.kid}, body, key)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge(header: dict[str, Any], body: dict[str, Any], hmac_secret: bytes | None) -> str:
+    """A token built by hand, as an attacker would: alg none, or HMAC with any secret."""
+    signing_input = b64(json.dumps(header).encode()) + "." + b64(json.dumps(body).encode())
+    if hmac_secret is None:
+        return signing_input + "."
+    mac = hmac.new(hmac_secret, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(mac)
+
+
+async def rejected(verifier: TokenVerifier, token: str) -> AuthError:
+    with pytest.raises(AuthError) as info:
+        await verifier.verify(token)
+    return info.value
+
+
+@pytest.fixture
+def hs256() -> TokenVerifier:
+    return TokenVerifier.from_settings(Settings(jwt_secret=TEST_SECRET))
+
+
+@pytest.fixture
+def jwks() -> Iterator[JwksServer]:
+    with serve_jwks() as server:
+        server.publish(RSA.as_dict(private=False), EC.as_dict(private=False))
+        yield server
+
+
+@pytest.fixture
+def by_jwks(jwks: JwksServer) -> TokenVerifier:
+    # The secret is configured too: it must not open an HMAC door next to the JWKS.
+    return TokenVerifier.from_settings(Settings(jwt_secret=TEST_SECRET, jwks_url=jwks.url))
+
+
+# --- HS256 -----------------------------------------------------------------
+
+
+async def test_valid_hs256_token(hs256: TokenVerifier) -> None:
+    token = mint_token(TEST_SECRET, tenant_id="t1", roles=["tenant-admin"], subject="alice")
+    principal = await hs256.verify(token)
+    assert principal.subject == "alice"
+    assert principal.tenant_id == "t1"
+    assert principal.roles == {"tenant-admin"}
+    assert abs(principal.expires_at.timestamp() - (time.time() + 3600)) < 5
+
+
+async def test_expired_token(hs256: TokenVerifier) -> None:
+    token = mint_token(TEST_SECRET, tenant_id="t1", lifetime_s=-3600)
+    assert (await rejected(hs256, token)).code == "token_expired"
+
+
+async def test_expiry_within_leeway_is_accepted(hs256: TokenVerifier) -> None:
+    token = mint_token(TEST_SECRET, tenant_id="t1", lifetime_s=-10)
+    assert (await hs256.verify(token)).tenant_id == "t1"
+
+
+async def test_expiry_beyond_leeway_is_rejected(hs256: TokenVerifier) -> None:
+    token = mint_token(TEST_SECRET, tenant_id="t1", lifetime_s=-45)
+    assert (await rejected(hs256, token)).code == "token_expired"
+
+
+async def test_exp_is_required(hs256: TokenVerifier) -> None:
+    body = claims()
+    del body["exp"]
+    token = jwt.encode({"alg": "HS256"}, body, OctKey.import_key(TEST_SECRET))
+    error = await rejected(hs256, token)
+    assert error.code == "invalid_token"
+    assert "exp" in error.detail
+
+
+async def test_wrong_signature(hs256: TokenVerifier) -> None:
+    token = mint_token("another-secret-of-sufficient-length", tenant_id="t1")
+    assert (await rejected(hs256, token)).code == "invalid_token"
+
+
+@pytest.mark.parametrize("token", ["", "garbage", "a.b.c", "a.b.c.d.e"])
+async def test_malformed_tokens(hs256: TokenVerifier, token: str) -> None:
+    assert (await rejected(hs256, token)).code == "invalid_token"
+
+
+async def test_alg_none_is_rejected(hs256: TokenVerifier) -> None:
+    token = forge({"alg": "none", "typ": "JWT"}, claims(), None)
+    error = await rejected(hs256, token)
+    assert error.code == "invalid_token"
+    assert "'none'" in error.detail
+
+
+async def test_other_hmac_algorithms_are_not_on_the_allow_list(hs256: TokenVerifier) -> None:
+    token = jwt.encode(
+        {"alg": "HS512"}, claims(), OctKey.import_key(TEST_SECRET), algorithms=["HS512"]
+    )
+    assert (await rejected(hs256, token)).code == "invalid_token"
+
+
+async def test_no_verification_configured_rejects_everything() -> None:
+    verifier = TokenVerifier.from_settings(Settings())
+    token = mint_token(TEST_SECRET, tenant_id="t1")
+    assert (await rejected(verifier, token)).code == "invalid_token"
+
+
+async def test_issuer_and_audience_are_checked_when_configured() -> None:
+    verifier = TokenVerifier.from_settings(
+        Settings(jwt_secret=TEST_SECRET, jwt_issuer="https://idp/realm", jwt_audience="pulse")
+    )
+
+    def token(**extra: Any) -> str:
+        return mint_token(TEST_SECRET, tenant_id="t1", **extra)
+
+    ok = await verifier.verify(token(iss="https://idp/realm", aud=["account", "pulse"]))
+    assert ok.tenant_id == "t1"
+    assert "iss" in (await rejected(verifier, token(iss="https://evil", aud="pulse"))).detail
+    assert "aud" in (await rejected(verifier, token(iss="https://idp/realm", aud="other"))).detail
+    assert "aud" in (await rejected(verifier, token(iss="https://idp/realm"))).detail
+    assert "iss" in (await rejected(verifier, token(aud="pulse"))).detail
+
+
+async def test_issuer_and_audience_are_free_when_not_configured(hs256: TokenVerifier) -> None:
+    token = mint_token(TEST_SECRET, tenant_id="t1", iss="anyone", aud="anything")
+    assert (await hs256.verify(token)).tenant_id == "t1"
+
+
+async def test_missing_roles_are_forbidden(hs256: TokenVerifier) -> None:
+    token = mint_token(TEST_SECRET, tenant_id="t1", roles=["offline_access", "uma_authorization"])
+    with pytest.raises(Forbidden) as info:
+        await hs256.verify(token)
+    assert info.value.code == "forbidden"
+
+
+# --- JWKS (RS256 / ES256) ---------------------------------------------------
+
+
+async def test_rs256_and_es256_against_the_jwks(by_jwks: TokenVerifier, jwks: JwksServer) -> None:
+    assert (await by_jwks.verify(sign(RSA, "RS256", claims()))).tenant_id == "t1"
+    assert (await by_jwks.verify(sign(EC, "ES256", claims(tenant_id="t2")))).tenant_id == "t2"
+    assert jwks.hits == 1  # cached after the first fetch
+
+
+async def test_hs256_is_refused_when_a_jwks_is_configured(by_jwks: TokenVerifier) -> None:
+    # Even signed with the configured secret: a JWKS deployment takes no HMAC tokens.
+    token = mint_token(TEST_SECRET, tenant_id="t1")
+    error = await rejected(by_jwks, token)
+    assert error.code == "invalid_token"
+    assert "'HS256'" in error.detail
+
+
+async def test_algorithm_confusion_with_the_public_key(by_jwks: TokenVerifier) -> None:
+    # The classic attack: HMAC-sign with the provider's public key as the secret.
+    for public in (RSA.as_pem(private=False), json.dumps(RSA.as_dict(private=False)).encode()):
+        token = forge({"alg": "HS256", "kid": "rsa-1"}, claims(), public)
+        assert (await rejected(by_jwks, token)).code == "invalid_token"
+
+
+async def test_alg_none_is_rejected_with_a_jwks(by_jwks: TokenVerifier) -> None:
+    token = forge({"alg": "none", "kid": "rsa-1"}, claims(), None)
+    assert (await rejected(by_jwks, token)).code == "invalid_token"
+
+
+async def test_a_key_cannot_sign_for_another_algorithm(by_jwks: TokenVerifier) -> None:
+    # ES256 signature, but the header names the RSA key.
+    token = jwt.encode({"alg": "ES256", "kid": "rsa-1"}, claims(), EC)
+    assert (await rejected(by_jwks, token)).code == "invalid_token"
+
+
+async def test_wrong_key_signature_is_rejected(by_jwks: TokenVerifier) -> None:
+    impostor = RSAKey.generate_key(2048, parameters={"kid": "rsa-1"})
+    token = jwt.encode({"alg": "RS256", "kid": "rsa-1"}, claims(), impostor)
+    assert (await rejected(by_jwks, token)).code == "invalid_token"
+
+
+async def test_unknown_kid_triggers_exactly_one_refetch(
+    by_jwks: TokenVerifier, jwks: JwksServer
+) -> None:
+    await by_jwks.verify(sign(RSA, "RS256", claims()))
+    assert jwks.hits == 1
+    stranger = RSAKey.generate_key(2048, parameters={"kid": "nobody-knows"})
+    token = sign(stranger, "RS256", claims())
+    assert (await rejected(by_jwks, token)).code == "invalid_token"
+    assert jwks.hits == 2
+    # Repeated unknown kids within the refetch interval do not reach the provider.
+    for _ in range(5):
+        await rejected(by_jwks, token)
+    assert jwks.hits == 2
+    # Known keys keep working from the cache.
+    assert (await by_jwks.verify(sign(EC, "ES256", claims()))).tenant_id == "t1"
+    assert jwks.hits == 2
+
+
+async def test_rotated_key_is_picked_up_by_one_refetch(
+    by_jwks: TokenVerifier, jwks: JwksServer
+) -> None:
+    await by_jwks.verify(sign(RSA, "RS256", claims()))
+    jwks.publish(RSA.as_dict(private=False), RSA_NEXT.as_dict(private=False))
+    assert (await by_jwks.verify(sign(RSA_NEXT, "RS256", claims()))).tenant_id == "t1"
+    assert jwks.hits == 2
+
+
+async def test_concurrent_unknown_kids_share_one_fetch(
+    by_jwks: TokenVerifier, jwks: JwksServer
+) -> None:
+    await by_jwks.verify(sign(RSA, "RS256", claims()))
+    jwks.publish(RSA.as_dict(private=False), RSA_NEXT.as_dict(private=False))
+    token = sign(RSA_NEXT, "RS256", claims())
+    principals = await asyncio.gather(*(by_jwks.verify(token) for _ in range(10)))
+    assert {p.tenant_id for p in principals} == {"t1"}
+    assert jwks.hits == 2
+
+
+async def test_first_use_fetches_once_for_concurrent_callers(
+    by_jwks: TokenVerifier, jwks: JwksServer
+) -> None:
+    token = sign(EC, "ES256", claims())
+    await asyncio.gather(*(by_jwks.verify(token) for _ in range(10)))
+    assert jwks.hits == 1
+
+
+async def test_refetch_is_allowed_again_after_the_interval(jwks: JwksServer) -> None:
+    now = [1000.0]
+    cache = JwksCache(jwks.url, refetch_interval_s=10, clock=lambda: now[0])
+    verifier = TokenVerifier(jwks=cache)
+    token = sign(RSA_NEXT, "RS256", claims())
+    await rejected(verifier, token)  # first fetch
+    await rejected(verifier, token)  # unknown kid: one refetch
+    assert jwks.hits == 2
+    jwks.publish(RSA_NEXT.as_dict(private=False))
+    now[0] += 5
+    await rejected(verifier, token)  # still inside the interval
+    assert jwks.hits == 2
+    now[0] += 6
+    assert (await verifier.verify(token)).tenant_id == "t1"
+    assert jwks.hits == 3
+
+
+async def test_keys_are_refreshed_when_old(jwks: JwksServer) -> None:
+    now = [1000.0]
+    cache = JwksCache(jwks.url, max_age_s=3600, clock=lambda: now[0])
+    verifier = TokenVerifier(jwks=cache)
+    await verifier.verify(sign(RSA, "RS256", claims()))
+    jwks.publish(EC.as_dict(private=False))  # RSA withdrawn by the provider
+    now[0] += 3601
+    assert (await rejected(verifier, sign(RSA, "RS256", claims()))).code == "invalid_token"
+    assert jwks.hits == 2
+
+
+async def test_unreachable_jwks_is_an_invalid_token_not_a_crash(jwks: JwksServer) -> None:
+    jwks.status = 503
+    verifier = TokenVerifier(jwks=JwksCache(jwks.url))
+    error = await rejected(verifier, sign(RSA, "RS256", claims()))
+    assert error.code == "invalid_token"
+    assert "unavailable" in error.detail
+
+
+async def test_provider_outage_keeps_the_cached_keys(jwks: JwksServer) -> None:
+    now = [1000.0]
+    verifier = TokenVerifier(jwks=JwksCache(jwks.url, max_age_s=60, clock=lambda: now[0]))
+    await verifier.verify(sign(RSA, "RS256", claims()))
+    jwks.status = 500
+    now[0] += 61
+    assert (await verifier.verify(sign(RSA, "RS256", claims()))).tenant_id == "t1"
+    assert jwks.hits == 2
+
+
+def test_symmetric_and_encryption_keys_are_dropped_from_a_jwks() -> None:
+    oct_key = OctKey.generate_key(256, parameters={"kid": "shared"}).as_dict(private=True)
+    enc_key = RSAKey.generate_key(2048, parameters={"kid": "enc", "use": "enc"}).as_dict(
+        private=False
+    )
+    keys = signing_keys({"keys": [oct_key, enc_key, EC.as_dict(private=False)]})
+    assert [key.kid for key in keys] == ["ec-1"]
+
+
+# --- claims -> Principal ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("organization", "tenant"),
+    [
+        ("acme", "acme"),
+        ({"acme": {"id": "42"}, "other": {}}, "acme"),
+        (["", 7, "acme", "other"], "acme"),
+    ],
+)
+def test_organization_shapes(organization: object, tenant: str) -> None:
+    principal = principal_from_claims(claims(organization=organization, tenant_id="fallback"))
+    assert principal.tenant_id == tenant
+
+
+@pytest.mark.parametrize("organization", [None, "", [], {}, [""]])
+def test_tenant_id_is_the_fallback(organization: object) -> None:
+    assert principal_from_claims(claims(organization=organization)).tenant_id == "t1"
+
+
+def test_roles_come_from_realm_access_and_roles() -> None:
+    principal = principal_from_claims(
+        claims(
+            realm_access={"roles": ["tenant-admin", "offline_access"]},
+            roles=["customer", "something-else"],
+        )
+    )
+    assert principal.roles == {"tenant-admin", "customer"}
+    only_realm = claims(realm_access={"roles": ["customer"]})
+    del only_realm["roles"]
+    assert principal_from_claims(only_realm).roles == {"customer"}
+
+
+def test_no_known_role_is_forbidden() -> None:
+    body = claims(realm_access={"roles": ["default-roles-pulse"]})
+    del body["roles"]
+    with pytest.raises(Forbidden, match="none of the roles"):
+        principal_from_claims(body)
+
+
+def test_a_non_operator_needs_a_tenant() -> None:
+    body = claims()
+    del body["tenant_id"]
+    with pytest.raises(Forbidden, match="names no tenant"):
+        principal_from_claims(body)
+
+
+def test_a_non_operator_needs_a_valid_tenant() -> None:
+    with pytest.raises(Forbidden, match="not a valid tenant id"):
+        principal_from_claims(claims(organization="Acme Corporation"))
+
+
+def test_operators_have_no_tenant_of_their_own() -> None:
+    principal = principal_from_claims(claims(roles=["operator"], organization="acme"))
+    assert principal == Principal(
+        subject="user-1",
+        tenant_id=None,
+        roles=frozenset({"operator"}),
+        expires_at=principal.expires_at,
+    )
+    assert principal.is_operator
+
+
+def test_expires_at_is_the_exp_claim() -> None:
+    principal = principal_from_claims(claims(exp=1_900_000_000))
+    assert principal.expires_at == datetime.fromtimestamp(1_900_000_000, UTC)
