@@ -1,0 +1,101 @@
+"""Request parts -> one Submission or Rejected per message: pure, no I/O.
+
+The device URL, the heartbeat URL and every message of a batch go through
+``_submission``, so a message is judged the same way whichever door it came in.
+Checks run shape first (``invalid_payload``), then token presence
+(``invalid_device_token``); the writer then checks the device and the token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from functools import partial
+
+from pulse.ingest.model import INVALID_DEVICE_TOKEN, INVALID_PAYLOAD, Rejected, Submission
+from pulse.ingest.validation import InvalidPayload, Reading, decode_json, parse_reading
+from pulse.names import is_valid_name
+
+MAX_BATCH = 1000
+
+Item = Submission | Rejected
+
+
+def reading(
+    tenant_id: str, device_id: str, token: str | None, body: bytes, received_at: datetime
+) -> Item:
+    """A reading posted to the device's own URL, its token in a header."""
+    try:
+        fields = decode_json(body)
+    except InvalidPayload as exc:
+        return Rejected(INVALID_PAYLOAD, exc.detail)
+    return _submission(tenant_id, device_id, token, partial(parse_reading, fields, received_at))
+
+
+def heartbeat(tenant_id: str, device_id: str, token: str | None) -> Item:
+    """A heartbeat carries no reading; its body, if any, is ignored."""
+    return _submission(tenant_id, device_id, token, None)
+
+
+def batch(body: bytes, received_at: datetime) -> list[Item] | Rejected:
+    """The messages of a batch, each judged alone; Rejected when the envelope itself is wrong."""
+    try:
+        messages = _messages(decode_json(body))
+    except InvalidPayload as exc:
+        return Rejected(INVALID_PAYLOAD, exc.detail)
+    return [_message(message, received_at) for message in messages]
+
+
+def _messages(envelope: object) -> list[object]:
+    if not isinstance(envelope, Mapping) or set(envelope) != {"messages"}:
+        raise InvalidPayload('The body must be a JSON object {"messages": [...]}.')
+    messages = envelope["messages"]
+    if not isinstance(messages, list):
+        raise InvalidPayload("messages must be an array.")
+    if not 1 <= len(messages) <= MAX_BATCH:
+        raise InvalidPayload(
+            f"messages has {len(messages)} entries; send 1 to {MAX_BATCH} per batch."
+        )
+    return messages
+
+
+def _message(message: object, received_at: datetime) -> Item:
+    if not isinstance(message, Mapping):
+        return Rejected(INVALID_PAYLOAD, "A message must be a JSON object.")
+    fields = dict(message)
+    tenant_id = fields.pop("tenant_id", None)
+    device_id = fields.pop("device_id", None)
+    token = fields.pop("provision_token", None)
+    return _submission(tenant_id, device_id, token, partial(parse_reading, fields, received_at))
+
+
+def _submission(
+    tenant_id: object,
+    device_id: object,
+    token: object,
+    read: Callable[[], Reading] | None,
+) -> Item:
+    """Check the ids, then the reading (``read``; None for a heartbeat), then the token."""
+    try:
+        tenant = _name("tenant_id", tenant_id)
+        device = _name("device_id", device_id)
+        parsed = None if read is None else read()
+        if token is not None and not isinstance(token, str):
+            raise InvalidPayload("provision_token must be a string.")
+    except InvalidPayload as exc:
+        return Rejected(INVALID_PAYLOAD, exc.detail)
+    if not token:
+        return Rejected(INVALID_DEVICE_TOKEN, "The device's provision token is missing.")
+    return Submission(tenant, device, token, parsed)
+
+
+def _name(field: str, value: object) -> str:
+    if value is None:
+        raise InvalidPayload(f"{field} is missing.")
+    if not isinstance(value, str) or not is_valid_name(value):
+        shown = value if isinstance(value, str) and len(value) <= 64 else "..."
+        raise InvalidPayload(
+            f"{field} {shown!r} is invalid; ids are 1 to 64 characters "
+            "of letters, digits and _ . : -"
+        )
+    return value

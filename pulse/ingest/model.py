@@ -1,0 +1,47 @@
+"""What goes into the write path and what comes out of it, one entry per message."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pulse.ingest.validation import Reading
+
+# Reason codes: the `error` of a single request and the `reason` of a batch result.
+INVALID_PAYLOAD = "invalid_payload"
+INVALID_DEVICE_TOKEN = "invalid_device_token"
+UNKNOWN_DEVICE = "unknown_device"
+PAYLOAD_TOO_LARGE = "payload_too_large"
+RATE_LIMITED = "rate_limited"
+
+
+@dataclasses.dataclass(frozen=True)
+class Submission:
+    """One authenticated-to-be message: a reading, or a heartbeat when ``reading`` is None."""
+
+    tenant_id: str
+    device_id: str
+    token: str
+    reading: Reading | None
+
+    @property
+    def device(self) -> tuple[str, str]:
+        return (self.tenant_id, self.device_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    """Committed. ``event_id`` is the stored row's id; None for a heartbeat."""
+
+    event_id: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    """Nothing was stored for this message."""
+
+    reason: str
+    detail: str
+    retry_after_s: float = 0.0
+
+
+Outcome = Accepted | Rejected

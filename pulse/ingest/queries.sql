@@ -1,0 +1,54 @@
+-- The write path's queries, run in this order inside one transaction by
+-- pulse.ingest.writer.TelemetryWriter.
+
+-- name: device_token_hashes
+-- The stored token hash of every distinct device a write names, in one round
+-- trip however large the batch. The token is compared in Python, in constant
+-- time, so that the database never sees it.
+SELECT w.tenant_id, w.device_id, d.token_hash
+  FROM unnest($1::text[], $2::text[]) AS w(tenant_id, device_id)
+  JOIN devices d ON d.tenant_id = w.tenant_id AND d.device_id = w.device_id;
+
+-- name: reserve_event_ids
+-- Reserves n ids for each tenant of a write. The caller sorts the tenants, and
+-- the calls run in array order (the function is volatile, so PostgreSQL
+-- evaluates it after the ORDER BY): two writes that span the same tenants lock
+-- their rows in the same order and cannot deadlock. Each tenant row stays
+-- locked until commit, which is what makes ids follow commit order. A NULL
+-- base means the tenant no longer exists.
+SELECT r.tenant_id, pulse_reserve_event_ids(r.tenant_id, r.n) AS base
+  FROM unnest($1::text[], $2::int[]) WITH ORDINALITY AS r(tenant_id, n, ord)
+ ORDER BY r.ord;
+
+-- name: insert_telemetry
+-- Every row of a write in one statement, whatever the number of tenants: the
+-- statement-level trigger then sends one NOTIFY per tenant with the id range,
+-- and the round trips do not grow with the batch.
+INSERT INTO telemetry (tenant_id, id, device_id, device_time, metrics, seq)
+SELECT *
+  FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[], $5::jsonb[],
+              $6::bigint[]);
+
+-- name: touch_devices
+-- Marks the devices of a write as seen now and ONLINE, in one statement, and
+-- returns each one's previous status so a caller can tell which came online.
+-- The rows are locked first in key order: a concurrent multi-row update of
+-- devices (the status sweeper) then cannot deadlock with this one, and the
+-- status read is the latest committed one. greatest() keeps last_seen_at from
+-- going back when an older transaction commits after a newer one.
+WITH seen AS (
+    SELECT DISTINCT tenant_id, device_id
+      FROM unnest($1::text[], $2::text[]) AS s(tenant_id, device_id)
+), prior AS (
+    SELECT d.tenant_id, d.device_id, d.status
+      FROM devices d
+      JOIN seen s ON d.tenant_id = s.tenant_id AND d.device_id = s.device_id
+     ORDER BY d.tenant_id, d.device_id
+       FOR UPDATE OF d
+)
+UPDATE devices d
+   SET last_seen_at = greatest(d.last_seen_at, now()),
+       status = 'ONLINE'
+  FROM prior p
+ WHERE d.tenant_id = p.tenant_id AND d.device_id = p.device_id
+RETURNING d.tenant_id, d.device_id, p.status AS previous_status;

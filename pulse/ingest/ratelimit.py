@@ -1,0 +1,71 @@
+"""Per-device token buckets, in process, with memory bounded by evicting idle buckets."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Hashable
+
+
+@dataclasses.dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """``rate`` tokens a second, at most ``burst`` saved up, one bucket per key.
+
+    A bucket left alone for ``burst / rate`` seconds is full again, which is
+    exactly the state of a bucket that does not exist: forgetting it changes no
+    answer. Buckets are kept least recently used first, so the idle ones are
+    found at the front in amortised constant time. ``max_keys`` is a hard cap
+    for floods of distinct keys; past it the least recently used bucket is
+    forgotten early, which can only make the limiter more lenient.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("rate must be > 0, burst and max_keys >= 1")
+        self.rate = rate
+        self.burst = burst
+        self._max_keys = max_keys
+        self._refill_s = burst / rate
+        self._clock = clock
+        self._buckets: collections.OrderedDict[Hashable, _Bucket] = collections.OrderedDict()
+
+    def acquire(self, key: Hashable) -> float:
+        """Take one token for ``key``: 0.0 when allowed, else the seconds until one is available."""
+        now = self._clock()
+        self._evict(now)
+        bucket = self._buckets.pop(key, None)
+        if bucket is None:
+            bucket = _Bucket(tokens=float(self.burst), updated=now)
+        else:
+            bucket.tokens = min(
+                float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate
+            )
+            bucket.updated = now
+        self._buckets[key] = bucket
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        return (1.0 - bucket.tokens) / self.rate
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _evict(self, now: float) -> None:
+        while self._buckets:
+            oldest = next(iter(self._buckets.values()))
+            if now - oldest.updated < self._refill_s and len(self._buckets) < self._max_keys:
+                return
+            self._buckets.popitem(last=False)

@@ -1,0 +1,168 @@
+"""A device's reading, parsed and checked: pure, no I/O (CONTRACT section 3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+
+import orjson
+
+from pulse.names import is_valid_name
+
+MAX_METRICS = 200
+MAX_CLOCK_AHEAD = timedelta(minutes=5)
+READING_FIELDS = ("ts", "metrics", "seq")
+
+# seq is stored as bigint. Metric values go through orjson, which encodes
+# integers up to 64 bits (signed or unsigned) and refuses anything larger.
+_BIGINT = range(-(2**63), 2**63)
+_JSON_INT = range(-(2**63), 2**64)
+
+MetricValue = int | float | bool
+
+
+class InvalidPayload(ValueError):
+    """The request or message does not have the contract's shape (``invalid_payload``)."""
+
+    code = "invalid_payload"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    device_time: datetime
+    metrics: dict[str, MetricValue]
+    seq: int | None
+
+
+def decode_json(body: bytes) -> object:
+    if not body.strip():
+        raise InvalidPayload("The body is empty; send a JSON object.")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidPayload(f"The body is not valid JSON: {exc}.") from None
+
+
+def parse_reading(body: object, received_at: datetime) -> Reading:
+    """``{"ts"?, "metrics", "seq"?}`` -> Reading; a missing ts is ``received_at`` (UTC)."""
+    if not isinstance(body, Mapping):
+        raise InvalidPayload(f"A reading must be a JSON object, not {_json_kind(body)}.")
+    # Unknown fields are refused rather than ignored, so that a typo such as
+    # "timestamp" for "ts" is reported instead of silently using server time.
+    unknown = [key for key in body if key not in READING_FIELDS]
+    if unknown:
+        raise InvalidPayload(
+            f"Unknown field {_quote(unknown[0])}; a reading has 'ts', 'metrics' and 'seq'."
+        )
+    ts = body.get("ts")
+    device_time = received_at if ts is None else parse_time(ts, received_at=received_at)
+    return Reading(
+        device_time=device_time,
+        metrics=parse_metrics(body.get("metrics")),
+        seq=parse_seq(body.get("seq")),
+    )
+
+
+def parse_time(value: object, *, received_at: datetime) -> datetime:
+    if not isinstance(value, str):
+        raise InvalidPayload(f"ts must be an ISO-8601 string, not {_json_kind(value)}.")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidPayload(
+            f"ts {_quote(value)} is not an ISO-8601 time such as '2026-11-27T17:00:00.000Z'."
+        ) from None
+    # A time without an offset could be any zone; guessing UTC would silently
+    # shift every reading of a device whose clock is set to local time.
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise InvalidPayload(f"ts {_quote(value)} has no UTC offset; end it with 'Z' or '+00:00'.")
+    device_time = parsed.astimezone(UTC)
+    if device_time - received_at > MAX_CLOCK_AHEAD:
+        ahead = (device_time - received_at).total_seconds()
+        raise InvalidPayload(
+            f"ts {format_time(device_time)} is {ahead:.0f} s ahead of the server clock "
+            f"({format_time(received_at)}); at most 5 minutes ahead is accepted."
+        )
+    return device_time
+
+
+def parse_metrics(value: object) -> dict[str, MetricValue]:
+    if value is None:
+        raise InvalidPayload("metrics is missing; send an object of metric names to values.")
+    if not isinstance(value, Mapping):
+        raise InvalidPayload(f"metrics must be a JSON object, not {_json_kind(value)}.")
+    if not value:
+        raise InvalidPayload("metrics is empty; send at least one metric.")
+    if len(value) > MAX_METRICS:
+        raise InvalidPayload(
+            f"metrics has {len(value)} entries; at most {MAX_METRICS} are accepted."
+        )
+    metrics: dict[str, MetricValue] = {}
+    for name, metric in value.items():
+        if not is_valid_name(name):
+            raise InvalidPayload(
+                f"Metric name {_quote(name)} is invalid; names are 1 to 64 characters "
+                "of letters, digits and _ . : -"
+            )
+        if not is_metric_value(metric):
+            raise InvalidPayload(
+                f"Metric {_quote(name)} must be a finite number or a boolean, "
+                f"not {_json_kind(metric)}."
+            )
+        metrics[name] = metric
+    return metrics
+
+
+def is_metric_value(value: object) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return value in _JSON_INT
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def parse_seq(value: object) -> int | None:
+    if value is None:
+        return None
+    # bool is a subclass of int in Python, but true is not a sequence number.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidPayload(f"seq must be an integer, not {_json_kind(value)}.")
+    if value not in _BIGINT:
+        raise InvalidPayload("seq must fit in a signed 64-bit integer.")
+    return value
+
+
+def format_time(moment: datetime) -> str:
+    """ISO-8601 UTC with milliseconds and ``Z``: the one time format on the wire."""
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else "an infinite number"
+    if isinstance(value, int):
+        return "an integer beyond 64 bits"
+    return type(value).__name__
+
+
+def _quote(value: object, limit: int = 64) -> str:
+    # Names come from the client: echo them, but never a megabyte of them.
+    text = value if isinstance(value, str) else repr(value)
+    return repr(text if len(text) <= limit else text[:limit] + "...")

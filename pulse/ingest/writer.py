@@ -1,0 +1,224 @@
+"""The write path: authenticate, reserve ids, insert, mark devices seen, commit."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import asyncpg
+
+from pulse.auth.device_tokens import device_token_matches
+from pulse.db.errors import translate_errors
+from pulse.db.queries import load_queries
+from pulse.ingest.gates import KeyedLocks
+from pulse.ingest.model import (
+    INVALID_DEVICE_TOKEN,
+    RATE_LIMITED,
+    UNKNOWN_DEVICE,
+    Accepted,
+    Outcome,
+    Rejected,
+    Submission,
+)
+from pulse.ingest.validation import Reading
+
+Q = load_queries(__package__)
+
+Device = tuple[str, str]  # (tenant_id, device_id)
+
+# Admission control, asked once per authenticated message: 0 admits it, a
+# positive number rejects it as rate_limited with that many seconds to wait.
+Admit = Callable[[Device], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class WrittenEvent:
+    tenant_id: str
+    id: int
+    device_id: str
+    reading: Reading
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """What one transaction wrote, handed to the hooks before it commits."""
+
+    events: list[WrittenEvent]
+    seen: list[Device]
+    came_online: list[Device]
+
+
+class TransactionHook(Protocol):
+    """Runs inside the write transaction, after the rows are in, before the commit.
+
+    This is where alert rules are evaluated, so that an alert and the reading
+    that raised it commit together. Raising rolls the whole write back.
+    """
+
+    async def __call__(self, conn: asyncpg.Connection, written: Written) -> None: ...
+
+
+class TelemetryWriter:
+    """Writes readings and heartbeats; one transaction per call to ``write``."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        admit: Admit | None = None,
+        hooks: Sequence[TransactionHook] = (),
+    ) -> None:
+        self._pool = pool
+        self._admit = admit
+        self._hooks = tuple(hooks)
+        # Writers of one tenant commit one at a time anyway (the tenant row
+        # lock); queueing them here instead of inside PostgreSQL keeps a busy
+        # tenant from holding every pooled connection while it waits, which
+        # would stall the other tenants.
+        self._tenant_gates = KeyedLocks()
+
+    def add_hook(self, hook: TransactionHook) -> None:
+        self._hooks = (*self._hooks, hook)
+
+    async def write(self, submissions: Sequence[Submission]) -> list[Outcome]:
+        """Write every submission that authenticates and is admitted; one outcome each, in order.
+
+        Readings of any number of devices and tenants share one transaction;
+        heartbeats (``reading is None``) only mark their device as seen.
+
+        Group commit belongs here: concurrent calls that wait on the same
+        tenant gate could hand their submissions to whichever of them gets the
+        gate, and that one would run a single ``_write_in`` for all of them and
+        hand each caller its own slice of the outcomes.
+        """
+        if not submissions:
+            return []
+        tenants = {s.tenant_id for s in submissions if s.reading is not None}
+        async with self._tenant_gates.hold(tenants):
+            with translate_errors():
+                async with self._pool.acquire() as conn, conn.transaction():
+                    return await self._write_in(conn, submissions)
+
+    async def _write_in(
+        self, conn: asyncpg.Connection, submissions: Sequence[Submission]
+    ) -> list[Outcome]:
+        outcomes = await self._authenticate(conn, submissions)
+        admitted = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        readings = [i for i in admitted if submissions[i].reading is not None]
+        ids = await self._insert(conn, [submissions[i] for i in readings])
+        events: list[WrittenEvent] = []
+        for i, event_id in zip(readings, ids, strict=True):
+            submission = submissions[i]
+            if event_id is None:
+                outcomes[i] = Rejected(UNKNOWN_DEVICE, _unknown(submission.device))
+                continue
+            outcomes[i] = Accepted(event_id)
+            events.append(
+                WrittenEvent(
+                    submission.tenant_id, event_id, submission.device_id, _reading(submission)
+                )
+            )
+        seen = list(
+            dict.fromkeys(
+                submissions[i].device for i in admitted if not isinstance(outcomes[i], Rejected)
+            )
+        )
+        came_online = await self._touch(conn, seen)
+        written = Written(events=events, seen=seen, came_online=came_online)
+        # The seam for alert rules: they see the rows before anyone else can.
+        for hook in self._hooks:
+            await hook(conn, written)
+        # What is still undecided here is an admitted heartbeat.
+        return [Accepted(None) if outcome is None else outcome for outcome in outcomes]
+
+    async def _authenticate(
+        self, conn: asyncpg.Connection, submissions: Sequence[Submission]
+    ) -> list[Outcome | None]:
+        """Reject unknown devices, wrong tokens and messages over the rate; None admits."""
+        devices = list(dict.fromkeys(s.device for s in submissions))
+        rows = await conn.fetch(
+            Q["device_token_hashes"], [d[0] for d in devices], [d[1] for d in devices]
+        )
+        hashes = {(row["tenant_id"], row["device_id"]): row["token_hash"] for row in rows}
+        outcomes: list[Outcome | None] = []
+        for submission in submissions:
+            stored_hash = hashes.get(submission.device)
+            if stored_hash is None:
+                outcomes.append(Rejected(UNKNOWN_DEVICE, _unknown(submission.device)))
+            elif not device_token_matches(submission.token, stored_hash):
+                outcomes.append(
+                    Rejected(
+                        INVALID_DEVICE_TOKEN,
+                        "The provision token does not match this device.",
+                    )
+                )
+            elif (wait_s := self._admit(submission.device) if self._admit else 0.0) > 0:
+                outcomes.append(
+                    Rejected(
+                        RATE_LIMITED,
+                        "This device is sending faster than its rate limit; "
+                        f"retry in {math.ceil(wait_s)} s.",
+                        retry_after_s=wait_s,
+                    )
+                )
+            else:
+                outcomes.append(None)
+        return outcomes
+
+    async def _insert(
+        self, conn: asyncpg.Connection, submissions: Sequence[Submission]
+    ) -> list[int | None]:
+        """Reserve ids and insert every reading in one statement; each one's id, None if lost."""
+        if not submissions:
+            return []
+        by_tenant: defaultdict[str, list[int]] = defaultdict(list)
+        for i, submission in enumerate(submissions):
+            by_tenant[submission.tenant_id].append(i)
+        tenants = sorted(by_tenant)
+        rows = await conn.fetch(
+            Q["reserve_event_ids"], tenants, [len(by_tenant[t]) for t in tenants]
+        )
+        ids: list[int | None] = [None] * len(submissions)
+        for row in rows:
+            # A NULL base: the tenant was deleted after we authenticated its devices.
+            if row["base"] is not None:
+                for offset, i in enumerate(by_tenant[row["tenant_id"]], start=1):
+                    ids[i] = row["base"] + offset
+        stored = [(i, event_id) for i, event_id in enumerate(ids) if event_id is not None]
+        if stored:
+            readings = [_reading(submissions[i]) for i, _ in stored]
+            await conn.execute(
+                Q["insert_telemetry"],
+                [submissions[i].tenant_id for i, _ in stored],
+                [event_id for _, event_id in stored],
+                [submissions[i].device_id for i, _ in stored],
+                [r.device_time for r in readings],
+                [r.metrics for r in readings],
+                [r.seq for r in readings],
+            )
+        return ids
+
+    async def _touch(self, conn: asyncpg.Connection, devices: Sequence[Device]) -> list[Device]:
+        """Mark devices seen and ONLINE; return those that were not ONLINE before."""
+        if not devices:
+            return []
+        rows = await conn.fetch(
+            Q["touch_devices"], [d[0] for d in devices], [d[1] for d in devices]
+        )
+        return [
+            (row["tenant_id"], row["device_id"])
+            for row in rows
+            if row["previous_status"] != "ONLINE"
+        ]
+
+
+def _reading(submission: Submission) -> Reading:
+    assert submission.reading is not None, "heartbeats are never inserted"
+    return submission.reading
+
+
+def _unknown(device: Device) -> str:
+    return f"There is no device {device[1]!r} in tenant {device[0]!r}."

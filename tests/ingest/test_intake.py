@@ -1,0 +1,75 @@
+"""Request parts -> Submission or Rejected, without a database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from pulse.ingest import intake
+from pulse.ingest.model import Rejected, Submission
+from pulse.ingest.validation import Reading
+
+NOW = datetime(2026, 11, 27, 17, 0, tzinfo=UTC)
+
+
+def test_reading_from_the_device_url() -> None:
+    item = intake.reading("t1", "d1", "pdt_x", b'{"metrics": {"v": 1}, "seq": 4}', NOW)
+    assert item == Submission("t1", "d1", "pdt_x", Reading(NOW, {"v": 1}, 4))
+
+
+def test_shape_is_judged_before_the_token() -> None:
+    item = intake.reading("t1", "d1", None, b'{"metrics": {}}', NOW)
+    assert isinstance(item, Rejected) and item.reason == "invalid_payload"
+    item = intake.reading("t1", "d1", None, b'{"metrics": {"v": 1}}', NOW)
+    assert isinstance(item, Rejected) and item.reason == "invalid_device_token"
+
+
+def test_heartbeat() -> None:
+    assert intake.heartbeat("t1", "d1", "pdt_x") == Submission("t1", "d1", "pdt_x", None)
+    item = intake.heartbeat("t1", "d 1", "pdt_x")
+    assert isinstance(item, Rejected) and item.reason == "invalid_payload"
+    item = intake.heartbeat("t1", "d1", "")
+    assert isinstance(item, Rejected) and item.reason == "invalid_device_token"
+
+
+def test_batch_messages_are_judged_one_by_one() -> None:
+    body = orjson.dumps(
+        {
+            "messages": [
+                {"tenant_id": "t1", "device_id": "d1", "provision_token": "p", "metrics": {"a": 1}},
+                {"device_id": "d1", "provision_token": "p", "metrics": {"a": 1}},
+                {"tenant_id": "t1", "device_id": 5, "provision_token": "p", "metrics": {"a": 1}},
+                {"tenant_id": "t1", "device_id": "d1", "provision_token": 5, "metrics": {"a": 1}},
+                {"tenant_id": "t1", "device_id": "d1", "metrics": {"a": 1}},
+                None,
+            ]
+        }
+    )
+    items = intake.batch(body, NOW)
+    assert isinstance(items, list)
+    assert items[0] == Submission("t1", "d1", "p", Reading(NOW, {"a": 1}, None))
+    reasons = [item.reason for item in items[1:] if isinstance(item, Rejected)]
+    assert reasons == [
+        "invalid_payload",
+        "invalid_payload",
+        "invalid_payload",
+        "invalid_device_token",
+        "invalid_payload",
+    ]
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        [],
+        {"messages": []},
+        {"messages": "x"},
+        {"messages": [{}] * 1001},
+        {"messages": [{}], "x": 1},
+    ],
+)
+def test_batch_envelope(envelope: object) -> None:
+    item = intake.batch(orjson.dumps(envelope), NOW)
+    assert isinstance(item, Rejected) and item.reason == "invalid_payload"

@@ -1,0 +1,192 @@
+"""Every rule of a reading, without a database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from pulse.ingest.validation import (
+    MAX_METRICS,
+    InvalidPayload,
+    Reading,
+    decode_json,
+    format_time,
+    parse_reading,
+)
+
+NOW = datetime(2026, 11, 27, 17, 0, 0, 123456, tzinfo=UTC)
+
+
+def parse(body: object) -> Reading:
+    return parse_reading(body, NOW)
+
+
+def rejected(body: object) -> str:
+    with pytest.raises(InvalidPayload) as info:
+        parse(body)
+    assert info.value.code == "invalid_payload"
+    assert info.value.detail.endswith((".", "-")), info.value.detail
+    return info.value.detail
+
+
+def test_minimal_reading_uses_receive_time() -> None:
+    reading = parse({"metrics": {"temp": 21.5}})
+    assert reading == Reading(device_time=NOW, metrics={"temp": 21.5}, seq=None)
+
+
+def test_full_reading() -> None:
+    reading = parse(
+        {"ts": "2026-11-27T16:59:00.250Z", "metrics": {"temp": 21.5, "door": True}, "seq": 7}
+    )
+    assert reading.device_time == datetime(2026, 11, 27, 16, 59, 0, 250000, tzinfo=UTC)
+    assert reading.metrics == {"temp": 21.5, "door": True}
+    assert reading.seq == 7
+
+
+def test_reading_is_frozen() -> None:
+    reading = parse({"metrics": {"a": 1}})
+    with pytest.raises(AttributeError):
+        reading.seq = 3  # type: ignore[misc]
+
+
+def test_null_ts_and_seq_mean_absent() -> None:
+    assert parse({"metrics": {"a": 1}, "ts": None, "seq": None}) == Reading(NOW, {"a": 1}, None)
+
+
+@pytest.mark.parametrize("body", [[], "x", 3, None, True, [{"metrics": {"a": 1}}]])
+def test_not_an_object(body: object) -> None:
+    assert "must be a JSON object" in rejected(body)
+
+
+def test_unknown_field() -> None:
+    assert "'timestamp'" in rejected({"metrics": {"a": 1}, "timestamp": "x"})
+
+
+@pytest.mark.parametrize(
+    ("metrics", "words"),
+    [
+        (None, "missing"),
+        ({}, "empty"),
+        ([1, 2], "must be a JSON object, not an array"),
+        ("temp=1", "not a string"),
+        (3, "not an integer"),
+    ],
+)
+def test_metrics_shape(metrics: object, words: str) -> None:
+    body = {} if metrics is None else {"metrics": metrics}
+    assert words in rejected(body)
+
+
+def test_metric_count_limit() -> None:
+    exactly = {f"m{i}": i for i in range(MAX_METRICS)}
+    assert len(parse({"metrics": exactly}).metrics) == MAX_METRICS
+    over = {f"m{i}": i for i in range(MAX_METRICS + 1)}
+    assert "201 entries; at most 200" in rejected({"metrics": over})
+
+
+@pytest.mark.parametrize("name", ["", "has space", "a/b", "é", "x" * 65, "semi;colon"])
+def test_invalid_metric_names(name: str) -> None:
+    assert "is invalid" in rejected({"metrics": {name: 1}})
+
+
+def test_valid_metric_name_characters() -> None:
+    name = "Az09_.:-" + "x" * 56
+    assert parse({"metrics": {name: 1}}).metrics == {name: 1}
+
+
+def test_long_names_are_not_echoed_in_full() -> None:
+    detail = rejected({"metrics": {"x" * 5000: 1}})
+    assert len(detail) < 300
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        (float("nan"), "NaN"),
+        (float("inf"), "infinite"),
+        (float("-inf"), "infinite"),
+        ("21.5", "a string"),
+        (None, "null"),
+        ([1], "an array"),
+        ({"v": 1}, "an object"),
+        (2**64, "beyond 64 bits"),
+    ],
+)
+def test_metric_values_must_be_finite_numbers_or_booleans(value: object, kind: str) -> None:
+    detail = rejected({"metrics": {"temp": value}})
+    assert "finite number or a boolean" in detail
+    assert kind in detail
+
+
+@pytest.mark.parametrize(
+    "value", [0, -1, 2**63, 2**64 - 1, -(2**63), 1.5, -0.0, 1e308, True, False]
+)
+def test_accepted_metric_values(value: object) -> None:
+    assert parse({"metrics": {"v": value}}).metrics == {"v": value}
+
+
+def test_ts_offsets_are_converted_to_utc() -> None:
+    reading = parse({"ts": "2026-11-27T18:00:00+02:00", "metrics": {"a": 1}})
+    assert reading.device_time == datetime(2026, 11, 27, 16, 0, tzinfo=UTC)
+    assert reading.device_time.tzinfo is UTC
+
+
+@pytest.mark.parametrize("ts", ["yesterday", "2026-13-01T00:00:00Z", "", "17:00"])
+def test_ts_unparseable(ts: str) -> None:
+    assert "is not an ISO-8601 time" in rejected({"ts": ts, "metrics": {"a": 1}})
+
+
+@pytest.mark.parametrize("ts", [1764262800, 1.5, True, ["2026-11-27T17:00:00Z"]])
+def test_ts_not_a_string(ts: object) -> None:
+    assert "ts must be an ISO-8601 string" in rejected({"ts": ts, "metrics": {"a": 1}})
+
+
+def test_ts_without_offset_is_ambiguous() -> None:
+    assert "no UTC offset" in rejected({"ts": "2026-11-27T17:00:00", "metrics": {"a": 1}})
+
+
+def test_ts_up_to_five_minutes_ahead_is_accepted() -> None:
+    ahead = NOW + timedelta(minutes=5)
+    reading = parse({"ts": ahead.isoformat(), "metrics": {"a": 1}})
+    assert reading.device_time == ahead
+
+
+def test_ts_more_than_five_minutes_ahead_is_rejected() -> None:
+    ahead = NOW + timedelta(minutes=5, milliseconds=1)
+    detail = rejected({"ts": ahead.isoformat(), "metrics": {"a": 1}})
+    assert "ahead of the server clock" in detail
+    assert format_time(NOW) in detail
+
+
+def test_ts_in_the_past_is_accepted() -> None:
+    old = datetime(2001, 1, 1, tzinfo=timezone(timedelta(hours=-5)))
+    assert parse({"ts": old.isoformat(), "metrics": {"a": 1}}).device_time == old
+
+
+@pytest.mark.parametrize("seq", [True, False, 1.0, "1", [1], {"n": 1}])
+def test_seq_must_be_an_integer(seq: object) -> None:
+    assert "seq must be an integer" in rejected({"metrics": {"a": 1}, "seq": seq})
+
+
+@pytest.mark.parametrize("seq", [2**63, -(2**63) - 1])
+def test_seq_must_fit_in_bigint(seq: int) -> None:
+    assert "64-bit" in rejected({"metrics": {"a": 1}, "seq": seq})
+
+
+@pytest.mark.parametrize("seq", [0, -5, 2**63 - 1])
+def test_seq_accepted(seq: int) -> None:
+    assert parse({"metrics": {"a": 1}, "seq": seq}).seq == seq
+
+
+def test_decode_json() -> None:
+    assert decode_json(b'{"a": 1}') == {"a": 1}
+    for body in (b"", b"  \n", b"{", b"NaN", b'{"a": Infinity}', b"1e400"):
+        with pytest.raises(InvalidPayload):
+            decode_json(body)
+
+
+def test_format_time() -> None:
+    assert format_time(NOW) == "2026-11-27T17:00:00.123Z"
+    other_zone = datetime(2026, 11, 27, 19, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert format_time(other_zone) == "2026-11-27T17:00:00.000Z"

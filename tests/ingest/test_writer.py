@@ -1,0 +1,118 @@
+"""TelemetryWriter against a real database: outcomes, the hook seam, rollbacks."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from pulse.db.errors import DatabaseUnavailable
+from pulse.db.pool import create_pool
+from pulse.ingest.model import Accepted, Rejected, Submission
+from pulse.ingest.validation import Reading
+from pulse.ingest.writer import TelemetryWriter, Written, WrittenEvent
+from tests.ingest.conftest import stored_rows
+from tests.support import provision_device
+
+NOW = datetime(2026, 11, 27, 17, 0, tzinfo=UTC)
+
+
+def reading(value: float) -> Reading:
+    return Reading(NOW, {"v": value}, None)
+
+
+async def test_outcomes_line_up_with_submissions(pool: asyncpg.Pool, token: str) -> None:
+    writer = TelemetryWriter(pool)
+    assert await writer.write([]) == []
+    outcomes = await writer.write(
+        [
+            Submission("t1", "dev-1", token, reading(1)),
+            Submission("t1", "dev-1", "pdt_wrong", reading(2)),
+            Submission("t1", "nope", token, reading(3)),
+            Submission("t1", "dev-1", token, None),
+            Submission("t1", "dev-1", token, reading(4)),
+        ]
+    )
+    assert [type(o) for o in outcomes] == [Accepted, Rejected, Rejected, Accepted, Accepted]
+    assert outcomes[0] == Accepted(1)
+    assert outcomes[1].reason == "invalid_device_token"  # type: ignore[union-attr]
+    assert outcomes[2].reason == "unknown_device"  # type: ignore[union-attr]
+    assert outcomes[3] == Accepted(None)
+    assert outcomes[4] == Accepted(2)
+    assert await stored_rows(pool) == 2
+
+
+async def test_hooks_see_the_write_inside_the_transaction(pool: asyncpg.Pool, token: str) -> None:
+    await pool.execute("UPDATE devices SET status = 'STALE'")
+    other = await provision_device(pool, "t1", "dev-2")
+    seen: list[tuple[Written, int]] = []
+
+    async def hook(conn: asyncpg.Connection, written: Written) -> None:
+        # The rows are visible to the hook's connection, not yet to others.
+        inside = await conn.fetchval("SELECT count(*) FROM telemetry")
+        seen.append((written, inside))
+
+    writer = TelemetryWriter(pool, hooks=[hook])
+    await writer.write(
+        [Submission("t1", "dev-1", token, reading(1)), Submission("t1", "dev-2", other, None)]
+    )
+    written, inside = seen[0]
+    assert written.events == [WrittenEvent("t1", 1, "dev-1", reading(1))]
+    assert written.seen == [("t1", "dev-1"), ("t1", "dev-2")]
+    assert sorted(written.came_online) == [("t1", "dev-1"), ("t1", "dev-2")]
+    assert inside == 1
+    await writer.write([Submission("t1", "dev-1", token, reading(2))])
+    assert seen[1][0].came_online == []
+
+
+async def test_a_failing_hook_rolls_everything_back(pool: asyncpg.Pool, token: str) -> None:
+    async def broken_rule(conn: asyncpg.Connection, written: Written) -> None:
+        raise RuntimeError("rule failed")
+
+    writer = TelemetryWriter(pool)
+    writer.add_hook(broken_rule)
+    with pytest.raises(RuntimeError):
+        await writer.write([Submission("t1", "dev-1", token, reading(1))])
+    assert await stored_rows(pool) == 0
+    assert await pool.fetchval("SELECT last_event_id FROM tenants") == 0
+    assert await pool.fetchval("SELECT last_seen_at FROM devices") is None
+
+
+async def test_admission_is_asked_only_for_authenticated_messages(
+    pool: asyncpg.Pool, token: str
+) -> None:
+    asked: list[tuple[str, str]] = []
+
+    def admit(device: tuple[str, str]) -> float:
+        asked.append(device)
+        return 2.5 if len(asked) > 1 else 0.0
+
+    writer = TelemetryWriter(pool, admit=admit)
+    outcomes = await writer.write(
+        [
+            Submission("t1", "dev-1", "pdt_wrong", reading(0)),
+            Submission("t1", "dev-1", token, reading(1)),
+            Submission("t1", "dev-1", token, reading(2)),
+        ]
+    )
+    assert asked == [("t1", "dev-1"), ("t1", "dev-1")]
+    assert outcomes[1] == Accepted(1)
+    assert isinstance(outcomes[2], Rejected)
+    assert (outcomes[2].reason, outcomes[2].retry_after_s) == ("rate_limited", 2.5)
+    assert await stored_rows(pool) == 1
+
+
+async def test_heartbeat_reserves_no_id(pool: asyncpg.Pool, token: str) -> None:
+    writer = TelemetryWriter(pool)
+    assert await writer.write([Submission("t1", "dev-1", token, None)]) == [Accepted(None)]
+    assert await pool.fetchval("SELECT last_event_id FROM tenants") == 0
+    assert await pool.fetchval("SELECT status FROM devices") == "ONLINE"
+
+
+async def test_database_unreachable(database_url: str, token: str) -> None:
+    pool = await create_pool(database_url, max_size=1)
+    writer = TelemetryWriter(pool)
+    await pool.close()
+    with pytest.raises(DatabaseUnavailable):
+        await writer.write([Submission("t1", "dev-1", token, reading(1))])
