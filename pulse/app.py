@@ -14,12 +14,15 @@ from quart import Quart, current_app
 from quart_schema import QuartSchema
 
 from pulse.auth.tokens import TokenVerifier
+from pulse.bus.hub import Hub
+from pulse.bus.store import EventStore
 from pulse.config import Settings
 from pulse.db.embedded import embedded_postgres
 from pulse.db.migrate import migrate
 from pulse.db.pool import connect, create_pool
 from pulse.errors import register_error_handlers
 from pulse.ops.metrics import Metrics
+from pulse.streams.limits import ConnectionLimits
 from pulse.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -36,8 +39,11 @@ class Runtime:
     verifier: TokenVerifier
     supervisor: Supervisor
     started_at: float
+    limits: ConnectionLimits
     dsn: str = ""
-    pool: asyncpg.Pool = None
+    pool: asyncpg.Pool = None  # type: ignore[assignment]
+    store: EventStore = None  # type: ignore[assignment]
+    hub: Hub = None  # type: ignore[assignment]
 
 
 def runtime() -> Runtime:
@@ -63,6 +69,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         verifier=TokenVerifier.from_settings(settings),
         supervisor=Supervisor(),
         started_at=time.monotonic(),
+        limits=ConnectionLimits(settings.max_connections, settings.max_connections_per_tenant),
     )
     app.extensions["pulse"] = rt
     exit_stack = contextlib.AsyncExitStack()
@@ -70,8 +77,9 @@ def create_app(settings: Settings | None = None) -> Quart:
     from pulse.fleet.devices import blueprint as devices_bp
     from pulse.ingest.routes import blueprint as ingest_bp
     from pulse.ops.routes import blueprint as ops_bp
+    from pulse.streams.sse import blueprint as sse_bp
 
-    for bp in (ops_bp, ingest_bp, devices_bp):
+    for bp in (ops_bp, ingest_bp, devices_bp, sse_bp):
         app.register_blueprint(bp)
 
     @app.before_serving
@@ -80,6 +88,16 @@ def create_app(settings: Settings | None = None) -> Quart:
         rt.dsn = settings.database_url or await _start_embedded(exit_stack, settings)
         rt.pool = await create_pool(rt.dsn, max_size=settings.db_pool_size)
         exit_stack.push_async_callback(rt.pool.close)
+        rt.store = EventStore(rt.pool)
+        rt.hub = Hub(
+            rt.store,
+            rt.dsn,
+            rt.metrics,
+            queue_size=settings.queue_size,
+            backoff_max_s=settings.listener_backoff_max_s,
+        )
+        exit_stack.push_async_callback(rt.hub.close)
+        rt.supervisor.start("listener", rt.hub.listener.run)
         exit_stack.push_async_callback(rt.supervisor.stop)
 
     @app.after_serving

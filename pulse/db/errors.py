@@ -24,6 +24,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
 )
 
+CONNECTION_ERRORS_OR_TIMEOUT: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
+
 
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:

@@ -1,0 +1,135 @@
+"""One subscriber's view of a tenant's events: its filters and its bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+
+from pulse.bus.events import TelemetryEvent
+
+
+@dataclasses.dataclass(frozen=True)
+class Filters:
+    device_ids: frozenset[str] | None = None  # None: every device
+    metrics: frozenset[str] | None = None  # None: every metric
+
+    def accepts(self, event: TelemetryEvent) -> bool:
+        if self.device_ids is not None and event.device_id not in self.device_ids:
+            return False
+        return self.metrics is None or event.has_any_metric(self.metrics)
+
+
+class Lagging(Exception):
+    """The subscriber fell behind by a whole queue; it must reconnect and resume."""
+
+
+class Subscription:
+    """Events matching ``filters``, in id order, each once.
+
+    ``position`` is the newest id this subscription has passed, sent or filtered
+    out: a client that has received everything queued may resume from it.
+    The queue never holds more than ``limit`` events: when it would, the
+    subscription is marked lagging, its queue is dropped (the client resumes from
+    the table), and ``on_lagging`` is told.
+    """
+
+    def __init__(
+        self,
+        tenant_id: str,
+        filters: Filters,
+        *,
+        kind: str,
+        limit: int,
+        signals: frozenset[str] = frozenset(),
+        position: int = 0,
+    ) -> None:
+        self.tenant_id = tenant_id
+        self.filters = filters
+        self.kind = kind
+        self.signals = signals
+        self.position = position
+        self.lagging = False
+        self._limit = limit
+        self._queue: collections.deque[TelemetryEvent] = collections.deque()
+        self._pending_signals: set[str] = set()
+        self._wake = asyncio.Event()
+        self.owner: asyncio.Task[object] | None = None
+
+    # -- the hub's side -------------------------------------------------------
+
+    def offer(self, events: list[TelemetryEvent]) -> int:
+        """Queue the events this subscription wants; return how many were queued."""
+        if self.lagging:
+            return 0
+        queued = 0
+        accepts = self.filters.accepts
+        queue = self._queue
+        for event in events:
+            if event.id <= self.position:
+                continue  # already replayed from the table
+            self.position = event.id
+            if accepts(event):
+                if len(queue) >= self._limit:
+                    self._mark_lagging()
+                    return queued
+                queue.append(event)
+                queued += 1
+        if queued:
+            self._wake.set()
+        return queued
+
+    def notify(self, signal: str) -> None:
+        if signal in self.signals:
+            self._pending_signals.add(signal)
+            self._wake.set()
+
+    def _mark_lagging(self) -> None:
+        self.lagging = True
+        self._queue.clear()
+        self._wake.set()
+
+    # -- the stream's side ----------------------------------------------------
+
+    def skip_through(self, event_id: int) -> None:
+        """Everything up to ``event_id`` was sent from the table: drop it from the queue."""
+        while self._queue and self._queue[0].id <= event_id:
+            self._queue.popleft()
+        self.position = max(self.position, event_id)
+
+    def set_filters(self, filters: Filters) -> None:
+        """New filters apply to what is queued as well as to what comes next."""
+        self.filters = filters
+        self._queue = collections.deque(e for e in self._queue if filters.accepts(e))
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def take(self, max_events: int = 512) -> list[TelemetryEvent]:
+        if self.lagging:
+            raise Lagging
+        queue = self._queue
+        if len(queue) <= max_events:
+            taken = list(queue)
+            queue.clear()
+        else:
+            taken = [queue.popleft() for _ in range(max_events)]
+        if not queue and not self._pending_signals:
+            self._wake.clear()
+        return taken
+
+    def take_signals(self) -> set[str]:
+        signals, self._pending_signals = self._pending_signals, set()
+        if not self._queue:
+            self._wake.clear()
+        return signals
+
+    async def wait(self, timeout: float | None) -> bool:
+        """Wait until something is queued (True) or ``timeout`` passes (False)."""
+        if self._wake.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True

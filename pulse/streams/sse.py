@@ -1,0 +1,115 @@
+"""GET /api/v1/customer/telemetry/stream/sse: Server-Sent Events with exact resume."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from quart import Blueprint, Response, request
+
+from pulse.app import Runtime, runtime
+from pulse.auth.http import authenticate_request, request_tenant
+from pulse.bus.events import TelemetryEvent
+from pulse.db.errors import DatabaseUnavailable
+from pulse.errors import ApiError
+from pulse.streams.limits import LimitReached
+from pulse.streams.params import BadParameter, parse_event_id, parse_filters
+from pulse.streams.telemetry import End, Idle, Reset, Started, TelemetryStream
+
+log = logging.getLogger(__name__)
+blueprint = Blueprint("sse", __name__)
+
+RETRY_MS = 2000
+HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+@blueprint.get("/api/v1/customer/telemetry/stream/sse")
+async def telemetry_sse() -> Response:
+    rt = runtime()
+    principal = await authenticate_request(allow_query=True)
+    tenant_id = request_tenant(principal)
+    try:
+        filters = parse_filters(request.args, max_device_filters=rt.settings.max_device_filters)
+        last_event_id = parse_event_id(
+            request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+        )
+    except BadParameter as exc:
+        raise ApiError(400, "invalid_parameter", str(exc)) from exc
+    try:
+        rt.limits.check(tenant_id)
+    except LimitReached as exc:
+        raise ApiError(429, "connection_limit", str(exc), {"Retry-After": "5"}) from exc
+    stream = TelemetryStream(
+        rt.hub,
+        rt.store,
+        tenant_id,
+        filters,
+        kind="sse",
+        last_event_id=last_event_id,
+        idle_s=rt.settings.sse_keepalive_s,
+        expires_at=principal.expires_at.timestamp(),
+    )
+    response = Response(_body(rt, stream), status=200, headers=HEADERS)
+    response.timeout = None  # a stream has no response deadline
+    return response
+
+
+async def _body(rt: Runtime, stream: TelemetryStream) -> AsyncIterator[bytes]:
+    try:
+        with rt.limits.hold("sse", stream.tenant_id):
+            yield b"retry: %d\n\n" % RETRY_MS
+            async for chunk in _frames(stream):
+                yield chunk
+    except LimitReached:
+        # Lost a race for the last slot between the check and the start of the body.
+        yield b'event: error\ndata: {"reason":"connection_limit"}\n\n'
+    except DatabaseUnavailable as exc:
+        # The client reconnects after `retry` and resumes from its last id.
+        log.warning("ending an SSE stream: %s", exc)
+
+
+async def _frames(stream: TelemetryStream) -> AsyncIterator[bytes]:
+    metrics = stream.filters.metrics
+    last_sent = stream.last_event_id
+    async for item in stream.items():
+        if isinstance(item, list):
+            yield encode_events(item, metrics)
+            last_sent = item[-1].id
+        elif isinstance(item, Started):
+            if last_sent is None:
+                last_sent = item.newest_id
+        elif isinstance(item, Idle):
+            if last_sent is None or item.position > last_sent:
+                # Filtered-out events passed by: give the client a newer resume point.
+                yield b"event: heartbeat\nid: %d\ndata: {}\n\n" % item.position
+                last_sent = item.position
+            else:
+                yield b": keepalive\n\n"
+        elif isinstance(item, Reset):
+            yield b"event: reset\ndata: %s\n\n" % _json(item.data)
+            if item.data["reason"] == "unknown_position":
+                last_sent = item.data["last_event_id"]
+        elif isinstance(item, End):
+            if item.reason == "lagging":
+                yield b'event: lagging\ndata: {"reason":"lagging"}\n\n'
+            return
+
+
+def encode_events(events: list[TelemetryEvent], metrics: frozenset[str] | None) -> bytes:
+    """Several events in one write: ``id:`` and ``data:`` lines, a blank line after each."""
+    parts = []
+    for event in events:
+        data = event.encode(metrics)
+        if data is not None:
+            parts.append(b"id: %d\ndata: %s\n\n" % (event.id, data))
+    return b"".join(parts)
+
+
+def _json(value: object) -> bytes:
+    import orjson
+
+    return orjson.dumps(value)
