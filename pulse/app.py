@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import asyncpg
@@ -40,6 +41,7 @@ class Runtime:
     supervisor: Supervisor
     started_at: float
     limits: ConnectionLimits
+    draining: bool = False
     dsn: str = ""
     pool: asyncpg.Pool = None  # type: ignore[assignment]
     store: EventStore = None  # type: ignore[assignment]
@@ -48,6 +50,23 @@ class Runtime:
 
 def runtime() -> Runtime:
     return cast(Runtime, current_app.extensions["pulse"])
+
+
+def shutdown_trigger(app: Quart, stop: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    """For hypercorn's ``shutdown_trigger``: when ``stop`` is set, end every stream first.
+
+    Hypercorn then stops accepting, lets in-flight requests (ingest) finish
+    within its graceful timeout, and runs the app's shutdown.
+    """
+
+    async def trigger() -> None:
+        await stop.wait()
+        rt = cast(Runtime, app.extensions["pulse"])
+        rt.draining = True
+        if rt.hub is not None:
+            rt.hub.drain()
+
+    return trigger
 
 
 def create_app(settings: Settings | None = None) -> Quart:

@@ -61,7 +61,7 @@ async def serve_forever(settings: Settings, host: str, port: int) -> None:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    from pulse.app import create_app
+    from pulse.app import create_app, shutdown_trigger
 
     config = Config()
     config.bind = [f"{host}:{port}"]
@@ -73,7 +73,8 @@ async def serve_forever(settings: Settings, host: str, port: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await serve(create_app(settings), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    app = create_app(settings)
+    await serve(app, config, shutdown_trigger=shutdown_trigger(app, stop))  # type: ignore[arg-type]
 
 
 async def run_migrations(settings: Settings) -> None:

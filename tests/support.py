@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,7 +51,7 @@ async def running_server(settings: Settings) -> AsyncIterator[str]:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    from pulse.app import create_app
+    from pulse.app import create_app, shutdown_trigger
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -58,7 +62,7 @@ async def running_server(settings: Settings) -> AsyncIterator[str]:
     config.graceful_timeout = 2
     stop = asyncio.Event()
     app = create_app(settings)
-    task = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    task = asyncio.create_task(serve(app, config, shutdown_trigger=shutdown_trigger(app, stop)))  # type: ignore[arg-type]
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=url) as client:
@@ -143,3 +147,69 @@ async def sse_events(
                 id_ = value
             elif field == "data":
                 data.append(value)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def pulse_serve(
+    *, data_dir: Path, database_url: str | None = None, env: dict[str, str] | None = None
+) -> AsyncIterator[ServeProcess]:
+    """`python -m pulse serve` in a subprocess on a free loopback port, until ready.
+
+    With no ``database_url`` it runs on an embedded PostgreSQL in ``data_dir``.
+    On exit it is sent SIGTERM (unless already stopped) and must exit with 0.
+    """
+    port = free_port()
+    child_env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    child_env.update(PULSE_DATA_DIR=str(data_dir), PULSE_JWT_SECRET=TEST_SECRET, PORT=str(port))
+    if database_url:
+        child_env["DATABASE_URL"] = database_url
+    child_env.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pulse",
+        "serve",
+        env=child_env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    server = ServeProcess(proc, f"http://127.0.0.1:{port}")
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        await server.stop()
+
+
+class ServeProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, url: str) -> None:
+        self.proc = proc
+        self.url = url
+        self.stderr = b""
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while asyncio.get_running_loop().time() < deadline:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"pulse serve exited with {self.proc.returncode}")
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get("/readyz")).status_code == 200:
+                        return
+                await asyncio.sleep(0.1)
+        raise RuntimeError("pulse serve did not become ready")
+
+    async def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then wait; returns the exit code (asserting a clean exit)."""
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(self.proc.communicate(), timeout)
+        self.stderr += stderr or b""
+        assert self.proc.returncode == 0, self.stderr.decode(errors="replace")[-3000:]
+        return self.proc.returncode

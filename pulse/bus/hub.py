@@ -111,6 +111,7 @@ class Hub:
             backoff_max_s=backoff_max_s,
         )
         self._topics: dict[str, Topic] = {}
+        self.draining = False
 
     @contextlib.asynccontextmanager
     async def subscribe(
@@ -125,6 +126,8 @@ class Hub:
 
         Raises DatabaseUnavailable when the tenant's channel cannot be listened to.
         """
+        if self.draining:
+            raise DatabaseUnavailable("the server is shutting down")
         topic = self._topics.get(tenant_id)
         if topic is None:
             topic = self._topics[tenant_id] = Topic(self, tenant_id)
@@ -188,6 +191,13 @@ class Hub:
             for subscription in list(topic.subscribers):
                 for signal in subscription.signals:
                     subscription.notify(signal)
+
+    def drain(self) -> None:
+        """Shutting down: end every subscription now and refuse new ones."""
+        self.draining = True
+        for topic in self._topics.values():
+            for subscription in list(topic.subscribers):
+                subscription.close()
 
     def subscriber_count(self) -> int:
         return sum(len(t.subscribers) for t in self._topics.values())

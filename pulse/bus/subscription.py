@@ -24,6 +24,10 @@ class Lagging(Exception):
     """The subscriber fell behind by a whole queue; it must reconnect and resume."""
 
 
+class Closing(Exception):
+    """The server is shutting down; the client should reconnect (elsewhere) and resume."""
+
+
 class Subscription:
     """Events matching ``filters``, in id order, each once.
 
@@ -50,6 +54,7 @@ class Subscription:
         self.signals = signals
         self.position = position
         self.lagging = False
+        self.closing = False
         self._limit = limit
         self._queue: collections.deque[TelemetryEvent] = collections.deque()
         self._pending_signals: set[str] = set()
@@ -84,6 +89,11 @@ class Subscription:
             self._pending_signals.add(signal)
             self._wake.set()
 
+    def close(self) -> None:
+        """End the subscription: the stream stops taking events and tells its client why."""
+        self.closing = True
+        self._wake.set()
+
     def _mark_lagging(self) -> None:
         self.lagging = True
         self._queue.clear()
@@ -108,6 +118,8 @@ class Subscription:
     def take(self, max_events: int = 512) -> list[TelemetryEvent]:
         if self.lagging:
             raise Lagging
+        if self.closing:
+            raise Closing
         queue = self._queue
         if len(queue) <= max_events:
             taken = list(queue)

@@ -29,7 +29,7 @@ async def readyz() -> tuple[dict[str, Any], int]:
     rt = runtime()
     database = await _database_answers(rt)
     listener = rt.hub is not None and rt.hub.listener.connected
-    ready = database and listener
+    ready = database and listener and not rt.draining
     body = {
         "status": "ready" if ready else "unavailable",
         "database": database,

@@ -21,7 +21,7 @@ from typing import Any
 from pulse.bus.events import TelemetryEvent
 from pulse.bus.hub import Hub
 from pulse.bus.store import EventStore
-from pulse.bus.subscription import Filters, Lagging, Subscription
+from pulse.bus.subscription import Closing, Filters, Lagging, Subscription
 
 REPLAY_PAGE = 2000
 
@@ -49,7 +49,7 @@ class Idle:
 
 @dataclasses.dataclass(frozen=True)
 class End:
-    reason: str  # "lagging" | "token_expired"
+    reason: str  # "lagging" | "token_expired" | "server_restarting"
 
 
 Item = list[TelemetryEvent] | Started | Reset | Idle | End
@@ -114,7 +114,7 @@ class TelemetryStream:
 
     async def _replay(self, after: int, upto: int) -> AsyncIterator[list[TelemetryEvent]]:
         cursor = after
-        while cursor < upto:
+        while cursor < upto and not self.hub.draining:
             filters = self.filters
             page = await self.store.events_after(
                 self.tenant_id, cursor, upto=upto, device_ids=filters.device_ids, limit=REPLAY_PAGE
@@ -144,6 +144,9 @@ class TelemetryStream:
                 batch = subscription.take()
             except Lagging:
                 yield End("lagging")
+                return
+            except Closing:
+                yield End("server_restarting")
                 return
             subscription.take_signals()
             if batch:

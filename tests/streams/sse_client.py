@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import random
 from collections.abc import Callable
 
@@ -36,26 +36,40 @@ class ResumingClient:
         self._random = random.Random(seed)
 
     async def run(
-        self, done: Callable[[ResumingClient], bool], *, drop_after: tuple[int, int] = (5, 60)
+        self,
+        done: Callable[[ResumingClient], bool],
+        *,
+        drop_after: tuple[int, int] = (5, 60),
+        fallback_urls: tuple[str, ...] = (),
     ) -> None:
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=30) as client:
-            while not done(self):
-                await self._one_connection(client, self._random.randint(*drop_after), done)
+        """Until ``done``: read, drop, resume. When a server ends the stream or cannot be
+        reached, move on to the next of ``base_url`` and ``fallback_urls``."""
+        urls = [self.base_url, *fallback_urls]
+        while not done(self):
+            async with httpx.AsyncClient(base_url=urls[0], timeout=30) as client:
+                while not done(self):
+                    budget = self._random.randint(*drop_after)
+                    if not await self._one_connection(client, budget, done):
+                        urls.append(urls.pop(0))
+                        await asyncio.sleep(0.05)
+                        break
 
     async def _one_connection(
         self, client: httpx.AsyncClient, budget: int, done: Callable[[ResumingClient], bool]
-    ) -> None:
+    ) -> bool:
+        """One connection; False when the server ended it or could not be reached."""
         headers = {"Authorization": f"Bearer {self.token}"}
         if self.last_id is not None:
             headers["Last-Event-ID"] = str(self.last_id)
         self.connections += 1
-        with contextlib.suppress(httpx.TransportError):
+        try:
             async with client.stream("GET", SSE_PATH, headers=headers, params=self.params) as r:
-                assert r.status_code == 200, r.status_code
+                if r.status_code != 200:
+                    return False
                 async for event in sse_events(r, comments=True):
                     if event.event == ":":
                         if done(self):
-                            return
+                            return True
                         continue
                     if event.id is not None:
                         self.last_id = int(event.id)
@@ -64,4 +78,7 @@ class ResumingClient:
                         self.events.append(event.json())
                         budget -= 1
                     if budget <= 0 or done(self):
-                        return
+                        return True
+        except httpx.TransportError:
+            return False
+        return False  # the server ended the stream
