@@ -1,19 +1,14 @@
-"""pulse serve | migrate | token"""
+"""pulse serve | migrate | token | demo | simulate | tail"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
 from pulse.config import Settings
-
-# Never log query strings: they may carry tokens or tickets.
-ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss'
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -23,6 +18,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
+    serve.add_argument(
+        "--workers", type=int, default=None, help="server processes (default: $PULSE_WORKERS or 1)"
+    )
+    serve.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)  # a worker's socket
 
     sub.add_parser("migrate", help="apply database migrations")
 
@@ -32,13 +31,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     token.add_argument("--lifetime", type=float, default=3600.0, help="seconds")
     token.add_argument("--subject", default="dev-user")
 
+    from pulse.client.tail import add_tail_command
+    from pulse.sim.commands import add_sim_commands
+
+    add_sim_commands(sub)  # demo, simulate
+    add_tail_command(sub)
+
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.command == "serve":
-        asyncio.run(serve_forever(settings, args.host, args.port or settings.port))
+    if hasattr(args, "run"):
+        args.run(args, settings)
+    elif args.command == "serve":
+        from pulse import server
+
+        port = args.port or settings.port
+        workers = args.workers or settings.workers
+        if args.fd is not None:
+            server.run(server.serve_forever(settings, f"fd://{args.fd}"))
+        elif workers > 1:
+            sys.exit(server.serve_workers(settings, args.host, port, workers))
+        else:
+            server.run(server.serve_forever(settings, f"{args.host}:{port}"))
     elif args.command == "migrate":
         asyncio.run(run_migrations(settings))
     elif args.command == "token":
@@ -55,26 +71,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 subject=args.subject,
             )
         )
-
-
-async def serve_forever(settings: Settings, host: str, port: int) -> None:
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
-
-    from pulse.app import create_app, shutdown_trigger
-
-    config = Config()
-    config.bind = [f"{host}:{port}"]
-    config.accesslog = "-"
-    config.access_log_format = ACCESS_LOG_FORMAT
-    config.graceful_timeout = settings.shutdown_timeout_s
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    app = create_app(settings)
-    await serve(app, config, shutdown_trigger=shutdown_trigger(app, stop))  # type: ignore[arg-type]
 
 
 async def run_migrations(settings: Settings) -> None:

@@ -32,6 +32,9 @@ class Settings:
     max_connections_per_tenant: int = 100
     max_device_filters: int = 1000
     queue_size: int = 1000
+    # A crashed process's stream connections stop counting toward the
+    # per-tenant limit within this many seconds (pulse.streams.limits).
+    connection_lease_ttl_s: float = 15.0
 
     stale_after_s: float = 30.0
     offline_after_s: float = 300.0
@@ -44,9 +47,13 @@ class Settings:
     shutdown_timeout_s: float = 10.0
     ingest_rate_per_device: float = 100.0
     ingest_burst_per_device: int = 200
+    # Concurrent single-reading requests of one tenant share one transaction.
+    group_commit: bool = True
     db_pool_size: int = 10
     listener_backoff_max_s: float = 5.0
     log_level: str = "INFO"
+    access_log: bool = False  # one line per request, query strings never included
+    workers: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -75,6 +82,10 @@ def _parse(key: str, raw: str, type_name: str) -> object:
             return int(raw)
         if type_name == "float":
             return float(raw)
+        if type_name == "bool":
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes", "on")
         if type_name == "Path":
             return Path(raw).expanduser()
         if type_name.startswith("tuple"):

@@ -57,7 +57,9 @@ def ingest_writer() -> TelemetryWriter:
         limiter = RateLimiter(
             rt.settings.ingest_rate_per_device, rt.settings.ingest_burst_per_device
         )
-        writer = extensions[_WRITER] = TelemetryWriter(rt.pool, admit=limiter.acquire)
+        writer = extensions[_WRITER] = TelemetryWriter(
+            rt.pool, admit=limiter.acquire, group_commit=rt.settings.group_commit
+        )
     return cast(TelemetryWriter, writer)
 
 

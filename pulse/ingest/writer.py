@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 from collections import defaultdict
@@ -70,10 +71,16 @@ class TelemetryWriter:
         *,
         admit: Admit | None = None,
         hooks: Sequence[TransactionHook] = (),
+        group_commit: bool = True,
     ) -> None:
         self._pool = pool
         self._admit = admit
         self._hooks = tuple(hooks)
+        self._group_commit = group_commit
+        # Writes of one tenant waiting for its gate, to be committed together.
+        self._waiting: dict[
+            str, list[tuple[Sequence[Submission], asyncio.Future[list[Outcome]]]]
+        ] = {}
         # Writers of one tenant commit one at a time anyway (the tenant row
         # lock); queueing them here instead of inside PostgreSQL keeps a busy
         # tenant from holding every pooled connection while it waits, which
@@ -88,19 +95,41 @@ class TelemetryWriter:
 
         Readings of any number of devices and tenants share one transaction;
         heartbeats (``reading is None``) only mark their device as seen.
-
-        Group commit belongs here: concurrent calls that wait on the same
-        tenant gate could hand their submissions to whichever of them gets the
-        gate, and that one would run a single ``_write_in`` for all of them and
-        hand each caller its own slice of the outcomes.
         """
         if not submissions:
             return []
         tenants = {s.tenant_id for s in submissions if s.reading is not None}
+        if self._group_commit and len(tenants) == 1:
+            return await self._write_grouped(tenants.pop(), submissions)
         async with self._tenant_gates.hold(tenants):
-            with translate_errors():
-                async with self._pool.acquire() as conn, conn.transaction():
-                    return await self._write_in(conn, submissions)
+            return await self._commit(submissions)
+
+    async def _write_grouped(
+        self, tenant_id: str, submissions: Sequence[Submission]
+    ) -> list[Outcome]:
+        """Group commit: the writes of one tenant that queue for its gate while a
+        transaction runs are all committed by the next one, together.
+
+        A tenant's writers commit one at a time anyway (its counter row), so a
+        group costs about what one write costs. Each caller is answered only
+        once the group's transaction has committed, with its own outcomes.
+        """
+        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(tenant_id, []).append((submissions, future))
+        async with self._tenant_gates.hold([tenant_id]):
+            if not future.done():
+                group = self._waiting.pop(tenant_id)
+                everything = [s for subs, _ in group for s in subs]
+                commit = asyncio.get_running_loop().create_task(self._commit(everything))
+                commit.add_done_callback(lambda done: _settle(group, done))
+                # Shielded: if this caller goes away, the others still get their answer.
+                await asyncio.shield(commit)
+        return await future
+
+    async def _commit(self, submissions: Sequence[Submission]) -> list[Outcome]:
+        with translate_errors():
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await self._write_in(conn, submissions)
 
     async def _write_in(
         self, conn: asyncpg.Connection, submissions: Sequence[Submission]
@@ -213,6 +242,24 @@ class TelemetryWriter:
             for row in rows
             if row["previous_status"] != "ONLINE"
         ]
+
+
+def _settle(
+    group: list[tuple[Sequence[Submission], asyncio.Future[list[Outcome]]]],
+    commit: asyncio.Future[list[Outcome]],
+) -> None:
+    """Hand each caller of a group commit its own slice of the outcomes, or the error."""
+    error = None if commit.cancelled() else commit.exception()
+    offset = 0
+    for subs, waiter in group:
+        if not waiter.done():
+            if commit.cancelled():
+                waiter.cancel()
+            elif error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(commit.result()[offset : offset + len(subs)])
+        offset += len(subs)
 
 
 def _reading(submission: Submission) -> Reading:

@@ -25,7 +25,7 @@ async def healthz() -> dict[str, str]:
 
 @blueprint.get("/readyz")
 async def readyz() -> tuple[dict[str, Any], int]:
-    """Ready when the database answers and the listener is connected."""
+    """Ready when the database answers, the listener is connected and we are not shutting down."""
     rt = runtime()
     database = await _database_answers(rt)
     listener = rt.hub is not None and rt.hub.listener.connected
@@ -34,6 +34,7 @@ async def readyz() -> tuple[dict[str, Any], int]:
         "status": "ready" if ready else "unavailable",
         "database": database,
         "listener": listener,
+        "draining": rt.draining,
     }
     return body, 200 if ready else 503
 

@@ -1,0 +1,226 @@
+"""What every scenario needs: its own database and server processes, and figures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import psutil
+
+from pulse.auth.dev_tokens import mint_token
+from pulse.db.migrate import migrate
+from pulse.db.pool import connect
+
+SECRET = "benchmark-secret-0123456789abcdef"
+
+
+@dataclasses.dataclass
+class Figure:
+    scenario: str
+    metric: str
+    value: float
+    unit: str
+    target: str = ""
+    baseline: float | None = None  # the same-run reference the ratio is against
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline:
+            return self.value / self.baseline
+        return None
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def token(tenant_id: str | None, roles: Sequence[str] = ("tenant-admin",)) -> str:
+    return mint_token(SECRET, tenant_id=tenant_id, roles=roles, lifetime_s=24 * 3600)
+
+
+class Postgres:
+    """An embedded PostgreSQL for the whole run (or the server at ``admin_dsn``)."""
+
+    def __init__(self, admin_dsn: str | None = None) -> None:
+        self._admin_dsn = admin_dsn
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Postgres:
+        if self._admin_dsn is None:
+            from pulse.db.embedded import embedded_postgres
+
+            data = Path(
+                self._stack.enter_context(tempfile.TemporaryDirectory(prefix="pulse-bench-"))
+            )
+            self._admin_dsn = self._stack.enter_context(embedded_postgres(data))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    @property
+    def admin_dsn(self) -> str:
+        assert self._admin_dsn is not None
+        return self._admin_dsn
+
+    def pids(self) -> list[int]:
+        """The server's processes (for CPU accounting); empty for a non-local server."""
+        found = []
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            try:
+                if proc.info["name"] == "postgres" or "postgres:" in " ".join(
+                    proc.info["cmdline"] or []
+                ):
+                    found.append(proc.pid)
+            except psutil.Error:
+                pass
+        return found
+
+    async def fresh_database(self) -> str:
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        admin = await asyncpg.connect(self.admin_dsn)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        parts = urlsplit(self.admin_dsn)
+        dsn = urlunsplit(parts._replace(path="/" + name))
+        conn = await connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        return dsn
+
+
+class PulseServer:
+    """`python -m pulse serve` on a free loopback port."""
+
+    def __init__(self, dsn: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._env = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "PULSE_JWT_SECRET": SECRET,
+            "PORT": str(self.port),
+            "PULSE_LOG_LEVEL": "WARNING",
+            "PULSE_INGEST_RATE_PER_DEVICE": "1000000",
+            "PULSE_INGEST_BURST_PER_DEVICE": "1000000",
+            "PULSE_MAX_CONNECTIONS_PER_TENANT": "100000",
+            "PULSE_MAX_CONNECTIONS": "100000",
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def __aenter__(self) -> PulseServer:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pulse", "serve", "--port", str(self.port)],
+            env=self._env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            for _ in range(300):
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get("/readyz")).status_code == 200:
+                        return self
+                if self.proc.poll() is not None:
+                    raise RuntimeError("pulse serve exited during startup")
+                await asyncio.sleep(0.1)
+        raise RuntimeError("pulse serve did not become ready")
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    @property
+    def ps(self) -> psutil.Process:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid)
+
+    def cpu_s(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def rss(self) -> int:
+        return int(self.ps.memory_info().rss)
+
+
+@contextlib.contextmanager
+def cpu_meter(pids: Sequence[int] = ()) -> Iterator[dict[str, float]]:
+    """CPU seconds spent by this process (the load generator) and ``pids`` inside the block."""
+    me = psutil.Process()
+    others = [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
+
+    def used(p: psutil.Process) -> float:
+        try:
+            t = p.cpu_times()
+            return float(t.user + t.system)
+        except psutil.Error:
+            return 0.0
+
+    start = {p.pid: used(p) for p in [me, *others]}
+    wall = time.perf_counter()
+    out: dict[str, float] = {}
+    yield out
+    out["wall_s"] = time.perf_counter() - wall
+    out["client_cpu_s"] = used(me) - start[me.pid]
+    out["others_cpu_s"] = sum(used(p) - start[p.pid] for p in others)
+
+
+async def provision(url: str, tenant_id: str, devices: int) -> dict[str, str]:
+    """Create devices through the API; return device_id -> provision token."""
+    tokens = {}
+    headers = {"Authorization": "Bearer " + token(tenant_id)}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+        for i in range(devices):
+            device_id = f"dev-{i:05d}"
+            r = await client.post("/api/v1/customer/devices", json={"device_id": device_id})
+            r.raise_for_status()
+            tokens[device_id] = r.json()["provision_token"]
+    return tokens
+
+
+@contextlib.asynccontextmanager
+async def deadline(seconds: float) -> AsyncIterator[None]:
+    async with asyncio.timeout(seconds):
+        yield
+
+
+def describe(values: Sequence[float]) -> dict[str, Any]:
+    return {"p50": percentile(values, 50), "p99": percentile(values, 99), "n": len(values)}

@@ -1,0 +1,135 @@
+"""A lean load generator on raw asyncio streams, so the client is not what is measured."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import time
+from urllib.parse import urlsplit
+
+_STATUS = re.compile(rb"HTTP/1\.1 (\d{3})")
+_LENGTH = re.compile(rb"\r\ncontent-length: (\d+)", re.IGNORECASE)
+_EVENT_ID = re.compile(rb'"type":"telemetry","id":(\d+)')
+
+
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection for small request/response exchanges."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> HttpConnection:
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def build(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> bytes:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        if body:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+    async def exchange(self, request: bytes) -> tuple[int, bytes]:
+        assert self._reader is not None and self._writer is not None
+        self._writer.write(request)
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        status = _STATUS.match(head)
+        length = _LENGTH.search(head)
+        body = await self._reader.readexactly(int(length[1])) if length else b""
+        return (int(status[1]) if status else 0), body
+
+
+class StreamCounter:
+    """An SSE or WebSocket subscriber that counts telemetry events and samples latency.
+
+    For each chunk received it notes the time and the last event id in it, so that
+    commit-to-client latency can be computed against the ingest side's ack times.
+    """
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.samples: list[tuple[int, float]] = []  # (event id, receive time)
+        self.connected = asyncio.Event()
+        self.failed: str | None = None
+
+    def _count(self, chunk: bytes, now: float) -> None:
+        n = chunk.count(b'"type":"telemetry"')
+        if n:
+            self.events += n
+            ids = _EVENT_ID.findall(chunk)
+            if ids:
+                self.samples.append((int(ids[-1]), now))
+
+    async def sse(self, url: str, path: str, token: str, last_event_id: int | None = None) -> None:
+        parts = urlsplit(url)
+        try:
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        except OSError as exc:
+            self.failed = str(exc)
+            self.connected.set()
+            return
+        extra = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id is not None else ""
+        auth = f"Authorization: Bearer {token}\r\n"
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}{extra}\r\n".encode())
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                self.failed = head[:40].decode(errors="replace")
+                return
+            self.connected.set()
+            while True:
+                chunk = await reader.read(262144)
+                if not chunk:
+                    return
+                self._count(chunk, time.perf_counter())
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            self.failed = self.failed or repr(exc)
+        finally:
+            self.connected.set()
+            writer.close()
+
+    async def websocket(self, url: str, path: str) -> None:
+        """A raw WebSocket client (no masking needed from server to client)."""
+        parts = urlsplit(url)
+        try:
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        except OSError as exc:
+            self.failed = str(exc)
+            self.connected.set()
+            return
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 101"):
+                self.failed = head[:40].decode(errors="replace")
+                return
+            self.connected.set()
+            while True:
+                chunk = await reader.read(262144)
+                if not chunk:
+                    return
+                # Frames are not parsed: text payloads are counted by their marker.
+                self._count(chunk, time.perf_counter())
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            self.failed = self.failed or repr(exc)
+        finally:
+            self.connected.set()
+            writer.close()

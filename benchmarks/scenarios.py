@@ -1,0 +1,436 @@
+"""The benchmark scenarios. Each measures its own baseline in the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import orjson
+
+from benchmarks.harness import (
+    Figure,
+    Postgres,
+    PulseServer,
+    cpu_meter,
+    percentile,
+    provision,
+    token,
+)
+from benchmarks.loadgen import HttpConnection, StreamCounter
+
+SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
+WS_PATH = "/api/v1/customer/telemetry/stream"
+Scenario = Callable[[Postgres, bool], Awaitable[list[Figure]]]
+
+
+def _reading(rng: random.Random) -> dict[str, float]:
+    return {"temp": round(rng.uniform(15, 30), 2), "hum": round(rng.uniform(20, 80), 1)}
+
+
+# -- ingest: batches ------------------------------------------------------------
+
+
+async def ingest_batch(pg: Postgres, quick: bool) -> list[Figure]:
+    figures = []
+    for tenants in (1, 10):
+        figures += await _ingest_batch(pg, quick, tenants)
+    return figures
+
+
+async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Figure]:
+    seconds = 4.0 if quick else 15.0
+    clients, batch = 4, 500
+    dsn = await pg.fresh_database()
+    async with PulseServer(dsn) as server:
+        tenants = [f"tenant-{t:02d}" for t in range(tenant_count)]
+        devices = {t: await provision(server.url, t, 20) for t in tenants}
+        rng = random.Random(1)
+
+        def body() -> bytes:
+            messages = []
+            for i in range(batch):
+                tenant = tenants[i % tenant_count]
+                device_id, device_token = rng.choice(list(devices[tenant].items()))
+                messages.append(
+                    {
+                        "tenant_id": tenant,
+                        "device_id": device_id,
+                        "provision_token": device_token,
+                        "metrics": _reading(rng),
+                    }
+                )
+            return orjson.dumps({"messages": messages})
+
+        bodies = [body() for _ in range(8)]
+        accepted = 0
+
+        async def client(stop: float) -> None:
+            nonlocal accepted
+            conn = await HttpConnection(server.url).open()
+            requests = [conn.build("POST", "/ingest/v1/batch", b) for b in bodies]
+            i = 0
+            while time.perf_counter() < stop:
+                status, payload = await conn.exchange(requests[i % len(requests)])
+                assert status == 200, (status, payload[:200])
+                accepted += orjson.loads(payload)["accepted"]
+                i += 1
+            await conn.close()
+
+        with cpu_meter([server.proc.pid] if server.proc else []) as cpu:
+            stop = time.perf_counter() + seconds
+            await asyncio.gather(*(client(stop) for _ in range(clients)))
+        http_rate = accepted / cpu["wall_s"]
+
+    ceiling = await _direct_sql_ceiling(pg, tenants, seconds, clients, batch)
+    label = f"batch ingest, {tenant_count} tenant{'s' if tenant_count > 1 else ''}"
+    return [
+        Figure(label, "direct-SQL ceiling", ceiling, "rows/s"),
+        Figure(
+            label,
+            "HTTP batch ingest",
+            http_rate,
+            "rows/s",
+            target=">= 0.5x ceiling, >= 50,000",
+            baseline=ceiling,
+            note=f"{clients} clients x {batch} readings; client CPU {cpu['client_cpu_s']:.1f}s "
+            f"of {cpu['wall_s']:.1f}s",
+        ),
+    ]
+
+
+async def _direct_sql_ceiling(
+    pg: Postgres, tenants: list[str], seconds: float, clients: int, batch: int
+) -> float:
+    """The same rows straight into the same schema: same id reservation, same trigger."""
+    dsn = await pg.fresh_database()
+    pool = await asyncpg.create_pool(dsn, min_size=clients, max_size=clients)
+    assert pool is not None
+    await pool.executemany("INSERT INTO tenants (tenant_id) VALUES ($1)", [(t,) for t in tenants])
+    rng = random.Random(2)
+    written = 0
+
+    async def client(stop: float) -> None:
+        nonlocal written
+        while time.perf_counter() < stop:
+            rows = [
+                (tenants[i % len(tenants)], f"dev-{rng.randrange(20):05d}") for i in range(batch)
+            ]
+            by_tenant = sorted({t for t, _ in rows})
+            async with pool.acquire() as conn, conn.transaction():
+                bases = dict(
+                    await conn.fetch(
+                        "SELECT r.t, pulse_reserve_event_ids(r.t, r.n) FROM unnest($1::text[], "
+                        "$2::int[]) WITH ORDINALITY AS r(t, n, o) ORDER BY r.o",
+                        by_tenant,
+                        [sum(1 for t, _ in rows if t == tenant) for tenant in by_tenant],
+                    )
+                )
+                next_id = {t: bases[t] for t in by_tenant}
+                ids = []
+                for t, _ in rows:
+                    next_id[t] += 1
+                    ids.append(next_id[t])
+                await conn.execute(
+                    "INSERT INTO telemetry (tenant_id, id, device_id, device_time, metrics, seq) "
+                    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], "
+                    "$4::timestamptz[], $5::jsonb[], $6::bigint[])",
+                    [t for t, _ in rows],
+                    ids,
+                    [d for _, d in rows],
+                    [time.time_ns() // 1000 and _now()] * batch,
+                    [orjson.dumps(_reading(rng)).decode() for _ in rows],
+                    [None] * batch,
+                )
+            written += batch
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(start + seconds) for _ in range(clients)))
+    elapsed = time.perf_counter() - start
+    await pool.close()
+    return written / elapsed
+
+
+def _now():  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+# -- ingest: single readings ----------------------------------------------------
+
+
+async def ingest_single(pg: Postgres, quick: bool) -> list[Figure]:
+    seconds = 4.0 if quick else 15.0
+    clients = 64
+    results = {}
+    for group_commit in ("0", "1"):
+        dsn = await pg.fresh_database()
+        async with PulseServer(dsn, PULSE_GROUP_COMMIT=group_commit) as server:
+            devices = await provision(server.url, "tenant-1", clients)
+            latencies: list[float] = []
+
+            async def client(
+                device_id: str, device_token: str, stop: float, latencies: list[float] = latencies
+            ) -> None:
+                conn = await HttpConnection(server.url).open()
+                rng = random.Random(device_id)
+                path = f"/ingest/v1/tenant/tenant-1/device/{device_id}/telemetry"
+                while time.perf_counter() < stop:
+                    request = conn.build(
+                        "POST",
+                        path,
+                        orjson.dumps({"metrics": _reading(rng)}),
+                        {"X-Provision-Token": device_token},
+                    )
+                    sent = time.perf_counter()
+                    status, payload = await conn.exchange(request)
+                    assert status == 201, (status, payload[:200])
+                    latencies.append(time.perf_counter() - sent)
+                await conn.close()
+
+            with cpu_meter() as cpu:
+                stop = time.perf_counter() + seconds
+                await asyncio.gather(*(client(d, t, stop) for d, t in devices.items()))
+            results[group_commit] = (len(latencies) / cpu["wall_s"], latencies)
+    baseline_rate, baseline_lat = results["0"]
+    rate, lat = results["1"]
+    return [
+        Figure(
+            "single-reading ingest, 64 clients",
+            "one transaction per request",
+            baseline_rate,
+            "req/s",
+            note=f"p50 {percentile(baseline_lat, 50) * 1e3:.1f} ms, "
+            f"p99 {percentile(baseline_lat, 99) * 1e3:.1f} ms",
+        ),
+        Figure(
+            "single-reading ingest, 64 clients",
+            "group commit",
+            rate,
+            "req/s",
+            target=">= 3x, p99 <= 50 ms",
+            baseline=baseline_rate,
+            note=f"p50 {percentile(lat, 50) * 1e3:.1f} ms, p99 {percentile(lat, 99) * 1e3:.1f} ms",
+        ),
+    ]
+
+
+# -- fan-out --------------------------------------------------------------------
+
+
+async def fanout_sse(pg: Postgres, quick: bool) -> list[Figure]:
+    return await _fanout(pg, quick, "sse")
+
+
+async def fanout_ws(pg: Postgres, quick: bool) -> list[Figure]:
+    return await _fanout(pg, quick, "websocket")
+
+
+async def _fanout(pg: Postgres, quick: bool, kind: str) -> list[Figure]:
+    subscribers = 200 if quick else 1000
+    rates = (20, 100) if quick else (20, 100, 200)  # events/s ingested
+    seconds = 3.0 if quick else 8.0
+    dsn = await pg.fresh_database()
+    figures = []
+    async with PulseServer(dsn) as server:
+        devices = await provision(server.url, "tenant-1", 25)
+        tok = token("tenant-1", roles=("customer",))
+        counters = [StreamCounter() for _ in range(subscribers)]
+        tasks = []
+        for counter in counters:
+            if kind == "sse":
+                tasks.append(asyncio.create_task(counter.sse(server.url, SSE_PATH, tok)))
+            else:
+                tasks.append(
+                    asyncio.create_task(counter.websocket(server.url, f"{WS_PATH}?token={tok}"))
+                )
+            if len(tasks) % 100 == 0:
+                await asyncio.sleep(0.05)
+        await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in counters)), 60)
+        failures = [c.failed for c in counters if c.failed]
+        if failures:
+            raise RuntimeError(f"{len(failures)} subscribers failed: {failures[0]}")
+        await asyncio.sleep(0.5)  # let every subscription reach the hub
+        listen = await asyncpg.connect(dsn)
+        channel = await listen.fetchval("SELECT pulse_channel('tenant-1')")
+        bare: list[tuple[int, float]] = []
+        await listen.add_listener(
+            channel,
+            lambda *a: bare.append((orjson.loads(a[3])["last"], time.perf_counter())),
+        )
+        conn = await HttpConnection(server.url).open()
+        rng = random.Random(3)
+        device_items = list(devices.items())
+        for rate in rates:
+            for c in counters:
+                c.events, c.samples = 0, []
+            bare.clear()
+            sent_at: dict[int, float] = {}
+            per_batch = max(1, rate // 20)  # a batch every 50 ms
+            with cpu_meter([server.proc.pid] if server.proc else []) as cpu:
+                start = time.perf_counter()
+                n = 0
+                while time.perf_counter() < start + seconds:
+                    messages = []
+                    for _ in range(per_batch):
+                        device_id, device_token = rng.choice(device_items)
+                        messages.append(
+                            {
+                                "tenant_id": "tenant-1",
+                                "device_id": device_id,
+                                "provision_token": device_token,
+                                "metrics": _reading(rng),
+                            }
+                        )
+                    request = conn.build(
+                        "POST", "/ingest/v1/batch", orjson.dumps({"messages": messages})
+                    )
+                    t_sent = time.perf_counter()
+                    status, payload = await conn.exchange(request)
+                    assert status == 200, payload[:200]
+                    for result in orjson.loads(payload)["results"]:
+                        sent_at[result["id"]] = t_sent
+                    n += 1
+                    await asyncio.sleep(max(0.0, start + n * 0.05 - time.perf_counter()))
+                await asyncio.sleep(1.0)  # let deliveries finish
+            expected = len(sent_at) * subscribers
+            delivered = sum(c.events for c in counters)
+            latencies = [t - sent_at[i] for c in counters for i, t in c.samples if i in sent_at]
+            bare_lat = [t - sent_at[i] for i, t in bare if i in sent_at]
+            deliveries_per_s = delivered / seconds
+            figures.append(
+                Figure(
+                    f"fan-out {kind}, {subscribers} subscribers, {rate} events/s",
+                    "deliveries",
+                    deliveries_per_s,
+                    "events/s",
+                    target=">= 100,000" if rate * subscribers >= 100_000 else "",
+                    note=f"{delivered}/{expected} delivered; server CPU "
+                    f"{cpu['others_cpu_s'] / cpu['wall_s']:.0%}, client CPU "
+                    f"{cpu['client_cpu_s'] / cpu['wall_s']:.0%}",
+                )
+            )
+            figures.append(
+                Figure(
+                    f"fan-out {kind}, {subscribers} subscribers, {rate} events/s",
+                    "ingest-to-client latency p50 / p99",
+                    percentile(latencies, 50) * 1e3,
+                    "ms",
+                    target="p50 <= 5, p99 <= 50, p99 within 10 of bare" if rate == 20 else "",
+                    note=f"p99 {percentile(latencies, 99) * 1e3:.1f} ms; bare LISTEN p50 "
+                    f"{percentile(bare_lat, 50) * 1e3:.1f} ms, p99 "
+                    f"{percentile(bare_lat, 99) * 1e3:.1f} ms",
+                )
+            )
+        await conn.close()
+        await listen.close()
+        for task in tasks:
+            task.cancel()
+    return figures
+
+
+# -- idle connections -----------------------------------------------------------
+
+
+async def connections_sse(pg: Postgres, quick: bool) -> list[Figure]:
+    return await _connections(pg, quick, "sse")
+
+
+async def connections_ws(pg: Postgres, quick: bool) -> list[Figure]:
+    return await _connections(pg, quick, "websocket")
+
+
+async def _connections(pg: Postgres, quick: bool, kind: str) -> list[Figure]:
+    count = 1000 if quick else 10_000
+    dsn = await pg.fresh_database()
+    async with PulseServer(dsn) as server:
+        tok = token("tenant-1", roles=("customer",))
+        await asyncio.sleep(0.5)
+        before = server.rss()
+        counters = [StreamCounter() for _ in range(count)]
+        tasks = []
+        start = time.perf_counter()
+        for i, counter in enumerate(counters):
+            coro = (
+                counter.sse(server.url, SSE_PATH, tok)
+                if kind == "sse"
+                else counter.websocket(server.url, f"{WS_PATH}?token={tok}")
+            )
+            tasks.append(asyncio.create_task(coro))
+            if i % 200 == 199:
+                await asyncio.gather(*(c.connected.wait() for c in counters[i - 199 : i + 1]))
+        await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in counters)), 120)
+        connect_s = time.perf_counter() - start
+        failures = [c.failed for c in counters if c.failed]
+        await asyncio.sleep(2.0)
+        after = server.rss()
+        for task in tasks:
+            task.cancel()
+    per_conn = (after - before) / count
+    return [
+        Figure(
+            f"{count} idle {kind} connections",
+            "memory per connection",
+            per_conn / 1024,
+            "KiB",
+            target="<= 40 KB",
+            note=f"RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB; {len(failures)} failed",
+        ),
+        Figure(f"{count} idle {kind} connections", "connect rate", count / connect_s, "conn/s"),
+    ]
+
+
+# -- replay ---------------------------------------------------------------------
+
+
+async def replay(pg: Postgres, quick: bool) -> list[Figure]:
+    rows = 100_000 if quick else 1_000_000
+    dsn = await pg.fresh_database()
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("INSERT INTO tenants (tenant_id) VALUES ('tenant-1')")
+    async with conn.transaction():
+        base = await conn.fetchval("SELECT pulse_reserve_event_ids('tenant-1', $1)", rows)
+        await conn.execute(
+            """INSERT INTO telemetry (tenant_id, id, device_id, device_time, metrics)
+               SELECT 'tenant-1', $1 + g, 'dev-' || lpad((g % 25)::text, 5, '0'), now(),
+                      jsonb_build_object('temp', round((random() * 30)::numeric, 2),
+                                         'hum', round((random() * 80)::numeric, 1))
+                 FROM generate_series(1, $2) AS g""",
+            base,
+            rows,
+        )
+    await conn.execute("VACUUM ANALYZE telemetry")
+    await conn.close()
+    async with PulseServer(dsn) as server:
+        counter = StreamCounter()
+        tok = token("tenant-1", roles=("customer",))
+        with cpu_meter([server.proc.pid] if server.proc else []) as cpu:
+            task = asyncio.create_task(counter.sse(server.url, SSE_PATH, tok, last_event_id=0))
+            while counter.events < rows and not task.done():
+                await asyncio.sleep(0.02)
+            task.cancel()
+    return [
+        Figure(
+            f"replay {rows:,} events over SSE",
+            "replay rate",
+            counter.events / cpu["wall_s"],
+            "events/s",
+            target=">= 100,000",
+            note=f"server CPU {cpu['others_cpu_s']:.1f}s, client CPU {cpu['client_cpu_s']:.1f}s "
+            f"in {cpu['wall_s']:.1f}s",
+        )
+    ]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "ingest": ingest_batch,
+    "single": ingest_single,
+    "fanout-sse": fanout_sse,
+    "fanout-ws": fanout_ws,
+    "connections-sse": connections_sse,
+    "connections-ws": connections_ws,
+    "replay": replay,
+}

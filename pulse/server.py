@@ -1,0 +1,109 @@
+"""Serving the app with hypercorn: one process, or several workers on one socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from pulse.config import Settings
+
+log = logging.getLogger(__name__)
+
+# Never log query strings: they may carry tokens or tickets.
+ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss'
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """asyncio.run on uvloop when it is installed (it is a dependency; the fallback
+    keeps the code importable where it cannot be)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+def hypercorn_config(settings: Settings, bind: str) -> Any:
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [bind]
+    if settings.access_log:
+        config.accesslog = "-"
+        config.access_log_format = ACCESS_LOG_FORMAT
+    config.graceful_timeout = settings.shutdown_timeout_s
+    return config
+
+
+async def serve_forever(settings: Settings, bind: str) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully (streams first)."""
+    from hypercorn.asyncio import serve
+
+    from pulse.app import create_app, shutdown_trigger
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    app = create_app(settings)
+    config = hypercorn_config(settings, bind)
+    await serve(app, config, shutdown_trigger=shutdown_trigger(app, stop))
+
+
+def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int:
+    """Run ``workers`` server processes sharing one listening socket.
+
+    Every worker is a whole Pulse process (its own listener and pool); fan-out
+    between them goes through Postgres like between machines. With no
+    DATABASE_URL the embedded database is started here, once, for all of them.
+    """
+    sock = socket.create_server((host, port), backlog=2048)
+    sock.set_inheritable(True)
+    with contextlib.ExitStack() as stack:
+        env = dict(os.environ)
+        if not settings.database_url:
+            from pulse.db.embedded import embedded_postgres
+
+            env["DATABASE_URL"] = stack.enter_context(embedded_postgres(settings.data_dir))
+            run(_migrate(env["DATABASE_URL"]))
+        env["PULSE_WORKERS"] = "1"
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-m", "pulse", "serve", "--fd", str(sock.fileno())],
+                env=env,
+                pass_fds=[sock.fileno()],
+            )
+            for _ in range(workers)
+        ]
+
+        def forward(signum: int, _frame: object) -> None:
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        codes = [child.wait() for child in children]
+    sock.close()
+    return max(codes)
+
+
+async def _migrate(dsn: str) -> None:
+    from pulse.db.migrate import migrate
+    from pulse.db.pool import connect
+
+    conn = await connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()

@@ -1,0 +1,80 @@
+"""Group commit: concurrent single readings of a tenant share a transaction; none is
+acknowledged before its transaction commits."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+
+from pulse.db.errors import DatabaseUnavailable
+from pulse.ingest.model import Accepted, Submission
+from pulse.ingest.validation import Reading
+from pulse.ingest.writer import TelemetryWriter, Written
+from tests.ingest.conftest import stored_rows
+
+NOW = datetime(2026, 11, 27, 17, 0, tzinfo=UTC)
+
+
+def one(token: str, value: float) -> list[Submission]:
+    return [Submission("t1", "dev-1", token, Reading(NOW, {"v": value}, None))]
+
+
+async def test_concurrent_writes_share_transactions(pool: asyncpg.Pool, token: str) -> None:
+    sizes: list[int] = []
+
+    async def count(conn: asyncpg.Connection, written: Written) -> None:
+        sizes.append(len(written.events))
+        await asyncio.sleep(0.01)  # a slow transaction lets the next group gather
+
+    writer = TelemetryWriter(pool, hooks=[count])
+    outcomes = await asyncio.gather(*(writer.write(one(token, i)) for i in range(40)))
+    ids = sorted(o[0].event_id for o in outcomes if isinstance(o[0], Accepted))  # type: ignore[type-var]
+    assert ids == list(range(1, 41))
+    assert sum(sizes) == 40 and len(sizes) < 40 and max(sizes) > 1
+    # Each caller got the id of its own reading.
+    rows = dict(await pool.fetch("SELECT (metrics->>'v')::int, id FROM telemetry"))
+    assert all(rows[i] == o[0].event_id for i, o in enumerate(outcomes))  # type: ignore[union-attr]
+
+
+async def test_without_group_commit_each_write_is_its_own_transaction(
+    pool: asyncpg.Pool, token: str
+) -> None:
+    sizes: list[int] = []
+
+    async def count(conn: asyncpg.Connection, written: Written) -> None:
+        sizes.append(len(written.events))
+
+    writer = TelemetryWriter(pool, hooks=[count], group_commit=False)
+    await asyncio.gather(*(writer.write(one(token, i)) for i in range(10)))
+    assert sizes == [1] * 10
+
+
+async def test_no_acknowledgement_before_commit(pool: asyncpg.Pool, token: str) -> None:
+    """The connection dies between the insert and the commit: every caller of that
+    group gets an error, nothing is stored, and later writes work."""
+    armed = True
+
+    async def die_before_commit(conn: asyncpg.Connection, written: Written) -> None:
+        nonlocal armed
+        if armed:
+            armed = False
+            await asyncio.sleep(0.02)  # let a group queue behind this transaction
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    writer = TelemetryWriter(pool, hooks=[die_before_commit])
+    results = await asyncio.gather(
+        *(writer.write(one(token, i)) for i in range(20)), return_exceptions=True
+    )
+    failed = [r for r in results if isinstance(r, BaseException)]
+    acknowledged = [r[0].event_id for r in results if not isinstance(r, BaseException)]  # type: ignore[index, union-attr]
+    assert failed, "the killed transaction's callers must see an error"
+    assert all(isinstance(r, DatabaseUnavailable) for r in failed), failed
+    # What was acknowledged is exactly what is stored.
+    stored = [r["id"] for r in await pool.fetch("SELECT id FROM telemetry ORDER BY id")]
+    assert sorted(acknowledged) == stored
+    assert await stored_rows(pool) == len(acknowledged) == 20 - len(failed)
+    after = await writer.write(one(token, 99))
+    assert isinstance(after[0], Accepted)
+
