@@ -101,6 +101,10 @@ def create_app(settings: Settings | None = None) -> Quart:
     for bp in (ops_bp, ingest_bp, devices_bp, sse_bp):
         app.register_blueprint(bp)
 
+    from pulse.dashboard import blueprint as dashboard_bp
+
+    app.register_blueprint(dashboard_bp)
+
     @app.before_serving
     async def _start() -> None:
         await exit_stack.__aenter__()

@@ -1,0 +1,25 @@
+"""Errors the client raises instead of retrying: retrying could not fix them."""
+
+from __future__ import annotations
+
+
+class PulseClientError(Exception):
+    """A request Pulse refused for good; ``code`` is the error code or close reason."""
+
+    def __init__(self, status: int, code: str, detail: str = "") -> None:
+        super().__init__(f"{status} {code}: {detail}" if detail else f"{status} {code}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+class AuthenticationFailed(PulseClientError):
+    """The token (even after a refresh, when a refresh callback is set) was refused."""
+
+
+class Forbidden(PulseClientError):
+    """The token is valid but may not read this tenant or stream."""
+
+
+class BadRequest(PulseClientError):
+    """Invalid filters or parameters."""

@@ -1,0 +1,170 @@
+"""The telemetry stream over Server-Sent Events (CONTRACT section 5.2), resumed by Last-Event-ID."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Iterable
+
+import httpx
+import orjson
+
+from pulse.client.backoff import Backoff
+from pulse.client.credentials import Credentials
+from pulse.client.errors import BadRequest, Forbidden, PulseClientError
+from pulse.client.events import Telemetry
+from pulse.client.stream import AuthRejected, NoticeHandler, Reconnect, ReconnectingStream
+
+SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
+
+# The server writes at least every PULSE_SSE_KEEPALIVE_S (15 s by default); three
+# silent periods mean the connection is dead even if no FIN or RST arrived.
+READ_TIMEOUT_S = 45.0
+
+
+@dataclasses.dataclass
+class SSEMessage:
+    event: str | None
+    id: str | None
+    data: str
+
+
+class SSEDecoder:
+    """Lines in, messages out (the text/event-stream format). No I/O."""
+
+    def __init__(self) -> None:
+        self._event: str | None = None
+        self._id: str | None = None
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> SSEMessage | None:
+        if line == "":
+            if self._data or self._event is not None or self._id is not None:
+                message = SSEMessage(self._event, self._id, "\n".join(self._data))
+                self._event, self._id, self._data = None, None, []
+                return message
+            return None
+        if line.startswith(":"):
+            return None  # a comment: keepalive
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            self._event = value
+        elif field == "id":
+            self._id = value
+        elif field == "data":
+            self._data.append(value)
+        return None
+
+
+def describe_position(transport: str, last_event_id: int | None) -> str:
+    where = "live" if last_event_id is None else f"after event {last_event_id}"
+    return f"{transport}, {where}"
+
+
+def csv(values: Iterable[str] | None) -> str | None:
+    return None if values is None else ",".join(sorted(values))
+
+
+class SSETelemetryStream(ReconnectingStream[Telemetry]):
+    """Telemetry events in id order, exactly once, across reconnects and server restarts.
+
+    Started without ``last_event_id`` the stream is live from its first
+    connection; the position is known from the first event on.
+    """
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        credentials: Credentials,
+        backoff: Backoff,
+        *,
+        device_ids: Iterable[str] | None = None,
+        metrics: Iterable[str] | None = None,
+        last_event_id: int | None = None,
+        tenant_id: str | None = None,
+        on_notice: NoticeHandler | None = None,
+        read_timeout_s: float = READ_TIMEOUT_S,
+    ) -> None:
+        super().__init__(credentials, backoff, on_notice)
+        self.http = http
+        self.device_ids = frozenset(device_ids) if device_ids is not None else None
+        self.metrics = frozenset(metrics) if metrics is not None else None
+        self.tenant_id = tenant_id
+        self.last_event_id = last_event_id
+        self.read_timeout_s = read_timeout_s
+        # Events at or below this id were delivered already: dropped if sent again.
+        self.duplicates_dropped = 0
+
+    def _params(self) -> dict[str, str]:
+        params = {"device_id": csv(self.device_ids), "metric": csv(self.metrics)}
+        params["tenant_id"] = self.tenant_id
+        return {k: v for k, v in params.items() if v}
+
+    async def _session(self, token: str) -> AsyncIterator[Telemetry]:
+        headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
+        if self.last_event_id is not None:
+            headers["Last-Event-ID"] = str(self.last_event_id)
+        timeout = httpx.Timeout(10.0, read=self.read_timeout_s)
+        try:
+            async with self.http.stream(
+                "GET", SSE_PATH, params=self._params(), headers=headers, timeout=timeout
+            ) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise http_failure(response)
+                self._connected(describe_position("SSE", self.last_event_id))
+                decoder = SSEDecoder()
+                async for line in response.aiter_lines():
+                    message = decoder.feed(line)
+                    if message is not None:
+                        event = self._handle(message)
+                        if event is not None:
+                            yield event
+        except httpx.TransportError as exc:
+            raise Reconnect(f"connection lost ({type(exc).__name__})") from exc
+
+    def _handle(self, message: SSEMessage) -> Telemetry | None:
+        if message.event == "reset":
+            data = orjson.loads(message.data)
+            self._notice("reset", message.data)
+            if data.get("reason") == "unknown_position":
+                # The tenant's history is behind our position (a new database?):
+                # start again from its newest id.
+                self.last_event_id = int(data["last_event_id"])
+            return None
+        if message.event == "lagging":
+            self._notice("lagging", "the server dropped this client for falling behind")
+            raise Reconnect("lagging", delay_s=0.0)
+        if message.event == "error":
+            raise Reconnect(f"server error: {message.data}")
+        event = None
+        if message.event in (None, "message") and message.data:
+            event = Telemetry.from_wire(orjson.loads(message.data))
+            if self.last_event_id is not None and event.id <= self.last_event_id:
+                self.duplicates_dropped += 1
+                return None
+        if message.id:
+            # Also on `heartbeat`: filtered-out events passed, resume after them.
+            self.last_event_id = int(message.id)
+        return event
+
+
+def http_failure(response: httpx.Response) -> Exception:
+    """A non-200 answer: what to do about it (raise the result)."""
+    status = response.status_code
+    try:
+        body = response.json()
+        code, detail = str(body.get("error", status)), str(body.get("detail", ""))
+    except ValueError:
+        code, detail = str(status), response.text[:200]
+    if status == 401:
+        return AuthRejected(code, detail)
+    if status == 403:
+        return Forbidden(status, code, detail)
+    if status == 400:
+        return BadRequest(status, code, detail)
+    if status == 429 or status >= 500:
+        retry_after = response.headers.get("Retry-After", "")
+        floor = float(retry_after) if retry_after.isdigit() else 0.0
+        return Reconnect(f"{status} {code}", min_delay_s=floor)
+    return PulseClientError(status, code, detail)

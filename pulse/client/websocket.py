@@ -1,0 +1,290 @@
+"""The telemetry WebSocket (CONTRACT 5.1) and the legacy v2 channels (5.3).
+
+Both send the JWT in the handshake's Authorization header, which the server
+reads before any query parameter: no token in URLs, no ticket needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from pulse.client.backoff import Backoff
+from pulse.client.credentials import REFRESH_MARGIN_S, Credentials
+from pulse.client.errors import BadRequest, Forbidden, PulseClientError
+from pulse.client.events import AlertsUpdate, FleetSummary, Telemetry, V2Event
+from pulse.client.sse import csv, describe_position
+from pulse.client.stream import AuthRejected, NoticeHandler, Reconnect, ReconnectingStream
+
+TELEMETRY_WS_PATH = "/api/v1/customer/telemetry/stream"
+V2_WS_PATH = "/api/v2/ws"
+
+
+def ws_url(base_url: str, path: str, params: dict[str, str | None]) -> str:
+    parts = urlsplit(base_url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    query = urlencode({k: v for k, v in params.items() if v})
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + path, query, ""))
+
+
+def close_failure(code: int | None, reason: str) -> Exception:
+    """A close frame from the server: what to do about it (raise the result)."""
+    if code == 4001:
+        return AuthRejected(reason or "unauthorized")
+    if code == 4003:
+        return Forbidden(403, reason or "forbidden")
+    if code == 4000:
+        return BadRequest(400, reason or "bad_request")
+    if code == 4008:
+        return Reconnect("lagging", delay_s=0.0)
+    if code == 4029:
+        return Reconnect("connection limit reached", min_delay_s=5.0)
+    return Reconnect(f"closed {code} {reason}".strip())
+
+
+class _WebSocketStream(ReconnectingStream[Any]):
+    """A connection loop over one WebSocket URL; subclasses read its messages."""
+
+    def __init__(
+        self,
+        base_url: str,
+        credentials: Credentials,
+        backoff: Backoff,
+        *,
+        tenant_id: str | None,
+        on_notice: NoticeHandler | None,
+        open_timeout_s: float = 10.0,
+    ) -> None:
+        super().__init__(credentials, backoff, on_notice)
+        self.base_url = base_url
+        self.tenant_id = tenant_id
+        self.open_timeout_s = open_timeout_s
+        self._ws: ClientConnection | None = None
+
+    def _url(self) -> str:
+        raise NotImplementedError
+
+    async def _on_open(self, ws: ClientConnection) -> None:
+        """Right after the handshake: re-send what this stream had asked for."""
+
+    def _read(self, message: dict[str, Any]) -> Any | None:
+        raise NotImplementedError
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Send now if connected; the subclasses keep state so a reconnect re-sends it."""
+        if self._ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(orjson.dumps(message).decode())
+
+    async def _session(self, token: str) -> AsyncIterator[Any]:
+        headers = {"Authorization": f"Bearer {token}"}
+        try:
+            async with connect(
+                self._url(),
+                additional_headers=headers,
+                open_timeout=self.open_timeout_s,
+                close_timeout=2,
+                max_size=2**22,
+            ) as ws:
+                self._ws = ws
+                renew = asyncio.create_task(self._renew_token(ws))
+                try:
+                    await self._on_open(ws)
+                    async for raw in ws:
+                        message = orjson.loads(raw)
+                        if not isinstance(message, dict):
+                            continue
+                        kind = message.get("type")
+                        if kind == "auth_ok":
+                            expires = message.get("expires_at")
+                            self._notice("token_refreshed", f"accepted, expires {expires}")
+                        elif kind == "error":
+                            self._notice("error", str(message.get("message", "")))
+                        else:
+                            event = self._read(message)
+                            if event is not None:
+                                yield event
+                finally:
+                    self._ws = None
+                    renew.cancel()
+                raise close_failure(ws.close_code, ws.close_reason or "")
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status == 401:
+                raise AuthRejected("unauthorized") from exc
+            if status in (400, 403, 404):
+                raise PulseClientError(status, f"handshake refused ({status})") from exc
+            raise Reconnect(f"handshake refused ({status})") from exc
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            raise close_failure(code, exc.rcvd.reason if exc.rcvd else "") from exc
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            raise Reconnect(f"cannot connect ({type(exc).__name__})") from exc
+
+    async def _renew_token(self, ws: ClientConnection) -> None:
+        """Before the token expires, send a fresh one so the connection lives on."""
+        if not self.credentials.can_refresh:
+            return
+        while True:
+            await asyncio.sleep(max(1.0, self.credentials.seconds_left() - REFRESH_MARGIN_S))
+            token = await self.credentials.refresh()
+            # The reply, auth_ok or an error, comes through the reading loop.
+            await ws.send(orjson.dumps({"action": "auth", "token": token}).decode())
+
+
+class WebSocketTelemetryStream(_WebSocketStream):
+    """Telemetry events in id order, exactly once, across reconnects and server restarts.
+
+    Filters changed with ``subscribe``/``unsubscribe``/``set_metrics``/
+    ``clear_filters`` are remembered and carried into every reconnect.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        credentials: Credentials,
+        backoff: Backoff,
+        *,
+        device_ids: Iterable[str] | None = None,
+        metrics: Iterable[str] | None = None,
+        last_event_id: int | None = None,
+        tenant_id: str | None = None,
+        on_notice: NoticeHandler | None = None,
+    ) -> None:
+        super().__init__(base_url, credentials, backoff, tenant_id=tenant_id, on_notice=on_notice)
+        # None: every device (metric). An empty device set: no device at all.
+        self.device_ids = frozenset(device_ids) if device_ids is not None else None
+        self.metrics = frozenset(metrics) if metrics is not None else None
+        self.last_event_id = last_event_id
+        self.duplicates_dropped = 0
+
+    def _url(self) -> str:
+        last = None if self.last_event_id is None else str(self.last_event_id)
+        return ws_url(
+            self.base_url,
+            TELEMETRY_WS_PATH,
+            {
+                "device_id": csv(self.device_ids),
+                "metric": csv(self.metrics),
+                "last_event_id": last,
+                "tenant_id": self.tenant_id,
+            },
+        )
+
+    def _read(self, message: dict[str, Any]) -> Telemetry | None:
+        kind = message.get("type")
+        if kind == "telemetry":
+            event = Telemetry.from_wire(message)
+            if self.last_event_id is not None and event.id <= self.last_event_id:
+                self.duplicates_dropped += 1
+                return None
+            self.last_event_id = event.id
+            if self.device_ids is not None and event.device_id not in self.device_ids:
+                # Sent before the server saw an unsubscribe, or "no device", which
+                # has no URL form for a reconnect (an empty list means every device).
+                return None
+            return event
+        if kind == "connected":
+            if self.last_event_id is None:
+                # Live from here: this is the exact position to resume from.
+                self.last_event_id = int(message["last_event_id"])
+            self._connected(describe_position("WebSocket", self.last_event_id))
+        elif kind == "reset":
+            self._notice("reset", orjson.dumps(message).decode())
+            if message.get("reason") == "unknown_position":
+                self.last_event_id = int(message["last_event_id"])
+        elif kind == "ping" and message.get("last_event_id") is not None:
+            self.last_event_id = max(self.last_event_id or 0, int(message["last_event_id"]))
+        return None
+
+    async def subscribe(self, device_ids: Iterable[str]) -> None:
+        # From "every device", subscribing narrows the stream to the devices named.
+        ids = sorted(device_ids)
+        self.device_ids = (self.device_ids or frozenset()) | set(ids)
+        await self.send({"action": "subscribe", "device_ids": ids})
+
+    async def unsubscribe(self, device_ids: Iterable[str]) -> None:
+        ids = sorted(device_ids)
+        if self.device_ids is None:
+            raise ValueError("this stream follows every device; subscribe to a set first")
+        self.device_ids = self.device_ids - set(ids)
+        await self.send({"action": "unsubscribe", "device_ids": ids})
+
+    async def set_metrics(self, metrics: Iterable[str]) -> None:
+        self.metrics = frozenset(metrics)
+        await self.send({"action": "set_metrics", "metrics": sorted(self.metrics)})
+
+    async def clear_filters(self) -> None:
+        self.device_ids = self.metrics = None
+        await self.send({"action": "clear_filters"})
+
+
+class V2Stream(_WebSocketStream):
+    """The legacy v2 channels: fleet summaries, active alerts, and device telemetry.
+
+    v2 has no resume: telemetry sent while disconnected is not replayed (use
+    the telemetry streams for that). Subscriptions are re-sent on reconnect,
+    and the server answers them with the current fleet summary and alerts.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        credentials: Credentials,
+        backoff: Backoff,
+        *,
+        fleet: bool = False,
+        alerts: bool = False,
+        device_ids: Iterable[str] = (),
+        tenant_id: str | None = None,
+        on_notice: NoticeHandler | None = None,
+    ) -> None:
+        super().__init__(base_url, credentials, backoff, tenant_id=tenant_id, on_notice=on_notice)
+        self.channels = {name for name, on in (("fleet", fleet), ("alerts", alerts)) if on}
+        self.device_ids: set[str] = set(device_ids)
+
+    def _url(self) -> str:
+        return ws_url(self.base_url, V2_WS_PATH, {"tenant_id": self.tenant_id})
+
+    async def _on_open(self, ws: ClientConnection) -> None:
+        self._connected("v2")
+        for channel in sorted(self.channels):
+            await self.send({"action": "subscribe", "type": channel})
+        for device_id in sorted(self.device_ids):
+            await self.send({"action": "subscribe", "type": "device", "device_id": device_id})
+
+    def _read(self, message: dict[str, Any]) -> V2Event | None:
+        kind = message.get("type")
+        if kind == "telemetry":
+            return Telemetry.from_wire(message)
+        if kind == "alerts":
+            return AlertsUpdate.from_wire(message)
+        if kind == "fleet_summary":
+            return FleetSummary.from_wire(message["data"])
+        return None
+
+    async def subscribe(self, channel: str, device_id: str | None = None) -> None:
+        """``channel``: "fleet", "alerts" or "device" (with ``device_id``)."""
+        if channel == "device":
+            if not device_id:
+                raise ValueError("device_id required for device subscription")
+            self.device_ids.add(device_id)
+            await self.send({"action": "subscribe", "type": "device", "device_id": device_id})
+        else:
+            self.channels.add(channel)
+            await self.send({"action": "subscribe", "type": channel})
+
+    async def unsubscribe(self, channel: str, device_id: str | None = None) -> None:
+        if channel == "device":
+            self.device_ids.discard(device_id or "")
+            await self.send({"action": "unsubscribe", "type": "device", "device_id": device_id})
+        else:
+            self.channels.discard(channel)
+            await self.send({"action": "unsubscribe", "type": channel})

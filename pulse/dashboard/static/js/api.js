@@ -1,0 +1,119 @@
+// The page's credentials and its calls to the REST API.
+//
+// A JWT comes in once (pasted, or from a #token= URL fragment, which browsers
+// never send to a server) and is kept in sessionStorage: this tab only, gone
+// when the tab closes. It is only ever sent in an Authorization header.
+// Streams get one-time tickets instead (ticket()), so no URL carries it.
+
+const TOKEN_KEY = "pulse.token";
+const TENANT_KEY = "pulse.tenant";
+
+export class AuthError extends Error {}
+
+export class ApiError extends Error {
+  constructor(status, code, detail) {
+    super(detail || code || `HTTP ${status}`);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+export function claimsOf(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(part + "=".repeat((4 - (part.length % 4)) % 4)));
+  } catch {
+    return null;
+  }
+}
+
+export class Session {
+  constructor(token, tenant) {
+    this.token = token;
+    this.tenant = tenant || null;
+    this.claims = claimsOf(token) || {};
+  }
+
+  // The session from a #token=...&tenant=... fragment (then removed from the
+  // address bar and history) or from this tab's storage; null when neither.
+  static restore() {
+    const fragment = new URLSearchParams(window.location.hash.slice(1));
+    if (fragment.get("token")) {
+      Session.store(fragment.get("token"), fragment.get("tenant"));
+      history.replaceState(null, "", window.location.pathname + window.location.search);
+    }
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    return token ? new Session(token, sessionStorage.getItem(TENANT_KEY)) : null;
+  }
+
+  static store(token, tenant) {
+    sessionStorage.setItem(TOKEN_KEY, token.trim());
+    if (tenant) sessionStorage.setItem(TENANT_KEY, tenant.trim());
+    else sessionStorage.removeItem(TENANT_KEY);
+  }
+
+  static clear() {
+    sessionStorage.removeItem(TOKEN_KEY);
+    sessionStorage.removeItem(TENANT_KEY);
+  }
+
+  get tenantName() {
+    const org = this.claims.organization;
+    if (typeof org === "string" && org) return org;
+    if (org && typeof org === "object" && !Array.isArray(org)) return Object.keys(org)[0];
+    if (Array.isArray(org)) return org.find((o) => typeof o === "string" && o);
+    return this.tenant || this.claims.tenant_id || "";
+  }
+
+  get roles() {
+    const realm = (this.claims.realm_access && this.claims.realm_access.roles) || [];
+    return [...new Set([...realm, ...(this.claims.roles || [])])];
+  }
+
+  get canManage() {
+    return this.roles.includes("tenant-admin") || this.roles.includes("operator-admin");
+  }
+
+  get expiresAt() {
+    return this.claims.exp ? new Date(this.claims.exp * 1000) : null;
+  }
+
+  // Query parameters every tenant-scoped call carries (operators name a tenant).
+  params(extra = {}) {
+    const params = new URLSearchParams(extra);
+    if (this.tenant) params.set("tenant_id", this.tenant);
+    return params;
+  }
+
+  async request(method, path, extra = {}) {
+    const query = this.params(extra).toString();
+    const response = await fetch(query ? `${path}?${query}` : path, {
+      method,
+      headers: { Authorization: `Bearer ${this.token}`, Accept: "application/json" },
+      cache: "no-store",
+      credentials: "omit",
+    });
+    if (response.status === 401) {
+      const body = await response.json().catch(() => ({}));
+      throw new AuthError(body.detail || "The token was refused.");
+    }
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new ApiError(response.status, body.error, body.detail);
+    }
+    return response.status === 204 ? null : response.json();
+  }
+
+  async ticket() {
+    // No tenant_id here: the ticket carries the token's identity; the stream URL names the tenant.
+    const response = await fetch("/api/v1/stream-ticket", {
+      method: "POST",
+      headers: { Authorization: `Bearer ${this.token}` },
+      cache: "no-store",
+      credentials: "omit",
+    });
+    if (response.status === 401) throw new AuthError("The token was refused or has expired.");
+    if (!response.ok) throw new ApiError(response.status, "ticket", `stream ticket: HTTP ${response.status}`);
+    return (await response.json()).ticket;
+  }
+}

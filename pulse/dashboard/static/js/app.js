@@ -1,0 +1,579 @@
+// The dashboard: fleet summary, active alerts, live device values and charts.
+//
+// Data in: the REST API for the first paint, the SSE telemetry stream for
+// readings (exactly once, resumed by id), the v2 WebSocket for the fleet
+// summary and the active alerts. Data out: acknowledge and close alerts.
+// Rendering happens in one place (flush), a few times a second at most.
+
+import { ApiError, AuthError, Session } from "./api.js";
+import { Sparkline } from "./charts.js";
+import { FleetSocket, TelemetryStream } from "./streams.js";
+
+const HISTORY_S = 600; // chart window
+const RECENT_ROWS = 15;
+const FLUSH_MS = 250;
+const CHART_EVERY_MS = 1000;
+const DEVICE_REFRESH_MS = 15000;
+const LOG_LIMIT = 200000;
+const UNITS = { temp: "°C", temperature: "°C", humidity: "%", battery: "%" };
+const PREFERRED = ["temp", "temperature", "humidity", "battery"];
+const TYPE_LABELS = { THRESHOLD: "Threshold", NO_HEARTBEAT: "No heartbeat" };
+const OPS = {
+  ">": (a, b) => a > b,
+  ">=": (a, b) => a >= b,
+  "<": (a, b) => a < b,
+  "<=": (a, b) => a <= b,
+  "==": (a, b) => a === b,
+  "!=": (a, b) => a !== b,
+};
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function formatValue(value) {
+  if (typeof value === "boolean") return value ? "on" : "off";
+  if (typeof value !== "number") return "–";
+  const abs = Math.abs(value);
+  return abs >= 1000 ? value.toFixed(0) : abs >= 100 ? value.toFixed(1) : value.toFixed(abs < 10 ? 2 : 1);
+}
+
+function ago(ms) {
+  if (ms === null) return "never";
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  if (s < 60) return `${s} s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+  return `${Math.floor(s / 86400)} d ago`;
+}
+
+function timeOfDay(iso) {
+  const d = new Date(iso);
+  return d.toISOString().slice(11, 23);
+}
+
+class Dashboard {
+  constructor(session) {
+    this.session = session;
+    this.devices = new Map();
+    this.alerts = [];
+    this.rules = [];
+    this.summary = null;
+    this.pending = [];
+    this.recent = [];
+    this.metricsSeen = new Set();
+    this.chartMetric = null;
+    this.filter = "";
+    this.arrivals = [];
+    // What was rendered, in order: for tests and debugging (window.pulseDashboard).
+    this.log = { ids: [], count: 0 };
+    this.telemetry = new TelemetryStream(session, {
+      onEvents: (event) => this.pending.push(event),
+      onState: () => this.renderConnection(),
+      onAuthError: (error) => signOut(error.message),
+    });
+    this.fleet = new FleetSocket(session, {
+      onSummary: (summary) => this.setSummary(summary),
+      onAlerts: (alerts) => this.setAlerts(alerts),
+      onState: () => this.renderConnection(),
+      onAuthError: (error) => signOut(error.message),
+    });
+    this.timers = [];
+  }
+
+  async start() {
+    this.renderWho();
+    // The first paint from the REST API; the streams keep it current from there.
+    const [devices, summary, alerts, rules] = await Promise.all([
+      this.session.request("GET", "/api/v1/customer/devices"),
+      this.session.request("GET", "/api/v1/customer/fleet/summary").catch(soft),
+      this.session.request("GET", "/api/v1/customer/alerts", { status: "active" }).catch(soft),
+      this.session.request("GET", "/api/v1/customer/alert-rules").catch(soft),
+    ]);
+    this.setDevices(devices.devices);
+    if (summary) this.setSummary(summary);
+    if (alerts) this.setAlerts(alerts.alerts);
+    if (rules) this.rules = rules.rules || [];
+    this.telemetry.start();
+    this.fleet.start();
+    this.timers.push(setInterval(() => this.flush(), FLUSH_MS));
+    this.timers.push(setInterval(() => this.tick(), 1000));
+    this.timers.push(setInterval(() => this.refreshDevices(), DEVICE_REFRESH_MS));
+    window.addEventListener("resize", () => this.resizeCharts());
+  }
+
+  stop() {
+    this.telemetry.stop();
+    this.fleet.stop();
+    this.timers.forEach(clearInterval);
+    clearTimeout(this.refreshTimer);
+  }
+
+  // --- data in -----------------------------------------------------------
+
+  async refreshDevices() {
+    try {
+      const body = await this.session.request("GET", "/api/v1/customer/devices");
+      this.setDevices(body.devices);
+    } catch (error) {
+      if (error instanceof AuthError) signOut(error.message);
+    }
+  }
+
+  setDevices(list) {
+    for (const info of list) {
+      const device = this.device(info.device_id);
+      device.info = info;
+      device.status = info.status;
+      const seen = info.last_seen_at ? Date.parse(info.last_seen_at) : null;
+      if (seen !== null && (device.lastSeen === null || seen > device.lastSeen)) device.lastSeen = seen;
+      this.renderDeviceInfo(device);
+    }
+    $("devices-empty").hidden = this.devices.size > 0;
+  }
+
+  setSummary(summary) {
+    const changed =
+      !this.summary || ["ONLINE", "STALE", "OFFLINE", "total"].some((k) => this.summary[k] !== summary[k]);
+    this.summary = summary;
+    $("sum-total").textContent = summary.total;
+    $("sum-online").textContent = summary.ONLINE;
+    $("sum-stale").textContent = summary.STALE;
+    $("sum-offline").textContent = summary.OFFLINE;
+    $("sum-alerts").textContent = summary.active_alerts;
+    // Device statuses moved: fetch them so the cards agree with the numbers.
+    if (changed) this.scheduleDeviceRefresh();
+  }
+
+  scheduleDeviceRefresh() {
+    clearTimeout(this.refreshTimer);
+    this.refreshTimer = setTimeout(() => this.refreshDevices(), 300);
+  }
+
+  setAlerts(alerts) {
+    this.alerts = alerts.filter((a) => a.status !== "CLOSED");
+    this.renderAlerts();
+  }
+
+  // --- rendering -----------------------------------------------------------
+
+  device(id) {
+    let device = this.devices.get(id);
+    if (!device) {
+      device = {
+        id,
+        info: null,
+        status: "OFFLINE",
+        lastSeen: null,
+        latest: {},
+        times: [],
+        series: {},
+        dirty: false,
+        chartDirty: false,
+        chartAt: 0,
+      };
+      this.devices.set(id, device);
+      this.createCard(device);
+    }
+    return device;
+  }
+
+  createCard(device) {
+    const card = el("article", "device");
+    card.dataset.deviceId = device.id;
+    card.dataset.status = device.status;
+    const head = el("div", "device-head");
+    head.append(el("span", "status-dot"));
+    const name = el("span", "device-name", device.id);
+    const badge = el("span", "badge", device.status);
+    head.append(name, badge);
+    const id = el("div", "device-id", device.id);
+    const metrics = el("div", "metrics");
+    const chart = el("div", "chart");
+    const foot = el("div", "device-foot");
+    const seen = el("span", "seen", "never seen");
+    const last = el("span", "last-id");
+    foot.append(seen, last);
+    card.append(head, id, metrics, chart, foot);
+    device.nodes = { card, name, badge, id, metrics, chart, seen, last, values: {} };
+    // Keep the grid in device id order.
+    const grid = $("device-grid");
+    const after = [...grid.children].find((c) => c.dataset.deviceId > device.id);
+    grid.insertBefore(card, after || null);
+    this.applyFilter(device);
+  }
+
+  renderDeviceInfo(device) {
+    const { card, name, badge, id } = device.nodes;
+    const info = device.info || {};
+    name.textContent = info.name || device.id;
+    id.textContent = info.site_id ? `${device.id} · ${info.site_id}` : device.id;
+    card.dataset.status = device.status;
+    badge.textContent = device.status;
+    this.applyFilter(device);
+  }
+
+  flush() {
+    if (this.pending.length) {
+      const batch = this.pending;
+      this.pending = [];
+      const now = Date.now();
+      for (const event of batch) {
+        // A device created since the list was fetched: fetch its name and status.
+        if (!this.devices.has(event.device_id)) this.scheduleDeviceRefresh();
+        const device = this.device(event.device_id);
+        const metrics = event.data.metrics;
+        Object.assign(device.latest, metrics);
+        device.lastSeen = now;
+        device.lastId = event.id;
+        const t = Date.parse(event.data.time) / 1000;
+        device.times.push(t);
+        for (const [name, value] of Object.entries(metrics)) {
+          if (typeof value !== "number") continue;
+          if (!this.metricsSeen.has(name)) this.addMetric(name);
+          if (!device.series[name]) device.series[name] = device.times.map(() => null);
+          device.series[name].push(value);
+        }
+        for (const [name, values] of Object.entries(device.series)) {
+          if (values.length < device.times.length) values.push(null);
+        }
+        this.trim(device, t);
+        device.dirty = device.chartDirty = true;
+        this.recent.unshift(event);
+        this.arrivals.push(now);
+      }
+      this.recent.length = Math.min(this.recent.length, RECENT_ROWS);
+      this.renderRecent(batch[batch.length - 1]);
+      for (const device of this.devices.values()) if (device.dirty) this.renderValues(device);
+      for (const event of batch) this.record(event.id);
+    }
+    const now = Date.now();
+    for (const device of this.devices.values()) {
+      if (device.chartDirty && now - device.chartAt >= CHART_EVERY_MS) this.renderChart(device, now);
+    }
+  }
+
+  record(id) {
+    this.log.count += 1;
+    this.log.ids.push(id);
+    if (this.log.ids.length > LOG_LIMIT) this.log.ids.splice(0, this.log.ids.length - LOG_LIMIT);
+  }
+
+  trim(device, newest) {
+    let drop = 0;
+    while (drop < device.times.length && device.times[drop] < newest - HISTORY_S) drop += 1;
+    if (drop) {
+      device.times.splice(0, drop);
+      for (const values of Object.values(device.series)) values.splice(0, drop);
+    }
+  }
+
+  addMetric(name) {
+    this.metricsSeen.add(name);
+    const select = $("chart-metric");
+    const names = [...this.metricsSeen].sort(
+      (a, b) => (PREFERRED.indexOf(a) + 1 || 99) - (PREFERRED.indexOf(b) + 1 || 99) || a.localeCompare(b),
+    );
+    select.replaceChildren(...names.map((n) => new Option(n, n)));
+    if (!this.chartMetric) this.chartMetric = names[0];
+    select.value = this.chartMetric;
+  }
+
+  renderValues(device) {
+    device.dirty = false;
+    const { metrics, values, seen, last } = device.nodes;
+    const names = Object.keys(device.latest).sort(
+      (a, b) => (PREFERRED.indexOf(a) + 1 || 99) - (PREFERRED.indexOf(b) + 1 || 99) || a.localeCompare(b),
+    );
+    for (const name of names.slice(0, 4)) {
+      let node = values[name];
+      if (!node) {
+        node = el("div", "metric");
+        node.dataset.metric = name;
+        const value = el("span", "value");
+        const unit = el("span", "unit", UNITS[name] || "");
+        const line = el("div");
+        line.append(value, unit);
+        node.append(line, el("span", "name", name));
+        metrics.append(node);
+        values[name] = node;
+        node.valueNode = value;
+      }
+      const v = device.latest[name];
+      node.valueNode.textContent = formatValue(v);
+      node.classList.toggle("breach", this.breaches(device.id, name, v));
+    }
+    seen.textContent = `seen ${ago(device.lastSeen)}`;
+    last.textContent = device.lastId ? `#${device.lastId}` : "";
+  }
+
+  renderChart(device, now) {
+    device.chartDirty = false;
+    device.chartAt = now;
+    const metric = this.chartMetric;
+    if (!metric || !window.uPlot) return;
+    if (!device.chart) device.chart = new Sparkline(device.nodes.chart);
+    const values = device.series[metric] || device.times.map(() => null);
+    device.chart.setData(device.times, values, this.thresholds(device.id, metric));
+  }
+
+  resizeCharts() {
+    for (const device of this.devices.values()) if (device.chart) device.chart.resize();
+  }
+
+  renderRecent(newest) {
+    const rows = this.recent.map((event) => {
+      const tr = el("tr");
+      tr.dataset.id = event.id;
+      const metrics = Object.entries(event.data.metrics)
+        .map(([k, v]) => `${k}=${formatValue(v)}`)
+        .join("  ");
+      tr.append(
+        el("td", "num", String(event.id)),
+        el("td", "", timeOfDay(event.data.time)),
+        el("td", "", event.device_id),
+        el("td", "", metrics),
+      );
+      return tr;
+    });
+    $("event-rows").replaceChildren(...rows);
+    $("last-event").textContent = `last event #${newest.id}`;
+  }
+
+  renderAlerts() {
+    const list = $("alert-list");
+    const alerting = new Set(this.alerts.map((a) => a.device_id));
+    const items = this.alerts.map((alert) => {
+      const li = el("li", "alert");
+      li.dataset.alertId = alert.alert_id;
+      li.dataset.status = alert.status;
+      li.dataset.severity = alert.severity;
+      const head = el("div", "alert-head");
+      head.append(
+        el("span", "alert-type", `S${alert.severity} · ${TYPE_LABELS[alert.alert_type] || alert.alert_type}`),
+        el("span", "alert-device", alert.device_id || ""),
+        el("span", "alert-age", ago(Date.parse(alert.created_at))),
+      );
+      const foot = el("div", "alert-foot");
+      foot.append(el("span", "alert-status", alert.status));
+      if (this.session.canManage) {
+        const actions = el("div", "actions");
+        if (alert.status === "OPEN") actions.append(this.alertButton(alert, "acknowledge", "Acknowledge"));
+        actions.append(this.alertButton(alert, "close", "Close"));
+        foot.append(actions);
+      }
+      li.append(head, el("div", "alert-summary", alert.summary), foot);
+      return li;
+    });
+    list.replaceChildren(...items);
+    $("alerts-empty").hidden = this.alerts.length > 0;
+    $("alert-count").textContent = this.alerts.length ? String(this.alerts.length) : "";
+    for (const device of this.devices.values()) {
+      device.nodes.card.classList.toggle("has-alert", alerting.has(device.id));
+    }
+  }
+
+  alertButton(alert, action, label) {
+    const button = el("button", "small", label);
+    button.type = "button";
+    button.dataset.action = action;
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      try {
+        const updated = await this.session.request(
+          "POST",
+          `/api/v1/customer/alerts/${encodeURIComponent(alert.alert_id)}/${action}`,
+        );
+        // The WebSocket pushes the new list too; this makes the click feel immediate.
+        if (updated && updated.alert_id !== undefined) {
+          this.setAlerts(this.alerts.map((a) => (a.alert_id === updated.alert_id ? updated : a)));
+        }
+      } catch (error) {
+        button.disabled = false;
+        if (error instanceof AuthError) signOut(error.message);
+        else toast(`Could not ${action} the alert: ${error.message}`);
+      }
+    });
+    return button;
+  }
+
+  tick() {
+    const now = Date.now();
+    for (const device of this.devices.values()) {
+      device.nodes.seen.textContent = `seen ${ago(device.lastSeen)}`;
+    }
+    while (this.arrivals.length && this.arrivals[0] < now - 5000) this.arrivals.shift();
+    $("rate").textContent = `${(this.arrivals.length / 5).toFixed(1)} events/s`;
+    for (const node of document.querySelectorAll(".alert")) {
+      const alert = this.alerts.find((a) => String(a.alert_id) === node.dataset.alertId);
+      if (alert) node.querySelector(".alert-age").textContent = ago(Date.parse(alert.created_at));
+    }
+    this.renderConnection();
+  }
+
+  renderConnection() {
+    const states = [this.telemetry.state, this.fleet.state];
+    const state = states.every((s) => s === "live")
+      ? "live"
+      : states.includes("offline")
+        ? "offline"
+        : states.includes("reconnecting")
+          ? "reconnecting"
+          : "connecting";
+    const node = $("connection");
+    node.dataset.state = state;
+    node.dataset.telemetry = this.telemetry.state;
+    node.dataset.fleet = this.fleet.state;
+    $("connection-label").textContent = { live: "Live", offline: "Offline", reconnecting: "Reconnecting", connecting: "Connecting" }[state];
+    const problems = [];
+    if (this.telemetry.state !== "live") problems.push(`telemetry: ${this.telemetry.detail || this.telemetry.state}`);
+    if (this.fleet.state !== "live") problems.push(`fleet: ${this.fleet.detail || this.fleet.state}`);
+    $("connection-detail").textContent = problems.join(" · ");
+    const banner = $("banner");
+    if (state === "reconnecting") {
+      const since = this.telemetry.lastEventId;
+      banner.textContent =
+        "Reconnecting: the values shown may be out of date. Nothing is lost: telemetry resumes" +
+        (since !== null ? ` after event #${since}.` : ".");
+      banner.hidden = false;
+    } else {
+      banner.hidden = true;
+    }
+  }
+
+  renderWho() {
+    const tenant = this.session.tenantName;
+    const who = $("who");
+    who.textContent = "";
+    if (tenant) {
+      who.append("tenant ");
+      who.append(el("strong", "", tenant));
+    }
+    const roles = this.session.roles.join(", ");
+    if (roles) who.append(` · ${roles}`);
+    const expires = this.session.expiresAt;
+    if (expires) who.append(` · token until ${expires.toLocaleTimeString()}`);
+  }
+
+  // --- rules ----------------------------------------------------------------
+
+  rulesFor(deviceId, metric) {
+    return this.rules.filter((r) => r.metric === metric && (!r.device_id || r.device_id === deviceId));
+  }
+
+  thresholds(deviceId, metric) {
+    return this.rulesFor(deviceId, metric).map((r) => r.threshold);
+  }
+
+  breaches(deviceId, metric, value) {
+    if (typeof value !== "number") return false;
+    return this.rulesFor(deviceId, metric).some((r) => OPS[r.operator] && OPS[r.operator](value, r.threshold));
+  }
+
+  // --- filters ---------------------------------------------------------------
+
+  setChartMetric(metric) {
+    this.chartMetric = metric;
+    for (const device of this.devices.values()) {
+      device.chartDirty = true;
+      device.chartAt = 0;
+    }
+  }
+
+  setFilter(text) {
+    this.filter = text.trim().toLowerCase();
+    for (const device of this.devices.values()) this.applyFilter(device);
+  }
+
+  applyFilter(device) {
+    if (!device.nodes) return;
+    const info = device.info || {};
+    const haystack = `${device.id} ${info.name || ""} ${info.site_id || ""}`.toLowerCase();
+    device.nodes.card.hidden = Boolean(this.filter) && !haystack.includes(this.filter);
+  }
+}
+
+function soft(error) {
+  // A missing optional API (404) leaves its part of the page empty; auth problems do not.
+  if (error instanceof AuthError) throw error;
+  return null;
+}
+
+let toastTimer = null;
+function toast(message) {
+  const node = $("toast");
+  node.textContent = message;
+  node.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => (node.hidden = true), 6000);
+}
+
+let dashboard = null;
+
+function signOut(message) {
+  if (dashboard) dashboard.stop();
+  dashboard = null;
+  Session.clear();
+  showLogin(message);
+}
+
+function showLogin(message) {
+  $("login").hidden = false;
+  const error = $("login-error");
+  error.textContent = message || "";
+  error.hidden = !message;
+  $("login-token").focus();
+}
+
+async function open(session) {
+  $("login").hidden = true;
+  dashboard = new Dashboard(session);
+  window.pulseDashboard = {
+    get ids() {
+      return dashboard ? dashboard.log.ids.slice() : [];
+    },
+    get count() {
+      return dashboard ? dashboard.log.count : 0;
+    },
+    get lastEventId() {
+      return dashboard ? dashboard.telemetry.lastEventId : null;
+    },
+    get duplicates() {
+      return dashboard ? dashboard.telemetry.duplicates : 0;
+    },
+    get connections() {
+      return dashboard ? { telemetry: dashboard.telemetry.connections, fleet: dashboard.fleet.connections } : null;
+    },
+  };
+  try {
+    await dashboard.start();
+  } catch (error) {
+    if (error instanceof AuthError) signOut(error.message);
+    else if (error instanceof ApiError && error.status === 403) signOut(`Forbidden: ${error.message}`);
+    else toast(`Could not load the dashboard: ${error.message}`);
+  }
+}
+
+function main() {
+  $("login-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = $("login-token").value.trim();
+    if (!token) return;
+    Session.store(token, $("login-tenant").value);
+    $("login-token").value = "";
+    open(Session.restore());
+  });
+  $("signout").addEventListener("click", () => signOut(""));
+  $("chart-metric").addEventListener("change", (event) => dashboard && dashboard.setChartMetric(event.target.value));
+  $("device-filter").addEventListener("input", (event) => dashboard && dashboard.setFilter(event.target.value));
+  const session = Session.restore();
+  if (session) open(session);
+  else showLogin("");
+}
+
+main();

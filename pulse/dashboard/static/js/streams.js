@@ -1,0 +1,182 @@
+// The page's two live connections, each reopened with a fresh one-time ticket
+// after any disconnect, with exponential backoff and full jitter:
+// - TelemetryStream: Server-Sent Events, resumed from the last event id, so
+//   that every event is rendered exactly once across disconnects and restarts;
+// - FleetSocket: the v2 WebSocket, subscribed to the fleet and alerts channels.
+
+import { AuthError } from "./api.js";
+
+const SSE_PATH = "/api/v1/customer/telemetry/stream/sse";
+const V2_PATH = "/api/v2/ws";
+
+export class Backoff {
+  constructor(baseMs = 500, capMs = 15000) {
+    this.baseMs = baseMs;
+    this.capMs = capMs;
+    this.attempt = 0;
+  }
+  next() {
+    const ceiling = Math.min(this.capMs, this.baseMs * 2 ** Math.min(this.attempt, 30));
+    this.attempt += 1;
+    return Math.random() * ceiling;
+  }
+  reset() {
+    this.attempt = 0;
+  }
+}
+
+// Shared by both connections: state, notifications and the reconnect schedule.
+class Reconnecting {
+  constructor(session, { onState, onAuthError }) {
+    this.session = session;
+    this.onState = onState;
+    this.onAuthError = onAuthError;
+    this.backoff = new Backoff();
+    this.state = "connecting";
+    this.detail = "";
+    this.connections = 0;
+    this.stopped = false;
+    this.timer = null;
+  }
+
+  start() {
+    this.stopped = false;
+    this.open();
+  }
+
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    this.close();
+  }
+
+  setState(state, detail = "") {
+    this.state = state;
+    this.detail = detail;
+    this.onState();
+  }
+
+  async open() {
+    if (this.stopped) return;
+    let ticket;
+    try {
+      ticket = await this.session.ticket();
+    } catch (error) {
+      if (error instanceof AuthError) {
+        this.stopped = true;
+        this.setState("offline", "signed out");
+        this.onAuthError(error);
+        return;
+      }
+      this.retry(`ticket: ${error.message}`);
+      return;
+    }
+    if (!this.stopped) this.connect(ticket);
+  }
+
+  connected() {
+    this.connections += 1;
+    this.backoff.reset();
+    this.setState("live");
+  }
+
+  retry(reason, delayMs = null) {
+    this.close();
+    if (this.stopped) return;
+    const delay = delayMs ?? this.backoff.next();
+    this.setState("reconnecting", reason);
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.open(), delay);
+  }
+}
+
+export class TelemetryStream extends Reconnecting {
+  constructor(session, { onEvents, onState, onAuthError }) {
+    super(session, { onState, onAuthError });
+    this.onEvents = onEvents;
+    this.lastEventId = null;
+    this.duplicates = 0;
+    this.source = null;
+  }
+
+  connect(ticket) {
+    const params = this.session.params({ ticket });
+    if (this.lastEventId !== null) params.set("last_event_id", String(this.lastEventId));
+    const source = new EventSource(`${SSE_PATH}?${params}`);
+    this.source = source;
+    source.onopen = () => this.connected();
+    source.onmessage = (message) => {
+      const event = JSON.parse(message.data);
+      if (this.lastEventId !== null && event.id <= this.lastEventId) {
+        this.duplicates += 1;
+        return;
+      }
+      this.lastEventId = event.id;
+      this.onEvents(event);
+    };
+    source.addEventListener("heartbeat", (message) => {
+      // Events filtered out passed by: resume after them.
+      if (message.lastEventId) this.lastEventId = Number(message.lastEventId);
+    });
+    source.addEventListener("reset", (message) => {
+      const data = JSON.parse(message.data);
+      if (data.reason === "unknown_position") this.lastEventId = data.last_event_id;
+    });
+    source.addEventListener("lagging", () => this.retry("fell behind; resuming", 0));
+    // The browser would reconnect by itself, but with the spent ticket: take over.
+    source.onerror = () => this.retry(this.connections ? "connection lost" : "cannot connect");
+  }
+
+  close() {
+    if (this.source) {
+      this.source.onerror = null;
+      this.source.close();
+      this.source = null;
+    }
+  }
+}
+
+export class FleetSocket extends Reconnecting {
+  constructor(session, { onSummary, onAlerts, onState, onAuthError }) {
+    super(session, { onState, onAuthError });
+    this.onSummary = onSummary;
+    this.onAlerts = onAlerts;
+    this.socket = null;
+  }
+
+  connect(ticket) {
+    const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
+    const params = this.session.params({ ticket });
+    const socket = new WebSocket(`${scheme}//${window.location.host}${V2_PATH}?${params}`);
+    this.socket = socket;
+    socket.onopen = () => {
+      socket.send(JSON.stringify({ action: "subscribe", type: "fleet" }));
+      socket.send(JSON.stringify({ action: "subscribe", type: "alerts" }));
+    };
+    socket.onmessage = (message) => {
+      const data = JSON.parse(message.data);
+      if (data.type === "subscribed" && this.state !== "live") this.connected();
+      else if (data.type === "fleet_summary") this.onSummary(data.data);
+      else if (data.type === "alerts") this.onAlerts(data.alerts);
+    };
+    socket.onclose = (event) => {
+      if (event.code === 4001 && /expired/.test(event.reason)) {
+        // The ticket carried the token's expiry: the token itself has expired.
+        this.stopped = true;
+        this.setState("offline", "token expired");
+        this.onAuthError(new AuthError("Your token has expired."));
+        return;
+      }
+      const why = event.code === 1012 ? "server restarting" : `closed (${event.code})`;
+      this.retry(this.connections ? why : "cannot connect");
+    };
+  }
+
+  close() {
+    if (this.socket) {
+      this.socket.onclose = null;
+      this.socket.close();
+      this.socket = null;
+    }
+  }
+}

@@ -1,0 +1,1 @@
+"""The fleet simulator (`pulse simulate`) and the one-command demo (`pulse demo`)."""

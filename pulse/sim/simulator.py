@@ -1,0 +1,200 @@
+"""A fleet of simulated devices that provisions itself and sends through the real HTTP APIs."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from pulse.sim.signals import BATTERY_ALERT_BELOW, TEMP_ALERT_ABOVE, SignalModel
+
+log = logging.getLogger(__name__)
+
+DEVICES_PATH = "/api/v1/customer/devices"
+RULES_PATH = "/api/v1/customer/alert-rules"
+BATCH_PATH = "/ingest/v1/batch"
+MAX_BATCH = 1000
+SITES = ("north-hall", "cold-store", "lab-2", "dock")
+
+DEFAULT_RULES: tuple[dict[str, Any], ...] = (
+    {
+        "name": "Temperature above 32 C",
+        "metric": "temp",
+        "operator": ">",
+        "threshold": TEMP_ALERT_ABOVE,
+        "severity": 4,
+    },
+    {
+        "name": "Battery below 15 %",
+        "metric": "battery",
+        "operator": "<",
+        "threshold": BATTERY_ALERT_BELOW,
+        "severity": 2,
+    },
+)
+
+
+class SimulatorError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class SimDevice:
+    device_id: str
+    site_id: str
+    name: str
+    model: SignalModel
+    provision_token: str = ""
+    next_due: float = 0.0  # time.monotonic() of the next reading
+
+
+class Simulator:
+    """``devices`` devices named ``<prefix>-0001``..., each sending ``rate`` readings a second.
+
+    ``admin_token`` needs the tenant-admin role (or operator-admin with
+    ``tenant_id``): the simulator creates its devices through the device API
+    (rotating the token of a device that already exists) and sends through
+    the batch ingest endpoint, one request per tick for the devices due.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        admin_token: str,
+        *,
+        tenant_id: str,
+        devices: int = 25,
+        rate: float = 1.0,
+        seed: int | None = None,
+        prefix: str = "dev",
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        if devices < 1 or rate <= 0:
+            raise ValueError("need at least one device and a positive rate")
+        self.tenant_id = tenant_id
+        self.rate = rate
+        self.http = http or httpx.AsyncClient(base_url=base_url, timeout=10.0)
+        self._owns_http = http is None
+        self._admin = {"Authorization": f"Bearer {admin_token}"}
+        self._params = {"tenant_id": tenant_id}
+        self.devices = [_device(i, prefix, seed) for i in range(devices)]
+        self.sent = 0
+        self.rejected = 0
+        self._down_since: float | None = None
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self.http.aclose()
+
+    async def provision(self) -> None:
+        """Create every device (or rotate its token if it exists) and keep the tokens."""
+        for device in self.devices:
+            body = {"device_id": device.device_id, "site_id": device.site_id, "name": device.name}
+            r = await self.http.post(
+                DEVICES_PATH, json=body, headers=self._admin, params=self._params
+            )
+            if r.status_code == 409:
+                r = await self.http.post(
+                    f"{DEVICES_PATH}/{device.device_id}/rotate-token",
+                    headers=self._admin,
+                    params=self._params,
+                )
+            if not r.is_success:
+                raise SimulatorError(
+                    f"cannot provision {device.device_id}: {r.status_code} {r.text}"
+                )
+            device.provision_token = r.json()["provision_token"]
+
+    async def ensure_rules(self, rules: Sequence[dict[str, Any]] = DEFAULT_RULES) -> list[str]:
+        """Create the rules missing (by name); the names of ``rules`` now in place.
+
+        Empty when the server has no alert rules API.
+        """
+        r = await self.http.get(RULES_PATH, headers=self._admin, params=self._params)
+        if r.status_code in (404, 405):
+            log.warning("this server has no alert rules API; no threshold alerts")
+            return []
+        if not r.is_success:
+            raise SimulatorError(f"cannot list alert rules: {r.status_code} {r.text}")
+        existing = {rule["name"] for rule in r.json()["rules"]}
+        for rule in rules:
+            if rule["name"] not in existing:
+                c = await self.http.post(
+                    RULES_PATH, json=rule, headers=self._admin, params=self._params
+                )
+                if not c.is_success:
+                    raise SimulatorError(f"cannot create rule {rule['name']!r}: {c.text}")
+        return [rule["name"] for rule in rules]
+
+    async def run(self, duration_s: float | None = None) -> None:
+        """Send readings until cancelled (or for ``duration_s``)."""
+        interval = 1.0 / self.rate
+        tick = min(0.2, interval)
+        start = time.monotonic()
+        for i, device in enumerate(self.devices):
+            # Spread the devices over the interval rather than sending all at once.
+            device.next_due = start + interval * i / len(self.devices)
+        while duration_s is None or time.monotonic() - start < duration_s:
+            now = time.monotonic()
+            due = [d for d in self.devices if d.next_due <= now]
+            messages = []
+            for device in due:
+                device.next_due = max(device.next_due + interval, now)
+                metrics = device.model.advance(interval)
+                if metrics is not None:
+                    messages.append(self._message(device, metrics))
+            if messages:
+                await self._send(messages)
+            await asyncio.sleep(max(0.0, tick - (time.monotonic() - now)))
+
+    def _message(self, device: SimDevice, metrics: dict[str, float]) -> dict[str, Any]:
+        return {
+            "tenant_id": self.tenant_id,
+            "device_id": device.device_id,
+            "provision_token": device.provision_token,
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "metrics": metrics,
+        }
+
+    async def _send(self, messages: list[dict[str, Any]]) -> None:
+        for i in range(0, len(messages), MAX_BATCH):
+            chunk = messages[i : i + MAX_BATCH]
+            try:
+                r = await self.http.post(BATCH_PATH, json={"messages": chunk})
+            except httpx.TransportError as exc:
+                # The server is restarting or gone: these readings are lost, as
+                # they would be from a real device without a buffer.
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log.warning("simulator cannot reach the server (%s); retrying", exc)
+                return
+            if self._down_since is not None:
+                log.warning("simulator reached the server again")
+                self._down_since = None
+            if r.status_code in (200, 400) and "accepted" in r.text:
+                body = r.json()
+                self.sent += body["accepted"]
+                self.rejected += body["rejected"]
+                for result in body["results"]:
+                    if result["status"] == "rejected":
+                        log.info("reading rejected: %s", result["reason"])
+            else:
+                self.rejected += len(chunk)
+                log.warning("batch refused: %s %s", r.status_code, r.text[:200])
+
+
+def _device(index: int, prefix: str, seed: int | None) -> SimDevice:
+    site = SITES[index % len(SITES)]
+    number = index // len(SITES) + 1
+    return SimDevice(
+        device_id=f"{prefix}-{index + 1:04d}",
+        site_id=site,
+        name=f"{site.replace('-', ' ').title()} sensor {number}",
+        model=SignalModel.for_device(index, seed),
+    )
