@@ -4,7 +4,7 @@
   walk plus noise and a slow daily-like swing), with occasional heat
   excursions that cross the demo's alert threshold and then cool down;
 - humidity moves against temperature, with its own noise;
-- the battery drains a little with every reading and is replaced when flat;
+- the battery drains a little every second and is replaced when flat;
 - some devices ("flaky" ones) go quiet now and then and come back, so that
   STALE, OFFLINE and no-heartbeat alerts appear.
 """
@@ -25,7 +25,7 @@ class SignalModel:
     set_point: float  # degrees C
     humidity_base: float  # percent
     battery: float  # percent
-    drain_per_reading: float
+    drain_per_s: float
     flaky: bool
     temp: float = dataclasses.field(init=False)
     excursion: float = 0.0  # degrees added by a heat excursion in progress
@@ -40,13 +40,14 @@ class SignalModel:
     @classmethod
     def for_device(cls, index: int, seed: int | None) -> SignalModel:
         rng = random.Random(None if seed is None else seed * 100_003 + index)
+        # A few devices start nearly flat, so that a low-battery alert shows within a minute.
+        nearly_flat = index % 11 == 3
         return cls(
             rng=rng,
             set_point=rng.uniform(18.0, 26.0),
             humidity_base=rng.uniform(35.0, 60.0),
-            # A few devices start nearly flat, so a low-battery alert shows early.
-            battery=rng.uniform(16.0, 19.0) if index % 11 == 3 else rng.uniform(45.0, 100.0),
-            drain_per_reading=rng.uniform(0.005, 0.03),
+            battery=rng.uniform(15.3, 16.5) if nearly_flat else rng.uniform(45.0, 100.0),
+            drain_per_s=rng.uniform(0.02, 0.03) if nearly_flat else rng.uniform(0.003, 0.01),
             flaky=index % 6 == 5,
         )
 
@@ -70,7 +71,7 @@ class SignalModel:
         self._step_excursion(dt_s)
         temp = self.temp + self.excursion + rng.gauss(0, 0.05)
         humidity = self.humidity_base - 1.2 * (temp - self.set_point) + rng.gauss(0, 0.6)
-        self.battery -= self.drain_per_reading * dt_s
+        self.battery -= self.drain_per_s * dt_s
         if self.battery < 5.0:
             self.battery = 100.0  # replaced
         return {

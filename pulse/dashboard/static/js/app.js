@@ -192,7 +192,7 @@ class Dashboard {
     const name = el("span", "device-name", device.id);
     const badge = el("span", "badge", device.status);
     head.append(name, badge);
-    const id = el("div", "device-id", device.id);
+    const id = el("div", "device-id");
     const metrics = el("div", "metrics");
     const chart = el("div", "chart");
     const foot = el("div", "device-foot");
@@ -212,7 +212,8 @@ class Dashboard {
     const { card, name, badge, id } = device.nodes;
     const info = device.info || {};
     name.textContent = info.name || device.id;
-    id.textContent = info.site_id ? `${device.id} · ${info.site_id}` : device.id;
+    // The id line adds what the name does not say already.
+    id.textContent = [info.name ? device.id : "", info.site_id || ""].filter(Boolean).join(" · ");
     card.dataset.status = device.status;
     badge.textContent = device.status;
     this.applyFilter(device);

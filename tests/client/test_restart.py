@@ -1,0 +1,130 @@
+"""Kill the server under consuming clients (SSE, WebSocket, `pulse tail`) and bring it back:
+each one's events equal the table's rows, none missing and none twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from pulse.client import PulseClient, Telemetry
+from tests.client.conftest import table_events
+from tests.client.restartable import restartable_server
+from tests.support import insert_readings
+
+pytestmark = pytest.mark.timeout(120)
+
+FAST = {"PULSE_SSE_KEEPALIVE_S": "0.5", "PULSE_WS_PING_S": "0.5", "PULSE_SHUTDOWN_TIMEOUT_S": "2"}
+
+
+async def writer(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+    """Small batches for random devices, straight into the table, server up or not."""
+    rng = random.Random(3)
+    n = 0
+    while not stop.is_set():
+        batch = []
+        for _ in range(rng.randint(1, 5)):
+            n += 1
+            batch.append(
+                (f"dev-{rng.randint(1, 4)}", {"temp": round(rng.uniform(15, 30), 2), "n": n})
+            )
+        await insert_readings(pool, "t1", batch)
+        await asyncio.sleep(0.02)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Poll ``condition`` (the consumers' progress) until it holds."""
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("condition not met")
+
+
+async def collect(stream: AsyncIterator[Telemetry], out: list[Telemetry]) -> None:
+    async for event in stream:
+        out.append(event)
+
+
+async def read_lines(stdout: asyncio.StreamReader, out: list[dict[str, Any]]) -> None:
+    async for line in stdout:
+        out.append(orjson.loads(line))
+
+
+async def test_clients_resume_exactly_across_a_killed_server(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path, make_token: Callable[..., str]
+) -> None:
+    token = make_token()
+    stop_writing = asyncio.Event()
+    sse_events: list[Telemetry] = []
+    ws_events: list[Telemetry] = []
+    tail_events: list[dict[str, Any]] = []
+    async with (
+        restartable_server(database_url, tmp_path, env=FAST) as server,
+        PulseClient(server.url, token, backoff_base_s=0.05, backoff_cap_s=0.5) as client,
+    ):
+        sse, ws = client.sse(last_event_id=0), client.websocket(last_event_id=0)
+        tail = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pulse",
+            "tail",
+            "--url",
+            server.url,
+            "--token",
+            token,
+            "--from-id",
+            "0",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert tail.stdout is not None and tail.stderr is not None
+        tasks = [
+            asyncio.create_task(collect(sse, sse_events)),
+            asyncio.create_task(collect(ws, ws_events)),
+            asyncio.create_task(read_lines(tail.stdout, tail_events)),
+            asyncio.create_task(writer(pool, stop_writing)),
+        ]
+        try:
+            await eventually(lambda: min(len(sse_events), len(ws_events), len(tail_events)) > 30)
+            await server.kill()
+            await asyncio.sleep(0.5)  # rows keep committing while nobody serves them
+            await server.start()
+            before = len(sse_events), len(ws_events), len(tail_events)
+            await eventually(
+                lambda: min(len(sse_events), len(ws_events), len(tail_events)) > max(before) + 30
+            )
+            stop_writing.set()
+            await tasks[3]
+            newest = await pool.fetchval("SELECT max(id) FROM telemetry WHERE tenant_id = 't1'")
+            await eventually(
+                lambda: (
+                    bool(sse_events and ws_events and tail_events)
+                    and sse_events[-1].id == ws_events[-1].id == tail_events[-1]["id"] == newest
+                )
+            )
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(ProcessLookupError):
+                tail.send_signal(signal.SIGINT)
+            _, tail_stderr = await asyncio.wait_for(tail.communicate(), 10)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    table = await table_events(pool, "t1")
+    assert len(table) > 100
+    assert [(e.id, e.device_id, e.metrics) for e in sse_events] == table
+    assert [(e.id, e.device_id, e.metrics) for e in ws_events] == table
+    assert [(e["id"], e["device_id"], e["data"]["metrics"]) for e in tail_events] == table
+    assert sse.connections >= 2 and ws.connections >= 2
+    assert sse.duplicates_dropped == ws.duplicates_dropped == 0
+    assert b"# disconnected" in tail_stderr and tail.returncode == 0, tail_stderr.decode()

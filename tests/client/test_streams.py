@@ -1,0 +1,211 @@
+"""The reference client against a real server: typed events, filters, v2 channels, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+import asyncpg
+import httpx
+import pytest
+
+from pulse.client import (
+    AlertsUpdate,
+    AuthenticationFailed,
+    FleetSummary,
+    Notice,
+    PulseClient,
+    Telemetry,
+)
+from pulse.config import Settings
+from tests.client.conftest import table_events
+from tests.support import insert_readings, provision_device, running_server
+
+pytestmark = pytest.mark.timeout(60)
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+async def url(settings: Settings) -> AsyncIterator[str]:
+    fast = dataclasses.replace(settings, sse_keepalive_s=0.3, ws_ping_s=0.3)
+    async with running_server(fast) as base:
+        yield base
+
+
+async def take(stream: AsyncIterator[T], n: int, timeout: float = 10) -> list[T]:
+    out: list[T] = []
+
+    async def run() -> None:
+        async for item in stream:
+            out.append(item)
+            if len(out) >= n:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return out
+
+
+def readings(
+    n: int, devices: tuple[str, ...] = ("d1", "d2", "d3")
+) -> list[tuple[str, dict[str, float]]]:
+    return [(devices[i % len(devices)], {"temp": 20.0 + i, "hum": 40.0 + i}) for i in range(n)]
+
+
+async def test_sse_replays_then_streams_live_with_filters(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    await insert_readings(pool, "t1", readings(30))
+    async with PulseClient(url, make_token()) as client:
+        stream = client.sse(device_ids=["d2"], metrics=["temp"], last_event_id=0)
+        first = await take(stream, 10)
+        await insert_readings(pool, "t1", readings(30))
+        rest = await take(stream, 10)
+        await stream.aclose()
+    got = [(e.id, e.device_id, e.metrics) for e in first + rest]
+    table = [(i, d, {"temp": m["temp"]}) for i, d, m in await table_events(pool, "t1") if d == "d2"]
+    assert got == table
+    assert all(isinstance(e, Telemetry) for e in first)
+    assert stream.last_event_id == rest[-1].id and stream.duplicates_dropped == 0
+
+
+async def test_websocket_filters_follow_the_client(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    connected = asyncio.Event()
+
+    def on_notice(notice: Notice) -> None:
+        if notice.kind == "connected":
+            connected.set()
+
+    async with (
+        PulseClient(url, make_token(), on_notice=on_notice) as client,
+        client.websocket(device_ids=["d1"]) as stream,
+    ):
+        iterator = aiter(stream)
+        first = asyncio.create_task(take(iterator, 2))
+        await asyncio.wait_for(connected.wait(), 10)
+        await insert_readings(pool, "t1", readings(6))
+        assert {e.device_id for e in await first} == {"d1"}
+        await stream.subscribe(["d3"])
+        await stream.set_metrics(["hum"])
+        await asyncio.sleep(0.2)  # let the server apply both before the next rows commit
+        ids = await insert_readings(pool, "t1", readings(6))
+        later = await take(iterator, 4)
+        assert stream.device_ids == {"d1", "d3"} and stream.metrics == {"hum"}
+    assert [e.id for e in later] == [
+        i for i, d in zip(ids, ["d1", "d2", "d3"] * 2, strict=True) if d != "d2"
+    ]
+    assert all(set(e.metrics) == {"hum"} for e in later)
+
+
+async def test_v2_channels_yield_typed_fleet_alert_and_device_events(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    admin = {"Authorization": "Bearer " + make_token(roles=("tenant-admin",))}
+    token = await provision_device(pool, "t1", "d1")
+    await provision_device(pool, "t1", "d2")
+    async with httpx.AsyncClient(base_url=url, headers=admin) as http:
+        rule = {"name": "hot", "metric": "temp", "operator": ">", "threshold": 30, "severity": 4}
+        assert (await http.post("/api/v1/customer/alert-rules", json=rule)).status_code == 201
+
+        async with (
+            PulseClient(url, make_token()) as client,
+            client.v2(fleet=True, alerts=True, device_ids=["d1"]) as v2,
+        ):
+            iterator = aiter(v2)
+            first = await take(iterator, 2)
+            assert {type(e) for e in first} == {FleetSummary, AlertsUpdate}
+            summary = next(e for e in first if isinstance(e, FleetSummary))
+            assert (summary.total, summary.active_alerts) == (2, 0)
+
+            r = await http.post(
+                "/ingest/v1/tenant/t1/device/d1/telemetry",
+                json={"metrics": {"temp": 35.0}},
+                headers={"X-Provision-Token": token},
+            )
+            assert r.status_code == 201
+            telemetry = alerts = None
+            async for event in iterator:
+                if isinstance(event, Telemetry):
+                    telemetry = event
+                elif isinstance(event, AlertsUpdate) and event.alerts:
+                    alerts = event
+                if telemetry and alerts:
+                    break
+    assert telemetry.id == r.json()["id"] and telemetry.metrics == {"temp": 35.0}
+    [alert] = alerts.alerts
+    assert (alert.device_id, alert.alert_type, alert.status, alert.severity) == (
+        "d1",
+        "THRESHOLD",
+        "OPEN",
+        4,
+    )
+
+
+async def test_a_refused_token_is_refreshed_once(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    await insert_readings(pool, "t1", readings(3))
+    notices: list[Notice] = []
+    refreshes = []
+
+    async def refresh() -> str:
+        refreshes.append(1)
+        return make_token()
+
+    async with PulseClient(
+        url, "expired-or-garbage", refresh_token=refresh, on_notice=notices.append
+    ) as client:
+        for open_stream in (client.sse, client.websocket):
+            events = await take(open_stream(last_event_id=0), 3)
+            assert [e.id for e in events] == [1, 2, 3]
+    assert refreshes == [1]  # the SSE stream refreshed; the WebSocket reused the new token
+    assert [n.kind for n in notices].count("token_refreshed") == 1
+
+    async with PulseClient(url, "garbage", refresh_token=lambda: "still-garbage") as client:
+        with pytest.raises(AuthenticationFailed):
+            await take(client.sse(), 1)
+
+
+async def test_websocket_renews_its_token_before_expiry(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """A token 31 s from expiry (the margin is 30 s) is renewed on the open connection."""
+    notices: list[Notice] = []
+
+    def accepted() -> bool:
+        return any(n.kind == "token_refreshed" and "accepted" in n.detail for n in notices)
+
+    async def keep_writing() -> None:
+        while True:
+            await insert_readings(pool, "t1", readings(1))
+            await asyncio.sleep(0.1)
+
+    async with (
+        PulseClient(
+            url,
+            make_token(lifetime_s=31),
+            refresh_token=lambda: make_token(lifetime_s=3600),
+            on_notice=notices.append,
+        ) as client,
+        client.websocket(last_event_id=0) as stream,
+    ):
+        writer = asyncio.create_task(keep_writing())
+        try:
+            async for _ in stream:
+                if accepted():
+                    break
+        finally:
+            writer.cancel()
+    assert stream.connections == 1
+
+
+async def test_rest_helpers(url: str, pool: asyncpg.Pool, make_token: Callable[..., str]) -> None:
+    await provision_device(pool, "t1", "d1")
+    async with PulseClient(url, make_token()) as client:
+        summary = await client.fleet_summary()
+        assert summary.total == 1 and summary.offline == 1
+        assert await client.alerts() == []

@@ -1,0 +1,78 @@
+"""`pulse demo` in-process: it serves, provisions the fleet, prints what it promises, and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import shlex
+import subprocess
+
+import httpx
+import pytest
+
+from pulse.client import PulseClient
+from pulse.config import Settings
+from pulse.sim.demo import demo_settings, run_demo
+from tests.support import free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_demo_settings_fill_only_what_the_environment_left_unset() -> None:
+    defaults = demo_settings(Settings())
+    assert (defaults.stale_after_s, defaults.offline_after_s) == (15.0, 60.0)
+    assert defaults.jwt_secret and defaults.data_dir.name == "demo"
+    mine = demo_settings(Settings(stale_after_s=5.0, jwt_secret="s" * 32, log_level="DEBUG"))
+    assert (mine.stale_after_s, mine.jwt_secret, mine.log_level) == (5.0, "s" * 32, "DEBUG")
+
+
+async def test_demo_serves_a_provisioned_fleet_and_prints_working_examples(
+    settings: Settings,
+) -> None:
+    out = io.StringIO()
+    stop = asyncio.Event()
+    port = free_port()
+    demo = asyncio.create_task(run_demo(settings, port=port, seed=1, out=out, stop=stop))
+    try:
+        for _ in range(600):
+            if "Press Ctrl-C" in out.getvalue() or demo.done():
+                break
+            await asyncio.sleep(0.05)
+        text = out.getvalue()
+        assert "Press Ctrl-C" in text, text
+        base = f"http://127.0.0.1:{port}"
+        token = re.search(r"Dashboard:\s+" + re.escape(base) + r"/#token=(\S+)", text)
+        assert token, text
+        assert f"export PULSE_TOKEN={token[1]}" in text
+        headers = {"Authorization": f"Bearer {token[1]}"}
+
+        async with httpx.AsyncClient(base_url=base, headers=headers) as http:
+            page = await http.get("/")
+            assert page.status_code == 200 and "Pulse" in page.text
+            devices = (await http.get("/api/v1/customer/devices")).json()["devices"]
+            assert len(devices) == 25
+            rules = (await http.get("/api/v1/customer/alert-rules")).json()["rules"]
+            assert len(rules) == 2
+
+            # The printed curl ingest command works as printed.
+            curl = re.search(r"  (curl -X POST .*?\}'\n)", text, re.S)
+            assert curl, text
+            command = curl[1].replace("\\\n", " ")
+            result = await asyncio.to_thread(
+                subprocess.run, shlex.split(command), capture_output=True, text=True
+            )
+            assert re.fullmatch(r'\{"id":\d+\}\s*', result.stdout), result
+
+        # The simulator's readings arrive on the stream.
+        async with PulseClient(base, token[1]) as client, client.sse() as stream:
+            seen = set()
+            async for event in stream:
+                seen.add(event.device_id)
+                if len(seen) >= 5:
+                    break
+        assert seen <= {d["device_id"] for d in devices}
+    finally:
+        stop.set()
+        await asyncio.wait_for(demo, 30)
+    assert out.getvalue().rstrip().endswith("Pulse demo stopped.")
