@@ -10,9 +10,10 @@ import httpx
 
 from pulse.client.backoff import Backoff
 from pulse.client.credentials import Credentials, TokenRefresh
+from pulse.client.errors import AuthenticationFailed, PulseClientError
 from pulse.client.events import Alert, FleetSummary
 from pulse.client.sse import SSETelemetryStream, http_failure
-from pulse.client.stream import NoticeHandler
+from pulse.client.stream import AuthRejected, NoticeHandler
 from pulse.client.websocket import V2Stream, WebSocketTelemetryStream
 
 
@@ -147,4 +148,8 @@ class PulseClient:
         if response.is_success:
             return response.json() if response.content else None
         failure = http_failure(response)
-        raise failure
+        if isinstance(failure, PulseClientError):
+            raise failure
+        code = failure.code if isinstance(failure, AuthRejected) else str(response.status_code)
+        error = AuthenticationFailed if response.status_code == 401 else PulseClientError
+        raise error(response.status_code, code, str(failure))

@@ -96,8 +96,11 @@ class SSETelemetryStream(ReconnectingStream[Telemetry]):
         self.duplicates_dropped = 0
 
     def _params(self) -> dict[str, str]:
-        params = {"device_id": csv(self.device_ids), "metric": csv(self.metrics)}
-        params["tenant_id"] = self.tenant_id
+        params = {
+            "device_id": csv(self.device_ids),
+            "metric": csv(self.metrics),
+            "tenant_id": self.tenant_id,
+        }
         return {k: v for k, v in params.items() if v}
 
     async def _session(self, token: str) -> AsyncIterator[Telemetry]:

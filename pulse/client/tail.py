@@ -73,9 +73,10 @@ def run_tail_command(args: argparse.Namespace, settings: Settings) -> None:
         tenant_id=args.tenant if args.token else None,
         on_notice=lambda notice: _print_notice(notice, sys.stderr),
     )
-    try:
-        asyncio.run(
-            tail(
+
+    async def main() -> None:
+        async with client:
+            await tail(
                 client,
                 transport=args.transport,
                 device_ids=_names(args.device),
@@ -85,7 +86,9 @@ def run_tail_command(args: argparse.Namespace, settings: Settings) -> None:
                 count=args.count,
                 out=sys.stdout,
             )
-        )
+
+    try:
+        asyncio.run(main())
     except KeyboardInterrupt:
         pass
     except PulseClientError as exc:
@@ -106,10 +109,9 @@ async def tail(
     open_stream = client.sse if transport == "sse" else client.websocket
     formatter = TableFormatter(metrics) if table else None
     seen = 0
-    async with (
-        client,
-        open_stream(device_ids=device_ids, metrics=metrics, last_event_id=last_event_id) as stream,
-    ):
+    async with open_stream(
+        device_ids=device_ids, metrics=metrics, last_event_id=last_event_id
+    ) as stream:
         async for event in stream:
             if formatter is None:
                 out.write(json_line(event))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -22,6 +22,8 @@ from pulse.client.errors import BadRequest, Forbidden, PulseClientError
 from pulse.client.events import AlertsUpdate, FleetSummary, Telemetry, V2Event
 from pulse.client.sse import csv, describe_position
 from pulse.client.stream import AuthRejected, NoticeHandler, Reconnect, ReconnectingStream
+
+E = TypeVar("E")
 
 TELEMETRY_WS_PATH = "/api/v1/customer/telemetry/stream"
 V2_WS_PATH = "/api/v2/ws"
@@ -49,7 +51,7 @@ def close_failure(code: int | None, reason: str) -> Exception:
     return Reconnect(f"closed {code} {reason}".strip())
 
 
-class _WebSocketStream(ReconnectingStream[Any]):
+class _WebSocketStream(ReconnectingStream[E]):
     """A connection loop over one WebSocket URL; subclasses read its messages."""
 
     def __init__(
@@ -74,7 +76,7 @@ class _WebSocketStream(ReconnectingStream[Any]):
     async def _on_open(self, ws: ClientConnection) -> None:
         """Right after the handshake: re-send what this stream had asked for."""
 
-    def _read(self, message: dict[str, Any]) -> Any | None:
+    def _read(self, message: dict[str, Any]) -> E | None:
         raise NotImplementedError
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -83,7 +85,7 @@ class _WebSocketStream(ReconnectingStream[Any]):
             with contextlib.suppress(ConnectionClosed):
                 await self._ws.send(orjson.dumps(message).decode())
 
-    async def _session(self, token: str) -> AsyncIterator[Any]:
+    async def _session(self, token: str) -> AsyncIterator[E]:
         headers = {"Authorization": f"Bearer {token}"}
         try:
             async with connect(
@@ -139,7 +141,7 @@ class _WebSocketStream(ReconnectingStream[Any]):
             await ws.send(orjson.dumps({"action": "auth", "token": token}).decode())
 
 
-class WebSocketTelemetryStream(_WebSocketStream):
+class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
     """Telemetry events in id order, exactly once, across reconnects and server restarts.
 
     Filters changed with ``subscribe``/``unsubscribe``/``set_metrics``/
@@ -226,7 +228,7 @@ class WebSocketTelemetryStream(_WebSocketStream):
         await self.send({"action": "clear_filters"})
 
 
-class V2Stream(_WebSocketStream):
+class V2Stream(_WebSocketStream[V2Event]):
     """The legacy v2 channels: fleet summaries, active alerts, and device telemetry.
 
     v2 has no resume: telemetry sent while disconnected is not replayed (use

@@ -177,8 +177,8 @@ class Simulator:
             if self._down_since is not None:
                 log.warning("simulator reached the server again")
                 self._down_since = None
-            if r.status_code in (200, 400) and "accepted" in r.text:
-                body = r.json()
+            body = r.json() if r.headers.get("content-type") == "application/json" else {}
+            if "results" in body:  # 200, or 400 when every message was rejected
                 self.sent += body["accepted"]
                 self.rejected += body["rejected"]
                 for result in body["results"]:

@@ -15,6 +15,7 @@ from pulse.client import (
     AlertsUpdate,
     AuthenticationFailed,
     FleetSummary,
+    Forbidden,
     Notice,
     PulseClient,
     Telemetry,
@@ -209,3 +210,8 @@ async def test_rest_helpers(url: str, pool: asyncpg.Pool, make_token: Callable[.
         summary = await client.fleet_summary()
         assert summary.total == 1 and summary.offline == 1
         assert await client.alerts() == []
+        with pytest.raises(Forbidden):  # acknowledging needs tenant-admin
+            await client.acknowledge_alert(1)
+    async with PulseClient(url, "garbage") as client:
+        with pytest.raises(AuthenticationFailed):
+            await client.fleet_summary()
