@@ -63,9 +63,14 @@ class StreamCounter:
         self.samples: list[tuple[int, float]] = []  # (event id, receive time)
         self.connected = asyncio.Event()
         self.failed: str | None = None
+        self._tail = b""
+        self._tail_markers = 0
 
     def _count(self, chunk: bytes, now: float) -> None:
-        n = chunk.count(b'"type":"telemetry"')
+        # A marker may straddle two reads: keep the end of the last one.
+        chunk, self._tail = self._tail + chunk, chunk[-40:]
+        n = chunk.count(b'"type":"telemetry"') - self._tail_markers
+        self._tail_markers = self._tail.count(b'"type":"telemetry"')
         if n:
             self.events += n
             ids = _EVENT_ID.findall(chunk)

@@ -257,10 +257,13 @@ async def _fanout(pg: Postgres, quick: bool, kind: str) -> list[Figure]:
         listen = await asyncpg.connect(dsn)
         channel = await listen.fetchval("SELECT pulse_channel('tenant-1')")
         bare: list[tuple[int, float]] = []
-        await listen.add_listener(
-            channel,
-            lambda *a: bare.append((orjson.loads(a[3])["last"], time.perf_counter())),
-        )
+
+        def on_notify(*args: object) -> None:
+            message = orjson.loads(str(args[3]))
+            if message.get("kind") == "telemetry":
+                bare.append((message["last"], time.perf_counter()))
+
+        await listen.add_listener(channel, on_notify)
         conn = await HttpConnection(server.url).open()
         rng = random.Random(3)
         device_items = list(devices.items())
@@ -409,7 +412,8 @@ async def replay(pg: Postgres, quick: bool) -> list[Figure]:
         tok = token("tenant-1", roles=("customer",))
         with cpu_meter([server.proc.pid] if server.proc else []) as cpu:
             task = asyncio.create_task(counter.sse(server.url, SSE_PATH, tok, last_event_id=0))
-            while counter.events < rows and not task.done():
+            give_up = time.perf_counter() + 120
+            while counter.events < rows and not task.done() and time.perf_counter() < give_up:
                 await asyncio.sleep(0.02)
             task.cancel()
     return [

@@ -140,8 +140,12 @@ class Subscription:
         """Wait until something is queued (True) or ``timeout`` passes (False)."""
         if self._wake.is_set():
             return True
+        # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a
+        # cancellation that arrives just as the event is set, and the stream's
+        # task then never ends (a WebSocket whose other half failed hangs).
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
         except TimeoutError:
             return False
         return True
