@@ -44,19 +44,23 @@ def _fleet_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> None:
-    from pulse.sim.demo import run_demo
+    from pulse.sim.demo import DemoError, run_demo
+    from pulse.sim.simulator import SimulatorError
 
-    asyncio.run(
-        run_demo(
-            settings,
-            host=args.host,
-            port=args.port or settings.port,
-            devices=args.devices,
-            rate=args.rate,
-            seed=args.seed,
-            program=sys.argv[0] if sys.argv[0].endswith("pulse") else "pulse",
+    try:
+        asyncio.run(
+            run_demo(
+                settings,
+                host=args.host,
+                port=args.port or settings.port,
+                devices=args.devices,
+                rate=args.rate,
+                seed=args.seed,
+                program=sys.argv[0] if sys.argv[0].endswith("pulse") else "pulse",
+            )
         )
-    )
+    except (DemoError, SimulatorError) as exc:
+        sys.exit(f"pulse demo: {exc}")
 
 
 def _simulate(args: argparse.Namespace, settings: Settings) -> None:

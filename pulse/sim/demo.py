@@ -14,6 +14,7 @@ import logging
 import secrets
 import shlex
 import signal
+import socket
 import sys
 import time
 from typing import TextIO
@@ -71,6 +72,7 @@ async def run_demo(
     from pulse.app import create_app, shutdown_trigger
     from pulse.server import hypercorn_config
 
+    _check_port_free(host, port)
     stop = stop or _stop_on_signals()
     settings = demo_settings(settings)
     assert settings.jwt_secret is not None
@@ -154,6 +156,22 @@ Or a readable table in this terminal:
 
 Press Ctrl-C to stop.
 """
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before starting a database, rather than after, when the port is taken."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise DemoError(
+                f"cannot serve on {host}:{port} ({exc.strerror}); choose another with --port"
+            ) from None
 
 
 def _stop_on_signals() -> asyncio.Event:

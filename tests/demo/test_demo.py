@@ -6,6 +6,7 @@ import asyncio
 import io
 import re
 import shlex
+import socket
 import subprocess
 
 import httpx
@@ -13,7 +14,7 @@ import pytest
 
 from pulse.client import PulseClient
 from pulse.config import Settings
-from pulse.sim.demo import demo_settings, run_demo
+from pulse.sim.demo import DemoError, demo_settings, run_demo
 from tests.support import free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -25,6 +26,15 @@ def test_demo_settings_fill_only_what_the_environment_left_unset() -> None:
     assert defaults.jwt_secret and defaults.data_dir.name == "demo"
     mine = demo_settings(Settings(stale_after_s=5.0, jwt_secret="s" * 32, log_level="DEBUG"))
     assert (mine.stale_after_s, mine.jwt_secret, mine.log_level) == (5.0, "s" * 32, "DEBUG")
+
+
+async def test_a_taken_port_is_reported_before_anything_starts(settings: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(DemoError, match=f"127.0.0.1:{port}.*--port"):
+            await run_demo(settings, port=port, out=io.StringIO(), stop=asyncio.Event())
 
 
 async def test_demo_serves_a_provisioned_fleet_and_prints_working_examples(
