@@ -21,6 +21,7 @@ from pulse.config import Settings
 from pulse.db.embedded import embedded_postgres
 from pulse.db.migrate import migrate
 from pulse.db.pool import connect, create_pool
+from pulse.db.retention import run_retention
 from pulse.errors import register_error_handlers
 from pulse.ops.metrics import Metrics
 from pulse.streams.limits import ConnectionLimits
@@ -121,6 +122,10 @@ def create_app(settings: Settings | None = None) -> Quart:
         )
         exit_stack.push_async_callback(rt.hub.close)
         rt.supervisor.start("listener", rt.hub.listener.run)
+        rt.supervisor.start(
+            "retention",
+            lambda: run_retention(rt.pool, settings.retention_hours, settings.retention_interval_s),
+        )
         exit_stack.push_async_callback(rt.supervisor.stop)
 
     @app.after_serving

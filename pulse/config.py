@@ -44,6 +44,7 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
 
     retention_hours: float = 168.0
+    retention_interval_s: float = 60.0
     shutdown_timeout_s: float = 10.0
     ingest_rate_per_device: float = 100.0
     ingest_burst_per_device: int = 200
