@@ -82,8 +82,16 @@ async def test_dashboard_in_a_real_browser(
 
         page.on("request", lambda request: urls.append(request.url))
         page.on("websocket", lambda ws: urls.append(ws.url))
-        await page.goto(f"{server.url}/#token={admin}")
+        # Without a token the page asks for one, and says why it refuses a bad one.
+        await page.goto(server.url)
+        await expect(page.locator("#login")).to_be_visible()
+        await page.fill("#login-token", "not-a-token")
+        await page.click("#login-form button[type=submit]")
+        await expect(page.locator("#login-error")).to_contain_text("JWT")
+        await page.fill("#login-token", admin)
+        await page.click("#login-form button[type=submit]")
         await page.wait_for_selector("#connection[data-state=live]", timeout=20_000)
+        await expect(page.locator("#login")).to_be_hidden()
 
         # Fleet numbers: nobody has been seen yet, then two devices report.
         await text_of(page, "#sum-total", "4")

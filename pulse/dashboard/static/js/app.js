@@ -374,6 +374,9 @@ class Dashboard {
     list.replaceChildren(...items);
     $("alerts-empty").hidden = this.alerts.length > 0;
     $("alert-count").textContent = this.alerts.length ? String(this.alerts.length) : "";
+    // Visible from another tab: the count of active alerts in the title.
+    const title = `Pulse · ${this.session.tenantName || "fleet"}`;
+    document.title = this.alerts.length ? `(${this.alerts.length}) ${title}` : title;
     for (const device of this.devices.values()) {
       device.nodes.card.classList.toggle("has-alert", alerting.has(device.id));
     }
