@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 from collections import defaultdict
@@ -115,6 +116,8 @@ class TelemetryWriter:
         once the group's transaction has committed, with its own outcomes.
         """
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        # A caller that went away leaves its future unread: that is not an error.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._waiting.setdefault(tenant_id, []).append((submissions, future))
         async with self._tenant_gates.hold([tenant_id]):
             if not future.done():
@@ -123,7 +126,9 @@ class TelemetryWriter:
                 commit = asyncio.get_running_loop().create_task(self._commit(everything))
                 commit.add_done_callback(lambda done: _settle(group, done))
                 # Shielded: if this caller goes away, the others still get their answer.
-                await asyncio.shield(commit)
+                # Its own answer, or error, comes through its future like theirs.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(commit)
         return await future
 
     async def _commit(self, submissions: Sequence[Submission]) -> list[Outcome]:
