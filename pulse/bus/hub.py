@@ -61,9 +61,10 @@ class Topic:
             self.dirty.clear()
             try:
                 while True:
-                    events = await self.hub.store.events_after(
-                        self.tenant_id, self.delivered, limit=FETCH_LIMIT
-                    )
+                    with self.hub.metrics.fetch_latency.time():
+                        events = await self.hub.store.events_after(
+                            self.tenant_id, self.delivered, limit=FETCH_LIMIT
+                        )
                     if events:
                         self.delivered = events[-1].id
                         self.hub.publish(self, events)
