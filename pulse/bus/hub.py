@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -113,6 +114,10 @@ class Hub:
         )
         self._topics: dict[str, Topic] = {}
         self.draining = False
+        # Labelled counters looked up once per kind: .labels() is not free, and
+        # publish runs once per subscriber per batch.
+        self._delivered = functools.cache(metrics.events_delivered.labels)
+        self._dropped = functools.cache(metrics.events_dropped_lagging.labels)
 
     @contextlib.asynccontextmanager
     async def subscribe(
@@ -151,11 +156,11 @@ class Hub:
     def publish(self, topic: Topic, events: list[TelemetryEvent]) -> None:
         for subscription in list(topic.subscribers):
             if subscription.lagging:
-                self.metrics.events_dropped_lagging.labels(subscription.kind).inc(len(events))
+                self._dropped(subscription.kind).inc(len(events))
                 continue
             queued = subscription.offer(events)
             if queued:
-                self.metrics.events_delivered.labels(subscription.kind).inc(queued)
+                self._delivered(subscription.kind).inc(queued)
             if subscription.lagging:
                 self._on_lagging(subscription)
 
