@@ -16,14 +16,19 @@ import asyncpg
 import orjson
 import pytest
 
-from pulse.client import PulseClient, Telemetry
+from pulse.client import FleetSummary, PulseClient, Telemetry
 from tests.client.conftest import table_events
 from tests.client.restartable import restartable_server
 from tests.support import insert_readings
 
 pytestmark = pytest.mark.timeout(120)
 
-FAST = {"PULSE_SSE_KEEPALIVE_S": "0.5", "PULSE_WS_PING_S": "0.5", "PULSE_SHUTDOWN_TIMEOUT_S": "2"}
+FAST = {
+    "PULSE_SSE_KEEPALIVE_S": "0.5",
+    "PULSE_WS_PING_S": "0.5",
+    "PULSE_WS_KEEPALIVE_S": "0.5",
+    "PULSE_SHUTDOWN_TIMEOUT_S": "2",
+}
 
 
 async def writer(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
@@ -128,3 +133,58 @@ async def test_clients_resume_exactly_across_a_killed_server(
     assert sse.connections >= 2 and ws.connections >= 2
     assert sse.duplicates_dropped == ws.duplicates_dropped == 0
     assert b"# disconnected" in tail_stderr and tail.returncode == 0, tail_stderr.decode()
+
+
+async def test_filters_and_subscriptions_are_sent_again_after_a_restart(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path, make_token: Callable[..., str]
+) -> None:
+    """Filters changed while connected, and v2 subscriptions, survive a killed server."""
+    stop_writing = asyncio.Event()
+    filtered: list[Telemetry] = []
+    summaries: list[tuple[int, FleetSummary]] = []  # (server start number, summary)
+    async with (
+        restartable_server(database_url, tmp_path, env=FAST) as server,
+        PulseClient(server.url, make_token(), backoff_base_s=0.05, backoff_cap_s=0.5) as client,
+    ):
+        ws = client.websocket(device_ids=["dev-1"])
+        v2 = client.v2(fleet=True)
+
+        async def follow_v2() -> None:
+            async for event in v2:
+                if isinstance(event, FleetSummary):
+                    summaries.append((server.starts, event))
+
+        tasks = [
+            asyncio.create_task(collect(ws, filtered)),
+            asyncio.create_task(follow_v2()),
+            asyncio.create_task(writer(pool, stop_writing)),
+        ]
+        try:
+            await eventually(lambda: len(filtered) > 5 and bool(summaries))
+            await ws.subscribe(["dev-2"])
+            await ws.set_metrics(["temp"])
+            await eventually(lambda: any(e.device_id == "dev-2" for e in filtered))
+            await server.kill()
+            await server.start()
+            restarted_at = len(filtered)
+            await eventually(lambda: len(filtered) > restarted_at + 20)
+            await eventually(lambda: any(start == 2 for start, _ in summaries))
+            stop_writing.set()
+            await tasks[2]
+            newest = await pool.fetchval("SELECT max(id) FROM telemetry WHERE tenant_id = 't1'")
+            await eventually(lambda: ws.last_event_id == newest)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # From the first dev-2 event on (the subscription in force), exactly the matching rows.
+    first = next(e.id for e in filtered if e.device_id == "dev-2")
+    expected = [
+        (i, device, {"temp": metrics["temp"]})
+        for i, device, metrics in await table_events(pool, "t1")
+        if i >= first and device in ("dev-1", "dev-2")
+    ]
+    assert [(e.id, e.device_id, e.metrics) for e in filtered if e.id >= first] == expected
+    assert ws.connections >= 2 and v2.connections >= 2
+    assert (ws.device_ids, ws.metrics) == ({"dev-1", "dev-2"}, {"temp"})
