@@ -150,6 +150,12 @@ async def test_dashboard_in_a_real_browser(
         assert await page.evaluate("window.pulseDashboard.duplicates") == 0
         await text_of(page, "#event-rows tr:first-child td:first-child", str(newest))
 
+        # A reload keeps the session (this tab's storage) and opens with recent history.
+        await page.reload()
+        await page.wait_for_selector("#connection[data-state=live]", timeout=20_000)
+        await wait_until(page, f"window.pulseDashboard.ids.at(-1) === {newest}")
+        assert await page.evaluate("window.pulseDashboard.ids") == table  # all of it: < 5000
+
         await page.screenshot(path=str(artifacts_dir() / "dashboard.png"), full_page=True)
         with contextlib.suppress(Exception):
             await page.close()

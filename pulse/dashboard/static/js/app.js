@@ -7,9 +7,10 @@
 
 import { ApiError, AuthError, Session } from "./api.js";
 import { Sparkline } from "./charts.js";
-import { FleetSocket, TelemetryStream } from "./streams.js";
+import { FleetSocket, TelemetryStream, newestEventId } from "./streams.js";
 
 const HISTORY_S = 600; // chart window
+const BACKFILL_EVENTS = 5000; // replayed at start, so the charts open with some history
 const RECENT_ROWS = 15;
 const FLUSH_MS = 250;
 const CHART_EVERY_MS = 1000;
@@ -70,6 +71,7 @@ class Dashboard {
     this.chartMetric = null;
     this.filter = "";
     this.arrivals = [];
+    this.liveFrom = null; // events up to this id are history replayed at start
     // What was rendered, in order: for tests and debugging (window.pulseDashboard).
     this.log = { ids: [], count: 0 };
     this.telemetry = new TelemetryStream(session, {
@@ -99,6 +101,11 @@ class Dashboard {
     if (summary) this.setSummary(summary);
     if (alerts) this.setAlerts(alerts.alerts);
     if (rules) this.rules = rules.rules || [];
+    const newest = await newestEventId(this.session);
+    if (newest !== null) {
+      this.liveFrom = newest;
+      this.telemetry.lastEventId = Math.max(0, newest - BACKFILL_EVENTS);
+    }
     this.telemetry.start();
     this.fleet.start();
     this.timers.push(setInterval(() => this.flush(), FLUSH_MS));
@@ -230,9 +237,10 @@ class Dashboard {
         const device = this.device(event.device_id);
         const metrics = event.data.metrics;
         Object.assign(device.latest, metrics);
-        device.lastSeen = now;
-        device.lastId = event.id;
         const t = Date.parse(event.data.time) / 1000;
+        const seen = Math.min(now, t * 1000);
+        if (device.lastSeen === null || seen > device.lastSeen) device.lastSeen = seen;
+        device.lastId = event.id;
         device.times.push(t);
         for (const [name, value] of Object.entries(metrics)) {
           if (typeof value !== "number") continue;
@@ -246,7 +254,7 @@ class Dashboard {
         this.trim(device, t);
         device.dirty = device.chartDirty = true;
         this.recent.unshift(event);
-        this.arrivals.push(now);
+        if (this.liveFrom === null || event.id > this.liveFrom) this.arrivals.push(now);
       }
       this.recent.length = Math.min(this.recent.length, RECENT_ROWS);
       this.renderRecent(batch[batch.length - 1]);

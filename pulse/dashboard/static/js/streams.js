@@ -7,7 +7,40 @@
 import { AuthError } from "./api.js";
 
 const SSE_PATH = "/api/v1/customer/telemetry/stream/sse";
+const WS_PATH = "/api/v1/customer/telemetry/stream";
 const V2_PATH = "/api/v2/ws";
+
+function wsUrl(path, params) {
+  const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${window.location.host}${path}?${params}`;
+}
+
+// The tenant's newest event id, from the telemetry WebSocket's first message;
+// null when it cannot be had. It gives the page an exact starting position
+// (and a little history for the charts) before its SSE stream opens.
+export async function newestEventId(session, timeoutMs = 5000) {
+  let ticket;
+  try {
+    ticket = await session.ticket();
+  } catch {
+    return null;
+  }
+  return new Promise((resolve) => {
+    const socket = new WebSocket(wsUrl(WS_PATH, session.params({ ticket })));
+    const done = (value) => {
+      clearTimeout(timer);
+      socket.onmessage = socket.onclose = socket.onerror = null;
+      socket.close(1000);
+      resolve(value);
+    };
+    const timer = setTimeout(() => done(null), timeoutMs);
+    socket.onmessage = (message) => {
+      const data = JSON.parse(message.data);
+      done(data.type === "connected" ? data.last_event_id : null);
+    };
+    socket.onclose = socket.onerror = () => done(null);
+  });
+}
 
 export class Backoff {
   constructor(baseMs = 500, capMs = 15000) {
@@ -145,9 +178,7 @@ export class FleetSocket extends Reconnecting {
   }
 
   connect(ticket) {
-    const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
-    const params = this.session.params({ ticket });
-    const socket = new WebSocket(`${scheme}//${window.location.host}${V2_PATH}?${params}`);
+    const socket = new WebSocket(wsUrl(V2_PATH, this.session.params({ ticket })));
     this.socket = socket;
     socket.onopen = () => {
       socket.send(JSON.stringify({ action: "subscribe", type: "fleet" }));
