@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES
 from pulse.config import Settings
 
 
@@ -26,8 +27,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_parser("migrate", help="apply database migrations")
 
     token = sub.add_parser("token", help="mint a development JWT with PULSE_JWT_SECRET")
-    token.add_argument("--tenant", default=None)
-    token.add_argument("--role", action="append", dest="roles", default=None)
+    token.add_argument("--tenant", default=None, help="required but for operator roles")
+    token.add_argument(
+        "--role",
+        action="append",
+        dest="roles",
+        default=None,
+        choices=sorted(KNOWN_ROLES),
+        help="repeatable; default: customer",
+    )
     token.add_argument("--lifetime", type=float, default=3600.0, help="seconds")
     token.add_argument("--subject", default="dev-user")
 
@@ -62,11 +70,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit("PULSE_JWT_SECRET is not set")
         from pulse.auth.dev_tokens import mint_token
 
+        roles = args.roles or ["customer"]
+        if args.tenant is None and not OPERATOR_ROLES.intersection(roles):
+            sys.exit("give --tenant: only operators have no tenant of their own")
         print(
             mint_token(
                 settings.jwt_secret,
                 tenant_id=args.tenant,
-                roles=args.roles or ["customer"],
+                roles=roles,
                 lifetime_s=args.lifetime,
                 subject=args.subject,
             )
