@@ -136,9 +136,16 @@ class _WebSocketStream(ReconnectingStream[E]):
             return
         while True:
             await asyncio.sleep(max(1.0, self.credentials.seconds_left() - REFRESH_MARGIN_S))
-            token = await self.credentials.refresh()
+            try:
+                token = await self.credentials.refresh()
+            except Exception as exc:
+                # Not fatal here: at expiry the server closes 4001, and the reconnect
+                # asks the callback again, raising to the consumer if it still fails.
+                self._notice("error", f"token refresh failed: {exc!r}")
+                return
             # The reply, auth_ok or an error, comes through the reading loop.
-            await ws.send(orjson.dumps({"action": "auth", "token": token}).decode())
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(orjson.dumps({"action": "auth", "token": token}).decode())
 
 
 class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):

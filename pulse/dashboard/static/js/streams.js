@@ -198,6 +198,12 @@ export class FleetSocket extends Reconnecting {
         this.onAuthError(new AuthError("Your token has expired."));
         return;
       }
+      if (event.code === 4003) {
+        // Forbidden (role, tenant or origin): retrying cannot help.
+        this.stopped = true;
+        this.setState("offline", `forbidden: ${event.reason || "no access"}`);
+        return;
+      }
       const why = event.code === 1012 ? "server restarting" : `closed (${event.code})`;
       this.retry(this.connections ? why : "cannot connect");
     };
