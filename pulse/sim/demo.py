@@ -25,6 +25,8 @@ from pulse.auth.dev_tokens import mint_token
 from pulse.config import Settings
 from pulse.sim.simulator import Simulator
 
+log = logging.getLogger(__name__)
+
 TENANT = "demo"
 TOKEN_LIFETIME_S = 12 * 3600.0
 
@@ -88,6 +90,7 @@ async def run_demo(
         name="pulse-demo-server",
     )
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    simulator: Simulator | None = None
     simulating: asyncio.Task[None] | None = None
     try:
         await _wait_ready(base_url, server, stop)
@@ -106,14 +109,20 @@ async def run_demo(
         await simulator.provision()
         rules = await simulator.ensure_rules()
         simulating = asyncio.create_task(simulator.run(), name="pulse-demo-simulator")
+        simulating.add_done_callback(_report_simulator_end)
         print(banner(base_url, admin, simulator, rules, program), file=out, flush=True)
-        await stop.wait()
+        # Until Ctrl-C, or until the server stops by itself (then its error is raised below).
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopping, server}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
     finally:
         stop.set()
         if simulating is not None:
             simulating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await simulating
+        if simulator is not None:
+            await simulator.aclose()
         await server
     print("Pulse demo stopped.", file=out, flush=True)
 
@@ -156,6 +165,11 @@ Or a readable table in this terminal:
 
 Press Ctrl-C to stop.
 """
+
+
+def _report_simulator_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the simulator stopped", exc_info=task.exception())
 
 
 class DemoError(RuntimeError):
