@@ -89,7 +89,11 @@ def create_app(settings: Settings | None = None) -> Quart:
         verifier=TokenVerifier.from_settings(settings),
         supervisor=Supervisor(),
         started_at=time.monotonic(),
-        limits=ConnectionLimits(settings.max_connections, settings.max_connections_per_tenant),
+        limits=ConnectionLimits(
+            settings.max_connections,
+            settings.max_connections_per_tenant,
+            ttl_s=settings.connection_lease_ttl_s,
+        ),
     )
     app.extensions["pulse"] = rt
     exit_stack = contextlib.AsyncExitStack()
@@ -98,8 +102,17 @@ def create_app(settings: Settings | None = None) -> Quart:
     from pulse.ingest.routes import blueprint as ingest_bp
     from pulse.ops.routes import blueprint as ops_bp
     from pulse.streams.sse import blueprint as sse_bp
+    from pulse.streams.stream_ticket import blueprint as stream_ticket_bp
+    from pulse.streams.telemetry_ws import blueprint as telemetry_ws_bp
 
-    for bp in (ops_bp, ingest_bp, devices_bp, sse_bp):
+    for bp in (
+        ops_bp,
+        ingest_bp,
+        devices_bp,
+        sse_bp,
+        telemetry_ws_bp,
+        stream_ticket_bp,
+    ):
         app.register_blueprint(bp)
 
     from pulse.dashboard import blueprint as dashboard_bp
@@ -121,7 +134,10 @@ def create_app(settings: Settings | None = None) -> Quart:
             backoff_max_s=settings.listener_backoff_max_s,
         )
         exit_stack.push_async_callback(rt.hub.close)
+        await rt.limits.start(rt.pool)
+        exit_stack.push_async_callback(rt.limits.stop)
         rt.supervisor.start("listener", rt.hub.listener.run)
+        rt.supervisor.start("connection-leases", rt.limits.keep_alive)
         rt.supervisor.start(
             "retention",
             lambda: run_retention(rt.pool, settings.retention_hours, settings.retention_interval_s),

@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from pulse.config import Settings
+from pulse.streams.messages import MAX_INBOUND_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,11 @@ def run(main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
     else:
         uvloop.run(main)
+    # Shut down already: closing the loop restored the default signal actions,
+    # and a second SIGTERM (a supervisor repeating itself) must not turn a clean
+    # exit into a kill while the interpreter finishes.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def hypercorn_config(settings: Settings, bind: str) -> Any:
@@ -41,6 +47,9 @@ def hypercorn_config(settings: Settings, bind: str) -> Any:
         config.accesslog = "-"
         config.access_log_format = ACCESS_LOG_FORMAT
     config.graceful_timeout = settings.shutdown_timeout_s
+    # Inbound WebSocket messages over 64 KiB are closed with 1009 before they
+    # are buffered whole (the default would buffer 16 MiB per connection).
+    config.websocket_max_message_size = MAX_INBOUND_BYTES
     return config
 
 

@@ -19,6 +19,7 @@ import httpx
 
 from pulse.auth.device_tokens import new_device_token
 from pulse.config import Settings
+from pulse.streams.messages import MAX_INBOUND_BYTES
 
 TEST_SECRET = "test-secret-please-change-0123456789"
 
@@ -60,6 +61,7 @@ async def running_server(settings: Settings) -> AsyncIterator[str]:
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) the socket
     config.graceful_timeout = 2
+    config.websocket_max_message_size = MAX_INBOUND_BYTES
     stop = asyncio.Event()
     app = create_app(settings)
     task = asyncio.create_task(serve(app, config, shutdown_trigger=shutdown_trigger(app, stop)))  # type: ignore[arg-type]
@@ -157,7 +159,11 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def pulse_serve(
-    *, data_dir: Path, database_url: str | None = None, env: dict[str, str] | None = None
+    *,
+    data_dir: Path,
+    database_url: str | None = None,
+    env: dict[str, str] | None = None,
+    stdout: int = asyncio.subprocess.DEVNULL,
 ) -> AsyncIterator[ServeProcess]:
     """`python -m pulse serve` in a subprocess on a free loopback port, until ready.
 
@@ -176,7 +182,7 @@ async def pulse_serve(
         "pulse",
         "serve",
         env=child_env,
-        stdout=asyncio.subprocess.DEVNULL,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
     )
     server = ServeProcess(proc, f"http://127.0.0.1:{port}")
@@ -191,7 +197,9 @@ class ServeProcess:
     def __init__(self, proc: asyncio.subprocess.Process, url: str) -> None:
         self.proc = proc
         self.url = url
+        self.stdout = b""
         self.stderr = b""
+        self.killed = False
 
     async def wait_ready(self, timeout: float = 60) -> None:
         async with httpx.AsyncClient(base_url=self.url) as client:
@@ -209,7 +217,14 @@ class ServeProcess:
         """SIGTERM, then wait; returns the exit code (asserting a clean exit)."""
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(self.proc.communicate(), timeout)
+        stdout, stderr = await asyncio.wait_for(self.proc.communicate(), timeout)
+        self.stdout += stdout or b""
         self.stderr += stderr or b""
-        assert self.proc.returncode == 0, self.stderr.decode(errors="replace")[-3000:]
+        clean = self.proc.returncode == 0 or self.killed
+        assert clean, self.stderr.decode(errors="replace")[-3000:]
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no cleanup (stop() then accepts the exit)."""
+        self.killed = True
+        self.proc.kill()

@@ -14,6 +14,7 @@ from pulse.app import runtime
 from pulse.auth.access import require_roles, tenant_for
 from pulse.auth.errors import AuthError, BadRequest, Forbidden
 from pulse.auth.principal import Principal
+from pulse.auth.tickets import redeem_ticket
 from pulse.errors import ApiError
 
 SESSION_COOKIE = "pulse_session"
@@ -48,9 +49,9 @@ def find_credential(
     cookie = cookies.get(SESSION_COOKIE)
     if cookie:
         return cookie
-    # The one-time `ticket` parameter (CONTRACT section 7) joins here, next to
-    # `token`; it resolves to a Principal through the ticket store rather than
-    # the JWT verifier.
+    # The one-time `ticket` parameter (CONTRACT section 7) is accepted next to
+    # `token`, after it: it resolves to a Principal through the ticket store
+    # rather than the JWT verifier (see authenticate_request).
     query_token = args.get("token") if allow_query else None
     return query_token or None
 
@@ -61,13 +62,18 @@ async def authenticate_request(
     """The verified caller of the current request or WebSocket; ``roles``: any one required."""
     source = websocket if has_websocket_context() else request
     token = find_credential(source.headers, source.cookies, source.args, allow_query=allow_query)
-    if token is None:
+    ticket = source.args.get("ticket") if allow_query and token is None else None
+    if token is None and not ticket:
         where = "an Authorization: Bearer header or the pulse_session cookie"
         if allow_query:
-            where += ", or the token query parameter"
+            where += ", or the token or ticket query parameter"
         raise ApiError(401, "missing_token", f"Send a token in {where}.", dict(_CHALLENGE))
     try:
-        principal = await runtime().verifier.verify(token)
+        if token is not None:
+            principal = await runtime().verifier.verify(token)
+        else:
+            assert ticket
+            principal = await redeem_ticket(runtime().pool, ticket)
         if roles is not None:
             require_roles(principal, roles)
     except AuthError as exc:

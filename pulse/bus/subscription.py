@@ -132,7 +132,8 @@ class Subscription:
 
     def take_signals(self) -> set[str]:
         signals, self._pending_signals = self._pending_signals, set()
-        if not self._queue:
+        # Lagging or closing empties the queue but still has to wake the stream.
+        if not self._queue and not self.lagging and not self.closing:
             self._wake.clear()
         return signals
 

@@ -1,10 +1,38 @@
-"""Connection limits shared by every stream kind: per process and per tenant."""
+"""Connection limits shared by every stream kind: per process, and per tenant across the cluster.
+
+The per-process limit is counted here, in memory. The per-tenant limit holds
+for all the processes that share the database: each process records its open
+connections in ``stream_connections`` under a lease on its row in
+``stream_processes``, which it renews every ``ttl_s / 3`` seconds. Admission
+counts the tenant's rows whose process lease is still valid, under a per-tenant
+advisory lock, and inserts its own row in the same statement.
+
+A process that crashes stops renewing: its connections stop counting at most
+``ttl_s`` (default 15 s) after its last renewal, that is within ``ttl_s`` of
+the crash. A clean shutdown deletes its rows at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
-from collections.abc import Iterator
+import itertools
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+
+from pulse.db.errors import DatabaseUnavailable, translate_errors
+from pulse.db.queries import load_queries
+
+log = logging.getLogger(__name__)
+Q = load_queries(__package__)
+
+DEFAULT_TTL_S = 15.0
 
 
 class LimitReached(Exception):
@@ -12,32 +40,153 @@ class LimitReached(Exception):
 
 
 class ConnectionLimits:
-    def __init__(self, max_total: int, max_per_tenant: int) -> None:
+    def __init__(
+        self, max_total: int, max_per_tenant: int, *, ttl_s: float = DEFAULT_TTL_S
+    ) -> None:
         self.max_total = max_total
         self.max_per_tenant = max_per_tenant
+        self.ttl_s = ttl_s
+        self.process_id = uuid.uuid4()
+        # Open connections of this process, by kind (the status endpoint's counts).
         self.by_kind: collections.Counter[str] = collections.Counter()
-        self._by_tenant: collections.Counter[str] = collections.Counter()
+        # Every connection of this process from the start of its admission on:
+        # id -> (tenant, kind). The table mirrors it; renewals repair drift.
+        self._open: dict[int, tuple[str, str]] = {}
+        self._admitting: set[int] = set()  # in _open, not yet admitted
+        self._ids = itertools.count(1)
+        self._newest_id = 0
+        self._pool: asyncpg.Pool | None = None
 
     @property
     def total(self) -> int:
         return sum(self.by_kind.values())
 
-    def check(self, tenant_id: str) -> None:
-        """Raise LimitReached when one more connection for ``tenant_id`` would be too many."""
-        if self.total >= self.max_total:
-            raise LimitReached("This server has reached its connection limit.")
-        if self._by_tenant[tenant_id] >= self.max_per_tenant:
+    async def start(self, pool: asyncpg.Pool) -> None:
+        """Register this process; from now on its connections count cluster-wide."""
+        self._pool = pool
+        await self.renew()
+
+    async def stop(self) -> None:
+        """Forget this process and its connections (a clean shutdown)."""
+        if self._pool is None:
+            return
+        try:
+            with translate_errors():
+                await self._pool.execute(Q["forget_process"], self.process_id)
+        except DatabaseUnavailable as exc:
+            log.warning("could not unregister the stream connections of this process: %s", exc)
+
+    async def keep_alive(self) -> None:
+        """Renew the lease for as long as the task lives (run by the Supervisor)."""
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            try:
+                await self.renew()
+            except DatabaseUnavailable as exc:
+                log.warning("cannot renew the stream connection lease: %s", exc)
+
+    async def renew(self) -> None:
+        pool = self._require_pool()
+        open_now = dict(self._open)
+        admitted = {id_: v for id_, v in open_now.items() if id_ not in self._admitting}
+        newest = self._newest_id
+        with translate_errors():
+            created = await pool.fetchval(
+                Q["renew_process"], self.process_id, _describe_process(), self.ttl_s
+            )
+            if created and admitted:
+                await pool.execute(
+                    Q["record_connections"],
+                    self.process_id,
+                    list(admitted),
+                    [tenant for tenant, _ in admitted.values()],
+                    [kind for _, kind in admitted.values()],
+                )
+            elif not created:
+                await pool.execute(Q["delete_strays"], self.process_id, list(open_now), newest)
+            await pool.execute(Q["delete_expired_processes"])
+
+    async def check(self, tenant_id: str) -> None:
+        """Raise LimitReached when one more connection for ``tenant_id`` would be too many.
+
+        A hint for answering before a stream starts (SSE's 429); only ``hold``
+        reserves the slot.
+        """
+        self._check_process()
+        with translate_errors():
+            count = await self._require_pool().fetchval(Q["count_tenant_connections"], tenant_id)
+        if count >= self.max_per_tenant:
             raise LimitReached("This tenant has reached its connection limit.")
 
-    @contextlib.contextmanager
-    def hold(self, kind: str, tenant_id: str) -> Iterator[None]:
-        self.check(tenant_id)
+    @contextlib.asynccontextmanager
+    async def hold(self, kind: str, tenant_id: str) -> AsyncIterator[None]:
+        """Count one connection of ``kind`` for ``tenant_id`` while the block runs.
+
+        Raises LimitReached when the process or the tenant is at its limit, and
+        DatabaseUnavailable when the count cannot be read.
+        """
+        pool = self._require_pool()
+        self._check_process()
+        connection_id = next(self._ids)
+        self._newest_id = connection_id
+        self._open[connection_id] = (tenant_id, kind)
+        self._admitting.add(connection_id)
+        try:
+            admitted = await self._admit(pool, connection_id, tenant_id, kind)
+        except asyncio.CancelledError:
+            # The client went away during admission, which may have been recorded.
+            del self._open[connection_id]
+            await asyncio.shield(self._release(pool, connection_id))
+            raise
+        except BaseException:
+            del self._open[connection_id]
+            raise
+        finally:
+            self._admitting.discard(connection_id)
+        if not admitted:
+            del self._open[connection_id]
+            raise LimitReached("This tenant has reached its connection limit.")
         self.by_kind[kind] += 1
-        self._by_tenant[tenant_id] += 1
         try:
             yield
         finally:
             self.by_kind[kind] -= 1
-            self._by_tenant[tenant_id] -= 1
-            if not self._by_tenant[tenant_id]:
-                del self._by_tenant[tenant_id]
+            del self._open[connection_id]
+            # Shielded: a cancelled stream (its client went away) still frees its slot.
+            await asyncio.shield(self._release(pool, connection_id))
+
+    async def _admit(
+        self, pool: asyncpg.Pool, connection_id: int, tenant_id: str, kind: str
+    ) -> bool:
+        args = (self.process_id, connection_id, tenant_id, kind, self.max_per_tenant)
+        try:
+            with translate_errors():
+                return bool(await pool.fetchval(Q["admit_connection"], *args))
+        except asyncpg.ForeignKeyViolationError:
+            # This process's lease lapsed (the database was away for longer than
+            # ttl_s) and another process cleared it: register again first.
+            await self.renew()
+            with translate_errors():
+                return bool(await pool.fetchval(Q["admit_connection"], *args))
+
+    async def _release(self, pool: asyncpg.Pool, connection_id: int) -> None:
+        try:
+            with translate_errors():
+                await pool.execute(Q["release_connection"], self.process_id, connection_id)
+        except DatabaseUnavailable as exc:
+            # The next renewal deletes the row (delete_strays).
+            log.warning("could not release a stream connection now: %s", exc)
+
+    def _check_process(self) -> None:
+        # Connections still being admitted count too, so a burst cannot overshoot.
+        if len(self._open) >= self.max_total:
+            raise LimitReached("This server has reached its connection limit.")
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("ConnectionLimits.start(pool) has not been called")
+        return self._pool
+
+
+def _describe_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"

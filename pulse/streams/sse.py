@@ -40,7 +40,7 @@ async def telemetry_sse() -> Response:
     except BadParameter as exc:
         raise ApiError(400, "invalid_parameter", str(exc)) from exc
     try:
-        rt.limits.check(tenant_id)
+        await rt.limits.check(tenant_id)
     except LimitReached as exc:
         raise ApiError(429, "connection_limit", str(exc), {"Retry-After": "5"}) from exc
     stream = TelemetryStream(
@@ -60,7 +60,7 @@ async def telemetry_sse() -> Response:
 
 async def _body(rt: Runtime, stream: TelemetryStream) -> AsyncIterator[bytes]:
     try:
-        with rt.limits.hold("sse", stream.tenant_id):
+        async with rt.limits.hold("sse", stream.tenant_id):
             yield b"retry: %d\n\n" % RETRY_MS
             async for chunk in _frames(stream):
                 yield chunk

@@ -93,6 +93,9 @@ class TelemetryStream:
                 yield item
         async with self.hub.subscribe(self.tenant_id, self.filters, kind=self.kind) as subscription:
             self.subscription = subscription
+            if subscription.filters != self.filters:
+                # Changed (by a WebSocket client) while the subscription was opening.
+                subscription.set_filters(self.filters)
             head = await self.store.newest_id(self.tenant_id)
             async for batch in self._replay(self.position, head):
                 yield batch

@@ -1,0 +1,64 @@
+"""One-time stream tickets (CONTRACT section 7).
+
+A client that holds a JWT trades it for a ticket and opens a stream with
+``?ticket=`` instead of ``?token=``, so that long-lived tokens stay out of URLs
+and access logs. A ticket is random, lives 30 seconds, works once on any
+process of the cluster (it is kept in PostgreSQL, as a hash), and stands for
+the identity and expiry of the token it was issued for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import asyncpg
+
+from pulse.auth.errors import AuthError
+from pulse.auth.principal import Principal
+from pulse.db.errors import translate_errors
+from pulse.db.queries import load_queries
+
+Q = load_queries(__package__)
+
+TICKET_TTL_S = 30
+_PREFIX = "pst_"
+_MAX_LENGTH = 100
+
+
+async def issue_ticket(pool: asyncpg.Pool, principal: Principal) -> str:
+    ticket = _PREFIX + secrets.token_urlsafe(32)
+    with translate_errors():
+        await pool.execute(
+            Q["insert_ticket"],
+            _hash(ticket),
+            principal.subject,
+            principal.tenant_id,
+            sorted(principal.roles),
+            principal.expires_at,
+            float(TICKET_TTL_S),
+        )
+    return ticket
+
+
+async def redeem_ticket(pool: asyncpg.Pool, ticket: str) -> Principal:
+    """The identity a ticket stands for; it cannot be used again. Raises AuthError."""
+    row = None
+    if ticket.startswith(_PREFIX) and len(ticket) <= _MAX_LENGTH:
+        with translate_errors():
+            row = await pool.fetchrow(Q["redeem_ticket"], _hash(ticket))
+    if row is None:
+        raise AuthError(
+            "invalid_ticket", "The ticket is unknown, already used or expired; request a new one."
+        )
+    return Principal(
+        subject=row["subject"],
+        tenant_id=row["tenant_id"],
+        roles=frozenset(row["roles"]),
+        expires_at=row["token_expires_at"],
+    )
+
+
+def _hash(ticket: str) -> bytes:
+    # 256 random bits: a plain hash cannot be brute-forced.
+    return hashlib.sha256(ticket.encode()).digest()

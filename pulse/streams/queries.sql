@@ -1,0 +1,51 @@
+-- The cluster-wide connection count, run by pulse.streams.limits.ConnectionLimits.
+-- Tables and the admission function: migrations/0003_streams.sql.
+
+-- name: renew_process
+-- Registers this process or extends its lease; `created` says whether the row
+-- was new (a first start, or the lease had lapsed and another process deleted
+-- it with its connections, which then have to be recorded again).
+INSERT INTO stream_processes (process_id, description, expires_at)
+VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+ON CONFLICT (process_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
+RETURNING xmax = 0 AS created;
+
+-- name: admit_connection
+SELECT pulse_admit_stream_connection($1, $2, $3, $4, $5);
+
+-- name: record_connections
+-- Records this process's open connections again after its lease had lapsed.
+INSERT INTO stream_connections (process_id, connection_id, tenant_id, kind)
+SELECT $1, c.connection_id, c.tenant_id, c.kind
+  FROM unnest($2::bigint[], $3::text[], $4::text[]) AS c(connection_id, tenant_id, kind)
+ON CONFLICT DO NOTHING;
+
+-- name: release_connection
+DELETE FROM stream_connections WHERE process_id = $1 AND connection_id = $2;
+
+-- name: delete_strays
+-- Rows of this process that are no longer open here: their release failed
+-- (the database was away when the connection closed). Only ids up to $3, the
+-- newest allocated when the caller listed its open ones, so a connection being
+-- admitted meanwhile is left alone.
+DELETE FROM stream_connections
+ WHERE process_id = $1
+   AND connection_id <= $3
+   AND connection_id <> ALL($2::bigint[]);
+
+-- name: delete_expired_processes
+-- Processes that stopped renewing (crashed, or cut off from the database);
+-- their connections go with them (ON DELETE CASCADE). They stopped counting
+-- when the lease expired; this only clears the rows.
+DELETE FROM stream_processes WHERE expires_at < clock_timestamp();
+
+-- name: count_tenant_connections
+SELECT count(*)
+  FROM stream_connections c
+  JOIN stream_processes p ON p.process_id = c.process_id
+ WHERE c.tenant_id = $1
+   AND p.expires_at > clock_timestamp();
+
+-- name: forget_process
+-- A clean shutdown: this process's connections stop counting at once.
+DELETE FROM stream_processes WHERE process_id = $1;

@@ -1,0 +1,31 @@
+"""POST /api/v1/stream-ticket: trade a JWT for a one-time stream ticket (CONTRACT section 7)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from quart import Blueprint
+from quart_schema import validate_response
+
+from pulse.app import runtime
+from pulse.auth.http import authenticate_request
+from pulse.auth.tickets import TICKET_TTL_S, issue_ticket
+
+blueprint = Blueprint("stream_ticket", __name__)
+
+# A ticket is a credential: no cache or proxy may keep a copy.
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+class StreamTicket(BaseModel):
+    ticket: str
+    expires_in: int
+
+
+@blueprint.post("/api/v1/stream-ticket")
+@validate_response(StreamTicket)
+async def create_stream_ticket() -> tuple[StreamTicket, int, dict[str, str]]:
+    """A ticket for ?ticket= on the stream endpoints: single use, valid 30 s on any process."""
+    # Header or cookie only: the point of a ticket is to keep the token out of URLs.
+    principal = await authenticate_request()
+    ticket = await issue_ticket(runtime().pool, principal)
+    return StreamTicket(ticket=ticket, expires_in=TICKET_TTL_S), 200, _NO_STORE

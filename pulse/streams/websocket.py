@@ -1,0 +1,209 @@
+"""What both WebSockets share: the handshake, close codes, inbound frames, and the one close.
+
+``serve_websocket(kind, body)`` accepts the handshake first, so that every
+failure after it (origin, auth, limits, bad parameters) reaches the browser as
+a close code and reason it can read (CONTRACT section 5). ``body`` raises
+``Close`` (or ApiError, LimitReached, DatabaseUnavailable, which map to close
+codes here) to end the connection; ``Connection.close`` is the one place a
+handler's connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import orjson
+from quart import websocket
+
+from pulse.app import runtime
+from pulse.auth.http import websocket_close_code
+from pulse.db.errors import DatabaseUnavailable
+from pulse.errors import ApiError
+from pulse.streams.limits import LimitReached
+from pulse.streams.messages import MAX_INBOUND_BYTES
+
+log = logging.getLogger(__name__)
+
+NORMAL = 1000
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+SERVER_RESTARTING = 1012
+BAD_REQUEST = 4000
+UNAUTHORIZED = 4001
+FORBIDDEN = 4003
+LAGGING = 4008
+LIMIT_REACHED = 4029
+
+# Replies to a client's messages wait here while the client is not reading; a
+# client that sends this many without reading the answers is cut as lagging,
+# so that neither its replies nor its unread messages pile up in memory.
+OUTBOX_SIZE = 256
+# How long a close frame may wait for a client that stopped reading.
+CLOSE_TIMEOUT_S = 5.0
+
+# How a telemetry stream's End reason closes a WebSocket.
+END_CLOSES = {
+    "lagging": (LAGGING, "lagging"),
+    "token_expired": (UNAUTHORIZED, "token_expired"),
+    "server_restarting": (SERVER_RESTARTING, "server_restarting"),
+}
+
+
+class Close(Exception):
+    """Raised inside a handler to end its connection with ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class Connection:
+    """One accepted WebSocket."""
+
+    def __init__(self) -> None:
+        self._outbox: asyncio.Queue[bytes] = asyncio.Queue(OUTBOX_SIZE)
+        self.closed = False
+
+    async def send(self, message: bytes | dict[str, Any]) -> None:
+        """Send one JSON message as a text frame (browsers read binary frames as Blobs)."""
+        data = message if isinstance(message, bytes) else orjson.dumps(message)
+        await websocket.send(data.decode())
+
+    def reply(self, message: dict[str, Any]) -> None:
+        """Queue an answer to a client's message without waiting for the client to read."""
+        try:
+            self._outbox.put_nowait(orjson.dumps(message))
+        except asyncio.QueueFull:
+            raise Close(LAGGING, "lagging") from None
+
+    async def receive(self) -> str | bytes:
+        data = await websocket.receive()
+        # The server enforces this too (hypercorn's websocket_max_message_size),
+        # but counts characters of text frames, not bytes.
+        size = len(data)
+        if isinstance(data, str) and size * 4 > MAX_INBOUND_BYTES:  # up to 4 bytes a character
+            size = len(data.encode())
+        if size > MAX_INBOUND_BYTES:
+            raise Close(MESSAGE_TOO_BIG, "message_too_big")
+        return data
+
+    async def run(self, *parts: Coroutine[Any, Any, None]) -> None:
+        """Run ``parts`` and the sending of replies together until one of them ends.
+
+        Whichever ends first decides: its exception (usually Close) is raised
+        after the others are cancelled. A part cancelled from outside (the hub
+        cancels a lagging stream stuck writing to its client) counts as lagging.
+        """
+        tasks = [asyncio.ensure_future(part) for part in (*parts, self._send_replies())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if task.cancelled():
+                raise Close(LAGGING, "lagging")
+            task.result()
+        raise Close(NORMAL, "")
+
+    async def _send_replies(self) -> None:
+        while True:
+            data = await self._outbox.get()
+            await websocket.send(data.decode())
+
+    async def close(self, code: int, reason: str) -> None:
+        """The one place a handler's connection is closed (at most once)."""
+        if self.closed:
+            return
+        self.closed = True
+        # A client that stopped reading cannot take the close frame either:
+        # give up after a while rather than hold the handler forever.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                if code != LAGGING:  # replies still queued go first
+                    while not self._outbox.empty():
+                        await websocket.send(self._outbox.get_nowait().decode())
+                await websocket.close(code, reason)
+
+
+async def serve_websocket(
+    kind: str,
+    body: Callable[[Connection], Awaitable[None]],
+    *,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Accept the handshake, run ``body``, and close with the code that fits how it ended."""
+    rt = runtime()
+    await websocket.accept(headers=headers or {})
+    connection = Connection()
+    try:
+        check_origin(websocket.headers.get("Origin"), rt.settings.allowed_origins)
+        await body(connection)
+        code, reason = NORMAL, ""
+    except Close as exc:
+        code, reason = exc.code, exc.reason
+    except ApiError as exc:
+        code, reason = websocket_close_code(exc), exc.code
+    except LimitReached:
+        code, reason = LIMIT_REACHED, "connection_limit"
+    except DatabaseUnavailable as exc:
+        if rt.draining:
+            code, reason = SERVER_RESTARTING, "server_restarting"
+        else:
+            log.warning("closing a %s WebSocket: %s", kind, exc)
+            code, reason = INTERNAL_ERROR, "database_unavailable"
+    except Exception:
+        log.exception("a %s WebSocket failed", kind)
+        code, reason = INTERNAL_ERROR, "internal_error"
+    await connection.close(code, reason)
+
+
+def check_origin(origin: str | None, allowed: tuple[str, ...]) -> None:
+    """With PULSE_ALLOWED_ORIGINS set, a browser page from any other origin is refused.
+
+    A handshake without an Origin header does not come from a browser page
+    (which always sends one), so cross-site hijacking does not apply to it.
+    """
+    if not allowed or origin is None or "*" in allowed:
+        return
+    if origin.rstrip("/").lower() not in {o.rstrip("/").lower() for o in allowed}:
+        raise Close(FORBIDDEN, "origin_not_allowed")
+
+
+def _close_protocol_errors_properly() -> None:
+    """Make hypercorn answer a WebSocket protocol error with a close frame.
+
+    wsproto reports a frame it cannot accept (invalid UTF-8 in a text frame,
+    a bad opcode...) as a CloseConnection event carrying the RFC 6455 code
+    (1007, 1002) but leaves the connection open; hypercorn 0.17-0.18 then
+    drops the TCP connection without the close frame, so the client only sees
+    1006. Marking the connection as closed by the peer makes hypercorn send the
+    close frame with wsproto's code, as RFC 6455 section 7.1.7 asks.
+    """
+    from hypercorn.protocol import ws_stream
+    from wsproto.connection import ConnectionState
+    from wsproto.events import CloseConnection
+
+    base = ws_stream.Connection  # type: ignore[attr-defined]
+    if getattr(base, "pulse_closes_protocol_errors", False):
+        return
+
+    class _Connection(base):  # type: ignore[misc, valid-type]
+        pulse_closes_protocol_errors = True
+
+        def events(self) -> Any:
+            for event in super().events():
+                if isinstance(event, CloseConnection) and self.state is ConnectionState.OPEN:
+                    self._state = ConnectionState.REMOTE_CLOSING
+                yield event
+
+    ws_stream.Connection = _Connection  # type: ignore[attr-defined]
+
+
+_close_protocol_errors_properly()

@@ -1,0 +1,137 @@
+"""ConnectionLimits against the real database: several instances play several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import asyncpg
+import pytest
+
+from pulse.streams.limits import ConnectionLimits, LimitReached
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def started(
+    pool: asyncpg.Pool, *, per_tenant: int = 3, ttl_s: float = 15.0
+) -> ConnectionLimits:
+    limits = ConnectionLimits(1000, per_tenant, ttl_s=ttl_s)
+    await limits.start(pool)
+    return limits
+
+
+async def rows(pool: asyncpg.Pool, tenant: str = "t1") -> int:
+    return int(
+        await pool.fetchval("SELECT count(*) FROM stream_connections WHERE tenant_id = $1", tenant)
+    )
+
+
+async def test_processes_share_the_tenant_limit_under_concurrent_admission(
+    pool: asyncpg.Pool,
+) -> None:
+    a, b = await started(pool, per_tenant=5), await started(pool, per_tenant=5)
+    release = asyncio.Event()
+    outcomes: list[str] = []
+    decided = asyncio.Semaphore(0)
+
+    async def connect(limits: ConnectionLimits, kind: str) -> None:
+        try:
+            async with limits.hold(kind, "t1"):
+                outcomes.append("admitted")
+                decided.release()
+                await release.wait()
+        except LimitReached:
+            outcomes.append("refused")
+            decided.release()
+
+    attempts = [(p, k) for p in (a, b) for k in ("sse", "websocket") * 6]
+    tasks = [asyncio.create_task(connect(p, k)) for p, k in attempts]
+    for _ in attempts:
+        await decided.acquire()
+    assert outcomes.count("admitted") == 5 and outcomes.count("refused") == 19
+    assert await rows(pool) == 5
+    assert a.total + b.total == 5
+    # Other tenants have their own count.
+    async with a.hold("legacy_v2", "t2"):
+        assert await rows(pool, "t2") == 1
+    release.set()
+    await asyncio.gather(*tasks)
+    assert await rows(pool) == 0 and a.total == b.total == 0
+    await a.check("t1")
+
+
+async def test_the_process_limit_is_local(pool: asyncpg.Pool) -> None:
+    limits = ConnectionLimits(2, 100)
+    await limits.start(pool)
+    async with limits.hold("sse", "t1"), limits.hold("websocket", "t2"):
+        with pytest.raises(LimitReached):
+            async with limits.hold("sse", "t3"):
+                pass
+        with pytest.raises(LimitReached):
+            await limits.check("t3")
+    assert limits.by_kind == {"sse": 0, "websocket": 0}
+
+
+async def test_a_crashed_process_stops_counting_within_the_ttl(pool: asyncpg.Pool) -> None:
+    crashed, survivor = await started(pool, ttl_s=0.6), await started(pool, ttl_s=0.6)
+    held = contextlib.AsyncExitStack()
+    for _ in range(3):
+        await held.enter_async_context(crashed.hold("sse", "t1"))
+    with pytest.raises(LimitReached):
+        await survivor.check("t1")
+    # The crash: `crashed` never renews, releases nothing.
+    since = time.monotonic()
+    while True:
+        try:
+            await survivor.check("t1")
+            break
+        except LimitReached:
+            await asyncio.sleep(0.02)
+    assert time.monotonic() - since <= 0.6 + 0.1
+    async with survivor.hold("sse", "t1"):
+        await survivor.renew()  # clears the dead process and its rows
+        assert await rows(pool) == 1
+    assert await pool.fetchval("SELECT count(*) FROM stream_processes") == 1
+    held.pop_all()
+
+
+async def test_a_process_whose_lease_lapsed_records_its_connections_again(
+    pool: asyncpg.Pool,
+) -> None:
+    a, b = await started(pool, ttl_s=0.3), await started(pool, ttl_s=30)
+    async with a.hold("sse", "t1"), a.hold("websocket", "t1"):
+        await asyncio.sleep(0.4)
+        await b.renew()  # deletes a's lapsed lease with its rows
+        assert await rows(pool) == 0
+        await a.renew()  # a was only slow: its connections count again
+        assert await rows(pool) == 2
+        # A lapse noticed at admission: registering again, then admitting.
+        await pool.execute("DELETE FROM stream_processes WHERE process_id = $1", a.process_id)
+        async with a.hold("legacy_v2", "t1"):
+            assert await rows(pool) == 3
+            await a.renew()
+            assert await rows(pool) == 3
+        assert await rows(pool) == 2
+        await pool.execute("DELETE FROM stream_processes WHERE process_id = $1", a.process_id)
+        await a.renew()
+        assert await rows(pool) == 2
+
+
+async def test_rows_whose_release_failed_are_deleted_by_the_next_renewal(
+    pool: asyncpg.Pool,
+) -> None:
+    limits = await started(pool)
+    async with limits.hold("sse", "t1"):
+        # As if an earlier connection's DELETE had failed: its row is still there.
+        await pool.execute(
+            "INSERT INTO stream_connections (process_id, connection_id, tenant_id, kind) "
+            "VALUES ($1, 0, 't1', 'sse')",
+            limits.process_id,
+        )
+        assert await rows(pool) == 2
+        await limits.renew()
+        assert await rows(pool) == 1
+    await limits.stop()
+    assert await pool.fetchval("SELECT count(*) FROM stream_processes") == 0

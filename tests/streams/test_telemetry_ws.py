@@ -1,0 +1,224 @@
+"""The telemetry WebSocket (CONTRACT 5.1) with real clients against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from pulse.config import Settings
+from tests.streams.ws_support import closed, open_ws, recv, recv_raw, request
+from tests.support import insert_readings, running_server
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def url(settings: Settings) -> AsyncIterator[str]:
+    fast = dataclasses.replace(settings, ws_ping_s=0.3, listener_backoff_max_s=0.3)
+    async with running_server(fast) as base:
+        yield base
+
+
+def iso(text: str) -> datetime:
+    assert text.endswith("Z") and len(text) == 24, text
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+async def next_telemetry(ws: object, timeout: float = 5) -> dict[str, object]:
+    while True:
+        message = await recv(ws, timeout)  # type: ignore[arg-type]
+        if message["type"] == "telemetry":
+            return message  # type: ignore[no-any-return]
+
+
+async def test_connected_then_replay_then_live_byte_for_byte(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    await insert_readings(pool, "t1", [("d1", {"temp": 21.5}), ("d2", {"hum": 40})])
+    async with open_ws(url, token=make_token("t1"), last_event_id=0) as ws:
+        assert json.loads(await recv_raw(ws)) == {
+            "type": "connected",
+            "tenant_id": "t1",
+            "filters": {"device_ids": [], "metrics": []},
+            "last_event_id": 2,
+        }
+        first = await recv_raw(ws)
+        assert first.startswith('{"type":"telemetry","id":1,"device_id":"d1","data":{"time":"')
+        assert first.endswith('","metrics":{"temp": 21.5}}}') or first.endswith(
+            '","metrics":{"temp":21.5}}}'
+        )
+        event = json.loads(first)
+        assert set(event) == {"type", "id", "device_id", "data"}
+        assert set(event["data"]) == {"time", "metrics"}
+        iso(event["data"]["time"])
+        assert json.loads(await recv_raw(ws))["id"] == 2
+        (live,) = await insert_readings(pool, "t1", [("d3", {"temp": 1})])
+        assert (await next_telemetry(ws))["id"] == live
+
+    # Filters from the query; no last_event_id: live only.
+    async with open_ws(url, token=make_token("t1"), device_id="d2,d1", metric="temp") as ws:
+        assert await recv(ws) == {
+            "type": "connected",
+            "tenant_id": "t1",
+            "filters": {"device_ids": ["d1", "d2"], "metrics": ["temp"]},
+            "last_event_id": 3,
+        }
+        ids = await insert_readings(
+            pool, "t1", [("d2", {"hum": 1}), ("d3", {"temp": 2}), ("d1", {"temp": 3, "hum": 4})]
+        )
+        event = await next_telemetry(ws)
+        assert event["id"] == ids[2]
+        assert event["data"]["metrics"] == {"temp": 3}  # type: ignore[index]
+
+
+async def test_every_action_and_its_reply(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+    async with open_ws(url, token=make_token("t1")) as ws:
+        assert (await recv(ws))["type"] == "connected"
+        assert await request(ws, {"action": "ping"}) == {"type": "pong"}
+        assert await request(ws, {"action": "subscribe", "device_id": "d1"}) == {
+            "type": "subscribed",
+            "device_ids": ["d1"],
+        }
+        assert await request(ws, {"action": "subscribe", "device_ids": ["d2", "d3", "d2"]}) == {
+            "type": "subscribed",
+            "device_ids": ["d2", "d3"],
+        }
+        assert await request(ws, {"action": "unsubscribe", "device_ids": ["d2", "d3"]}) == {
+            "type": "unsubscribed",
+            "device_ids": ["d2", "d3"],
+        }
+        ids = await insert_readings(pool, "t1", [("d2", {"a": 1}), ("d1", {"a": 2})])
+        assert (await next_telemetry(ws))["id"] == ids[1]  # only d1 now
+
+        assert await request(ws, {"action": "set_metrics", "metrics": ["b", "a"]}) == {
+            "type": "metrics_updated",
+            "metrics": ["b", "a"],
+        }
+        ids = await insert_readings(pool, "t1", [("d1", {"c": 1}), ("d1", {"a": 3, "c": 2})])
+        event = await next_telemetry(ws)
+        assert event["id"] == ids[1] and event["data"]["metrics"] == {"a": 3}  # type: ignore[index]
+
+        # Unsubscribing the last device leaves no device, not every device.
+        assert await request(ws, {"action": "unsubscribe", "device_id": "d1"}) == {
+            "type": "unsubscribed",
+            "device_ids": ["d1"],
+        }
+        skipped = await insert_readings(pool, "t1", [("d1", {"a": 4}), ("d2", {"a": 5})])
+        ping = await recv(ws)
+        while ping["last_event_id"] < skipped[-1]:  # pings until the skipped ids have passed
+            assert ping["type"] == "ping", ping
+            ping = await recv(ws)
+        assert ping["type"] == "ping" and ping["last_event_id"] == skipped[-1]
+
+        assert await request(ws, {"action": "clear_filters"}) == {"type": "filters_cleared"}
+        ids = await insert_readings(pool, "t1", [("d9", {"z": 1})])
+        event = await next_telemetry(ws)
+        assert event["id"] == ids[0] and event["data"]["metrics"] == {"z": 1}  # type: ignore[index]
+
+        fresh = make_token("t1", lifetime_s=7200)
+        reply = await request(ws, {"action": "auth", "token": fresh})
+        assert set(reply) == {"type", "expires_at"} and reply["type"] == "auth_ok"
+        assert abs(iso(reply["expires_at"]).timestamp() - (time.time() + 7200)) < 5
+
+        assert await request(ws, {"action": "set_metrics", "metrics": []}) == {
+            "type": "metrics_updated",
+            "metrics": [],
+        }
+
+
+async def test_bad_input_gets_an_error_and_the_connection_stays(
+    url: str, make_token: Callable[..., str]
+) -> None:
+    async with open_ws(url, token=make_token("t1")) as ws:
+        await recv(ws)
+        for message in [
+            "not json",
+            "[1, 2]",
+            "42",
+            '"text"',
+            "{}",
+            '{"action": "dance"}',
+            '{"action": 7}',
+            '{"action": "subscribe"}',
+            '{"action": "subscribe", "device_id": "bad id"}',
+            '{"action": "subscribe", "device_ids": "d1"}',
+            '{"action": "subscribe", "device_ids": [1]}',
+            '{"action": "unsubscribe", "device_id": "d1"}',  # streams every device
+            '{"action": "set_metrics"}',
+            '{"action": "set_metrics", "metrics": ["x y"]}',
+            '{"action": "auth"}',
+            '{"action": "auth", "token": "nope"}',
+            '{"action": "auth", "token": "' + make_token("t2") + '"}',
+            '{"action": "auth", "token": "' + make_token("t1", roles=()) + '"}',
+            b'{"action": "ping"}',
+        ]:
+            reply = await request(ws, message)
+            assert set(reply) == {"type", "message"} and reply["type"] == "error", (message, reply)
+            assert reply["message"].endswith("."), reply
+        assert await request(ws, {"action": "ping"}) == {"type": "pong"}
+
+
+async def test_idle_ping_carries_the_newest_passed_id(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+    async with open_ws(url, token=make_token("t1"), device_id="d9") as ws:
+        await recv(ws)
+        first = await recv(ws)
+        assert set(first) == {"type", "time", "last_event_id"}
+        assert first["type"] == "ping" and first["last_event_id"] == 0
+        assert abs(iso(first["time"]).timestamp() - time.time()) < 5
+        ids = await insert_readings(pool, "t1", [("d1", {"a": 1}), ("d2", {"a": 2})])
+        ping = await recv(ws)
+        while ping["last_event_id"] != ids[-1]:
+            ping = await recv(ws)
+        assert ping["type"] == "ping"
+
+
+async def test_token_expiry_closes_4001_unless_refreshed(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+    started = time.monotonic()
+    async with open_ws(url, token=make_token("t1", lifetime_s=1.5)) as ws:
+        await recv(ws)
+        assert await closed(ws) == (4001, "token_expired")
+    assert time.monotonic() - started < 5
+
+    async with open_ws(url, token=make_token("t1", lifetime_s=1.5)) as ws:
+        await recv(ws)
+        reply = await request(ws, {"action": "auth", "token": make_token("t1", lifetime_s=4)})
+        assert reply["type"] == "auth_ok"
+        await asyncio.sleep(2.5)  # past the first token's expiry
+        assert await request(ws, {"action": "ping"}) == {"type": "pong"}
+        assert await closed(ws) == (4001, "token_expired")
+    assert time.monotonic() - started > 4
+
+
+async def test_tenant_isolation_and_operators(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    operator = make_token(None, roles=("operator",))
+    async with (
+        open_ws(url, token=make_token("tb")) as b,
+        open_ws(url, token=operator, tenant_id="ta") as op,
+    ):
+        assert (await recv(b))["tenant_id"] == "tb"
+        assert (await recv(op))["tenant_id"] == "ta"
+        await insert_readings(pool, "ta", [("d1", {"secret": 1})])
+        (b_id,) = await insert_readings(pool, "tb", [("d1", {"b": 1})])
+        assert (await next_telemetry(op))["data"]["metrics"] == {"secret": 1}  # type: ignore[index]
+        event = await next_telemetry(b)
+        assert event["id"] == b_id and event["data"]["metrics"] == {"b": 1}  # type: ignore[index]
+        # An operator's auth refresh must keep the same tenant (the connection's tenant_id).
+        assert (await request(op, {"action": "auth", "token": operator}))["type"] == "auth_ok"
