@@ -66,7 +66,10 @@ class Connection:
     """One accepted WebSocket."""
 
     def __init__(self) -> None:
-        self._outbox: asyncio.Queue[bytes] = asyncio.Queue(OUTBOX_SIZE)
+        # Made on the first reply: most dashboards never send a message, and an
+        # idle connection should cost as little as possible.
+        self._outbox: asyncio.Queue[bytes] | None = None
+        self._sender: asyncio.Task[None] | None = None
         self.closed = False
 
     async def send(self, message: bytes | dict[str, Any]) -> None:
@@ -76,6 +79,9 @@ class Connection:
 
     def reply(self, message: dict[str, Any]) -> None:
         """Queue an answer to a client's message without waiting for the client to read."""
+        if self._outbox is None:
+            self._outbox = asyncio.Queue(OUTBOX_SIZE)
+            self._sender = asyncio.create_task(self._send_replies(self._outbox))
         try:
             self._outbox.put_nowait(orjson.dumps(message))
         except asyncio.QueueFull:
@@ -93,16 +99,18 @@ class Connection:
         return data
 
     async def run(self, *parts: Coroutine[Any, Any, None]) -> None:
-        """Run ``parts`` and the sending of replies together until one of them ends.
+        """Run ``parts`` together until one of them ends, then stop the others.
 
         Whichever ends first decides: its exception (usually Close) is raised
         after the others are cancelled. A part cancelled from outside (the hub
         cancels a lagging stream stuck writing to its client) counts as lagging.
         """
-        tasks = [asyncio.ensure_future(part) for part in (*parts, self._send_replies())]
+        tasks = [asyncio.ensure_future(part) for part in parts]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if self._sender is not None:
+                tasks.append(self._sender)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -112,9 +120,10 @@ class Connection:
             task.result()
         raise Close(NORMAL, "")
 
-    async def _send_replies(self) -> None:
+    @staticmethod
+    async def _send_replies(outbox: asyncio.Queue[bytes]) -> None:
         while True:
-            data = await self._outbox.get()
+            data = await outbox.get()
             await websocket.send(data.decode())
 
     async def close(self, code: int, reason: str) -> None:
@@ -126,7 +135,7 @@ class Connection:
         # give up after a while rather than hold the handler forever.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                if code != LAGGING:  # replies still queued go first
+                if code != LAGGING and self._outbox is not None:  # replies still queued first
                     while not self._outbox.empty():
                         await websocket.send(self._outbox.get_nowait().decode())
                 await websocket.close(code, reason)
