@@ -148,6 +148,10 @@ def create_app(settings: Settings | None = None) -> Quart:
     async def _stop() -> None:
         await exit_stack.aclose()
 
+    # Fleet status and alerts; after _start, because its startup needs the pool.
+    from pulse.fleet.routes import install as install_fleet
+
+    install_fleet(app)
     return app
 
 

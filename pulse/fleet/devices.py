@@ -7,7 +7,7 @@ device that does not exist, so ids never leak across tenants.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Literal, cast
 
 from pydantic import AfterValidator, BaseModel, Field
@@ -22,6 +22,7 @@ from pulse.db.errors import translate_errors
 from pulse.db.queries import load_queries
 from pulse.errors import ApiError
 from pulse.names import is_valid_name
+from pulse.times import format_time
 
 Q = load_queries(__package__)
 
@@ -113,8 +114,8 @@ async def list_devices() -> DeviceList:
                 site_id=row["site_id"],
                 name=row["name"],
                 status=row["status"],
-                last_seen_at=_iso(row["last_seen_at"]),
-                created_at=_iso(row["created_at"]) or "",
+                last_seen_at=_optional_time(row["last_seen_at"]),
+                created_at=format_time(row["created_at"]),
             )
             for row in rows
         ]
@@ -149,8 +150,5 @@ def _unknown_device(device_id: str) -> ApiError:
     return ApiError(404, "unknown_device", f"There is no device {device_id} in this tenant.")
 
 
-def _iso(moment: datetime | None) -> str | None:
-    """ISO-8601 UTC with a Z suffix, to the millisecond (the contract's time format)."""
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _optional_time(moment: datetime | None) -> str | None:
+    return None if moment is None else format_time(moment)

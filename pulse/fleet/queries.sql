@@ -18,12 +18,313 @@ SELECT device_id, site_id, name, status, last_seen_at, created_at
 
 -- name: delete_device
 -- The device's telemetry stays: history outlives the device (see the schema).
-DELETE FROM devices
- WHERE tenant_id = $1 AND device_id = $2
-RETURNING device_id;
+-- Its active alerts close: nothing would ever close them.
+WITH gone AS (
+    DELETE FROM devices
+     WHERE tenant_id = $1 AND device_id = $2
+    RETURNING tenant_id, device_id
+), closed AS (
+    UPDATE alerts a
+       SET status = 'CLOSED', updated_at = now(), closed_at = now(),
+           closed_reason = 'device_deleted'
+      FROM gone g
+     WHERE a.tenant_id = g.tenant_id AND a.device_id = g.device_id
+       AND a.status IN ('OPEN', 'ACKNOWLEDGED')
+)
+SELECT device_id FROM gone;
 
 -- name: replace_device_token
 -- Replacing the hash is what revokes the old token: ingest compares against it.
 UPDATE devices SET token_hash = $3
  WHERE tenant_id = $1 AND device_id = $2
 RETURNING device_id;
+
+-- Fleet status (pulse.fleet.sweeper) -----------------------------------------
+
+-- name: try_lead_sweeper
+-- Session-level: held for as long as the sweeper's dedicated connection lives,
+-- so a process that dies hands the lead over by itself. Advisory locks are per
+-- database: one sweeper per cluster sharing a database.
+SELECT pg_try_advisory_lock($1::bigint)
+
+-- name: sweep_statuses
+-- Moves devices whose last reading or heartbeat is too old one or two steps
+-- towards OFFLINE, in one statement, and opens a NO_HEARTBEAT alert for each
+-- device that was ONLINE until now. $1 is the time to judge by (NULL: the
+-- database's clock, the one ingest stamps last_seen_at with). Rows that ingest
+-- has locked are skipped: that device is being seen right now. The rows are
+-- locked in key order like ingest's touch_devices, so the two cannot deadlock.
+-- A device nobody ever saw is OFFLINE from the start and never moves here.
+WITH clock AS (
+    SELECT coalesce($1::timestamptz, now()) AS now,
+           make_interval(secs => $2::float8) AS stale_after,
+           make_interval(secs => $3::float8) AS offline_after
+), due AS (
+    SELECT d.tenant_id, d.device_id, d.status AS previous, d.last_seen_at,
+           CASE WHEN d.last_seen_at IS NULL OR d.last_seen_at < c.now - c.offline_after
+                THEN 'OFFLINE' ELSE 'STALE' END AS status
+      FROM devices d, clock c
+     WHERE (d.status = 'ONLINE'
+            AND (d.last_seen_at IS NULL OR d.last_seen_at < c.now - c.stale_after))
+        OR (d.status = 'STALE'
+            AND (d.last_seen_at IS NULL OR d.last_seen_at < c.now - c.offline_after))
+     ORDER BY d.tenant_id, d.device_id
+       FOR UPDATE OF d SKIP LOCKED
+), moved AS (
+    UPDATE devices d
+       SET status = due.status
+      FROM due
+     WHERE d.tenant_id = due.tenant_id AND d.device_id = due.device_id
+    RETURNING d.tenant_id, d.device_id, due.previous, d.status, d.last_seen_at
+), silent AS (
+    INSERT INTO alerts (tenant_id, device_id, alert_type, severity, summary, details)
+    SELECT m.tenant_id, m.device_id, 'NO_HEARTBEAT', $4::smallint,
+           format('No heartbeat from %s for over %s s', m.device_id, $2::float8),
+           jsonb_build_object(
+               'last_seen_at',
+               to_char(m.last_seen_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+               'stale_after_s', $2::float8)
+      FROM moved m
+     WHERE m.previous = 'ONLINE'
+    ON CONFLICT (tenant_id, alert_type, device_id, coalesce(rule_id, 0))
+       WHERE status IN ('OPEN', 'ACKNOWLEDGED')
+       DO NOTHING
+    RETURNING alert_id
+)
+SELECT (SELECT count(*) FROM moved WHERE status = 'STALE') AS stale,
+       (SELECT count(*) FROM moved WHERE status = 'OFFLINE') AS offline,
+       (SELECT count(*) FROM silent) AS alerts_opened
+
+-- Alert rules at ingest (pulse.fleet.rules) ----------------------------------
+
+-- name: evaluate_rules
+-- Every reading a write committed, against every rule of its tenant, in one
+-- read-only statement. Only the (rule, device) pairs with something to do come
+-- back: those with readings that broke the rule (how many, the first and the
+-- last), and those with an active alert; each with the newest reading that
+-- carries the metric, which decides (broken: the alert is raised; within
+-- bounds: it closes). The common write -- nothing broken, nothing open -- ends
+-- here, having written nothing and fired no trigger. $1 gives each tenant's
+-- id range in the write (one tenant's ids in one write are consecutive), so
+-- the readings are read back by primary key, not sent again. It is JSON rather
+-- than arrays so that every plan of the statement looks alike to PostgreSQL,
+-- which then plans it once per connection instead of once per write (planning
+-- it costs several times what running it does).
+-- A reading without the metric does not count; booleans count as 1 and 0.
+WITH batch AS MATERIALIZED (
+    -- Each tenant's range read through the primary key, whatever the plan: the
+    -- planner cannot know how few rows $1 names, and must never scan a
+    -- tenant's whole history (OFFSET 0 keeps the range a parameterized index
+    -- scan, MATERIALIZED keeps it apart from the rules).
+    SELECT t.tenant_id, t.id, t.device_id, t.metrics
+      FROM jsonb_to_recordset($1::jsonb) AS w(tenant_id text, first_id bigint, last_id bigint)
+     CROSS JOIN LATERAL (
+        SELECT t.tenant_id, t.id, t.device_id, t.metrics
+          FROM telemetry t
+         WHERE t.tenant_id = w.tenant_id AND t.id BETWEEN w.first_id AND w.last_id
+        OFFSET 0) t
+), broken AS MATERIALIZED (
+    -- The one pass over every (reading, rule) pair: a filter, nothing kept
+    -- but the few pairs that break their rule.
+    SELECT r.rule_id, b.tenant_id, b.device_id, b.id
+      FROM batch b
+      JOIN alert_rules r
+        ON r.tenant_id = b.tenant_id AND (r.device_id IS NULL OR r.device_id = b.device_id)
+     WHERE CASE r.operator
+               WHEN '>' THEN pulse_metric_value(b.metrics ->> r.metric) > r.threshold
+               WHEN '>=' THEN pulse_metric_value(b.metrics ->> r.metric) >= r.threshold
+               WHEN '<' THEN pulse_metric_value(b.metrics ->> r.metric) < r.threshold
+               WHEN '<=' THEN pulse_metric_value(b.metrics ->> r.metric) <= r.threshold
+               WHEN '==' THEN pulse_metric_value(b.metrics ->> r.metric) = r.threshold
+               ELSE pulse_metric_value(b.metrics ->> r.metric) <> r.threshold
+           END
+), candidates AS (
+    SELECT rule_id, tenant_id, device_id, count(*) AS triggers,
+           min(id) AS first_event_id, max(id) AS last_event_id
+      FROM broken
+     GROUP BY rule_id, tenant_id, device_id
+    UNION ALL
+    SELECT a.rule_id, a.tenant_id, a.device_id, 0, NULL, NULL
+      FROM (SELECT DISTINCT tenant_id, device_id FROM batch) d
+     CROSS JOIN LATERAL (
+        -- OFFSET 0: one index probe per device written to, never a scan of
+        -- every tenant's active alerts.
+        SELECT a.rule_id, a.tenant_id, a.device_id
+          FROM alerts a
+         WHERE a.tenant_id = d.tenant_id AND a.alert_type = 'THRESHOLD'
+           AND a.device_id = d.device_id AND a.status IN ('OPEN', 'ACKNOWLEDGED')
+        OFFSET 0) a
+     WHERE NOT EXISTS (SELECT 1 FROM broken k
+                        WHERE k.rule_id = a.rule_id AND k.device_id = a.device_id)
+)
+SELECT c.*, r.metric, newest.id AS newest_event_id
+  FROM candidates c
+  JOIN alert_rules r ON r.rule_id = c.rule_id
+ CROSS JOIN LATERAL (
+    SELECT max(b.id) AS id
+      FROM batch b
+     WHERE b.tenant_id = c.tenant_id AND b.device_id = c.device_id AND b.metrics ? r.metric
+    ) newest
+ WHERE newest.id IS NOT NULL
+
+-- name: apply_verdicts
+-- What evaluate_rules found, in one statement: a pair whose newest reading
+-- broke its rule raises the alert (inserted, or its trigger count bumped when
+-- one is already active: the partial unique index arbitrates, so no two
+-- writers can both insert); a pair back within bounds closes its active alert,
+-- or, when the violation came and went within this write, is kept as an alert
+-- that is already closed. $1: one object per pair, values as the device sent
+-- them.
+WITH verdict AS (
+    SELECT v.*, r.name, r.metric, r.operator, r.threshold, r.severity
+      FROM jsonb_to_recordset($1::jsonb) AS v(
+               tenant_id text, rule_id bigint, device_id text, violating boolean,
+               triggers integer, first_value jsonb, first_event_id bigint,
+               last_value jsonb, last_event_id bigint, newest_value jsonb,
+               newest_event_id bigint)
+      JOIN alert_rules r ON r.rule_id = v.rule_id AND r.tenant_id = v.tenant_id
+), raised AS (
+    INSERT INTO alerts (tenant_id, device_id, alert_type, rule_id, severity, summary, details,
+                        trigger_count, status, closed_at, closed_reason)
+    SELECT v.tenant_id, v.device_id, 'THRESHOLD', v.rule_id, v.severity,
+           format('%s: %s %s %s on %s', v.name, v.metric, v.operator, v.threshold, v.device_id),
+           jsonb_build_object(
+               'rule_id', v.rule_id, 'rule_name', v.name, 'metric', v.metric,
+               'operator', v.operator, 'threshold', v.threshold,
+               'first_value', v.first_value, 'first_event_id', v.first_event_id,
+               'last_value', v.last_value, 'last_event_id', v.last_event_id)
+           || CASE WHEN v.violating THEN '{}'::jsonb
+                   ELSE jsonb_build_object('recovered_value', v.newest_value,
+                                           'recovered_event_id', v.newest_event_id) END,
+           v.triggers,
+           CASE WHEN v.violating THEN 'OPEN' ELSE 'CLOSED' END,
+           CASE WHEN v.violating THEN NULL ELSE now() END,
+           CASE WHEN v.violating THEN NULL ELSE 'recovered' END
+      FROM verdict v
+     WHERE v.violating
+        OR (v.triggers > 0 AND NOT EXISTS (
+                SELECT 1 FROM alerts a
+                 WHERE a.tenant_id = v.tenant_id AND a.alert_type = 'THRESHOLD'
+                   AND a.device_id = v.device_id AND coalesce(a.rule_id, 0) = v.rule_id
+                   AND a.status IN ('OPEN', 'ACKNOWLEDGED')))
+    ON CONFLICT (tenant_id, alert_type, device_id, coalesce(rule_id, 0))
+       WHERE status IN ('OPEN', 'ACKNOWLEDGED')
+       DO UPDATE SET trigger_count = alerts.trigger_count + excluded.trigger_count,
+                     last_triggered_at = excluded.last_triggered_at,
+                     details = alerts.details || jsonb_build_object(
+                         'last_value', excluded.details -> 'last_value',
+                         'last_event_id', excluded.details -> 'last_event_id')
+    RETURNING alert_id
+), recovered AS (
+    UPDATE alerts a
+       SET status = 'CLOSED', updated_at = now(), closed_at = now(),
+           closed_reason = 'recovered',
+           trigger_count = a.trigger_count + v.triggers,
+           last_triggered_at = CASE WHEN v.triggers > 0 THEN now() ELSE a.last_triggered_at END,
+           details = a.details
+               || CASE WHEN v.triggers > 0
+                       THEN jsonb_build_object('last_value', v.last_value,
+                                               'last_event_id', v.last_event_id)
+                       ELSE '{}'::jsonb END
+               || jsonb_build_object('recovered_value', v.newest_value,
+                                     'recovered_event_id', v.newest_event_id)
+      FROM verdict v
+     WHERE NOT v.violating
+       AND a.tenant_id = v.tenant_id AND a.alert_type = 'THRESHOLD'
+       AND a.device_id = v.device_id AND coalesce(a.rule_id, 0) = v.rule_id
+       AND a.status IN ('OPEN', 'ACKNOWLEDGED')
+    RETURNING a.alert_id
+)
+SELECT (SELECT count(*) FROM raised) AS raised, (SELECT count(*) FROM recovered) AS recovered
+
+-- name: close_no_heartbeat
+-- Devices that a write brought back ONLINE: their NO_HEARTBEAT alerts are over.
+UPDATE alerts a
+   SET status = 'CLOSED', updated_at = now(), closed_at = now(), closed_reason = 'device_online'
+  FROM unnest($1::text[], $2::text[]) AS d(tenant_id, device_id)
+ WHERE a.tenant_id = d.tenant_id AND a.alert_type = 'NO_HEARTBEAT'
+   AND a.device_id = d.device_id AND coalesce(a.rule_id, 0) = 0
+   AND a.status IN ('OPEN', 'ACKNOWLEDGED')
+
+-- Fleet summary (pulse.fleet.summary) ----------------------------------------
+
+-- name: fleet_summary
+-- Stored statuses, which the sweeper keeps current; $1 NULL: every tenant.
+SELECT count(*) FILTER (WHERE d.status = 'ONLINE') AS online,
+       count(*) FILTER (WHERE d.status = 'STALE') AS stale,
+       count(*) FILTER (WHERE d.status = 'OFFLINE') AS offline,
+       count(*) AS total,
+       (SELECT count(*) FROM alerts a
+         WHERE ($1::text IS NULL OR a.tenant_id = $1::text)
+           AND a.status IN ('OPEN', 'ACKNOWLEDGED')) AS active_alerts
+  FROM devices d
+ WHERE $1::text IS NULL OR d.tenant_id = $1::text
+
+-- Alerts (pulse.fleet.alerts) ------------------------------------------------
+
+-- name: list_alerts
+-- Newest first, a page at a time: $3 is the alert_id the previous page ended
+-- at (keyset pagination: alerts raised meanwhile do not shift the pages).
+-- $1 NULL: every tenant.
+SELECT *
+  FROM alerts
+ WHERE ($1::text IS NULL OR tenant_id = $1::text)
+   AND status = ANY($2::text[])
+   AND ($3::bigint IS NULL OR alert_id < $3::bigint)
+ ORDER BY alert_id DESC
+ LIMIT $4
+
+-- name: lock_alert
+-- Another tenant's alert is not found, exactly like one that does not exist.
+SELECT * FROM alerts WHERE tenant_id = $1 AND alert_id = $2 FOR UPDATE
+
+-- name: acknowledge_alert
+UPDATE alerts
+   SET status = 'ACKNOWLEDGED', updated_at = now(), acknowledged_at = now(),
+       acknowledged_by = $2
+ WHERE alert_id = $1
+RETURNING *
+
+-- name: close_alert
+UPDATE alerts
+   SET status = 'CLOSED', updated_at = now(), closed_at = now(), closed_by = $2,
+       closed_reason = 'manual'
+ WHERE alert_id = $1
+RETURNING *
+
+-- Alert rules (pulse.fleet.rules) --------------------------------------------
+
+-- name: insert_rule
+-- No row when the rule names a device the tenant does not have: a typo would
+-- otherwise be a rule that never fires.
+INSERT INTO alert_rules (tenant_id, name, metric, operator, threshold, severity, device_id)
+SELECT $1::text, $2::text, $3::text, $4::text, $5::float8, $6::smallint, $7::text
+ WHERE $7::text IS NULL
+    OR EXISTS (SELECT 1 FROM devices WHERE tenant_id = $1::text AND device_id = $7::text)
+RETURNING *
+
+-- name: list_rules
+SELECT * FROM alert_rules WHERE tenant_id = $1 ORDER BY rule_id
+
+-- name: lock_tenant_writes
+-- Takes the lock every ingest transaction of the tenant holds until it commits
+-- (see pulse_reserve_event_ids): a rule change then falls between two ingest
+-- transactions instead of in the middle of one, so no write raises an alert
+-- for a rule whose deletion has just closed the rule's alerts.
+SELECT 1 FROM tenants WHERE tenant_id = $1 FOR NO KEY UPDATE
+
+-- name: delete_rule
+-- The rule's active alerts close with it: nothing would ever close them.
+WITH gone AS (
+    DELETE FROM alert_rules
+     WHERE tenant_id = $1 AND rule_id = $2
+    RETURNING tenant_id, rule_id
+), closed AS (
+    UPDATE alerts a
+       SET status = 'CLOSED', updated_at = now(), closed_at = now(), closed_by = $3,
+           closed_reason = 'rule_deleted'
+      FROM gone g
+     WHERE a.tenant_id = g.tenant_id AND a.alert_type = 'THRESHOLD' AND a.rule_id = g.rule_id
+       AND a.status IN ('OPEN', 'ACKNOWLEDGED')
+)
+SELECT rule_id FROM gone

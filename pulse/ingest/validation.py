@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 
 from pulse.names import is_valid_name
+from pulse.times import format_time
 
 MAX_METRICS = 200
 MAX_CLOCK_AHEAD = timedelta(minutes=5)
@@ -136,12 +137,6 @@ def parse_seq(value: object) -> int | None:
     if value not in _BIGINT:
         raise InvalidPayload("seq must fit in a signed 64-bit integer.")
     return value
-
-
-def format_time(moment: datetime) -> str:
-    """ISO-8601 UTC with milliseconds and ``Z``: the one time format on the wire."""
-    utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
 
 
 def _json_kind(value: object) -> str:

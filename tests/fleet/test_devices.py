@@ -109,9 +109,12 @@ async def test_list(
     for device, site in (("dev-b", None), ("dev-a", "s1")):
         body = {"device_id": device, **({"site_id": site} if site else {})}
         assert (await http.post(DEVICES, json=body, headers=admin)).status_code == 201
-    await pool.execute(
-        "UPDATE devices SET status = 'ONLINE', last_seen_at = '2026-11-27T17:00:00.5Z' "
-        "WHERE device_id = 'dev-a'"
+    # Seen just now (the status sweeper would rightly call an older time OFFLINE),
+    # at half a second past a whole second.
+    seen = await pool.fetchval(
+        "UPDATE devices SET status = 'ONLINE', "
+        "last_seen_at = date_trunc('second', now()) + interval '0.5 s' "
+        "WHERE device_id = 'dev-a' RETURNING last_seen_at"
     )
     # Any role may list.
     response = await http.get(DEVICES, headers=auth(make_token("t1", roles=("customer",))))
@@ -121,7 +124,7 @@ async def test_list(
     a, b = devices
     assert set(a) == {"device_id", "site_id", "name", "status", "last_seen_at", "created_at"}
     assert a["status"] == "ONLINE"
-    assert a["last_seen_at"] == "2026-11-27T17:00:00.500Z"
+    assert a["last_seen_at"] == seen.strftime("%Y-%m-%dT%H:%M:%S.500Z")
     assert a["site_id"] == "s1"
     assert b == {**b, "status": "OFFLINE", "last_seen_at": None, "site_id": None, "name": None}
     assert ISO_Z.match(b["created_at"])

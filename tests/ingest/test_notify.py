@@ -24,10 +24,17 @@ class Listener:
 
     async def listen(self, tenant: str) -> None:
         channel = await self.conn.fetchval("SELECT pulse_channel($1)", tenant)
-        queue = self.notes[tenant] = asyncio.Queue()
-        await self.conn.add_listener(
-            channel, lambda _c, _pid, _ch, payload: queue.put_nowait(orjson.loads(payload))
-        )
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.notes[tenant] = queue
+
+        def received(_c: object, _pid: int, _ch: str, payload: str) -> None:
+            # The channel also carries device status changes (a device seen for
+            # the first time comes ONLINE); these tests are about telemetry.
+            message = orjson.loads(payload)
+            if message["kind"] == "telemetry":
+                queue.put_nowait(message)
+
+        await self.conn.add_listener(channel, received)
 
     async def next(self, tenant: str) -> dict[str, Any]:
         return await asyncio.wait_for(self.notes[tenant].get(), 5)

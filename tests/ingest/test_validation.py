@@ -11,9 +11,9 @@ from pulse.ingest.validation import (
     InvalidPayload,
     Reading,
     decode_json,
-    format_time,
     parse_reading,
 )
+from pulse.times import format_time
 
 NOW = datetime(2026, 11, 27, 17, 0, 0, 123456, tzinfo=UTC)
 

@@ -1,0 +1,151 @@
+"""The device status sweeper: moves stored statuses as time passes the thresholds.
+
+Ingest marks a device ONLINE whenever it is seen; only the passing of time
+makes it STALE and then OFFLINE, and that is this loop's work. Exactly one
+process of a cluster sweeps: the one holding a session-level advisory lock on
+its own connection. The others keep trying; when the leader's process dies,
+its connection closes, PostgreSQL releases the lock, and the next try of
+another process takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+import asyncpg
+
+from pulse.db.errors import CONNECTION_ERRORS_OR_TIMEOUT
+from pulse.db.queries import load_queries
+
+log = logging.getLogger(__name__)
+
+Q = load_queries(__package__)
+
+# Any constant the processes of a cluster share (advisory locks are per database).
+SWEEPER_LOCK_KEY = 0x70756C73_65_7377  # "pulse" "sw"
+NO_HEARTBEAT_SEVERITY = 3
+APPLICATION_NAME = "pulse-sweeper"  # shows in pg_stat_activity
+QUERY_TIMEOUT_S = 10.0
+
+# The time to judge last_seen_at by; None means the database's clock, the one
+# ingest stamps last_seen_at with. Tests pass their own.
+Clock = Callable[[], datetime | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Swept:
+    stale: int
+    offline: int
+    alerts_opened: int
+
+
+async def sweep_statuses(
+    conn: asyncpg.Connection,
+    *,
+    stale_after_s: float,
+    offline_after_s: float,
+    now: datetime | None = None,
+) -> Swept:
+    """One set-based pass over every device of every tenant."""
+    row = await conn.fetchrow(
+        Q["sweep_statuses"],
+        now,
+        stale_after_s,
+        offline_after_s,
+        NO_HEARTBEAT_SEVERITY,
+        timeout=QUERY_TIMEOUT_S,
+    )
+    return Swept(row["stale"], row["offline"], row["alerts_opened"])
+
+
+def default_interval(stale_after_s: float) -> float:
+    """Often enough that a status is at most a small part of a threshold late."""
+    return max(0.05, min(1.0, stale_after_s / 10))
+
+
+class StatusSweeper:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        stale_after_s: float,
+        offline_after_s: float,
+        interval_s: float | None = None,
+        clock: Clock = lambda: None,
+        lock_key: int = SWEEPER_LOCK_KEY,
+    ) -> None:
+        self._dsn = dsn
+        self._stale_after_s = stale_after_s
+        self._offline_after_s = offline_after_s
+        self.interval_s = interval_s or default_interval(stale_after_s)
+        self._clock = clock
+        self._lock_key = lock_key
+        self.leading = asyncio.Event()
+        self.sweeps = 0
+        self.rounds = 0  # lock attempts and sweeps
+        self._round_done = asyncio.Condition()
+
+    async def run(self) -> None:
+        """Follow until the lock is free, then sweep until the connection is lost; forever."""
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=QUERY_TIMEOUT_S,
+                    server_settings={"application_name": APPLICATION_NAME},
+                )
+            except (*CONNECTION_ERRORS_OR_TIMEOUT, asyncpg.PostgresError) as exc:
+                log.warning("status sweeper cannot connect (%s); retrying", exc)
+                await asyncio.sleep(self.interval_s)
+                continue
+            try:
+                await self._follow_then_lead(conn)
+            except CONNECTION_ERRORS_OR_TIMEOUT as exc:
+                log.warning("status sweeper lost its connection (%s)", exc)
+            finally:
+                if self.leading.is_set():
+                    log.info("this process no longer sweeps device statuses")
+                self.leading.clear()
+                # Closing the connection is what releases the lock.
+                conn.terminate()
+            await asyncio.sleep(self.interval_s)
+
+    async def _follow_then_lead(self, conn: asyncpg.Connection) -> None:
+        while not await conn.fetchval(
+            Q["try_lead_sweeper"], self._lock_key, timeout=QUERY_TIMEOUT_S
+        ):
+            await self._round_finished()
+            await asyncio.sleep(self.interval_s)
+        self.leading.set()
+        log.info("this process now sweeps device statuses")
+        while True:
+            swept = await sweep_statuses(
+                conn,
+                stale_after_s=self._stale_after_s,
+                offline_after_s=self._offline_after_s,
+                now=self._clock(),
+            )
+            self.sweeps += 1
+            if swept.stale or swept.offline:
+                log.info(
+                    "device statuses: %d now STALE, %d now OFFLINE, %d NO_HEARTBEAT alerts",
+                    swept.stale,
+                    swept.offline,
+                    swept.alerts_opened,
+                )
+            await self._round_finished()
+            await asyncio.sleep(self.interval_s)
+
+    async def _round_finished(self) -> None:
+        self.rounds += 1
+        async with self._round_done:
+            self._round_done.notify_all()
+
+    async def wait_rounds(self, rounds: int) -> None:
+        """Until this sweeper has finished ``rounds`` rounds (lock attempts or sweeps) in all."""
+        async with self._round_done:
+            await self._round_done.wait_for(lambda: self.rounds >= rounds)

@@ -1,0 +1,354 @@
+"""Alert rules evaluated inside the ingest transaction, and their HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import asyncpg
+import httpx
+import pytest
+
+from pulse.db.pool import create_pool
+from tests.fleet.conftest import Fleet, MakeToken, Notifications, auth, kinds
+
+RULES = "/api/v1/customer/alert-rules"
+ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+@pytest.mark.parametrize(
+    ("operator", "violating", "within"),
+    [
+        (">", 10.5, 10),
+        (">=", 10, 9.5),
+        ("<", 9.5, 10),
+        ("<=", 10, 10.5),
+        ("==", 10, 10.5),
+        ("!=", 11, 10),
+    ],
+)
+async def test_each_operator(fleet: Fleet, operator: str, violating: float, within: float) -> None:
+    rule_id = await fleet.rule("temp", operator, 10, severity=4)
+    await fleet.send("dev-1", {"temp": within})
+    assert await fleet.alerts() == []
+    await fleet.send("dev-1", {"temp": violating})
+    [alert] = await fleet.alerts()
+    assert (alert["alert_type"], alert["rule_id"], alert["status"]) == (
+        "THRESHOLD",
+        rule_id,
+        "OPEN",
+    )
+    assert (alert["device_id"], alert["severity"], alert["trigger_count"]) == ("dev-1", 4, 1)
+    assert alert["details"]["first_value"] == violating
+    await fleet.send("dev-1", {"temp": within})
+    [alert] = await fleet.alerts()
+    assert (alert["status"], alert["closed_reason"]) == ("CLOSED", "recovered")
+    assert alert["details"]["recovered_value"] == within
+
+
+async def test_a_burst_opens_one_alert_and_counts_triggers(
+    fleet: Fleet, notifications: Notifications
+) -> None:
+    await fleet.rule("temp", ">", 80, name="Overheat")
+    await fleet.send("dev-1", {"temp": 20})  # ONLINE now: no device change below
+    await notifications.since_last()
+    await fleet.send("dev-1", {"temp": 81})
+    assert kinds(await notifications.since_last()) == [("alerts", "t1"), ("alerts", "*")]
+    for value in (82, 83, 84):
+        await fleet.send("dev-1", {"temp": value})
+    await fleet.send("dev-1", {"temp": 90}, {"temp": 91}, {"humidity": 3})  # one write
+    # A new trigger of an active alert is not a change anybody is told about.
+    assert kinds(await notifications.since_last()) == []
+    [alert] = await fleet.alerts()
+    assert alert["status"] == "OPEN"
+    assert alert["trigger_count"] == 6
+    assert alert["summary"] == "Overheat: temp > 80 on dev-1"
+    assert alert["details"]["first_value"] == 81
+    assert alert["details"]["last_value"] == 91
+    assert alert["last_triggered_at"] > alert["created_at"]
+
+    await fleet.send("dev-1", {"temp": 70})
+    assert kinds(await notifications.since_last()) == [("alerts", "t1"), ("alerts", "*")]
+    [alert] = await fleet.alerts()
+    assert alert["status"] == "CLOSED"
+    # The next violation is a new alert.
+    await fleet.send("dev-1", {"temp": 85})
+    assert [a["status"] for a in await fleet.alerts()] == ["CLOSED", "OPEN"]
+
+
+async def test_an_acknowledged_alert_keeps_counting_and_recovers(fleet: Fleet) -> None:
+    await fleet.rule("temp", ">", 80)
+    await fleet.send("dev-1", {"temp": 81})
+    await fleet.pool.execute("UPDATE alerts SET status = 'ACKNOWLEDGED'")
+    await fleet.send("dev-1", {"temp": 82})
+    [alert] = await fleet.alerts()
+    assert (alert["status"], alert["trigger_count"]) == ("ACKNOWLEDGED", 2)
+    await fleet.send("dev-1", {"temp": 1})
+    [alert] = await fleet.alerts()
+    assert alert["status"] == "CLOSED"
+
+
+async def test_the_newest_reading_of_a_write_decides(fleet: Fleet) -> None:
+    await fleet.rule("temp", ">", 80)
+    # Over and back within one write: kept, as an alert that is already closed.
+    await fleet.send("dev-1", {"temp": 90}, {"temp": 95}, {"temp": 20})
+    [alert] = await fleet.alerts()
+    assert (alert["status"], alert["trigger_count"]) == ("CLOSED", 2)
+    assert alert["details"]["last_value"] == 95
+    assert alert["details"]["recovered_value"] == 20
+    # Back within and over again: open.
+    await fleet.send("dev-1", {"temp": 20}, {"temp": 99})
+    assert [a["status"] for a in await fleet.alerts()] == ["CLOSED", "OPEN"]
+    # An open alert that recovers within a write that also violated: closed,
+    # with the write's triggers counted.
+    await fleet.send("dev-1", {"temp": 98}, {"temp": 10})
+    alert = (await fleet.alerts())[-1]
+    assert (alert["status"], alert["trigger_count"]) == ("CLOSED", 2)
+
+
+async def test_a_rule_for_one_device_ignores_the_others(fleet: Fleet) -> None:
+    await fleet.device("dev-2")
+    await fleet.rule("temp", ">", 80, device_id="dev-1")
+    await fleet.send("dev-2", {"temp": 99})
+    assert await fleet.alerts() == []
+    await fleet.send("dev-1", {"temp": 99})
+    [alert] = await fleet.alerts()
+    assert alert["device_id"] == "dev-1"
+
+
+async def test_rules_of_a_tenant_see_only_its_readings(fleet: Fleet) -> None:
+    await fleet.device("dev-1", tenant_id="t2")
+    await fleet.rule("temp", ">", 80, tenant_id="t2")
+    await fleet.send("dev-1", {"temp": 99})
+    assert await fleet.alerts() == []
+    await fleet.send("dev-1", {"temp": 99}, tenant_id="t2")
+    [alert] = await fleet.alerts()
+    assert alert["tenant_id"] == "t2"
+
+
+async def test_one_rule_per_device_and_many_rules_in_one_pass(fleet: Fleet) -> None:
+    await fleet.device("dev-2")
+    hot = await fleet.rule("temp", ">", 80)
+    wet = await fleet.rule("humidity", ">=", 90)
+    await fleet.writer.write(
+        [
+            fleet.submission("dev-1", {"temp": 81, "humidity": 95}),
+            fleet.submission("dev-2", {"temp": 85}),
+        ]
+    )
+    pairs = sorted((a["device_id"], a["rule_id"]) for a in await fleet.alerts(status="OPEN"))
+    assert pairs == [("dev-1", hot), ("dev-1", wet), ("dev-2", hot)]
+
+
+async def test_booleans_and_missing_metrics(fleet: Fleet) -> None:
+    await fleet.rule("door_open", "==", 1)
+    await fleet.send("dev-1", {"door_open": True})
+    [alert] = await fleet.alerts()
+    assert alert["status"] == "OPEN"
+    # A reading without the metric says nothing about it.
+    await fleet.send("dev-1", {"temp": 20})
+    assert (await fleet.alerts())[0]["status"] == "OPEN"
+    await fleet.send("dev-1", {"door_open": False})
+    assert (await fleet.alerts())[0]["status"] == "CLOSED"
+
+
+async def test_concurrent_writers_never_open_two_active_alerts(
+    fleet: Fleet, database_url: str
+) -> None:
+    """Two writers with their own pools, like two processes: nothing in Python
+    orders them, only the database does."""
+    await fleet.rule("temp", ">", 80)
+    other_pool = await create_pool(database_url, max_size=10)
+    try:
+        other = Fleet(other_pool)
+        other.tokens = fleet.tokens
+        writes = [
+            writer.send("dev-1", {"temp": 90 + i}) for i in range(20) for writer in (fleet, other)
+        ]
+        await asyncio.gather(*writes)
+    finally:
+        await other_pool.close()
+    [alert] = await fleet.alerts()
+    assert (alert["status"], alert["trigger_count"]) == ("OPEN", 40)
+
+
+async def test_the_database_allows_one_active_alert_per_rule_and_device(
+    fleet: Fleet,
+) -> None:
+    rule_id = await fleet.rule("temp", ">", 80)
+    await fleet.send("dev-1", {"temp": 99})
+    insert = """INSERT INTO alerts (tenant_id, device_id, alert_type, rule_id, severity,
+                                    summary, status, closed_reason)
+                VALUES ('t1', 'dev-1', $1, $2, 3, 'copy', $3, $4)"""
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await fleet.pool.execute(insert, "THRESHOLD", rule_id, "ACKNOWLEDGED", None)
+    await fleet.pool.execute(insert, "THRESHOLD", rule_id, "CLOSED", "manual")
+    await fleet.pool.execute(insert, "NO_HEARTBEAT", None, "OPEN", None)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await fleet.pool.execute(insert, "NO_HEARTBEAT", None, "OPEN", None)
+
+
+# -- the HTTP API ----------------------------------------------------------------
+
+
+@pytest.fixture
+def admin(make_token: MakeToken) -> dict[str, str]:
+    return auth(make_token("t1", roles=("tenant-admin",), subject="ada"))
+
+
+def error_of(response: httpx.Response) -> str:
+    body = response.json()
+    assert set(body) == {"error", "detail"}
+    return str(body["error"])
+
+
+NEW_RULE = {"name": "Overheat", "metric": "temp", "operator": ">", "threshold": 80, "severity": 4}
+
+
+async def test_create_list_delete(
+    http: httpx.AsyncClient, fleet: Fleet, admin: dict[str, str], make_token: MakeToken
+) -> None:
+    created = await http.post(RULES, json=NEW_RULE, headers=admin)
+    assert created.status_code == 201
+    rule = created.json()
+    assert set(rule) == {
+        "rule_id",
+        "name",
+        "metric",
+        "operator",
+        "threshold",
+        "severity",
+        "device_id",
+        "created_at",
+    }
+    assert {k: rule[k] for k in NEW_RULE} == NEW_RULE
+    assert rule["device_id"] is None
+    assert ISO_Z.match(rule["created_at"])
+    scoped = await http.post(RULES, json={**NEW_RULE, "device_id": "dev-1"}, headers=admin)
+    assert scoped.status_code == 201
+
+    customer = auth(make_token("t1", roles=("customer",)))
+    listed = await http.get(RULES, headers=customer)
+    assert listed.status_code == 200
+    assert [r["rule_id"] for r in listed.json()["rules"]] == [
+        rule["rule_id"],
+        scoped.json()["rule_id"],
+    ]
+
+    deleted = await http.delete(f"{RULES}/{rule['rule_id']}", headers=admin)
+    assert deleted.status_code == 204
+    again = await http.delete(f"{RULES}/{rule['rule_id']}", headers=admin)
+    assert again.status_code == 404
+    assert error_of(again) == "unknown_rule"
+    assert len((await http.get(RULES, headers=customer)).json()["rules"]) == 1
+
+
+async def test_the_server_evaluates_rules_at_ingest(
+    http: httpx.AsyncClient, fleet: Fleet, admin: dict[str, str]
+) -> None:
+    assert (await http.post(RULES, json=NEW_RULE, headers=admin)).status_code == 201
+    response = await http.post(
+        "/ingest/v1/tenant/t1/device/dev-1/telemetry",
+        json={"metrics": {"temp": 99.5}},
+        headers={"X-Provision-Token": fleet.tokens[("t1", "dev-1")]},
+    )
+    assert response.status_code == 201
+    [alert] = (await http.get("/api/v1/customer/alerts", headers=admin)).json()["alerts"]
+    assert alert["alert_type"] == "THRESHOLD"
+    assert alert["details"]["first_event_id"] == response.json()["id"]
+    assert alert["details"]["first_value"] == 99.5
+
+
+async def test_deleting_a_rule_closes_its_alerts(
+    http: httpx.AsyncClient, fleet: Fleet, admin: dict[str, str], notifications: Notifications
+) -> None:
+    rule_id = (await http.post(RULES, json=NEW_RULE, headers=admin)).json()["rule_id"]
+    await fleet.send("dev-1", {"temp": 99})
+    await notifications.since_last()
+    assert (await http.delete(f"{RULES}/{rule_id}", headers=admin)).status_code == 204
+    [alert] = await fleet.alerts()
+    assert (alert["status"], alert["closed_reason"], alert["closed_by"]) == (
+        "CLOSED",
+        "rule_deleted",
+        "ada",
+    )
+    assert kinds(await notifications.since_last()) == [("alerts", "t1"), ("alerts", "*")]
+    await fleet.send("dev-1", {"temp": 99})
+    assert len(await fleet.alerts()) == 1
+
+
+async def test_deleting_a_device_closes_its_alerts(
+    http: httpx.AsyncClient, fleet: Fleet, admin: dict[str, str]
+) -> None:
+    await fleet.rule("temp", ">", 80)
+    await fleet.send("dev-1", {"temp": 99})
+    response = await http.delete("/api/v1/customer/devices/dev-1", headers=admin)
+    assert response.status_code == 204
+    [alert] = await fleet.alerts()
+    assert (alert["status"], alert["closed_reason"]) == ("CLOSED", "device_deleted")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"operator": "=>"},
+        {"threshold": "80"},
+        {"threshold": True},
+        {"severity": 0},
+        {"severity": 6},
+        {"severity": 2.5},
+        {"metric": "temp c"},
+        {"name": ""},
+        {"device_id": "a/b"},
+        {"thresold": 80},
+    ],
+)
+async def test_invalid_rules_are_refused(
+    http: httpx.AsyncClient, fleet: Fleet, admin: dict[str, str], change: dict[str, object]
+) -> None:
+    response = await http.post(RULES, json={**NEW_RULE, **change}, headers=admin)
+    assert response.status_code == 400
+    assert error_of(response) == "invalid_payload"
+    assert await fleet.pool.fetchval("SELECT count(*) FROM alert_rules") == 0
+
+
+async def test_a_rule_for_an_unknown_device(
+    http: httpx.AsyncClient, fleet: Fleet, admin: dict[str, str]
+) -> None:
+    await fleet.device("dev-9", tenant_id="t2")
+    for device in ("nope", "dev-9"):
+        response = await http.post(RULES, json={**NEW_RULE, "device_id": device}, headers=admin)
+        assert response.status_code == 404
+        assert error_of(response) == "unknown_device"
+
+
+async def test_roles_and_tenants(
+    http: httpx.AsyncClient, fleet: Fleet, admin: dict[str, str], make_token: MakeToken
+) -> None:
+    customer = auth(make_token("t1", roles=("customer",)))
+    operator = auth(make_token(None, roles=("operator",)))
+    operator_admin = auth(make_token(None, roles=("operator-admin",)))
+    other_admin = auth(make_token("t2", roles=("tenant-admin",)))
+
+    assert (await http.post(RULES, json=NEW_RULE)).status_code == 401
+    assert (await http.post(RULES, json=NEW_RULE, headers=customer)).status_code == 403
+    ops = await http.post(RULES + "?tenant_id=t1", json=NEW_RULE, headers=operator)
+    assert ops.status_code == 403
+    assert (await http.post(RULES, json=NEW_RULE, headers=operator_admin)).status_code == 400
+    assert (
+        await http.post(RULES + "?tenant_id=t2", json=NEW_RULE, headers=admin)
+    ).status_code == 403
+    created = await http.post(RULES + "?tenant_id=t1", json=NEW_RULE, headers=operator_admin)
+    assert created.status_code == 201
+    rule_id = created.json()["rule_id"]
+
+    assert (await http.get(RULES + "?tenant_id=t1", headers=operator)).status_code == 200
+    assert (await http.get(RULES, headers=operator)).status_code == 400
+    assert (await http.get(RULES, headers=other_admin)).json() == {"rules": []}
+    # Another tenant's rule is not found, exactly like one that does not exist.
+    for missing in (str(rule_id), "999999", "abc", "99999999999999999999999"):
+        response = await http.delete(f"{RULES}/{missing}", headers=other_admin)
+        assert response.status_code == 404
+        assert error_of(response) == "unknown_rule"
+    assert (await http.delete(f"{RULES}/{rule_id}", headers=customer)).status_code == 403
+    assert (await http.delete(f"{RULES}/{rule_id}", headers=admin)).status_code == 204

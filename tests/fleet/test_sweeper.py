@@ -1,0 +1,339 @@
+"""Device statuses move with time, one sweeper per cluster, and every move is notified."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+
+import asyncpg
+import httpx
+
+from pulse.config import Settings
+from pulse.fleet.sweeper import (
+    SWEEPER_LOCK_KEY,
+    StatusSweeper,
+    default_interval,
+    sweep_statuses,
+)
+from tests.fleet.conftest import Fleet, MakeToken, Notifications, auth, kinds
+from tests.support import running_server
+
+STALE_S = 30.0
+OFFLINE_S = 300.0
+DEVICES_CHANGED = [("devices", "t1"), ("devices", "*")]
+ALERTS_CHANGED = [("alerts", "t1"), ("alerts", "*")]
+
+
+class Clock:
+    """The sweeper's idea of now, moved by the test."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@contextlib.asynccontextmanager
+async def sweeping(sweeper: StatusSweeper) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(sweeper.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def status(pool: asyncpg.Pool, device_id: str = "dev-1") -> str:
+    return str(await pool.fetchval("SELECT status FROM devices WHERE device_id = $1", device_id))
+
+
+async def last_seen(pool: asyncpg.Pool, device_id: str = "dev-1") -> datetime:
+    value = await pool.fetchval("SELECT last_seen_at FROM devices WHERE device_id = $1", device_id)
+    assert isinstance(value, datetime)
+    return value
+
+
+async def test_online_stale_offline_online(
+    fleet: Fleet, notifications: Notifications, database_url: str
+) -> None:
+    pool = fleet.pool
+    await fleet.send("dev-1", {"temp": 20})
+    assert await status(pool) == "ONLINE"
+    assert kinds(await notifications.since_last()) == DEVICES_CHANGED
+    seen = await last_seen(pool)
+    clock = Clock(seen + timedelta(seconds=STALE_S - 1))
+    sweeper = StatusSweeper(
+        database_url,
+        stale_after_s=STALE_S,
+        offline_after_s=OFFLINE_S,
+        interval_s=0.01,
+        clock=clock,
+    )
+
+    async def at(moment: datetime) -> list[tuple[str, str]]:
+        # Two more rounds: the one in flight may have read the clock before it moved.
+        clock.now = moment
+        await asyncio.wait_for(sweeper.wait_rounds(sweeper.rounds + 2), 5)
+        return sorted(kinds(await notifications.since_last()))
+
+    async with sweeping(sweeper):
+        await asyncio.wait_for(sweeper.leading.wait(), 5)
+        assert await at(seen + timedelta(seconds=STALE_S)) == []
+        assert await status(pool) == "ONLINE"
+
+        assert await at(seen + timedelta(seconds=STALE_S + 1)) == sorted(
+            DEVICES_CHANGED + ALERTS_CHANGED
+        )
+        assert await status(pool) == "STALE"
+        [alert] = await fleet.alerts(alert_type="NO_HEARTBEAT")
+        assert (alert["device_id"], alert["status"]) == ("dev-1", "OPEN")
+        assert await at(seen + timedelta(seconds=STALE_S + 2)) == []
+
+        assert await at(seen + timedelta(seconds=OFFLINE_S + 1)) == sorted(DEVICES_CHANGED)
+        assert await status(pool) == "OFFLINE"
+        assert await at(seen + timedelta(seconds=OFFLINE_S + 60)) == []
+
+    assert sweeper.sweeps > 0
+
+    # Being seen again is ingest's doing (the sweeper, with its clock far ahead,
+    # is stopped), and it ends the NO_HEARTBEAT alert.
+    await fleet.heartbeat("dev-1")
+    assert await status(pool) == "ONLINE"
+    assert sorted(kinds(await notifications.since_last())) == sorted(
+        DEVICES_CHANGED + ALERTS_CHANGED
+    )
+    [alert] = await fleet.alerts(alert_type="NO_HEARTBEAT")
+    assert (alert["status"], alert["closed_reason"]) == ("CLOSED", "device_online")
+    # A device already ONLINE that is seen again changes nothing.
+    await fleet.send("dev-1", {"temp": 21})
+    assert kinds(await notifications.since_last()) == []
+
+
+async def test_thresholds_and_the_set_based_pass(fleet: Fleet, database_url: str) -> None:
+    pool = fleet.pool
+    for device in ("dev-2", "dev-3", "dev-4"):
+        await fleet.device(device)
+    await fleet.send("dev-1", {"temp": 1})
+    await fleet.send("dev-2", {"temp": 1})
+    await fleet.heartbeat("dev-3")
+    # dev-4 was never seen: OFFLINE from the start, and no alert for it.
+    seen = await last_seen(pool, "dev-3")
+    await pool.execute("UPDATE devices SET last_seen_at = $1 WHERE status = 'ONLINE'", seen)
+    conn = await asyncpg.connect(database_url)
+    try:
+
+        async def sweep(after_s: float) -> tuple[int, int, int]:
+            swept = await sweep_statuses(
+                conn,
+                stale_after_s=STALE_S,
+                offline_after_s=OFFLINE_S,
+                now=seen + timedelta(seconds=after_s),
+            )
+            return swept.stale, swept.offline, swept.alerts_opened
+
+        assert await sweep(STALE_S) == (0, 0, 0)
+        assert await sweep(STALE_S + 0.001) == (3, 0, 3)
+        assert await sweep(OFFLINE_S) == (0, 0, 0)
+        assert await sweep(OFFLINE_S + 0.001) == (0, 3, 0)
+        assert await sweep(10 * OFFLINE_S) == (0, 0, 0)
+        # Seen again (which closed its alert), then silent past both thresholds
+        # before the next pass: one step to OFFLINE, and a new alert.
+        await fleet.send("dev-1", {"temp": 1})
+        seen = await last_seen(pool)
+        assert await sweep(OFFLINE_S + 1) == (0, 1, 1)
+    finally:
+        await conn.close()
+    rows = await pool.fetch("SELECT device_id, status FROM devices ORDER BY device_id")
+    assert [tuple(r) for r in rows] == [
+        ("dev-1", "OFFLINE"),
+        ("dev-2", "OFFLINE"),
+        ("dev-3", "OFFLINE"),
+        ("dev-4", "OFFLINE"),
+    ]
+    assert len(await fleet.alerts(alert_type="NO_HEARTBEAT", status="OPEN")) == 3
+
+
+async def test_change_triggers_are_statement_level(pool: asyncpg.Pool) -> None:
+    rows = await pool.fetch(
+        """SELECT tgname FROM pg_trigger
+            WHERE tgrelid IN ('devices'::regclass, 'alerts'::regclass) AND NOT tgisinternal
+              AND tgtype & 1 = 1"""  # TRIGGER_TYPE_ROW
+    )
+    assert rows == []
+
+
+async def test_one_notification_per_tenant_for_a_statement(
+    fleet: Fleet, notifications: Notifications
+) -> None:
+    await notifications.listen("t2")
+    for device in ("dev-2", "dev-3"):
+        await fleet.device(device)
+    await fleet.device("dev-1", tenant_id="t2")
+    await notifications.since_last()
+    await fleet.pool.execute("UPDATE devices SET status = 'STALE'")
+    assert sorted(kinds(await notifications.since_last())) == sorted(
+        [("devices", "t1"), ("devices", "t2"), ("devices", "*")]
+    )
+    await fleet.pool.execute("UPDATE devices SET status = 'STALE', name = 'renamed'")
+    assert kinds(await notifications.since_last()) == []
+
+
+def _sweeper(database_url: str) -> StatusSweeper:
+    return StatusSweeper(
+        database_url, stale_after_s=STALE_S, offline_after_s=OFFLINE_S, interval_s=0.02
+    )
+
+
+async def lock_holders(pool: asyncpg.Pool) -> list[int]:
+    rows = await pool.fetch(
+        """SELECT pid FROM pg_locks
+            WHERE locktype = 'advisory' AND granted AND database = (
+                  SELECT oid FROM pg_database WHERE datname = current_database())
+              AND (classid::bigint << 32) | objid::bigint = $1""",
+        SWEEPER_LOCK_KEY,
+    )
+    return [row["pid"] for row in rows]
+
+
+async def first_to_lead(*sweepers: StatusSweeper) -> StatusSweeper:
+    waits = {asyncio.ensure_future(s.leading.wait()): s for s in sweepers}
+    done, pending = await asyncio.wait(waits, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    for future in pending:
+        future.cancel()
+    assert done, "no sweeper took the lead"
+    return waits[done.pop()]
+
+
+async def test_two_sweepers_one_leads_the_other_takes_over(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    a, b = _sweeper(database_url), _sweeper(database_url)
+    async with sweeping(a) as task_a, sweeping(b) as task_b:
+        leader = await first_to_lead(a, b)
+        follower = b if leader is a else a
+        # The follower keeps asking while the leader sweeps; it never sweeps itself.
+        await asyncio.wait_for(follower.wait_rounds(follower.rounds + 5), 5)
+        await asyncio.wait_for(leader.wait_rounds(leader.rounds + 5), 5)
+        assert not follower.leading.is_set()
+        assert follower.sweeps == 0
+        assert leader.sweeps >= 5
+        assert len(await lock_holders(pool)) == 1
+
+        (task_a if leader is a else task_b).cancel()
+        await asyncio.wait_for(follower.leading.wait(), 5)
+        await asyncio.wait_for(follower.wait_rounds(follower.rounds + 2), 5)
+        assert follower.sweeps >= 1
+        assert len(await lock_holders(pool)) == 1
+
+
+async def test_a_leader_that_loses_its_connection_hands_over(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    a, b = _sweeper(database_url), _sweeper(database_url)
+    async with sweeping(a), sweeping(b):
+        leader = await first_to_lead(a, b)
+        follower = b if leader is a else a
+        [pid] = await lock_holders(pool)
+        assert await pool.fetchval("SELECT pg_terminate_backend($1)", pid)
+        await asyncio.wait_for(follower.leading.wait(), 5)
+        # The old leader reconnects and follows.
+        await asyncio.wait_for(leader.wait_rounds(leader.rounds + 3), 5)
+        assert not leader.leading.is_set()
+        assert len(await lock_holders(pool)) == 1
+
+
+async def test_a_killed_leader_process_is_taken_over(pool: asyncpg.Pool, database_url: str) -> None:
+    script = (
+        "import asyncio, sys\n"
+        "from pulse.fleet.sweeper import StatusSweeper\n"
+        "async def main():\n"
+        "    s = StatusSweeper(sys.argv[1], stale_after_s=30, offline_after_s=300,"
+        " interval_s=0.02)\n"
+        "    task = asyncio.create_task(s.run())\n"
+        "    await s.leading.wait()\n"
+        "    print('leading', flush=True)\n"
+        "    await task\n"
+        "asyncio.run(main())\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        database_url,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=os.getcwd(),
+    )
+    try:
+        assert process.stdout is not None
+        assert await asyncio.wait_for(process.stdout.readline(), 20) == b"leading\n"
+        survivor = _sweeper(database_url)
+        async with sweeping(survivor):
+            await asyncio.wait_for(survivor.wait_rounds(3), 5)
+            assert not survivor.leading.is_set()
+            process.send_signal(signal.SIGKILL)  # no cleanup of any kind
+            await asyncio.wait_for(process.wait(), 5)
+            await asyncio.wait_for(survivor.leading.wait(), 10)
+            await asyncio.wait_for(survivor.wait_rounds(survivor.rounds + 2), 5)
+            assert survivor.sweeps >= 1
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_the_server_sweeps(
+    database_url: str, settings: Settings, make_token: MakeToken, pool: asyncpg.Pool
+) -> None:
+    """The app runs the sweeper: short real thresholds instead of a test clock."""
+    fast = Settings(
+        database_url=database_url,
+        jwt_secret=settings.jwt_secret,
+        data_dir=settings.data_dir,
+        stale_after_s=0.2,
+        offline_after_s=0.5,
+    )
+    fleet = Fleet(pool)
+    await fleet.device("dev-1")
+    admin = auth(make_token("t1", roles=("tenant-admin",)))
+    listener = await asyncpg.connect(database_url)
+    changes: asyncio.Queue[str] = asyncio.Queue()
+    channel = await listener.fetchval("SELECT pulse_channel('t1')")
+    await listener.add_listener(channel, lambda *args: changes.put_nowait(args[3]))
+    try:
+        async with running_server(fast) as url, httpx.AsyncClient(base_url=url) as http:
+            response = await http.post(
+                "/ingest/v1/tenant/t1/device/dev-1/heartbeat",
+                headers={"X-Provision-Token": fleet.tokens[("t1", "dev-1")]},
+            )
+            assert response.status_code == 204
+            # Each status is read when its notification arrives: the steps are
+            # 0.2 and 0.3 s apart, far longer than that read.
+            seen: list[str] = []
+            while not seen or seen[-1] != "OFFLINE":
+                message = await asyncio.wait_for(changes.get(), 5)
+                if '"devices"' in message:
+                    seen.append(await status(pool))
+            assert seen == ["ONLINE", "STALE", "OFFLINE"]
+            summary = (await http.get("/api/v1/customer/fleet/summary", headers=admin)).json()
+            assert summary == {
+                "ONLINE": 0,
+                "STALE": 0,
+                "OFFLINE": 1,
+                "total": 1,
+                "active_alerts": 1,
+            }
+    finally:
+        await listener.close()
+
+
+def test_default_interval_is_a_fraction_of_the_threshold() -> None:
+    assert default_interval(30) == 1.0
+    assert default_interval(2) == 0.2
+    assert default_interval(0.1) == 0.05
