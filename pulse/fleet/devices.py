@@ -8,9 +8,9 @@ device that does not exist, so ids never leak across tenants.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, cast
+from typing import Literal, cast
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import BaseModel, Field
 from quart import Blueprint, Response, g, request
 from quart_schema import document_querystring, validate_request, validate_response
 
@@ -21,7 +21,7 @@ from pulse.auth.principal import ADMIN_ROLES
 from pulse.db.errors import translate_errors
 from pulse.db.queries import load_queries
 from pulse.errors import ApiError
-from pulse.names import is_valid_name
+from pulse.fleet.fields import Name
 from pulse.times import format_time
 
 Q = load_queries(__package__)
@@ -32,18 +32,8 @@ blueprint = Blueprint("devices", __name__, url_prefix="/api/v1/customer/devices"
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
-def _valid_name(value: str) -> str:
-    if not is_valid_name(value):
-        raise ValueError("must be 1 to 64 characters of [A-Za-z0-9_.:-]")
-    return value
-
-
 class NewDevice(BaseModel):
-    device_id: Annotated[
-        str,
-        AfterValidator(_valid_name),
-        Field(description="1 to 64 characters of [A-Za-z0-9_.:-]"),
-    ]
+    device_id: Name
     site_id: str | None = Field(default=None, max_length=64)
     name: str | None = Field(default=None, max_length=200)
 

@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import asyncpg
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pulse.db.errors import translate_errors
 from pulse.db.queries import load_queries
+from pulse.fleet.fields import Name
 from pulse.ingest.writer import Written, WrittenEvent
-from pulse.names import is_valid_name
 from pulse.times import format_time
 
 Q = load_queries(__package__)
 
 Operator = Literal[">", ">=", "<", "<=", "==", "!="]
-
-
-def _valid_name(value: str) -> str:
-    if not is_valid_name(value):
-        raise ValueError("must be 1 to 64 characters of [A-Za-z0-9_.:-]")
-    return value
-
-
-Name = Annotated[
-    str, AfterValidator(_valid_name), Field(description="1 to 64 characters of [A-Za-z0-9_.:-]")
-]
 
 
 class NewRule(BaseModel):

@@ -1,0 +1,21 @@
+"""Field types the fleet's request bodies share."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
+
+from pulse.names import is_valid_name
+
+
+def _valid_name(value: str) -> str:
+    if not is_valid_name(value):
+        raise ValueError("must be 1 to 64 characters of [A-Za-z0-9_.:-]")
+    return value
+
+
+# A device id or metric name (CONTRACT section 1).
+Name = Annotated[
+    str, AfterValidator(_valid_name), Field(description="1 to 64 characters of [A-Za-z0-9_.:-]")
+]
