@@ -101,6 +101,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     from pulse.fleet.devices import blueprint as devices_bp
     from pulse.ingest.routes import blueprint as ingest_bp
     from pulse.ops.routes import blueprint as ops_bp
+    from pulse.streams.legacy_v2.handler import blueprint as legacy_v2_bp
     from pulse.streams.sse import blueprint as sse_bp
     from pulse.streams.stream_ticket import blueprint as stream_ticket_bp
     from pulse.streams.telemetry_ws import blueprint as telemetry_ws_bp
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         devices_bp,
         sse_bp,
         telemetry_ws_bp,
+        legacy_v2_bp,
         stream_ticket_bp,
     ):
         app.register_blueprint(bp)

@@ -23,6 +23,7 @@ from pulse.streams.messages import BadMessage, action_of, decode, error, name_li
 from pulse.streams.params import BadParameter, parse_event_id, parse_filters
 from pulse.streams.telemetry import End, Idle, Reset, Started, TelemetryStream
 from pulse.streams.websocket import BAD_REQUEST, END_CLOSES, Close, Connection, serve_websocket
+from pulse.times import format_time
 
 blueprint = Blueprint("telemetry_ws", __name__)
 
@@ -84,10 +85,6 @@ def handle_action(
         "type": "unsubscribed",
         "device_ids": device_ids,
     }
-
-
-def format_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def connected_message(tenant_id: str, filters: Filters, newest_id: int) -> dict[str, Any]:

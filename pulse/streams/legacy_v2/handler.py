@@ -1,0 +1,154 @@
+"""WS /api/v2/ws: the thin I/O layer that drives the v2 protocol Session (CONTRACT 5.3).
+
+Telemetry of the subscribed devices comes from the hub as it commits; the
+hub's change signals (NOTIFY kinds ``devices`` and ``alerts``, per tenant or
+on the global channel for the operators' placeholder context) trigger the
+alerts and fleet summary pushes. Nothing is polled but the periodic summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from quart import Blueprint, websocket
+
+from pulse.app import Runtime, runtime
+from pulse.auth.http import authenticate_request, request_tenant
+from pulse.bus.subscription import Closing, Filters, Lagging, Subscription
+from pulse.fleet.alerts import active_alerts
+from pulse.fleet.summary import fleet_summary
+from pulse.streams.legacy_v2.protocol import (
+    SIGNALS,
+    Effect,
+    PushAlerts,
+    PushFleetSummary,
+    Reply,
+    Session,
+)
+from pulse.streams.websocket import (
+    LAGGING,
+    SERVER_RESTARTING,
+    UNAUTHORIZED,
+    Close,
+    Connection,
+    serve_websocket,
+)
+
+blueprint = Blueprint("legacy_v2", __name__)
+
+# The hub topic of the operators' placeholder context: the global channel.
+ALL_TENANTS = "*"
+# Not a NOTIFY kind: how the reader wakes the pump when a subscription changed
+# the schedule (a fleet subscription starts the periodic summaries).
+RESCHEDULE = "reschedule"
+ALERTS_LIMIT = 100
+
+
+@blueprint.websocket("/api/v2/ws")
+async def legacy_websocket() -> None:
+    await serve_websocket("legacy_v2", _serve, headers={"Deprecation": "true"})
+
+
+async def _serve(connection: Connection) -> None:
+    rt = runtime()
+    principal = await authenticate_request(allow_query=True)
+    if principal.is_operator and not websocket.args.get("tenant_id"):
+        tenant_id = None  # the seed's placeholder context: every tenant, no devices
+    else:
+        tenant_id = request_tenant(principal)
+    session = Session(
+        tenant_id,
+        keepalive_s=rt.settings.ws_keepalive_s,
+        max_devices=rt.settings.max_device_filters,
+    )
+    topic = tenant_id or ALL_TENANTS
+    async with (
+        rt.limits.hold("legacy_v2", topic),
+        rt.hub.subscribe(
+            topic,
+            Filters(device_ids=frozenset()),
+            kind="legacy_v2",
+            signals=SIGNALS | {RESCHEDULE},
+        ) as subscription,
+    ):
+        pushes = _Pushes(rt, connection, tenant_id)
+        expires_at = principal.expires_at.timestamp()
+        await connection.run(
+            _pump(connection, session, subscription, pushes, expires_at),
+            _read(connection, session, subscription, pushes),
+        )
+
+
+class _Pushes:
+    """Carries out the effects that read the database, for the reader and the pump alike."""
+
+    def __init__(self, rt: Runtime, connection: Connection, tenant_id: str | None) -> None:
+        self.rt = rt
+        self.connection = connection
+        self.tenant_id = tenant_id
+        self.last_summary: dict[str, int] | None = None
+
+    async def carry_out(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Reply):
+                self.connection.reply(effect.message)
+            elif isinstance(effect, PushAlerts):
+                alerts = await active_alerts(self.rt.pool, self.tenant_id, limit=ALERTS_LIMIT)
+                self.connection.reply({"type": "alerts", "alerts": alerts})
+            elif isinstance(effect, PushFleetSummary):
+                summary = await fleet_summary(self.rt.pool, self.tenant_id)
+                if effect.only_if_changed and summary == self.last_summary:
+                    continue
+                self.last_summary = summary
+                self.connection.reply({"type": "fleet_summary", "data": summary})
+
+
+async def _read(
+    connection: Connection, session: Session, subscription: Subscription, pushes: _Pushes
+) -> None:
+    while True:
+        data = await connection.receive()
+        due = session.next_due()
+        effects = session.receive(data, time.monotonic())
+        if subscription.filters.device_ids != session.devices:
+            subscription.set_filters(Filters(device_ids=session.devices))
+        if session.next_due() != due:
+            subscription.notify(RESCHEDULE)
+        await pushes.carry_out(effects)
+
+
+async def _pump(
+    connection: Connection,
+    session: Session,
+    subscription: Subscription,
+    pushes: _Pushes,
+    expires_at: float,
+) -> None:
+    """Telemetry as it arrives, pushes on change signals, summaries on schedule, and the
+    end of the connection at the token's expiry."""
+    # The hub cancels a lagging subscription's owner when it stays stuck writing
+    # to its client: that is this task, not the handler that subscribed.
+    subscription.owner = asyncio.current_task()
+    while True:
+        now = time.monotonic()
+        until_expiry = expires_at - time.time()
+        if until_expiry <= 0:
+            raise Close(UNAUTHORIZED, "token_expired")
+        due = session.next_due()
+        timeout = until_expiry if due is None else min(until_expiry, max(0.0, due - now))
+        await subscription.wait(timeout)
+        try:
+            events = subscription.take()
+        except Lagging:
+            raise Close(LAGGING, "lagging") from None
+        except Closing:
+            raise Close(SERVER_RESTARTING, "server_restarting") from None
+        for event in events:
+            data = event.encode()
+            if data is not None:
+                await connection.send(data)
+        effects: list[Any] = session.signals(subscription.take_signals())
+        effects += session.due(time.monotonic())
+        await pushes.carry_out(effects)

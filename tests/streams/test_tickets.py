@@ -1,0 +1,126 @@
+"""One-time stream tickets (CONTRACT section 7) on both WebSockets and SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.streams.sse_client import SSE_PATH
+from tests.streams.ws_support import V2_PATH, WS_PATH, close_of, open_ws, recv, request
+
+pytestmark = pytest.mark.timeout(60)
+
+TICKET_PATH = "/api/v1/stream-ticket"
+
+
+async def new_ticket(http: httpx.AsyncClient, token: str) -> str:
+    r = await http.post(TICKET_PATH, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"ticket", "expires_in"} and body["expires_in"] == 30
+    assert r.headers["cache-control"] == "no-store"
+    return str(body["ticket"])
+
+
+async def test_a_ticket_works_once_on_every_stream(
+    server: str, http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    token = make_token("t1", lifetime_s=600)
+    ticket = await new_ticket(http, token)
+    row = await pool.fetchrow(
+        "SELECT *, extract(epoch FROM expires_at - clock_timestamp()) AS ttl FROM stream_tickets"
+    )
+    assert row["ticket_hash"] != ticket.encode() and len(row["ticket_hash"]) == 32
+    assert ticket not in repr(dict(row))
+    assert 28 < row["ttl"] <= 30 and row["tenant_id"] == "t1" and row["roles"] == ["customer"]
+
+    async with open_ws(server, WS_PATH, ticket=ticket) as ws:
+        connected = await recv(ws)
+        assert connected["type"] == "connected" and connected["tenant_id"] == "t1"
+        # The connection lives as long as the token the ticket stands for.
+        reply = await request(ws, {"action": "auth", "token": token})
+        assert reply["type"] == "auth_ok"
+    assert await close_of(server, WS_PATH, ticket=ticket) == (4001, "invalid_ticket")
+
+    ticket = await new_ticket(http, token)
+    async with open_ws(server, V2_PATH, ticket=ticket) as ws:
+        reply = await request(ws, {"action": "subscribe", "type": "device", "device_id": "d1"})
+        assert reply == {"type": "subscribed", "channel": "device", "device_id": "d1"}
+    assert await close_of(server, V2_PATH, ticket=ticket) == (4001, "invalid_ticket")
+
+    ticket = await new_ticket(http, token)
+    async with http.stream("GET", SSE_PATH, params={"ticket": ticket}) as r:
+        assert r.status_code == 200
+    r = await http.get(SSE_PATH, params={"ticket": ticket})
+    assert r.status_code == 401 and r.json()["error"] == "invalid_ticket"
+    assert await pool.fetchval("SELECT count(*) FROM stream_tickets") == 0
+
+
+async def test_a_ticket_expires_and_keeps_its_identity(
+    server: str,
+    http: httpx.AsyncClient,
+    pool: asyncpg.Pool,
+    make_token: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("pulse.auth.tickets.TICKET_TTL_S", 1)
+    r = await http.post(TICKET_PATH, headers={"Authorization": f"Bearer {make_token('t1')}"})
+    stale = r.json()["ticket"]
+    await asyncio.sleep(1.2)
+    assert await close_of(server, WS_PATH, ticket=stale) == (4001, "invalid_ticket")
+    monkeypatch.undo()
+
+    # A ticket never outlives its token; an operator's ticket still needs tenant_id.
+    short = make_token("t1", lifetime_s=2)
+    ticket = await new_ticket(http, short)
+    assert (
+        0
+        < await pool.fetchval(
+            "SELECT extract(epoch FROM expires_at - clock_timestamp()) FROM stream_tickets"
+        )
+        <= 2
+    )
+    started = time.monotonic()
+    async with open_ws(server, WS_PATH, ticket=ticket) as ws:
+        await recv(ws)
+        code = None
+        while code is None:
+            try:
+                await recv(ws)
+            except Exception:
+                code = ws.close_code, ws.close_reason
+    assert code == (4001, "token_expired") and time.monotonic() - started < 4
+
+    operator = make_token(None, roles=("operator",))
+    assert await close_of(server, WS_PATH, ticket=await new_ticket(http, operator)) == (
+        4000,
+        "tenant_required",
+    )
+    ticket = await new_ticket(http, operator)
+    async with open_ws(server, WS_PATH, ticket=ticket, tenant_id="t9") as ws:
+        assert (await recv(ws))["tenant_id"] == "t9"
+
+
+async def test_issuing_a_ticket_needs_a_token_in_a_header_or_cookie(
+    http: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    r = await http.post(TICKET_PATH)
+    assert r.status_code == 401 and r.json()["error"] == "missing_token"
+    r = await http.post(TICKET_PATH, params={"token": make_token("t1")})
+    assert r.status_code == 401
+    r = await http.post(
+        TICKET_PATH, headers={"Authorization": f"Bearer {make_token('t1', roles=())}"}
+    )
+    assert r.status_code == 403
+    http.cookies.set("pulse_session", make_token("t1"))
+    r = await http.post(TICKET_PATH)
+    assert r.status_code == 200 and r.json()["ticket"].startswith("pst_")
+    # A ticket is not a token: it cannot buy another ticket.
+    http.cookies.clear()
+    r = await http.post(TICKET_PATH, headers={"Authorization": f"Bearer {r.json()['ticket']}"})
+    assert r.status_code == 401

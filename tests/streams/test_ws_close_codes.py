@@ -1,0 +1,305 @@
+"""Every WebSocket close code of CONTRACT section 5, provoked on both WebSockets.
+
+After each, the server counts no connection: not in the status endpoint, not
+in the cluster-wide table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import time
+from collections.abc import Callable
+
+import asyncpg
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from pulse.bus.hub import LAGGING_GRACE_S
+from pulse.config import Settings
+from pulse.db.errors import DatabaseUnavailable
+from tests.streams.sse_client import SSE_PATH
+from tests.streams.ws_support import (
+    V2_PATH,
+    WS_PATH,
+    close_of,
+    closed,
+    connection_count,
+    open_ws,
+    recv,
+    request,
+    until_no_connections,
+    ws_url,
+)
+from tests.support import insert_readings, running_server
+
+pytestmark = pytest.mark.timeout(90)
+
+BOTH = pytest.mark.parametrize("path", [WS_PATH, V2_PATH])
+
+
+@pytest.fixture
+async def url(settings: Settings) -> object:
+    async with running_server(dataclasses.replace(settings, ws_ping_s=0.3)) as base:
+        yield base
+
+
+async def first_message(base: str, path: str, **params: str) -> dict[str, object]:
+    async with open_ws(base, path, **params) as ws:
+        if path == V2_PATH:
+            return await request(ws, {"action": "subscribe", "type": "fleet"})  # type: ignore[no-any-return]
+        return await recv(ws)  # type: ignore[no-any-return]
+
+
+@BOTH
+async def test_auth_and_parameter_failures(
+    url: str, path: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    t1 = make_token("t1")
+    cases: list[tuple[dict[str, str], tuple[int, str]]] = [
+        ({}, (4001, "missing_token")),
+        ({"token": "not-a-jwt"}, (4001, "invalid_token")),
+        ({"token": make_token("t1", lifetime_s=-120)}, (4001, "token_expired")),
+        ({"ticket": "pst_never-issued"}, (4001, "invalid_ticket")),
+        ({"token": t1, "tenant_id": "t2"}, (4003, "forbidden")),
+        ({"token": make_token("t1", roles=())}, (4003, "forbidden")),
+        ({"token": t1, "tenant_id": "bad id!"}, (4000, "invalid_tenant_id")),
+    ]
+    if path == WS_PATH:
+        cases += [
+            ({"token": make_token(None, roles=("operator",))}, (4000, "tenant_required")),
+            ({"token": t1, "last_event_id": "-1"}, (4000, "invalid_parameter")),
+            ({"token": t1, "device_id": "bad id"}, (4000, "invalid_parameter")),
+            ({"token": t1, "metric": "a,b c"}, (4000, "invalid_parameter")),
+        ]
+    for params, expected in cases:
+        assert await close_of(url, path, **params) == expected, params
+    await until_no_connections(url, pool)
+
+
+@BOTH
+async def test_origin_is_enforced(
+    settings: Settings, path: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    allowed = dataclasses.replace(settings, allowed_origins=("https://app.example",))
+    token = make_token("t1")
+    async with running_server(allowed) as base:
+        evil = {"Origin": "https://evil.example"}
+        assert await close_of(base, path, headers=evil, token=token) == (
+            4003,
+            "origin_not_allowed",
+        )
+        good = {"Origin": "https://app.example"}
+        async with open_ws(base, path, headers=good, token=token) as ws:
+            if path == WS_PATH:
+                assert (await recv(ws))["type"] == "connected"
+            else:
+                assert (await request(ws, {"action": "subscribe", "type": "alerts"}))["type"]
+        # Not from a browser page (no Origin): allowed.
+        async with open_ws(base, path, token=token) as ws:
+            await request(ws, '{"action": "ping"}')
+        await until_no_connections(base, pool)
+
+
+async def test_connection_limits_count_websockets_and_sse_together(
+    settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    limited = dataclasses.replace(settings, max_connections_per_tenant=3, max_connections=4)
+    t1 = make_token("t1")
+    async with (
+        running_server(limited) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as http,
+        http.stream("GET", SSE_PATH, headers={"Authorization": f"Bearer {t1}"}) as sse,
+        open_ws(base, WS_PATH, token=t1) as ws,
+        open_ws(base, V2_PATH, token=t1) as v2,
+    ):
+        await recv(ws)
+        await request(v2, {"action": "subscribe", "type": "fleet"})
+        sse_body = sse.aiter_bytes()  # kept: dropping the iterator would close the stream
+        await sse_body.__anext__()
+        assert await connection_count(base) == {
+            "total": 3,
+            "websocket": 1,
+            "sse": 1,
+            "legacy_v2": 1,
+        }
+        for path in (WS_PATH, V2_PATH):
+            assert await close_of(base, path, token=t1) == (4029, "connection_limit")
+        r = await http.get(SSE_PATH, headers={"Authorization": f"Bearer {t1}"})
+        assert r.status_code == 429
+        # Another tenant still has room on this process: one more, then the process is full.
+        async with open_ws(base, WS_PATH, token=make_token("t2")) as other:
+            await recv(other)
+            assert await close_of(base, V2_PATH, token=make_token("t3")) == (
+                4029,
+                "connection_limit",
+            )
+    async with running_server(limited) as base:
+        await until_no_connections(base, pool)
+
+
+@BOTH
+async def test_message_too_big_closes_1009(
+    url: str, path: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    token = make_token("t1")
+    for frame in ["x" * (64 * 1024 + 1), "😀" * 17_000, b"\x00" * (64 * 1024 + 1)]:
+        async with open_ws(url, path, token=token) as ws:
+            if path == WS_PATH:
+                await recv(ws)
+            await ws.send(frame)
+            code, _ = await closed(ws)
+            assert code == 1009
+    # At the limit: an answer, and the connection stays.
+    async with open_ws(url, path, token=token) as ws:
+        if path == WS_PATH:
+            await recv(ws)
+        reply = await request(ws, "x" * (64 * 1024))
+        assert reply["type"] == "error"
+        reply = await request(ws, '{"action": "' + "é" * 30_000 + '"}')
+        assert reply["type"] == "error"
+    await until_no_connections(url, pool)
+
+
+@BOTH
+async def test_invalid_utf8_closes_1007(
+    url: str, path: str, make_token: Callable[..., str]
+) -> None:
+    """Not JSON at all: the frame breaks RFC 6455, which requires failing the connection.
+    The close still comes as a close frame with the RFC's code, not a dropped socket."""
+    async with open_ws(url, path, token=make_token("t1")) as ws:
+        if path == WS_PATH:
+            await recv(ws)
+        await ws.send(b'{"action": "\xff\xfe"}', text=True)
+        code, _ = await closed(ws)
+        assert code == 1007
+    await until_no_connections(url)
+
+
+@BOTH
+async def test_a_normal_close_is_answered_1000(
+    url: str, path: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    async with open_ws(url, path, token=make_token("t1")) as ws:
+        if path == WS_PATH:
+            await recv(ws)
+        await ws.close(1000, "bye")
+        assert ws.close_code == 1000
+    await until_no_connections(url, pool)
+
+
+@BOTH
+async def test_internal_errors_close_1011(
+    url: str,
+    path: str,
+    pool: asyncpg.Pool,
+    make_token: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pulse.bus.store import EventStore
+
+    async def unreachable(*_args: object, **_kw: object) -> int:
+        raise DatabaseUnavailable("connection refused")
+
+    async def broken(*_args: object, **_kw: object) -> int:
+        raise RuntimeError("a bug")
+
+    await insert_readings(pool, "t1", [("d1", {"a": 1})])
+    for fake, reason in ((unreachable, "database_unavailable"), (broken, "internal_error")):
+        with monkeypatch.context() as patch:
+            if path == WS_PATH:
+                patch.setattr(EventStore, "newest_id", fake)
+                assert await close_of(url, path, token=make_token("t1")) == (1011, reason)
+            else:
+                patch.setattr("pulse.streams.legacy_v2.handler.fleet_summary", fake)
+                async with open_ws(url, path, token=make_token("t1")) as ws:
+                    await ws.send('{"action": "subscribe", "type": "fleet"}')
+                    assert await closed(ws) == (1011, reason)
+    await until_no_connections(url, pool)
+
+
+@BOTH
+async def test_server_restart_closes_1012(
+    settings: Settings, path: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        base = await stack.enter_async_context(running_server(settings))
+        async with open_ws(base, path, token=make_token("t1")) as ws:
+            if path == WS_PATH:
+                await recv(ws)
+            else:
+                await request(ws, {"action": "subscribe", "type": "alerts"})
+            stopping = asyncio.create_task(stack.aclose())
+            assert await closed(ws) == (1012, "server_restarting")
+            await stopping
+    assert await pool.fetchval("SELECT count(*) FROM stream_connections") == 0
+
+
+@BOTH
+async def test_a_client_that_stops_reading_is_closed_4008(
+    settings: Settings, path: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    small = dataclasses.replace(settings, queue_size=200, ws_ping_s=0.3)
+    async with running_server(small) as base:
+        await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+        token = make_token("t1")
+        # A fixed receive buffer and a client that buffers one message: what it does
+        # not read backs up into the server.
+        sock = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * 1024)
+        async with (
+            connect(
+                ws_url(base, path, token=token),
+                sock=sock,
+                max_queue=1,
+                max_size=None,
+                compression=None,  # repetitive events would compress to nothing
+            ) as slow,
+            open_ws(base, path, token=token) as fast,
+        ):
+            for ws in (slow, fast):
+                if path == WS_PATH:
+                    await recv(ws)
+                else:
+                    await request(ws, {"action": "subscribe", "type": "device", "device_id": "d1"})
+            fast_ids: list[int] = []
+
+            async def read_fast() -> None:
+                while len(fast_ids) < 2000:
+                    message = await recv(fast)
+                    if message["type"] == "telemetry":
+                        fast_ids.append(message["id"])
+
+            reader = asyncio.create_task(read_fast())
+            big = {f"m{i:03d}": float(i) for i in range(200)}  # ~4.5 kB per event
+            for _ in range(40):
+                await insert_readings(pool, "t1", [("d1", big)] * 50)
+            await asyncio.wait_for(reader, 30)
+            assert fast_ids == list(range(1, 2001))
+            reading = time.monotonic()
+            got: list[int] = []
+            code, reason = None, None
+            with contextlib.suppress(Exception):
+                while True:
+                    message = await recv(slow, timeout=20)
+                    if message["type"] == "telemetry":
+                        got.append(message["id"])
+            code, reason = slow.close_code, slow.close_reason
+            assert (code, reason) == (4008, "lagging")
+            # Promptly, once it reads: not only when the hub gives up on a stuck stream.
+            assert time.monotonic() - reading < LAGGING_GRACE_S / 2
+            assert got == list(range(1, len(got) + 1)) and len(got) < 2000
+        if path == WS_PATH:
+            # It resumes from its last id with nothing lost.
+            async with open_ws(base, path, token=token, last_event_id=got[-1]) as again:
+                await recv(again)
+                rest = [(await recv(again))["id"] for _ in range(2000 - len(got))]
+                assert got + rest == list(range(1, 2001))
+        async with httpx.AsyncClient(base_url=base) as http:
+            metrics = (await http.get("/metrics")).text
+        kind = "websocket" if path == WS_PATH else "legacy_v2"
+        assert f'pulse_lagging_disconnects_total{{kind="{kind}"}} 1.0' in metrics
+        await until_no_connections(base, pool)
