@@ -77,4 +77,3 @@ async def test_no_acknowledgement_before_commit(pool: asyncpg.Pool, token: str) 
     assert await stored_rows(pool) == len(acknowledged) == 20 - len(failed)
     after = await writer.write(one(token, 99))
     assert isinstance(after[0], Accepted)
-
