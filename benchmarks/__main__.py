@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -27,6 +28,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latest.json"))
     parser.add_argument("--database-url", default=None, help="admin URL of a server to use")
     args = parser.parse_args()
+    # A SIGTERM (a timeout) still stops the servers and the embedded database.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = list(SCENARIOS) if "all" in args.scenarios else args.scenarios
     unknown = set(names) - set(SCENARIOS)
     if unknown:

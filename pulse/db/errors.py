@@ -22,6 +22,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    # Raised by the pool when it cannot reset or release a connection whose
+    # server went away mid-transaction.
+    asyncpg.InternalClientError,
 )
 
 CONNECTION_ERRORS_OR_TIMEOUT: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
