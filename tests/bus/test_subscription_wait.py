@@ -60,3 +60,20 @@ async def test_taking_signals_does_not_hide_lagging_or_closing() -> None:
     assert await closing.wait(0.01) is True
     with pytest.raises(Closing):
         closing.take()
+
+
+async def test_events_that_arrive_as_the_timeout_fires_are_reported() -> None:
+    """The timeout has fired but the waiting task has not run yet when events come in:
+    wait reports them, so the stream does not announce an idle position past them."""
+    subscription = Subscription("t1", Filters(), kind="test", limit=10)
+    waiting = asyncio.create_task(subscription.wait(0.05))
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 0.05
+    # Block the loop past the deadline, so the timeout fires before the task resumes...
+    while loop.time() < deadline + 0.01:
+        pass
+    await asyncio.sleep(0)  # ...the timeout's callback runs and cancels the wait
+    subscription.offer(events(1, 2))  # then, before the task resumes, events arrive
+    assert await waiting is True
+    assert subscription.position == 2 and len(subscription.take()) == 2
