@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from quart import Blueprint, websocket
 
@@ -149,6 +148,5 @@ async def _pump(
             data = event.encode()
             if data is not None:
                 await connection.send(data)
-        effects: list[Any] = session.signals(subscription.take_signals())
-        effects += session.due(time.monotonic())
-        await pushes.carry_out(effects)
+        signals = subscription.take_signals()
+        await pushes.carry_out(session.signals(signals) + session.due(time.monotonic()))
