@@ -78,35 +78,23 @@ class StreamCounter:
                 self.samples.append((int(ids[-1]), now))
 
     async def sse(self, url: str, path: str, token: str, last_event_id: int | None = None) -> None:
-        parts = urlsplit(url)
-        try:
-            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        except OSError as exc:
-            self.failed = str(exc)
-            self.connected.set()
-            return
         extra = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id is not None else ""
         auth = f"Authorization: Bearer {token}\r\n"
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}{extra}\r\n".encode())
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200"):
-                self.failed = head[:40].decode(errors="replace")
-                return
-            self.connected.set()
-            while True:
-                chunk = await reader.read(262144)
-                if not chunk:
-                    return
-                self._count(chunk, time.perf_counter())
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            self.failed = self.failed or repr(exc)
-        finally:
-            self.connected.set()
-            writer.close()
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}{extra}\r\n".encode()
+        await self._follow(url, request, b"HTTP/1.1 200")
 
     async def websocket(self, url: str, path: str) -> None:
-        """A raw WebSocket client (no masking needed from server to client)."""
+        """A raw WebSocket client: frames are not parsed, text payloads are counted by
+        their marker (server-to-client frames are not masked)."""
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        await self._follow(url, request, b"HTTP/1.1 101")
+
+    async def _follow(self, url: str, request: bytes, expected_status: bytes) -> None:
+        """Send ``request``, then count what arrives until the server closes."""
         parts = urlsplit(url)
         try:
             reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
@@ -114,16 +102,10 @@ class StreamCounter:
             self.failed = str(exc)
             self.connected.set()
             return
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            (
-                f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
+        writer.write(request)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 101"):
+            if not head.startswith(expected_status):
                 self.failed = head[:40].decode(errors="replace")
                 return
             self.connected.set()
@@ -131,7 +113,6 @@ class StreamCounter:
                 chunk = await reader.read(262144)
                 if not chunk:
                     return
-                # Frames are not parsed: text payloads are counted by their marker.
                 self._count(chunk, time.perf_counter())
         except (OSError, asyncio.IncompleteReadError) as exc:
             self.failed = self.failed or repr(exc)
