@@ -81,7 +81,11 @@ async def test_backends_terminated_under_load(
     await admin.close()
     stored = [r["id"] for r in await pool.fetch("SELECT id FROM telemetry ORDER BY id")]
     # Every 201 is a stored row; ids stay dense; the stream got every row exactly once.
-    assert sorted(acknowledged) == stored == list(range(1, len(stored) + 1))
+    # (The reverse need not hold: when a backend dies just after COMMIT, the row is
+    # stored but its request got a 503. That is the ambiguity of any lost commit
+    # acknowledgement; a device that retries sends the same `seq`.)
+    assert set(acknowledged) <= set(stored)
+    assert stored == list(range(1, len(stored) + 1))
     assert client.ids == stored
-    assert statuses.get(201, 0) == len(stored)
+    assert len(stored) - len(acknowledged) <= statuses.get(503, 0)
     assert statuses.get(503, 0) > 0, statuses
