@@ -9,6 +9,8 @@ import re
 import time
 from urllib.parse import urlsplit
 
+import orjson
+
 _STATUS = re.compile(rb"HTTP/1\.1 (\d{3})")
 _LENGTH = re.compile(rb"\r\ncontent-length: (\d+)", re.IGNORECASE)
 _EVENT_ID = re.compile(rb'"type":"telemetry","id":(\d+)')
@@ -49,6 +51,21 @@ class HttpConnection:
         length = _LENGTH.search(head)
         body = await self._reader.readexactly(int(length[1])) if length else b""
         return (int(status[1]) if status else 0), body
+
+
+async def post_batches(url: str, bodies: list[bytes], stop: float) -> int:
+    """POST the batch bodies in turn on one connection until ``stop``; return readings accepted."""
+    conn = await HttpConnection(url).open()
+    requests = [conn.build("POST", "/ingest/v1/batch", body) for body in bodies]
+    accepted = 0
+    i = 0
+    while time.perf_counter() < stop:
+        status, payload = await conn.exchange(requests[i % len(requests)])
+        assert status == 200, (status, payload[:200])
+        accepted += orjson.loads(payload)["accepted"]
+        i += 1
+    await conn.close()
+    return accepted
 
 
 class StreamCounter:

@@ -27,7 +27,7 @@ import httpx
 import orjson
 
 from benchmarks.harness import Postgres, PulseServer, provision, token
-from benchmarks.loadgen import HttpConnection
+from benchmarks.loadgen import HttpConnection, post_batches
 
 TENANTS_PER_SIDE = 4
 DEVICES_PER_TENANT = 20
@@ -113,23 +113,12 @@ async def batch_round(
         return orjson.dumps({"messages": messages})
 
     bodies = [body() for _ in range(8)]
-    accepted = 0
-
-    async def client(stop: float) -> None:
-        nonlocal accepted
-        conn = await HttpConnection(url).open()
-        requests = [conn.build("POST", "/ingest/v1/batch", b) for b in bodies]
-        i = 0
-        while time.perf_counter() < stop:
-            status, payload = await conn.exchange(requests[i % len(requests)])
-            assert status == 200, (status, payload[:200])
-            accepted += orjson.loads(payload)["accepted"]
-            i += 1
-        await conn.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(client(started + seconds) for _ in range(BATCH_CLIENTS)))
-    return accepted / (time.perf_counter() - started)
+    counts = await asyncio.gather(
+        *(post_batches(url, bodies, started + seconds) for _ in range(BATCH_CLIENTS))
+    )
+    return sum(counts) / (time.perf_counter() - started)
 
 
 async def single_round(

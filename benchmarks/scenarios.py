@@ -19,7 +19,7 @@ from benchmarks.harness import (
     provision,
     token,
 )
-from benchmarks.loadgen import HttpConnection, StreamCounter
+from benchmarks.loadgen import HttpConnection, StreamCounter, post_batches
 
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
 WS_PATH = "/api/v1/customer/telemetry/stream"
@@ -65,24 +65,13 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
             return orjson.dumps({"messages": messages})
 
         bodies = [body() for _ in range(8)]
-        accepted = 0
-
-        async def client(stop: float) -> None:
-            nonlocal accepted
-            conn = await HttpConnection(server.url).open()
-            requests = [conn.build("POST", "/ingest/v1/batch", b) for b in bodies]
-            i = 0
-            while time.perf_counter() < stop:
-                status, payload = await conn.exchange(requests[i % len(requests)])
-                assert status == 200, (status, payload[:200])
-                accepted += orjson.loads(payload)["accepted"]
-                i += 1
-            await conn.close()
 
         with cpu_meter([server.proc.pid] if server.proc else []) as cpu:
             stop = time.perf_counter() + seconds
-            await asyncio.gather(*(client(stop) for _ in range(clients)))
-        http_rate = accepted / cpu["wall_s"]
+            counts = await asyncio.gather(
+                *(post_batches(server.url, bodies, stop) for _ in range(clients))
+            )
+        http_rate = sum(counts) / cpu["wall_s"]
 
     ceiling = await _direct_sql_ceiling(pg, tenants, seconds, clients, batch)
     label = f"batch ingest, {tenant_count} tenant{'s' if tenant_count > 1 else ''}"
