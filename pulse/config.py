@@ -48,6 +48,8 @@ class Settings:
     shutdown_timeout_s: float = 10.0
     ingest_rate_per_device: float = 100.0
     ingest_burst_per_device: int = 200
+    ingest_rate_per_tenant: float = 10_000.0
+    ingest_burst_per_tenant: int = 20_000
     # Concurrent single-reading requests of one tenant share one transaction.
     group_commit: bool = True
     db_pool_size: int = 10

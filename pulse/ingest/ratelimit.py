@@ -1,11 +1,15 @@
-"""Per-device token buckets, in process, with memory bounded by evicting idle buckets."""
+"""Ingest admission: token buckets per device and per tenant, in process, with memory
+bounded by evicting idle buckets."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Hashable
+
+from pulse.ingest.model import RATE_LIMITED, Rejected
 
 
 @dataclasses.dataclass(slots=True)
@@ -60,6 +64,12 @@ class RateLimiter:
             return 0.0
         return (1.0 - bucket.tokens) / self.rate
 
+    def refund(self, key: Hashable) -> None:
+        """Give back a token taken by ``acquire`` (the message was refused elsewhere)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
+
     def __len__(self) -> int:
         return len(self._buckets)
 
@@ -69,3 +79,34 @@ class RateLimiter:
             if now - oldest.updated < self._refill_s and len(self._buckets) < self._max_keys:
                 return
             self._buckets.popitem(last=False)
+
+
+class Admission:
+    """A message is admitted when both its device's and its tenant's buckets have a token.
+
+    A message refused by the tenant's bucket gives its device's token back, so
+    a busy tenant does not also eat into the budget of each of its devices.
+    """
+
+    def __init__(self, per_device: RateLimiter, per_tenant: RateLimiter) -> None:
+        self.per_device = per_device
+        self.per_tenant = per_tenant
+
+    def __call__(self, device: tuple[str, str]) -> Rejected | None:
+        """None admits the message; a refusal says which limit and how long to wait."""
+        wait_s = self.per_device.acquire(device)
+        if wait_s > 0:
+            return _limited("This device", wait_s)
+        wait_s = self.per_tenant.acquire(device[0])
+        if wait_s > 0:
+            self.per_device.refund(device)
+            return _limited("This tenant", wait_s)
+        return None
+
+
+def _limited(who: str, wait_s: float) -> Rejected:
+    return Rejected(
+        RATE_LIMITED,
+        f"{who} is sending faster than its ingest rate limit; retry in {math.ceil(wait_s)} s.",
+        retry_after_s=wait_s,
+    )

@@ -26,7 +26,7 @@ from pulse.ingest.model import (
     Rejected,
     Submission,
 )
-from pulse.ingest.ratelimit import RateLimiter
+from pulse.ingest.ratelimit import Admission, RateLimiter
 from pulse.ingest.writer import TelemetryWriter
 
 blueprint = Blueprint("ingest", __name__)
@@ -54,11 +54,17 @@ def ingest_writer() -> TelemetryWriter:
     writer = extensions.get(_WRITER)
     if writer is None:
         rt = runtime()
-        limiter = RateLimiter(
-            rt.settings.ingest_rate_per_device, rt.settings.ingest_burst_per_device
+        settings = rt.settings
+        admit = Admission(
+            per_device=RateLimiter(
+                settings.ingest_rate_per_device, settings.ingest_burst_per_device
+            ),
+            per_tenant=RateLimiter(
+                settings.ingest_rate_per_tenant, settings.ingest_burst_per_tenant
+            ),
         )
         writer = extensions[_WRITER] = TelemetryWriter(
-            rt.pool, admit=limiter.acquire, group_commit=rt.settings.group_commit
+            rt.pool, admit=admit, group_commit=settings.group_commit
         )
     return cast(TelemetryWriter, writer)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -18,7 +17,6 @@ from pulse.db.queries import load_queries
 from pulse.ingest.gates import KeyedLocks
 from pulse.ingest.model import (
     INVALID_DEVICE_TOKEN,
-    RATE_LIMITED,
     UNKNOWN_DEVICE,
     Accepted,
     Outcome,
@@ -31,9 +29,9 @@ Q = load_queries(__package__)
 
 Device = tuple[str, str]  # (tenant_id, device_id)
 
-# Admission control, asked once per authenticated message: 0 admits it, a
-# positive number rejects it as rate_limited with that many seconds to wait.
-Admit = Callable[[Device], float]
+# Admission control, asked once per authenticated message: None admits it, a
+# Rejected (rate_limited, with the seconds to wait) refuses it.
+Admit = Callable[[Device], Rejected | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,15 +187,8 @@ class TelemetryWriter:
                         "The provision token does not match this device.",
                     )
                 )
-            elif (wait_s := self._admit(submission.device) if self._admit else 0.0) > 0:
-                outcomes.append(
-                    Rejected(
-                        RATE_LIMITED,
-                        "This device is sending faster than its rate limit; "
-                        f"retry in {math.ceil(wait_s)} s.",
-                        retry_after_s=wait_s,
-                    )
-                )
+            elif self._admit and (refusal := self._admit(submission.device)):
+                outcomes.append(refusal)
             else:
                 outcomes.append(None)
         return outcomes

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pulse.ingest.ratelimit import RateLimiter
+from pulse.ingest.ratelimit import Admission, RateLimiter
 
 
 class Clock:
@@ -72,3 +72,44 @@ def test_hard_cap_on_keys() -> None:
 def test_invalid_settings(rate: float, burst: int) -> None:
     with pytest.raises(ValueError):
         RateLimiter(rate=rate, burst=burst)
+
+
+def admission(clock: Clock, *, device_burst: int, tenant_burst: int) -> Admission:
+    return Admission(
+        per_device=RateLimiter(rate=1.0, burst=device_burst, clock=clock),
+        per_tenant=RateLimiter(rate=1.0, burst=tenant_burst, clock=clock),
+    )
+
+
+def test_a_tenant_is_limited_across_its_devices() -> None:
+    admit = admission(Clock(), device_burst=5, tenant_burst=3)
+    assert [admit(("t1", f"d{i}")) for i in range(3)] == [None, None, None]
+    refusal = admit(("t1", "d3"))
+    assert refusal is not None
+    assert refusal.reason == "rate_limited"
+    assert refusal.retry_after_s == pytest.approx(1.0)
+    assert "tenant" in refusal.detail
+    # Another tenant has its own budget.
+    assert admit(("t2", "d0")) is None
+
+
+def test_a_device_is_limited_before_its_tenant_is_charged() -> None:
+    clock = Clock()
+    admit = admission(clock, device_burst=2, tenant_burst=3)
+    assert [admit(("t1", "d1")) for _ in range(2)] == [None, None]
+    refusal = admit(("t1", "d1"))
+    assert refusal is not None and "device" in refusal.detail
+    # The device's refusals did not spend the tenant's last token.
+    assert admit(("t1", "d2")) is None
+    assert admit(("t1", "d3")) is not None
+
+
+def test_a_tenant_refusal_gives_the_device_its_token_back() -> None:
+    clock = Clock()
+    admit = admission(clock, device_burst=2, tenant_burst=2)
+    assert admit(("t1", "d1")) is None
+    assert admit(("t1", "d2")) is None
+    for _ in range(10):
+        assert admit(("t1", "d1")) is not None  # the tenant is out, d1 still has one
+    clock.now += 1.0  # one tenant token back
+    assert admit(("t1", "d1")) is None

@@ -287,6 +287,48 @@ async def test_rate_limit(settings: Settings, pool: asyncpg.Pool, token: str) ->
     assert await stored_rows(pool) == 6
 
 
+async def test_tenant_rate_limit(settings: Settings, pool: asyncpg.Pool, token: str) -> None:
+    limited = dataclasses.replace(settings, ingest_burst_per_tenant=3, ingest_rate_per_tenant=0.25)
+    second = await provision_device(pool, "t1", "dev-2")
+    other_tenant = await provision_device(pool, "t2", "dev-1")
+    async with running_server(limited) as url, httpx.AsyncClient(base_url=url) as http:
+        for device, device_token in [("dev-1", token), ("dev-2", second), ("dev-1", token)]:
+            ok = await http.post(
+                telemetry_url(device=device),
+                json={"metrics": {"v": 1}},
+                headers={"X-Provision-Token": device_token},
+            )
+            assert ok.status_code == 201
+        # dev-2 has sent one reading, far under its own limit: the tenant is over.
+        over = await http.post(
+            telemetry_url(device="dev-2"),
+            json={"metrics": {"v": 1}},
+            headers={"X-Provision-Token": second},
+        )
+        assert_error(over, 429, "rate_limited")
+        assert "tenant" in over.json()["detail"]
+        assert int(over.headers["Retry-After"]) >= 1
+        mixed = await http.post(
+            BATCH,
+            json={
+                "messages": [
+                    {
+                        "tenant_id": t,
+                        "device_id": "dev-1",
+                        "provision_token": tok,
+                        "metrics": {"v": 1},
+                    }
+                    for t, tok in [("t1", token), ("t2", other_tenant), ("t2", other_tenant)]
+                ]
+            },
+        )
+        results = mixed.json()["results"]
+        assert [r["status"] for r in results] == ["rejected", "accepted", "accepted"]
+        assert results[0]["reason"] == "rate_limited"
+    assert await pool.fetchval("SELECT count(*) FROM telemetry WHERE tenant_id = 't1'") == 3
+    assert await pool.fetchval("SELECT count(*) FROM telemetry WHERE tenant_id = 't2'") == 2
+
+
 async def test_heartbeat_marks_device_seen_and_stores_nothing(
     http: httpx.AsyncClient, pool: asyncpg.Pool, token: str
 ) -> None:

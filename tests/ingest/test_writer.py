@@ -84,9 +84,9 @@ async def test_admission_is_asked_only_for_authenticated_messages(
 ) -> None:
     asked: list[tuple[str, str]] = []
 
-    def admit(device: tuple[str, str]) -> float:
+    def admit(device: tuple[str, str]) -> Rejected | None:
         asked.append(device)
-        return 2.5 if len(asked) > 1 else 0.0
+        return Rejected("rate_limited", "slow down", retry_after_s=2.5) if len(asked) > 1 else None
 
     writer = TelemetryWriter(pool, admit=admit)
     outcomes = await writer.write(
