@@ -102,11 +102,16 @@ class StreamCounter:
 
     async def websocket(self, url: str, path: str) -> None:
         """A raw WebSocket client: frames are not parsed, text payloads are counted by
-        their marker (server-to-client frames are not masked)."""
+        their marker (server-to-client frames are not masked).
+
+        It offers permessage-deflate as browsers do: a server that accepted it
+        would compress the frames and the markers would not be found.
+        """
         key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
         ).encode()
         await self._follow(url, request, b"HTTP/1.1 101")
 

@@ -222,3 +222,22 @@ async def test_tenant_isolation_and_operators(
         assert event["id"] == b_id and event["data"]["metrics"] == {"b": 1}  # type: ignore[index]
         # An operator's auth refresh must keep the same tenant (the connection's tenant_id).
         assert (await request(op, {"action": "auth", "token": operator}))["type"] == "auth_ok"
+
+
+async def test_compression_offered_by_the_client_is_refused(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    # `websockets` offers permessage-deflate, as browsers do; accepting it would
+    # cost each connection a zlib state (~100 KiB) and a compression per message.
+    for path, action, answer in [
+        ("/api/v1/customer/telemetry/stream", {"action": "ping"}, "pong"),
+        ("/api/v2/ws", {"action": "subscribe", "type": "alerts"}, "subscribed"),
+    ]:
+        async with open_ws(url, path, token=make_token("t1")) as ws:
+            assert ws.request is not None and ws.response is not None
+            assert "permessage-deflate" in ws.request.headers["Sec-WebSocket-Extensions"]
+            assert "Sec-WebSocket-Extensions" not in ws.response.headers
+            assert ws.protocol.extensions == []
+            while (reply := await request(ws, action))["type"] == "connected":
+                pass
+            assert reply["type"] == answer  # plain frames both ways
