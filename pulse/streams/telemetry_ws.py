@@ -137,10 +137,8 @@ async def _write(connection: Connection, stream: TelemetryStream, started: async
     async for item in stream.items():
         if isinstance(item, list):
             metrics = stream.filters.metrics
-            for event in item:
-                data = event.encode(metrics)
-                if data is not None:
-                    await connection.send(data)
+            encoded = [event.encode(metrics) for event in item]
+            await connection.send_many([data for data in encoded if data is not None])
         elif isinstance(item, Started):
             await connection.send(
                 connected_message(stream.tenant_id, stream.filters, item.newest_id)

@@ -63,7 +63,10 @@ class ResumingWsClient:
             self.base_url, WS_PATH, token=self.token, last_event_id=self.last_id, **self.params
         )
         with contextlib.suppress(ConnectionClosed, OSError):
-            async with connect(url, open_timeout=10) as ws:
+            # A client that stops reading with events in flight has paused its
+            # socket, so it cannot see the server's close frame: its clean close
+            # waits close_timeout (10 s by default) and then aborts.
+            async with connect(url, open_timeout=10, close_timeout=1) as ws:
                 connected = json.loads(await ws.recv())
                 assert connected["type"] == "connected", connected
                 for action in self.actions:  # resubscribe, as a reconnecting client does

@@ -144,9 +144,7 @@ async def _pump(
             raise Close(LAGGING, "lagging") from None
         except Closing:
             raise Close(SERVER_RESTARTING, "server_restarting") from None
-        for event in events:
-            data = event.encode()
-            if data is not None:
-                await connection.send(data)
+        encoded = [event.encode() for event in events]
+        await connection.send_many([data for data in encoded if data is not None])
         signals = subscription.take_signals()
         await pushes.carry_out(session.signals(signals) + session.due(time.monotonic()))
