@@ -8,7 +8,7 @@ Checks run shape first (``invalid_payload``), then token presence
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 
@@ -47,7 +47,7 @@ def batch(body: bytes, received_at: datetime) -> list[Item] | Rejected:
 
 
 def _messages(envelope: object) -> list[object]:
-    if not isinstance(envelope, Mapping) or set(envelope) != {"messages"}:
+    if not isinstance(envelope, dict) or set(envelope) != {"messages"}:
         raise InvalidPayload('The body must be a JSON object {"messages": [...]}.')
     messages = envelope["messages"]
     if not isinstance(messages, list):
@@ -60,7 +60,7 @@ def _messages(envelope: object) -> list[object]:
 
 
 def _message(message: object, received_at: datetime) -> Item:
-    if not isinstance(message, Mapping):
+    if not isinstance(message, dict):
         return Rejected(INVALID_PAYLOAD, "A message must be a JSON object.")
     fields = dict(message)
     tenant_id = fields.pop("tenant_id", None)

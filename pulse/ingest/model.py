@@ -14,7 +14,7 @@ PAYLOAD_TOO_LARGE = "payload_too_large"
 RATE_LIMITED = "rate_limited"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # not frozen: see validation.Reading
 class Submission:
     """One authenticated-to-be message: a reading, or a heartbeat when ``reading`` is None."""
 
@@ -28,7 +28,7 @@ class Submission:
         return (self.tenant_id, self.device_id)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class Accepted:
     """Committed. ``event_id`` is the stored row's id; None for a heartbeat."""
 

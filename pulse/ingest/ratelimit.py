@@ -49,16 +49,17 @@ class RateLimiter:
     def acquire(self, key: Hashable) -> float:
         """Take one token for ``key``: 0.0 when allowed, else the seconds until one is available."""
         now = self._clock()
-        self._evict(now)
-        bucket = self._buckets.pop(key, None)
+        buckets = self._buckets
+        bucket = buckets.get(key)
         if bucket is None:
-            bucket = _Bucket(tokens=float(self.burst), updated=now)
+            self._evict(now)
+            bucket = buckets[key] = _Bucket(tokens=float(self.burst), updated=now)
         else:
             bucket.tokens = min(
                 float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate
             )
             bucket.updated = now
-        self._buckets[key] = bucket
+            buckets.move_to_end(key)
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return 0.0

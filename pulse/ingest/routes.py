@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import cast
 
+import orjson
 from quart import Blueprint, Response, current_app, jsonify, request
 from quart_schema import document, tag_blueprint
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -138,15 +139,15 @@ async def batch() -> Response:
         return _respond(outcome)
     outcomes = await _ingest(items, receipt)
     accepted = sum(isinstance(outcome, Accepted) for outcome in outcomes)
-    response = jsonify(
-        {
-            "accepted": accepted,
-            "rejected": len(outcomes) - accepted,
-            "results": [_result(i, outcome) for i, outcome in enumerate(outcomes)],
-        }
+    summary = {
+        "accepted": accepted,
+        "rejected": len(outcomes) - accepted,
+        "results": [_result(i, outcome) for i, outcome in enumerate(outcomes)],
+    }
+    # orjson: a thousand results take the standard library's encoder a while.
+    return Response(
+        orjson.dumps(summary), status=200 if accepted else 400, content_type="application/json"
     )
-    response.status_code = 200 if accepted else 400
-    return response
 
 
 async def _read_body() -> bytes | Rejected:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -34,7 +33,10 @@ class InvalidPayload(ValueError):
         self.detail = detail
 
 
-@dataclasses.dataclass(frozen=True)
+# slots, not frozen, for this and the other per-reading records of the write path
+# (model.py, writer.py): a frozen dataclass takes about 1 µs to build against 0.26 µs,
+# and a 500-reading batch builds four per reading. Nothing mutates them.
+@dataclasses.dataclass(slots=True)
 class Reading:
     device_time: datetime
     metrics: dict[str, MetricValue]
@@ -52,7 +54,7 @@ def decode_json(body: bytes) -> object:
 
 def parse_reading(body: object, received_at: datetime) -> Reading:
     """``{"ts"?, "metrics", "seq"?}`` -> Reading; a missing ts is ``received_at`` (UTC)."""
-    if not isinstance(body, Mapping):
+    if not isinstance(body, dict):
         raise InvalidPayload(f"A reading must be a JSON object, not {_json_kind(body)}.")
     # Unknown fields are refused rather than ignored, so that a typo such as
     # "timestamp" for "ts" is reported instead of silently using server time.
@@ -96,7 +98,7 @@ def parse_time(value: object, *, received_at: datetime) -> datetime:
 def parse_metrics(value: object) -> dict[str, MetricValue]:
     if value is None:
         raise InvalidPayload("metrics is missing; send an object of metric names to values.")
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict):
         raise InvalidPayload(f"metrics must be a JSON object, not {_json_kind(value)}.")
     if not value:
         raise InvalidPayload("metrics is empty; send at least one metric.")
@@ -146,7 +148,7 @@ def _json_kind(value: object) -> str:
         return "a boolean"
     if isinstance(value, str):
         return "a string"
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return "an object"
     if isinstance(value, list | tuple):
         return "an array"

@@ -34,7 +34,7 @@ Device = tuple[str, str]  # (tenant_id, device_id)
 Admit = Callable[[Device], Rejected | None]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # not frozen: see validation.Reading
 class WrittenEvent:
     tenant_id: str
     id: int
@@ -175,19 +175,27 @@ class TelemetryWriter:
             Q["device_token_hashes"], [d[0] for d in devices], [d[1] for d in devices]
         )
         hashes = {(row["tenant_id"], row["device_id"]): row["token_hash"] for row in rows}
+        # A batch repeats each device's token: check each pair once.
+        matches: dict[tuple[str, str, str], bool] = {}
         outcomes: list[Outcome | None] = []
         for submission in submissions:
-            stored_hash = hashes.get(submission.device)
+            device = submission.device
+            stored_hash = hashes.get(device)
+            pair = (*device, submission.token)
             if stored_hash is None:
-                outcomes.append(Rejected(UNKNOWN_DEVICE, _unknown(submission.device)))
-            elif not device_token_matches(submission.token, stored_hash):
+                outcomes.append(Rejected(UNKNOWN_DEVICE, _unknown(device)))
+            elif not (
+                matches[pair]
+                if pair in matches
+                else matches.setdefault(pair, device_token_matches(submission.token, stored_hash))
+            ):
                 outcomes.append(
                     Rejected(
                         INVALID_DEVICE_TOKEN,
                         "The provision token does not match this device.",
                     )
                 )
-            elif self._admit and (refusal := self._admit(submission.device)):
+            elif self._admit and (refusal := self._admit(device)):
                 outcomes.append(refusal)
             else:
                 outcomes.append(None)

@@ -44,12 +44,6 @@ def test_full_reading() -> None:
     assert reading.seq == 7
 
 
-def test_reading_is_frozen() -> None:
-    reading = parse({"metrics": {"a": 1}})
-    with pytest.raises(AttributeError):
-        reading.seq = 3  # type: ignore[misc]
-
-
 def test_null_ts_and_seq_mean_absent() -> None:
     assert parse({"metrics": {"a": 1}, "ts": None, "seq": None}) == Reading(NOW, {"a": 1}, None)
 
