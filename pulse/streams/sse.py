@@ -12,6 +12,7 @@ from pulse.auth.http import authenticate_request, request_tenant
 from pulse.bus.events import TelemetryEvent
 from pulse.db.errors import DatabaseUnavailable
 from pulse.errors import ApiError
+from pulse.streams.direct import CHUNKS, Send, direct_send
 from pulse.streams.limits import LimitReached
 from pulse.streams.params import BadParameter, parse_event_id, parse_filters
 from pulse.streams.telemetry import End, Idle, Reset, Started, TelemetryStream
@@ -53,17 +54,25 @@ async def telemetry_sse() -> Response:
         idle_s=rt.settings.sse_keepalive_s,
         expires_at=principal.expires_at.timestamp(),
     )
-    response = Response(_body(rt, stream), status=200, headers=HEADERS)
+    send_chunk = direct_send(request.scope, CHUNKS)
+    response = Response(_body(rt, stream, send_chunk), status=200, headers=HEADERS)
     response.timeout = None  # a stream has no response deadline
     return response
 
 
-async def _body(rt: Runtime, stream: TelemetryStream) -> AsyncIterator[bytes]:
+async def _body(
+    rt: Runtime, stream: TelemetryStream, send_chunk: Send | None
+) -> AsyncIterator[bytes]:
     try:
         async with rt.limits.hold("sse", stream.tenant_id):
+            # The first chunk goes the ASGI way: once it is out, the response
+            # has started and further chunks may be written directly.
             yield b"retry: %d\n\n" % RETRY_MS
             async for chunk in _frames(stream):
-                yield chunk
+                if send_chunk is None:
+                    yield chunk
+                else:
+                    await send_chunk(chunk)
     except LimitReached:
         # Lost a race for the last slot between the check and the start of the body.
         yield b'event: error\ndata: {"reason":"connection_limit"}\n\n'

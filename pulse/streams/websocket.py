@@ -23,6 +23,7 @@ from pulse.app import runtime
 from pulse.auth.http import websocket_close_code
 from pulse.db.errors import DatabaseUnavailable
 from pulse.errors import ApiError
+from pulse.streams.direct import FRAMES, direct_send, text_frame
 from pulse.streams.limits import LimitReached
 from pulse.streams.messages import MAX_INBOUND_BYTES
 
@@ -44,10 +45,6 @@ LIMIT_REACHED = 4029
 OUTBOX_SIZE = 256
 # How long a close frame may wait for a client that stopped reading.
 CLOSE_TIMEOUT_S = 5.0
-
-# The ASGI scope extension through which our server takes ready-made frames
-# (see _write_frames_directly); its "send" is an async callable taking bytes.
-FRAMES_EXTENSION = "pulse.websocket.frames"
 
 # How a telemetry stream's End reason closes a WebSocket.
 END_CLOSES = {
@@ -75,10 +72,7 @@ class Connection:
         self._outbox: asyncio.Queue[bytes] | None = None
         self._sender: asyncio.Task[None] | None = None
         self.closed = False
-        extension = websocket.scope.get("extensions", {}).get(FRAMES_EXTENSION)
-        self._send_frames: Callable[[bytes], Awaitable[None]] | None = (
-            extension["send"] if extension else None
-        )
+        self._send_frames = direct_send(websocket.scope, FRAMES)
 
     async def send(self, message: bytes | dict[str, Any]) -> None:
         """Send one JSON message as a text frame (browsers read binary frames as Blobs)."""
@@ -194,16 +188,6 @@ async def serve_websocket(
     await connection.close(code, reason)
 
 
-def text_frame(payload: bytes) -> bytes:
-    """An unfragmented, unmasked text frame (RFC 6455 section 5.2), as a server sends it."""
-    size = len(payload)
-    if size < 126:
-        return b"\x81%c%b" % (size, payload)
-    if size < 1 << 16:
-        return b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), payload)
-    return b"\x81\x7f%b%b" % (size.to_bytes(8, "big"), payload)
-
-
 def check_origin(origin: str | None, allowed: tuple[str, ...]) -> None:
     """With PULSE_ALLOWED_ORIGINS set, a browser page from any other origin is refused.
 
@@ -267,50 +251,5 @@ def _refuse_compression() -> None:
     ws_stream.PerMessageDeflate = _Refused  # type: ignore[attr-defined]
 
 
-def _write_frames_directly() -> None:
-    """Let a handler hand hypercorn several ready-made frames to write at once.
-
-    Through ASGI, each message is one ``websocket.send``: one pass through
-    Quart, hypercorn and wsproto and one socket write per message per
-    subscriber, three to five times the cost of an SSE delivery, where a batch
-    of events is one write. The stream advertises ``FRAMES_EXTENSION`` in the
-    scope with a ``send`` that writes bytes of whole frames straight to the
-    connection, under the same lock as every other write, so frames never
-    interleave. That is sound because no extension is ever negotiated (see
-    _refuse_compression): a frame's bytes depend on its payload only, and
-    wsproto keeps no state for unfragmented outgoing messages. A handler that
-    does not find the extension (another server) sends message by message.
-    """
-    from hypercorn.protocol import h11, ws_stream
-    from hypercorn.protocol.events import Data
-    from hypercorn.protocol.ws_stream import ASGIWebsocketState
-
-    base = ws_stream.WSStream
-    if getattr(base, "pulse_writes_frames", False):
-        return
-
-    class _WSStream(base):  # type: ignore[misc, valid-type]
-        pulse_writes_frames = True
-
-        async def handle(self, event: Any) -> None:
-            await super().handle(event)
-            scope = getattr(self, "scope", None)
-            if scope is not None and FRAMES_EXTENSION not in scope["extensions"]:
-                # The app task is spawned above but has not run yet; had it, it
-                # would only miss the extension and send message by message.
-                scope["extensions"][FRAMES_EXTENSION] = {"send": self._send_frames}
-
-        async def _send_frames(self, frames: bytes) -> None:
-            if self.closed or self.state != ASGIWebsocketState.CONNECTED:
-                return  # as for websocket.send after the close: nothing to write to
-            if self.connection._proto.extensions:
-                raise RuntimeError("a WebSocket extension was negotiated; frames would differ")
-            await self.send(Data(stream_id=self.stream_id, data=frames))
-
-    ws_stream.WSStream = _WSStream  # type: ignore[misc]
-    h11.WSStream = _WSStream  # type: ignore[attr-defined]
-
-
 _close_protocol_errors_properly()
 _refuse_compression()
-_write_frames_directly()
