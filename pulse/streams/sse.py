@@ -90,6 +90,11 @@ async def _frames(stream: TelemetryStream) -> AsyncIterator[bytes]:
             last_sent = item[-1].id
         elif isinstance(item, Started):
             if last_sent is None:
+                # A live stream's resume point from the start: a block with an id
+                # and no data sets EventSource.lastEventId without an event (WHATWG
+                # HTML, "dispatch the event"), so a client that drops before the
+                # first event resumes from here instead of missing what came between.
+                yield b"id: %d\n\n" % item.newest_id
                 last_sent = item.newest_id
         elif isinstance(item, Idle):
             if last_sent is None or item.position > last_sent:

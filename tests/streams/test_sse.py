@@ -119,6 +119,19 @@ async def test_wire_format_is_exact(
             body = await read_body(r, b"data: {}\n\n")
             assert b"event: heartbeat\nid: %d\ndata: {}\n\n" % ids[-1] in body
 
+        # A live stream says where it starts: a client that drops before any event
+        # resumes from there and misses nothing committed in between.
+        async with client.stream("GET", SSE_PATH, headers=auth(make_token("t1"))) as r:
+            body = await read_body(r, b"id: %d\n\n" % ids[-1])
+            assert body == b"retry: 2000\n\nid: %d\n\n" % ids[-1]
+        between = await insert_readings(pool, "t1", [("d2", {"temp": 2})])
+        async with client.stream(
+            "GET", SSE_PATH, headers={**auth(make_token("t1")), "Last-Event-ID": str(ids[-1])}
+        ) as r:
+            body = await read_body(r, b"id: %d\ndata: " % between[0])
+            assert body.startswith(b"retry: 2000\n\nid: %d\ndata: " % between[0])
+        ids += between
+
         # A position ahead of the newest id: reset, then live.
         async with client.stream(
             "GET", SSE_PATH, headers={**auth(make_token("t1")), "Last-Event-ID": "999"}
