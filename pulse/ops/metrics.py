@@ -32,6 +32,23 @@ class Metrics:
         self.listener_connected = Gauge(
             "pulse_listener_connected", "1 while the LISTEN connection is up", registry=r
         )
+        # Set at scrape time: a count that only grows under steady load is a leak.
+        self.asyncio_tasks = Gauge(
+            "pulse_asyncio_tasks",
+            "asyncio tasks in this process, the scrape's own included",
+            registry=r,
+        )
+        self.python_allocated_blocks = Gauge(
+            "pulse_python_allocated_blocks",
+            "Blocks the Python allocator holds for objects, garbage not yet collected included",
+            registry=r,
+        )
+        self.db_pool_connections = Gauge(
+            "pulse_db_pool_connections",
+            "Connections of the database pool, by state (idle, in_use)",
+            ["state"],
+            registry=r,
+        )
         self.ingest_rows = Counter(
             "pulse_ingest_rows", "Telemetry rows committed", ["endpoint"], registry=r
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import Any
 
@@ -72,6 +73,12 @@ async def metrics() -> Response:
         rt.metrics.connections.labels(kind).set(rt.limits.by_kind[kind])
     if rt.hub is not None:
         rt.metrics.listener_connected.set(1 if rt.hub.listener.connected else 0)
+    if rt.pool is not None:
+        idle = rt.pool.get_idle_size()
+        rt.metrics.db_pool_connections.labels("idle").set(idle)
+        rt.metrics.db_pool_connections.labels("in_use").set(rt.pool.get_size() - idle)
+    rt.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
+    rt.metrics.python_allocated_blocks.set(sys.getallocatedblocks())
     return Response(generate_latest(rt.metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
 
