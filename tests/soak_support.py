@@ -119,6 +119,7 @@ class Transport:
     clean: int = 0  # the client closed (FIN / close frame)
     abrupt: int = 0  # the client reset its socket
     by_server: int = 0  # the server ended it (lagging, ...)
+    dropped: int = 0  # of those, reset by the server: cut as lagging and still not reading
     resumed: int = 0
     lagging: int = 0
     events: int = 0
@@ -521,7 +522,13 @@ class Workload:
                 await self._pause(stall_s)  # reads nothing: the server's buffers fill
             while (left := remaining()) > 0:
                 with contextlib.suppress(TimeoutError):
-                    data = await asyncio.wait_for(reader.read(1024 if pause_s else 65536), left)
+                    try:
+                        data = await asyncio.wait_for(reader.read(1024 if pause_s else 65536), left)
+                    except ConnectionResetError:
+                        if not stall_s:
+                            raise
+                        stats.dropped += 1  # its unread bytes went with the connection
+                        data = b""
                     if not data:
                         ended = True
                         break
@@ -580,6 +587,7 @@ class Workload:
             received = ws.protocol.close_rcvd
             code = received.code if received is not None else 1006
             stats.close_codes[code] += 1
+            stats.dropped += received is None
             stats.lagging += code == 4008
             return
         if abrupt:

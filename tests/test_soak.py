@@ -386,7 +386,8 @@ def _publish(report: dict[str, Any]) -> None:
             (
                 f"{kind} opened/closed",
                 f"{t['opened']}/{t['closed']} (clean {t['clean']}, dropped {t['abrupt']}, "
-                f"by server {t['by_server']}, resumed {t['resumed']}, events {t['events']})",
+                f"by server {t['by_server']} ({t['dropped']} reset), resumed {t['resumed']}, "
+                f"events {t['events']})",
             )
         )
     rss = (memory["rss_at_warmup_mib"], memory["rss_end_mib"], memory["rss_max_mib"])

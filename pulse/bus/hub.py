@@ -117,6 +117,7 @@ class Hub:
         # Labelled counters looked up once per kind: .labels() is not free, and
         # publish runs once per subscriber per batch.
         self._delivered = functools.cache(metrics.events_delivered.labels)
+        self._delivered_directly = functools.cache(metrics.events_delivered_directly.labels)
         self._dropped = functools.cache(metrics.events_dropped_lagging.labels)
 
     @contextlib.asynccontextmanager
@@ -154,15 +155,28 @@ class Hub:
                 await asyncio.shield(topic.close())
 
     def publish(self, topic: Topic, events: list[TelemetryEvent]) -> None:
+        # Counted per kind and added once: this loop runs once per subscriber.
+        delivered: dict[str, int] = {}
+        directly: dict[str, int] = {}
+        dropped: dict[str, int] = {}
         for subscription in list(topic.subscribers):
+            kind = subscription.kind
             if subscription.lagging:
-                self._dropped(subscription.kind).inc(len(events))
+                dropped[kind] = dropped.get(kind, 0) + len(events)
                 continue
             queued = subscription.offer(events)
             if queued:
-                self._delivered(subscription.kind).inc(queued)
+                delivered[kind] = delivered.get(kind, 0) + queued
+                if subscription.wrote_directly:
+                    directly[kind] = directly.get(kind, 0) + queued
             if subscription.lagging:
                 self._on_lagging(subscription)
+        for kind, count in delivered.items():
+            self._delivered(kind).inc(count)
+        for kind, count in directly.items():
+            self._delivered_directly(kind).inc(count)
+        for kind, count in dropped.items():
+            self._dropped(kind).inc(count)
 
     def _on_lagging(self, subscription: Subscription) -> None:
         self.metrics.lagging_disconnects.labels(subscription.kind).inc()
@@ -173,6 +187,11 @@ class Hub:
             if owner is not None and topic is not None and subscription in topic.subscribers:
                 log.warning("a lagging %s stream did not close; cancelling it", subscription.kind)
                 owner.cancel()
+            # Whether or not the stream ended, a client that has not read what
+            # was written to it by now has stopped reading: its connection would
+            # otherwise stay open, holding its buffers, for as long as it likes.
+            if subscription.drop_unread is not None:
+                subscription.drop_unread()
 
         asyncio.get_running_loop().call_later(LAGGING_GRACE_S, cancel_if_stuck)
 

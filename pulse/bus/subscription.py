@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
+from collections.abc import Callable
 
 from pulse.bus.events import TelemetryEvent
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,15 @@ class Subscription:
     The queue never holds more than ``limit`` events: when it would, the
     subscription is marked lagging, its queue is dropped (the client resumes from
     the table), and ``on_lagging`` is told.
+
+    ``deliver_now``, when the stream sets it, hands events straight to the client
+    from the hub's own call, without waking the stream's task: only while that
+    task is parked in ``wait`` with nothing queued, so everything before has
+    been sent and nothing is being sent. It returns False when it cannot write
+    at once (the client has not read what came before), and the events are
+    queued as usual.
+    ``drop_unread``, when set, is called a while after the subscription is cut as
+    lagging, to drop a connection whose client stopped reading.
     """
 
     def __init__(
@@ -59,12 +72,21 @@ class Subscription:
         self._queue: collections.deque[TelemetryEvent] = collections.deque()
         self._pending_signals: set[str] = set()
         self._wake = asyncio.Event()
+        self._parked = False  # the stream's task waits in `wait` for the next event
         self.owner: asyncio.Task[object] | None = None
+        self.deliver_now: Callable[[list[TelemetryEvent]], bool] | None = None
+        self.wrote_directly = False  # the last offer's events went out by deliver_now
+        self.drop_unread: Callable[[], None] | None = None
 
     # -- the hub's side -------------------------------------------------------
 
     def offer(self, events: list[TelemetryEvent]) -> int:
-        """Queue the events this subscription wants; return how many were queued."""
+        """Take the events this subscription wants; return how many.
+
+        They are queued for the stream's task, or written at once by
+        ``deliver_now`` (then ``wrote_directly`` is True).
+        """
+        self.wrote_directly = False
         if self.lagging:
             return 0
         queued = 0
@@ -80,9 +102,23 @@ class Subscription:
                     return queued
                 queue.append(event)
                 queued += 1
-        if queued:
+        if queued and not (len(queue) == queued and self._delivered_now()):
             self._wake.set()
         return queued
+
+    def _delivered_now(self) -> bool:
+        """Hand the queue to ``deliver_now`` if the stream is parked with nothing pending."""
+        if not self._parked or self._wake.is_set() or self.deliver_now is None:
+            return False
+        try:
+            delivered = self.deliver_now(list(self._queue))
+        except Exception:
+            log.exception("a direct delivery failed; queueing the events instead")
+            return False
+        if delivered:
+            self._queue.clear()
+            self.wrote_directly = True
+        return delivered
 
     def notify(self, signal: str) -> None:
         if signal in self.signals:
@@ -146,7 +182,11 @@ class Subscription:
         # task then never ends (a WebSocket whose other half failed hangs).
         try:
             async with asyncio.timeout(timeout):
-                await self._wake.wait()
+                self._parked = True
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._parked = False
         except TimeoutError:
             # Events may have come in while the timeout was being delivered: a
             # stream must not take this for an idle moment and announce a

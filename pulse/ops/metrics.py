@@ -15,7 +15,14 @@ class Metrics:
             "pulse_stream_connections", "Open stream connections", ["kind"], registry=r
         )
         self.events_delivered = Counter(
-            "pulse_events_delivered", "Events queued to stream clients", ["kind"], registry=r
+            "pulse_events_delivered", "Events handed to stream clients", ["kind"], registry=r
+        )
+        self.events_delivered_directly = Counter(
+            "pulse_events_delivered_directly",
+            "Of the events handed to stream clients, those written by the hub itself "
+            "to a client that had read everything before (no queue, no task woken)",
+            ["kind"],
+            registry=r,
         )
         self.events_dropped_lagging = Counter(
             "pulse_events_dropped_lagging",

@@ -6,33 +6,55 @@ per delivery, which is what bounds fan-out. Our hypercorn streams advertise a
 scope extension whose ``send`` takes the bytes the framing layer would have
 produced and writes them through hypercorn's connection, under the same lock as
 every other write, so nothing interleaves. A handler that finds no extension
-(under another server) sends the ASGI way; ``direct_send`` says which.
+(under another server) sends the ASGI way; ``direct_writes`` says which.
 
-- ``CHUNKS`` (HTTP/1.1 requests): ``send(data)`` writes ``data`` as one chunk of
-  the response body. Only for a response already started without a
-  Content-Length, which HTTP/1.1 frames in chunks (h11 writes each chunk alone
-  and keeps no count, and ends the body with its own last chunk).
-- ``FRAMES`` (WebSockets): ``send(frames)`` writes whole text frames, as made by
+- ``CHUNKS`` (HTTP/1.1 requests): the bytes are one chunk of the response body.
+  Only for a response already started without a Content-Length, which HTTP/1.1
+  frames in chunks (h11 writes each chunk alone and keeps no count, and ends the
+  body with its own last chunk).
+- ``FRAMES`` (WebSockets): the bytes are whole text frames, as made by
   ``text_frame``. Sound because no WebSocket extension is ever negotiated (see
   ``websocket._refuse_compression``): a frame's bytes then depend on its
   payload only, and wsproto keeps no state for unfragmented messages it sends.
+
+Each offers three calls (``DirectWrites``):
+- ``send(data)`` waits for room, like any write;
+- ``write_now(data)`` writes only when it can do so at once, without waiting:
+  nothing else is being written or waiting to be, and everything written before
+  has reached the socket. The hub uses it to hand a live event to a subscriber
+  that has caught up without waking the subscriber's task, which is what bounds
+  commit-to-client latency with many subscribers. False means nothing was
+  written and the caller takes the ordinary path;
+- ``abort_unread()`` drops the connection when bytes written to it are still
+  waiting for the client: the end of a client cut as lagging that stopped
+  reading and never closes, which would otherwise keep its connection and its
+  send buffers for ever.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 CHUNKS = "pulse.http.chunks"
 FRAMES = "pulse.websocket.frames"
 
-Send = Callable[[bytes], Awaitable[None]]
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DirectWrites:
+    send: Callable[[bytes], Awaitable[None]]
+    write_now: Callable[[bytes], bool]
+    abort_unread: Callable[[], None]
 
 
-def direct_send(scope: Mapping[str, Any], extension: str) -> Send | None:
-    """The extension's ``send`` when the server offers it, else None."""
+def direct_writes(scope: Mapping[str, Any], extension: str) -> DirectWrites | None:
+    """The extension's calls when the server offers it, else None."""
     offered = (scope.get("extensions") or {}).get(extension)
-    return offered["send"] if offered else None
+    return DirectWrites(**offered) if offered else None
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -43,6 +65,50 @@ def text_frame(payload: bytes) -> bytes:
     if size < 1 << 16:
         return b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), payload)
     return b"\x81\x7f%b%b" % (size.to_bytes(8, "big"), payload)
+
+
+class _Socket:
+    """Synchronous writes to the connection hypercorn's asyncio TCPServer holds."""
+
+    def __init__(self, server: Any) -> None:
+        self.lock = server.send_lock
+        self.transport = server.writer.transport
+
+    def write_now(self, data: bytes) -> bool:
+        lock, transport = self.lock, self.transport
+        # A released lock with waiters is not "locked" until the first waiter
+        # runs: its bytes were made first and go first.
+        if lock.locked() or lock._waiters or transport.is_closing():
+            return False
+        if transport.get_write_buffer_size():
+            return False  # the client has not taken what came before
+        transport.write(data)
+        return True
+
+    def abort_unread(self) -> None:
+        if not self.transport.get_write_buffer_size():
+            return
+        # An abortive close (RFC 793 reset): a plain close would leave the
+        # kernel trying to deliver what the client does not read, holding the
+        # send buffer for minutes as an orphan socket.
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+
+def _socket_of(stream: Any) -> _Socket | None:
+    """The connection under a stream of hypercorn's asyncio worker; None under another."""
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    protocol = getattr(stream.send, "__self__", None)  # H11Protocol.stream_send
+    server = getattr(getattr(protocol, "send", None), "__self__", None)  # TCPServer.protocol_send
+    return _Socket(server) if isinstance(server, TCPServer) else None
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 def _offer_direct_writes() -> None:
@@ -65,14 +131,24 @@ def _offer_direct_writes() -> None:
             # The app task is spawned above but has not run yet; had it, it
             # would only miss the extension and send the ASGI way.
             if isinstance(event, Request) and event.http_version == "1.1":
-                self.scope["extensions"][CHUNKS] = {"send": self._send_chunk}
+                socket = _socket_of(self)
+                if socket is not None:
+                    self._socket = socket
+                    self.scope["extensions"][CHUNKS] = {
+                        "send": self._send_chunk,
+                        "write_now": self._write_chunk_now,
+                        "abort_unread": socket.abort_unread,
+                    }
 
         async def _send_chunk(self, data: bytes) -> None:
             if self.closed or self.state != ASGIHTTPState.RESPONSE or not data:
                 return  # as for a body after the end: nothing to write to
-            await self.send(
-                Data(stream_id=self.stream_id, data=b"%x\r\n%b\r\n" % (len(data), data))
-            )
+            await self.send(Data(stream_id=self.stream_id, data=_chunk(data)))
+
+        def _write_chunk_now(self, data: bytes) -> bool:
+            if self.closed or self.state != ASGIHTTPState.RESPONSE:
+                return False
+            return not data or self._socket.write_now(_chunk(data))
 
     class _WSStream(ws_stream.WSStream):  # type: ignore[misc]
         pulse_writes_directly = True
@@ -80,14 +156,30 @@ def _offer_direct_writes() -> None:
         async def handle(self, event: Any) -> None:
             await super().handle(event)
             if isinstance(event, Request):
-                self.scope["extensions"][FRAMES] = {"send": self._send_frames}
+                socket = _socket_of(self)
+                if socket is not None:
+                    self._socket = socket
+                    self.scope["extensions"][FRAMES] = {
+                        "send": self._send_frames,
+                        "write_now": self._write_frames_now,
+                        "abort_unread": socket.abort_unread,
+                    }
 
         async def _send_frames(self, frames: bytes) -> None:
             if self.closed or self.state != ASGIWebsocketState.CONNECTED:
                 return  # as for websocket.send after the close: nothing to write to
+            self._check_no_extension()
+            await self.send(Data(stream_id=self.stream_id, data=frames))
+
+        def _write_frames_now(self, frames: bytes) -> bool:
+            if self.closed or self.state != ASGIWebsocketState.CONNECTED:
+                return False
+            self._check_no_extension()
+            return not frames or self._socket.write_now(frames)
+
+        def _check_no_extension(self) -> None:
             if self.connection._proto.extensions:
                 raise RuntimeError("a WebSocket extension was negotiated; frames would differ")
-            await self.send(Data(stream_id=self.stream_id, data=frames))
 
     http_stream.HTTPStream = _HTTPStream  # type: ignore[misc]
     ws_stream.WSStream = _WSStream  # type: ignore[misc]

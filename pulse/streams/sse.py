@@ -12,7 +12,7 @@ from pulse.auth.http import authenticate_request, request_tenant
 from pulse.bus.events import TelemetryEvent
 from pulse.db.errors import DatabaseUnavailable
 from pulse.errors import ApiError
-from pulse.streams.direct import CHUNKS, Send, direct_send
+from pulse.streams.direct import CHUNKS, DirectWrites, direct_writes
 from pulse.streams.limits import LimitReached
 from pulse.streams.params import BadParameter, parse_event_id, parse_filters
 from pulse.streams.telemetry import End, Idle, Reset, Started, TelemetryStream
@@ -54,14 +54,18 @@ async def telemetry_sse() -> Response:
         idle_s=rt.settings.sse_keepalive_s,
         expires_at=principal.expires_at.timestamp(),
     )
-    send_chunk = direct_send(request.scope, CHUNKS)
-    response = Response(_body(rt, stream, send_chunk), status=200, headers=HEADERS)
+    writes = direct_writes(request.scope, CHUNKS)
+    if writes is not None:
+        write_now = writes.write_now
+        stream.write_now = lambda events: write_now(encode_events(events, filters.metrics))
+        stream.drop_unread = writes.abort_unread
+    response = Response(_body(rt, stream, writes), status=200, headers=HEADERS)
     response.timeout = None  # a stream has no response deadline
     return response
 
 
 async def _body(
-    rt: Runtime, stream: TelemetryStream, send_chunk: Send | None
+    rt: Runtime, stream: TelemetryStream, writes: DirectWrites | None
 ) -> AsyncIterator[bytes]:
     try:
         async with rt.limits.hold("sse", stream.tenant_id):
@@ -69,10 +73,10 @@ async def _body(
             # has started and further chunks may be written directly.
             yield b"retry: %d\n\n" % RETRY_MS
             async for chunk in _frames(stream):
-                if send_chunk is None:
+                if writes is None:
                     yield chunk
                 else:
-                    await send_chunk(chunk)
+                    await writes.send(chunk)
     except LimitReached:
         # Lost a race for the last slot between the check and the start of the body.
         yield b'event: error\ndata: {"reason":"connection_limit"}\n\n'
@@ -97,6 +101,8 @@ async def _frames(stream: TelemetryStream) -> AsyncIterator[bytes]:
                 yield b"id: %d\n\n" % item.newest_id
                 last_sent = item.newest_id
         elif isinstance(item, Idle):
+            if last_sent is not None and stream.written_now > last_sent:
+                last_sent = stream.written_now  # live events the hub wrote straight out
             if last_sent is None or item.position > last_sent:
                 # Filtered-out events passed by: give the client a newer resume point.
                 yield b"event: heartbeat\nid: %d\ndata: {}\n\n" % item.position

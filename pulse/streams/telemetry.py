@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pulse.bus.events import TelemetryEvent
@@ -78,6 +78,12 @@ class TelemetryStream:
         self.expires_at = expires_at  # time.time() seconds; the WebSocket may extend it
         self.position = 0  # newest id passed, sent or filtered out
         self.subscription: Subscription | None = None
+        # Set by a handler whose connection can take writes from the hub's call
+        # (Subscription.deliver_now): encode and write live events at once, or
+        # say False. ``written_now`` is the newest id written that way.
+        self.write_now: Callable[[list[TelemetryEvent]], bool] | None = None
+        self.written_now = 0
+        self.drop_unread: Callable[[], None] | None = None
 
     def set_filters(self, filters: Filters) -> None:
         self.filters = filters
@@ -100,8 +106,21 @@ class TelemetryStream:
             async for batch in self._replay(self.position, head):
                 yield batch
             subscription.skip_through(head)
+            subscription.drop_unread = self.drop_unread
+            if self.write_now is not None:
+                subscription.deliver_now = self._deliver_now
             async for item in self._live(subscription):
                 yield item
+
+    def _deliver_now(self, events: list[TelemetryEvent]) -> bool:
+        # Past the token's expiry the stream's task ends the stream instead.
+        if self.write_now is None or time.time() >= self.expires_at:
+            return False
+        if not self.write_now(events):
+            return False
+        self.position = max(self.position, events[-1].id)
+        self.written_now = events[-1].id
+        return True
 
     async def _resume(self, last_event_id: int, newest: int) -> AsyncIterator[Item]:
         if last_event_id > newest:

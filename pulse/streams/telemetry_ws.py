@@ -18,6 +18,7 @@ from pulse.app import runtime
 from pulse.auth.access import tenant_for
 from pulse.auth.errors import AuthError, BadRequest, Forbidden
 from pulse.auth.http import authenticate_request, request_tenant
+from pulse.bus.events import TelemetryEvent
 from pulse.bus.subscription import Filters
 from pulse.streams.messages import BadMessage, action_of, decode, error, name_list
 from pulse.streams.params import BadParameter, parse_event_id, parse_filters
@@ -127,6 +128,8 @@ async def _serve(connection: Connection) -> None:
             idle_s=rt.settings.ws_ping_s,
             expires_at=principal.expires_at.timestamp(),
         )
+        stream.write_now = lambda events: connection.write_now(_encode(events, stream))
+        stream.drop_unread = connection.drop_unread
         started = asyncio.Event()
         await connection.run(
             _write(connection, stream, started), _read(connection, stream, started)
@@ -136,9 +139,7 @@ async def _serve(connection: Connection) -> None:
 async def _write(connection: Connection, stream: TelemetryStream, started: asyncio.Event) -> None:
     async for item in stream.items():
         if isinstance(item, list):
-            metrics = stream.filters.metrics
-            encoded = [event.encode(metrics) for event in item]
-            await connection.send_many([data for data in encoded if data is not None])
+            await connection.send_many(_encode(item, stream))
         elif isinstance(item, Started):
             await connection.send(
                 connected_message(stream.tenant_id, stream.filters, item.newest_id)
@@ -153,6 +154,12 @@ async def _write(connection: Connection, stream: TelemetryStream, started: async
             await connection.send({"type": "reset", **item.data})
         elif isinstance(item, End):
             raise Close(*END_CLOSES[item.reason])
+
+
+def _encode(events: list[TelemetryEvent], stream: TelemetryStream) -> list[bytes]:
+    metrics = stream.filters.metrics
+    encoded = [event.encode(metrics) for event in events]
+    return [data for data in encoded if data is not None]
 
 
 async def _read(connection: Connection, stream: TelemetryStream, started: asyncio.Event) -> None:

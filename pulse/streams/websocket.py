@@ -23,7 +23,7 @@ from pulse.app import runtime
 from pulse.auth.http import websocket_close_code
 from pulse.db.errors import DatabaseUnavailable
 from pulse.errors import ApiError
-from pulse.streams.direct import FRAMES, direct_send, text_frame
+from pulse.streams.direct import FRAMES, direct_writes, text_frame
 from pulse.streams.limits import LimitReached
 from pulse.streams.messages import MAX_INBOUND_BYTES
 
@@ -72,7 +72,7 @@ class Connection:
         self._outbox: asyncio.Queue[bytes] | None = None
         self._sender: asyncio.Task[None] | None = None
         self.closed = False
-        self._send_frames = direct_send(websocket.scope, FRAMES)
+        self._direct = direct_writes(websocket.scope, FRAMES)
 
     async def send(self, message: bytes | dict[str, Any]) -> None:
         """Send one JSON message as a text frame (browsers read binary frames as Blobs)."""
@@ -85,12 +85,26 @@ class Connection:
         A subscriber that fell behind gets what it missed in one system call
         instead of one pass through the ASGI stack per message.
         """
-        if self._send_frames is not None:
+        if self._direct is not None:
             if payloads:
-                await self._send_frames(b"".join(map(text_frame, payloads)))
+                await self._direct.send(b"".join(map(text_frame, payloads)))
             return
         for payload in payloads:
             await self.send(payload)
+
+    def write_now(self, payloads: Sequence[bytes]) -> bool:
+        """``send_many`` if it can be done at once, without waiting; else False and nothing sent.
+
+        For the hub's direct delivery (Subscription.deliver_now).
+        """
+        if self._direct is None or self.closed:
+            return False
+        return self._direct.write_now(b"".join(map(text_frame, payloads)))
+
+    def drop_unread(self) -> None:
+        """Drop the connection if the client left frames unread (Subscription.drop_unread)."""
+        if self._direct is not None:
+            self._direct.abort_unread()
 
     def reply(self, message: dict[str, Any]) -> None:
         """Queue an answer to a client's message without waiting for the client to read."""

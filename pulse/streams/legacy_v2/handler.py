@@ -15,6 +15,7 @@ from quart import Blueprint, websocket
 
 from pulse.app import Runtime, runtime
 from pulse.auth.http import authenticate_request, request_tenant
+from pulse.bus.events import TelemetryEvent
 from pulse.bus.subscription import Closing, Filters, Lagging, Subscription
 from pulse.fleet.alerts import active_alerts
 from pulse.fleet.summary import fleet_summary
@@ -74,6 +75,10 @@ async def _serve(connection: Connection) -> None:
     ):
         pushes = _Pushes(rt, connection, tenant_id)
         expires_at = principal.expires_at.timestamp()
+        subscription.drop_unread = connection.drop_unread
+        subscription.deliver_now = lambda events: (
+            time.time() < expires_at and connection.write_now(_encode(events))
+        )
         await connection.run(
             _pump(connection, session, subscription, pushes, expires_at),
             _read(connection, session, subscription, pushes),
@@ -144,7 +149,11 @@ async def _pump(
             raise Close(LAGGING, "lagging") from None
         except Closing:
             raise Close(SERVER_RESTARTING, "server_restarting") from None
-        encoded = [event.encode() for event in events]
-        await connection.send_many([data for data in encoded if data is not None])
+        await connection.send_many(_encode(events))
         signals = subscription.take_signals()
         await pushes.carry_out(session.signals(signals) + session.due(time.monotonic()))
+
+
+def _encode(events: list[TelemetryEvent]) -> list[bytes]:
+    encoded = [event.encode() for event in events]
+    return [data for data in encoded if data is not None]
