@@ -170,6 +170,12 @@ class PulseServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
+    def pids(self) -> list[int]:
+        """The server's process and its workers, if it runs several."""
+        if self.proc is None:
+            return []
+        return [self.proc.pid, *(child.pid for child in self.ps.children())]
+
     @property
     def ps(self) -> psutil.Process:
         assert self.proc is not None

@@ -116,28 +116,72 @@ class StreamCounter:
         await self._follow(url, request, b"HTTP/1.1 101")
 
     async def _follow(self, url: str, request: bytes, expected_status: bytes) -> None:
-        """Send ``request``, then count what arrives until the server closes."""
+        """Send ``request``, then count what arrives until the server closes.
+
+        A protocol, not a StreamReader: each read is counted in the transport's
+        callback, with no task to wake, so the client costs little per delivery
+        and its own scheduling is not what the latency measures.
+        """
         parts = urlsplit(url)
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
         try:
-            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+            transport, _ = await loop.create_connection(
+                lambda: _Counting(self, request, expected_status, ended),
+                parts.hostname,
+                parts.port,
+            )
         except OSError as exc:
             self.failed = str(exc)
             self.connected.set()
             return
-        writer.write(request)
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if not head.startswith(expected_status):
-                self.failed = head[:40].decode(errors="replace")
-                return
-            self.connected.set()
-            while True:
-                chunk = await reader.read(262144)
-                if not chunk:
-                    return
-                self._count(chunk, time.perf_counter())
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            self.failed = self.failed or repr(exc)
+            await ended
         finally:
             self.connected.set()
-            writer.close()
+            transport.close()
+
+
+class _Counting(asyncio.Protocol):
+    def __init__(
+        self,
+        counter: StreamCounter,
+        request: bytes,
+        expected_status: bytes,
+        ended: asyncio.Future[None],
+    ) -> None:
+        self.counter = counter
+        self.request = request
+        self.expected_status = expected_status
+        self.ended = ended
+        self.head: bytes | None = b""  # None once the response head has been read
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if self.head is not None:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, data = self.head[: end + 4], self.head[end + 4 :]
+            self.head = None
+            if not head.startswith(self.expected_status):
+                self.counter.failed = head[:40].decode(errors="replace")
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self.counter.connected.set()
+            if not data:
+                return
+        self.counter._count(data, now)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head is not None or exc is not None:
+            self.counter.failed = self.counter.failed or repr(exc or "closed before a response")
+        if not self.ended.done():
+            self.ended.set_result(None)

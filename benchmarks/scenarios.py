@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import orjson
@@ -15,6 +17,7 @@ from benchmarks.harness import (
     Postgres,
     PulseServer,
     cpu_meter,
+    free_port,
     percentile,
     provision,
     token,
@@ -66,7 +69,7 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
 
         bodies = [body() for _ in range(8)]
 
-        with cpu_meter([server.proc.pid] if server.proc else []) as cpu:
+        with cpu_meter(server.pids()) as cpu:
             stop = time.perf_counter() + seconds
             counts = await asyncio.gather(
                 *(post_batches(server.url, bodies, stop) for _ in range(clients))
@@ -219,101 +222,165 @@ async def fanout_ws(pg: Postgres, quick: bool) -> list[Figure]:
     return await _fanout(pg, quick, "websocket")
 
 
-async def _fanout(pg: Postgres, quick: bool, kind: str) -> list[Figure]:
+async def fanout_workers(pg: Postgres, quick: bool) -> list[Figure]:
+    """The latency target's rate with one server process per core."""
+    figures = await _fanout(pg, quick, "sse", workers=2, rates=(20,))
+    return figures + await _fanout(pg, quick, "websocket", workers=2, rates=(20,))
+
+
+async def _fanout(
+    pg: Postgres,
+    quick: bool,
+    kind: str,
+    *,
+    workers: int = 1,
+    rates: tuple[int, ...] | None = None,
+) -> list[Figure]:
     subscribers = 200 if quick else 1000
-    rates = (20, 100) if quick else (20, 100, 200)  # events/s ingested
+    if rates is None:
+        rates = (20, 100) if quick else (20, 100, 200)  # events/s ingested
     seconds = 3.0 if quick else 8.0
     dsn = await pg.fresh_database()
     figures = []
-    async with PulseServer(dsn) as server:
-        devices = await provision(server.url, "tenant-1", 25)
+    async with PulseServer(dsn, PULSE_WORKERS=str(workers)) as server:
+        devices = sorted(await provision(server.url, "tenant-1", 25))
         tok = token("tenant-1", roles=("customer",))
-        counters = [StreamCounter() for _ in range(subscribers)]
-        tasks = []
-        for counter in counters:
-            if kind == "sse":
-                tasks.append(asyncio.create_task(counter.sse(server.url, SSE_PATH, tok)))
-            else:
-                tasks.append(
-                    asyncio.create_task(counter.websocket(server.url, f"{WS_PATH}?token={tok}"))
-                )
-            if len(tasks) % 100 == 0:
-                await asyncio.sleep(0.05)
+        path = SSE_PATH if kind == "sse" else f"{WS_PATH}?token={tok}"
+        async with _subscribers(server.url, kind, path, tok, subscribers) as counters:
+            processes = f", {workers} processes" if workers > 1 else ""
+            for rate in rates:
+                figures += await _deliveries(
+                    f"fan-out {kind}, {subscribers} subscribers, {rate} events/s{processes}",
+                    dsn, counters, devices, rate, seconds, server.pids(),
+                )  # fmt: skip
+    if kind == "sse" and workers == 1:
+        figures += await _bare_fanout(dsn, devices, subscribers, seconds)
+    return figures
+
+
+async def _bare_fanout(
+    dsn: str, devices: list[str], subscribers: int, seconds: float
+) -> list[Figure]:
+    """The same clients and commits against benchmarks/bare_fanout.py: the floor."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.bare_fanout", dsn, "tenant-1", str(port),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        await asyncio.wait_for(proc.stdout.readline(), 30)
+        url = f"http://127.0.0.1:{port}"
+        async with _subscribers(url, "sse", SSE_PATH, "", subscribers) as counters:
+            return await _deliveries(
+                f"bare fan-out floor, {subscribers} subscribers, 20 events/s",
+                dsn, counters, devices, 20, seconds, [proc.pid],
+            )  # fmt: skip
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def _subscribers(
+    url: str, kind: str, path: str, tok: str, count: int
+) -> AsyncIterator[list[StreamCounter]]:
+    counters = [StreamCounter() for _ in range(count)]
+    tasks = []
+    for counter in counters:
+        if kind == "sse":
+            tasks.append(asyncio.create_task(counter.sse(url, path, tok)))
+        else:
+            tasks.append(asyncio.create_task(counter.websocket(url, path)))
+        if len(tasks) % 100 == 0:
+            await asyncio.sleep(0.05)
+    try:
         await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in counters)), 60)
         failures = [c.failed for c in counters if c.failed]
         if failures:
             raise RuntimeError(f"{len(failures)} subscribers failed: {failures[0]}")
         await asyncio.sleep(0.5)  # let every subscription reach the hub
-        listen = await asyncpg.connect(dsn)
-        channel = await listen.fetchval("SELECT pulse_channel('tenant-1')")
-        bare: list[tuple[int, float]] = []
-
-        def on_notify(*args: object) -> None:
-            message = orjson.loads(str(args[3]))
-            if message.get("kind") == "telemetry":
-                bare.append((message["last"], time.perf_counter()))
-
-        await listen.add_listener(channel, on_notify)
-        # Commits come straight from here, so that the moment of each commit is
-        # known: the latency is commit-to-client, as in the target, and the
-        # server spends its time on fan-out only (ingest has its own scenarios).
-        # The clock starts as COMMIT is sent, so the commit itself is counted.
-        writer = await asyncpg.connect(dsn)
-        rng = random.Random(3)
-        device_ids = sorted(devices)
-        for rate in rates:
-            for c in counters:
-                c.events, c.samples = 0, []
-            bare.clear()
-            committed_at: dict[int, float] = {}
-            per_batch = max(1, rate // 20)  # a batch every 50 ms
-            with cpu_meter([server.proc.pid] if server.proc else []) as cpu:
-                start = time.perf_counter()
-                n = 0
-                while time.perf_counter() < start + seconds:
-                    rows = [(rng.choice(device_ids), _reading(rng)) for _ in range(per_batch)]
-                    ids, t_commit = await _commit_readings(writer, "tenant-1", rows)
-                    for event_id in ids:
-                        committed_at[event_id] = t_commit
-                    n += 1
-                    await asyncio.sleep(max(0.0, start + n * 0.05 - time.perf_counter()))
-                await asyncio.sleep(1.0)  # let deliveries finish
-            expected = len(committed_at) * subscribers
-            delivered = sum(c.events for c in counters)
-            latencies = [
-                t - committed_at[i] for c in counters for i, t in c.samples if i in committed_at
-            ]
-            bare_lat = [t - committed_at[i] for i, t in bare if i in committed_at]
-            deliveries_per_s = delivered / seconds
-            figures.append(
-                Figure(
-                    f"fan-out {kind}, {subscribers} subscribers, {rate} events/s",
-                    "deliveries",
-                    deliveries_per_s,
-                    "events/s",
-                    target=">= 100,000" if rate * subscribers >= 100_000 else "",
-                    note=f"{delivered}/{expected} delivered; server CPU "
-                    f"{cpu['others_cpu_s'] / cpu['wall_s']:.0%}, client CPU "
-                    f"{cpu['client_cpu_s'] / cpu['wall_s']:.0%}",
-                )
-            )
-            figures.append(
-                Figure(
-                    f"fan-out {kind}, {subscribers} subscribers, {rate} events/s",
-                    "commit-to-client latency p50 / p99",
-                    percentile(latencies, 50) * 1e3,
-                    "ms",
-                    target="p50 <= 5, p99 <= 50, p99 within 10 of bare" if rate == 20 else "",
-                    note=f"p99 {percentile(latencies, 99) * 1e3:.1f} ms; bare LISTEN p50 "
-                    f"{percentile(bare_lat, 50) * 1e3:.1f} ms, p99 "
-                    f"{percentile(bare_lat, 99) * 1e3:.1f} ms",
-                )
-            )
-        await writer.close()
-        await listen.close()
+        yield counters
+    finally:
         for task in tasks:
             task.cancel()
-    return figures
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _deliveries(
+    scenario: str,
+    dsn: str,
+    counters: list[StreamCounter],
+    devices: list[str],
+    rate: int,
+    seconds: float,
+    pids: list[int],
+) -> list[Figure]:
+    """Commit ``rate`` events/s for ``seconds``; deliveries/s and commit-to-client latency.
+
+    Commits come straight from here, so that the moment of each commit is known:
+    the latency is commit-to-client, as in the target, and the server spends its
+    time on fan-out only (ingest has its own scenarios). The clock starts as
+    COMMIT is sent, so the commit itself is counted. A bare LISTEN on the same
+    channel gives the database's own notification latency.
+    """
+    listen = await asyncpg.connect(dsn)
+    writer = await asyncpg.connect(dsn)
+    channel = await listen.fetchval("SELECT pulse_channel('tenant-1')")
+    bare: list[tuple[int, float]] = []
+
+    def on_notify(*args: object) -> None:
+        message = orjson.loads(str(args[3]))
+        if message.get("kind") == "telemetry":
+            bare.append((message["last"], time.perf_counter()))
+
+    await listen.add_listener(channel, on_notify)
+    rng = random.Random(3)
+    for c in counters:
+        c.events, c.samples = 0, []
+    committed_at: dict[int, float] = {}
+    per_batch = max(1, rate // 20)  # a batch every 50 ms
+    with cpu_meter(pids) as cpu:
+        start = time.perf_counter()
+        n = 0
+        while time.perf_counter() < start + seconds:
+            rows = [(rng.choice(devices), _reading(rng)) for _ in range(per_batch)]
+            ids, t_commit = await _commit_readings(writer, "tenant-1", rows)
+            for event_id in ids:
+                committed_at[event_id] = t_commit
+            n += 1
+            await asyncio.sleep(max(0.0, start + n * 0.05 - time.perf_counter()))
+        await asyncio.sleep(1.0)  # let deliveries finish
+    await writer.close()
+    await listen.close()
+    expected = len(committed_at) * len(counters)
+    delivered = sum(c.events for c in counters)
+    latencies = [t - committed_at[i] for c in counters for i, t in c.samples if i in committed_at]
+    bare_lat = [t - committed_at[i] for i, t in bare if i in committed_at]
+    return [
+        Figure(
+            scenario,
+            "deliveries",
+            delivered / seconds,
+            "events/s",
+            target=">= 100,000" if rate * len(counters) >= 100_000 else "",
+            note=f"{delivered}/{expected} delivered; server CPU "
+            f"{cpu['others_cpu_s'] / cpu['wall_s']:.0%}, client CPU "
+            f"{cpu['client_cpu_s'] / cpu['wall_s']:.0%}",
+        ),
+        Figure(
+            scenario,
+            "commit-to-client latency p50 / p99",
+            percentile(latencies, 50) * 1e3,
+            "ms",
+            target="p50 <= 5, p99 <= 50, p99 within 10 of bare"
+            if rate == 20 and scenario.startswith("fan-out")
+            else "",
+            note=f"p99 {percentile(latencies, 99) * 1e3:.1f} ms; bare LISTEN p50 "
+            f"{percentile(bare_lat, 50) * 1e3:.1f} ms, p99 "
+            f"{percentile(bare_lat, 99) * 1e3:.1f} ms",
+        ),
+    ]
 
 
 async def _commit_readings(
@@ -411,7 +478,7 @@ async def replay(pg: Postgres, quick: bool) -> list[Figure]:
     async with PulseServer(dsn) as server:
         counter = StreamCounter()
         tok = token("tenant-1", roles=("customer",))
-        with cpu_meter([server.proc.pid] if server.proc else []) as cpu:
+        with cpu_meter(server.pids()) as cpu:
             task = asyncio.create_task(counter.sse(server.url, SSE_PATH, tok, last_event_id=0))
             give_up = time.perf_counter() + 120
             while counter.events < rows and not task.done() and time.perf_counter() < give_up:
@@ -435,6 +502,7 @@ SCENARIOS: dict[str, Scenario] = {
     "single": ingest_single,
     "fanout-sse": fanout_sse,
     "fanout-ws": fanout_ws,
+    "fanout-workers": fanout_workers,
     "connections-sse": connections_sse,
     "connections-ws": connections_ws,
     "replay": replay,
