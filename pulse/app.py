@@ -105,6 +105,9 @@ def create_app(settings: Settings | None = None) -> Quart:
     from pulse.streams.sse import blueprint as sse_bp
     from pulse.streams.stream_ticket import blueprint as stream_ticket_bp
     from pulse.streams.telemetry_ws import blueprint as telemetry_ws_bp
+    from pulse.streams.websocket import WebsocketConnection
+
+    app.asgi_websocket_class = WebsocketConnection
 
     for bp in (
         ops_bp,

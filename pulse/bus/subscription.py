@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -69,9 +68,13 @@ class Subscription:
         self.lagging = False
         self.closing = False
         self._limit = limit
-        self._queue: collections.deque[TelemetryEvent] = collections.deque()
+        # A list and a future, not a deque and an asyncio.Event: an idle
+        # subscription is most of what a connection costs, and each of those
+        # allocates about 760 bytes up front.
+        self._queue: list[TelemetryEvent] = []
         self._pending_signals: set[str] = set()
-        self._wake = asyncio.Event()
+        self._woken = False  # something for the stream's task: events, signals, an end
+        self._waiter: asyncio.Future[None] | None = None
         self._parked = False  # the stream's task waits in `wait` for the next event
         self.owner: asyncio.Task[object] | None = None
         self.deliver_now: Callable[[list[TelemetryEvent]], bool] | None = None
@@ -103,50 +106,59 @@ class Subscription:
                 queue.append(event)
                 queued += 1
         if queued and not (len(queue) == queued and self._delivered_now()):
-            self._wake.set()
+            self._wake()
         return queued
 
     def _delivered_now(self) -> bool:
         """Hand the queue to ``deliver_now`` if the stream is parked with nothing pending."""
-        if not self._parked or self._wake.is_set() or self.deliver_now is None:
+        if not self._parked or self._woken or self.deliver_now is None:
             return False
         try:
-            delivered = self.deliver_now(list(self._queue))
+            delivered = self.deliver_now(self._queue)
         except Exception:
             log.exception("a direct delivery failed; queueing the events instead")
             return False
         if delivered:
-            self._queue.clear()
+            self._queue = []
             self.wrote_directly = True
         return delivered
 
     def notify(self, signal: str) -> None:
         if signal in self.signals:
             self._pending_signals.add(signal)
-            self._wake.set()
+            self._wake()
 
     def close(self) -> None:
         """End the subscription: the stream stops taking events and tells its client why."""
         self.closing = True
-        self._wake.set()
+        self._wake()
 
     def _mark_lagging(self) -> None:
         self.lagging = True
-        self._queue.clear()
-        self._wake.set()
+        self._queue = []
+        self._wake()
+
+    def _wake(self) -> None:
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -- the stream's side ----------------------------------------------------
 
     def skip_through(self, event_id: int) -> None:
         """Everything up to ``event_id`` was sent from the table: drop it from the queue."""
-        while self._queue and self._queue[0].id <= event_id:
-            self._queue.popleft()
+        queue = self._queue
+        sent = 0
+        while sent < len(queue) and queue[sent].id <= event_id:
+            sent += 1
+        del queue[:sent]
         self.position = max(self.position, event_id)
 
     def set_filters(self, filters: Filters) -> None:
         """New filters apply to what is queued as well as to what comes next."""
         self.filters = filters
-        self._queue = collections.deque(e for e in self._queue if filters.accepts(e))
+        self._queue = [e for e in self._queue if filters.accepts(e)]
 
     def pending(self) -> int:
         return len(self._queue)
@@ -156,40 +168,42 @@ class Subscription:
             raise Lagging
         if self.closing:
             raise Closing
-        queue = self._queue
-        if len(queue) <= max_events:
-            taken = list(queue)
-            queue.clear()
+        taken = self._queue
+        if len(taken) <= max_events:
+            self._queue = []
         else:
-            taken = [queue.popleft() for _ in range(max_events)]
-        if not queue and not self._pending_signals:
-            self._wake.clear()
+            self._queue = taken[max_events:]
+            del taken[max_events:]
+        if not self._queue and not self._pending_signals:
+            self._woken = False
         return taken
 
     def take_signals(self) -> set[str]:
         signals, self._pending_signals = self._pending_signals, set()
         # Lagging or closing empties the queue but still has to wake the stream.
         if not self._queue and not self.lagging and not self.closing:
-            self._wake.clear()
+            self._woken = False
         return signals
 
     async def wait(self, timeout: float | None) -> bool:
         """Wait until something is queued (True) or ``timeout`` passes (False)."""
-        if self._wake.is_set():
+        if self._woken:
             return True
         # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a
         # cancellation that arrives just as the event is set, and the stream's
         # task then never ends (a WebSocket whose other half failed hangs).
         try:
             async with asyncio.timeout(timeout):
+                self._waiter = asyncio.get_running_loop().create_future()
                 self._parked = True
                 try:
-                    await self._wake.wait()
+                    await self._waiter
                 finally:
                     self._parked = False
+                    self._waiter = None
         except TimeoutError:
             # Events may have come in while the timeout was being delivered: a
             # stream must not take this for an idle moment and announce a
             # position past events it has not sent yet.
-            return self._wake.is_set()
+            return self._woken
         return True

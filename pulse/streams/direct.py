@@ -33,12 +33,16 @@ Each offers three calls (``DirectWrites``):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import functools
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+
+from pulse.streams.inbound import InboundQueue
 
 CHUNKS = "pulse.http.chunks"
 FRAMES = "pulse.websocket.frames"
@@ -112,6 +116,7 @@ def _chunk(data: bytes) -> bytes:
 
 
 def _offer_direct_writes() -> None:
+    from hypercorn.asyncio import task_group, tcp_server
     from hypercorn.protocol import h11, http_stream, ws_stream
     from hypercorn.protocol.events import Data, Request
     from hypercorn.protocol.http_stream import ASGIHTTPState
@@ -181,6 +186,33 @@ def _offer_direct_writes() -> None:
             if self.connection._proto.extensions:
                 raise RuntimeError("a WebSocket extension was negotiated; frames would differ")
 
+    class _TaskGroup(task_group.TaskGroup):  # type: ignore[misc]
+        """hypercorn's TaskGroup, with an InboundQueue for the app's ASGI events.
+
+        hypercorn 0.17-0.18's spawn_app but for the queue, whose bound stays
+        hypercorn's max_app_queue_size: an app task's ASGI events.
+        """
+
+        async def spawn_app(self, app: Any, config: Any, scope: Any, send: Any) -> Any:
+            app_queue: InboundQueue[Any] = InboundQueue(config.max_app_queue_size)
+
+            def _call_soon(func: Callable[..., Any], *args: Any) -> Any:
+                future = asyncio.run_coroutine_threadsafe(func(*args), self._loop)
+                return future.result()
+
+            self.spawn(
+                task_group._handle,
+                app,
+                config,
+                scope,
+                app_queue.get,
+                send,
+                functools.partial(self._loop.run_in_executor, None),
+                _call_soon,
+            )
+            return app_queue.put
+
+    tcp_server.TaskGroup = _TaskGroup  # type: ignore[attr-defined]
     http_stream.HTTPStream = _HTTPStream  # type: ignore[misc]
     ws_stream.WSStream = _WSStream  # type: ignore[misc]
     h11.HTTPStream = _HTTPStream  # type: ignore[attr-defined]

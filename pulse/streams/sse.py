@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from quart import Blueprint, Response, request
 
@@ -72,11 +73,12 @@ async def _body(
             # The first chunk goes the ASGI way: once it is out, the response
             # has started and further chunks may be written directly.
             yield b"retry: %d\n\n" % RETRY_MS
-            async for chunk in _frames(stream):
-                if writes is None:
-                    yield chunk
-                else:
-                    await writes.send(chunk)
+            async with contextlib.aclosing(_frames(stream)) as frames:
+                async for chunk in frames:
+                    if writes is None:
+                        yield chunk
+                    else:
+                        await writes.send(chunk)
     except LimitReached:
         # Lost a race for the last slot between the check and the start of the body.
         yield b'event: error\ndata: {"reason":"connection_limit"}\n\n'
@@ -85,38 +87,41 @@ async def _body(
         log.warning("ending an SSE stream: %s", exc)
 
 
-async def _frames(stream: TelemetryStream) -> AsyncIterator[bytes]:
+async def _frames(stream: TelemetryStream) -> AsyncGenerator[bytes, None]:
     metrics = stream.filters.metrics
     last_sent = stream.last_event_id
-    async for item in stream.items():
-        if isinstance(item, list):
-            yield encode_events(item, metrics)
-            last_sent = item[-1].id
-        elif isinstance(item, Started):
-            if last_sent is None:
-                # A live stream's resume point from the start: a block with an id
-                # and no data sets EventSource.lastEventId without an event (WHATWG
-                # HTML, "dispatch the event"), so a client that drops before the
-                # first event resumes from here instead of missing what came between.
-                yield b"id: %d\n\n" % item.newest_id
-                last_sent = item.newest_id
-        elif isinstance(item, Idle):
-            if last_sent is not None and stream.written_now > last_sent:
-                last_sent = stream.written_now  # live events the hub wrote straight out
-            if last_sent is None or item.position > last_sent:
-                # Filtered-out events passed by: give the client a newer resume point.
-                yield b"event: heartbeat\nid: %d\ndata: {}\n\n" % item.position
-                last_sent = item.position
-            else:
-                yield b": keepalive\n\n"
-        elif isinstance(item, Reset):
-            yield b"event: reset\ndata: %s\n\n" % _json(item.data)
-            if item.data["reason"] == "unknown_position":
-                last_sent = item.data["last_event_id"]
-        elif isinstance(item, End):
-            if item.reason == "lagging":
-                yield b'event: lagging\ndata: {"reason":"lagging"}\n\n'
-            return
+    # Closed here, not whenever the collector gets to it: closing it ends the
+    # subscription, which otherwise keeps taking events for a gone client.
+    async with contextlib.aclosing(stream.items()) as items:
+        async for item in items:
+            if isinstance(item, list):
+                yield encode_events(item, metrics)
+                last_sent = item[-1].id
+            elif isinstance(item, Started):
+                if last_sent is None:
+                    # A live stream's resume point from the start: a block with an id
+                    # and no data sets EventSource.lastEventId without an event (WHATWG
+                    # HTML, "dispatch the event"), so a client that drops before the
+                    # first event resumes from here instead of missing what came between.
+                    yield b"id: %d\n\n" % item.newest_id
+                    last_sent = item.newest_id
+            elif isinstance(item, Idle):
+                if last_sent is not None and stream.written_now > last_sent:
+                    last_sent = stream.written_now  # live events the hub wrote straight out
+                if last_sent is None or item.position > last_sent:
+                    # Filtered-out events passed by: give the client a newer resume point.
+                    yield b"event: heartbeat\nid: %d\ndata: {}\n\n" % item.position
+                    last_sent = item.position
+                else:
+                    yield b": keepalive\n\n"
+            elif isinstance(item, Reset):
+                yield b"event: reset\ndata: %s\n\n" % _json(item.data)
+                if item.data["reason"] == "unknown_position":
+                    last_sent = item.data["last_event_id"]
+            elif isinstance(item, End):
+                if item.reason == "lagging":
+                    yield b'event: lagging\ndata: {"reason":"lagging"}\n\n'
+                return
 
 
 def encode_events(events: list[TelemetryEvent], metrics: frozenset[str] | None) -> bytes:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from pulse.bus.events import TelemetryEvent
@@ -90,7 +90,7 @@ class TelemetryStream:
         if self.subscription is not None:
             self.subscription.set_filters(filters)
 
-    async def items(self) -> AsyncIterator[Item]:
+    async def items(self) -> AsyncGenerator[Item, None]:
         newest = await self.store.newest_id(self.tenant_id)
         self.position = newest
         yield Started(newest)

@@ -8,6 +8,7 @@ events flow. A reader task handles its messages while the writer streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from datetime import UTC, datetime
 from typing import Any
@@ -130,30 +131,36 @@ async def _serve(connection: Connection) -> None:
         )
         stream.write_now = lambda events: connection.write_now(_encode(events, stream))
         stream.drop_unread = connection.drop_unread
-        started = asyncio.Event()
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await connection.run(
             _write(connection, stream, started), _read(connection, stream, started)
         )
 
 
-async def _write(connection: Connection, stream: TelemetryStream, started: asyncio.Event) -> None:
-    async for item in stream.items():
-        if isinstance(item, list):
-            await connection.send_many(_encode(item, stream))
-        elif isinstance(item, Started):
-            await connection.send(
-                connected_message(stream.tenant_id, stream.filters, item.newest_id)
-            )
-            started.set()
-        elif isinstance(item, Idle):
-            # The newest id passed, sent or filtered out: a filtered client
-            # resumes from here without replaying what it skipped.
-            now = format_time(datetime.now(UTC))
-            await connection.send({"type": "ping", "time": now, "last_event_id": item.position})
-        elif isinstance(item, Reset):
-            await connection.send({"type": "reset", **item.data})
-        elif isinstance(item, End):
-            raise Close(*END_CLOSES[item.reason])
+async def _write(
+    connection: Connection, stream: TelemetryStream, started: asyncio.Future[None]
+) -> None:
+    # Closed here, not whenever the collector gets to it: closing it ends the
+    # subscription, which otherwise keeps taking events for a gone client.
+    async with contextlib.aclosing(stream.items()) as items:
+        async for item in items:
+            if isinstance(item, list):
+                await connection.send_many(_encode(item, stream))
+            elif isinstance(item, Started):
+                await connection.send(
+                    connected_message(stream.tenant_id, stream.filters, item.newest_id)
+                )
+                if not started.done():
+                    started.set_result(None)
+            elif isinstance(item, Idle):
+                # The newest id passed, sent or filtered out: a filtered client
+                # resumes from here without replaying what it skipped.
+                now = format_time(datetime.now(UTC))
+                await connection.send({"type": "ping", "time": now, "last_event_id": item.position})
+            elif isinstance(item, Reset):
+                await connection.send({"type": "reset", **item.data})
+            elif isinstance(item, End):
+                raise Close(*END_CLOSES[item.reason])
 
 
 def _encode(events: list[TelemetryEvent], stream: TelemetryStream) -> list[bytes]:
@@ -162,9 +169,11 @@ def _encode(events: list[TelemetryEvent], stream: TelemetryStream) -> list[bytes
     return [data for data in encoded if data is not None]
 
 
-async def _read(connection: Connection, stream: TelemetryStream, started: asyncio.Event) -> None:
+async def _read(
+    connection: Connection, stream: TelemetryStream, started: asyncio.Future[None]
+) -> None:
     # Replies come after the `connected` message, which is always the first.
-    await started.wait()
+    await started
     max_device_filters = runtime().settings.max_device_filters
     while True:
         data = await connection.receive()

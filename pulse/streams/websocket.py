@@ -18,12 +18,15 @@ from typing import Any
 
 import orjson
 from quart import websocket
+from quart.asgi import ASGIWebsocketConnection
+from quart.utils import cancel_tasks, raise_task_exceptions
 
 from pulse.app import runtime
 from pulse.auth.http import websocket_close_code
 from pulse.db.errors import DatabaseUnavailable
 from pulse.errors import ApiError
 from pulse.streams.direct import FRAMES, direct_writes, text_frame
+from pulse.streams.inbound import InboundQueue
 from pulse.streams.limits import LimitReached
 from pulse.streams.messages import MAX_INBOUND_BYTES
 
@@ -45,6 +48,9 @@ LIMIT_REACHED = 4029
 OUTBOX_SIZE = 256
 # How long a close frame may wait for a client that stopped reading.
 CLOSE_TIMEOUT_S = 5.0
+
+# Received messages waiting for the handler; beyond this, the client is held back.
+INBOUND_QUEUE_SIZE = 16
 
 # How a telemetry stream's End reason closes a WebSocket.
 END_CLOSES = {
@@ -136,17 +142,16 @@ class Connection:
         """
         tasks = [asyncio.ensure_future(part) for part in parts]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done = await first_done(tasks)
         finally:
             if self._sender is not None:
                 tasks.append(self._sender)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            if task.cancelled():
-                raise Close(LAGGING, "lagging")
-            task.result()
+        if done.cancelled():
+            raise Close(LAGGING, "lagging")
+        done.result()
         raise Close(NORMAL, "")
 
     @staticmethod
@@ -200,6 +205,52 @@ async def serve_websocket(
         log.exception("a %s WebSocket failed", kind)
         code, reason = INTERNAL_ERROR, "internal_error"
     await connection.close(code, reason)
+
+
+async def first_done(tasks: Sequence[asyncio.Future[Any]]) -> asyncio.Future[Any]:
+    """The first of ``tasks`` to end.
+
+    asyncio.wait(FIRST_COMPLETED) does the same, holding a set, a future and a
+    callback per task for as long as it waits: about 2 KB for each idle
+    WebSocket, which waits for as long as it is open.
+    """
+    first: asyncio.Future[asyncio.Future[Any]] = asyncio.get_running_loop().create_future()
+
+    def ended(task: asyncio.Future[Any]) -> None:
+        if not first.done():
+            first.set_result(task)
+
+    for task in tasks:
+        task.add_done_callback(ended)
+    try:
+        return await first
+    finally:
+        for task in tasks:
+            task.remove_done_callback(ended)
+
+
+class WebsocketConnection(ASGIWebsocketConnection):  # type: ignore[misc]
+    """Quart's ASGI WebSocket handling with a bounded, lighter inbound queue.
+
+    Installed as the app's ``asgi_websocket_class`` (create_app). Its call is
+    Quart's, with ``first_done`` for asyncio.wait.
+    """
+
+    def __init__(self, app: Any, scope: Any) -> None:
+        super().__init__(app, scope)
+        self.queue = InboundQueue(INBOUND_QUEUE_SIZE)  # type: ignore[assignment]  # get/put only
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        websocket = self._create_websocket_from_scope(send)
+        receiver = asyncio.ensure_future(self.handle_messages(receive))
+        handler = asyncio.ensure_future(self.handle_websocket(websocket, send))
+        try:
+            done = await first_done([handler, receiver])
+        except BaseException:
+            await cancel_tasks({handler, receiver})
+            raise
+        await cancel_tasks({handler, receiver} - {done})
+        raise_task_exceptions({done})  # type: ignore[arg-type]  # a Task, as ensure_future made
 
 
 def check_origin(origin: str | None, allowed: tuple[str, ...]) -> None:

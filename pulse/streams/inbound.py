@@ -1,0 +1,67 @@
+"""InboundQueue: what a connection received, on its way to the code that handles it.
+
+Two of these stand between a WebSocket's socket and its handler: hypercorn's
+queue of ASGI events for the app (pulse.streams.direct) and Quart's queue of
+received messages (pulse.streams.websocket). Both replace an asyncio.Queue:
+
+- bounded, so that a client sending faster than its handler reads is held
+  back by TCP (hypercorn stops reading its socket) instead of piling up in
+  memory, where Quart's own queue is unbounded;
+- small, because an idle connection is mostly such structures: an
+  asyncio.Queue allocates three deques and an Event up front, about 3 KB, and
+  this holds one list until something waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class InboundQueue(Generic[T]):
+    __slots__ = ("_getters", "_items", "_putters", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: list[T] = []
+        self._getters: list[asyncio.Future[None]] = []
+        self._putters: list[asyncio.Future[None]] = []
+
+    async def get(self) -> T:
+        while not self._items:
+            await _wait(self._getters)
+        item = self._items.pop(0)
+        _wake_one(self._putters)
+        return item
+
+    async def put(self, item: T) -> None:
+        while len(self._items) >= self._size:
+            await _wait(self._putters)
+        self._items.append(item)
+        _wake_one(self._getters)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+
+async def _wait(waiters: list[asyncio.Future[None]]) -> None:
+    waiter = asyncio.get_running_loop().create_future()
+    waiters.append(waiter)
+    try:
+        await waiter
+    except asyncio.CancelledError:
+        if waiter in waiters:
+            waiters.remove(waiter)
+        elif not waiter.cancelled():
+            _wake_one(waiters)  # woken and cancelled at once: pass the turn on
+        raise
+
+
+def _wake_one(waiters: list[asyncio.Future[None]]) -> None:
+    while waiters:
+        waiter = waiters.pop(0)
+        if not waiter.done():
+            waiter.set_result(None)
+            return
