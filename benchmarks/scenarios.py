@@ -156,12 +156,22 @@ def _now():  # type: ignore[no-untyped-def]
 
 
 async def ingest_single(pg: Postgres, quick: bool) -> list[Figure]:
+    return await _ingest_single(pg, quick, workers=1)
+
+
+async def ingest_single_workers(pg: Postgres, quick: bool) -> list[Figure]:
+    """The same with one server process per core."""
+    return await _ingest_single(pg, quick, workers=2)
+
+
+async def _ingest_single(pg: Postgres, quick: bool, *, workers: int) -> list[Figure]:
     seconds = 4.0 if quick else 15.0
     clients = 64
     results = {}
     for group_commit in ("0", "1"):
         dsn = await pg.fresh_database()
-        async with PulseServer(dsn, PULSE_GROUP_COMMIT=group_commit) as server:
+        env = {"PULSE_GROUP_COMMIT": group_commit, "PULSE_WORKERS": str(workers)}
+        async with PulseServer(dsn, **env) as server:
             devices = await provision(server.url, "tenant-1", clients)
             latencies: list[float] = []
 
@@ -190,9 +200,11 @@ async def ingest_single(pg: Postgres, quick: bool) -> list[Figure]:
             results[group_commit] = (len(latencies) / cpu["wall_s"], latencies)
     baseline_rate, baseline_lat = results["0"]
     rate, lat = results["1"]
+    processes = f", {workers} processes" if workers > 1 else ""
+    scenario = f"single-reading ingest, 64 clients{processes}"
     return [
         Figure(
-            "single-reading ingest, 64 clients",
+            scenario,
             "one transaction per request",
             baseline_rate,
             "req/s",
@@ -200,7 +212,7 @@ async def ingest_single(pg: Postgres, quick: bool) -> list[Figure]:
             f"p99 {percentile(baseline_lat, 99) * 1e3:.1f} ms",
         ),
         Figure(
-            "single-reading ingest, 64 clients",
+            scenario,
             "group commit",
             rate,
             "req/s",
@@ -500,6 +512,7 @@ async def replay(pg: Postgres, quick: bool) -> list[Figure]:
 SCENARIOS: dict[str, Scenario] = {
     "ingest": ingest_batch,
     "single": ingest_single,
+    "single-workers": ingest_single_workers,
     "fanout-sse": fanout_sse,
     "fanout-ws": fanout_ws,
     "fanout-workers": fanout_workers,

@@ -227,10 +227,11 @@ async def test_a_device_going_stale_changes_the_summary(
             recorder = Recorder(ws)
             await ws.send('{"action": "subscribe", "type": "fleet"}')
             await recorder.next("fleet_summary")
+            # Before the UPDATE: its push may arrive before the UPDATE's own reply.
+            seen = time.monotonic()
             await pool.execute(
                 "UPDATE devices SET status = 'ONLINE', last_seen_at = now() WHERE device_id = 'd1'"
             )
-            seen = time.monotonic()
             _, online = await recorder.next("fleet_summary", after=seen)
             assert online["data"]["ONLINE"] == 1
             stale_at, stale = await recorder.next("fleet_summary", after=seen + 0.3)
