@@ -42,6 +42,7 @@ class Topic:
         self.channel = ""
         self.delivered = 0  # newest id handed to the subscribers
         self.dirty = asyncio.Event()
+        self.closed = False
         self.opened: asyncio.Task[None] = asyncio.create_task(self._open())
         self.fetcher: asyncio.Task[None] | None = None
 
@@ -51,6 +52,10 @@ class Topic:
         # LISTEN before reading the newest id: whatever commits later is notified.
         await listener.listen(self.channel)
         self.delivered = await store.newest_id(self.tenant_id)
+        if self.closed:
+            # Closed while opening, and the cancellation was lost on the way
+            # (Python 3.11's wait_for, inside asyncpg too, can swallow one).
+            return
         self.fetcher = asyncio.create_task(
             self._fetch_forever(), name=f"pulse:fetch:{self.tenant_id}"
         )
@@ -83,13 +88,19 @@ class Topic:
                 await asyncio.sleep(1.0)
 
     async def close(self) -> None:
-        for task in (self.fetcher, self.opened):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        self.closed = True
+        # The opening first: once it has ended, no fetcher can be made any more.
+        await _cancel(self.opened)
+        if self.fetcher is not None:
+            await _cancel(self.fetcher)
         if self.channel:
             await self.hub.listener.unlisten(self.channel)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
 
 
 class Hub:

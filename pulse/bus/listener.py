@@ -138,7 +138,10 @@ class Listener:
         """Listen to ``channel`` from now on; waits until the connection is up."""
         self._wanted.add(channel)
         try:
-            await asyncio.wait_for(self._up.wait(), timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that arrives as the wait ends.
+            async with asyncio.timeout(timeout):
+                await self._up.wait()
         except TimeoutError:
             self._wanted.discard(channel)
             raise DatabaseUnavailable("the listener is not connected") from None
