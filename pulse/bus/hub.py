@@ -43,11 +43,18 @@ class Topic:
         self.delivered = 0  # newest id handed to the subscribers
         self.dirty = asyncio.Event()
         self.closed = False
+        # The tenant's previous topic may still be closing: its UNLISTEN must
+        # not land after this one's LISTEN.
+        self._previous = hub._closing.get(tenant_id)
         self.opened: asyncio.Task[None] = asyncio.create_task(self._open())
         self.fetcher: asyncio.Task[None] | None = None
 
     async def _open(self) -> None:
         store, listener = self.hub.store, self.hub.listener
+        if self._previous is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._previous)
+            self._previous = None
         self.channel = await store.channel_for(self.tenant_id)
         # LISTEN before reading the newest id: whatever commits later is notified.
         await listener.listen(self.channel)
@@ -124,6 +131,7 @@ class Hub:
             backoff_max_s=backoff_max_s,
         )
         self._topics: dict[str, Topic] = {}
+        self._closing: dict[str, asyncio.Task[None]] = {}  # topics on their way out
         self.draining = False
         # Labelled counters looked up once per kind: .labels() is not free, and
         # publish runs once per subscriber per batch.
@@ -162,8 +170,16 @@ class Hub:
             topic.subscribers.discard(subscription)
             if not topic.subscribers and self._topics.get(tenant_id) is topic:
                 del self._topics[tenant_id]
+                closing = self._closing[tenant_id] = asyncio.create_task(topic.close())
+                closing.add_done_callback(
+                    lambda task: (
+                        self._closing.pop(tenant_id, None)
+                        if self._closing.get(tenant_id) is task
+                        else None
+                    )
+                )
                 # Shielded: a cancelled stream must still UNLISTEN.
-                await asyncio.shield(topic.close())
+                await asyncio.shield(closing)
 
     def publish(self, topic: Topic, events: list[TelemetryEvent]) -> None:
         # Counted per kind and added once: this loop runs once per subscriber.
