@@ -111,6 +111,18 @@ def _socket_of(stream: Any) -> _Socket | None:
     return _Socket(server) if isinstance(server, TCPServer) else None
 
 
+def _offer(stream: Any, extension: str, send: Any, write_now: Any) -> None:
+    """Put ``extension`` in the stream's scope, under hypercorn's asyncio worker only."""
+    socket = _socket_of(stream)
+    if socket is not None:
+        stream._socket = socket
+        stream.scope["extensions"][extension] = {
+            "send": send,
+            "write_now": write_now,
+            "abort_unread": socket.abort_unread,
+        }
+
+
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
@@ -130,20 +142,14 @@ def _offer_direct_writes() -> None:
 
     class _HTTPStream(http_stream.HTTPStream):  # type: ignore[misc]
         pulse_writes_directly = True
+        _socket: _Socket  # set by _offer with the extension
 
         async def handle(self, event: Any) -> None:
             await super().handle(event)
             # The app task is spawned above but has not run yet; had it, it
             # would only miss the extension and send the ASGI way.
             if isinstance(event, Request) and event.http_version == "1.1":
-                socket = _socket_of(self)
-                if socket is not None:
-                    self._socket = socket
-                    self.scope["extensions"][CHUNKS] = {
-                        "send": self._send_chunk,
-                        "write_now": self._write_chunk_now,
-                        "abort_unread": socket.abort_unread,
-                    }
+                _offer(self, CHUNKS, self._send_chunk, self._write_chunk_now)
 
         async def _send_chunk(self, data: bytes) -> None:
             if self.closed or self.state != ASGIHTTPState.RESPONSE or not data:
@@ -157,18 +163,12 @@ def _offer_direct_writes() -> None:
 
     class _WSStream(ws_stream.WSStream):  # type: ignore[misc]
         pulse_writes_directly = True
+        _socket: _Socket  # set by _offer with the extension
 
         async def handle(self, event: Any) -> None:
             await super().handle(event)
             if isinstance(event, Request):
-                socket = _socket_of(self)
-                if socket is not None:
-                    self._socket = socket
-                    self.scope["extensions"][FRAMES] = {
-                        "send": self._send_frames,
-                        "write_now": self._write_frames_now,
-                        "abort_unread": socket.abort_unread,
-                    }
+                _offer(self, FRAMES, self._send_frames, self._write_frames_now)
 
         async def _send_frames(self, frames: bytes) -> None:
             if self.closed or self.state != ASGIWebsocketState.CONNECTED:
