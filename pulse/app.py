@@ -124,6 +124,10 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     app.register_blueprint(dashboard_bp)
 
+    from pulse.ingest.fastpath import DeviceFastPath
+
+    app.asgi_app = DeviceFastPath(app, app.asgi_app)  # type: ignore[method-assign]
+
     @app.before_serving
     async def _start() -> None:
         await exit_stack.__aenter__()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from quart import Quart, Response, jsonify
+import orjson
+from quart import Quart, Response
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -24,13 +25,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def error_body(code: str, detail: str) -> bytes:
+    return orjson.dumps({"error": code, "detail": detail})
+
+
 def error_response(
     status: int, code: str, detail: str, headers: dict[str, str] | None = None
 ) -> Response:
-    response = jsonify({"error": code, "detail": detail})
-    response.status_code = status
-    response.headers.update(headers or {})
-    return response
+    return Response(error_body(code, detail), status, headers, content_type="application/json")
 
 
 _HTTP_CODES = {
@@ -39,41 +41,52 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     429: "rate_limited",
 }
 
 
+def error_for(exc: Exception) -> ApiError:
+    """The error body and status an exception is answered with; never a traceback."""
+    match exc:
+        case ApiError():
+            return exc
+        case RequestSchemaValidationError():
+            return ApiError(400, "invalid_payload", _validation_sentence(exc))
+        case DatabaseUnavailable():
+            log.warning("database unavailable: %s", exc)
+            return ApiError(
+                503,
+                "database_unavailable",
+                "The database is unreachable; retry shortly.",
+                {"Retry-After": "2"},
+            )
+        case HTTPException(code=413):
+            return ApiError(413, "payload_too_large", "The request body is over 1 MiB.")
+        case HTTPException():
+            status = exc.code or 500
+            return ApiError(status, _HTTP_CODES.get(status, "http_error"), exc.description or "")
+        case _:
+            log.error("unhandled error", exc_info=exc)
+            return ApiError(500, "internal_error", "An internal error occurred.")
+
+
 def register_error_handlers(app: Quart) -> None:
-    @app.errorhandler(ApiError)
-    async def _api_error(exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.detail, exc.headers)
+    async def answer(exc: Exception) -> Response:
+        error = error_for(exc)
+        return error_response(error.status, error.code, error.detail, error.headers)
 
-    @app.errorhandler(RequestSchemaValidationError)
-    async def _schema_error(exc: RequestSchemaValidationError) -> Response:
-        return error_response(400, "invalid_payload", _validation_sentence(exc))
-
-    @app.errorhandler(DatabaseUnavailable)
-    async def _db_down(exc: DatabaseUnavailable) -> Response:
-        log.warning("database unavailable: %s", exc)
-        return error_response(
-            503,
-            "database_unavailable",
-            "The database is unreachable; retry shortly.",
-            {"Retry-After": "2"},
-        )
-
-    @app.errorhandler(HTTPException)
-    async def _http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        if status == 413:
-            return error_response(413, "payload_too_large", "The request body is over 1 MiB.")
-        return error_response(status, _HTTP_CODES.get(status, "http_error"), exc.description or "")
-
-    @app.errorhandler(Exception)
-    async def _unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", "An internal error occurred.")
+    # One handler per class: Quart picks by the exception's class, and treats
+    # HTTPException apart from other exceptions.
+    for kind in (
+        ApiError,
+        RequestSchemaValidationError,
+        DatabaseUnavailable,
+        HTTPException,
+        Exception,
+    ):
+        app.register_error_handler(kind, answer)
 
 
 def _validation_sentence(exc: RequestSchemaValidationError) -> str:

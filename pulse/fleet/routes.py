@@ -21,7 +21,7 @@ from pulse.errors import ApiError
 from pulse.fleet import alerts, rules
 from pulse.fleet.summary import fleet_summary
 from pulse.fleet.sweeper import StatusSweeper
-from pulse.ingest.routes import ingest_writer
+from pulse.ingest.handling import ingest_writer
 
 PREFIX = "/api/v1/customer"
 DEFAULT_PAGE = 50
@@ -46,7 +46,7 @@ def install(app: Quart) -> None:
     async def _start_fleet() -> None:
         rt = runtime()
         assert rt.pool is not None, "install(app) must come after the app's startup"
-        ingest_writer().add_hook(rules.evaluate_alerts)
+        ingest_writer(app).add_hook(rules.evaluate_alerts)
         sweeper = StatusSweeper(
             rt.dsn,
             stale_after_s=rt.settings.stale_after_s,

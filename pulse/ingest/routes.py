@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import cast
 
 import orjson
-from quart import Blueprint, Response, current_app, jsonify, request
+from quart import Blueprint, Response, current_app, request
 from quart_schema import document, tag_blueprint
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from pulse.app import runtime
-from pulse.errors import error_response
 from pulse.ingest import intake, openapi
-from pulse.ingest.model import (
-    INVALID_DEVICE_TOKEN,
-    INVALID_PAYLOAD,
-    PAYLOAD_TOO_LARGE,
-    RATE_LIMITED,
-    UNKNOWN_DEVICE,
-    Accepted,
-    Outcome,
-    Rejected,
-    Submission,
-)
-from pulse.ingest.ratelimit import Admission, RateLimiter
-from pulse.ingest.writer import TelemetryWriter
+from pulse.ingest.handling import Receipt, ingest, reply
+from pulse.ingest.model import PAYLOAD_TOO_LARGE, Accepted, Outcome, Rejected
 
 blueprint = Blueprint("ingest", __name__)
 tag_blueprint(blueprint, ["ingest"])
@@ -38,49 +21,6 @@ tag_blueprint(blueprint, ["ingest"])
 DEVICE_URL = "/ingest/v1/tenant/<path:tenant_id>/device/<path:device_id>"
 TOKEN_HEADER = "X-Provision-Token"
 
-STATUS = {
-    INVALID_PAYLOAD: 400,
-    INVALID_DEVICE_TOKEN: 401,
-    UNKNOWN_DEVICE: 404,
-    PAYLOAD_TOO_LARGE: 413,
-    RATE_LIMITED: 429,
-}
-
-_WRITER = "pulse.ingest.writer"
-
-
-def ingest_writer() -> TelemetryWriter:
-    """This app's writer, built on first use: the pool exists only once the app is serving."""
-    extensions = current_app.extensions
-    writer = extensions.get(_WRITER)
-    if writer is None:
-        rt = runtime()
-        settings = rt.settings
-        admit = Admission(
-            per_device=RateLimiter(
-                settings.ingest_rate_per_device, settings.ingest_burst_per_device
-            ),
-            per_tenant=RateLimiter(
-                settings.ingest_rate_per_tenant, settings.ingest_burst_per_tenant
-            ),
-        )
-        writer = extensions[_WRITER] = TelemetryWriter(
-            rt.pool, admit=admit, group_commit=settings.group_commit
-        )
-    return cast(TelemetryWriter, writer)
-
-
-class _Receipt:
-    """When the request arrived: the wall clock for readings, a monotonic one for latency."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.at = datetime.now(UTC)
-        self._started = time.perf_counter()
-
-    def elapsed_s(self) -> float:
-        return time.perf_counter() - self._started
-
 
 @blueprint.post(DEVICE_URL + "/telemetry")
 @document(
@@ -89,7 +29,7 @@ class _Receipt:
     responses={201: (openapi.EventId, None), **openapi.DEVICE_ERRORS},
 )
 async def telemetry(tenant_id: str, device_id: str) -> Response:
-    receipt = _Receipt("telemetry")
+    receipt = Receipt("telemetry")
     body = await _read_body()
     item = (
         body
@@ -108,7 +48,7 @@ async def telemetry(tenant_id: str, device_id: str) -> Response:
     responses={204: (openapi.NoContent, None), **openapi.DEVICE_ERRORS},
 )
 async def heartbeat(tenant_id: str, device_id: str) -> Response:
-    receipt = _Receipt("heartbeat")
+    receipt = Receipt("heartbeat")
     # The body is optional and ignored, but still read so that size limits hold.
     body = await _read_body()
     item = (
@@ -130,7 +70,7 @@ async def heartbeat(tenant_id: str, device_id: str) -> Response:
     },
 )
 async def batch() -> Response:
-    receipt = _Receipt("batch")
+    receipt = Receipt("batch")
     body = await _read_body()
     items = body if isinstance(body, Rejected) else intake.batch(body, receipt.at)
     if isinstance(items, Rejected):
@@ -159,43 +99,17 @@ async def _read_body() -> bytes | Rejected:
         return Rejected(PAYLOAD_TOO_LARGE, "The request body is over 1 MiB.")
 
 
-async def _ingest(items: Sequence[intake.Item], receipt: _Receipt) -> list[Outcome]:
-    """The one path from parsed messages to outcomes, for every endpoint."""
-    decided: dict[int, Outcome] = {
-        i: item for i, item in enumerate(items) if isinstance(item, Rejected)
-    }
-    pending = [(i, item) for i, item in enumerate(items) if isinstance(item, Submission)]
-    if pending:
-        written = await ingest_writer().write([submission for _, submission in pending])
-        decided.update(zip([i for i, _ in pending], written, strict=True))
-    outcomes = [decided[i] for i in range(len(items))]
-    _record(outcomes, receipt)
-    return outcomes
-
-
-def _record(outcomes: Sequence[Outcome], receipt: _Receipt) -> None:
-    metrics = runtime().metrics
-    rows = sum(isinstance(o, Accepted) and o.event_id is not None for o in outcomes)
-    for outcome in outcomes:
-        if isinstance(outcome, Rejected):
-            metrics.ingest_rejected.labels(outcome.reason).inc()
-    if rows:
-        metrics.ingest_rows.labels(receipt.endpoint).inc(rows)
-    if any(isinstance(o, Accepted) for o in outcomes):
-        metrics.ingest_latency.labels(receipt.endpoint).observe(receipt.elapsed_s())
+async def _ingest(items: Sequence[intake.Item], receipt: Receipt) -> list[Outcome]:
+    return await ingest(current_app, items, receipt)
 
 
 def _respond(outcome: Outcome) -> Response:
-    if isinstance(outcome, Rejected):
-        headers: dict[str, str] = {}
-        if outcome.reason == RATE_LIMITED:
-            headers["Retry-After"] = str(max(1, math.ceil(outcome.retry_after_s)))
-        return error_response(STATUS[outcome.reason], outcome.reason, outcome.detail, headers)
-    if outcome.event_id is None:
-        return Response(status=204)
-    response = jsonify({"id": outcome.event_id})
-    response.status_code = 201
-    return response
+    answer = reply(outcome)
+    if answer.body is None:
+        empty = Response(status=answer.status, headers=answer.headers)
+        del empty.headers["Content-Type"]  # nothing to describe
+        return empty
+    return Response(answer.body, answer.status, answer.headers, content_type="application/json")
 
 
 def _result(index: int, outcome: Outcome) -> dict[str, object]:

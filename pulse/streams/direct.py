@@ -147,8 +147,9 @@ def _offer_direct_writes() -> None:
         async def handle(self, event: Any) -> None:
             await super().handle(event)
             # The app task is spawned above but has not run yet; had it, it
-            # would only miss the extension and send the ASGI way.
-            if isinstance(event, Request) and event.http_version == "1.1":
+            # would only miss the extension and send the ASGI way. Streams
+            # are GETs: other requests are spared the lookup.
+            if isinstance(event, Request) and event.http_version == "1.1" and event.method == "GET":
                 _offer(self, CHUNKS, self._send_chunk, self._write_chunk_now)
 
         async def _send_chunk(self, data: bytes) -> None:

@@ -1,0 +1,150 @@
+"""The device fast path (pulse.ingest.fastpath) against Quart's routes, over a real socket.
+
+A device URL with a Content-Length is served before Quart; the same request sent
+chunked goes through Quart. Both doors must answer alike and store alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+from quart import Quart, request_started
+
+from pulse.config import Settings
+from tests.ingest.conftest import stored_rows
+from tests.ingest.test_routes import heartbeat_url, telemetry_url
+from tests.support import running_server
+
+
+@pytest.fixture
+def quart_requests() -> Iterator[list[str]]:
+    """The paths of the requests Quart itself handled while the test ran."""
+    seen: list[str] = []
+
+    async def started(sender: Quart, **_: object) -> None:
+        from quart import request
+
+        seen.append(request.path)
+
+    request_started.connect(started)
+    try:
+        yield seen
+    finally:
+        request_started.disconnect(started)
+
+
+async def _chunked(content: bytes) -> AsyncIterator[bytes]:
+    yield content
+
+
+async def test_device_requests_with_a_length_skip_quart(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, token: str, quart_requests: list[str]
+) -> None:
+    headers = {"X-Provision-Token": token}
+    fast = await http.post(telemetry_url(), json={"metrics": {"v": 1}}, headers=headers)
+    beat = await http.post(heartbeat_url(), headers=headers)
+    assert (fast.status_code, beat.status_code) == (201, 204), (fast.text, beat.text)
+    assert quart_requests == []
+
+    chunked = await http.post(
+        telemetry_url(), content=_chunked(b'{"metrics": {"v": 2}}'), headers=headers
+    )
+    assert chunked.status_code == 201, chunked.text
+    assert quart_requests == [telemetry_url()]
+    assert chunked.json()["id"] == fast.json()["id"] + 1
+    assert await stored_rows(pool) == 2
+
+
+CASES = [
+    ("reading", telemetry_url(), b'{"metrics": {"v": 1}}', "token"),
+    ("heartbeat", heartbeat_url(), b"", "token"),
+    ("bad json", telemetry_url(), b'{"metrics": ', "token"),
+    ("bad value", telemetry_url(), b'{"metrics": {"v": "x"}}', "token"),
+    ("no token", telemetry_url(), b'{"metrics": {"v": 1}}', None),
+    ("wrong token", telemetry_url(), b'{"metrics": {"v": 1}}', "pdt_wrong"),
+    ("unknown device", telemetry_url(device="ghost"), b'{"metrics": {"v": 1}}', "token"),
+    ("bad name", telemetry_url(tenant="t%C3%A9"), b'{"metrics": {"v": 1}}', "token"),
+    ("heartbeat, bad token", heartbeat_url(), b"", "pdt_wrong"),
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "content", "credential"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+async def test_both_doors_answer_alike(
+    http: httpx.AsyncClient,
+    pool: asyncpg.Pool,
+    token: str,
+    quart_requests: list[str],
+    url: str,
+    content: bytes,
+    credential: str | None,
+) -> None:
+    headers = (
+        {}
+        if credential is None
+        else {"X-Provision-Token": token if credential == "token" else credential}
+    )
+    fast = await http.post(url, content=content, headers=headers)
+    assert quart_requests == []
+    slow = await http.post(url, content=_chunked(content), headers=headers)
+    assert len(quart_requests) == 1
+    assert fast.status_code == slow.status_code
+    assert fast.headers.get("content-type") == slow.headers.get("content-type")
+    if fast.status_code == 201:
+        assert slow.json()["id"] == fast.json()["id"] + 1
+        assert await stored_rows(pool) == 2
+    else:
+        assert fast.content == slow.content
+        assert await stored_rows(pool) == 0
+
+
+async def _raw(server: str, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = server.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    await writer.drain()
+    return reader, writer
+
+
+def _head(url: str, token: str, length: int) -> bytes:
+    return (
+        f"POST {url} HTTP/1.1\r\nHost: pulse\r\nX-Provision-Token: {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+async def test_a_body_that_stops_coming_is_answered_408(
+    settings: Settings, pool: asyncpg.Pool, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Quart, "default_config", {**Quart.default_config, "BODY_TIMEOUT": 0.5})
+    body = b'{"metrics": {"v": 1}}'
+    async with running_server(settings) as server:
+        reader, writer = await _raw(server, _head(telemetry_url(), token, len(body)) + body[:5])
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 408"), head
+        finally:
+            writer.close()
+    assert await stored_rows(pool) == 0
+
+
+async def test_a_client_gone_mid_body_stores_nothing_and_harms_nothing(
+    http: httpx.AsyncClient, server: str, pool: asyncpg.Pool, token: str
+) -> None:
+    body = b'{"metrics": {"v": 1}}'
+    for _ in range(20):
+        _, writer = await _raw(server, _head(telemetry_url(), token, len(body)) + body[:5])
+        writer.close()
+        await writer.wait_closed()
+    response = await http.post(
+        telemetry_url(), json={"metrics": {"v": 1}}, headers={"X-Provision-Token": token}
+    )
+    assert response.status_code == 201, response.text
+    assert orjson.loads(response.content) == {"id": 1}
+    assert await stored_rows(pool) == 1
