@@ -23,11 +23,15 @@ SELECT r.tenant_id, pulse_reserve_event_ids(r.tenant_id, r.n) AS base
 -- name: insert_telemetry
 -- Every row of a write in one statement, whatever the number of tenants: the
 -- statement-level trigger then sends one NOTIFY per tenant with the id range,
--- and the round trips do not grow with the batch.
+-- and the round trips do not grow with the batch. The rows travel as one JSON
+-- array, encoded by orjson in one call: the same rows as six typed arrays cost
+-- the server about 3.5 times more Python CPU (asyncpg encodes each element,
+-- and each metrics object through the jsonb codec), for the same time in
+-- PostgreSQL.
 INSERT INTO telemetry (tenant_id, id, device_id, device_time, metrics, seq)
-SELECT *
-  FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[], $5::jsonb[],
-              $6::bigint[]);
+SELECT r.t, r.i, r.d, r.ts, r.m, r.s
+  FROM jsonb_to_recordset($1::jsonb)
+       AS r(t text, i bigint, d text, ts timestamptz, m jsonb, s bigint);
 
 -- name: touch_devices
 -- Marks the devices of a write as seen now and ONLINE, in one statement, and

@@ -220,18 +220,13 @@ class TelemetryWriter:
             if row["base"] is not None:
                 for offset, i in enumerate(by_tenant[row["tenant_id"]], start=1):
                     ids[i] = row["base"] + offset
-        stored = [(i, event_id) for i, event_id in enumerate(ids) if event_id is not None]
+        stored = [
+            _row(submission, event_id)
+            for submission, event_id in zip(submissions, ids, strict=True)
+            if event_id is not None
+        ]
         if stored:
-            readings = [_reading(submissions[i]) for i, _ in stored]
-            await conn.execute(
-                Q["insert_telemetry"],
-                [submissions[i].tenant_id for i, _ in stored],
-                [event_id for _, event_id in stored],
-                [submissions[i].device_id for i, _ in stored],
-                [r.device_time for r in readings],
-                [r.metrics for r in readings],
-                [r.seq for r in readings],
-            )
+            await conn.execute(Q["insert_telemetry"], stored)
         return ids
 
     async def _touch(self, conn: asyncpg.Connection, devices: Sequence[Device]) -> list[Device]:
@@ -269,6 +264,19 @@ def _settle(
 def _reading(submission: Submission) -> Reading:
     assert submission.reading is not None, "heartbeats are never inserted"
     return submission.reading
+
+
+def _row(submission: Submission, event_id: int) -> dict[str, object]:
+    """One row of insert_telemetry's JSON array."""
+    reading = _reading(submission)
+    return {
+        "t": submission.tenant_id,
+        "i": event_id,
+        "d": submission.device_id,
+        "ts": reading.device_time,
+        "m": reading.metrics,
+        "s": reading.seq,
+    }
 
 
 def _unknown(device: Device) -> str:
