@@ -76,9 +76,9 @@ class TelemetryWriter:
         self._admit = admit
         self._hooks = tuple(hooks)
         self._group_commit = group_commit
-        # Writes of one tenant waiting for its gate, to be committed together.
+        # Writes waiting for the gates of the same tenants, to be committed together.
         self._waiting: dict[
-            str, list[tuple[Sequence[Submission], asyncio.Future[list[Outcome]]]]
+            frozenset[str], list[tuple[Sequence[Submission], asyncio.Future[list[Outcome]]]]
         ] = {}
         # Writers of one tenant commit one at a time anyway (the tenant row
         # lock); queueing them here instead of inside PostgreSQL keeps a busy
@@ -97,29 +97,31 @@ class TelemetryWriter:
         """
         if not submissions:
             return []
-        tenants = {s.tenant_id for s in submissions if s.reading is not None}
-        if self._group_commit and len(tenants) == 1:
-            return await self._write_grouped(tenants.pop(), submissions)
+        tenants = frozenset(s.tenant_id for s in submissions if s.reading is not None)
+        if self._group_commit and tenants:
+            return await self._write_grouped(tenants, submissions)
         async with self._tenant_gates.hold(tenants):
             return await self._commit(submissions)
 
     async def _write_grouped(
-        self, tenant_id: str, submissions: Sequence[Submission]
+        self, tenants: frozenset[str], submissions: Sequence[Submission]
     ) -> list[Outcome]:
-        """Group commit: the writes of one tenant that queue for its gate while a
-        transaction runs are all committed by the next one, together.
+        """Group commit: the writes for the same tenants that queue for their gates
+        while a transaction runs are all committed by the next one, together.
 
         A tenant's writers commit one at a time anyway (its counter row), so a
         group costs about what one write costs. Each caller is answered only
         once the group's transaction has committed, with its own outcomes.
+        Writes whose tenants differ but overlap are not merged; the gates still
+        order them.
         """
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         # A caller that went away leaves its future unread: that is not an error.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._waiting.setdefault(tenant_id, []).append((submissions, future))
-        async with self._tenant_gates.hold([tenant_id]):
+        self._waiting.setdefault(tenants, []).append((submissions, future))
+        async with self._tenant_gates.hold(tenants):
             if not future.done():
-                group = self._waiting.pop(tenant_id)
+                group = self._waiting.pop(tenants)
                 everything = [s for subs, _ in group for s in subs]
                 commit = asyncio.get_running_loop().create_task(self._commit(everything))
                 commit.add_done_callback(lambda done: _settle(group, done))

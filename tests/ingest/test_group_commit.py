@@ -13,6 +13,7 @@ from pulse.ingest.model import Accepted, Submission
 from pulse.ingest.validation import Reading
 from pulse.ingest.writer import TelemetryWriter, Written
 from tests.ingest.conftest import stored_rows
+from tests.support import provision_device
 
 NOW = datetime(2026, 11, 27, 17, 0, tzinfo=UTC)
 
@@ -36,6 +37,38 @@ async def test_concurrent_writes_share_transactions(pool: asyncpg.Pool, token: s
     # Each caller got the id of its own reading.
     rows = dict(await pool.fetch("SELECT (metrics->>'v')::int, id FROM telemetry"))
     assert all(rows[i] == o[0].event_id for i, o in enumerate(outcomes))  # type: ignore[union-attr]
+
+
+async def test_concurrent_writes_for_the_same_tenants_share_transactions(
+    pool: asyncpg.Pool, token: str
+) -> None:
+    """A batch naming two tenants groups with the batches naming the same two."""
+    other = await provision_device(pool, "t2", "dev-1")
+    sizes: list[int] = []
+
+    async def count(conn: asyncpg.Connection, written: Written) -> None:
+        sizes.append(len(written.events))
+        await asyncio.sleep(0.01)
+
+    def both(value: int) -> list[Submission]:
+        return [
+            Submission("t1", "dev-1", token, Reading(NOW, {"v": value}, None)),
+            Submission("t2", "dev-1", other, Reading(NOW, {"v": value}, None)),
+        ]
+
+    writer = TelemetryWriter(pool, hooks=[count])
+    outcomes = await asyncio.gather(*(writer.write(both(i)) for i in range(20)))
+    assert sum(sizes) == 40 and len(sizes) < 20 and max(sizes) > 2
+    rows = {
+        (row["tenant_id"], row["v"]): row["id"]
+        for row in await pool.fetch(
+            "SELECT tenant_id, (metrics->>'v')::int AS v, id FROM telemetry"
+        )
+    }
+    for i, (first, second) in enumerate(outcomes):
+        assert (first, second) == (Accepted(rows["t1", i]), Accepted(rows["t2", i]))
+    for tenant in ("t1", "t2"):
+        assert sorted(v for (t, _), v in rows.items() if t == tenant) == list(range(1, 21))
 
 
 async def test_without_group_commit_each_write_is_its_own_transaction(
