@@ -20,9 +20,8 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Quart
 from werkzeug.exceptions import RequestTimeout
 
-from pulse.errors import error_body, error_for
 from pulse.ingest import intake
-from pulse.ingest.handling import Receipt, Reply, ingest, reply
+from pulse.ingest.handling import Receipt, Reply, error_reply, ingest, reply
 from pulse.ingest.routes import TOKEN_HEADER
 
 _DEVICE_PATH = re.compile(r"/ingest/v1/tenant/([^/]+)/device/([^/]+)/(telemetry|heartbeat)")
@@ -85,8 +84,7 @@ class DeviceFastPath:
             [outcome] = await ingest(self._app, [item], receipt)
             answer = reply(outcome)
         except Exception as exc:
-            error = error_for(exc)
-            answer = Reply(error.status, error_body(error.code, error.detail), error.headers)
+            answer = error_reply(exc)
         await _send(send, answer)
 
 

@@ -19,7 +19,7 @@ import orjson
 from quart import Quart
 
 from pulse.app import Runtime
-from pulse.errors import error_body
+from pulse.errors import error_body, error_for
 from pulse.ingest import intake
 from pulse.ingest.model import (
     INVALID_DEVICE_TOKEN,
@@ -125,3 +125,9 @@ def reply(outcome: Outcome) -> Reply:
     if outcome.event_id is None:
         return Reply(204, None)
     return Reply(201, orjson.dumps({"id": outcome.event_id}))
+
+
+def error_reply(exc: Exception) -> Reply:
+    """The answer to a request that raised ``exc``, as Quart's error handlers give it."""
+    error = error_for(exc)
+    return Reply(error.status, error_body(error.code, error.detail), error.headers)
