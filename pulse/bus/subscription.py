@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 from pulse.bus.events import TelemetryEvent
@@ -77,6 +78,9 @@ class Subscription:
         self._waiter: asyncio.Future[None] | None = None
         self._parked = False  # the stream's task waits in `wait` for the next event
         self.owner: asyncio.Task[object] | None = None
+        # When a signal last came (monotonic): what the stream reads on a signal
+        # must be at least that fresh (pulse.db.shared).
+        self.signalled_at = time.monotonic()
         self.deliver_now: Callable[[list[TelemetryEvent]], bool] | None = None
         self.wrote_directly = False  # the last offer's events went out by deliver_now
         self.drop_unread: Callable[[], None] | None = None
@@ -125,6 +129,7 @@ class Subscription:
 
     def notify(self, signal: str) -> None:
         if signal in self.signals:
+            self.signalled_at = time.monotonic()
             self._pending_signals.add(signal)
             self._wake()
 

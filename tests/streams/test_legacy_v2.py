@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -308,3 +309,58 @@ async def test_operators_placeholder_context(
         assert summary["type"] == "fleet_summary" and summary["data"]["active_alerts"] == 1
         with pytest.raises(TimeoutError):
             await recv(t1, timeout=0.5)
+
+
+async def test_a_change_is_read_once_for_all_the_connections_it_reaches(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty dashboards of a tenant, one change: one alerts query and one summary query
+    between them (the server runs in this process, so its queries can be counted), and
+    every dashboard gets the new state."""
+    from pulse.streams.legacy_v2 import handler
+
+    queries = {"alerts": 0, "summary": 0}
+
+    def counted(name: str, read: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            queries[name] += 1
+            return await read(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(handler, "active_alerts", counted("alerts", handler.active_alerts))
+    monkeypatch.setattr(handler, "fleet_summary", counted("summary", handler.fleet_summary))
+    device_token = await provision_device(pool, "t1", "d1")
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        admin = auth(make_token("t1", roles=("tenant-admin",)))
+        rule = {"name": "hot", "metric": "temp", "operator": ">", "threshold": 50, "severity": 4}
+        assert (await http.post(RULES_PATH, headers=admin, json=rule)).status_code == 201
+        async with contextlib.AsyncExitStack() as stack:
+            recorders = []
+            for _ in range(20):
+                ws = await stack.enter_async_context(open_ws(url, V2_PATH, token=make_token("t1")))
+                recorder = Recorder(ws)
+                stack.push_async_callback(recorder.stop)
+                await ws.send('{"action": "subscribe", "type": "alerts"}')
+                await ws.send('{"action": "subscribe", "type": "fleet"}')
+                recorders.append(recorder)
+            for recorder in recorders:
+                await recorder.next("fleet_summary")
+                await recorder.next("alerts")
+            await asyncio.sleep(1.1)  # past every connection's one-summary-a-second limit
+            before = dict(queries)
+            sent = time.monotonic()
+            r = await http.post(
+                "/ingest/v1/tenant/t1/device/d1/telemetry",
+                headers={"X-Provision-Token": device_token},
+                json={"metrics": {"temp": 99}},
+            )
+            assert r.status_code == 201, r.text
+            for recorder in recorders:
+                _, alerts = await recorder.next("alerts", after=sent)
+                assert [a["device_id"] for a in alerts["alerts"]] == ["d1"]
+                _, summary = await recorder.next("fleet_summary", after=sent)
+                assert summary["data"]["ONLINE"] == 1 and summary["data"]["active_alerts"] == 1
+    made = {name: queries[name] - before[name] for name in queries}
+    print(f"queries for one change across 20 connections: {made}")
+    assert made["alerts"] <= 2 and made["summary"] <= 2, made

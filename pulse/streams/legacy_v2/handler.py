@@ -9,14 +9,17 @@ alerts and fleet summary pushes. Nothing is polled but the periodic summary.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from typing import Any, cast
 
-from quart import Blueprint, websocket
+from quart import Blueprint, current_app, websocket
 
 from pulse.app import Runtime, runtime
 from pulse.auth.http import authenticate_request, request_tenant
 from pulse.bus.events import TelemetryEvent
 from pulse.bus.subscription import Closing, Filters, Lagging, Subscription
+from pulse.db.shared import SharedReads
 from pulse.fleet.alerts import active_alerts
 from pulse.fleet.summary import fleet_summary
 from pulse.streams.legacy_v2.protocol import (
@@ -44,6 +47,7 @@ ALL_TENANTS = "*"
 # the schedule (a fleet subscription starts the periodic summaries).
 RESCHEDULE = "reschedule"
 ALERTS_LIMIT = 100
+_READS = "pulse.legacy_v2.reads"
 
 
 @blueprint.websocket("/api/v2/ws")
@@ -73,7 +77,7 @@ async def _serve(connection: Connection) -> None:
             signals=SIGNALS | {RESCHEDULE},
         ) as subscription,
     ):
-        pushes = _Pushes(rt, connection, tenant_id)
+        pushes = _Pushes(rt, connection, subscription, tenant_id)
         expires_at = principal.expires_at.timestamp()
         subscription.drop_unread = connection.drop_unread
         subscription.deliver_now = lambda events: (
@@ -85,24 +89,49 @@ async def _serve(connection: Connection) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Reads:
+    """The pushes' queries, shared by the connections of a process that ask at once:
+    a change signals every connection of the tenant in the same instant."""
+
+    alerts: SharedReads[str | None, list[dict[str, Any]]]
+    summaries: SharedReads[str | None, dict[str, int]]
+
+    @staticmethod
+    def of(rt: Runtime) -> _Reads:
+        reads = current_app.extensions.get(_READS)
+        if reads is None:
+            reads = current_app.extensions[_READS] = _Reads(
+                alerts=SharedReads(lambda tenant: active_alerts(rt.pool, tenant, ALERTS_LIMIT)),
+                summaries=SharedReads(lambda tenant: fleet_summary(rt.pool, tenant)),
+            )
+        return cast(_Reads, reads)
+
+
 class _Pushes:
     """Carries out the effects that read the database, for the reader and the pump alike."""
 
-    def __init__(self, rt: Runtime, connection: Connection, tenant_id: str | None) -> None:
-        self.rt = rt
+    def __init__(
+        self, rt: Runtime, connection: Connection, subscription: Subscription, tenant_id: str | None
+    ) -> None:
+        self.reads = _Reads.of(rt)
         self.connection = connection
+        self.subscription = subscription
         self.tenant_id = tenant_id
         self.last_summary: dict[str, int] | None = None
 
     async def carry_out(self, effects: list[Effect]) -> None:
+        # Whatever is read is at least as fresh as the last change signalled;
+        # a later change is signalled, and pushed, again.
+        since = self.subscription.signalled_at
         for effect in effects:
             if isinstance(effect, Reply):
                 self.connection.reply(effect.message)
             elif isinstance(effect, PushAlerts):
-                alerts = await active_alerts(self.rt.pool, self.tenant_id, limit=ALERTS_LIMIT)
+                alerts = await self.reads.alerts.get(self.tenant_id, since)
                 self.connection.reply({"type": "alerts", "alerts": alerts})
             elif isinstance(effect, PushFleetSummary):
-                summary = await fleet_summary(self.rt.pool, self.tenant_id)
+                summary = await self.reads.summaries.get(self.tenant_id, since)
                 if effect.only_if_changed and summary == self.last_summary:
                     continue
                 self.last_summary = summary
