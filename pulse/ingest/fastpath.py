@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
@@ -46,17 +47,8 @@ class DeviceFastPath:
             and not scope.get("root_path")
             and (match := _DEVICE_PATH.fullmatch(scope["path"]))
         ):
-            length = -1
-            token = None
-            for name, value in scope["headers"]:
-                if name == b"content-length":
-                    length = int(value) if value.isdigit() else -1
-                elif name == _TOKEN and token is None:
-                    token = value.decode("latin1")
-                elif name == b"transfer-encoding":
-                    length = -1
-                    break
-            if 0 <= length <= self._max_body:
+            length, token = _length_and_token(scope["headers"])
+            if length is not None and length <= self._max_body:
                 tenant_id, device_id, kind = match.groups()
                 await self._serve(kind, tenant_id, device_id, token, receive, send)
                 return
@@ -86,6 +78,19 @@ class DeviceFastPath:
         except Exception as exc:
             answer = error_reply(exc)
         await _send(send, answer)
+
+
+def _length_and_token(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int | None, str | None]:
+    """The declared Content-Length (None: chunked or not declared) and the device token."""
+    length = token = None
+    for name, value in headers:
+        if name == b"content-length":
+            length = int(value) if value.isdigit() else None
+        elif name == _TOKEN and token is None:
+            token = value.decode("latin1")
+        elif name == b"transfer-encoding":
+            return None, token
+    return length, token
 
 
 async def _read_body(receive: ASGIReceiveCallable, timeout: float | None) -> bytes | None:
