@@ -4,8 +4,10 @@ The per-process limit is counted here, in memory. The per-tenant limit holds
 for all the processes that share the database: each process records its open
 connections in ``stream_connections`` under a lease on its row in
 ``stream_processes``, which it renews every ``ttl_s / 3`` seconds. Admission
-counts the tenant's rows whose process lease is still valid, under a per-tenant
-advisory lock, and inserts its own row in the same statement.
+counts the tenant's connections of processes whose lease is still valid, under
+a per-tenant advisory lock, and inserts its own row in the same statement.
+Triggers keep one counter per process and tenant, so admission costs the same
+at the ten-thousandth connection as at the first.
 
 A process that crashes stops renewing: its connections stop counting at most
 ``ttl_s`` (default 15 s) after its last renewal, that is within ``ttl_s`` of

@@ -40,10 +40,11 @@ DELETE FROM stream_connections
 DELETE FROM stream_processes WHERE expires_at < clock_timestamp();
 
 -- name: count_tenant_connections
-SELECT count(*)
-  FROM stream_connections c
-  JOIN stream_processes p ON p.process_id = c.process_id
- WHERE c.tenant_id = $1
+-- One counter row per live process (migration 0005), not one row per connection.
+SELECT coalesce(sum(t.connections), 0)
+  FROM stream_tenant_counts t
+  JOIN stream_processes p ON p.process_id = t.process_id
+ WHERE t.tenant_id = $1
    AND p.expires_at > clock_timestamp();
 
 -- name: forget_process

@@ -23,9 +23,24 @@ async def started(
 
 
 async def rows(pool: asyncpg.Pool, tenant: str = "t1") -> int:
-    return int(
-        await pool.fetchval("SELECT count(*) FROM stream_connections WHERE tenant_id = $1", tenant)
+    """The tenant's connection rows; the per-process counters that admission sums
+    (migration 0005) must agree with them after whatever the test did."""
+    truth = dict(
+        await pool.fetch(
+            "SELECT process_id, count(*) FROM stream_connections WHERE tenant_id = $1 "
+            "GROUP BY process_id",
+            tenant,
+        )
     )
+    counted = dict(
+        await pool.fetch(
+            "SELECT process_id, connections FROM stream_tenant_counts "
+            "WHERE tenant_id = $1 AND connections > 0",
+            tenant,
+        )
+    )
+    assert counted == truth
+    return sum(truth.values())
 
 
 async def test_processes_share_the_tenant_limit_under_concurrent_admission(
@@ -135,3 +150,21 @@ async def test_rows_whose_release_failed_are_deleted_by_the_next_renewal(
         assert await rows(pool) == 1
     await limits.stop()
     assert await pool.fetchval("SELECT count(*) FROM stream_processes") == 0
+
+
+async def test_admission_counts_right_at_a_thousand_connections(pool: asyncpg.Pool) -> None:
+    """Admission sums counters, not rows: the limit still holds exactly at scale."""
+    a, b = await started(pool, per_tenant=1000), await started(pool, per_tenant=1000)
+    async with contextlib.AsyncExitStack() as held:
+        for i in range(1000):
+            await held.enter_async_context((a if i % 2 else b).hold("sse", "t1"))
+        assert await rows(pool) == 1000
+        with pytest.raises(LimitReached):
+            await a.check("t1")
+        with pytest.raises(LimitReached):
+            async with b.hold("websocket", "t1"):
+                pass
+        async with a.hold("sse", "t2"):
+            assert await rows(pool, "t2") == 1
+    assert await rows(pool) == 0
+    await a.check("t1")
