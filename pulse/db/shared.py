@@ -25,7 +25,7 @@ class SharedReads(Generic[K, V]):
     def __init__(self, read: Callable[[K], Awaitable[V]]) -> None:
         self._read = read
         self._flights: dict[K, tuple[float, asyncio.Future[V]]] = {}
-        self.reads = 0  # queries actually made, for tests and metrics
+        self.reads = 0  # queries actually made (tests read it)
 
     async def get(self, key: K, since: float) -> V:
         """``read(key)``, from a read that started at or after ``since`` (monotonic)."""
