@@ -144,13 +144,15 @@ class PulseServer:
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        # The server's log, shown when a scenario fails.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115  closed in __aexit__
 
     async def __aenter__(self) -> PulseServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pulse", "serve", "--port", str(self.port)],
             env=self._env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=self._log,
         )
         async with httpx.AsyncClient(base_url=self.url) as client:
             for _ in range(300):
@@ -162,13 +164,18 @@ class PulseServer:
                 await asyncio.sleep(0.1)
         raise RuntimeError("pulse serve did not become ready")
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, *_: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if exc_type is not None:
+            self._log.seek(0)
+            tail = self._log.read().decode(errors="replace").splitlines()[-40:]
+            print("   server log (last 40 lines):", *tail, sep="\n   ", file=sys.stderr)
+        self._log.close()
 
     def pids(self) -> list[int]:
         """The server's process and its workers, if it runs several."""

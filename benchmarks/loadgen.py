@@ -13,6 +13,7 @@ import orjson
 
 _STATUS = re.compile(rb"HTTP/1\.1 (\d{3})")
 _LENGTH = re.compile(rb"\r\ncontent-length: (\d+)", re.IGNORECASE)
+_CLOSE = re.compile(rb"\r\nconnection: close\r\n", re.IGNORECASE)
 _EVENT_ID = re.compile(rb'"type":"telemetry","id":(\d+)')
 
 
@@ -50,6 +51,11 @@ class HttpConnection:
         status = _STATUS.match(head)
         length = _LENGTH.search(head)
         body = await self._reader.readexactly(int(length[1])) if length else b""
+        if _CLOSE.search(head):
+            # The server ends keep-alive connections after a number of requests
+            # (hypercorn's keep_alive_max_requests): open a new one, as clients do.
+            self._writer.close()
+            await self.open()
         return (int(status[1]) if status else 0), body
 
 
