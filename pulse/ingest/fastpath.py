@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Coroutine, Iterable
+from typing import Any, cast
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Quart
@@ -38,9 +38,11 @@ class DeviceFastPath:
         self._inner = inner
         self._max_body = int(app.config["MAX_CONTENT_LENGTH"])
 
-    async def __call__(
+    def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
+        # Not a coroutine itself: a connection handed on to Quart (a stream, for
+        # as long as it is open) does not keep a frame of this call alive.
         if (
             scope["type"] == "http"
             and scope["method"] == "POST"
@@ -50,9 +52,8 @@ class DeviceFastPath:
             length, token = _length_and_token(scope["headers"])
             if length is not None and length <= self._max_body:
                 tenant_id, device_id, kind = match.groups()
-                await self._serve(kind, tenant_id, device_id, token, receive, send)
-                return
-        await self._inner(scope, receive, send)
+                return self._serve(kind, tenant_id, device_id, token, receive, send)
+        return cast(Coroutine[Any, Any, None], self._inner(scope, receive, send))
 
     async def _serve(
         self,
