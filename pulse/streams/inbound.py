@@ -1,12 +1,12 @@
 """InboundQueue: what a connection received, on its way to the code that handles it.
 
-Two of these stand between a WebSocket's socket and its handler: hypercorn's
-queue of ASGI events for the app (pulse.streams.direct) and Quart's queue of
-received messages (pulse.streams.websocket). Both replace an asyncio.Queue:
+It stands between a WebSocket's socket and its handler as hypercorn's queue of
+ASGI events for the app (pulse.streams.direct), in place of an asyncio.Queue
+(the handler then reads those events itself: pulse.streams.websocket):
 
 - bounded, so that a client sending faster than its handler reads is held
   back by TCP (hypercorn stops reading its socket) instead of piling up in
-  memory, where Quart's own queue is unbounded;
+  memory;
 - small, because an idle connection is mostly such structures: an
   asyncio.Queue allocates three deques and an Event up front, about 3 KB, and
   this holds one list until something waits.
