@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import asyncpg
 
@@ -28,6 +28,11 @@ from pulse.ingest.validation import Reading
 Q = load_queries(__package__)
 
 Device = tuple[str, str]  # (tenant_id, device_id)
+R = TypeVar("R")
+
+# Writes of at least this many messages are checked before they queue for
+# their tenants' gates (TelemetryWriter._check).
+CHECK_AHEAD_FROM = 32
 
 # Admission control, asked once per authenticated message: None admits it, a
 # Rejected (rate_limited, with the seconds to wait) refuses it.
@@ -77,14 +82,21 @@ class TelemetryWriter:
         self._hooks = tuple(hooks)
         self._group_commit = group_commit
         # Writes waiting for the gates of the same tenants, to be committed together.
+        # Each with whether its checks were made already (_check).
         self._waiting: dict[
-            frozenset[str], list[tuple[Sequence[Submission], asyncio.Future[list[Outcome]]]]
+            frozenset[str],
+            list[tuple[Sequence[Submission], bool, asyncio.Future[list[Outcome]]]],
         ] = {}
         # Writers of one tenant commit one at a time anyway (the tenant row
         # lock); queueing them here instead of inside PostgreSQL keeps a busy
         # tenant from holding every pooled connection while it waits, which
         # would stall the other tenants.
         self._tenant_gates = KeyedLocks()
+        # Writes waiting for their tokens and rates to be checked (_check).
+        self._unchecked: list[
+            tuple[Sequence[Submission], asyncio.Future[list[Outcome | None]]]
+        ] = []
+        self._checking: asyncio.Task[None] | None = None
 
     def add_hook(self, hook: TransactionHook) -> None:
         self._hooks = (*self._hooks, hook)
@@ -98,13 +110,60 @@ class TelemetryWriter:
         if not submissions:
             return []
         tenants = frozenset(s.tenant_id for s in submissions if s.reading is not None)
-        if self._group_commit and tenants:
-            return await self._write_grouped(tenants, submissions)
-        async with self._tenant_gates.hold(tenants):
-            return await self._commit(submissions)
+        if not (self._group_commit and tenants):
+            async with self._tenant_gates.hold(tenants):
+                return await self._commit(submissions)
+        if len(submissions) < CHECK_AHEAD_FROM:
+            return await self._write_grouped(tenants, submissions, checked=False)
+        checked = await self._check(submissions)
+        admitted = [s for s, outcome in zip(submissions, checked, strict=True) if outcome is None]
+        tenants = frozenset(s.tenant_id for s in admitted if s.reading is not None)
+        written = iter(
+            await self._write_grouped(tenants, admitted, checked=True) if admitted else []
+        )
+        return [next(written) if outcome is None else outcome for outcome in checked]
+
+    async def _check(self, submissions: Sequence[Submission]) -> list[Outcome | None]:
+        """The first stage of a group commit for large writes: tokens and rates,
+        checked before the write queues for its tenants' gates. None admits.
+
+        Checks queued while one runs are made together by the next, in one
+        query, on a connection of their own: so they overlap the transaction
+        of the group ahead instead of lengthening the tenants' serial section
+        (about an eighth of it for 1000-row groups). A small write is checked
+        inside its group's transaction instead, where the check costs no
+        round trip of its own.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Outcome | None]] = loop.create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._unchecked.append((submissions, future))
+        if self._checking is None:
+            self._checking = loop.create_task(self._check_queued())
+        return await future
+
+    async def _check_queued(self) -> None:
+        try:
+            while self._unchecked:
+                group, self._unchecked = self._unchecked, []
+                everything = [s for subs, _ in group for s in subs]
+                checking = asyncio.get_running_loop().create_future()
+                try:
+                    with translate_errors():
+                        async with self._pool.acquire() as conn:
+                            checking.set_result(await self._authenticate(conn, everything))
+                except asyncio.CancelledError:
+                    checking.cancel()  # the server is stopping: so are the callers
+                    raise
+                except Exception as exc:
+                    checking.set_exception(exc)
+                finally:
+                    _settle(group, checking)
+        finally:
+            self._checking = None
 
     async def _write_grouped(
-        self, tenants: frozenset[str], submissions: Sequence[Submission]
+        self, tenants: frozenset[str], submissions: Sequence[Submission], *, checked: bool
     ) -> list[Outcome]:
         """Group commit: the writes for the same tenants that queue for their gates
         while a transaction runs are all committed by the next one, together.
@@ -118,28 +177,43 @@ class TelemetryWriter:
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         # A caller that went away leaves its future unread: that is not an error.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._waiting.setdefault(tenants, []).append((submissions, future))
+        self._waiting.setdefault(tenants, []).append((submissions, checked, future))
         async with self._tenant_gates.hold(tenants):
             if not future.done():
                 group = self._waiting.pop(tenants)
-                everything = [s for subs, _ in group for s in subs]
-                commit = asyncio.get_running_loop().create_task(self._commit(everything))
-                commit.add_done_callback(lambda done: _settle(group, done))
+                everything = [s for subs, _, _ in group for s in subs]
+                prechecked = [was for subs, was, _ in group for _ in subs]
+                commit = asyncio.get_running_loop().create_task(
+                    self._commit(everything, prechecked)
+                )
+                callers = [(subs, waiter) for subs, _, waiter in group]
+                commit.add_done_callback(lambda done: _settle(callers, done))
                 # Shielded: if this caller goes away, the others still get their answer.
                 # Its own answer, or error, comes through its future like theirs.
                 with contextlib.suppress(Exception):
                     await asyncio.shield(commit)
         return await future
 
-    async def _commit(self, submissions: Sequence[Submission]) -> list[Outcome]:
+    async def _commit(
+        self, submissions: Sequence[Submission], prechecked: Sequence[bool] = ()
+    ) -> list[Outcome]:
+        """One transaction. ``prechecked[i]``: submission i passed its checks already."""
         with translate_errors():
             async with self._pool.acquire() as conn, conn.transaction():
-                return await self._write_in(conn, submissions)
+                return await self._write_in(conn, submissions, prechecked)
 
     async def _write_in(
-        self, conn: asyncpg.Connection, submissions: Sequence[Submission]
+        self,
+        conn: asyncpg.Connection,
+        submissions: Sequence[Submission],
+        prechecked: Sequence[bool],
     ) -> list[Outcome]:
-        outcomes = await self._authenticate(conn, submissions)
+        outcomes: list[Outcome | None] = [None] * len(submissions)
+        unchecked = [i for i in range(len(submissions)) if not (prechecked and prechecked[i])]
+        if unchecked:
+            checked = await self._authenticate(conn, [submissions[i] for i in unchecked])
+            for i, outcome in zip(unchecked, checked, strict=True):
+                outcomes[i] = outcome
         admitted = [i for i, outcome in enumerate(outcomes) if outcome is None]
         readings = [i for i in admitted if submissions[i].reading is not None]
         ids = await self._insert(conn, [submissions[i] for i in readings])
@@ -246,8 +320,8 @@ class TelemetryWriter:
 
 
 def _settle(
-    group: list[tuple[Sequence[Submission], asyncio.Future[list[Outcome]]]],
-    commit: asyncio.Future[list[Outcome]],
+    group: list[tuple[Sequence[Submission], asyncio.Future[list[R]]]],
+    commit: asyncio.Future[list[R]],
 ) -> None:
     """Hand each caller of a group commit its own slice of the outcomes, or the error."""
     error = None if commit.cancelled() else commit.exception()

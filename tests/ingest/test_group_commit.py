@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 import asyncpg
 
 from pulse.db.errors import DatabaseUnavailable
-from pulse.ingest.model import Accepted, Submission
+from pulse.ingest.model import INVALID_DEVICE_TOKEN, Accepted, Rejected, Submission
 from pulse.ingest.validation import Reading
-from pulse.ingest.writer import TelemetryWriter, Written
+from pulse.ingest.writer import CHECK_AHEAD_FROM, TelemetryWriter, Written
 from tests.ingest.conftest import stored_rows
 from tests.support import provision_device
 
@@ -110,3 +110,59 @@ async def test_no_acknowledgement_before_commit(pool: asyncpg.Pool, token: str) 
     assert await stored_rows(pool) == len(acknowledged) == 20 - len(failed)
     after = await writer.write(one(token, 99))
     assert isinstance(after[0], Accepted)
+
+
+def many(token: str, first: int) -> list[Submission]:
+    """A write large enough to be checked before it queues (CHECK_AHEAD_FROM messages)."""
+    return [one(token, first + i)[0] for i in range(CHECK_AHEAD_FROM)]
+
+
+async def test_a_large_write_is_checked_while_the_group_ahead_commits(
+    pool: asyncpg.Pool, token: str
+) -> None:
+    """Its tokens are checked outside the tenant's gate: a batch with a wrong token
+    is answered while another transaction of the tenant is still open."""
+    release = asyncio.Event()
+    inside = asyncio.Event()
+
+    async def hold(conn: asyncpg.Connection, written: Written) -> None:
+        inside.set()
+        await release.wait()
+
+    writer = TelemetryWriter(pool, hooks=[hold])
+    first = asyncio.create_task(writer.write(one(token, 0)))
+    try:
+        await asyncio.wait_for(inside.wait(), 5)
+        refused = await asyncio.wait_for(writer.write(many("pdt_wrong", 1)), 5)
+        assert not first.done()
+    finally:
+        release.set()
+    assert {type(o) for o in refused} == {Rejected}
+    assert {o.reason for o in refused if isinstance(o, Rejected)} == {INVALID_DEVICE_TOKEN}
+    assert isinstance((await first)[0], Accepted)
+
+
+async def test_checked_and_unchecked_writes_share_a_group(pool: asyncpg.Pool, token: str) -> None:
+    """Single readings (checked inside the transaction) and large writes (checked
+    before) commit together, and each caller gets its own outcomes."""
+    sizes: list[int] = []
+
+    async def count(conn: asyncpg.Connection, written: Written) -> None:
+        sizes.append(len(written.events))
+        if len(sizes) == 1:
+            await asyncio.sleep(0.3)  # time for the large writes' checks
+
+    writer = TelemetryWriter(pool, hooks=[count])
+    singles = [writer.write(one(token if i % 2 else "pdt_wrong", 1000 + i)) for i in range(10)]
+    batches = [writer.write(many(token, 100 * b)) for b in range(3)]
+    results = await asyncio.gather(writer.write(one(token, 9999)), *singles, *batches)
+    rows = dict(await pool.fetch("SELECT (metrics->>'v')::int, id FROM telemetry"))
+    for i, outcome in enumerate(results[1:11]):
+        assert outcome == ([Accepted(rows[1000 + i])] if i % 2 else outcome)
+        if not i % 2:
+            assert isinstance(outcome[0], Rejected) and outcome[0].reason == INVALID_DEVICE_TOKEN
+    for b, outcomes in enumerate(results[11:]):
+        assert outcomes == [Accepted(rows[100 * b + i]) for i in range(CHECK_AHEAD_FROM)]
+    assert sum(sizes) == len(rows) == 1 + 5 + 3 * CHECK_AHEAD_FROM
+    # Behind the first transaction, everything that queued went in one group.
+    assert len(sizes) == 2, sizes
