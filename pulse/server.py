@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 # Never log query strings: they may carry tokens or tickets.
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss'
+# Connections waiting to be accepted (capped by the kernel's net.core.somaxconn).
+LISTEN_BACKLOG = 2048
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -48,6 +50,10 @@ def hypercorn_config(settings: Settings, bind: str) -> Any:
         config.accesslog = "-"
         config.access_log_format = ACCESS_LOG_FORMAT
     config.graceful_timeout = settings.shutdown_timeout_s
+    # After a restart every client reconnects at once. With hypercorn's listen
+    # backlog of 100, the connections beyond it lose their SYN and retry a
+    # second later; the workers' shared socket has the same 2048.
+    config.backlog = LISTEN_BACKLOG
     # Inbound WebSocket messages over 64 KiB are closed with 1009 before they
     # are buffered whole (the default would buffer 16 MiB per connection).
     config.websocket_max_message_size = MAX_INBOUND_BYTES
@@ -94,7 +100,7 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
     between them goes through Postgres like between machines. With no
     DATABASE_URL the embedded database is started here, once, for all of them.
     """
-    sock = socket.create_server((host, port), backlog=2048)
+    sock = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
     sock.set_inheritable(True)
     with contextlib.ExitStack() as stack:
         env = dict(os.environ)
