@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import asyncpg
+import orjson
 import pytest
 
 from pulse.config import Settings
@@ -134,6 +135,23 @@ async def test_every_action_and_its_reply(
             "type": "metrics_updated",
             "metrics": [],
         }
+
+
+async def test_a_burst_of_messages_is_answered_in_order(
+    url: str, make_token: Callable[..., str]
+) -> None:
+    """200 messages sent before any answer is read: the handler reads them from
+    hypercorn's bounded queue as it goes (the client is held back by TCP while it
+    is full), and every one is answered, in order; then the connection is normal."""
+    async with open_ws(url, token=make_token("t1")) as ws:
+        await recv(ws)
+        count = 200
+        for i in range(count):
+            await ws.send(orjson.dumps({"action": "subscribe", "device_id": f"d{i}"}).decode())
+        for i in range(count):
+            reply = await recv(ws)
+            assert reply["type"] == "subscribed" and reply["device_ids"][-1] == f"d{i}", reply
+        assert await request(ws, {"action": "ping"}) == {"type": "pong"}
 
 
 async def test_bad_input_gets_an_error_and_the_connection_stays(
