@@ -150,7 +150,7 @@ async def test_checked_and_unchecked_writes_share_a_group(pool: asyncpg.Pool, to
     async def count(conn: asyncpg.Connection, written: Written) -> None:
         sizes.append(len(written.events))
         if len(sizes) == 1:
-            await asyncio.sleep(0.3)  # time for the large writes' checks
+            await asyncio.sleep(1.0)  # time for the large writes' checks
 
     writer = TelemetryWriter(pool, hooks=[count])
     singles = [writer.write(one(token if i % 2 else "pdt_wrong", 1000 + i)) for i in range(10)]

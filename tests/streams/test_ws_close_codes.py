@@ -239,7 +239,8 @@ async def test_an_idle_websocket_runs_no_task_of_quarts(
         await connect(stack, 1)
         before = server_tasks()
         await connect(stack, count)
-        assert (server_tasks() - before) / count == tasks
+        # Rounded: a background task of the server may come or go meanwhile.
+        assert round((server_tasks() - before) / count) == tasks
 
 
 @BOTH
