@@ -18,7 +18,7 @@ import asyncpg
 import uvloop
 
 from pulse.bus.store import EventStore
-from pulse.streams.sse import encode_events
+from pulse.web.sse import sse_chunk as encode_events
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 

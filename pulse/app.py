@@ -1,73 +1,48 @@
-"""create_app(settings): the Quart app, its extensions, blueprints and lifecycle."""
+"""create_app(settings): the Quart app, its routes, and the lifespan that builds the Runtime.
+
+The one composition root: every blueprint is registered here, and the
+process's Runtime (``pulse.runtime``) is opened when serving starts and closed
+when it ends. Handlers find it with ``pulse.web.runtime()``.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
-import logging
-import time
-from collections.abc import Awaitable, Callable
-from typing import cast
+from collections.abc import AsyncGenerator
 
-import asyncpg
-from quart import Quart, current_app
+from quart import Quart
 from quart_schema import QuartSchema
 
-from pulse.auth.tokens import TokenVerifier
-from pulse.bus.hub import Hub
-from pulse.bus.store import EventStore
+from pulse import dashboard
 from pulse.config import Settings
-from pulse.db.embedded import embedded_postgres
-from pulse.db.migrate import migrate
-from pulse.db.pool import connect, create_pool
-from pulse.db.retention import run_retention
-from pulse.errors import register_error_handlers
-from pulse.ops.metrics import Metrics
-from pulse.streams.limits import ConnectionLimits
-from pulse.supervisor import Supervisor
-
-log = logging.getLogger(__name__)
+from pulse.runtime import open_runtime
+from pulse.web import (
+    RUNTIME,
+    devices,
+    fleet,
+    ingest,
+    legacy_v2,
+    ops,
+    runtime_of,
+    sse,
+    telemetry_ws,
+    tickets,
+)
+from pulse.web.errors import register_error_handlers
+from pulse.web.fastpath import DeviceFastPath
 
 MAX_BODY_BYTES = 1024 * 1024
 
-
-@dataclasses.dataclass
-class Runtime:
-    """What a running process owns; built at startup, torn down at shutdown."""
-
-    settings: Settings
-    metrics: Metrics
-    verifier: TokenVerifier
-    supervisor: Supervisor
-    started_at: float
-    limits: ConnectionLimits
-    draining: bool = False
-    dsn: str = ""
-    pool: asyncpg.Pool = None  # type: ignore[assignment]
-    store: EventStore = None  # type: ignore[assignment]
-    hub: Hub = None  # type: ignore[assignment]
-
-
-def runtime() -> Runtime:
-    return cast(Runtime, current_app.extensions["pulse"])
-
-
-def shutdown_trigger(app: Quart, stop: asyncio.Event) -> Callable[[], Awaitable[None]]:
-    """For hypercorn's ``shutdown_trigger``: when ``stop`` is set, end every stream first.
-
-    Hypercorn then stops accepting, lets in-flight requests (ingest) finish
-    within its graceful timeout, and runs the app's shutdown.
-    """
-
-    async def trigger() -> None:
-        await stop.wait()
-        rt = cast(Runtime, app.extensions["pulse"])
-        rt.draining = True
-        if rt.hub is not None:
-            rt.hub.drain()
-
-    return trigger
+BLUEPRINTS = (
+    ops.blueprint,
+    ingest.blueprint,
+    devices.blueprint,
+    *fleet.BLUEPRINTS,
+    sse.blueprint,
+    telemetry_ws.blueprint,
+    legacy_v2.blueprint,
+    tickets.blueprint,
+    dashboard.blueprint,
+)
 
 
 def create_app(settings: Settings | None = None) -> Quart:
@@ -83,97 +58,21 @@ def create_app(settings: Settings | None = None) -> Quart:
         scalar_ui_path=None,
     )
     register_error_handlers(app)
-    rt = Runtime(
-        settings=settings,
-        metrics=Metrics(),
-        verifier=TokenVerifier.from_settings(settings),
-        supervisor=Supervisor(),
-        started_at=time.monotonic(),
-        limits=ConnectionLimits(
-            settings.max_connections,
-            settings.max_connections_per_tenant,
-            ttl_s=settings.connection_lease_ttl_s,
-        ),
-    )
-    app.extensions["pulse"] = rt
-    exit_stack = contextlib.AsyncExitStack()
+    for blueprint in BLUEPRINTS:
+        app.register_blueprint(blueprint)
+    # A device's readings and heartbeats are answered before Quart (pulse.web.fastpath).
+    app.asgi_app = DeviceFastPath(app, app.asgi_app)  # type: ignore[method-assign, assignment]
 
-    from pulse.fleet.devices import blueprint as devices_bp
-    from pulse.ingest.routes import blueprint as ingest_bp
-    from pulse.ops.routes import blueprint as ops_bp
-    from pulse.streams.legacy_v2.handler import blueprint as legacy_v2_bp
-    from pulse.streams.sse import blueprint as sse_bp
-    from pulse.streams.stream_ticket import blueprint as stream_ticket_bp
-    from pulse.streams.telemetry_ws import blueprint as telemetry_ws_bp
-    from pulse.streams.websocket import WebsocketConnection
+    @app.while_serving
+    async def lifespan() -> AsyncGenerator[None, None]:
+        async with open_runtime(settings) as runtime:
+            app.extensions[RUNTIME] = runtime
+            yield
 
-    app.asgi_websocket_class = WebsocketConnection
-
-    for bp in (
-        ops_bp,
-        ingest_bp,
-        devices_bp,
-        sse_bp,
-        telemetry_ws_bp,
-        legacy_v2_bp,
-        stream_ticket_bp,
-    ):
-        app.register_blueprint(bp)
-
-    from pulse.dashboard import blueprint as dashboard_bp
-
-    app.register_blueprint(dashboard_bp)
-
-    from pulse.ingest.fastpath import DeviceFastPath
-
-    app.asgi_app = DeviceFastPath(app, app.asgi_app)  # type: ignore[method-assign]
-
-    @app.before_serving
-    async def _start() -> None:
-        await exit_stack.__aenter__()
-        rt.dsn = settings.database_url or await _start_embedded(exit_stack, settings)
-        rt.pool = await create_pool(rt.dsn, max_size=settings.db_pool_size)
-        exit_stack.push_async_callback(rt.pool.close)
-        rt.store = EventStore(rt.pool)
-        rt.hub = Hub(
-            rt.store,
-            rt.dsn,
-            rt.metrics,
-            queue_size=settings.queue_size,
-            backoff_max_s=settings.listener_backoff_max_s,
-        )
-        exit_stack.push_async_callback(rt.hub.close)
-        await rt.limits.start(rt.pool)
-        exit_stack.push_async_callback(rt.limits.stop)
-        rt.supervisor.start("listener", rt.hub.listener.run)
-        rt.supervisor.start("connection-leases", rt.limits.keep_alive)
-        rt.supervisor.start(
-            "retention",
-            lambda: run_retention(rt.pool, settings.retention_hours, settings.retention_interval_s),
-        )
-        exit_stack.push_async_callback(rt.supervisor.stop)
-
-    @app.after_serving
-    async def _stop() -> None:
-        await exit_stack.aclose()
-
-    # Fleet status and alerts; after _start, because its startup needs the pool.
-    from pulse.fleet.routes import install as install_fleet
-
-    install_fleet(app)
     return app
 
 
-async def _start_embedded(stack: contextlib.AsyncExitStack, settings: Settings) -> str:
-    loop = asyncio.get_running_loop()
-    cm = embedded_postgres(settings.data_dir)
-    dsn = await loop.run_in_executor(None, cm.__enter__)
-    stack.push_async_callback(loop.run_in_executor, None, cm.__exit__, None, None, None)
-    conn = await connect(dsn)
-    try:
-        applied = await migrate(conn)
-        if applied:
-            log.info("embedded database migrated: %s", ", ".join(applied))
-    finally:
-        await conn.close()
-    return dsn
+def drain(app: Quart) -> None:
+    """Shutting down: end every stream now (clients resume elsewhere) and refuse new ones."""
+    if RUNTIME in app.extensions:
+        runtime_of(app).drain()

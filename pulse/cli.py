@@ -53,16 +53,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if hasattr(args, "run"):
         args.run(args, settings)
     elif args.command == "serve":
-        from pulse import server
+        from pulse import serving
 
         port = args.port or settings.port
         workers = args.workers or settings.workers
         if args.fd is not None:
-            server.run(server.serve_forever(settings, f"fd://{args.fd}"))
+            serving.run(serving.serve_forever(settings, f"fd://{args.fd}"))
         elif workers > 1:
-            sys.exit(server.serve_workers(settings, args.host, port, workers))
+            sys.exit(serving.serve_workers(settings, args.host, port, workers))
         else:
-            server.run(server.serve_forever(settings, f"{args.host}:{port}"))
+            serving.run(serving.serve_forever(settings, f"{args.host}:{port}"))
     elif args.command == "migrate":
         asyncio.run(run_migrations(settings))
     elif args.command == "token":

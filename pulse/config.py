@@ -52,6 +52,9 @@ class Settings:
     ingest_burst_per_tenant: int = 20_000
     # Concurrent single-reading requests of one tenant share one transaction.
     group_commit: bool = True
+    # Streams write their bytes straight to the connection when the server
+    # offers it (pulse.web.direct); 0: always the plain ASGI way.
+    direct_writes: bool = True
     db_pool_size: int = 10
     listener_backoff_max_s: float = 5.0
     log_level: str = "INFO"

@@ -1,102 +1,179 @@
-"""The one error body: ``{"error": "<machine_code>", "detail": "<sentence>"}``."""
+"""Every error Pulse answers with, once: its code, HTTP status, WebSocket close code, meaning.
+
+Code anywhere raises ``ApiError(CODE, detail)``; the web layer is the one place
+that turns it into bytes: ``{"error": "<code>", "detail": "<sentence>"}`` with the
+code's status over HTTP, or the code's close code with the code as reason over a
+WebSocket. The error table in docs/protocol.md is generated from this catalogue
+(``python -m pulse.errors``), and a test fails when the two differ.
+"""
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+import sys
+from collections.abc import Iterable
 
 import orjson
-from quart import Quart, Response
-from quart_schema import RequestSchemaValidationError
-from werkzeug.exceptions import HTTPException
 
-from pulse.db.errors import DatabaseUnavailable
+# WebSocket close codes (RFC 6455 section 7.4, and Pulse's own 4000-4999).
+NORMAL_CLOSURE = 1000
+MESSAGE_TOO_BIG_CLOSE = 1009
+INTERNAL_ERROR_CLOSE = 1011
+SERVICE_RESTART = 1012
 
-log = logging.getLogger(__name__)
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ErrorCode:
+    """One machine-readable error: ``status`` over HTTP and ``close`` over a WebSocket
+    (None where the error never travels that way), and what it means."""
+
+    code: str
+    status: int | None
+    close: int | None
+    meaning: str
+
+    def __str__(self) -> str:
+        return self.code
+
+
+CATALOGUE: dict[str, ErrorCode] = {}
+
+
+def _error(code: str, status: int | None, close: int | None, meaning: str) -> ErrorCode:
+    assert code not in CATALOGUE, code
+    error = CATALOGUE[code] = ErrorCode(code, status, close, meaning)
+    return error
+
+
+# -- the request or message itself ----------------------------------------------------
+INVALID_PAYLOAD = _error(
+    "invalid_payload", 400, None, "The body, or one message of a batch, is not a valid reading."
+)
+INVALID_PARAMETER = _error(
+    "invalid_parameter", 400, 4000, "A query parameter (filter, position, page) is not valid."
+)
+TENANT_REQUIRED = _error(
+    "tenant_required", 400, 4000, "Operators must name a tenant with the tenant_id parameter."
+)
+INVALID_TENANT_ID = _error(
+    "invalid_tenant_id", 400, 4000, "tenant_id must be 1 to 64 characters of [A-Za-z0-9_.:-]."
+)
+BAD_REQUEST = _error("bad_request", 400, 4000, "The request is malformed.")
+PAYLOAD_TOO_LARGE = _error("payload_too_large", 413, None, "The request body is over 1 MiB.")
+MESSAGE_TOO_BIG = _error(
+    "message_too_big", None, MESSAGE_TOO_BIG_CLOSE, "An inbound WebSocket message is over 64 KiB."
+)
+
+# -- who is calling ---------------------------------------------------------------------
+MISSING_TOKEN = _error("missing_token", 401, 4001, "No token or ticket was sent.")
+INVALID_TOKEN = _error(
+    "invalid_token", 401, 4001, "The token is malformed, forged, or not accepted here."
+)
+TOKEN_EXPIRED = _error(
+    "token_expired", 401, 4001, "The token has expired (or did while connected)."
+)
+INVALID_TICKET = _error(
+    "invalid_ticket", 401, 4001, "The stream ticket is unknown, already used or expired."
+)
+UNAUTHORIZED = _error("unauthorized", 401, 4001, "The request needs credentials.")
+INVALID_DEVICE_TOKEN = _error(
+    "invalid_device_token", 401, None, "The device's provision token is missing or wrong."
+)
+FORBIDDEN = _error("forbidden", 403, 4003, "The role or the tenant is not allowed to do this.")
+ORIGIN_NOT_ALLOWED = _error(
+    "origin_not_allowed", 403, 4003, "The page's origin is not in PULSE_ALLOWED_ORIGINS."
+)
+
+# -- what the request names ---------------------------------------------------------------
+NOT_FOUND = _error("not_found", 404, None, "There is no such route.")
+UNKNOWN_DEVICE = _error("unknown_device", 404, None, "There is no such device in this tenant.")
+UNKNOWN_ALERT = _error("unknown_alert", 404, None, "There is no such alert in this tenant.")
+UNKNOWN_RULE = _error("unknown_rule", 404, None, "There is no such rule in this tenant.")
+METHOD_NOT_ALLOWED = _error("method_not_allowed", 405, None, "The route does not take this method.")
+DEVICE_EXISTS = _error("device_exists", 409, None, "A device with this id already exists.")
+ALERT_CLOSED = _error(
+    "alert_closed", 409, None, "The alert is closed; it can no longer be acknowledged."
+)
+
+# -- limits and time -----------------------------------------------------------------------
+REQUEST_TIMEOUT = _error(
+    "request_timeout", 408, None, "The request body did not arrive within 60 s."
+)
+RATE_LIMITED = _error(
+    "rate_limited", 429, None, "The device or tenant sends faster than its ingest rate limit."
+)
+CONNECTION_LIMIT = _error(
+    "connection_limit", 429, 4029, "The tenant's (or this server's) stream connection limit."
+)
+LAGGING = _error(
+    "lagging", None, 4008, "The client read too slowly and was cut; reconnect and resume."
+)
+
+# -- the server --------------------------------------------------------------------------
+INTERNAL_ERROR = _error(
+    "internal_error", 500, INTERNAL_ERROR_CLOSE, "The server failed; retry with backoff."
+)
+DATABASE_UNAVAILABLE = _error(
+    "database_unavailable",
+    503,
+    INTERNAL_ERROR_CLOSE,
+    "The database is unreachable, or the server is shutting down; retry shortly.",
+)
+SERVER_RESTARTING = _error(
+    "server_restarting", None, SERVICE_RESTART, "The server is shutting down; reconnect and resume."
+)
+HTTP_ERROR = _error(
+    "http_error", None, None, "Any other HTTP error, with the status the HTTP layer chose."
+)
 
 
 class ApiError(Exception):
+    """An error to answer with: its catalogue entry, a sentence for people, extra headers.
+
+    ``status`` overrides the entry's HTTP status (only for HTTP_ERROR, which
+    carries the status of an error raised by the HTTP layer itself).
+    """
+
     def __init__(
-        self, status: int, code: str, detail: str, headers: dict[str, str] | None = None
+        self,
+        error: ErrorCode,
+        detail: str | None = None,
+        headers: dict[str, str] | None = None,
+        *,
+        status: int | None = None,
     ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
+        super().__init__(detail or error.meaning)
+        self.error = error
+        self.detail = detail or error.meaning
         self.headers = headers or {}
+        self.status = status or error.status or 500
+
+    @property
+    def code(self) -> str:
+        return self.error.code
+
+    @property
+    def close_code(self) -> int:
+        return self.error.close or INTERNAL_ERROR_CLOSE
 
 
-def error_body(code: str, detail: str) -> bytes:
-    return orjson.dumps({"error": code, "detail": detail})
+def error_body(error: ErrorCode, detail: str | None = None) -> bytes:
+    """The one error body."""
+    return orjson.dumps({"error": error.code, "detail": detail or error.meaning})
 
 
-def error_response(
-    status: int, code: str, detail: str, headers: dict[str, str] | None = None
-) -> Response:
-    return Response(error_body(code, detail), status, headers, content_type="application/json")
+def markdown_table(errors: Iterable[ErrorCode] | None = None) -> str:
+    """The error table of docs/protocol.md."""
+    lines = [
+        "| code | HTTP | WebSocket close | meaning |",
+        "|---|---|---|---|",
+    ]
+    for error in CATALOGUE.values() if errors is None else errors:
+        status = "" if error.status is None else str(error.status)
+        close = "" if error.close is None else str(error.close)
+        lines.append(f"| `{error.code}` | {status} | {close} | {error.meaning} |")
+    return "\n".join(lines) + "\n"
 
 
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    413: "payload_too_large",
-    429: "rate_limited",
-}
-
-
-def error_for(exc: Exception) -> ApiError:
-    """The error body and status an exception is answered with; never a traceback."""
-    match exc:
-        case ApiError():
-            return exc
-        case RequestSchemaValidationError():
-            return ApiError(400, "invalid_payload", _validation_sentence(exc))
-        case DatabaseUnavailable():
-            log.warning("database unavailable: %s", exc)
-            return ApiError(
-                503,
-                "database_unavailable",
-                "The database is unreachable; retry shortly.",
-                {"Retry-After": "2"},
-            )
-        case HTTPException(code=413):
-            return ApiError(413, "payload_too_large", "The request body is over 1 MiB.")
-        case HTTPException():
-            status = exc.code or 500
-            return ApiError(status, _HTTP_CODES.get(status, "http_error"), exc.description or "")
-        case _:
-            log.error("unhandled error", exc_info=exc)
-            return ApiError(500, "internal_error", "An internal error occurred.")
-
-
-def register_error_handlers(app: Quart) -> None:
-    async def answer(exc: Exception) -> Response:
-        error = error_for(exc)
-        return error_response(error.status, error.code, error.detail, error.headers)
-
-    # One handler per class: Quart picks by the exception's class, and treats
-    # HTTPException apart from other exceptions.
-    for kind in (
-        ApiError,
-        RequestSchemaValidationError,
-        DatabaseUnavailable,
-        HTTPException,
-        Exception,
-    ):
-        app.register_error_handler(kind, answer)
-
-
-def _validation_sentence(exc: RequestSchemaValidationError) -> str:
-    inner = exc.validation_error
-    errors = getattr(inner, "errors", None)
-    if callable(errors):
-        try:
-            first = errors()[0]
-            where = ".".join(str(part) for part in first.get("loc", ()))
-            return f"{where}: {first.get('msg', 'invalid value')}" if where else first["msg"]
-        except (IndexError, KeyError, TypeError):
-            pass
-    return "The request body does not match the expected shape."
+if __name__ == "__main__":  # pragma: no cover
+    sys.stdout.write(markdown_table())

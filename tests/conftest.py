@@ -15,6 +15,7 @@ import pytest
 
 from pulse.auth.dev_tokens import mint_token
 from pulse.config import Settings
+from pulse.db.database import Database
 from pulse.db.migrate import migrate
 from pulse.db.pool import connect, create_pool
 from tests.support import TEST_SECRET, dsn_for, running_server
@@ -84,8 +85,24 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture
+def db(pool: asyncpg.Pool, database_url: str) -> Database:
+    """The database seam over this test's pool (what Pulse's code takes)."""
+    return Database(pool, database_url)
+
+
+def direct_writes() -> bool:
+    """PULSE_DIRECT_WRITES=0 runs the suite's servers the plain ASGI way (CI does both)."""
+    return os.environ.get("PULSE_DIRECT_WRITES", "1") not in ("0", "false", "no", "off")
+
+
+@pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
-    return Settings(database_url=database_url, jwt_secret=TEST_SECRET, data_dir=tmp_path)
+    return Settings(
+        database_url=database_url,
+        jwt_secret=TEST_SECRET,
+        data_dir=tmp_path,
+        direct_writes=direct_writes(),
+    )
 
 
 @pytest.fixture

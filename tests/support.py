@@ -19,7 +19,7 @@ import httpx
 
 from pulse.auth.device_tokens import new_device_token
 from pulse.config import Settings
-from pulse.streams.messages import MAX_INBOUND_BYTES
+from pulse.db.database import Database
 
 TEST_SECRET = "test-secret-please-change-0123456789"
 
@@ -48,23 +48,21 @@ async def provision_device(
 
 @contextlib.asynccontextmanager
 async def running_server(settings: Settings) -> AsyncIterator[str]:
-    """Serve create_app(settings) with hypercorn on a free loopback port until the block ends."""
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
-
-    from pulse.app import create_app, shutdown_trigger
+    """Serve create_app(settings) on a free loopback port until the block ends, the way
+    ``pulse serve`` does (pulse.serving.serve), with a short graceful timeout."""
+    from pulse.app import create_app
+    from pulse.serving import hypercorn_config, serve
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = Config()
-    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) the socket
+    # hypercorn owns (and closes) the socket
+    config = hypercorn_config(settings, f"fd://{sock.detach()}")
     config.graceful_timeout = 2
-    config.websocket_max_message_size = MAX_INBOUND_BYTES
     stop = asyncio.Event()
     app = create_app(settings)
-    task = asyncio.create_task(serve(app, config, shutdown_trigger=shutdown_trigger(app, stop)))  # type: ignore[arg-type]
+    task = asyncio.create_task(serve(app, config, stop))
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=url) as client:
@@ -228,3 +226,9 @@ class ServeProcess:
         """SIGKILL: a crash, with no cleanup (stop() then accepts the exit)."""
         self.killed = True
         self.proc.kill()
+
+
+def seam(pool: asyncpg.Pool, dsn: str = "") -> Database:
+    """The database seam over a test's pool, for code that takes a Database (``dsn`` is
+    needed only for dedicated connections)."""
+    return Database(pool, dsn)

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pulse.server import LISTEN_BACKLOG
+from pulse.serving import LISTEN_BACKLOG
 from tests.support import pulse_serve
 
 pytestmark = pytest.mark.timeout(60)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pulse.auth.errors import BadRequest, Forbidden
 from pulse.auth.principal import Principal
+from pulse.errors import FORBIDDEN, INVALID_TENANT_ID, TENANT_REQUIRED, ApiError
 from pulse.names import is_valid_name
 
 
@@ -15,24 +15,22 @@ def tenant_for(principal: Principal, requested: str | None) -> str:
     """
     requested = requested or None
     if requested is not None and not is_valid_name(requested):
-        raise BadRequest(
-            "invalid_tenant_id", "tenant_id must be 1 to 64 characters of [A-Za-z0-9_.:-]."
+        raise ApiError(
+            INVALID_TENANT_ID, "tenant_id must be 1 to 64 characters of [A-Za-z0-9_.:-]."
         )
     if principal.is_operator:
         if requested is None:
-            raise BadRequest(
-                "tenant_required", "Operators must name a tenant with the tenant_id parameter."
+            raise ApiError(
+                TENANT_REQUIRED, "Operators must name a tenant with the tenant_id parameter."
             )
         return requested
     if principal.tenant_id is None:
-        raise Forbidden("forbidden", "The token names no tenant.")
+        raise ApiError(FORBIDDEN, "The token names no tenant.")
     if requested is not None and requested != principal.tenant_id:
-        raise Forbidden("forbidden", "The token does not grant access to that tenant.")
+        raise ApiError(FORBIDDEN, "The token does not grant access to that tenant.")
     return principal.tenant_id
 
 
 def require_roles(principal: Principal, allowed: frozenset[str]) -> None:
     if not principal.roles & allowed:
-        raise Forbidden(
-            "forbidden", "This needs one of the roles " + ", ".join(sorted(allowed)) + "."
-        )
+        raise ApiError(FORBIDDEN, "This needs one of the roles " + ", ".join(sorted(allowed)) + ".")

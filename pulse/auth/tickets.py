@@ -12,12 +12,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-import asyncpg
-
-from pulse.auth.errors import AuthError
 from pulse.auth.principal import Principal
-from pulse.db.errors import translate_errors
+from pulse.db.database import Database
 from pulse.db.queries import load_queries
+from pulse.errors import INVALID_TICKET, ApiError
 
 Q = load_queries(__package__)
 
@@ -26,30 +24,28 @@ _PREFIX = "pst_"
 _MAX_LENGTH = 100
 
 
-async def issue_ticket(pool: asyncpg.Pool, principal: Principal) -> str:
+async def issue_ticket(db: Database, principal: Principal) -> str:
     ticket = _PREFIX + secrets.token_urlsafe(32)
-    with translate_errors():
-        await pool.execute(
-            Q["insert_ticket"],
-            _hash(ticket),
-            principal.subject,
-            principal.tenant_id,
-            sorted(principal.roles),
-            principal.expires_at,
-            float(TICKET_TTL_S),
-        )
+    await db.execute(
+        Q["insert_ticket"],
+        _hash(ticket),
+        principal.subject,
+        principal.tenant_id,
+        sorted(principal.roles),
+        principal.expires_at,
+        float(TICKET_TTL_S),
+    )
     return ticket
 
 
-async def redeem_ticket(pool: asyncpg.Pool, ticket: str) -> Principal:
-    """The identity a ticket stands for; it cannot be used again. Raises AuthError."""
+async def redeem_ticket(db: Database, ticket: str) -> Principal:
+    """The identity a ticket stands for; it cannot be used again. Raises invalid_ticket."""
     row = None
     if ticket.startswith(_PREFIX) and len(ticket) <= _MAX_LENGTH:
-        with translate_errors():
-            row = await pool.fetchrow(Q["redeem_ticket"], _hash(ticket))
+        row = await db.fetchrow(Q["redeem_ticket"], _hash(ticket))
     if row is None:
-        raise AuthError(
-            "invalid_ticket", "The ticket is unknown, already used or expired; request a new one."
+        raise ApiError(
+            INVALID_TICKET, "The ticket is unknown, already used or expired; request a new one."
         )
     return Principal(
         subject=row["subject"],

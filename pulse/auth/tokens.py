@@ -1,7 +1,7 @@
 """JWT verification (CONTRACT section 1): pure, no web framework.
 
 ``TokenVerifier.verify`` turns a compact JWT into a ``Principal`` or raises
-``AuthError`` (401-like) or ``Forbidden`` (403-like).
+``ApiError`` (invalid_token, token_expired: 401; forbidden: 403).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from joserfc.errors import (
 from joserfc.jwk import KeySet, OctKey
 from joserfc.jwt import ClaimsOption, JWTClaimsRegistry
 
-from pulse.auth.errors import AuthError, Forbidden
 from pulse.auth.jwks import JwksCache, JwksUnavailable
 from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES, Principal
 from pulse.config import Settings
+from pulse.errors import FORBIDDEN, INVALID_TOKEN, TOKEN_EXPIRED, ApiError
 from pulse.names import is_valid_name
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,12 @@ class TokenVerifier:
         header = _header(token)
         alg = header.get("alg")
         if alg not in self._algorithms:
-            raise AuthError("invalid_token", f"Tokens signed with {alg!r} are not accepted.")
+            raise ApiError(INVALID_TOKEN, f"Tokens signed with {alg!r} are not accepted.")
         key = await self._key_for(header)
         try:
             claims = jwt.decode(token, key, algorithms=self._algorithms).claims
         except (JoseError, ValueError) as exc:
-            raise AuthError("invalid_token", "The token's signature is not valid.") from exc
+            raise ApiError(INVALID_TOKEN, "The token's signature is not valid.") from exc
         self._check_claims(claims)
         return principal_from_claims(claims)
 
@@ -84,22 +84,22 @@ class TokenVerifier:
                 return await self._jwks.keys_for(kid if isinstance(kid, str) else None)
             except JwksUnavailable as exc:
                 log.warning("%s", exc)
-                raise AuthError(
-                    "invalid_token", "The signing keys are unavailable; retry shortly."
+                raise ApiError(
+                    INVALID_TOKEN, "The signing keys are unavailable; retry shortly."
                 ) from exc
         if self._secret_key is None:
-            raise AuthError("invalid_token", "This server has no token verification configured.")
+            raise ApiError(INVALID_TOKEN, "This server has no token verification configured.")
         return self._secret_key
 
     def _check_claims(self, claims: dict[str, Any]) -> None:
         try:
             self._claims.validate(claims)
         except ExpiredTokenError as exc:
-            raise AuthError("token_expired", "The token has expired.") from exc
+            raise ApiError(TOKEN_EXPIRED, "The token has expired.") from exc
         except MissingClaimError as exc:
-            raise AuthError("invalid_token", f"The token lacks the claim {exc.claim}.") from exc
+            raise ApiError(INVALID_TOKEN, f"The token lacks the claim {exc.claim}.") from exc
         except InvalidClaimError as exc:
-            raise AuthError("invalid_token", f"The token's {exc.claim} is not accepted.") from exc
+            raise ApiError(INVALID_TOKEN, f"The token's {exc.claim} is not accepted.") from exc
 
 
 def _header(token: str) -> dict[str, Any]:
@@ -107,30 +107,30 @@ def _header(token: str) -> dict[str, Any]:
     try:
         return dict(jws.extract_compact(token.encode()).headers())
     except (JoseError, ValueError, UnicodeError) as exc:
-        raise AuthError("invalid_token", "The token is not a well-formed JWT.") from exc
+        raise ApiError(INVALID_TOKEN, "The token is not a well-formed JWT.") from exc
 
 
 def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     """Map verified claims to Pulse's identity; raises Forbidden for a token Pulse cannot use."""
     exp = claims.get("exp")
     if isinstance(exp, bool) or not isinstance(exp, int | float):
-        raise AuthError("invalid_token", "The token has no numeric exp claim.")
+        raise ApiError(INVALID_TOKEN, "The token has no numeric exp claim.")
     roles = _roles(claims)
     if not roles:
-        raise Forbidden(
-            "forbidden",
+        raise ApiError(
+            FORBIDDEN,
             "The token carries none of the roles " + ", ".join(sorted(KNOWN_ROLES)) + ".",
         )
     tenant = None
     if not roles & OPERATOR_ROLES:
         tenant = tenant_claim(claims)
         if tenant is None:
-            raise Forbidden(
-                "forbidden", "The token names no tenant (claim organization or tenant_id)."
+            raise ApiError(
+                FORBIDDEN, "The token names no tenant (claim organization or tenant_id)."
             )
         if not is_valid_name(tenant):
-            raise Forbidden(
-                "forbidden",
+            raise ApiError(
+                FORBIDDEN,
                 "The token's tenant is not a valid tenant id (1 to 64 of [A-Za-z0-9_.:-]).",
             )
     sub = claims.get("sub")

@@ -60,3 +60,9 @@ class TelemetryEvent:
 
     def __repr__(self) -> str:
         return f"TelemetryEvent(id={self.id}, device_id={self.device_id!r})"
+
+
+def encoded(events: list[TelemetryEvent], metrics: frozenset[str] | None = None) -> list[bytes]:
+    """The events a client with this metric filter gets, each as JSON; the others left out."""
+    encodings = [event.encode(metrics) for event in events]
+    return [data for data in encodings if data is not None]

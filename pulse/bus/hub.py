@@ -1,10 +1,11 @@
 """Fans each tenant's events out to the subscribers of this process.
 
 ``async with hub.subscribe(...)`` is the one way to get events. The first
-subscriber of a tenant makes the listener LISTEN to its channel; the last one
-to leave makes it UNLISTEN. A notification only says "look": each tenant's
-fetcher then reads every row after the last one it delivered, so a lost or
-coalesced notification costs nothing.
+subscriber of a tenant makes the event source watch it; the last one to leave
+makes it unwatch. A wake-up only says "look": each tenant's topic then reads
+every row after the last one it delivered, so a lost or merged wake-up costs
+nothing. The hub knows its source only by the small interface of
+``pulse.bus.source``, and its subscribers' connections only by their sinks.
 """
 
 from __future__ import annotations
@@ -14,71 +15,79 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from pulse.bus.events import TelemetryEvent
-from pulse.bus.listener import Listener
+from pulse.bus.source import EventSource
 from pulse.bus.store import EventStore
-from pulse.bus.subscription import Filters, Subscription
+from pulse.bus.subscription import Filters, Sink, Subscription
 from pulse.db.errors import DatabaseUnavailable
 from pulse.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 FETCH_LIMIT = 2000
-# A lagging subscriber's stream gets this long to say so and close by itself
-# before its task is cancelled (it may be stuck writing to a client that
+# A subscriber cut as lagging gets this long to end its stream by itself before
+# its sink is told to abort it (it may be stuck writing to a client that
 # stopped reading).
 LAGGING_GRACE_S = 5.0
 
 
 class Topic:
-    """One tenant's subscribers and the fetcher that feeds them."""
+    """One tenant's subscribers, and the task that watches and fetches for them.
 
-    def __init__(self, hub: Hub, tenant_id: str) -> None:
+    One task from start to end: it waits for the tenant's previous topic to be
+    gone, watches the tenant, reads the newest id (``opened``), then fetches on
+    every wake-up. ``close`` cancels it and unwatches; ``closed`` also ends it
+    should a cancellation be lost on the way (Python 3.11's wait_for, used
+    inside asyncpg too, can swallow one), so no fetch outlives its topic.
+    """
+
+    def __init__(self, hub: Hub, tenant_id: str, previous: asyncio.Task[None] | None) -> None:
         self.hub = hub
         self.tenant_id = tenant_id
         self.subscribers: set[Subscription] = set()
-        self.channel = ""
         self.delivered = 0  # newest id handed to the subscribers
         self.dirty = asyncio.Event()
         self.closed = False
-        # The tenant's previous topic may still be closing: its UNLISTEN must
-        # not land after this one's LISTEN.
-        self._previous = hub._closing.get(tenant_id)
-        self.opened: asyncio.Task[None] = asyncio.create_task(self._open())
-        self.fetcher: asyncio.Task[None] | None = None
+        self.watching = False
+        loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = loop.create_future()
+        self.opened.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._task = loop.create_task(self._run(previous), name=f"pulse:topic:{tenant_id}")
 
-    async def _open(self) -> None:
-        store, listener = self.hub.store, self.hub.listener
-        if self._previous is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._previous)
-            self._previous = None
-        self.channel = await store.channel_for(self.tenant_id)
-        # LISTEN before reading the newest id: whatever commits later is notified.
-        await listener.listen(self.channel)
-        self.delivered = await store.newest_id(self.tenant_id)
-        if self.closed:
-            # Closed while opening, and the cancellation was lost on the way
-            # (Python 3.11's wait_for, inside asyncpg too, can swallow one).
-            return
-        self.fetcher = asyncio.create_task(
-            self._fetch_forever(), name=f"pulse:fetch:{self.tenant_id}"
-        )
+    async def _run(self, previous: asyncio.Task[None] | None) -> None:
+        try:
+            if previous is not None:
+                # Its unwatch must not land after this topic's watch.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(previous)
+            # Watch before reading the newest id: whatever commits later wakes us.
+            self.watching = True
+            await self.hub.source.watch(self.tenant_id)
+            self.delivered = await self.hub.store.newest_id(self.tenant_id)
+            if self.closed:  # while opening, and the cancellation was lost on the way
+                raise DatabaseUnavailable("the tenant's topic closed while it opened")
+        except BaseException as exc:
+            if not self.opened.done():
+                self.opened.set_exception(
+                    exc if isinstance(exc, Exception) else DatabaseUnavailable("topic closed")
+                )
+            raise
+        self.opened.set_result(None)
+        await self._fetch_forever()
 
     async def _fetch_forever(self) -> None:
         backoff = 0.1
-        while True:
+        while not self.closed:
             await self.dirty.wait()
             self.dirty.clear()
             try:
-                while True:
+                while not self.closed:
                     with self.hub.metrics.fetch_latency.time():
                         events = await self.hub.store.events_after(
                             self.tenant_id, self.delivered, limit=FETCH_LIMIT
                         )
-                    if events:
+                    if events and not self.closed:
                         self.delivered = events[-1].id
                         self.hub.publish(self, events)
                     if len(events) < FETCH_LIMIT:
@@ -96,40 +105,25 @@ class Topic:
 
     async def close(self) -> None:
         self.closed = True
-        # The opening first: once it has ended, no fetcher can be made any more.
-        await _cancel(self.opened)
-        if self.fetcher is not None:
-            await _cancel(self.fetcher)
-        if self.channel:
-            await self.hub.listener.unlisten(self.channel)
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+        self.dirty.set()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+        if self.watching:
+            try:
+                await self.hub.source.unwatch(self.tenant_id)
+            except DatabaseUnavailable as exc:
+                log.warning("unwatching a tenant failed: %s", exc)
 
 
 class Hub:
     def __init__(
-        self,
-        store: EventStore,
-        listener_dsn: str,
-        metrics: Metrics,
-        *,
-        queue_size: int,
-        backoff_max_s: float = 5.0,
+        self, store: EventStore, source: EventSource, metrics: Metrics, *, queue_size: int
     ) -> None:
         self.store = store
+        self.source = source
         self.metrics = metrics
         self.queue_size = queue_size
-        self.listener = Listener(
-            listener_dsn,
-            on_notification=self._on_notification,
-            on_reconnect=self._on_reconnect,
-            on_reconnected=metrics.listener_reconnects.inc,
-            backoff_max_s=backoff_max_s,
-        )
         self._topics: dict[str, Topic] = {}
         self._closing: dict[str, asyncio.Task[None]] = {}  # topics on their way out
         self.draining = False
@@ -147,20 +141,27 @@ class Hub:
         *,
         kind: str,
         signals: frozenset[str] = frozenset(),
+        sink: Sink | None = None,
     ) -> AsyncIterator[Subscription]:
         """Subscribe to a tenant's live events, from the newest delivered id on.
 
-        Raises DatabaseUnavailable when the tenant's channel cannot be listened to.
+        Raises DatabaseUnavailable when the tenant cannot be watched, or the
+        server is shutting down.
         """
         if self.draining:
             raise DatabaseUnavailable("the server is shutting down")
         topic = self._topics.get(tenant_id)
         if topic is None:
-            topic = self._topics[tenant_id] = Topic(self, tenant_id)
+            topic = Topic(self, tenant_id, self._closing.get(tenant_id))
+            self._topics[tenant_id] = topic
         subscription = Subscription(
-            tenant_id, filters or Filters(), kind=kind, limit=self.queue_size, signals=signals
+            tenant_id,
+            filters or Filters(),
+            kind=kind,
+            limit=self.queue_size,
+            signals=signals,
+            sink=sink,
         )
-        subscription.owner = asyncio.current_task()
         topic.subscribers.add(subscription)
         try:
             await asyncio.shield(topic.opened)
@@ -171,15 +172,13 @@ class Hub:
             if not topic.subscribers and self._topics.get(tenant_id) is topic:
                 del self._topics[tenant_id]
                 closing = self._closing[tenant_id] = asyncio.create_task(topic.close())
-                closing.add_done_callback(
-                    lambda task: (
-                        self._closing.pop(tenant_id, None)
-                        if self._closing.get(tenant_id) is task
-                        else None
-                    )
-                )
-                # Shielded: a cancelled stream must still UNLISTEN.
+                closing.add_done_callback(functools.partial(self._closed, tenant_id))
+                # Shielded: a cancelled stream must still unwatch.
                 await asyncio.shield(closing)
+
+    def _closed(self, tenant_id: str, task: asyncio.Task[None]) -> None:
+        if self._closing.get(tenant_id) is task:
+            del self._closing[tenant_id]
 
     def publish(self, topic: Topic, events: list[TelemetryEvent]) -> None:
         # Counted per kind and added once: this loop runs once per subscriber.
@@ -191,10 +190,10 @@ class Hub:
             if subscription.lagging:
                 dropped[kind] = dropped.get(kind, 0) + len(events)
                 continue
-            queued = subscription.offer(events)
+            queued, direct = subscription.offer(events)
             if queued:
                 delivered[kind] = delivered.get(kind, 0) + queued
-                if subscription.wrote_directly:
+                if direct:
                     directly[kind] = directly.get(kind, 0) + queued
             if subscription.lagging:
                 self._on_lagging(subscription)
@@ -207,42 +206,32 @@ class Hub:
 
     def _on_lagging(self, subscription: Subscription) -> None:
         self.metrics.lagging_disconnects.labels(subscription.kind).inc()
-        topic = self._topics.get(subscription.tenant_id)
+        sink = subscription.sink
+        if sink is not None:
+            asyncio.get_running_loop().call_later(LAGGING_GRACE_S, sink.abort)
 
-        def cancel_if_stuck() -> None:
-            owner = subscription.owner
-            if owner is not None and topic is not None and subscription in topic.subscribers:
-                log.warning("a lagging %s stream did not close; cancelling it", subscription.kind)
-                owner.cancel()
-            # Whether or not the stream ended, a client that has not read what
-            # was written to it by now has stopped reading: its connection would
-            # otherwise stay open, holding its buffers, for as long as it likes.
-            if subscription.drop_unread is not None:
-                subscription.drop_unread()
+    # -- the event source's wake-ups (pulse.bus.source.Wakeups) ------------------
 
-        asyncio.get_running_loop().call_later(LAGGING_GRACE_S, cancel_if_stuck)
+    def events_after(self, tenant_id: str, last_id: int | None) -> None:
+        topic = self._topics.get(tenant_id)
+        if topic is not None and (last_id is None or last_id > topic.delivered):
+            topic.dirty.set()
 
-    def _on_notification(self, message: dict[str, Any]) -> None:
-        topic = self._topics.get(str(message.get("tenant")))
-        if topic is None:
-            return
-        if message.get("kind") == "telemetry":
-            last = message.get("last")
-            if not isinstance(last, int) or last > topic.delivered:
-                topic.dirty.set()
-            return
-        signal = message.get("kind")
-        if isinstance(signal, str):
+    def signal(self, tenant_id: str, kind: str) -> None:
+        topic = self._topics.get(tenant_id)
+        if topic is not None:
             for subscription in list(topic.subscribers):
-                subscription.notify(signal)
+                subscription.notify(kind)
 
-    def _on_reconnect(self) -> None:
-        # Anything may have been committed while we were away: every tenant re-reads.
+    def resync(self) -> None:
+        # Anything may have been committed while nobody told us: every tenant re-reads.
         for topic in self._topics.values():
             topic.dirty.set()
             for subscription in list(topic.subscribers):
                 for signal in subscription.signals:
                     subscription.notify(signal)
+
+    # -- the process's life ---------------------------------------------------------
 
     def drain(self) -> None:
         """Shutting down: end every subscription now and refuse new ones."""
@@ -255,6 +244,10 @@ class Hub:
         return sum(len(t.subscribers) for t in self._topics.values())
 
     async def close(self) -> None:
+        """Close every topic, those already on their way out included."""
+        self.draining = True
         topics, self._topics = list(self._topics.values()), {}
         for topic in topics:
             await topic.close()
+        while self._closing:
+            await asyncio.gather(*self._closing.values(), return_exceptions=True)

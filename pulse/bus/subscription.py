@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from typing import Protocol
 
 from pulse.bus.events import TelemetryEvent
 
@@ -22,6 +22,21 @@ class Filters:
         if self.device_ids is not None and event.device_id not in self.device_ids:
             return False
         return self.metrics is None or event.has_any_metric(self.metrics)
+
+
+class Sink(Protocol):
+    """Where a subscriber's events go when the hub may hand them over itself.
+
+    Given when the subscription is made, by the stream that reads it.
+    """
+
+    def write_now(self, events: list[TelemetryEvent]) -> bool:
+        """Send ``events`` to the client at once, without waiting, or return False
+        (nothing sent; they are queued as usual)."""
+
+    def abort(self) -> None:
+        """The subscription was cut as lagging a while ago: end its stream now, and
+        drop its connection if the client has not read what was sent to it."""
 
 
 class Lagging(Exception):
@@ -41,14 +56,11 @@ class Subscription:
     subscription is marked lagging, its queue is dropped (the client resumes from
     the table), and ``on_lagging`` is told.
 
-    ``deliver_now``, when the stream sets it, hands events straight to the client
-    from the hub's own call, without waking the stream's task: only while that
-    task is parked in ``wait`` with nothing queued, so everything before has
-    been sent and nothing is being sent. It returns False when it cannot write
-    at once (the client has not read what came before), and the events are
-    queued as usual.
-    ``drop_unread``, when set, is called a while after the subscription is cut as
-    lagging, to drop a connection whose client stopped reading.
+    ``sink``, when given, takes events straight to the client from the hub's own
+    call, without waking the stream's task: only while that task is parked in
+    ``wait`` with nothing queued, so everything before has been sent and nothing
+    is being sent. When it cannot write at once (the client has not read what
+    came before), the events are queued as usual.
     """
 
     def __init__(
@@ -60,6 +72,7 @@ class Subscription:
         limit: int,
         signals: frozenset[str] = frozenset(),
         position: int = 0,
+        sink: Sink | None = None,
     ) -> None:
         self.tenant_id = tenant_id
         self.filters = filters
@@ -77,25 +90,18 @@ class Subscription:
         self._woken = False  # something for the stream's task: events, signals, an end
         self._waiter: asyncio.Future[None] | None = None
         self._parked = False  # the stream's task waits in `wait` for the next event
-        self.owner: asyncio.Task[object] | None = None
+        self.sink = sink
         # When a signal last came (monotonic): what the stream reads on a signal
         # must be at least that fresh (pulse.db.shared).
         self.signalled_at = time.monotonic()
-        self.deliver_now: Callable[[list[TelemetryEvent]], bool] | None = None
-        self.wrote_directly = False  # the last offer's events went out by deliver_now
-        self.drop_unread: Callable[[], None] | None = None
 
     # -- the hub's side -------------------------------------------------------
 
-    def offer(self, events: list[TelemetryEvent]) -> int:
-        """Take the events this subscription wants; return how many.
-
-        They are queued for the stream's task, or written at once by
-        ``deliver_now`` (then ``wrote_directly`` is True).
-        """
-        self.wrote_directly = False
+    def offer(self, events: list[TelemetryEvent]) -> tuple[int, bool]:
+        """Take the events this subscription wants: how many, and whether the sink
+        wrote them out at once (else they are queued for the stream's task)."""
         if self.lagging:
-            return 0
+            return 0, False
         queued = 0
         accepts = self.filters.accepts
         queue = self._queue
@@ -106,25 +112,27 @@ class Subscription:
             if accepts(event):
                 if len(queue) >= self._limit:
                     self._mark_lagging()
-                    return queued
+                    return queued, False
                 queue.append(event)
                 queued += 1
-        if queued and not (len(queue) == queued and self._delivered_now()):
-            self._wake()
-        return queued
+        if not queued:
+            return 0, False
+        if len(queue) == queued and self._delivered_now():
+            return queued, True
+        self._wake()
+        return queued, False
 
     def _delivered_now(self) -> bool:
-        """Hand the queue to ``deliver_now`` if the stream is parked with nothing pending."""
-        if not self._parked or self._woken or self.deliver_now is None:
+        """Hand the queue to the sink if the stream is parked with nothing pending."""
+        if not self._parked or self._woken or self.sink is None:
             return False
         try:
-            delivered = self.deliver_now(self._queue)
+            delivered = self.sink.write_now(self._queue)
         except Exception:
             log.exception("a direct delivery failed; queueing the events instead")
             return False
         if delivered:
             self._queue = []
-            self.wrote_directly = True
         return delivered
 
     def notify(self, signal: str) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+
+from pulse.db.migrate import migrate
+from pulse.db.pool import connect
 
 log = logging.getLogger(__name__)
 
@@ -29,3 +33,22 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
         yield str(server.get_uri())
     finally:
         server.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def embedded_database(data_dir: Path) -> AsyncIterator[str]:
+    """``embedded_postgres`` from async code (it blocks while the server starts), migrated."""
+    loop = asyncio.get_running_loop()
+    server = embedded_postgres(data_dir)
+    dsn = await loop.run_in_executor(None, server.__enter__)
+    try:
+        conn = await connect(dsn)
+        try:
+            applied = await migrate(conn)
+        finally:
+            await conn.close()
+        if applied:
+            log.info("embedded database migrated: %s", ", ".join(applied))
+        yield dsn
+    finally:
+        await loop.run_in_executor(None, server.__exit__, None, None, None)

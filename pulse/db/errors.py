@@ -1,9 +1,6 @@
-"""Driver errors are translated once, here, at the database seam."""
+"""What the database seam (pulse.db.database) raises, and the driver errors it translates."""
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import asyncpg
 
@@ -26,13 +23,3 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # server went away mid-transaction.
     asyncpg.InternalClientError,
 )
-
-CONNECTION_ERRORS_OR_TIMEOUT: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
-
-
-@contextlib.contextmanager
-def translate_errors() -> Iterator[None]:
-    try:
-        yield
-    except CONNECTION_ERRORS as exc:
-        raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc

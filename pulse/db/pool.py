@@ -29,7 +29,8 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
     return pool
 
 
-async def connect(dsn: str) -> asyncpg.Connection:
-    conn = await asyncpg.connect(dsn)
+async def connect(dsn: str, **options: Any) -> asyncpg.Connection:
+    """One connection outside any pool, with the pool's codecs; ``options`` go to asyncpg."""
+    conn = await asyncpg.connect(dsn, **options)
     await init_connection(conn)
     return conn

@@ -12,9 +12,8 @@ import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
-
-from pulse.db.errors import CONNECTION_ERRORS_OR_TIMEOUT
+from pulse.db.database import Database
+from pulse.db.errors import DatabaseUnavailable
 from pulse.db.queries import load_queries
 
 log = logging.getLogger(__name__)
@@ -25,14 +24,14 @@ BATCH = 5000
 PAUSE_BETWEEN_BATCHES_S = 0.05
 
 
-async def trim_once(pool: asyncpg.Pool, cutoff: datetime, *, batch: int = BATCH) -> int:
+async def trim_once(db: Database, cutoff: datetime, *, batch: int = BATCH) -> int:
     """Delete rows received before ``cutoff``, batch by batch; return how many.
 
     Returns 0 at once when another process holds this turn.
     """
     deleted = 0
     while True:
-        async with pool.acquire() as conn, conn.transaction():
+        async with db.transaction() as conn:
             if not await conn.fetchval(Q["try_retention_turn"], RETENTION_LOCK_KEY):
                 return deleted
             status = await conn.execute(Q["trim_telemetry"], cutoff, batch)
@@ -43,14 +42,14 @@ async def trim_once(pool: asyncpg.Pool, cutoff: datetime, *, batch: int = BATCH)
         await asyncio.sleep(PAUSE_BETWEEN_BATCHES_S)
 
 
-async def run_retention(pool: asyncpg.Pool, retention_hours: float, interval_s: float) -> None:
+async def run_retention(db: Database, retention_hours: float, interval_s: float) -> None:
     """Trim forever, every ``interval_s``; database outages are waited out."""
     while True:
         cutoff = datetime.now(UTC) - timedelta(hours=retention_hours)
         try:
-            deleted = await trim_once(pool, cutoff)
+            deleted = await trim_once(db, cutoff)
             if deleted:
                 log.info("retention: deleted %d telemetry rows older than %s", deleted, cutoff)
-        except CONNECTION_ERRORS_OR_TIMEOUT as exc:
+        except DatabaseUnavailable as exc:
             log.warning("retention pass failed: %s", exc)
         await asyncio.sleep(interval_s)

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import asyncpg
-
-from pulse.db.errors import translate_errors
+from pulse.db.database import Database
 from pulse.db.queries import load_queries
 from pulse.times import format_time
 
@@ -75,7 +73,7 @@ def alert_json(row: Mapping[str, Any], *, with_tenant: bool = False) -> dict[str
 
 
 async def list_alerts(
-    pool: asyncpg.Pool,
+    db: Database,
     tenant_id: str | None,
     statuses: Sequence[str],
     *,
@@ -84,30 +82,28 @@ async def list_alerts(
 ) -> list[dict[str, Any]]:
     """Alerts with one of ``statuses``, newest first, older than alert ``before`` if given;
     every tenant's when ``tenant_id`` is None."""
-    with translate_errors():
-        rows = await pool.fetch(Q["list_alerts"], tenant_id, list(statuses), before, limit)
+    rows = await db.fetch(Q["list_alerts"], tenant_id, list(statuses), before, limit)
     return [alert_json(row, with_tenant=tenant_id is None) for row in rows]
 
 
 async def active_alerts(
-    pool: asyncpg.Pool, tenant_id: str | None, limit: int = 100
+    db: Database, tenant_id: str | None, limit: int = 100
 ) -> list[dict[str, Any]]:
     """OPEN and ACKNOWLEDGED alerts, newest first (what the v2 WebSocket pushes)."""
-    return await list_alerts(pool, tenant_id, ACTIVE, limit=limit)
+    return await list_alerts(db, tenant_id, ACTIVE, limit=limit)
 
 
 async def change_alert(
-    pool: asyncpg.Pool, tenant_id: str, alert_id: int, action: Action, subject: str
+    db: Database, tenant_id: str, alert_id: int, action: Action, subject: str
 ) -> dict[str, Any]:
     """Acknowledge or close an alert of ``tenant_id`` as ``subject``; the alert afterwards."""
-    with translate_errors():
-        async with pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(Q["lock_alert"], tenant_id, alert_id)
-            if row is None:
-                raise UnknownAlert(alert_id)
-            if next_status(row["status"], action) != row["status"]:
-                query = "acknowledge_alert" if action == "acknowledge" else "close_alert"
-                row = await conn.fetchrow(Q[query], alert_id, subject)
+    async with db.transaction() as conn:
+        row = await conn.fetchrow(Q["lock_alert"], tenant_id, alert_id)
+        if row is None:
+            raise UnknownAlert(alert_id)
+        if next_status(row["status"], action) != row["status"]:
+            query = "acknowledge_alert" if action == "acknowledge" else "close_alert"
+            row = await conn.fetchrow(Q[query], alert_id, subject)
     return alert_json(row)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
-from pulse.db.errors import translate_errors
+from pulse.db.database import Database
 from pulse.db.queries import load_queries
 from pulse.fleet.fields import Name
 from pulse.ingest.writer import Written, WrittenEvent
@@ -49,37 +49,34 @@ def rule_json(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-async def create_rule(pool: asyncpg.Pool, tenant_id: str, rule: NewRule) -> dict[str, Any]:
-    with translate_errors():
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute(Q["ensure_tenant"], tenant_id)
-            row = await conn.fetchrow(
-                Q["insert_rule"],
-                tenant_id,
-                rule.name,
-                rule.metric,
-                rule.operator,
-                rule.threshold,
-                rule.severity,
-                rule.device_id,
-            )
+async def create_rule(db: Database, tenant_id: str, rule: NewRule) -> dict[str, Any]:
+    async with db.transaction() as conn:
+        await conn.execute(Q["ensure_tenant"], tenant_id)
+        row = await conn.fetchrow(
+            Q["insert_rule"],
+            tenant_id,
+            rule.name,
+            rule.metric,
+            rule.operator,
+            rule.threshold,
+            rule.severity,
+            rule.device_id,
+        )
     if row is None:
         raise UnknownDevice(rule.device_id)
     return rule_json(row)
 
 
-async def list_rules(pool: asyncpg.Pool, tenant_id: str) -> list[dict[str, Any]]:
-    with translate_errors():
-        rows = await pool.fetch(Q["list_rules"], tenant_id)
+async def list_rules(db: Database, tenant_id: str) -> list[dict[str, Any]]:
+    rows = await db.fetch(Q["list_rules"], tenant_id)
     return [rule_json(row) for row in rows]
 
 
-async def delete_rule(pool: asyncpg.Pool, tenant_id: str, rule_id: int, subject: str) -> bool:
+async def delete_rule(db: Database, tenant_id: str, rule_id: int, subject: str) -> bool:
     """Delete a rule and close its active alerts; False when the tenant has no such rule."""
-    with translate_errors():
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute(Q["lock_tenant_writes"], tenant_id)
-            deleted = await conn.fetchval(Q["delete_rule"], tenant_id, rule_id, subject)
+    async with db.transaction() as conn:
+        await conn.execute(Q["lock_tenant_writes"], tenant_id)
+        deleted = await conn.fetchval(Q["delete_rule"], tenant_id, rule_id, subject)
     return deleted is not None
 
 

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncpg
-
-from pulse.db.errors import translate_errors
+from pulse.db.database import Database
 from pulse.db.queries import load_queries
 
 Q = load_queries(__package__)
 
 
-async def fleet_summary(pool: asyncpg.Pool, tenant_id: str | None) -> dict[str, int]:
+async def fleet_summary(db: Database, tenant_id: str | None) -> dict[str, int]:
     """``{"ONLINE", "STALE", "OFFLINE", "total", "active_alerts"}`` of a tenant, or of
     every tenant when ``tenant_id`` is None (operators)."""
-    with translate_errors():
-        row = await pool.fetchrow(Q["fleet_summary"], tenant_id)
+    row = await db.fetchrow(Q["fleet_summary"], tenant_id)
     return {
         "ONLINE": row["online"],
         "STALE": row["stale"],

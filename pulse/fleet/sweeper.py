@@ -18,7 +18,8 @@ from datetime import datetime
 
 import asyncpg
 
-from pulse.db.errors import CONNECTION_ERRORS_OR_TIMEOUT
+from pulse.db.database import Database
+from pulse.db.errors import DatabaseUnavailable
 from pulse.db.queries import load_queries
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def default_interval(stale_after_s: float) -> float:
 class StatusSweeper:
     def __init__(
         self,
-        dsn: str,
+        db: Database,
         *,
         stale_after_s: float,
         offline_after_s: float,
@@ -78,7 +79,7 @@ class StatusSweeper:
         clock: Clock = lambda: None,
         lock_key: int = SWEEPER_LOCK_KEY,
     ) -> None:
-        self._dsn = dsn
+        self._db = db
         self._stale_after_s = stale_after_s
         self._offline_after_s = offline_after_s
         self.interval_s = interval_s or default_interval(stale_after_s)
@@ -93,25 +94,15 @@ class StatusSweeper:
         """Follow until the lock is free, then sweep until the connection is lost; forever."""
         while True:
             try:
-                conn = await asyncpg.connect(
-                    self._dsn,
-                    timeout=QUERY_TIMEOUT_S,
-                    server_settings={"application_name": APPLICATION_NAME},
-                )
-            except (*CONNECTION_ERRORS_OR_TIMEOUT, asyncpg.PostgresError) as exc:
-                log.warning("status sweeper cannot connect (%s); retrying", exc)
-                await asyncio.sleep(self.interval_s)
-                continue
-            try:
-                await self._follow_then_lead(conn)
-            except CONNECTION_ERRORS_OR_TIMEOUT as exc:
-                log.warning("status sweeper lost its connection (%s)", exc)
+                # Closing the connection (at the end of the block) releases the lock.
+                async with self._db.dedicated(APPLICATION_NAME, timeout=QUERY_TIMEOUT_S) as conn:
+                    await self._follow_then_lead(conn)
+            except DatabaseUnavailable as exc:
+                log.warning("status sweeper: the database is unavailable (%s); retrying", exc)
             finally:
                 if self.leading.is_set():
                     log.info("this process no longer sweeps device statuses")
                 self.leading.clear()
-                # Closing the connection is what releases the lock.
-                conn.terminate()
             await asyncio.sleep(self.interval_s)
 
     async def _follow_then_lead(self, conn: asyncpg.Connection) -> None:

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 
-from pulse.ingest.model import INVALID_DEVICE_TOKEN, INVALID_PAYLOAD, Rejected, Submission
+from pulse.errors import INVALID_DEVICE_TOKEN, INVALID_PAYLOAD
+from pulse.ingest.model import Rejected, Submission
 from pulse.ingest.validation import InvalidPayload, Reading, decode_json, parse_reading
 from pulse.names import is_valid_name
 

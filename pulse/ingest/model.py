@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from pulse.errors import ErrorCode
 from pulse.ingest.validation import Reading
-
-# Reason codes: the `error` of a single request and the `reason` of a batch result.
-INVALID_PAYLOAD = "invalid_payload"
-INVALID_DEVICE_TOKEN = "invalid_device_token"
-UNKNOWN_DEVICE = "unknown_device"
-PAYLOAD_TOO_LARGE = "payload_too_large"
-RATE_LIMITED = "rate_limited"
 
 
 @dataclasses.dataclass(slots=True)  # not frozen: see validation.Reading
@@ -37,9 +31,11 @@ class Accepted:
 
 @dataclasses.dataclass(frozen=True)
 class Rejected:
-    """Nothing was stored for this message."""
+    """Nothing was stored for this message: ``reason`` is the error of a single request
+    and the ``reason`` of a batch result (invalid_payload, invalid_device_token,
+    unknown_device, payload_too_large, rate_limited)."""
 
-    reason: str
+    reason: ErrorCode
     detail: str
     retry_after_s: float = 0.0
 

@@ -9,7 +9,8 @@ import math
 import time
 from collections.abc import Callable, Hashable
 
-from pulse.ingest.model import RATE_LIMITED, Rejected
+from pulse.errors import RATE_LIMITED
+from pulse.ingest.model import Rejected
 
 
 @dataclasses.dataclass(slots=True)

@@ -12,17 +12,11 @@ from typing import Protocol, TypeVar
 import asyncpg
 
 from pulse.auth.device_tokens import device_token_matches
-from pulse.db.errors import translate_errors
+from pulse.db.database import Database
 from pulse.db.queries import load_queries
+from pulse.errors import INVALID_DEVICE_TOKEN, UNKNOWN_DEVICE
 from pulse.ingest.gates import KeyedLocks
-from pulse.ingest.model import (
-    INVALID_DEVICE_TOKEN,
-    UNKNOWN_DEVICE,
-    Accepted,
-    Outcome,
-    Rejected,
-    Submission,
-)
+from pulse.ingest.model import Accepted, Outcome, Rejected, Submission
 from pulse.ingest.validation import Reading
 
 Q = load_queries(__package__)
@@ -71,13 +65,13 @@ class TelemetryWriter:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        db: Database,
         *,
         admit: Admit | None = None,
         hooks: Sequence[TransactionHook] = (),
         group_commit: bool = True,
     ) -> None:
-        self._pool = pool
+        self._db = db
         self._admit = admit
         self._hooks = tuple(hooks)
         self._group_commit = group_commit
@@ -97,9 +91,6 @@ class TelemetryWriter:
             tuple[Sequence[Submission], asyncio.Future[list[Outcome | None]]]
         ] = []
         self._checking: asyncio.Task[None] | None = None
-
-    def add_hook(self, hook: TransactionHook) -> None:
-        self._hooks = (*self._hooks, hook)
 
     async def write(self, submissions: Sequence[Submission]) -> list[Outcome]:
         """Write every submission that authenticates and is admitted; one outcome each, in order.
@@ -149,9 +140,8 @@ class TelemetryWriter:
                 everything = [s for subs, _ in group for s in subs]
                 checking = asyncio.get_running_loop().create_future()
                 try:
-                    with translate_errors():
-                        async with self._pool.acquire() as conn:
-                            checking.set_result(await self._authenticate(conn, everything))
+                    async with self._db.connection() as conn:
+                        checking.set_result(await self._authenticate(conn, everything))
                 except asyncio.CancelledError:
                     checking.cancel()  # the server is stopping: so are the callers
                     raise
@@ -198,9 +188,8 @@ class TelemetryWriter:
         self, submissions: Sequence[Submission], prechecked: Sequence[bool] = ()
     ) -> list[Outcome]:
         """One transaction. ``prechecked[i]``: submission i passed its checks already."""
-        with translate_errors():
-            async with self._pool.acquire() as conn, conn.transaction():
-                return await self._write_in(conn, submissions, prechecked)
+        async with self._db.transaction() as conn:
+            return await self._write_in(conn, submissions, prechecked)
 
     async def _write_in(
         self,

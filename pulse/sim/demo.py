@@ -69,10 +69,8 @@ async def run_demo(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run until ``stop`` is set (by default: until SIGINT or SIGTERM)."""
-    from hypercorn.asyncio import serve
-
-    from pulse.app import create_app, shutdown_trigger
-    from pulse.server import hypercorn_config
+    from pulse.app import create_app
+    from pulse.serving import hypercorn_config, serve
 
     _check_port_free(host, port)
     stop = stop or _stop_on_signals()
@@ -85,10 +83,7 @@ async def run_demo(
     config = hypercorn_config(settings, f"{host}:{port}")
     config.loglevel = settings.log_level
     app = create_app(settings)
-    server = asyncio.create_task(
-        serve(app, config, shutdown_trigger=shutdown_trigger(app, stop)),  # type: ignore[arg-type]
-        name="pulse-demo-server",
-    )
+    server = asyncio.create_task(serve(app, config, stop), name="pulse-demo-server")
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
     simulator: Simulator | None = None
     simulating: asyncio.Task[None] | None = None

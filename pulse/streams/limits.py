@@ -28,7 +28,8 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from pulse.db.errors import DatabaseUnavailable, translate_errors
+from pulse.db.database import Database
+from pulse.db.errors import DatabaseUnavailable
 from pulse.db.queries import load_queries
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ class LimitReached(Exception):
 
 class ConnectionLimits:
     def __init__(
-        self, max_total: int, max_per_tenant: int, *, ttl_s: float = DEFAULT_TTL_S
+        self, db: Database, max_total: int, max_per_tenant: int, *, ttl_s: float = DEFAULT_TTL_S
     ) -> None:
+        self._db = db
         self.max_total = max_total
         self.max_per_tenant = max_per_tenant
         self.ttl_s = ttl_s
@@ -57,24 +59,19 @@ class ConnectionLimits:
         self._admitting: set[int] = set()  # in _open, not yet admitted
         self._ids = itertools.count(1)
         self._newest_id = 0
-        self._pool: asyncpg.Pool | None = None
 
     @property
     def total(self) -> int:
         return sum(self.by_kind.values())
 
-    async def start(self, pool: asyncpg.Pool) -> None:
+    async def start(self) -> None:
         """Register this process; from now on its connections count cluster-wide."""
-        self._pool = pool
         await self.renew()
 
     async def stop(self) -> None:
         """Forget this process and its connections (a clean shutdown)."""
-        if self._pool is None:
-            return
         try:
-            with translate_errors():
-                await self._pool.execute(Q["forget_process"], self.process_id)
+            await self._db.execute(Q["forget_process"], self.process_id)
         except DatabaseUnavailable as exc:
             log.warning("could not unregister the stream connections of this process: %s", exc)
 
@@ -88,25 +85,24 @@ class ConnectionLimits:
                 log.warning("cannot renew the stream connection lease: %s", exc)
 
     async def renew(self) -> None:
-        pool = self._require_pool()
+        db = self._db
         open_now = dict(self._open)
         admitted = {id_: v for id_, v in open_now.items() if id_ not in self._admitting}
         newest = self._newest_id
-        with translate_errors():
-            created = await pool.fetchval(
-                Q["renew_process"], self.process_id, _describe_process(), self.ttl_s
+        created = await db.fetchval(
+            Q["renew_process"], self.process_id, _describe_process(), self.ttl_s
+        )
+        if created and admitted:
+            await db.execute(
+                Q["record_connections"],
+                self.process_id,
+                list(admitted),
+                [tenant for tenant, _ in admitted.values()],
+                [kind for _, kind in admitted.values()],
             )
-            if created and admitted:
-                await pool.execute(
-                    Q["record_connections"],
-                    self.process_id,
-                    list(admitted),
-                    [tenant for tenant, _ in admitted.values()],
-                    [kind for _, kind in admitted.values()],
-                )
-            elif not created:
-                await pool.execute(Q["delete_strays"], self.process_id, list(open_now), newest)
-            await pool.execute(Q["delete_expired_processes"])
+        elif not created:
+            await db.execute(Q["delete_strays"], self.process_id, list(open_now), newest)
+        await db.execute(Q["delete_expired_processes"])
 
     async def check(self, tenant_id: str) -> None:
         """Raise LimitReached when one more connection for ``tenant_id`` would be too many.
@@ -115,8 +111,7 @@ class ConnectionLimits:
         reserves the slot.
         """
         self._check_process()
-        with translate_errors():
-            count = await self._require_pool().fetchval(Q["count_tenant_connections"], tenant_id)
+        count = await self._db.fetchval(Q["count_tenant_connections"], tenant_id)
         if count >= self.max_per_tenant:
             raise LimitReached("This tenant has reached its connection limit.")
 
@@ -127,18 +122,18 @@ class ConnectionLimits:
         Raises LimitReached when the process or the tenant is at its limit, and
         DatabaseUnavailable when the count cannot be read.
         """
-        pool = self._require_pool()
+        db = self._db
         self._check_process()
         connection_id = next(self._ids)
         self._newest_id = connection_id
         self._open[connection_id] = (tenant_id, kind)
         self._admitting.add(connection_id)
         try:
-            admitted = await self._admit(pool, connection_id, tenant_id, kind)
+            admitted = await self._admit(db, connection_id, tenant_id, kind)
         except asyncio.CancelledError:
             # The client went away during admission, which may have been recorded.
             del self._open[connection_id]
-            await asyncio.shield(self._release(pool, connection_id))
+            await asyncio.shield(self._release(db, connection_id))
             raise
         except BaseException:
             del self._open[connection_id]
@@ -155,26 +150,21 @@ class ConnectionLimits:
             self.by_kind[kind] -= 1
             del self._open[connection_id]
             # Shielded: a cancelled stream (its client went away) still frees its slot.
-            await asyncio.shield(self._release(pool, connection_id))
+            await asyncio.shield(self._release(db, connection_id))
 
-    async def _admit(
-        self, pool: asyncpg.Pool, connection_id: int, tenant_id: str, kind: str
-    ) -> bool:
+    async def _admit(self, db: Database, connection_id: int, tenant_id: str, kind: str) -> bool:
         args = (self.process_id, connection_id, tenant_id, kind, self.max_per_tenant)
         try:
-            with translate_errors():
-                return bool(await pool.fetchval(Q["admit_connection"], *args))
+            return bool(await db.fetchval(Q["admit_connection"], *args))
         except asyncpg.ForeignKeyViolationError:
             # This process's lease lapsed (the database was away for longer than
             # ttl_s) and another process cleared it: register again first.
             await self.renew()
-            with translate_errors():
-                return bool(await pool.fetchval(Q["admit_connection"], *args))
+            return bool(await db.fetchval(Q["admit_connection"], *args))
 
-    async def _release(self, pool: asyncpg.Pool, connection_id: int) -> None:
+    async def _release(self, db: Database, connection_id: int) -> None:
         try:
-            with translate_errors():
-                await pool.execute(Q["release_connection"], self.process_id, connection_id)
+            await db.execute(Q["release_connection"], self.process_id, connection_id)
         except DatabaseUnavailable as exc:
             # The next renewal deletes the row (delete_strays).
             log.warning("could not release a stream connection now: %s", exc)
@@ -183,11 +173,6 @@ class ConnectionLimits:
         # Connections still being admitted count too, so a burst cannot overshoot.
         if len(self._open) >= self.max_total:
             raise LimitReached("This server has reached its connection limit.")
-
-    def _require_pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            raise RuntimeError("ConnectionLimits.start(pool) has not been called")
-        return self._pool
 
 
 def _describe_process() -> str:

@@ -15,11 +15,11 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
 from pulse.auth.dev_tokens import mint_token
-from pulse.auth.errors import AuthError, Forbidden
 from pulse.auth.jwks import JwksCache, signing_keys
 from pulse.auth.principal import Principal
 from pulse.auth.tokens import TokenVerifier, principal_from_claims
 from pulse.config import Settings
+from pulse.errors import ApiError
 from tests.auth.jwks_server import JwksServer, serve_jwks
 from tests.support import TEST_SECRET
 
@@ -55,8 +55,8 @@ def forge(header: dict[str, Any], body: dict[str, Any], hmac_secret: bytes | Non
     return signing_input + "." + b64(mac)
 
 
-async def rejected(verifier: TokenVerifier, token: str) -> AuthError:
-    with pytest.raises(AuthError) as info:
+async def rejected(verifier: TokenVerifier, token: str) -> ApiError:
+    with pytest.raises(ApiError) as info:
         await verifier.verify(token)
     return info.value
 
@@ -168,7 +168,7 @@ async def test_issuer_and_audience_are_free_when_not_configured(hs256: TokenVeri
 
 async def test_missing_roles_are_forbidden(hs256: TokenVerifier) -> None:
     token = mint_token(TEST_SECRET, tenant_id="t1", roles=["offline_access", "uma_authorization"])
-    with pytest.raises(Forbidden) as info:
+    with pytest.raises(ApiError) as info:
         await hs256.verify(token)
     assert info.value.code == "forbidden"
 
@@ -352,19 +352,19 @@ def test_roles_come_from_realm_access_and_roles() -> None:
 def test_no_known_role_is_forbidden() -> None:
     body = claims(realm_access={"roles": ["default-roles-pulse"]})
     del body["roles"]
-    with pytest.raises(Forbidden, match="none of the roles"):
+    with pytest.raises(ApiError, match="none of the roles"):
         principal_from_claims(body)
 
 
 def test_a_non_operator_needs_a_tenant() -> None:
     body = claims()
     del body["tenant_id"]
-    with pytest.raises(Forbidden, match="names no tenant"):
+    with pytest.raises(ApiError, match="names no tenant"):
         principal_from_claims(body)
 
 
 def test_a_non_operator_needs_a_valid_tenant() -> None:
-    with pytest.raises(Forbidden, match="not a valid tenant id"):
+    with pytest.raises(ApiError, match="not a valid tenant id"):
         principal_from_claims(claims(organization="Acme Corporation"))
 
 

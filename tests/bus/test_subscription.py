@@ -47,7 +47,7 @@ def test_full_queue_marks_lagging_and_frees_memory() -> None:
     assert s.pending() == 0
     with pytest.raises(Lagging):
         s.take()
-    assert s.offer([event(20, temp=1)]) == 0
+    assert s.offer([event(20, temp=1)]) == (0, False)
 
 
 def test_skip_through_drops_replayed_events() -> None:

@@ -1,4 +1,4 @@
-"""Subscription.deliver_now: live events handed to a caught-up client from the hub's call.
+"""A subscription's sink: live events handed to a caught-up client from the hub's call.
 
 The stream's task must not be woken for them, and nothing may be written while
 the task has something of its own to send: queued events, signals, a lagging
@@ -20,14 +20,18 @@ def events(*ids: int, device: str = "d1") -> list[TelemetryEvent]:
 
 
 class Client:
-    """A deliver_now that records what it was given, and can refuse or fail."""
+    """A sink that records what it was given, and can refuse or fail."""
 
     def __init__(self) -> None:
         self.written: list[int] = []
         self.accepting = True
         self.failing = False
+        self.aborted = 0
 
-    def __call__(self, batch: list[TelemetryEvent]) -> bool:
+    def abort(self) -> None:
+        self.aborted += 1
+
+    def write_now(self, batch: list[TelemetryEvent]) -> bool:
         if self.failing:
             raise OSError("the socket went away")
         if not self.accepting:
@@ -43,17 +47,17 @@ async def parked(subscription: Subscription) -> asyncio.Task[bool]:
 
 
 def subscription(client: Client, **filters: frozenset[str]) -> Subscription:
-    s = Subscription("t1", Filters(**filters), kind="test", limit=5, signals=frozenset({"s"}))
-    s.deliver_now = client
-    return s
+    return Subscription(
+        "t1", Filters(**filters), kind="test", limit=5, signals=frozenset({"s"}), sink=client
+    )
 
 
 async def test_a_parked_stream_gets_events_written_without_being_woken() -> None:
     client = Client()
     s = subscription(client)
     waiting = await parked(s)
-    assert s.offer(events(1, 2)) == 2 and s.wrote_directly
-    assert s.offer(events(3)) == 1 and s.wrote_directly
+    assert s.offer(events(1, 2)) == (2, True)
+    assert s.offer(events(3)) == (1, True)
     await asyncio.sleep(0.01)
     assert client.written == [1, 2, 3]
     assert not waiting.done()  # the task was never woken
@@ -73,7 +77,7 @@ async def test_filters_apply_before_the_direct_write() -> None:
 async def test_a_stream_that_is_not_waiting_gets_its_events_queued() -> None:
     client = Client()
     s = subscription(client)
-    assert s.offer(events(1)) == 1 and not s.wrote_directly  # no task parked
+    assert s.offer(events(1)) == (1, False)  # no task parked
     assert client.written == [] and [e.id for e in s.take()] == [1]
 
 
@@ -82,7 +86,7 @@ async def test_a_refused_write_queues_the_events_and_wakes_the_stream() -> None:
     client.accepting = False  # the client has not read what came before
     s = subscription(client)
     waiting = await parked(s)
-    assert s.offer(events(1, 2)) == 2 and not s.wrote_directly
+    assert s.offer(events(1, 2)) == (2, False)
     assert await asyncio.wait_for(waiting, 1) is True
     assert [e.id for e in s.take()] == [1, 2] and client.written == []
 
@@ -130,7 +134,7 @@ async def test_the_lagging_end_is_never_bypassed() -> None:
     s.offer(events(1, 2, 3, 4, 5, 6))  # over the limit of 5
     assert s.lagging
     client.accepting = True
-    assert s.offer(events(7)) == 0 and client.written == []
+    assert s.offer(events(7)) == (0, False) and client.written == []
     await waiting
     with pytest.raises(Lagging):
         s.take()

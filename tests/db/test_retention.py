@@ -12,7 +12,7 @@ import httpx
 
 from pulse.config import Settings
 from pulse.db.retention import RETENTION_LOCK_KEY, trim_once
-from tests.support import insert_readings, running_server, sse_events
+from tests.support import insert_readings, running_server, seam, sse_events
 
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
 
@@ -30,10 +30,10 @@ async def test_trim_deletes_only_old_rows_in_batches(pool: asyncpg.Pool) -> None
     new = await insert_readings(pool, "t1", [("d1", {"v": i}) for i in range(30)])
     await age(pool, old, hours=200)
     cutoff = datetime.now(UTC) - timedelta(hours=168)
-    assert await trim_once(pool, cutoff, batch=50) == 120
+    assert await trim_once(seam(pool), cutoff, batch=50) == 120
     remaining = [r["id"] for r in await pool.fetch("SELECT id FROM telemetry ORDER BY id")]
     assert remaining == new
-    assert await trim_once(pool, cutoff) == 0
+    assert await trim_once(seam(pool), cutoff) == 0
 
 
 async def test_one_process_trims_at_a_time(pool: asyncpg.Pool) -> None:
@@ -43,8 +43,8 @@ async def test_one_process_trims_at_a_time(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as other, other.transaction():
         # Another process holds this turn: this one skips it.
         assert await other.fetchval("SELECT pg_try_advisory_xact_lock($1)", RETENTION_LOCK_KEY)
-        assert await trim_once(pool, cutoff) == 0
-    assert await trim_once(pool, cutoff) == 10
+        assert await trim_once(seam(pool), cutoff) == 0
+    assert await trim_once(seam(pool), cutoff) == 10
 
 
 async def test_resume_from_trimmed_history(

@@ -15,7 +15,7 @@ from pulse.fleet.rules import evaluate_alerts
 from pulse.ingest.model import Submission
 from pulse.ingest.validation import Reading
 from pulse.ingest.writer import TelemetryWriter
-from tests.support import provision_device
+from tests.support import provision_device, seam
 
 MakeToken = Callable[..., str]
 SENTINEL = {"kind": "sentinel"}
@@ -73,7 +73,7 @@ class Fleet:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.writer = TelemetryWriter(pool, hooks=[evaluate_alerts])
+        self.writer = TelemetryWriter(seam(pool), hooks=[evaluate_alerts])
         self.tokens: dict[tuple[str, str], str] = {}
 
     async def device(self, device_id: str, tenant_id: str = "t1") -> None:

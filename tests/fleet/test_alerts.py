@@ -11,6 +11,7 @@ import pytest
 
 from pulse.fleet.alerts import AlertClosed, active_alerts, next_status
 from tests.fleet.conftest import Fleet, MakeToken, Notifications, auth, kinds
+from tests.support import seam
 
 ALERTS = "/api/v1/customer/alerts"
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -238,10 +239,10 @@ async def test_active_alerts_for_the_v2_websocket(fleet: Fleet) -> None:
     await fleet.rule("temp", ">", 80, tenant_id="t2")
     await fleet.send("dev-1", {"temp": 90}, tenant_id="t2")
 
-    alerts = await active_alerts(pool, "t1")
+    alerts = await active_alerts(seam(pool), "t1")
     assert [(a["device_id"], a["status"]) for a in alerts] == [("dev-1", "OPEN")]
     assert set(alerts[0]) == ALERT_KEYS
-    everywhere = await active_alerts(pool, None)
+    everywhere = await active_alerts(seam(pool), None)
     assert [a["tenant_id"] for a in everywhere] == ["t2", "t1"]
     assert set(everywhere[0]) == ALERT_KEYS | {"tenant_id"}
-    assert len(await active_alerts(pool, None, limit=1)) == 1
+    assert len(await active_alerts(seam(pool), None, limit=1)) == 1

@@ -7,6 +7,7 @@ import httpx
 
 from pulse.fleet.summary import fleet_summary
 from tests.fleet.conftest import Fleet, MakeToken, auth
+from tests.support import seam
 
 SUMMARY = "/api/v1/customer/fleet/summary"
 
@@ -31,14 +32,14 @@ async def shape_fleet(fleet: Fleet) -> None:
 
 async def test_counts(fleet: Fleet) -> None:
     await shape_fleet(fleet)
-    assert await fleet_summary(fleet.pool, "t1") == {
+    assert await fleet_summary(seam(fleet.pool), "t1") == {
         "ONLINE": 2,
         "STALE": 1,
         "OFFLINE": 2,
         "total": 5,
         "active_alerts": 2,
     }
-    assert await fleet_summary(fleet.pool, None) == {
+    assert await fleet_summary(seam(fleet.pool), None) == {
         "ONLINE": 3,
         "STALE": 1,
         "OFFLINE": 2,
@@ -46,7 +47,7 @@ async def test_counts(fleet: Fleet) -> None:
         "active_alerts": 3,
     }
     empty = {"ONLINE": 0, "STALE": 0, "OFFLINE": 0, "total": 0, "active_alerts": 0}
-    assert await fleet_summary(fleet.pool, "nobody") == empty
+    assert await fleet_summary(seam(fleet.pool), "nobody") == empty
 
 
 async def test_the_route_serves_the_same_numbers(
@@ -59,10 +60,12 @@ async def test_the_route_serves_the_same_numbers(
 
     response = await http.get(SUMMARY, headers=customer)
     assert response.status_code == 200
-    assert response.json() == await fleet_summary(pool, "t1")
+    assert response.json() == await fleet_summary(seam(pool), "t1")
     assert (await http.get(SUMMARY + "?tenant_id=t2", headers=customer)).status_code == 403
     assert (await http.get(SUMMARY)).status_code == 401
-    assert (await http.get(SUMMARY, headers=operator)).json() == await fleet_summary(pool, None)
+    assert (await http.get(SUMMARY, headers=operator)).json() == await fleet_summary(
+        seam(pool), None
+    )
     assert (await http.get(SUMMARY + "?tenant_id=t2", headers=operator)).json() == (
-        await fleet_summary(pool, "t2")
+        await fleet_summary(seam(pool), "t2")
     )

@@ -21,7 +21,7 @@ from pulse.fleet.sweeper import (
     sweep_statuses,
 )
 from tests.fleet.conftest import Fleet, MakeToken, Notifications, auth, kinds
-from tests.support import running_server
+from tests.support import running_server, seam
 
 STALE_S = 30.0
 OFFLINE_S = 300.0
@@ -70,7 +70,7 @@ async def test_online_stale_offline_online(
     seen = await last_seen(pool)
     clock = Clock(seen + timedelta(seconds=STALE_S - 1))
     sweeper = StatusSweeper(
-        database_url,
+        seam(pool, database_url),
         stale_after_s=STALE_S,
         offline_after_s=OFFLINE_S,
         interval_s=0.01,
@@ -185,9 +185,9 @@ async def test_one_notification_per_tenant_for_a_statement(
     assert kinds(await notifications.since_last()) == []
 
 
-def _sweeper(database_url: str) -> StatusSweeper:
+def _sweeper(pool: asyncpg.Pool, database_url: str) -> StatusSweeper:
     return StatusSweeper(
-        database_url, stale_after_s=STALE_S, offline_after_s=OFFLINE_S, interval_s=0.02
+        seam(pool, database_url), stale_after_s=STALE_S, offline_after_s=OFFLINE_S, interval_s=0.02
     )
 
 
@@ -214,7 +214,7 @@ async def first_to_lead(*sweepers: StatusSweeper) -> StatusSweeper:
 async def test_two_sweepers_one_leads_the_other_takes_over(
     pool: asyncpg.Pool, database_url: str
 ) -> None:
-    a, b = _sweeper(database_url), _sweeper(database_url)
+    a, b = _sweeper(pool, database_url), _sweeper(pool, database_url)
     async with sweeping(a) as task_a, sweeping(b) as task_b:
         leader = await first_to_lead(a, b)
         follower = b if leader is a else a
@@ -236,7 +236,7 @@ async def test_two_sweepers_one_leads_the_other_takes_over(
 async def test_a_leader_that_loses_its_connection_hands_over(
     pool: asyncpg.Pool, database_url: str
 ) -> None:
-    a, b = _sweeper(database_url), _sweeper(database_url)
+    a, b = _sweeper(pool, database_url), _sweeper(pool, database_url)
     async with sweeping(a), sweeping(b):
         leader = await first_to_lead(a, b)
         follower = b if leader is a else a
@@ -252,14 +252,16 @@ async def test_a_leader_that_loses_its_connection_hands_over(
 async def test_a_killed_leader_process_is_taken_over(pool: asyncpg.Pool, database_url: str) -> None:
     script = (
         "import asyncio, sys\n"
+        "from pulse.db.database import Database\n"
         "from pulse.fleet.sweeper import StatusSweeper\n"
         "async def main():\n"
-        "    s = StatusSweeper(sys.argv[1], stale_after_s=30, offline_after_s=300,"
+        "    async with Database.open(sys.argv[1], pool_size=1) as db:\n"
+        "        s = StatusSweeper(db, stale_after_s=30, offline_after_s=300,"
         " interval_s=0.02)\n"
-        "    task = asyncio.create_task(s.run())\n"
-        "    await s.leading.wait()\n"
-        "    print('leading', flush=True)\n"
-        "    await task\n"
+        "        task = asyncio.create_task(s.run())\n"
+        "        await s.leading.wait()\n"
+        "        print('leading', flush=True)\n"
+        "        await task\n"
         "asyncio.run(main())\n"
     )
     process = await asyncio.create_subprocess_exec(
@@ -273,7 +275,7 @@ async def test_a_killed_leader_process_is_taken_over(pool: asyncpg.Pool, databas
     try:
         assert process.stdout is not None
         assert await asyncio.wait_for(process.stdout.readline(), 20) == b"leading\n"
-        survivor = _sweeper(database_url)
+        survivor = _sweeper(pool, database_url)
         async with sweeping(survivor):
             await asyncio.wait_for(survivor.wait_rounds(3), 5)
             assert not survivor.leading.is_set()

@@ -18,7 +18,7 @@ from pulse.db.pool import connect
 from pulse.ingest.model import Accepted, Submission
 from pulse.ingest.validation import Reading
 from pulse.ingest.writer import TelemetryWriter, Written
-from tests.support import provision_device
+from tests.support import provision_device, seam
 
 TENANT = "race"
 WRITERS = 8
@@ -61,7 +61,7 @@ async def race(pool: asyncpg.Pool, database_url: str, seed: int) -> tuple[list[i
     async def write(device_id: str, token: str) -> None:
         # One writer per task, as if each were its own server process: nothing
         # in-process orders them, only the database.
-        writer = TelemetryWriter(pool, hooks=[delay_inside_transaction])
+        writer = TelemetryWriter(seam(pool), hooks=[delay_inside_transaction])
         for _ in range(BATCHES_PER_WRITER):
             batch = [
                 Submission(TENANT, device_id, token, reading(i)) for i in range(rng.randint(1, 5))
@@ -126,7 +126,7 @@ async def test_tenants_do_not_wait_on_each_other(pool: asyncpg.Pool) -> None:
             holding.set()
             await release.wait()
 
-    writer = TelemetryWriter(pool, hooks=[hold_tenant_a])
+    writer = TelemetryWriter(seam(pool), hooks=[hold_tenant_a])
     first_a = asyncio.create_task(
         writer.write([Submission("tenant-a", "dev", token_a, reading(1))])
     )
@@ -141,7 +141,7 @@ async def test_tenants_do_not_wait_on_each_other(pool: asyncpg.Pool) -> None:
     # A second writer of tenant A (another process, so not queued in this one)
     # does wait: for the first to commit.
     second_a = asyncio.create_task(
-        TelemetryWriter(pool).write([Submission("tenant-a", "dev", token_a, reading(3))])
+        TelemetryWriter(seam(pool)).write([Submission("tenant-a", "dev", token_a, reading(3))])
     )
     done, _ = await asyncio.wait([second_a], timeout=0.3)
     assert not done
@@ -160,7 +160,7 @@ async def test_batches_spanning_tenants_in_any_order_do_not_deadlock(pool: async
         await asyncio.sleep(0.001)
 
     async def write(order: list[str]) -> None:
-        writer = TelemetryWriter(pool, hooks=[pause])
+        writer = TelemetryWriter(seam(pool), hooks=[pause])
         for i in range(rounds):
             batch = [Submission(t, "dev", tokens[t], reading(i)) for t in order]
             assert all(isinstance(o, Accepted) for o in await writer.write(batch))

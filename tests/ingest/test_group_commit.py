@@ -9,11 +9,12 @@ from datetime import UTC, datetime
 import asyncpg
 
 from pulse.db.errors import DatabaseUnavailable
-from pulse.ingest.model import INVALID_DEVICE_TOKEN, Accepted, Rejected, Submission
+from pulse.errors import INVALID_DEVICE_TOKEN
+from pulse.ingest.model import Accepted, Rejected, Submission
 from pulse.ingest.validation import Reading
 from pulse.ingest.writer import CHECK_AHEAD_FROM, TelemetryWriter, Written
 from tests.ingest.conftest import stored_rows
-from tests.support import provision_device
+from tests.support import provision_device, seam
 
 NOW = datetime(2026, 11, 27, 17, 0, tzinfo=UTC)
 
@@ -29,7 +30,7 @@ async def test_concurrent_writes_share_transactions(pool: asyncpg.Pool, token: s
         sizes.append(len(written.events))
         await asyncio.sleep(0.01)  # a slow transaction lets the next group gather
 
-    writer = TelemetryWriter(pool, hooks=[count])
+    writer = TelemetryWriter(seam(pool), hooks=[count])
     outcomes = await asyncio.gather(*(writer.write(one(token, i)) for i in range(40)))
     ids = sorted(o[0].event_id for o in outcomes if isinstance(o[0], Accepted))  # type: ignore[type-var]
     assert ids == list(range(1, 41))
@@ -56,7 +57,7 @@ async def test_concurrent_writes_for_the_same_tenants_share_transactions(
             Submission("t2", "dev-1", other, Reading(NOW, {"v": value}, None)),
         ]
 
-    writer = TelemetryWriter(pool, hooks=[count])
+    writer = TelemetryWriter(seam(pool), hooks=[count])
     outcomes = await asyncio.gather(*(writer.write(both(i)) for i in range(20)))
     assert sum(sizes) == 40 and len(sizes) < 20 and max(sizes) > 2
     rows = {
@@ -79,7 +80,7 @@ async def test_without_group_commit_each_write_is_its_own_transaction(
     async def count(conn: asyncpg.Connection, written: Written) -> None:
         sizes.append(len(written.events))
 
-    writer = TelemetryWriter(pool, hooks=[count], group_commit=False)
+    writer = TelemetryWriter(seam(pool), hooks=[count], group_commit=False)
     await asyncio.gather(*(writer.write(one(token, i)) for i in range(10)))
     assert sizes == [1] * 10
 
@@ -96,7 +97,7 @@ async def test_no_acknowledgement_before_commit(pool: asyncpg.Pool, token: str) 
             await asyncio.sleep(0.02)  # let a group queue behind this transaction
             await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
 
-    writer = TelemetryWriter(pool, hooks=[die_before_commit])
+    writer = TelemetryWriter(seam(pool), hooks=[die_before_commit])
     results = await asyncio.gather(
         *(writer.write(one(token, i)) for i in range(20)), return_exceptions=True
     )
@@ -129,7 +130,7 @@ async def test_a_large_write_is_checked_while_the_group_ahead_commits(
         inside.set()
         await release.wait()
 
-    writer = TelemetryWriter(pool, hooks=[hold])
+    writer = TelemetryWriter(seam(pool), hooks=[hold])
     first = asyncio.create_task(writer.write(one(token, 0)))
     try:
         await asyncio.wait_for(inside.wait(), 5)
@@ -152,7 +153,7 @@ async def test_checked_and_unchecked_writes_share_a_group(pool: asyncpg.Pool, to
         if len(sizes) == 1:
             await asyncio.sleep(1.0)  # time for the large writes' checks
 
-    writer = TelemetryWriter(pool, hooks=[count])
+    writer = TelemetryWriter(seam(pool), hooks=[count])
     singles = [writer.write(one(token if i % 2 else "pdt_wrong", 1000 + i)) for i in range(10)]
     batches = [writer.write(many(token, 100 * b)) for b in range(3)]
     results = await asyncio.gather(writer.write(one(token, 9999)), *singles, *batches)

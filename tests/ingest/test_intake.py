@@ -21,17 +21,17 @@ def test_reading_from_the_device_url() -> None:
 
 def test_shape_is_judged_before_the_token() -> None:
     item = intake.reading("t1", "d1", None, b'{"metrics": {}}', NOW)
-    assert isinstance(item, Rejected) and item.reason == "invalid_payload"
+    assert isinstance(item, Rejected) and item.reason.code == "invalid_payload"
     item = intake.reading("t1", "d1", None, b'{"metrics": {"v": 1}}', NOW)
-    assert isinstance(item, Rejected) and item.reason == "invalid_device_token"
+    assert isinstance(item, Rejected) and item.reason.code == "invalid_device_token"
 
 
 def test_heartbeat() -> None:
     assert intake.heartbeat("t1", "d1", "pdt_x") == Submission("t1", "d1", "pdt_x", None)
     item = intake.heartbeat("t1", "d 1", "pdt_x")
-    assert isinstance(item, Rejected) and item.reason == "invalid_payload"
+    assert isinstance(item, Rejected) and item.reason.code == "invalid_payload"
     item = intake.heartbeat("t1", "d1", "")
-    assert isinstance(item, Rejected) and item.reason == "invalid_device_token"
+    assert isinstance(item, Rejected) and item.reason.code == "invalid_device_token"
 
 
 def test_batch_messages_are_judged_one_by_one() -> None:
@@ -50,7 +50,7 @@ def test_batch_messages_are_judged_one_by_one() -> None:
     items = intake.batch(body, NOW)
     assert isinstance(items, list)
     assert items[0] == Submission("t1", "d1", "p", Reading(NOW, {"a": 1}, None))
-    reasons = [item.reason for item in items[1:] if isinstance(item, Rejected)]
+    reasons = [item.reason.code for item in items[1:] if isinstance(item, Rejected)]
     assert reasons == [
         "invalid_payload",
         "invalid_payload",
@@ -72,4 +72,4 @@ def test_batch_messages_are_judged_one_by_one() -> None:
 )
 def test_batch_envelope(envelope: object) -> None:
     item = intake.batch(orjson.dumps(envelope), NOW)
-    assert isinstance(item, Rejected) and item.reason == "invalid_payload"
+    assert isinstance(item, Rejected) and item.reason.code == "invalid_payload"

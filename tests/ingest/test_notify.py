@@ -14,7 +14,7 @@ import pytest
 from pulse.ingest.model import Accepted, Submission
 from pulse.ingest.validation import Reading
 from pulse.ingest.writer import TelemetryWriter
-from tests.support import provision_device
+from tests.support import provision_device, seam
 
 
 class Listener:
@@ -59,7 +59,7 @@ async def test_a_batch_of_50_rows_is_one_notification(
 ) -> None:
     token = await provision_device(pool, "t1", "dev-1")
     await listener.listen("t1")
-    writer = TelemetryWriter(pool)
+    writer = TelemetryWriter(seam(pool))
     outcomes = await writer.write(submissions("t1", "dev-1", token, 50))
     assert outcomes == [Accepted(i) for i in range(1, 51)]
     assert await listener.next("t1") == {
@@ -86,7 +86,7 @@ async def test_a_batch_spanning_tenants_notifies_each_tenant_once(
     token_2 = await provision_device(pool, "t2", "dev-1")
     await listener.listen("t1")
     await listener.listen("t2")
-    writer = TelemetryWriter(pool)
+    writer = TelemetryWriter(seam(pool))
     batch = submissions("t2", "dev-1", token_2, 3) + submissions("t1", "dev-1", token_1, 4)
     await writer.write(batch)
     assert await listener.next("t1") == {"kind": "telemetry", "tenant": "t1", "first": 1, "last": 4}
@@ -100,7 +100,7 @@ async def test_heartbeats_and_rejections_notify_nothing(
 ) -> None:
     token = await provision_device(pool, "t1", "dev-1")
     await listener.listen("t1")
-    writer = TelemetryWriter(pool)
+    writer = TelemetryWriter(seam(pool))
     await writer.write([Submission("t1", "dev-1", token, None)])
     await writer.write(submissions("t1", "dev-1", "pdt_wrong", 3))
     await writer.write(submissions("t1", "dev-1", token, 1))

@@ -86,7 +86,7 @@ def test_a_tenant_is_limited_across_its_devices() -> None:
     assert [admit(("t1", f"d{i}")) for i in range(3)] == [None, None, None]
     refusal = admit(("t1", "d3"))
     assert refusal is not None
-    assert refusal.reason == "rate_limited"
+    assert refusal.reason.code == "rate_limited"
     assert refusal.retry_after_s == pytest.approx(1.0)
     assert "tenant" in refusal.detail
     # Another tenant has its own budget.

@@ -11,8 +11,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pulse.errors import INVALID_DEVICE_TOKEN, INVALID_PAYLOAD
 from pulse.ingest import intake
-from pulse.ingest.model import INVALID_DEVICE_TOKEN, INVALID_PAYLOAD, Rejected, Submission
+from pulse.ingest.model import Rejected, Submission
 from pulse.names import is_valid_name
 
 NOW = datetime(2026, 11, 27, 17, 0, tzinfo=UTC)

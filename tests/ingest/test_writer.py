@@ -9,11 +9,12 @@ import pytest
 
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.pool import create_pool
+from pulse.errors import RATE_LIMITED
 from pulse.ingest.model import Accepted, Rejected, Submission
 from pulse.ingest.validation import Reading
 from pulse.ingest.writer import TelemetryWriter, Written, WrittenEvent
 from tests.ingest.conftest import stored_rows
-from tests.support import provision_device
+from tests.support import provision_device, seam
 
 NOW = datetime(2026, 11, 27, 17, 0, tzinfo=UTC)
 
@@ -23,7 +24,7 @@ def reading(value: float) -> Reading:
 
 
 async def test_outcomes_line_up_with_submissions(pool: asyncpg.Pool, token: str) -> None:
-    writer = TelemetryWriter(pool)
+    writer = TelemetryWriter(seam(pool))
     assert await writer.write([]) == []
     outcomes = await writer.write(
         [
@@ -36,8 +37,8 @@ async def test_outcomes_line_up_with_submissions(pool: asyncpg.Pool, token: str)
     )
     assert [type(o) for o in outcomes] == [Accepted, Rejected, Rejected, Accepted, Accepted]
     assert outcomes[0] == Accepted(1)
-    assert outcomes[1].reason == "invalid_device_token"  # type: ignore[union-attr]
-    assert outcomes[2].reason == "unknown_device"  # type: ignore[union-attr]
+    assert outcomes[1].reason.code == "invalid_device_token"  # type: ignore[union-attr]
+    assert outcomes[2].reason.code == "unknown_device"  # type: ignore[union-attr]
     assert outcomes[3] == Accepted(None)
     assert outcomes[4] == Accepted(2)
     assert await stored_rows(pool) == 2
@@ -53,7 +54,7 @@ async def test_hooks_see_the_write_inside_the_transaction(pool: asyncpg.Pool, to
         inside = await conn.fetchval("SELECT count(*) FROM telemetry")
         seen.append((written, inside))
 
-    writer = TelemetryWriter(pool, hooks=[hook])
+    writer = TelemetryWriter(seam(pool), hooks=[hook])
     await writer.write(
         [Submission("t1", "dev-1", token, reading(1)), Submission("t1", "dev-2", other, None)]
     )
@@ -70,8 +71,7 @@ async def test_a_failing_hook_rolls_everything_back(pool: asyncpg.Pool, token: s
     async def broken_rule(conn: asyncpg.Connection, written: Written) -> None:
         raise RuntimeError("rule failed")
 
-    writer = TelemetryWriter(pool)
-    writer.add_hook(broken_rule)
+    writer = TelemetryWriter(seam(pool), hooks=[broken_rule])
     with pytest.raises(RuntimeError):
         await writer.write([Submission("t1", "dev-1", token, reading(1))])
     assert await stored_rows(pool) == 0
@@ -86,9 +86,9 @@ async def test_admission_is_asked_only_for_authenticated_messages(
 
     def admit(device: tuple[str, str]) -> Rejected | None:
         asked.append(device)
-        return Rejected("rate_limited", "slow down", retry_after_s=2.5) if len(asked) > 1 else None
+        return Rejected(RATE_LIMITED, "slow down", retry_after_s=2.5) if len(asked) > 1 else None
 
-    writer = TelemetryWriter(pool, admit=admit)
+    writer = TelemetryWriter(seam(pool), admit=admit)
     outcomes = await writer.write(
         [
             Submission("t1", "dev-1", "pdt_wrong", reading(0)),
@@ -99,12 +99,12 @@ async def test_admission_is_asked_only_for_authenticated_messages(
     assert asked == [("t1", "dev-1"), ("t1", "dev-1")]
     assert outcomes[1] == Accepted(1)
     assert isinstance(outcomes[2], Rejected)
-    assert (outcomes[2].reason, outcomes[2].retry_after_s) == ("rate_limited", 2.5)
+    assert (outcomes[2].reason.code, outcomes[2].retry_after_s) == ("rate_limited", 2.5)
     assert await stored_rows(pool) == 1
 
 
 async def test_heartbeat_reserves_no_id(pool: asyncpg.Pool, token: str) -> None:
-    writer = TelemetryWriter(pool)
+    writer = TelemetryWriter(seam(pool))
     assert await writer.write([Submission("t1", "dev-1", token, None)]) == [Accepted(None)]
     assert await pool.fetchval("SELECT last_event_id FROM tenants") == 0
     assert await pool.fetchval("SELECT status FROM devices") == "ONLINE"
@@ -112,7 +112,7 @@ async def test_heartbeat_reserves_no_id(pool: asyncpg.Pool, token: str) -> None:
 
 async def test_database_unreachable(database_url: str, token: str) -> None:
     pool = await create_pool(database_url, max_size=1)
-    writer = TelemetryWriter(pool)
+    writer = TelemetryWriter(seam(pool))
     await pool.close()
     with pytest.raises(DatabaseUnavailable):
         await writer.write([Submission("t1", "dev-1", token, reading(1))])

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pulse.streams.inbound import InboundQueue
+from pulse.serving.inbound import InboundQueue
 
 
 async def test_first_in_first_out() -> None:

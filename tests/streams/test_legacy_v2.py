@@ -317,7 +317,7 @@ async def test_a_change_is_read_once_for_all_the_connections_it_reaches(
     """Twenty dashboards of a tenant, one change: one alerts query and one summary query
     between them (the server runs in this process, so its queries can be counted), and
     every dashboard gets the new state."""
-    from pulse.streams.legacy_v2 import handler
+    from pulse.streams.legacy_v2 import reads as handler
 
     queries = {"alerts": 0, "summary": 0}
 

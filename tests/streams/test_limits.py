@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from pulse.streams.limits import ConnectionLimits, LimitReached
+from tests.support import seam
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -17,8 +18,8 @@ pytestmark = pytest.mark.timeout(60)
 async def started(
     pool: asyncpg.Pool, *, per_tenant: int = 3, ttl_s: float = 15.0
 ) -> ConnectionLimits:
-    limits = ConnectionLimits(1000, per_tenant, ttl_s=ttl_s)
-    await limits.start(pool)
+    limits = ConnectionLimits(seam(pool), 1000, per_tenant, ttl_s=ttl_s)
+    await limits.start()
     return limits
 
 
@@ -78,8 +79,8 @@ async def test_processes_share_the_tenant_limit_under_concurrent_admission(
 
 
 async def test_the_process_limit_is_local(pool: asyncpg.Pool) -> None:
-    limits = ConnectionLimits(2, 100)
-    await limits.start(pool)
+    limits = ConnectionLimits(seam(pool), 2, 100)
+    await limits.start()
     async with limits.hold("sse", "t1"), limits.hold("websocket", "t2"):
         with pytest.raises(LimitReached):
             async with limits.hold("sse", "t3"):

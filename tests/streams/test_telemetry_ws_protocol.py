@@ -7,7 +7,7 @@ import pytest
 from pulse.bus.events import TelemetryEvent
 from pulse.bus.subscription import Filters
 from pulse.streams.messages import BadMessage
-from pulse.streams.telemetry_ws import Reauthenticate, connected_message, handle_action
+from pulse.streams.telemetry_protocol import Reauthenticate, connected_message, handle_action
 
 EVERYTHING = Filters()
 

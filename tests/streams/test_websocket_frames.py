@@ -6,7 +6,7 @@ import pytest
 from wsproto import Connection, ConnectionType
 from wsproto.events import TextMessage
 
-from pulse.streams.direct import text_frame
+from pulse.web.direct import text_frame
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70_000])

@@ -266,7 +266,7 @@ async def test_internal_errors_close_1011(
                 patch.setattr(EventStore, "newest_id", fake)
                 assert await close_of(url, path, token=make_token("t1")) == (1011, reason)
             else:
-                patch.setattr("pulse.streams.legacy_v2.handler.fleet_summary", fake)
+                patch.setattr("pulse.streams.legacy_v2.reads.fleet_summary", fake)
                 async with open_ws(url, path, token=make_token("t1")) as ws:
                     await ws.send('{"action": "subscribe", "type": "fleet"}')
                     assert await closed(ws) == (1011, reason)

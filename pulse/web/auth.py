@@ -1,28 +1,26 @@
-"""The thin Quart layer over token verification, shared by HTTP routes and WebSocket handlers.
+"""Who is calling, for HTTP routes and WebSocket handlers alike: credentials, roles, tenant.
 
-Everything raises ``ApiError``; a WebSocket handler turns it into a close code
-with ``websocket_close_code``.
+Token verification itself has no web framework in it (``pulse.auth``); this is
+the thin Quart layer that finds the credential in a request and names the
+tenant acted on. Everything raises ``ApiError``.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from quart import has_websocket_context, request, websocket
+from quart import g, has_websocket_context, request, websocket
 
-from pulse.app import runtime
 from pulse.auth.access import require_roles, tenant_for
-from pulse.auth.errors import AuthError, BadRequest, Forbidden
-from pulse.auth.principal import Principal
+from pulse.auth.principal import ADMIN_ROLES, Principal
 from pulse.auth.tickets import redeem_ticket
-from pulse.errors import ApiError
+from pulse.errors import MISSING_TOKEN, ApiError
+from pulse.web import runtime
 
 SESSION_COOKIE = "pulse_session"
 
 # Lets a client that got a 401 know which scheme to use (RFC 6750).
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pulse"'}
-
-_CLOSE_CODES = {400: 4000, 401: 4001, 403: 4003}
 
 
 class Lookup(Protocol):
@@ -63,37 +61,62 @@ async def authenticate_request(
     source = websocket if has_websocket_context() else request
     token = find_credential(source.headers, source.cookies, source.args, allow_query=allow_query)
     ticket = source.args.get("ticket") if allow_query and token is None else None
-    if token is None and not ticket:
-        where = "an Authorization: Bearer header or the pulse_session cookie"
-        if allow_query:
-            where += ", or the token or ticket query parameter"
-        raise ApiError(401, "missing_token", f"Send a token in {where}.", dict(_CHALLENGE))
     try:
+        if token is None and not ticket:
+            where = "an Authorization: Bearer header or the pulse_session cookie"
+            if allow_query:
+                where += ", or the token or ticket query parameter"
+            raise ApiError(MISSING_TOKEN, f"Send a token in {where}.")
         if token is not None:
             principal = await runtime().verifier.verify(token)
         else:
             assert ticket
-            principal = await redeem_ticket(runtime().pool, ticket)
+            principal = await redeem_ticket(runtime().db, ticket)
         if roles is not None:
             require_roles(principal, roles)
-    except AuthError as exc:
-        raise ApiError(401, exc.code, exc.detail, dict(_CHALLENGE)) from exc
-    except Forbidden as exc:
-        raise ApiError(403, exc.code, exc.detail) from exc
+    except ApiError as exc:
+        if exc.status == 401:
+            exc.headers.update(_CHALLENGE)
+        raise
     return principal
 
 
 def request_tenant(principal: Principal) -> str:
     """The tenant the current request or WebSocket acts on (its ``tenant_id`` argument)."""
     source = websocket if has_websocket_context() else request
-    try:
-        return tenant_for(principal, source.args.get("tenant_id"))
-    except BadRequest as exc:
-        raise ApiError(400, exc.code, exc.detail) from exc
-    except Forbidden as exc:
-        raise ApiError(403, exc.code, exc.detail) from exc
+    return tenant_for(principal, source.args.get("tenant_id"))
 
 
-def websocket_close_code(error: ApiError) -> int:
-    """The CONTRACT section 5 close code for an error raised by the functions above."""
-    return _CLOSE_CODES.get(error.status, 1011)
+async def authorize(*, cross_tenant_reads: bool = False) -> None:
+    """A blueprint's ``before_request``: the caller in ``g.principal``, the tenant in
+    ``g.tenant_id`` (None: every tenant, for an operator's read where allowed).
+
+    Reads serve any role; changes need an admin role. Runs before body
+    validation, so a caller without the right to write is told 401/403 rather
+    than how to fix a body it may not send.
+    """
+    writes = request.method not in ("GET", "HEAD", "OPTIONS")
+    principal = await authenticate_request(roles=ADMIN_ROLES if writes else None)
+    g.principal = principal
+    if cross_tenant_reads and not writes and principal.is_operator:
+        g.tenant_id = request_tenant(principal) if request.args.get("tenant_id") else None
+    else:
+        g.tenant_id = request_tenant(principal)
+
+
+def scope() -> str | None:
+    """The tenant acted on (``authorize``); None: every tenant (an operator's read)."""
+    tenant: str | None = g.tenant_id
+    return tenant
+
+
+def tenant() -> str:
+    """The one tenant acted on (``authorize``)."""
+    acted_on = scope()
+    assert acted_on is not None
+    return acted_on
+
+
+def principal() -> Principal:
+    caller: Principal = g.principal
+    return caller

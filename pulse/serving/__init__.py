@@ -1,4 +1,10 @@
-"""Serving the app with hypercorn: one process, or several workers on one socket."""
+"""Serving the app with hypercorn: one process, or several workers on one socket.
+
+``serve`` is the one way an app is served (``pulse serve``, the demo, the
+tests): it applies the server tunings (``pulse.serving.tuning``) and, when
+``stop`` is set, ends every stream first, so that clients reconnect elsewhere
+and resume, then lets hypercorn finish in-flight requests and stop.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,14 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from quart import Quart
+
+from pulse.app import create_app, drain
 from pulse.config import Settings
+from pulse.serving import tuning
 from pulse.streams.messages import MAX_INBOUND_BYTES
 
 log = logging.getLogger(__name__)
@@ -60,12 +70,24 @@ def hypercorn_config(settings: Settings, bind: str) -> Any:
     return config
 
 
+async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
+    """Serve ``app`` until ``stop`` is set, then shut down gracefully (streams first)."""
+    from hypercorn.asyncio import serve as hypercorn_serve
+
+    tuning.apply(app)
+    await hypercorn_serve(app, config, shutdown_trigger=_streams_first(app, stop))  # type: ignore[arg-type]
+
+
+def _streams_first(app: Quart, stop: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    async def trigger() -> None:
+        await stop.wait()
+        drain(app)
+
+    return trigger
+
+
 async def serve_forever(settings: Settings, bind: str) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully (streams first)."""
-    from hypercorn.asyncio import serve
-
-    from pulse.app import create_app, shutdown_trigger
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -74,7 +96,7 @@ async def serve_forever(settings: Settings, bind: str) -> None:
     app = create_app(settings)
     config = hypercorn_config(settings, bind)
     tune_garbage_collector()
-    await serve(app, config, shutdown_trigger=shutdown_trigger(app, stop))
+    await serve(app, config, stop)
 
 
 def tune_garbage_collector() -> None:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from quart import Quart, websocket
@@ -8,16 +8,10 @@ from quart.testing.connections import WebsocketDisconnectError
 from werkzeug.datastructures import Headers
 
 from pulse.app import create_app
-from pulse.auth.http import (
-    authenticate_request,
-    find_credential,
-    request_tenant,
-    websocket_close_code,
-)
 from pulse.auth.principal import ADMIN_ROLES
 from pulse.config import Settings
 from pulse.errors import ApiError
-from tests.support import TEST_SECRET
+from pulse.web.auth import authenticate_request, find_credential, request_tenant
 
 BEARER = Headers({"Authorization": "Bearer from-header"})
 COOKIE = {"pulse_session": "from-cookie"}
@@ -59,19 +53,10 @@ def test_empty_values_count_as_absent() -> None:
     )
 
 
-def test_close_codes() -> None:
-    assert [websocket_close_code(ApiError(s, "x", "y")) for s in (400, 401, 403, 500)] == [
-        4000,
-        4001,
-        4003,
-        1011,
-    ]
-
-
 @pytest.fixture
-def app() -> Quart:
-    """The real app (no database needed) plus two probes using the auth layer."""
-    app = create_app(Settings(jwt_secret=TEST_SECRET))
+async def app(settings: Settings) -> AsyncIterator[Quart]:
+    """The real app, serving in-process, plus probes using the auth layer."""
+    app = create_app(settings)
 
     @app.get("/probe")
     async def probe() -> dict[str, object]:
@@ -90,11 +75,12 @@ def app() -> Quart:
             tenant = request_tenant(principal)
         except ApiError as exc:
             await websocket.accept()
-            await websocket.close(websocket_close_code(exc), exc.code)
+            await websocket.close(exc.close_code, exc.code)
             return
         await websocket.send(tenant)
 
-    return app
+    async with app.test_app():
+        yield app
 
 
 async def test_http_credentials(app: Quart, make_token: Callable[..., str]) -> None:

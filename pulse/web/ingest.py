@@ -1,17 +1,29 @@
-"""Ingest HTTP API (CONTRACT section 3): a device's readings and heartbeats, and batches."""
+"""Ingest HTTP API (CONTRACT section 3): a device's readings and heartbeats, and batches.
+
+The device URLs are answered here, or before Quart by ``pulse.web.fastpath``
+for the common small request; both turn requests into ``pulse.ingest.intake``
+items, hand them to the Runtime's ``Ingest`` and answer with ``reply``, so a
+reading gets the same answer whichever way it came in.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from collections.abc import Sequence
 
 import orjson
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, Response, request
 from quart_schema import document, tag_blueprint
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from pulse.ingest import intake, openapi
-from pulse.ingest.handling import Receipt, ingest, reply
-from pulse.ingest.model import PAYLOAD_TOO_LARGE, Accepted, Outcome, Rejected
+from pulse.errors import PAYLOAD_TOO_LARGE, RATE_LIMITED, error_body
+from pulse.ingest import intake
+from pulse.ingest.model import Accepted, Outcome, Rejected
+from pulse.ingest.service import Receipt
+from pulse.web import openapi, runtime
+from pulse.web.errors import error_for
 
 blueprint = Blueprint("ingest", __name__)
 tag_blueprint(blueprint, ["ingest"])
@@ -19,7 +31,43 @@ tag_blueprint(blueprint, ["ingest"])
 # `path` converters so that an id holding an (encoded) slash reaches validation
 # and is refused as invalid_payload instead of matching no route at all.
 DEVICE_URL = "/ingest/v1/tenant/<path:tenant_id>/device/<path:device_id>"
+# The same URLs, as the fast path matches them (a raw ASGI path; no slash in an id).
+DEVICE_PATH = re.compile(
+    re.escape(DEVICE_URL)
+    .replace(re.escape("<path:tenant_id>"), "([^/]+)")
+    .replace(re.escape("<path:device_id>"), "([^/]+)")
+    + "/(telemetry|heartbeat)"
+)
 TOKEN_HEADER = "X-Provision-Token"
+BATCH_URL = "/ingest/v1/batch"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """An HTTP answer: status, JSON body (None: no body) and extra headers."""
+
+    status: int
+    body: bytes | None
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def reply(outcome: Outcome) -> Reply:
+    """The answer to one message: 201 with its id, 204 for a heartbeat, or the error."""
+    if isinstance(outcome, Rejected):
+        headers: dict[str, str] = {}
+        if outcome.reason is RATE_LIMITED:
+            headers["Retry-After"] = str(max(1, math.ceil(outcome.retry_after_s)))
+        status = outcome.reason.status or 400
+        return Reply(status, error_body(outcome.reason, outcome.detail), headers)
+    if outcome.event_id is None:
+        return Reply(204, None)
+    return Reply(201, orjson.dumps({"id": outcome.event_id}))
+
+
+def error_reply(exc: Exception) -> Reply:
+    """The answer to a request that raised ``exc``, as Quart's error handlers give it."""
+    error = error_for(exc)
+    return Reply(error.status, error_body(error.error, error.detail), error.headers)
 
 
 @blueprint.post(DEVICE_URL + "/telemetry")
@@ -60,7 +108,7 @@ async def heartbeat(tenant_id: str, device_id: str) -> Response:
     return _respond(outcome)
 
 
-@blueprint.post("/ingest/v1/batch")
+@blueprint.post(BATCH_URL)
 @document(
     request=openapi.BatchBody,
     responses={
@@ -96,11 +144,11 @@ async def _read_body() -> bytes | Rejected:
         # Content-Length is cut off at the limit too.
         return await request.get_data(cache=False, as_text=False, parse_form_data=False)
     except RequestEntityTooLarge:
-        return Rejected(PAYLOAD_TOO_LARGE, "The request body is over 1 MiB.")
+        return Rejected(PAYLOAD_TOO_LARGE, PAYLOAD_TOO_LARGE.meaning)
 
 
 async def _ingest(items: Sequence[intake.Item], receipt: Receipt) -> list[Outcome]:
-    return await ingest(current_app, items, receipt)
+    return await runtime().ingest(items, receipt)
 
 
 def _respond(outcome: Outcome) -> Response:
@@ -114,5 +162,5 @@ def _respond(outcome: Outcome) -> Response:
 
 def _result(index: int, outcome: Outcome) -> dict[str, object]:
     if isinstance(outcome, Rejected):
-        return {"index": index, "status": "rejected", "reason": outcome.reason}
+        return {"index": index, "status": "rejected", "reason": outcome.reason.code}
     return {"index": index, "status": "accepted", "id": outcome.event_id}

@@ -10,8 +10,9 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Blueprint, Response
 
-from pulse.app import Runtime, runtime
-from pulse.db.errors import CONNECTION_ERRORS_OR_TIMEOUT
+from pulse.db.errors import DatabaseUnavailable
+from pulse.runtime import Runtime
+from pulse.web import runtime
 
 blueprint = Blueprint("ops", __name__)
 
@@ -29,7 +30,7 @@ async def readyz() -> tuple[dict[str, Any], int]:
     """Ready when the database answers, the listener is connected and we are not shutting down."""
     rt = runtime()
     database = await _database_answers(rt)
-    listener = rt.hub is not None and rt.hub.listener.connected
+    listener = rt.source.connected
     ready = database and listener and not rt.draining
     body = {
         "status": "ready" if ready else "unavailable",
@@ -44,11 +45,11 @@ async def readyz() -> tuple[dict[str, Any], int]:
 async def stream_status() -> dict[str, Any]:
     """Connection counts, limits and listener health. No tenant ids, no auth."""
     rt = runtime()
-    listener = rt.hub.listener if rt.hub is not None else None
+    source = rt.source
     by_kind = {kind: rt.limits.by_kind[kind] for kind in STREAM_KINDS}
-    last = listener.last_notification_at if listener else None
+    last = source.last_wakeup_at
     return {
-        "status": "ok" if listener is not None and listener.connected else "degraded",
+        "status": "ok" if source.connected else "degraded",
         "connections": {"total": sum(by_kind.values()), **by_kind},
         "limits": {
             "max_connections": rt.settings.max_connections,
@@ -57,10 +58,10 @@ async def stream_status() -> dict[str, Any]:
             "queue_size": rt.settings.queue_size,
         },
         "listener": {
-            "connected": bool(listener and listener.connected),
-            "channels": listener.channels if listener else 0,
+            "connected": source.connected,
+            "channels": source.watched,
             "last_notification_age_s": None if last is None else round(time.monotonic() - last, 3),
-            "reconnects": listener.reconnects if listener else 0,
+            "reconnects": source.reconnects,
         },
         "uptime_s": round(time.monotonic() - rt.started_at, 3),
     }
@@ -71,22 +72,18 @@ async def metrics() -> Response:
     rt = runtime()
     for kind in STREAM_KINDS:
         rt.metrics.connections.labels(kind).set(rt.limits.by_kind[kind])
-    if rt.hub is not None:
-        rt.metrics.listener_connected.set(1 if rt.hub.listener.connected else 0)
-    if rt.pool is not None:
-        idle = rt.pool.get_idle_size()
-        rt.metrics.db_pool_connections.labels("idle").set(idle)
-        rt.metrics.db_pool_connections.labels("in_use").set(rt.pool.get_size() - idle)
+    rt.metrics.listener_connected.set(1 if rt.source.connected else 0)
+    size, idle = rt.db.pool_usage()
+    rt.metrics.db_pool_connections.labels("idle").set(idle)
+    rt.metrics.db_pool_connections.labels("in_use").set(size - idle)
     rt.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
     rt.metrics.python_allocated_blocks.set(sys.getallocatedblocks())
     return Response(generate_latest(rt.metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
 
 async def _database_answers(rt: Runtime) -> bool:
-    if rt.pool is None:
-        return False
     try:
         async with asyncio.timeout(2):
-            return bool(await rt.pool.fetchval("SELECT 1"))
-    except CONNECTION_ERRORS_OR_TIMEOUT:
+            return bool(await rt.db.fetchval("SELECT 1"))
+    except (DatabaseUnavailable, TimeoutError):
         return False

@@ -1,74 +1,34 @@
-"""Ready-made bytes written straight to a connection, past the ASGI message per write.
+"""Direct writes under hypercorn's asyncio worker: the streams offer ``pulse.web.direct``.
 
-Through ASGI, every SSE chunk and every WebSocket message is one message through
-Quart, hypercorn's stream and h11 or wsproto: tens of microseconds per subscriber
-per delivery, which is what bounds fan-out. Our hypercorn streams advertise a
-scope extension whose ``send`` takes the bytes the framing layer would have
-produced and writes them through hypercorn's connection, under the same lock as
-every other write, so nothing interleaves. A handler that finds no extension
-(under another server) sends the ASGI way; ``direct_writes`` says which.
+Our subclasses of hypercorn's HTTP and WebSocket streams put the extension in
+each stream's scope (GET requests over HTTP/1.1, and WebSockets): its ``send``
+takes the bytes the framing layer would have produced and writes them through
+hypercorn's connection, under the same lock as every other write.
 
-- ``CHUNKS`` (HTTP/1.1 requests): the bytes are one chunk of the response body.
-  Only for a response already started without a Content-Length, which HTTP/1.1
-  frames in chunks (h11 writes each chunk alone and keeps no count, and ends the
-  body with its own last chunk).
-- ``FRAMES`` (WebSockets): the bytes are whole text frames, as made by
-  ``text_frame``. Sound because no WebSocket extension is ever negotiated (see
-  ``websocket._refuse_compression``): a frame's bytes then depend on its
-  payload only, and wsproto keeps no state for unfragmented messages it sends.
+- Chunks: only for a response already started without a Content-Length, which
+  HTTP/1.1 frames in chunks (h11 writes each chunk alone and keeps no count,
+  and ends the body with its own last chunk).
+- Frames: sound because no WebSocket extension is ever negotiated
+  (``pulse.serving.websocket.refuse_compression``): a frame's bytes then depend
+  on its payload only, and wsproto keeps no state for unfragmented messages it
+  sends.
 
-Each offers three calls (``DirectWrites``):
-- ``send(data)`` waits for room, like any write;
-- ``write_now(data)`` writes only when it can do so at once, without waiting:
-  nothing else is being written or waiting to be, and everything written before
-  has reached the socket. The hub uses it to hand a live event to a subscriber
-  that has caught up without waking the subscriber's task, which is what bounds
-  commit-to-client latency with many subscribers. False means nothing was
-  written and the caller takes the ordinary path;
-- ``abort_unread()`` drops the connection when bytes written to it are still
-  waiting for the client: the end of a client cut as lagging that stopped
-  reading and never closes, which would otherwise keep its connection and its
-  send buffers for ever.
+Also here: hypercorn's queue of ASGI events for an app task replaced by an
+``InboundQueue`` (``bound_inbound_queues``). Applied by ``pulse.serving.tuning``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-from pulse.streams.inbound import InboundQueue
-
-CHUNKS = "pulse.http.chunks"
-FRAMES = "pulse.websocket.frames"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DirectWrites:
-    send: Callable[[bytes], Awaitable[None]]
-    write_now: Callable[[bytes], bool]
-    abort_unread: Callable[[], None]
-
-
-def direct_writes(scope: Mapping[str, Any], extension: str) -> DirectWrites | None:
-    """The extension's calls when the server offers it, else None."""
-    offered = (scope.get("extensions") or {}).get(extension)
-    return DirectWrites(**offered) if offered else None
-
-
-def text_frame(payload: bytes) -> bytes:
-    """An unfragmented, unmasked text frame (RFC 6455 section 5.2), as a server sends it."""
-    size = len(payload)
-    if size < 126:
-        return b"\x81%c%b" % (size, payload)
-    if size < 1 << 16:
-        return b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), payload)
-    return b"\x81\x7f%b%b" % (size.to_bytes(8, "big"), payload)
+from pulse.serving.inbound import InboundQueue
+from pulse.web.direct import CHUNKS, FRAMES, chunk
 
 
 class _Socket:
@@ -123,12 +83,8 @@ def _offer(stream: Any, extension: str, send: Any, write_now: Any) -> None:
         }
 
 
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def _offer_direct_writes() -> None:
-    from hypercorn.asyncio import task_group, tcp_server
+def offer_direct_writes() -> None:
+    """Swap hypercorn's HTTP and WebSocket stream classes for ours (once)."""
     from hypercorn.protocol import h11, http_stream, ws_stream
     from hypercorn.protocol.events import Data, Request
     from hypercorn.protocol.http_stream import ASGIHTTPState
@@ -155,12 +111,12 @@ def _offer_direct_writes() -> None:
         async def _send_chunk(self, data: bytes) -> None:
             if self.closed or self.state != ASGIHTTPState.RESPONSE or not data:
                 return  # as for a body after the end: nothing to write to
-            await self.send(Data(stream_id=self.stream_id, data=_chunk(data)))
+            await self.send(Data(stream_id=self.stream_id, data=chunk(data)))
 
         def _write_chunk_now(self, data: bytes) -> bool:
             if self.closed or self.state != ASGIHTTPState.RESPONSE:
                 return False
-            return not data or self._socket.write_now(_chunk(data))
+            return not data or self._socket.write_now(chunk(data))
 
     class _WSStream(ws_stream.WSStream):  # type: ignore[misc]
         pulse_writes_directly = True
@@ -187,12 +143,31 @@ def _offer_direct_writes() -> None:
             if self.connection._proto.extensions:
                 raise RuntimeError("a WebSocket extension was negotiated; frames would differ")
 
+    http_stream.HTTPStream = _HTTPStream  # type: ignore[misc]
+    ws_stream.WSStream = _WSStream  # type: ignore[misc]
+    h11.HTTPStream = _HTTPStream  # type: ignore[attr-defined]
+    h11.WSStream = _WSStream  # type: ignore[attr-defined]
+
+
+def bound_inbound_queues() -> None:
+    """An InboundQueue instead of an asyncio.Queue for each app task's ASGI events (once).
+
+    Bounded, so a client sending faster than its handler reads is held back by
+    TCP; small, because an idle connection is mostly such structures.
+    """
+    from hypercorn.asyncio import task_group, tcp_server
+
+    if getattr(tcp_server.TaskGroup, "pulse_bounds_inbound", False):  # type: ignore[attr-defined]
+        return
+
     class _TaskGroup(task_group.TaskGroup):  # type: ignore[misc]
         """hypercorn's TaskGroup, with an InboundQueue for the app's ASGI events.
 
-        hypercorn 0.17-0.18's spawn_app but for the queue, whose bound stays
+        hypercorn 0.18's spawn_app but for the queue, whose bound stays
         hypercorn's max_app_queue_size: an app task's ASGI events.
         """
+
+        pulse_bounds_inbound = True
 
         async def spawn_app(self, app: Any, config: Any, scope: Any, send: Any) -> Any:
             app_queue: InboundQueue[Any] = InboundQueue(config.max_app_queue_size)
@@ -213,11 +188,4 @@ def _offer_direct_writes() -> None:
             )
             return app_queue.put
 
-    tcp_server.TaskGroup = _TaskGroup  # type: ignore[attr-defined]
-    http_stream.HTTPStream = _HTTPStream  # type: ignore[misc]
-    ws_stream.WSStream = _WSStream  # type: ignore[misc]
-    h11.HTTPStream = _HTTPStream  # type: ignore[attr-defined]
-    h11.WSStream = _WSStream  # type: ignore[attr-defined]
-
-
-_offer_direct_writes()
+    tcp_server.TaskGroup = _TaskGroup  # type: ignore[attr-defined, misc]

@@ -1,4 +1,4 @@
-"""Fleet HTTP API (CONTRACT section 4): summary, alerts and alert rules; and ``install``.
+"""Fleet HTTP API (CONTRACT section 4): summary, alerts and alert rules.
 
 Reads serve any role. Operators read one tenant with ``tenant_id``, or every
 tenant without it (each alert then names its tenant). Changes need
@@ -8,20 +8,25 @@ or rule is answered exactly like one that does not exist.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-from quart import Blueprint, Quart, Response, g, jsonify, request
+from quart import Blueprint, Response, jsonify, request
 from quart_schema import document_querystring, document_response, validate_request
 
-from pulse.app import runtime
-from pulse.auth.http import authenticate_request, request_tenant
-from pulse.auth.principal import ADMIN_ROLES, Principal
-from pulse.errors import ApiError
+from pulse.errors import (
+    ALERT_CLOSED,
+    INVALID_PARAMETER,
+    UNKNOWN_ALERT,
+    UNKNOWN_DEVICE,
+    UNKNOWN_RULE,
+    ApiError,
+)
 from pulse.fleet import alerts, rules
 from pulse.fleet.summary import fleet_summary
-from pulse.fleet.sweeper import StatusSweeper
-from pulse.ingest.handling import ingest_writer
+from pulse.web import runtime
+from pulse.web.auth import authorize, principal, scope, tenant
 
 PREFIX = "/api/v1/customer"
 DEFAULT_PAGE = 50
@@ -33,27 +38,9 @@ alerts_bp = Blueprint("alerts", __name__, url_prefix=PREFIX + "/alerts")
 rules_bp = Blueprint("alert_rules", __name__, url_prefix=PREFIX + "/alert-rules")
 BLUEPRINTS = (fleet_bp, alerts_bp, rules_bp)
 
-
-def install(app: Quart) -> None:
-    """Register the blueprints, and at startup the rules hook and the status sweeper.
-
-    Call it after the app's own startup is registered: this startup needs the pool.
-    """
-    for bp in BLUEPRINTS:
-        app.register_blueprint(bp)
-
-    @app.before_serving
-    async def _start_fleet() -> None:
-        rt = runtime()
-        assert rt.pool is not None, "install(app) must come after the app's startup"
-        ingest_writer(app).add_hook(rules.evaluate_alerts)
-        sweeper = StatusSweeper(
-            rt.dsn,
-            stale_after_s=rt.settings.stale_after_s,
-            offline_after_s=rt.settings.offline_after_s,
-        )
-        app.extensions["pulse.fleet.sweeper"] = sweeper
-        rt.supervisor.start("status-sweeper", sweeper.run)
+fleet_bp.before_request(functools.partial(authorize, cross_tenant_reads=True))
+alerts_bp.before_request(functools.partial(authorize, cross_tenant_reads=True))
+rules_bp.before_request(authorize)
 
 
 # -- documentation models (the handlers build the JSON themselves) ------------
@@ -118,49 +105,6 @@ class RuleList(BaseModel):
     rules: list[Rule]
 
 
-# -- who may do what -----------------------------------------------------------
-
-
-async def _authorize(*, cross_tenant_reads: bool) -> None:
-    # Before body validation, so a caller without the right to write is told
-    # 401/403 rather than how to fix a body it may not send.
-    writes = request.method not in ("GET", "HEAD", "OPTIONS")
-    principal = await authenticate_request(roles=ADMIN_ROLES if writes else None)
-    g.principal = principal
-    if cross_tenant_reads and not writes and principal.is_operator:
-        g.tenant_id = request_tenant(principal) if request.args.get("tenant_id") else None
-    else:
-        g.tenant_id = request_tenant(principal)
-
-
-@fleet_bp.before_request
-@alerts_bp.before_request
-async def _authorize_reads_across_tenants() -> None:
-    await _authorize(cross_tenant_reads=True)
-
-
-@rules_bp.before_request
-async def _authorize_one_tenant() -> None:
-    await _authorize(cross_tenant_reads=False)
-
-
-def _scope() -> str | None:
-    """The tenant acted on; None: every tenant (an operator's read)."""
-    tenant: str | None = g.tenant_id
-    return tenant
-
-
-def _tenant() -> str:
-    tenant = _scope()
-    assert tenant is not None
-    return tenant
-
-
-def _principal() -> Principal:
-    principal: Principal = g.principal
-    return principal
-
-
 # -- fleet summary -------------------------------------------------------------
 
 
@@ -168,7 +112,7 @@ def _principal() -> Principal:
 @document_querystring(TenantQuery)
 @document_response(FleetSummary)
 async def summary() -> Response:
-    return jsonify(await fleet_summary(runtime().pool, _scope()))
+    return jsonify(await fleet_summary(runtime().db, scope()))
 
 
 # -- alerts ---------------------------------------------------------------------
@@ -186,9 +130,7 @@ async def list_alerts() -> Response:
     limit = _integer(args.get("limit"), "limit", upper=MAX_PAGE) or DEFAULT_PAGE
     before = _integer(args.get("cursor"), "cursor", upper=_MAX_ID)
     # One more than asked tells whether there is a next page.
-    page = await alerts.list_alerts(
-        runtime().pool, _scope(), statuses, before=before, limit=limit + 1
-    )
+    page = await alerts.list_alerts(runtime().db, scope(), statuses, before=before, limit=limit + 1)
     more = len(page) > limit
     page = page[:limit]
     next_cursor = str(page[-1]["alert_id"]) if more else None
@@ -215,17 +157,17 @@ async def _change_alert(raw_id: str, action: alerts.Action) -> Response:
         raise _unknown_alert(raw_id)
     try:
         alert = await alerts.change_alert(
-            runtime().pool, _tenant(), alert_id, action, _principal().subject
+            runtime().db, tenant(), alert_id, action, principal().subject
         )
     except alerts.UnknownAlert:
         raise _unknown_alert(raw_id) from None
     except alerts.AlertClosed as exc:
-        raise ApiError(409, "alert_closed", str(exc)) from None
+        raise ApiError(ALERT_CLOSED, str(exc)) from None
     return jsonify(alert)
 
 
 def _unknown_alert(raw_id: str) -> ApiError:
-    return ApiError(404, "unknown_alert", f"There is no alert {raw_id[:40]} in this tenant.")
+    return ApiError(UNKNOWN_ALERT, f"There is no alert {raw_id[:40]} in this tenant.")
 
 
 # -- alert rules ---------------------------------------------------------------
@@ -237,10 +179,10 @@ def _unknown_alert(raw_id: str) -> ApiError:
 @document_response(Rule, 201)
 async def create_rule(data: rules.NewRule) -> tuple[Response, int]:
     try:
-        rule = await rules.create_rule(runtime().pool, _tenant(), data)
+        rule = await rules.create_rule(runtime().db, tenant(), data)
     except rules.UnknownDevice:
         raise ApiError(
-            404, "unknown_device", f"There is no device {data.device_id} in this tenant."
+            UNKNOWN_DEVICE, f"There is no device {data.device_id} in this tenant."
         ) from None
     return jsonify(rule), 201
 
@@ -249,7 +191,7 @@ async def create_rule(data: rules.NewRule) -> tuple[Response, int]:
 @document_querystring(TenantRequiredQuery)
 @document_response(RuleList)
 async def list_rules() -> Response:
-    return jsonify({"rules": await rules.list_rules(runtime().pool, _tenant())})
+    return jsonify({"rules": await rules.list_rules(runtime().db, tenant())})
 
 
 @rules_bp.delete("/<rule_id>")
@@ -257,10 +199,10 @@ async def list_rules() -> Response:
 async def delete_rule(rule_id: str) -> Response:
     parsed = _id(rule_id)
     deleted = parsed is not None and await rules.delete_rule(
-        runtime().pool, _tenant(), parsed, _principal().subject
+        runtime().db, tenant(), parsed, principal().subject
     )
     if not deleted:
-        raise ApiError(404, "unknown_rule", f"There is no rule {rule_id[:40]} in this tenant.")
+        raise ApiError(UNKNOWN_RULE, f"There is no rule {rule_id[:40]} in this tenant.")
     return Response(status=204)
 
 
@@ -289,4 +231,4 @@ def _positive(raw: str, upper: int) -> int | None:
 
 
 def _bad_parameter(detail: str) -> ApiError:
-    return ApiError(400, "invalid_parameter", detail)
+    return ApiError(INVALID_PARAMETER, detail)

@@ -1,8 +1,8 @@
 """InboundQueue: what a connection received, on its way to the code that handles it.
 
 It stands between a WebSocket's socket and its handler as hypercorn's queue of
-ASGI events for the app (pulse.streams.direct), in place of an asyncio.Queue
-(the handler then reads those events itself: pulse.streams.websocket):
+ASGI events for the app (pulse.serving.direct), in place of an asyncio.Queue
+(the handler then reads those events itself: pulse.serving.websocket):
 
 - bounded, so that a client sending faster than its handler reads is held
   back by TCP (hypercorn stops reading its socket) instead of piling up in

@@ -6,17 +6,19 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
+import orjson
 from quart import Blueprint, Response, request
 
-from pulse.app import Runtime, runtime
-from pulse.auth.http import authenticate_request, request_tenant
 from pulse.bus.events import TelemetryEvent
 from pulse.db.errors import DatabaseUnavailable
-from pulse.errors import ApiError
-from pulse.streams.direct import CHUNKS, DirectWrites, direct_writes
+from pulse.errors import CONNECTION_LIMIT, INVALID_PARAMETER, LAGGING, ApiError
+from pulse.runtime import Runtime
 from pulse.streams.limits import LimitReached
+from pulse.streams.live import End, Idle, Live, Reset, Started
 from pulse.streams.params import BadParameter, parse_event_id, parse_filters
-from pulse.streams.telemetry import End, Idle, Reset, Started, TelemetryStream
+from pulse.web import runtime
+from pulse.web.auth import authenticate_request, request_tenant
+from pulse.web.direct import CHUNKS, DirectWrites, direct_writes
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("sse", __name__)
@@ -40,34 +42,30 @@ async def telemetry_sse() -> Response:
             request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
         )
     except BadParameter as exc:
-        raise ApiError(400, "invalid_parameter", str(exc)) from exc
+        raise ApiError(INVALID_PARAMETER, str(exc)) from exc
     try:
         await rt.limits.check(tenant_id)
     except LimitReached as exc:
-        raise ApiError(429, "connection_limit", str(exc), {"Retry-After": "5"}) from exc
-    stream = TelemetryStream(
+        raise ApiError(CONNECTION_LIMIT, str(exc), {"Retry-After": "5"}) from exc
+    writes = direct_writes(request.scope, CHUNKS, enabled=rt.settings.direct_writes)
+    stream = Live(
         rt.hub,
         rt.store,
         tenant_id,
         filters,
         kind="sse",
         last_event_id=last_event_id,
-        idle_s=rt.settings.sse_keepalive_s,
+        idle_s=lambda: rt.settings.sse_keepalive_s,
         expires_at=principal.expires_at.timestamp(),
+        output=writes,
+        frame=sse_chunk,
     )
-    writes = direct_writes(request.scope, CHUNKS)
-    if writes is not None:
-        write_now = writes.write_now
-        stream.write_now = lambda events: write_now(encode_events(events, filters.metrics))
-        stream.drop_unread = writes.abort_unread
     response = Response(_body(rt, stream, writes), status=200, headers=HEADERS)
     response.timeout = None  # a stream has no response deadline
     return response
 
 
-async def _body(
-    rt: Runtime, stream: TelemetryStream, writes: DirectWrites | None
-) -> AsyncIterator[bytes]:
+async def _body(rt: Runtime, stream: Live, writes: DirectWrites | None) -> AsyncIterator[bytes]:
     try:
         async with rt.limits.hold("sse", stream.tenant_id):
             # The first chunk goes the ASGI way: once it is out, the response
@@ -87,7 +85,7 @@ async def _body(
         log.warning("ending an SSE stream: %s", exc)
 
 
-async def _frames(stream: TelemetryStream) -> AsyncGenerator[bytes, None]:
+async def _frames(stream: Live) -> AsyncGenerator[bytes, None]:
     metrics = stream.filters.metrics
     last_sent = stream.last_event_id
     # Closed here, not whenever the collector gets to it: closing it ends the
@@ -95,7 +93,7 @@ async def _frames(stream: TelemetryStream) -> AsyncGenerator[bytes, None]:
     async with contextlib.aclosing(stream.items()) as items:
         async for item in items:
             if isinstance(item, list):
-                yield encode_events(item, metrics)
+                yield sse_chunk(item, metrics)
                 last_sent = item[-1].id
             elif isinstance(item, Started):
                 if last_sent is None:
@@ -115,16 +113,16 @@ async def _frames(stream: TelemetryStream) -> AsyncGenerator[bytes, None]:
                 else:
                     yield b": keepalive\n\n"
             elif isinstance(item, Reset):
-                yield b"event: reset\ndata: %s\n\n" % _json(item.data)
+                yield b"event: reset\ndata: %s\n\n" % orjson.dumps(item.data)
                 if item.data["reason"] == "unknown_position":
                     last_sent = item.data["last_event_id"]
             elif isinstance(item, End):
-                if item.reason == "lagging":
+                if item.error is LAGGING:
                     yield b'event: lagging\ndata: {"reason":"lagging"}\n\n'
                 return
 
 
-def encode_events(events: list[TelemetryEvent], metrics: frozenset[str] | None) -> bytes:
+def sse_chunk(events: list[TelemetryEvent], metrics: frozenset[str] | None) -> bytes:
     """Several events in one write: ``id:`` and ``data:`` lines, a blank line after each."""
     parts = []
     for event in events:
@@ -132,9 +130,3 @@ def encode_events(events: list[TelemetryEvent], metrics: frozenset[str] | None) 
         if data is not None:
             parts.append(b"id: %d\ndata: %s\n\n" % (event.id, data))
     return b"".join(parts)
-
-
-def _json(value: object) -> bytes:
-    import orjson
-
-    return orjson.dumps(value)

@@ -5,27 +5,29 @@ request Quart's machinery (two tasks and a wait per request, a request
 context, werkzeug headers and response objects, signals) costs about a third
 of the server's CPU. A POST to a device's telemetry or heartbeat URL that
 declares a Content-Length within the limit is answered here instead, through
-the same intake, writer, metrics and replies as the Quart routes in
-``pulse.ingest.routes``. Every other request, including chunked or oversized
+the same intake, Ingest, metrics and replies as the Quart routes in
+``pulse.web.ingest``. Every other request, including chunked or oversized
 bodies and paths that need Quart's routing, goes on to Quart unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, cast
 
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Quart
 from werkzeug.exceptions import RequestTimeout
 
 from pulse.ingest import intake
-from pulse.ingest.handling import Receipt, Reply, error_reply, ingest, reply
-from pulse.ingest.routes import TOKEN_HEADER
+from pulse.ingest.service import Receipt
+from pulse.web import runtime_of
+from pulse.web.ingest import DEVICE_PATH, TOKEN_HEADER, Reply, error_reply, reply
 
-_DEVICE_PATH = re.compile(r"/ingest/v1/tenant/([^/]+)/device/([^/]+)/(telemetry|heartbeat)")
+Scope = dict[str, Any]
+ASGIReceiveCallable = Callable[[], Awaitable[dict[str, Any]]]
+ASGISendCallable = Callable[[dict[str, Any]], Awaitable[None]]
+
 _TOKEN = TOKEN_HEADER.lower().encode()
 _JSON = (b"content-type", b"application/json")
 
@@ -47,7 +49,7 @@ class DeviceFastPath:
             scope["type"] == "http"
             and scope["method"] == "POST"
             and not scope.get("root_path")
-            and (match := _DEVICE_PATH.fullmatch(scope["path"]))
+            and (match := DEVICE_PATH.fullmatch(scope["path"]))
         ):
             length, token = _length_and_token(scope["headers"])
             if length is not None and length <= self._max_body:
@@ -74,7 +76,7 @@ class DeviceFastPath:
                 if kind == "telemetry"
                 else intake.heartbeat(tenant_id, device_id, token)
             )
-            [outcome] = await ingest(self._app, [item], receipt)
+            [outcome] = await runtime_of(self._app).ingest([item], receipt)
             answer = reply(outcome)
         except Exception as exc:
             answer = error_reply(exc)

@@ -6,9 +6,9 @@ from pydantic import BaseModel
 from quart import Blueprint
 from quart_schema import validate_response
 
-from pulse.app import runtime
-from pulse.auth.http import authenticate_request
 from pulse.auth.tickets import TICKET_TTL_S, issue_ticket
+from pulse.web import runtime
+from pulse.web.auth import authenticate_request
 
 blueprint = Blueprint("stream_ticket", __name__)
 
@@ -27,5 +27,5 @@ async def create_stream_ticket() -> tuple[StreamTicket, int, dict[str, str]]:
     """A ticket for ?ticket= on the stream endpoints: single use, valid 30 s on any process."""
     # Header or cookie only: the point of a ticket is to keep the token out of URLs.
     principal = await authenticate_request()
-    ticket = await issue_ticket(runtime().pool, principal)
+    ticket = await issue_ticket(runtime().db, principal)
     return StreamTicket(ticket=ticket, expires_in=TICKET_TTL_S), 200, _NO_STORE

@@ -1,0 +1,108 @@
+"""Database: the one object over the pool, where driver errors are translated, once.
+
+Every query of Pulse runs through it: the named SQL blocks of each package's
+``queries.sql`` (``pulse.db.queries``), on a pooled connection, in a
+transaction, or on a dedicated connection of its own (LISTEN and session
+advisory locks, which a pool would reset). A connection lost, a server gone or
+a query timed out is raised as ``DatabaseUnavailable`` and nothing else; SQL
+errors (a constraint, a bad query) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+
+from pulse.db.errors import CONNECTION_ERRORS, DatabaseUnavailable
+from pulse.db.pool import connect, create_pool
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Driver errors that mean "unreachable" raised as DatabaseUnavailable: the one translation.
+
+    Database's methods apply it; code holding a dedicated connection applies it
+    to calls made outside the ``dedicated`` block's own task.
+    """
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+
+
+class Database:
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self.pool = pool
+        self.dsn = dsn
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, dsn: str, *, pool_size: int = 10) -> AsyncIterator[Database]:
+        """A pool of up to ``pool_size`` connections, closed when the block ends."""
+        with translated():
+            pool = await create_pool(dsn, max_size=pool_size)
+        try:
+            yield cls(pool, dsn)
+        finally:
+            await pool.close()
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        with translated():
+            return await self.pool.fetch(query, *args, timeout=timeout)  # type: ignore[no-any-return]
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        with translated():
+            return await self.pool.fetchrow(query, *args, timeout=timeout)
+
+    async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        with translated():
+            return await self.pool.fetchval(query, *args, timeout=timeout)
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        with translated():
+            return await self.pool.execute(query, *args, timeout=timeout)  # type: ignore[no-any-return]
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for several statements; errors in the block are translated."""
+        with translated():
+            async with self.pool.acquire() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection in a transaction, committed when the block ends without error."""
+        with translated():
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def dedicated(
+        self, application_name: str, *, timeout: float = 10.0
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of its own, outside the pool, named in pg_stat_activity; closed
+        (abruptly: that also releases its session locks) when the block ends.
+
+        Any failure to connect counts as unavailable: a server starting up, shutting
+        down or refusing connections for now is waited out like a network error.
+        """
+        try:
+            conn = await connect(
+                self.dsn, timeout=timeout, server_settings={"application_name": application_name}
+            )
+        except (*CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError) as exc:
+            raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+        try:
+            with translated():
+                yield conn
+        finally:
+            conn.terminate()
+
+    def pool_usage(self) -> tuple[int, int]:
+        """(connections open, of which idle)."""
+        return self.pool.get_size(), self.pool.get_idle_size()

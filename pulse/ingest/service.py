@@ -1,0 +1,62 @@
+"""From parsed messages to outcomes: the one path every intake takes.
+
+The HTTP routes and the device fast path (``pulse.web``) parse requests with
+``pulse.ingest.intake`` and hand the messages to ``Ingest``, which writes what
+authenticates (``TelemetryWriter``) and counts what happened. A second intake
+(another protocol) would do the same with its own receipts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from pulse.ingest import intake
+from pulse.ingest.model import Accepted, Outcome, Rejected, Submission
+from pulse.ingest.writer import TelemetryWriter
+from pulse.ops.metrics import Metrics
+
+
+class Receipt:
+    """When the request arrived: the wall clock for readings, a monotonic one for latency."""
+
+    __slots__ = ("_started", "at", "endpoint")
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.at = datetime.now(UTC)
+        self._started = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self._started
+
+
+class Ingest:
+    def __init__(self, writer: TelemetryWriter, metrics: Metrics) -> None:
+        self.writer = writer
+        self._metrics = metrics
+
+    async def __call__(self, items: Sequence[intake.Item], receipt: Receipt) -> list[Outcome]:
+        """One outcome per item, in order: rejected as parsed, or as the writer decided."""
+        decided: dict[int, Outcome] = {
+            i: item for i, item in enumerate(items) if isinstance(item, Rejected)
+        }
+        pending = [(i, item) for i, item in enumerate(items) if isinstance(item, Submission)]
+        if pending:
+            written = await self.writer.write([submission for _, submission in pending])
+            decided.update(zip([i for i, _ in pending], written, strict=True))
+        outcomes = [decided[i] for i in range(len(items))]
+        self._record(outcomes, receipt)
+        return outcomes
+
+    def _record(self, outcomes: Sequence[Outcome], receipt: Receipt) -> None:
+        metrics = self._metrics
+        rows = sum(isinstance(o, Accepted) and o.event_id is not None for o in outcomes)
+        for outcome in outcomes:
+            if isinstance(outcome, Rejected):
+                metrics.ingest_rejected.labels(outcome.reason.code).inc()
+        if rows:
+            metrics.ingest_rows.labels(receipt.endpoint).inc(rows)
+        if any(isinstance(o, Accepted) for o in outcomes):
+            metrics.ingest_latency.labels(receipt.endpoint).observe(receipt.elapsed_s())

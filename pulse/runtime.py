@@ -1,0 +1,136 @@
+"""The running process: everything it owns, built by one lifespan in data-flow order.
+
+``open_runtime(settings)`` makes, in the order a reading travels: the database,
+the stream connection limits, the event source and the hub it feeds, the
+writer with its transaction hooks (alert rules), and then the supervised side
+tasks that keep them going (the event source, the connection leases,
+retention, the device status sweeper). It yields a ``Runtime`` that is
+complete, and on the way out stops everything in reverse order.
+
+Nothing here knows HTTP: the web layer (``pulse.web``) is handed the Runtime.
+A second event source or a second intake is one more module, and one more
+line here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+from collections.abc import AsyncIterator
+
+from pulse.auth.tokens import TokenVerifier
+from pulse.bus.hub import Hub
+from pulse.bus.listen import ListenSource
+from pulse.bus.source import EventSource
+from pulse.bus.store import EventStore
+from pulse.config import Settings
+from pulse.db.database import Database
+from pulse.db.embedded import embedded_database
+from pulse.db.retention import run_retention
+from pulse.fleet.rules import evaluate_alerts
+from pulse.fleet.sweeper import StatusSweeper
+from pulse.ingest.ratelimit import Admission, RateLimiter
+from pulse.ingest.service import Ingest
+from pulse.ingest.writer import TelemetryWriter
+from pulse.ops.metrics import Metrics
+from pulse.ops.supervisor import Supervisor
+from pulse.streams.legacy_v2.reads import FleetReads
+from pulse.streams.limits import ConnectionLimits
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    metrics: Metrics
+    verifier: TokenVerifier
+    db: Database
+    limits: ConnectionLimits
+    source: EventSource
+    store: EventStore
+    hub: Hub
+    ingest: Ingest
+    fleet_reads: FleetReads
+    supervisor: Supervisor
+    started_at: float
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: streams end, new ones are refused (the hub keeps the flag)."""
+        return self.hub.draining
+
+    def drain(self) -> None:
+        self.hub.drain()
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    metrics = Metrics()
+    async with contextlib.AsyncExitStack() as stack:
+        dsn = settings.database_url
+        if not dsn:
+            dsn = await stack.enter_async_context(embedded_database(settings.data_dir))
+        db = await stack.enter_async_context(Database.open(dsn, pool_size=settings.db_pool_size))
+
+        limits = ConnectionLimits(
+            db,
+            settings.max_connections,
+            settings.max_connections_per_tenant,
+            ttl_s=settings.connection_lease_ttl_s,
+        )
+        await limits.start()
+        stack.push_async_callback(limits.stop)
+
+        source = ListenSource(
+            db,
+            backoff_max_s=settings.listener_backoff_max_s,
+            on_reconnected=metrics.listener_reconnects.inc,
+        )
+        store = EventStore(db)
+        hub = Hub(store, source, metrics, queue_size=settings.queue_size)
+        stack.push_async_callback(hub.close)
+
+        writer = TelemetryWriter(
+            db,
+            admit=Admission(
+                per_device=RateLimiter(
+                    settings.ingest_rate_per_device, settings.ingest_burst_per_device
+                ),
+                per_tenant=RateLimiter(
+                    settings.ingest_rate_per_tenant, settings.ingest_burst_per_tenant
+                ),
+            ),
+            hooks=[evaluate_alerts],
+            group_commit=settings.group_commit,
+        )
+
+        supervisor = Supervisor()
+        stack.push_async_callback(supervisor.stop)
+        supervisor.start("listener", functools.partial(source.run, hub))
+        supervisor.start("connection-leases", limits.keep_alive)
+        supervisor.start(
+            "retention",
+            functools.partial(
+                run_retention, db, settings.retention_hours, settings.retention_interval_s
+            ),
+        )
+        sweeper = StatusSweeper(
+            db, stale_after_s=settings.stale_after_s, offline_after_s=settings.offline_after_s
+        )
+        supervisor.start("status-sweeper", sweeper.run)
+
+        yield Runtime(
+            settings=settings,
+            metrics=metrics,
+            verifier=TokenVerifier.from_settings(settings),
+            db=db,
+            limits=limits,
+            source=source,
+            store=store,
+            hub=hub,
+            ingest=Ingest(writer, metrics),
+            fleet_reads=FleetReads(db),
+            supervisor=supervisor,
+            started_at=time.monotonic(),
+        )

@@ -1,0 +1,72 @@
+"""Where Pulse reaches into hypercorn, Quart and wsproto, behind one fence.
+
+Speed and memory with many streams need a few private parts of the server
+libraries (``pulse.serving.direct``, ``pulse.serving.inbound``,
+``pulse.serving.websocket``):
+
+- direct writes: a stream's bytes written straight to its connection
+  (``pulse.web.direct``), instead of one ASGI message per event;
+- bounded, small inbound queues, and WebSocket handlers that read straight
+  from ASGI (no task and no queue of Quart's per connection);
+- a close frame for WebSocket protocol errors (hypercorn drops the connection);
+- permessage-deflate refused (memory per connection, one framing for all).
+
+Each was written against the exact versions in ``WRITTEN_FOR``, which
+pyproject.toml pins. ``apply`` checks what is installed before touching
+anything: with other versions it logs one warning and the app is served the
+plain ASGI way, slower but correct. ``PULSE_DIRECT_WRITES=0`` keeps the
+tunings but has the handlers send the plain ASGI way (both are tested).
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+
+from quart import Quart
+
+log = logging.getLogger(__name__)
+
+WRITTEN_FOR = {"hypercorn": "0.18.0", "quart": "0.22.0", "wsproto": "1.3.2", "h11": "0.16.0"}
+
+_applied: bool | None = None  # the tunings are process-wide: decided once
+
+
+def mismatches(written_for: dict[str, str] = WRITTEN_FOR) -> list[str]:
+    """The installed versions that differ from those the tunings were written for."""
+    found = []
+    for package, version in written_for.items():
+        try:
+            installed = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            installed = "none"
+        if installed != version:
+            found.append(f"{package} {installed} (written for {version})")
+    return found
+
+
+def apply(app: Quart) -> bool:
+    """Apply the tunings for serving ``app``, when the versions match; True if they apply."""
+    global _applied
+    if _applied is None:
+        differ = mismatches()
+        if differ:
+            log.warning(
+                "serving the plain ASGI way, without Pulse's server tunings: %s",
+                ", ".join(differ),
+            )
+            _applied = False
+        else:
+            from pulse.serving.direct import bound_inbound_queues, offer_direct_writes
+            from pulse.serving.websocket import close_protocol_errors_properly, refuse_compression
+
+            offer_direct_writes()
+            bound_inbound_queues()
+            close_protocol_errors_properly()
+            refuse_compression()
+            _applied = True
+    if _applied:
+        from pulse.serving.websocket import WebsocketConnection
+
+        app.asgi_websocket_class = WebsocketConnection
+    return _applied

@@ -1,0 +1,237 @@
+"""Replay from the table, then live: the one loop behind every stream (SSE, WebSocket, v2).
+
+The order of steps is what makes replay and live meet exactly:
+1. read the tenant's newest committed id;
+2. with a resume position, replay (position, newest] from the table, before
+   subscribing, so a long replay cannot fill the live queue behind it;
+3. subscribe, then read the newest id again (it covers everything the hub has
+   delivered, since the hub only delivers committed rows) and replay up to it;
+4. drop from the live queue what the replay already sent, and go live.
+Ids are in commit order, so "greater than the last id sent" is a complete and
+duplicate-free description of what is still owed.
+
+Live, the loop waits for events, signals or the idle timeout, and ends the
+stream at the token's expiry, when the subscriber lags, and when the server
+shuts down. A stream without replay (v2) starts at step 3, without its replay.
+
+A handler whose connection can take bytes at once (``Output``) gets its live
+events written from the hub's own call while it waits (``Live`` is the
+subscription's sink), which is what bounds latency with many subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, Protocol
+
+from pulse.bus.events import TelemetryEvent
+from pulse.bus.hub import Hub
+from pulse.bus.store import EventStore
+from pulse.bus.subscription import Closing, Filters, Lagging, Subscription
+from pulse.errors import LAGGING, SERVER_RESTARTING, TOKEN_EXPIRED, ErrorCode
+
+REPLAY_PAGE = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+    """First item of a stream with replay: the tenant's newest committed id when it began."""
+
+    newest_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Reset:
+    """The resume position could not be honoured as asked; ``data`` says why."""
+
+    data: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Idle:
+    """Nothing to send for a while; ``position`` is the newest id passed so far."""
+
+    position: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Signals:
+    """The tenant's devices or alerts changed (the kinds the stream asked for)."""
+
+    kinds: frozenset[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class End:
+    """The stream is over: ``error`` is lagging, token_expired or server_restarting."""
+
+    error: ErrorCode
+
+
+Item = list[TelemetryEvent] | Started | Reset | Idle | Signals | End
+
+
+class Output(Protocol):
+    """A connection that can take a stream's bytes at once (pulse.web.direct.DirectWrites)."""
+
+    def write_now(self, data: bytes) -> bool: ...
+
+    def abort_unread(self) -> None: ...
+
+
+# How a handler frames events for its wire: SSE chunks, WebSocket frames.
+Frame = Callable[[list[TelemetryEvent], frozenset[str] | None], bytes]
+
+
+class Live:
+    def __init__(
+        self,
+        hub: Hub,
+        store: EventStore,
+        tenant_id: str,
+        filters: Filters,
+        *,
+        kind: str,
+        expires_at: float,
+        idle_s: Callable[[], float | None],
+        last_event_id: int | None = None,
+        replay: bool = True,
+        signals: frozenset[str] = frozenset(),
+        output: Output | None = None,
+        frame: Frame | None = None,
+    ) -> None:
+        self.hub = hub
+        self.store = store
+        self.tenant_id = tenant_id
+        self.filters = filters
+        self.kind = kind
+        self.expires_at = expires_at  # time.time() seconds; the WebSocket may extend it
+        self.idle_s = idle_s  # None: no idle timeout
+        self.last_event_id = last_event_id
+        self.replay = replay
+        self.signals = signals
+        self.position = 0  # newest id passed, sent or filtered out
+        self.subscription: Subscription | None = None
+        self._output = output if frame is not None else None
+        self._frame = frame
+        # The newest id the hub wrote at once (write_now), for the handler's bookkeeping.
+        self.written_now = 0
+        self.subscribed = asyncio.Event()  # set once the subscription is open
+        self._consumer: asyncio.Task[Any] | None = None
+        self._ended = False
+
+    def set_filters(self, filters: Filters) -> None:
+        self.filters = filters
+        if self.subscription is not None:
+            self.subscription.set_filters(filters)
+
+    async def items(self) -> AsyncGenerator[Item, None]:
+        if self.replay:
+            newest = await self.store.newest_id(self.tenant_id)
+            self.position = newest
+            yield Started(newest)
+            if self.last_event_id is not None:
+                async for item in self._resume(self.last_event_id, newest):
+                    yield item
+        sink = self if self._output is not None else None
+        async with self.hub.subscribe(
+            self.tenant_id, self.filters, kind=self.kind, signals=self.signals, sink=sink
+        ) as subscription:
+            self.subscription = subscription
+            self._consumer = asyncio.current_task()
+            self.subscribed.set()
+            try:
+                if subscription.filters != self.filters:
+                    # Changed (by a WebSocket client) while the subscription was opening.
+                    subscription.set_filters(self.filters)
+                if self.replay:
+                    head = await self.store.newest_id(self.tenant_id)
+                    async for batch in self._replay(self.position, head):
+                        yield batch
+                    subscription.skip_through(head)
+                async for item in self._live(subscription):
+                    yield item
+            finally:
+                self._ended = True
+
+    # -- the subscription's sink (pulse.bus.subscription.Sink) ----------------------
+
+    def write_now(self, events: list[TelemetryEvent]) -> bool:
+        # Past the token's expiry the stream's task ends the stream instead.
+        if self._output is None or self._frame is None or time.time() >= self.expires_at:
+            return False
+        if not self._output.write_now(self._frame(events, self.filters.metrics)):
+            return False
+        self.position = max(self.position, events[-1].id)
+        self.written_now = events[-1].id
+        return True
+
+    def abort(self) -> None:
+        if self._consumer is not None and not self._ended:
+            self._consumer.cancel()  # stuck writing to a client that stopped reading
+        if self._output is not None:
+            # Ended or not, a client that has not read what was written to it by now
+            # has stopped reading: its connection would otherwise stay open, holding
+            # its buffers, for as long as it likes.
+            self._output.abort_unread()
+
+    # -- replay and live ------------------------------------------------------------
+
+    async def _resume(self, last_event_id: int, newest: int) -> AsyncIterator[Item]:
+        if last_event_id > newest:
+            yield Reset({"reason": "unknown_position", "last_event_id": newest})
+            return
+        cursor = last_event_id
+        earliest = await self.store.earliest_id(self.tenant_id)
+        if earliest is not None and last_event_id + 1 < earliest:
+            yield Reset({"reason": "history_trimmed", "earliest_id": earliest})
+            cursor = earliest - 1
+        async for batch in self._replay(cursor, newest):
+            yield batch
+
+    async def _replay(self, after: int, upto: int) -> AsyncIterator[list[TelemetryEvent]]:
+        cursor = after
+        while cursor < upto and not self.hub.draining:
+            filters = self.filters
+            page = await self.store.events_after(
+                self.tenant_id, cursor, upto=upto, device_ids=filters.device_ids, limit=REPLAY_PAGE
+            )
+            if not page:
+                break
+            cursor = page[-1].id
+            batch = page if filters.metrics is None else [e for e in page if filters.accepts(e)]
+            if batch:
+                yield batch
+            if len(page) < REPLAY_PAGE:
+                break
+        self.position = max(self.position, upto)
+
+    async def _live(self, subscription: Subscription) -> AsyncIterator[Item]:
+        while True:
+            remaining = self.expires_at - time.time()
+            if remaining <= 0:
+                yield End(TOKEN_EXPIRED)
+                return
+            idle = self.idle_s()
+            if not await subscription.wait(remaining if idle is None else min(idle, remaining)):
+                if time.time() < self.expires_at:
+                    self.position = max(self.position, subscription.position)
+                    yield Idle(self.position)
+                continue
+            try:
+                batch = subscription.take()
+            except Lagging:
+                yield End(LAGGING)
+                return
+            except Closing:
+                yield End(SERVER_RESTARTING)
+                return
+            kinds = subscription.take_signals()
+            if batch:
+                self.position = max(self.position, batch[-1].id)
+                yield batch
+            if kinds:
+                yield Signals(frozenset(kinds))

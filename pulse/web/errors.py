@@ -1,0 +1,110 @@
+"""The one place errors become HTTP answers: every exception maps to a catalogue entry.
+
+Quart's error handlers and the device fast path both answer through
+``error_for``, so an error looks the same whichever door it came in by, and
+never carries a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from quart import Quart, Response
+from quart_schema import RequestSchemaValidationError
+from werkzeug.exceptions import HTTPException
+
+from pulse.db.errors import DatabaseUnavailable
+from pulse.errors import (
+    BAD_REQUEST,
+    DATABASE_UNAVAILABLE,
+    FORBIDDEN,
+    HTTP_ERROR,
+    INTERNAL_ERROR,
+    INVALID_PAYLOAD,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    PAYLOAD_TOO_LARGE,
+    RATE_LIMITED,
+    REQUEST_TIMEOUT,
+    UNAUTHORIZED,
+    ApiError,
+    ErrorCode,
+    error_body,
+)
+
+log = logging.getLogger(__name__)
+
+# What an error raised by the HTTP layer itself (werkzeug) is called, by status.
+_HTTP_CODES: dict[int, ErrorCode] = {
+    400: BAD_REQUEST,
+    401: UNAUTHORIZED,
+    403: FORBIDDEN,
+    404: NOT_FOUND,
+    405: METHOD_NOT_ALLOWED,
+    408: REQUEST_TIMEOUT,
+    413: PAYLOAD_TOO_LARGE,
+    429: RATE_LIMITED,
+}
+
+
+def error_for(exc: Exception) -> ApiError:
+    """The error an exception is answered with; never a traceback."""
+    match exc:
+        case ApiError():
+            return exc
+        case RequestSchemaValidationError():
+            return ApiError(INVALID_PAYLOAD, _validation_sentence(exc))
+        case DatabaseUnavailable():
+            log.warning("database unavailable: %s", exc)
+            return ApiError(
+                DATABASE_UNAVAILABLE,
+                "The database is unreachable; retry shortly.",
+                {"Retry-After": "2"},
+            )
+        case HTTPException(code=413):
+            return ApiError(PAYLOAD_TOO_LARGE)
+        case HTTPException():
+            status = exc.code or 500
+            error = _HTTP_CODES.get(status, HTTP_ERROR)
+            return ApiError(error, exc.description or error.meaning, status=status)
+        case _:
+            log.error("unhandled error", exc_info=exc)
+            return ApiError(INTERNAL_ERROR, "An internal error occurred.")
+
+
+def error_response(error: ApiError) -> Response:
+    return Response(
+        error_body(error.error, error.detail),
+        error.status,
+        error.headers,
+        content_type="application/json",
+    )
+
+
+def register_error_handlers(app: Quart) -> None:
+    async def answer(exc: Exception) -> Response:
+        return error_response(error_for(exc))
+
+    # One handler per class: Quart picks by the exception's class, and treats
+    # HTTPException apart from other exceptions.
+    for kind in (
+        ApiError,
+        RequestSchemaValidationError,
+        DatabaseUnavailable,
+        HTTPException,
+        Exception,
+    ):
+        app.register_error_handler(kind, answer)
+
+
+def _validation_sentence(exc: RequestSchemaValidationError) -> str:
+    inner = exc.validation_error
+    errors = getattr(inner, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            where = ".".join(str(part) for part in first.get("loc", ()))
+            return f"{where}: {first.get('msg', 'invalid value')}" if where else first["msg"]
+        except (IndexError, KeyError, TypeError):
+            pass
+    return "The request body does not match the expected shape."

@@ -1,0 +1,120 @@
+"""WS /api/v1/customer/telemetry/stream: the telemetry stream over a WebSocket (CONTRACT 5.1).
+
+The same replay-then-live loop as SSE (pulse.streams.live), plus a client that
+talks back: it changes its filters, refreshes its token and pings while the
+events flow. A reader task handles its messages while the writer streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+from typing import Any
+
+from quart import Blueprint, websocket
+
+from pulse.auth.access import tenant_for
+from pulse.bus.events import encoded
+from pulse.errors import INVALID_PARAMETER, ApiError
+from pulse.streams.live import End, Idle, Live, Reset, Started
+from pulse.streams.messages import BadMessage, decode, error
+from pulse.streams.params import BadParameter, parse_event_id, parse_filters
+from pulse.streams.telemetry_protocol import Reauthenticate, connected_message, handle_action
+from pulse.times import format_time
+from pulse.web import runtime
+from pulse.web.auth import authenticate_request, request_tenant
+from pulse.web.websocket import Close, Connection, frames, serve_websocket
+
+blueprint = Blueprint("telemetry_ws", __name__)
+
+
+@blueprint.websocket("/api/v1/customer/telemetry/stream")
+async def telemetry_websocket() -> None:
+    await serve_websocket("websocket", _serve)
+
+
+async def _serve(connection: Connection) -> None:
+    rt = runtime()
+    principal = await authenticate_request(allow_query=True)
+    tenant_id = request_tenant(principal)
+    try:
+        filters = parse_filters(websocket.args, max_device_filters=rt.settings.max_device_filters)
+        last_event_id = parse_event_id(websocket.args.get("last_event_id"))
+    except BadParameter:
+        raise Close.of(INVALID_PARAMETER) from None
+    async with rt.limits.hold("websocket", tenant_id):
+        stream = Live(
+            rt.hub,
+            rt.store,
+            tenant_id,
+            filters,
+            kind="websocket",
+            last_event_id=last_event_id,
+            idle_s=lambda: rt.settings.ws_ping_s,
+            expires_at=principal.expires_at.timestamp(),
+            output=connection.direct,
+            frame=frames,
+        )
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await connection.run(
+            _write(connection, stream, started), _read(connection, stream, started)
+        )
+
+
+async def _write(connection: Connection, stream: Live, started: asyncio.Future[None]) -> None:
+    # Closed here, not whenever the collector gets to it: closing it ends the
+    # subscription, which otherwise keeps taking events for a gone client.
+    async with contextlib.aclosing(stream.items()) as items:
+        async for item in items:
+            if isinstance(item, list):
+                await connection.send_many(encoded(item, stream.filters.metrics))
+            elif isinstance(item, Started):
+                await connection.send(
+                    connected_message(stream.tenant_id, stream.filters, item.newest_id)
+                )
+                if not started.done():
+                    started.set_result(None)
+            elif isinstance(item, Idle):
+                # The newest id passed, sent or filtered out: a filtered client
+                # resumes from here without replaying what it skipped.
+                now = format_time(datetime.now(UTC))
+                await connection.send({"type": "ping", "time": now, "last_event_id": item.position})
+            elif isinstance(item, Reset):
+                await connection.send({"type": "reset", **item.data})
+            elif isinstance(item, End):
+                raise Close.of(item.error)
+
+
+async def _read(connection: Connection, stream: Live, started: asyncio.Future[None]) -> None:
+    # Replies come after the `connected` message, which is always the first.
+    await started
+    max_device_filters = runtime().settings.max_device_filters
+    while True:
+        data = await connection.receive()
+        try:
+            outcome = handle_action(
+                stream.filters, decode(data), max_device_filters=max_device_filters
+            )
+            if isinstance(outcome, Reauthenticate):
+                reply = await _reauthenticate(stream, outcome.token)
+            else:
+                filters, reply = outcome
+                if filters != stream.filters:
+                    stream.set_filters(filters)
+        except BadMessage as exc:
+            reply = error(str(exc))
+        connection.reply(reply)
+
+
+async def _reauthenticate(stream: Live, token: str) -> dict[str, Any]:
+    """A fresh token for the same tenant moves the connection's expiry."""
+    try:
+        principal = await runtime().verifier.verify(token)
+        tenant_id = tenant_for(principal, websocket.args.get("tenant_id"))
+    except ApiError as exc:
+        raise BadMessage(f"auth refused: {exc.detail}") from None
+    if tenant_id != stream.tenant_id:
+        raise BadMessage("auth refused: the token is for another tenant.")
+    stream.expires_at = principal.expires_at.timestamp()
+    return {"type": "auth_ok", "expires_at": format_time(principal.expires_at)}

@@ -1,0 +1,235 @@
+"""What both WebSockets share: the handshake, close codes, inbound frames, and the one close.
+
+``serve_websocket(kind, body)`` accepts the handshake first, so that every
+failure after it (origin, auth, limits, bad parameters) reaches the browser as
+a close code and reason it can read (CONTRACT section 5). ``body`` raises
+``Close`` (or ApiError, LimitReached, DatabaseUnavailable, which map to the
+catalogue's close codes here) to end the connection; ``Connection.close`` is
+the one place a handler's connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+import orjson
+from quart import websocket
+
+from pulse.bus.events import TelemetryEvent, encoded
+from pulse.db.errors import DatabaseUnavailable
+from pulse.errors import (
+    CONNECTION_LIMIT,
+    DATABASE_UNAVAILABLE,
+    INTERNAL_ERROR,
+    INTERNAL_ERROR_CLOSE,
+    LAGGING,
+    MESSAGE_TOO_BIG,
+    NORMAL_CLOSURE,
+    ORIGIN_NOT_ALLOWED,
+    SERVER_RESTARTING,
+    ApiError,
+    ErrorCode,
+)
+from pulse.streams.limits import LimitReached
+from pulse.streams.messages import MAX_INBOUND_BYTES
+from pulse.web import runtime
+from pulse.web.direct import FRAMES, DirectWrites, direct_writes, text_frame
+
+log = logging.getLogger(__name__)
+
+# Replies to a client's messages wait here while the client is not reading; a
+# client that sends this many without reading the answers is cut as lagging,
+# so that neither its replies nor its unread messages pile up in memory.
+OUTBOX_SIZE = 256
+# How long a close frame may wait for a client that stopped reading.
+CLOSE_TIMEOUT_S = 5.0
+
+
+class Close(Exception):
+    """Raised inside a handler to end its connection with ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+    @classmethod
+    def of(cls, error: ErrorCode) -> Close:
+        """The catalogue's close code for ``error``, with the error's code as reason."""
+        return cls(error.close or INTERNAL_ERROR_CLOSE, error.code)
+
+
+def frames(events: list[TelemetryEvent], metrics: frozenset[str] | None) -> bytes:
+    """Events as text frames, ready for ``DirectWrites`` (a stream's frame function)."""
+    return b"".join(map(text_frame, encoded(events, metrics)))
+
+
+class Connection:
+    """One accepted WebSocket."""
+
+    def __init__(self) -> None:
+        # Made on the first reply: most dashboards never send a message, and an
+        # idle connection should cost as little as possible.
+        self._outbox: asyncio.Queue[bytes] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self.closed = False
+        self.direct: DirectWrites | None = direct_writes(
+            websocket.scope, FRAMES, enabled=runtime().settings.direct_writes
+        )
+
+    async def send(self, message: bytes | dict[str, Any]) -> None:
+        """Send one JSON message as a text frame (browsers read binary frames as Blobs)."""
+        data = message if isinstance(message, bytes) else orjson.dumps(message)
+        await websocket.send(data.decode())
+
+    async def send_many(self, payloads: Sequence[bytes]) -> None:
+        """Several JSON messages, a text frame each, in one write when the server allows.
+
+        A subscriber that fell behind gets what it missed in one system call
+        instead of one pass through the ASGI stack per message.
+        """
+        if self.direct is not None:
+            if payloads:
+                await self.direct.send(b"".join(map(text_frame, payloads)))
+            return
+        for payload in payloads:
+            await self.send(payload)
+
+    def reply(self, message: dict[str, Any]) -> None:
+        """Queue an answer to a client's message without waiting for the client to read."""
+        if self._outbox is None:
+            self._outbox = asyncio.Queue(OUTBOX_SIZE)
+            self._sender = asyncio.create_task(self._send_replies(self._outbox))
+        try:
+            self._outbox.put_nowait(orjson.dumps(message))
+        except asyncio.QueueFull:
+            raise Close.of(LAGGING) from None
+
+    async def receive(self) -> str | bytes:
+        data = await websocket.receive()
+        # The server enforces this too (hypercorn's websocket_max_message_size),
+        # but counts characters of text frames, not bytes.
+        size = len(data)
+        if isinstance(data, str) and size * 4 > MAX_INBOUND_BYTES:  # up to 4 bytes a character
+            size = len(data.encode())
+        if size > MAX_INBOUND_BYTES:
+            raise Close.of(MESSAGE_TOO_BIG)
+        return data
+
+    async def run(self, *parts: Coroutine[Any, Any, None]) -> None:
+        """Run ``parts`` together until one of them ends, then stop the others.
+
+        Whichever ends first decides: its exception (usually Close) is raised
+        after the others are cancelled. A part cancelled from outside (a stream cut
+        as lagging and stuck writing to its client) counts as lagging.
+        """
+        tasks = [asyncio.ensure_future(part) for part in parts]
+        try:
+            done = await first_done(tasks)
+        finally:
+            if self._sender is not None:
+                tasks.append(self._sender)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if done.cancelled():
+            raise Close.of(LAGGING)
+        done.result()
+        raise Close(NORMAL_CLOSURE, "")
+
+    @staticmethod
+    async def _send_replies(outbox: asyncio.Queue[bytes]) -> None:
+        while True:
+            data = await outbox.get()
+            await websocket.send(data.decode())
+
+    async def close(self, code: int, reason: str) -> None:
+        """The one place a handler's connection is closed (at most once)."""
+        if self.closed:
+            return
+        self.closed = True
+        # A client that stopped reading cannot take the close frame either:
+        # give up after a while rather than hold the handler forever.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                if code != LAGGING.close and self._outbox is not None:  # replies queued first
+                    while not self._outbox.empty():
+                        await websocket.send(self._outbox.get_nowait().decode())
+                await websocket.close(code, reason)
+
+
+async def serve_websocket(
+    kind: str,
+    body: Callable[[Connection], Awaitable[None]],
+    *,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Accept the handshake, run ``body``, and close with the code that fits how it ended."""
+    rt = runtime()
+    await websocket.accept(headers=headers or {})
+    connection = Connection()
+    try:
+        check_origin(websocket.headers.get("Origin"), rt.settings.allowed_origins)
+        await body(connection)
+        end = Close(NORMAL_CLOSURE, "")
+    except Disconnected:
+        return  # nobody to tell
+    except Close as exc:
+        end = exc
+    except ApiError as exc:
+        end = Close(exc.close_code, exc.code)
+    except LimitReached:
+        end = Close.of(CONNECTION_LIMIT)
+    except DatabaseUnavailable as exc:
+        if rt.draining:
+            end = Close.of(SERVER_RESTARTING)
+        else:
+            log.warning("closing a %s WebSocket: %s", kind, exc)
+            end = Close.of(DATABASE_UNAVAILABLE)
+    except Exception:
+        log.exception("a %s WebSocket failed", kind)
+        end = Close.of(INTERNAL_ERROR)
+    await connection.close(end.code, end.reason)
+
+
+class Disconnected(Exception):
+    """The client's side of the WebSocket is gone: raised by ``websocket.receive()`` where
+    the server reads straight from ASGI (pulse.serving)."""
+
+
+async def first_done(tasks: Sequence[asyncio.Future[Any]]) -> asyncio.Future[Any]:
+    """The first of ``tasks`` to end.
+
+    asyncio.wait(FIRST_COMPLETED) does the same, holding a set, a future and a
+    callback per task for as long as it waits: about 2 KB for each idle
+    WebSocket, which waits for as long as it is open.
+    """
+    first: asyncio.Future[asyncio.Future[Any]] = asyncio.get_running_loop().create_future()
+
+    def ended(task: asyncio.Future[Any]) -> None:
+        if not first.done():
+            first.set_result(task)
+
+    for task in tasks:
+        task.add_done_callback(ended)
+    try:
+        return await first
+    finally:
+        for task in tasks:
+            task.remove_done_callback(ended)
+
+
+def check_origin(origin: str | None, allowed: tuple[str, ...]) -> None:
+    """With PULSE_ALLOWED_ORIGINS set, a browser page from any other origin is refused.
+
+    A handshake without an Origin header does not come from a browser page
+    (which always sends one), so cross-site hijacking does not apply to it.
+    """
+    if not allowed or origin is None or "*" in allowed:
+        return
+    if origin.rstrip("/").lower() not in {o.rstrip("/").lower() for o in allowed}:
+        raise Close.of(ORIGIN_NOT_ALLOWED)

@@ -1,0 +1,251 @@
+"""The hub on an in-memory event source: delivery, watching, and topics that never leak.
+
+Unit tests: the hub's event source and table are the in-memory stand-ins of
+tests/bus/memory.py (the same hub runs on LISTEN and PostgreSQL everywhere
+else in the suite).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from pulse.bus import hub as hub_module
+from pulse.bus.events import TelemetryEvent
+from pulse.bus.hub import Hub
+from pulse.bus.subscription import Subscription
+from pulse.db.errors import DatabaseUnavailable
+from pulse.ops.metrics import Metrics
+from tests.bus.memory import MemorySource, MemoryStore
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``condition`` on every turn of the loop, for at most ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 (what it waits for has no event of its own)
+            await asyncio.sleep(0.001)
+
+
+def topic_tasks() -> list[asyncio.Task[Any]]:
+    return [
+        t for t in asyncio.all_tasks() if t.get_name().startswith("pulse:topic:") and not t.done()
+    ]
+
+
+@contextlib.asynccontextmanager
+async def running_hub(
+    queue_size: int = 100,
+) -> AsyncIterator[tuple[Hub, MemorySource, MemoryStore]]:
+    source, store = MemorySource(), MemoryStore()
+    hub = Hub(store, source, Metrics(), queue_size=queue_size)  # type: ignore[arg-type]
+    feeding = asyncio.create_task(source.run(hub))
+    try:
+        yield hub, source, store
+    finally:
+        await hub.close()
+        feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding
+
+
+async def received(subscription: Subscription, count: int) -> list[int]:
+    ids: list[int] = []
+    async with asyncio.timeout(5):
+        while len(ids) < count:
+            await subscription.wait(None)
+            ids += [e.id for e in subscription.take()]
+    return ids
+
+
+async def test_committed_events_reach_every_subscriber_once_in_order() -> None:
+    async with (
+        running_hub() as (hub, source, store),
+        hub.subscribe("t1", kind="test") as a,
+        hub.subscribe("t1", kind="test") as b,
+    ):
+        assert source.watching == {"t1"}
+        for _ in range(3):
+            source.committed("t1", store.commit("t1", count=2))
+        source.committed("t1", 6)  # a repeated wake-up costs nothing
+        assert await received(a, 6) == [1, 2, 3, 4, 5, 6]
+        assert await received(b, 6) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_lost_wakeup_is_made_good_by_a_resync() -> None:
+    async with (
+        running_hub() as (hub, _source, store),
+        hub.subscribe("t1", kind="test") as subscription,
+    ):
+        store.commit("t1", count=2)  # committed, but the wake-up is lost
+        hub.resync()  # what a source does after a reconnect
+        assert await received(subscription, 2) == [1, 2]
+
+
+async def test_a_subscriber_starts_after_what_was_committed_before() -> None:
+    async with running_hub() as (hub, source, store):
+        store.commit("t1", count=3)
+        async with hub.subscribe("t1", kind="test") as subscription:
+            assert subscription.position == 3
+            source.committed("t1", store.commit("t1"))
+            assert await received(subscription, 1) == [4]
+
+
+async def test_tenants_are_watched_while_subscribed_and_kept_apart() -> None:
+    async with running_hub() as (hub, source, store):
+        async with hub.subscribe("t1", kind="test") as t1:
+            async with hub.subscribe("t2", kind="test") as t2:
+                assert source.watching == {"t1", "t2"}
+                source.committed("t2", store.commit("t2", count=2))
+                assert await received(t2, 2) == [1, 2]
+                assert t1.pending() == 0
+            await until(lambda: source.watching == {"t1"})
+        await until(lambda: source.watching == set())
+        assert topic_tasks() == []
+
+
+async def test_a_tenant_resubscribed_while_its_topic_closes_stays_watched() -> None:
+    """The last subscriber leaves and another arrives while the unwatch is in flight:
+    the new topic's watch must come after it, or the tenant gets no more events."""
+    async with running_hub() as (hub, source, store):
+        source.unwatch_gate.clear()
+        leaving = asyncio.create_task(_subscribe_and_leave(hub))
+        await until(lambda: ("unwatch", "t1") in source.calls)
+        coming = asyncio.create_task(_subscribe_and_take(hub, store, source))
+        await asyncio.sleep(0)  # give it every chance to watch too early
+        assert source.calls == [("watch", "t1"), ("unwatch", "t1")]
+        source.unwatch_gate.set()
+        await leaving
+        assert await asyncio.wait_for(coming, 5) == [1]
+        assert source.calls == [
+            ("watch", "t1"),
+            ("unwatch", "t1"),
+            ("watch", "t1"),
+            ("unwatch", "t1"),
+        ]
+
+
+async def _subscribe_and_leave(hub: Hub) -> None:
+    async with hub.subscribe("t1", kind="test"):
+        pass
+
+
+async def _subscribe_and_take(hub: Hub, store: MemoryStore, source: MemorySource) -> list[int]:
+    async with hub.subscribe("t1", kind="test") as subscription:
+        source.committed("t1", store.commit("t1"))
+        return await received(subscription, 1)
+
+
+async def test_a_subscriber_that_leaves_while_its_topic_opens_leaves_nothing_behind() -> None:
+    async with running_hub() as (hub, source, _):
+        source.watch_gate.clear()
+        subscriber = asyncio.create_task(_subscribe_and_leave(hub))
+        await until(lambda: ("watch", "t1") in source.calls)
+        subscriber.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await subscriber
+        source.watch_gate.set()
+        await until(lambda: topic_tasks() == [])
+        await until(lambda: source.watching == set())
+
+
+class SwallowingStore(MemoryStore):
+    """A read that swallows the cancellation arriving while it runs, as Python 3.11's
+    wait_for (used inside asyncpg too) can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = asyncio.Event()
+
+    async def newest_id(self, tenant_id: str) -> int:
+        self.inside.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.05)
+        return 0
+
+
+async def test_a_topic_closed_while_a_read_swallows_its_cancellation_still_ends() -> None:
+    source, store = MemorySource(), SwallowingStore()
+    hub = Hub(store, source, Metrics(), queue_size=10)  # type: ignore[arg-type]
+    subscriber = asyncio.create_task(_subscribe_and_leave(hub))
+    await asyncio.wait_for(store.inside.wait(), 5)
+    await asyncio.wait_for(hub.close(), 5)
+    assert topic_tasks() == []
+    assert source.watching == set()
+    with pytest.raises(DatabaseUnavailable):
+        await subscriber
+
+
+async def test_churn_leaves_no_topic_task_and_no_watch() -> None:
+    """Issue #19.4: a topic's task never outlives its topic, whatever the timing of
+    subscribers coming, leaving and being cancelled around its opening and closing."""
+    async with running_hub() as (hub, source, store):
+
+        async def visit(tenant: str, cancel_after: int) -> None:
+            async with hub.subscribe(tenant, kind="test"):
+                for _ in range(cancel_after):
+                    await asyncio.sleep(0)
+
+        for round_ in range(30):
+            tasks = [
+                asyncio.create_task(visit(f"t{i % 3}", (i * 7 + round_) % 4)) for i in range(12)
+            ]
+            for i, task in enumerate(tasks):
+                if (i + round_) % 3 == 0:
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            source.committed("t0", store.commit("t0"))
+        await until(lambda: topic_tasks() == [] and source.watching == set())
+        assert hub.subscriber_count() == 0
+
+
+async def test_closing_the_hub_waits_for_topics_on_their_way_out() -> None:
+    source, store = MemorySource(), MemoryStore()
+    hub = Hub(store, source, Metrics(), queue_size=10)  # type: ignore[arg-type]
+    source.unwatch_gate.clear()
+    leaving = asyncio.create_task(_subscribe_and_leave(hub))
+    await until(lambda: ("unwatch", "t1") in source.calls)
+    closing = asyncio.create_task(hub.close())
+    await asyncio.sleep(0)
+    assert not closing.done()  # still waiting for the unwatch
+    source.unwatch_gate.set()
+    await asyncio.wait_for(closing, 5)
+    await leaving
+    assert topic_tasks() == [] and source.watching == set()
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.aborted = asyncio.Event()
+
+    def write_now(self, events: list[TelemetryEvent]) -> bool:
+        return False
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+
+async def test_a_lagging_subscriber_is_aborted_by_its_sink_after_the_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hub_module, "LAGGING_GRACE_S", 0.01)
+    async with running_hub(queue_size=3) as (hub, source, store):
+        sink = Sink()
+        async with hub.subscribe("t1", kind="test", sink=sink) as subscription:
+            source.committed("t1", store.commit("t1", count=5))
+            await asyncio.wait_for(sink.aborted.wait(), 5)
+            assert subscription.lagging
+
+
+async def test_draining_ends_subscriptions_and_refuses_new_ones() -> None:
+    async with running_hub() as (hub, _, _):
+        async with hub.subscribe("t1", kind="test") as subscription:
+            hub.drain()
+            assert await subscription.wait(1)
+            assert subscription.closing
+        with pytest.raises(DatabaseUnavailable):
+            async with hub.subscribe("t1", kind="test"):
+                pass
