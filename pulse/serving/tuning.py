@@ -32,10 +32,10 @@ WRITTEN_FOR = {"hypercorn": "0.18.0", "quart": "0.22.0", "wsproto": "1.3.2", "h1
 _applied: bool | None = None  # the tunings are process-wide: decided once
 
 
-def mismatches(written_for: dict[str, str] = WRITTEN_FOR) -> list[str]:
+def mismatches() -> list[str]:
     """The installed versions that differ from those the tunings were written for."""
     found = []
-    for package, version in written_for.items():
+    for package, version in WRITTEN_FOR.items():
         try:
             installed = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -17,8 +17,8 @@ from quart import Quart, request_started
 
 from pulse.config import Settings
 from tests.ingest.conftest import stored_rows
-from tests.ingest.test_routes import heartbeat_url, telemetry_url
 from tests.support import running_server
+from tests.web.test_ingest import heartbeat_url, telemetry_url
 
 
 @pytest.fixture

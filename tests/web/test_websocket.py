@@ -300,7 +300,7 @@ async def test_a_client_that_stops_reading_is_closed_4008(
 ) -> None:
     # The slow client reads what was buffered only after the fast one is done: on a
     # loaded machine that may be past the grace, after which an unread connection
-    # is dropped (tests/streams/test_direct_writes.py).
+    # is dropped (tests/serving/test_direct.py).
     monkeypatch.setattr(hub, "LAGGING_GRACE_S", 60.0)
     small = dataclasses.replace(settings, queue_size=200, ws_ping_s=0.3)
     async with running_server(small) as base:

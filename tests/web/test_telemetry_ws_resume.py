@@ -16,9 +16,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from pulse.config import Settings
-from tests.streams.test_sse import table_ids, writer
 from tests.streams.ws_support import WS_PATH, until_no_connections, ws_url
 from tests.support import running_server
+from tests.web.test_sse import table_ids, writer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,0 +1,59 @@
+"""Settings.from_env: the only reader of the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pulse.config import ConfigError, Settings
+
+
+def test_an_empty_environment_gives_the_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings == Settings(data_dir=settings.data_dir)
+    assert settings.database_url is None and settings.port == 8000
+    assert settings.direct_writes is True
+
+
+def test_each_setting_is_read_from_its_variable_with_its_type() -> None:
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://db/pulse",
+            "PORT": "9000",
+            "PULSE_DATA_DIR": "~/pulse-data",
+            "PULSE_MAX_CONNECTIONS": "5",
+            "PULSE_STALE_AFTER_S": "2.5",
+            "PULSE_GROUP_COMMIT": "off",
+            "PULSE_DIRECT_WRITES": "0",
+            "PULSE_ALLOWED_ORIGINS": " https://a.example , ,https://b.example ",
+            "PULSE_LOG_LEVEL": "DEBUG",
+        }
+    )
+    assert settings.database_url == "postgresql://db/pulse"
+    assert settings.port == 9000
+    assert settings.data_dir == Path("~/pulse-data").expanduser()
+    assert settings.max_connections == 5
+    assert settings.stale_after_s == 2.5
+    assert settings.group_commit is False and settings.direct_writes is False
+    assert settings.allowed_origins == ("https://a.example", "https://b.example")
+    assert settings.log_level == "DEBUG"
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    assert Settings.from_env({"PORT": "", "PULSE_QUEUE_SIZE": ""}).port == 8000
+
+
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [("PORT", "eighty"), ("PULSE_STALE_AFTER_S", "soon"), ("PULSE_ACCESS_LOG", "maybe")],
+)
+def test_a_value_of_the_wrong_type_is_a_config_error_naming_the_variable(
+    key: str, raw: str
+) -> None:
+    with pytest.raises(ConfigError, match=key):
+        Settings.from_env({key: raw})
+
+
+def test_unknown_variables_are_ignored() -> None:
+    assert Settings.from_env({"PULSE_NO_SUCH_THING": "1", "HOME": "/root"}).port == 8000
