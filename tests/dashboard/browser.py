@@ -25,6 +25,8 @@ ARGS = [
     "--disable-sync",
 ]
 MISSING = "Debian's chromium (/usr/bin/chromium) is not installed; .ci/run installs it"
+# How long Playwright's expectations and actions wait: generous, for busy 2-core machines.
+WAIT_MS = 20_000
 
 
 def chromium_installed() -> bool:
@@ -39,17 +41,24 @@ def artifacts_dir() -> Path:
 
 
 @contextlib.asynccontextmanager
-async def chromium_page(width: int = 1440, height: int = 1000) -> AsyncIterator[Any]:
-    """A fresh page in a fresh browser, or None when Chromium is not installed."""
+async def chromium_page(
+    width: int = 1440, height: int = 1000, **options: Any
+) -> AsyncIterator[Any]:
+    """A fresh page in a fresh browser, or None when Chromium is not installed.
+
+    ``options`` go to ``Browser.new_page`` (``locale``, ``timezone_id``...).
+    """
     if not chromium_installed():
         yield None
         return
-    from playwright.async_api import async_playwright
+    from playwright.async_api import async_playwright, expect
 
+    expect.set_options(timeout=WAIT_MS)
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            page = await browser.new_page(viewport={"width": width, "height": height})
+            page = await browser.new_page(viewport={"width": width, "height": height}, **options)
+            page.set_default_timeout(WAIT_MS)
             yield page
         finally:
             await browser.close()

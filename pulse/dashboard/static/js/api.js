@@ -16,6 +16,33 @@ export class ApiError extends Error {
     this.status = status;
     this.code = code;
   }
+
+  // Asking again later may succeed: the server is busy, restarting or unreachable.
+  get transient() {
+    return this.status === 0 || this.status === 408 || this.status === 429 || this.status >= 500;
+  }
+}
+
+// The tenant named (or not named) is the problem: an operator must choose one.
+export function isTenantProblem(error) {
+  return error instanceof ApiError && (error.code === "tenant_required" || error.code === "invalid_tenant_id");
+}
+
+// The error an HTTP answer that is not ok stands for, from the API's one error body.
+async function errorOf(response) {
+  const body = await response.json().catch(() => ({}));
+  if (response.status === 401) return new AuthError(body.detail || "The token was refused.");
+  return new ApiError(response.status, body.error, body.detail);
+}
+
+// fetch(), with "the server cannot be reached" as an ApiError like any other.
+async function send(url, options) {
+  try {
+    return await fetch(url, { cache: "no-store", credentials: "omit", ...options });
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new ApiError(0, "unreachable", "The server cannot be reached.");
+  }
 }
 
 export function claimsOf(token) {
@@ -87,33 +114,40 @@ export class Session {
 
   async request(method, path, extra = {}) {
     const query = this.params(extra).toString();
-    const response = await fetch(query ? `${path}?${query}` : path, {
+    const response = await send(query ? `${path}?${query}` : path, {
       method,
       headers: { Authorization: `Bearer ${this.token}`, Accept: "application/json" },
-      cache: "no-store",
-      credentials: "omit",
     });
-    if (response.status === 401) {
-      const body = await response.json().catch(() => ({}));
-      throw new AuthError(body.detail || "The token was refused.");
-    }
-    if (!response.ok) {
-      const body = await response.json().catch(() => ({}));
-      throw new ApiError(response.status, body.error, body.detail);
-    }
+    if (!response.ok) throw await errorOf(response);
     return response.status === 204 ? null : response.json();
   }
 
   async ticket() {
     // No tenant_id here: the ticket carries the token's identity; the stream URL names the tenant.
-    const response = await fetch("/api/v1/stream-ticket", {
+    const response = await send("/api/v1/stream-ticket", {
       method: "POST",
       headers: { Authorization: `Bearer ${this.token}` },
-      cache: "no-store",
-      credentials: "omit",
     });
-    if (response.status === 401) throw new AuthError("The token was refused or has expired.");
-    if (!response.ok) throw new ApiError(response.status, "ticket", `stream ticket: HTTP ${response.status}`);
+    if (!response.ok) throw await errorOf(response);
     return (await response.json()).ticket;
+  }
+
+  // Why the server refused a stream: EventSource only says that it did. The same
+  // URL is asked again with the token in a header instead of a ticket; the error
+  // it answers with (AuthError or ApiError), or null when it accepts this time
+  // (the stream is then dropped at once).
+  async refusal(path, params) {
+    const controller = new AbortController();
+    try {
+      const response = await send(`${path}?${params}`, {
+        headers: { Authorization: `Bearer ${this.token}`, Accept: "text/event-stream" },
+        signal: controller.signal,
+      });
+      return response.ok ? null : await errorOf(response);
+    } catch (error) {
+      return error instanceof ApiError ? error : null;
+    } finally {
+      controller.abort();
+    }
   }
 }

@@ -5,9 +5,9 @@
 // summary and the active alerts. Data out: acknowledge and close alerts.
 // Rendering happens in one place (flush), a few times a second at most.
 
-import { ApiError, AuthError, Session } from "./api.js";
+import { ApiError, AuthError, Session, isTenantProblem } from "./api.js";
 import { Sparkline } from "./charts.js";
-import { FleetSocket, TelemetryStream, newestEventId } from "./streams.js";
+import { Backoff, FleetSocket, TelemetryStream, newestEventId } from "./streams.js";
 
 const HISTORY_S = 600; // chart window
 const BACKFILL_EVENTS = 5000; // replayed at start, so the charts open with some history
@@ -58,6 +58,22 @@ function timeOfDay(iso) {
   return d.toISOString().slice(11, 23);
 }
 
+// A moment in the viewer's locale and time zone: the time alone when it is today,
+// else with the date (and the year when it is not this year's).
+function localMoment(date, now = new Date()) {
+  const options = { hour: "numeric", minute: "2-digit" };
+  if (date.toDateString() !== now.toDateString()) {
+    Object.assign(options, { month: "short", day: "numeric" });
+    if (date.getFullYear() !== now.getFullYear()) options.year = "numeric";
+  }
+  return date.toLocaleString(undefined, options);
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// A message that ends like a sentence, so that another may follow it on the same line.
+const sentence = (text) => (/[.!?]$/.test(text) ? text : `${text}.`);
+
 class Dashboard {
   constructor(session) {
     this.session = session;
@@ -74,33 +90,46 @@ class Dashboard {
     this.liveFrom = null; // events up to this id are history replayed at start
     // What was rendered, in order: for tests and debugging (window.pulseDashboard).
     this.log = { ids: [], count: 0 };
+    this.alertsLoaded = false;
+    this.failed = new Set(); // parts of the page given up on
+    this.stopped = false;
     this.telemetry = new TelemetryStream(session, {
       onEvents: (event) => this.pending.push(event),
       onState: () => this.renderConnection(),
       onAuthError: (error) => signOut(error.message),
+      onFatal: (error) => this.fail("telemetry", `Live telemetry refused: ${sentence(error.message)}`, error),
     });
     this.fleet = new FleetSocket(session, {
       onSummary: (summary) => this.setSummary(summary),
       onAlerts: (alerts) => this.setAlerts(alerts),
       onState: () => this.renderConnection(),
       onAuthError: (error) => signOut(error.message),
+      onFatal: (error) => {
+        this.fail("fleet", `Fleet status and alerts refused: ${sentence(error.message)}`, error);
+        if (!this.alertsLoaded) this.renderAlertsUnknown("Alerts could not be loaded.");
+      },
     });
     this.timers = [];
   }
 
   async start() {
     this.renderWho();
-    // The first paint from the REST API; the streams keep it current from there.
-    const [devices, summary, alerts, rules] = await Promise.all([
-      this.session.request("GET", "/api/v1/customer/devices"),
-      this.session.request("GET", "/api/v1/customer/fleet/summary").catch(soft),
-      this.session.request("GET", "/api/v1/customer/alerts", { status: "active" }).catch(soft),
-      this.session.request("GET", "/api/v1/customer/alert-rules").catch(soft),
-    ]);
-    this.setDevices(devices.devices);
-    if (summary) this.setSummary(summary);
-    if (alerts) this.setAlerts(alerts.alerts);
-    if (rules) this.rules = rules.rules || [];
+    // The first paint from the REST API, retried while the server is busy or
+    // unreachable; the streams keep it current from there.
+    const backoff = new Backoff(1000, 15000);
+    let loaded = false;
+    while (!loaded && !this.stopped) {
+      try {
+        await this.load();
+        loaded = true;
+        problems.clear("load");
+      } catch (error) {
+        if (!(error instanceof ApiError && error.transient)) throw error;
+        problems.set("load", `Could not load the dashboard: ${sentence(error.message)} Retrying.`);
+        await sleep(backoff.next());
+      }
+    }
+    if (this.stopped) return;
     const newest = await newestEventId(this.session);
     if (newest !== null) {
       this.liveFrom = newest;
@@ -114,7 +143,47 @@ class Dashboard {
     window.addEventListener("resize", () => this.resizeCharts());
   }
 
+  // The REST API's view of the fleet. Throws what the page cannot do without:
+  // the devices, and any refusal of the token or the tenant.
+  async load() {
+    const results = await Promise.allSettled([
+      this.session.request("GET", "/api/v1/customer/devices"),
+      this.session.request("GET", "/api/v1/customer/fleet/summary"),
+      this.session.request("GET", "/api/v1/customer/alerts", { status: "active" }),
+      this.session.request("GET", "/api/v1/customer/alert-rules"),
+    ]);
+    const errors = results.filter((r) => r.status === "rejected").map((r) => r.reason);
+    const blocking =
+      errors.find((e) => e instanceof AuthError) ||
+      errors.find(isTenantProblem) ||
+      (results[0].status === "rejected" ? results[0].reason : null);
+    if (blocking) throw blocking;
+    const [devices, summary, alerts, rules] = results.map((r) => r.value);
+    this.setDevices(devices.devices);
+    // The fleet WebSocket sends the summary and the alerts too: without them here
+    // the page waits for it. Without the rules, it cannot ask again.
+    if (summary) this.setSummary(summary);
+    if (alerts) this.setAlerts(alerts.alerts);
+    if (rules) this.rules = rules.rules || [];
+    else if (!optional(results[3].reason)) {
+      problems.set("rules", `Could not load the alert rules: ${sentence(results[3].reason.message)}`);
+    }
+  }
+
+  // Part of the page cannot work and the page cannot mend it: say so, in one line.
+  fail(part, message, error) {
+    if (isTenantProblem(error)) {
+      chooseTenant(error);
+      return;
+    }
+    problems.set(part, message);
+    this.failed.add(part);
+    if (part === "load") this.renderAlertsUnknown("Alerts could not be loaded.");
+    this.renderConnection();
+  }
+
   stop() {
+    this.stopped = true;
     this.telemetry.stop();
     this.fleet.stop();
     this.timers.forEach(clearInterval);
@@ -163,6 +232,7 @@ class Dashboard {
   }
 
   setAlerts(alerts) {
+    this.alertsLoaded = true;
     this.alerts = alerts.filter((a) => a.status !== "CLOSED");
     this.renderAlerts();
   }
@@ -380,6 +450,7 @@ class Dashboard {
       return li;
     });
     list.replaceChildren(...items);
+    $("alerts-empty").textContent = "No active alerts.";
     $("alerts-empty").hidden = this.alerts.length > 0;
     $("alert-count").textContent = this.alerts.length ? String(this.alerts.length) : "";
     // Visible from another tab: the count of active alerts in the title.
@@ -388,6 +459,13 @@ class Dashboard {
     for (const device of this.devices.values()) {
       device.nodes.card.classList.toggle("has-alert", alerting.has(device.id));
     }
+  }
+
+  renderAlertsUnknown(message) {
+    $("alert-list").replaceChildren();
+    $("alerts-empty").textContent = message;
+    $("alerts-empty").hidden = false;
+    $("alert-count").textContent = "";
   }
 
   alertButton(alert, action, label) {
@@ -430,7 +508,9 @@ class Dashboard {
 
   renderConnection() {
     const states = [this.telemetry.state, this.fleet.state];
-    const state = states.every((s) => s === "live")
+    const state = this.failed.has("load")
+      ? "offline"
+      : states.every((s) => s === "live")
       ? "live"
       : states.includes("offline")
         ? "offline"
@@ -442,10 +522,14 @@ class Dashboard {
     node.dataset.telemetry = this.telemetry.state;
     node.dataset.fleet = this.fleet.state;
     $("connection-label").textContent = { live: "Live", offline: "Offline", reconnecting: "Reconnecting", connecting: "Connecting" }[state];
-    const problems = [];
-    if (this.telemetry.state !== "live") problems.push(`telemetry: ${this.telemetry.detail || this.telemetry.state}`);
-    if (this.fleet.state !== "live") problems.push(`fleet: ${this.fleet.detail || this.fleet.state}`);
-    $("connection-detail").textContent = problems.join(" · ");
+    const details = [];
+    if (this.failed.has("load")) details.push("not loaded");
+    else {
+      if (this.telemetry.state !== "live") details.push(`telemetry: ${this.telemetry.detail || this.telemetry.state}`);
+      if (this.fleet.state !== "live") details.push(`fleet: ${this.fleet.detail || this.fleet.state}`);
+    }
+    $("connection-detail").textContent = details.join(" · ");
+    node.title = details.join("\n");
     const banner = $("banner");
     if (state === "reconnecting") {
       const since = this.telemetry.lastEventId;
@@ -459,17 +543,26 @@ class Dashboard {
   }
 
   renderWho() {
+    const parts = [];
     const tenant = this.session.tenantName;
-    const who = $("who");
-    who.textContent = "";
     if (tenant) {
-      who.append("tenant ");
-      who.append(el("strong", "", tenant));
+      const part = el("span", "", "tenant ");
+      part.append(el("strong", "", tenant));
+      parts.push(part);
     }
     const roles = this.session.roles.join(", ");
-    if (roles) who.append(` · ${roles}`);
+    if (roles) parts.push(el("span", "roles", roles));
     const expires = this.session.expiresAt;
-    if (expires) who.append(` · token until ${expires.toLocaleTimeString()}`);
+    if (expires) {
+      const part = el("span", "expiry", `token until ${localMoment(expires)}`);
+      part.title = `The token expires ${expires.toString()}`;
+      parts.push(part);
+    }
+    // Each separator goes with the part before it: a part hidden on phones takes its own.
+    parts.slice(0, -1).forEach((part) => part.append(" · "));
+    const who = $("who");
+    who.replaceChildren(...parts);
+    who.title = who.textContent;
   }
 
   // --- rules ----------------------------------------------------------------
@@ -510,11 +603,29 @@ class Dashboard {
   }
 }
 
-function soft(error) {
-  // A missing optional API (404) leaves its part of the page empty; auth problems do not.
-  if (error instanceof AuthError) throw error;
-  return null;
+// A server without this API (404) leaves its part of the page empty, silently.
+function optional(error) {
+  return error instanceof ApiError && error.status === 404;
 }
+
+// What is wrong and the page cannot mend, by part of the page, in one line under the top bar.
+const problems = {
+  lines: new Map(),
+  set(part, message) {
+    this.lines.set(part, message);
+    this.render();
+  },
+  clear(part) {
+    if (part === undefined) this.lines.clear();
+    else this.lines.delete(part);
+    this.render();
+  },
+  render() {
+    const node = $("problem");
+    node.textContent = [...this.lines.values()].join(" ");
+    node.hidden = this.lines.size === 0;
+  },
+};
 
 let toastTimer = null;
 function toast(message) {
@@ -527,23 +638,48 @@ function toast(message) {
 
 let dashboard = null;
 
-function signOut(message) {
+function close() {
   if (dashboard) dashboard.stop();
   dashboard = null;
+  problems.clear();
+}
+
+function signOut(message) {
+  close();
   Session.clear();
   showLogin(message);
 }
 
-function showLogin(message) {
-  $("login").hidden = false;
+// The token is fine but names no tenant (an operator's) or a malformed one: keep
+// the token, ask for the tenant.
+function chooseTenant(error) {
+  const session = Session.restore();
+  close();
+  if (!session) return showLogin("");
+  const message =
+    error.code === "tenant_required"
+      ? "This operator token is not tied to a tenant: choose a tenant to open its dashboard."
+      : `Choose another tenant: ${error.message}`;
+  showLogin(message, session);
+}
+
+// The sign-in form; with a session, only its tenant field (to choose a tenant for that token).
+function showLogin(message, session = null) {
+  const form = $("login");
+  form.hidden = false;
+  form.dataset.mode = session ? "tenant" : "token";
+  $("login-token").required = !session;
+  $("login-tenant").required = Boolean(session);
+  $("login-tenant").value = session ? session.tenant || "" : $("login-tenant").value;
   const error = $("login-error");
   error.textContent = message || "";
   error.hidden = !message;
-  $("login-token").focus();
+  (session ? $("login-tenant") : $("login-token")).focus();
 }
 
 async function open(session) {
   $("login").hidden = true;
+  problems.clear();
   dashboard = new Dashboard(session);
   window.pulseDashboard = {
     get ids() {
@@ -562,24 +698,29 @@ async function open(session) {
       return dashboard ? { telemetry: dashboard.telemetry.connections, fleet: dashboard.fleet.connections } : null;
     },
   };
+  const opened = dashboard;
   try {
-    await dashboard.start();
+    await opened.start();
   } catch (error) {
+    if (dashboard !== opened) return; // signed out meanwhile
     if (error instanceof AuthError) signOut(error.message);
+    else if (isTenantProblem(error)) chooseTenant(error);
     else if (error instanceof ApiError && error.status === 403) signOut(`Forbidden: ${error.message}`);
-    else toast(`Could not load the dashboard: ${error.message}`);
+    else opened.fail("load", `Could not load the dashboard: ${sentence(error.message)}`, error);
   }
 }
 
 function main() {
   $("login-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    const token = $("login-token").value.trim();
+    const held = $("login").dataset.mode === "tenant" ? Session.restore() : null;
+    const token = held ? held.token : $("login-token").value.trim();
     if (!token) return;
     Session.store(token, $("login-tenant").value);
     $("login-token").value = "";
     open(Session.restore());
   });
+  $("login-other").addEventListener("click", () => signOut(""));
   $("signout").addEventListener("click", () => signOut(""));
   $("chart-metric").addEventListener("change", (event) => dashboard && dashboard.setChartMetric(event.target.value));
   $("device-filter").addEventListener("input", (event) => dashboard && dashboard.setFilter(event.target.value));

@@ -3,8 +3,10 @@
 // - TelemetryStream: Server-Sent Events, resumed from the last event id, so
 //   that every event is rendered exactly once across disconnects and restarts;
 // - FleetSocket: the v2 WebSocket, subscribed to the fleet and alerts channels.
+// A refusal that a retry cannot change (a bad request, a forbidden tenant or
+// origin) stops the connection and goes to onFatal, with the reason.
 
-import { AuthError } from "./api.js";
+import { ApiError, AuthError } from "./api.js";
 
 const SSE_PATH = "/api/v1/customer/telemetry/stream/sse";
 const WS_PATH = "/api/v1/customer/telemetry/stream";
@@ -60,10 +62,11 @@ export class Backoff {
 
 // Shared by both connections: state, notifications and the reconnect schedule.
 class Reconnecting {
-  constructor(session, { onState, onAuthError }) {
+  constructor(session, { onState, onAuthError, onFatal }) {
     this.session = session;
     this.onState = onState;
     this.onAuthError = onAuthError;
+    this.onFatal = onFatal;
     this.backoff = new Backoff();
     this.state = "connecting";
     this.detail = "";
@@ -95,16 +98,27 @@ class Reconnecting {
     try {
       ticket = await this.session.ticket();
     } catch (error) {
-      if (error instanceof AuthError) {
-        this.stopped = true;
-        this.setState("offline", "signed out");
-        this.onAuthError(error);
-        return;
-      }
-      this.retry(`ticket: ${error.message}`);
+      if (!this.stopped) this.refused(error, "ticket");
       return;
     }
     if (!this.stopped) this.connect(ticket);
+  }
+
+  // The server said no: sign out, give up with the reason, or try again later.
+  refused(error, what) {
+    if (error instanceof AuthError) {
+      this.stopped = true;
+      this.close();
+      this.setState("offline", "signed out");
+      this.onAuthError(error);
+    } else if (error instanceof ApiError && !error.transient) {
+      this.stopped = true;
+      this.close();
+      this.setState("offline", `${what}: ${error.code || error.status}`);
+      this.onFatal(error);
+    } else {
+      this.retry(`${what}: ${error.message}`);
+    }
   }
 
   connected() {
@@ -124,18 +138,22 @@ class Reconnecting {
 }
 
 export class TelemetryStream extends Reconnecting {
-  constructor(session, { onEvents, onState, onAuthError }) {
-    super(session, { onState, onAuthError });
+  constructor(session, { onEvents, onState, onAuthError, onFatal }) {
+    super(session, { onState, onAuthError, onFatal });
     this.onEvents = onEvents;
     this.lastEventId = null;
     this.duplicates = 0;
     this.source = null;
   }
 
-  connect(ticket) {
-    const params = this.session.params({ ticket });
+  params(extra = {}) {
+    const params = this.session.params(extra);
     if (this.lastEventId !== null) params.set("last_event_id", String(this.lastEventId));
-    const source = new EventSource(`${SSE_PATH}?${params}`);
+    return params;
+  }
+
+  connect(ticket) {
+    const source = new EventSource(`${SSE_PATH}?${this.params({ ticket })}`);
     this.source = source;
     source.onopen = () => this.connected();
     source.onmessage = (message) => {
@@ -156,8 +174,22 @@ export class TelemetryStream extends Reconnecting {
       if (data.reason === "unknown_position") this.lastEventId = data.last_event_id;
     });
     source.addEventListener("lagging", () => this.retry("fell behind; resuming", 0));
-    // The browser would reconnect by itself, but with the spent ticket: take over.
-    source.onerror = () => this.retry(this.connections ? "connection lost" : "cannot connect");
+    source.onerror = () => {
+      // CLOSED: the server answered with an HTTP error, which EventSource does not
+      // show; ask it why. Otherwise the connection dropped, and the browser would
+      // reconnect by itself but with the spent ticket: take over.
+      if (source.readyState === EventSource.CLOSED) this.explainRefusal();
+      else this.retry(this.connections ? "connection lost" : "cannot connect");
+    };
+  }
+
+  async explainRefusal() {
+    this.close();
+    this.setState("reconnecting", "refused");
+    const error = await this.session.refusal(SSE_PATH, this.params());
+    if (this.stopped) return;
+    if (error) this.refused(error, "telemetry");
+    else this.retry("refused");
   }
 
   close() {
@@ -169,9 +201,18 @@ export class TelemetryStream extends Reconnecting {
   }
 }
 
+// What a WebSocket close reason means to the person looking at the page.
+const REFUSALS = {
+  origin_not_allowed:
+    "The server refuses WebSockets from this page's address (it is not in PULSE_ALLOWED_ORIGINS).",
+  tenant_required: "Operators must choose a tenant.",
+  forbidden: "This token does not give access to the fleet and alerts of this tenant.",
+};
+const CLOSES = { 1012: "server restarting", 4029: "connection limit reached" };
+
 export class FleetSocket extends Reconnecting {
-  constructor(session, { onSummary, onAlerts, onState, onAuthError }) {
-    super(session, { onState, onAuthError });
+  constructor(session, { onSummary, onAlerts, onState, onAuthError, onFatal }) {
+    super(session, { onState, onAuthError, onFatal });
     this.onSummary = onSummary;
     this.onAlerts = onAlerts;
     this.socket = null;
@@ -198,14 +239,14 @@ export class FleetSocket extends Reconnecting {
         this.onAuthError(new AuthError("Your token has expired."));
         return;
       }
-      if (event.code === 4003) {
-        // Forbidden (role, tenant or origin): retrying cannot help.
-        this.stopped = true;
-        this.setState("offline", `forbidden: ${event.reason || "no access"}`);
+      if (event.code === 4000 || event.code === 4003) {
+        // A bad request, or forbidden (role, tenant or origin): retrying cannot help.
+        const status = event.code === 4000 ? 400 : 403;
+        this.refused(new ApiError(status, event.reason, REFUSALS[event.reason]), "fleet");
         return;
       }
-      const why = event.code === 1012 ? "server restarting" : `closed (${event.code})`;
-      this.retry(this.connections ? why : "cannot connect");
+      const why = CLOSES[event.code] || `closed (${event.code})`;
+      this.retry(this.connections || event.code in CLOSES ? why : "cannot connect");
     };
   }
 
