@@ -18,7 +18,7 @@ from pulse.config import Settings
 from pulse.db.database import Database
 from pulse.db.migrate import migrate
 from pulse.db.pool import connect, create_pool
-from tests.support import TEST_SECRET, dsn_for, running_server
+from tests.support import TEST_SECRET, direct_writes, dsn_for, running_server
 
 
 @pytest.fixture(scope="session")
@@ -88,11 +88,6 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 def db(pool: asyncpg.Pool, database_url: str) -> Database:
     """The database seam over this test's pool (what Pulse's code takes)."""
     return Database(pool, database_url)
-
-
-def direct_writes() -> bool:
-    """PULSE_DIRECT_WRITES=0 runs the suite's servers the plain ASGI way (CI does both)."""
-    return os.environ.get("PULSE_DIRECT_WRITES", "1") not in ("0", "false", "no", "off")
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -22,6 +22,11 @@ from pulse.config import Settings
 from pulse.db.database import Database
 
 TEST_SECRET = "test-secret-please-change-0123456789"
+
+
+def direct_writes() -> bool:
+    """PULSE_DIRECT_WRITES=0 runs the suite's servers the plain ASGI way (CI does both)."""
+    return os.environ.get("PULSE_DIRECT_WRITES", "1") not in ("0", "false", "no", "off")
 
 
 def dsn_for(dsn: str, database: str) -> str:
@@ -232,3 +237,11 @@ def seam(pool: asyncpg.Pool, dsn: str = "") -> Database:
     """The database seam over a test's pool, for code that takes a Database (``dsn`` is
     needed only for dedicated connections)."""
     return Database(pool, dsn)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` on every turn of the loop until it holds, for at most ``timeout``
+    seconds: for what has no event of its own to wait on."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.001)

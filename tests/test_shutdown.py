@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.streams.sse_client import SSE_PATH, ResumingClient
-from tests.support import provision_device, pulse_serve, sse_events
+from tests.support import provision_device, pulse_serve, sse_events, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -88,8 +88,10 @@ async def test_rolling_restart_loses_nothing(
             for c in clients
         ]
         async with httpx.AsyncClient(base_url=b.url, timeout=20) as http:
+            written = 0
 
             async def write(n: int) -> None:
+                nonlocal written
                 for _ in range(n):
                     r = await http.post(
                         "/ingest/v1/tenant/t1/device/d1/telemetry",
@@ -97,10 +99,11 @@ async def test_rolling_restart_loses_nothing(
                         headers={"X-Provision-Token": device_token},
                     )
                     assert r.status_code == 201
-                    await asyncio.sleep(0.002)
+                    written += 1
+                    await asyncio.sleep(0.002)  # a steady trickle, not a burst
 
             writing = asyncio.gather(*(write(150) for _ in range(4)))
-            await asyncio.sleep(0.3)
+            await until(lambda: written >= 100, timeout=30)
             await a.stop()  # SIGTERM mid-stream
             await writing
         final.append(await pool.fetchval("SELECT last_event_id FROM tenants WHERE tenant_id='t1'"))

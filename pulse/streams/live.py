@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
@@ -32,6 +33,8 @@ from pulse.bus.hub import Hub
 from pulse.bus.store import EventStore
 from pulse.bus.subscription import Closing, Filters, Lagging, Subscription
 from pulse.errors import LAGGING, SERVER_RESTARTING, TOKEN_EXPIRED, ErrorCode
+
+log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 2000
 
@@ -136,9 +139,8 @@ class Live:
             if self.last_event_id is not None:
                 async for item in self._resume(self.last_event_id, newest):
                     yield item
-        sink = self if self._output is not None else None
         async with self.hub.subscribe(
-            self.tenant_id, self.filters, kind=self.kind, signals=self.signals, sink=sink
+            self.tenant_id, self.filters, kind=self.kind, signals=self.signals, sink=self
         ) as subscription:
             self.subscription = subscription
             self._consumer = asyncio.current_task()
@@ -171,7 +173,9 @@ class Live:
 
     def abort(self) -> None:
         if self._consumer is not None and not self._ended:
-            self._consumer.cancel()  # stuck writing to a client that stopped reading
+            # Stuck writing to a client that stopped reading.
+            log.warning("a lagging %s stream did not end by itself; cancelling it", self.kind)
+            self._consumer.cancel()
         if self._output is not None:
             # Ended or not, a client that has not read what was written to it by now
             # has stopped reading: its connection would otherwise stay open, holding

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -21,13 +21,7 @@ from pulse.bus.subscription import Subscription
 from pulse.db.errors import DatabaseUnavailable
 from pulse.ops.metrics import Metrics
 from tests.bus.memory import MemorySource, MemoryStore
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``condition`` on every turn of the loop, for at most ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 (what it waits for has no event of its own)
-            await asyncio.sleep(0.001)
+from tests.support import until
 
 
 def topic_tasks() -> list[asyncio.Task[Any]]:

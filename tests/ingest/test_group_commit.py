@@ -4,6 +4,7 @@ acknowledged before its transaction commits."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -14,7 +15,7 @@ from pulse.ingest.model import Accepted, Rejected, Submission
 from pulse.ingest.validation import Reading
 from pulse.ingest.writer import CHECK_AHEAD_FROM, TelemetryWriter, Written
 from tests.ingest.conftest import stored_rows
-from tests.support import provision_device, seam
+from tests.support import provision_device, seam, until
 
 NOW = datetime(2026, 11, 27, 17, 0, tzinfo=UTC)
 
@@ -23,18 +24,30 @@ def one(token: str, value: float) -> list[Submission]:
     return [Submission("t1", "dev-1", token, Reading(NOW, {"v": value}, None))]
 
 
+def held_first(sizes: list[int]) -> tuple[Callable[..., Awaitable[None]], asyncio.Event]:
+    """A hook that records each transaction's size and holds the first one open until
+    the returned event is set: whatever queues meanwhile forms the next group."""
+    release = asyncio.Event()
+
+    async def hook(conn: asyncpg.Connection, written: Written) -> None:
+        sizes.append(len(written.events))
+        if len(sizes) == 1:
+            await release.wait()
+
+    return hook, release
+
+
 async def test_concurrent_writes_share_transactions(pool: asyncpg.Pool, token: str) -> None:
     sizes: list[int] = []
-
-    async def count(conn: asyncpg.Connection, written: Written) -> None:
-        sizes.append(len(written.events))
-        await asyncio.sleep(0.01)  # a slow transaction lets the next group gather
-
-    writer = TelemetryWriter(seam(pool), hooks=[count])
-    outcomes = await asyncio.gather(*(writer.write(one(token, i)) for i in range(40)))
+    hold, release = held_first(sizes)
+    writer = TelemetryWriter(seam(pool), hooks=[hold])
+    writes = asyncio.gather(*(writer.write(one(token, i)) for i in range(40)))
+    await until(lambda: len(sizes) == 1)  # the first transaction is open; the rest queued
+    release.set()
+    outcomes = await asyncio.wait_for(writes, 10)
     ids = sorted(o[0].event_id for o in outcomes if isinstance(o[0], Accepted))  # type: ignore[type-var]
     assert ids == list(range(1, 41))
-    assert sum(sizes) == 40 and len(sizes) < 40 and max(sizes) > 1
+    assert sizes == [1, 39]
     # Each caller got the id of its own reading.
     rows = dict(await pool.fetch("SELECT (metrics->>'v')::int, id FROM telemetry"))
     assert all(rows[i] == o[0].event_id for i, o in enumerate(outcomes))  # type: ignore[union-attr]
@@ -46,10 +59,7 @@ async def test_concurrent_writes_for_the_same_tenants_share_transactions(
     """A batch naming two tenants groups with the batches naming the same two."""
     other = await provision_device(pool, "t2", "dev-1")
     sizes: list[int] = []
-
-    async def count(conn: asyncpg.Connection, written: Written) -> None:
-        sizes.append(len(written.events))
-        await asyncio.sleep(0.01)
+    hold, release = held_first(sizes)
 
     def both(value: int) -> list[Submission]:
         return [
@@ -57,9 +67,12 @@ async def test_concurrent_writes_for_the_same_tenants_share_transactions(
             Submission("t2", "dev-1", other, Reading(NOW, {"v": value}, None)),
         ]
 
-    writer = TelemetryWriter(seam(pool), hooks=[count])
-    outcomes = await asyncio.gather(*(writer.write(both(i)) for i in range(20)))
-    assert sum(sizes) == 40 and len(sizes) < 20 and max(sizes) > 2
+    writer = TelemetryWriter(seam(pool), hooks=[hold])
+    writes = asyncio.gather(*(writer.write(both(i)) for i in range(20)))
+    await until(lambda: len(sizes) == 1)
+    release.set()
+    outcomes = await asyncio.wait_for(writes, 10)
+    assert sizes == [2, 38]
     rows = {
         (row["tenant_id"], row["v"]): row["id"]
         for row in await pool.fetch(
@@ -93,8 +106,9 @@ async def test_no_acknowledgement_before_commit(pool: asyncpg.Pool, token: str) 
     async def die_before_commit(conn: asyncpg.Connection, written: Written) -> None:
         nonlocal armed
         if armed:
+            # The other writes queued behind this transaction before it got here
+            # (each queues at its first step; this one has been to the database).
             armed = False
-            await asyncio.sleep(0.02)  # let a group queue behind this transaction
             await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
 
     writer = TelemetryWriter(seam(pool), hooks=[die_before_commit])
@@ -147,16 +161,23 @@ async def test_checked_and_unchecked_writes_share_a_group(pool: asyncpg.Pool, to
     """Single readings (checked inside the transaction) and large writes (checked
     before) commit together, and each caller gets its own outcomes."""
     sizes: list[int] = []
+    hold, release = held_first(sizes)
+    admitted = 0
 
-    async def count(conn: asyncpg.Connection, written: Written) -> None:
-        sizes.append(len(written.events))
-        if len(sizes) == 1:
-            await asyncio.sleep(1.0)  # time for the large writes' checks
+    def admit(device: tuple[str, str]) -> None:
+        nonlocal admitted
+        admitted += 1  # once per message that authenticates
 
-    writer = TelemetryWriter(seam(pool), hooks=[count])
+    writer = TelemetryWriter(seam(pool), hooks=[hold], admit=admit)
     singles = [writer.write(one(token if i % 2 else "pdt_wrong", 1000 + i)) for i in range(10)]
     batches = [writer.write(many(token, 100 * b)) for b in range(3)]
-    results = await asyncio.gather(writer.write(one(token, 9999)), *singles, *batches)
+    writes = asyncio.gather(writer.write(one(token, 9999)), *singles, *batches)
+    # The first transaction holds while the large writes are checked beside it.
+    await until(lambda: len(sizes) == 1 and admitted == 1 + 3 * CHECK_AHEAD_FROM)
+    for _ in range(10):  # a checked write queues a few turns of the loop after its check
+        await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.wait_for(writes, 10)
     rows = dict(await pool.fetch("SELECT (metrics->>'v')::int, id FROM telemetry"))
     for i, outcome in enumerate(results[1:11]):
         assert outcome == ([Accepted(rows[1000 + i])] if i % 2 else outcome)

@@ -208,41 +208,6 @@ async def test_a_client_that_vanishes_without_a_close_frame_is_counted_out(
     await until_no_connections(url, pool)
 
 
-@pytest.mark.parametrize(("path", "tasks"), [(WS_PATH, 4), (V2_PATH, 5)])
-async def test_an_idle_websocket_runs_no_task_of_quarts(
-    url: str, path: str, tasks: int, make_token: Callable[..., str]
-) -> None:
-    """Per idle connection: hypercorn's connection and app tasks, the handler's
-    writer and reader, and on v2 the sender of its replies. Quart's own handling
-    would add two (a receiver and the handler), at about 700 bytes each."""
-    count = 20
-
-    def server_tasks() -> int:
-        # The websockets clients of this test run in this process too.
-        return sum(
-            "/websockets/" not in task.get_coro().cr_code.co_filename  # type: ignore[union-attr]
-            for task in asyncio.all_tasks()
-        )
-
-    async def connect(stack: contextlib.AsyncExitStack, n: int) -> None:
-        for _ in range(n):
-            ws = await stack.enter_async_context(open_ws(url, path, token=make_token("t1")))
-            if path == WS_PATH:
-                await recv(ws)
-            else:
-                await request(ws, {"action": "subscribe", "type": "fleet"})
-        await asyncio.sleep(0.2)
-
-    async with contextlib.AsyncExitStack() as stack:
-        # Counted between two numbers of connections: the tenant's own tasks
-        # (its fetcher) come with the first one.
-        await connect(stack, 1)
-        before = server_tasks()
-        await connect(stack, count)
-        # Rounded: a background task of the server may come or go meanwhile.
-        assert round((server_tasks() - before) / count) == tasks
-
-
 @BOTH
 async def test_internal_errors_close_1011(
     url: str,
