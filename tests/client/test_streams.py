@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -19,6 +20,7 @@ from pulse.client import (
     Notice,
     PulseClient,
     Telemetry,
+    WebSocketTelemetryStream,
 )
 from pulse.config import Settings
 from tests.client.conftest import table_events
@@ -206,6 +208,41 @@ async def test_websocket_renews_its_token_before_expiry(
         finally:
             writer.cancel()
     assert stream.connections == 1
+
+
+@pytest.mark.parametrize("stop", ["aclose", "cancel"])
+async def test_a_websocket_stopped_in_the_middle_of_a_replay_lets_go_at_once(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str], stop: str
+) -> None:
+    """No closing handshake behind thousands of queued events: it waited close_timeout (2 s)
+    for a close frame that the paused reading (the queue is full) would not get to."""
+    for _ in range(5):
+        await insert_readings(pool, "t1", readings(1000))
+    async with PulseClient(url, make_token()) as client:
+        stream = client.websocket(last_event_id=0)
+        received = asyncio.Event()
+        reader = asyncio.create_task(read(stream, 100, received, hold=stop == "aclose"))
+        await asyncio.wait_for(received.wait(), 10)
+        started = time.monotonic()
+        if stop == "aclose":
+            await stream.aclose()
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        assert time.monotonic() - started < 1.0
+        assert stream.last_event_id is not None and stream.last_event_id < 5000
+
+
+async def read(
+    stream: WebSocketTelemetryStream, n: int, received: asyncio.Event, *, hold: bool
+) -> None:
+    """Read events, telling ``received`` after ``n``; ``hold``: then stop reading."""
+    async with stream:
+        async for _ in stream:
+            n -= 1
+            if n == 0:
+                received.set()
+                if hold:
+                    await asyncio.Event().wait()
 
 
 async def test_rest_helpers(url: str, pool: asyncpg.Pool, make_token: Callable[..., str]) -> None:
