@@ -256,3 +256,41 @@ async def test_rest_helpers(url: str, pool: asyncpg.Pool, make_token: Callable[.
     async with PulseClient(url, "garbage") as client:
         with pytest.raises(AuthenticationFailed):
             await client.fleet_summary()
+
+
+async def test_alerts_come_from_every_page_and_changes_return_the_alert(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    admin = make_token(roles=("tenant-admin",), subject="ops-1")
+    devices = [f"d{i:02}" for i in range(60)]  # more than the server's page of 50
+    tokens = {device: await provision_device(pool, "t1", device) for device in devices}
+    rule = {"name": "hot", "metric": "temp", "operator": ">", "threshold": 30, "severity": 4}
+    hot = [
+        {"tenant_id": "t1", "device_id": d, "provision_token": t, "metrics": {"temp": 35.0}}
+        for d, t in tokens.items()
+    ]
+    async with httpx.AsyncClient(base_url=url) as http:
+        headers = {"Authorization": f"Bearer {admin}"}
+        r = await http.post("/api/v1/customer/alert-rules", json=rule, headers=headers)
+        assert r.status_code == 201
+        r = await http.post("/ingest/v1/batch", json={"messages": hot})
+        assert r.json()["accepted"] == 60
+
+    async with PulseClient(url, admin) as client:
+        active = await client.alerts()
+        assert sorted(a.device_id or "" for a in active) == devices
+        ids = [a.alert_id for a in active]
+        assert ids == sorted(ids, reverse=True)  # newest first
+        assert [a.alert_id for a in await client.alerts(page_size=7)] == ids
+        assert [a.alert_id async for a in client.iter_alerts(page_size=25)] == ids
+
+        acknowledged = await client.acknowledge_alert(ids[0])
+        assert (acknowledged.alert_id, acknowledged.status) == (ids[0], "ACKNOWLEDGED")
+        assert acknowledged.details["acknowledged_by"] == "ops-1"
+        closed = await client.close_alert(ids[1])
+        assert (closed.alert_id, closed.status) == (ids[1], "CLOSED")
+        assert closed.details["closed_by"] == "ops-1"
+
+        assert [a.alert_id for a in await client.alerts(page_size=10)] == [ids[0], *ids[2:]]
+        assert [a.alert_id for a in await client.alerts("CLOSED")] == [ids[1]]
+        assert len(await client.alerts(None)) == 60
