@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -15,6 +15,8 @@ from pulse.client.events import Alert, FleetSummary
 from pulse.client.sse import SSETelemetryStream, http_failure
 from pulse.client.stream import AuthRejected, NoticeHandler
 from pulse.client.websocket import V2Stream, WebSocketTelemetryStream
+
+ALERTS_PATH = "/api/v1/customer/alerts"
 
 
 class PulseClient:
@@ -123,12 +125,36 @@ class PulseClient:
     async def fleet_summary(self) -> FleetSummary:
         return FleetSummary.from_wire(await self._request("GET", "/api/v1/customer/fleet/summary"))
 
-    async def alerts(self, status: str = "active") -> list[Alert]:
-        body = await self._request("GET", "/api/v1/customer/alerts", params={"status": status})
-        return [Alert.from_wire(a) for a in body["alerts"]]
+    async def alerts(self, status: str | None = "active", *, page_size: int = 50) -> list[Alert]:
+        """Every alert with this ``status`` (None: every status), newest first.
 
-    async def acknowledge_alert(self, alert_id: int | str) -> None:
-        await self._request("POST", f"/api/v1/customer/alerts/{alert_id}/acknowledge")
+        Follows ``next_cursor`` through every page (``page_size`` alerts a
+        request, 1 to 500); ``iter_alerts`` yields them page by page instead.
+        """
+        return [alert async for alert in self.iter_alerts(status, page_size=page_size)]
+
+    async def iter_alerts(
+        self, status: str | None = "active", *, page_size: int = 50
+    ) -> AsyncIterator[Alert]:
+        """As ``alerts``, one page in memory at a time, fetched as the loop gets to it."""
+        params = {"limit": str(page_size)}
+        if status:
+            params["status"] = status
+        while True:
+            page = await self._request("GET", ALERTS_PATH, params=params)
+            for alert in page["alerts"]:
+                yield Alert.from_wire(alert)
+            if not page.get("next_cursor"):
+                return
+            params["cursor"] = str(page["next_cursor"])
+
+    async def acknowledge_alert(self, alert_id: int | str) -> Alert:
+        """Mark it ``ACKNOWLEDGED`` (tenant-admin); returns the alert as it is now."""
+        return Alert.from_wire(await self._request("POST", f"{ALERTS_PATH}/{alert_id}/acknowledge"))
+
+    async def close_alert(self, alert_id: int | str) -> Alert:
+        """Mark it ``CLOSED`` (tenant-admin); returns the alert as it is now."""
+        return Alert.from_wire(await self._request("POST", f"{ALERTS_PATH}/{alert_id}/close"))
 
     async def _request(
         self, method: str, path: str, *, params: dict[str, str] | None = None

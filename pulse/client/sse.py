@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 
 import httpx
 import orjson
@@ -12,7 +12,13 @@ from pulse.client.backoff import Backoff
 from pulse.client.credentials import Credentials
 from pulse.client.errors import BadRequest, Forbidden, PulseClientError
 from pulse.client.events import Telemetry
-from pulse.client.stream import AuthRejected, NoticeHandler, Reconnect, ReconnectingStream
+from pulse.client.stream import (
+    AuthRejected,
+    NoticeHandler,
+    Reconnect,
+    ReconnectingStream,
+    describe,
+)
 
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
 
@@ -103,7 +109,7 @@ class SSETelemetryStream(ReconnectingStream[Telemetry]):
         }
         return {k: v for k, v in params.items() if v}
 
-    async def _session(self, token: str) -> AsyncIterator[Telemetry]:
+    async def _session(self, token: str) -> AsyncGenerator[Telemetry, None]:
         headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
         if self.last_event_id is not None:
             headers["Last-Event-ID"] = str(self.last_event_id)
@@ -123,6 +129,8 @@ class SSETelemetryStream(ReconnectingStream[Telemetry]):
                         event = self._handle(message)
                         if event is not None:
                             yield event
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise Reconnect(f"cannot connect ({describe(exc)})") from exc
         except httpx.TransportError as exc:
             raise Reconnect(f"connection lost ({type(exc).__name__})") from exc
 

@@ -9,7 +9,8 @@ gone, ``AuthRejected`` when the token was refused, or one of the fatal
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import TracebackType
 from typing import Generic, TypeVar
 
@@ -46,6 +47,12 @@ class AuthRejected(Exception):
         super().__init__(code)
         self.code = code
         self.detail = detail
+
+
+def describe(exc: BaseException) -> str:
+    """An exception in one line, for a notice: its type, and its message if it has one."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 class ReconnectingStream(Generic[E]):
@@ -87,7 +94,7 @@ class ReconnectingStream(Generic[E]):
     ) -> None:
         await self.aclose()
 
-    def _session(self, token: str) -> AsyncIterator[E]:
+    def _session(self, token: str) -> AsyncGenerator[E, None]:
         raise NotImplementedError
 
     def _connected(self, detail: str = "") -> None:
@@ -104,8 +111,11 @@ class ReconnectingStream(Generic[E]):
         while True:
             token = await self.credentials.current()
             try:
-                async for event in self._session(token):
-                    yield event
+                # aclosing: a consumer that stops (aclose, an exception) closes the
+                # connection now, not whenever the garbage collector finalizes it.
+                async with contextlib.aclosing(self._session(token)) as session:
+                    async for event in session:
+                        yield event
                 reason = Reconnect("the server ended the stream")
             except Reconnect as exc:
                 reason = exc

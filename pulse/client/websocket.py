@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -21,7 +21,13 @@ from pulse.client.credentials import REFRESH_MARGIN_S, Credentials
 from pulse.client.errors import BadRequest, Forbidden, PulseClientError
 from pulse.client.events import AlertsUpdate, FleetSummary, Telemetry, V2Event
 from pulse.client.sse import csv, describe_position
-from pulse.client.stream import AuthRejected, NoticeHandler, Reconnect, ReconnectingStream
+from pulse.client.stream import (
+    AuthRejected,
+    NoticeHandler,
+    Reconnect,
+    ReconnectingStream,
+    describe,
+)
 
 E = TypeVar("E")
 
@@ -85,7 +91,7 @@ class _WebSocketStream(ReconnectingStream[E]):
             with contextlib.suppress(ConnectionClosed):
                 await self._ws.send(orjson.dumps(message).decode())
 
-    async def _session(self, token: str) -> AsyncIterator[E]:
+    async def _session(self, token: str) -> AsyncGenerator[E, None]:
         headers = {"Authorization": f"Bearer {token}"}
         try:
             async with connect(
@@ -113,6 +119,13 @@ class _WebSocketStream(ReconnectingStream[E]):
                             event = self._read(message)
                             if event is not None:
                                 yield event
+                except (GeneratorExit, asyncio.CancelledError):
+                    # The consumer stopped (aclose, cancellation). A closing handshake
+                    # would wait up to close_timeout: the server's close frame queues
+                    # behind every message not read yet, and reading is paused while
+                    # that queue is full (a replay). Nobody wants them: drop the line.
+                    ws.transport.abort()
+                    raise
                 finally:
                     self._ws = None
                     renew.cancel()
@@ -128,7 +141,7 @@ class _WebSocketStream(ReconnectingStream[E]):
             code = exc.rcvd.code if exc.rcvd else None
             raise close_failure(code, exc.rcvd.reason if exc.rcvd else "") from exc
         except (OSError, TimeoutError, InvalidHandshake) as exc:
-            raise Reconnect(f"cannot connect ({type(exc).__name__})") from exc
+            raise Reconnect(f"cannot connect ({describe(exc)})") from exc
 
     async def _renew_token(self, ws: ClientConnection) -> None:
         """Before the token expires, send a fresh one so the connection lives on."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -19,6 +20,7 @@ from pulse.client import (
     Notice,
     PulseClient,
     Telemetry,
+    WebSocketTelemetryStream,
 )
 from pulse.config import Settings
 from tests.client.conftest import table_events
@@ -208,6 +210,41 @@ async def test_websocket_renews_its_token_before_expiry(
     assert stream.connections == 1
 
 
+@pytest.mark.parametrize("stop", ["aclose", "cancel"])
+async def test_a_websocket_stopped_in_the_middle_of_a_replay_lets_go_at_once(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str], stop: str
+) -> None:
+    """No closing handshake behind thousands of queued events: it waited close_timeout (2 s)
+    for a close frame that the paused reading (the queue is full) would not get to."""
+    for _ in range(5):
+        await insert_readings(pool, "t1", readings(1000))
+    async with PulseClient(url, make_token()) as client:
+        stream = client.websocket(last_event_id=0)
+        received = asyncio.Event()
+        reader = asyncio.create_task(read(stream, 100, received, hold=stop == "aclose"))
+        await asyncio.wait_for(received.wait(), 10)
+        started = time.monotonic()
+        if stop == "aclose":
+            await stream.aclose()
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        assert time.monotonic() - started < 1.0
+        assert stream.last_event_id is not None and stream.last_event_id < 5000
+
+
+async def read(
+    stream: WebSocketTelemetryStream, n: int, received: asyncio.Event, *, hold: bool
+) -> None:
+    """Read events, telling ``received`` after ``n``; ``hold``: then stop reading."""
+    async with stream:
+        async for _ in stream:
+            n -= 1
+            if n == 0:
+                received.set()
+                if hold:
+                    await asyncio.Event().wait()
+
+
 async def test_rest_helpers(url: str, pool: asyncpg.Pool, make_token: Callable[..., str]) -> None:
     await provision_device(pool, "t1", "d1")
     async with PulseClient(url, make_token()) as client:
@@ -219,3 +256,41 @@ async def test_rest_helpers(url: str, pool: asyncpg.Pool, make_token: Callable[.
     async with PulseClient(url, "garbage") as client:
         with pytest.raises(AuthenticationFailed):
             await client.fleet_summary()
+
+
+async def test_alerts_come_from_every_page_and_changes_return_the_alert(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    admin = make_token(roles=("tenant-admin",), subject="ops-1")
+    devices = [f"d{i:02}" for i in range(60)]  # more than the server's page of 50
+    tokens = {device: await provision_device(pool, "t1", device) for device in devices}
+    rule = {"name": "hot", "metric": "temp", "operator": ">", "threshold": 30, "severity": 4}
+    hot = [
+        {"tenant_id": "t1", "device_id": d, "provision_token": t, "metrics": {"temp": 35.0}}
+        for d, t in tokens.items()
+    ]
+    async with httpx.AsyncClient(base_url=url) as http:
+        headers = {"Authorization": f"Bearer {admin}"}
+        r = await http.post("/api/v1/customer/alert-rules", json=rule, headers=headers)
+        assert r.status_code == 201
+        r = await http.post("/ingest/v1/batch", json={"messages": hot})
+        assert r.json()["accepted"] == 60
+
+    async with PulseClient(url, admin) as client:
+        active = await client.alerts()
+        assert sorted(a.device_id or "" for a in active) == devices
+        ids = [a.alert_id for a in active]
+        assert ids == sorted(ids, reverse=True)  # newest first
+        assert [a.alert_id for a in await client.alerts(page_size=7)] == ids
+        assert [a.alert_id async for a in client.iter_alerts(page_size=25)] == ids
+
+        acknowledged = await client.acknowledge_alert(ids[0])
+        assert (acknowledged.alert_id, acknowledged.status) == (ids[0], "ACKNOWLEDGED")
+        assert acknowledged.details["acknowledged_by"] == "ops-1"
+        closed = await client.close_alert(ids[1])
+        assert (closed.alert_id, closed.status) == (ids[1], "CLOSED")
+        assert closed.details["closed_by"] == "ops-1"
+
+        assert [a.alert_id for a in await client.alerts(page_size=10)] == [ids[0], *ids[2:]]
+        assert [a.alert_id for a in await client.alerts("CLOSED")] == [ids[1]]
+        assert len(await client.alerts(None)) == 60
