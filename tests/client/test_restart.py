@@ -8,7 +8,7 @@ import contextlib
 import random
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,19 @@ async def eventually(condition: Callable[[], bool], timeout: float = 30) -> None
             return
         await asyncio.sleep(0.05)
     raise TimeoutError("condition not met")
+
+
+async def committed(pool: asyncpg.Pool) -> int:
+    return int(await pool.fetchval("SELECT count(*) FROM telemetry WHERE tenant_id = 't1'"))
+
+
+async def eventually_async(
+    read: Callable[[], Awaitable[int]], holds: Callable[[int], bool], timeout: float = 30
+) -> None:
+    """Poll ``read()`` until ``holds`` its value."""
+    async with asyncio.timeout(timeout):
+        while not holds(await read()):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
 
 async def collect(stream: AsyncIterator[Telemetry], out: list[Telemetry]) -> None:
@@ -102,7 +115,9 @@ async def test_clients_resume_exactly_across_a_killed_server(
         try:
             await eventually(lambda: min(len(sse_events), len(ws_events), len(tail_events)) > 30)
             await server.kill()
-            await asyncio.sleep(0.5)  # rows keep committing while nobody serves them
+            # Rows keep committing while nobody serves them.
+            down_at = await committed(pool)
+            await eventually_async(lambda: committed(pool), lambda n: n >= down_at + 20)
             await server.start()
             before = len(sse_events), len(ws_events), len(tail_events)
             await eventually(

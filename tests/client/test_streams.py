@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,7 @@ from pulse.client import (
 )
 from pulse.config import Settings
 from tests.client.conftest import table_events
-from tests.support import insert_readings, provision_device, running_server
+from tests.support import insert_readings, provision_device, running_server, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,9 +95,25 @@ async def test_websocket_filters_follow_the_client(
         assert {e.device_id for e in await first} == {"d1"}
         await stream.subscribe(["d3"])
         await stream.set_metrics(["hum"])
-        await asyncio.sleep(0.2)  # let the server apply both before the next rows commit
+        collected: list[Telemetry] = []
+
+        async def collect() -> None:
+            async for event in iterator:
+                collected.append(event)
+
+        collecting = asyncio.create_task(collect())
+        # Both are applied once a probe of d3 arrives with its humidity only.
+        async with asyncio.timeout(10):
+            while not any(e.metrics == {"hum": -1.0} for e in collected):
+                await insert_readings(pool, "t1", [("d3", {"temp": 1.0, "hum": -1.0})])
+                with contextlib.suppress(TimeoutError):
+                    await until(lambda: any(e.metrics == {"hum": -1.0} for e in collected), 0.5)
         ids = await insert_readings(pool, "t1", readings(6))
-        later = await take(iterator, 4)
+        await until(lambda: len([e for e in collected if e.id in ids]) >= 4)
+        later = [e for e in collected if e.id in ids]
+        collecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await collecting
         assert stream.device_ids == {"d1", "d3"} and stream.metrics == {"hum"}
     assert [e.id for e in later] == [
         i for i, d in zip(ids, ["d1", "d2", "d3"] * 2, strict=True) if d != "d2"
