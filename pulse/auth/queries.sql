@@ -9,10 +9,15 @@ WITH expired AS (
 INSERT INTO stream_tickets (ticket_hash, subject, tenant_id, roles, token_expires_at, expires_at)
 VALUES ($1, $2, $3, $4, $5, least(clock_timestamp() + make_interval(secs => $6), $5));
 
--- name: redeem_ticket
--- Deleting is what makes a ticket single use on every process: of two
--- concurrent redeemers of one ticket, only one gets the row back.
-DELETE FROM stream_tickets
+-- name: lock_ticket
+-- The ticket's identity, locked until the redeeming transaction ends: of two
+-- concurrent redeemers of one ticket, the second waits, then finds it gone.
+SELECT subject, tenant_id, roles, token_expires_at
+  FROM stream_tickets
  WHERE ticket_hash = $1
    AND expires_at > clock_timestamp()
-RETURNING subject, tenant_id, roles, token_expires_at;
+   FOR UPDATE;
+
+-- name: spend_ticket
+-- Deleting is what makes a ticket single use on every process.
+DELETE FROM stream_tickets WHERE ticket_hash = $1;

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 
 from pulse.auth.principal import Principal
 from pulse.db.database import Database
@@ -38,20 +39,35 @@ async def issue_ticket(db: Database, principal: Principal) -> str:
     return ticket
 
 
-async def redeem_ticket(db: Database, ticket: str) -> Principal:
-    """The identity a ticket stands for; it cannot be used again. Raises invalid_ticket."""
-    row = None
-    if ticket.startswith(_PREFIX) and len(ticket) <= _MAX_LENGTH:
-        row = await db.fetchrow(Q["redeem_ticket"], _hash(ticket))
-    if row is None:
-        raise ApiError(
-            INVALID_TICKET, "The ticket is unknown, already used or expired; request a new one."
+async def redeem_ticket(
+    db: Database, ticket: str, accept: Callable[[Principal], object] = lambda _: None
+) -> Principal:
+    """The identity a ticket stands for, once ``accept`` has taken it; it cannot be used again.
+
+    ``accept`` checks what the request asks of that identity (its tenant, its
+    parameters) and raises to refuse it: a refused request leaves the ticket
+    unspent, for the corrected request. Raises invalid_ticket.
+    """
+    if not (ticket.startswith(_PREFIX) and len(ticket) <= _MAX_LENGTH):
+        raise _invalid()
+    async with db.transaction() as conn:
+        row = await conn.fetchrow(Q["lock_ticket"], _hash(ticket))
+        if row is None:
+            raise _invalid()
+        principal = Principal(
+            subject=row["subject"],
+            tenant_id=row["tenant_id"],
+            roles=frozenset(row["roles"]),
+            expires_at=row["token_expires_at"],
         )
-    return Principal(
-        subject=row["subject"],
-        tenant_id=row["tenant_id"],
-        roles=frozenset(row["roles"]),
-        expires_at=row["token_expires_at"],
+        accept(principal)  # raising rolls the transaction back: the ticket stays
+        await conn.execute(Q["spend_ticket"], _hash(ticket))
+    return principal
+
+
+def _invalid() -> ApiError:
+    return ApiError(
+        INVALID_TICKET, "The ticket is unknown, already used or expired; request a new one."
     )
 
 

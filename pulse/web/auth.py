@@ -7,6 +7,7 @@ tenant acted on. Everything raises ``ApiError``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from quart import g, has_websocket_context, request, websocket
@@ -55,9 +56,16 @@ def find_credential(
 
 
 async def authenticate_request(
-    *, allow_query: bool = False, roles: frozenset[str] | None = None
+    *,
+    allow_query: bool = False,
+    roles: frozenset[str] | None = None,
+    accept: Callable[[Principal], object] = lambda _: None,
 ) -> Principal:
-    """The verified caller of the current request or WebSocket; ``roles``: any one required."""
+    """The verified caller of the current request or WebSocket; ``roles``: any one required.
+
+    ``accept`` checks the rest of the request against the caller (its tenant) and
+    raises to refuse it; a stream ticket is spent only once it has accepted.
+    """
     source = websocket if has_websocket_context() else request
     token = find_credential(source.headers, source.cookies, source.args, allow_query=allow_query)
     ticket = source.args.get("ticket") if allow_query and token is None else None
@@ -67,13 +75,18 @@ async def authenticate_request(
             if allow_query:
                 where += ", or the token or ticket query parameter"
             raise ApiError(MISSING_TOKEN, f"Send a token in {where}.")
+
+        def checked(principal: Principal) -> None:
+            if roles is not None:
+                require_roles(principal, roles)
+            accept(principal)
+
         if token is not None:
             principal = await runtime().verifier.verify(token)
+            checked(principal)
         else:
             assert ticket
-            principal = await redeem_ticket(runtime().db, ticket)
-        if roles is not None:
-            require_roles(principal, roles)
+            principal = await redeem_ticket(runtime().db, ticket, checked)
     except ApiError as exc:
         if exc.status == 401:
             exc.headers.update(_CHALLENGE)

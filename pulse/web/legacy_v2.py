@@ -12,6 +12,7 @@ import time
 
 from quart import Blueprint, websocket
 
+from pulse.auth.principal import Principal
 from pulse.bus.events import encoded
 from pulse.bus.subscription import Filters
 from pulse.streams.legacy_v2.protocol import (
@@ -44,11 +45,8 @@ async def legacy_websocket() -> None:
 
 async def _serve(connection: Connection) -> None:
     rt = runtime()
-    principal = await authenticate_request(allow_query=True)
-    if principal.is_operator and not websocket.args.get("tenant_id"):
-        tenant_id = None  # the seed's placeholder context: every tenant, no devices
-    else:
-        tenant_id = request_tenant(principal)
+    principal = await authenticate_request(allow_query=True, accept=_tenant)
+    tenant_id = _tenant(principal)
     session = Session(
         tenant_id,
         keepalive_s=rt.settings.ws_keepalive_s,
@@ -78,6 +76,14 @@ async def _serve(connection: Connection) -> None:
         await connection.run(
             _pump(connection, session, stream, pushes), _read(connection, session, stream, pushes)
         )
+
+
+def _tenant(principal: Principal) -> str | None:
+    """The tenant acted on; None: the seed's placeholder context of an operator without
+    tenant_id (every tenant, no devices)."""
+    if principal.is_operator and not websocket.args.get("tenant_id"):
+        return None
+    return request_tenant(principal)
 
 
 class _Pushes:

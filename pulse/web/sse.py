@@ -34,8 +34,7 @@ HEADERS = {
 @blueprint.get("/api/v1/customer/telemetry/stream/sse")
 async def telemetry_sse() -> Response:
     rt = runtime()
-    principal = await authenticate_request(allow_query=True)
-    tenant_id = request_tenant(principal)
+    # Parameters first: a request refused for them does not spend its ticket.
     try:
         filters = parse_filters(request.args, max_device_filters=rt.settings.max_device_filters)
         last_event_id = parse_event_id(
@@ -43,6 +42,8 @@ async def telemetry_sse() -> Response:
         )
     except BadParameter as exc:
         raise ApiError(INVALID_PARAMETER, str(exc)) from exc
+    principal = await authenticate_request(allow_query=True, accept=request_tenant)
+    tenant_id = request_tenant(principal)
     try:
         await rt.limits.check(tenant_id)
     except LimitReached as exc:

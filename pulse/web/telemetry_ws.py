@@ -36,13 +36,14 @@ async def telemetry_websocket() -> None:
 
 async def _serve(connection: Connection) -> None:
     rt = runtime()
-    principal = await authenticate_request(allow_query=True)
-    tenant_id = request_tenant(principal)
+    # Parameters first: a request refused for them does not spend its ticket.
     try:
         filters = parse_filters(websocket.args, max_device_filters=rt.settings.max_device_filters)
         last_event_id = parse_event_id(websocket.args.get("last_event_id"))
     except BadParameter:
         raise Close.of(INVALID_PARAMETER) from None
+    principal = await authenticate_request(allow_query=True, accept=request_tenant)
+    tenant_id = request_tenant(principal)
     async with rt.limits.hold("websocket", tenant_id):
         stream = Live(
             rt.hub,

@@ -124,3 +124,29 @@ async def test_issuing_a_ticket_needs_a_token_in_a_header_or_cookie(
     http.cookies.clear()
     r = await http.post(TICKET_PATH, headers={"Authorization": f"Bearer {r.json()['ticket']}"})
     assert r.status_code == 401
+
+
+async def test_a_request_refused_for_its_parameters_or_tenant_does_not_spend_its_ticket(
+    server: str, http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """Issue #19 item 3: the corrected request still opens the stream with the same ticket."""
+    ticket = await new_ticket(http, make_token("t1"))
+    r = await http.get(SSE_PATH, params={"ticket": ticket, "last_event_id": "x"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_parameter"
+    assert await close_of(server, WS_PATH, ticket=ticket, metric="no spaces") == (
+        4000,
+        "invalid_parameter",
+    )
+    r = await http.get(SSE_PATH, params={"ticket": ticket, "tenant_id": "t2"})
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"
+    async with open_ws(server, WS_PATH, ticket=ticket) as ws:
+        assert (await recv(ws))["type"] == "connected"
+    assert await pool.fetchval("SELECT count(*) FROM stream_tickets") == 0
+
+    operator = await new_ticket(http, make_token(None, roles=("operator",)))
+    r = await http.get(SSE_PATH, params={"ticket": operator})
+    assert r.status_code == 400 and r.json()["error"] == "tenant_required"
+    async with http.stream("GET", SSE_PATH, params={"ticket": operator, "tenant_id": "t9"}) as r:
+        assert r.status_code == 200
+    r = await http.get(SSE_PATH, params={"ticket": operator, "tenant_id": "t9"})
+    assert r.status_code == 401 and r.json()["error"] == "invalid_ticket"
