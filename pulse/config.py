@@ -47,7 +47,9 @@ class Settings:
     retention_interval_s: float = 60.0
     shutdown_timeout_s: float = 10.0
     ingest_rate_per_device: float = 100.0
-    ingest_burst_per_device: int = 200
+    # One full batch (pulse.ingest.intake.MAX_BATCH) from one device: a device
+    # uploading its backlog after a night offline gets it accepted whole.
+    ingest_burst_per_device: int = 1000
     ingest_rate_per_tenant: float = 10_000.0
     ingest_burst_per_tenant: int = 20_000
     # Concurrent single-reading requests of one tenant share one transaction.

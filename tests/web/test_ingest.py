@@ -460,15 +460,11 @@ async def test_batch_of_1000_is_accepted_and_1001_is_not(
     assert_error(too_many, 400, "invalid_payload")
     assert "1001" in too_many.json()["detail"]
     assert await stored_rows(pool) == 0
-    # The default burst is 200 readings per device: spread 1000 over 5 devices.
-    tokens = [token] + [await provision_device(pool, "t1", f"dev-{i}") for i in range(2, 6)]
+    # One device's backlog (issue #19 item 1): a night of readings, a full batch of
+    # them backdated, is accepted whole at the default limits.
+    start = datetime.now(UTC) - timedelta(hours=8)
     messages = [
-        {
-            "tenant_id": "t1",
-            "device_id": f"dev-{1 + i % 5}",
-            "provision_token": tokens[i % 5],
-            "metrics": {"i": i},
-        }
+        message | {"metrics": {"i": i}, "ts": (start + timedelta(seconds=i)).isoformat()}
         for i in range(1000)
     ]
     response = await http.post(BATCH, json={"messages": messages})
@@ -477,6 +473,12 @@ async def test_batch_of_1000_is_accepted_and_1001_is_not(
     assert body["accepted"] == 1000
     assert [r["id"] for r in body["results"]] == list(range(1, 1001))
     assert await stored_rows(pool) == 1000
+    # The next batch is paced by the rate: what is over it waits for Retry-After.
+    response = await http.post(BATCH, json={"messages": messages})
+    assert response.json()["accepted"] < 1000
+    assert {r["reason"] for r in response.json()["results"] if r["status"] == "rejected"} == {
+        "rate_limited"
+    }
 
 
 async def test_endpoints_are_documented(http: httpx.AsyncClient) -> None:
