@@ -8,13 +8,14 @@ when it ends. Handlers find it with ``pulse.web.runtime()``.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from types import TracebackType
 
 from quart import Quart
 from quart_schema import QuartSchema
 
 from pulse import dashboard
 from pulse.config import Settings
-from pulse.runtime import open_runtime
+from pulse.runtime import StartupError, open_runtime
 from pulse.web import (
     RUNTIME,
     devices,
@@ -45,9 +46,19 @@ BLUEPRINTS = (
 )
 
 
+class PulseApp(Quart):
+    def log_exception(
+        self,
+        exception_info: tuple[type, BaseException, TracebackType] | tuple[None, None, None],
+    ) -> None:
+        # A StartupError is the operator's one line (pulse serve prints it), not a bug.
+        if not isinstance(exception_info[1], StartupError):
+            super().log_exception(exception_info)
+
+
 def create_app(settings: Settings | None = None) -> Quart:
     settings = settings or Settings.from_env()
-    app = Quart("pulse")
+    app = PulseApp("pulse")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     QuartSchema(
         app,

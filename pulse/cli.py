@@ -54,15 +54,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.run(args, settings)
     elif args.command == "serve":
         from pulse import serving
+        from pulse.runtime import StartupError
 
         port = args.port or settings.port
         workers = args.workers or settings.workers
-        if args.fd is not None:
-            serving.run(serving.serve_forever(settings, f"fd://{args.fd}"))
-        elif workers > 1:
-            sys.exit(serving.serve_workers(settings, args.host, port, workers))
-        else:
-            serving.run(serving.serve_forever(settings, f"{args.host}:{port}"))
+        try:
+            if args.fd is not None:
+                serving.run(serving.serve_forever(settings, f"fd://{args.fd}"))
+            elif workers > 1:
+                sys.exit(serving.serve_workers(settings, args.host, port, workers))
+            else:
+                sock = serving.listen(args.host, port)
+                serving.run(serving.serve_forever(settings, f"fd://{sock.fileno()}"))
+        except StartupError as exc:
+            sys.exit(f"pulse serve: {exc}")
     elif args.command == "migrate":
         asyncio.run(run_migrations(settings))
     elif args.command == "token":
@@ -85,15 +90,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 async def run_migrations(settings: Settings) -> None:
-    from pulse.db.migrate import migrate
-    from pulse.db.pool import connect
+    from pulse.db.database import Database
+    from pulse.db.errors import DatabaseUnavailable
+    from pulse.db.migrate import MigrationError, migrate
 
     async def apply(dsn: str) -> None:
-        conn = await connect(dsn)
         try:
-            applied = await migrate(conn)
-        finally:
-            await conn.close()
+            async with Database.open(dsn, pool_size=1) as db, db.connection() as conn:
+                applied = await migrate(conn)
+        except DatabaseUnavailable as exc:
+            sys.exit(f"pulse migrate: cannot use the database {exc}")
+        except MigrationError as exc:
+            sys.exit(f"pulse migrate: {exc}")
         print("applied: " + ", ".join(applied) if applied else "database is up to date")
 
     if settings.database_url:

@@ -28,6 +28,8 @@ from pulse.bus.store import EventStore
 from pulse.config import Settings
 from pulse.db.database import Database
 from pulse.db.embedded import embedded_database
+from pulse.db.errors import DatabaseUnavailable
+from pulse.db.migrate import MigrationError, pending
 from pulse.db.retention import run_retention
 from pulse.fleet.rules import evaluate_alerts
 from pulse.fleet.sweeper import StatusSweeper
@@ -64,14 +66,20 @@ class Runtime:
         self.hub.drain()
 
 
+class StartupError(Exception):
+    """What keeps the process from starting, in one sentence for the operator."""
+
+
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    if not settings.jwt_secret and not settings.jwks_url:
+        raise StartupError(
+            "no way to verify tokens: set PULSE_JWT_SECRET (HS256) or PULSE_JWKS_URL "
+            "(your identity provider's keys)"
+        )
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
-        dsn = settings.database_url
-        if not dsn:
-            dsn = await stack.enter_async_context(embedded_database(settings.data_dir))
-        db = await stack.enter_async_context(Database.open(dsn, pool_size=settings.db_pool_size))
+        db = await _open_database(stack, settings)
 
         limits = ConnectionLimits(
             db,
@@ -134,3 +142,24 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             supervisor=supervisor,
             started_at=time.monotonic(),
         )
+
+
+async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -> Database:
+    """DATABASE_URL's database, which must be migrated, or the embedded one, migrated here."""
+    try:
+        dsn = settings.database_url
+        if not dsn:
+            dsn = await stack.enter_async_context(embedded_database(settings.data_dir))
+        db = await stack.enter_async_context(Database.open(dsn, pool_size=settings.db_pool_size))
+        async with db.connection() as conn:
+            missing = await pending(conn)
+    except DatabaseUnavailable as exc:
+        raise StartupError(f"cannot use the database {exc}") from exc
+    except MigrationError as exc:
+        raise StartupError(f"cannot migrate the embedded database: {exc}") from exc
+    if missing:
+        raise StartupError(
+            f"the database {db.describe()} is not migrated ({len(missing)} migrations to "
+            f"apply, from {missing[0]}): run `pulse migrate` with the same DATABASE_URL"
+        )
+    return db

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -43,9 +44,15 @@ class Database:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, dsn: str, *, pool_size: int = 10) -> AsyncIterator[Database]:
-        """A pool of up to ``pool_size`` connections, closed when the block ends."""
-        with translated():
+        """A pool of up to ``pool_size`` connections, closed when the block ends.
+
+        Any failure to connect (refused, no such database, wrong password) raises
+        DatabaseUnavailable, saying which database without its credentials.
+        """
+        try:
             pool = await create_pool(dsn, max_size=pool_size)
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            raise DatabaseUnavailable(f"{describe(dsn)}: {exc or type(exc).__name__}") from exc
         try:
             yield cls(pool, dsn)
         finally:
@@ -103,6 +110,17 @@ class Database:
         finally:
             conn.terminate()
 
+    def describe(self) -> str:
+        return describe(self.dsn)
+
     def pool_usage(self) -> tuple[int, int]:
         """(connections open, of which idle)."""
         return self.pool.get_size(), self.pool.get_idle_size()
+
+
+def describe(dsn: str) -> str:
+    """host:port/database of a connection URL, never its user or password."""
+    parts = urlsplit(dsn)
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host}{port}{parts.path or '/'}"

@@ -22,17 +22,35 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
     Yields its connection URL and stops the server when the last user in this
     machine lets go of it.
     """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _chatter_to(data_dir / "pgserver.log")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from pgserver.postgres_server import get_server
 
-        data_dir.mkdir(parents=True, exist_ok=True)
         server = get_server(data_dir / "pgdata", cleanup_mode="stop")
-    log.info("embedded PostgreSQL running with data in %s", data_dir / "pgdata")
+    log.info(
+        "embedded PostgreSQL running with data in %s (log: %s)",
+        data_dir / "pgdata",
+        data_dir / "pgserver.log",
+    )
     try:
         yield str(server.get_uri())
     finally:
         server.cleanup()
+
+
+def _chatter_to(path: Path) -> None:
+    """pgserver logs every command it runs and its whole output (initdb's is 40 lines) at
+    INFO, up to its exit handler: into a file of the data directory, not the console."""
+    chatter = logging.getLogger("pgserver")
+    for old in list(chatter.handlers):
+        chatter.removeHandler(old)
+        old.close()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    chatter.addHandler(handler)
+    chatter.propagate = False
 
 
 @contextlib.asynccontextmanager
@@ -44,11 +62,9 @@ async def embedded_database(data_dir: Path) -> AsyncIterator[str]:
     try:
         conn = await connect(dsn)
         try:
-            applied = await migrate(conn)
+            await migrate(conn)  # each migration applied is logged
         finally:
             await conn.close()
-        if applied:
-            log.info("embedded database migrated: %s", ", ".join(applied))
         yield dsn
     finally:
         await loop.run_in_executor(None, server.__exit__, None, None, None)

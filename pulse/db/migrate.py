@@ -45,6 +45,17 @@ def discover(package: str = "pulse.migrations") -> list[Migration]:
     return found
 
 
+async def pending(conn: asyncpg.Connection) -> list[str]:
+    """The migrations this database still lacks (all of them when it never was migrated)."""
+    table = await conn.fetchval("SELECT to_regclass('pulse_migrations')")
+    applied = (
+        set()
+        if table is None
+        else {r[0] for r in await conn.fetch("SELECT version FROM pulse_migrations")}
+    )
+    return [m.name for m in discover() if m.version not in applied]
+
+
 async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
     """Apply what is missing; return the names applied by this call."""
     migrations = discover() if migrations is None else migrations

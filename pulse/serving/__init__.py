@@ -24,6 +24,7 @@ from quart import Quart
 
 from pulse.app import create_app, drain
 from pulse.config import Settings
+from pulse.runtime import StartupError
 from pulse.serving import tuning
 from pulse.streams.messages import MAX_INBOUND_BYTES
 
@@ -71,11 +72,19 @@ def hypercorn_config(settings: Settings, bind: str) -> Any:
 
 
 async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
-    """Serve ``app`` until ``stop`` is set, then shut down gracefully (streams first)."""
+    """Serve ``app`` until ``stop`` is set, then shut down gracefully (streams first).
+
+    Raises StartupError, with the operator's one sentence, when the app cannot start.
+    """
     from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.utils import LifespanFailureError
 
     tuning.apply(app)
-    await hypercorn_serve(app, config, shutdown_trigger=_streams_first(app, stop))  # type: ignore[arg-type]
+    try:
+        await hypercorn_serve(app, config, shutdown_trigger=_streams_first(app, stop))  # type: ignore[arg-type]
+    except LifespanFailureError as exc:
+        # hypercorn 0.18 words it "Lifespan failure in startup. '<the app's error>'".
+        raise StartupError(str(exc).partition(". ")[2].strip("'")) from None
 
 
 def _streams_first(app: Quart, stop: asyncio.Event) -> Callable[[], Awaitable[None]]:
@@ -84,6 +93,17 @@ def _streams_first(app: Quart, stop: asyncio.Event) -> Callable[[], Awaitable[No
         drain(app)
 
     return trigger
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything starts: a port in use is one clear line."""
+    try:
+        sock = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupError(f"cannot listen on {host}:{port}: {reason}") from exc
+    sock.set_inheritable(True)
+    return sock
 
 
 async def serve_forever(settings: Settings, bind: str) -> None:
@@ -122,8 +142,7 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
     between them goes through Postgres like between machines. With no
     DATABASE_URL the embedded database is started here, once, for all of them.
     """
-    sock = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
-    sock.set_inheritable(True)
+    sock = listen(host, port)
     with contextlib.ExitStack() as stack:
         env = dict(os.environ)
         if not settings.database_url:
