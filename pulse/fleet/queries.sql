@@ -55,19 +55,26 @@ SELECT pg_try_advisory_lock($1::bigint)
 -- has locked are skipped: that device is being seen right now. The rows are
 -- locked in key order like ingest's touch_devices, so the two cannot deadlock.
 -- A device nobody ever saw is OFFLINE from the start and never moves here.
+-- $5, when given, is when this sweeper began to sweep: silence before it is
+-- not the device's (the servers were away, and devices could not report), so a
+-- device's silence is counted from then at the earliest (greatest ignores NULL).
 WITH clock AS (
     SELECT coalesce($1::timestamptz, now()) AS now,
            make_interval(secs => $2::float8) AS stale_after,
-           make_interval(secs => $3::float8) AS offline_after
+           make_interval(secs => $3::float8) AS offline_after,
+           $5::timestamptz AS since
 ), due AS (
     SELECT d.tenant_id, d.device_id, d.status AS previous, d.last_seen_at,
-           CASE WHEN d.last_seen_at IS NULL OR d.last_seen_at < c.now - c.offline_after
+           CASE WHEN d.last_seen_at IS NULL
+                  OR greatest(d.last_seen_at, c.since) < c.now - c.offline_after
                 THEN 'OFFLINE' ELSE 'STALE' END AS status
       FROM devices d, clock c
      WHERE (d.status = 'ONLINE'
-            AND (d.last_seen_at IS NULL OR d.last_seen_at < c.now - c.stale_after))
+            AND (d.last_seen_at IS NULL
+                 OR greatest(d.last_seen_at, c.since) < c.now - c.stale_after))
         OR (d.status = 'STALE'
-            AND (d.last_seen_at IS NULL OR d.last_seen_at < c.now - c.offline_after))
+            AND (d.last_seen_at IS NULL
+                 OR greatest(d.last_seen_at, c.since) < c.now - c.offline_after))
      ORDER BY d.tenant_id, d.device_id
        FOR UPDATE OF d SKIP LOCKED
 ), moved AS (

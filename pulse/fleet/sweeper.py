@@ -50,14 +50,17 @@ async def sweep_statuses(
     stale_after_s: float,
     offline_after_s: float,
     now: datetime | None = None,
+    since: datetime | None = None,
 ) -> Swept:
-    """One set-based pass over every device of every tenant."""
+    """One set-based pass over every device of every tenant; silence before ``since``
+    (when sweeping began) is not counted."""
     row = await conn.fetchrow(
         Q["sweep_statuses"],
         now,
         stale_after_s,
         offline_after_s,
         NO_HEARTBEAT_SEVERITY,
+        since,
         timeout=QUERY_TIMEOUT_S,
     )
     return Swept(row["stale"], row["offline"], row["alerts_opened"])
@@ -78,6 +81,7 @@ class StatusSweeper:
         interval_s: float | None = None,
         clock: Clock = lambda: None,
         lock_key: int = SWEEPER_LOCK_KEY,
+        forgive_downtime: bool = True,
     ) -> None:
         self._db = db
         self._stale_after_s = stale_after_s
@@ -85,6 +89,11 @@ class StatusSweeper:
         self.interval_s = interval_s or default_interval(stale_after_s)
         self._clock = clock
         self._lock_key = lock_key
+        # Not blaming devices for the servers' own absence: when this sweeper takes
+        # the lead, a device's silence is counted from then at the earliest, so a
+        # restart after a long outage does not open a NO_HEARTBEAT alert for every
+        # device seconds before it reports again.
+        self._forgive_downtime = forgive_downtime
         self.leading = asyncio.Event()
         self.sweeps = 0
         self.rounds = 0  # lock attempts and sweeps
@@ -111,6 +120,11 @@ class StatusSweeper:
         ):
             await self._round_finished()
             await asyncio.sleep(self.interval_s)
+        since = None
+        if self._forgive_downtime:
+            since = await conn.fetchval(
+                "SELECT coalesce($1::timestamptz, now())", self._clock(), timeout=QUERY_TIMEOUT_S
+            )
         self.leading.set()
         log.info("this process now sweeps device statuses")
         while True:
@@ -119,6 +133,7 @@ class StatusSweeper:
                 stale_after_s=self._stale_after_s,
                 offline_after_s=self._offline_after_s,
                 now=self._clock(),
+                since=since,
             )
             self.sweeps += 1
             if swept.stale or swept.offline:

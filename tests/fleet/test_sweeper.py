@@ -75,6 +75,7 @@ async def test_online_stale_offline_online(
         offline_after_s=OFFLINE_S,
         interval_s=0.01,
         clock=clock,
+        forgive_downtime=False,  # the thresholds alone (the grace is tested below)
     )
 
     async def at(moment: datetime) -> list[tuple[str, str]]:
@@ -114,6 +115,45 @@ async def test_online_stale_offline_online(
     # A device already ONLINE that is seen again changes nothing.
     await fleet.send("dev-1", {"temp": 21})
     assert kinds(await notifications.since_last()) == []
+
+
+async def test_silence_while_no_server_swept_is_not_the_devices(
+    fleet: Fleet, notifications: Notifications, database_url: str
+) -> None:
+    """Issue #22 item 8: after an outage longer than the thresholds, a device is judged
+    by its silence since sweeping began, not since it was last seen."""
+    pool = fleet.pool
+    await fleet.send("dev-1", {"temp": 20})
+    await notifications.since_last()
+    seen = await last_seen(pool)
+    start = seen + timedelta(hours=1)  # the servers were down for an hour
+    clock = Clock(start)
+    sweeper = StatusSweeper(
+        seam(pool, database_url),
+        stale_after_s=STALE_S,
+        offline_after_s=OFFLINE_S,
+        interval_s=0.01,
+        clock=clock,
+    )
+
+    async def at(moment: datetime) -> list[tuple[str, str]]:
+        clock.now = moment
+        await asyncio.wait_for(sweeper.wait_rounds(sweeper.rounds + 2), 5)
+        return sorted(kinds(await notifications.since_last()))
+
+    async with sweeping(sweeper):
+        await asyncio.wait_for(sweeper.leading.wait(), 5)
+        assert await at(start) == []
+        assert await at(start + timedelta(seconds=STALE_S - 1)) == []
+        assert await status(pool) == "ONLINE"
+        assert await fleet.alerts(alert_type="NO_HEARTBEAT") == []
+        # Still silent a whole threshold after the start: now it is the device's.
+        assert await at(start + timedelta(seconds=STALE_S + 1)) == sorted(
+            DEVICES_CHANGED + ALERTS_CHANGED
+        )
+        assert await status(pool) == "STALE"
+        [alert] = await fleet.alerts(alert_type="NO_HEARTBEAT")
+        assert alert["details"]["last_seen_at"] == seen.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 async def test_thresholds_and_the_set_based_pass(fleet: Fleet, database_url: str) -> None:
