@@ -33,6 +33,11 @@ def add_sim_commands(sub: Any) -> None:
     simulate.add_argument(
         "--no-rules", action="store_true", help="do not create the demo's alert rules"
     )
+    simulate.add_argument(
+        "--clean-up",
+        action="store_true",
+        help="when it stops, delete the devices and alert rules this run created",
+    )
     _fleet_arguments(simulate)
     simulate.set_defaults(run=_simulate)
 
@@ -81,18 +86,37 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
             seed=args.seed,
             prefix=args.prefix,
         )
+        provisioned = None
         try:
-            await simulator.provision()
-            if not args.no_rules:
-                await simulator.ensure_rules()
+            provisioned = await simulator.provision()
+            first, last = simulator.devices[0].device_id, simulator.devices[-1].device_id
             print(
-                f"simulating {args.devices} devices of tenant {args.tenant!r} "
-                f"at {args.rate:g} reading/s each; Ctrl-C stops",
+                f"devices {first} to {last} of tenant {args.tenant!r}: {provisioned.describe()}",
+                file=sys.stderr,
+            )
+            if not args.no_rules:
+                rules = await simulator.ensure_rules()
+                added = len(simulator.created_rules)
+                print(
+                    f"alert rules {', '.join(repr(r) for r in rules)}: {added} added "
+                    "(--no-rules leaves the tenant's rules alone)",
+                    file=sys.stderr,
+                )
+            print(
+                f"simulating {args.devices} devices at {args.rate:g} reading/s each; Ctrl-C "
+                + ("stops and deletes what this run created" if args.clean_up else "stops"),
                 file=sys.stderr,
             )
             await simulator.run(args.duration)
         finally:
             print(f"sent {simulator.sent} readings", file=sys.stderr)
+            if args.clean_up and provisioned is not None:
+                await simulator.remove(provisioned, simulator.created_rules)
+                print(
+                    f"deleted {len(provisioned.created)} devices and "
+                    f"{len(simulator.created_rules)} alert rules",
+                    file=sys.stderr,
+                )
             await simulator.aclose()
 
     try:

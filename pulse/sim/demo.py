@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import secrets
 import shlex
 import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 import httpx
@@ -50,10 +53,34 @@ def demo_settings(settings: Settings) -> Settings:
     }
     # Its own data folder, so the demo never mixes with a database you serve.
     changes["data_dir"] = settings.data_dir / "demo"
-    if not settings.jwt_secret:
-        # Fresh for each run: the printed tokens die with the demo.
-        changes["jwt_secret"] = secrets.token_urlsafe(32)
     return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass
+class DemoState:
+    """What a demo keeps in its data folder so that a restart resumes: the secret its
+    tokens are signed with (so an open dashboard keeps working) and its devices' tokens
+    (so a printed curl command keeps working). Readable by its owner only."""
+
+    jwt_secret: str
+    device_tokens: dict[str, str]
+    path: Path
+
+    @classmethod
+    def load(cls, data_dir: Path) -> DemoState:
+        path = data_dir / "demo-state.json"
+        try:
+            saved = json.loads(path.read_text())
+            return cls(str(saved["jwt_secret"]), dict(saved["device_tokens"]), path)
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls(secrets.token_urlsafe(32), {}, path)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"jwt_secret": self.jwt_secret, "device_tokens": self.device_tokens})
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(body)
 
 
 async def run_demo(
@@ -75,6 +102,9 @@ async def run_demo(
     _check_port_free(host, port)
     stop = stop or _stop_on_signals()
     settings = demo_settings(settings)
+    state = DemoState.load(settings.data_dir)
+    if not settings.jwt_secret:
+        settings = dataclasses.replace(settings, jwt_secret=state.jwt_secret)
     assert settings.jwt_secret is not None
     logging.getLogger().setLevel(settings.log_level)
     if settings.database_url is None:
@@ -101,7 +131,9 @@ async def run_demo(
         simulator = Simulator(
             base_url, admin, tenant_id=TENANT, devices=devices, rate=rate, seed=seed
         )
-        await simulator.provision()
+        await simulator.provision(state.device_tokens)
+        state.device_tokens = {d.device_id: d.provision_token for d in simulator.devices}
+        state.save()
         rules = await simulator.ensure_rules()
         simulating = asyncio.create_task(simulator.run(), name="pulse-demo-simulator")
         simulating.add_done_callback(_report_simulator_end)

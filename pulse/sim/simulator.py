@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,35 +86,67 @@ class Simulator:
         self.devices = [_device(i, prefix, seed) for i in range(devices)]
         self.sent = 0
         self.rejected = 0
+        self.created_rules: list[int] = []
         self._down_since: float | None = None
 
     async def aclose(self) -> None:
         if self._owns_http:
             await self.http.aclose()
 
-    async def provision(self) -> None:
-        """Create every device (or rotate its token if it exists) and keep the tokens."""
+    async def provision(self, known_tokens: Mapping[str, str] | None = None) -> Provisioned:
+        """Create every device, or reuse one that exists: with its token from
+        ``known_tokens`` when that still works, else with a new one (rotated)."""
+        done = Provisioned()
         for device in self.devices:
+            known = (known_tokens or {}).get(device.device_id)
+            if known is not None and await self._token_works(device.device_id, known):
+                device.provision_token = known
+                done.kept.append(device.device_id)
+                continue
             body = {"device_id": device.device_id, "site_id": device.site_id, "name": device.name}
             r = await self.http.post(
                 DEVICES_PATH, json=body, headers=self._admin, params=self._params
             )
+            made = done.created
             if r.status_code == 409:
                 r = await self.http.post(
                     f"{DEVICES_PATH}/{device.device_id}/rotate-token",
                     headers=self._admin,
                     params=self._params,
                 )
+                made = done.rotated
             if not r.is_success:
                 raise SimulatorError(
                     f"cannot provision {device.device_id}: {r.status_code} {r.text}"
                 )
             device.provision_token = r.json()["provision_token"]
+            made.append(device.device_id)
+        return done
+
+    async def _token_works(self, device_id: str, token: str) -> bool:
+        """A heartbeat with the token: 204 when the device exists and the token is its own."""
+        r = await self.http.post(
+            f"/ingest/v1/tenant/{self.tenant_id}/device/{device_id}/heartbeat",
+            headers={"X-Provision-Token": token},
+        )
+        return r.status_code == 204
+
+    async def remove(self, provisioned: Provisioned, rule_ids: Sequence[int]) -> None:
+        """Delete the devices this simulator created, and the rules ``rule_ids``."""
+        for device_id in provisioned.created:
+            await self.http.delete(
+                f"{DEVICES_PATH}/{device_id}", headers=self._admin, params=self._params
+            )
+        for rule_id in rule_ids:
+            await self.http.delete(
+                f"{RULES_PATH}/{rule_id}", headers=self._admin, params=self._params
+            )
 
     async def ensure_rules(self, rules: Sequence[dict[str, Any]] = DEFAULT_RULES) -> list[str]:
         """Create the rules missing (by name); the names of ``rules`` now in place.
 
-        Empty when the server has no alert rules API.
+        Empty when the server has no alert rules API. The ids of those created are
+        added to ``created_rules``.
         """
         r = await self.http.get(RULES_PATH, headers=self._admin, params=self._params)
         if r.status_code in (404, 405):
@@ -130,6 +162,7 @@ class Simulator:
                 )
                 if not c.is_success:
                     raise SimulatorError(f"cannot create rule {rule['name']!r}: {c.text}")
+                self.created_rules.append(int(c.json()["rule_id"]))
         return [rule["name"] for rule in rules]
 
     async def run(self, duration_s: float | None = None) -> None:
@@ -187,6 +220,27 @@ class Simulator:
             else:
                 self.rejected += len(chunk)
                 log.warning("batch refused: %s %s", r.status_code, r.text[:200])
+
+
+@dataclasses.dataclass
+class Provisioned:
+    """What ``Simulator.provision`` did, device by device."""
+
+    created: list[str] = dataclasses.field(default_factory=list)
+    kept: list[str] = dataclasses.field(default_factory=list)  # existing, token still valid
+    rotated: list[str] = dataclasses.field(default_factory=list)  # existing, new token
+
+    def describe(self) -> str:
+        parts = [
+            f"{len(ids)} {what}"
+            for ids, what in (
+                (self.created, "created"),
+                (self.kept, "already there"),
+                (self.rotated, "already there, with a new token"),
+            )
+            if ids
+        ]
+        return ", ".join(parts)
 
 
 def _device(index: int, prefix: str, seed: int | None) -> SimDevice:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import re
 import shlex
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.timeout(90)
 def test_demo_settings_fill_only_what_the_environment_left_unset() -> None:
     defaults = demo_settings(Settings())
     assert (defaults.stale_after_s, defaults.offline_after_s) == (15.0, 60.0)
-    assert defaults.jwt_secret and defaults.data_dir.name == "demo"
+    assert defaults.jwt_secret is None and defaults.data_dir.name == "demo"  # DemoState
     mine = demo_settings(Settings(stale_after_s=5.0, jwt_secret="s" * 32, log_level="DEBUG"))
     assert (mine.stale_after_s, mine.jwt_secret, mine.log_level) == (5.0, "s" * 32, "DEBUG")
 
@@ -86,3 +87,52 @@ async def test_demo_serves_a_provisioned_fleet_and_prints_working_examples(
         stop.set()
         await asyncio.wait_for(demo, 30)
     assert out.getvalue().rstrip().endswith("Pulse demo stopped.")
+
+
+async def _run_until_ready(settings: Settings, port: int) -> tuple[asyncio.Task[None], str]:
+    out = io.StringIO()
+    stop = asyncio.Event()
+    demo = asyncio.create_task(run_demo(settings, port=port, devices=3, out=out, stop=stop))
+    demo.stop = stop  # type: ignore[attr-defined]
+    async with asyncio.timeout(60):
+        while "Press Ctrl-C" not in out.getvalue():
+            if demo.done():
+                demo.result()
+            await asyncio.sleep(0.05)
+    return demo, out.getvalue()
+
+
+async def test_a_restarted_demo_keeps_its_secret_and_its_devices_tokens(
+    settings: Settings,
+) -> None:
+    """Issue #22 item 6: the dashboard's token and the printed curl command of the first
+    run still work after a restart."""
+    mine = dataclasses.replace(settings, jwt_secret=None)
+    port = free_port()
+    demo, first = await _run_until_ready(mine, port)
+    demo.stop.set()  # type: ignore[attr-defined]
+    await asyncio.wait_for(demo, 30)
+    demo, second = await _run_until_ready(mine, port)
+    try:
+        token = re.search(r"export PULSE_TOKEN=(\S+)", first)
+        device = re.search(r"X-Provision-Token: (\S+)'", first)
+        assert token and device, first
+        assert device[0] in second  # the same device token, printed again
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base) as http:
+            r = await http.get(
+                "/api/v1/customer/devices", headers={"Authorization": f"Bearer {token[1]}"}
+            )
+            assert r.status_code == 200 and len(r.json()["devices"]) == 3
+            device_id = r.json()["devices"][0]["device_id"]
+            r = await http.post(
+                f"/ingest/v1/tenant/demo/device/{device_id}/telemetry",
+                json={"metrics": {"temp": 1.0}},
+                headers={"X-Provision-Token": device[1]},
+            )
+            assert r.status_code == 201
+        state = (mine.data_dir / "demo" / "demo-state.json").stat()
+        assert state.st_mode & 0o077 == 0  # its owner's only
+    finally:
+        demo.stop.set()  # type: ignore[attr-defined]
+        await asyncio.wait_for(demo, 30)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from collections.abc import Callable
 
 import asyncpg
@@ -9,6 +12,7 @@ import httpx
 import pytest
 
 from pulse.sim.simulator import DEFAULT_RULES, Simulator
+from tests.support import TEST_SECRET
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,3 +61,35 @@ async def test_a_second_run_takes_over_the_existing_devices(
         await second.aclose()
     assert second.sent > 0 and second.rejected == 0
     assert first.sent == 0 and first.rejected > 0
+
+
+async def simulate(server: str, *args: str) -> str:
+    """`pulse simulate` against the server; what it wrote to stderr."""
+    env = dict(os.environ, PULSE_JWT_SECRET=TEST_SECRET)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pulse", "simulate", "--url", server, "--tenant", "sim",
+        "--devices", "3", "--rate", "5", "--duration", "1", *args,
+        env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr
+    return stderr.decode()
+
+
+async def test_simulate_says_what_it_created_and_can_remove_it(
+    server: str, make_token: Callable[..., str]
+) -> None:
+    """Issue #22 item 7: nothing is left in the tenant without saying so."""
+    said = await simulate(server, "--clean-up")
+    assert "devices dev-0001 to dev-0003 of tenant 'sim': 3 created" in said
+    assert "2 added" in said and "deleted 3 devices and 2 alert rules" in said
+    admin = {"Authorization": f"Bearer {make_token('sim', roles=('tenant-admin',))}"}
+    async with httpx.AsyncClient(base_url=server, headers=admin) as http:
+        assert (await http.get("/api/v1/customer/devices")).json()["devices"] == []
+        assert (await http.get("/api/v1/customer/alert-rules")).json()["rules"] == []
+    said = await simulate(server)
+    assert "3 created" in said and "deleted" not in said
+    said = await simulate(server, "--clean-up")  # the devices were there: they stay
+    assert "3 already there, with a new token" in said and "0 added" in said
+    async with httpx.AsyncClient(base_url=server, headers=admin) as http:
+        assert len((await http.get("/api/v1/customer/devices")).json()["devices"]) == 3
