@@ -12,7 +12,8 @@ from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES
 from pulse.config import Settings
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command's arguments. Light: each command loads what it needs when it runs."""
     parser = argparse.ArgumentParser(prog="pulse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -44,8 +45,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     add_sim_commands(sub)  # demo, simulate
     add_tail_command(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     settings = Settings.from_env()
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

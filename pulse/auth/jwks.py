@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
@@ -93,6 +92,8 @@ class JwksCache:
     async def _fetch(self) -> None:
         self._attempts += 1
         try:
+            import httpx  # loaded only where a JWKS is configured
+
             async with httpx.AsyncClient(timeout=self._timeout_s) as client:
                 response = await client.get(self.url, headers={"Accept": "application/json"})
                 response.raise_for_status()

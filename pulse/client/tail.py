@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 
-from pulse.client.client import PulseClient
 from pulse.client.errors import PulseClientError
 from pulse.client.events import Notice, Telemetry
 from pulse.client.terminal import Output, run_until_signal
@@ -184,6 +183,8 @@ class Tail:
 
     async def _follow(self) -> None:
         options = self.options
+        from pulse.client.client import PulseClient  # loaded when tail runs
+
         client = PulseClient(
             options.url,
             options.token,
