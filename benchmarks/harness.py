@@ -147,12 +147,12 @@ class PulseServer:
         # The server's log, shown when a scenario fails.
         self._log = tempfile.TemporaryFile()  # noqa: SIM115  closed in __aexit__
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "pulse", "serve", "--port", str(self.port)]
+
     async def __aenter__(self) -> PulseServer:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pulse", "serve", "--port", str(self.port)],
-            env=self._env,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
+            self.command(), env=self._env, stdout=subprocess.DEVNULL, stderr=self._log
         )
         async with httpx.AsyncClient(base_url=self.url) as client:
             for _ in range(300):
@@ -160,9 +160,9 @@ class PulseServer:
                     if (await client.get("/readyz")).status_code == 200:
                         return self
                 if self.proc.poll() is not None:
-                    raise RuntimeError("pulse serve exited during startup")
+                    raise RuntimeError(f"{self.command()[2]} exited during startup")
                 await asyncio.sleep(0.1)
-        raise RuntimeError("pulse serve did not become ready")
+        raise RuntimeError(f"{self.command()[2]} did not become ready")
 
     async def __aexit__(self, exc_type: object, *_: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -194,6 +194,20 @@ class PulseServer:
 
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
+
+
+class TypicalServer(PulseServer):
+    """The typical stack (benchmarks/typical.py: Starlette, uvicorn, asyncpg) on a free
+    loopback port, for the same requests."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(dsn)
+        self._dsn = dsn
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "benchmarks.typical", "--dsn", self._dsn, "--port", str(self.port)
+        ]  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -59,15 +59,21 @@ class HttpConnection:
         return (int(status[1]) if status else 0), body
 
 
-async def post_batches(url: str, bodies: list[bytes], stop: float) -> int:
-    """POST the batch bodies in turn on one connection until ``stop``; return readings accepted."""
+async def post_batches(
+    url: str, bodies: list[bytes], stop: float, latencies: list[float] | None = None
+) -> int:
+    """POST the batch bodies in turn on one connection until ``stop``; return readings
+    accepted, and add each request's latency (seconds) to ``latencies``."""
     conn = await HttpConnection(url).open()
     requests = [conn.build("POST", "/ingest/v1/batch", body) for body in bodies]
     accepted = 0
     i = 0
     while time.perf_counter() < stop:
+        sent = time.perf_counter()
         status, payload = await conn.exchange(requests[i % len(requests)])
         assert status == 200, (status, payload[:200])
+        if latencies is not None:
+            latencies.append(time.perf_counter() - sent)
         accepted += orjson.loads(payload)["accepted"]
         i += 1
     await conn.close()
