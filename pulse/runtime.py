@@ -108,7 +108,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 per_tenant=RateLimiter(
                     settings.ingest_rate_per_tenant, settings.ingest_burst_per_tenant
                 ),
-            ),
+            ).many,
             hooks=[evaluate_alerts],
             group_commit=settings.group_commit,
         )

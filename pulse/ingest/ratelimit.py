@@ -49,6 +49,12 @@ class RateLimiter:
 
     def acquire(self, key: Hashable) -> float:
         """Take one token for ``key``: 0.0 when allowed, else the seconds until one is available."""
+        granted, wait_s = self.acquire_many(key, 1)
+        return 0.0 if granted else wait_s
+
+    def acquire_many(self, key: Hashable, count: int) -> tuple[int, float]:
+        """Take up to ``count`` tokens for ``key``: how many, and when fewer, the seconds
+        until the next one is available (0.0 when all were granted)."""
         now = self._clock()
         buckets = self._buckets
         bucket = buckets.get(key)
@@ -61,16 +67,17 @@ class RateLimiter:
             )
             bucket.updated = now
             buckets.move_to_end(key)
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            return 0.0
-        return (1.0 - bucket.tokens) / self.rate
+        granted = min(count, int(bucket.tokens))
+        bucket.tokens -= granted
+        if granted == count:
+            return granted, 0.0
+        return granted, (1.0 - bucket.tokens) / self.rate
 
-    def refund(self, key: Hashable) -> None:
-        """Give back a token taken by ``acquire`` (the message was refused elsewhere)."""
+    def refund(self, key: Hashable, count: int = 1) -> None:
+        """Give back tokens taken by ``acquire`` (the messages were refused elsewhere)."""
         bucket = self._buckets.get(key)
         if bucket is not None:
-            bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
+            bucket.tokens = min(float(self.burst), bucket.tokens + count)
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -96,14 +103,23 @@ class Admission:
 
     def __call__(self, device: tuple[str, str]) -> Rejected | None:
         """None admits the message; a refusal says which limit and how long to wait."""
-        wait_s = self.per_device.acquire(device)
-        if wait_s > 0:
-            return _limited("This device", wait_s)
-        wait_s = self.per_tenant.acquire(device[0])
-        if wait_s > 0:
-            self.per_device.refund(device)
-            return _limited("This tenant", wait_s)
-        return None
+        admitted, refusal = self.many(device, 1)
+        return None if admitted else refusal
+
+    def many(self, device: tuple[str, str], count: int) -> tuple[int, Rejected | None]:
+        """Admit up to ``count`` messages of ``device`` (its first ones, in order): how
+        many, and the refusal for the others (None when all are admitted)."""
+        granted, wait_s = self.per_device.acquire_many(device, count)
+        if granted < count:
+            refusal: Rejected | None = _limited("This device", wait_s)
+        else:
+            refusal = None
+        if granted:
+            charged, tenant_wait_s = self.per_tenant.acquire_many(device[0], granted)
+            if charged < granted:
+                self.per_device.refund(device, granted - charged)
+                granted, refusal = charged, _limited("This tenant", tenant_wait_s)
+        return granted, refusal
 
 
 def _limited(who: str, wait_s: float) -> Rejected:

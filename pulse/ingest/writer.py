@@ -28,9 +28,10 @@ R = TypeVar("R")
 # their tenants' gates (TelemetryWriter._check).
 CHECK_AHEAD_FROM = 32
 
-# Admission control, asked once per authenticated message: None admits it, a
-# Rejected (rate_limited, with the seconds to wait) refuses it.
-Admit = Callable[[Device], Rejected | None]
+# Admission control, asked once per device of a write with how many of its messages
+# authenticated: how many of them it admits (the first ones), and the refusal for
+# the others (rate_limited, with the seconds to wait), None when all are admitted.
+Admit = Callable[[Device, int], tuple[int, Rejected | None]]
 
 
 @dataclasses.dataclass(slots=True)  # not frozen: see validation.Reading
@@ -234,36 +235,48 @@ class TelemetryWriter:
     async def _authenticate(
         self, conn: asyncpg.Connection, submissions: Sequence[Submission]
     ) -> list[Outcome | None]:
-        """Reject unknown devices, wrong tokens and messages over the rate; None admits."""
+        """Reject unknown devices, wrong tokens and messages over the rate; None admits.
+
+        Checked per device, not per message: a batch repeats each device's token,
+        and admission takes all of a device's messages at once.
+        """
         devices = list(dict.fromkeys(s.device for s in submissions))
         rows = await conn.fetch(
             Q["device_token_hashes"], [d[0] for d in devices], [d[1] for d in devices]
         )
         hashes = {(row["tenant_id"], row["device_id"]): row["token_hash"] for row in rows}
-        # A batch repeats each device's token: check each pair once.
         matches: dict[tuple[str, str, str], bool] = {}
         outcomes: list[Outcome | None] = []
+        authenticated: dict[Device, int] = {}
         for submission in submissions:
             device = submission.device
             stored_hash = hashes.get(device)
             pair = (*device, submission.token)
             if stored_hash is None:
                 outcomes.append(Rejected(UNKNOWN_DEVICE, _unknown(device)))
-            elif not (
-                matches[pair]
-                if pair in matches
-                else matches.setdefault(pair, device_token_matches(submission.token, stored_hash))
-            ):
-                outcomes.append(
-                    Rejected(
-                        INVALID_DEVICE_TOKEN,
-                        "The provision token does not match this device.",
-                    )
-                )
-            elif self._admit and (refusal := self._admit(device)):
-                outcomes.append(refusal)
-            else:
-                outcomes.append(None)
+                continue
+            matched = matches.get(pair)
+            if matched is None:
+                matched = matches[pair] = device_token_matches(submission.token, stored_hash)
+            if not matched:
+                outcomes.append(Rejected(INVALID_DEVICE_TOKEN, _WRONG_TOKEN))
+                continue
+            outcomes.append(None)
+            authenticated[device] = authenticated.get(device, 0) + 1
+        if self._admit is None:
+            return outcomes
+        # Each device's first admitted messages pass; its later ones get the refusal.
+        passes: dict[Device, tuple[int, Rejected | None]] = {
+            device: self._admit(device, count) for device, count in authenticated.items()
+        }
+        for i, outcome in enumerate(outcomes):
+            if outcome is None:
+                device = submissions[i].device
+                left, refusal = passes[device]
+                if left:
+                    passes[device] = (left - 1, refusal)
+                else:
+                    outcomes[i] = refusal
         return outcomes
 
     async def _insert(
@@ -342,6 +355,9 @@ def _row(submission: Submission, event_id: int) -> dict[str, object]:
         "m": reading.metrics,
         "s": reading.seq,
     }
+
+
+_WRONG_TOKEN = "The provision token does not match this device."
 
 
 def _unknown(device: Device) -> str:

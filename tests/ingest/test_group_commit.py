@@ -164,9 +164,10 @@ async def test_checked_and_unchecked_writes_share_a_group(pool: asyncpg.Pool, to
     hold, release = held_first(sizes)
     admitted = 0
 
-    def admit(device: tuple[str, str]) -> None:
+    def admit(device: tuple[str, str], count: int) -> tuple[int, None]:
         nonlocal admitted
-        admitted += 1  # once per message that authenticates
+        admitted += count  # the messages that authenticate
+        return count, None
 
     writer = TelemetryWriter(seam(pool), hooks=[hold], admit=admit)
     singles = [writer.write(one(token if i % 2 else "pdt_wrong", 1000 + i)) for i in range(10)]

@@ -84,9 +84,9 @@ async def test_admission_is_asked_only_for_authenticated_messages(
 ) -> None:
     asked: list[tuple[str, str]] = []
 
-    def admit(device: tuple[str, str]) -> Rejected | None:
-        asked.append(device)
-        return Rejected(RATE_LIMITED, "slow down", retry_after_s=2.5) if len(asked) > 1 else None
+    def admit(device: tuple[str, str], count: int) -> tuple[int, Rejected | None]:
+        asked.extend([device] * count)
+        return 1, Rejected(RATE_LIMITED, "slow down", retry_after_s=2.5)
 
     writer = TelemetryWriter(seam(pool), admit=admit)
     outcomes = await writer.write(
