@@ -1,11 +1,13 @@
-"""A device's readings and heartbeats answered straight from ASGI, before Quart.
+"""Ingest answered straight from ASGI, before Quart: a device's readings and heartbeats,
+and batches.
 
 One reading per request is what a fleet mostly sends, and for such a small
 request Quart's machinery (two tasks and a wait per request, a request
 context, werkzeug headers and response objects, signals) costs about a third
-of the server's CPU. A POST to a device's telemetry or heartbeat URL that
-declares a Content-Length within the limit is answered here instead, through
-the same intake, Ingest, metrics and replies as the Quart routes in
+of the server's CPU; for a batch it is time spent on the request rather than
+its readings. A POST to a device's telemetry or heartbeat URL, or to the batch
+URL, that declares a Content-Length within the limit is answered here instead,
+through the same intake, Ingest, metrics and replies as the Quart routes in
 ``pulse.web.ingest``. Every other request, including chunked or oversized
 bodies and paths that need Quart's routing, goes on to Quart unchanged.
 """
@@ -20,9 +22,18 @@ from quart import Quart
 from werkzeug.exceptions import RequestTimeout
 
 from pulse.ingest import intake
+from pulse.ingest.model import Rejected
 from pulse.ingest.service import Receipt
 from pulse.web import runtime_of
-from pulse.web.ingest import DEVICE_PATH, TOKEN_HEADER, Reply, error_reply, reply
+from pulse.web.ingest import (
+    BATCH_URL,
+    DEVICE_PATH,
+    TOKEN_HEADER,
+    Reply,
+    batch_reply,
+    error_reply,
+    reply,
+)
 
 Scope = dict[str, Any]
 ASGIReceiveCallable = Callable[[], Awaitable[dict[str, Any]]]
@@ -45,17 +56,36 @@ class DeviceFastPath:
     ) -> Coroutine[Any, Any, None]:
         # Not a coroutine itself: a connection handed on to Quart (a stream, for
         # as long as it is open) does not keep a frame of this call alive.
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and not scope.get("root_path")
-            and (match := DEVICE_PATH.fullmatch(scope["path"]))
-        ):
-            length, token = _length_and_token(scope["headers"])
-            if length is not None and length <= self._max_body:
-                tenant_id, device_id, kind = match.groups()
-                return self._serve(kind, tenant_id, device_id, token, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            path = scope["path"]
+            if path == BATCH_URL:
+                length, _ = _length_and_token(scope["headers"])
+                if length is not None and length <= self._max_body:
+                    return self._serve_batch(receive, send)
+            elif match := DEVICE_PATH.fullmatch(path):
+                length, token = _length_and_token(scope["headers"])
+                if length is not None and length <= self._max_body:
+                    tenant_id, device_id, kind = match.groups()
+                    return self._serve(kind, tenant_id, device_id, token, receive, send)
         return cast(Coroutine[Any, Any, None], self._inner(scope, receive, send))
+
+    async def _serve_batch(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        receipt = Receipt("batch")
+        try:
+            body = await _read_body(receive, self._app.config["BODY_TIMEOUT"])
+            if body is None:  # the client went away
+                return
+            items = intake.batch(body, receipt.at)
+            ingest = runtime_of(self._app).ingest
+            if isinstance(items, Rejected):
+                # The envelope itself is wrong: one error body, not per-message results.
+                [outcome] = await ingest([items], receipt)
+                answer = reply(outcome)
+            else:
+                answer = batch_reply(await ingest(items, receipt))
+        except Exception as exc:
+            answer = error_reply(exc)
+        await _send(send, answer)
 
     async def _serve(
         self,

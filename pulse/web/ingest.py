@@ -64,6 +64,18 @@ def reply(outcome: Outcome) -> Reply:
     return Reply(201, orjson.dumps({"id": outcome.event_id}))
 
 
+def batch_reply(outcomes: Sequence[Outcome]) -> Reply:
+    """The answer to a batch: 200 with a result per message, or 400 when none was accepted."""
+    accepted = sum(isinstance(outcome, Accepted) for outcome in outcomes)
+    summary = {
+        "accepted": accepted,
+        "rejected": len(outcomes) - accepted,
+        "results": [_result(i, outcome) for i, outcome in enumerate(outcomes)],
+    }
+    # orjson: a thousand results take the standard library's encoder a while.
+    return Reply(200 if accepted else 400, orjson.dumps(summary))
+
+
 def error_reply(exc: Exception) -> Reply:
     """The answer to a request that raised ``exc``, as Quart's error handlers give it."""
     error = error_for(exc)
@@ -125,17 +137,7 @@ async def batch() -> Response:
         # The envelope itself is wrong: one error body, not per-message results.
         [outcome] = await _ingest([items], receipt)
         return _respond(outcome)
-    outcomes = await _ingest(items, receipt)
-    accepted = sum(isinstance(outcome, Accepted) for outcome in outcomes)
-    summary = {
-        "accepted": accepted,
-        "rejected": len(outcomes) - accepted,
-        "results": [_result(i, outcome) for i, outcome in enumerate(outcomes)],
-    }
-    # orjson: a thousand results take the standard library's encoder a while.
-    return Response(
-        orjson.dumps(summary), status=200 if accepted else 400, content_type="application/json"
-    )
+    return _respond_with(batch_reply(await _ingest(items, receipt)))
 
 
 async def _read_body() -> bytes | Rejected:
@@ -152,7 +154,10 @@ async def _ingest(items: Sequence[intake.Item], receipt: Receipt) -> list[Outcom
 
 
 def _respond(outcome: Outcome) -> Response:
-    answer = reply(outcome)
+    return _respond_with(reply(outcome))
+
+
+def _respond_with(answer: Reply) -> Response:
     if answer.body is None:
         empty = Response(status=answer.status, headers=answer.headers)
         del empty.headers["Content-Type"]  # nothing to describe
