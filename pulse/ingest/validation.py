@@ -85,7 +85,14 @@ def parse_time(value: object, *, received_at: datetime) -> datetime:
     # shift every reading of a device whose clock is set to local time.
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise InvalidPayload(f"ts {_quote(value)} has no UTC offset; end it with 'Z' or '+00:00'.")
-    device_time = parsed.astimezone(UTC)
+    try:
+        device_time = parsed.astimezone(UTC)
+    except OverflowError:
+        # Year 1 with a positive offset, or year 9999 with a negative one, is a
+        # time that exists in no calendar Python (or the table) can hold in UTC.
+        raise InvalidPayload(
+            f"ts {_quote(value)} is outside the years 1 to 9999 once converted to UTC."
+        ) from None
     if device_time - received_at > MAX_CLOCK_AHEAD:
         ahead = (device_time - received_at).total_seconds()
         raise InvalidPayload(
