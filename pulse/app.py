@@ -29,6 +29,7 @@ from pulse.web import (
 )
 from pulse.web.errors import register_error_handlers
 from pulse.web.fastpath import DeviceFastPath
+from pulse.web.json_bodies import parse_bodies_with_orjson
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         redoc_ui_path=None,
         scalar_ui_path=None,
     )
+    parse_bodies_with_orjson(app)
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
