@@ -81,7 +81,11 @@ INVALID_DEVICE_TOKEN = _error(
 )
 FORBIDDEN = _error("forbidden", 403, 4003, "The role or the tenant is not allowed to do this.")
 ORIGIN_NOT_ALLOWED = _error(
-    "origin_not_allowed", 403, 4003, "The page's origin is not in PULSE_ALLOWED_ORIGINS."
+    "origin_not_allowed",
+    403,
+    4003,
+    "The page's origin is not in PULSE_ALLOWED_ORIGINS (nor, for a change made with the "
+    "session cookie, this server's own).",
 )
 
 # -- what the request names ---------------------------------------------------------------

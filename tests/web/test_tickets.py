@@ -118,7 +118,10 @@ async def test_issuing_a_ticket_needs_a_token_in_a_header_or_cookie(
     )
     assert r.status_code == 403
     http.cookies.set("pulse_session", make_token("t1"))
+    # With the cookie, from a page of this server (tests/web/test_csrf.py).
     r = await http.post(TICKET_PATH)
+    assert r.status_code == 403 and r.json()["error"] == "origin_not_allowed"
+    r = await http.post(TICKET_PATH, headers={"Origin": str(http.base_url).rstrip("/")})
     assert r.status_code == 200 and r.json()["ticket"].startswith("pst_")
     # A ticket is not a token: it cannot buy another ticket.
     http.cookies.clear()
