@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from pulse.logs import FORMATS, LEVELS
+
 
 class ConfigError(ValueError):
     pass
@@ -58,6 +60,7 @@ class Settings:
     db_pool_size: int = 10
     listener_backoff_max_s: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one JSON object per line (pulse.logs)
     access_log: bool = False  # one line per request, query strings never included
     workers: int = 1
 
@@ -72,7 +75,20 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[name] = _parse(key, raw, str(field.type))
-        return cls(**values)  # type: ignore[arg-type]
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse values that cannot work (ConfigError), before anything starts."""
+        if self.log_level.upper() not in LEVELS:
+            raise ConfigError(
+                f"PULSE_LOG_LEVEL={self.log_level!r} is not one of {', '.join(LEVELS)}"
+            )
+        if self.log_format not in FORMATS:
+            raise ConfigError(
+                f"PULSE_LOG_FORMAT={self.log_format!r} is not one of {', '.join(FORMATS)}"
+            )
 
 
 _PLAIN_KEYS = {"database_url": "DATABASE_URL", "port": "PORT"}

@@ -25,6 +25,7 @@ from quart import Quart
 
 from pulse.app import create_app, drain
 from pulse.config import Settings
+from pulse.logs import ACCESS_LOGGER, SERVER_LOGGER
 from pulse.serving import tuning
 from pulse.streams.messages import MAX_INBOUND_BYTES
 
@@ -58,8 +59,11 @@ def hypercorn_config(settings: Settings, bind: str) -> Any:
 
     config = Config()
     config.bind = [bind]
+    # Loggers, not "-": hypercorn then adds no handler of its own, and its lines
+    # reach the one handler of pulse.logs once ("Running on ..." was printed twice).
+    config.errorlog = logging.getLogger(SERVER_LOGGER)
+    config.accesslog = logging.getLogger(ACCESS_LOGGER) if settings.access_log else None
     if settings.access_log:
-        config.accesslog = "-"
         config.access_log_format = ACCESS_LOG_FORMAT
         config.logger_class = access_logger_class()
     config.graceful_timeout = settings.shutdown_timeout_s
