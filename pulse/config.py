@@ -52,6 +52,9 @@ class Settings:
     ingest_burst_per_device: int = 200
     ingest_rate_per_tenant: float = 10_000.0
     ingest_burst_per_tenant: int = 20_000
+    # Bytes of ingest request bodies held at once, before their senders are known
+    # (pulse.ingest.buffer).
+    ingest_buffer_mb: float = 64.0
     # Concurrent single-reading requests of one tenant share one transaction.
     group_commit: bool = True
     # Streams write their bytes straight to the connection when the server

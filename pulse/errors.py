@@ -117,6 +117,13 @@ LAGGING = _error(
 INTERNAL_ERROR = _error(
     "internal_error", 500, INTERNAL_ERROR_CLOSE, "The server failed; retry with backoff."
 )
+SERVER_BUSY = _error(
+    "server_busy",
+    503,
+    None,
+    "The server holds as many unfinished ingest bodies as it allows "
+    "(PULSE_INGEST_BUFFER_MB); retry shortly.",
+)
 DATABASE_UNAVAILABLE = _error(
     "database_unavailable",
     503,

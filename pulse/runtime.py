@@ -31,6 +31,7 @@ from pulse.db.embedded import embedded_database
 from pulse.db.retention import run_retention
 from pulse.fleet.rules import evaluate_alerts
 from pulse.fleet.sweeper import StatusSweeper
+from pulse.ingest.buffer import IngestBuffer
 from pulse.ingest.ratelimit import Admission, RateLimiter
 from pulse.ingest.service import Ingest
 from pulse.ingest.writer import TelemetryWriter
@@ -51,6 +52,7 @@ class Runtime:
     store: EventStore
     hub: Hub
     ingest: Ingest
+    ingest_buffer: IngestBuffer
     fleet_reads: FleetReads
     supervisor: Supervisor
     started_at: float
@@ -105,6 +107,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             group_commit=settings.group_commit,
         )
 
+        ingest_buffer = IngestBuffer(int(settings.ingest_buffer_mb * 1024 * 1024))
+        metrics.ingest_buffered_bytes.set_function(lambda: ingest_buffer.held)
+
         supervisor = Supervisor()
         stack.push_async_callback(supervisor.stop)
         supervisor.start("listener", functools.partial(source.run, hub))
@@ -130,6 +135,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             store=store,
             hub=hub,
             ingest=Ingest(writer, metrics),
+            ingest_buffer=ingest_buffer,
             fleet_reads=FleetReads(db),
             supervisor=supervisor,
             started_at=time.monotonic(),

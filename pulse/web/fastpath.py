@@ -6,23 +6,29 @@ context, werkzeug headers and response objects, signals) costs about a third
 of the server's CPU. A POST to a device's telemetry or heartbeat URL that
 declares a Content-Length within the limit is answered here instead, through
 the same intake, Ingest, metrics and replies as the Quart routes in
-``pulse.web.ingest``. Every other request, including chunked or oversized
-bodies and paths that need Quart's routing, goes on to Quart unchanged.
+``pulse.web.ingest``.
+
+Every other ingest request (chunked bodies, batches, paths that need
+Quart's routing) has its body read here too, within the process's ingest
+buffer (``pulse.web.bodies``), and then goes on to Quart, which reads it
+again from memory. Bodies declared over the limit go on unread (Quart answers
+413 at once), and so does every request that is not ingest.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, cast
 
 from quart import Quart
-from werkzeug.exceptions import RequestTimeout
 
+from pulse.errors import SERVER_BUSY, ApiError
 from pulse.ingest import intake
 from pulse.ingest.service import Receipt
 from pulse.web import runtime_of
-from pulse.web.ingest import DEVICE_PATH, TOKEN_HEADER, Reply, error_reply, reply
+from pulse.web.bodies import read_body, replay
+from pulse.web.ingest import DEVICE_PATH, INGEST_PREFIX, TOKEN_HEADER, Reply, error_reply, reply
 
 Scope = dict[str, Any]
 ASGIReceiveCallable = Callable[[], Awaitable[dict[str, Any]]]
@@ -45,16 +51,19 @@ class DeviceFastPath:
     ) -> Coroutine[Any, Any, None]:
         # Not a coroutine itself: a connection handed on to Quart (a stream, for
         # as long as it is open) does not keep a frame of this call alive.
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and not scope.get("root_path")
-            and (match := DEVICE_PATH.fullmatch(scope["path"]))
-        ):
+        if scope["type"] == "http" and scope["method"] == "POST" and _is_ingest(scope):
             length, token = _length_and_token(scope["headers"])
-            if length is not None and length <= self._max_body:
+            if length is not None and length > self._max_body:
+                pass  # Quart answers 413 without reading it
+            elif (
+                length is not None
+                and not scope.get("root_path")
+                and (match := DEVICE_PATH.fullmatch(scope["path"]))
+            ):
                 tenant_id, device_id, kind = match.groups()
-                return self._serve(kind, tenant_id, device_id, token, receive, send)
+                return self._serve(kind, tenant_id, device_id, token, scope, receive, send)
+            else:
+                return self._buffered(scope, receive, send)
         return cast(Coroutine[Any, Any, None], self._inner(scope, receive, send))
 
     async def _serve(
@@ -63,24 +72,52 @@ class DeviceFastPath:
         tenant_id: str,
         device_id: str,
         token: str | None,
+        scope: Scope,
         receive: ASGIReceiveCallable,
         send: ASGISendCallable,
     ) -> None:
         receipt = Receipt(kind)
-        try:
-            body = await _read_body(receive, self._app.config["BODY_TIMEOUT"])
-            if body is None:  # the client went away
+        runtime = runtime_of(self._app)
+        with runtime.ingest_buffer.hold() as holding:
+            try:
+                body = await read_body(
+                    receive, holding, timeout=self._app.config["BODY_TIMEOUT"], limit=self._max_body
+                )
+                if body is None:  # the client went away
+                    return
+                item = (
+                    intake.reading(tenant_id, device_id, token, body, receipt.at)
+                    if kind == "telemetry"
+                    else intake.heartbeat(tenant_id, device_id, token)
+                )
+                [outcome] = await runtime.ingest([item], receipt)
+                answer = reply(outcome)
+            except Exception as exc:
+                answer = _error_answer(exc, scope)
+            await _send(send, answer)
+
+    async def _buffered(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """Read the body within the ingest buffer, then let Quart serve the request."""
+        with runtime_of(self._app).ingest_buffer.hold() as holding:
+            try:
+                body = await read_body(
+                    receive, holding, timeout=self._app.config["BODY_TIMEOUT"], limit=self._max_body
+                )
+            except Exception as exc:
+                await _send(send, _error_answer(exc, scope))
                 return
-            item = (
-                intake.reading(tenant_id, device_id, token, body, receipt.at)
-                if kind == "telemetry"
-                else intake.heartbeat(tenant_id, device_id, token)
-            )
-            [outcome] = await runtime_of(self._app).ingest([item], receipt)
-            answer = reply(outcome)
-        except Exception as exc:
-            answer = error_reply(exc)
-        await _send(send, answer)
+            if body is not None:
+                await self._inner(scope, replay(body, receive), send)
+
+
+def _is_ingest(scope: Scope) -> bool:
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path) :]
+    return path.startswith(INGEST_PREFIX)
 
 
 def _length_and_token(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int | None, str | None]:
@@ -96,19 +133,17 @@ def _length_and_token(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int | Non
     return length, token
 
 
-async def _read_body(receive: ASGIReceiveCallable, timeout: float | None) -> bytes | None:
-    chunks = []
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return None
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-    except TimeoutError:
-        raise RequestTimeout() from None
+def _error_answer(exc: Exception, scope: Scope) -> Reply:
+    answer = error_reply(exc)
+    # Refused as busy, the rest of the body is never read: over HTTP/1 the connection
+    # ends with the answer (HTTP/2 ends just the stream, and forbids the header).
+    if (
+        isinstance(exc, ApiError)
+        and exc.error is SERVER_BUSY
+        and scope.get("http_version") in ("1.0", "1.1")
+    ):
+        return dataclasses.replace(answer, headers={**answer.headers, "Connection": "close"})
+    return answer
 
 
 async def _send(send: ASGISendCallable, answer: Reply) -> None:
