@@ -29,7 +29,9 @@ from pulse.web import (
 )
 from pulse.web.errors import register_error_handlers
 from pulse.web.fastpath import DeviceFastPath
+from pulse.web.framing import RefuseAmbiguousLength
 from pulse.web.json_bodies import parse_bodies_with_orjson
+from pulse.web.routing import PulseQuart
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -48,7 +50,8 @@ BLUEPRINTS = (
 
 def create_app(settings: Settings | None = None) -> Quart:
     settings = settings or Settings.from_env()
-    app = Quart("pulse")
+    settings.check()  # also when an embedding program built the Settings itself
+    app = PulseQuart("pulse")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     QuartSchema(
         app,
@@ -62,8 +65,12 @@ def create_app(settings: Settings | None = None) -> Quart:
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
-    # A device's readings and heartbeats are answered before Quart (pulse.web.fastpath).
-    app.asgi_app = DeviceFastPath(app, app.asgi_app)  # type: ignore[method-assign, assignment]
+    # A device's readings and heartbeats are answered before Quart, and every ingest
+    # body is read within the process's budget (pulse.web.fastpath); before that, a
+    # request that states its length twice is refused (pulse.web.framing).
+    app.asgi_app = RefuseAmbiguousLength(  # type: ignore[method-assign, assignment]
+        DeviceFastPath(app, app.asgi_app)
+    )
 
     @app.while_serving
     async def lifespan() -> AsyncGenerator[None, None]:

@@ -14,6 +14,9 @@ class ConfigError(ValueError):
     pass
 
 
+MIN_JWT_SECRET_BYTES = 32
+
+
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "pulse"
@@ -83,7 +86,15 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        """Refuse values that cannot work (ConfigError), before anything starts."""
+        """Refuse values that cannot work or are unsafe (ConfigError), before anything starts."""
+        # Any token it signed lets a short secret be guessed offline, and with it
+        # operator-admin tokens forged. `pulse demo` makes a random one of its own.
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+            raise ConfigError(
+                f"PULSE_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes: a shorter one "
+                "can be guessed offline from any token it signed. Make one with: "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
         if self.log_level.upper() not in LEVELS:
             raise ConfigError(
                 f"PULSE_LOG_LEVEL={self.log_level!r} is not one of {', '.join(LEVELS)}"

@@ -104,7 +104,11 @@ REQUEST_TIMEOUT = _error(
     "request_timeout", 408, None, "The request body did not arrive within 60 s."
 )
 RATE_LIMITED = _error(
-    "rate_limited", 429, None, "The device or tenant sends faster than its ingest rate limit."
+    "rate_limited",
+    429,
+    None,
+    "The device or tenant sends faster than its ingest rate limit, or the caller asks for "
+    "stream tickets faster than its limit.",
 )
 CONNECTION_LIMIT = _error(
     "connection_limit", 429, 4029, "The tenant's (or this server's) stream connection limit."

@@ -20,6 +20,7 @@ import functools
 import time
 from collections.abc import AsyncIterator
 
+from pulse.auth.tickets import TICKET_BURST, TICKETS_PER_S
 from pulse.auth.tokens import TokenVerifier
 from pulse.bus.hub import Hub
 from pulse.bus.listen import ListenSource
@@ -53,6 +54,8 @@ class Runtime:
     hub: Hub
     ingest: Ingest
     ingest_buffer: IngestBuffer
+    # Stream tickets issued, per principal (tenant_id, subject).
+    ticket_limit: RateLimiter
     fleet_reads: FleetReads
     supervisor: Supervisor
     started_at: float
@@ -136,6 +139,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             hub=hub,
             ingest=Ingest(writer, metrics),
             ingest_buffer=ingest_buffer,
+            ticket_limit=RateLimiter(TICKETS_PER_S, TICKET_BURST),
             fleet_reads=FleetReads(db),
             supervisor=supervisor,
             started_at=time.monotonic(),

@@ -127,3 +127,28 @@ async def test_issuing_a_ticket_needs_a_token_in_a_header_or_cookie(
     http.cookies.clear()
     r = await http.post(TICKET_PATH, headers={"Authorization": f"Bearer {r.json()['ticket']}"})
     assert r.status_code == 401
+
+
+async def test_tickets_are_rate_limited_per_principal(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """A burst of TICKET_BURST, then about one a second, for each tenant and subject: every
+    ticket is a row (a probe issued 2,000 in 8 s)."""
+    from pulse.auth.tickets import TICKET_BURST
+
+    alice = make_token("t1", subject="alice")
+    for _ in range(TICKET_BURST):
+        await new_ticket(http, alice)
+    r = await http.post(TICKET_PATH, headers={"Authorization": f"Bearer {alice}"})
+    assert r.status_code == 429, r.text
+    assert r.json()["error"] == "rate_limited"
+    assert r.headers["Retry-After"] == "1"
+    # Another token of the same principal shares the limit; other principals do not.
+    r = await http.post(
+        TICKET_PATH,
+        headers={"Authorization": f"Bearer {make_token('t1', subject='alice', lifetime_s=60)}"},
+    )
+    assert r.status_code == 429
+    await new_ticket(http, make_token("t1", subject="bob"))
+    await new_ticket(http, make_token("t2", subject="alice"))
+    assert await pool.fetchval("SELECT count(*) FROM stream_tickets") == TICKET_BURST + 2
