@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,23 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 RUNNING_ON = "Running on http://"
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """configure_logging changes process-wide state: put it back after the test."""
-    root = logging.getLogger()
-    names = ["pulse", "hypercorn.error", "hypercorn.access", *QUIET_LIBRARIES]
-    levels = {name: logging.getLogger(name).level for name in names}
-    root_level, handlers = root.level, root.handlers[:]
-    yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(root_level)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-
-
-def test_json_lines(restore_logging: None) -> None:
+def test_json_lines() -> None:
     out = io.StringIO()
     configure_logging("INFO", "json", stream=out)
     logging.getLogger("pulse.test").info("hello %s", "world")
@@ -55,7 +38,7 @@ def test_json_lines(restore_logging: None) -> None:
     assert "ValueError: boom" in second["exception"]
 
 
-def test_debug_is_for_pulse_only(restore_logging: None) -> None:
+def test_debug_is_for_pulse_only() -> None:
     out = io.StringIO()
     configure_logging("DEBUG", "text", stream=out)
     logging.getLogger("pulse.test").debug("ours")
@@ -69,7 +52,7 @@ def test_debug_is_for_pulse_only(restore_logging: None) -> None:
     assert text.count(RUNNING_ON) == 1
 
 
-def test_configuring_again_replaces_the_handler(restore_logging: None) -> None:
+def test_configuring_again_replaces_the_handler() -> None:
     first, second = io.StringIO(), io.StringIO()
     configure_logging("INFO", "text", stream=first)
     configure_logging("WARNING", "text", stream=second)

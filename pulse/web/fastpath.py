@@ -39,7 +39,8 @@ _JSON = (b"content-type", b"application/json")
 
 
 class DeviceFastPath:
-    """ASGI middleware: serves the device URLs, hands everything else to ``inner``."""
+    """ASGI middleware: serves the device URLs, reads the bodies of the other ingest
+    requests within the ingest buffer, and hands everything else to ``inner``."""
 
     def __init__(self, app: Quart, inner: Any) -> None:
         self._app = app
