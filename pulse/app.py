@@ -30,6 +30,9 @@ from pulse.web import (
 )
 from pulse.web.errors import register_error_handlers
 from pulse.web.fastpath import DeviceFastPath
+from pulse.web.framing import RefuseAmbiguousLength
+from pulse.web.json_bodies import parse_bodies_with_orjson
+from pulse.web.routing import PulseQuart
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -46,7 +49,7 @@ BLUEPRINTS = (
 )
 
 
-class PulseApp(Quart):
+class PulseApp(PulseQuart):
     def log_exception(
         self,
         exception_info: tuple[type, BaseException, TracebackType] | tuple[None, None, None],
@@ -58,6 +61,7 @@ class PulseApp(Quart):
 
 def create_app(settings: Settings | None = None) -> Quart:
     settings = settings or Settings.from_env()
+    settings.check()  # also when an embedding program built the Settings itself
     app = PulseApp("pulse")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     QuartSchema(
@@ -68,11 +72,16 @@ def create_app(settings: Settings | None = None) -> Quart:
         redoc_ui_path=None,
         scalar_ui_path=None,
     )
+    parse_bodies_with_orjson(app)
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
-    # A device's readings and heartbeats are answered before Quart (pulse.web.fastpath).
-    app.asgi_app = DeviceFastPath(app, app.asgi_app)  # type: ignore[method-assign, assignment]
+    # A device's readings and heartbeats are answered before Quart, and every ingest
+    # body is read within the process's budget (pulse.web.fastpath); before that, a
+    # request that states its length twice is refused (pulse.web.framing).
+    app.asgi_app = RefuseAmbiguousLength(  # type: ignore[method-assign, assignment]
+        DeviceFastPath(app, app.asgi_app)
+    )
 
     @app.while_serving
     async def lifespan() -> AsyncGenerator[None, None]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
 from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES
-from pulse.config import Settings
+from pulse.config import ConfigError, Settings
+from pulse.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        sys.exit(f"pulse: {exc}")
+    configure_logging(settings.log_level, settings.log_format)
     if hasattr(args, "run"):
         args.run(args, settings)
     elif args.command == "serve":

@@ -7,9 +7,14 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from pulse.logs import FORMATS, LEVELS
+
 
 class ConfigError(ValueError):
     pass
+
+
+MIN_JWT_SECRET_BYTES = 32
 
 
 def _default_data_dir() -> Path:
@@ -52,6 +57,9 @@ class Settings:
     ingest_burst_per_device: int = 1000
     ingest_rate_per_tenant: float = 10_000.0
     ingest_burst_per_tenant: int = 20_000
+    # Bytes of ingest request bodies held at once, before their senders are known
+    # (pulse.ingest.buffer).
+    ingest_buffer_mb: float = 64.0
     # Concurrent single-reading requests of one tenant share one transaction.
     group_commit: bool = True
     # Streams write their bytes straight to the connection when the server
@@ -60,6 +68,7 @@ class Settings:
     db_pool_size: int = 10
     listener_backoff_max_s: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one JSON object per line (pulse.logs)
     access_log: bool = False  # one line per request, query strings never included
     workers: int = 1
 
@@ -74,7 +83,28 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[name] = _parse(key, raw, str(field.type))
-        return cls(**values)  # type: ignore[arg-type]
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse values that cannot work or are unsafe (ConfigError), before anything starts."""
+        # Any token it signed lets a short secret be guessed offline, and with it
+        # operator-admin tokens forged. `pulse demo` makes a random one of its own.
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+            raise ConfigError(
+                f"PULSE_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes: a shorter one "
+                "can be guessed offline from any token it signed. Make one with: "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        if self.log_level.upper() not in LEVELS:
+            raise ConfigError(
+                f"PULSE_LOG_LEVEL={self.log_level!r} is not one of {', '.join(LEVELS)}"
+            )
+        if self.log_format not in FORMATS:
+            raise ConfigError(
+                f"PULSE_LOG_FORMAT={self.log_format!r} is not one of {', '.join(FORMATS)}"
+            )
 
 
 _PLAIN_KEYS = {"database_url": "DATABASE_URL", "port": "PORT"}

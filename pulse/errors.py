@@ -81,7 +81,11 @@ INVALID_DEVICE_TOKEN = _error(
 )
 FORBIDDEN = _error("forbidden", 403, 4003, "The role or the tenant is not allowed to do this.")
 ORIGIN_NOT_ALLOWED = _error(
-    "origin_not_allowed", 403, 4003, "The page's origin is not in PULSE_ALLOWED_ORIGINS."
+    "origin_not_allowed",
+    403,
+    4003,
+    "The page's origin is not in PULSE_ALLOWED_ORIGINS (nor, for a change made with the "
+    "session cookie, this server's own).",
 )
 
 # -- what the request names ---------------------------------------------------------------
@@ -100,7 +104,11 @@ REQUEST_TIMEOUT = _error(
     "request_timeout", 408, None, "The request body did not arrive within 60 s."
 )
 RATE_LIMITED = _error(
-    "rate_limited", 429, None, "The device or tenant sends faster than its ingest rate limit."
+    "rate_limited",
+    429,
+    None,
+    "The device or tenant sends faster than its ingest rate limit, or the caller asks for "
+    "stream tickets faster than its limit.",
 )
 CONNECTION_LIMIT = _error(
     "connection_limit", 429, 4029, "The tenant's (or this server's) stream connection limit."
@@ -112,6 +120,13 @@ LAGGING = _error(
 # -- the server --------------------------------------------------------------------------
 INTERNAL_ERROR = _error(
     "internal_error", 500, INTERNAL_ERROR_CLOSE, "The server failed; retry with backoff."
+)
+SERVER_BUSY = _error(
+    "server_busy",
+    503,
+    None,
+    "The server holds as many unfinished ingest bodies as it allows "
+    "(PULSE_INGEST_BUFFER_MB); retry shortly.",
 )
 DATABASE_UNAVAILABLE = _error(
     "database_unavailable",

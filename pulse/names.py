@@ -1,4 +1,5 @@
-"""The shape of tenant ids, device ids and metric names (CONTRACT section 1)."""
+"""The shape of tenant ids, device ids and metric names (CONTRACT section 1), and of
+free text (device names, rule names, token subjects) that Pulse stores or logs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import functools
 import re
 
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# C0 controls (NUL among them), DEL, C1 controls, and UTF-16 surrogates, which a
+# JSON string can carry alone ("\ud800") but UTF-8 cannot encode.
+_NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def is_valid_name(value: object) -> bool:
@@ -18,3 +22,9 @@ def is_valid_name(value: object) -> bool:
 @functools.lru_cache(maxsize=8192)
 def _is_valid(value: str) -> bool:
     return _NAME.fullmatch(value) is not None
+
+
+def is_plain_text(value: str) -> bool:
+    """True when ``value`` has no control character and no lone surrogate: PostgreSQL
+    refuses NUL and surrogates in text, and a terminal obeys escape sequences."""
+    return _NOT_TEXT.search(value) is None

@@ -20,6 +20,7 @@ import functools
 import time
 from collections.abc import AsyncIterator
 
+from pulse.auth.tickets import TICKET_BURST, TICKETS_PER_S
 from pulse.auth.tokens import TokenVerifier
 from pulse.bus.hub import Hub
 from pulse.bus.listen import ListenSource
@@ -33,6 +34,7 @@ from pulse.db.migrate import MigrationError, pending
 from pulse.db.retention import run_retention
 from pulse.fleet.rules import evaluate_alerts
 from pulse.fleet.sweeper import StatusSweeper
+from pulse.ingest.buffer import IngestBuffer
 from pulse.ingest.ratelimit import Admission, RateLimiter
 from pulse.ingest.service import Ingest
 from pulse.ingest.writer import TelemetryWriter
@@ -53,6 +55,9 @@ class Runtime:
     store: EventStore
     hub: Hub
     ingest: Ingest
+    ingest_buffer: IngestBuffer
+    # Stream tickets issued, per principal (tenant_id, subject).
+    ticket_limit: RateLimiter
     fleet_reads: FleetReads
     supervisor: Supervisor
     started_at: float
@@ -113,6 +118,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             group_commit=settings.group_commit,
         )
 
+        ingest_buffer = IngestBuffer(int(settings.ingest_buffer_mb * 1024 * 1024))
+        metrics.ingest_buffered_bytes.set_function(lambda: ingest_buffer.held)
+
         supervisor = Supervisor()
         stack.push_async_callback(supervisor.stop)
         supervisor.start("listener", functools.partial(source.run, hub))
@@ -138,6 +146,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             store=store,
             hub=hub,
             ingest=Ingest(writer, metrics),
+            ingest_buffer=ingest_buffer,
+            ticket_limit=RateLimiter(TICKETS_PER_S, TICKET_BURST),
             fleet_reads=FleetReads(db),
             supervisor=supervisor,
             started_at=time.monotonic(),

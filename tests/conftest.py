@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,6 +19,7 @@ from pulse.config import Settings
 from pulse.db.database import Database
 from pulse.db.migrate import migrate
 from pulse.db.pool import connect, create_pool
+from pulse.logs import ACCESS_LOGGER, QUIET_LIBRARIES, SERVER_LOGGER
 from tests.support import TEST_SECRET, direct_writes, dsn_for, running_server
 
 
@@ -121,6 +123,23 @@ async def server(settings: Settings) -> AsyncIterator[str]:
 async def http(server: str) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server, timeout=10) as client:
         yield client
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """`pulse.logs.configure_logging` (the CLI's main and the demo, run in-process by some
+    tests) changes process-wide state: put it back after each test."""
+    root = logging.getLogger()
+    names = ["pulse", SERVER_LOGGER, ACCESS_LOGGER, *QUIET_LIBRARIES]
+    levels = {name: logging.getLogger(name).level for name in names}
+    root_level, handlers = root.level, root.handlers[:]
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(root_level)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture

@@ -57,3 +57,21 @@ def test_a_value_of_the_wrong_type_is_a_config_error_naming_the_variable(
 
 def test_unknown_variables_are_ignored() -> None:
     assert Settings.from_env({"PULSE_NO_SUCH_THING": "1", "HOME": "/root"}).port == 8000
+
+
+@pytest.mark.parametrize("secret", ["dev-secret", "x" * 31, "\u00e9" * 15])
+def test_a_jwt_secret_under_32_bytes_is_refused(secret: str) -> None:
+    with pytest.raises(ConfigError, match="PULSE_JWT_SECRET must be at least 32 bytes"):
+        Settings.from_env({"PULSE_JWT_SECRET": secret})
+
+
+@pytest.mark.parametrize("secret", ["x" * 32, "\u00e9" * 16])
+def test_a_jwt_secret_of_32_bytes_is_accepted(secret: str) -> None:
+    assert Settings.from_env({"PULSE_JWT_SECRET": secret}).jwt_secret == secret
+
+
+def test_create_app_checks_settings_built_in_code() -> None:
+    from pulse.app import create_app
+
+    with pytest.raises(ConfigError, match="PULSE_JWT_SECRET"):
+        create_app(Settings(jwt_secret="dev-secret"))

@@ -25,7 +25,7 @@ from pulse.auth.jwks import JwksCache, JwksUnavailable
 from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES, Principal
 from pulse.config import Settings
 from pulse.errors import FORBIDDEN, INVALID_TOKEN, TOKEN_EXPIRED, ApiError
-from pulse.names import is_valid_name
+from pulse.names import is_plain_text, is_valid_name
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +134,15 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
                 "The token's tenant is not a valid tenant id (1 to 64 of [A-Za-z0-9_.:-]).",
             )
     sub = claims.get("sub")
-    return Principal(
-        subject=sub if isinstance(sub, str) else "",
-        tenant_id=tenant,
-        roles=roles,
-        expires_at=datetime.fromtimestamp(exp, UTC),
-    )
+    subject = sub if isinstance(sub, str) else ""
+    # The subject is stored (tickets, who acknowledged an alert): PostgreSQL refuses NUL.
+    if not is_plain_text(subject):
+        raise ApiError(INVALID_TOKEN, "The token's sub contains control characters.")
+    try:
+        expires_at = datetime.fromtimestamp(exp, UTC)
+    except (OverflowError, ValueError, OSError):
+        raise ApiError(INVALID_TOKEN, "The token's exp is beyond the year 9999.") from None
+    return Principal(subject=subject, tenant_id=tenant, roles=roles, expires_at=expires_at)
 
 
 def tenant_claim(claims: Mapping[str, Any]) -> str | None:

@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 from pulse.auth.device_tokens import new_device_token
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
-from pulse.fleet.fields import Name
+from pulse.fleet.fields import Name, Text
+from pulse.names import is_valid_name
 from pulse.times import format_time
 
 Q = load_queries(__package__)
@@ -24,8 +25,8 @@ Q = load_queries(__package__)
 
 class NewDevice(BaseModel):
     device_id: Name
-    site_id: str | None = Field(default=None, max_length=64)
-    name: str | None = Field(default=None, max_length=200)
+    site_id: Text | None = Field(default=None, max_length=64)
+    name: Text | None = Field(default=None, max_length=200)
 
 
 class DeviceExists(Exception):
@@ -63,11 +64,15 @@ async def list_devices(db: Database, tenant_id: str) -> list[dict[str, Any]]:
 
 async def delete_device(db: Database, tenant_id: str, device_id: str) -> bool:
     """Delete a device and close its active alerts; False when there is no such device."""
+    if not is_valid_name(device_id):  # from a URL: no such device (nor NUL for PostgreSQL)
+        return False
     return await db.fetchval(Q["delete_device"], tenant_id, device_id) is not None
 
 
 async def rotate_token(db: Database, tenant_id: str, device_id: str) -> str | None:
     """A new token for the device, the old one revoked; None when there is no such device."""
+    if not is_valid_name(device_id):
+        return None
     token, token_hash = new_device_token()
     updated = await db.fetchval(Q["replace_device_token"], tenant_id, device_id, token_hash)
     return None if updated is None else token

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
-from pulse.names import is_valid_name
+from pulse.names import is_plain_text, is_valid_name
 
 
 def _valid_name(value: str) -> str:
@@ -19,3 +19,13 @@ def _valid_name(value: str) -> str:
 Name = Annotated[
     str, AfterValidator(_valid_name), Field(description="1 to 64 characters of [A-Za-z0-9_.:-]")
 ]
+
+
+def _plain_text(value: str) -> str:
+    if not is_plain_text(value):
+        raise ValueError("must not contain control characters (such as NUL or ESC)")
+    return value
+
+
+# A label people type (a device's name or site, a rule's name); its length is the field's.
+Text = Annotated[str, AfterValidator(_plain_text)]

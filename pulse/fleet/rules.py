@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
-from pulse.fleet.fields import Name
+from pulse.fleet.fields import Name, Text
 from pulse.ingest.writer import Written, WrittenEvent
 from pulse.times import format_time
 
@@ -23,7 +23,7 @@ class NewRule(BaseModel):
     # Unknown fields are refused, so that a typo is reported rather than ignored.
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
+    name: Text = Field(min_length=1, max_length=200)
     metric: Name
     operator: Operator
     # Strict: true and "80" are not thresholds (a boolean metric compares as 1 or 0).

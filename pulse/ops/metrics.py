@@ -56,6 +56,11 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.ingest_buffered_bytes = Gauge(
+            "pulse_ingest_buffered_bytes",
+            "Bytes of ingest request bodies held by requests not yet answered",
+            registry=r,
+        )
         self.ingest_rows = Counter(
             "pulse_ingest_rows", "Telemetry rows committed", ["endpoint"], registry=r
         )

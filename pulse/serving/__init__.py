@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,13 +25,15 @@ from quart import Quart
 
 from pulse.app import create_app, drain
 from pulse.config import Settings
+from pulse.logs import ACCESS_LOGGER, SERVER_LOGGER
 from pulse.runtime import StartupError
 from pulse.serving import tuning
 from pulse.streams.messages import MAX_INBOUND_BYTES
 
 log = logging.getLogger(__name__)
 
-# Never log query strings: they may carry tokens or tickets.
+# Never log query strings: they may carry tokens or tickets. The path is the raw one,
+# as sent (AccessLogger).
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss'
 # Connections waiting to be accepted (capped by the kernel's net.core.somaxconn).
 LISTEN_BACKLOG = 2048
@@ -57,9 +60,13 @@ def hypercorn_config(settings: Settings, bind: str) -> Any:
 
     config = Config()
     config.bind = [bind]
+    # Loggers, not "-": hypercorn then adds no handler of its own, and its lines
+    # reach the one handler of pulse.logs once ("Running on ..." was printed twice).
+    config.errorlog = logging.getLogger(SERVER_LOGGER)
+    config.accesslog = logging.getLogger(ACCESS_LOGGER) if settings.access_log else None
     if settings.access_log:
-        config.accesslog = "-"
         config.access_log_format = ACCESS_LOG_FORMAT
+        config.logger_class = access_logger_class()
     config.graceful_timeout = settings.shutdown_timeout_s
     # After a restart every client reconnects at once. With hypercorn's listen
     # backlog of 100, the connections beyond it lose their SYN and retry a
@@ -69,6 +76,42 @@ def hypercorn_config(settings: Settings, bind: str) -> Any:
     # are buffered whole (the default would buffer 16 MiB per connection).
     config.websocket_max_message_size = MAX_INBOUND_BYTES
     return config
+
+
+def access_logger_class() -> type[Any]:
+    """hypercorn's Logger, with the path of an access line as it was sent, escaped.
+
+    hypercorn logs the percent-decoded path: ``%0a`` in a URL wrote a line break,
+    and so a forged log line, and ``%1b[`` raw terminal escapes. The raw path
+    keeps the percent-encoding, and anything else that is not printable ASCII
+    (HTTP/2 carries bytes h11 refuses), as well as the quote and the backslash
+    that delimit the fields, is written as ``\\xNN``.
+    """
+    from hypercorn.logging import Logger
+
+    class AccessLogger(Logger):  # type: ignore[misc]
+        def atoms(self, request: Any, response: Any, request_time: float) -> Any:
+            atoms: Any = super().atoms(request, response, request_time)
+            raw = request.get("raw_path")
+            atoms["U"] = log_safe(raw.decode("latin-1") if raw else request["path"])
+            atoms["m"] = log_safe(atoms["m"])
+            return atoms
+
+    return AccessLogger
+
+
+def log_safe(text: str) -> str:
+    """``text`` with every character but printable ASCII, ``"`` and ``\\`` as ``\\xNN``
+    (``\\uNNNN`` beyond Latin-1)."""
+    return _UNSAFE.sub(_escape, text)
+
+
+_UNSAFE = re.compile(r"[^\x21\x23-\x5b\x5d-\x7e]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:

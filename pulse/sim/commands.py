@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from typing import Any
 
@@ -74,7 +73,6 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
     from pulse.sim.simulator import Simulator, SimulatorError
 
     token = args.token or _admin_token(settings, args.tenant)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
     async def main() -> None:
         simulator = Simulator(

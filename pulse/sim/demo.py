@@ -26,6 +26,7 @@ import httpx
 
 from pulse.auth.dev_tokens import mint_token
 from pulse.config import Settings
+from pulse.logs import configure_logging
 from pulse.sim.simulator import Simulator
 
 log = logging.getLogger(__name__)
@@ -106,12 +107,11 @@ async def run_demo(
     if not settings.jwt_secret:
         settings = dataclasses.replace(settings, jwt_secret=state.jwt_secret)
     assert settings.jwt_secret is not None
-    logging.getLogger().setLevel(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if settings.database_url is None:
         print(f"Starting PostgreSQL with its data in {settings.data_dir} ...", file=out, flush=True)
 
     config = hypercorn_config(settings, f"{host}:{port}")
-    config.loglevel = settings.log_level
     app = create_app(settings)
     server = asyncio.create_task(serve(app, config, stop), name="pulse-demo-server")
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"

@@ -38,6 +38,8 @@ def parse_event_id(raw: str | None) -> int | None:
     if raw is None or raw.strip() == "":
         return None
     raw = raw.strip()
-    if not raw.isdigit() or len(raw) > 18:
+    # ASCII only: str.isdigit() is also true of '²' (which int() refuses) and of
+    # Arabic-Indic or fullwidth digits (which int() silently reads as numbers).
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise BadParameter("The last event id must be a non-negative integer.")
     return int(raw)

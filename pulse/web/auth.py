@@ -8,17 +8,20 @@ tenant acted on. Everything raises ``ApiError``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
+from urllib.parse import urlsplit
 
 from quart import g, has_websocket_context, request, websocket
 
 from pulse.auth.access import require_roles, tenant_for
 from pulse.auth.principal import ADMIN_ROLES, Principal
 from pulse.auth.tickets import redeem_ticket
-from pulse.errors import MISSING_TOKEN, ApiError
+from pulse.errors import MISSING_TOKEN, ORIGIN_NOT_ALLOWED, ApiError
 from pulse.web import runtime
 
 SESSION_COOKIE = "pulse_session"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 # Lets a client that got a 401 know which scheme to use (RFC 6750).
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pulse"'}
@@ -30,13 +33,18 @@ class Lookup(Protocol):
     def get(self, key: str) -> str | None: ...
 
 
+class Credential(NamedTuple):
+    token: str
+    source: str  # "header", "cookie" or "query"
+
+
 def find_credential(
     headers: Lookup,
     cookies: Lookup,
     args: Lookup,
     *,
     allow_query: bool,
-) -> str | None:
+) -> Credential | None:
     """The caller's JWT, from the first of: Authorization header, session cookie, query.
 
     The query is a last resort for clients that cannot set headers (browser
@@ -44,15 +52,63 @@ def find_credential(
     """
     scheme, _, value = (headers.get("Authorization") or "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
+        return Credential(value.strip(), "header")
     cookie = cookies.get(SESSION_COOKIE)
     if cookie:
-        return cookie
+        return Credential(cookie, "cookie")
     # The one-time `ticket` parameter (CONTRACT section 7) is accepted next to
     # `token`, after it: it resolves to a Principal through the ticket store
     # rather than the JWT verifier (see authenticate_request).
     query_token = args.get("token") if allow_query else None
-    return query_token or None
+    return Credential(query_token, "query") if query_token else None
+
+
+def is_allowed_origin(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a page at ``origin`` may make changes with the session cookie.
+
+    The page's own origin always may: the one whose host and port are those the
+    request was sent to (its Host header, which a page cannot set for another
+    site). Otherwise only an origin in PULSE_ALLOWED_ORIGINS. A browser sends
+    Origin with every POST and DELETE; a request without one (or with the
+    opaque ``null``) is refused, since the cookie is a browser's credential.
+    """
+    if not origin or origin == "null":
+        return False
+    if "*" in allowed or origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in allowed}:
+        return True
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    if parts.scheme not in _DEFAULT_PORTS or not parts.netloc or not host:
+        return False
+    return _authority(parts.netloc, parts.scheme) == _authority(host, parts.scheme)
+
+
+def _authority(netloc: str, scheme: str) -> str:
+    netloc = netloc.lower()
+    return netloc.removesuffix(_DEFAULT_PORTS[scheme])
+
+
+def _check_cookie_origin(credential: Credential | None) -> None:
+    """Cross-site request forgery: a change authenticated by the session cookie (which
+    the browser attaches to requests from any site) must come from an allowed page."""
+    if credential is None or credential.source != "cookie" or has_websocket_context():
+        return
+    if request.method in SAFE_METHODS:
+        return
+    origin = request.headers.get("Origin")
+    if not is_allowed_origin(origin, request.headers.get("Host"), _allowed_origins()):
+        raise ApiError(
+            ORIGIN_NOT_ALLOWED,
+            f"A change authenticated by the {SESSION_COOKIE} cookie must come from this "
+            "server's own pages or an origin in PULSE_ALLOWED_ORIGINS; send the token in an "
+            "Authorization header instead.",
+        )
+
+
+def _allowed_origins() -> tuple[str, ...]:
+    return runtime().settings.allowed_origins
 
 
 async def authenticate_request(
@@ -67,8 +123,12 @@ async def authenticate_request(
     raises to refuse it; a stream ticket is spent only once it has accepted.
     """
     source = websocket if has_websocket_context() else request
-    token = find_credential(source.headers, source.cookies, source.args, allow_query=allow_query)
+    credential = find_credential(
+        source.headers, source.cookies, source.args, allow_query=allow_query
+    )
+    token = None if credential is None else credential.token
     ticket = source.args.get("ticket") if allow_query and token is None else None
+    _check_cookie_origin(credential)
     try:
         if token is None and not ticket:
             where = "an Authorization: Bearer header or the pulse_session cookie"

@@ -8,26 +8,33 @@ of the server's CPU; for a batch it is time spent on the request rather than
 its readings. A POST to a device's telemetry or heartbeat URL, or to the batch
 URL, that declares a Content-Length within the limit is answered here instead,
 through the same intake, Ingest, metrics and replies as the Quart routes in
-``pulse.web.ingest``. Every other request, including chunked or oversized
-bodies and paths that need Quart's routing, goes on to Quart unchanged.
+``pulse.web.ingest``.
+
+Every other ingest request (chunked bodies, paths that need Quart's routing)
+has its body read here too, within the process's ingest
+buffer (``pulse.web.bodies``), and then goes on to Quart, which reads it
+again from memory. Bodies declared over the limit go on unread (Quart answers
+413 at once), and so does every request that is not ingest.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, cast
 
 from quart import Quart
-from werkzeug.exceptions import RequestTimeout
 
+from pulse.errors import SERVER_BUSY, ApiError
 from pulse.ingest import intake
 from pulse.ingest.model import Rejected
 from pulse.ingest.service import Receipt
 from pulse.web import runtime_of
+from pulse.web.bodies import read_body, replay
 from pulse.web.ingest import (
     BATCH_URL,
     DEVICE_PATH,
+    INGEST_PREFIX,
     TOKEN_HEADER,
     Reply,
     batch_reply,
@@ -44,7 +51,8 @@ _JSON = (b"content-type", b"application/json")
 
 
 class DeviceFastPath:
-    """ASGI middleware: serves the device URLs, hands everything else to ``inner``."""
+    """ASGI middleware: serves the device URLs, reads the bodies of the other ingest
+    requests within the ingest buffer, and hands everything else to ``inner``."""
 
     def __init__(self, app: Quart, inner: Any) -> None:
         self._app = app
@@ -56,36 +64,20 @@ class DeviceFastPath:
     ) -> Coroutine[Any, Any, None]:
         # Not a coroutine itself: a connection handed on to Quart (a stream, for
         # as long as it is open) does not keep a frame of this call alive.
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            path = scope["path"]
-            if path == BATCH_URL:
-                length, _ = _length_and_token(scope["headers"])
-                if length is not None and length <= self._max_body:
-                    return self._serve_batch(receive, send)
-            elif match := DEVICE_PATH.fullmatch(path):
-                length, token = _length_and_token(scope["headers"])
-                if length is not None and length <= self._max_body:
+        if scope["type"] == "http" and scope["method"] == "POST" and _is_ingest(scope):
+            length, token = _length_and_token(scope["headers"])
+            if length is not None and length > self._max_body:
+                pass  # Quart answers 413 without reading it
+            elif length is not None and not scope.get("root_path"):
+                if scope["path"] == BATCH_URL:
+                    return self._serve_batch(scope, receive, send)
+                if match := DEVICE_PATH.fullmatch(scope["path"]):
                     tenant_id, device_id, kind = match.groups()
-                    return self._serve(kind, tenant_id, device_id, token, receive, send)
-        return cast(Coroutine[Any, Any, None], self._inner(scope, receive, send))
-
-    async def _serve_batch(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        receipt = Receipt("batch")
-        try:
-            body = await _read_body(receive, self._app.config["BODY_TIMEOUT"])
-            if body is None:  # the client went away
-                return
-            items = intake.batch(body, receipt.at)
-            ingest = runtime_of(self._app).ingest
-            if isinstance(items, Rejected):
-                # The envelope itself is wrong: one error body, not per-message results.
-                [outcome] = await ingest([items], receipt)
-                answer = reply(outcome)
+                    return self._serve(kind, tenant_id, device_id, token, scope, receive, send)
+                return self._buffered(scope, receive, send)
             else:
-                answer = batch_reply(await ingest(items, receipt))
-        except Exception as exc:
-            answer = error_reply(exc)
-        await _send(send, answer)
+                return self._buffered(scope, receive, send)
+        return cast(Coroutine[Any, Any, None], self._inner(scope, receive, send))
 
     async def _serve(
         self,
@@ -93,24 +85,75 @@ class DeviceFastPath:
         tenant_id: str,
         device_id: str,
         token: str | None,
+        scope: Scope,
         receive: ASGIReceiveCallable,
         send: ASGISendCallable,
     ) -> None:
         receipt = Receipt(kind)
-        try:
-            body = await _read_body(receive, self._app.config["BODY_TIMEOUT"])
-            if body is None:  # the client went away
+        runtime = runtime_of(self._app)
+        with runtime.ingest_buffer.hold() as holding:
+            try:
+                body = await read_body(
+                    receive, holding, timeout=self._app.config["BODY_TIMEOUT"], limit=self._max_body
+                )
+                if body is None:  # the client went away
+                    return
+                item = (
+                    intake.reading(tenant_id, device_id, token, body, receipt.at)
+                    if kind == "telemetry"
+                    else intake.heartbeat(tenant_id, device_id, token)
+                )
+                [outcome] = await runtime.ingest([item], receipt)
+                answer = reply(outcome)
+            except Exception as exc:
+                answer = _error_answer(exc, scope)
+            await _send(send, answer)
+
+    async def _serve_batch(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        receipt = Receipt("batch")
+        runtime = runtime_of(self._app)
+        with runtime.ingest_buffer.hold() as holding:
+            try:
+                body = await read_body(
+                    receive, holding, timeout=self._app.config["BODY_TIMEOUT"], limit=self._max_body
+                )
+                if body is None:  # the client went away
+                    return
+                items = intake.batch(body, receipt.at)
+                if isinstance(items, Rejected):
+                    # The envelope itself is wrong: one error body, not per-message results.
+                    [outcome] = await runtime.ingest([items], receipt)
+                    answer = reply(outcome)
+                else:
+                    answer = batch_reply(await runtime.ingest(items, receipt))
+            except Exception as exc:
+                answer = _error_answer(exc, scope)
+            await _send(send, answer)
+
+    async def _buffered(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """Read the body within the ingest buffer, then let Quart serve the request."""
+        with runtime_of(self._app).ingest_buffer.hold() as holding:
+            try:
+                body = await read_body(
+                    receive, holding, timeout=self._app.config["BODY_TIMEOUT"], limit=self._max_body
+                )
+            except Exception as exc:
+                await _send(send, _error_answer(exc, scope))
                 return
-            item = (
-                intake.reading(tenant_id, device_id, token, body, receipt.at)
-                if kind == "telemetry"
-                else intake.heartbeat(tenant_id, device_id, token)
-            )
-            [outcome] = await runtime_of(self._app).ingest([item], receipt)
-            answer = reply(outcome)
-        except Exception as exc:
-            answer = error_reply(exc)
-        await _send(send, answer)
+            if body is not None:
+                await self._inner(scope, replay(body, receive), send)
+
+
+def _is_ingest(scope: Scope) -> bool:
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path) :]
+    return path.startswith(INGEST_PREFIX)
 
 
 def _length_and_token(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int | None, str | None]:
@@ -126,19 +169,17 @@ def _length_and_token(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int | Non
     return length, token
 
 
-async def _read_body(receive: ASGIReceiveCallable, timeout: float | None) -> bytes | None:
-    chunks = []
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return None
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-    except TimeoutError:
-        raise RequestTimeout() from None
+def _error_answer(exc: Exception, scope: Scope) -> Reply:
+    answer = error_reply(exc)
+    # Refused as busy, the rest of the body is never read: over HTTP/1 the connection
+    # ends with the answer (HTTP/2 ends just the stream, and forbids the header).
+    if (
+        isinstance(exc, ApiError)
+        and exc.error is SERVER_BUSY
+        and scope.get("http_version") in ("1.0", "1.1")
+    ):
+        return dataclasses.replace(answer, headers={**answer.headers, "Connection": "close"})
+    return answer
 
 
 async def _send(send: ASGISendCallable, answer: Reply) -> None:

@@ -30,6 +30,7 @@ tag_blueprint(blueprint, ["ingest"])
 
 # `path` converters so that an id holding an (encoded) slash reaches validation
 # and is refused as invalid_payload instead of matching no route at all.
+INGEST_PREFIX = "/ingest/"  # every ingest route (pulse.web.fastpath reads their bodies)
 DEVICE_URL = "/ingest/v1/tenant/<path:tenant_id>/device/<path:device_id>"
 # The same URLs, as the fast path matches them (a raw ASGI path; no slash in an id).
 DEVICE_PATH = re.compile(

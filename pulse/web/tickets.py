@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel
 from quart import Blueprint
 from quart_schema import validate_response
 
 from pulse.auth.tickets import TICKET_TTL_S, issue_ticket
+from pulse.errors import RATE_LIMITED, ApiError
 from pulse.web import runtime
 from pulse.web.auth import authenticate_request
 
@@ -27,5 +30,14 @@ async def create_stream_ticket() -> tuple[StreamTicket, int, dict[str, str]]:
     """A ticket for ?ticket= on the stream endpoints: single use, valid 30 s on any process."""
     # Header or cookie only: the point of a ticket is to keep the token out of URLs.
     principal = await authenticate_request()
-    ticket = await issue_ticket(runtime().db, principal)
+    rt = runtime()
+    wait_s = rt.ticket_limit.acquire((principal.tenant_id, principal.subject))
+    if wait_s > 0:
+        retry_after = max(1, math.ceil(wait_s))
+        raise ApiError(
+            RATE_LIMITED,
+            f"Stream tickets are asked for too often; retry in {retry_after} s.",
+            {"Retry-After": str(retry_after)},
+        )
+    ticket = await issue_ticket(rt.db, principal)
     return StreamTicket(ticket=ticket, expires_in=TICKET_TTL_S), 200, _NO_STORE

@@ -115,6 +115,31 @@ async def test_exp_is_required(hs256: TokenVerifier) -> None:
     assert "exp" in error.detail
 
 
+@pytest.mark.parametrize("exp", [1e20, 300_000_000_000, 2**64])
+async def test_exp_beyond_the_calendar_is_invalid(hs256: TokenVerifier, exp: float) -> None:
+    """datetime.fromtimestamp raised OverflowError or ValueError: a 500."""
+    token = jwt.encode({"alg": "HS256"}, claims(exp=exp), OctKey.import_key(TEST_SECRET))
+    error = await rejected(hs256, token)
+    assert error.code == "invalid_token"
+    assert "exp" in error.detail
+
+
+async def test_the_last_second_of_the_calendar_is_a_valid_exp(hs256: TokenVerifier) -> None:
+    last = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    body = claims(exp=int(last.timestamp()))
+    token = jwt.encode({"alg": "HS256"}, body, OctKey.import_key(TEST_SECRET))
+    assert (await hs256.verify(token)).expires_at == last
+
+
+@pytest.mark.parametrize("sub", ["a\u0000b", "\u001b[2J", "\ud800"])
+async def test_a_sub_with_control_characters_is_invalid(hs256: TokenVerifier, sub: str) -> None:
+    """The subject is stored with tickets and alert changes: PostgreSQL refuses NUL."""
+    token = forge({"alg": "HS256"}, claims(sub=sub), TEST_SECRET.encode())
+    error = await rejected(hs256, token)
+    assert error.code == "invalid_token"
+    assert "sub" in error.detail
+
+
 async def test_wrong_signature(hs256: TokenVerifier) -> None:
     token = mint_token("another-secret-of-sufficient-length", tenant_id="t1")
     assert (await rejected(hs256, token)).code == "invalid_token"

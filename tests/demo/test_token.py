@@ -41,3 +41,13 @@ def test_mistakes_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["token", "--tenant", "acme", "--role", "admin"])
     assert "invalid choice: 'admin'" in capsys.readouterr().err
+
+
+def test_a_short_secret_is_refused_before_anything_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PULSE_JWT_SECRET", "dev-secret")
+    for command in (["token", "--tenant", "acme"], ["serve"]):
+        with pytest.raises(SystemExit, match="PULSE_JWT_SECRET must be at least 32 bytes"):
+            main(command)
+    assert capsys.readouterr().out == ""

@@ -7,6 +7,7 @@ import re
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from pulse.db.pool import create_pool
@@ -301,6 +302,9 @@ async def test_deleting_a_device_closes_its_alerts(
         {"name": ""},
         {"device_id": "a/b"},
         {"thresold": 80},
+        # PostgreSQL refuses NUL in text; a terminal obeys ESC.
+        {"name": "over\u0000heat"},
+        {"name": "\u001b[31mred"},
     ],
 )
 async def test_invalid_rules_are_refused(
@@ -309,6 +313,28 @@ async def test_invalid_rules_are_refused(
     response = await http.post(RULES, json={**NEW_RULE, **change}, headers=admin)
     assert response.status_code == 400
     assert error_of(response) == "invalid_payload"
+    assert await fleet.pool.fetchval("SELECT count(*) FROM alert_rules") == 0
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # The standard library's parser recursed per level: RecursionError, a 500.
+        b"[" * 1025 + b"]" * 1025,
+        b"[" * 100_000 + b"]" * 100_000,
+        # A lone surrogate, which PostgreSQL cannot store.
+        orjson.dumps(NEW_RULE)[:-1] + b', "name": "\\ud800"}',
+    ],
+    ids=["depth-1025", "depth-100000", "lone-surrogate"],
+)
+async def test_json_that_cannot_be_parsed_or_stored_is_refused(
+    http: httpx.AsyncClient, fleet: Fleet, admin: dict[str, str], content: bytes
+) -> None:
+    response = await http.post(
+        RULES, content=content, headers={**admin, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert error_of(response) == "bad_request"
     assert await fleet.pool.fetchval("SELECT count(*) FROM alert_rules") == 0
 
 

@@ -158,6 +158,18 @@ def test_ts_in_the_past_is_accepted() -> None:
     assert parse({"ts": old.isoformat(), "metrics": {"a": 1}}).device_time == old
 
 
+@pytest.mark.parametrize(
+    "ts", ["0001-01-01T00:00:00+14:00", "0001-01-01T00:00:00.5+00:01", "9999-12-31T23:59:59-14:00"]
+)
+def test_ts_beyond_the_calendar_in_utc(ts: str) -> None:
+    assert "outside the years 1 to 9999" in rejected({"ts": ts, "metrics": {"a": 1}})
+
+
+@pytest.mark.parametrize("ts", ["0001-01-01T00:00:00Z", "0001-01-01T10:00:00+10:00"])
+def test_ts_at_the_first_moment_of_the_calendar(ts: str) -> None:
+    assert parse({"ts": ts, "metrics": {"a": 1}}).device_time == datetime(1, 1, 1, tzinfo=UTC)
+
+
 @pytest.mark.parametrize("seq", [True, False, 1.0, "1", [1], {"n": 1}])
 def test_seq_must_be_an_integer(seq: object) -> None:
     assert "seq must be an integer" in rejected({"metrics": {"a": 1}, "seq": seq})

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pulse.errors import INVALID_DEVICE_TOKEN, INVALID_PAYLOAD
@@ -31,8 +31,15 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(names, inner, max_size=4),
     max_leaves=20,
 )
+# Any fixed offset a time zone can have, down to the microsecond: near the ends of the
+# calendar, converting such a time to UTC leaves it (year 0 or 10000).
+offsets = st.timedeltas(
+    min_value=-timedelta(hours=24) + timedelta(microseconds=1),
+    max_value=timedelta(hours=24) - timedelta(microseconds=1),
+).map(timezone)
 times = st.one_of(
     st.datetimes(timezones=st.just(UTC)).map(lambda t: t.isoformat()),
+    st.datetimes(timezones=offsets).map(lambda t: t.isoformat()),
     st.datetimes().map(lambda t: t.isoformat()),
     st.text(max_size=30),
     st.integers(),
@@ -93,3 +100,19 @@ def test_every_batch_message_is_judged_alone(messages: list[Any]) -> None:
     assert len(result) == len(messages)
     for item in result:
         check(item)
+
+
+@settings(max_examples=300, deadline=None)
+@given(moment=st.datetimes(timezones=offsets))
+@example(moment=datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14))))
+@example(moment=datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-14))))
+def test_any_time_with_any_offset_is_a_reading_or_invalid_payload(moment: datetime) -> None:
+    body = {"ts": moment.isoformat(), "metrics": {"v": 1}}
+    item = intake.reading("t1", "dev-1", "token", json.dumps(body).encode(), NOW)
+    check(item)
+    if isinstance(item, Submission):
+        assert item.reading is not None and item.reading.device_time == moment
+    else:
+        # Refused only for a reason a sender can act on: beyond the calendar in UTC,
+        # or more than 5 minutes ahead of the server's clock.
+        assert "outside the years" in item.detail or "ahead of the server clock" in item.detail

@@ -11,7 +11,13 @@ from pulse.app import create_app
 from pulse.auth.principal import ADMIN_ROLES
 from pulse.config import Settings
 from pulse.errors import ApiError
-from pulse.web.auth import authenticate_request, find_credential, request_tenant
+from pulse.web.auth import (
+    Credential,
+    authenticate_request,
+    find_credential,
+    is_allowed_origin,
+    request_tenant,
+)
 
 BEARER = Headers({"Authorization": "Bearer from-header"})
 COOKIE = {"pulse_session": "from-cookie"}
@@ -19,15 +25,21 @@ QUERY = {"token": "from-query"}
 
 
 def test_the_header_comes_first() -> None:
-    assert find_credential(BEARER, COOKIE, QUERY, allow_query=True) == "from-header"
+    assert find_credential(BEARER, COOKIE, QUERY, allow_query=True) == Credential(
+        "from-header", "header"
+    )
 
 
 def test_then_the_cookie() -> None:
-    assert find_credential(Headers(), COOKIE, QUERY, allow_query=True) == "from-cookie"
+    assert find_credential(Headers(), COOKIE, QUERY, allow_query=True) == Credential(
+        "from-cookie", "cookie"
+    )
 
 
 def test_then_the_query_when_allowed() -> None:
-    assert find_credential(Headers(), {}, QUERY, allow_query=True) == "from-query"
+    assert find_credential(Headers(), {}, QUERY, allow_query=True) == Credential(
+        "from-query", "query"
+    )
 
 
 def test_the_query_is_refused_when_not_allowed() -> None:
@@ -39,12 +51,14 @@ def test_the_query_is_refused_when_not_allowed() -> None:
 )
 def test_a_header_that_is_no_bearer_token_is_skipped(authorization: str) -> None:
     headers = Headers({"Authorization": authorization})
-    assert find_credential(headers, COOKIE, {}, allow_query=False) == "from-cookie"
+    assert find_credential(headers, COOKIE, {}, allow_query=False) == Credential(
+        "from-cookie", "cookie"
+    )
 
 
 def test_the_bearer_scheme_is_case_insensitive() -> None:
     headers = Headers({"Authorization": "bearer  tok "})
-    assert find_credential(headers, {}, {}, allow_query=False) == "tok"
+    assert find_credential(headers, {}, {}, allow_query=False) == Credential("tok", "header")
 
 
 def test_empty_values_count_as_absent() -> None:
@@ -147,3 +161,36 @@ async def test_websocket_auth_failures_close_with_contract_codes(
             with pytest.raises(WebsocketDisconnectError) as info:
                 await ws.receive()
         assert info.value.args[0] == code, query
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed", "expected"),
+    [
+        # The page's own origin, whatever the scheme a proxy terminated.
+        ("http://127.0.0.1:8000", "127.0.0.1:8000", (), True),
+        ("https://pulse.example", "pulse.example", (), True),
+        ("https://pulse.example", "pulse.example:443", (), True),
+        ("http://pulse.example", "PULSE.example:80", (), True),
+        ("https://Pulse.Example/", "pulse.example", (), True),  # case, a trailing slash
+        # Another site, another port, another host.
+        ("https://evil.example", "pulse.example", (), False),
+        ("http://127.0.0.1:9000", "127.0.0.1:8000", (), False),
+        ("https://pulse.example.evil.example", "pulse.example", (), False),
+        ("https://pulse.example:8443", "pulse.example", (), False),
+        # Listed origins, and the wildcard.
+        ("https://app.example", "pulse.example", ("https://app.example",), True),
+        ("https://APP.example/", "pulse.example", ("https://app.example",), True),
+        ("https://evil.example", "pulse.example", ("*",), True),
+        # No origin, an opaque one, or nothing to compare with.
+        (None, "pulse.example", (), False),
+        ("", "pulse.example", (), False),
+        ("null", "pulse.example", (), False),
+        ("file://", "pulse.example", (), False),
+        ("https://pulse.example", None, (), False),
+        ("http://[::1", "pulse.example", (), False),
+    ],
+)
+def test_allowed_origins_for_cookie_changes(
+    origin: str | None, host: str | None, allowed: tuple[str, ...], expected: bool
+) -> None:
+    assert is_allowed_origin(origin, host, allowed) is expected

@@ -91,6 +91,11 @@ async def test_duplicate_device_is_a_conflict(
         {"device_id": 42},
         {"site_id": "s1"},
         {"device_id": "ok", "name": "n" * 201},
+        # PostgreSQL refuses NUL in text (it was a 500); a terminal obeys ESC.
+        {"device_id": "ok", "name": "a\u0000b"},
+        {"device_id": "ok", "site_id": "a\u0000b"},
+        {"device_id": "ok", "name": "\u001b]0;title\u0007"},
+        {"device_id": "ok", "site_id": "line\nbreak"},
         ["dev-1"],
     ],
 )
@@ -173,6 +178,18 @@ async def test_rotate_unknown_device(http: httpx.AsyncClient, admin: dict[str, s
     assert error_of(response) == "unknown_device"
 
 
+@pytest.mark.parametrize("device", ["a%00b", "%C3%A9", "x" * 65])
+async def test_an_id_no_device_can_have_is_unknown(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, admin: dict[str, str], device: str
+) -> None:
+    await provision_device(pool, "t1", "dev-1")
+    for method, path in (("DELETE", device), ("POST", f"{device}/rotate-token")):
+        response = await http.request(method, f"{DEVICES}/{path}", headers=admin)
+        assert response.status_code == 404, response.text
+        assert error_of(response) == "unknown_device"
+    assert await pool.fetchval("SELECT count(*) FROM devices") == 1
+
+
 @pytest.mark.parametrize("role", ["customer", "operator"])
 async def test_readers_cannot_write(
     http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: MakeToken, role: str
@@ -199,6 +216,27 @@ async def test_missing_token(http: httpx.AsyncClient) -> None:
         response = await http.request(method, path, json={"device_id": "dev-1"})
         assert response.status_code == 401
         assert error_of(response) == "missing_token"
+
+
+async def test_tokens_that_cannot_be_stored_are_invalid(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: MakeToken
+) -> None:
+    """An exp beyond the year 9999, a sub with NUL: 401, never a 500, on every route
+    that takes a token (the stream ticket stores the subject)."""
+    await provision_device(pool, "t1", "dev-1")
+    admin = ("tenant-admin",)
+    for token in (
+        make_token("t1", roles=admin, exp=10**20),
+        make_token("t1", roles=admin, subject="a\x00b"),
+    ):
+        for method, path in (
+            ("GET", DEVICES),
+            ("POST", f"{DEVICES}/dev-1/rotate-token"),
+            ("POST", "/api/v1/stream-ticket"),
+        ):
+            response = await http.request(method, path, headers=auth(token))
+            assert response.status_code == 401, (method, path, response.text)
+            assert error_of(response) == "invalid_token"
 
 
 async def test_expired_token(http: httpx.AsyncClient, make_token: MakeToken) -> None:

@@ -165,6 +165,21 @@ async def test_bad_requests_get_the_error_body(url: str, make_token: Callable[..
         assert r.status_code == 401 and set(r.json()) == {"error", "detail"}
         r = await client.get(SSE_PATH, headers={**auth(make_token()), "Last-Event-ID": "-4"})
         assert r.status_code == 400 and r.json()["error"] == "invalid_parameter"
+        # Digits that are not ASCII: '²' (int() refuses it), Arabic-Indic and fullwidth
+        # digits (int() would read them as 3).
+        for position in ("\u00b2", "\u0663", "\uff13"):
+            r = await client.get(
+                SSE_PATH, headers=auth(make_token()), params={"last_event_id": position}
+            )
+            assert r.status_code == 400 and r.json()["error"] == "invalid_parameter", position
+        # A header is read as latin-1: b"\xb2" is '²'.
+        for header in (b"\xb2", "\u0663".encode(), b"\xb9\xb2"):
+            headers = [
+                (b"Authorization", f"Bearer {make_token()}".encode()),
+                (b"Last-Event-ID", header),
+            ]
+            r = await client.get(SSE_PATH, headers=headers)
+            assert r.status_code == 400 and r.json()["error"] == "invalid_parameter", header
         r = await client.get(SSE_PATH, headers=auth(make_token()), params={"device_id": "bad id!"})
         assert r.status_code == 400
         r = await client.get(SSE_PATH, headers=auth(make_token("t1")), params={"tenant_id": "t2"})

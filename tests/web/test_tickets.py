@@ -118,7 +118,10 @@ async def test_issuing_a_ticket_needs_a_token_in_a_header_or_cookie(
     )
     assert r.status_code == 403
     http.cookies.set("pulse_session", make_token("t1"))
+    # With the cookie, from a page of this server (tests/web/test_csrf.py).
     r = await http.post(TICKET_PATH)
+    assert r.status_code == 403 and r.json()["error"] == "origin_not_allowed"
+    r = await http.post(TICKET_PATH, headers={"Origin": str(http.base_url).rstrip("/")})
     assert r.status_code == 200 and r.json()["ticket"].startswith("pst_")
     # A ticket is not a token: it cannot buy another ticket.
     http.cookies.clear()
@@ -150,3 +153,28 @@ async def test_a_request_refused_for_its_parameters_or_tenant_does_not_spend_its
         assert r.status_code == 200
     r = await http.get(SSE_PATH, params={"ticket": operator, "tenant_id": "t9"})
     assert r.status_code == 401 and r.json()["error"] == "invalid_ticket"
+
+
+async def test_tickets_are_rate_limited_per_principal(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """A burst of TICKET_BURST, then about one a second, for each tenant and subject: every
+    ticket is a row (a probe issued 2,000 in 8 s)."""
+    from pulse.auth.tickets import TICKET_BURST
+
+    alice = make_token("t1", subject="alice")
+    for _ in range(TICKET_BURST):
+        await new_ticket(http, alice)
+    r = await http.post(TICKET_PATH, headers={"Authorization": f"Bearer {alice}"})
+    assert r.status_code == 429, r.text
+    assert r.json()["error"] == "rate_limited"
+    assert r.headers["Retry-After"] == "1"
+    # Another token of the same principal shares the limit; other principals do not.
+    r = await http.post(
+        TICKET_PATH,
+        headers={"Authorization": f"Bearer {make_token('t1', subject='alice', lifetime_s=60)}"},
+    )
+    assert r.status_code == 429
+    await new_ticket(http, make_token("t1", subject="bob"))
+    await new_ticket(http, make_token("t2", subject="alice"))
+    assert await pool.fetchval("SELECT count(*) FROM stream_tickets") == TICKET_BURST + 2

@@ -65,6 +65,8 @@ async def test_auth_and_parameter_failures(
         ({"token": "not-a-jwt"}, (4001, "invalid_token")),
         ({"token": make_token("t1", lifetime_s=-120)}, (4001, "token_expired")),
         ({"ticket": "pst_never-issued"}, (4001, "invalid_ticket")),
+        ({"token": make_token("t1", exp=10**20)}, (4001, "invalid_token")),
+        ({"token": make_token("t1", subject="a\u0000b")}, (4001, "invalid_token")),
         ({"token": t1, "tenant_id": "t2"}, (4003, "forbidden")),
         ({"token": make_token("t1", roles=())}, (4003, "forbidden")),
         ({"token": t1, "tenant_id": "bad id!"}, (4000, "invalid_tenant_id")),
@@ -73,6 +75,8 @@ async def test_auth_and_parameter_failures(
         cases += [
             ({"token": make_token(None, roles=("operator",))}, (4000, "tenant_required")),
             ({"token": t1, "last_event_id": "-1"}, (4000, "invalid_parameter")),
+            ({"token": t1, "last_event_id": "\u00b2"}, (4000, "invalid_parameter")),
+            ({"token": t1, "last_event_id": "\u0663"}, (4000, "invalid_parameter")),
             ({"token": t1, "device_id": "bad id"}, (4000, "invalid_parameter")),
             ({"token": t1, "metric": "a,b c"}, (4000, "invalid_parameter")),
         ]

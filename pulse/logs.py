@@ -1,0 +1,94 @@
+"""One logging setup for every command (``pulse serve``, its workers, the demo, the tools).
+
+One handler on stderr, on the root logger: hypercorn's error and access logs
+are handed loggers of their own (``pulse.serving.hypercorn_config``) that
+propagate here, so each line is written once, in one format: text, or with
+PULSE_LOG_FORMAT=json one JSON object per line for log shippers.
+
+PULSE_LOG_LEVEL sets Pulse's own loggers. Other libraries never log below
+INFO, and those whose output carries credentials never below WARNING: at
+DEBUG, hpack (HTTP/2, which hypercorn speaks in cleartext too) logs every
+header it decodes, ``Authorization`` and ``X-Provision-Token`` included, and
+the ``:path`` with its query string (tickets); httpx logs request URLs at
+INFO; h2, h11, wsproto and websockets log frames and handshakes. Tokens and
+tickets are never logged, at any level (CONTRACT section 7).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import TextIO
+
+import orjson
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Libraries whose records may hold request headers, URLs or frames.
+QUIET_LIBRARIES = (
+    "hpack",
+    "h2",
+    "h11",
+    "wsproto",
+    "httpx",
+    "httpcore",
+    "websockets",
+    "asyncio",
+    "asyncpg",
+)
+# hypercorn's error log ("Running on ...") follows PULSE_LOG_LEVEL, down to INFO.
+SERVER_LOGGER = "hypercorn.error"
+ACCESS_LOGGER = "hypercorn.access"
+_HANDLER = "pulse"
+
+
+def configure_logging(
+    level: str = "INFO", log_format: str = "text", *, stream: TextIO | None = None
+) -> None:
+    """Install the one handler and the levels; calling it again replaces them."""
+    level = level.upper()
+    if level not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}; one of {', '.join(LEVELS)}")
+    if log_format not in FORMATS:
+        raise ValueError(f"unknown log format {log_format!r}; one of {', '.join(FORMATS)}")
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    )
+    handler.set_name(_HANDLER)
+    root = logging.getLogger()
+    # Only ours: others (pytest's, an embedding program's) stay.
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    number = logging.getLevelName(level)
+    root.setLevel(max(number, logging.INFO))
+    logging.getLogger("pulse").setLevel(number)
+    logging.getLogger(SERVER_LOGGER).setLevel(max(number, logging.INFO))
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(number, logging.WARNING))
+    # Asked for with PULSE_ACCESS_LOG=1, so shown whatever the level.
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC), level, logger, message, and the traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "process": record.process,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(entry, default=str).decode()

@@ -1,0 +1,127 @@
+"""One logging setup: one line per record, text or JSON, and no credentials at any level.
+
+The subprocess tests run `pulse serve` as deployed and read everything it writes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pulse.config import ConfigError, Settings
+from pulse.logs import QUIET_LIBRARIES, configure_logging
+from tests.support import TEST_SECRET, pulse_serve
+
+pytestmark = pytest.mark.timeout(120)
+
+RUNNING_ON = "Running on http://"
+
+
+def test_json_lines() -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "json", stream=out)
+    logging.getLogger("pulse.test").info("hello %s", "world")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("pulse.test").exception("it failed")
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["message"] == "hello world"
+    assert (first["level"], first["logger"]) == ("INFO", "pulse.test")
+    assert first["time"].endswith("Z") and isinstance(first["process"], int)
+    assert second["level"] == "ERROR"
+    assert "ValueError: boom" in second["exception"]
+
+
+def test_debug_is_for_pulse_only() -> None:
+    out = io.StringIO()
+    configure_logging("DEBUG", "text", stream=out)
+    logging.getLogger("pulse.test").debug("ours")
+    for name in (*QUIET_LIBRARIES, "hpack.hpack", "some.library"):
+        logging.getLogger(name).debug("Decoded (b'authorization', b'Bearer leaked')")
+    logging.getLogger("httpx").info("HTTP Request: GET http://x/?ticket=leaked")
+    logging.getLogger("hypercorn.error").info(RUNNING_ON)
+    text = out.getvalue()
+    assert "pulse.test: ours" in text
+    assert "leaked" not in text
+    assert text.count(RUNNING_ON) == 1
+
+
+def test_configuring_again_replaces_the_handler() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("INFO", "text", stream=first)
+    configure_logging("WARNING", "text", stream=second)
+    logging.getLogger("pulse.test").warning("once")
+    logging.getLogger("hypercorn.error").info(RUNNING_ON)
+    assert first.getvalue() == "" and second.getvalue().count("once") == 1
+    assert RUNNING_ON not in second.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("PULSE_LOG_FORMAT", "xml"), ("PULSE_LOG_LEVEL", "LOUD")]
+)
+def test_unknown_level_or_format_is_a_config_error(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env({variable: value})
+
+
+async def test_running_on_is_one_line_at_info_and_silent_at_warning(
+    database_url: str, tmp_path: Path
+) -> None:
+    for level, expected in (("INFO", 1), ("WARNING", 0)):
+        async with pulse_serve(
+            data_dir=tmp_path, database_url=database_url, env={"PULSE_LOG_LEVEL": level}, stdout=-1
+        ) as server:
+            pass
+        output = (server.stdout + server.stderr).decode()
+        assert output.count(RUNNING_ON) == expected, output
+
+
+async def test_no_token_or_ticket_in_the_log_at_debug_over_http2(
+    database_url: str, tmp_path: Path
+) -> None:
+    """HTTP/2 in cleartext (prior knowledge), where hpack logged every decoded header.
+
+    The credentials go where they go in real use: a JWT in Authorization, a device
+    token in X-Provision-Token, a ticket in the query string of a stream URL.
+    """
+    from pulse.auth.dev_tokens import mint_token
+
+    jwt = mint_token(TEST_SECRET, tenant_id="t1", roles=["tenant-admin"])
+    env = {"PULSE_LOG_LEVEL": "DEBUG", "PULSE_LOG_FORMAT": "json", "PULSE_ACCESS_LOG": "1"}
+    async with (
+        pulse_serve(data_dir=tmp_path, database_url=database_url, env=env, stdout=-1) as server,
+        httpx.AsyncClient(base_url=server.url, http1=False, http2=True, timeout=10) as http,
+    ):
+        bearer = {"Authorization": f"Bearer {jwt}"}
+        r = await http.post("/api/v1/customer/devices", json={"device_id": "d1"}, headers=bearer)
+        assert r.status_code == 201 and r.http_version == "HTTP/2", r.text
+        device_token = r.json()["provision_token"]
+        r = await http.post(
+            "/ingest/v1/tenant/t1/device/d1/telemetry",
+            json={"metrics": {"v": 1}},
+            headers={"X-Provision-Token": device_token},
+        )
+        assert r.status_code == 201, r.text
+        ticket = (await http.post("/api/v1/stream-ticket", headers=bearer)).json()["ticket"]
+        sse = "/api/v1/customer/telemetry/stream/sse"
+        async with http.stream("GET", sse, params={"ticket": ticket}) as stream:
+            assert stream.status_code == 200
+            async for chunk in stream.aiter_bytes():
+                assert chunk.startswith(b"retry:")
+                break
+        r = await http.get(sse, params={"token": jwt, "last_event_id": "x"})
+        assert r.status_code == 400
+    output = server.stdout + server.stderr
+    lines = output.decode().splitlines()
+    assert all(json.loads(line) for line in lines), "one JSON object per line"
+    assert any("GET /api/v1/customer/telemetry/stream/sse 2" in line for line in lines)
+    for secret in (jwt, device_token, ticket, jwt.split(".")[2], device_token[4:], ticket[4:]):
+        assert secret.encode() not in output
+    assert b"token=" not in output and b"ticket=" not in output
+    assert b"authorization" not in output.lower() and b"x-provision-token" not in output.lower()

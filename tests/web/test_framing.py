@@ -1,0 +1,50 @@
+"""A request with both Content-Length and Transfer-Encoding: refused, and its connection
+closed (RFC 9112, section 6.1), so that nothing after it can pass for another request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def exchange(server: str, data: bytes) -> bytes:
+    """Send ``data`` on a new connection; everything the server sends until it closes."""
+    host, port = server.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)  # until the server closes
+    finally:
+        writer.close()
+
+
+SMUGGLED = b"GET /healthz HTTP/1.1\r\nHost: pulse\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "path", [b"/ingest/v1/batch", b"/ingest/v1/tenant/t1/device/d1/telemetry", b"/healthz"]
+)
+async def test_both_lengths_are_refused_and_the_connection_closed(server: str, path: bytes) -> None:
+    request = (
+        b"POST " + path + b" HTTP/1.1\r\nHost: pulse\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    )
+    answer = await exchange(server, request + SMUGGLED)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer
+    assert b"\r\nconnection: close" in head.lower()
+    assert orjson.loads(body)["error"] == "bad_request"
+    assert answer.count(b"HTTP/1.1") == 1, "the request after it was not served"
+
+
+async def test_one_length_keeps_the_connection(server: str) -> None:
+    """Keep-alive as before: two requests on one connection, the second closing it."""
+    first = b"GET /healthz HTTP/1.1\r\nHost: pulse\r\n\r\n"
+    second = b"GET /healthz HTTP/1.1\r\nHost: pulse\r\nConnection: close\r\n\r\n"
+    answer = await exchange(server, first + second)
+    assert answer.count(b"HTTP/1.1 200") == 2, answer
