@@ -160,7 +160,11 @@ class PulseServer:
                     if (await client.get("/readyz")).status_code == 200:
                         return self
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.command()[2]} exited during startup")
+                    self._log.seek(0)
+                    said = self._log.read().decode(errors="replace").strip().splitlines()[-20:]
+                    raise RuntimeError(
+                        f"{self.command()[2]} exited during startup: " + "\n".join(said)
+                    )
                 await asyncio.sleep(0.1)
         raise RuntimeError(f"{self.command()[2]} did not become ready")
 
