@@ -28,7 +28,7 @@ from quart import Quart
 from pulse.errors import SERVER_BUSY, ApiError
 from pulse.ingest import intake
 from pulse.ingest.model import Rejected
-from pulse.ingest.service import Receipt
+from pulse.ingest.service import Ingest, Receipt
 from pulse.web import runtime_of
 from pulse.web.bodies import read_body, replay
 from pulse.web.ingest import (
@@ -89,30 +89,39 @@ class DeviceFastPath:
         receive: ASGIReceiveCallable,
         send: ASGISendCallable,
     ) -> None:
-        receipt = Receipt(kind)
-        runtime = runtime_of(self._app)
-        with runtime.ingest_buffer.hold() as holding:
-            try:
-                body = await read_body(
-                    receive, holding, timeout=self._app.config["BODY_TIMEOUT"], limit=self._max_body
-                )
-                if body is None:  # the client went away
-                    return
-                item = (
-                    intake.reading(tenant_id, device_id, token, body, receipt.at)
-                    if kind == "telemetry"
-                    else intake.heartbeat(tenant_id, device_id, token)
-                )
-                [outcome] = await runtime.ingest([item], receipt)
-                answer = reply(outcome)
-            except Exception as exc:
-                answer = _error_answer(exc, scope)
-            await _send(send, answer)
+        async def answer(body: bytes, receipt: Receipt, ingest: Ingest) -> Reply:
+            item = (
+                intake.reading(tenant_id, device_id, token, body, receipt.at)
+                if kind == "telemetry"
+                else intake.heartbeat(tenant_id, device_id, token)
+            )
+            [outcome] = await ingest([item], receipt)
+            return reply(outcome)
+
+        await self._answer(Receipt(kind), answer, scope, receive, send)
 
     async def _serve_batch(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        receipt = Receipt("batch")
+        async def answer(body: bytes, receipt: Receipt, ingest: Ingest) -> Reply:
+            items = intake.batch(body, receipt.at)
+            if isinstance(items, Rejected):
+                # The envelope itself is wrong: one error body, not per-message results.
+                [outcome] = await ingest([items], receipt)
+                return reply(outcome)
+            return batch_reply(await ingest(items, receipt))
+
+        await self._answer(Receipt("batch"), answer, scope, receive, send)
+
+    async def _answer(
+        self,
+        receipt: Receipt,
+        answer: Callable[[bytes, Receipt, Ingest], Awaitable[Reply]],
+        scope: Scope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+    ) -> None:
+        """Read the body within the ingest buffer, and send what ``answer`` makes of it."""
         runtime = runtime_of(self._app)
         with runtime.ingest_buffer.hold() as holding:
             try:
@@ -121,16 +130,10 @@ class DeviceFastPath:
                 )
                 if body is None:  # the client went away
                     return
-                items = intake.batch(body, receipt.at)
-                if isinstance(items, Rejected):
-                    # The envelope itself is wrong: one error body, not per-message results.
-                    [outcome] = await runtime.ingest([items], receipt)
-                    answer = reply(outcome)
-                else:
-                    answer = batch_reply(await runtime.ingest(items, receipt))
+                reply_ = await answer(body, receipt, runtime.ingest)
             except Exception as exc:
-                answer = _error_answer(exc, scope)
-            await _send(send, answer)
+                reply_ = _error_answer(exc, scope)
+            await _send(send, reply_)
 
     async def _buffered(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
