@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 
 from quart import Quart
-from quart_schema import QuartSchema
 
-from pulse import dashboard
+from pulse import apidocs, dashboard
 from pulse.config import Settings
 from pulse.runtime import open_runtime
 from pulse.web import (
@@ -21,6 +20,7 @@ from pulse.web import (
     fleet,
     ingest,
     legacy_v2,
+    openapi,
     ops,
     runtime_of,
     sse,
@@ -42,6 +42,7 @@ BLUEPRINTS = (
     legacy_v2.blueprint,
     tickets.blueprint,
     dashboard.blueprint,
+    apidocs.blueprint,
 )
 
 
@@ -49,14 +50,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     settings = settings or Settings.from_env()
     app = Quart("pulse")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    QuartSchema(
-        app,
-        info={"title": "Pulse", "version": "1"},  # type: ignore[arg-type]
-        openapi_path="/openapi.json",
-        swagger_ui_path="/docs",
-        redoc_ui_path=None,
-        scalar_ui_path=None,
-    )
+    openapi.document_api(app)
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
