@@ -11,9 +11,8 @@ from collections.abc import AsyncGenerator
 from types import TracebackType
 
 from quart import Quart
-from quart_schema import QuartSchema
 
-from pulse import dashboard
+from pulse import apidocs, dashboard
 from pulse.config import Settings
 from pulse.runtime import StartupError, open_runtime
 from pulse.web import (
@@ -22,6 +21,7 @@ from pulse.web import (
     fleet,
     ingest,
     legacy_v2,
+    openapi,
     ops,
     runtime_of,
     sse,
@@ -46,6 +46,7 @@ BLUEPRINTS = (
     legacy_v2.blueprint,
     tickets.blueprint,
     dashboard.blueprint,
+    apidocs.blueprint,
 )
 
 
@@ -64,14 +65,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     settings.check()  # also when an embedding program built the Settings itself
     app = PulseApp("pulse")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    QuartSchema(
-        app,
-        info={"title": "Pulse", "version": "1"},  # type: ignore[arg-type]
-        openapi_path="/openapi.json",
-        swagger_ui_path="/docs",
-        redoc_ui_path=None,
-        scalar_ui_path=None,
-    )
+    openapi.document_api(app)
     parse_bodies_with_orjson(app)
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:

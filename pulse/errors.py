@@ -47,7 +47,10 @@ def _error(code: str, status: int | None, close: int | None, meaning: str) -> Er
 
 # -- the request or message itself ----------------------------------------------------
 INVALID_PAYLOAD = _error(
-    "invalid_payload", 400, None, "The body, or one message of a batch, is not a valid reading."
+    "invalid_payload",
+    400,
+    None,
+    "The body (or one message of a batch) is not valid: not JSON, or not the documented shape.",
 )
 INVALID_PARAMETER = _error(
     "invalid_parameter", 400, 4000, "A query parameter (filter, position, page) is not valid."

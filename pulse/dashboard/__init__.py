@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quart import Blueprint, Response, send_from_directory
+from quart_schema import hide
 
 STATIC = Path(__file__).parent / "static"
 
@@ -35,6 +36,7 @@ SECURITY_HEADERS = {
 
 
 @blueprint.get("/")
+@hide  # a page, not API: not in /openapi.json
 async def index() -> Response:
     response = await send_from_directory(STATIC, "index.html")
     response.headers.update(SECURITY_HEADERS)

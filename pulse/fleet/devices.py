@@ -1,8 +1,8 @@
-"""Devices of a tenant: provision, list, delete, rotate their tokens.
+"""Devices of a tenant: provision, list, read, delete, rotate their tokens.
 
-A device's provision token is shown once, when it is made; only its hash is
-kept (``pulse.auth.device_tokens``). Another tenant's device is the same as
-one that does not exist.
+A device's provision token is shown once, when it is made or rotated; only its
+hash is kept (``pulse.auth.device_tokens``). Another tenant's device is the
+same as one that does not exist.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pulse.auth.device_tokens import new_device_token
 from pulse.db.database import Database
@@ -24,6 +24,10 @@ Q = load_queries(__package__)
 
 
 class NewDevice(BaseModel):
+    # Unknown fields are refused, as for readings and rules: a typo ("site") is
+    # reported rather than silently dropped.
+    model_config = ConfigDict(extra="forbid")
+
     device_id: Name
     site_id: Text | None = Field(default=None, max_length=64)
     name: Text | None = Field(default=None, max_length=200)
@@ -34,8 +38,9 @@ class DeviceExists(Exception):
 
 
 def device_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A device as the API shows it."""
+    """A device as the API shows it: the same fields wherever it appears."""
     return {
+        "tenant_id": row["tenant_id"],
         "device_id": row["device_id"],
         "site_id": row["site_id"],
         "name": row["name"],
@@ -45,21 +50,29 @@ def device_json(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-async def create_device(db: Database, tenant_id: str, device: NewDevice) -> str:
-    """Provision ``device`` (and its tenant, on the first device); return its token."""
+async def create_device(db: Database, tenant_id: str, device: NewDevice) -> dict[str, Any]:
+    """Provision ``device`` (and its tenant, on the first device): the device with its
+    ``provision_token``, shown this once."""
     token, token_hash = new_device_token()
     async with db.transaction() as conn:
         await conn.execute(Q["ensure_tenant"], tenant_id)
-        created = await conn.fetchval(
+        row = await conn.fetchrow(
             Q["insert_device"], tenant_id, device.device_id, device.site_id, device.name, token_hash
         )
-    if created is None:
+    if row is None:
         raise DeviceExists(device.device_id)
-    return token
+    return {**device_json(row), "provision_token": token}
 
 
 async def list_devices(db: Database, tenant_id: str) -> list[dict[str, Any]]:
     return [device_json(row) for row in await db.fetch(Q["list_devices"], tenant_id)]
+
+
+async def get_device(db: Database, tenant_id: str, device_id: str) -> dict[str, Any] | None:
+    if not is_valid_name(device_id):  # from a URL: no such device (nor NUL for PostgreSQL)
+        return None
+    row = await db.fetchrow(Q["get_device"], tenant_id, device_id)
+    return None if row is None else device_json(row)
 
 
 async def delete_device(db: Database, tenant_id: str, device_id: str) -> bool:
@@ -69,13 +82,14 @@ async def delete_device(db: Database, tenant_id: str, device_id: str) -> bool:
     return await db.fetchval(Q["delete_device"], tenant_id, device_id) is not None
 
 
-async def rotate_token(db: Database, tenant_id: str, device_id: str) -> str | None:
-    """A new token for the device, the old one revoked; None when there is no such device."""
+async def rotate_token(db: Database, tenant_id: str, device_id: str) -> dict[str, Any] | None:
+    """A new token for the device, the old one revoked: the device with its new
+    ``provision_token``; None when there is no such device."""
     if not is_valid_name(device_id):
         return None
     token, token_hash = new_device_token()
-    updated = await db.fetchval(Q["replace_device_token"], tenant_id, device_id, token_hash)
-    return None if updated is None else token
+    row = await db.fetchrow(Q["replace_device_token"], tenant_id, device_id, token_hash)
+    return None if row is None else {**device_json(row), "provision_token": token}
 
 
 def _optional_time(moment: datetime | None) -> str | None:

@@ -15,9 +15,15 @@ def _valid_name(value: str) -> str:
     return value
 
 
-# A device id or metric name (CONTRACT section 1).
+# A device id or metric name (CONTRACT section 1). The pattern is for the OpenAPI
+# document (clients and fuzzers read it); the check is is_valid_name.
 Name = Annotated[
-    str, AfterValidator(_valid_name), Field(description="1 to 64 characters of [A-Za-z0-9_.:-]")
+    str,
+    AfterValidator(_valid_name),
+    Field(
+        description="1 to 64 characters of [A-Za-z0-9_.:-]",
+        json_schema_extra={"pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
+    ),
 ]
 
 

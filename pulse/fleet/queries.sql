@@ -8,13 +8,18 @@ INSERT INTO tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING;
 INSERT INTO devices (tenant_id, device_id, site_id, name, token_hash)
 VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (tenant_id, device_id) DO NOTHING
-RETURNING device_id;
+RETURNING tenant_id, device_id, site_id, name, status, last_seen_at, created_at;
 
 -- name: list_devices
-SELECT device_id, site_id, name, status, last_seen_at, created_at
+SELECT tenant_id, device_id, site_id, name, status, last_seen_at, created_at
   FROM devices
  WHERE tenant_id = $1
  ORDER BY device_id;
+
+-- name: get_device
+SELECT tenant_id, device_id, site_id, name, status, last_seen_at, created_at
+  FROM devices
+ WHERE tenant_id = $1 AND device_id = $2;
 
 -- name: delete_device
 -- The device's telemetry stays: history outlives the device (see the schema).
@@ -37,7 +42,7 @@ SELECT device_id FROM gone;
 -- Replacing the hash is what revokes the old token: ingest compares against it.
 UPDATE devices SET token_hash = $3
  WHERE tenant_id = $1 AND device_id = $2
-RETURNING device_id;
+RETURNING tenant_id, device_id, site_id, name, status, last_seen_at, created_at;
 
 -- Fleet status (pulse.fleet.sweeper) -----------------------------------------
 

@@ -1,8 +1,9 @@
-"""Device management API (CONTRACT section 3): provision, list, delete, rotate tokens.
+"""Device management API (CONTRACT section 3): provision, list, read, delete, rotate tokens.
 
 Every route acts on one tenant: the caller's own, or for operators the one
 named by ``tenant_id``. Another tenant's device is answered exactly like a
-device that does not exist, so ids never leak across tenants.
+device that does not exist, so ids never leak across tenants. Every answer
+that shows a device shows all of it, its tenant included.
 """
 
 from __future__ import annotations
@@ -11,35 +12,56 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 from quart import Blueprint, Response
-from quart_schema import document_querystring, validate_request, validate_response
+from quart_schema import (
+    document_querystring,
+    security_scheme_blueprint,
+    tag_blueprint,
+    validate_request,
+    validate_response,
+)
 
-from pulse.errors import DEVICE_EXISTS, UNKNOWN_DEVICE, ApiError
+from pulse.errors import (
+    DEVICE_EXISTS,
+    INVALID_PAYLOAD,
+    PAYLOAD_TOO_LARGE,
+    REQUEST_TIMEOUT,
+    UNKNOWN_DEVICE,
+    ApiError,
+)
 from pulse.fleet import devices
-from pulse.web import runtime
+from pulse.web import openapi, runtime
 from pulse.web.auth import authorize, tenant
 
 blueprint = Blueprint("devices", __name__, url_prefix="/api/v1/customer/devices")
 blueprint.before_request(authorize)
+tag_blueprint(blueprint, ["devices"])
+security_scheme_blueprint(blueprint, openapi.JWT)
 
 # Provision tokens are shown once: no cache or proxy may keep a copy.
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
-class ProvisionedDevice(BaseModel):
-    device_id: str
-    provision_token: str
-
-
 class Device(BaseModel):
+    """A device of the tenant."""
+
+    tenant_id: str
     device_id: str
     site_id: str | None
     name: str | None
     status: Literal["ONLINE", "STALE", "OFFLINE"]
-    last_seen_at: str | None
+    last_seen_at: str | None = Field(description="null: never heard from.")
     created_at: str
 
 
+class ProvisionedDevice(Device):
+    """The device and its provision token, shown this once (only its hash is kept)."""
+
+    provision_token: str
+
+
 class DeviceList(BaseModel):
+    """The tenant's devices, by device_id."""
+
     devices: list[Device]
 
 
@@ -51,27 +73,48 @@ class TenantQuery(BaseModel):
 @document_querystring(TenantQuery)
 @validate_request(devices.NewDevice)
 @validate_response(ProvisionedDevice, 201)
+@openapi.errors(
+    *openapi.TENANT_WRITE, INVALID_PAYLOAD, REQUEST_TIMEOUT, PAYLOAD_TOO_LARGE, DEVICE_EXISTS
+)
 async def create_device(
     data: devices.NewDevice,
 ) -> tuple[ProvisionedDevice, int, dict[str, str]]:
+    """Provision a device (tenant-admin)."""
     try:
-        token = await devices.create_device(runtime().db, tenant(), data)
+        device = await devices.create_device(runtime().db, tenant(), data)
     except devices.DeviceExists:
         raise ApiError(DEVICE_EXISTS, f"Device {data.device_id} already exists.") from None
-    return ProvisionedDevice(device_id=data.device_id, provision_token=token), 201, _NO_STORE
+    return ProvisionedDevice(**device), 201, _NO_STORE
 
 
 @blueprint.get("")
 @document_querystring(TenantQuery)
 @validate_response(DeviceList)
+@openapi.errors(*openapi.TENANT_READ)
 async def list_devices() -> DeviceList:
+    """The tenant's devices, with their status."""
     rows = await devices.list_devices(runtime().db, tenant())
     return DeviceList(devices=[Device(**row) for row in rows])
 
 
+@blueprint.get("/<device_id>")
+@document_querystring(TenantQuery)
+@validate_response(Device)
+@openapi.errors(*openapi.TENANT_READ, UNKNOWN_DEVICE)
+async def get_device(device_id: str) -> Device:
+    """One device, with its status."""
+    device = await devices.get_device(runtime().db, tenant(), device_id)
+    if device is None:
+        raise _unknown_device(device_id)
+    return Device(**device)
+
+
 @blueprint.delete("/<device_id>")
 @document_querystring(TenantQuery)
+@openapi.answers(204, "Deleted, with its active alerts closed; the body is empty.")
+@openapi.errors(*openapi.TENANT_WRITE, UNKNOWN_DEVICE)
 async def delete_device(device_id: str) -> Response:
+    """Delete a device (tenant-admin); its telemetry stays."""
     if not await devices.delete_device(runtime().db, tenant(), device_id):
         raise _unknown_device(device_id)
     return Response(status=204)
@@ -80,12 +123,14 @@ async def delete_device(device_id: str) -> Response:
 @blueprint.post("/<device_id>/rotate-token")
 @document_querystring(TenantQuery)
 @validate_response(ProvisionedDevice)
+@openapi.errors(*openapi.TENANT_WRITE, UNKNOWN_DEVICE)
 async def rotate_device_token(device_id: str) -> tuple[ProvisionedDevice, int, dict[str, str]]:
-    token = await devices.rotate_token(runtime().db, tenant(), device_id)
-    if token is None:
+    """A new provision token (tenant-admin); the old one stops working at once."""
+    device = await devices.rotate_token(runtime().db, tenant(), device_id)
+    if device is None:
         raise _unknown_device(device_id)
-    return ProvisionedDevice(device_id=device_id, provision_token=token), 200, _NO_STORE
+    return ProvisionedDevice(**device), 200, _NO_STORE
 
 
 def _unknown_device(device_id: str) -> ApiError:
-    return ApiError(UNKNOWN_DEVICE, f"There is no device {device_id} in this tenant.")
+    return ApiError(UNKNOWN_DEVICE, f"There is no device {device_id[:64]} in this tenant.")

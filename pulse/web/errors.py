@@ -8,8 +8,9 @@ never carries a traceback.
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
-from quart import Quart, Response
+from quart import Quart, Request, Response
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -54,6 +55,9 @@ def error_for(exc: Exception) -> ApiError:
             return exc
         case RequestSchemaValidationError():
             return ApiError(INVALID_PAYLOAD, _validation_sentence(exc))
+        case UnicodeDecodeError():
+            # Quart decodes a JSON body before parsing it, and lets this escape.
+            return ApiError(INVALID_PAYLOAD, "The body is not UTF-8 text.")
         case DatabaseUnavailable():
             log.warning("database unavailable: %s", exc)
             return ApiError(
@@ -81,7 +85,17 @@ def error_response(error: ApiError) -> Response:
     )
 
 
+class JsonRequest(Request):
+    """Quart's request, with a body that is not JSON answered as any other invalid body
+    (Quart's own answer is a bare 400 bad_request that says nothing)."""
+
+    def on_json_loading_failed(self, error: Exception) -> NoReturn:
+        raise ApiError(INVALID_PAYLOAD, f"The body is not JSON: {error}")
+
+
 def register_error_handlers(app: Quart) -> None:
+    app.request_class = JsonRequest
+
     async def answer(exc: Exception) -> Response:
         return error_response(error_for(exc))
 

@@ -13,11 +13,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from quart import Blueprint, Response, jsonify, request
-from quart_schema import document_querystring, document_response, validate_request
+from quart_schema import (
+    document_querystring,
+    document_response,
+    security_scheme_blueprint,
+    tag_blueprint,
+    validate_request,
+)
 
 from pulse.errors import (
     ALERT_CLOSED,
     INVALID_PARAMETER,
+    INVALID_PAYLOAD,
+    PAYLOAD_TOO_LARGE,
+    REQUEST_TIMEOUT,
     UNKNOWN_ALERT,
     UNKNOWN_DEVICE,
     UNKNOWN_RULE,
@@ -25,7 +34,7 @@ from pulse.errors import (
 )
 from pulse.fleet import alerts, rules
 from pulse.fleet.summary import fleet_summary
-from pulse.web import runtime
+from pulse.web import openapi, runtime
 from pulse.web.auth import authorize, principal, scope, tenant
 
 PREFIX = "/api/v1/customer"
@@ -41,6 +50,9 @@ BLUEPRINTS = (fleet_bp, alerts_bp, rules_bp)
 fleet_bp.before_request(functools.partial(authorize, cross_tenant_reads=True))
 alerts_bp.before_request(functools.partial(authorize, cross_tenant_reads=True))
 rules_bp.before_request(authorize)
+for _blueprint, _tag in ((fleet_bp, "fleet"), (alerts_bp, "alerts"), (rules_bp, "alert-rules")):
+    tag_blueprint(_blueprint, [_tag])
+    security_scheme_blueprint(_blueprint, openapi.JWT)
 
 
 # -- documentation models (the handlers build the JSON themselves) ------------
@@ -111,7 +123,9 @@ class RuleList(BaseModel):
 @fleet_bp.get("/summary")
 @document_querystring(TenantQuery)
 @document_response(FleetSummary)
+@openapi.errors(*openapi.CROSS_TENANT_READ)
 async def summary() -> Response:
+    """Devices by status, and the number of active alerts."""
     return jsonify(await fleet_summary(runtime().db, scope()))
 
 
@@ -121,7 +135,9 @@ async def summary() -> Response:
 @alerts_bp.get("")
 @document_querystring(AlertQuery)
 @document_response(AlertList)
+@openapi.errors(*openapi.CROSS_TENANT_READ, INVALID_PARAMETER)
 async def list_alerts() -> Response:
+    """Alerts, newest first, a page at a time."""
     args = request.args
     status = args.get("status") or None
     statuses = alerts.STATUS_FILTERS.get(status) if status else (*alerts.ACTIVE, alerts.CLOSED)
@@ -140,14 +156,18 @@ async def list_alerts() -> Response:
 @alerts_bp.post("/<alert_id>/acknowledge")
 @document_querystring(TenantRequiredQuery)
 @document_response(Alert)
+@openapi.errors(*openapi.TENANT_WRITE, UNKNOWN_ALERT, ALERT_CLOSED)
 async def acknowledge_alert(alert_id: str) -> Response:
+    """Acknowledge an alert (tenant-admin)."""
     return await _change_alert(alert_id, "acknowledge")
 
 
 @alerts_bp.post("/<alert_id>/close")
 @document_querystring(TenantRequiredQuery)
 @document_response(Alert)
+@openapi.errors(*openapi.TENANT_WRITE, UNKNOWN_ALERT)
 async def close_alert(alert_id: str) -> Response:
+    """Close an alert (tenant-admin)."""
     return await _change_alert(alert_id, "close")
 
 
@@ -177,7 +197,11 @@ def _unknown_alert(raw_id: str) -> ApiError:
 @document_querystring(TenantRequiredQuery)
 @validate_request(rules.NewRule)
 @document_response(Rule, 201)
+@openapi.errors(
+    *openapi.TENANT_WRITE, INVALID_PAYLOAD, REQUEST_TIMEOUT, PAYLOAD_TOO_LARGE, UNKNOWN_DEVICE
+)
 async def create_rule(data: rules.NewRule) -> tuple[Response, int]:
+    """Create a threshold rule (tenant-admin)."""
     try:
         rule = await rules.create_rule(runtime().db, tenant(), data)
     except rules.UnknownDevice:
@@ -190,13 +214,18 @@ async def create_rule(data: rules.NewRule) -> tuple[Response, int]:
 @rules_bp.get("")
 @document_querystring(TenantRequiredQuery)
 @document_response(RuleList)
+@openapi.errors(*openapi.TENANT_READ)
 async def list_rules() -> Response:
+    """The tenant's rules, oldest first."""
     return jsonify({"rules": await rules.list_rules(runtime().db, tenant())})
 
 
 @rules_bp.delete("/<rule_id>")
 @document_querystring(TenantRequiredQuery)
+@openapi.answers(204, "Deleted, with its active alerts closed; the body is empty.")
+@openapi.errors(*openapi.TENANT_WRITE, UNKNOWN_RULE)
 async def delete_rule(rule_id: str) -> Response:
+    """Delete a rule (tenant-admin)."""
     parsed = _id(rule_id)
     deleted = parsed is not None and await rules.delete_rule(
         runtime().db, tenant(), parsed, principal().subject

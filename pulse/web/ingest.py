@@ -15,10 +15,19 @@ from collections.abc import Sequence
 
 import orjson
 from quart import Blueprint, Response, request
-from quart_schema import document, tag_blueprint
+from quart_schema import document_request, document_response, security_scheme, tag_blueprint
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from pulse.errors import PAYLOAD_TOO_LARGE, RATE_LIMITED, error_body
+from pulse.errors import (
+    DATABASE_UNAVAILABLE,
+    INVALID_DEVICE_TOKEN,
+    INVALID_PAYLOAD,
+    PAYLOAD_TOO_LARGE,
+    RATE_LIMITED,
+    REQUEST_TIMEOUT,
+    UNKNOWN_DEVICE,
+    error_body,
+)
 from pulse.ingest import intake
 from pulse.ingest.model import Accepted, Outcome, Rejected
 from pulse.ingest.service import Receipt
@@ -41,6 +50,17 @@ DEVICE_PATH = re.compile(
 )
 TOKEN_HEADER = "X-Provision-Token"
 BATCH_URL = "/ingest/v1/batch"
+
+# What a device's reading or heartbeat may be answered with, in the order checked.
+DEVICE_ERRORS = (
+    PAYLOAD_TOO_LARGE,
+    REQUEST_TIMEOUT,
+    INVALID_PAYLOAD,
+    INVALID_DEVICE_TOKEN,
+    UNKNOWN_DEVICE,
+    RATE_LIMITED,
+    DATABASE_UNAVAILABLE,
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,12 +104,12 @@ def error_reply(exc: Exception) -> Reply:
 
 
 @blueprint.post(DEVICE_URL + "/telemetry")
-@document(
-    request=openapi.ReadingBody,
-    headers=openapi.ProvisionTokenHeader,
-    responses={201: (openapi.EventId, None), **openapi.DEVICE_ERRORS},
-)
+@security_scheme(openapi.DEVICE_TOKEN)
+@document_request(openapi.ReadingBody)
+@document_response(openapi.EventId, 201)
+@openapi.errors(*DEVICE_ERRORS)
 async def telemetry(tenant_id: str, device_id: str) -> Response:
+    """Store one reading of a device."""
     receipt = Receipt("telemetry")
     body = await _read_body()
     item = (
@@ -104,11 +124,11 @@ async def telemetry(tenant_id: str, device_id: str) -> Response:
 
 
 @blueprint.post(DEVICE_URL + "/heartbeat")
-@document(
-    headers=openapi.ProvisionTokenHeader,
-    responses={204: (openapi.NoContent, None), **openapi.DEVICE_ERRORS},
-)
+@security_scheme(openapi.DEVICE_TOKEN)
+@openapi.answers(204, "Seen; nothing is stored and the body is empty.")
+@openapi.errors(*DEVICE_ERRORS)
 async def heartbeat(tenant_id: str, device_id: str) -> Response:
+    """Mark a device as seen (ONLINE); any body is ignored and nothing is stored."""
     receipt = Receipt("heartbeat")
     # The body is optional and ignored, but still read so that size limits hold.
     body = await _read_body()
@@ -122,15 +142,14 @@ async def heartbeat(tenant_id: str, device_id: str) -> Response:
 
 
 @blueprint.post(BATCH_URL)
-@document(
-    request=openapi.BatchBody,
-    responses={
-        200: (openapi.BatchResponse, None),
-        400: (openapi.BatchResponse, None),
-        413: (openapi.Error, None),
-    },
-)
+@document_request(openapi.BatchBody)
+@document_response(openapi.BatchResponse, 200)
+@document_response(openapi.BatchResponse, 400)
+# The envelope (not JSON, no messages, 0 or over 1000 of them) is answered with one
+# error; a message's own error is its result's reason.
+@openapi.errors(INVALID_PAYLOAD, REQUEST_TIMEOUT, PAYLOAD_TOO_LARGE, DATABASE_UNAVAILABLE)
 async def batch() -> Response:
+    """Store 1 to 1000 readings of any devices and tenants, each judged on its own."""
     receipt = Receipt("batch")
     body = await _read_body()
     items = body if isinstance(body, Rejected) else intake.batch(body, receipt.at)

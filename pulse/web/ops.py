@@ -5,27 +5,80 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from quart import Blueprint, Response
+from quart_schema import document_response, tag_blueprint
 
 from pulse.db.errors import DatabaseUnavailable
 from pulse.runtime import Runtime
-from pulse.web import runtime
+from pulse.web import openapi, runtime
 
 blueprint = Blueprint("ops", __name__)
+tag_blueprint(blueprint, ["operations"])
 
 STREAM_KINDS = ("websocket", "sse", "legacy_v2")
 
 
+# -- documentation models (the handlers build the JSON themselves) ------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    """Ready (200) or not (503): the same body, saying what is missing."""
+
+    status: Literal["ready", "unavailable"]
+    database: bool
+    listener: bool
+    draining: bool
+
+
+class Connections(BaseModel):
+    total: int
+    websocket: int
+    sse: int
+    legacy_v2: int
+
+
+class Limits(BaseModel):
+    max_connections: int
+    max_connections_per_tenant: int
+    max_device_filters: int
+    queue_size: int
+
+
+class Listener(BaseModel):
+    connected: bool
+    channels: int
+    last_notification_age_s: float | None
+    reconnects: int
+
+
+class StreamStatus(BaseModel):
+    """This process's streams; degraded while its database listener is disconnected."""
+
+    status: Literal["ok", "degraded"]
+    connections: Connections
+    limits: Limits
+    listener: Listener
+    uptime_s: float
+
+
 @blueprint.get("/healthz")
+@document_response(Health)
 async def healthz() -> dict[str, str]:
     """The process is up and serving."""
     return {"status": "ok"}
 
 
 @blueprint.get("/readyz")
+@document_response(Readiness, 200)
+@document_response(Readiness, 503)
 async def readyz() -> tuple[dict[str, Any], int]:
     """Ready when the database answers, the listener is connected and we are not shutting down."""
     rt = runtime()
@@ -42,6 +95,7 @@ async def readyz() -> tuple[dict[str, Any], int]:
 
 
 @blueprint.get("/api/v1/telemetry/stream/status")
+@document_response(StreamStatus)
 async def stream_status() -> dict[str, Any]:
     """Connection counts, limits and listener health. No tenant ids, no auth."""
     rt = runtime()
@@ -68,7 +122,9 @@ async def stream_status() -> dict[str, Any]:
 
 
 @blueprint.get("/metrics")
+@openapi.answers(200, "Prometheus text format.", "text/plain")
 async def metrics() -> Response:
+    """Prometheus metrics of this process."""
     rt = runtime()
     for kind in STREAM_KINDS:
         rt.metrics.connections.labels(kind).set(rt.limits.by_kind[kind])

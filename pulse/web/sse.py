@@ -7,7 +7,9 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import orjson
+from pydantic import BaseModel, Field
 from quart import Blueprint, Response, request
+from quart_schema import document_headers, document_querystring, security_scheme, tag
 
 from pulse.bus.events import TelemetryEvent
 from pulse.db.errors import DatabaseUnavailable
@@ -16,7 +18,7 @@ from pulse.runtime import Runtime
 from pulse.streams.limits import LimitReached
 from pulse.streams.live import End, Idle, Live, Reset, Started
 from pulse.streams.params import BadParameter, parse_event_id, parse_filters
-from pulse.web import runtime
+from pulse.web import openapi, runtime
 from pulse.web.auth import authenticate_request, request_tenant
 from pulse.web.direct import CHUNKS, DirectWrites, direct_writes
 
@@ -31,8 +33,52 @@ HEADERS = {
 }
 
 
+class StreamQuery(BaseModel):
+    device_id: str | None = Field(
+        default=None, description="Comma-separated device ids; without it, every device."
+    )
+    metric: str | None = Field(
+        default=None,
+        description="Comma-separated metric names: events carry only these, and an event "
+        "with none of them is not sent.",
+    )
+    last_event_id: int | None = Field(
+        default=None, description="Resume after this event id (the header wins)."
+    )
+    tenant_id: str | None = Field(default=None, description="Required for operators.")
+
+
+class StreamHeaders(BaseModel):
+    last_event_id: int | None = Field(
+        default=None,
+        description="Resume after this event id; EventSource sends it by itself on reconnect.",
+    )
+
+
+_EXAMPLE = (
+    "retry: 2000\n\n"
+    'id: 124\ndata: {"type":"telemetry","id":124,"device_id":"dev-0001",'
+    '"data":{"time":"2026-11-27T17:00:00.000Z","metrics":{"temp":21.5}}}\n\n'
+    ": keepalive\n\n"
+)
+
+
 @blueprint.get("/api/v1/customer/telemetry/stream/sse")
+@tag(["streams"])
+@security_scheme(openapi.STREAM_AUTH)
+@document_querystring(StreamQuery)
+@document_headers(StreamHeaders)
+@openapi.answers(
+    200,
+    "An endless event stream: `retry:`, then each event as `id:` and `data:`, and "
+    "`event: reset`, `event: heartbeat`, `event: lagging` and `: keepalive` as "
+    "docs/protocol.md says.",
+    "text/event-stream",
+    _EXAMPLE,
+)
+@openapi.errors(*openapi.STREAM, INVALID_PARAMETER, CONNECTION_LIMIT)
 async def telemetry_sse() -> Response:
+    """Live telemetry as Server-Sent Events, resumable from an event id."""
     rt = runtime()
     # Parameters first: a request refused for them does not spend its ticket.
     try:

@@ -6,11 +6,11 @@ import math
 
 from pydantic import BaseModel
 from quart import Blueprint
-from quart_schema import validate_response
+from quart_schema import security_scheme, tag, validate_response
 
 from pulse.auth.tickets import TICKET_TTL_S, issue_ticket
-from pulse.errors import RATE_LIMITED, ApiError
-from pulse.web import runtime
+from pulse.errors import DATABASE_UNAVAILABLE, RATE_LIMITED, ApiError
+from pulse.web import openapi, runtime
 from pulse.web.auth import authenticate_request
 
 blueprint = Blueprint("stream_ticket", __name__)
@@ -20,12 +20,17 @@ _NO_STORE = {"Cache-Control": "no-store"}
 
 
 class StreamTicket(BaseModel):
+    """A ticket for one stream connection."""
+
     ticket: str
     expires_in: int
 
 
 @blueprint.post("/api/v1/stream-ticket")
+@tag(["streams"])
+@security_scheme(openapi.JWT)
 @validate_response(StreamTicket)
+@openapi.errors(*openapi.AUTH, RATE_LIMITED, DATABASE_UNAVAILABLE)
 async def create_stream_ticket() -> tuple[StreamTicket, int, dict[str, str]]:
     """A ticket for ?ticket= on the stream endpoints: single use, valid 30 s on any process."""
     # Header or cookie only: the point of a ticket is to keep the token out of URLs.

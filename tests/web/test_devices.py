@@ -51,9 +51,20 @@ async def test_create_stores_only_the_hash(
     assert response.status_code == 201
     assert response.headers["Cache-Control"] == "no-store"
     body = response.json()
-    assert set(body) == {"device_id", "provision_token"}
-    assert body["device_id"] == "dev-1"
-    token = body["provision_token"]
+    token = body.pop("provision_token")
+    # The device as every other answer shows it, so a client can store it as it is.
+    assert body == {
+        "tenant_id": "t1",
+        "device_id": "dev-1",
+        "site_id": "s1",
+        "name": "Boiler",
+        "status": "OFFLINE",
+        "last_seen_at": None,
+        "created_at": body["created_at"],
+    }
+    assert ISO_Z.match(body["created_at"])
+    listed = (await http.get(DEVICES, headers=admin)).json()["devices"]
+    assert listed == [body]
     stored = await stored_hash(pool, "t1", "dev-1")
     assert stored != token.encode()
     assert stored == hashlib.sha256(token.encode()).digest()
@@ -97,6 +108,9 @@ async def test_duplicate_device_is_a_conflict(
         {"device_id": "ok", "name": "\u001b]0;title\u0007"},
         {"device_id": "ok", "site_id": "line\nbreak"},
         ["dev-1"],
+        # Unknown fields are refused, as for readings and rules: a typo is not ignored.
+        {"device_id": "ok", "site": "s1"},
+        {"device_id": "ok", "tenant_id": "t2"},
     ],
 )
 async def test_invalid_payload(
@@ -127,7 +141,16 @@ async def test_list(
     devices = response.json()["devices"]
     assert [d["device_id"] for d in devices] == ["dev-a", "dev-b"]
     a, b = devices
-    assert set(a) == {"device_id", "site_id", "name", "status", "last_seen_at", "created_at"}
+    assert set(a) == {
+        "tenant_id",
+        "device_id",
+        "site_id",
+        "name",
+        "status",
+        "last_seen_at",
+        "created_at",
+    }
+    assert a["tenant_id"] == b["tenant_id"] == "t1"
     assert a["status"] == "ONLINE"
     assert a["last_seen_at"] == seen.strftime("%Y-%m-%dT%H:%M:%S.500Z")
     assert a["site_id"] == "s1"
@@ -163,13 +186,48 @@ async def test_rotate_token_revokes_the_old_one(
     assert response.status_code == 200
     assert response.headers["Cache-Control"] == "no-store"
     body = response.json()
-    assert set(body) == {"device_id", "provision_token"}
-    assert body["device_id"] == "dev-1"
-    new = body["provision_token"]
+    new = body.pop("provision_token")
+    # The device, as the list shows it.
+    assert [body] == (await http.get(DEVICES, headers=admin)).json()["devices"]
+    assert (body["tenant_id"], body["device_id"]) == ("t1", "dev-1")
     assert new != old
     stored = await stored_hash(pool, "t1", "dev-1")
     assert device_token_matches(new, stored)
     assert not device_token_matches(old, stored)
+
+
+async def test_get_one_device(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, admin: dict[str, str], make_token: MakeToken
+) -> None:
+    created = await http.post(DEVICES, json={"device_id": "dev-1", "name": "Boiler"}, headers=admin)
+    await http.post(DEVICES, json={"device_id": "dev-2"}, headers=admin)
+    await pool.execute(
+        "UPDATE devices SET status = 'ONLINE', last_seen_at = now() WHERE device_id = 'dev-1'"
+    )
+    # Any role may read it, and it is the device as the list shows it.
+    reader = auth(make_token("t1", roles=("customer",)))
+    response = await http.get(f"{DEVICES}/dev-1", headers=reader)
+    assert response.status_code == 200
+    device = response.json()
+    listed = (await http.get(DEVICES, headers=reader)).json()["devices"]
+    assert device == listed[0]
+    assert device["tenant_id"] == "t1"
+    assert device["name"] == "Boiler"
+    assert device["status"] == "ONLINE"
+    assert ISO_Z.match(device["last_seen_at"])
+    assert device["created_at"] == created.json()["created_at"]
+    # Operators name the tenant.
+    operator = auth(make_token(None, roles=("operator",)))
+    assert (await http.get(f"{DEVICES}/dev-2?tenant_id=t1", headers=operator)).json() == listed[1]
+
+
+@pytest.mark.parametrize("device", ["ghost", "has space", "x" * 65])
+async def test_get_unknown_device(
+    http: httpx.AsyncClient, admin: dict[str, str], device: str
+) -> None:
+    response = await http.get(f"{DEVICES}/{device}", headers=admin)
+    assert response.status_code == 404
+    assert error_of(response) == "unknown_device"
 
 
 async def test_rotate_unknown_device(http: httpx.AsyncClient, admin: dict[str, str]) -> None:
@@ -261,11 +319,18 @@ async def test_tenant_isolation(
 
     assert (await http.get(DEVICES, headers=other)).json() == {"devices": []}
     for method, path in (
+        ("GET", f"{DEVICES}/dev-a1"),
         ("DELETE", f"{DEVICES}/dev-a1"),
         ("POST", f"{DEVICES}/dev-a1/rotate-token"),
     ):
         response = await http.request(method, path, headers=other)
-        assert response.status_code == 404, method
+        missing = await http.request(method, path.replace("dev-a1", "dev-zz"), headers=other)
+        # Exactly like a device that does not exist: nothing tells the two apart.
+        assert response.status_code == missing.status_code == 404, method
+        assert response.json() == {
+            **missing.json(),
+            "detail": missing.json()["detail"].replace("dev-zz", "dev-a1"),
+        }
         assert error_of(response) == "unknown_device"
     # Naming tenant A explicitly does not help either.
     response = await http.get(f"{DEVICES}?tenant_id=t1", headers=other)
@@ -316,5 +381,5 @@ async def test_operator_without_tenant_id(
 async def test_routes_are_in_the_openapi_document(http: httpx.AsyncClient) -> None:
     paths = (await http.get("/openapi.json")).json()["paths"]
     assert {"post", "get"} <= set(paths[DEVICES])
-    assert "delete" in paths[DEVICES + "/{device_id}"]
+    assert {"get", "delete"} <= set(paths[DEVICES + "/{device_id}"])
     assert "post" in paths[DEVICES + "/{device_id}/rotate-token"]
