@@ -42,6 +42,7 @@ class Alert:
     details: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    tenant_id: str | None = None  # in an operator's view of every tenant
 
     @classmethod
     def from_wire(cls, alert: dict[str, Any]) -> Alert:
@@ -55,6 +56,7 @@ class Alert:
             details=dict(alert.get("details") or {}),
             created_at=parse_time(alert["created_at"]),
             updated_at=parse_time(alert["updated_at"]),
+            tenant_id=alert.get("tenant_id"),
         )
 
 

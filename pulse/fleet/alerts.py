@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import (
+    Any,
+    Literal,
+    NotRequired,  # pydantic reads these on 3.11
+)
+
+from typing_extensions import TypedDict
 
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
@@ -44,7 +50,22 @@ def next_status(status: str, action: Action) -> str:
     return ACKNOWLEDGED
 
 
-def alert_json(row: Mapping[str, Any], *, with_tenant: bool = False) -> dict[str, Any]:
+class AlertJson(TypedDict):
+    """An alert, as every route and the v2 WebSocket send it."""
+
+    alert_id: int
+    device_id: str
+    alert_type: Literal["THRESHOLD", "NO_HEARTBEAT"]
+    severity: int
+    status: Literal["OPEN", "ACKNOWLEDGED", "CLOSED"]
+    summary: str
+    details: dict[str, Any]
+    created_at: str
+    updated_at: str
+    tenant_id: NotRequired[str]  # only in cross-tenant views
+
+
+def alert_json(row: Mapping[str, Any], *, with_tenant: bool = False) -> AlertJson:
     """The contract's alert; ``with_tenant`` adds ``tenant_id`` for cross-tenant views."""
     details = {
         **row["details"],
@@ -56,7 +77,7 @@ def alert_json(row: Mapping[str, Any], *, with_tenant: bool = False) -> dict[str
         "closed_at": _time(row["closed_at"]),
         "closed_reason": row["closed_reason"],
     }
-    alert: dict[str, Any] = {
+    alert: AlertJson = {
         "alert_id": row["alert_id"],
         "device_id": row["device_id"],
         "alert_type": row["alert_type"],
@@ -79,23 +100,21 @@ async def list_alerts(
     *,
     before: int | None = None,
     limit: int = 100,
-) -> list[dict[str, Any]]:
+) -> list[AlertJson]:
     """Alerts with one of ``statuses``, newest first, older than alert ``before`` if given;
     every tenant's when ``tenant_id`` is None."""
     rows = await db.fetch(Q["list_alerts"], tenant_id, list(statuses), before, limit)
     return [alert_json(row, with_tenant=tenant_id is None) for row in rows]
 
 
-async def active_alerts(
-    db: Database, tenant_id: str | None, limit: int = 100
-) -> list[dict[str, Any]]:
+async def active_alerts(db: Database, tenant_id: str | None, limit: int = 100) -> list[AlertJson]:
     """OPEN and ACKNOWLEDGED alerts, newest first (what the v2 WebSocket pushes)."""
     return await list_alerts(db, tenant_id, ACTIVE, limit=limit)
 
 
 async def change_alert(
     db: Database, tenant_id: str, alert_id: int, action: Action, subject: str
-) -> dict[str, Any]:
+) -> AlertJson:
     """Acknowledge or close an alert of ``tenant_id`` as ``subject``; the alert afterwards."""
     async with db.transaction() as conn:
         row = await conn.fetchrow(Q["lock_alert"], tenant_id, alert_id)

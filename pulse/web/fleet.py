@@ -9,7 +9,7 @@ or rule is answered exactly like one that does not exist.
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from quart import Blueprint, Response, jsonify, request
@@ -76,21 +76,8 @@ class FleetSummary(BaseModel):
     active_alerts: int
 
 
-class Alert(BaseModel):
-    alert_id: int
-    device_id: str
-    alert_type: Literal["THRESHOLD", "NO_HEARTBEAT"]
-    severity: int
-    status: Literal["OPEN", "ACKNOWLEDGED", "CLOSED"]
-    summary: str
-    details: dict[str, Any]
-    created_at: str
-    updated_at: str
-    tenant_id: str | None = Field(default=None, description="Only in cross-tenant lists.")
-
-
 class AlertList(BaseModel):
-    alerts: list[Alert]
+    alerts: list[alerts.AlertJson]
     next_cursor: str | None = Field(description="Pass as cursor for the next page; null: last.")
 
 
@@ -155,7 +142,7 @@ async def list_alerts() -> Response:
 
 @alerts_bp.post("/<alert_id>/acknowledge")
 @document_querystring(TenantRequiredQuery)
-@document_response(Alert)
+@document_response(alerts.AlertJson)
 @openapi.errors(*openapi.TENANT_WRITE, UNKNOWN_ALERT, ALERT_CLOSED)
 async def acknowledge_alert(alert_id: str) -> Response:
     """Acknowledge an alert (tenant-admin)."""
@@ -164,7 +151,7 @@ async def acknowledge_alert(alert_id: str) -> Response:
 
 @alerts_bp.post("/<alert_id>/close")
 @document_querystring(TenantRequiredQuery)
-@document_response(Alert)
+@document_response(alerts.AlertJson)
 @openapi.errors(*openapi.TENANT_WRITE, UNKNOWN_ALERT)
 async def close_alert(alert_id: str) -> Response:
     """Close an alert (tenant-admin)."""

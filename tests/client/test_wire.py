@@ -77,6 +77,16 @@ def test_typed_events_from_the_contract_shapes() -> None:
     assert alert.severity == 4 and alert.created_at.tzinfo is not None
 
 
+def test_the_clients_alert_has_every_field_of_the_servers() -> None:
+    """The client parses what the server sends (pulse.fleet.alerts.AlertJson, the one
+    shape), field for field: a field added to one and not the other fails here."""
+    import dataclasses
+
+    from pulse.fleet.alerts import AlertJson
+
+    assert {f.name for f in dataclasses.fields(Alert)} == set(AlertJson.__annotations__)
+
+
 async def test_credentials_refresh_ahead_of_expiry() -> None:
     calls = []
 

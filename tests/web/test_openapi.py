@@ -12,6 +12,7 @@ import pytest
 from pulse.app import create_app
 from pulse.config import Settings
 from pulse.web.openapi import SECURITY_SCHEMES, TAGS
+from tests.support import TEST_SECRET
 
 CUSTOMER = "/api/v1/customer/"
 
@@ -19,7 +20,7 @@ CUSTOMER = "/api/v1/customer/"
 @pytest.fixture(scope="module")
 def spec() -> dict[str, Any]:
     """The document as served (as JSON: status codes are strings)."""
-    app = create_app(Settings(jwt_secret="x"))
+    app = create_app(Settings(jwt_secret=TEST_SECRET))
     schema: dict[str, Any] = json.loads(
         app.json.dumps(app.extensions["QUART_SCHEMA"].openapi_provider.schema())
     )

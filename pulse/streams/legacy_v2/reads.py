@@ -7,11 +7,9 @@ query (``pulse.db.shared``).
 
 from __future__ import annotations
 
-from typing import Any
-
 from pulse.db.database import Database
 from pulse.db.shared import SharedReads
-from pulse.fleet.alerts import active_alerts
+from pulse.fleet.alerts import AlertJson, active_alerts
 from pulse.fleet.summary import fleet_summary
 
 ALERTS_LIMIT = 100
@@ -19,7 +17,7 @@ ALERTS_LIMIT = 100
 
 class FleetReads:
     def __init__(self, db: Database) -> None:
-        self.alerts: SharedReads[str | None, list[dict[str, Any]]] = SharedReads(
+        self.alerts: SharedReads[str | None, list[AlertJson]] = SharedReads(
             lambda tenant: active_alerts(db, tenant, ALERTS_LIMIT)
         )
         self.summaries: SharedReads[str | None, dict[str, int]] = SharedReads(
