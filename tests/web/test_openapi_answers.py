@@ -23,6 +23,7 @@ import jsonschema_rs
 import pytest
 from quart import Quart
 
+from pulse.auth.tickets import TICKET_BURST
 from pulse.config import Settings
 from tests.support import running_server
 from tests.web.db_proxy import DatabaseProxy, database_proxy
@@ -328,6 +329,12 @@ async def test_every_route_answers_as_documented(
             await anext(chunks)
             await check([Call("GET", SSE, 429, headers=bearer(make_token("t-full")), stream=True)])
             await chunks.aclose()
+        # 429 on stream tickets: one principal asks for more than its burst.
+        flood = bearer(make_token("t-tickets"))
+        await check(
+            [Call("POST", TICKET, 200, headers=flood)] * TICKET_BURST
+            + [Call("POST", TICKET, 429, headers=flood)]
+        )
         proxy.cut()
         try:
             await check(cut_calls(tokens, device_tokens))
