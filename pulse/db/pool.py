@@ -8,16 +8,31 @@ import asyncpg
 import orjson
 
 
-def _encode_json(value: Any) -> str:
-    return orjson.dumps(value).decode()
+def _encode_json(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    return b"\x01" + orjson.dumps(value)  # jsonb's binary format: a version byte, then text
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return orjson.loads(data[1:])
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
+    # Binary: orjson's bytes go to the wire as they are, with no str in between (a
+    # 500-reading write is a 60 kB parameter; text format decoded it to str and
+    # asyncpg encoded it back).
     await conn.set_type_codec(
-        "jsonb", encoder=_encode_json, decoder=orjson.loads, schema="pg_catalog"
+        "jsonb",
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
+        schema="pg_catalog",
+        format="binary",
     )
     await conn.set_type_codec(
-        "json", encoder=_encode_json, decoder=orjson.loads, schema="pg_catalog"
+        "json", encoder=_encode_json, decoder=orjson.loads, schema="pg_catalog", format="binary"
     )
 
 
