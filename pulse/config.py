@@ -59,6 +59,9 @@ class Settings:
     direct_writes: bool = True
     db_pool_size: int = 10
     listener_backoff_max_s: float = 5.0
+    # NATS between processes (pulse.bus.nats_source, pulse.bus.relay): unset, every
+    # process LISTENs to PostgreSQL itself (no NATS anywhere).
+    bus_url: str | None = None
     log_level: str = "INFO"
     access_log: bool = False  # one line per request, query strings never included
     workers: int = 1

@@ -18,7 +18,15 @@ from pulse.config import Settings
 from pulse.db.database import Database
 from pulse.db.migrate import migrate
 from pulse.db.pool import connect, create_pool
-from tests.support import TEST_SECRET, direct_writes, dsn_for, running_server
+from tests.support import (
+    NATS_MISSING,
+    TEST_SECRET,
+    NatsServer,
+    direct_writes,
+    dsn_for,
+    nats_server_binary,
+    running_server,
+)
 
 
 @pytest.fixture(scope="session")
@@ -121,6 +129,26 @@ async def server(settings: Settings) -> AsyncIterator[str]:
 async def http(server: str) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server, timeout=10) as client:
         yield client
+
+
+@pytest.fixture
+def nats_binary() -> None:
+    """Skips the test where nats-server is missing (CI installs it, and fails instead)."""
+    if nats_server_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail(NATS_MISSING)
+        pytest.skip(NATS_MISSING)
+
+
+@pytest.fixture
+async def nats_server(nats_binary: None) -> AsyncIterator[NatsServer]:
+    """A nats-server of this test's own, started."""
+    server = NatsServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 @pytest.fixture

@@ -236,7 +236,7 @@ async def test_listener_killed_mid_stream(
         await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
         killed = await admin.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = 'pulse-listener' AND datname = $1",
+            "WHERE application_name = 'pulse listener' AND datname = $1",
             dbname,
         )
         assert killed == 1
