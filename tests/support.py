@@ -174,7 +174,25 @@ async def pulse_serve(
     With no ``database_url`` it runs on an embedded PostgreSQL in ``data_dir``.
     On exit it is sent SIGTERM (unless already stopped) and must exit with 0.
     """
-    port = free_port()
+    server = await start_serve(data_dir=data_dir, database_url=database_url, env=env, stdout=stdout)
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        await server.stop()
+
+
+async def start_serve(
+    *,
+    data_dir: Path,
+    database_url: str | None = None,
+    env: dict[str, str] | None = None,
+    stdout: int = asyncio.subprocess.DEVNULL,
+    port: int | None = None,
+) -> ServeProcess:
+    """`python -m pulse serve` in a subprocess (on ``port``, or a free one); not yet ready.
+    The caller stops it."""
+    port = port or free_port()
     child_env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     child_env.update(PULSE_DATA_DIR=str(data_dir), PULSE_JWT_SECRET=TEST_SECRET, PORT=str(port))
     if database_url:
@@ -189,12 +207,7 @@ async def pulse_serve(
         stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
     )
-    server = ServeProcess(proc, f"http://127.0.0.1:{port}")
-    try:
-        await server.wait_ready()
-        yield server
-    finally:
-        await server.stop()
+    return ServeProcess(proc, f"http://127.0.0.1:{port}")
 
 
 class ServeProcess:
