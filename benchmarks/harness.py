@@ -306,11 +306,14 @@ async def listening_backends(dsn: str) -> int:
 
 
 def cpu_ns(pid: int) -> int:
-    """CPU time of a process in ns (/proc/PID/schedstat: exact, where psutil counts ticks of
-    10 ms); 0 once it is gone."""
+    """CPU time of a process, all its threads, in ns (/proc/PID/task/*/schedstat: exact,
+    where psutil counts ticks of 10 ms); 0 once it is gone."""
     try:
-        with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[0])
+        total = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total
     except (OSError, ValueError, IndexError):
         try:
             t = psutil.Process(pid).cpu_times()

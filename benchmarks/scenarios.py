@@ -24,6 +24,7 @@ from benchmarks.harness import (
     cpu_meter,
     free_port,
     listening_backends,
+    nats_server_binary,
     percentile,
     processes_cpu_s,
     provision,
@@ -347,6 +348,7 @@ class Deliveries:
     latencies: list[float]  # commit-to-client, seconds
     bare_latencies: list[float]  # commit-to-notification of a bare LISTEN (when asked for)
     cpu: dict[str, float]  # cpu_meter's: wall_s, client_cpu_s, others_cpu_s
+    bus: dict[str, float] = dataclasses.field(default_factory=dict)  # NATS mode's counters
 
 
 async def _deliveries(
@@ -572,6 +574,9 @@ async def cluster(pg: Postgres, quick: bool) -> list[Figure]:
     backends, PostgreSQL's CPU per committed event (the commit included: the
     same in both modes), deliveries/s and commit-to-client latency.
     """
+    if nats_server_binary() is None:
+        print("   skipped: nats-server is not installed (apt-get install nats-server)")
+        return []
     per_process = 100 if quick else 500
     process_counts = (2,) if quick else (1, 4)
     rate, seconds = 20, (3.0 if quick else 8.0)
@@ -612,7 +617,8 @@ async def cluster(pg: Postgres, quick: bool) -> list[Figure]:
                 percentile(d.latencies, 50) * 1e3, "ms",
                 target="NATS: p99 within 10 of LISTEN" if mode == "nats" else "",
                 note=f"p99 {percentile(d.latencies, 99) * 1e3:.1f} ms"
-                + (f" (LISTEN p99 {listen_p99 * 1e3:.1f} ms)" if mode == "nats" else ""),
+                + (f" (LISTEN p99 {listen_p99 * 1e3:.1f} ms); " if mode == "nats" else "")
+                + ", ".join(f"{k} {v:.0f}" for k, v in d.bus.items()),
             ),
         ]  # fmt: skip
     return figures
@@ -655,7 +661,21 @@ async def _cluster_run(
         async with BackendCpu(dsn) as busy:
             d = await _measure_deliveries(dsn, counters, devices, rate, seconds, pids, bare=False)
         pg_all = processes_cpu_s(pg_pids) - pg_before
+        d.bus = await _bus_counters(servers) if mode == "nats" else {}
     return d, listeners, max(0.0, busy.seconds - idle.seconds), pg_all
+
+
+async def _bus_counters(servers: list[PulseServer]) -> dict[str, float]:
+    """The bus's counters summed over the servers: what went on besides the messages."""
+    names = ("pulse_bus_fallbacks_total", "pulse_bus_gaps_filled_total", "pulse_bus_resyncs_total")
+    totals = dict.fromkeys(names, 0.0)
+    async with httpx.AsyncClient(timeout=10) as http:
+        for server in servers:
+            for line in (await http.get(server.url + "/metrics")).text.splitlines():
+                name = line.split("{")[0].split(" ")[0]
+                if name in totals:
+                    totals[name] += float(line.split()[-1])
+    return {name.removeprefix("pulse_bus_").removesuffix("_total"): v for name, v in totals.items()}
 
 
 async def _all_on_bus(servers: list[PulseServer], timeout: float = 20) -> None:

@@ -207,7 +207,7 @@ class NatsLink:
 
         try:
             await client.connect(
-                servers=[self.url],
+                servers=[url.strip() for url in self.url.split(",") if url.strip()],
                 name=self.name,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,  # the first connection too
