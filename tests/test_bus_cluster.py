@@ -212,10 +212,10 @@ async def test_exactly_once_across_relay_kill_nats_restart_and_edge_restart(
 
         # SSE: one that drops and resumes at random over every process, one that stays
         # on c (never stopped) from start to end; the telemetry WebSocket, resuming over
-        # every process; v2 on c.
+        # every process (it starts on a, the relay, killed below); v2 on c.
         roaming = ResumingClient(cluster.url("a"), token, seed=1)
         steady = ResumingClient(cluster.url("c"), token, seed=2)
-        ws = FailoverWs([cluster.url(n) for n in "bca"], token)
+        ws = FailoverWs([cluster.url(n) for n in "abc"], token)
         v2_ids: list[int] = []
         readers = [
             asyncio.create_task(

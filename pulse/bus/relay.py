@@ -138,11 +138,15 @@ class Relay:
             while self._link.connected and self._link.generation == generation:
                 # After LISTEN: whatever commits from now on is published, and what
                 # committed before, the edges read from the table on this new id.
-                await self._publish(
-                    nats_link.relay_subject(self._database_id),
-                    nats_link.encode_heartbeat(self._relay_id),
-                    "heartbeat",
-                )
+                try:
+                    await self._publish(
+                        nats_link.relay_subject(self._database_id),
+                        nats_link.encode_heartbeat(self._relay_id),
+                        "heartbeat",
+                    )
+                except Exception as exc:  # closed, or its buffer full while reconnecting
+                    log.warning("relay: publishing a heartbeat failed (%s); standing down", exc)
+                    return
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._heartbeat_s):
                         await lost.wait()
