@@ -247,6 +247,18 @@ async def test_exactly_once_across_relay_kill_nats_restart_and_edge_restart(
             await until(lambda: len(steady.ids) >= target, timeout=30)
 
         await progress(60)
+        # A process is subscribed to the tenant it serves (a and c have its streams, b
+        # none yet), and to nothing else but the relay's heartbeats.
+        database = await pool.fetchval("SELECT pulse_bus_database_id()")
+        relay_subject, t1 = f"pulse.{database}.relay", f"pulse.{database}.t.t1"
+        subscriptions = {
+            name.rsplit(":", 1)[-1]: subjects
+            for name, subjects in (await nats_server.subscriptions()).items()
+        }
+        assert {
+            name: subscriptions[str(process.proc.pid)]
+            for name, process in cluster.processes.items()
+        } == {"a": {relay_subject, t1}, "b": {relay_subject}, "c": {relay_subject, t1}}
 
         # 1. The relay is SIGKILLed mid-stream; another process takes over.
         await cluster.kill("a")
@@ -260,7 +272,9 @@ async def test_exactly_once_across_relay_kill_nats_restart_and_edge_restart(
 
         # 2. NATS restarted mid-stream: every process falls back to LISTEN, then returns.
         await nats_server.stop()
+        stopped = time.monotonic()
         await wait_for(lambda: _any_falls_back(cluster), 10)
+        fallback_s = time.monotonic() - stopped
         await progress(40)  # delivered while NATS is away
         await nats_server.start()
         await wait_for(cluster.all_on_bus, 20)
@@ -310,7 +324,8 @@ async def test_exactly_once_across_relay_kill_nats_restart_and_edge_restart(
     assert _metric(metrics, 'pulse_bus_messages_received_total{kind="events"}') > 0
     assert b"Traceback" not in cluster.stderr, cluster.stderr.decode(errors="replace")[-3000:]
     print(
-        f"relay takeover after {takeover_s:.2f} s; {len(stored)} events; acknowledged per "
+        f"relay takeover after {takeover_s:.2f} s; fallback {fallback_s:.2f} s after NATS "
+        f"stopped; {len(stored)} events; acknowledged per "
         f"process {sorted(writers.acknowledged.values())}; "
         f"gaps filled on c {_metric(metrics, 'pulse_bus_gaps_filled_total'):.0f}"
     )
