@@ -18,6 +18,7 @@ import asyncpg
 import uvloop
 
 from pulse.bus.store import EventStore
+from pulse.db.database import Database
 from pulse.web.sse import sse_chunk as encode_events
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -46,7 +47,7 @@ class _Client(asyncio.Protocol):
 
 async def main(dsn: str, tenant_id: str, port: int) -> None:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    store = EventStore(pool)
+    store = EventStore(Database(pool, dsn))
     clients: set[asyncio.Transport] = set()
     server = await asyncio.get_running_loop().create_server(
         lambda: _Client(clients), "127.0.0.1", port, backlog=2048
@@ -54,7 +55,8 @@ async def main(dsn: str, tenant_id: str, port: int) -> None:
     delivered = await store.newest_id(tenant_id)
     dirty = asyncio.Event()
     listen = await asyncpg.connect(dsn)
-    await listen.add_listener(await store.channel_for(tenant_id), lambda *_: dirty.set())
+    channel = await pool.fetchval("SELECT pulse_channel($1)", tenant_id)
+    await listen.add_listener(channel, lambda *_: dirty.set())
     print("ready", flush=True)
     async with server:
         while True:
