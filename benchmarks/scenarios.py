@@ -583,24 +583,26 @@ async def cluster(pg: Postgres, quick: bool) -> list[Figure]:
     runs: dict[tuple[str, int], tuple[Deliveries, int, float, float]] = {}
     async with NatsProcess() as nats:
         for processes in process_counts:
-            for mode in ("listen", "nats"):
+            modes = ["listen", "nats"] + (["nats, dedicated relay"] if processes > 2 else [])
+            for mode in modes:
                 runs[mode, processes] = await _cluster_run(
                     pg, nats, mode, processes, per_process, rate, seconds
                 )
     figures = []
     for (mode, processes), (d, listeners, fan_out_s, pg_all_s) in runs.items():
         label = f"cluster {mode}, {processes} x {per_process} subscribers, {rate} events/s"
+        nats_mode = mode.startswith("nats")
         listen_d, _, listen_fan_out_s, _ = runs["listen", processes]
         listen_p99 = percentile(listen_d.latencies, 99)
         per_event = fan_out_s / max(1, d.events)
         figures += [
             Figure(label, "listening Postgres backends", listeners, "backends",
-                   target="1 with NATS" if mode == "nats" else ""),
+                   target="1 with NATS" if nats_mode else ""),
             Figure(
                 label, "Postgres CPU per event, fan-out", per_event * 1e6, "µs",
-                target="NATS: flat as processes grow" if mode == "nats" else "",
+                target="NATS: flat as processes grow" if nats_mode else "",
                 baseline=listen_fan_out_s / max(1, listen_d.events) * 1e6
-                if mode == "nats" else None,
+                if nats_mode else None,
                 note=f"the servers' backends, less their idle work; "
                 f"{fan_out_s / max(1, d.delivered) * 1e9:.0f} ns per delivery; all of "
                 f"Postgres (commits and idle work too) "
@@ -615,9 +617,9 @@ async def cluster(pg: Postgres, quick: bool) -> list[Figure]:
             Figure(
                 label, "commit-to-client latency p50 / p99",
                 percentile(d.latencies, 50) * 1e3, "ms",
-                target="NATS: p99 within 10 of LISTEN" if mode == "nats" else "",
+                target="NATS: p99 within 10 of LISTEN" if nats_mode else "",
                 note=f"p99 {percentile(d.latencies, 99) * 1e3:.1f} ms"
-                + (f" (LISTEN p99 {listen_p99 * 1e3:.1f} ms); " if mode == "nats" else "")
+                + (f" (LISTEN p99 {listen_p99 * 1e3:.1f} ms); " if nats_mode else "")
                 + ", ".join(f"{k} {v:.0f}" for k, v in d.bus.items()),
             ),
         ]  # fmt: skip
@@ -634,16 +636,23 @@ async def _cluster_run(
     seconds: float,
 ) -> tuple[Deliveries, int, float, float]:
     """One mode: deliveries, listening backends, and PostgreSQL's CPU seconds: of the
-    servers' backends (the fan-out: LISTEN, reading the rows) and of all its processes."""
+    servers' backends (the fan-out: LISTEN, reading the rows) and of all its processes.
+
+    "nats, dedicated relay": one more process, with no subscriber, is the relay; the
+    others never compete for it (PULSE_BUS_RELAY=0)."""
     dsn = await pg.fresh_database()
-    env = {"PULSE_BUS_URL": nats.url} if mode == "nats" else {}
+    env = {"PULSE_BUS_URL": nats.url} if mode.startswith("nats") else {}
     tok = token("tenant-1", roles=("customer",))
     async with contextlib.AsyncExitStack() as stack:
+        relays = []
+        if mode == "nats, dedicated relay":
+            relays.append(await stack.enter_async_context(PulseServer(dsn, **env)))
+            env = {**env, "PULSE_BUS_RELAY": "0"}
         servers = []
         for _ in range(processes):
             servers.append(await stack.enter_async_context(PulseServer(dsn, **env)))
-        if mode == "nats":
-            await _all_on_bus(servers)
+        if env:
+            await _all_on_bus(relays + servers)
         devices = sorted(await provision(servers[0].url, "tenant-1", 25))
         counters: list[StreamCounter] = []
         for server in servers:
@@ -651,7 +660,7 @@ async def _cluster_run(
                 _subscribers(server.url, "sse", SSE_PATH, tok, per_process)
             )
         listeners = await listening_backends(dsn)
-        pids = [pid for server in servers for pid in server.pids()]
+        pids = [pid for server in relays + servers for pid in server.pids()]
         pg_pids = pg.pids()
         # What the servers' backends spend with nothing committed (the sweeper, the
         # leases, the relay's standbys): taken off, so that what is left is the fan-out.
@@ -661,7 +670,7 @@ async def _cluster_run(
         async with BackendCpu(dsn) as busy:
             d = await _measure_deliveries(dsn, counters, devices, rate, seconds, pids, bare=False)
         pg_all = processes_cpu_s(pg_pids) - pg_before
-        d.bus = await _bus_counters(servers) if mode == "nats" else {}
+        d.bus = await _bus_counters(relays + servers) if env else {}
     return d, listeners, max(0.0, busy.seconds - idle.seconds), pg_all
 
 

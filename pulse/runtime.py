@@ -148,7 +148,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             db, stale_after_s=settings.stale_after_s, offline_after_s=settings.offline_after_s
         )
         supervisor.start("status-sweeper", sweeper.run)
-        if bus is not None:
+        if bus is not None and settings.bus_relay:
             supervisor.start("relay", bus.relay.run)
 
         yield Runtime(

@@ -175,3 +175,32 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+async def test_a_process_that_may_not_relay_never_does(
+    bus_settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """PULSE_BUS_RELAY=0 with no relay anywhere: nobody publishes, so the process serves
+    through LISTEN (after the relay's 3 s to be heard) and says so; nothing is lost."""
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+    settings = dataclasses.replace(bus_settings, bus_relay=False)
+    async with running_server(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        await eventually(lambda: _ready(http))
+        assert (await status(http))["bus"] == {
+            "mode": "nats", "relay": False, "connected": True, "fallback": True
+        }  # fmt: skip
+        final: list[int] = []
+        client = ResumingClient(url, make_token("t1"), seed=4)
+        reading = asyncio.create_task(
+            client.run(lambda c: bool(final) and (c.last_id or 0) >= final[0])
+        )
+        await writer(pool, "t1", random.Random(5), 20)
+        final.append(await pool.fetchval("SELECT last_event_id FROM tenants WHERE tenant_id='t1'"))
+        await asyncio.wait_for(reading, 30)
+        assert client.ids == await table_ids(pool, "t1")
+        assert (await status(http))["bus"]["relay"] is False
+    await eventually(lambda: _no_listener(pool))  # its fallback listener closed with it
+
+
+async def _no_listener(pool: asyncpg.Pool) -> bool:
+    return await listeners(pool) == 0
