@@ -73,6 +73,7 @@ class NatsSource:
         self._audit_s = audit_s
         self._watched: set[str] = set()
         self._subscriptions: dict[str, Subscription] = {}
+        self._heartbeats: Subscription | None = None
         self._subscribed_on: Client | None = None  # the client those belong to
         self._lock = asyncio.Lock()  # subscription changes, one at a time
         self._wakeups: Wakeups | None = None
@@ -128,7 +129,7 @@ class NatsSource:
                 and tenant_id in self._watched
                 and tenant_id not in self._subscriptions
             ):
-                await self._subscribe(client, tenant_id)
+                self._subscriptions[tenant_id] = await self._subscribe(client, tenant_id)
         if client is not None:
             # The server has the interest once it answers: what the relay publishes
             # from then on comes here.
@@ -178,8 +179,8 @@ class NatsSource:
                         await self._changed.wait()
         finally:
             await self._stop_fallback()
-            self._subscriptions = {}
-            self._subscribed_on = None
+            async with self._lock:
+                await self._unsubscribe_all()
 
     def _should_fall_back(self) -> bool:
         task = self._fallback_task
@@ -203,24 +204,37 @@ class NatsSource:
         async with self._lock:
             if client is self._subscribed_on:
                 return client
+            await self._unsubscribe_all()  # those of a client gone, if any
+            made: dict[str, Subscription] = {}
             try:
-                self._subscriptions = {}
-                await client.subscribe(
+                self._heartbeats = await client.subscribe(
                     nats_link.relay_subject(self._database_id), cb=self._on_heartbeat
                 )
                 for tenant_id in sorted(self._watched):
-                    await self._subscribe(client, tenant_id)
-                self._subscribed_on = client
+                    made[tenant_id] = await self._subscribe(client, tenant_id)
             except Exception as exc:
                 log.warning("bus: subscribing failed (%s); trying again", exc)
+                self._subscriptions = made
+                await self._unsubscribe_all()
                 return None
+            self._subscriptions = made
+            self._subscribed_on = client
         return client
 
-    async def _subscribe(self, client: Client, tenant_id: str) -> None:
-        self._subscriptions[tenant_id] = await client.subscribe(
+    async def _subscribe(self, client: Client, tenant_id: str) -> Subscription:
+        return await client.subscribe(
             nats_link.tenant_subject(self._database_id, tenant_id),
             cb=functools.partial(self._on_message, tenant_id),
         )
+
+    async def _unsubscribe_all(self) -> None:
+        """Best effort (the lock held): on a closed connection they are gone already."""
+        subscriptions = [*self._subscriptions.values(), self._heartbeats]
+        self._subscriptions, self._heartbeats, self._subscribed_on = {}, None, None
+        for subscription in subscriptions:
+            if subscription is not None:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
 
     # -- messages -------------------------------------------------------------------------
 
