@@ -57,3 +57,12 @@ def test_a_value_of_the_wrong_type_is_a_config_error_naming_the_variable(
 
 def test_unknown_variables_are_ignored() -> None:
     assert Settings.from_env({"PULSE_NO_SUCH_THING": "1", "HOME": "/root"}).port == 8000
+
+
+def test_the_bus_is_unset_by_default_and_read_when_set() -> None:
+    assert Settings.from_env({}).bus_url is None  # every process LISTENs, as before
+    settings = Settings.from_env(
+        {"PULSE_BUS_URL": "nats://a:4222,nats://b:4222", "PULSE_BUS_RELAY": "0"}
+    )
+    assert settings.bus_url == "nats://a:4222,nats://b:4222"
+    assert settings.bus_relay is False
