@@ -347,6 +347,7 @@ class Deliveries:
     expected: int
     latencies: list[float]  # commit-to-client, seconds
     bare_latencies: list[float]  # commit-to-notification of a bare LISTEN (when asked for)
+    committed_at: dict[int, float]  # event id -> when its COMMIT was sent
     cpu: dict[str, float]  # cpu_meter's: wall_s, client_cpu_s, others_cpu_s
     bus: dict[str, float] = dataclasses.field(default_factory=dict)  # NATS mode's counters
 
@@ -444,6 +445,7 @@ async def _measure_deliveries(
             t - committed_at[i] for c in counters for i, t in c.samples if i in committed_at
         ],
         bare_latencies=[t - committed_at[i] for i, t in bare_at if i in committed_at],
+        committed_at=committed_at,
         cpu=cpu,
     )
 
@@ -620,7 +622,8 @@ async def cluster(pg: Postgres, quick: bool) -> list[Figure]:
                 target="NATS: p99 within 10 of LISTEN" if nats_mode else "",
                 note=f"p99 {percentile(d.latencies, 99) * 1e3:.1f} ms"
                 + (f" (LISTEN p99 {listen_p99 * 1e3:.1f} ms); " if nats_mode else "")
-                + ", ".join(f"{k} {v:.0f}" for k, v in d.bus.items()),
+                + ", ".join(f"{k} {v:.1f}" if k.endswith("ms") else f"{k} {v:.0f}"
+                            for k, v in d.bus.items()),
             ),
         ]  # fmt: skip
     return figures
@@ -666,12 +669,36 @@ async def _cluster_run(
         # leases, the relay's standbys): taken off, so that what is left is the fan-out.
         async with BackendCpu(dsn) as idle:
             await asyncio.sleep(seconds + 1.0)
+        probe = await _nats_probe(nats, dsn, seconds + 3) if env else None
         pg_before = processes_cpu_s(pg_pids)
         async with BackendCpu(dsn) as busy:
             d = await _measure_deliveries(dsn, counters, devices, rate, seconds, pids, bare=False)
         pg_all = processes_cpu_s(pg_pids) - pg_before
         d.bus = await _bus_counters(relays + servers) if env else {}
+        if probe is not None:
+            assert probe.stdout is not None
+            arrived = orjson.loads(await asyncio.wait_for(probe.stdout.readline(), 60))
+            await probe.wait()
+            on_nats = [t - d.committed_at[int(i)] for i, t in arrived.items()
+                       if int(i) in d.committed_at]  # fmt: skip
+            d.bus["commit-to-NATS p50 ms"] = percentile(on_nats, 50) * 1e3
+            d.bus["p99 ms"] = percentile(on_nats, 99) * 1e3
     return d, listeners, max(0.0, busy.seconds - idle.seconds), pg_all
+
+
+async def _nats_probe(nats: NatsProcess, dsn: str, seconds: float) -> asyncio.subprocess.Process:
+    """benchmarks/nats_probe.py on the tenant's subject: when the relay's messages land."""
+    conn = await asyncpg.connect(dsn)
+    database = await conn.fetchval("SELECT pulse_bus_database_id()")
+    await conn.close()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.nats_probe", nats.url,
+        f"pulse.{database}.t.tenant-1", str(seconds),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    await asyncio.wait_for(proc.stdout.readline(), 30)
+    return proc
 
 
 async def _bus_counters(servers: list[PulseServer]) -> dict[str, float]:
