@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -74,6 +75,7 @@ class Postgres:
     def __init__(self, admin_dsn: str | None = None) -> None:
         self._admin_dsn = admin_dsn
         self._stack = contextlib.ExitStack()
+        self._data: Path | None = None  # the embedded server's, when it is ours
 
     def __enter__(self) -> Postgres:
         if self._admin_dsn is None:
@@ -83,6 +85,7 @@ class Postgres:
                 self._stack.enter_context(tempfile.TemporaryDirectory(prefix="pulse-bench-"))
             )
             self._admin_dsn = self._stack.enter_context(embedded_postgres(data))
+            self._data = data
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -94,7 +97,12 @@ class Postgres:
         return self._admin_dsn
 
     def pids(self) -> list[int]:
-        """The server's processes (for CPU accounting); empty for a non-local server."""
+        """The server's processes (for CPU accounting): the embedded postmaster and its
+        children; for another server, every local postgres process."""
+        pidfile = self._data / "pgdata" / "postmaster.pid" if self._data else None
+        if pidfile is not None and pidfile.exists():
+            postmaster = psutil.Process(int(pidfile.read_text().split()[0]))
+            return [postmaster.pid, *(child.pid for child in postmaster.children())]
         found = []
         for proc in psutil.process_iter(["name", "cmdline"]):
             try:
@@ -257,3 +265,111 @@ async def deadline(seconds: float) -> AsyncIterator[None]:
 
 def describe(values: Sequence[float]) -> dict[str, Any]:
     return {"p50": percentile(values, 50), "p99": percentile(values, 99), "n": len(values)}
+
+
+def nats_server_binary() -> str | None:
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+    return shutil.which("nats-server", path=path)
+
+
+class NatsProcess:
+    """A nats-server on a free loopback port for the run (Debian's package)."""
+
+    def __init__(self) -> None:
+        binary = nats_server_binary()
+        if binary is None:
+            raise RuntimeError("nats-server is not installed (apt-get install nats-server)")
+        self.binary = binary
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def __aenter__(self) -> NatsProcess:
+        self.proc = subprocess.Popen(
+            [self.binary, "-a", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                await asyncio.sleep(0.02)
+                continue
+            writer.close()
+            return self
+        raise RuntimeError("nats-server did not start")
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def pids(self) -> list[int]:
+        return [] if self.proc is None else [self.proc.pid]
+
+
+async def listening_backends(dsn: str) -> int:
+    """Backends of the database named as Pulse names its listeners."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'pulse listener'"
+            )
+        )
+    finally:
+        await conn.close()
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of a process, all its threads, in ns (/proc/PID/task/*/schedstat: exact,
+    where psutil counts ticks of 10 ms); 0 once it is gone."""
+    try:
+        total = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total
+    except (OSError, ValueError, IndexError):
+        try:
+            t = psutil.Process(pid).cpu_times()
+            return int((t.user + t.system) * 1e9)
+        except psutil.Error:
+            return 0
+
+
+class BackendCpu:
+    """CPU seconds spent, over the block, by the backends of a database that exist at its
+    end (those that started within it from zero), the load generator's own excluded."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.seconds = 0.0
+        self.backends = 0
+        self._start: dict[int, int] = {}
+
+    async def _pids(self) -> list[int]:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await conn.close()
+        return [r["pid"] for r in rows]
+
+    async def __aenter__(self) -> BackendCpu:
+        self._start = {pid: cpu_ns(pid) for pid in await self._pids()}
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        pids = await self._pids()
+        self.backends = len(pids)
+        self.seconds = sum(cpu_ns(pid) - self._start.get(pid, 0) for pid in pids) / 1e9
+
+
+def processes_cpu_s(pids: Sequence[int]) -> float:
+    return sum(cpu_ns(pid) for pid in pids) / 1e9

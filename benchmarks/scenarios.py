@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
+import httpx
 import orjson
 
 from benchmarks.harness import (
+    BackendCpu,
     Figure,
+    NatsProcess,
     Postgres,
     PulseServer,
     TypicalServer,
     cpu_meter,
     free_port,
+    listening_backends,
+    nats_server_binary,
     percentile,
+    processes_cpu_s,
     provision,
     token,
 )
@@ -364,6 +372,18 @@ async def _subscribers(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@dataclasses.dataclass
+class Deliveries:
+    events: int  # committed
+    delivered: int
+    expected: int
+    latencies: list[float]  # commit-to-client, seconds
+    bare_latencies: list[float]  # commit-to-notification of a bare LISTEN (when asked for)
+    committed_at: dict[int, float]  # event id -> when its COMMIT was sent
+    cpu: dict[str, float]  # cpu_meter's: wall_s, client_cpu_s, others_cpu_s
+    bus: dict[str, float] = dataclasses.field(default_factory=dict)  # NATS mode's counters
+
+
 async def _deliveries(
     scenario: str,
     dsn: str,
@@ -381,17 +401,55 @@ async def _deliveries(
     COMMIT is sent, so the commit itself is counted. A bare LISTEN on the same
     channel gives the database's own notification latency.
     """
-    listen = await asyncpg.connect(dsn)
+    d = await _measure_deliveries(dsn, counters, devices, rate, seconds, pids, bare=True)
+    return [
+        Figure(
+            scenario,
+            "deliveries",
+            d.delivered / seconds,
+            "events/s",
+            target=">= 100,000" if rate * len(counters) >= 100_000 else "",
+            note=f"{d.delivered}/{d.expected} delivered; server CPU "
+            f"{d.cpu['others_cpu_s'] / d.cpu['wall_s']:.0%}, client CPU "
+            f"{d.cpu['client_cpu_s'] / d.cpu['wall_s']:.0%}",
+        ),
+        Figure(
+            scenario,
+            "commit-to-client latency p50 / p99",
+            percentile(d.latencies, 50) * 1e3,
+            "ms",
+            target="p50 <= 5, p99 <= 50, p99 within 10 of bare"
+            if rate == 20 and scenario.startswith("fan-out")
+            else "",
+            note=f"p99 {percentile(d.latencies, 99) * 1e3:.1f} ms; bare LISTEN p50 "
+            f"{percentile(d.bare_latencies, 50) * 1e3:.1f} ms, p99 "
+            f"{percentile(d.bare_latencies, 99) * 1e3:.1f} ms",
+        ),
+    ]
+
+
+async def _measure_deliveries(
+    dsn: str,
+    counters: list[StreamCounter],
+    devices: list[str],
+    rate: int,
+    seconds: float,
+    pids: list[int],
+    *,
+    bare: bool,
+) -> Deliveries:
+    listen = await asyncpg.connect(dsn) if bare else None
     writer = await asyncpg.connect(dsn)
-    channel = await listen.fetchval("SELECT pulse_channel('tenant-1')")
-    bare: list[tuple[int, float]] = []
+    bare_at: list[tuple[int, float]] = []
 
     def on_notify(*args: object) -> None:
         message = orjson.loads(str(args[3]))
         if message.get("kind") == "telemetry":
-            bare.append((message["last"], time.perf_counter()))
+            bare_at.append((message["last"], time.perf_counter()))
 
-    await listen.add_listener(channel, on_notify)
+    if listen is not None:
+        channel = await listen.fetchval("SELECT pulse_channel('tenant-1')")
+        await listen.add_listener(channel, on_notify)
     rng = random.Random(3)
     for c in counters:
         c.events, c.samples = 0, []
@@ -409,35 +467,19 @@ async def _deliveries(
             await asyncio.sleep(max(0.0, start + n * 0.05 - time.perf_counter()))
         await asyncio.sleep(1.0)  # let deliveries finish
     await writer.close()
-    await listen.close()
-    expected = len(committed_at) * len(counters)
-    delivered = sum(c.events for c in counters)
-    latencies = [t - committed_at[i] for c in counters for i, t in c.samples if i in committed_at]
-    bare_lat = [t - committed_at[i] for i, t in bare if i in committed_at]
-    return [
-        Figure(
-            scenario,
-            "deliveries",
-            delivered / seconds,
-            "events/s",
-            target=">= 100,000" if rate * len(counters) >= 100_000 else "",
-            note=f"{delivered}/{expected} delivered; server CPU "
-            f"{cpu['others_cpu_s'] / cpu['wall_s']:.0%}, client CPU "
-            f"{cpu['client_cpu_s'] / cpu['wall_s']:.0%}",
-        ),
-        Figure(
-            scenario,
-            "commit-to-client latency p50 / p99",
-            percentile(latencies, 50) * 1e3,
-            "ms",
-            target="p50 <= 5, p99 <= 50, p99 within 10 of bare"
-            if rate == 20 and scenario.startswith("fan-out")
-            else "",
-            note=f"p99 {percentile(latencies, 99) * 1e3:.1f} ms; bare LISTEN p50 "
-            f"{percentile(bare_lat, 50) * 1e3:.1f} ms, p99 "
-            f"{percentile(bare_lat, 99) * 1e3:.1f} ms",
-        ),
-    ]
+    if listen is not None:
+        await listen.close()
+    return Deliveries(
+        events=len(committed_at),
+        delivered=sum(c.events for c in counters),
+        expected=len(committed_at) * len(counters),
+        latencies=[
+            t - committed_at[i] for c in counters for i, t in c.samples if i in committed_at
+        ],
+        bare_latencies=[t - committed_at[i] for i, t in bare_at if i in committed_at],
+        committed_at=committed_at,
+        cpu=cpu,
+    )
 
 
 async def _commit_readings(
@@ -554,6 +596,244 @@ async def replay(pg: Postgres, quick: bool) -> list[Figure]:
     ]
 
 
+# -- a cluster: every process a listener (LISTEN) against one relay (NATS) ----------------
+
+
+async def cluster(pg: Postgres, quick: bool) -> list[Figure]:
+    """N server processes x M SSE subscribers each, on one database, in both modes.
+
+    LISTEN: every process listens and reads each event from the table. NATS
+    (PULSE_BUS_URL): one relay listens, reads each event once and publishes it;
+    the processes deliver from the messages. Measured for each: the listening
+    backends, PostgreSQL's CPU per committed event (the commit included: the
+    same in both modes), deliveries/s and commit-to-client latency.
+    """
+    if nats_server_binary() is None:
+        print("   skipped: nats-server is not installed (apt-get install nats-server)")
+        return []
+    per_process = 100 if quick else 500
+    process_counts = (2,) if quick else (1, 4)
+    rate, seconds = 20, (3.0 if quick else 8.0)
+    runs: dict[tuple[str, int], tuple[Deliveries, int, float, float]] = {}
+    async with NatsProcess() as nats:
+        for processes in process_counts:
+            modes = ["listen", "nats"] + (["nats, dedicated relay"] if processes > 2 else [])
+            for mode in modes:
+                runs[mode, processes] = await _cluster_run(
+                    pg, nats, mode, processes, per_process, rate, seconds
+                )
+    figures = []
+    for (mode, processes), (d, listeners, fan_out_s, pg_all_s) in runs.items():
+        label = f"cluster {mode}, {processes} x {per_process} subscribers, {rate} events/s"
+        nats_mode = mode.startswith("nats")
+        listen_d, _, listen_fan_out_s, _ = runs["listen", processes]
+        listen_p99 = percentile(listen_d.latencies, 99)
+        per_event = fan_out_s / max(1, d.events)
+        figures += [
+            Figure(label, "listening Postgres backends", listeners, "backends",
+                   target="1 with NATS" if nats_mode else ""),
+            Figure(
+                label, "Postgres CPU per event, fan-out", per_event * 1e6, "µs",
+                target="NATS: flat as processes grow" if nats_mode else "",
+                baseline=listen_fan_out_s / max(1, listen_d.events) * 1e6
+                if nats_mode else None,
+                note=f"the servers' backends, less their idle work; "
+                f"{fan_out_s / max(1, d.delivered) * 1e9:.0f} ns per delivery; all of "
+                f"Postgres (commits and idle work too) "
+                f"{pg_all_s / max(1, d.events) * 1e6:.0f} µs per event",
+            ),
+            Figure(
+                label, "deliveries", d.delivered / seconds, "events/s",
+                note=f"{d.delivered}/{d.expected} delivered; servers CPU "
+                f"{d.cpu['others_cpu_s'] / d.cpu['wall_s']:.0%}, client CPU "
+                f"{d.cpu['client_cpu_s'] / d.cpu['wall_s']:.0%}",
+            ),
+            Figure(
+                label, "commit-to-client latency p50 / p99",
+                percentile(d.latencies, 50) * 1e3, "ms",
+                target="NATS: p99 within 10 of LISTEN" if nats_mode else "",
+                note=f"p99 {percentile(d.latencies, 99) * 1e3:.1f} ms"
+                + (f" (LISTEN p99 {listen_p99 * 1e3:.1f} ms); " if nats_mode else "")
+                + ", ".join(f"{k} {v:.1f}" if k.endswith("ms") else f"{k} {v:.0f}"
+                            for k, v in d.bus.items()),
+            ),
+        ]  # fmt: skip
+    return figures
+
+
+async def _cluster_run(
+    pg: Postgres,
+    nats: NatsProcess,
+    mode: str,
+    processes: int,
+    per_process: int,
+    rate: int,
+    seconds: float,
+) -> tuple[Deliveries, int, float, float]:
+    """One mode: deliveries, listening backends, and PostgreSQL's CPU seconds: of the
+    servers' backends (the fan-out: LISTEN, reading the rows) and of all its processes.
+
+    "nats, dedicated relay": one more process, with no subscriber, is the relay; the
+    others never compete for it (PULSE_BUS_RELAY=0)."""
+    dsn = await pg.fresh_database()
+    env = {"PULSE_BUS_URL": nats.url} if mode.startswith("nats") else {}
+    tok = token("tenant-1", roles=("customer",))
+    async with contextlib.AsyncExitStack() as stack:
+        relays = []
+        if mode == "nats, dedicated relay":
+            relays.append(await stack.enter_async_context(PulseServer(dsn, **env)))
+            env = {**env, "PULSE_BUS_RELAY": "0"}
+        servers = []
+        for _ in range(processes):
+            servers.append(await stack.enter_async_context(PulseServer(dsn, **env)))
+        if env:
+            await _all_on_bus(relays + servers)
+        devices = sorted(await provision(servers[0].url, "tenant-1", 25))
+        counters: list[StreamCounter] = []
+        for server in servers:
+            counters += await stack.enter_async_context(
+                _subscribers(server.url, "sse", SSE_PATH, tok, per_process)
+            )
+        listeners = await listening_backends(dsn)
+        pids = [pid for server in relays + servers for pid in server.pids()]
+        pg_pids = pg.pids()
+        # What the servers' backends spend with nothing committed (the sweeper, the
+        # leases, the relay's standbys): taken off, so that what is left is the fan-out.
+        async with BackendCpu(dsn) as idle:
+            await asyncio.sleep(seconds + 1.0)
+        probe = await _nats_probe(nats, dsn, seconds + 3) if env else None
+        pg_before = processes_cpu_s(pg_pids)
+        async with BackendCpu(dsn) as busy:
+            d = await _measure_deliveries(dsn, counters, devices, rate, seconds, pids, bare=False)
+        pg_all = processes_cpu_s(pg_pids) - pg_before
+        d.bus = await _bus_counters(relays + servers) if env else {}
+        if probe is not None:
+            assert probe.stdout is not None
+            arrived = orjson.loads(await asyncio.wait_for(probe.stdout.readline(), 60))
+            await probe.wait()
+            on_nats = [t - d.committed_at[int(i)] for i, t in arrived.items()
+                       if int(i) in d.committed_at]  # fmt: skip
+            d.bus["commit-to-NATS p50 ms"] = percentile(on_nats, 50) * 1e3
+            d.bus["p99 ms"] = percentile(on_nats, 99) * 1e3
+    return d, listeners, max(0.0, busy.seconds - idle.seconds), pg_all
+
+
+async def _nats_probe(nats: NatsProcess, dsn: str, seconds: float) -> asyncio.subprocess.Process:
+    """benchmarks/nats_probe.py on the tenant's subject: when the relay's messages land."""
+    conn = await asyncpg.connect(dsn)
+    database = await conn.fetchval("SELECT pulse_bus_database_id()")
+    await conn.close()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.nats_probe", nats.url,
+        f"pulse.{database}.t.tenant-1", str(seconds),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    await asyncio.wait_for(proc.stdout.readline(), 30)
+    return proc
+
+
+async def _bus_counters(servers: list[PulseServer]) -> dict[str, float]:
+    """The bus's counters summed over the servers: what went on besides the messages."""
+    names = ("pulse_bus_fallbacks_total", "pulse_bus_gaps_filled_total", "pulse_bus_resyncs_total")
+    totals = dict.fromkeys(names, 0.0)
+    async with httpx.AsyncClient(timeout=10) as http:
+        for server in servers:
+            for line in (await http.get(server.url + "/metrics")).text.splitlines():
+                name = line.split("{")[0].split(" ")[0]
+                if name in totals:
+                    totals[name] += float(line.split()[-1])
+    return {name.removeprefix("pulse_bus_").removesuffix("_total"): v for name, v in totals.items()}
+
+
+async def _all_on_bus(servers: list[PulseServer], timeout: float = 20) -> None:
+    """Until every process is on NATS (not falling back) and one of them relays."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        async with asyncio.timeout(timeout):
+            while True:
+                buses = [
+                    (await http.get(s.url + "/api/v1/telemetry/stream/status")).json()["bus"]
+                    for s in servers
+                ]
+                if all(b["connected"] and not b["fallback"] for b in buses) and any(
+                    b["relay"] for b in buses
+                ):
+                    return
+                await asyncio.sleep(0.1)
+
+
+# -- the cost on ingest of the relay's database-wide channel ------------------------------
+
+# The telemetry trigger before migration 0006: one notification, on the tenant's channel.
+_ONE_NOTIFY = """
+CREATE OR REPLACE FUNCTION pulse_notify_telemetry() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE r record;
+BEGIN
+    FOR r IN SELECT tenant_id, min(id) AS first_id, max(id) AS last_id
+               FROM new_rows GROUP BY tenant_id LOOP
+        PERFORM pg_notify(pulse_channel(r.tenant_id),
+            json_build_object('kind', 'telemetry', 'tenant', r.tenant_id,
+                              'first', r.first_id, 'last', r.last_id)::text);
+    END LOOP;
+    RETURN NULL;
+END $$;
+"""
+
+
+async def notify_cost(pg: Postgres, quick: bool) -> list[Figure]:
+    """Notifying commits/s with the telemetry trigger of 0006 (the tenant's channel and the
+    bus channel) against the one before it (the tenant's channel only): 4 writers, 4
+    tenants, one row per commit, a listener on every channel (as a relay and a process
+    would have). The two triggers take turns on the same database, a second at a time, so
+    that a busy machine weighs on both alike; commits are asynchronous (no fsync wait), so
+    that what is compared is the work the notifications add."""
+    rounds = 3 if quick else 10
+    dsn = await pg.fresh_database()
+    setup = await asyncpg.connect(dsn)
+    two_notify = await setup.fetchval(
+        "SELECT pg_get_functiondef('pulse_notify_telemetry'::regproc)"
+    )
+    tenants = [f"tenant-{i}" for i in range(4)]
+    await setup.executemany("INSERT INTO tenants (tenant_id) VALUES ($1)", [(t,) for t in tenants])
+    listener = await asyncpg.connect(dsn)
+    for channel in ["pulse_v1_bus"] + [
+        await listener.fetchval("SELECT pulse_channel($1)", t) for t in tenants
+    ]:
+        await listener.add_listener(channel, lambda *_: None)
+    writers = [
+        await asyncpg.connect(dsn, server_settings={"synchronous_commit": "off"}) for _ in tenants
+    ]
+
+    async def write(conn: asyncpg.Connection, tenant: str, stop: float) -> int:
+        rng = random.Random(tenant)
+        commits = 0
+        while time.perf_counter() < stop:
+            await _commit_readings(conn, tenant, [("dev-1", _reading(rng))])
+            commits += 1
+        return commits
+
+    rates: dict[str, list[float]] = {"one": [], "two": []}
+    for _ in range(rounds):
+        for variant, definition in (("one", _ONE_NOTIFY), ("two", two_notify)):
+            await setup.execute(definition)
+            started = time.perf_counter()
+            counts = await asyncio.gather(
+                *(write(c, t, started + 1.0) for c, t in zip(writers, tenants, strict=True))
+            )
+            rates[variant].append(sum(counts) / (time.perf_counter() - started))
+    for conn in [*writers, listener, setup]:
+        await conn.close()
+    one, two = statistics.median(rates["one"]), statistics.median(rates["two"])
+    label = "notifying commits, 4 writers, 1 row each"
+    return [
+        Figure(label, "one notification (before 0006)", one, "commits/s",
+               note=f"median of {rounds} one-second turns"),
+        Figure(label, "with the bus channel (0006)", two, "commits/s", baseline=one,
+               note=f"median of {rounds}, in turn with the above; "
+               f"{(1 / two - 1 / one) * 1e6:+.1f} µs per commit"),
+    ]  # fmt: skip
+
+
 SCENARIOS: dict[str, Scenario] = {
     "ingest": ingest_batch,
     "single": ingest_single,
@@ -564,4 +844,6 @@ SCENARIOS: dict[str, Scenario] = {
     "connections-sse": connections_sse,
     "connections-ws": connections_ws,
     "replay": replay,
+    "cluster": cluster,
+    "notify-cost": notify_cost,
 }

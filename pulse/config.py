@@ -67,6 +67,13 @@ class Settings:
     direct_writes: bool = True
     db_pool_size: int = 10
     listener_backoff_max_s: float = 5.0
+    # NATS between processes (pulse.bus.nats_source, pulse.bus.relay): unset, every
+    # process LISTENs to PostgreSQL itself (no NATS anywhere).
+    bus_url: str | None = None
+    # With NATS: whether this process competes to be the database's relay. 0 on the
+    # stream processes, 1 on one or two small ones, keeps the relay's work off the
+    # processes that serve streams.
+    bus_relay: bool = True
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one JSON object per line (pulse.logs)
     access_log: bool = False  # one line per request, query strings never included

@@ -1,10 +1,11 @@
 """The running process: everything it owns, built by one lifespan in data-flow order.
 
 ``open_runtime(settings)`` makes, in the order a reading travels: the database,
-the stream connection limits, the event source and the hub it feeds, the
-writer with its transaction hooks (alert rules), and then the supervised side
-tasks that keep them going (the event source, the connection leases,
-retention, the device status sweeper). It yields a ``Runtime`` that is
+the stream connection limits, the event source and the hub it feeds (LISTEN,
+or with PULSE_BUS_URL the NATS edge with LISTEN as its fallback), the writer
+with its transaction hooks (alert rules), and then the supervised side tasks
+that keep them going (the NATS connection, the event source, the connection
+leases, retention, the device status sweeper, the relay). It yields a ``Runtime`` that is
 complete, and on the way out stops everything in reverse order.
 
 Nothing here knows HTTP: the web layer (``pulse.web``) is handed the Runtime.
@@ -19,6 +20,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from pulse.auth.tickets import TICKET_BURST, TICKETS_PER_S
 from pulse.auth.tokens import TokenVerifier
@@ -43,6 +45,11 @@ from pulse.ops.supervisor import Supervisor
 from pulse.streams.legacy_v2.reads import FleetReads
 from pulse.streams.limits import ConnectionLimits
 
+if TYPE_CHECKING:
+    from pulse.bus.nats_link import NatsLink
+    from pulse.bus.nats_source import NatsSource
+    from pulse.bus.relay import Relay
+
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
@@ -52,6 +59,7 @@ class Runtime:
     db: Database
     limits: ConnectionLimits
     source: EventSource
+    bus: Bus | None  # with PULSE_BUS_URL
     store: EventStore
     hub: Hub
     ingest: Ingest
@@ -69,6 +77,15 @@ class Runtime:
 
     def drain(self) -> None:
         self.hub.drain()
+
+
+@dataclasses.dataclass(frozen=True)
+class Bus:
+    """NATS between the processes: the connection, this edge's source, the relay."""
+
+    link: NatsLink
+    source: NatsSource
+    relay: Relay
 
 
 class StartupError(Exception):
@@ -95,12 +112,14 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await limits.start()
         stack.push_async_callback(limits.stop)
 
-        source = ListenSource(
+        store = EventStore(db)
+        listen = ListenSource(
             db,
             backoff_max_s=settings.listener_backoff_max_s,
             on_reconnected=metrics.listener_reconnects.inc,
         )
-        store = EventStore(db)
+        bus = await _open_bus(settings, db, store, listen, metrics) if settings.bus_url else None
+        source: EventSource = listen if bus is None else bus.source
         hub = Hub(store, source, metrics, queue_size=settings.queue_size)
         stack.push_async_callback(hub.close)
 
@@ -123,6 +142,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
 
         supervisor = Supervisor()
         stack.push_async_callback(supervisor.stop)
+        if bus is not None:
+            supervisor.start("bus", bus.link.run)
         supervisor.start("listener", functools.partial(source.run, hub))
         supervisor.start("connection-leases", limits.keep_alive)
         supervisor.start(
@@ -135,6 +156,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             db, stale_after_s=settings.stale_after_s, offline_after_s=settings.offline_after_s
         )
         supervisor.start("status-sweeper", sweeper.run)
+        if bus is not None and settings.bus_relay:
+            supervisor.start("relay", bus.relay.run)
 
         yield Runtime(
             settings=settings,
@@ -143,6 +166,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             db=db,
             limits=limits,
             source=source,
+            bus=bus,
             store=store,
             hub=hub,
             ingest=Ingest(writer, metrics),
@@ -152,6 +176,29 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             supervisor=supervisor,
             started_at=time.monotonic(),
         )
+
+
+async def _open_bus(
+    settings: Settings, db: Database, store: EventStore, listen: ListenSource, metrics: Metrics
+) -> Bus:
+    """The edge source (LISTEN is its fallback) and the relay, on one NATS connection."""
+    # Imported here: a process without NATS does not load its client.
+    from pulse.bus import nats_link
+    from pulse.bus.nats_link import NatsLink
+    from pulse.bus.nats_source import NatsSource
+    from pulse.bus.relay import Relay
+
+    assert settings.bus_url
+    try:
+        database_id = await nats_link.database_id(db)
+    except DatabaseUnavailable as exc:
+        raise StartupError(f"cannot use the database {exc}") from exc
+    link = NatsLink(settings.bus_url)
+    return Bus(
+        link=link,
+        source=NatsSource(link, listen, db, database_id, metrics),
+        relay=Relay(db, store, link, database_id, metrics),
+    )
 
 
 async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -> Database:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -20,7 +24,16 @@ from pulse.db.database import Database
 from pulse.db.migrate import migrate
 from pulse.db.pool import connect, create_pool
 from pulse.logs import ACCESS_LOGGER, QUIET_LIBRARIES, SERVER_LOGGER
-from tests.support import TEST_SECRET, direct_writes, dsn_for, running_server
+from tests.support import (
+    NATS_MISSING,
+    TEST_SECRET,
+    NatsServer,
+    direct_writes,
+    dsn_for,
+    free_port,
+    nats_server_binary,
+    running_server,
+)
 
 
 @pytest.fixture(scope="session")
@@ -92,13 +105,41 @@ def db(pool: asyncpg.Pool, database_url: str) -> Database:
     return Database(pool, database_url)
 
 
+@pytest.fixture(scope="session")
+def bus_url() -> Iterator[str | None]:
+    """PULSE_TEST_BUS=1 runs the suite's in-process servers on NATS (PULSE_BUS_URL), with a
+    nats-server for the session (each test's database has subjects of its own); CI runs
+    the stream tests both ways. Unset: no NATS, today's LISTEN."""
+    if os.environ.get("PULSE_TEST_BUS", "0") in ("0", ""):
+        yield None
+        return
+    binary = nats_server_binary()
+    assert binary is not None, NATS_MISSING
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(500):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.01)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
+def settings(database_url: str, tmp_path: Path, bus_url: str | None) -> Settings:
     return Settings(
         database_url=database_url,
         jwt_secret=TEST_SECRET,
         data_dir=tmp_path,
         direct_writes=direct_writes(),
+        bus_url=bus_url,
     )
 
 
@@ -140,6 +181,26 @@ def restore_logging() -> Iterator[None]:
     root.setLevel(root_level)
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture
+def nats_binary() -> None:
+    """Skips the test where nats-server is missing (CI installs it, and fails instead)."""
+    if nats_server_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail(NATS_MISSING)
+        pytest.skip(NATS_MISSING)
+
+
+@pytest.fixture
+async def nats_server(nats_binary: None) -> AsyncIterator[NatsServer]:
+    """A nats-server of this test's own, started."""
+    server = NatsServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 @pytest.fixture

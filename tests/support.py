@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -173,7 +174,25 @@ async def pulse_serve(
     With no ``database_url`` it runs on an embedded PostgreSQL in ``data_dir``.
     On exit it is sent SIGTERM (unless already stopped) and must exit with 0.
     """
-    port = free_port()
+    server = await start_serve(data_dir=data_dir, database_url=database_url, env=env, stdout=stdout)
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        await server.stop()
+
+
+async def start_serve(
+    *,
+    data_dir: Path,
+    database_url: str | None = None,
+    env: dict[str, str] | None = None,
+    stdout: int = asyncio.subprocess.DEVNULL,
+    port: int | None = None,
+) -> ServeProcess:
+    """`python -m pulse serve` in a subprocess (on ``port``, or a free one); not yet ready.
+    The caller stops it."""
+    port = port or free_port()
     child_env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     child_env.update(PULSE_DATA_DIR=str(data_dir), PULSE_JWT_SECRET=TEST_SECRET, PORT=str(port))
     if database_url:
@@ -188,12 +207,7 @@ async def pulse_serve(
         stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
     )
-    server = ServeProcess(proc, f"http://127.0.0.1:{port}")
-    try:
-        await server.wait_ready()
-        yield server
-    finally:
-        await server.stop()
+    return ServeProcess(proc, f"http://127.0.0.1:{port}")
 
 
 class ServeProcess:
@@ -245,3 +259,71 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.001)
+
+
+def nats_server_binary() -> str | None:
+    """Debian's nats-server (.ci/run installs the package); None when it is missing."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+    return shutil.which("nats-server", path=path)
+
+
+NATS_MISSING = (
+    "nats-server is not installed: apt-get install nats-server (the Debian package .ci/run "
+    "installs), or put it on the PATH"
+)
+
+
+class NatsServer:
+    """A nats-server of a test's own on free loopback ports (client and monitoring), which
+    the test may stop, kill and start again on the same ports."""
+
+    def __init__(self) -> None:
+        binary = nats_server_binary()
+        assert binary is not None, NATS_MISSING
+        self.binary = binary
+        self.port = free_port()
+        self.monitor_port = free_port()
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self, timeout: float = 10) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            self.binary,
+            "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        async with asyncio.timeout(timeout):
+            while True:
+                assert self.proc.returncode is None, "nats-server exited at start"
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                except OSError:
+                    await asyncio.sleep(0.02)
+                    continue
+                writer.close()
+                return
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await self.proc.wait()
+        self.proc = None
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self.proc = None
+
+    async def subscriptions(self) -> dict[str, set[str]]:
+        """Each client connection's subjects, by the connection's name (NATS monitoring)."""
+        async with httpx.AsyncClient(timeout=5) as http:
+            r = await http.get(f"http://127.0.0.1:{self.monitor_port}/connz", params={"subs": 1})
+        return {
+            str(c.get("name", "")): set(c.get("subscriptions_list") or [])
+            for c in r.json().get("connections") or []
+        }

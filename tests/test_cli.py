@@ -1,4 +1,5 @@
-"""What a `pulse serve` process loads: not the client's HTTP and WebSocket libraries."""
+"""What a `pulse serve` process loads: not the client's HTTP and WebSocket libraries, nor
+the NATS client unless PULSE_BUS_URL is set."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pulse.config import Settings
 from pulse import serving
 build_parser().parse_args(["serve"])
 create_app(Settings(jwt_secret="x" * 40))
-print(" ".join(sorted(m for m in ("httpx", "websockets", "pgserver") if m in sys.modules)))
+print(" ".join(sorted(m for m in ("httpx", "websockets", "pgserver", "nats") if m in sys.modules)))
 """
 
 

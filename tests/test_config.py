@@ -75,3 +75,12 @@ def test_create_app_checks_settings_built_in_code() -> None:
 
     with pytest.raises(ConfigError, match="PULSE_JWT_SECRET"):
         create_app(Settings(jwt_secret="dev-secret"))
+
+
+def test_the_bus_is_unset_by_default_and_read_when_set() -> None:
+    assert Settings.from_env({}).bus_url is None  # every process LISTENs, as before
+    settings = Settings.from_env(
+        {"PULSE_BUS_URL": "nats://a:4222,nats://b:4222", "PULSE_BUS_RELAY": "0"}
+    )
+    assert settings.bus_url == "nats://a:4222,nats://b:4222"
+    assert settings.bus_relay is False

@@ -4,8 +4,12 @@
 subscriber of a tenant makes the event source watch it; the last one to leave
 makes it unwatch. A wake-up only says "look": each tenant's topic then reads
 every row after the last one it delivered, so a lost or merged wake-up costs
-nothing. The hub knows its source only by the small interface of
-``pulse.bus.source``, and its subscribers' connections only by their sinks.
+nothing. A source that carries the events themselves (NATS) hands them over
+with the id they follow: they are published as they come when that id is the
+topic's last delivered one, and otherwise (a lost message, a relay taking
+over) the topic reads the gap from the table first. The hub knows its source
+only by the small interface of ``pulse.bus.source``, and its subscribers'
+connections only by their sinks.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from pulse.ops.metrics import Metrics
 log = logging.getLogger(__name__)
 
 FETCH_LIMIT = 2000
+# Events handed over (deliver) while the topic reads the table wait for the
+# read to end, up to this many; beyond it they are dropped and read instead.
+PENDING_LIMIT = 10_000
 # A subscriber cut as lagging gets this long to end its stream by itself before
 # its sink is told to abort it (it may be stuck writing to a client that
 # stopped reading).
@@ -40,6 +47,11 @@ class Topic:
     every wake-up. ``close`` cancels it and unwatches; ``closed`` also ends it
     should a cancellation be lost on the way (Python 3.11's wait_for, used
     inside asyncpg too, can swallow one), so no fetch outlives its topic.
+
+    Events handed over by the source (``deliver``) are published from the
+    source's own call when they follow ``delivered``; while the topic opens or
+    reads the table they wait in ``pending`` and are taken when the read ends,
+    so the table and the messages never publish out of order.
     """
 
     def __init__(self, hub: Hub, tenant_id: str, previous: asyncio.Task[None] | None) -> None:
@@ -50,6 +62,9 @@ class Topic:
         self.dirty = asyncio.Event()
         self.closed = False
         self.watching = False
+        self.reading = True  # opening, or reading the table: deliveries wait
+        self.pending: list[tuple[int, list[TelemetryEvent]]] = []
+        self.pending_events = 0
         loop = asyncio.get_running_loop()
         self.opened: asyncio.Future[None] = loop.create_future()
         self.opened.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -78,9 +93,11 @@ class Topic:
 
     async def _fetch_forever(self) -> None:
         backoff = 0.1
+        self._take_pending()
         while not self.closed:
             await self.dirty.wait()
             self.dirty.clear()
+            self.reading = True
             try:
                 while not self.closed:
                     with self.hub.metrics.fetch_latency.time():
@@ -102,6 +119,45 @@ class Topic:
                 log.exception("fetch for a tenant failed; retrying")
                 self.dirty.set()
                 await asyncio.sleep(1.0)
+            finally:
+                self._take_pending()
+
+    def deliver(self, after: int, events: list[TelemetryEvent]) -> None:
+        """The source's events of this tenant: every one in (``after``, last]."""
+        if self.closed:
+            return
+        if self.reading:
+            if self.pending_events + len(events) > PENDING_LIMIT:
+                # The read in progress, and the one this asks for, cover them.
+                self.pending, self.pending_events = [], 0
+                self.dirty.set()
+                return
+            self.pending.append((after, events))
+            self.pending_events += len(events)
+            return
+        self._apply(after, events)
+
+    def _take_pending(self) -> None:
+        self.reading = False
+        pending, self.pending, self.pending_events = self.pending, [], 0
+        for after, events in pending:
+            self._apply(after, events)
+
+    def _apply(self, after: int, events: list[TelemetryEvent]) -> None:
+        last = events[-1].id
+        if last <= self.delivered or self.closed:
+            return  # delivered already (read from the table, or a message repeated)
+        if after > self.delivered:
+            # Something between was lost on the way (a message, a relay taking
+            # over): the table fills the gap, and these events come with it.
+            if not self.dirty.is_set():
+                self.hub.metrics.bus_gaps_filled.inc()
+            self.dirty.set()
+            return
+        if events[0].id <= self.delivered:
+            events = [e for e in events if e.id > self.delivered]
+        self.delivered = last
+        self.hub.publish(self, events)
 
     async def close(self) -> None:
         self.closed = True
@@ -216,6 +272,11 @@ class Hub:
         topic = self._topics.get(tenant_id)
         if topic is not None and (last_id is None or last_id > topic.delivered):
             topic.dirty.set()
+
+    def deliver(self, tenant_id: str, after: int, events: list[TelemetryEvent]) -> None:
+        topic = self._topics.get(tenant_id)
+        if topic is not None and events:
+            topic.deliver(after, events)
 
     def signal(self, tenant_id: str, kind: str) -> None:
         topic = self._topics.get(tenant_id)

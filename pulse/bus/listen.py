@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 Q = load_queries(__package__)
 
 HEALTH_CHECK_S = 5.0
-APPLICATION_NAME = "pulse-listener"  # shows in pg_stat_activity
+# Shows in pg_stat_activity, so that operators can count listeners: with NATS
+# (PULSE_BUS_URL) the relay's connection has the same name, and an edge's only
+# while it falls back.
+APPLICATION_NAME = "pulse listener"
 
 
 class ListenSource:
@@ -134,11 +137,7 @@ class ListenSource:
 
     async def watch(self, tenant_id: str, timeout: float = 10.0) -> None:
         """Listen to the tenant's channel from now on; waits until the connection is up."""
-        channel = self._channels.get(tenant_id)
-        if channel is None:
-            channel = self._channels[tenant_id] = str(
-                await self._db.fetchval(Q["channel_for_tenant"], tenant_id)
-            )
+        channel = await self._channel(tenant_id)
         self._wanted.add(channel)
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
@@ -148,6 +147,24 @@ class ListenSource:
         except TimeoutError:
             self._wanted.discard(channel)
             raise DatabaseUnavailable("the listener is not connected") from None
+        await self._listen_now(channel)
+
+    async def want(self, tenant_id: str) -> None:
+        """Listen to the tenant's channel whenever connected, without waiting for a
+        connection (the NATS source's fallback: it runs only while NATS is away)."""
+        channel = await self._channel(tenant_id)
+        self._wanted.add(channel)
+        await self._listen_now(channel)
+
+    async def _channel(self, tenant_id: str) -> str:
+        channel = self._channels.get(tenant_id)
+        if channel is None:
+            channel = self._channels[tenant_id] = str(
+                await self._db.fetchval(Q["channel_for_tenant"], tenant_id)
+            )
+        return channel
+
+    async def _listen_now(self, channel: str) -> None:
         async with self._lock:
             if (
                 self._conn is not None

@@ -24,3 +24,19 @@ SELECT id,
    AND ($4::text[] IS NULL OR device_id = ANY($4::text[]))
  ORDER BY id
  LIMIT $5
+
+-- name: bus_database_id
+-- What names this database on the bus (migrations/0006_bus_channel.sql).
+SELECT pulse_bus_database_id()
+
+-- name: bus_channel
+SELECT pulse_bus_channel()
+
+-- name: newest_event_ids
+-- The newest committed id of each of these tenants (the NATS source's audit).
+SELECT tenant_id, last_event_id FROM tenants WHERE tenant_id = ANY($1::text[])
+
+-- name: try_lead_relay
+-- Exactly one relay per database: whoever holds this session lock on its
+-- listening connection. Closing the connection (or its death) releases it.
+SELECT pg_try_advisory_lock($1)

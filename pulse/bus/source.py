@@ -1,18 +1,23 @@
 """What feeds the hub: an event source, and the wake-ups it sends.
 
-An event source tells the hub *that* a tenant has new events, never what they
-are: the hub reads them from the table (``pulse.bus.store``), which stays the
-truth and the resume point. So a source may lose, merge or repeat wake-ups at
-no cost but latency, as long as it calls ``resync`` whenever it may have
-missed some (a reconnect).
+An event source tells the hub *that* a tenant has new events, and may hand
+over the events themselves with the id they follow (``deliver``): the hub
+publishes those that follow what it delivered, and reads anything else from
+the table (``pulse.bus.store``), which stays the truth and the resume point.
+So a source may lose, merge or repeat wake-ups and messages at no cost but
+latency, as long as it calls ``resync`` whenever it may have missed some (a
+reconnect) without a later message to show the gap.
 
-Today's source is PostgreSQL's LISTEN (``pulse.bus.listen``); a broker between
-processes, or polling the table, would be another module with these methods.
+PostgreSQL's LISTEN (``pulse.bus.listen``) sends wake-ups; NATS
+(``pulse.bus.nats_source``) delivers the events a relay published, and falls
+back to LISTEN while NATS is away.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
+
+from pulse.bus.events import TelemetryEvent
 
 
 class Wakeups(Protocol):
@@ -20,6 +25,9 @@ class Wakeups(Protocol):
 
     def events_after(self, tenant_id: str, last_id: int | None) -> None:
         """``tenant_id`` committed events, up to ``last_id`` when the source knows it."""
+
+    def deliver(self, tenant_id: str, after: int, events: list[TelemetryEvent]) -> None:
+        """Every event of ``tenant_id`` with an id in (``after``, the last one's], in id order."""
 
     def signal(self, tenant_id: str, kind: str) -> None:
         """Something else of ``tenant_id`` changed (``devices``, ``alerts``)."""

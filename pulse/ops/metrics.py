@@ -39,6 +39,48 @@ class Metrics:
         self.listener_connected = Gauge(
             "pulse_listener_connected", "1 while the LISTEN connection is up", registry=r
         )
+        # NATS between processes (PULSE_BUS_URL): pulse.bus.relay, pulse.bus.nats_source.
+        self.bus_messages_relayed = Counter(
+            "pulse_bus_messages_relayed",
+            "Messages this process published on the bus as the relay, by kind "
+            "(events, signal, heartbeat)",
+            ["kind"],
+            registry=r,
+        )
+        self.bus_events_relayed = Counter(
+            "pulse_bus_events_relayed", "Events this process published as the relay", registry=r
+        )
+        self.bus_messages_received = Counter(
+            "pulse_bus_messages_received",
+            "Messages of the tenants this process serves received from the bus, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.bus_gaps_filled = Counter(
+            "pulse_bus_gaps_filled",
+            "Messages that did not follow the last delivered id: the gap was read from the table",
+            registry=r,
+        )
+        self.bus_resyncs = Counter(
+            "pulse_bus_resyncs",
+            "Times every tenant served was read again from the table, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.bus_fallbacks = Counter(
+            "pulse_bus_fallbacks",
+            "Times this process fell back to LISTEN because the bus was away",
+            registry=r,
+        )
+        self.bus_connected = Gauge(
+            "pulse_bus_connected", "1 while the NATS connection is up", registry=r
+        )
+        self.bus_fallback = Gauge(
+            "pulse_bus_fallback", "1 while delivery falls back to LISTEN", registry=r
+        )
+        self.bus_relay = Gauge(
+            "pulse_bus_relay", "1 while this process is the database's relay", registry=r
+        )
         # Set at scrape time: a count that only grows under steady load is a leak.
         self.asyncio_tasks = Gauge(
             "pulse_asyncio_tasks",

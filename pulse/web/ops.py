@@ -117,7 +117,23 @@ async def stream_status() -> dict[str, Any]:
             "last_notification_age_s": None if last is None else round(time.monotonic() - last, 3),
             "reconnects": source.reconnects,
         },
+        "bus": _bus(rt),
         "uptime_s": round(time.monotonic() - rt.started_at, 3),
+    }
+
+
+def _bus(rt: Runtime) -> dict[str, Any]:
+    """How this process gets other processes' events: ``listen`` (every process LISTENs)
+    or ``nats`` (PULSE_BUS_URL: one relay LISTENs and publishes on NATS); whether this
+    process is the relay, whether its bus connection (NATS, or LISTEN) is up, and
+    whether it falls back to LISTEN while NATS or the relay is away."""
+    if rt.bus is None:
+        return {"mode": "listen", "relay": False, "connected": rt.source.connected}
+    return {
+        "mode": "nats",
+        "relay": rt.bus.relay.leading,
+        "connected": rt.bus.link.connected,
+        "fallback": rt.bus.source.falling_back,
     }
 
 
@@ -129,6 +145,8 @@ async def metrics() -> Response:
     for kind in STREAM_KINDS:
         rt.metrics.connections.labels(kind).set(rt.limits.by_kind[kind])
     rt.metrics.listener_connected.set(1 if rt.source.connected else 0)
+    if rt.bus is not None:
+        rt.metrics.bus_connected.set(1 if rt.bus.link.connected else 0)
     size, idle = rt.db.pool_usage()
     rt.metrics.db_pool_connections.labels("idle").set(idle)
     rt.metrics.db_pool_connections.labels("in_use").set(size - idle)

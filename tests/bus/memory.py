@@ -49,6 +49,12 @@ class MemorySource:
         wakeups.resync()
         await asyncio.Event().wait()
 
+    def published(self, tenant_id: str, after: int, events: list[TelemetryEvent]) -> None:
+        """What the NATS source hands over for a relay's message: the events themselves."""
+        assert self.wakeups is not None, "run() first"
+        if tenant_id in self.watching:
+            self.wakeups.deliver(tenant_id, after, events)
+
     def committed(self, tenant_id: str, last_id: int | None) -> None:
         """What LISTEN would say after a commit: a wake-up, only for watched tenants."""
         assert self.wakeups is not None, "run() first"
@@ -60,6 +66,13 @@ class MemorySource:
 class MemoryStore:
     def __init__(self) -> None:
         self.events: dict[str, list[TelemetryEvent]] = {}
+        self.reads = 0  # events_after calls
+        self.read_gate = asyncio.Event()  # tests clear it to hold reads in flight
+        self.read_gate.set()
+
+    def rows(self, tenant_id: str, first: int, last: int) -> list[TelemetryEvent]:
+        """Stored events first..last, as a relay's message carries them."""
+        return [e for e in self.events[tenant_id] if first <= e.id <= last]
 
     def commit(self, tenant_id: str, device_id: str = "d1", count: int = 1) -> int:
         """Append ``count`` events; the newest id."""
@@ -85,6 +98,8 @@ class MemoryStore:
         device_ids: Collection[str] | None = None,
         limit: int = 1000,
     ) -> list[TelemetryEvent]:
+        self.reads += 1
+        await self.read_gate.wait()
         rows = [
             e
             for e in self.events.get(tenant_id, [])

@@ -37,6 +37,7 @@ async def running_hub(
     source, store = MemorySource(), MemoryStore()
     hub = Hub(store, source, Metrics(), queue_size=queue_size)  # type: ignore[arg-type]
     feeding = asyncio.create_task(source.run(hub))
+    await until(lambda: source.connected)  # its first resync is behind it
     try:
         yield hub, source, store
     finally:
@@ -243,3 +244,93 @@ async def test_draining_ends_subscriptions_and_refuses_new_ones() -> None:
         with pytest.raises(DatabaseUnavailable):
             async with hub.subscribe("t1", kind="test"):
                 pass
+
+
+# -- events handed over by the source (NATS): deliver -------------------------------------
+
+
+async def test_delivered_events_are_published_without_reading_the_table() -> None:
+    async with (
+        running_hub() as (hub, source, store),
+        hub.subscribe("t1", kind="test") as subscription,
+    ):
+        store.commit("t1", count=3)
+        source.published("t1", 0, store.rows("t1", 1, 2))
+        source.published("t1", 2, store.rows("t1", 3, 3))
+        assert await received(subscription, 3) == [1, 2, 3]
+        assert store.reads == 0
+        assert hub.metrics.bus_gaps_filled._value.get() == 0
+
+
+async def test_a_gap_is_filled_from_the_table_before_anything_after_it() -> None:
+    async with (
+        running_hub() as (hub, source, store),
+        hub.subscribe("t1", kind="test") as subscription,
+    ):
+        store.commit("t1", count=5)
+        source.published("t1", 0, store.rows("t1", 1, 2))
+        assert await received(subscription, 2) == [1, 2]
+        # The message with 3 was lost: 4 and 5 wait for it, read from the table.
+        source.published("t1", 3, store.rows("t1", 4, 5))
+        assert await received(subscription, 3) == [3, 4, 5]
+        assert store.reads == 1
+        assert hub.metrics.bus_gaps_filled._value.get() == 1
+
+
+async def test_repeated_and_overlapping_messages_are_delivered_once() -> None:
+    async with (
+        running_hub() as (hub, source, store),
+        hub.subscribe("t1", kind="test") as subscription,
+    ):
+        store.commit("t1", count=4)
+        source.published("t1", 0, store.rows("t1", 1, 2))
+        source.published("t1", 0, store.rows("t1", 1, 2))  # a second relay, or a repeat
+        source.published("t1", 1, store.rows("t1", 2, 4))  # overlapping
+        assert await received(subscription, 4) == [1, 2, 3, 4]
+        await asyncio.sleep(0)
+        assert subscription.pending() == 0 and store.reads == 0
+
+
+async def test_messages_during_a_read_wait_for_it_and_keep_commit_order() -> None:
+    async with (
+        running_hub() as (hub, source, store),
+        hub.subscribe("t1", kind="test") as subscription,
+    ):
+        store.commit("t1", count=6)
+        store.read_gate.clear()
+        source.published("t1", 2, store.rows("t1", 3, 3))  # a gap: the table is read...
+        await until(lambda: store.reads == 1)
+        # ...and while that read is in flight, messages go on coming.
+        source.published("t1", 3, store.rows("t1", 4, 4))
+        store.commit("t1", count=1)
+        source.published("t1", 6, store.rows("t1", 7, 7))
+        assert subscription.pending() == 0
+        store.read_gate.set()
+        assert await received(subscription, 7) == [1, 2, 3, 4, 5, 6, 7]
+        assert store.reads == 1  # what came after the read followed it: no second read
+
+
+async def test_messages_of_an_opening_topic_wait_for_its_newest_id() -> None:
+    async with running_hub() as (hub, source, store):
+        store.commit("t1", count=2)
+        source.watch_gate.clear()  # the topic is opening
+        opened = asyncio.Event()
+        first = asyncio.create_task(_first_event(hub, opened))
+        await until(lambda: ("watch", "t1") in source.calls)
+        source.watching.add("t1")  # watched, not yet returned
+        store.commit("t1", count=2)
+        # Comes before the topic knows its newest id (4): it waits, then is dropped,
+        # since the subscriber starts after what was committed before it.
+        source.published("t1", 0, store.rows("t1", 1, 4))
+        source.watch_gate.set()
+        await opened.wait()
+        source.published("t1", 4, store.rows("t1", 5, store.commit("t1")))
+        assert await first == 5
+        assert store.reads == 0
+
+
+async def _first_event(hub: Hub, opened: asyncio.Event) -> int:
+    async with hub.subscribe("t1", kind="test") as subscription:
+        assert subscription.position == 4
+        opened.set()
+        return (await received(subscription, 1))[0]
