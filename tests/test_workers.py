@@ -1,0 +1,94 @@
+"""`pulse serve` with PULSE_WORKERS=2: ingest spread over both processes keeps every
+tenant's ids exact (each accepted reading one id, no gap, commit order), as a stream
+resuming from 0 sees them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from pulse.auth.dev_tokens import mint_token
+from tests.support import TEST_SECRET, provision_device, pulse_serve, sse_events
+
+pytestmark = pytest.mark.timeout(180)
+
+CLIENTS, REQUESTS, BATCH = 8, 16, 10
+
+
+def workers_cpu(pid: int) -> dict[int, int]:
+    """CPU clock ticks used so far by each child (worker) of the server process ``pid``."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {
+        int(c): sum(map(int, Path(f"/proc/{c}/stat").read_text().split()[13:15])) for c in children
+    }
+
+
+async def test_ingest_over_two_workers_keeps_ids_exact(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    tokens = {f"dev-{n}": await provision_device(pool, "t1", f"dev-{n}") for n in range(CLIENTS)}
+    async with pulse_serve(
+        data_dir=tmp_path, database_url=database_url, env={"PULSE_WORKERS": "2"}
+    ) as server:
+        before = workers_cpu(server.proc.pid)
+        assert len(before) == 2
+        accepted: list[int] = []
+
+        async def device(device_id: str) -> None:
+            # A connection per request, so the kernel spreads them over both workers.
+            fresh = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=server.url, limits=fresh) as http:
+                for n in range(REQUESTS):
+                    if n % 2:
+                        r = await http.post(
+                            f"/ingest/v1/tenant/t1/device/{device_id}/telemetry",
+                            headers={"X-Provision-Token": tokens[device_id]},
+                            json={"metrics": {"n": n}},
+                        )
+                        assert r.status_code == 201, r.text
+                        accepted.append(r.json()["id"])
+                    else:
+                        messages = [
+                            {
+                                "tenant_id": "t1",
+                                "device_id": device_id,
+                                "provision_token": tokens[device_id],
+                                "metrics": {"n": n, "k": k},
+                            }
+                            for k in range(BATCH)
+                        ]
+                        r = await http.post("/ingest/v1/batch", json={"messages": messages})
+                        assert r.status_code == 200, r.text
+                        accepted.extend(res["id"] for res in r.json()["results"])
+
+        await asyncio.gather(*(device(d) for d in tokens))
+        total = CLIENTS * (REQUESTS // 2 * 1 + (REQUESTS - REQUESTS // 2) * BATCH)
+        assert sorted(accepted) == list(range(1, total + 1)), "one id each, no gap"
+        # Both workers did some of it (or the test would not test two).
+        used = workers_cpu(server.proc.pid)
+        assert all(used[w] - before[w] >= 10 for w in before), (before, used)
+
+        # A stream from the start sees exactly those ids, in order.
+        seen: list[int] = []
+        token = mint_token(TEST_SECRET, tenant_id="t1", roles=["customer"])
+        headers = {"Authorization": "Bearer " + token}
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+            http.stream(
+                "GET",
+                "/api/v1/customer/telemetry/stream/sse",
+                params={"last_event_id": "0"},
+                headers=headers,
+            ) as response,
+        ):
+            async for event in sse_events(response):
+                if event.event is None:
+                    seen.append(json.loads(event.data)["id"])
+                    if len(seen) == total:
+                        break
+        assert seen == list(range(1, total + 1))
