@@ -121,6 +121,69 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
     ]
 
 
+async def ingest_batch_workers(pg: Postgres, quick: bool) -> list[Figure]:
+    """Batch ingest of one tenant and of ten, by one server process and by two (one per
+    core), in turns in the same run: the factor two processes give."""
+    seconds = 4.0 if quick else 15.0
+    clients, batch = 8, 500
+    figures = []
+    for tenant_count in (1, 10):
+        tenants = [f"tenant-{t:02d}" for t in range(tenant_count)]
+        rng = random.Random(3)
+        rates: dict[int, list[float]] = {1: [], 2: []}
+        cpu: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(1 if quick else 2):
+            for workers in (1, 2):
+                dsn = await pg.fresh_database()
+                async with PulseServer(dsn, PULSE_WORKERS=str(workers)) as server:
+                    devices = {t: await provision(server.url, t, 20) for t in tenants}
+                    load = []
+                    for _ in range(8):
+                        messages = []
+                        for i in range(batch):
+                            tenant = tenants[i % tenant_count]
+                            device_id, device_token = rng.choice(list(devices[tenant].items()))
+                            messages.append(
+                                {
+                                    "tenant_id": tenant,
+                                    "device_id": device_id,
+                                    "provision_token": device_token,
+                                    "metrics": _reading(rng),
+                                }
+                            )
+                        load.append(orjson.dumps({"messages": messages}))
+                    with cpu_meter(server.pids()) as used:
+                        stop = time.perf_counter() + seconds
+                        counts = await asyncio.gather(
+                            *(post_batches(server.url, load, stop) for _ in range(clients))
+                        )
+                    rows = sum(counts)
+                    rates[workers].append(rows / used["wall_s"])
+                    cpu[workers].append(used["others_cpu_s"] / max(1, rows))
+        label = f"batch ingest, {tenant_count} tenant{'s' if tenant_count > 1 else ''}, "
+        label += f"{clients} clients"
+        one, two = statistics.median(rates[1]), statistics.median(rates[2])
+        figures += [
+            Figure(
+                label,
+                "1 process",
+                one,
+                "rows/s",
+                note=f"server {statistics.median(cpu[1]) * 1e6:.1f} us CPU/row",
+            ),
+            Figure(
+                label,
+                "2 processes (PULSE_WORKERS=2)",
+                two,
+                "rows/s",
+                target="scales",
+                baseline=one,
+                note=f"server {statistics.median(cpu[2]) * 1e6:.1f} us CPU/row",
+            ),
+        ]
+    return figures
+
+
 async def _direct_sql_ceiling(
     pg: Postgres, tenants: list[str], seconds: float, clients: int, batch: int
 ) -> float:
@@ -836,6 +899,7 @@ async def notify_cost(pg: Postgres, quick: bool) -> list[Figure]:
 
 SCENARIOS: dict[str, Scenario] = {
     "ingest": ingest_batch,
+    "ingest-workers": ingest_batch_workers,
     "single": ingest_single,
     "single-workers": ingest_single_workers,
     "fanout-sse": fanout_sse,
