@@ -1,0 +1,183 @@
+"""Readings over MQTT, through a real Mosquitto into a real Pulse server: stored once,
+acknowledged only after commit, bad input answered on the device's errors topic, and
+the events on the streams like any other."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from pulse.config import Settings
+from tests.mqtt.broker import Device, Mosquitto, closing
+from tests.support import running_server, sse_events, until
+
+STATUS = "/api/v1/telemetry/stream/status"
+DEVICES = "/api/v1/customer/devices"
+
+
+@dataclasses.dataclass
+class Pulse:
+    url: str
+    http: httpx.AsyncClient
+    admin: dict[str, str]
+
+    async def device(self, device_id: str) -> str:
+        """Create a device through the API; its provision token."""
+        r = await self.http.post(DEVICES, json={"device_id": device_id}, headers=self.admin)
+        assert r.status_code == 201, r.text
+        return str(r.json()["provision_token"])
+
+
+async def wait_subscribed(http: httpx.AsyncClient) -> None:
+    async with asyncio.timeout(15):
+        while not ((await http.get(STATUS)).json().get("mqtt") or {}).get("subscribed"):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def pulse(
+    settings: Settings, mosquitto: Mosquitto, make_token: Callable[..., str]
+) -> AsyncIterator[Pulse]:
+    mqtt_settings = dataclasses.replace(
+        settings, mqtt_url=mosquitto.url, mqtt_client_id=f"pulse-test-{mosquitto.port}"
+    )
+    async with (
+        running_server(mqtt_settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        await wait_subscribed(http)
+        admin = {"Authorization": f"Bearer {make_token('t1', ('tenant-admin',))}"}
+        yield Pulse(url, http, admin)
+
+
+async def rows(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    return [
+        dict(r)
+        for r in await pool.fetch(
+            "SELECT device_id, seq, metrics::text AS metrics FROM telemetry ORDER BY id"
+        )
+    ]
+
+
+async def test_a_reading_is_stored_and_streamed(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    reader = {"Authorization": f"Bearer {make_token('t1')}"}
+    with closing(device):
+        assert not (await device.connect()).is_failure
+        async with pulse.http.stream(
+            "GET", "/api/v1/customer/telemetry/stream/sse", headers=reader
+        ) as response:
+            events = sse_events(response)
+            reason = await device.publish(
+                "pulse/t1/dev-1/telemetry", b'{"metrics": {"temp": 21.5}, "seq": 7}'
+            )
+            assert not reason.is_failure
+            event = await asyncio.wait_for(anext(events), 10)
+    assert event.json()["device_id"] == "dev-1"
+    assert event.json()["data"]["metrics"] == {"temp": 21.5}
+    assert await rows(pool) == [{"device_id": "dev-1", "seq": 7, "metrics": '{"temp": 21.5}'}]
+
+
+async def test_a_second_delivery_of_a_seq_is_stored_once(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
+) -> None:
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    with closing(device):
+        await device.connect()
+        for seq in (1, 2, 1, 3, 2):
+            body = json.dumps({"metrics": {"n": seq}, "seq": seq}).encode()
+            await device.publish("pulse/t1/dev-1/telemetry", body)
+        await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 4}}')
+        await until_rows(pool, 4)
+        metrics = (await pulse.http.get("/metrics")).text
+    assert [r["seq"] for r in await rows(pool)] == [1, 2, 3, None]
+    assert metric(metrics, 'pulse_mqtt_messages_total{outcome="duplicate"}') == 2
+
+
+async def test_heartbeat_marks_the_device_seen(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
+) -> None:
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    with closing(device):
+        await device.connect()
+        await device.publish("pulse/t1/dev-1/heartbeat", b"")
+
+        async def seen() -> bool:
+            return bool(await pool.fetchval("SELECT last_seen_at IS NOT NULL FROM devices"))
+
+        async with asyncio.timeout(10):
+            while not await seen():  # noqa: ASYNC110  the row has no event of its own
+                await asyncio.sleep(0.02)
+    assert await rows(pool) == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"{not json", "invalid_payload"),
+        (b'{"metrics": {"temp": "warm"}}', "invalid_payload"),
+        (json.dumps({"metrics": {f"m{i}": i for i in range(201)}}).encode(), "invalid_payload"),
+    ],
+)
+async def test_bad_input_is_acknowledged_answered_and_counted(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool, payload: bytes, error: str
+) -> None:
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    with closing(device):
+        await device.connect()
+        assert not any(r.is_failure for r in await device.subscribe("pulse/t1/dev-1/errors"))
+        await device.publish("pulse/t1/dev-1/telemetry", payload)
+        await until(lambda: bool(device.received), 10)
+        # What comes after it is not held up behind it.
+        await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"ok": 1}}')
+        await until_rows(pool, 1)
+        metrics = (await pulse.http.get("/metrics")).text
+    topic, body = device.received[0]
+    assert topic == "pulse/t1/dev-1/errors"
+    answer = json.loads(body)
+    assert set(answer) == {"error", "detail"} and answer["error"] == error
+    assert metric(metrics, 'pulse_mqtt_messages_total{outcome="rejected"}') == 1
+    assert metric(metrics, f'pulse_ingest_rejected_total{{reason="{error}"}}') == 1
+
+
+async def test_an_unknown_device_is_answered(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
+) -> None:
+    """A client the broker knows but Pulse does not (here: the device was deleted from
+    Pulse's table behind the broker's back) is answered unknown_device."""
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    with closing(device):
+        await device.connect()
+        await device.subscribe("pulse/t1/dev-1/errors")
+        await pool.execute("DELETE FROM devices")
+        await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"temp": 1}}')
+        await until(lambda: bool(device.received), 10)
+    assert json.loads(device.received[0][1])["error"] == "unknown_device"
+    assert await rows(pool) == []
+
+
+async def until_rows(pool: asyncpg.Pool, count: int, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while await pool.fetchval("SELECT count(*) FROM telemetry") < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
