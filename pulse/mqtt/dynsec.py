@@ -25,8 +25,19 @@ def _acl(acltype: str, topic: str) -> dict[str, Any]:
     return {"acltype": acltype, "topic": topic, "allow": True, "priority": 0}
 
 
+def get_client(username: str) -> Command:
+    return {"command": "getClient", "username": username}
+
+
+def has_role(response: dict[str, Any], rolename: str) -> bool:
+    """Whether a getClient response shows the client in the role."""
+    client = (response.get("data") or {}).get("client") or {}
+    return any(role.get("rolename") == rolename for role in client.get("roles") or [])
+
+
 def service_role(admin_username: str) -> list[Command]:
-    """Pulse's role, and the admin user in it (both may exist already)."""
+    """Pulse's role, and the admin user in it (the role may exist already). The broker
+    disconnects the admin's clients when it gets the role, to apply it."""
     acls = [_acl("publishClientSend", topics.device_topic("+", "+", topics.ERRORS))]
     for kind in topics.INTAKE_KINDS:
         acls.append(_acl("subscribePattern", topics.device_topic("+", "+", kind)))

@@ -46,6 +46,8 @@ SESSION_EXPIRY_S = 24 * 3600
 KEEPALIVE_S = 30
 CONNECT_TIMEOUT_S = 10.0
 CONTROL_TIMEOUT_S = 10.0
+# A command waits this long for a connection being made (a reconnect) before failing.
+CONTROL_WAIT_CONNECTED_S = 3.0
 BACKOFF_MAX_S = 5.0
 
 
@@ -112,7 +114,10 @@ class MqttLink:
         self._correlation = f"{uuid.uuid4().hex[:12]}-"
         self._counter = itertools.count()
         self.connected = False
+        self._up = asyncio.Event()
         self.subscribed = asyncio.Event()
+        # The provisioner checked the broker's clients on this connection (Mqtt._reconcile).
+        self.synced = False
         self.reconnects = 0
 
     @property
@@ -152,8 +157,13 @@ class MqttLink:
 
     async def control(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Send dynamic-security commands; each one's response, in order."""
-        if self._client is None or not self.connected:
-            raise BrokerUnavailable("not connected")
+        if not self.connected:
+            try:
+                async with asyncio.timeout(CONTROL_WAIT_CONNECTED_S):
+                    await self._up.wait()
+            except TimeoutError:
+                raise BrokerUnavailable("not connected") from None
+        assert self._client is not None
         loop = asyncio.get_running_loop()
         futures = []
         sent = []
@@ -263,6 +273,7 @@ class MqttLink:
                 raise BrokerUnavailable(f"cannot connect: {exc!r}") from None
             self._client = client
             self.connected = True
+            self._up.set()
             log.info("MQTT connected to %s:%d", self._url.host, self._url.port)
             client.subscribe(dynsec.RESPONSE, qos=0)
             client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self._subscriptions])
@@ -271,6 +282,8 @@ class MqttLink:
             log.warning("MQTT connection ended: %s", reason)
         finally:
             self.connected = False
+            self._up.clear()
+            self.synced = False
             self.subscribed.clear()
             self._client = None
             housekeeping.cancel()

@@ -60,9 +60,17 @@ class Provisioner:
 
     async def reconcile(self) -> None:
         """Pulse's own role, then a client for every device and none for a device that is
-        gone: after MQTT is first enabled, and after any time the broker was away."""
-        for response in await self._link.control(dynsec.service_role(self._link.username)):
-            _check(response, tolerate=dynsec.exists)
+        gone: after MQTT is first enabled, and after any time the broker was away.
+        Raises BrokerUnavailable when the broker closes the connection to give Pulse
+        its role (the first time)."""
+        (admin,) = await self._link.control([dynsec.get_client(self._link.username)])
+        _check(admin)
+        if not dynsec.has_role(admin, dynsec.SERVICE_ROLE):
+            # Once, when MQTT is first enabled: this connection is then closed by the
+            # broker, and the next one goes on from here.
+            for response in await self._link.control(dynsec.service_role(self._link.username)):
+                _check(response, tolerate=dynsec.exists)
+            raise BrokerUnavailable("the broker reconnects Pulse to give it its role")
         (listing,) = await self._link.control([dynsec.list_clients()])
         _check(listing)
         on_broker = {

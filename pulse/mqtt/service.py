@@ -58,6 +58,7 @@ class Mqtt:
     async def _reconcile(self) -> None:
         try:
             await self.provisioner.reconcile()
+            self.link.synced = self.link.connected
         except (BrokerUnavailable, ProvisioningFailed) as exc:
             log.warning("MQTT: the broker's device clients could not be checked: %s", exc)
         except Exception:

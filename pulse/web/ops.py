@@ -140,13 +140,15 @@ def _bus(rt: Runtime) -> dict[str, Any]:
 
 def _mqtt(rt: Runtime) -> dict[str, Any] | None:
     """Devices over MQTT (PULSE_MQTT_URL; null without): whether the broker connection is
-    up and this process consumes the device topics."""
+    up, this process consumes the device topics, and the broker's device clients were
+    checked against the devices since it connected."""
     if rt.mqtt is None:
         return None
     link = rt.mqtt.link
     return {
         "connected": link.connected,
         "subscribed": link.subscribed.is_set(),
+        "synced": link.synced,
         "reconnects": link.reconnects,
     }
 

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
+from pulse.config import Settings
 from tests.mqtt.broker import MOSQUITTO_MISSING, Mosquitto, mosquitto_binaries
+from tests.mqtt.support import Pulse, mqtt_settings, wait_subscribed
+from tests.support import running_server
 
 
 @pytest.fixture
@@ -27,3 +31,17 @@ async def mosquitto(mosquitto_binary: None, tmp_path: Path) -> AsyncIterator[Mos
         yield broker
     finally:
         await broker.stop()
+
+
+@pytest.fixture
+async def pulse(
+    settings: Settings, mosquitto: Mosquitto, make_token: Callable[..., str]
+) -> AsyncIterator[Pulse]:
+    """A Pulse server on this test's database and broker, consuming the device topics."""
+    async with (
+        running_server(mqtt_settings(settings, mosquitto)) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        await wait_subscribed(http)
+        admin = {"Authorization": f"Bearer {make_token('t1', ('tenant-admin',))}"}
+        yield Pulse(url, http, admin)

@@ -5,65 +5,15 @@ the events on the streams like any other."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
 
 import asyncpg
-import httpx
 import pytest
 
-from pulse.config import Settings
 from tests.mqtt.broker import Device, Mosquitto, closing
-from tests.support import running_server, sse_events, until
-
-STATUS = "/api/v1/telemetry/stream/status"
-DEVICES = "/api/v1/customer/devices"
-
-
-@dataclasses.dataclass
-class Pulse:
-    url: str
-    http: httpx.AsyncClient
-    admin: dict[str, str]
-
-    async def device(self, device_id: str) -> str:
-        """Create a device through the API; its provision token."""
-        r = await self.http.post(DEVICES, json={"device_id": device_id}, headers=self.admin)
-        assert r.status_code == 201, r.text
-        return str(r.json()["provision_token"])
-
-
-async def wait_subscribed(http: httpx.AsyncClient) -> None:
-    async with asyncio.timeout(15):
-        while not ((await http.get(STATUS)).json().get("mqtt") or {}).get("subscribed"):  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def pulse(
-    settings: Settings, mosquitto: Mosquitto, make_token: Callable[..., str]
-) -> AsyncIterator[Pulse]:
-    mqtt_settings = dataclasses.replace(
-        settings, mqtt_url=mosquitto.url, mqtt_client_id=f"pulse-test-{mosquitto.port}"
-    )
-    async with (
-        running_server(mqtt_settings) as url,
-        httpx.AsyncClient(base_url=url, timeout=10) as http,
-    ):
-        await wait_subscribed(http)
-        admin = {"Authorization": f"Bearer {make_token('t1', ('tenant-admin',))}"}
-        yield Pulse(url, http, admin)
-
-
-async def rows(pool: asyncpg.Pool) -> list[dict[str, Any]]:
-    return [
-        dict(r)
-        for r in await pool.fetch(
-            "SELECT device_id, seq, metrics::text AS metrics FROM telemetry ORDER BY id"
-        )
-    ]
+from tests.mqtt.support import Pulse, metric, rows, until_rows
+from tests.support import sse_events, until
 
 
 async def test_a_reading_is_stored_and_streamed(
@@ -168,16 +118,3 @@ async def test_an_unknown_device_is_answered(
         await until(lambda: bool(device.received), 10)
     assert json.loads(device.received[0][1])["error"] == "unknown_device"
     assert await rows(pool) == []
-
-
-async def until_rows(pool: asyncpg.Pool, count: int, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while await pool.fetchval("SELECT count(*) FROM telemetry") < count:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
