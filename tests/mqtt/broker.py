@@ -120,6 +120,9 @@ class Device:
         )
         self.client.username_pw_set(username, password)
         self.client.reconnect_delay_set(0.05, 0.5)
+        # No limit: paho 2.2 leaves messages it had to queue behind its inflight limit
+        # unsent after a reconnect.
+        self.client.max_inflight_messages_set(0)
         self.broker = broker
         self.received: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
@@ -148,17 +151,17 @@ class Device:
 
     def publish_nowait(self, topic: str, payload: bytes) -> Future[ReasonCode]:
         """QoS 1; the future holds the PUBACK's reason (not authorised, for another's topic)."""
+        # Not under the lock: paho calls on_publish holding a lock of its own.
+        info = self.client.publish(topic, payload, qos=1)
         with self._lock:
-            info = self.client.publish(topic, payload, qos=1)
-            future = self._acks.setdefault(info.mid, Future())
-        return future
+            return self._acks.setdefault(info.mid, Future())
 
     async def publish(self, topic: str, payload: bytes) -> ReasonCode:
         return await asyncio.wait_for(asyncio.wrap_future(self.publish_nowait(topic, payload)), 10)
 
     async def subscribe(self, topic: str) -> list[ReasonCode]:
+        _, mid = self.client.subscribe(topic, qos=1)
         with self._lock:
-            _, mid = self.client.subscribe(topic, qos=1)
             future = self._subacks.setdefault(mid, Future())
         return await asyncio.wait_for(asyncio.wrap_future(future), 10)
 

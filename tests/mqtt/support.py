@@ -29,12 +29,19 @@ class Pulse:
         return str(r.json()["provision_token"])
 
 
-async def wait_subscribed(http: httpx.AsyncClient) -> None:
-    """Until the server consumes the device topics and has given the broker its devices."""
+async def mqtt_status(http: httpx.AsyncClient) -> dict[str, Any]:
+    return dict((await http.get(STATUS)).json().get("mqtt") or {})
+
+
+async def wait_subscribed(http: httpx.AsyncClient, *, reconnects: int = 0) -> None:
+    """Until the server consumes the device topics and has given the broker its devices
+    (on a connection made after ``reconnects`` reconnections)."""
 
     async def ready() -> bool:
-        mqtt = (await http.get(STATUS)).json().get("mqtt") or {}
-        return bool(mqtt.get("subscribed") and mqtt.get("synced"))
+        mqtt = await mqtt_status(http)
+        return bool(
+            mqtt.get("subscribed") and mqtt.get("synced") and mqtt["reconnects"] >= reconnects
+        )
 
     async with asyncio.timeout(15):
         while not await ready():  # noqa: ASYNC110  another process's state, over HTTP
