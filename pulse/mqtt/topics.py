@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 
 from pulse.names import is_valid_name
 
@@ -59,3 +60,10 @@ def parse_username(name: str) -> tuple[str, str] | None:
 def role(tenant_id: str, device_id: str) -> str:
     """The device's own role: what it may publish and read, and nothing else."""
     return f"pulse-device/{tenant_id}/{device_id}"
+
+
+def default_client_id() -> str:
+    """This process's MQTT session when PULSE_MQTT_CLIENT_ID is unset: stable across
+    restarts on this host, so the session comes back (``pulse serve --workers`` adds
+    each worker's number)."""
+    return f"pulse-{socket.gethostname()}"
