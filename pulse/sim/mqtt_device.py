@@ -8,13 +8,15 @@ import asyncio
 import threading
 import uuid
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+T = TypeVar("T")
 
 
 class MqttDevice:
@@ -61,8 +63,7 @@ class MqttDevice:
         """QoS 1; the future holds the PUBACK's reason (not authorised, for another's topic)."""
         # Not under the lock: paho calls on_publish holding a lock of its own.
         info = self.client.publish(topic, payload, qos=1)
-        with self._lock:
-            return self._acks.setdefault(info.mid, Future())
+        return self._meet(self._acks, info.mid)
 
     async def publish(self, topic: str, payload: bytes) -> ReasonCode:
         return await asyncio.wait_for(asyncio.wrap_future(self.publish_nowait(topic, payload)), 10)
@@ -70,23 +71,29 @@ class MqttDevice:
     async def subscribe(self, topic: str) -> list[ReasonCode]:
         _, mid = self.client.subscribe(topic, qos=1)
         assert mid is not None, "not connected"
-        with self._lock:
-            future = self._subacks.setdefault(mid, Future())
+        future = self._meet(self._subacks, mid)
         return await asyncio.wait_for(asyncio.wrap_future(future), 10)
+
+    def _meet(self, table: dict[int, Future[T]], mid: int) -> Future[T]:
+        """The future of message ``mid``: made by whichever of the caller and paho's
+        callback comes first, taken out by the other (mids are reused)."""
+        with self._lock:
+            future = table.pop(mid, None)
+            if future is None:
+                future = table[mid] = Future()
+            return future
 
     def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
         if not self._connack.done():
             self._connack.set_result(reason)
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
-        with self._lock:
-            future = self._acks.setdefault(mid, Future())
+        future = self._meet(self._acks, mid)
         if not future.done():
             future.set_result(reason)
 
     def _on_subscribe(self, _c: Any, _u: Any, mid: int, reasons: list[ReasonCode], _p: Any) -> None:
-        with self._lock:
-            future = self._subacks.setdefault(mid, Future())
+        future = self._meet(self._subacks, mid)
         if not future.done():
             future.set_result(reasons)
 
