@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import select
 import threading
 import uuid
 from collections.abc import Callable
@@ -49,6 +50,20 @@ CONTROL_TIMEOUT_S = 10.0
 # A command waits this long for a connection being made (a reconnect) before failing.
 CONTROL_WAIT_CONNECTED_S = 3.0
 BACKOFF_MAX_S = 5.0
+
+
+# Packets read in one turn of the loop, at most: the messages of one burst are then
+# written together (MqttIntake.on_delivery) instead of one by one.
+READ_BURST = 256
+
+
+def _read_burst(client: paho.Client) -> None:
+    """paho reads one packet per call: read on while the socket has more."""
+    for _ in range(READ_BURST):
+        client.loop_read()
+        sock = client.socket()
+        if sock is None or not select.select([sock], [], [], 0)[0]:
+            return
 
 
 class BrokerUnavailable(Exception):
@@ -207,7 +222,7 @@ class MqttLink:
         )
         client.username_pw_set(self._url.username, self._url.password)
         client.on_socket_open = lambda c, _u, sock: on_loop(
-            functools.partial(loop.add_reader, sock, c.loop_read)
+            functools.partial(loop.add_reader, sock, _read_burst, c)
         )
         client.on_socket_close = lambda _c, _u, sock: on_loop(
             functools.partial(loop.remove_reader, sock)
