@@ -9,7 +9,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import asyncpg
@@ -19,7 +19,6 @@ import orjson
 from benchmarks.harness import Figure, Postgres, PulseServer, percentile, provision, token
 from benchmarks.loadgen import HttpConnection, post_batches
 from pulse.sim.broker import Mosquitto, mosquitto_binaries
-from pulse.sim.mqtt_device import MqttDevice
 
 TENANT = "tenant-1"
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
@@ -126,22 +125,6 @@ async def _count(pool: asyncpg.Pool) -> int:
     return int(await pool.fetchval(query, TENANT))
 
 
-@contextlib.asynccontextmanager
-async def _connected(
-    broker: Mosquitto, devices: dict[str, str], count: int
-) -> AsyncIterator[list[tuple[str, MqttDevice]]]:
-    connected = []
-    try:
-        for device_id, device_token in list(devices.items())[:count]:
-            device = MqttDevice(broker.port, f"{TENANT}/{device_id}", device_token)
-            assert not (await device.connect()).is_failure
-            connected.append((device_id, device))
-        yield connected
-    finally:
-        for _, device in connected:
-            device.close()
-
-
 async def _mqtt_rows(
     broker: Mosquitto, devices: dict[str, str], pool: asyncpg.Pool, per_publisher: int
 ) -> tuple[float, float]:
@@ -232,22 +215,35 @@ async def _single_rows(url: str, devices: dict[str, str], seconds: float) -> flo
 
 
 async def _publish_paced(broker: Mosquitto, devices: dict[str, str]) -> AsyncGenerator[None, None]:
-    """Each step publishes one reading stamped with its send time (metric ``t``)."""
-    async with _connected(broker, devices, 1) as ((device_id, device),):
-        topic = f"pulse/{TENANT}/{device_id}/telemetry"
+    """Each step publishes one reading stamped with its send time (metric ``t``), through
+    one mosquitto_pub that publishes each line it reads (the load generator's own
+    threads and GIL stay out of the measure)."""
+    device_id, device_token = next(iter(devices.items()))
+    publisher = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-V", "mqttv5", "-q", "1",
+        "-l", "-u", f"{TENANT}/{device_id}", "-P", device_token,
+        "-t", f"pulse/{TENANT}/{device_id}/telemetry",
+        stdin=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert publisher.stdin is not None
+    try:
         while True:
-            device.publish_nowait(topic, orjson.dumps({"metrics": {"t": time.perf_counter()}}))
+            publisher.stdin.write(orjson.dumps({"metrics": {"t": time.time()}}) + b"\n")
+            await publisher.stdin.drain()
             yield
+    finally:
+        publisher.stdin.close()
+        await publisher.wait()
 
 
 async def _post_paced(url: str, devices: dict[str, str]) -> AsyncGenerator[None, None]:
-    """Each step posts one reading stamped with its send time (metric ``t``)."""
+    """Each step posts one reading stamped with its send time (metric ``t``, wall clock)."""
     device_id, device_token = next(iter(devices.items()))
     path = f"/ingest/v1/tenant/{TENANT}/device/{device_id}/telemetry"
     conn = await HttpConnection(url).open()
     try:
         while True:
-            body = orjson.dumps({"metrics": {"t": time.perf_counter()}})
+            body = orjson.dumps({"metrics": {"t": time.time()}})
             request = conn.build("POST", path, body, {"X-Provision-Token": device_token})
             status, _ = await conn.exchange(request)
             assert status == 201
@@ -261,7 +257,7 @@ async def _latencies(
 ) -> list[float]:
     """Send PACED_RATE readings/s with ``sender`` while an SSE client, resuming after event
     ``after`` (so none is missed while it subscribes), receives them: each one's
-    send-to-receive time (the sender and the client share this clock)."""
+    send-to-receive time (by the wall clock: the senders run in other processes)."""
     latencies: list[float] = []
     ready = asyncio.Event()
 
@@ -278,7 +274,7 @@ async def _latencies(
             async for line in response.aiter_lines():
                 if line.startswith("data: "):
                     sent = orjson.loads(line[6:])["data"]["metrics"]["t"]
-                    latencies.append(time.perf_counter() - sent)
+                    latencies.append(time.time() - sent)
 
     receiving = asyncio.create_task(receive())
     await ready.wait()

@@ -23,6 +23,7 @@ import functools
 import itertools
 import logging
 import select
+import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -221,9 +222,15 @@ class MqttLink:
             manual_ack=True,
         )
         client.username_pw_set(self._url.username, self._url.password)
-        client.on_socket_open = lambda c, _u, sock: on_loop(
-            functools.partial(loop.add_reader, sock, _read_burst, c)
-        )
+
+        def on_socket_open(c: paho.Client, _u: Any, sock: Any) -> None:
+            # Acknowledgements and commands are small: send them at once (paho leaves
+            # Nagle's algorithm on).
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            on_loop(functools.partial(loop.add_reader, sock, _read_burst, c))
+
+        client.on_socket_open = on_socket_open
         client.on_socket_close = lambda _c, _u, sock: on_loop(
             functools.partial(loop.remove_reader, sock)
         )

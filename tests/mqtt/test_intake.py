@@ -5,15 +5,26 @@ the events on the streams like any other."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 
 import asyncpg
+import httpx
 import pytest
 
+from pulse.config import Settings
 from tests.mqtt.broker import Device, Mosquitto, closing
-from tests.mqtt.support import Pulse, metric, rows, until_rows
-from tests.support import sse_events, until
+from tests.mqtt.support import (
+    DEVICES,
+    Pulse,
+    metric,
+    mqtt_settings,
+    rows,
+    until_rows,
+    wait_subscribed,
+)
+from tests.support import running_server, sse_events, until
 
 
 async def test_a_reading_is_stored_and_streamed(
@@ -118,3 +129,31 @@ async def test_an_unknown_device_is_answered(
         await until(lambda: bool(device.received), 10)
     assert json.loads(device.received[0][1])["error"] == "unknown_device"
     assert await rows(pool) == []
+
+
+async def test_over_the_rate_limit_is_answered_with_when_to_retry(
+    settings: Settings, mosquitto: Mosquitto, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """Rate limits hold over MQTT as over HTTP: the reading over the limit is acknowledged,
+    not stored, and answered rate_limited, with when to retry."""
+    limited = dataclasses.replace(
+        mqtt_settings(settings, mosquitto), ingest_rate_per_device=0.01, ingest_burst_per_device=1
+    )
+    async with (
+        running_server(limited) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        await wait_subscribed(http)
+        admin = {"Authorization": f"Bearer {make_token('t1', ('tenant-admin',))}"}
+        r = await http.post(DEVICES, json={"device_id": "dev-1"}, headers=admin)
+        device = Device(mosquitto, "t1/dev-1", r.json()["provision_token"])
+        with closing(device):
+            await device.connect()
+            await device.subscribe("pulse/t1/dev-1/errors")
+            for n in (1, 2):
+                await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": %d}}' % n)
+            await until(lambda: bool(device.received), 10)
+    answer = json.loads(device.received[0][1])
+    assert answer["error"] == "rate_limited"
+    assert "Retry after" in answer["detail"]
+    assert [r["metrics"] for r in await rows(pool)] == ['{"n": 1}']
