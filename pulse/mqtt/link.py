@@ -25,6 +25,7 @@ import logging
 import select
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +52,7 @@ CONTROL_TIMEOUT_S = 10.0
 # A command waits this long for a connection being made (a reconnect) before failing.
 CONTROL_WAIT_CONNECTED_S = 3.0
 BACKOFF_MAX_S = 5.0
+STABLE_S = 10.0
 
 
 # Packets read in one turn of the loop, at most: the messages of one burst are then
@@ -144,11 +146,15 @@ class MqttLink:
         """Connect, and connect again whenever the connection ends; forever."""
         delay = 0.1
         while True:
+            started = time.monotonic()
             try:
                 await self._connect_and_wait()
-                delay = 0.1
             except BrokerUnavailable as exc:
                 log.warning("MQTT broker %s:%d: %s", self._url.host, self._url.port, exc)
+            # Back off again only after a connection that lasted: one the broker keeps
+            # closing (another process with this client id) is not retried ten times a second.
+            if time.monotonic() - started > STABLE_S:
+                delay = 0.1
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
             self.reconnects += 1
