@@ -17,6 +17,7 @@ from pulse.config import Settings
 from tests.mqtt.broker import Device, Mosquitto, closing
 from tests.mqtt.support import (
     DEVICES,
+    STATUS,
     Pulse,
     metric,
     mqtt_settings,
@@ -157,3 +158,50 @@ async def test_over_the_rate_limit_is_answered_with_when_to_retry(
     assert answer["error"] == "rate_limited"
     assert "Retry after" in answer["detail"]
     assert [r["metrics"] for r in await rows(pool)] == ['{"n": 1}']
+
+
+async def test_alert_rules_see_mqtt_readings(pulse: Pulse, mosquitto: Mosquitto) -> None:
+    """The same writer hook as HTTP: a reading over MQTT above a rule's threshold opens an
+    alert, committed with it."""
+    rule = {"name": "hot", "metric": "temp", "operator": ">", "threshold": 30, "severity": 4}
+    r = await pulse.http.post("/api/v1/customer/alert-rules", json=rule, headers=pulse.admin)
+    assert r.status_code == 201, r.text
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    with closing(device):
+        await device.connect()
+        await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"temp": 35}, "seq": 1}')
+
+        async def alerts() -> list[dict[str, object]]:
+            r = await pulse.http.get(
+                "/api/v1/customer/alerts", params={"status": "active"}, headers=pulse.admin
+            )
+            return list(r.json()["alerts"])
+
+        async with asyncio.timeout(10):
+            while not await alerts():  # noqa: ASYNC110  the alert has no event of its own here
+                await asyncio.sleep(0.02)
+    (alert,) = await alerts()
+    assert (alert["device_id"], alert["alert_type"]) == ("dev-1", "THRESHOLD")
+
+
+async def test_a_broker_away_at_start_is_waited_for(
+    settings: Settings, mosquitto: Mosquitto, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """Pulse starts and serves without its broker, and consumes once the broker is up."""
+    await mosquitto.stop()
+    async with (
+        running_server(mqtt_settings(settings, mosquitto)) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        assert (await http.get("/readyz")).status_code == 200
+        assert (await http.get(STATUS)).json()["mqtt"]["connected"] is False
+        await mosquitto.start()
+        await wait_subscribed(http)
+        admin = {"Authorization": f"Bearer {make_token('t1', ('tenant-admin',))}"}
+        r = await http.post(DEVICES, json={"device_id": "dev-1"}, headers=admin)
+        device = Device(mosquitto, "t1/dev-1", r.json()["provision_token"])
+        with closing(device):
+            assert not (await device.connect()).is_failure
+            await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 1}}')
+            await until_rows(pool, 1)
