@@ -25,6 +25,7 @@ from tests.mqtt.support import (
     until_rows,
     wait_subscribed,
 )
+from tests.streams.ws_support import V2_PATH, open_ws, recv, request
 from tests.support import running_server, sse_events, until
 
 
@@ -205,3 +206,20 @@ async def test_a_broker_away_at_start_is_waited_for(
             assert not (await device.connect()).is_failure
             await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 1}}')
             await until_rows(pool, 1)
+
+
+async def test_the_legacy_v2_websocket_pushes_mqtt_readings(
+    pulse: Pulse, mosquitto: Mosquitto, make_token: Callable[..., str]
+) -> None:
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    async with open_ws(pulse.url, V2_PATH, token=make_token("t1")) as ws:
+        subscribe = {"action": "subscribe", "type": "device", "device_id": "dev-1"}
+        assert (await request(ws, subscribe))["type"] == "subscribed"
+        with closing(device):
+            await device.connect()
+            await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"v2": 2}}')
+            async with asyncio.timeout(10):
+                while (message := await recv(ws))["type"] != "telemetry":
+                    pass
+    assert (message["device_id"], message["data"]["metrics"]) == ("dev-1", {"v2": 2})
