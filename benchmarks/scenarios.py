@@ -32,6 +32,7 @@ from benchmarks.harness import (
     token,
 )
 from benchmarks.loadgen import HttpConnection, StreamCounter, post_batches
+from benchmarks.mqtt import mqtt_ingest
 
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
 WS_PATH = "/api/v1/customer/telemetry/stream"
@@ -910,4 +911,5 @@ SCENARIOS: dict[str, Scenario] = {
     "replay": replay,
     "cluster": cluster,
     "notify-cost": notify_cost,
+    "mqtt": mqtt_ingest,
 }

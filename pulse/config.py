@@ -74,6 +74,12 @@ class Settings:
     # stream processes, 1 on one or two small ones, keeps the relay's work off the
     # processes that serve streams.
     bus_relay: bool = True
+    # Devices over MQTT (pulse.mqtt): mqtt://<dynamic-security admin>:<password>@host:port.
+    # Unset, no MQTT anywhere (the client is not even imported).
+    mqtt_url: str | None = None
+    # The MQTT session of this process: stable across its restarts, so that the
+    # broker hands it back what it had not acknowledged; unique per process.
+    mqtt_client_id: str | None = None
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one JSON object per line (pulse.logs)
     access_log: bool = False  # one line per request, query strings never included

@@ -137,6 +137,13 @@ DATABASE_UNAVAILABLE = _error(
     INTERNAL_ERROR_CLOSE,
     "The database is unreachable, or the server is shutting down; retry shortly.",
 )
+BROKER_UNAVAILABLE = _error(
+    "broker_unavailable",
+    503,
+    None,
+    "The MQTT broker is unreachable, so a device's MQTT credentials cannot be changed; "
+    "nothing was changed. Retry shortly.",
+)
 SERVER_RESTARTING = _error(
     "server_restarting", None, SERVICE_RESTART, "The server is shutting down; reconnect and resume."
 )

@@ -5,7 +5,7 @@ the stream connection limits, the event source and the hub it feeds (LISTEN,
 or with PULSE_BUS_URL the NATS edge with LISTEN as its fallback), the writer
 with its transaction hooks (alert rules), and then the supervised side tasks
 that keep them going (the NATS connection, the event source, the connection
-leases, retention, the device status sweeper, the relay). It yields a ``Runtime`` that is
+leases, retention, the device status sweeper, the relay, MQTT). It yields a ``Runtime`` that is
 complete, and on the way out stops everything in reverse order.
 
 Nothing here knows HTTP: the web layer (``pulse.web``) is handed the Runtime.
@@ -34,6 +34,7 @@ from pulse.db.embedded import embedded_database
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.migrate import MigrationError, pending
 from pulse.db.retention import run_retention
+from pulse.fleet.devices import NO_CREDENTIALS, Credentials
 from pulse.fleet.rules import evaluate_alerts
 from pulse.fleet.sweeper import StatusSweeper
 from pulse.ingest.buffer import IngestBuffer
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from pulse.bus.nats_link import NatsLink
     from pulse.bus.nats_source import NatsSource
     from pulse.bus.relay import Relay
+    from pulse.mqtt.service import Mqtt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,9 @@ class Runtime:
     # Stream tickets issued, per principal (tenant_id, subject).
     ticket_limit: RateLimiter
     fleet_reads: FleetReads
+    mqtt: Mqtt | None  # with PULSE_MQTT_URL
+    # The device API tells it of new, rotated and deleted tokens (the MQTT broker).
+    device_credentials: Credentials
     supervisor: Supervisor
     started_at: float
 
@@ -137,6 +142,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             group_commit=settings.group_commit,
         )
 
+        ingest = Ingest(writer, metrics)
+        mqtt = _open_mqtt(settings, db, ingest, metrics) if settings.mqtt_url else None
+
         ingest_buffer = IngestBuffer(int(settings.ingest_buffer_mb * 1024 * 1024))
         metrics.ingest_buffered_bytes.set_function(lambda: ingest_buffer.held)
 
@@ -158,6 +166,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         supervisor.start("status-sweeper", sweeper.run)
         if bus is not None and settings.bus_relay:
             supervisor.start("relay", bus.relay.run)
+        if mqtt is not None:
+            supervisor.start("mqtt", mqtt.run)
 
         yield Runtime(
             settings=settings,
@@ -169,10 +179,12 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             bus=bus,
             store=store,
             hub=hub,
-            ingest=Ingest(writer, metrics),
+            ingest=ingest,
             ingest_buffer=ingest_buffer,
             ticket_limit=RateLimiter(TICKETS_PER_S, TICKET_BURST),
             fleet_reads=FleetReads(db),
+            mqtt=mqtt,
+            device_credentials=NO_CREDENTIALS if mqtt is None else mqtt.provisioner,
             supervisor=supervisor,
             started_at=time.monotonic(),
         )
@@ -199,6 +211,18 @@ async def _open_bus(
         source=NatsSource(link, listen, db, database_id, metrics),
         relay=Relay(db, store, link, database_id, metrics),
     )
+
+
+def _open_mqtt(settings: Settings, db: Database, ingest: Ingest, metrics: Metrics) -> Mqtt:
+    """Devices over MQTT: the second intake, and the broker's device credentials."""
+    # Imported here: a process without MQTT does not load its client.
+    from pulse.mqtt.service import Mqtt
+
+    assert settings.mqtt_url
+    try:
+        return Mqtt(settings.mqtt_url, settings.mqtt_client_id, db, ingest, metrics)
+    except ValueError as exc:
+        raise StartupError(f"PULSE_MQTT_URL: {exc}") from exc
 
 
 async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -> Database:

@@ -1,5 +1,6 @@
 """What a `pulse serve` process loads: not the client's HTTP and WebSocket libraries, nor
-the NATS client unless PULSE_BUS_URL is set."""
+the NATS client unless PULSE_BUS_URL is set, nor the MQTT client (paho) unless
+PULSE_MQTT_URL is."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pulse.config import Settings
 from pulse import serving
 build_parser().parse_args(["serve"])
 create_app(Settings(jwt_secret="x" * 40))
-print(" ".join(sorted(m for m in ("httpx", "websockets", "pgserver", "nats") if m in sys.modules)))
+libraries = ("httpx", "websockets", "pgserver", "nats", "paho")
+print(" ".join(sorted(m for m in libraries if m in sys.modules)))
 """
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +37,35 @@ class DeviceExists(Exception):
     """The tenant already has a device with this id."""
 
 
+class Credentials(Protocol):
+    """Where a device's credentials live besides its token hash here (the MQTT broker,
+    ``pulse.mqtt.provision``). ``created`` and ``deleted`` follow the change and never
+    raise (what they could not do is put right later); ``rotating`` comes before it and
+    raises to refuse it, so that an old token never keeps working anywhere."""
+
+    async def created(self, tenant_id: str, device_id: str, token: str) -> None: ...
+
+    async def rotating(self, tenant_id: str, device_id: str, token: str) -> None: ...
+
+    async def deleted(self, tenant_id: str, device_id: str) -> None: ...
+
+
+class NoCredentials:
+    """Only Pulse's own table (no MQTT)."""
+
+    async def created(self, tenant_id: str, device_id: str, token: str) -> None:
+        pass
+
+    async def rotating(self, tenant_id: str, device_id: str, token: str) -> None:
+        pass
+
+    async def deleted(self, tenant_id: str, device_id: str) -> None:
+        pass
+
+
+NO_CREDENTIALS = NoCredentials()
+
+
 def device_json(row: Mapping[str, Any]) -> dict[str, Any]:
     """A device as the API shows it: the same fields wherever it appears."""
     return {
@@ -50,7 +79,9 @@ def device_json(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-async def create_device(db: Database, tenant_id: str, device: NewDevice) -> dict[str, Any]:
+async def create_device(
+    db: Database, tenant_id: str, device: NewDevice, credentials: Credentials = NO_CREDENTIALS
+) -> dict[str, Any]:
     """Provision ``device`` (and its tenant, on the first device): the device with its
     ``provision_token``, shown this once."""
     token, token_hash = new_device_token()
@@ -61,6 +92,7 @@ async def create_device(db: Database, tenant_id: str, device: NewDevice) -> dict
         )
     if row is None:
         raise DeviceExists(device.device_id)
+    await credentials.created(tenant_id, device.device_id, token)
     return {**device_json(row), "provision_token": token}
 
 
@@ -75,19 +107,29 @@ async def get_device(db: Database, tenant_id: str, device_id: str) -> dict[str, 
     return None if row is None else device_json(row)
 
 
-async def delete_device(db: Database, tenant_id: str, device_id: str) -> bool:
+async def delete_device(
+    db: Database, tenant_id: str, device_id: str, credentials: Credentials = NO_CREDENTIALS
+) -> bool:
     """Delete a device and close its active alerts; False when there is no such device."""
     if not is_valid_name(device_id):  # from a URL: no such device (nor NUL for PostgreSQL)
         return False
-    return await db.fetchval(Q["delete_device"], tenant_id, device_id) is not None
+    if await db.fetchval(Q["delete_device"], tenant_id, device_id) is None:
+        return False
+    await credentials.deleted(tenant_id, device_id)
+    return True
 
 
-async def rotate_token(db: Database, tenant_id: str, device_id: str) -> dict[str, Any] | None:
+async def rotate_token(
+    db: Database, tenant_id: str, device_id: str, credentials: Credentials = NO_CREDENTIALS
+) -> dict[str, Any] | None:
     """A new token for the device, the old one revoked: the device with its new
     ``provision_token``; None when there is no such device."""
     if not is_valid_name(device_id):
         return None
     token, token_hash = new_device_token()
+    if await db.fetchrow(Q["get_device"], tenant_id, device_id) is None:
+        return None
+    await credentials.rotating(tenant_id, device_id, token)
     row = await db.fetchrow(Q["replace_device_token"], tenant_id, device_id, token_hash)
     return None if row is None else {**device_json(row), "provision_token": token}
 

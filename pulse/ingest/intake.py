@@ -52,6 +52,28 @@ def heartbeat(tenant_id: str, device_id: str, token: str | None) -> Item:
     return _submission(tenant_id, device_id, token, None)
 
 
+# What stands for the token of a message the MQTT broker authenticated: never
+# compared with anything (Submission.broker), only there to take the same checks.
+_BROKER = "broker-authenticated"
+
+
+def broker_reading(tenant_id: str, device_id: str, body: bytes, received_at: datetime) -> Item:
+    """A reading the MQTT broker took from the device's own topic, its payload a
+    reading's body: the broker checked the device's credentials."""
+    return _brokered(reading(tenant_id, device_id, _BROKER, body, received_at))
+
+
+def broker_heartbeat(tenant_id: str, device_id: str) -> Item:
+    """A heartbeat from the device's own MQTT topic; its payload, if any, is ignored."""
+    return _brokered(heartbeat(tenant_id, device_id, _BROKER))
+
+
+def _brokered(item: Item) -> Item:
+    if isinstance(item, Submission):
+        item.broker = True
+    return item
+
+
 def batch(body: bytes, received_at: datetime) -> list[Item] | Rejected:
     """The messages of a batch, each judged alone; Rejected when the envelope itself is wrong."""
     submissions = fast.batch(body, received_at)

@@ -16,6 +16,10 @@ class Submission:
     device_id: str
     token: str
     reading: Reading | None
+    # Taken by the MQTT broker from the device's own topic (pulse.mqtt): the broker
+    # checked the device's credentials, so ``token`` is not checked again, and the
+    # broker may deliver it twice, so a reading with a ``seq`` is stored once.
+    broker: bool = False
 
     @property
     def device(self) -> tuple[str, str]:
@@ -24,9 +28,11 @@ class Submission:
 
 @dataclasses.dataclass(slots=True)
 class Accepted:
-    """Committed. ``event_id`` is the stored row's id; None for a heartbeat."""
+    """Committed. ``event_id`` is the stored row's id; None for a heartbeat, and for a
+    broker's second delivery of a reading stored already (``duplicate``)."""
 
     event_id: int | None
+    duplicate: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

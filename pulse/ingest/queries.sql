@@ -9,6 +9,19 @@ SELECT w.tenant_id, w.device_id, d.token_hash
   FROM unnest($1::text[], $2::text[]) AS w(tenant_id, device_id)
   JOIN devices d ON d.tenant_id = w.tenant_id AND d.device_id = w.device_id;
 
+-- name: claim_broker_seqs
+-- Claims the (device, seq) of readings that came through the MQTT broker, which
+-- may deliver one twice (migrations/0008_broker_seqs.sql); returns the claims
+-- that are new. Rows go in key order, so two writes claiming overlapping keys
+-- wait for each other instead of deadlocking; a key repeated within the write
+-- is claimed once.
+INSERT INTO broker_seqs (tenant_id, device_id, seq)
+SELECT c.tenant_id, c.device_id, c.seq
+  FROM unnest($1::text[], $2::text[], $3::bigint[]) AS c(tenant_id, device_id, seq)
+ ORDER BY 1, 2, 3
+    ON CONFLICT DO NOTHING
+RETURNING tenant_id, device_id, seq;
+
 -- name: reserve_event_ids
 -- Reserves n ids for each tenant of a write. The caller sorts the tenants, and
 -- the calls run in array order (the function is volatile, so PostgreSQL

@@ -205,7 +205,11 @@ class TelemetryWriter:
             for i, outcome in zip(unchecked, checked, strict=True):
                 outcomes[i] = outcome
         admitted = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        readings = [i for i in admitted if submissions[i].reading is not None]
+        for i in await self._repeated(conn, submissions, admitted):
+            outcomes[i] = Accepted(None, duplicate=True)
+        readings = [
+            i for i in admitted if outcomes[i] is None and submissions[i].reading is not None
+        ]
         ids = await self._insert(conn, [submissions[i] for i in readings])
         events: list[WrittenEvent] = []
         for i, event_id in zip(readings, ids, strict=True):
@@ -255,7 +259,7 @@ class TelemetryWriter:
             if stored_hash is None:
                 outcomes.append(Rejected(UNKNOWN_DEVICE, _unknown(device)))
                 continue
-            matched = matches.get(pair)
+            matched = True if submission.broker else matches.get(pair)
             if matched is None:
                 matched = matches[pair] = device_token_matches(submission.token, stored_hash)
             if not matched:
@@ -278,6 +282,40 @@ class TelemetryWriter:
                 else:
                     outcomes[i] = refusal
         return outcomes
+
+    async def _repeated(
+        self, conn: asyncpg.Connection, submissions: Sequence[Submission], admitted: list[int]
+    ) -> list[int]:
+        """The broker's readings among ``admitted`` whose device's seq was claimed already
+        (by a transaction that committed, or earlier in this write): a second delivery.
+
+        The claims commit or roll back with the readings: a claim made by a
+        transaction still running makes this one wait for its outcome.
+        """
+        claims = [
+            i
+            for i in admitted
+            if submissions[i].broker
+            and (reading := submissions[i].reading) is not None
+            and reading.seq is not None
+        ]
+        if not claims:
+            return []
+        keys = [(*submissions[i].device, _reading(submissions[i]).seq) for i in claims]
+        rows = await conn.fetch(
+            Q["claim_broker_seqs"],
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+        )
+        new = {(row["tenant_id"], row["device_id"], row["seq"]) for row in rows}
+        repeated = []
+        for i, key in zip(claims, keys, strict=True):
+            if key in new:
+                new.discard(key)  # the first of equal keys in one write is the one stored
+            else:
+                repeated.append(i)
+        return repeated
 
     async def _insert(
         self, conn: asyncpg.Connection, submissions: Sequence[Submission]

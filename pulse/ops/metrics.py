@@ -81,6 +81,21 @@ class Metrics:
         self.bus_relay = Gauge(
             "pulse_bus_relay", "1 while this process is the database's relay", registry=r
         )
+        # Devices over MQTT (PULSE_MQTT_URL): pulse.mqtt.
+        self.mqtt_messages = Counter(
+            "pulse_mqtt_messages",
+            "MQTT messages settled, by outcome (stored, duplicate, heartbeat, rejected)",
+            ["outcome"],
+            registry=r,
+        )
+        self.mqtt_connected = Gauge(
+            "pulse_mqtt_connected", "1 while the MQTT connection is up", registry=r
+        )
+        self.mqtt_provisioning_failures = Counter(
+            "pulse_mqtt_provisioning_failures",
+            "Device credentials the broker could not be told of (fixed at the next connect)",
+            registry=r,
+        )
         # Set at scrape time: a count that only grows under steady load is a leak.
         self.asyncio_tasks = Gauge(
             "pulse_asyncio_tasks",

@@ -197,10 +197,10 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
         children = [
             subprocess.Popen(
                 [sys.executable, "-m", "pulse", "serve", "--fd", str(sock.fileno())],
-                env=env,
+                env=_worker_env(env, settings, index),
                 pass_fds=[sock.fileno()],
             )
-            for _ in range(workers)
+            for index in range(workers)
         ]
 
         def forward(signum: int, _frame: object) -> None:
@@ -213,6 +213,16 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
         codes = [child.wait() for child in children]
     sock.close()
     return max(codes)
+
+
+def _worker_env(env: dict[str, str], settings: Settings, index: int) -> dict[str, str]:
+    """With MQTT, each worker its own session: the broker keeps one per client id."""
+    if not settings.mqtt_url:
+        return env
+    from pulse.mqtt.topics import default_client_id
+
+    base = settings.mqtt_client_id or default_client_id()
+    return {**env, "PULSE_MQTT_CLIENT_ID": f"{base}-{index}"}
 
 
 async def _migrate(dsn: str) -> None:

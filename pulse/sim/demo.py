@@ -2,7 +2,9 @@
 
 Embedded PostgreSQL (unless DATABASE_URL is set), migrations, the server, a
 demo tenant with its devices and alert rules, and the simulator sending
-through the real ingest API; Ctrl-C stops all of it.
+through the real ingest API; Ctrl-C stops all of it. With a broker (the one of
+PULSE_MQTT_URL, or else a Mosquitto of the demo's own when it is installed),
+every fifth device publishes over MQTT.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import sys
 import time
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import urlsplit
 
 import httpx
 
 from pulse.auth.dev_tokens import mint_token
 from pulse.config import Settings
 from pulse.logs import configure_logging
-from pulse.sim.simulator import Simulator
+from pulse.sim.broker import Mosquitto, mosquitto_binaries
+from pulse.sim.simulator import MqttSender, Simulator
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +114,8 @@ async def run_demo(
     configure_logging(settings.log_level, settings.log_format)
     if settings.database_url is None:
         print(f"Starting PostgreSQL with its data in {settings.data_dir} ...", file=out, flush=True)
+    broker, settings = await _open_broker(settings, out)
+    assert settings.jwt_secret is not None
 
     config = hypercorn_config(settings, f"{host}:{port}")
     app = create_app(settings)
@@ -129,7 +135,13 @@ async def run_demo(
             subject="demo-admin",
         )
         simulator = Simulator(
-            base_url, admin, tenant_id=TENANT, devices=devices, rate=rate, seed=seed
+            base_url,
+            admin,
+            tenant_id=TENANT,
+            devices=devices,
+            rate=rate,
+            seed=seed,
+            mqtt=_mqtt_fleet(settings),
         )
         await simulator.provision(state.device_tokens)
         state.device_tokens = {d.device_id: d.provision_token for d in simulator.devices}
@@ -151,7 +163,31 @@ async def run_demo(
         if simulator is not None:
             await simulator.aclose()
         await server
+        if broker is not None:
+            await broker.stop()
     print("Pulse demo stopped.", file=out, flush=True)
+
+
+async def _open_broker(settings: Settings, out: TextIO) -> tuple[Mosquitto | None, Settings]:
+    """A Mosquitto of the demo's own, in its data folder, when none is configured
+    (PULSE_MQTT_URL) and one is installed; without either, the fleet is all HTTP."""
+    if settings.mqtt_url is not None or mosquitto_binaries() is None:
+        return None, settings
+    broker = Mosquitto(settings.data_dir / "mosquitto")
+    print(f"Starting Mosquitto with its data in {broker.directory} ...", file=out, flush=True)
+    await broker.start()
+    client_id = settings.mqtt_client_id or "pulse-demo"
+    return broker, dataclasses.replace(settings, mqtt_url=broker.url, mqtt_client_id=client_id)
+
+
+def _mqtt_fleet(settings: Settings) -> MqttSender | None:
+    if settings.mqtt_url is None:
+        return None
+    # Imported here: without MQTT the demo does not load the MQTT client.
+    from pulse.sim.mqtt_fleet import MqttFleet
+
+    url = urlsplit(settings.mqtt_url)
+    return MqttFleet(url.hostname or "127.0.0.1", url.port or 1883)
 
 
 def banner(base_url: str, token: str, simulator: Simulator, rules: list[str], program: str) -> str:
@@ -186,12 +222,30 @@ Or the WebSocket:
 
   {python} -m websockets "{ws_base}/api/v1/customer/telemetry/stream?token=$PULSE_TOKEN"
 
-Or a readable table in this terminal:
+{_mqtt_lines(simulator)}Or a readable table in this terminal:
 
   {shlex.quote(program)} tail --url {base_url} --token "$PULSE_TOKEN" --format table
 
 Press Ctrl-C to stop.
 """
+
+
+def _mqtt_lines(simulator: Simulator) -> str:
+    """How to publish as one of the devices that send over MQTT, if any do."""
+    mqtt = simulator.mqtt
+    over_mqtt = [d for d in simulator.devices if d.over_mqtt]
+    if mqtt is None or not over_mqtt:
+        return ""
+    device = over_mqtt[0]
+    where = f"{mqtt.host}:{mqtt.port}"
+    topic = f"pulse/{TENANT}/{device.device_id}/telemetry"
+    return (
+        f"{len(over_mqtt)} of the devices publish over MQTT, through the broker at {where}.\n"
+        f"Publish a reading as device {device.device_id}:\n\n"
+        f"  mosquitto_pub -h {mqtt.host} -p {mqtt.port} -V mqttv5 -q 1 \\\n"
+        f"    -u '{TENANT}/{device.device_id}' -P '{device.provision_token}' \\\n"
+        f"    -t '{topic}' -m '{{\"metrics\": {{\"temp\": 21.5}}}}'\n\n"
+    )
 
 
 def _report_simulator_end(task: asyncio.Task[None]) -> None:

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -40,8 +40,25 @@ DEFAULT_RULES: tuple[dict[str, Any], ...] = (
 )
 
 
+# With an MQTT sender, every MQTT_EVERY-th device publishes over MQTT.
+MQTT_EVERY = 5
+
+
 class SimulatorError(RuntimeError):
     pass
+
+
+class MqttSender(Protocol):
+    """Devices over MQTT (``pulse.sim.mqtt_fleet.MqttFleet``)."""
+
+    host: str
+    port: int
+
+    async def connect(self, tenant_id: str, device_id: str, token: str) -> bool: ...
+
+    def send(self, tenant_id: str, device_id: str, reading: dict[str, object]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclasses.dataclass
@@ -52,6 +69,10 @@ class SimDevice:
     model: SignalModel
     provision_token: str = ""
     next_due: float = 0.0  # time.monotonic() of the next reading
+    over_mqtt: bool = False
+    # Over MQTT, each reading carries the next seq (stored once if delivered twice):
+    # from the start time in milliseconds, so a restarted simulator never repeats one.
+    seq: int = 0
 
 
 class Simulator:
@@ -60,7 +81,8 @@ class Simulator:
     ``admin_token`` needs the tenant-admin role (or operator-admin with
     ``tenant_id``): the simulator creates its devices through the device API
     (rotating the token of a device that already exists) and sends through
-    the batch ingest endpoint, one request per tick for the devices due.
+    the batch ingest endpoint, one request per tick for the devices due. With
+    ``mqtt``, every fifth device publishes over MQTT instead.
     """
 
     def __init__(
@@ -74,6 +96,7 @@ class Simulator:
         seed: int | None = None,
         prefix: str = "dev",
         http: httpx.AsyncClient | None = None,
+        mqtt: MqttSender | None = None,
     ) -> None:
         if devices < 1 or rate <= 0:
             raise ValueError("need at least one device and a positive rate")
@@ -84,12 +107,21 @@ class Simulator:
         self._admin = {"Authorization": f"Bearer {admin_token}"}
         self._params = {"tenant_id": tenant_id}
         self.devices = [_device(i, prefix, seed) for i in range(devices)]
+        self.mqtt = mqtt
+        if mqtt is not None:
+            first_seq = int(time.time() * 1000)
+            for device in self.devices[MQTT_EVERY - 1 :: MQTT_EVERY]:
+                device.over_mqtt = True
+                device.seq = first_seq
+        self.published = 0  # readings handed to the MQTT sender
         self.sent = 0
         self.rejected = 0
         self.created_rules: list[int] = []
         self._down_since: float | None = None
 
     async def aclose(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.close()
         if self._owns_http:
             await self.http.aclose()
 
@@ -121,7 +153,31 @@ class Simulator:
                 )
             device.provision_token = r.json()["provision_token"]
             made.append(device.device_id)
+        for device in self.devices:
+            if device.over_mqtt:
+                await self._connect_mqtt(device, done)
         return done
+
+    async def _connect_mqtt(self, device: SimDevice, done: Provisioned) -> None:
+        """Connect a device to the broker; a device whose token the broker does not have
+        (it existed before MQTT was enabled) gets a new one first."""
+        assert self.mqtt is not None
+        tenant = self.tenant_id
+        if await self.mqtt.connect(tenant, device.device_id, device.provision_token):
+            return
+        r = await self.http.post(
+            f"{DEVICES_PATH}/{device.device_id}/rotate-token",
+            headers=self._admin,
+            params=self._params,
+        )
+        if not r.is_success:
+            raise SimulatorError(f"cannot rotate {device.device_id}: {r.status_code} {r.text}")
+        device.provision_token = r.json()["provision_token"]
+        if device.device_id in done.kept:
+            done.kept.remove(device.device_id)
+            done.rotated.append(device.device_id)
+        if not await self.mqtt.connect(tenant, device.device_id, device.provision_token):
+            raise SimulatorError(f"the MQTT broker refuses {device.device_id}'s new token")
 
     async def _token_works(self, device_id: str, token: str) -> bool:
         """A heartbeat with the token: 204 when the device exists and the token is its own."""
@@ -180,18 +236,29 @@ class Simulator:
             for device in due:
                 device.next_due = max(device.next_due + interval, now)
                 metrics = device.model.advance(interval)
-                if metrics is not None:
+                if metrics is None:
+                    continue
+                if device.over_mqtt:
+                    self._publish(device, metrics)
+                else:
                     messages.append(self._message(device, metrics))
             if messages:
                 await self._send(messages)
             await asyncio.sleep(max(0.0, tick - (time.monotonic() - now)))
+
+    def _publish(self, device: SimDevice, metrics: dict[str, float]) -> None:
+        assert self.mqtt is not None
+        device.seq += 1
+        reading = {"ts": _now(), "metrics": metrics, "seq": device.seq}
+        self.mqtt.send(self.tenant_id, device.device_id, reading)
+        self.published += 1
 
     def _message(self, device: SimDevice, metrics: dict[str, float]) -> dict[str, Any]:
         return {
             "tenant_id": self.tenant_id,
             "device_id": device.device_id,
             "provision_token": device.provision_token,
-            "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "ts": _now(),
             "metrics": metrics,
         }
 
@@ -241,6 +308,10 @@ class Provisioned:
             if ids
         ]
         return ", ".join(parts)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _device(index: int, prefix: str, seed: int | None) -> SimDevice:

@@ -21,6 +21,7 @@ from quart_schema import (
 )
 
 from pulse.errors import (
+    BROKER_UNAVAILABLE,
     DEVICE_EXISTS,
     INVALID_PAYLOAD,
     PAYLOAD_TOO_LARGE,
@@ -81,7 +82,9 @@ async def create_device(
 ) -> tuple[ProvisionedDevice, int, dict[str, str]]:
     """Provision a device (tenant-admin)."""
     try:
-        device = await devices.create_device(runtime().db, tenant(), data)
+        device = await devices.create_device(
+            runtime().db, tenant(), data, runtime().device_credentials
+        )
     except devices.DeviceExists:
         raise ApiError(DEVICE_EXISTS, f"Device {data.device_id} already exists.") from None
     return ProvisionedDevice(**device), 201, _NO_STORE
@@ -115,7 +118,9 @@ async def get_device(device_id: str) -> Device:
 @openapi.errors(*openapi.TENANT_WRITE, UNKNOWN_DEVICE)
 async def delete_device(device_id: str) -> Response:
     """Delete a device (tenant-admin); its telemetry stays."""
-    if not await devices.delete_device(runtime().db, tenant(), device_id):
+    if not await devices.delete_device(
+        runtime().db, tenant(), device_id, runtime().device_credentials
+    ):
         raise _unknown_device(device_id)
     return Response(status=204)
 
@@ -123,10 +128,12 @@ async def delete_device(device_id: str) -> Response:
 @blueprint.post("/<device_id>/rotate-token")
 @document_querystring(TenantQuery)
 @validate_response(ProvisionedDevice)
-@openapi.errors(*openapi.TENANT_WRITE, UNKNOWN_DEVICE)
+@openapi.errors(*openapi.TENANT_WRITE, UNKNOWN_DEVICE, BROKER_UNAVAILABLE)
 async def rotate_device_token(device_id: str) -> tuple[ProvisionedDevice, int, dict[str, str]]:
     """A new provision token (tenant-admin); the old one stops working at once."""
-    device = await devices.rotate_token(runtime().db, tenant(), device_id)
+    device = await devices.rotate_token(
+        runtime().db, tenant(), device_id, runtime().device_credentials
+    )
     if device is None:
         raise _unknown_device(device_id)
     return ProvisionedDevice(**device), 200, _NO_STORE

@@ -118,6 +118,7 @@ async def stream_status() -> dict[str, Any]:
             "reconnects": source.reconnects,
         },
         "bus": _bus(rt),
+        "mqtt": _mqtt(rt),
         "uptime_s": round(time.monotonic() - rt.started_at, 3),
     }
 
@@ -134,6 +135,21 @@ def _bus(rt: Runtime) -> dict[str, Any]:
         "relay": rt.bus.relay.leading,
         "connected": rt.bus.link.connected,
         "fallback": rt.bus.source.falling_back,
+    }
+
+
+def _mqtt(rt: Runtime) -> dict[str, Any] | None:
+    """Devices over MQTT (PULSE_MQTT_URL; null without): whether the broker connection is
+    up, this process consumes the device topics, and the broker's device clients were
+    checked against the devices since it connected."""
+    if rt.mqtt is None:
+        return None
+    link = rt.mqtt.link
+    return {
+        "connected": link.connected,
+        "subscribed": link.subscribed.is_set(),
+        "synced": link.synced,
+        "reconnects": link.reconnects,
     }
 
 

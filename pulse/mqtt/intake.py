@@ -1,0 +1,124 @@
+"""MQTT messages -> ``pulse.ingest`` items -> the writer; acknowledged once settled.
+
+A reading on ``pulse/<tenant_id>/<device_id>/telemetry`` takes the same path as
+one posted over HTTP (``pulse.ingest.intake``, then ``Ingest``: rate limits,
+group commit, the alert rules' hook), and is acknowledged to the broker only
+once its transaction has committed. Messages that came together are written
+together. What can never be stored (bad JSON, an unknown device, too many
+metrics, over the rate) is acknowledged too, so the broker does not deliver it
+forever, counted, and answered on the device's errors topic with the body HTTP
+would have answered. A write that fails (the database is away) is tried again
+until it commits or the connection it came on ends (the broker then delivers
+it again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from pulse.db.errors import DatabaseUnavailable
+from pulse.errors import INTERNAL_ERROR, INVALID_PAYLOAD, PAYLOAD_TOO_LARGE, error_body
+from pulse.ingest import intake
+from pulse.ingest.model import Accepted, Outcome, Rejected
+from pulse.ingest.service import Ingest, Receipt
+from pulse.mqtt import topics
+from pulse.mqtt.link import Delivery, MqttLink
+from pulse.ops.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+ENDPOINT = "mqtt"
+MAX_PAYLOAD = 1024 * 1024  # as an HTTP body
+RETRY_MAX_S = 5.0
+
+
+class MqttIntake:
+    def __init__(self, ingest: Ingest, metrics: Metrics) -> None:
+        self._ingest = ingest
+        self._metrics = metrics
+        self._link: MqttLink | None = None
+        self._arrived: list[Delivery] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def attach(self, link: MqttLink) -> None:
+        self._link = link
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        """Called by the link for each message: the messages of one read go out together."""
+        if not self._arrived:
+            asyncio.get_running_loop().call_soon(self._write_arrived)
+        self._arrived.append(delivery)
+
+    async def stop(self) -> None:
+        """Let writes in flight go (unacknowledged: the broker delivers them again)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _write_arrived(self) -> None:
+        deliveries, self._arrived = self._arrived, []
+        task = asyncio.get_running_loop().create_task(self._write(deliveries))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, deliveries: list[Delivery]) -> None:
+        receipt = Receipt(ENDPOINT)
+        items = [self._item(delivery, receipt) for delivery in deliveries]
+        delay = 0.1
+        while True:
+            try:
+                outcomes = await self._ingest(items, receipt)
+                break
+            except DatabaseUnavailable as exc:
+                assert self._link is not None
+                if all(self._link.stale(d) for d in deliveries):
+                    return  # the broker delivers them again, on the next connection
+                log.warning("MQTT readings wait for the database: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+            except Exception:
+                # Never stored, and never to be: answered and acknowledged, so that
+                # one message cannot come back forever nor hold up the others' acks.
+                log.exception("MQTT messages could not be written")
+                failed = Rejected(INTERNAL_ERROR, "An internal error occurred.")
+                outcomes = [failed] * len(deliveries)
+                break
+        for delivery, outcome in zip(deliveries, outcomes, strict=True):
+            self._settle(delivery, outcome)
+
+    def _item(self, delivery: Delivery, receipt: Receipt) -> intake.Item:
+        topic = topics.parse(delivery.topic)
+        if topic is None or topic.kind not in topics.INTAKE_KINDS:
+            return Rejected(INVALID_PAYLOAD, f"Pulse does not read the topic {delivery.topic!r}.")
+        if topic.kind == topics.HEARTBEAT:
+            return intake.broker_heartbeat(topic.tenant_id, topic.device_id)
+        if len(delivery.payload) > MAX_PAYLOAD:
+            return Rejected(PAYLOAD_TOO_LARGE, PAYLOAD_TOO_LARGE.meaning)
+        return intake.broker_reading(topic.tenant_id, topic.device_id, delivery.payload, receipt.at)
+
+    def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        assert self._link is not None
+        messages = self._metrics.mqtt_messages
+        if isinstance(outcome, Rejected):
+            messages.labels("rejected").inc()
+            topic = topics.parse(delivery.topic)
+            if topic is not None:
+                detail = outcome.detail
+                if outcome.retry_after_s:
+                    detail = f"{detail} Retry after {max(1, round(outcome.retry_after_s))} s."
+                self._link.publish(
+                    topics.device_topic(topic.tenant_id, topic.device_id, topics.ERRORS),
+                    error_body(outcome.reason, detail),
+                )
+        elif isinstance(outcome, Accepted):
+            if outcome.duplicate:
+                messages.labels("duplicate").inc()
+            elif outcome.event_id is None:
+                messages.labels("heartbeat").inc()
+            else:
+                messages.labels("stored").inc()
+        self._link.settle(delivery)

@@ -1,0 +1,356 @@
+"""The one MQTT connection of a process: paho-mqtt, driven by the asyncio loop.
+
+paho-mqtt 2.x (Eclipse) is the client because its manual acknowledgements are
+public API (``manual_ack=True``, ``Client.ack(mid, qos)``): a reading is
+acknowledged to the broker only once it is committed. paho does no I/O of its
+own here: its socket is watched by the loop (``on_socket_*`` callbacks, then
+``loop_read``/``loop_write``), the way its documentation describes running it
+in another event loop, so every callback runs on the loop's thread.
+
+The session is persistent (``clean_start`` false, a day's expiry) under a client
+id that survives restarts: what the broker had delivered but not seen
+acknowledged comes back when the process reconnects, and a message that arrives
+while no process is up waits in the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import functools
+import itertools
+import logging
+import select
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from pulse.mqtt import dynsec
+
+log = logging.getLogger(__name__)
+
+# A message the broker delivered and this process did not acknowledge (it
+# crashed, or lost the connection) comes back if it reconnects within this time.
+SESSION_EXPIRY_S = 24 * 3600
+KEEPALIVE_S = 30
+CONNECT_TIMEOUT_S = 10.0
+CONTROL_TIMEOUT_S = 10.0
+# A command waits this long for a connection being made (a reconnect) before failing.
+CONTROL_WAIT_CONNECTED_S = 3.0
+BACKOFF_MAX_S = 5.0
+STABLE_S = 10.0
+
+
+# Packets read in one turn of the loop, at most: the messages of one burst are then
+# written together (MqttIntake.on_delivery) instead of one by one.
+READ_BURST = 256
+
+
+def _read_burst(client: paho.Client) -> None:
+    """paho reads one packet per call: read on while the socket has more."""
+    for _ in range(READ_BURST):
+        client.loop_read()
+        sock = client.socket()
+        if sock is None or not select.select([sock], [], [], 0)[0]:
+            return
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached, or did not answer in time."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerUrl:
+    host: str
+    port: int
+    username: str
+    password: str
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerUrl:
+        parts = urlsplit(url)
+        if parts.scheme != "mqtt" or not parts.hostname:
+            raise ValueError("an MQTT URL is mqtt://<admin user>:<password>@host:port")
+        if not parts.username or parts.password is None:
+            raise ValueError("the MQTT URL must carry the dynamic-security admin's credentials")
+        return cls(
+            parts.hostname, parts.port or 1883, unquote(parts.username), unquote(parts.password)
+        )
+
+
+@dataclasses.dataclass(eq=False)
+class Delivery:
+    """One message from a device topic, to be settled once: acknowledged (QoS 1) when
+    its connection is still the one it came on, in the order the messages came."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    connection: int
+    settled: bool = False
+
+
+Handler = Callable[[Delivery], None]
+
+
+class MqttLink:
+    def __init__(
+        self,
+        url: BrokerUrl,
+        client_id: str,
+        subscriptions: list[str],
+        *,
+        receive_maximum: int = 1000,
+        on_delivery: Handler,
+        on_connected: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._url = url
+        self._client_id = client_id
+        self._subscriptions = subscriptions
+        self._receive_maximum = receive_maximum
+        self._on_delivery = on_delivery
+        self._on_connected = on_connected
+        self._client: paho.Client | None = None
+        self._connection = 0  # which connection a Delivery came on
+        self._unsettled: collections.deque[Delivery] = collections.deque()
+        self._control: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._correlation = f"{uuid.uuid4().hex[:12]}-"
+        self._counter = itertools.count()
+        self.connected = False
+        self._up = asyncio.Event()
+        self.subscribed = asyncio.Event()
+        # The provisioner checked the broker's clients on this connection (Mqtt._reconcile).
+        self.synced = False
+        self.reconnects = 0
+
+    @property
+    def username(self) -> str:
+        return self._url.username
+
+    async def run(self) -> None:
+        """Connect, and connect again whenever the connection ends; forever."""
+        delay = 0.1
+        while True:
+            started = time.monotonic()
+            try:
+                await self._connect_and_wait()
+            except BrokerUnavailable as exc:
+                log.warning("MQTT broker %s:%d: %s", self._url.host, self._url.port, exc)
+            # Back off again only after a connection that lasted: one the broker keeps
+            # closing (another process with this client id) is not retried ten times a second.
+            if time.monotonic() - started > STABLE_S:
+                delay = 0.1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
+            self.reconnects += 1
+
+    def settle(self, delivery: Delivery) -> None:
+        """``delivery`` is done with (committed, or answered as bad input): acknowledge it,
+        after every message that came before it on its connection."""
+        delivery.settled = True
+        while self._unsettled and self._unsettled[0].settled:
+            done = self._unsettled.popleft()
+            if done.qos and self._client is not None:
+                self._client.ack(done.mid, done.qos)
+
+    def stale(self, delivery: Delivery) -> bool:
+        """Its connection has ended: the broker will deliver it again, so it may be dropped."""
+        return delivery.connection != self._connection or not self.connected
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+        """Send, if connected; otherwise drop (nothing published here needs to survive)."""
+        if self._client is not None and self.connected:
+            self._client.publish(topic, payload, qos)
+
+    async def control(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send dynamic-security commands; each one's response, in order."""
+        if not self.connected:
+            try:
+                async with asyncio.timeout(CONTROL_WAIT_CONNECTED_S):
+                    await self._up.wait()
+            except TimeoutError:
+                raise BrokerUnavailable("not connected") from None
+        assert self._client is not None
+        loop = asyncio.get_running_loop()
+        futures = []
+        sent = []
+        for command in commands:
+            key = f"{self._correlation}{next(self._counter)}"
+            future: asyncio.Future[dict[str, Any]] = loop.create_future()
+            self._control[key] = future
+            futures.append(future)
+            sent.append({**command, "correlationData": key})
+        try:
+            self._client.publish(dynsec.CONTROL, orjson.dumps({"commands": sent}), qos=1)
+            async with asyncio.timeout(CONTROL_TIMEOUT_S):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            raise BrokerUnavailable("no answer from the dynamic-security plugin") from None
+        finally:
+            for command in sent:
+                self._control.pop(command["correlationData"], None)
+
+    async def _connect_and_wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+        ended = loop.create_future()
+        connack: asyncio.Future[None] = loop.create_future()
+        self._connection += 1
+        self._unsettled.clear()
+        self.subscribed.clear()
+
+        def on_loop(call: Callable[[], object]) -> None:
+            # paho calls back from connect(), which runs in a worker thread.
+            if threading.get_ident() == loop_thread:
+                call()
+            else:
+                loop.call_soon_threadsafe(call)
+
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            protocol=paho.MQTTv5,
+            manual_ack=True,
+        )
+        client.username_pw_set(self._url.username, self._url.password)
+
+        def on_socket_open(c: paho.Client, _u: Any, sock: Any) -> None:
+            # Acknowledgements and commands are small: send them at once (paho leaves
+            # Nagle's algorithm on).
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            on_loop(functools.partial(loop.add_reader, sock, _read_burst, c))
+
+        client.on_socket_open = on_socket_open
+        client.on_socket_close = lambda _c, _u, sock: on_loop(
+            functools.partial(loop.remove_reader, sock)
+        )
+        client.on_socket_register_write = lambda c, _u, sock: on_loop(
+            functools.partial(loop.add_writer, sock, c.loop_write)
+        )
+        client.on_socket_unregister_write = lambda _c, _u, sock: on_loop(
+            functools.partial(loop.remove_writer, sock)
+        )
+
+        def on_connect(
+            c: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Properties | None
+        ) -> None:
+            if connack.done():
+                return
+            if reason.is_failure:
+                connack.set_exception(BrokerUnavailable(f"connection refused: {reason}"))
+                return
+            connack.set_result(None)
+
+        def on_disconnect(
+            _c: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Properties | None
+        ) -> None:
+            if not connack.done():
+                connack.set_exception(BrokerUnavailable(f"disconnected: {reason}"))
+            if not ended.done():
+                ended.set_result(reason)
+
+        def on_subscribe(
+            _c: paho.Client, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Properties | None
+        ) -> None:
+            if any(reason.is_failure for reason in reasons):
+                log.error("MQTT subscription refused: %s", ", ".join(map(str, reasons)))
+            else:
+                self.subscribed.set()
+
+        client.on_connect = on_connect
+        client.on_disconnect = on_disconnect
+        client.on_subscribe = on_subscribe
+        client.on_message = self._on_message
+
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        properties.ReceiveMaximum = self._receive_maximum
+        housekeeping = asyncio.create_task(self._housekeeping(client))
+        try:
+            try:
+                await loop.run_in_executor(
+                    None,
+                    functools.partial(
+                        client.connect,
+                        self._url.host,
+                        self._url.port,
+                        keepalive=KEEPALIVE_S,
+                        clean_start=False,
+                        properties=properties,
+                    ),
+                )
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await connack
+            except (OSError, TimeoutError) as exc:
+                raise BrokerUnavailable(f"cannot connect: {exc!r}") from None
+            self._client = client
+            self.connected = True
+            self._up.set()
+            log.info("MQTT connected to %s:%d", self._url.host, self._url.port)
+            client.subscribe(dynsec.RESPONSE, qos=0)
+            client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self._subscriptions])
+            self._on_connected()
+            reason = await ended
+            log.warning("MQTT connection ended: %s", reason)
+        finally:
+            self.connected = False
+            self._up.clear()
+            self.synced = False
+            self.subscribed.clear()
+            self._client = None
+            housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await housekeeping
+            for future in self._control.values():
+                if not future.done():
+                    future.set_exception(BrokerUnavailable("the connection ended"))
+            with contextlib.suppress(Exception):
+                client.disconnect()
+            sock = client.socket()
+            if sock is not None:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(sock)
+                    loop.remove_writer(sock)
+
+    async def _housekeeping(self, client: paho.Client) -> None:
+        """paho's timers: keepalive pings, and noticing a broker that stopped answering."""
+        while True:
+            await asyncio.sleep(1)
+            client.loop_misc()
+
+    def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+        if message.topic == dynsec.RESPONSE:
+            self._on_control_response(bytes(message.payload))
+            return
+        delivery = Delivery(
+            message.topic, bytes(message.payload), message.qos, message.mid, self._connection
+        )
+        if message.qos:
+            self._unsettled.append(delivery)
+        self._on_delivery(delivery)
+
+    def _on_control_response(self, payload: bytes) -> None:
+        try:
+            responses = orjson.loads(payload)["responses"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        for response in responses:
+            future = self._control.get(str(response.get("correlationData")))
+            if future is not None and not future.done():
+                future.set_result(response)

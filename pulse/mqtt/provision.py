@@ -1,0 +1,133 @@
+"""The broker's device credentials, kept in step with the devices (dynamic security).
+
+A device created gets a broker client (its username ``<tenant_id>/<device_id>``,
+its password its provision token) in a role of its own; a rotation sets the new
+password before Pulse stores the new token (a broker that cannot be told
+refuses the rotation: the old token must not keep working over MQTT); a device
+deleted loses both. Pulse keeps only token hashes, so a device that existed
+before MQTT was enabled, or was created while the broker was away, gets its
+client and role without a password at the next connection (``reconcile``):
+it can connect once its token is rotated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pulse.db.database import Database
+from pulse.db.queries import load_queries
+from pulse.errors import BROKER_UNAVAILABLE, ApiError
+from pulse.mqtt import dynsec, topics
+from pulse.mqtt.link import BrokerUnavailable, MqttLink
+from pulse.ops.metrics import Metrics
+
+log = logging.getLogger(__name__)
+Q = load_queries(__package__)
+
+
+class ProvisioningFailed(Exception):
+    """The broker refused a dynamic-security command."""
+
+
+class Provisioner:
+    """``pulse.fleet.devices.Credentials`` on the broker."""
+
+    def __init__(self, link: MqttLink, db: Database, metrics: Metrics) -> None:
+        self._link = link
+        self._db = db
+        self._metrics = metrics
+
+    async def created(self, tenant_id: str, device_id: str, token: str) -> None:
+        try:
+            await self._ensure(tenant_id, device_id, token)
+        except (BrokerUnavailable, ProvisioningFailed) as exc:
+            self._failed("create", tenant_id, device_id, exc)
+
+    async def rotating(self, tenant_id: str, device_id: str, token: str) -> None:
+        try:
+            await self._ensure(tenant_id, device_id, token)
+        except (BrokerUnavailable, ProvisioningFailed) as exc:
+            self._failed("rotate", tenant_id, device_id, exc)
+            raise ApiError(BROKER_UNAVAILABLE, None, {"Retry-After": "2"}) from None
+
+    async def deleted(self, tenant_id: str, device_id: str) -> None:
+        try:
+            await self._delete(tenant_id, device_id)
+        except (BrokerUnavailable, ProvisioningFailed) as exc:
+            self._failed("delete", tenant_id, device_id, exc)
+
+    async def reconcile(self) -> None:
+        """Pulse's own role, then a client for every device and none for a device that is
+        gone: after MQTT is first enabled, and after any time the broker was away.
+        Raises BrokerUnavailable when the broker closes the connection to give Pulse
+        its role (the first time)."""
+        (admin,) = await self._link.control([dynsec.get_client(self._link.username)])
+        _check(admin)
+        if not dynsec.has_role(admin, dynsec.SERVICE_ROLE):
+            # Once, when MQTT is first enabled: this connection is then closed by the
+            # broker, and the next one goes on from here.
+            for response in await self._link.control(dynsec.service_role(self._link.username)):
+                _check(response, tolerate=dynsec.exists)
+            raise BrokerUnavailable("the broker reconnects Pulse to give it its role")
+        (listing,) = await self._link.control([dynsec.list_clients()])
+        _check(listing)
+        on_broker = {
+            device
+            for name in listing.get("data", {}).get("clients", [])
+            if (device := topics.parse_username(str(name))) is not None
+        }
+        devices = {
+            (row["tenant_id"], row["device_id"]) for row in await self._db.fetch(Q["all_devices"])
+        }
+        for tenant_id, device_id in sorted(devices - on_broker):
+            await self._ensure(tenant_id, device_id, None)
+        for tenant_id, device_id in sorted(on_broker - devices):
+            await self._delete(tenant_id, device_id)
+        if devices - on_broker:
+            log.info(
+                "MQTT: %d devices given broker clients without a password; each can connect "
+                "once its token is rotated",
+                len(devices - on_broker),
+            )
+
+    async def _ensure(self, tenant_id: str, device_id: str, password: str | None) -> None:
+        """The device's role and client exist, with ``password`` when one is given."""
+        role, client = await self._link.control(
+            [
+                dynsec.device_role(tenant_id, device_id),
+                dynsec.create_client(tenant_id, device_id, password),
+            ]
+        )
+        _check(role, tolerate=dynsec.exists)
+        if dynsec.exists(client):
+            if password is not None:
+                (changed,) = await self._link.control(
+                    [dynsec.set_password(tenant_id, device_id, password)]
+                )
+                _check(changed)
+        else:
+            _check(client)
+
+    async def _delete(self, tenant_id: str, device_id: str) -> None:
+        for response in await self._link.control(dynsec.delete_device(tenant_id, device_id)):
+            _check(response, tolerate=dynsec.missing)
+
+    def _failed(self, action: str, tenant_id: str, device_id: str, exc: Exception) -> None:
+        self._metrics.mqtt_provisioning_failures.inc()
+        log.warning(
+            "MQTT: could not %s the broker client of %s: %s",
+            action,
+            topics.username(tenant_id, device_id),
+            exc,
+        )
+
+
+def _check(
+    response: dict[str, Any], tolerate: Callable[[dict[str, Any]], bool] | None = None
+) -> None:
+    error = dynsec.error(response)
+    if error is None or (tolerate is not None and tolerate(response)):
+        return
+    raise ProvisioningFailed(f"{response.get('command')}: {error}")

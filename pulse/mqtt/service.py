@@ -1,0 +1,91 @@
+"""MQTT in a process: the connection, the intake it feeds, the provisioner it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+
+from pulse.db.database import Database
+from pulse.db.errors import DatabaseUnavailable
+from pulse.db.queries import load_queries
+from pulse.ingest.service import Ingest
+from pulse.mqtt import topics
+from pulse.mqtt.intake import MqttIntake
+from pulse.mqtt.link import SESSION_EXPIRY_S, BrokerUnavailable, BrokerUrl, MqttLink
+from pulse.mqtt.provision import Provisioner, ProvisioningFailed
+from pulse.ops.metrics import Metrics
+
+log = logging.getLogger(__name__)
+Q = load_queries(__package__)
+TRIM_INTERVAL_S = 600
+TRIM_BATCH = 5000
+
+
+async def trim_claims(db: Database, cutoff: datetime, batch: int = TRIM_BATCH) -> int:
+    """Delete the seq claims made before ``cutoff``; how many."""
+    deleted = 0
+    while True:
+        status = await db.execute(Q["trim_broker_seqs"], cutoff, batch)
+        count = int(status.split()[-1])
+        deleted += count
+        if count < batch:
+            return deleted
+
+
+class Mqtt:
+    def __init__(
+        self, url: str, client_id: str | None, db: Database, ingest: Ingest, metrics: Metrics
+    ) -> None:
+        self.intake = MqttIntake(ingest, metrics)
+        self.link = MqttLink(
+            BrokerUrl.parse(url),
+            client_id or topics.default_client_id(),
+            topics.subscriptions(),
+            on_delivery=self.intake.on_delivery,
+            on_connected=self._connected,
+        )
+        self.intake.attach(self.link)
+        self.provisioner = Provisioner(self.link, db, metrics)
+        self._db = db
+        metrics.mqtt_connected.set_function(lambda: float(self.link.connected))
+        self._reconciling: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        """The connection, for as long as the process runs (a supervised side task), and
+        the trimming of old seq claims."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.link.run())
+                tasks.create_task(self._trim_claims())
+        finally:
+            if self._reconciling is not None:
+                self._reconciling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._reconciling
+            await self.intake.stop()
+
+    async def _trim_claims(self) -> None:
+        """A claim (migrations/0008_broker_seqs.sql) is kept while a redelivery can come:
+        the session's expiry and an hour; so a device's seq must not repeat within that."""
+        while True:
+            cutoff = datetime.now(UTC) - timedelta(seconds=SESSION_EXPIRY_S + 3600)
+            try:
+                await trim_claims(self._db, cutoff)
+            except DatabaseUnavailable as exc:
+                log.warning("MQTT: old seq claims could not be trimmed: %s", exc)
+            await asyncio.sleep(TRIM_INTERVAL_S)
+
+    def _connected(self) -> None:
+        if self._reconciling is None or self._reconciling.done():
+            self._reconciling = asyncio.create_task(self._reconcile(), name="pulse:mqtt-reconcile")
+
+    async def _reconcile(self) -> None:
+        try:
+            await self.provisioner.reconcile()
+            self.link.synced = self.link.connected
+        except (BrokerUnavailable, ProvisioningFailed) as exc:
+            log.warning("MQTT: the broker's device clients could not be checked: %s", exc)
+        except Exception:
+            log.exception("MQTT: the broker's device clients could not be checked")

@@ -1,0 +1,114 @@
+"""A Mosquitto of Pulse's own, for `pulse demo` (and the tests): dynamic security on,
+sessions persisted in a folder, on a loopback port; stopped, started again, the same."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import secrets
+import shutil
+import socket
+from pathlib import Path
+
+ADMIN = "pulse-admin"
+PLUGIN_NAME = "mosquitto_dynamic_security.so"
+MISSING = (
+    "mosquitto is not installed: apt-get install mosquitto (Debian's package, with its "
+    "dynamic-security plugin), or put it on the PATH"
+)
+
+
+def mosquitto_binaries() -> tuple[str, str, str] | None:
+    """(mosquitto, mosquitto_ctrl, the dynamic-security plugin), or None when one is missing."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+    broker = shutil.which("mosquitto", path=path)
+    ctrl = shutil.which("mosquitto_ctrl", path=path)
+    plugins = [*Path("/usr/lib").glob(f"*/{PLUGIN_NAME}"), *Path("/usr/lib").glob(PLUGIN_NAME)]
+    if broker is None or ctrl is None or not plugins:
+        return None
+    return broker, ctrl, str(plugins[0])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Mosquitto:
+    """Its dynamic-security file, its administrator's password and its persisted sessions
+    live in ``directory``, so a broker started again there knows what it knew."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        found = mosquitto_binaries()
+        if found is None:
+            raise RuntimeError(MISSING)
+        self.binary, self.ctrl, self.plugin = found
+        self.directory = directory
+        self.port = port or free_port()
+        self.proc: asyncio.subprocess.Process | None = None
+        self.password = ""
+
+    ADMIN = ADMIN
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{ADMIN}:{self.password}@127.0.0.1:{self.port}"
+
+    async def start(self, timeout: float = 10) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        dynsec = self.directory / "dynamic-security.json"
+        secret = self.directory / "admin-password"
+        if not dynsec.exists():
+            # Hex: mosquitto_ctrl would read a password starting with "-" as an option.
+            password = secrets.token_hex(16)
+            init = await asyncio.create_subprocess_exec(
+                self.ctrl, "dynsec", "init", str(dynsec), ADMIN, password,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            if await init.wait() != 0:
+                raise RuntimeError("mosquitto_ctrl dynsec init failed")
+            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as file:
+                file.write(password)
+        self.password = secret.read_text().strip()
+        config = self.directory / "mosquitto.conf"
+        config.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            # Run as root, mosquitto would become the user "mosquitto", who cannot read
+            # this private folder.
+            f"user {getpass.getuser()}\n"
+            "allow_anonymous false\n"
+            f"plugin {self.plugin}\n"
+            f"plugin_opt_config_file {dynsec}\n"
+            "persistence true\n"
+            f"persistence_location {self.directory}/\n"
+            "max_queued_messages 100000\n"
+            # Small messages go out at once, not held back by Nagle's algorithm.
+            "set_tcp_nodelay true\n"
+        )
+        self.proc = await asyncio.create_subprocess_exec(
+            self.binary, "-c", str(config),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        async with asyncio.timeout(timeout):
+            while True:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"mosquitto exited at start ({self.proc.returncode})")
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                except OSError:
+                    await asyncio.sleep(0.02)
+                    continue
+                writer.close()
+                return
+
+    async def stop(self) -> None:
+        """SIGTERM: mosquitto saves its sessions and queued messages, then exits."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await self.proc.wait()
+        self.proc = None

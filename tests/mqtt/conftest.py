@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pulse.config import Settings
+from tests.mqtt.broker import MOSQUITTO_MISSING, Mosquitto, mosquitto_binaries
+from tests.mqtt.support import Pulse, mqtt_settings, wait_subscribed
+from tests.support import running_server
+
+
+@pytest.fixture
+def mosquitto_binary() -> None:
+    """Skips the test where mosquitto is missing (CI installs it, and fails instead)."""
+    if mosquitto_binaries() is None:
+        if os.environ.get("CI"):
+            pytest.fail(MOSQUITTO_MISSING)
+        pytest.skip(MOSQUITTO_MISSING)
+
+
+@pytest.fixture
+async def mosquitto(mosquitto_binary: None, tmp_path: Path) -> AsyncIterator[Mosquitto]:
+    """A Mosquitto of this test's own, started."""
+    broker = Mosquitto(tmp_path / "mosquitto")
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.stop()
+
+
+@pytest.fixture
+async def pulse(
+    settings: Settings, mosquitto: Mosquitto, make_token: Callable[..., str]
+) -> AsyncIterator[Pulse]:
+    """A Pulse server on this test's database and broker, consuming the device topics."""
+    async with (
+        running_server(mqtt_settings(settings, mosquitto)) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        await wait_subscribed(http)
+        admin = {"Authorization": f"Bearer {make_token('t1', ('tenant-admin',))}"}
+        yield Pulse(url, http, admin)

@@ -1,0 +1,76 @@
+"""Pulse with MQTT, for the MQTT tests: the server, its devices, what it stored."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import asyncpg
+import httpx
+
+from pulse.config import Settings
+from tests.mqtt.broker import Mosquitto
+
+STATUS = "/api/v1/telemetry/stream/status"
+DEVICES = "/api/v1/customer/devices"
+
+
+@dataclasses.dataclass
+class Pulse:
+    url: str
+    http: httpx.AsyncClient
+    admin: dict[str, str]
+
+    async def device(self, device_id: str) -> str:
+        """Create a device through the API; its provision token."""
+        r = await self.http.post(DEVICES, json={"device_id": device_id}, headers=self.admin)
+        assert r.status_code == 201, r.text
+        return str(r.json()["provision_token"])
+
+
+async def mqtt_status(http: httpx.AsyncClient) -> dict[str, Any]:
+    return dict((await http.get(STATUS)).json().get("mqtt") or {})
+
+
+async def wait_subscribed(http: httpx.AsyncClient, *, reconnects: int = 0) -> None:
+    """Until the server consumes the device topics and has given the broker its devices
+    (on a connection made after ``reconnects`` reconnections)."""
+
+    async def ready() -> bool:
+        mqtt = await mqtt_status(http)
+        return bool(
+            mqtt.get("subscribed") and mqtt.get("synced") and mqtt["reconnects"] >= reconnects
+        )
+
+    async with asyncio.timeout(15):
+        while not await ready():  # noqa: ASYNC110  another process's state, over HTTP
+            await asyncio.sleep(0.02)
+
+
+def mqtt_settings(settings: Settings, mosquitto: Mosquitto) -> Settings:
+    return dataclasses.replace(
+        settings, mqtt_url=mosquitto.url, mqtt_client_id=f"pulse-test-{mosquitto.port}"
+    )
+
+
+async def rows(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    return [
+        dict(r)
+        for r in await pool.fetch(
+            "SELECT device_id, seq, metrics::text AS metrics FROM telemetry ORDER BY id"
+        )
+    ]
+
+
+async def until_rows(pool: asyncpg.Pool, count: int, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while await pool.fetchval("SELECT count(*) FROM telemetry") < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0

@@ -1,0 +1,225 @@
+"""Readings over MQTT, through a real Mosquitto into a real Pulse server: stored once,
+acknowledged only after commit, bad input answered on the device's errors topic, and
+the events on the streams like any other."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import Callable
+
+import asyncpg
+import httpx
+import pytest
+
+from pulse.config import Settings
+from tests.mqtt.broker import Device, Mosquitto, closing
+from tests.mqtt.support import (
+    DEVICES,
+    STATUS,
+    Pulse,
+    metric,
+    mqtt_settings,
+    rows,
+    until_rows,
+    wait_subscribed,
+)
+from tests.streams.ws_support import V2_PATH, open_ws, recv, request
+from tests.support import running_server, sse_events, until
+
+
+async def test_a_reading_is_stored_and_streamed(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    reader = {"Authorization": f"Bearer {make_token('t1')}"}
+    with closing(device):
+        assert not (await device.connect()).is_failure
+        async with pulse.http.stream(
+            "GET", "/api/v1/customer/telemetry/stream/sse", headers=reader
+        ) as response:
+            events = sse_events(response)
+            reason = await device.publish(
+                "pulse/t1/dev-1/telemetry", b'{"metrics": {"temp": 21.5}, "seq": 7}'
+            )
+            assert not reason.is_failure
+            event = await asyncio.wait_for(anext(events), 10)
+    assert event.json()["device_id"] == "dev-1"
+    assert event.json()["data"]["metrics"] == {"temp": 21.5}
+    assert await rows(pool) == [{"device_id": "dev-1", "seq": 7, "metrics": '{"temp": 21.5}'}]
+
+
+async def test_a_second_delivery_of_a_seq_is_stored_once(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
+) -> None:
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    with closing(device):
+        await device.connect()
+        for seq in (1, 2, 1, 3, 2):
+            body = json.dumps({"metrics": {"n": seq}, "seq": seq}).encode()
+            await device.publish("pulse/t1/dev-1/telemetry", body)
+        await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 4}}')
+        await until_rows(pool, 4)
+        metrics = (await pulse.http.get("/metrics")).text
+    assert [r["seq"] for r in await rows(pool)] == [1, 2, 3, None]
+    assert metric(metrics, 'pulse_mqtt_messages_total{outcome="duplicate"}') == 2
+
+
+async def test_heartbeat_marks_the_device_seen(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
+) -> None:
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    with closing(device):
+        await device.connect()
+        await device.publish("pulse/t1/dev-1/heartbeat", b"")
+
+        async def seen() -> bool:
+            return bool(await pool.fetchval("SELECT last_seen_at IS NOT NULL FROM devices"))
+
+        async with asyncio.timeout(10):
+            while not await seen():  # noqa: ASYNC110  the row has no event of its own
+                await asyncio.sleep(0.02)
+    assert await rows(pool) == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"{not json", "invalid_payload"),
+        (b'{"metrics": {"temp": "warm"}}', "invalid_payload"),
+        (json.dumps({"metrics": {f"m{i}": i for i in range(201)}}).encode(), "invalid_payload"),
+    ],
+)
+async def test_bad_input_is_acknowledged_answered_and_counted(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool, payload: bytes, error: str
+) -> None:
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    with closing(device):
+        await device.connect()
+        assert not any(r.is_failure for r in await device.subscribe("pulse/t1/dev-1/errors"))
+        await device.publish("pulse/t1/dev-1/telemetry", payload)
+        await until(lambda: bool(device.received), 10)
+        # What comes after it is not held up behind it.
+        await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"ok": 1}}')
+        await until_rows(pool, 1)
+        metrics = (await pulse.http.get("/metrics")).text
+    topic, body = device.received[0]
+    assert topic == "pulse/t1/dev-1/errors"
+    answer = json.loads(body)
+    assert set(answer) == {"error", "detail"} and answer["error"] == error
+    assert metric(metrics, 'pulse_mqtt_messages_total{outcome="rejected"}') == 1
+    assert metric(metrics, f'pulse_ingest_rejected_total{{reason="{error}"}}') == 1
+
+
+async def test_an_unknown_device_is_answered(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
+) -> None:
+    """A client the broker knows but Pulse does not (here: the device was deleted from
+    Pulse's table behind the broker's back) is answered unknown_device."""
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    with closing(device):
+        await device.connect()
+        await device.subscribe("pulse/t1/dev-1/errors")
+        await pool.execute("DELETE FROM devices")
+        await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"temp": 1}}')
+        await until(lambda: bool(device.received), 10)
+    assert json.loads(device.received[0][1])["error"] == "unknown_device"
+    assert await rows(pool) == []
+
+
+async def test_over_the_rate_limit_is_answered_with_when_to_retry(
+    settings: Settings, mosquitto: Mosquitto, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """Rate limits hold over MQTT as over HTTP: the reading over the limit is acknowledged,
+    not stored, and answered rate_limited, with when to retry."""
+    limited = dataclasses.replace(
+        mqtt_settings(settings, mosquitto), ingest_rate_per_device=0.01, ingest_burst_per_device=1
+    )
+    async with (
+        running_server(limited) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        await wait_subscribed(http)
+        admin = {"Authorization": f"Bearer {make_token('t1', ('tenant-admin',))}"}
+        r = await http.post(DEVICES, json={"device_id": "dev-1"}, headers=admin)
+        device = Device(mosquitto, "t1/dev-1", r.json()["provision_token"])
+        with closing(device):
+            await device.connect()
+            await device.subscribe("pulse/t1/dev-1/errors")
+            for n in (1, 2):
+                await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": %d}}' % n)
+            await until(lambda: bool(device.received), 10)
+    answer = json.loads(device.received[0][1])
+    assert answer["error"] == "rate_limited"
+    assert "Retry after" in answer["detail"]
+    assert [r["metrics"] for r in await rows(pool)] == ['{"n": 1}']
+
+
+async def test_alert_rules_see_mqtt_readings(pulse: Pulse, mosquitto: Mosquitto) -> None:
+    """The same writer hook as HTTP: a reading over MQTT above a rule's threshold opens an
+    alert, committed with it."""
+    rule = {"name": "hot", "metric": "temp", "operator": ">", "threshold": 30, "severity": 4}
+    r = await pulse.http.post("/api/v1/customer/alert-rules", json=rule, headers=pulse.admin)
+    assert r.status_code == 201, r.text
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    with closing(device):
+        await device.connect()
+        await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"temp": 35}, "seq": 1}')
+
+        async def alerts() -> list[dict[str, object]]:
+            r = await pulse.http.get(
+                "/api/v1/customer/alerts", params={"status": "active"}, headers=pulse.admin
+            )
+            return list(r.json()["alerts"])
+
+        async with asyncio.timeout(10):
+            while not await alerts():  # noqa: ASYNC110  the alert has no event of its own here
+                await asyncio.sleep(0.02)
+    (alert,) = await alerts()
+    assert (alert["device_id"], alert["alert_type"]) == ("dev-1", "THRESHOLD")
+
+
+async def test_a_broker_away_at_start_is_waited_for(
+    settings: Settings, mosquitto: Mosquitto, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """Pulse starts and serves without its broker, and consumes once the broker is up."""
+    await mosquitto.stop()
+    async with (
+        running_server(mqtt_settings(settings, mosquitto)) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        assert (await http.get("/readyz")).status_code == 200
+        assert (await http.get(STATUS)).json()["mqtt"]["connected"] is False
+        await mosquitto.start()
+        await wait_subscribed(http)
+        admin = {"Authorization": f"Bearer {make_token('t1', ('tenant-admin',))}"}
+        r = await http.post(DEVICES, json={"device_id": "dev-1"}, headers=admin)
+        device = Device(mosquitto, "t1/dev-1", r.json()["provision_token"])
+        with closing(device):
+            assert not (await device.connect()).is_failure
+            await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 1}}')
+            await until_rows(pool, 1)
+
+
+async def test_the_legacy_v2_websocket_pushes_mqtt_readings(
+    pulse: Pulse, mosquitto: Mosquitto, make_token: Callable[..., str]
+) -> None:
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    async with open_ws(pulse.url, V2_PATH, token=make_token("t1")) as ws:
+        subscribe = {"action": "subscribe", "type": "device", "device_id": "dev-1"}
+        assert (await request(ws, subscribe))["type"] == "subscribed"
+        with closing(device):
+            await device.connect()
+            await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"v2": 2}}')
+            async with asyncio.timeout(10):
+                while (message := await recv(ws))["type"] != "telemetry":
+                    pass
+    assert (message["device_id"], message["data"]["metrics"]) == ("dev-1", {"v2": 2})
