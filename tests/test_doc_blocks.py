@@ -74,13 +74,16 @@ SYNTAX_ONLY = {
     ("README.md", "python -m pytest"): "the test command itself",
     ("docs/performance.md", "benchmarks all"): ".ci/run runs the benchmarks as a smoke test",
     ("docs/operations.md", "test_soak.py"): "the suite runs tests/test_soak.py in its short form",
+    ("README.md", "mosquitto_pub"): "tests/mqtt/test_readme.py runs it against a Mosquitto",
+    ("docs/ingest.md", "mosquitto_pub"): "the README's line, to a local broker, is run",
+    ("docs/ingest.md", "PULSE_MQTT_URL"): "tests/mqtt start Pulse with such a URL",
 }
 # Shell blocks run here, named the same way.
 RUN_HERE = {
     ("README.md", "pulse serve"),
-    ("docs/ingest.md", "/telemetry"),
+    ("docs/ingest.md", 'curl -sS -X POST "$PULSE_URL/ingest/v1/tenant'),
     ("docs/ingest.md", "/heartbeat"),
-    ("docs/ingest.md", "/batch"),
+    ("docs/ingest.md", "/ingest/v1/batch"),
     ("docs/client.md", "pulse tail"),
 }
 
@@ -280,7 +283,8 @@ async def test_ingest_curl_blocks_run_as_written(
         server, make_token(tenant_id="acme"), PULSE_DEVICE_TOKEN=readings["acme/dev-0001"]
     )
     telemetry, heartbeat, batch = (
-        shell_block("docs/ingest.md", word).code for word in ("/telemetry", "/heartbeat", "/batch")
+        shell_block("docs/ingest.md", word).code
+        for word in ('curl -sS -X POST "$PULSE_URL/ingest/v1/tenant', "/heartbeat", "/batch")
     )
     for block in (telemetry, heartbeat):
         # The answer the block shows in its last comment, with any id.
