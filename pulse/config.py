@@ -57,6 +57,11 @@ class Settings:
     ingest_burst_per_device: int = 1000
     ingest_rate_per_tenant: float = 10_000.0
     ingest_burst_per_tenant: int = 20_000
+    # Stream tickets per principal (tenant and subject): each is a row in PostgreSQL.
+    # A dashboard takes two per (re)connect, so a burst of 30 lets 15 tabs of one
+    # user reconnect at once.
+    ticket_rate_per_s: float = 1.0
+    ticket_burst: int = 30
     # Bytes of ingest request bodies held at once, before their senders are known
     # (pulse.ingest.buffer).
     ingest_buffer_mb: float = 64.0

@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from pulse.auth.tickets import TICKET_BURST, TICKETS_PER_S
 from pulse.auth.tokens import TokenVerifier
 from pulse.bus.hub import Hub
 from pulse.bus.listen import ListenSource
@@ -181,7 +180,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             hub=hub,
             ingest=ingest,
             ingest_buffer=ingest_buffer,
-            ticket_limit=RateLimiter(TICKETS_PER_S, TICKET_BURST),
+            ticket_limit=RateLimiter(settings.ticket_rate_per_s, settings.ticket_burst),
             fleet_reads=FleetReads(db),
             mqtt=mqtt,
             device_credentials=NO_CREDENTIALS if mqtt is None else mqtt.provisioner,

@@ -21,10 +21,6 @@ from pulse.errors import INVALID_TICKET, ApiError
 Q = load_queries(__package__)
 
 TICKET_TTL_S = 30
-# Per principal (tenant and subject): each is a row in PostgreSQL. A dashboard takes
-# two per (re)connect, so a burst of 30 lets 15 tabs of one user reconnect at once.
-TICKETS_PER_S = 1.0
-TICKET_BURST = 30
 _PREFIX = "pst_"
 _MAX_LENGTH = 100
 

@@ -23,7 +23,6 @@ import jsonschema_rs
 import pytest
 from quart import Quart
 
-from pulse.auth.tickets import TICKET_BURST
 from pulse.config import Settings
 from tests.support import running_server
 from tests.web.db_proxy import DatabaseProxy, database_proxy
@@ -299,6 +298,9 @@ async def test_every_route_answers_as_documented(
         ingest_burst_per_device=RATE_BURST,
         max_connections_per_tenant=1,
         listener_backoff_max_s=0.2,
+        # A principal's tickets: a burst of 3, then next to none while the test runs.
+        ticket_rate_per_s=0.001,
+        ticket_burst=3,
     )
     tokens = Tokens(make_token)
     reached: dict[tuple[str, str], set[int]] = {}
@@ -332,7 +334,7 @@ async def test_every_route_answers_as_documented(
         # 429 on stream tickets: one principal asks for more than its burst.
         flood = bearer(make_token("t-tickets"))
         await check(
-            [Call("POST", TICKET, 200, headers=flood)] * TICKET_BURST
+            [Call("POST", TICKET, 200, headers=flood)] * served.ticket_burst
             + [Call("POST", TICKET, 429, headers=flood)]
         )
         proxy.cut()

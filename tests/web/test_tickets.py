@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -10,8 +11,10 @@ import asyncpg
 import httpx
 import pytest
 
+from pulse.config import Settings
 from tests.streams.sse_client import SSE_PATH
 from tests.streams.ws_support import V2_PATH, WS_PATH, close_of, open_ws, recv, request
+from tests.support import running_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -155,26 +158,35 @@ async def test_a_request_refused_for_its_parameters_or_tenant_does_not_spend_its
     assert r.status_code == 401 and r.json()["error"] == "invalid_ticket"
 
 
-async def test_tickets_are_rate_limited_per_principal(
-    http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: Callable[..., str]
-) -> None:
-    """A burst of TICKET_BURST, then about one a second, for each tenant and subject: every
-    ticket is a row (a probe issued 2,000 in 8 s)."""
-    from pulse.auth.tickets import TICKET_BURST
+@pytest.fixture
+def few_tickets(settings: Settings) -> Settings:
+    """A burst of 5 tickets per principal, then next to none while the test runs (the
+    refill of one a second would make the count depend on the machine's speed)."""
+    return dataclasses.replace(settings, ticket_rate_per_s=0.001, ticket_burst=5)
 
+
+async def test_tickets_are_rate_limited_per_principal(
+    few_tickets: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """A burst, then about ticket_rate_per_s, for each tenant and subject: every ticket
+    is a row (a probe issued 2,000 in 8 s)."""
     alice = make_token("t1", subject="alice")
-    for _ in range(TICKET_BURST):
-        await new_ticket(http, alice)
-    r = await http.post(TICKET_PATH, headers={"Authorization": f"Bearer {alice}"})
-    assert r.status_code == 429, r.text
-    assert r.json()["error"] == "rate_limited"
-    assert r.headers["Retry-After"] == "1"
-    # Another token of the same principal shares the limit; other principals do not.
-    r = await http.post(
-        TICKET_PATH,
-        headers={"Authorization": f"Bearer {make_token('t1', subject='alice', lifetime_s=60)}"},
+    async with running_server(few_tickets) as url, httpx.AsyncClient(base_url=url) as http:
+        for _ in range(few_tickets.ticket_burst):
+            await new_ticket(http, alice)
+        r = await http.post(TICKET_PATH, headers={"Authorization": f"Bearer {alice}"})
+        assert r.status_code == 429, r.text
+        assert r.json()["error"] == "rate_limited"
+        # The wait for the next ticket: 1 / ticket_rate_per_s, in whole seconds.
+        assert 990 <= int(r.headers["Retry-After"]) <= 1000
+        # Another token of the same principal shares the limit; other principals do not.
+        r = await http.post(
+            TICKET_PATH,
+            headers={"Authorization": f"Bearer {make_token('t1', subject='alice', lifetime_s=60)}"},
+        )
+        assert r.status_code == 429
+        await new_ticket(http, make_token("t1", subject="bob"))
+        await new_ticket(http, make_token("t2", subject="alice"))
+    assert (
+        await pool.fetchval("SELECT count(*) FROM stream_tickets") == few_tickets.ticket_burst + 2
     )
-    assert r.status_code == 429
-    await new_ticket(http, make_token("t1", subject="bob"))
-    await new_ticket(http, make_token("t2", subject="alice"))
-    assert await pool.fetchval("SELECT count(*) FROM stream_tickets") == TICKET_BURST + 2
