@@ -46,6 +46,30 @@ def _reading(rng: random.Random) -> dict[str, float]:
 # -- ingest: batches ------------------------------------------------------------
 
 
+def _batch_bodies(
+    rng: random.Random, devices: dict[str, dict[str, str]], batch: int, count: int = 8
+) -> list[bytes]:
+    """``count`` batch bodies of ``batch`` readings, the tenants of ``devices`` in turn
+    (tenant -> device id -> provision token), each from one of its devices at random."""
+    tenants = list(devices)
+    out = []
+    for _ in range(count):
+        messages = []
+        for i in range(batch):
+            tenant = tenants[i % len(tenants)]
+            device_id, device_token = rng.choice(list(devices[tenant].items()))
+            messages.append(
+                {
+                    "tenant_id": tenant,
+                    "device_id": device_id,
+                    "provision_token": device_token,
+                    "metrics": _reading(rng),
+                }
+            )
+        out.append(orjson.dumps({"messages": messages}))
+    return out
+
+
 async def ingest_batch(pg: Postgres, quick: bool) -> list[Figure]:
     figures = []
     for tenants in (1, 10):
@@ -58,25 +82,6 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
     clients, batch = 4, 500
     tenants = [f"tenant-{t:02d}" for t in range(tenant_count)]
     rng = random.Random(1)
-
-    def bodies(devices: dict[str, dict[str, str]]) -> list[bytes]:
-        """The same readings for both servers (the typical stack ignores the tokens)."""
-        out = []
-        for _ in range(8):
-            messages = []
-            for i in range(batch):
-                tenant = tenants[i % tenant_count]
-                device_id, device_token = rng.choice(list(devices[tenant].items()))
-                messages.append(
-                    {
-                        "tenant_id": tenant,
-                        "device_id": device_id,
-                        "provision_token": device_token,
-                        "metrics": _reading(rng),
-                    }
-                )
-            out.append(orjson.dumps({"messages": messages}))
-        return out
 
     async def measure(server: PulseServer, load: list[bytes]) -> tuple[float, list[float], float]:
         """rows/s, per-request latencies, server CPU seconds per row."""
@@ -91,7 +96,8 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
 
     async with PulseServer(await pg.fresh_database()) as server:
         devices = {t: await provision(server.url, t, 20) for t in tenants}
-        load = bodies(devices)
+        # The same readings for both servers (the typical stack ignores the tokens).
+        load = _batch_bodies(rng, devices, batch)
         pulse_rate, pulse_lat, pulse_cpu = await measure(server, load)
     async with TypicalServer(await pg.fresh_database()) as typical:
         typical_rate, typical_lat, typical_cpu = await measure(typical, load)
@@ -138,21 +144,7 @@ async def ingest_batch_workers(pg: Postgres, quick: bool) -> list[Figure]:
                 dsn = await pg.fresh_database()
                 async with PulseServer(dsn, PULSE_WORKERS=str(workers)) as server:
                     devices = {t: await provision(server.url, t, 20) for t in tenants}
-                    load = []
-                    for _ in range(8):
-                        messages = []
-                        for i in range(batch):
-                            tenant = tenants[i % tenant_count]
-                            device_id, device_token = rng.choice(list(devices[tenant].items()))
-                            messages.append(
-                                {
-                                    "tenant_id": tenant,
-                                    "device_id": device_id,
-                                    "provision_token": device_token,
-                                    "metrics": _reading(rng),
-                                }
-                            )
-                        load.append(orjson.dumps({"messages": messages}))
+                    load = _batch_bodies(rng, devices, batch)
                     with cpu_meter(server.pids()) as used:
                         stop = time.perf_counter() + seconds
                         counts = await asyncio.gather(

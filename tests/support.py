@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -327,3 +328,56 @@ class NatsServer:
             str(c.get("name", "")): set(c.get("subscriptions_list") or [])
             for c in r.json().get("connections") or []
         }
+
+
+async def run_until(
+    argv: list[str],
+    env: dict[str, str],
+    patterns: list[str],
+    *,
+    cwd: Path | None = None,
+    timeout: float = 60,
+) -> list[str]:
+    """Run ``argv`` until every pattern starts a line of its output (or it ends: then with
+    status 0); stop it with SIGINT as a reader would with Ctrl-C. Its lines."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+
+    async def read() -> None:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            lines.append(line.decode())
+
+    reader = asyncio.create_task(read())
+    expected = [re.compile(p, re.MULTILINE) for p in patterns]
+
+    def printed() -> bool:
+        return all(any(p.match(line) for line in lines) for p in expected)
+
+    try:
+        try:
+            await until(lambda: printed() or proc.returncode is not None, timeout)
+        except TimeoutError:
+            raise AssertionError(f"timed out; it printed:\n{''.join(lines)}") from None
+        if proc.returncode is not None:
+            await reader
+            assert proc.returncode == 0, "".join(lines)
+        assert printed(), "".join(lines)
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+                raise AssertionError("it did not stop on SIGINT") from None
+        reader.cancel()
+    return lines

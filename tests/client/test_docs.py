@@ -13,8 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.client.tailproc import eventually
-from tests.support import provision_device
+from tests.support import provision_device, run_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -117,38 +116,4 @@ async def test_example_runs_as_written(
         "PULSE_TOKEN": make_token(roles=("tenant-admin",), subject="docs-admin"),
         "PYTHONUNBUFFERED": "1",  # each line as it is printed, as in a terminal
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(script),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    lines: list[str] = []
-
-    async def read() -> None:
-        assert proc.stdout is not None
-        async for line in proc.stdout:
-            lines.append(line.decode())
-
-    reader = asyncio.create_task(read())
-    expected = [re.compile(pattern) for pattern in PRINTS[heading]]
-
-    def printed() -> bool:
-        return all(any(p.match(line) for line in lines) for p in expected)
-
-    try:
-        try:
-            await eventually(lambda: printed() or proc.returncode is not None, "its output", 60)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; it printed:\n{''.join(lines)}") from None
-        if proc.returncode is not None:  # an example that ends by itself ends well
-            await reader
-            assert proc.returncode == 0, (await proc.stderr.read()).decode()
-        assert printed(), "".join(lines)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        reader.cancel()
+    await run_until([sys.executable, str(script)], env, PRINTS[heading])
