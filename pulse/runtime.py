@@ -22,6 +22,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 from pulse.auth.tickets import TICKET_BURST, TICKETS_PER_S
 from pulse.auth.tokens import TokenVerifier
 from pulse.bus.hub import Hub
@@ -33,7 +35,7 @@ from pulse.db.database import Database
 from pulse.db.embedded import embedded_database
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.migrate import MigrationError, pending
-from pulse.db.retention import run_retention
+from pulse.db.retention import ensure_partitions, run_retention
 from pulse.fleet.rules import evaluate_alerts
 from pulse.fleet.sweeper import StatusSweeper
 from pulse.ingest.buffer import IngestBuffer
@@ -102,6 +104,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
         db = await _open_database(stack, settings)
+        await _ensure_partitions(db)
 
         limits = ConnectionLimits(
             db,
@@ -199,6 +202,16 @@ async def _open_bus(
         source=NatsSource(link, listen, db, database_id, metrics),
         relay=Relay(db, store, link, database_id, metrics),
     )
+
+
+async def _ensure_partitions(db: Database) -> None:
+    """Ingest's days exist before it starts (the retention task keeps them ahead)."""
+    try:
+        await ensure_partitions(db)
+    except DatabaseUnavailable as exc:
+        raise StartupError(f"cannot use the database {exc}") from exc
+    except asyncpg.LockNotAvailableError:
+        pass  # another process is changing the partitions: they are days ahead already
 
 
 async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -> Database:
