@@ -5,8 +5,8 @@ the stream connection limits, the event source and the hub it feeds (LISTEN,
 or with PULSE_BUS_URL the NATS edge with LISTEN as its fallback), the writer
 with its transaction hooks (alert rules), and then the supervised side tasks
 that keep them going (the NATS connection, the event source, the connection
-leases, retention, the device status sweeper, the relay). It yields a ``Runtime`` that is
-complete, and on the way out stops everything in reverse order.
+leases, retention, the rollups, the device status sweeper, the relay). It yields a
+``Runtime`` that is complete, and on the way out stops everything in reverse order.
 
 Nothing here knows HTTP: the web layer (``pulse.web``) is handed the Runtime.
 A second event source or a second intake is one more module, and one more
@@ -38,6 +38,7 @@ from pulse.db.migrate import MigrationError, pending
 from pulse.db.retention import ensure_partitions, run_retention
 from pulse.fleet.rules import evaluate_alerts
 from pulse.fleet.sweeper import StatusSweeper
+from pulse.history.rollups import Rollups, RollupSettings
 from pulse.ingest.buffer import IngestBuffer
 from pulse.ingest.ratelimit import Admission, RateLimiter
 from pulse.ingest.service import Ingest
@@ -155,6 +156,15 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 run_retention, db, settings.retention_hours, settings.retention_interval_s
             ),
         )
+        rollups = Rollups(
+            db,
+            RollupSettings(
+                interval_s=settings.rollup_interval_s,
+                minutes_days=settings.rollup_minutes_days,
+                hours_days=settings.rollup_hours_days,
+            ),
+        )
+        supervisor.start("rollups", rollups.run)
         sweeper = StatusSweeper(
             db, stale_after_s=settings.stale_after_s, offline_after_s=settings.offline_after_s
         )

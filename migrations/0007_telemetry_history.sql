@@ -122,3 +122,37 @@ BEGIN
     PERFORM pulse_create_telemetry_partitions(upto, upto + 3);
 END
 $$;
+
+-- Rollups: per device, metric and minute, and per hour from the minutes, kept
+-- longer than the readings (pulse.history.rollups). A bucket starts at its UTC
+-- minute or hour of device time. Booleans count as 1 and 0, like the alert rules
+-- (pulse_metric_value). "last" is the value of the reading with the latest device
+-- time in the bucket (the higher id on a tie), so merging a later batch into a
+-- bucket keeps it whichever order the readings came in.
+CREATE TABLE telemetry_minutes (
+    tenant_id text NOT NULL,
+    device_id text NOT NULL,
+    metric    text NOT NULL,
+    bucket    timestamptz NOT NULL,
+    count     bigint NOT NULL,
+    min       double precision NOT NULL,
+    max       double precision NOT NULL,
+    sum       double precision NOT NULL,
+    last      double precision NOT NULL,
+    last_time timestamptz NOT NULL,
+    last_id   bigint NOT NULL,
+    PRIMARY KEY (tenant_id, device_id, metric, bucket)
+);
+CREATE TABLE telemetry_hours (LIKE telemetry_minutes INCLUDING ALL);
+-- Their retention deletes by bucket; buckets grow with the rows' order of insertion.
+CREATE INDEX telemetry_minutes_bucket_brin ON telemetry_minutes USING brin (bucket);
+CREATE INDEX telemetry_hours_bucket_brin ON telemetry_hours USING brin (bucket);
+
+-- Per tenant, the newest event id counted in the rollups. A tenant's committed
+-- rows up to its last_event_id are all there (ids follow commit order), so the
+-- rows in (watermark, last_event_id] are exactly the ones not yet counted; the
+-- watermark moves in the same transaction as the counts.
+CREATE TABLE rollup_watermarks (
+    tenant_id text PRIMARY KEY REFERENCES tenants ON DELETE CASCADE,
+    last_id   bigint NOT NULL DEFAULT 0
+);
