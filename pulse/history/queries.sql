@@ -91,3 +91,87 @@ DELETE FROM telemetry_minutes r
 DELETE FROM telemetry_hours r
  USING (SELECT ctid FROM telemetry_hours WHERE bucket < $1 LIMIT $2) AS doomed
  WHERE r.ctid = doomed.ctid
+
+-- name: newest_event_id
+-- The tenant's newest committed id (its counter commits with its rows).
+SELECT coalesce((SELECT last_event_id FROM tenants WHERE tenant_id = $1), 0)
+
+-- name: device_exists
+SELECT EXISTS (SELECT 1 FROM devices WHERE tenant_id = $1 AND device_id = $2)
+
+-- name: tenant_devices
+SELECT device_id FROM devices WHERE tenant_id = $1 ORDER BY device_id
+
+-- name: count_readings
+-- How many readings a device has in [$3, $4), counting no further than $5.
+SELECT count(*) FROM (
+    SELECT 1 FROM telemetry
+     WHERE tenant_id = $1 AND device_id = $2 AND device_time >= $3 AND device_time < $4
+     LIMIT $5) AS r
+
+-- name: series
+-- Buckets of width $6 (aligned on UTC midnight) for some devices and metrics
+-- ($3 NULL: every metric), from the minutes ($7 false) or the hours ($7 true)
+-- whose start is in [$4, $5), merged with the rows the rollups have not counted
+-- yet (ids after the watermark): the series is exact up to the tenant's newest
+-- committed id, read in the same snapshot. $4 is aligned to the bucket already.
+WITH mark AS (
+    SELECT coalesce((SELECT last_id FROM rollup_watermarks WHERE tenant_id = $1), 0) AS counted
+), parts AS (
+    SELECT device_id, metric, bucket, count, min, max, sum, last, last_time, last_id
+      FROM telemetry_minutes
+     WHERE NOT $7 AND tenant_id = $1 AND device_id = ANY($2::text[])
+       AND ($3::text[] IS NULL OR metric = ANY($3::text[]))
+       AND bucket >= $4 AND bucket < $5
+    UNION ALL
+    SELECT device_id, metric, bucket, count, min, max, sum, last, last_time, last_id
+      FROM telemetry_hours
+     WHERE $7 AND tenant_id = $1 AND device_id = ANY($2::text[])
+       AND ($3::text[] IS NULL OR metric = ANY($3::text[]))
+       AND bucket >= $4 AND bucket < $5
+    UNION ALL
+    SELECT t.device_id, m.key, t.device_time, 1, v.value, v.value, v.value, v.value,
+           t.device_time, t.id
+      FROM mark, telemetry t
+     CROSS JOIN LATERAL jsonb_each_text(t.metrics) AS m
+     CROSS JOIN LATERAL (SELECT pulse_metric_value(m.value) AS value) AS v
+     WHERE t.tenant_id = $1 AND t.id > mark.counted
+       AND t.device_id = ANY($2::text[])
+       AND t.device_time >= $4 AND t.device_time < $5
+       AND ($3::text[] IS NULL OR m.key = ANY($3::text[]))
+)
+SELECT device_id, metric,
+       date_bin($6::interval, bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS t,
+       sum(count)::bigint AS count, min(min) AS min, max(max) AS max, sum(sum) AS sum,
+       (array_agg(last ORDER BY last_time DESC, last_id DESC))[1] AS last
+  FROM parts
+ GROUP BY 1, 2, 3
+ ORDER BY 1, 2, 3
+
+-- name: raw_points
+-- Each reading of one device in [$3, $4) as points, metric by metric.
+SELECT m.key AS metric, t.device_time AS t, pulse_metric_value(m.value) AS value
+  FROM telemetry t
+ CROSS JOIN LATERAL jsonb_each_text(t.metrics) AS m
+ WHERE t.tenant_id = $1 AND t.device_id = $2 AND t.device_time >= $3 AND t.device_time < $4
+   AND ($5::text[] IS NULL OR m.key = ANY($5::text[]))
+ ORDER BY m.key, t.device_time, t.id
+
+-- name: readings
+-- One device's readings in [$3, $4), in (device time, id) order, after the
+-- cursor ($5, $6) when there is one, at most $8; with metrics named ($7), only
+-- those, and readings with none of them are left out. Time and metrics come
+-- out as text, ready to embed.
+SELECT id, device_time,
+       to_char(device_time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS time,
+       CASE WHEN $7::text[] IS NULL THEN metrics::text
+            ELSE (SELECT jsonb_object_agg(e.key, e.value)
+                    FROM jsonb_each(metrics) AS e WHERE e.key = ANY($7::text[]))::text
+       END AS metrics_json
+  FROM telemetry
+ WHERE tenant_id = $1 AND device_id = $2
+   AND device_time >= greatest($3::timestamptz, $5::timestamptz) AND device_time < $4
+   AND ($5::timestamptz IS NULL OR (device_time, id) > ($5::timestamptz, $6::bigint))
+   AND ($7::text[] IS NULL OR metrics ?| $7::text[])
+ ORDER BY device_time, id
+ LIMIT $8

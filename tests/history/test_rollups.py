@@ -12,23 +12,9 @@ import pytest
 from pulse.db.database import Database
 from pulse.history import rollups
 from pulse.history.rollups import ROLLUP_LOCK_KEY, Rollups, RollupSettings, roll_up_once
+from tests.history.readings import readings_at
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
-
-
-async def readings_at(
-    pool: asyncpg.Pool, tenant: str, rows: list[tuple[str, datetime, dict[str, float]]]
-) -> list[int]:
-    """Commit readings with these device times, the way ingest does."""
-    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING", tenant)
-    async with pool.acquire() as conn, conn.transaction():
-        base = await conn.fetchval("SELECT pulse_reserve_event_ids($1, $2)", tenant, len(rows))
-        await conn.executemany(
-            """INSERT INTO telemetry (tenant_id, id, device_id, device_time, metrics)
-               VALUES ($1, $2, $3, $4, $5)""",
-            [(tenant, base + n, d, t, m) for n, (d, t, m) in enumerate(rows, 1)],
-        )
-    return list(range(base + 1, base + 1 + len(rows)))
 
 
 async def minutes(pool: asyncpg.Pool, table: str = "telemetry_minutes") -> list[tuple]:  # type: ignore[type-arg]
