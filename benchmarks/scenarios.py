@@ -31,6 +31,7 @@ from benchmarks.harness import (
     provision,
     token,
 )
+from benchmarks.history import history
 from benchmarks.loadgen import HttpConnection, StreamCounter, post_batches
 
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
@@ -846,4 +847,5 @@ SCENARIOS: dict[str, Scenario] = {
     "replay": replay,
     "cluster": cluster,
     "notify-cost": notify_cost,
+    "history": history,
 }
