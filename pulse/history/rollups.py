@@ -32,7 +32,7 @@ STANDBY_NAME = "pulse rollups standby"
 LEADER_NAME = "pulse rollups"
 # Rows of one tenant counted per transaction: a backlog (a fresh migration of a
 # large table, a long outage) is worked off in steps that commit as they go.
-BATCH_IDS = 50_000
+BATCH_IDS = 10_000
 TRIM_BATCH = 5000
 QUERY_TIMEOUT_S = 300.0
 
