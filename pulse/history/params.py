@@ -25,6 +25,12 @@ AGGREGATES = ("avg", "min", "max", "last", "count")
 # bucket=auto: at most about this many points in a series.
 MAX_POINTS = 1000
 DEFAULT_SPAN = timedelta(hours=1)
+# Ingest accepts device times up to 5 minutes ahead of its clock when a reading
+# arrives (pulse.ingest.validation): without ``to``, a range ends twice that far
+# ahead (room for readings still in flight), so that it holds every reading
+# committed so far. A dashboard resuming its stream from the history's newest id
+# relies on it: nothing committed before is left out.
+CLOCK_AHEAD = timedelta(minutes=10)
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10_000
 MAX_METRICS = 100
@@ -67,8 +73,8 @@ class HistoryQuery:
 
 
 def parse_history(args: Mapping[str, str], *, now: datetime, fleet: bool = False) -> HistoryQuery:
-    end = _time(args, "to") or now
-    start = _time(args, "from") or end - DEFAULT_SPAN
+    end = _time(args, "to") or now + CLOCK_AHEAD
+    start = _time(args, "from") or now - DEFAULT_SPAN
     if start >= end:
         raise _bad("from must be before to.")
     bucket = args.get("bucket") or "auto"

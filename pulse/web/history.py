@@ -44,9 +44,13 @@ AggregateName = Literal["avg", "min", "max", "last", "count"]
 class HistoryParams(BaseModel):
     tenant_id: str | None = Field(default=None, description="Required for operators.")
     from_: str | None = Field(
-        default=None, alias="from", description="ISO 8601 (UTC if no offset); default to - 1 h."
+        default=None, alias="from", description="ISO 8601 (UTC if no offset); default: an hour ago."
     )
-    to: str | None = Field(default=None, description="ISO 8601 (UTC if no offset); default now.")
+    to: str | None = Field(
+        default=None,
+        description="ISO 8601 (UTC if no offset); default: every reading so far (10 minutes "
+        "ahead: a device's clock may be 5 ahead).",
+    )
     bucket: Literal["auto", "raw", "1m", "5m", "15m", "1h", "1d"] = Field(
         default="auto",
         description="auto: raw points when the device has at most 1000 readings in the "
