@@ -72,6 +72,9 @@ CREATE FUNCTION pulse_create_telemetry_partitions(first_day date, last_day date)
         name text;
         created integer := 0;
     BEGIN
+        -- Processes starting together would both create the same day: one at a time
+        -- (each statement below then sees what the one before committed).
+        PERFORM pg_advisory_xact_lock(x'70756C73657074'::bigint);  -- "pulse" "pt"
         FOR day IN SELECT d::date FROM generate_series(first_day, last_day, interval '1 day') AS d LOOP
             CONTINUE WHEN pulse_telemetry_day_covered(day);
             name := 'telemetry_p' || to_char(day, 'YYYYMMDD');

@@ -82,7 +82,7 @@ def parse_history(args: Mapping[str, str], *, now: datetime, fleet: bool = False
         raise _bad(f"bucket must be one of {', '.join(BUCKETS)}.")
     if fleet and bucket == "raw":
         raise _bad("bucket=raw reads one device: use /devices/{device_id}/telemetry.")
-    aggregates = _names(args.get("agg"), "agg") or AGGREGATES
+    aggregates = _names(args.get("agg"), "agg", names=False) or AGGREGATES
     unknown = [a for a in aggregates if a not in AGGREGATES]
     if unknown:
         raise _bad(f"agg {unknown[0]!r} is not one of {', '.join(AGGREGATES)}.")
@@ -120,17 +120,20 @@ def _time(args: Mapping[str, str], name: str) -> datetime | None:
     return moment.astimezone(UTC)
 
 
-def _names(raw: str | None, name: str, *, limit: int | None = None) -> tuple[str, ...] | None:
+def _names(
+    raw: str | None, name: str, *, limit: int | None = None, names: bool = True
+) -> tuple[str, ...] | None:
+    """Comma-separated values, each once, in order; ``names``: each a valid name."""
     if raw is None or raw == "":
         return None
-    names = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
-    if name not in ("agg",):
-        bad = [n for n in names if not is_valid_name(n)]
+    values = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    if names:
+        bad = [n for n in values if not is_valid_name(n)]
         if bad:
             raise _bad(f"{name}: {bad[0][:64]!r} is not 1 to 64 of [A-Za-z0-9_.:-].")
-    if limit is not None and len(names) > limit:
+    if limit is not None and len(values) > limit:
         raise _bad(f"{name}: at most {limit} names.")
-    return names or None
+    return values or None
 
 
 def _limit(raw: str | None) -> int:

@@ -145,3 +145,11 @@ async def test_resume_from_dropped_history(
                     break
     assert got[0] == ("reset", None, '{"reason":"history_trimmed","earliest_id":6}')
     assert [i for _, i, _ in got[1:]] == ["6", "7", "8"]
+
+
+async def test_processes_starting_together_create_each_day_once(pool: asyncpg.Pool) -> None:
+    far = utc_today() + timedelta(days=30)
+    created = await asyncio.gather(
+        *(create_partitions(seam(pool), far, far + timedelta(days=2)) for _ in range(4))
+    )
+    assert sorted(created) == [0, 0, 0, 3]
