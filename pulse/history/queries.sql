@@ -92,10 +92,6 @@ DELETE FROM telemetry_hours r
  USING (SELECT ctid FROM telemetry_hours WHERE bucket < $1 LIMIT $2) AS doomed
  WHERE r.ctid = doomed.ctid
 
--- name: newest_event_id
--- The tenant's newest committed id (its counter commits with its rows).
-SELECT coalesce((SELECT last_event_id FROM tenants WHERE tenant_id = $1), 0)
-
 -- name: device_exists
 SELECT EXISTS (SELECT 1 FROM devices WHERE tenant_id = $1 AND device_id = $2)
 
@@ -109,15 +105,21 @@ SELECT count(*) FROM (
      WHERE tenant_id = $1 AND device_id = $2 AND device_time >= $3 AND device_time < $4
      LIMIT $5) AS r
 
+-- name: snapshot_marks
+-- The tenant's newest committed id, and the newest one the rollups counted.
+SELECT coalesce((SELECT last_event_id FROM tenants WHERE tenant_id = $1), 0) AS newest,
+       coalesce((SELECT last_id FROM rollup_watermarks WHERE tenant_id = $1), 0) AS counted
+
 -- name: series
 -- Buckets of width $6 (aligned on UTC midnight) for some devices and metrics
 -- ($3 NULL: every metric), from the minutes ($7 false) or the hours ($7 true)
 -- whose start is in [$4, $5), merged with the rows the rollups have not counted
--- yet (ids after the watermark): the series is exact up to the tenant's newest
--- committed id, read in the same snapshot. $4 is aligned to the bucket already.
-WITH mark AS (
-    SELECT coalesce((SELECT last_id FROM rollup_watermarks WHERE tenant_id = $1), 0) AS counted
-), parts AS (
+-- yet: ids after $8, the watermark read in the same snapshot (snapshot_marks), so
+-- the series is exact up to the tenant's newest committed id. $4 is aligned to
+-- the bucket already. The caller plans it with the watermark's value
+-- (plan_cache_mode): the uncounted rows are few, and must be read by the primary
+-- key, never through the device's index over its whole range.
+WITH parts AS (
     SELECT device_id, metric, bucket, count, min, max, sum, last, last_time, last_id
       FROM telemetry_minutes
      WHERE NOT $7 AND tenant_id = $1 AND device_id = ANY($2::text[])
@@ -132,21 +134,25 @@ WITH mark AS (
     UNION ALL
     SELECT t.device_id, m.key, t.device_time, 1, v.value, v.value, v.value, v.value,
            t.device_time, t.id
-      FROM mark, telemetry t
+      FROM telemetry t
      CROSS JOIN LATERAL jsonb_each_text(t.metrics) AS m
      CROSS JOIN LATERAL (SELECT pulse_metric_value(m.value) AS value) AS v
-     WHERE t.tenant_id = $1 AND t.id > mark.counted
+     WHERE t.tenant_id = $1 AND t.id > $8
        AND t.device_id = ANY($2::text[])
        AND t.device_time >= $4 AND t.device_time < $5
        AND ($3::text[] IS NULL OR m.key = ANY($3::text[]))
 )
+-- "last" as the greatest (time, id, value) triple: a plain aggregate, so the
+-- groups are hashed, not sorted (an ordered aggregate sorts every input row by
+-- its text keys, which was most of a 7-day chart's time). The final order is
+-- by bytes: only the few output rows are sorted.
 SELECT device_id, metric,
        date_bin($6::interval, bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS t,
        sum(count)::bigint AS count, min(min) AS min, max(max) AS max, sum(sum) AS sum,
-       (array_agg(last ORDER BY last_time DESC, last_id DESC))[1] AS last
+       (max(ARRAY[extract(epoch FROM last_time)::float8, last_id::float8, last]))[3] AS last
   FROM parts
  GROUP BY 1, 2, 3
- ORDER BY 1, 2, 3
+ ORDER BY device_id COLLATE "C", metric COLLATE "C", t
 
 -- name: raw_points
 -- Each reading of one device in [$3, $4) as points, metric by metric.

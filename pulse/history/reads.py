@@ -55,7 +55,7 @@ async def series(
     """Buckets of the query's width, or of the width bucket=auto picks: raw points when
     one device has at most MAX_POINTS readings in the range."""
     async with db.connection() as conn, _snapshot(conn):
-        newest: int = await conn.fetchval(Q["newest_event_id"], tenant_id)
+        marks = await conn.fetchrow(Q["snapshot_marks"], tenant_id)
         bucket = query.bucket
         if bucket == "auto" and len(devices) == 1:
             count = await conn.fetchval(
@@ -73,8 +73,10 @@ async def series(
                 for p in points
             ]
         else:
-            rows = await conn.fetch(Q["series"], *_series_args(tenant_id, devices, query, bucket))
-    return Series(bucket, newest, rows)
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            args = _series_args(tenant_id, devices, query, bucket, marks["counted"])
+            rows = await conn.fetch(Q["series"], *args)
+    return Series(bucket, marks["newest"], rows)
 
 
 async def readings_page(
@@ -104,8 +106,10 @@ async def export_readings(
 async def export_series(
     db: Database, tenant_id: str, devices: Sequence[str], query: HistoryQuery, bucket: str
 ) -> AsyncIterator[list[Any]]:
-    args = _series_args(tenant_id, devices, query, bucket)
     async with db.connection() as conn, _snapshot(conn):
+        counted = (await conn.fetchrow(Q["snapshot_marks"], tenant_id))["counted"]
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        args = _series_args(tenant_id, devices, query, bucket, counted)
         async for batch in _batches(conn.cursor(Q["series"], *args, prefetch=EXPORT_BATCH)):
             yield batch
 
@@ -118,7 +122,7 @@ def point(row: Sequence[Any], aggregates: Sequence[str]) -> dict[str, Any]:
 
 
 def _series_args(
-    tenant_id: str, devices: Sequence[str], query: HistoryQuery, bucket: str
+    tenant_id: str, devices: Sequence[str], query: HistoryQuery, bucket: str, counted: int
 ) -> tuple[Any, ...]:
     width = WIDTHS[bucket]
     return (
@@ -129,6 +133,7 @@ def _series_args(
         query.end,
         width,
         bucket in _FROM_HOURS,
+        counted,
     )
 
 
