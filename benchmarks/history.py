@@ -6,9 +6,11 @@ One device with 7 days of readings at 1 Hz (604,800; 86,400 over 1 day with
 
 - a 7-day chart of the 1 Hz device (bucket=auto: 15-minute buckets, 672 points
   per metric), sequential requests, p50 / p99;
-- batch ingest at full speed (4 clients x 500 readings) against the same server
-  and against today's code before issue #17 (no partitions, no rollups) on a
-  database holding the same rows, round by round in alternating order;
+- batch ingest at full speed (4 clients x 500 readings) against the same server,
+  against today's code before issue #17 (no partitions, no rollups) on a database
+  holding the same rows, and against this code with its rollups paused (a third
+  database, its rollups marked as counted, PULSE_ROLLUP_INTERVAL_S an hour): the
+  cost of the partitions alone. Round by round, the sides in turn;
 - during Pulse's rounds, the rollups' lag behind ingest: how long ago the newest
   counted id was the tenant's newest committed id.
 
@@ -202,29 +204,35 @@ async def history(pg: Postgres, quick: bool) -> list[Figure]:
     requests = 30 if quick else 200
     new_dsn = await database(pg, partitioned=True)
     old_dsn = await database(pg, partitioned=False)
+    paused_dsn = await database(pg, partitioned=True)
     rows = 0
-    for dsn, partitioned in ((new_dsn, True), (old_dsn, False)):
+    for dsn, partitioned in ((new_dsn, True), (old_dsn, False), (paused_dsn, True)):
         await _tenant(dsn)
         began = time.perf_counter()
         rows = await fill(dsn, days, partitioned=partitioned)
         print(f"   filled {rows:,} rows in {time.perf_counter() - began:.0f} s", flush=True)
+    await _counted_already(paused_dsn)
     rng = random.Random(1)
     with baseline_tree() as old_tree:
         async with (
             PulseServer(new_dsn) as new,
             BaselineServer(old_dsn, old_tree) as old,
+            PulseServer(paused_dsn, PULSE_ROLLUP_INTERVAL_S="3600") as paused,
         ):
+            backfill = await caught_up(new_dsn, timeout=1800)
             devices = {
                 "new": await provision(new.url, TENANT, DEVICES),
                 "old": await provision(old.url, TENANT, DEVICES),
+                "paused": await provision(paused.url, TENANT, DEVICES),
             }
-            backfill = await caught_up(new_dsn, timeout=1800)
             latencies, points = await chart_latencies(new.url, requests, days)
-            rates: dict[str, list[float]] = {"new": [], "old": []}
+            rates: dict[str, list[float]] = {"new": [], "old": [], "paused": []}
+            servers = {"new": new, "old": old, "paused": paused}
             lags: list[float] = []
             for r in range(rounds):
-                for side in ("new", "old") if r % 2 == 0 else ("old", "new"):
-                    server = new if side == "new" else old
+                sides = ["new", "old", "paused"]
+                for side in sides[r % 3 :] + sides[: r % 3]:
+                    server = servers[side]
                     load = _bodies(dict(list(devices[side].items())[:20]), rng)
                     stop_probe = asyncio.Event()
                     probe = LagProbe(new_dsn, lags)
@@ -241,6 +249,8 @@ async def history(pg: Postgres, quick: bool) -> list[Figure]:
                         await probing
     new_rate, old_rate = statistics.median(rates["new"]), statistics.median(rates["old"])
     ratios = [n / o for n, o in zip(rates["new"], rates["old"], strict=True)]
+    paused_rate = statistics.median(rates["paused"])
+    paused_ratios = [p / o for p, o in zip(rates["paused"], rates["old"], strict=True)]
     label = f"history: 1 device at 1 Hz for {days} d + {DEVICES - 1} at 1/min ({rows:,} rows)"
     return [
         Figure(
@@ -266,9 +276,27 @@ async def history(pg: Postgres, quick: bool) -> list[Figure]:
             target=">= 0.9x before", baseline=old_rate,
             note=f"in turn with the above; round ratios {', '.join(f'{x:.2f}' for x in ratios)}",
         ),
+        Figure(
+            label, "batch ingest with partitions, rollups paused", paused_rate, "rows/s",
+            baseline=old_rate,
+            note="in turn with the above; round ratios "
+            + ", ".join(f"{x:.2f}" for x in paused_ratios),
+        ),
         Figure(label, "rollup backfill of the filled rows", rows / backfill, "rows/s",
-               note=f"{backfill:.1f} s from the server's start"),
+               note=f"{backfill:.1f} s, from when the servers were ready"),
     ]  # fmt: skip
+
+
+async def _counted_already(dsn: str) -> None:
+    """The rollups start at the newest row: the paused side never counts the fill."""
+    conn = await connect(dsn)
+    try:
+        await conn.execute(
+            """INSERT INTO rollup_watermarks (tenant_id, last_id)
+               SELECT tenant_id, last_event_id FROM tenants"""
+        )
+    finally:
+        await conn.close()
 
 
 async def _tenant(dsn: str) -> None:
