@@ -50,6 +50,7 @@ class Cursor:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_LAST = datetime.max.replace(tzinfo=UTC) - timedelta(days=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +114,14 @@ def _time(args: Mapping[str, str], name: str) -> datetime | None:
         return None
     try:
         moment = datetime.fromisoformat(raw.replace("z", "Z"))
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)  # the contract's times are UTC
+        # Within a day of the calendar's ends: room to align to a bucket and add a margin.
+        if not datetime.min.replace(tzinfo=UTC) + timedelta(days=1) <= moment <= _LAST:
+            raise ValueError(raw)
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise _bad(f"{name} must be an ISO 8601 time, such as 2026-11-27T17:00:00Z.") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)  # the contract's times are UTC
-    return moment.astimezone(UTC)
 
 
 def _names(

@@ -7,6 +7,7 @@ Tenant-isolated like every read: another tenant's device is an unknown device.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -188,10 +189,11 @@ async def fleet_history() -> Response:
     query = parse_history(request.args, now=datetime.now(UTC), fleet=True)
     db, tenant_id = runtime().db, tenant()
     devices = list(query.devices) if query.devices else await reads.tenant_devices(db, tenant_id)
+    if query.bucket == "auto":  # by the range only, even for one device: never raw
+        query = dataclasses.replace(query, bucket=query.width_for_span())
     kind = _media_type()
     if kind != JSON:
-        bucket = query.width_for_span() if query.bucket == "auto" else query.bucket
-        batches = reads.export_series(db, tenant_id, devices, query, bucket)
+        batches = reads.export_series(db, tenant_id, devices, query, query.bucket)
         return _stream(kind, _series_lines(kind, batches, query))
     found = await reads.series(db, tenant_id, devices, query)
     assert query.metrics is not None

@@ -193,6 +193,7 @@ async def test_fleet_form_has_one_series_per_device(
     }
     only = (await http.get(FLEET, params=window(metric="temp", device_id="d2"))).json()
     assert list(only["series"]) == ["d2"]
+    assert only["bucket"] == "1m"  # auto picks by the range only, even for one device
 
 
 @pytest.mark.parametrize(
