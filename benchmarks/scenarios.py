@@ -31,6 +31,7 @@ from benchmarks.harness import (
     provision,
     token,
 )
+from benchmarks.history import history
 from benchmarks.loadgen import HttpConnection, StreamCounter, post_batches
 from benchmarks.mqtt import mqtt_ingest
 
@@ -904,4 +905,5 @@ SCENARIOS: dict[str, Scenario] = {
     "cluster": cluster,
     "notify-cost": notify_cost,
     "mqtt": mqtt_ingest,
+    "history": history,
 }

@@ -1,4 +1,4 @@
-"""pulse serve | migrate | token | demo | simulate | tail"""
+"""pulse serve | migrate | token | demo | simulate | tail | export"""
 
 from __future__ import annotations
 
@@ -40,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--lifetime", type=float, default=3600.0, help="seconds")
     token.add_argument("--subject", default="dev-user")
 
+    from pulse.client.export import add_export_command
     from pulse.client.tail import add_tail_command
     from pulse.sim.commands import add_sim_commands
 
     add_sim_commands(sub)  # demo, simulate
     add_tail_command(sub)
+    add_export_command(sub)
     return parser
 
 

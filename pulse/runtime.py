@@ -5,8 +5,8 @@ the stream connection limits, the event source and the hub it feeds (LISTEN,
 or with PULSE_BUS_URL the NATS edge with LISTEN as its fallback), the writer
 with its transaction hooks (alert rules), and then the supervised side tasks
 that keep them going (the NATS connection, the event source, the connection
-leases, retention, the device status sweeper, the relay, MQTT). It yields a ``Runtime`` that is
-complete, and on the way out stops everything in reverse order.
+leases, retention, the rollups, the device status sweeper, the relay, MQTT). It yields
+a ``Runtime`` that is complete, and on the way out stops everything in reverse order.
 
 Nothing here knows HTTP: the web layer (``pulse.web``) is handed the Runtime.
 A second event source or a second intake is one more module, and one more
@@ -22,6 +22,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 from pulse.auth.tokens import TokenVerifier
 from pulse.bus.hub import Hub
 from pulse.bus.listen import ListenSource
@@ -32,10 +34,11 @@ from pulse.db.database import Database
 from pulse.db.embedded import embedded_database
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.migrate import MigrationError, pending
-from pulse.db.retention import run_retention
+from pulse.db.retention import ensure_partitions, run_retention
 from pulse.fleet.devices import NO_CREDENTIALS, Credentials
 from pulse.fleet.rules import evaluate_alerts
 from pulse.fleet.sweeper import StatusSweeper
+from pulse.history.rollups import Rollups, RollupSettings
 from pulse.ingest.buffer import IngestBuffer
 from pulse.ingest.ratelimit import Admission, RateLimiter
 from pulse.ingest.service import Ingest
@@ -106,6 +109,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
         db = await _open_database(stack, settings)
+        await _ensure_partitions(db)
 
         limits = ConnectionLimits(
             db,
@@ -159,6 +163,15 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 run_retention, db, settings.retention_hours, settings.retention_interval_s
             ),
         )
+        rollups = Rollups(
+            db,
+            RollupSettings(
+                interval_s=settings.rollup_interval_s,
+                minutes_days=settings.rollup_minutes_days,
+                hours_days=settings.rollup_hours_days,
+            ),
+        )
+        supervisor.start("rollups", rollups.run)
         sweeper = StatusSweeper(
             db, stale_after_s=settings.stale_after_s, offline_after_s=settings.offline_after_s
         )
@@ -222,6 +235,16 @@ def _open_mqtt(settings: Settings, db: Database, ingest: Ingest, metrics: Metric
         return Mqtt(settings.mqtt_url, settings.mqtt_client_id, db, ingest, metrics)
     except ValueError as exc:
         raise StartupError(f"PULSE_MQTT_URL: {exc}") from exc
+
+
+async def _ensure_partitions(db: Database) -> None:
+    """Ingest's days exist before it starts (the retention task keeps them ahead)."""
+    try:
+        await ensure_partitions(db)
+    except DatabaseUnavailable as exc:
+        raise StartupError(f"cannot use the database {exc}") from exc
+    except asyncpg.LockNotAvailableError:
+        pass  # another process is changing the partitions: they are days ahead already
 
 
 async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -> Database:

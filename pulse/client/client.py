@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -12,11 +14,15 @@ from pulse.client.backoff import Backoff
 from pulse.client.credentials import Credentials, TokenRefresh
 from pulse.client.errors import AuthenticationFailed, PulseClientError
 from pulse.client.events import Alert, FleetSummary
+from pulse.client.history import History, Reading, history_params
 from pulse.client.sse import SSETelemetryStream, http_failure
 from pulse.client.stream import AuthRejected, NoticeHandler
 from pulse.client.websocket import V2Stream, WebSocketTelemetryStream
 
 ALERTS_PATH = "/api/v1/customer/alerts"
+DEVICES_PATH = "/api/v1/customer/devices"
+FLEET_HISTORY_PATH = "/api/v1/customer/telemetry/history"
+EXPORT_TYPES = {"csv": "text/csv", "ndjson": "application/x-ndjson"}
 
 
 class PulseClient:
@@ -156,6 +162,117 @@ class PulseClient:
         """Mark it ``CLOSED`` (tenant-admin); returns the alert as it is now."""
         return Alert.from_wire(await self._request("POST", f"{ALERTS_PATH}/{alert_id}/close"))
 
+    # History (docs/history.md)
+
+    async def history(
+        self,
+        device_id: str,
+        *,
+        metrics: Iterable[str] | None = None,
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+        bucket: str = "auto",
+        aggregates: Iterable[str] | None = None,
+    ) -> History:
+        """A device's series by metric over [start, end) (default: the last hour), in
+        buckets (``bucket``: auto, 1m, 5m, 15m, 1h or 1d; auto may give raw points)."""
+        if bucket == "raw":
+            raise ValueError("bucket='raw' pages readings: use iter_readings")
+        params = history_params(start, end, bucket, list(aggregates or ()))
+        if metrics:
+            params["metrics"] = ",".join(metrics)
+        path = f"{DEVICES_PATH}/{device_id}/telemetry"
+        return History.from_wire(await self._request("GET", path, params=params))
+
+    async def fleet_history(
+        self,
+        metric: str,
+        *,
+        device_ids: Iterable[str] | None = None,
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+        bucket: str = "auto",
+        aggregates: Iterable[str] | None = None,
+    ) -> History:
+        """One metric across the tenant's devices: ``series`` by device id."""
+        params = history_params(start, end, bucket, list(aggregates or ()))
+        params["metric"] = metric
+        if device_ids:
+            params["device_id"] = ",".join(device_ids)
+        return History.from_wire(await self._request("GET", FLEET_HISTORY_PATH, params=params))
+
+    async def iter_readings(
+        self,
+        device_id: str,
+        *,
+        metrics: Iterable[str] | None = None,
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+        page_size: int = 1000,
+    ) -> AsyncIterator[Reading]:
+        """A device's raw readings in (device time, id) order, a page at a time."""
+        params = history_params(start, end, "raw", None)
+        params["limit"] = str(page_size)
+        if metrics:
+            params["metrics"] = ",".join(metrics)
+        path = f"{DEVICES_PATH}/{device_id}/telemetry"
+        while True:
+            page = await self._request("GET", path, params=params)
+            for reading in page["readings"]:
+                yield Reading.from_wire(reading)
+            if not page.get("next"):
+                return
+            params["cursor"] = str(page["next"])
+
+    async def export(
+        self,
+        device_id: str,
+        *,
+        format: str = "csv",
+        metrics: Iterable[str] | None = None,
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+        bucket: str = "raw",
+        aggregates: Iterable[str] | None = None,
+    ) -> AsyncIterator[bytes]:
+        """A device's export as it streams in: CSV or NDJSON bytes, of any size."""
+        params = history_params(start, end, bucket, list(aggregates or ()))
+        if metrics:
+            params["metrics"] = ",".join(metrics)
+        headers = {"Accept": EXPORT_TYPES[format]}
+        path = f"{DEVICES_PATH}/{device_id}/telemetry"
+        async with self._stream("GET", path, params=params, headers=headers) as response:
+            async for chunk in response.aiter_bytes():
+                yield chunk
+
+    @contextlib.asynccontextmanager
+    async def _stream(
+        self, method: str, path: str, *, params: dict[str, str], headers: dict[str, str]
+    ) -> AsyncIterator[httpx.Response]:
+        """A request whose answer is read as it comes; failures raised as _request does."""
+        params = {**params, **({"tenant_id": self.tenant_id} if self.tenant_id else {})}
+        for attempt in range(2):
+            token = await self.credentials.current()
+            request = self.http.build_request(
+                method,
+                path,
+                params=params,
+                headers={**headers, "Authorization": f"Bearer {token}"},
+                timeout=httpx.Timeout(10.0, read=None),
+            )
+            response = await self.http.send(request, stream=True)
+            try:
+                if response.status_code == 401 and attempt == 0 and self.credentials.can_refresh:
+                    await self.credentials.refresh()
+                    continue
+                if not response.is_success:
+                    await response.aread()
+                    raise self._failure(response)
+                yield response
+                return
+            finally:
+                await response.aclose()
+
     async def _request(
         self, method: str, path: str, *, params: dict[str, str] | None = None
     ) -> Any:
@@ -173,9 +290,13 @@ class PulseClient:
             break
         if response.is_success:
             return response.json() if response.content else None
+        raise self._failure(response)
+
+    @staticmethod
+    def _failure(response: httpx.Response) -> PulseClientError:
         failure = http_failure(response)
         if isinstance(failure, PulseClientError):
-            raise failure
+            return failure
         code = failure.code if isinstance(failure, AuthRejected) else str(response.status_code)
         error = AuthenticationFailed if response.status_code == 401 else PulseClientError
-        raise error(response.status_code, code, str(failure))
+        return error(response.status_code, code, str(failure))

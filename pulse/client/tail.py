@@ -85,21 +85,30 @@ class TailOptions:
     connect_timeout_s: float | None = CONNECT_TIMEOUT_S
 
 
+def minted_tokens(
+    args: argparse.Namespace, settings: Settings, subject: str
+) -> Callable[[], str] | None:
+    """Without --token: a way to mint customer tokens for --tenant with PULSE_JWT_SECRET
+    (a development setup); exits with a message when neither is given."""
+    if args.token is not None:
+        return None
+    if not settings.jwt_secret:
+        sys.exit("give --token, or set PULSE_JWT_SECRET to mint one")
+    if args.tenant is None:
+        sys.exit("give --tenant to mint a token for it (or --token)")
+    from pulse.auth.dev_tokens import mint_token
+
+    secret, tenant = settings.jwt_secret, args.tenant
+
+    def refresh() -> str:
+        return mint_token(secret, tenant_id=tenant, roles=["customer"], subject=subject)
+
+    return refresh
+
+
 def run_tail_command(args: argparse.Namespace, settings: Settings) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    refresh: Callable[[], str] | None = None
-    if args.token is None:
-        if not settings.jwt_secret:
-            sys.exit("give --token, or set PULSE_JWT_SECRET to mint one")
-        if args.tenant is None:
-            sys.exit("give --tenant to mint a token for it (or --token)")
-        from pulse.auth.dev_tokens import mint_token
-
-        secret, tenant = settings.jwt_secret, args.tenant
-
-        def refresh() -> str:
-            return mint_token(secret, tenant_id=tenant, roles=["customer"], subject="pulse-tail")
-
+    refresh = minted_tokens(args, settings, "pulse-tail")
     options = TailOptions(
         url=args.url or f"http://127.0.0.1:{settings.port}",
         token=args.token,

@@ -1,11 +1,16 @@
--- name: try_retention_turn
--- A transaction-level advisory lock: whichever process takes it does this
--- batch; the others skip their turn. Released at commit.
-SELECT pg_try_advisory_xact_lock($1)
+-- name: try_retention_lock
+-- A session advisory lock: whichever process takes it does this pass; the
+-- others skip their turn. Released by retention_unlock (or the session's end).
+SELECT pg_try_advisory_lock($1)
 
--- name: trim_telemetry
--- One batch of rows received before the cutoff. Small batches keep each
--- transaction short: row locks only, nothing that blocks ingest or readers.
-DELETE FROM telemetry t
- USING (SELECT ctid FROM telemetry WHERE received_at < $1 LIMIT $2) AS doomed
- WHERE t.ctid = doomed.ctid
+-- name: retention_unlock
+SELECT pg_advisory_unlock($1)
+
+-- name: create_telemetry_partitions
+-- Daily partitions of telemetry for the UTC days in [$1, $2] that lack one
+-- (migrations/0007_telemetry_partitions.sql).
+SELECT pulse_create_telemetry_partitions($1::date, $2::date)
+
+-- name: expired_telemetry_partitions
+-- The partitions whose every row was received before the cutoff, oldest first.
+SELECT name, detach_pending FROM pulse_expired_telemetry_partitions($1)

@@ -1,16 +1,20 @@
-"""Retention: telemetry older than the configured window is deleted in small batches.
+"""Retention: telemetry lives in one partition per UTC day of receipt (migration 0007);
+days are created ahead and dropped whole once past the window.
 
-Batched deletes rather than dropping time partitions: partitions would change
-the table every query reads and the id-ordered primary key the resume path
-relies on, for a cost (a few short transactions a minute) that the hot path
-does not notice. One process of the cluster works at a time, per batch.
+Dropping a day costs the same whatever it holds, where deleting its rows cost a
+delete per reading and the vacuum after. A partition is detached CONCURRENTLY
+(a SHARE UPDATE EXCLUSIVE lock: ingest and readers never wait for it; the detach
+waits for the queries that use the table) and then dropped on its own. One
+process of the cluster works at a time, under a session advisory lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
 
 from pulse.db.database import Database
 from pulse.db.errors import DatabaseUnavailable
@@ -20,36 +24,71 @@ log = logging.getLogger(__name__)
 Q = load_queries(__package__)
 
 RETENTION_LOCK_KEY = 0x70756C73_65_7274  # "pulse" "rt"
-BATCH = 5000
-PAUSE_BETWEEN_BATCHES_S = 0.05
+# Partitions exist this many days ahead of today, so that ingest never meets a
+# missing day even when no process of the cluster ran for a while.
+DAYS_AHEAD = 3
+# DDL waits at most this long for a lock, then tries again at the next pass
+# rather than holding a queue of other sessions behind it.
+LOCK_TIMEOUT = "5s"
 
 
-async def trim_once(db: Database, cutoff: datetime, *, batch: int = BATCH) -> int:
-    """Delete rows received before ``cutoff``, batch by batch; return how many.
+def utc_today() -> date:
+    return datetime.now(UTC).date()
 
-    Returns 0 at once when another process holds this turn.
+
+async def create_partitions(db: Database, first_day: date, last_day: date) -> int:
+    """Create the missing daily partitions in [first_day, last_day]; return how many."""
+    async with db.transaction() as conn:
+        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        created: int = await conn.fetchval(Q["create_telemetry_partitions"], first_day, last_day)
+    return created
+
+
+async def ensure_partitions(db: Database, *, days_ahead: int = DAYS_AHEAD) -> int:
+    """Today and the next ``days_ahead`` days have a partition."""
+    today = utc_today()
+    return await create_partitions(db, today, today + timedelta(days=days_ahead))
+
+
+async def drop_expired(db: Database, cutoff: datetime) -> list[str]:
+    """Drop the partitions holding only rows received before ``cutoff``; return their names.
+
+    Returns [] at once when another process holds this turn.
     """
-    deleted = 0
-    while True:
-        async with db.transaction() as conn:
-            if not await conn.fetchval(Q["try_retention_turn"], RETENTION_LOCK_KEY):
-                return deleted
-            status = await conn.execute(Q["trim_telemetry"], cutoff, batch)
-        count = int(status.split()[-1])
-        deleted += count
-        if count < batch:
-            return deleted
-        await asyncio.sleep(PAUSE_BETWEEN_BATCHES_S)
+    dropped: list[str] = []
+    async with db.connection() as conn:
+        if not await conn.fetchval(Q["try_retention_lock"], RETENTION_LOCK_KEY):
+            return dropped
+        try:
+            await conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+            for row in await conn.fetch(Q["expired_telemetry_partitions"], cutoff):
+                name = row["name"]
+                # DETACH CONCURRENTLY cannot run in a transaction; one that was
+                # interrupted left the partition "detach pending": FINALIZE ends it.
+                how = "FINALIZE" if row["detach_pending"] else "CONCURRENTLY"
+                await conn.execute(f'ALTER TABLE telemetry DETACH PARTITION "{name}" {how}')
+                await conn.execute(f'DROP TABLE "{name}"')
+                dropped.append(name)
+        finally:
+            await conn.execute("RESET lock_timeout")
+            await conn.fetchval(Q["retention_unlock"], RETENTION_LOCK_KEY)
+    return dropped
 
 
 async def run_retention(db: Database, retention_hours: float, interval_s: float) -> None:
-    """Trim forever, every ``interval_s``; database outages are waited out."""
+    """Every ``interval_s``: days ahead created, days past the window dropped; database
+    outages and lock timeouts are waited out until the next pass."""
     while True:
         cutoff = datetime.now(UTC) - timedelta(hours=retention_hours)
         try:
-            deleted = await trim_once(db, cutoff)
-            if deleted:
-                log.info("retention: deleted %d telemetry rows older than %s", deleted, cutoff)
+            created = await ensure_partitions(db)
+            if created:
+                log.info("retention: created %d telemetry partitions ahead", created)
+            dropped = await drop_expired(db, cutoff)
+            if dropped:
+                log.info("retention: dropped telemetry partitions %s", ", ".join(dropped))
         except DatabaseUnavailable as exc:
             log.warning("retention pass failed: %s", exc)
+        except asyncpg.LockNotAvailableError as exc:
+            log.warning("retention pass put off: %s", exc)
         await asyncio.sleep(interval_s)

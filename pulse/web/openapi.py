@@ -92,6 +92,10 @@ TAGS = [
     {"name": "alert-rules", "description": "Threshold rules that raise alerts (docs/fleet.md)."},
     {"name": "ingest", "description": "Devices and gateways send readings (docs/ingest.md)."},
     {
+        "name": "history",
+        "description": "Telemetry over time: buckets, readings, exports (docs/history.md).",
+    },
+    {
         "name": "streams",
         "description": "Live telemetry over SSE, and tickets to open streams "
         "(docs/protocol.md, which also describes the WebSocket streams: OpenAPI cannot).",
@@ -220,6 +224,13 @@ class PulseOpenAPI(OpenAPIProvider):
                 if answer.example is not None:
                     media["example"] = answer.example
                 response["content"] = {answer.media_type: media}
+                # Another media type of a status documented already (a JSON model
+                # that can also come as CSV): one response, several contents.
+                if answer.status in responses:
+                    known = responses[answer.status]
+                    known["content"] = {**known.get("content", {}), **response["content"]}
+                    known["description"] += f" {answer.description}"
+                    continue
             responses[answer.status] = response
         by_status: dict[int, list[ErrorCode]] = {}
         for code in dict.fromkeys(getattr(func, _ERRORS, ())):

@@ -150,11 +150,18 @@ async def test_dashboard_in_a_real_browser(
         assert await page.evaluate("window.pulseDashboard.duplicates") == 0
         await text_of(page, "#event-rows tr:first-child td:first-child", str(newest))
 
-        # A reload keeps the session (this tab's storage) and opens with recent history.
+        # A reload keeps the session (this tab's storage) and opens with the last hour
+        # from the history API: every reading once, none of them replayed.
         await page.reload()
         await page.wait_for_selector("#connection[data-state=live]", timeout=20_000)
-        await wait_until(page, f"window.pulseDashboard.ids.at(-1) === {newest}")
-        assert await page.evaluate("window.pulseDashboard.ids") == table  # all of it: < 5000
+        history = await page.evaluate("window.pulseDashboard.history")
+        assert sum(history[d]["readings"] for d in DEVICES) == len(table)
+        assert {history[d]["seam"] for d in DEVICES} == {newest}
+        # The table of latest events opens with the last few, charted already.
+        await wait_until(page, "window.pulseDashboard.count === 15")
+        assert await page.evaluate("window.pulseDashboard.ids") == table[-15:]
+        await ingest("dev-3", 22.0)
+        await wait_until(page, f"window.pulseDashboard.ids.at(-1) === {newest + 1}")
 
         await page.screenshot(path=str(artifacts_dir() / "dashboard.png"), full_page=True)
         with contextlib.suppress(Exception):

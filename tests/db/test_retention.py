@@ -1,9 +1,11 @@
-"""Retention deletes old telemetry in batches; a resume from a trimmed position is told so."""
+"""Telemetry lives in daily partitions: days ahead are created, days past the window are
+dropped whole; a resume from a dropped position is told so."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -11,54 +13,122 @@ import asyncpg
 import httpx
 
 from pulse.config import Settings
-from pulse.db.retention import RETENTION_LOCK_KEY, trim_once
+from pulse.db.retention import (
+    DAYS_AHEAD,
+    RETENTION_LOCK_KEY,
+    create_partitions,
+    drop_expired,
+    ensure_partitions,
+    utc_today,
+)
 from tests.support import insert_readings, running_server, seam, sse_events
 
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
 
 
-async def age(pool: asyncpg.Pool, ids: list[int], hours: float) -> None:
+async def age(pool: asyncpg.Pool, ids: list[int], days: int) -> None:
+    """Move rows to the day ``days`` before today (its partition is created first)."""
+    day = utc_today() - timedelta(days=days)
+    await create_partitions(seam(pool), day, day)
     await pool.execute(
-        "UPDATE telemetry SET received_at = now() - make_interval(secs => $2) WHERE id = ANY($1)",
+        "UPDATE telemetry SET received_at = $2 WHERE id = ANY($1)",
         ids,
-        hours * 3600,
+        datetime(day.year, day.month, day.day, 12, tzinfo=UTC),
     )
 
 
-async def test_trim_deletes_only_old_rows_in_batches(pool: asyncpg.Pool) -> None:
+async def partitions(pool: asyncpg.Pool) -> list[str]:
+    rows = await pool.fetch(
+        """SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = 'telemetry'::regclass ORDER BY c.relname"""
+    )
+    return [r["relname"] for r in rows]
+
+
+def name(days_from_today: int) -> str:
+    return f"telemetry_p{utc_today() + timedelta(days=days_from_today):%Y%m%d}"
+
+
+async def test_days_ahead_exist_and_take_rows(pool: asyncpg.Pool) -> None:
+    await ensure_partitions(seam(pool))
+    assert set(await partitions(pool)) >= {name(d) for d in range(DAYS_AHEAD + 1)}
+    [first] = await insert_readings(pool, "t1", [("d1", {"v": 1})])
+    ahead = utc_today() + timedelta(days=DAYS_AHEAD)
+    await pool.execute(
+        "UPDATE telemetry SET received_at = $1 WHERE id = $2",
+        datetime(ahead.year, ahead.month, ahead.day, 23, tzinfo=UTC),
+        first,
+    )
+    assert await pool.fetchval(f"SELECT count(*) FROM {name(DAYS_AHEAD)}") == 1
+    assert await ensure_partitions(seam(pool)) == 0
+
+
+async def test_expired_days_are_dropped_whole(pool: asyncpg.Pool) -> None:
     old = await insert_readings(pool, "t1", [("d1", {"v": i}) for i in range(120)])
-    new = await insert_readings(pool, "t1", [("d1", {"v": i}) for i in range(30)])
-    await age(pool, old, hours=200)
+    kept = await insert_readings(pool, "t1", [("d1", {"v": i}) for i in range(30)])
+    await age(pool, old[:60], days=9)
+    await age(pool, old[60:], days=8)
+    await age(pool, kept[:10], days=6)
     cutoff = datetime.now(UTC) - timedelta(hours=168)
-    assert await trim_once(seam(pool), cutoff, batch=50) == 120
+    assert await drop_expired(seam(pool), cutoff) == [name(-9), name(-8)]
     remaining = [r["id"] for r in await pool.fetch("SELECT id FROM telemetry ORDER BY id")]
-    assert remaining == new
-    assert await trim_once(seam(pool), cutoff) == 0
+    assert remaining == kept
+    assert name(-6) in await partitions(pool)
+    assert await drop_expired(seam(pool), cutoff) == []
 
 
-async def test_one_process_trims_at_a_time(pool: asyncpg.Pool) -> None:
+async def test_one_process_drops_at_a_time(pool: asyncpg.Pool) -> None:
     old = await insert_readings(pool, "t1", [("d1", {"v": 1})] * 10)
-    await age(pool, old, hours=200)
+    await age(pool, old, days=9)
     cutoff = datetime.now(UTC) - timedelta(hours=168)
     async with pool.acquire() as other, other.transaction():
         # Another process holds this turn: this one skips it.
         assert await other.fetchval("SELECT pg_try_advisory_xact_lock($1)", RETENTION_LOCK_KEY)
-        assert await trim_once(seam(pool), cutoff) == 0
-    assert await trim_once(seam(pool), cutoff) == 10
+        assert await drop_expired(seam(pool), cutoff) == []
+    assert await drop_expired(seam(pool), cutoff) == [name(-9)]
+    assert await pool.fetchval("SELECT count(*) FROM telemetry") == 0
 
 
-async def test_resume_from_trimmed_history(
+async def test_interrupted_detach_is_finalized(pool: asyncpg.Pool) -> None:
+    old = await insert_readings(pool, "t1", [("d1", {"v": 1})] * 3)
+    await age(pool, old, days=9)
+    blocker = await pool.acquire()
+    try:
+        # A DETACH CONCURRENTLY cancelled while it waits for a reader leaves the
+        # partition "detach pending".
+        await blocker.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        await blocker.fetchval("SELECT count(*) FROM telemetry")
+        detach = asyncio.create_task(
+            pool.execute(f"ALTER TABLE telemetry DETACH PARTITION {name(-9)} CONCURRENTLY")
+        )
+        deadline = time.monotonic() + 10
+        while not await pool.fetchval(
+            "SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = $1::regclass", name(-9)
+        ):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        detach.cancel()
+        await asyncio.gather(detach, return_exceptions=True)
+        await blocker.execute("ROLLBACK")
+    finally:
+        await pool.release(blocker)
+    cutoff = datetime.now(UTC) - timedelta(hours=168)
+    assert await drop_expired(seam(pool), cutoff) == [name(-9)]
+    assert await pool.fetchval("SELECT to_regclass($1)", name(-9)) is None
+
+
+async def test_resume_from_dropped_history(
     settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
 ) -> None:
     old = await insert_readings(pool, "t1", [("d1", {"v": i}) for i in range(5)])
     await insert_readings(pool, "t1", [("d1", {"v": i}) for i in range(3)])
-    await age(pool, old, hours=2)
-    # The server's own retention task trims with a one-hour window.
-    fast = dataclasses.replace(settings, retention_hours=1.0, retention_interval_s=0.05)
+    await age(pool, old, days=2)
+    # The server's own retention task, with a one-day window.
+    fast = dataclasses.replace(settings, retention_hours=24.0, retention_interval_s=0.05)
     async with running_server(fast) as url:
-        for _ in range(100):
-            if await pool.fetchval("SELECT count(*) FROM telemetry") == 3:
-                break
+        deadline = time.monotonic() + 10
+        while await pool.fetchval("SELECT count(*) FROM telemetry") != 3:
+            assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         async with (
             httpx.AsyncClient(base_url=url, timeout=10) as http,
@@ -75,3 +145,11 @@ async def test_resume_from_trimmed_history(
                     break
     assert got[0] == ("reset", None, '{"reason":"history_trimmed","earliest_id":6}')
     assert [i for _, i, _ in got[1:]] == ["6", "7", "8"]
+
+
+async def test_processes_starting_together_create_each_day_once(pool: asyncpg.Pool) -> None:
+    far = utc_today() + timedelta(days=30)
+    created = await asyncio.gather(
+        *(create_partitions(seam(pool), far, far + timedelta(days=2)) for _ in range(4))
+    )
+    assert sorted(created) == [0, 0, 0, 3]

@@ -39,6 +39,8 @@ CLOSE = ALERTS + "/{alert_id}/close"
 RULES = "/api/v1/customer/alert-rules"
 RULE = RULES + "/{rule_id}"
 SSE = "/api/v1/customer/telemetry/stream/sse"
+HISTORY = DEVICE + "/telemetry"
+FLEET_HISTORY = "/api/v1/customer/telemetry/history"
 TICKET = "/api/v1/stream-ticket"
 TELEMETRY = "/ingest/v1/tenant/{tenant_id}/device/{device_id}/telemetry"
 HEARTBEAT = "/ingest/v1/tenant/{tenant_id}/device/{device_id}/heartbeat"
@@ -171,6 +173,22 @@ def live_calls(tokens: Tokens, device_tokens: dict[str, str], ids: dict[str, str
         Call("DELETE", RULE, 204, headers=admin),
         Call("DELETE", RULE, 404, headers=admin),  # the same rule, now gone
         *jwt_calls("DELETE", RULE, tokens, write=True),
+        # -- history --
+        Call("GET", HISTORY, 200, headers=bearer(tokens.customer)),
+        Call("GET", HISTORY, 200, headers=bearer(tokens.customer), params={"bucket": "raw"}),
+        Call("GET", HISTORY, 200, headers={**bearer(tokens.customer), "Accept": "text/csv"}),
+        Call(
+            "GET",
+            HISTORY,
+            200,
+            headers={**bearer(tokens.customer), "Accept": "application/x-ndjson"},
+        ),
+        Call("GET", HISTORY, 400, headers=bearer(tokens.customer), params={"bucket": "2m"}),
+        Call("GET", HISTORY, 404, headers=admin, path=DEVICES + "/ghost/telemetry"),
+        *jwt_calls("GET", HISTORY, tokens, write=False),
+        Call("GET", FLEET_HISTORY, 200, headers=bearer(tokens.customer), params={"metric": "t"}),
+        Call("GET", FLEET_HISTORY, 400, headers=bearer(tokens.customer)),
+        *jwt_calls("GET", FLEET_HISTORY, tokens, write=False),
         # -- streams --
         Call("GET", SSE, 200, headers=bearer(tokens.customer), stream=True),
         Call("GET", SSE, 400, headers=bearer(tokens.customer), params={"last_event_id": "x"}),
@@ -254,6 +272,8 @@ def cut_calls(tokens: Tokens, device_tokens: dict[str, str]) -> list[Call]:
         Call("POST", RULES, 503, headers=admin, json=RULE_BODY),
         Call("GET", RULES, 503, headers=admin),
         Call("DELETE", RULE, 503, headers=admin),
+        Call("GET", HISTORY, 503, headers=admin),
+        Call("GET", FLEET_HISTORY, 503, headers=admin, params={"metric": "temp"}),
         # Another tenant: t1's earlier stream may still hold its only slot.
         Call("GET", SSE, 503, headers=bearer(tokens.elsewhere)),
         Call("POST", TICKET, 503, headers=admin),

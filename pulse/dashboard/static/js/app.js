@@ -1,16 +1,23 @@
 // The dashboard: fleet summary, active alerts, live device values and charts.
 //
-// Data in: the REST API for the first paint, the SSE telemetry stream for
-// readings (exactly once, resumed by id), the v2 WebSocket for the fleet
-// summary and the active alerts. Data out: acknowledge and close alerts.
-// Rendering happens in one place (flush), a few times a second at most.
+// Data in: the REST API for the first paint and the charts' history, the SSE
+// telemetry stream for readings (exactly once, resumed by id), the v2 WebSocket
+// for the fleet summary and the active alerts. Data out: acknowledge and close
+// alerts. Rendering happens in one place (flush), a few times a second at most.
+//
+// The seam between history and live: each device's history comes with the
+// tenant's newest event id its snapshot holds (its seam). The stream starts a
+// few events before the lowest seam (for the table of latest events), and a
+// device's events up to its own seam go to that table only: its chart and values
+// have them already. Nothing between is missed, nothing counted twice.
 
 import { ApiError, AuthError, Session, isTenantProblem } from "./api.js";
 import { Sparkline } from "./charts.js";
 import { Backoff, FleetSocket, TelemetryStream, newestEventId } from "./streams.js";
 
-const HISTORY_S = 600; // chart window
-const BACKFILL_EVENTS = 5000; // replayed at start, so the charts open with some history
+const DEFAULT_RANGE_S = 3600; // the range picker's (index.html) first choice
+const HISTORY_CONCURRENCY = 6; // history requests in flight at once
+const BACKFILL_EVENTS = 5000; // replayed at start when the server has no history API
 const RECENT_ROWS = 15;
 const FLUSH_MS = 250;
 const CHART_EVERY_MS = 1000;
@@ -88,8 +95,11 @@ class Dashboard {
     this.filter = "";
     this.arrivals = [];
     this.liveFrom = null; // events up to this id are history replayed at start
+    this.rangeS = DEFAULT_RANGE_S;
+    this.historyLoads = 0; // range changes: a later load wins over an earlier one
     // What was rendered, in order: for tests and debugging (window.pulseDashboard).
-    this.log = { ids: [], count: 0 };
+    // history: per device, its seam and how many readings its history counted.
+    this.log = { ids: [], count: 0, history: {}, skipped: 0 };
     this.alertsLoaded = false;
     this.failed = new Set(); // parts of the page given up on
     this.stopped = false;
@@ -130,10 +140,20 @@ class Dashboard {
       }
     }
     if (this.stopped) return;
-    const newest = await newestEventId(this.session);
-    if (newest !== null) {
-      this.liveFrom = newest;
-      this.telemetry.lastEventId = Math.max(0, newest - BACKFILL_EVENTS);
+    const seams = await this.loadHistory();
+    if (this.stopped) return;
+    if (seams.length) {
+      this.liveFrom = Math.max(...seams);
+      this.telemetry.lastEventId = Math.max(0, Math.min(...seams) - RECENT_ROWS);
+    } else {
+      // No device has history (or the server has no history API): the newest id,
+      // and a replay of recent events for the charts.
+      const newest = await newestEventId(this.session);
+      if (newest !== null) {
+        this.liveFrom = newest;
+        const replay = this.devices.size && !this.historyMissing ? 0 : BACKFILL_EVENTS;
+        this.telemetry.lastEventId = Math.max(0, newest - replay);
+      }
     }
     this.telemetry.start();
     this.fleet.start();
@@ -167,6 +187,72 @@ class Dashboard {
     if (rules) this.rules = rules.rules || [];
     else if (!optional(results[3].reason)) {
       problems.set("rules", `Could not load the alert rules: ${sentence(results[3].reason.message)}`);
+    }
+  }
+
+  // Each device's history over the chosen range, a few requests at a time; returns
+  // the seams of the devices that have one.
+  async loadHistory() {
+    const load = ++this.historyLoads;
+    // No "to": the server's default holds every reading committed before its
+    // snapshot, whatever the clocks, which the seam needs.
+    const from = new Date(Date.now() - this.rangeS * 1000);
+    const queue = [...this.devices.values()];
+    const seams = [];
+    const worker = async () => {
+      while (queue.length && !this.stopped && load === this.historyLoads) {
+        const device = queue.shift();
+        try {
+          const body = await this.session.request(
+            "GET",
+            `/api/v1/customer/devices/${encodeURIComponent(device.id)}/telemetry`,
+            { from: from.toISOString(), agg: "avg,last,count" },
+          );
+          if (load !== this.historyLoads) return;
+          this.applyHistory(device, body);
+          seams.push(body.last_event_id);
+        } catch (error) {
+          if (error instanceof AuthError) throw error;
+          if (optional(error)) this.historyMissing = true;
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: HISTORY_CONCURRENCY }, worker));
+    return seams;
+  }
+
+  // A device's chart from its history (points of every metric on one time axis),
+  // and its latest values where the stream has not given newer ones.
+  applyHistory(device, body) {
+    const toSeconds = (iso) => Date.parse(iso) / 1000;
+    const times = [
+      ...new Set(Object.values(body.series).flatMap((points) => points.map((p) => toSeconds(p.t)))),
+    ].sort((a, b) => a - b);
+    const index = new Map(times.map((t, i) => [t, i]));
+    device.times = times;
+    device.series = {};
+    let counted = 0;
+    for (const [name, points] of Object.entries(body.series)) {
+      const values = times.map(() => null);
+      for (const point of points) values[index.get(toSeconds(point.t))] = point.avg;
+      device.series[name] = values;
+      counted = Math.max(counted, points.reduce((sum, p) => sum + p.count, 0));
+      if (!this.metricsSeen.has(name)) this.addMetric(name);
+      if (!(name in device.latest) && points.length) device.latest[name] = points.at(-1).last;
+    }
+    device.seam = Math.max(device.seam ?? 0, body.last_event_id);
+    this.log.history[device.id] = { seam: device.seam, bucket: body.bucket, points: times.length };
+    this.log.history[device.id].readings = counted;
+    device.dirty = device.chartDirty = true;
+    device.chartAt = 0;
+  }
+
+  async setRange(seconds) {
+    this.rangeS = seconds;
+    try {
+      await this.loadHistory();
+    } catch (error) {
+      if (error instanceof AuthError) signOut(error.message);
     }
   }
 
@@ -301,10 +387,17 @@ class Dashboard {
       const batch = this.pending;
       this.pending = [];
       const now = Date.now();
+      const shown = [];
       for (const event of batch) {
         // A device created since the list was fetched: fetch its name and status.
         if (!this.devices.has(event.device_id)) this.scheduleDeviceRefresh();
         const device = this.device(event.device_id);
+        this.recent.unshift(event);
+        shown.push(event);
+        if (device.seam !== undefined && event.id <= device.seam) {
+          this.log.skipped += 1; // in the device's history already
+          continue;
+        }
         const metrics = event.data.metrics;
         Object.assign(device.latest, metrics);
         const t = Date.parse(event.data.time) / 1000;
@@ -323,14 +416,14 @@ class Dashboard {
         }
         this.trim(device, t);
         device.dirty = device.chartDirty = true;
-        this.recent.unshift(event);
         if (this.liveFrom === null || event.id > this.liveFrom) this.arrivals.push(now);
       }
       this.recent.length = Math.min(this.recent.length, RECENT_ROWS);
-      this.renderRecent(batch[batch.length - 1]);
-      for (const device of this.devices.values()) if (device.dirty) this.renderValues(device);
-      for (const event of batch) this.record(event.id);
+      if (shown.length) this.renderRecent(shown[shown.length - 1]);
+      for (const event of shown) this.record(event.id);
     }
+    // Values changed by live events or by a history load.
+    for (const device of this.devices.values()) if (device.dirty) this.renderValues(device);
     const now = Date.now();
     for (const device of this.devices.values()) {
       if (device.chartDirty && now - device.chartAt >= CHART_EVERY_MS) this.renderChart(device, now);
@@ -345,7 +438,7 @@ class Dashboard {
 
   trim(device, newest) {
     let drop = 0;
-    while (drop < device.times.length && device.times[drop] < newest - HISTORY_S) drop += 1;
+    while (drop < device.times.length && device.times[drop] < newest - this.rangeS) drop += 1;
     if (drop) {
       device.times.splice(0, drop);
       for (const values of Object.values(device.series)) values.splice(0, drop);
@@ -694,6 +787,12 @@ async function open(session) {
     get duplicates() {
       return dashboard ? dashboard.telemetry.duplicates : 0;
     },
+    get history() {
+      return dashboard ? { ...dashboard.log.history, skipped: dashboard.log.skipped } : null;
+    },
+    get range() {
+      return dashboard ? dashboard.rangeS : null;
+    },
     get connections() {
       return dashboard ? { telemetry: dashboard.telemetry.connections, fleet: dashboard.fleet.connections } : null;
     },
@@ -723,6 +822,7 @@ function main() {
   $("login-other").addEventListener("click", () => signOut(""));
   $("signout").addEventListener("click", () => signOut(""));
   $("chart-metric").addEventListener("change", (event) => dashboard && dashboard.setChartMetric(event.target.value));
+  $("chart-range").addEventListener("change", (event) => dashboard && dashboard.setRange(Number(event.target.value)));
   $("device-filter").addEventListener("input", (event) => dashboard && dashboard.setFilter(event.target.value));
   const session = Session.restore();
   if (session) open(session);

@@ -1,0 +1,90 @@
+"""Telemetry history as the client returns it (the wire shapes of docs/history.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Any
+
+from pulse.client.events import parse_time
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bucket:
+    """One point of a series: a bucket's start (a raw point: the reading's time) and the
+    aggregates asked for (the others None)."""
+
+    t: datetime
+    avg: float | None = None
+    min: float | None = None
+    max: float | None = None
+    last: float | None = None
+    count: int | None = None
+
+    @classmethod
+    def from_wire(cls, point: dict[str, Any]) -> Bucket:
+        return cls(
+            t=parse_time(point["t"]),
+            avg=point.get("avg"),
+            min=point.get("min"),
+            max=point.get("max"),
+            last=point.get("last"),
+            count=point.get("count"),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class History:
+    """Series by metric (one device) or by device (the fleet form).
+
+    ``last_event_id``: the newest event the series include; a stream resumed from
+    it continues them with no gap and no duplicate.
+    """
+
+    bucket: str
+    start: datetime
+    end: datetime
+    series: dict[str, list[Bucket]]
+    last_event_id: int
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> History:
+        return cls(
+            bucket=str(body["bucket"]),
+            start=parse_time(body["from"]),
+            end=parse_time(body["to"]),
+            series={
+                name: [Bucket.from_wire(p) for p in points]
+                for name, points in body["series"].items()
+            },
+            last_event_id=int(body["last_event_id"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reading:
+    id: int
+    time: datetime
+    metrics: dict[str, float | bool]
+
+    @classmethod
+    def from_wire(cls, reading: dict[str, Any]) -> Reading:
+        return cls(int(reading["id"]), parse_time(reading["time"]), dict(reading["metrics"]))
+
+
+def history_params(
+    start: datetime | str | None,
+    end: datetime | str | None,
+    bucket: str | None,
+    aggregates: list[str] | None,
+) -> dict[str, str]:
+    params = {}
+    if start is not None:
+        params["from"] = start if isinstance(start, str) else start.isoformat()
+    if end is not None:
+        params["to"] = end if isinstance(end, str) else end.isoformat()
+    if bucket:
+        params["bucket"] = bucket
+    if aggregates:
+        params["agg"] = ",".join(aggregates)
+    return params

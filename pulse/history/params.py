@@ -1,0 +1,162 @@
+"""The history API's parameters, parsed and checked without I/O.
+
+Every bad value is an ``ApiError(INVALID_PARAMETER)`` that says which parameter
+and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+
+from pulse.errors import INVALID_PARAMETER, ApiError
+from pulse.names import is_valid_name
+
+WIDTHS: dict[str, timedelta] = {
+    "1m": timedelta(minutes=1),
+    "5m": timedelta(minutes=5),
+    "15m": timedelta(minutes=15),
+    "1h": timedelta(hours=1),
+    "1d": timedelta(days=1),
+}
+BUCKETS = ("auto", "raw", *WIDTHS)
+AGGREGATES = ("avg", "min", "max", "last", "count")
+# bucket=auto: at most about this many points in a series.
+MAX_POINTS = 1000
+DEFAULT_SPAN = timedelta(hours=1)
+# Ingest accepts device times up to 5 minutes ahead of its clock when a reading
+# arrives (pulse.ingest.validation): without ``to``, a range ends twice that far
+# ahead (room for readings still in flight), so that it holds every reading
+# committed so far. A dashboard resuming its stream from the history's newest id
+# relies on it: nothing committed before is left out.
+CLOCK_AHEAD = timedelta(minutes=10)
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 10_000
+MAX_METRICS = 100
+MAX_DEVICES = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Cursor:
+    """Where a page of raw readings ended: readings come in (device time, id) order."""
+
+    time: datetime
+    id: int
+
+    def encode(self) -> str:
+        micros = (self.time - _EPOCH) // timedelta(microseconds=1)
+        return f"{micros}.{self.id}"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_LAST = datetime.max.replace(tzinfo=UTC) - timedelta(days=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryQuery:
+    start: datetime
+    end: datetime
+    bucket: str  # one of BUCKETS
+    aggregates: tuple[str, ...]
+    metrics: tuple[str, ...] | None  # None: every metric
+    limit: int
+    cursor: Cursor | None
+    devices: tuple[str, ...] | None = None  # the fleet form's device filter
+
+    def width_for_span(self) -> str:
+        """The narrowest bucket that keeps a series within MAX_POINTS."""
+        span = self.end - self.start
+        for name, width in WIDTHS.items():
+            if span / width <= MAX_POINTS:
+                return name
+        return "1d"
+
+
+def parse_history(args: Mapping[str, str], *, now: datetime, fleet: bool = False) -> HistoryQuery:
+    end = _time(args, "to") or now + CLOCK_AHEAD
+    start = _time(args, "from") or now - DEFAULT_SPAN
+    if start >= end:
+        raise _bad("from must be before to.")
+    bucket = args.get("bucket") or "auto"
+    if bucket not in BUCKETS:
+        raise _bad(f"bucket must be one of {', '.join(BUCKETS)}.")
+    if fleet and bucket == "raw":
+        raise _bad("bucket=raw reads one device: use /devices/{device_id}/telemetry.")
+    aggregates = _names(args.get("agg"), "agg", names=False) or AGGREGATES
+    unknown = [a for a in aggregates if a not in AGGREGATES]
+    if unknown:
+        raise _bad(f"agg {unknown[0]!r} is not one of {', '.join(AGGREGATES)}.")
+    if fleet:
+        metric = args.get("metric")
+        if not metric or not is_valid_name(metric):
+            raise _bad("metric is required: one metric name, 1 to 64 of [A-Za-z0-9_.:-].")
+        metrics: tuple[str, ...] | None = (metric,)
+        devices = _names(args.get("device_id"), "device_id", limit=MAX_DEVICES)
+    else:
+        metrics = _names(args.get("metrics"), "metrics", limit=MAX_METRICS)
+        devices = None
+    return HistoryQuery(
+        start=start,
+        end=end,
+        bucket=bucket,
+        aggregates=tuple(dict.fromkeys(aggregates)),
+        metrics=metrics,
+        limit=_limit(args.get("limit")),
+        cursor=_cursor(args.get("cursor")),
+        devices=devices,
+    )
+
+
+def _time(args: Mapping[str, str], name: str) -> datetime | None:
+    raw = args.get(name)
+    if not raw:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw.replace("z", "Z"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)  # the contract's times are UTC
+        # Within a day of the calendar's ends: room to align to a bucket and add a margin.
+        if not datetime.min.replace(tzinfo=UTC) + timedelta(days=1) <= moment <= _LAST:
+            raise ValueError(raw)
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise _bad(f"{name} must be an ISO 8601 time, such as 2026-11-27T17:00:00Z.") from None
+
+
+def _names(
+    raw: str | None, name: str, *, limit: int | None = None, names: bool = True
+) -> tuple[str, ...] | None:
+    """Comma-separated values, each once, in order; ``names``: each a valid name."""
+    if raw is None or raw == "":
+        return None
+    values = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    if names:
+        bad = [n for n in values if not is_valid_name(n)]
+        if bad:
+            raise _bad(f"{name}: {bad[0][:64]!r} is not 1 to 64 of [A-Za-z0-9_.:-].")
+    if limit is not None and len(values) > limit:
+        raise _bad(f"{name}: at most {limit} names.")
+    return values or None
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise _bad(f"limit must be an integer from 1 to {MAX_LIMIT}.")
+    return int(raw)
+
+
+def _cursor(raw: str | None) -> Cursor | None:
+    if raw is None or raw == "":
+        return None
+    micros, _, event_id = raw.partition(".")
+    try:
+        return Cursor(_EPOCH + timedelta(microseconds=int(micros)), int(event_id))
+    except (ValueError, OverflowError):
+        raise _bad("cursor must be the next value of the previous page.") from None
+
+
+def _bad(detail: str) -> ApiError:
+    return ApiError(INVALID_PARAMETER, detail)

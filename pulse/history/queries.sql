@@ -1,0 +1,183 @@
+-- Rollups (pulse.history.rollups) and the reads of the history API
+-- (pulse.history.reads).
+
+-- name: try_lead_rollups
+-- One process of the cluster rolls up at a time: whoever holds this session
+-- lock on its connection. Closing the connection (or its death) releases it.
+SELECT pg_try_advisory_lock($1)
+
+-- name: tenants_behind
+-- The tenants with committed rows not yet counted in the rollups.
+SELECT t.tenant_id, coalesce(w.last_id, 0) AS counted, t.last_event_id AS newest
+  FROM tenants t
+  LEFT JOIN rollup_watermarks w ON w.tenant_id = t.tenant_id
+ WHERE t.last_event_id > coalesce(w.last_id, 0)
+
+-- name: lock_watermark
+-- The tenant's watermark, locked until this pass commits: even without the
+-- advisory lock, two passes could not count the same rows.
+INSERT INTO rollup_watermarks AS w (tenant_id) VALUES ($1)
+ON CONFLICT (tenant_id) DO UPDATE SET last_id = w.last_id
+RETURNING last_id
+
+-- name: roll_up
+-- Counts the tenant's rows in ($2, $3] into their minutes, and those minutes'
+-- share into their hours, in one statement; then the caller moves the
+-- watermark to $3 in the same transaction. Each row is read once, by the primary
+-- key's (tenant_id, id) prefix in each partition.
+WITH readings AS (
+    SELECT t.id, t.device_id, t.device_time, m.key AS metric,
+           pulse_metric_value(m.value) AS value
+      FROM telemetry t
+     CROSS JOIN LATERAL jsonb_each_text(t.metrics) AS m
+     WHERE t.tenant_id = $1 AND t.id > $2 AND t.id <= $3
+), minutes AS (
+    SELECT device_id, metric, date_trunc('minute', device_time, 'UTC') AS bucket,
+           count(*) AS count, min(value) AS min, max(value) AS max, sum(value) AS sum,
+           (array_agg(value ORDER BY device_time DESC, id DESC))[1] AS last,
+           max(device_time) AS last_time,
+           (array_agg(id ORDER BY device_time DESC, id DESC))[1] AS last_id
+      FROM readings
+     GROUP BY 1, 2, 3
+), into_minutes AS (
+    INSERT INTO telemetry_minutes AS r
+           (tenant_id, device_id, metric, bucket, count, min, max, sum, last, last_time, last_id)
+    SELECT $1, device_id, metric, bucket, count, min, max, sum, last, last_time, last_id
+      FROM minutes
+    ON CONFLICT (tenant_id, device_id, metric, bucket) DO UPDATE SET
+        count = r.count + excluded.count,
+        min = least(r.min, excluded.min),
+        max = greatest(r.max, excluded.max),
+        sum = r.sum + excluded.sum,
+        last = CASE WHEN (excluded.last_time, excluded.last_id) > (r.last_time, r.last_id)
+                    THEN excluded.last ELSE r.last END,
+        last_id = CASE WHEN (excluded.last_time, excluded.last_id) > (r.last_time, r.last_id)
+                       THEN excluded.last_id ELSE r.last_id END,
+        last_time = greatest(r.last_time, excluded.last_time)
+), hours AS (
+    SELECT device_id, metric, date_trunc('hour', bucket, 'UTC') AS bucket,
+           sum(count) AS count, min(min) AS min, max(max) AS max, sum(sum) AS sum,
+           (array_agg(last ORDER BY last_time DESC, last_id DESC))[1] AS last,
+           max(last_time) AS last_time,
+           (array_agg(last_id ORDER BY last_time DESC, last_id DESC))[1] AS last_id
+      FROM minutes
+     GROUP BY 1, 2, 3
+)
+INSERT INTO telemetry_hours AS r
+       (tenant_id, device_id, metric, bucket, count, min, max, sum, last, last_time, last_id)
+SELECT $1, device_id, metric, bucket, count, min, max, sum, last, last_time, last_id
+  FROM hours
+ON CONFLICT (tenant_id, device_id, metric, bucket) DO UPDATE SET
+    count = r.count + excluded.count,
+    min = least(r.min, excluded.min),
+    max = greatest(r.max, excluded.max),
+    sum = r.sum + excluded.sum,
+    last = CASE WHEN (excluded.last_time, excluded.last_id) > (r.last_time, r.last_id)
+                THEN excluded.last ELSE r.last END,
+    last_id = CASE WHEN (excluded.last_time, excluded.last_id) > (r.last_time, r.last_id)
+                   THEN excluded.last_id ELSE r.last_id END,
+    last_time = greatest(r.last_time, excluded.last_time)
+
+-- name: move_watermark
+UPDATE rollup_watermarks SET last_id = $2 WHERE tenant_id = $1
+
+-- name: trim_minutes
+-- One batch of minute rollups older than the cutoff.
+DELETE FROM telemetry_minutes r
+ USING (SELECT ctid FROM telemetry_minutes WHERE bucket < $1 LIMIT $2) AS doomed
+ WHERE r.ctid = doomed.ctid
+
+-- name: trim_hours
+DELETE FROM telemetry_hours r
+ USING (SELECT ctid FROM telemetry_hours WHERE bucket < $1 LIMIT $2) AS doomed
+ WHERE r.ctid = doomed.ctid
+
+-- name: device_exists
+SELECT EXISTS (SELECT 1 FROM devices WHERE tenant_id = $1 AND device_id = $2)
+
+-- name: tenant_devices
+SELECT device_id FROM devices WHERE tenant_id = $1 ORDER BY device_id
+
+-- name: count_readings
+-- How many readings a device has in [$3, $4), counting no further than $5.
+SELECT count(*) FROM (
+    SELECT 1 FROM telemetry
+     WHERE tenant_id = $1 AND device_id = $2 AND device_time >= $3 AND device_time < $4
+     LIMIT $5) AS r
+
+-- name: snapshot_marks
+-- The tenant's newest committed id, and the newest one the rollups counted.
+SELECT coalesce((SELECT last_event_id FROM tenants WHERE tenant_id = $1), 0) AS newest,
+       coalesce((SELECT last_id FROM rollup_watermarks WHERE tenant_id = $1), 0) AS counted
+
+-- name: series
+-- Buckets of width $6 (aligned on UTC midnight) for some devices and metrics
+-- ($3 NULL: every metric), from the minutes ($7 false) or the hours ($7 true)
+-- whose start is in [$4, $5), merged with the rows the rollups have not counted
+-- yet: ids after $8, the watermark read in the same snapshot (snapshot_marks), so
+-- the series is exact up to the tenant's newest committed id. $4 is aligned to
+-- the bucket already. The caller plans it with the watermark's value
+-- (plan_cache_mode): the uncounted rows are few, and must be read by the primary
+-- key, never through the device's index over its whole range.
+WITH parts AS (
+    SELECT device_id, metric, bucket, count, min, max, sum, last, last_time, last_id
+      FROM telemetry_minutes
+     WHERE NOT $7 AND tenant_id = $1 AND device_id = ANY($2::text[])
+       AND ($3::text[] IS NULL OR metric = ANY($3::text[]))
+       AND bucket >= $4 AND bucket < $5
+    UNION ALL
+    SELECT device_id, metric, bucket, count, min, max, sum, last, last_time, last_id
+      FROM telemetry_hours
+     WHERE $7 AND tenant_id = $1 AND device_id = ANY($2::text[])
+       AND ($3::text[] IS NULL OR metric = ANY($3::text[]))
+       AND bucket >= $4 AND bucket < $5
+    UNION ALL
+    SELECT t.device_id, m.key, t.device_time, 1, v.value, v.value, v.value, v.value,
+           t.device_time, t.id
+      FROM telemetry t
+     CROSS JOIN LATERAL jsonb_each_text(t.metrics) AS m
+     CROSS JOIN LATERAL (SELECT pulse_metric_value(m.value) AS value) AS v
+     WHERE t.tenant_id = $1 AND t.id > $8
+       AND t.device_id = ANY($2::text[])
+       AND t.device_time >= $4 AND t.device_time < $5
+       AND ($3::text[] IS NULL OR m.key = ANY($3::text[]))
+)
+-- "last" as the greatest (time, id, value) triple: a plain aggregate, so the
+-- groups are hashed, not sorted (an ordered aggregate sorts every input row by
+-- its text keys, which was most of a 7-day chart's time). The final order is
+-- by bytes: only the few output rows are sorted.
+SELECT device_id, metric,
+       date_bin($6::interval, bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS t,
+       sum(count)::bigint AS count, min(min) AS min, max(max) AS max, sum(sum) AS sum,
+       (max(ARRAY[extract(epoch FROM last_time)::float8, last_id::float8, last]))[3] AS last
+  FROM parts
+ GROUP BY 1, 2, 3
+ ORDER BY device_id COLLATE "C", metric COLLATE "C", t
+
+-- name: raw_points
+-- Each reading of one device in [$3, $4) as points, metric by metric.
+SELECT m.key AS metric, t.device_time AS t, pulse_metric_value(m.value) AS value
+  FROM telemetry t
+ CROSS JOIN LATERAL jsonb_each_text(t.metrics) AS m
+ WHERE t.tenant_id = $1 AND t.device_id = $2 AND t.device_time >= $3 AND t.device_time < $4
+   AND ($5::text[] IS NULL OR m.key = ANY($5::text[]))
+ ORDER BY m.key, t.device_time, t.id
+
+-- name: readings
+-- One device's readings in [$3, $4), in (device time, id) order, after the
+-- cursor ($5, $6) when there is one, at most $8; with metrics named ($7), only
+-- those, and readings with none of them are left out. Time and metrics come
+-- out as text, ready to embed.
+SELECT id, device_time,
+       to_char(device_time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS time,
+       CASE WHEN $7::text[] IS NULL THEN metrics::text
+            ELSE (SELECT jsonb_object_agg(e.key, e.value)
+                    FROM jsonb_each(metrics) AS e WHERE e.key = ANY($7::text[]))::text
+       END AS metrics_json
+  FROM telemetry
+ WHERE tenant_id = $1 AND device_id = $2
+   AND device_time >= greatest($3::timestamptz, $5::timestamptz) AND device_time < $4
+   AND ($5::timestamptz IS NULL OR (device_time, id) > ($5::timestamptz, $6::bigint))
+   AND ($7::text[] IS NULL OR metrics ?| $7::text[])
+ ORDER BY device_time, id
+ LIMIT $8

@@ -1,0 +1,173 @@
+"""What the history API reads: series of buckets, raw points, pages of readings, exports.
+
+A series comes from the rollups, merged with the rows they have not counted yet,
+in one snapshot whose newest committed id is returned with it: a dashboard that
+resumes its live stream from that id sees each reading once, in the history or
+in the stream. Exports read through a server-side cursor, a batch at a time, so
+their size is not bounded by memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from pulse.db.database import Database
+from pulse.db.queries import load_queries
+from pulse.history.params import MAX_POINTS, WIDTHS, Cursor, HistoryQuery
+from pulse.times import format_time
+
+Q = load_queries(__package__)
+
+_ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
+_FROM_HOURS = ("1h", "1d")
+EXPORT_BATCH = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Series:
+    bucket: str
+    newest_id: int
+    # (device_id, metric, bucket start, count, min, max, sum, last), ordered.
+    rows: Sequence[Any]
+
+
+def align(moment: datetime, width: timedelta) -> datetime:
+    """The start of the bucket of ``width`` that holds ``moment`` (UTC midnight aligned)."""
+    return _ORIGIN + (moment - _ORIGIN) // width * width
+
+
+async def device_exists(db: Database, tenant_id: str, device_id: str) -> bool:
+    return bool(await db.fetchval(Q["device_exists"], tenant_id, device_id))
+
+
+async def tenant_devices(db: Database, tenant_id: str) -> list[str]:
+    return [r["device_id"] for r in await db.fetch(Q["tenant_devices"], tenant_id)]
+
+
+async def series(
+    db: Database, tenant_id: str, devices: Sequence[str], query: HistoryQuery
+) -> Series:
+    """Buckets of the query's width, or of the width bucket=auto picks: raw points when
+    one device has at most MAX_POINTS readings in the range."""
+    async with db.connection() as conn, _snapshot(conn):
+        marks = await conn.fetchrow(Q["snapshot_marks"], tenant_id)
+        bucket = query.bucket
+        if bucket == "auto" and len(devices) == 1:
+            count = await conn.fetchval(
+                Q["count_readings"], tenant_id, devices[0], query.start, query.end, MAX_POINTS + 1
+            )
+            bucket = "raw" if count <= MAX_POINTS else query.width_for_span()
+        elif bucket == "auto":
+            bucket = query.width_for_span()
+        if bucket == "raw":
+            points = await conn.fetch(
+                Q["raw_points"], tenant_id, devices[0], query.start, query.end, _array(query)
+            )
+            rows: Sequence[Any] = [
+                (devices[0], p["metric"], p["t"], 1, p["value"], p["value"], p["value"], p["value"])
+                for p in points
+            ]
+        else:
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            args = _series_args(tenant_id, devices, query, bucket, marks["counted"])
+            rows = await conn.fetch(Q["series"], *args)
+    return Series(bucket, marks["newest"], rows)
+
+
+async def readings_page(
+    db: Database, tenant_id: str, device_id: str, query: HistoryQuery
+) -> tuple[list[Any], str | None]:
+    """One page of raw readings and the cursor of the next (None: the last page)."""
+    rows = await db.fetch(
+        Q["readings"], *_readings_args(tenant_id, device_id, query, query.limit + 1)
+    )
+    if len(rows) <= query.limit:
+        return rows, None
+    rows = rows[: query.limit]
+    last = rows[-1]
+    return rows, Cursor(last["device_time"], last["id"]).encode()
+
+
+async def export_readings(
+    db: Database, tenant_id: str, device_id: str, query: HistoryQuery
+) -> AsyncIterator[list[Any]]:
+    """Every raw reading of the range (after the cursor), batch by batch."""
+    args = _readings_args(tenant_id, device_id, query, None)
+    async with db.connection() as conn, _snapshot(conn):
+        async for batch in _batches(conn.cursor(Q["readings"], *args, prefetch=EXPORT_BATCH)):
+            yield batch
+
+
+async def export_series(
+    db: Database, tenant_id: str, devices: Sequence[str], query: HistoryQuery, bucket: str
+) -> AsyncIterator[list[Any]]:
+    async with db.connection() as conn, _snapshot(conn):
+        counted = (await conn.fetchrow(Q["snapshot_marks"], tenant_id))["counted"]
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        args = _series_args(tenant_id, devices, query, bucket, counted)
+        async for batch in _batches(conn.cursor(Q["series"], *args, prefetch=EXPORT_BATCH)):
+            yield batch
+
+
+def point(row: Sequence[Any], aggregates: Sequence[str]) -> dict[str, Any]:
+    """One bucket as the API shows it: its start and the aggregates asked for."""
+    _, _, start, count, low, high, total, last = row[:8]
+    values = {"avg": total / count, "min": low, "max": high, "last": last, "count": count}
+    return {"t": format_time(start), **{name: values[name] for name in aggregates}}
+
+
+def _series_args(
+    tenant_id: str, devices: Sequence[str], query: HistoryQuery, bucket: str, counted: int
+) -> tuple[Any, ...]:
+    width = WIDTHS[bucket]
+    return (
+        tenant_id,
+        list(devices),
+        _array(query),
+        align(query.start, width),
+        query.end,
+        width,
+        bucket in _FROM_HOURS,
+        counted,
+    )
+
+
+def _readings_args(
+    tenant_id: str, device_id: str, query: HistoryQuery, limit: int | None
+) -> tuple[Any, ...]:
+    cursor = query.cursor
+    return (
+        tenant_id,
+        device_id,
+        query.start,
+        query.end,
+        cursor.time if cursor else None,
+        cursor.id if cursor else None,
+        _array(query),
+        limit,
+    )
+
+
+def _array(query: HistoryQuery) -> list[str] | None:
+    return list(query.metrics) if query.metrics else None
+
+
+def _snapshot(conn: asyncpg.Connection) -> Any:
+    """Every statement of the block reads the same committed state."""
+    return conn.transaction(isolation="repeatable_read", readonly=True)
+
+
+async def _batches(cursor: Any) -> AsyncIterator[list[Any]]:
+    batch: list[Any] = []
+    async for row in cursor:
+        batch.append(row)
+        if len(batch) >= EXPORT_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,129 @@
+"""Rollups per device, metric and minute, and per hour from the minutes.
+
+One process of the cluster keeps them (a session advisory lock on a connection
+of its own, as the relay does); the others stand by. Each pass counts, per
+tenant, the committed rows after the tenant's watermark, and moves the
+watermark in the same transaction: a pass cut short by a crash counts nothing,
+the next one counts those rows again from the same place, so each row is
+counted exactly once. Rows are taken by id, not by time: ids follow commit
+order, so a row that commits late is never skipped, and a reading whose device
+time falls in a minute counted already is merged into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from pulse.db.database import Database
+from pulse.db.errors import DatabaseUnavailable
+from pulse.db.queries import load_queries
+
+log = logging.getLogger(__name__)
+Q = load_queries(__package__)
+
+ROLLUP_LOCK_KEY = 0x70756C73_65_7275  # "pulse" "ru"
+STANDBY_NAME = "pulse rollups standby"
+LEADER_NAME = "pulse rollups"
+# Rows of one tenant counted per transaction: a backlog (a fresh migration of a
+# large table, a long outage) is worked off in steps that commit as they go.
+BATCH_IDS = 10_000
+TRIM_BATCH = 5000
+QUERY_TIMEOUT_S = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RollupSettings:
+    interval_s: float = 0.5
+    minutes_days: float = 30.0
+    hours_days: float = 730.0
+    trim_interval_s: float = 3600.0
+
+
+async def roll_up_tenant(conn: asyncpg.Connection, tenant_id: str, newest: int) -> int:
+    """Count the tenant's rows after its watermark, up to ``newest`` (committed) at most
+    BATCH_IDS of them; return the new watermark."""
+    async with conn.transaction():
+        counted: int = await conn.fetchval(Q["lock_watermark"], tenant_id)
+        upto = min(newest, counted + BATCH_IDS)
+        if upto <= counted:
+            return counted
+        await conn.execute(Q["roll_up"], tenant_id, counted, upto, timeout=QUERY_TIMEOUT_S)
+        await conn.execute(Q["move_watermark"], tenant_id, upto)
+    return upto
+
+
+async def roll_up_once(conn: asyncpg.Connection) -> int:
+    """One pass over every tenant that is behind; return how many ids were counted."""
+    total = 0
+    for row in await conn.fetch(Q["tenants_behind"]):
+        counted, newest = row["counted"], row["newest"]
+        while counted < newest:
+            upto = await roll_up_tenant(conn, row["tenant_id"], newest)
+            if upto <= counted:
+                break
+            total += upto - counted
+            counted = upto
+    return total
+
+
+async def trim(conn: asyncpg.Connection, settings: RollupSettings) -> int:
+    """Delete the minutes and hours past their windows, batch by batch."""
+    now = datetime.now(UTC)
+    deleted = 0
+    for query, days in (
+        ("trim_minutes", settings.minutes_days),
+        ("trim_hours", settings.hours_days),
+    ):
+        cutoff = now - timedelta(days=days)
+        while True:
+            count = int((await conn.execute(Q[query], cutoff, TRIM_BATCH)).split()[-1])
+            deleted += count
+            if count < TRIM_BATCH:
+                break
+    return deleted
+
+
+class Rollups:
+    """The supervised side task: stand by, keep the rollups when the lock is ours."""
+
+    def __init__(self, db: Database, settings: RollupSettings, *, retry_s: float = 1.0) -> None:
+        self._db = db
+        self._settings = settings
+        self._retry_s = retry_s
+        self.leading = False
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with self._db.dedicated(STANDBY_NAME) as conn:
+                    await self._stand_by_then_lead(conn)
+            except DatabaseUnavailable as exc:
+                log.warning("rollups: the database is unavailable (%s); retrying", exc)
+            finally:
+                self.leading = False
+            await asyncio.sleep(self._retry_s)
+
+    async def _stand_by_then_lead(self, conn: asyncpg.Connection) -> None:
+        # A dead peer must release the lock in seconds (see pulse.bus.relay).
+        for setting in ("tcp_keepalives_idle = 5", "tcp_keepalives_interval = 1"):
+            await conn.execute(f"SET {setting}")
+        await conn.execute("SET tcp_keepalives_count = 3")
+        # Polled: PostgreSQL does not say when an advisory lock is free.
+        while not await conn.fetchval(Q["try_lead_rollups"], ROLLUP_LOCK_KEY):  # noqa: ASYNC110
+            await asyncio.sleep(self._retry_s)
+        await conn.execute(f"SET application_name = '{LEADER_NAME}'")
+        self.leading = True
+        log.info("this process now keeps the rollups")
+        trimmed_at = 0.0
+        while True:
+            await roll_up_once(conn)
+            if time.monotonic() - trimmed_at >= self._settings.trim_interval_s:
+                await trim(conn, self._settings)
+                trimmed_at = time.monotonic()
+            await asyncio.sleep(self._settings.interval_s)

@@ -1,0 +1,289 @@
+"""The history API (issue #17): one device's telemetry over time, and one metric across
+the fleet, as buckets, raw readings, or a streamed CSV / NDJSON export.
+
+Tenant-isolated like every read: another tenant's device is an unknown device.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, Field, RootModel
+from quart import Blueprint, Response, request
+from quart_schema import (
+    document_querystring,
+    document_response,
+    security_scheme_blueprint,
+    tag_blueprint,
+)
+
+from pulse.errors import INVALID_PARAMETER, UNKNOWN_DEVICE, ApiError
+from pulse.history import reads
+from pulse.history.params import HistoryQuery, parse_history
+from pulse.times import format_time
+from pulse.web import openapi, runtime
+from pulse.web.auth import authorize, tenant
+
+blueprint = Blueprint("history", __name__, url_prefix="/api/v1/customer")
+blueprint.before_request(authorize)
+tag_blueprint(blueprint, ["history"])
+security_scheme_blueprint(blueprint, openapi.JWT)
+
+JSON, CSV, NDJSON = "application/json", "text/csv", "application/x-ndjson"
+AggregateName = Literal["avg", "min", "max", "last", "count"]
+
+
+# -- documentation models -------------------------------------------------------
+
+
+class HistoryParams(BaseModel):
+    tenant_id: str | None = Field(default=None, description="Required for operators.")
+    from_: str | None = Field(
+        default=None, alias="from", description="ISO 8601 (UTC if no offset); default: an hour ago."
+    )
+    to: str | None = Field(
+        default=None,
+        description="ISO 8601 (UTC if no offset); default: every reading so far (10 minutes "
+        "ahead: a device's clock may be 5 ahead).",
+    )
+    bucket: Literal["auto", "raw", "1m", "5m", "15m", "1h", "1d"] = Field(
+        default="auto",
+        description="auto: raw points when the device has at most 1000 readings in the "
+        "range, else the narrowest width that keeps a series within about 1000 points.",
+    )
+    agg: str | None = Field(
+        default=None, description="Comma-separated avg,min,max,last,count; default all."
+    )
+
+
+class DeviceParams(HistoryParams):
+    metrics: str | None = Field(default=None, description="Comma-separated; default every one.")
+    limit: int = Field(default=1000, ge=1, le=10_000, description="bucket=raw: a page's size.")
+    cursor: str | None = Field(default=None, description="bucket=raw: next of the last page.")
+
+
+class FleetParams(HistoryParams):
+    metric: str = Field(description="The one metric of every series.")
+    device_id: str | None = Field(default=None, description="Comma-separated; default all.")
+
+
+class Point(BaseModel):
+    t: str = Field(description="The bucket's start (a raw point: the reading's time).")
+    avg: float | None = None
+    min: float | None = None
+    max: float | None = None
+    last: float | None = None
+    count: int | None = None
+
+
+class DeviceSeries(BaseModel):
+    device_id: str
+    bucket: str = Field(description="The bucket used: auto says which it picked.")
+    from_: str = Field(alias="from")
+    to: str
+    series: dict[str, list[Point]] = Field(description="Per metric; empty buckets are absent.")
+    last_event_id: int = Field(
+        description="The tenant's newest event id the series includes: resume a live "
+        "stream from it for no gap and no duplicate."
+    )
+
+
+class Reading(BaseModel):
+    id: int
+    time: str
+    metrics: dict[str, float | bool]
+
+
+class ReadingPage(BaseModel):
+    device_id: str
+    readings: list[Reading]
+    next: str | None = Field(description="Pass as cursor for the next page; null: last.")
+
+
+class DeviceHistory(RootModel[DeviceSeries | ReadingPage]):
+    """Buckets (bucket=auto or a width), or a page of readings (bucket=raw)."""
+
+
+class FleetSeries(BaseModel):
+    metric: str
+    bucket: str
+    from_: str = Field(alias="from")
+    to: str
+    series: dict[str, list[Point]] = Field(description="Per device.")
+    last_event_id: int
+
+
+EXPORT = (
+    "With `Accept: text/csv` or `application/x-ndjson`: an export of the whole range, "
+    "streamed (raw readings for bucket=raw or auto, else the buckets)."
+)
+
+
+# -- routes -----------------------------------------------------------------------
+
+
+@blueprint.get("/devices/<device_id>/telemetry")
+@document_querystring(DeviceParams)
+@document_response(DeviceHistory)
+@openapi.answers(
+    200, EXPORT, CSV, "id,time,metric,value\r\n7,2026-12-01T10:00:00.000Z,temp,21.5\r\n"
+)
+@openapi.answers(
+    200, "", NDJSON, '{"id":7,"time":"2026-12-01T10:00:00.000Z","metrics":{"temp":21.5}}\n'
+)
+@openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER, UNKNOWN_DEVICE)
+async def device_history(device_id: str) -> Response:
+    """One device's telemetry over a time range: buckets, raw readings, or an export."""
+    query = parse_history(request.args, now=datetime.now(UTC))
+    db, tenant_id = runtime().db, tenant()
+    if not await reads.device_exists(db, tenant_id, device_id):
+        raise ApiError(UNKNOWN_DEVICE, f"There is no device {device_id[:64]} in this tenant.")
+    kind = _media_type()
+    if kind != JSON:
+        if query.bucket in ("raw", "auto"):
+            return _stream(
+                kind, _reading_lines(kind, reads.export_readings(db, tenant_id, device_id, query))
+            )
+        batches = reads.export_series(db, tenant_id, [device_id], query, query.bucket)
+        return _stream(kind, _series_lines(kind, batches, query))
+    if query.bucket == "raw":
+        rows, following = await reads.readings_page(db, tenant_id, device_id, query)
+        readings = b",".join(_reading_json(row) for row in rows)
+        head = orjson.dumps({"device_id": device_id})[:-1]
+        body = head + b',"readings":[' + readings + b'],"next":' + orjson.dumps(following) + b"}"
+        return Response(body, content_type=JSON)
+    found = await reads.series(db, tenant_id, [device_id], query)
+    by_metric = _grouped(found.rows, 1, query)
+    return _json(
+        {
+            "device_id": device_id,
+            "bucket": found.bucket,
+            **_range(query),
+            "series": by_metric,
+            "last_event_id": found.newest_id,
+        }
+    )
+
+
+@blueprint.get("/telemetry/history")
+@document_querystring(FleetParams)
+@document_response(FleetSeries)
+@openapi.answers(
+    200, EXPORT, CSV, "device_id,metric,t,avg\r\nd1,temp,2026-12-01T10:00:00.000Z,21.5\r\n"
+)
+@openapi.answers(
+    200,
+    "",
+    NDJSON,
+    '{"device_id":"d1","metric":"temp","t":"2026-12-01T10:00:00.000Z","avg":21.5}\n',
+)
+@openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER)
+async def fleet_history() -> Response:
+    """One metric across the tenant's devices, one series per device."""
+    query = parse_history(request.args, now=datetime.now(UTC), fleet=True)
+    db, tenant_id = runtime().db, tenant()
+    devices = list(query.devices) if query.devices else await reads.tenant_devices(db, tenant_id)
+    if query.bucket == "auto":  # by the range only, even for one device: never raw
+        query = dataclasses.replace(query, bucket=query.width_for_span())
+    kind = _media_type()
+    if kind != JSON:
+        batches = reads.export_series(db, tenant_id, devices, query, query.bucket)
+        return _stream(kind, _series_lines(kind, batches, query))
+    found = await reads.series(db, tenant_id, devices, query)
+    assert query.metrics is not None
+    return _json(
+        {
+            "metric": query.metrics[0],
+            "bucket": found.bucket,
+            **_range(query),
+            "series": _grouped(found.rows, 0, query),
+            "last_event_id": found.newest_id,
+        }
+    )
+
+
+# -- encoding -----------------------------------------------------------------------
+
+
+def _media_type() -> str:
+    best = request.accept_mimetypes.best_match([JSON, CSV, NDJSON])
+    return best or JSON
+
+
+def _range(query: HistoryQuery) -> dict[str, str]:
+    return {"from": format_time(query.start), "to": format_time(query.end)}
+
+
+def _grouped(rows: Sequence[Any], key: int, query: HistoryQuery) -> dict[str, list[Any]]:
+    """Points by metric (key 1) or by device (key 0), in time order."""
+    grouped: dict[str, list[Any]] = {}
+    for row in rows:
+        grouped.setdefault(row[key], []).append(reads.point(row, query.aggregates))
+    return grouped
+
+
+def _json(body: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(body), content_type=JSON)
+
+
+def _reading_json(row: Any) -> bytes:
+    return b'{"id":%d,"time":"%s","metrics":%s}' % (
+        row["id"],
+        row["time"].encode(),
+        row["metrics_json"].encode(),
+    )
+
+
+def _stream(kind: str, lines: AsyncIterator[bytes]) -> Response:
+    response = Response(lines, content_type=kind if kind == NDJSON else "text/csv; charset=utf-8")
+    response.timeout = None  # an export takes as long as it takes
+    return response
+
+
+async def _reading_lines(kind: str, batches: AsyncIterator[list[Any]]) -> AsyncIterator[bytes]:
+    if kind == CSV:
+        yield b"id,time,metric,value\r\n"
+    async for batch in batches:
+        if kind == NDJSON:
+            yield b"".join(_reading_json(row) + b"\n" for row in batch)
+            continue
+        out = io.StringIO()
+        writer = csv.writer(out)
+        for row in batch:
+            for metric, value in orjson.loads(row["metrics_json"]).items():
+                writer.writerow((row["id"], row["time"], metric, _csv_value(value)))
+        yield out.getvalue().encode()
+
+
+async def _series_lines(
+    kind: str, batches: AsyncIterator[list[Any]], query: HistoryQuery
+) -> AsyncIterator[bytes]:
+    if kind == CSV:
+        yield ",".join(("device_id", "metric", "t", *query.aggregates)).encode() + b"\r\n"
+    async for batch in batches:
+        if kind == NDJSON:
+            yield b"".join(
+                orjson.dumps(
+                    {"device_id": row[0], "metric": row[1], **reads.point(row, query.aggregates)}
+                )
+                + b"\n"
+                for row in batch
+            )
+            continue
+        out = io.StringIO()
+        writer = csv.writer(out)
+        for row in batch:
+            writer.writerow((row[0], row[1], *reads.point(row, query.aggregates).values()))
+        yield out.getvalue().encode()
+
+
+def _csv_value(value: object) -> object:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value

@@ -1,0 +1,152 @@
+"""Rollups: each committed reading counted once into its minute and hour, by one process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from pulse.db.database import Database
+from pulse.history import rollups
+from pulse.history.rollups import ROLLUP_LOCK_KEY, Rollups, RollupSettings, roll_up_once
+from tests.history.readings import readings_at
+
+T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+
+
+async def minutes(pool: asyncpg.Pool, table: str = "telemetry_minutes") -> list[tuple]:  # type: ignore[type-arg]
+    rows = await pool.fetch(
+        f"""SELECT tenant_id, device_id, metric, bucket, count, min, max, sum, last
+              FROM {table} ORDER BY 1, 2, 3, 4"""
+    )
+    return [tuple(r) for r in rows]
+
+
+async def test_minutes_and_hours_count_each_reading_once(pool: asyncpg.Pool) -> None:
+    s = timedelta(seconds=1)
+    await readings_at(
+        pool,
+        "t1",
+        [
+            ("d1", T0 + 5 * s, {"temp": 20.0, "door": True}),
+            ("d1", T0 + 50 * s, {"temp": 22.0}),
+            ("d1", T0 + 30 * s, {"temp": 30.0, "door": False}),  # later id, earlier time
+            ("d1", T0 + 65 * s, {"temp": 10.0}),
+            ("d2", T0 + 5 * s, {"temp": 1.0}),
+        ],
+    )
+    await readings_at(pool, "t2", [("d1", T0, {"temp": 99.0})])
+    async with pool.acquire() as conn:
+        assert await roll_up_once(conn) == 6
+        assert await roll_up_once(conn) == 0
+    m = T0
+    assert await minutes(pool) == [
+        ("t1", "d1", "door", m, 2, 0.0, 1.0, 1.0, 0.0),
+        ("t1", "d1", "temp", m, 3, 20.0, 30.0, 72.0, 22.0),
+        ("t1", "d1", "temp", m + timedelta(minutes=1), 1, 10.0, 10.0, 10.0, 10.0),
+        ("t1", "d2", "temp", m, 1, 1.0, 1.0, 1.0, 1.0),
+        ("t2", "d1", "temp", m, 1, 99.0, 99.0, 99.0, 99.0),
+    ]
+    assert await minutes(pool, "telemetry_hours") == [
+        ("t1", "d1", "door", m, 2, 0.0, 1.0, 1.0, 0.0),
+        ("t1", "d1", "temp", m, 4, 10.0, 30.0, 82.0, 10.0),
+        ("t1", "d2", "temp", m, 1, 1.0, 1.0, 1.0, 1.0),
+        ("t2", "d1", "temp", m, 1, 99.0, 99.0, 99.0, 99.0),
+    ]
+
+
+async def test_later_rows_merge_into_counted_minutes(pool: asyncpg.Pool) -> None:
+    s = timedelta(seconds=1)
+    await readings_at(pool, "t1", [("d1", T0 + 10 * s, {"temp": 5.0})])
+    async with pool.acquire() as conn:
+        await roll_up_once(conn)
+        # A reading that arrives late for a minute already counted, older in
+        # device time than the minute's last: counted, and "last" stays.
+        await readings_at(pool, "t1", [("d1", T0 + 2 * s, {"temp": 7.0})])
+        await readings_at(pool, "t1", [("d1", T0 + 40 * s, {"temp": 3.0})])
+        assert await roll_up_once(conn) == 2
+    assert await minutes(pool) == [("t1", "d1", "temp", T0, 3, 3.0, 7.0, 15.0, 3.0)]
+    assert await minutes(pool, "telemetry_hours") == [
+        ("t1", "d1", "temp", T0, 3, 3.0, 7.0, 15.0, 3.0)
+    ]
+
+
+async def test_a_backlog_is_counted_in_steps_that_commit(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rollups, "BATCH_IDS", 7)
+    await readings_at(pool, "t1", [("d1", T0, {"v": 1.0})] * 30)
+    async with pool.acquire() as conn:
+        assert await roll_up_once(conn) == 30
+    assert await pool.fetchval("SELECT last_id FROM rollup_watermarks") == 30
+    assert (await minutes(pool))[0][4] == 30
+
+
+async def test_a_failed_pass_counts_nothing(pool: asyncpg.Pool) -> None:
+    await readings_at(pool, "t1", [("d1", T0, {"v": 1.0})] * 3)
+    async with pool.acquire() as conn:
+        await conn.execute(
+            """CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql
+               AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$;
+               CREATE TRIGGER fail BEFORE INSERT ON telemetry_hours
+               FOR EACH ROW EXECUTE FUNCTION fail()"""
+        )
+        with pytest.raises(asyncpg.RaiseError):
+            await roll_up_once(conn)
+        assert await pool.fetchval("SELECT count(*) FROM telemetry_minutes") == 0
+        await conn.execute("DROP TRIGGER fail ON telemetry_hours")
+        assert await roll_up_once(conn) == 3
+    assert (await minutes(pool))[0][4] == 3
+
+
+async def wait_for(pool: asyncpg.Pool, query: str, expected: object) -> None:
+    deadline = time.monotonic() + 10
+    while (got := await pool.fetchval(query)) != expected:
+        assert time.monotonic() < deadline, got
+        await asyncio.sleep(0.02)
+
+
+async def test_one_process_keeps_the_rollups(pool: asyncpg.Pool, db: Database) -> None:
+    fast = RollupSettings(interval_s=0.01)
+    first, second = Rollups(db, fast, retry_s=0.01), Rollups(db, fast, retry_s=0.01)
+    tasks = [asyncio.create_task(first.run())]
+    try:
+        await readings_at(pool, "t1", [("d1", T0, {"v": 1.0})] * 5)
+        await wait_for(pool, "SELECT last_id FROM rollup_watermarks", 5)
+        tasks.append(asyncio.create_task(second.run()))
+        await wait_for(
+            pool,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+            f"'{rollups.STANDBY_NAME}'",
+            1,
+        )
+        assert first.leading and not second.leading
+        # The leader goes: the other takes over and goes on from the watermark.
+        tasks[0].cancel()
+        await asyncio.gather(tasks[0], return_exceptions=True)
+        await readings_at(pool, "t1", [("d1", T0, {"v": 1.0})] * 4)
+        await wait_for(pool, "SELECT last_id FROM rollup_watermarks", 9)
+        assert second.leading
+        assert await pool.fetchval("SELECT count FROM telemetry_minutes") == 9
+        assert await pool.fetchval("SELECT pg_try_advisory_lock($1)", ROLLUP_LOCK_KEY) is False
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_rollups_past_their_window_are_trimmed(pool: asyncpg.Pool) -> None:
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    await readings_at(
+        pool,
+        "t1",
+        [("d1", now - timedelta(days=40), {"v": 1.0}), ("d1", now, {"v": 2.0})],
+    )
+    async with pool.acquire() as conn:
+        await roll_up_once(conn)
+        assert await rollups.trim(conn, RollupSettings(minutes_days=30, hours_days=365)) == 1
+    assert [r[3] for r in await minutes(pool)] == [now]
+    assert len(await minutes(pool, "telemetry_hours")) == 2

@@ -1,0 +1,221 @@
+"""The history API on a real server: buckets, raw pages, exports, the fleet form, errors."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import httpx
+import pytest
+
+from pulse.config import Settings
+from pulse.history.rollups import roll_up_once
+from tests.history.readings import readings_at
+from tests.support import provision_device, running_server
+
+T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+S = timedelta(seconds=1)
+DEVICE = "/api/v1/customer/devices/{}/telemetry"
+FLEET = "/api/v1/customer/telemetry/history"
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+@pytest.fixture
+async def http(
+    settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> AsyncIterator[httpx.AsyncClient]:
+    for device in ("d1", "d2"):
+        await provision_device(pool, "t1", device)
+    await provision_device(pool, "t2", "other")
+    # The server's own rollup task may run or not: the answers must be the same.
+    async with (
+        running_server(dataclasses.replace(settings, rollup_interval_s=3600)) as url,
+        httpx.AsyncClient(
+            base_url=url, timeout=20, headers={"Authorization": f"Bearer {make_token('t1')}"}
+        ) as client,
+    ):
+        yield client
+
+
+def window(**params: object) -> dict[str, str]:
+    base = {"from": iso(T0), "to": iso(T0 + timedelta(minutes=10))}
+    return {**base, **{k: str(v) for k, v in params.items()}}
+
+
+async def test_buckets_merge_rollups_with_rows_not_counted_yet(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    await readings_at(pool, "t1", [("d1", T0 + i * 10 * S, {"temp": float(i)}) for i in range(9)])
+    async with pool.acquire() as conn:
+        await roll_up_once(conn)
+    # Counted in the rollups: ids 1-9; not yet: 10-12 (one of them in a counted minute).
+    newest = await readings_at(
+        pool,
+        "t1",
+        [
+            ("d1", T0 + 55 * S, {"temp": 100.0, "hum": 1.0}),
+            ("d1", T0 + 130 * S, {"temp": -1.0}),
+            ("d2", T0 + 5 * S, {"temp": 7.0}),
+        ],
+    )
+    r = await http.get(DEVICE.format("d1"), params=window(bucket="1m"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["bucket"] == "1m" and body["device_id"] == "d1"
+    assert body["last_event_id"] == newest[-1]
+    assert body["from"] == "2026-12-01T10:00:00.000Z"
+    assert body["series"] == {
+        "hum": [{"t": "2026-12-01T10:00:00.000Z", "avg": 1.0, "min": 1.0, "max": 1.0,
+                 "last": 1.0, "count": 1}],
+        "temp": [
+            {"t": "2026-12-01T10:00:00.000Z", "avg": 115 / 7, "min": 0.0, "max": 100.0,
+             "last": 100.0, "count": 7},
+            {"t": "2026-12-01T10:01:00.000Z", "avg": 7.0, "min": 6.0, "max": 8.0,
+             "last": 8.0, "count": 3},
+            {"t": "2026-12-01T10:02:00.000Z", "avg": -1.0, "min": -1.0, "max": -1.0,
+             "last": -1.0, "count": 1},
+        ],
+    }  # fmt: skip
+    hourly = await http.get(
+        DEVICE.format("d1"), params=window(bucket="1h", agg="count,max", metrics="temp")
+    )
+    assert hourly.json()["series"] == {
+        "temp": [{"t": "2026-12-01T10:00:00.000Z", "max": 100.0, "count": 11}]
+    }
+
+
+async def test_auto_picks_raw_points_then_buckets(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    await readings_at(pool, "t1", [("d1", T0 + i * S, {"temp": float(i)}) for i in range(3)])
+    few = (await http.get(DEVICE.format("d1"), params=window(agg="last,count"))).json()
+    assert few["bucket"] == "raw"
+    assert few["series"]["temp"] == [
+        {"t": iso(T0 + i * S).replace("Z", ".000Z"), "last": float(i), "count": 1} for i in range(3)
+    ]
+    await readings_at(pool, "t1", [("d1", T0 + i * S, {"temp": 1.0}) for i in range(1000)])
+    week = {"from": iso(T0), "to": iso(T0 + timedelta(days=7))}
+    many = (await http.get(DEVICE.format("d1"), params=week)).json()
+    assert many["bucket"] == "15m"  # 672 buckets in 7 days; 5m would be 2016
+    # 10:00-10:15 holds the first 900 readings and the 3 of before; 10:15-10:30 the rest.
+    assert [p["count"] for p in many["series"]["temp"]] == [903, 100]
+
+
+async def test_raw_readings_come_in_pages(http: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
+    ids = await readings_at(
+        pool,
+        "t1",
+        [("d1", T0 + (i % 5) * S, {"temp": float(i), "hum": 2.0}) for i in range(23)]
+        + [("d1", T0, {"hum": 3.0}), ("d2", T0, {"temp": 9.0})],
+    )
+    seen: list[dict[str, object]] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = window(bucket="raw", limit=10, metrics="temp")
+        if cursor:
+            params["cursor"] = cursor
+        body = (await http.get(DEVICE.format("d1"), params=params)).json()
+        seen += body["readings"]
+        pages += 1
+        cursor = body["next"]
+        if cursor is None:
+            break
+    assert pages == 3
+    # By device time, then id; only temp; the reading without temp left out.
+    expected = sorted(ids[:23], key=lambda i: ((i - ids[0]) % 5, i))
+    assert [r["id"] for r in seen] == expected
+    assert seen[0] == {"id": ids[0], "time": "2026-12-01T10:00:00.000Z", "metrics": {"temp": 0.0}}
+
+
+async def test_exports_stream_every_reading(http: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
+    await readings_at(
+        pool,
+        "t1",
+        [("d1", T0 + i * 100_000 * S / 2500, {"temp": i, "on": True}) for i in range(2500)],
+    )
+    params = {"from": iso(T0), "to": iso(T0 + timedelta(days=2))}
+    async with http.stream(
+        "GET", DEVICE.format("d1"), params=params, headers={"Accept": "text/csv"}
+    ) as r:
+        assert r.headers["content-type"].startswith("text/csv")
+        text = "".join([chunk async for chunk in r.aiter_text()])
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == ["id", "time", "metric", "value"]
+    assert len(rows) == 1 + 5000
+    assert rows[1:3] == [["1", "2026-12-01T10:00:00.000Z", "on", "true"],
+                         ["1", "2026-12-01T10:00:00.000Z", "temp", "0"]]  # fmt: skip
+    ndjson = await http.get(
+        DEVICE.format("d1"), params=params, headers={"Accept": "application/x-ndjson"}
+    )
+    assert ndjson.headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in ndjson.text.splitlines()]
+    assert len(lines) == 2500 and lines[-1]["metrics"] == {"temp": 2499, "on": True}
+    # A reading every 40 s from 10:00: 14 h (1260 readings) on the first day.
+    buckets = await http.get(
+        DEVICE.format("d1"),
+        params={**params, "bucket": "1d", "agg": "count", "metrics": "temp"},
+        headers={"Accept": "text/csv"},
+    )
+    assert list(csv.reader(io.StringIO(buckets.text))) == [
+        ["device_id", "metric", "t", "count"],
+        ["d1", "temp", "2026-12-01T00:00:00.000Z", "1260"],
+        ["d1", "temp", "2026-12-02T00:00:00.000Z", "1240"],
+    ]
+
+
+async def test_fleet_form_has_one_series_per_device(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    await readings_at(
+        pool,
+        "t1",
+        [
+            ("d1", T0, {"temp": 1.0}),
+            ("d2", T0, {"temp": 2.0, "hum": 5.0}),
+            ("d2", T0, {"hum": 1.0}),
+        ],
+    )
+    await readings_at(pool, "t2", [("other", T0, {"temp": 50.0})])
+    body = (await http.get(FLEET, params=window(metric="temp", agg="avg"))).json()
+    assert body["metric"] == "temp" and body["bucket"] == "1m"
+    assert body["series"] == {
+        "d1": [{"t": "2026-12-01T10:00:00.000Z", "avg": 1.0}],
+        "d2": [{"t": "2026-12-01T10:00:00.000Z", "avg": 2.0}],
+    }
+    only = (await http.get(FLEET, params=window(metric="temp", device_id="d2"))).json()
+    assert list(only["series"]) == ["d2"]
+    assert only["bucket"] == "1m"  # auto picks by the range only, even for one device
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "error"),
+    [
+        (DEVICE.format("ghost"), {}, 404, "unknown_device"),
+        (DEVICE.format("other"), {}, 404, "unknown_device"),  # t2's device
+        (DEVICE.format("d1"), {"from": "yesterday"}, 400, "invalid_parameter"),
+        (DEVICE.format("d1"), {"from": iso(T0), "to": iso(T0)}, 400, "invalid_parameter"),
+        (DEVICE.format("d1"), {"bucket": "2m"}, 400, "invalid_parameter"),
+        (DEVICE.format("d1"), {"agg": "median"}, 400, "invalid_parameter"),
+        (DEVICE.format("d1"), {"metrics": "bad name!"}, 400, "invalid_parameter"),
+        (DEVICE.format("d1"), {"bucket": "raw", "limit": "0"}, 400, "invalid_parameter"),
+        (DEVICE.format("d1"), {"bucket": "raw", "cursor": "x"}, 400, "invalid_parameter"),
+        (FLEET, {}, 400, "invalid_parameter"),
+        (FLEET, {"metric": "temp", "bucket": "raw"}, 400, "invalid_parameter"),
+        (DEVICE.format("d1"), {"tenant_id": "t2"}, 403, "forbidden"),
+    ],
+)
+async def test_bad_requests(
+    http: httpx.AsyncClient, path: str, params: dict[str, str], status: int, error: str
+) -> None:
+    r = await http.get(path, params=params)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == error
