@@ -129,10 +129,16 @@ def test_javascript_blocks_parse(block: Block, tmp_path: Path) -> None:
 
 # Python scripts, each named by its page and a word only it has, and what it prints once
 # it works (a pattern that starts a line).
-PYTHON_PRINTS = {
+PYTHON_PRINTS: dict[tuple[str, str], str | list[str]] = {
     ("README.md", "PulseClient"): r"\d+ dev-000[12] [\d.]+$",
     ("docs/protocol.md", "httpx"): r"\{'type': 'telemetry', 'id': \d+, 'device_id': 'dev-000[12]'",
     ("docs/protocol.md", "websockets"): r"dev-000[12] \{'temp': [\d.]+",
+    ("docs/history.md", "fleet_history"): [
+        r"\d{4}-\d\d-\d\dT\S+ 21\.5 \d+$",  # the week's last buckets
+        r"\d+ \S+ \{'temp': 21\.5, 'humidity': 40\}$",  # readings
+        r"devices: dev-0001, dev-0002$",
+        r"\d+,\S+,temp,21\.5",  # the export's rows
+    ],
 }
 
 
@@ -212,7 +218,10 @@ async def test_python_block_runs_as_written(
     script = tmp_path / "example.py"
     script.write_text(python_block(*key).code)
     env = environment(server, make_token(tenant_id="acme"))
-    await run_until([sys.executable, str(script)], env, [PYTHON_PRINTS[key]])
+    printed = PYTHON_PRINTS[key]
+    await run_until(
+        [sys.executable, str(script)], env, printed if isinstance(printed, list) else [printed]
+    )
 
 
 def shell_block(page: str, word: str) -> Block:
