@@ -74,6 +74,8 @@ class _WebSocketStream(ReconnectingStream[E]):
         self.base_url = base_url
         self.tenant_id = tenant_id
         self.open_timeout_s = open_timeout_s
+        # How long a closing handshake may wait for the server's close frame.
+        self.close_timeout_s = 2.0
         self._ws: ClientConnection | None = None
 
     def _url(self) -> str:
@@ -98,7 +100,7 @@ class _WebSocketStream(ReconnectingStream[E]):
                 self._url(),
                 additional_headers=headers,
                 open_timeout=self.open_timeout_s,
-                close_timeout=2,
+                close_timeout=self.close_timeout_s,
                 max_size=2**22,
             ) as ws:
                 self._ws = ws

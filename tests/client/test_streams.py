@@ -231,12 +231,15 @@ async def test_websocket_renews_its_token_before_expiry(
 async def test_a_websocket_stopped_in_the_middle_of_a_replay_lets_go_at_once(
     url: str, pool: asyncpg.Pool, make_token: Callable[..., str], stop: str
 ) -> None:
-    """No closing handshake behind thousands of queued events: it waited close_timeout (2 s)
-    for a close frame that the paused reading (the queue is full) would not get to."""
+    """No closing handshake behind thousands of queued events: it waited close_timeout
+    for a close frame that the paused reading (the queue is full) would not get to.
+    The close timeout is made 30 s here, so that a wait for it stands out from a busy
+    machine's slowness (an abort took 1.3 s beside two CPU-bound processes)."""
     for _ in range(5):
         await insert_readings(pool, "t1", readings(1000))
     async with PulseClient(url, make_token()) as client:
         stream = client.websocket(last_event_id=0)
+        stream.close_timeout_s = 30.0
         received = asyncio.Event()
         reader = asyncio.create_task(read(stream, 100, received, hold=stop == "aclose"))
         await asyncio.wait_for(received.wait(), 10)
@@ -245,7 +248,7 @@ async def test_a_websocket_stopped_in_the_middle_of_a_replay_lets_go_at_once(
             await stream.aclose()
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 10.0
         assert stream.last_event_id is not None and stream.last_event_id < 5000
 
 
