@@ -21,6 +21,12 @@ def _decode_jsonb(data: bytes) -> Any:
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
+    # No JIT: Pulse's statements are short, and a server PostgreSQL built with LLVM
+    # compiles any whose estimate passes jit_above_cost. The rollups' statement is
+    # estimated at 100 rows per jsonb_each_text call: on PostgreSQL 15 with JIT, a pass
+    # over 10,000 rows took 450 ms instead of 50 (400 ms of it compiling) whenever
+    # it was planned for its parameters: the first five passes on each connection.
+    await conn.execute("SET jit = off")
     # Binary: orjson's bytes go to the wire as they are, with no str in between (a
     # 500-reading write is a 60 kB parameter; text format decoded it to str and
     # asyncpg encoded it back).

@@ -41,3 +41,11 @@ async def test_a_transaction_left_open_is_still_rolled_back(database_url: str) -
         async with db.connection() as conn:
             assert not conn.is_in_transaction()
             assert await conn.fetchval("SELECT count(*) FROM probe") == 0
+
+
+async def test_connections_never_compile_statements_with_jit(database_url: str) -> None:
+    async with Database.open(database_url, pool_size=1) as db:
+        async with db.connection() as conn:
+            assert await conn.fetchval("SHOW jit") == "off"
+        async with db.dedicated("jit probe") as conn:
+            assert await conn.fetchval("SHOW jit") == "off"
