@@ -221,6 +221,9 @@ async def history(pg: Postgres, quick: bool) -> list[Figure]:
     rng = random.Random(1)
     with baseline_tree() as old_tree:
         async with contextlib.AsyncExitStack() as stack:
+            # The rollups count the filled rows from the moment the server runs: the
+            # backfill is timed from its start, startup included.
+            started = time.perf_counter()
             new = await stack.enter_async_context(PulseServer(new_dsn))
             servers = {"new": new}
             if old_tree is not None:
@@ -228,7 +231,8 @@ async def history(pg: Postgres, quick: bool) -> list[Figure]:
             servers["paused"] = await stack.enter_async_context(
                 PulseServer(paused_dsn, PULSE_ROLLUP_INTERVAL_S="3600")
             )
-            backfill = await caught_up(new_dsn, timeout=1800)
+            await caught_up(new_dsn, timeout=1800)
+            backfill = time.perf_counter() - started
             devices = {side: await provision(s.url, TENANT, DEVICES) for side, s in servers.items()}
             latencies, points = await chart_latencies(new.url, requests, days)
             rates: dict[str, list[float]] = {side: [] for side in servers}
@@ -291,7 +295,7 @@ async def history(pg: Postgres, quick: bool) -> list[Figure]:
             + ", ".join(f"{x:.2f}" for x in paused_ratios),
         ),
         Figure(label, "rollup backfill of the filled rows", rows / backfill, "rows/s",
-               note=f"{backfill:.1f} s, from when the servers were ready"),
+               note=f"{backfill:.1f} s from the server's start, its startup included"),
     ]  # fmt: skip
 
 

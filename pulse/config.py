@@ -50,10 +50,11 @@ class Settings:
 
     retention_hours: float = 168.0
     retention_interval_s: float = 60.0
-    # Rollups per minute and per hour (pulse.history.rollups): how often the
+    # Rollups per minute, 15 minutes and hour (pulse.history.rollups): how often the
     # process keeping them looks for new rows, and how long each is kept.
     rollup_interval_s: float = 0.5
     rollup_minutes_days: float = 30.0
+    rollup_quarters_days: float = 90.0
     rollup_hours_days: float = 730.0
     shutdown_timeout_s: float = 10.0
     ingest_rate_per_device: float = 100.0

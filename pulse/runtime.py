@@ -168,6 +168,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             RollupSettings(
                 interval_s=settings.rollup_interval_s,
                 minutes_days=settings.rollup_minutes_days,
+                quarters_days=settings.rollup_quarters_days,
                 hours_days=settings.rollup_hours_days,
             ),
         )

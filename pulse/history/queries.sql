@@ -22,9 +22,9 @@ RETURNING last_id
 
 -- name: roll_up
 -- Counts the tenant's rows in ($2, $3] into their minutes, and those minutes'
--- share into their hours, in one statement; then the caller moves the
--- watermark to $3 in the same transaction. Each row is read once, by the primary
--- key's (tenant_id, id) prefix in each partition.
+-- share into their 15 minutes and hours, in one statement; then the caller moves
+-- the watermark to $3 in the same transaction. Each row is read once, by the
+-- primary key's (tenant_id, id) prefix in each partition.
 WITH readings AS (
     SELECT t.id, t.device_id, t.device_time, m.key AS metric,
            pulse_metric_value(m.value) AS value
@@ -39,35 +39,23 @@ WITH readings AS (
            (array_agg(id ORDER BY device_time DESC, id DESC))[1] AS last_id
       FROM readings
      GROUP BY 1, 2, 3
-), into_minutes AS (
-    INSERT INTO telemetry_minutes AS r
-           (tenant_id, device_id, metric, bucket, count, min, max, sum, last, last_time, last_id)
-    SELECT $1, device_id, metric, bucket, count, min, max, sum, last, last_time, last_id
-      FROM minutes
-    ON CONFLICT (tenant_id, device_id, metric, bucket) DO UPDATE SET
-        count = r.count + excluded.count,
-        min = least(r.min, excluded.min),
-        max = greatest(r.max, excluded.max),
-        sum = r.sum + excluded.sum,
-        last = CASE WHEN (excluded.last_time, excluded.last_id) > (r.last_time, r.last_id)
-                    THEN excluded.last ELSE r.last END,
-        last_id = CASE WHEN (excluded.last_time, excluded.last_id) > (r.last_time, r.last_id)
-                       THEN excluded.last_id ELSE r.last_id END,
-        last_time = greatest(r.last_time, excluded.last_time)
-), hours AS (
-    SELECT device_id, metric, date_trunc('hour', bucket, 'UTC') AS bucket,
-           sum(count) AS count, min(min) AS min, max(max) AS max, sum(sum) AS sum,
-           (array_agg(last ORDER BY last_time DESC, last_id DESC))[1] AS last,
-           max(last_time) AS last_time,
-           (array_agg(last_id ORDER BY last_time DESC, last_id DESC))[1] AS last_id
-      FROM minutes
-     GROUP BY 1, 2, 3
+), widths AS (
+    SELECT 1 AS width, * FROM minutes
+    UNION ALL
+    SELECT w.width, device_id, metric,
+           date_bin(make_interval(mins => w.width), bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
+           sum(count), min(min), max(max), sum(sum),
+           (array_agg(last ORDER BY last_time DESC, last_id DESC))[1],
+           max(last_time),
+           (array_agg(last_id ORDER BY last_time DESC, last_id DESC))[1]
+      FROM minutes CROSS JOIN (VALUES (15), (60)) AS w (width)
+     GROUP BY 1, 2, 3, 4
 )
-INSERT INTO telemetry_hours AS r
-       (tenant_id, device_id, metric, bucket, count, min, max, sum, last, last_time, last_id)
-SELECT $1, device_id, metric, bucket, count, min, max, sum, last, last_time, last_id
-  FROM hours
-ON CONFLICT (tenant_id, device_id, metric, bucket) DO UPDATE SET
+INSERT INTO telemetry_rollups AS r
+       (tenant_id, width, device_id, metric, bucket, count, min, max, sum, last, last_time, last_id)
+SELECT $1, width, device_id, metric, bucket, count, min, max, sum, last, last_time, last_id
+  FROM widths
+ON CONFLICT (tenant_id, device_id, width, bucket, metric) DO UPDATE SET
     count = r.count + excluded.count,
     min = least(r.min, excluded.min),
     max = greatest(r.max, excluded.max),
@@ -81,15 +69,10 @@ ON CONFLICT (tenant_id, device_id, metric, bucket) DO UPDATE SET
 -- name: move_watermark
 UPDATE rollup_watermarks SET last_id = $2 WHERE tenant_id = $1
 
--- name: trim_minutes
--- One batch of minute rollups older than the cutoff.
-DELETE FROM telemetry_minutes r
- USING (SELECT ctid FROM telemetry_minutes WHERE bucket < $1 LIMIT $2) AS doomed
- WHERE r.ctid = doomed.ctid
-
--- name: trim_hours
-DELETE FROM telemetry_hours r
- USING (SELECT ctid FROM telemetry_hours WHERE bucket < $1 LIMIT $2) AS doomed
+-- name: trim_rollups
+-- One batch of the rollups of width $1 older than the cutoff $2.
+DELETE FROM telemetry_rollups r
+ USING (SELECT ctid FROM telemetry_rollups WHERE width = $1 AND bucket < $2 LIMIT $3) AS doomed
  WHERE r.ctid = doomed.ctid
 
 -- name: device_exists
@@ -112,8 +95,8 @@ SELECT coalesce((SELECT last_event_id FROM tenants WHERE tenant_id = $1), 0) AS 
 
 -- name: series
 -- Buckets of width $6 (aligned on UTC midnight) for some devices and metrics
--- ($3 NULL: every metric), from the minutes ($7 false) or the hours ($7 true)
--- whose start is in [$4, $5), merged with the rows the rollups have not counted
+-- ($3 NULL: every metric), from the rollups of width $7 (minutes) whose start is
+-- in [$4, $5), merged with the rows the rollups have not counted
 -- yet: ids after $8, the watermark read in the same snapshot (snapshot_marks), so
 -- the series is exact up to the tenant's newest committed id. $4 is aligned to
 -- the bucket already. The caller plans it with the watermark's value
@@ -121,16 +104,10 @@ SELECT coalesce((SELECT last_event_id FROM tenants WHERE tenant_id = $1), 0) AS 
 -- key, never through the device's index over its whole range.
 WITH parts AS (
     SELECT device_id, metric, bucket, count, min, max, sum, last, last_time, last_id
-      FROM telemetry_minutes
-     WHERE NOT $7 AND tenant_id = $1 AND device_id = ANY($2::text[])
-       AND ($3::text[] IS NULL OR metric = ANY($3::text[]))
+      FROM telemetry_rollups
+     WHERE tenant_id = $1 AND device_id = ANY($2::text[]) AND width = $7
        AND bucket >= $4 AND bucket < $5
-    UNION ALL
-    SELECT device_id, metric, bucket, count, min, max, sum, last, last_time, last_id
-      FROM telemetry_hours
-     WHERE $7 AND tenant_id = $1 AND device_id = ANY($2::text[])
        AND ($3::text[] IS NULL OR metric = ANY($3::text[]))
-       AND bucket >= $4 AND bucket < $5
     UNION ALL
     SELECT t.device_id, m.key, t.device_time, 1, v.value, v.value, v.value, v.value,
            t.device_time, t.id

@@ -24,7 +24,8 @@ from pulse.times import format_time
 Q = load_queries(__package__)
 
 _ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
-_FROM_HOURS = ("1h", "1d")
+# The stored rollups (minutes wide) each bucket width is made from.
+STORED_WIDTH = {"1m": 1, "5m": 1, "15m": 15, "1h": 60, "1d": 60}
 EXPORT_BATCH = 1000
 
 
@@ -132,7 +133,7 @@ def _series_args(
         align(query.start, width),
         query.end,
         width,
-        bucket in _FROM_HOURS,
+        STORED_WIDTH[bucket],
         counted,
     )
 

@@ -1,4 +1,4 @@
-"""Rollups per device, metric and minute, and per hour from the minutes.
+"""Rollups per device, metric and minute, and per 15 minutes and hour from the minutes.
 
 One process of the cluster keeps them (a session advisory lock on a connection
 of its own, as the relay does); the others stand by. Each pass counts, per
@@ -41,6 +41,7 @@ QUERY_TIMEOUT_S = 300.0
 class RollupSettings:
     interval_s: float = 0.5
     minutes_days: float = 30.0
+    quarters_days: float = 90.0
     hours_days: float = 730.0
     trim_interval_s: float = 3600.0
 
@@ -73,16 +74,18 @@ async def roll_up_once(conn: asyncpg.Connection) -> int:
 
 
 async def trim(conn: asyncpg.Connection, settings: RollupSettings) -> int:
-    """Delete the minutes and hours past their windows, batch by batch."""
+    """Delete the rollups past their widths' windows, batch by batch."""
     now = datetime.now(UTC)
     deleted = 0
-    for query, days in (
-        ("trim_minutes", settings.minutes_days),
-        ("trim_hours", settings.hours_days),
+    for width, days in (
+        (1, settings.minutes_days),
+        (15, settings.quarters_days),
+        (60, settings.hours_days),
     ):
         cutoff = now - timedelta(days=days)
         while True:
-            count = int((await conn.execute(Q[query], cutoff, TRIM_BATCH)).split()[-1])
+            done = await conn.execute(Q["trim_rollups"], width, cutoff, TRIM_BATCH)
+            count = int(done.split()[-1])
             deleted += count
             if count < TRIM_BATCH:
                 break

@@ -4,32 +4,16 @@ resume path still reads one tenant's ids in order from an index."""
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import pytest
 
 from pulse.db.migrate import discover, migrate
-from pulse.db.pool import connect
 from pulse.db.queries import load_queries
 from pulse.db.retention import utc_today
-from tests.support import dsn_for, insert_readings
+from tests.support import insert_readings
 
 BUS = load_queries("pulse.bus")
-
-
-@pytest.fixture
-async def conn(pg_admin_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    name = f"pulse_part_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    c = await connect(dsn_for(pg_admin_dsn, name))
-    yield c
-    await c.close()
-    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    await admin.close()
 
 
 def before_0007() -> list:  # type: ignore[type-arg]

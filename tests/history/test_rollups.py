@@ -1,4 +1,5 @@
-"""Rollups: each committed reading counted once into its minute and hour, by one process."""
+"""Rollups: each committed reading counted once into its minute, 15 minutes and hour, by one
+process."""
 
 from __future__ import annotations
 
@@ -17,15 +18,17 @@ from tests.history.readings import readings_at
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
 
-async def minutes(pool: asyncpg.Pool, table: str = "telemetry_minutes") -> list[tuple]:  # type: ignore[type-arg]
+async def minutes(pool: asyncpg.Pool, width: int = 1) -> list[tuple]:  # type: ignore[type-arg]
+    """The rollups of ``width`` minutes."""
     rows = await pool.fetch(
-        f"""SELECT tenant_id, device_id, metric, bucket, count, min, max, sum, last
-              FROM {table} ORDER BY 1, 2, 3, 4"""
+        """SELECT tenant_id, device_id, metric, bucket, count, min, max, sum, last
+             FROM telemetry_rollups WHERE width = $1 ORDER BY 1, 2, 3, 4""",
+        width,
     )
     return [tuple(r) for r in rows]
 
 
-async def test_minutes_and_hours_count_each_reading_once(pool: asyncpg.Pool) -> None:
+async def test_minutes_quarters_and_hours_count_each_reading_once(pool: asyncpg.Pool) -> None:
     s = timedelta(seconds=1)
     await readings_at(
         pool,
@@ -35,24 +38,33 @@ async def test_minutes_and_hours_count_each_reading_once(pool: asyncpg.Pool) -> 
             ("d1", T0 + 50 * s, {"temp": 22.0}),
             ("d1", T0 + 30 * s, {"temp": 30.0, "door": False}),  # later id, earlier time
             ("d1", T0 + 65 * s, {"temp": 10.0}),
+            ("d1", T0 + 16 * 60 * s, {"temp": 4.0}),  # the next 15 minutes
             ("d2", T0 + 5 * s, {"temp": 1.0}),
         ],
     )
     await readings_at(pool, "t2", [("d1", T0, {"temp": 99.0})])
     async with pool.acquire() as conn:
-        assert await roll_up_once(conn) == 6
+        assert await roll_up_once(conn) == 7
         assert await roll_up_once(conn) == 0
     m = T0
     assert await minutes(pool) == [
         ("t1", "d1", "door", m, 2, 0.0, 1.0, 1.0, 0.0),
         ("t1", "d1", "temp", m, 3, 20.0, 30.0, 72.0, 22.0),
         ("t1", "d1", "temp", m + timedelta(minutes=1), 1, 10.0, 10.0, 10.0, 10.0),
+        ("t1", "d1", "temp", m + timedelta(minutes=16), 1, 4.0, 4.0, 4.0, 4.0),
         ("t1", "d2", "temp", m, 1, 1.0, 1.0, 1.0, 1.0),
         ("t2", "d1", "temp", m, 1, 99.0, 99.0, 99.0, 99.0),
     ]
-    assert await minutes(pool, "telemetry_hours") == [
+    assert await minutes(pool, 15) == [
         ("t1", "d1", "door", m, 2, 0.0, 1.0, 1.0, 0.0),
         ("t1", "d1", "temp", m, 4, 10.0, 30.0, 82.0, 10.0),
+        ("t1", "d1", "temp", m + timedelta(minutes=15), 1, 4.0, 4.0, 4.0, 4.0),
+        ("t1", "d2", "temp", m, 1, 1.0, 1.0, 1.0, 1.0),
+        ("t2", "d1", "temp", m, 1, 99.0, 99.0, 99.0, 99.0),
+    ]
+    assert await minutes(pool, 60) == [
+        ("t1", "d1", "door", m, 2, 0.0, 1.0, 1.0, 0.0),
+        ("t1", "d1", "temp", m, 5, 4.0, 30.0, 86.0, 4.0),
         ("t1", "d2", "temp", m, 1, 1.0, 1.0, 1.0, 1.0),
         ("t2", "d1", "temp", m, 1, 99.0, 99.0, 99.0, 99.0),
     ]
@@ -69,9 +81,8 @@ async def test_later_rows_merge_into_counted_minutes(pool: asyncpg.Pool) -> None
         await readings_at(pool, "t1", [("d1", T0 + 40 * s, {"temp": 3.0})])
         assert await roll_up_once(conn) == 2
     assert await minutes(pool) == [("t1", "d1", "temp", T0, 3, 3.0, 7.0, 15.0, 3.0)]
-    assert await minutes(pool, "telemetry_hours") == [
-        ("t1", "d1", "temp", T0, 3, 3.0, 7.0, 15.0, 3.0)
-    ]
+    for width in (15, 60):
+        assert await minutes(pool, width) == [("t1", "d1", "temp", T0, 3, 3.0, 7.0, 15.0, 3.0)]
 
 
 async def test_a_backlog_is_counted_in_steps_that_commit(
@@ -91,13 +102,13 @@ async def test_a_failed_pass_counts_nothing(pool: asyncpg.Pool) -> None:
         await conn.execute(
             """CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql
                AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$;
-               CREATE TRIGGER fail BEFORE INSERT ON telemetry_hours
-               FOR EACH ROW EXECUTE FUNCTION fail()"""
+               CREATE TRIGGER fail BEFORE INSERT ON telemetry_rollups
+               FOR EACH ROW WHEN (NEW.width = 60) EXECUTE FUNCTION fail()"""
         )
         with pytest.raises(asyncpg.RaiseError):
             await roll_up_once(conn)
-        assert await pool.fetchval("SELECT count(*) FROM telemetry_minutes") == 0
-        await conn.execute("DROP TRIGGER fail ON telemetry_hours")
+        assert await pool.fetchval("SELECT count(*) FROM telemetry_rollups") == 0
+        await conn.execute("DROP TRIGGER fail ON telemetry_rollups")
         assert await roll_up_once(conn) == 3
     assert (await minutes(pool))[0][4] == 3
 
@@ -130,7 +141,7 @@ async def test_one_process_keeps_the_rollups(pool: asyncpg.Pool, db: Database) -
         await readings_at(pool, "t1", [("d1", T0, {"v": 1.0})] * 4)
         await wait_for(pool, "SELECT last_id FROM rollup_watermarks", 9)
         assert second.leading
-        assert await pool.fetchval("SELECT count FROM telemetry_minutes") == 9
+        assert await pool.fetchval("SELECT count FROM telemetry_rollups WHERE width = 1") == 9
         assert await pool.fetchval("SELECT pg_try_advisory_lock($1)", ROLLUP_LOCK_KEY) is False
     finally:
         for task in tasks:
@@ -147,6 +158,8 @@ async def test_rollups_past_their_window_are_trimmed(pool: asyncpg.Pool) -> None
     )
     async with pool.acquire() as conn:
         await roll_up_once(conn)
-        assert await rollups.trim(conn, RollupSettings(minutes_days=30, hours_days=365)) == 1
+        kept = RollupSettings(minutes_days=30, quarters_days=35, hours_days=365)
+        assert await rollups.trim(conn, kept) == 2
     assert [r[3] for r in await minutes(pool)] == [now]
-    assert len(await minutes(pool, "telemetry_hours")) == 2
+    assert len(await minutes(pool, 15)) == 1
+    assert len(await minutes(pool, 60)) == 2
