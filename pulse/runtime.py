@@ -163,15 +163,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 run_retention, db, settings.retention_hours, settings.retention_interval_s
             ),
         )
-        rollups = Rollups(
-            db,
-            RollupSettings(
-                interval_s=settings.rollup_interval_s,
-                minutes_days=settings.rollup_minutes_days,
-                quarters_days=settings.rollup_quarters_days,
-                hours_days=settings.rollup_hours_days,
-            ),
-        )
+        rollups = Rollups(db, RollupSettings.of(settings))
         supervisor.start("rollups", rollups.run)
         sweeper = StatusSweeper(
             db, stale_after_s=settings.stale_after_s, offline_after_s=settings.offline_after_s

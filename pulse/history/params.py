@@ -20,6 +20,9 @@ WIDTHS: dict[str, timedelta] = {
     "1h": timedelta(hours=1),
     "1d": timedelta(days=1),
 }
+# The stored rollups (pulse.history.rollups, their width in minutes) each bucket is
+# made from.
+STORED_WIDTH = {"1m": 1, "5m": 1, "15m": 15, "1h": 60, "1d": 60}
 BUCKETS = ("auto", "raw", *WIDTHS)
 AGGREGATES = ("avg", "min", "max", "last", "count")
 # bucket=auto: at most about this many points in a series.
@@ -64,11 +67,14 @@ class HistoryQuery:
     cursor: Cursor | None
     devices: tuple[str, ...] | None = None  # the fleet form's device filter
 
-    def width_for_span(self) -> str:
-        """The narrowest bucket that keeps a series within MAX_POINTS."""
+    def width_for_span(self, kept_since: Mapping[int, datetime] | None = None) -> str:
+        """The narrowest bucket that keeps a series within MAX_POINTS and, with
+        ``kept_since`` (per stored width, the oldest time its rollups are kept from),
+        whose rollups still hold the range's start."""
         span = self.end - self.start
         for name, width in WIDTHS.items():
-            if span / width <= MAX_POINTS:
+            kept = kept_since is None or self.start >= kept_since[STORED_WIDTH[name]]
+            if span / width <= MAX_POINTS and kept:
                 return name
         return "1d"
 

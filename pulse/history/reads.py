@@ -10,7 +10,7 @@ their size is not bounded by memory.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,14 +18,12 @@ import asyncpg
 
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
-from pulse.history.params import MAX_POINTS, WIDTHS, Cursor, HistoryQuery
+from pulse.history.params import MAX_POINTS, STORED_WIDTH, WIDTHS, Cursor, HistoryQuery
 from pulse.times import format_time
 
 Q = load_queries(__package__)
 
 _ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
-# The stored rollups (minutes wide) each bucket width is made from.
-STORED_WIDTH = {"1m": 1, "5m": 1, "15m": 15, "1h": 60, "1d": 60}
 EXPORT_BATCH = 1000
 
 
@@ -51,10 +49,15 @@ async def tenant_devices(db: Database, tenant_id: str) -> list[str]:
 
 
 async def series(
-    db: Database, tenant_id: str, devices: Sequence[str], query: HistoryQuery
+    db: Database,
+    tenant_id: str,
+    devices: Sequence[str],
+    query: HistoryQuery,
+    kept_since: Mapping[int, datetime] | None = None,
 ) -> Series:
     """Buckets of the query's width, or of the width bucket=auto picks: raw points when
-    one device has at most MAX_POINTS readings in the range."""
+    one device has at most MAX_POINTS readings in the range, else the narrowest width
+    whose rollups are kept (``kept_since``) that fits (HistoryQuery.width_for_span)."""
     async with db.connection() as conn, _snapshot(conn):
         marks = await conn.fetchrow(Q["snapshot_marks"], tenant_id)
         bucket = query.bucket
@@ -62,9 +65,9 @@ async def series(
             count = await conn.fetchval(
                 Q["count_readings"], tenant_id, devices[0], query.start, query.end, MAX_POINTS + 1
             )
-            bucket = "raw" if count <= MAX_POINTS else query.width_for_span()
+            bucket = "raw" if count <= MAX_POINTS else query.width_for_span(kept_since)
         elif bucket == "auto":
-            bucket = query.width_for_span()
+            bucket = query.width_for_span(kept_since)
         if bucket == "raw":
             points = await conn.fetch(
                 Q["raw_points"], tenant_id, devices[0], query.start, query.end, _array(query)

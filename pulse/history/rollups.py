@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from pulse.config import Settings
 from pulse.db.database import Database
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.queries import load_queries
@@ -44,6 +45,27 @@ class RollupSettings:
     quarters_days: float = 90.0
     hours_days: float = 730.0
     trim_interval_s: float = 3600.0
+
+    @classmethod
+    def of(cls, settings: Settings) -> RollupSettings:
+        return cls(
+            interval_s=settings.rollup_interval_s,
+            minutes_days=settings.rollup_minutes_days,
+            quarters_days=settings.rollup_quarters_days,
+            hours_days=settings.rollup_hours_days,
+        )
+
+    def windows(self) -> dict[int, timedelta]:
+        """How long the rollups of each width (in minutes) are kept."""
+        return {
+            1: timedelta(days=self.minutes_days),
+            15: timedelta(days=self.quarters_days),
+            60: timedelta(days=self.hours_days),
+        }
+
+    def kept_since(self, now: datetime) -> dict[int, datetime]:
+        """Per width, the oldest time its rollups are kept from."""
+        return {width: now - window for width, window in self.windows().items()}
 
 
 async def roll_up_tenant(conn: asyncpg.Connection, tenant_id: str, newest: int) -> int:
@@ -75,14 +97,8 @@ async def roll_up_once(conn: asyncpg.Connection) -> int:
 
 async def trim(conn: asyncpg.Connection, settings: RollupSettings) -> int:
     """Delete the rollups past their widths' windows, batch by batch."""
-    now = datetime.now(UTC)
     deleted = 0
-    for width, days in (
-        (1, settings.minutes_days),
-        (15, settings.quarters_days),
-        (60, settings.hours_days),
-    ):
-        cutoff = now - timedelta(days=days)
+    for width, cutoff in settings.kept_since(datetime.now(UTC)).items():
         while True:
             done = await conn.execute(Q["trim_rollups"], width, cutoff, TRIM_BATCH)
             count = int(done.split()[-1])

@@ -26,6 +26,7 @@ from quart_schema import (
 from pulse.errors import INVALID_PARAMETER, UNKNOWN_DEVICE, ApiError
 from pulse.history import reads
 from pulse.history.params import HistoryQuery, parse_history
+from pulse.history.rollups import RollupSettings
 from pulse.times import format_time
 from pulse.web import openapi, runtime
 from pulse.web.auth import authorize, tenant
@@ -158,7 +159,7 @@ async def device_history(device_id: str) -> Response:
         head = orjson.dumps({"device_id": device_id})[:-1]
         body = head + b',"readings":[' + readings + b'],"next":' + orjson.dumps(following) + b"}"
         return Response(body, content_type=JSON)
-    found = await reads.series(db, tenant_id, [device_id], query)
+    found = await reads.series(db, tenant_id, [device_id], query, _kept_since())
     by_metric = _grouped(found.rows, 1, query)
     return _json(
         {
@@ -189,8 +190,8 @@ async def fleet_history() -> Response:
     query = parse_history(request.args, now=datetime.now(UTC), fleet=True)
     db, tenant_id = runtime().db, tenant()
     devices = list(query.devices) if query.devices else await reads.tenant_devices(db, tenant_id)
-    if query.bucket == "auto":  # by the range only, even for one device: never raw
-        query = dataclasses.replace(query, bucket=query.width_for_span())
+    if query.bucket == "auto":  # by the range and what is kept, even for one device: never raw
+        query = dataclasses.replace(query, bucket=query.width_for_span(_kept_since()))
     kind = _media_type()
     if kind != JSON:
         batches = reads.export_series(db, tenant_id, devices, query, query.bucket)
@@ -214,6 +215,11 @@ async def fleet_history() -> Response:
 def _media_type() -> str:
     best = request.accept_mimetypes.best_match([JSON, CSV, NDJSON])
     return best or JSON
+
+
+def _kept_since() -> dict[int, datetime]:
+    """Per stored width, the oldest time the rollups are kept from (bucket=auto)."""
+    return RollupSettings.of(runtime().settings).kept_since(datetime.now(UTC))
 
 
 def _range(query: HistoryQuery) -> dict[str, str]:

@@ -71,3 +71,19 @@ def test_the_fleet_form_needs_one_metric_and_no_raw() -> None:
     for args in ({}, {"metric": "temp,hum"}, {"metric": "temp", "bucket": "raw"}):
         with pytest.raises(ApiError):
             parse_history(args, now=NOW, fleet=True)
+
+
+def test_auto_skips_widths_whose_rollups_are_no_longer_kept() -> None:
+    args = {
+        "from": (NOW - timedelta(days=43)).isoformat(),
+        "to": (NOW - timedelta(days=40)).isoformat(),
+    }
+    query = parse_history(args, now=NOW)
+    assert query.width_for_span() == "5m"
+    kept = {
+        1: NOW - timedelta(days=30),
+        15: NOW - timedelta(days=90),
+        60: NOW - timedelta(days=730),
+    }
+    assert query.width_for_span(kept) == "15m"
+    assert query.width_for_span({**kept, 15: NOW - timedelta(days=35)}) == "1h"

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from pulse.config import Settings
-from pulse.history.rollups import roll_up_once
+from pulse.history.rollups import RollupSettings, roll_up_once, trim
 from tests.history.readings import readings_at
 from tests.support import provision_device, running_server
 
@@ -219,3 +219,22 @@ async def test_bad_requests(
     r = await http.get(path, params=params)
     assert r.status_code == status, r.text
     assert r.json()["error"] == error
+
+
+async def test_auto_picks_a_width_whose_rollups_are_still_kept(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    # Three days that ended 40 days ago: 5-minute buckets by the span alone (864), but
+    # minutes are kept 30 days; the 15 minutes, 90.
+    end = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(days=40)
+    start = end - timedelta(days=3)
+    minute = timedelta(minutes=1)
+    await readings_at(pool, "t1", [("d1", start + i * minute, {"temp": 1.0}) for i in range(1200)])
+    async with pool.acquire() as conn:
+        await roll_up_once(conn)
+        assert await trim(conn, RollupSettings()) > 0
+    r = await http.get(DEVICE.format("d1"), params={"from": iso(start), "to": iso(end)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["bucket"] == "15m"
+    assert sum(p["count"] for p in body["series"]["temp"]) == 1200
