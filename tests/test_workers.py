@@ -69,9 +69,11 @@ async def test_ingest_over_two_workers_keeps_ids_exact(
         await asyncio.gather(*(device(d) for d in tokens))
         total = CLIENTS * (REQUESTS // 2 * 1 + (REQUESTS - REQUESTS // 2) * BATCH)
         assert sorted(accepted) == list(range(1, total + 1)), "one id each, no gap"
-        # Both workers did some of it (or the test would not test two).
+        # Both workers did some of it (or the test would not test two): at least 30 ms
+        # of CPU each, which an idle worker does not use in the seconds this takes (beside
+        # two CPU-bound processes and another test run, the two used 50 and 80 ms).
         used = workers_cpu(server.proc.pid)
-        assert all(used[w] - before[w] >= 10 for w in before), (before, used)
+        assert all(used[w] - before[w] >= 3 for w in before), (before, used)
 
         # A stream from the start sees exactly those ids, in order.
         seen: list[int] = []

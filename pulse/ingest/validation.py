@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from datetime import UTC, datetime, timedelta
+import re
+from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
 
@@ -18,6 +19,10 @@ READING_FIELDS = ("ts", "metrics", "seq")
 # seq is stored as bigint. Metric values go through orjson, which encodes
 # integers up to 64 bits (signed or unsigned) and refuses anything larger.
 _BIGINT = range(-(2**63), 2**63)
+# A UTC offset down to the microsecond, as datetime.isoformat() writes one.
+_OFFSET_WITH_FRACTION = re.compile(
+    r"(?P<sign>[+-])(?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)\.(?P<us>\d{1,6})$"
+)
 _JSON_INT = range(-(2**63), 2**64)
 
 MetricValue = int | float | bool
@@ -85,6 +90,15 @@ def parse_time(value: object, *, received_at: datetime) -> datetime:
     # shift every reading of a device whose clock is set to local time.
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise InvalidPayload(f"ts {_quote(value)} has no UTC offset; end it with 'Z' or '+00:00'.")
+    if match := _OFFSET_WITH_FRACTION.search(value):
+        # Python 3.11 reads "+00:00:00.000001" as +00:00: the fraction is lost.
+        offset = timedelta(
+            hours=int(match["h"]),
+            minutes=int(match["m"]),
+            seconds=int(match["s"]),
+            microseconds=int(match["us"].ljust(6, "0")),
+        )
+        parsed = parsed.replace(tzinfo=timezone(-offset if match["sign"] == "-" else offset))
     try:
         device_time = parsed.astimezone(UTC)
     except OverflowError:
