@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -50,16 +52,31 @@ class _Socket:
         return True
 
     def abort_unread(self) -> None:
-        if not self.transport.get_write_buffer_size():
+        sock = self.transport.get_extra_info("socket")
+        if not self.transport.get_write_buffer_size() and not _unacknowledged(sock):
             return
         # An abortive close (RFC 793 reset): a plain close would leave the
         # kernel trying to deliver what the client does not read, holding the
         # send buffer for minutes as an orphan socket.
-        sock = self.transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
+
+
+def _unacknowledged(sock: Any) -> int:
+    """Bytes in the kernel's send queue the client has not acknowledged (Linux's
+    SIOCOUTQ; 0 where it cannot be asked). The process's own buffer may be empty
+    while the kernel holds what the client does not read: the kernel grows a
+    connection's send buffer as it goes."""
+    request = getattr(termios, "TIOCOUTQ", None)  # SIOCOUTQ, on Linux
+    if sock is None or request is None:
+        return 0
+    try:
+        queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+    except OSError:
+        return 0
+    return queued
 
 
 def _socket_of(stream: Any) -> _Socket | None:

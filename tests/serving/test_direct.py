@@ -144,3 +144,42 @@ async def test_live_events_to_clients_that_keep_up_are_written_by_the_hub(
             before, "pulse_events_delivered_directly_total", kind
         )
         assert delivered == len(ids) and directly == len(ids), (kind, delivered, directly)
+
+
+async def test_abort_unread_resets_a_client_whose_bytes_wait_in_the_kernel() -> None:
+    """The process's buffer is empty, the kernel's send queue is not: still a reset."""
+    import socket
+    import types
+
+    from pulse.serving.direct import _Socket
+
+    accepted: asyncio.Future[asyncio.StreamWriter] = asyncio.get_running_loop().create_future()
+
+    async def on_connect(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.set_result(w)
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    try:
+        writer = await asyncio.wait_for(accepted, 10)
+        conn = _Socket(types.SimpleNamespace(send_lock=asyncio.Lock(), writer=writer))
+        # More than the client's receive buffer takes, less than the kernel's send
+        # buffer holds: it all leaves the process and waits in the kernel, unread.
+        unread = client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) + 64 * 1024
+        conn.transport.write(b"x" * unread)
+        async with asyncio.timeout(10):
+            while conn.transport.get_write_buffer_size():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        conn.abort_unread()
+        client.settimeout(10)
+
+        def read_all() -> None:
+            while client.recv(1 << 20):
+                pass
+
+        with pytest.raises(ConnectionResetError):
+            await asyncio.to_thread(read_all)  # the loop closes the socket meanwhile
+    finally:
+        client.close()
+        server.close()
