@@ -610,6 +610,61 @@ async def _connections(pg: Postgres, quick: bool, kind: str) -> list[Figure]:
     ]
 
 
+# -- a reconnect storm --------------------------------------------------------------
+
+
+async def reconnect_sse(pg: Postgres, quick: bool) -> list[Figure]:
+    """Every dashboard of a tenant back at once after a deploy (issue #20 item 4): SSE
+    clients resuming from the tenant's newest id, all connecting together, each
+    counted against the per-tenant limit (PULSE_MAX_CONNECTIONS_PER_TENANT) as always."""
+    count = 1000 if quick else 10_000
+    dsn = await pg.fresh_database()
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("INSERT INTO tenants (tenant_id) VALUES ('tenant-1')")
+    async with conn.transaction():
+        base = await conn.fetchval("SELECT pulse_reserve_event_ids('tenant-1', 1000)")
+        await conn.execute(
+            """INSERT INTO telemetry (tenant_id, id, device_id, device_time, metrics)
+               SELECT 'tenant-1', $1 + g, 'dev-00001', now(), '{"temp": 21.5}'
+                 FROM generate_series(1, 1000) AS g""",
+            base,
+        )
+    await conn.close()
+    newest = base + 1000
+    async with PulseServer(dsn) as server:
+        tok = token("tenant-1", roles=("customer",))
+        counters = [StreamCounter() for _ in range(count)]
+        connect_s: list[float] = []
+        with cpu_meter([server.proc.pid] if server.proc else []) as cpu:
+            start = time.perf_counter()
+
+            async def reconnect(counter: StreamCounter) -> None:
+                waiting = asyncio.create_task(counter.connected.wait())
+                streaming = asyncio.create_task(
+                    counter.sse(server.url, SSE_PATH, tok, last_event_id=newest)
+                )
+                await waiting
+                connect_s.append(time.perf_counter() - start)
+                await streaming
+
+            tasks = [asyncio.create_task(reconnect(c)) for c in counters]
+            await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in counters)), 120)
+            took = time.perf_counter() - start
+        failures = [c.failed for c in counters if c.failed]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    label = f"{count} SSE clients reconnecting at once (Last-Event-ID at the head)"
+    return [
+        Figure(label, "all back", took, "s", target="<= 5 s" if count == 10_000 else "",
+               note=f"{count / took:.0f} conn/s; {len(failures)} failed"),
+        Figure(label, "connect p50", percentile(connect_s, 50), "s"),
+        Figure(label, "connect p99", percentile(connect_s, 99), "s"),
+        Figure(label, "server CPU per connect", cpu["others_cpu_s"] / count * 1e6, "µs",
+               note=f"load generator {cpu['client_cpu_s'] / count * 1e6:.0f} µs per connect"),
+    ]  # fmt: skip
+
+
 # -- replay ---------------------------------------------------------------------
 
 
@@ -901,6 +956,7 @@ SCENARIOS: dict[str, Scenario] = {
     "fanout-workers": fanout_workers,
     "connections-sse": connections_sse,
     "connections-ws": connections_ws,
+    "reconnect-sse": reconnect_sse,
     "replay": replay,
     "cluster": cluster,
     "notify-cost": notify_cost,

@@ -232,6 +232,18 @@ class Hub:
                 # Shielded: a cancelled stream must still unwatch.
                 await asyncio.shield(closing)
 
+    def newest_delivered(self, tenant_id: str) -> int | None:
+        """The newest id handed to the tenant's subscribers, when its topic is open here
+        (None otherwise): a committed id, and every later event of the tenant comes
+        through the topic. A stream starting beside others of its tenant needs no query."""
+        topic = self._topics.get(tenant_id)
+        opened = topic.opened if topic is not None else None
+        if topic is None or opened is None or not opened.done() or opened.cancelled():
+            return None
+        if opened.exception() is not None or topic.closed:
+            return None
+        return topic.delivered
+
     def _closed(self, tenant_id: str, task: asyncio.Task[None]) -> None:
         if self._closing.get(tenant_id) is task:
             del self._closing[tenant_id]

@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -36,10 +37,18 @@ log = logging.getLogger(__name__)
 Q = load_queries(__package__)
 
 DEFAULT_TTL_S = 15.0
+# How long a tenant's count, once read, answers ``check`` without a query, and for
+# how many tenants at most.
+CHECK_FRESH_S = 1.0
+CHECK_TENANTS = 10_000
 
 
 class LimitReached(Exception):
     pass
+
+
+# An admission waiting for its statement: connection id, tenant, kind, its answer.
+_Pending = tuple[int, str, str, "asyncio.Future[bool]"]
 
 
 class ConnectionLimits:
@@ -59,6 +68,12 @@ class ConnectionLimits:
         self._admitting: set[int] = set()  # in _open, not yet admitted
         self._ids = itertools.count(1)
         self._newest_id = 0
+        # Admissions waiting for the next statement, and the task that runs them.
+        self._pending: list[_Pending] = []
+        self._admitter: asyncio.Task[None] | None = None
+        # tenant -> [when its count was read, the count since]: check's hint.
+        self._known: dict[str, list[float]] = {}
+        self._reading: dict[str, asyncio.Future[list[float]]] = {}  # reads in flight
 
     @property
     def total(self) -> int:
@@ -108,12 +123,40 @@ class ConnectionLimits:
         """Raise LimitReached when one more connection for ``tenant_id`` would be too many.
 
         A hint for answering before a stream starts (SSE's 429); only ``hold``
-        reserves the slot.
+        reserves the slot. A count below the limit, once read, is kept for
+        CHECK_FRESH_S with this process's admissions and releases applied to it: a
+        burst of reconnects asks the database once per tenant, and the answer is exact
+        for one process. Other processes' admissions meanwhile are seen at the next
+        read (``hold`` enforces the limit whatever the hint said); a count at the limit
+        is read again every time, so a slot freed anywhere is seen at once.
         """
         self._check_process()
-        count = await self._db.fetchval(Q["count_tenant_connections"], tenant_id)
-        if count >= self.max_per_tenant:
+        known = self._known.get(tenant_id)
+        stale = known is None or time.monotonic() - known[0] >= CHECK_FRESH_S
+        if stale or known is None or known[1] >= self.max_per_tenant:
+            reading = self._reading.get(tenant_id)
+            if reading is None:  # else join it: one read for the checks that wait on it
+                reading = asyncio.ensure_future(self._read_count(tenant_id))
+                self._reading[tenant_id] = reading
+            known = await asyncio.shield(reading)
+        if known[1] >= self.max_per_tenant:
             raise LimitReached("This tenant has reached its connection limit.")
+
+    async def _read_count(self, tenant_id: str) -> list[float]:
+        try:
+            read_at = time.monotonic()
+            count = await self._db.fetchval(Q["count_tenant_connections"], tenant_id)
+            if len(self._known) >= CHECK_TENANTS:
+                self._known.clear()
+            known = self._known[tenant_id] = [read_at, count]
+            return known
+        finally:
+            del self._reading[tenant_id]
+
+    def _counted(self, tenant_id: str, change: int) -> None:
+        known = self._known.get(tenant_id)
+        if known is not None:
+            known[1] += change
 
     @contextlib.asynccontextmanager
     async def hold(self, kind: str, tenant_id: str) -> AsyncIterator[None]:
@@ -144,23 +187,67 @@ class ConnectionLimits:
             del self._open[connection_id]
             raise LimitReached("This tenant has reached its connection limit.")
         self.by_kind[kind] += 1
+        self._counted(tenant_id, 1)
         try:
             yield
         finally:
             self.by_kind[kind] -= 1
+            self._counted(tenant_id, -1)
             del self._open[connection_id]
             # Shielded: a cancelled stream (its client went away) still frees its slot.
             await asyncio.shield(self._release(db, connection_id))
 
     async def _admit(self, db: Database, connection_id: int, tenant_id: str, kind: str) -> bool:
-        args = (self.process_id, connection_id, tenant_id, kind, self.max_per_tenant)
+        """Admitted or not, with the connections that arrive meanwhile: one statement for
+        all of them, while the one before it runs (a burst of reconnects is a few round
+        trips, not one per connection)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((connection_id, tenant_id, kind, future))
+        if self._admitter is None or self._admitter.done():
+            self._admitter = asyncio.create_task(self._admit_pending(db))
+        return await future
+
+    async def _admit_pending(self, db: Database) -> None:
+        while self._pending:
+            batch = sorted(self._pending, key=lambda p: (p[1], p[0]))
+            self._pending = []
+            try:
+                admitted = await self._admit_batch(db, batch)
+            except BaseException as exc:
+                failure = exc if isinstance(exc, Exception) else DatabaseUnavailable("stopped")
+                for *_, future in batch + (self._pending if failure is not exc else []):
+                    if not future.done():
+                        future.set_exception(failure)
+                if failure is not exc:
+                    raise
+                continue
+            gone = []
+            for connection_id, _tenant, _kind, future in batch:
+                if not future.done():
+                    future.set_result(admitted[connection_id])
+                elif admitted[connection_id]:
+                    gone.append(connection_id)
+            for connection_id in gone:
+                # Its client went away meanwhile: hold() released it, maybe before this
+                # insert; release it again, now that it is there.
+                await self._release(db, connection_id)
+
+    async def _admit_batch(self, db: Database, batch: list[_Pending]) -> dict[int, bool]:
+        args = (
+            self.process_id,
+            [p[0] for p in batch],
+            [p[1] for p in batch],
+            [p[2] for p in batch],
+            self.max_per_tenant,
+        )
         try:
-            return bool(await db.fetchval(Q["admit_connection"], *args))
+            rows = await db.fetch(Q["admit_connections"], *args)
         except asyncpg.ForeignKeyViolationError:
             # This process's lease lapsed (the database was away for longer than
             # ttl_s) and another process cleared it: register again first.
             await self.renew()
-            return bool(await db.fetchval(Q["admit_connection"], *args))
+            rows = await db.fetch(Q["admit_connections"], *args)
+        return {row["connection_id"]: row["admitted"] for row in rows}
 
     async def _release(self, db: Database, connection_id: int) -> None:
         try:

@@ -1,11 +1,12 @@
 """Replay from the table, then live: the one loop behind every stream (SSE, WebSocket, v2).
 
 The order of steps is what makes replay and live meet exactly:
-1. read the tenant's newest committed id;
+1. take the tenant's newest committed id: the newest the hub delivered when the
+   tenant's topic is open in this process (no query), else the table's;
 2. with a resume position, replay (position, newest] from the table, before
    subscribing, so a long replay cannot fill the live queue behind it;
-3. subscribe, then read the newest id again (it covers everything the hub has
-   delivered, since the hub only delivers committed rows) and replay up to it;
+3. subscribe: the subscription starts at the newest id the hub had delivered,
+   and every later event comes through it; replay up to that id;
 4. drop from the live queue what the replay already sent, and go live.
 Ids are in commit order, so "greater than the last id sent" is a complete and
 duplicate-free description of what is still owed.
@@ -133,7 +134,11 @@ class Live:
 
     async def items(self) -> AsyncGenerator[Item, None]:
         if self.replay:
-            newest = await self.store.newest_id(self.tenant_id)
+            newest = self.hub.newest_delivered(self.tenant_id)
+            if newest is None or (self.last_event_id or 0) > newest:
+                # No topic here, or a client resuming from further than this process has
+                # delivered (it read another process): the table says how far it goes.
+                newest = await self.store.newest_id(self.tenant_id)
             self.position = newest
             yield Started(newest)
             if self.last_event_id is not None:
@@ -150,10 +155,9 @@ class Live:
                     # Changed (by a WebSocket client) while the subscription was opening.
                     subscription.set_filters(self.filters)
                 if self.replay:
-                    head = await self.store.newest_id(self.tenant_id)
-                    async for batch in self._replay(self.position, head):
+                    async for batch in self._replay(self.position, subscription.position):
                         yield batch
-                    subscription.skip_through(head)
+                    subscription.skip_through(self.position)
                 async for item in self._live(subscription):
                     yield item
             finally:
@@ -188,6 +192,8 @@ class Live:
         if last_event_id > newest:
             yield Reset({"reason": "unknown_position", "last_event_id": newest})
             return
+        if last_event_id == newest:
+            return  # nothing is owed (a reconnect at the head), trimmed or not
         cursor = last_event_id
         earliest = await self.store.earliest_id(self.tenant_id)
         if earliest is not None and last_event_id + 1 < earliest:

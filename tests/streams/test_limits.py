@@ -5,14 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
 
+from pulse.streams import limits as limits_module
 from pulse.streams.limits import ConnectionLimits, LimitReached
-from tests.support import seam
+from tests.support import seam, until
 
 pytestmark = pytest.mark.timeout(60)
+
+
+async def until_true(read: Callable[[], Awaitable[int]], expected: int) -> None:
+    """Wait until ``read`` answers ``expected``, for at most 10 s."""
+    async with asyncio.timeout(10):
+        while await read() != expected:  # noqa: ASYNC110  (a database count: no event)
+            await asyncio.sleep(0.01)
 
 
 async def started(
@@ -169,3 +178,89 @@ async def test_admission_counts_right_at_a_thousand_connections(pool: asyncpg.Po
             assert await rows(pool, "t2") == 1
     assert await rows(pool) == 0
     await a.check("t1")
+
+
+async def test_the_check_reads_a_count_below_the_limit_once_a_second(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of reconnects asks the database once per tenant; the hold still enforces."""
+    a, b = await started(pool), await started(pool)
+    await a.check("t1")
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(3):
+            await held.enter_async_context(a.hold("sse", "t1"))
+        with pytest.raises(LimitReached):
+            await a.check("t1")  # this process's own admissions count at once
+    await a.check("t1")
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(3):
+            await held.enter_async_context(b.hold("sse", "t1"))
+        await a.check("t1")  # the count read a moment ago: a hint, not a reservation
+        with pytest.raises(LimitReached):
+            async with a.hold("sse", "t1"):
+                pass
+        monkeypatch.setattr(limits_module, "CHECK_FRESH_S", 0.0)
+        with pytest.raises(LimitReached):
+            await a.check("t1")
+        monkeypatch.undo()
+        with pytest.raises(LimitReached):
+            await a.check("t1")  # at the limit: never answered from memory
+
+
+async def test_connections_arriving_together_are_admitted_in_few_statements(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 connects of two tenants at once: a handful of round trips, the limit exact."""
+    limits = await started(pool, per_tenant=150)
+    statements = 0
+    fetch = limits._db.fetch
+
+    async def counted(query: str, *args: object) -> list[asyncpg.Record]:
+        nonlocal statements
+        statements += 1
+        return await fetch(query, *args)
+
+    monkeypatch.setattr(limits._db, "fetch", counted)
+    release = asyncio.Event()
+    outcomes: list[str] = []
+
+    async def connect(tenant: str) -> None:
+        try:
+            async with limits.hold("sse", tenant):
+                outcomes.append(tenant)
+                await release.wait()
+        except LimitReached:
+            outcomes.append("refused")
+
+    tasks = [asyncio.create_task(connect(t)) for t in ("t1", "t2") * 100 + ("t1",) * 60]
+    await until(lambda: len(outcomes) == len(tasks))
+    assert outcomes.count("t1") == 150 and outcomes.count("t2") == 100
+    assert outcomes.count("refused") == 10
+    assert await rows(pool, "t1") == 150 and await rows(pool, "t2") == 100
+    assert statements <= 5, statements
+    release.set()
+    await asyncio.gather(*tasks)
+    assert await rows(pool, "t1") == 0
+
+
+async def test_a_connection_gone_during_its_admission_leaves_no_row(pool: asyncpg.Pool) -> None:
+    limits = await started(pool)
+    held = asyncio.Event()
+
+    async def connect() -> None:
+        async with limits.hold("sse", "t1"):
+            held.set()
+            await asyncio.Event().wait()
+
+    first = asyncio.create_task(connect())
+    await held.wait()
+    # The second's batch is in flight when its client goes.
+    second = asyncio.create_task(connect())
+    await asyncio.sleep(0)
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+    await until_true(lambda: rows(pool), 1)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await until_true(lambda: rows(pool), 0)
+    assert limits.total == 0

@@ -1,0 +1,127 @@
+"""The replay-then-live loop on the in-memory source: exact from any position, and a
+stream starting beside others of its tenant asks the table nothing it need not."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from pulse.bus.hub import Hub
+from pulse.bus.subscription import Filters
+from pulse.ops.metrics import Metrics
+from pulse.streams.live import Item, Live, Reset, Started
+from tests.bus.memory import MemorySource, MemoryStore
+from tests.support import until
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.newest_reads = 0
+
+    async def newest_id(self, tenant_id: str) -> int:
+        self.newest_reads += 1
+        return await super().newest_id(tenant_id)
+
+
+@contextlib.asynccontextmanager
+async def running_hub() -> AsyncIterator[tuple[Hub, MemorySource, CountingStore]]:
+    source, store = MemorySource(), CountingStore()
+    hub = Hub(store, source, Metrics(), queue_size=100)  # type: ignore[arg-type]
+    feeding = asyncio.create_task(source.run(hub))
+    await until(lambda: source.connected)
+    try:
+        yield hub, source, store
+    finally:
+        await hub.close()
+        feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding
+
+
+def stream(hub: Hub, store: MemoryStore, last_event_id: int | None = None) -> Live:
+    return Live(
+        hub,
+        store,  # type: ignore[arg-type]
+        "t1",
+        Filters(),
+        kind="test",
+        expires_at=time.time() + 60,
+        idle_s=lambda: None,
+        last_event_id=last_event_id,
+    )
+
+
+async def take(items: AsyncGenerator[Item, None], through: int) -> list[Item | int]:
+    """Items until the event ``through`` (0: until Started): events as their ids, the rest
+    as they are."""
+    out: list[Item | int] = []
+    async with asyncio.timeout(5):
+        async for item in items:
+            if isinstance(item, list):
+                out += [e.id for e in item]
+                if item[-1].id >= through:
+                    return out
+            else:
+                out.append(item)
+                if isinstance(item, Started) and through == 0:
+                    return out
+    raise AssertionError(f"the stream ended before {through}: {out}")
+
+
+def commit(source: MemorySource, store: MemoryStore, count: int = 1) -> int:
+    newest = store.commit("t1", count=count)
+    source.committed("t1", newest)
+    return newest
+
+
+async def test_a_stream_beside_another_of_its_tenant_starts_without_a_query() -> None:
+    async with running_hub() as (hub, source, store):
+        first = stream(hub, store)
+        async with contextlib.aclosing(first.items()) as a:
+            assert await take(a, 0) == [Started(0)]
+            await take(a, commit(source, store, 3))  # the hub has delivered 3
+            store.newest_reads = 0
+            second = stream(hub, store)
+            async with contextlib.aclosing(second.items()) as b:
+                assert await take(b, 0) == [Started(3)]
+                newest = commit(source, store, 2)
+                assert await take(b, newest) == [4, 5]
+                assert await take(a, newest) == [4, 5]
+            assert store.newest_reads == 0
+
+
+async def test_a_resume_ahead_of_what_this_process_delivered_asks_the_table() -> None:
+    """A client that read event 5 from another process, here where the hub has only
+    delivered 3 so far: no unknown_position reset, and 4 and 5 are not sent again."""
+    async with (
+        running_hub() as (hub, source, store),
+        contextlib.aclosing(stream(hub, store).items()) as a,
+    ):
+        await take(a, 0)
+        await take(a, commit(source, store, 3))
+        store.commit("t1", count=2)  # committed; the wake-up is on its way
+        store.newest_reads = 0
+        async with contextlib.aclosing(stream(hub, store, last_event_id=5).items()) as b:
+            assert await take(b, 0) == [Started(5)]
+            assert store.newest_reads == 1
+            source.committed("t1", 5)  # 4 and 5 reach the hub now
+            newest = commit(source, store)
+            got = await take(b, newest)
+            assert got == [6] and not any(isinstance(i, Reset) for i in got)
+
+
+async def test_a_resume_from_behind_replays_then_goes_live_exactly() -> None:
+    async with (
+        running_hub() as (hub, source, store),
+        contextlib.aclosing(stream(hub, store).items()) as a,
+    ):
+        await take(a, 0)
+        await take(a, commit(source, store, 4))
+        async with contextlib.aclosing(stream(hub, store, last_event_id=1).items()) as b:
+            first = await take(b, 4)
+            assert first == [Started(4), 2, 3, 4]
+            newest = commit(source, store, 2)
+            assert await take(b, newest) == [5, 6]
