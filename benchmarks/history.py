@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -82,7 +83,8 @@ class BaselineServer(PulseServer):
 
 
 async def database(pg: Postgres, *, partitioned: bool) -> str:
-    name = f"bench_hist_{'new' if partitioned else 'old'}_{int(time.time())}"
+    # Two databases of one kind may be made in the same second.
+    name = f"bench_hist_{'new' if partitioned else 'old'}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(pg.admin_dsn)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
