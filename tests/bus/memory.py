@@ -8,11 +8,15 @@ unchanged. ``MemoryStore`` answers the hub's two reads from a list.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 
 from pulse.bus.events import TelemetryEvent
+from pulse.bus.hub import Hub
 from pulse.bus.source import Wakeups
+from pulse.ops.metrics import Metrics
+from tests.support import until
 
 
 class MemorySource:
@@ -106,3 +110,21 @@ class MemoryStore:
             if after < e.id <= upto and (device_ids is None or e.device_id in device_ids)
         ]
         return rows[:limit]
+
+
+@contextlib.asynccontextmanager
+async def running_hub(
+    queue_size: int = 100, store: MemoryStore | None = None
+) -> AsyncIterator[tuple[Hub, MemorySource, MemoryStore]]:
+    """A hub on the in-memory source and table, its source running."""
+    source, store = MemorySource(), store or MemoryStore()
+    hub = Hub(store, source, Metrics(), queue_size=queue_size)  # type: ignore[arg-type]
+    feeding = asyncio.create_task(source.run(hub))
+    await until(lambda: source.connected)  # its first resync is behind it
+    try:
+        yield hub, source, store
+    finally:
+        await hub.close()
+        feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding

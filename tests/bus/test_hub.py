@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from pulse.bus.hub import Hub
 from pulse.bus.subscription import Subscription
 from pulse.db.errors import DatabaseUnavailable
 from pulse.ops.metrics import Metrics
-from tests.bus.memory import MemorySource, MemoryStore
+from tests.bus.memory import MemorySource, MemoryStore, running_hub
 from tests.support import until
 
 
@@ -28,23 +27,6 @@ def topic_tasks() -> list[asyncio.Task[Any]]:
     return [
         t for t in asyncio.all_tasks() if t.get_name().startswith("pulse:topic:") and not t.done()
     ]
-
-
-@contextlib.asynccontextmanager
-async def running_hub(
-    queue_size: int = 100,
-) -> AsyncIterator[tuple[Hub, MemorySource, MemoryStore]]:
-    source, store = MemorySource(), MemoryStore()
-    hub = Hub(store, source, Metrics(), queue_size=queue_size)  # type: ignore[arg-type]
-    feeding = asyncio.create_task(source.run(hub))
-    await until(lambda: source.connected)  # its first resync is behind it
-    try:
-        yield hub, source, store
-    finally:
-        await hub.close()
-        feeding.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await feeding
 
 
 async def received(subscription: Subscription, count: int) -> list[int]:

@@ -10,10 +10,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from pulse.bus.hub import Hub
 from pulse.bus.subscription import Filters
-from pulse.ops.metrics import Metrics
 from pulse.streams.live import Item, Live, Reset, Started
-from tests.bus.memory import MemorySource, MemoryStore
-from tests.support import until
+from tests.bus.memory import MemorySource, MemoryStore, running_hub
 
 
 class CountingStore(MemoryStore):
@@ -27,18 +25,10 @@ class CountingStore(MemoryStore):
 
 
 @contextlib.asynccontextmanager
-async def running_hub() -> AsyncIterator[tuple[Hub, MemorySource, CountingStore]]:
-    source, store = MemorySource(), CountingStore()
-    hub = Hub(store, source, Metrics(), queue_size=100)  # type: ignore[arg-type]
-    feeding = asyncio.create_task(source.run(hub))
-    await until(lambda: source.connected)
-    try:
+async def hub_counting_reads() -> AsyncIterator[tuple[Hub, MemorySource, CountingStore]]:
+    store = CountingStore()
+    async with running_hub(store=store) as (hub, source, _):
         yield hub, source, store
-    finally:
-        await hub.close()
-        feeding.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await feeding
 
 
 def stream(hub: Hub, store: MemoryStore, last_event_id: int | None = None) -> Live:
@@ -78,7 +68,7 @@ def commit(source: MemorySource, store: MemoryStore, count: int = 1) -> int:
 
 
 async def test_a_stream_beside_another_of_its_tenant_starts_without_a_query() -> None:
-    async with running_hub() as (hub, source, store):
+    async with hub_counting_reads() as (hub, source, store):
         first = stream(hub, store)
         async with contextlib.aclosing(first.items()) as a:
             assert await take(a, 0) == [Started(0)]
@@ -97,7 +87,7 @@ async def test_a_resume_ahead_of_what_this_process_delivered_asks_the_table() ->
     """A client that read event 5 from another process, here where the hub has only
     delivered 3 so far: no unknown_position reset, and 4 and 5 are not sent again."""
     async with (
-        running_hub() as (hub, source, store),
+        hub_counting_reads() as (hub, source, store),
         contextlib.aclosing(stream(hub, store).items()) as a,
     ):
         await take(a, 0)
@@ -115,7 +105,7 @@ async def test_a_resume_ahead_of_what_this_process_delivered_asks_the_table() ->
 
 async def test_a_resume_from_behind_replays_then_goes_live_exactly() -> None:
     async with (
-        running_hub() as (hub, source, store),
+        hub_counting_reads() as (hub, source, store),
         contextlib.aclosing(stream(hub, store).items()) as a,
     ):
         await take(a, 0)
