@@ -55,15 +55,31 @@ APPLICATION_NAME = "pulse-soak"
 _GC_HOOK = '''"""Written by tests/soak_support.py for the server the soak starts, and only there.
 
 SIGUSR2 runs a full garbage collection, so that the soak can count live objects
-without the garbage the collector has not reached yet. A module named soak_inject
-on the path is imported too: how a leak is injected to see the soak fail.
+without the garbage the collector has not reached yet, then asks glibc to return
+the memory it keeps free (malloc_trim), so that RSS shows what is in use rather than
+the allocator's high-water mark. A module named soak_inject on the path is imported
+too: how a leak is injected to see the soak fail.
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import signal
 
-signal.signal(signal.SIGUSR2, lambda signum, frame: gc.collect())
+try:
+    _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+except (OSError, AttributeError):
+    _trim = None
+
+
+def _collect(signum, frame):
+    gc.collect()
+    if _trim is not None:
+        _trim(0)
+
+
+signal.signal(signal.SIGUSR2, _collect)
 with contextlib.suppress(ModuleNotFoundError):
     import soak_inject  # noqa: F401
 '''
