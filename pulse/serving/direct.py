@@ -74,7 +74,7 @@ def _unacknowledged(sock: Any) -> int:
         return 0
     try:
         queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
-    except OSError:
+    except (OSError, ValueError):  # ValueError: closed already (its fd is -1)
         return 0
     return queued
 
