@@ -130,14 +130,18 @@ class SSEEvent:
 
 
 async def sse_events(
-    response: httpx.Response, *, comments: bool = False
+    response: httpx.Response,
+    *,
+    comments: bool = False,
+    lines: AsyncIterator[str] | None = None,
 ) -> AsyncIterator[SSEEvent]:
     """Parse an SSE byte stream; `retry:` is skipped, comments too unless asked for
-    (then each comes as an event named ``:``)."""
+    (then each comes as an event named ``:``). ``lines``: the response's lines, read
+    in part already (a response's body can be iterated once)."""
     event: str | None = None
     id_: str | None = None
     data: list[str] = []
-    async for line in response.aiter_lines():
+    async for line in lines if lines is not None else response.aiter_lines():
         if line == "":
             if data or event:
                 yield SSEEvent(event, id_, "\n".join(data))

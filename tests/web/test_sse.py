@@ -338,10 +338,19 @@ async def test_lagging_client_is_cut_and_resumes(
                 slow.stream("GET", SSE_PATH, headers=auth(token)) as stalled,
                 fast.stream("GET", SSE_PATH, headers=auth(token)) as reading,
             ):
+                # Both streams have started (the resume point, `id: 0`, comes first)
+                # before anything is committed: the response's head comes before that.
+                lines = {r: r.aiter_lines() for r in (stalled, reading)}
+                for stream_lines in lines.values():
+                    async with asyncio.timeout(10):
+                        async for line in stream_lines:
+                            if line.startswith("id:"):
+                                assert line == "id: 0"
+                                break
                 fast_ids: list[int] = []
 
                 async def read_fast() -> None:
-                    async for event in sse_events(reading):
+                    async for event in sse_events(reading, lines=lines[reading]):
                         fast_ids.append(int(event.id or 0))
                         if len(fast_ids) == 3000:
                             return
@@ -355,7 +364,7 @@ async def test_lagging_client_is_cut_and_resumes(
                 # Now the stalled client reads what was buffered: it ends with `lagging`.
                 got: list[int] = []
                 ended_with = None
-                async for event in sse_events(stalled):
+                async for event in sse_events(stalled, lines=lines[stalled]):
                     if event.event == "lagging":
                         ended_with = "lagging"
                     elif event.id:
