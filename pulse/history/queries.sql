@@ -25,20 +25,31 @@ RETURNING last_id
 -- share into their 15 minutes and hours, in one statement; then the caller moves
 -- the watermark to $3 in the same transaction. Each row is read once, by the
 -- primary key's (tenant_id, id) prefix in each partition.
-WITH readings AS (
+--
+-- The minutes group by hashing, with no sort of the readings: "last" is the
+-- value of the reading with the greatest (device time in microseconds, id),
+-- found as the greatest such pair (a bigint array) and joined back by id. The
+-- microseconds go through float8 and come back exact for device times between
+-- 1901 and 2106 (both roundings stay under half a microsecond). Against ordered
+-- aggregates over sorted readings this costs PostgreSQL 0.64x (docs/performance.md).
+WITH readings AS MATERIALIZED (
     SELECT t.id, t.device_id, t.device_time, m.key AS metric,
            pulse_metric_value(m.value) AS value
       FROM telemetry t
      CROSS JOIN LATERAL jsonb_each_text(t.metrics) AS m
      WHERE t.tenant_id = $1 AND t.id > $2 AND t.id <= $3
-), minutes AS (
-    SELECT device_id, metric, date_trunc('minute', device_time, 'UTC') AS bucket,
+), groups AS (
+    SELECT device_id, metric,
+           date_bin('1 minute', device_time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
            count(*) AS count, min(value) AS min, max(value) AS max, sum(value) AS sum,
-           (array_agg(value ORDER BY device_time DESC, id DESC))[1] AS last,
-           max(device_time) AS last_time,
-           (array_agg(id ORDER BY device_time DESC, id DESC))[1] AS last_id
+           max(ARRAY[(date_part('epoch', device_time) * 1e6)::bigint, id]) AS newest
       FROM readings
      GROUP BY 1, 2, 3
+), minutes AS (
+    SELECT g.device_id, g.metric, g.bucket, g.count, g.min, g.max, g.sum,
+           r.value AS last, r.device_time AS last_time, r.id AS last_id
+      FROM groups g
+      JOIN readings r ON r.id = g.newest[2] AND r.metric = g.metric
 ), widths AS (
     SELECT 1 AS width, * FROM minutes
     UNION ALL

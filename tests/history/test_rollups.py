@@ -85,6 +85,34 @@ async def test_later_rows_merge_into_counted_minutes(pool: asyncpg.Pool) -> None
         assert await minutes(pool, width) == [("t1", "d1", "temp", T0, 3, 3.0, 7.0, 15.0, 3.0)]
 
 
+@pytest.mark.parametrize(
+    "base", [T0, datetime(1902, 1, 1, tzinfo=UTC), datetime(2105, 12, 31, 23, 58, tzinfo=UTC)]
+)
+async def test_last_is_the_latest_device_time_to_the_microsecond_then_the_latest_id(
+    pool: asyncpg.Pool, base: datetime
+) -> None:
+    us = timedelta(microseconds=1)
+    t = base + timedelta(seconds=30, microseconds=123_457)
+    await readings_at(
+        pool,
+        "t1",
+        [
+            ("d1", t, {"temp": 1.0}),  # one microsecond later than the next, an earlier id
+            ("d1", t - us, {"temp": 2.0}),
+            ("d2", t, {"temp": 3.0}),  # the same device time: the later id is "last"
+            ("d2", t, {"temp": 4.0}),
+            ("d2", t - us, {"temp": 5.0}),
+        ],
+    )
+    async with pool.acquire() as conn:
+        assert await roll_up_once(conn) == 5
+    lasts = await pool.fetch(
+        """SELECT device_id, last, last_time FROM telemetry_rollups
+            WHERE width = 1 ORDER BY device_id"""
+    )
+    assert [tuple(r) for r in lasts] == [("d1", 1.0, t), ("d2", 4.0, t)]
+
+
 async def test_a_backlog_is_counted_in_steps_that_commit(
     pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
