@@ -38,7 +38,15 @@ import asyncpg
 import httpx
 import orjson
 
-from benchmarks.harness import Figure, Postgres, PulseServer, percentile, provision, token
+from benchmarks.harness import (
+    Figure,
+    Postgres,
+    PulseServer,
+    cpu_meter,
+    percentile,
+    provision,
+    token,
+)
 from benchmarks.loadgen import post_batches
 from pulse.db.migrate import discover, migrate
 from pulse.db.pool import connect
@@ -207,7 +215,7 @@ class LagProbe:
 
 async def history(pg: Postgres, quick: bool) -> list[Figure]:
     days = 1 if quick else 7
-    rounds = 2 if quick else 5
+    rounds = 2 if quick else 7
     seconds = 3.0 if quick else 8.0
     requests = 30 if quick else 200
     new_dsn = await database(pg, partitioned=True)
@@ -238,6 +246,7 @@ async def history(pg: Postgres, quick: bool) -> list[Figure]:
             devices = {side: await provision(s.url, TENANT, DEVICES) for side, s in servers.items()}
             latencies, points = await chart_latencies(new.url, requests, days)
             rates: dict[str, list[float]] = {side: [] for side in servers}
+            cpus: dict[str, list[float]] = {side: [] for side in servers}
             lags: list[float] = []
             sides = list(servers)
             for r in range(rounds):
@@ -247,16 +256,20 @@ async def history(pg: Postgres, quick: bool) -> list[Figure]:
                     stop_probe = asyncio.Event()
                     probe = LagProbe(new_dsn, lags)
                     probing = asyncio.create_task(probe.run(stop_probe)) if side == "new" else None
-                    began = time.perf_counter()
-                    stop = began + seconds
-                    counts = await asyncio.gather(
-                        *(post_batches(server.url, load, stop) for _ in range(4))
-                    )
-                    rates[side].append(sum(counts) / (time.perf_counter() - began))
-                    if probing is not None:
-                        await caught_up(new_dsn, timeout=120)
-                        stop_probe.set()
-                        await probing
+                    # The CPU of the server and PostgreSQL for the round's rows, the
+                    # rollups' pass over them included (until they caught up).
+                    with cpu_meter([*pg.pids(), *server.pids()]) as cpu:
+                        began = time.perf_counter()
+                        stop = began + seconds
+                        counts = await asyncio.gather(
+                            *(post_batches(server.url, load, stop) for _ in range(4))
+                        )
+                        rates[side].append(sum(counts) / (time.perf_counter() - began))
+                        if probing is not None:
+                            await caught_up(new_dsn, timeout=120)
+                            stop_probe.set()
+                            await probing
+                    cpus[side].append(cpu["others_cpu_s"] / sum(counts))
     # Against the code before #17; without it, against this code with rollups paused.
     reference = "old" if "old" in rates else "paused"
     new_rate, old_rate = statistics.median(rates["new"]), statistics.median(rates[reference])
@@ -295,6 +308,19 @@ async def history(pg: Postgres, quick: bool) -> list[Figure]:
             baseline=old_rate,
             note="in turn with the above; round ratios "
             + ", ".join(f"{x:.2f}" for x in paused_ratios),
+        ),
+        *(
+            Figure(
+                label, f"server + PostgreSQL CPU per reading, {name}",
+                statistics.median(cpus[side]) * 1e6, "µs",
+                baseline=None if side == reference else statistics.median(cpus[reference]) * 1e6,
+                note="median of the rounds; the rollups' pass over a round's rows included",
+            )
+            for side, name in (
+                (reference, "before issue #17" if reference == "old" else "rollups paused"),
+                ("new", "with partitions and rollups"),
+                *((("paused", "rollups paused"),) if reference == "old" else ()),
+            )
         ),
         Figure(label, "rollup backfill of the filled rows", rows / backfill, "rows/s",
                note=f"{backfill:.1f} s from the server's start, its startup included"),
