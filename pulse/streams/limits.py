@@ -137,6 +137,9 @@ class ConnectionLimits:
             reading = self._reading.get(tenant_id)
             if reading is None:  # else join it: one read for the checks that wait on it
                 reading = asyncio.ensure_future(self._read_count(tenant_id))
+                # Every check waiting on it may have gone (clients that left): its
+                # failure is then nobody's to read, and is not an error to log.
+                reading.add_done_callback(lambda f: f.cancelled() or f.exception())
                 self._reading[tenant_id] = reading
             known = await asyncio.shield(reading)
         if known[1] >= self.max_per_tenant:

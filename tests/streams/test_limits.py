@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
 
+from pulse.db.errors import DatabaseUnavailable
 from pulse.streams import limits as limits_module
 from pulse.streams.limits import ConnectionLimits, LimitReached
 from tests.support import seam, until
@@ -264,3 +267,34 @@ async def test_a_connection_gone_during_its_admission_leaves_no_row(pool: asyncp
     await asyncio.gather(first, return_exceptions=True)
     await until_true(lambda: rows(pool), 0)
     assert limits.total == 0
+
+
+async def test_a_failed_count_read_whose_checks_all_went_is_not_left_unretrieved(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The clients that waited on a shared count read went away; the read then fails.
+    Nobody awaits it any more: asyncio must not log its exception as never retrieved."""
+    limits = await started(pool)
+    reading, fail = asyncio.Event(), asyncio.Event()
+
+    async def failing_read(query: str, *args: object) -> int:
+        reading.set()
+        await fail.wait()
+        raise DatabaseUnavailable("the database went away")
+
+    monkeypatch.setattr(limits._db, "fetchval", failing_read)
+    checks = [asyncio.create_task(limits.check("t1")) for _ in range(3)]
+    await reading.wait()
+    for check in checks:
+        check.cancel()
+    await asyncio.gather(*checks, return_exceptions=True)
+    fail.set()
+    await until(lambda: not limits._reading)
+    await asyncio.sleep(0)  # the read's own done callbacks run on the next loop turn
+    del checks, check  # their frames hold the read: let it be collected now
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        gc.collect()
+    assert "never retrieved" not in caplog.text
+    # The next check reads again, and sees the failure itself.
+    with pytest.raises(DatabaseUnavailable):
+        await limits.check("t1")
