@@ -5,9 +5,11 @@ The subprocess tests run `pulse serve` as deployed and read everything it writes
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -15,7 +17,7 @@ import pytest
 
 from pulse.config import ConfigError, Settings
 from pulse.logs import QUIET_LIBRARIES, configure_logging
-from tests.support import TEST_SECRET, pulse_serve
+from tests.support import TEST_SECRET, ServeProcess, pulse_serve
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -82,6 +84,18 @@ async def test_running_on_is_one_line_at_info_and_silent_at_warning(
         assert output.count(RUNNING_ON) == expected, output
 
 
+@contextlib.asynccontextmanager
+async def said_on_failure(server: ServeProcess) -> AsyncIterator[None]:
+    """A request that fails shows what the server logged up to then."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        with contextlib.suppress(Exception):
+            await server.stop()
+        said = (server.stdout + server.stderr).decode(errors="replace")[-4000:]
+        raise AssertionError(f"{exc!r}; the server logged:\n{said}") from exc
+
+
 async def test_no_token_or_ticket_in_the_log_at_debug_over_http2(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -94,9 +108,16 @@ async def test_no_token_or_ticket_in_the_log_at_debug_over_http2(
 
     jwt = mint_token(TEST_SECRET, tenant_id="t1", roles=["tenant-admin"])
     env = {"PULSE_LOG_LEVEL": "DEBUG", "PULSE_LOG_FORMAT": "json", "PULSE_ACCESS_LOG": "1"}
+    # A connection per request: one left idle for hypercorn's keep-alive timeout (5 s;
+    # a stalled loaded machine) is closed by the server as the next request goes out on
+    # it, which a client sees as "Server disconnected" (once in CI, 5 December).
+    fresh = httpx.Limits(max_keepalive_connections=0)
     async with (
         pulse_serve(data_dir=tmp_path, database_url=database_url, env=env, stdout=-1) as server,
-        httpx.AsyncClient(base_url=server.url, http1=False, http2=True, timeout=10) as http,
+        httpx.AsyncClient(
+            base_url=server.url, http1=False, http2=True, timeout=10, limits=fresh
+        ) as http,
+        said_on_failure(server),
     ):
         bearer = {"Authorization": f"Bearer {jwt}"}
         r = await http.post("/api/v1/customer/devices", json={"device_id": "d1"}, headers=bearer)
