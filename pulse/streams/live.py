@@ -2,7 +2,9 @@
 
 The order of steps is what makes replay and live meet exactly:
 1. take the tenant's newest committed id: the newest the hub delivered when the
-   tenant's topic is open in this process (no query), else the table's;
+   tenant's topic is open in this process (no query), else the table's; a stream
+   that announces where it starts (the WebSocket's "connected") always reads the
+   table, since the hub may be a few events behind the last commit;
 2. with a resume position, replay (position, newest] from the table, before
    subscribing, so a long replay cannot fill the live queue behind it;
 3. subscribe: the subscription starts at the newest id the hub had delivered,
@@ -103,6 +105,7 @@ class Live:
         idle_s: Callable[[], float | None],
         last_event_id: int | None = None,
         replay: bool = True,
+        announces_start: bool = False,
         signals: frozenset[str] = frozenset(),
         output: Output | None = None,
         frame: Frame | None = None,
@@ -116,6 +119,8 @@ class Live:
         self.idle_s = idle_s  # None: no idle timeout
         self.last_event_id = last_event_id
         self.replay = replay
+        # Its client is told the start as "the tenant's newest committed id".
+        self.announces_start = announces_start
         self.signals = signals
         self.position = 0  # newest id passed, sent or filtered out
         self.subscription: Subscription | None = None
@@ -134,10 +139,12 @@ class Live:
 
     async def items(self) -> AsyncGenerator[Item, None]:
         if self.replay:
-            newest = self.hub.newest_delivered(self.tenant_id)
+            newest = None if self.announces_start else self.hub.newest_delivered(self.tenant_id)
             if newest is None or (self.last_event_id or 0) > newest:
-                # No topic here, or a client resuming from further than this process has
-                # delivered (it read another process): the table says how far it goes.
+                # No topic here, a start to announce, or a client resuming from further
+                # than this process has delivered (it read another process): the table
+                # says how far it goes. A stream that starts a few events behind the
+                # last commit, from the hub, is sent those events live.
                 newest = await self.store.newest_id(self.tenant_id)
             self.position = newest
             yield Started(newest)

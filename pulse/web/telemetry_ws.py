@@ -52,6 +52,7 @@ async def _serve(connection: Connection) -> None:
             filters,
             kind="websocket",
             last_event_id=last_event_id,
+            announces_start=True,  # "connected" carries the tenant's newest committed id
             idle_s=lambda: rt.settings.ws_ping_s,
             expires_at=principal.expires_at.timestamp(),
             output=connection.direct,

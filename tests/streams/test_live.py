@@ -31,7 +31,9 @@ async def hub_counting_reads() -> AsyncIterator[tuple[Hub, MemorySource, Countin
         yield hub, source, store
 
 
-def stream(hub: Hub, store: MemoryStore, last_event_id: int | None = None) -> Live:
+def stream(
+    hub: Hub, store: MemoryStore, last_event_id: int | None = None, *, announces_start: bool = False
+) -> Live:
     return Live(
         hub,
         store,  # type: ignore[arg-type]
@@ -41,6 +43,7 @@ def stream(hub: Hub, store: MemoryStore, last_event_id: int | None = None) -> Li
         expires_at=time.time() + 60,
         idle_s=lambda: None,
         last_event_id=last_event_id,
+        announces_start=announces_start,
     )
 
 
@@ -115,3 +118,28 @@ async def test_a_resume_from_behind_replays_then_goes_live_exactly() -> None:
             assert first == [Started(4), 2, 3, 4]
             newest = commit(source, store, 2)
             assert await take(b, newest) == [5, 6]
+
+
+async def test_a_stream_that_announces_its_start_announces_the_newest_committed_id() -> None:
+    """The WebSocket's "connected" says the tenant's newest committed id: 5, committed
+    before the connect, not 3, the newest the hub has delivered so far. A stream that
+    announces nothing may start at 3 and get 4 and 5 live."""
+    async with (
+        hub_counting_reads() as (hub, source, store),
+        contextlib.aclosing(stream(hub, store).items()) as a,
+    ):
+        await take(a, 0)
+        await take(a, commit(source, store, 3))
+        store.commit("t1", count=2)  # committed; the wake-up is on its way
+        announcing = stream(hub, store, announces_start=True)
+        silent = stream(hub, store)
+        async with (
+            contextlib.aclosing(announcing.items()) as b,
+            contextlib.aclosing(silent.items()) as c,
+        ):
+            assert await take(b, 0) == [Started(5)]
+            assert await take(c, 0) == [Started(3)]
+            source.committed("t1", 5)
+            newest = commit(source, store)
+            assert await take(b, newest) == [6]
+            assert await take(c, newest) == [4, 5, 6]
