@@ -70,6 +70,20 @@ def commit(source: MemorySource, store: MemoryStore, count: int = 1) -> int:
     return newest
 
 
+@contextlib.asynccontextmanager
+async def hub_behind_the_table() -> AsyncIterator[tuple[Hub, MemorySource, CountingStore]]:
+    """A tenant whose hub has delivered 3 (to a stream kept open) while 5 are committed:
+    the wake-up for 4 and 5 is on its way (``source.committed("t1", 5)`` delivers it)."""
+    async with (
+        hub_counting_reads() as (hub, source, store),
+        contextlib.aclosing(stream(hub, store).items()) as a,
+    ):
+        await take(a, 0)
+        await take(a, commit(source, store, 3))
+        store.commit("t1", count=2)
+        yield hub, source, store
+
+
 async def test_a_stream_beside_another_of_its_tenant_starts_without_a_query() -> None:
     async with hub_counting_reads() as (hub, source, store):
         first = stream(hub, store)
@@ -89,13 +103,7 @@ async def test_a_stream_beside_another_of_its_tenant_starts_without_a_query() ->
 async def test_a_resume_ahead_of_what_this_process_delivered_asks_the_table() -> None:
     """A client that read event 5 from another process, here where the hub has only
     delivered 3 so far: no unknown_position reset, and 4 and 5 are not sent again."""
-    async with (
-        hub_counting_reads() as (hub, source, store),
-        contextlib.aclosing(stream(hub, store).items()) as a,
-    ):
-        await take(a, 0)
-        await take(a, commit(source, store, 3))
-        store.commit("t1", count=2)  # committed; the wake-up is on its way
+    async with hub_behind_the_table() as (hub, source, store):
         store.newest_reads = 0
         async with contextlib.aclosing(stream(hub, store, last_event_id=5).items()) as b:
             assert await take(b, 0) == [Started(5)]
@@ -124,13 +132,7 @@ async def test_a_stream_that_announces_its_start_announces_the_newest_committed_
     """The WebSocket's "connected" says the tenant's newest committed id: 5, committed
     before the connect, not 3, the newest the hub has delivered so far. A stream that
     announces nothing may start at 3 and get 4 and 5 live."""
-    async with (
-        hub_counting_reads() as (hub, source, store),
-        contextlib.aclosing(stream(hub, store).items()) as a,
-    ):
-        await take(a, 0)
-        await take(a, commit(source, store, 3))
-        store.commit("t1", count=2)  # committed; the wake-up is on its way
+    async with hub_behind_the_table() as (hub, source, store):
         announcing = stream(hub, store, announces_start=True)
         silent = stream(hub, store)
         async with (
