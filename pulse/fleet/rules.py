@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import asyncpg
@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
 from pulse.fleet.fields import Name, Text
-from pulse.ingest.writer import Written, WrittenEvent
+from pulse.ingest.writer import Written
 from pulse.times import format_time
 
 Q = load_queries(__package__)
@@ -88,8 +88,8 @@ async def evaluate_alerts(conn: asyncpg.Connection, written: Written) -> None:
     another of the same tenant (they share the tenant's row lock), so each
     verdict stands until the commit.
     """
-    if written.events:
-        await _apply_rules(conn, written.events)
+    if written.rows:
+        await _apply_rules(conn, written)
     if written.came_online:
         await conn.execute(
             Q["close_no_heartbeat"],
@@ -98,28 +98,23 @@ async def evaluate_alerts(conn: asyncpg.Connection, written: Written) -> None:
         )
 
 
-async def _apply_rules(conn: asyncpg.Connection, events: Sequence[WrittenEvent]) -> None:
-    ranges: dict[str, tuple[int, int]] = {}
-    for event in events:
-        low, high = ranges.get(event.tenant_id, (event.id, event.id))
-        ranges[event.tenant_id] = (min(low, event.id), max(high, event.id))
+async def _apply_rules(conn: asyncpg.Connection, written: Written) -> None:
     verdicts = await conn.fetch(
         Q["evaluate_rules"],
         [
-            {"tenant_id": tenant, "first_id": low, "last_id": high}
-            for tenant, (low, high) in ranges.items()
+            {"tenant_id": tenant_id, "first_id": rows.first_id, "last_id": rows.last_id}
+            for tenant_id, rows in written.rows.items()
         ],
     )
     if not verdicts:
         return
     # The values for the alerts' details come from the readings as the devices
     # sent them, which the write still holds.
-    metrics = {(e.tenant_id, e.id): e.reading.metrics for e in events}
 
     def value(row: asyncpg.Record, event_id: str) -> Any:
         if row[event_id] is None:
             return None
-        return metrics[(row["tenant_id"], row[event_id])].get(row["metric"])
+        return written.reading(row["tenant_id"], row[event_id]).metrics.get(row["metric"])
 
     await conn.execute(
         Q["apply_verdicts"],

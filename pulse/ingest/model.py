@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import msgspec
+
 from pulse.errors import ErrorCode
 from pulse.ingest.validation import Reading
 
 
-@dataclasses.dataclass(slots=True)  # not frozen: see validation.Reading
-class Submission:
+class Submission(msgspec.Struct, gc=False):  # a Struct: see validation.Reading
     """One authenticated-to-be message: a reading, or a heartbeat when ``reading`` is None."""
 
     tenant_id: str
@@ -26,8 +27,7 @@ class Submission:
         return (self.tenant_id, self.device_id)
 
 
-@dataclasses.dataclass(slots=True)
-class Accepted:
+class Accepted(msgspec.Struct, gc=False):
     """Committed. ``event_id`` is the stored row's id; None for a heartbeat, and for a
     broker's second delivery of a reading stored already (``duplicate``)."""
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from pulse.ingest import intake
-from pulse.ingest.model import Accepted, Outcome, Rejected, Submission
+from pulse.ingest.model import Accepted, Outcome, Submission
 from pulse.ingest.writer import TelemetryWriter
 from pulse.ops.metrics import Metrics
 
@@ -39,24 +39,27 @@ class Ingest:
 
     async def __call__(self, items: Sequence[intake.Item], receipt: Receipt) -> list[Outcome]:
         """One outcome per item, in order: rejected as parsed, or as the writer decided."""
-        decided: dict[int, Outcome] = {
-            i: item for i, item in enumerate(items) if isinstance(item, Rejected)
-        }
-        pending = [(i, item) for i, item in enumerate(items) if isinstance(item, Submission)]
-        if pending:
-            written = await self.writer.write([submission for _, submission in pending])
-            decided.update(zip([i for i, _ in pending], written, strict=True))
-        outcomes = [decided[i] for i in range(len(items))]
+        submissions = [item for item in items if isinstance(item, Submission)]
+        written = await self.writer.write(submissions)
+        if len(written) == len(items):  # nothing was refused as parsed: the common case
+            outcomes = written
+        else:
+            answers = iter(written)
+            outcomes = [next(answers) if isinstance(i, Submission) else i for i in items]
         self._record(outcomes, receipt)
         return outcomes
 
     def _record(self, outcomes: Sequence[Outcome], receipt: Receipt) -> None:
         metrics = self._metrics
-        rows = sum(isinstance(o, Accepted) and o.event_id is not None for o in outcomes)
+        rows = 0
+        accepted = False
         for outcome in outcomes:
-            if isinstance(outcome, Rejected):
+            if isinstance(outcome, Accepted):
+                accepted = True
+                rows += outcome.event_id is not None
+            else:
                 metrics.ingest_rejected.labels(outcome.reason.code).inc()
         if rows:
             metrics.ingest_rows.labels(receipt.endpoint).inc(rows)
-        if any(isinstance(o, Accepted) for o in outcomes):
+        if accepted:
             metrics.ingest_latency.labels(receipt.endpoint).observe(receipt.elapsed_s())

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from datetime import UTC, datetime, timedelta, timezone
 
+import msgspec
 import orjson
 
 from pulse.names import is_valid_name
@@ -38,11 +38,11 @@ class InvalidPayload(ValueError):
         self.detail = detail
 
 
-# slots, not frozen, for this and the other per-reading records of the write path
-# (model.py, writer.py): a frozen dataclass takes about 1 µs to build against 0.26 µs,
-# and a 500-reading batch builds four per reading. Nothing mutates them.
-@dataclasses.dataclass(slots=True)
-class Reading:
+# msgspec Structs, for this and the other per-reading records of the write path
+# (model.py): a 500-reading batch builds three per reading, and a Struct takes about
+# 15 ns to build against about 100 ns for a slots dataclass (measured on 5 Dec 2026).
+# gc=False: they hold no cycles. Nothing mutates them but the MQTT intake's flag.
+class Reading(msgspec.Struct, gc=False):
     device_time: datetime
     metrics: dict[str, MetricValue]
     seq: int | None

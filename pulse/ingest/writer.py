@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
@@ -34,21 +33,31 @@ CHECK_AHEAD_FROM = 32
 Admit = Callable[[Device, int], tuple[int, Rejected | None]]
 
 
-@dataclasses.dataclass(slots=True)  # not frozen: see validation.Reading
-class WrittenEvent:
-    tenant_id: str
-    id: int
-    device_id: str
-    reading: Reading
+@dataclasses.dataclass(frozen=True, slots=True)
+class TenantRows:
+    """A tenant's readings stored by one write, in id order: ``readings[k]`` took the
+    id ``first_id + k`` (a tenant's ids in one write are consecutive)."""
+
+    first_id: int
+    readings: list[Reading]
+
+    @property
+    def last_id(self) -> int:
+        return self.first_id + len(self.readings) - 1
 
 
 @dataclasses.dataclass(frozen=True)
 class Written:
     """What one transaction wrote, handed to the hooks before it commits."""
 
-    events: list[WrittenEvent]
+    rows: dict[str, TenantRows]  # by tenant
     seen: list[Device]
     came_online: list[Device]
+
+    def reading(self, tenant_id: str, event_id: int) -> Reading:
+        """The reading stored as the tenant's ``event_id`` by this write."""
+        rows = self.rows[tenant_id]
+        return rows.readings[event_id - rows.first_id]
 
 
 class TransactionHook(Protocol):
@@ -108,6 +117,8 @@ class TelemetryWriter:
         if len(submissions) < CHECK_AHEAD_FROM:
             return await self._write_grouped(tenants, submissions, checked=False)
         checked = await self._check(submissions)
+        if not any(checked):  # every one admitted: the common case
+            return await self._write_grouped(tenants, submissions, checked=True)
         admitted = [s for s, outcome in zip(submissions, checked, strict=True) if outcome is None]
         tenants = frozenset(s.tenant_id for s in admitted if s.reading is not None)
         written = iter(
@@ -172,8 +183,11 @@ class TelemetryWriter:
         async with self._tenant_gates.hold(tenants):
             if not future.done():
                 group = self._waiting.pop(tenants)
-                everything = [s for subs, _, _ in group for s in subs]
-                prechecked = [was for subs, was, _ in group for _ in subs]
+                everything: list[Submission] = []
+                prechecked: list[bool] = []
+                for subs, was, _ in group:
+                    everything += subs
+                    prechecked += [was] * len(subs)
                 commit = asyncio.get_running_loop().create_task(
                     self._commit(everything, prechecked)
                 )
@@ -199,7 +213,8 @@ class TelemetryWriter:
         prechecked: Sequence[bool],
     ) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(submissions)
-        unchecked = [i for i in range(len(submissions)) if not (prechecked and prechecked[i])]
+        checks = prechecked or [False] * len(submissions)
+        unchecked = [i for i, was in enumerate(checks) if not was]
         if unchecked:
             checked = await self._authenticate(conn, [submissions[i] for i in unchecked])
             for i, outcome in zip(unchecked, checked, strict=True):
@@ -207,29 +222,30 @@ class TelemetryWriter:
         admitted = [i for i, outcome in enumerate(outcomes) if outcome is None]
         for i in await self._repeated(conn, submissions, admitted):
             outcomes[i] = Accepted(None, duplicate=True)
-        readings = [
-            i for i in admitted if outcomes[i] is None and submissions[i].reading is not None
-        ]
-        ids = await self._insert(conn, [submissions[i] for i in readings])
-        events: list[WrittenEvent] = []
-        for i, event_id in zip(readings, ids, strict=True):
+        # Each tenant's readings, in the order they came: the order of their ids.
+        by_tenant: dict[str, list[int]] = {}
+        for i in admitted:
             submission = submissions[i]
-            if event_id is None:
-                outcomes[i] = Rejected(UNKNOWN_DEVICE, _unknown(submission.device))
-                continue
-            outcomes[i] = Accepted(event_id)
-            events.append(
-                WrittenEvent(
-                    submission.tenant_id, event_id, submission.device_id, _reading(submission)
-                )
-            )
+            if outcomes[i] is None and submission.reading is not None:
+                by_tenant.setdefault(submission.tenant_id, []).append(i)
+        rows = await self._insert(conn, submissions, by_tenant)
+        for tenant_id, indexes in by_tenant.items():
+            taken = rows.get(tenant_id)
+            if taken is None:  # the tenant was deleted after its devices authenticated
+                for i in indexes:
+                    outcomes[i] = Rejected(UNKNOWN_DEVICE, _unknown(submissions[i].device))
+            else:
+                for event_id, i in enumerate(indexes, start=taken.first_id):
+                    outcomes[i] = Accepted(event_id)
         seen = list(
             dict.fromkeys(
-                submissions[i].device for i in admitted if not isinstance(outcomes[i], Rejected)
+                (submissions[i].tenant_id, submissions[i].device_id)
+                for i in admitted
+                if not isinstance(outcomes[i], Rejected)
             )
         )
         came_online = await self._touch(conn, seen)
-        written = Written(events=events, seen=seen, came_online=came_online)
+        written = Written(rows=rows, seen=seen, came_online=came_online)
         # The seam for alert rules: they see the rows before anyone else can.
         for hook in self._hooks:
             await hook(conn, written)
@@ -241,41 +257,44 @@ class TelemetryWriter:
     ) -> list[Outcome | None]:
         """Reject unknown devices, wrong tokens and messages over the rate; None admits.
 
-        Checked per device, not per message: a batch repeats each device's token,
-        and admission takes all of a device's messages at once.
+        Checked per device and token, not per message: a batch repeats each
+        device's token, and admission takes all of a device's messages at once.
         """
-        devices = list(dict.fromkeys(s.device for s in submissions))
+        keys = [(s.tenant_id, s.device_id, s.token, s.broker) for s in submissions]
+        distinct = dict.fromkeys(keys)
+        devices = list(dict.fromkeys((t, d) for t, d, _, _ in distinct))
         rows = await conn.fetch(
             Q["device_token_hashes"], [d[0] for d in devices], [d[1] for d in devices]
         )
         hashes = {(row["tenant_id"], row["device_id"]): row["token_hash"] for row in rows}
-        matches: dict[tuple[str, str, str], bool] = {}
-        outcomes: list[Outcome | None] = []
-        authenticated: dict[Device, int] = {}
-        for submission in submissions:
-            device = submission.device
-            stored_hash = hashes.get(device)
-            pair = (*device, submission.token)
+        verdicts: dict[tuple[str, str, str, bool], Outcome | None] = {}
+        for tenant_id, device_id, token, broker in distinct:
+            stored_hash = hashes.get((tenant_id, device_id))
             if stored_hash is None:
-                outcomes.append(Rejected(UNKNOWN_DEVICE, _unknown(device)))
-                continue
-            matched = True if submission.broker else matches.get(pair)
-            if matched is None:
-                matched = matches[pair] = device_token_matches(submission.token, stored_hash)
-            if not matched:
-                outcomes.append(Rejected(INVALID_DEVICE_TOKEN, _WRONG_TOKEN))
-                continue
-            outcomes.append(None)
-            authenticated[device] = authenticated.get(device, 0) + 1
+                verdict: Outcome | None = Rejected(UNKNOWN_DEVICE, _unknown((tenant_id, device_id)))
+            elif broker or device_token_matches(token, stored_hash):
+                verdict = None
+            else:
+                verdict = Rejected(INVALID_DEVICE_TOKEN, _WRONG_TOKEN)
+            verdicts[(tenant_id, device_id, token, broker)] = verdict
+        outcomes = [verdicts[key] for key in keys]
         if self._admit is None:
             return outcomes
-        # Each device's first admitted messages pass; its later ones get the refusal.
-        passes: dict[Device, tuple[int, Rejected | None]] = {
-            device: self._admit(device, count) for device, count in authenticated.items()
-        }
-        for i, outcome in enumerate(outcomes):
+        authenticated: dict[Device, int] = {}
+        for (tenant_id, device_id, _, _), outcome in zip(keys, outcomes, strict=True):
             if outcome is None:
-                device = submissions[i].device
+                device = (tenant_id, device_id)
+                authenticated[device] = authenticated.get(device, 0) + 1
+        # Each device's first admitted messages pass; its later ones get the refusal.
+        passes: dict[Device, tuple[int, Rejected | None]] = {}
+        for device, count in authenticated.items():
+            left, refusal = self._admit(device, count)
+            if left < count:
+                passes[device] = (left, refusal)
+        if not passes:  # every authenticated message is admitted: the common case
+            return outcomes
+        for i, outcome in enumerate(outcomes):
+            if outcome is None and (device := submissions[i].device) in passes:
                 left, refusal = passes[device]
                 if left:
                     passes[device] = (left - 1, refusal)
@@ -318,32 +337,43 @@ class TelemetryWriter:
         return repeated
 
     async def _insert(
-        self, conn: asyncpg.Connection, submissions: Sequence[Submission]
-    ) -> list[int | None]:
-        """Reserve ids and insert every reading in one statement; each one's id, None if lost."""
-        if not submissions:
-            return []
-        by_tenant: defaultdict[str, list[int]] = defaultdict(list)
-        for i, submission in enumerate(submissions):
-            by_tenant[submission.tenant_id].append(i)
+        self,
+        conn: asyncpg.Connection,
+        submissions: Sequence[Submission],
+        by_tenant: dict[str, list[int]],
+    ) -> dict[str, TenantRows]:
+        """Reserve ids and insert every reading of ``by_tenant`` (each tenant's
+        submissions, in order) in one statement; the rows stored, by tenant. A tenant
+        deleted since its devices authenticated has none."""
+        if not by_tenant:
+            return {}
         tenants = sorted(by_tenant)
-        rows = await conn.fetch(
+        reserved = await conn.fetch(
             Q["reserve_event_ids"], tenants, [len(by_tenant[t]) for t in tenants]
         )
-        ids: list[int | None] = [None] * len(submissions)
-        for row in rows:
+        rows: dict[str, TenantRows] = {}
+        stored: list[dict[str, object]] = []
+        for row in reserved:
             # A NULL base: the tenant was deleted after we authenticated its devices.
-            if row["base"] is not None:
-                for offset, i in enumerate(by_tenant[row["tenant_id"]], start=1):
-                    ids[i] = row["base"] + offset
-        stored = [
-            _row(submission, event_id)
-            for submission, event_id in zip(submissions, ids, strict=True)
-            if event_id is not None
-        ]
+            if row["base"] is None:
+                continue
+            tenant_id, first_id = row["tenant_id"], row["base"] + 1
+            written = [submissions[i] for i in by_tenant[tenant_id]]
+            readings = [_reading(submission) for submission in written]
+            rows[tenant_id] = TenantRows(first_id, readings)
+            stored.append(
+                {
+                    "t": tenant_id,
+                    "i": first_id,
+                    "r": [
+                        [submission.device_id, r.device_time, r.metrics, r.seq]
+                        for submission, r in zip(written, readings, strict=True)
+                    ],
+                }
+            )
         if stored:
             await conn.execute(Q["insert_telemetry"], stored)
-        return ids
+        return rows
 
     async def _touch(self, conn: asyncpg.Connection, devices: Sequence[Device]) -> list[Device]:
         """Mark devices seen and ONLINE; return those that were not ONLINE before."""
@@ -380,19 +410,6 @@ def _settle(
 def _reading(submission: Submission) -> Reading:
     assert submission.reading is not None, "heartbeats are never inserted"
     return submission.reading
-
-
-def _row(submission: Submission, event_id: int) -> dict[str, object]:
-    """One row of insert_telemetry's JSON array."""
-    reading = _reading(submission)
-    return {
-        "t": submission.tenant_id,
-        "i": event_id,
-        "d": submission.device_id,
-        "ts": reading.device_time,
-        "m": reading.metrics,
-        "s": reading.seq,
-    }
 
 
 _WRONG_TOKEN = "The provision token does not match this device."

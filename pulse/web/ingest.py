@@ -87,14 +87,16 @@ def reply(outcome: Outcome) -> Reply:
 
 def batch_reply(outcomes: Sequence[Outcome]) -> Reply:
     """The answer to a batch: 200 with a result per message, or 400 when none was accepted."""
-    accepted = sum(isinstance(outcome, Accepted) for outcome in outcomes)
-    summary = {
-        "accepted": accepted,
-        "rejected": len(outcomes) - accepted,
-        "results": [_result(i, outcome) for i, outcome in enumerate(outcomes)],
-    }
+    results = [
+        {"index": i, "status": "accepted", "id": outcome.event_id}
+        if isinstance(outcome, Accepted)
+        else {"index": i, "status": "rejected", "reason": outcome.reason.code}
+        for i, outcome in enumerate(outcomes)
+    ]
+    rejected = sum(isinstance(outcome, Rejected) for outcome in outcomes)
+    summary = {"accepted": len(outcomes) - rejected, "rejected": rejected, "results": results}
     # orjson: a thousand results take the standard library's encoder a while.
-    return Reply(200 if accepted else 400, orjson.dumps(summary))
+    return Reply(200 if rejected < len(outcomes) else 400, orjson.dumps(summary))
 
 
 def error_reply(exc: Exception) -> Reply:
@@ -183,9 +185,3 @@ def _respond_with(answer: Reply) -> Response:
         del empty.headers["Content-Type"]  # nothing to describe
         return empty
     return Response(answer.body, answer.status, answer.headers, content_type="application/json")
-
-
-def _result(index: int, outcome: Outcome) -> dict[str, object]:
-    if isinstance(outcome, Rejected):
-        return {"index": index, "status": "rejected", "reason": outcome.reason.code}
-    return {"index": index, "status": "accepted", "id": outcome.event_id}

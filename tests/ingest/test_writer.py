@@ -12,7 +12,7 @@ from pulse.db.pool import create_pool
 from pulse.errors import RATE_LIMITED
 from pulse.ingest.model import Accepted, Rejected, Submission
 from pulse.ingest.validation import Reading
-from pulse.ingest.writer import TelemetryWriter, Written, WrittenEvent
+from pulse.ingest.writer import TelemetryWriter, TenantRows, Written
 from tests.ingest.conftest import stored_rows
 from tests.support import provision_device, seam
 
@@ -59,7 +59,8 @@ async def test_hooks_see_the_write_inside_the_transaction(pool: asyncpg.Pool, to
         [Submission("t1", "dev-1", token, reading(1)), Submission("t1", "dev-2", other, None)]
     )
     written, inside = seen[0]
-    assert written.events == [WrittenEvent("t1", 1, "dev-1", reading(1))]
+    assert written.rows == {"t1": TenantRows(1, [reading(1)])}
+    assert written.reading("t1", 1) == reading(1)
     assert written.seen == [("t1", "dev-1"), ("t1", "dev-2")]
     assert sorted(written.came_online) == [("t1", "dev-1"), ("t1", "dev-2")]
     assert inside == 1
