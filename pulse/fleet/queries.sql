@@ -127,7 +127,9 @@ WITH batch AS MATERIALIZED (
     -- Each tenant's range read through the primary key, whatever the plan: the
     -- planner cannot know how few rows $1 names, and must never scan a
     -- tenant's whole history (OFFSET 0 keeps the range a parameterized index
-    -- scan, MATERIALIZED keeps it apart from the rules).
+    -- scan, MATERIALIZED keeps it apart from the rules). A tenant without rules
+    -- is not read at all: it has nothing to break, and no active alert either
+    -- (deleting a rule closes its alerts).
     SELECT t.tenant_id, t.id, t.device_id, t.metrics
       FROM jsonb_to_recordset($1::jsonb) AS w(tenant_id text, first_id bigint, last_id bigint)
      CROSS JOIN LATERAL (
@@ -135,6 +137,7 @@ WITH batch AS MATERIALIZED (
           FROM telemetry t
          WHERE t.tenant_id = w.tenant_id AND t.id BETWEEN w.first_id AND w.last_id
         OFFSET 0) t
+     WHERE EXISTS (SELECT 1 FROM alert_rules r WHERE r.tenant_id = w.tenant_id)
 ), broken AS MATERIALIZED (
     -- The one pass over every (reading, rule) pair: a filter, nothing kept
     -- but the few pairs that break their rule.

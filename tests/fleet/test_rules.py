@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import asyncpg
 import httpx
@@ -11,6 +12,7 @@ import orjson
 import pytest
 
 from pulse.db.pool import create_pool
+from pulse.fleet.rules import Q as FLEET_QUERIES
 from tests.fleet.conftest import Fleet, MakeToken, Notifications, auth, kinds
 
 RULES = "/api/v1/customer/alert-rules"
@@ -378,3 +380,25 @@ async def test_roles_and_tenants(
         assert error_of(response) == "unknown_rule"
     assert (await http.delete(f"{RULES}/{rule_id}", headers=customer)).status_code == 403
     assert (await http.delete(f"{RULES}/{rule_id}", headers=admin)).status_code == 204
+
+
+async def test_only_the_readings_of_tenants_with_rules_are_read_back(fleet: Fleet) -> None:
+    """A write's rows are read back for its tenants that have a rule, and only for them."""
+    await fleet.device("dev-1", tenant_id="t2")
+    await fleet.send("dev-1", {"temp": 1}, {"temp": 2})  # t1: ids 1-2, no rule
+    await fleet.rule("temp", ">", 80, tenant_id="t2")
+    await fleet.send("dev-1", {"temp": 3}, tenant_id="t2")  # t2: id 1
+    [plan] = await fleet.pool.fetchval(
+        "EXPLAIN (ANALYZE, FORMAT JSON) " + FLEET_QUERIES["evaluate_rules"],
+        [
+            {"tenant_id": "t1", "first_id": 1, "last_id": 2},
+            {"tenant_id": "t2", "first_id": 1, "last_id": 1},
+        ],
+    )
+
+    def rows_read(node: dict[str, Any]) -> int:
+        here = node.get("Relation Name", "").startswith("telemetry")
+        own = node["Actual Rows"] * node["Actual Loops"] if here else 0
+        return own + sum(rows_read(child) for child in node.get("Plans", []))
+
+    assert rows_read(plan["Plan"]) == 1
