@@ -84,24 +84,29 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
     tenants = [f"tenant-{t:02d}" for t in range(tenant_count)]
     rng = random.Random(1)
 
-    async def measure(server: PulseServer, load: list[bytes]) -> tuple[float, list[float], float]:
-        """rows/s, per-request latencies, server CPU seconds per row."""
+    async def measure(
+        server: PulseServer, dsn: str, load: list[bytes]
+    ) -> tuple[float, list[float], float, float]:
+        """rows/s, per-request latencies, server and PostgreSQL CPU seconds per row."""
         latencies: list[float] = []
-        with cpu_meter(server.pids()) as cpu:
-            stop = time.perf_counter() + seconds
-            counts = await asyncio.gather(
-                *(post_batches(server.url, load, stop, latencies) for _ in range(clients))
-            )
-        rows = sum(counts)
-        return rows / cpu["wall_s"], latencies, cpu["others_cpu_s"] / max(1, rows)
+        async with BackendCpu(dsn) as database:
+            with cpu_meter(server.pids()) as cpu:
+                stop = time.perf_counter() + seconds
+                counts = await asyncio.gather(
+                    *(post_batches(server.url, load, stop, latencies) for _ in range(clients))
+                )
+        rows = max(1, sum(counts))
+        return rows / cpu["wall_s"], latencies, cpu["others_cpu_s"] / rows, database.seconds / rows
 
-    async with PulseServer(await pg.fresh_database()) as server:
+    dsn = await pg.fresh_database()
+    async with PulseServer(dsn) as server:
         devices = {t: await provision(server.url, t, 20) for t in tenants}
         # The same readings for both servers (the typical stack ignores the tokens).
         load = _batch_bodies(rng, devices, batch)
-        pulse_rate, pulse_lat, pulse_cpu = await measure(server, load)
-    async with TypicalServer(await pg.fresh_database()) as typical:
-        typical_rate, typical_lat, typical_cpu = await measure(typical, load)
+        pulse_rate, pulse_lat, pulse_cpu, pulse_db = await measure(server, dsn, load)
+    dsn = await pg.fresh_database()
+    async with TypicalServer(dsn) as typical:
+        typical_rate, typical_lat, typical_cpu, typical_db = await measure(typical, dsn, load)
     ceiling = await _direct_sql_ceiling(pg, tenants, seconds, clients, batch)
 
     label = f"batch ingest, {tenant_count} tenant{'s' if tenant_count > 1 else ''}"
@@ -112,7 +117,8 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
             typical_rate,
             "rows/s",
             note=f"p99 {percentile(typical_lat, 99) * 1e3:.0f} ms, "
-            f"server {typical_cpu * 1e6:.1f} us CPU/row",
+            f"server {typical_cpu * 1e6:.1f} us CPU/row, "
+            f"PostgreSQL {typical_db * 1e6:.1f} us CPU/row",
         ),
         Figure(label, "direct-SQL ceiling", ceiling, "rows/s"),
         Figure(
@@ -124,7 +130,8 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
             baseline=typical_rate,
             note=f"{pulse_rate / ceiling:.2f}x ceiling; {clients} clients x {batch} readings; "
             f"p99 {percentile(pulse_lat, 99) * 1e3:.0f} ms; "
-            f"server {pulse_cpu * 1e6:.1f} us CPU/row",
+            f"server {pulse_cpu * 1e6:.1f} us CPU/row, "
+            f"PostgreSQL {pulse_db * 1e6:.1f} us CPU/row",
         ),
     ]
 
