@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
@@ -96,6 +97,7 @@ class TelemetryWriter:
         # tenant from holding every pooled connection while it waits, which
         # would stall the other tenants.
         self._tenant_gates = KeyedLocks()
+        self._committers: set[asyncio.Task[None]] = set()  # _commit_waiting, one per tenants
         # Writes waiting for their tokens and rates to be checked (_check).
         self._unchecked: list[
             tuple[Sequence[Submission], asyncio.Future[list[Outcome | None]]]
@@ -167,37 +169,56 @@ class TelemetryWriter:
     async def _write_grouped(
         self, tenants: frozenset[str], submissions: Sequence[Submission], *, checked: bool
     ) -> list[Outcome]:
-        """Group commit: the writes for the same tenants that queue for their gates
-        while a transaction runs are all committed by the next one, together.
+        """Group commit: the writes for the same tenants that arrive while a transaction
+        runs are all committed by the next one, together.
 
         A tenant's writers commit one at a time anyway (its counter row), so a
-        group costs about what one write costs. Each caller is answered only
-        once the group's transaction has committed, with its own outcomes.
-        Writes whose tenants differ but overlap are not merged; the gates still
-        order them.
+        group costs about what one write costs. One committer per set of tenants
+        (``_commit_waiting``) takes the waiting writes a group at a time; a write
+        only queues and waits for its answer, given once the group's transaction
+        has committed. Writes whose tenants differ but overlap are not merged;
+        the gates still order their committers.
         """
-        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Outcome]] = loop.create_future()
         # A caller that went away leaves its future unread: that is not an error.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._waiting.setdefault(tenants, []).append((submissions, checked, future))
-        async with self._tenant_gates.hold(tenants):
-            if not future.done():
-                group = self._waiting.pop(tenants)
-                everything: list[Submission] = []
-                prechecked: list[bool] = []
-                for subs, was, _ in group:
-                    everything += subs
-                    prechecked += [was] * len(subs)
-                commit = asyncio.get_running_loop().create_task(
-                    self._commit(everything, prechecked)
-                )
-                callers = [(subs, waiter) for subs, _, waiter in group]
-                commit.add_done_callback(lambda done: _settle(callers, done))
-                # Shielded: if this caller goes away, the others still get their answer.
-                # Its own answer, or error, comes through its future like theirs.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(commit)
+        waiting = self._waiting.get(tenants)
+        if waiting is not None:  # a committer is at work: its next group takes this write
+            waiting.append((submissions, checked, future))
+        else:
+            self._waiting[tenants] = [(submissions, checked, future)]
+            committer = loop.create_task(self._commit_waiting(tenants))
+            self._committers.add(committer)
+            committer.add_done_callback(self._committers.discard)
         return await future
+
+    async def _commit_waiting(self, tenants: frozenset[str]) -> None:
+        """Commit the writes waiting for ``tenants``, a group per transaction, until
+        none is left; a write that arrives meanwhile joins the next group."""
+        try:
+            while self._waiting[tenants]:
+                # The gates are taken again for each group: a write whose tenants
+                # overlap these, queued at a gate meanwhile, goes first.
+                async with self._tenant_gates.hold(tenants):
+                    group, self._waiting[tenants] = self._waiting[tenants], []
+                    everything: list[Submission] = []
+                    prechecked: list[bool] = []
+                    for subs, was, _ in group:
+                        everything += subs
+                        prechecked += [was] * len(subs)
+                    commit = asyncio.get_running_loop().create_task(
+                        self._commit(everything, prechecked)
+                    )
+                    callers = [(subs, waiter) for subs, _, waiter in group]
+                    commit.add_done_callback(functools.partial(_settle, callers))
+                    # Its error is each caller's, through their futures.
+                    with contextlib.suppress(Exception):
+                        await commit
+        finally:
+            # Stopped (the server is stopping): what still waits is cancelled.
+            for _, _, waiter in self._waiting.pop(tenants, []):
+                waiter.cancel()
 
     async def _commit(
         self, submissions: Sequence[Submission], prechecked: Sequence[bool] = ()

@@ -37,14 +37,22 @@ def held_first(sizes: list[int]) -> tuple[Callable[..., Awaitable[None]], asynci
     return hook, release
 
 
+async def each_has_queued() -> None:
+    """Let the writes just started take their first step, which queues them: a write's
+    task first runs on the loop's next turn, and runs until it waits for its answer."""
+    await asyncio.sleep(0)
+
+
 async def test_concurrent_writes_share_transactions(pool: asyncpg.Pool, token: str) -> None:
     sizes: list[int] = []
     hold, release = held_first(sizes)
     writer = TelemetryWriter(seam(pool), hooks=[hold])
-    writes = asyncio.gather(*(writer.write(one(token, i)) for i in range(40)))
-    await until(lambda: len(sizes) == 1)  # the first transaction is open; the rest queued
+    first = asyncio.ensure_future(writer.write(one(token, 0)))
+    await until(lambda: len(sizes) == 1)  # the first transaction is open
+    rest = asyncio.gather(*(writer.write(one(token, i)) for i in range(1, 40)))
+    await each_has_queued()
     release.set()
-    outcomes = await asyncio.wait_for(writes, 10)
+    outcomes = [await asyncio.wait_for(first, 10), *await asyncio.wait_for(rest, 10)]
     ids = sorted(o[0].event_id for o in outcomes if isinstance(o[0], Accepted))  # type: ignore[type-var]
     assert ids == list(range(1, 41))
     assert sizes == [1, 39]
@@ -68,10 +76,12 @@ async def test_concurrent_writes_for_the_same_tenants_share_transactions(
         ]
 
     writer = TelemetryWriter(seam(pool), hooks=[hold])
-    writes = asyncio.gather(*(writer.write(both(i)) for i in range(20)))
+    first = asyncio.ensure_future(writer.write(both(0)))
     await until(lambda: len(sizes) == 1)
+    rest = asyncio.gather(*(writer.write(both(i)) for i in range(1, 20)))
+    await each_has_queued()
     release.set()
-    outcomes = await asyncio.wait_for(writes, 10)
+    outcomes = [await asyncio.wait_for(first, 10), *await asyncio.wait_for(rest, 10)]
     assert sizes == [2, 38]
     rows = {
         (row["tenant_id"], row["v"]): row["id"]
@@ -170,15 +180,19 @@ async def test_checked_and_unchecked_writes_share_a_group(pool: asyncpg.Pool, to
         return count, None
 
     writer = TelemetryWriter(seam(pool), hooks=[hold], admit=admit)
+    first = asyncio.ensure_future(writer.write(one(token, 9999)))
+    await until(lambda: len(sizes) == 1)  # the first transaction is open
     singles = [writer.write(one(token if i % 2 else "pdt_wrong", 1000 + i)) for i in range(10)]
     batches = [writer.write(many(token, 100 * b)) for b in range(3)]
-    writes = asyncio.gather(writer.write(one(token, 9999)), *singles, *batches)
+    writes = asyncio.gather(*singles, *batches)
     # The first transaction holds while the large writes are checked beside it.
-    await until(lambda: len(sizes) == 1 and admitted == 1 + 3 * CHECK_AHEAD_FROM)
-    for _ in range(10):  # a checked write queues a few turns of the loop after its check
-        await asyncio.sleep(0)
-    release.set()
-    results = await asyncio.wait_for(writes, 10)
+    try:
+        await until(lambda: admitted == 1 + 3 * CHECK_AHEAD_FROM)
+        for _ in range(10):  # a checked write queues a few turns of the loop after its check
+            await asyncio.sleep(0)
+    finally:
+        release.set()
+    results = [await asyncio.wait_for(first, 10), *await asyncio.wait_for(writes, 10)]
     rows = dict(await pool.fetch("SELECT (metrics->>'v')::int, id FROM telemetry"))
     for i, outcome in enumerate(results[1:11]):
         assert outcome == ([Accepted(rows[1000 + i])] if i % 2 else outcome)
@@ -189,3 +203,38 @@ async def test_checked_and_unchecked_writes_share_a_group(pool: asyncpg.Pool, to
     assert sum(sizes) == len(rows) == 1 + 5 + 3 * CHECK_AHEAD_FROM
     # Behind the first transaction, everything that queued went in one group.
     assert len(sizes) == 2, sizes
+
+
+async def test_a_write_for_overlapping_tenants_is_not_starved(
+    pool: asyncpg.Pool, token: str
+) -> None:
+    """A group for t1 takes t1's gate for its own transaction only: a write for t1 and
+    t2 that queued at the gate meanwhile commits before the next group for t1."""
+    other = await provision_device(pool, "t2", "dev-1")
+    order: list[list[str]] = []
+    release = asyncio.Event()
+
+    async def hook(conn: asyncpg.Connection, written: Written) -> None:
+        order.append(sorted(written.rows))
+        if len(order) == 1:
+            await release.wait()
+
+    writer = TelemetryWriter(seam(pool), hooks=[hook])
+    first = asyncio.ensure_future(writer.write(one(token, 0)))
+    try:
+        await until(lambda: len(order) == 1)  # t1's first transaction is open
+        both = asyncio.ensure_future(
+            writer.write(
+                [
+                    Submission("t1", "dev-1", token, Reading(NOW, {"v": 1}, None)),
+                    Submission("t2", "dev-1", other, Reading(NOW, {"v": 1}, None)),
+                ]
+            )
+        )
+        await each_has_queued()  # the write for t1 and t2 waits at t1's gate
+        again = asyncio.ensure_future(writer.write(one(token, 2)))  # t1's next group
+        await each_has_queued()
+    finally:
+        release.set()
+    await asyncio.wait_for(asyncio.gather(first, both, again), 10)
+    assert order == [["t1"], ["t1", "t2"], ["t1"]]
