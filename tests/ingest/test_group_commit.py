@@ -48,10 +48,12 @@ async def test_concurrent_writes_share_transactions(pool: asyncpg.Pool, token: s
     hold, release = held_first(sizes)
     writer = TelemetryWriter(seam(pool), hooks=[hold])
     first = asyncio.ensure_future(writer.write(one(token, 0)))
-    await until(lambda: len(sizes) == 1)  # the first transaction is open
-    rest = asyncio.gather(*(writer.write(one(token, i)) for i in range(1, 40)))
-    await each_has_queued()
-    release.set()
+    try:
+        await until(lambda: len(sizes) == 1)  # the first transaction is open
+        rest = asyncio.gather(*(writer.write(one(token, i)) for i in range(1, 40)))
+        await each_has_queued()
+    finally:
+        release.set()  # else a failure above leaves a transaction open, and teardown waits
     outcomes = [await asyncio.wait_for(first, 10), *await asyncio.wait_for(rest, 10)]
     ids = sorted(o[0].event_id for o in outcomes if isinstance(o[0], Accepted))  # type: ignore[type-var]
     assert ids == list(range(1, 41))
@@ -77,10 +79,12 @@ async def test_concurrent_writes_for_the_same_tenants_share_transactions(
 
     writer = TelemetryWriter(seam(pool), hooks=[hold])
     first = asyncio.ensure_future(writer.write(both(0)))
-    await until(lambda: len(sizes) == 1)
-    rest = asyncio.gather(*(writer.write(both(i)) for i in range(1, 20)))
-    await each_has_queued()
-    release.set()
+    try:
+        await until(lambda: len(sizes) == 1)
+        rest = asyncio.gather(*(writer.write(both(i)) for i in range(1, 20)))
+        await each_has_queued()
+    finally:
+        release.set()
     outcomes = [await asyncio.wait_for(first, 10), *await asyncio.wait_for(rest, 10)]
     assert sizes == [2, 38]
     rows = {
