@@ -34,6 +34,7 @@ from pulse.web.fastpath import DeviceFastPath
 from pulse.web.framing import RefuseAmbiguousLength
 from pulse.web.json_bodies import parse_bodies_with_orjson
 from pulse.web.routing import PulseQuart
+from pulse.web.sse_fastpath import SseFastPath
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -73,10 +74,11 @@ def create_app(settings: Settings | None = None) -> Quart:
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     # A device's readings and heartbeats are answered before Quart, and every ingest
-    # body is read within the process's budget (pulse.web.fastpath); before that, a
-    # request that states its length twice is refused (pulse.web.framing).
+    # body is read within the process's budget (pulse.web.fastpath); so are SSE streams
+    # opened with a token (pulse.web.sse_fastpath); before that, a request that states
+    # its length twice is refused (pulse.web.framing).
     app.asgi_app = RefuseAmbiguousLength(  # type: ignore[method-assign, assignment]
-        DeviceFastPath(app, app.asgi_app)
+        DeviceFastPath(app, SseFastPath(app, app.asgi_app))
     )
 
     @app.while_serving

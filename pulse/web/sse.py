@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, Field
 from quart import Blueprint, Response, request
 from quart_schema import document_headers, document_querystring, security_scheme, tag
 
+from pulse.auth.principal import Principal
 from pulse.bus.events import TelemetryEvent
+from pulse.bus.subscription import Filters
 from pulse.db.errors import DatabaseUnavailable
 from pulse.errors import CONNECTION_LIMIT, INVALID_PARAMETER, LAGGING, ApiError
 from pulse.runtime import Runtime
@@ -25,6 +28,7 @@ from pulse.web.direct import CHUNKS, DirectWrites, direct_writes
 log = logging.getLogger(__name__)
 blueprint = Blueprint("sse", __name__)
 
+SSE_URL = "/api/v1/customer/telemetry/stream/sse"
 RETRY_MS = 2000
 HEADERS = {
     "Content-Type": "text/event-stream",
@@ -63,7 +67,7 @@ _EXAMPLE = (
 )
 
 
-@blueprint.get("/api/v1/customer/telemetry/stream/sse")
+@blueprint.get(SSE_URL)
 @tag(["streams"])
 @security_scheme(openapi.STREAM_AUTH)
 @document_querystring(StreamQuery)
@@ -94,7 +98,25 @@ async def telemetry_sse() -> Response:
         await rt.limits.check(tenant_id)
     except LimitReached as exc:
         raise ApiError(CONNECTION_LIMIT, str(exc), {"Retry-After": "5"}) from exc
-    writes = direct_writes(request.scope, CHUNKS, enabled=rt.settings.direct_writes)
+    stream, writes = open_stream(
+        rt, principal, tenant_id, filters, last_event_id, scope=request.scope
+    )
+    response = Response(body(rt, stream, writes), status=200, headers=HEADERS)
+    response.timeout = None  # a stream has no response deadline
+    return response
+
+
+def open_stream(
+    rt: Runtime,
+    principal: Principal,
+    tenant_id: str,
+    filters: Filters,
+    last_event_id: int | None,
+    *,
+    scope: Mapping[str, Any],
+) -> tuple[Live, DirectWrites | None]:
+    """The stream of an admitted request, and the direct writes its chunks go by (if any)."""
+    writes = direct_writes(scope, CHUNKS, enabled=rt.settings.direct_writes)
     stream = Live(
         rt.hub,
         rt.store,
@@ -107,12 +129,13 @@ async def telemetry_sse() -> Response:
         output=writes,
         frame=sse_chunk,
     )
-    response = Response(_body(rt, stream, writes), status=200, headers=HEADERS)
-    response.timeout = None  # a stream has no response deadline
-    return response
+    return stream, writes
 
 
-async def _body(rt: Runtime, stream: Live, writes: DirectWrites | None) -> AsyncIterator[bytes]:
+async def body(
+    rt: Runtime, stream: Live, writes: DirectWrites | None
+) -> AsyncGenerator[bytes, None]:
+    """The response body: ``retry:``, then the stream's chunks while it holds its slot."""
     try:
         async with rt.limits.hold("sse", stream.tenant_id):
             # The first chunk goes the ASGI way: once it is out, the response

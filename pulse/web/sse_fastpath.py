@@ -1,0 +1,152 @@
+"""SSE streams opened straight from ASGI, before Quart: what a reconnect storm is made of.
+
+After a deploy every dashboard comes back at once, and for each of those
+requests Quart's machinery (two tasks and a wait, a request and its werkzeug
+headers, the contexts, signals and a response object) cost about as much CPU as
+everything the stream itself needs: the token, the limit check and the first
+position. A GET of the SSE URL whose credential is a token (Authorization
+header, session cookie or ``token`` parameter) and that is admitted is served
+here, through the same parsing, checks, stream and body as the Quart route in
+``pulse.web.sse``. Every other request goes on to Quart, which then decides it
+from the start: a refusal (bad parameter, bad token, limit) is made and worded
+there, and so is a stream opened with a one-time ticket, whose redemption
+cannot be undone once made here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, cast
+from urllib.parse import parse_qsl
+
+from quart import Quart
+from werkzeug.datastructures import MultiDict
+from werkzeug.http import parse_cookie
+
+from pulse.auth.access import tenant_for
+from pulse.runtime import Runtime
+from pulse.streams.live import Live
+from pulse.streams.params import parse_event_id, parse_filters
+from pulse.web import runtime_of
+from pulse.web.auth import find_credential
+from pulse.web.direct import DirectWrites
+from pulse.web.sse import HEADERS, SSE_URL, body, open_stream
+
+Scope = dict[str, Any]
+ASGIReceiveCallable = Callable[[], Awaitable[dict[str, Any]]]
+ASGISendCallable = Callable[[dict[str, Any]], Awaitable[None]]
+
+_HEADERS = [(name.lower().encode(), value.encode()) for name, value in HEADERS.items()]
+_EMPTY: MultiDict[str, str] = MultiDict()
+
+
+class SseFastPath:
+    """ASGI middleware: serves an admitted SSE request opened with a token, and hands
+    everything else to ``inner``."""
+
+    def __init__(self, app: Quart, inner: Any) -> None:
+        self._app = app
+        self._inner = inner
+
+    def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> Coroutine[Any, Any, None]:
+        # Not a coroutine itself, as DeviceFastPath: what goes on to Quart keeps no frame here.
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and scope["path"] == SSE_URL
+            and not scope.get("root_path")
+        ):
+            return self._serve(scope, receive, send)
+        return cast(Coroutine[Any, Any, None], self._inner(scope, receive, send))
+
+    async def _serve(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        rt = runtime_of(self._app)
+        try:
+            opened = await _admit(rt, scope)
+        except Exception:
+            opened = None  # refused or failed: Quart decides again, and words the answer
+        if opened is None:
+            await self._inner(scope, receive, send)
+        else:
+            await _stream(rt, *opened, receive, send)
+
+
+async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] | None:
+    """The stream of a request the Quart route would serve, in the same steps; None
+    when it has no token. Raises what the route would answer with an error."""
+    headers: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        if name in (b"authorization", b"cookie", b"last-event-id"):
+            headers.setdefault(name.decode(), value.decode("latin1"))
+    query: bytes = scope["query_string"]
+    args = (
+        MultiDict(parse_qsl(query.decode(), keep_blank_values=True, errors="werkzeug.url_quote"))
+        if query
+        else _EMPTY
+    )
+    filters = parse_filters(args, max_device_filters=rt.settings.max_device_filters)
+    last_event_id = parse_event_id(headers.get("last-event-id") or args.get("last_event_id"))
+    cookie = headers.get("cookie")
+    credential = find_credential(
+        {"Authorization": headers.get("authorization")},
+        parse_cookie(cookie) if cookie else _EMPTY,
+        args,
+        allow_query=True,
+    )
+    if credential is None:
+        return None  # no credential, or a ticket: Quart's
+    principal = await rt.verifier.verify(credential.token)
+    tenant_id = tenant_for(principal, args.get("tenant_id"))
+    await rt.limits.check(tenant_id)
+    return open_stream(rt, principal, tenant_id, filters, last_event_id, scope=scope)
+
+
+async def _stream(
+    rt: Runtime,
+    stream: Live,
+    writes: DirectWrites | None,
+    receive: ASGIReceiveCallable,
+    send: ASGISendCallable,
+) -> None:
+    """Send the response until the stream ends or the client goes away.
+
+    Quart watches for the client leaving with a task of its own; so does this,
+    and cancels the stream when it has: its slot and subscription end at once,
+    not at the next write that fails.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    def went_away(_: object) -> None:
+        nonlocal gone
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(_disconnected(receive))
+    watcher.add_done_callback(went_away)
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+        async with contextlib.aclosing(body(rt, stream, writes)) as chunks:
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            return  # the client went away: nothing left to do
+        raise
+    finally:
+        watcher.remove_done_callback(went_away)
+        watcher.cancel()
+
+
+async def _disconnected(receive: ASGIReceiveCallable) -> None:
+    """Return once the client has gone (a GET's one body event comes first)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,147 @@
+"""The SSE fast path (pulse.web.sse_fastpath) against Quart's route, over a real socket.
+
+A stream opened with a token is served before Quart; one opened with a ticket, and
+every refusal, goes through Quart. Both doors must answer alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import asyncpg
+import httpx
+import pytest
+from quart import Quart, request_started
+
+from pulse.config import Settings
+from tests.streams.sse_client import SSE_PATH
+from tests.support import insert_readings, running_server
+from tests.web.test_sse import read_body
+from tests.web.test_tickets import new_ticket
+
+pytestmark = pytest.mark.timeout(60)
+
+STATUS_PATH = "/api/v1/telemetry/stream/status"
+
+
+@pytest.fixture
+def quart_requests() -> Iterator[list[str]]:
+    """The paths of the requests Quart itself handled while the test ran."""
+    seen: list[str] = []
+
+    async def started(sender: Quart, **_: object) -> None:
+        from quart import request
+
+        seen.append(request.path)
+
+    request_started.connect(started)
+    try:
+        yield seen
+    finally:
+        request_started.disconnect(started)
+
+
+async def sse_connections(http: httpx.AsyncClient, count: int) -> None:
+    """Wait until the status endpoint counts ``count`` SSE connections."""
+    async with asyncio.timeout(10):
+        while (await http.get(STATUS_PATH)).json()["connections"]["sse"] != count:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+async def _opening(http: httpx.AsyncClient, **kwargs: object) -> tuple[dict[str, str], bytes]:
+    """The headers (but the date) and the body up to the second event of a stream from 0."""
+    async with http.stream("GET", SSE_PATH, **kwargs) as r:  # type: ignore[arg-type]
+        assert r.status_code == 200, await r.aread()
+        body = await read_body(r, b'"hum": 40}}}\n\n')
+        return {k: v for k, v in r.headers.items() if k != "date"}, body
+
+
+async def test_streams_opened_with_a_token_skip_quart_and_answer_alike(
+    server: str,
+    http: httpx.AsyncClient,
+    pool: asyncpg.Pool,
+    make_token: Callable[..., str],
+    quart_requests: list[str],
+) -> None:
+    await insert_readings(pool, "t1", [("d1", {"temp": 21.5}), ("d2", {"hum": 40})])
+    token = make_token("t1")
+    from_zero = {"Last-Event-ID": "0"}
+    fast = [
+        await _opening(http, headers={"Authorization": f"Bearer {token}", **from_zero}),
+        await _opening(http, headers=from_zero, cookies={"pulse_session": token}),
+        await _opening(http, params={"token": token, "last_event_id": "0"}),
+    ]
+    assert SSE_PATH not in quart_requests
+
+    ticket = await new_ticket(http, token)
+    quart_requests.clear()
+    through_quart = await _opening(http, params={"ticket": ticket}, headers=from_zero)
+    assert quart_requests.count(SSE_PATH) == 1
+    assert through_quart[1].startswith(b"retry: 2000\n\nid: 1\ndata: ")
+    for answer in fast:
+        assert answer == through_quart
+
+
+@pytest.mark.parametrize(
+    ("params", "headers", "status"),
+    [
+        ({"device_id": "bad name!"}, {}, 400),
+        ({}, {"Last-Event-ID": "-1"}, 400),
+        ({"token": "not-a-jwt"}, {}, 401),
+        ({}, {}, 401),
+        ({"tenant_id": "t2"}, {"Authorization": "Bearer {token}"}, 403),
+    ],
+    ids=["bad filter", "bad position", "bad token", "no token", "another tenant"],
+)
+async def test_refusals_are_quarts(
+    http: httpx.AsyncClient,
+    make_token: Callable[..., str],
+    quart_requests: list[str],
+    params: dict[str, str],
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    token = make_token("t1")
+    headers = {k: v.format(token=token) for k, v in headers.items()}
+    if status != 401 and "Authorization" not in headers:
+        params = {**params, "token": token}
+    r = await http.get(SSE_PATH, params=params, headers=headers)
+    assert r.status_code == status, r.text
+    assert set(r.json()) >= {"error", "detail"}  # the API's error body, by Quart's handlers
+    assert quart_requests.count(SSE_PATH) == 1
+
+
+async def test_a_tenant_at_its_limit_is_refused_by_quart(
+    settings: Settings, make_token: Callable[..., str], quart_requests: list[str]
+) -> None:
+    limited = dataclasses.replace(settings, max_connections_per_tenant=1)
+    auth = {"Authorization": f"Bearer {make_token('t1')}"}
+    async with (
+        running_server(limited) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+        http.stream("GET", SSE_PATH, headers=auth) as first,
+    ):
+        await read_body(first, b"retry")
+        await sse_connections(http, 1)
+        assert SSE_PATH not in quart_requests
+        refused = await http.get(SSE_PATH, headers=auth)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "5"
+        assert quart_requests.count(SSE_PATH) == 1
+
+
+async def test_a_client_that_leaves_frees_its_slot_at_once(
+    settings: Settings, make_token: Callable[..., str], quart_requests: list[str]
+) -> None:
+    """Nothing is written to an idle stream for a minute here: the server learns that
+    the client left from the connection itself, not from a write that fails."""
+    quiet = dataclasses.replace(settings, sse_keepalive_s=60)
+    auth = {"Authorization": f"Bearer {make_token('t1')}"}
+    async with running_server(quiet) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        async with http.stream("GET", SSE_PATH, headers=auth) as stream:
+            await read_body(stream, b"retry")
+            await sse_connections(http, 1)
+        await sse_connections(http, 0)
+        assert SSE_PATH not in quart_requests
