@@ -642,7 +642,7 @@ async def reconnect_sse(pg: Postgres, quick: bool) -> list[Figure]:
         tok = token("tenant-1", roles=("customer",))
         counters = [StreamCounter() for _ in range(count)]
         connect_s: list[float] = []
-        with cpu_meter([server.proc.pid] if server.proc else []) as cpu:
+        with cpu_meter(server.pids()) as cpu:
             start = time.perf_counter()
 
             async def reconnect(counter: StreamCounter) -> None:
