@@ -71,6 +71,9 @@ class ConnectionLimits:
         # Admissions waiting for the next statement, and the task that runs them.
         self._pending: list[_Pending] = []
         self._admitter: asyncio.Task[None] | None = None
+        # Releases waiting for the next statement, and the task that runs them.
+        self._releasing: list[tuple[int, asyncio.Future[None]]] = []
+        self._releaser: asyncio.Task[None] | None = None
         # tenant -> [when its count was read, the count since]: check's hint.
         self._known: dict[str, list[float]] = {}
         self._reading: dict[str, asyncio.Future[list[float]]] = {}  # reads in flight
@@ -230,10 +233,9 @@ class ConnectionLimits:
                     future.set_result(admitted[connection_id])
                 elif admitted[connection_id]:
                     gone.append(connection_id)
-            for connection_id in gone:
-                # Its client went away meanwhile: hold() released it, maybe before this
-                # insert; release it again, now that it is there.
-                await self._release(db, connection_id)
+            # Their clients went away meanwhile: hold() released them, maybe before this
+            # insert; release them again, now that they are there.
+            await asyncio.gather(*(self._release(db, c) for c in gone))
 
     async def _admit_batch(self, db: Database, batch: list[_Pending]) -> dict[int, bool]:
         args = (
@@ -253,11 +255,35 @@ class ConnectionLimits:
         return {row["connection_id"]: row["admitted"] for row in rows}
 
     async def _release(self, db: Database, connection_id: int) -> None:
-        try:
-            await db.execute(Q["release_connection"], self.process_id, connection_id)
-        except DatabaseUnavailable as exc:
-            # The next renewal deletes the row (delete_strays).
-            log.warning("could not release a stream connection now: %s", exc)
+        """Delete the connection's row, with the releases that come meanwhile: one
+        statement for all of them, as for admissions (clients that leave together,
+        before they come back, are a few round trips too)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._releasing.append((connection_id, future))
+        if self._releaser is None or self._releaser.done():
+            self._releaser = asyncio.create_task(self._release_pending(db))
+        await future
+
+    async def _release_pending(self, db: Database) -> None:
+        while self._releasing:
+            batch, self._releasing = self._releasing, []
+            try:
+                await db.execute(Q["release_connections"], self.process_id, [c for c, _ in batch])
+            except DatabaseUnavailable as exc:
+                # The next renewal deletes the rows (delete_strays).
+                log.warning("could not release %d stream connections now: %s", len(batch), exc)
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():  # each one's, as its own statement's would be
+                        future.set_exception(exc)
+                continue
+            except BaseException:
+                for _, future in batch + self._releasing:
+                    future.cancel()  # the server is stopping: so are the streams
+                raise
+            for _, future in batch:
+                if not future.done():  # a caller cancelled (an admission stopped) is done
+                    future.set_result(None)
 
     def _check_process(self) -> None:
         # Connections still being admitted count too, so a burst cannot overshoot.

@@ -26,8 +26,9 @@ SELECT $1, c.connection_id, c.tenant_id, c.kind
   FROM unnest($2::bigint[], $3::text[], $4::text[]) AS c(connection_id, tenant_id, kind)
 ON CONFLICT DO NOTHING;
 
--- name: release_connection
-DELETE FROM stream_connections WHERE process_id = $1 AND connection_id = $2;
+-- name: release_connections
+-- The connections of this process that closed together, in one statement.
+DELETE FROM stream_connections WHERE process_id = $1 AND connection_id = ANY($2::bigint[]);
 
 -- name: delete_strays
 -- Rows of this process that are no longer open here: their release failed

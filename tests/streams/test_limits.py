@@ -298,3 +298,36 @@ async def test_a_failed_count_read_whose_checks_all_went_is_not_left_unretrieved
     # The next check reads again, and sees the failure itself.
     with pytest.raises(DatabaseUnavailable):
         await limits.check("t1")
+
+
+async def test_connections_leaving_together_are_released_in_few_statements(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 clients that leave at once (a network blip, before they come back): a
+    handful of DELETEs, not one each, and every row gone."""
+    limits = await started(pool, per_tenant=200)
+    statements: list[str] = []
+    execute = limits._db.execute
+
+    async def counted(query: str, *args: object) -> str:
+        statements.append(query)
+        return await execute(query, *args)
+
+    monkeypatch.setattr(limits._db, "execute", counted)
+    leave = asyncio.Event()
+    held = 0
+
+    async def connect() -> None:
+        nonlocal held
+        async with limits.hold("sse", "t1"):
+            held += 1
+            await leave.wait()
+
+    tasks = [asyncio.create_task(connect()) for _ in range(200)]
+    await until(lambda: held == 200)
+    assert await rows(pool) == 200
+    leave.set()
+    await asyncio.gather(*tasks)
+    assert await rows(pool) == 0 and limits.total == 0
+    releases = [q for q in statements if "DELETE FROM stream_connections" in q]
+    assert 1 <= len(releases) <= 5, len(releases)
