@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss'
 # Connections waiting to be accepted (capped by the kernel's net.core.somaxconn).
 LISTEN_BACKLOG = 2048
+# How long a connection may wait for its next request (or its first).
+IDLE_CONNECTION_S = 30
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -72,6 +74,11 @@ def hypercorn_config(settings: Settings, bind: str) -> Any:
     # backlog of 100, the connections beyond it lose their SYN and retry a
     # second later; the workers' shared socket has the same 2048.
     config.backlog = LISTEN_BACKLOG
+    # A connection is closed when it has sent no request for this long, also before
+    # its first: hypercorn's 5 s closed, unanswered, the connections of a reconnect
+    # storm that waited longer than that for the server to read them (5,121 of 10,000
+    # clients coming back to a busy process; docs/performance.md).
+    config.keep_alive_timeout = IDLE_CONNECTION_S
     # Inbound WebSocket messages over 64 KiB are closed with 1009 before they
     # are buffered whole (the default would buffer 16 MiB per connection).
     config.websocket_max_message_size = MAX_INBOUND_BYTES

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pulse.serving import LISTEN_BACKLOG
+from pulse.serving import IDLE_CONNECTION_S, LISTEN_BACKLOG
 from tests.support import pulse_serve
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,3 +51,22 @@ async def test_600_connections_complete_while_the_server_accepts_none(
             for sock in sockets:
                 sock.close()
         assert connected == CLIENTS
+
+
+async def test_a_connection_whose_request_waits_is_still_answered(
+    database_url: str, tmp_path: Path
+) -> None:
+    """In a reconnect storm a busy process may read a connection's request seconds
+    after accepting it: hypercorn's default closed it, unanswered, after 5 s. The
+    wait here stands for that delay; the server must answer after it."""
+    assert IDLE_CONNECTION_S > 6
+    async with pulse_serve(data_dir=tmp_path, database_url=database_url) as server:
+        address = urlsplit(server.url)
+        reader, writer = await asyncio.open_connection(address.hostname, address.port)
+        try:
+            await asyncio.sleep(6)  # the delay under test, not a wait for a condition
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            status = await asyncio.wait_for(reader.readline(), 10)
+        finally:
+            writer.close()
+        assert status.startswith(b"HTTP/1.1 200"), status
