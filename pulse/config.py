@@ -57,6 +57,11 @@ class Settings:
     rollup_quarters_days: float = 90.0
     rollup_hours_days: float = 730.0
     shutdown_timeout_s: float = 10.0
+    # How long a connection may wait for its next request, and for its first: a
+    # process busy with a reconnect storm may read a request seconds after accepting
+    # it (hypercorn's 5 s closed those unanswered). A load balancer in front should
+    # close idle connections sooner than this.
+    http_idle_timeout_s: float = 30.0
     ingest_rate_per_device: float = 100.0
     # One full batch (pulse.ingest.intake.MAX_BATCH) from one device: a device
     # uploading its backlog after a night offline gets it accepted whole.

@@ -59,6 +59,9 @@ SERVER_ENV = {
     "PULSE_SSE_KEEPALIVE_S": "2",
     "PULSE_WS_PING_S": "3",
     "PULSE_WS_KEEPALIVE_S": "2",
+    # hypercorn's own 5 s, which STEADY_S outlasts (see _steady); the default, 30 s,
+    # would keep a finished client's connection, and its tasks, past the window.
+    "PULSE_HTTP_IDLE_TIMEOUT_S": "5",
     **json.loads(os.environ.get("PULSE_SOAK_SERVER_ENV") or "{}"),
 }
 # What the server may log at ERROR level or worse: nothing.
@@ -308,7 +311,7 @@ async def _soak(
 async def _steady(sampler: Sampler, good: Callable[[Sample], bool]) -> Sample:
     """The last of samples a second apart that, for STEADY_S, agree on tasks and
     database connections and pass ``good`` (the last sample when that takes longer
-    than SETTLE_TIMEOUT_S). STEADY_S outlasts hypercorn's keep-alive timeout (5 s):
+    than SETTLE_TIMEOUT_S). STEADY_S outlasts the idle timeout (5 s, SERVER_ENV):
     a client's closed keep-alive connection keeps its three tasks until then."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     window: list[Sample] = []

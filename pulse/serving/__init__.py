@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss'
 # Connections waiting to be accepted (capped by the kernel's net.core.somaxconn).
 LISTEN_BACKLOG = 2048
-# How long a connection may wait for its next request (or its first).
-IDLE_CONNECTION_S = 30
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -78,7 +76,7 @@ def hypercorn_config(settings: Settings, bind: str) -> Any:
     # its first: hypercorn's 5 s closed, unanswered, the connections of a reconnect
     # storm that waited longer than that for the server to read them (5,121 of 10,000
     # clients coming back to a busy process; docs/performance.md).
-    config.keep_alive_timeout = IDLE_CONNECTION_S
+    config.keep_alive_timeout = settings.http_idle_timeout_s
     # Inbound WebSocket messages over 64 KiB are closed with 1009 before they
     # are buffered whole (the default would buffer 16 MiB per connection).
     config.websocket_max_message_size = MAX_INBOUND_BYTES
