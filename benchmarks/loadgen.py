@@ -106,9 +106,19 @@ class StreamCounter:
             if ids:
                 self.samples.append((int(ids[-1]), now))
 
-    async def sse(self, url: str, path: str, token: str, last_event_id: int | None = None) -> None:
+    async def sse(
+        self,
+        url: str,
+        path: str,
+        token: str,
+        last_event_id: int | None = None,
+        *,
+        ticket: str | None = None,
+    ) -> None:
+        """Follow an SSE stream opened with ``token``, or with ``ticket`` as a browser does."""
         extra = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id is not None else ""
-        auth = f"Authorization: Bearer {token}\r\n"
+        auth = "" if ticket else f"Authorization: Bearer {token}\r\n"
+        path = f"{path}?ticket={ticket}" if ticket else path
         request = f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}{extra}\r\n".encode()
         await self._follow(url, request, b"HTTP/1.1 200")
 

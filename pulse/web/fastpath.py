@@ -133,7 +133,7 @@ class DeviceFastPath:
                 reply_ = await answer(body, receipt, runtime.ingest)
             except Exception as exc:
                 reply_ = _error_answer(exc, scope)
-            await _send(send, reply_)
+            await send_reply(send, reply_)
 
     async def _buffered(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -145,7 +145,7 @@ class DeviceFastPath:
                     receive, holding, timeout=self._app.config["BODY_TIMEOUT"], limit=self._max_body
                 )
             except Exception as exc:
-                await _send(send, _error_answer(exc, scope))
+                await send_reply(send, _error_answer(exc, scope))
                 return
             if body is not None:
                 await self._inner(scope, replay(body, receive), send)
@@ -185,7 +185,8 @@ def _error_answer(exc: Exception, scope: Scope) -> Reply:
     return answer
 
 
-async def _send(send: ASGISendCallable, answer: Reply) -> None:
+async def send_reply(send: ASGISendCallable, answer: Reply) -> None:
+    """An answer with a body known in full, sent the ASGI way."""
     headers = [(name.lower().encode(), value.encode()) for name, value in answer.headers.items()]
     body = answer.body or b""
     if answer.body is not None:

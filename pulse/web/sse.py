@@ -97,13 +97,18 @@ async def telemetry_sse() -> Response:
     try:
         await rt.limits.check(tenant_id)
     except LimitReached as exc:
-        raise ApiError(CONNECTION_LIMIT, str(exc), {"Retry-After": "5"}) from exc
+        raise limit_reached(exc) from exc
     stream, writes = open_stream(
         rt, principal, tenant_id, filters, last_event_id, scope=request.scope
     )
     response = Response(body(rt, stream, writes), status=200, headers=HEADERS)
     response.timeout = None  # a stream has no response deadline
     return response
+
+
+def limit_reached(exc: LimitReached) -> ApiError:
+    """The 429 of a stream refused for the connection limit."""
+    return ApiError(CONNECTION_LIMIT, str(exc), {"Retry-After": "5"})
 
 
 def open_stream(

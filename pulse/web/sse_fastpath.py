@@ -4,13 +4,14 @@ After a deploy every dashboard comes back at once, and for each of those
 requests Quart's machinery (two tasks and a wait, a request and its werkzeug
 headers, the contexts, signals and a response object) cost about as much CPU as
 everything the stream itself needs: the token, the limit check and the first
-position. A GET of the SSE URL whose credential is a token (Authorization
-header, session cookie or ``token`` parameter) and that is admitted is served
-here, through the same parsing, checks, stream and body as the Quart route in
-``pulse.web.sse``. Every other request goes on to Quart, which then decides it
-from the start: a refusal (bad parameter, bad token, limit) is made and worded
-there, and so is a stream opened with a one-time ticket, whose redemption
-cannot be undone once made here.
+position. A GET of the SSE URL with a credential (a token in the Authorization
+header, the session cookie or the ``token`` parameter, or a one-time ``ticket``,
+the browser's way) is served here, through the same parsing, checks, stream and
+body as the Quart route in ``pulse.web.sse``. A request refused before anything
+is spent goes on to Quart, which then decides it from the start and words the
+refusal. Once a ticket is spent, the answer is this door's: a refusal after it
+(the tenant at its limit, the database away) is answered here, worded by the
+same error mapping as Quart's handlers (``pulse.web.errors``).
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.http import parse_cookie
 
 from pulse.auth.access import tenant_for
+from pulse.auth.tickets import redeem_ticket
 from pulse.runtime import Runtime
+from pulse.streams.limits import LimitReached
 from pulse.streams.live import Live
 from pulse.streams.params import parse_event_id, parse_filters
 from pulse.web import runtime_of
 from pulse.web.auth import find_credential
 from pulse.web.direct import DirectWrites
-from pulse.web.sse import HEADERS, SSE_URL, body, open_stream
+from pulse.web.fastpath import send_reply
+from pulse.web.ingest import Reply, error_reply
+from pulse.web.sse import HEADERS, SSE_URL, body, limit_reached, open_stream
 
 Scope = dict[str, Any]
 ASGIReceiveCallable = Callable[[], Awaitable[dict[str, Any]]]
@@ -73,13 +78,16 @@ class SseFastPath:
             opened = None  # refused or failed: Quart decides again, and words the answer
         if opened is None:
             await self._inner(scope, receive, send)
+        elif isinstance(opened, Reply):
+            await send_reply(send, opened)
         else:
             await _stream(rt, *opened, receive, send)
 
 
-async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] | None:
-    """The stream of a request the Quart route would serve, in the same steps; None
-    when it has no token. Raises what the route would answer with an error."""
+async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] | Reply | None:
+    """The stream of a request the Quart route would serve, in the same steps, or the
+    refusal of one whose ticket was spent; None when it has no credential. Raises
+    what the route would answer with an error, before anything is spent."""
     headers: dict[str, str] = {}
     for name, value in scope["headers"]:
         if name in (b"authorization", b"cookie", b"last-event-id"):
@@ -99,11 +107,24 @@ async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] 
         args,
         allow_query=True,
     )
-    if credential is None:
-        return None  # no credential, or a ticket: Quart's
-    principal = await rt.verifier.verify(credential.token)
-    tenant_id = tenant_for(principal, args.get("tenant_id"))
-    await rt.limits.check(tenant_id)
+    requested = args.get("tenant_id")
+    if credential is not None:
+        principal = await rt.verifier.verify(credential.token)
+        tenant_id = tenant_for(principal, requested)
+        await rt.limits.check(tenant_id)
+        return open_stream(rt, principal, tenant_id, filters, last_event_id, scope=scope)
+    ticket = args.get("ticket")
+    if not ticket:
+        return None
+    # A refused redemption leaves the ticket unspent: Quart may then try it again.
+    principal = await redeem_ticket(rt.db, ticket, lambda p: tenant_for(p, requested))
+    tenant_id = tenant_for(principal, requested)
+    try:
+        await rt.limits.check(tenant_id)
+    except LimitReached as exc:
+        return error_reply(limit_reached(exc))
+    except Exception as exc:
+        return error_reply(exc)
     return open_stream(rt, principal, tenant_id, filters, last_event_id, scope=scope)
 
 

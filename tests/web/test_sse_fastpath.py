@@ -1,7 +1,7 @@
 """The SSE fast path (pulse.web.sse_fastpath) against Quart's route, over a real socket.
 
-A stream opened with a token is served before Quart; one opened with a ticket, and
-every refusal, goes through Quart. Both doors must answer alike.
+A stream opened with a token or a ticket is served before Quart; a refusal made
+before a ticket is spent goes through Quart. Both doors must answer alike.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 from quart import Quart, request_started
 
 from pulse.config import Settings
+from pulse.web.sse_fastpath import SseFastPath
 from tests.streams.sse_client import SSE_PATH
 from tests.support import insert_readings, running_server
 from tests.web.test_sse import read_body
@@ -58,12 +59,22 @@ async def _opening(http: httpx.AsyncClient, **kwargs: object) -> tuple[dict[str,
         return {k: v for k, v in r.headers.items() if k != "date"}, body
 
 
-async def test_streams_opened_with_a_token_skip_quart_and_answer_alike(
+def only_quart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on every SSE request goes to Quart's route: the other door."""
+
+    def to_quart(self: SseFastPath, scope: object, receive: object, send: object) -> object:
+        return self._inner(scope, receive, send)
+
+    monkeypatch.setattr(SseFastPath, "_serve", to_quart)
+
+
+async def test_streams_skip_quart_and_answer_as_it_does(
     server: str,
     http: httpx.AsyncClient,
     pool: asyncpg.Pool,
     make_token: Callable[..., str],
     quart_requests: list[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await insert_readings(pool, "t1", [("d1", {"temp": 21.5}), ("d2", {"hum": 40})])
     token = make_token("t1")
@@ -72,16 +83,19 @@ async def test_streams_opened_with_a_token_skip_quart_and_answer_alike(
         await _opening(http, headers={"Authorization": f"Bearer {token}", **from_zero}),
         await _opening(http, headers=from_zero, cookies={"pulse_session": token}),
         await _opening(http, params={"token": token, "last_event_id": "0"}),
+        await _opening(http, params={"ticket": await new_ticket(http, token)}, headers=from_zero),
     ]
     assert SSE_PATH not in quart_requests
 
-    ticket = await new_ticket(http, token)
-    quart_requests.clear()
-    through_quart = await _opening(http, params={"ticket": ticket}, headers=from_zero)
-    assert quart_requests.count(SSE_PATH) == 1
-    assert through_quart[1].startswith(b"retry: 2000\n\nid: 1\ndata: ")
+    only_quart(monkeypatch)
+    through_quart = [
+        await _opening(http, headers={"Authorization": f"Bearer {token}", **from_zero}),
+        await _opening(http, params={"ticket": await new_ticket(http, token)}, headers=from_zero),
+    ]
+    assert quart_requests.count(SSE_PATH) == 2
+    assert through_quart[0][1].startswith(b"retry: 2000\n\nid: 1\ndata: ")
     for answer in fast:
-        assert answer == through_quart
+        assert answer == through_quart[0] == through_quart[1]
 
 
 @pytest.mark.parametrize(
@@ -113,11 +127,13 @@ async def test_refusals_are_quarts(
     assert quart_requests.count(SSE_PATH) == 1
 
 
-async def test_a_tenant_at_its_limit_is_refused_by_quart(
+async def test_a_tenant_at_its_limit_is_refused_alike_by_both_doors(
     settings: Settings, make_token: Callable[..., str], quart_requests: list[str]
 ) -> None:
+    """A token's refusal is Quart's; a ticket's, once spent, is the fast path's own."""
     limited = dataclasses.replace(settings, max_connections_per_tenant=1)
-    auth = {"Authorization": f"Bearer {make_token('t1')}"}
+    token = make_token("t1", lifetime_s=600)
+    auth = {"Authorization": f"Bearer {token}"}
     async with (
         running_server(limited) as url,
         httpx.AsyncClient(base_url=url, timeout=10) as http,
@@ -126,10 +142,23 @@ async def test_a_tenant_at_its_limit_is_refused_by_quart(
         await read_body(first, b"retry")
         await sse_connections(http, 1)
         assert SSE_PATH not in quart_requests
-        refused = await http.get(SSE_PATH, headers=auth)
-        assert refused.status_code == 429, refused.text
-        assert refused.headers["retry-after"] == "5"
+        by_quart = await http.get(SSE_PATH, headers=auth)
         assert quart_requests.count(SSE_PATH) == 1
+
+        ticket = await new_ticket(http, token)
+        by_fast_path = await http.get(SSE_PATH, params={"ticket": ticket})
+        assert quart_requests.count(SSE_PATH) == 1
+        for refused in (by_quart, by_fast_path):
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["retry-after"] == "5"
+            assert refused.headers["content-type"] == "application/json"
+        assert by_fast_path.json() == by_quart.json()
+        assert by_fast_path.json()["error"] == "connection_limit"
+
+        # As through Quart, the ticket was spent on the refused request.
+        again = await http.get(SSE_PATH, params={"ticket": ticket})
+        assert again.status_code == 401 and again.json()["error"] == "invalid_ticket"
+        assert quart_requests.count(SSE_PATH) == 2
 
 
 async def test_a_client_that_leaves_frees_its_slot_at_once(
