@@ -7,35 +7,18 @@ chunked goes through Quart. Both doors must answer alike and store alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
 import orjson
 import pytest
-from quart import Quart, request_started
+from quart import Quart
 
 from pulse.config import Settings
 from tests.ingest.conftest import stored_rows
 from tests.support import running_server
 from tests.web.test_ingest import heartbeat_url, telemetry_url
-
-
-@pytest.fixture
-def quart_requests() -> Iterator[list[str]]:
-    """The paths of the requests Quart itself handled while the test ran."""
-    seen: list[str] = []
-
-    async def started(sender: Quart, **_: object) -> None:
-        from quart import request
-
-        seen.append(request.path)
-
-    request_started.connect(started)
-    try:
-        yield seen
-    finally:
-        request_started.disconnect(started)
 
 
 async def _chunked(content: bytes) -> AsyncIterator[bytes]:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import asyncpg
 import httpx
 import pytest
-from quart import Quart, request_started
 
 from pulse.config import Settings
 from pulse.web.sse_fastpath import SseFastPath
@@ -25,23 +24,6 @@ from tests.web.test_tickets import new_ticket
 pytestmark = pytest.mark.timeout(60)
 
 STATUS_PATH = "/api/v1/telemetry/stream/status"
-
-
-@pytest.fixture
-def quart_requests() -> Iterator[list[str]]:
-    """The paths of the requests Quart itself handled while the test ran."""
-    seen: list[str] = []
-
-    async def started(sender: Quart, **_: object) -> None:
-        from quart import request
-
-        seen.append(request.path)
-
-    request_started.connect(started)
-    try:
-        yield seen
-    finally:
-        request_started.disconnect(started)
 
 
 async def sse_connections(http: httpx.AsyncClient, count: int) -> None:
