@@ -74,9 +74,9 @@ def create_app(settings: Settings | None = None) -> Quart:
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     # A device's readings and heartbeats are answered before Quart, and every ingest
-    # body is read within the process's budget (pulse.web.fastpath); so are SSE streams
-    # opened with a token (pulse.web.sse_fastpath); before that, a request that states
-    # its length twice is refused (pulse.web.framing).
+    # body is read within the process's budget (pulse.web.fastpath); SSE streams are
+    # opened before Quart too (pulse.web.sse_fastpath); before that, a request that
+    # states its length twice is refused (pulse.web.framing).
     app.asgi_app = RefuseAmbiguousLength(  # type: ignore[method-assign, assignment]
         DeviceFastPath(app, SseFastPath(app, app.asgi_app))
     )
