@@ -35,6 +35,7 @@ from pulse.web.framing import RefuseAmbiguousLength
 from pulse.web.json_bodies import parse_bodies_with_orjson
 from pulse.web.routing import PulseQuart
 from pulse.web.sse_fastpath import SseFastPath
+from pulse.web.ticket_fastpath import TicketFastPath
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -75,10 +76,11 @@ def create_app(settings: Settings | None = None) -> Quart:
         app.register_blueprint(blueprint)
     # A device's readings and heartbeats are answered before Quart, and every ingest
     # body is read within the process's budget (pulse.web.fastpath); SSE streams are
-    # opened before Quart too (pulse.web.sse_fastpath); before that, a request that
-    # states its length twice is refused (pulse.web.framing).
+    # opened and stream tickets issued before Quart too (pulse.web.sse_fastpath,
+    # pulse.web.ticket_fastpath); before that, a request that states its length twice
+    # is refused (pulse.web.framing).
     app.asgi_app = RefuseAmbiguousLength(  # type: ignore[method-assign, assignment]
-        DeviceFastPath(app, SseFastPath(app, app.asgi_app))
+        DeviceFastPath(app, SseFastPath(app, TicketFastPath(app, app.asgi_app)))
     )
 
     @app.while_serving

@@ -1,22 +1,31 @@
-"""POST /api/v1/stream-ticket: trade a JWT for a one-time stream ticket (CONTRACT section 7)."""
+"""POST /api/v1/stream-ticket: trade a JWT for a one-time stream ticket (CONTRACT section 7).
+
+The common request, a token in a header or cookie and no body, is answered
+before Quart by ``pulse.web.ticket_fastpath``, through ``grant`` and
+``ticket_body`` as here.
+"""
 
 from __future__ import annotations
 
 import math
 
+import orjson
 from pydantic import BaseModel
-from quart import Blueprint
-from quart_schema import security_scheme, tag, validate_response
+from quart import Blueprint, Response
+from quart_schema import document_response, security_scheme, tag
 
+from pulse.auth.principal import Principal
 from pulse.auth.tickets import TICKET_TTL_S, issue_ticket
 from pulse.errors import DATABASE_UNAVAILABLE, RATE_LIMITED, ApiError
+from pulse.runtime import Runtime
 from pulse.web import openapi, runtime
 from pulse.web.auth import authenticate_request
 
 blueprint = Blueprint("stream_ticket", __name__)
 
+TICKET_URL = "/api/v1/stream-ticket"
 # A ticket is a credential: no cache or proxy may keep a copy.
-_NO_STORE = {"Cache-Control": "no-store"}
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 class StreamTicket(BaseModel):
@@ -26,16 +35,8 @@ class StreamTicket(BaseModel):
     expires_in: int
 
 
-@blueprint.post("/api/v1/stream-ticket")
-@tag(["streams"])
-@security_scheme(openapi.JWT)
-@validate_response(StreamTicket)
-@openapi.errors(*openapi.AUTH, RATE_LIMITED, DATABASE_UNAVAILABLE)
-async def create_stream_ticket() -> tuple[StreamTicket, int, dict[str, str]]:
-    """A ticket for ?ticket= on the stream endpoints: single use, valid 30 s on any process."""
-    # Header or cookie only: the point of a ticket is to keep the token out of URLs.
-    principal = await authenticate_request()
-    rt = runtime()
+async def grant(rt: Runtime, principal: Principal) -> str:
+    """A new ticket for ``principal``, within its rate of tickets; raises rate_limited."""
     wait_s = rt.ticket_limit.acquire((principal.tenant_id, principal.subject))
     if wait_s > 0:
         retry_after = max(1, math.ceil(wait_s))
@@ -44,5 +45,22 @@ async def create_stream_ticket() -> tuple[StreamTicket, int, dict[str, str]]:
             f"Stream tickets are asked for too often; retry in {retry_after} s.",
             {"Retry-After": str(retry_after)},
         )
-    ticket = await issue_ticket(rt.db, principal)
-    return StreamTicket(ticket=ticket, expires_in=TICKET_TTL_S), 200, _NO_STORE
+    return await issue_ticket(rt.db, principal)
+
+
+def ticket_body(ticket: str) -> bytes:
+    """The JSON answer, a ``StreamTicket``."""
+    return orjson.dumps({"ticket": ticket, "expires_in": TICKET_TTL_S})
+
+
+@blueprint.post(TICKET_URL)
+@tag(["streams"])
+@security_scheme(openapi.JWT)
+@document_response(StreamTicket)
+@openapi.errors(*openapi.AUTH, RATE_LIMITED, DATABASE_UNAVAILABLE)
+async def create_stream_ticket() -> Response:
+    """A ticket for ?ticket= on the stream endpoints: single use, valid 30 s on any process."""
+    # Header or cookie only: the point of a ticket is to keep the token out of URLs.
+    principal = await authenticate_request()
+    ticket = await grant(runtime(), principal)
+    return Response(ticket_body(ticket), 200, NO_STORE, content_type="application/json")
