@@ -9,15 +9,16 @@ WITH expired AS (
 INSERT INTO stream_tickets (ticket_hash, subject, tenant_id, roles, token_expires_at, expires_at)
 VALUES ($1, $2, $3, $4, $5, least(clock_timestamp() + make_interval(secs => $6), $5));
 
--- name: lock_ticket
--- The ticket's identity, locked until the redeeming transaction ends: of two
--- concurrent redeemers of one ticket, the second waits, then finds it gone.
-SELECT subject, tenant_id, roles, token_expires_at
-  FROM stream_tickets
+-- name: take_ticket
+-- Deleting is what makes a ticket single use on every process: of two concurrent
+-- redeemers of one ticket, the second waits for the first, then finds it gone.
+DELETE FROM stream_tickets
  WHERE ticket_hash = $1
    AND expires_at > clock_timestamp()
-   FOR UPDATE;
+RETURNING subject, tenant_id, roles, token_expires_at, expires_at;
 
--- name: spend_ticket
--- Deleting is what makes a ticket single use on every process.
-DELETE FROM stream_tickets WHERE ticket_hash = $1;
+-- name: restore_ticket
+-- A ticket taken for a request that was then refused is put back, unspent.
+INSERT INTO stream_tickets (ticket_hash, subject, tenant_id, roles, token_expires_at, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT DO NOTHING;

@@ -46,22 +46,27 @@ async def redeem_ticket(
 
     ``accept`` checks what the request asks of that identity (its tenant, its
     parameters) and raises to refuse it: a refused request leaves the ticket
-    unspent, for the corrected request. Raises invalid_ticket.
+    unspent, for the corrected request (a redeemer of the same ticket meanwhile
+    finds it gone). Raises invalid_ticket.
     """
     if not (ticket.startswith(_PREFIX) and len(ticket) <= _MAX_LENGTH):
         raise _invalid()
-    async with db.transaction() as conn:
-        row = await conn.fetchrow(Q["lock_ticket"], _hash(ticket))
-        if row is None:
-            raise _invalid()
-        principal = Principal(
-            subject=row["subject"],
-            tenant_id=row["tenant_id"],
-            roles=frozenset(row["roles"]),
-            expires_at=row["token_expires_at"],
-        )
-        accept(principal)  # raising rolls the transaction back: the ticket stays
-        await conn.execute(Q["spend_ticket"], _hash(ticket))
+    # One statement takes the ticket (a round trip and a commit, where a transaction
+    # that locked, then deleted it took four); a refusal puts it back.
+    row = await db.fetchrow(Q["take_ticket"], _hash(ticket))
+    if row is None:
+        raise _invalid()
+    principal = Principal(
+        subject=row["subject"],
+        tenant_id=row["tenant_id"],
+        roles=frozenset(row["roles"]),
+        expires_at=row["token_expires_at"],
+    )
+    try:
+        accept(principal)
+    except Exception:
+        await db.execute(Q["restore_ticket"], _hash(ticket), *row.values())
+        raise
     return principal
 
 
