@@ -7,6 +7,7 @@ from collections.abc import Collection
 from pulse.bus.events import TelemetryEvent
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
+from pulse.db.shared import SharedReads
 
 Q = load_queries(__package__)
 MAX_ID = 2**63 - 1
@@ -15,8 +16,14 @@ MAX_ID = 2**63 - 1
 class EventStore:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._newest: SharedReads[str, int] = SharedReads(self._read_newest)
 
     async def newest_id(self, tenant_id: str) -> int:
+        """The tenant's newest committed id, read after this call. Callers that come
+        together share reads: after a deploy every stream of a tenant asks at once."""
+        return await self._newest.fresh(tenant_id)
+
+    async def _read_newest(self, tenant_id: str) -> int:
         return int(await self._db.fetchval(Q["newest_event_id"], tenant_id))
 
     async def earliest_id(self, tenant_id: str) -> int | None:

@@ -108,3 +108,50 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_read() -> None:
     source.gate.set()
     assert await stayer == ("t1", 0)
     assert source.calls == 1
+
+
+async def test_fresh_callers_during_a_read_share_the_next_one() -> None:
+    """A read that started before a caller asked may miss what it asks for: the callers
+    that come during a read share the next one, which starts when that one lands."""
+    source = Source()
+    reads = SharedReads(source.read)
+    first = asyncio.create_task(reads.fresh("t1"))
+    await source.started.wait()
+    source.value = 1  # committed before the next callers ask
+    burst = [asyncio.create_task(reads.fresh("t1")) for _ in range(100)]
+    await asyncio.sleep(0)
+    assert source.calls == 1  # they wait for the read ahead: one at a time
+    source.gate.set()
+    assert await first == ("t1", 0)
+    assert await asyncio.gather(*burst) == [("t1", 1)] * 100
+    assert source.calls == reads.reads == 2
+    # With nothing in flight, a caller's read starts at once.
+    source.value = 2
+    assert await reads.fresh("t1") == ("t1", 2)
+    assert source.calls == 3
+
+
+async def test_a_fresh_read_that_fails_fails_its_callers_only() -> None:
+    calls = 0
+    gate = asyncio.Event()
+
+    async def failing(key: str) -> int:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        if calls == 2:
+            raise ConnectionError("database gone")
+        return calls
+
+    reads: SharedReads[str, int] = SharedReads(failing)
+    first = asyncio.create_task(reads.fresh("t1"))
+    await asyncio.sleep(0)
+    second = [asyncio.create_task(reads.fresh("t1")) for _ in range(3)]
+    leaver = asyncio.create_task(reads.fresh("t1"))
+    await asyncio.sleep(0)
+    leaver.cancel()  # going away cancels no read
+    gate.set()
+    assert await first == 1
+    results = await asyncio.gather(*second, return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert await reads.fresh("t1") == 3
