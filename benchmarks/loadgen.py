@@ -122,9 +122,11 @@ class StreamCounter:
         request = f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}{extra}\r\n".encode()
         await self._follow(url, request, b"HTTP/1.1 200")
 
-    async def websocket(self, url: str, path: str) -> None:
+    async def websocket(self, url: str, path: str, *, ready: bytes | None = None) -> None:
         """A raw WebSocket client: frames are not parsed, text payloads are counted by
-        their marker (server-to-client frames are not masked).
+        their marker (server-to-client frames are not masked). ``connected`` is set at
+        the handshake, or with ``ready`` once that marker has arrived (the server
+        accepts the handshake before it admits the connection).
 
         It offers permessage-deflate as browsers do: a server that accepted it
         would compress the frames and the markers would not be found.
@@ -135,9 +137,11 @@ class StreamCounter:
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
             "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
         ).encode()
-        await self._follow(url, request, b"HTTP/1.1 101")
+        await self._follow(url, request, b"HTTP/1.1 101", ready)
 
-    async def _follow(self, url: str, request: bytes, expected_status: bytes) -> None:
+    async def _follow(
+        self, url: str, request: bytes, expected_status: bytes, ready: bytes | None = None
+    ) -> None:
         """Send ``request``, then count what arrives until the server closes.
 
         A protocol, not a StreamReader: each read is counted in the transport's
@@ -149,7 +153,7 @@ class StreamCounter:
         ended = loop.create_future()
         try:
             transport, _ = await loop.create_connection(
-                lambda: _Counting(self, request, expected_status, ended),
+                lambda: _Counting(self, request, expected_status, ended, ready),
                 parts.hostname,
                 parts.port,
             )
@@ -171,11 +175,14 @@ class _Counting(asyncio.Protocol):
         request: bytes,
         expected_status: bytes,
         ended: asyncio.Future[None],
+        ready: bytes | None = None,
     ) -> None:
         self.counter = counter
         self.request = request
         self.expected_status = expected_status
         self.ended = ended
+        self.ready = ready  # None: connected at the response head
+        self.before_ready = b""
         self.head: bytes | None = b""  # None once the response head has been read
         self.transport: asyncio.Transport | None = None
 
@@ -197,13 +204,22 @@ class _Counting(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.close()
                 return
-            self.counter.connected.set()
+            if self.ready is None:
+                self.counter.connected.set()
             if not data:
                 return
+        if self.ready is not None:
+            self.before_ready += data
+            if self.ready in self.before_ready:
+                self.ready = None
+                self.counter.connected.set()
         self.counter._count(data, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head is not None or exc is not None:
             self.counter.failed = self.counter.failed or repr(exc or "closed before a response")
+        elif self.ready is not None:
+            closing = self.before_ready[:80].decode(errors="replace")
+            self.counter.failed = self.counter.failed or f"closed before ready: {closing!r}"
         if not self.ended.done():
             self.ended.set_result(None)

@@ -625,16 +625,23 @@ async def reconnect_sse(pg: Postgres, quick: bool) -> list[Figure]:
     """Every dashboard of a tenant back at once after a deploy (issue #20 item 4): SSE
     clients resuming from the tenant's newest id, all connecting together, each
     counted against the per-tenant limit (PULSE_MAX_CONNECTIONS_PER_TENANT) as always."""
-    return await _reconnect_sse(pg, quick, tickets=False)
+    return await _reconnect(pg, quick, "sse")
 
 
 async def reconnect_sse_tickets(pg: Postgres, quick: bool) -> list[Figure]:
     """The same as the dashboard reconnects: each client takes a one-time ticket
     (POST /api/v1/stream-ticket), then opens its stream with it."""
-    return await _reconnect_sse(pg, quick, tickets=True)
+    return await _reconnect(pg, quick, "tickets")
 
 
-async def _reconnect_sse(pg: Postgres, quick: bool, *, tickets: bool) -> list[Figure]:
+async def reconnect_ws(pg: Postgres, quick: bool) -> list[Figure]:
+    """The same with telemetry WebSockets (``last_event_id`` at the head): a client is
+    back when its ``connected`` message arrives, sent once it is admitted."""
+    return await _reconnect(pg, quick, "websocket")
+
+
+async def _reconnect(pg: Postgres, quick: bool, kind: str) -> list[Figure]:
+    tickets = kind == "tickets"
     # With tickets, each client makes two requests, and the load generator's share of
     # the two cores (about 1.7 ms per client at 10,000) would be what is measured.
     count = (500 if quick else 2000) if tickets else (1000 if quick else 10_000)
@@ -654,6 +661,7 @@ async def _reconnect_sse(pg: Postgres, quick: bool, *, tickets: bool) -> list[Fi
     unlimited = {"PULSE_TICKET_RATE_PER_S": "1000000", "PULSE_TICKET_BURST": "1000000"}
     async with PulseServer(dsn, **unlimited) as server:
         tok = token("tenant-1", roles=("customer",))
+        ws_path = f"{WS_PATH}?token={tok}&last_event_id={newest}"
 
         async def take_ticket() -> str | None:
             """A ticket, as the dashboard takes one before each (re)connect; None: a token."""
@@ -672,13 +680,23 @@ async def _reconnect_sse(pg: Postgres, quick: bool, *, tickets: bool) -> list[Fi
             return ticket
 
         async def storm() -> tuple[
-            list[asyncio.Task[None]], list[float], float, collections.Counter[str], float, float
-        ]:
+            list[asyncio.Task[None]], list[float], float, collections.Counter[str], float, float,
+            float,
+        ]:  # fmt: skip
             """Every client connecting at once: their tasks, connect times, the time
-            until all were back, how many failed, and the server's and the load
-            generator's CPU per connect."""
+            until all were back, how many failed, and the server's, the load
+            generator's and PostgreSQL's CPU per connect."""
             counters = [StreamCounter() for _ in range(count)]
             connect_s: list[float] = []
+            async with BackendCpu(dsn) as database:
+                tasks, took = await _storm(counters, connect_s)
+            failed = collections.Counter(c.failed for c in counters if c.failed)
+            return (tasks, connect_s, took[0], failed, took[1] / count, took[2] / count,
+                    database.seconds / count)  # fmt: skip
+
+        async def _storm(
+            counters: list[StreamCounter], connect_s: list[float]
+        ) -> tuple[list[asyncio.Task[None]], tuple[float, float, float]]:
             with cpu_meter(server.pids()) as cpu:
                 start = time.perf_counter()
 
@@ -686,7 +704,11 @@ async def _reconnect_sse(pg: Postgres, quick: bool, *, tickets: bool) -> list[Fi
                     ticket = await take_ticket()
                     waiting = asyncio.create_task(counter.connected.wait())
                     streaming = asyncio.create_task(
-                        counter.sse(server.url, SSE_PATH, tok, last_event_id=newest, ticket=ticket)
+                        counter.websocket(server.url, ws_path, ready=b'"type":"connected"')
+                        if kind == "websocket"
+                        else counter.sse(
+                            server.url, SSE_PATH, tok, last_event_id=newest, ticket=ticket
+                        )
                     )
                     await waiting
                     connect_s.append(time.perf_counter() - start)
@@ -695,23 +717,23 @@ async def _reconnect_sse(pg: Postgres, quick: bool, *, tickets: bool) -> list[Fi
                 tasks = [asyncio.create_task(reconnect(c)) for c in counters]
                 await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in counters)), 120)
                 took = time.perf_counter() - start
-            failed = collections.Counter(c.failed for c in counters if c.failed)
-            return (tasks, connect_s, took, failed, cpu["others_cpu_s"] / count,
-                    cpu["client_cpu_s"] / count)  # fmt: skip
+            return tasks, (took, cpu["others_cpu_s"], cpu["client_cpu_s"])
 
-        tasks, connect_s, took, failed, cpu_per, client_per = await storm()
+        tasks, connect_s, took, failed, cpu_per, client_per, pg_per = await storm()
         # A network blip: every client drops at once and comes straight back to the same
         # process, which releases their slots while it admits them again.
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        tasks, blip_s, blip_took, blip_failed, blip_cpu, _ = await storm()
+        tasks, blip_s, blip_took, blip_failed, blip_cpu, _, blip_pg = await storm()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     label = f"{count} SSE clients reconnecting at once (Last-Event-ID at the head)"
     if tickets:
         label = f"{count} SSE clients reconnecting at once, each taking a ticket first"
+    if kind == "websocket":
+        label = f"{count} telemetry WebSocket clients reconnecting at once (at the head)"
     blip = f"the same {count} dropping and coming back at once to the same process"
     if tickets:
         blip += ", with new tickets"
@@ -722,11 +744,12 @@ async def _reconnect_sse(pg: Postgres, quick: bool, *, tickets: bool) -> list[Fi
         Figure(label, "connect p99", percentile(connect_s, 99), "s"),
         Figure(label, "server CPU per connect", cpu_per * 1e6, "µs",
                note=f"load generator {client_per * 1e6:.0f} µs per connect"),
+        Figure(label, "PostgreSQL CPU per connect", pg_per * 1e6, "µs"),
         Figure(blip, "all back", blip_took, "s",
                note=f"{count / blip_took:.0f} conn/s; {_failures(blip_failed)}; "
                f"p50 {percentile(blip_s, 50):.1f} s, p99 {percentile(blip_s, 99):.1f} s"),
         Figure(blip, "server CPU per reconnect", blip_cpu * 1e6, "µs",
-               note="its release and its admission"),
+               note=f"its release and its admission; PostgreSQL {blip_pg * 1e6:.0f} µs"),
     ]  # fmt: skip
 
 
@@ -1037,6 +1060,7 @@ SCENARIOS: dict[str, Scenario] = {
     "connections-ws": connections_ws,
     "reconnect-sse": reconnect_sse,
     "reconnect-sse-tickets": reconnect_sse_tickets,
+    "reconnect-ws": reconnect_ws,
     "replay": replay,
     "cluster": cluster,
     "notify-cost": notify_cost,
