@@ -177,15 +177,10 @@ def tune_garbage_collector() -> None:
     collections for good, and young objects get more room before a collection
     (most are gone by then). Same benchmark: no pause over 2 ms in gen 1 or 2, the
     largest young collection 41 ms; fan-out p99 342 -> 220 ms at 20 events/s.
-
-    A reconnect storm makes young objects that live (every connection's), and
-    20% of a storm's CPU went to collections at 50,000 young objects; at 200,000,
-    7% less CPU per connect, with fan-out latency and memory per connection
-    unchanged (docs/performance.md, "Garbage collection in a storm").
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(200_000, 20, 100)
+    gc.set_threshold(50_000, 20, 100)
 
 
 def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int:
