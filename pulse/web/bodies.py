@@ -13,15 +13,13 @@ dropped) at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from werkzeug.exceptions import RequestTimeout
 
 from pulse.errors import SERVER_BUSY, ApiError
 from pulse.ingest.buffer import Holding
-
-ASGIReceiveCallable = Callable[[], Awaitable[dict[str, Any]]]
+from pulse.web.asgi import ASGIReceiveCallable
 
 BUSY_RETRY_AFTER_S = 1
 

@@ -30,6 +30,7 @@ from pulse.ingest import intake
 from pulse.ingest.model import Rejected
 from pulse.ingest.service import Ingest, Receipt
 from pulse.web import runtime_of
+from pulse.web.asgi import ASGIReceiveCallable, ASGISendCallable, Scope
 from pulse.web.bodies import read_body, replay
 from pulse.web.ingest import (
     BATCH_URL,
@@ -41,10 +42,6 @@ from pulse.web.ingest import (
     error_reply,
     reply,
 )
-
-Scope = dict[str, Any]
-ASGIReceiveCallable = Callable[[], Awaitable[dict[str, Any]]]
-ASGISendCallable = Callable[[dict[str, Any]], Awaitable[None]]
 
 _TOKEN = TOKEN_HEADER.lower().encode()
 _JSON = (b"content-type", b"application/json")

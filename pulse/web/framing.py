@@ -10,14 +10,11 @@ hypercorn served it (by Transfer-Encoding) and kept the connection open.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 from pulse.errors import BAD_REQUEST, error_body
-
-Scope = dict[str, Any]
-ASGIReceiveCallable = Callable[[], Awaitable[dict[str, Any]]]
-ASGISendCallable = Callable[[dict[str, Any]], Awaitable[None]]
+from pulse.web.asgi import ASGIReceiveCallable, ASGISendCallable, Scope
 
 _DETAIL = (
     "The request has both Content-Length and Transfer-Encoding; send one of them "

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, cast
 from urllib.parse import parse_qsl
 
-from quart import Quart
 from werkzeug.datastructures import MultiDict
 from werkzeug.http import parse_cookie
 
@@ -33,40 +30,23 @@ from pulse.streams.limits import LimitReached
 from pulse.streams.live import Live
 from pulse.streams.params import parse_event_id, parse_filters
 from pulse.web import runtime_of
+from pulse.web.asgi import ASGIReceiveCallable, ASGISendCallable, OneRoute, Scope
 from pulse.web.auth import find_credential
 from pulse.web.direct import DirectWrites
 from pulse.web.fastpath import send_reply
 from pulse.web.ingest import Reply, error_reply
 from pulse.web.sse import HEADERS, SSE_URL, body, limit_reached, open_stream
 
-Scope = dict[str, Any]
-ASGIReceiveCallable = Callable[[], Awaitable[dict[str, Any]]]
-ASGISendCallable = Callable[[dict[str, Any]], Awaitable[None]]
-
 _HEADERS = [(name.lower().encode(), value.encode()) for name, value in HEADERS.items()]
 _EMPTY: MultiDict[str, str] = MultiDict()
 
 
-class SseFastPath:
-    """ASGI middleware: serves an admitted SSE request opened with a token, and hands
-    everything else to ``inner``."""
+class SseFastPath(OneRoute):
+    """ASGI middleware: serves an admitted SSE request opened with a token or a ticket,
+    and hands everything else to ``inner``."""
 
-    def __init__(self, app: Quart, inner: Any) -> None:
-        self._app = app
-        self._inner = inner
-
-    def __call__(
-        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> Coroutine[Any, Any, None]:
-        # Not a coroutine itself, as DeviceFastPath: what goes on to Quart keeps no frame here.
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "GET"
-            and scope["path"] == SSE_URL
-            and not scope.get("root_path")
-        ):
-            return self._serve(scope, receive, send)
-        return cast(Coroutine[Any, Any, None], self._inner(scope, receive, send))
+    method = "GET"
+    path = SSE_URL
 
     async def _serve(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable

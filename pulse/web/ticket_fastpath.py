@@ -15,50 +15,33 @@ handlers (``pulse.web.errors``).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, cast
+from collections.abc import Iterable
 
-from quart import Quart
 from werkzeug.datastructures import MultiDict
 from werkzeug.http import parse_cookie
 
 from pulse.auth.principal import Principal
 from pulse.runtime import Runtime
 from pulse.web import runtime_of
+from pulse.web.asgi import ASGIReceiveCallable, ASGISendCallable, OneRoute, Scope
 from pulse.web.auth import find_credential, is_allowed_origin
 from pulse.web.fastpath import send_reply
 from pulse.web.ingest import Reply, error_reply
 from pulse.web.tickets import NO_STORE, TICKET_URL, grant, ticket_body
 
-Scope = dict[str, Any]
-ASGIReceiveCallable = Callable[[], Awaitable[dict[str, Any]]]
-ASGISendCallable = Callable[[dict[str, Any]], Awaitable[None]]
-
 _WANTED = (b"authorization", b"cookie", b"origin", b"host")
 _EMPTY: MultiDict[str, str] = MultiDict()
 
 
-class TicketFastPath:
+class TicketFastPath(OneRoute):
     """ASGI middleware: issues the tickets of callers with a valid token, and hands
     everything else to ``inner``."""
 
-    def __init__(self, app: Quart, inner: Any) -> None:
-        self._app = app
-        self._inner = inner
+    method = "POST"
+    path = TICKET_URL
 
-    def __call__(
-        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> Coroutine[Any, Any, None]:
-        # Not a coroutine itself, as DeviceFastPath: what goes on to Quart keeps no frame here.
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"] == TICKET_URL
-            and not scope.get("root_path")
-            and _without_body(scope["headers"])
-        ):
-            return self._serve(scope, receive, send)
-        return cast(Coroutine[Any, Any, None], self._inner(scope, receive, send))
+    def takes(self, scope: Scope) -> bool:
+        return _without_body(scope["headers"])
 
     async def _serve(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
