@@ -9,7 +9,9 @@ libraries (``pulse.serving.direct``, ``pulse.serving.inbound``,
 - bounded, small inbound queues, and WebSocket handlers that read straight
   from ASGI (no task and no queue of Quart's per connection);
 - a close frame for WebSocket protocol errors (hypercorn drops the connection);
-- permessage-deflate refused (memory per connection, one framing for all).
+- permessage-deflate refused (memory per connection, one framing for all);
+- h11's checks of a response's headers made once per distinct list
+  (``pulse.serving.headers``).
 
 Each was written against the exact versions in ``WRITTEN_FOR``, which
 pyproject.toml pins. ``apply`` checks what is installed before touching
@@ -58,12 +60,14 @@ def apply(app: Quart) -> bool:
             _applied = False
         else:
             from pulse.serving.direct import bound_inbound_queues, offer_direct_writes
+            from pulse.serving.headers import memoize_header_checks
             from pulse.serving.websocket import close_protocol_errors_properly, refuse_compression
 
             offer_direct_writes()
             bound_inbound_queues()
             close_protocol_errors_properly()
             refuse_compression()
+            memoize_header_checks()
             _applied = True
     if _applied:
         from pulse.serving.websocket import WebsocketConnection

@@ -41,6 +41,20 @@ _HEADERS = [(name.lower().encode(), value.encode()) for name, value in HEADERS.i
 _EMPTY: MultiDict[str, str] = MultiDict()
 
 
+def query_args(query: bytes) -> dict[str, str]:
+    """The query's parameters, the first value of each as Quart's ``args.get`` gives it.
+
+    A plain dict: werkzeug's MultiDict raises and catches an exception for every
+    parameter asked for and absent, most of them on a stream's URL.
+    """
+    args: dict[str, str] = {}
+    for name, value in parse_qsl(
+        query.decode(), keep_blank_values=True, errors="werkzeug.url_quote"
+    ):
+        args.setdefault(name, value)
+    return args
+
+
 class SseFastPath(OneRoute):
     """ASGI middleware: serves an admitted SSE request opened with a token or a ticket,
     and hands everything else to ``inner``."""
@@ -73,11 +87,7 @@ async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] 
         if name in (b"authorization", b"cookie", b"last-event-id"):
             headers.setdefault(name.decode(), value.decode("latin1"))
     query: bytes = scope["query_string"]
-    args = (
-        MultiDict(parse_qsl(query.decode(), keep_blank_values=True, errors="werkzeug.url_quote"))
-        if query
-        else _EMPTY
-    )
+    args = query_args(query)
     filters = parse_filters(args, max_device_filters=rt.settings.max_device_filters)
     last_event_id = parse_event_id(headers.get("last-event-id") or args.get("last_event_id"))
     cookie = headers.get("cookie")
