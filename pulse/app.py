@@ -1,6 +1,6 @@
 """create_app(settings): the Quart app, its routes, and the lifespan that builds the Runtime.
 
-The one composition root: every blueprint is registered here, and the
+The one composition root: every blueprint and door is registered here, and the
 process's Runtime (``pulse.runtime``) is opened when serving starts and closed
 when it ends. Handlers find it with ``pulse.web.runtime()``.
 """
@@ -36,6 +36,7 @@ from pulse.web.json_bodies import parse_bodies_with_orjson
 from pulse.web.routing import PulseQuart
 from pulse.web.sse_fastpath import SseFastPath
 from pulse.web.ticket_fastpath import TicketFastPath
+from pulse.web.websocket import WebSocketRoutes
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -46,8 +47,6 @@ BLUEPRINTS = (
     history.blueprint,
     *fleet.BLUEPRINTS,
     sse.blueprint,
-    telemetry_ws.blueprint,
-    legacy_v2.blueprint,
     tickets.blueprint,
     dashboard.blueprint,
     apidocs.blueprint,
@@ -78,9 +77,17 @@ def create_app(settings: Settings | None = None) -> Quart:
     # body is read within the process's budget (pulse.web.fastpath); SSE streams are
     # opened and stream tickets issued before Quart too (pulse.web.sse_fastpath,
     # pulse.web.ticket_fastpath); before that, a request that states its length twice
-    # is refused (pulse.web.framing).
-    app.asgi_app = RefuseAmbiguousLength(  # type: ignore[method-assign, assignment]
-        DeviceFastPath(app, SseFastPath(app, TicketFastPath(app, app.asgi_app)))
+    # is refused (pulse.web.framing). Both WebSockets are served from ASGI, without
+    # Quart (pulse.web.websocket).
+    app.asgi_app = WebSocketRoutes(  # type: ignore[method-assign, assignment]
+        app,
+        RefuseAmbiguousLength(
+            DeviceFastPath(app, SseFastPath(app, TicketFastPath(app, app.asgi_app)))
+        ),
+        {
+            telemetry_ws.URL: telemetry_ws.telemetry_websocket,
+            legacy_v2.URL: legacy_v2.legacy_websocket,
+        },
     )
 
     @app.while_serving

@@ -127,7 +127,7 @@ async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.utils import LifespanFailureError
 
-    tuning.apply(app)
+    tuning.apply()
     try:
         await hypercorn_serve(app, config, shutdown_trigger=_streams_first(app, stop))  # type: ignore[arg-type]
     except LifespanFailureError as exc:

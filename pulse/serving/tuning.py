@@ -6,8 +6,8 @@ libraries (``pulse.serving.direct``, ``pulse.serving.inbound``,
 
 - direct writes: a stream's bytes written straight to its connection
   (``pulse.web.direct``), instead of one ASGI message per event;
-- bounded, small inbound queues, and WebSocket handlers that read straight
-  from ASGI (no task and no queue of Quart's per connection);
+- bounded, small inbound queues (WebSocket handlers read them straight from
+  ASGI: ``pulse.web.websocket``);
 - a close frame for WebSocket protocol errors (hypercorn drops the connection);
 - permessage-deflate refused (memory per connection, one framing for all);
 - h11's checks of a response's headers made once per distinct list
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import logging
 from importlib import metadata
-
-from quart import Quart
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +45,8 @@ def mismatches() -> list[str]:
     return found
 
 
-def apply(app: Quart) -> bool:
-    """Apply the tunings for serving ``app``, when the versions match; True if they apply."""
+def apply() -> bool:
+    """Apply the tunings, when the versions match (once); True if they apply."""
     global _applied
     if _applied is None:
         differ = mismatches()
@@ -69,8 +67,4 @@ def apply(app: Quart) -> bool:
             refuse_compression()
             memoize_header_checks()
             _applied = True
-    if _applied:
-        from pulse.serving.websocket import WebsocketConnection
-
-        app.asgi_websocket_class = WebsocketConnection
     return _applied

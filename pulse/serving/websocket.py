@@ -1,4 +1,4 @@
-"""The WebSocket side of the tunings: reading straight from ASGI, protocol errors, no deflate.
+"""The WebSocket side of the tunings: protocol errors, no deflate.
 
 Each function here changes a class of Quart, hypercorn or wsproto and is applied
 by ``pulse.serving.tuning`` only under the versions it was written for.
@@ -7,52 +7,6 @@ by ``pulse.serving.tuning`` only under the versions it was written for.
 from __future__ import annotations
 
 from typing import Any
-
-from quart.asgi import ASGIWebsocketConnection
-
-from pulse.web.websocket import Disconnected
-
-
-class _Received:
-    """``websocket.receive()`` for a handler: the next message, straight from ASGI.
-
-    Stands where Quart keeps a queue that a task of its own fills. After the
-    disconnect, every call raises Disconnected.
-    """
-
-    __slots__ = ("_disconnected", "_receive")
-
-    def __init__(self, receive: Any) -> None:
-        self._receive = receive
-        self._disconnected = False
-
-    async def get(self) -> str | bytes:
-        while not self._disconnected:
-            event = await self._receive()
-            if event["type"] == "websocket.receive":
-                return event.get("bytes") or event["text"]  # type: ignore[no-any-return]
-            if event["type"] == "websocket.disconnect":
-                self._disconnected = True
-            # websocket.connect, the first event, says nothing the handler needs.
-        raise Disconnected
-
-
-class WebsocketConnection(ASGIWebsocketConnection):  # type: ignore[misc]
-    """Quart's ASGI WebSocket handling, with the handler reading straight from ASGI.
-
-    Installed as the app's ``asgi_websocket_class``. Quart runs a task per
-    WebSocket that moves every message into an unbounded queue and cancels the
-    handler when the client disconnects. Here ``websocket.receive()`` takes the
-    next ASGI event itself: no task and no queue, about 1.5 KB less per idle
-    WebSocket, and a client sending faster than its handler reads is held back
-    by TCP (hypercorn's app queue is bounded). A disconnect raises Disconnected
-    in that read, which every handler keeps waiting in (``Connection.run``);
-    ``serve_websocket`` then ends quietly.
-    """
-
-    async def __call__(self, receive: Any, send: Any) -> None:
-        self.queue = _Received(receive)  # type: ignore[assignment]  # get only
-        await self.handle_websocket(self._create_websocket_from_scope(send), send)
 
 
 def close_protocol_errors_properly() -> None:

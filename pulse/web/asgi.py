@@ -1,4 +1,5 @@
-"""What the middlewares in front of Quart share: the ASGI types, and a door for one route.
+"""What the middlewares in front of Quart share: the ASGI types, a door for one route,
+and a request's query as Quart's ``args.get`` reads it.
 
 A request the door ``takes`` is served by its ``_serve`` straight from ASGI;
 every other request goes on to ``inner`` (Quart) untouched.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ClassVar, cast
+from urllib.parse import parse_qsl
 
 from quart import Quart
 
@@ -50,3 +52,25 @@ class OneRoute:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         raise NotImplementedError
+
+
+def query_args(query: bytes) -> dict[str, str]:
+    """A query string's parameters, the first value of each, as Quart's ``args.get`` gives.
+
+    A plain dict: werkzeug's MultiDict raises and catches an exception for every
+    parameter asked for and absent, most of them on a stream's URL.
+    """
+    args: dict[str, str] = {}
+    for name, value in parse_qsl(
+        query.decode(), keep_blank_values=True, errors="werkzeug.url_quote"
+    ):
+        args.setdefault(name, value)
+    return args
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of the request header ``name`` (lower case, as ASGI gives names)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin1")  # type: ignore[no-any-return]
+    return None

@@ -12,16 +12,21 @@ from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from quart import g, has_websocket_context, request, websocket
+from werkzeug.http import parse_cookie
 
 from pulse.auth.access import require_roles, tenant_for
 from pulse.auth.principal import ADMIN_ROLES, Principal
 from pulse.auth.tickets import redeem_ticket
 from pulse.errors import MISSING_TOKEN, ORIGIN_NOT_ALLOWED, ApiError
+from pulse.runtime import Runtime
 from pulse.web import runtime
+from pulse.web.asgi import Scope, header
 
 SESSION_COOKIE = "pulse_session"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+_NO_COOKIES: dict[str, str] = {}
 
 # Lets a client that got a 401 know which scheme to use (RFC 6750).
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pulse"'}
@@ -126,13 +131,28 @@ async def authenticate_request(
     credential = find_credential(
         source.headers, source.cookies, source.args, allow_query=allow_query
     )
-    token = None if credential is None else credential.token
-    ticket = source.args.get("ticket") if allow_query and token is None else None
     _check_cookie_origin(credential)
+    return await authenticate(
+        runtime(), credential, source.args if allow_query else None, roles=roles, accept=accept
+    )
+
+
+async def authenticate(
+    rt: Runtime,
+    credential: Credential | None,
+    args: Lookup | None,
+    *,
+    roles: frozenset[str] | None = None,
+    accept: Callable[[Principal], object] = lambda _: None,
+) -> Principal:
+    """The caller with ``credential`` or, without one, the one-time ``ticket`` in ``args``
+    (None: a request whose query carries no credential), as ``authenticate_request``."""
+    token = None if credential is None else credential.token
+    ticket = args.get("ticket") if args is not None and token is None else None
     try:
         if token is None and not ticket:
             where = "an Authorization: Bearer header or the pulse_session cookie"
-            if allow_query:
+            if args is not None:
                 where += ", or the token or ticket query parameter"
             raise ApiError(MISSING_TOKEN, f"Send a token in {where}.")
 
@@ -142,16 +162,27 @@ async def authenticate_request(
             accept(principal)
 
         if token is not None:
-            principal = await runtime().verifier.verify(token)
+            principal = await rt.verifier.verify(token)
             checked(principal)
         else:
             assert ticket
-            principal = await redeem_ticket(runtime().db, ticket, checked)
+            principal = await redeem_ticket(rt.db, ticket, checked)
     except ApiError as exc:
         if exc.status == 401:
             exc.headers.update(_CHALLENGE)
         raise
     return principal
+
+
+def scope_credential(scope: Scope, args: Lookup, *, allow_query: bool) -> Credential | None:
+    """``find_credential`` for a request read straight from ASGI (the doors before Quart)."""
+    cookie = header(scope, b"cookie")
+    return find_credential(
+        {"Authorization": header(scope, b"authorization")},
+        parse_cookie(cookie) if cookie else _NO_COOKIES,
+        args,
+        allow_query=allow_query,
+    )
 
 
 def request_tenant(principal: Principal) -> str:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import time
 
-from quart import Blueprint, websocket
-
+from pulse.auth.access import tenant_for
 from pulse.auth.principal import Principal
 from pulse.bus.events import encoded
 from pulse.bus.subscription import Filters
+from pulse.runtime import Runtime
 from pulse.streams.legacy_v2.protocol import (
     SIGNALS,
     Effect,
@@ -25,11 +25,10 @@ from pulse.streams.legacy_v2.protocol import (
 )
 from pulse.streams.legacy_v2.reads import FleetReads
 from pulse.streams.live import End, Live, Signals
-from pulse.web import runtime
-from pulse.web.auth import authenticate_request, request_tenant
-from pulse.web.websocket import Close, Connection, frames, serve_websocket
+from pulse.web.auth import authenticate, scope_credential
+from pulse.web.websocket import Close, Connection, Socket, frames, serve_websocket
 
-blueprint = Blueprint("legacy_v2", __name__)
+URL = "/api/v2/ws"
 
 # The hub topic of the operators' placeholder context (every tenant's changes).
 ALL_TENANTS = "*"
@@ -38,15 +37,23 @@ ALL_TENANTS = "*"
 RESCHEDULE = "reschedule"
 
 
-@blueprint.websocket("/api/v2/ws")
-async def legacy_websocket() -> None:
-    await serve_websocket("legacy_v2", _serve, headers={"Deprecation": "true"})
+async def legacy_websocket(rt: Runtime, socket: Socket) -> None:
+    await serve_websocket(rt, socket, "legacy_v2", _serve, headers={"Deprecation": "true"})
 
 
 async def _serve(connection: Connection) -> None:
-    rt = runtime()
-    principal = await authenticate_request(allow_query=True, accept=_tenant)
-    tenant_id = _tenant(principal)
+    rt, args = connection.rt, connection.socket.args
+
+    def tenant(principal: Principal) -> str | None:
+        """The tenant acted on; None: the seed's placeholder context of an operator
+        without tenant_id (every tenant, no devices)."""
+        if principal.is_operator and not args.get("tenant_id"):
+            return None
+        return tenant_for(principal, args.get("tenant_id"))
+
+    credential = scope_credential(connection.socket.scope, args, allow_query=True)
+    principal = await authenticate(rt, credential, args, accept=tenant)
+    tenant_id = tenant(principal)
     session = Session(
         tenant_id,
         keepalive_s=rt.settings.ws_keepalive_s,
@@ -76,14 +83,6 @@ async def _serve(connection: Connection) -> None:
         await connection.run(
             _pump(connection, session, stream, pushes), _read(connection, session, stream, pushes)
         )
-
-
-def _tenant(principal: Principal) -> str | None:
-    """The tenant acted on; None: the seed's placeholder context of an operator without
-    tenant_id (every tenant, no devices)."""
-    if principal.is_operator and not websocket.args.get("tenant_id"):
-        return None
-    return request_tenant(principal)
 
 
 class _Pushes:

@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from urllib.parse import parse_qsl
-
-from werkzeug.datastructures import MultiDict
-from werkzeug.http import parse_cookie
 
 from pulse.auth.access import tenant_for
 from pulse.auth.tickets import redeem_ticket
@@ -30,29 +26,21 @@ from pulse.streams.limits import LimitReached
 from pulse.streams.live import Live
 from pulse.streams.params import parse_event_id, parse_filters
 from pulse.web import runtime_of
-from pulse.web.asgi import ASGIReceiveCallable, ASGISendCallable, OneRoute, Scope
-from pulse.web.auth import find_credential
+from pulse.web.asgi import (
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    OneRoute,
+    Scope,
+    header,
+    query_args,
+)
+from pulse.web.auth import scope_credential
 from pulse.web.direct import DirectWrites
 from pulse.web.fastpath import send_reply
 from pulse.web.ingest import Reply, error_reply
 from pulse.web.sse import HEADERS, SSE_URL, body, limit_reached, open_stream
 
 _HEADERS = [(name.lower().encode(), value.encode()) for name, value in HEADERS.items()]
-_EMPTY: MultiDict[str, str] = MultiDict()
-
-
-def query_args(query: bytes) -> dict[str, str]:
-    """The query's parameters, the first value of each as Quart's ``args.get`` gives it.
-
-    A plain dict: werkzeug's MultiDict raises and catches an exception for every
-    parameter asked for and absent, most of them on a stream's URL.
-    """
-    args: dict[str, str] = {}
-    for name, value in parse_qsl(
-        query.decode(), keep_blank_values=True, errors="werkzeug.url_quote"
-    ):
-        args.setdefault(name, value)
-    return args
 
 
 class SseFastPath(OneRoute):
@@ -82,21 +70,10 @@ async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] 
     """The stream of a request the Quart route would serve, in the same steps, or the
     refusal of one whose ticket was spent; None when it has no credential. Raises
     what the route would answer with an error, before anything is spent."""
-    headers: dict[str, str] = {}
-    for name, value in scope["headers"]:
-        if name in (b"authorization", b"cookie", b"last-event-id"):
-            headers.setdefault(name.decode(), value.decode("latin1"))
-    query: bytes = scope["query_string"]
-    args = query_args(query)
+    args = query_args(scope["query_string"])
     filters = parse_filters(args, max_device_filters=rt.settings.max_device_filters)
-    last_event_id = parse_event_id(headers.get("last-event-id") or args.get("last_event_id"))
-    cookie = headers.get("cookie")
-    credential = find_credential(
-        {"Authorization": headers.get("authorization")},
-        parse_cookie(cookie) if cookie else _EMPTY,
-        args,
-        allow_query=True,
-    )
+    last_event_id = parse_event_id(header(scope, b"last-event-id") or args.get("last_event_id"))
+    credential = scope_credential(scope, args, allow_query=True)
     requested = args.get("tenant_id")
     if credential is not None:
         principal = await rt.verifier.verify(credential.token)

@@ -12,38 +12,41 @@ import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
-from quart import Blueprint, websocket
-
 from pulse.auth.access import tenant_for
+from pulse.auth.principal import Principal
 from pulse.bus.events import encoded
 from pulse.errors import INVALID_PARAMETER, ApiError
+from pulse.runtime import Runtime
 from pulse.streams.live import End, Idle, Live, Reset, Started
 from pulse.streams.messages import BadMessage, decode, error
 from pulse.streams.params import BadParameter, parse_event_id, parse_filters
 from pulse.streams.telemetry_protocol import Reauthenticate, connected_message, handle_action
 from pulse.times import format_time
-from pulse.web import runtime
-from pulse.web.auth import authenticate_request, request_tenant
-from pulse.web.websocket import Close, Connection, frames, serve_websocket
+from pulse.web.auth import authenticate, scope_credential
+from pulse.web.websocket import Close, Connection, Socket, frames, serve_websocket
 
-blueprint = Blueprint("telemetry_ws", __name__)
+URL = "/api/v1/customer/telemetry/stream"
 
 
-@blueprint.websocket("/api/v1/customer/telemetry/stream")
-async def telemetry_websocket() -> None:
-    await serve_websocket("websocket", _serve)
+async def telemetry_websocket(rt: Runtime, socket: Socket) -> None:
+    await serve_websocket(rt, socket, "websocket", _serve)
 
 
 async def _serve(connection: Connection) -> None:
-    rt = runtime()
+    rt, args = connection.rt, connection.socket.args
     # Parameters first: a request refused for them does not spend its ticket.
     try:
-        filters = parse_filters(websocket.args, max_device_filters=rt.settings.max_device_filters)
-        last_event_id = parse_event_id(websocket.args.get("last_event_id"))
+        filters = parse_filters(args, max_device_filters=rt.settings.max_device_filters)
+        last_event_id = parse_event_id(args.get("last_event_id"))
     except BadParameter:
         raise Close.of(INVALID_PARAMETER) from None
-    principal = await authenticate_request(allow_query=True, accept=request_tenant)
-    tenant_id = request_tenant(principal)
+
+    def tenant(principal: Principal) -> str:
+        return tenant_for(principal, args.get("tenant_id"))
+
+    credential = scope_credential(connection.socket.scope, args, allow_query=True)
+    principal = await authenticate(rt, credential, args, accept=tenant)
+    tenant_id = tenant(principal)
     async with rt.limits.hold("websocket", tenant_id):
         stream = Live(
             rt.hub,
@@ -91,7 +94,7 @@ async def _write(connection: Connection, stream: Live, started: asyncio.Future[N
 async def _read(connection: Connection, stream: Live, started: asyncio.Future[None]) -> None:
     # Replies come after the `connected` message, which is always the first.
     await started
-    max_device_filters = runtime().settings.max_device_filters
+    max_device_filters = connection.rt.settings.max_device_filters
     while True:
         data = await connection.receive()
         try:
@@ -99,7 +102,7 @@ async def _read(connection: Connection, stream: Live, started: asyncio.Future[No
                 stream.filters, decode(data), max_device_filters=max_device_filters
             )
             if isinstance(outcome, Reauthenticate):
-                reply = await _reauthenticate(stream, outcome.token)
+                reply = await _reauthenticate(connection, stream, outcome.token)
             else:
                 filters, reply = outcome
                 if filters != stream.filters:
@@ -109,11 +112,11 @@ async def _read(connection: Connection, stream: Live, started: asyncio.Future[No
         connection.reply(reply)
 
 
-async def _reauthenticate(stream: Live, token: str) -> dict[str, Any]:
+async def _reauthenticate(connection: Connection, stream: Live, token: str) -> dict[str, Any]:
     """A fresh token for the same tenant moves the connection's expiry."""
     try:
-        principal = await runtime().verifier.verify(token)
-        tenant_id = tenant_for(principal, websocket.args.get("tenant_id"))
+        principal = await connection.rt.verifier.verify(token)
+        tenant_id = tenant_for(principal, connection.socket.args.get("tenant_id"))
     except ApiError as exc:
         raise BadMessage(f"auth refused: {exc.detail}") from None
     if tenant_id != stream.tenant_id:

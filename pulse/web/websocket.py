@@ -1,8 +1,14 @@
-"""What both WebSockets share: the handshake, close codes, inbound frames, and the one close.
+"""What both WebSockets share: served straight from ASGI, the handshake, close codes,
+inbound frames, and the one close.
 
-``serve_websocket(kind, body)`` accepts the handshake first, so that every
-failure after it (origin, auth, limits, bad parameters) reaches the browser as
-a close code and reason it can read (CONTRACT section 5). ``body`` raises
+``WebSocketRoutes`` serves each WebSocket path Pulse has by its handler, in front
+of Quart: a reconnect storm's handshakes then cost no request context, routing or
+wrapper of Quart's (about a seventh of a WebSocket's admission), and nothing of
+them stays with an idle connection. A ``Socket`` is one connection's ASGI events.
+
+``serve_websocket(rt, socket, kind, body)`` accepts the handshake first, so that
+every failure after it (origin, auth, limits, bad parameters) reaches the browser
+as a close code and reason it can read (CONTRACT section 5). ``body`` raises
 ``Close`` (or ApiError, LimitReached, DatabaseUnavailable, which map to the
 catalogue's close codes here) to end the connection; ``Connection.close`` is
 the one place a handler's connection is closed.
@@ -13,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import orjson
-from quart import websocket
+from quart import Quart
 
 from pulse.bus.events import TelemetryEvent, encoded
 from pulse.db.errors import DatabaseUnavailable
@@ -34,9 +40,11 @@ from pulse.errors import (
     ApiError,
     ErrorCode,
 )
+from pulse.runtime import Runtime
 from pulse.streams.limits import LimitReached
 from pulse.streams.messages import MAX_INBOUND_BYTES
-from pulse.web import runtime
+from pulse.web import runtime_of
+from pulse.web.asgi import ASGIReceiveCallable, ASGISendCallable, Scope, header, query_args
 from pulse.web.direct import FRAMES, DirectWrites, direct_writes, text_frame
 
 log = logging.getLogger(__name__)
@@ -68,23 +76,91 @@ def frames(events: list[TelemetryEvent], metrics: frozenset[str] | None) -> byte
     return b"".join(map(text_frame, encoded(events, metrics)))
 
 
+class Socket:
+    """One WebSocket's ASGI events: the handshake's scope, and what comes and goes."""
+
+    __slots__ = ("_disconnected", "_receive", "_send", "args", "scope")
+
+    def __init__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        self.scope = scope
+        self.args = query_args(scope["query_string"])  # as Quart's websocket.args.get
+        self._receive = receive
+        self._send = send
+        self._disconnected = False
+
+    def header(self, name: bytes) -> str | None:
+        return header(self.scope, name)
+
+    async def accept(self, headers: Mapping[str, str]) -> None:
+        await self._send(
+            {
+                "type": "websocket.accept",
+                "headers": [
+                    (name.lower().encode(), value.encode()) for name, value in headers.items()
+                ],
+            }
+        )
+
+    async def send(self, text: str) -> None:
+        await self._send({"type": "websocket.send", "text": text})
+
+    async def receive(self) -> str | bytes:
+        """The next message; Disconnected once the client has gone, then at every call."""
+        while not self._disconnected:
+            event = await self._receive()
+            if event["type"] == "websocket.receive":
+                return event.get("bytes") or event["text"]  # type: ignore[no-any-return]
+            if event["type"] == "websocket.disconnect":
+                self._disconnected = True
+            # websocket.connect, the first event, says nothing a handler needs.
+        raise Disconnected
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+Handler = Callable[[Runtime, Socket], Coroutine[Any, Any, None]]
+
+
+class WebSocketRoutes:
+    """ASGI middleware: a WebSocket to one of ``routes``' paths is served by its handler;
+    everything else goes on to ``inner`` (Quart)."""
+
+    def __init__(self, app: Quart, inner: Any, routes: Mapping[str, Handler]) -> None:
+        self._app = app
+        self._inner = inner
+        self._routes = dict(routes)
+
+    def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> Coroutine[Any, Any, None]:
+        if scope["type"] == "websocket":
+            path: str = scope["path"]
+            handler = self._routes.get(path.removeprefix(scope.get("root_path") or ""))
+            if handler is not None:
+                return handler(runtime_of(self._app), Socket(scope, receive, send))
+        return self._inner(scope, receive, send)  # type: ignore[no-any-return]
+
+
 class Connection:
     """One accepted WebSocket."""
 
-    def __init__(self) -> None:
+    def __init__(self, socket: Socket, rt: Runtime) -> None:
+        self.socket = socket
+        self.rt = rt
         # Made on the first reply: most dashboards never send a message, and an
         # idle connection should cost as little as possible.
         self._outbox: asyncio.Queue[bytes] | None = None
         self._sender: asyncio.Task[None] | None = None
         self.closed = False
         self.direct: DirectWrites | None = direct_writes(
-            websocket.scope, FRAMES, enabled=runtime().settings.direct_writes
+            socket.scope, FRAMES, enabled=rt.settings.direct_writes
         )
 
     async def send(self, message: bytes | dict[str, Any]) -> None:
         """Send one JSON message as a text frame (browsers read binary frames as Blobs)."""
         data = message if isinstance(message, bytes) else orjson.dumps(message)
-        await websocket.send(data.decode())
+        await self.socket.send(data.decode())
 
     async def send_many(self, payloads: Sequence[bytes]) -> None:
         """Several JSON messages, a text frame each, in one write when the server allows.
@@ -103,14 +179,14 @@ class Connection:
         """Queue an answer to a client's message without waiting for the client to read."""
         if self._outbox is None:
             self._outbox = asyncio.Queue(OUTBOX_SIZE)
-            self._sender = asyncio.create_task(self._send_replies(self._outbox))
+            self._sender = asyncio.create_task(self._send_replies(self.socket, self._outbox))
         try:
             self._outbox.put_nowait(orjson.dumps(message))
         except asyncio.QueueFull:
             raise Close.of(LAGGING) from None
 
     async def receive(self) -> str | bytes:
-        data = await websocket.receive()
+        data = await self.socket.receive()
         # The server enforces this too (hypercorn's websocket_max_message_size),
         # but counts characters of text frames, not bytes.
         size = len(data)
@@ -142,10 +218,10 @@ class Connection:
         raise Close(NORMAL_CLOSURE, "")
 
     @staticmethod
-    async def _send_replies(outbox: asyncio.Queue[bytes]) -> None:
+    async def _send_replies(socket: Socket, outbox: asyncio.Queue[bytes]) -> None:
         while True:
             data = await outbox.get()
-            await websocket.send(data.decode())
+            await socket.send(data.decode())
 
     async def close(self, code: int, reason: str) -> None:
         """The one place a handler's connection is closed (at most once)."""
@@ -158,22 +234,23 @@ class Connection:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 if code != LAGGING.close and self._outbox is not None:  # replies queued first
                     while not self._outbox.empty():
-                        await websocket.send(self._outbox.get_nowait().decode())
-                await websocket.close(code, reason)
+                        await self.socket.send(self._outbox.get_nowait().decode())
+                await self.socket.close(code, reason)
 
 
 async def serve_websocket(
+    rt: Runtime,
+    socket: Socket,
     kind: str,
     body: Callable[[Connection], Awaitable[None]],
     *,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> None:
     """Accept the handshake, run ``body``, and close with the code that fits how it ended."""
-    rt = runtime()
-    await websocket.accept(headers=headers or {})
-    connection = Connection()
+    await socket.accept(headers or {})
+    connection = Connection(socket, rt)
     try:
-        check_origin(websocket.headers.get("Origin"), rt.settings.allowed_origins)
+        check_origin(socket.header(b"origin"), rt.settings.allowed_origins)
         await body(connection)
         end = Close(NORMAL_CLOSURE, "")
     except Disconnected:
@@ -197,8 +274,7 @@ async def serve_websocket(
 
 
 class Disconnected(Exception):
-    """The client's side of the WebSocket is gone: raised by ``websocket.receive()`` where
-    the server reads straight from ASGI (pulse.serving)."""
+    """The client's side of the WebSocket is gone: raised by ``Socket.receive()``."""
 
 
 async def first_done(tasks: Sequence[asyncio.Future[Any]]) -> asyncio.Future[Any]:
