@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+from pulse.auth.tickets import Tickets
 from pulse.auth.tokens import TokenVerifier
 from pulse.bus.hub import Hub
 from pulse.bus.listen import ListenSource
@@ -68,6 +69,7 @@ class Runtime:
     hub: Hub
     ingest: Ingest
     ingest_buffer: IngestBuffer
+    tickets: Tickets
     # Stream tickets issued, per principal (tenant_id, subject).
     ticket_limit: RateLimiter
     fleet_reads: FleetReads
@@ -186,6 +188,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             hub=hub,
             ingest=ingest,
             ingest_buffer=ingest_buffer,
+            tickets=Tickets(db),
             ticket_limit=RateLimiter(settings.ticket_rate_per_s, settings.ticket_burst),
             fleet_reads=FleetReads(db),
             mqtt=mqtt,

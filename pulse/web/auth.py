@@ -16,7 +16,6 @@ from werkzeug.http import parse_cookie
 
 from pulse.auth.access import require_roles, tenant_for
 from pulse.auth.principal import ADMIN_ROLES, Principal
-from pulse.auth.tickets import redeem_ticket
 from pulse.errors import MISSING_TOKEN, ORIGIN_NOT_ALLOWED, ApiError
 from pulse.runtime import Runtime
 from pulse.web import runtime
@@ -166,7 +165,7 @@ async def authenticate(
             checked(principal)
         else:
             assert ticket
-            principal = await redeem_ticket(rt.db, ticket, checked)
+            principal = await rt.tickets.redeem(ticket, checked)
     except ApiError as exc:
         if exc.status == 401:
             exc.headers.update(_CHALLENGE)

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 
 from pulse.auth.access import tenant_for
-from pulse.auth.tickets import redeem_ticket
 from pulse.runtime import Runtime
 from pulse.streams.limits import LimitReached
 from pulse.streams.live import Live
@@ -84,7 +83,7 @@ async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] 
     if not ticket:
         return None
     # A refused redemption leaves the ticket unspent: Quart may then try it again.
-    principal = await redeem_ticket(rt.db, ticket, lambda p: tenant_for(p, requested))
+    principal = await rt.tickets.redeem(ticket, lambda p: tenant_for(p, requested))
     tenant_id = tenant_for(principal, requested)
     try:
         await rt.limits.check(tenant_id)

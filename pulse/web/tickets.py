@@ -15,7 +15,7 @@ from quart import Blueprint, Response
 from quart_schema import document_response, security_scheme, tag
 
 from pulse.auth.principal import Principal
-from pulse.auth.tickets import TICKET_TTL_S, issue_ticket
+from pulse.auth.tickets import TICKET_TTL_S
 from pulse.errors import DATABASE_UNAVAILABLE, RATE_LIMITED, ApiError
 from pulse.runtime import Runtime
 from pulse.web import openapi, runtime
@@ -45,7 +45,7 @@ async def grant(rt: Runtime, principal: Principal) -> str:
             f"Stream tickets are asked for too often; retry in {retry_after} s.",
             {"Retry-After": str(retry_after)},
         )
-    return await issue_ticket(rt.db, principal)
+    return await rt.tickets.issue(principal)
 
 
 def ticket_body(ticket: str) -> bytes:
