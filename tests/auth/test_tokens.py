@@ -150,6 +150,30 @@ async def test_malformed_tokens(hs256: TokenVerifier, token: str) -> None:
     assert (await rejected(hs256, token)).code == "invalid_token"
 
 
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"[1, 2]", b'"HS256"', b"{not json", b'{"alg": "HS256"', "\u00e9t\u00e9".encode()],
+)
+async def test_a_header_that_is_no_json_object_is_not_a_well_formed_jwt(
+    hs256: TokenVerifier, header: bytes
+) -> None:
+    valid = mint_token(TEST_SECRET, tenant_id="t1")
+    token = ".".join([_b64(header), *valid.split(".")[1:]])
+    error = await rejected(hs256, token)
+    assert (error.code, error.detail) == ("invalid_token", "The token is not a well-formed JWT.")
+
+
+@pytest.mark.parametrize("token", ["\u00e9.b.c", "a.b", "."])
+async def test_a_token_not_in_three_ascii_parts_is_not_a_well_formed_jwt(
+    hs256: TokenVerifier, token: str
+) -> None:
+    assert (await rejected(hs256, token)).detail == "The token is not a well-formed JWT."
+
+
 async def test_alg_none_is_rejected(hs256: TokenVerifier) -> None:
     token = forge({"alg": "none", "typ": "JWT"}, claims(), None)
     error = await rejected(hs256, token)
