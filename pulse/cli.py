@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         port = args.port or settings.port
         workers = args.workers or settings.workers
+        serving.raise_open_files_limit(settings)
         try:
             if args.fd is not None:
                 serving.run(serving.serve_forever(settings, f"fd://{args.fd}"))

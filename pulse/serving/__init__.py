@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss'
 # Connections waiting to be accepted (capped by the kernel's net.core.somaxconn).
 LISTEN_BACKLOG = 2048
+# Open files a process needs beside its connections: the database pool, the
+# listener, logs, the libraries' own.
+RESERVED_FILES = 200
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -53,6 +57,39 @@ def run(main: Coroutine[Any, Any, None]) -> None:
     # exit into a kill while the interpreter finishes.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def raise_open_files_limit(settings: Settings) -> int:
+    """Raise the process's limit of open files to the most it may have; say when that is
+    too few for ``max_connections``. Returns the limit.
+
+    Every connection is a file. Where none is left, the event loop accepts a new
+    connection and closes it at once: the client sees it closed before any answer.
+    Services commonly start with a soft limit of 1024 below a far higher hard one
+    (systemd's defaults). A reconnect storm holds the streams that are ending beside
+    those coming back, each dashboard with a ticket's request too: about twice
+    ``max_connections``. Workers inherit the limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.debug("could not raise the limit of open files to %d: %s", wanted, exc)
+    needed = 2 * settings.max_connections + RESERVED_FILES
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "this process may open %d files (ulimit -n), and PULSE_MAX_CONNECTIONS=%d "
+            "streams coming back at once need about %d: connections beyond the limit "
+            "are closed unanswered. Raise the limit (LimitNOFILE in systemd, ulimit -n) "
+            "or lower PULSE_MAX_CONNECTIONS.",
+            soft,
+            settings.max_connections,
+            needed,
+        )
+    return soft
 
 
 def hypercorn_config(settings: Settings, bind: str) -> Any:

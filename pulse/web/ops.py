@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import sys
 import time
 from typing import Any, Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from quart import Blueprint, Response
 from quart_schema import document_response, tag_blueprint
 
@@ -50,6 +51,10 @@ class Limits(BaseModel):
     max_connections_per_tenant: int
     max_device_filters: int
     queue_size: int
+    max_open_files: int | None = Field(
+        description="This process's limit of open files (each connection takes one); "
+        "null: unlimited."
+    )
 
 
 class Listener(BaseModel):
@@ -110,6 +115,7 @@ async def stream_status() -> dict[str, Any]:
             "max_connections_per_tenant": rt.settings.max_connections_per_tenant,
             "max_device_filters": rt.settings.max_device_filters,
             "queue_size": rt.settings.queue_size,
+            "max_open_files": _open_files_limit(),
         },
         "listener": {
             "connected": source.connected,
@@ -121,6 +127,11 @@ async def stream_status() -> dict[str, Any]:
         "mqtt": _mqtt(rt),
         "uptime_s": round(time.monotonic() - rt.started_at, 3),
     }
+
+
+def _open_files_limit() -> int | None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _bus(rt: Runtime) -> dict[str, Any]:

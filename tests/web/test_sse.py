@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import resource
 import socket
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -414,6 +415,8 @@ async def test_status_and_metrics_follow_connections(
                 await asyncio.sleep(0.05)
         assert before["connections"] == {"total": 0, "websocket": 0, "sse": 0, "legacy_v2": 0}
         assert before["limits"]["queue_size"] == 1000
+        # The server runs in this process: its limit of open files is this one's.
+        assert before["limits"]["max_open_files"] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         async with (
             http.stream("GET", SSE_PATH, headers=auth(make_token("t1"))) as a,
             http.stream("GET", SSE_PATH, headers=auth(make_token("t2"))) as b,

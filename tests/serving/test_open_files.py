@@ -1,0 +1,95 @@
+"""`pulse serve` raises its limit of open files, and says when it is too few.
+
+Every connection is a file; where none is left the event loop accepts a new
+connection and closes it unanswered. Each case runs in a child process, whose
+limits it may lower without touching the test run's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.support import TEST_SECRET, ServeProcess, free_port
+
+CHILD = """
+import logging, resource, sys
+from pulse.config import Settings
+from pulse.serving import raise_open_files_limit
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+soft, hard = {soft}, {hard}
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+limit = raise_open_files_limit(Settings(max_connections={max_connections}))
+assert limit == resource.getrlimit(resource.RLIMIT_NOFILE)[0], limit
+print(limit)
+"""
+
+
+def _child(soft: int, hard: int, max_connections: int) -> tuple[int, str]:
+    code = CHILD.format(soft=soft, hard=hard, max_connections=max_connections)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return int(done.stdout.strip()), done.stderr
+
+
+@pytest.fixture
+def hard_limit() -> int:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard limit of open files here is {hard}, too low to lower from")
+    return 4096 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+
+
+def test_the_soft_limit_is_raised_to_the_hard_one(hard_limit: int) -> None:
+    limit, said = _child(256, hard_limit, max_connections=10)
+    assert limit == hard_limit
+    assert said == ""
+
+
+def test_too_few_files_for_the_connections_allowed_is_said(hard_limit: int) -> None:
+    limit, said = _child(300, 300, max_connections=10_000)
+    assert limit == 300
+    assert "may open 300 files" in said
+    assert "PULSE_MAX_CONNECTIONS=10000" in said
+    assert "about 20200" in said
+
+
+def test_enough_files_says_nothing(hard_limit: int) -> None:
+    limit, said = _child(1000, 1000, max_connections=400)
+    assert (limit, said) == (1000, "")
+
+
+SERVE_WITH_A_LOW_SOFT_LIMIT = """
+import resource
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+from pulse.cli import main
+main(["serve"])
+"""
+
+
+async def test_pulse_serve_runs_with_the_raised_limit_and_reports_it(
+    database_url: str, hard_limit: int
+) -> None:
+    port = free_port()
+    env = dict(os.environ, DATABASE_URL=database_url, PULSE_JWT_SECRET=TEST_SECRET, PORT=str(port))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SERVE_WITH_A_LOW_SOFT_LIMIT, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    server = ServeProcess(proc, f"http://127.0.0.1:{port}")
+    try:
+        await server.wait_ready()
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            status = (await http.get("/api/v1/telemetry/stream/status")).json()
+    finally:
+        await server.stop()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    assert status["limits"]["max_open_files"] == raised
