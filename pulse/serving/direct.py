@@ -14,7 +14,8 @@ hypercorn's connection, under the same lock as every other write.
   sends.
 
 Also here: hypercorn's queue of ASGI events for an app task replaced by an
-``InboundQueue`` (``bound_inbound_queues``). Applied by ``pulse.serving.tuning``.
+``InboundQueue`` (``bound_inbound_queues``), which an HTTP request's scope offers to
+watch (``pulse.web.direct.INBOUND``). Applied by ``pulse.serving.tuning``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pulse.serving.inbound import InboundQueue
-from pulse.web.direct import CHUNKS, FRAMES, chunk
+from pulse.web.direct import CHUNKS, FRAMES, INBOUND, chunk
 
 
 class _Socket:
@@ -188,6 +189,8 @@ def bound_inbound_queues() -> None:
 
         async def spawn_app(self, app: Any, config: Any, scope: Any, send: Any) -> Any:
             app_queue: InboundQueue[Any] = InboundQueue(config.max_app_queue_size)
+            if scope["type"] == "http":
+                scope.setdefault("extensions", {})[INBOUND] = {"watch": app_queue.watch}
 
             def _call_soon(func: Callable[..., Any], *args: Any) -> Any:
                 future = asyncio.run_coroutine_threadsafe(func(*args), self._loop)

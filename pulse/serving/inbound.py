@@ -15,19 +15,32 @@ ASGI events for the app (pulse.serving.direct), in place of an asyncio.Queue
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class InboundQueue(Generic[T]):
-    __slots__ = ("_getters", "_items", "_putters", "_size")
+    __slots__ = ("_getters", "_items", "_putters", "_size", "_watcher")
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._items: list[T] = []
         self._getters: list[asyncio.Future[None]] = []
         self._putters: list[asyncio.Future[None]] = []
+        self._watcher: Callable[[T], None] | None = None
+
+    def watch(self, callback: Callable[[T], None] | None) -> None:
+        """Call ``callback`` with each item queued and each put from now on (None: stop).
+
+        For a handler that reads nothing more but must know when something comes
+        (an SSE stream, the client's going away), without a task waiting in ``get``.
+        """
+        self._watcher = callback
+        if callback is not None:
+            for item in list(self._items):
+                callback(item)
 
     async def get(self) -> T:
         while not self._items:
@@ -41,6 +54,8 @@ class InboundQueue(Generic[T]):
             await _wait(self._putters)
         self._items.append(item)
         _wake_one(self._getters)
+        if self._watcher is not None:
+            self._watcher(item)
 
     def qsize(self) -> int:
         return len(self._items)

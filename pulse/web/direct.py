@@ -7,7 +7,7 @@ per delivery, which is what bounds fan-out. When the server offers it
 scope carries an extension whose calls take the bytes the framing layer would
 have produced and write them under the connection's own lock, so nothing
 interleaves. A handler that finds no extension, or runs with
-``PULSE_DIRECT_WRITES=0``, sends the plain ASGI way.
+``PULSE_DIRECT_WRITES=0``, sends (and reads) the plain ASGI way.
 
 - ``CHUNKS`` (HTTP/1.1 responses): the bytes are one chunk of the response body,
   for a response already started without a Content-Length.
@@ -31,6 +31,8 @@ from typing import Any
 
 CHUNKS = "pulse.http.chunks"
 FRAMES = "pulse.websocket.frames"
+# An HTTP request's ASGI events, watched as they arrive: ``watch_inbound``.
+INBOUND = "pulse.http.inbound"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,6 +48,20 @@ def direct_writes(
     """The extension's calls when the server offers it and they are ``enabled``, else None."""
     offered = (scope.get("extensions") or {}).get(extension) if enabled else None
     return DirectWrites(**offered) if offered else None
+
+
+def watch_inbound(
+    scope: Mapping[str, Any], callback: Callable[[dict[str, Any]], None], *, enabled: bool
+) -> Callable[[], None] | None:
+    """Have ``callback`` called with each of the request's ASGI events, those already
+    arrived first, where the server offers it and it is ``enabled`` (None otherwise:
+    read them from ``receive``). Returns what stops the calls."""
+    offered = (scope.get("extensions") or {}).get(INBOUND) if enabled else None
+    if not offered:
+        return None
+    watch: Callable[[Callable[[dict[str, Any]], None] | None], None] = offered["watch"]
+    watch(callback)
+    return lambda: watch(None)
 
 
 def text_frame(payload: bytes) -> bytes:

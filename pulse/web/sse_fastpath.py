@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from pulse.auth.access import tenant_for
 from pulse.runtime import Runtime
@@ -34,7 +35,7 @@ from pulse.web.asgi import (
     query_args,
 )
 from pulse.web.auth import scope_credential
-from pulse.web.direct import DirectWrites
+from pulse.web.direct import DirectWrites, watch_inbound
 from pulse.web.fastpath import send_reply
 from pulse.web.ingest import Reply, error_reply
 from pulse.web.sse import HEADERS, SSE_URL, body, limit_reached, open_stream
@@ -62,7 +63,7 @@ class SseFastPath(OneRoute):
         elif isinstance(opened, Reply):
             await send_reply(send, opened)
         else:
-            await _stream(rt, *opened, receive, send)
+            await _stream(rt, *opened, scope, receive, send)
 
 
 async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] | Reply | None:
@@ -98,26 +99,36 @@ async def _stream(
     rt: Runtime,
     stream: Live,
     writes: DirectWrites | None,
+    scope: Scope,
     receive: ASGIReceiveCallable,
     send: ASGISendCallable,
 ) -> None:
     """Send the response until the stream ends or the client goes away.
 
-    Quart watches for the client leaving with a task of its own; so does this,
-    and cancels the stream when it has: its slot and subscription end at once,
-    not at the next write that fails.
+    Quart watches for the client leaving with a task of its own; so does this
+    where the server offers no watch of the request's events
+    (``pulse.web.direct.watch_inbound``), and cancels the stream when it has:
+    its slot and subscription end at once, not at the next write that fails.
     """
     task = asyncio.current_task()
     assert task is not None
     gone = False
 
-    def went_away(_: object) -> None:
+    def went_away(_: object = None) -> None:
         nonlocal gone
-        gone = True
-        task.cancel()
+        if not gone:
+            gone = True
+            task.cancel()
 
-    watcher = asyncio.get_running_loop().create_task(_disconnected(receive))
-    watcher.add_done_callback(went_away)
+    def arrived(event: dict[str, Any]) -> None:
+        if event["type"] == "http.disconnect":
+            went_away()
+
+    stop_watching = watch_inbound(scope, arrived, enabled=rt.settings.direct_writes)
+    watcher = None
+    if stop_watching is None:
+        watcher = asyncio.get_running_loop().create_task(_disconnected(receive))
+        watcher.add_done_callback(went_away)
     try:
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
         async with contextlib.aclosing(body(rt, stream, writes)) as chunks:
@@ -129,8 +140,11 @@ async def _stream(
             return  # the client went away: nothing left to do
         raise
     finally:
-        watcher.remove_done_callback(went_away)
-        watcher.cancel()
+        if stop_watching is not None:
+            stop_watching()
+        if watcher is not None:
+            watcher.remove_done_callback(went_away)
+            watcher.cancel()
 
 
 async def _disconnected(receive: ASGIReceiveCallable) -> None:

@@ -61,3 +61,17 @@ async def test_a_cancelled_sender_leaves_no_item_and_no_waiter() -> None:
     assert await queue.get() == 1 and queue.qsize() == 0
     await asyncio.wait_for(queue.put(3), 1)  # room again, no stale waiter in the way
     assert await queue.get() == 3
+
+
+async def test_a_watcher_sees_what_was_queued_then_what_comes_until_it_stops() -> None:
+    queue: InboundQueue[str] = InboundQueue(10)
+    await queue.put("request")
+    seen: list[str] = []
+    queue.watch(seen.append)
+    assert seen == ["request"]  # what arrived before it watched, first
+    await queue.put("disconnect")
+    assert seen == ["request", "disconnect"]
+    queue.watch(None)
+    await queue.put("later")
+    assert seen == ["request", "disconnect"]
+    assert [await queue.get() for _ in range(3)] == ["request", "disconnect", "later"]
