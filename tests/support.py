@@ -194,20 +194,21 @@ async def start_serve(
     env: dict[str, str] | None = None,
     stdout: int = asyncio.subprocess.DEVNULL,
     port: int | None = None,
+    script: str | None = None,
 ) -> ServeProcess:
     """`python -m pulse serve` in a subprocess (on ``port``, or a free one); not yet ready.
-    The caller stops it."""
+    With ``script``, ``python -c script`` instead, which ends in serving (after changing
+    something first). The caller stops it."""
     port = port or free_port()
     child_env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     child_env.update(PULSE_DATA_DIR=str(data_dir), PULSE_JWT_SECRET=TEST_SECRET, PORT=str(port))
     if database_url:
         child_env["DATABASE_URL"] = database_url
     child_env.update(env or {})
+    command = ["-c", script] if script is not None else ["-m", "pulse", "serve"]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "pulse",
-        "serve",
+        *command,
         env=child_env,
         stdout=stdout,
         stderr=asyncio.subprocess.PIPE,

@@ -7,16 +7,15 @@ limits it may lower without touching the test run's.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import TEST_SECRET, ServeProcess, free_port
+from tests.support import start_serve
 
 CHILD = """
 import logging, resource, sys
@@ -76,14 +75,11 @@ main(["serve"])
 
 
 async def test_pulse_serve_runs_with_the_raised_limit_and_reports_it(
-    database_url: str, hard_limit: int
+    database_url: str, hard_limit: int, tmp_path: Path
 ) -> None:
-    port = free_port()
-    env = dict(os.environ, DATABASE_URL=database_url, PULSE_JWT_SECRET=TEST_SECRET, PORT=str(port))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SERVE_WITH_A_LOW_SOFT_LIMIT, env=env, stderr=asyncio.subprocess.PIPE
+    server = await start_serve(
+        data_dir=tmp_path, database_url=database_url, script=SERVE_WITH_A_LOW_SOFT_LIMIT
     )
-    server = ServeProcess(proc, f"http://127.0.0.1:{port}")
     try:
         await server.wait_ready()
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:

@@ -4,8 +4,6 @@ it was written for, and the app still served correctly (the plain ASGI way) othe
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,14 +13,7 @@ import pytest
 
 from pulse.serving import tuning
 from tests.streams.ws_support import open_ws, recv
-from tests.support import (
-    TEST_SECRET,
-    ServeProcess,
-    free_port,
-    insert_readings,
-    provision_device,
-    sse_events,
-)
+from tests.support import insert_readings, provision_device, sse_events, start_serve
 
 
 def test_the_versions_pinned_are_the_versions_written_for() -> None:
@@ -50,12 +41,7 @@ UNKNOWN_VERSION = (
 async def test_under_other_versions_the_app_is_served_the_plain_way(
     database_url: str, pool: asyncpg.Pool, make_token: Callable[..., str], tmp_path: Path
 ) -> None:
-    port = free_port()
-    env = dict(os.environ, DATABASE_URL=database_url, PULSE_JWT_SECRET=TEST_SECRET, PORT=str(port))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", UNKNOWN_VERSION, env=env, stderr=asyncio.subprocess.PIPE
-    )
-    server = ServeProcess(proc, f"http://127.0.0.1:{port}")
+    server = await start_serve(data_dir=tmp_path, database_url=database_url, script=UNKNOWN_VERSION)
     try:
         await server.wait_ready()
         await provision_device(pool, "t1", "d1")
