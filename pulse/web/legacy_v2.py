@@ -25,7 +25,6 @@ from pulse.streams.legacy_v2.protocol import (
 )
 from pulse.streams.legacy_v2.reads import FleetReads
 from pulse.streams.live import End, Live, Signals
-from pulse.web.auth import authenticate, scope_credential
 from pulse.web.websocket import Close, Connection, Socket, frames, serve_websocket
 
 URL = "/api/v2/ws"
@@ -51,8 +50,7 @@ async def _serve(connection: Connection) -> None:
             return None
         return tenant_for(principal, args.get("tenant_id"))
 
-    credential = scope_credential(connection.socket.scope, args, allow_query=True)
-    principal = await authenticate(rt, credential, args, accept=tenant)
+    principal = await connection.authenticate(tenant)
     tenant_id = tenant(principal)
     session = Session(
         tenant_id,

@@ -22,7 +22,6 @@ from pulse.streams.messages import BadMessage, decode, error
 from pulse.streams.params import BadParameter, parse_event_id, parse_filters
 from pulse.streams.telemetry_protocol import Reauthenticate, connected_message, handle_action
 from pulse.times import format_time
-from pulse.web.auth import authenticate, scope_credential
 from pulse.web.websocket import Close, Connection, Socket, frames, serve_websocket
 
 URL = "/api/v1/customer/telemetry/stream"
@@ -44,8 +43,7 @@ async def _serve(connection: Connection) -> None:
     def tenant(principal: Principal) -> str:
         return tenant_for(principal, args.get("tenant_id"))
 
-    credential = scope_credential(connection.socket.scope, args, allow_query=True)
-    principal = await authenticate(rt, credential, args, accept=tenant)
+    principal = await connection.authenticate(tenant)
     tenant_id = tenant(principal)
     async with rt.limits.hold("websocket", tenant_id):
         stream = Live(
