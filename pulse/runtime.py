@@ -145,6 +145,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             ).many,
             hooks=[evaluate_alerts],
             group_commit=settings.group_commit,
+            on_remade=metrics.ingest_writes_remade.inc,
         )
 
         ingest = Ingest(writer, metrics)

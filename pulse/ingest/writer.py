@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -16,6 +16,7 @@ from pulse.db.database import Database
 from pulse.db.queries import load_queries
 from pulse.errors import INVALID_DEVICE_TOKEN, UNKNOWN_DEVICE
 from pulse.ingest.gates import KeyedLocks
+from pulse.ingest.ids import Claim, EventIds
 from pulse.ingest.model import Accepted, Outcome, Rejected, Submission
 from pulse.ingest.validation import Reading
 
@@ -81,6 +82,7 @@ class TelemetryWriter:
         admit: Admit | None = None,
         hooks: Sequence[TransactionHook] = (),
         group_commit: bool = True,
+        on_remade: Callable[[], object] | None = None,
     ) -> None:
         self._db = db
         self._admit = admit
@@ -93,11 +95,17 @@ class TelemetryWriter:
             list[tuple[Sequence[Submission], bool, asyncio.Future[list[Outcome]]]],
         ] = {}
         # Writers of one tenant commit one at a time anyway (the tenant row
-        # lock); queueing them here instead of inside PostgreSQL keeps a busy
-        # tenant from holding every pooled connection while it waits, which
+        # lock). A group holds its tenants' gates until its rows are in; the next
+        # group's insert then runs beside its commit (pulse.ingest.ids). A busy
+        # tenant holds two pooled connections at most, not every one, which
         # would stall the other tenants.
         self._tenant_gates = KeyedLocks()
+        self.ids = EventIds()  # what this writer foresees, and how often it was right
+        self._on_remade = on_remade
         self._committers: set[asyncio.Task[None]] = set()  # _commit_waiting, one per tenants
+        # A committer with nothing to start waits for a write to come, or the
+        # transaction it has in flight to end (_next_write_or_end).
+        self._wakes: dict[frozenset[str], asyncio.Future[None]] = {}
         # Writes waiting for their tokens and rates to be checked (_check).
         self._unchecked: list[
             tuple[Sequence[Submission], asyncio.Future[list[Outcome | None]]]
@@ -186,6 +194,8 @@ class TelemetryWriter:
         waiting = self._waiting.get(tenants)
         if waiting is not None:  # a committer is at work: its next group takes this write
             waiting.append((submissions, checked, future))
+            if (wake := self._wakes.get(tenants)) is not None and not wake.done():
+                wake.set_result(None)
         else:
             self._waiting[tenants] = [(submissions, checked, future)]
             committer = loop.create_task(self._commit_waiting(tenants))
@@ -195,9 +205,23 @@ class TelemetryWriter:
 
     async def _commit_waiting(self, tenants: frozenset[str]) -> None:
         """Commit the writes waiting for ``tenants``, a group per transaction, until
-        none is left; a write that arrives meanwhile joins the next group."""
+        none is left; a write that arrives meanwhile joins the next group.
+
+        Two transactions are in flight at most: the next group starts once the one
+        ahead has inserted its rows (``inserted``), so its insert runs beside the
+        other's commit (``pulse.ingest.ids``), and the one before that has ended.
+        """
+        previous: asyncio.Task[list[Outcome]] | None = None
+        commit: asyncio.Task[list[Outcome]] | None = None
         try:
-            while self._waiting[tenants]:
+            while True:
+                if not self._waiting[tenants]:
+                    if previous is None:
+                        break
+                    await self._next_write_or_end(tenants, previous)
+                    if previous.done():
+                        previous = None
+                    continue
                 # The gates are taken again for each group: a write whose tenants
                 # overlap these, queued at a gate meanwhile, goes first.
                 async with self._tenant_gates.hold(tenants):
@@ -207,39 +231,105 @@ class TelemetryWriter:
                     for subs, was, _ in group:
                         everything += subs
                         prechecked += [was] * len(subs)
+                    inserted = asyncio.Event()
                     commit = asyncio.get_running_loop().create_task(
-                        self._commit(everything, prechecked)
+                        self._commit(everything, prechecked, inserted=inserted)
                     )
                     callers = [(subs, waiter) for subs, _, waiter in group]
                     commit.add_done_callback(functools.partial(_settle, callers))
-                    # Its error is each caller's, through their futures.
+                    await inserted.wait()
+                if previous is not None:
                     with contextlib.suppress(Exception):
-                        await commit
+                        await previous
+                previous = commit
         finally:
+            for task in (previous, commit):
+                if task is not None:
+                    task.cancel()
             # Stopped (the server is stopping): what still waits is cancelled.
             for _, _, waiter in self._waiting.pop(tenants, []):
                 waiter.cancel()
 
+    async def _next_write_or_end(
+        self, tenants: frozenset[str], commit: asyncio.Future[Any]
+    ) -> None:
+        """Wait until a write for ``tenants`` comes (``_write_grouped``), or ``commit`` ends."""
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def ended(_: object) -> None:
+            if not wake.done():
+                wake.set_result(None)
+
+        self._wakes[tenants] = wake
+        commit.add_done_callback(ended)
+        try:
+            await wake
+        finally:
+            del self._wakes[tenants]
+            commit.remove_done_callback(ended)
+
     async def _commit(
-        self, submissions: Sequence[Submission], prechecked: Sequence[bool] = ()
+        self,
+        submissions: Sequence[Submission],
+        prechecked: Sequence[bool] = (),
+        *,
+        inserted: asyncio.Event | None = None,
     ) -> list[Outcome]:
-        """One transaction. ``prechecked[i]``: submission i passed its checks already."""
-        async with self._db.transaction() as conn:
-            return await self._write_in(conn, submissions, prechecked)
+        """One transaction. ``prechecked[i]``: submission i passed its checks already.
+
+        With ``inserted`` (group commit), the transaction may foresee its ids, and
+        sets ``inserted`` once its rows are in: the next group may then begin. A
+        foresight that proves wrong costs a second transaction that reserves first;
+        the checks made in the first are not made twice.
+        """
+        verdicts: list[Outcome | None] = [None] * len(submissions)
+        unchecked = [i for i, was in enumerate(prechecked or [False] * len(submissions)) if not was]
+        foresee = inserted is not None
+        try:
+            while True:
+                claims: list[Claim] = []
+                try:
+                    async with self._db.transaction() as conn:
+                        if unchecked:
+                            checked = await self._authenticate(
+                                conn, [submissions[i] for i in unchecked]
+                            )
+                            for i, outcome in zip(unchecked, checked, strict=True):
+                                verdicts[i] = outcome
+                            unchecked = []  # a second attempt keeps them (and the rates)
+                        outcomes = await self._write_in(
+                            conn, submissions, verdicts, claims, foresee, inserted
+                        )
+                except _Unforeseen as exc:
+                    for claim in claims:
+                        self.ids.proven_wrong(claim, by_another=exc.by_another)
+                    if self._on_remade is not None:
+                        self._on_remade()
+                    foresee = False
+                    continue
+                except BaseException:
+                    for claim in claims:
+                        self.ids.end(claim, committed=False)
+                    raise
+                for claim in claims:
+                    self.ids.end(claim, committed=True)
+                return outcomes
+        finally:
+            if inserted is not None:
+                inserted.set()
 
     async def _write_in(
         self,
         conn: asyncpg.Connection,
         submissions: Sequence[Submission],
-        prechecked: Sequence[bool],
+        verdicts: Sequence[Outcome | None],
+        claims: list[Claim],
+        foresee: bool = False,
+        inserted: asyncio.Event | None = None,
     ) -> list[Outcome]:
-        outcomes: list[Outcome | None] = [None] * len(submissions)
-        checks = prechecked or [False] * len(submissions)
-        unchecked = [i for i, was in enumerate(checks) if not was]
-        if unchecked:
-            checked = await self._authenticate(conn, [submissions[i] for i in unchecked])
-            for i, outcome in zip(unchecked, checked, strict=True):
-                outcomes[i] = outcome
+        """The transaction's work, the checks' ``verdicts`` given (None admits); the
+        ids it takes are added to ``claims``."""
+        outcomes = list(verdicts)
         admitted = [i for i, outcome in enumerate(outcomes) if outcome is None]
         for i in await self._repeated(conn, submissions, admitted):
             outcomes[i] = Accepted(None, duplicate=True)
@@ -249,7 +339,7 @@ class TelemetryWriter:
             submission = submissions[i]
             if outcomes[i] is None and submission.reading is not None:
                 by_tenant.setdefault(submission.tenant_id, []).append(i)
-        rows = await self._insert(conn, submissions, by_tenant)
+        rows = await self._insert(conn, submissions, by_tenant, claims, foresee, inserted)
         for tenant_id, indexes in by_tenant.items():
             taken = rows.get(tenant_id)
             if taken is None:  # the tenant was deleted after its devices authenticated
@@ -362,23 +452,40 @@ class TelemetryWriter:
         conn: asyncpg.Connection,
         submissions: Sequence[Submission],
         by_tenant: dict[str, list[int]],
+        claims: list[Claim],
+        foresee: bool,
+        inserted: asyncio.Event | None,
     ) -> dict[str, TenantRows]:
-        """Reserve ids and insert every reading of ``by_tenant`` (each tenant's
-        submissions, in order) in one statement; the rows stored, by tenant. A tenant
-        deleted since its devices authenticated has none."""
+        """Take ids for every reading of ``by_tenant`` (each tenant's submissions, in
+        order) and insert them in one statement; the rows stored, by tenant. A tenant
+        deleted since its devices authenticated has none.
+
+        The ids are foreseen when this process knows them (``pulse.ingest.ids``): the
+        rows go in first, and the reservation after, once the writes ahead have
+        ended; if it does not give the ids foreseen, ``_Unforeseen`` rolls back.
+        Otherwise the ids are reserved first, as the foresight's fallback.
+        """
+        if inserted is not None and not by_tenant:
+            inserted.set()
         if not by_tenant:
             return {}
         tenants = sorted(by_tenant)
-        reserved = await conn.fetch(
-            Q["reserve_event_ids"], tenants, [len(by_tenant[t]) for t in tenants]
-        )
+        counts = {tenant: len(by_tenant[tenant]) for tenant in tenants}
+        ended = asyncio.get_running_loop().create_future()
+        claim = self.ids.foresee(counts, ended) if foresee else None
+        if claim is None:
+            reserved = await conn.fetch(Q["reserve_event_ids"], tenants, list(counts.values()))
+            # A NULL base: the tenant was deleted after we authenticated its devices.
+            bases = {row["tenant_id"]: row["base"] for row in reserved if row["base"] is not None}
+            if inserted is not None:
+                claims.append(self.ids.reserved({t: counts[t] for t in bases}, bases, ended))
+        else:
+            claims.append(claim)
+            bases = claim.bases
         rows: dict[str, TenantRows] = {}
         stored: list[dict[str, object]] = []
-        for row in reserved:
-            # A NULL base: the tenant was deleted after we authenticated its devices.
-            if row["base"] is None:
-                continue
-            tenant_id, first_id = row["tenant_id"], row["base"] + 1
+        for tenant_id, base in bases.items():
+            first_id = base + 1
             written = [submissions[i] for i in by_tenant[tenant_id]]
             readings = [_reading(submission) for submission in written]
             rows[tenant_id] = TenantRows(first_id, readings)
@@ -394,6 +501,15 @@ class TelemetryWriter:
             )
         if stored:
             await conn.execute(Q["insert_telemetry"], stored)
+        if inserted is not None:
+            inserted.set()
+        if claim is not None:
+            for ahead in claim.ahead:
+                if not await asyncio.shield(ahead):  # a write ahead did not commit
+                    raise _Unforeseen(by_another=False)
+            reserved = await conn.fetch(Q["reserve_event_ids"], tenants, list(counts.values()))
+            if any(row["base"] != claim.bases[row["tenant_id"]] for row in reserved):
+                raise _Unforeseen(by_another=True)  # another process took some of the ids
         return rows
 
     async def _touch(self, conn: asyncpg.Connection, devices: Sequence[Device]) -> list[Device]:
@@ -426,6 +542,14 @@ def _settle(
             else:
                 waiter.set_result(commit.result()[offset : offset + len(subs)])
         offset += len(subs)
+
+
+class _Unforeseen(Exception):
+    """The ids a write foresaw were not the ones it reserved: roll back, and again."""
+
+    def __init__(self, *, by_another: bool) -> None:
+        super().__init__()
+        self.by_another = by_another  # else a write ahead failed
 
 
 def _reading(submission: Submission) -> Reading:

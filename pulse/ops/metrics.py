@@ -121,6 +121,12 @@ class Metrics:
         self.ingest_rows = Counter(
             "pulse_ingest_rows", "Telemetry rows committed", ["endpoint"], registry=r
         )
+        self.ingest_writes_remade = Counter(
+            "pulse_ingest_writes_remade",
+            "Ingest transactions rolled back and made again because the event ids they "
+            "foresaw were taken (another process wrote the tenant, or a write ahead failed)",
+            registry=r,
+        )
         self.ingest_rejected = Counter(
             "pulse_ingest_rejected", "Ingest messages rejected", ["reason"], registry=r
         )

@@ -186,17 +186,22 @@ async def test_checked_and_unchecked_writes_share_a_group(pool: asyncpg.Pool, to
     writer = TelemetryWriter(seam(pool), hooks=[hold], admit=admit)
     first = asyncio.ensure_future(writer.write(one(token, 9999)))
     await until(lambda: len(sizes) == 1)  # the first transaction is open
+    # A second is in flight beside it (it inserts, then waits for the first to end):
+    # the next group starts only when the first has ended.
+    second = asyncio.ensure_future(writer.write(one(token, 9998)))
+    await until(lambda: writer.ids.foreseen == 1)
     singles = [writer.write(one(token if i % 2 else "pdt_wrong", 1000 + i)) for i in range(10)]
     batches = [writer.write(many(token, 100 * b)) for b in range(3)]
     writes = asyncio.gather(*singles, *batches)
     # The first transaction holds while the large writes are checked beside it.
     try:
-        await until(lambda: admitted == 1 + 3 * CHECK_AHEAD_FROM)
+        await until(lambda: admitted == 2 + 3 * CHECK_AHEAD_FROM)
         for _ in range(10):  # a checked write queues a few turns of the loop after its check
             await asyncio.sleep(0)
     finally:
         release.set()
     results = [await asyncio.wait_for(first, 10), *await asyncio.wait_for(writes, 10)]
+    assert isinstance((await second)[0], Accepted)
     rows = dict(await pool.fetch("SELECT (metrics->>'v')::int, id FROM telemetry"))
     for i, outcome in enumerate(results[1:11]):
         assert outcome == ([Accepted(rows[1000 + i])] if i % 2 else outcome)
@@ -204,9 +209,9 @@ async def test_checked_and_unchecked_writes_share_a_group(pool: asyncpg.Pool, to
             assert isinstance(outcome[0], Rejected) and outcome[0].reason == INVALID_DEVICE_TOKEN
     for b, outcomes in enumerate(results[11:]):
         assert outcomes == [Accepted(rows[100 * b + i]) for i in range(CHECK_AHEAD_FROM)]
-    assert sum(sizes) == len(rows) == 1 + 5 + 3 * CHECK_AHEAD_FROM
-    # Behind the first transaction, everything that queued went in one group.
-    assert len(sizes) == 2, sizes
+    assert sum(sizes) == len(rows) == 2 + 5 + 3 * CHECK_AHEAD_FROM
+    # Behind the two transactions in flight, everything that queued went in one group.
+    assert len(sizes) == 3, sizes
 
 
 async def test_a_write_for_overlapping_tenants_is_not_starved(
