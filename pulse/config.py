@@ -36,6 +36,11 @@ class Settings:
     max_connections: int = 10_000
     max_connections_per_tenant: int = 100
     max_device_filters: int = 1000
+    # History exports streaming at once (pulse.history.exports): each holds a pooled
+    # connection and a snapshot for as long as its client reads, at most export_max_s.
+    max_exports: int = 2
+    max_exports_per_tenant: int = 1
+    export_max_s: float = 3600.0
     queue_size: int = 1000
     # A crashed process's stream connections stop counting toward the
     # per-tenant limit within this many seconds (pulse.streams.limits).
@@ -125,6 +130,16 @@ class Settings:
                 f"PULSE_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes: a shorter one "
                 "can be guessed offline from any token it signed. Make one with: "
                 "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        if not 0 < self.max_exports < self.db_pool_size:
+            raise ConfigError(
+                f"PULSE_MAX_EXPORTS={self.max_exports} must be at least 1 and below "
+                f"PULSE_DB_POOL_SIZE={self.db_pool_size}: each export holds a pooled "
+                "connection while it streams, and ingest and streams need the others."
+            )
+        if self.max_exports_per_tenant < 1 or self.export_max_s <= 0:
+            raise ConfigError(
+                "PULSE_MAX_EXPORTS_PER_TENANT and PULSE_EXPORT_MAX_S must be positive"
             )
         if self.log_level.upper() not in LEVELS:
             raise ConfigError(

@@ -116,6 +116,13 @@ RATE_LIMITED = _error(
 CONNECTION_LIMIT = _error(
     "connection_limit", 429, 4029, "The tenant's (or this server's) stream connection limit."
 )
+EXPORT_LIMIT = _error(
+    "export_limit",
+    429,
+    None,
+    "The tenant (or this server) streams as many history exports at once as it allows; "
+    "retry when one has ended.",
+)
 LAGGING = _error(
     "lagging", None, 4008, "The client read too slowly and was cut; reconnect and resume."
 )

@@ -39,6 +39,7 @@ from pulse.db.retention import ensure_partitions, run_retention
 from pulse.fleet.devices import NO_CREDENTIALS, Credentials
 from pulse.fleet.rules import evaluate_alerts
 from pulse.fleet.sweeper import StatusSweeper
+from pulse.history.exports import ExportSlots
 from pulse.history.rollups import Rollups, RollupSettings
 from pulse.ingest.buffer import IngestBuffer
 from pulse.ingest.ratelimit import Admission, RateLimiter
@@ -73,6 +74,7 @@ class Runtime:
     # Stream tickets issued, per principal (tenant_id, subject).
     ticket_limit: RateLimiter
     fleet_reads: FleetReads
+    exports: ExportSlots  # history exports streaming at once
     mqtt: Mqtt | None  # with PULSE_MQTT_URL
     # The device API tells it of new, rotated and deleted tokens (the MQTT broker).
     device_credentials: Credentials
@@ -153,6 +155,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
 
         ingest_buffer = IngestBuffer(int(settings.ingest_buffer_mb * 1024 * 1024))
         metrics.ingest_buffered_bytes.set_function(lambda: ingest_buffer.held)
+        exports = ExportSlots(settings.max_exports, settings.max_exports_per_tenant)
+        metrics.history_exports.set_function(lambda: exports.held)
 
         supervisor = Supervisor()
         stack.push_async_callback(supervisor.stop)
@@ -192,6 +196,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             tickets=Tickets(db),
             ticket_limit=RateLimiter(settings.ticket_rate_per_s, settings.ticket_burst),
             fleet_reads=FleetReads(db),
+            exports=exports,
             mqtt=mqtt,
             device_credentials=NO_CREDENTIALS if mqtt is None else mqtt.provisioner,
             supervisor=supervisor,

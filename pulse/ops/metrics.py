@@ -118,6 +118,11 @@ class Metrics:
             "Bytes of ingest request bodies held by requests not yet answered",
             registry=r,
         )
+        self.history_exports = Gauge(
+            "pulse_history_exports",
+            "History exports streaming now (each holds a pooled connection)",
+            registry=r,
+        )
         self.ingest_rows = Counter(
             "pulse_ingest_rows", "Telemetry rows committed", ["endpoint"], registry=r
         )

@@ -23,7 +23,7 @@ from quart_schema import (
     tag_blueprint,
 )
 
-from pulse.errors import INVALID_PARAMETER, UNKNOWN_DEVICE, ApiError
+from pulse.errors import EXPORT_LIMIT, INVALID_PARAMETER, UNKNOWN_DEVICE, ApiError
 from pulse.history import reads
 from pulse.history.params import HistoryQuery, parse_history
 from pulse.history.rollups import RollupSettings
@@ -138,7 +138,7 @@ EXPORT = (
 @openapi.answers(
     200, "", NDJSON, '{"id":7,"time":"2026-12-01T10:00:00.000Z","metrics":{"temp":21.5}}\n'
 )
-@openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER, UNKNOWN_DEVICE)
+@openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER, UNKNOWN_DEVICE, EXPORT_LIMIT)
 async def device_history(device_id: str) -> Response:
     """One device's telemetry over a time range: buckets, raw readings, or an export."""
     query = parse_history(request.args, now=datetime.now(UTC))
@@ -149,10 +149,12 @@ async def device_history(device_id: str) -> Response:
     if kind != JSON:
         if query.bucket in ("raw", "auto"):
             return _stream(
-                kind, _reading_lines(kind, reads.export_readings(db, tenant_id, device_id, query))
+                kind,
+                tenant_id,
+                _reading_lines(kind, reads.export_readings(db, tenant_id, device_id, query)),
             )
         batches = reads.export_series(db, tenant_id, [device_id], query, query.bucket)
-        return _stream(kind, _series_lines(kind, batches, query))
+        return _stream(kind, tenant_id, _series_lines(kind, batches, query))
     if query.bucket == "raw":
         rows, following = await reads.readings_page(db, tenant_id, device_id, query)
         readings = b",".join(_reading_json(row) for row in rows)
@@ -184,7 +186,7 @@ async def device_history(device_id: str) -> Response:
     NDJSON,
     '{"device_id":"d1","metric":"temp","t":"2026-12-01T10:00:00.000Z","avg":21.5}\n',
 )
-@openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER)
+@openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER, EXPORT_LIMIT)
 async def fleet_history() -> Response:
     """One metric across the tenant's devices, one series per device."""
     query = parse_history(request.args, now=datetime.now(UTC), fleet=True)
@@ -195,7 +197,7 @@ async def fleet_history() -> Response:
     kind = _media_type()
     if kind != JSON:
         batches = reads.export_series(db, tenant_id, devices, query, query.bucket)
-        return _stream(kind, _series_lines(kind, batches, query))
+        return _stream(kind, tenant_id, _series_lines(kind, batches, query))
     found = await reads.series(db, tenant_id, devices, query)
     assert query.metrics is not None
     return _json(
@@ -246,9 +248,15 @@ def _reading_json(row: Any) -> bytes:
     )
 
 
-def _stream(kind: str, lines: AsyncIterator[bytes]) -> Response:
-    response = Response(lines, content_type=kind if kind == NDJSON else "text/csv; charset=utf-8")
-    response.timeout = None  # an export takes as long as it takes
+def _stream(kind: str, tenant_id: str, lines: AsyncIterator[bytes]) -> Response:
+    """An export's response: it holds one of the process's export slots (or is refused
+    with export_limit) and is cut after PULSE_EXPORT_MAX_S, so that slow clients cannot
+    hold the pool's connections, or a snapshot, without end."""
+    rt = runtime()
+    body = rt.exports.stream(tenant_id, lines)
+    content_type = kind if kind == NDJSON else "text/csv; charset=utf-8"
+    response = Response(body, content_type=content_type)
+    response.timeout = rt.settings.export_max_s
     return response
 
 

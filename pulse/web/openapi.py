@@ -26,6 +26,7 @@ from werkzeug.routing.rules import Rule
 from pulse.errors import (
     CONNECTION_LIMIT,
     DATABASE_UNAVAILABLE,
+    EXPORT_LIMIT,
     FORBIDDEN,
     INVALID_TENANT_ID,
     INVALID_TICKET,
@@ -117,7 +118,7 @@ STREAM = (*TENANT_READ, INVALID_TICKET)
 # Errors that come with a header a client should read.
 _ERROR_HEADERS: dict[ErrorCode, dict[str, Any]] = {
     code: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}
-    for code in (RATE_LIMITED, CONNECTION_LIMIT, DATABASE_UNAVAILABLE)
+    for code in (RATE_LIMITED, CONNECTION_LIMIT, EXPORT_LIMIT, DATABASE_UNAVAILABLE)
 }
 for _code in (MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED, INVALID_TICKET):
     _ERROR_HEADERS[_code] = {

@@ -7,6 +7,25 @@ from datetime import datetime
 import asyncpg
 
 
+async def many_readings(
+    pool: asyncpg.Pool, tenant: str, device: str, n: int, start: datetime
+) -> None:
+    """n readings of a device with four metrics, one a second from ``start``, in one
+    statement (ids 1 to n: the tenant must have none yet)."""
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING", tenant)
+    await pool.execute(
+        """INSERT INTO telemetry (tenant_id, id, device_id, device_time, metrics)
+           SELECT $1, g, $2, $3::timestamptz + g * interval '1 second',
+                  jsonb_build_object('a', g, 'b', g, 'c', g, 'd', g)
+             FROM generate_series(1, $4) AS g""",
+        tenant,
+        device,
+        start,
+        n,
+    )
+    await pool.execute("UPDATE tenants SET last_event_id = $2 WHERE tenant_id = $1", tenant, n)
+
+
 async def readings_at(
     pool: asyncpg.Pool, tenant: str, rows: list[tuple[str, datetime, dict[str, float]]]
 ) -> list[int]:

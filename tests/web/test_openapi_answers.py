@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -24,7 +25,8 @@ import pytest
 from quart import Quart
 
 from pulse.config import Settings
-from tests.support import running_server
+from tests.history.readings import many_readings
+from tests.support import provision_device, running_server
 from tests.web.db_proxy import DatabaseProxy, database_proxy
 
 pytestmark = pytest.mark.timeout(120)
@@ -357,6 +359,21 @@ async def test_every_route_answers_as_documented(
             [Call("POST", TICKET, 200, headers=flood)] * served.ticket_burst
             + [Call("POST", TICKET, 429, headers=flood)]
         )
+        # 429 on exports: the tenant's one export is held by a client that stops
+        # reading an answer too large for the sockets' buffers.
+        await provision_device(pool, "t-export", "big")
+        await many_readings(pool, "t-export", "big", 100_000, datetime(2026, 12, 1, tzinfo=UTC))
+        exporter = {**bearer(make_token("t-export")), "Accept": "text/csv"}
+        window = {"from": "2026-12-01T00:00:00Z", "to": "2026-12-03T00:00:00Z"}
+        big = DEVICES + "/big/telemetry"
+        async with http.stream("GET", big, headers=exporter, params=window) as held:
+            assert held.status_code == 200
+            await check(
+                [
+                    Call("GET", HISTORY, 429, headers=exporter, path=big, params=window),
+                    Call("GET", FLEET_HISTORY, 429, headers=exporter, params={"metric": "a"}),
+                ]
+            )
         proxy.cut()
         try:
             await check(cut_calls(tokens, device_tokens))
