@@ -38,6 +38,7 @@ class Settings:
     max_device_filters: int = 1000
     # History exports streaming at once (pulse.history.exports): each holds a pooled
     # connection and a snapshot for as long as its client reads, at most export_max_s.
+    # Never more than db_pool_size - 1 at once, whatever max_exports says.
     max_exports: int = 2
     max_exports_per_tenant: int = 1
     export_max_s: float = 3600.0
@@ -131,15 +132,10 @@ class Settings:
                 "can be guessed offline from any token it signed. Make one with: "
                 "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
-        if not 0 < self.max_exports < self.db_pool_size:
+        if self.max_exports < 1 or self.max_exports_per_tenant < 1 or self.export_max_s <= 0:
             raise ConfigError(
-                f"PULSE_MAX_EXPORTS={self.max_exports} must be at least 1 and below "
-                f"PULSE_DB_POOL_SIZE={self.db_pool_size}: each export holds a pooled "
-                "connection while it streams, and ingest and streams need the others."
-            )
-        if self.max_exports_per_tenant < 1 or self.export_max_s <= 0:
-            raise ConfigError(
-                "PULSE_MAX_EXPORTS_PER_TENANT and PULSE_EXPORT_MAX_S must be positive"
+                "PULSE_MAX_EXPORTS, PULSE_MAX_EXPORTS_PER_TENANT and PULSE_EXPORT_MAX_S "
+                "must be positive"
             )
         if self.log_level.upper() not in LEVELS:
             raise ConfigError(

@@ -155,7 +155,11 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
 
         ingest_buffer = IngestBuffer(int(settings.ingest_buffer_mb * 1024 * 1024))
         metrics.ingest_buffered_bytes.set_function(lambda: ingest_buffer.held)
-        exports = ExportSlots(settings.max_exports, settings.max_exports_per_tenant)
+        exports = ExportSlots(
+            # Ingest and streams keep at least one pooled connection.
+            min(settings.max_exports, max(1, settings.db_pool_size - 1)),
+            settings.max_exports_per_tenant,
+        )
         metrics.history_exports.set_function(lambda: exports.held)
 
         supervisor = Supervisor()

@@ -84,3 +84,11 @@ def test_the_bus_is_unset_by_default_and_read_when_set() -> None:
     )
     assert settings.bus_url == "nats://a:4222,nats://b:4222"
     assert settings.bus_relay is False
+
+
+@pytest.mark.parametrize(
+    "key", ["PULSE_MAX_EXPORTS", "PULSE_MAX_EXPORTS_PER_TENANT", "PULSE_EXPORT_MAX_S"]
+)
+def test_export_limits_must_be_positive(key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        Settings.from_env({key: "0"})
