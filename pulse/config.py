@@ -99,6 +99,9 @@ class Settings:
     # Devices over MQTT (pulse.mqtt): mqtt://<dynamic-security admin>:<password>@host:port.
     # Unset, no MQTT anywhere (the client is not even imported).
     mqtt_url: str | None = None
+    # With mqtts://: the CA certificates (PEM) to trust for the broker's certificate;
+    # unset, the system's.
+    mqtt_ca_file: str | None = None
     # The MQTT session of this process: stable across its restarts, so that the
     # broker hands it back what it had not acknowledged; unique per process.
     mqtt_client_id: str | None = None

@@ -238,7 +238,14 @@ def _open_mqtt(settings: Settings, db: Database, ingest: Ingest, metrics: Metric
 
     assert settings.mqtt_url
     try:
-        return Mqtt(settings.mqtt_url, settings.mqtt_client_id, db, ingest, metrics)
+        return Mqtt(
+            settings.mqtt_url,
+            settings.mqtt_client_id,
+            db,
+            ingest,
+            metrics,
+            ca_file=settings.mqtt_ca_file,
+        )
     except ValueError as exc:
         raise StartupError(f"PULSE_MQTT_URL: {exc}") from exc
 

@@ -24,6 +24,7 @@ import itertools
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -61,12 +62,26 @@ READ_BURST = 256
 
 
 def _read_burst(client: paho.Client) -> None:
-    """paho reads one packet per call: read on while the socket has more."""
+    """paho reads one packet per call: read on while the socket has more.
+
+    Over TLS, bytes already read and decrypted wait in the SSL object, where no
+    selector sees them: they count as more, and a burst cut short by READ_BURST
+    goes on at the loop's next turn rather than at the next packet."""
     for _ in range(READ_BURST):
         client.loop_read()
         sock = client.socket()
-        if sock is None or not select.select([sock], [], [], 0)[0]:
+        if sock is None:
             return
+        if not (_decrypted(sock) or select.select([sock], [], [], 0)[0]):
+            return
+    if _decrypted(sock):
+        asyncio.get_running_loop().call_soon(_read_burst, client)
+
+
+def _decrypted(sock: Any) -> int:
+    """Bytes an SSL socket has decrypted and not handed out yet (0 for a plain one)."""
+    pending = getattr(sock, "pending", None)
+    return int(pending()) if pending is not None else 0
 
 
 class BrokerUnavailable(Exception):
@@ -79,16 +94,31 @@ class BrokerUrl:
     port: int
     username: str
     password: str
+    # mqtts://: TLS 1.2 or later, the broker's certificate checked against the CAs of
+    # ca_file (default: the system's) and its name against the host.
+    tls: Any = dataclasses.field(default=None, repr=False)  # an ssl.SSLContext, or None
 
     @classmethod
-    def parse(cls, url: str) -> BrokerUrl:
+    def parse(cls, url: str, ca_file: str | None = None) -> BrokerUrl:
         parts = urlsplit(url)
-        if parts.scheme != "mqtt" or not parts.hostname:
-            raise ValueError("an MQTT URL is mqtt://<admin user>:<password>@host:port")
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(
+                "an MQTT URL is mqtt://<admin user>:<password>@host:port (mqtts:// for TLS)"
+            )
         if not parts.username or parts.password is None:
             raise ValueError("the MQTT URL must carry the dynamic-security admin's credentials")
+        tls = None
+        if parts.scheme == "mqtts":
+            try:
+                tls = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"PULSE_MQTT_CA_FILE={ca_file!r} cannot be used: {exc}") from exc
         return cls(
-            parts.hostname, parts.port or 1883, unquote(parts.username), unquote(parts.password)
+            parts.hostname,
+            parts.port or (1883 if tls is None else 8883),
+            unquote(parts.username),
+            unquote(parts.password),
+            tls,
         )
 
 
@@ -228,6 +258,8 @@ class MqttLink:
             manual_ack=True,
         )
         client.username_pw_set(self._url.username, self._url.password)
+        if self._url.tls is not None:
+            client.tls_set_context(self._url.tls)
 
         def on_socket_open(c: paho.Client, _u: Any, sock: Any) -> None:
             # Acknowledgements and commands are small: send them at once (paho leaves

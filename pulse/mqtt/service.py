@@ -36,11 +36,18 @@ async def trim_claims(db: Database, cutoff: datetime, batch: int = TRIM_BATCH) -
 
 class Mqtt:
     def __init__(
-        self, url: str, client_id: str | None, db: Database, ingest: Ingest, metrics: Metrics
+        self,
+        url: str,
+        client_id: str | None,
+        db: Database,
+        ingest: Ingest,
+        metrics: Metrics,
+        *,
+        ca_file: str | None = None,
     ) -> None:
         self.intake = MqttIntake(ingest, metrics)
         self.link = MqttLink(
-            BrokerUrl.parse(url),
+            BrokerUrl.parse(url, ca_file),
             client_id or topics.default_client_id(),
             topics.subscriptions(),
             on_delivery=self.intake.on_delivery,

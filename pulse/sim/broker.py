@@ -40,13 +40,18 @@ class Mosquitto:
     """Its dynamic-security file, its administrator's password and its persisted sessions
     live in ``directory``, so a broker started again there knows what it knew."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, *, tls: tuple[Path, Path] | None = None
+    ) -> None:
         found = mosquitto_binaries()
         if found is None:
             raise RuntimeError(MISSING)
         self.binary, self.ctrl, self.plugin = found
         self.directory = directory
         self.port = port or free_port()
+        # A second listener, with TLS: (certificate chain, key), PEM files.
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
         self.proc: asyncio.subprocess.Process | None = None
         self.password = ""
 
@@ -55,6 +60,10 @@ class Mosquitto:
     @property
     def url(self) -> str:
         return f"mqtt://{ADMIN}:{self.password}@127.0.0.1:{self.port}"
+
+    def tls_url(self, host: str = "localhost") -> str:
+        assert self.tls_port is not None, "started without TLS"
+        return f"mqtts://{ADMIN}:{self.password}@{host}:{self.tls_port}"
 
     async def start(self, timeout: float = 10) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -88,6 +97,12 @@ class Mosquitto:
             "max_queued_messages 100000\n"
             # Small messages go out at once, not held back by Nagle's algorithm.
             "set_tcp_nodelay true\n"
+            + (
+                f"listener {self.tls_port} 127.0.0.1\n"
+                f"certfile {self.tls[0]}\nkeyfile {self.tls[1]}\n"
+                if self.tls
+                else ""
+            )
         )
         self.proc = await asyncio.create_subprocess_exec(
             self.binary, "-c", str(config),
