@@ -85,29 +85,19 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
     tenants = [f"tenant-{t:02d}" for t in range(tenant_count)]
     rng = random.Random(1)
 
-    async def measure(
-        server: PulseServer, dsn: str, load: list[bytes]
-    ) -> tuple[float, list[float], float, float]:
-        """rows/s, per-request latencies, server and PostgreSQL CPU seconds per row."""
-        latencies: list[float] = []
-        async with BackendCpu(dsn) as database:
-            with cpu_meter(server.pids()) as cpu:
-                stop = time.perf_counter() + seconds
-                counts = await asyncio.gather(
-                    *(post_batches(server.url, load, stop, latencies) for _ in range(clients))
-                )
-        rows = max(1, sum(counts))
-        return rows / cpu["wall_s"], latencies, cpu["others_cpu_s"] / rows, database.seconds / rows
-
     dsn = await pg.fresh_database()
     async with PulseServer(dsn) as server:
         devices = {t: await provision(server.url, t, 20) for t in tenants}
         # The same readings for both servers (the typical stack ignores the tokens).
         load = _batch_bodies(rng, devices, batch)
-        pulse_rate, pulse_lat, pulse_cpu, pulse_db = await measure(server, dsn, load)
+        pulse_rate, pulse_lat, pulse_cpu, pulse_db = await _measure_batches(
+            server, dsn, [load] * clients, seconds
+        )
     dsn = await pg.fresh_database()
     async with TypicalServer(dsn) as typical:
-        typical_rate, typical_lat, typical_cpu, typical_db = await measure(typical, dsn, load)
+        typical_rate, typical_lat, typical_cpu, typical_db = await _measure_batches(
+            typical, dsn, [load] * clients, seconds
+        )
     ceiling = await _direct_sql_ceiling(pg, tenants, seconds, clients, batch)
 
     label = f"batch ingest, {tenant_count} tenant{'s' if tenant_count > 1 else ''}"
@@ -133,6 +123,79 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
             f"p99 {percentile(pulse_lat, 99) * 1e3:.0f} ms; "
             f"server {pulse_cpu * 1e6:.1f} us CPU/row, "
             f"PostgreSQL {pulse_db * 1e6:.1f} us CPU/row",
+        ),
+    ]
+
+
+async def _measure_batches(
+    server: PulseServer | TypicalServer, dsn: str, loads: list[list[bytes]], seconds: float
+) -> tuple[float, list[float], float, float]:
+    """One client per load, each posting its bodies in turn for ``seconds``: rows/s,
+    per-request latencies, server and PostgreSQL CPU seconds per row."""
+    latencies: list[float] = []
+    async with BackendCpu(dsn) as database:
+        with cpu_meter(server.pids()) as cpu:
+            stop = time.perf_counter() + seconds
+            counts = await asyncio.gather(
+                *(post_batches(server.url, load, stop, latencies) for load in loads)
+            )
+    rows = max(1, sum(counts))
+    return rows / cpu["wall_s"], latencies, cpu["others_cpu_s"] / rows, database.seconds / rows
+
+
+async def ingest_gateways(pg: Postgres, quick: bool) -> list[Figure]:
+    """Batch ingest of one tenant as a fleet sends it: 4 gateways of 500 devices each,
+    every batch a reading of each of its gateway's devices (no device in two gateways),
+    against the typical stack in the same run."""
+    seconds = 4.0 if quick else 15.0
+    gateways, per_gateway = 4, 100 if quick else 500
+    tenant = "tenant-00"
+    rng = random.Random(5)
+
+    def bodies(devices: list[tuple[str, str]]) -> list[bytes]:
+        return [
+            orjson.dumps(
+                {
+                    "messages": [
+                        {
+                            "tenant_id": tenant,
+                            "device_id": device_id,
+                            "provision_token": device_token,
+                            "metrics": _reading(rng),
+                        }
+                        for device_id, device_token in devices
+                    ]
+                }
+            )
+            for _ in range(4)
+        ]
+
+    dsn = await pg.fresh_database()
+    async with PulseServer(dsn) as server:
+        devices = list((await provision(server.url, tenant, gateways * per_gateway)).items())
+        loads = [bodies(devices[g * per_gateway : (g + 1) * per_gateway]) for g in range(gateways)]
+        pulse = await _measure_batches(server, dsn, loads, seconds)
+    dsn = await pg.fresh_database()
+    async with TypicalServer(dsn) as typical_server:
+        typical = await _measure_batches(typical_server, dsn, loads, seconds)
+    label = f"batch ingest, 1 tenant, {gateways} gateways x {per_gateway} devices"
+
+    def note(rate: float, latencies: list[float], cpu: float, database: float) -> str:
+        return (
+            f"p99 {percentile(latencies, 99) * 1e3:.0f} ms, server {cpu * 1e6:.1f} us CPU/row, "
+            f"PostgreSQL {database * 1e6:.1f} us CPU/row"
+        )
+
+    return [
+        Figure(label, "typical stack", typical[0], "rows/s", note=note(*typical)),
+        Figure(
+            label,
+            "Pulse HTTP batch ingest",
+            pulse[0],
+            "rows/s",
+            target=">= 1.5x typical",
+            baseline=typical[0],
+            note=note(*pulse),
         ),
     ]
 
@@ -1051,6 +1114,7 @@ async def notify_cost(pg: Postgres, quick: bool) -> list[Figure]:
 SCENARIOS: dict[str, Scenario] = {
     "ingest": ingest_batch,
     "ingest-workers": ingest_batch_workers,
+    "ingest-gateways": ingest_gateways,
     "single": ingest_single,
     "single-workers": ingest_single_workers,
     "fanout-sse": fanout_sse,
