@@ -4,6 +4,7 @@ process."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -191,3 +192,33 @@ async def test_rollups_past_their_window_are_trimmed(pool: asyncpg.Pool) -> None
     assert [r[3] for r in await minutes(pool)] == [now]
     assert len(await minutes(pool, 15)) == 1
     assert len(await minutes(pool, 60)) == 2
+
+
+async def test_a_long_pass_is_followed_by_a_longer_pause(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next pass waits DUTY times as long as the last one took, when that is longer
+    than the interval: the rollups' share of their connection stays bounded."""
+    passes: list[tuple[float, float]] = []
+    counted = rollups.roll_up_once
+
+    async def slow_pass(conn: asyncpg.Connection) -> int:
+        started = time.monotonic()
+        try:
+            await asyncio.sleep(0.05)  # a pass that takes 50 ms at least
+            return await counted(conn)
+        finally:
+            passes.append((started, time.monotonic()))
+
+    monkeypatch.setattr(rollups, "roll_up_once", slow_pass)
+    task = asyncio.create_task(Rollups(db, RollupSettings(interval_s=0.001), retry_s=0.01).run())
+    try:
+        async with asyncio.timeout(10):
+            while len(passes) < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    for (start, end), (following, _) in itertools.pairwise(passes):
+        # Far longer than the interval of 1 ms; asyncio may wake a timer a tick early.
+        assert following - end >= 3 * (end - start) - 0.005
