@@ -40,8 +40,10 @@ BATCH_IDS = 50_000
 # as the last one took: the rollups take at most a fifth of their connection's time,
 # and a fleet of many devices under heavy ingest gets fewer, larger passes. The
 # history reads count the rows after the watermark themselves, so a longer wait
-# changes no answer.
+# changes no answer. After a long pass (a backlog: a migration, an outage) the wait
+# is MAX_PAUSE_S at most.
 DUTY = 4.0
+MAX_PAUSE_S = 5.0
 TRIM_BATCH = 5000
 QUERY_TIMEOUT_S = 300.0
 
@@ -78,8 +80,8 @@ class RollupSettings:
 
 def pause_after(took_s: float, interval_s: float) -> float:
     """How long to wait after a pass that took ``took_s``: the interval, or DUTY times
-    the pass when that is longer."""
-    return max(interval_s, DUTY * took_s)
+    the pass when that is longer, up to MAX_PAUSE_S."""
+    return max(interval_s, min(DUTY * took_s, MAX_PAUSE_S))
 
 
 async def roll_up_tenant(conn: asyncpg.Connection, tenant_id: str, newest: int) -> int:

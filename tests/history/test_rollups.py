@@ -222,3 +222,10 @@ async def test_a_long_pass_is_followed_by_a_longer_pause(
     for (start, end), (following, _) in itertools.pairwise(passes):
         # Far longer than the interval of 1 ms; asyncio may wake a timer a tick early.
         assert following - end >= 3 * (end - start) - 0.005
+
+
+def test_the_pause_after_a_backlog_is_bounded() -> None:
+    assert rollups.pause_after(0.0, 0.5) == 0.5
+    assert rollups.pause_after(0.5, 0.5) == 2.0
+    # A pass over a backlog of minutes: the next one comes within seconds.
+    assert rollups.pause_after(120.0, 0.5) == rollups.MAX_PAUSE_S <= 5.0
