@@ -44,7 +44,7 @@ from pulse.history.rollups import Rollups, RollupSettings
 from pulse.ingest.buffer import IngestBuffer
 from pulse.ingest.ratelimit import Admission, RateLimiter
 from pulse.ingest.service import Ingest
-from pulse.ingest.writer import TelemetryWriter
+from pulse.ingest.writer import SEEN_PRECISION_S, TelemetryWriter
 from pulse.ops.metrics import Metrics
 from pulse.ops.supervisor import Supervisor
 from pulse.streams.legacy_v2.reads import FleetReads
@@ -148,6 +148,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             hooks=[evaluate_alerts],
             group_commit=settings.group_commit,
             on_remade=metrics.ingest_writes_remade.inc,
+            # Well within the time after which the sweeper calls a silent device STALE.
+            seen_precision_s=min(SEEN_PRECISION_S, settings.stale_after_s / 10),
         )
 
         ingest = Ingest(writer, metrics)

@@ -51,10 +51,14 @@ SELECT w.t, w.i + r.n - 1, r.e ->> 0, (r.e ->> 1)::timestamptz, r.e -> 2, (r.e -
 -- name: touch_devices
 -- Marks the devices of a write as seen now and ONLINE, in one statement, and
 -- returns each one's previous status so a caller can tell which came online.
--- The rows are locked first in key order: a concurrent multi-row update of
+-- A device ONLINE and seen less than $3 seconds ago is left as it is, unlocked
+-- and unwritten: last_seen_at is that precise, and a fleet whose every batch
+-- names each device does not rewrite every device's row with every batch. The
+-- others are locked first in key order: a concurrent multi-row update of
 -- devices (the status sweeper) then cannot deadlock with this one, and the
--- status read is the latest committed one. greatest() keeps last_seen_at from
--- going back when an older transaction commits after a newer one.
+-- status read is the latest committed one (a row another write held is
+-- judged again once it is free). greatest() keeps last_seen_at from going back
+-- when an older transaction commits after a newer one.
 WITH seen AS (
     SELECT DISTINCT tenant_id, device_id
       FROM unnest($1::text[], $2::text[]) AS s(tenant_id, device_id)
@@ -62,6 +66,8 @@ WITH seen AS (
     SELECT d.tenant_id, d.device_id, d.status
       FROM devices d
       JOIN seen s ON d.tenant_id = s.tenant_id AND d.device_id = s.device_id
+     WHERE d.status <> 'ONLINE' OR d.last_seen_at IS NULL
+        OR d.last_seen_at <= now() - make_interval(secs => $3)
      ORDER BY d.tenant_id, d.device_id
        FOR UPDATE OF d
 )

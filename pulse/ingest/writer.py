@@ -29,6 +29,11 @@ R = TypeVar("R")
 # their tenants' gates (TelemetryWriter._check).
 CHECK_AHEAD_FROM = 32
 
+# How far a device's last_seen_at may lag its latest message: a write marks a
+# device seen only when it is not ONLINE or was last marked longer ago than this.
+# It keeps a fleet's readings from rewriting their devices' rows with every batch.
+SEEN_PRECISION_S = 1.0
+
 # Admission control, asked once per device of a write with how many of its messages
 # authenticated: how many of them it admits (the first ones), and the refusal for
 # the others (rate_limited, with the seconds to wait), None when all are admitted.
@@ -83,8 +88,11 @@ class TelemetryWriter:
         hooks: Sequence[TransactionHook] = (),
         group_commit: bool = True,
         on_remade: Callable[[], object] | None = None,
+        seen_precision_s: float = SEEN_PRECISION_S,
     ) -> None:
         self._db = db
+        # A device ONLINE and seen this recently is not marked seen again (touch_devices).
+        self._seen_precision_s = seen_precision_s
         self._admit = admit
         self._hooks = tuple(hooks)
         self._group_commit = group_commit
@@ -517,7 +525,10 @@ class TelemetryWriter:
         if not devices:
             return []
         rows = await conn.fetch(
-            Q["touch_devices"], [d[0] for d in devices], [d[1] for d in devices]
+            Q["touch_devices"],
+            [d[0] for d in devices],
+            [d[1] for d in devices],
+            self._seen_precision_s,
         )
         return [
             (row["tenant_id"], row["device_id"])

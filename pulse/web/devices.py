@@ -50,7 +50,9 @@ class Device(BaseModel):
     site_id: str | None
     name: str | None
     status: Literal["ONLINE", "STALE", "OFFLINE"]
-    last_seen_at: str | None = Field(description="null: never heard from.")
+    last_seen_at: str | None = Field(
+        description="The last reading or heartbeat, to within a second; null: never heard from."
+    )
     created_at: str
 
 
