@@ -33,11 +33,12 @@ STANDBY_NAME = "pulse rollups standby"
 LEADER_NAME = "pulse rollups"
 # Rows of one tenant counted per transaction: a backlog (a fresh migration of a
 # large table, a long outage) is worked off in steps that commit as they go. A step
-# upserts each of its (device, metric, bucket)s once however many rows it counts,
-# so with thousands of devices larger steps write far fewer rollups per reading
-# (200,000 against 50,000: 0.5x of PostgreSQL's time for 2,000 devices); a step
-# this size is about a second of PostgreSQL's time on a 2-core machine.
-BATCH_IDS = 200_000
+# upserts each of its (device, metric, bucket)s once however many rows it counts;
+# 200,000 (0.5x of PostgreSQL's time per row for 2,000 devices in one minute, on
+# the machine's PostgreSQL 15) gained nothing measurable under live ingest, whose
+# passes are mostly one step, and slowed the backfill of a week of readings, whose
+# steps then group far more minutes than work_mem holds.
+BATCH_IDS = 50_000
 # A pass writes each (device, metric)'s buckets once however many of its readings
 # it counts: about six rows per device and metric, while its readings grow with
 # the time since the last pass. So the next pass waits at least DUTY times as long
