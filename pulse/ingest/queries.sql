@@ -4,8 +4,11 @@
 -- name: device_token_hashes
 -- The stored token hash of every distinct device a write names, in one round
 -- trip however large the batch. The token is compared in Python, in constant
--- time, so that the database never sees it.
-SELECT w.tenant_id, w.device_id, d.token_hash
+-- time, so that the database never sees it. "fresh": ONLINE and marked seen
+-- less than $3 seconds ago, so the write need not mark it again (touch_devices
+-- leaves such a device alone anyway; this spares the write sending it there).
+SELECT w.tenant_id, w.device_id, d.token_hash,
+       d.status = 'ONLINE' AND d.last_seen_at > now() - make_interval(secs => $3) AS fresh
   FROM unnest($1::text[], $2::text[]) AS w(tenant_id, device_id)
   JOIN devices d ON d.tenant_id = w.tenant_id AND d.device_id = w.device_id;
 

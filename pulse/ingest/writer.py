@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -23,7 +23,7 @@ from pulse.ingest.validation import Reading
 Q = load_queries(__package__)
 
 Device = tuple[str, str]  # (tenant_id, device_id)
-R = TypeVar("R")
+S = TypeVar("S", bound="Sliceable")
 
 # Writes of at least this many messages are checked before they queue for
 # their tenants' gates (TelemetryWriter._check).
@@ -38,6 +38,20 @@ SEEN_PRECISION_S = 1.0
 # authenticated: how many of them it admits (the first ones), and the refusal for
 # the others (rate_limited, with the seconds to wait), None when all are admitted.
 Admit = Callable[[Device, int], tuple[int, Rejected | None]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Checked:
+    """The token and rate checks of some submissions: one verdict each (None
+    admits), and the devices that were ONLINE and marked seen within the precision
+    when checked, which the write need not mark again (``touch_devices``)."""
+
+    verdicts: list[Outcome | None]
+    fresh: frozenset[Device]
+
+    def __getitem__(self, part: slice) -> Checked:
+        """The checks of the submissions in ``part``; ``fresh`` is kept whole."""
+        return Checked(self.verdicts[part], self.fresh)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,10 +111,13 @@ class TelemetryWriter:
         self._hooks = tuple(hooks)
         self._group_commit = group_commit
         # Writes waiting for the gates of the same tenants, to be committed together.
-        # Each with whether its checks were made already (_check).
+        # Each with its devices found fresh if its checks were made already (_check),
+        # None if not.
         self._waiting: dict[
             frozenset[str],
-            list[tuple[Sequence[Submission], bool, asyncio.Future[list[Outcome]]]],
+            list[
+                tuple[Sequence[Submission], frozenset[Device] | None, asyncio.Future[list[Outcome]]]
+            ],
         ] = {}
         # Writers of one tenant commit one at a time anyway (the tenant row
         # lock). A group holds its tenants' gates until its rows are in; the next
@@ -115,9 +132,7 @@ class TelemetryWriter:
         # transaction it has in flight to end (_next_write_or_end).
         self._wakes: dict[frozenset[str], asyncio.Future[None]] = {}
         # Writes waiting for their tokens and rates to be checked (_check).
-        self._unchecked: list[
-            tuple[Sequence[Submission], asyncio.Future[list[Outcome | None]]]
-        ] = []
+        self._unchecked: list[tuple[Sequence[Submission], asyncio.Future[Checked]]] = []
         self._checking: asyncio.Task[None] | None = None
 
     async def write(self, submissions: Sequence[Submission]) -> list[Outcome]:
@@ -133,18 +148,20 @@ class TelemetryWriter:
             async with self._tenant_gates.hold(tenants):
                 return await self._commit(submissions)
         if len(submissions) < CHECK_AHEAD_FROM:
-            return await self._write_grouped(tenants, submissions, checked=False)
+            return await self._write_grouped(tenants, submissions, fresh=None)
         checked = await self._check(submissions)
-        if not any(checked):  # every one admitted: the common case
-            return await self._write_grouped(tenants, submissions, checked=True)
-        admitted = [s for s, outcome in zip(submissions, checked, strict=True) if outcome is None]
+        if not any(checked.verdicts):  # every one admitted: the common case
+            return await self._write_grouped(tenants, submissions, fresh=checked.fresh)
+        admitted = [
+            s for s, outcome in zip(submissions, checked.verdicts, strict=True) if outcome is None
+        ]
         tenants = frozenset(s.tenant_id for s in admitted if s.reading is not None)
         written = iter(
-            await self._write_grouped(tenants, admitted, checked=True) if admitted else []
+            await self._write_grouped(tenants, admitted, fresh=checked.fresh) if admitted else []
         )
-        return [next(written) if outcome is None else outcome for outcome in checked]
+        return [next(written) if outcome is None else outcome for outcome in checked.verdicts]
 
-    async def _check(self, submissions: Sequence[Submission]) -> list[Outcome | None]:
+    async def _check(self, submissions: Sequence[Submission]) -> Checked:
         """The first stage of a group commit for large writes: tokens and rates,
         checked before the write queues for its tenants' gates. None admits.
 
@@ -156,7 +173,7 @@ class TelemetryWriter:
         round trip of its own.
         """
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Outcome | None]] = loop.create_future()
+        future: asyncio.Future[Checked] = loop.create_future()
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._unchecked.append((submissions, future))
         if self._checking is None:
@@ -183,7 +200,11 @@ class TelemetryWriter:
             self._checking = None
 
     async def _write_grouped(
-        self, tenants: frozenset[str], submissions: Sequence[Submission], *, checked: bool
+        self,
+        tenants: frozenset[str],
+        submissions: Sequence[Submission],
+        *,
+        fresh: frozenset[Device] | None,
     ) -> list[Outcome]:
         """Group commit: the writes for the same tenants that arrive while a transaction
         runs are all committed by the next one, together.
@@ -193,7 +214,8 @@ class TelemetryWriter:
         (``_commit_waiting``) takes the waiting writes a group at a time; a write
         only queues and waits for its answer, given once the group's transaction
         has committed. Writes whose tenants differ but overlap are not merged;
-        the gates still order their committers.
+        the gates still order their committers. ``fresh``: the write was checked
+        (``_check``) and found these devices fresh; None: not checked yet.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Outcome]] = loop.create_future()
@@ -201,11 +223,11 @@ class TelemetryWriter:
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         waiting = self._waiting.get(tenants)
         if waiting is not None:  # a committer is at work: its next group takes this write
-            waiting.append((submissions, checked, future))
+            waiting.append((submissions, fresh, future))
             if (wake := self._wakes.get(tenants)) is not None and not wake.done():
                 wake.set_result(None)
         else:
-            self._waiting[tenants] = [(submissions, checked, future)]
+            self._waiting[tenants] = [(submissions, fresh, future)]
             committer = loop.create_task(self._commit_waiting(tenants))
             self._committers.add(committer)
             committer.add_done_callback(self._committers.discard)
@@ -236,12 +258,14 @@ class TelemetryWriter:
                     group, self._waiting[tenants] = self._waiting[tenants], []
                     everything: list[Submission] = []
                     prechecked: list[bool] = []
-                    for subs, was, _ in group:
+                    fresh: set[Device] = set()
+                    for subs, found, _ in group:
                         everything += subs
-                        prechecked += [was] * len(subs)
+                        prechecked += [found is not None] * len(subs)
+                        fresh.update(found or ())
                     inserted = asyncio.Event()
                     commit = asyncio.get_running_loop().create_task(
-                        self._commit(everything, prechecked, inserted=inserted)
+                        self._commit(everything, prechecked, fresh, inserted=inserted)
                     )
                     callers = [(subs, waiter) for subs, _, waiter in group]
                     commit.add_done_callback(functools.partial(_settle, callers))
@@ -280,10 +304,12 @@ class TelemetryWriter:
         self,
         submissions: Sequence[Submission],
         prechecked: Sequence[bool] = (),
+        fresh: Set[Device] = frozenset(),
         *,
         inserted: asyncio.Event | None = None,
     ) -> list[Outcome]:
-        """One transaction. ``prechecked[i]``: submission i passed its checks already.
+        """One transaction. ``prechecked[i]``: submission i passed its checks already,
+        which found the devices ``fresh`` fresh.
 
         With ``inserted`` (group commit), the transaction may foresee its ids, and
         sets ``inserted`` once its rows are in: the next group may then begin. A
@@ -302,11 +328,12 @@ class TelemetryWriter:
                             checked = await self._authenticate(
                                 conn, [submissions[i] for i in unchecked]
                             )
-                            for i, outcome in zip(unchecked, checked, strict=True):
+                            for i, outcome in zip(unchecked, checked.verdicts, strict=True):
                                 verdicts[i] = outcome
+                            fresh = fresh | checked.fresh
                             unchecked = []  # a second attempt keeps them (and the rates)
                         outcomes = await self._write_in(
-                            conn, submissions, verdicts, claims, foresee, inserted
+                            conn, submissions, verdicts, fresh, claims, foresee, inserted
                         )
                 except _Unforeseen as exc:
                     for claim in claims:
@@ -331,12 +358,13 @@ class TelemetryWriter:
         conn: asyncpg.Connection,
         submissions: Sequence[Submission],
         verdicts: Sequence[Outcome | None],
+        fresh: Set[Device],
         claims: list[Claim],
         foresee: bool = False,
         inserted: asyncio.Event | None = None,
     ) -> list[Outcome]:
-        """The transaction's work, the checks' ``verdicts`` given (None admits); the
-        ids it takes are added to ``claims``."""
+        """The transaction's work, the checks' ``verdicts`` given (None admits) and the
+        devices they found ``fresh``; the ids it takes are added to ``claims``."""
         outcomes = list(verdicts)
         admitted = [i for i, outcome in enumerate(outcomes) if outcome is None]
         for i in await self._repeated(conn, submissions, admitted):
@@ -363,7 +391,7 @@ class TelemetryWriter:
                 if not isinstance(outcomes[i], Rejected)
             )
         )
-        came_online = await self._touch(conn, seen)
+        came_online = await self._touch(conn, [device for device in seen if device not in fresh])
         written = Written(rows=rows, seen=seen, came_online=came_online)
         # The seam for alert rules: they see the rows before anyone else can.
         for hook in self._hooks:
@@ -373,19 +401,24 @@ class TelemetryWriter:
 
     async def _authenticate(
         self, conn: asyncpg.Connection, submissions: Sequence[Submission]
-    ) -> list[Outcome | None]:
+    ) -> Checked:
         """Reject unknown devices, wrong tokens and messages over the rate; None admits.
 
         Checked per device and token, not per message: a batch repeats each
         device's token, and admission takes all of a device's messages at once.
+        The same read tells which devices are fresh.
         """
         keys = [(s.tenant_id, s.device_id, s.token, s.broker) for s in submissions]
         distinct = dict.fromkeys(keys)
         devices = list(dict.fromkeys((t, d) for t, d, _, _ in distinct))
         rows = await conn.fetch(
-            Q["device_token_hashes"], [d[0] for d in devices], [d[1] for d in devices]
+            Q["device_token_hashes"],
+            [d[0] for d in devices],
+            [d[1] for d in devices],
+            self._seen_precision_s,
         )
         hashes = {(row["tenant_id"], row["device_id"]): row["token_hash"] for row in rows}
+        fresh = frozenset((row["tenant_id"], row["device_id"]) for row in rows if row["fresh"])
         verdicts: dict[tuple[str, str, str, bool], Outcome | None] = {}
         for tenant_id, device_id, token, broker in distinct:
             stored_hash = hashes.get((tenant_id, device_id))
@@ -398,7 +431,7 @@ class TelemetryWriter:
             verdicts[(tenant_id, device_id, token, broker)] = verdict
         outcomes = [verdicts[key] for key in keys]
         if self._admit is None:
-            return outcomes
+            return Checked(outcomes, fresh)
         authenticated: dict[Device, int] = {}
         for (tenant_id, device_id, _, _), outcome in zip(keys, outcomes, strict=True):
             if outcome is None:
@@ -411,7 +444,7 @@ class TelemetryWriter:
             if left < count:
                 passes[device] = (left, refusal)
         if not passes:  # every authenticated message is admitted: the common case
-            return outcomes
+            return Checked(outcomes, fresh)
         for i, outcome in enumerate(outcomes):
             if outcome is None and (device := submissions[i].device) in passes:
                 left, refusal = passes[device]
@@ -419,7 +452,7 @@ class TelemetryWriter:
                     passes[device] = (left - 1, refusal)
                 else:
                     outcomes[i] = refusal
-        return outcomes
+        return Checked(outcomes, fresh)
 
     async def _repeated(
         self, conn: asyncpg.Connection, submissions: Sequence[Submission], admitted: list[int]
@@ -537,9 +570,13 @@ class TelemetryWriter:
         ]
 
 
+class Sliceable(Protocol):
+    def __getitem__(self: S, part: slice, /) -> S: ...
+
+
 def _settle(
-    group: list[tuple[Sequence[Submission], asyncio.Future[list[R]]]],
-    commit: asyncio.Future[list[R]],
+    group: list[tuple[Sequence[Submission], asyncio.Future[S]]],
+    commit: asyncio.Future[S],
 ) -> None:
     """Hand each caller of a group commit its own slice of the outcomes, or the error."""
     error = None if commit.cancelled() else commit.exception()
