@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime
@@ -234,24 +235,46 @@ class PulseClient:
         end: datetime | str | None = None,
         bucket: str = "raw",
         aggregates: Iterable[str] | None = None,
+        wait_s: float = 0.0,
+        on_wait: Callable[[PulseClientError, float], object] | None = None,
     ) -> AsyncIterator[bytes]:
-        """A device's export as it streams in: CSV or NDJSON bytes, of any size."""
+        """A device's export as it streams in: CSV or NDJSON bytes, of any size.
+
+        A server streams a few exports at once (``429 export_limit``): for up to
+        ``wait_s`` seconds the export is asked for again after each answer's
+        Retry-After, before any byte of it is read; ``on_wait`` is told each refusal
+        and the seconds it waits. Past ``wait_s``, the refusal is raised.
+        """
         params = history_params(start, end, bucket, list(aggregates or ()))
         if metrics:
             params["metrics"] = ",".join(metrics)
         headers = {"Accept": EXPORT_TYPES[format]}
         path = f"{DEVICES_PATH}/{device_id}/telemetry"
-        async with self._stream("GET", path, params=params, headers=headers) as response:
+        stream = self._stream(
+            "GET", path, params=params, headers=headers, busy_wait_s=wait_s, on_wait=on_wait
+        )
+        async with stream as response:
             async for chunk in response.aiter_bytes():
                 yield chunk
 
     @contextlib.asynccontextmanager
     async def _stream(
-        self, method: str, path: str, *, params: dict[str, str], headers: dict[str, str]
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str],
+        headers: dict[str, str],
+        busy_wait_s: float = 0.0,
+        on_wait: Callable[[PulseClientError, float], object] | None = None,
     ) -> AsyncIterator[httpx.Response]:
-        """A request whose answer is read as it comes; failures raised as _request does."""
+        """A request whose answer is read as it comes; failures raised as _request does.
+        A 429 is asked again after its Retry-After while ``busy_wait_s`` lasts."""
         params = {**params, **({"tenant_id": self.tenant_id} if self.tenant_id else {})}
-        for attempt in range(2):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + busy_wait_s
+        refreshed = False
+        while True:
             token = await self.credentials.current()
             request = self.http.build_request(
                 method,
@@ -262,16 +285,24 @@ class PulseClient:
             )
             response = await self.http.send(request, stream=True)
             try:
-                if response.status_code == 401 and attempt == 0 and self.credentials.can_refresh:
+                if response.status_code == 401 and not refreshed and self.credentials.can_refresh:
+                    refreshed = True
                     await self.credentials.refresh()
                     continue
                 if not response.is_success:
                     await response.aread()
-                    raise self._failure(response)
-                yield response
-                return
+                    failure = self._failure(response)
+                    delay_s = _retry_after_s(response)
+                    if response.status_code != 429 or loop.time() + delay_s > deadline:
+                        raise failure
+                    if on_wait is not None:
+                        on_wait(failure, delay_s)
+                else:
+                    yield response
+                    return
             finally:
                 await response.aclose()
+            await asyncio.sleep(delay_s)
 
     async def _request(
         self, method: str, path: str, *, params: dict[str, str] | None = None
@@ -297,6 +328,18 @@ class PulseClient:
         failure = http_failure(response)
         if isinstance(failure, PulseClientError):
             return failure
-        code = failure.code if isinstance(failure, AuthRejected) else str(response.status_code)
-        error = AuthenticationFailed if response.status_code == 401 else PulseClientError
-        return error(response.status_code, code, str(failure))
+        if isinstance(failure, AuthRejected):
+            return AuthenticationFailed(response.status_code, failure.code, str(failure))
+        try:  # a busy or failing server (429, 5xx): its own error code and detail
+            body = response.json()
+            return PulseClientError(
+                response.status_code, str(body["error"]), str(body.get("detail", ""))
+            )
+        except (ValueError, KeyError, TypeError):
+            return PulseClientError(response.status_code, str(response.status_code), str(failure))
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    """The answer's Retry-After in seconds (1 s when it gives none, 60 s at most)."""
+    value = response.headers.get("Retry-After", "")
+    return min(60.0, float(value)) if value.isdigit() else 1.0

@@ -37,6 +37,13 @@ def add_export_command(sub: Any) -> None:
         default="raw",
         help="raw readings (default), or buckets of this width",
     )
+    export.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the server to take the export when it is streaming as"
+        " many as it may (429 export_limit); default: 60",
+    )
     export.set_defaults(run=run_export_command)
 
 
@@ -70,6 +77,12 @@ async def export(args: argparse.Namespace, url: str, refresh: Any, out: BinaryIO
             start=args.start,
             end=args.end,
             bucket=args.bucket,
+            wait_s=args.wait,
+            on_wait=_waiting,
         ):
             out.write(chunk)
         out.flush()
+
+
+def _waiting(refusal: Exception, delay_s: float) -> None:
+    print(f"pulse export: {refusal}; asking again in {delay_s:g} s", file=sys.stderr, flush=True)
