@@ -342,24 +342,27 @@ def cpu_ns(pid: int) -> int:
 
 class BackendCpu:
     """CPU seconds spent, over the block, by the backends of a database that exist at its
-    end (those that started within it from zero), the load generator's own excluded."""
+    end (those that started within it from zero), the load generator's own excluded;
+    ``by_name`` splits them by application name (or backend type, e.g. autovacuum)."""
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.seconds = 0.0
         self.backends = 0
+        self.by_name: dict[str, float] = {}
         self._start: dict[int, int] = {}
 
-    async def _pids(self) -> list[int]:
+    async def _pids(self) -> dict[int, str]:
         conn = await asyncpg.connect(self.dsn)
         try:
             rows = await conn.fetch(
-                "SELECT pid FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "SELECT pid, coalesce(nullif(application_name, ''), backend_type) AS name"
+                " FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
         finally:
             await conn.close()
-        return [r["pid"] for r in rows]
+        return {r["pid"]: r["name"] for r in rows}
 
     async def __aenter__(self) -> BackendCpu:
         self._start = {pid: cpu_ns(pid) for pid in await self._pids()}
@@ -368,7 +371,10 @@ class BackendCpu:
     async def __aexit__(self, *_: object) -> None:
         pids = await self._pids()
         self.backends = len(pids)
-        self.seconds = sum(cpu_ns(pid) - self._start.get(pid, 0) for pid in pids) / 1e9
+        for pid, name in pids.items():
+            spent = (cpu_ns(pid) - self._start.get(pid, 0)) / 1e9
+            self.by_name[name] = self.by_name.get(name, 0.0) + spent
+        self.seconds = sum(self.by_name.values())
 
 
 def processes_cpu_s(pids: Sequence[int]) -> float:

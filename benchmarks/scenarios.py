@@ -35,6 +35,7 @@ from benchmarks.harness import (
 from benchmarks.history import history
 from benchmarks.loadgen import HttpConnection, StreamCounter, post_batches
 from benchmarks.mqtt import mqtt_ingest
+from pulse.history.rollups import LEADER_NAME as ROLLUPS_NAME
 
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
 WS_PATH = "/api/v1/customer/telemetry/stream"
@@ -90,12 +91,12 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
         devices = {t: await provision(server.url, t, 20) for t in tenants}
         # The same readings for both servers (the typical stack ignores the tokens).
         load = _batch_bodies(rng, devices, batch)
-        pulse_rate, pulse_lat, pulse_cpu, pulse_db = await _measure_batches(
+        pulse_rate, pulse_lat, pulse_cpu, pulse_db, pulse_rollups = await _measure_batches(
             server, dsn, [load] * clients, seconds
         )
     dsn = await pg.fresh_database()
     async with TypicalServer(dsn) as typical:
-        typical_rate, typical_lat, typical_cpu, typical_db = await _measure_batches(
+        typical_rate, typical_lat, typical_cpu, typical_db, _ = await _measure_batches(
             typical, dsn, [load] * clients, seconds
         )
     ceiling = await _direct_sql_ceiling(pg, tenants, seconds, clients, batch)
@@ -122,16 +123,17 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
             note=f"{pulse_rate / ceiling:.2f}x ceiling; {clients} clients x {batch} readings; "
             f"p99 {percentile(pulse_lat, 99) * 1e3:.0f} ms; "
             f"server {pulse_cpu * 1e6:.1f} us CPU/row, "
-            f"PostgreSQL {pulse_db * 1e6:.1f} us CPU/row",
+            f"PostgreSQL {pulse_db * 1e6:.1f} us CPU/row (rollups {pulse_rollups * 1e6:.1f})",
         ),
     ]
 
 
 async def _measure_batches(
     server: PulseServer | TypicalServer, dsn: str, loads: list[list[bytes]], seconds: float
-) -> tuple[float, list[float], float, float]:
+) -> tuple[float, list[float], float, float, float]:
     """One client per load, each posting its bodies in turn for ``seconds``: rows/s,
-    per-request latencies, server and PostgreSQL CPU seconds per row."""
+    per-request latencies, server and PostgreSQL CPU seconds per row, and the share of
+    the latter spent by Pulse's rollups (pulse.history.rollups)."""
     latencies: list[float] = []
     async with BackendCpu(dsn) as database:
         with cpu_meter(server.pids()) as cpu:
@@ -140,7 +142,14 @@ async def _measure_batches(
                 *(post_batches(server.url, load, stop, latencies) for load in loads)
             )
     rows = max(1, sum(counts))
-    return rows / cpu["wall_s"], latencies, cpu["others_cpu_s"] / rows, database.seconds / rows
+    rollups = database.by_name.get(ROLLUPS_NAME, 0.0)
+    return (
+        rows / cpu["wall_s"],
+        latencies,
+        cpu["others_cpu_s"] / rows,
+        database.seconds / rows,
+        rollups / rows,
+    )
 
 
 async def ingest_gateways(pg: Postgres, quick: bool) -> list[Figure]:
@@ -180,10 +189,13 @@ async def ingest_gateways(pg: Postgres, quick: bool) -> list[Figure]:
         typical = await _measure_batches(typical_server, dsn, loads, seconds)
     label = f"batch ingest, 1 tenant, {gateways} gateways x {per_gateway} devices"
 
-    def note(rate: float, latencies: list[float], cpu: float, database: float) -> str:
+    def note(
+        rate: float, latencies: list[float], cpu: float, database: float, rollups: float
+    ) -> str:
         return (
             f"p99 {percentile(latencies, 99) * 1e3:.0f} ms, server {cpu * 1e6:.1f} us CPU/row, "
             f"PostgreSQL {database * 1e6:.1f} us CPU/row"
+            + (f" (rollups {rollups * 1e6:.1f})" if rollups else "")
         )
 
     return [
