@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -29,10 +28,6 @@ S = TypeVar("S", bound="Sliceable")
 # Writes of at least this many messages are checked before they queue for
 # their tenants' gates (TelemetryWriter._check).
 CHECK_AHEAD_FROM = 32
-
-# Transactions in flight per set of tenants (group commit): the newest inserting,
-# the others reserving their ids, marking devices, running rules or committing.
-IN_FLIGHT = 3
 
 # How far a device's last_seen_at may lag its latest message: a write marks a
 # device seen only when it is not ONLINE or was last marked longer ago than this.
@@ -108,10 +103,8 @@ class TelemetryWriter:
         group_commit: bool = True,
         on_remade: Callable[[], object] | None = None,
         seen_precision_s: float = SEEN_PRECISION_S,
-        in_flight: int = IN_FLIGHT,
     ) -> None:
         self._db = db
-        self._in_flight = max(2, in_flight)
         # A device ONLINE and seen this recently is not marked seen again (touch_devices).
         self._seen_precision_s = seen_precision_s
         self._admit = admit
@@ -129,8 +122,8 @@ class TelemetryWriter:
         # Writers of one tenant commit one at a time anyway (the tenant row
         # lock). A group holds its tenants' gates until its rows are in; the next
         # group's insert then runs beside its commit (pulse.ingest.ids). A busy
-        # tenant holds ``in_flight`` pooled connections at most, not every one,
-        # which would stall the other tenants.
+        # tenant holds two pooled connections at most, not every one, which
+        # would stall the other tenants.
         self._tenant_gates = KeyedLocks()
         self.ids = EventIds()  # what this writer foresees, and how often it was right
         self._on_remade = on_remade
@@ -244,20 +237,20 @@ class TelemetryWriter:
         """Commit the writes waiting for ``tenants``, a group per transaction, until
         none is left; a write that arrives meanwhile joins the next group.
 
-        ``in_flight`` transactions at most: the next group starts once the one ahead has
-        inserted its rows (``inserted``), so its insert runs beside the others'
-        commits (``pulse.ingest.ids``), and the oldest in flight has ended.
+        Two transactions are in flight at most: the next group starts once the one
+        ahead has inserted its rows (``inserted``), so its insert runs beside the
+        other's commit (``pulse.ingest.ids``), and the one before that has ended.
         """
-        flying: collections.deque[asyncio.Task[list[Outcome]]] = collections.deque()
+        previous: asyncio.Task[list[Outcome]] | None = None
         commit: asyncio.Task[list[Outcome]] | None = None
         try:
             while True:
-                while flying and flying[0].done():
-                    flying.popleft()
                 if not self._waiting[tenants]:
-                    if not flying:
+                    if previous is None:
                         break
-                    await self._next_write_or_end(tenants, flying[0])
+                    await self._next_write_or_end(tenants, previous)
+                    if previous.done():
+                        previous = None
                     continue
                 # The gates are taken again for each group: a write whose tenants
                 # overlap these, queued at a gate meanwhile, goes first.
@@ -277,12 +270,12 @@ class TelemetryWriter:
                     callers = [(subs, waiter) for subs, _, waiter in group]
                     commit.add_done_callback(functools.partial(_settle, callers))
                     await inserted.wait()
-                if len(flying) >= self._in_flight - 1:
+                if previous is not None:
                     with contextlib.suppress(Exception):
-                        await flying.popleft()
-                flying.append(commit)
+                        await previous
+                previous = commit
         finally:
-            for task in (*flying, commit):
+            for task in (previous, commit):
                 if task is not None:
                     task.cancel()
             # Stopped (the server is stopping): what still waits is cancelled.

@@ -68,34 +68,6 @@ async def test_the_next_group_inserts_while_the_one_ahead_is_open(
     assert (writer.ids.foreseen, writer.ids.wrong) == (1, 0)
 
 
-async def test_three_groups_in_flight(pool: asyncpg.Pool, token: str) -> None:
-    """With the first group held open, the second and the third insert beside it."""
-    release = asyncio.Event()
-    held = asyncio.Event()
-
-    async def hold_first(conn: asyncpg.Connection, written: Written) -> None:
-        if not held.is_set():
-            held.set()
-            await release.wait()
-
-    writer = TelemetryWriter(seam(pool), hooks=[hold_first], in_flight=3)
-    first = asyncio.ensure_future(writer.write(one(token, 0)))
-    try:
-        await asyncio.wait_for(held.wait(), 10)
-        second = asyncio.ensure_future(writer.write(one(token, 1)))
-        await one_waits_after_its_insert(pool)
-        third = asyncio.ensure_future(writer.write(one(token, 2)))
-        async with asyncio.timeout(10):
-            while await pool.fetchval(INSERTED_AND_WAITING) != 2:  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
-        assert await ids(pool) == []
-    finally:
-        release.set()
-    outcomes = [await asyncio.wait_for(w, 10) for w in (first, second, third)]
-    assert outcomes == [[Accepted(1)], [Accepted(2)], [Accepted(3)]]
-    assert (writer.ids.foreseen, writer.ids.wrong) == (2, 0)
-
-
 async def test_ids_another_process_took_are_reserved_again(pool: asyncpg.Pool, token: str) -> None:
     admitted: list[int] = []
     remade: list[None] = []

@@ -183,7 +183,7 @@ async def test_checked_and_unchecked_writes_share_a_group(pool: asyncpg.Pool, to
         admitted += count  # the messages that authenticate
         return count, None
 
-    writer = TelemetryWriter(seam(pool), hooks=[hold], admit=admit, in_flight=2)
+    writer = TelemetryWriter(seam(pool), hooks=[hold], admit=admit)
     first = asyncio.ensure_future(writer.write(one(token, 9999)))
     await until(lambda: len(sizes) == 1)  # the first transaction is open
     # A second is in flight beside it (it inserts, then waits for the first to end):
