@@ -30,6 +30,7 @@ from pulse.history.rollups import Q as ROLLUP_Q
 from pulse.ingest.writer import Q as INGEST_Q
 
 TENANT = "t1"
+OTHERS = [f"t{n:02d}" for n in range(2, 11)]  # with TENANT, the ten tenants of a write
 DEVICES = [f"gw{g}-dev-{i:04d}" for g in range(4) for i in range(500)]
 BATCH = 500
 ROLLUP_ROWS = 50_000  # one step of the rollups (pulse.history.rollups.BATCH_IDS)
@@ -64,22 +65,38 @@ def touch_args(devices: list[str], precision_s: float) -> tuple[object, ...]:
     return [TENANT] * len(devices), devices, precision_s
 
 
-async def insert(conn: asyncpg.Connection, devices: list[str], when: datetime) -> None:
-    """One write's insert, as the writer makes it: ids reserved, one JSON parameter."""
+async def insert(
+    conn: asyncpg.Connection,
+    devices: list[str],
+    when: datetime,
+    tenants: tuple[str, ...] = (TENANT,),
+) -> None:
+    """One write's insert, as the writer makes it: ids reserved (in tenant order), one
+    JSON parameter; the rows shared out among ``tenants`` in turn."""
+    rows: dict[str, list[list[object]]] = {tenant: [] for tenant in tenants}
+    for i in range(BATCH):
+        reading = [devices[i % len(devices)], when.isoformat(), {"temp": 21.5 + i, "hum": 40}, None]
+        rows[tenants[i % len(tenants)]].append(reading)
     async with conn.transaction():
-        base = await conn.fetchval("SELECT pulse_reserve_event_ids($1, $2)", TENANT, BATCH)
-        rows = [
-            [devices[i % len(devices)], when.isoformat(), {"temp": 21.5 + i, "hum": 40}, None]
-            for i in range(BATCH)
-        ]
-        await conn.execute(INGEST_Q["insert_telemetry"], [{"t": TENANT, "i": base + 1, "r": rows}])
+        reserved = await conn.fetch(
+            INGEST_Q["reserve_event_ids"], list(tenants), [len(rows[tenant]) for tenant in tenants]
+        )
+        await conn.execute(
+            INGEST_Q["insert_telemetry"],
+            [
+                {"t": r["tenant_id"], "i": r["base"] + 1, "r": rows[r["tenant_id"]]}
+                for r in reserved
+            ],
+        )
 
 
 async def run(reps: int, database_url: str | None) -> list[tuple[str, float, str]]:
     with Postgres(database_url) as pg:
         conn = await connect(await pg.fresh_database())
         try:
-            await conn.execute("INSERT INTO tenants (tenant_id) VALUES ($1)", TENANT)
+            await conn.executemany(
+                "INSERT INTO tenants (tenant_id) VALUES ($1)", [(t,) for t in [TENANT, *OTHERS]]
+            )
             await conn.executemany(
                 "INSERT INTO devices (tenant_id, device_id, token_hash) VALUES ($1, $2, $3)",
                 [(TENANT, device, new_device_token()[1]) for device in DEVICES],
@@ -119,6 +136,9 @@ async def run(reps: int, database_url: str | None) -> list[tuple[str, float, str
                 {
                     "insert_telemetry, 500 rows of 20 devices": insert_of(gateway[:20]),
                     "insert_telemetry, 500 rows of 500 devices": insert_of(gateway),
+                    "insert_telemetry, 500 rows of 10 tenants (20 devices each)": lambda: insert(
+                        conn, gateway[:20], now, tuple(sorted([TENANT, *OTHERS]))
+                    ),
                 },
             )
             await conn.execute("ALTER TABLE telemetry DISABLE TRIGGER telemetry_notify")
