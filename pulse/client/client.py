@@ -16,7 +16,7 @@ from pulse.client.credentials import Credentials, TokenRefresh
 from pulse.client.errors import AuthenticationFailed, PulseClientError
 from pulse.client.events import Alert, FleetSummary
 from pulse.client.history import History, Reading, history_params
-from pulse.client.sse import SSETelemetryStream, http_failure
+from pulse.client.sse import SSETelemetryStream, http_failure, retry_after_s
 from pulse.client.stream import AuthRejected, NoticeHandler
 from pulse.client.websocket import V2Stream, WebSocketTelemetryStream
 
@@ -292,7 +292,7 @@ class PulseClient:
                 if not response.is_success:
                     await response.aread()
                     failure = self._failure(response)
-                    delay_s = _retry_after_s(response)
+                    delay_s = min(60.0, retry_after_s(response) or 1.0)
                     if response.status_code != 429 or loop.time() + delay_s > deadline:
                         raise failure
                     if on_wait is not None:
@@ -337,9 +337,3 @@ class PulseClient:
             )
         except (ValueError, KeyError, TypeError):
             return PulseClientError(response.status_code, str(response.status_code), str(failure))
-
-
-def _retry_after_s(response: httpx.Response) -> float:
-    """The answer's Retry-After in seconds (1 s when it gives none, 60 s at most)."""
-    value = response.headers.get("Retry-After", "")
-    return min(60.0, float(value)) if value.isdigit() else 1.0

@@ -160,6 +160,12 @@ class SSETelemetryStream(ReconnectingStream[Telemetry]):
         return event
 
 
+def retry_after_s(response: httpx.Response) -> float | None:
+    """The answer's Retry-After in seconds, when it gives one as a number."""
+    value = response.headers.get("Retry-After", "")
+    return float(value) if value.isdigit() else None
+
+
 def http_failure(response: httpx.Response) -> Exception:
     """A non-200 answer: what to do about it (raise the result)."""
     status = response.status_code
@@ -175,7 +181,5 @@ def http_failure(response: httpx.Response) -> Exception:
     if status == 400:
         return BadRequest(status, code, detail)
     if status == 429 or status >= 500:
-        retry_after = response.headers.get("Retry-After", "")
-        floor = float(retry_after) if retry_after.isdigit() else 0.0
-        return Reconnect(f"{status} {code}", min_delay_s=floor)
+        return Reconnect(f"{status} {code}", min_delay_s=retry_after_s(response) or 0.0)
     return PulseClientError(status, code, detail)
