@@ -113,7 +113,7 @@ async def run(reps: int, database_url: str | None) -> list[tuple[str, float, str
                 "per device",
                 {
                     "token check (device_token_hashes), 500 devices": lambda: conn.fetch(
-                        INGEST_Q["device_token_hashes"], [TENANT] * BATCH, gateway, 1.0
+                        INGEST_Q["device_token_hashes"], [{"t": TENANT, "o": 0, "d": gateway}], 1.0
                     ),
                 },
             )

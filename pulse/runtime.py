@@ -144,7 +144,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 per_tenant=RateLimiter(
                     settings.ingest_rate_per_tenant, settings.ingest_burst_per_tenant
                 ),
-            ).many,
+            ).each,
             hooks=[evaluate_alerts],
             group_commit=settings.group_commit,
             on_remade=metrics.ingest_writes_remade.inc,

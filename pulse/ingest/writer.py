@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -34,10 +35,10 @@ CHECK_AHEAD_FROM = 32
 # It keeps a fleet's readings from rewriting their devices' rows with every batch.
 SEEN_PRECISION_S = 1.0
 
-# Admission control, asked once per device of a write with how many of its messages
-# authenticated: how many of them it admits (the first ones), and the refusal for
-# the others (rate_limited, with the seconds to wait), None when all are admitted.
-Admit = Callable[[Device, int], tuple[int, Rejected | None]]
+# Admission control, asked once per write with how many messages of each device
+# authenticated: the devices of which it admits fewer (the first ones), with how
+# many and the refusal for the others (rate_limited, with the seconds to wait).
+Admit = Callable[[Mapping[Device, int]], Mapping[Device, tuple[int, Rejected]]]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -410,15 +411,17 @@ class TelemetryWriter:
         """
         keys = [(s.tenant_id, s.device_id, s.token, s.broker) for s in submissions]
         distinct = dict.fromkeys(keys)
-        devices = list(dict.fromkeys((t, d) for t, d, _, _ in distinct))
-        rows = await conn.fetch(
-            Q["device_token_hashes"],
-            [d[0] for d in devices],
-            [d[1] for d in devices],
-            self._seen_precision_s,
-        )
-        hashes = {(row["tenant_id"], row["device_id"]): row["token_hash"] for row in rows}
-        fresh = frozenset((row["tenant_id"], row["device_id"]) for row in rows if row["fresh"])
+        by_tenant: dict[str, list[str]] = {}
+        for device in dict.fromkeys((t, d) for t, d, _, _ in distinct):
+            by_tenant.setdefault(device[0], []).append(device[1])
+        devices: list[Device] = []  # numbered as the query numbers them
+        asked = []
+        for tenant_id, device_ids in by_tenant.items():
+            asked.append({"t": tenant_id, "o": len(devices), "d": device_ids})
+            devices += [(tenant_id, device_id) for device_id in device_ids]
+        rows = await conn.fetch(Q["device_token_hashes"], asked, self._seen_precision_s)
+        hashes = {devices[i]: token_hash for i, token_hash, _ in rows}
+        fresh = frozenset(devices[i] for i, _, is_fresh in rows if is_fresh)
         verdicts: dict[tuple[str, str, str, bool], Outcome | None] = {}
         for tenant_id, device_id, token, broker in distinct:
             stored_hash = hashes.get((tenant_id, device_id))
@@ -432,17 +435,13 @@ class TelemetryWriter:
         outcomes = [verdicts[key] for key in keys]
         if self._admit is None:
             return Checked(outcomes, fresh)
-        authenticated: dict[Device, int] = {}
-        for (tenant_id, device_id, _, _), outcome in zip(keys, outcomes, strict=True):
-            if outcome is None:
-                device = (tenant_id, device_id)
-                authenticated[device] = authenticated.get(device, 0) + 1
+        authenticated = collections.Counter(
+            (tenant_id, device_id)
+            for (tenant_id, device_id, _, _), outcome in zip(keys, outcomes, strict=True)
+            if outcome is None
+        )
         # Each device's first admitted messages pass; its later ones get the refusal.
-        passes: dict[Device, tuple[int, Rejected | None]] = {}
-        for device, count in authenticated.items():
-            left, refusal = self._admit(device, count)
-            if left < count:
-                passes[device] = (left, refusal)
+        passes = dict(self._admit(authenticated))
         if not passes:  # every authenticated message is admitted: the common case
             return Checked(outcomes, fresh)
         for i, outcome in enumerate(outcomes):

@@ -4,14 +4,15 @@ foresight proved wrong is rolled back and made again, and nothing is counted twi
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import asyncpg
 
 from pulse.db.errors import DatabaseUnavailable
-from pulse.ingest.model import Accepted, Submission
+from pulse.ingest.model import Accepted, Rejected, Submission
 from pulse.ingest.validation import Reading
-from pulse.ingest.writer import TelemetryWriter, Written
+from pulse.ingest.writer import Device, TelemetryWriter, Written
 from tests.support import seam, until
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
@@ -72,9 +73,9 @@ async def test_ids_another_process_took_are_reserved_again(pool: asyncpg.Pool, t
     admitted: list[int] = []
     remade: list[None] = []
 
-    def admit(device: tuple[str, str], count: int) -> tuple[int, None]:
-        admitted.append(count)
-        return count, None
+    def admit(counts: Mapping[Device, int]) -> dict[Device, tuple[int, Rejected]]:
+        admitted.extend(counts.values())
+        return {}
 
     here = TelemetryWriter(seam(pool), admit=admit, on_remade=lambda: remade.append(None))
     there = TelemetryWriter(seam(pool))  # another process writing the same tenant

@@ -4,7 +4,7 @@ acknowledged before its transaction commits."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
 import asyncpg
@@ -13,7 +13,7 @@ from pulse.db.errors import DatabaseUnavailable
 from pulse.errors import INVALID_DEVICE_TOKEN
 from pulse.ingest.model import Accepted, Rejected, Submission
 from pulse.ingest.validation import Reading
-from pulse.ingest.writer import CHECK_AHEAD_FROM, TelemetryWriter, Written
+from pulse.ingest.writer import CHECK_AHEAD_FROM, Device, TelemetryWriter, Written
 from tests.ingest.conftest import stored_rows
 from tests.support import provision_device, seam, until
 
@@ -178,10 +178,10 @@ async def test_checked_and_unchecked_writes_share_a_group(pool: asyncpg.Pool, to
     hold, release = held_first(sizes)
     admitted = 0
 
-    def admit(device: tuple[str, str], count: int) -> tuple[int, None]:
+    def admit(counts: Mapping[Device, int]) -> dict[Device, tuple[int, Rejected]]:
         nonlocal admitted
-        admitted += count  # the messages that authenticate
-        return count, None
+        admitted += sum(counts.values())  # the messages that authenticate
+        return {}
 
     writer = TelemetryWriter(seam(pool), hooks=[hold], admit=admit)
     first = asyncio.ensure_future(writer.write(one(token, 9999)))

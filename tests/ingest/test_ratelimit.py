@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from pulse.ingest.ratelimit import Admission, RateLimiter
@@ -113,3 +115,35 @@ def test_a_tenant_refusal_gives_the_device_its_token_back() -> None:
         assert admit(("t1", "d1")) is not None  # the tenant is out, d1 still has one
     clock.now += 1.0  # one tenant token back
     assert admit(("t1", "d1")) is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_one_call_for_many_devices_answers_as_one_call_each(seed: int) -> None:
+    """``each`` charges each tenant once for all its devices; the answers are those of
+    asking for the devices one at a time, in the same order."""
+    rng = random.Random(seed)
+    together = admission(Clock(), device_burst=6, tenant_burst=20)
+    one_by_one = admission(Clock(), device_burst=6, tenant_burst=20)
+    for _ in range(4):  # a few writes, so that buckets start part spent
+        counts = {
+            (f"t{rng.randrange(3)}", f"d{rng.randrange(8)}"): rng.randrange(1, 9)
+            for _ in range(rng.randrange(1, 12))
+        }
+        expected = {}
+        for device, count in counts.items():
+            expected.update(one_by_one.each({device: count}))
+        assert together.each(counts) == expected
+    assert dict(together.per_device._buckets) == dict(one_by_one.per_device._buckets)
+    assert dict(together.per_tenant._buckets) == dict(one_by_one.per_tenant._buckets)
+
+
+def test_a_tenant_short_of_tokens_admits_its_devices_in_order() -> None:
+    admit = admission(Clock(), device_burst=5, tenant_burst=6)
+    refused = admit.each({("t1", "a"): 4, ("t2", "x"): 2, ("t1", "b"): 4, ("t1", "c"): 1})
+    assert {device: granted for device, (granted, _) in refused.items()} == {
+        ("t1", "b"): 2,
+        ("t1", "c"): 0,
+    }
+    assert all("tenant" in refusal.detail for _, refusal in refused.values())
+    # The devices refused for their tenant got their own tokens back.
+    assert admit.per_device.acquire_each({("t1", "b"): 3, ("t1", "c"): 5}) == {}

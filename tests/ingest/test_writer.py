@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import asyncpg
@@ -12,7 +13,7 @@ from pulse.db.pool import create_pool
 from pulse.errors import RATE_LIMITED
 from pulse.ingest.model import Accepted, Rejected, Submission
 from pulse.ingest.validation import Reading
-from pulse.ingest.writer import TelemetryWriter, TenantRows, Written
+from pulse.ingest.writer import Device, TelemetryWriter, TenantRows, Written
 from tests.ingest.conftest import stored_rows
 from tests.support import provision_device, seam
 
@@ -42,6 +43,32 @@ async def test_outcomes_line_up_with_submissions(pool: asyncpg.Pool, token: str)
     assert outcomes[3] == Accepted(None)
     assert outcomes[4] == Accepted(2)
     assert await stored_rows(pool) == 2
+
+
+@pytest.mark.parametrize("copies", [1, 40], ids=["checked-in-transaction", "checked-ahead"])
+async def test_tokens_are_checked_against_their_own_tenants_device(
+    pool: asyncpg.Pool, token: str, copies: int
+) -> None:
+    """One check serves a write that spans tenants, whose devices share ids: each
+    message is judged against the device of its own tenant, whatever their order.
+    (40 copies: large enough to be checked before queueing, ``CHECK_AHEAD_FROM``.)"""
+    t2_dev_1 = await provision_device(pool, "t2", "dev-1")
+    t2_dev_2 = await provision_device(pool, "t2", "dev-2")
+    t3_dev_3 = await provision_device(pool, "t3", "dev-3")
+    messages = [
+        (Submission("t2", "dev-2", t2_dev_2, reading(1)), True),
+        (Submission("t1", "dev-1", t2_dev_1, reading(2)), False),  # t2's dev-1 token
+        (Submission("t3", "dev-3", t3_dev_3, reading(3)), True),
+        (Submission("t2", "dev-1", token, reading(4)), False),  # t1's dev-1 token
+        (Submission("t1", "dev-1", token, reading(5)), True),
+        (Submission("t3", "dev-1", token, reading(6)), False),  # t3 has no dev-1
+        (Submission("t2", "dev-1", t2_dev_1, reading(7)), True),
+    ] * copies
+    outcomes = await TelemetryWriter(seam(pool)).write([m for m, _ in messages])
+    assert [isinstance(o, Accepted) for o in outcomes] == [ok for _, ok in messages]
+    refused = [o.reason.code for o in outcomes if isinstance(o, Rejected)][:3]
+    assert refused == ["invalid_device_token", "invalid_device_token", "unknown_device"]
+    assert await stored_rows(pool) == 4 * copies
 
 
 async def test_hooks_see_the_write_inside_the_transaction(pool: asyncpg.Pool, token: str) -> None:
@@ -85,9 +112,12 @@ async def test_admission_is_asked_only_for_authenticated_messages(
 ) -> None:
     asked: list[tuple[str, str]] = []
 
-    def admit(device: tuple[str, str], count: int) -> tuple[int, Rejected | None]:
-        asked.extend([device] * count)
-        return 1, Rejected(RATE_LIMITED, "slow down", retry_after_s=2.5)
+    def admit(counts: Mapping[Device, int]) -> dict[Device, tuple[int, Rejected]]:
+        for device, count in counts.items():
+            asked.extend([device] * count)
+        return {
+            device: (1, Rejected(RATE_LIMITED, "slow down", retry_after_s=2.5)) for device in counts
+        }
 
     writer = TelemetryWriter(seam(pool), admit=admit)
     outcomes = await writer.write(
