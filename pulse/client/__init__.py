@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pulse.client.backoff import Backoff
     from pulse.client.client import PulseClient
-    from pulse.client.errors import AuthenticationFailed, BadRequest, Forbidden, PulseClientError
+    from pulse.client.errors import (
+        AuthenticationFailed,
+        BadRequest,
+        ExportCut,
+        Forbidden,
+        PulseClientError,
+    )
     from pulse.client.events import (
         Alert,
         AlertsUpdate,
@@ -34,6 +40,7 @@ _WHERE = {
     "PulseClient": "client",
     "AuthenticationFailed": "errors",
     "BadRequest": "errors",
+    "ExportCut": "errors",
     "Forbidden": "errors",
     "PulseClientError": "errors",
     "Alert": "events",
@@ -52,6 +59,7 @@ __all__ = [
     "AuthenticationFailed",
     "Backoff",
     "BadRequest",
+    "ExportCut",
     "FleetSummary",
     "Forbidden",
     "Notice",

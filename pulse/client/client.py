@@ -13,7 +13,7 @@ import httpx
 
 from pulse.client.backoff import Backoff
 from pulse.client.credentials import Credentials, TokenRefresh
-from pulse.client.errors import AuthenticationFailed, PulseClientError
+from pulse.client.errors import AuthenticationFailed, ExportCut, PulseClientError
 from pulse.client.events import Alert, FleetSummary
 from pulse.client.history import History, Reading, history_params
 from pulse.client.sse import SSETelemetryStream, http_failure, retry_after_s
@@ -253,9 +253,14 @@ class PulseClient:
         stream = self._stream(
             "GET", path, params=params, headers=headers, busy_wait_s=wait_s, on_wait=on_wait
         )
+        received = 0
         async with stream as response:
-            async for chunk in response.aiter_bytes():
-                yield chunk
+            try:
+                async for chunk in response.aiter_bytes():
+                    received += len(chunk)
+                    yield chunk
+            except httpx.TransportError as exc:  # the body ended short of its end
+                raise ExportCut(response.status_code, received) from exc
 
     @contextlib.asynccontextmanager
     async def _stream(

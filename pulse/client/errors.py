@@ -23,3 +23,19 @@ class Forbidden(PulseClientError):
 
 class BadRequest(PulseClientError):
     """Invalid filters or parameters."""
+
+
+class ExportCut(PulseClientError):
+    """An export ended before its end: the server cut it (``PULSE_EXPORT_MAX_S``), or
+    the connection was lost. ``received``: how many of its bytes came, all of them
+    already handed over; they are not the whole export."""
+
+    def __init__(self, status: int, received: int) -> None:
+        super().__init__(
+            status,
+            "export_cut",
+            f"the export ended after {received:,} bytes, before its end: the server cuts "
+            "an export that streams longer than its PULSE_EXPORT_MAX_S, or the "
+            "connection was lost. What came is incomplete; ask for a shorter range.",
+        )
+        self.received = received
