@@ -9,6 +9,8 @@ import msgspec
 from pulse.errors import ErrorCode
 from pulse.ingest.validation import Reading
 
+Device = tuple[str, str]  # (tenant_id, device_id)
+
 
 class Submission(msgspec.Struct, gc=False):  # a Struct: see validation.Reading
     """One authenticated-to-be message: a reading, or a heartbeat when ``reading`` is None."""
@@ -23,7 +25,7 @@ class Submission(msgspec.Struct, gc=False):  # a Struct: see validation.Reading
     broker: bool = False
 
     @property
-    def device(self) -> tuple[str, str]:
+    def device(self) -> Device:
         return (self.tenant_id, self.device_id)
 
 

@@ -11,10 +11,9 @@ from collections.abc import Callable, Hashable, Mapping
 from typing import TypeVar
 
 from pulse.errors import RATE_LIMITED
-from pulse.ingest.model import Rejected
+from pulse.ingest.model import Device, Rejected
 
 K = TypeVar("K", bound=Hashable)
-Device = tuple[str, str]  # (tenant_id, device_id)
 
 
 @dataclasses.dataclass(slots=True)
@@ -60,8 +59,8 @@ class RateLimiter:
         """Take up to ``counts[key]`` tokens for each key, in order, at one moment: the
         keys granted fewer than asked, with how many and the seconds until the next token.
 
-        A batch names hundreds of devices: one call for all of them costs about half
-        of one call each."""
+        A batch names hundreds of devices: one clock read and one call for all of
+        them, not two calls per device."""
         now = self._clock()
         buckets = self._buckets
         burst, rate = float(self.burst), self.rate

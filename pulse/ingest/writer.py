@@ -18,12 +18,11 @@ from pulse.db.queries import load_queries
 from pulse.errors import INVALID_DEVICE_TOKEN, UNKNOWN_DEVICE
 from pulse.ingest.gates import KeyedLocks
 from pulse.ingest.ids import Claim, EventIds
-from pulse.ingest.model import Accepted, Outcome, Rejected, Submission
+from pulse.ingest.model import Accepted, Device, Outcome, Rejected, Submission
 from pulse.ingest.validation import Reading
 
 Q = load_queries(__package__)
 
-Device = tuple[str, str]  # (tenant_id, device_id)
 S = TypeVar("S", bound="Sliceable")
 
 # Writes of at least this many messages are checked before they queue for

@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 import asyncpg
 
 from pulse.db.errors import DatabaseUnavailable
-from pulse.ingest.model import Accepted, Rejected, Submission
+from pulse.ingest.model import Accepted, Device, Rejected, Submission
 from pulse.ingest.validation import Reading
-from pulse.ingest.writer import Device, TelemetryWriter, Written
+from pulse.ingest.writer import TelemetryWriter, Written
 from tests.support import seam, until
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)

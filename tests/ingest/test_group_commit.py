@@ -11,9 +11,9 @@ import asyncpg
 
 from pulse.db.errors import DatabaseUnavailable
 from pulse.errors import INVALID_DEVICE_TOKEN
-from pulse.ingest.model import Accepted, Rejected, Submission
+from pulse.ingest.model import Accepted, Device, Rejected, Submission
 from pulse.ingest.validation import Reading
-from pulse.ingest.writer import CHECK_AHEAD_FROM, Device, TelemetryWriter, Written
+from pulse.ingest.writer import CHECK_AHEAD_FROM, TelemetryWriter, Written
 from tests.ingest.conftest import stored_rows
 from tests.support import provision_device, seam, until
 

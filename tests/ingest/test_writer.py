@@ -11,9 +11,9 @@ import pytest
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.pool import create_pool
 from pulse.errors import RATE_LIMITED
-from pulse.ingest.model import Accepted, Rejected, Submission
+from pulse.ingest.model import Accepted, Device, Rejected, Submission
 from pulse.ingest.validation import Reading
-from pulse.ingest.writer import Device, TelemetryWriter, TenantRows, Written
+from pulse.ingest.writer import TelemetryWriter, TenantRows, Written
 from tests.ingest.conftest import stored_rows
 from tests.support import provision_device, seam
 
