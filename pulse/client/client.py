@@ -16,6 +16,7 @@ from pulse.client.credentials import Credentials, TokenRefresh
 from pulse.client.errors import AuthenticationFailed, ExportCut, PulseClientError
 from pulse.client.events import Alert, FleetSummary
 from pulse.client.history import History, Reading, history_params
+from pulse.client.resume import RawExportTail
 from pulse.client.sse import SSETelemetryStream, http_failure, retry_after_s
 from pulse.client.stream import AuthRejected, NoticeHandler
 from pulse.client.websocket import V2Stream, WebSocketTelemetryStream
@@ -24,6 +25,9 @@ ALERTS_PATH = "/api/v1/customer/alerts"
 DEVICES_PATH = "/api/v1/customer/devices"
 FLEET_HISTORY_PATH = "/api/v1/customer/telemetry/history"
 EXPORT_TYPES = {"csv": "text/csv", "ndjson": "application/x-ndjson"}
+# A cut raw export is asked for again after these answers too: a server restarting, or
+# one that still holds the cut export's slot.
+RESUMED_STATUS = frozenset({429, 502, 503, 504})
 
 
 class PulseClient:
@@ -237,6 +241,8 @@ class PulseClient:
         aggregates: Iterable[str] | None = None,
         wait_s: float = 0.0,
         on_wait: Callable[[PulseClientError, float], object] | None = None,
+        resume: int = 0,
+        on_resume: Callable[[ExportCut, float], object] | None = None,
     ) -> AsyncIterator[bytes]:
         """A device's export as it streams in: CSV or NDJSON bytes, of any size.
 
@@ -244,23 +250,53 @@ class PulseClient:
         ``wait_s`` seconds the export is asked for again after each answer's
         Retry-After, before any byte of it is read; ``on_wait`` is told each refusal
         and the seconds it waits. Past ``wait_s``, the refusal is raised.
+
+        An export that ends short (``ExportCut``: the server's PULSE_EXPORT_MAX_S, a
+        restart, a lost connection) is raised; a raw one (``bucket="raw"``) is asked
+        for again from where it stopped, up to ``resume`` times in a row, after a
+        backoff delay that ``on_resume`` is told with the cut. Then only whole lines
+        are yielded, none twice.
         """
         params = history_params(start, end, bucket, list(aggregates or ()))
         if metrics:
             params["metrics"] = ",".join(metrics)
         headers = {"Accept": EXPORT_TYPES[format]}
         path = f"{DEVICES_PATH}/{device_id}/telemetry"
-        stream = self._stream(
-            "GET", path, params=params, headers=headers, busy_wait_s=wait_s, on_wait=on_wait
-        )
+        tail = RawExportTail(format) if resume > 0 and bucket == "raw" else None
+        backoff = self._backoff()
         received = 0
-        async with stream as response:
+        status = 0  # the last answer's; 0: none yet
+        while True:
             try:
-                async for chunk in response.aiter_bytes():
-                    received += len(chunk)
-                    yield chunk
-            except httpx.TransportError as exc:  # the body ended short of its end
-                raise ExportCut(response.status_code, received) from exc
+                async with self._stream(
+                    "GET", path, params=params, headers=headers, busy_wait_s=wait_s,
+                    on_wait=on_wait,
+                ) as response:  # fmt: skip
+                    status = response.status_code
+                    async for chunk in response.aiter_bytes():
+                        lines = tail.take(chunk) if tail else chunk
+                        if lines:
+                            backoff.reset()
+                            received += len(lines)
+                            yield lines
+                if tail:
+                    rest = tail.rest()
+                    received += len(rest)
+                    if rest:
+                        yield rest
+                return
+            except (httpx.TransportError, PulseClientError) as exc:
+                if status == 0:
+                    raise  # never answered: not a cut
+                if isinstance(exc, PulseClientError) and exc.status not in RESUMED_STATUS:
+                    raise
+                if tail is None or backoff.attempt >= resume:
+                    raise ExportCut(status, received) from exc
+                delay_s = backoff.next_delay()
+                if on_resume is not None:
+                    on_resume(ExportCut(status, received), delay_s)
+                await asyncio.sleep(delay_s)
+                params = tail.resume(params)
 
     @contextlib.asynccontextmanager
     async def _stream(

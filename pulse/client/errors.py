@@ -36,6 +36,8 @@ class ExportCut(PulseClientError):
             "export_cut",
             f"the export ended after {received:,} bytes, before its end: the server cuts "
             "an export that streams longer than its PULSE_EXPORT_MAX_S, or the "
-            "connection was lost. What came is incomplete; ask for a shorter range.",
+            "connection was lost. What came is incomplete: a raw export goes on from "
+            "where it stopped with resume (pulse export --resume); or ask for a shorter "
+            "range.",
         )
         self.received = received

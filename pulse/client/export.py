@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pulse.client.tail import minted_tokens
 from pulse.config import Settings
+
+if TYPE_CHECKING:
+    from pulse.client.errors import ExportCut
 
 # The client (httpx) is imported when the command runs: `pulse serve` builds the
 # same parser and must not load it.
@@ -44,10 +47,20 @@ def add_export_command(sub: Any) -> None:
         help="seconds to wait for the server to take the export when it is streaming as"
         " many as it may (429 export_limit); default: 60",
     )
+    export.add_argument(
+        "--resume",
+        type=int,
+        default=5,
+        help="times in a row a raw export cut short (the server's PULSE_EXPORT_MAX_S, a"
+        " restart, a lost connection) is asked for again from where it stopped, with"
+        " nothing written twice; 0: never; default: 5",
+    )
     export.set_defaults(run=run_export_command)
 
 
 def run_export_command(args: argparse.Namespace, settings: Settings) -> None:
+    import httpx
+
     from pulse.client.errors import PulseClientError
 
     refresh = minted_tokens(args, settings, "pulse-export")
@@ -56,6 +69,8 @@ def run_export_command(args: argparse.Namespace, settings: Settings) -> None:
         asyncio.run(export(args, url, refresh, sys.stdout.buffer))
     except PulseClientError as exc:
         sys.exit(f"pulse export: {exc}")
+    except httpx.TransportError as exc:
+        sys.exit(f"pulse export: cannot reach {url}: {exc or type(exc).__name__}")
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -79,6 +94,8 @@ async def export(args: argparse.Namespace, url: str, refresh: Any, out: BinaryIO
             bucket=args.bucket,
             wait_s=args.wait,
             on_wait=_waiting,
+            resume=args.resume,
+            on_resume=_resuming,
         ):
             out.write(chunk)
         out.flush()
@@ -86,3 +103,11 @@ async def export(args: argparse.Namespace, url: str, refresh: Any, out: BinaryIO
 
 def _waiting(refusal: Exception, delay_s: float) -> None:
     print(f"pulse export: {refusal}; asking again in {delay_s:g} s", file=sys.stderr, flush=True)
+
+
+def _resuming(cut: ExportCut, delay_s: float) -> None:
+    print(
+        f"pulse export: cut after {cut.received:,} bytes; asking for the rest in {delay_s:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -82,7 +82,7 @@ async def test_pulse_export_exits_with_the_reason_when_cut(
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pulse", "export", "--url", server, "--tenant", "t1",
-        "--device", "d1", "--from", WINDOW["start"], "--to", WINDOW["end"],
+        "--device", "d1", "--from", WINDOW["start"], "--to", WINDOW["end"], "--resume", "0",
         env={**os.environ, "PULSE_JWT_SECRET": TEST_SECRET},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
