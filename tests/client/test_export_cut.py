@@ -16,18 +16,17 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import asyncpg
-import httpx
 import pytest
 
 from pulse.client import ExportCut, PulseClient
 from pulse.config import Settings
+from tests.client.exporting import until_cut
 from tests.history.readings import many_readings
 from tests.support import TEST_SECRET, provision_device, running_server
 
 pytestmark = pytest.mark.timeout(90)
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
-EXPORT = "/api/v1/customer/devices/d1/telemetry"
 WINDOW = {"start": "2026-12-01T00:00:00Z", "end": "2026-12-03T00:00:00Z"}
 READINGS = 100_000  # x 4 metrics: about 18 MB of CSV
 
@@ -41,22 +40,6 @@ async def server(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[str]:
     )
     async with running_server(limits) as url:
         yield url
-
-
-async def until_cut(url: str, token: str) -> None:
-    """Until the tenant's one export slot is free again: the held export was cut."""
-    params = {"from": "2026-12-01T10:00:00Z", "to": "2026-12-01T10:00:01Z"}
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http, asyncio.timeout(30):
-        while True:
-            answer = await http.get(
-                EXPORT,
-                params=params,
-                headers={"Accept": "text/csv", "Authorization": f"Bearer {token}"},
-            )
-            if answer.status_code == 200:
-                return
-            assert answer.status_code == 429, answer.text
-            await asyncio.sleep(0.05)
 
 
 async def test_the_client_raises_when_an_export_is_cut(

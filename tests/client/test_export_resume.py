@@ -23,13 +23,13 @@ import pytest
 
 from pulse.client import ExportCut, PulseClient
 from pulse.config import Settings
+from tests.client.exporting import EXPORT, until_cut
 from tests.client.restartable import restartable_server
 from tests.support import TEST_SECRET, provision_device, running_server
 
 pytestmark = pytest.mark.timeout(120)
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
-EXPORT = "/api/v1/customer/devices/d1/telemetry"
 WINDOW = {"start": "2026-12-01T00:00:00Z", "end": "2026-12-03T00:00:00Z"}
 READINGS = 100_000  # x 4 metrics: about 18 MB of CSV
 
@@ -60,22 +60,6 @@ async def whole_export(url: str, token: str, format: str) -> bytes:
         )
     assert answer.status_code == 200, answer.text
     return answer.content
-
-
-async def until_cut(url: str, token: str) -> None:
-    """Until the tenant's one export slot is free again: the held export was cut."""
-    params = {"from": "2026-12-01T10:00:00Z", "to": "2026-12-01T10:00:00.001Z"}
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http, asyncio.timeout(30):
-        while True:
-            answer = await http.get(
-                EXPORT,
-                params=params,
-                headers={"Accept": "text/csv", "Authorization": f"Bearer {token}"},
-            )
-            if answer.status_code == 200:
-                return
-            assert answer.status_code == 429, answer.text
-            await asyncio.sleep(0.05)
 
 
 @pytest.fixture
