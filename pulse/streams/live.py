@@ -203,7 +203,11 @@ class Live:
             return  # nothing is owed (a reconnect at the head), trimmed or not
         cursor = last_event_id
         earliest = await self.store.earliest_id(self.tenant_id)
-        if earliest is not None and last_event_id + 1 < earliest:
+        if earliest is None:
+            # Not one row left (retention dropped every day the tenant wrote in): the
+            # earliest event there will be is the next one.
+            earliest = newest + 1
+        if last_event_id + 1 < earliest:
             yield Reset({"reason": "history_trimmed", "earliest_id": earliest})
             cursor = earliest - 1
         async for batch in self._replay(cursor, newest):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from pulse.db.retention import (
     ensure_partitions,
     utc_today,
 )
+from tests.streams.ws_support import open_ws, recv
 from tests.support import insert_readings, running_server, seam, sse_events
 
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
@@ -145,6 +147,44 @@ async def test_resume_from_dropped_history(
                     break
     assert got[0] == ("reset", None, '{"reason":"history_trimmed","earliest_id":6}')
     assert [i for _, i, _ in got[1:]] == ["6", "7", "8"]
+
+
+async def test_resume_when_every_row_was_dropped(
+    settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """A tenant that wrote nothing for longer than the window has no rows left: a client
+    resuming before its newest id is told what it lost, over SSE and the WebSocket."""
+    old = await insert_readings(pool, "t1", [("d1", {"v": i}) for i in range(5)])
+    await age(pool, old, days=2)
+    fast = dataclasses.replace(settings, retention_hours=24.0, retention_interval_s=0.05)
+    trimmed = {"reason": "history_trimmed", "earliest_id": 6}
+    token = make_token("t1")
+    async with running_server(fast) as url:
+        deadline = time.monotonic() + 10
+        while await pool.fetchval("SELECT count(*) FROM telemetry") != 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=10) as http,
+            http.stream(
+                "GET",
+                SSE_PATH,
+                headers={"Authorization": f"Bearer {token}", "Last-Event-ID": "2"},
+            ) as r,
+            open_ws(url, token=token, last_event_id=2) as ws,
+        ):
+            assert (await recv(ws))["type"] == "connected"
+            assert await recv(ws) == {"type": "reset", **trimmed}
+            await insert_readings(pool, "t1", [("d1", {"v": 9})])
+            assert (await recv(ws))["id"] == 6
+            got = []
+            async for event in sse_events(r):
+                got.append((event.event, event.id))
+                if event.id == "6":
+                    break
+                if event.event == "reset":
+                    assert json.loads(event.data) == trimmed
+    assert [(name == "reset", i) for name, i in got] == [(True, None), (False, "6")]
 
 
 async def test_processes_starting_together_create_each_day_once(pool: asyncpg.Pool) -> None:
