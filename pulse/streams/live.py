@@ -103,6 +103,7 @@ class Live:
         kind: str,
         expires_at: float,
         idle_s: Callable[[], float | None],
+        idle_is_silence: bool = True,
         last_event_id: int | None = None,
         replay: bool = True,
         announces_start: bool = False,
@@ -117,6 +118,10 @@ class Live:
         self.kind = kind
         self.expires_at = expires_at  # time.time() seconds; the WebSocket may extend it
         self.idle_s = idle_s  # None: no idle timeout
+        # Idle after idle_s without a message to the client (a ping, a keepalive), or
+        # (False) after idle_s whatever was sent: a schedule (the v2 pushes).
+        self.idle_is_silence = idle_is_silence
+        self._sent_at = time.monotonic()  # the last message to the client, about
         self.last_event_id = last_event_id
         self.replay = replay
         # Its client is told the start as "the tenant's newest committed id".
@@ -180,6 +185,7 @@ class Live:
             return False
         self.position = max(self.position, events[-1].id)
         self.written_now = events[-1].id
+        self._sent_at = time.monotonic()
         return True
 
     def abort(self) -> None:
@@ -194,6 +200,14 @@ class Live:
             self._output.abort_unread()
 
     # -- replay and live ------------------------------------------------------------
+
+    def _idle_in(self) -> float | None:
+        """Seconds until the stream is idle (0: it is); None: never. Live events the hub
+        wrote straight out (write_now) did not wake this task, and count as messages."""
+        idle = self.idle_s()
+        if idle is None or not self.idle_is_silence:
+            return idle
+        return max(0.0, idle - (time.monotonic() - self._sent_at))
 
     async def _resume(self, last_event_id: int, newest: int) -> AsyncIterator[Item]:
         if last_event_id > newest:
@@ -231,16 +245,19 @@ class Live:
         self.position = max(self.position, upto)
 
     async def _live(self, subscription: Subscription) -> AsyncIterator[Item]:
+        self._sent_at = time.monotonic()
         while True:
             remaining = self.expires_at - time.time()
             if remaining <= 0:
                 yield End(TOKEN_EXPIRED)
                 return
-            idle = self.idle_s()
+            idle = self._idle_in()
             if not await subscription.wait(remaining if idle is None else min(idle, remaining)):
-                if time.time() < self.expires_at:
+                spoke = self.idle_is_silence and self._idle_in()  # written straight out
+                if time.time() < self.expires_at and not spoke:
                     self.position = max(self.position, subscription.position)
                     yield Idle(self.position)
+                    self._sent_at = time.monotonic()
                 continue
             try:
                 batch = subscription.take()
@@ -254,5 +271,6 @@ class Live:
             if batch:
                 self.position = max(self.position, batch[-1].id)
                 yield batch
+                self._sent_at = time.monotonic()
             if kinds:
                 yield Signals(frozenset(kinds))

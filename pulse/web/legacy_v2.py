@@ -72,6 +72,7 @@ async def _serve(connection: Connection) -> None:
         replay=False,
         signals=SIGNALS | {RESCHEDULE},
         idle_s=until_due,
+        idle_is_silence=False,  # the pushes are due whatever was sent
         expires_at=principal.expires_at.timestamp(),
         output=connection.direct,
         frame=frames,
