@@ -54,9 +54,12 @@ async def provision_device(
 
 
 @contextlib.asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[str]:
+async def running_server(
+    settings: Settings, *, on_app: Callable[[Any], object] | None = None
+) -> AsyncIterator[str]:
     """Serve create_app(settings) on a free loopback port until the block ends, the way
-    ``pulse serve`` does (pulse.serving.serve), with a short graceful timeout."""
+    ``pulse serve`` does (pulse.serving.serve), with a short graceful timeout.
+    ``on_app`` is given the app, for a test that acts on its runtime."""
     from pulse.app import create_app
     from pulse.serving import hypercorn_config, serve
 
@@ -69,6 +72,8 @@ async def running_server(settings: Settings) -> AsyncIterator[str]:
     config.graceful_timeout = 2
     stop = asyncio.Event()
     app = create_app(settings)
+    if on_app is not None:
+        on_app(app)
     task = asyncio.create_task(serve(app, config, stop))
     url = f"http://127.0.0.1:{port}"
     try:

@@ -16,7 +16,13 @@ from pulse.auth.principal import Principal
 from pulse.bus.events import TelemetryEvent
 from pulse.bus.subscription import Filters
 from pulse.db.errors import DatabaseUnavailable
-from pulse.errors import CONNECTION_LIMIT, INVALID_PARAMETER, LAGGING, ApiError
+from pulse.errors import (
+    CONNECTION_LIMIT,
+    DATABASE_UNAVAILABLE,
+    INVALID_PARAMETER,
+    LAGGING,
+    ApiError,
+)
 from pulse.runtime import Runtime
 from pulse.streams.limits import LimitReached
 from pulse.streams.live import End, Idle, Live, Reset, Started
@@ -92,6 +98,8 @@ async def telemetry_sse() -> Response:
         )
     except BadParameter as exc:
         raise ApiError(INVALID_PARAMETER, str(exc)) from exc
+    if rt.draining:
+        raise shutting_down()
     principal = await authenticate_request(allow_query=True, accept=request_tenant)
     tenant_id = request_tenant(principal)
     try:
@@ -104,6 +112,16 @@ async def telemetry_sse() -> Response:
     response = Response(body(rt, stream, writes), status=200, headers=HEADERS)
     response.timeout = None  # a stream has no response deadline
     return response
+
+
+def shutting_down() -> ApiError:
+    """The 503 of a stream asked of a process that is shutting down: before its
+    credential is checked, so that a ticket stays unspent for the next process."""
+    return ApiError(
+        DATABASE_UNAVAILABLE,
+        "The server is shutting down; reconnect and resume.",
+        {"Retry-After": str(RETRY_MS // 1000)},
+    )
 
 
 def limit_reached(exc: LimitReached) -> ApiError:

@@ -38,7 +38,7 @@ from pulse.web.auth import scope_credential
 from pulse.web.direct import DirectWrites, watch_inbound
 from pulse.web.fastpath import send_reply
 from pulse.web.ingest import Reply, error_reply
-from pulse.web.sse import HEADERS, SSE_URL, body, limit_reached, open_stream
+from pulse.web.sse import HEADERS, SSE_URL, body, limit_reached, open_stream, shutting_down
 
 _HEADERS = [(name.lower().encode(), value.encode()) for name, value in HEADERS.items()]
 
@@ -73,6 +73,8 @@ async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] 
     args = query_args(scope["query_string"])
     filters = parse_filters(args, max_device_filters=rt.settings.max_device_filters)
     last_event_id = parse_event_id(header(scope, b"last-event-id") or args.get("last_event_id"))
+    if rt.draining:
+        return error_reply(shutting_down())
     credential = scope_credential(scope, args, allow_query=True)
     requested = args.get("tenant_id")
     if credential is not None:

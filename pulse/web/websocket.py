@@ -161,7 +161,10 @@ class Connection:
 
     async def authenticate(self, accept: Callable[[Principal], object]) -> Principal:
         """The caller, by the token or ticket of the handshake (header, cookie or query),
-        as Quart's routes authenticate theirs; ``accept`` as in ``authenticate``."""
+        as Quart's routes authenticate theirs; ``accept`` as in ``authenticate``. A
+        process shutting down closes first, leaving a ticket for the next one."""
+        if self.rt.draining:
+            raise Close.of(SERVER_RESTARTING)
         args = self.socket.args
         credential = scope_credential(self.socket.scope, args, allow_query=True)
         return await authenticate(self.rt, credential, args, accept=accept)
