@@ -217,6 +217,25 @@ async def test_a_lagging_subscriber_is_aborted_by_its_sink_after_the_grace(
             assert subscription.lagging
 
 
+async def test_events_for_a_lagging_subscriber_are_counted_as_dropped() -> None:
+    """pulse_events_dropped_lagging_total (CONTRACT 6: /metrics, events dropped for lag):
+    what comes for a subscriber cut as lagging, until its stream ends."""
+
+    def sample(name: str) -> float | None:
+        return hub.metrics.registry.get_sample_value(name, {"kind": "test"})
+
+    async with (
+        running_hub(queue_size=3) as (hub, source, store),
+        hub.subscribe("t1", kind="test") as subscription,
+    ):
+        source.committed("t1", store.commit("t1", count=5))
+        await until(lambda: subscription.lagging)
+        assert sample("pulse_lagging_disconnects_total") == 1
+        assert not sample("pulse_events_dropped_lagging_total")
+        source.committed("t1", store.commit("t1", count=4))
+        await until(lambda: sample("pulse_events_dropped_lagging_total") == 4)
+
+
 async def test_draining_ends_subscriptions_and_refuses_new_ones() -> None:
     async with running_hub() as (hub, _, _):
         async with hub.subscribe("t1", kind="test") as subscription:

@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection
 
 from pulse.config import Settings
 from pulse.streams.legacy_v2.protocol import DEVICE_ID_REQUIRED, TENANT_REQUIRED
-from tests.streams.ws_support import V2_PATH, open_ws, recv, recv_raw, request
+from tests.streams.ws_support import V2_PATH, closed, open_ws, recv, recv_raw, request
 from tests.support import insert_readings, provision_device, running_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -364,3 +364,14 @@ async def test_a_change_is_read_once_for_all_the_connections_it_reaches(
     made = {name: queries[name] - before[name] for name in queries}
     print(f"queries for one change across 20 connections: {made}")
     assert made["alerts"] <= 2 and made["summary"] <= 2, made
+
+
+async def test_a_token_that_expires_while_connected_closes_4001(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """CONTRACT 5: a stream lives as long as its token; v2 has no action to refresh it."""
+    await provision_device(pool, "t1", "d1")
+    async with open_ws(url, V2_PATH, token=make_token("t1", lifetime_s=1.5)) as ws:
+        reply = await request(ws, {"action": "subscribe", "type": "device", "device_id": "d1"})
+        assert reply == {"type": "subscribed", "channel": "device", "device_id": "d1"}
+        assert await closed(ws) == (4001, "token_expired")
