@@ -202,8 +202,10 @@ async def test_exactly_once_across_relay_kill_nats_restart_and_edge_restart(
         await cluster.start("b")
         await cluster.start("c")
         await wait_for(cluster.all_on_bus, 15)
-        # One listening backend for three processes.
+        # One listening backend for three processes, and one connection for each job
+        # one process does for all (the others stand by without one).
         await wait_for(lambda: _listeners_are(pool, 1), 10)
+        await wait_for(lambda: _one_connection_per_job(pool), 10)
 
         final: list[int] = []
 
@@ -352,6 +354,16 @@ async def _listeners_are(pool: asyncpg.Pool, count: int) -> bool:
         "SELECT count(*) FROM pg_stat_activity "
         "WHERE datname = current_database() AND application_name = 'pulse listener'"
     )
+
+
+async def _one_connection_per_job(pool: asyncpg.Pool) -> bool:
+    rows = await pool.fetch(
+        "SELECT application_name, count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name IN "
+        "('pulse rollups', 'pulse rollups standby', 'pulse-sweeper', 'pulse relay standby') "
+        "GROUP BY 1"
+    )
+    return {row[0]: row[1] for row in rows} == {"pulse rollups": 1, "pulse-sweeper": 1}
 
 
 def _metric(text: str, name: str) -> float:

@@ -38,6 +38,7 @@ from pulse.bus.nats_link import NatsLink
 from pulse.bus.store import EventStore
 from pulse.db.database import Database, translated
 from pulse.db.errors import DatabaseUnavailable
+from pulse.db.leadership import lock_is_free
 from pulse.db.queries import load_queries
 from pulse.ops.metrics import Metrics
 
@@ -46,7 +47,7 @@ Q = load_queries(__package__)
 
 # Any constant the processes of a cluster share (advisory locks are per database).
 RELAY_LOCK_KEY = 0x70756C73_65_726C  # "pulse" "rl"
-STANDBY_NAME = "pulse relay standby"  # until it holds the lock: then "pulse listener"
+STANDBY_NAME = "pulse relay standby"  # taking the lock; once it holds it, "pulse listener"
 RETRY_S = 1.0
 HEARTBEAT_S = 1.0
 HEALTH_CHECK_S = 5.0
@@ -89,8 +90,10 @@ class Relay:
         while True:
             await self._link.up.wait()
             try:
-                async with self._db.dedicated(STANDBY_NAME, timeout=QUERY_TIMEOUT_S) as conn:
-                    await self._stand_by_then_lead(conn)
+                # Standing by holds no connection of its own (pulse.db.leadership).
+                if await lock_is_free(self._db, RELAY_LOCK_KEY, timeout=QUERY_TIMEOUT_S):
+                    async with self._db.dedicated(STANDBY_NAME, timeout=QUERY_TIMEOUT_S) as conn:
+                        await self._take_then_lead(conn)
             except DatabaseUnavailable as exc:
                 log.warning("relay: the database is unavailable (%s); retrying", exc)
             finally:
@@ -100,16 +103,16 @@ class Relay:
                 self._metrics.bus_relay.set(0)
             await asyncio.sleep(self._retry_s)
 
-    async def _stand_by_then_lead(self, conn: asyncpg.Connection) -> None:
+    async def _take_then_lead(self, conn: asyncpg.Connection) -> None:
         # A dead peer (a machine gone, not a process) must release the lock in
         # seconds, not after the kernel's two hours of TCP keepalive.
         for setting in ("tcp_keepalives_idle = 5", "tcp_keepalives_interval = 1"):
             await conn.execute(f"SET {setting}", timeout=QUERY_TIMEOUT_S)
         await conn.execute("SET tcp_keepalives_count = 3", timeout=QUERY_TIMEOUT_S)
-        while not await conn.fetchval(Q["try_lead_relay"], RELAY_LOCK_KEY, timeout=QUERY_TIMEOUT_S):
-            if not self._link.connected:
-                return  # a relay must be able to publish: compete only while connected
-            await asyncio.sleep(self._retry_s)
+        if not self._link.connected:
+            return  # a relay must be able to publish: compete only while connected
+        if not await conn.fetchval(Q["try_lead_relay"], RELAY_LOCK_KEY, timeout=QUERY_TIMEOUT_S):
+            return  # another process took it first: stand by again
         generation = self._link.generation
         if not self._link.connected:
             return

@@ -14,3 +14,8 @@ SELECT pulse_create_telemetry_partitions($1::date, $2::date)
 -- name: expired_telemetry_partitions
 -- The partitions whose every row was received before the cutoff, oldest first.
 SELECT name, detach_pending FROM pulse_expired_telemetry_partitions($1)
+
+-- name: lock_is_free
+-- Whether no session holds the advisory lock $1: taken and let go in the same
+-- statement, so the pooled connection that asks keeps nothing of it.
+SELECT CASE WHEN pg_try_advisory_lock($1) THEN pg_advisory_unlock($1) ELSE false END

@@ -3,9 +3,9 @@
 Ingest marks a device ONLINE whenever it is seen; only the passing of time
 makes it STALE and then OFFLINE, and that is this loop's work. Exactly one
 process of a cluster sweeps: the one holding a session-level advisory lock on
-its own connection. The others keep trying; when the leader's process dies,
-its connection closes, PostgreSQL releases the lock, and the next try of
-another process takes over.
+its own connection. The others keep asking, on a pooled connection
+(pulse.db.leadership); when the leader's process dies, its connection closes,
+PostgreSQL releases the lock, and the next try of another process takes over.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import asyncpg
 
 from pulse.db.database import Database
 from pulse.db.errors import DatabaseUnavailable
+from pulse.db.leadership import lock_is_free
 from pulse.db.queries import load_queries
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,18 @@ class StatusSweeper:
         self._round_done = asyncio.Condition()
 
     async def run(self) -> None:
-        """Follow until the lock is free, then sweep until the connection is lost; forever."""
+        """Follow until the lock is free, then sweep until the connection is lost; forever.
+        A follower holds no connection of its own (pulse.db.leadership)."""
         while True:
             try:
-                # Closing the connection (at the end of the block) releases the lock.
-                async with self._db.dedicated(APPLICATION_NAME, timeout=QUERY_TIMEOUT_S) as conn:
-                    await self._follow_then_lead(conn)
+                if await lock_is_free(self._db, self._lock_key, timeout=QUERY_TIMEOUT_S):
+                    # Closing the connection (at the end of the block) releases the lock.
+                    async with self._db.dedicated(
+                        APPLICATION_NAME, timeout=QUERY_TIMEOUT_S
+                    ) as conn:
+                        await self._lead(conn)
+                else:
+                    await self._round_finished()
             except DatabaseUnavailable as exc:
                 log.warning("status sweeper: the database is unavailable (%s); retrying", exc)
             finally:
@@ -114,12 +121,10 @@ class StatusSweeper:
                 self.leading.clear()
             await asyncio.sleep(self.interval_s)
 
-    async def _follow_then_lead(self, conn: asyncpg.Connection) -> None:
-        while not await conn.fetchval(
-            Q["try_lead_sweeper"], self._lock_key, timeout=QUERY_TIMEOUT_S
-        ):
-            await self._round_finished()
-            await asyncio.sleep(self.interval_s)
+    async def _lead(self, conn: asyncpg.Connection) -> None:
+        if not await conn.fetchval(Q["try_lead_sweeper"], self._lock_key, timeout=QUERY_TIMEOUT_S):
+            await self._round_finished()  # another process took it first: follow again
+            return
         since = None
         if self._forgive_downtime:
             since = await conn.fetchval(

@@ -1,7 +1,8 @@
 """Rollups per device, metric and minute, and per 15 minutes and hour from the minutes.
 
 One process of the cluster keeps them (a session advisory lock on a connection
-of its own, as the relay does); the others stand by. Each pass counts, per
+of its own, as the relay does); the others stand by, holding no connection
+(pulse.db.leadership). Each pass counts, per
 tenant, the committed rows after the tenant's watermark, and moves the
 watermark in the same transaction: a pass cut short by a crash counts nothing,
 the next one counts those rows again from the same place, so each row is
@@ -23,13 +24,13 @@ import asyncpg
 from pulse.config import Settings
 from pulse.db.database import Database
 from pulse.db.errors import DatabaseUnavailable
+from pulse.db.leadership import lock_is_free
 from pulse.db.queries import load_queries
 
 log = logging.getLogger(__name__)
 Q = load_queries(__package__)
 
 ROLLUP_LOCK_KEY = 0x70756C73_65_7275  # "pulse" "ru"
-STANDBY_NAME = "pulse rollups standby"
 LEADER_NAME = "pulse rollups"
 # Rows of one tenant counted per transaction: a backlog (a fresh migration of a
 # large table, a long outage) is worked off in steps that commit as they go. A step
@@ -137,27 +138,29 @@ class Rollups:
         self._settings = settings
         self._retry_s = retry_s
         self.leading = False
+        self.asks = 0  # times this process asked whether the lock was free
 
     async def run(self) -> None:
         while True:
             try:
-                async with self._db.dedicated(STANDBY_NAME) as conn:
-                    await self._stand_by_then_lead(conn)
+                # Polled: PostgreSQL does not say when an advisory lock is free.
+                self.asks += 1
+                if await lock_is_free(self._db, ROLLUP_LOCK_KEY):
+                    async with self._db.dedicated(LEADER_NAME) as conn:
+                        await self._lead(conn)
             except DatabaseUnavailable as exc:
                 log.warning("rollups: the database is unavailable (%s); retrying", exc)
             finally:
                 self.leading = False
             await asyncio.sleep(self._retry_s)
 
-    async def _stand_by_then_lead(self, conn: asyncpg.Connection) -> None:
+    async def _lead(self, conn: asyncpg.Connection) -> None:
         # A dead peer must release the lock in seconds (see pulse.bus.relay).
         for setting in ("tcp_keepalives_idle = 5", "tcp_keepalives_interval = 1"):
             await conn.execute(f"SET {setting}")
         await conn.execute("SET tcp_keepalives_count = 3")
-        # Polled: PostgreSQL does not say when an advisory lock is free.
-        while not await conn.fetchval(Q["try_lead_rollups"], ROLLUP_LOCK_KEY):  # noqa: ASYNC110
-            await asyncio.sleep(self._retry_s)
-        await conn.execute(f"SET application_name = '{LEADER_NAME}'")
+        if not await conn.fetchval(Q["try_lead_rollups"], ROLLUP_LOCK_KEY):
+            return  # another process took it first: stand by again
         self.leading = True
         log.info("this process now keeps the rollups")
         trimmed_at = 0.0

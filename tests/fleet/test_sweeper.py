@@ -15,6 +15,7 @@ import httpx
 
 from pulse.config import Settings
 from pulse.fleet.sweeper import (
+    APPLICATION_NAME,
     SWEEPER_LOCK_KEY,
     StatusSweeper,
     default_interval,
@@ -265,6 +266,14 @@ async def test_two_sweepers_one_leads_the_other_takes_over(
         assert follower.sweeps == 0
         assert leader.sweeps >= 5
         assert len(await lock_holders(pool)) == 1
+        # The follower asks on a pooled connection: only the leader holds one of its own.
+        assert (
+            await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                APPLICATION_NAME,
+            )
+            == 1
+        )
 
         (task_a if leader is a else task_b).cancel()
         await asyncio.wait_for(follower.leading.wait(), 5)
@@ -276,17 +285,30 @@ async def test_two_sweepers_one_leads_the_other_takes_over(
 async def test_a_leader_that_loses_its_connection_hands_over(
     pool: asyncpg.Pool, database_url: str
 ) -> None:
+    """Its lock goes with its connection; then one of the two leads, on a new connection
+    (the old leader, back in a few milliseconds, may win the race), and the other
+    follows."""
     a, b = _sweeper(pool, database_url), _sweeper(pool, database_url)
     async with sweeping(a), sweeping(b):
-        leader = await first_to_lead(a, b)
-        follower = b if leader is a else a
+        await first_to_lead(a, b)
         [pid] = await lock_holders(pool)
         assert await pool.fetchval("SELECT pg_terminate_backend($1)", pid)
-        await asyncio.wait_for(follower.leading.wait(), 5)
-        # The old leader reconnects and follows.
-        await asyncio.wait_for(leader.wait_rounds(leader.rounds + 3), 5)
-        assert not leader.leading.is_set()
-        assert len(await lock_holders(pool)) == 1
+        async with asyncio.timeout(5):
+            while (holders := await lock_holders(pool)) in ([], [pid]):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert len(holders) == 1
+        # Three rounds each: the old leader has met its lost connection by then.
+        await asyncio.wait_for(
+            asyncio.gather(a.wait_rounds(a.rounds + 3), b.wait_rounds(b.rounds + 3)), 5
+        )
+        [leader] = [s for s in (a, b) if s.leading.is_set()]
+        swept = leader.sweeps
+        await asyncio.wait_for(
+            asyncio.gather(a.wait_rounds(a.rounds + 3), b.wait_rounds(b.rounds + 3)), 5
+        )
+        assert leader.leading.is_set() and leader.sweeps > swept
+        assert [s for s in (a, b) if s.leading.is_set()] == [leader]
+        assert await lock_holders(pool) == holders
 
 
 async def test_a_killed_leader_process_is_taken_over(pool: asyncpg.Pool, database_url: str) -> None:

@@ -157,13 +157,17 @@ async def test_one_process_keeps_the_rollups(pool: asyncpg.Pool, db: Database) -
         await readings_at(pool, "t1", [("d1", T0, {"v": 1.0})] * 5)
         await wait_for(pool, "SELECT last_id FROM rollup_watermarks", 5)
         tasks.append(asyncio.create_task(second.run()))
-        await wait_for(
-            pool,
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-            f"'{rollups.STANDBY_NAME}'",
-            1,
-        )
+        async with asyncio.timeout(10):
+            while second.asks < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         assert first.leading and not second.leading
+        # The second stands by asking on a pooled connection: only the leader holds one.
+        assert (
+            await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pulse rollups%'"
+            )
+            == 1
+        )
         # The leader goes: the other takes over and goes on from the watermark.
         tasks[0].cancel()
         await asyncio.gather(tasks[0], return_exceptions=True)

@@ -1,0 +1,33 @@
+"""Asking whether a cluster-wide job's lock is free takes nothing: the pooled connection
+that asks holds no lock after, and a lock another session holds is seen as taken."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from pulse.db.leadership import lock_is_free
+from tests.support import seam
+
+KEY = 0x70756C73_65_7465  # "pulse" "te"
+
+
+async def advisory_holders(pool: asyncpg.Pool) -> list[int]:
+    rows = await pool.fetch(
+        """SELECT pid FROM pg_locks
+            WHERE locktype = 'advisory' AND granted
+              AND (classid::bigint << 32) | objid::bigint = $1""",
+        KEY,
+    )
+    return [row["pid"] for row in rows]
+
+
+async def test_asking_takes_nothing(pool: asyncpg.Pool) -> None:
+    db = seam(pool)
+    assert await lock_is_free(db, KEY)
+    assert await advisory_holders(pool) == []  # asked, taken and let go in one statement
+    async with pool.acquire() as leader:
+        assert await leader.fetchval("SELECT pg_try_advisory_lock($1)", KEY)
+        assert not await lock_is_free(db, KEY)
+        assert await advisory_holders(pool) == [await leader.fetchval("SELECT pg_backend_pid()")]
+        await leader.execute("SELECT pg_advisory_unlock($1)", KEY)
+    assert await lock_is_free(db, KEY)
