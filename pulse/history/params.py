@@ -149,7 +149,7 @@ def _names(
 def _limit(raw: str | None) -> int:
     if raw is None or raw == "":
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
         raise _bad(f"limit must be an integer from 1 to {MAX_LIMIT}.")
     return int(raw)
 

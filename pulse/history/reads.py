@@ -19,6 +19,7 @@ import asyncpg
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
 from pulse.history.params import MAX_POINTS, STORED_WIDTH, WIDTHS, Cursor, HistoryQuery
+from pulse.names import is_valid_name
 from pulse.times import format_time
 
 Q = load_queries(__package__)
@@ -41,6 +42,9 @@ def align(moment: datetime, width: timedelta) -> datetime:
 
 
 async def device_exists(db: Database, tenant_id: str, device_id: str) -> bool:
+    # A name no device can have (a NUL, which PostgreSQL refuses in text) is no device.
+    if not is_valid_name(device_id):
+        return False
     return bool(await db.fetchval(Q["device_exists"], tenant_id, device_id))
 
 

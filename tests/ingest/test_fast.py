@@ -40,6 +40,9 @@ times = st.one_of(
             "2026-11-27T16:00:00",  # no offset
             "0001-01-01T00:00:00+14:00",
             "9999-12-31T23:59:59-14:00",
+            "2026-11-27T16:59:00z",  # lowercase: RFC 3339 allows it
+            "2026-11-27T16:59:59.9999995Z",  # more than microseconds: rounded alike
+            "2026-11-27T16:59:00+00:00:30",  # an offset with seconds: ISO 8601 only
             "yesterday",
         ]
     ),

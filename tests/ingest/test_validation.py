@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -196,3 +197,28 @@ def test_format_time() -> None:
     assert format_time(NOW) == "2026-11-27T17:00:00.123Z"
     other_zone = datetime(2026, 11, 27, 19, 0, tzinfo=timezone(timedelta(hours=2)))
     assert format_time(other_zone) == "2026-11-27T17:00:00.000Z"
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"metrics": {"t": 1}, "seq": 1.5}, "seq must be an integer, not a number with a fraction"),
+        ({"metrics": {"t": 1}, "ts": 5}, "ts must be an ISO-8601 string, not an integer."),
+        ({"metrics": {"t": 1}, "ts": 2.0}, "ts must be an ISO-8601 string, not a number."),
+        ({"metrics": 2**70}, "not an integer beyond 64 bits"),
+    ],
+)
+def test_what_a_wrong_value_is_called(body: dict[str, object], words: str) -> None:
+    with pytest.raises(InvalidPayload, match=re.escape(words)):
+        parse(body)
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected"),
+    [
+        ("2026-11-27T16:59:00z", datetime(2026, 11, 27, 16, 59, tzinfo=UTC)),
+        ("2026-11-27T16:59:59.9999995Z", datetime(2026, 11, 27, 17, 0, tzinfo=UTC)),
+    ],
+)
+def test_times_are_read_as_the_fast_path_reads_them(ts: str, expected: datetime) -> None:
+    assert parse({"metrics": {"t": 1}, "ts": ts}).device_time == expected

@@ -207,6 +207,11 @@ async def test_fleet_form_has_one_series_per_device(
         (DEVICE.format("d1"), {"agg": "median"}, 400, "invalid_parameter"),
         (DEVICE.format("d1"), {"metrics": "bad name!"}, 400, "invalid_parameter"),
         (DEVICE.format("d1"), {"bucket": "raw", "limit": "0"}, 400, "invalid_parameter"),
+        # Not ASCII digits: '²' is a digit to str.isdigit, and int() refuses it.
+        (DEVICE.format("d1"), {"bucket": "raw", "limit": "²"}, 400, "invalid_parameter"),
+        (DEVICE.format("d1"), {"bucket": "raw", "limit": "\u0661\u0660"}, 400, "invalid_parameter"),
+        # A name no device can have (PostgreSQL refuses a NUL in text): no query is made.
+        (DEVICE.format("a%00b"), {}, 404, "unknown_device"),
         (DEVICE.format("d1"), {"bucket": "raw", "cursor": "x"}, 400, "invalid_parameter"),
         (FLEET, {}, 400, "invalid_parameter"),
         (FLEET, {"metric": "temp", "bucket": "raw"}, 400, "invalid_parameter"),
