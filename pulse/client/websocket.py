@@ -60,6 +60,9 @@ def close_failure(code: int | None, reason: str) -> Exception:
 class _WebSocketStream(ReconnectingStream[E]):
     """A connection loop over one WebSocket URL; subclasses read its messages."""
 
+    # Whether the server takes a fresh token on the open connection ({"action": "auth"}).
+    renews_in_band = True
+
     def __init__(
         self,
         base_url: str,
@@ -147,7 +150,7 @@ class _WebSocketStream(ReconnectingStream[E]):
 
     async def _renew_token(self, ws: ClientConnection) -> None:
         """Before the token expires, send a fresh one so the connection lives on."""
-        if not self.credentials.can_refresh:
+        if not self.credentials.can_refresh or not self.renews_in_band:
             return
         while True:
             await asyncio.sleep(max(1.0, self.credentials.seconds_left() - REFRESH_MARGIN_S))
@@ -256,7 +259,11 @@ class V2Stream(_WebSocketStream[V2Event]):
     v2 has no resume: telemetry sent while disconnected is not replayed (use
     the telemetry streams for that). Subscriptions are re-sent on reconnect,
     and the server answers them with the current fleet summary and alerts.
+    Nor does it take a fresh token on the open connection: at the token's expiry
+    the server closes it (4001) and the stream reconnects with a new one.
     """
+
+    renews_in_band = False
 
     def __init__(
         self,

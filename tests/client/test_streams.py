@@ -23,6 +23,7 @@ from pulse.client import (
     Telemetry,
     WebSocketTelemetryStream,
 )
+from pulse.client.credentials import REFRESH_MARGIN_S
 from pulse.config import Settings
 from tests.client.conftest import table_events
 from tests.support import insert_readings, provision_device, running_server, until
@@ -224,6 +225,42 @@ async def test_websocket_renews_its_token_before_expiry(
                     break
         finally:
             writer.cancel()
+    assert stream.connections == 1
+
+
+async def test_v2_sends_no_token_on_the_open_connection(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """v2 takes no token on the open connection (it would answer an error): where the
+    telemetry WebSocket renews a token 34 s from expiry 4 s in, a v2 stream sends
+    nothing (at the expiry the server closes 4001, and the stream reconnects with a
+    fresh token as after any close)."""
+    await provision_device(pool, "t1", "d1")
+    notices: list[Notice] = []
+
+    async def keep_writing() -> None:
+        while True:
+            await insert_readings(pool, "t1", readings(1, ("d1",)))
+            await asyncio.sleep(0.1)
+
+    async with (
+        PulseClient(
+            url,
+            make_token(lifetime_s=34),
+            refresh_token=lambda: make_token(lifetime_s=3600),
+            on_notice=notices.append,
+        ) as client,
+        client.v2(device_ids=["d1"]) as stream,
+    ):
+        writer = asyncio.create_task(keep_writing())
+        renew_at = time.monotonic() + 34 - REFRESH_MARGIN_S
+        try:
+            async for _ in stream:
+                if time.monotonic() > renew_at + 2:
+                    break
+        finally:
+            writer.cancel()
+    assert not [n for n in notices if n.kind in ("error", "token_refreshed")], notices
     assert stream.connections == 1
 
 
