@@ -80,8 +80,10 @@ class HistoryQuery:
 
 
 def parse_history(args: Mapping[str, str], *, now: datetime, fleet: bool = False) -> HistoryQuery:
-    end = _time(args, "to") or now + CLOCK_AHEAD
-    start = _time(args, "from") or now - DEFAULT_SPAN
+    given_end = _time(args, "to")
+    end = given_end or now + CLOCK_AHEAD
+    # An hour before the range's end when it is given, else an hour ago.
+    start = _time(args, "from") or (given_end or now) - DEFAULT_SPAN
     if start >= end:
         raise _bad("from must be before to.")
     bucket = args.get("bucket") or "auto"

@@ -196,6 +196,17 @@ async def test_fleet_form_has_one_series_per_device(
     assert only["bucket"] == "1m"  # auto picks by the range only, even for one device
 
 
+async def test_a_range_with_only_its_end_is_the_hour_before_it(
+    http: httpx.AsyncClient,
+) -> None:
+    r = await http.get(DEVICE.format("d1"), params={"to": iso(T0), "bucket": "1h"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["from"], r.json()["to"]) == (
+        "2026-12-01T09:00:00.000Z",
+        "2026-12-01T10:00:00.000Z",
+    )
+
+
 @pytest.mark.parametrize(
     ("path", "params", "status", "error"),
     [
