@@ -107,12 +107,10 @@ class MqttIntake:
             messages.labels("rejected").inc()
             topic = topics.parse(delivery.topic)
             if topic is not None:
-                detail = outcome.detail
-                if outcome.retry_after_s:
-                    detail = f"{detail} Retry after {max(1, round(outcome.retry_after_s))} s."
+                # A rate_limited detail says the wait already ("retry in N s.").
                 self._link.publish(
                     topics.device_topic(topic.tenant_id, topic.device_id, topics.ERRORS),
-                    error_body(outcome.reason, detail),
+                    error_body(outcome.reason, outcome.detail),
                 )
         elif isinstance(outcome, Accepted):
             if outcome.duplicate:
