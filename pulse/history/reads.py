@@ -25,6 +25,7 @@ from pulse.times import format_time
 Q = load_queries(__package__)
 
 _ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
+_TICK = timedelta(microseconds=1)
 EXPORT_BATCH = 1000
 
 
@@ -138,7 +139,9 @@ def _series_args(
         list(devices),
         _array(query),
         align(query.start, width),
-        query.end,
+        # The end of the bucket that holds the range's end: a bucket that starts before
+        # `to` is whole, and the same whether its readings are rolled up yet or not.
+        align(query.end - _TICK, width) + width,
         width,
         STORED_WIDTH[bucket],
         counted,

@@ -92,6 +92,25 @@ async def test_buckets_merge_rollups_with_rows_not_counted_yet(
     }
 
 
+async def test_the_last_bucket_is_whole_whether_rolled_up_or_not(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    """A bucket that starts before `to` holds its readings after `to` too, and the same
+    ones before the rollups count them as after (the rollups hold whole minutes)."""
+    await readings_at(pool, "t1", [("d1", T0 + 10 * S, {"temp": 1.0})])
+    await readings_at(pool, "t1", [("d1", T0 + 40 * S, {"temp": 2.0})])
+    await readings_at(pool, "t1", [("d1", T0 + 61 * S, {"temp": 3.0})])
+    params = {"from": iso(T0), "to": iso(T0 + 30 * S), "bucket": "1m", "agg": "count,last"}
+    whole = [{"t": "2026-12-01T10:00:00.000Z", "count": 2, "last": 2.0}]
+    r = await http.get(DEVICE.format("d1"), params=params)
+    assert r.json()["series"] == {"temp": whole}
+    async with pool.acquire() as conn:
+        await roll_up_once(conn)
+    r = await http.get(DEVICE.format("d1"), params=params)
+    assert r.json()["series"] == {"temp": whole}
+    assert r.json()["to"] == "2026-12-01T10:00:30.000Z"  # the range asked for
+
+
 async def test_auto_picks_raw_points_then_buckets(
     http: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
