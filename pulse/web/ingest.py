@@ -95,8 +95,11 @@ def batch_reply(outcomes: Sequence[Outcome]) -> Reply:
     ]
     rejected = sum(isinstance(outcome, Rejected) for outcome in outcomes)
     summary = {"accepted": len(outcomes) - rejected, "rejected": rejected, "results": results}
+    # When to resend the rate_limited ones: the longest wait among them.
+    waits = [o.retry_after_s for o in outcomes if isinstance(o, Rejected) and o.retry_after_s]
+    headers = {"Retry-After": str(max(1, math.ceil(max(waits))))} if waits else {}
     # orjson: a thousand results take the standard library's encoder a while.
-    return Reply(200 if rejected < len(outcomes) else 400, orjson.dumps(summary))
+    return Reply(200 if rejected < len(outcomes) else 400, orjson.dumps(summary), headers)
 
 
 def error_reply(exc: Exception) -> Reply:

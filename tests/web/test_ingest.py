@@ -330,6 +330,18 @@ async def test_rate_limit(settings: Settings, pool: asyncpg.Pool, token: str) ->
             "rejected",
         ]
         assert in_batch.json()["results"][2]["reason"] == "rate_limited"
+        # When to resend it: up to 4 s (1 token at 0.25/s, less what came back since).
+        assert in_batch.status_code == 200 and 1 <= int(in_batch.headers["Retry-After"]) <= 4
+        refused = await http.post(
+            "/ingest/v1/batch",
+            json={
+                "messages": [
+                    {"tenant_id": "t1", "device_id": "dev-2", "provision_token": other_token,
+                     "metrics": {"v": 9}}
+                ]
+            },
+        )  # fmt: skip
+        assert refused.status_code == 400 and int(refused.headers["Retry-After"]) >= 1
     assert await stored_rows(pool) == 6
 
 
