@@ -127,11 +127,16 @@ async def rotate_token(
     if not is_valid_name(device_id):
         return None
     token, token_hash = new_device_token()
-    if await db.fetchrow(Q["get_device"], tenant_id, device_id) is None:
-        return None
-    await credentials.rotating(tenant_id, device_id, token)
-    row = await db.fetchrow(Q["replace_device_token"], tenant_id, device_id, token_hash)
-    return None if row is None else {**device_json(row), "provision_token": token}
+    # The broker is told inside the transaction that stores the new hash: if it cannot
+    # be told, the transaction rolls back; if the database fails first, the broker is
+    # never told. Either way nothing changes (only a failure of COMMIT itself, after
+    # the broker took the token, would leave them apart).
+    async with db.transaction() as conn:
+        row = await conn.fetchrow(Q["replace_device_token"], tenant_id, device_id, token_hash)
+        if row is None:
+            return None
+        await credentials.rotating(tenant_id, device_id, token)
+    return {**device_json(row), "provision_token": token}
 
 
 def _optional_time(moment: datetime | None) -> str | None:

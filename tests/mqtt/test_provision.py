@@ -75,6 +75,25 @@ async def test_no_rotation_while_the_broker_cannot_be_told(
     assert ingest.status_code == 201
 
 
+async def test_a_rotation_the_database_refuses_leaves_the_broker_alone(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
+) -> None:
+    """The broker is told only once the database has the new token (in the same
+    transaction): a failed update leaves the old token working over MQTT."""
+    token = await pulse.device("a")
+    await pool.execute(
+        """CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql
+           AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$;
+           CREATE TRIGGER refuse BEFORE UPDATE OF token_hash ON devices
+           FOR EACH ROW EXECUTE FUNCTION refuse()"""
+    )
+    r = await pulse.http.post(f"{DEVICES}/a/rotate-token", headers=pulse.admin)
+    assert r.status_code == 500 and r.json()["error"] == "internal_error"
+    device = Device(mosquitto, "t1/a", token)
+    with closing(device):
+        assert not (await device.connect()).is_failure
+
+
 async def test_devices_from_before_mqtt_are_provisioned_at_first_connection(
     settings: Settings, mosquitto: Mosquitto, pool: asyncpg.Pool, make_token: Any
 ) -> None:
