@@ -15,7 +15,7 @@ import asyncpg
 from pulse.auth.device_tokens import device_token_matches
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
-from pulse.errors import INVALID_DEVICE_TOKEN, UNKNOWN_DEVICE
+from pulse.errors import INVALID_DEVICE_TOKEN, RATE_LIMITED, UNKNOWN_DEVICE
 from pulse.ingest.gates import KeyedLocks
 from pulse.ingest.ids import Claim, EventIds
 from pulse.ingest.model import Accepted, Device, Outcome, Rejected, Submission
@@ -159,7 +159,12 @@ class TelemetryWriter:
         written = iter(
             await self._write_grouped(tenants, admitted, fresh=checked.fresh) if admitted else []
         )
-        return [next(written) if outcome is None else outcome for outcome in checked.verdicts]
+        outcomes = [next(written) if outcome is None else outcome for outcome in checked.verdicts]
+        if _limited_broker_seqs(submissions, outcomes):  # rare: a look of its own
+            async with self._db.connection() as conn:
+                for i in await self._stored_before(conn, submissions, outcomes):
+                    outcomes[i] = Accepted(None, duplicate=True)
+        return outcomes
 
     async def _check(self, submissions: Sequence[Submission]) -> Checked:
         """The first stage of a group commit for large writes: tokens and rates,
@@ -369,6 +374,8 @@ class TelemetryWriter:
         admitted = [i for i, outcome in enumerate(outcomes) if outcome is None]
         for i in await self._repeated(conn, submissions, admitted):
             outcomes[i] = Accepted(None, duplicate=True)
+        for i in await self._stored_before(conn, submissions, outcomes):
+            outcomes[i] = Accepted(None, duplicate=True)
         # Each tenant's readings, in the order they came: the order of their ids.
         by_tenant: dict[str, list[int]] = {}
         for i in admitted:
@@ -470,13 +477,8 @@ class TelemetryWriter:
         ]
         if not claims:
             return []
-        keys = [(*submissions[i].device, _reading(submissions[i]).seq) for i in claims]
-        rows = await conn.fetch(
-            Q["claim_broker_seqs"],
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-            [k[2] for k in keys],
-        )
+        keys = _seq_keys(submissions, claims)
+        rows = await conn.fetch(Q["claim_broker_seqs"], *_columns(keys))
         new = {(row["tenant_id"], row["device_id"], row["seq"]) for row in rows}
         repeated = []
         for i, key in zip(claims, keys, strict=True):
@@ -485,6 +487,23 @@ class TelemetryWriter:
             else:
                 repeated.append(i)
         return repeated
+
+    async def _stored_before(
+        self,
+        conn: asyncpg.Connection,
+        submissions: Sequence[Submission],
+        outcomes: Sequence[Outcome | None],
+    ) -> list[int]:
+        """The broker's readings refused for the rate whose device's seq a committed write
+        claimed already: a second delivery of a stored reading is a duplicate, not a
+        reading over the limit (admission counts before the claims are looked at)."""
+        limited = _limited_broker_seqs(submissions, outcomes)
+        if not limited:
+            return []
+        keys = _seq_keys(submissions, limited)
+        rows = await conn.fetch(Q["broker_seqs_stored"], *_columns(keys))
+        stored = {(row["tenant_id"], row["device_id"], row["seq"]) for row in rows}
+        return [i for i, key in zip(limited, keys, strict=True) if key in stored]
 
     async def _insert(
         self,
@@ -608,3 +627,33 @@ _WRONG_TOKEN = "The provision token does not match this device."
 
 def _unknown(device: Device) -> str:
     return f"There is no device {device[1]!r} in tenant {device[0]!r}."
+
+
+def _limited_broker_seqs(
+    submissions: Sequence[Submission], outcomes: Sequence[Outcome | None]
+) -> list[int]:
+    """The broker's readings with a seq that were refused for the rate."""
+    return [
+        i
+        for i, outcome in enumerate(outcomes)
+        if isinstance(outcome, Rejected)
+        and outcome.reason is RATE_LIMITED
+        and submissions[i].broker
+        and (reading := submissions[i].reading) is not None
+        and reading.seq is not None
+    ]
+
+
+def _seq_keys(submissions: Sequence[Submission], indexes: list[int]) -> list[tuple[str, str, int]]:
+    """The (tenant, device, seq) of broker readings that carry a seq."""
+    keys = []
+    for i in indexes:
+        seq = _reading(submissions[i]).seq
+        assert seq is not None
+        keys.append((*submissions[i].device, seq))
+    return keys
+
+
+def _columns(keys: Sequence[tuple[str, str, int]]) -> tuple[list[str], list[str], list[int]]:
+    """(tenant, device, seq) keys as the three arrays the seq queries take."""
+    return [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]

@@ -147,3 +147,26 @@ async def test_database_unreachable(database_url: str, token: str) -> None:
     await pool.close()
     with pytest.raises(DatabaseUnavailable):
         await writer.write([Submission("t1", "dev-1", token, reading(1))])
+
+
+@pytest.mark.parametrize("fillers", [0, 40])  # 40: large enough to be checked ahead
+async def test_a_stored_broker_reading_refused_for_the_rate_is_a_duplicate(
+    pool: asyncpg.Pool, token: str, fillers: int
+) -> None:
+    """A second delivery of a stored reading (its seq claimed) is a duplicate even when
+    the device's bucket is empty; another reading over the limit is rate_limited."""
+
+    def broker(seq: int) -> Submission:
+        return Submission("t1", "dev-1", "", Reading(NOW, {"v": seq}, seq), broker=True)
+
+    assert await TelemetryWriter(seam(pool)).write([broker(7)]) == [Accepted(1)]
+
+    def nothing_left(counts: Mapping[Device, int]) -> dict[Device, tuple[int, Rejected]]:
+        return {device: (0, Rejected(RATE_LIMITED, "slow down", 1.0)) for device in counts}
+
+    writer = TelemetryWriter(seam(pool), admit=nothing_left)
+    extra = [broker(100 + i) for i in range(fillers)]
+    outcomes = await writer.write([broker(7), broker(8), *extra])
+    assert outcomes[0] == Accepted(None, duplicate=True)
+    assert all(isinstance(o, Rejected) and o.reason is RATE_LIMITED for o in outcomes[1:])
+    assert await stored_rows(pool) == 1

@@ -164,6 +164,48 @@ async def test_over_the_rate_limit_is_answered_with_when_to_retry(
     assert [r["metrics"] for r in await rows(pool)] == ['{"n": 1}']
 
 
+async def test_a_stored_reading_delivered_again_over_the_limit_is_a_duplicate(
+    settings: Settings, mosquitto: Mosquitto, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """A second delivery of a stored reading (the same seq) is a duplicate, though the
+    device's bucket is empty: not a rate_limited error for a reading that was stored."""
+    limited = dataclasses.replace(
+        mqtt_settings(settings, mosquitto), ingest_rate_per_device=0.01, ingest_burst_per_device=1
+    )
+    async with (
+        running_server(limited) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        await wait_subscribed(http)
+        admin = {"Authorization": f"Bearer {make_token('t1', ('tenant-admin',))}"}
+        r = await http.post(DEVICES, json={"device_id": "dev-1"}, headers=admin)
+        device = Device(mosquitto, "t1/dev-1", r.json()["provision_token"])
+
+        async def settled() -> dict[str, float]:
+            text = (await http.get("/metrics")).text
+            return {
+                outcome: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                for outcome in ("stored", "duplicate", "rejected")
+                if line.startswith(f'pulse_mqtt_messages_total{{outcome="{outcome}"}}')
+            }
+
+        with closing(device):
+            await device.connect()
+            await device.subscribe("pulse/t1/dev-1/errors")
+            for payload in (b'{"metrics": {"n": 1}, "seq": 7}',) * 2 + (
+                b'{"metrics": {"n": 2}, "seq": 8}',
+            ):
+                await device.publish("pulse/t1/dev-1/telemetry", payload)
+            async with asyncio.timeout(10):
+                while sum((counts := await settled()).values()) < 3:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            await until(lambda: bool(device.received), 10)
+    assert counts == {"stored": 1, "duplicate": 1, "rejected": 1}
+    assert [json.loads(m[1])["error"] for m in device.received] == ["rate_limited"]  # seq 8
+    assert [r["metrics"] for r in await rows(pool)] == ['{"n": 1}']
+
+
 async def test_alert_rules_see_mqtt_readings(pulse: Pulse, mosquitto: Mosquitto) -> None:
     """The same writer hook as HTTP: a reading over MQTT above a rule's threshold opens an
     alert, committed with it."""
