@@ -71,6 +71,16 @@ def template_db(pg_admin_dsn: str) -> Iterator[str]:
     asyncio.run(_drop_database(pg_admin_dsn, name))
 
 
+async def _create_database(admin_dsn: str, prefix: str, options: str = "") -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" {options}')
+    finally:
+        await admin.close()
+    return name
+
+
 async def _drop_database(admin_dsn: str, name: str) -> None:
     admin = await asyncpg.connect(admin_dsn)
     try:
@@ -82,12 +92,15 @@ async def _drop_database(admin_dsn: str, name: str) -> None:
 @pytest.fixture
 async def database_url(pg_admin_dsn: str, template_db: str) -> AsyncIterator[str]:
     """A fresh database for this test, copied from the migrated template."""
-    name = f"pulse_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await admin.close()
+    name = await _create_database(pg_admin_dsn, "pulse_test", f'TEMPLATE "{template_db}"')
+    yield dsn_for(pg_admin_dsn, name)
+    await _drop_database(pg_admin_dsn, name)
+
+
+@pytest.fixture
+async def empty_database(pg_admin_dsn: str) -> AsyncIterator[str]:
+    """A fresh database with nothing in it, not migrated."""
+    name = await _create_database(pg_admin_dsn, "pulse_empty")
     yield dsn_for(pg_admin_dsn, name)
     await _drop_database(pg_admin_dsn, name)
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from tests.support import TEST_SECRET, ServeProcess, dsn_for, free_port
+from tests.support import TEST_SECRET, ServeProcess, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,18 +33,6 @@ def platform_env(database_url: str, **extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "DATABASE"))}
     path = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
     return base | {"PATH": path, "DATABASE_URL": database_url} | extra
-
-
-@pytest.fixture
-async def empty_database(pg_admin_dsn: str) -> AsyncIterator[str]:
-    name = f"pulse_procfile_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield dsn_for(pg_admin_dsn, name)
-    finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_release_then_web_as_a_platform_runs_them(empty_database: str) -> None:

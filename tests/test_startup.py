@@ -7,8 +7,6 @@ import asyncio
 import os
 import socket
 import sys
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -42,18 +40,6 @@ def the_one_line(lines: list[str]) -> str:
     assert lines, "nothing said"
     assert not any("Traceback" in line for line in lines), "\n".join(lines)
     return lines[-1]
-
-
-@pytest.fixture
-async def empty_database(pg_admin_dsn: str) -> AsyncIterator[str]:
-    name = f"pulse_empty_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield dsn_for(pg_admin_dsn, name)
-    finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_no_way_to_verify_tokens(database_url: str) -> None:

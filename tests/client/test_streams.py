@@ -59,6 +59,13 @@ def readings(
     return [(devices[i % len(devices)], {"temp": 20.0 + i, "hum": 40.0 + i}) for i in range(n)]
 
 
+async def keep_writing(pool: asyncpg.Pool, devices: tuple[str, ...] = ("d1", "d2", "d3")) -> None:
+    """A reading every 0.1 s, until cancelled."""
+    while True:
+        await insert_readings(pool, "t1", readings(1, devices))
+        await asyncio.sleep(0.1)
+
+
 async def test_sse_replays_then_streams_live_with_filters(
     url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
 ) -> None:
@@ -204,11 +211,6 @@ async def test_websocket_renews_its_token_before_expiry(
     def accepted() -> bool:
         return any(n.kind == "token_refreshed" and "accepted" in n.detail for n in notices)
 
-    async def keep_writing() -> None:
-        while True:
-            await insert_readings(pool, "t1", readings(1))
-            await asyncio.sleep(0.1)
-
     async with (
         PulseClient(
             url,
@@ -218,7 +220,7 @@ async def test_websocket_renews_its_token_before_expiry(
         ) as client,
         client.websocket(last_event_id=0) as stream,
     ):
-        writer = asyncio.create_task(keep_writing())
+        writer = asyncio.create_task(keep_writing(pool))
         try:
             async for _ in stream:
                 if accepted():
@@ -238,11 +240,6 @@ async def test_v2_sends_no_token_on_the_open_connection(
     await provision_device(pool, "t1", "d1")
     notices: list[Notice] = []
 
-    async def keep_writing() -> None:
-        while True:
-            await insert_readings(pool, "t1", readings(1, ("d1",)))
-            await asyncio.sleep(0.1)
-
     async with (
         PulseClient(
             url,
@@ -252,7 +249,7 @@ async def test_v2_sends_no_token_on_the_open_connection(
         ) as client,
         client.v2(device_ids=["d1"]) as stream,
     ):
-        writer = asyncio.create_task(keep_writing())
+        writer = asyncio.create_task(keep_writing(pool, ("d1",)))
         renew_at = time.monotonic() + 34 - REFRESH_MARGIN_S
         try:
             async for _ in stream:

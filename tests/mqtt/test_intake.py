@@ -5,10 +5,11 @@ the events on the streams like any other."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import httpx
@@ -134,11 +135,12 @@ async def test_an_unknown_device_is_answered(
     assert await rows(pool) == []
 
 
-async def test_over_the_rate_limit_is_answered_with_when_to_retry(
-    settings: Settings, mosquitto: Mosquitto, pool: asyncpg.Pool, make_token: Callable[..., str]
-) -> None:
-    """Rate limits hold over MQTT as over HTTP: the reading over the limit is acknowledged,
-    not stored, and answered rate_limited, with when to retry."""
+@contextlib.asynccontextmanager
+async def slow_device(
+    settings: Settings, mosquitto: Mosquitto, make_token: Callable[..., str]
+) -> AsyncIterator[tuple[httpx.AsyncClient, Device]]:
+    """A server whose devices may send one reading now and then one a hundred seconds,
+    and its device t1/dev-1 connected over MQTT, reading its errors topic."""
     limited = dataclasses.replace(
         mqtt_settings(settings, mosquitto), ingest_rate_per_device=0.01, ingest_burst_per_device=1
     )
@@ -153,9 +155,18 @@ async def test_over_the_rate_limit_is_answered_with_when_to_retry(
         with closing(device):
             await device.connect()
             await device.subscribe("pulse/t1/dev-1/errors")
-            for n in (1, 2):
-                await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": %d}}' % n)
-            await until(lambda: bool(device.received), 10)
+            yield http, device
+
+
+async def test_over_the_rate_limit_is_answered_with_when_to_retry(
+    settings: Settings, mosquitto: Mosquitto, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """Rate limits hold over MQTT as over HTTP: the reading over the limit is acknowledged,
+    not stored, and answered rate_limited, with when to retry."""
+    async with slow_device(settings, mosquitto, make_token) as (_, device):
+        for n in (1, 2):
+            await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": %d}}' % n)
+        await until(lambda: bool(device.received), 10)
     answer = json.loads(device.received[0][1])
     assert answer["error"] == "rate_limited"
     # The wait, said once (it was said twice, rounded two ways: "retry in 2 s. Retry after 1 s.").
@@ -169,17 +180,7 @@ async def test_a_stored_reading_delivered_again_over_the_limit_is_a_duplicate(
 ) -> None:
     """A second delivery of a stored reading (the same seq) is a duplicate, though the
     device's bucket is empty: not a rate_limited error for a reading that was stored."""
-    limited = dataclasses.replace(
-        mqtt_settings(settings, mosquitto), ingest_rate_per_device=0.01, ingest_burst_per_device=1
-    )
-    async with (
-        running_server(limited) as url,
-        httpx.AsyncClient(base_url=url, timeout=10) as http,
-    ):
-        await wait_subscribed(http)
-        admin = {"Authorization": f"Bearer {make_token('t1', ('tenant-admin',))}"}
-        r = await http.post(DEVICES, json={"device_id": "dev-1"}, headers=admin)
-        device = Device(mosquitto, "t1/dev-1", r.json()["provision_token"])
+    async with slow_device(settings, mosquitto, make_token) as (http, device):
 
         async def settled() -> dict[str, float]:
             text = (await http.get("/metrics")).text
@@ -190,17 +191,13 @@ async def test_a_stored_reading_delivered_again_over_the_limit_is_a_duplicate(
                 if line.startswith(f'pulse_mqtt_messages_total{{outcome="{outcome}"}}')
             }
 
-        with closing(device):
-            await device.connect()
-            await device.subscribe("pulse/t1/dev-1/errors")
-            for payload in (b'{"metrics": {"n": 1}, "seq": 7}',) * 2 + (
-                b'{"metrics": {"n": 2}, "seq": 8}',
-            ):
-                await device.publish("pulse/t1/dev-1/telemetry", payload)
-            async with asyncio.timeout(10):
-                while sum((counts := await settled()).values()) < 3:  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
-            await until(lambda: bool(device.received), 10)
+        for seq, n in ((7, 1), (7, 1), (8, 2)):  # seq 7 twice: a second delivery
+            payload = b'{"metrics": {"n": %d}, "seq": %d}' % (n, seq)
+            await device.publish("pulse/t1/dev-1/telemetry", payload)
+        async with asyncio.timeout(10):
+            while sum((counts := await settled()).values()) < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await until(lambda: bool(device.received), 10)
     assert counts == {"stored": 1, "duplicate": 1, "rejected": 1}
     assert [json.loads(m[1])["error"] for m in device.received] == ["rate_limited"]  # seq 8
     assert [r["metrics"] for r in await rows(pool)] == ['{"n": 1}']
