@@ -374,8 +374,9 @@ class TelemetryWriter:
         admitted = [i for i, outcome in enumerate(outcomes) if outcome is None]
         for i in await self._repeated(conn, submissions, admitted):
             outcomes[i] = Accepted(None, duplicate=True)
-        for i in await self._stored_before(conn, submissions, outcomes):
-            outcomes[i] = Accepted(None, duplicate=True)
+        if any(outcomes):  # some were refused: any for the rate, of a stored reading?
+            for i in await self._stored_before(conn, submissions, outcomes):
+                outcomes[i] = Accepted(None, duplicate=True)
         # Each tenant's readings, in the order they came: the order of their ids.
         by_tenant: dict[str, list[int]] = {}
         for i in admitted:
