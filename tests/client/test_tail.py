@@ -17,6 +17,7 @@ import asyncpg
 import orjson
 import pytest
 
+from pulse.cli import build_parser
 from pulse.client.events import Telemetry
 from pulse.client.tail import TableFormatter
 from tests.client.restartable import restartable_server
@@ -169,25 +170,29 @@ async def test_tail_into_head_ends_quietly_once_head_is_done(
     assert all(line.startswith("# ") for line in stderr.splitlines()), stderr
 
 
-@pytest.mark.parametrize(("transport", "bound"), [("sse", None), ("ws", "2")])
+@pytest.mark.parametrize("transport", ["sse", "ws"])
 async def test_tail_gives_up_when_the_first_connection_cannot_be_made(
-    make_token: Callable[..., str], transport: str, bound: str | None
+    make_token: Callable[..., str], transport: str
 ) -> None:
-    """A wrong --url: nothing listens there. The default bound is 10 s (the WebSocket
-    case sets 2 s: the suite need not wait the default twice)."""
+    """A wrong --url: nothing listens there. The bound is 2 s here; the default's
+    value (10 s) is the parser's (test_the_connect_timeout_defaults_to_ten_seconds)."""
     url = f"http://127.0.0.1:{free_port()}"
     args = ("--url", url, "--token", make_token(), "--transport", transport)
-    if bound is not None:
-        args += ("--connect-timeout", bound)
-    async with pulse_tail(*args) as tail:
+    async with pulse_tail(*args, "--connect-timeout", "2") as tail:
         status = await tail.exit_status(within=30)
     *notices, last = tail.stderr.splitlines()
     assert status == 1, tail.stderr
     assert re.fullmatch(
-        rf"pulse tail: no connection to {url} within {bound or 10} s: cannot connect \(.+\)",
-        last,
+        rf"pulse tail: no connection to {url} within 2 s: cannot connect \(.+\)", last
     ), last
     assert notices and all(line.startswith("# disconnected: cannot connect") for line in notices)
+
+
+def test_the_connect_timeout_defaults_to_ten_seconds() -> None:
+    """The bound a wrong --url waits without --connect-timeout; 0 waits for ever."""
+    parse = build_parser().parse_args
+    assert parse(["tail"]).connect_timeout == 10
+    assert parse(["tail", "--connect-timeout", "0"]).connect_timeout == 0
 
 
 async def test_tail_gives_up_on_a_server_that_never_answers(
