@@ -67,7 +67,7 @@ def main() -> None:
 async def run(names: list[str], quick: bool, dsn: str | None) -> tuple[list[Figure], list[str]]:
     figures: list[Figure] = []
     errors: list[str] = []
-    with Postgres(dsn) as pg:
+    async with Postgres(dsn) as pg:
         for name in names:
             started = time.perf_counter()
             print(f"== {name} ...", flush=True)

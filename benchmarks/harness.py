@@ -76,8 +76,9 @@ class Postgres:
         self._admin_dsn = admin_dsn
         self._stack = contextlib.ExitStack()
         self._data: Path | None = None  # the embedded server's, when it is ours
+        self._created: list[str] = []  # dropped at the end on another server
 
-    def __enter__(self) -> Postgres:
+    async def __aenter__(self) -> Postgres:
         if self._admin_dsn is None:
             from pulse.db.embedded import embedded_postgres
 
@@ -88,8 +89,17 @@ class Postgres:
             self._data = data
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self._data is None and self._created:  # another server keeps no leftovers
+                admin = await asyncpg.connect(self.admin_dsn)
+                try:
+                    for name in self._created:
+                        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                finally:
+                    await admin.close()
+        finally:
+            self._stack.close()
 
     @property
     def admin_dsn(self) -> str:
@@ -114,15 +124,20 @@ class Postgres:
                 pass
         return found
 
-    async def fresh_database(self) -> str:
-        name = f"bench_{uuid.uuid4().hex[:10]}"
+    async def create_database(self, prefix: str = "bench") -> str:
+        """An empty database (dropped at the end of the run on another server)."""
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
         admin = await asyncpg.connect(self.admin_dsn)
         try:
             await admin.execute(f'CREATE DATABASE "{name}"')
         finally:
             await admin.close()
-        parts = urlsplit(self.admin_dsn)
-        dsn = urlunsplit(parts._replace(path="/" + name))
+        self._created.append(name)
+        return urlunsplit(urlsplit(self.admin_dsn)._replace(path="/" + name))
+
+    async def fresh_database(self) -> str:
+        """A database with every migration applied."""
+        dsn = await self.create_database()
         conn = await connect(dsn)
         try:
             await migrate(conn)

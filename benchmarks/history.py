@@ -28,13 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import httpx
 import orjson
 
@@ -91,14 +88,7 @@ class BaselineServer(PulseServer):
 
 
 async def database(pg: Postgres, *, partitioned: bool) -> str:
-    # Two databases of one kind may be made in the same second.
-    name = f"bench_hist_{'new' if partitioned else 'old'}_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg.admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    dsn = urlunsplit(urlsplit(pg.admin_dsn)._replace(path="/" + name))
+    dsn = await pg.create_database(f"bench_hist_{'new' if partitioned else 'old'}")
     conn = await connect(dsn)
     try:
         await migrate(conn, [m for m in discover() if partitioned or m.version < 7])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -66,13 +65,8 @@ async def writer(
 
 
 async def run(rows: int, writers: int, admin_dsn: str | None) -> None:
-    with Postgres(admin_dsn) as pg:
-        admin = await asyncpg.connect(pg.admin_dsn)
-        name = f"bench_part_{int(time.time())}"
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        await admin.close()
-        parts = urlsplit(pg.admin_dsn)
-        dsn = urlunsplit(parts._replace(path="/" + name))
+    async with Postgres(admin_dsn) as pg:
+        dsn = await pg.create_database("bench_part")
         conn = await connect(dsn)
         await migrate(conn, [m for m in discover() if m.version < 7])
         t = time.perf_counter()

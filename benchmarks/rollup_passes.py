@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -55,12 +54,10 @@ async def one_pass(conn: asyncpg.Connection, pid: int, n: int) -> float:
 
 
 async def run(passes: int, database_url: str | None) -> None:
-    with Postgres(database_url) as pg:
+    async with Postgres(database_url) as pg:
         variants: dict[str, tuple[asyncpg.Connection, int, list[float]]] = {}
-        databases = []
         for name in ("fillfactor 100 (before 0010)", "fillfactor 70 (migrated)"):
-            databases.append(await pg.fresh_database())
-            conn = await connect(databases[-1])
+            conn = await connect(await pg.fresh_database())
             if name.startswith("fillfactor 100"):
                 await conn.execute("ALTER TABLE telemetry_rollups RESET (fillfactor)")
             await conn.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
@@ -84,12 +81,6 @@ async def run(passes: int, database_url: str | None) -> None:
                 f" | {hot:10.0%} | {stats['size'] / 2**20:5.1f} MiB"
             )
             await conn.close()
-        admin = await asyncpg.connect(pg.admin_dsn)  # another server keeps no leftovers
-        try:
-            for dsn in databases:
-                await admin.execute(f'DROP DATABASE "{urlsplit(dsn).path[1:]}"')
-        finally:
-            await admin.close()
 
 
 def main() -> None:

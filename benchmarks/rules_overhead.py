@@ -155,7 +155,7 @@ async def single_round(
 
 
 async def run(seconds: float, rounds: int, outlier_rate: float, database_url: str | None) -> None:
-    with Postgres(database_url) as pg:
+    async with Postgres(database_url) as pg:
         dsn = await pg.fresh_database()
         async with PulseServer(dsn) as server:
             sides: dict[str, Devices] = {}

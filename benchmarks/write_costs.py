@@ -91,7 +91,7 @@ async def insert(
 
 
 async def run(reps: int, database_url: str | None) -> list[tuple[str, float, str]]:
-    with Postgres(database_url) as pg:
+    async with Postgres(database_url) as pg:
         conn = await connect(await pg.fresh_database())
         try:
             await conn.executemany(
