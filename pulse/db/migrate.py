@@ -56,6 +56,17 @@ async def pending(conn: asyncpg.Connection) -> list[str]:
     return [m.name for m in discover() if m.version not in applied]
 
 
+async def _lock_as_writers_do(conn: asyncpg.Connection) -> None:
+    """Take `tenants` before anything else, as every write does (its ids are reserved on
+    the tenant's row before it inserts): a migration that locks `telemetry` and then
+    `tenants` (0007 renames the one, then references the other) would otherwise
+    deadlock with a live write holding `tenants` and waiting for `telemetry`, and one of
+    the two would fail. Writes wait for the migration's transaction instead; reads do
+    not wait for this lock."""
+    if await conn.fetchval("SELECT to_regclass('tenants') IS NOT NULL"):
+        await conn.execute("LOCK TABLE tenants IN SHARE ROW EXCLUSIVE MODE")
+
+
 async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
     """Apply what is missing; return the names applied by this call."""
     migrations = discover() if migrations is None else migrations
@@ -81,6 +92,7 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
                     )
                 continue
             async with conn.transaction():
+                await _lock_as_writers_do(conn)
                 await conn.execute(migration.sql)
                 await conn.execute(
                     "INSERT INTO pulse_migrations (version, name, checksum) VALUES ($1, $2, $3)",
