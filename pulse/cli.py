@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
 from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES
+from pulse.client.arguments import positive_float
 from pulse.config import ConfigError, Settings
 from pulse.logs import configure_logging
 
@@ -17,15 +19,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pulse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the server")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve = sub.add_parser("serve", help="run the server", description="Run the server.")
+    serve.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
     serve.add_argument(
         "--workers", type=int, default=None, help="server processes (default: $PULSE_WORKERS or 1)"
     )
     serve.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)  # a worker's socket
 
-    sub.add_parser("migrate", help="apply database migrations")
+    sub.add_parser(
+        "migrate",
+        help="apply database migrations",
+        description="Apply the missing migrations to DATABASE_URL, or without it to the "
+        "embedded PostgreSQL.",
+    )
 
     token = sub.add_parser("token", help="mint a development JWT with PULSE_JWT_SECRET")
     token.add_argument("--tenant", default=None, help="required but for operator roles")
@@ -37,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(KNOWN_ROLES),
         help="repeatable; default: customer",
     )
-    token.add_argument("--lifetime", type=float, default=3600.0, help="seconds")
+    token.add_argument(
+        "--lifetime", type=positive_float, default=3600.0, help="seconds; default: 3600"
+    )
     token.add_argument("--subject", default="dev-user")
 
     from pulse.client.export import add_export_command
@@ -86,15 +95,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         roles = args.roles or ["customer"]
         if args.tenant is None and not OPERATOR_ROLES.intersection(roles):
             sys.exit("give --tenant: only operators have no tenant of their own")
-        print(
-            mint_token(
-                settings.jwt_secret,
-                tenant_id=args.tenant,
-                roles=roles,
-                lifetime_s=args.lifetime,
-                subject=args.subject,
-            )
+        token = mint_token(
+            settings.jwt_secret,
+            tenant_id=args.tenant,
+            roles=roles,
+            lifetime_s=args.lifetime,
+            subject=args.subject,
         )
+        try:
+            print(token, flush=True)
+        except BrokenPipeError:  # `pulse token | head -c 20`: the reader has all it wants
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
 
 
 async def run_migrations(settings: Settings) -> None:

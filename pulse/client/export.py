@@ -7,6 +7,7 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from pulse.client.arguments import add_server_arguments
 from pulse.client.tail import minted_tokens
 from pulse.config import Settings
 
@@ -22,11 +23,9 @@ def add_export_command(sub: Any) -> None:
     export = sub.add_parser(
         "export", help="a device's telemetry over a time range, as CSV or NDJSON"
     )
-    export.add_argument("--url", default=None, help="default: http://127.0.0.1:$PORT")
-    export.add_argument(
-        "--token",
-        default=None,
-        help="a JWT (default: one minted for --tenant with PULSE_JWT_SECRET)",
+    add_server_arguments(
+        export,
+        token="a JWT (default: $PULSE_TOKEN, else one minted for --tenant with PULSE_JWT_SECRET)",
     )
     export.add_argument("--tenant", default=None, help="the tenant (operators: the one to read)")
     export.add_argument("--device", required=True, help="the device id")

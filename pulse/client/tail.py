@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from pulse.client.arguments import add_server_arguments, positive_int
 from pulse.client.errors import PulseClientError
 from pulse.client.events import Notice, Telemetry
 from pulse.client.terminal import Output, run_until_signal
@@ -29,11 +30,10 @@ FLUSH_ON_EXIT_S = 0.5
 
 def add_tail_command(sub: Any) -> None:
     tail = sub.add_parser("tail", help="follow a tenant's telemetry (JSON lines or a table)")
-    tail.add_argument("--url", default=None, help="default: http://127.0.0.1:$PORT")
-    tail.add_argument(
-        "--token",
-        default=None,
-        help="a JWT (default: one minted for --tenant with PULSE_JWT_SECRET, renewed as needed)",
+    add_server_arguments(
+        tail,
+        token="a JWT (default: $PULSE_TOKEN, else one minted for --tenant with "
+        "PULSE_JWT_SECRET, renewed as needed)",
     )
     tail.add_argument("--tenant", default=None, help="the tenant (operators: the one to read)")
     tail.add_argument(
@@ -50,7 +50,9 @@ def add_tail_command(sub: Any) -> None:
         "--from-id", type=int, default=None, help="replay every event after this id first"
     )
     tail.add_argument("--transport", choices=("sse", "ws"), default="sse")
-    tail.add_argument("--count", type=int, default=None, help="stop after this many events")
+    tail.add_argument(
+        "--count", type=positive_int, default=None, help="stop after this many events"
+    )
     tail.add_argument(
         "--connect-timeout",
         type=float,
@@ -89,13 +91,17 @@ def minted_tokens(
     args: argparse.Namespace, settings: Settings, subject: str
 ) -> Callable[[], str] | None:
     """Without --token: a way to mint customer tokens for --tenant with PULSE_JWT_SECRET
-    (a development setup); exits with a message when neither is given."""
+    (a development setup); exits with a message when neither is given. ``subject`` is
+    the command's name (``pulse-tail``), the tokens' subject."""
     if args.token is not None:
         return None
+    command = subject.replace("-", " ", 1)
     if not settings.jwt_secret:
-        sys.exit("give --token, or set PULSE_JWT_SECRET to mint one")
+        sys.exit(
+            f"{command}: give --token (or set PULSE_TOKEN), or set PULSE_JWT_SECRET to mint one"
+        )
     if args.tenant is None:
-        sys.exit("give --tenant to mint a token for it (or --token)")
+        sys.exit(f"{command}: give --tenant to mint a token for it (or --token)")
     from pulse.auth.dev_tokens import mint_token
 
     secret, tenant = settings.jwt_secret, args.tenant

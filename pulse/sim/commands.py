@@ -7,6 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
+from pulse.client.arguments import add_server_arguments, positive_float, positive_int
 from pulse.config import Settings
 
 
@@ -20,15 +21,16 @@ def add_sim_commands(sub: Any) -> None:
     demo.set_defaults(run=_demo)
 
     simulate = sub.add_parser("simulate", help="send simulated telemetry to a running server")
-    simulate.add_argument("--url", default=None, help="default: http://127.0.0.1:$PORT")
-    simulate.add_argument(
-        "--token",
-        default=None,
-        help="a tenant-admin JWT (default: minted for --tenant with PULSE_JWT_SECRET)",
+    add_server_arguments(
+        simulate,
+        token="a tenant-admin JWT (default: $PULSE_TOKEN, else one minted for --tenant with "
+        "PULSE_JWT_SECRET)",
     )
     simulate.add_argument("--tenant", default="demo")
     simulate.add_argument("--prefix", default="dev", help="device ids are <prefix>-0001, ...")
-    simulate.add_argument("--duration", type=float, default=None, help="seconds; default: forever")
+    simulate.add_argument(
+        "--duration", type=positive_float, default=None, help="seconds; default: forever"
+    )
     simulate.add_argument(
         "--no-rules", action="store_true", help="do not create the demo's alert rules"
     )
@@ -42,8 +44,13 @@ def add_sim_commands(sub: Any) -> None:
 
 
 def _fleet_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--devices", type=int, default=25)
-    parser.add_argument("--rate", type=float, default=1.0, help="readings per second per device")
+    parser.add_argument("--devices", type=positive_int, default=25, help="default: 25")
+    parser.add_argument(
+        "--rate",
+        type=positive_float,
+        default=1.0,
+        help="readings per second per device; default: 1",
+    )
     parser.add_argument("--seed", type=int, default=None, help="repeatable signals")
 
 
@@ -73,10 +80,11 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
     from pulse.sim.simulator import Simulator, SimulatorError
 
     token = args.token or _admin_token(settings, args.tenant)
+    url = args.url or f"http://127.0.0.1:{settings.port}"
 
     async def main() -> None:
         simulator = Simulator(
-            args.url or f"http://127.0.0.1:{settings.port}",
+            url,
             token,
             tenant_id=args.tenant,
             devices=args.devices,
@@ -107,7 +115,8 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
             )
             await simulator.run(args.duration)
         finally:
-            print(f"sent {simulator.sent} readings", file=sys.stderr)
+            if provisioned is not None:
+                print(f"sent {simulator.sent} readings", file=sys.stderr)
             if args.clean_up and provisioned is not None:
                 await simulator.remove(provisioned, simulator.created_rules)
                 print(
@@ -122,14 +131,16 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
     except KeyboardInterrupt:
         pass
     except SimulatorError as exc:
-        sys.exit(str(exc))
+        sys.exit(f"pulse simulate: {exc}")
     except httpx.TransportError as exc:
-        sys.exit(f"cannot reach the server: {exc}")
+        sys.exit(f"pulse simulate: cannot reach {url}: {exc or type(exc).__name__}")
 
 
 def _admin_token(settings: Settings, tenant: str) -> str:
     if not settings.jwt_secret:
-        sys.exit("give --token, or set PULSE_JWT_SECRET to mint one")
+        sys.exit(
+            "pulse simulate: give --token (or set PULSE_TOKEN), or set PULSE_JWT_SECRET to mint one"
+        )
     from pulse.auth.dev_tokens import mint_token
 
     return mint_token(settings.jwt_secret, tenant_id=tenant, roles=["tenant-admin"])

@@ -204,8 +204,10 @@ Alert rules: {rules_line}
   Dashboard:  {base_url}/#token={token}
               (the token rides in the URL fragment, which browsers never send to a server)
 
-A tenant-admin token for this demo, valid {TOKEN_LIFETIME_S / 3600:g} h:
+The server and a tenant-admin token for this demo (valid {TOKEN_LIFETIME_S / 3600:g} h); \
+`pulse tail`, `export` and `simulate` read them:
 
+  export PULSE_URL={base_url}
   export PULSE_TOKEN={token}
 
 Send a reading as device {device.device_id}:
@@ -224,7 +226,7 @@ Or the WebSocket:
 
 {_mqtt_lines(simulator)}Or a readable table in this terminal:
 
-  {shlex.quote(program)} tail --url {base_url} --token "$PULSE_TOKEN" --format table
+  {shlex.quote(program)} tail --format table
 
 Press Ctrl-C to stop.
 """

@@ -64,6 +64,18 @@ async def test_tail_prints_a_filtered_table_with_the_metrics_in_the_order_asked(
     ]
 
 
+async def test_tail_reads_the_server_and_token_from_the_environment(
+    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """PULSE_URL and PULSE_TOKEN, as the demo prints them and the docs' examples read
+    them: no --url, no --token."""
+    await insert_readings(pool, "t1", [("d1", {"temp": 21.5})])
+    lines, _ = await run_tail(
+        "--from-id", "0", "--count", "1", env={"PULSE_URL": server, "PULSE_TOKEN": make_token()}
+    )
+    assert [orjson.loads(line)["data"]["metrics"] for line in lines] == [{"temp": 21.5}]
+
+
 async def test_tail_table_columns_line_up_with_long_device_ids_and_metric_names(
     server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
 ) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import os
 import re
 import shlex
 import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,7 +19,7 @@ import pytest
 from pulse.client import PulseClient
 from pulse.config import Settings
 from pulse.sim.demo import DemoError, demo_settings, run_demo
-from tests.support import free_port
+from tests.support import free_port, run_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -74,6 +77,16 @@ async def test_demo_serves_a_provisioned_fleet_and_prints_working_examples(
                 subprocess.run, shlex.split(command), capture_output=True, text=True
             )
             assert re.fullmatch(r'\{"id":\d+\}\s*', result.stdout), result
+
+        # The printed `pulse tail` works with the printed exports and nothing else.
+        exports = dict(re.findall(r"^  export (PULSE_URL|PULSE_TOKEN)=(\S+)$", text, re.M))
+        assert exports == {"PULSE_URL": base, "PULSE_TOKEN": token[1]}, text
+        tail = re.search(r"^  (pulse tail .*)$", text, re.M)
+        assert tail, text
+        venv_bin = str(Path(sys.executable).parent)
+        env = {**os.environ, **exports, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
+        env.pop("PULSE_JWT_SECRET", None)
+        await run_until([*shlex.split(tail[1]), "--count", "1"], env, [r"\s*ID\s+TIME\s+DEVICE"])
 
         # The simulator's readings arrive on the stream.
         async with PulseClient(base, token[1]) as client, client.sse() as stream:

@@ -1,0 +1,46 @@
+"""What the client commands (`pulse tail`, `export`, `simulate`) read from their command
+line alike: the server's address and a token, from the options or from `PULSE_URL`
+and `PULSE_TOKEN` (the variables the demo prints and the docs' examples read), and
+numbers that must be positive. A wrong value stops the command before it starts,
+with argparse's one line, never a retry loop or a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from urllib.parse import urlsplit
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, *, token: str) -> None:
+    """--url and --token; ``token`` says which JWT the command wants and how it gets one
+    without either."""
+    parser.add_argument(
+        "--url",
+        type=http_url,
+        default=os.environ.get("PULSE_URL") or None,
+        help="the server (default: $PULSE_URL, else http://127.0.0.1:$PORT)",
+    )
+    parser.add_argument("--token", default=os.environ.get("PULSE_TOKEN") or None, help=token)
+
+
+def http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a server's address: give http://HOST:PORT or https://HOST"
+        )
+    return value
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return number
