@@ -112,13 +112,22 @@ def register_error_handlers(app: Quart) -> None:
 
 
 def _validation_sentence(exc: RequestSchemaValidationError) -> str:
+    """pydantic's first complaint, in the words of the API: the field it is about, and
+    what is wrong with it."""
     inner = exc.validation_error
     errors = getattr(inner, "errors", None)
     if callable(errors):
         try:
             first = errors()[0]
             where = ".".join(str(part) for part in first.get("loc", ()))
-            return f"{where}: {first.get('msg', 'invalid value')}" if where else first["msg"]
+            kind = first.get("type")
         except (IndexError, KeyError, TypeError):
             pass
+        else:
+            if not where:  # the body as a whole: not an object, or not sent as JSON
+                return "The body must be a JSON object, sent with Content-Type: application/json."
+            if kind == "extra_forbidden":
+                return f"Unknown field '{where}'."
+            message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+            return f"{where}: {message}"
     return "The request body does not match the expected shape."
