@@ -21,6 +21,10 @@ from pulse.ingest.validation import InvalidPayload, Reading, decode_json, parse_
 from pulse.names import is_valid_name
 
 MAX_BATCH = fast.MAX_BATCH
+# Where the device URL takes the token from; a batch message carries it as provision_token.
+TOKEN_HEADER = "X-Provision-Token"
+_NO_HEADER = f"The device's provision token is missing: send it in the {TOKEN_HEADER} header."
+_NO_FIELD = "provision_token is missing."
 
 Item = Submission | Rejected
 
@@ -44,12 +48,13 @@ def checked_reading(
         fields = decode_json(body)
     except InvalidPayload as exc:
         return Rejected(INVALID_PAYLOAD, exc.detail)
-    return _submission(tenant_id, device_id, token, partial(parse_reading, fields, received_at))
+    read = partial(parse_reading, fields, received_at)
+    return _submission(tenant_id, device_id, token, read, missing=_NO_HEADER)
 
 
 def heartbeat(tenant_id: str, device_id: str, token: str | None) -> Item:
     """A heartbeat carries no reading; its body, if any, is ignored."""
-    return _submission(tenant_id, device_id, token, None)
+    return _submission(tenant_id, device_id, token, None, missing=_NO_HEADER)
 
 
 # What stands for the token of a message the MQTT broker authenticated: never
@@ -111,7 +116,8 @@ def _message(message: object, received_at: datetime) -> Item:
     tenant_id = fields.pop("tenant_id", None)
     device_id = fields.pop("device_id", None)
     token = fields.pop("provision_token", None)
-    return _submission(tenant_id, device_id, token, partial(parse_reading, fields, received_at))
+    read = partial(parse_reading, fields, received_at)
+    return _submission(tenant_id, device_id, token, read, missing=_NO_FIELD)
 
 
 def _submission(
@@ -119,6 +125,8 @@ def _submission(
     device_id: object,
     token: object,
     read: Callable[[], Reading] | None,
+    *,
+    missing: str,
 ) -> Item:
     """Check the ids, then the reading (``read``; None for a heartbeat), then the token."""
     try:
@@ -130,7 +138,7 @@ def _submission(
     except InvalidPayload as exc:
         return Rejected(INVALID_PAYLOAD, exc.detail)
     if not token:
-        return Rejected(INVALID_DEVICE_TOKEN, "The device's provision token is missing.")
+        return Rejected(INVALID_DEVICE_TOKEN, missing)
     return Submission(tenant, device, token, parsed)
 
 

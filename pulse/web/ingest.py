@@ -48,7 +48,7 @@ DEVICE_PATH = re.compile(
     .replace(re.escape("<path:device_id>"), "([^/]+)")
     + "/(telemetry|heartbeat)"
 )
-TOKEN_HEADER = "X-Provision-Token"
+TOKEN_HEADER = intake.TOKEN_HEADER
 BATCH_URL = "/ingest/v1/batch"
 
 # What a device's reading or heartbeat may be answered with, in the order checked.

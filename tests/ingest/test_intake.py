@@ -58,6 +58,7 @@ def test_batch_messages_are_judged_one_by_one() -> None:
         "invalid_device_token",
         "invalid_payload",
     ]
+    assert isinstance(items[4], Rejected) and items[4].detail == "provision_token is missing."
 
 
 @pytest.mark.parametrize(

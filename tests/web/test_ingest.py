@@ -182,10 +182,13 @@ async def test_invalid_names_in_the_path(
 async def test_missing_or_wrong_token(
     http: httpx.AsyncClient, pool: asyncpg.Pool, token: str, headers: dict[str, str]
 ) -> None:
+    missing = "The device's provision token is missing: send it in the X-Provision-Token header."
     response = await http.post(telemetry_url(), json={"metrics": {"v": 1}}, headers=headers)
     assert_error(response, 401, "invalid_device_token")
+    assert (response.json()["detail"] == missing) == (not headers.get("X-Provision-Token"))
     response = await http.post(heartbeat_url(), headers=headers)
     assert_error(response, 401, "invalid_device_token")
+    assert (response.json()["detail"] == missing) == (not headers.get("X-Provision-Token"))
     assert await stored_rows(pool) == 0
     assert await pool.fetchval("SELECT last_seen_at FROM devices") is None
 
