@@ -70,12 +70,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.run(args, settings)
     elif args.command == "serve":
         from pulse import serving
-        from pulse.runtime import StartupError
+        from pulse.runtime import StartupError, check_settings
 
         port = args.port or settings.port
         workers = args.workers or settings.workers
-        serving.raise_open_files_limit(settings)
         try:
+            check_settings(settings)
+            serving.raise_open_files_limit(settings)
             if args.fd is not None:
                 serving.run(serving.serve_forever(settings, f"fd://{args.fd}"))
             elif workers > 1:

@@ -103,13 +103,19 @@ class StartupError(Exception):
     """What keeps the process from starting, in one sentence for the operator."""
 
 
-@contextlib.asynccontextmanager
-async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+def check_settings(settings: Settings) -> None:
+    """What must hold before anything starts (StartupError otherwise): a process that
+    cannot serve says so first, before any warning about how it would have served."""
     if not settings.jwt_secret and not settings.jwks_url:
         raise StartupError(
             "no way to verify tokens: set PULSE_JWT_SECRET (HS256) or PULSE_JWKS_URL "
             "(your identity provider's keys)"
         )
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    check_settings(settings)
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
         db = await _open_database(stack, settings)
