@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +23,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
@@ -70,19 +73,41 @@ class DemoState:
     jwt_secret: str
     device_tokens: dict[str, str]
     path: Path
+    # A digest of the secret the last run signed its printed tokens with (its own, or
+    # PULSE_JWT_SECRET's): never the secret from the environment itself.
+    signed_with: str | None = None
 
     @classmethod
     def load(cls, data_dir: Path) -> DemoState:
         path = data_dir / "demo-state.json"
         try:
             saved = json.loads(path.read_text())
-            return cls(str(saved["jwt_secret"]), dict(saved["device_tokens"]), path)
-        except (OSError, ValueError, KeyError, TypeError):
+            return cls(
+                str(saved["jwt_secret"]),
+                dict(saved["device_tokens"]),
+                path,
+                saved.get("signed_with"),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return cls(secrets.token_urlsafe(32), {}, path)
+
+    def sign_with(self, secret: str) -> bool:
+        """Record that this run signs with ``secret``; whether the last run's tokens were
+        signed with another."""
+        digest = hashlib.sha256(secret.encode()).hexdigest()[:16]
+        changed = self.signed_with is not None and self.signed_with != digest
+        self.signed_with = digest
+        return changed
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        body = json.dumps({"jwt_secret": self.jwt_secret, "device_tokens": self.device_tokens})
+        body = json.dumps(
+            {
+                "jwt_secret": self.jwt_secret,
+                "device_tokens": self.device_tokens,
+                "signed_with": self.signed_with,
+            }
+        )
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as file:
             file.write(body)
@@ -101,16 +126,43 @@ async def run_demo(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run until ``stop`` is set (by default: until SIGINT or SIGTERM)."""
+    settings = demo_settings(settings)
+    with _only_demo_in(settings.data_dir):
+        await _run_demo(
+            settings, host=host, port=port, devices=devices, rate=rate, seed=seed,
+            program=program, out=out, stop=stop,
+        )  # fmt: skip
+
+
+async def _run_demo(
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    devices: int,
+    rate: float,
+    seed: int | None,
+    program: str,
+    out: TextIO,
+    stop: asyncio.Event | None,
+) -> None:
     from pulse.app import create_app
     from pulse.serving import hypercorn_config, serve
 
     _check_port_free(host, port)
     stop = stop or _stop_on_signals()
-    settings = demo_settings(settings)
     state = DemoState.load(settings.data_dir)
     if not settings.jwt_secret:
         settings = dataclasses.replace(settings, jwt_secret=state.jwt_secret)
     assert settings.jwt_secret is not None
+    if state.sign_with(settings.jwt_secret):
+        print(
+            "This run signs tokens with another secret than the last run"
+            + (" (PULSE_JWT_SECRET)" if settings.jwt_secret != state.jwt_secret else "")
+            + ": the link and the token it printed are refused; use the ones below.",
+            file=out,
+            flush=True,
+        )
     configure_logging(settings.log_level, settings.log_format)
     if settings.database_url is None:
         print(f"Starting PostgreSQL with its data in {settings.data_dir} ...", file=out, flush=True)
@@ -257,6 +309,26 @@ def _report_simulator_end(task: asyncio.Task[None]) -> None:
 
 class DemoError(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def _only_demo_in(data_dir: Path) -> Iterator[None]:
+    """One demo per data folder: a second would share its database and run a second
+    simulator for the same devices. An advisory lock the system drops with the
+    process, however it ends."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "demo.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DemoError(
+                f"a demo is already running with its data in {data_dir}: stop it first, "
+                "or give this one another folder (PULSE_DATA_DIR)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -149,3 +149,31 @@ async def test_a_restarted_demo_keeps_its_secret_and_its_devices_tokens(
     finally:
         demo.stop.set()  # type: ignore[attr-defined]
         await asyncio.wait_for(demo, 30)
+
+
+async def test_a_second_demo_on_the_same_folder_is_refused(settings: Settings) -> None:
+    demo, _ = await _run_until_ready(settings, free_port())
+    try:
+        second = run_demo(settings, port=free_port(), out=io.StringIO(), stop=asyncio.Event())
+        with pytest.raises(DemoError, match="a demo is already running with its data in "):
+            await asyncio.wait_for(second, 30)
+    finally:
+        demo.stop.set()  # type: ignore[attr-defined]
+        await asyncio.wait_for(demo, 30)
+    demo, _ = await _run_until_ready(settings, free_port())  # the first one's lock is gone
+    demo.stop.set()  # type: ignore[attr-defined]
+    await asyncio.wait_for(demo, 30)
+
+
+async def test_a_run_that_signs_with_another_secret_says_so(settings: Settings) -> None:
+    """The saved secret, then PULSE_JWT_SECRET (the earlier link stops working: said),
+    then PULSE_JWT_SECRET again (nothing to say)."""
+    said = []
+    for secret in (None, settings.jwt_secret, settings.jwt_secret):
+        demo, printed = await _run_until_ready(
+            dataclasses.replace(settings, jwt_secret=secret), free_port()
+        )
+        demo.stop.set()  # type: ignore[attr-defined]
+        await asyncio.wait_for(demo, 30)
+        said.append("signs tokens with another secret" in printed)
+    assert said == [False, True, False]
