@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 # A message the broker delivered and this process did not acknowledge (it
 # crashed, or lost the connection) comes back if it reconnects within this time.
 SESSION_EXPIRY_S = 24 * 3600
+# The reason code of a broker that closes a client whose roles changed (dynamic security).
+ADMINISTRATIVE_ACTION = 0x98
 KEEPALIVE_S = 30
 CONNECT_TIMEOUT_S = 10.0
 CONTROL_TIMEOUT_S = 10.0
@@ -166,6 +168,9 @@ class MqttLink:
         self.subscribed = asyncio.Event()
         # The provisioner checked the broker's clients on this connection (Mqtt._reconcile).
         self.synced = False
+        # Set while Pulse gives its own broker client a role: the broker then closes this
+        # connection ("Administrative action"), as it does for any client whose roles change.
+        self.expecting_kick = False
         self.reconnects = 0
 
     @property
@@ -339,11 +344,15 @@ class MqttLink:
             client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self._subscriptions])
             self._on_connected()
             reason = await ended
-            log.warning("MQTT connection ended: %s", reason)
+            if self.expecting_kick and getattr(reason, "value", None) == ADMINISTRATIVE_ACTION:
+                log.info("MQTT connection ended to take Pulse's new role: %s", reason)
+            else:
+                log.warning("MQTT connection ended: %s", reason)
         finally:
             self.connected = False
             self._up.clear()
             self.synced = False
+            self.expecting_kick = False
             self.subscribed.clear()
             self._client = None
             housekeeping.cancel()

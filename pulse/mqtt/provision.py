@@ -58,19 +58,23 @@ class Provisioner:
         except (BrokerUnavailable, ProvisioningFailed) as exc:
             self._failed("delete", tenant_id, device_id, exc)
 
-    async def reconcile(self) -> None:
+    async def reconcile(self) -> bool:
         """Pulse's own role, then a client for every device and none for a device that is
         gone: after MQTT is first enabled, and after any time the broker was away.
-        Raises BrokerUnavailable when the broker closes the connection to give Pulse
-        its role (the first time)."""
+        False when it stopped at giving Pulse its role (the first time): the broker then
+        closes the connection, and the next one goes on from here."""
         (admin,) = await self._link.control([dynsec.get_client(self._link.username)])
         _check(admin)
         if not dynsec.has_role(admin, dynsec.SERVICE_ROLE):
-            # Once, when MQTT is first enabled: this connection is then closed by the
-            # broker, and the next one goes on from here.
-            for response in await self._link.control(dynsec.service_role(self._link.username)):
-                _check(response, tolerate=dynsec.exists)
-            raise BrokerUnavailable("the broker reconnects Pulse to give it its role")
+            self._link.expecting_kick = True
+            try:
+                for response in await self._link.control(dynsec.service_role(self._link.username)):
+                    _check(response, tolerate=dynsec.exists)
+            except BrokerUnavailable:
+                if self._link.connected:
+                    raise
+                # Closed by the broker before its answer came, as it gave the role.
+            return False
         (listing,) = await self._link.control([dynsec.list_clients()])
         _check(listing)
         on_broker = {
@@ -91,6 +95,7 @@ class Provisioner:
                 "once its token is rotated",
                 len(devices - on_broker),
             )
+        return True
 
     async def _ensure(self, tenant_id: str, device_id: str, password: str | None) -> None:
         """The device's role and client exist, with ``password`` when one is given."""

@@ -90,8 +90,10 @@ class Mqtt:
 
     async def _reconcile(self) -> None:
         try:
-            await self.provisioner.reconcile()
-            self.link.synced = self.link.connected
+            if await self.provisioner.reconcile():
+                self.link.synced = self.link.connected
+            else:
+                log.info("MQTT: Pulse's broker client has its role; the broker reconnects it")
         except (BrokerUnavailable, ProvisioningFailed) as exc:
             log.warning("MQTT: the broker's device clients could not be checked: %s", exc)
         except Exception:

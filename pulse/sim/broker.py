@@ -4,11 +4,14 @@ sessions persisted in a folder, on a loopback port; stopped, started again, the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import os
 import secrets
 import shutil
+import signal
 import socket
+import time
 from pathlib import Path
 
 ADMIN = "pulse-admin"
@@ -34,6 +37,14 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _running(pid: int) -> bool:
+    """Not ended (a process that ended and was not yet reaped has no command line)."""
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+    except OSError:
+        return False
 
 
 class Mosquitto:
@@ -83,6 +94,7 @@ class Mosquitto:
             with os.fdopen(fd, "w") as file:
                 file.write(password)
         self.password = secret.read_text().strip()
+        await self._stop_leftover()
         config = self.directory / "mosquitto.conf"
         config.write_text(
             f"listener {self.port} 127.0.0.1\n"
@@ -94,6 +106,7 @@ class Mosquitto:
             f"plugin_opt_config_file {dynsec}\n"
             "persistence true\n"
             f"persistence_location {self.directory}/\n"
+            f"pid_file {self._pid_file}\n"
             "max_queued_messages 100000\n"
             # Small messages go out at once, not held back by Nagle's algorithm.
             "set_tcp_nodelay true\n"
@@ -104,10 +117,14 @@ class Mosquitto:
                 else ""
             )
         )
+        # A session of its own: the Ctrl-C of the terminal (SIGINT to the foreground
+        # process group) reaches whoever started it, which stops it after Pulse let go of
+        # it, rather than the broker at the same moment (Pulse would warn of a lost broker).
         self.proc = await asyncio.create_subprocess_exec(
             self.binary, "-c", str(config),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
         )  # fmt: skip
         async with asyncio.timeout(timeout):
             while True:
@@ -120,6 +137,35 @@ class Mosquitto:
                     continue
                 writer.close()
                 return
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.directory / "mosquitto.pid"
+
+    async def _stop_leftover(self) -> None:
+        """The broker an earlier run left behind in this folder, when that run was killed
+        before it could stop it: stopped now (SIGTERM, then SIGKILL after 5 s)."""
+        pid = self._leftover()
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while _running(pid):
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    break
+                await asyncio.sleep(0.02)
+
+    def _leftover(self) -> int | None:
+        """The process of this folder's pid file, if it still runs this folder's broker
+        (not a process that took the number since)."""
+        try:
+            pid = int(self._pid_file.read_text())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if str(self.directory / "mosquitto.conf").encode() in command else None
 
     async def stop(self) -> None:
         """SIGTERM: mosquitto saves its sessions and queued messages, then exits."""

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from pulse.config import Settings
+from pulse.sim.broker import Mosquitto
 from pulse.sim.demo import run_demo
 from tests.support import free_port
 
@@ -71,3 +76,52 @@ async def test_the_demo_sends_every_fifth_device_over_its_own_broker(
         finally:
             demo.stop.set()  # type: ignore[attr-defined]
             await asyncio.wait_for(demo, 30)
+
+
+async def test_a_broker_left_behind_in_the_folder_is_stopped_first(
+    mosquitto_binary: None, tmp_path: Path
+) -> None:
+    """A demo killed outright (SIGKILL) cannot stop its broker, which runs in a session of
+    its own: the next start in that folder stops it first, so one broker serves it."""
+    left = Mosquitto(tmp_path / "mosquitto")
+    await left.start()
+    assert left.proc is not None
+    again = Mosquitto(tmp_path / "mosquitto")
+    try:
+        await again.start()
+        assert await asyncio.wait_for(left.proc.wait(), 10) is not None
+    finally:
+        await again.stop()
+
+
+async def test_ctrl_c_stops_the_demo_and_its_broker_without_a_warning(
+    mosquitto_binary: None, database_url: str, tmp_path: Path
+) -> None:
+    """Ctrl-C in a terminal signals its whole foreground process group: the broker, in a
+    session of its own, is stopped by the demo after the server let go of it; before, it
+    died at the same moment and Pulse warned of a lost broker on the way out."""
+    env = {**os.environ, "DATABASE_URL": database_url, "PULSE_DATA_DIR": str(tmp_path)}
+    env.pop("PULSE_MQTT_URL", None)
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pulse", "demo", "--port", str(free_port()), "--devices", "5",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # the group a terminal would signal
+    )  # fmt: skip
+    assert demo.stdout is not None and demo.stderr is not None
+    try:
+        async with asyncio.timeout(60):
+            while b"Press Ctrl-C" not in await demo.stdout.readline():
+                pass
+        pid_file = tmp_path / "demo" / "mosquitto" / "mosquitto.pid"
+        broker = int(pid_file.read_text())
+        os.killpg(demo.pid, signal.SIGINT)
+        out, err = await asyncio.wait_for(demo.communicate(), 30)
+    finally:
+        if demo.returncode is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            await demo.wait()
+    assert demo.returncode == 0, err.decode()
+    assert b"Pulse demo stopped." in out
+    assert b"WARNING" not in err and b"Traceback" not in err, err.decode()
+    with pytest.raises(ProcessLookupError):  # stopped and reaped by the demo
+        os.kill(broker, 0)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
 from pulse.config import Settings
 from tests.mqtt.broker import Device, Mosquitto, closing
@@ -170,3 +172,25 @@ class Admin:
         result = answer()
         assert result is not None
         return result
+
+
+async def test_the_first_connection_to_a_new_broker_warns_of_nothing(
+    settings: Settings, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new broker's Pulse client has no role yet: Pulse gives it one, and the broker closes
+    the connection, as it does for every client whose roles change. Expected, so said at
+    INFO: the demo's first start used to print two warnings for it."""
+    caplog.set_level(logging.INFO, logger="pulse.mqtt")
+    async with (
+        running_server(mqtt_settings(settings, mosquitto)) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        await wait_subscribed(http, reconnects=1)
+        said = [
+            (r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("pulse.mqtt")
+        ]
+    assert [m for level, m in said if level >= logging.WARNING] == []
+    assert (
+        logging.INFO,
+        "MQTT: Pulse's broker client has its role; the broker reconnects it",
+    ) in said
