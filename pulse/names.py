@@ -1,10 +1,12 @@
-"""The shape of tenant ids, device ids and metric names (CONTRACT section 1), and of
-free text (device names, rule names, token subjects) that Pulse stores or logs."""
+"""The shape of tenant ids, device ids and metric names (CONTRACT section 1), of free
+text (device names, rule names, token subjects) that Pulse stores or logs, and of the
+query parameters an endpoint takes."""
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable, Sequence
 
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # C0 controls (NUL among them), DEL, C1 controls, and UTF-16 surrogates, which a
@@ -28,3 +30,14 @@ def is_plain_text(value: str) -> bool:
     """True when ``value`` has no control character and no lone surrogate: PostgreSQL
     refuses NUL and surrogates in text, and a terminal obeys escape sequences."""
     return _NOT_TEXT.search(value) is None
+
+
+def unknown_parameter(given: Iterable[str], known: Sequence[str]) -> str | None:
+    """The sentence for the first of ``given`` that is not in ``known``, None when all
+    are: a misspelt filter (`device_ids`, another API's name) is refused, not ignored
+    with the whole stream or range answered as if none had been given."""
+    for name in given:
+        if name not in known:
+            takes = ", ".join(known[:-1]) + f" and {known[-1]}" if len(known) > 1 else known[0]
+            return f"Unknown parameter {name[:64]!r}; this endpoint takes {takes}."
+    return None

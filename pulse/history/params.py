@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 from pulse.errors import INVALID_PARAMETER, ApiError
-from pulse.names import is_valid_name
+from pulse.names import is_valid_name, unknown_parameter
 
 WIDTHS: dict[str, timedelta] = {
     "1m": timedelta(minutes=1),
@@ -38,6 +38,9 @@ DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10_000
 MAX_METRICS = 100
 MAX_DEVICES = 1000
+# What each history URL takes (tenant_id: an operator's tenant).
+DEVICE_PARAMETERS = ("from", "to", "bucket", "agg", "metrics", "limit", "cursor", "tenant_id")
+FLEET_PARAMETERS = ("metric", "device_id", "from", "to", "bucket", "agg", "tenant_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,9 @@ class HistoryQuery:
 
 
 def parse_history(args: Mapping[str, str], *, now: datetime, fleet: bool = False) -> HistoryQuery:
+    stray = unknown_parameter(args, FLEET_PARAMETERS if fleet else DEVICE_PARAMETERS)
+    if stray is not None:
+        raise _bad(stray)
     given_end = _time(args, "to")
     end = given_end or now + CLOCK_AHEAD
     # An hour before the range's end when it is given, else an hour ago.

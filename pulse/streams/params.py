@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from pulse.bus.subscription import Filters
-from pulse.names import is_valid_name
+from pulse.names import is_valid_name, unknown_parameter
+
+# What a stream's URL may carry (CONTRACT sections 1, 4 and 7).
+STREAM_PARAMETERS = ("device_id", "metric", "last_event_id", "tenant_id", "ticket", "token")
 
 
 class BadParameter(ValueError):
@@ -28,6 +31,10 @@ def parse_names(raw: str | None, what: str, *, limit: int | None = None) -> froz
 
 
 def parse_filters(args: Mapping[str, str], *, max_device_filters: int) -> Filters:
+    """The filters of a stream's URL, whose every parameter must be a stream's."""
+    unknown = unknown_parameter(args, STREAM_PARAMETERS)
+    if unknown is not None:
+        raise BadParameter(unknown)
     return Filters(
         device_ids=parse_names(args.get("device_id"), "device id", limit=max_device_filters),
         metrics=parse_names(args.get("metric"), "metric"),

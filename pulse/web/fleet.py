@@ -34,6 +34,7 @@ from pulse.errors import (
 )
 from pulse.fleet import alerts, rules
 from pulse.fleet.summary import fleet_summary
+from pulse.names import unknown_parameter
 from pulse.web import openapi, runtime
 from pulse.web.auth import authorize, principal, scope, tenant
 
@@ -126,6 +127,9 @@ async def summary() -> Response:
 async def list_alerts() -> Response:
     """Alerts, newest first, a page at a time."""
     args = request.args
+    unknown = unknown_parameter(args, ("status", "limit", "cursor", "tenant_id"))
+    if unknown is not None:
+        raise _bad_parameter(unknown)
     status = args.get("status") or None
     statuses = alerts.STATUS_FILTERS.get(status) if status else (*alerts.ACTIVE, alerts.CLOSED)
     if statuses is None:
