@@ -6,6 +6,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pulse.logs import FORMATS, LEVELS
 
@@ -134,6 +135,14 @@ class Settings:
                 f"PULSE_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes: a shorter one "
                 "can be guessed offline from any token it signed. Make one with: "
                 "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        # Never echoed: the URL may hold a password.
+        if self.database_url is not None and urlsplit(self.database_url).scheme not in (
+            "postgres",
+            "postgresql",
+        ):
+            raise ConfigError(
+                "DATABASE_URL must be a postgresql://USER:PASSWORD@HOST:PORT/DATABASE URL"
             )
         if self.max_exports < 1 or self.max_exports_per_tenant < 1 or self.export_max_s <= 0:
             raise ConfigError(

@@ -92,3 +92,17 @@ def test_the_bus_is_unset_by_default_and_read_when_set() -> None:
 def test_export_limits_must_be_positive(key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         Settings.from_env({key: "0"})
+
+
+@pytest.mark.parametrize("url", ["notaurl", "localhost:5432/pulse", "mysql://u:secret@h/db"])
+def test_a_database_url_that_is_not_postgresql_is_refused_without_echoing_it(url: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"DATABASE_URL": url})
+    assert str(refused.value) == (
+        "DATABASE_URL must be a postgresql://USER:PASSWORD@HOST:PORT/DATABASE URL"
+    )
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:p@h:5432/db", "postgres://h/db"])
+def test_a_postgresql_url_is_taken(url: str) -> None:
+    assert Settings.from_env({"DATABASE_URL": url}).database_url == url
