@@ -80,6 +80,7 @@ SYNTAX_ONLY = {
 # Shell blocks run here, named the same way.
 RUN_HERE = {
     ("README.md", "pulse serve"),
+    ("README.md", "pulse token --tenant acme"),
     ("docs/ingest.md", 'curl -sS -X POST "$PULSE_URL/ingest/v1/tenant'),
     ("docs/ingest.md", "/heartbeat"),
     ("docs/ingest.md", "/ingest/v1/batch"),
@@ -288,6 +289,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_readme_first_device_block_runs_as_written(server: str) -> None:
+    if not (ROOT / ".venv" / "bin" / "pulse").exists():
+        pytest.skip("no .venv at the repo's root (the README's test line makes it)")
+    block = shell_block("README.md", "pulse token --tenant acme").code
+    env = {**os.environ, "PORT": server.rsplit(":", 1)[1], "PULSE_JWT_SECRET": TEST_SECRET}
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", block, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    device = json.loads(out)
+    assert device["device_id"] == "dev-0001" and device["provision_token"], device
 
 
 async def test_readme_serve_block_runs_as_written(database_url: str, tmp_path: Path) -> None:
