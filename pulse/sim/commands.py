@@ -15,7 +15,7 @@ def add_sim_commands(sub: Any) -> None:
     demo = sub.add_parser(
         "demo", help="run the server, a simulated fleet and the dashboard in one process"
     )
-    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
     demo.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
     _fleet_arguments(demo)
     demo.set_defaults(run=_demo)
@@ -26,7 +26,7 @@ def add_sim_commands(sub: Any) -> None:
         token="a tenant-admin JWT (default: $PULSE_TOKEN, else one minted for --tenant with "
         "PULSE_JWT_SECRET)",
     )
-    simulate.add_argument("--tenant", default="demo")
+    simulate.add_argument("--tenant", default="demo", help="default: demo")
     simulate.add_argument("--prefix", default="dev", help="device ids are <prefix>-0001, ...")
     simulate.add_argument(
         "--duration", type=positive_float, default=None, help="seconds; default: forever"
