@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -14,6 +15,12 @@ log = logging.getLogger(__name__)
 
 # Any constant shared by every runner: concurrent `pulse migrate` runs queue here.
 _LOCK_KEY = 0x70756C7365  # "pulse"
+# How long a migration waits for a table's lock, and how many times it tries. A long
+# read (an export may stream for an hour) holds its tables; a migration waiting behind
+# it would hold every write behind itself (they queue on the locks it holds or waits
+# for). So it gives up after a few seconds, writes go on, and it tries again.
+LOCK_TIMEOUT_S = 5.0
+ATTEMPTS = 5
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -67,7 +74,13 @@ async def _lock_as_writers_do(conn: asyncpg.Connection) -> None:
         await conn.execute("LOCK TABLE tenants IN SHARE ROW EXCLUSIVE MODE")
 
 
-async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
+async def migrate(
+    conn: asyncpg.Connection,
+    migrations: list[Migration] | None = None,
+    *,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
+    attempts: int = ATTEMPTS,
+) -> list[str]:
     """Apply what is missing; return the names applied by this call."""
     migrations = discover() if migrations is None else migrations
     applied_now: list[str] = []
@@ -91,7 +104,23 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
                         f"(recorded as {done['name']}); add a new migration instead"
                     )
                 continue
+            await _apply(conn, migration, lock_timeout_s, attempts)
+            log.info("applied migration %s", migration.name)
+            applied_now.append(migration.name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    return applied_now
+
+
+async def _apply(
+    conn: asyncpg.Connection, migration: Migration, lock_timeout_s: float, attempts: int
+) -> None:
+    """One migration in one transaction; rolled back and tried again, after a pause, when
+    a lock it needs is not had within ``lock_timeout_s``."""
+    for attempt in range(1, attempts + 1):
+        try:
             async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{round(lock_timeout_s * 1000)}ms'")
                 await _lock_as_writers_do(conn)
                 await conn.execute(migration.sql)
                 await conn.execute(
@@ -100,8 +129,20 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
                     migration.name,
                     migration.checksum,
                 )
-            log.info("applied migration %s", migration.name)
-            applied_now.append(migration.name)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
-    return applied_now
+            return
+        except asyncpg.LockNotAvailableError:
+            if attempt == attempts:
+                raise MigrationError(
+                    f"migration {migration.name} did not get its tables' locks in {attempts} "
+                    f"tries of {lock_timeout_s:g} s: a long query or export holds one (see "
+                    "pg_stat_activity); nothing was changed, run it again"
+                ) from None
+            log.warning(
+                "migration %s waited %g s for a lock a query holds; writes went on; "
+                "trying again (%d of %d)",
+                migration.name,
+                lock_timeout_s,
+                attempt + 1,
+                attempts,
+            )
+            await asyncio.sleep(min(attempt, 5))

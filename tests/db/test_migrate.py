@@ -10,7 +10,7 @@ import pytest
 
 from pulse.db.migrate import Migration, MigrationError, discover, migrate
 from pulse.db.pool import connect
-from tests.support import dsn_for
+from tests.support import dsn_for, insert_readings
 
 
 @pytest.fixture
@@ -71,3 +71,27 @@ async def test_concurrent_cli_runs_apply_once(empty_db: str) -> None:
         assert [r["version"] for r in rows] == [m.version for m in discover()]
     finally:
         await conn.close()
+
+
+async def test_a_migration_behind_a_long_read_gives_up_and_writes_go_on(empty_db: str) -> None:
+    """An export holds its tables for as long as it streams (up to an hour): a migration
+    waiting for them held every write behind itself. It now waits lock_timeout_s, rolls
+    back (writes go on), tries again, and at last fails saying why, changing nothing."""
+    conn, reader, writer = [await connect(empty_db) for _ in range(3)]
+    try:
+        await migrate(conn)
+        probe = Migration(9999, "9999_probe.sql", "ALTER TABLE telemetry ADD COLUMN probe int;")
+        reading = reader.transaction()
+        await reading.start()
+        await reader.fetch("SELECT * FROM telemetry LIMIT 1")  # as an export holds it
+        trying = asyncio.create_task(migrate(conn, [probe], lock_timeout_s=0.2, attempts=3))
+        # A write goes through while the migration tries (between its attempts at worst).
+        await asyncio.wait_for(insert_readings(writer, "t1", [("d1", {"v": 1.0})]), 30)
+        with pytest.raises(MigrationError, match=r"9999_probe\.sql did not get .* 3 tries"):
+            await asyncio.wait_for(trying, 30)
+        assert not await conn.fetchval("SELECT count(*) FROM pulse_migrations WHERE version = 9999")
+        await reading.rollback()
+        assert await migrate(conn, [probe], lock_timeout_s=0.2, attempts=3) == [probe.name]
+    finally:
+        for c in (conn, reader, writer):
+            await c.close()
