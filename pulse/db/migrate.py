@@ -135,7 +135,7 @@ async def _apply(
                 raise MigrationError(
                     f"migration {migration.name} did not get its tables' locks in {attempts} "
                     f"tries of {lock_timeout_s:g} s: a long query or export holds one (see "
-                    "pg_stat_activity); nothing was changed, run it again"
+                    "pg_stat_activity); it was rolled back, run it again"
                 ) from None
             log.warning(
                 "migration %s waited %g s for a lock a query holds; writes went on; "
