@@ -81,6 +81,7 @@ SYNTAX_ONLY = {
 RUN_HERE = {
     ("README.md", "pulse serve"),
     ("README.md", "pulse token --tenant acme"),
+    ("docs/fleet.md", "rotate-token"),
     ("docs/ingest.md", 'curl -sS -X POST "$PULSE_URL/ingest/v1/tenant'),
     ("docs/ingest.md", "/heartbeat"),
     ("docs/ingest.md", "/ingest/v1/batch"),
@@ -289,6 +290,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_fleet_shell_block_runs_as_written(
+    server: str, make_token: Callable[..., str]
+) -> None:
+    block = shell_block("docs/fleet.md", "rotate-token").code
+    env = environment(server, make_token(tenant_id="acme", roles=("tenant-admin",)))
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", block, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    created, read, rotated, rule, alerts = out.decode().splitlines()  # the delete: nothing
+    created_device = json.loads(created)
+    assert created_device["name"] == "Boiler 42" and created_device["provision_token"]
+    assert json.loads(read)["device_id"] == "dev-0042" and "provision_token" not in read
+    assert json.loads(rotated)["provision_token"] not in ("", created_device["provision_token"])
+    assert json.loads(rule)["threshold"] == 80.0
+    assert json.loads(alerts) == {"alerts": [], "next_cursor": None}
+    async with httpx.AsyncClient(base_url=server) as http:
+        gone = await http.get(
+            "/api/v1/customer/devices/dev-0042",
+            headers={"Authorization": f"Bearer {env['PULSE_TOKEN']}"},
+        )
+    assert gone.status_code == 404
 
 
 async def test_readme_first_device_block_runs_as_written(server: str) -> None:
