@@ -26,14 +26,6 @@ SELECT t.o + w.n - 1 AS i, d.token_hash,
         OFFSET 0
      ) AS d;
 
--- name: broker_seqs_stored
--- Which of these (device, seq)s a committed write claimed already: the readings
--- stored before, which a broker delivers again.
-SELECT k.tenant_id, k.device_id, k.seq
-  FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(tenant_id, device_id, seq)
- WHERE EXISTS (SELECT 1 FROM broker_seqs b
-                WHERE (b.tenant_id, b.device_id, b.seq) = (k.tenant_id, k.device_id, k.seq));
-
 -- name: claim_broker_seqs
 -- Claims the (device, seq) of readings that came through the MQTT broker, which
 -- may deliver one twice (migrations/0008_broker_seqs.sql); returns the claims

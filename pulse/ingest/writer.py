@@ -495,16 +495,26 @@ class TelemetryWriter:
         submissions: Sequence[Submission],
         outcomes: Sequence[Outcome | None],
     ) -> list[int]:
-        """The broker's readings refused for the rate whose device's seq a committed write
-        claimed already: a second delivery of a stored reading is a duplicate, not a
-        reading over the limit (admission counts before the claims are looked at)."""
+        """The broker's readings refused for the rate whose device's seq was claimed
+        already: a second delivery of a stored reading is a duplicate, not a reading
+        over the limit (admission counts before the claims are looked at).
+
+        The seqs are claimed for a moment, then let go: a claim made by a write still
+        in flight (the broker delivered again before the first delivery committed)
+        makes this one wait for its outcome, as ``_repeated`` does.
+        """
         limited = _limited_broker_seqs(submissions, outcomes)
         if not limited:
             return []
         keys = _seq_keys(submissions, limited)
-        rows = await conn.fetch(Q["broker_seqs_stored"], *_columns(keys))
-        stored = {(row["tenant_id"], row["device_id"], row["seq"]) for row in rows}
-        return [i for i, key in zip(limited, keys, strict=True) if key in stored]
+        probe = conn.transaction()  # a savepoint inside the write's transaction
+        await probe.start()
+        try:
+            rows = await conn.fetch(Q["claim_broker_seqs"], *_columns(keys))
+        finally:
+            await probe.rollback()
+        unclaimed = {(row["tenant_id"], row["device_id"], row["seq"]) for row in rows}
+        return [i for i, key in zip(limited, keys, strict=True) if key not in unclaimed]
 
     async def _insert(
         self,

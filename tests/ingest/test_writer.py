@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -170,3 +171,45 @@ async def test_a_stored_broker_reading_refused_for_the_rate_is_a_duplicate(
     assert outcomes[0] == Accepted(None, duplicate=True)
     assert all(isinstance(o, Rejected) and o.reason is RATE_LIMITED for o in outcomes[1:])
     assert await stored_rows(pool) == 1
+
+
+@pytest.mark.parametrize("first_commits", [True, False], ids=["committed", "rolled-back"])
+async def test_a_delivery_over_the_rate_waits_for_the_first_delivery_in_flight(
+    pool: asyncpg.Pool, token: str, first_commits: bool
+) -> None:
+    """The broker may deliver a reading again before the first delivery's write has
+    committed. Refused for the rate, the second delivery waits for the first's outcome:
+    a duplicate if it commits, rate_limited if it rolls back (it failed CI once, when a
+    second delivery found the first one's claim not yet committed)."""
+
+    def nothing_left(counts: Mapping[Device, int]) -> dict[Device, tuple[int, Rejected]]:
+        return {device: (0, Rejected(RATE_LIMITED, "slow down", 1.0)) for device in counts}
+
+    writer = TelemetryWriter(seam(pool), admit=nothing_left)
+    again = Submission("t1", "dev-1", "", Reading(NOW, {"v": 7}, 7), broker=True)
+    async with pool.acquire() as first:
+        in_flight = first.transaction()
+        await in_flight.start()
+        await first.execute(
+            "INSERT INTO broker_seqs (tenant_id, device_id, seq) VALUES ('t1', 'dev-1', 7)"
+        )
+        second = asyncio.create_task(writer.write([again]))
+
+        async def waits() -> bool:
+            return bool(
+                await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            )
+
+        async with asyncio.timeout(10):
+            while not (second.done() or await waits()):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await (in_flight.commit() if first_commits else in_flight.rollback())
+    outcome = (await second)[0]
+    if first_commits:
+        assert outcome == Accepted(None, duplicate=True)
+    else:
+        assert isinstance(outcome, Rejected) and outcome.reason is RATE_LIMITED
+    assert await pool.fetchval("SELECT count(*) FROM broker_seqs") == int(first_commits)
