@@ -221,9 +221,17 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+# The slowest files, run first: with two workers (pyproject's addopts), one of them
+# runs the soak while the other gets through the rest, instead of the soak running
+# alone at the end.
+SLOW_FILES = ("tests/test_soak.py", "tests/test_bus_cluster.py", "tests/demo/test_readme.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Every test that reaches PostgreSQL is marked `db`, so CI can rerun just
     # those against a second server.
     for item in items:
         if "pg_admin_dsn" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.db)
+    slow = {name: rank for rank, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: slow.get(item.nodeid.split("::")[0], len(slow)))

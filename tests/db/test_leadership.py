@@ -14,7 +14,8 @@ KEY = 0x70756C73_65_7465  # "pulse" "te"
 async def advisory_holders(pool: asyncpg.Pool) -> list[int]:
     rows = await pool.fetch(
         """SELECT pid FROM pg_locks
-            WHERE locktype = 'advisory' AND granted
+            WHERE locktype = 'advisory' AND granted AND database = (
+                  SELECT oid FROM pg_database WHERE datname = current_database())
               AND (classid::bigint << 32) | objid::bigint = $1""",
         KEY,
     )

@@ -269,7 +269,8 @@ async def test_two_sweepers_one_leads_the_other_takes_over(
         # The follower asks on a pooled connection: only the leader holds one of its own.
         assert (
             await pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = $1",
                 APPLICATION_NAME,
             )
             == 1

@@ -164,7 +164,8 @@ async def test_one_process_keeps_the_rollups(pool: asyncpg.Pool, db: Database) -
         # The second stands by asking on a pooled connection: only the leader holds one.
         assert (
             await pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pulse rollups%'"
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name LIKE 'pulse rollups%'"
             )
             == 1
         )
