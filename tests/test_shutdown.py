@@ -20,7 +20,9 @@ async def test_sigterm_ends_streams_and_finishes_ingest(
     database_url: str, pool: asyncpg.Pool, tmp_path: Path, make_token
 ) -> None:  # type: ignore[no-untyped-def]
     device_token = await provision_device(pool, "t1", "d1")
-    env = {"PULSE_SHUTDOWN_TIMEOUT_S": "5", "PULSE_INGEST_BURST_PER_DEVICE": "100000"}
+    # A timeout far beyond what a clean shutdown takes: streams that held it open would
+    # show as the full 20 s (a busy machine takes a second or two).
+    env = {"PULSE_SHUTDOWN_TIMEOUT_S": "20", "PULSE_INGEST_BURST_PER_DEVICE": "100000"}
     async with pulse_serve(data_dir=tmp_path, database_url=database_url, env=env) as server:  # noqa: SIM117
         async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
             acknowledged: list[int] = []
@@ -61,7 +63,7 @@ async def test_sigterm_ends_streams_and_finishes_ingest(
                 await asyncio.wait_for(asyncio.gather(*writers), 15)
             await server.stop()
             took = time.monotonic() - started
-    assert took < 5, took
+    assert took < 12, took
     committed = {r["id"] for r in await pool.fetch("SELECT id FROM telemetry")}
     assert set(acknowledged) <= committed  # every 201 was committed
     assert len(acknowledged) >= 50

@@ -44,7 +44,7 @@ async def test_a_reader_that_stops_reading_holds_the_writer_but_never_the_loop(
     for _ in range(20):
         started = time.monotonic()
         await asyncio.sleep(0.01)
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 2  # a blocked loop would not come back at all
     assert not writing.done()
     received = await asyncio.to_thread(read_exactly, read_end, sum(map(len, lines)))
     await asyncio.wait_for(writing, 10)

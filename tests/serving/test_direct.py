@@ -119,7 +119,13 @@ async def test_live_events_to_clients_that_keep_up_are_written_by_the_hub(
         assert (await recv(ws))["type"] == "connected"
         reply = await request(v2, {"action": "subscribe", "type": "device", "device_id": "d1"})
         assert reply["type"] == "subscribed"
-        await asyncio.sleep(0.2)  # every stream has gone live and waits
+        # Every stream has gone live and waits once each client has a first live event.
+        (live,) = await insert_readings(pool, "t1", [("d1", {"v": 0})])
+        await read_chunked(reader, b"id: %d\n" % live)
+        assert (await recv(ws))["id"] == live
+        while (message := await recv(v2)).get("type") != "telemetry":
+            pass
+        assert message["id"] == live
         before = (await http.get("/metrics")).text
         ids = []
         for i in range(1, 21):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import resource
@@ -116,7 +117,7 @@ async def test_wire_format_is_exact(
         async with client.stream(
             "GET", SSE_PATH, headers=auth(make_token("t1")), params={"device_id": "d9"}
         ) as r:
-            await asyncio.sleep(0.1)
+            await read_body(r, b"id: 2\n\n")  # live from id 2: the stream says where it starts
             ids = await insert_readings(pool, "t1", [("d1", {"temp": 1})])
             body = await read_body(r, b"data: {}\n\n")
             assert b"event: heartbeat\nid: %d\ndata: {}\n\n" % ids[-1] in body
@@ -249,6 +250,9 @@ async def test_listener_killed_mid_stream(
     admin = await asyncpg.connect(pg_admin_dsn)
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         assert (await http.get("/readyz")).status_code == 200
+        async with contextlib.AsyncExitStack() as warm:  # the writers' connections, made now:
+            for _ in range(3):  # none can be made while the database refuses them
+                await warm.enter_async_context(pool.acquire())
         writers = asyncio.gather(*(writer(pool, "t1", random.Random(i), 30) for i in range(3)))
         await asyncio.sleep(0.2)
         # Keep the listener out while it is gone, so its absence is observable.
