@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -165,10 +166,27 @@ async def sse_events(
                 data.append(value)
 
 
+# Ports the tests pick for servers they start (and restart on the same port) come
+# from a block of this test process's own, below the kernel's ephemeral range: the
+# port of a server stopped for a moment is then never taken by another test process
+# (pyproject's xdist workers) nor by a client's outgoing connection.
+PORT_BLOCK = 1500
+FIRST_PORT = 20000
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, from this test process's block."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = FIRST_PORT + (int(worker) if worker.isdigit() else 0) % 8 * PORT_BLOCK
+    for _ in range(200):
+        port = random.randrange(first, first + PORT_BLOCK)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + PORT_BLOCK - 1}")
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,7 @@ import pytest
 from pulse.config import Settings
 from tests.mqtt.broker import MOSQUITTO_MISSING, Mosquitto, mosquitto_binaries
 from tests.mqtt.support import Pulse, mqtt_settings, wait_subscribed
-from tests.support import running_server
+from tests.support import free_port, running_server
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def mosquitto_binary() -> None:
 @pytest.fixture
 async def mosquitto(mosquitto_binary: None, tmp_path: Path) -> AsyncIterator[Mosquitto]:
     """A Mosquitto of this test's own, started."""
-    broker = Mosquitto(tmp_path / "mosquitto")
+    broker = Mosquitto(tmp_path / "mosquitto", port=free_port())  # kept across its restarts
     await broker.start()
     try:
         yield broker
