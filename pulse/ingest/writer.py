@@ -507,7 +507,7 @@ class TelemetryWriter:
         if not limited:
             return []
         keys = _seq_keys(submissions, limited)
-        probe = conn.transaction()  # a savepoint inside the write's transaction
+        probe = conn.transaction()  # a savepoint when inside the write's transaction
         await probe.start()
         try:
             rows = await conn.fetch(Q["claim_broker_seqs"], *_columns(keys))
