@@ -167,11 +167,13 @@ async def sse_events(
 
 
 # Ports the tests pick for servers they start (and restart on the same port) come
-# from a block of this test process's own, below the kernel's ephemeral range: the
-# port of a server stopped for a moment is then never taken by another test process
-# (pyproject's xdist workers) nor by a client's outgoing connection.
+# from a block of this test process's own, below Linux's default ephemeral range
+# (32768-60999): the port of a server stopped for a moment is then never taken by
+# another test process (pyproject's xdist workers) nor by a client's outgoing
+# connection. Drawn at random (by a generator no test seeds) within the block.
 PORT_BLOCK = 1500
 FIRST_PORT = 20000
+_ports = random.Random()
 
 
 def free_port() -> int:
@@ -179,7 +181,7 @@ def free_port() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
     first = FIRST_PORT + (int(worker) if worker.isdigit() else 0) % 8 * PORT_BLOCK
     for _ in range(200):
-        port = random.randrange(first, first + PORT_BLOCK)
+        port = _ports.randrange(first, first + PORT_BLOCK)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
