@@ -225,7 +225,7 @@ async def test_token_expiry_closes_4001_unless_refreshed(
         await asyncio.sleep(max(0.0, expiry(first) + 0.5 - time.time()))  # past the first
         assert await request(ws, {"action": "ping"}) == {"type": "pong"}
         assert await closed(ws) == (4001, "token_expired")
-    assert time.time() >= expiry(refreshed)
+    assert time.time() > expiry(refreshed) - 0.1  # the refreshed token held it open till its exp
 
 
 def expiry(token: str) -> float:
