@@ -367,10 +367,12 @@ async def run_until(
     *,
     cwd: Path | None = None,
     timeout: float = 60,
+    interrupt: bool = False,
 ) -> list[str]:
     """Run ``argv`` (and what it starts) until every pattern starts a line of its output
     (stdout and stderr), or until it ends by itself, then with status 0; killed if it
-    still runs. Its lines."""
+    still runs. Its lines. With ``interrupt``, it is sent Ctrl-C's SIGINT instead, and
+    must then end with status 0 and no traceback, as a program a user stops should."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         env=env,
@@ -401,8 +403,15 @@ async def run_until(
             await reader
             assert proc.returncode == 0, "".join(lines)
         assert printed(), "".join(lines)
+        if interrupt and proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            async with asyncio.timeout(timeout):
+                await proc.wait()
+                await reader
+            assert proc.returncode == 0, "".join(lines)
+            assert not any(line.startswith("Traceback") for line in lines), "".join(lines)
     finally:
-        if proc.returncode is None:  # what it does on Ctrl-C is not the example's point
+        if proc.returncode is None:  # without interrupt, Ctrl-C is not the point
             os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
         reader.cancel()
