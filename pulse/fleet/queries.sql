@@ -52,6 +52,20 @@ RETURNING tenant_id, device_id, site_id, name, status, last_seen_at, created_at;
 -- database: one sweeper per cluster sharing a database.
 SELECT pg_try_advisory_lock($1::bigint)
 
+-- name: take_over_sweeping
+-- From when device silence counts for a sweeper taking the lead ($1: now, NULL
+-- for the database's clock): the mark of the one before, when it swept within the
+-- last $2 seconds (a handover: the other processes went on taking readings), else
+-- now (the servers were away, and devices could not report). Recorded, with this
+-- first sweep's time, for whoever leads next.
+INSERT INTO status_sweeps AS s (counts_from, swept_at)
+VALUES (coalesce($1::timestamptz, now()), coalesce($1::timestamptz, now()))
+ON CONFLICT (one) DO UPDATE SET
+    counts_from = CASE WHEN s.swept_at >= excluded.swept_at - make_interval(secs => $2::float8)
+                       THEN s.counts_from ELSE excluded.counts_from END,
+    swept_at = excluded.swept_at
+RETURNING counts_from
+
 -- name: sweep_statuses
 -- Moves devices whose last reading or heartbeat is too old one or two steps
 -- towards OFFLINE, in one statement, and opens a NO_HEARTBEAT alert for each
@@ -60,9 +74,10 @@ SELECT pg_try_advisory_lock($1::bigint)
 -- has locked are skipped: that device is being seen right now. The rows are
 -- locked in key order like ingest's touch_devices, so the two cannot deadlock.
 -- A device nobody ever saw is OFFLINE from the start and never moves here.
--- $5, when given, is when this sweeper began to sweep: silence before it is
--- not the device's (the servers were away, and devices could not report), so a
--- device's silence is counted from then at the earliest (greatest ignores NULL).
+-- $5, when given, is when sweeping began again after the servers were away
+-- (take_over_sweeping): silence before it is not the device's (devices could not
+-- report), so a device's silence is counted from then at the earliest (greatest
+-- ignores NULL). The pass is recorded as the last sweep, for a takeover to see.
 WITH clock AS (
     SELECT coalesce($1::timestamptz, now()) AS now,
            make_interval(secs => $2::float8) AS stale_after,
@@ -88,6 +103,8 @@ WITH clock AS (
       FROM due
      WHERE d.tenant_id = due.tenant_id AND d.device_id = due.device_id
     RETURNING d.tenant_id, d.device_id, due.previous, d.status, d.last_seen_at
+), swept AS (
+    UPDATE status_sweeps s SET swept_at = c.now FROM clock c
 ), silent AS (
     INSERT INTO alerts (tenant_id, device_id, alert_type, severity, summary, details)
     SELECT m.tenant_id, m.device_id, 'NO_HEARTBEAT', $4::smallint,

@@ -32,6 +32,10 @@ SWEEPER_LOCK_KEY = 0x70756C73_65_7377  # "pulse" "sw"
 NO_HEARTBEAT_SEVERITY = 3
 APPLICATION_NAME = "pulse-sweeper"  # shows in pg_stat_activity
 QUERY_TIMEOUT_S = 10.0
+# A sweeper that takes the lead within this long of the last sweep (a deploy, a
+# crash: the lock is free once the leader's connection closes, and the others try
+# every interval) takes over; after a longer gap in sweeping, the servers were away.
+HANDOVER_S = 5.0
 
 # The time to judge last_seen_at by; None means the database's clock, the one
 # ingest stamps last_seen_at with. Tests pass their own.
@@ -91,10 +95,12 @@ class StatusSweeper:
         self._clock = clock
         self._lock_key = lock_key
         # Not blaming devices for the servers' own absence: when this sweeper takes
-        # the lead, a device's silence is counted from then at the earliest, so a
-        # restart after a long outage does not open a NO_HEARTBEAT alert for every
-        # device seconds before it reports again.
+        # the lead after a gap in sweeping (an outage), a device's silence is counted
+        # from then at the earliest, so a restart after a long outage does not open a
+        # NO_HEARTBEAT alert for every device seconds before it reports again. A
+        # takeover within ``handover_s`` of the last sweep carries on from it.
         self._forgive_downtime = forgive_downtime
+        self.handover_s = max(HANDOVER_S, 5 * self.interval_s)
         self.leading = asyncio.Event()
         self.sweeps = 0
         self.rounds = 0  # lock attempts and sweeps
@@ -128,7 +134,7 @@ class StatusSweeper:
         since = None
         if self._forgive_downtime:
             since = await conn.fetchval(
-                "SELECT coalesce($1::timestamptz, now())", self._clock(), timeout=QUERY_TIMEOUT_S
+                Q["take_over_sweeping"], self._clock(), self.handover_s, timeout=QUERY_TIMEOUT_S
             )
         self.leading.set()
         log.info("this process now sweeps device statuses")

@@ -157,6 +157,66 @@ async def test_silence_while_no_server_swept_is_not_the_devices(
         assert alert["details"]["last_seen_at"] == seen.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+async def test_a_handover_carries_on_and_a_gap_is_an_outage(
+    fleet: Fleet, notifications: Notifications, database_url: str
+) -> None:
+    """A process that takes the sweeping over moments after the last sweep (a deploy, a
+    crash) judges silence as the last sweeper did: no new grace, so a device that died
+    just before a deploy goes STALE on time. After a longer gap in sweeping, the
+    servers were away: the grace starts again from the takeover."""
+    pool = fleet.pool
+    await fleet.send("dev-1", {"temp": 20})
+    await notifications.since_last()
+    start = await last_seen(pool) + timedelta(hours=1)  # after an outage
+    clock = Clock(start)
+
+    def sweeper() -> StatusSweeper:
+        return StatusSweeper(
+            seam(pool, database_url),
+            stale_after_s=STALE_S,
+            offline_after_s=OFFLINE_S,
+            interval_s=0.01,
+            clock=clock,
+        )
+
+    async def at(swept: StatusSweeper, moment: datetime) -> list[tuple[str, str]]:
+        clock.now = moment
+        await asyncio.wait_for(swept.wait_rounds(swept.rounds + 2), 5)
+        return sorted(kinds(await notifications.since_last()))
+
+    first = sweeper()
+    async with sweeping(first):
+        await asyncio.wait_for(first.leading.wait(), 5)
+        assert await at(first, start + timedelta(seconds=10)) == []
+    # The next leader takes over at once: the same grace, not a new one.
+    second = sweeper()
+    async with sweeping(second):
+        await asyncio.wait_for(second.leading.wait(), 5)
+        assert await at(second, start + timedelta(seconds=STALE_S + 1)) == sorted(
+            DEVICES_CHANGED + ALERTS_CHANGED
+        )
+        assert await status(pool) == "STALE"
+    # dev-2 was seen at +20 s; then nobody sweeps for longer than a handover takes (an
+    # outage): silence counts from the next takeover again.
+    await fleet.device("dev-2")
+    await pool.execute(
+        "UPDATE devices SET status = 'ONLINE', last_seen_at = $1 WHERE device_id = 'dev-2'",
+        start + timedelta(seconds=20),
+    )
+    await notifications.since_last()
+    later = start + timedelta(seconds=STALE_S + 1 + second.handover_s + 60)
+    clock.now = later
+    third = sweeper()
+    async with sweeping(third):
+        await asyncio.wait_for(third.leading.wait(), 5)
+        assert await at(third, later + timedelta(seconds=STALE_S - 1)) == []
+        assert await status(pool, "dev-2") == "ONLINE"
+        assert await at(third, later + timedelta(seconds=STALE_S + 1)) == sorted(
+            DEVICES_CHANGED + ALERTS_CHANGED
+        )
+        assert await status(pool, "dev-2") == "STALE"
+
+
 async def test_thresholds_and_the_set_based_pass(fleet: Fleet, database_url: str) -> None:
     pool = fleet.pool
     for device in ("dev-2", "dev-3", "dev-4"):
