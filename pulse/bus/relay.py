@@ -104,11 +104,6 @@ class Relay:
             await asyncio.sleep(self._retry_s)
 
     async def _take_then_lead(self, conn: asyncpg.Connection) -> None:
-        # A dead peer (a machine gone, not a process) must release the lock in
-        # seconds, not after the kernel's two hours of TCP keepalive.
-        for setting in ("tcp_keepalives_idle = 5", "tcp_keepalives_interval = 1"):
-            await conn.execute(f"SET {setting}", timeout=QUERY_TIMEOUT_S)
-        await conn.execute("SET tcp_keepalives_count = 3", timeout=QUERY_TIMEOUT_S)
         if not self._link.connected:
             return  # a relay must be able to publish: compete only while connected
         if not await conn.fetchval(Q["try_lead_relay"], RELAY_LOCK_KEY, timeout=QUERY_TIMEOUT_S):

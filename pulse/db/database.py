@@ -22,6 +22,17 @@ from pulse.db.pool import connect, create_pool
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
 
+# A dedicated connection holds session locks (the lead of the sweeper, the rollups,
+# the relay): if its process's machine vanishes without closing it, PostgreSQL must
+# notice in seconds (5 s idle, then 3 probes 1 s apart), not after the kernel's two
+# hours of TCP keepalive, so that another process can take the lead. (Unix sockets
+# have no keepalives: there the two are on one machine.)
+DEDICATED_KEEPALIVES = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "1",
+    "tcp_keepalives_count": "3",
+}
+
 
 @contextlib.contextmanager
 def translated() -> Iterator[None]:
@@ -93,14 +104,18 @@ class Database:
         self, application_name: str, *, timeout: float = 10.0
     ) -> AsyncIterator[asyncpg.Connection]:
         """A connection of its own, outside the pool, named in pg_stat_activity; closed
-        (abruptly: that also releases its session locks) when the block ends.
+        (abruptly: that also releases its session locks) when the block ends, and
+        dropped by the server within seconds when its peer vanishes
+        (``DEDICATED_KEEPALIVES``).
 
         Any failure to connect counts as unavailable: a server starting up, shutting
         down or refusing connections for now is waited out like a network error.
         """
         try:
             conn = await connect(
-                self.dsn, timeout=timeout, server_settings={"application_name": application_name}
+                self.dsn,
+                timeout=timeout,
+                server_settings={"application_name": application_name, **DEDICATED_KEEPALIVES},
             )
         except (*CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError) as exc:
             raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc

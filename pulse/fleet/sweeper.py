@@ -32,10 +32,11 @@ SWEEPER_LOCK_KEY = 0x70756C73_65_7377  # "pulse" "sw"
 NO_HEARTBEAT_SEVERITY = 3
 APPLICATION_NAME = "pulse-sweeper"  # shows in pg_stat_activity
 QUERY_TIMEOUT_S = 10.0
-# A sweeper that takes the lead within this long of the last sweep (a deploy, a
-# crash: the lock is free once the leader's connection closes, and the others try
-# every interval) takes over; after a longer gap in sweeping, the servers were away.
-HANDOVER_S = 5.0
+# A sweeper that takes the lead within this long of the last sweep carries on from it:
+# the lock is free once the leader's connection closes (at once when its process ends,
+# within about 8 s when its machine vanishes: pulse.db.database.DEDICATED_KEEPALIVES),
+# and the others try every interval. After a longer gap, the servers were away.
+HANDOVER_S = 15.0
 
 # The time to judge last_seen_at by; None means the database's clock, the one
 # ingest stamps last_seen_at with. Tests pass their own.

@@ -155,10 +155,6 @@ class Rollups:
             await asyncio.sleep(self._retry_s)
 
     async def _lead(self, conn: asyncpg.Connection) -> None:
-        # A dead peer must release the lock in seconds (see pulse.bus.relay).
-        for setting in ("tcp_keepalives_idle = 5", "tcp_keepalives_interval = 1"):
-            await conn.execute(f"SET {setting}")
-        await conn.execute("SET tcp_keepalives_count = 3")
         if not await conn.fetchval(Q["try_lead_rollups"], ROLLUP_LOCK_KEY):
             return  # another process took it first: stand by again
         self.leading = True

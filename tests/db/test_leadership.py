@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from pulse.db.database import DEDICATED_KEEPALIVES, Database
 from pulse.db.leadership import lock_is_free
 from tests.support import seam
 
@@ -32,3 +33,18 @@ async def test_asking_takes_nothing(pool: asyncpg.Pool) -> None:
         assert await advisory_holders(pool) == [await leader.fetchval("SELECT pg_backend_pid()")]
         await leader.execute("SELECT pg_advisory_unlock($1)", KEY)
     assert await lock_is_free(db, KEY)
+
+
+async def test_a_leaders_connection_asks_for_prompt_keepalives(database_url: str) -> None:
+    """Every lead (the sweeper, the rollups, the relay) is held on a dedicated connection,
+    which asks the server for TCP keepalives of seconds: a leader whose machine vanished
+    loses its lock then, not after the kernel's two hours."""
+    async with Database.open(database_url, pool_size=1) as db, db.dedicated("probe") as conn:
+        rows = await conn.fetch(
+            "SELECT name, setting, source FROM pg_settings WHERE name LIKE 'tcp_keepalives_%'"
+        )
+        tcp = await conn.fetchval("SELECT inet_client_addr() IS NOT NULL")
+    asked = {row["name"]: row["source"] for row in rows}
+    assert asked == dict.fromkeys(DEDICATED_KEEPALIVES, "client")
+    if tcp:  # over a Unix socket the server reads them all as 0: no keepalives there
+        assert {row["name"]: row["setting"] for row in rows} == DEDICATED_KEEPALIVES
