@@ -184,10 +184,12 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         )
         rollups = Rollups(db, RollupSettings.of(settings))
         supervisor.start("rollups", rollups.run)
+        metrics.rollups_keeper.set_function(lambda: rollups.leading)
         sweeper = StatusSweeper(
             db, stale_after_s=settings.stale_after_s, offline_after_s=settings.offline_after_s
         )
         supervisor.start("status-sweeper", sweeper.run)
+        metrics.status_sweeper.set_function(sweeper.leading.is_set)
         if bus is not None and settings.bus_relay:
             supervisor.start("relay", bus.relay.run)
         if mqtt is not None:

@@ -81,6 +81,13 @@ class Metrics:
         self.bus_relay = Gauge(
             "pulse_bus_relay", "1 while this process is the database's relay", registry=r
         )
+        # The cluster's other single jobs (set at scrape time): their sum should be 1.
+        self.status_sweeper = Gauge(
+            "pulse_status_sweeper", "1 while this process sweeps device statuses", registry=r
+        )
+        self.rollups_keeper = Gauge(
+            "pulse_rollups_keeper", "1 while this process keeps the history rollups", registry=r
+        )
         # Devices over MQTT (PULSE_MQTT_URL): pulse.mqtt.
         self.mqtt_messages = Counter(
             "pulse_mqtt_messages",

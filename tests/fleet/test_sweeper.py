@@ -413,6 +413,10 @@ async def test_a_killed_leader_process_is_taken_over(pool: asyncpg.Pool, databas
             await process.wait()
 
 
+async def metric_lines(http: httpx.AsyncClient) -> set[str]:
+    return set((await http.get("/metrics")).text.splitlines())
+
+
 async def test_the_server_sweeps(
     database_url: str, settings: Settings, make_token: MakeToken, pool: asyncpg.Pool
 ) -> None:
@@ -454,6 +458,16 @@ async def test_the_server_sweeps(
                 "total": 1,
                 "active_alerts": 1,
             }
+            # The operator's view: this process sweeps (and, alone, keeps the rollups);
+            # a second process of the cluster does neither while it does.
+            leads = {"pulse_status_sweeper 1.0", "pulse_rollups_keeper 1.0"}
+            async with asyncio.timeout(10):
+                while not leads <= await metric_lines(http):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            async with running_server(fast) as other, httpx.AsyncClient(base_url=other) as o:
+                follows = {"pulse_status_sweeper 0.0", "pulse_rollups_keeper 0.0"}
+                assert follows <= await metric_lines(o)
+                assert leads <= await metric_lines(http)
     finally:
         await listener.close()
 
