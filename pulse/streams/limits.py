@@ -252,7 +252,8 @@ class ConnectionLimits:
             # ttl_s) and another process cleared it: register again first.
             await self.renew()
             rows = await db.fetch(Q["admit_connections"], *args)
-        return {row["connection_id"]: row["admitted"] for row in rows}
+        admitted = {row["connection_id"] for row in rows}
+        return {p[0]: p[0] in admitted for p in batch}
 
     async def _release(self, db: Database, connection_id: int) -> None:
         """Delete the connection's row, with the releases that come meanwhile: one

@@ -11,13 +11,12 @@ ON CONFLICT (process_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
 RETURNING xmax = 0 AS created;
 
 -- name: admit_connections
--- Connections that arrived together, admitted one after the other in one round
--- trip, in the arrays' order: each call sees the rows the calls before it
--- inserted, and holds its tenant's lock to the end of the statement. The caller
--- sorts them by tenant, so that batches take the tenants' locks in one order.
-SELECT c.connection_id,
-       pulse_admit_stream_connection($1, c.connection_id, c.tenant_id, c.kind, $5) AS admitted
-  FROM unnest($2::bigint[], $3::text[], $4::text[]) AS c(connection_id, tenant_id, kind);
+-- Connections that arrived together, admitted in one round trip: tenant by
+-- tenant, each tenant's in the arrays' order, as many as its limit leaves room
+-- for (migrations/0013_stream_admission_sets.sql). The ids admitted; each
+-- tenant's lock is held to the end of the statement.
+SELECT pulse_admit_stream_connections($1, $2::bigint[], $3::text[], $4::text[], $5)
+       AS connection_id;
 
 -- name: record_connections
 -- Records this process's open connections again after its lease had lapsed.

@@ -332,3 +332,39 @@ async def test_connections_leaving_together_are_released_in_few_statements(
     assert await rows(pool) == 0 and limits.total == 0
     releases = [q for q in statements if "DELETE FROM stream_connections" in q]
     assert 1 <= len(releases) <= 5, len(releases)
+
+
+async def test_a_batch_updates_each_tenants_counter_once(pool: asyncpg.Pool) -> None:
+    """Admitting or releasing a batch touches each tenant's counter row once, not once per
+    connection: the same row updated in one statement a thousand times made every later
+    look at it walk the versions before, and admission slowed down with the batch's size
+    (migration 0013)."""
+    limits = await started(pool, per_tenant=900)
+    ids = list(range(1, 1001))
+    tenants = ["t1"] * 600 + ["t2"] * 400
+    async with pool.acquire() as conn, conn.transaction():
+
+        async def counter_writes() -> int:
+            return int(
+                await conn.fetchval(
+                    "SELECT n_tup_ins + n_tup_upd FROM pg_stat_xact_user_tables"
+                    " WHERE relname = 'stream_tenant_counts'"
+                )
+            )
+
+        admitted = await conn.fetch(
+            limits_module.Q["admit_connections"],
+            limits.process_id,
+            ids,
+            tenants,
+            ["sse"] * 1000,
+            500,
+        )
+        assert sorted(r["connection_id"] for r in admitted) == [*range(1, 501), *range(601, 1001)]
+        assert await counter_writes() == 2  # one per tenant
+        await conn.execute(limits_module.Q["release_connections"], limits.process_id, ids)
+        assert await counter_writes() == 4
+        counts = await conn.fetch(
+            "SELECT tenant_id, connections FROM stream_tenant_counts ORDER BY tenant_id"
+        )
+        assert [tuple(r) for r in counts] == [("t1", 0), ("t2", 0)]
