@@ -115,12 +115,14 @@ class StreamCounter:
         *,
         ticket: str | None = None,
     ) -> None:
-        """Follow an SSE stream opened with ``token``, or with ``ticket`` as a browser does."""
+        """Follow an SSE stream opened with ``token``, or with ``ticket`` as a browser does.
+        ``connected`` is set at its first chunk, ``retry:``, which the server sends once it
+        has admitted the stream (the response head goes first, before the admission)."""
         extra = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id is not None else ""
         auth = "" if ticket else f"Authorization: Bearer {token}\r\n"
         path = f"{path}?ticket={ticket}" if ticket else path
         request = f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}{extra}\r\n".encode()
-        await self._follow(url, request, b"HTTP/1.1 200")
+        await self._follow(url, request, b"HTTP/1.1 200", b"retry:")
 
     async def websocket(self, url: str, path: str, *, ready: bytes | None = None) -> None:
         """A raw WebSocket client: frames are not parsed, text payloads are counted by
