@@ -21,7 +21,11 @@ from pulse.bus.store import EventStore
 from pulse.db.database import Database
 from pulse.web.sse import sse_chunk as encode_events
 
-HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+# The head and a first chunk, as Pulse starts a stream (its client waits for the chunk).
+HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    b"d\r\nretry: 2000\n\n\r\n"
+)
 
 
 class _Client(asyncio.Protocol):
