@@ -11,7 +11,9 @@ libraries (``pulse.serving.direct``, ``pulse.serving.inbound``,
 - a close frame for WebSocket protocol errors (hypercorn drops the connection);
 - permessage-deflate refused (memory per connection, one framing for all);
 - h11's checks of a response's headers made once per distinct list
-  (``pulse.serving.headers``).
+  (``pulse.serving.headers``);
+- a connection's idle timeout as a timer, not a task restarted with every
+  request (``pulse.serving.idle``).
 
 Each was written against the exact versions in ``WRITTEN_FOR``, which
 pyproject.toml pins. ``apply`` checks what is installed before touching
@@ -59,6 +61,7 @@ def apply() -> bool:
         else:
             from pulse.serving.direct import bound_inbound_queues, offer_direct_writes
             from pulse.serving.headers import memoize_header_checks
+            from pulse.serving.idle import time_idle_connections
             from pulse.serving.websocket import close_protocol_errors_properly, refuse_compression
 
             offer_direct_writes()
@@ -66,5 +69,6 @@ def apply() -> bool:
             close_protocol_errors_properly()
             refuse_compression()
             memoize_header_checks()
+            time_idle_connections()
             _applied = True
     return _applied

@@ -1,0 +1,101 @@
+"""hypercorn's idle timeout of a connection as a timer, not a task.
+
+hypercorn 0.18 closes a connection that has sent no request for
+``keep_alive_timeout`` (``PULSE_HTTP_IDLE_TIMEOUT_S``), also before its first:
+each connection runs a task that waits for that long (or for the server's
+termination), cancelled and awaited when a request comes and started again when
+the response is done. That is a task, a ``wait_for`` and a cancellation per
+request and per connection: in a reconnect storm and under single-reading
+ingest, several per cent of the server's CPU (docs/performance.md).
+
+``IdleTimer`` keeps hypercorn's ``restart``/``stop`` interface and its meaning
+with a timer handle: when the timer fires, the connection is closed as
+hypercorn closes it (``_initiate_server_close``, shielded, in the connection's
+task group). The server's termination closes every idle connection at once, as
+hypercorn's tasks did, through one waiter per worker instead of one per
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from typing import Any
+
+# The idle connections of each worker, closed at once when it terminates.
+_idle: weakref.WeakKeyDictionary[Any, set[IdleTimer]] = weakref.WeakKeyDictionary()
+_waiters: set[asyncio.Task[None]] = set()
+
+
+class IdleTimer:
+    """One connection's idle timeout (hypercorn's ``AsyncioSingleTask`` for it)."""
+
+    __slots__ = ("_closing", "_group", "_handle", "_server")
+
+    def __init__(self) -> None:
+        self._server: Any = None  # hypercorn's TCPServer, known from the first restart
+        self._handle: asyncio.TimerHandle | None = None
+        self._group: Any = None
+        self._closing: asyncio.Task[None] | None = None
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        """The connection is idle from now. ``action`` is the TCPServer's
+        ``_idle_timeout``, which this replaces: it names the connection."""
+        await self.stop()
+        server = self._server = action.__self__
+        self._group = task_group
+        if server.context.terminated.is_set():
+            self._expire()
+            return
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_later(server.config.keep_alive_timeout, self._expire)
+        _watch(server.context, loop).add(self)
+
+    async def stop(self) -> None:
+        """A request came, or the connection closes: no timeout, and a close that had
+        begun is cancelled (its shielded part goes on, as with hypercorn's task)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+            _idle.get(self._server.context, set()).discard(self)
+        closing, self._closing = self._closing, None
+        if closing is not None and not closing.done():
+            closing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closing
+
+    def _expire(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        _idle.get(self._server.context, set()).discard(self)
+        self._closing = self._group._task_group.create_task(self._close())
+
+    async def _close(self) -> None:
+        await asyncio.shield(self._server._initiate_server_close())
+
+
+def _watch(context: Any, loop: asyncio.AbstractEventLoop) -> set[IdleTimer]:
+    """The idle connections of a worker; the first one starts its termination waiter."""
+    idle = _idle.get(context)
+    if idle is None:
+        idle = _idle[context] = set()
+
+        async def close_all_when_terminated() -> None:
+            await context.terminated.wait()
+            for timer in list(idle):
+                timer._expire()
+
+        waiter = loop.create_task(close_all_when_terminated())
+        _waiters.add(waiter)
+        waiter.add_done_callback(_waiters.discard)
+    return idle
+
+
+def time_idle_connections() -> None:
+    """Give each of hypercorn's connections an IdleTimer instead of its task (once): the
+    TCPServer makes its ``idle_task`` from this module global, and nothing else does."""
+    from hypercorn.asyncio import tcp_server
+
+    tcp_server.AsyncioSingleTask = IdleTimer  # type: ignore[attr-defined, assignment]

@@ -1,0 +1,90 @@
+"""A connection's idle timeout, kept by a timer instead of hypercorn's task per connection
+(pulse.serving.idle), means what it meant: an idle connection is closed after
+PULSE_HTTP_IDLE_TIMEOUT_S, a connection in use is not, and stopping the server closes
+the idle ones at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from pulse.serving import idle, tuning
+from tests.support import pulse_serve
+
+pytestmark = pytest.mark.timeout(90)
+
+REQUEST = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    address = urlsplit(url)
+    return await asyncio.open_connection(address.hostname, address.port)
+
+
+async def answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Send a request on the connection and read its whole answer: True if it came."""
+    writer.write(REQUEST)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    [length] = [
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    ]
+    await asyncio.wait_for(reader.readexactly(length), 10)
+    return head.startswith(b"HTTP/1.1 200")
+
+
+async def closed_by_server(reader: asyncio.StreamReader, deadline_s: float) -> float:
+    """Read until the server closes the connection; the seconds it took."""
+    start = time.monotonic()
+    async with asyncio.timeout(deadline_s):
+        while await reader.read(65536):
+            pass
+    return time.monotonic() - start
+
+
+def test_the_tuning_replaces_hypercorns_idle_task() -> None:
+    from hypercorn.asyncio import tcp_server
+
+    if tuning.apply():
+        assert tcp_server.AsyncioSingleTask is idle.IdleTimer  # type: ignore[attr-defined]
+
+
+async def test_idle_connections_are_closed_and_busy_ones_are_not(
+    database_url: str, tmp_path: Path
+) -> None:
+    env = {"PULSE_HTTP_IDLE_TIMEOUT_S": "1"}
+    async with pulse_serve(data_dir=tmp_path, database_url=database_url, env=env) as server:
+        silent = await connect(server.url)  # never sends a request
+        used = await connect(server.url)
+        # Requests well within the timeout, each restarting it: the connection stays.
+        for _ in range(4):
+            assert await answered(*used)
+            await asyncio.sleep(0.3)  # the client's pace, under the 1 s timeout
+        # Then both are idle: the server closes them (and would not wait for ever).
+        assert await closed_by_server(silent[0], 20) >= 0
+        assert await closed_by_server(used[0], 20) >= 0
+        for _, writer in (silent, used):
+            writer.close()
+
+
+async def test_stopping_closes_idle_connections_at_once(database_url: str, tmp_path: Path) -> None:
+    """With the default 30 s idle timeout, a stop does not wait for it, nor for the end
+    of its 25 s grace for requests in flight."""
+    env = {"PULSE_SHUTDOWN_TIMEOUT_S": "25"}
+    async with pulse_serve(data_dir=tmp_path, database_url=database_url, env=env) as server:
+        idle_after_a_request = [await connect(server.url) for _ in range(5)]
+        for reader, writer in idle_after_a_request:
+            assert await answered(reader, writer)
+        never_asked = await connect(server.url)
+        start = time.monotonic()
+        code = await server.stop(timeout=40)
+        assert code == 0
+        assert time.monotonic() - start < 15  # neither the idle timeout nor the grace
+        for reader, writer in [*idle_after_a_request, never_asked]:
+            await closed_by_server(reader, 5)
+            writer.close()
