@@ -10,7 +10,6 @@ from pulse.history.rollups import roll_up_tenant
 from tests.support import insert_readings
 
 DEVICES = 200
-PASSES = 6
 
 
 async def test_open_buckets_are_updated_in_place(pool: asyncpg.Pool) -> None:
@@ -20,16 +19,18 @@ async def test_open_buckets_are_updated_in_place(pool: asyncpg.Pool) -> None:
     assert "fillfactor=70" in options
     readings = [(f"d{i:03d}", {"temp": float(i), "hum": 50.0}) for i in range(DEVICES)]
     async with pool.acquire() as conn:
-        for _ in range(PASSES):  # each pass counts new readings into the same buckets
-            newest = (await insert_readings(conn, "t1", readings))[-1]
+        newest = (await insert_readings(conn, "t1", readings))[-1]
+        await roll_up_tenant(conn, "t1", newest)  # the buckets' rows
+        newest = (await insert_readings(conn, "t1", readings))[-1]
+        async with conn.transaction():
+            # The next pass updates each (device, metric, width) once, or twice where the
+            # minute turned over. Counted in this transaction: the room must be there,
+            # not made by pruning old versions (which another session's snapshot can
+            # prevent).
             await roll_up_tenant(conn, "t1", newest)
-        await conn.execute("SELECT pg_stat_force_next_flush()")
-    async with pool.acquire() as conn:  # a new transaction: the counts are flushed
-        stats = await conn.fetchrow(
-            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
-            " WHERE relname = 'telemetry_rollups'"
-        )
-    # Every pass after the first updates each (device, metric, width) once, or twice
-    # where the minute turned over between passes.
-    assert stats["n_tup_upd"] >= (PASSES - 2) * DEVICES * 2 * 3
-    assert stats["n_tup_hot_upd"] > 0.5 * stats["n_tup_upd"], dict(stats)  # 2% at 100
+            stats = await conn.fetchrow(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
+                " WHERE relname = 'telemetry_rollups'"
+            )
+    assert stats["n_tup_upd"] >= DEVICES * 2  # the hours' rows at least (1,200 in all)
+    assert stats["n_tup_hot_upd"] > 0.3 * stats["n_tup_upd"], dict(stats)  # none at 100
