@@ -70,7 +70,11 @@ class IdleTimer:
             self._handle.cancel()
             self._handle = None
         _idle.get(self._server.context, set()).discard(self)
-        self._closing = self._group._task_group.create_task(self._close())
+        closing = self._close()
+        try:
+            self._closing = self._group._task_group.create_task(closing)
+        except RuntimeError:  # its task group is ending, and with it the connection
+            closing.close()
 
     async def _close(self) -> None:
         await asyncio.shield(self._server._initiate_server_close())

@@ -6,7 +6,9 @@ the idle ones at once."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -88,3 +90,51 @@ async def test_stopping_closes_idle_connections_at_once(database_url: str, tmp_p
         for reader, writer in [*idle_after_a_request, never_asked]:
             await closed_by_server(reader, 5)
             writer.close()
+
+
+class _Context:
+    def __init__(self) -> None:
+        self.terminated = asyncio.Event()
+
+
+class _Config:
+    keep_alive_timeout = 60.0
+
+
+class _Server:
+    """What IdleTimer uses of hypercorn's TCPServer."""
+
+    def __init__(self) -> None:
+        self.context = _Context()
+        self.config = _Config()
+        self.closed = 0
+
+    async def _idle_timeout(self) -> None:  # what the timer stands for; never run
+        raise AssertionError("the timer runs no idle task")
+
+    async def _initiate_server_close(self) -> None:
+        self.closed += 1
+
+
+class _Group:
+    def __init__(self, group: asyncio.TaskGroup) -> None:
+        self._task_group = group
+
+
+async def test_a_timeout_as_the_connection_ends_is_dropped_quietly() -> None:
+    """The timer (or the server's termination) may fire while the connection's task
+    group is already ending: the connection is going anyway, so nothing is started and
+    nothing is left behind (the CI rehearsal saw a coroutine never awaited)."""
+    server = _Server()
+    timer = idle.IdleTimer()
+    async with asyncio.TaskGroup() as group:
+        await timer.restart(_Group(group), server._idle_timeout)
+        timer._expire()  # in time: the close runs in the connection's group
+    assert server.closed == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        await timer.restart(_Group(group), server._idle_timeout)  # a group now finished
+        timer._expire()
+        gc.collect()
+    assert server.closed == 1
+    await timer.stop()
