@@ -74,8 +74,12 @@ async def insert(
     """One write's insert, as the writer makes it: ids reserved (in tenant order), one
     JSON parameter; the rows shared out among ``tenants`` in turn."""
     rows: dict[str, list[list[object]]] = {tenant: [] for tenant in tenants}
+    # Values differ from write to write, as a fleet's do: a statement that takes
+    # the metrics apart gets no help from PostgreSQL's cache of equal inputs.
+    salt = when.timestamp() % 1000
     for i in range(BATCH):
-        reading = [devices[i % len(devices)], when.isoformat(), {"temp": 21.5 + i, "hum": 40}, None]
+        metrics = {"temp": round(15 + (i + salt) % 15, 3), "hum": round(40 + salt / 100, 3)}
+        reading = [devices[i % len(devices)], when.isoformat(), metrics, None]
         rows[tenants[i % len(tenants)]].append(reading)
     async with conn.transaction():
         reserved = await conn.fetch(
