@@ -39,8 +39,8 @@ RETURNING last_id
 -- A reading's metrics are taken apart by a subquery of its own (OFFSET 0 keeps
 -- it one): each value is parsed once there, where inlined into the aggregates
 -- it was parsed by each of the four; and jsonb_object_keys with ->> builds no
--- tuplestore per reading, as jsonb_each_text does. 0.66x-0.76x of PostgreSQL's
--- time for the statement (benchmarks/write_costs.py).
+-- tuplestore per reading, as jsonb_each_text does: 0.68x-0.76x of PostgreSQL's
+-- time for the statement (docs/performance.md).
 WITH readings AS (
     SELECT t.id, t.device_id, t.device_time, m.metric, m.value
       FROM telemetry t
