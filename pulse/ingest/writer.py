@@ -33,6 +33,8 @@ CHECK_AHEAD_FROM = 32
 # device seen only when it is not ONLINE or was last marked longer ago than this.
 # It keeps a fleet's readings from rewriting their devices' rows with every batch.
 SEEN_PRECISION_S = 1.0
+# Transactions of one set of tenants in flight at once (_commit_waiting).
+IN_FLIGHT = 2
 
 # Admission control, asked once per write with how many messages of each device
 # authenticated: the devices of which it admits fewer (the first ones), with how
@@ -246,16 +248,15 @@ class TelemetryWriter:
         ahead has inserted its rows (``inserted``), so its insert runs beside the
         other's commit (``pulse.ingest.ids``), and the one before that has ended.
         """
-        previous: asyncio.Task[list[Outcome]] | None = None
-        commit: asyncio.Task[list[Outcome]] | None = None
+        in_flight: collections.deque[asyncio.Task[list[Outcome]]] = collections.deque()
         try:
             while True:
+                while in_flight and in_flight[0].done():
+                    in_flight.popleft()
                 if not self._waiting[tenants]:
-                    if previous is None:
+                    if not in_flight:
                         break
-                    await self._next_write_or_end(tenants, previous)
-                    if previous.done():
-                        previous = None
+                    await self._next_write_or_end(tenants, in_flight[0])
                     continue
                 # The gates are taken again for each group: a write whose tenants
                 # overlap these, queued at a gate meanwhile, goes first.
@@ -274,15 +275,15 @@ class TelemetryWriter:
                     )
                     callers = [(subs, waiter) for subs, _, waiter in group]
                     commit.add_done_callback(functools.partial(_settle, callers))
+                    in_flight.append(commit)
                     await inserted.wait()
-                if previous is not None:
+                while len(in_flight) >= IN_FLIGHT:
                     with contextlib.suppress(Exception):
-                        await previous
-                previous = commit
+                        await in_flight[0]
+                    in_flight.popleft()
         finally:
-            for task in (previous, commit):
-                if task is not None:
-                    task.cancel()
+            for task in in_flight:
+                task.cancel()
             # Stopped (the server is stopping): what still waits is cancelled.
             for _, _, waiter in self._waiting.pop(tenants, []):
                 waiter.cancel()
