@@ -1,5 +1,8 @@
 """Telemetry lives in daily partitions: days ahead are created, days past the window are
-dropped whole; a resume from a dropped position is told so."""
+dropped whole; a resume from a dropped position is told so.
+
+Each test keeps one "today" from start to end (the ``today`` fixture), so that a run
+across UTC midnight names the same partitions as the code under test."""
 
 from __future__ import annotations
 
@@ -8,19 +11,20 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import httpx
+import pytest
 
 from pulse.config import Settings
+from pulse.db import retention
 from pulse.db.retention import (
     DAYS_AHEAD,
     RETENTION_LOCK_KEY,
     create_partitions,
     drop_expired,
     ensure_partitions,
-    utc_today,
 )
 from tests.streams.ws_support import open_ws, recv
 from tests.support import insert_readings, running_server, seam, sse_events
@@ -28,9 +32,17 @@ from tests.support import insert_readings, running_server, seam, sse_events
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
 
 
+@pytest.fixture(autouse=True)
+def today(monkeypatch: pytest.MonkeyPatch) -> date:
+    """The day the test started, for the test and for pulse.db.retention alike."""
+    day = retention.utc_today()
+    monkeypatch.setattr(retention, "utc_today", lambda: day)
+    return day
+
+
 async def age(pool: asyncpg.Pool, ids: list[int], days: int) -> None:
     """Move rows to the day ``days`` before today (its partition is created first)."""
-    day = utc_today() - timedelta(days=days)
+    day = retention.utc_today() - timedelta(days=days)
     await create_partitions(seam(pool), day, day)
     await pool.execute(
         "UPDATE telemetry SET received_at = $2 WHERE id = ANY($1)",
@@ -48,14 +60,14 @@ async def partitions(pool: asyncpg.Pool) -> list[str]:
 
 
 def name(days_from_today: int) -> str:
-    return f"telemetry_p{utc_today() + timedelta(days=days_from_today):%Y%m%d}"
+    return f"telemetry_p{retention.utc_today() + timedelta(days=days_from_today):%Y%m%d}"
 
 
 async def test_days_ahead_exist_and_take_rows(pool: asyncpg.Pool) -> None:
     await ensure_partitions(seam(pool))
     assert set(await partitions(pool)) >= {name(d) for d in range(DAYS_AHEAD + 1)}
     [first] = await insert_readings(pool, "t1", [("d1", {"v": 1})])
-    ahead = utc_today() + timedelta(days=DAYS_AHEAD)
+    ahead = retention.utc_today() + timedelta(days=DAYS_AHEAD)
     await pool.execute(
         "UPDATE telemetry SET received_at = $1 WHERE id = $2",
         datetime(ahead.year, ahead.month, ahead.day, 23, tzinfo=UTC),
@@ -188,7 +200,7 @@ async def test_resume_when_every_row_was_dropped(
 
 
 async def test_processes_starting_together_create_each_day_once(pool: asyncpg.Pool) -> None:
-    far = utc_today() + timedelta(days=30)
+    far = retention.utc_today() + timedelta(days=30)
     created = await asyncio.gather(
         *(create_partitions(seam(pool), far, far + timedelta(days=2)) for _ in range(4))
     )
