@@ -358,14 +358,23 @@ def cpu_ns(pid: int) -> int:
 class BackendCpu:
     """CPU seconds spent, over the block, by the backends of a database that exist at its
     end (those that started within it from zero), the load generator's own excluded;
-    ``by_name`` splits them by application name (or backend type, e.g. autovacuum)."""
+    ``by_name`` splits them by application name (or backend type, e.g. autovacuum).
+
+    ``server_seconds``: the whole PostgreSQL server over the block, which the backends
+    leave out: the WAL writer, the checkpointer, the background writer, autovacuum
+    workers and backends that ended within the block (the postmaster's reaped
+    children). Meaningful on a server that the benchmark has to itself (the embedded
+    one); the machine's server also works for others."""
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.seconds = 0.0
+        self.server_seconds = 0.0
         self.backends = 0
         self.by_name: dict[str, float] = {}
         self._start: dict[int, int] = {}
+        self._postmaster: psutil.Process | None = None
+        self._server_start = 0
 
     async def _pids(self) -> dict[int, str]:
         conn = await asyncpg.connect(self.dsn)
@@ -375,21 +384,40 @@ class BackendCpu:
                 " FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
+            if self._postmaster is None:
+                backend = psutil.Process(await conn.fetchval("SELECT pg_backend_pid()"))
+                self._postmaster = backend.parent()
         finally:
             await conn.close()
         return {r["pid"]: r["name"] for r in rows}
 
+    def _server_ns(self) -> int:
+        """The server's CPU so far: the postmaster, its children alive and those reaped."""
+        if self._postmaster is None:
+            return 0
+        try:
+            reaped = self._postmaster.cpu_times()
+            total = cpu_ns(self._postmaster.pid)
+            total += int((reaped.children_user + reaped.children_system) * 1e9)
+            children = self._postmaster.children()
+        except psutil.Error:
+            return 0
+        return total + sum(cpu_ns(child.pid) for child in children)
+
     async def __aenter__(self) -> BackendCpu:
         self._start = {pid: cpu_ns(pid) for pid in await self._pids()}
+        self._server_start = self._server_ns()
         return self
 
     async def __aexit__(self, *_: object) -> None:
+        server_end = self._server_ns()
         pids = await self._pids()
         self.backends = len(pids)
         for pid, name in pids.items():
             spent = (cpu_ns(pid) - self._start.get(pid, 0)) / 1e9
             self.by_name[name] = self.by_name.get(name, 0.0) + spent
         self.seconds = sum(self.by_name.values())
+        self.server_seconds = max(0.0, (server_end - self._server_start) / 1e9)
 
 
 def processes_cpu_s(pids: Sequence[int]) -> float:

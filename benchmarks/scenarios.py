@@ -91,12 +91,17 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
         devices = {t: await provision(server.url, t, 20) for t in tenants}
         # The same readings for both servers (the typical stack ignores the tokens).
         load = _batch_bodies(rng, devices, batch)
-        pulse_rate, pulse_lat, pulse_cpu, pulse_db, pulse_rollups = await _measure_batches(
-            server, dsn, [load] * clients, seconds
-        )
+        (
+            pulse_rate,
+            pulse_lat,
+            pulse_cpu,
+            pulse_db,
+            pulse_rollups,
+            pulse_all,
+        ) = await _measure_batches(server, dsn, [load] * clients, seconds)
     dsn = await pg.fresh_database()
     async with TypicalServer(dsn) as typical:
-        typical_rate, typical_lat, typical_cpu, typical_db, _ = await _measure_batches(
+        typical_rate, typical_lat, typical_cpu, typical_db, _, typical_all = await _measure_batches(
             typical, dsn, [load] * clients, seconds
         )
     ceiling = await _direct_sql_ceiling(pg, tenants, seconds, clients, batch)
@@ -110,7 +115,8 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
             "rows/s",
             note=f"p99 {percentile(typical_lat, 99) * 1e3:.0f} ms, "
             f"server {typical_cpu * 1e6:.1f} us CPU/row, "
-            f"PostgreSQL {typical_db * 1e6:.1f} us CPU/row",
+            f"PostgreSQL {typical_db * 1e6:.1f} us CPU/row "
+            f"(the whole server {typical_all * 1e6:.1f})",
         ),
         Figure(label, "direct-SQL ceiling", ceiling, "rows/s"),
         Figure(
@@ -123,17 +129,19 @@ async def _ingest_batch(pg: Postgres, quick: bool, tenant_count: int) -> list[Fi
             note=f"{pulse_rate / ceiling:.2f}x ceiling; {clients} clients x {batch} readings; "
             f"p99 {percentile(pulse_lat, 99) * 1e3:.0f} ms; "
             f"server {pulse_cpu * 1e6:.1f} us CPU/row, "
-            f"PostgreSQL {pulse_db * 1e6:.1f} us CPU/row (rollups {pulse_rollups * 1e6:.1f})",
+            f"PostgreSQL {pulse_db * 1e6:.1f} us CPU/row (rollups {pulse_rollups * 1e6:.1f}; "
+            f"the whole server {pulse_all * 1e6:.1f})",
         ),
     ]
 
 
 async def _measure_batches(
     server: PulseServer | TypicalServer, dsn: str, loads: list[list[bytes]], seconds: float
-) -> tuple[float, list[float], float, float, float]:
+) -> tuple[float, list[float], float, float, float, float]:
     """One client per load, each posting its bodies in turn for ``seconds``: rows/s,
-    per-request latencies, server and PostgreSQL CPU seconds per row, and the share of
-    the latter spent by Pulse's rollups (pulse.history.rollups)."""
+    per-request latencies, server and PostgreSQL CPU seconds per row, the share of
+    the latter spent by Pulse's rollups (pulse.history.rollups), and the whole
+    PostgreSQL server's per row (its background processes too: BackendCpu)."""
     latencies: list[float] = []
     async with BackendCpu(dsn) as database:
         with cpu_meter(server.pids()) as cpu:
@@ -149,6 +157,7 @@ async def _measure_batches(
         cpu["others_cpu_s"] / rows,
         database.seconds / rows,
         rollups / rows,
+        database.server_seconds / rows,
     )
 
 
@@ -190,12 +199,18 @@ async def ingest_gateways(pg: Postgres, quick: bool) -> list[Figure]:
     label = f"batch ingest, 1 tenant, {gateways} gateways x {per_gateway} devices"
 
     def note(
-        rate: float, latencies: list[float], cpu: float, database: float, rollups: float
+        rate: float,
+        latencies: list[float],
+        cpu: float,
+        database: float,
+        rollups: float,
+        whole: float,
     ) -> str:
         return (
             f"p99 {percentile(latencies, 99) * 1e3:.0f} ms, server {cpu * 1e6:.1f} us CPU/row, "
-            f"PostgreSQL {database * 1e6:.1f} us CPU/row"
-            + (f" (rollups {rollups * 1e6:.1f})" if rollups else "")
+            f"PostgreSQL {database * 1e6:.1f} us CPU/row ("
+            + (f"rollups {rollups * 1e6:.1f}; " if rollups else "")
+            + f"the whole server {whole * 1e6:.1f})"
         )
 
     return [

@@ -79,7 +79,7 @@ async def insert(
     salt = when.timestamp() % 1000
     for i in range(BATCH):
         metrics = {"temp": round(15 + (i + salt) % 15, 3), "hum": round(40 + salt / 100, 3)}
-        reading = [devices[i % len(devices)], when.isoformat(), metrics, None]
+        reading: list[object] = [devices[i % len(devices)], when.isoformat(), metrics, None]
         rows[tenants[i % len(tenants)]].append(reading)
     async with conn.transaction():
         reserved = await conn.fetch(
