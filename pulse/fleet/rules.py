@@ -88,7 +88,7 @@ async def evaluate_alerts(conn: asyncpg.Connection, written: Written) -> None:
     another of the same tenant (they share the tenant's row lock), so each
     verdict stands until the commit.
     """
-    if written.rows:
+    if written.ruled:
         await _apply_rules(conn, written)
     if written.came_online:
         await conn.execute(
@@ -104,6 +104,7 @@ async def _apply_rules(conn: asyncpg.Connection, written: Written) -> None:
         [
             {"tenant_id": tenant_id, "first_id": rows.first_id, "last_id": rows.last_id}
             for tenant_id, rows in written.rows.items()
+            if tenant_id in written.ruled
         ],
     )
     if not verdicts:

@@ -45,8 +45,13 @@ RETURNING tenant_id, device_id, seq;
 -- evaluates it after the ORDER BY): two writes that span the same tenants lock
 -- their rows in the same order and cannot deadlock. Each tenant row stays
 -- locked until commit, which is what makes ids follow commit order. A NULL
--- base means the tenant no longer exists.
-SELECT r.tenant_id, pulse_reserve_event_ids(r.tenant_id, r.n) AS base
+-- base means the tenant no longer exists. "ruled": the tenant has alert rules
+-- (pulse.fleet.rules), as of this statement, which begins after the write's
+-- readings came: a rule created before a reading was sent applies to it. A
+-- write of tenants without rules then spares a round trip between this
+-- statement and its COMMIT, while it holds the tenants' rows.
+SELECT r.tenant_id, pulse_reserve_event_ids(r.tenant_id, r.n) AS base,
+       EXISTS (SELECT 1 FROM alert_rules a WHERE a.tenant_id = r.tenant_id) AS ruled
   FROM unnest($1::text[], $2::int[]) WITH ORDINALITY AS r(tenant_id, n, ord)
  ORDER BY r.ord;
 

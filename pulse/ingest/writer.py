@@ -76,6 +76,9 @@ class Written:
     rows: dict[str, TenantRows]  # by tenant
     seen: list[Device]
     came_online: list[Device]
+    # The tenants of ``rows`` that had alert rules when the write took its ids (after
+    # its readings came): the others have nothing for the rules to look at.
+    ruled: frozenset[str] = frozenset()
 
     def reading(self, tenant_id: str, event_id: int) -> Reading:
         """The reading stored as the tenant's ``event_id`` by this write."""
@@ -384,7 +387,7 @@ class TelemetryWriter:
             submission = submissions[i]
             if outcomes[i] is None and submission.reading is not None:
                 by_tenant.setdefault(submission.tenant_id, []).append(i)
-        rows = await self._insert(conn, submissions, by_tenant, claims, foresee, inserted)
+        rows, ruled = await self._insert(conn, submissions, by_tenant, claims, foresee, inserted)
         for tenant_id, indexes in by_tenant.items():
             taken = rows.get(tenant_id)
             if taken is None:  # the tenant was deleted after its devices authenticated
@@ -401,7 +404,7 @@ class TelemetryWriter:
             )
         )
         came_online = await self._touch(conn, [device for device in seen if device not in fresh])
-        written = Written(rows=rows, seen=seen, came_online=came_online)
+        written = Written(rows=rows, seen=seen, came_online=came_online, ruled=ruled)
         # The seam for alert rules: they see the rows before anyone else can.
         for hook in self._hooks:
             await hook(conn, written)
@@ -525,10 +528,11 @@ class TelemetryWriter:
         claims: list[Claim],
         foresee: bool,
         inserted: asyncio.Event | None,
-    ) -> dict[str, TenantRows]:
+    ) -> tuple[dict[str, TenantRows], frozenset[str]]:
         """Take ids for every reading of ``by_tenant`` (each tenant's submissions, in
-        order) and insert them in one statement; the rows stored, by tenant. A tenant
-        deleted since its devices authenticated has none.
+        order) and insert them in one statement; the rows stored, by tenant (a tenant
+        deleted since its devices authenticated has none), and the tenants that have
+        alert rules, as the reservation found them.
 
         The ids are foreseen when this process knows them (``pulse.ingest.ids``): the
         rows go in first, and the reservation after, once the writes ahead have
@@ -538,7 +542,7 @@ class TelemetryWriter:
         if inserted is not None and not by_tenant:
             inserted.set()
         if not by_tenant:
-            return {}
+            return {}, frozenset()
         tenants = sorted(by_tenant)
         counts = {tenant: len(by_tenant[tenant]) for tenant in tenants}
         ended = asyncio.get_running_loop().create_future()
@@ -547,6 +551,7 @@ class TelemetryWriter:
             reserved = await conn.fetch(Q["reserve_event_ids"], tenants, list(counts.values()))
             # A NULL base: the tenant was deleted after we authenticated its devices.
             bases = {row["tenant_id"]: row["base"] for row in reserved if row["base"] is not None}
+            ruled = frozenset(row["tenant_id"] for row in reserved if row["ruled"])
             if inserted is not None:
                 claims.append(self.ids.reserved({t: counts[t] for t in bases}, bases, ended))
         else:
@@ -580,7 +585,8 @@ class TelemetryWriter:
             reserved = await conn.fetch(Q["reserve_event_ids"], tenants, list(counts.values()))
             if any(row["base"] != claim.bases[row["tenant_id"]] for row in reserved):
                 raise _Unforeseen(by_another=True)  # another process took some of the ids
-        return rows
+            ruled = frozenset(row["tenant_id"] for row in reserved if row["ruled"])
+        return rows, ruled
 
     async def _touch(self, conn: asyncpg.Connection, devices: Sequence[Device]) -> list[Device]:
         """Mark devices seen and ONLINE; return those that were not ONLINE before."""

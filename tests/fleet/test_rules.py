@@ -13,7 +13,10 @@ import pytest
 
 from pulse.db.pool import create_pool
 from pulse.fleet.rules import Q as FLEET_QUERIES
+from pulse.fleet.rules import evaluate_alerts
+from pulse.ingest.writer import TelemetryWriter, Written
 from tests.fleet.conftest import Fleet, MakeToken, Notifications, auth, kinds
+from tests.support import seam
 
 RULES = "/api/v1/customer/alert-rules"
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -402,3 +405,37 @@ async def test_only_the_readings_of_tenants_with_rules_are_read_back(fleet: Flee
         return own + sum(rows_read(child) for child in node.get("Plans", []))
 
     assert rows_read(plan["Plan"]) == 1
+
+
+async def test_a_write_of_tenants_without_rules_sends_no_rules_statement(fleet: Fleet) -> None:
+    """The id reservation tells which tenants have rules, so a write of none costs no
+    statement of the rules while it holds its tenants' rows; a rule created before a
+    reading was sent applies to it, whether the write reserved its ids first (the
+    tenant's first) or last (foreseen)."""
+    evaluated: list[str] = []
+
+    def log(query: asyncpg.connection.LoggedQuery) -> None:
+        if query.query == FLEET_QUERIES["evaluate_rules"]:
+            evaluated.append(query.query)
+
+    async def listen(conn: asyncpg.Connection, written: Written) -> None:
+        conn.add_query_logger(log)
+
+    async def stop(conn: asyncpg.Connection, written: Written) -> None:
+        conn.remove_query_logger(log)
+
+    writer = TelemetryWriter(seam(fleet.pool), hooks=[listen, evaluate_alerts, stop])
+
+    async def statements_of(value: float) -> int:
+        evaluated.clear()
+        await writer.write([fleet.submission("dev-1", {"temp": value})])
+        return len(evaluated)
+
+    assert await statements_of(90) == 0  # reserved first
+    assert await statements_of(91) == 0  # foreseen
+    assert writer.ids.foreseen == 1
+    await fleet.rule("temp", ">", 80)
+    assert await statements_of(92) == 1
+    assert writer.ids.foreseen == 2
+    [alert] = await fleet.alerts()
+    assert (alert["status"], alert["trigger_count"]) == ("OPEN", 1)
