@@ -78,7 +78,7 @@ class Written:
     came_online: list[Device]
     # The tenants of ``rows`` that had alert rules when the write took its ids (after
     # its readings came): the others have nothing for the rules to look at.
-    ruled: frozenset[str] = frozenset()
+    ruled: frozenset[str]
 
     def reading(self, tenant_id: str, event_id: int) -> Reading:
         """The reading stored as the tenant's ``event_id`` by this write."""
