@@ -4,7 +4,8 @@ The order of steps is what makes replay and live meet exactly:
 1. take the tenant's newest committed id: the newest the hub delivered when the
    tenant's topic is open in this process (no query), else the table's; a stream
    that announces where it starts (the WebSocket's "connected") always reads the
-   table, since the hub may be a few events behind the last commit;
+   table, since the hub may be a few events behind the last commit; the SSE
+   handlers take it before their response head (``begin``);
 2. with a resume position, replay (position, newest] from the table, before
    subscribing, so a long replay cannot fill the live queue behind it;
 3. subscribe: the subscription starts at the newest id the hub had delivered,
@@ -136,21 +137,34 @@ class Live:
         self.subscribed = asyncio.Event()  # set once the subscription is open
         self._consumer: asyncio.Task[Any] | None = None
         self._ended = False
+        self._started: int | None = None  # the start, once taken (begin)
 
     def set_filters(self, filters: Filters) -> None:
         self.filters = filters
         if self.subscription is not None:
             self.subscription.set_filters(filters)
 
+    async def begin(self) -> None:
+        """Take the stream's start (step 1), once. A handler that calls it before its
+        response head makes the head a promise: nothing committed after the client saw
+        it is missed (a client that opens a stream and then makes a device report,
+        say). ``items`` takes it itself where no handler did."""
+        if self._started is not None or not self.replay:
+            return
+        newest = None if self.announces_start else self.hub.newest_delivered(self.tenant_id)
+        if newest is None or (self.last_event_id or 0) > newest:
+            # No topic here, a start to announce, or a client resuming from further
+            # than this process has delivered (it read another process): the table
+            # says how far it goes. A stream that starts a few events behind the
+            # last commit, from the hub, is sent those events live.
+            newest = await self.store.newest_id(self.tenant_id)
+        self._started = newest
+
     async def items(self) -> AsyncGenerator[Item, None]:
         if self.replay:
-            newest = None if self.announces_start else self.hub.newest_delivered(self.tenant_id)
-            if newest is None or (self.last_event_id or 0) > newest:
-                # No topic here, a start to announce, or a client resuming from further
-                # than this process has delivered (it read another process): the table
-                # says how far it goes. A stream that starts a few events behind the
-                # last commit, from the hub, is sent those events live.
-                newest = await self.store.newest_id(self.tenant_id)
+            await self.begin()
+            newest = self._started
+            assert newest is not None
             self.position = newest
             yield Started(newest)
             if self.last_event_id is not None:

@@ -106,7 +106,7 @@ async def telemetry_sse() -> Response:
         await rt.limits.check(tenant_id)
     except LimitReached as exc:
         raise limit_reached(exc) from exc
-    stream, writes = open_stream(
+    stream, writes = await open_stream(
         rt, principal, tenant_id, filters, last_event_id, scope=request.scope
     )
     response = Response(body(rt, stream, writes), status=200, headers=HEADERS)
@@ -129,7 +129,7 @@ def limit_reached(exc: LimitReached) -> ApiError:
     return ApiError(CONNECTION_LIMIT, str(exc), {"Retry-After": "5"})
 
 
-def open_stream(
+async def open_stream(
     rt: Runtime,
     principal: Principal,
     tenant_id: str,
@@ -138,7 +138,10 @@ def open_stream(
     *,
     scope: Mapping[str, Any],
 ) -> tuple[Live, DirectWrites | None]:
-    """The stream of an admitted request, and the direct writes its chunks go by (if any)."""
+    """The stream of an admitted request, and the direct writes its chunks go by (if any).
+
+    Its start is taken here, before the response head: a client that has the head
+    misses nothing committed after it (docs/protocol.md, "Resuming")."""
     writes = direct_writes(scope, CHUNKS, enabled=rt.settings.direct_writes)
     stream = Live(
         rt.hub,
@@ -152,6 +155,7 @@ def open_stream(
         output=writes,
         frame=sse_chunk,
     )
+    await stream.begin()
     return stream, writes
 
 

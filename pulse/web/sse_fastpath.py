@@ -1,17 +1,17 @@
 """SSE streams opened straight from ASGI, before Quart: what a reconnect storm is made of.
 
-After a deploy every dashboard comes back at once, and for each of those
-requests Quart's machinery (two tasks and a wait, a request and its werkzeug
-headers, the contexts, signals and a response object) cost about as much CPU as
-everything the stream itself needs: the token, the limit check and the first
-position. A GET of the SSE URL with a credential (a token in the Authorization
-header, the session cookie or the ``token`` parameter, or a one-time ``ticket``,
-the browser's way) is served here, through the same parsing, checks, stream and
-body as the Quart route in ``pulse.web.sse``. A request refused before anything
-is spent goes on to Quart, which then decides it from the start and words the
-refusal. Once a ticket is spent, the answer is this door's: a refusal after it
-(the tenant at its limit, the database away) is answered here, worded by the
-same error mapping as Quart's handlers (``pulse.web.errors``).
+After a deploy every dashboard comes back at once, and for each of those requests
+Quart's machinery (two tasks and a wait, a request and its werkzeug headers, the
+contexts, signals and a response object) cost about as much CPU as everything the
+stream itself needs: the token, the limit check and the first position (taken before
+the response head, as the route does). A GET of the SSE URL with a credential (a
+token in the Authorization header, the session cookie or the ``token`` parameter, or
+a one-time ``ticket``, the browser's way) is served here, through the same parsing,
+checks, stream and body as the Quart route in ``pulse.web.sse``. A request refused
+before anything is spent goes on to Quart, which then decides it from the start and
+words the refusal. Once a ticket is spent, the answer is this door's: a refusal
+after it (the tenant at its limit, the database away) is answered here, worded by
+the same error mapping as Quart's handlers (``pulse.web.errors``).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] 
         principal = await rt.verifier.verify(credential.token)
         tenant_id = tenant_for(principal, requested)
         await rt.limits.check(tenant_id)
-        return open_stream(rt, principal, tenant_id, filters, last_event_id, scope=scope)
+        return await open_stream(rt, principal, tenant_id, filters, last_event_id, scope=scope)
     ticket = args.get("ticket")
     if not ticket:
         return None
@@ -90,11 +90,11 @@ async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] 
     tenant_id = tenant_for(principal, requested)
     try:
         await rt.limits.check(tenant_id)
+        return await open_stream(rt, principal, tenant_id, filters, last_event_id, scope=scope)
     except LimitReached as exc:
         return error_reply(limit_reached(exc))
     except Exception as exc:
         return error_reply(exc)
-    return open_stream(rt, principal, tenant_id, filters, last_event_id, scope=scope)
 
 
 async def _stream(

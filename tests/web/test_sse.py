@@ -291,6 +291,46 @@ async def test_listener_killed_mid_stream(
     assert client.connections == 1  # the stream itself never broke
 
 
+async def test_the_head_of_a_live_stream_is_its_start(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that has the response head misses nothing committed after it, however
+    late the server reads the tenant's newest id: a dashboard that opens a stream and
+    then asks a device to report sees the report."""
+    from pulse.bus.store import EventStore
+
+    await insert_readings(pool, "t1", [("d1", {"temp": 1})])
+    real = EventStore.newest_id
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    async def held(self: EventStore, tenant_id: str) -> int:
+        asked.set()
+        await answer.wait()  # the start is read as late as the test lets it
+        return await real(self, tenant_id)
+
+    monkeypatch.setattr(EventStore, "newest_id", held)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        opening = asyncio.create_task(
+            client.send(
+                client.build_request("GET", SSE_PATH, headers=auth(make_token("t1"))), stream=True
+            )
+        )
+        await asyncio.wait_for(asyncio.shield(asked.wait()), 10)
+        if opening.done():  # the head came before the start was read
+            committed = await insert_readings(pool, "t1", [("d2", {"temp": 2})])
+            answer.set()
+        else:
+            answer.set()
+            await asyncio.wait_for(asyncio.shield(opening), 10)
+            committed = await insert_readings(pool, "t1", [("d2", {"temp": 2})])
+        response = await opening
+        try:
+            body = await read_body(response, b'"device_id":"d2"')
+        finally:
+            await response.aclose()
+    assert b"id: %d\ndata: " % committed[0] in body
+
+
 async def test_tenant_isolation(
     url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
 ) -> None:
