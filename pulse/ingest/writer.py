@@ -580,11 +580,16 @@ class TelemetryWriter:
             inserted.set()
         if claim is not None:
             for ahead in claim.ahead:
-                if not await asyncio.shield(ahead):  # a write ahead did not commit
+                if not await asyncio.shield(ahead.holds):  # a write ahead will not commit
                     raise _Unforeseen(by_another=False)
+            # Waits in PostgreSQL for the writes ahead, which hold the tenants' rows.
             reserved = await conn.fetch(Q["reserve_event_ids"], tenants, list(counts.values()))
             if any(row["base"] != claim.bases[row["tenant_id"]] for row in reserved):
-                raise _Unforeseen(by_another=True)  # another process took some of the ids
+                # A write ahead rolled back after its reservation, or another process
+                # took some of the ids.
+                failed = [not await asyncio.shield(ahead.ended) for ahead in claim.ahead]
+                raise _Unforeseen(by_another=not any(failed))
+            self.ids.hold(claim)
             ruled = frozenset(row["tenant_id"] for row in reserved if row["ruled"])
         return rows, ruled
 

@@ -17,12 +17,12 @@ from tests.support import seam, until
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 
-# Backends of the test's pool whose transaction is open and whose last statement was
-# the insert: a group that has inserted and waits for the one ahead to end.
-INSERTED_AND_WAITING = """
+# Backends whose reservation waits for a tenant's row another transaction holds: a
+# group that has inserted and waits, in PostgreSQL, for the one ahead to end.
+RESERVATION_WAITING = """
 SELECT count(*) FROM pg_stat_activity
- WHERE datname = current_database() AND state = 'idle in transaction'
-   AND query LIKE 'INSERT INTO telemetry%'
+ WHERE datname = current_database() AND state = 'active' AND wait_event_type = 'Lock'
+   AND query LIKE 'SELECT r.tenant_id, pulse_reserve_event_ids%'
 """
 
 
@@ -35,9 +35,10 @@ async def ids(pool: asyncpg.Pool) -> list[int]:
 
 
 async def one_waits_after_its_insert(pool: asyncpg.Pool) -> None:
-    """Until one group has inserted and waits for the one ahead (10 s at most)."""
+    """Until one group has inserted and its reservation waits for the one ahead (10 s
+    at most)."""
     async with asyncio.timeout(10):
-        while await pool.fetchval(INSERTED_AND_WAITING) != 1:  # noqa: ASYNC110
+        while await pool.fetchval(RESERVATION_WAITING) != 1:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
 

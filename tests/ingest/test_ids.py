@@ -30,19 +30,34 @@ async def test_ids_follow_the_reservation_and_the_writes_in_flight() -> None:
     first = ids.reserved({"t1": 3}, {"t1": 10}, ended())  # took 11..13
     second = ids.foresee({"t1": 2}, ended())
     assert second is not None and second.bases == {"t1": 13}  # 14..15
-    assert second.ahead == [first.ended]
+    assert second.ahead == [first]
     third = ids.foresee({"t1": 1, "t2": 5}, ended())
     assert third is None, "t2's ids are not known yet"
     ids.reserved({"t2": 5}, {"t2": 0}, ended())
     third = ids.foresee({"t1": 1, "t2": 5}, ended())
     assert third is not None and third.bases == {"t1": 15, "t2": 5}
-    assert third.ahead == [second.ended, ids_tail(ids, "t2", third)]
+    assert third.ahead[0] is second and third.ahead[1].bases == {"t2": 0}
     assert ids.foreseen == 2
 
 
-def ids_tail(ids: EventIds, tenant: str, claim: object) -> asyncio.Future[bool]:
-    """The write ahead of ``claim`` for ``tenant``, as the claim recorded it."""
-    return claim.ahead[-1]  # type: ignore[attr-defined, no-any-return]
+async def test_a_write_behind_may_reserve_once_the_one_ahead_holds_its_rows() -> None:
+    ids = EventIds()
+    first = ids.reserved({"t1": 1}, {"t1": 0}, ended())
+    assert first.holds.result() is True  # it reserved: it holds the tenant's row
+    second = ids.foresee({"t1": 1}, ended())
+    third = ids.foresee({"t1": 1}, ended())
+    assert second is not None and third is not None and third.ahead == [second]
+    assert not second.holds.done()  # foreseen: not until its reservation says so
+    ids.hold(second)
+    assert second.holds.result() is True
+    # One that fails before it holds tells the writes behind it that it never will.
+    fourth = ids.foresee({"t1": 1}, ended())
+    assert fourth is not None
+    ids.end(fourth, committed=False)
+    assert fourth.holds.result() is False and fourth.ended.result() is False
+    # An ended write keeps no hold on those before it: the chain ends with the writes
+    # in flight, not with the process.
+    assert fourth.ahead == []
 
 
 async def test_a_write_that_ends_is_no_longer_waited_for() -> None:
