@@ -151,7 +151,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                     settings.ingest_rate_per_tenant, settings.ingest_burst_per_tenant
                 ),
             ).each,
-            hooks=[evaluate_alerts],
+            rules=evaluate_alerts,
             group_commit=settings.group_commit,
             on_remade=metrics.ingest_writes_remade.inc,
             # Well within the time after which the sweeper calls a silent device STALE.

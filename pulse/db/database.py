@@ -100,6 +100,26 @@ class Database:
                 yield conn
 
     @contextlib.asynccontextmanager
+    async def transaction_ending_itself(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection in a transaction the block may end itself, with a string
+        of statements that ends in COMMIT (one round trip for the last statement and
+        the commit): committed when the block ends with it still open, rolled back
+        when the block raises. Inside it, a savepoint is a ``SAVEPOINT`` statement
+        (asyncpg's ``Connection.transaction`` refuses a transaction it did not begin).
+        """
+        with translated():
+            async with self.pool.acquire() as conn:
+                await conn.execute("BEGIN")
+                try:
+                    yield conn
+                except BaseException:
+                    if not conn.is_closed() and conn.is_in_transaction():
+                        await conn.execute("ROLLBACK")
+                    raise
+                if conn.is_in_transaction():
+                    await conn.execute("COMMIT")
+
+    @contextlib.asynccontextmanager
     async def dedicated(
         self, application_name: str, *, timeout: float = 10.0
     ) -> AsyncIterator[asyncpg.Connection]:

@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence, Set
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import asyncpg
 
@@ -20,6 +20,7 @@ from pulse.ingest.gates import KeyedLocks
 from pulse.ingest.ids import Claim, EventIds
 from pulse.ingest.model import Accepted, Device, Outcome, Rejected, Submission
 from pulse.ingest.validation import Reading
+from pulse.names import is_valid_name
 
 Q = load_queries(__package__)
 
@@ -104,6 +105,7 @@ class TelemetryWriter:
         db: Database,
         *,
         admit: Admit | None = None,
+        rules: TransactionHook | None = None,
         hooks: Sequence[TransactionHook] = (),
         group_commit: bool = True,
         on_remade: Callable[[], object] | None = None,
@@ -113,6 +115,11 @@ class TelemetryWriter:
         # A device ONLINE and seen this recently is not marked seen again (touch_devices).
         self._seen_precision_s = seen_precision_s
         self._admit = admit
+        # The alert rules, run for a write with something for them: readings of a
+        # tenant with rules (Written.ruled), or devices that came online. A write with
+        # neither may commit with its reservation, in one round trip. ``hooks`` run
+        # for every write (and so every write commits apart).
+        self._rules = rules
         self._hooks = tuple(hooks)
         self._group_commit = group_commit
         # Writes waiting for the gates of the same tenants, to be committed together.
@@ -133,6 +140,9 @@ class TelemetryWriter:
         self.ids = EventIds()  # what this writer foresees, and how often it was right
         self._on_remade = on_remade
         self._committers: set[asyncio.Task[None]] = set()  # _commit_waiting, one per tenants
+        # The tenants found with alert rules by their latest reservation here: their
+        # foreseen writes reserve apart from their COMMIT, for the rules in between.
+        self._ruled: set[str] = set()
         # A committer with nothing to start waits for a write to come, or the
         # transaction it has in flight to end (_next_write_or_end).
         self._wakes: dict[frozenset[str], asyncio.Future[None]] = {}
@@ -332,7 +342,7 @@ class TelemetryWriter:
             while True:
                 claims: list[Claim] = []
                 try:
-                    async with self._db.transaction() as conn:
+                    async with self._db.transaction_ending_itself() as conn:
                         if unchecked:
                             checked = await self._authenticate(
                                 conn, [submissions[i] for i in unchecked]
@@ -387,7 +397,19 @@ class TelemetryWriter:
             submission = submissions[i]
             if outcomes[i] is None and submission.reading is not None:
                 by_tenant.setdefault(submission.tenant_id, []).append(i)
-        rows, ruled = await self._insert(conn, submissions, by_tenant, claims, foresee, inserted)
+        # The devices to mark seen, known before the ids are taken: a write with none
+        # (and no tenant with rules) may commit with its reservation.
+        seen = _seen(submissions, admitted, outcomes)
+        unfresh = [device for device in seen if device not in fresh]
+        rows, ruled = await self._insert(
+            conn,
+            submissions,
+            by_tenant,
+            claims,
+            foresee,
+            inserted,
+            may_commit=not (unfresh or self._hooks),
+        )
         for tenant_id, indexes in by_tenant.items():
             taken = rows.get(tenant_id)
             if taken is None:  # the tenant was deleted after its devices authenticated
@@ -396,16 +418,14 @@ class TelemetryWriter:
             else:
                 for event_id, i in enumerate(indexes, start=taken.first_id):
                     outcomes[i] = Accepted(event_id)
-        seen = list(
-            dict.fromkeys(
-                (submissions[i].tenant_id, submissions[i].device_id)
-                for i in admitted
-                if not isinstance(outcomes[i], Rejected)
-            )
-        )
-        came_online = await self._touch(conn, [device for device in seen if device not in fresh])
+        if len(rows) < len(by_tenant):  # a tenant was deleted: its readings were refused
+            seen = _seen(submissions, admitted, outcomes)
+            unfresh = [device for device in seen if device not in fresh]
+        came_online = await self._touch(conn, unfresh)
         written = Written(rows=rows, seen=seen, came_online=came_online, ruled=ruled)
         # The seam for alert rules: they see the rows before anyone else can.
+        if self._rules is not None and (ruled or came_online):
+            await self._rules(conn, written)
         for hook in self._hooks:
             await hook(conn, written)
         # What is still undecided here is an admitted heartbeat.
@@ -511,12 +531,13 @@ class TelemetryWriter:
         if not limited:
             return []
         keys = _seq_keys(submissions, limited)
-        probe = conn.transaction()  # a savepoint when inside the write's transaction
-        await probe.start()
+        # Undone at once: a savepoint inside the write's transaction, else one of its own.
+        inside = conn.is_in_transaction()
+        await conn.execute("SAVEPOINT probe" if inside else "BEGIN")
         try:
             rows = await conn.fetch(Q["claim_broker_seqs"], *_columns(keys))
         finally:
-            await probe.rollback()
+            await conn.execute("ROLLBACK TO SAVEPOINT probe" if inside else "ROLLBACK")
         unclaimed = {(row["tenant_id"], row["device_id"], row["seq"]) for row in rows}
         return [i for i, key in zip(limited, keys, strict=True) if key not in unclaimed]
 
@@ -528,6 +549,8 @@ class TelemetryWriter:
         claims: list[Claim],
         foresee: bool,
         inserted: asyncio.Event | None,
+        *,
+        may_commit: bool = False,
     ) -> tuple[dict[str, TenantRows], frozenset[str]]:
         """Take ids for every reading of ``by_tenant`` (each tenant's submissions, in
         order) and insert them in one statement; the rows stored, by tenant (a tenant
@@ -535,9 +558,12 @@ class TelemetryWriter:
         alert rules, as the reservation found them.
 
         The ids are foreseen when this process knows them (``pulse.ingest.ids``): the
-        rows go in first, and the reservation after, once the writes ahead have
-        ended; if it does not give the ids foreseen, ``_Unforeseen`` rolls back.
-        Otherwise the ids are reserved first, as the foresight's fallback.
+        rows go in first, and the reservation after, once the writes ahead hold their
+        rows; if it does not give the ids foreseen, ``_Unforeseen`` rolls back.
+        Otherwise the ids are reserved first, as the foresight's fallback. A foreseen
+        write that ``may_commit`` (no device to mark seen after the reservation) and
+        whose tenants had no alert rules when last seen here commits with its
+        reservation, in one round trip (``pulse_take_foreseen_ids``).
         """
         if inserted is not None and not by_tenant:
             inserted.set()
@@ -551,7 +577,7 @@ class TelemetryWriter:
             reserved = await conn.fetch(Q["reserve_event_ids"], tenants, list(counts.values()))
             # A NULL base: the tenant was deleted after we authenticated its devices.
             bases = {row["tenant_id"]: row["base"] for row in reserved if row["base"] is not None}
-            ruled = frozenset(row["tenant_id"] for row in reserved if row["ruled"])
+            ruled = self._saw_rules(reserved)
             if inserted is not None:
                 claims.append(self.ids.reserved({t: counts[t] for t in bases}, bases, ended))
         else:
@@ -583,15 +609,57 @@ class TelemetryWriter:
                 if not await asyncio.shield(ahead.holds):  # a write ahead will not commit
                     raise _Unforeseen(by_another=False)
             # Waits in PostgreSQL for the writes ahead, which hold the tenants' rows.
+            if may_commit and self._ruled.isdisjoint(tenants) and all(map(is_valid_name, tenants)):
+                await self._take_and_commit(conn, claim, tenants, counts)
+                return rows, frozenset()
             reserved = await conn.fetch(Q["reserve_event_ids"], tenants, list(counts.values()))
             if any(row["base"] != claim.bases[row["tenant_id"]] for row in reserved):
-                # A write ahead rolled back after its reservation, or another process
-                # took some of the ids.
-                failed = [not await asyncio.shield(ahead.ended) for ahead in claim.ahead]
-                raise _Unforeseen(by_another=not any(failed))
+                await self._unforeseen(claim)
             self.ids.hold(claim)
-            ruled = frozenset(row["tenant_id"] for row in reserved if row["ruled"])
+            ruled = self._saw_rules(reserved)
         return rows, ruled
+
+    async def _take_and_commit(
+        self, conn: asyncpg.Connection, claim: Claim, tenants: list[str], counts: dict[str, int]
+    ) -> None:
+        """Reserve the foreseen ids and COMMIT, in one string of two statements (one
+        round trip: the simple query protocol, so the values are written into it; the
+        tenant ids are plain names, checked). The reservation raises, and the COMMIT
+        is skipped, when the ids were not free or a tenant has rules."""
+        names = ",".join(f"'{tenant}'" for tenant in tenants)
+        numbers = ",".join(str(counts[tenant]) for tenant in tenants)
+        bases = ",".join(str(claim.bases[tenant]) for tenant in tenants)
+        try:
+            await conn.execute(
+                f"SELECT pulse_take_foreseen_ids(ARRAY[{names}]::text[], "
+                f"ARRAY[{numbers}]::integer[], ARRAY[{bases}]::bigint[]); COMMIT"
+            )
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == _NOT_FORESEEN:
+                await self._unforeseen(claim)
+            if exc.sqlstate == _RULED:
+                # A rule created since this process saw the tenant: made again with it.
+                self._ruled.update(tenants)
+                raise _Unforeseen(by_another=False) from exc
+            raise
+        self.ids.hold(claim)
+
+    async def _unforeseen(self, claim: Claim) -> NoReturn:
+        """Raise ``_Unforeseen`` for a reservation that did not give the ids foreseen: a
+        write ahead rolled back after its reservation, or another process took some."""
+        failed = [not await asyncio.shield(ahead.ended) for ahead in claim.ahead]
+        raise _Unforeseen(by_another=not any(failed))
+
+    def _saw_rules(self, reserved: list[asyncpg.Record]) -> frozenset[str]:
+        """The tenants a reservation found with alert rules; remembered for the next."""
+        ruled = set()
+        for row in reserved:
+            if row["ruled"]:
+                ruled.add(row["tenant_id"])
+                self._ruled.add(row["tenant_id"])
+            else:
+                self._ruled.discard(row["tenant_id"])
+        return frozenset(ruled)
 
     async def _touch(self, conn: asyncpg.Connection, devices: Sequence[Device]) -> list[Device]:
         """Mark devices seen and ONLINE; return those that were not ONLINE before."""
@@ -640,12 +708,28 @@ class _Unforeseen(Exception):
         self.by_another = by_another  # else a write ahead failed
 
 
+def _seen(
+    submissions: Sequence[Submission], admitted: list[int], outcomes: Sequence[Outcome | None]
+) -> list[Device]:
+    """The devices of the admitted submissions not refused since, each once, in order."""
+    return list(
+        dict.fromkeys(
+            (submissions[i].tenant_id, submissions[i].device_id)
+            for i in admitted
+            if not isinstance(outcomes[i], Rejected)
+        )
+    )
+
+
 def _reading(submission: Submission) -> Reading:
     assert submission.reading is not None, "heartbeats are never inserted"
     return submission.reading
 
 
 _WRONG_TOKEN = "The provision token does not match this device."
+# pulse_take_foreseen_ids's refusals (migrations/0014_foreseen_ids.sql).
+_NOT_FORESEEN = "PU001"
+_RULED = "PU002"
 
 
 def _unknown(device: Device) -> str:

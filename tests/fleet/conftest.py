@@ -73,7 +73,7 @@ class Fleet:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.writer = TelemetryWriter(seam(pool), hooks=[evaluate_alerts])
+        self.writer = TelemetryWriter(seam(pool), rules=evaluate_alerts)
         self.tokens: dict[tuple[str, str], str] = {}
 
     async def device(self, device_id: str, tenant_id: str = "t1") -> None:

@@ -439,3 +439,47 @@ async def test_a_write_of_tenants_without_rules_sends_no_rules_statement(fleet: 
     assert writer.ids.foreseen == 2
     [alert] = await fleet.alerts()
     assert (alert["status"], alert["trigger_count"]) == ("OPEN", 1)
+
+
+async def test_a_foreseen_write_without_rules_commits_with_its_reservation(
+    fleet: Fleet, database_url: str
+) -> None:
+    """A write that foresaw its ids, with no device to mark seen and no tenant with rules,
+    sends its reservation and its COMMIT as one string: one round trip, not two, while it
+    holds the tenant's row. A rule created since the process last saw the tenant still
+    applies: the reservation refuses, and the write is made again with its rules."""
+    statements: list[str] = []
+    pool = await create_pool(database_url, min_size=1, max_size=1)  # one connection to watch
+    try:
+        async with pool.acquire() as conn:
+            conn.add_query_logger(lambda query: statements.append(query.query.strip()))
+        writer = TelemetryWriter(seam(pool), rules=evaluate_alerts, seen_precision_s=3600)
+
+        async def sent(value: float) -> list[str]:
+            statements.clear()
+            await writer.write([fleet.submission("dev-1", {"temp": value})])
+            return list(statements)
+
+        first = await sent(90)  # the tenant's first: reserves first, marks the device seen
+        assert first[-1] == "COMMIT"
+        second = await sent(91)  # foreseen, and the device fresh
+        assert writer.ids.foreseen == 1
+        assert second[-1].startswith("SELECT pulse_take_foreseen_ids(ARRAY['t1']")
+        assert second[-1].endswith("; COMMIT") and "COMMIT" not in second
+        assert await fleet.alerts() == []
+
+        await fleet.rule("temp", ">", 80)
+        third = await sent(92)  # refused for the rule, made again reserving first
+        assert writer.ids.wrong == 1
+        assert third.count("COMMIT") == 1 and third[-1] == "COMMIT"
+        [alert] = await fleet.alerts()
+        assert (alert["status"], alert["trigger_count"]) == ("OPEN", 1)
+        fourth = await sent(93)  # the tenant has rules: its reservation stands apart
+        assert writer.ids.wrong == 1 and fourth[-1] == "COMMIT"
+        assert not any(s.startswith("SELECT pulse_take_foreseen_ids") for s in fourth)
+        [alert] = await fleet.alerts()
+        assert alert["trigger_count"] == 2
+    finally:
+        await pool.close()
+    ids = [r["id"] for r in await fleet.pool.fetch("SELECT id FROM telemetry ORDER BY id")]
+    assert ids == [1, 2, 3, 4]
