@@ -136,7 +136,8 @@ class Metrics:
         self.ingest_writes_remade = Counter(
             "pulse_ingest_writes_remade",
             "Ingest transactions rolled back and made again because the event ids they "
-            "foresaw were taken (another process wrote the tenant, or a write ahead failed)",
+            "foresaw were taken (another process wrote the tenant, or a write ahead failed), "
+            "or their tenant got its first alert rule since this process last wrote it",
             registry=r,
         )
         self.ingest_rejected = Counter(
