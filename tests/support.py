@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -174,6 +175,9 @@ async def sse_events(
 PORT_BLOCK = 1500
 FIRST_PORT = 20000
 _ports = random.Random()
+# The ports handed out lately: a test that asks for two before it binds either (a
+# server's client and monitor ports) must not get one twice.
+_handed: collections.deque[int] = collections.deque(maxlen=200)
 
 
 def free_port() -> int:
@@ -182,12 +186,15 @@ def free_port() -> int:
     first = FIRST_PORT + (int(worker) if worker.isdigit() else 0) % 8 * PORT_BLOCK
     for _ in range(200):
         port = _ports.randrange(first, first + PORT_BLOCK)
+        if port in _handed:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed.append(port)
+        return port
     raise RuntimeError(f"no free port in {first}-{first + PORT_BLOCK - 1}")
 
 

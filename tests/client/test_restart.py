@@ -176,8 +176,10 @@ async def test_filters_and_subscriptions_are_sent_again_after_a_restart(
         ]
         try:
             await eventually(lambda: len(filtered) > 5 and bool(summaries))
-            await ws.subscribe(["dev-2"])
+            # The metric filter first: the server takes a connection's frames in order,
+            # so from the first dev-2 event on, both are in force.
             await ws.set_metrics(["temp"])
+            await ws.subscribe(["dev-2"])
             await eventually(lambda: any(e.device_id == "dev-2" for e in filtered))
             await server.kill()
             await server.start()

@@ -74,7 +74,7 @@ async def test_signal_while_stdout_is_a_pipe_nobody_reads(
 async def test_sigint_while_replaying_history(
     server: str, pool: asyncpg.Pool, make_token: Callable[..., str], transport: str
 ) -> None:
-    events = 10_000
+    events = 40_000  # more than a stalled test process lets the tail print before SIGINT
     await history(pool, events)
     args = ("--url", server, "--token", make_token(), "--from-id", "0", "--transport", transport)
     async with pulse_tail(*args) as tail:

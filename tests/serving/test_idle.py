@@ -59,14 +59,14 @@ def test_the_tuning_replaces_hypercorns_idle_task() -> None:
 async def test_idle_connections_are_closed_and_busy_ones_are_not(
     database_url: str, tmp_path: Path
 ) -> None:
-    env = {"PULSE_HTTP_IDLE_TIMEOUT_S": "1"}
+    env = {"PULSE_HTTP_IDLE_TIMEOUT_S": "3"}
     async with pulse_serve(data_dir=tmp_path, database_url=database_url, env=env) as server:
         silent = await connect(server.url)  # never sends a request
         used = await connect(server.url)
         # Requests well within the timeout, each restarting it: the connection stays.
         for _ in range(4):
             assert await answered(*used)
-            await asyncio.sleep(0.3)  # the client's pace, under the 1 s timeout
+            await asyncio.sleep(0.3)  # the client's pace, well under the 3 s timeout
         # Then both are idle: the server closes them (and would not wait for ever).
         assert await closed_by_server(silent[0], 20) >= 0
         assert await closed_by_server(used[0], 20) >= 0

@@ -27,8 +27,10 @@ from tests.support import insert_readings, running_server, sse_events
 
 pytestmark = pytest.mark.timeout(60)
 
-IDLE_S = 2.0
-FLOW_S = 5.0
+# Silence of IDLE_S between two commits of the flow (a stalled fsync, a busy machine)
+# would put a ping in it: 3 s is far above any seen, and the flow still lasts two of it.
+IDLE_S = 3.0
+FLOW_S = 6.5
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
 
 

@@ -265,7 +265,7 @@ async def test_the_periodic_summary_arrives_on_schedule(
     # Every 0.4 s: the median gap says the schedule, whatever one late turn of a busy
     # loop did to a gap or two (slots it missed are skipped, not sent in a burst).
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert 0.3 < statistics.median(gaps) < 0.6, gaps
+    assert 0.2 < statistics.median(gaps) < 0.8, gaps
     assert times[0] - started < 5
 
 
@@ -373,7 +373,8 @@ async def test_a_token_that_expires_while_connected_closes_4001(
 ) -> None:
     """CONTRACT 5: a stream lives as long as its token; v2 has no action to refresh it."""
     await provision_device(pool, "t1", "d1")
-    async with open_ws(url, V2_PATH, token=make_token("t1", lifetime_s=1.5)) as ws:
+    # (3 s: a token's exp is a whole second, so 2-3 s are left, room for a slow connect.)
+    async with open_ws(url, V2_PATH, token=make_token("t1", lifetime_s=3)) as ws:
         reply = await request(ws, {"action": "subscribe", "type": "device", "device_id": "d1"})
         assert reply == {"type": "subscribed", "channel": "device", "device_id": "d1"}
         assert await closed(ws) == (4001, "token_expired")

@@ -34,7 +34,7 @@ from tests.streams.ws_support import (
     until_no_connections,
     ws_url,
 )
-from tests.support import insert_readings, running_server
+from tests.support import insert_readings, running_server, until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -309,7 +309,11 @@ async def test_a_client_that_stops_reading_is_closed_4008(
             reader = asyncio.create_task(read_fast())
             big = {f"m{i:03d}": float(i) for i in range(200)}  # ~4.5 kB per event
             for _ in range(40):
-                await insert_readings(pool, "t1", [("d1", big)] * 50)
+                last = (await insert_readings(pool, "t1", [("d1", big)] * 50))[-1]
+                # Each commit delivered before the next: a listener that fell behind
+                # would publish several at once, more than a queue holds, and cut the
+                # fast client as lagging too.
+                await until(lambda last=last: bool(fast_ids) and fast_ids[-1] >= last, 10)
             await asyncio.wait_for(reader, 30)
             assert fast_ids == list(range(1, 2001))
             reading = time.monotonic()
