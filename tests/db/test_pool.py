@@ -49,3 +49,32 @@ async def test_connections_never_compile_statements_with_jit(database_url: str) 
             assert await conn.fetchval("SHOW jit") == "off"
         async with db.dedicated("jit probe") as conn:
             assert await conn.fetchval("SHOW jit") == "off"
+
+
+async def test_a_transaction_that_may_end_itself(database_url: str) -> None:
+    """``transaction_ending_itself``: committed when the block ends with it open, left
+    alone when the block committed it (one string ending in COMMIT), rolled back when
+    the block raises, even after a statement failed inside it."""
+    async with Database.open(database_url, pool_size=1) as db:
+        await db.execute("CREATE TABLE probe (n int PRIMARY KEY)")
+        async with db.transaction_ending_itself() as conn:
+            await conn.execute("INSERT INTO probe VALUES (1)")
+        async with db.transaction_ending_itself() as conn:
+            await conn.execute("INSERT INTO probe VALUES (2); COMMIT")
+            assert not conn.is_in_transaction()
+            pid = await conn.fetchval("SELECT pg_backend_pid() /* after its own commit */")
+        # Nothing more was sent: no COMMIT of a transaction that is over.
+        assert await last_statement(db, pid) == "SELECT pg_backend_pid() /* after its own commit */"
+        for statement in ("INSERT INTO probe VALUES (3)", "INSERT INTO probe VALUES (1)"):
+            try:
+                async with db.transaction_ending_itself() as conn:
+                    await conn.execute("INSERT INTO probe VALUES (4)")
+                    await conn.execute(statement)  # the second fails: a duplicate key
+                    raise LookupError("the block fails")
+            except LookupError:
+                pass
+            except Exception as exc:
+                assert "duplicate key" in str(exc)
+            async with db.connection() as conn:
+                assert not conn.is_in_transaction()
+        assert [r["n"] for r in await db.fetch("SELECT n FROM probe ORDER BY n")] == [1, 2]
