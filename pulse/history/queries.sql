@@ -41,6 +41,9 @@ RETURNING last_id
 -- it was parsed by each of the four; and jsonb_object_keys with ->> builds no
 -- tuplestore per reading, as jsonb_each_text does: 0.68x-0.76x of PostgreSQL's
 -- time for the statement (docs/performance.md).
+--
+-- Sums go through pulse_sum_of and pulse_add_sums (migration 0015): a sum past the
+-- double's range is +-Infinity, never an overflow error that would stop the pass.
 WITH readings AS (
     SELECT t.id, t.device_id, t.device_time, m.metric, m.value
       FROM telemetry t
@@ -53,7 +56,9 @@ WITH readings AS (
 ), groups AS (
     SELECT device_id, metric,
            date_bin('1 minute', device_time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
-           count(*) AS count, min(value) AS min, max(value) AS max, sum(value) AS sum,
+           count(*) AS count, min(value) AS min, max(value) AS max,
+           pulse_sum_of(sum(value) FILTER (WHERE abs(value) < 1e300),
+                        sum(value::numeric) FILTER (WHERE NOT abs(value) < 1e300)) AS sum,
            max(ARRAY[date_part('epoch', device_time) * 1e6, id, value]) AS newest,
            max(device_time) AS last_time
       FROM readings
@@ -67,7 +72,9 @@ WITH readings AS (
     UNION ALL
     SELECT w.width, device_id, metric,
            date_bin(make_interval(mins => w.width), bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
-           sum(count), min(min), max(max), sum(sum),
+           sum(count), min(min), max(max),
+           pulse_sum_of(sum(sum) FILTER (WHERE abs(sum) < 1e300),
+                        sum(sum::numeric) FILTER (WHERE NOT abs(sum) < 1e300)),
            (array_agg(last ORDER BY last_time DESC, last_id DESC))[1],
            max(last_time),
            (array_agg(last_id ORDER BY last_time DESC, last_id DESC))[1]
@@ -82,7 +89,7 @@ ON CONFLICT (tenant_id, device_id, width, bucket, metric) DO UPDATE SET
     count = r.count + excluded.count,
     min = least(r.min, excluded.min),
     max = greatest(r.max, excluded.max),
-    sum = r.sum + excluded.sum,
+    sum = pulse_add_sums(r.sum, excluded.sum),
     last = CASE WHEN (excluded.last_time, excluded.last_id) > (r.last_time, r.last_id)
                 THEN excluded.last ELSE r.last END,
     last_id = CASE WHEN (excluded.last_time, excluded.last_id) > (r.last_time, r.last_id)
@@ -148,7 +155,9 @@ WITH parts AS (
 -- by bytes: only the few output rows are sorted.
 SELECT device_id, metric,
        date_bin($6::interval, bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS t,
-       sum(count)::bigint AS count, min(min) AS min, max(max) AS max, sum(sum) AS sum,
+       sum(count)::bigint AS count, min(min) AS min, max(max) AS max,
+       pulse_sum_of(sum(sum) FILTER (WHERE abs(sum) < 1e300),
+                    sum(sum::numeric) FILTER (WHERE NOT abs(sum) < 1e300)) AS sum,
        (max(ARRAY[extract(epoch FROM last_time)::float8, last_id::float8, last]))[3] AS last
   FROM parts
  GROUP BY 1, 2, 3

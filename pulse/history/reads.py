@@ -10,6 +10,7 @@ their size is not bounded by memory.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -126,7 +127,9 @@ async def export_series(
 def point(row: Sequence[Any], aggregates: Sequence[str]) -> dict[str, Any]:
     """One bucket as the API shows it: its start and the aggregates asked for."""
     _, _, start, count, low, high, total, last = row[:8]
-    values = {"avg": total / count, "min": low, "max": high, "last": last, "count": count}
+    # A sum past the double's range is +-Infinity (migration 0015): no average then.
+    average = total / count if math.isfinite(total) else None
+    values = {"avg": average, "min": low, "max": high, "last": last, "count": count}
     return {"t": format_time(start), **{name: values[name] for name in aggregates}}
 
 

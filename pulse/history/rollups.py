@@ -51,6 +51,8 @@ BATCH_IDS = 50_000
 DUTY = 4.0
 MAX_PAUSE_S = 5.0
 TRIM_BATCH = 5000
+# How long a tenant whose rows could not be counted is left out of the passes.
+FAILED_RETRY_S = 60.0
 QUERY_TIMEOUT_S = 300.0
 
 
@@ -103,17 +105,39 @@ async def roll_up_tenant(conn: asyncpg.Connection, tenant_id: str, newest: int) 
     return upto
 
 
-async def roll_up_once(conn: asyncpg.Connection) -> int:
-    """One pass over every tenant that is behind; return how many ids were counted."""
+async def roll_up_once(conn: asyncpg.Connection, failing: dict[str, float] | None = None) -> int:
+    """One pass over every tenant that is behind; return how many ids were counted.
+
+    A tenant whose rows PostgreSQL cannot count (a data error: a row that no
+    release of Pulse writes, put in by hand, say) is logged and left out until the
+    time ``failing`` gives it (monotonic), FAILED_RETRY_S on: one tenant's rows
+    never hold back the others' rollups.
+    """
+    failing = {} if failing is None else failing
+    now = time.monotonic()
     total = 0
     for row in await conn.fetch(Q["tenants_behind"]):
-        counted, newest = row["counted"], row["newest"]
-        while counted < newest:
-            upto = await roll_up_tenant(conn, row["tenant_id"], newest)
-            if upto <= counted:
-                break
-            total += upto - counted
-            counted = upto
+        tenant_id, counted, newest = row["tenant_id"], row["counted"], row["newest"]
+        if failing.get(tenant_id, now) > now:
+            continue
+        try:
+            while counted < newest:
+                upto = await roll_up_tenant(conn, tenant_id, newest)
+                if upto <= counted:
+                    break
+                total += upto - counted
+                counted = upto
+        except asyncpg.DataError:
+            failing[tenant_id] = now + FAILED_RETRY_S
+            log.exception(
+                "rollups: the rows of tenant %r after id %d cannot be counted; "
+                "the other tenants go on, and this one is tried again in %.0f s",
+                tenant_id,
+                counted,
+                FAILED_RETRY_S,
+            )
+        else:
+            failing.pop(tenant_id, None)
     return total
 
 
@@ -160,9 +184,10 @@ class Rollups:
         self.leading = True
         log.info("this process now keeps the rollups")
         trimmed_at = 0.0
+        failing: dict[str, float] = {}  # tenants left out of the passes, until when
         while True:
             started = time.monotonic()
-            await roll_up_once(conn)
+            await roll_up_once(conn, failing)
             took = time.monotonic() - started
             if time.monotonic() - trimmed_at >= self._settings.trim_interval_s:
                 await trim(conn, self._settings)

@@ -142,6 +142,79 @@ async def test_a_failed_pass_counts_nothing(pool: asyncpg.Pool) -> None:
     assert (await minutes(pool))[0][4] == 3
 
 
+async def test_sums_past_a_doubles_range_are_infinite_and_stop_nothing(
+    pool: asyncpg.Pool,
+) -> None:
+    """Ingest takes any finite value; a sum past the double's range used to raise
+    PostgreSQL's overflow error, which stopped every tenant's rollups."""
+    big, minute = 1.5e308, timedelta(minutes=1)
+    await readings_at(
+        pool,
+        "t1",
+        [
+            ("d1", T0, {"v": big}),  # the same minute, the same pass
+            ("d1", T0 + timedelta(seconds=1), {"v": big}),
+            ("d2", T0, {"v": -big}),
+            ("d2", T0 + timedelta(seconds=1), {"v": -big}),
+            ("d3", T0, {"v": big}),  # they cancel out: summed exactly, in numeric
+            ("d3", T0 + timedelta(seconds=1), {"v": -big}),
+            ("d4", T0, {"v": 1e308}),  # minutes within the range, their hour past it
+            ("d4", T0 + minute, {"v": 1e308}),
+        ],
+    )
+    await readings_at(pool, "t2", [("d1", T0, {"v": 1.0})])
+    async with pool.acquire() as conn:
+        assert await roll_up_once(conn) == 9
+        # A later pass adds to a minute counted already (the upsert's sum).
+        await readings_at(pool, "t1", [("d5", T0, {"v": big})])
+        assert await roll_up_once(conn) == 1
+        await readings_at(pool, "t1", [("d5", T0, {"v": big})])
+        assert await roll_up_once(conn) == 1
+    sums = {
+        (r["device_id"], r["width"], r["bucket"]): r["sum"]
+        for r in await pool.fetch("SELECT * FROM telemetry_rollups WHERE tenant_id = 't1'")
+    }
+    inf = float("inf")
+    for width in (1, 15, 60):
+        assert sums["d1", width, T0] == inf
+        assert sums["d2", width, T0] == -inf
+        assert sums["d3", width, T0] == 0.0
+        assert sums["d5", width, T0] == inf
+    assert sums["d4", 1, T0] == sums["d4", 1, T0 + minute] == 1e308
+    assert sums["d4", 15, T0] == sums["d4", 60, T0] == inf
+    assert await minutes(pool, 60) == [
+        ("t1", "d1", "v", T0, 2, big, big, inf, big),
+        ("t1", "d2", "v", T0, 2, -big, -big, -inf, -big),
+        ("t1", "d3", "v", T0, 2, -big, big, 0.0, -big),
+        ("t1", "d4", "v", T0, 2, 1e308, 1e308, inf, 1e308),
+        ("t1", "d5", "v", T0, 2, big, big, inf, big),
+        ("t2", "d1", "v", T0, 1, 1.0, 1.0, 1.0, 1.0),
+    ]
+
+
+async def test_a_tenant_whose_rows_cannot_be_counted_holds_back_no_other(
+    pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    await readings_at(pool, "t1", [("d1", T0, {"v": 1.0})])
+    # A row no release of Pulse writes (ingest takes numbers and booleans only).
+    await pool.execute("""UPDATE telemetry SET metrics = '{"v": "warm"}' WHERE tenant_id = 't1'""")
+    await readings_at(pool, "t2", [("d1", T0, {"v": 2.0})])
+    failing: dict[str, float] = {}
+    async with pool.acquire() as conn:
+        assert await roll_up_once(conn, failing) == 1
+        assert list(failing) == ["t1"]
+        assert "tenant 't1' after id 0 cannot be counted" in caplog.text
+        await readings_at(pool, "t2", [("d1", T0, {"v": 3.0})])
+        caplog.clear()
+        assert await roll_up_once(conn, failing) == 1  # t1 is left out for a while
+        assert "cannot be counted" not in caplog.text
+        await pool.execute("""UPDATE telemetry SET metrics = '{"v": 4}' WHERE tenant_id = 't1'""")
+        failing["t1"] = 0.0  # its time has come
+        assert await roll_up_once(conn, failing) == 1
+        assert failing == {}
+    assert [(r[0], r[4], r[7]) for r in await minutes(pool)] == [("t1", 1, 4.0), ("t2", 2, 5.0)]
+
+
 async def wait_for(pool: asyncpg.Pool, query: str, expected: object) -> None:
     deadline = time.monotonic() + 10
     while (got := await pool.fetchval(query)) != expected:
@@ -207,11 +280,11 @@ async def test_a_long_pass_is_followed_by_a_longer_pause(
     passes: list[tuple[float, float]] = []
     counted = rollups.roll_up_once
 
-    async def slow_pass(conn: asyncpg.Connection) -> int:
+    async def slow_pass(conn: asyncpg.Connection, failing: dict[str, float]) -> int:
         started = time.monotonic()
         try:
             await asyncio.sleep(0.05)  # a pass that takes 50 ms at least
-            return await counted(conn)
+            return await counted(conn, failing)
         finally:
             passes.append((started, time.monotonic()))
 

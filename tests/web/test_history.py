@@ -191,6 +191,40 @@ async def test_exports_stream_every_reading(http: httpx.AsyncClient, pool: async
     ]
 
 
+async def test_a_sum_past_a_doubles_range_leaves_the_average_out(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    big = 1.5e308  # any finite value is a reading; two of them sum past the range
+    await readings_at(pool, "t1", [("d1", T0, {"v": big}), ("d1", T0 + S, {"v": big})])
+    async with pool.acquire() as conn:
+        await roll_up_once(conn)
+    # One more, not counted yet: the series adds it to the bucket's infinite sum.
+    await readings_at(pool, "t1", [("d1", T0 + 2 * S, {"v": big}), ("d1", T0 + 61 * S, {"v": 1.0})])
+    expected = [
+        {"t": "2026-12-01T10:00:00.000Z", "avg": None, "min": big, "max": big, "last": big,
+         "count": 3},
+        {"t": "2026-12-01T10:01:00.000Z", "avg": 1.0, "min": 1.0, "max": 1.0, "last": 1.0,
+         "count": 1},
+    ]  # fmt: skip
+    r = await http.get(DEVICE.format("d1"), params=window(bucket="1m"))
+    assert r.status_code == 200, r.text
+    assert r.json()["series"] == {"v": expected}
+    fleet = await http.get(FLEET, params=window(bucket="1h", metric="v", device_id="d1"))
+    assert fleet.status_code == 200, fleet.text
+    [hour] = fleet.json()["series"]["d1"]
+    assert (hour["avg"], hour["max"], hour["count"]) == (None, big, 4)
+    export = await http.get(
+        DEVICE.format("d1"),
+        params=window(bucket="1m", agg="avg,count"),
+        headers={"Accept": "text/csv"},
+    )
+    assert list(csv.reader(io.StringIO(export.text))) == [
+        ["device_id", "metric", "t", "avg", "count"],
+        ["d1", "v", "2026-12-01T10:00:00.000Z", "", "3"],
+        ["d1", "v", "2026-12-01T10:01:00.000Z", "1.0", "1"],
+    ]
+
+
 async def test_fleet_form_has_one_series_per_device(
     http: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
