@@ -210,9 +210,18 @@ async def _frames(stream: Live) -> AsyncGenerator[bytes, None]:
                 else:
                     yield b": keepalive\n\n"
             elif isinstance(item, Reset):
-                yield b"event: reset\ndata: %s\n\n" % orjson.dumps(item.data)
                 if item.data["reason"] == "unknown_position":
+                    # The stream goes on live from the tenant's newest id: the reset
+                    # carries it as its id, or an EventSource that dropped before the
+                    # next event would come back with the position refused, and be
+                    # told to start from a newer newest id, missing what came between.
                     last_sent = item.data["last_event_id"]
+                    yield b"event: reset\nid: %d\ndata: %s\n\n" % (
+                        last_sent,
+                        orjson.dumps(item.data),
+                    )
+                else:
+                    yield b"event: reset\ndata: %s\n\n" % orjson.dumps(item.data)
             elif isinstance(item, End):
                 if item.error is LAGGING:
                     yield b'event: lagging\ndata: {"reason":"lagging"}\n\n'

@@ -136,16 +136,25 @@ async def test_wire_format_is_exact(
             assert body.startswith(b"retry: 2000\n\nid: %d\ndata: " % between[0])
         ids += between
 
-        # A position ahead of the newest id: reset, then live.
+        # A position ahead of the newest id: reset, then live. The reset carries the
+        # newest id as its own, so an EventSource that drops before the next event
+        # comes back from there and misses nothing committed in between.
         async with client.stream(
             "GET", SSE_PATH, headers={**auth(make_token("t1")), "Last-Event-ID": "999"}
         ) as r:
             body = await read_body(r, b"}\n\n")
             assert body == (
                 b"retry: 2000\n\n"
-                b'event: reset\ndata: {"reason":"unknown_position","last_event_id":%d}\n\n'
-                % ids[-1]
+                b"event: reset\nid: %d\n"
+                b'data: {"reason":"unknown_position","last_event_id":%d}\n\n' % (ids[-1], ids[-1])
             )
+        between = await insert_readings(pool, "t1", [("d2", {"temp": 3})])
+        async with client.stream(
+            "GET", SSE_PATH, headers={**auth(make_token("t1")), "Last-Event-ID": str(ids[-1])}
+        ) as r:
+            body = await read_body(r, b"id: %d\ndata: " % between[0])
+            assert body.startswith(b"retry: 2000\n\nid: %d\ndata: " % between[0])
+        ids += between
 
         # A position older than what is kept: reset, then from the earliest kept event.
         await pool.execute("DELETE FROM telemetry WHERE tenant_id = 't1' AND id <= 2")
