@@ -76,6 +76,10 @@ class TokenVerifier:
             claims = jwt.decode(token, key, algorithms=self._algorithms).claims
         except (JoseError, ValueError) as exc:
             raise ApiError(INVALID_TOKEN, "The token's signature is not valid.") from exc
+        except TypeError as exc:
+            # joserfc's, for a header of the wrong shape (a "crit" that is no list of
+            # names), raised before the signature is looked at.
+            raise ApiError(INVALID_TOKEN, "The token's header is not valid.") from exc
         self._check_claims(claims)
         return principal_from_claims(claims)
 

@@ -178,10 +178,18 @@ def scope_credential(scope: Scope, args: Lookup, *, allow_query: bool) -> Creden
     cookie = header(scope, b"cookie")
     return find_credential(
         {"Authorization": header(scope, b"authorization")},
-        parse_cookie(cookie) if cookie else _NO_COOKIES,
+        parse_cookie(_as_utf8(cookie)) if cookie else _NO_COOKIES,
         args,
         allow_query=allow_query,
     )
+
+
+def _as_utf8(header_value: str) -> str:
+    """A header read as latin-1 whose bytes are valid UTF-8, as werkzeug's ``parse_cookie``
+    takes it: a byte that is not (another site's cookie, say) becomes U+FFFD, instead of
+    the decoding error that made every WebSocket of such a browser fail with 1011."""
+    text = header_value.encode("latin1").decode("utf-8", "replace")
+    return text.encode().decode("latin1")
 
 
 def request_tenant(principal: Principal) -> str:

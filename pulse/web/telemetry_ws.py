@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -119,5 +120,10 @@ async def _reauthenticate(connection: Connection, stream: Live, token: str) -> d
         raise BadMessage(f"auth refused: {exc.detail}") from None
     if tenant_id != stream.tenant_id:
         raise BadMessage("auth refused: the token is for another tenant.")
-    stream.expires_at = principal.expires_at.timestamp()
+    expires_at = principal.expires_at.timestamp()
+    if expires_at <= time.time():
+        # Within the verifier's leeway, but a connection ends at its token's exp: taken,
+        # it would close at once. Refused, the connection keeps the expiry it has.
+        raise BadMessage("auth refused: the token has expired.")
+    stream.expires_at = expires_at
     return {"type": "auth_ok", "expires_at": format_time(principal.expires_at)}

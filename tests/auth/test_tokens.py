@@ -174,6 +174,16 @@ async def test_a_token_not_in_three_ascii_parts_is_not_a_well_formed_jwt(
     assert (await rejected(hs256, token)).detail == "The token is not a well-formed JWT."
 
 
+@pytest.mark.parametrize("crit", [5, None, True, [5], [None], "exp"])
+async def test_a_crit_header_of_the_wrong_shape_is_an_invalid_token(
+    hs256: TokenVerifier, crit: object
+) -> None:
+    """joserfc raised TypeError for these, which reached the client as a 500, for anyone
+    without the secret (the header is read before the signature)."""
+    token = forge({"alg": "HS256", "crit": crit}, claims(), b"not-the-secret")
+    assert (await rejected(hs256, token)).code == "invalid_token"
+
+
 async def test_alg_none_is_rejected(hs256: TokenVerifier) -> None:
     token = forge({"alg": "none", "typ": "JWT"}, claims(), None)
     error = await rejected(hs256, token)

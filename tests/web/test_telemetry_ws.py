@@ -179,6 +179,8 @@ async def test_bad_input_gets_an_error_and_the_connection_stays(
             '{"action": "auth", "token": "nope"}',
             '{"action": "auth", "token": "' + make_token("t2") + '"}',
             '{"action": "auth", "token": "' + make_token("t1", roles=()) + '"}',
+            # Expired, if within the verifier's leeway: taken, it would close at once.
+            '{"action": "auth", "token": "' + make_token("t1", lifetime_s=-10) + '"}',
             b'{"action": "ping"}',
         ]:
             reply = await request(ws, message)
@@ -270,3 +272,35 @@ async def test_compression_offered_by_the_client_is_refused(
             while (reply := await request(ws, action))["type"] == "connected":
                 pass
             assert reply["type"] == answer  # plain frames both ways
+
+
+@pytest.mark.parametrize("path", ["/api/v1/customer/telemetry/stream", "/api/v2/ws"])
+async def test_a_cookie_that_is_no_utf8_does_not_break_the_handshake(
+    url: str, make_token: Callable[..., str], path: str
+) -> None:
+    """Another site's cookie with a latin-1 byte (browsers send the bytes as set) used to
+    make every WebSocket of that browser fail with 1011 and a traceback."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        key = base64.b64encode(b"0123456789abcdef")
+        writer.write(
+            b"GET %s?token=%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n"
+            b"Cookie: legacy_pref=caf\xe9; theme=dark\r\n\r\n"
+            % (path.encode(), make_token("t1").encode(), key)
+        )
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+            if path == "/api/v2/ws":  # v2 speaks when spoken to: a message it answers
+                message = b'{"action":"wave"}'
+                writer.write(b"\x81%c" % (0x80 | len(message)) + bytes(4) + message)  # mask 0
+            opcode, length = await reader.readexactly(2)
+            assert opcode == 0x81, (opcode, length)  # a text frame, not a close
+            if length == 126:
+                length = int.from_bytes(await reader.readexactly(2))
+            frame = json.loads(await reader.readexactly(length))
+            assert frame["type"] == ("connected" if path != "/api/v2/ws" else "error"), frame
+    finally:
+        writer.close()
