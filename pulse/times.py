@@ -8,4 +8,8 @@ from datetime import UTC, datetime
 def format_time(moment: datetime) -> str:
     """ISO-8601 UTC with milliseconds and ``Z``: ``2026-11-27T17:00:00.000Z``."""
     utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    # Not strftime: glibc's %Y does not pad years before 1000 to four digits.
+    return (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
+        f"{utc.second:02d}.{utc.microsecond // 1000:03d}Z"
+    )

@@ -7,6 +7,7 @@ and why.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
@@ -165,11 +166,19 @@ def _limit(raw: str | None) -> int:
 def _cursor(raw: str | None) -> Cursor | None:
     if raw is None or raw == "":
         return None
-    micros, _, event_id = raw.partition(".")
+    # ASCII digits only (int() also reads other scripts' digits, "_" and spaces), and an
+    # id that is a bigint: anything else is no `next` this server gave.
+    found = _CURSOR.fullmatch(raw)
     try:
-        return Cursor(_EPOCH + timedelta(microseconds=int(micros)), int(event_id))
+        if found is None or int(found[2]) > _MAX_ID:
+            raise ValueError(raw)
+        return Cursor(_EPOCH + timedelta(microseconds=int(found[1])), int(found[2]))
     except (ValueError, OverflowError):
         raise _bad("cursor must be the next value of the previous page.") from None
+
+
+_CURSOR = re.compile(r"(-?[0-9]{1,19})\.([0-9]{1,19})", re.ASCII)
+_MAX_ID = 2**63 - 1
 
 
 def _bad(detail: str) -> ApiError:

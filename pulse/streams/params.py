@@ -41,12 +41,16 @@ def parse_filters(args: Mapping[str, str], *, max_device_filters: int) -> Filter
     )
 
 
+MAX_EVENT_ID = 2**63 - 1  # event ids are bigints
+
+
 def parse_event_id(raw: str | None) -> int | None:
     if raw is None or raw.strip() == "":
         return None
     raw = raw.strip()
     # ASCII only: str.isdigit() is also true of '²' (which int() refuses) and of
     # Arabic-Indic or fullwidth digits (which int() silently reads as numbers).
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()):
         raise BadParameter("The last event id must be a non-negative integer.")
-    return int(raw)
+    # Beyond a bigint no tenant's newest id can be: as far ahead as any (unknown_position).
+    return MAX_EVENT_ID if len(raw) > 19 else min(int(raw), MAX_EVENT_ID)

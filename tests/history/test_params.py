@@ -41,8 +41,14 @@ def test_names_and_aggregates_are_kept_once_in_order() -> None:
     assert query.metrics == ("temp", "hum") and query.aggregates == ("max", "avg")
 
 
-def test_a_cursor_reads_back_what_it_wrote() -> None:
-    cursor = Cursor(datetime(2026, 12, 1, 10, 0, 0, 123456, tzinfo=UTC), 42)
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        Cursor(datetime(2026, 12, 1, 10, 0, 0, 123456, tzinfo=UTC), 42),
+        Cursor(datetime(1902, 1, 1, tzinfo=UTC), 2**63 - 1),  # before 1970: negative
+    ],
+)
+def test_a_cursor_reads_back_what_it_wrote(cursor: Cursor) -> None:
     assert parse_history({"cursor": cursor.encode()}, now=NOW).cursor == cursor
 
 
@@ -56,6 +62,12 @@ def test_a_cursor_reads_back_what_it_wrote() -> None:
         {"metrics": "a b"},
         {"limit": "10001"},
         {"cursor": "12.x"},
+        {"cursor": "1.9223372036854775808"},  # an id past a bigint (was a 500)
+        {"cursor": "1.99999999999999999999"},
+        {"cursor": "\u0661\u0662.\u0663"},  # Arabic-Indic digits: int() reads them
+        {"cursor": "1_000.2"},
+        {"cursor": " 1.2"},
+        {"cursor": "+1.2"},
         {"from": "9999-12-31T23:59:59Z"},
     ],
 )

@@ -197,6 +197,9 @@ def test_format_time() -> None:
     assert format_time(NOW) == "2026-11-27T17:00:00.123Z"
     other_zone = datetime(2026, 11, 27, 19, 0, tzinfo=timezone(timedelta(hours=2)))
     assert format_time(other_zone) == "2026-11-27T17:00:00.000Z"
+    # Four digits for every year (glibc's strftime("%Y") wrote "99-01-01...").
+    assert format_time(datetime(99, 1, 1, tzinfo=UTC)) == "0099-01-01T00:00:00.000Z"
+    assert format_time(datetime(1, 2, 3, 4, 5, 6, 7890, tzinfo=UTC)) == "0001-02-03T04:05:06.007Z"
 
 
 @pytest.mark.parametrize(

@@ -277,6 +277,13 @@ async def test_a_range_with_only_its_end_is_the_hour_before_it(
         # A name no device can have (PostgreSQL refuses a NUL in text): no query is made.
         (DEVICE.format("a%00b"), {}, 404, "unknown_device"),
         (DEVICE.format("d1"), {"bucket": "raw", "cursor": "x"}, 400, "invalid_parameter"),
+        # An id past a bigint reached PostgreSQL, and came back a 500.
+        (
+            DEVICE.format("d1"),
+            {"bucket": "raw", "cursor": "1.9223372036854775808"},
+            400,
+            "invalid_parameter",
+        ),
         (FLEET, {}, 400, "invalid_parameter"),
         (FLEET, {"metric": "temp", "bucket": "raw"}, 400, "invalid_parameter"),
         (DEVICE.format("d1"), {"tenant_id": "t2"}, 403, "forbidden"),

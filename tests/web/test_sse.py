@@ -136,6 +136,15 @@ async def test_wire_format_is_exact(
             assert body.startswith(b"retry: 2000\n\nid: %d\ndata: " % between[0])
         ids += between
 
+        # Positions no bigint holds are as far ahead (they were refused as malformed).
+        for far in ("9223372036854775807", "9223372036854775808", "1" + "0" * 30):
+            async with client.stream(
+                "GET", SSE_PATH, headers={**auth(make_token("t1")), "Last-Event-ID": far}
+            ) as r:
+                assert r.status_code == 200, far
+                body = await read_body(r, b"}\n\n")
+                assert b'"reason":"unknown_position","last_event_id":%d}' % ids[-1] in body
+
         # A position ahead of the newest id: reset, then live. The reset carries the
         # newest id as its own, so an EventSource that drops before the next event
         # comes back from there and misses nothing committed in between.
