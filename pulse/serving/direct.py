@@ -13,6 +13,10 @@ hypercorn's connection, under the same lock as every other write.
   on its payload only, and wsproto keeps no state for unfragmented messages it
   sends.
 
+The WebSocket stream also ends its app when hypercorn closes by itself (a message
+over the size limit, 1009), which hypercorn does without a word to the app, and
+writes no frame after that Close.
+
 Also here: hypercorn's queue of ASGI events for an app task replaced by an
 ``InboundQueue`` (``bound_inbound_queues``), which an HTTP request's scope offers to
 watch (``pulse.web.direct.INBOUND``). Applied by ``pulse.serving.tuning``.
@@ -107,6 +111,11 @@ def offer_direct_writes() -> None:
     from hypercorn.protocol.events import Data, Request
     from hypercorn.protocol.http_stream import ASGIHTTPState
     from hypercorn.protocol.ws_stream import ASGIWebsocketState
+    from wsproto.connection import ConnectionState
+    from wsproto.frame_protocol import CloseReason
+
+    CLOSING = ConnectionState.LOCAL_CLOSING
+    TOO_BIG = CloseReason.MESSAGE_TOO_BIG.value
 
     if getattr(http_stream.HTTPStream, "pulse_writes_directly", False):
         return
@@ -145,14 +154,28 @@ def offer_direct_writes() -> None:
             if isinstance(event, Request):
                 _offer(self, FRAMES, self._send_frames, self._write_frames_now)
 
+        # hypercorn sent a Close of its own: no frame may follow it (RFC 6455, 5.5.1).
+        _closing = False
+
+        async def _handle_events(self) -> None:
+            await super()._handle_events()
+            if not self._closing and self.connection.state is CLOSING and self.app_put:
+                # hypercorn closed by itself (a message over its size limit: 1009) and,
+                # unlike a client's close, tells the app nothing: it would stream on and
+                # hold its connection slot until the client answered. The app ends now,
+                # and its end ends the connection; what it sends meanwhile the ASGI way,
+                # wsproto drops, and the direct way, the checks below.
+                self._closing = True
+                await self.app_put({"type": "websocket.disconnect", "code": TOO_BIG})
+
         async def _send_frames(self, frames: bytes) -> None:
-            if self.closed or self.state != ASGIWebsocketState.CONNECTED:
+            if self.closed or self._closing or self.state != ASGIWebsocketState.CONNECTED:
                 return  # as for websocket.send after the close: nothing to write to
             self._check_no_extension()
             await self.send(Data(stream_id=self.stream_id, data=frames))
 
         def _write_frames_now(self, frames: bytes) -> bool:
-            if self.closed or self.state != ASGIWebsocketState.CONNECTED:
+            if self.closed or self._closing or self.state != ASGIWebsocketState.CONNECTED:
                 return False
             self._check_no_extension()
             return not frames or self._socket.write_now(frames)

@@ -145,6 +145,64 @@ async def test_connection_limits_count_websockets_and_sse_together(
         await until_no_connections(base, pool)
 
 
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One frame of the server's (unmasked): its opcode and payload."""
+    first, second = await reader.readexactly(2)
+    length = second & 0x7F
+    if length >= 126:
+        length = int.from_bytes(await reader.readexactly(2 if length == 126 else 8))
+    return first & 0x0F, await reader.readexactly(length)
+
+
+def masked_text(payload: bytes) -> bytes:
+    """A client's text frame (masked with zeros: the payload as it is)."""
+    n = len(payload)
+    size = (
+        bytes([0x80 | n])
+        if n < 126
+        else b"\xfe" + n.to_bytes(2)
+        if n < 65536
+        else (b"\xff" + n.to_bytes(8))
+    )
+    return b"\x81" + size + bytes(4) + payload
+
+
+@BOTH
+async def test_after_its_1009_close_the_server_sends_nothing_and_frees_the_slot(
+    url: str, path: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """hypercorn closes by itself on a message over the limit, and told the app nothing:
+    the stream went on writing events and pings after the Close frame (RFC 6455 5.5.1:
+    none may follow it), and held its connection slot, until the client answered the
+    close. This client never answers it."""
+    await insert_readings(pool, "t1", [("d1", {"a": 1})])
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"GET %s?token=%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n\r\n"
+            % (path.encode(), make_token("t1").encode())
+        )
+        async with asyncio.timeout(20):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            if path == V2_PATH:
+                subscribe = b'{"action":"subscribe","type":"device","device_id":"d1"}'
+                writer.write(masked_text(subscribe))
+            await read_frame(reader)  # connected, or subscribed
+            writer.write(masked_text(b"x" * 100_000))
+            while (frame := await read_frame(reader))[0] != 0x8:
+                pass  # what was on its way before the close
+            assert frame[1][:2] == (1009).to_bytes(2), frame
+            await insert_readings(pool, "t1", [("d1", {"a": 2})] * 3)
+            after = await reader.read()  # until the server ends the connection
+        assert after == b"", after[:200]
+        await until_no_connections(url, pool)
+    finally:
+        writer.close()
+
+
 @BOTH
 async def test_message_too_big_closes_1009(
     url: str, path: str, pool: asyncpg.Pool, make_token: Callable[..., str]
