@@ -55,7 +55,10 @@ class OneRoute:
 
 
 def query_args(query: bytes) -> dict[str, str]:
-    """A query string's parameters, the first value of each, as Quart's ``args.get`` gives.
+    """A query string's parameters; one given more than once has its values joined by
+    commas: ``device_id=d1&device_id=d2`` (as HTTP libraries send a list) is the list
+    ``d1,d2``, where a single value given twice is then refused as malformed, instead of
+    its first value taken and the rest silently ignored.
 
     A plain dict: werkzeug's MultiDict raises and catches an exception for every
     parameter asked for and absent, most of them on a stream's URL.
@@ -64,7 +67,7 @@ def query_args(query: bytes) -> dict[str, str]:
     for name, value in parse_qsl(
         query.decode(), keep_blank_values=True, errors="werkzeug.url_quote"
     ):
-        args.setdefault(name, value)
+        args[name] = f"{args[name]},{value}" if name in args else value
     return args
 
 

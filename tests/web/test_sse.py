@@ -136,6 +136,24 @@ async def test_wire_format_is_exact(
             assert body.startswith(b"retry: 2000\n\nid: %d\ndata: " % between[0])
         ids += between
 
+        # A filter given twice is one list (as HTTP libraries send a list), on the Quart
+        # route (a ticket) as before it (a token); a position given twice is no position.
+        ticket = (
+            await client.post("/api/v1/stream-ticket", headers=auth(make_token("t1")))
+        ).json()["ticket"]
+        for credential in ({"token": make_token("t1")}, {"ticket": ticket}):
+            params = [*credential.items(), ("device_id", "d1"), ("device_id", "d2")]
+            params += [("last_event_id", str(ids[-2]))]
+            async with client.stream("GET", SSE_PATH, params=params) as r:
+                assert r.status_code == 200, credential
+                body = await read_body(r, b"id: %d\ndata: " % ids[-1])
+                assert b'"device_id":"d2"' in body, credential
+            r = await client.get(
+                SSE_PATH,
+                params=[*credential.items(), ("last_event_id", "1"), ("last_event_id", "2")],
+            )
+            assert r.status_code == 400 and r.json()["error"] == "invalid_parameter"
+
         # Positions no bigint holds are as far ahead (they were refused as malformed).
         for far in ("9223372036854775807", "9223372036854775808", "1" + "0" * 30):
             async with client.stream(

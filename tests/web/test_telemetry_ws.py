@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 import pytest
+from websockets.asyncio.client import connect
 
 from pulse.config import Settings
-from tests.streams.ws_support import closed, open_ws, recv, recv_raw, request
+from tests.streams.ws_support import WS_PATH, closed, open_ws, recv, recv_raw, request, ws_url
 from tests.support import insert_readings, running_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -304,3 +305,19 @@ async def test_a_cookie_that_is_no_utf8_does_not_break_the_handshake(
             assert frame["type"] == ("connected" if path != "/api/v2/ws" else "error"), frame
     finally:
         writer.close()
+
+
+async def test_a_parameter_given_twice_is_one_comma_separated_list(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """As HTTP libraries send a list (its first value used to be taken, the rest ignored)."""
+    await insert_readings(pool, "t1", [("d1", {"a": 1})])
+    twice = "&device_id=d1&device_id=d2&metric=a&metric=b"
+    async with connect(ws_url(url, WS_PATH, token=make_token("t1")) + twice) as ws:
+        connected = await recv(ws)
+        assert connected["filters"] == {"device_ids": ["d1", "d2"], "metrics": ["a", "b"]}
+    # A single value given twice is no position.
+    async with connect(
+        ws_url(url, WS_PATH, token=make_token("t1"), last_event_id=0) + "&last_event_id=1"
+    ) as ws:
+        assert await closed(ws) == (4000, "invalid_parameter")
