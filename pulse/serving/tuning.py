@@ -13,7 +13,9 @@ libraries (``pulse.serving.direct``, ``pulse.serving.inbound``,
 - h11's checks of a response's headers made once per distinct list
   (``pulse.serving.headers``);
 - a connection's idle timeout as a timer, not a task restarted with every
-  request (``pulse.serving.idle``).
+  request (``pulse.serving.idle``);
+- HTTP/2: a request's body that arrives after its answer is dropped, where
+  hypercorn's KeyError killed the connection (``pulse.serving.http2``).
 
 Each was written against the exact versions in ``WRITTEN_FOR``, which
 pyproject.toml pins. ``apply`` checks what is installed before touching
@@ -61,6 +63,7 @@ def apply() -> bool:
         else:
             from pulse.serving.direct import bound_inbound_queues, offer_direct_writes
             from pulse.serving.headers import memoize_header_checks
+            from pulse.serving.http2 import drop_data_after_the_answer
             from pulse.serving.idle import time_idle_connections
             from pulse.serving.websocket import close_protocol_errors_properly, refuse_compression
 
@@ -70,5 +73,6 @@ def apply() -> bool:
             refuse_compression()
             memoize_header_checks()
             time_idle_connections()
+            drop_data_after_the_answer()
             _applied = True
     return _applied
