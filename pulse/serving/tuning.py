@@ -15,7 +15,9 @@ libraries (``pulse.serving.direct``, ``pulse.serving.inbound``,
 - a connection's idle timeout as a timer, not a task restarted with every
   request (``pulse.serving.idle``);
 - HTTP/2: a request's body that arrives after its answer is dropped, where
-  hypercorn's KeyError killed the connection (``pulse.serving.http2``).
+  hypercorn's KeyError killed the connection (``pulse.serving.http2``);
+- the HTTP/1 requests hypercorn refuses itself (400, 431) answered with Pulse's
+  error body (``pulse.serving.protocol_errors``).
 
 Each was written against the exact versions in ``WRITTEN_FOR``, which
 pyproject.toml pins. ``apply`` checks what is installed before touching
@@ -65,6 +67,7 @@ def apply() -> bool:
             from pulse.serving.headers import memoize_header_checks
             from pulse.serving.http2 import drop_data_after_the_answer
             from pulse.serving.idle import time_idle_connections
+            from pulse.serving.protocol_errors import answer_protocol_errors_with_a_body
             from pulse.serving.websocket import close_protocol_errors_properly, refuse_compression
 
             offer_direct_writes()
@@ -74,5 +77,6 @@ def apply() -> bool:
             memoize_header_checks()
             time_idle_connections()
             drop_data_after_the_answer()
+            answer_protocol_errors_with_a_body()
             _applied = True
     return _applied

@@ -48,3 +48,26 @@ async def test_one_length_keeps_the_connection(server: str) -> None:
     second = b"GET /healthz HTTP/1.1\r\nHost: pulse\r\nConnection: close\r\n\r\n"
     answer = await exchange(server, first + second)
     assert answer.count(b"HTTP/1.1 200") == 2, answer
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "error"),
+    [
+        (b"Content-Length: abc\r\n", 400, "bad_request"),
+        (b"Content-Length: -1\r\n", 400, "bad_request"),
+        (b"Content-Length: 2\r\nContent-Length: 3\r\n", 400, "bad_request"),
+        (b"Authorization: Bearer " + b"x" * 100_000 + b"\r\n", 431, "headers_too_large"),
+    ],
+)
+async def test_what_hypercorn_refuses_gets_the_error_body(
+    server: str, head: bytes, status: int, error: str
+) -> None:
+    """h11 refuses these before the app sees them; the answer had an empty body."""
+    request = b"POST /ingest/v1/batch HTTP/1.1\r\nHost: pulse\r\n" + head + b"\r\n{}"
+    answer = await exchange(server, request)
+    head_, _, body = answer.partition(b"\r\n\r\n")
+    assert head_.startswith(b"HTTP/1.1 %d" % status), answer[:300]
+    assert b"\r\nconnection: close" in head_.lower()
+    assert b"\r\ncontent-type: application/json" in head_.lower()
+    parsed = orjson.loads(body)
+    assert set(parsed) == {"error", "detail"} and parsed["error"] == error, parsed
