@@ -123,18 +123,22 @@ async def test_wire_format_is_exact(
             body = await read_body(r, b"data: {}\n\n")
             assert b"event: heartbeat\nid: %d\ndata: {}\n\n" % ids[-1] in body
 
+        async def first_of_resumed(position: int) -> list[int]:
+            """Commit a reading: a stream resumed from ``position`` starts with it."""
+            between = await insert_readings(pool, "t1", [("d2", {"temp": 2})])
+            async with client.stream(
+                "GET", SSE_PATH, headers={**auth(make_token("t1")), "Last-Event-ID": str(position)}
+            ) as r:
+                body = await read_body(r, b"id: %d\ndata: " % between[0])
+                assert body.startswith(b"retry: 2000\n\nid: %d\ndata: " % between[0])
+            return between
+
         # A live stream says where it starts: a client that drops before any event
         # resumes from there and misses nothing committed in between.
         async with client.stream("GET", SSE_PATH, headers=auth(make_token("t1"))) as r:
             body = await read_body(r, b"id: %d\n\n" % ids[-1])
             assert body == b"retry: 2000\n\nid: %d\n\n" % ids[-1]
-        between = await insert_readings(pool, "t1", [("d2", {"temp": 2})])
-        async with client.stream(
-            "GET", SSE_PATH, headers={**auth(make_token("t1")), "Last-Event-ID": str(ids[-1])}
-        ) as r:
-            body = await read_body(r, b"id: %d\ndata: " % between[0])
-            assert body.startswith(b"retry: 2000\n\nid: %d\ndata: " % between[0])
-        ids += between
+        ids += await first_of_resumed(ids[-1])
 
         # A filter given twice is one list (as HTTP libraries send a list), on the Quart
         # route (a ticket) as before it (a token); a position given twice is no position.
@@ -175,13 +179,7 @@ async def test_wire_format_is_exact(
                 b"event: reset\nid: %d\n"
                 b'data: {"reason":"unknown_position","last_event_id":%d}\n\n' % (ids[-1], ids[-1])
             )
-        between = await insert_readings(pool, "t1", [("d2", {"temp": 3})])
-        async with client.stream(
-            "GET", SSE_PATH, headers={**auth(make_token("t1")), "Last-Event-ID": str(ids[-1])}
-        ) as r:
-            body = await read_body(r, b"id: %d\ndata: " % between[0])
-            assert body.startswith(b"retry: 2000\n\nid: %d\ndata: " % between[0])
-        ids += between
+        ids += await first_of_resumed(ids[-1])
 
         # A position older than what is kept: reset, then from the earliest kept event.
         await pool.execute("DELETE FROM telemetry WHERE tenant_id = 't1' AND id <= 2")
