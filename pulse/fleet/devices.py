@@ -113,8 +113,13 @@ async def delete_device(
     """Delete a device and close its active alerts; False when there is no such device."""
     if not is_valid_name(device_id):  # from a URL: no such device (nor NUL for PostgreSQL)
         return False
-    if await db.fetchval(Q["delete_device"], tenant_id, device_id) is None:
-        return False
+    async with db.transaction() as conn:
+        # Between two of the tenant's ingest transactions: one that raised an alert for
+        # the device has committed it, to be closed below; the next finds no device.
+        await conn.execute(Q["lock_tenant_writes"], tenant_id)
+        if await conn.fetchval(Q["delete_device"], tenant_id, device_id) is None:
+            return False
+        await conn.execute(Q["close_device_alerts"], tenant_id, device_id)
     await credentials.deleted(tenant_id, device_id)
     return True
 

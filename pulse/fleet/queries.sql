@@ -23,20 +23,18 @@ SELECT tenant_id, device_id, site_id, name, status, last_seen_at, created_at
 
 -- name: delete_device
 -- The device's telemetry stays: history outlives the device (see the schema).
--- Its active alerts close: nothing would ever close them.
-WITH gone AS (
-    DELETE FROM devices
-     WHERE tenant_id = $1 AND device_id = $2
-    RETURNING tenant_id, device_id
-), closed AS (
-    UPDATE alerts a
-       SET status = 'CLOSED', updated_at = now(), closed_at = now(),
-           closed_reason = 'device_deleted'
-      FROM gone g
-     WHERE a.tenant_id = g.tenant_id AND a.device_id = g.device_id
-       AND a.status IN ('OPEN', 'ACKNOWLEDGED')
-)
-SELECT device_id FROM gone;
+-- Run after lock_tenant_writes, then close_device_alerts in the same transaction.
+DELETE FROM devices WHERE tenant_id = $1 AND device_id = $2 RETURNING device_id
+
+-- name: close_device_alerts
+-- A deleted device's active alerts close: nothing would ever close them. A
+-- statement of its own, after delete_device: its snapshot then holds the alerts
+-- of the writes the deletion waited for (the tenant's ingest, for the tenant's
+-- lock; the status sweeper, for the device's row), which a part of the DELETE's
+-- own statement, with the snapshot from before the wait, did not see.
+UPDATE alerts
+   SET status = 'CLOSED', updated_at = now(), closed_at = now(), closed_reason = 'device_deleted'
+ WHERE tenant_id = $1 AND device_id = $2 AND status IN ('OPEN', 'ACKNOWLEDGED')
 
 -- name: replace_device_token
 -- Replacing the hash is what revokes the old token: ingest compares against it.
@@ -215,6 +213,9 @@ WITH verdict AS (
                last_value jsonb, last_event_id bigint, newest_value jsonb,
                newest_event_id bigint)
       JOIN alert_rules r ON r.rule_id = v.rule_id AND r.tenant_id = v.tenant_id
+      -- A device deleted since the write authenticated it (the deletion committed
+      -- before this statement began) gets no alert: nothing would close it.
+      JOIN devices d ON d.tenant_id = v.tenant_id AND d.device_id = v.device_id
 ), raised AS (
     INSERT INTO alerts (tenant_id, device_id, alert_type, rule_id, severity, summary, details,
                         trigger_count, status, closed_at, closed_reason)
@@ -340,9 +341,9 @@ SELECT * FROM alert_rules WHERE tenant_id = $1 ORDER BY rule_id
 
 -- name: lock_tenant_writes
 -- Takes the lock every ingest transaction of the tenant holds until it commits
--- (see pulse_reserve_event_ids): a rule change then falls between two ingest
--- transactions instead of in the middle of one, so no write raises an alert
--- for a rule whose deletion has just closed the rule's alerts.
+-- (see pulse_reserve_event_ids): a rule's or a device's deletion then falls
+-- between two ingest transactions instead of in the middle of one, so no write
+-- raises an alert for a rule or device whose deletion has just closed its alerts.
 SELECT 1 FROM tenants WHERE tenant_id = $1 FOR NO KEY UPDATE
 
 -- name: delete_rule

@@ -11,7 +11,9 @@ import httpx
 import orjson
 import pytest
 
+from pulse.db.database import Database
 from pulse.db.pool import create_pool
+from pulse.fleet.devices import delete_device
 from pulse.fleet.rules import Q as FLEET_QUERIES
 from pulse.fleet.rules import evaluate_alerts
 from pulse.ingest.writer import TelemetryWriter, Written
@@ -292,6 +294,81 @@ async def test_deleting_a_device_closes_its_alerts(
     assert response.status_code == 204
     [alert] = await fleet.alerts()
     assert (alert["status"], alert["closed_reason"]) == ("CLOSED", "device_deleted")
+
+
+async def deletion_waits_or_ends(pool: asyncpg.Pool, deleting: asyncio.Task[bool]) -> None:
+    """Until the deletion waits on a lock (or has ended: then it did not wait)."""
+    async with asyncio.timeout(10):
+        while not deleting.done():
+            waiting = await pool.fetchval(
+                """SELECT count(*) FROM pg_stat_activity
+                    WHERE datname = current_database() AND wait_event_type = 'Lock'"""
+            )
+            if waiting:
+                return
+            await asyncio.sleep(0.01)
+
+
+ACTIVE = "SELECT count(*) FROM alerts WHERE device_id = 'dev-1' AND status <> 'CLOSED'"
+
+
+async def test_a_device_deleted_while_a_write_raises_its_alert_keeps_no_alert_open(
+    fleet: Fleet, db: Database
+) -> None:
+    """Found by an audit: readings in flight while their device was deleted left an
+    alert OPEN that nothing could close. The deletion now falls between two of the
+    tenant's writes: here one holding the tenant's row, its alert raised, uncommitted."""
+    rule_id = await fleet.rule("temp", ">", 80)
+    async with fleet.pool.acquire() as conn, conn.transaction():
+        await conn.fetchval("SELECT pulse_reserve_event_ids('t1', 1)")
+        await conn.execute(
+            """INSERT INTO alerts (tenant_id, device_id, alert_type, rule_id, severity, summary,
+                                   details)
+               VALUES ('t1', 'dev-1', 'THRESHOLD', $1, 3, 'hot', '{}')""",
+            rule_id,
+        )
+        deleting = asyncio.create_task(delete_device(db, "t1", "dev-1"))
+        await deletion_waits_or_ends(fleet.pool, deleting)
+    assert await deleting
+    assert await fleet.pool.fetchval(ACTIVE) == 0
+
+
+async def test_a_write_that_authenticated_a_device_deleted_since_raises_no_alert(
+    fleet: Fleet, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: the device goes, with its alerts, after the write checked its
+    token and before the write takes the tenant's row; the write's rules find no device."""
+    await fleet.rule("temp", ">", 80)
+    checked = TelemetryWriter._authenticate
+
+    async def then_deleted(self: TelemetryWriter, *args: Any) -> Any:
+        verdicts = await checked(self, *args)
+        assert await delete_device(db, "t1", "dev-1")
+        return verdicts
+
+    monkeypatch.setattr(TelemetryWriter, "_authenticate", then_deleted)
+    await fleet.send("dev-1", {"temp": 99})
+    assert await fleet.pool.fetchval(ACTIVE) == 0
+
+
+async def test_a_device_deleted_while_the_sweeper_marks_it_keeps_no_alert_open(
+    fleet: Fleet, db: Database
+) -> None:
+    """The sweeper locks the device's row and opens its NO_HEARTBEAT alert in one
+    statement; the deletion waits for that row, and used to close the device's alerts
+    as of before the wait, missing the sweeper's."""
+    async with fleet.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "SELECT 1 FROM devices WHERE tenant_id = 't1' AND device_id = 'dev-1' FOR UPDATE"
+        )
+        await conn.execute(
+            """INSERT INTO alerts (tenant_id, device_id, alert_type, severity, summary, details)
+               VALUES ('t1', 'dev-1', 'NO_HEARTBEAT', 2, 'silent', '{}')"""
+        )
+        deleting = asyncio.create_task(delete_device(db, "t1", "dev-1"))
+        await deletion_waits_or_ends(fleet.pool, deleting)
+    assert await deleting
+    assert await fleet.pool.fetchval(ACTIVE) == 0
 
 
 @pytest.mark.parametrize(
