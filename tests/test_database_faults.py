@@ -89,3 +89,66 @@ async def test_backends_terminated_under_load(
     assert client.ids == stored
     assert len(stored) - len(acknowledged) <= statuses.get(503, 0)
     assert statuses.get(503, 0) > 0, statuses
+
+
+@pytest.mark.parametrize("state", ["read_only", "not_accepting_connections"])
+async def test_a_database_refusing_for_a_while_is_unavailable_not_an_error(
+    settings,
+    pool: asyncpg.Pool,
+    pg_admin_dsn: str,
+    database_url: str,
+    state: str,
+) -> None:  # type: ignore[no-untyped-def]
+    """A failover onto a server still read-only, or a database closed to connections for
+    a moment: ingest answered 500 internal_error (and MQTT acknowledged the readings and
+    dropped them, pulse/mqtt/intake.py). They are the database being unavailable: 503
+    database_unavailable with Retry-After (and /readyz 503 while no connection can be
+    made), and ingest again once it is back."""
+    device_token = await provision_device(pool, "t1", "d1")
+    name = urlsplit(database_url).path.lstrip("/")
+    refuse, allow = {
+        "read_only": (
+            f'ALTER DATABASE "{name}" SET default_transaction_read_only = on',
+            f'ALTER DATABASE "{name}" RESET default_transaction_read_only',
+        ),
+        "not_accepting_connections": (
+            f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false',
+            f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true',
+        ),
+    }[state]
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        async with running_server(settings) as url, httpx.AsyncClient(base_url=url) as http:
+
+            async def post() -> httpx.Response:
+                return await http.post(
+                    "/ingest/v1/tenant/t1/device/d1/telemetry",
+                    json={"metrics": {"v": 1}},
+                    headers={"X-Provision-Token": device_token},
+                    timeout=20,
+                )
+
+            assert (await post()).status_code == 201
+            await admin.execute(refuse)
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+            )
+            for _ in range(5):  # the pool's connections are new ones from the second on
+                r = await post()
+                assert r.status_code == 503, r.text
+                assert r.json()["error"] == "database_unavailable" and r.headers["Retry-After"]
+            # Read-only, the database still answers (streams can be served): ready.
+            ready = await http.get("/readyz")
+            assert ready.status_code == (200 if state == "read_only" else 503), ready.text
+            await admin.execute(allow)
+            # Sessions keep the default they began with: read-write ones from here on.
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+            )
+            async with asyncio.timeout(20):
+                while (r := await post()).status_code != 201:
+                    assert r.status_code == 503, r.text
+                    await asyncio.sleep(0.05)
+    finally:
+        await admin.execute(allow)
+        await admin.close()

@@ -22,4 +22,12 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # Raised by the pool when it cannot reset or release a connection whose
     # server went away mid-transaction.
     asyncpg.InternalClientError,
+    # States of the server that pass, whatever the statement: read-only (a standby
+    # promoted late after a failover, default_transaction_read_only), not accepting
+    # connections (55000; but 55P03, a lock_timeout of ours, is the caller's:
+    # database.translated), out of disk or memory, an I/O error.
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.ObjectNotInPrerequisiteStateError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.PostgresSystemError,
 )

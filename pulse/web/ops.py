@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any, Literal
 
+import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from quart import Blueprint, Response
@@ -186,5 +187,5 @@ async def _database_answers(rt: Runtime) -> bool:
     try:
         async with asyncio.timeout(2):
             return bool(await rt.db.fetchval("SELECT 1"))
-    except (DatabaseUnavailable, TimeoutError):
-        return False
+    except (DatabaseUnavailable, TimeoutError, asyncpg.PostgresError):
+        return False  # an error for SELECT 1 is no answer either

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -116,6 +117,50 @@ async def test_bad_input_is_acknowledged_answered_and_counted(
     assert set(answer) == {"error", "detail"} and answer["error"] == error
     assert metric(metrics, 'pulse_mqtt_messages_total{outcome="rejected"}') == 1
     assert metric(metrics, f'pulse_ingest_rejected_total{{reason="{error}"}}') == 1
+
+
+async def test_readings_wait_while_the_database_is_read_only(
+    pulse: Pulse, mosquitto: Mosquitto, pg_admin_dsn: str, database_url: str
+) -> None:
+    """A failover onto a server still read-only: the write fails with a read-only error,
+    which used to be answered internal_error and acknowledged, the readings dropped.
+    The database is unavailable: the readings wait (unacknowledged) and are stored once
+    it is back, each once, with nothing on the device's errors topic."""
+    token = await pulse.device("dev-1")
+    name = urlsplit(database_url).path.lstrip("/")
+    terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    device = Device(mosquitto, "t1/dev-1", token)
+    try:
+        with closing(device):
+            await device.connect()
+            assert not any(r.is_failure for r in await device.subscribe("pulse/t1/dev-1/errors"))
+            await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            await admin.execute(terminate, name)
+            for seq in range(1, 6):
+                body = json.dumps({"metrics": {"n": seq}, "seq": seq}).encode()
+                await device.publish("pulse/t1/dev-1/telemetry", body)
+            # A write tried on a read-only connection, and rolled back.
+            async with asyncio.timeout(20):
+                while not await admin.fetchval(  # noqa: ASYNC110
+                    """SELECT count(*) FROM pg_stat_activity
+                        WHERE datname = $1 AND query = 'ROLLBACK'""",
+                    name,
+                ):
+                    await asyncio.sleep(0.02)
+            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            await admin.execute(terminate, name)  # sessions keep the default they began with
+            conn = await asyncpg.connect(database_url)
+            try:
+                await until_rows(conn, 5, timeout=30)  # type: ignore[arg-type]
+                stored = await rows(conn)  # type: ignore[arg-type]
+            finally:
+                await conn.close()
+        assert [r["seq"] for r in stored] == [1, 2, 3, 4, 5]
+        assert device.received == []
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        await admin.close()
 
 
 async def test_an_unknown_device_is_answered(
