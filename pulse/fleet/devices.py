@@ -120,6 +120,7 @@ async def delete_device(
         if await conn.fetchval(Q["delete_device"], tenant_id, device_id) is None:
             return False
         await conn.execute(Q["close_device_alerts"], tenant_id, device_id)
+        await conn.execute(Q["forget_device_seqs"], tenant_id, device_id)
     await credentials.deleted(tenant_id, device_id)
     return True
 

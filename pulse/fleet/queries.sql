@@ -26,6 +26,12 @@ SELECT tenant_id, device_id, site_id, name, status, last_seen_at, created_at
 -- Run after lock_tenant_writes, then close_device_alerts in the same transaction.
 DELETE FROM devices WHERE tenant_id = $1 AND device_id = $2 RETURNING device_id
 
+-- name: forget_device_seqs
+-- The seqs the broker's deliveries of a deleted device claimed (ingest's
+-- claim_broker_seqs): a device made again with its id starts its seqs anew, and
+-- would have its readings taken for second deliveries of the old one's.
+DELETE FROM broker_seqs WHERE tenant_id = $1 AND device_id = $2
+
 -- name: close_device_alerts
 -- A deleted device's active alerts close: nothing would ever close them. A
 -- statement of its own, after delete_device: its snapshot then holds the alerts

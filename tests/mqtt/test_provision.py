@@ -60,6 +60,29 @@ async def test_a_deleted_device_cannot_connect(pulse: Pulse, mosquitto: Mosquitt
         assert (await device.connect()).value == NOT_AUTHORIZED
 
 
+async def test_a_device_made_again_after_its_deletion_starts_its_seqs_anew(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
+) -> None:
+    """Found by an audit: the old device's claimed seqs outlived it (kept 25 h for
+    redeliveries), and the new device's seqs 1, 2, 3 were taken for second deliveries:
+    acknowledged, counted as duplicates, never stored."""
+
+    async def publish_seqs(token: str) -> None:
+        device = Device(mosquitto, "t1/a", token)
+        with closing(device):
+            assert not (await device.connect()).is_failure
+            for seq in (1, 2, 3):
+                body = json.dumps({"metrics": {"n": seq}, "seq": seq}).encode()
+                assert not (await device.publish("pulse/t1/a/telemetry", body)).is_failure
+
+    await publish_seqs(await pulse.device("a"))
+    await until_rows(pool, 3)
+    assert (await pulse.http.delete(f"{DEVICES}/a", headers=pulse.admin)).status_code == 204
+    await publish_seqs(await pulse.device("a"))
+    await until_rows(pool, 6)
+    assert [r["seq"] for r in await rows(pool)] == [1, 2, 3, 1, 2, 3]
+
+
 async def test_no_rotation_while_the_broker_cannot_be_told(
     pulse: Pulse, mosquitto: Mosquitto
 ) -> None:
