@@ -83,10 +83,16 @@ class NatsSource:
         self._fallback_task: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
         self._ever_on_bus = False
-        self.last_wakeup_at: float | None = None
+        self._bus_wakeup_at: float | None = None  # the last message from the bus
         link.on_change(self._on_link)
 
     # -- state --------------------------------------------------------------------------
+
+    @property
+    def last_wakeup_at(self) -> float | None:
+        """The last wake-up from the bus or, while it is away, from the fallback's LISTEN."""
+        times = [t for t in (self._bus_wakeup_at, self._fallback.last_wakeup_at) if t is not None]
+        return max(times, default=None)
 
     @property
     def on_bus(self) -> bool:
@@ -242,7 +248,7 @@ class NatsSource:
         wakeups = self._wakeups
         if wakeups is None or tenant_id not in self._watched:
             return
-        self.last_wakeup_at = time.monotonic()
+        self._bus_wakeup_at = time.monotonic()
         try:
             message = nats_link.decode(msg.data)
         except (orjson.JSONDecodeError, ValueError, TypeError, KeyError) as exc:

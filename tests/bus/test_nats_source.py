@@ -145,6 +145,10 @@ async def test_without_nats_a_process_serves_through_listen_until_nats_comes(
             )
             writing = asyncio.create_task(writer(pool, "t1", random.Random(3), 60))
             await until(lambda: len(client.ids) > 20, timeout=20)
+            # The fallback's notifications count as the source's (the status said null,
+            # then an age growing while the fallback delivered).
+            age = (await status(http))["listener"]["last_notification_age_s"]
+            assert age is not None and age < 10, age
             await nats.start()  # NATS arrives mid-stream: the process moves onto it
             await eventually(lambda: _relaying(http), timeout=20)
             await eventually(lambda: _off_fallback(http), timeout=20)
