@@ -192,9 +192,9 @@ class ApiError(Exception):
         return self.error.close or INTERNAL_ERROR_CLOSE
 
 
-def error_body(error: ErrorCode, detail: str | None = None) -> bytes:
-    """The one error body."""
-    return orjson.dumps({"error": error.code, "detail": detail or error.meaning})
+def error_body(error: ErrorCode, detail: str | None = None, **more: object) -> bytes:
+    """The one error body; ``more`` fields after the two (MQTT's answer names the seq)."""
+    return orjson.dumps({"error": error.code, "detail": detail or error.meaning, **more})
 
 
 def markdown_table(errors: Iterable[ErrorCode] | None = None) -> str:

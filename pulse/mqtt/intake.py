@@ -87,8 +87,8 @@ class MqttIntake:
                 failed = Rejected(INTERNAL_ERROR, "An internal error occurred.")
                 outcomes = [failed] * len(deliveries)
                 break
-        for delivery, outcome in zip(deliveries, outcomes, strict=True):
-            self._settle(delivery, outcome)
+        for delivery, item, outcome in zip(deliveries, items, outcomes, strict=True):
+            self._settle(delivery, item, outcome)
 
     def _item(self, delivery: Delivery, receipt: Receipt) -> intake.Item:
         topic = topics.parse(delivery.topic)
@@ -100,17 +100,20 @@ class MqttIntake:
             return Rejected(PAYLOAD_TOO_LARGE, PAYLOAD_TOO_LARGE.meaning)
         return intake.broker_reading(topic.tenant_id, topic.device_id, delivery.payload, receipt.at)
 
-    def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
+    def _settle(self, delivery: Delivery, item: intake.Item, outcome: Outcome) -> None:
         assert self._link is not None
         messages = self._metrics.mqtt_messages
         if isinstance(outcome, Rejected):
             messages.labels("rejected").inc()
             topic = topics.parse(delivery.topic)
             if topic is not None:
-                # A rate_limited detail says the wait already ("retry in N s.").
+                # A rate_limited detail says the wait already ("retry in N s."); the
+                # reading's seq, when it has one, says which reading to publish again.
+                reading = None if isinstance(item, Rejected) else item.reading
+                seq = {} if reading is None or reading.seq is None else {"seq": reading.seq}
                 self._link.publish(
                     topics.device_topic(topic.tenant_id, topic.device_id, topics.ERRORS),
-                    error_body(outcome.reason, outcome.detail),
+                    error_body(outcome.reason, outcome.detail, **seq),
                 )
         elif isinstance(outcome, Accepted):
             if outcome.duplicate:

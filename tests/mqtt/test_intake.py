@@ -210,10 +210,12 @@ async def test_over_the_rate_limit_is_answered_with_when_to_retry(
     not stored, and answered rate_limited, with when to retry."""
     async with slow_device(settings, mosquitto, make_token) as (_, device):
         for n in (1, 2):
-            await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": %d}}' % n)
+            body = b'{"metrics": {"n": %d}, "seq": %d}' % (n, 40 + n)
+            await device.publish("pulse/t1/dev-1/telemetry", body)
         await until(lambda: bool(device.received), 10)
     answer = json.loads(device.received[0][1])
     assert answer["error"] == "rate_limited"
+    assert answer["seq"] == 42  # which reading to publish again
     # The wait, said once (it was said twice, rounded two ways: "retry in 2 s. Retry after 1 s.").
     assert re.search(r"retry in \d+ s\.$", answer["detail"]), answer["detail"]
     assert answer["detail"].lower().count("retry") == 1
