@@ -149,6 +149,20 @@ class Settings:
                 "PULSE_MAX_EXPORTS, PULSE_MAX_EXPORTS_PER_TENANT and PULSE_EXPORT_MAX_S "
                 "must be positive"
             )
+        # Every count, rate, size and duration: none means anything at zero or below (a
+        # zero PULSE_STALE_AFTER_S made every reading a device's last before STALE).
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if type(value) in (int, float) and value <= 0 and field.name != "port":
+                raise ConfigError(f"{_env_key(field.name)}={value!r} must be positive")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"PORT={self.port} is not a TCP port (0 to 65535)")
+        if self.stale_after_s >= self.offline_after_s:
+            raise ConfigError(
+                f"PULSE_STALE_AFTER_S ({self.stale_after_s:g}) must be less than "
+                f"PULSE_OFFLINE_AFTER_S ({self.offline_after_s:g}): a device is STALE "
+                "between the two"
+            )
         if self.log_level.upper() not in LEVELS:
             raise ConfigError(
                 f"PULSE_LOG_LEVEL={self.log_level!r} is not one of {', '.join(LEVELS)}"

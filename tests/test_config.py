@@ -106,3 +106,26 @@ def test_a_database_url_that_is_not_postgresql_is_refused_without_echoing_it(url
 @pytest.mark.parametrize("url", ["postgresql://u:p@h:5432/db", "postgres://h/db"])
 def test_a_postgresql_url_is_taken(url: str) -> None:
     assert Settings.from_env({"DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"PULSE_STALE_AFTER_S": "0"},
+        {"PULSE_STALE_AFTER_S": "-1"},
+        {"PULSE_STALE_AFTER_S": "5", "PULSE_OFFLINE_AFTER_S": "2"},
+        {"PULSE_QUEUE_SIZE": "0"},
+        {"PULSE_WORKERS": "0"},
+        {"PULSE_INGEST_RATE_PER_DEVICE": "-5"},
+        {"PORT": "70000"},
+    ],
+)
+def test_values_that_cannot_work_are_refused_naming_the_variable(env: dict[str, str]) -> None:
+    """Found by an audit: the status thresholds reversed or below zero were taken, and
+    the sweeper would have kept devices ONLINE past offline, or STALE at once."""
+    with pytest.raises(ConfigError, match=next(iter(env))):
+        Settings.from_env(env)
+
+
+def test_the_defaults_pass_their_own_checks() -> None:
+    Settings.from_env({}).check()
