@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -153,7 +154,8 @@ class Settings:
         # zero PULSE_STALE_AFTER_S made every reading a device's last before STALE).
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if type(value) in (int, float) and value <= 0 and field.name != "port":
+            number = type(value) in (int, float) and field.name != "port"
+            if number and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_env_key(field.name)}={value!r} must be positive")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"PORT={self.port} is not a TCP port (0 to 65535)")

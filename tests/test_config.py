@@ -118,6 +118,8 @@ def test_a_postgresql_url_is_taken(url: str) -> None:
         {"PULSE_WORKERS": "0"},
         {"PULSE_INGEST_RATE_PER_DEVICE": "-5"},
         {"PORT": "70000"},
+        {"PULSE_SHUTDOWN_TIMEOUT_S": "nan"},  # started, then failed at SIGTERM
+        {"PULSE_DB_POOL_SIZE": "0"},
     ],
 )
 def test_values_that_cannot_work_are_refused_naming_the_variable(env: dict[str, str]) -> None:

@@ -23,10 +23,12 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # server went away mid-transaction.
     asyncpg.InternalClientError,
     # States of the server that pass, whatever the statement: read-only (a standby
-    # promoted late after a failover, default_transaction_read_only), not accepting
-    # connections (55000; but 55P03, a lock_timeout of ours, is the caller's:
-    # database.translated), out of disk or memory, an I/O error.
+    # promoted late after a failover, default_transaction_read_only), the database
+    # gone for a while, not accepting connections (55000; but 55P03, a lock_timeout
+    # of ours, is the caller's: database.translated), out of disk or memory, an I/O
+    # error.
     asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.InvalidCatalogNameError,  # 3D000 at connect: the database renamed or dropped
     asyncpg.ObjectNotInPrerequisiteStateError,
     asyncpg.InsufficientResourcesError,
     asyncpg.PostgresSystemError,
