@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -92,3 +93,28 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return orjson.dumps(entry, default=str).decode()
+
+
+class Throttled:
+    """A warning said once per ``every_s`` seconds at most, with how many times it was
+    not said in between: an outage answered request by request would otherwise write a
+    line per request (136 in 12 s for four clients), burying what the operator needs."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
+        self._logger = logger
+        self._every_s = every_s
+        self._said_at: float | None = None
+        self._unsaid = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if self._said_at is not None:
+            since = now - self._said_at
+            if since < self._every_s:
+                self._unsaid += 1
+                return
+            if self._unsaid:
+                message += " (and %d more times in the last %.0f s)"
+                args = (*args, self._unsaid, since)
+        self._logger.warning(message, *args)
+        self._said_at, self._unsaid = now, 0

@@ -146,3 +146,24 @@ async def test_no_token_or_ticket_in_the_log_at_debug_over_http2(
         assert secret.encode() not in output
     assert b"token=" not in output and b"ticket=" not in output
     assert b"authorization" not in output.lower() and b"x-provision-token" not in output.lower()
+
+
+def test_a_throttled_warning_is_said_once_per_interval_with_what_it_left_out(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pulse import logs
+
+    clock = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    throttled = logs.Throttled(logging.getLogger("pulse.test"), every_s=10)
+    with caplog.at_level(logging.WARNING, logger="pulse.test"):
+        for _ in range(5):
+            throttled.warning("database unavailable: %s", "refused")
+            clock[0] += 1
+        clock[0] += 5
+        throttled.warning("database unavailable: %s", "back?")
+        throttled.warning("database unavailable: %s", "no")
+    assert [r.getMessage() for r in caplog.records] == [
+        "database unavailable: refused",
+        "database unavailable: back? (and 4 more times in the last 10 s)",
+    ]

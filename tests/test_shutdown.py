@@ -64,6 +64,9 @@ async def test_sigterm_ends_streams_and_finishes_ingest(
             await server.stop()
             took = time.monotonic() - started
     assert took < 12, took
+    # The log says it: the deploy, not a gap, for whoever reads it at 3 a.m.
+    log = server.stderr.decode()
+    assert "shutting down: streams end now" in log and "INFO pulse.serving: stopped" in log, log
     committed = {r["id"] for r in await pool.fetch("SELECT id FROM telemetry")}
     assert set(acknowledged) <= committed  # every 201 was committed
     assert len(acknowledged) >= 50

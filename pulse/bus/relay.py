@@ -40,6 +40,7 @@ from pulse.db.database import Database, translated
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.leadership import lock_is_free
 from pulse.db.queries import load_queries
+from pulse.logs import Throttled
 from pulse.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Relay:
     ) -> None:
         self._db = db
         self._store = store
+        self._unavailable = Throttled(log)  # a line per 10 s of an outage
         self._link = link
         self._database_id = database_id
         self._metrics = metrics
@@ -95,7 +97,7 @@ class Relay:
                     async with self._db.dedicated(STANDBY_NAME, timeout=QUERY_TIMEOUT_S) as conn:
                         await self._take_then_lead(conn)
             except DatabaseUnavailable as exc:
-                log.warning("relay: the database is unavailable (%s); retrying", exc)
+                self._unavailable.warning("relay: the database is unavailable (%s); retrying", exc)
             finally:
                 if self.leading:
                     log.info("this process no longer relays")

@@ -22,6 +22,7 @@ from pulse.db.database import Database
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.leadership import lock_is_free
 from pulse.db.queries import load_queries
+from pulse.logs import Throttled
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class StatusSweeper:
     ) -> None:
         self._db = db
         self._stale_after_s = stale_after_s
+        self._unavailable = Throttled(log)  # a line per 10 s of an outage
         self._offline_after_s = offline_after_s
         self.interval_s = interval_s or default_interval(stale_after_s)
         self._clock = clock
@@ -121,7 +123,9 @@ class StatusSweeper:
                 else:
                     await self._round_finished()
             except DatabaseUnavailable as exc:
-                log.warning("status sweeper: the database is unavailable (%s); retrying", exc)
+                self._unavailable.warning(
+                    "status sweeper: the database is unavailable (%s); retrying", exc
+                )
             finally:
                 if self.leading.is_set():
                     log.info("this process no longer sweeps device statuses")

@@ -26,6 +26,7 @@ from pulse.db.database import Database
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.leadership import lock_is_free
 from pulse.db.queries import load_queries
+from pulse.logs import Throttled
 
 log = logging.getLogger(__name__)
 Q = load_queries(__package__)
@@ -160,6 +161,7 @@ class Rollups:
     def __init__(self, db: Database, settings: RollupSettings, *, retry_s: float = 1.0) -> None:
         self._db = db
         self._settings = settings
+        self._unavailable = Throttled(log)  # a line per 10 s of an outage
         self._retry_s = retry_s
         self.leading = False
         self.asks = 0  # times this process asked whether the lock was free
@@ -173,7 +175,9 @@ class Rollups:
                     async with self._db.dedicated(LEADER_NAME) as conn:
                         await self._lead(conn)
             except DatabaseUnavailable as exc:
-                log.warning("rollups: the database is unavailable (%s); retrying", exc)
+                self._unavailable.warning(
+                    "rollups: the database is unavailable (%s); retrying", exc
+                )
             finally:
                 self.leading = False
             await asyncio.sleep(self._retry_s)

@@ -165,16 +165,27 @@ async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
     from hypercorn.utils import LifespanFailureError
 
     tuning.apply()
+    trigger = _streams_first(app, stop, config.graceful_timeout)
     try:
-        await hypercorn_serve(app, config, shutdown_trigger=_streams_first(app, stop))  # type: ignore[arg-type]
+        await hypercorn_serve(app, config, shutdown_trigger=trigger)  # type: ignore[arg-type]
     except LifespanFailureError as exc:
         # hypercorn 0.18 words it "Lifespan failure in startup. '<the app's error>'".
         raise StartupError(str(exc).partition(". ")[2].strip("'")) from None
+    if stop.is_set():
+        log.info("stopped")
 
 
-def _streams_first(app: Quart, stop: asyncio.Event) -> Callable[[], Awaitable[None]]:
+def _streams_first(
+    app: Quart, stop: asyncio.Event, graceful_s: float
+) -> Callable[[], Awaitable[None]]:
     async def trigger() -> None:
         await stop.wait()
+        # Said, so that whoever reads the log at 3 a.m. sees the deploy, not a gap.
+        log.info(
+            "shutting down: streams end now (clients resume elsewhere), requests in "
+            "flight have %g s",
+            graceful_s,
+        )
         drain(app)
 
     return trigger

@@ -32,8 +32,11 @@ from pulse.errors import (
     ErrorCode,
     error_body,
 )
+from pulse.logs import Throttled
 
 log = logging.getLogger(__name__)
+# One line per ten seconds of an outage, not one per request refused.
+_UNAVAILABLE = Throttled(log)
 
 # What an error raised by the HTTP layer itself (werkzeug) is called, by status.
 _HTTP_CODES: dict[int, ErrorCode] = {
@@ -59,7 +62,7 @@ def error_for(exc: Exception) -> ApiError:
             # Quart decodes a JSON body before parsing it, and lets this escape.
             return ApiError(INVALID_PAYLOAD, "The body is not UTF-8 text.")
         case DatabaseUnavailable():
-            log.warning("database unavailable: %s", exc)
+            _UNAVAILABLE.warning("database unavailable: %s; answering 503", exc)
             return ApiError(
                 DATABASE_UNAVAILABLE,
                 "The database is unreachable; retry shortly.",
