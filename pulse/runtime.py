@@ -116,7 +116,7 @@ def check_settings(settings: Settings) -> None:
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     check_settings(settings)
-    metrics = Metrics()
+    metrics = Metrics(bus=settings.bus_url is not None, mqtt=settings.mqtt_url is not None)
     async with contextlib.AsyncExitStack() as stack:
         db = await _open_database(stack, settings)
         await _ensure_partitions(db)

@@ -8,7 +8,10 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, bus: bool = True, mqtt: bool = True) -> None:
+        """``bus``, ``mqtt``: whether this deployment has NATS and MQTT; without them
+        their connection gauges are not exported, where a 0 would look like an outage
+        to an alert on it (docs/operations.md)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Gauge(
@@ -156,3 +159,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        if not bus:
+            r.unregister(self.bus_connected)
+        if not mqtt:
+            r.unregister(self.mqtt_connected)

@@ -579,3 +579,9 @@ async def test_metrics_are_recorded(settings: Settings, pool: asyncpg.Pool, toke
         assert value("pulse_ingest_rejected_total", reason="invalid_device_token") == 1
         assert value("pulse_ingest_latency_seconds_count", endpoint="telemetry") == 1
         assert value("pulse_ingest_latency_seconds_count", endpoint="batch") == 1
+        # No NATS or MQTT here: no gauge of their connections, whose 0 an alert on it
+        # would take for an outage (they were exported as 0).
+        text = await (await client.get("/metrics")).get_data(as_text=True)
+        assert ("pulse_bus_connected" in text) == (settings.bus_url is not None)
+        assert "pulse_mqtt_connected" not in text
+        assert "pulse_listener_connected 1.0" in text
