@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from typing import Any
 
@@ -83,6 +84,11 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
     url = args.url or f"http://127.0.0.1:{settings.port}"
 
     async def main() -> None:
+        # SIGTERM (a process manager, `timeout`) stops the run as Ctrl-C does, and
+        # --clean-up still deletes what it created (the default handler just exited).
+        running = asyncio.current_task()
+        assert running is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, running.cancel)
         simulator = Simulator(
             url,
             token,
@@ -128,7 +134,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
 
     try:
         asyncio.run(main())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     except SimulatorError as exc:
         sys.exit(f"pulse simulate: {exc}")

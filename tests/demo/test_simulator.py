@@ -93,3 +93,29 @@ async def test_simulate_says_what_it_created_and_can_remove_it(
     assert "3 already there, with a new token" in said and "0 added" in said
     async with httpx.AsyncClient(base_url=server, headers=admin) as http:
         assert len((await http.get("/api/v1/customer/devices")).json()["devices"]) == 3
+
+
+async def test_sigterm_stops_a_run_and_cleans_up_as_ctrl_c_does(
+    server: str, make_token: Callable[..., str]
+) -> None:
+    """From the operations audit: `timeout 12 pulse simulate --clean-up` (SIGTERM) left
+    its devices, which then raised no-heartbeat alerts; only Ctrl-C cleaned up."""
+    env = dict(os.environ, PULSE_JWT_SECRET=TEST_SECRET)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pulse", "simulate", "--url", server, "--tenant", "sim",
+        "--devices", "3", "--rate", "5", "--duration", "60", "--clean-up",
+        env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    said = b""
+    async with asyncio.timeout(30):
+        while b"simulating 3 devices" not in said:
+            said += await proc.stderr.readline()
+    proc.terminate()
+    _, rest = await asyncio.wait_for(proc.communicate(), 30)
+    said += rest or b""
+    assert proc.returncode == 0, said
+    assert b"deleted 3 devices and 2 alert rules" in said, said
+    admin = {"Authorization": f"Bearer {make_token('sim', roles=('tenant-admin',))}"}
+    async with httpx.AsyncClient(base_url=server, headers=admin) as http:
+        assert (await http.get("/api/v1/customer/devices")).json()["devices"] == []
