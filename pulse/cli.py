@@ -130,5 +130,8 @@ async def run_migrations(settings: Settings) -> None:
         return
     from pulse.db.embedded import embedded_postgres
 
-    with embedded_postgres(settings.data_dir) as dsn:
-        await apply(dsn)
+    try:
+        with embedded_postgres(settings.data_dir) as dsn:
+            await apply(dsn)  # says its own errors
+    except DatabaseUnavailable as exc:  # the data directory's
+        sys.exit(f"pulse migrate: cannot use the embedded database {exc}")

@@ -100,3 +100,23 @@ async def test_a_failure_after_the_embedded_database_started_stops_it(tmp_path: 
     assert code != 0
     assert "was edited after it was applied" in the_one_line(lines)
     assert not (tmp_path / "pgdata" / "postmaster.pid").exists(), "PostgreSQL still runs"
+
+
+async def test_a_data_directory_that_cannot_be_used_is_one_line_naming_it(
+    tmp_path: Path,
+) -> None:
+    """From the operations audit: PULSE_DATA_DIR on a file (or a folder it may not write)
+    ended `pulse serve` in a 30-line traceback and `pulse migrate` in a bare one."""
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    env = {"PULSE_DATA_DIR": str(taken), "PULSE_JWT_SECRET": TEST_SECRET}
+    for args in (
+        ("serve", "--port", str(free_port())),
+        ("serve", "--port", str(free_port()), "--workers", "2"),
+        ("migrate",),
+    ):
+        code, lines = await pulse(*args, env=env)
+        line = the_one_line(lines)
+        assert code != 0, lines
+        assert line.startswith(f"pulse {args[0]}: cannot use the "), line
+        assert line.endswith(f"database in PULSE_DATA_DIR={taken}: File exists"), line

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+from pulse.db.errors import DatabaseUnavailable
 from pulse.db.migrate import migrate
 from pulse.db.pool import connect
 
@@ -22,8 +23,15 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
     Yields its connection URL and stops the server when the last user in this
     machine lets go of it.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    _chatter_to(data_dir / "pgserver.log")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        _chatter_to(data_dir / "pgserver.log")
+    except OSError as exc:
+        # One line naming the setting, not a traceback (a file there, no permission).
+        where = f" ({exc.filename})" if exc.filename and exc.filename != str(data_dir) else ""
+        raise DatabaseUnavailable(
+            f"in PULSE_DATA_DIR={data_dir}: {exc.strerror or exc}{where}"
+        ) from exc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from pgserver.postgres_server import get_server

@@ -26,6 +26,7 @@ from quart import Quart
 
 from pulse.app import create_app, drain
 from pulse.config import Settings
+from pulse.db.errors import DatabaseUnavailable
 from pulse.logs import ACCESS_LOGGER, SERVER_LOGGER
 from pulse.runtime import StartupError
 from pulse.serving import tuning
@@ -170,7 +171,10 @@ async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
         await hypercorn_serve(app, config, shutdown_trigger=trigger)  # type: ignore[arg-type]
     except LifespanFailureError as exc:
         # hypercorn 0.18 words it "Lifespan failure in startup. '<the app's error>'".
-        raise StartupError(str(exc).partition(". ")[2].strip("'")) from None
+        said = str(exc).partition(". ")[2]
+        if len(said) > 1 and said[0] == said[-1] == "'":  # its quotes, not the app's
+            said = said[1:-1]
+        raise StartupError(said) from None
     if stop.is_set():
         log.info("stopped")
 
@@ -244,7 +248,10 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
         if not settings.database_url:
             from pulse.db.embedded import embedded_postgres
 
-            env["DATABASE_URL"] = stack.enter_context(embedded_postgres(settings.data_dir))
+            try:
+                env["DATABASE_URL"] = stack.enter_context(embedded_postgres(settings.data_dir))
+            except DatabaseUnavailable as exc:
+                raise StartupError(f"cannot use the embedded database {exc}") from exc
             run(_migrate(env["DATABASE_URL"]))
         env["PULSE_WORKERS"] = "1"
         children = [
