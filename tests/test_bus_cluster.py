@@ -360,10 +360,10 @@ async def _one_connection_per_job(pool: asyncpg.Pool) -> bool:
     rows = await pool.fetch(
         "SELECT application_name, count(*) FROM pg_stat_activity "
         "WHERE datname = current_database() AND application_name IN "
-        "('pulse rollups', 'pulse rollups standby', 'pulse-sweeper', 'pulse relay standby') "
+        "('pulse rollups', 'pulse rollups standby', 'pulse sweeper', 'pulse relay standby') "
         "GROUP BY 1"
     )
-    return {row[0]: row[1] for row in rows} == {"pulse rollups": 1, "pulse-sweeper": 1}
+    return {row[0]: row[1] for row in rows} == {"pulse rollups": 1, "pulse sweeper": 1}
 
 
 def _metric(text: str, name: str) -> float:

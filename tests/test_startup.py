@@ -74,6 +74,13 @@ async def test_a_database_that_is_not_migrated(empty_database: str) -> None:
     assert "@" not in line
 
 
+async def test_a_port_that_is_none(database_url: str) -> None:
+    env = {"DATABASE_URL": database_url, "PULSE_JWT_SECRET": TEST_SECRET}
+    code, lines = await pulse("serve", "--port", "99999", env=env)
+    assert code != 0
+    assert the_one_line(lines) == "pulse serve: cannot listen on 127.0.0.1:99999: not a TCP port"
+
+
 async def test_a_port_in_use(database_url: str) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]

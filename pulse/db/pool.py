@@ -55,6 +55,9 @@ async def keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+POOL_NAME = "pulse"
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn,
@@ -63,6 +66,9 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
         init=init_connection,
         reset=keep_session,
         command_timeout=60,
+        # Named in pg_stat_activity beside "pulse listener", "pulse rollups", "pulse
+        # sweeper"; an application_name in DATABASE_URL is the operator's, and stays.
+        server_settings={} if "application_name=" in dsn else {"application_name": POOL_NAME},
     )
     assert pool is not None
     return pool

@@ -31,7 +31,7 @@ Q = load_queries(__package__)
 # Any constant the processes of a cluster share (advisory locks are per database).
 SWEEPER_LOCK_KEY = 0x70756C73_65_7377  # "pulse" "sw"
 NO_HEARTBEAT_SEVERITY = 3
-APPLICATION_NAME = "pulse-sweeper"  # shows in pg_stat_activity
+APPLICATION_NAME = "pulse sweeper"  # shows in pg_stat_activity, as "pulse rollups" does
 QUERY_TIMEOUT_S = 10.0
 # A sweeper that takes the lead within this long of the last sweep carries on from it:
 # the lock is free once the leader's connection closes (at once when its process ends,

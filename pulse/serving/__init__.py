@@ -199,6 +199,8 @@ def listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound before anything starts: a port in use is one clear line."""
     try:
         sock = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
+    except OverflowError:  # --port 99999 (PORT is checked with the settings)
+        raise StartupError(f"cannot listen on {host}:{port}: not a TCP port") from None
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise StartupError(f"cannot listen on {host}:{port}: {reason}") from exc

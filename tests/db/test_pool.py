@@ -78,3 +78,13 @@ async def test_a_transaction_that_may_end_itself(database_url: str) -> None:
             async with db.connection() as conn:
                 assert not conn.is_in_transaction()
         assert [r["n"] for r in await db.fetch("SELECT n FROM probe ORDER BY n")] == [1, 2]
+
+
+async def test_pool_connections_are_named_unless_the_url_names_them(database_url: str) -> None:
+    """From the operations audit: the pool's connections had no name in
+    pg_stat_activity, beside "pulse listener", "pulse rollups" and "pulse sweeper"."""
+    async with Database.open(database_url, pool_size=1) as db:
+        assert await db.fetchval("SHOW application_name") == "pulse"
+    joiner = "&" if "?" in database_url else "?"
+    async with Database.open(f"{database_url}{joiner}application_name=ours", pool_size=1) as db:
+        assert await db.fetchval("SHOW application_name") == "ours"
