@@ -159,7 +159,12 @@ def offer_direct_writes() -> None:
 
         async def _handle_events(self) -> None:
             await super()._handle_events()
-            if not self._closing and self.connection.state is CLOSING and self.app_put:
+            if (
+                not self._closing
+                and self.state == ASGIWebsocketState.CONNECTED  # not the app's own close
+                and self.connection.state is CLOSING
+                and self.app_put
+            ):
                 # hypercorn closed by itself (a message over its size limit: 1009) and,
                 # unlike a client's close, tells the app nothing: it would stream on and
                 # hold its connection slot until the client answered. The app ends now,
