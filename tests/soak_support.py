@@ -785,7 +785,7 @@ class Sample:
     tasks: int
     pool_idle: int
     pool_in_use: int
-    db: dict[str, int]  # the server's connections by application_name ("" is the pool)
+    db: dict[str, int]  # the server's connections by application_name (POOL_NAME: the pool)
     idle_in_transaction: int
     streams: dict[str, int]  # the status endpoint's connection counts
     lagging: dict[str, int]  # pulse_lagging_disconnects_total by kind

@@ -31,7 +31,7 @@ import asyncpg
 import httpx
 import pytest
 
-from pulse.db.pool import init_connection
+from pulse.db.pool import POOL_NAME, init_connection
 from tests.soak_support import (
     APPLICATION_NAME,
     KINDS,
@@ -186,7 +186,7 @@ def _verdicts(report: dict[str, Any], plan: Plan) -> list[str]:
     # minutes): the database must see exactly the pool's own count, no more.
     outside = (_outside_pool(base["db"]), _outside_pool(final["db"]))
     check(outside[0] == outside[1], "database connections outside the pool", outside)
-    pool = (final["db"].get("", 0), final["pool_idle"])
+    pool = (final["db"].get(POOL_NAME, 0), final["pool_idle"])
     check(pool[0] == pool[1] <= POOL_SIZE, "pool connections (database, pool)", pool)
     check(report["stream_connection_rows_after"] == 0, "stream_connections rows left", "")
     return problems
@@ -257,7 +257,7 @@ async def _soak(
                 and s.tasks == baseline.tasks
                 and s.pool_in_use == 0
                 and _outside_pool(s.db) == _outside_pool(baseline.db)
-                and s.db.get("", 0) == s.pool_idle
+                and s.db.get(POOL_NAME, 0) == s.pool_idle
             )
 
         final = await _steady(sampler, back_to_baseline)
@@ -328,7 +328,7 @@ async def _steady(sampler: Sampler, good: Callable[[Sample], bool]) -> Sample:
 
 
 def _outside_pool(db: dict[str, int]) -> dict[str, int]:
-    return {name: n for name, n in db.items() if name}
+    return {name: n for name, n in db.items() if name != POOL_NAME}
 
 
 def _memory(
