@@ -44,7 +44,7 @@ def translated() -> Iterator[None]:
     try:
         yield
     except asyncpg.LockNotAvailableError:
-        raise  # a lock_timeout the caller set: its to handle (retention, partitions)
+        raise  # a lock_timeout the caller set: the caller handles it (retention, partitions)
     except _UNAVAILABLE as exc:
         raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
 
