@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from pulse.auth.principal import Principal
-from pulse.errors import FORBIDDEN, INVALID_TENANT_ID, TENANT_REQUIRED, ApiError
+from pulse.errors import FORBIDDEN, INVALID_TENANT_ID, TENANT_REQUIRED, TOKEN_EXPIRED, ApiError
 from pulse.names import is_valid_name
 
 
@@ -34,3 +36,12 @@ def tenant_for(principal: Principal, requested: str | None) -> str:
 def require_roles(principal: Principal, allowed: frozenset[str]) -> None:
     if not principal.roles & allowed:
         raise ApiError(FORBIDDEN, "This needs one of the roles " + ", ".join(sorted(allowed)) + ".")
+
+
+def require_unexpired(principal: Principal) -> None:
+    """Refuse a token already past its ``exp`` for what lasts until then: a stream, a
+    stream ticket. The verifier's leeway (clock skew) lets single requests take such a
+    token, but a stream opened with it would be closed at once, and an EventSource would
+    reconnect with it again and again (a 401 stops it)."""
+    if principal.expires_at.timestamp() <= time.time():
+        raise ApiError(TOKEN_EXPIRED, "The token has expired; a stream needs one that has not.")

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, Response, request
 from quart_schema import document_headers, document_querystring, security_scheme, tag
 
+from pulse.auth.access import require_unexpired
 from pulse.auth.principal import Principal
 from pulse.bus.events import TelemetryEvent
 from pulse.bus.subscription import Filters
@@ -102,7 +103,7 @@ async def telemetry_sse() -> Response:
         raise ApiError(INVALID_PARAMETER, str(exc)) from exc
     if rt.draining:
         raise shutting_down()
-    principal = await authenticate_request(allow_query=True, accept=request_tenant)
+    principal = await authenticate_request(allow_query=True, accept=_accept)
     tenant_id = request_tenant(principal)
     try:
         await rt.limits.check(tenant_id)
@@ -124,6 +125,11 @@ def shutting_down() -> ApiError:
         "The server is shutting down; reconnect and resume.",
         {"Retry-After": str(RETRY_MS // 1000)},
     )
+
+
+def _accept(principal: Principal) -> None:
+    require_unexpired(principal)
+    request_tenant(principal)
 
 
 def limit_reached(exc: LimitReached) -> ApiError:

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from pulse.auth.access import tenant_for
+from pulse.auth.access import require_unexpired, tenant_for
 from pulse.runtime import Runtime
 from pulse.streams.limits import LimitReached
 from pulse.streams.live import Live
@@ -79,6 +79,7 @@ async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] 
     requested = args.get("tenant_id")
     if credential is not None:
         principal = await rt.verifier.verify(credential.token)
+        require_unexpired(principal)
         tenant_id = tenant_for(principal, requested)
         await rt.limits.check(tenant_id)
         return await open_stream(rt, principal, tenant_id, filters, last_event_id, scope=scope)

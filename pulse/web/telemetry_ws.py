@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from datetime import UTC, datetime
 from typing import Any
 
-from pulse.auth.access import tenant_for
+from pulse.auth.access import require_unexpired, tenant_for
 from pulse.auth.principal import Principal
 from pulse.bus.events import encoded
 from pulse.errors import INVALID_PARAMETER, ApiError
@@ -115,15 +114,13 @@ async def _reauthenticate(connection: Connection, stream: Live, token: str) -> d
     """A fresh token for the same tenant moves the connection's expiry."""
     try:
         principal = await connection.rt.verifier.verify(token)
+        # Within the verifier's leeway a token past its exp passes; taken, it would close
+        # the connection at once. Refused, the connection keeps the expiry it has.
+        require_unexpired(principal)
         tenant_id = tenant_for(principal, connection.socket.args.get("tenant_id"))
     except ApiError as exc:
         raise BadMessage(f"auth refused: {exc.detail}") from None
     if tenant_id != stream.tenant_id:
         raise BadMessage("auth refused: the token is for another tenant.")
-    expires_at = principal.expires_at.timestamp()
-    if expires_at <= time.time():
-        # Within the verifier's leeway, but a connection ends at its token's exp: taken,
-        # it would close at once. Refused, the connection keeps the expiry it has.
-        raise BadMessage("auth refused: the token has expired.")
-    stream.expires_at = expires_at
+    stream.expires_at = principal.expires_at.timestamp()
     return {"type": "auth_ok", "expires_at": format_time(principal.expires_at)}

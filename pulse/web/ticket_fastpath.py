@@ -55,7 +55,7 @@ class TicketFastPath(OneRoute):
             await self._inner(scope, receive, send)
             return
         try:
-            answer = Reply(200, ticket_body(await grant(rt, principal)), NO_STORE)
+            answer = Reply(200, ticket_body(await grant(rt, principal), principal), NO_STORE)
         except Exception as exc:
             answer = error_reply(exc)
         await send_reply(send, answer)

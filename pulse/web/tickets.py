@@ -8,12 +8,14 @@ before Quart by ``pulse.web.ticket_fastpath``, through ``grant`` and
 from __future__ import annotations
 
 import math
+import time
 
 import orjson
 from pydantic import BaseModel
 from quart import Blueprint, Response
 from quart_schema import document_response, security_scheme, tag
 
+from pulse.auth.access import require_unexpired
 from pulse.auth.principal import Principal
 from pulse.auth.tickets import TICKET_TTL_S
 from pulse.errors import DATABASE_UNAVAILABLE, RATE_LIMITED, ApiError
@@ -36,7 +38,9 @@ class StreamTicket(BaseModel):
 
 
 async def grant(rt: Runtime, principal: Principal) -> str:
-    """A new ticket for ``principal``, within its rate of tickets; raises rate_limited."""
+    """A new ticket for ``principal``, within its rate of tickets; raises rate_limited,
+    or token_expired for a token past its ``exp`` (the ticket would expire at birth)."""
+    require_unexpired(principal)
     wait_s = rt.ticket_limit.acquire((principal.tenant_id, principal.subject))
     if wait_s > 0:
         retry_after = max(1, math.ceil(wait_s))
@@ -48,9 +52,11 @@ async def grant(rt: Runtime, principal: Principal) -> str:
     return await rt.tickets.issue(principal)
 
 
-def ticket_body(ticket: str) -> bytes:
-    """The JSON answer, a ``StreamTicket``."""
-    return orjson.dumps({"ticket": ticket, "expires_in": TICKET_TTL_S})
+def ticket_body(ticket: str, principal: Principal) -> bytes:
+    """The JSON answer, a ``StreamTicket``: a ticket expires with its token, if that
+    comes first (whole seconds, rounded down)."""
+    left_s = int(principal.expires_at.timestamp() - time.time())
+    return orjson.dumps({"ticket": ticket, "expires_in": max(0, min(TICKET_TTL_S, left_s))})
 
 
 @blueprint.post(TICKET_URL)
@@ -63,4 +69,4 @@ async def create_stream_ticket() -> Response:
     # Header or cookie only: the point of a ticket is to keep the token out of URLs.
     principal = await authenticate_request()
     ticket = await grant(runtime(), principal)
-    return Response(ticket_body(ticket), 200, NO_STORE, content_type="application/json")
+    return Response(ticket_body(ticket, principal), 200, NO_STORE, content_type="application/json")

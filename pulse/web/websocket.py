@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from quart import Quart
 
+from pulse.auth.access import require_unexpired
 from pulse.auth.principal import Principal
 from pulse.bus.events import TelemetryEvent, encoded
 from pulse.db.errors import DatabaseUnavailable
@@ -167,7 +168,12 @@ class Connection:
             raise Close.of(SERVER_RESTARTING)
         args = self.socket.args
         credential = scope_credential(self.socket.scope, args, allow_query=True)
-        return await authenticate(self.rt, credential, args, accept=accept)
+
+        def checked(principal: Principal) -> None:
+            require_unexpired(principal)  # or the connection would close at once
+            accept(principal)
+
+        return await authenticate(self.rt, credential, args, accept=checked)
 
     async def send(self, message: bytes | dict[str, Any]) -> None:
         """Send one JSON message as a text frame (browsers read binary frames as Blobs)."""
