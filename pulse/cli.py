@@ -74,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         port = args.port or settings.port
         workers = args.workers or settings.workers
+        if args.fd is not None or workers > 1:  # one of several processes
+            configure_logging(settings.log_level, settings.log_format, with_pid=True)
         try:
             check_settings(settings)
             serving.raise_open_files_limit(settings)

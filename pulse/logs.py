@@ -27,6 +27,8 @@ import orjson
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Under ``serve --workers``, whose processes write to one stderr, which said what.
+TEXT_FORMAT_PID = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 # Libraries whose records may hold request headers, URLs or frames.
 QUIET_LIBRARIES = (
@@ -47,9 +49,14 @@ _HANDLER = "pulse"
 
 
 def configure_logging(
-    level: str = "INFO", log_format: str = "text", *, stream: TextIO | None = None
+    level: str = "INFO",
+    log_format: str = "text",
+    *,
+    stream: TextIO | None = None,
+    with_pid: bool = False,
 ) -> None:
-    """Install the one handler and the levels; calling it again replaces them."""
+    """Install the one handler and the levels; calling it again replaces them. JSON
+    lines always name their process; text lines do ``with_pid``."""
     level = level.upper()
     if level not in LEVELS:
         raise ValueError(f"unknown log level {level!r}; one of {', '.join(LEVELS)}")
@@ -57,7 +64,9 @@ def configure_logging(
         raise ValueError(f"unknown log format {log_format!r}; one of {', '.join(FORMATS)}")
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(
-        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+        JsonFormatter()
+        if log_format == "json"
+        else logging.Formatter(TEXT_FORMAT_PID if with_pid else TEXT_FORMAT)
     )
     handler.set_name(_HANDLER)
     root = logging.getLogger()

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -52,6 +53,13 @@ def test_debug_is_for_pulse_only() -> None:
     assert "pulse.test: ours" in text
     assert "leaked" not in text
     assert text.count(RUNNING_ON) == 1
+
+
+def test_text_lines_name_their_process_when_asked() -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "text", stream=out, with_pid=True)
+    logging.getLogger("pulse.test").info("which one")
+    assert f"INFO [{os.getpid()}] pulse.test: which one" in out.getvalue()
 
 
 def test_configuring_again_replaces_the_handler() -> None:
