@@ -47,6 +47,10 @@ def _running(pid: int) -> bool:
         return False
 
 
+class _ExitedAtStart(RuntimeError):
+    pass
+
+
 class Mosquitto:
     """Its dynamic-security file, its administrator's password and its persisted sessions
     live in ``directory``, so a broker started again there knows what it knew."""
@@ -59,6 +63,7 @@ class Mosquitto:
             raise RuntimeError(MISSING)
         self.binary, self.ctrl, self.plugin = found
         self.directory = directory
+        self._chosen = port is None  # ports of our choosing: another may take them first
         self.port = port or free_port()
         # A second listener, with TLS: (certificate chain, key), PEM files.
         self.tls = tls
@@ -95,6 +100,20 @@ class Mosquitto:
                 file.write(password)
         self.password = secret.read_text().strip()
         await self._stop_leftover()
+        # A free port may be taken between free_port() and mosquitto's bind: it then
+        # exits at start, and ports of our choosing are chosen again.
+        for attempt in range(3):
+            if attempt:
+                self.port = free_port()
+                self.tls_port = free_port() if self.tls else None
+            try:
+                return await self._run(timeout)
+            except _ExitedAtStart:
+                if not self._chosen or attempt == 2:
+                    raise
+
+    async def _run(self, timeout: float) -> None:
+        dynsec = self.directory / "dynamic-security.json"
         config = self.directory / "mosquitto.conf"
         config.write_text(
             f"listener {self.port} 127.0.0.1\n"
@@ -129,7 +148,7 @@ class Mosquitto:
         async with asyncio.timeout(timeout):
             while True:
                 if self.proc.returncode is not None:
-                    raise RuntimeError(f"mosquitto exited at start ({self.proc.returncode})")
+                    raise _ExitedAtStart(f"mosquitto exited at start ({self.proc.returncode})")
                 try:
                     _, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 except OSError:

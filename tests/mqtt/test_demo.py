@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import asyncpg
 import pytest
 
 from pulse.config import Settings
+from pulse.sim import broker
 from pulse.sim.broker import Mosquitto
 from pulse.sim.demo import run_demo
 from tests.support import free_port
@@ -92,6 +94,26 @@ async def test_a_broker_left_behind_in_the_folder_is_stopped_first(
         assert await asyncio.wait_for(left.proc.wait(), 10) is not None
     finally:
         await again.stop()
+
+
+async def test_a_port_taken_before_the_broker_binds_it_is_chosen_again(
+    mosquitto_binary: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's broker listens on a port found free a moment before: taken by then,
+    mosquitto exits at start, and a port of its own choosing is chosen again."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        ports = iter([taken.getsockname()[1]])
+        monkeypatch.setattr(broker, "free_port", lambda: next(ports, None) or free_port())
+        started = Mosquitto(tmp_path / "mosquitto")
+        assert started.port == taken.getsockname()[1]
+        await started.start()
+        try:
+            assert started.port != taken.getsockname()[1]
+            _, writer = await asyncio.open_connection("127.0.0.1", started.port)
+            writer.close()
+        finally:
+            await started.stop()
 
 
 async def test_ctrl_c_stops_the_demo_and_its_broker_without_a_warning(
