@@ -15,9 +15,12 @@ line here.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
+import operator
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -48,7 +51,7 @@ from pulse.ingest.writer import SEEN_PRECISION_S, TelemetryWriter
 from pulse.ops.metrics import Metrics
 from pulse.ops.supervisor import Supervisor
 from pulse.streams.legacy_v2.reads import FleetReads
-from pulse.streams.limits import ConnectionLimits
+from pulse.streams.limits import STREAM_KINDS, ConnectionLimits
 
 if TYPE_CHECKING:
     from pulse.bus.nats_link import NatsLink
@@ -162,13 +165,13 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         mqtt = _open_mqtt(settings, db, ingest, metrics) if settings.mqtt_url else None
 
         ingest_buffer = IngestBuffer(int(settings.ingest_buffer_mb * 1024 * 1024))
-        metrics.ingest_buffered_bytes.set_function(lambda: ingest_buffer.held)
+        metrics.sample(metrics.ingest_buffered_bytes, lambda: ingest_buffer.held)
         exports = ExportSlots(
             # Ingest and streams keep at least one pooled connection.
             min(settings.max_exports, max(1, settings.db_pool_size - 1)),
             settings.max_exports_per_tenant,
         )
-        metrics.history_exports.set_function(lambda: exports.held)
+        metrics.sample(metrics.history_exports, lambda: exports.held)
 
         supervisor = Supervisor()
         stack.push_async_callback(supervisor.stop)
@@ -184,16 +187,19 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         )
         rollups = Rollups(db, RollupSettings.of(settings))
         supervisor.start("rollups", rollups.run)
-        metrics.rollups_keeper.set_function(lambda: rollups.leading)
+        metrics.sample(metrics.rollups_keeper, lambda: rollups.leading)
         sweeper = StatusSweeper(
             db, stale_after_s=settings.stale_after_s, offline_after_s=settings.offline_after_s
         )
         supervisor.start("status-sweeper", sweeper.run)
-        metrics.status_sweeper.set_function(sweeper.leading.is_set)
+        metrics.sample(metrics.status_sweeper, sweeper.leading.is_set)
         if bus is not None and settings.bus_relay:
             supervisor.start("relay", bus.relay.run)
         if mqtt is not None:
             supervisor.start("mqtt", mqtt.run)
+        _sample_process(metrics, db, limits, source, bus)
+        if metrics.shared_dir is not None:
+            supervisor.start("metrics", metrics.keep_fresh)
 
         yield Runtime(
             settings=settings,
@@ -216,6 +222,27 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             supervisor=supervisor,
             started_at=time.monotonic(),
         )
+
+
+def _sample_process(
+    metrics: Metrics, db: Database, limits: ConnectionLimits, source: EventSource, bus: Bus | None
+) -> None:
+    """The gauges read off the process when scraped (or refreshed)."""
+    for kind in STREAM_KINDS:
+        # by_kind is a Counter: 0 for a kind with no connection
+        metrics.sample(
+            metrics.connections.labels(kind), functools.partial(limits.by_kind.__getitem__, kind)
+        )
+    metrics.sample(metrics.listener_connected, lambda: source.connected)
+    if bus is not None:
+        assert metrics.bus_connected is not None, "made where NATS is configured"
+        metrics.sample(metrics.bus_connected, lambda: bus.link.connected)
+    metrics.sample(metrics.db_pool_connections.labels("idle"), lambda: db.pool_usage()[1])
+    metrics.sample(
+        metrics.db_pool_connections.labels("in_use"), lambda: operator.sub(*db.pool_usage())
+    )
+    metrics.sample(metrics.asyncio_tasks, lambda: len(asyncio.all_tasks()))
+    metrics.sample(metrics.python_allocated_blocks, sys.getallocatedblocks)
 
 
 async def _open_bus(

@@ -6,18 +6,37 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pulse.auth.dev_tokens import mint_token
+from pulse.ops.metrics import REFRESH_S
 from tests.support import TEST_SECRET, provision_device, pulse_serve, sse_events
 
 pytestmark = pytest.mark.timeout(180)
 
 CLIENTS, REQUESTS, BATCH = 8, 16, 10
+
+
+async def scrape(url: str) -> dict[str, float]:
+    """/metrics on a new connection (so either worker may answer): every sample by
+    name and labels, and each metric's samples summed by name alone."""
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, limits=fresh) as http:
+        text = (await http.get("/metrics")).text
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+            if labels:
+                found[sample.name] = found.get(sample.name, 0.0) + sample.value
+    return found
 
 
 def worker_pids(pid: int) -> set[int]:
@@ -89,6 +108,27 @@ async def test_ingest_over_two_workers_keeps_ids_exact(
                     if len(seen) == total:
                         break
         assert seen == list(range(1, total + 1))
+
+        # Whichever worker a scrape reaches, it answers for the instance: every row
+        # committed, and (once the other worker's sampled gauges are refreshed, within
+        # REFRESH_S) the one open stream, on one of the two.
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+            http.stream("GET", "/api/v1/customer/telemetry/stream/sse", headers=headers) as held,
+        ):
+            assert held.status_code == 200
+            chunks = held.aiter_bytes()  # kept: collected, it would close the stream
+            await anext(chunks)  # admitted: "retry:" is out
+            deadline = time.monotonic() + 10 * REFRESH_S
+            in_a_row = 0
+            while in_a_row < 8:
+                scraped = await scrape(server.url)
+                assert scraped["pulse_ingest_rows_total"] == total, scraped
+                streams = scraped.get('pulse_stream_connections{kind="sse"}')
+                in_a_row = in_a_row + 1 if streams == 1 else 0
+                assert in_a_row or time.monotonic() < deadline, scraped
+                if not in_a_row:
+                    await asyncio.sleep(0.1)
     # Both workers took some of it (or the test would not test two): each names itself
     # in the lines it writes to the one stderr they share.
     lines = server.stderr.decode().splitlines()

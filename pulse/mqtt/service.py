@@ -56,7 +56,8 @@ class Mqtt:
         self.intake.attach(self.link)
         self.provisioner = Provisioner(self.link, db, metrics)
         self._db = db
-        metrics.mqtt_connected.set_function(lambda: float(self.link.connected))
+        assert metrics.mqtt_connected is not None, "made where MQTT is configured"
+        metrics.sample(metrics.mqtt_connected, lambda: float(self.link.connected))
         self._reconciling: asyncio.Task[None] | None = None
 
     async def run(self) -> None:

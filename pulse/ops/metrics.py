@@ -1,21 +1,42 @@
-"""Prometheus metrics, one registry per app so several apps can live in one process."""
+"""Prometheus metrics, one registry per app so several apps can live in one process.
+
+Under ``pulse serve --workers`` (``pulse.serving``) every worker keeps its values in
+files of one folder (prometheus_client's multiprocess mode, chosen by
+``PROMETHEUS_MULTIPROC_DIR`` before the library is imported), and a scrape, whichever
+worker it reaches, answers for the whole instance: counters and histograms summed,
+each gauge as its ``multiprocess_mode`` says. Gauges read from the process (``sample``)
+are refreshed by every worker every ``REFRESH_S``, and by the one scraped at once.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+import os
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+REFRESH_S = 2.0
 
 
 class Metrics:
     def __init__(self, *, bus: bool = True, mqtt: bool = True) -> None:
         """``bus``, ``mqtt``: whether this deployment has NATS and MQTT; without them
-        their connection gauges are not exported, where a 0 would look like an outage
+        their connection gauges are not made, where a 0 would look like an outage
         to an alert on it (docs/operations.md)."""
         self.registry = CollectorRegistry(auto_describe=True)
+        self.shared_dir = os.environ.get(MULTIPROCESS_DIR) or None
+        self._samples: list[tuple[Gauge, Callable[[], float]]] = []
         r = self.registry
         self.connections = Gauge(
-            "pulse_stream_connections", "Open stream connections", ["kind"], registry=r
+            "pulse_stream_connections",
+            "Open stream connections",
+            ["kind"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.events_delivered = Counter(
             "pulse_events_delivered", "Events handed to stream clients", ["kind"], registry=r
@@ -40,7 +61,10 @@ class Metrics:
             "pulse_listener_reconnects", "Reconnects of the LISTEN connection", registry=r
         )
         self.listener_connected = Gauge(
-            "pulse_listener_connected", "1 while the LISTEN connection is up", registry=r
+            "pulse_listener_connected",
+            "1 while the LISTEN connection is up (of every worker)",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         # NATS between processes (PULSE_BUS_URL): pulse.bus.relay, pulse.bus.nats_source.
         self.bus_messages_relayed = Counter(
@@ -75,21 +99,40 @@ class Metrics:
             "Times this process fell back to LISTEN because the bus was away",
             registry=r,
         )
-        self.bus_connected = Gauge(
-            "pulse_bus_connected", "1 while the NATS connection is up", registry=r
+        self.bus_connected = (
+            Gauge(
+                "pulse_bus_connected",
+                "1 while the NATS connection is up (of every worker)",
+                registry=r,
+                multiprocess_mode="livemin",
+            )
+            if bus
+            else None
         )
         self.bus_fallback = Gauge(
-            "pulse_bus_fallback", "1 while delivery falls back to LISTEN", registry=r
+            "pulse_bus_fallback",
+            "1 while delivery falls back to LISTEN (in any worker)",
+            registry=r,
+            multiprocess_mode="livemax",
         )
+        # The cluster's single jobs: summed over all instances, each should be 1.
         self.bus_relay = Gauge(
-            "pulse_bus_relay", "1 while this process is the database's relay", registry=r
+            "pulse_bus_relay",
+            "1 while this instance is the database's relay",
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        # The cluster's other single jobs (set at scrape time): their sum should be 1.
         self.status_sweeper = Gauge(
-            "pulse_status_sweeper", "1 while this process sweeps device statuses", registry=r
+            "pulse_status_sweeper",
+            "1 while this instance sweeps device statuses",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.rollups_keeper = Gauge(
-            "pulse_rollups_keeper", "1 while this process keeps the history rollups", registry=r
+            "pulse_rollups_keeper",
+            "1 while this instance keeps the history rollups",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         # Devices over MQTT (PULSE_MQTT_URL): pulse.mqtt.
         self.mqtt_messages = Counter(
@@ -98,40 +141,52 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.mqtt_connected = Gauge(
-            "pulse_mqtt_connected", "1 while the MQTT connection is up", registry=r
+        self.mqtt_connected = (
+            Gauge(
+                "pulse_mqtt_connected",
+                "1 while the MQTT connection is up (of every worker)",
+                registry=r,
+                multiprocess_mode="livemin",
+            )
+            if mqtt
+            else None
         )
         self.mqtt_provisioning_failures = Counter(
             "pulse_mqtt_provisioning_failures",
             "Device credentials the broker could not be told of (fixed at the next connect)",
             registry=r,
         )
-        # Set at scrape time: a count that only grows under steady load is a leak.
+        # Sampled: a count that only grows under steady load is a leak.
         self.asyncio_tasks = Gauge(
             "pulse_asyncio_tasks",
-            "asyncio tasks in this process, the scrape's own included",
+            "asyncio tasks in the serving processes, the scrape's own included",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.python_allocated_blocks = Gauge(
             "pulse_python_allocated_blocks",
             "Blocks the Python allocator holds for objects, garbage not yet collected included",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.db_pool_connections = Gauge(
             "pulse_db_pool_connections",
-            "Connections of the database pool, by state (idle, in_use)",
+            "Connections of the database pools, by state (idle, in_use)",
             ["state"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.ingest_buffered_bytes = Gauge(
             "pulse_ingest_buffered_bytes",
             "Bytes of ingest request bodies held by requests not yet answered",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.history_exports = Gauge(
             "pulse_history_exports",
             "History exports streaming now (each holds a pooled connection)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.ingest_rows = Counter(
             "pulse_ingest_rows", "Telemetry rows committed", ["endpoint"], registry=r
@@ -159,7 +214,26 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        if not bus:
-            r.unregister(self.bus_connected)
-        if not mqtt:
-            r.unregister(self.mqtt_connected)
+
+    def sample(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """Set ``gauge`` to ``read()`` at every scrape (and refresh)."""
+        self._samples.append((gauge, read))
+
+    def refresh(self) -> None:
+        for gauge, read in self._samples:
+            gauge.set(read())
+
+    async def keep_fresh(self) -> None:
+        """Under several workers: the sampled gauges of a worker no scrape reaches."""
+        while True:
+            self.refresh()
+            await asyncio.sleep(REFRESH_S)
+
+    def exposition(self) -> bytes:
+        """The text format: of this process, or of every worker sharing its folder."""
+        self.refresh()
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.shared_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

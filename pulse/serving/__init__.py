@@ -19,15 +19,18 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from prometheus_client.multiprocess import mark_process_dead
 from quart import Quart
 
 from pulse.app import create_app, drain
 from pulse.config import Settings
 from pulse.db.errors import DatabaseUnavailable
 from pulse.logs import ACCESS_LOGGER, SERVER_LOGGER
+from pulse.ops.metrics import MULTIPROCESS_DIR
 from pulse.runtime import StartupError
 from pulse.serving import tuning
 from pulse.streams.messages import MAX_INBOUND_BYTES
@@ -256,6 +259,10 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
                 raise StartupError(f"cannot use the embedded database {exc}") from exc
             run(_migrate(env["DATABASE_URL"]))
         env["PULSE_WORKERS"] = "1"
+        # One set of metrics for the instance, whichever worker a scrape reaches
+        # (pulse.ops.metrics): a new, empty folder for each run.
+        shared = stack.enter_context(tempfile.TemporaryDirectory(prefix="pulse-metrics-"))
+        env[MULTIPROCESS_DIR] = shared
         children = [
             subprocess.Popen(
                 [sys.executable, "-m", "pulse", "serve", "--fd", str(sock.fileno())],
@@ -272,7 +279,10 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
 
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
-        codes = [child.wait() for child in children]
+        codes = []  # each worker reaped: its live gauges count no more
+        for child in children:
+            codes.append(child.wait())
+            mark_process_dead(child.pid, shared)  # type: ignore[no-untyped-call]
     sock.close()
     return max(codes)
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 Q = load_queries(__package__)
 
 DEFAULT_TTL_S = 15.0
+STREAM_KINDS = ("websocket", "sse", "legacy_v2")  # the status endpoint's and the metrics'
 # How long a tenant's count, once read, answers ``check`` without a query, and for
 # how many tenants at most.
 CHECK_FRESH_S = 1.0

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import resource
-import sys
 import time
 from typing import Any, Literal
 
 import asyncpg
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from quart import Blueprint, Response
 from quart_schema import document_response, tag_blueprint
 
 from pulse.db.errors import DatabaseUnavailable
 from pulse.runtime import Runtime
+from pulse.streams.limits import STREAM_KINDS
 from pulse.web import openapi, runtime
 
 blueprint = Blueprint("ops", __name__)
 tag_blueprint(blueprint, ["operations"])
-
-STREAM_KINDS = ("websocket", "sse", "legacy_v2")
 
 
 # -- documentation models (the handlers build the JSON themselves) ------------
@@ -169,18 +167,7 @@ def _mqtt(rt: Runtime) -> dict[str, Any] | None:
 @openapi.answers(200, "Prometheus text format.", "text/plain")
 async def metrics() -> Response:
     """Prometheus metrics of this process."""
-    rt = runtime()
-    for kind in STREAM_KINDS:
-        rt.metrics.connections.labels(kind).set(rt.limits.by_kind[kind])
-    rt.metrics.listener_connected.set(1 if rt.source.connected else 0)
-    if rt.bus is not None:
-        rt.metrics.bus_connected.set(1 if rt.bus.link.connected else 0)
-    size, idle = rt.db.pool_usage()
-    rt.metrics.db_pool_connections.labels("idle").set(idle)
-    rt.metrics.db_pool_connections.labels("in_use").set(size - idle)
-    rt.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
-    rt.metrics.python_allocated_blocks.set(sys.getallocatedblocks())
-    return Response(generate_latest(rt.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+    return Response(runtime().metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
 
 
 async def _database_answers(rt: Runtime) -> bool:
