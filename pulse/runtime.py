@@ -227,8 +227,17 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
 def _sample_process(
     metrics: Metrics, db: Database, limits: ConnectionLimits, source: EventSource, bus: Bus | None
 ) -> None:
-    """The gauges read off the process when scraped (or refreshed)."""
+    """The gauges read off the process when scraped (or refreshed); and every stream
+    kind's counters made at 0, so that a rate over them is 0, not "no data", until the
+    first event of that kind."""
     for kind in STREAM_KINDS:
+        for counter in (
+            metrics.events_delivered,
+            metrics.events_delivered_directly,
+            metrics.events_dropped_lagging,
+            metrics.lagging_disconnects,
+        ):
+            counter.labels(kind)
         # by_kind is a Counter: 0 for a kind with no connection
         metrics.sample(
             metrics.connections.labels(kind), functools.partial(limits.by_kind.__getitem__, kind)

@@ -585,3 +585,8 @@ async def test_metrics_are_recorded(settings: Settings, pool: asyncpg.Pool, toke
         assert ("pulse_bus_connected" in text) == (settings.bus_url is not None)
         assert "pulse_mqtt_connected" not in text
         assert "pulse_listener_connected 1.0" in text
+        # Every stream kind's counters are there from the start, at 0: a rate over them
+        # is 0 before the first event, not "no data".
+        for kind in ("sse", "websocket", "legacy_v2"):
+            assert registry.get_sample_value("pulse_events_delivered_total", {"kind": kind}) == 0
+            assert f'pulse_lagging_disconnects_total{{kind="{kind}"}} 0.0' in text
