@@ -62,12 +62,13 @@ async def series(
     kept_since: Mapping[int, datetime] | None = None,
 ) -> Series:
     """Buckets of the query's width, or of the width bucket=auto picks: raw points when
-    one device has at most MAX_POINTS readings in the range, else the narrowest width
-    whose rollups are kept (``kept_since``) that fits (HistoryQuery.width_for_span)."""
+    one device has at most MAX_POINTS readings in the range and retention still keeps
+    them all, else the narrowest width whose rollups are kept (``kept_since``) that fits
+    (HistoryQuery.width_for_span)."""
     async with db.connection() as conn, _snapshot(conn):
         marks = await conn.fetchrow(Q["snapshot_marks"], tenant_id)
         bucket = query.bucket
-        if bucket == "auto" and len(devices) == 1:
+        if bucket == "auto" and len(devices) == 1 and query.raw_kept(kept_since):
             count = await conn.fetchval(
                 Q["count_readings"], tenant_id, devices[0], query.start, query.end, MAX_POINTS + 1
             )

@@ -10,7 +10,7 @@ import csv
 import dataclasses
 import io
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
@@ -25,7 +25,7 @@ from quart_schema import (
 
 from pulse.errors import EXPORT_LIMIT, INVALID_PARAMETER, UNKNOWN_DEVICE, ApiError
 from pulse.history import reads
-from pulse.history.params import HistoryQuery, parse_history
+from pulse.history.params import RAW, HistoryQuery, parse_history
 from pulse.history.rollups import RollupSettings
 from pulse.times import format_time
 from pulse.web import openapi, runtime
@@ -56,7 +56,8 @@ class HistoryParams(BaseModel):
     bucket: Literal["auto", "raw", "1m", "5m", "15m", "1h", "1d"] = Field(
         default="auto",
         description="auto: raw points when the device has at most 1000 readings in the "
-        "range, else the narrowest width that keeps a series within about 1000 points.",
+        "range and retention keeps them all, else the narrowest width that keeps a series "
+        "within about 1000 points and the answer within 100,000.",
     )
     agg: str | None = Field(
         default=None, description="Comma-separated avg,min,max,last,count; default all."
@@ -145,7 +146,11 @@ async def device_history(device_id: str) -> Response:
     db, tenant_id = runtime().db, tenant()
     if not await reads.device_exists(db, tenant_id, device_id):
         raise ApiError(UNKNOWN_DEVICE, f"There is no device {device_id[:64]} in this tenant.")
-    kind = _media_type()
+    kind, kept = _media_type(), _kept_since()
+    if query.bucket == "auto" and not query.raw_kept(kept):
+        # Older than retention: raw readings would be a part of the range's; the
+        # rollups hold all of it.
+        query = dataclasses.replace(query, bucket=query.width_for_span(kept))
     if kind != JSON:
         if query.bucket in ("raw", "auto"):
             return _stream(
@@ -161,7 +166,9 @@ async def device_history(device_id: str) -> Response:
         head = orjson.dumps({"device_id": device_id})[:-1]
         body = head + b',"readings":[' + readings + b'],"next":' + orjson.dumps(following) + b"}"
         return Response(body, content_type=JSON)
-    found = await reads.series(db, tenant_id, [device_id], query, _kept_since())
+    if query.bucket != "auto":
+        query.check_size(query.bucket, len(query.metrics or ()) or 1)
+    found = await reads.series(db, tenant_id, [device_id], query, kept)
     by_metric = _grouped(found.rows, 1, query)
     return _json(
         {
@@ -192,12 +199,15 @@ async def fleet_history() -> Response:
     query = parse_history(request.args, now=datetime.now(UTC), fleet=True)
     db, tenant_id = runtime().db, tenant()
     devices = list(query.devices) if query.devices else await reads.tenant_devices(db, tenant_id)
-    if query.bucket == "auto":  # by the range and what is kept, even for one device: never raw
-        query = dataclasses.replace(query, bucket=query.width_for_span(_kept_since()))
+    if query.bucket == "auto":  # by the range, the series and what is kept: never raw
+        query = dataclasses.replace(
+            query, bucket=query.width_for_span(_kept_since(), series=len(devices))
+        )
     kind = _media_type()
     if kind != JSON:
         batches = reads.export_series(db, tenant_id, devices, query, query.bucket)
         return _stream(kind, tenant_id, _series_lines(kind, batches, query))
+    query.check_size(query.bucket, len(devices))
     found = await reads.series(db, tenant_id, devices, query)
     assert query.metrics is not None
     return _json(
@@ -220,8 +230,12 @@ def _media_type() -> str:
 
 
 def _kept_since() -> dict[int, datetime]:
-    """Per stored width, the oldest time the rollups are kept from (bucket=auto)."""
-    return RollupSettings.of(runtime().settings).kept_since(datetime.now(UTC))
+    """Per stored width, the oldest time the rollups are kept from, and the raw
+    readings' (RAW), by retention (bucket=auto)."""
+    settings, now = runtime().settings, datetime.now(UTC)
+    kept = RollupSettings.of(settings).kept_since(now)
+    kept[RAW] = now - timedelta(hours=settings.retention_hours)
+    return kept
 
 
 def _range(query: HistoryQuery) -> dict[str, str]:

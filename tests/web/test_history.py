@@ -314,3 +314,51 @@ async def test_auto_picks_a_width_whose_rollups_are_still_kept(
     body = r.json()
     assert body["bucket"] == "15m"
     assert sum(p["count"] for p in body["series"]["temp"]) == 1200
+
+
+async def test_auto_takes_rollups_for_a_range_older_than_retention(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    """Raw readings older than retention are gone (or partly, by day): a range before
+    its horizon counted few readings, and bucket=auto showed what was left, often
+    nothing, while the rollups still held all of it."""
+    day = (datetime.now(UTC) - timedelta(days=9)).replace(minute=0, second=0, microsecond=0)
+    hour = timedelta(hours=1)
+    await readings_at(pool, "t1", [("d1", day + i * hour, {"temp": 1.0}) for i in range(24)])
+    async with pool.acquire() as conn:
+        await roll_up_once(conn)
+    # What retention does to them (7 days, PULSE_RETENTION_HOURS=168 by default).
+    await pool.execute("DELETE FROM telemetry WHERE tenant_id = 't1'")
+    span = {"from": iso(day), "to": iso(day + timedelta(days=1))}
+    body = (await http.get(DEVICE.format("d1"), params=span)).json()
+    assert body["bucket"] == "5m"  # 1m would be 1440 points
+    assert sum(p["count"] for p in body["series"]["temp"]) == 24
+    # An export with bucket=auto takes them too, as buckets.
+    r = await http.get(DEVICE.format("d1"), params=span, headers={"Accept": "text/csv"})
+    rows = list(csv.reader(io.StringIO(r.text)))
+    assert rows[0] == ["device_id", "metric", "t", "avg", "min", "max", "last", "count"]
+    assert sum(int(row[-1]) for row in rows[1:]) == 24
+
+
+async def test_a_json_answer_holds_at_most_max_answer_points(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One of 2,000 devices' week at 15 minutes was 1.3 million points, 130 MB of JSON
+    built on the event loop: the process answered nothing else for seconds. auto picks
+    a width that fits the devices too; a width asked for that does not is refused."""
+    monkeypatch.setattr("pulse.history.params.MAX_ANSWER_POINTS", 50)
+    await readings_at(pool, "t1", [(d, T0, {"temp": 1.0}) for d in ("d1", "d2")])
+    span = {"from": iso(T0), "to": iso(T0 + timedelta(days=1)), "metric": "temp"}
+    body = (await http.get(FLEET, params=span)).json()
+    # 2 series: 1h would be 2 x 26 buckets; one device's would have been 5m.
+    assert body["bucket"] == "1d" and list(body["series"]) == ["d1", "d2"]
+    r = await http.get(FLEET, params={**span, "bucket": "1h"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_parameter"
+    assert "export" in r.json()["detail"], r.text
+    r = await http.get(FLEET, params={**span, "bucket": "1h"}, headers={"Accept": "text/csv"})
+    assert r.status_code == 200 and len(r.text.splitlines()) == 3  # exports stream
+    device = {"from": iso(T0), "to": iso(T0 + timedelta(days=1)), "bucket": "1m"}
+    r = await http.get(DEVICE.format("d1"), params=device)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_parameter"
+    r = await http.get(DEVICE.format("d1"), params={**device, "bucket": "1h"})
+    assert r.status_code == 200 and r.json()["series"]["temp"][0]["count"] == 1
