@@ -63,6 +63,7 @@ class Cursor:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FIRST = datetime.min.replace(tzinfo=UTC) + timedelta(days=1)
 _LAST = datetime.max.replace(tzinfo=UTC) - timedelta(days=1)
 
 
@@ -158,14 +159,20 @@ def _time(args: Mapping[str, str], name: str) -> datetime | None:
         return None
     try:
         moment = datetime.fromisoformat(raw.replace("z", "Z"))
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)  # the contract's times are UTC
-        # Within a day of the calendar's ends: room to align to a bucket and add a margin.
-        if not datetime.min.replace(tzinfo=UTC) + timedelta(days=1) <= moment <= _LAST:
-            raise ValueError(raw)
-        return moment.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise _bad(f"{name} must be an ISO 8601 time, such as 2026-11-27T17:00:00Z.") from None
+    except ValueError:
+        hint = " (a + in a URL's query is a space: send it as %2B)" if " " in raw else ""
+        raise _bad(
+            f"{name} must be an ISO 8601 time, such as 2026-11-27T17:00:00Z{hint}."
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)  # the contract's times are UTC
+    # Within a day of the calendar's ends: room to align to a bucket and add a margin.
+    try:
+        if _FIRST <= moment <= _LAST:
+            return moment.astimezone(UTC)
+    except OverflowError:
+        pass
+    raise _bad(f"{name} must be from {_FIRST.date()} to {_LAST.date()} (UTC).")
 
 
 def _names(

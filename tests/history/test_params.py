@@ -77,6 +77,21 @@ def test_bad_values_are_invalid_parameters(args: dict[str, str]) -> None:
     assert raised.value.code == "invalid_parameter"
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        # An offset's + typed in a URL arrives as a space.
+        ({"from": "2026-12-06T10:00:00 05:45"}, "send it as %2B"),
+        ({"to": "9999-12-31T00:00:00Z"}, "from 0001-01-02 to 9999-12-30"),
+        ({"from": "0001-01-01T03:00:00+05:00"}, "from 0001-01-02 to 9999-12-30"),
+    ],
+)
+def test_a_bad_time_says_what_is_wrong_with_it(args: dict[str, str], says: str) -> None:
+    with pytest.raises(ApiError) as raised:
+        parse_history(args, now=NOW)
+    assert says in raised.value.detail, raised.value.detail
+
+
 def test_the_fleet_form_needs_one_metric_and_no_raw() -> None:
     query = parse_history({"metric": "temp", "device_id": "d1,d2"}, now=NOW, fleet=True)
     assert query.metrics == ("temp",) and query.devices == ("d1", "d2")
