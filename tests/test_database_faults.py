@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.streams.sse_client import ResumingClient
+from tests.streams.sse_client import SSE_PATH, ResumingClient
 from tests.support import provision_device, running_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -98,12 +98,14 @@ async def test_a_database_refusing_for_a_while_is_unavailable_not_an_error(
     pg_admin_dsn: str,
     database_url: str,
     state: str,
+    make_token: Callable[..., str],
 ) -> None:  # type: ignore[no-untyped-def]
     """A failover onto a server still read-only, or a database closed to connections for
     a moment: ingest answered 500 internal_error (and MQTT acknowledged the readings and
     dropped them, pulse/mqtt/intake.py). They are the database being unavailable: 503
-    database_unavailable with Retry-After (and /readyz 503 while no connection can be
-    made), and ingest again once it is back."""
+    database_unavailable with Retry-After, for ingest and for a new stream (whose
+    admission writes; it was a 200 whose body ended at once, with no retry: line), and
+    /readyz 503; ingest again once it is back."""
     device_token = await provision_device(pool, "t1", "d1")
     name = urlsplit(database_url).path.lstrip("/")
     refuse, allow = {
@@ -137,9 +139,15 @@ async def test_a_database_refusing_for_a_while_is_unavailable_not_an_error(
                 r = await post()
                 assert r.status_code == 503, r.text
                 assert r.json()["error"] == "database_unavailable" and r.headers["Retry-After"]
-            # Read-only, the database still answers (streams can be served): ready.
+            sse = await http.get(
+                SSE_PATH, headers={"Authorization": f"Bearer {make_token('t1')}"}, timeout=20
+            )
+            assert sse.status_code == 503, (sse.status_code, sse.text)
+            assert sse.json()["error"] == "database_unavailable" and sse.headers["Retry-After"]
+            # Read-only, the database still answers SELECT 1, but nothing that writes
+            # (ingest, a stream's admission) can be served: not ready.
             ready = await http.get("/readyz")
-            assert ready.status_code == (200 if state == "read_only" else 503), ready.text
+            assert ready.status_code == 503 and ready.json()["database"] is False, ready.text
             await admin.execute(allow)
             # Sessions keep the default they began with: read-write ones from here on.
             await admin.execute(

@@ -170,9 +170,15 @@ async def metrics() -> Response:
     return Response(runtime().metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
 
 
+_WRITABLE = "SELECT current_setting('transaction_read_only') = 'off'"
+
+
 async def _database_answers(rt: Runtime) -> bool:
+    """Whether the database answers, and can be written: read-only (a failover onto a
+    server not yet promoted, default_transaction_read_only), it answers, but neither
+    ingest nor a stream's admission can be served."""
     try:
         async with asyncio.timeout(2):
-            return bool(await rt.db.fetchval("SELECT 1"))
+            return bool(await rt.db.fetchval(_WRITABLE))
     except (DatabaseUnavailable, TimeoutError, asyncpg.PostgresError):
         return False  # an error for SELECT 1 is no answer either

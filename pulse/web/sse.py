@@ -170,21 +170,36 @@ async def open_stream(
 async def body(
     rt: Runtime, stream: Live, writes: DirectWrites | None
 ) -> AsyncGenerator[bytes, None]:
-    """The response body: ``retry:``, then the stream's chunks while it holds its slot."""
+    """The Quart route's response body: the stream's chunks while it holds its slot,
+    taken once the head is out. (The fast path, ``pulse.web.sse_fastpath``, takes it
+    before the head, so that a refusal is a 429 or a 503 rather than this.)"""
     try:
-        async with rt.limits.hold("sse", stream.tenant_id):
-            # The first chunk goes the ASGI way: once it is out, the response
-            # has started and further chunks may be written directly.
-            yield b"retry: %d\n\n" % RETRY_MS
-            async with contextlib.aclosing(_frames(stream)) as frames:
-                async for chunk in frames:
-                    if writes is None:
-                        yield chunk
-                    else:
-                        await writes.send(chunk)
+        async with (
+            rt.limits.hold("sse", stream.tenant_id),
+            contextlib.aclosing(chunks(stream, writes)) as held,
+        ):
+            async for chunk in held:
+                yield chunk
     except LimitReached:
         # Lost a race for the last slot between the check and the start of the body.
         yield b'event: error\ndata: {"reason":"connection_limit"}\n\n'
+    except DatabaseUnavailable as exc:
+        # The client reconnects after `retry` and resumes from its last id.
+        log.warning("ending an SSE stream: %s", exc)
+
+
+async def chunks(stream: Live, writes: DirectWrites | None) -> AsyncGenerator[bytes, None]:
+    """``retry:``, then the stream's chunks, of a stream that holds its slot."""
+    # The first chunk goes the ASGI way: once it is out, the response
+    # has started and further chunks may be written directly.
+    yield b"retry: %d\n\n" % RETRY_MS
+    try:
+        async with contextlib.aclosing(_frames(stream)) as frames:
+            async for chunk in frames:
+                if writes is None:
+                    yield chunk
+                else:
+                    await writes.send(chunk)
     except DatabaseUnavailable as exc:
         # The client reconnects after `retry` and resumes from its last id.
         log.warning("ending an SSE stream: %s", exc)

@@ -21,6 +21,7 @@ import contextlib
 from typing import Any
 
 from pulse.auth.access import require_unexpired, tenant_for
+from pulse.db.errors import DatabaseUnavailable
 from pulse.runtime import Runtime
 from pulse.streams.limits import LimitReached
 from pulse.streams.live import Live
@@ -38,7 +39,7 @@ from pulse.web.auth import scope_credential
 from pulse.web.direct import DirectWrites, watch_inbound
 from pulse.web.fastpath import send_reply
 from pulse.web.ingest import Reply, error_reply
-from pulse.web.sse import HEADERS, SSE_URL, body, limit_reached, open_stream, shutting_down
+from pulse.web.sse import HEADERS, SSE_URL, chunks, limit_reached, open_stream, shutting_down
 
 _HEADERS = [(name.lower().encode(), value.encode()) for name, value in HEADERS.items()]
 
@@ -133,11 +134,22 @@ async def _stream(
         watcher = asyncio.get_running_loop().create_task(_disconnected(receive))
         watcher.add_done_callback(went_away)
     try:
-        await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-        async with contextlib.aclosing(body(rt, stream, writes)) as chunks:
-            async for chunk in chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        async with contextlib.AsyncExitStack() as held:
+            # The slot before the head: a refusal is then a 429 or a 503 the client
+            # can act on, not a 200 whose body ends at once.
+            try:
+                await held.enter_async_context(rt.limits.hold("sse", stream.tenant_id))
+            except LimitReached as exc:
+                await send_reply(send, error_reply(limit_reached(exc)))
+                return
+            except DatabaseUnavailable as exc:
+                await send_reply(send, error_reply(exc))
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            async with contextlib.aclosing(chunks(stream, writes)) as body:
+                async for chunk in body:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
         if gone and task.uncancel() == 0:
             return  # the client went away: nothing left to do

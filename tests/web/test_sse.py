@@ -549,3 +549,26 @@ async def test_connection_limits(settings: Settings, make_token: Callable[..., s
             await read_body(c, b"retry")
             r = await http.get(SSE_PATH, headers=auth(make_token("t3")))
             assert r.status_code == 429
+
+
+async def test_a_stream_refused_for_its_limit_after_the_check_is_still_a_429(
+    settings: Settings, make_token: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check before the head reads counts that may be a moment old: a stream that
+    passed it, then lost the last slot to another, was a 200 whose body was one
+    `event: error`. The slot is now taken before the head: a 429 with Retry-After."""
+    limited = dataclasses.replace(settings, max_connections_per_tenant=1)
+    async with (
+        running_server(limited) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+        http.stream("GET", SSE_PATH, headers=auth(make_token("t1"))) as first,
+    ):
+        await read_body(first, b"retry")
+
+        async def passes(self: object, tenant_id: str) -> None:  # the check a moment before
+            return None
+
+        monkeypatch.setattr("pulse.streams.limits.ConnectionLimits.check", passes)
+        r = await http.get(SSE_PATH, headers=auth(make_token("t1")))
+        assert r.status_code == 429, (r.status_code, r.text)
+        assert r.json()["error"] == "connection_limit" and r.headers["Retry-After"]
