@@ -25,6 +25,7 @@ from pulse.errors import (
     PAYLOAD_TOO_LARGE,
     RATE_LIMITED,
     REQUEST_TIMEOUT,
+    SERVER_BUSY,
     UNKNOWN_DEVICE,
     error_body,
 )
@@ -59,6 +60,7 @@ DEVICE_ERRORS = (
     INVALID_DEVICE_TOKEN,
     UNKNOWN_DEVICE,
     RATE_LIMITED,
+    SERVER_BUSY,  # the process's budget for unfinished bodies is full (pulse.web.bodies)
     DATABASE_UNAVAILABLE,
 )
 
@@ -152,7 +154,9 @@ async def heartbeat(tenant_id: str, device_id: str) -> Response:
 @document_response(openapi.BatchResponse, 400)
 # The envelope (not JSON, no messages, 0 or over 1000 of them) is answered with one
 # error; a message's own error is its result's reason.
-@openapi.errors(INVALID_PAYLOAD, REQUEST_TIMEOUT, PAYLOAD_TOO_LARGE, DATABASE_UNAVAILABLE)
+@openapi.errors(
+    INVALID_PAYLOAD, REQUEST_TIMEOUT, PAYLOAD_TOO_LARGE, SERVER_BUSY, DATABASE_UNAVAILABLE
+)
 async def batch() -> Response:
     """Store 1 to 1000 readings of any devices and tenants, each judged on its own."""
     receipt = Receipt("batch")

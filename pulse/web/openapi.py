@@ -32,6 +32,7 @@ from pulse.errors import (
     INVALID_TICKET,
     INVALID_TOKEN,
     MISSING_TOKEN,
+    ORIGIN_NOT_ALLOWED,
     RATE_LIMITED,
     TENANT_REQUIRED,
     TOKEN_EXPIRED,
@@ -110,7 +111,8 @@ TAGS = [
 AUTH = (MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED, FORBIDDEN)
 # A route that acts on one tenant (operators must name it) and reads the database.
 TENANT_READ = (*AUTH, TENANT_REQUIRED, INVALID_TENANT_ID, DATABASE_UNAVAILABLE)
-TENANT_WRITE = TENANT_READ
+# A change: also refused when made with the session cookie from a foreign page (CSRF).
+TENANT_WRITE = (*TENANT_READ, ORIGIN_NOT_ALLOWED)
 # A read that operators may make across every tenant (no tenant_id needed).
 CROSS_TENANT_READ = (*AUTH, INVALID_TENANT_ID, DATABASE_UNAVAILABLE)
 STREAM = (*TENANT_READ, INVALID_TICKET)

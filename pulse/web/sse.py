@@ -58,6 +58,16 @@ class StreamQuery(BaseModel):
         default=None, description="Resume after this event id (the header wins)."
     )
     tenant_id: str | None = Field(default=None, description="Required for operators.")
+    ticket: str | None = Field(
+        default=None,
+        description="A one-time stream ticket (POST /api/v1/stream-ticket): the way for "
+        "an EventSource, which cannot send headers.",
+    )
+    token: str | None = Field(
+        default=None,
+        description="The JWT, where no header can carry it (it ends up in access logs "
+        "of proxies: prefer a ticket).",
+    )
 
 
 class StreamHeaders(BaseModel):

@@ -18,7 +18,7 @@ from quart_schema import document_response, security_scheme, tag
 from pulse.auth.access import require_unexpired
 from pulse.auth.principal import Principal
 from pulse.auth.tickets import TICKET_TTL_S
-from pulse.errors import DATABASE_UNAVAILABLE, RATE_LIMITED, ApiError
+from pulse.errors import DATABASE_UNAVAILABLE, ORIGIN_NOT_ALLOWED, RATE_LIMITED, ApiError
 from pulse.runtime import Runtime
 from pulse.web import openapi, runtime
 from pulse.web.auth import authenticate_request
@@ -63,7 +63,7 @@ def ticket_body(ticket: str, principal: Principal) -> bytes:
 @tag(["streams"])
 @security_scheme(openapi.JWT)
 @document_response(StreamTicket)
-@openapi.errors(*openapi.AUTH, RATE_LIMITED, DATABASE_UNAVAILABLE)
+@openapi.errors(*openapi.AUTH, ORIGIN_NOT_ALLOWED, RATE_LIMITED, DATABASE_UNAVAILABLE)
 async def create_stream_ticket() -> Response:
     """A ticket for ?ticket= on the stream endpoints: single use, valid 30 s on any process."""
     # Header or cookie only: the point of a ticket is to keep the token out of URLs.

@@ -97,6 +97,11 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def foreign_page(token: str) -> dict[str, str]:
+    """A change with the session cookie from another site's page: origin_not_allowed."""
+    return {"Cookie": f"pulse_session={token}", "Origin": "https://elsewhere.example"}
+
+
 def jwt_calls(
     method: str,
     template: str,
@@ -108,8 +113,9 @@ def jwt_calls(
 ) -> list[Call]:
     """The answers every JWT route shares: no token, a token that may not, no tenant."""
     calls = [Call(method, template, 401, json=body)]
-    if write:  # a reader may not write
+    if write:  # a reader may not write; nor a page of another site with the cookie
         calls.append(Call(method, template, 403, headers=bearer(tokens.customer), json=body))
+        calls.append(Call(method, template, 403, headers=foreign_page(tokens.admin), json=body))
     else:  # nobody reads another tenant's data
         calls.append(
             Call(method, template, 403, headers=bearer(tokens.customer), params={"tenant_id": "t2"})
@@ -199,6 +205,7 @@ def live_calls(tokens: Tokens, device_tokens: dict[str, str], ids: dict[str, str
         Call("POST", TICKET, 200, headers=bearer(tokens.customer)),
         Call("POST", TICKET, 401),
         Call("POST", TICKET, 403, headers=bearer(tokens.roleless)),
+        Call("POST", TICKET, 403, headers=foreign_page(tokens.customer)),
         # -- ingest --
         Call("POST", TELEMETRY, 201, headers=dev1, json={"metrics": {"temp": 20}}),
         Call("POST", TELEMETRY, 400, headers=dev1, json={"metrics": {"temp": "warm"}}),
