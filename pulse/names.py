@@ -9,9 +9,12 @@ import re
 from collections.abc import Iterable, Sequence
 
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-# C0 controls (NUL among them), DEL, C1 controls, and UTF-16 surrogates, which a
-# JSON string can carry alone ("\ud800") but UTF-8 cannot encode.
-_NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# C0 controls (NUL among them), DEL, C1 controls, the bidirectional embeddings,
+# overrides and isolates (U+202A-U+202E, U+2066-U+2069: "Overheat<U+202E>: temp > 61"
+# shows as "Overheat16 < pmet :" wherever the name is written), and UTF-16 surrogates,
+# which a JSON string can carry alone ("\ud800") but UTF-8 cannot encode. Right-to-left
+# text needs none of them (the marks U+200E and U+200F stay allowed).
+_NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def is_valid_name(value: object) -> bool:

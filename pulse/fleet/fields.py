@@ -29,7 +29,10 @@ Name = Annotated[
 
 def _plain_text(value: str) -> str:
     if not is_plain_text(value):
-        raise ValueError("must not contain control characters (such as NUL or ESC)")
+        raise ValueError(
+            "must not contain control characters (such as NUL, ESC or the bidirectional "
+            "overrides U+202A-U+202E and U+2066-U+2069)"
+        )
     return value
 
 

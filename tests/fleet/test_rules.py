@@ -387,6 +387,9 @@ async def test_a_device_deleted_while_the_sweeper_marks_it_keeps_no_alert_open(
         # PostgreSQL refuses NUL in text; a terminal obeys ESC.
         {"name": "over\u0000heat"},
         {"name": "\u001b[31mred"},
+        # A right-to-left override reversed the alert's summary on the dashboard.
+        {"name": "Overheat\u202e"},
+        {"name": "a\u2067b"},
     ],
 )
 async def test_invalid_rules_are_refused(

@@ -107,6 +107,7 @@ async def test_duplicate_device_is_a_conflict(
         {"device_id": "ok", "site_id": "a\u0000b"},
         {"device_id": "ok", "name": "\u001b]0;title\u0007"},
         {"device_id": "ok", "site_id": "line\nbreak"},
+        {"device_id": "ok", "name": "\u202ereversed"},
         ["dev-1"],
         # Unknown fields are refused, as for readings and rules: a typo is not ignored.
         {"device_id": "ok", "site": "s1"},

@@ -37,6 +37,12 @@ const OPS = {
 
 const $ = (id) => document.getElementById(id);
 
+// A map keyed by names that come from devices and tenants: with no prototype, a metric
+// named "constructor", "toString" or "__proto__" is a key like any other (in a plain
+// object it found Object.prototype's, and the page threw on every reading of it).
+const dict = () => Object.create(null);
+const own = (table, key, otherwise) => (Object.hasOwn(table, key) ? table[key] : otherwise);
+
 function el(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
@@ -99,7 +105,7 @@ class Dashboard {
     this.historyLoads = 0; // range changes: a later load wins over an earlier one
     // What was rendered, in order: for tests and debugging (window.pulseDashboard).
     // history: per device, its seam and how many readings its history counted.
-    this.log = { ids: [], count: 0, history: {}, skipped: 0 };
+    this.log = { ids: [], count: 0, history: dict(), skipped: 0 };
     this.alertsLoaded = false;
     this.failed = new Set(); // parts of the page given up on
     this.stopped = false;
@@ -160,7 +166,8 @@ class Dashboard {
     this.timers.push(setInterval(() => this.flush(), FLUSH_MS));
     this.timers.push(setInterval(() => this.tick(), 1000));
     this.timers.push(setInterval(() => this.refreshDevices(), DEVICE_REFRESH_MS));
-    window.addEventListener("resize", () => this.resizeCharts());
+    this.onResize = () => this.resizeCharts();
+    window.addEventListener("resize", this.onResize);
   }
 
   // The REST API's view of the fleet. Throws what the page cannot do without:
@@ -230,7 +237,7 @@ class Dashboard {
     ].sort((a, b) => a - b);
     const index = new Map(times.map((t, i) => [t, i]));
     device.times = times;
-    device.series = {};
+    device.series = dict();
     let counted = 0;
     for (const [name, points] of Object.entries(body.series)) {
       const values = times.map(() => null);
@@ -274,6 +281,7 @@ class Dashboard {
     this.fleet.stop();
     this.timers.forEach(clearInterval);
     clearTimeout(this.refreshTimer);
+    if (this.onResize) window.removeEventListener("resize", this.onResize);
   }
 
   // --- data in -----------------------------------------------------------
@@ -287,7 +295,15 @@ class Dashboard {
     }
   }
 
+  // The whole list (the API does not page it): a card whose device is not in it any
+  // more was deleted, and goes.
   setDevices(list) {
+    const listed = new Set(list.map((info) => info.device_id));
+    for (const [id, device] of this.devices) {
+      if (listed.has(id)) continue;
+      device.nodes.card.remove();
+      this.devices.delete(id);
+    }
     for (const info of list) {
       const device = this.device(info.device_id);
       device.info = info;
@@ -333,9 +349,9 @@ class Dashboard {
         info: null,
         status: "OFFLINE",
         lastSeen: null,
-        latest: {},
+        latest: dict(),
         times: [],
-        series: {},
+        series: dict(),
         dirty: false,
         chartDirty: false,
         chartAt: 0,
@@ -363,7 +379,7 @@ class Dashboard {
     const last = el("span", "last-id");
     foot.append(seen, last);
     card.append(head, id, metrics, chart, foot);
-    device.nodes = { card, name, badge, id, metrics, chart, seen, last, values: {} };
+    device.nodes = { card, name, badge, id, metrics, chart, seen, last, values: dict() };
     // Keep the grid in device id order.
     const grid = $("device-grid");
     const after = [...grid.children].find((c) => c.dataset.deviceId > device.id);
@@ -389,34 +405,14 @@ class Dashboard {
       const now = Date.now();
       const shown = [];
       for (const event of batch) {
-        // A device created since the list was fetched: fetch its name and status.
-        if (!this.devices.has(event.device_id)) this.scheduleDeviceRefresh();
-        const device = this.device(event.device_id);
         this.recent.unshift(event);
         shown.push(event);
-        if (device.seam !== undefined && event.id <= device.seam) {
-          this.log.skipped += 1; // in the device's history already
-          continue;
+        try {
+          this.apply(event, now);
+        } catch (error) {
+          // One event the page cannot show must not take the rest of the batch with it.
+          console.error(`event #${event.id}:`, error);
         }
-        const metrics = event.data.metrics;
-        Object.assign(device.latest, metrics);
-        const t = Date.parse(event.data.time) / 1000;
-        const seen = Math.min(now, t * 1000);
-        if (device.lastSeen === null || seen > device.lastSeen) device.lastSeen = seen;
-        device.lastId = event.id;
-        device.times.push(t);
-        for (const [name, value] of Object.entries(metrics)) {
-          if (typeof value !== "number") continue;
-          if (!this.metricsSeen.has(name)) this.addMetric(name);
-          if (!device.series[name]) device.series[name] = device.times.map(() => null);
-          device.series[name].push(value);
-        }
-        for (const [name, values] of Object.entries(device.series)) {
-          if (values.length < device.times.length) values.push(null);
-        }
-        this.trim(device, t);
-        device.dirty = device.chartDirty = true;
-        if (this.liveFrom === null || event.id > this.liveFrom) this.arrivals.push(now);
       }
       this.recent.length = Math.min(this.recent.length, RECENT_ROWS);
       if (shown.length) this.renderRecent(shown[shown.length - 1]);
@@ -428,6 +424,35 @@ class Dashboard {
     for (const device of this.devices.values()) {
       if (device.chartDirty && now - device.chartAt >= CHART_EVERY_MS) this.renderChart(device, now);
     }
+  }
+
+  apply(event, now) {
+    // A device created since the list was fetched: fetch its name and status.
+    if (!this.devices.has(event.device_id)) this.scheduleDeviceRefresh();
+    const device = this.device(event.device_id);
+    if (device.seam !== undefined && event.id <= device.seam) {
+      this.log.skipped += 1; // in the device's history already
+      return;
+    }
+    const metrics = event.data.metrics;
+    Object.assign(device.latest, metrics);
+    const t = Date.parse(event.data.time) / 1000;
+    const seen = Math.min(now, t * 1000);
+    if (device.lastSeen === null || seen > device.lastSeen) device.lastSeen = seen;
+    device.lastId = event.id;
+    device.times.push(t);
+    for (const [name, value] of Object.entries(metrics)) {
+      if (typeof value !== "number") continue;
+      if (!this.metricsSeen.has(name)) this.addMetric(name);
+      if (!device.series[name]) device.series[name] = device.times.map(() => null);
+      device.series[name].push(value);
+    }
+    for (const values of Object.values(device.series)) {
+      if (values.length < device.times.length) values.push(null);
+    }
+    this.trim(device, t);
+    device.dirty = device.chartDirty = true;
+    if (this.liveFrom === null || event.id > this.liveFrom) this.arrivals.push(now);
   }
 
   record(id) {
@@ -468,7 +493,7 @@ class Dashboard {
         node = el("div", "metric");
         node.dataset.metric = name;
         const value = el("span", "value");
-        const unit = el("span", "unit", UNITS[name] || "");
+        const unit = el("span", "unit", own(UNITS, name, ""));
         const line = el("div");
         line.append(value, unit);
         node.append(line, el("span", "name", name));
@@ -527,7 +552,7 @@ class Dashboard {
       li.dataset.severity = alert.severity;
       const head = el("div", "alert-head");
       head.append(
-        el("span", "alert-type", `S${alert.severity} · ${TYPE_LABELS[alert.alert_type] || alert.alert_type}`),
+        el("span", "alert-type", `S${alert.severity} · ${own(TYPE_LABELS, alert.alert_type, alert.alert_type)}`),
         el("span", "alert-device", alert.device_id || ""),
         el("span", "alert-age", ago(Date.parse(alert.created_at))),
       );
@@ -670,7 +695,7 @@ class Dashboard {
 
   breaches(deviceId, metric, value) {
     if (typeof value !== "number") return false;
-    return this.rulesFor(deviceId, metric).some((r) => OPS[r.operator] && OPS[r.operator](value, r.threshold));
+    return this.rulesFor(deviceId, metric).some((r) => own(OPS, r.operator, () => false)(value, r.threshold));
   }
 
   // --- filters ---------------------------------------------------------------
@@ -735,6 +760,21 @@ function close() {
   if (dashboard) dashboard.stop();
   dashboard = null;
   problems.clear();
+  clearPage();
+}
+
+// Nothing of a session outlives it: the next may be another tenant's.
+function clearPage() {
+  for (const id of ["device-grid", "alert-list", "event-rows", "chart-metric", "who"]) $(id).replaceChildren();
+  for (const id of ["sum-total", "sum-online", "sum-stale", "sum-offline", "sum-alerts", "rate"]) {
+    $(id).textContent = "–";
+  }
+  $("alert-count").textContent = "";
+  $("last-event").textContent = "no events yet";
+  $("devices-empty").hidden = true;
+  $("alerts-empty").textContent = "Loading alerts…";
+  $("alerts-empty").hidden = false;
+  document.title = "Pulse · Fleet";
 }
 
 function signOut(message) {

@@ -1,0 +1,112 @@
+"""Names the page must show like any other, and sessions that must not leak into the next.
+
+Found by an audit in a real browser: a metric named like a built-in JavaScript property
+(`constructor`, `toString`, `__proto__`) threw on every reading and dropped the other
+devices' readings of the same batch; a sign-out left the session's cards on the page
+(under the next tenant's header); a deleted device's card stayed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.dashboard.browser import MISSING, chromium_installed, chromium_page, wait_until
+from tests.dashboard.fleet import seed_fleet
+from tests.support import provision_device, pulse_serve
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not chromium_installed(), reason=MISSING),
+]
+
+BUILTINS = ("constructor", "toString", "__proto__", "hasOwnProperty")
+
+
+async def test_metrics_named_like_javascript_builtins_show_like_any_other(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path, make_token: Callable[..., str]
+) -> None:
+    from playwright.async_api import expect
+
+    admin = make_token(roles=("tenant-admin",))
+    tokens = {d: await provision_device(pool, "t1", d) for d in ("odd", "plain")}
+    errors: list[str] = []
+    async with (
+        pulse_serve(data_dir=tmp_path, database_url=database_url) as server,
+        httpx.AsyncClient(base_url=server.url) as http,
+        chromium_page() as page,
+    ):
+
+        async def ingest(device: str, metrics: dict[str, float]) -> int:
+            r = await http.post(
+                f"/ingest/v1/tenant/t1/device/{device}/telemetry",
+                json={"metrics": metrics},
+                headers={"X-Provision-Token": tokens[device]},
+            )
+            assert r.status_code == 201, r.text
+            return int(r.json()["id"])
+
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        await page.goto(f"{server.url}/#token={admin}")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        ids = []
+        for n in range(3):  # in the same batches as the other device's readings
+            ids.append(await ingest("odd", {name: float(n) for name in BUILTINS}))
+            ids.append(await ingest("plain", {"temp": 20.0 + n}))
+        await wait_until(page, f"window.pulseDashboard.ids.includes({ids[-1]})")
+        assert sorted(await page.evaluate("window.pulseDashboard.ids")) == ids
+        plain = page.locator('.device[data-device-id="plain"]')
+        await expect(plain.locator('.metric[data-metric="temp"] .value')).to_have_text("22.0")
+        odd = page.locator('.device[data-device-id="odd"]')
+        for name in BUILTINS[:3]:  # a card shows four metrics at most
+            metric = odd.locator(f'.metric[data-metric="{name}"]')
+            await expect(metric.locator(".value")).to_have_text("2.00")
+            await expect(metric.locator(".unit")).to_have_text("")
+        assert errors == []
+
+
+async def test_a_session_leaves_nothing_behind_and_deleted_devices_go(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path, make_token: Callable[..., str]
+) -> None:
+    from playwright.async_api import expect
+
+    t1 = make_token(roles=("tenant-admin",))
+    t2 = make_token("t2", roles=("tenant-admin",))
+    async with (
+        pulse_serve(data_dir=tmp_path, database_url=database_url) as server,
+        httpx.AsyncClient(base_url=server.url) as http,
+        chromium_page() as page,
+    ):
+        await seed_fleet(pool, http, t1, devices=4, hot=1)
+        await seed_fleet(pool, http, t2, tenant="t2", devices=2, hot=0)
+        await page.goto(f"{server.url}/#token={t1}")
+        cards = page.locator("#device-grid .device")
+        await expect(cards).to_have_count(4)
+
+        # Deleted: its card goes at the next refresh of the list (the summary changes).
+        r = await http.delete(
+            "/api/v1/customer/devices/dev-0004", headers={"Authorization": f"Bearer {t1}"}
+        )
+        assert r.status_code == 204
+        await expect(page.locator("#sum-total")).to_have_text("3")
+        await expect(cards).to_have_count(3)
+
+        # Signed out: nothing of t1 behind the sign-in form.
+        await page.click("#signout")
+        await expect(page.locator("#login")).to_be_visible()
+        await expect(cards).to_have_count(0)
+        await expect(page.locator("#alert-list .alert")).to_have_count(0)
+        await expect(page.locator("#sum-total")).to_have_text("\u2013")
+
+        # Another tenant's session shows its own devices only.
+        await page.fill("#login-token", t2)
+        await page.click("#login-form button[type=submit]")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        await expect(cards).to_have_count(2)
+        shown: Any = await cards.evaluate_all("nodes => nodes.map(n => n.dataset.deviceId)")
+        assert shown == ["dev-0001", "dev-0002"]
