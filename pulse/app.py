@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from types import TracebackType
 
-from quart import Quart
+from quart import Quart, Response, request
 
 from pulse import apidocs, dashboard
 from pulse.config import Settings
@@ -63,6 +63,16 @@ class PulseApp(PulseQuart):
             super().log_exception(exception_info)
 
 
+async def _static_revalidated(response: Response) -> Response:
+    """The pages' scripts and styles are asked about again on every load (a 304 when
+    unchanged): their names carry no version, and a browser that kept them for Quart's
+    default 12 hours mixed an upgrade's modules with the release before."""
+    if request.endpoint is not None and request.endpoint.endswith(".static"):
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
 def create_app(settings: Settings | None = None) -> Quart:
     settings = settings or Settings.from_env()
     settings.check()  # also when an embedding program built the Settings itself
@@ -73,6 +83,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
+    app.after_request(_static_revalidated)
     # A device's readings and heartbeats are answered before Quart, and every ingest
     # body is read within the process's budget (pulse.web.fastpath); SSE streams are
     # opened and stream tickets issued before Quart too (pulse.web.sse_fastpath,

@@ -7,6 +7,7 @@ import asyncio
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -93,3 +94,39 @@ async def test_history_then_live_at_the_seam(
             page, f"window.pulseDashboard.history['dev-1'].readings === {dev1}", timeout_s=20
         )
         assert await page.evaluate("window.pulseDashboard.range") == 86400
+
+
+async def test_a_history_the_server_could_not_answer_is_asked_again(
+    settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """A restart or a busy moment at the page's start answered a device's history
+    with a 503 once: its chart stayed without history for good, and when every device
+    failed the stream started at "now", missing what came before it."""
+    if not chromium_installed():
+        pytest.skip(MISSING)
+    from playwright.async_api import expect
+
+    for device in DEVICES:
+        await provision_device(pool, "t1", device)
+    now = datetime.now(UTC)
+    rows = [(d, now - timedelta(minutes=30 - i), {"temp": 20.0}) for i, d in enumerate(DEVICES)]
+    await readings_at(pool, "t1", rows)
+    refused: list[str] = []
+
+    async def busy_twice(route: Any) -> None:
+        if len(refused) < 2 * len(DEVICES):
+            refused.append(route.request.url)
+            body = '{"error": "database_unavailable", "detail": "The database is unavailable."}'
+            await route.fulfill(status=503, content_type="application/json", body=body)
+        else:
+            await route.continue_()
+
+    async with running_server(settings) as url, chromium_page() as page:
+        await page.route("**/api/v1/customer/devices/*/telemetry?*", busy_twice)
+        await page.goto(f"{url}/#token={make_token('t1')}")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        await wait_until(page, "Object.keys(window.pulseDashboard.history).length === 4")
+        history = await page.evaluate("window.pulseDashboard.history")
+        assert all(history[d]["readings"] == 1 for d in DEVICES), history
+        assert len(refused) == 2 * len(DEVICES)
+        await expect(page.locator("#problem")).to_be_hidden()

@@ -76,6 +76,7 @@ async def test_a_session_leaves_nothing_behind_and_deleted_devices_go(
     from playwright.async_api import expect
 
     t1 = make_token(roles=("tenant-admin",))
+    operator = make_token(None, roles=("operator",))
     t2 = make_token("t2", roles=("tenant-admin",))
     async with (
         pulse_serve(data_dir=tmp_path, database_url=database_url) as server,
@@ -84,9 +85,13 @@ async def test_a_session_leaves_nothing_behind_and_deleted_devices_go(
     ):
         await seed_fleet(pool, http, t1, devices=4, hot=1)
         await seed_fleet(pool, http, t2, tenant="t2", devices=2, hot=0)
-        await page.goto(f"{server.url}/#token={t1}")
+        await page.goto(f"{server.url}/#token={operator}")
+        await page.fill("#login-tenant", "t1")  # asked for: an operator's token names none
+        await page.click("#login-form button[type=submit]")
         cards = page.locator("#device-grid .device")
         await expect(cards).to_have_count(4)
+        # The preferred metric charted, though history brings battery first.
+        await expect(page.locator("#chart-metric")).to_have_value("temp")
 
         # Deleted: its card goes at the next refresh of the list (the summary changes).
         r = await http.delete(
@@ -102,6 +107,8 @@ async def test_a_session_leaves_nothing_behind_and_deleted_devices_go(
         await expect(cards).to_have_count(0)
         await expect(page.locator("#alert-list .alert")).to_have_count(0)
         await expect(page.locator("#sum-total")).to_have_text("\u2013")
+        # The operator's tenant is not offered to whoever signs in next.
+        await expect(page.locator("#login-tenant")).to_have_value("")
 
         # Another tenant's session shows its own devices only.
         await page.fill("#login-token", t2)

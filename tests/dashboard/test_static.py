@@ -31,7 +31,13 @@ async def test_the_page_is_served_with_a_strict_policy(http: httpx.AsyncClient) 
         r = await http.get(path)
         assert r.status_code == 200, path
         assert types[Path(path).suffix] in r.headers["content-type"], path
+        # Asked about again on every load: no version in their names, and a browser
+        # that kept them 12 hours mixed an upgrade's modules with the release before.
+        assert r.headers["cache-control"] == "no-cache", path
+        assert r.headers["x-content-type-options"] == "nosniff", path
     assert len(assets) == 4
+    r = await http.get("/docs/static/docs.js")
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-cache"
 
 
 def _imports(module: str) -> set[str]:

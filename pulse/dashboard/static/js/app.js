@@ -17,6 +17,7 @@ import { Backoff, FleetSocket, TelemetryStream, newestEventId } from "./streams.
 
 const DEFAULT_RANGE_S = 3600; // the range picker's (index.html) first choice
 const HISTORY_CONCURRENCY = 6; // history requests in flight at once
+const HISTORY_ATTEMPTS = 6; // asks for a history while the server is busy: waits of up to 1, 2, 4, 8, 8 s
 const BACKFILL_EVENTS = 5000; // replayed at start when the server has no history API
 const RECENT_ROWS = 15;
 const FLUSH_MS = 250;
@@ -98,6 +99,7 @@ class Dashboard {
     this.recent = [];
     this.metricsSeen = new Set();
     this.chartMetric = null;
+    this.metricPicked = false; // by the viewer, in the picker
     this.filter = "";
     this.arrivals = [];
     this.liveFrom = null; // events up to this id are history replayed at start
@@ -153,8 +155,14 @@ class Dashboard {
       this.telemetry.lastEventId = Math.max(0, Math.min(...seams) - RECENT_ROWS);
     } else {
       // No device has history (or the server has no history API): the newest id,
-      // and a replay of recent events for the charts.
-      const newest = await newestEventId(this.session);
+      // and a replay of recent events for the charts. Asked again while the server
+      // cannot say: a stream started at "now" later would miss what came between.
+      let newest = await newestEventId(this.session);
+      for (const retry = new Backoff(1000, 8000); newest === null && retry.attempt < HISTORY_ATTEMPTS; ) {
+        await sleep(retry.next());
+        if (this.stopped) return;
+        newest = await newestEventId(this.session);
+      }
       if (newest !== null) {
         this.liveFrom = newest;
         const replay = this.devices.size && !this.historyMissing ? 0 : BACKFILL_EVENTS;
@@ -206,25 +214,43 @@ class Dashboard {
     const from = new Date(Date.now() - this.rangeS * 1000);
     const queue = [...this.devices.values()];
     const seams = [];
+    const missed = [];
+    const current = () => !this.stopped && load === this.historyLoads;
     const worker = async () => {
-      while (queue.length && !this.stopped && load === this.historyLoads) {
+      while (queue.length && current()) {
         const device = queue.shift();
-        try {
-          const body = await this.session.request(
-            "GET",
-            `/api/v1/customer/devices/${encodeURIComponent(device.id)}/telemetry`,
-            { from: from.toISOString(), agg: "avg,last,count" },
-          );
-          if (load !== this.historyLoads) return;
-          this.applyHistory(device, body);
-          seams.push(body.last_event_id);
-        } catch (error) {
-          if (error instanceof AuthError) throw error;
-          if (optional(error)) this.historyMissing = true;
+        // A server busy or restarting is asked again (else the chart would start
+        // empty, and, with no device's seam, the stream at "now").
+        const backoff = new Backoff(1000, 8000);
+        for (let attempt = 1; current(); attempt += 1) {
+          try {
+            const body = await this.session.request(
+              "GET",
+              `/api/v1/customer/devices/${encodeURIComponent(device.id)}/telemetry`,
+              { from: from.toISOString(), agg: "avg,last,count" },
+            );
+            if (load !== this.historyLoads) return;
+            this.applyHistory(device, body);
+            seams.push(body.last_event_id);
+            break;
+          } catch (error) {
+            if (error instanceof AuthError) throw error;
+            if (optional(error)) this.historyMissing = true;
+            else if (error instanceof ApiError && error.transient && attempt < HISTORY_ATTEMPTS) {
+              await sleep(backoff.next());
+              continue;
+            } else missed.push(device.id);
+            break;
+          }
         }
       }
     };
     await Promise.all(Array.from({ length: HISTORY_CONCURRENCY }, worker));
+    if (!current()) return seams;
+    if (missed.length) {
+      const which = missed.length === 1 ? `of ${missed[0]}` : `of ${missed.length} devices`;
+      problems.set("history", `The history ${which} could not be loaded: its chart shows live readings only.`);
+    } else problems.clear("history");
     return seams;
   }
 
@@ -477,7 +503,9 @@ class Dashboard {
       (a, b) => (PREFERRED.indexOf(a) + 1 || 99) - (PREFERRED.indexOf(b) + 1 || 99) || a.localeCompare(b),
     );
     select.replaceChildren(...names.map((n) => new Option(n, n)));
-    if (!this.chartMetric) this.chartMetric = names[0];
+    // Until someone picks one, the most preferred seen so far (history comes in
+    // alphabetical order: battery before temp).
+    if (!this.metricPicked && this.chartMetric !== names[0]) this.setChartMetric(names[0], false);
     select.value = this.chartMetric;
   }
 
@@ -700,8 +728,9 @@ class Dashboard {
 
   // --- filters ---------------------------------------------------------------
 
-  setChartMetric(metric) {
+  setChartMetric(metric, picked = true) {
     this.chartMetric = metric;
+    this.metricPicked ||= picked;
     for (const device of this.devices.values()) {
       device.chartDirty = true;
       device.chartAt = 0;
@@ -859,8 +888,13 @@ function main() {
     $("login-token").value = "";
     open(Session.restore());
   });
-  $("login-other").addEventListener("click", () => signOut(""));
-  $("signout").addEventListener("click", () => signOut(""));
+  // Signing out on purpose: the next person may be another operator, for another tenant.
+  const leave = () => {
+    $("login-tenant").value = "";
+    signOut("");
+  };
+  $("login-other").addEventListener("click", leave);
+  $("signout").addEventListener("click", leave);
   $("chart-metric").addEventListener("change", (event) => dashboard && dashboard.setChartMetric(event.target.value));
   $("chart-range").addEventListener("change", (event) => dashboard && dashboard.setRange(Number(event.target.value)));
   $("device-filter").addEventListener("input", (event) => dashboard && dashboard.setFilter(event.target.value));
