@@ -117,3 +117,24 @@ async def test_a_session_leaves_nothing_behind_and_deleted_devices_go(
         await expect(cards).to_have_count(2)
         shown: Any = await cards.evaluate_all("nodes => nodes.map(n => n.dataset.deviceId)")
         assert shown == ["dev-0001", "dev-0002"]
+
+
+async def test_more_active_alerts_than_the_socket_sends_are_said(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path, make_token: Callable[..., str]
+) -> None:
+    """The v2 WebSocket pushes the newest 100 active alerts: with 105 the panel said
+    100, while the summary said 105."""
+    from playwright.async_api import expect
+
+    admin = make_token(roles=("tenant-admin",))
+    async with (
+        pulse_serve(data_dir=tmp_path, database_url=database_url) as server,
+        httpx.AsyncClient(base_url=server.url) as http,
+        chromium_page() as page,
+    ):
+        await seed_fleet(pool, http, admin, devices=105, hot=105)
+        await page.goto(f"{server.url}/#token={admin}")
+        await expect(page.locator("#sum-alerts")).to_have_text("105")
+        await expect(page.locator("#alert-list .alert")).to_have_count(100)
+        await expect(page.locator("#alert-count")).to_have_text("100 of 105")
+        assert (await page.title()).startswith("(105) ")
