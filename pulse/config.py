@@ -165,6 +165,27 @@ class Settings:
                 f"PULSE_OFFLINE_AFTER_S ({self.offline_after_s:g}): a device is STALE "
                 "between the two"
             )
+        if self.jwks_url is not None:
+            parts = urlsplit(self.jwks_url)
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                raise ConfigError(
+                    f"PULSE_JWKS_URL={self.jwks_url!r} must be an https:// URL (your identity "
+                    "provider's jwks_uri)"
+                )
+        # Never echoed either: a NATS URL may hold credentials.
+        if self.bus_url is not None:
+            servers = [url.strip() for url in self.bus_url.split(",") if url.strip()]
+            if not servers or any(not _bus_server(url) for url in servers):
+                raise ConfigError(
+                    "PULSE_BUS_URL must be nats://HOST:PORT (or tls://, ws://, wss://), several "
+                    "servers of one cluster comma separated"
+                )
+        # A body of the largest size (1 MiB) must fit, or such a request is never taken.
+        if self.ingest_buffer_mb < 1:
+            raise ConfigError(
+                f"PULSE_INGEST_BUFFER_MB={self.ingest_buffer_mb:g} must be at least 1: one "
+                "request's body can be 1 MiB"
+            )
         if self.log_level.upper() not in LEVELS:
             raise ConfigError(
                 f"PULSE_LOG_LEVEL={self.log_level!r} is not one of {', '.join(LEVELS)}"
@@ -173,6 +194,11 @@ class Settings:
             raise ConfigError(
                 f"PULSE_LOG_FORMAT={self.log_format!r} is not one of {', '.join(FORMATS)}"
             )
+
+
+def _bus_server(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("nats", "tls", "ws", "wss") and bool(parts.hostname)
 
 
 _PLAIN_KEYS = {"database_url": "DATABASE_URL", "port": "PORT"}

@@ -147,6 +147,13 @@ DATABASE_UNAVAILABLE = _error(
     INTERNAL_ERROR_CLOSE,
     "The database is unreachable, or the server is shutting down; retry shortly.",
 )
+KEYS_UNAVAILABLE = _error(
+    "keys_unavailable",
+    503,
+    INTERNAL_ERROR_CLOSE,
+    "The identity provider's signing keys (PULSE_JWKS_URL) cannot be fetched, so no "
+    "token can be checked: the token may well be valid. Retry shortly.",
+)
 BROKER_UNAVAILABLE = _error(
     "broker_unavailable",
     503,

@@ -120,6 +120,15 @@ def test_a_postgresql_url_is_taken(url: str) -> None:
         {"PORT": "70000"},
         {"PULSE_SHUTDOWN_TIMEOUT_S": "nan"},  # started, then failed at SIGTERM
         {"PULSE_DB_POOL_SIZE": "0"},
+        # Started, then answered every token 401 (the keys "unavailable").
+        {"PULSE_JWKS_URL": "notaurl"},
+        {"PULSE_JWKS_URL": "file:///etc/keys.json"},
+        # Started, then fell back to LISTEN for good ("Name or service not known").
+        {"PULSE_BUS_URL": "garbage"},
+        {"PULSE_BUS_URL": "nats://a:4222,http://b:4222"},
+        # Started, then crashed with a traceback naming no variable.
+        {"PULSE_INGEST_BUFFER_MB": "1e-9"},
+        {"PULSE_INGEST_BUFFER_MB": "0.5"},
     ],
 )
 def test_values_that_cannot_work_are_refused_naming_the_variable(env: dict[str, str]) -> None:
@@ -127,6 +136,18 @@ def test_values_that_cannot_work_are_refused_naming_the_variable(env: dict[str, 
     the sweeper would have kept devices ONLINE past offline, or STALE at once."""
     with pytest.raises(ConfigError, match=next(iter(env))):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"PULSE_JWKS_URL": "https://idp.example/.well-known/jwks.json"},
+        {"PULSE_BUS_URL": "nats://u:p@a:4222, tls://b:4222"},
+        {"PULSE_INGEST_BUFFER_MB": "1"},
+    ],
+)
+def test_values_that_work_are_taken(env: dict[str, str]) -> None:
+    Settings.from_env(env)
 
 
 def test_the_defaults_pass_their_own_checks() -> None:

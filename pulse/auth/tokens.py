@@ -26,7 +26,7 @@ from joserfc.jwt import ClaimsOption, JWTClaimsRegistry
 from pulse.auth.jwks import JwksCache, JwksUnavailable
 from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES, Principal
 from pulse.config import Settings
-from pulse.errors import FORBIDDEN, INVALID_TOKEN, TOKEN_EXPIRED, ApiError
+from pulse.errors import FORBIDDEN, INVALID_TOKEN, KEYS_UNAVAILABLE, TOKEN_EXPIRED, ApiError
 from pulse.names import is_plain_text, is_valid_name
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,12 @@ class TokenVerifier:
             try:
                 return await self._jwks.keys_for(kid if isinstance(kid, str) else None)
             except JwksUnavailable as exc:
+                # Not the token's fault: a 401 would send a dashboard to its sign-in.
                 log.warning("%s", exc)
                 raise ApiError(
-                    INVALID_TOKEN, "The signing keys are unavailable; retry shortly."
+                    KEYS_UNAVAILABLE,
+                    "The identity provider's signing keys cannot be fetched; retry shortly.",
+                    {"Retry-After": "5"},
                 ) from exc
         if self._secret_key is None:
             raise ApiError(INVALID_TOKEN, "This server has no token verification configured.")

@@ -31,6 +31,7 @@ from pulse.errors import (
     INVALID_TENANT_ID,
     INVALID_TICKET,
     INVALID_TOKEN,
+    KEYS_UNAVAILABLE,
     MISSING_TOKEN,
     ORIGIN_NOT_ALLOWED,
     RATE_LIMITED,
@@ -108,7 +109,7 @@ TAGS = [
 # -- the errors that groups of routes share -------------------------------------------
 
 # A JWT route: no token, a bad one, or a role or tenant that does not allow it.
-AUTH = (MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED, FORBIDDEN)
+AUTH = (MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED, FORBIDDEN, KEYS_UNAVAILABLE)
 # A route that acts on one tenant (operators must name it) and reads the database.
 TENANT_READ = (*AUTH, TENANT_REQUIRED, INVALID_TENANT_ID, DATABASE_UNAVAILABLE)
 # A change: also refused when made with the session cookie from a foreign page (CSRF).
@@ -120,7 +121,13 @@ STREAM = (*TENANT_READ, INVALID_TICKET)
 # Errors that come with a header a client should read.
 _ERROR_HEADERS: dict[ErrorCode, dict[str, Any]] = {
     code: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}
-    for code in (RATE_LIMITED, CONNECTION_LIMIT, EXPORT_LIMIT, DATABASE_UNAVAILABLE)
+    for code in (
+        RATE_LIMITED,
+        CONNECTION_LIMIT,
+        EXPORT_LIMIT,
+        DATABASE_UNAVAILABLE,
+        KEYS_UNAVAILABLE,
+    )
 }
 for _code in (MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED, INVALID_TICKET):
     _ERROR_HEADERS[_code] = {

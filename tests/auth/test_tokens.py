@@ -347,12 +347,15 @@ async def test_keys_are_refreshed_when_old(jwks: JwksServer) -> None:
     assert jwks.hits == 2
 
 
-async def test_unreachable_jwks_is_an_invalid_token_not_a_crash(jwks: JwksServer) -> None:
+async def test_unreachable_jwks_is_unavailable_not_an_invalid_token(jwks: JwksServer) -> None:
+    """Not the token's fault: a 401 sent every dashboard to its sign-in form (and said
+    "retry shortly" with a status that means retrying will not help). A 503 with
+    Retry-After, as for the database."""
     jwks.status = 503
     verifier = TokenVerifier(jwks=JwksCache(jwks.url))
     error = await rejected(verifier, sign(RSA, "RS256", claims()))
-    assert error.code == "invalid_token"
-    assert "unavailable" in error.detail
+    assert (error.code, error.status) == ("keys_unavailable", 503)
+    assert "retry shortly" in error.detail and error.headers["Retry-After"]
 
 
 async def test_provider_outage_keeps_the_cached_keys(jwks: JwksServer) -> None:
