@@ -64,7 +64,11 @@ INVALID_TENANT_ID = _error(
 BAD_REQUEST = _error("bad_request", 400, 4000, "The request is malformed.")
 PAYLOAD_TOO_LARGE = _error("payload_too_large", 413, None, "The request body is over 1 MiB.")
 HEADERS_TOO_LARGE = _error(
-    "headers_too_large", 431, None, "The request line and headers are over 16 KiB."
+    "headers_too_large",
+    431,
+    None,
+    "The request line and headers are too large: over 16 KiB while they are still "
+    "arriving (a head sent in one piece may reach 64 KiB).",
 )
 MESSAGE_TOO_BIG = _error(
     "message_too_big", None, MESSAGE_TOO_BIG_CLOSE, "An inbound WebSocket message is over 64 KiB."
