@@ -18,11 +18,14 @@ import asyncio
 import contextlib
 import logging
 
+import orjson
+
 from pulse.db.errors import DatabaseUnavailable
 from pulse.errors import INTERNAL_ERROR, INVALID_PAYLOAD, PAYLOAD_TOO_LARGE, error_body
 from pulse.ingest import intake
 from pulse.ingest.model import Accepted, Outcome, Rejected
 from pulse.ingest.service import Ingest, Receipt
+from pulse.ingest.validation import InvalidPayload, parse_seq
 from pulse.mqtt import topics
 from pulse.mqtt.link import Delivery, MqttLink
 from pulse.ops.metrics import Metrics
@@ -109,8 +112,11 @@ class MqttIntake:
             if topic is not None:
                 # A rate_limited detail says the wait already ("retry in N s."); the
                 # reading's seq, when it has one, says which reading to publish again.
-                reading = None if isinstance(item, Rejected) else item.reading
-                seq = {} if reading is None or reading.seq is None else {"seq": reading.seq}
+                if isinstance(item, Rejected):
+                    seq_of = _seq_in(delivery.payload)
+                else:
+                    seq_of = None if item.reading is None else item.reading.seq
+                seq = {} if seq_of is None else {"seq": seq_of}
                 self._link.publish(
                     topics.device_topic(topic.tenant_id, topic.device_id, topics.ERRORS),
                     error_body(outcome.reason, outcome.detail, **seq),
@@ -123,3 +129,13 @@ class MqttIntake:
             else:
                 messages.labels("stored").inc()
         self._link.settle(delivery)
+
+
+def _seq_in(payload: bytes) -> int | None:
+    """The seq of a reading refused before it was read (bad metrics, an unknown field):
+    the device still learns which of its readings it was, when the JSON says."""
+    try:
+        body = orjson.loads(payload)
+        return parse_seq(body.get("seq")) if isinstance(body, dict) else None
+    except (orjson.JSONDecodeError, InvalidPayload):
+        return None

@@ -95,6 +95,9 @@ async def test_heartbeat_marks_the_device_seen(
         (b"{not json", "invalid_payload"),
         (b'{"metrics": {"temp": "warm"}}', "invalid_payload"),
         (json.dumps({"metrics": {f"m{i}": i for i in range(201)}}).encode(), "invalid_payload"),
+        # Refused before it was read, it still says which reading it was.
+        (b'{"metrics": {"temp": "warm"}, "seq": 7}', "invalid_payload"),
+        (b'{"metrics": {"temp": 1}, "colour": "red", "seq": 8}', "invalid_payload"),
     ],
 )
 async def test_bad_input_is_acknowledged_answered_and_counted(
@@ -114,7 +117,8 @@ async def test_bad_input_is_acknowledged_answered_and_counted(
     topic, body = device.received[0]
     assert topic == "pulse/t1/dev-1/errors"
     answer = json.loads(body)
-    assert set(answer) == {"error", "detail"} and answer["error"] == error
+    seq = json.loads(payload).get("seq") if payload.startswith(b'{"') else None
+    assert answer == {"error": error, "detail": answer["detail"]} | ({"seq": seq} if seq else {})
     assert metric(metrics, 'pulse_mqtt_messages_total{outcome="rejected"}') == 1
     assert metric(metrics, f'pulse_ingest_rejected_total{{reason="{error}"}}') == 1
 
