@@ -264,6 +264,8 @@ class Hub:
                 if direct:
                     directly[kind] = directly.get(kind, 0) + queued
             if subscription.lagging:
+                # Cut by this batch: the rest of it was not queued either.
+                dropped[kind] = dropped.get(kind, 0) + len(events) - queued
                 self._on_lagging(subscription)
         for kind, count in delivered.items():
             self._delivered(kind).inc(count)
