@@ -45,6 +45,8 @@ QUIET_LIBRARIES = (
 # hypercorn's error log ("Running on ...") follows PULSE_LOG_LEVEL, down to INFO.
 SERVER_LOGGER = "hypercorn.error"
 ACCESS_LOGGER = "hypercorn.access"
+# Its reconnect attempts during an outage, once per 10 s (OncePer).
+POOL_LOGGER = "asyncpg.pool"
 _HANDLER = "pulse"
 
 
@@ -82,6 +84,10 @@ def configure_logging(
         logging.getLogger(name).setLevel(max(number, logging.WARNING))
     # Asked for with PULSE_ACCESS_LOG=1, so shown whatever the level.
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
+    pool = logging.getLogger(POOL_LOGGER)
+    for old_filter in [f for f in pool.filters if isinstance(f, OncePer)]:
+        pool.removeFilter(old_filter)
+    pool.addFilter(OncePer())
 
 
 class JsonFormatter(logging.Formatter):
@@ -102,6 +108,34 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return orjson.dumps(entry, default=str).decode()
+
+
+class OncePer(logging.Filter):
+    """A logger's filter: one record per ``every_s`` seconds, its traceback cut to the
+    exception's line. asyncpg's pool logs "Failed to restore the pool connection floor"
+    with a 20-line traceback every 2 to 4 s of a database outage."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        super().__init__()
+        self._every_s = every_s
+        self._said_at: float | None = None
+        self._unsaid = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if self._said_at is not None and now - self._said_at < self._every_s:
+            self._unsaid += 1
+            return False
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            message += f": {type(error).__name__}: {error}"
+        if self._unsaid and self._said_at is not None:
+            message += f" (and {self._unsaid} more times in the last {now - self._said_at:.0f} s)"
+        record.msg, record.args = message, None
+        record.exc_info = record.exc_text = None
+        self._said_at, self._unsaid = now, 0
+        return True
 
 
 class Throttled:

@@ -175,3 +175,28 @@ def test_a_throttled_warning_is_said_once_per_interval_with_what_it_left_out(
         "database unavailable: refused",
         "database unavailable: back? (and 4 more times in the last 10 s)",
     ]
+
+
+def test_the_pools_reconnect_failures_are_one_short_line_per_ten_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """During a database outage asyncpg's pool logged "Failed to restore the pool
+    connection floor" with a 20-line traceback every 2 to 4 s."""
+    clock = [1000.0]
+    monkeypatch.setattr("pulse.logs.time.monotonic", lambda: clock[0])
+    out = io.StringIO()
+    configure_logging("INFO", "text", stream=out)
+    pool = logging.getLogger("asyncpg.pool")
+    for _ in range(5):  # at 0, 3, 6, 9 and 12 s
+        try:
+            raise ConnectionRefusedError(111, "Connect call failed")
+        except ConnectionRefusedError:
+            pool.warning("Failed to restore the pool connection floor", exc_info=True)
+        clock[0] += 3
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "Traceback" not in out.getvalue(), lines
+    assert lines[0].endswith(
+        "Failed to restore the pool connection floor: ConnectionRefusedError: "
+        "[Errno 111] Connect call failed"
+    )
+    assert lines[1].endswith("(and 3 more times in the last 12 s)")

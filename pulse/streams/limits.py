@@ -32,6 +32,7 @@ import asyncpg
 from pulse.db.database import Database
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.queries import load_queries
+from pulse.logs import Throttled
 
 log = logging.getLogger(__name__)
 Q = load_queries(__package__)
@@ -96,12 +97,13 @@ class ConnectionLimits:
 
     async def keep_alive(self) -> None:
         """Renew the lease for as long as the task lives (run by the Supervisor)."""
+        unavailable = Throttled(log)  # a line per 10 s of an outage
         while True:
             await asyncio.sleep(self.ttl_s / 3)
             try:
                 await self.renew()
             except DatabaseUnavailable as exc:
-                log.warning("cannot renew the stream connection lease: %s", exc)
+                unavailable.warning("cannot renew the stream connection lease: %s", exc)
 
     async def renew(self) -> None:
         db = self._db
