@@ -180,6 +180,13 @@ class Settings:
                     "PULSE_BUS_URL must be nats://HOST:PORT (or tls://, ws://, wss://), several "
                     "servers of one cluster comma separated"
                 )
+        # An export holds a pooled connection while its client reads: with one, ingest
+        # and streams would wait for it.
+        if self.db_pool_size < 2:
+            raise ConfigError(
+                f"PULSE_DB_POOL_SIZE={self.db_pool_size} must be at least 2: a history export "
+                "holds a connection for as long as its client reads"
+            )
         # A body of the largest size (1 MiB) must fit, or such a request is never taken.
         if self.ingest_buffer_mb < 1:
             raise ConfigError(

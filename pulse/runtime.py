@@ -168,7 +168,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         metrics.sample(metrics.ingest_buffered_bytes, lambda: ingest_buffer.held)
         exports = ExportSlots(
             # Ingest and streams keep at least one pooled connection.
-            min(settings.max_exports, max(1, settings.db_pool_size - 1)),
+            min(settings.max_exports, settings.db_pool_size - 1),
             settings.max_exports_per_tenant,
         )
         metrics.sample(metrics.history_exports, lambda: exports.held)

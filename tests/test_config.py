@@ -120,6 +120,8 @@ def test_a_postgresql_url_is_taken(url: str) -> None:
         {"PORT": "70000"},
         {"PULSE_SHUTDOWN_TIMEOUT_S": "nan"},  # started, then failed at SIGTERM
         {"PULSE_DB_POOL_SIZE": "0"},
+        # An export would hold the only connection: ingest and streams would wait for it.
+        {"PULSE_DB_POOL_SIZE": "1"},
         # Started, then answered every token 401 (the keys "unavailable").
         {"PULSE_JWKS_URL": "notaurl"},
         {"PULSE_JWKS_URL": "file:///etc/keys.json"},
