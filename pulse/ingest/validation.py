@@ -54,6 +54,11 @@ def decode_json(body: bytes) -> object:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if "infinity" in exc.msg:  # valid JSON, but no double holds it (1e400, 10**400)
+            raise InvalidPayload(
+                f"A number at character {exc.pos} is beyond the range of a double "
+                "(about 1.8e308 either side of zero)."
+            ) from None
         raise InvalidPayload(f"The body is not valid JSON: {exc}.") from None
 
 
