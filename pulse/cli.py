@@ -110,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         except BrokenPipeError:  # `pulse token | head -c 20`: the reader has all it wants
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
+        except OSError as exc:  # a full disk, /dev/full
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(f"pulse token: cannot write the token: {exc}")
 
 
 async def run_migrations(settings: Settings) -> None:

@@ -25,7 +25,19 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, token: str) -> None
 
 def http_url(value: str) -> str:
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        port = parts.port  # ValueError for a port that is not a number from 0 to 65535
+    except ValueError:
+        port = -1
+    # A query would be merged into every request's (to the page at /, say), and a
+    # fragment is never sent: neither belongs to a server's address.
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or port == -1
+        or parts.query
+        or parts.fragment
+    ):
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a server's address: give http://HOST:PORT or https://HOST"
         )

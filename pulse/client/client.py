@@ -17,7 +17,7 @@ from pulse.client.errors import AuthenticationFailed, ExportCut, PulseClientErro
 from pulse.client.events import Alert, FleetSummary
 from pulse.client.history import History, Reading, history_params
 from pulse.client.resume import RawExportTail
-from pulse.client.sse import SSETelemetryStream, http_failure, retry_after_s
+from pulse.client.sse import SSETelemetryStream, expect_type, http_failure, retry_after_s
 from pulse.client.stream import AuthRejected, NoticeHandler
 from pulse.client.websocket import V2Stream, WebSocketTelemetryStream
 
@@ -339,6 +339,9 @@ class PulseClient:
                     if on_wait is not None:
                         on_wait(failure, delay_s)
                 else:
+                    accept = headers.get("Accept")
+                    if accept:  # an export: a page at that URL is no export
+                        expect_type(response, accept)
                     yield response
                     return
             finally:
@@ -370,7 +373,7 @@ class PulseClient:
         if isinstance(failure, PulseClientError):
             return failure
         if isinstance(failure, AuthRejected):
-            return AuthenticationFailed(response.status_code, failure.code, str(failure))
+            return AuthenticationFailed(response.status_code, failure.code, failure.detail)
         try:  # a busy or failing server (429, 5xx): its own error code and detail
             body = response.json()
             return PulseClientError(

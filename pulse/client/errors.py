@@ -25,6 +25,14 @@ class BadRequest(PulseClientError):
     """Invalid filters or parameters."""
 
 
+class NotPulse(PulseClientError):
+    """What answered is not a Pulse server (an HTML page, a proxy's answer, another
+    service on that address): retrying could not make it one. Check the URL."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(200, "not_pulse", what)
+
+
 class ExportCut(PulseClientError):
     """An export ended before its end: the server cut it (``PULSE_EXPORT_MAX_S``), or
     the connection was lost. ``received``: how many of its bytes came, all of them

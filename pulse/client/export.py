@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from pulse.client.arguments import add_server_arguments
 from pulse.client.tail import minted_tokens
+from pulse.client.terminal import Output, one_line, run_until_signal
 from pulse.config import Settings
 
 if TYPE_CHECKING:
@@ -58,23 +59,48 @@ def add_export_command(sub: Any) -> None:
 
 
 def run_export_command(args: argparse.Namespace, settings: Settings) -> None:
+    refresh = minted_tokens(args, settings, "pulse-export")
+    url = args.url or f"http://127.0.0.1:{settings.port}"
+    try:
+        status = asyncio.run(run_export(args, url, refresh, sys.stdout.fileno()))
+    except KeyboardInterrupt:  # before the loop's own handlers were in place
+        status = 130
+    sys.exit(status)
+
+
+async def run_export(args: argparse.Namespace, url: str, refresh: Any, stdout: int) -> int:
+    """The whole command, its output written by a thread of its own (``Output``), so
+    that SIGINT or SIGTERM stop it at once even while a reader does not read; returns
+    the exit status: 0 done, or the reader went away (``| head``); 1 an error said on
+    stderr; 130 stopped by a signal."""
     import httpx
 
     from pulse.client.errors import PulseClientError
 
-    refresh = minted_tokens(args, settings, "pulse-export")
-    url = args.url or f"http://127.0.0.1:{settings.port}"
+    # A few chunks ahead at most: a reader that does not read holds the export back
+    # (and the server then cuts it, as it would a slow client).
+    out = Output(stdout, max_pending=4)
     try:
-        asyncio.run(export(args, url, refresh, sys.stdout.buffer))
+        if await run_until_signal(export(args, url, refresh, out)) is None:
+            return 130
+    except BrokenPipeError:
+        return 0  # the reader has what it wanted
+    except OSError as exc:
+        return _failed(f"cannot write to stdout: {exc}")
     except PulseClientError as exc:
-        sys.exit(f"pulse export: {exc}")
+        return _failed(str(exc))
     except httpx.TransportError as exc:
-        sys.exit(f"pulse export: cannot reach {url}: {exc or type(exc).__name__}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+        return _failed(f"cannot reach {url}: {exc or type(exc).__name__}")
+    return 0
 
 
-async def export(args: argparse.Namespace, url: str, refresh: Any, out: BinaryIO) -> None:
+def _failed(message: str) -> int:
+    print(f"pulse export: {one_line(message)}", file=sys.stderr, flush=True)
+    return 1
+
+
+async def export(args: argparse.Namespace, url: str, refresh: Any, out: Output) -> bool:
+    """Write the export to ``out``; True once all of it is written."""
     from pulse.client.client import PulseClient
 
     async with PulseClient(
@@ -96,8 +122,9 @@ async def export(args: argparse.Namespace, url: str, refresh: Any, out: BinaryIO
             resume=args.resume,
             on_resume=_resuming,
         ):
-            out.write(chunk)
-        out.flush()
+            await out.write(chunk)
+    await out.drain()
+    return True
 
 
 def _waiting(refusal: Exception, delay_s: float) -> None:

@@ -10,7 +10,7 @@ import orjson
 
 from pulse.client.backoff import Backoff
 from pulse.client.credentials import Credentials
-from pulse.client.errors import BadRequest, Forbidden, PulseClientError
+from pulse.client.errors import BadRequest, Forbidden, NotPulse, PulseClientError
 from pulse.client.events import Telemetry
 from pulse.client.stream import (
     AuthRejected,
@@ -121,6 +121,7 @@ class SSETelemetryStream(ReconnectingStream[Telemetry]):
                 if response.status_code != 200:
                     await response.aread()
                     raise http_failure(response)
+                expect_type(response, "text/event-stream")
                 self._connected(describe_position("SSE", self.last_event_id))
                 decoder = SSEDecoder()
                 async for line in response.aiter_lines():
@@ -135,6 +136,15 @@ class SSETelemetryStream(ReconnectingStream[Telemetry]):
             raise Reconnect(f"connection lost ({type(exc).__name__})") from exc
 
     def _handle(self, message: SSEMessage) -> Telemetry | None:
+        try:
+            return self._read(message)
+        except (ValueError, KeyError, TypeError) as exc:  # orjson's errors are ValueErrors
+            raise NotPulse(
+                f"the stream sent an event Pulse does not send ({type(exc).__name__}: "
+                f"{str(exc)[:100]}): is the URL Pulse's?"
+            ) from None
+
+    def _read(self, message: SSEMessage) -> Telemetry | None:
         if message.event == "reset":
             data = orjson.loads(message.data)
             self._notice("reset", message.data)
@@ -164,6 +174,16 @@ def retry_after_s(response: httpx.Response) -> float | None:
     """The answer's Retry-After in seconds, when it gives one as a number."""
     value = response.headers.get("Retry-After", "")
     return float(value) if value.isdigit() else None
+
+
+def expect_type(response: httpx.Response, media_type: str) -> None:
+    """Raise NotPulse for a 200 that is not of ``media_type`` (a page at that URL)."""
+    given = response.headers.get("content-type", "")
+    if given.split(";")[0].strip().lower() != media_type:
+        raise NotPulse(
+            f"{response.request.url.copy_with(query=None)} answered {given or 'no type'}, not "
+            f"{media_type}: is the URL Pulse's?"
+        )
 
 
 def http_failure(response: httpx.Response) -> Exception:

@@ -16,7 +16,7 @@ import orjson
 from pulse.client.arguments import add_server_arguments, positive_int
 from pulse.client.errors import PulseClientError
 from pulse.client.events import Notice, Telemetry
-from pulse.client.terminal import Output, run_until_signal
+from pulse.client.terminal import Output, one_line, run_until_signal
 from pulse.config import Settings
 
 # How long the first connection may take before `pulse tail` gives up (a wrong
@@ -314,7 +314,3 @@ def notice_line(notice: Notice) -> str | None:
     if notice.kind in ("connected", "reset", "lagging", "error"):
         return f"# {notice.kind}: {notice.detail}\n"
     return None
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())

@@ -156,3 +156,8 @@ async def run_until_signal(work: Coroutine[Any, Any, T]) -> T | None:
     finally:
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
+
+
+def one_line(text: str) -> str:
+    """A message on one line of a terminal: its whitespace runs (newlines too) as one space."""
+    return " ".join(text.split())

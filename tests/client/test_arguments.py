@@ -39,6 +39,11 @@ def test_without_the_environment_there_is_no_default(
         (["tail", "--url", "127.0.0.1:8000"], "'127.0.0.1:8000' is not a server's address"),
         (["export", "--device", "d", "--url", "ftp://h"], "'ftp://h' is not a server's address"),
         (["simulate", "--url", "http://"], "'http://' is not a server's address"),
+        # A port that is none was a traceback (OverflowError, httpx.InvalidURL).
+        (["tail", "--url", "http://127.0.0.1:99999"], "is not a server's address"),
+        (["export", "--device", "d", "--url", "http://h:abc"], "is not a server's address"),
+        # A query was merged into every request: the dashboard's page answered SSE's.
+        (["tail", "--url", "http://127.0.0.1:8000?x=1"], "is not a server's address"),
         (["tail", "--count", "0"], "--count: 0 is not a positive whole number"),
         (["demo", "--rate", "0"], "--rate: 0 is not a positive number"),
         (["demo", "--rate", "nan"], "--rate: nan is not a positive number"),
