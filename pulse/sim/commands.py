@@ -78,7 +78,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> None:
 def _simulate(args: argparse.Namespace, settings: Settings) -> None:
     import httpx
 
-    from pulse.sim.simulator import Simulator, SimulatorError
+    from pulse.sim.simulator import Provisioned, Simulator, SimulatorError
 
     token = args.token or _admin_token(settings, args.tenant)
     url = args.url or f"http://127.0.0.1:{settings.port}"
@@ -98,9 +98,11 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
             seed=args.seed,
             prefix=args.prefix,
         )
-        provisioned = None
+        # Filled in as devices are made: a run stopped while provisioning (Ctrl-C, or a
+        # device it must not take over) still removes what it created.
+        provisioned = Provisioned()
         try:
-            provisioned = await simulator.provision()
+            await simulator.provision(done=provisioned)
             first, last = simulator.devices[0].device_id, simulator.devices[-1].device_id
             print(
                 f"devices {first} to {last} of tenant {args.tenant!r}: {provisioned.describe()}",
@@ -121,9 +123,9 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
             )
             await simulator.run(args.duration)
         finally:
-            if provisioned is not None:
+            if simulator.sent:
                 print(f"sent {simulator.sent} readings", file=sys.stderr)
-            if args.clean_up and provisioned is not None:
+            if args.clean_up:
                 await simulator.remove(provisioned, simulator.created_rules)
                 print(
                     f"deleted {len(provisioned.created)} devices and "

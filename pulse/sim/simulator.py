@@ -119,16 +119,36 @@ class Simulator:
         self.created_rules: list[int] = []
         self._down_since: float | None = None
 
+    async def _check_simulated(self, device: SimDevice) -> None:
+        """Raise SimulatorError unless the existing device of this id is a simulated one:
+        rotating a real device's token would cut it off."""
+        r = await self.http.get(
+            f"{DEVICES_PATH}/{device.device_id}", headers=self._admin, params=self._params
+        )
+        if not r.is_success:
+            raise SimulatorError(f"cannot read {device.device_id}: {r.status_code} {r.text}")
+        found = r.json()
+        if (found.get("name"), found.get("site_id")) != (device.name, device.site_id):
+            raise SimulatorError(
+                f"{device.device_id} exists and is not a simulated device (named "
+                f"{found.get('name')!r}): its token is left alone; give another --prefix"
+            )
+
     async def aclose(self) -> None:
         if self.mqtt is not None:
             self.mqtt.close()
         if self._owns_http:
             await self.http.aclose()
 
-    async def provision(self, known_tokens: Mapping[str, str] | None = None) -> Provisioned:
+    async def provision(
+        self, known_tokens: Mapping[str, str] | None = None, done: Provisioned | None = None
+    ) -> Provisioned:
         """Create every device, or reuse one that exists: with its token from
-        ``known_tokens`` when that still works, else with a new one (rotated)."""
-        done = Provisioned()
+        ``known_tokens`` when that still works, else with a new one (rotated) when it is
+        one of the simulator's (its name and site say so; another device of that id is
+        refused, its token left alone). ``done``: where to note what was done as it is
+        done, so that a run stopped midway can still remove what it created."""
+        done = Provisioned() if done is None else done
         for device in self.devices:
             known = (known_tokens or {}).get(device.device_id)
             if known is not None and await self._token_works(device.device_id, known):
@@ -141,6 +161,7 @@ class Simulator:
             )
             made = done.created
             if r.status_code == 409:
+                await self._check_simulated(device)
                 r = await self.http.post(
                     f"{DEVICES_PATH}/{device.device_id}/rotate-token",
                     headers=self._admin,

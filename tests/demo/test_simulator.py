@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from pulse.sim.simulator import DEFAULT_RULES, Simulator
-from tests.support import TEST_SECRET
+from tests.support import TEST_SECRET, provision_device
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -119,3 +119,33 @@ async def test_sigterm_stops_a_run_and_cleans_up_as_ctrl_c_does(
     admin = {"Authorization": f"Bearer {make_token('sim', roles=('tenant-admin',))}"}
     async with httpx.AsyncClient(base_url=server, headers=admin) as http:
         assert (await http.get("/api/v1/customer/devices")).json()["devices"] == []
+
+
+async def test_a_device_of_that_id_that_is_not_simulated_keeps_its_token(
+    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """From the client audit: `pulse simulate` (prefix dev, the README's own example
+    device dev-0001) rotated the tokens of the tenant's real devices of those ids, and
+    they were refused from then on. It stops instead, and removes what it made."""
+    token = await provision_device(pool, "sim", "dev-0002")  # a real device, no name
+    env = dict(os.environ, PULSE_JWT_SECRET=TEST_SECRET)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pulse", "simulate", "--url", server, "--tenant", "sim",
+        "--devices", "3", "--rate", "5", "--duration", "1", "--clean-up",
+        env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    said = stderr.decode()
+    assert proc.returncode == 1, said
+    assert "dev-0002 exists and is not a simulated device" in said, said
+    assert "deleted 1 devices" in said  # dev-0001, made before it stopped
+    async with httpx.AsyncClient(base_url=server) as http:
+        r = await http.post(
+            "/ingest/v1/tenant/sim/device/dev-0002/telemetry",
+            json={"metrics": {"v": 1}},
+            headers={"X-Provision-Token": token},
+        )
+        assert r.status_code == 201, r.text  # its token still works
+        admin = {"Authorization": f"Bearer {make_token('sim', roles=('tenant-admin',))}"}
+        devices = (await http.get("/api/v1/customer/devices", headers=admin)).json()["devices"]
+    assert [d["device_id"] for d in devices] == ["dev-0002"]
