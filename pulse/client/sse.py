@@ -94,6 +94,10 @@ class SSETelemetryStream(ReconnectingStream[Telemetry]):
         super().__init__(credentials, backoff, on_notice)
         self.http = http
         self.device_ids = frozenset(device_ids) if device_ids is not None else None
+        if self.device_ids is not None and not (self.device_ids and all(self.device_ids)):
+            # The URL cannot say "no device" ("device_id=" means every one): refused, not
+            # a stream of every device where a program meant none (an empty list, say).
+            raise ValueError("device_ids holds no device id: None streams every device")
         self.metrics = frozenset(metrics) if metrics is not None else None
         self.tenant_id = tenant_id
         self.last_event_id = last_event_id

@@ -37,12 +37,17 @@ def add_tail_command(sub: Any) -> None:
     )
     tail.add_argument("--tenant", default=None, help="the tenant (operators: the one to read)")
     tail.add_argument(
-        "--device", action="append", default=None, help="device id(s), comma-separated; repeatable"
+        "--device",
+        action="append",
+        default=None,
+        type=names_argument,
+        help="device id(s), comma-separated; repeatable",
     )
     tail.add_argument(
         "--metric",
         action="append",
         default=None,
+        type=names_argument,
         help="metric name(s), comma-separated; repeatable (table columns in this order)",
     )
     tail.add_argument("--format", choices=("json", "table"), default="json")
@@ -70,6 +75,14 @@ def _names(values: list[str] | None) -> list[str] | None:
         return None
     names = (name.strip() for value in values for name in value.split(","))
     return list(dict.fromkeys(name for name in names if name)) or None
+
+
+def names_argument(value: str) -> str:
+    """A --device or --metric value that names something: `--device "$DEV"` with DEV
+    unset streamed every device."""
+    if not any(part.strip() for part in value.split(",")):
+        raise argparse.ArgumentTypeError(f"{value!r} names none: give one or more, comma-separated")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,6 +44,9 @@ def test_without_the_environment_there_is_no_default(
         (["export", "--device", "d", "--url", "http://h:abc"], "is not a server's address"),
         # A query was merged into every request: the dashboard's page answered SSE's.
         (["tail", "--url", "http://127.0.0.1:8000?x=1"], "is not a server's address"),
+        # `--device "$DEV"` with DEV unset streamed every device.
+        (["tail", "--device", ""], "'' names none"),
+        (["tail", "--metric", " , "], "names none"),
         (["tail", "--count", "0"], "--count: 0 is not a positive whole number"),
         (["demo", "--rate", "0"], "--rate: 0 is not a positive number"),
         (["demo", "--rate", "nan"], "--rate: nan is not a positive number"),

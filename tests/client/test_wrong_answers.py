@@ -133,3 +133,12 @@ async def test_pulse_export_into_a_closed_pipe_or_a_full_disk(
         assert status == 1 and said.startswith("pulse token: cannot write the token: "), said
     finally:
         os.close(full)
+
+
+async def test_an_sse_stream_of_no_device_is_refused_not_every_device() -> None:
+    """From the client audit: sse(device_ids=[]) streamed every device (the URL cannot
+    say none), where websocket(device_ids=[]) streams none."""
+    async with PulseClient("http://127.0.0.1:9", "any-token") as client:
+        for empty in ([], [""]):
+            with pytest.raises(ValueError, match="no device id"):
+                client.sse(device_ids=empty)
