@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES
 from pulse.client.arguments import positive_float
 from pulse.config import ConfigError, Settings
 from pulse.logs import configure_logging
+from pulse.names import is_valid_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     token = sub.add_parser("token", help="mint a development JWT with PULSE_JWT_SECRET")
-    token.add_argument("--tenant", default=None, help="required but for operator roles")
+    token.add_argument(
+        "--tenant", type=tenant_name, default=None, help="required but for operator roles"
+    )
     token.add_argument(
         "--role",
         action="append",
@@ -45,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeatable; default: customer",
     )
     token.add_argument(
-        "--lifetime", type=positive_float, default=3600.0, help="seconds; default: 3600"
+        "--lifetime", type=token_lifetime, default=3600.0, help="seconds; default: 3600"
     )
     token.add_argument("--subject", default="dev-user")
 
@@ -57,6 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_tail_command(sub)
     add_export_command(sub)
     return parser
+
+
+def tenant_name(value: str) -> str:
+    """A tenant id the server takes (it refused the tokens minted for any other)."""
+    if not is_valid_name(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not 1 to 64 of [A-Za-z0-9_.:-]")
+    return value
+
+
+def token_lifetime(value: str) -> float:
+    """Seconds of a token's life: positive, and ending before the year 10000, past
+    which the server refuses its exp."""
+    seconds = positive_float(value)
+    if time.time() + seconds >= LAST_EXP:
+        raise argparse.ArgumentTypeError(f"{value} s would end past the year 9999")
+    return seconds
+
+
+LAST_EXP = 253402300800  # 10000-01-01T00:00:00Z
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -53,6 +53,10 @@ def test_without_the_environment_there_is_no_default(
         (["simulate", "--devices", "-1"], "--devices: -1 is not a positive whole number"),
         (["simulate", "--duration", "-3"], "--duration: -3 is not a positive number"),
         (["token", "--lifetime", "-5"], "--lifetime: -5 is not a positive number"),
+        # Minted, and refused by the server (exit 0 before).
+        (["token", "--tenant", "bad tenant!"], "is not 1 to 64 of [A-Za-z0-9_.:-]"),
+        (["token", "--tenant", ""], "is not 1 to 64 of [A-Za-z0-9_.:-]"),
+        (["token", "--lifetime", "1e300"], "would end past the year 9999"),
     ],
 )
 def test_wrong_values_are_refused_in_one_line(
