@@ -138,3 +138,34 @@ async def test_more_active_alerts_than_the_socket_sends_are_said(
         await expect(page.locator("#alert-list .alert")).to_have_count(100)
         await expect(page.locator("#alert-count")).to_have_text("100 of 105")
         assert (await page.title()).startswith("(105) ")
+
+
+async def test_a_long_range_holds_a_point_per_bucket_not_per_reading(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path, make_token: Callable[..., str]
+) -> None:
+    """From the dashboard audit: live readings were kept a point each for the whole
+    range, up to 604,800 a week per device at one a second, on a page left open."""
+    from playwright.async_api import expect
+
+    admin = make_token(roles=("tenant-admin",))
+    token = await provision_device(pool, "t1", "busy")
+    async with (
+        pulse_serve(data_dir=tmp_path, database_url=database_url) as server,
+        httpx.AsyncClient(base_url=server.url) as http,
+        chromium_page() as page,
+    ):
+        await page.goto(f"{server.url}/#token={admin}")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        await page.select_option("#chart-range", "604800")  # 7 days: 15-minute buckets
+        await wait_until(page, "window.pulseDashboard.history.busy?.bucket === '15m'")
+        ids = []
+        for n in range(30):
+            r = await http.post(
+                "/ingest/v1/tenant/t1/device/busy/telemetry",
+                json={"metrics": {"temp": float(n)}},
+                headers={"X-Provision-Token": token},
+            )
+            ids.append(r.json()["id"])
+        await wait_until(page, f"window.pulseDashboard.ids.includes({ids[-1]})")
+        points = await page.evaluate("window.pulseDashboard.points")
+        assert points["busy"] <= 2, points  # 30 readings, in one bucket (two at a boundary)

@@ -25,6 +25,8 @@ const FLUSH_MS = 250;
 const CHART_EVERY_MS = 1000;
 const DEVICE_REFRESH_MS = 15000;
 const LOG_LIMIT = 200000;
+// The history's bucket widths (docs/history.md), in seconds.
+const WIDTHS_S = { "1m": 60, "5m": 300, "15m": 900, "1h": 3600, "1d": 86400 };
 const UNITS = { temp: "°C", temperature: "°C", humidity: "%", battery: "%" };
 const PREFERRED = ["temp", "temperature", "humidity", "battery"];
 const TYPE_LABELS = { THRESHOLD: "Threshold", NO_HEARTBEAT: "No heartbeat" };
@@ -266,9 +268,15 @@ class Dashboard {
     device.times = times;
     device.series = dict();
     let counted = 0;
+    // Live readings go into buckets of the history's width (raw: a point each), the
+    // last one weighed by the readings the history counted in it.
+    device.widthS = own(WIDTHS_S, body.bucket, 0);
+    device.weights = dict();
     for (const [name, points] of Object.entries(body.series)) {
       const values = times.map(() => null);
       for (const point of points) values[index.get(toSeconds(point.t))] = point.avg;
+      const last = points.at(-1);
+      if (last && toSeconds(last.t) === times.at(-1)) device.weights[name] = last.count;
       device.series[name] = values;
       counted = Math.max(counted, points.reduce((sum, p) => sum + p.count, 0));
       if (!this.metricsSeen.has(name)) this.addMetric(name);
@@ -381,6 +389,8 @@ class Dashboard {
         latest: dict(),
         times: [],
         series: dict(),
+        widthS: this.liveWidth(), // the history's bucket width: live readings are averaged into such buckets
+        weights: dict(), // readings in the last bucket, by metric
         dirty: false,
         chartDirty: false,
         chartAt: 0,
@@ -469,12 +479,25 @@ class Dashboard {
     const seen = Math.min(now, t * 1000);
     if (device.lastSeen === null || seen > device.lastSeen) device.lastSeen = seen;
     device.lastId = event.id;
-    device.times.push(t);
+    // In the bucket of the chart's last point: averaged into it. A point per reading
+    // over a range of days grew without end (604,800 a week per device at 1 a second).
+    const width = device.widthS;
+    const start = width ? Math.floor(t / width) * width : t;
+    const into = width > 0 && device.times.length > 0 && device.times.at(-1) === start;
+    if (!into) {
+      device.times.push(start);
+      device.weights = dict();
+    }
     for (const [name, value] of Object.entries(metrics)) {
       if (typeof value !== "number") continue;
       if (!this.metricsSeen.has(name)) this.addMetric(name);
       if (!device.series[name]) device.series[name] = device.times.map(() => null);
-      device.series[name].push(value);
+      const values = device.series[name];
+      if (values.length < device.times.length) values.push(null);
+      const weight = own(device.weights, name, 0);
+      const before = values.at(-1);
+      values[values.length - 1] = weight && before !== null ? (before * weight + value) / (weight + 1) : value;
+      device.weights[name] = weight + 1;
     }
     for (const values of Object.values(device.series)) {
       if (values.length < device.times.length) values.push(null);
@@ -482,6 +505,13 @@ class Dashboard {
     this.trim(device, t);
     device.dirty = device.chartDirty = true;
     if (this.liveFrom === null || event.id > this.liveFrom) this.arrivals.push(now);
+  }
+
+  // A device with no history yet: the bucket width its range's history would have
+  // (docs/history.md, bucket=auto), or a point per reading up to an hour.
+  liveWidth() {
+    if (this.rangeS <= 3600) return 0;
+    return Object.values(WIDTHS_S).find((w) => this.rangeS / w <= 1000) ?? WIDTHS_S["1d"];
   }
 
   record(id) {
@@ -869,6 +899,10 @@ async function open(session) {
     },
     get range() {
       return dashboard ? dashboard.rangeS : null;
+    },
+    // How many points each device's chart holds.
+    get points() {
+      return dashboard ? Object.fromEntries([...dashboard.devices].map(([id, d]) => [id, d.times.length])) : null;
     },
     get connections() {
       return dashboard ? { telemetry: dashboard.telemetry.connections, fleet: dashboard.fleet.connections } : null;
