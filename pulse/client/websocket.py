@@ -134,19 +134,32 @@ class _WebSocketStream(ReconnectingStream[E]):
                 finally:
                     self._ws = None
                     renew.cancel()
-                raise close_failure(ws.close_code, ws.close_reason or "")
+                raise self._closed(ws.close_code, ws.close_reason or "")
         except InvalidStatus as exc:
             status = exc.response.status_code
+            detail = f"handshake refused ({status})"
             if status == 401:
                 raise AuthRejected("unauthorized") from exc
-            if status in (400, 403, 404):
-                raise PulseClientError(status, f"handshake refused ({status})") from exc
-            raise Reconnect(f"handshake refused ({status})") from exc
+            if status == 403:
+                raise Forbidden(status, "forbidden", detail) from exc
+            if status == 400:
+                raise BadRequest(status, "bad_request", detail) from exc
+            if status == 404:
+                raise PulseClientError(status, "not_found", detail) from exc
+            wait = exc.response.headers.get("Retry-After", "")
+            delay_s = float(wait) if wait.isascii() and wait.isdigit() else 0.0
+            raise Reconnect(detail, min_delay_s=delay_s) from exc
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
-            raise close_failure(code, exc.rcvd.reason if exc.rcvd else "") from exc
+            raise self._closed(code, exc.rcvd.reason if exc.rcvd else "") from exc
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise Reconnect(f"cannot connect ({describe(exc)})") from exc
+
+    def _closed(self, code: int | None, reason: str) -> Exception:
+        """close_failure, and the notice an SSE stream gives for the same (lagging)."""
+        if code == 4008:
+            self._notice("lagging", "the server dropped this client for falling behind")
+        return close_failure(code, reason)
 
     async def _renew_token(self, ws: ClientConnection) -> None:
         """Before the token expires, send a fresh one so the connection lives on."""

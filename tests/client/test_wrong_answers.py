@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ import asyncpg
 import pytest
 
 from pulse.client import PulseClient
-from pulse.client.errors import NotPulse
+from pulse.client.errors import Forbidden, NotPulse
 from pulse.config import Settings
 from tests.history.readings import many_readings
 from tests.support import TEST_SECRET, provision_device, running_server
@@ -31,14 +32,24 @@ PAGE = b"<!doctype html><title>not Pulse</title>"
 
 
 @contextlib.asynccontextmanager
-async def answering(status_line: bytes, content_type: bytes, body: bytes) -> AsyncIterator[str]:
-    """A server on a loopback port that answers every request the same."""
+async def answering(
+    status_line: bytes,
+    content_type: bytes,
+    body: bytes,
+    *,
+    more: bytes = b"",
+    asked: list[float] | None = None,
+) -> AsyncIterator[str]:
+    """A server on a loopback port that answers every request the same (``more``: header
+    lines; ``asked``: when each request came)."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
             await reader.readuntil(b"\r\n\r\n")
+            if asked is not None:
+                asked.append(time.monotonic())
             writer.write(
-                b"HTTP/1.1 " + status_line + b"\r\ncontent-type: " + content_type
+                b"HTTP/1.1 " + status_line + b"\r\ncontent-type: " + content_type + more
                 + b"\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body
             )  # fmt: skip
             await writer.drain()
@@ -142,3 +153,27 @@ async def test_an_sse_stream_of_no_device_is_refused_not_every_device() -> None:
         for empty in ([], [""]):
             with pytest.raises(ValueError, match="no device id"):
                 client.sse(device_ids=empty)
+
+
+async def test_a_refused_websocket_handshake_says_why_and_waits_as_asked() -> None:
+    """From the client audit: a 403 or 400 to the handshake was a plain PulseClientError
+    (SSE raises Forbidden, BadRequest), and a 503's Retry-After was not waited for (six
+    attempts in 8 s against Retry-After: 5)."""
+    forbidden = answering(b"403 Forbidden", b"application/json", b"{}")
+    async with forbidden as url, PulseClient(url, "any-token") as client:
+        with pytest.raises(Forbidden):
+            async with asyncio.timeout(10), client.websocket() as stream:
+                async for _ in stream:
+                    pass
+    asked: list[float] = []
+    busy = answering(
+        b"503 Service Unavailable", b"application/json", b"{}", more=b"\r\nretry-after: 2",
+        asked=asked,
+    )  # fmt: skip
+    async with busy as url, PulseClient(url, "any-token") as client:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5), client.websocket() as stream:
+                async for _ in stream:
+                    pass
+    assert 2 <= len(asked) <= 3, asked
+    assert all(b - a >= 2 for a, b in itertools.pairwise(asked)), asked
