@@ -51,6 +51,14 @@ def positive_int(value: str) -> int:
     return number
 
 
+def seconds_or_zero(value: str) -> float:
+    """A duration where 0 has a meaning of its own (never, don't): nothing below it."""
+    number = float(value)
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not 0 or a positive number of seconds")
+    return number
+
+
 def positive_float(value: str) -> float:
     number = float(value)
     if not number > 0 or number == float("inf"):

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING, Any
 
-from pulse.client.arguments import add_server_arguments
+from pulse.client.arguments import add_server_arguments, seconds_or_zero
 from pulse.client.tail import minted_tokens
 from pulse.client.terminal import Output, one_line, run_until_signal
 from pulse.config import Settings
@@ -42,7 +42,7 @@ def add_export_command(sub: Any) -> None:
     )
     export.add_argument(
         "--wait",
-        type=float,
+        type=seconds_or_zero,
         default=60.0,
         help="seconds to wait for the server to take the export when it is streaming as"
         " many as it may (429 export_limit); default: 60",

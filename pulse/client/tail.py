@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from pulse.client.arguments import add_server_arguments, positive_int
+from pulse.client.arguments import add_server_arguments, positive_int, seconds_or_zero
 from pulse.client.errors import PulseClientError
 from pulse.client.events import Notice, Telemetry
 from pulse.client.terminal import Output, one_line, run_until_signal
@@ -60,7 +60,7 @@ def add_tail_command(sub: Any) -> None:
     )
     tail.add_argument(
         "--connect-timeout",
-        type=float,
+        type=seconds_or_zero,
         default=CONNECT_TIMEOUT_S,
         metavar="SECONDS",
         help=f"give up if the first connection is not made in this time (default "

@@ -47,6 +47,9 @@ def test_without_the_environment_there_is_no_default(
         # `--device "$DEV"` with DEV unset streamed every device.
         (["tail", "--device", ""], "'' names none"),
         (["tail", "--metric", " , "], "names none"),
+        # A negative timeout meant "for ever", a negative wait "not at all": refused.
+        (["tail", "--connect-timeout", "-1"], "is not 0 or a positive number of seconds"),
+        (["export", "--device", "d", "--wait", "-5"], "is not 0 or a positive number"),
         (["tail", "--count", "0"], "--count: 0 is not a positive whole number"),
         (["demo", "--rate", "0"], "--rate: 0 is not a positive number"),
         (["demo", "--rate", "nan"], "--rate: nan is not a positive number"),
