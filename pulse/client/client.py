@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -18,7 +19,7 @@ from pulse.client.events import Alert, FleetSummary
 from pulse.client.history import History, Reading, history_params
 from pulse.client.resume import RawExportTail
 from pulse.client.sse import SSETelemetryStream, expect_type, http_failure, retry_after_s
-from pulse.client.stream import AuthRejected, NoticeHandler
+from pulse.client.stream import AuthRejected, NoticeHandler, ReconnectingStream
 from pulse.client.websocket import V2Stream, WebSocketTelemetryStream
 
 ALERTS_PATH = "/api/v1/customer/alerts"
@@ -28,6 +29,7 @@ EXPORT_TYPES = {"csv": "text/csv", "ndjson": "application/x-ndjson"}
 # A cut raw export is asked for again after these answers too: a server restarting, or
 # one that still holds the cut export's slot.
 RESUMED_STATUS = frozenset({429, 502, 503, 504})
+S = TypeVar("S", bound=ReconnectingStream[Any])
 
 
 class PulseClient:
@@ -60,8 +62,16 @@ class PulseClient:
         self._backoff: Callable[[], Backoff] = lambda: Backoff(backoff_base_s, backoff_cap_s)
         self._owns_http = http is None
         self.http = http or httpx.AsyncClient(base_url=self.base_url, timeout=10.0)
+        self._streams: weakref.WeakSet[ReconnectingStream[Any]] = weakref.WeakSet()
+
+    def _made(self, stream: S) -> S:
+        self._streams.add(stream)
+        return stream
 
     async def aclose(self) -> None:
+        """Stop the streams made by this client (their iterations end), then close."""
+        for stream in list(self._streams):
+            stream.stop()
         if self._owns_http:
             await self.http.aclose()
 
@@ -86,15 +96,17 @@ class PulseClient:
         last_event_id: int | None = None,
     ) -> SSETelemetryStream:
         """Telemetry over Server-Sent Events; ``last_event_id`` resumes after that id."""
-        return SSETelemetryStream(
-            self.http,
-            self.credentials,
-            self._backoff(),
-            device_ids=device_ids,
-            metrics=metrics,
-            last_event_id=last_event_id,
-            tenant_id=self.tenant_id,
-            on_notice=self.on_notice,
+        return self._made(
+            SSETelemetryStream(
+                self.http,
+                self.credentials,
+                self._backoff(),
+                device_ids=device_ids,
+                metrics=metrics,
+                last_event_id=last_event_id,
+                tenant_id=self.tenant_id,
+                on_notice=self.on_notice,
+            )
         )
 
     def websocket(
@@ -105,30 +117,34 @@ class PulseClient:
         last_event_id: int | None = None,
     ) -> WebSocketTelemetryStream:
         """Telemetry over the WebSocket; filters can change while it runs."""
-        return WebSocketTelemetryStream(
-            self.base_url,
-            self.credentials,
-            self._backoff(),
-            device_ids=device_ids,
-            metrics=metrics,
-            last_event_id=last_event_id,
-            tenant_id=self.tenant_id,
-            on_notice=self.on_notice,
+        return self._made(
+            WebSocketTelemetryStream(
+                self.base_url,
+                self.credentials,
+                self._backoff(),
+                device_ids=device_ids,
+                metrics=metrics,
+                last_event_id=last_event_id,
+                tenant_id=self.tenant_id,
+                on_notice=self.on_notice,
+            )
         )
 
     def v2(
         self, *, fleet: bool = False, alerts: bool = False, device_ids: Iterable[str] = ()
     ) -> V2Stream:
         """The legacy v2 channels: ``FleetSummary``, ``AlertsUpdate`` and ``Telemetry``."""
-        return V2Stream(
-            self.base_url,
-            self.credentials,
-            self._backoff(),
-            fleet=fleet,
-            alerts=alerts,
-            device_ids=device_ids,
-            tenant_id=self.tenant_id,
-            on_notice=self.on_notice,
+        return self._made(
+            V2Stream(
+                self.base_url,
+                self.credentials,
+                self._backoff(),
+                fleet=fleet,
+                alerts=alerts,
+                device_ids=device_ids,
+                tenant_id=self.tenant_id,
+                on_notice=self.on_notice,
+            )
         )
 
     # REST

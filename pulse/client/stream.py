@@ -70,6 +70,7 @@ class ReconnectingStream(Generic[E]):
         self.connections = 0
         self._iterator: AsyncIterator[E] | None = None
         self._refreshed = False
+        self._stopped = asyncio.Event()  # stop(): no more connections
 
     def __aiter__(self) -> AsyncIterator[E]:
         if self._iterator is None:
@@ -82,6 +83,18 @@ class ReconnectingStream(Generic[E]):
     async def aclose(self) -> None:
         if self._iterator is not None:
             await self._iterator.aclose()  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        """End the stream from anywhere (another task, the client closing): its
+        connection is cut, no other is made, and its iteration ends. ``aclose`` can
+        only be called by the one iterating, between two events."""
+        self._stopped.set()
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        """Cut the connection the stream is on now, if any (a WebSocket's; an SSE
+        stream ends at its next line, a keepalive at most 15 s away, or at once when
+        its client closes)."""
 
     async def __aenter__(self) -> ReconnectingStream[E]:
         return self
@@ -108,16 +121,20 @@ class ReconnectingStream(Generic[E]):
             self.on_notice(Notice(kind, detail, retry_in_s))
 
     async def _run(self) -> AsyncIterator[E]:
-        while True:
+        while not self._stopped.is_set():
             token = await self.credentials.current()
             try:
                 # aclosing: a consumer that stops (aclose, an exception) closes the
                 # connection now, not whenever the garbage collector finalizes it.
                 async with contextlib.aclosing(self._session(token)) as session:
                     async for event in session:
+                        if self._stopped.is_set():
+                            return
                         yield event
                 reason = Reconnect("the server ended the stream")
             except Reconnect as exc:
+                if self._stopped.is_set():
+                    return
                 reason = exc
             except AuthRejected as exc:
                 # One refresh per failure: a refreshed token that is refused too
@@ -133,4 +150,5 @@ class ReconnectingStream(Generic[E]):
             else:
                 delay = max(reason.min_delay_s, self.backoff.next_delay())
             self._notice("disconnected", reason.detail, delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):  # the delay, or until stop()
+                await asyncio.wait_for(self._stopped.wait(), delay)

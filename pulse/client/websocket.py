@@ -161,6 +161,10 @@ class _WebSocketStream(ReconnectingStream[E]):
             self._notice("lagging", "the server dropped this client for falling behind")
         return close_failure(code, reason)
 
+    def _interrupt(self) -> None:
+        if self._ws is not None:
+            self._ws.transport.abort()
+
     async def _renew_token(self, ws: ClientConnection) -> None:
         """Before the token expires, send a fresh one so the connection lives on."""
         if not self.credentials.can_refresh or not self.renews_in_band:

@@ -348,3 +348,33 @@ async def test_alerts_come_from_every_page_and_changes_return_the_alert(
         assert [a.alert_id for a in await client.alerts(page_size=10)] == [ids[0], *ids[2:]]
         assert [a.alert_id for a in await client.alerts("CLOSED")] == [ids[1]]
         assert len(await client.alerts(None)) == 60
+
+
+async def test_closing_the_client_ends_its_streams_and_stop_ends_one_from_anywhere(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """From the client audit: PulseClient.aclose() left WebSocket streams reconnecting,
+    and made an SSE consumer fail with "the client has been closed"; a stream could not
+    be ended from another task (aclose: "generator is already running")."""
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+
+    async def consume(stream: AsyncIterator[object]) -> int:
+        seen = 0
+        async for _ in stream:
+            seen += 1
+        return seen
+
+    client = PulseClient(url, make_token("t1"))
+    streams = [client.sse(), client.websocket(), client.v2(fleet=True)]
+    consumers = [asyncio.create_task(consume(s)) for s in streams]
+    await until(lambda: all(s.connections for s in streams))
+    lone = client.websocket()
+    alone = asyncio.create_task(consume(lone))
+    await until(lambda: lone.connections == 1)
+    lone.stop()  # from this task, while another iterates it
+    async with asyncio.timeout(10):
+        assert await alone == 0
+    await client.aclose()
+    async with asyncio.timeout(30):  # an SSE stream ends at its next keepalive at most
+        seen = await asyncio.gather(*consumers)  # each iteration ended, none raised
+    assert seen[:2] == [0, 0]  # no reading was sent (v2 pushes its fleet summary)
