@@ -12,6 +12,7 @@ SELECT t.tenant_id, coalesce(w.last_id, 0) AS counted, t.last_event_id AS newest
   FROM tenants t
   LEFT JOIN rollup_watermarks w ON w.tenant_id = t.tenant_id
  WHERE t.last_event_id > coalesce(w.last_id, 0)
+ ORDER BY t.tenant_id
 
 -- name: lock_watermark
 -- The tenant's watermark, locked until this pass commits: even without the

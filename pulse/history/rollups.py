@@ -117,28 +117,34 @@ async def roll_up_once(conn: asyncpg.Connection, failing: dict[str, float] | Non
     failing = {} if failing is None else failing
     now = time.monotonic()
     total = 0
-    for row in await conn.fetch(Q["tenants_behind"]):
-        tenant_id, counted, newest = row["tenant_id"], row["counted"], row["newest"]
-        if failing.get(tenant_id, now) > now:
-            continue
-        try:
-            while counted < newest:
+    # A batch of each tenant in turn: one tenant's backlog (a bulk load, a long
+    # outage) no longer holds back every other's rollups until it is all counted.
+    behind = {
+        row["tenant_id"]: (row["counted"], row["newest"])
+        for row in await conn.fetch(Q["tenants_behind"])
+        if failing.get(row["tenant_id"], now) <= now
+    }
+    while behind:
+        for tenant_id, (counted, newest) in list(behind.items()):
+            try:
                 upto = await roll_up_tenant(conn, tenant_id, newest)
-                if upto <= counted:
-                    break
-                total += upto - counted
-                counted = upto
-        except asyncpg.DataError:
-            failing[tenant_id] = now + FAILED_RETRY_S
-            log.exception(
-                "rollups: the rows of tenant %r after id %d cannot be counted; "
-                "the other tenants go on, and this one is tried again in %.0f s",
-                tenant_id,
-                counted,
-                FAILED_RETRY_S,
-            )
-        else:
-            failing.pop(tenant_id, None)
+            except asyncpg.DataError:
+                del behind[tenant_id]
+                failing[tenant_id] = now + FAILED_RETRY_S
+                log.exception(
+                    "rollups: the rows of tenant %r after id %d cannot be counted; "
+                    "the other tenants go on, and this one is tried again in %.0f s",
+                    tenant_id,
+                    counted,
+                    FAILED_RETRY_S,
+                )
+                continue
+            total += max(0, upto - counted)
+            if upto <= counted or upto >= newest:
+                del behind[tenant_id]
+                failing.pop(tenant_id, None)
+            else:
+                behind[tenant_id] = (upto, newest)
     return total
 
 

@@ -125,6 +125,29 @@ async def test_a_backlog_is_counted_in_steps_that_commit(
     assert (await minutes(pool))[0][4] == 30
 
 
+async def test_tenants_behind_take_turns_a_batch_each(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the history audit: a pass counted one tenant's whole backlog (1.4 million
+    ids after a bulk load) before the next tenant's few rows: every other tenant's
+    charts read more raw rows, and slower, until it was done."""
+    monkeypatch.setattr(rollups, "BATCH_IDS", 10)
+    await readings_at(pool, "big", [("d1", T0, {"v": 1.0})] * 30)
+    await readings_at(pool, "small", [("d1", T0, {"v": 1.0})] * 5)
+    turns: list[str] = []
+    roll_up_tenant = rollups.roll_up_tenant
+
+    async def noted(conn: asyncpg.Connection, tenant_id: str, newest: int) -> int:
+        turns.append(tenant_id)
+        return await roll_up_tenant(conn, tenant_id, newest)
+
+    monkeypatch.setattr(rollups, "roll_up_tenant", noted)
+    async with pool.acquire() as conn:
+        assert await roll_up_once(conn) == 35
+    # In the tenants' order: small after big's first batch, not after its last.
+    assert turns == ["big", "small", "big", "big"], turns
+
+
 async def test_a_failed_pass_counts_nothing(pool: asyncpg.Pool) -> None:
     await readings_at(pool, "t1", [("d1", T0, {"v": 1.0})] * 3)
     async with pool.acquire() as conn:
