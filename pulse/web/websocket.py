@@ -47,7 +47,7 @@ from pulse.streams.limits import LimitReached
 from pulse.streams.messages import MAX_INBOUND_BYTES
 from pulse.web import runtime_of
 from pulse.web.asgi import ASGIReceiveCallable, ASGISendCallable, Scope, header, query_args
-from pulse.web.auth import authenticate, scope_credential
+from pulse.web.auth import authenticate, is_allowed_origin, scope_credential
 from pulse.web.direct import FRAMES, DirectWrites, direct_writes, text_frame
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,18 @@ class Connection:
             raise Close.of(SERVER_RESTARTING)
         args = self.socket.args
         credential = scope_credential(self.socket.scope, args, allow_query=True)
+        origin = self.socket.header(b"origin")
+        if (
+            credential is not None
+            and credential.source == "cookie"
+            and origin is not None
+            and not is_allowed_origin(
+                origin, self.socket.header(b"host"), self.rt.settings.allowed_origins
+            )
+        ):
+            # A browser sends the cookie with any site's handshake: only the server's
+            # own pages (or PULSE_ALLOWED_ORIGINS) may stream by it, as for changes.
+            raise Close.of(ORIGIN_NOT_ALLOWED)
 
         def checked(principal: Principal) -> None:
             require_unexpired(principal)  # or the connection would close at once

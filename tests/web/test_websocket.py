@@ -398,3 +398,31 @@ async def test_a_client_that_stops_reading_is_closed_4008(
         kind = "websocket" if path == WS_PATH else "legacy_v2"
         assert f'pulse_lagging_disconnects_total{{kind="{kind}"}} 1.0' in metrics
         await until_no_connections(base, pool)
+
+
+@BOTH
+async def test_a_cookie_streams_only_to_the_servers_own_pages_by_default(
+    url: str, path: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """From the security audit: without PULSE_ALLOWED_ORIGINS any site's page could open
+    a stream with a visitor's pulse_session cookie (browsers send it with cross-site
+    handshakes) and read the tenant's telemetry and alerts. The cookie now streams to
+    the server's own pages only, as it makes changes; a token or ticket in the URL is
+    the page's own credential, from any site."""
+    cookie = f"pulse_session={make_token('t1')}"
+    evil = {"Origin": "https://evil.example", "Cookie": cookie}
+    assert await close_of(url, path, headers=evil) == (4003, "origin_not_allowed")
+    own = {"Origin": url.replace("ws://", "http://"), "Cookie": cookie}
+
+    async def works(headers: dict[str, str], **params: str) -> None:
+        async with open_ws(url, path, headers=headers, **params) as ws:
+            if path == WS_PATH:
+                assert (await recv(ws))["type"] == "connected"
+            else:
+                reply = await request(ws, {"action": "subscribe", "type": "alerts"})
+                assert reply["type"] == "subscribed", reply
+
+    await works(own)
+    await works({"Origin": "https://elsewhere.example"}, token=make_token("t1"))
+    await works({"Cookie": cookie})  # no Origin: not a browser page
+    await until_no_connections(url, pool)
