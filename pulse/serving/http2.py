@@ -1,15 +1,20 @@
-"""HTTP/2 under hypercorn: a request's body that arrives after its answer.
+"""HTTP/2 under hypercorn: a request's body that arrives after its answer, and an
+h2c upgrade whose settings cannot be used.
 
 Applied by ``pulse.serving.tuning`` only under the versions it was written for.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+log = logging.getLogger(__name__)
 
-def drop_data_after_the_answer() -> None:
-    """Acknowledge and drop DATA for a stream hypercorn has closed, instead of dying.
+
+def tune_h2_protocol() -> None:
+    """Acknowledge and drop DATA for a stream hypercorn has closed, instead of dying;
+    close an h2c upgrade whose HTTP2-Settings cannot be used, instead of logging it.
 
     Pulse answers some requests before it has read their body: a body over the
     limit (413), a request without a credential (401). Over HTTP/2 the client may
@@ -22,6 +27,8 @@ def drop_data_after_the_answer() -> None:
     """
     import hypercorn.protocol as protocol
     from h2.events import DataReceived
+    from h2.exceptions import H2Error
+    from hypercorn.events import Closed
 
     base = protocol.H2Protocol  # type: ignore[attr-defined]
     if getattr(base, "pulse_drops_late_data", False):
@@ -29,6 +36,21 @@ def drop_data_after_the_answer() -> None:
 
     class _H2Protocol(base):  # type: ignore[misc, valid-type]
         pulse_drops_late_data = True
+
+        async def initiate(
+            self, headers: list[tuple[bytes, bytes]] | None = None, settings: bytes | None = None
+        ) -> None:
+            # An h2c upgrade whose HTTP2-Settings is not base64 (binascii.Error) or not
+            # settings: hypercorn let the error reach asyncio's handler, which logged it
+            # with the whole HTTP/1 request attached, credentials and ?ticket= included.
+            # The connection is closed instead, with one line.
+            try:
+                await super().initiate(headers, settings)
+            except (ValueError, H2Error) as exc:
+                log.info(
+                    "closed an h2c upgrade with unusable HTTP2-Settings (%s)", type(exc).__name__
+                )
+                await self.send(Closed())
 
         async def _handle_events(self, events: list[Any]) -> None:
             # One at a time: handling an event may close a stream that a later

@@ -15,7 +15,8 @@ libraries (``pulse.serving.direct``, ``pulse.serving.inbound``,
 - a connection's idle timeout as a timer, not a task restarted with every
   request (``pulse.serving.idle``);
 - HTTP/2: a request's body that arrives after its answer is dropped, where
-  hypercorn's KeyError killed the connection (``pulse.serving.http2``);
+  hypercorn's KeyError killed the connection, and an h2c upgrade with unusable
+  settings is closed, where its error logged the whole request (``pulse.serving.http2``);
 - the HTTP/1 requests hypercorn refuses itself (400, 431) answered with Pulse's
   error body (``pulse.serving.protocol_errors``).
 
@@ -65,7 +66,7 @@ def apply() -> bool:
         else:
             from pulse.serving.direct import bound_inbound_queues, offer_direct_writes
             from pulse.serving.headers import memoize_header_checks
-            from pulse.serving.http2 import drop_data_after_the_answer
+            from pulse.serving.http2 import tune_h2_protocol
             from pulse.serving.idle import time_idle_connections
             from pulse.serving.protocol_errors import answer_protocol_errors_with_a_body
             from pulse.serving.websocket import close_protocol_errors_properly, refuse_compression
@@ -76,7 +77,7 @@ def apply() -> bool:
             refuse_compression()
             memoize_header_checks()
             time_idle_connections()
-            drop_data_after_the_answer()
+            tune_h2_protocol()
             answer_protocol_errors_with_a_body()
             _applied = True
     return _applied

@@ -112,7 +112,10 @@ class Socket:
         while not self._disconnected:
             event = await self._receive()
             if event["type"] == "websocket.receive":
-                return event.get("bytes") or event["text"]  # type: ignore[no-any-return]
+                # An empty binary frame is b"", not the (absent) text: `or` took the
+                # text's None, and the handler failed with a traceback (close 1011).
+                data = event.get("bytes")
+                return data if data is not None else event["text"]  # type: ignore[no-any-return]
             if event["type"] == "websocket.disconnect":
                 self._disconnected = True
             # websocket.connect, the first event, says nothing a handler needs.

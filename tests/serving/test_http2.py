@@ -4,10 +4,13 @@ request's body was read leaves the connection and its other streams alive."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
+import pytest
 
 from pulse.app import MAX_BODY_BYTES
 from pulse.config import Settings
@@ -47,3 +50,30 @@ async def test_an_early_answer_over_http2_keeps_the_connection(
             reading, json={"metrics": {"t": 1}}, headers={"X-Provision-Token": token}
         )
         assert ok.status_code == 201, ok.text
+
+
+async def test_a_malformed_h2c_upgrade_is_closed_and_logs_no_credential(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From the security audit: an `Upgrade: h2c` with an HTTP2-Settings that is no
+    base64 raised in hypercorn's upgrade, and asyncio's handler logged the exception
+    with the whole request attached, Authorization, cookies and ?ticket= included, at
+    ERROR (every PULSE_LOG_LEVEL), a 45-line traceback per connection."""
+    caplog.set_level(logging.DEBUG)
+    async with running_server(settings) as url:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(
+            b"GET /api/v1/customer/devices?ticket=pst_leak-me-1 HTTP/1.1\r\n"
+            b"Host: pulse\r\nAuthorization: Bearer leak-me-2\r\nCookie: pulse_session=leak-me-3\r\n"
+            b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: A\r\n\r\n"
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            while await reader.read(65536):  # until the server closes it
+                pass
+        writer.close()
+        async with httpx.AsyncClient(base_url=url) as http:
+            assert (await http.get("/healthz")).status_code == 200  # still serving
+    logged = caplog.text + "".join(str(r.exc_info) for r in caplog.records)
+    assert "leak-me" not in logged, logged[-2000:]

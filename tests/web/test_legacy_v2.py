@@ -137,6 +137,8 @@ async def test_the_seed_messages_byte_for_byte(
             assert set(reply) == {"type", "message"} and reply["type"] == "error", bad
         await ws.send(b'{"action": "subscribe", "type": "fleet"}')
         assert (await recv(ws))["type"] == "error"
+        await ws.send(b"")  # empty binary: was a 1011 and a traceback (security audit)
+        assert (await recv(ws))["type"] == "error"
         # Still open, still answering.
         assert (await request(ws, {"action": "subscribe", "type": "alerts"}))[
             "type"

@@ -183,6 +183,7 @@ async def test_bad_input_gets_an_error_and_the_connection_stays(
             # Expired, if within the verifier's leeway: taken, it would close at once.
             '{"action": "auth", "token": "' + make_token("t1", lifetime_s=-10) + '"}',
             b'{"action": "ping"}',
+            b"",  # an empty binary frame: a 1011 and a traceback, from the security audit
         ]:
             reply = await request(ws, message)
             assert set(reply) == {"type", "message"} and reply["type"] == "error", (message, reply)
