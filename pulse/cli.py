@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, help="server processes (default: $PULSE_WORKERS or 1)"
     )
     serve.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)  # a worker's socket
+    # A worker's supervisor: given, not read with getppid(), which is already 1 in a
+    # worker whose supervisor died while it started.
+    serve.add_argument("--supervisor", type=int, default=None, help=argparse.SUPPRESS)
 
     sub.add_parser(
         "migrate",
@@ -102,7 +105,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             check_settings(settings)
             serving.raise_open_files_limit(settings)
-            if args.fd is not None:
+            if args.fd is not None:  # a worker of serve --workers
+                from pulse.serving.workers import watch_parent
+
+                watch_parent(args.supervisor or os.getppid())
                 serving.run(serving.serve_forever(settings, f"fd://{args.fd}"))
             elif workers > 1:
                 sys.exit(serving.serve_workers(settings, args.host, port, workers))

@@ -5,7 +5,12 @@ resuming from 0 sees them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
 import json
+import os
+import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pulse.auth.dev_tokens import mint_token
 from pulse.ops.metrics import REFRESH_S
-from tests.support import TEST_SECRET, provision_device, pulse_serve, sse_events
+from tests.support import TEST_SECRET, provision_device, pulse_serve, sse_events, start_serve
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -135,3 +140,63 @@ async def test_ingest_over_two_workers_keeps_ids_exact(
     for pid in workers:
         answered = [line for line in lines if f"[{pid}] hypercorn.access:" in line]
         assert any("/ingest/v1/" in line for line in answered), (pid, lines[-20:])
+
+
+async def test_a_worker_that_dies_is_replaced_and_its_gauges_go_with_it(
+    database_url: str, tmp_path: Path
+) -> None:
+    """From the cluster audit: a SIGKILLed worker stayed a zombie, nothing said so, the
+    instance served on at half its workers, its /metrics kept the dead worker's gauges
+    (a second relay), and the supervisor then exited 0."""
+    async with pulse_serve(
+        data_dir=tmp_path, database_url=database_url, env={"PULSE_WORKERS": "2"}, stdout=-1
+    ) as server:
+        before = worker_pids(server.proc.pid)
+        dead = max(before)  # the second: the old supervisor waited on the first only
+        pattern = f"{tempfile.gettempdir()}/pulse-metrics-*/gauge_livesum_{dead}.db"
+        deadline = time.monotonic() + 30
+        while not (gauges := glob.glob(pattern)):  # made once the worker has started
+            assert time.monotonic() < deadline, "the worker's live gauges never appeared"
+            await asyncio.sleep(0.1)
+        os.kill(dead, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while len(now := worker_pids(server.proc.pid) - {dead}) < 2:
+            assert time.monotonic() < deadline, now
+            await asyncio.sleep(0.1)
+        assert not any(map(os.path.exists, gauges))
+        await server.wait_ready()
+    said = server.stderr.decode()
+    assert f"worker 0 (pid {dead}) exited" in said or f"(pid {dead}) exited" in said, said[-2000:]
+    assert server.proc.returncode == 0
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+    database_url: str, tmp_path: Path
+) -> None:
+    """From the cluster audit: with the supervisor SIGKILLed, its workers served on
+    (their parent now init), holding the port against the next start."""
+    server = await start_serve(
+        data_dir=tmp_path, database_url=database_url, env={"PULSE_WORKERS": "2"}
+    )
+    try:
+        # As soon as they are spawned, still starting: a worker that read its parent
+        # with getppid() then took init for it, and never stopped.
+        deadline = time.monotonic() + 30
+        while len(workers := worker_pids(server.proc.pid)) < 2:
+            assert time.monotonic() < deadline, workers
+            await asyncio.sleep(0.02)
+        server.proc.kill()
+        server.killed = True
+        deadline = time.monotonic() + 30
+        while alive := [p for p in workers if _running(p)]:
+            assert time.monotonic() < deadline, alive
+            await asyncio.sleep(0.1)
+    finally:
+        await server.stop()
+
+
+def _running(pid: int) -> bool:
+    """Not a zombie (a worker that exited but was not reaped yet counts as gone)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return False

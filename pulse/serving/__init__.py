@@ -23,7 +23,6 @@ import tempfile
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from prometheus_client.multiprocess import mark_process_dead
 from quart import Quart
 
 from pulse.app import create_app, drain
@@ -33,6 +32,7 @@ from pulse.logs import ACCESS_LOGGER, SERVER_LOGGER
 from pulse.ops.metrics import MULTIPROCESS_DIR
 from pulse.runtime import StartupError
 from pulse.serving import tuning
+from pulse.serving.workers import supervise
 from pulse.streams.messages import MAX_INBOUND_BYTES
 
 log = logging.getLogger(__name__)
@@ -263,28 +263,18 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
         # (pulse.ops.metrics): a new, empty folder for each run.
         shared = stack.enter_context(tempfile.TemporaryDirectory(prefix="pulse-metrics-"))
         env[MULTIPROCESS_DIR] = shared
-        children = [
-            subprocess.Popen(
-                [sys.executable, "-m", "pulse", "serve", "--fd", str(sock.fileno())],
+
+        def spawn(index: int) -> subprocess.Popen[bytes]:
+            fd, supervisor = str(sock.fileno()), str(os.getpid())
+            return subprocess.Popen(
+                [sys.executable, "-m", "pulse", "serve", "--fd", fd, "--supervisor", supervisor],
                 env=_worker_env(env, settings, index),
                 pass_fds=[sock.fileno()],
             )
-            for index in range(workers)
-        ]
 
-        def forward(signum: int, _frame: object) -> None:
-            for child in children:
-                if child.poll() is None:
-                    child.send_signal(signum)
-
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
-        codes = []  # each worker reaped: its live gauges count no more
-        for child in children:
-            codes.append(child.wait())
-            mark_process_dead(child.pid, shared)  # type: ignore[no-untyped-call]
+        status = supervise(spawn, workers, shared)
     sock.close()
-    return max(codes)
+    return status
 
 
 def _worker_env(env: dict[str, str], settings: Settings, index: int) -> dict[str, str]:

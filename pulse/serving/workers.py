@@ -1,0 +1,86 @@
+"""`pulse serve --workers N`: N server processes on one listening socket, supervised.
+
+A worker that dies while the instance runs (killed, out of memory) is logged and
+replaced at once, its metrics' live gauges dropped with it (``pulse.ops.metrics``):
+an instance that went on at half its workers said nothing, and its /metrics kept
+the dead worker's gauges (a second relay, streams long gone). A worker that exits
+with an error within STARTUP_S of its start stops the instance instead, with
+status 1: it would not start again (the database not migrated, say). SIGTERM, SIGINT and SIGHUP stop
+every worker. A worker whose supervisor has gone stops itself (``watch_parent``),
+rather than keep the port from the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+from prometheus_client.multiprocess import mark_process_dead
+
+log = logging.getLogger(__name__)
+
+STARTUP_S = 10.0
+POLL_S = 0.2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+Spawn = Callable[[int], "subprocess.Popen[bytes]"]
+
+
+def supervise(spawn: Spawn, count: int, metrics_dir: str) -> int:
+    """Run ``count`` workers made by ``spawn(index)`` until a stop signal (or one that
+    cannot start); the exit status: 0, or 1 when a worker failed."""
+    running = {index: (spawn(index), time.monotonic()) for index in range(count)}
+    stopping: list[int] = []
+    failed = False
+
+    def stop(signum: int, _frame: object = None) -> None:
+        stopping.append(signum)
+        for child, _ in running.values():
+            if child.poll() is None:
+                # SIGHUP (a closed terminal) ends a worker the way SIGTERM does.
+                child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
+    while running:
+        time.sleep(POLL_S)
+        for index, (child, since) in list(running.items()):
+            code = child.poll()
+            if code is None:
+                continue
+            del running[index]
+            mark_process_dead(child.pid, metrics_dir)  # type: ignore[no-untyped-call]
+            if stopping:
+                # A worker still starting when stopped ends by the signal itself.
+                failed = failed or code not in (0, -signal.SIGTERM, -signal.SIGINT)
+            elif code > 0 and time.monotonic() - since < STARTUP_S:
+                log.error("worker %d exited with status %d as it started; stopping", index, code)
+                failed = True
+                stop(signal.SIGTERM)
+            else:
+                log.error(
+                    "worker %d (pid %d) exited with status %d; starting another",
+                    index,
+                    child.pid,
+                    code,
+                )
+                running[index] = (spawn(index), time.monotonic())
+    return 1 if failed else 0
+
+
+def watch_parent(parent: int) -> None:
+    """In a worker: SIGTERM to itself once its supervisor ``parent`` has gone (killed,
+    it could stop no one), so that it does not serve on without one, holding the port."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.warning("the supervisor (pid %d) has gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
