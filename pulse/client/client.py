@@ -64,7 +64,17 @@ class PulseClient:
         self.http = http or httpx.AsyncClient(base_url=self.base_url, timeout=10.0)
         self._streams: weakref.WeakSet[ReconnectingStream[Any]] = weakref.WeakSet()
 
-    def _made(self, stream: S) -> S:
+    def _made(self, kind: Callable[..., S], where: Any, **options: Any) -> S:
+        """A stream of ``kind`` on ``where`` (the HTTP client, or the base URL) with this
+        client's credentials, backoff, tenant and notices, stopped when it closes."""
+        stream = kind(
+            where,
+            self.credentials,
+            self._backoff(),
+            tenant_id=self.tenant_id,
+            on_notice=self.on_notice,
+            **options,
+        )
         self._streams.add(stream)
         return stream
 
@@ -97,16 +107,11 @@ class PulseClient:
     ) -> SSETelemetryStream:
         """Telemetry over Server-Sent Events; ``last_event_id`` resumes after that id."""
         return self._made(
-            SSETelemetryStream(
-                self.http,
-                self.credentials,
-                self._backoff(),
-                device_ids=device_ids,
-                metrics=metrics,
-                last_event_id=last_event_id,
-                tenant_id=self.tenant_id,
-                on_notice=self.on_notice,
-            )
+            SSETelemetryStream,
+            self.http,
+            device_ids=device_ids,
+            metrics=metrics,
+            last_event_id=last_event_id,
         )
 
     def websocket(
@@ -118,16 +123,11 @@ class PulseClient:
     ) -> WebSocketTelemetryStream:
         """Telemetry over the WebSocket; filters can change while it runs."""
         return self._made(
-            WebSocketTelemetryStream(
-                self.base_url,
-                self.credentials,
-                self._backoff(),
-                device_ids=device_ids,
-                metrics=metrics,
-                last_event_id=last_event_id,
-                tenant_id=self.tenant_id,
-                on_notice=self.on_notice,
-            )
+            WebSocketTelemetryStream,
+            self.base_url,
+            device_ids=device_ids,
+            metrics=metrics,
+            last_event_id=last_event_id,
         )
 
     def v2(
@@ -135,16 +135,7 @@ class PulseClient:
     ) -> V2Stream:
         """The legacy v2 channels: ``FleetSummary``, ``AlertsUpdate`` and ``Telemetry``."""
         return self._made(
-            V2Stream(
-                self.base_url,
-                self.credentials,
-                self._backoff(),
-                fleet=fleet,
-                alerts=alerts,
-                device_ids=device_ids,
-                tenant_id=self.tenant_id,
-                on_notice=self.on_notice,
-            )
+            V2Stream, self.base_url, fleet=fleet, alerts=alerts, device_ids=device_ids
         )
 
     # REST

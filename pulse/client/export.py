@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,9 @@ def add_export_command(sub: Any) -> None:
     export.set_defaults(run=run_export_command)
 
 
+DRAIN_S = 30.0  # what came, written before the reason it stopped (a reader that reads)
+
+
 def run_export_command(args: argparse.Namespace, settings: Settings) -> None:
     refresh = minted_tokens(args, settings, "pulse-export")
     url = args.url or f"http://127.0.0.1:{settings.port}"
@@ -88,6 +92,11 @@ async def run_export(args: argparse.Namespace, url: str, refresh: Any, stdout: i
     except OSError as exc:
         return _failed(f"cannot write to stdout: {exc}")
     except PulseClientError as exc:
+        # What came is written before the reason (a cut export says how many bytes
+        # came: they are all on stdout then).
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(DRAIN_S):
+                await out.drain()
         return _failed(str(exc))
     except httpx.TransportError as exc:
         return _failed(f"cannot reach {url}: {exc or type(exc).__name__}")
