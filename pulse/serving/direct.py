@@ -224,9 +224,18 @@ def bound_inbound_queues() -> None:
                 future = asyncio.run_coroutine_threadsafe(func(*args), self._loop)
                 return future.result()
 
+            async def run_app(*args: Any) -> None:
+                try:
+                    await app(*args)
+                finally:
+                    # Nobody reads it any more: a put waiting for room returns. The
+                    # disconnect hypercorn then queues (in the send that ends the app)
+                    # waited for ever behind a full queue, the socket never read again.
+                    app_queue.close()
+
             self.spawn(
                 task_group._handle,
-                app,
+                run_app,
                 config,
                 scope,
                 app_queue.get,

@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 
 class InboundQueue(Generic[T]):
-    __slots__ = ("_getters", "_items", "_putters", "_size", "_watcher")
+    __slots__ = ("_closed", "_getters", "_items", "_putters", "_size", "_watcher")
 
     def __init__(self, size: int) -> None:
         self._size = size
@@ -30,6 +30,20 @@ class InboundQueue(Generic[T]):
         self._getters: list[asyncio.Future[None]] = []
         self._putters: list[asyncio.Future[None]] = []
         self._watcher: Callable[[T], None] | None = None
+        self._closed = False
+
+    def close(self) -> None:
+        """Nobody reads any more (the app has ended): what comes is dropped, and a put
+        waiting for room returns. The server's reader may be waiting in ``put`` when
+        the app ends (a client cut for not reading its replies, still sending): it
+        would wait for ever, never reading the client's close, and the connection
+        stayed open with megabytes unread, counted by no limit."""
+        self._closed = True
+        self._items.clear()
+        for waiter in self._putters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._putters.clear()
 
     def watch(self, callback: Callable[[T], None] | None) -> None:
         """Call ``callback`` with each item queued and each put from now on (None: stop).
@@ -50,8 +64,10 @@ class InboundQueue(Generic[T]):
         return item
 
     async def put(self, item: T) -> None:
-        while len(self._items) >= self._size:
+        while len(self._items) >= self._size and not self._closed:
             await _wait(self._putters)
+        if self._closed:
+            return
         self._items.append(item)
         _wake_one(self._getters)
         if self._watcher is not None:

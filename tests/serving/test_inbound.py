@@ -29,6 +29,21 @@ async def test_a_full_queue_holds_the_sender_back_until_the_handler_reads() -> N
     assert [await queue.get(), await queue.get()] == [2, 3]
 
 
+async def test_once_nobody_reads_a_waiting_sender_returns_and_more_is_dropped() -> None:
+    """The app has ended (a client cut for not reading its replies): hypercorn's reader,
+    waiting for room, and the disconnect it queues as it ends the app, must not wait for
+    ever (the socket was never read again)."""
+    queue: InboundQueue[int] = InboundQueue(1)
+    await queue.put(1)
+    waiting = asyncio.create_task(queue.put(2))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    queue.close()
+    await asyncio.wait_for(waiting, 1)
+    await asyncio.wait_for(queue.put(3), 1)
+    assert queue.qsize() == 0
+
+
 async def test_a_waiting_handler_gets_what_arrives() -> None:
     queue: InboundQueue[str] = InboundQueue(2)
     getter = asyncio.create_task(queue.get())

@@ -7,11 +7,14 @@ in the cluster-wide table.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -426,3 +429,75 @@ async def test_a_cookie_streams_only_to_the_servers_own_pages_by_default(
     await works({"Origin": "https://elsewhere.example"}, token=make_token("t1"))
     await works({"Cookie": cookie})  # no Origin: not a browser page
     await until_no_connections(url, pool)
+
+
+def _server_sockets(port: int) -> list[str]:
+    """The TCP states of the server's connections on ``port`` (ESTABLISHED 01, CLOSE_WAIT
+    08, ...), from /proc/net/tcp: the server's own end, whatever its client did."""
+    states = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if int(local.split(":")[1], 16) == port and state != "0A":  # 0A: the listener
+            states.append(state)
+    return states
+
+
+async def test_a_client_cut_for_unread_replies_leaves_no_connection_behind(
+    url: str, make_token: Callable[..., str]
+) -> None:
+    """From the WebSocket audit (HIGH): a client that sent actions without reading the
+    replies was closed 4008, but hypercorn's reader was waiting to queue its next
+    message for a handler that had ended: the client's close was never read, and the
+    server's end stayed open with megabytes unread, counted by no limit, for ever."""
+    port = int(url.rsplit(":", 1)[1])
+    key = base64.b64encode(os.urandom(16))
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # it reads nothing
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(raw, ("127.0.0.1", port))
+    head = (
+        f"GET {WS_PATH}?token={make_token('t1')} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: {key.decode()}\r\n\r\n"
+    )
+    await loop.sock_sendall(raw, head.encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += await loop.sock_recv(raw, 1)
+    assert answer.startswith(b"HTTP/1.1 101"), answer
+    payload = b'{"action": "ping"}'
+    mask = os.urandom(4)
+    frame = (
+        bytes([0x81, 0x80 | len(payload)])
+        + mask
+        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    )
+    # Actions until the server stops taking them (its replies unread, it cut us).
+    stuck_since = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            async with asyncio.timeout(0.2):
+                await loop.sock_sendall(raw, frame * 50)
+            stuck_since = None
+        except TimeoutError:
+            stuck_since = stuck_since or time.monotonic()
+            if time.monotonic() - stuck_since > 2:
+                break
+        except OSError:
+            break
+    # Then it reads what the server sent (its replies, its close) and closes: a FIN,
+    # nothing left unread on its side.
+    while True:
+        try:
+            async with asyncio.timeout(2):
+                if not await loop.sock_recv(raw, 65536):
+                    break
+        except (TimeoutError, ConnectionResetError):  # a reset: the server has closed
+            break
+    raw.close()
+    deadline = time.monotonic() + 15
+    while left := _server_sockets(port):
+        assert time.monotonic() < deadline, f"the server kept {left}"
+        await asyncio.sleep(0.1)
