@@ -14,6 +14,8 @@ from pulse.auth.access import tenant_for
 from pulse.auth.principal import Principal
 from pulse.bus.events import encoded
 from pulse.bus.subscription import Filters
+from pulse.errors import INVALID_PARAMETER
+from pulse.names import unknown_parameter
 from pulse.runtime import Runtime
 from pulse.streams.legacy_v2.protocol import (
     SIGNALS,
@@ -40,8 +42,16 @@ async def legacy_websocket(rt: Runtime, socket: Socket) -> None:
     await serve_websocket(rt, socket, "legacy_v2", _serve, headers={"Deprecation": "true"})
 
 
+# What its URL takes: a credential, and an operator's tenant. Anything else (a
+# last_event_id, say: v2 does not resume) is refused, not ignored.
+PARAMETERS = ("token", "ticket", "tenant_id")
+
+
 async def _serve(connection: Connection) -> None:
     rt, args = connection.rt, connection.socket.args
+    # Before the credential: a request refused for its parameters spends no ticket.
+    if unknown_parameter(args, PARAMETERS) is not None:
+        raise Close.of(INVALID_PARAMETER)
 
     def tenant(principal: Principal) -> str | None:
         """The tenant acted on; None: the seed's placeholder context of an operator

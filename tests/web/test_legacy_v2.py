@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection
 
 from pulse.config import Settings
 from pulse.streams.legacy_v2.protocol import DEVICE_ID_REQUIRED, TENANT_REQUIRED
-from tests.streams.ws_support import V2_PATH, closed, open_ws, recv, recv_raw, request
+from tests.streams.ws_support import V2_PATH, close_of, closed, open_ws, recv, recv_raw, request
 from tests.support import insert_readings, provision_device, running_server, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -389,3 +389,15 @@ async def test_a_token_that_expires_while_connected_closes_4001(
         reply = await request(ws, {"action": "subscribe", "type": "device", "device_id": "d1"})
         assert reply == {"type": "subscribed", "channel": "device", "device_id": "d1"}
         assert await closed(ws) == (4001, "token_expired")
+
+
+@pytest.mark.parametrize(
+    "params", [{"last_event_id": "5"}, {"device_id": "d1"}, {"foo": "bar"}, {"device_ids": "x"}]
+)
+async def test_a_parameter_v2_does_not_take_is_refused_not_ignored(
+    url: str, make_token: Callable[..., str], params: dict[str, str]
+) -> None:
+    """From the WebSocket audit: v2 took any parameter and ignored it; a client with
+    last_event_id= believed it had resumed (v2 does not resume)."""
+    token = make_token("t1")
+    assert await close_of(url, V2_PATH, token=token, **params) == (4000, "invalid_parameter")
