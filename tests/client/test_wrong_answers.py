@@ -61,13 +61,18 @@ async def answering(
         yield f"http://127.0.0.1:{port}"
 
 
-async def command(*argv: str, stdout: int | None = asyncio.subprocess.PIPE) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
+async def started(*argv: str, stdout: int | None) -> asyncio.subprocess.Process:
+    """`pulse *argv` with a secret to mint tokens, its stderr piped."""
+    return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pulse", *argv,
         env={**os.environ, "PULSE_JWT_SECRET": TEST_SECRET},
         stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+
+
+async def command(*argv: str, stdout: int | None = asyncio.subprocess.PIPE) -> tuple[int, str]:
+    proc = await started(*argv, stdout=stdout)
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return proc.returncode, err.decode()
@@ -123,12 +128,7 @@ async def test_pulse_export_into_a_closed_pipe_or_a_full_disk(
     argv = ["export", "--url", server, "--tenant", "t1", "--device", "d1", *window]
     # `pulse export ... | head -n 3`: the reader goes, the export ends quietly.
     read, write = os.pipe()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pulse", *argv,
-        env={**os.environ, "PULSE_JWT_SECRET": TEST_SECRET},
-        stdout=write,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    proc = await started(*argv, stdout=write)
     os.close(write)
     with os.fdopen(read, "rb") as reader:
         assert (await asyncio.to_thread(reader.readline)).startswith(b"id,time")

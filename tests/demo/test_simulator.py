@@ -63,8 +63,9 @@ async def test_a_second_run_takes_over_the_existing_devices(
     assert first.sent == 0 and first.rejected > 0
 
 
-async def simulate(server: str, *args: str) -> str:
-    """`pulse simulate` against the server; what it wrote to stderr."""
+async def simulate(server: str, *args: str, status: int = 0) -> str:
+    """`pulse simulate` against the server, ending with ``status``; what it wrote to
+    stderr."""
     env = dict(os.environ, PULSE_JWT_SECRET=TEST_SECRET)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pulse", "simulate", "--url", server, "--tenant", "sim",
@@ -72,7 +73,7 @@ async def simulate(server: str, *args: str) -> str:
         env=env, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, stderr = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == status, stderr
     return stderr.decode()
 
 
@@ -128,15 +129,7 @@ async def test_a_device_of_that_id_that_is_not_simulated_keeps_its_token(
     device dev-0001) rotated the tokens of the tenant's real devices of those ids, and
     they were refused from then on. It stops instead, and removes what it made."""
     token = await provision_device(pool, "sim", "dev-0002")  # a real device, no name
-    env = dict(os.environ, PULSE_JWT_SECRET=TEST_SECRET)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pulse", "simulate", "--url", server, "--tenant", "sim",
-        "--devices", "3", "--rate", "5", "--duration", "1", "--clean-up",
-        env=env, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
-    said = stderr.decode()
-    assert proc.returncode == 1, said
+    said = await simulate(server, "--clean-up", status=1)
     assert "dev-0002 exists and is not a simulated device" in said, said
     assert "deleted 1 devices" in said  # dev-0001, made before it stopped
     async with httpx.AsyncClient(base_url=server) as http:
