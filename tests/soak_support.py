@@ -697,7 +697,7 @@ class Workload:
         stall_s: float,
         real_mss: bool,
     ) -> int | None:
-        ws = await self._open_ws(stats, V2_PATH, real_mss=real_mss, token=self.tokens[tenant])
+        ws = await self._open_ws(stats, V2_PATH, token=self.tokens[tenant])
         if ws is None:
             return None
         seen = _Ids(tenant, None)

@@ -15,7 +15,6 @@ from pulse.auth.principal import Principal
 from pulse.bus.events import encoded
 from pulse.bus.subscription import Filters
 from pulse.errors import INVALID_PARAMETER
-from pulse.names import unknown_parameter
 from pulse.runtime import Runtime
 from pulse.streams.legacy_v2.protocol import (
     SIGNALS,
@@ -42,15 +41,13 @@ async def legacy_websocket(rt: Runtime, socket: Socket) -> None:
     await serve_websocket(rt, socket, "legacy_v2", _serve, headers={"Deprecation": "true"})
 
 
-# What its URL takes: a credential, and an operator's tenant. Anything else (a
-# last_event_id, say: v2 does not resume) is refused, not ignored.
-PARAMETERS = ("token", "ticket", "tenant_id")
-
-
 async def _serve(connection: Connection) -> None:
     rt, args = connection.rt, connection.socket.args
-    # Before the credential: a request refused for its parameters spends no ticket.
-    if unknown_parameter(args, PARAMETERS) is not None:
+    # v2 does not resume: a last_event_id is refused, or its client would believe it
+    # had (before the credential: a ticket is not spent). Any other parameter is
+    # ignored, as v2 always did: existing dashboards may send their own (a cache
+    # buster, a client name).
+    if "last_event_id" in args:
         raise Close.of(INVALID_PARAMETER)
 
     def tenant(principal: Principal) -> str | None:
