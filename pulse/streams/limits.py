@@ -11,7 +11,11 @@ at the ten-thousandth connection as at the first.
 
 A process that crashes stops renewing: its connections stop counting at most
 ``ttl_s`` (default 15 s) after its last renewal, that is within ``ttl_s`` of
-the crash. A clean shutdown deletes its rows at once.
+the crash. A clean shutdown deletes its rows at once. A process that was only
+slow (stalled, or cut off from the database, for longer than ``ttl_s``) finds its
+lease lapsed at its next renewal: meanwhile other processes may have admitted the
+tenant's connections up to the limit, so its own go through admission again, oldest
+first, and those the limit leaves no room for are ended (``hold``'s ``end``).
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 
 from pulse.db.database import Database
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.queries import load_queries
+from pulse.errors import CONNECTION_LIMIT, ErrorCode
 from pulse.logs import Throttled
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,7 @@ class ConnectionLimits:
         # id -> (tenant, kind). The table mirrors it; renewals repair drift.
         self._open: dict[int, tuple[str, str]] = {}
         self._admitting: set[int] = set()  # in _open, not yet admitted
+        self._enders: dict[int, Callable[[ErrorCode], None]] = {}  # how to end an open one
         self._ids = itertools.count(1)
         self._newest_id = 0
         # Admissions waiting for the next statement, and the task that runs them.
@@ -110,20 +116,49 @@ class ConnectionLimits:
         open_now = dict(self._open)
         admitted = {id_: v for id_, v in open_now.items() if id_ not in self._admitting}
         newest = self._newest_id
-        created = await db.fetchval(
+        created, lapsed = await db.fetchrow(
             Q["renew_process"], self.process_id, _describe_process(), self.ttl_s
         )
-        if created and admitted:
-            await db.execute(
-                Q["record_connections"],
-                self.process_id,
-                list(admitted),
-                [tenant for tenant, _ in admitted.values()],
-                [kind for _, kind in admitted.values()],
-            )
+        if lapsed and admitted:
+            await self._admit_again(admitted, open_now, newest)
         elif not created:
             await db.execute(Q["delete_strays"], self.process_id, list(open_now), newest)
         await db.execute(Q["delete_expired_processes"])
+
+    async def _admit_again(
+        self,
+        admitted: dict[int, tuple[str, str]],
+        open_now: dict[int, tuple[str, str]],
+        newest: int,
+    ) -> None:
+        """The lease had lapsed: the connections open here went uncounted, and other
+        processes may have filled the tenants' limits meanwhile. Admit them again, oldest
+        first, and end those there is no room for (their clients reconnect, and are
+        admitted or refused as any new connection)."""
+        ids = sorted(admitted)
+        async with self._db.transaction() as conn:
+            await conn.execute(Q["delete_strays"], self.process_id, list(open_now), newest)
+            await conn.execute(Q["release_connections"], self.process_id, ids)
+            rows = await conn.fetch(
+                Q["admit_connections"],
+                self.process_id,
+                ids,
+                [admitted[i][0] for i in ids],
+                [admitted[i][1] for i in ids],
+                self.max_per_tenant,
+            )
+        kept = {row["connection_id"] for row in rows}
+        over = [i for i in ids if i not in kept]
+        if over:
+            log.warning(
+                "this process's stream lease had lapsed and other processes admitted "
+                "connections meanwhile: ending %d of its streams over their tenant's limit",
+                len(over),
+            )
+        for connection_id in over:
+            end = self._enders.pop(connection_id, None)
+            if end is not None:
+                end(CONNECTION_LIMIT)
 
     async def check(self, tenant_id: str) -> None:
         """Raise LimitReached when one more connection for ``tenant_id`` would be too many.
@@ -168,11 +203,16 @@ class ConnectionLimits:
             known[1] += change
 
     @contextlib.asynccontextmanager
-    async def hold(self, kind: str, tenant_id: str) -> AsyncIterator[None]:
+    async def hold(
+        self, kind: str, tenant_id: str, *, end: Callable[[ErrorCode], None] | None = None
+    ) -> AsyncIterator[None]:
         """Count one connection of ``kind`` for ``tenant_id`` while the block runs.
 
         Raises LimitReached when the process or the tenant is at its limit, and
-        DatabaseUnavailable when the count cannot be read.
+        DatabaseUnavailable when the count cannot be read. ``end`` is called with
+        CONNECTION_LIMIT should the limit find no room for the connection after this
+        process's lease lapsed (``renew``): it ends the stream, whose block then runs to
+        its end as usual.
         """
         db = self._db
         self._check_process()
@@ -197,12 +237,15 @@ class ConnectionLimits:
             raise LimitReached("This tenant has reached its connection limit.")
         self.by_kind[kind] += 1
         self._counted(tenant_id, 1)
+        if end is not None:
+            self._enders[connection_id] = end
         try:
             yield
         finally:
             self.by_kind[kind] -= 1
             self._counted(tenant_id, -1)
             del self._open[connection_id]
+            self._enders.pop(connection_id, None)
             # Shielded: a cancelled stream (its client went away) still frees its slot.
             await asyncio.shield(self._release(db, connection_id))
 

@@ -138,11 +138,19 @@ class Live:
         self._consumer: asyncio.Task[Any] | None = None
         self._ended = False
         self._started: int | None = None  # the start, once taken (begin)
+        self._end_with: ErrorCode | None = None  # ended from outside (end)
 
     def set_filters(self, filters: Filters) -> None:
         self.filters = filters
         if self.subscription is not None:
             self.subscription.set_filters(filters)
+
+    def end(self, error: ErrorCode) -> None:
+        """End the stream from outside: its task yields ``End(error)`` as soon as it is
+        live (after a replay under way)."""
+        self._end_with = error
+        if self.subscription is not None:
+            self.subscription.close()
 
     async def begin(self) -> None:
         """Take the stream's start (step 1), once. A handler that calls it before its
@@ -176,6 +184,8 @@ class Live:
             self.subscription = subscription
             self._consumer = asyncio.current_task()
             self.subscribed.set()
+            if self._end_with is not None:
+                subscription.close()
             try:
                 if subscription.filters != self.filters:
                     # Changed (by a WebSocket client) while the subscription was opening.
@@ -279,7 +289,7 @@ class Live:
                 yield End(LAGGING)
                 return
             except Closing:
-                yield End(SERVER_RESTARTING)
+                yield End(self._end_with or SERVER_RESTARTING)
                 return
             kinds = subscription.take_signals()
             if batch:

@@ -3,12 +3,15 @@
 
 -- name: renew_process
 -- Registers this process or extends its lease; `created` says whether the row
--- was new (a first start, or the lease had lapsed and another process deleted
--- it with its connections, which then have to be recorded again).
+-- was new, `lapsed` whether the lease had expired before this renewal (the row
+-- new, or still there but out of date): then this process's connections went
+-- uncounted for a while and must be admitted again (ConnectionLimits.renew).
+WITH before AS (SELECT expires_at FROM stream_processes WHERE process_id = $1)
 INSERT INTO stream_processes (process_id, description, expires_at)
 VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
 ON CONFLICT (process_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
-RETURNING xmax = 0 AS created;
+RETURNING xmax = 0 AS created,
+          coalesce((SELECT expires_at <= clock_timestamp() FROM before), true) AS lapsed;
 
 -- name: admit_connections
 -- Connections that arrived together, admitted in one round trip: tenant by
@@ -17,13 +20,6 @@ RETURNING xmax = 0 AS created;
 -- tenant's lock is held to the end of the statement.
 SELECT pulse_admit_stream_connections($1, $2::bigint[], $3::text[], $4::text[], $5)
        AS connection_id;
-
--- name: record_connections
--- Records this process's open connections again after its lease had lapsed.
-INSERT INTO stream_connections (process_id, connection_id, tenant_id, kind)
-SELECT $1, c.connection_id, c.tenant_id, c.kind
-  FROM unnest($2::bigint[], $3::text[], $4::text[]) AS c(connection_id, tenant_id, kind)
-ON CONFLICT DO NOTHING;
 
 -- name: release_connections
 -- The connections of this process that closed together, in one statement.

@@ -85,7 +85,7 @@ async def _serve(connection: Connection) -> None:
         frame=frames,
     )
     pushes = _Pushes(rt.fleet_reads, connection, stream)
-    async with rt.limits.hold("legacy_v2", topic):
+    async with rt.limits.hold("legacy_v2", topic, end=stream.end):
         await connection.run(
             _pump(connection, session, stream, pushes), _read(connection, session, stream, pushes)
         )

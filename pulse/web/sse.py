@@ -38,6 +38,9 @@ blueprint = Blueprint("sse", __name__)
 
 SSE_URL = "/api/v1/customer/telemetry/stream/sse"
 RETRY_MS = 2000
+# A stream refused once its head was out, or ended by the tenant's limit (after its
+# process's lease lapsed and other processes filled the limit meanwhile).
+LIMIT_REACHED_EVENT = b'event: error\ndata: {"reason":"connection_limit"}\n\n'
 HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -185,14 +188,14 @@ async def body(
     before the head, so that a refusal is a 429 or a 503 rather than this.)"""
     try:
         async with (
-            rt.limits.hold("sse", stream.tenant_id),
+            rt.limits.hold("sse", stream.tenant_id, end=stream.end),
             contextlib.aclosing(chunks(stream, writes)) as held,
         ):
             async for chunk in held:
                 yield chunk
     except LimitReached:
         # Lost a race for the last slot between the check and the start of the body.
-        yield b'event: error\ndata: {"reason":"connection_limit"}\n\n'
+        yield LIMIT_REACHED_EVENT
     except DatabaseUnavailable as exc:
         # The client reconnects after `retry` and resumes from its last id.
         log.warning("ending an SSE stream: %s", exc)
@@ -258,6 +261,8 @@ async def _frames(stream: Live) -> AsyncGenerator[bytes, None]:
             elif isinstance(item, End):
                 if item.error is LAGGING:
                     yield b'event: lagging\ndata: {"reason":"lagging"}\n\n'
+                elif item.error is CONNECTION_LIMIT:
+                    yield LIMIT_REACHED_EVENT
                 return
 
 

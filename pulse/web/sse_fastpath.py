@@ -138,7 +138,9 @@ async def _stream(
             # The slot before the head: a refusal is then a 429 or a 503 the client
             # can act on, not a 200 whose body ends at once.
             try:
-                await held.enter_async_context(rt.limits.hold("sse", stream.tenant_id))
+                await held.enter_async_context(
+                    rt.limits.hold("sse", stream.tenant_id, end=stream.end)
+                )
             except LimitReached as exc:
                 await send_reply(send, error_reply(limit_reached(exc)))
                 return

@@ -45,20 +45,20 @@ async def _serve(connection: Connection) -> None:
 
     principal = await connection.authenticate(tenant)
     tenant_id = tenant(principal)
-    async with rt.limits.hold("websocket", tenant_id):
-        stream = Live(
-            rt.hub,
-            rt.store,
-            tenant_id,
-            filters,
-            kind="websocket",
-            last_event_id=last_event_id,
-            announces_start=True,  # "connected" carries the tenant's newest committed id
-            idle_s=lambda: rt.settings.ws_ping_s,
-            expires_at=principal.expires_at.timestamp(),
-            output=connection.direct,
-            frame=frames,
-        )
+    stream = Live(
+        rt.hub,
+        rt.store,
+        tenant_id,
+        filters,
+        kind="websocket",
+        last_event_id=last_event_id,
+        announces_start=True,  # "connected" carries the tenant's newest committed id
+        idle_s=lambda: rt.settings.ws_ping_s,
+        expires_at=principal.expires_at.timestamp(),
+        output=connection.direct,
+        frame=frames,
+    )
+    async with rt.limits.hold("websocket", tenant_id, end=stream.end):
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await connection.run(
             _write(connection, stream, started), _read(connection, stream, started)

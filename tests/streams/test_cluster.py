@@ -5,6 +5,9 @@ connections expiring, and no token or ticket in any log line of either."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +17,18 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from pulse.streams.limits import ConnectionLimits
 from tests.streams.sse_client import SSE_PATH
-from tests.streams.ws_support import V2_PATH, WS_PATH, close_of, open_ws, recv, request
-from tests.support import provision_device, pulse_serve
+from tests.streams.ws_support import (
+    V2_PATH,
+    WS_PATH,
+    close_of,
+    closed,
+    open_ws,
+    recv,
+    request,
+)
+from tests.support import provision_device, pulse_serve, seam, sse_events
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,3 +147,76 @@ async def test_two_processes_one_database(
     for secret in secrets:
         assert secret.encode() not in logs
     assert b"token=" not in logs and b"ticket=" not in logs
+
+
+async def test_a_process_stalled_past_its_lease_ends_its_streams_over_the_limit(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path, make_token: Callable[..., str]
+) -> None:
+    """A server stopped (SIGSTOP) for longer than its lease: meanwhile another process
+    (this test's ConnectionLimits) fills the tenant's limit of 3 with the server's three
+    streams not counted. Once the server runs again, it admits its streams again, oldest
+    first: the telemetry WebSocket stays, the v2 WebSocket closes 4029 and the SSE stream
+    ends with its `error` event; the tenant counts 3 connections, not 5."""
+    env = {
+        "PULSE_MAX_CONNECTIONS_PER_TENANT": "3",
+        "PULSE_CONNECTION_LEASE_TTL_S": str(LEASE_TTL_S),
+    }
+    device_token = await provision_device(pool, "t1", "d1")
+    token = make_token("t1")
+    auth = {"Authorization": f"Bearer {token}"}
+    other = ConnectionLimits(seam(pool), 100, 3, ttl_s=60)
+    await other.start()
+    async with (
+        pulse_serve(data_dir=tmp_path, database_url=database_url, env=env) as server,
+        httpx.AsyncClient(timeout=10) as http,
+        open_ws(server.url, WS_PATH, token=token) as oldest,
+    ):
+        await recv(oldest)  # admitted first
+        async with open_ws(server.url, V2_PATH, token=token) as legacy:
+            await request(legacy, {"action": "subscribe", "type": "device", "device_id": "d1"})
+            async with http.stream("GET", f"{server.url}{SSE_PATH}", headers=auth) as sse:
+                assert sse.status_code == 200  # admitted: the slot comes before the head
+                events = sse_events(sse)
+                server.proc.send_signal(signal.SIGSTOP)
+                try:
+                    async with asyncio.timeout(LEASE_TTL_S + 10):
+                        while not await pool.fetchval(  # noqa: ASYNC110  (no event)
+                            "SELECT count(*) FROM stream_processes "
+                            "WHERE description LIKE '%:' || $1 AND expires_at < clock_timestamp()",
+                            str(server.proc.pid),
+                        ):
+                            await asyncio.sleep(0.05)
+                    async with contextlib.AsyncExitStack() as held:
+                        for _ in range(2):  # the server's three do not count now
+                            await held.enter_async_context(other.hold("sse", "t1"))
+                        assert (
+                            await pool.fetchval(
+                                "SELECT count(*) FROM stream_connections WHERE tenant_id = 't1'"
+                            )
+                            == 5
+                        )
+                        server.proc.send_signal(signal.SIGCONT)
+                        async with asyncio.timeout(LEASE_TTL_S + 10):
+                            ended = await anext(events)
+                        assert (ended.event, json.loads(ended.data)) == (
+                            "error",
+                            {"reason": "connection_limit"},
+                        )
+                        assert await closed(legacy) == (4029, "connection_limit")
+                        # The oldest stream goes on.
+                        r = await http.post(
+                            f"{server.url}/ingest/v1/tenant/t1/device/d1/telemetry",
+                            headers={"X-Provision-Token": device_token},
+                            json={"metrics": {"temp": 21.5}},
+                        )
+                        assert r.status_code == 201
+                        assert (await recv(oldest))["id"] == r.json()["id"]
+                        assert (
+                            await pool.fetchval(
+                                "SELECT count(*) FROM stream_connections WHERE tenant_id = 't1'"
+                            )
+                            == 3
+                        )
+                finally:
+                    server.proc.send_signal(signal.SIGCONT)
+    await other.stop()

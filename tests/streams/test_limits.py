@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -13,6 +14,7 @@ import asyncpg
 import pytest
 
 from pulse.db.errors import DatabaseUnavailable
+from pulse.errors import CONNECTION_LIMIT
 from pulse.streams import limits as limits_module
 from pulse.streams.limits import ConnectionLimits, LimitReached
 from tests.support import seam, until
@@ -146,6 +148,46 @@ async def test_a_process_whose_lease_lapsed_records_its_connections_again(
         await pool.execute("DELETE FROM stream_processes WHERE process_id = $1", a.process_id)
         await a.renew()
         assert await rows(pool) == 2
+
+
+async def lapsed(pool: asyncpg.Pool, limits: ConnectionLimits) -> None:
+    """Wait until the database holds ``limits``'s lease expired."""
+    await until_true(
+        lambda: pool.fetchval(
+            "SELECT count(*) FROM stream_processes "
+            "WHERE process_id = $1 AND expires_at < clock_timestamp()",
+            limits.process_id,
+        ),
+        1,
+    )
+
+
+@pytest.mark.parametrize("cleared", [False, True], ids=["row-kept", "row-cleared"])
+async def test_a_lapsed_process_ends_its_connections_over_the_limit(
+    pool: asyncpg.Pool, cleared: bool
+) -> None:
+    """While a stalled process's lease had lapsed, another filled the tenant's limit
+    with its connections not counted: at its next renewal the stalled process admits
+    its own again, oldest first, and ends those over the limit (3 here, not 5)."""
+    slow, other = await started(pool, ttl_s=0.3), await started(pool, ttl_s=30)
+    ended: list[tuple[str, object]] = []
+    async with contextlib.AsyncExitStack() as held:
+        for name in ("oldest", "middle", "newest"):
+            end = functools.partial(lambda n, error: ended.append((n, error)), name)
+            await held.enter_async_context(slow.hold("sse", "t1", end=end))
+        await lapsed(pool, slow)
+        if cleared:
+            await other.renew()  # deletes the lapsed lease with its rows
+        for _ in range(2):
+            await held.enter_async_context(other.hold("websocket", "t1"))
+        await slow.renew()
+        assert ended == [("middle", CONNECTION_LIMIT), ("newest", CONNECTION_LIMIT)]
+        assert await rows(pool) == 3
+        assert slow.total == 3  # counted here until their streams end
+        ended.clear()
+        await slow.renew()  # a lease in force: nothing more is ended
+        assert ended == [] and await rows(pool) == 3
+    assert await rows(pool) == 0
 
 
 async def test_rows_whose_release_failed_are_deleted_by_the_next_renewal(

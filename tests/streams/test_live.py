@@ -10,7 +10,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from pulse.bus.hub import Hub
 from pulse.bus.subscription import Filters
-from pulse.streams.live import Item, Live, Reset, Started
+from pulse.errors import CONNECTION_LIMIT
+from pulse.streams.live import End, Item, Live, Reset, Started
 from tests.bus.memory import MemorySource, MemoryStore, running_hub
 
 
@@ -145,3 +146,21 @@ async def test_a_stream_that_announces_its_start_announces_the_newest_committed_
             newest = commit(source, store)
             assert await take(b, newest) == [6]
             assert await take(c, newest) == [4, 5, 6]
+
+
+async def test_a_stream_ended_from_outside_ends_with_the_error_given() -> None:
+    """``end`` (the connection limit, after a lapsed lease) ends a live stream and one
+    still opening alike, with that error, not the shutdown's."""
+    async with hub_counting_reads() as (hub, source, store):
+        live = stream(hub, store)
+        async with contextlib.aclosing(live.items()) as a:
+            await take(a, 0)
+            await take(a, commit(source, store))
+            live.end(CONNECTION_LIMIT)
+            async with asyncio.timeout(5):
+                assert await anext(a) == End(CONNECTION_LIMIT)
+        opening = stream(hub, store)
+        opening.end(CONNECTION_LIMIT)  # before it has subscribed
+        async with contextlib.aclosing(opening.items()) as b:
+            async with asyncio.timeout(5):
+                assert [item async for item in b] == [Started(1), End(CONNECTION_LIMIT)]
