@@ -10,7 +10,9 @@ errors (a constraint, a bad query) pass through unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +29,14 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutErro
 # notice in seconds (5 s idle, then 3 probes 1 s apart), not after the kernel's two
 # hours of TCP keepalive, so that another process can take the lead. (Unix sockets
 # have no keepalives: there the two are on one machine.)
+# A process whose machine is up but which is itself stopped or hung (SIGSTOP, an
+# event loop that never yields) keeps its connections open and answers the TCP
+# probes: PostgreSQL ends a dedicated connection that has sent nothing for this long
+# (``idle_session_timeout``, PostgreSQL 14 and later), and with it the lead it held.
+# Every holder sends a statement at least every 5 s (the sweeper each sweep, the
+# rollups each pass or ``pause``, the relay and the listener a health check).
+DEDICATED_SILENCE_S = 15
+ALIVE_EVERY_S = 5.0
 DEDICATED_KEEPALIVES = {
     "tcp_keepalives_idle": "5",
     "tcp_keepalives_interval": "1",
@@ -128,7 +138,7 @@ class Database:
         """A connection of its own, outside the pool, named in pg_stat_activity; closed
         (abruptly: that also releases its session locks) when the block ends, and
         dropped by the server within seconds when its peer vanishes
-        (``DEDICATED_KEEPALIVES``).
+        (``DEDICATED_KEEPALIVES``) or falls silent (``DEDICATED_SILENCE_S``).
 
         Any failure to connect counts as unavailable: a server starting up, shutting
         down or refusing connections for now is waited out like a network error.
@@ -143,6 +153,12 @@ class Database:
             raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
         try:
             with translated():
+                if conn.get_server_version().major >= 14:
+                    await conn.execute(
+                        f"SET idle_session_timeout = '{DEDICATED_SILENCE_S}s'; "
+                        f"SET idle_in_transaction_session_timeout = '{DEDICATED_SILENCE_S}s'",
+                        timeout=timeout,
+                    )
                 yield conn
         finally:
             conn.terminate()
@@ -153,6 +169,17 @@ class Database:
     def pool_usage(self) -> tuple[int, int]:
         """(connections open, of which idle)."""
         return self.pool.get_size(), self.pool.get_idle_size()
+
+
+async def pause(conn: asyncpg.Connection, seconds: float) -> None:
+    """Wait ``seconds`` holding a dedicated connection, with a statement every
+    ALIVE_EVERY_S: PostgreSQL would take a longer silence for a hung process."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > ALIVE_EVERY_S:
+        await asyncio.sleep(ALIVE_EVERY_S)
+        with translated():
+            await conn.execute("SELECT 1", timeout=ALIVE_EVERY_S)
+    await asyncio.sleep(max(0.0, left))
 
 
 def describe(dsn: str) -> str:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from pulse.config import Settings
-from pulse.db.database import Database
+from pulse.db.database import Database, pause
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.leadership import lock_is_free
 from pulse.db.queries import load_queries
@@ -202,4 +202,4 @@ class Rollups:
             if time.monotonic() - trimmed_at >= self._settings.trim_interval_s:
                 await trim(conn, self._settings)
                 trimmed_at = time.monotonic()
-            await asyncio.sleep(pause_after(took, self._settings.interval_s))
+            await pause(conn, pause_after(took, self._settings.interval_s))

@@ -3,9 +3,14 @@ that asks holds no lock after, and a lock another session holds is seen as taken
 
 from __future__ import annotations
 
-import asyncpg
+import asyncio
 
-from pulse.db.database import DEDICATED_KEEPALIVES, Database
+import asyncpg
+import pytest
+
+from pulse.db import database
+from pulse.db.database import DEDICATED_KEEPALIVES, Database, pause
+from pulse.db.errors import DatabaseUnavailable
 from pulse.db.leadership import lock_is_free
 from tests.support import seam
 
@@ -48,3 +53,24 @@ async def test_a_leaders_connection_asks_for_prompt_keepalives(database_url: str
     assert asked == dict.fromkeys(DEDICATED_KEEPALIVES, "client")
     if tcp:  # over a Unix socket the server reads them all as 0: no keepalives there
         assert {row["name"]: row["setting"] for row in rows} == DEDICATED_KEEPALIVES
+
+
+async def test_a_silent_leaders_connection_is_ended_unless_it_pauses_alive(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dedicated connection that sends nothing for DEDICATED_SILENCE_S is ended by
+    PostgreSQL (a stopped or hung process loses its lead); ``pause`` waits longer than
+    that with a statement every ALIVE_EVERY_S, as the rollups' leader waits between
+    passes."""
+    monkeypatch.setattr(database, "DEDICATED_SILENCE_S", 1)
+    monkeypatch.setattr(database, "ALIVE_EVERY_S", 0.3)
+    async with Database.open(database_url, pool_size=1) as db:
+        async with db.dedicated("probe") as conn:
+            assert await conn.fetchval("SHOW idle_session_timeout") == "1s"
+            assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "1s"
+            await pause(conn, 2.5)
+            assert await conn.fetchval("SELECT 1") == 1
+        with pytest.raises(DatabaseUnavailable):
+            async with db.dedicated("probe") as conn:
+                await asyncio.sleep(2.5)  # silent: ended
+                await conn.fetchval("SELECT 1")

@@ -413,6 +413,64 @@ async def test_a_killed_leader_process_is_taken_over(pool: asyncpg.Pool, databas
             await process.wait()
 
 
+async def test_a_stopped_leader_process_is_taken_over(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """From the cluster audit: a leader stopped (SIGSTOP), or hung, keeps its connection
+    and answers TCP probes, so its lock stayed held and nobody swept for as long as it
+    hung. PostgreSQL now ends a dedicated connection silent for DEDICATED_SILENCE_S (2 s
+    here): another process takes over, and the stopped one, woken, finds its lead gone."""
+    script = (
+        "import asyncio, sys\n"
+        "import pulse.db.database\n"
+        "pulse.db.database.DEDICATED_SILENCE_S = 2\n"
+        "from pulse.db.database import Database\n"
+        "from pulse.fleet.sweeper import StatusSweeper\n"
+        "async def main():\n"
+        "    async with Database.open(sys.argv[1], pool_size=1) as db:\n"
+        "        s = StatusSweeper(db, stale_after_s=30, offline_after_s=300,"
+        " interval_s=0.02)\n"
+        "        task = asyncio.create_task(s.run())\n"
+        "        await s.leading.wait()\n"
+        "        print('leading', flush=True)\n"
+        "        while s.leading.is_set():\n"
+        "            await asyncio.sleep(0.02)\n"
+        "        print('stood down', flush=True)\n"
+        "        await task\n"
+        "asyncio.run(main())\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        database_url,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=os.getcwd(),
+    )
+    try:
+        assert process.stdout is not None
+        assert await asyncio.wait_for(process.stdout.readline(), 20) == b"leading\n"
+        (stopped,) = await lock_holders(pool)
+        survivor = _sweeper(pool, database_url)
+        async with sweeping(survivor):
+            await asyncio.wait_for(survivor.wait_rounds(3), 5)
+            assert not survivor.leading.is_set()
+            process.send_signal(signal.SIGSTOP)
+            await asyncio.wait_for(survivor.leading.wait(), 15)
+            await asyncio.wait_for(survivor.wait_rounds(survivor.rounds + 2), 5)
+            assert survivor.sweeps >= 1
+            assert stopped not in await lock_holders(pool)
+            process.send_signal(signal.SIGCONT)
+            assert await asyncio.wait_for(process.stdout.readline(), 15) == b"stood down\n"
+            await asyncio.wait_for(survivor.wait_rounds(survivor.rounds + 5), 5)
+            assert survivor.leading.is_set() and len(await lock_holders(pool)) == 1
+    finally:
+        process.send_signal(signal.SIGCONT)
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 async def metric_lines(http: httpx.AsyncClient) -> set[str]:
     return set((await http.get("/metrics")).text.splitlines())
 
