@@ -156,7 +156,11 @@ class Database:
                 if conn.get_server_version().major >= 14:
                     await conn.execute(
                         f"SET idle_session_timeout = '{DEDICATED_SILENCE_S}s'; "
-                        f"SET idle_in_transaction_session_timeout = '{DEDICATED_SILENCE_S}s'",
+                        f"SET idle_in_transaction_session_timeout = '{DEDICATED_SILENCE_S}s'; "
+                        # A statement still running when its process gave up on it and
+                        # closed the connection (a timeout) stops within a second,
+                        # with the locks it holds, rather than running on for minutes.
+                        "SET client_connection_check_interval = '1s'",
                         timeout=timeout,
                     )
                 yield conn

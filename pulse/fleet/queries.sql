@@ -82,6 +82,9 @@ RETURNING counts_from
 -- (take_over_sweeping): silence before it is not the device's (devices could not
 -- report), so a device's silence is counted from then at the earliest (greatest
 -- ignores NULL). The pass is recorded as the last sweep, for a takeover to see.
+-- At most $6 devices move per statement (the first in key order): a site's
+-- thousands going silent together are moved in several short statements, each
+-- holding its rows' locks (which ingest of those devices waits for) briefly.
 WITH clock AS (
     SELECT coalesce($1::timestamptz, now()) AS now,
            make_interval(secs => $2::float8) AS stale_after,
@@ -100,6 +103,7 @@ WITH clock AS (
             AND (d.last_seen_at IS NULL
                  OR greatest(d.last_seen_at, c.since) < c.now - c.offline_after))
      ORDER BY d.tenant_id, d.device_id
+     LIMIT $6
        FOR UPDATE OF d SKIP LOCKED
 ), moved AS (
     UPDATE devices d

@@ -33,11 +33,14 @@ SWEEPER_LOCK_KEY = 0x70756C73_65_7377  # "pulse" "sw"
 NO_HEARTBEAT_SEVERITY = 3
 APPLICATION_NAME = "pulse sweeper"  # shows in pg_stat_activity, as "pulse rollups" does
 QUERY_TIMEOUT_S = 10.0
+# Devices moved per statement at most; a sweep repeats the statement until fewer move.
+SWEEP_BATCH = 5000
 # A sweeper that takes the lead within this long of the last sweep carries on from it:
 # the lock is free once the leader's connection closes (at once when its process ends,
-# within about 8 s when its machine vanishes: pulse.db.database.DEDICATED_KEEPALIVES),
-# and the others try every interval. After a longer gap, the servers were away.
-HANDOVER_S = 15.0
+# within about 8 s when its machine vanishes: pulse.db.database.DEDICATED_KEEPALIVES,
+# within about 16 s when it hangs: DEDICATED_SILENCE_S), and the others try every
+# interval. After a longer gap, the servers were away.
+HANDOVER_S = 30.0
 
 # The time to judge last_seen_at by; None means the database's clock, the one
 # ingest stamps last_seen_at with. Tests pass their own.
@@ -58,19 +61,28 @@ async def sweep_statuses(
     offline_after_s: float,
     now: datetime | None = None,
     since: datetime | None = None,
+    batch: int = SWEEP_BATCH,
 ) -> Swept:
-    """One set-based pass over every device of every tenant; silence before ``since``
-    (when sweeping began) is not counted."""
-    row = await conn.fetchrow(
-        Q["sweep_statuses"],
-        now,
-        stale_after_s,
-        offline_after_s,
-        NO_HEARTBEAT_SEVERITY,
-        since,
-        timeout=QUERY_TIMEOUT_S,
-    )
-    return Swept(row["stale"], row["offline"], row["alerts_opened"])
+    """One set-based pass over every device of every tenant, in statements of at most
+    ``batch`` devices moved; silence before ``since`` (when sweeping began) is not
+    counted."""
+    stale = offline = alerts_opened = 0
+    while True:
+        row = await conn.fetchrow(
+            Q["sweep_statuses"],
+            now,
+            stale_after_s,
+            offline_after_s,
+            NO_HEARTBEAT_SEVERITY,
+            since,
+            batch,
+            timeout=QUERY_TIMEOUT_S,
+        )
+        stale += row["stale"]
+        offline += row["offline"]
+        alerts_opened += row["alerts_opened"]
+        if row["stale"] + row["offline"] < batch:
+            return Swept(stale, offline, alerts_opened)
 
 
 def default_interval(stale_after_s: float) -> float:

@@ -68,6 +68,7 @@ async def test_a_silent_leaders_connection_is_ended_unless_it_pauses_alive(
         async with db.dedicated("probe") as conn:
             assert await conn.fetchval("SHOW idle_session_timeout") == "1s"
             assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "1s"
+            assert await conn.fetchval("SHOW client_connection_check_interval") == "1s"
             await pause(conn, 2.5)
             assert await conn.fetchval("SELECT 1") == 1
         with pytest.raises(DatabaseUnavailable):

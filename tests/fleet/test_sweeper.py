@@ -534,3 +534,64 @@ def test_default_interval_is_a_fraction_of_the_threshold() -> None:
     assert default_interval(30) == 1.0
     assert default_interval(2) == 0.2
     assert default_interval(0.1) == 0.05
+
+
+async def test_a_sweep_moves_every_due_device_in_statements_of_a_batch(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """At most ``batch`` devices move per statement (a site's thousands going silent
+    together are moved in short statements), and the sweep repeats it until every
+    due device has moved."""
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+    await pool.execute(
+        """INSERT INTO devices (tenant_id, device_id, token_hash, status, last_seen_at)
+           SELECT 't1', 'dev-' || g, '\\x00', 'ONLINE', now() - interval '1 minute'
+             FROM generate_series(1, 7) g"""
+    )
+    conn = await asyncpg.connect(database_url)
+    try:
+        swept = await sweep_statuses(
+            conn, stale_after_s=STALE_S, offline_after_s=OFFLINE_S, batch=3
+        )
+    finally:
+        await conn.close()
+    assert (swept.stale, swept.offline, swept.alerts_opened) == (7, 0, 7)
+    assert await pool.fetchval("SELECT count(*) FROM devices WHERE status = 'STALE'") == 7
+
+
+async def test_status_triggers_take_linear_time_on_a_connection_that_fired_them_before(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """From the fleet audit (HIGH): the triggers that notify status moves joined the old
+    and new rows with the plan PL/pgSQL kept from small statements, a nested loop: on
+    the sweeper's connection (empty sweeps every second), 20,000 devices going STALE
+    together took 49 s, and ingest marking 20,000 devices seen 30 s; alerts alike.
+    Migration 0016 compares them as sets. Each statement here must end within 5 s (it
+    takes a fraction of a second; the nested loop, tens of seconds)."""
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+    await pool.execute(
+        """INSERT INTO devices (tenant_id, device_id, token_hash, status)
+           SELECT 't1', 'dev-' || g, '\\x00', 'ONLINE' FROM generate_series(1, 20000) g"""
+    )
+    await pool.execute(
+        """INSERT INTO alerts (tenant_id, device_id, alert_type, severity, summary)
+           SELECT 't1', 'dev-' || g, 'NO_HEARTBEAT', 3, 'silent'
+             FROM generate_series(1, 20000) g"""
+    )
+    conn = await asyncpg.connect(database_url, server_settings={"statement_timeout": "5s"})
+    try:
+        for _ in range(6):  # as the sweeper's connection: its plans made for no rows
+            await conn.execute("UPDATE devices SET status = 'OFFLINE' WHERE false")
+            await conn.execute("UPDATE alerts SET status = 'CLOSED' WHERE false")
+        async with conn.transaction():
+            assert await conn.execute("UPDATE devices SET status = 'STALE'") == "UPDATE 20000"
+            assert await conn.execute("UPDATE devices SET last_seen_at = now()") == "UPDATE 20000"
+            assert (
+                await conn.execute(
+                    "UPDATE alerts SET status = 'CLOSED', closed_at = now(), "
+                    "closed_reason = 'manual'"
+                )
+                == "UPDATE 20000"
+            )
+    finally:
+        await conn.close()
