@@ -17,6 +17,16 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
+def shown_name(value: str) -> str:
+    """A name or id from a request, for an error sentence: as it is when it is valid,
+    else quoted with its control and bidirectional characters escaped, cut short (a
+    client that decodes the error must not print a terminal escape or reversed text)."""
+    if is_valid_name(value):
+        return value
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def is_valid_name(value: object) -> bool:
     """True for 1 to 64 characters of [A-Za-z0-9_.:-]: tenant ids, device ids, metric names."""
     return isinstance(value, str) and len(value) <= 64 and _is_valid(value)

@@ -30,6 +30,7 @@ from pulse.errors import (
     ApiError,
 )
 from pulse.fleet import devices
+from pulse.names import shown_name
 from pulse.web import openapi, runtime
 from pulse.web.auth import authorize, tenant
 
@@ -142,4 +143,4 @@ async def rotate_device_token(device_id: str) -> tuple[ProvisionedDevice, int, d
 
 
 def _unknown_device(device_id: str) -> ApiError:
-    return ApiError(UNKNOWN_DEVICE, f"There is no device {device_id[:64]} in this tenant.")
+    return ApiError(UNKNOWN_DEVICE, f"There is no device {shown_name(device_id)} in this tenant.")

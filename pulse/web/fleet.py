@@ -34,7 +34,7 @@ from pulse.errors import (
 )
 from pulse.fleet import alerts, rules
 from pulse.fleet.summary import fleet_summary
-from pulse.names import unknown_parameter
+from pulse.names import shown_name, unknown_parameter
 from pulse.web import openapi, runtime
 from pulse.web.auth import authorize, principal, scope, tenant
 
@@ -178,7 +178,7 @@ async def _change_alert(raw_id: str, action: alerts.Action) -> Response:
 
 
 def _unknown_alert(raw_id: str) -> ApiError:
-    return ApiError(UNKNOWN_ALERT, f"There is no alert {raw_id[:40]} in this tenant.")
+    return ApiError(UNKNOWN_ALERT, f"There is no alert {shown_name(raw_id)} in this tenant.")
 
 
 # -- alert rules ---------------------------------------------------------------
@@ -222,7 +222,7 @@ async def delete_rule(rule_id: str) -> Response:
         runtime().db, tenant(), parsed, principal().subject
     )
     if not deleted:
-        raise ApiError(UNKNOWN_RULE, f"There is no rule {rule_id[:40]} in this tenant.")
+        raise ApiError(UNKNOWN_RULE, f"There is no rule {shown_name(rule_id)} in this tenant.")
     return Response(status=204)
 
 

@@ -246,3 +246,27 @@ async def test_active_alerts_for_the_v2_websocket(fleet: Fleet) -> None:
     assert [a["tenant_id"] for a in everywhere] == ["t2", "t1"]
     assert set(everywhere[0]) == ALERT_KEYS | {"tenant_id"}
     assert len(await active_alerts(seam(pool), None, limit=1)) == 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ALERTS + "/{id}/acknowledge",
+        "/api/v1/customer/alert-rules/{id}",
+        "/api/v1/customer/devices/{id}",
+    ],
+)
+async def test_an_unknown_id_is_named_escaped_in_the_error(
+    http: httpx.AsyncClient, admin: dict[str, str], path: str
+) -> None:
+    """From the fleet audit: the 404's detail printed the path's id as it came, so a
+    right-to-left override or a terminal escape reached whoever prints the error. A
+    valid name is shown as it is; anything else quoted and escaped."""
+    method = "POST" if path.endswith("acknowledge") else "DELETE"
+    for raw, shown in (("%E2%80%AEabc", "'\\u202eabc'"), ("%1B%5B31m", "'\\x1b[31m'")):
+        response = await http.request(method, path.format(id=raw), headers=admin)
+        assert response.status_code == 404
+        detail = response.json()["detail"]
+        assert shown in detail and "\u202e" not in detail and "\x1b" not in detail
+    response = await http.request(method, path.format(id="dev-9"), headers=admin)
+    assert "There is no " in response.json()["detail"] and " dev-9 " in response.json()["detail"]
