@@ -23,6 +23,7 @@ from quart_schema import (
 from pulse.errors import (
     BROKER_UNAVAILABLE,
     DEVICE_EXISTS,
+    INVALID_PARAMETER,
     INVALID_PAYLOAD,
     PAYLOAD_TOO_LARGE,
     REQUEST_TIMEOUT,
@@ -33,6 +34,7 @@ from pulse.fleet import devices
 from pulse.names import shown_name
 from pulse.web import openapi, runtime
 from pulse.web.auth import authorize, tenant
+from pulse.web.errors import refuse_unknown_parameters
 
 blueprint = Blueprint("devices", __name__, url_prefix="/api/v1/customer/devices")
 blueprint.before_request(authorize)
@@ -96,9 +98,10 @@ async def create_device(
 @blueprint.get("")
 @document_querystring(TenantQuery)
 @validate_response(DeviceList)
-@openapi.errors(*openapi.TENANT_READ)
+@openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER)
 async def list_devices() -> DeviceList:
     """The tenant's devices, with their status."""
+    refuse_unknown_parameters()
     rows = await devices.list_devices(runtime().db, tenant())
     return DeviceList(devices=[Device(**row) for row in rows])
 
@@ -106,9 +109,10 @@ async def list_devices() -> DeviceList:
 @blueprint.get("/<device_id>")
 @document_querystring(TenantQuery)
 @validate_response(Device)
-@openapi.errors(*openapi.TENANT_READ, UNKNOWN_DEVICE)
+@openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER, UNKNOWN_DEVICE)
 async def get_device(device_id: str) -> Device:
     """One device, with its status."""
+    refuse_unknown_parameters()
     device = await devices.get_device(runtime().db, tenant(), device_id)
     if device is None:
         raise _unknown_device(device_id)

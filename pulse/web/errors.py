@@ -8,9 +8,10 @@ never carries a traceback.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import NoReturn
 
-from quart import Quart, Request, Response
+from quart import Quart, Request, Response, request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -21,6 +22,7 @@ from pulse.errors import (
     FORBIDDEN,
     HTTP_ERROR,
     INTERNAL_ERROR,
+    INVALID_PARAMETER,
     INVALID_PAYLOAD,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
@@ -33,8 +35,17 @@ from pulse.errors import (
     error_body,
 )
 from pulse.logs import Throttled
+from pulse.names import unknown_parameter
 
 log = logging.getLogger(__name__)
+
+
+def refuse_unknown_parameters(known: Sequence[str] = ("tenant_id",)) -> None:
+    """A query parameter the route does not take is a 400, as everywhere in the API: a
+    misspelt filter is refused rather than ignored."""
+    unknown = unknown_parameter(request.args, known)
+    if unknown is not None:
+        raise ApiError(INVALID_PARAMETER, unknown)
 # One line per ten seconds of an outage, not one per request refused.
 _UNAVAILABLE = Throttled(log)
 

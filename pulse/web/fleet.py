@@ -34,9 +34,10 @@ from pulse.errors import (
 )
 from pulse.fleet import alerts, rules
 from pulse.fleet.summary import fleet_summary
-from pulse.names import shown_name, unknown_parameter
+from pulse.names import shown_name
 from pulse.web import openapi, runtime
 from pulse.web.auth import authorize, principal, scope, tenant
+from pulse.web.errors import refuse_unknown_parameters
 
 PREFIX = "/api/v1/customer"
 DEFAULT_PAGE = 50
@@ -111,9 +112,10 @@ class RuleList(BaseModel):
 @fleet_bp.get("/summary")
 @document_querystring(TenantQuery)
 @document_response(FleetSummary)
-@openapi.errors(*openapi.CROSS_TENANT_READ)
+@openapi.errors(*openapi.CROSS_TENANT_READ, INVALID_PARAMETER)
 async def summary() -> Response:
     """Devices by status, and the number of active alerts."""
+    refuse_unknown_parameters()
     return jsonify(await fleet_summary(runtime().db, scope()))
 
 
@@ -127,9 +129,7 @@ async def summary() -> Response:
 async def list_alerts() -> Response:
     """Alerts, newest first, a page at a time."""
     args = request.args
-    unknown = unknown_parameter(args, ("status", "limit", "cursor", "tenant_id"))
-    if unknown is not None:
-        raise _bad_parameter(unknown)
+    refuse_unknown_parameters(("status", "limit", "cursor", "tenant_id"))
     status = args.get("status") or None
     statuses = alerts.STATUS_FILTERS.get(status) if status else (*alerts.ACTIVE, alerts.CLOSED)
     if statuses is None:
@@ -205,9 +205,10 @@ async def create_rule(data: rules.NewRule) -> tuple[Response, int]:
 @rules_bp.get("")
 @document_querystring(TenantRequiredQuery)
 @document_response(RuleList)
-@openapi.errors(*openapi.TENANT_READ)
+@openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER)
 async def list_rules() -> Response:
     """The tenant's rules, oldest first."""
+    refuse_unknown_parameters()
     return jsonify({"rules": await rules.list_rules(runtime().db, tenant())})
 
 
