@@ -20,16 +20,14 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from pulse.db.errors import CONNECTION_ERRORS, DatabaseUnavailable
-from pulse.db.pool import connect, create_pool
+from pulse.db.pool import KEEPALIVES, connect, create_pool
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
 
 # A dedicated connection holds session locks (the lead of the sweeper, the rollups,
 # the relay): if its process's machine vanishes without closing it, PostgreSQL must
-# notice in seconds (5 s idle, then 3 probes 1 s apart), not after the kernel's two
-# hours of TCP keepalive, so that another process can take the lead. (Unix sockets
-# have no keepalives: there the two are on one machine.)
-# A process whose machine is up but which is itself stopped or hung (SIGSTOP, an
+# notice in seconds (pulse.db.pool.KEEPALIVES), so that another process can take the
+# lead. A process whose machine is up but which is itself stopped or hung (SIGSTOP, an
 # event loop that never yields) keeps its connections open and answers the TCP
 # probes: PostgreSQL ends a dedicated connection that has sent nothing for this long
 # (``idle_session_timeout``, PostgreSQL 14 and later), and with it the lead it held.
@@ -37,11 +35,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutErro
 # rollups each pass or ``pause``, the relay and the listener a health check).
 DEDICATED_SILENCE_S = 15
 ALIVE_EVERY_S = 5.0
-DEDICATED_KEEPALIVES = {
-    "tcp_keepalives_idle": "5",
-    "tcp_keepalives_interval": "1",
-    "tcp_keepalives_count": "3",
-}
+DEDICATED_KEEPALIVES = KEEPALIVES
 
 
 @contextlib.contextmanager

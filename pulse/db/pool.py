@@ -20,6 +20,24 @@ def _decode_jsonb(data: bytes) -> Any:
     return orjson.loads(data[1:])
 
 
+# Every connection of Pulse asks for TCP keepalives of seconds (5 s idle, then 3
+# probes 1 s apart), not the kernel's two hours: a connection whose process's machine
+# vanished is closed by PostgreSQL within about 8 s, with the locks it held (a lead,
+# or a tenant's row in the middle of a write). Unix sockets have none: there the two
+# are on one machine.
+KEEPALIVES = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "1",
+    "tcp_keepalives_count": "3",
+}
+# A pooled connection left idle inside a transaction for this long is ended by
+# PostgreSQL: its process is stopped or hung mid-write, holding a tenant's row that
+# every process's writes of that tenant queue behind (a write sends its statements
+# back to back). A transaction that waits on its client on purpose (an export's
+# cursor) lifts it for itself (``pulse.history.reads``).
+IDLE_IN_WRITE_S = 15
+
+
 async def init_connection(conn: asyncpg.Connection) -> None:
     # No JIT: Pulse's statements are short, and a server PostgreSQL built with LLVM
     # compiles any whose estimate passes jit_above_cost. The rollups' statement is
@@ -68,7 +86,11 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
         command_timeout=60,
         # Named in pg_stat_activity beside "pulse listener", "pulse rollups", "pulse
         # sweeper"; an application_name in DATABASE_URL is the operator's, and stays.
-        server_settings={} if "application_name=" in dsn else {"application_name": POOL_NAME},
+        server_settings={
+            **KEEPALIVES,
+            "idle_in_transaction_session_timeout": f"{IDLE_IN_WRITE_S}s",
+            **({} if "application_name=" in dsn else {"application_name": POOL_NAME}),
+        },
     )
     assert pool is not None
     return pool

@@ -9,6 +9,7 @@ their size is not bounded by memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -172,9 +173,13 @@ def _array(query: HistoryQuery) -> list[str] | None:
     return list(query.metrics) if query.metrics else None
 
 
-def _snapshot(conn: asyncpg.Connection) -> Any:
-    """Every statement of the block reads the same committed state."""
-    return conn.transaction(isolation="repeatable_read", readonly=True)
+@contextlib.asynccontextmanager
+async def _snapshot(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """Every statement of the block reads the same committed state, for as long as the
+    client takes to read it (an export waits on its client inside the transaction)."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        await conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+        yield
 
 
 async def _batches(cursor: Any) -> AsyncIterator[list[Any]]:

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
+import asyncpg
+import pytest
+
+from pulse.db import pool as pool_module
 from pulse.db.database import Database
+from pulse.db.pool import IDLE_IN_WRITE_S, KEEPALIVES
+from pulse.history import reads
 
 
 async def last_statement(db: Database, pid: int) -> str:
@@ -88,3 +95,50 @@ async def test_pool_connections_are_named_unless_the_url_names_them(database_url
     joiner = "&" if "?" in database_url else "?"
     async with Database.open(f"{database_url}{joiner}application_name=ours", pool_size=1) as db:
         assert await db.fetchval("SHOW application_name") == "ours"
+
+
+async def test_a_pooled_connection_asks_for_keepalives_and_a_bound_on_idle_writes(
+    database_url: str,
+) -> None:
+    async with Database.open(database_url, pool_size=1) as db, db.connection() as conn:
+        settings = dict(
+            await conn.fetch(
+                "SELECT name, setting FROM pg_settings WHERE name LIKE 'tcp_keepalives_%' "
+                "OR name = 'idle_in_transaction_session_timeout'"
+            )
+        )
+        tcp = await conn.fetchval("SELECT inet_client_addr() IS NOT NULL")
+    assert settings["idle_in_transaction_session_timeout"] == str(IDLE_IN_WRITE_S * 1000)
+    if tcp:  # over a Unix socket the server reads them all as 0: no keepalives there
+        assert {k: v for k, v in settings.items() if k.startswith("tcp_")} == KEEPALIVES
+
+
+async def test_a_writer_stopped_mid_write_does_not_hold_its_tenant_for_ever(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the delivery audit: a process stopped (SIGSTOP) inside a write held its
+    tenant's row, and every process's writes of that tenant waited for it (503 after
+    60 s; a vanished machine, about two hours). PostgreSQL now ends a pooled connection
+    idle in a transaction for IDLE_IN_WRITE_S (1 s here): the writes behind it go on. An
+    export, which waits on its client inside its transaction, lifts the bound."""
+    monkeypatch.setattr(pool_module, "IDLE_IN_WRITE_S", 1)
+    async with Database.open(database_url, pool_size=3) as db:
+        await db.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+        frozen = await db.pool.acquire()
+        pid = await frozen.fetchval("SELECT pg_backend_pid()")
+        stopped = frozen.transaction()
+        await stopped.start()
+        await frozen.fetchval("SELECT pulse_reserve_event_ids('t1', 1)")  # holds the row
+        # ... and sends nothing more: the next write of t1 waits for the row.
+        async with db.connection() as next_write, asyncio.timeout(10):
+            # The stopped write was ended and rolled back: its id is taken again.
+            assert await next_write.fetchval("SELECT pulse_reserve_event_ids('t1', 1)") == 0
+            assert not await next_write.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid
+            )
+        # Closed under it: asyncpg has already given it back to the pool.
+        with contextlib.suppress(asyncpg.InterfaceError):
+            await db.pool.release(frozen)
+        async with db.connection() as conn, reads._snapshot(conn):
+            await asyncio.sleep(2)
+            assert await conn.fetchval("SELECT 1") == 1
