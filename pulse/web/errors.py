@@ -38,14 +38,6 @@ from pulse.logs import Throttled
 from pulse.names import unknown_parameter
 
 log = logging.getLogger(__name__)
-
-
-def refuse_unknown_parameters(known: Sequence[str] = ("tenant_id",)) -> None:
-    """A query parameter the route does not take is a 400, as everywhere in the API: a
-    misspelt filter is refused rather than ignored."""
-    unknown = unknown_parameter(request.args, known)
-    if unknown is not None:
-        raise ApiError(INVALID_PARAMETER, unknown)
 # One line per ten seconds of an outage, not one per request refused.
 _UNAVAILABLE = Throttled(log)
 
@@ -145,3 +137,11 @@ def _validation_sentence(exc: RequestSchemaValidationError) -> str:
             message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
             return f"{where}: {message}"
     return "The request body does not match the expected shape."
+
+
+def refuse_unknown_parameters(known: Sequence[str] = ("tenant_id",)) -> None:
+    """A query parameter the route does not take is a 400, as everywhere in the API: a
+    misspelt filter is refused rather than ignored."""
+    unknown = unknown_parameter(request.args, known)
+    if unknown is not None:
+        raise ApiError(INVALID_PARAMETER, unknown)
