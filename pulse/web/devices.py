@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field
-from quart import Blueprint, Response
+from quart import Blueprint, Response, jsonify
 from quart_schema import (
     document_querystring,
+    document_response,
     security_scheme_blueprint,
     tag_blueprint,
     validate_request,
@@ -97,13 +98,14 @@ async def create_device(
 
 @blueprint.get("")
 @document_querystring(TenantQuery)
-@validate_response(DeviceList)
+@document_response(DeviceList)
 @openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER)
-async def list_devices() -> DeviceList:
+async def list_devices() -> Response:
     """The tenant's devices, with their status."""
     refuse_unknown_parameters()
-    rows = await devices.list_devices(runtime().db, tenant())
-    return DeviceList(devices=[Device(**row) for row in rows])
+    # Not through the models: a fleet of 50,000 devices took 0.5 s of the event loop
+    # (every stream of the process waited), two thirds of it building and dumping them.
+    return jsonify({"devices": await devices.list_devices(runtime().db, tenant())})
 
 
 @blueprint.get("/<device_id>")
