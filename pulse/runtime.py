@@ -90,7 +90,15 @@ class Runtime:
         return self.hub.draining
 
     def drain(self) -> None:
+        """Shutting down: streams end now; requests in flight have
+        PULSE_SHUTDOWN_TIMEOUT_S (the server's graceful timeout) from now, and the writes
+        still waiting a second before it are ended (``TelemetryWriter.stop``): their
+        callers get a 503 rather than a cut connection, and nothing commits after."""
         self.hub.drain()
+        timeout = self.settings.shutdown_timeout_s
+        asyncio.get_running_loop().call_later(
+            max(timeout - 1.0, timeout / 2), self.ingest.writer.stop
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,3 +118,52 @@ async def test_rolling_restart_loses_nothing(
     for client in clients:
         assert client.ids == expected
         assert client.connections >= 2  # each one moved to the other server
+
+
+async def test_a_write_still_waiting_when_time_is_up_is_rolled_back_and_answered_503(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """From the operations audit (HIGH): readings waiting on a lock when the shutdown's
+    time ran out were answered hypercorn's empty 500, then committed once the lock was
+    released, and the process overran PULSE_SHUTDOWN_TIMEOUT_S waiting for them. Now
+    the writer ends its writes a second before the time is up: their statements are
+    cancelled, nothing is committed, each caller gets 503 with Retry-After, and the
+    process exits on time."""
+    device_token = await provision_device(pool, "t1", "d1")
+    env = {"PULSE_SHUTDOWN_TIMEOUT_S": "3"}
+    async with (
+        pulse_serve(data_dir=tmp_path, database_url=database_url, env=env) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+    ):
+        # A connection of its own: the pool's would be ended idle in its transaction.
+        locker = await asyncpg.connect(database_url)
+        blocked = locker.transaction()
+        await blocked.start()
+        await locker.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
+        posts = [
+            asyncio.create_task(
+                http.post(
+                    "/ingest/v1/tenant/t1/device/d1/telemetry",
+                    json={"metrics": {"v": i}, "seq": i},
+                    headers={"X-Provision-Token": device_token},
+                )
+            )
+            for i in range(4)
+        ]
+        async with asyncio.timeout(15):  # the writes wait on the lock
+            while not await pool.fetchval(  # noqa: ASYNC110  (no event to wait on)
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE application_name = 'pulse' AND wait_event_type = 'Lock'"
+            ):
+                await asyncio.sleep(0.05)
+        started = time.monotonic()
+        server.proc.terminate()
+        answers = await asyncio.wait_for(asyncio.gather(*posts), 15)
+        await server.stop()
+        took = time.monotonic() - started
+        await blocked.rollback()
+        await locker.close()
+    assert [r.status_code for r in answers] == [503] * 4, [r.text for r in answers]
+    assert all(r.headers.get("retry-after") for r in answers)
+    assert took < 3 + 3, took  # the timeout, and a busy machine's second or two
+    assert await pool.fetchval("SELECT count(*) FROM telemetry") == 0

@@ -34,6 +34,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutErro
 # Every holder sends a statement at least every 5 s (the sweeper each sweep, the
 # rollups each pass or ``pause``, the relay and the listener a health check).
 DEDICATED_SILENCE_S = 15
+POOL_CLOSE_S = 2.0
 ALIVE_EVERY_S = 5.0
 DEDICATED_KEEPALIVES = KEEPALIVES
 
@@ -73,7 +74,12 @@ class Database:
         try:
             yield cls(pool, dsn)
         finally:
-            await pool.close()
+            try:
+                # Bounded: a connection still busy (a statement waiting on a lock) would
+                # hold the process past its shutdown timeout.
+                await asyncio.wait_for(pool.close(), POOL_CLOSE_S)
+            except TimeoutError:
+                pool.terminate()
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
         with translated():

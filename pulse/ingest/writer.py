@@ -14,6 +14,7 @@ import asyncpg
 
 from pulse.auth.device_tokens import device_token_matches
 from pulse.db.database import Database
+from pulse.db.errors import DatabaseUnavailable
 from pulse.db.queries import load_queries
 from pulse.errors import INVALID_DEVICE_TOKEN, RATE_LIMITED, UNKNOWN_DEVICE
 from pulse.ingest.gates import KeyedLocks
@@ -148,6 +149,7 @@ class TelemetryWriter:
         self._wakes: dict[frozenset[str], asyncio.Future[None]] = {}
         # Writes waiting for their tokens and rates to be checked (_check).
         self._unchecked: list[tuple[Sequence[Submission], asyncio.Future[Checked]]] = []
+        self._stopped = False  # the server's time for requests is up (stop)
         self._checking: asyncio.Task[None] | None = None
 
     async def write(self, submissions: Sequence[Submission]) -> list[Outcome]:
@@ -158,6 +160,8 @@ class TelemetryWriter:
         """
         if not submissions:
             return []
+        if self._stopped:
+            raise _stopping()
         tenants = frozenset(s.tenant_id for s in submissions if s.reading is not None)
         if not (self._group_commit and tenants):
             async with self._tenant_gates.hold(tenants):
@@ -180,6 +184,18 @@ class TelemetryWriter:
                 for i in await self._stored_before(conn, submissions, outcomes):
                     outcomes[i] = Accepted(None, duplicate=True)
         return outcomes
+
+    def stop(self) -> None:
+        """The server is shutting down and its requests' time is nearly up: end the
+        group commits still in flight (a write waiting on a lock, a slow commit). Their
+        statements are cancelled, so their transactions roll back, and their callers,
+        like any write that comes later, get DatabaseUnavailable: a 503, not a cut
+        connection, for a write that was not committed. (Without group commit, a write
+        runs in its request's own task, which the server cancels at its timeout.)"""
+        self._stopped = True
+        for task in (*self._committers, self._checking):
+            if task is not None:
+                task.cancel()
 
     async def _check(self, submissions: Sequence[Submission]) -> Checked:
         """The first stage of a group commit for large writes: tokens and rates,
@@ -297,9 +313,10 @@ class TelemetryWriter:
         finally:
             for task in in_flight:
                 task.cancel()
-            # Stopped (the server is stopping): what still waits is cancelled.
+            # Stopped (the server is stopping): what still waits is not written.
             for _, _, waiter in self._waiting.pop(tenants, []):
-                waiter.cancel()
+                if not waiter.done():
+                    waiter.set_exception(_stopping())
 
     async def _next_write_or_end(
         self, tenants: frozenset[str], commit: asyncio.Future[Any]
@@ -686,18 +703,21 @@ def _settle(
     group: list[tuple[Sequence[Submission], asyncio.Future[S]]],
     commit: asyncio.Future[S],
 ) -> None:
-    """Hand each caller of a group commit its own slice of the outcomes, or the error."""
-    error = None if commit.cancelled() else commit.exception()
+    """Hand each caller of a group commit its own slice of the outcomes, or the error
+    (a commit cancelled: the server is stopping, and it was not committed)."""
+    error = _stopping() if commit.cancelled() else commit.exception()
     offset = 0
     for subs, waiter in group:
         if not waiter.done():
-            if commit.cancelled():
-                waiter.cancel()
-            elif error is not None:
+            if error is not None:
                 waiter.set_exception(error)
             else:
                 waiter.set_result(commit.result()[offset : offset + len(subs)])
         offset += len(subs)
+
+
+def _stopping() -> DatabaseUnavailable:
+    return DatabaseUnavailable("the server is shutting down; the write was not committed")
 
 
 class _Unforeseen(Exception):
