@@ -25,6 +25,7 @@ from pulse.bus.source import EventSource
 from pulse.bus.store import EventStore
 from pulse.bus.subscription import Filters, Sink, Subscription
 from pulse.db.errors import DatabaseUnavailable
+from pulse.logs import Throttled
 from pulse.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,9 @@ class Topic:
                         break
                 backoff = 0.1
             except DatabaseUnavailable as exc:
-                log.warning("fetch for a tenant failed (%s); retrying in %.1f s", exc, backoff)
+                self.hub.fetch_failures.warning(
+                    "reading a tenant's new events failed (%s); retrying", exc
+                )
                 self.dirty.set()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -183,6 +186,8 @@ class Hub:
         self._topics: dict[str, Topic] = {}
         self._closing: dict[str, asyncio.Task[None]] = {}  # topics on their way out
         self.draining = False
+        # One line per 10 s for every tenant's reads together, not one per tenant and try.
+        self.fetch_failures = Throttled(log)
         # Labelled counters looked up once per kind: .labels() is not free, and
         # publish runs once per subscriber per batch.
         self._delivered = functools.cache(metrics.events_delivered.labels)

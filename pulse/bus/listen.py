@@ -24,6 +24,7 @@ from pulse.bus.source import Wakeups
 from pulse.db.database import Database, translated
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.queries import load_queries
+from pulse.logs import Throttled
 
 log = logging.getLogger(__name__)
 Q = load_queries(__package__)
@@ -70,6 +71,7 @@ class ListenSource:
         self._wakeups = wakeups
         attempt = 0
         connected_before = False
+        unavailable = Throttled(log)  # a line per 10 s of an outage
         while True:
             try:
                 async with self._db.dedicated(APPLICATION_NAME) as conn:
@@ -85,7 +87,7 @@ class ListenSource:
             except DatabaseUnavailable as exc:
                 attempt += 1
                 delay = random.uniform(0, min(self._backoff_max_s, 0.1 * 2**attempt))
-                log.warning("listener: database unavailable (%s); retrying in %.2f s", exc, delay)
+                unavailable.warning("listener: database unavailable (%s); retrying", exc)
                 await asyncio.sleep(delay)
             finally:
                 self._up.clear()

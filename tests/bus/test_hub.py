@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import pytest
@@ -337,3 +338,40 @@ async def _first_event(hub: Hub, opened: asyncio.Event) -> int:
         assert subscription.position == 4
         opened.set()
         return (await received(subscription, 1))[0]
+
+
+class FailingStore(MemoryStore):
+    """A table whose reads of new events fail (a database refusing connections)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = False
+        self.failures = 0
+
+    async def events_after(self, tenant_id: str, after: int, **kw: Any) -> list[TelemetryEvent]:
+        if self.failing:
+            self.failures += 1
+            raise DatabaseUnavailable("sorry, too many clients already")
+        return await super().events_after(tenant_id, after, **kw)
+
+
+async def test_failing_reads_of_many_tenants_say_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """From the operations audit: each tenant's failed read logged a line per try (7-9
+    lines a second for one tenant while the database refused connections, more with
+    more tenants). One line per 10 s for all of them now, saying how many were not said."""
+    store = FailingStore()
+    tenants = [f"t{i}" for i in range(5)]
+    async with running_hub(store=store) as (hub, source, _), contextlib.AsyncExitStack() as subs:
+        for tenant in tenants:
+            await subs.enter_async_context(hub.subscribe(tenant, kind="test"))
+        store.failing = True
+        with caplog.at_level(logging.WARNING, logger="pulse.bus.hub"):
+            for tenant in tenants:
+                source.committed(tenant, store.commit(tenant))
+            await until(lambda: store.failures >= 20)
+        store.failing = False
+    lines = [r for r in caplog.records if r.name == "pulse.bus.hub"]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert "too many clients" in lines[0].getMessage()
