@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES
-from pulse.client.arguments import positive_float
+from pulse.client.arguments import positive_float, positive_int
 from pulse.config import ConfigError, Settings
 from pulse.logs import configure_logging
 from pulse.names import is_valid_name
@@ -23,9 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the server", description="Run the server.")
     serve.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
-    serve.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
+    serve.add_argument("--port", type=tcp_port, default=None, help="default: $PORT or 8000")
     serve.add_argument(
-        "--workers", type=int, default=None, help="server processes (default: $PULSE_WORKERS or 1)"
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="server processes (default: $PULSE_WORKERS or 1)",
     )
     serve.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)  # a worker's socket
     # A worker's supervisor: given, not read with getppid(), which is already 1 in a
@@ -90,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
-        sys.exit(f"pulse: {exc}")
+        fail(f"pulse: {exc}")
     configure_logging(settings.log_level, settings.log_format)
     if hasattr(args, "run"):
         args.run(args, settings)
@@ -98,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from pulse import serving
         from pulse.runtime import StartupError, check_settings
 
-        port = args.port or settings.port
-        workers = args.workers or settings.workers
+        port = settings.port if args.port is None else args.port
+        workers = settings.workers if args.workers is None else args.workers
         if args.fd is not None or workers > 1:  # one of several processes
             configure_logging(settings.log_level, settings.log_format, with_pid=True)
         try:
@@ -116,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 sock = serving.listen(args.host, port)
                 serving.run(serving.serve_forever(settings, f"fd://{sock.fileno()}"))
         except StartupError as exc:
-            sys.exit(f"pulse serve: {exc}")
+            fail(f"pulse serve: {exc}")
     elif args.command == "migrate":
         asyncio.run(run_migrations(settings))
     elif args.command == "token":
@@ -144,6 +149,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(f"pulse token: cannot write the token: {exc}")
 
 
+def tcp_port(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1 to 65535)")
+    return number
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with status 1 and ``message``: a plain line on stderr, or with
+    PULSE_LOG_FORMAT=json a JSON log line like every other (a log shipper that reads
+    JSON would drop the one line that says why the process did not start)."""
+    if os.environ.get("PULSE_LOG_FORMAT", "").strip().lower() == "json":
+        configure_logging("INFO", "json")  # again: the settings may be what failed
+        logging.getLogger("pulse").critical(message)
+        sys.exit(1)
+    sys.exit(message)
+
+
 async def run_migrations(settings: Settings) -> None:
     from pulse.db.database import Database
     from pulse.db.errors import DatabaseUnavailable
@@ -154,9 +177,9 @@ async def run_migrations(settings: Settings) -> None:
             async with Database.open(dsn, pool_size=1) as db, db.connection() as conn:
                 applied = await migrate(conn)
         except DatabaseUnavailable as exc:
-            sys.exit(f"pulse migrate: cannot use the database {exc}")
+            fail(f"pulse migrate: cannot use the database {exc}")
         except MigrationError as exc:
-            sys.exit(f"pulse migrate: {exc}")
+            fail(f"pulse migrate: {exc}")
         print("applied: " + ", ".join(applied) if applied else "database is up to date")
 
     if settings.database_url:
@@ -168,4 +191,4 @@ async def run_migrations(settings: Settings) -> None:
         with embedded_postgres(settings.data_dir) as dsn:
             await apply(dsn)  # says its own errors
     except DatabaseUnavailable as exc:  # the data directory's
-        sys.exit(f"pulse migrate: cannot use the embedded database {exc}")
+        fail(f"pulse migrate: cannot use the embedded database {exc}")

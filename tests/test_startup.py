@@ -4,6 +4,7 @@ nothing running (issue #19 item 5, issue #22 items 2 and 3)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import sys
@@ -78,7 +79,21 @@ async def test_a_port_that_is_none(database_url: str) -> None:
     env = {"DATABASE_URL": database_url, "PULSE_JWT_SECRET": TEST_SECRET}
     code, lines = await pulse("serve", "--port", "99999", env=env)
     assert code != 0
-    assert the_one_line(lines) == "pulse serve: cannot listen on 127.0.0.1:99999: not a TCP port"
+    assert the_one_line(lines).endswith("argument --port: 99999 is not a TCP port (1 to 65535)")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--port", "0"), ("--workers", "0"), ("--workers", "-1")]
+)
+async def test_a_serve_option_that_cannot_work_is_refused_not_ignored(
+    database_url: str, option: str, value: str
+) -> None:
+    """From the operations audit: --workers 0 and -1 (and --port 0) were taken for not
+    given, and the server ran with its default."""
+    env = {"DATABASE_URL": database_url, "PULSE_JWT_SECRET": TEST_SECRET}
+    code, lines = await pulse("serve", option, value, env=env)
+    assert code == 2, lines
+    assert f"argument {option}: {value} is not" in the_one_line(lines)
 
 
 async def test_a_port_in_use(database_url: str) -> None:
@@ -127,3 +142,51 @@ async def test_a_data_directory_that_cannot_be_used_is_one_line_naming_it(
         assert code != 0, lines
         assert line.startswith(f"pulse {args[0]}: cannot use the "), line
         assert line.endswith(f"database in PULSE_DATA_DIR={taken}: File exists"), line
+
+
+async def test_a_data_directory_postgresql_cannot_initialise_is_one_line_naming_it(
+    tmp_path: Path,
+) -> None:
+    """From the operations audit: a file where the embedded server's data folder goes
+    (PULSE_DATA_DIR/pgdata) ended in a 30-line traceback and initdb's command line,
+    without the setting or the reason. One line now, naming both the setting and the
+    log that holds initdb's own words."""
+    (tmp_path / "pgdata").write_text("not a folder")
+    env = {"PULSE_DATA_DIR": str(tmp_path), "PULSE_JWT_SECRET": TEST_SECRET}
+    for args in (("serve", "--port", str(free_port())), ("migrate",)):
+        code, lines = await pulse(*args, env=env)
+        line = the_one_line(lines)
+        assert code != 0, lines
+        assert f"PULSE_DATA_DIR={tmp_path}: initdb failed" in line, line
+        assert line.endswith(f"its output is in {tmp_path / 'pgserver.log'}"), line
+    assert "Not a directory" in (tmp_path / "pgserver.log").read_text()
+
+
+async def test_with_json_logs_the_reason_a_process_stops_is_a_json_line(
+    database_url: str,
+) -> None:
+    """From the operations audit: with PULSE_LOG_FORMAT=json every runtime line was JSON,
+    but the line saying why `pulse serve` or `pulse migrate` stopped was plain text,
+    which a log shipper reading JSON drops: the one line needed at 3 a.m."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = busy.getsockname()[1]
+    cases = [
+        (("serve",), {"PULSE_QUEUE_SIZE": "0"}, "pulse: PULSE_QUEUE_SIZE=0 must be positive"),
+        (
+            ("serve", "--port", str(taken)),
+            {"DATABASE_URL": database_url, "PULSE_JWT_SECRET": TEST_SECRET},
+            f"pulse serve: cannot listen on 127.0.0.1:{taken}",
+        ),
+        (("migrate",), {"DATABASE_URL": database_url + "-missing"}, "pulse migrate: cannot use"),
+    ]
+    try:
+        for args, env, said in cases:
+            code, lines = await pulse(*args, env=env | {"PULSE_LOG_FORMAT": "json"})
+            assert code == 1, lines
+            records = [json.loads(line) for line in lines]  # every line, JSON
+            assert records[-1]["level"] == "CRITICAL", records
+            assert records[-1]["message"].startswith(said), records
+    finally:
+        busy.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import subprocess
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,7 +37,20 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
         warnings.simplefilter("ignore")
         from pgserver.postgres_server import get_server
 
-        server = get_server(data_dir / "pgdata", cleanup_mode="stop")
+        try:
+            server = get_server(data_dir / "pgdata", cleanup_mode="stop")
+        except (subprocess.CalledProcessError, OSError) as exc:
+            # initdb or pg_ctl failed (a file where the data folder goes, a folder of
+            # something else, a full disk): one line naming the setting and where the
+            # reason is, not a traceback.
+            if isinstance(exc, subprocess.CalledProcessError):
+                failed = f"{Path(str(exc.cmd[0])).name} failed (status {exc.returncode})"
+            else:
+                failed = f"PostgreSQL could not start ({exc.strerror or exc})"
+            raise DatabaseUnavailable(
+                f"in PULSE_DATA_DIR={data_dir}: {failed}; "
+                f"its output is in {data_dir / 'pgserver.log'}"
+            ) from exc
     log.info(
         "embedded PostgreSQL running with data in %s (log: %s)",
         data_dir / "pgdata",
