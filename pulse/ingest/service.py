@@ -36,11 +36,19 @@ class Ingest:
     def __init__(self, writer: TelemetryWriter, metrics: Metrics) -> None:
         self.writer = writer
         self._metrics = metrics
+        self._in_flight: dict[object, float] = {}  # a write's token -> when it came
+        metrics.sample(metrics.ingest_in_flight, lambda: len(self._in_flight))
+        metrics.sample(metrics.ingest_oldest_in_flight, self._oldest_in_flight_s)
 
     async def __call__(self, items: Sequence[intake.Item], receipt: Receipt) -> list[Outcome]:
         """One outcome per item, in order: rejected as parsed, or as the writer decided."""
         submissions = [item for item in items if isinstance(item, Submission)]
-        written = await self.writer.write(submissions)
+        token = object()
+        self._in_flight[token] = time.monotonic()
+        try:
+            written = await self.writer.write(submissions)
+        finally:
+            del self._in_flight[token]
         if len(written) == len(items):  # nothing was refused as parsed: the common case
             outcomes = written
         else:
@@ -48,6 +56,10 @@ class Ingest:
             outcomes = [next(answers) if isinstance(i, Submission) else i for i in items]
         self._record(outcomes, receipt)
         return outcomes
+
+    def _oldest_in_flight_s(self) -> float:
+        started = self._in_flight.values()
+        return time.monotonic() - min(started) if started else 0.0
 
     def _record(self, outcomes: Sequence[Outcome], receipt: Receipt) -> None:
         metrics = self._metrics

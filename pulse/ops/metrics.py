@@ -201,6 +201,27 @@ class Metrics:
         self.ingest_rejected = Counter(
             "pulse_ingest_rejected", "Ingest messages rejected", ["reason"], registry=r
         )
+        self.ingest_failed = Counter(
+            "pulse_ingest_failed",
+            "Ingest requests answered with an error of the server instead of their "
+            "messages' outcomes, by error (database_unavailable, server_busy, "
+            "request_timeout, payload_too_large, internal_error)",
+            ["error"],
+            registry=r,
+        )
+        self.ingest_in_flight = Gauge(
+            "pulse_ingest_in_flight",
+            "Ingest writes waiting for their transaction (HTTP requests and MQTT bursts)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.ingest_oldest_in_flight = Gauge(
+            "pulse_ingest_oldest_in_flight_seconds",
+            "How long the oldest ingest write in flight has waited (0: none); seconds "
+            "here while rows stop growing: ingest is stalled (a lock, the database)",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.ingest_latency = Histogram(
             "pulse_ingest_latency_seconds",
             "Ingest request latency, receipt to commit",

@@ -25,13 +25,15 @@ from typing import Any, cast
 
 from quart import Quart
 
-from pulse.errors import SERVER_BUSY, ApiError
+from pulse.errors import SERVER_BUSY, ApiError, error_body
 from pulse.ingest import intake
 from pulse.ingest.model import Rejected
 from pulse.ingest.service import Ingest, Receipt
+from pulse.ops.metrics import Metrics
 from pulse.web import runtime_of
 from pulse.web.asgi import ASGIReceiveCallable, ASGISendCallable, Scope
 from pulse.web.bodies import read_body, replay
+from pulse.web.errors import error_for
 from pulse.web.ingest import (
     BATCH_URL,
     DEVICE_PATH,
@@ -39,7 +41,6 @@ from pulse.web.ingest import (
     TOKEN_HEADER,
     Reply,
     batch_reply,
-    error_reply,
     reply,
 )
 
@@ -129,7 +130,7 @@ class DeviceFastPath:
                     return
                 reply_ = await answer(body, receipt, runtime.ingest)
             except Exception as exc:
-                reply_ = _error_answer(exc, scope)
+                reply_ = _error_answer(exc, scope, runtime.metrics)
             await send_reply(send, reply_)
 
     async def _buffered(
@@ -142,7 +143,7 @@ class DeviceFastPath:
                     receive, holding, timeout=self._app.config["BODY_TIMEOUT"], limit=self._max_body
                 )
             except Exception as exc:
-                await send_reply(send, _error_answer(exc, scope))
+                await send_reply(send, _error_answer(exc, scope, runtime_of(self._app).metrics))
                 return
             if body is not None:
                 await self._inner(scope, replay(body, receive), send)
@@ -169,8 +170,10 @@ def _length_and_token(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int | Non
     return length, token
 
 
-def _error_answer(exc: Exception, scope: Scope) -> Reply:
-    answer = error_reply(exc)
+def _error_answer(exc: Exception, scope: Scope, metrics: Metrics) -> Reply:
+    error = error_for(exc)
+    metrics.ingest_failed.labels(error.error.code).inc()
+    answer = Reply(error.status, error_body(error.error, error.detail), error.headers)
     # Refused as busy, the rest of the body is never read: over HTTP/1 the connection
     # ends with the answer (HTTP/2 ends just the stream, and forbids the header).
     if (

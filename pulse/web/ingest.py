@@ -179,7 +179,12 @@ async def _read_body() -> bytes | Rejected:
 
 
 async def _ingest(items: Sequence[intake.Item], receipt: Receipt) -> list[Outcome]:
-    return await runtime().ingest(items, receipt)
+    rt = runtime()
+    try:
+        return await rt.ingest(items, receipt)
+    except Exception as exc:  # answered by the app's error handlers; counted here
+        rt.metrics.ingest_failed.labels(error_for(exc).error.code).inc()
+        raise
 
 
 def _respond(outcome: Outcome) -> Response:

@@ -106,6 +106,9 @@ async def test_unfinished_bodies_are_bounded_and_the_rest_refused_at_once(
             assert response.status_code == 503, response.text
             assert response.json()["error"] == "server_busy"
             assert response.headers["Retry-After"] == "1"
+        # Counted, for whoever watches /metrics (the operations audit found no count).
+        text = (await http.get("/metrics")).text
+        assert 'pulse_ingest_failed_total{error="server_busy"} 3.0' in text
         # Routes that check a JWT before reading a body are not affected.
         bearer = {"Authorization": f"Bearer {make_token('t1')}"}
         assert (await http.get("/api/v1/customer/devices", headers=bearer)).status_code == 200
