@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import subprocess
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -37,6 +39,7 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
         warnings.simplefilter("ignore")
         from pgserver.postgres_server import get_server
 
+        _forget_gone_users(data_dir / "pgdata")
         try:
             server = get_server(data_dir / "pgdata", cleanup_mode="stop")
         except (subprocess.CalledProcessError, OSError) as exc:
@@ -59,7 +62,38 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
     try:
         yield str(server.get_uri())
     finally:
+        _forget_gone_users(data_dir / "pgdata")
         server.cleanup()
+
+
+def _forget_gone_users(pgdata: Path) -> None:
+    """pgserver stops the server when the last process using it lets go, and counts its
+    users in ``.handle_pids.json``: a user killed outright (SIGKILL, out of memory) never
+    took itself off, and the server then ran on after every other user had stopped.
+    The processes that no longer exist are taken off, under pgserver's own lock."""
+    from pgserver.postgres_server import PostgresServer
+
+    users = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:
+        try:
+            pids = json.loads(users.read_text())
+        except (OSError, ValueError):
+            return  # none yet, or not pgserver's list as this code knows it
+        if not isinstance(pids, list):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and _exists(pid)]
+        if alive != pids:
+            users.write_text(json.dumps(alive))
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _chatter_to(path: Path) -> None:

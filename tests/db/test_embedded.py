@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from pulse.auth.dev_tokens import mint_token
+from pulse.db.embedded import embedded_postgres
 from tests.support import TEST_SECRET, pulse_serve
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,3 +55,20 @@ async def test_serve_without_database_url(tmp_path: Path) -> None:
             headers={"X-Provision-Token": device_token},
         )
         assert r.status_code == 201 and r.json() == {"id": 2}
+
+
+def test_a_user_killed_outright_does_not_keep_the_server_running(tmp_path: Path) -> None:
+    """From the operations audit: two `pulse serve` on one data folder, one killed with
+    SIGKILL, then the other stopped: the embedded PostgreSQL ran on, orphaned, because
+    pgserver still counted the killed process as a user."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process that used the server and no longer exists
+    postmaster = tmp_path / "pgdata" / "postmaster.pid"
+    with embedded_postgres(tmp_path):
+        users = tmp_path / "pgdata" / ".handle_pids.json"
+        users.write_text(json.dumps([*json.loads(users.read_text()), gone.pid]))
+        assert postmaster.exists()
+        server_pid = int(postmaster.read_text().split()[0])
+    if postmaster.exists():  # the failure: stop it here, not leave it to the machine
+        os.kill(server_pid, signal.SIGTERM)
+        raise AssertionError("PostgreSQL still runs")
