@@ -15,7 +15,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
@@ -187,8 +187,12 @@ async def pause(conn: asyncpg.Connection, seconds: float) -> None:
 
 
 def describe(dsn: str) -> str:
-    """host:port/database of a connection URL, never its user or password."""
+    """host:port/database of a connection URL, never its user or password: an IPv6
+    host in brackets, a Unix socket's folder (``?host=/run/postgresql``) as the host."""
     parts = urlsplit(dsn)
-    host = parts.hostname or "localhost"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{host}{port}{parts.path or '/'}"
+    query = parse_qs(parts.query)
+    host = unquote(parts.hostname or "") or query.get("host", ["localhost"])[0]
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port or query.get("port", [""])[0]
+    return f"{host}{f':{port}' if port else ''}{parts.path or '/'}"
