@@ -4,7 +4,8 @@ Every query of Pulse runs through it: the named SQL blocks of each package's
 ``queries.sql`` (``pulse.db.queries``), on a pooled connection, in a
 transaction, or on a dedicated connection of its own (LISTEN and session
 advisory locks, which a pool would reset). A connection lost, a server gone or
-a query timed out is raised as ``DatabaseUnavailable`` and nothing else; SQL
+a query timed out, cancelled or aborted for a reason that passes (a deadlock, a
+serialization failure) is raised as ``DatabaseUnavailable`` and nothing else; SQL
 errors (a constraint, a bad query) pass through unchanged.
 """
 
@@ -19,10 +20,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
-from pulse.db.errors import CONNECTION_ERRORS, DatabaseUnavailable
+from pulse.db.errors import CONNECTION_ERRORS, TRANSIENT_ERRORS, DatabaseUnavailable
 from pulse.db.pool import KEEPALIVES, connect, create_pool
 
-_UNAVAILABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    *TRANSIENT_ERRORS,
+    TimeoutError,
+)
 
 # A dedicated connection holds session locks (the lead of the sweeper, the rollups,
 # the relay): if its process's machine vanishes without closing it, PostgreSQL must

@@ -6,7 +6,8 @@ import asyncpg
 
 
 class DatabaseUnavailable(Exception):
-    """The database cannot be reached right now; the caller may retry."""
+    """The database cannot serve the statement right now (it cannot be reached, or it
+    cancelled or aborted the statement for a reason that passes); the caller may retry."""
 
 
 # Errors that mean "the connection or the server is gone", not "your query is wrong".
@@ -33,3 +34,19 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InsufficientResourcesError,
     asyncpg.PostgresSystemError,
 )
+
+# Statements the server cancelled or aborted for a reason that passes, whatever the
+# statement: tried again, they go through. A query cancelled (57014: an operator's
+# pg_cancel_backend, a statement_timeout), a deadlock (40P01) or a serialization
+# failure (40001) broken by aborting this transaction.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.QueryCanceledError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+
+def passes(exc: BaseException) -> bool:
+    """Whether the same statements, tried again later, may succeed: the database was
+    unavailable, or a lock_timeout (55P03, which ``translated`` leaves to the caller)."""
+    return isinstance(exc, DatabaseUnavailable | asyncpg.LockNotAvailableError)

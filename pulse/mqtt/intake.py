@@ -7,9 +7,11 @@ once its transaction has committed. Messages that came together are written
 together. What can never be stored (bad JSON, an unknown device, too many
 metrics, over the rate) is acknowledged too, so the broker does not deliver it
 forever, counted, and answered on the device's errors topic with the body HTTP
-would have answered. A write that fails (the database is away) is tried again
-until it commits or the connection it came on ends (the broker then delivers
-it again).
+would have answered. A write that fails because the database cannot serve it
+(it is away, it cancelled the statement, a deadlock) is tried again until it
+commits or the connection it came on ends (the broker then delivers it again);
+one that fails otherwise is tried a few times, then message by message, so that
+only a message that cannot be written on its own is refused (``internal_error``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 
 import orjson
 
-from pulse.db.errors import DatabaseUnavailable
+from pulse.db.errors import passes
 from pulse.errors import INTERNAL_ERROR, INVALID_PAYLOAD, PAYLOAD_TOO_LARGE, error_body
 from pulse.ingest import intake
 from pulse.ingest.model import Accepted, Outcome, Rejected
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 ENDPOINT = "mqtt"
 MAX_PAYLOAD = 1024 * 1024  # as an HTTP body
 RETRY_MAX_S = 5.0
+# Tries of a write that fails for a reason not known to pass, before its messages are
+# written one by one (a burst), or it is refused internal_error (one message).
+ATTEMPTS = 3
 
 
 class MqttIntake:
@@ -71,27 +76,64 @@ class MqttIntake:
     async def _write(self, deliveries: list[Delivery]) -> None:
         receipt = Receipt(ENDPOINT)
         items = [self._item(delivery, receipt) for delivery in deliveries]
-        delay = 0.1
-        while True:
-            try:
-                outcomes = await self._ingest(items, receipt)
-                break
-            except DatabaseUnavailable as exc:
-                assert self._link is not None
-                if all(self._link.stale(d) for d in deliveries):
-                    return  # the broker delivers them again, on the next connection
-                log.warning("MQTT readings wait for the database: %s", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-            except Exception:
-                # Never stored, and never to be: answered and acknowledged, so that
-                # one message cannot come back forever nor hold up the others' acks.
-                log.exception("MQTT messages could not be written")
-                failed = Rejected(INTERNAL_ERROR, "An internal error occurred.")
-                outcomes = [failed] * len(deliveries)
-                break
+        outcomes = await self._outcomes(deliveries, items, receipt)
+        if outcomes is None:
+            return  # the broker delivers them again, on the next connection
         for delivery, item, outcome in zip(deliveries, items, outcomes, strict=True):
             self._settle(delivery, item, outcome)
+
+    async def _outcomes(
+        self, deliveries: list[Delivery], items: list[intake.Item], receipt: Receipt
+    ) -> list[Outcome] | None:
+        """The burst's outcomes; None once its connection has ended.
+
+        A write that keeps failing for a reason not known to pass is tried again
+        message by message: the messages of other devices (or other readings of the
+        same one) are stored, and only one that fails on its own is refused."""
+        try:
+            return await self._written(deliveries, items, receipt)
+        except _Failed:
+            if len(deliveries) == 1:
+                return [_REFUSED]
+        outcomes: list[Outcome] = []
+        for delivery, item in zip(deliveries, items, strict=True):
+            try:
+                alone = await self._written([delivery], [item], receipt)
+            except _Failed:
+                alone = [_REFUSED]
+            if alone is None:
+                return None
+            outcomes += alone
+        return outcomes
+
+    async def _written(
+        self, deliveries: list[Delivery], items: list[intake.Item], receipt: Receipt
+    ) -> list[Outcome] | None:
+        """Write until it commits, while the database cannot serve it (unavailable, a
+        statement cancelled, a deadlock: ``pulse.db.errors.passes``); None once the
+        connection the messages came on has ended. A failure of any other kind is
+        tried again ATTEMPTS times in all, then raised as ``_Failed``."""
+        assert self._link is not None
+        delay = 0.1
+        failures = 0
+        while True:
+            try:
+                return await self._ingest(items, receipt)
+            except Exception as exc:
+                if passes(exc):
+                    log.warning("MQTT readings wait for the database: %s", exc)
+                else:
+                    failures += 1
+                    if failures >= ATTEMPTS:
+                        # Never stored, and never to be: answered and acknowledged, so
+                        # that it cannot come back forever nor hold up the others' acks.
+                        log.exception("%d MQTT messages could not be written", len(items))
+                        raise _Failed from exc
+                    log.warning("MQTT messages could not be written (%s); again", exc)
+            if all(self._link.stale(d) for d in deliveries):
+                return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
 
     def _item(self, delivery: Delivery, receipt: Receipt) -> intake.Item:
         topic = topics.parse(delivery.topic)
@@ -129,6 +171,13 @@ class MqttIntake:
             else:
                 messages.labels("stored").inc()
         self._link.settle(delivery)
+
+
+class _Failed(Exception):
+    """A write failed ATTEMPTS times, for a reason not known to pass."""
+
+
+_REFUSED = Rejected(INTERNAL_ERROR, "The reading could not be stored; it will not be tried again.")
 
 
 def _seq_in(payload: bytes) -> int | None:

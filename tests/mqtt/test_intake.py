@@ -167,6 +167,41 @@ async def test_readings_wait_while_the_database_is_read_only(
         await admin.close()
 
 
+async def test_readings_whose_statement_is_cancelled_are_written_again(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """A write whose statement the database cancels (57014: an operator's
+    pg_cancel_backend, a statement_timeout) used to be answered internal_error and
+    acknowledged, the readings lost. It is tried again, however often it is cancelled,
+    and stored once, with nothing on the device's errors topic."""
+    token = await pulse.device("dev-1")
+    name = urlsplit(database_url).path.lstrip("/")
+    cancel_waiting = """SELECT bool_or(pg_cancel_backend(pid)) FROM pg_stat_activity
+                         WHERE datname = $1 AND wait_event_type = 'Lock'
+                           AND pid <> pg_backend_pid()"""
+    locker = await asyncpg.connect(database_url)
+    device = Device(mosquitto, "t1/dev-1", token)
+    try:
+        with closing(device):
+            await device.connect()
+            assert not any(r.is_failure for r in await device.subscribe("pulse/t1/dev-1/errors"))
+            async with locker.transaction():
+                # The write takes its ids under the tenant's row: it waits for this lock.
+                await locker.execute("SELECT 1 FROM tenants WHERE tenant_id = 't1' FOR UPDATE")
+                await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 1}, "seq": 1}')
+                for _ in range(3):
+                    async with asyncio.timeout(10):
+                        while not await locker.fetchval(cancel_waiting, name):  # noqa: ASYNC110
+                            await asyncio.sleep(0.02)
+            await until_rows(pool, 1)
+            await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 2}, "seq": 2}')
+            await until_rows(pool, 2)
+    finally:
+        await locker.close()
+    assert [r["seq"] for r in await rows(pool)] == [1, 2]
+    assert device.received == []
+
+
 async def test_an_unknown_device_is_answered(
     pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
 ) -> None:
