@@ -3,8 +3,9 @@
 A reading on ``pulse/<tenant_id>/<device_id>/telemetry`` takes the same path as
 one posted over HTTP (``pulse.ingest.intake``, then ``Ingest``: rate limits,
 group commit, the alert rules' hook), and is acknowledged to the broker only
-once its transaction has committed. Messages that came together are written
-together. What can never be stored (bad JSON, an unknown device, too many
+once its transaction has committed. One write is in flight at a time, with every
+message that arrived since the one before began: a device's readings commit in
+the order the broker delivered them. What can never be stored (bad JSON, an unknown device, too many
 metrics, over the rate) is acknowledged too, so the broker does not deliver it
 forever, counted, and answered on the device's errors topic with the body HTTP
 would have answered. A write that fails because the database cannot serve it
@@ -48,30 +49,33 @@ class MqttIntake:
         self._metrics = metrics
         self._link: MqttLink | None = None
         self._arrived: list[Delivery] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._writing: asyncio.Task[None] | None = None
 
     def attach(self, link: MqttLink) -> None:
         self._link = link
 
     def on_delivery(self, delivery: Delivery) -> None:
         """Called by the link for each message: the messages of one read go out together."""
-        if not self._arrived:
-            asyncio.get_running_loop().call_soon(self._write_arrived)
         self._arrived.append(delivery)
+        if self._writing is None or self._writing.done():
+            # Its first step runs once this read's messages have all arrived.
+            self._writing = asyncio.get_running_loop().create_task(self._write_arrived())
 
     async def stop(self) -> None:
-        """Let writes in flight go (unacknowledged: the broker delivers them again)."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
+        """Let the write in flight go (unacknowledged: the broker delivers it again)."""
+        if self._writing is not None:
+            self._writing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await self._writing
 
-    def _write_arrived(self) -> None:
-        deliveries, self._arrived = self._arrived, []
-        task = asyncio.get_running_loop().create_task(self._write(deliveries))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _write_arrived(self) -> None:
+        """One write at a time, of everything that arrived since the last one began: a
+        device's readings commit in the order they came (a write does not overtake the
+        one before it, nor does a retried one fall behind the next), and under load the
+        writes grow instead of queueing up."""
+        while self._arrived:
+            deliveries, self._arrived = self._arrived, []
+            await self._write(deliveries)
 
     async def _write(self, deliveries: list[Delivery]) -> None:
         receipt = Receipt(ENDPOINT)

@@ -202,6 +202,39 @@ async def test_readings_whose_statement_is_cancelled_are_written_again(
     assert device.received == []
 
 
+async def test_a_device_s_readings_commit_in_order_when_a_write_is_tried_again(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """With one process a device's readings commit in the order it published them (docs/
+    ingest.md), and so take ids in that order. A write tried again (its statement
+    cancelled, here) used to be overtaken by the reading published after it, which wrote
+    while the first waited to try again: an alert judged by the latest id then judged the
+    device by its older reading."""
+    token = await pulse.device("dev-1")
+    name = urlsplit(database_url).path.lstrip("/")
+    cancel_waiting = """SELECT bool_or(pg_cancel_backend(pid)) FROM pg_stat_activity
+                         WHERE datname = $1 AND wait_event_type = 'Lock'
+                           AND pid <> pg_backend_pid()"""
+    locker = await asyncpg.connect(database_url)
+    device = Device(mosquitto, "t1/dev-1", token)
+    try:
+        with closing(device):
+            await device.connect()
+            async with locker.transaction():
+                await locker.execute("SELECT 1 FROM tenants WHERE tenant_id = 't1' FOR UPDATE")
+                await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 1}, "seq": 1}')
+                # Cancelled four times, the first write now waits most of a second to try again.
+                for _ in range(4):
+                    async with asyncio.timeout(10):
+                        while not await locker.fetchval(cancel_waiting, name):  # noqa: ASYNC110
+                            await asyncio.sleep(0.02)
+                await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 2}, "seq": 2}')
+            await until_rows(pool, 2)
+    finally:
+        await locker.close()
+    assert [r["seq"] for r in await rows(pool)] == [1, 2]  # in id order
+
+
 async def test_an_unknown_device_is_answered(
     pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
 ) -> None:
