@@ -29,6 +29,7 @@ from pulse.ingest import intake
 from pulse.ingest.model import Accepted, Outcome, Rejected
 from pulse.ingest.service import Ingest, Receipt
 from pulse.ingest.validation import InvalidPayload, parse_seq
+from pulse.logs import Throttled
 from pulse.mqtt import topics
 from pulse.mqtt.link import Delivery, MqttLink
 from pulse.ops.metrics import Metrics
@@ -50,6 +51,9 @@ class MqttIntake:
         self._link: MqttLink | None = None
         self._arrived: list[Delivery] = []
         self._writing: asyncio.Task[None] | None = None
+        # A line per 10 s of an outage (docs/operations.md), not one per try.
+        self._waiting = Throttled(log)
+        self._failing = Throttled(log)
 
     def attach(self, link: MqttLink) -> None:
         self._link = link
@@ -125,7 +129,7 @@ class MqttIntake:
                 return await self._ingest(items, receipt)
             except Exception as exc:
                 if passes(exc):
-                    log.warning("MQTT readings wait for the database: %s", exc)
+                    self._waiting.warning("MQTT readings wait for the database: %s", exc)
                 else:
                     failures += 1
                     if failures >= ATTEMPTS:
@@ -133,7 +137,7 @@ class MqttIntake:
                         # that it cannot come back forever nor hold up the others' acks.
                         log.exception("%d MQTT messages could not be written", len(items))
                         raise _Failed from exc
-                    log.warning("MQTT messages could not be written (%s); again", exc)
+                    self._failing.warning("MQTT messages could not be written (%s); again", exc)
             if all(self._link.stale(d) for d in deliveries):
                 return None
             await asyncio.sleep(delay)

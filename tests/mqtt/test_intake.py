@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
@@ -233,6 +234,40 @@ async def test_a_device_s_readings_commit_in_order_when_a_write_is_tried_again(
     finally:
         await locker.close()
     assert [r["seq"] for r in await rows(pool)] == [1, 2]  # in id order
+
+
+async def test_readings_waiting_for_the_database_say_so_once_per_ten_seconds(
+    pulse: Pulse,
+    mosquitto: Mosquitto,
+    pool: asyncpg.Pool,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each try of a write the database cannot serve used to log a warning (2226 lines in
+    a 4 s outage): the log says it once per ten seconds, as for the other kinds."""
+    token = await pulse.device("dev-1")
+    name = urlsplit(database_url).path.lstrip("/")
+    cancel_waiting = """SELECT bool_or(pg_cancel_backend(pid)) FROM pg_stat_activity
+                         WHERE datname = $1 AND wait_event_type = 'Lock'
+                           AND pid <> pg_backend_pid()"""
+    locker = await asyncpg.connect(database_url)
+    device = Device(mosquitto, "t1/dev-1", token)
+    caplog.set_level(logging.WARNING, logger="pulse.mqtt.intake")
+    try:
+        with closing(device):
+            await device.connect()
+            async with locker.transaction():
+                await locker.execute("SELECT 1 FROM tenants WHERE tenant_id = 't1' FOR UPDATE")
+                await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 1}, "seq": 1}')
+                for _ in range(4):  # four tries cancelled, each waited out
+                    async with asyncio.timeout(10):
+                        while not await locker.fetchval(cancel_waiting, name):  # noqa: ASYNC110
+                            await asyncio.sleep(0.02)
+            await until_rows(pool, 1)
+    finally:
+        await locker.close()
+    said = [r for r in caplog.records if r.name == "pulse.mqtt.intake"]
+    assert [r.getMessage().split(":")[0] for r in said] == ["MQTT readings wait for the database"]
 
 
 async def test_an_unknown_device_is_answered(
