@@ -49,6 +49,12 @@ log = logging.getLogger(__name__)
 SESSION_EXPIRY_S = 24 * 3600
 # The reason code of a broker that closes a client whose roles changed (dynamic security).
 ADMINISTRATIVE_ACTION = 0x98
+# The largest packet the broker may send this process (MQTT 5 Maximum Packet Size, in
+# CONNECT): it drops a message over it instead of delivering it. Well above a reading's
+# 1 MiB (pulse.mqtt.intake.MAX_PAYLOAD; a message up to here is answered
+# payload_too_large), and above the dynamic-security answers Pulse reads (listClients
+# names every broker client: about 30 bytes each, so some 500,000 devices).
+MAX_PACKET_SIZE = 16 * 1024 * 1024
 KEEPALIVE_S = 30
 CONNECT_TIMEOUT_S = 10.0
 CONTROL_TIMEOUT_S = 10.0
@@ -318,6 +324,7 @@ class MqttLink:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         properties.ReceiveMaximum = self._receive_maximum
+        properties.MaximumPacketSize = MAX_PACKET_SIZE
         housekeeping = asyncio.create_task(self._housekeeping(client))
         try:
             try:

@@ -18,6 +18,8 @@ import httpx
 import pytest
 
 from pulse.config import Settings
+from pulse.mqtt.intake import MAX_PAYLOAD
+from pulse.mqtt.link import MAX_PACKET_SIZE
 from tests.mqtt.broker import Device, Mosquitto, closing
 from tests.mqtt.support import (
     DEVICES,
@@ -25,6 +27,7 @@ from tests.mqtt.support import (
     Pulse,
     metric,
     mqtt_settings,
+    mqtt_status,
     rows,
     until_rows,
     wait_subscribed,
@@ -268,6 +271,49 @@ async def test_readings_waiting_for_the_database_say_so_once_per_ten_seconds(
         await locker.close()
     said = [r for r in caplog.records if r.name == "pulse.mqtt.intake"]
     assert [r.getMessage().split(":")[0] for r in said] == ["MQTT readings wait for the database"]
+
+
+async def test_a_payload_over_the_limit_is_answered_unread(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
+) -> None:
+    """A payload over 1 MiB is answered payload_too_large without being parsed (it used to
+    be parsed whole, on the event loop, to find its seq: three of 80 MB held the server up
+    5 s), so the answer has no seq; what follows is stored."""
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    big = b'{"metrics": {"n": 1}, "seq": 7, "pad": "%s"}' % (b"x" * MAX_PAYLOAD)
+    with closing(device):
+        await device.connect()
+        assert not any(r.is_failure for r in await device.subscribe("pulse/t1/dev-1/errors"))
+        await device.publish("pulse/t1/dev-1/telemetry", big)
+        await until(lambda: bool(device.received), 10)
+        await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 2}, "seq": 8}')
+        await until_rows(pool, 1)
+    answer = json.loads(device.received[0][1])
+    assert answer == {"error": "payload_too_large", "detail": answer["detail"]}
+    assert [r["seq"] for r in await rows(pool)] == [8]
+
+
+async def test_a_packet_over_pulse_s_maximum_is_not_delivered_to_it(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
+) -> None:
+    """Pulse tells the broker the largest packet it takes (MQTT 5 Maximum Packet Size):
+    a message far over the payload limit is dropped by the broker, not read into Pulse's
+    memory. The reading published after it (which would come after it) is stored."""
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    with closing(device):
+        await device.connect()
+        reconnects = (await mqtt_status(pulse.http))["reconnects"]
+        huge = b"x" * (MAX_PACKET_SIZE + 1)
+        await device.publish("pulse/t1/dev-1/telemetry", huge)
+        await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 2}, "seq": 8}')
+        await until_rows(pool, 1)
+        metrics = (await pulse.http.get("/metrics")).text
+        status = await mqtt_status(pulse.http)
+    assert metric(metrics, 'pulse_mqtt_messages_total{outcome="rejected"}') == 0
+    assert metric(metrics, 'pulse_mqtt_messages_total{outcome="stored"}') == 1
+    assert status["reconnects"] == reconnects  # not disconnected for it either
 
 
 async def test_an_unknown_device_is_answered(
