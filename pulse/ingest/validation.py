@@ -59,7 +59,17 @@ def decode_json(body: bytes) -> object:
                 f"A number at character {exc.pos} is beyond the range of a double "
                 "(about 1.8e308 either side of zero)."
             ) from None
+        if not _utf8(body):  # orjson would say "str is not valid UTF-8: surrogates ..."
+            raise InvalidPayload("The payload is not valid UTF-8; send JSON in UTF-8.") from None
         raise InvalidPayload(f"The body is not valid JSON: {exc}.") from None
+
+
+def _utf8(body: bytes) -> bool:
+    try:
+        body.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def parse_reading(body: object, received_at: datetime) -> Reading:

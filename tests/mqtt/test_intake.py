@@ -127,6 +127,24 @@ async def test_bad_input_is_acknowledged_answered_and_counted(
     assert metric(metrics, f'pulse_ingest_rejected_total{{reason="{error}"}}') == 1
 
 
+async def test_a_payload_not_in_utf8_is_answered_so(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
+) -> None:
+    """Not orjson's words ("str is not valid UTF-8: surrogates not allowed"), but the
+    device's problem, in its terms."""
+    token = await pulse.device("dev-1")
+    device = Device(mosquitto, "t1/dev-1", token)
+    with closing(device):
+        await device.connect()
+        assert not any(r.is_failure for r in await device.subscribe("pulse/t1/dev-1/errors"))
+        await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"t\xff": 1}, "seq": 3}')
+        await until(lambda: bool(device.received), 10)
+    answer = json.loads(device.received[0][1])
+    assert answer["error"] == "invalid_payload"
+    assert answer["detail"] == "The payload is not valid UTF-8; send JSON in UTF-8."
+    assert await rows(pool) == []
+
+
 async def test_readings_wait_while_the_database_is_read_only(
     pulse: Pulse, mosquitto: Mosquitto, pg_admin_dsn: str, database_url: str
 ) -> None:

@@ -99,6 +99,7 @@ FUTURE = "2999-01-01T00:00:00+00:00"  # a fixed value: test ids must not change 
         (b'{"metrics": {"v": null}}', "finite number or a boolean"),
         (b'{"metrics": {"v": {"x": 1}}}', "finite number or a boolean"),
         (b'{"metrics": {"v": NaN}}', "not valid JSON"),
+        (b'{"metrics": {"v\xff": 1}}', "The payload is not valid UTF-8"),
         # Valid JSON that no double holds: said so, not "not valid JSON".
         (b'{"metrics": {"v": 1e400}}', "beyond the range of a double"),
         (b'{"metrics": {"v": 1' + b"0" * 400 + b"}}", "beyond the range of a double"),
