@@ -65,6 +65,11 @@ class MqttIntake:
             # Its first step runs once this read's messages have all arrived.
             self._writing = asyncio.get_running_loop().create_task(self._write_arrived())
 
+    async def idle(self) -> None:
+        """Until every message that arrived is written and settled."""
+        while self._writing is not None and not self._writing.done():
+            await asyncio.wait({self._writing})
+
     async def stop(self) -> None:
         """Let the write in flight go (unacknowledged: the broker delivers it again)."""
         if self._writing is not None:

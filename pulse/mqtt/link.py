@@ -10,7 +10,9 @@ in another event loop, so every callback runs on the loop's thread.
 The session is persistent (``clean_start`` false, a day's expiry) under a client
 id that survives restarts: what the broker had delivered but not seen
 acknowledged comes back when the process reconnects, and a message that arrives
-while no process is up waits in the session.
+while no process is up waits in the session. A process that stops (``leave``)
+ends its session once it has acknowledged everything it took: the broker then
+drops it from the shared group, and hands what devices publish next to the others.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -58,6 +60,8 @@ MAX_PACKET_SIZE = 16 * 1024 * 1024
 KEEPALIVE_S = 30
 CONNECT_TIMEOUT_S = 10.0
 CONTROL_TIMEOUT_S = 10.0
+# A process that stops has this long to settle what it took before it leaves the group.
+LEAVE_TIMEOUT_S = 5.0
 # A command waits this long for a connection being made (a reconnect) before failing.
 CONTROL_WAIT_CONNECTED_S = 3.0
 BACKOFF_MAX_S = 5.0
@@ -178,15 +182,24 @@ class MqttLink:
         # connection ("Administrative action"), as it does for any client whose roles change.
         self.expecting_kick = False
         self.reconnects = 0
+        self.deliveries = 0  # device messages received, over every connection
+        self._ended: asyncio.Future[Any] | None = None  # the connection's end
+        self._unsubscribed: asyncio.Future[None] | None = None
+        self._leaving = False
 
     @property
     def username(self) -> str:
         return self._url.username
 
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
     async def run(self) -> None:
-        """Connect, and connect again whenever the connection ends; forever."""
+        """Connect, and connect again whenever the connection ends; until ``leave``."""
         delay = 0.1
-        while True:
+        self._leaving = False
+        while not self._leaving:
             started = time.monotonic()
             try:
                 await self._connect_and_wait()
@@ -212,6 +225,49 @@ class MqttLink:
     def stale(self, delivery: Delivery) -> bool:
         """Its connection has ended: the broker will deliver it again, so it may be dropped."""
         return delivery.connection != self._connection or not self.connected
+
+    async def leave(self, idle: Callable[[], Awaitable[None]]) -> bool:
+        """The process stops: take no more messages (unsubscribe), let ``idle`` write and
+        settle those that came, and once a round trip to the broker brings no more,
+        DISCONNECT ending the session (Session Expiry Interval 0). The broker then drops
+        this process from the shared group: a client id that never comes back strands
+        nothing. What cannot be settled within LEAVE_TIMEOUT_S (the database is away)
+        keeps the session: it comes back when this client id connects again. Whether
+        the session was ended."""
+        client, ended = self._client, self._ended
+        if client is None or ended is None or not self.connected:
+            return False
+        self._leaving = True
+        drained = False
+        try:
+            async with asyncio.timeout(LEAVE_TIMEOUT_S):
+                self._unsubscribed = asyncio.get_running_loop().create_future()
+                client.unsubscribe(self._subscriptions)
+                await self._unsubscribed
+                while not drained:
+                    await idle()
+                    seen = self.deliveries
+                    # The broker sends what the acknowledgements released (messages it held
+                    # back beyond the Receive Maximum) before it answers a later command.
+                    await self.control([dynsec.get_client(self.username)])
+                    drained = self.deliveries == seen and not self._unsettled
+        except (TimeoutError, BrokerUnavailable) as exc:
+            log.warning(
+                "MQTT: stopping with messages not yet settled (%r): the session is kept, "
+                "and they come back when client id %s connects again",
+                exc,
+                self._client_id,
+            )
+        properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+        if drained:
+            properties.SessionExpiryInterval = 0
+        client.disconnect(properties=properties)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONTROL_TIMEOUT_S):
+                await asyncio.shield(ended)  # the DISCONNECT written
+        if drained:
+            log.info("MQTT: left the shared subscription; session %s ended", self._client_id)
+        return drained
 
     def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
         """Send, if connected; otherwise drop (nothing published here needs to survive)."""
@@ -250,6 +306,7 @@ class MqttLink:
         loop = asyncio.get_running_loop()
         loop_thread = threading.get_ident()
         ended = loop.create_future()
+        self._ended = ended
         connack: asyncio.Future[None] = loop.create_future()
         self._connection += 1
         self._unsettled.clear()
@@ -316,9 +373,16 @@ class MqttLink:
             else:
                 self.subscribed.set()
 
+        def on_unsubscribe(
+            _c: paho.Client, _u: Any, _mid: int, _r: list[ReasonCode], _p: Properties | None
+        ) -> None:
+            if self._unsubscribed is not None and not self._unsubscribed.done():
+                self._unsubscribed.set_result(None)
+
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
         client.on_subscribe = on_subscribe
+        client.on_unsubscribe = on_unsubscribe
         client.on_message = self._on_message
 
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -346,17 +410,22 @@ class MqttLink:
             self._client = client
             self.connected = True
             self._up.set()
-            log.info("MQTT connected to %s:%d", self._url.host, self._url.port)
+            log.info(
+                "MQTT connected to %s:%d as %s", self._url.host, self._url.port, self._client_id
+            )
             client.subscribe(dynsec.RESPONSE, qos=0)
             client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self._subscriptions])
             self._on_connected()
             reason = await ended
-            if self.expecting_kick and getattr(reason, "value", None) == ADMINISTRATIVE_ACTION:
+            if self._leaving:
+                log.info("MQTT connection closed: %s", reason)
+            elif self.expecting_kick and getattr(reason, "value", None) == ADMINISTRATIVE_ACTION:
                 log.info("MQTT connection ended to take Pulse's new role: %s", reason)
             else:
                 log.warning("MQTT connection ended: %s", reason)
         finally:
             self.connected = False
+            self._ended = None
             self._up.clear()
             self.synced = False
             self.expecting_kick = False
@@ -386,6 +455,7 @@ class MqttLink:
         if message.topic == dynsec.RESPONSE:
             self._on_control_response(bytes(message.payload))
             return
+        self.deliveries += 1
         delivery = Delivery(
             message.topic, bytes(message.payload), message.qos, message.mid, self._connection
         )

@@ -67,6 +67,13 @@ class Mqtt:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.link.run())
                 tasks.create_task(self._trim_claims())
+                try:
+                    await asyncio.Event().wait()  # until the process stops
+                except asyncio.CancelledError:
+                    # Before the connection is cancelled: settle what was taken and
+                    # leave the shared group, so that nothing waits for this process.
+                    await self.link.leave(self.intake.idle)
+                    raise
         finally:
             if self._reconciling is not None:
                 self._reconciling.cancel()

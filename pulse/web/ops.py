@@ -160,6 +160,8 @@ def _mqtt(rt: Runtime) -> dict[str, Any] | None:
         "subscribed": link.subscribed.is_set(),
         "synced": link.synced,
         "reconnects": link.reconnects,
+        # Its session on the broker: the same across restarts, different per process.
+        "client_id": link.client_id,
     }
 
 
