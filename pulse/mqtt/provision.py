@@ -60,7 +60,8 @@ class Provisioner:
 
     async def reconcile(self) -> bool:
         """Pulse's own role, then a client for every device and none for a device that is
-        gone: after MQTT is first enabled, and after any time the broker was away.
+        gone (a client Pulse made: other broker clients are the operator's): after MQTT
+        is first enabled, and after any time the broker was away.
         False when it stopped at giving Pulse its role (the first time): the broker then
         closes the connection, and the next one goes on from here."""
         (admin,) = await self._link.control([dynsec.get_client(self._link.username)])
@@ -88,7 +89,8 @@ class Provisioner:
         for tenant_id, device_id in sorted(devices - on_broker):
             await self._ensure(tenant_id, device_id, None)
         for tenant_id, device_id in sorted(on_broker - devices):
-            await self._delete(tenant_id, device_id)
+            if await self._made_here(tenant_id, device_id):
+                await self._delete(tenant_id, device_id)
         if devices - on_broker:
             log.info(
                 "MQTT: %d devices given broker clients without a password; each can connect "
@@ -114,6 +116,14 @@ class Provisioner:
                 _check(changed)
         else:
             _check(client)
+
+    async def _made_here(self, tenant_id: str, device_id: str) -> bool:
+        """Whether the broker client named like a device is one Pulse made (in the
+        device's own role), not an operator's own ``<a>/<b>`` client."""
+        (client,) = await self._link.control(
+            [dynsec.get_client(topics.username(tenant_id, device_id))]
+        )
+        return dynsec.has_role(client, topics.role(tenant_id, device_id))
 
     async def _delete(self, tenant_id: str, device_id: str) -> None:
         for response in await self._link.control(dynsec.delete_device(tenant_id, device_id)):

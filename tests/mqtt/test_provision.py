@@ -131,7 +131,12 @@ async def test_devices_from_before_mqtt_are_provisioned_at_first_connection(
         await admin.start()
         await admin.control({"command": "createRole", "rolename": "pulse-device/t1/gone"})
         await admin.control(
-            {"command": "createClient", "username": "t1/gone", "password": "x" * 20}
+            {
+                "command": "createClient",
+                "username": "t1/gone",
+                "password": "x" * 20,
+                "roles": [{"rolename": "pulse-device/t1/gone"}],
+            }
         )
         async with (
             running_server(mqtt_settings(settings, mosquitto)) as url,
@@ -162,6 +167,44 @@ async def test_devices_from_before_mqtt_are_provisioned_at_first_connection(
         ("subscribePattern", "pulse/t1/old/errors"),
         ("publishClientReceive", "pulse/t1/old/errors"),
     }
+
+
+async def test_the_operator_s_own_clients_are_left_alone(
+    settings: Settings, mosquitto: Mosquitto
+) -> None:
+    """A broker client named like a device (``<a>/<b>``) that Pulse did not make (it is not
+    in the device's own role) is the operator's: the reconciliation at each connection
+    used to delete it as the client of a device that no longer exists."""
+    admin = Admin(mosquitto)
+    with closing(admin.device):
+        await admin.start()
+        await admin.control(
+            {"command": "createClient", "username": "ops/monitor", "password": "y" * 20}
+        )
+        await admin.control({"command": "createRole", "rolename": "pulse-device/t1/gone"})
+        await admin.control(
+            {
+                "command": "createClient",
+                "username": "t1/gone",
+                "roles": [{"rolename": "pulse-device/t1/gone"}],
+            }
+        )
+        async with (
+            running_server(mqtt_settings(settings, mosquitto)) as url,
+            httpx.AsyncClient(base_url=url, timeout=10) as http,
+        ):
+            await wait_subscribed(http)
+
+            async def clients() -> list[str]:
+                return list((await admin.control({"command": "listClients"}))["data"]["clients"])
+
+            async with asyncio.timeout(15):
+                while "t1/gone" in await clients():  # noqa: ASYNC110  no event for it
+                    await asyncio.sleep(0.05)
+            assert "ops/monitor" in await clients()
+    operator = Device(mosquitto, "ops/monitor", "y" * 20)
+    with closing(operator):
+        assert not (await operator.connect()).is_failure
 
 
 class Admin:
