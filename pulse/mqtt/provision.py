@@ -7,7 +7,9 @@ refuses the rotation: the old token must not keep working over MQTT); a device
 deleted loses both. Pulse keeps only token hashes, so a device that existed
 before MQTT was enabled, or was created while the broker was away, gets its
 client and role without a password at the next connection (``reconcile``):
-it can connect once its token is rotated.
+it can connect once its token is rotated. A device created or deleted while the
+broker was away is marked (``broker_unsynced``): its client, which may carry an
+older device's token under the same name, is reset at the next connection.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pulse.db.database import Database
+from pulse.db.errors import DatabaseUnavailable
 from pulse.db.queries import load_queries
 from pulse.errors import BROKER_UNAVAILABLE, ApiError
 from pulse.mqtt import dynsec, topics
@@ -44,6 +47,7 @@ class Provisioner:
             await self._ensure(tenant_id, device_id, token)
         except (BrokerUnavailable, ProvisioningFailed) as exc:
             self._failed("create", tenant_id, device_id, exc)
+            await self._mark(tenant_id, device_id)
 
     async def rotating(self, tenant_id: str, device_id: str, token: str) -> None:
         try:
@@ -57,6 +61,7 @@ class Provisioner:
             await self._delete(tenant_id, device_id)
         except (BrokerUnavailable, ProvisioningFailed) as exc:
             self._failed("delete", tenant_id, device_id, exc)
+            await self._mark(tenant_id, device_id)
 
     async def reconcile(self) -> bool:
         """Pulse's own role, then a client for every device and none for a device that is
@@ -91,6 +96,15 @@ class Provisioner:
         for tenant_id, device_id in sorted(on_broker - devices):
             if await self._made_here(tenant_id, device_id):
                 await self._delete(tenant_id, device_id)
+        # A client named like a device may be an older device's, with its token: reset.
+        for row in await self._db.fetch(Q["broker_unsynced"]):
+            tenant_id, device_id = row["tenant_id"], row["device_id"]
+            await self._delete(tenant_id, device_id)
+            if (tenant_id, device_id) in devices:
+                await self._ensure(tenant_id, device_id, None)
+            await self._db.execute(
+                Q["clear_broker_unsynced"], tenant_id, device_id, row["marked_at"]
+            )
         if devices - on_broker:
             log.info(
                 "MQTT: %d devices given broker clients without a password; each can connect "
@@ -128,6 +142,18 @@ class Provisioner:
     async def _delete(self, tenant_id: str, device_id: str) -> None:
         for response in await self._link.control(dynsec.delete_device(tenant_id, device_id)):
             _check(response, tolerate=dynsec.missing)
+
+    async def _mark(self, tenant_id: str, device_id: str) -> None:
+        """Its broker client is reset at the next connection (``reconcile``)."""
+        try:
+            await self._db.execute(Q["mark_broker_unsynced"], tenant_id, device_id)
+        except DatabaseUnavailable as exc:
+            log.error(
+                "MQTT: the broker client of %s may keep an old token (not marked: %s); "
+                "rotate the device's token",
+                topics.username(tenant_id, device_id),
+                exc,
+            )
 
     def _failed(self, action: str, tenant_id: str, device_id: str, exc: Exception) -> None:
         self._metrics.mqtt_provisioning_failures.inc()

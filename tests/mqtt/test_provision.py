@@ -15,7 +15,15 @@ import pytest
 
 from pulse.config import Settings
 from tests.mqtt.broker import Device, Mosquitto, closing
-from tests.mqtt.support import DEVICES, Pulse, mqtt_settings, rows, until_rows, wait_subscribed
+from tests.mqtt.support import (
+    DEVICES,
+    Pulse,
+    mqtt_settings,
+    mqtt_status,
+    rows,
+    until_rows,
+    wait_subscribed,
+)
 from tests.support import provision_device, running_server, until
 
 NOT_AUTHORIZED = 135  # MQTT 5 reason code, on a PUBACK and a CONNACK
@@ -98,6 +106,31 @@ async def test_no_rotation_while_the_broker_cannot_be_told(
         json={"metrics": {"still": 1}},
     )
     assert ingest.status_code == 201
+
+
+async def test_a_device_deleted_and_made_again_while_the_broker_was_away_drops_its_old_token(
+    pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
+) -> None:
+    """Deleted, then made again under the same id, both while the broker was away: its
+    broker client (the old device's, with the old token for password) used to be kept
+    by the reconciliation, which compared names only, and the old token worked over
+    MQTT. The client is reset when the broker is back: the old token is refused, and the
+    new device connects once its token is rotated (as any device created meanwhile)."""
+    old = await pulse.device("a")
+    before = (await mqtt_status(pulse.http))["reconnects"]
+    await mosquitto.stop()
+    assert (await pulse.http.delete(f"{DEVICES}/a", headers=pulse.admin)).status_code == 204
+    await pulse.device("a")
+    await mosquitto.start()
+    await wait_subscribed(pulse.http, reconnects=before + 1)
+    assert await pool.fetchval("SELECT count(*) FROM broker_unsynced") == 0
+    refused = Device(mosquitto, "t1/a", old)
+    with closing(refused):
+        assert (await refused.connect()).value == NOT_AUTHORIZED
+    r = await pulse.http.post(f"{DEVICES}/a/rotate-token", headers=pulse.admin)
+    accepted = Device(mosquitto, "t1/a", r.json()["provision_token"])
+    with closing(accepted):
+        assert not (await accepted.connect()).is_failure
 
 
 async def test_a_rotation_the_database_refuses_leaves_the_broker_alone(
