@@ -53,9 +53,12 @@ from pulse.web.direct import FRAMES, DirectWrites, direct_writes, text_frame
 log = logging.getLogger(__name__)
 
 # Replies to a client's messages wait here while the client is not reading; a
-# client that sends this many without reading the answers is cut as lagging,
-# so that neither its replies nor its unread messages pile up in memory.
+# client that sends this many without reading the answers, or whose unread answers
+# pass OUTBOX_BYTES (a reply may echo a list of 64 KiB: 256 of them were 16 MB a
+# connection), is cut as lagging, so that neither its replies nor its unread
+# messages pile up in memory.
 OUTBOX_SIZE = 256
+OUTBOX_BYTES = 1024 * 1024
 # How long a close frame may wait for a client that stopped reading.
 CLOSE_TIMEOUT_S = 5.0
 
@@ -157,6 +160,7 @@ class Connection:
         # Made on the first reply: most dashboards never send a message, and an
         # idle connection should cost as little as possible.
         self._outbox: asyncio.Queue[bytes] | None = None
+        self._outbox_bytes = 0
         self._sender: asyncio.Task[None] | None = None
         self.closed = False
         self.direct: DirectWrites | None = direct_writes(
@@ -212,11 +216,15 @@ class Connection:
         """Queue an answer to a client's message without waiting for the client to read."""
         if self._outbox is None:
             self._outbox = asyncio.Queue(OUTBOX_SIZE)
-            self._sender = asyncio.create_task(self._send_replies(self.socket, self._outbox))
+            self._sender = asyncio.create_task(self._send_replies())
+        data = orjson.dumps(message)
+        if self._outbox_bytes + len(data) > OUTBOX_BYTES:
+            raise Close.of(LAGGING)
         try:
-            self._outbox.put_nowait(orjson.dumps(message))
+            self._outbox.put_nowait(data)
         except asyncio.QueueFull:
             raise Close.of(LAGGING) from None
+        self._outbox_bytes += len(data)
 
     async def receive(self) -> str | bytes:
         data = await self.socket.receive()
@@ -250,11 +258,12 @@ class Connection:
         done.result()
         raise Close(NORMAL_CLOSURE, "")
 
-    @staticmethod
-    async def _send_replies(socket: Socket, outbox: asyncio.Queue[bytes]) -> None:
+    async def _send_replies(self) -> None:
+        assert self._outbox is not None
         while True:
-            data = await outbox.get()
-            await socket.send(data.decode())
+            data = await self._outbox.get()
+            await self.socket.send(data.decode())
+            self._outbox_bytes -= len(data)
 
     async def close(self, code: int, reason: str) -> None:
         """The one place a handler's connection is closed (at most once)."""
