@@ -251,13 +251,21 @@ class Live:
         async for batch in self._replay(cursor, newest):
             yield batch
 
-    async def _replay(self, after: int, upto: int) -> AsyncIterator[list[TelemetryEvent]]:
+    async def _replay(self, after: int, upto: int) -> AsyncIterator[list[TelemetryEvent] | Reset]:
         cursor = after
         while cursor < upto and not self.hub.draining:
             filters = self.filters
             page = await self.store.events_after(
                 self.tenant_id, cursor, upto=upto, device_ids=filters.device_ids, limit=REPLAY_PAGE
             )
+            if not page or page[0].id > cursor + 1:
+                # Ids are dense: what is missing was filtered out, or dropped by
+                # retention while this replay ran (a day's partition at once). The
+                # client hears of the latter as it would have at the start.
+                earliest = await self.store.earliest_id(self.tenant_id)
+                if earliest is None or earliest > cursor + 1:
+                    earliest = min(earliest or upto + 1, page[0].id if page else upto + 1)
+                    yield Reset({"reason": "history_trimmed", "earliest_id": earliest})
             if not page:
                 break
             cursor = page[-1].id

@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
+from pulse.bus.events import TelemetryEvent
 from pulse.bus.hub import Hub
 from pulse.bus.subscription import Filters
 from pulse.errors import CONNECTION_LIMIT
-from pulse.streams.live import End, Item, Live, Reset, Started
+from pulse.streams.live import REPLAY_PAGE, End, Item, Live, Reset, Started
 from tests.bus.memory import MemorySource, MemoryStore, running_hub
 
 
@@ -164,3 +166,37 @@ async def test_a_stream_ended_from_outside_ends_with_the_error_given() -> None:
         async with contextlib.aclosing(opening.items()) as b:
             async with asyncio.timeout(5):
                 assert [item async for item in b] == [Started(1), End(CONNECTION_LIMIT)]
+
+
+class TrimmedStore(MemoryStore):
+    """A table whose oldest rows retention drops: ids below ``kept_from`` are gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept_from = 1
+
+    async def earliest_id(self, tenant_id: str) -> int | None:
+        newest = await self.newest_id(tenant_id)
+        return self.kept_from if self.kept_from <= newest else None
+
+    async def events_after(self, tenant_id: str, after: int, **kw: Any) -> list[TelemetryEvent]:
+        return await super().events_after(tenant_id, max(after, self.kept_from - 1), **kw)
+
+
+async def test_rows_dropped_while_a_replay_runs_are_announced_as_trimmed() -> None:
+    """From the time audit (MEDIUM): a client resuming from the oldest day kept, while
+    retention dropped that day's partition in the middle of its replay, got events up
+    to the drop and then the next day's, 12,000 missing, with no reset. The replay now
+    says history_trimmed, with the earliest id kept, as it would have at the start."""
+    store = TrimmedStore()
+    async with running_hub(store=store) as (hub, source, _):
+        newest = commit(source, store, 2 * REPLAY_PAGE + 500)
+        resumed = stream(hub, store, last_event_id=0)
+        async with contextlib.aclosing(resumed.items()) as items:
+            assert await anext(items) == Started(newest)
+            first = await anext(items)
+            assert isinstance(first, list) and first[-1].id == REPLAY_PAGE
+            store.kept_from = REPLAY_PAGE + 1000  # a day dropped under the replay
+            rest = await take(items, newest)
+    assert rest[0] == Reset({"reason": "history_trimmed", "earliest_id": REPLAY_PAGE + 1000})
+    assert rest[1:] == list(range(REPLAY_PAGE + 1000, newest + 1))
