@@ -44,6 +44,18 @@ ALIVE_EVERY_S = 5.0
 DEDICATED_KEEPALIVES = KEEPALIVES
 
 
+# Whether a write found no partition for its rows since the retention loop last
+# looked (pulse.db.retention makes the missing days at once, not at its next pass).
+_partition_missing = False
+
+
+def partition_missing() -> bool:
+    """Whether a write found no partition for its rows since the last call."""
+    global _partition_missing
+    missing, _partition_missing = _partition_missing, False
+    return missing
+
+
 @contextlib.contextmanager
 def translated() -> Iterator[None]:
     """Driver errors that mean "unreachable" raised as DatabaseUnavailable: the one translation.
@@ -57,6 +69,15 @@ def translated() -> Iterator[None]:
         raise  # a lock_timeout the caller set: the caller handles it (retention, partitions)
     except _UNAVAILABLE as exc:
         raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+    except asyncpg.CheckViolationError as exc:
+        if not str(exc).startswith("no partition of relation"):
+            raise
+        # Today's partition is missing (dropped by hand, or a clock far off): the
+        # next retention pass makes it (PULSE_RETENTION_INTERVAL_S); meanwhile the
+        # write is refused as unavailable, to be retried, not as a server error.
+        global _partition_missing
+        _partition_missing = True
+        raise DatabaseUnavailable(f"{exc}; it is being made again") from exc
 
 
 class Database:

@@ -193,7 +193,7 @@ class Rollups:
             return  # another process took it first: stand by again
         self.leading = True
         log.info("this process now keeps the rollups")
-        trimmed_at = 0.0
+        trimmed_at = float("-inf")  # the first pass trims, whatever the uptime
         failing: dict[str, float] = {}  # tenants left out of the passes, until when
         while True:
             started = time.monotonic()

@@ -25,9 +25,10 @@ from pulse.db.retention import (
     create_partitions,
     drop_expired,
     ensure_partitions,
+    utc_today,
 )
 from tests.streams.ws_support import open_ws, recv
-from tests.support import insert_readings, running_server, seam, sse_events
+from tests.support import insert_readings, provision_device, running_server, seam, sse_events
 
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
 
@@ -205,3 +206,34 @@ async def test_processes_starting_together_create_each_day_once(pool: asyncpg.Po
         *(create_partitions(seam(pool), far, far + timedelta(days=2)) for _ in range(4))
     )
     assert sorted(created) == [0, 0, 0, 3]
+
+
+async def test_a_missing_day_is_a_503_and_made_again_at_once(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """From the time audit: with today's partition dropped by hand, ingest answered an
+    undocumented 500 internal_error until the next retention pass (a minute by default).
+    Now a 503 database_unavailable with Retry-After, and the day is made again within a
+    second or two of that write, not at the next pass."""
+    token = await provision_device(pool, "t1", "d1")
+    today = f"telemetry_p{utc_today():%Y%m%d}"
+    async with running_server(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        await pool.execute(f'ALTER TABLE telemetry DETACH PARTITION "{today}"')
+        await pool.execute(f'DROP TABLE "{today}"')
+
+        async def post() -> httpx.Response:
+            return await http.post(
+                "/ingest/v1/tenant/t1/device/d1/telemetry",
+                json={"metrics": {"v": 1}},
+                headers={"X-Provision-Token": token},
+            )
+
+        refused = await post()
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "database_unavailable"
+        assert refused.headers["Retry-After"]
+        async with asyncio.timeout(15):  # retention_interval_s is a minute here
+            while (response := await post()).status_code != 201:
+                assert response.status_code == 503, response.text
+                await asyncio.sleep(0.1)
+    assert settings.retention_interval_s >= 60
