@@ -1,5 +1,5 @@
-"""HTTP/2 under hypercorn: a request's body that arrives after its answer, and an
-h2c upgrade whose settings cannot be used.
+"""HTTP/2 under hypercorn: a request's body that arrives after its answer, an h2c
+upgrade whose settings cannot be used, and streams reset as fast as they are opened.
 
 Applied by ``pulse.serving.tuning`` only under the versions it was written for.
 """
@@ -7,9 +7,20 @@ Applied by ``pulse.serving.tuning`` only under the versions it was written for.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+from pulse.logs import Throttled
+
 log = logging.getLogger(__name__)
+# One line per 10 s for refused upgrades, not one per connection: anyone can send them.
+_UNUSABLE_UPGRADE = Throttled(log)
+# Streams a client may reset: RESETS_BURST at once, then RESETS_PER_S. Each stream
+# costs the server a request (an app task started, then cancelled) and the client a
+# frame pair; past this the connection is closed with ENHANCE_YOUR_CALM (the "rapid
+# reset" attack, CVE-2023-44487). A browser cancelling requests stays far below.
+RESETS_BURST = 200
+RESETS_PER_S = 20.0
 
 
 def tune_h2_protocol() -> None:
@@ -26,7 +37,8 @@ def tune_h2_protocol() -> None:
     dropped, as hypercorn already does with the end of such a stream.
     """
     import hypercorn.protocol as protocol
-    from h2.events import DataReceived
+    from h2.errors import ErrorCodes
+    from h2.events import DataReceived, StreamReset
     from h2.exceptions import H2Error
     from hypercorn.events import Closed
 
@@ -47,7 +59,7 @@ def tune_h2_protocol() -> None:
             try:
                 await super().initiate(headers, settings)
             except (ValueError, H2Error) as exc:
-                log.info(
+                _UNUSABLE_UPGRADE.warning(
                     "closed an h2c upgrade with unusable HTTP2-Settings (%s)", type(exc).__name__
                 )
                 await self.send(Closed())
@@ -61,7 +73,22 @@ def tune_h2_protocol() -> None:
                         event.flow_controlled_length, event.stream_id
                     )
                     await self._flush()
+                elif (
+                    isinstance(event, StreamReset) and event.remote_reset and self._reset_too_fast()
+                ):
+                    self.connection.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+                    await self._flush()
+                    await self.send(Closed())
+                    return
                 else:
                     await super()._handle_events([event])
+
+        def _reset_too_fast(self) -> bool:
+            """Take one reset from the connection's allowance; True once it is spent."""
+            now = time.monotonic()
+            allowance, since = getattr(self, "_pulse_resets", (float(RESETS_BURST), now))
+            allowance = min(RESETS_BURST, allowance + (now - since) * RESETS_PER_S) - 1
+            self._pulse_resets = (allowance, now)
+            return allowance < 0
 
     protocol.H2Protocol = _H2Protocol  # type: ignore[attr-defined]

@@ -4,11 +4,16 @@ request's body was read leaves the connection and its other streams alive."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import asyncpg
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import httpx
 import pytest
 
@@ -77,3 +82,50 @@ async def test_a_malformed_h2c_upgrade_is_closed_and_logs_no_credential(
             assert (await http.get("/healthz")).status_code == 200  # still serving
     logged = caplog.text + "".join(str(r.exc_info) for r in caplog.records)
     assert "leak-me" not in logged, logged[-2000:]
+
+
+async def test_streams_reset_as_fast_as_they_open_close_the_connection(
+    settings: Settings,
+) -> None:
+    """From the abuse audit (MEDIUM-HIGH): over h2c, a client opening streams and
+    resetting them at once (10-20 k a second, no credential needed) made the server start
+    and cancel a request for each; another tenant's ingest took up to 2.6 s, or timed
+    out with a token. Past a burst of resets the connection is closed with GOAWAY
+    ENHANCE_YOUR_CALM, and the server goes on serving others."""
+    async with running_server(settings) as url:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        writer.write(client.data_to_send())
+        headers = [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "pulse"),
+            (":path", "/healthz"),
+        ]
+        terminated: h2.events.ConnectionTerminated | None = None
+        streams = 0
+        async with asyncio.timeout(20):
+            while terminated is None and streams < 5000:
+                for _ in range(50):
+                    stream_id = client.get_next_available_stream_id()
+                    client.send_headers(stream_id, headers, end_stream=True)
+                    client.reset_stream(stream_id)
+                    streams += 1
+                writer.write(client.data_to_send())
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        data = await reader.read(65536)
+                        if not data:
+                            break
+                        for event in client.receive_data(data):
+                            if isinstance(event, h2.events.ConnectionTerminated):
+                                terminated = event
+        writer.close()
+        assert terminated is not None, f"{streams} streams reset, the connection still open"
+        assert terminated.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        assert streams <= 2000, streams
+        async with httpx.AsyncClient(base_url=url) as http:
+            assert (await http.get("/healthz")).status_code == 200
