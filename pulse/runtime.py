@@ -173,7 +173,10 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         mqtt = _open_mqtt(settings, db, ingest, metrics) if settings.mqtt_url else None
 
         ingest_buffer = IngestBuffer(int(settings.ingest_buffer_mb * 1024 * 1024))
-        metrics.sample(metrics.ingest_buffered_bytes, lambda: ingest_buffer.held)
+        metrics.sample(
+            metrics.ingest_buffered_bytes,
+            lambda: ingest_buffer.held + ingest_buffer.held_verified,
+        )
         exports = ExportSlots(
             # Ingest and streams keep at least one pooled connection.
             min(settings.max_exports, settings.db_pool_size - 1),

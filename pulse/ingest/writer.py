@@ -448,6 +448,22 @@ class TelemetryWriter:
         # What is still undecided here is an admitted heartbeat.
         return [Accepted(None) if outcome is None else outcome for outcome in outcomes]
 
+    async def check_token(
+        self, tenant_id: str, device_id: str, token: str | None
+    ) -> Rejected | None:
+        """Whether ``token`` is the device's, asked apart from any write (before a
+        request's body is read, pulse.ingest.buffer): None when it is, else the refusal
+        the write would give. Nothing is counted against the device's rate."""
+        if not (is_valid_name(tenant_id) and is_valid_name(device_id)):
+            return Rejected(UNKNOWN_DEVICE, _unknown((tenant_id, device_id)))
+        asked = [{"t": tenant_id, "o": 0, "d": [device_id]}]
+        rows = await self._db.fetch(Q["device_token_hashes"], asked, self._seen_precision_s)
+        if not rows:
+            return Rejected(UNKNOWN_DEVICE, _unknown((tenant_id, device_id)))
+        if token is None or not device_token_matches(token, rows[0]["token_hash"]):
+            return Rejected(INVALID_DEVICE_TOKEN, _WRONG_TOKEN)
+        return None
+
     async def _authenticate(
         self, conn: asyncpg.Connection, submissions: Sequence[Submission]
     ) -> Checked:

@@ -96,7 +96,11 @@ class DeviceFastPath:
             [outcome] = await ingest([item], receipt)
             return reply(outcome)
 
-        await self._answer(Receipt(kind), answer, scope, receive, send)
+        async def check_token(ingest: Ingest) -> Rejected | None:
+            return await ingest.writer.check_token(tenant_id, device_id, token)
+
+        verify = check_token if token else None
+        await self._answer(Receipt(kind), answer, scope, receive, send, verify=verify)
 
     async def _serve_batch(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -118,10 +122,29 @@ class DeviceFastPath:
         scope: Scope,
         receive: ASGIReceiveCallable,
         send: ASGISendCallable,
+        *,
+        verify: Callable[[Ingest], Awaitable[Rejected | None]] | None = None,
     ) -> None:
-        """Read the body within the ingest buffer, and send what ``answer`` makes of it."""
+        """Read the body within the ingest buffer, and send what ``answer`` makes of it.
+
+        With the shared buffer more than half full, a request whose device token came
+        in a header (``verify``) has it checked first: refused at once, body unread,
+        or read into the budget of devices that proved themselves (pulse.ingest.buffer).
+        """
         runtime = runtime_of(self._app)
-        with runtime.ingest_buffer.hold() as holding:
+        verified = False
+        if verify is not None and runtime.ingest_buffer.under_pressure():
+            try:
+                refused = await verify(runtime.ingest)
+            except Exception as exc:
+                await send_reply(send, _error_answer(exc, scope, runtime.metrics))
+                return
+            if refused is not None:
+                runtime.metrics.ingest_rejected.labels(refused.reason.code).inc()
+                await send_reply(send, _unread(reply(refused), scope))
+                return
+            verified = True
+        with runtime.ingest_buffer.hold(verified=verified) as holding:
             try:
                 body = await read_body(
                     receive, holding, timeout=self._app.config["BODY_TIMEOUT"], limit=self._max_body
@@ -174,13 +197,16 @@ def _error_answer(exc: Exception, scope: Scope, metrics: Metrics) -> Reply:
     error = error_for(exc)
     metrics.ingest_failed.labels(error.error.code).inc()
     answer = Reply(error.status, error_body(error.error, error.detail), error.headers)
-    # Refused as busy, the rest of the body is never read: over HTTP/1 the connection
-    # ends with the answer (HTTP/2 ends just the stream, and forbids the header).
-    if (
-        isinstance(exc, ApiError)
-        and exc.error is SERVER_BUSY
-        and scope.get("http_version") in ("1.0", "1.1")
-    ):
+    if isinstance(exc, ApiError) and exc.error is SERVER_BUSY:  # the rest is never read
+        return _unread(answer, scope)
+    return answer
+
+
+def _unread(answer: Reply, scope: Scope) -> Reply:
+    """An answer sent before the request's body was read: over HTTP/1 the connection
+    ends with it (the body is never read; HTTP/2 ends just the stream, and forbids the
+    header)."""
+    if scope.get("http_version") in ("1.0", "1.1"):
         return dataclasses.replace(answer, headers={**answer.headers, "Connection": "close"})
     return answer
 
