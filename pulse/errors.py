@@ -105,6 +105,13 @@ UNKNOWN_ALERT = _error("unknown_alert", 404, None, "There is no such alert in th
 UNKNOWN_RULE = _error("unknown_rule", 404, None, "There is no such rule in this tenant.")
 METHOD_NOT_ALLOWED = _error("method_not_allowed", 405, None, "The route does not take this method.")
 DEVICE_EXISTS = _error("device_exists", 409, None, "A device with this id already exists.")
+TENANT_QUOTA = _error(
+    "tenant_quota",
+    409,
+    None,
+    "The tenant has as many devices (PULSE_MAX_DEVICES_PER_TENANT) or alert rules "
+    "(PULSE_MAX_RULES_PER_TENANT) as allowed; delete some first.",
+)
 ALERT_CLOSED = _error(
     "alert_closed", 409, None, "The alert is closed; it can no longer be acknowledged."
 )

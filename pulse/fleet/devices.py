@@ -17,6 +17,7 @@ from pulse.auth.device_tokens import new_device_token
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
 from pulse.fleet.fields import Name, Text
+from pulse.fleet.quota import check_quota
 from pulse.names import is_valid_name
 from pulse.times import format_time
 
@@ -80,12 +81,19 @@ def device_json(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def create_device(
-    db: Database, tenant_id: str, device: NewDevice, credentials: Credentials = NO_CREDENTIALS
+    db: Database,
+    tenant_id: str,
+    device: NewDevice,
+    credentials: Credentials = NO_CREDENTIALS,
+    *,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Provision ``device`` (and its tenant, on the first device): the device with its
-    ``provision_token``, shown this once."""
+    ``provision_token``, shown this once. QuotaReached when the tenant has ``limit``."""
     token, token_hash = new_device_token()
     async with db.transaction() as conn:
+        if limit is not None:
+            await check_quota(conn, tenant_id, "devices", limit)
         await conn.execute(Q["ensure_tenant"], tenant_id)
         row = await conn.fetchrow(
             Q["insert_device"], tenant_id, device.device_id, device.site_id, device.name, token_hash

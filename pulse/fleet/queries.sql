@@ -2,6 +2,19 @@
 -- A tenant exists from its first device on; no separate sign-up step.
 INSERT INTO tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING;
 
+-- name: lock_tenant_quota
+-- Taken by every creation of a device or an alert rule before it counts the
+-- tenant's (released at commit): two at once cannot both take the last place
+-- under the quota. A statement of its own: the count after it must read a
+-- snapshot taken once the lock is held.
+SELECT pg_advisory_xact_lock(1886743668, hashtext($1));
+
+-- name: count_devices
+SELECT count(*) FROM devices WHERE tenant_id = $1;
+
+-- name: count_rules
+SELECT count(*) FROM alert_rules WHERE tenant_id = $1;
+
 -- name: insert_device
 -- Returns no row when the device already exists in the tenant, so a duplicate
 -- is told apart without catching a unique violation.

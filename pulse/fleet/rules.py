@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
 from pulse.fleet.fields import Name, Text
+from pulse.fleet.quota import check_quota
 from pulse.ingest.writer import Written
 from pulse.times import format_time
 
@@ -49,8 +50,13 @@ def rule_json(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-async def create_rule(db: Database, tenant_id: str, rule: NewRule) -> dict[str, Any]:
+async def create_rule(
+    db: Database, tenant_id: str, rule: NewRule, *, limit: int | None = None
+) -> dict[str, Any]:
+    """Create ``rule``; QuotaReached when the tenant has ``limit`` rules."""
     async with db.transaction() as conn:
+        if limit is not None:
+            await check_quota(conn, tenant_id, "rules", limit)
         await conn.execute(Q["ensure_tenant"], tenant_id)
         row = await conn.fetchrow(
             Q["insert_rule"],

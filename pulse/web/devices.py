@@ -28,10 +28,12 @@ from pulse.errors import (
     INVALID_PAYLOAD,
     PAYLOAD_TOO_LARGE,
     REQUEST_TIMEOUT,
+    TENANT_QUOTA,
     UNKNOWN_DEVICE,
     ApiError,
 )
 from pulse.fleet import devices
+from pulse.fleet.quota import QuotaReached
 from pulse.names import shown_name
 from pulse.web import openapi, runtime
 from pulse.web.auth import authorize, tenant
@@ -81,7 +83,12 @@ class TenantQuery(BaseModel):
 @validate_request(devices.NewDevice)
 @validate_response(ProvisionedDevice, 201)
 @openapi.errors(
-    *openapi.TENANT_WRITE, INVALID_PAYLOAD, REQUEST_TIMEOUT, PAYLOAD_TOO_LARGE, DEVICE_EXISTS
+    *openapi.TENANT_WRITE,
+    INVALID_PAYLOAD,
+    REQUEST_TIMEOUT,
+    PAYLOAD_TOO_LARGE,
+    DEVICE_EXISTS,
+    TENANT_QUOTA,
 )
 async def create_device(
     data: devices.NewDevice,
@@ -89,10 +96,18 @@ async def create_device(
     """Provision a device (tenant-admin)."""
     try:
         device = await devices.create_device(
-            runtime().db, tenant(), data, runtime().device_credentials
+            runtime().db,
+            tenant(),
+            data,
+            runtime().device_credentials,
+            limit=runtime().settings.max_devices_per_tenant,
         )
     except devices.DeviceExists:
         raise ApiError(DEVICE_EXISTS, f"Device {data.device_id} already exists.") from None
+    except QuotaReached as exc:
+        raise ApiError(
+            TENANT_QUOTA, f"{exc} Delete some, or raise PULSE_MAX_DEVICES_PER_TENANT."
+        ) from None
     return ProvisionedDevice(**device), 201, _NO_STORE
 
 

@@ -27,12 +27,14 @@ from pulse.errors import (
     INVALID_PAYLOAD,
     PAYLOAD_TOO_LARGE,
     REQUEST_TIMEOUT,
+    TENANT_QUOTA,
     UNKNOWN_ALERT,
     UNKNOWN_DEVICE,
     UNKNOWN_RULE,
     ApiError,
 )
 from pulse.fleet import alerts, rules
+from pulse.fleet.quota import QuotaReached
 from pulse.fleet.summary import fleet_summary
 from pulse.names import shown_name
 from pulse.web import openapi, runtime
@@ -189,12 +191,23 @@ def _unknown_alert(raw_id: str) -> ApiError:
 @validate_request(rules.NewRule)
 @document_response(Rule, 201)
 @openapi.errors(
-    *openapi.TENANT_WRITE, INVALID_PAYLOAD, REQUEST_TIMEOUT, PAYLOAD_TOO_LARGE, UNKNOWN_DEVICE
+    *openapi.TENANT_WRITE,
+    INVALID_PAYLOAD,
+    REQUEST_TIMEOUT,
+    PAYLOAD_TOO_LARGE,
+    UNKNOWN_DEVICE,
+    TENANT_QUOTA,
 )
 async def create_rule(data: rules.NewRule) -> tuple[Response, int]:
     """Create a threshold rule (tenant-admin)."""
     try:
-        rule = await rules.create_rule(runtime().db, tenant(), data)
+        rule = await rules.create_rule(
+            runtime().db, tenant(), data, limit=runtime().settings.max_rules_per_tenant
+        )
+    except QuotaReached as exc:
+        raise ApiError(
+            TENANT_QUOTA, f"{exc} Delete some, or raise PULSE_MAX_RULES_PER_TENANT."
+        ) from None
     except rules.UnknownDevice:
         raise ApiError(
             UNKNOWN_DEVICE, f"There is no device {data.device_id} in this tenant."

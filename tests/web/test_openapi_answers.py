@@ -170,9 +170,10 @@ def live_calls(tokens: Tokens, device_tokens: dict[str, str], ids: dict[str, str
         Call("POST", CLOSE, 404, headers=admin, path=ALERTS + "/999999/close"),
         *jwt_calls("POST", CLOSE, tokens, write=True),
         # -- alert rules --
-        Call("POST", RULES, 201, headers=admin, json=RULE_BODY),
-        Call("POST", RULES, 400, headers=admin, json={**RULE_BODY, "severity": 9}),
         Call("POST", RULES, 404, headers=admin, json={**RULE_BODY, "device_id": "ghost"}),
+        Call("POST", RULES, 201, headers=admin, json=RULE_BODY),
+        Call("POST", RULES, 409, headers=admin, json=RULE_BODY),  # its quota of 2 reached
+        Call("POST", RULES, 400, headers=admin, json={**RULE_BODY, "severity": 9}),
         Call("POST", RULES, 413, headers=admin, content=TOO_LARGE),
         Call("POST", RULES, 408, headers=admin, stall=True),
         *jwt_calls("POST", RULES, tokens, write=True, body=RULE_BODY),
@@ -326,6 +327,7 @@ async def test_every_route_answers_as_documented(
         ingest_rate_per_device=0.001,
         ingest_burst_per_device=RATE_BURST,
         max_connections_per_tenant=1,
+        max_rules_per_tenant=2,  # the rule of the setup, and one made here
         listener_backoff_max_s=0.2,
         # A principal's tickets: a burst of 3, then next to none while the test runs.
         ticket_rate_per_s=0.001,
