@@ -62,7 +62,12 @@ INVALID_TENANT_ID = _error(
     "invalid_tenant_id", 400, 4000, "tenant_id must be 1 to 64 characters of [A-Za-z0-9_.:-]."
 )
 BAD_REQUEST = _error("bad_request", 400, 4000, "The request is malformed.")
-PAYLOAD_TOO_LARGE = _error("payload_too_large", 413, None, "The request body is over 1 MiB.")
+PAYLOAD_TOO_LARGE = _error(
+    "payload_too_large",
+    413,
+    None,
+    "The request body is over its route's limit: 1 MiB for ingest, 64 KiB for the others.",
+)
 HEADERS_TOO_LARGE = _error(
     "headers_too_large",
     431,

@@ -4,10 +4,10 @@ Every POST under ``/ingest/`` has its body read here (``pulse.web.fastpath``
 calls ``read_body``), each received byte taken from the Runtime's
 ``IngestBuffer`` and given back once the request is answered. A request whose
 bytes do not fit is answered 503 ``server_busy`` at once, and over HTTP/1 its
-connection closed: the bytes still on their way are never read. Bodies of the
-other routes are not held before their callers are known: those routes check
-the JWT first, and an unauthenticated request is answered (and its body
-dropped) at once.
+connection closed: the bytes still on their way are never read. The other
+routes check the JWT first, and an unauthenticated request is answered (and its
+body dropped) at once; Quart holds their bodies as they arrive, outside this
+budget, so they take at most 64 KiB (``pulse.app.PulseRequest``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -384,3 +384,38 @@ async def test_routes_are_in_the_openapi_document(http: httpx.AsyncClient) -> No
     assert {"post", "get"} <= set(paths[DEVICES])
     assert {"get", "delete"} <= set(paths[DEVICES + "/{device_id}"])
     assert "post" in paths[DEVICES + "/{device_id}/rotate-token"]
+
+
+async def test_bodies_outside_ingest_are_at_most_64_kib(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, admin: dict[str, str]
+) -> None:
+    # Quart holds a body while the token is checked, outside the ingest buffer: every
+    # route but ingest takes at most 64 KiB (a device or a rule is well under 1 KiB).
+    device = b'{"device_id": "big", "name": "' + b"x" * (100 * 1024) + b'"}'
+    json_admin = {**admin, "Content-Type": "application/json"}
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: cut as it arrives
+        yield device
+
+    for url in (DEVICES, "/api/v1/customer/alert-rules"):
+        for content in (device, chunked()):
+            response = await http.post(url, content=content, headers=json_admin)
+            assert response.status_code == 413, response.text
+            assert error_of(response) == "payload_too_large"
+    assert await pool.fetchval("SELECT count(*) FROM devices WHERE device_id = 'big'") == 0
+    fits = await http.post(DEVICES, json={"device_id": "d-64", "name": "x" * 60}, headers=admin)
+    assert fits.status_code == 201, fits.text
+    # Ingest still takes 1 MiB, also through Quart (a chunked body).
+    token = fits.json()["provision_token"]
+    head = b'{"metrics": {"v": 1}}'
+
+    async def reading() -> AsyncIterator[bytes]:
+        yield head
+        yield b" " * (1024 * 1024 - len(head))
+
+    posted = await http.post(
+        "/ingest/v1/tenant/t1/device/d-64/telemetry",
+        content=reading(),
+        headers={"X-Provision-Token": token},
+    )
+    assert posted.status_code == 201, posted.text
