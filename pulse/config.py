@@ -49,6 +49,10 @@ class Settings:
     max_exports: int = 2
     max_exports_per_tenant: int = 1
     export_max_s: float = 3600.0
+    # History JSON answers read, built and sent at once (pulse.history.exports): each
+    # is held in memory until its client has taken it.
+    max_history_reads: int = 12
+    max_history_reads_per_tenant: int = 6
     queue_size: int = 1000
     # A crashed process's stream connections stop counting toward the
     # per-tenant limit within this many seconds (pulse.streams.limits).

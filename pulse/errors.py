@@ -142,6 +142,13 @@ EXPORT_LIMIT = _error(
     "The tenant (or this server) streams as many history exports at once as it allows; "
     "retry when one has ended.",
 )
+HISTORY_LIMIT = _error(
+    "history_limit",
+    429,
+    None,
+    "The tenant (or this server) reads and sends as many history answers at once as it "
+    "allows; retry shortly.",
+)
 LAGGING = _error(
     "lagging", None, 4008, "The client read too slowly and was cut; reconnect and resume."
 )

@@ -42,7 +42,7 @@ from pulse.db.retention import ensure_partitions, run_retention
 from pulse.fleet.devices import NO_CREDENTIALS, Credentials
 from pulse.fleet.rules import evaluate_alerts
 from pulse.fleet.sweeper import StatusSweeper
-from pulse.history.exports import ExportSlots
+from pulse.history.exports import JSON_ANSWERS, Slots
 from pulse.history.rollups import Rollups, RollupSettings
 from pulse.ingest.buffer import IngestBuffer
 from pulse.ingest.ratelimit import Admission, RateLimiter
@@ -77,7 +77,8 @@ class Runtime:
     # Stream tickets issued, per principal (tenant_id, subject).
     ticket_limit: RateLimiter
     fleet_reads: FleetReads
-    exports: ExportSlots  # history exports streaming at once
+    exports: Slots  # history exports streaming at once
+    history_reads: Slots  # history JSON answers read and sent at once
     mqtt: Mqtt | None  # with PULSE_MQTT_URL
     # The device API tells it of new, rotated and deleted tokens (the MQTT broker).
     device_credentials: Credentials
@@ -177,12 +178,15 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             metrics.ingest_buffered_bytes,
             lambda: ingest_buffer.held + ingest_buffer.held_verified,
         )
-        exports = ExportSlots(
+        exports = Slots(
             # Ingest and streams keep at least one pooled connection.
             min(settings.max_exports, settings.db_pool_size - 1),
             settings.max_exports_per_tenant,
         )
         metrics.sample(metrics.history_exports, lambda: exports.held)
+        history_reads = Slots(
+            settings.max_history_reads, settings.max_history_reads_per_tenant, JSON_ANSWERS
+        )
 
         supervisor = Supervisor()
         stack.push_async_callback(supervisor.stop)
@@ -228,6 +232,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             ticket_limit=RateLimiter(settings.ticket_rate_per_s, settings.ticket_burst),
             fleet_reads=FleetReads(db),
             exports=exports,
+            history_reads=history_reads,
             mqtt=mqtt,
             device_credentials=NO_CREDENTIALS if mqtt is None else mqtt.provisioner,
             supervisor=supervisor,

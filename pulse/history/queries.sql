@@ -191,3 +191,21 @@ SELECT id, device_time,
    AND ($7::text[] IS NULL OR metrics ?| $7::text[])
  ORDER BY device_time, id
  LIMIT $8
+
+-- name: readings_page
+-- A page of `readings` (in place of {readings}, with $1 to $8) cut by size too: the
+-- readings while those before them come to less than $9 bytes, then one more, which
+-- says that a next page exists. A reading counts its metrics' text and 64 bytes for
+-- the rest of its JSON (id, time, keys). Without the cut, 10,000 readings of 200
+-- metrics were a 16.5 MB answer held in memory until its client took it.
+SELECT id, device_time, time, metrics_json, coalesce(before, 0) AS before
+  FROM (SELECT r.*,
+               sum(octet_length(r.metrics_json) + 64) OVER (
+                   ORDER BY r.device_time, r.id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING
+               ) AS before,
+               sum(octet_length(r.metrics_json) + 64) OVER (
+                   ORDER BY r.device_time, r.id ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING
+               ) AS before_previous
+          FROM ({readings}) AS r) AS sized
+ WHERE coalesce(before_previous, 0) < $9
+ ORDER BY device_time, id

@@ -20,11 +20,20 @@ import asyncpg
 
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
-from pulse.history.params import MAX_POINTS, STORED_WIDTH, WIDTHS, Cursor, HistoryQuery
+from pulse.history.params import (
+    MAX_PAGE_BYTES,
+    MAX_POINTS,
+    STORED_WIDTH,
+    WIDTHS,
+    Cursor,
+    HistoryQuery,
+)
 from pulse.names import is_valid_name
 from pulse.times import format_time
 
 Q = load_queries(__package__)
+
+_READINGS_PAGE = Q["readings_page"].replace("{readings}", Q["readings"])
 
 _ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
 _TICK = timedelta(microseconds=1)
@@ -94,13 +103,14 @@ async def series(
 async def readings_page(
     db: Database, tenant_id: str, device_id: str, query: HistoryQuery
 ) -> tuple[list[Any], str | None]:
-    """One page of raw readings and the cursor of the next (None: the last page)."""
-    rows = await db.fetch(
-        Q["readings"], *_readings_args(tenant_id, device_id, query, query.limit + 1)
-    )
-    if len(rows) <= query.limit:
+    """One page of raw readings and the cursor of the next (None: the last page): at
+    most ``query.limit`` readings, and no more once they pass MAX_PAGE_BYTES."""
+    args = _readings_args(tenant_id, device_id, query, query.limit + 1)
+    found = await db.fetch(_READINGS_PAGE, *args, MAX_PAGE_BYTES)
+    # With one more than the page: the next page's first reading.
+    rows = [row for row in found[: query.limit] if row["before"] < MAX_PAGE_BYTES]
+    if len(rows) == len(found):
         return rows, None
-    rows = rows[: query.limit]
     last = rows[-1]
     return rows, Cursor(last["device_time"], last["id"]).encode()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -23,7 +23,13 @@ from quart_schema import (
     tag_blueprint,
 )
 
-from pulse.errors import EXPORT_LIMIT, INVALID_PARAMETER, UNKNOWN_DEVICE, ApiError
+from pulse.errors import (
+    EXPORT_LIMIT,
+    HISTORY_LIMIT,
+    INVALID_PARAMETER,
+    UNKNOWN_DEVICE,
+    ApiError,
+)
 from pulse.history import reads
 from pulse.history.params import RAW, HistoryQuery, parse_history
 from pulse.history.rollups import RollupSettings
@@ -37,6 +43,7 @@ tag_blueprint(blueprint, ["history"])
 security_scheme_blueprint(blueprint, openapi.JWT)
 
 JSON, CSV, NDJSON = "application/json", "text/csv", "application/x-ndjson"
+CHUNK = 64 * 1024  # a JSON answer is sent this much at a time
 AggregateName = Literal["avg", "min", "max", "last", "count"]
 
 
@@ -66,7 +73,12 @@ class HistoryParams(BaseModel):
 
 class DeviceParams(HistoryParams):
     metrics: str | None = Field(default=None, description="Comma-separated; default every one.")
-    limit: int = Field(default=1000, ge=1, le=10_000, description="bucket=raw: a page's size.")
+    limit: int = Field(
+        default=1000,
+        ge=1,
+        le=10_000,
+        description="bucket=raw: a page's most readings; a page also ends past 1 MiB.",
+    )
     cursor: str | None = Field(default=None, description="bucket=raw: next of the last page.")
 
 
@@ -139,7 +151,9 @@ EXPORT = (
 @openapi.answers(
     200, "", NDJSON, '{"id":7,"time":"2026-12-01T10:00:00.000Z","metrics":{"temp":21.5}}\n'
 )
-@openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER, UNKNOWN_DEVICE, EXPORT_LIMIT)
+@openapi.errors(
+    *openapi.TENANT_READ, INVALID_PARAMETER, UNKNOWN_DEVICE, EXPORT_LIMIT, HISTORY_LIMIT
+)
 async def device_history(device_id: str) -> Response:
     """One device's telemetry over a time range: buckets, raw readings, or an export."""
     query = parse_history(request.args, now=datetime.now(UTC))
@@ -161,21 +175,29 @@ async def device_history(device_id: str) -> Response:
         batches = reads.export_series(db, tenant_id, [device_id], query, query.bucket)
         return _stream(kind, tenant_id, _series_lines(kind, batches, query))
     if query.bucket == "raw":
-        rows, following = await reads.readings_page(db, tenant_id, device_id, query)
-        readings = b",".join(_reading_json(row) for row in rows)
-        head = orjson.dumps({"device_id": device_id})[:-1]
-        body = head + b',"readings":[' + readings + b'],"next":' + orjson.dumps(following) + b"}"
-        return Response(body, content_type=JSON)
+        return await _answer(tenant_id, _page(tenant_id, device_id, query))
     if query.bucket != "auto":
         query.check_size(query.bucket, len(query.metrics or ()) or 1)
-    found = await reads.series(db, tenant_id, [device_id], query, kept)
-    by_metric = _grouped(found.rows, 1, query)
-    return _json(
+    return await _answer(tenant_id, _device_series(tenant_id, device_id, query, kept))
+
+
+async def _page(tenant_id: str, device_id: str, query: HistoryQuery) -> bytes:
+    rows, following = await reads.readings_page(runtime().db, tenant_id, device_id, query)
+    readings = b",".join(_reading_json(row) for row in rows)
+    head = orjson.dumps({"device_id": device_id})[:-1]
+    return head + b',"readings":[' + readings + b'],"next":' + orjson.dumps(following) + b"}"
+
+
+async def _device_series(
+    tenant_id: str, device_id: str, query: HistoryQuery, kept: dict[int, datetime]
+) -> bytes:
+    found = await reads.series(runtime().db, tenant_id, [device_id], query, kept)
+    return orjson.dumps(
         {
             "device_id": device_id,
             "bucket": found.bucket,
             **_range(query),
-            "series": by_metric,
+            "series": _grouped(found.rows, 1, query),
             "last_event_id": found.newest_id,
         }
     )
@@ -193,7 +215,7 @@ async def device_history(device_id: str) -> Response:
     NDJSON,
     '{"device_id":"d1","metric":"temp","t":"2026-12-01T10:00:00.000Z","avg":21.5}\n',
 )
-@openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER, EXPORT_LIMIT)
+@openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER, EXPORT_LIMIT, HISTORY_LIMIT)
 async def fleet_history() -> Response:
     """One metric across the tenant's devices, one series per device."""
     query = parse_history(request.args, now=datetime.now(UTC), fleet=True)
@@ -208,9 +230,13 @@ async def fleet_history() -> Response:
         batches = reads.export_series(db, tenant_id, devices, query, query.bucket)
         return _stream(kind, tenant_id, _series_lines(kind, batches, query))
     query.check_size(query.bucket, len(devices))
-    found = await reads.series(db, tenant_id, devices, query)
+    return await _answer(tenant_id, _fleet_series(tenant_id, devices, query))
+
+
+async def _fleet_series(tenant_id: str, devices: list[str], query: HistoryQuery) -> bytes:
+    found = await reads.series(runtime().db, tenant_id, devices, query)
     assert query.metrics is not None
-    return _json(
+    return orjson.dumps(
         {
             "metric": query.metrics[0],
             "bucket": found.bucket,
@@ -250,8 +276,29 @@ def _grouped(rows: Sequence[Any], key: int, query: HistoryQuery) -> dict[str, li
     return grouped
 
 
-def _json(body: dict[str, Any]) -> Response:
-    return Response(orjson.dumps(body), content_type=JSON)
+async def _answer(tenant_id: str, build: Coroutine[Any, Any, bytes]) -> Response:
+    """A JSON answer, read and built holding one of the process's history read slots
+    (or refused with history_limit), which it keeps until the body is sent: a client
+    that does not read cannot make the process hold answers without bound."""
+    try:
+        slot = runtime().history_reads.take(tenant_id)
+    except ApiError:
+        build.close()  # never awaited
+        raise
+    try:
+        body = await build
+    except BaseException:
+        slot.release()
+        raise
+    response = Response(slot.hold(_chunks(body)), content_type=JSON)
+    response.headers["Content-Length"] = str(len(body))
+    return response
+
+
+async def _chunks(body: bytes) -> AsyncIterator[bytes]:
+    view = memoryview(body)
+    for start in range(0, len(body), CHUNK):
+        yield bytes(view[start : start + CHUNK])
 
 
 def _reading_json(row: Any) -> bytes:

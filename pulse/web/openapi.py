@@ -28,6 +28,7 @@ from pulse.errors import (
     DATABASE_UNAVAILABLE,
     EXPORT_LIMIT,
     FORBIDDEN,
+    HISTORY_LIMIT,
     INVALID_TENANT_ID,
     INVALID_TICKET,
     INVALID_TOKEN,
@@ -125,6 +126,7 @@ _ERROR_HEADERS: dict[ErrorCode, dict[str, Any]] = {
         RATE_LIMITED,
         CONNECTION_LIMIT,
         EXPORT_LIMIT,
+        HISTORY_LIMIT,
         DATABASE_UNAVAILABLE,
         KEYS_UNAVAILABLE,
     )

@@ -1,4 +1,4 @@
-"""ExportSlots: how many exports stream at once, and every way a slot is given back."""
+"""Slots: how many exports stream at once, and every way a slot is given back."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from pulse.errors import EXPORT_LIMIT, ApiError
-from pulse.history.exports import ExportSlots
+from pulse.history.exports import Slots
 
 
 async def lines(n: int, closed: list[str] | None = None) -> AsyncIterator[bytes]:
@@ -20,7 +20,7 @@ async def lines(n: int, closed: list[str] | None = None) -> AsyncIterator[bytes]
             closed.append("closed")
 
 
-def refused(slots: ExportSlots, tenant: str) -> ApiError:
+def refused(slots: Slots, tenant: str) -> ApiError:
     with pytest.raises(ApiError) as caught:
         slots.stream(tenant, lines(1))
     assert caught.value.error is EXPORT_LIMIT
@@ -29,7 +29,7 @@ def refused(slots: ExportSlots, tenant: str) -> ApiError:
 
 
 async def test_a_tenant_and_the_process_each_have_a_limit() -> None:
-    slots = ExportSlots(per_process=2, per_tenant=1)
+    slots = Slots(per_process=2, per_tenant=1)
     first = slots.stream("t1", lines(3))
     assert "tenant streams 1 export" in str(refused(slots, "t1"))
     second = slots.stream("t2", lines(3))
@@ -44,7 +44,7 @@ async def test_a_tenant_and_the_process_each_have_a_limit() -> None:
 
 
 async def test_a_body_that_fails_gives_its_slot_back() -> None:
-    slots = ExportSlots(per_process=1, per_tenant=1)
+    slots = Slots(per_process=1, per_tenant=1)
 
     async def failing() -> AsyncIterator[bytes]:
         yield b"head\n"
@@ -58,7 +58,7 @@ async def test_a_body_that_fails_gives_its_slot_back() -> None:
 
 
 async def test_a_body_never_sent_gives_its_slot_back_when_dropped() -> None:
-    slots = ExportSlots(per_process=1, per_tenant=1)
+    slots = Slots(per_process=1, per_tenant=1)
     body = slots.stream("t1", lines(3))
     del body  # the response was never sent: no aclose, no iteration
     gc.collect()
@@ -67,7 +67,7 @@ async def test_a_body_never_sent_gives_its_slot_back_when_dropped() -> None:
 
 
 async def test_closing_twice_gives_back_once() -> None:
-    slots = ExportSlots(per_process=2, per_tenant=2)
+    slots = Slots(per_process=2, per_tenant=2)
     closed: list[str] = []
     body = slots.stream("t1", lines(3, closed))
     other = slots.stream("t1", lines(3))
