@@ -372,25 +372,35 @@ async def test_a_leader_that_loses_its_connection_hands_over(
         assert await lock_holders(pool) == holders
 
 
-async def test_a_killed_leader_process_is_taken_over(pool: asyncpg.Pool, database_url: str) -> None:
-    script = (
-        "import asyncio, sys\n"
-        "from pulse.db.database import Database\n"
-        "from pulse.fleet.sweeper import StatusSweeper\n"
-        "async def main():\n"
-        "    async with Database.open(sys.argv[1], pool_size=1) as db:\n"
-        "        s = StatusSweeper(db, stale_after_s=30, offline_after_s=300,"
-        " interval_s=0.02)\n"
-        "        task = asyncio.create_task(s.run())\n"
-        "        await s.leading.wait()\n"
-        "        print('leading', flush=True)\n"
-        "        await task\n"
-        "asyncio.run(main())\n"
-    )
+# A sweeper in a process of its own, which prints "leading" once it leads and "stood
+# down" once it has lost the lead; its dedicated connection is ended after 2 s of
+# silence (pulse.db.database.DEDICATED_SILENCE_S, 15 in a server).
+LEADER_SCRIPT = """\
+import asyncio, sys
+import pulse.db.database
+pulse.db.database.DEDICATED_SILENCE_S = 2
+from pulse.db.database import Database
+from pulse.fleet.sweeper import StatusSweeper
+async def main():
+    async with Database.open(sys.argv[1], pool_size=1) as db:
+        s = StatusSweeper(db, stale_after_s=30, offline_after_s=300, interval_s=0.02)
+        task = asyncio.create_task(s.run())
+        await s.leading.wait()
+        print("leading", flush=True)
+        while s.leading.is_set():
+            await asyncio.sleep(0.02)
+        print("stood down", flush=True)
+        await task
+asyncio.run(main())
+"""
+
+
+async def leader_process(database_url: str) -> asyncio.subprocess.Process:
+    """LEADER_SCRIPT started, once it leads."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        script,
+        LEADER_SCRIPT,
         database_url,
         stdout=asyncio.subprocess.PIPE,
         cwd=os.getcwd(),
@@ -398,6 +408,16 @@ async def test_a_killed_leader_process_is_taken_over(pool: asyncpg.Pool, databas
     try:
         assert process.stdout is not None
         assert await asyncio.wait_for(process.stdout.readline(), 20) == b"leading\n"
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    return process
+
+
+async def test_a_killed_leader_process_is_taken_over(pool: asyncpg.Pool, database_url: str) -> None:
+    process = await leader_process(database_url)
+    try:
         survivor = _sweeper(pool, database_url)
         async with sweeping(survivor):
             await asyncio.wait_for(survivor.wait_rounds(3), 5)
@@ -420,36 +440,8 @@ async def test_a_stopped_leader_process_is_taken_over(
     and answers TCP probes, so its lock stayed held and nobody swept for as long as it
     hung. PostgreSQL now ends a dedicated connection silent for DEDICATED_SILENCE_S (2 s
     here): another process takes over, and the stopped one, woken, finds its lead gone."""
-    script = (
-        "import asyncio, sys\n"
-        "import pulse.db.database\n"
-        "pulse.db.database.DEDICATED_SILENCE_S = 2\n"
-        "from pulse.db.database import Database\n"
-        "from pulse.fleet.sweeper import StatusSweeper\n"
-        "async def main():\n"
-        "    async with Database.open(sys.argv[1], pool_size=1) as db:\n"
-        "        s = StatusSweeper(db, stale_after_s=30, offline_after_s=300,"
-        " interval_s=0.02)\n"
-        "        task = asyncio.create_task(s.run())\n"
-        "        await s.leading.wait()\n"
-        "        print('leading', flush=True)\n"
-        "        while s.leading.is_set():\n"
-        "            await asyncio.sleep(0.02)\n"
-        "        print('stood down', flush=True)\n"
-        "        await task\n"
-        "asyncio.run(main())\n"
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        script,
-        database_url,
-        stdout=asyncio.subprocess.PIPE,
-        cwd=os.getcwd(),
-    )
+    process = await leader_process(database_url)
     try:
-        assert process.stdout is not None
-        assert await asyncio.wait_for(process.stdout.readline(), 20) == b"leading\n"
         (stopped,) = await lock_holders(pool)
         survivor = _sweeper(pool, database_url)
         async with sweeping(survivor):

@@ -189,6 +189,18 @@ async def test_readings_wait_while_the_database_is_read_only(
         await admin.close()
 
 
+async def cancel_waiting_writes(locker: asyncpg.Connection, times: int) -> None:
+    """Cancel ``times`` statements waiting on a lock that ``locker`` holds (a write of
+    the tenant whose row it locked), each as soon as one waits."""
+    waiting = """SELECT bool_or(pg_cancel_backend(pid)) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND pid <> pg_backend_pid()"""
+    for _ in range(times):
+        async with asyncio.timeout(10):
+            while not await locker.fetchval(waiting):  # noqa: ASYNC110  (no event to wait on)
+                await asyncio.sleep(0.02)
+
+
 async def test_readings_whose_statement_is_cancelled_are_written_again(
     pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool, database_url: str
 ) -> None:
@@ -197,10 +209,6 @@ async def test_readings_whose_statement_is_cancelled_are_written_again(
     acknowledged, the readings lost. It is tried again, however often it is cancelled,
     and stored once, with nothing on the device's errors topic."""
     token = await pulse.device("dev-1")
-    name = urlsplit(database_url).path.lstrip("/")
-    cancel_waiting = """SELECT bool_or(pg_cancel_backend(pid)) FROM pg_stat_activity
-                         WHERE datname = $1 AND wait_event_type = 'Lock'
-                           AND pid <> pg_backend_pid()"""
     locker = await asyncpg.connect(database_url)
     device = Device(mosquitto, "t1/dev-1", token)
     try:
@@ -211,10 +219,7 @@ async def test_readings_whose_statement_is_cancelled_are_written_again(
                 # The write takes its ids under the tenant's row: it waits for this lock.
                 await locker.execute("SELECT 1 FROM tenants WHERE tenant_id = 't1' FOR UPDATE")
                 await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 1}, "seq": 1}')
-                for _ in range(3):
-                    async with asyncio.timeout(10):
-                        while not await locker.fetchval(cancel_waiting, name):  # noqa: ASYNC110
-                            await asyncio.sleep(0.02)
+                await cancel_waiting_writes(locker, 3)
             await until_rows(pool, 1)
             await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 2}, "seq": 2}')
             await until_rows(pool, 2)
@@ -233,10 +238,6 @@ async def test_a_device_s_readings_commit_in_order_when_a_write_is_tried_again(
     while the first waited to try again: an alert judged by the latest id then judged the
     device by its older reading."""
     token = await pulse.device("dev-1")
-    name = urlsplit(database_url).path.lstrip("/")
-    cancel_waiting = """SELECT bool_or(pg_cancel_backend(pid)) FROM pg_stat_activity
-                         WHERE datname = $1 AND wait_event_type = 'Lock'
-                           AND pid <> pg_backend_pid()"""
     locker = await asyncpg.connect(database_url)
     device = Device(mosquitto, "t1/dev-1", token)
     try:
@@ -246,10 +247,7 @@ async def test_a_device_s_readings_commit_in_order_when_a_write_is_tried_again(
                 await locker.execute("SELECT 1 FROM tenants WHERE tenant_id = 't1' FOR UPDATE")
                 await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 1}, "seq": 1}')
                 # Cancelled four times, the first write now waits most of a second to try again.
-                for _ in range(4):
-                    async with asyncio.timeout(10):
-                        while not await locker.fetchval(cancel_waiting, name):  # noqa: ASYNC110
-                            await asyncio.sleep(0.02)
+                await cancel_waiting_writes(locker, 4)
                 await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 2}, "seq": 2}')
             await until_rows(pool, 2)
     finally:
@@ -267,10 +265,6 @@ async def test_readings_waiting_for_the_database_say_so_once_per_ten_seconds(
     """Each try of a write the database cannot serve used to log a warning (2226 lines in
     a 4 s outage): the log says it once per ten seconds, as for the other kinds."""
     token = await pulse.device("dev-1")
-    name = urlsplit(database_url).path.lstrip("/")
-    cancel_waiting = """SELECT bool_or(pg_cancel_backend(pid)) FROM pg_stat_activity
-                         WHERE datname = $1 AND wait_event_type = 'Lock'
-                           AND pid <> pg_backend_pid()"""
     locker = await asyncpg.connect(database_url)
     device = Device(mosquitto, "t1/dev-1", token)
     caplog.set_level(logging.WARNING, logger="pulse.mqtt.intake")
@@ -280,10 +274,7 @@ async def test_readings_waiting_for_the_database_say_so_once_per_ten_seconds(
             async with locker.transaction():
                 await locker.execute("SELECT 1 FROM tenants WHERE tenant_id = 't1' FOR UPDATE")
                 await device.publish("pulse/t1/dev-1/telemetry", b'{"metrics": {"n": 1}, "seq": 1}')
-                for _ in range(4):  # four tries cancelled, each waited out
-                    async with asyncio.timeout(10):
-                        while not await locker.fetchval(cancel_waiting, name):  # noqa: ASYNC110
-                            await asyncio.sleep(0.02)
+                await cancel_waiting_writes(locker, 4)  # four tries cancelled, each waited out
             await until_rows(pool, 1)
     finally:
         await locker.close()
