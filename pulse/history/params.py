@@ -108,12 +108,17 @@ class HistoryQuery:
         """Refuse a JSON answer of more than MAX_ANSWER_POINTS buckets."""
         points = self.buckets(bucket) * series
         if points > MAX_ANSWER_POINTS:
-            raise _bad(
+            raise too_many_points(
                 f"{series} series of up to {self.buckets(bucket)} buckets of {bucket} would "
-                f"be more than {MAX_ANSWER_POINTS} points: ask for a wider bucket, fewer "
-                "devices or metrics, a shorter range, or an export (Accept: text/csv or "
-                "application/x-ndjson)."
+                f"be more than {MAX_ANSWER_POINTS} points"
             )
+
+
+def too_many_points(what: str) -> ApiError:
+    return _bad(
+        f"{what}: ask for a wider bucket, fewer devices or metrics, a shorter range, or an "
+        "export (Accept: text/csv or application/x-ndjson)."
+    )
 
 
 def parse_history(args: Mapping[str, str], *, now: datetime, fleet: bool = False) -> HistoryQuery:

@@ -21,12 +21,14 @@ import asyncpg
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
 from pulse.history.params import (
+    MAX_ANSWER_POINTS,
     MAX_PAGE_BYTES,
     MAX_POINTS,
     STORED_WIDTH,
     WIDTHS,
     Cursor,
     HistoryQuery,
+    too_many_points,
 )
 from pulse.names import is_valid_name
 from pulse.times import format_time
@@ -86,18 +88,39 @@ async def series(
         elif bucket == "auto":
             bucket = query.width_for_span(kept_since)
         if bucket == "raw":
-            points = await conn.fetch(
-                Q["raw_points"], tenant_id, devices[0], query.start, query.end, _array(query)
+            cursor = conn.cursor(
+                Q["raw_points"],
+                tenant_id,
+                devices[0],
+                query.start,
+                query.end,
+                _array(query),
+                prefetch=EXPORT_BATCH,
             )
             rows: Sequence[Any] = [
                 (devices[0], p["metric"], p["t"], 1, p["value"], p["value"], p["value"], p["value"])
-                for p in points
+                for p in await _at_most_answer_points(cursor)
             ]
         else:
             await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
             args = _series_args(tenant_id, devices, query, bucket, marks["counted"])
-            rows = await conn.fetch(Q["series"], *args)
+            rows = await _at_most_answer_points(
+                conn.cursor(Q["series"], *args, prefetch=EXPORT_BATCH)
+            )
     return Series(bucket, marks["newest"], rows)
+
+
+async def _at_most_answer_points(cursor: Any) -> list[Any]:
+    """The cursor's rows, refused (400) past MAX_ANSWER_POINTS: the size checked before
+    the query counts one series per metric asked for, and a query that names none gets
+    every metric of its devices (150 metrics of a minute's buckets over 16 h were
+    123,750 points; of 69 days, they would be millions)."""
+    rows = []
+    async for row in cursor:
+        rows.append(row)
+        if len(rows) > MAX_ANSWER_POINTS:
+            raise too_many_points(f"the answer has more than {MAX_ANSWER_POINTS} points")
+    return rows
 
 
 async def readings_page(

@@ -362,3 +362,22 @@ async def test_a_json_answer_holds_at_most_max_answer_points(
     assert r.status_code == 400 and r.json()["error"] == "invalid_parameter"
     r = await http.get(DEVICE.format("d1"), params={**device, "bucket": "1h"})
     assert r.status_code == 200 and r.json()["series"]["temp"][0]["count"] == 1
+
+
+async def test_a_device_answer_without_metrics_counts_every_metric_s_points(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the time audit: the cap counted one series when no metric was named, and a
+    device of 150 metrics answered 123,750 points (a range of minutes over 69 days would
+    have been millions, held in memory). The rows are counted as they come: past the cap,
+    the same 400 as a size refused beforehand."""
+    for module in ("params", "reads"):
+        monkeypatch.setattr(f"pulse.history.{module}.MAX_ANSWER_POINTS", 50)
+    metrics = {f"m{i}": float(i) for i in range(60)}
+    await readings_at(pool, "t1", [("d1", T0, metrics)])
+    span = {"from": iso(T0), "to": iso(T0 + timedelta(days=1)), "bucket": "1h"}
+    r = await http.get(DEVICE.format("d1"), params=span)  # 26 buckets of 1 series: asked
+    assert r.status_code == 400 and r.json()["error"] == "invalid_parameter", r.text
+    assert "more than 50 points" in r.json()["detail"] and "export" in r.json()["detail"]
+    r = await http.get(DEVICE.format("d1"), params={**span, "metrics": "m1"})
+    assert r.status_code == 200 and set(r.json()["series"]) == {"m1"}, r.text
