@@ -187,6 +187,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         history_reads = Slots(
             settings.max_history_reads, settings.max_history_reads_per_tenant, JSON_ANSWERS
         )
+        metrics.sample(metrics.history_reads, lambda: history_reads.held)
 
         supervisor = Supervisor()
         stack.push_async_callback(supervisor.stop)

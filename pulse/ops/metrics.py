@@ -188,6 +188,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.history_reads = Gauge(
+            "pulse_history_reads",
+            "History JSON answers being read or sent now (PULSE_MAX_HISTORY_READS)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.ingest_rows = Counter(
             "pulse_ingest_rows", "Telemetry rows committed", ["endpoint"], registry=r
         )

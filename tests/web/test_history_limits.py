@@ -125,6 +125,8 @@ async def test_json_answers_at_once_are_bounded_per_tenant_and_process(
             await eventually(lambda: waiting(2))
             full = await t3.get(DEVICE, params=WINDOW)
             assert full.status_code == 429 and "This server reads" in full.json()["detail"]
+            scraped = (await t3.get("/metrics")).text
+            assert "\npulse_history_reads 2.0\n" in scraped, scraped
             fleet = await t3.get("/api/v1/customer/telemetry/history", params={"metric": "v"})
             assert fleet.status_code == 429, fleet.text
         finally:
