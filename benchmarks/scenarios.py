@@ -35,6 +35,7 @@ from benchmarks.harness import (
 from benchmarks.history import history
 from benchmarks.loadgen import HttpConnection, StreamCounter, post_batches
 from benchmarks.mqtt import mqtt_ingest
+from benchmarks.stuck_readers import stuck_readers
 from pulse.history.rollups import LEADER_NAME as ROLLUPS_NAME
 
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
@@ -1153,6 +1154,7 @@ SCENARIOS: dict[str, Scenario] = {
     "reconnect-sse-tickets": reconnect_sse_tickets,
     "reconnect-ws": reconnect_ws,
     "replay": replay,
+    "stuck-readers": stuck_readers,
     "cluster": cluster,
     "notify-cost": notify_cost,
     "mqtt": mqtt_ingest,

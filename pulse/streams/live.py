@@ -29,7 +29,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 from pulse.bus.events import TelemetryEvent
@@ -41,6 +41,11 @@ from pulse.errors import LAGGING, SERVER_RESTARTING, TOKEN_EXPIRED, ErrorCode
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 2000
+# A write to the client carries events of at most about this many bytes (one event
+# at least): a client that stops reading holds one such write of the server's
+# memory until it is cut as lagging, not a whole batch of large events (512 events
+# of 200 metrics are 7 MB, and every such client held its own copy).
+WRITE_BYTES = 256 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +210,9 @@ class Live:
         # Past the token's expiry the stream's task ends the stream instead.
         if self._output is None or self._frame is None or time.time() >= self.expires_at:
             return False
-        if not self._output.write_now(self._frame(events, self.filters.metrics)):
-            return False
+        data = self._frame(events, self.filters.metrics)
+        if len(data) > WRITE_BYTES or not self._output.write_now(data):
+            return False  # queued: the stream's task sends it in parts
         self.position = max(self.position, events[-1].id)
         self.written_now = events[-1].id
         self._sent_at = time.monotonic()
@@ -270,8 +276,8 @@ class Live:
                 break
             cursor = page[-1].id
             batch = page if filters.metrics is None else [e for e in page if filters.accepts(e)]
-            if batch:
-                yield batch
+            for part in parts(batch):
+                yield part
             if len(page) < REPLAY_PAGE:
                 break
         self.position = max(self.position, upto)
@@ -300,9 +306,22 @@ class Live:
                 yield End(self._end_with or SERVER_RESTARTING)
                 return
             kinds = subscription.take_signals()
-            if batch:
-                self.position = max(self.position, batch[-1].id)
-                yield batch
+            for part in parts(batch):
+                self.position = max(self.position, part[-1].id)
+                yield part
                 self._sent_at = time.monotonic()
             if kinds:
                 yield Signals(frozenset(kinds))
+
+
+def parts(events: list[TelemetryEvent], limit: int = WRITE_BYTES) -> Iterator[list[TelemetryEvent]]:
+    """``events`` in consecutive runs of at most ``limit`` bytes of metrics, or of one
+    event where that one is larger; nothing for no events."""
+    start = size = 0
+    for i, event in enumerate(events):
+        size += len(event.metrics_json)
+        if size > limit and i > start:
+            yield events[start:i]
+            start, size = i, len(event.metrics_json)
+    if start < len(events):
+        yield events[start:] if start else events

@@ -13,7 +13,7 @@ from pulse.bus.events import TelemetryEvent
 from pulse.bus.hub import Hub
 from pulse.bus.subscription import Filters
 from pulse.errors import CONNECTION_LIMIT
-from pulse.streams.live import REPLAY_PAGE, End, Item, Live, Reset, Started
+from pulse.streams.live import REPLAY_PAGE, End, Item, Live, Reset, Started, parts
 from tests.bus.memory import MemorySource, MemoryStore, running_hub
 
 
@@ -200,3 +200,20 @@ async def test_rows_dropped_while_a_replay_runs_are_announced_as_trimmed() -> No
             rest = await take(items, newest)
     assert rest[0] == Reset({"reason": "history_trimmed", "earliest_id": REPLAY_PAGE + 1000})
     assert rest[1:] == list(range(REPLAY_PAGE + 1000, newest + 1))
+
+
+def test_parts_cut_a_batch_by_its_bytes_and_keep_its_order() -> None:
+    def event(i: int, size: int) -> TelemetryEvent:
+        return TelemetryEvent(i, "d1", "2026-12-06T00:00:00.000Z", "x" * size)
+
+    batch = [event(i, 100) for i in range(1, 11)]
+    assert [[e.id for e in p] for p in parts(batch, limit=350)] == [
+        [1, 2, 3],
+        [4, 5, 6],
+        [7, 8, 9],
+        [10],
+    ]
+    assert list(parts(batch, limit=10_000)) == [batch]  # the batch itself: no copy
+    huge = [event(1, 50), event(2, 1000), event(3, 50)]
+    assert [[e.id for e in p] for p in parts(huge, limit=500)] == [[1], [2], [3]]
+    assert list(parts([], limit=500)) == []

@@ -572,3 +572,46 @@ async def test_a_stream_refused_for_its_limit_after_the_check_is_still_a_429(
         r = await http.get(SSE_PATH, headers=auth(make_token("t1")))
         assert r.status_code == 429, (r.status_code, r.text)
         assert r.json()["error"] == "connection_limit" and r.headers["Retry-After"]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+async def test_large_events_are_written_in_parts_of_bounded_size(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str], resume: bool
+) -> None:
+    """A batch of large events goes out as several writes (chunks) of at most about
+    WRITE_BYTES each, live and in a replay: a client that stops reading holds one such
+    write of the server's memory, not megabytes. Every event still arrives, in order."""
+    from pulse.streams.live import WRITE_BYTES
+
+    big = {f"m{i:03d}_" + "x" * 59: float(i) for i in range(200)}  # ~14 kB per event
+    count = 300  # ~4.3 MB, one transaction: one delivery, one replay page
+    first = (await insert_readings(pool, "t1", [("d1", {"t": 1.0})]))[0]
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    resume_from = f"Last-Event-ID: {first}\r\n" if resume else ""
+    if resume:
+        await insert_readings(pool, "t1", [("d1", big)] * count)
+    writer.write(
+        f"GET {SSE_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {make_token('t1')}\r\n"
+        f"{resume_from}\r\n".encode()
+    )
+    sizes: list[int] = []
+    ids: list[int] = []
+    try:
+        async with asyncio.timeout(60):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower(), head
+            while len(ids) < count:
+                size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+                data = await reader.readexactly(size + 2)
+                sizes.append(size)
+                ids += [
+                    int(i)
+                    for i in re.findall(rb"^id: (\d+)\ndata: {\"type\":\"telemetry\"", data, re.M)
+                ]
+                if not resume and data.startswith(b"retry:"):
+                    await insert_readings(pool, "t1", [("d1", big)] * count)
+    finally:
+        writer.close()
+    assert ids == list(range(first + 1, first + 1 + count))
+    assert len(sizes) > 10 and max(sizes) <= WRITE_BYTES + 16 * 1024, max(sizes)
