@@ -3,8 +3,10 @@
 Code anywhere raises ``ApiError(CODE, detail)``; the web layer is the one place
 that turns it into bytes: ``{"error": "<code>", "detail": "<sentence>"}`` with the
 code's status over HTTP, or the code's close code with the code as reason over a
-WebSocket. The error table in docs/protocol.md is generated from this catalogue
-(``python -m pulse.errors``), and a test fails when the two differ.
+WebSocket (but ``message_too_big``: RFC 6455's own 1009, which the WebSocket layer
+may send before the app sees the frame, carries a sentence, the same whoever sends
+it: pulse.streams.messages). The error table in docs/protocol.md is generated from
+this catalogue (``python -m pulse.errors``), and a test fails when the two differ.
 """
 
 from __future__ import annotations

@@ -121,6 +121,11 @@ def hypercorn_config(settings: Settings, bind: str) -> Any:
     # Inbound WebSocket messages over 64 KiB are closed with 1009 before they
     # are buffered whole (the default would buffer 16 MiB per connection).
     config.websocket_max_message_size = MAX_INBOUND_BYTES
+    if tuning.mismatches():
+        # The v2 WebSocket's keepalive is a ping frame its handler sends on its schedule,
+        # through the tunings (pulse.serving.direct). Without them, hypercorn pings
+        # every WebSocket itself (a task per connection), at the same interval.
+        config.websocket_ping_interval = settings.ws_keepalive_s
     return config
 
 

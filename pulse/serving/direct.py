@@ -15,7 +15,8 @@ hypercorn's connection, under the same lock as every other write.
 
 The WebSocket stream also ends its app when hypercorn closes by itself (a message
 over the size limit, 1009), which hypercorn does without a word to the app, and
-writes no frame after that Close.
+writes no frame after that Close. It offers a ping frame too (``pulse.web.direct.PING``),
+which ASGI has no message for: the v2 WebSocket's keepalive.
 
 Also here: hypercorn's queue of ASGI events for an app task replaced by an
 ``InboundQueue`` (``bound_inbound_queues``), which an HTTP request's scope offers to
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pulse.serving.inbound import InboundQueue
-from pulse.web.direct import CHUNKS, FRAMES, INBOUND, chunk
+from pulse.web.direct import CHUNKS, FRAMES, INBOUND, PING, chunk
 
 
 class _Socket:
@@ -112,6 +113,7 @@ def offer_direct_writes() -> None:
     from hypercorn.protocol.http_stream import ASGIHTTPState
     from hypercorn.protocol.ws_stream import ASGIWebsocketState
     from wsproto.connection import ConnectionState
+    from wsproto.events import Ping
     from wsproto.frame_protocol import CloseReason
 
     CLOSING = ConnectionState.LOCAL_CLOSING
@@ -153,6 +155,8 @@ def offer_direct_writes() -> None:
             await super().handle(event)
             if isinstance(event, Request):
                 _offer(self, FRAMES, self._send_frames, self._write_frames_now)
+                if self.app_put is not None:  # a handshake hypercorn did not refuse
+                    self.scope["extensions"][PING] = {"send": self._send_ping}
 
         # hypercorn sent a Close of its own: no frame may follow it (RFC 6455, 5.5.1).
         _closing = False
@@ -184,6 +188,17 @@ def offer_direct_writes() -> None:
                 return False
             self._check_no_extension()
             return not frames or self._socket.write_now(frames)
+
+        async def _send_ping(self) -> None:
+            # Through wsproto, which sends none once a Close has gone (its state).
+            if self.closed or self.state != ASGIWebsocketState.CONNECTED:
+                return
+            socket = getattr(self, "_socket", None)
+            if socket is not None and socket.transport.get_write_buffer_size():
+                # The client has not taken what came before: it would not read the ping
+                # either, and waiting for room would hold its stream (and its expiry).
+                return
+            await self._send_wsproto_event(Ping())
 
         def _check_no_extension(self) -> None:
             if self.connection._proto.extensions:

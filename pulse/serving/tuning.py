@@ -8,7 +8,11 @@ libraries (``pulse.serving.direct``, ``pulse.serving.inbound``,
   (``pulse.web.direct``), instead of one ASGI message per event;
 - bounded, small inbound queues (WebSocket handlers read them straight from
   ASGI: ``pulse.web.websocket``);
-- a close frame for WebSocket protocol errors (hypercorn drops the connection);
+- a close frame for WebSocket protocol errors (hypercorn drops the connection), and a
+  stable reason on the closes for a frame that the WebSocket layer makes itself (1007,
+  1009; ``pulse.serving.websocket``);
+- a WebSocket ping frame, which ASGI cannot send, offered to the app (the v2
+  keepalive; without the tunings hypercorn pings by itself, ``hypercorn_config``);
 - permessage-deflate refused (memory per connection, one framing for all);
 - h11's checks of a response's headers made once per distinct list
   (``pulse.serving.headers``);

@@ -15,6 +15,12 @@ from pulse.names import is_valid_name
 # Inbound frames over this many bytes close the connection with 1009.
 MAX_INBOUND_BYTES = 64 * 1024
 
+# The reasons of the two closes RFC 6455 has for a frame itself, sent by the app or by
+# the WebSocket layer before the app sees the frame (pulse.serving.websocket), the same
+# either way: a sentence for the developer reading CloseEvent.reason (at most 123 bytes).
+MESSAGE_TOO_BIG_REASON = f"Messages are limited to {MAX_INBOUND_BYTES} bytes."
+INVALID_UTF8_REASON = "Text frames and close reasons must be valid UTF-8."
+
 
 class BadMessage(ValueError):
     """An inbound message the protocol cannot act on; ``str(exc)`` is the sentence to send."""

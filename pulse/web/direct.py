@@ -33,6 +33,9 @@ CHUNKS = "pulse.http.chunks"
 FRAMES = "pulse.websocket.frames"
 # An HTTP request's ASGI events, watched as they arrive: ``watch_inbound``.
 INBOUND = "pulse.http.inbound"
+# A WebSocket ping frame (RFC 6455 section 5.5.2), which ASGI has no message for:
+# ``ping_sender``.
+PING = "pulse.websocket.ping"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,6 +65,14 @@ def watch_inbound(
     watch: Callable[[Callable[[dict[str, Any]], None] | None], None] = offered["watch"]
     watch(callback)
     return lambda: watch(None)
+
+
+def ping_sender(scope: Mapping[str, Any]) -> Callable[[], Awaitable[None]] | None:
+    """What sends a ping frame on this WebSocket, where the server offers it (whether
+    or not direct writes are enabled: it is not a faster way to send something ASGI
+    has); None otherwise."""
+    offered = (scope.get("extensions") or {}).get(PING)
+    return offered["send"] if offered else None  # type: ignore[no-any-return]
 
 
 def text_frame(payload: bytes) -> bytes:

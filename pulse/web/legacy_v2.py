@@ -3,7 +3,8 @@
 Telemetry of the subscribed devices comes from the live loop as it commits; the
 hub's change signals (``devices`` and ``alerts``, per tenant or, for the
 operators' placeholder context, for every tenant) trigger the alerts and fleet
-summary pushes. Nothing is polled but the periodic summary.
+summary pushes. Nothing is polled but the periodic summary; connections without
+a fleet subscription get a ping frame on that schedule instead (the keepalive).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pulse.runtime import Runtime
 from pulse.streams.legacy_v2.protocol import (
     SIGNALS,
     Effect,
+    KeepAlive,
     PushAlerts,
     PushFleetSummary,
     Reply,
@@ -33,7 +35,7 @@ URL = "/api/v2/ws"
 # The hub topic of the operators' placeholder context (every tenant's changes).
 ALL_TENANTS = "*"
 # Not a change kind: how the reader wakes the pump when a subscription changed
-# the schedule (a fleet subscription starts the periodic summaries).
+# the schedule (a fleet subscription restarts it, with a summary in place of the ping).
 RESCHEDULE = "reschedule"
 
 
@@ -63,12 +65,12 @@ async def _serve(connection: Connection) -> None:
         tenant_id,
         keepalive_s=rt.settings.ws_keepalive_s,
         max_devices=rt.settings.max_device_filters,
+        now=time.monotonic(),
     )
     topic = tenant_id or ALL_TENANTS
 
-    def until_due() -> float | None:
-        due = session.next_due()
-        return None if due is None else max(0.0, due - time.monotonic())
+    def until_due() -> float:
+        return max(0.0, session.next_due() - time.monotonic())
 
     stream = Live(
         rt.hub,
@@ -119,6 +121,8 @@ class _Pushes:
                     continue
                 self.last_summary = summary
                 self.connection.reply({"type": "fleet_summary", "data": summary})
+            elif isinstance(effect, KeepAlive):
+                await self.connection.ping()
 
 
 async def _read(connection: Connection, session: Session, stream: Live, pushes: _Pushes) -> None:

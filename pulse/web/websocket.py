@@ -35,7 +35,7 @@ from pulse.errors import (
     INTERNAL_ERROR,
     INTERNAL_ERROR_CLOSE,
     LAGGING,
-    MESSAGE_TOO_BIG,
+    MESSAGE_TOO_BIG_CLOSE,
     NORMAL_CLOSURE,
     ORIGIN_NOT_ALLOWED,
     SERVER_RESTARTING,
@@ -44,11 +44,11 @@ from pulse.errors import (
 )
 from pulse.runtime import Runtime
 from pulse.streams.limits import LimitReached
-from pulse.streams.messages import MAX_INBOUND_BYTES
+from pulse.streams.messages import MAX_INBOUND_BYTES, MESSAGE_TOO_BIG_REASON
 from pulse.web import runtime_of
 from pulse.web.asgi import ASGIReceiveCallable, ASGISendCallable, Scope, header, query_args
 from pulse.web.auth import authenticate, is_allowed_origin, scope_credential
-from pulse.web.direct import FRAMES, DirectWrites, direct_writes, text_frame
+from pulse.web.direct import FRAMES, DirectWrites, direct_writes, ping_sender, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ class Connection:
         self.direct: DirectWrites | None = direct_writes(
             socket.scope, FRAMES, enabled=rt.settings.direct_writes
         )
+        self._ping = ping_sender(socket.scope)
 
     async def authenticate(self, accept: Callable[[Principal], object]) -> Principal:
         """The caller, by the token or ticket of the handshake (header, cookie or query),
@@ -212,6 +213,13 @@ class Connection:
         for payload in payloads:
             await self.send(payload)
 
+    async def ping(self) -> None:
+        """A ping frame, which every WebSocket client answers by itself and no page sees:
+        traffic for the proxies on the way, which cut connections idle for long. A server
+        that does not offer it (``pulse.serving.tuning`` off) pings by itself instead."""
+        if self._ping is not None:
+            await self._ping()
+
     def reply(self, message: dict[str, Any]) -> None:
         """Queue an answer to a client's message without waiting for the client to read."""
         if self._outbox is None:
@@ -234,7 +242,9 @@ class Connection:
         if isinstance(data, str) and size * 4 > MAX_INBOUND_BYTES:  # up to 4 bytes a character
             size = len(data.encode())
         if size > MAX_INBOUND_BYTES:
-            raise Close.of(MESSAGE_TOO_BIG)
+            # The sentence hypercorn's own 1009 carries too (pulse.serving.websocket),
+            # rather than the catalogue's code: a client cannot tell who closed.
+            raise Close(MESSAGE_TOO_BIG_CLOSE, MESSAGE_TOO_BIG_REASON)
         return data
 
     async def run(self, *parts: Coroutine[Any, Any, None]) -> None:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from pulse.serving import tuning
-from tests.streams.ws_support import open_ws, recv
+from tests.streams.ws_support import V2_PATH, open_ws, raw_ws, read_frame, recv
 from tests.support import insert_readings, provision_device, sse_events, start_serve
 
 
@@ -41,7 +41,12 @@ UNKNOWN_VERSION = (
 async def test_under_other_versions_the_app_is_served_the_plain_way(
     database_url: str, pool: asyncpg.Pool, make_token: Callable[..., str], tmp_path: Path
 ) -> None:
-    server = await start_serve(data_dir=tmp_path, database_url=database_url, script=UNKNOWN_VERSION)
+    server = await start_serve(
+        data_dir=tmp_path,
+        database_url=database_url,
+        script=UNKNOWN_VERSION,
+        env={"PULSE_WS_KEEPALIVE_S": "0.3"},
+    )
     try:
         await server.wait_ready()
         await provision_device(pool, "t1", "d1")
@@ -61,6 +66,11 @@ async def test_under_other_versions_the_app_is_served_the_plain_way(
                     if event.id == str(event_id):
                         assert event.json()["data"]["metrics"] == {"temp": 21.5}
                         break
+        # The v2 keepalive, a ping frame: hypercorn's own pinger, without the tunings.
+        async with raw_ws(server.url, V2_PATH, token) as (reader, _), asyncio.timeout(10):
+            pings = 0
+            while pings < 2:
+                pings += (await read_frame(reader))[0] == 0x9
     finally:
         await server.stop()
     log = server.stderr.decode()

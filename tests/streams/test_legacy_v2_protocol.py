@@ -10,6 +10,7 @@ from pulse.streams.legacy_v2.protocol import (
     DEVICE_ID_REQUIRED,
     DEVICE_ID_REQUIRED_TO_UNSUBSCRIBE,
     TENANT_REQUIRED,
+    KeepAlive,
     PushAlerts,
     PushFleetSummary,
     Reply,
@@ -111,8 +112,8 @@ def test_alert_changes_push_the_alerts() -> None:
     send(s, {"action": "subscribe", "type": "alerts"})
     assert s.signals({"alerts"}) == [PushAlerts()]
     assert s.signals({"devices"}) == []
-    assert s.due(100.0) == []  # no fleet subscription, no schedule
-    assert s.next_due() is None
+    assert s.due(9.9) == []  # no fleet subscription: the keepalive's schedule only
+    assert s.next_due() == 10.0
 
 
 def test_the_periodic_summary_keeps_its_schedule() -> None:
@@ -145,4 +146,22 @@ def test_changes_push_a_summary_at_most_once_a_second() -> None:
     assert s.due(10.0) == [PushFleetSummary(only_if_changed=False)]
     send(s, {"action": "unsubscribe", "type": "fleet"}, now=10.5)
     s.signals({"devices"})
-    assert s.due(20.0) == [] and s.next_due() is None
+    assert s.next_due() == 20.0
+    assert s.due(20.0) == [KeepAlive()]  # no summary: a ping frame keeps it alive
+
+
+def test_every_connection_without_fleet_gets_a_keepalive_on_schedule() -> None:
+    """The periodic summary was the only periodic message: a connection subscribed to a
+    device or to alerts on a quiet tenant was silent until a proxy cut it."""
+    s = Session("t1", keepalive_s=10.0, max_devices=3, now=100.0)
+    assert s.next_due() == 110.0  # from when the connection opened
+    assert s.due(109.9) == []
+    assert s.due(110.0) == [KeepAlive()]
+    send(s, {"action": "subscribe", "type": "device", "device_id": "d1"}, now=111.0)
+    send(s, {"action": "subscribe", "type": "alerts"}, now=112.0)
+    assert s.next_due() == 120.0
+    assert s.due(145.0) == [KeepAlive()]  # late: one, and the missed ones skipped
+    assert s.next_due() == 150.0
+    # A fleet subscription: its summary is the periodic message, in place of the ping.
+    send(s, {"action": "subscribe", "type": "fleet"}, now=146.0)
+    assert s.due(156.0) == [PushFleetSummary(only_if_changed=False)]

@@ -66,6 +66,50 @@ async def closed(ws: ClientConnection, timeout: float = 10) -> tuple[int | None,
     return ws.close_code, ws.close_reason
 
 
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One frame of the server's (unmasked): its opcode and payload."""
+    first, second = await reader.readexactly(2)
+    length = second & 0x7F
+    if length >= 126:
+        length = int.from_bytes(await reader.readexactly(2 if length == 126 else 8))
+    return first & 0x0F, await reader.readexactly(length)
+
+
+def masked_text(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A client's frame, text unless ``opcode`` says otherwise (masked with zeros: the
+    payload as it is)."""
+    n = len(payload)
+    size = (
+        bytes([0x80 | n])
+        if n < 126
+        else b"\xfe" + n.to_bytes(2)
+        if n < 65536
+        else (b"\xff" + n.to_bytes(8))
+    )
+    return bytes([0x80 | opcode]) + size + bytes(4) + payload
+
+
+@contextlib.asynccontextmanager
+async def raw_ws(
+    base: str, path: str, token: str
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A WebSocket handshake over a plain socket, for a test that reads (or sends) frames
+    that client libraries hide (pings) or will not send; the socket after the 101."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"GET %s?token=%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n\r\n" % (path.encode(), token.encode())
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        yield reader, writer
+    finally:
+        writer.close()
+
+
 async def close_of(base: str, path: str = WS_PATH, **kw: Any) -> tuple[int | None, str | None]:
     """Open a WebSocket that the server is expected to close; its close code and reason."""
     headers = kw.pop("headers", None)

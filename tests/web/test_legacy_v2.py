@@ -19,7 +19,18 @@ from websockets.asyncio.client import ClientConnection
 
 from pulse.config import Settings
 from pulse.streams.legacy_v2.protocol import DEVICE_ID_REQUIRED, TENANT_REQUIRED
-from tests.streams.ws_support import V2_PATH, close_of, closed, open_ws, recv, recv_raw, request
+from tests.streams.ws_support import (
+    V2_PATH,
+    close_of,
+    closed,
+    masked_text,
+    open_ws,
+    raw_ws,
+    read_frame,
+    recv,
+    recv_raw,
+    request,
+)
 from tests.support import insert_readings, provision_device, running_server, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -269,6 +280,47 @@ async def test_the_periodic_summary_arrives_on_schedule(
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert 0.2 < statistics.median(gaps) < 0.8, gaps
     assert times[0] - started < 5
+
+
+async def pings(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: int) -> None:
+    """Read the server's frames until ``count`` ping frames came (each answered, as
+    clients do); no close may come first."""
+    seen = 0
+    while seen < count:
+        opcode, payload = await read_frame(reader)
+        assert opcode != 0x8, payload
+        if opcode == 0x9:
+            writer.write(masked_text(payload, opcode=0xA))
+            seen += 1
+
+
+async def test_every_connection_is_kept_alive_by_ping_frames(
+    settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """Only a fleet subscriber had a periodic message: a connection subscribed to a device
+    or to the alerts of a quiet tenant (or to nothing yet) got no byte for as long as the
+    tenant was quiet, and proxies' idle timeouts (60 s is common) cut it. Every other
+    connection now gets a ping frame every PULSE_WS_KEEPALIVE_S, which clients answer by
+    themselves and pages never see."""
+    await provision_device(pool, "t1", "d1")
+    keepalive = dataclasses.replace(settings, ws_keepalive_s=0.3)
+    subscriptions = [
+        b'{"action": "subscribe", "type": "device", "device_id": "d1"}',
+        b'{"action": "subscribe", "type": "alerts"}',
+        None,
+    ]
+    async with running_server(keepalive) as url:
+        for subscribe in subscriptions:
+            async with raw_ws(url, V2_PATH, make_token("t1")) as (reader, writer):
+                if subscribe is not None:
+                    writer.write(masked_text(subscribe))
+                async with asyncio.timeout(20):
+                    await pings(reader, writer, 3)
+                    # Still a working connection after them.
+                    writer.write(masked_text(b'{"action": "subscribe", "type": "fleet"}'))
+                    while (frame := await read_frame(reader))[0] != 0x1:
+                        pass
+                assert json.loads(frame[1]) == {"type": "subscribed", "channel": "fleet"}
 
 
 async def test_operators_placeholder_context(

@@ -24,6 +24,7 @@ from websockets.asyncio.client import connect
 from pulse.bus import hub
 from pulse.config import Settings
 from pulse.db.errors import DatabaseUnavailable
+from pulse.streams.messages import INVALID_UTF8_REASON, MESSAGE_TOO_BIG_REASON
 from tests.streams.sse_client import SSE_PATH
 from tests.streams.ws_support import (
     V2_PATH,
@@ -31,7 +32,10 @@ from tests.streams.ws_support import (
     close_of,
     closed,
     connection_count,
+    masked_text,
     open_ws,
+    raw_ws,
+    read_frame,
     recv,
     request,
     until_no_connections,
@@ -148,28 +152,6 @@ async def test_connection_limits_count_websockets_and_sse_together(
         await until_no_connections(base, pool)
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """One frame of the server's (unmasked): its opcode and payload."""
-    first, second = await reader.readexactly(2)
-    length = second & 0x7F
-    if length >= 126:
-        length = int.from_bytes(await reader.readexactly(2 if length == 126 else 8))
-    return first & 0x0F, await reader.readexactly(length)
-
-
-def masked_text(payload: bytes) -> bytes:
-    """A client's text frame (masked with zeros: the payload as it is)."""
-    n = len(payload)
-    size = (
-        bytes([0x80 | n])
-        if n < 126
-        else b"\xfe" + n.to_bytes(2)
-        if n < 65536
-        else (b"\xff" + n.to_bytes(8))
-    )
-    return b"\x81" + size + bytes(4) + payload
-
-
 @BOTH
 async def test_after_its_1009_close_the_server_sends_nothing_and_frees_the_slot(
     url: str, path: str, pool: asyncpg.Pool, make_token: Callable[..., str]
@@ -197,7 +179,7 @@ async def test_after_its_1009_close_the_server_sends_nothing_and_frees_the_slot(
             writer.write(masked_text(b"x" * 100_000))
             while (frame := await read_frame(reader))[0] != 0x8:
                 pass  # what was on its way before the close
-            assert frame[1][:2] == (1009).to_bytes(2), frame
+            assert frame[1] == (1009).to_bytes(2) + MESSAGE_TOO_BIG_REASON.encode(), frame
             await insert_readings(pool, "t1", [("d1", {"a": 2})] * 3)
             after = await reader.read()  # until the server ends the connection
         assert after == b"", after[:200]
@@ -211,13 +193,15 @@ async def test_message_too_big_closes_1009(
     url: str, path: str, pool: asyncpg.Pool, make_token: Callable[..., str]
 ) -> None:
     token = make_token("t1")
+    # hypercorn closes for the first and the last (over its limit, which counts the
+    # characters of a text frame), the app for the second (17,000 characters, 68,000
+    # bytes): the same reason, which was empty from hypercorn.
     for frame in ["x" * (64 * 1024 + 1), "😀" * 17_000, b"\x00" * (64 * 1024 + 1)]:
         async with open_ws(url, path, token=token) as ws:
             if path == WS_PATH:
                 await recv(ws)
             await ws.send(frame)
-            code, _ = await closed(ws)
-            assert code == 1009
+            assert await closed(ws) == (1009, "Messages are limited to 65536 bytes.")
     # At the limit: an answer, and the connection stays.
     async with open_ws(url, path, token=token) as ws:
         if path == WS_PATH:
@@ -239,8 +223,26 @@ async def test_invalid_utf8_closes_1007(
         if path == WS_PATH:
             await recv(ws)
         await ws.send(b'{"action": "\xff\xfe"}', text=True)
-        code, _ = await closed(ws)
-        assert code == 1007
+        # The reason was wsproto's UnicodeDecodeError text ("'utf-8' codec can't ...").
+        assert await closed(ws) == (1007, INVALID_UTF8_REASON)
+    await until_no_connections(url)
+
+
+@BOTH
+async def test_an_invalid_close_reason_closes_1007_with_the_same_reason(
+    url: str, path: str, make_token: Callable[..., str]
+) -> None:
+    """A close frame whose reason is not UTF-8 (no client library sends one): wsproto's
+    1007 said "Error decoding CLOSE reason: 'utf-8' codec can't decode ..."."""
+    async with raw_ws(url, path, make_token("t1")) as (reader, writer):
+        async with asyncio.timeout(20):
+            if path == WS_PATH:
+                await read_frame(reader)  # connected
+            writer.write(masked_text((1000).to_bytes(2) + b"bye \xff", opcode=0x8))
+            while (frame := await read_frame(reader))[0] != 0x8:
+                pass
+        assert frame[1] == (1007).to_bytes(2) + INVALID_UTF8_REASON.encode()
+        assert len(frame[1]) <= 125  # a control frame's payload: a reason of 123 bytes
     await until_no_connections(url)
 
 

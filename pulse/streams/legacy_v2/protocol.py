@@ -2,9 +2,15 @@
 
 A ``Session`` takes what happens to a connection (a client's frame, the hub's
 change signals, the passing of time) and answers with effects for the handler
-to carry out: replies to send, and pushes that need a read of the database
-(the alerts snapshot, the fleet summary). Time comes in as ``now`` (monotonic
-seconds), so the schedule of fleet summaries is tested without waiting.
+to carry out: replies to send, pushes that need a read of the database (the
+alerts snapshot, the fleet summary), and keepalives. Time comes in as ``now``
+(monotonic seconds), so the schedule is tested without waiting.
+
+The schedule: every ``keepalive_s`` (PULSE_WS_KEEPALIVE_S), the seed's "periodic
+update" keeps the connection alive: the fleet summary for a ``fleet`` subscriber,
+a WebSocket ping frame for every other connection (no v2 message fits them: a
+device's telemetry and the alerts are sent when they change, and a quiet tenant
+would leave such a connection silent for longer than a proxy's idle timeout).
 """
 
 from __future__ import annotations
@@ -45,7 +51,12 @@ class PushFleetSummary:
     only_if_changed: bool = False
 
 
-Effect = Reply | PushAlerts | PushFleetSummary
+@dataclasses.dataclass(frozen=True)
+class KeepAlive:
+    """Send a WebSocket ping frame (no JSON: a v2 page never sees it)."""
+
+
+Effect = Reply | PushAlerts | PushFleetSummary | KeepAlive
 
 
 class Session:
@@ -62,6 +73,7 @@ class Session:
         keepalive_s: float,
         max_devices: int,
         change_interval_s: float = CHANGE_INTERVAL_S,
+        now: float = 0.0,
     ) -> None:
         self.tenant_id = tenant_id
         self.keepalive_s = keepalive_s
@@ -70,7 +82,7 @@ class Session:
         self.devices: frozenset[str] = frozenset()
         self.alerts = False
         self.fleet = False
-        self._next_periodic = 0.0
+        self._next_periodic = now + keepalive_s  # now: when the connection opened
         self._change_pending = False
         self._last_change_push = float("-inf")
 
@@ -102,14 +114,15 @@ class Session:
         return effects
 
     def due(self, now: float) -> list[Effect]:
-        """What the passing of time asks for: the periodic summary, or a throttled change."""
-        if not self.fleet:
-            return []
+        """What the passing of time asks for: the periodic summary or keepalive, or a
+        throttled change."""
         periodic = now >= self._next_periodic
-        change = self._change_pending and now >= self._last_change_push + self.change_interval_s
         if periodic:
             while self._next_periodic <= now:
                 self._next_periodic += self.keepalive_s
+        if not self.fleet:
+            return [KeepAlive()] if periodic else []
+        change = self._change_pending and now >= self._last_change_push + self.change_interval_s
         if change:
             self._change_pending = False
             self._last_change_push = now
@@ -117,11 +130,9 @@ class Session:
             return [PushFleetSummary(only_if_changed=not periodic)]
         return []
 
-    def next_due(self) -> float | None:
-        """When ``due`` has something next (monotonic seconds), or None."""
-        if not self.fleet:
-            return None
-        if self._change_pending:
+    def next_due(self) -> float:
+        """When ``due`` has something next (monotonic seconds)."""
+        if self.fleet and self._change_pending:
             return min(self._next_periodic, self._last_change_push + self.change_interval_s)
         return self._next_periodic
 
