@@ -18,6 +18,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 from websockets.asyncio.client import connect
 
@@ -470,20 +471,18 @@ async def test_a_client_cut_for_unread_replies_leaves_no_connection_behind(
     while b"\r\n\r\n" not in answer:
         answer += await loop.sock_recv(raw, 1)
     assert answer.startswith(b"HTTP/1.1 101"), answer
-    payload = b'{"action": "ping"}'
-    mask = os.urandom(4)
-    frame = (
-        bytes([0x81, 0x80 | len(payload)])
-        + mask
-        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    )
+    # Actions with large replies (a set_metrics reply echoes its ~58 kB list), so that
+    # the server's socket buffers and then its 1 MiB of unread replies fill within a
+    # hundred or so of them, even on a busy machine.
+    names = [f"m{i:03d}_" + "x" * 59 for i in range(900)]
+    frame = masked_text(orjson.dumps({"action": "set_metrics", "metrics": names}))
     # Actions until the server stops taking them (its replies unread, it cut us).
     stuck_since = None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             async with asyncio.timeout(0.2):
-                await loop.sock_sendall(raw, frame * 50)
+                await loop.sock_sendall(raw, frame)
             stuck_since = None
         except TimeoutError:
             stuck_since = stuck_since or time.monotonic()
