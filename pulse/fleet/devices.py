@@ -104,8 +104,14 @@ async def create_device(
     return {**device_json(row), "provision_token": token}
 
 
-async def list_devices(db: Database, tenant_id: str) -> list[dict[str, Any]]:
-    return [device_json(row) for row in await db.fetch(Q["list_devices"], tenant_id)]
+async def list_devices(
+    db: Database, tenant_id: str, *, after: str | None = None, limit: int
+) -> list[dict[str, Any]]:
+    """At most ``limit`` of the tenant's devices by device_id, after ``after`` if given."""
+    # "" sorts before every device id (none is empty): the first page, through the
+    # same index range as the others.
+    rows = await db.fetch(Q["list_devices"], tenant_id, after or "", limit)
+    return [device_json(row) for row in rows]
 
 
 async def get_device(db: Database, tenant_id: str, device_id: str) -> dict[str, Any] | None:

@@ -24,10 +24,17 @@ ON CONFLICT (tenant_id, device_id) DO NOTHING
 RETURNING tenant_id, device_id, site_id, name, status, last_seen_at, created_at;
 
 -- name: list_devices
+-- A page by device_id: $2 is the device_id the previous page ended at ('' for the
+-- first page: no device id is empty), $3 how many. Keyset pagination along the
+-- primary key (tenant_id, device_id), one index range whatever the page and
+-- whatever the plan (no "$2 IS NULL OR", which a generic plan could only filter
+-- by, reading the tenant's devices from the first): devices added meanwhile
+-- neither shift nor repeat the pages that follow.
 SELECT tenant_id, device_id, site_id, name, status, last_seen_at, created_at
   FROM devices
- WHERE tenant_id = $1
- ORDER BY device_id;
+ WHERE tenant_id = $1 AND device_id > $2::text
+ ORDER BY device_id
+ LIMIT $3;
 
 -- name: get_device
 SELECT tenant_id, device_id, site_id, name, status, last_seen_at, created_at
@@ -360,7 +367,17 @@ SELECT $1::text, $2::text, $3::text, $4::text, $5::float8, $6::smallint, $7::tex
 RETURNING *
 
 -- name: list_rules
-SELECT * FROM alert_rules WHERE tenant_id = $1 ORDER BY rule_id
+-- A page, oldest first: $2 is the rule_id the previous page ended at (0 for the
+-- first page), $3 how many. Keyset pagination along alert_rules_tenant_rule
+-- (tenant_id, rule_id), as list_devices along its key. The row comparison is a
+-- bound only that index can take: with "rule_id > $2" the primary key could serve
+-- the order too, and a generic plan took it, reading every tenant's rules after
+-- the cursor to find this tenant's.
+SELECT *
+  FROM alert_rules
+ WHERE tenant_id = $1 AND (tenant_id, rule_id) > ($1, $2::bigint)
+ ORDER BY tenant_id, rule_id
+ LIMIT $3
 
 -- name: lock_tenant_writes
 -- Takes the lock every ingest transaction of the tenant holds until it commits

@@ -73,8 +73,11 @@ async def create_rule(
     return rule_json(row)
 
 
-async def list_rules(db: Database, tenant_id: str) -> list[dict[str, Any]]:
-    rows = await db.fetch(Q["list_rules"], tenant_id)
+async def list_rules(
+    db: Database, tenant_id: str, *, after: int | None = None, limit: int
+) -> list[dict[str, Any]]:
+    """At most ``limit`` of the tenant's rules, oldest first, after rule ``after`` if given."""
+    rows = await db.fetch(Q["list_rules"], tenant_id, after or 0, limit)
     return [rule_json(row) for row in rows]
 
 

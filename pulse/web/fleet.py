@@ -40,11 +40,14 @@ from pulse.names import shown_name
 from pulse.web import openapi, runtime
 from pulse.web.auth import authorize, principal, scope, tenant
 from pulse.web.errors import refuse_unknown_parameters
+from pulse.web.paging import bad_parameter, cut, id_cursor, page_limit, positive
 
 PREFIX = "/api/v1/customer"
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
-_MAX_ID = 2**63 - 1
+# Rules are read whole by those who use them (the dashboard, the simulator): one page
+# holds a tenant's every rule under the default quota (PULSE_MAX_RULES_PER_TENANT).
+RULES_PAGE = 1000
 
 fleet_bp = Blueprint("fleet", __name__, url_prefix=PREFIX + "/fleet")
 alerts_bp = Blueprint("alerts", __name__, url_prefix=PREFIX + "/alerts")
@@ -106,6 +109,14 @@ class Rule(BaseModel):
 
 class RuleList(BaseModel):
     rules: list[Rule]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null: last.")
+
+
+class RuleQuery(TenantRequiredQuery):
+    limit: int = Field(
+        default=RULES_PAGE, ge=1, le=RULES_PAGE, description="Rules in a page, oldest first."
+    )
+    cursor: str | None = Field(default=None, description="next_cursor of the previous page.")
 
 
 # -- fleet summary -------------------------------------------------------------
@@ -135,14 +146,12 @@ async def list_alerts() -> Response:
     status = args.get("status") or None
     statuses = alerts.STATUS_FILTERS.get(status) if status else (*alerts.ACTIVE, alerts.CLOSED)
     if statuses is None:
-        raise _bad_parameter("status must be one of active, OPEN, ACKNOWLEDGED and CLOSED.")
-    limit = _integer(args.get("limit"), "limit", upper=MAX_PAGE) or DEFAULT_PAGE
-    before = _integer(args.get("cursor"), "cursor", upper=_MAX_ID)
+        raise bad_parameter("status must be one of active, OPEN, ACKNOWLEDGED and CLOSED.")
+    limit = page_limit(args.get("limit"), default=DEFAULT_PAGE, upper=MAX_PAGE)
+    before = id_cursor(args.get("cursor"))
     # One more than asked tells whether there is a next page.
-    page = await alerts.list_alerts(runtime().db, scope(), statuses, before=before, limit=limit + 1)
-    more = len(page) > limit
-    page = page[:limit]
-    next_cursor = str(page[-1]["alert_id"]) if more else None
+    rows = await alerts.list_alerts(runtime().db, scope(), statuses, before=before, limit=limit + 1)
+    page, next_cursor = cut(rows, limit, "alert_id")
     return jsonify({"alerts": page, "next_cursor": next_cursor})
 
 
@@ -216,13 +225,18 @@ async def create_rule(data: rules.NewRule) -> tuple[Response, int]:
 
 
 @rules_bp.get("")
-@document_querystring(TenantRequiredQuery)
+@document_querystring(RuleQuery)
 @document_response(RuleList)
 @openapi.errors(*openapi.TENANT_READ, INVALID_PARAMETER)
 async def list_rules() -> Response:
-    """The tenant's rules, oldest first."""
-    refuse_unknown_parameters()
-    return jsonify({"rules": await rules.list_rules(runtime().db, tenant())})
+    """The tenant's rules, oldest first, a page at a time."""
+    args = request.args
+    refuse_unknown_parameters(("limit", "cursor", "tenant_id"))
+    limit = page_limit(args.get("limit"), default=RULES_PAGE, upper=RULES_PAGE)
+    after = id_cursor(args.get("cursor"))
+    rows = await rules.list_rules(runtime().db, tenant(), after=after, limit=limit + 1)
+    page, next_cursor = cut(rows, limit, "rule_id")
+    return jsonify({"rules": page, "next_cursor": next_cursor})
 
 
 @rules_bp.delete("/<rule_id>")
@@ -245,24 +259,4 @@ async def delete_rule(rule_id: str) -> Response:
 
 def _id(raw: str) -> int | None:
     """A row id from a URL; None for anything that cannot be one (then: not found)."""
-    return _positive(raw, _MAX_ID)
-
-
-def _integer(raw: str | None, name: str, *, upper: int) -> int | None:
-    """An optional integer query parameter from 1 to ``upper``; None when absent."""
-    if raw is None or raw == "":
-        return None
-    value = _positive(raw, upper)
-    if value is None:
-        raise _bad_parameter(f"{name} must be an integer from 1 to {upper}.")
-    return value
-
-
-def _positive(raw: str, upper: int) -> int | None:
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not 1 <= int(raw) <= upper:
-        return None
-    return int(raw)
-
-
-def _bad_parameter(detail: str) -> ApiError:
-    return ApiError(INVALID_PARAMETER, detail)
+    return positive(raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -456,7 +457,7 @@ async def test_roles_and_tenants(
 
     assert (await http.get(RULES + "?tenant_id=t1", headers=operator)).status_code == 200
     assert (await http.get(RULES, headers=operator)).status_code == 400
-    assert (await http.get(RULES, headers=other_admin)).json() == {"rules": []}
+    assert (await http.get(RULES, headers=other_admin)).json() == {"rules": [], "next_cursor": None}
     # Another tenant's rule is not found, exactly like one that does not exist.
     for missing in (str(rule_id), "999999", "abc", "99999999999999999999999"):
         response = await http.delete(f"{RULES}/{missing}", headers=other_admin)
@@ -564,3 +565,120 @@ async def test_a_foreseen_write_without_rules_commits_with_its_reservation(
         await pool.close()
     ids = [r["id"] for r in await fleet.pool.fetch("SELECT id FROM telemetry ORDER BY id")]
     assert ids == [1, 2, 3, 4]
+
+
+# -- the list, a page at a time --------------------------------------------------
+
+
+async def rule_pages(
+    http: httpx.AsyncClient, headers: dict[str, str], **params: str
+) -> list[list[int]]:
+    """The rule ids of each page, following next_cursor to the end."""
+    pages: list[list[int]] = []
+    while True:
+        response = await http.get(RULES, params=params, headers=headers)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert set(body) == {"rules", "next_cursor"}
+        pages.append([rule["rule_id"] for rule in body["rules"]])
+        if body["next_cursor"] is None:
+            return pages
+        assert body["next_cursor"] == str(pages[-1][-1])
+        params = {**params, "cursor": body["next_cursor"]}
+
+
+async def test_rule_pages_cover_every_rule_once_oldest_first(
+    http: httpx.AsyncClient, fleet: Fleet, admin: dict[str, str]
+) -> None:
+    await fleet.device("dev-1", tenant_id="t2")
+    ids = [await fleet.rule("temp", ">", i, name=f"r{i}") for i in range(8)]
+    await fleet.rule("temp", ">", 1, tenant_id="t2")  # between t1's in id order
+    ids += [await fleet.rule("temp", ">", 9, name="r9")]
+    assert await rule_pages(http, admin, limit="3") == [ids[0:3], ids[3:6], ids[6:9]]
+    # Without a limit, a tenant's every rule (1,000 at most by default) in one answer.
+    assert await rule_pages(http, admin) == [ids]
+    # Rules added or deleted between pages do not shift the pages that follow.
+    first = (await http.get(RULES, params={"limit": "3"}, headers=admin)).json()
+    assert (await http.delete(f"{RULES}/{ids[0]}", headers=admin)).status_code == 204
+    assert (await http.delete(f"{RULES}/{ids[3]}", headers=admin)).status_code == 204
+    newer = await fleet.rule("temp", ">", 10, name="r10")
+    rest = await rule_pages(http, admin, limit="3", cursor=first["next_cursor"])
+    assert rest == [ids[4:7], [*ids[7:], newer]]
+
+
+async def test_the_rule_list_refuses_bad_limits_and_cursors(
+    http: httpx.AsyncClient, fleet: Fleet, admin: dict[str, str]
+) -> None:
+    await fleet.pool.execute(
+        """INSERT INTO alert_rules (tenant_id, name, metric, operator, threshold, severity)
+           SELECT 't1', 'r' || i, 'temp', '>', i, 3 FROM generate_series(1, 1001) AS i"""
+    )
+    # No limit: a page of 1,000, which holds every rule of a tenant within the default
+    # quota; a tenant allowed more (PULSE_MAX_RULES_PER_TENANT) pages on.
+    first = (await http.get(RULES, headers=admin)).json()
+    assert len(first["rules"]) == 1000 and first["next_cursor"] is not None
+    last = (await http.get(RULES, params={"cursor": first["next_cursor"]}, headers=admin)).json()
+    assert [r["name"] for r in last["rules"]] == ["r1001"] and last["next_cursor"] is None
+    bad = [
+        {"limit": "1001"},
+        {"limit": "0"},
+        {"limit": "-3"},
+        {"limit": "all"},
+        {"cursor": "0"},
+        {"cursor": "-1"},
+        {"cursor": "r5"},
+        {"cursor": "9" * 20},
+        {"offset": "3"},
+    ]
+    for params in bad:
+        response = await http.get(RULES, params=params, headers=admin)
+        assert response.status_code == 400, params
+        assert error_of(response) == "invalid_parameter", params
+
+
+async def test_a_rule_cursor_never_reaches_another_tenants_rules(
+    http: httpx.AsyncClient, fleet: Fleet, make_token: MakeToken
+) -> None:
+    await fleet.device("dev-1", tenant_id="t2")
+    t1 = [await fleet.rule("temp", ">", 1, tenant_id="t1") for _ in range(3)]
+    t2 = [await fleet.rule("temp", ">", 1, tenant_id="t2") for _ in range(2)]
+    t1 += [await fleet.rule("temp", ">", 1, tenant_id="t1")]
+    reader = auth(make_token("t2", roles=("customer",)))
+    assert await rule_pages(http, reader, limit="1") == [[t2[0]], [t2[1]]]
+    # t1's rule ids as cursors only position t2's list.
+    assert await rule_pages(http, reader, cursor=str(t1[0])) == [t2]
+    assert await rule_pages(http, reader, cursor=str(t1[-1])) == [[]]
+    operator = auth(make_token(None, roles=("operator",)))
+    assert await rule_pages(http, operator, tenant_id="t1", cursor=str(t2[0])) == [[t1[-1]]]
+
+
+async def test_a_rule_page_is_read_from_the_cursor_on_through_an_index(fleet: Fleet) -> None:
+    """The cursor bounds the index scan (not a filter over the tenant's every rule),
+    also in the generic plan a prepared statement gets after a few runs. (PostgreSQL
+    may still sort what it read: at most the tenant's rules after the cursor.)"""
+    await fleet.pool.execute(
+        """INSERT INTO tenants (tenant_id) SELECT 't' || i FROM generate_series(2, 50) AS i
+           ON CONFLICT DO NOTHING"""
+    )
+    await fleet.pool.execute(
+        """INSERT INTO alert_rules (tenant_id, name, metric, operator, threshold, severity)
+           SELECT 't' || (1 + i % 50), 'r', 'temp', '>', i, 3
+             FROM generate_series(1, 50000) AS i"""
+    )
+    await fleet.pool.execute("ANALYZE alert_rules")
+    async with fleet.pool.acquire() as conn:
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute(f"PREPARE page (text, bigint, bigint) AS {FLEET_QUERIES['list_rules']}")
+        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) EXECUTE page ('t1', 40000, 1001)")
+        await conn.execute("DEALLOCATE page; RESET plan_cache_mode")
+    nodes = list(_plan_nodes(plan[0]["Plan"]))
+    assert "Seq Scan" not in {node["Node Type"] for node in nodes}, nodes
+    [scan] = [node for node in nodes if "Index Cond" in node]
+    assert scan["Index Name"] == "alert_rules_tenant_rule", scan
+    assert "rule_id) >" in scan["Index Cond"] and "tenant_id =" in scan["Index Cond"], scan
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from pulse.auth.device_tokens import device_token_matches
+from pulse.fleet.devices import Q as DEVICE_QUERIES
 from tests.support import provision_device
 
 DEVICES = "/api/v1/customer/devices"
@@ -164,7 +165,7 @@ async def test_list_of_an_unknown_tenant_is_empty(
 ) -> None:
     response = await http.get(DEVICES, headers=auth(make_token("nobody-here")))
     assert response.status_code == 200
-    assert response.json() == {"devices": []}
+    assert response.json() == {"devices": [], "next_cursor": None}
 
 
 async def test_delete(http: httpx.AsyncClient, pool: asyncpg.Pool, admin: dict[str, str]) -> None:
@@ -318,7 +319,7 @@ async def test_tenant_isolation(
     token_a = created.json()["provision_token"]
     other = auth(make_token("t2", roles=("tenant-admin",)))
 
-    assert (await http.get(DEVICES, headers=other)).json() == {"devices": []}
+    assert (await http.get(DEVICES, headers=other)).json() == {"devices": [], "next_cursor": None}
     for method, path in (
         ("GET", f"{DEVICES}/dev-a1"),
         ("DELETE", f"{DEVICES}/dev-a1"),
@@ -419,3 +420,153 @@ async def test_bodies_outside_ingest_are_at_most_64_kib(
         headers={"X-Provision-Token": token},
     )
     assert posted.status_code == 201, posted.text
+
+
+# -- the list, a page at a time --------------------------------------------------
+
+
+async def add_devices(pool: asyncpg.Pool, tenant: str, *device_ids: str) -> None:
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING", tenant)
+    await pool.executemany(
+        "INSERT INTO devices (tenant_id, device_id, token_hash) VALUES ($1, $2, '\\x00')",
+        [(tenant, device_id) for device_id in device_ids],
+    )
+
+
+async def table_order(pool: asyncpg.Pool, tenant: str) -> list[str]:
+    """The tenant's device ids as PostgreSQL orders them (its collation decides)."""
+    rows = await pool.fetch(
+        "SELECT device_id FROM devices WHERE tenant_id = $1 ORDER BY device_id", tenant
+    )
+    return [row["device_id"] for row in rows]
+
+
+async def every_page(
+    http: httpx.AsyncClient, headers: dict[str, str], **params: str
+) -> list[list[str]]:
+    """The device ids of each page, following next_cursor to the end."""
+    pages: list[list[str]] = []
+    while True:
+        response = await http.get(DEVICES, params=params, headers=headers)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert set(body) == {"devices", "next_cursor"}
+        pages.append([device["device_id"] for device in body["devices"]])
+        if body["next_cursor"] is None:
+            return pages
+        assert body["next_cursor"] == pages[-1][-1]  # the last device_id of the page
+        params = {**params, "cursor": body["next_cursor"]}
+
+
+async def test_pages_cover_every_device_once_in_order(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, admin: dict[str, str]
+) -> None:
+    # Ids that sort differently by case, punctuation and length: the order is the table's.
+    ids = [f"dev-{i}" for i in range(20)] + ["A", "b", "B.2", "x:y", "_z", "dev_1", "dev-1-a"]
+    await add_devices(pool, "t1", *ids)
+    pages = await every_page(http, admin, limit="6")
+    assert [len(page) for page in pages] == [6, 6, 6, 6, 3]
+    assert [d for page in pages for d in page] == await table_order(pool, "t1")
+    # Without a limit, a tenant of fewer than 1,000 devices gets them all in one answer.
+    assert await every_page(http, admin) == [await table_order(pool, "t1")]
+    # A page that ends exactly at the last device says so.
+    assert await every_page(http, admin, limit=str(len(ids))) == [await table_order(pool, "t1")]
+
+
+async def test_devices_added_or_deleted_between_pages_do_not_shift_later_pages(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, admin: dict[str, str]
+) -> None:
+    await add_devices(pool, "t1", *(f"dev-{i:02}" for i in range(10)))
+    first = (await http.get(DEVICES, params={"limit": "4"}, headers=admin)).json()
+    assert [d["device_id"] for d in first["devices"]] == ["dev-00", "dev-01", "dev-02", "dev-03"]
+    assert first["next_cursor"] == "dev-03"
+    # Before the cursor: seen by the next walk, not by this one (with OFFSET, the next
+    # page would have started one device early and repeated dev-03). After it: next.
+    await add_devices(pool, "t1", "dev-015", "dev-000", "dev-035")
+    assert (await http.delete(f"{DEVICES}/dev-01", headers=admin)).status_code == 204
+    rest = await every_page(http, admin, limit="4", cursor=first["next_cursor"])
+    assert rest == [["dev-035", "dev-04", "dev-05", "dev-06"], ["dev-07", "dev-08", "dev-09"]]
+    # The cursor's own device may be gone: the page starts after where it was.
+    assert (await http.delete(f"{DEVICES}/dev-03", headers=admin)).status_code == 204
+    again = await every_page(http, admin, limit="4", cursor="dev-03")
+    assert again[0][0] == "dev-035"
+
+
+async def test_no_limit_is_a_page_of_1000_and_limits_are_bounded(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, admin: dict[str, str]
+) -> None:
+    await add_devices(pool, "t1", *(f"dev-{i:04}" for i in range(1001)))
+    first = (await http.get(DEVICES, headers=admin)).json()
+    assert len(first["devices"]) == 1000 and first["next_cursor"] == "dev-0999"
+    last = (await http.get(DEVICES, params={"cursor": "dev-0999"}, headers=admin)).json()
+    assert last == {"devices": [last["devices"][0]], "next_cursor": None}
+    assert last["devices"][0]["device_id"] == "dev-1000"
+    assert (
+        len((await http.get(DEVICES, params={"limit": "1000"}, headers=admin)).json()["devices"])
+        == 1000
+    )
+    bad = [
+        {"limit": "1001"},
+        {"limit": "0"},
+        {"limit": "-1"},
+        {"limit": "ten"},
+        {"limit": "1.5"},
+        {"limit": "9" * 40},
+        {"cursor": "has space"},
+        {"cursor": "x" * 65},
+        {"cursor": "a\u0000b"},
+        {"cursor": "dév"},
+        {"offset": "10"},
+        {"page": "2"},
+    ]
+    for params in bad:
+        response = await http.get(DEVICES, params=params, headers=admin)
+        assert response.status_code == 400, params
+        assert error_of(response) == "invalid_parameter", params
+
+
+async def test_a_cursor_never_reaches_another_tenants_devices(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: MakeToken
+) -> None:
+    # Interleaved ids: t2's pages, whatever the cursor, hold t2's devices only.
+    await add_devices(pool, "t1", "a-1", "b-1", "c-1", "d-1")
+    await add_devices(pool, "t2", "a-2", "b-2", "c-2")
+    t2 = auth(make_token("t2", roles=("customer",)))
+    assert await every_page(http, t2, limit="1") == [["a-2"], ["b-2"], ["c-2"]]
+    # A cursor naming t1's device (guessed, or a page of t1's) only positions t2's list.
+    assert await every_page(http, t2, cursor="a-1") == [["a-2", "b-2", "c-2"]]
+    assert await every_page(http, t2, limit="2", cursor="b-1") == [["b-2", "c-2"]]
+    assert await every_page(http, t2, cursor="d-1") == [[]]
+    operator = auth(make_token(None, roles=("operator",)))
+    assert await every_page(http, operator, tenant_id="t1", limit="3", cursor="a-2") == [
+        ["b-1", "c-1", "d-1"]
+    ]
+    # Naming another tenant is refused, cursor or not.
+    response = await http.get(DEVICES, params={"tenant_id": "t1", "cursor": "a-1"}, headers=t2)
+    assert response.status_code == 403
+
+
+async def test_a_page_is_one_range_of_the_primary_key(pool: asyncpg.Pool) -> None:
+    """Whatever the page, PostgreSQL reads its rows only, in order: no sort, no OFFSET,
+    and the cursor a bound of the index scan (not a filter over the tenant's devices
+    from the first), also in the generic plan a prepared statement gets after a few
+    runs."""
+    await add_devices(pool, "t1", *(f"dev-{i:05}" for i in range(20000)))
+    await pool.execute("ANALYZE devices")
+    async with pool.acquire() as conn:
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        query = DEVICE_QUERIES["list_devices"].rstrip(";")
+        await conn.execute(f"PREPARE page (text, text, bigint) AS {query}")
+        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) EXECUTE page ('t1', 'dev-1999', 1001)")
+        await conn.execute("DEALLOCATE page; RESET plan_cache_mode")
+    nodes = list(plan_nodes(plan[0]["Plan"]))
+    assert "Sort" not in {node["Node Type"] for node in nodes}, nodes
+    [scan] = [node for node in nodes if node.get("Relation Name") == "devices"]
+    assert scan["Node Type"] in ("Index Scan", "Index Only Scan"), scan
+    assert "device_id >" in scan["Index Cond"], scan
+
+
+def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from plan_nodes(child)
