@@ -225,13 +225,23 @@ class Simulator:
         Empty when the server has no alert rules API. The ids of those created are
         added to ``created_rules``.
         """
-        r = await self.http.get(RULES_PATH, headers=self._admin, params=self._params)
-        if r.status_code in (404, 405):
-            log.warning("this server has no alert rules API; no threshold alerts")
-            return []
-        if not r.is_success:
-            raise SimulatorError(f"cannot list alert rules: {r.status_code} {r.text}")
-        existing = {rule["name"] for rule in r.json()["rules"]}
+        existing: set[str] = set()
+        params = dict(self._params)
+        # Every page (the list comes a page at a time, next_cursor null on the last; a
+        # server from before pages sends no next_cursor): a rule past the first page is
+        # in place too.
+        while True:
+            r = await self.http.get(RULES_PATH, headers=self._admin, params=params)
+            if r.status_code in (404, 405):
+                log.warning("this server has no alert rules API; no threshold alerts")
+                return []
+            if not r.is_success:
+                raise SimulatorError(f"cannot list alert rules: {r.status_code} {r.text}")
+            page = r.json()
+            existing.update(rule["name"] for rule in page["rules"])
+            if not page.get("next_cursor"):
+                break
+            params["cursor"] = str(page["next_cursor"])
         for rule in rules:
             if rule["name"] not in existing:
                 c = await self.http.post(

@@ -142,3 +142,34 @@ async def test_a_device_of_that_id_that_is_not_simulated_keeps_its_token(
         admin = {"Authorization": f"Bearer {make_token('sim', roles=('tenant-admin',))}"}
         devices = (await http.get("/api/v1/customer/devices", headers=admin)).json()["devices"]
     assert [d["device_id"] for d in devices] == ["dev-0002"]
+
+
+async def test_rules_past_the_first_page_are_found(
+    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """The rule list comes a page at a time (1,000 without a limit): the simulator's
+    rules, made after a thousand others, are on the second page and in place."""
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('sim')")
+    await pool.execute(
+        """INSERT INTO alert_rules (tenant_id, name, metric, operator, threshold, severity)
+           SELECT 'sim', 'other ' || i, 'temp', '>', i, 3 FROM generate_series(1, 1000) AS i"""
+    )
+    for rule in DEFAULT_RULES:
+        await pool.execute(
+            """INSERT INTO alert_rules (tenant_id, name, metric, operator, threshold, severity)
+               VALUES ('sim', $1, $2, $3, $4, $5)""",
+            rule["name"],
+            rule["metric"],
+            rule["operator"],
+            rule["threshold"],
+            rule["severity"],
+        )
+    admin = make_token(tenant_id="sim", roles=("tenant-admin",))
+    simulator = Simulator(server, admin, tenant_id="sim", devices=1)
+    try:
+        assert await simulator.ensure_rules() == [r["name"] for r in DEFAULT_RULES]
+    finally:
+        await simulator.aclose()
+    assert simulator.created_rules == []
+    count = "SELECT count(*) FROM alert_rules WHERE tenant_id = 'sim'"
+    assert await pool.fetchval(count) == 1000 + len(DEFAULT_RULES)

@@ -122,6 +122,19 @@ export class Session {
     return response.status === 204 ? null : response.json();
   }
 
+  // Every item of a paged list (devices, alert rules: docs/fleet.md), under `key`: the
+  // pages in turn, each from the last one's next_cursor, until it is null (a server
+  // from before pages sends none, with the whole list).
+  async requestAll(path, key, extra = {}) {
+    const items = [];
+    for (let params = extra; ; ) {
+      const body = await this.request("GET", path, params);
+      for (const item of body[key] || []) items.push(item);
+      if (!body.next_cursor) return items;
+      params = { ...extra, cursor: body.next_cursor };
+    }
+  }
+
   async ticket() {
     // No tenant_id here: the ticket carries the token's identity; the stream URL names the tenant.
     const response = await send("/api/v1/stream-ticket", {

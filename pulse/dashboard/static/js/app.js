@@ -185,10 +185,10 @@ class Dashboard {
   // the devices, and any refusal of the token or the tenant.
   async load() {
     const results = await Promise.allSettled([
-      this.session.request("GET", "/api/v1/customer/devices"),
+      this.session.requestAll("/api/v1/customer/devices", "devices"),
       this.session.request("GET", "/api/v1/customer/fleet/summary"),
       this.session.request("GET", "/api/v1/customer/alerts", { status: "active" }),
-      this.session.request("GET", "/api/v1/customer/alert-rules"),
+      this.session.requestAll("/api/v1/customer/alert-rules", "rules"),
     ]);
     const errors = results.filter((r) => r.status === "rejected").map((r) => r.reason);
     const blocking =
@@ -197,12 +197,12 @@ class Dashboard {
       (results[0].status === "rejected" ? results[0].reason : null);
     if (blocking) throw blocking;
     const [devices, summary, alerts, rules] = results.map((r) => r.value);
-    this.setDevices(devices.devices);
+    this.setDevices(devices);
     // The fleet WebSocket sends the summary and the alerts too: without them here
     // the page waits for it. Without the rules, it cannot ask again.
     if (summary) this.setSummary(summary);
     if (alerts) this.setAlerts(alerts.alerts);
-    if (rules) this.rules = rules.rules || [];
+    if (rules) this.rules = rules;
     else if (!optional(results[3].reason)) {
       problems.set("rules", `Could not load the alert rules: ${sentence(results[3].reason.message)}`);
     }
@@ -323,15 +323,14 @@ class Dashboard {
 
   async refreshDevices() {
     try {
-      const body = await this.session.request("GET", "/api/v1/customer/devices");
-      this.setDevices(body.devices);
+      this.setDevices(await this.session.requestAll("/api/v1/customer/devices", "devices"));
     } catch (error) {
       if (error instanceof AuthError) signOut(error.message);
     }
   }
 
-  // The whole list (the API does not page it): a card whose device is not in it any
-  // more was deleted, and goes.
+  // The whole list (every page of it): a card whose device is not in it any more was
+  // deleted, and goes.
   setDevices(list) {
     const listed = new Set(list.map((info) => info.device_id));
     for (const [id, device] of this.devices) {
