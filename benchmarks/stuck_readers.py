@@ -44,6 +44,7 @@ async def _stuck_client(port: int, tok: str, stop: float, opened: list[int]) -> 
             opened[0] += 1
             while time.monotonic() < stop:
                 await asyncio.sleep(0.25)
+                sock.send(b"")  # raises once the server has reset the connection
                 with contextlib.suppress(BlockingIOError):
                     if sock.recv(1, socket.MSG_PEEK) == b"":
                         break  # closed by the server
