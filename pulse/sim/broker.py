@@ -39,6 +39,17 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _free_or_none(remembered: Path) -> int | None:
+    """The port written in ``remembered``, if it is free on 127.0.0.1 now."""
+    try:
+        port = int(remembered.read_text())
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
+    except (OSError, ValueError, OverflowError):
+        return None
+    return port
+
+
 def _running(pid: int) -> bool:
     """Not ended (a process that ended and was not yet reaped has no command line)."""
     try:
@@ -100,6 +111,11 @@ class Mosquitto:
                 file.write(password)
         self.password = secret.read_text().strip()
         await self._stop_leftover()
+        remembered = self.directory / "port"
+        if self._chosen:
+            # The port of the last start in this folder, while it is free: a broker
+            # started again keeps the commands that name it working.
+            self.port = _free_or_none(remembered) or self.port
         # A free port may be taken between free_port() and mosquitto's bind: it then
         # exits at start, and ports of our choosing are chosen again.
         for attempt in range(3):
@@ -107,10 +123,14 @@ class Mosquitto:
                 self.port = free_port()
                 self.tls_port = free_port() if self.tls else None
             try:
-                return await self._run(timeout)
+                await self._run(timeout)
             except _ExitedAtStart:
                 if not self._chosen or attempt == 2:
                     raise
+            else:
+                if self._chosen:
+                    remembered.write_text(f"{self.port}\n")
+                return
 
     async def _run(self, timeout: float) -> None:
         dynsec = self.directory / "dynamic-security.json"

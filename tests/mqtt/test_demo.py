@@ -116,6 +116,34 @@ async def test_a_port_taken_before_the_broker_binds_it_is_chosen_again(
             await started.stop()
 
 
+async def test_a_broker_started_again_in_its_folder_keeps_its_port_while_free(
+    mosquitto_binary: None, tmp_path: Path
+) -> None:
+    """From the user-experience audit: the demo's broker took a new port at each start,
+    so the mosquitto_pub command the first run printed stopped working after a restart.
+    Now it listens where it did last time, unless that port is taken by then."""
+    first = Mosquitto(tmp_path / "mosquitto")
+    await first.start()
+    port = first.port
+    await first.stop()
+    again = Mosquitto(tmp_path / "mosquitto")
+    await again.start()
+    try:
+        assert again.port == port
+    finally:
+        await again.stop()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        elsewhere = Mosquitto(tmp_path / "mosquitto")
+        await elsewhere.start()
+        try:
+            assert elsewhere.port != port
+            _, writer = await asyncio.open_connection("127.0.0.1", elsewhere.port)
+            writer.close()
+        finally:
+            await elsewhere.stop()
+
+
 async def test_ctrl_c_stops_the_demo_and_its_broker_without_a_warning(
     mosquitto_binary: None, database_url: str, tmp_path: Path
 ) -> None:
