@@ -15,6 +15,7 @@ from quart import Quart, Response, request
 
 from pulse import apidocs, dashboard
 from pulse.config import Settings
+from pulse.ingest.buffer import MAX_BODY_BYTES
 from pulse.runtime import StartupError, open_runtime
 from pulse.web import (
     RUNTIME,
@@ -39,7 +40,6 @@ from pulse.web.sse_fastpath import SseFastPath
 from pulse.web.ticket_fastpath import TicketFastPath
 from pulse.web.websocket import WebSocketRoutes
 
-MAX_BODY_BYTES = 1024 * 1024  # ingest: a batch of up to 1000 readings
 # Every other route: the largest body they take (a device, an alert rule) is well
 # under 1 KiB. Quart holds a body as it arrives, while the JWT is checked and before
 # the handler reads it, outside the ingest buffer (PULSE_INGEST_BUFFER_MB): at 1 MiB,

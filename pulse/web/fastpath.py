@@ -27,6 +27,7 @@ from quart import Quart
 
 from pulse.errors import SERVER_BUSY, ApiError, error_body
 from pulse.ingest import intake
+from pulse.ingest.buffer import Device
 from pulse.ingest.model import Rejected
 from pulse.ingest.service import Ingest, Receipt
 from pulse.ops.metrics import Metrics
@@ -99,7 +100,7 @@ class DeviceFastPath:
         async def check_token(ingest: Ingest) -> Rejected | None:
             return await ingest.writer.check_token(tenant_id, device_id, token)
 
-        verify = check_token if token else None
+        verify = (check_token, (tenant_id, device_id)) if token else None
         await self._answer(Receipt(kind), answer, scope, receive, send, verify=verify)
 
     async def _serve_batch(
@@ -123,7 +124,7 @@ class DeviceFastPath:
         receive: ASGIReceiveCallable,
         send: ASGISendCallable,
         *,
-        verify: Callable[[Ingest], Awaitable[Rejected | None]] | None = None,
+        verify: tuple[Callable[[Ingest], Awaitable[Rejected | None]], Device] | None = None,
     ) -> None:
         """Read the body within the ingest buffer, and send what ``answer`` makes of it.
 
@@ -132,10 +133,11 @@ class DeviceFastPath:
         or read into the budget of devices that proved themselves (pulse.ingest.buffer).
         """
         runtime = runtime_of(self._app)
-        verified = False
+        verified = None
         if verify is not None and runtime.ingest_buffer.under_pressure():
+            check, device = verify
             try:
-                refused = await verify(runtime.ingest)
+                refused = await check(runtime.ingest)
             except Exception as exc:
                 await send_reply(send, _error_answer(exc, scope, runtime.metrics))
                 return
@@ -143,8 +145,8 @@ class DeviceFastPath:
                 runtime.metrics.ingest_rejected.labels(refused.reason.code).inc()
                 await send_reply(send, _unread(reply(refused), scope))
                 return
-            verified = True
-        with runtime.ingest_buffer.hold(verified=verified) as holding:
+            verified = device
+        with runtime.ingest_buffer.hold(verified) as holding:
             try:
                 body = await read_body(
                     receive, holding, timeout=self._app.config["BODY_TIMEOUT"], limit=self._max_body

@@ -17,8 +17,8 @@ import h2.events
 import httpx
 import pytest
 
-from pulse.app import MAX_BODY_BYTES
 from pulse.config import Settings
+from pulse.ingest.buffer import MAX_BODY_BYTES
 from tests.support import provision_device, running_server
 
 

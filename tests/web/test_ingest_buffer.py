@@ -139,3 +139,41 @@ async def test_a_body_under_the_limit_is_served_and_given_back(
             assert response.status_code == 201, response.text
         assert await buffered(http) == 0
     assert await stored_rows(pool) == 3
+
+
+async def test_one_device_holds_at_most_its_share_of_the_second_budget(
+    url: str, pool: asyncpg.Pool
+) -> None:
+    """From the abuse audit: under pressure a device that proved itself reads into a
+    second budget, which had no share per device: a device token in the wrong hands
+    filled it with unfinished bodies, and every other device was refused again. One
+    device now holds at most an eighth of it (one largest body at least: 1 MiB here)."""
+    token_a = await provision_device(pool, "t1", "dev-a")
+    token_b = await provision_device(pool, "t1", "dev-b")
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        strangers = [await unfinished(url, BATCH), await unfinished(url, BATCH)]
+        await until(http, lambda held: held == 2 * (MIB - 1))  # under pressure
+        first = await unfinished(url, telemetry_url(device="dev-a"), token_a)
+        deadline = time.monotonic() + 20
+        while await buffered(http) < 3 * (MIB - 1):
+            assert time.monotonic() < deadline, "dev-a's first body is not held"
+            await asyncio.sleep(0.02)
+        # Its second does not fit its share: refused at once, its body unread.
+        second = await unfinished(url, telemetry_url(device="dev-a"), token_a)
+        head = await asyncio.wait_for(second.reader.readuntil(b"\r\n\r\n"), 10)  # type: ignore[attr-defined]
+        assert head.startswith(b"HTTP/1.1 503"), head
+        second.close()
+        # Another device of the tenant still gets in.
+        ok = await http.post(
+            telemetry_url(device="dev-b"),
+            json={"metrics": {"v": 1}},
+            headers={"X-Provision-Token": token_b},
+        )
+        assert ok.status_code == 201, ok.text
+        for writer in [*strangers, first]:
+            writer.close()
+        deadline = time.monotonic() + 20
+        while await buffered(http):  # both budgets given back
+            assert time.monotonic() < deadline, "bytes still held"
+            await asyncio.sleep(0.02)
+    assert await stored_rows(pool) == 1
