@@ -109,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             configure_logging(settings.log_level, settings.log_format, with_pid=True)
         try:
             check_settings(settings)
-            serving.raise_open_files_limit(settings)
+            if args.supervisor is None:  # a worker has its supervisor's limit, and said
+                serving.raise_open_files_limit(settings)
             if args.fd is not None:  # a worker of serve --workers
                 from pulse.serving.workers import watch_parent
 

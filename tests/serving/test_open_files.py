@@ -89,3 +89,29 @@ async def test_pulse_serve_runs_with_the_raised_limit_and_reports_it(
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     raised = 1 << 20 if hard == resource.RLIM_INFINITY else hard
     assert status["limits"]["max_open_files"] == raised
+
+
+SERVE_WORKERS_WITH_TOO_FEW_FILES = """
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+from pulse.cli import main
+main(["serve", "--workers", "2"])
+"""
+
+
+async def test_too_few_files_is_said_once_with_workers(
+    database_url: str, hard_limit: int, tmp_path: Path
+) -> None:
+    """From the operations audit: with --workers N the warning came N + 1 times, once
+    from each worker beside the supervisor's own; the workers inherit its limit."""
+    server = await start_serve(
+        data_dir=tmp_path,
+        database_url=database_url,
+        env={"PULSE_MAX_CONNECTIONS": "10000"},
+        script=SERVE_WORKERS_WITH_TOO_FEW_FILES,
+    )
+    try:
+        await server.wait_ready()
+    finally:
+        await server.stop()
+    assert server.stderr.decode().count("may open 400 files") == 1, server.stderr.decode()
