@@ -120,17 +120,19 @@ async def test_rolling_restart_loses_nothing(
         assert client.connections >= 2  # each one moved to the other server
 
 
+@pytest.mark.parametrize("group_commit", ["1", "0"])
 async def test_a_write_still_waiting_when_time_is_up_is_rolled_back_and_answered_503(
-    database_url: str, pool: asyncpg.Pool, tmp_path: Path
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path, group_commit: str
 ) -> None:
     """From the operations audit (HIGH): readings waiting on a lock when the shutdown's
     time ran out were answered hypercorn's empty 500, then committed once the lock was
     released, and the process overran PULSE_SHUTDOWN_TIMEOUT_S waiting for them. Now
     the writer ends its writes a second before the time is up: their statements are
     cancelled, nothing is committed, each caller gets 503 with Retry-After, and the
-    process exits on time."""
+    process exits on time. Without group commit too, where the write ran in its request's
+    task, which hypercorn cancelled at the timeout: an empty 500."""
     device_token = await provision_device(pool, "t1", "d1")
-    env = {"PULSE_SHUTDOWN_TIMEOUT_S": "3"}
+    env = {"PULSE_SHUTDOWN_TIMEOUT_S": "3", "PULSE_GROUP_COMMIT": group_commit}
     async with (
         pulse_serve(data_dir=tmp_path, database_url=database_url, env=env) as server,
         httpx.AsyncClient(base_url=server.url, timeout=30) as http,

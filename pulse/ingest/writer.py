@@ -141,6 +141,7 @@ class TelemetryWriter:
         self.ids = EventIds()  # what this writer foresees, and how often it was right
         self._on_remade = on_remade
         self._committers: set[asyncio.Task[None]] = set()  # _commit_waiting, one per tenants
+        self._alone: set[asyncio.Task[list[Outcome]]] = set()  # writes without group commit
         # The tenants found with alert rules by their latest reservation here: their
         # foreseen writes reserve apart from their COMMIT, for the rules in between.
         self._ruled: set[str] = set()
@@ -164,8 +165,7 @@ class TelemetryWriter:
             raise _stopping()
         tenants = frozenset(s.tenant_id for s in submissions if s.reading is not None)
         if not (self._group_commit and tenants):
-            async with self._tenant_gates.hold(tenants):
-                return await self._commit(submissions)
+            return await self._write_alone(tenants, submissions)
         if len(submissions) < CHECK_AHEAD_FROM:
             return await self._write_grouped(tenants, submissions, fresh=None)
         checked = await self._check(submissions)
@@ -185,15 +185,36 @@ class TelemetryWriter:
                     outcomes[i] = Accepted(None, duplicate=True)
         return outcomes
 
+    async def _write_alone(
+        self, tenants: frozenset[str], submissions: Sequence[Submission]
+    ) -> list[Outcome]:
+        """A write in a transaction of its own (without group commit, or heartbeats
+        only), in a task of its own, which ``stop`` may end."""
+        task = asyncio.get_running_loop().create_task(self._commit_alone(tenants, submissions))
+        self._alone.add(task)
+        task.add_done_callback(self._alone.discard)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and self._stopped and not (current and current.cancelling()):
+                raise _stopping() from None  # ended by stop, not by its caller
+            raise
+
+    async def _commit_alone(
+        self, tenants: frozenset[str], submissions: Sequence[Submission]
+    ) -> list[Outcome]:
+        async with self._tenant_gates.hold(tenants):
+            return await self._commit(submissions)
+
     def stop(self) -> None:
         """The server is shutting down and its requests' time is nearly up: end the
-        group commits still in flight (a write waiting on a lock, a slow commit). Their
+        writes still in flight (a write waiting on a lock, a slow commit). Their
         statements are cancelled, so their transactions roll back, and their callers,
         like any write that comes later, get DatabaseUnavailable: a 503, not a cut
-        connection, for a write that was not committed. (Without group commit, a write
-        runs in its request's own task, which the server cancels at its timeout.)"""
+        connection, for a write that was not committed."""
         self._stopped = True
-        for task in (*self._committers, self._checking):
+        for task in (*self._committers, *self._alone, self._checking):
             if task is not None:
                 task.cancel()
 
