@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -11,8 +13,10 @@ import asyncpg
 import httpx
 import pytest
 
+from pulse.config import Settings
 from tests.streams.sse_client import SSE_PATH, ResumingClient
 from tests.support import provision_device, running_server
+from tests.web.db_proxy import database_proxy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -160,3 +164,30 @@ async def test_a_database_refusing_for_a_while_is_unavailable_not_an_error(
     finally:
         await admin.execute(allow)
         await admin.close()
+
+
+async def test_readyz_answers_within_its_timeout_when_the_database_stops_answering(
+    settings: Settings, database_url: str, pool: asyncpg.Pool
+) -> None:
+    """From the operations audit: against a PostgreSQL stopped (SIGSTOP), /readyz took
+    over 5 s, though its probe has a 2 s timeout: the cancelled query's cleanup (the
+    cancel request, to a postmaster that does not answer either) was waited for. An
+    orchestrator's probe with a 5 s timeout saw no answer at all. Now each answers 503
+    within about 2 s, and probes do not pile up on a database that does not answer."""
+    async with database_proxy(database_url) as proxy:
+        served = dataclasses.replace(settings, database_url=proxy.dsn)
+        async with running_server(served) as url, httpx.AsyncClient(base_url=url) as http:
+            assert (await http.get("/readyz", timeout=10)).status_code == 200
+            proxy.freeze()
+            try:
+                for _ in range(3):
+                    started = time.monotonic()
+                    ready = await http.get("/readyz", timeout=10)
+                    took = time.monotonic() - started
+                    assert ready.status_code == 503 and ready.json()["database"] is False
+                    assert took < 4, took  # the probe's 2 s, and a busy machine's margin
+            finally:
+                proxy.thaw()
+            async with asyncio.timeout(30):
+                while (await http.get("/readyz", timeout=10)).status_code != 200:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)

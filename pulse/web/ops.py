@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
+import weakref
 from typing import Any, Literal
 
 import asyncpg
@@ -175,12 +176,36 @@ async def metrics() -> Response:
 _WRITABLE = "SELECT current_setting('transaction_read_only') = 'off'"
 
 
+# Each runtime's probe of the database, while one is in flight (_database_answers).
+_probes: weakref.WeakKeyDictionary[Runtime, asyncio.Task[bool]] = weakref.WeakKeyDictionary()
+PROBE_TIMEOUT_S = 2.0
+
+
 async def _database_answers(rt: Runtime) -> bool:
     """Whether the database answers, and can be written: read-only (a failover onto a
     server not yet promoted, default_transaction_read_only), it answers, but neither
-    ingest nor a stream's admission can be served."""
+    ingest nor a stream's admission can be served.
+
+    Within PROBE_TIMEOUT_S, whatever the database does: the probe runs in a task of its
+    own, which is not waited for past that. A query cancelled against a database that
+    stopped answering (SIGSTOP, a machine gone) is cleaned up by asyncpg with a cancel
+    request, which goes unanswered too: waited for, the answer took over 10 s. Probes
+    do not pile up: while one is in flight, the next waits on it, and while one given up
+    on is still being cleaned up, the database has not answered yet."""
+    probe = _probes.get(rt)
+    if probe is None or probe.done():
+        probe = _probes[rt] = asyncio.get_running_loop().create_task(_probe(rt))
+    elif probe.cancelling():
+        return False
+    await asyncio.wait({probe}, timeout=PROBE_TIMEOUT_S)
+    if not probe.done():
+        probe.cancel()  # its cleanup goes on without us
+        return False
+    return not probe.cancelled() and probe.result()
+
+
+async def _probe(rt: Runtime) -> bool:
     try:
-        async with asyncio.timeout(2):
-            return bool(await rt.db.fetchval(_WRITABLE))
-    except (DatabaseUnavailable, TimeoutError, asyncpg.PostgresError):
+        return bool(await rt.db.fetchval(_WRITABLE))
+    except (DatabaseUnavailable, asyncpg.PostgresError, OSError, TimeoutError):
         return False  # an error for SELECT 1 is no answer either

@@ -3,7 +3,10 @@
 While cut, every connection through it is closed and new ones are closed as soon
 as they are accepted, so the server under test sees its database go away (the
 driver's connection errors, then refused reconnects) without the database
-itself being touched; ``mend`` lets connections through again.
+itself being touched; ``mend`` lets connections through again. ``freeze`` is a
+database that stopped answering (SIGSTOPped, a machine gone): connections stay open,
+new ones are accepted (the kernel's backlog), and nothing goes through either way
+until ``thaw``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ class DatabaseProxy:
         self._socket_dir = None if self._host else query.get("host", [None])[0]
         self._upstream = parts
         self._cut = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._pipes: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.dsn = ""
@@ -51,10 +56,17 @@ class DatabaseProxy:
     def mend(self) -> None:
         self._cut = False
 
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._cut:
             writer.close()
             return
+        await self._flowing.wait()
         try:
             if self._socket_dir:
                 path = f"{self._socket_dir}/.s.PGSQL.{self._port}"
@@ -72,7 +84,9 @@ class DatabaseProxy:
         assert task is not None
         self._pipes.add(task)  # type: ignore[arg-type]
         try:
-            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+            await asyncio.gather(
+                _pump(reader, up_writer, self._flowing), _pump(up_reader, writer, self._flowing)
+            )
         except asyncio.CancelledError:
             pass
         finally:
@@ -81,9 +95,12 @@ class DatabaseProxy:
                 end.close()
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event
+) -> None:
     with contextlib.suppress(ConnectionError):
         while data := await reader.read(65536):
+            await flowing.wait()
             writer.write(data)
             await writer.drain()
     writer.close()
