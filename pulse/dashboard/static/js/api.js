@@ -11,10 +11,11 @@ const TENANT_KEY = "pulse.tenant";
 export class AuthError extends Error {}
 
 export class ApiError extends Error {
-  constructor(status, code, detail) {
+  constructor(status, code, detail, retryAfterS = null) {
     super(detail || code || `HTTP ${status}`);
     this.status = status;
     this.code = code;
+    this.retryAfterS = retryAfterS; // the server's Retry-After, in seconds, when it sent one
   }
 
   // Asking again later may succeed: the server is busy, restarting or unreachable.
@@ -32,7 +33,8 @@ export function isTenantProblem(error) {
 async function errorOf(response) {
   const body = await response.json().catch(() => ({}));
   if (response.status === 401) return new AuthError(body.detail || "The token was refused.");
-  return new ApiError(response.status, body.error, body.detail);
+  const retryAfter = Number.parseFloat(response.headers.get("Retry-After"));
+  return new ApiError(response.status, body.error, body.detail, retryAfter >= 0 ? retryAfter : null);
 }
 
 // fetch(), with "the server cannot be reached" as an ApiError like any other.

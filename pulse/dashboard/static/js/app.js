@@ -5,25 +5,42 @@
 // for the fleet summary and the active alerts. Data out: acknowledge and close
 // alerts. Rendering happens in one place (flush), a few times a second at most.
 //
-// The seam between history and live: each device's history comes with the
-// tenant's newest event id its snapshot holds (its seam). The stream starts a
-// few events before the lowest seam (for the table of latest events), and a
-// device's events up to its own seam go to that table only: its chart and values
-// have them already. Nothing between is missed, nothing counted twice.
+// The seam between history and live: the stream opens first, a few events before
+// the tenant's newest (for the table of latest events), and the histories load
+// after it, a few at a time. Each device's history comes with the tenant's newest
+// event id its snapshot holds (its seam), never older than the stream's start. Live
+// events of a device whose history is still loading are charted and kept aside; its
+// history replaces its chart, and those after its seam are charted again. A device's
+// events up to its seam that arrive after its history go to the table only. Nothing
+// between is missed, nothing counted twice.
 
 import { ApiError, AuthError, Session, isTenantProblem } from "./api.js";
 import { Sparkline } from "./charts.js";
 import { Backoff, FleetSocket, TelemetryStream, newestEventId } from "./streams.js";
 
 const DEFAULT_RANGE_S = 3600; // the range picker's (index.html) first choice
-const HISTORY_CONCURRENCY = 6; // history requests in flight at once
-const HISTORY_ATTEMPTS = 6; // asks for a history while the server is busy: waits of up to 1, 2, 4, 8, 8 s
+// History requests in flight at once: half of a tenant's history slots
+// (PULSE_MAX_HISTORY_READS_PER_TENANT, 6), so that another tab or client still has some.
+const HISTORY_CONCURRENCY = 3;
+// A history the server is too busy for (429, 503) is asked again after its Retry-After
+// or a backoff of up to 8 s, whichever is longer, for as long as the page shows that
+// range: never given up.
+const HISTORY_RETRY_CAP_MS = 8000;
+const LOADING_EVENTS = 1000; // a device's live events kept aside while its history loads
+const NEWEST_ATTEMPTS = 3; // asks for the tenant's newest event id before the stream opens
 const BACKFILL_EVENTS = 5000; // replayed at start when the server has no history API
 const RECENT_ROWS = 15;
 const ALERTS_PUSHED = 100; // the v2 WebSocket's alerts push holds the newest 100 (docs/protocol.md)
 const FLUSH_MS = 250;
 const CHART_EVERY_MS = 1000;
-const DEVICE_REFRESH_MS = 15000;
+// The device list is fetched again when the fleet summary disagrees with the cards (a
+// device added, deleted, or gone STALE or OFFLINE: a reading makes its card ONLINE
+// here), at most once per 10 ms per device shown, within 5 s and 60 s (2,000 devices:
+// every 20 s at most), and every 5 minutes for names and sites, which no stream announces.
+const DEVICE_REFRESH_MIN_MS = 5000;
+const DEVICE_REFRESH_MAX_MS = 60000;
+const DEVICE_REFRESH_PER_DEVICE_MS = 10;
+const DEVICE_REFRESH_EVERY_MS = 300000;
 const LOG_LIMIT = 200000;
 // The history's bucket widths (docs/history.md), in seconds.
 const WIDTHS_S = { "1m": 60, "5m": 300, "15m": 900, "1h": 3600, "1d": 86400 };
@@ -105,7 +122,11 @@ class Dashboard {
     this.metricPicked = false; // by the viewer, in the picker
     this.filter = "";
     this.arrivals = [];
-    this.liveFrom = null; // events up to this id are history replayed at start
+    this.liveFrom = null; // events up to this id are replayed at start, for the table
+    this.refreshedAt = 0; // when the device list was last fetched
+    this.refreshing = false;
+    this.refreshTimer = null;
+    this.historyWaiting = false; // the histories wait for the stream's position
     this.rangeS = DEFAULT_RANGE_S;
     this.historyLoads = 0; // range changes: a later load wins over an earlier one
     // What was rendered, in order: for tests and debugging (window.pulseDashboard).
@@ -116,7 +137,10 @@ class Dashboard {
     this.stopped = false;
     this.telemetry = new TelemetryStream(session, {
       onEvents: (event) => this.pending.push(event),
-      onState: () => this.renderConnection(),
+      onState: () => {
+        if (this.historyWaiting && this.telemetry.state === "live") this.startHistory();
+        this.renderConnection();
+      },
       onAuthError: (error) => signOut(error.message),
       onFatal: (error) => this.fail("telemetry", `Live telemetry refused: ${sentence(error.message)}`, error),
     });
@@ -151,34 +175,45 @@ class Dashboard {
       }
     }
     if (this.stopped) return;
-    const seams = await this.loadHistory();
+    // The live stream first, from the tenant's newest event id (less a few, for the
+    // table of latest events; with no devices yet, a replay for the charts of those
+    // to come). The histories follow: their seams are never older than that id.
+    const newest = await this.newestId();
     if (this.stopped) return;
-    if (seams.length) {
-      this.liveFrom = Math.max(...seams);
-      this.telemetry.lastEventId = Math.max(0, Math.min(...seams) - RECENT_ROWS);
-    } else {
-      // No device has history (or the server has no history API): the newest id,
-      // and a replay of recent events for the charts. Asked again while the server
-      // cannot say: a stream started at "now" later would miss what came between.
-      let newest = await newestEventId(this.session);
-      for (const retry = new Backoff(1000, 8000); newest === null && retry.attempt < HISTORY_ATTEMPTS; ) {
-        await sleep(retry.next());
-        if (this.stopped) return;
-        newest = await newestEventId(this.session);
-      }
-      if (newest !== null) {
-        this.liveFrom = newest;
-        const replay = this.devices.size && !this.historyMissing ? 0 : BACKFILL_EVENTS;
-        this.telemetry.lastEventId = Math.max(0, newest - replay);
-      }
+    if (newest !== null) {
+      this.liveFrom = newest;
+      const replay = this.devices.size ? RECENT_ROWS : BACKFILL_EVENTS;
+      this.telemetry.lastEventId = Math.max(0, newest - replay);
     }
     this.telemetry.start();
     this.fleet.start();
     this.timers.push(setInterval(() => this.flush(), FLUSH_MS));
     this.timers.push(setInterval(() => this.tick(), 1000));
-    this.timers.push(setInterval(() => this.refreshDevices(), DEVICE_REFRESH_MS));
+    this.timers.push(setInterval(() => this.scheduleDeviceRefresh(), DEVICE_REFRESH_EVERY_MS));
     this.onResize = () => this.resizeCharts();
     window.addEventListener("resize", this.onResize);
+    // Without a position (the server could not say), a stream opened at "now" might
+    // start after a history's snapshot: the histories wait until it is open.
+    if (newest !== null) this.startHistory();
+    else this.historyWaiting = true;
+  }
+
+  // The tenant's newest event id, asked again a few times while the server cannot say.
+  async newestId() {
+    for (const retry = new Backoff(1000, 8000); !this.stopped; ) {
+      const newest = await newestEventId(this.session);
+      if (newest !== null || retry.attempt >= NEWEST_ATTEMPTS) return newest;
+      await sleep(retry.next());
+    }
+    return null;
+  }
+
+  startHistory() {
+    this.historyWaiting = false;
+    this.loadHistory().catch((error) => {
+      if (error instanceof AuthError) signOut(error.message);
+      else console.error("history:", error);
+    });
   }
 
   // The REST API's view of the fleet. Throws what the page cannot do without:
@@ -198,6 +233,7 @@ class Dashboard {
     if (blocking) throw blocking;
     const [devices, summary, alerts, rules] = results.map((r) => r.value);
     this.setDevices(devices);
+    this.refreshedAt = Date.now();
     // The fleet WebSocket sends the summary and the alerts too: without them here
     // the page waits for it. Without the rules, it cannot ask again.
     if (summary) this.setSummary(summary);
@@ -208,53 +244,52 @@ class Dashboard {
     }
   }
 
-  // Each device's history over the chosen range, a few requests at a time; returns
-  // the seams of the devices that have one.
+  // Each device's history over the chosen range, a few requests at a time.
   async loadHistory() {
     const load = ++this.historyLoads;
     // No "to": the server's default holds every reading committed before its
     // snapshot, whatever the clocks, which the seam needs.
     const from = new Date(Date.now() - this.rangeS * 1000);
     const queue = [...this.devices.values()];
-    const seams = [];
+    for (const device of queue) device.loading = [];
     const missed = [];
     const current = () => !this.stopped && load === this.historyLoads;
     const worker = async () => {
       while (queue.length && current()) {
         const device = queue.shift();
-        // A server busy or restarting is asked again (else the chart would start
-        // empty, and, with no device's seam, the stream at "now").
-        const backoff = new Backoff(1000, 8000);
-        for (let attempt = 1; current(); attempt += 1) {
+        if (this.devices.get(device.id) !== device) continue; // deleted meanwhile
+        // A server busy or restarting is asked again, after the wait it asks for,
+        // quietly and for as long as it takes: else the chart stays without history.
+        const backoff = new Backoff(1000, HISTORY_RETRY_CAP_MS);
+        while (current()) {
           try {
             const body = await this.session.request(
               "GET",
               `/api/v1/customer/devices/${encodeURIComponent(device.id)}/telemetry`,
               { from: from.toISOString(), agg: "avg,last,count" },
             );
-            if (load !== this.historyLoads) return;
+            if (!current()) return;
             this.applyHistory(device, body);
-            seams.push(body.last_event_id);
             break;
           } catch (error) {
             if (error instanceof AuthError) throw error;
-            if (optional(error)) this.historyMissing = true;
-            else if (error instanceof ApiError && error.transient && attempt < HISTORY_ATTEMPTS) {
-              await sleep(backoff.next());
+            if (error instanceof ApiError && error.transient) {
+              await sleep(retryDelay(error, backoff));
               continue;
-            } else missed.push(device.id);
+            }
+            device.loading = null; // its chart goes on with the live readings it has
+            if (!optional(error)) missed.push(device.id);
             break;
           }
         }
       }
     };
     await Promise.all(Array.from({ length: HISTORY_CONCURRENCY }, worker));
-    if (!current()) return seams;
+    if (!current()) return;
     if (missed.length) {
       const which = missed.length === 1 ? `of ${missed[0]}` : `of ${missed.length} devices`;
       problems.set("history", `The history ${which} could not be loaded: its chart shows live readings only.`);
     } else problems.clear("history");
-    return seams;
   }
 
   // A device's chart from its history (points of every metric on one time axis),
@@ -283,6 +318,10 @@ class Dashboard {
       if (!(name in device.latest) && points.length) device.latest[name] = points.at(-1).last;
     }
     device.seam = Math.max(device.seam ?? 0, body.last_event_id);
+    // Live events charted while the history loaded: those after its seam, again.
+    const held = device.loading || [];
+    device.loading = null;
+    for (const event of held) if (event.id > device.seam) this.chartReading(device, event);
     this.log.history[device.id] = { seam: device.seam, bucket: body.bucket, points: times.length };
     this.log.history[device.id].readings = counted;
     device.dirty = device.chartDirty = true;
@@ -321,12 +360,41 @@ class Dashboard {
 
   // --- data in -----------------------------------------------------------
 
+  // The device list again, soon but not sooner than the list's size allows (see
+  // DEVICE_REFRESH_MIN_MS): the whole list is some 180 bytes a device.
+  scheduleDeviceRefresh() {
+    if (this.refreshTimer !== null || this.refreshing || this.stopped) return;
+    const gap = Math.min(
+      DEVICE_REFRESH_MAX_MS,
+      Math.max(DEVICE_REFRESH_MIN_MS, this.devices.size * DEVICE_REFRESH_PER_DEVICE_MS),
+    );
+    const wait = Math.max(300, this.refreshedAt + gap - Date.now());
+    this.refreshTimer = setTimeout(() => {
+      this.refreshTimer = null;
+      this.refreshDevices();
+    }, wait);
+  }
+
   async refreshDevices() {
+    this.refreshing = true;
+    this.refreshedAt = Date.now();
     try {
       this.setDevices(await this.session.requestAll("/api/v1/customer/devices", "devices"));
     } catch (error) {
       if (error instanceof AuthError) signOut(error.message);
+    } finally {
+      this.refreshing = false;
     }
+    // The summary moved again while the list was read.
+    if (this.summary && this.disagrees(this.summary)) this.scheduleDeviceRefresh();
+  }
+
+  // The summary's counts are not those of the cards shown.
+  disagrees(summary) {
+    if (summary.total !== this.devices.size) return true;
+    const counts = { ONLINE: 0, STALE: 0, OFFLINE: 0 };
+    for (const device of this.devices.values()) counts[device.status] = (counts[device.status] || 0) + 1;
+    return ["ONLINE", "STALE", "OFFLINE"].some((status) => counts[status] !== summary[status]);
   }
 
   // The whole list (every page of it): a card whose device is not in it any more was
@@ -350,8 +418,6 @@ class Dashboard {
   }
 
   setSummary(summary) {
-    const changed =
-      !this.summary || ["ONLINE", "STALE", "OFFLINE", "total"].some((k) => this.summary[k] !== summary[k]);
     const alertsChanged = !this.summary || this.summary.active_alerts !== summary.active_alerts;
     this.summary = summary;
     if (alertsChanged && this.alertsLoaded) this.renderAlerts();
@@ -360,13 +426,9 @@ class Dashboard {
     $("sum-stale").textContent = summary.STALE;
     $("sum-offline").textContent = summary.OFFLINE;
     $("sum-alerts").textContent = summary.active_alerts;
-    // Device statuses moved: fetch them so the cards agree with the numbers.
-    if (changed) this.scheduleDeviceRefresh();
-  }
-
-  scheduleDeviceRefresh() {
-    clearTimeout(this.refreshTimer);
-    this.refreshTimer = setTimeout(() => this.refreshDevices(), 300);
+    // Device statuses moved in a way the cards do not show: fetch them so that the
+    // cards agree with the numbers.
+    if (this.disagrees(summary)) this.scheduleDeviceRefresh();
   }
 
   setAlerts(alerts) {
@@ -478,6 +540,26 @@ class Dashboard {
     const seen = Math.min(now, t * 1000);
     if (device.lastSeen === null || seen > device.lastSeen) device.lastSeen = seen;
     device.lastId = event.id;
+    const live = this.liveFrom === null || event.id > this.liveFrom;
+    // A reading committed makes its device ONLINE (docs/fleet.md): the card says so
+    // without fetching the list.
+    if (live && device.status !== "ONLINE") {
+      device.status = "ONLINE";
+      this.renderDeviceInfo(device);
+    }
+    if (device.loading) {
+      device.loading.push(event);
+      if (device.loading.length > LOADING_EVENTS) device.loading.shift();
+    }
+    this.chartReading(device, event);
+    device.dirty = device.chartDirty = true;
+    if (live) this.arrivals.push(now);
+  }
+
+  // An event's readings on its device's chart.
+  chartReading(device, event) {
+    const metrics = event.data.metrics;
+    const t = Date.parse(event.data.time) / 1000;
     // In the bucket of the chart's last point: averaged into it. A point per reading
     // over a range of days grew without end (604,800 a week per device at 1 a second).
     const width = device.widthS;
@@ -502,8 +584,6 @@ class Dashboard {
       if (values.length < device.times.length) values.push(null);
     }
     this.trim(device, t);
-    device.dirty = device.chartDirty = true;
-    if (this.liveFrom === null || event.id > this.liveFrom) this.arrivals.push(now);
   }
 
   // A device with no history yet: the bucket width its range's history would have
@@ -790,6 +870,16 @@ class Dashboard {
 // A server without this API (404) leaves its part of the page empty, silently.
 function optional(error) {
   return error instanceof ApiError && error.status === 404;
+}
+
+// How long to wait before asking a busy server again: at least its Retry-After (and a
+// little more, so that the tabs it refused do not all come back at once), else the
+// backoff's next wait.
+function retryDelay(error, backoff) {
+  const wait = backoff.next();
+  if (error.retryAfterS === null || error.retryAfterS === undefined) return wait;
+  const after = error.retryAfterS * 1000;
+  return Math.max(wait, after + Math.random() * Math.max(after, 1000) * 0.5);
 }
 
 // What is wrong and the page cannot mend, by part of the page, in one line under the top bar.
