@@ -8,6 +8,7 @@ devices' readings of the same batch; a sign-out left the session's cards on the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ import asyncpg
 import httpx
 import pytest
 
+from pulse.config import Settings
 from tests.dashboard.browser import MISSING, chromium_installed, chromium_page, wait_until
 from tests.dashboard.fleet import seed_fleet
-from tests.support import provision_device, pulse_serve
+from tests.support import insert_readings, provision_device, pulse_serve, running_server
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -169,3 +171,63 @@ async def test_a_long_range_holds_a_point_per_bucket_not_per_reading(
         await wait_until(page, f"window.pulseDashboard.ids.includes({ids[-1]})")
         points = await page.evaluate("window.pulseDashboard.points")
         assert points["busy"] <= 2, points  # 30 readings, in one bucket (two at a boundary)
+
+
+async def test_a_device_flooding_new_metric_names_leaves_the_page_responsive_and_bounded(
+    settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """Found by an audit: one device sending 199 new metric names a reading (200 are
+    allowed) froze its tenant's dashboard (3.2 million DOM nodes and 20 s stalls after 6
+    readings: the picker rebuilt whole for each new name, a series kept per name ever
+    seen), and reloading did not help (its history: 14,130 series, 4.1 GB)."""
+    from playwright.async_api import expect
+
+    await provision_device(pool, "t1", "flood")
+    await provision_device(pool, "t1", "plain")
+    readings = 10
+    bound = "document.getElementsByTagName('*').length"
+
+    def reading(n: int) -> dict[str, float]:
+        names = [f"s{n:03d}_{j:03d}_".ljust(64, "x") for j in range(199)]
+        return {"temp": 21.0 + n, **{name: float(j) for j, name in enumerate(names)}}
+
+    async def responsive() -> None:
+        # The page answers at once, busy machine or not: a page stalled for seconds does not.
+        start = time.monotonic()
+        await page.evaluate("1")
+        assert time.monotonic() - start < 5
+
+    async def bounded() -> None:
+        await responsive()
+        # The picker lists 100 names (and says there are more), the card keeps 20 and says so.
+        assert await page.locator("#chart-metric option").count() <= 101
+        assert await page.evaluate("window.pulseDashboard.metrics.flood") <= 20
+        assert await page.evaluate(bound) < 3000
+        card = page.locator('.device[data-device-id="flood"]')
+        await expect(card.locator(".more-metrics")).to_be_visible()
+        await expect(card.locator('.metric[data-metric="temp"] .value')).not_to_have_text("\u2013")
+        # Nothing spills: the picker keeps its width, the card and the row theirs.
+        assert (await page.locator("#chart-metric").bounding_box() or {"width": 1e9})[
+            "width"
+        ] <= 200
+        spill = await card.evaluate("(c) => c.scrollWidth - c.clientWidth")
+        assert spill <= 1, spill
+        row = await page.locator("#event-rows tr").first.bounding_box()
+        assert row is not None and row["height"] < 80, row
+
+    async with running_server(settings) as url, chromium_page() as page:
+        await page.goto(f"{url}/#token={make_token('t1')}")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        for n in range(readings):
+            [newest] = await insert_readings(pool, "t1", [("flood", reading(n))])
+            await insert_readings(pool, "t1", [("plain", {"temp": 20.0})])
+            await wait_until(page, f"window.pulseDashboard.ids.includes({newest})")
+            await responsive()
+        await bounded()
+
+        # Reloaded: the device's history (1,991 series) is held within the same bounds.
+        await page.reload()
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        await wait_until(page, "window.pulseDashboard.history.flood !== undefined")
+        await bounded()
+        assert await page.evaluate("window.pulseDashboard.history.flood.readings") == readings

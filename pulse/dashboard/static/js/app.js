@@ -30,6 +30,16 @@ const LOADING_EVENTS = 1000; // a device's live events kept aside while its hist
 const NEWEST_ATTEMPTS = 3; // asks for the tenant's newest event id before the stream opens
 const BACKFILL_EVENTS = 5000; // replayed at start when the server has no history API
 const RECENT_ROWS = 15;
+// Whatever a device sends (up to 200 metrics a reading, new names in each), the page
+// keeps the first METRICS_PER_DEVICE names it sees of each device (its history's,
+// preferred names first, then its readings'): their latest values and chart series.
+// The card says when the device sent others. The chart picker lists the first
+// METRICS_LISTED names of the fleet. A row of the latest events shows EVENT_METRICS.
+// A device that sent 199 new names a second took the page to millions of DOM nodes and
+// gigabytes, across reloads.
+const METRICS_PER_DEVICE = 20;
+const METRICS_LISTED = 100;
+const EVENT_METRICS = 8;
 const ALERTS_PUSHED = 100; // the v2 WebSocket's alerts push holds the newest 100 (docs/protocol.md)
 const FLUSH_MS = 250;
 const CHART_EVERY_MS = 1000;
@@ -103,6 +113,10 @@ function localMoment(date, now = new Date()) {
   return date.toLocaleString(undefined, options);
 }
 
+// The preferred metrics first (temperature before battery), then by name.
+const preferredFirst = (a, b) =>
+  (PREFERRED.indexOf(a) + 1 || 99) - (PREFERRED.indexOf(b) + 1 || 99) || a.localeCompare(b);
+
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // A message that ends like a sentence, so that another may follow it on the same line.
@@ -117,7 +131,7 @@ class Dashboard {
     this.summary = null;
     this.pending = [];
     this.recent = [];
-    this.metricsSeen = new Set();
+    this.metricsSeen = new Set(); // listed in the chart picker
     this.chartMetric = null;
     this.metricPicked = false; // by the viewer, in the picker
     this.filter = "";
@@ -261,12 +275,15 @@ class Dashboard {
         // A server busy or restarting is asked again, after the wait it asks for,
         // quietly and for as long as it takes: else the chart stays without history.
         const backoff = new Backoff(1000, HISTORY_RETRY_CAP_MS);
+        let named = this.historyMetrics(device, false);
         while (current()) {
           try {
+            const params = { from: from.toISOString(), agg: "avg,last,count" };
+            if (named) params.metrics = named.join(",");
             const body = await this.session.request(
               "GET",
               `/api/v1/customer/devices/${encodeURIComponent(device.id)}/telemetry`,
-              { from: from.toISOString(), agg: "avg,last,count" },
+              params,
             );
             if (!current()) return;
             this.applyHistory(device, body);
@@ -275,6 +292,11 @@ class Dashboard {
             if (error instanceof AuthError) throw error;
             if (error instanceof ApiError && error.transient) {
               await sleep(retryDelay(error, backoff));
+              continue;
+            }
+            if (!named && error instanceof ApiError && error.status === 400) {
+              // Too many points in all its series (docs/history.md): those it can show.
+              named = this.historyMetrics(device, true);
               continue;
             }
             device.loading = null; // its chart goes on with the live readings it has
@@ -292,12 +314,42 @@ class Dashboard {
     } else problems.clear("history");
   }
 
-  // A device's chart from its history (points of every metric on one time axis),
-  // and its latest values where the stream has not given newer ones.
+  // The metrics to ask a device's history for: none named (every one) until the device
+  // is known to have more than the page keeps, or when `always`; then those it keeps
+  // (with the preferred and the chart's when there is room).
+  historyMetrics(device, always) {
+    if (!always && device.tracked.size < METRICS_PER_DEVICE) return null;
+    const names = new Set(device.tracked);
+    for (const name of [this.chartMetric, ...PREFERRED]) {
+      if (name && names.size < METRICS_PER_DEVICE) names.add(name);
+    }
+    return [...names];
+  }
+
+  // Whether the page keeps a device's metric, taking it while there is room.
+  tracks(device, name) {
+    if (device.tracked.has(name)) return true;
+    if (device.tracked.size >= METRICS_PER_DEVICE) {
+      if (!device.untracked) {
+        device.untracked = true;
+        device.dirty = true;
+      }
+      return false;
+    }
+    device.tracked.add(name);
+    device.order = null;
+    if (!this.metricsSeen.has(name)) this.addMetric(name);
+    return true;
+  }
+
+  // A device's chart from its history (points of every metric it keeps on one time
+  // axis), and its latest values where the stream has not given newer ones.
   applyHistory(device, body) {
     const toSeconds = (iso) => Date.parse(iso) / 1000;
+    const byPreference = Object.keys(body.series).sort(preferredFirst);
+    const kept = byPreference.filter((name) => this.tracks(device, name));
     const times = [
-      ...new Set(Object.values(body.series).flatMap((points) => points.map((p) => toSeconds(p.t)))),
+      ...new Set(kept.flatMap((name) => body.series[name].map((p) => toSeconds(p.t)))),
     ].sort((a, b) => a - b);
     const index = new Map(times.map((t, i) => [t, i]));
     device.times = times;
@@ -307,14 +359,16 @@ class Dashboard {
     // last one weighed by the readings the history counted in it.
     device.widthS = own(WIDTHS_S, body.bucket, 0);
     device.weights = dict();
-    for (const [name, points] of Object.entries(body.series)) {
+    for (const points of Object.values(body.series)) {
+      counted = Math.max(counted, points.reduce((sum, p) => sum + p.count, 0));
+    }
+    for (const name of kept) {
+      const points = body.series[name];
       const values = times.map(() => null);
       for (const point of points) values[index.get(toSeconds(point.t))] = point.avg;
       const last = points.at(-1);
       if (last && toSeconds(last.t) === times.at(-1)) device.weights[name] = last.count;
       device.series[name] = values;
-      counted = Math.max(counted, points.reduce((sum, p) => sum + p.count, 0));
-      if (!this.metricsSeen.has(name)) this.addMetric(name);
       if (!(name in device.latest) && points.length) device.latest[name] = points.at(-1).last;
     }
     device.seam = Math.max(device.seam ?? 0, body.last_event_id);
@@ -448,6 +502,9 @@ class Dashboard {
         status: "OFFLINE",
         lastSeen: null,
         latest: dict(),
+        tracked: new Set(), // the metrics the page keeps (METRICS_PER_DEVICE)
+        untracked: false, // the device sent more
+        order: null, // the names its card shows, in order
         times: [],
         series: dict(),
         widthS: this.liveWidth(), // the history's bucket width: live readings are averaged into such buckets
@@ -478,8 +535,10 @@ class Dashboard {
     const seen = el("span", "seen", "never seen");
     const last = el("span", "last-id");
     foot.append(seen, last);
-    card.append(head, id, metrics, chart, foot);
-    device.nodes = { card, name, badge, id, metrics, chart, seen, last, values: dict() };
+    const more = el("div", "more-metrics", `It sends more than ${METRICS_PER_DEVICE} metrics: the first ${METRICS_PER_DEVICE} are shown.`);
+    more.hidden = true;
+    card.append(head, id, metrics, more, chart, foot);
+    device.nodes = { card, name, badge, id, metrics, more, chart, seen, last, values: dict() };
     // Keep the grid in device id order.
     const grid = $("device-grid");
     const after = [...grid.children].find((c) => c.dataset.deviceId > device.id);
@@ -491,6 +550,7 @@ class Dashboard {
     const { card, name, badge, id } = device.nodes;
     const info = device.info || {};
     name.textContent = info.name || device.id;
+    name.title = name.textContent; // shown whole on hover when it is cut short
     // The id line adds what the name does not say already.
     id.textContent = [info.name ? device.id : "", info.site_id || ""].filter(Boolean).join(" · ");
     card.dataset.status = device.status;
@@ -535,7 +595,9 @@ class Dashboard {
       return;
     }
     const metrics = event.data.metrics;
-    Object.assign(device.latest, metrics);
+    for (const name of Object.keys(metrics)) {
+      if (this.tracks(device, name)) device.latest[name] = metrics[name];
+    }
     const t = Date.parse(event.data.time) / 1000;
     const seen = Math.min(now, t * 1000);
     if (device.lastSeen === null || seen > device.lastSeen) device.lastSeen = seen;
@@ -569,9 +631,9 @@ class Dashboard {
       device.times.push(start);
       device.weights = dict();
     }
-    for (const [name, value] of Object.entries(metrics)) {
+    for (const name of device.tracked) {
+      const value = own(metrics, name, undefined);
       if (typeof value !== "number") continue;
-      if (!this.metricsSeen.has(name)) this.addMetric(name);
       if (!device.series[name]) device.series[name] = device.times.map(() => null);
       const values = device.series[name];
       if (values.length < device.times.length) values.push(null);
@@ -609,26 +671,37 @@ class Dashboard {
     }
   }
 
+  // A name for the chart picker, in its place (up to METRICS_LISTED; then a last,
+  // disabled option says that there are more).
   addMetric(name) {
-    this.metricsSeen.add(name);
     const select = $("chart-metric");
-    const names = [...this.metricsSeen].sort(
-      (a, b) => (PREFERRED.indexOf(a) + 1 || 99) - (PREFERRED.indexOf(b) + 1 || 99) || a.localeCompare(b),
-    );
-    select.replaceChildren(...names.map((n) => new Option(n, n)));
+    if (this.metricsSeen.size >= METRICS_LISTED) {
+      if (!select.querySelector("option[data-more]")) {
+        const more = new Option(`(first ${METRICS_LISTED} metrics listed)`, "");
+        more.disabled = true;
+        more.dataset.more = "";
+        select.append(more);
+      }
+      return;
+    }
+    this.metricsSeen.add(name);
+    const option = new Option(name, name);
+    option.title = name;
+    const after = [...select.options].find((o) => !("more" in o.dataset) && preferredFirst(o.value, name) > 0);
+    select.insertBefore(option, after || select.querySelector("option[data-more]"));
     // Until someone picks one, the most preferred seen so far (history comes in
     // alphabetical order: battery before temp).
-    if (!this.metricPicked && this.chartMetric !== names[0]) this.setChartMetric(names[0], false);
+    const first = select.options[0].value;
+    if (!this.metricPicked && this.chartMetric !== first) this.setChartMetric(first, false);
     select.value = this.chartMetric;
   }
 
   renderValues(device) {
     device.dirty = false;
-    const { metrics, values, seen, last } = device.nodes;
-    const names = Object.keys(device.latest).sort(
-      (a, b) => (PREFERRED.indexOf(a) + 1 || 99) - (PREFERRED.indexOf(b) + 1 || 99) || a.localeCompare(b),
-    );
-    for (const name of names.slice(0, 4)) {
+    const { metrics, values, seen, last, more } = device.nodes;
+    if (!device.order) device.order = Object.keys(device.latest).sort(preferredFirst).slice(0, 4);
+    more.hidden = !device.untracked;
+    for (const name of device.order) {
       let node = values[name];
       if (!node) {
         node = el("div", "metric");
@@ -637,7 +710,9 @@ class Dashboard {
         const unit = el("span", "unit", own(UNITS, name, ""));
         const line = el("div");
         line.append(value, unit);
-        node.append(line, el("span", "name", name));
+        const label = el("span", "name", name);
+        label.title = name;
+        node.append(line, label);
         metrics.append(node);
         values[name] = node;
         node.valueNode = value;
@@ -668,15 +743,19 @@ class Dashboard {
     const rows = this.recent.map((event) => {
       const tr = el("tr");
       tr.dataset.id = event.id;
-      const metrics = Object.entries(event.data.metrics)
-        .map(([k, v]) => `${k}=${formatValue(v)}`)
+      const names = Object.keys(event.data.metrics);
+      let metrics = names
+        .slice(0, EVENT_METRICS)
+        .map((k) => `${k}=${formatValue(event.data.metrics[k])}`)
         .join("  ");
-      tr.append(
-        el("td", "num", String(event.id)),
-        el("td", "", timeOfDay(event.data.time)),
-        el("td", "", event.device_id),
-        el("td", "", metrics),
-      );
+      if (names.length > EVENT_METRICS) metrics += `  … ${names.length - EVENT_METRICS} more`;
+      const device = el("td", "device-cell", event.device_id);
+      device.title = event.device_id;
+      const cell = el("td");
+      const text = el("div", "event-metrics", metrics);
+      text.title = metrics;
+      cell.append(text);
+      tr.append(el("td", "num", String(event.id)), el("td", "", timeOfDay(event.data.time)), device, cell);
       return tr;
     });
     $("event-rows").replaceChildren(...rows);
@@ -992,6 +1071,10 @@ async function open(session) {
     // How many points each device's chart holds.
     get points() {
       return dashboard ? Object.fromEntries([...dashboard.devices].map(([id, d]) => [id, d.times.length])) : null;
+    },
+    // How many metrics each device's chart keeps.
+    get metrics() {
+      return dashboard ? Object.fromEntries([...dashboard.devices].map(([id, d]) => [id, d.tracked.size])) : null;
     },
     get connections() {
       return dashboard ? { telemetry: dashboard.telemetry.connections, fleet: dashboard.fleet.connections } : null;
