@@ -7,6 +7,8 @@ not load the alerts never says there are none.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +18,10 @@ import asyncpg
 import httpx
 import pytest
 
+from pulse.config import Settings
 from tests.dashboard.browser import MISSING, chromium_installed, chromium_page
 from tests.dashboard.fleet import seed_fleet
-from tests.support import pulse_serve
+from tests.support import provision_device, pulse_serve, running_server
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -183,3 +186,44 @@ async def test_a_busy_server_at_load_time_is_retried_and_said_meanwhile(
         await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
         await expect(problem).to_be_hidden()
         await expect(page.locator("#alerts-empty")).to_have_text("No active alerts.")
+
+
+async def test_over_the_connection_limit_the_page_says_so_and_comes_back(
+    settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """Found by an audit: over the tenant's connection limit the banner said
+    "Reconnecting... Nothing is lost" and the detail "telemetry: telemetry: This tenant
+    has reached its connection limit."; nothing said what the person could do."""
+    from playwright.async_api import expect
+
+    await provision_device(pool, "t1", "dev-1")
+    token = make_token("t1")
+    limited = dataclasses.replace(settings, max_connections_per_tenant=2)
+    async with (
+        running_server(limited) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+        chromium_page() as page,
+    ):
+        async with contextlib.AsyncExitStack() as held:
+            for _ in range(2):  # the tenant's two connections, taken by others
+                response = await held.enter_async_context(
+                    http.stream(
+                        "GET",
+                        "/api/v1/customer/telemetry/stream/sse",
+                        headers={"Authorization": f"Bearer {token}"},
+                    )
+                )
+                assert response.status_code == 200
+            await page.goto(f"{url}/#token={token}")
+            banner = page.locator("#banner")
+            await expect(banner).to_contain_text("limit of open live connections")
+            await expect(banner).to_contain_text("Close Pulse tabs or windows")
+            await expect(banner).not_to_contain_text("Nothing is lost")
+            detail = page.locator("#connection-detail")
+            await expect(detail).to_contain_text("connection limit reached")
+            assert "telemetry: telemetry" not in await detail.inner_text()
+        # Freed: the page comes back by itself, after the server's Retry-After.
+        await expect(page.locator("#connection")).to_have_attribute(
+            "data-state", "live", timeout=40_000
+        )
+        await expect(banner).to_be_hidden()

@@ -130,3 +130,31 @@ async def test_a_history_the_server_could_not_answer_is_asked_again(
         assert all(history[d]["readings"] == 1 for d in DEVICES), history
         assert len(refused) == 2 * len(DEVICES)
         await expect(page.locator("#problem")).to_be_hidden()
+
+
+async def test_events_the_server_no_longer_keeps_are_said_to_be_gone(
+    settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """Found by an audit: a stream told `history_trimmed` (its position older than the
+    retained events) skipped to the earliest one kept while the page said nothing, and
+    its banner had said "Nothing is lost"."""
+    if not chromium_installed():
+        pytest.skip(MISSING)
+    from playwright.async_api import expect
+
+    await provision_device(pool, "t1", "dev-1")
+    ids = await insert_readings(pool, "t1", [("dev-1", {"temp": float(n)}) for n in range(30)])
+    # Retention dropped the oldest 25 (as it drops a day's partition): the page starts 15
+    # events before the newest, where nothing is kept any more.
+    await pool.execute("DELETE FROM telemetry WHERE tenant_id = 't1' AND id <= $1", ids[24])
+    first, last = ids[-1] - 15 + 1, ids[24]
+    async with running_server(settings) as url, chromium_page() as page:
+        await page.goto(f"{url}/#token={make_token('t1')}")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        problem = page.locator("#problem")
+        await expect(problem).to_contain_text(f"Events #{first} to #{last} are not shown")
+        await expect(problem).to_contain_text(f"goes on from #{last + 1}")
+        # And it does.
+        [newest] = await insert_readings(pool, "t1", [("dev-1", {"temp": 40.0})])
+        await wait_until(page, f"window.pulseDashboard.ids.at(-1) === {newest}")
+        assert await page.evaluate("window.pulseDashboard.ids") == [*ids[25:], newest]

@@ -147,10 +147,18 @@ class Dashboard {
     // history: per device, its seam and how many readings its history counted.
     this.log = { ids: [], count: 0, history: dict(), skipped: 0 };
     this.alertsLoaded = false;
+    this.alertsPartial = false;
     this.failed = new Set(); // parts of the page given up on
     this.stopped = false;
     this.telemetry = new TelemetryStream(session, {
       onEvents: (event) => this.pending.push(event),
+      onTrimmed: (first, last) => {
+        const which = first === last ? `Event #${first} is` : `Events #${first} to #${last} are`;
+        problems.set(
+          "trimmed",
+          `${which} not shown: the server no longer keeps them (they were older than its retention when this page asked). Live telemetry goes on from #${last + 1}.`,
+        );
+      },
       onState: () => {
         if (this.historyWaiting && this.telemetry.state === "live") this.startHistory();
         this.renderConnection();
@@ -160,7 +168,7 @@ class Dashboard {
     });
     this.fleet = new FleetSocket(session, {
       onSummary: (summary) => this.setSummary(summary),
-      onAlerts: (alerts) => this.setAlerts(alerts),
+      onAlerts: (alerts) => this.setAlerts(alerts, alerts.length >= ALERTS_PUSHED),
       onState: () => this.renderConnection(),
       onAuthError: (error) => signOut(error.message),
       onFatal: (error) => {
@@ -251,7 +259,7 @@ class Dashboard {
     // The fleet WebSocket sends the summary and the alerts too: without them here
     // the page waits for it. Without the rules, it cannot ask again.
     if (summary) this.setSummary(summary);
-    if (alerts) this.setAlerts(alerts.alerts);
+    if (alerts) this.setAlerts(alerts.alerts, Boolean(alerts.next_cursor));
     if (rules) this.rules = rules;
     else if (!optional(results[3].reason)) {
       problems.set("rules", `Could not load the alert rules: ${sentence(results[3].reason.message)}`);
@@ -485,8 +493,10 @@ class Dashboard {
     if (this.disagrees(summary)) this.scheduleDeviceRefresh();
   }
 
-  setAlerts(alerts) {
+  // `partial`: the newest of more (a page of the REST list, the WebSocket's 100).
+  setAlerts(alerts, partial = this.alertsPartial) {
     this.alertsLoaded = true;
+    this.alertsPartial = partial;
     this.alerts = alerts.filter((a) => a.status !== "CLOSED");
     this.renderAlerts();
   }
@@ -790,14 +800,16 @@ class Dashboard {
     list.replaceChildren(...items);
     $("alerts-empty").textContent = "No active alerts.";
     $("alerts-empty").hidden = this.alerts.length > 0;
-    // The fleet WebSocket sends the newest ALERTS_PUSHED: say when there are more.
-    const capped = this.alerts.length >= ALERTS_PUSHED && this.summary;
-    const total = capped ? Math.max(this.alerts.length, this.summary.active_alerts) : this.alerts.length;
-    const shown = this.alerts.length < total ? `${this.alerts.length} of ${total}` : String(total);
+    // The list is the newest of more (the REST API's first page, the fleet WebSocket's
+    // newest ALERTS_PUSHED): the summary's count, where known, is the total.
+    const partial = this.alertsPartial;
+    const total = partial && this.summary ? Math.max(this.alerts.length, this.summary.active_alerts) : this.alerts.length;
+    const count = partial && !this.summary ? `${total}+` : String(total);
+    const shown = this.alerts.length < total ? `${this.alerts.length} of ${total}` : count;
     $("alert-count").textContent = this.alerts.length ? shown : "";
     // Visible from another tab: the count of active alerts in the title.
     const title = `Pulse · ${this.session.tenantName || "fleet"}`;
-    document.title = this.alerts.length ? `(${total}) ${title}` : title;
+    document.title = this.alerts.length ? `(${count}) ${title}` : title;
     for (const device of this.devices.values()) {
       device.nodes.card.classList.toggle("has-alert", alerting.has(device.id));
     }
@@ -873,7 +885,15 @@ class Dashboard {
     $("connection-detail").textContent = details.join(" · ");
     node.title = details.join("\n");
     const banner = $("banner");
-    if (state === "reconnecting") {
+    if (this.telemetry.limited || this.fleet.limited) {
+      // Every tab and client of the tenant counts: the person can free a connection.
+      const since = this.telemetry.lastEventId;
+      banner.textContent =
+        "Live updates are paused: this tenant has reached its limit of open live connections. " +
+        "Close Pulse tabs or windows you do not need; this page tries again every few seconds" +
+        (since !== null ? ` and then resumes after event #${since}.` : ".");
+      banner.hidden = false;
+    } else if (state === "reconnecting") {
       const since = this.telemetry.lastEventId;
       banner.textContent =
         "Reconnecting: the values shown may be out of date. Nothing is lost: telemetry resumes" +

@@ -44,6 +44,12 @@ export async function newestEventId(session, timeoutMs = 5000) {
   });
 }
 
+const LIMIT_RETRY_S = 5; // the SSE 429's Retry-After; a WebSocket close 4029 has none
+
+// A wait of at least `ms`, and up to half as long again: the tabs refused together do
+// not all come back together.
+const jittered = (ms) => ms + Math.random() * ms * 0.5;
+
 export class Backoff {
   constructor(baseMs = 500, capMs = 15000) {
     this.baseMs = baseMs;
@@ -73,6 +79,7 @@ class Reconnecting {
     this.connections = 0;
     this.stopped = false;
     this.timer = null;
+    this.limited = false; // refused for the tenant's (or the server's) connection limit
   }
 
   start() {
@@ -104,8 +111,11 @@ class Reconnecting {
     if (!this.stopped) this.connect(ticket);
   }
 
-  // The server said no: sign out, give up with the reason, or try again later.
-  refused(error, what) {
+  // The server said no: sign out, give up with the reason, or try again later (no
+  // sooner than its Retry-After). `what` names the request refused when it is not the
+  // connection itself (the page already says which connection this is).
+  refused(error, what = "") {
+    const prefix = what ? `${what}: ` : "";
     if (error instanceof AuthError) {
       this.stopped = true;
       this.close();
@@ -114,16 +124,28 @@ class Reconnecting {
     } else if (error instanceof ApiError && !error.transient) {
       this.stopped = true;
       this.close();
-      this.setState("offline", `${what}: ${error.code || error.status}`);
+      this.setState("offline", `${prefix}${error.code || error.status}`);
       this.onFatal(error);
+    } else if (error instanceof ApiError && error.code === "connection_limit") {
+      this.overLimit(error.retryAfterS);
     } else {
-      this.retry(`${what}: ${error.message}`);
+      const after = error instanceof ApiError ? error.retryAfterS : null;
+      this.retry(`${prefix}${error.message}`, after === null ? null : jittered(after * 1000));
     }
+  }
+
+  // Too many live connections for the tenant (every tab and client counts): retried
+  // after the server's Retry-After (5 s unless it says), and the page says why.
+  overLimit(retryAfterS = null) {
+    this.limited = true;
+    const wait = Math.max(jittered((retryAfterS ?? LIMIT_RETRY_S) * 1000), this.backoff.next());
+    this.retry("connection limit reached", wait);
   }
 
   connected() {
     this.connections += 1;
     this.backoff.reset();
+    this.limited = false;
     this.setState("live");
   }
 
@@ -138,9 +160,10 @@ class Reconnecting {
 }
 
 export class TelemetryStream extends Reconnecting {
-  constructor(session, { onEvents, onState, onAuthError, onFatal }) {
+  constructor(session, { onEvents, onTrimmed, onState, onAuthError, onFatal }) {
     super(session, { onState, onAuthError, onFatal });
     this.onEvents = onEvents;
+    this.onTrimmed = onTrimmed;
     this.lastEventId = null;
     this.duplicates = 0;
     this.source = null;
@@ -172,13 +195,28 @@ export class TelemetryStream extends Reconnecting {
     source.addEventListener("reset", (message) => {
       const data = JSON.parse(message.data);
       if (data.reason === "unknown_position") this.lastEventId = data.last_event_id;
+      else if (data.reason === "history_trimmed") {
+        // The events after our position up to earliest_id - 1 are gone (retention):
+        // the stream goes on from earliest_id. Said, not skipped silently.
+        const after = this.lastEventId ?? 0;
+        if (data.earliest_id > after + 1 && this.onTrimmed) this.onTrimmed(after + 1, data.earliest_id - 1);
+        this.lastEventId = Math.max(after, data.earliest_id - 1);
+      }
     });
     source.addEventListener("lagging", () => this.retry("fell behind; resuming", 0));
-    source.onerror = () => {
+    source.onerror = (event) => {
+      // An `error` event of the server's own (its data says why: the stream ends).
+      let reason = null;
+      try {
+        reason = event.data ? JSON.parse(event.data).reason : null;
+      } catch {
+        // not the server's: a dropped connection
+      }
+      if (reason === "connection_limit") this.overLimit();
       // CLOSED: the server answered with an HTTP error, which EventSource does not
       // show; ask it why. Otherwise the connection dropped, and the browser would
       // reconnect by itself but with the spent ticket: take over.
-      if (source.readyState === EventSource.CLOSED) this.explainRefusal();
+      else if (source.readyState === EventSource.CLOSED) this.explainRefusal();
       else this.retry(this.connections ? "connection lost" : "cannot connect");
     };
   }
@@ -188,7 +226,7 @@ export class TelemetryStream extends Reconnecting {
     this.setState("reconnecting", "refused");
     const error = await this.session.refusal(SSE_PATH, this.params());
     if (this.stopped) return;
-    if (error) this.refused(error, "telemetry");
+    if (error) this.refused(error);
     else this.retry("refused");
   }
 
@@ -242,7 +280,11 @@ export class FleetSocket extends Reconnecting {
       if (event.code === 4000 || event.code === 4003) {
         // A bad request, or forbidden (role, tenant or origin): retrying cannot help.
         const status = event.code === 4000 ? 400 : 403;
-        this.refused(new ApiError(status, event.reason, REFUSALS[event.reason]), "fleet");
+        this.refused(new ApiError(status, event.reason, REFUSALS[event.reason]));
+        return;
+      }
+      if (event.code === 4029) {
+        this.overLimit();
         return;
       }
       const why = CLOSES[event.code] || `closed (${event.code})`;
