@@ -84,11 +84,13 @@ def set_password(tenant_id: str, device_id: str, password: str) -> Command:
     }
 
 
-def delete_device(tenant_id: str, device_id: str) -> list[Command]:
-    return [
-        {"command": "deleteClient", "username": topics.username(tenant_id, device_id)},
-        {"command": "deleteRole", "rolename": topics.role(tenant_id, device_id)},
-    ]
+def delete_device(tenant_id: str, device_id: str, *, client: bool = True) -> list[Command]:
+    """The device's role, and its client unless ``client`` is False (a client of that
+    name that is an operator's own)."""
+    role = {"command": "deleteRole", "rolename": topics.role(tenant_id, device_id)}
+    if not client:
+        return [role]
+    return [{"command": "deleteClient", "username": topics.username(tenant_id, device_id)}, role]
 
 
 def list_clients() -> Command:

@@ -10,6 +10,9 @@ client and role without a password at the next connection (``reconcile``):
 it can connect once its token is rotated. A device created or deleted while the
 broker was away is marked (``broker_unsynced``): its client, which may carry an
 older device's token under the same name, is reset at the next connection.
+A broker client named like a device that Pulse did not make (not in the device's
+role) is an operator's own: Pulse never sets its password nor deletes it, so a
+tenant admin cannot take it over by naming a device after it.
 """
 
 from __future__ import annotations
@@ -101,7 +104,10 @@ class Provisioner:
             tenant_id, device_id = row["tenant_id"], row["device_id"]
             await self._delete(tenant_id, device_id)
             if (tenant_id, device_id) in devices:
-                await self._ensure(tenant_id, device_id, None)
+                try:
+                    await self._ensure(tenant_id, device_id, None)
+                except ProvisioningFailed as exc:
+                    self._failed("create", tenant_id, device_id, exc)
             await self._db.execute(
                 Q["clear_broker_unsynced"], tenant_id, device_id, row["marked_at"]
             )
@@ -123,6 +129,14 @@ class Provisioner:
         )
         _check(role, tolerate=dynsec.exists)
         if dynsec.exists(client):
+            if not await self._made_here(tenant_id, device_id):
+                # An operator's own client of that name: its password is not ours to set
+                # (a tenant admin naming a device after it would take it over).
+                raise ProvisioningFailed(
+                    f"the broker client {topics.username(tenant_id, device_id)} is not one "
+                    "Pulse made (an operator's own): left alone, so the device cannot "
+                    "connect over MQTT; rename one of them"
+                )
             if password is not None:
                 (changed,) = await self._link.control(
                     [dynsec.set_password(tenant_id, device_id, password)]
@@ -140,7 +154,15 @@ class Provisioner:
         return dynsec.has_role(client, topics.role(tenant_id, device_id))
 
     async def _delete(self, tenant_id: str, device_id: str) -> None:
-        for response in await self._link.control(dynsec.delete_device(tenant_id, device_id)):
+        (client,) = await self._link.control(
+            [dynsec.get_client(topics.username(tenant_id, device_id))]
+        )
+        # A client of that name outside the device's role is an operator's own: not ours.
+        ours = dynsec.error(client) is not None or dynsec.has_role(
+            client, topics.role(tenant_id, device_id)
+        )
+        commands = dynsec.delete_device(tenant_id, device_id, client=ours)
+        for response in await self._link.control(commands):
             _check(response, tolerate=dynsec.missing)
 
     async def _mark(self, tenant_id: str, device_id: str) -> None:

@@ -240,6 +240,39 @@ async def test_the_operator_s_own_clients_are_left_alone(
         assert not (await operator.connect()).is_failure
 
 
+async def test_a_device_named_after_an_operator_s_client_does_not_take_it_over(
+    pulse: Pulse, mosquitto: Mosquitto
+) -> None:
+    """From the MQTT audit: a tenant admin who made a device named after an operator's
+    own broker client (``t1/monitor``) had Pulse set that client's password to the
+    device's token (and a rotation set it again; a deletion deleted it): the client's
+    roles, whatever the operator gave it, were the tenant admin's. The operator's client
+    is now left alone: its password stays, and the device cannot connect over MQTT."""
+    admin = Admin(mosquitto)
+    with closing(admin.device):
+        await admin.start()
+        await admin.control(
+            {"command": "createClient", "username": "t1/monitor", "password": "y" * 20}
+        )
+        token = await pulse.device("monitor")
+        r = await pulse.http.post(f"{DEVICES}/monitor/rotate-token", headers=pulse.admin)
+        assert r.status_code in (200, 503), r.text  # refused: the broker was not told
+        rotated = r.json().get("provision_token")
+        for password in (token, rotated):
+            if password is not None:
+                as_device = Device(mosquitto, "t1/monitor", password)
+                with closing(as_device):
+                    assert (await as_device.connect()).value == NOT_AUTHORIZED
+        assert (
+            await pulse.http.delete(f"{DEVICES}/monitor", headers=pulse.admin)
+        ).status_code == 204
+        clients = (await admin.control({"command": "listClients"}))["data"]["clients"]
+        assert "t1/monitor" in clients
+    operator = Device(mosquitto, "t1/monitor", "y" * 20)
+    with closing(operator):
+        assert not (await operator.connect()).is_failure
+
+
 class Admin:
     """The dynamic-security admin, sending control commands as mosquitto_ctrl would."""
 
