@@ -7,6 +7,7 @@ the same moment, so a restarted server is not hit by all of them at once.
 from __future__ import annotations
 
 import random
+import time
 
 
 class Backoff:
@@ -33,3 +34,28 @@ class Backoff:
     def reset(self) -> None:
         """After a connection that worked: the next failure starts from ``base_s`` again."""
         self.attempt = 0
+
+
+class BusyWait:
+    """Asking again a request the server was too busy to answer (``429 history_limit``,
+    ``429 export_limit``, ``503``): after each answer's Retry-After (1 s without one,
+    ``max_delay_s`` at most), for up to ``wait_s`` seconds in all from the first try.
+    """
+
+    def __init__(self, wait_s: float, *, max_delay_s: float = 60.0) -> None:
+        self.wait_s = wait_s
+        self.max_delay_s = max_delay_s
+        self.waits = 0
+        self._start = time.monotonic()
+        self._deadline = self._start + wait_s
+
+    def waited_s(self) -> float:
+        return time.monotonic() - self._start
+
+    def delay_s(self, retry_after_s: float | None) -> float | None:
+        """How long to wait before asking again; None: past ``wait_s``, give up."""
+        delay = min(self.max_delay_s, retry_after_s or 1.0)
+        if time.monotonic() + delay > self._deadline:
+            return None
+        self.waits += 1
+        return delay

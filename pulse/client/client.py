@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from pulse.client.backoff import Backoff
+from pulse.client.backoff import Backoff, BusyWait
 from pulse.client.credentials import Credentials, TokenRefresh
 from pulse.client.errors import AuthenticationFailed, ExportCut, PulseClientError
 from pulse.client.events import Alert, FleetSummary
@@ -29,6 +29,15 @@ EXPORT_TYPES = {"csv": "text/csv", "ndjson": "application/x-ndjson"}
 # A cut raw export is asked for again after these answers too: a server restarting, or
 # one that still holds the cut export's slot.
 RESUMED_STATUS = frozenset({429, 502, 503, 504})
+# A server too busy for a request now (429 history_limit, export_limit; 503 while the
+# database is unreachable or the server restarts): asked again after its Retry-After.
+BUSY_STATUS = frozenset({429, 503})
+# The only requests asked again when refused busy: reads, which change nothing. A POST
+# (acknowledge, close) is raised at once; the caller knows whether to send it again.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD"})
+# How long a read (history, fleet_summary, alerts...) waits out busy answers by default.
+BUSY_WAIT_S = 30.0
+OnWait = Callable[[PulseClientError, float], object]
 S = TypeVar("S", bound=ReconnectingStream[Any])
 
 
@@ -41,6 +50,11 @@ class PulseClient:
     exponential backoff and full jitter (``backoff_base_s`` doubling up to
     ``backoff_cap_s``), resumes from its last event id and re-sends its
     filters and subscriptions.
+
+    A read the server is too busy for (``429 history_limit`` when the tenant's
+    history slots are taken, ``503``) is asked again after each answer's
+    Retry-After for up to ``busy_wait_s`` seconds in all (0: never), then raised;
+    ``on_busy(refusal, delay_s)`` is told each wait. POSTs are never asked again.
     """
 
     def __init__(
@@ -53,12 +67,18 @@ class PulseClient:
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
         on_notice: NoticeHandler | None = None,
+        busy_wait_s: float = BUSY_WAIT_S,
+        on_busy: OnWait | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
+        if busy_wait_s < 0:
+            raise ValueError("busy_wait_s must be 0 or more")
         self.base_url = base_url.rstrip("/")
         self.credentials = Credentials(token, refresh_token)
         self.tenant_id = tenant_id
         self.on_notice = on_notice
+        self.busy_wait_s = busy_wait_s
+        self.on_busy = on_busy
         self._backoff: Callable[[], Backoff] = lambda: Backoff(backoff_base_s, backoff_cap_s)
         self._owns_http = http is None
         self.http = http or httpx.AsyncClient(base_url=self.base_url, timeout=10.0)
@@ -247,7 +267,7 @@ class PulseClient:
         bucket: str = "raw",
         aggregates: Iterable[str] | None = None,
         wait_s: float = 0.0,
-        on_wait: Callable[[PulseClientError, float], object] | None = None,
+        on_wait: OnWait | None = None,
         resume: int = 0,
         on_resume: Callable[[ExportCut, float], object] | None = None,
     ) -> AsyncIterator[bytes]:
@@ -314,13 +334,12 @@ class PulseClient:
         params: dict[str, str],
         headers: dict[str, str],
         busy_wait_s: float = 0.0,
-        on_wait: Callable[[PulseClientError, float], object] | None = None,
+        on_wait: OnWait | None = None,
     ) -> AsyncIterator[httpx.Response]:
         """A request whose answer is read as it comes; failures raised as _request does.
-        A 429 is asked again after its Retry-After while ``busy_wait_s`` lasts."""
+        A busy answer is asked again after its Retry-After while ``busy_wait_s`` lasts."""
         params = {**params, **({"tenant_id": self.tenant_id} if self.tenant_id else {})}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + busy_wait_s
+        busy = BusyWait(busy_wait_s)
         refreshed = False
         while True:
             token = await self.credentials.current()
@@ -339,12 +358,7 @@ class PulseClient:
                     continue
                 if not response.is_success:
                     await response.aread()
-                    failure = self._failure(response)
-                    delay_s = min(60.0, retry_after_s(response) or 1.0)
-                    if response.status_code != 429 or loop.time() + delay_s > deadline:
-                        raise failure
-                    if on_wait is not None:
-                        on_wait(failure, delay_s)
+                    delay_s = self._wait_again(response, busy, on_wait)
                 else:
                     accept = headers.get("Accept")
                     if accept:  # an export: a page at that URL is no export
@@ -358,21 +372,48 @@ class PulseClient:
     async def _request(
         self, method: str, path: str, *, params: dict[str, str] | None = None
     ) -> Any:
+        """One call's JSON answer. A read the server is busy for is asked again (the
+        same request: a page of readings goes on from its cursor) while ``busy_wait_s``
+        lasts; anything else refused is raised."""
         params = dict(params or {})
         if self.tenant_id:
             params["tenant_id"] = self.tenant_id
-        for attempt in range(2):
+        busy = BusyWait(self.busy_wait_s if method in IDEMPOTENT_METHODS else 0.0)
+        refreshed = False
+        while True:
             token = await self.credentials.current()
             response = await self.http.request(
                 method, path, params=params, headers={"Authorization": f"Bearer {token}"}
             )
-            if response.status_code == 401 and attempt == 0 and self.credentials.can_refresh:
+            if response.status_code == 401 and not refreshed and self.credentials.can_refresh:
+                refreshed = True
                 await self.credentials.refresh()
                 continue
-            break
-        if response.is_success:
-            return response.json() if response.content else None
-        raise self._failure(response)
+            if response.is_success:
+                return response.json() if response.content else None
+            await asyncio.sleep(self._wait_again(response, busy, self.on_busy))
+
+    def _wait_again(
+        self, response: httpx.Response, busy: BusyWait, on_wait: OnWait | None
+    ) -> float:
+        """The seconds to wait before asking a refused request again, told to
+        ``on_wait``; raises the refusal when it is not a busy one or ``busy`` is over."""
+        failure = self._failure(response)
+        if response.status_code not in BUSY_STATUS:
+            raise failure
+        delay_s = busy.delay_s(retry_after_s(response))
+        if delay_s is None:
+            if busy.waits:
+                raise PulseClientError(
+                    failure.status,
+                    failure.code,
+                    f"{failure.detail} Gave up after {busy.waits + 1} tries in "
+                    f"{busy.waited_s():.1f} s (waiting at most {busy.wait_s:g} s).".strip(),
+                ) from failure
+            raise failure
+        if on_wait is not None:
+            on_wait(failure, delay_s)
+        return delay_s
 
     @staticmethod
     def _failure(response: httpx.Response) -> PulseClientError:
