@@ -78,7 +78,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> None:
 def _simulate(args: argparse.Namespace, settings: Settings) -> None:
     import httpx
 
-    from pulse.sim.simulator import Provisioned, Simulator, SimulatorError
+    from pulse.sim.simulator import Provisioned, RuleRefused, Simulator, SimulatorError
 
     token = args.token or _admin_token(settings, args.tenant)
     url = args.url or f"http://127.0.0.1:{settings.port}"
@@ -109,7 +109,12 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
                 file=sys.stderr,
             )
             if not args.no_rules:
-                rules = await simulator.ensure_rules()
+                try:
+                    rules = await simulator.ensure_rules()
+                except RuleRefused as exc:
+                    raise SimulatorError(
+                        f"{exc} (--no-rules simulates without adding alert rules)"
+                    ) from None
                 added = len(simulator.created_rules)
                 print(
                     f"alert rules {', '.join(repr(r) for r in rules)}: {added} added "

@@ -48,6 +48,28 @@ class SimulatorError(RuntimeError):
     pass
 
 
+class RuleRefused(SimulatorError):
+    """An alert rule the simulator would add was refused (the tenant's rule quota, say):
+    the simulator can run without its rules."""
+
+
+def refusal(r: httpx.Response) -> str:
+    """A refused answer in one line: ``409 tenant_quota: The tenant has ...``, or its
+    status and text when it is not Pulse's JSON error."""
+    try:
+        body = r.json()
+        return f"{r.status_code} {body['error']}: {body.get('detail', '')}".rstrip(": ")
+    except (ValueError, KeyError, TypeError):
+        return f"{r.status_code} {' '.join(r.text.split())[:200]}".rstrip()
+
+
+def error_code(r: httpx.Response) -> str | None:
+    try:
+        return str(r.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MqttSender(Protocol):
     """Devices over MQTT (``pulse.sim.mqtt_fleet.MqttFleet``)."""
 
@@ -126,7 +148,7 @@ class Simulator:
             f"{DEVICES_PATH}/{device.device_id}", headers=self._admin, params=self._params
         )
         if not r.is_success:
-            raise SimulatorError(f"cannot read {device.device_id}: {r.status_code} {r.text}")
+            raise SimulatorError(f"cannot read {device.device_id}: {refusal(r)}")
         found = r.json()
         if (found.get("name"), found.get("site_id")) != (device.name, device.site_id):
             raise SimulatorError(
@@ -160,7 +182,9 @@ class Simulator:
                 DEVICES_PATH, json=body, headers=self._admin, params=self._params
             )
             made = done.created
-            if r.status_code == 409:
+            if r.status_code == 409 and error_code(r) == "tenant_quota":
+                raise SimulatorError(self._device_quota(device, r, done))
+            if r.status_code == 409 and error_code(r) == "device_exists":
                 await self._check_simulated(device)
                 r = await self.http.post(
                     f"{DEVICES_PATH}/{device.device_id}/rotate-token",
@@ -169,9 +193,7 @@ class Simulator:
                 )
                 made = done.rotated
             if not r.is_success:
-                raise SimulatorError(
-                    f"cannot provision {device.device_id}: {r.status_code} {r.text}"
-                )
+                raise SimulatorError(f"cannot provision {device.device_id}: {refusal(r)}")
             device.provision_token = r.json()["provision_token"]
             made.append(device.device_id)
         for device in self.devices:
@@ -192,13 +214,25 @@ class Simulator:
             params=self._params,
         )
         if not r.is_success:
-            raise SimulatorError(f"cannot rotate {device.device_id}: {r.status_code} {r.text}")
+            raise SimulatorError(f"cannot rotate {device.device_id}: {refusal(r)}")
         device.provision_token = r.json()["provision_token"]
         if device.device_id in done.kept:
             done.kept.remove(device.device_id)
             done.rotated.append(device.device_id)
         if not await self.mqtt.connect(tenant, device.device_id, device.provision_token):
             raise SimulatorError(f"the MQTT broker refuses {device.device_id}'s new token")
+
+    def _device_quota(self, device: SimDevice, r: httpx.Response, done: Provisioned) -> str:
+        """What to say when the tenant may have no more devices (409 tenant_quota): the
+        server's sentence (the limit, what to do), and how far this run got."""
+        ready = len(done.created) + len(done.kept) + len(done.rotated)
+        fewer = f"simulate at most {ready} (--devices {ready}), or " if ready else ""
+        return (
+            f"cannot create {device.device_id}: {refusal(r)} {ready} of the "
+            f"{len(self.devices)} simulated devices were ready before the quota"
+            f"{f' ({done.describe()})' if ready else ''}: {fewer}make room in tenant "
+            f"{self.tenant_id!r}."
+        )
 
     async def _token_works(self, device_id: str, token: str) -> bool:
         """A heartbeat with the token: 204 when the device exists and the token is its own."""
@@ -236,7 +270,7 @@ class Simulator:
                 log.warning("this server has no alert rules API; no threshold alerts")
                 return []
             if not r.is_success:
-                raise SimulatorError(f"cannot list alert rules: {r.status_code} {r.text}")
+                raise RuleRefused(f"cannot list alert rules: {refusal(r)}")
             page = r.json()
             existing.update(rule["name"] for rule in page["rules"])
             if not page.get("next_cursor"):
@@ -248,7 +282,7 @@ class Simulator:
                     RULES_PATH, json=rule, headers=self._admin, params=self._params
                 )
                 if not c.is_success:
-                    raise SimulatorError(f"cannot create rule {rule['name']!r}: {c.text}")
+                    raise RuleRefused(f"cannot create alert rule {rule['name']!r}: {refusal(c)}")
                 self.created_rules.append(int(c.json()["rule_id"]))
         return [rule["name"] for rule in rules]
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import httpx
 import pytest
 
+from pulse.config import Settings
 from pulse.sim.simulator import DEFAULT_RULES, Simulator
-from tests.support import TEST_SECRET, provision_device
+from tests.support import TEST_SECRET, provision_device, running_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -173,3 +175,41 @@ async def test_rules_past_the_first_page_are_found(
     assert simulator.created_rules == []
     count = "SELECT count(*) FROM alert_rules WHERE tenant_id = 'sim'"
     assert await pool.fetchval(count) == 1000 + len(DEFAULT_RULES)
+
+
+@pytest.fixture
+async def small_quotas(settings: Settings) -> AsyncIterator[str]:
+    """A server where a tenant may have 2 devices and 1 alert rule."""
+    limits = dataclasses.replace(settings, max_devices_per_tenant=2, max_rules_per_tenant=1)
+    async with running_server(limits) as url:
+        yield url
+
+
+async def test_the_device_quota_is_said_as_such(small_quotas: str) -> None:
+    """From the user-experience audit: past PULSE_MAX_DEVICES_PER_TENANT, simulate took the
+    409 tenant_quota for "the device exists", read it, and stopped with `cannot read
+    dev-0003: 404 {"error":"unknown_device",...}`."""
+    said = await simulate(small_quotas, "--clean-up", status=1)
+    assert "unknown_device" not in said and "404" not in said, said
+    assert (
+        "pulse simulate: cannot create dev-0003: 409 tenant_quota: The tenant has 2 devices, "
+        "as many as it may (2). Delete some, or raise PULSE_MAX_DEVICES_PER_TENANT. 2 of "
+        "the 3 simulated devices were ready before the quota (2 created): simulate at most "
+        "2 (--devices 2), or make room in tenant 'sim'.\n"
+    ) in said, said
+    assert "deleted 2 devices" in said  # --clean-up removes what it made
+
+
+async def test_a_full_rule_quota_says_so_in_one_line_naming_no_rules(small_quotas: str) -> None:
+    """From the same audit: past PULSE_MAX_RULES_PER_TENANT, simulate exited 1 with the
+    server's raw JSON body, and no word of --no-rules."""
+    said = await simulate(small_quotas, "--devices", "2", "--clean-up", status=1)
+    last = said.splitlines()[-1]
+    assert last.startswith(
+        "pulse simulate: cannot create alert rule 'Battery below 15 %': 409 tenant_quota: "
+        "The tenant has 1 alert rules, as many as it may (1)."
+    ), said
+    assert last.endswith("(--no-rules simulates without adding alert rules)"), said
+    assert '{"error"' not in said, said
+    said = await simulate(small_quotas, "--devices", "2", "--no-rules", "--clean-up")
+    assert "simulating 2 devices" in said, said
