@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime
 from types import TracebackType
@@ -82,7 +81,9 @@ class PulseClient:
         self._backoff: Callable[[], Backoff] = lambda: Backoff(backoff_base_s, backoff_cap_s)
         self._owns_http = http is None
         self.http = http or httpx.AsyncClient(base_url=self.base_url, timeout=10.0)
-        self._streams: weakref.WeakSet[ReconnectingStream[Any]] = weakref.WeakSet()
+        # Held until they end or the client closes, which closes them in order: a
+        # stream left after `break` is not the garbage collector's to finalize.
+        self._streams: set[ReconnectingStream[Any]] = set()
 
     def _made(self, kind: Callable[..., S], where: Any, **options: Any) -> S:
         """A stream of ``kind`` on ``where`` (the HTTP client, or the base URL) with this
@@ -95,13 +96,17 @@ class PulseClient:
             on_notice=self.on_notice,
             **options,
         )
+        self._streams = {s for s in self._streams if not s.ended}
         self._streams.add(stream)
         return stream
 
     async def aclose(self) -> None:
-        """Stop the streams made by this client (their iterations end), then close."""
-        for stream in list(self._streams):
-            stream.stop()
+        """End the streams made by this client (their iterations end, their connections
+        are closed), then close."""
+        streams, self._streams = self._streams, set()
+        for stream in streams:
+            stream.stop()  # every connection cut at once, then each closed
+        await asyncio.gather(*(stream.aclose() for stream in streams))
         if self._owns_http:
             await self.http.aclose()
 

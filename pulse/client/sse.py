@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
 from collections.abc import AsyncGenerator, Iterable
+from typing import cast
 
 import httpx
 import orjson
@@ -104,6 +107,7 @@ class SSETelemetryStream(ReconnectingStream[Telemetry]):
         self.read_timeout_s = read_timeout_s
         # Events at or below this id were delivered already: dropped if sent again.
         self.duplicates_dropped = 0
+        self._response: httpx.Response | None = None  # the connection's, while open
 
     def _params(self) -> dict[str, str]:
         params = {
@@ -126,18 +130,40 @@ class SSETelemetryStream(ReconnectingStream[Telemetry]):
                     await response.aread()
                     raise http_failure(response)
                 expect_type(response, "text/event-stream")
+                self._response = response
+                if self._stopped.is_set():  # stop() came while connecting
+                    return
                 self._connected(describe_position("SSE", self.last_event_id))
                 decoder = SSEDecoder()
-                async for line in response.aiter_lines():
-                    message = decoder.feed(line)
-                    if message is not None:
-                        event = self._handle(message)
-                        if event is not None:
-                            yield event
+                try:
+                    # Closed here, in order: not left to the garbage collector. (httpx
+                    # types it an AsyncIterator; it is an async generator.)
+                    lines = cast("AsyncGenerator[str, None]", response.aiter_lines())
+                    async with contextlib.aclosing(lines):
+                        async for line in lines:
+                            message = decoder.feed(line)
+                            if message is not None:
+                                event = self._handle(message)
+                                if event is not None:
+                                    yield event
+                finally:
+                    self._response = None
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise Reconnect(f"cannot connect ({describe(exc)})") from exc
         except httpx.TransportError as exc:
             raise Reconnect(f"connection lost ({type(exc).__name__})") from exc
+
+    def _interrupt(self) -> None:
+        """Shut the connection's socket down (not close it: httpx still owns it): the
+        read waiting on it ends at once, as a lost connection, and the stream, stopped,
+        ends there rather than at the next keepalive."""
+        response = self._response
+        network = response.extensions.get("network_stream") if response is not None else None
+        # A socket.socket, or asyncio's TransportSocket over one (which has shutdown()).
+        sock = network.get_extra_info("socket") if network is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _handle(self, message: SSEMessage) -> Telemetry | None:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
 from typing import Generic, TypeVar
 
@@ -56,7 +56,14 @@ def describe(exc: BaseException) -> str:
 
 
 class ReconnectingStream(Generic[E]):
-    """An async iterator of events that survives disconnects; ``aclose()`` ends it."""
+    """An async iterator of events that survives disconnects; ``aclose()`` ends it.
+
+    The stream is its own iterator, over one ``_run`` generator that only the stream
+    touches: a generator (and the connection's, inside it) is closed by the stream
+    in order, never by another task while it runs, nor left for the garbage
+    collector, which finalizes the nested generators of a cycle all at once ("athrow():
+    asynchronous generator is already running" at exit).
+    """
 
     def __init__(
         self,
@@ -68,33 +75,68 @@ class ReconnectingStream(Generic[E]):
         self.backoff = backoff
         self.on_notice = on_notice
         self.connections = 0
-        self._iterator: AsyncIterator[E] | None = None
+        self._iterator: AsyncGenerator[E, None] | None = None
         self._refreshed = False
         self._stopped = asyncio.Event()  # stop(): no more connections
+        self._running = False  # a task is inside __anext__ (waiting for the next event)
+        self._closing = False  # aclose() is closing the generator
+        self._ended = asyncio.Event()  # the generator is done: returned, raised or closed
 
-    def __aiter__(self) -> AsyncIterator[E]:
-        if self._iterator is None:
-            self._iterator = self._run()
-        return self._iterator
+    def __aiter__(self) -> ReconnectingStream[E]:
+        return self
 
     async def __anext__(self) -> E:
-        return await self.__aiter__().__anext__()
+        if self._ended.is_set():
+            raise StopAsyncIteration
+        if self._closing:  # by another task, while this one was between two events
+            await self._ended.wait()
+            raise StopAsyncIteration
+        if self._iterator is None:
+            self._iterator = self._run()
+        self._running = True
+        try:
+            return await self._iterator.__anext__()
+        except BaseException:
+            # Whatever leaves a generator's __anext__ but an event ends it.
+            self._ended.set()
+            raise
+        finally:
+            self._running = False
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
 
     async def aclose(self) -> None:
-        if self._iterator is not None:
-            await self._iterator.aclose()  # type: ignore[attr-defined]
+        """End the stream, from the task iterating it or any other; its connection is
+        closed when this returns. A task waiting for the next event sees its iteration
+        end."""
+        self.stop()
+        if self._running:
+            # Another task is inside the generator: stop() cut its connection, and that
+            # task ends the generator (closing it from here would be "already running").
+            await self._ended.wait()
+        elif self._iterator is None:
+            self._ended.set()  # never iterated: nothing to close
+        elif not self._closing and not self._ended.is_set():
+            self._closing = True
+            try:
+                await self._iterator.aclose()
+            finally:
+                self._ended.set()
+        else:
+            await self._ended.wait()
 
     def stop(self) -> None:
-        """End the stream from anywhere (another task, the client closing): its
-        connection is cut, no other is made, and its iteration ends. ``aclose`` can
-        only be called by the one iterating, between two events."""
+        """End the stream from anywhere (another task, a signal handler, the client
+        closing), without waiting: its connection is cut, no other is made, and its
+        iteration ends."""
         self._stopped.set()
         self._interrupt()
 
     def _interrupt(self) -> None:
-        """Cut the connection the stream is on now, if any (a WebSocket's; an SSE
-        stream ends at its next line, a keepalive at most 15 s away, or at once when
-        its client closes)."""
+        """Cut the connection the stream is on now, if any, so that a task waiting on it
+        wakes up at once."""
 
     async def __aenter__(self) -> ReconnectingStream[E]:
         return self
@@ -120,7 +162,7 @@ class ReconnectingStream(Generic[E]):
         if self.on_notice is not None:
             self.on_notice(Notice(kind, detail, retry_in_s))
 
-    async def _run(self) -> AsyncIterator[E]:
+    async def _run(self) -> AsyncGenerator[E, None]:
         while not self._stopped.is_set():
             token = await self.credentials.current()
             try:

@@ -14,7 +14,12 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedOK,
+    InvalidHandshake,
+    InvalidStatus,
+)
 
 from pulse.client.backoff import Backoff
 from pulse.client.credentials import REFRESH_MARGIN_S, Credentials
@@ -110,7 +115,14 @@ class _WebSocketStream(ReconnectingStream[E]):
                 renew = asyncio.create_task(self._renew_token(ws))
                 try:
                     await self._on_open(ws)
-                    async for raw in ws:
+                    while True:
+                        # recv(), not `async for raw in ws`: that is a generator of its
+                        # own, which a consumer that stops would leave for the garbage
+                        # collector to close (at exit, "already running").
+                        try:
+                            raw = await ws.recv()
+                        except ConnectionClosedOK:
+                            break
                         message = orjson.loads(raw)
                         if not isinstance(message, dict):
                             continue
