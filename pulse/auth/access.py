@@ -42,6 +42,8 @@ def require_unexpired(principal: Principal) -> None:
     """Refuse a token already past its ``exp`` for what lasts until then: a stream, a
     stream ticket. The verifier's leeway (clock skew) lets single requests take such a
     token, but a stream opened with it would be closed at once, and an EventSource would
-    reconnect with it again and again (a 401 stops it)."""
+    reconnect with it again and again (a 401 stops it). Said in the catalogue's words,
+    which are all a WebSocket's close (reason: the code) can carry: a client says the
+    same for either transport."""
     if principal.expires_at.timestamp() <= time.time():
-        raise ApiError(TOKEN_EXPIRED, "The token has expired; a stream needs one that has not.")
+        raise ApiError(TOKEN_EXPIRED)

@@ -2,6 +2,25 @@
 
 from __future__ import annotations
 
+# A WebSocket refusal carries only its code (the close's reason; CONTRACT, "Errors"): the
+# client gives it the contract's sentence for that code, as an HTTP refusal carries one, so
+# both transports say the same. Kept equal to pulse/errors.py by
+# tests/client/test_tail_wording.py (the client does not import the server's packages).
+CLOSE_SENTENCES = {
+    "invalid_parameter": "A query parameter (filter, position, page) is not valid.",
+    "tenant_required": "Operators must name a tenant with the tenant_id parameter.",
+    "invalid_tenant_id": "tenant_id must be 1 to 64 characters of [A-Za-z0-9_.:-].",
+    "bad_request": "The request is malformed.",
+    "missing_token": "No token or ticket was sent.",
+    "invalid_token": "The token is malformed, forged, or not accepted here.",
+    "token_expired": "The token has expired (or did while connected).",
+    "invalid_ticket": "The stream ticket is unknown, already used or expired.",
+    "unauthorized": "The request needs credentials.",
+    "forbidden": "The role or the tenant is not allowed to do this.",
+    "origin_not_allowed": "The page's origin is not in PULSE_ALLOWED_ORIGINS (nor, for a "
+    "change made with the session cookie, this server's own).",
+}
+
 
 class PulseClientError(Exception):
     """A request Pulse refused for good; ``code`` is the error code or close reason."""

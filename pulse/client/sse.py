@@ -21,6 +21,7 @@ from pulse.client.stream import (
     Reconnect,
     ReconnectingStream,
     describe,
+    reset_detail,
 )
 
 SSE_PATH = "/api/v1/customer/telemetry/stream/sse"
@@ -177,7 +178,7 @@ class SSETelemetryStream(ReconnectingStream[Telemetry]):
     def _read(self, message: SSEMessage) -> Telemetry | None:
         if message.event == "reset":
             data = orjson.loads(message.data)
-            self._notice("reset", message.data)
+            self._notice("reset", reset_detail(data))
             if data.get("reason") == "unknown_position":
                 # The tenant's history is behind our position (a new database?):
                 # start again from its newest id.

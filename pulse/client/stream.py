@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+import orjson
 
 from pulse.client.backoff import Backoff
 from pulse.client.credentials import Credentials
@@ -53,6 +55,12 @@ def describe(exc: BaseException) -> str:
     """An exception in one line, for a notice: its type, and its message if it has one."""
     message = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def reset_detail(reset: dict[str, Any]) -> str:
+    """A reset's notice detail, the same from either transport: its fields as compact
+    JSON (an SSE reset's data; a WebSocket's message without its ``type``)."""
+    return orjson.dumps({k: v for k, v in reset.items() if k != "type"}).decode()
 
 
 class ReconnectingStream(Generic[E]):

@@ -23,7 +23,7 @@ from websockets.exceptions import (
 
 from pulse.client.backoff import Backoff
 from pulse.client.credentials import REFRESH_MARGIN_S, Credentials
-from pulse.client.errors import BadRequest, Forbidden, PulseClientError
+from pulse.client.errors import CLOSE_SENTENCES, BadRequest, Forbidden, PulseClientError
 from pulse.client.events import AlertsUpdate, FleetSummary, Telemetry, V2Event
 from pulse.client.sse import csv, describe_position
 from pulse.client.stream import (
@@ -32,6 +32,7 @@ from pulse.client.stream import (
     Reconnect,
     ReconnectingStream,
     describe,
+    reset_detail,
 )
 
 E = TypeVar("E")
@@ -50,11 +51,14 @@ def ws_url(base_url: str, path: str, params: dict[str, str | None]) -> str:
 def close_failure(code: int | None, reason: str) -> Exception:
     """A close frame from the server: what to do about it (raise the result)."""
     if code == 4001:
-        return AuthRejected(reason or "unauthorized")
+        reason = reason or "unauthorized"
+        return AuthRejected(reason, CLOSE_SENTENCES.get(reason, ""))
     if code == 4003:
-        return Forbidden(403, reason or "forbidden")
+        reason = reason or "forbidden"
+        return Forbidden(403, reason, CLOSE_SENTENCES.get(reason, ""))
     if code == 4000:
-        return BadRequest(400, reason or "bad_request")
+        reason = reason or "bad_request"
+        return BadRequest(400, reason, CLOSE_SENTENCES.get(reason, ""))
     if code == 4008:
         return Reconnect("lagging", delay_s=0.0)
     if code == 4029:
@@ -253,7 +257,7 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
                 self.last_event_id = int(message["last_event_id"])
             self._connected(describe_position("WebSocket", self.last_event_id))
         elif kind == "reset":
-            self._notice("reset", orjson.dumps(message).decode())
+            self._notice("reset", reset_detail(message))
             if message.get("reason") == "unknown_position":
                 self.last_event_id = int(message["last_event_id"])
         elif kind == "ping" and message.get("last_event_id") is not None:
