@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from pulse.auth.principal import Principal
+from pulse.auth.principal import OPERATOR_ADMIN, TENANT_ADMIN, Principal
 from pulse.errors import FORBIDDEN, INVALID_TENANT_ID, TENANT_REQUIRED, TOKEN_EXPIRED, ApiError
 from pulse.names import is_valid_name
 
@@ -31,6 +31,21 @@ def tenant_for(principal: Principal, requested: str | None) -> str:
     if requested is not None and requested != principal.tenant_id:
         raise ApiError(FORBIDDEN, "The token does not grant access to that tenant.")
     return principal.tenant_id
+
+
+def require_write(principal: Principal, tenant_id: str) -> None:
+    """May ``principal`` change ``tenant_id``? ``operator-admin`` may change any tenant;
+    ``tenant-admin`` only its own, whatever other roles come with it. (A token with
+    ``operator``, which may name any tenant, and ``tenant-admin`` of its own tenant
+    could change every tenant: the security audit's finding.)"""
+    if OPERATOR_ADMIN in principal.roles:
+        return
+    if TENANT_ADMIN in principal.roles and principal.tenant_id == tenant_id:
+        return
+    raise ApiError(
+        FORBIDDEN,
+        "tenant-admin changes only its own tenant; another tenant's changes need operator-admin.",
+    )
 
 
 def require_roles(principal: Principal, allowed: frozenset[str]) -> None:

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from quart import g, has_websocket_context, request, websocket
 from werkzeug.http import parse_cookie
 
-from pulse.auth.access import require_roles, tenant_for
+from pulse.auth.access import require_roles, require_write, tenant_for
 from pulse.auth.principal import ADMIN_ROLES, Principal
 from pulse.errors import MISSING_TOKEN, ORIGIN_NOT_ALLOWED, ApiError
 from pulse.runtime import Runtime
@@ -213,6 +213,8 @@ async def authorize(*, cross_tenant_reads: bool = False) -> None:
         g.tenant_id = request_tenant(principal) if request.args.get("tenant_id") else None
     else:
         g.tenant_id = request_tenant(principal)
+    if writes:
+        require_write(principal, g.tenant_id)
 
 
 def scope() -> str | None:

@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pulse.auth.access import require_roles, tenant_for
+from pulse.auth.access import require_roles, require_write, tenant_for
 from pulse.auth.principal import ADMIN_ROLES, Principal
 from pulse.errors import ApiError
 
@@ -63,3 +63,22 @@ def test_require_roles() -> None:
         with pytest.raises(ApiError) as info:
             require_roles(reader, ADMIN_ROLES)
         assert "operator-admin" in info.value.detail
+
+
+def test_a_tenant_admin_changes_only_its_own_tenant_whatever_roles_come_with_it() -> None:
+    """From the security audit (HIGH): a token with operator (names any tenant) and
+    tenant-admin (of its own) could change every tenant."""
+    require_write(principal("t1", "tenant-admin"), "t1")
+    require_write(principal("t1", "operator", "tenant-admin"), "t1")
+    require_write(principal(None, "operator-admin"), "t2")
+    require_write(principal("t1", "operator-admin"), "t2")
+    for who in (
+        principal("t1", "operator", "tenant-admin"),
+        principal("t1", "tenant-admin", "customer"),
+        principal(None, "operator", "tenant-admin"),
+        principal("t1", "operator"),
+        CUSTOMER,
+    ):
+        with pytest.raises(ApiError) as info:
+            require_write(who, "t2")
+        assert info.value.code == "forbidden" and "operator-admin" in info.value.detail

@@ -361,6 +361,32 @@ async def test_operator_admin_names_the_tenant(
     assert (await http.delete(f"{DEVICES}/d1?tenant_id=t9", headers=headers)).status_code == 204
 
 
+async def test_operator_with_tenant_admin_changes_no_tenant(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: MakeToken
+) -> None:
+    """From the security audit (HIGH): roles are a union, and a token with operator
+    (which may name any tenant) and tenant-admin (of its own tenant) rotated another
+    tenant's device token (200, with the new token), closed its alerts and made its
+    rules. A token with an operator role is an operator's, with no tenant of its own:
+    it may read any tenant, and change none without operator-admin."""
+    await provision_device(pool, "t2", "d2")
+    mixed = auth(make_token("t1", roles=("operator", "tenant-admin")))
+    rotated = await http.post(f"{DEVICES}/d2/rotate-token?tenant_id=t2", headers=mixed)
+    assert rotated.status_code == 403, rotated.text
+    assert "provision_token" not in rotated.text
+    made = await http.post(f"{DEVICES}?tenant_id=t2", json={"device_id": "x"}, headers=mixed)
+    assert made.status_code == 403
+    rule = {"name": "hot", "metric": "temp", "operator": ">", "threshold": 30, "severity": 4}
+    ruled = await http.post("/api/v1/customer/alert-rules?tenant_id=t2", json=rule, headers=mixed)
+    assert ruled.status_code == 403
+    assert (await http.delete(f"{DEVICES}/d2?tenant_id=t2", headers=mixed)).status_code == 403
+    assert await pool.fetchval("SELECT count(*) FROM devices WHERE tenant_id = 't2'") == 1
+    listed = await http.get(f"{DEVICES}?tenant_id=t2", headers=mixed)
+    assert [d["device_id"] for d in listed.json()["devices"]] == ["d2"]
+    own = await http.post(f"{DEVICES}?tenant_id=t1", json={"device_id": "mine"}, headers=mixed)
+    assert own.status_code == 403, own.text
+
+
 async def test_operator_reads_any_tenant(
     http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: MakeToken
 ) -> None:
