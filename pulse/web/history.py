@@ -33,6 +33,7 @@ from pulse.errors import (
 from pulse.history import reads
 from pulse.history.params import RAW, HistoryQuery, parse_history
 from pulse.history.rollups import RollupSettings
+from pulse.names import shown_name
 from pulse.times import format_time
 from pulse.web import openapi, runtime
 from pulse.web.auth import authorize, tenant
@@ -159,7 +160,9 @@ async def device_history(device_id: str) -> Response:
     query = parse_history(request.args, now=datetime.now(UTC))
     db, tenant_id = runtime().db, tenant()
     if not await reads.device_exists(db, tenant_id, device_id):
-        raise ApiError(UNKNOWN_DEVICE, f"There is no device {device_id[:64]} in this tenant.")
+        raise ApiError(
+            UNKNOWN_DEVICE, f"There is no device {shown_name(device_id)} in this tenant."
+        )
     kind, kept = _media_type(), _kept_since()
     if query.bucket == "auto" and not query.raw_kept(kept):
         # Older than retention: raw readings would be a part of the range's; the

@@ -254,6 +254,7 @@ async def test_active_alerts_for_the_v2_websocket(fleet: Fleet) -> None:
         ALERTS + "/{id}/acknowledge",
         "/api/v1/customer/alert-rules/{id}",
         "/api/v1/customer/devices/{id}",
+        "/api/v1/customer/devices/{id}/telemetry",
     ],
 )
 async def test_an_unknown_id_is_named_escaped_in_the_error(
@@ -262,7 +263,7 @@ async def test_an_unknown_id_is_named_escaped_in_the_error(
     """From the fleet audit: the 404's detail printed the path's id as it came, so a
     right-to-left override or a terminal escape reached whoever prints the error. A
     valid name is shown as it is; anything else quoted and escaped."""
-    method = "POST" if path.endswith("acknowledge") else "DELETE"
+    method = {"acknowledge": "POST", "telemetry": "GET"}.get(path.rsplit("/", 1)[1], "DELETE")
     for raw, shown in (("%E2%80%AEabc", "'\\u202eabc'"), ("%1B%5B31m", "'\\x1b[31m'")):
         response = await http.request(method, path.format(id=raw), headers=admin)
         assert response.status_code == 404
