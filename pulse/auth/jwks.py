@@ -5,11 +5,19 @@ not know triggers one refetch, because providers rotate keys by publishing the
 new one shortly before signing with it. Unknown kids are also what an attacker
 can send at will, so such refetches are rate limited; and only one fetch runs at
 a time: callers that queued behind it reuse its result.
+
+A fetch ends within ``timeout_s`` whatever the provider does (a deadline for the
+whole of it, body included, not per read), and reads at most ``MAX_DOCUMENT_BYTES``.
+Keys past ``max_age_s`` are refreshed in the background while a token whose
+``kid`` they know is verified with them: a provider that stopped answering
+stalled every request once the keys were an hour old (the security audit: one
+byte every 3 s kept requests waiting for over a minute).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -20,6 +28,8 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 log = logging.getLogger(__name__)
+
+MAX_DOCUMENT_BYTES = 1024 * 1024
 
 
 class JwksUnavailable(Exception):
@@ -50,6 +60,7 @@ class JwksCache:
         self._failed_at = -math.inf
         self._attempts = 0
         self._lock = asyncio.Lock()
+        self._refreshing: asyncio.Task[None] | None = None  # keys past max_age_s
 
     async def keys_for(self, kid: str | None) -> KeySet:
         """The key set to verify a token with this ``kid``, fetching it if needed.
@@ -57,7 +68,9 @@ class JwksCache:
         The set may still lack ``kid`` (an unknown key, refetch refused by the
         rate limit); verification then fails as it should.
         """
-        if self._keys is not None and self._knows(kid) and not self._too_old():
+        if self._keys is not None and self._knows(kid):
+            if self._too_old():
+                self._refresh_in_background()
             return self._keys
         attempts_seen = self._attempts
         async with self._lock:
@@ -67,6 +80,18 @@ class JwksCache:
         if self._keys is None:
             raise JwksUnavailable(f"no signing keys from {self.url}")
         return self._keys
+
+    def _refresh_in_background(self) -> None:
+        if self._refreshing is not None and not self._refreshing.done():
+            return
+        if self._clock() - self._failed_at < self._retry_after_failure_s:
+            return
+        self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            if self._too_old():  # not fetched by another caller meanwhile
+                await self._fetch()
 
     def _knows(self, kid: str | None) -> bool:
         # A token without kid is matched against the set as it is (joserfc picks
@@ -94,10 +119,24 @@ class JwksCache:
         try:
             import httpx  # loaded only where a JWKS is configured
 
-            async with httpx.AsyncClient(timeout=self._timeout_s) as client:
-                response = await client.get(self.url, headers={"Accept": "application/json"})
+            async with (
+                asyncio.timeout(self._timeout_s),
+                httpx.AsyncClient(timeout=self._timeout_s) as client,
+                client.stream("GET", self.url, headers={"Accept": "application/json"}) as response,
+            ):
                 response.raise_for_status()
-                keys = signing_keys(response.json())
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_DOCUMENT_BYTES:
+                        raise ValueError(f"the document is over {MAX_DOCUMENT_BYTES} bytes")
+            keys = signing_keys(json.loads(body))
+        except TimeoutError:
+            self._failed_at = self._clock()
+            log.warning(
+                "could not fetch signing keys from %s within %g s", self.url, self._timeout_s
+            )
+            return
         except (httpx.HTTPError, ValueError, JoseError) as exc:
             # Keep serving with the keys we had: a provider hiccup must not log everyone out.
             self._failed_at = self._clock()

@@ -14,6 +14,9 @@ class JwksServer:
     def __init__(self) -> None:
         self.document: dict[str, Any] = {"keys": []}
         self.status = 200
+        # Seconds between the bytes of a body that drips (a provider that stopped
+        # answering as it should); 0: all at once.
+        self.drip_s = 0.0
         self.hits = 0
         self._lock = threading.Lock()
         self.url = ""
@@ -30,6 +33,7 @@ class JwksServer:
 @contextlib.contextmanager
 def serve_jwks() -> Iterator[JwksServer]:
     state = JwksServer()
+    stopping = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -38,7 +42,14 @@ def serve_jwks() -> Iterator[JwksServer]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not state.drip_s:
+                self.wfile.write(body)
+                return
+            for i in range(len(body)):
+                if stopping.wait(state.drip_s):
+                    return
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -50,6 +61,7 @@ def serve_jwks() -> Iterator[JwksServer]:
     try:
         yield state
     finally:
+        stopping.set()
         httpd.shutdown()
         httpd.server_close()
         thread.join()

@@ -21,7 +21,7 @@ from pulse.auth.tokens import TokenVerifier, principal_from_claims
 from pulse.config import Settings
 from pulse.errors import ApiError
 from tests.auth.jwks_server import JwksServer, serve_jwks
-from tests.support import TEST_SECRET
+from tests.support import TEST_SECRET, until
 
 RSA = RSAKey.generate_key(2048, parameters={"kid": "rsa-1", "alg": "RS256", "use": "sig"})
 EC = ECKey.generate_key("P-256", parameters={"kid": "ec-1", "alg": "ES256", "use": "sig"})
@@ -343,8 +343,42 @@ async def test_keys_are_refreshed_when_old(jwks: JwksServer) -> None:
     await verifier.verify(sign(RSA, "RS256", claims()))
     jwks.publish(EC.as_dict(private=False))  # RSA withdrawn by the provider
     now[0] += 3601
-    assert (await rejected(verifier, sign(RSA, "RS256", claims()))).code == "invalid_token"
-    assert jwks.hits == 2
+    # Verified with the keys it has while they are refreshed, without waiting for it;
+    # refused once the refresh is in.
+    await verifier.verify(sign(RSA, "RS256", claims()))
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                await verifier.verify(sign(RSA, "RS256", claims()))
+            except ApiError as exc:
+                assert exc.code == "invalid_token"
+                break
+            await asyncio.sleep(0.01)
+    assert jwks.hits == 3  # the refresh, and the one refetch for a kid it no longer has
+
+
+async def test_a_provider_that_stops_answering_stalls_no_request(jwks: JwksServer) -> None:
+    """From the security audit: a fetch had a timeout per read only, and held the lock,
+    so a provider sending a byte every 3 s kept a token with an unknown kid waiting for
+    over a minute, and once the keys were an hour old, every request. A fetch now ends
+    within its timeout, and old keys are refreshed in the background."""
+    now = [1000.0]
+    cache = JwksCache(jwks.url, max_age_s=60, timeout_s=2, clock=lambda: now[0])
+    verifier = TokenVerifier(jwks=cache)
+    await verifier.verify(sign(RSA, "RS256", claims()))
+    jwks.drip_s = 0.2
+    now[0] += 61  # old: refreshed in the background, from a provider that drips
+    async with asyncio.timeout(1.5):  # under the fetch's timeout: it was not waited for
+        for _ in range(5):
+            assert (await verifier.verify(sign(RSA, "RS256", claims()))).tenant_id == "t1"
+    # A first fetch is waited for, and gives up within its timeout.
+    started = time.monotonic()
+    async with asyncio.timeout(20):
+        error = await rejected(
+            TokenVerifier(jwks=JwksCache(jwks.url, timeout_s=0.5)), sign(RSA, "RS256", claims())
+        )
+    assert error.code == "keys_unavailable"
+    assert time.monotonic() - started < 5, "the fetch outlived its timeout"
 
 
 async def test_unreachable_jwks_is_unavailable_not_an_invalid_token(jwks: JwksServer) -> None:
@@ -365,7 +399,8 @@ async def test_provider_outage_keeps_the_cached_keys(jwks: JwksServer) -> None:
     jwks.status = 500
     now[0] += 61
     assert (await verifier.verify(sign(RSA, "RS256", claims()))).tenant_id == "t1"
-    assert jwks.hits == 2
+    await until(lambda: jwks.hits == 2)  # refreshed in the background, and failed
+    assert (await verifier.verify(sign(RSA, "RS256", claims()))).tenant_id == "t1"
 
 
 def test_symmetric_and_encryption_keys_are_dropped_from_a_jwks() -> None:
