@@ -423,3 +423,22 @@ async def run_until(
             await proc.wait()
         reader.cancel()
     return lines
+
+
+async def every_page(
+    http: httpx.AsyncClient, url: str, items: str, key: str, headers: dict[str, str], **params: str
+) -> list[list[Any]]:
+    """The ``key`` of each item of each page of a keyset-paged list (the answer's
+    ``items`` and ``next_cursor``), following next_cursor to the end; each cursor is
+    the last item's key."""
+    pages: list[list[Any]] = []
+    while True:
+        response = await http.get(url, params=params, headers=headers)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert set(body) == {items, "next_cursor"}
+        pages.append([item[key] for item in body[items]])
+        if body["next_cursor"] is None:
+            return pages
+        assert body["next_cursor"] == str(pages[-1][-1])
+        params = {**params, "cursor": body["next_cursor"]}

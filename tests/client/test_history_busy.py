@@ -120,21 +120,30 @@ async def test_iter_readings_waits_mid_paging_and_goes_on_from_its_position(
         assert waits[0][0].code == "history_limit"
 
 
-async def test_a_read_gives_up_after_busy_wait_s_with_the_refusal(
-    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
-) -> None:
+async def refused_read(
+    server: str, pool: asyncpg.Pool, make_token: Callable[..., str], busy_wait_s: float
+) -> tuple[PulseClientError, list[float]]:
+    """A history read while the tenant's one slot is held: the error it ends with, and
+    the waits it was told of."""
     waits: list[float] = []
     async with (
         PulseClient(
-            server, make_token("t1"), busy_wait_s=2.5, on_busy=lambda e, s: waits.append(s)
+            server, make_token("t1"), busy_wait_s=busy_wait_s, on_busy=lambda e, s: waits.append(s)
         ) as client,
         slot_held(server, make_token("t1"), pool),
     ):
         with pytest.raises(PulseClientError) as refused:
             await asyncio.wait_for(client.history("d1", start=T0, end=END), 30)
-    assert (refused.value.status, refused.value.code) == (429, "history_limit")
+    return refused.value, waits
+
+
+async def test_a_read_gives_up_after_busy_wait_s_with_the_refusal(
+    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    refused, waits = await refused_read(server, pool, make_token, busy_wait_s=2.5)
+    assert (refused.status, refused.code) == (429, "history_limit")
     assert waits and all(s == 1.0 for s in waits)
-    message = str(refused.value)
+    message = str(refused)
     assert message.startswith("429 history_limit: "), message
     assert f"Gave up after {len(waits) + 1} tries in " in message, message
     assert "(waiting at most 2.5 s)" in message, message
@@ -143,14 +152,6 @@ async def test_a_read_gives_up_after_busy_wait_s_with_the_refusal(
 async def test_busy_wait_s_0_raises_the_refusal_at_once(
     server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
 ) -> None:
-    waits: list[float] = []
-    async with (
-        PulseClient(
-            server, make_token("t1"), busy_wait_s=0, on_busy=lambda e, s: waits.append(s)
-        ) as client,
-        slot_held(server, make_token("t1"), pool),
-    ):
-        with pytest.raises(PulseClientError) as refused:
-            await client.history("d1", start=T0, end=END)
-    assert refused.value.code == "history_limit" and "Gave up" not in str(refused.value)
+    refused, waits = await refused_read(server, pool, make_token, busy_wait_s=0)
+    assert refused.code == "history_limit" and "Gave up" not in str(refused)
     assert waits == []

@@ -19,7 +19,7 @@ from pulse.fleet.rules import Q as FLEET_QUERIES
 from pulse.fleet.rules import evaluate_alerts
 from pulse.ingest.writer import TelemetryWriter, Written
 from tests.fleet.conftest import Fleet, MakeToken, Notifications, auth, kinds
-from tests.support import seam
+from tests.support import every_page, seam
 
 RULES = "/api/v1/customer/alert-rules"
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -574,17 +574,7 @@ async def rule_pages(
     http: httpx.AsyncClient, headers: dict[str, str], **params: str
 ) -> list[list[int]]:
     """The rule ids of each page, following next_cursor to the end."""
-    pages: list[list[int]] = []
-    while True:
-        response = await http.get(RULES, params=params, headers=headers)
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert set(body) == {"rules", "next_cursor"}
-        pages.append([rule["rule_id"] for rule in body["rules"]])
-        if body["next_cursor"] is None:
-            return pages
-        assert body["next_cursor"] == str(pages[-1][-1])
-        params = {**params, "cursor": body["next_cursor"]}
+    return await every_page(http, RULES, "rules", "rule_id", headers, **params)
 
 
 async def test_rule_pages_cover_every_rule_once_oldest_first(

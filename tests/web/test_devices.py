@@ -11,7 +11,7 @@ import pytest
 
 from pulse.auth.device_tokens import device_token_matches
 from pulse.fleet.devices import Q as DEVICE_QUERIES
-from tests.support import provision_device
+from tests.support import every_page, provision_device
 
 DEVICES = "/api/v1/customer/devices"
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -467,21 +467,11 @@ async def table_order(pool: asyncpg.Pool, tenant: str) -> list[str]:
     return [row["device_id"] for row in rows]
 
 
-async def every_page(
+async def device_pages(
     http: httpx.AsyncClient, headers: dict[str, str], **params: str
 ) -> list[list[str]]:
     """The device ids of each page, following next_cursor to the end."""
-    pages: list[list[str]] = []
-    while True:
-        response = await http.get(DEVICES, params=params, headers=headers)
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert set(body) == {"devices", "next_cursor"}
-        pages.append([device["device_id"] for device in body["devices"]])
-        if body["next_cursor"] is None:
-            return pages
-        assert body["next_cursor"] == pages[-1][-1]  # the last device_id of the page
-        params = {**params, "cursor": body["next_cursor"]}
+    return await every_page(http, DEVICES, "devices", "device_id", headers, **params)
 
 
 async def test_pages_cover_every_device_once_in_order(
@@ -490,13 +480,13 @@ async def test_pages_cover_every_device_once_in_order(
     # Ids that sort differently by case, punctuation and length: the order is the table's.
     ids = [f"dev-{i}" for i in range(20)] + ["A", "b", "B.2", "x:y", "_z", "dev_1", "dev-1-a"]
     await add_devices(pool, "t1", *ids)
-    pages = await every_page(http, admin, limit="6")
+    pages = await device_pages(http, admin, limit="6")
     assert [len(page) for page in pages] == [6, 6, 6, 6, 3]
     assert [d for page in pages for d in page] == await table_order(pool, "t1")
     # Without a limit, a tenant of fewer than 1,000 devices gets them all in one answer.
-    assert await every_page(http, admin) == [await table_order(pool, "t1")]
+    assert await device_pages(http, admin) == [await table_order(pool, "t1")]
     # A page that ends exactly at the last device says so.
-    assert await every_page(http, admin, limit=str(len(ids))) == [await table_order(pool, "t1")]
+    assert await device_pages(http, admin, limit=str(len(ids))) == [await table_order(pool, "t1")]
 
 
 async def test_devices_added_or_deleted_between_pages_do_not_shift_later_pages(
@@ -510,11 +500,11 @@ async def test_devices_added_or_deleted_between_pages_do_not_shift_later_pages(
     # page would have started one device early and repeated dev-03). After it: next.
     await add_devices(pool, "t1", "dev-015", "dev-000", "dev-035")
     assert (await http.delete(f"{DEVICES}/dev-01", headers=admin)).status_code == 204
-    rest = await every_page(http, admin, limit="4", cursor=first["next_cursor"])
+    rest = await device_pages(http, admin, limit="4", cursor=first["next_cursor"])
     assert rest == [["dev-035", "dev-04", "dev-05", "dev-06"], ["dev-07", "dev-08", "dev-09"]]
     # The cursor's own device may be gone: the page starts after where it was.
     assert (await http.delete(f"{DEVICES}/dev-03", headers=admin)).status_code == 204
-    again = await every_page(http, admin, limit="4", cursor="dev-03")
+    again = await device_pages(http, admin, limit="4", cursor="dev-03")
     assert again[0][0] == "dev-035"
 
 
@@ -558,13 +548,13 @@ async def test_a_cursor_never_reaches_another_tenants_devices(
     await add_devices(pool, "t1", "a-1", "b-1", "c-1", "d-1")
     await add_devices(pool, "t2", "a-2", "b-2", "c-2")
     t2 = auth(make_token("t2", roles=("customer",)))
-    assert await every_page(http, t2, limit="1") == [["a-2"], ["b-2"], ["c-2"]]
+    assert await device_pages(http, t2, limit="1") == [["a-2"], ["b-2"], ["c-2"]]
     # A cursor naming t1's device (guessed, or a page of t1's) only positions t2's list.
-    assert await every_page(http, t2, cursor="a-1") == [["a-2", "b-2", "c-2"]]
-    assert await every_page(http, t2, limit="2", cursor="b-1") == [["b-2", "c-2"]]
-    assert await every_page(http, t2, cursor="d-1") == [[]]
+    assert await device_pages(http, t2, cursor="a-1") == [["a-2", "b-2", "c-2"]]
+    assert await device_pages(http, t2, limit="2", cursor="b-1") == [["b-2", "c-2"]]
+    assert await device_pages(http, t2, cursor="d-1") == [[]]
     operator = auth(make_token(None, roles=("operator",)))
-    assert await every_page(http, operator, tenant_id="t1", limit="3", cursor="a-2") == [
+    assert await device_pages(http, operator, tenant_id="t1", limit="3", cursor="a-2") == [
         ["b-1", "c-1", "d-1"]
     ]
     # Naming another tenant is refused, cursor or not.

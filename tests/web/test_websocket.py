@@ -162,17 +162,8 @@ async def test_after_its_1009_close_the_server_sends_nothing_and_frees_the_slot(
     none may follow it), and held its connection slot, until the client answered the
     close. This client never answers it."""
     await insert_readings(pool, "t1", [("d1", {"a": 1})])
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(
-            b"GET %s?token=%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-            b"Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n\r\n"
-            % (path.encode(), make_token("t1").encode())
-        )
+    async with raw_ws(url, path, make_token("t1")) as (reader, writer):
         async with asyncio.timeout(20):
-            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
             if path == V2_PATH:
                 subscribe = b'{"action":"subscribe","type":"device","device_id":"d1"}'
                 writer.write(masked_text(subscribe))
@@ -185,8 +176,6 @@ async def test_after_its_1009_close_the_server_sends_nothing_and_frees_the_slot(
             after = await reader.read()  # until the server ends the connection
         assert after == b"", after[:200]
         await until_no_connections(url, pool)
-    finally:
-        writer.close()
 
 
 @BOTH
