@@ -153,7 +153,7 @@ async def _mqtt_rows(
                 processes.append(
                     await asyncio.create_subprocess_exec(
                         "mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port),
-                        "-V", "mqttv5", "-q", "1", "-l",
+                        "-V", "mqttv5", "-q", "1", "-l", "-i", f"{TENANT}/{device_id}",
                         "-u", f"{TENANT}/{device_id}", "-P", device_token,
                         "-t", f"pulse/{TENANT}/{device_id}/telemetry",
                         stdin=lines,
@@ -225,7 +225,7 @@ async def _publish_paced(
     device_id, device_token = next(iter(devices.items()))
     publisher = await asyncio.create_subprocess_exec(
         "mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-V", "mqttv5", "-q", "1",
-        "-l", "-u", f"{TENANT}/{device_id}", "-P", device_token,
+        "-l", "-i", f"{TENANT}/{device_id}", "-u", f"{TENANT}/{device_id}", "-P", device_token,
         "-t", f"pulse/{TENANT}/{device_id}/telemetry",
         stdin=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -202,6 +202,13 @@ class Settings:
                 f"PULSE_INGEST_BUFFER_MB={self.ingest_buffer_mb:g} must be at least 1: one "
                 "request's body can be 1 MiB"
             )
+        # A device's broker client may connect under its own client id, <tenant>/<device>,
+        # only: Pulse's must never have that form, or that device could take its session.
+        if self.mqtt_client_id is not None and "/" in self.mqtt_client_id:
+            raise ConfigError(
+                f"PULSE_MQTT_CLIENT_ID={self.mqtt_client_id!r} must not contain '/': "
+                "<tenant_id>/<device_id> is the client id of a device"
+            )
         if self.log_level.upper() not in LEVELS:
             raise ConfigError(
                 f"PULSE_LOG_LEVEL={self.log_level!r} is not one of {', '.join(LEVELS)}"

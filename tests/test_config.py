@@ -70,6 +70,14 @@ def test_a_jwt_secret_of_32_bytes_is_accepted(secret: str) -> None:
     assert Settings.from_env({"PULSE_JWT_SECRET": secret}).jwt_secret == secret
 
 
+def test_an_mqtt_client_id_of_a_device_s_form_is_refused() -> None:
+    """<tenant_id>/<device_id> is the client id the broker lets that device use: as
+    Pulse's own, the device could take Pulse's session (tests/mqtt/test_client_ids.py)."""
+    with pytest.raises(ConfigError, match="PULSE_MQTT_CLIENT_ID"):
+        Settings.from_env({"PULSE_MQTT_CLIENT_ID": "acme/dev-1"})
+    assert Settings.from_env({"PULSE_MQTT_CLIENT_ID": "pulse-a"}).mqtt_client_id == "pulse-a"
+
+
 def test_create_app_checks_settings_built_in_code() -> None:
     from pulse.app import create_app
 

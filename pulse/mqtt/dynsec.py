@@ -4,6 +4,12 @@ Each device is a broker client (username ``<tenant_id>/<device_id>``, password i
 provision token) with a role of its own that allows exactly its topics: publish
 its telemetry and heartbeats, read its errors. Nothing is allowed by patterns,
 so no device can publish as another device or another tenant.
+
+Each device's client also has a fixed MQTT client id, its username: the broker refuses
+it any other (CONNACK 135, not authorized). A client id names a session, and a
+connection under one that is in use takes that session over (its subscriptions and
+queued messages): without the fixed id, a device's token let it take Pulse's own
+session, and every tenant's readings with it, or another device's.
 """
 
 from __future__ import annotations
@@ -31,7 +37,11 @@ def get_client(username: str) -> Command:
 
 def has_role(response: dict[str, Any], rolename: str) -> bool:
     """Whether a getClient response shows the client in the role."""
-    client = (response.get("data") or {}).get("client") or {}
+    return in_role((response.get("data") or {}).get("client") or {}, rolename)
+
+
+def in_role(client: dict[str, Any], rolename: str) -> bool:
+    """Whether a client (of getClient, or of a verbose listClients) is in the role."""
     return any(role.get("rolename") == rolename for role in client.get("roles") or [])
 
 
@@ -69,6 +79,7 @@ def create_client(tenant_id: str, device_id: str, password: str | None) -> Comma
     command: Command = {
         "command": "createClient",
         "username": topics.username(tenant_id, device_id),
+        "clientid": topics.client_id(tenant_id, device_id),
         "roles": [{"rolename": topics.role(tenant_id, device_id)}],
     }
     if password is not None:
@@ -84,6 +95,16 @@ def set_password(tenant_id: str, device_id: str, password: str) -> Command:
     }
 
 
+def set_client_id(tenant_id: str, device_id: str) -> Command:
+    """Fix the client id of a device's client made without one (by an older Pulse: see
+    ``Provisioner.reconcile``). The broker disconnects the client's connections."""
+    return {
+        "command": "setClientId",
+        "username": topics.username(tenant_id, device_id),
+        "clientid": topics.client_id(tenant_id, device_id),
+    }
+
+
 def delete_device(tenant_id: str, device_id: str, *, client: bool = True) -> list[Command]:
     """The device's role, and its client unless ``client`` is False (a client of that
     name that is an operator's own)."""
@@ -93,8 +114,14 @@ def delete_device(tenant_id: str, device_id: str, *, client: bool = True) -> lis
     return [{"command": "deleteClient", "username": topics.username(tenant_id, device_id)}, role]
 
 
-def list_clients() -> Command:
-    return {"command": "listClients", "verbose": False, "count": -1, "offset": 0}
+def list_clients(offset: int, count: int) -> Command:
+    """A page of the broker's clients, each with its client id (when fixed) and roles."""
+    return {"command": "listClients", "verbose": True, "count": count, "offset": offset}
+
+
+def listed_clients(response: dict[str, Any]) -> list[dict[str, Any]]:
+    """The clients of a verbose listClients response."""
+    return [c for c in (response.get("data") or {}).get("clients") or [] if isinstance(c, dict)]
 
 
 def error(response: dict[str, Any]) -> str | None:

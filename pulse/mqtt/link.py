@@ -54,8 +54,8 @@ ADMINISTRATIVE_ACTION = 0x98
 # The largest packet the broker may send this process (MQTT 5 Maximum Packet Size, in
 # CONNECT): it drops a message over it instead of delivering it. Well above a reading's
 # 1 MiB (pulse.mqtt.intake.MAX_PAYLOAD; a message up to here is answered
-# payload_too_large), and above the dynamic-security answers Pulse reads (listClients
-# names every broker client: about 30 bytes each, so some 500,000 devices).
+# payload_too_large), and above the dynamic-security answers Pulse reads (a page of
+# listClients: a thousand broker clients, a few hundred bytes each).
 MAX_PACKET_SIZE = 16 * 1024 * 1024
 KEEPALIVE_S = 30
 CONNECT_TIMEOUT_S = 10.0

@@ -10,6 +10,8 @@ client and role without a password at the next connection (``reconcile``):
 it can connect once its token is rotated. A device created or deleted while the
 broker was away is marked (``broker_unsynced``): its client, which may carry an
 older device's token under the same name, is reset at the next connection.
+Every device's client has a fixed client id, its username (``dynsec.create_client``);
+a client Pulse made before that gets it at the next connection (``reconcile``).
 A broker client named like a device that Pulse did not make (not in the device's
 role) is an operator's own: Pulse never sets its password nor deletes it, so a
 tenant admin cannot take it over by naming a device after it.
@@ -31,6 +33,8 @@ from pulse.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 Q = load_queries(__package__)
+# Broker clients listed per dynamic-security command (a few hundred bytes each, verbose).
+LIST_PAGE = 1000
 
 
 class ProvisioningFailed(Exception):
@@ -84,16 +88,36 @@ class Provisioner:
                     raise
                 # Closed by the broker before its answer came, as it gave the role.
             return False
-        (listing,) = await self._link.control([dynsec.list_clients()])
-        _check(listing)
-        on_broker = {
-            device
-            for name in listing.get("data", {}).get("clients", [])
-            if (device := topics.parse_username(str(name))) is not None
-        }
+        on_broker: set[tuple[str, str]] = set()
+        unbound: set[tuple[str, str]] = set()  # Pulse's, without the device's client id
+        for client in await self._clients():
+            device = topics.parse_username(str(client.get("username")))
+            if device is None:
+                continue
+            on_broker.add(device)
+            ours = dynsec.in_role(client, topics.role(*device))
+            if ours and client.get("clientid") != topics.client_id(*device):
+                unbound.add(device)
         devices = {
             (row["tenant_id"], row["device_id"]) for row in await self._db.fetch(Q["all_devices"])
         }
+        # First, as the rest may fail: clients made before each device had a fixed
+        # client id. Until it has one, a device can connect under Pulse's client id (or
+        # another device's) and take over its session. Only Pulse's own (in the
+        # device's role): an operator's client named <a>/<b> is left as the operator
+        # made it. (That of a device that is gone too: its deletion below may fail.)
+        fixed = 0
+        for tenant_id, device_id in sorted(unbound):
+            (response,) = await self._link.control([dynsec.set_client_id(tenant_id, device_id)])
+            _check(response, tolerate=dynsec.missing)
+            fixed += dynsec.error(response) is None
+        if fixed:
+            log.warning(
+                "MQTT: %d device broker clients now accept only the client id "
+                "<tenant_id>/<device_id>; a device that connects with another is refused "
+                "(CONNACK 135, not authorized)",
+                fixed,
+            )
         for tenant_id, device_id in sorted(devices - on_broker):
             await self._ensure(tenant_id, device_id, None)
         for tenant_id, device_id in sorted(on_broker - devices):
@@ -118,6 +142,18 @@ class Provisioner:
                 len(devices - on_broker),
             )
         return True
+
+    async def _clients(self) -> list[dict[str, Any]]:
+        """Every broker client, with its client id and roles, a page at a time (a page
+        stays far under the largest packet Pulse takes, link.MAX_PACKET_SIZE)."""
+        clients: list[dict[str, Any]] = []
+        while True:
+            (page,) = await self._link.control([dynsec.list_clients(len(clients), LIST_PAGE)])
+            _check(page)
+            listed = dynsec.listed_clients(page)
+            clients.extend(listed)
+            if len(listed) < LIST_PAGE:
+                return clients
 
     async def _ensure(self, tenant_id: str, device_id: str, password: str | None) -> None:
         """The device's role and client exist, with ``password`` when one is given."""

@@ -49,6 +49,13 @@ def username(tenant_id: str, device_id: str) -> str:
     return f"{tenant_id}/{device_id}"
 
 
+def client_id(tenant_id: str, device_id: str) -> str:
+    """The only MQTT client id the broker accepts from the device: its username. Unique
+    per device, so no device can take another's session, nor Pulse's (whose ids,
+    ``pulse-<hostname>`` by default, are never ``<tenant_id>/<device_id>``)."""
+    return username(tenant_id, device_id)
+
+
 def parse_username(name: str) -> tuple[str, str] | None:
     """(tenant_id, device_id) of a device's username; None for any other broker client."""
     tenant_id, slash, device_id = name.partition("/")

@@ -297,6 +297,7 @@ def _mqtt_lines(simulator: Simulator) -> str:
         f"{len(over_mqtt)} of the devices publish over MQTT, through the broker at {where}.\n"
         f"Publish a reading as device {device.device_id}:\n\n"
         f"  mosquitto_pub -h {mqtt.host} -p {mqtt.port} -V mqttv5 -q 1 \\\n"
+        f"    -i '{TENANT}/{device.device_id}' \\\n"
         f"    -u '{TENANT}/{device.device_id}' -P '{device.provision_token}' \\\n"
         f"    -t '{topic}' -m '{{\"metrics\": {{\"temp\": 21.5}}}}'\n\n"
     )

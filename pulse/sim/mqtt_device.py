@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -20,12 +19,22 @@ T = TypeVar("T")
 
 
 class MqttDevice:
-    """One device's connection to the broker on ``port`` of ``host``."""
+    """One device's connection to the broker on ``port`` of ``host``, under the client id
+    the broker requires of a device: its username, ``<tenant_id>/<device_id>``
+    (``client_id`` is another, for a test of the broker refusing it)."""
 
-    def __init__(self, port: int, username: str, password: str, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        port: int,
+        username: str,
+        password: str,
+        host: str = "127.0.0.1",
+        *,
+        client_id: str | None = None,
+    ) -> None:
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"device-{uuid.uuid4().hex[:8]}",
+            client_id=username if client_id is None else client_id,
             protocol=paho.MQTTv5,
         )
         self.client.username_pw_set(username, password)

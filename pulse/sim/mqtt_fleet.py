@@ -19,7 +19,13 @@ class MqttFleet:
     async def connect(self, tenant_id: str, device_id: str, token: str) -> bool:
         """Connect the device with its token as password; False when the broker refuses it."""
         self._disconnect((tenant_id, device_id))
-        device = MqttDevice(self.port, topics.username(tenant_id, device_id), token, self.host)
+        device = MqttDevice(
+            self.port,
+            topics.username(tenant_id, device_id),
+            token,
+            self.host,
+            client_id=topics.client_id(tenant_id, device_id),
+        )
         if (await device.connect()).is_failure:
             return False
         self._devices[(tenant_id, device_id)] = device

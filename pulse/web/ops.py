@@ -161,8 +161,8 @@ def _mqtt(rt: Runtime) -> dict[str, Any] | None:
         "subscribed": link.subscribed.is_set(),
         "synced": link.synced,
         "reconnects": link.reconnects,
-        # Its session on the broker: the same across restarts, different per process.
-        "client_id": link.client_id,
+        # Not its client id: shown to anyone, it named the session to take over (a broker
+        # client free to choose its id would receive Pulse's readings). The log says it.
     }
 
 

@@ -16,8 +16,10 @@ __all__ = ["MOSQUITTO_MISSING", "Device", "Mosquitto", "closing", "mosquitto_bin
 class Device(MqttDevice):
     """A device of the test's broker."""
 
-    def __init__(self, broker: Mosquitto, username: str, password: str) -> None:
-        super().__init__(broker.port, username, password)
+    def __init__(
+        self, broker: Mosquitto, username: str, password: str, *, client_id: str | None = None
+    ) -> None:
+        super().__init__(broker.port, username, password, client_id=client_id)
 
 
 @contextlib.contextmanager
