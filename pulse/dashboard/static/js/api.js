@@ -2,7 +2,9 @@
 //
 // A JWT comes in once (pasted, or from a #token= URL fragment, which browsers
 // never send to a server) and is kept in sessionStorage: this tab only, gone
-// when the tab closes. It is only ever sent in an Authorization header.
+// when the tab closes. It is only ever sent in an Authorization header. A link's
+// token never replaces this tab's session of another tenant or subject unasked
+// (Session.offered, app.js).
 // Streams get one-time tickets instead (ticket()), so no URL carries it.
 
 const TOKEN_KEY = "pulse.token";
@@ -63,14 +65,19 @@ export class Session {
     this.claims = claimsOf(token) || {};
   }
 
-  // The session from a #token=...&tenant=... fragment (then removed from the
-  // address bar and history) or from this tab's storage; null when neither.
-  static restore() {
+  // The sign-in a #token=...&tenant=... link offers, or null: held here only, not
+  // stored, since it may be someone else's (app.js asks before it replaces this tab's
+  // session). The fragment is removed from the address bar and history in every case.
+  static offered() {
     const fragment = new URLSearchParams(window.location.hash.slice(1));
-    if (fragment.get("token")) {
-      Session.store(fragment.get("token"), fragment.get("tenant"));
-      history.replaceState(null, "", window.location.pathname + window.location.search);
-    }
+    if (!fragment.has("token")) return null;
+    history.replaceState(null, "", window.location.pathname + window.location.search);
+    const token = fragment.get("token").trim();
+    return token ? new Session(token, (fragment.get("tenant") || "").trim()) : null;
+  }
+
+  // This tab's session, from its storage; null when it has none.
+  static restore() {
     const token = sessionStorage.getItem(TOKEN_KEY);
     return token ? new Session(token, sessionStorage.getItem(TENANT_KEY)) : null;
   }
@@ -92,6 +99,16 @@ export class Session {
     if (org && typeof org === "object" && !Array.isArray(org)) return Object.keys(org)[0];
     if (Array.isArray(org)) return org.find((o) => typeof o === "string" && o);
     return this.tenant || this.claims.tenant_id || "";
+  }
+
+  // Who the token says signs in: its `sub`, or "" when it names none.
+  get subject() {
+    return typeof this.claims.sub === "string" ? this.claims.sub : "";
+  }
+
+  // The same tenant and the same subject: another token of the same person, not a switch.
+  sameIdentity(other) {
+    return this.tenantName === other.tenantName && this.subject === other.subject;
   }
 
   get roles() {

@@ -1112,7 +1112,58 @@ async function open(session) {
   }
 }
 
+// Signs this tab in as `session`, in place of whatever it showed.
+function signIn(session) {
+  hideSwitch();
+  close();
+  Session.store(session.token, session.tenant);
+  open(Session.restore());
+}
+
+// A #token= link's sign-in. With none in this tab, or one of the same tenant and
+// subject (a fresh token), it is taken at once: the link `pulse demo` prints is one
+// click. In place of another tenant's or subject's it is asked about, naming both:
+// anyone can send a link with their own token (login CSRF), and what the person did
+// next (a device added, an alert closed) went to the sender's tenant, unnoticed.
+function offer(offered) {
+  const current = Session.restore();
+  if (current && !current.sameIdentity(offered)) askToSwitch(current, offered);
+  else signIn(offered);
+}
+
+let switchOffer = null; // the session a link offers while the page asks
+
+// Until "Switch" is clicked this tab keeps its session, its page and its storage.
+function askToSwitch(current, offered) {
+  switchOffer = offered;
+  const name = (session) => session.tenantName || "(no tenant named)";
+  const who = (session) => session.subject || "(no subject named)";
+  $("switch-to-tenant").textContent = name(offered);
+  $("switch-to-subject").textContent = who(offered);
+  $("switch-from-tenant").textContent = name(current);
+  $("switch-from-subject").textContent = who(current);
+  $("switch-confirm").textContent = `Switch to ${name(offered)}`;
+  $("switch-stay").textContent = `Stay on ${name(current)}`;
+  $("switch").hidden = false;
+  $("switch-stay").focus();
+}
+
+function hideSwitch() {
+  switchOffer = null;
+  $("switch").hidden = true;
+}
+
 function main() {
+  $("switch-confirm").addEventListener("click", () => switchOffer && signIn(switchOffer));
+  $("switch-stay").addEventListener("click", hideSwitch);
+  $("switch").addEventListener("keydown", (event) => {
+    if (event.key === "Escape") hideSwitch();
+  });
+  // A link followed while the page is open changes only the fragment: no reload.
+  window.addEventListener("hashchange", () => {
+    const offered = Session.offered();
+    if (offered) offer(offered);
+  });
   $("login-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const held = $("login").dataset.mode === "tenant" ? Session.restore() : null;
@@ -1132,9 +1183,12 @@ function main() {
   $("chart-metric").addEventListener("change", (event) => dashboard && dashboard.setChartMetric(event.target.value));
   $("chart-range").addEventListener("change", (event) => dashboard && dashboard.setRange(Number(event.target.value)));
   $("device-filter").addEventListener("input", (event) => dashboard && dashboard.setFilter(event.target.value));
+  const offered = Session.offered();
   const session = Session.restore();
-  if (session) open(session);
-  else showLogin("");
+  // The tab's own session is shown (behind the question, when a link offers another).
+  if (session && !(offered && session.sameIdentity(offered))) open(session);
+  else if (!offered) showLogin("");
+  if (offered) offer(offered);
 }
 
 main();
