@@ -51,24 +51,25 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0
 
 
 @contextlib.asynccontextmanager
-async def slot_held(url: str, token: str, pool: asyncpg.Pool) -> AsyncIterator[None]:
+async def slot_held(url: str, token: str, dsn: str) -> AsyncIterator[None]:
     """t1's one history slot, taken by a page of readings that waits on the telemetry
-    table the test keeps locked, until the block ends (then that page is answered)."""
-    async with (
-        httpx.AsyncClient(
-            base_url=url, timeout=60, headers={"Authorization": f"Bearer {token}"}
-        ) as http,
-        pool.acquire() as locker,
-    ):
+    table the test keeps locked, until the block ends (then that page is answered).
+    The lock is held on a connection of its own: a pooled one is ended after 15 s idle
+    in its transaction (pulse.db.pool), which a busy machine reached."""
+    locker = await asyncpg.connect(dsn)
+    async with httpx.AsyncClient(
+        base_url=url, timeout=60, headers={"Authorization": f"Bearer {token}"}
+    ) as http:
         lock = locker.transaction()
         await lock.start()
         await locker.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
         held = asyncio.create_task(http.get(DEVICE, params=WINDOW))
         try:
-            await eventually(lambda: _is(pool.fetchval(WAITING), 1))
+            await eventually(lambda: _is(locker.fetchval(WAITING), 1))
             yield
         finally:
             await lock.rollback()
+            await locker.close()
             assert (await held).status_code == 200
 
 
@@ -77,13 +78,13 @@ async def _is(value: Awaitable[object], expected: object) -> bool:
 
 
 async def test_history_and_fleet_history_wait_for_a_slot(
-    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+    server: str, database_url: str, make_token: Callable[..., str]
 ) -> None:
     waits: list[tuple[PulseClientError, float]] = []
     async with PulseClient(
         server, make_token("t1"), on_busy=lambda e, s: waits.append((e, s))
     ) as client:
-        async with slot_held(server, make_token("t1"), pool):
+        async with slot_held(server, make_token("t1"), database_url):
             history = asyncio.create_task(
                 client.history("d1", start=T0, end=END, bucket="5m", aggregates=["count"])
             )
@@ -100,7 +101,7 @@ async def test_history_and_fleet_history_wait_for_a_slot(
 
 
 async def test_iter_readings_waits_mid_paging_and_goes_on_from_its_position(
-    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+    server: str, database_url: str, make_token: Callable[..., str]
 ) -> None:
     waits: list[tuple[PulseClientError, float]] = []
     async with PulseClient(
@@ -112,7 +113,7 @@ async def test_iter_readings_waits_mid_paging_and_goes_on_from_its_position(
         async def rest() -> list[int]:
             return [reading.id async for reading in readings]
 
-        async with slot_held(server, make_token("t1"), pool):
+        async with slot_held(server, make_token("t1"), database_url):
             task = asyncio.create_task(rest())  # its next page is refused: the slot is held
             await until(lambda: bool(waits), timeout=20)
             assert not task.done()
@@ -121,7 +122,7 @@ async def test_iter_readings_waits_mid_paging_and_goes_on_from_its_position(
 
 
 async def refused_read(
-    server: str, pool: asyncpg.Pool, make_token: Callable[..., str], busy_wait_s: float
+    server: str, database_url: str, make_token: Callable[..., str], busy_wait_s: float
 ) -> tuple[PulseClientError, list[float]]:
     """A history read while the tenant's one slot is held: the error it ends with, and
     the waits it was told of."""
@@ -130,7 +131,7 @@ async def refused_read(
         PulseClient(
             server, make_token("t1"), busy_wait_s=busy_wait_s, on_busy=lambda e, s: waits.append(s)
         ) as client,
-        slot_held(server, make_token("t1"), pool),
+        slot_held(server, make_token("t1"), database_url),
     ):
         with pytest.raises(PulseClientError) as refused:
             await asyncio.wait_for(client.history("d1", start=T0, end=END), 30)
@@ -138,9 +139,9 @@ async def refused_read(
 
 
 async def test_a_read_gives_up_after_busy_wait_s_with_the_refusal(
-    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+    server: str, database_url: str, make_token: Callable[..., str]
 ) -> None:
-    refused, waits = await refused_read(server, pool, make_token, busy_wait_s=2.5)
+    refused, waits = await refused_read(server, database_url, make_token, busy_wait_s=2.5)
     assert (refused.status, refused.code) == (429, "history_limit")
     assert waits and all(s == 1.0 for s in waits)
     message = str(refused)
@@ -150,8 +151,8 @@ async def test_a_read_gives_up_after_busy_wait_s_with_the_refusal(
 
 
 async def test_busy_wait_s_0_raises_the_refusal_at_once(
-    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+    server: str, database_url: str, make_token: Callable[..., str]
 ) -> None:
-    refused, waits = await refused_read(server, pool, make_token, busy_wait_s=0)
+    refused, waits = await refused_read(server, database_url, make_token, busy_wait_s=0)
     assert refused.code == "history_limit" and "Gave up" not in str(refused)
     assert waits == []

@@ -92,16 +92,18 @@ async def test_a_page_of_big_readings_is_cut_by_bytes_and_resumes_exactly(
     "server", [{"max_history_reads": 2, "max_history_reads_per_tenant": 1}], indirect=True
 )
 async def test_json_answers_at_once_are_bounded_per_tenant_and_process(
-    server: Served, pool: asyncpg.Pool, make_token: Callable[..., str]
+    server: Served, pool: asyncpg.Pool, database_url: str, make_token: Callable[..., str]
 ) -> None:
     for tenant in ("t1", "t2", "t3"):
         await readings_at(pool, tenant, [("d1", T0, {"v": 1.0})])
     slots = runtime_of(server.app).history_reads
+    # The lock is held on a connection of its own: a pooled one is ended after 15 s
+    # idle in its transaction (pulse.db.pool), which a busy machine can reach.
+    locker = await asyncpg.connect(database_url)
     async with (
         client(server.url, make_token("t1")) as t1,
         client(server.url, make_token("t2")) as t2,
         client(server.url, make_token("t3")) as t3,
-        pool.acquire() as locker,
     ):
         # Readers wait on the readings while the test holds them locked: their
         # answers are being read, and hold their slots.
@@ -131,6 +133,7 @@ async def test_json_answers_at_once_are_bounded_per_tenant_and_process(
             assert fleet.status_code == 429, fleet.text
         finally:
             await lock.rollback()
+            await locker.close()
         assert (await page).status_code == 200
         assert (await chart).status_code == 200
         assert slots.held <= 2
