@@ -67,6 +67,8 @@ class Settings:
 
     retention_hours: float = 168.0
     retention_interval_s: float = 60.0
+    # Closed alerts are deleted this long after they closed (0: kept for ever).
+    alert_retention_days: float = 90.0
     # Rollups per minute, 15 minutes and hour (pulse.history.rollups): how often the
     # process keeping them looks for new rows, and how long each is kept.
     rollup_interval_s: float = 0.5
@@ -208,6 +210,11 @@ class Settings:
             raise ConfigError(
                 f"PULSE_MQTT_CLIENT_ID={self.mqtt_client_id!r} must not contain '/': "
                 "<tenant_id>/<device_id> is the client id of a device"
+            )
+        if self.alert_retention_days < 0:
+            raise ConfigError(
+                f"PULSE_ALERT_RETENTION_DAYS={self.alert_retention_days:g} must be 0 (closed "
+                "alerts kept for ever) or more"
             )
         if self.log_level.upper() not in LEVELS:
             raise ConfigError(

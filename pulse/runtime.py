@@ -198,7 +198,11 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         supervisor.start(
             "retention",
             functools.partial(
-                run_retention, db, settings.retention_hours, settings.retention_interval_s
+                run_retention,
+                db,
+                settings.retention_hours,
+                settings.retention_interval_s,
+                alert_retention_days=settings.alert_retention_days,
             ),
         )
         rollups = Rollups(db, RollupSettings.of(settings))

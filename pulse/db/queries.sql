@@ -19,3 +19,13 @@ SELECT name, detach_pending FROM pulse_expired_telemetry_partitions($1)
 -- Whether no session holds the advisory lock $1: taken and let go in the same
 -- statement, so the pooled connection that asks keeps nothing of it.
 SELECT CASE WHEN pg_try_advisory_lock($1) THEN pg_advisory_unlock($1) ELSE false END
+
+-- name: delete_closed_alerts
+-- Up to $2 alerts closed before $1, the oldest first (alerts_closed_at).
+WITH gone AS (
+    SELECT alert_id FROM alerts
+     WHERE status = 'CLOSED' AND closed_at < $1
+     ORDER BY closed_at
+     LIMIT $2
+)
+DELETE FROM alerts a USING gone WHERE a.alert_id = gone.alert_id

@@ -1,5 +1,6 @@
 """Retention: telemetry lives in one partition per UTC day of receipt (migration 0007);
-days are created ahead and dropped whole once past the window.
+days are created ahead and dropped whole once past the window. Closed alerts are
+deleted once closed for longer than theirs (``delete_closed_alerts``).
 
 Dropping a day costs the same whatever it holds, where deleting its rows cost a
 delete per reading and the vacuum after. A partition is detached CONCURRENTLY
@@ -76,11 +77,33 @@ async def drop_expired(db: Database, cutoff: datetime) -> list[str]:
     return dropped
 
 
-async def run_retention(db: Database, retention_hours: float, interval_s: float) -> None:
-    """Every ``interval_s``: days ahead created, days past the window dropped; database
+async def delete_closed_alerts(db: Database, cutoff: datetime, *, batch: int = 5000) -> int:
+    """Delete the alerts closed before ``cutoff``, ``batch`` at a time (each its own
+    short transaction); return how many. 0 at once when another process holds this turn."""
+    deleted = 0
+    async with db.connection() as conn:
+        if not await conn.fetchval(Q["try_retention_lock"], RETENTION_LOCK_KEY):
+            return deleted
+        try:
+            while True:
+                status = await conn.execute(Q["delete_closed_alerts"], cutoff, batch)
+                count = int(status.split()[-1])
+                deleted += count
+                if count < batch:
+                    return deleted
+        finally:
+            await conn.fetchval(Q["retention_unlock"], RETENTION_LOCK_KEY)
+
+
+async def run_retention(
+    db: Database, retention_hours: float, interval_s: float, *, alert_retention_days: float = 0
+) -> None:
+    """Every ``interval_s``: days ahead created, days past the window dropped, alerts
+    closed for longer than ``alert_retention_days`` (0: kept for ever) deleted; database
     outages and lock timeouts are waited out until the next pass."""
     while True:
-        cutoff = datetime.now(UTC) - timedelta(hours=retention_hours)
+        now = datetime.now(UTC)
+        cutoff = now - timedelta(hours=retention_hours)
         try:
             created = await ensure_partitions(db)
             if created:
@@ -88,6 +111,14 @@ async def run_retention(db: Database, retention_hours: float, interval_s: float)
             dropped = await drop_expired(db, cutoff)
             if dropped:
                 log.info("retention: dropped telemetry partitions %s", ", ".join(dropped))
+            if alert_retention_days > 0:
+                gone = await delete_closed_alerts(db, now - timedelta(days=alert_retention_days))
+                if gone:
+                    log.info(
+                        "retention: deleted %d alerts closed more than %g days ago",
+                        gone,
+                        alert_retention_days,
+                    )
         except DatabaseUnavailable as exc:
             log.warning("retention pass failed: %s", exc)
         except asyncpg.LockNotAvailableError as exc:

@@ -237,3 +237,59 @@ async def test_a_missing_day_is_a_503_and_made_again_at_once(
                 assert response.status_code == 503, response.text
                 await asyncio.sleep(0.1)
     assert settings.retention_interval_s >= 60
+
+
+async def test_alerts_closed_before_the_cutoff_are_deleted_and_no_others(
+    pool: asyncpg.Pool,
+) -> None:
+    """From the soak audit: nothing ever deleted an alert, and a flapping sensor raises
+    one at each breach: 15,000 closed alerts an hour beside about 20 active ones. Alerts
+    closed before the cutoff go, a batch at a time; active ones and newer ones stay."""
+    now = datetime.now(UTC)
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1') ON CONFLICT DO NOTHING")
+    insert = """INSERT INTO alerts (tenant_id, device_id, alert_type, severity, status,
+                                    summary, closed_at, closed_reason, created_at)
+                VALUES ('t1', $1, 'NO_HEARTBEAT', 2, $2, 'x', $3, $4, $5)"""
+    for i in range(7):  # closed long ago
+        days = timedelta(days=100 + i)
+        await pool.execute(insert, f"old-{i}", "CLOSED", now - days, "recovered", now - days)
+    await pool.execute(insert, "recent", "CLOSED", now - timedelta(days=1), "manual", now)
+    old = now - timedelta(days=200)
+    await pool.execute(insert, "active", "OPEN", None, None, old)  # open since long ago
+    await pool.execute(insert, "acked", "ACKNOWLEDGED", None, None, old)
+    cutoff = now - timedelta(days=90)
+    assert await retention.delete_closed_alerts(seam(pool), cutoff, batch=3) == 7
+    left = await pool.fetch("SELECT device_id FROM alerts ORDER BY device_id")
+    assert [r["device_id"] for r in left] == ["acked", "active", "recent"]
+    assert await retention.delete_closed_alerts(seam(pool), cutoff, batch=3) == 0
+    # Another process's turn: this one deletes nothing.
+    holder = await pool.acquire()
+    try:
+        assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK_KEY)
+        await pool.execute(insert, "old-again", "CLOSED", now - timedelta(days=99), "manual", now)
+        assert await retention.delete_closed_alerts(seam(pool), cutoff) == 0
+        await holder.fetchval("SELECT pg_advisory_unlock($1)", RETENTION_LOCK_KEY)
+    finally:
+        await pool.release(holder)
+    assert await retention.delete_closed_alerts(seam(pool), cutoff) == 1
+
+
+async def test_the_server_deletes_alerts_closed_past_their_retention(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    now = datetime.now(UTC)
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1') ON CONFLICT DO NOTHING")
+    await pool.execute(
+        """INSERT INTO alerts (tenant_id, device_id, alert_type, severity, status, summary,
+                               closed_at, closed_reason)
+           VALUES ('t1', 'd1', 'NO_HEARTBEAT', 2, 'CLOSED', 'x', $1, 'recovered'),
+                  ('t1', 'd2', 'NO_HEARTBEAT', 2, 'CLOSED', 'x', $2, 'recovered')""",
+        now - timedelta(days=31),
+        now - timedelta(days=29),
+    )
+    kept = dataclasses.replace(settings, alert_retention_days=30, retention_interval_s=0.2)
+    async with running_server(kept):
+        async with asyncio.timeout(20):
+            while await pool.fetchval("SELECT count(*) FROM alerts") != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    assert await pool.fetchval("SELECT device_id FROM alerts") == "d2"
