@@ -12,7 +12,7 @@ That budget alone let one client that never finished its bodies refuse every
 device of every tenant (68 connections filled 64 MiB in 3 s). So a request whose
 device token is in a header, when the shared budget is more than half full, has
 its token checked before its body is read (``under_pressure``): a device that
-proves itself reads into a second budget of the same size (``hold(verified=True)``),
+proves itself reads into a second budget of the same size (``hold(device)``),
 which strangers cannot fill. One device may hold at most an eighth of that second
 budget (one largest body at least), so that a device token in the wrong hands cannot
 fill it either: the abuse audit's finding, that the budget had no share per device.
