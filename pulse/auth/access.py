@@ -42,6 +42,8 @@ def require_write(principal: Principal, tenant_id: str) -> None:
         return
     if TENANT_ADMIN in principal.roles and principal.tenant_id == tenant_id:
         return
+    if principal.is_operator:  # its tenant claim is not read: it has no tenant of its own
+        raise ApiError(FORBIDDEN, "An operator's token changes a tenant only with operator-admin.")
     raise ApiError(
         FORBIDDEN,
         "tenant-admin changes only its own tenant; another tenant's changes need operator-admin.",
