@@ -18,7 +18,7 @@ from pulse.client.events import Alert, FleetSummary
 from pulse.client.history import History, Reading, history_params
 from pulse.client.resume import RawExportTail
 from pulse.client.sse import SSETelemetryStream, expect_type, http_failure, retry_after_s
-from pulse.client.stream import AuthRejected, NoticeHandler, ReconnectingStream
+from pulse.client.stream import AuthRejected, NoticeHandler, ReconnectingStream, describe
 from pulse.client.websocket import V2Stream, WebSocketTelemetryStream
 
 ALERTS_PATH = "/api/v1/customer/alerts"
@@ -53,6 +53,7 @@ class PulseClient:
     A read the server is too busy for (``429 history_limit`` when the tenant's
     history slots are taken, ``503``) is asked again after each answer's
     Retry-After for up to ``busy_wait_s`` seconds in all (0: never), then raised;
+    so is one no server answered (a restart: every second, told as ``unreachable``).
     ``on_busy(refusal, delay_s)`` is told each wait. POSTs are never asked again.
     """
 
@@ -387,9 +388,13 @@ class PulseClient:
         refreshed = False
         while True:
             token = await self.credentials.current()
-            response = await self.http.request(
-                method, path, params=params, headers={"Authorization": f"Bearer {token}"}
-            )
+            try:
+                response = await self.http.request(
+                    method, path, params=params, headers={"Authorization": f"Bearer {token}"}
+                )
+            except httpx.TransportError as exc:
+                await asyncio.sleep(self._wait_unreachable(exc, busy, self.on_busy))
+                continue
             if response.status_code == 401 and not refreshed and self.credentials.can_refresh:
                 refreshed = True
                 await self.credentials.refresh()
@@ -418,6 +423,21 @@ class PulseClient:
             raise failure
         if on_wait is not None:
             on_wait(failure, delay_s)
+        return delay_s
+
+    @staticmethod
+    def _wait_unreachable(
+        exc: httpx.TransportError, busy: BusyWait, on_wait: OnWait | None
+    ) -> float:
+        """The seconds to wait before sending again a read the server did not answer
+        (it could not be reached, or the connection was lost: a restart, a deploy),
+        told to ``on_wait`` as a refusal coded ``unreachable``; raises ``exc`` itself
+        once ``busy`` is over (at once for a POST: ``busy`` lasts 0 s for it)."""
+        delay_s = busy.delay_s(None)
+        if delay_s is None:
+            raise exc
+        if on_wait is not None:
+            on_wait(PulseClientError(0, "unreachable", f"no answer ({describe(exc)})"), delay_s)
         return delay_s
 
     @staticmethod
