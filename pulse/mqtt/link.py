@@ -65,6 +65,12 @@ LEAVE_TIMEOUT_S = 5.0
 # A command waits this long for a connection being made (a reconnect) before failing.
 CONTROL_WAIT_CONNECTED_S = 3.0
 BACKOFF_MAX_S = 5.0
+# A broker that cannot be reached (restarting) is tried this often at most: Mosquitto
+# 2.0 restores no shared subscription after its restart, so what devices publish
+# before Pulse subscribes again is lost, and devices reconnect within a second or two.
+DOWN_RETRY_MAX_S = 0.5
+# While the broker stays unreachable, its warning is logged again this often at most.
+DOWN_LOG_EVERY_S = 30.0
 STABLE_S = 10.0
 
 
@@ -98,6 +104,11 @@ def _decrypted(sock: Any) -> int:
 
 class BrokerUnavailable(Exception):
     """The broker cannot be reached, or did not answer in time."""
+
+
+class BrokerDown(BrokerUnavailable):
+    """No connection could be made: nothing listens there (a broker restarting), or
+    the network cannot reach it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,18 +209,32 @@ class MqttLink:
     async def run(self) -> None:
         """Connect, and connect again whenever the connection ends; until ``leave``."""
         delay = 0.1
+        down_since: float | None = None  # the first of the failures to connect in a row
+        logged_at = 0.0
         self._leaving = False
         while not self._leaving:
             started = time.monotonic()
             try:
                 await self._connect_and_wait()
+                down_since = None
+            except BrokerDown as exc:
+                if down_since is None or started - logged_at >= DOWN_LOG_EVERY_S:
+                    down_since = down_since or started
+                    logged_at = started
+                    log.warning(
+                        "MQTT broker %s:%d: %s (down for %.0f s; trying every %g s)",
+                        self._url.host, self._url.port, exc, started - down_since,
+                        DOWN_RETRY_MAX_S,
+                    )  # fmt: skip
             except BrokerUnavailable as exc:
+                down_since = None
                 log.warning("MQTT broker %s:%d: %s", self._url.host, self._url.port, exc)
             # Back off again only after a connection that lasted: one the broker keeps
             # closing (another process with this client id) is not retried ten times a second.
+            # One that could not be made is tried again soon: the broker may be back.
             if time.monotonic() - started > STABLE_S:
                 delay = 0.1
-            await asyncio.sleep(delay)
+            await asyncio.sleep(min(delay, DOWN_RETRY_MAX_S) if down_since else delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
             self.reconnects += 1
 
@@ -405,7 +430,9 @@ class MqttLink:
                 )
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
                     await connack
-            except (OSError, TimeoutError) as exc:
+            except OSError as exc:
+                raise BrokerDown(f"cannot connect: {exc!r}") from None
+            except TimeoutError as exc:
                 raise BrokerUnavailable(f"cannot connect: {exc!r}") from None
             self._client = client
             self.connected = True
