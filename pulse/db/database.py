@@ -151,8 +151,12 @@ class Database:
                 try:
                     yield conn
                 except BaseException:
-                    if not conn.is_closed() and conn.is_in_transaction():
-                        await conn.execute("ROLLBACK")
+                    # A lost connection is already gone from the block (asyncpg detaches
+                    # its proxy, whose every call then raises): what ended the block is
+                    # raised, never a failure of this rollback.
+                    with contextlib.suppress(*CONNECTION_ERRORS):
+                        if conn.is_in_transaction():
+                            await conn.execute("ROLLBACK")
                     raise
                 if conn.is_in_transaction():
                     await conn.execute("COMMIT")

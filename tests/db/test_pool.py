@@ -11,6 +11,7 @@ import pytest
 
 from pulse.db import pool as pool_module
 from pulse.db.database import Database
+from pulse.db.errors import DatabaseUnavailable
 from pulse.db.pool import IDLE_IN_WRITE_S, KEEPALIVES
 from pulse.history import reads
 
@@ -85,6 +86,25 @@ async def test_a_transaction_that_may_end_itself(database_url: str) -> None:
             async with db.connection() as conn:
                 assert not conn.is_in_transaction()
         assert [r["n"] for r in await db.fetch("SELECT n FROM probe ORDER BY n")] == [1, 2]
+
+
+async def test_a_transaction_whose_connection_is_lost_raises_what_happened(
+    database_url: str,
+) -> None:
+    """From the chaos audit: a connection terminated inside ``transaction_ending_itself``
+    raised ``cannot call Connection.is_closed(): connection has been released back to
+    the pool`` (asyncpg detaches a lost connection's proxy at once), and the operator's
+    log said that instead of the connection's loss."""
+    async with Database.open(database_url, pool_size=2) as db:
+        with pytest.raises(DatabaseUnavailable) as raised:
+            async with db.transaction_ending_itself() as conn:
+                pid = await conn.fetchval("SELECT pg_backend_pid()")
+                async with db.dedicated("terminator") as other:
+                    await other.execute("SELECT pg_terminate_backend($1)", pid)
+                await conn.execute("SELECT 1")
+        assert "released back to the pool" not in str(raised.value)
+        assert "terminat" in str(raised.value) or "closed" in str(raised.value), raised.value
+        assert await db.fetchval("SELECT 1") == 1  # the pool goes on
 
 
 async def test_pool_connections_are_named_unless_the_url_names_them(database_url: str) -> None:
