@@ -7,7 +7,7 @@ PULSE_LOG_FORMAT=json one JSON object per line for log shippers.
 
 PULSE_LOG_LEVEL sets Pulse's own loggers. Other libraries never log below
 INFO, and those whose output carries credentials never below WARNING: at
-DEBUG, hpack (HTTP/2, which hypercorn speaks in cleartext too) logs every
+DEBUG, hpack (HTTP/2, which hypercorn speaks where Pulse's tunings do not apply) logs every
 header it decodes, ``Authorization`` and ``X-Provision-Token`` included, and
 the ``:path`` with its query string (tickets); httpx logs request URLs at
 INFO; h2, h11, wsproto and websockets log frames and handshakes. Tokens and

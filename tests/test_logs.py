@@ -104,10 +104,8 @@ async def said_on_failure(server: ServeProcess) -> AsyncIterator[None]:
         raise AssertionError(f"{exc!r}; the server logged:\n{said}") from exc
 
 
-async def test_no_token_or_ticket_in_the_log_at_debug_over_http2(
-    database_url: str, tmp_path: Path
-) -> None:
-    """HTTP/2 in cleartext (prior knowledge), where hpack logged every decoded header.
+async def test_no_token_or_ticket_in_the_log_at_debug(database_url: str, tmp_path: Path) -> None:
+    """At DEBUG, where hpack logged every decoded header while HTTP/2 was served.
 
     The credentials go where they go in real use: a JWT in Authorization, a device
     token in X-Provision-Token, a ticket in the query string of a stream URL.
@@ -122,14 +120,12 @@ async def test_no_token_or_ticket_in_the_log_at_debug_over_http2(
     fresh = httpx.Limits(max_keepalive_connections=0)
     async with (
         pulse_serve(data_dir=tmp_path, database_url=database_url, env=env, stdout=-1) as server,
-        httpx.AsyncClient(
-            base_url=server.url, http1=False, http2=True, timeout=10, limits=fresh
-        ) as http,
+        httpx.AsyncClient(base_url=server.url, timeout=10, limits=fresh) as http,
         said_on_failure(server),
     ):
         bearer = {"Authorization": f"Bearer {jwt}"}
         r = await http.post("/api/v1/customer/devices", json={"device_id": "d1"}, headers=bearer)
-        assert r.status_code == 201 and r.http_version == "HTTP/2", r.text
+        assert r.status_code == 201, r.text
         device_token = r.json()["provision_token"]
         r = await http.post(
             "/ingest/v1/tenant/t1/device/d1/telemetry",
@@ -149,7 +145,7 @@ async def test_no_token_or_ticket_in_the_log_at_debug_over_http2(
     output = server.stdout + server.stderr
     lines = output.decode().splitlines()
     assert all(json.loads(line) for line in lines), "one JSON object per line"
-    assert any("GET /api/v1/customer/telemetry/stream/sse 2" in line for line in lines)
+    assert any("GET /api/v1/customer/telemetry/stream/sse 1.1" in line for line in lines), lines
     for secret in (jwt, device_token, ticket, jwt.split(".")[2], device_token[4:], ticket[4:]):
         assert secret.encode() not in output
     assert b"token=" not in output and b"ticket=" not in output

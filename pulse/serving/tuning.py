@@ -18,11 +18,11 @@ libraries (``pulse.serving.direct``, ``pulse.serving.inbound``,
   (``pulse.serving.headers``);
 - a connection's idle timeout as a timer, not a task restarted with every
   request (``pulse.serving.idle``);
-- HTTP/2: a request's body that arrives after its answer is dropped, where
-  hypercorn's KeyError killed the connection, and an h2c upgrade with unusable
-  settings is closed, where its error logged the whole request (``pulse.serving.http2``);
-- the HTTP/1 requests hypercorn refuses itself (400, 431) answered with Pulse's
-  error body (``pulse.serving.protocol_errors``).
+- HTTP/1.1 only: hypercorn's cleartext HTTP/2 (prior knowledge, ``Upgrade: h2c``)
+  has no bound on a stream's buffered output nor on frames that open no stream,
+  so it is not spoken (``pulse.serving.http2``);
+- the HTTP/1 requests hypercorn refuses itself (400, 431, 501, and 505 for the
+  HTTP/2 preface) answered with Pulse's error body (``pulse.serving.protocol_errors``).
 
 Each was written against the exact versions in ``WRITTEN_FOR``, which
 pyproject.toml pins. ``apply`` checks what is installed before touching
@@ -70,7 +70,7 @@ def apply() -> bool:
         else:
             from pulse.serving.direct import bound_inbound_queues, offer_direct_writes
             from pulse.serving.headers import memoize_header_checks
-            from pulse.serving.http2 import tune_h2_protocol
+            from pulse.serving.http2 import refuse_http2
             from pulse.serving.idle import time_idle_connections
             from pulse.serving.protocol_errors import answer_protocol_errors_with_a_body
             from pulse.serving.websocket import close_protocol_errors_properly, refuse_compression
@@ -81,7 +81,7 @@ def apply() -> bool:
             refuse_compression()
             memoize_header_checks()
             time_idle_connections()
-            tune_h2_protocol()
+            refuse_http2()
             answer_protocol_errors_with_a_body()
             _applied = True
     return _applied
