@@ -28,7 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 # process made it, which doubled the series of a scrape; the operations audit): a
 # restart shows as counters starting again, which rate() takes in its stride, and with
 # ``--workers`` there were none anyway.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
