@@ -37,11 +37,28 @@ CHECK_AHEAD_FROM = 32
 SEEN_PRECISION_S = 1.0
 # Transactions of one set of tenants in flight at once (_commit_waiting).
 IN_FLIGHT = 2
+# How long a write may wait for its tenants' transaction to begin (the database stuck
+# or far behind) before it is answered as unavailable, with nothing of it written: a
+# client that gave up waiting would otherwise send it again while it is still queued,
+# and both would be stored. A write whose transaction began has its outcome, whenever.
+WAIT_S = 10.0
 
 # Admission control, asked once per write with how many messages of each device
 # authenticated: the devices of which it admits fewer (the first ones), with how
 # many and the refusal for the others (rate_limited, with the seconds to wait).
 Admit = Callable[[Mapping[Device, int]], Mapping[Device, tuple[int, Rejected]]]
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Queued:
+    """A write waiting for its tenants' next group (``TelemetryWriter._write_grouped``):
+    ``fresh``, its devices found fresh if it was checked already (``_check``), None if
+    not; ``expiry``, the timer that answers it unavailable if no group took it in time."""
+
+    submissions: Sequence[Submission]
+    fresh: frozenset[Device] | None
+    future: asyncio.Future[list[Outcome]]
+    expiry: asyncio.TimerHandle | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -111,8 +128,10 @@ class TelemetryWriter:
         group_commit: bool = True,
         on_remade: Callable[[], object] | None = None,
         seen_precision_s: float = SEEN_PRECISION_S,
+        wait_s: float = WAIT_S,
     ) -> None:
         self._db = db
+        self._wait_s = wait_s
         # A device ONLINE and seen this recently is not marked seen again (touch_devices).
         self._seen_precision_s = seen_precision_s
         self._admit = admit
@@ -124,14 +143,7 @@ class TelemetryWriter:
         self._hooks = tuple(hooks)
         self._group_commit = group_commit
         # Writes waiting for the gates of the same tenants, to be committed together.
-        # Each with its devices found fresh if its checks were made already (_check),
-        # None if not.
-        self._waiting: dict[
-            frozenset[str],
-            list[
-                tuple[Sequence[Submission], frozenset[Device] | None, asyncio.Future[list[Outcome]]]
-            ],
-        ] = {}
+        self._waiting: dict[frozenset[str], list[_Queued]] = {}
         # Writers of one tenant commit one at a time anyway (the tenant row
         # lock). A group holds its tenants' gates until its rows are in; the next
         # group's insert then runs beside its commit (pulse.ingest.ids). A busy
@@ -232,10 +244,20 @@ class TelemetryWriter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Checked] = loop.create_future()
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._unchecked.append((submissions, future))
+        entry = (submissions, future)
+        self._unchecked.append(entry)
         if self._checking is None:
             self._checking = loop.create_task(self._check_queued())
-        return await future
+        try:
+            async with asyncio.timeout(self._wait_s):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            # Checks write nothing: the write is given up whether they ran or not.
+            self._unchecked = [other for other in self._unchecked if other is not entry]
+            raise DatabaseUnavailable(
+                f"its tokens could not be checked within {self._wait_s:g} s (the database "
+                "is slow or stuck); nothing of it was stored"
+            ) from None
 
     async def _check_queued(self) -> None:
         try:
@@ -278,17 +300,34 @@ class TelemetryWriter:
         future: asyncio.Future[list[Outcome]] = loop.create_future()
         # A caller that went away leaves its future unread: that is not an error.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        queued = _Queued(submissions, fresh, future)
+        queued.expiry = loop.call_later(self._wait_s, self._expire, tenants, queued)
         waiting = self._waiting.get(tenants)
         if waiting is not None:  # a committer is at work: its next group takes this write
-            waiting.append((submissions, fresh, future))
+            waiting.append(queued)
             if (wake := self._wakes.get(tenants)) is not None and not wake.done():
                 wake.set_result(None)
         else:
-            self._waiting[tenants] = [(submissions, fresh, future)]
+            self._waiting[tenants] = [queued]
             committer = loop.create_task(self._commit_waiting(tenants))
             self._committers.add(committer)
             committer.add_done_callback(self._committers.discard)
         return await future
+
+    def _expire(self, tenants: frozenset[str], queued: _Queued) -> None:
+        """``queued`` waited ``wait_s`` and no group took it: answered unavailable."""
+        waiting = self._waiting.get(tenants, [])
+        for i, other in enumerate(waiting):
+            if other is queued:
+                del waiting[i]
+                if not queued.future.done():
+                    queued.future.set_exception(
+                        DatabaseUnavailable(
+                            f"no write of its tenants could begin for {self._wait_s:g} s "
+                            "(the database is slow or stuck); nothing of it was stored"
+                        )
+                    )
+                return
 
     async def _commit_waiting(self, tenants: frozenset[str]) -> None:
         """Commit the writes waiting for ``tenants``, a group per transaction, until
@@ -315,15 +354,17 @@ class TelemetryWriter:
                     everything: list[Submission] = []
                     prechecked: list[bool] = []
                     fresh: set[Device] = set()
-                    for subs, found, _ in group:
-                        everything += subs
-                        prechecked += [found is not None] * len(subs)
-                        fresh.update(found or ())
+                    for queued in group:
+                        if queued.expiry is not None:
+                            queued.expiry.cancel()
+                        everything += queued.submissions
+                        prechecked += [queued.fresh is not None] * len(queued.submissions)
+                        fresh.update(queued.fresh or ())
                     inserted = asyncio.Event()
                     commit = asyncio.get_running_loop().create_task(
                         self._commit(everything, prechecked, fresh, inserted=inserted)
                     )
-                    callers = [(subs, waiter) for subs, _, waiter in group]
+                    callers = [(queued.submissions, queued.future) for queued in group]
                     commit.add_done_callback(functools.partial(_settle, callers))
                     in_flight.append(commit)
                     await inserted.wait()
@@ -335,9 +376,11 @@ class TelemetryWriter:
             for task in in_flight:
                 task.cancel()
             # Stopped (the server is stopping): what still waits is not written.
-            for _, _, waiter in self._waiting.pop(tenants, []):
-                if not waiter.done():
-                    waiter.set_exception(_stopping())
+            for queued in self._waiting.pop(tenants, []):
+                if queued.expiry is not None:
+                    queued.expiry.cancel()
+                if not queued.future.done():
+                    queued.future.set_exception(_stopping())
 
     async def _next_write_or_end(
         self, tenants: frozenset[str], commit: asyncio.Future[Any]
