@@ -81,6 +81,10 @@ class Settings:
     # it (hypercorn's 5 s closed those unanswered). A load balancer in front should
     # close idle connections sooner than this.
     http_idle_timeout_s: float = 30.0
+    # A connection that has sent no byte this long after it was accepted is closed (one
+    # that has sent something has the idle timeout above): clients that connect and
+    # never speak would otherwise hold a file each for the whole idle timeout.
+    http_first_request_timeout_s: float = 10.0
     ingest_rate_per_device: float = 100.0
     # One full batch (pulse.ingest.intake.MAX_BATCH) from one device: a device
     # uploading its backlog after a night offline gets it accepted whole.

@@ -169,6 +169,12 @@ class Metrics:
             "Device credentials the broker could not be told of (fixed at the next connect)",
             registry=r,
         )
+        self.open_files_exhausted = Counter(
+            "pulse_open_files_exhausted",
+            "Checks (one a second) that found no file descriptor left in this process: "
+            "meanwhile new connections were closed unanswered (about the seconds spent so)",
+            registry=r,
+        )
         # Sampled: a count that only grows under steady load is a leak.
         self.asyncio_tasks = Gauge(
             "pulse_asyncio_tasks",

@@ -31,9 +31,10 @@ from pulse.db.errors import DatabaseUnavailable
 from pulse.logs import ACCESS_LOGGER, SERVER_LOGGER
 from pulse.ops.metrics import MULTIPROCESS_DIR
 from pulse.runtime import StartupError
-from pulse.serving import tuning
+from pulse.serving import descriptors, idle, tuning
 from pulse.serving.workers import supervise
 from pulse.streams.messages import MAX_INBOUND_BYTES
+from pulse.web import RUNTIME, runtime_of
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ def hypercorn_config(settings: Settings, bind: str) -> Any:
     # storm that waited longer than that for the server to read them (5,121 of 10,000
     # clients coming back to a busy process; docs/performance.md).
     config.keep_alive_timeout = settings.http_idle_timeout_s
+    # Before its first request, a connection that sends nothing is closed sooner (with
+    # the tunings: pulse.serving.idle).
+    setattr(config, idle.FIRST_REQUEST_TIMEOUT, settings.http_first_request_timeout_s)
     # Inbound WebSocket messages over 64 KiB are closed with 1009 before they
     # are buffered whole (the default would buffer 16 MiB per connection).
     config.websocket_max_message_size = MAX_INBOUND_BYTES
@@ -175,6 +179,13 @@ async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
 
     tuning.apply()
     trigger = _streams_first(app, stop, config.graceful_timeout)
+
+    def exhausted() -> None:
+        if RUNTIME in app.extensions:
+            runtime_of(app).metrics.open_files_exhausted.inc()
+
+    # libuv closes connections it cannot accept without a word (pulse.serving.descriptors).
+    watching = asyncio.create_task(descriptors.watch(exhausted))
     try:
         await hypercorn_serve(app, config, shutdown_trigger=trigger)  # type: ignore[arg-type]
     except LifespanFailureError as exc:
@@ -183,6 +194,10 @@ async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
         if len(said) > 1 and said[0] == said[-1] == "'":  # its quotes, not the app's
             said = said[1:-1]
         raise StartupError(said) from None
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
     if stop.is_set():
         log.info("stopped")
 

@@ -14,14 +14,35 @@ hypercorn closes it (``_initiate_server_close``, shielded, in the connection's
 task group). The server's termination closes every idle connection at once, as
 hypercorn's tasks did, through one waiter per worker instead of one per
 connection.
+
+A connection's first request has a shorter limit, ``first_request_timeout``
+(``PULSE_HTTP_FIRST_REQUEST_TIMEOUT_S``, 10 s), put on hypercorn's config under
+``FIRST_REQUEST_TIMEOUT``: a connection that has sent no byte by then is closed
+(clients that connect and never speak held every descriptor of a process for
+the 30 s of the idle timeout). One that has sent something keeps the idle
+timeout: a process busy with a reconnect storm may read a request seconds after
+it came (docs/operations.md), and that delay is the server's, not the client's.
+Whether anything came is the kernel's count of the bytes received on the
+connection (Linux's ``TCP_INFO``), which includes what no one has read yet;
+where it cannot be asked, the idle timeout applies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import weakref
 from typing import Any
+
+# The attribute of hypercorn's Config with the limit for a connection's first request
+# (pulse.serving.hypercorn_config sets it; absent, the idle timeout applies).
+FIRST_REQUEST_TIMEOUT = "pulse_first_request_timeout"
+# struct tcp_info (linux/tcp.h): tcpi_bytes_received, since Linux 4.1.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_BYTES_RECEIVED = struct.Struct("=Q")
+_BYTES_RECEIVED_AT = 128
 
 # The idle connections of each worker, closed at once when it terminates.
 _idle: weakref.WeakKeyDictionary[Any, set[IdleTimer]] = weakref.WeakKeyDictionary()
@@ -43,13 +64,21 @@ class IdleTimer:
         """The connection is idle from now. ``action`` is the TCPServer's
         ``_idle_timeout``, which this replaces: it names the connection."""
         await self.stop()
+        first = self._server is None  # hypercorn's first restart: the connection is new
         server = self._server = action.__self__
         self._group = task_group
         if server.context.terminated.is_set():
             self._expire()
             return
         loop = asyncio.get_running_loop()
-        self._handle = loop.call_later(server.config.keep_alive_timeout, self._expire)
+        timeout = server.config.keep_alive_timeout
+        first_timeout = getattr(server.config, FIRST_REQUEST_TIMEOUT, None) if first else None
+        if first_timeout is not None and first_timeout < timeout:
+            self._handle = loop.call_later(
+                first_timeout, self._first_expired, timeout - first_timeout
+            )
+        else:
+            self._handle = loop.call_later(timeout, self._expire)
         _watch(server.context, loop).add(self)
 
     async def stop(self) -> None:
@@ -65,6 +94,14 @@ class IdleTimer:
             with contextlib.suppress(asyncio.CancelledError):
                 await closing
 
+    def _first_expired(self, rest: float) -> None:
+        """The first request's limit is up: closed if the client sent nothing, else the
+        rest of the idle timeout."""
+        if _sent_anything(self._server):
+            self._handle = asyncio.get_running_loop().call_later(rest, self._expire)
+        else:
+            self._expire()
+
     def _expire(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
@@ -78,6 +115,22 @@ class IdleTimer:
 
     async def _close(self) -> None:
         await asyncio.shield(self._server._initiate_server_close())
+
+
+def _sent_anything(server: Any) -> bool:
+    """Whether the client of hypercorn's TCPServer ``server`` has sent any byte, read or
+    not (True where the kernel cannot be asked)."""
+    sock = server.writer.get_extra_info("socket")
+    if _TCP_INFO is None or sock is None:
+        return True
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
+    except (OSError, ValueError):  # not TCP, or closed already
+        return True
+    if len(info) < _BYTES_RECEIVED_AT + _BYTES_RECEIVED.size:
+        return True
+    received: int = _BYTES_RECEIVED.unpack_from(info, _BYTES_RECEIVED_AT)[0]
+    return received > 0
 
 
 def _watch(context: Any, loop: asyncio.AbstractEventLoop) -> set[IdleTimer]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -72,6 +73,52 @@ async def test_idle_connections_are_closed_and_busy_ones_are_not(
         assert await closed_by_server(used[0], 20) >= 0
         for _, writer in (silent, used):
             writer.close()
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_first_request_limit(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Clients that connect and never speak held a file each for the whole idle timeout
+    (30 s; an audit's 600 of them took every descriptor). Closed after
+    PULSE_HTTP_FIRST_REQUEST_TIMEOUT_S now; one that has begun its request is not."""
+    env = {"PULSE_HTTP_IDLE_TIMEOUT_S": "60", "PULSE_HTTP_FIRST_REQUEST_TIMEOUT_S": "2"}
+    async with pulse_serve(data_dir=tmp_path, database_url=database_url, env=env) as server:
+        begun = await connect(server.url)
+        begun[1].write(REQUEST[:20])  # part of a request head
+        silent = await connect(server.url)
+        # Closed after about 2 s, not after the 60 s of the idle timeout.
+        assert await closed_by_server(silent[0], 20) < 20
+        # The other connection's 2 s are up too (it came first): it is still served.
+        begun[1].write(REQUEST[20:])
+        head = await asyncio.wait_for(begun[0].readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        for _, writer in (begun, silent):
+            writer.close()
+
+
+async def test_a_request_read_late_is_not_cut_by_the_first_request_limit(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A process busy with a reconnect storm may read a request seconds after it came:
+    the first-request limit closes only connections that sent nothing. The process is
+    stopped (SIGSTOP) past the limit while the request waits in its socket."""
+    env = {"PULSE_HTTP_IDLE_TIMEOUT_S": "60", "PULSE_HTTP_FIRST_REQUEST_TIMEOUT_S": "1"}
+    async with pulse_serve(data_dir=tmp_path, database_url=database_url, env=env) as server:
+        reader, writer = await connect(server.url)
+        # Accepted (its timer running) once a later connection has been answered.
+        later = await connect(server.url)
+        assert await answered(*later)
+        later[1].close()
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            writer.write(REQUEST)
+            await writer.drain()
+            await asyncio.sleep(2)  # the delay under test: past the 1 s limit
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        writer.close()
 
 
 async def test_stopping_closes_idle_connections_at_once(database_url: str, tmp_path: Path) -> None:
