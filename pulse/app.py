@@ -7,9 +7,9 @@ when it ends. Handlers find it with ``pulse.web.runtime()``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from quart import Quart, Response, request
 
@@ -32,6 +32,7 @@ from pulse.web import (
     tickets,
 )
 from pulse.web.errors import JsonRequest, register_error_handlers
+from pulse.web.expect import ASK, AskForTheBodyWhenRead, Body
 from pulse.web.fastpath import DeviceFastPath
 from pulse.web.framing import RefuseAmbiguousLength
 from pulse.web.json_bodies import parse_bodies_with_orjson
@@ -61,12 +62,17 @@ BLUEPRINTS = (
 
 class PulseRequest(JsonRequest):
     """A request whose body may be 1 MiB under /ingest/ and 64 KiB elsewhere: over
-    it, 413 payload_too_large, and no more of it is held."""
+    it, 413 payload_too_large, and no more of it is held. A body that waits for
+    ``100 Continue`` is asked for when it is read (``pulse.web.expect``)."""
+
+    body_class = Body
+    body: Body
 
     def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any) -> None:
         ingest_route = path.startswith(ingest.INGEST_PREFIX)
         kwargs["max_content_length"] = MAX_BODY_BYTES if ingest_route else MAX_OTHER_BODY_BYTES
         super().__init__(method, scheme, path, *args, **kwargs)
+        self.body.ask = cast(Callable[[], None] | None, self.scope.get(ASK))
 
 
 class PulseApp(PulseQuart):
@@ -106,11 +112,14 @@ def create_app(settings: Settings | None = None) -> Quart:
     # opened and stream tickets issued before Quart too (pulse.web.sse_fastpath,
     # pulse.web.ticket_fastpath); before that, a request that states its length twice
     # is refused (pulse.web.framing). Both WebSockets are served from ASGI, without
-    # Quart (pulse.web.websocket).
+    # Quart (pulse.web.websocket). Quart asks for a body that waits for 100 Continue
+    # only when a handler reads it (pulse.web.expect).
     app.asgi_app = WebSocketRoutes(  # type: ignore[method-assign, assignment]
         app,
         RefuseAmbiguousLength(
-            DeviceFastPath(app, SseFastPath(app, TicketFastPath(app, app.asgi_app)))
+            DeviceFastPath(
+                app, SseFastPath(app, TicketFastPath(app, AskForTheBodyWhenRead(app.asgi_app)))
+            )
         ),
         {
             telemetry_ws.URL: telemetry_ws.telemetry_websocket,

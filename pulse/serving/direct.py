@@ -35,6 +35,7 @@ import termios
 from collections.abc import Callable
 from typing import Any
 
+from pulse.serving.expect import continue_on_first_receive
 from pulse.serving.inbound import InboundQueue
 from pulse.web.direct import CHUNKS, FRAMES, INBOUND, PING, chunk
 
@@ -248,12 +249,15 @@ def bound_inbound_queues() -> None:
                     # waited for ever behind a full queue, the socket never read again.
                     app_queue.close()
 
+            receive: Callable[[], Any] = app_queue.get
+            if scope["type"] == "http":  # 100 Continue when the app asks for the body
+                receive = continue_on_first_receive(receive, send)
             self.spawn(
                 task_group._handle,
                 run_app,
                 config,
                 scope,
-                app_queue.get,
+                receive,
                 send,
                 functools.partial(self._loop.run_in_executor, None),
                 _call_soon,

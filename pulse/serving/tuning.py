@@ -22,7 +22,10 @@ libraries (``pulse.serving.direct``, ``pulse.serving.inbound``,
   has no bound on a stream's buffered output nor on frames that open no stream,
   so it is not spoken (``pulse.serving.http2``);
 - the HTTP/1 requests hypercorn refuses itself (400, 431, 501, and 505 for the
-  HTTP/2 preface) answered with Pulse's error body (``pulse.serving.protocol_errors``).
+  HTTP/2 preface) answered with Pulse's error body (``pulse.serving.protocol_errors``);
+- ``100 Continue`` sent when the app first asks for the body, not with the head,
+  so that a request refused before its body is read is not sent it
+  (``pulse.serving.expect``).
 
 Each was written against the exact versions in ``WRITTEN_FOR``, which
 pyproject.toml pins. ``apply`` checks what is installed before touching
@@ -69,6 +72,7 @@ def apply() -> bool:
             _applied = False
         else:
             from pulse.serving.direct import bound_inbound_queues, offer_direct_writes
+            from pulse.serving.expect import continue_when_asked
             from pulse.serving.headers import memoize_header_checks
             from pulse.serving.http2 import refuse_http2
             from pulse.serving.idle import time_idle_connections
@@ -83,5 +87,6 @@ def apply() -> bool:
             time_idle_connections()
             refuse_http2()
             answer_protocol_errors_with_a_body()
+            continue_when_asked()
             _applied = True
     return _applied

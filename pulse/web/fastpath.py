@@ -14,7 +14,9 @@ Every other ingest request (chunked bodies, paths that need Quart's routing)
 has its body read here too, within the process's ingest
 buffer (``pulse.web.bodies``), and then goes on to Quart, which reads it
 again from memory. Bodies declared over the limit go on unread (Quart answers
-413 at once), and so does every request that is not ingest.
+413 at once), and so does every request that is not ingest. A device's request
+without a token whose client waits for ``100 Continue`` is refused before its
+body is asked for (``pulse.web.expect``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pulse.web import runtime_of
 from pulse.web.asgi import ASGIReceiveCallable, ASGISendCallable, Scope
 from pulse.web.bodies import read_body, replay
 from pulse.web.errors import error_for
+from pulse.web.expect import expects_continue
 from pulse.web.ingest import (
     BATCH_URL,
     DEVICE_PATH,
@@ -100,6 +103,14 @@ class DeviceFastPath:
         async def check_token(ingest: Ingest) -> Rejected | None:
             return await ingest.writer.check_token(tenant_id, device_id, token)
 
+        if not token and expects_continue(scope):
+            # Refused whatever its body (the ids, then the token): answered before the
+            # client sends it, without 100 Continue (RFC 9110, section 10.1.1).
+            refused = intake.heartbeat(tenant_id, device_id, None)
+            assert isinstance(refused, Rejected)
+            runtime_of(self._app).metrics.ingest_rejected.labels(refused.reason.code).inc()
+            await send_reply(send, _unread(reply(refused), scope))
+            return
         verify = (check_token, (tenant_id, device_id)) if token else None
         await self._answer(Receipt(kind), answer, scope, receive, send, verify=verify)
 

@@ -1,0 +1,115 @@
+"""``Expect: 100-continue``: a request refused whatever its body is answered without
+``100 Continue``, so that its client never sends the body (RFC 9110, section 10.1.1);
+one that is taken gets its 100 and then its answer. Raw HTTP/1.1 over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import asyncpg
+import orjson
+import pytest
+
+from tests.ingest.conftest import stored_rows
+
+pytestmark = pytest.mark.timeout(30)
+
+READING = b"/ingest/v1/tenant/t1/device/dev-1/telemetry"
+DEVICES = b"/api/v1/customer/devices"
+BODY = b'{"metrics": {"temp": 21.5}}'
+
+
+async def send_head(
+    server: str, path: bytes, headers: dict[str, str], length: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A POST's head with ``Expect: 100-continue``, its body not sent."""
+    host, port = server.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    lines = [b"POST " + path + b" HTTP/1.1", b"Host: pulse", b"Content-Type: application/json"]
+    lines += [f"{name}: {value}".encode() for name, value in headers.items()]
+    lines += [b"Content-Length: %d" % length, b"Expect: 100-continue"]
+    writer.write(b"\r\n".join(lines) + b"\r\n\r\n")
+    await writer.drain()
+    return reader, writer
+
+
+async def next_head(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+
+
+def header(head: bytes, name: bytes) -> bytes | None:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip().lower()
+    return None
+
+
+@pytest.mark.parametrize(
+    ("case", "path", "length", "status", "error"),
+    [
+        ("ingest, over 1 MiB", READING, 5_000_000, 413, "payload_too_large"),
+        ("ingest, no token", READING, len(BODY), 401, "invalid_device_token"),
+        ("devices, over 64 KiB", DEVICES, 5_000_000, 413, "payload_too_large"),
+        ("devices, no credential", DEVICES, 50, 401, "missing_token"),
+    ],
+)
+async def test_a_refusal_that_needs_no_body_comes_without_100_continue(
+    server: str,
+    token: str,
+    make_token: Callable[..., str],
+    case: str,
+    path: bytes,
+    length: int,
+    status: int,
+    error: str,
+) -> None:
+    headers = {}
+    if "no token" not in case and "no credential" not in case:
+        headers = (
+            {"X-Provision-Token": token}
+            if path == READING
+            else {"Authorization": f"Bearer {make_token('t1', roles=('tenant-admin',))}"}
+        )
+    reader, writer = await send_head(server, path, headers, length)
+    try:
+        head = await next_head(reader)
+        assert head.startswith(b"HTTP/1.1 %d " % status), head  # not 100 Continue
+        assert header(head, b"connection") == b"close", head
+        size = int(header(head, b"content-length") or 0)
+        body = await asyncio.wait_for(reader.readexactly(size), 10)
+        assert orjson.loads(body)["error"] == error
+        # The body is never read: the server closes the connection.
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+
+
+async def test_a_reading_within_limits_gets_100_continue_and_is_stored(
+    server: str, token: str, pool: asyncpg.Pool
+) -> None:
+    reader, writer = await send_head(server, READING, {"X-Provision-Token": token}, len(BODY))
+    try:
+        assert (await next_head(reader)).startswith(b"HTTP/1.1 100 ")
+        writer.write(BODY)
+        head = await next_head(reader)
+        assert head.startswith(b"HTTP/1.1 201 "), head
+    finally:
+        writer.close()
+    assert await stored_rows(pool) == 1
+
+
+async def test_a_device_within_limits_gets_100_continue_and_is_created(
+    server: str, make_token: Callable[..., str]
+) -> None:
+    admin = {"Authorization": f"Bearer {make_token('t1', roles=('tenant-admin',))}"}
+    body = b'{"device_id": "expecting"}'
+    reader, writer = await send_head(server, DEVICES, admin, len(body))
+    try:
+        assert (await next_head(reader)).startswith(b"HTTP/1.1 100 ")
+        writer.write(body)
+        head = await next_head(reader)
+        assert head.startswith(b"HTTP/1.1 201 "), head
+    finally:
+        writer.close()
