@@ -176,7 +176,7 @@ async def run_migrations(settings: Settings) -> None:
     async def apply(dsn: str) -> None:
         try:
             async with Database.open(dsn, pool_size=1) as db, db.connection() as conn:
-                applied = await migrate(conn)
+                applied = await migrate(conn, dsn=dsn)
         except DatabaseUnavailable as exc:
             fail(f"pulse migrate: cannot use the database {exc}")
         except MigrationError as exc:

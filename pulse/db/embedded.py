@@ -118,7 +118,7 @@ async def embedded_database(data_dir: Path) -> AsyncIterator[str]:
     try:
         conn = await connect(dsn)
         try:
-            await migrate(conn)  # each migration applied is logged
+            await migrate(conn, dsn=dsn)  # each migration applied is logged
         finally:
             await conn.close()
         yield dsn

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import re
+import time
 from importlib import resources
 
 import asyncpg
@@ -15,12 +17,20 @@ log = logging.getLogger(__name__)
 
 # Any constant shared by every runner: concurrent `pulse migrate` runs queue here.
 _LOCK_KEY = 0x70756C7365  # "pulse"
-# How long a migration waits for a table's lock, and how many times it tries. A long
-# read (an export may stream for an hour) holds its tables; a migration waiting behind
-# it would hold every write behind itself (they queue on the locks it holds or waits
-# for). So it gives up after a few seconds, writes go on, and it tries again.
-LOCK_TIMEOUT_S = 5.0
-ATTEMPTS = 5
+# A migration holds every write while it runs: it locks `tenants` first, as writes do
+# (_lock_as_writers_do). So it waits at most this long for any one lock (in-flight
+# writes end in milliseconds): a lock that another query holds longer (an export may
+# stream for an hour; a transaction left open) makes it roll back at once, so that
+# writes go on, and wait for that query without holding anything (_wait_for_holders).
+# Before, it waited 5 s for that query holding `tenants`, five times: writes of every
+# tenant stalled for most of 30 s (the operations audit, finding 4).
+HOLD_WRITES_S = 1.0
+# How long in all a migration waits for the queries holding its tables' locks before
+# it gives up (rolled back, nothing changed): writes go on meanwhile.
+WAIT_S = 60.0
+# How often the watching connection looks at what the migration waits for.
+_WATCH_EVERY_S = 0.05
+_HOLDERS_EVERY_S = 0.1
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -68,8 +78,8 @@ async def _lock_as_writers_do(conn: asyncpg.Connection) -> None:
     the tenant's row before it inserts): a migration that locks `telemetry` and then
     `tenants` (0007 renames the one, then references the other) would otherwise
     deadlock with a live write holding `tenants` and waiting for `telemetry`, and one of
-    the two would fail. Writes wait for the migration's transaction instead; reads do
-    not wait for this lock."""
+    the two would fail. Writes wait for the migration's transaction instead (and for
+    HOLD_WRITES_S at most while it waits for a lock); reads do not wait for this lock."""
     if await conn.fetchval("SELECT to_regclass('tenants') IS NOT NULL"):
         await conn.execute("LOCK TABLE tenants IN SHARE ROW EXCLUSIVE MODE")
 
@@ -78,13 +88,20 @@ async def migrate(
     conn: asyncpg.Connection,
     migrations: list[Migration] | None = None,
     *,
-    lock_timeout_s: float = LOCK_TIMEOUT_S,
-    attempts: int = ATTEMPTS,
+    dsn: str | None = None,
+    hold_s: float = HOLD_WRITES_S,
+    wait_s: float = WAIT_S,
 ) -> list[str]:
-    """Apply what is missing; return the names applied by this call."""
+    """Apply what is missing; return the names applied by this call.
+
+    With ``dsn`` (conn's database), a second connection watches what a migration
+    waits for, so that it waits for the very queries that hold its locks, and tries
+    again the moment they end; without it, it tries again after a pause.
+    """
     migrations = discover() if migrations is None else migrations
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    watch: asyncpg.Connection | None = None
     try:
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS pulse_migrations (
@@ -104,23 +121,111 @@ async def migrate(
                         f"(recorded as {done['name']}); add a new migration instead"
                     )
                 continue
-            await _apply(conn, migration, lock_timeout_s, attempts)
+            if watch is None and dsn is not None:
+                watch = await _open_watch(dsn)
+            await _apply(conn, migration, hold_s, wait_s, watch)
             log.info("applied migration %s", migration.name)
             applied_now.append(migration.name)
     finally:
+        if watch is not None:
+            watch.terminate()
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now
 
 
-async def _apply(
-    conn: asyncpg.Connection, migration: Migration, lock_timeout_s: float, attempts: int
+async def _open_watch(dsn: str) -> asyncpg.Connection | None:
+    try:
+        return await asyncpg.connect(
+            dsn, timeout=10, server_settings={"application_name": "pulse migrate (watching)"}
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("migrations cannot watch their lock waits (%s); they pause instead", exc)
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Holder:
+    """A transaction that held a lock the migration waited for."""
+
+    pid: int
+    vxid: str  # its virtual transaction id: gone from pg_locks when it ends
+    said: str  # for the log: its application, state and age (never its query's text)
+
+
+# What the migration's backend waits for, when it waits for a lock: the transactions
+# ahead of it (pg_blocking_pids), each by its virtual transaction id, which every
+# transaction holds a lock on until it ends (pg_locks shows it to every user, where
+# pg_stat_activity hides other users' states). The first condition is checked once,
+# before pg_blocking_pids, which takes the lock manager's locks, is called.
+_HOLDERS = """
+    SELECT l.pid, l.virtualxid,
+           concat_ws(', ', nullif(a.application_name, ''), a.state,
+                     'in a transaction for '
+                     || round(extract(epoch FROM now() - a.xact_start))::text || ' s') AS said
+      FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+     WHERE EXISTS (SELECT 1 FROM pg_stat_activity w
+                    WHERE w.pid = $1 AND w.wait_event_type = 'Lock')
+       AND l.locktype = 'virtualxid' AND l.granted AND l.virtualxid = l.virtualtransaction
+       AND l.pid IN (SELECT unnest(pg_blocking_pids($1)))"""
+_LEFT = "SELECT count(*) FROM pg_locks WHERE locktype = 'virtualxid' AND virtualxid = ANY($1)"
+
+
+async def _watch(
+    watch: asyncpg.Connection, pid: int, holders: dict[str, _Holder], done: asyncio.Event
 ) -> None:
-    """One migration in one transaction; rolled back and tried again, after a pause, when
-    a lock it needs is not had within ``lock_timeout_s``."""
-    for attempt in range(1, attempts + 1):
+    """Note who ``pid`` waits for, until ``done`` (never cancelled mid-query: the
+    connection goes on serving)."""
+    while not done.is_set():
+        for row in await watch.fetch(_HOLDERS, pid):
+            holders.setdefault(
+                row["virtualxid"], _Holder(row["pid"], row["virtualxid"], row["said"])
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), _WATCH_EVERY_S)
+
+
+async def _wait_for_holders(
+    watch: asyncpg.Connection, holders: list[_Holder], wait_s: float
+) -> None:
+    """Until every transaction of ``holders`` has ended, or ``wait_s`` has passed."""
+    deadline = time.monotonic() + wait_s
+    vxids = [h.vxid for h in holders]
+    while await watch.fetchval(_LEFT, vxids):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(_HOLDERS_EVERY_S, left))
+
+
+def _named(holders: list[_Holder]) -> str:
+    if not holders:
+        return "a query"  # not seen (no watching connection)
+    return "; ".join(f"pid {h.pid} ({h.said or 'another user'})" for h in holders[:3]) + (
+        f" and {len(holders) - 3} more" if len(holders) > 3 else ""
+    )
+
+
+async def _apply(
+    conn: asyncpg.Connection,
+    migration: Migration,
+    hold_s: float,
+    wait_s: float,
+    watch: asyncpg.Connection | None,
+) -> None:
+    """One migration in one transaction. Every lock it waits for more than ``hold_s``
+    (holding writes meanwhile) rolls it back; it waits for the transactions that held
+    that lock, holding nothing, then tries again; for ``wait_s`` in all."""
+    deadline = time.monotonic() + wait_s
+    pid = conn.get_server_pid()
+    tries = 0
+    while True:
+        tries += 1
+        holders: dict[str, _Holder] = {}
+        done = asyncio.Event()
+        watching = asyncio.create_task(_watch(watch, pid, holders, done)) if watch else None
         try:
             async with conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = '{round(lock_timeout_s * 1000)}ms'")
+                await conn.execute(f"SET LOCAL lock_timeout = '{max(1, round(hold_s * 1000))}ms'")
                 await _lock_as_writers_do(conn)
                 await conn.execute(migration.sql)
                 await conn.execute(
@@ -131,18 +236,32 @@ async def _apply(
                 )
             return
         except asyncpg.LockNotAvailableError:
-            if attempt == attempts:
-                raise MigrationError(
-                    f"migration {migration.name} did not get its tables' locks in {attempts} "
-                    f"tries of {lock_timeout_s:g} s: a long query or export holds one (see "
-                    "pg_stat_activity); it was rolled back, run it again"
-                ) from None
-            log.warning(
-                "migration %s waited %g s for a lock a query holds; writes went on; "
-                "trying again (%d of %d)",
-                migration.name,
-                lock_timeout_s,
-                attempt + 1,
-                attempts,
-            )
-            await asyncio.sleep(min(attempt, 5))
+            pass
+        finally:
+            done.set()
+            if watching is not None:
+                try:
+                    await watching
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("migrations stop watching their lock waits: %s", exc)
+                    watch = None
+        held_by = list(holders.values())
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise MigrationError(
+                f"migration {migration.name} did not get its tables' locks in {wait_s:g} s "
+                f"({tries} tries), held by {_named(held_by)} (see pg_stat_activity); it was "
+                "rolled back, run it again when that is done"
+            ) from None
+        log.warning(
+            "migration %s waited %g s for a lock held by %s; rolled back so that writes go "
+            "on, it tries again when that transaction ends (for %.0f s more at most)",
+            migration.name,
+            hold_s,
+            _named(held_by),
+            left,
+        )
+        if watch is not None and held_by:
+            await _wait_for_holders(watch, held_by, left)
+        else:
+            await asyncio.sleep(min(tries, 5, left))

@@ -313,6 +313,6 @@ async def _migrate(dsn: str) -> None:
 
     conn = await connect(dsn)
     try:
-        await migrate(conn)
+        await migrate(conn, dsn=dsn)
     finally:
         await conn.close()

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -75,8 +78,9 @@ async def test_concurrent_cli_runs_apply_once(empty_db: str) -> None:
 
 async def test_a_migration_behind_a_long_read_gives_up_and_writes_go_on(empty_db: str) -> None:
     """An export holds its tables for as long as it streams (up to an hour): a migration
-    waiting for them held every write behind itself. It now waits lock_timeout_s, rolls
-    back (writes go on), tries again, and at last fails saying why, changing nothing."""
+    waiting for them held every write behind itself. It now waits hold_s at most holding
+    writes, rolls back (writes go on), waits for the read holding nothing, and at last
+    fails saying who holds the lock, changing nothing."""
     conn, reader, writer = [await connect(empty_db) for _ in range(3)]
     try:
         await migrate(conn)
@@ -84,14 +88,101 @@ async def test_a_migration_behind_a_long_read_gives_up_and_writes_go_on(empty_db
         reading = reader.transaction()
         await reading.start()
         await reader.fetch("SELECT * FROM telemetry LIMIT 1")  # as an export holds it
-        trying = asyncio.create_task(migrate(conn, [probe], lock_timeout_s=0.2, attempts=3))
-        # A write goes through while the migration tries (between its attempts at worst).
+        trying = asyncio.create_task(migrate(conn, [probe], dsn=empty_db, hold_s=0.2, wait_s=2.0))
+        # A write goes through while the migration tries.
         await asyncio.wait_for(insert_readings(writer, "t1", [("d1", {"v": 1.0})]), 30)
-        with pytest.raises(MigrationError, match=r"9999_probe\.sql did not get .* 3 tries"):
+        with pytest.raises(MigrationError, match=r"9999_probe\.sql did not get .* in 2 s") as err:
             await asyncio.wait_for(trying, 30)
+        assert f"pid {reader.get_server_pid()} (" in str(err.value)  # who holds it
         assert not await conn.fetchval("SELECT count(*) FROM pulse_migrations WHERE version = 9999")
         await reading.rollback()
-        assert await migrate(conn, [probe], lock_timeout_s=0.2, attempts=3) == [probe.name]
+        assert await migrate(conn, [probe], dsn=empty_db, hold_s=0.2) == [probe.name]
     finally:
         for c in (conn, reader, writer):
+            await c.close()
+
+
+@pytest.mark.timeout(120)
+async def test_writes_go_on_while_a_migration_waits_for_another_tables_lock(
+    empty_db: str,
+) -> None:
+    """The operations audit, finding 4: a transaction holds a row of `alerts`, and
+    `pulse migrate` must apply 0019 (an index on `alerts`). It waited 5 s for that lock
+    holding `tenants`, five times: every write (which locks its tenant's row first)
+    stalled up to 11 s for about 30 s. Now, holding writes, it waits at most
+    HOLD_WRITES_S for the lock, then waits for that transaction holding nothing, and
+    applies the migration as soon as it ends. Measured through `pulse migrate` as the
+    release runs it, with writes that reserve their ids on the tenant's row as ingest
+    does (tests.support.insert_readings)."""
+    conn, blocker, writer = [await connect(empty_db) for _ in range(3)]
+    proc = None
+    try:
+        await migrate(conn, [m for m in discover() if m.version < 19])
+        await insert_readings(writer, "t1", [("d1", {"v": 1.0})])
+        alert_id = await conn.fetchval(
+            """INSERT INTO alerts (tenant_id, device_id, alert_type, severity, summary)
+               VALUES ('t1', 'd1', 'NO_HEARTBEAT', 3, 'silent') RETURNING alert_id"""
+        )
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute("UPDATE alerts SET summary = summary WHERE alert_id = $1", alert_id)
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "DATABASE"))}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pulse",
+            "migrate",
+            env=env | {"DATABASE_URL": empty_db},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stderr is not None
+        said: list[str] = []
+        waited = asyncio.Event()
+
+        async def read_log() -> None:
+            assert proc is not None and proc.stderr is not None
+            async for line in proc.stderr:
+                said.append(line.decode().rstrip())
+                if "0019_closed_alerts_index.sql waited" in said[-1]:
+                    waited.set()
+
+        reading_log = asyncio.create_task(read_log())
+        latencies: list[float] = []
+
+        async def write_until(done: Callable[[], bool]) -> None:
+            while not done():
+                started = time.monotonic()
+                await asyncio.wait_for(insert_readings(writer, "t1", [("d1", {"v": 2.0})]), 30)
+                latencies.append(time.monotonic() - started)
+
+        # Writes go on from before the migration waits until it has waited a while.
+        give_up = time.monotonic() + 30
+        await write_until(
+            lambda: waited.is_set() or proc.returncode is not None or time.monotonic() > give_up
+        )
+        assert waited.is_set(), said
+        until = time.monotonic() + 3.0
+        await write_until(lambda: time.monotonic() >= until)
+        assert proc.returncode is None, said  # still waiting for the transaction
+        await holding.rollback()
+        ended = time.monotonic()
+        assert proc.stdout is not None
+        out = await asyncio.wait_for(proc.stdout.read(), 30)
+        await asyncio.wait_for(asyncio.gather(reading_log, proc.wait()), 30)
+        assert proc.returncode == 0, said
+        assert "applied: 0019_closed_alerts_index.sql" in out.decode()
+        # Applied within moments of the transaction's end, not at a next try seconds later
+        # (the process's start and exit included).
+        assert time.monotonic() - ended < 5.0, said
+        assert len(latencies) > 20
+        assert max(latencies) < 2.0, (sorted(latencies)[-5:], said)
+        # The log says who held the lock.
+        assert f"pid {blocker.get_server_pid()} (" in "\n".join(said), said
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for c in (conn, blocker, writer):
             await c.close()
