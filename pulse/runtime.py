@@ -322,7 +322,7 @@ async def _ensure_partitions(db: Database) -> None:
     try:
         await ensure_partitions(db)
     except DatabaseUnavailable as exc:
-        raise StartupError(f"cannot use the database {exc}") from exc
+        raise StartupError(f"cannot use the database {db.describe()}: {exc}") from exc
     except asyncpg.LockNotAvailableError:
         pass  # another process is changing the partitions: they are days ahead already
 
@@ -334,12 +334,15 @@ async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -
         if not dsn:
             dsn = await stack.enter_async_context(embedded_database(settings.data_dir))
         db = await stack.enter_async_context(Database.open(dsn, pool_size=settings.db_pool_size))
-        async with db.connection() as conn:
-            missing = await pending(conn)
-    except DatabaseUnavailable as exc:
+    except DatabaseUnavailable as exc:  # it names the database
         raise StartupError(f"cannot use the database {exc}") from exc
     except MigrationError as exc:
         raise StartupError(f"cannot migrate the embedded database: {exc}") from exc
+    try:
+        async with db.connection() as conn:
+            missing = await pending(conn)
+    except DatabaseUnavailable as exc:
+        raise StartupError(f"cannot use the database {db.describe()}: {exc}") from exc
     if missing:
         raise StartupError(
             f"the database {db.describe()} is not migrated ({len(missing)} migrations to "

@@ -8,12 +8,19 @@ import json
 import os
 import socket
 import sys
+import time
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import asyncpg
 import pytest
+from quart import Quart
 
+from pulse import serving
+from pulse.config import Settings
 from pulse.db.embedded import embedded_postgres
+from pulse.db.pool import CONNECT_TIMEOUT_S
+from pulse.runtime import StartupError
 from tests.support import TEST_SECRET, dsn_for, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -190,3 +197,52 @@ async def test_with_json_logs_the_reason_a_process_stops_is_a_json_line(
             assert records[-1]["message"].startswith(said), records
     finally:
         busy.close()
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+async def test_a_database_that_takes_the_connection_and_never_answers(command: str) -> None:
+    """The operations audit, finding 5: a PostgreSQL SIGSTOPped (its kernel still takes
+    connections) held `pulse migrate` 60 s, then said `cannot use the database
+    host:port/db: ` with no reason; `pulse serve` ended after 60 s in hypercorn's
+    LifespanTimeoutError traceback, which blames the ASGI lifespan protocol. Here a
+    loopback socket that listens and never answers (nothing accepts it: the kernel
+    completes the handshake). Now the connect gives up after CONNECT_TIMEOUT_S and both
+    commands say so in one line naming the database, without its credentials."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        env = {
+            "DATABASE_URL": f"postgresql://pulse:s3cret@127.0.0.1:{port}/pulse_db",
+            "PULSE_JWT_SECRET": TEST_SECRET,
+        }
+        args = (command, "--port", str(free_port())) if command == "serve" else (command,)
+        started = time.monotonic()
+        code, lines = await pulse(*args, env=env)
+        took = time.monotonic() - started
+    line = the_one_line(lines)
+    assert code == 1, lines
+    assert line == (
+        f"pulse {command}: cannot use the database 127.0.0.1:{port}/pulse_db: the server "
+        f"accepted the connection but did not answer within {CONNECT_TIMEOUT_S:g} s "
+        "(stopped, hung or overloaded, or not PostgreSQL)"
+    ), lines
+    assert "s3cret" not in "\n".join(lines)
+    assert took < 20, took  # asyncpg's and hypercorn's 60 s before
+
+
+async def test_an_app_that_does_not_start_in_time_is_one_line_not_a_traceback(
+    settings: Settings,
+) -> None:
+    """Whatever holds the start past hypercorn's startup timeout (a service that
+    answered the connection, then stopped answering), `pulse serve` says it in its one
+    line (StartupError), not in hypercorn's traceback blaming the ASGI lifespan protocol."""
+    app = Quart("stuck")
+
+    @app.while_serving
+    async def never() -> AsyncGenerator[None, None]:
+        await asyncio.Event().wait()
+        yield
+
+    config = serving.hypercorn_config(settings, f"127.0.0.1:{free_port()}")
+    config.startup_timeout = 0.5
+    with pytest.raises(StartupError, match=r"^did not start within 0\.5 s: "):
+        await asyncio.wait_for(serving.serve(app, config, asyncio.Event()), 30)

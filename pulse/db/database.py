@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import asyncpg
 
 from pulse.db.errors import CONNECTION_ERRORS, TRANSIENT_ERRORS, DatabaseUnavailable
-from pulse.db.pool import KEEPALIVES, connect, create_pool
+from pulse.db.pool import CONNECT_TIMEOUT_S, KEEPALIVES, connect, create_pool
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     *CONNECTION_ERRORS,
@@ -68,7 +68,7 @@ def translated() -> Iterator[None]:
     except asyncpg.LockNotAvailableError:
         raise  # a lock_timeout the caller set: the caller handles it (retention, partitions)
     except _UNAVAILABLE as exc:
-        raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+        raise DatabaseUnavailable(str(exc) or _reason(exc)) from exc
     except asyncpg.CheckViolationError as exc:
         if not str(exc).startswith("no partition of relation"):
             raise
@@ -78,6 +78,14 @@ def translated() -> Iterator[None]:
         global _partition_missing
         _partition_missing = True
         raise DatabaseUnavailable(f"{exc}; it is being made again") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """What an exception without words means: a TimeoutError (a statement's timeout)
+    said nothing at all."""
+    if isinstance(exc, TimeoutError):
+        return "no answer within the statement's timeout"
+    return type(exc).__name__
 
 
 class Database:
@@ -94,9 +102,14 @@ class Database:
         DatabaseUnavailable, saying which database without its credentials.
         """
         try:
-            pool = await create_pool(dsn, max_size=pool_size)
+            # The connections' set-up too (pool.init_connection), not only the connect.
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                pool = await create_pool(dsn, max_size=pool_size)
+        except TimeoutError as exc:
+            reason = await _silence(dsn, CONNECT_TIMEOUT_S)
+            raise DatabaseUnavailable(f"{describe(dsn)}: {reason}") from exc
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
-            raise DatabaseUnavailable(f"{describe(dsn)}: {exc or type(exc).__name__}") from exc
+            raise DatabaseUnavailable(f"{describe(dsn)}: {str(exc) or type(exc).__name__}") from exc
         try:
             yield cls(pool, dsn)
         finally:
@@ -214,6 +227,40 @@ async def pause(conn: asyncpg.Connection, seconds: float) -> None:
         with translated():
             await conn.execute("SELECT 1", timeout=ALIVE_EVERY_S)
     await asyncio.sleep(max(0.0, left))
+
+
+async def _silence(dsn: str, seconds: float) -> str:
+    """Why connecting took ``seconds``, in words: whether the server's address takes a
+    TCP connection at all (asyncpg's TimeoutError says neither, and says nothing)."""
+    address = _tcp_address(dsn)
+    if address is not None:
+        try:
+            async with asyncio.timeout(1.0):
+                _, writer = await asyncio.open_connection(*address)
+        except (OSError, TimeoutError):
+            return (
+                f"no connection within {seconds:g} s (nothing takes it at that address: "
+                "a host down, or a firewall dropping it)"
+            )
+        writer.close()
+        return (
+            f"the server accepted the connection but did not answer within {seconds:g} s "
+            "(stopped, hung or overloaded, or not PostgreSQL)"
+        )
+    return f"no answer within {seconds:g} s"
+
+
+def _tcp_address(dsn: str) -> tuple[str, int] | None:
+    """The one TCP host and port of a connection URL; None for a Unix socket, several
+    hosts or one the URL does not name."""
+    try:
+        parts = urlsplit(dsn)
+        host, port = parts.hostname, parts.port or 5432
+    except ValueError:  # several hosts ("h1:5432,h2:5432"): not told apart here
+        return None
+    if not host or host.startswith("/") or "," in host or "host=" in parts.query:
+        return None
+    return host, port
 
 
 def describe(dsn: str) -> str:

@@ -74,6 +74,12 @@ async def keep_session(conn: asyncpg.Connection) -> None:
 
 
 POOL_NAME = "pulse"
+# How long connecting may take, up to the first answer of the server (asyncpg's
+# default is 60 s: a server that accepts connections but answers nothing, SIGSTOPped
+# or wedged, held `pulse migrate` and `pulse serve` for a minute and then failed
+# without saying it was the database). Below the 10 s within which a worker of
+# `serve --workers` that fails as it starts stops the instance (pulse.serving.workers).
+CONNECT_TIMEOUT_S = 5.0
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
@@ -84,6 +90,7 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
         init=init_connection,
         reset=keep_session,
         command_timeout=60,
+        timeout=CONNECT_TIMEOUT_S,
         # Named in pg_stat_activity beside "pulse listener", "pulse rollups", "pulse
         # sweeper"; an application_name in DATABASE_URL is the operator's, and stays.
         server_settings={
@@ -98,6 +105,6 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
 
 async def connect(dsn: str, **options: Any) -> asyncpg.Connection:
     """One connection outside any pool, with the pool's codecs; ``options`` go to asyncpg."""
-    conn = await asyncpg.connect(dsn, **options)
+    conn = await asyncpg.connect(dsn, **{"timeout": CONNECT_TIMEOUT_S, **options})
     await init_connection(conn)
     return conn

@@ -175,7 +175,7 @@ async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
     Raises StartupError, with the operator's one sentence, when the app cannot start.
     """
     from hypercorn.asyncio import serve as hypercorn_serve
-    from hypercorn.utils import LifespanFailureError
+    from hypercorn.utils import LifespanFailureError, LifespanTimeoutError
 
     tuning.apply()
     trigger = _streams_first(app, stop, config.graceful_timeout)
@@ -194,6 +194,14 @@ async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
         if len(said) > 1 and said[0] == said[-1] == "'":  # its quotes, not the app's
             said = said[1:-1]
         raise StartupError(said) from None
+    except LifespanTimeoutError:
+        # Its own words blame the ASGI lifespan protocol. The database's connect is
+        # bounded well below this (pulse.db.pool.CONNECT_TIMEOUT_S), and says so: this
+        # is a service that answered the connection, then stopped answering.
+        raise StartupError(
+            f"did not start within {config.startup_timeout:g} s: a service it starts with "
+            "(the database, PULSE_BUS_URL's) stopped answering"
+        ) from None
     finally:
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
