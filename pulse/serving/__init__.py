@@ -300,7 +300,9 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
                 pass_fds=[sock.fileno()],
             )
 
-        status = supervise(spawn, workers, shared)
+        # At a stop, the supervisor's copy of the socket is closed with the workers told:
+        # it stops listening once they have closed theirs (pulse.serving.workers).
+        status = supervise(spawn, workers, shared, stop_listening=sock.close)
     sock.close()
     return status
 

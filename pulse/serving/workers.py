@@ -6,8 +6,12 @@ an instance that went on at half its workers said nothing, and its /metrics kept
 the dead worker's gauges (a second relay, streams long gone). A worker that exits
 with an error within STARTUP_S of its start stops the instance instead, with
 status 1: it would not start again (the database not migrated, say). SIGTERM, SIGINT and SIGHUP stop
-every worker. A worker whose supervisor has gone stops itself (``watch_parent``),
-rather than keep the port from the next start.
+every worker, and the supervisor closes its copy of the listening socket at once: the
+socket stops listening as soon as the workers have closed theirs, each as its shutdown
+starts, so new connections are refused, as with one process. (The supervisor's copy
+kept it listening until the last worker had exited: connections the kernel accepted
+for the whole graceful timeout, read by no one, then reset.) A worker whose supervisor
+has gone stops itself (``watch_parent``), rather than keep the port from the next start.
 """
 
 from __future__ import annotations
@@ -31,24 +35,35 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 Spawn = Callable[[int], "subprocess.Popen[bytes]"]
 
 
-def supervise(spawn: Spawn, count: int, metrics_dir: str) -> int:
+def supervise(
+    spawn: Spawn, count: int, metrics_dir: str, stop_listening: Callable[[], None]
+) -> int:
     """Run ``count`` workers made by ``spawn(index)`` until a stop signal (or one that
-    cannot start); the exit status: 0, or 1 when a worker failed."""
+    cannot start); the exit status: 0, or 1 when a worker failed. ``stop_listening``
+    closes the supervisor's copy of the listening socket: called once the workers have
+    been told to stop, after which ``spawn`` is never called."""
     running = {index: (spawn(index), time.monotonic()) for index in range(count)}
     stopping: list[int] = []
     failed = False
+    reaping = False  # the loop below may be spawning: the socket is still needed
 
-    def stop(signum: int, _frame: object = None) -> None:
-        stopping.append(signum)
-        for child, _ in running.values():
+    def tell(children: list[subprocess.Popen[bytes]], signum: int) -> None:
+        for child in children:
             if child.poll() is None:
                 # SIGHUP (a closed terminal) ends a worker the way SIGTERM does.
                 child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+
+    def stop(signum: int, _frame: object = None) -> None:
+        stopping.append(signum)
+        tell([child for child, _ in running.values()], signum)
+        if not reaping:
+            stop_listening()
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, stop)
     while running:
         time.sleep(POLL_S)
+        reaping, stops, spawned = True, len(stopping), []
         for index, (child, since) in list(running.items()):
             code = child.poll()
             if code is None:
@@ -69,7 +84,12 @@ def supervise(spawn: Spawn, count: int, metrics_dir: str) -> int:
                     child.pid,
                     code,
                 )
-                running[index] = (spawn(index), time.monotonic())
+                spawned.append(new := spawn(index))
+                running[index] = (new, time.monotonic())
+        reaping = False
+        if len(stopping) > stops:  # stopped meanwhile: a worker spawned then was not told
+            tell(spawned, stopping[-1])
+            stop_listening()
     return 1 if failed else 0
 
 
