@@ -178,7 +178,8 @@ async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
     from hypercorn.utils import LifespanFailureError, LifespanTimeoutError
 
     tuning.apply()
-    trigger = _streams_first(app, stop, config.graceful_timeout)
+    cut = CutConnections(asyncio.get_running_loop())
+    trigger = _streams_first(app, stop, config.graceful_timeout, cut.watch)
 
     def exhausted() -> None:
         if RUNTIME in app.extensions:
@@ -203,15 +204,24 @@ async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
             "(the database, PULSE_BUS_URL's) stopped answering"
         ) from None
     finally:
+        cut.close()
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watching
+    if cut.count:
+        log.warning(
+            "shutting down: %d request%s still in flight after %g s %s cut",
+            cut.count,
+            "" if cut.count == 1 else "s",
+            config.graceful_timeout,
+            "was" if cut.count == 1 else "were",
+        )
     if stop.is_set():
         log.info("stopped")
 
 
 def _streams_first(
-    app: Quart, stop: asyncio.Event, graceful_s: float
+    app: Quart, stop: asyncio.Event, graceful_s: float, stopping: Callable[[], None]
 ) -> Callable[[], Awaitable[None]]:
     async def trigger() -> None:
         await stop.wait()
@@ -221,9 +231,61 @@ def _streams_first(
             "flight have %g s",
             graceful_s,
         )
+        stopping()
         drain(app)
 
     return trigger
+
+
+# The task hypercorn's asyncio server runs for each connection (hypercorn.asyncio.run).
+CONNECTION_TASK = "worker_serve.<locals>._server_callback"
+
+
+class CutConnections:
+    """The connections still busy when a shutdown's time is up, which hypercorn then
+    cancels (a request whose body is still arriving, say): counted, for one line.
+
+    On Python 3.11 asyncio's ``start_server`` logs each of them as an ERROR, ``Exception
+    in callback StreamReaderProtocol.connection_made.<locals>.callback`` with a 25-line
+    CancelledError traceback (its done callback asks the cancelled task for its
+    exception; 3.12 checks first): a cut that docs/operations.md calls normal read like
+    a crash. Once the shutdown has begun, that report is left out; any other goes on to
+    the loop's handler as before.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.count = 0
+        self._loop = loop
+        self._previous = loop.get_exception_handler()
+        self._stopping = False
+        loop.set_exception_handler(self._report)
+
+    def watch(self) -> None:
+        """The shutdown begins: each connection open now counts if it ends cancelled."""
+        self._stopping = True
+        for task in asyncio.all_tasks(self._loop):
+            coro = task.get_coro()
+            if getattr(coro, "__qualname__", None) == CONNECTION_TASK:
+                task.add_done_callback(self._ended)
+
+    def close(self) -> None:
+        self._loop.set_exception_handler(self._previous)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            self.count += 1
+
+    def _report(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if (
+            self._stopping
+            and isinstance(context.get("exception"), asyncio.CancelledError)
+            and "StreamReaderProtocol.connection_made" in str(context.get("message"))
+        ):
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
 
 def listen(host: str, port: int) -> socket.socket:
