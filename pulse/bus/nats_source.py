@@ -173,6 +173,7 @@ class NatsSource:
                     self._ever_on_bus = True
                     if self._fallback_task is not None:
                         await self._stop_fallback()
+                        log.info("bus: back on NATS; the fallback listener is closed")
                         # What committed while switching back is in the table.
                         self._resync("bus_back")
                     if time.monotonic() - last_audit >= self._audit_s:
@@ -184,6 +185,8 @@ class NatsSource:
                     async with asyncio.timeout(TICK_S):
                         await self._changed.wait()
         finally:
+            # Stopping, not back on NATS (which the fallback's end said, and was false when
+            # NATS never came).
             await self._stop_fallback()
             async with self._lock:
                 await self._unsubscribe_all()
@@ -322,4 +325,3 @@ class NatsSource:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         self._metrics.bus_fallback.set(0)
-        log.info("bus: back on NATS; the fallback listener is closed")

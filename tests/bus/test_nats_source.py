@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import random
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 
 from pulse.config import Settings
 from tests.streams.sse_client import ResumingClient
-from tests.support import NatsServer, running_server, until
+from tests.support import NatsServer, free_port, running_server, until
 from tests.web.test_sse import table_ids, writer
 
 pytestmark = pytest.mark.timeout(120)
@@ -122,8 +123,13 @@ async def test_a_process_subscribes_only_to_the_tenants_it_serves(
 
 
 async def test_without_nats_a_process_serves_through_listen_until_nats_comes(
-    settings: Settings, nats_binary: None, pool: asyncpg.Pool, make_token: Callable[..., str]
+    settings: Settings,
+    nats_binary: None,
+    pool: asyncpg.Pool,
+    make_token: Callable[..., str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="pulse.bus")
     nats = NatsServer()  # not started yet: its port refuses connections
     fast = dataclasses.replace(settings, bus_url=nats.url, sse_keepalive_s=0.3)
     await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
@@ -163,6 +169,27 @@ async def test_without_nats_a_process_serves_through_listen_until_nats_comes(
             assert _metric(metrics, "pulse_bus_fallbacks_total") == 1
     finally:
         await nats.stop()
+    back = [r for r in caplog.records if "back on NATS" in r.getMessage()]
+    assert len(back) == 1, back  # when it was, and not again as the process stopped
+
+
+async def test_a_process_that_never_reached_nats_does_not_say_it_is_back_on_it(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From the operations audit (LOW): with NATS never reachable, a process that fell
+    back to LISTEN logged "bus: back on NATS; the fallback listener is closed" as it
+    stopped, which closing the fallback said whatever the reason."""
+    unreachable = dataclasses.replace(settings, bus_url=f"nats://127.0.0.1:{free_port()}")
+    with caplog.at_level(logging.INFO, logger="pulse.bus"):
+        async with running_server(unreachable) as url, httpx.AsyncClient(base_url=url) as http:
+            await eventually(lambda: _on_fallback(http), timeout=20)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("pulse.bus")]
+    assert any("delivering through LISTEN" in line for line in said), said
+    assert not any("back on NATS" in line for line in said), said
+
+
+async def _on_fallback(http: httpx.AsyncClient) -> bool:
+    return bool((await status(http))["bus"]["fallback"])
 
 
 async def _relaying(http: httpx.AsyncClient) -> bool:
