@@ -88,6 +88,15 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+@contextlib.asynccontextmanager
+async def _released(pool: asyncpg.Pool, conn: asyncpg.Connection) -> AsyncIterator[Any]:
+    """``conn``, acquired from ``pool``, given back to it when the block ends."""
+    try:
+        yield conn
+    finally:
+        await pool.release(conn)
+
+
 class Database:
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
@@ -151,15 +160,26 @@ class Database:
                 yield conn
 
     @contextlib.asynccontextmanager
-    async def transaction_ending_itself(self) -> AsyncIterator[asyncpg.Connection]:
+    async def transaction_ending_itself(
+        self, *, acquire_timeout: float | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection in a transaction the block may end itself, with a string
         of statements that ends in COMMIT (one round trip for the last statement and
         the commit): committed when the block ends with it still open, rolled back
         when the block raises. Inside it, a savepoint is a ``SAVEPOINT`` statement
         (asyncpg's ``Connection.transaction`` refuses a transaction it did not begin).
+        ``acquire_timeout``: DatabaseUnavailable, nothing begun, if no pooled connection
+        comes free within that many seconds.
         """
         with translated():
-            async with self.pool.acquire() as conn:
+            try:
+                acquired = await self.pool.acquire(timeout=acquire_timeout)
+            except TimeoutError:
+                raise DatabaseUnavailable(
+                    f"no database connection came free within {acquire_timeout:g} s (each "
+                    "held by a statement the database has not answered); nothing was written"
+                ) from None
+            async with _released(self.pool, acquired) as conn:
                 await conn.execute("BEGIN")
                 try:
                     yield conn

@@ -58,6 +58,7 @@ class _Queued:
     submissions: Sequence[Submission]
     fresh: frozenset[Device] | None
     future: asyncio.Future[list[Outcome]]
+    deadline: float  # the loop's time by which its transaction must have a connection
     expiry: asyncio.TimerHandle | None = None
 
 
@@ -178,17 +179,21 @@ class TelemetryWriter:
         tenants = frozenset(s.tenant_id for s in submissions if s.reading is not None)
         if not (self._group_commit and tenants):
             return await self._write_alone(tenants, submissions)
+        # One budget for the whole wait, checks and queue: ``wait_s`` from now.
+        deadline = asyncio.get_running_loop().time() + self._wait_s
         if len(submissions) < CHECK_AHEAD_FROM:
-            return await self._write_grouped(tenants, submissions, fresh=None)
-        checked = await self._check(submissions)
+            return await self._write_grouped(tenants, submissions, None, deadline)
+        checked = await self._check(submissions, deadline)
         if not any(checked.verdicts):  # every one admitted: the common case
-            return await self._write_grouped(tenants, submissions, fresh=checked.fresh)
+            return await self._write_grouped(tenants, submissions, checked.fresh, deadline)
         admitted = [
             s for s, outcome in zip(submissions, checked.verdicts, strict=True) if outcome is None
         ]
         tenants = frozenset(s.tenant_id for s in admitted if s.reading is not None)
         written = iter(
-            await self._write_grouped(tenants, admitted, fresh=checked.fresh) if admitted else []
+            await self._write_grouped(tenants, admitted, checked.fresh, deadline)
+            if admitted
+            else []
         )
         outcomes = [next(written) if outcome is None else outcome for outcome in checked.verdicts]
         if _limited_broker_seqs(submissions, outcomes):  # rare: a look of its own
@@ -230,7 +235,7 @@ class TelemetryWriter:
             if task is not None:
                 task.cancel()
 
-    async def _check(self, submissions: Sequence[Submission]) -> Checked:
+    async def _check(self, submissions: Sequence[Submission], deadline: float) -> Checked:
         """The first stage of a group commit for large writes: tokens and rates,
         checked before the write queues for its tenants' gates. None admits.
 
@@ -249,7 +254,7 @@ class TelemetryWriter:
         if self._checking is None:
             self._checking = loop.create_task(self._check_queued())
         try:
-            async with asyncio.timeout(self._wait_s):
+            async with asyncio.timeout_at(deadline):
                 return await asyncio.shield(future)
         except TimeoutError:
             # Checks write nothing: the write is given up whether they ran or not.
@@ -282,8 +287,8 @@ class TelemetryWriter:
         self,
         tenants: frozenset[str],
         submissions: Sequence[Submission],
-        *,
         fresh: frozenset[Device] | None,
+        deadline: float,
     ) -> list[Outcome]:
         """Group commit: the writes for the same tenants that arrive while a transaction
         runs are all committed by the next one, together.
@@ -294,14 +299,16 @@ class TelemetryWriter:
         only queues and waits for its answer, given once the group's transaction
         has committed. Writes whose tenants differ but overlap are not merged;
         the gates still order their committers. ``fresh``: the write was checked
-        (``_check``) and found these devices fresh; None: not checked yet.
+        (``_check``) and found these devices fresh; None: not checked yet. A write
+        still queued at ``deadline`` (the loop's time) is refused unwritten
+        (``_expire``), and so is its group if no connection comes by then.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Outcome]] = loop.create_future()
         # A caller that went away leaves its future unread: that is not an error.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        queued = _Queued(submissions, fresh, future)
-        queued.expiry = loop.call_later(self._wait_s, self._expire, tenants, queued)
+        queued = _Queued(submissions, fresh, future, deadline)
+        queued.expiry = loop.call_at(deadline, self._expire, tenants, queued)
         waiting = self._waiting.get(tenants)
         if waiting is not None:  # a committer is at work: its next group takes this write
             waiting.append(queued)
@@ -351,6 +358,8 @@ class TelemetryWriter:
                 # overlap these, queued at a gate meanwhile, goes first.
                 async with self._tenant_gates.hold(tenants):
                     group, self._waiting[tenants] = self._waiting[tenants], []
+                    if not group:  # refused (_expire) while the gates were held elsewhere
+                        continue
                     everything: list[Submission] = []
                     prechecked: list[bool] = []
                     fresh: set[Device] = set()
@@ -361,8 +370,11 @@ class TelemetryWriter:
                         prechecked += [queued.fresh is not None] * len(queued.submissions)
                         fresh.update(queued.fresh or ())
                     inserted = asyncio.Event()
+                    begin_by = min(queued.deadline for queued in group)
                     commit = asyncio.get_running_loop().create_task(
-                        self._commit(everything, prechecked, fresh, inserted=inserted)
+                        self._commit(
+                            everything, prechecked, fresh, inserted=inserted, begin_by=begin_by
+                        )
                     )
                     callers = [(queued.submissions, queued.future) for queued in group]
                     commit.add_done_callback(functools.partial(_settle, callers))
@@ -407,9 +419,12 @@ class TelemetryWriter:
         fresh: Set[Device] = frozenset(),
         *,
         inserted: asyncio.Event | None = None,
+        begin_by: float | None = None,
     ) -> list[Outcome]:
         """One transaction. ``prechecked[i]``: submission i passed its checks already,
-        which found the devices ``fresh`` fresh.
+        which found the devices ``fresh`` fresh. ``begin_by`` (the loop's time): the
+        transaction is given up unbegun, nothing written, if no pooled connection
+        comes by then (every one held by statements a stuck database does not end).
 
         With ``inserted`` (group commit), the transaction may foresee its ids, and
         sets ``inserted`` once its rows are in: the next group may then begin. A
@@ -423,7 +438,13 @@ class TelemetryWriter:
             while True:
                 claims: list[Claim] = []
                 try:
-                    async with self._db.transaction_ending_itself() as conn:
+                    wait_s = (
+                        None
+                        if begin_by is None
+                        else max(0.01, begin_by - asyncio.get_running_loop().time())
+                    )
+                    async with self._db.transaction_ending_itself(acquire_timeout=wait_s) as conn:
+                        begin_by = None  # begun: a second attempt has its outcome, whenever
                         if unchecked:
                             checked = await self._authenticate(
                                 conn, [submissions[i] for i in unchecked]

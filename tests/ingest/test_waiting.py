@@ -17,7 +17,9 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from pulse.db.database import Database
 from pulse.db.errors import DatabaseUnavailable
+from pulse.db.pool import create_pool
 from pulse.ingest.model import Accepted, Submission
 from pulse.ingest.validation import Reading
 from pulse.ingest.writer import CHECK_AHEAD_FROM, TelemetryWriter, Written
@@ -92,3 +94,25 @@ async def test_a_large_write_whose_checks_do_not_come_is_refused(
     assert await stored(pool) == []
     outcomes = await asyncio.wait_for(writer.write(readings(token, *range(CHECK_AHEAD_FROM))), 20)
     assert len(outcomes) == CHECK_AHEAD_FROM and all(isinstance(o, Accepted) for o in outcomes)
+
+
+async def test_a_group_that_gets_no_connection_in_time_is_refused_unbegun(
+    pool: asyncpg.Pool, token: str, database_url: str
+) -> None:
+    """From the review of the change above: a group taken from the queue waited for a
+    pooled connection with no bound (every one held by a statement a frozen database
+    does not end), and was written whenever one came, long after its clients gave up."""
+    one = await create_pool(database_url, max_size=1)
+    try:
+        writer = TelemetryWriter(Database(one, database_url), wait_s=WAIT_S)
+        held = await one.acquire()  # the only connection, busy for as long as it likes
+        try:
+            with pytest.raises(DatabaseUnavailable, match="no database connection came free"):
+                await asyncio.wait_for(writer.write(readings(token, 1)), 10)
+        finally:
+            await one.release(held)
+        assert await stored(pool) == []
+        assert await asyncio.wait_for(writer.write(readings(token, 2)), 10) == [Accepted(1)]
+        assert await stored(pool) == [2]
+    finally:
+        await one.close()
