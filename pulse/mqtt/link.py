@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import functools
 import itertools
 import logging
@@ -69,6 +70,8 @@ BACKOFF_MAX_S = 5.0
 # 2.0 restores no shared subscription after its restart, so what devices publish
 # before Pulse subscribes again is lost, and devices reconnect within a second or two.
 DOWN_RETRY_MAX_S = 0.5
+# Connection errors (other than refused and reset) that a broker restarting gives.
+UNREACHABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
 # While the broker stays unreachable, its warning is logged again this often at most.
 DOWN_LOG_EVERY_S = 30.0
 STABLE_S = 10.0
@@ -109,6 +112,14 @@ class BrokerUnavailable(Exception):
 class BrokerDown(BrokerUnavailable):
     """No connection could be made: nothing listens there (a broker restarting), or
     the network cannot reach it."""
+
+
+def connect_failure(exc: OSError) -> BrokerUnavailable:
+    """A failure to connect, as retried: refused or unreachable is a broker restarting
+    (BrokerDown, tried again soon); a name that does not resolve or a certificate
+    refused will not mend in half a second (BrokerUnavailable, backed off)."""
+    down = isinstance(exc, ConnectionError) or exc.errno in UNREACHABLE
+    return (BrokerDown if down else BrokerUnavailable)(f"cannot connect: {exc!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,10 +441,10 @@ class MqttLink:
                 )
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
                     await connack
-            except OSError as exc:
-                raise BrokerDown(f"cannot connect: {exc!r}") from None
             except TimeoutError as exc:
                 raise BrokerUnavailable(f"cannot connect: {exc!r}") from None
+            except OSError as exc:
+                raise connect_failure(exc) from None
             self._client = client
             self.connected = True
             self._up.set()

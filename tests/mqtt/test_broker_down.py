@@ -11,11 +11,15 @@ every 0.5 s at most.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
+import ssl
 import time
 
 import pytest
 
+from pulse.mqtt.link import BrokerDown, connect_failure
 from tests.mqtt.broker import Mosquitto
 from tests.mqtt.support import Pulse, mqtt_status
 
@@ -45,3 +49,21 @@ async def test_pulse_subscribes_again_soon_after_the_broker_is_back(
     down = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
     assert len(down) == 1, down  # once while down, not at every try
     assert "trying every 0.5 s" in down[0]
+
+
+@pytest.mark.parametrize(
+    ("error", "soon"),
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), True),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+        (OSError(errno.EHOSTUNREACH, "no route to host"), True),
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), False),
+        (ssl.SSLCertVerificationError(1, "certificate verify failed"), False),
+    ],
+)
+def test_only_a_broker_refusing_or_unreachable_is_tried_again_soon(
+    error: OSError, soon: bool
+) -> None:
+    """From the review of the change above: every OSError counted as a broker
+    restarting, so a misspelt host or a wrong CA was tried twice a second for good."""
+    assert isinstance(connect_failure(error), BrokerDown) is soon
