@@ -34,6 +34,16 @@ BUSY_STATUS = frozenset({429, 503})
 # The only requests asked again when refused busy: reads, which change nothing. A POST
 # (acknowledge, close) is raised at once; the caller knows whether to send it again.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD"})
+# A read no server answered, sent again within busy_wait_s: not reached, or the
+# connection lost before the answer (a restart). Not a timeout (the server may still be
+# working on the first), nor a URL without a scheme (UnsupportedProtocol).
+RETRIED_ERRORS = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.RemoteProtocolError,
+)
 # How long a read (history, fleet_summary, alerts...) waits out busy answers by default.
 BUSY_WAIT_S = 30.0
 OnWait = Callable[[PulseClientError, float], object]
@@ -392,7 +402,7 @@ class PulseClient:
                 response = await self.http.request(
                     method, path, params=params, headers={"Authorization": f"Bearer {token}"}
                 )
-            except httpx.TransportError as exc:
+            except RETRIED_ERRORS as exc:
                 await asyncio.sleep(self._wait_unreachable(exc, busy, self.on_busy))
                 continue
             if response.status_code == 401 and not refreshed and self.credentials.can_refresh:
@@ -426,9 +436,7 @@ class PulseClient:
         return delay_s
 
     @staticmethod
-    def _wait_unreachable(
-        exc: httpx.TransportError, busy: BusyWait, on_wait: OnWait | None
-    ) -> float:
+    def _wait_unreachable(exc: Exception, busy: BusyWait, on_wait: OnWait | None) -> float:
         """The seconds to wait before sending again a read the server did not answer
         (it could not be reached, or the connection was lost: a restart, a deploy),
         told to ``on_wait`` as a refusal coded ``unreachable``; raises ``exc`` itself

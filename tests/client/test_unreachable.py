@@ -69,3 +69,15 @@ async def test_a_change_is_not_sent_again(make_token: Callable[..., str]) -> Non
         with pytest.raises(httpx.ConnectError):
             await client.acknowledge_alert(1)
     assert waits == []
+
+
+async def test_a_url_without_a_scheme_is_raised_at_once(make_token: Callable[..., str]) -> None:
+    """From the review of the retries: every httpx.TransportError was retried, so a
+    PULSE_URL without http:// (UnsupportedProtocol) hung for busy_wait_s first."""
+    waits: list[tuple[PulseClientError, float]] = []
+    async with PulseClient(
+        f"127.0.0.1:{free_port()}", make_token("t1"), on_busy=lambda e, s: waits.append((e, s))
+    ) as client:
+        with pytest.raises(httpx.UnsupportedProtocol):
+            await asyncio.wait_for(client.fleet_summary(), 5)
+    assert waits == []
