@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
 import struct
+import termios
 import weakref
 from typing import Any
 
@@ -43,6 +45,7 @@ FIRST_REQUEST_TIMEOUT = "pulse_first_request_timeout"
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _BYTES_RECEIVED = struct.Struct("=Q")
 _BYTES_RECEIVED_AT = 128
+_INT = struct.Struct("i")
 
 # The idle connections of each worker, closed at once when it terminates.
 _idle: weakref.WeakKeyDictionary[Any, set[IdleTimer]] = weakref.WeakKeyDictionary()
@@ -130,7 +133,17 @@ def _sent_anything(server: Any) -> bool:
     if len(info) < _BYTES_RECEIVED_AT + _BYTES_RECEIVED.size:
         return True
     received: int = _BYTES_RECEIVED.unpack_from(info, _BYTES_RECEIVED_AT)[0]
-    return received > 0
+    return received > 0 or _unread(sock) != 0
+
+
+def _unread(sock: Any) -> int:
+    """The bytes waiting in ``sock``'s receive queue (-1 where it cannot be asked): for a
+    kernel that answers TCP_INFO without filling its bytes received (gVisor), so that a
+    request waiting to be read is never taken for silence."""
+    try:
+        return int(_INT.unpack(fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+    except (OSError, ValueError):
+        return -1
 
 
 def _watch(context: Any, loop: asyncio.AbstractEventLoop) -> set[IdleTimer]:

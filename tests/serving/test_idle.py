@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -185,3 +186,14 @@ async def test_a_timeout_as_the_connection_ends_is_dropped_quietly() -> None:
         gc.collect()
     assert server.closed == 1
     await timer.stop()
+
+
+def test_bytes_waiting_to_be_read_are_counted_where_tcp_info_is_silent() -> None:
+    """From the review of the first-request limit: a kernel that answers TCP_INFO with
+    its bytes received left at 0 (gVisor) made every new connection look silent; the
+    receive queue is asked too."""
+    a, b = socket.socketpair()
+    with a, b:
+        assert idle._unread(b) == 0
+        a.sendall(b"GET / HTTP/1.1\r\n")
+        assert idle._unread(b) == 16
