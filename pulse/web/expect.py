@@ -9,6 +9,14 @@ front of Quart, holds that first call, for a request with
 requests' body): a request refused first (401, 403, 413 for a declared length over
 the limit, which Quart raises without reading) is answered without the 100, and its
 client does not send the body (RFC 9110, section 10.1.1).
+
+Only a request that has a body (``Content-Length`` over 0, or ``Transfer-Encoding``)
+is held. Quart learns that its client left only through that first ``receive()``
+(``http.disconnect``, which cancels the handler): held, a request whose handler
+never reads a body (a GET export sent with ``Expect: 100-continue``) streamed on into
+a closed connection, holding its export slot, until it ended. A request with a body
+that its handler never reads is still held: it is answered at once in Pulse (refused
+first), and has nothing to stream.
 """
 
 from __future__ import annotations
@@ -26,11 +34,18 @@ ASK = "pulse.ask_for_body"
 
 
 def expects_continue(scope: Scope) -> bool:
-    """An HTTP/1.1 request whose client waits for ``100 Continue`` to send its body."""
-    return scope.get("http_version") == "1.1" and any(
-        name == b"expect" and value.strip().lower() == b"100-continue"
-        for name, value in scope["headers"]
-    )
+    """An HTTP/1.1 request with a body whose client waits for ``100 Continue`` to send it."""
+    if scope.get("http_version") != "1.1":
+        return False
+    expect = has_body = False
+    for name, value in scope["headers"]:
+        if name == b"expect":
+            expect = expect or value.strip().lower() == b"100-continue"
+        elif name == b"transfer-encoding":
+            has_body = True
+        elif name == b"content-length":
+            has_body = has_body or value.strip().lstrip(b"0") != b""
+    return expect and has_body
 
 
 class AskForTheBodyWhenRead:

@@ -5,18 +5,22 @@ one that is taken gets its 100 and then its answer. Raw HTTP/1.1 over loopback."
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 
 import asyncpg
+import httpx
 import orjson
 import pytest
 
 from tests.ingest.conftest import stored_rows
+from tests.support import provision_device
 
 pytestmark = pytest.mark.timeout(30)
 
 READING = b"/ingest/v1/tenant/t1/device/dev-1/telemetry"
 DEVICES = b"/api/v1/customer/devices"
+EXPORT = "/api/v1/customer/devices/d1/telemetry"
 BODY = b'{"metrics": {"temp": 21.5}}'
 
 
@@ -113,3 +117,36 @@ async def test_a_device_within_limits_gets_100_continue_and_is_created(
         assert head.startswith(b"HTTP/1.1 201 "), head
     finally:
         writer.close()
+
+
+async def test_an_export_sent_with_expect_and_no_body_ends_when_its_client_leaves(
+    server: str, make_token: Callable[..., str], pool: asyncpg.Pool
+) -> None:
+    # A GET has no body to wait for: nothing holds Quart's receiver, which hears the
+    # client leave (http.disconnect) and cancels the export. Held until a body is read
+    # (which never comes), the export went on, waiting here on a lock, with its slot.
+    await provision_device(pool, "t1", "d1")
+    host, port = server.removeprefix("http://").split(":")
+    async with httpx.AsyncClient(base_url=server, timeout=10) as http, pool.acquire() as conn:
+
+        async def exports() -> float:
+            found = re.search(
+                r"^pulse_history_exports (\S+)$", (await http.get("/metrics")).text, re.M
+            )
+            return float(found.group(1)) if found else 0.0
+
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                f"GET {EXPORT}?from=2026-12-01T00:00:00Z&to=2026-12-02T00:00:00Z HTTP/1.1\r\n"
+                f"Host: pulse\r\nAccept: text/csv\r\nExpect: 100-continue\r\n"
+                f"Authorization: Bearer {make_token('t1')}\r\n\r\n".encode()
+            )
+            async with asyncio.timeout(10):
+                while not await exports():  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            writer.close()  # the client leaves, the export still waiting on the lock
+            async with asyncio.timeout(3):
+                while await exports():  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
