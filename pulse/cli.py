@@ -175,7 +175,12 @@ async def run_migrations(settings: Settings) -> None:
 
     async def apply(dsn: str) -> None:
         try:
-            async with Database.open(dsn, pool_size=1) as db, db.connection() as conn:
+            async with (
+                Database.open(
+                    dsn, pool_size=1, connect_timeout=settings.db_connect_timeout_s
+                ) as db,
+                db.connection() as conn,
+            ):
                 applied = await migrate(conn, dsn=dsn)
         except DatabaseUnavailable as exc:
             fail(f"pulse migrate: cannot use the database {exc}")

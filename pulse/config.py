@@ -24,6 +24,10 @@ def _default_data_dir() -> Path:
     return Path(base) / "pulse"
 
 
+# PULSE_DB_CONNECT_TIMEOUT_S at most (see Settings.check).
+MAX_DB_CONNECT_TIMEOUT_S = 25.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
@@ -105,6 +109,11 @@ class Settings:
     # offers it (pulse.web.direct); 0: always the plain ASGI way.
     direct_writes: bool = True
     db_pool_size: int = 10
+    # How long a connection to the database may take (TCP, TLS, startup, password:
+    # about six round trips), and its set-up as long again; at the start and at each
+    # reconnect of the pool while serving (pulse.db.pool). Raise it for a database far
+    # away or one that wakes from scale-to-zero.
+    db_connect_timeout_s: float = 5.0
     listener_backoff_max_s: float = 5.0
     # NATS between processes (pulse.bus.nats_source, pulse.bus.relay): unset, every
     # process LISTENs to PostgreSQL itself (no NATS anywhere).
@@ -201,6 +210,14 @@ class Settings:
             raise ConfigError(
                 f"PULSE_DB_POOL_SIZE={self.db_pool_size} must be at least 2: a history export "
                 "holds a connection for as long as its client reads"
+            )
+        # Connect and set-up (twice this), then the look at a silent server's address,
+        # must end within hypercorn's 60 s for the app's start, or the start fails
+        # as a timeout of the app, not of the database.
+        if self.db_connect_timeout_s > MAX_DB_CONNECT_TIMEOUT_S:
+            raise ConfigError(
+                f"PULSE_DB_CONNECT_TIMEOUT_S={self.db_connect_timeout_s:g} must be at most "
+                f"{MAX_DB_CONNECT_TIMEOUT_S:g} (seconds)"
             )
         # A body of the largest size (1 MiB) must fit, or such a request is never taken.
         if self.ingest_buffer_mb < 1:

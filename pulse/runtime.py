@@ -333,7 +333,13 @@ async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -
         dsn = settings.database_url
         if not dsn:
             dsn = await stack.enter_async_context(embedded_database(settings.data_dir))
-        db = await stack.enter_async_context(Database.open(dsn, pool_size=settings.db_pool_size))
+        db = await stack.enter_async_context(
+            Database.open(
+                dsn,
+                pool_size=settings.db_pool_size,
+                connect_timeout=settings.db_connect_timeout_s,
+            )
+        )
     except DatabaseUnavailable as exc:  # it names the database
         raise StartupError(f"cannot use the database {exc}") from exc
     except MigrationError as exc:

@@ -162,3 +162,14 @@ def test_values_that_work_are_taken(env: dict[str, str]) -> None:
 
 def test_the_defaults_pass_their_own_checks() -> None:
     Settings.from_env({}).check()
+
+
+def test_the_database_connect_timeout_is_a_setting() -> None:
+    assert Settings.from_env({}).db_connect_timeout_s == 5.0
+    assert Settings.from_env({"PULSE_DB_CONNECT_TIMEOUT_S": "12.5"}).db_connect_timeout_s == 12.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "26", "soon"])
+def test_a_database_connect_timeout_that_cannot_work_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="PULSE_DB_CONNECT_TIMEOUT_S"):
+        Settings.from_env({"PULSE_DB_CONNECT_TIMEOUT_S": value})

@@ -246,3 +246,29 @@ async def test_an_app_that_does_not_start_in_time_is_one_line_not_a_traceback(
     config.startup_timeout = 0.5
     with pytest.raises(StartupError, match=r"^did not start within 0\.5 s: "):
         await asyncio.wait_for(serving.serve(app, config, asyncio.Event()), 30)
+
+
+async def test_the_database_connect_timeout_is_pulse_db_connect_timeout_s() -> None:
+    """Review R2: the 5 s was fixed; a database far away, or waking from scale-to-zero,
+    needs more, and an operator may want less. A never-answering database as above,
+    with PULSE_DB_CONNECT_TIMEOUT_S=2: `pulse migrate` gives up after about 2 s (and
+    the look at the address, up to 1 s), in one line that says 2 s."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        env = {
+            "DATABASE_URL": f"postgresql://pulse:s3cret@127.0.0.1:{port}/pulse_db",
+            "PULSE_JWT_SECRET": TEST_SECRET,
+            "PULSE_DB_CONNECT_TIMEOUT_S": "2",
+        }
+        started = time.monotonic()
+        code, lines = await pulse("migrate", env=env)
+        took = time.monotonic() - started
+    line = the_one_line(lines)
+    assert code == 1, lines
+    assert line == (
+        f"pulse migrate: cannot use the database 127.0.0.1:{port}/pulse_db: the server "
+        "accepted the connection but did not answer within 2 s "
+        "(stopped, hung or overloaded, or not PostgreSQL)"
+    ), lines
+    assert "s3cret" not in "\n".join(lines)
+    assert 2 <= took < CONNECT_TIMEOUT_S, took  # the process's start included

@@ -16,12 +16,19 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
 from pulse.db.errors import CONNECTION_ERRORS, TRANSIENT_ERRORS, DatabaseUnavailable
-from pulse.db.pool import CONNECT_TIMEOUT_S, KEEPALIVES, connect, create_pool
+from pulse.db.pool import (
+    CONNECT_TIMEOUT_S,
+    KEEPALIVES,
+    ConnectTimeout,
+    connect,
+    create_pool,
+    describe,
+)
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     *CONNECTION_ERRORS,
@@ -82,7 +89,7 @@ def translated() -> Iterator[None]:
 
 def _reason(exc: BaseException) -> str:
     """What an exception without words means: a TimeoutError (a statement's timeout)
-    said nothing at all."""
+    said nothing at all. (A connection's, ConnectTimeout, has its own words.)"""
     if isinstance(exc, TimeoutError):
         return "no answer within the statement's timeout"
     return type(exc).__name__
@@ -104,18 +111,28 @@ class Database:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, dsn: str, *, pool_size: int = 10) -> AsyncIterator[Database]:
+    async def open(
+        cls, dsn: str, *, pool_size: int = 10, connect_timeout: float = CONNECT_TIMEOUT_S
+    ) -> AsyncIterator[Database]:
         """A pool of up to ``pool_size`` connections, closed when the block ends.
 
         Any failure to connect (refused, no such database, wrong password) raises
-        DatabaseUnavailable, saying which database without its credentials.
+        DatabaseUnavailable, saying which database without its credentials. Each
+        connection is made within ``connect_timeout`` (PULSE_DB_CONNECT_TIMEOUT_S) and
+        set up within as long again (``pulse.db.pool.create_pool``).
         """
         try:
-            # The connections' set-up too (pool.init_connection), not only the connect.
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                pool = await create_pool(dsn, max_size=pool_size)
+            # A backstop: create_pool bounds the connect and the set-up itself.
+            async with asyncio.timeout(2 * connect_timeout + 1):
+                pool = await create_pool(dsn, max_size=pool_size, connect_timeout=connect_timeout)
         except TimeoutError as exc:
-            reason = await _silence(dsn, CONNECT_TIMEOUT_S)
+            if isinstance(exc, ConnectTimeout) and exc.answered:
+                reason = (
+                    "the server answered but the connection's set-up took over "
+                    f"{connect_timeout:g} s"
+                )
+            else:
+                reason = await _silence(dsn, connect_timeout)
             raise DatabaseUnavailable(f"{describe(dsn)}: {reason}") from exc
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise DatabaseUnavailable(f"{describe(dsn)}: {str(exc) or type(exc).__name__}") from exc
@@ -281,15 +298,3 @@ def _tcp_address(dsn: str) -> tuple[str, int] | None:
     if not host or host.startswith("/") or "," in host or "host=" in parts.query:
         return None
     return host, port
-
-
-def describe(dsn: str) -> str:
-    """host:port/database of a connection URL, never its user or password: an IPv6
-    host in brackets, a Unix socket's folder (``?host=/run/postgresql``) as the host."""
-    parts = urlsplit(dsn)
-    query = parse_qs(parts.query)
-    host = unquote(parts.hostname or "") or query.get("host", ["localhost"])[0]
-    if ":" in host:
-        host = f"[{host}]"
-    port = parts.port or query.get("port", [""])[0]
-    return f"{host}{f':{port}' if port else ''}{parts.path or '/'}"

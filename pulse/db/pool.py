@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 import orjson
@@ -74,23 +76,89 @@ async def keep_session(conn: asyncpg.Connection) -> None:
 
 
 POOL_NAME = "pulse"
-# How long connecting may take, up to the first answer of the server (asyncpg's
-# default is 60 s: a server that accepts connections but answers nothing, SIGSTOPped
-# or wedged, held `pulse migrate` and `pulse serve` for a minute and then failed
-# without saying it was the database). Below the 10 s within which a worker of
-# `serve --workers` that fails as it starts stops the instance (pulse.serving.workers).
+# How long connecting may take, up to the first answer of the server: TCP, TLS, the
+# startup and the authentication (SCRAM), about six round trips
+# (PULSE_DB_CONNECT_TIMEOUT_S). asyncpg's default is 60 s: a server that accepts
+# connections but answers nothing, SIGSTOPped or wedged, held `pulse migrate` and
+# `pulse serve` for a minute and then failed without saying it was the database.
+# asyncpg ignores connect_timeout in DATABASE_URL. The connection's set-up
+# (``init_connection``, about five more round trips) has as long again, apart.
 CONNECT_TIMEOUT_S = 5.0
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+class ConnectTimeout(TimeoutError):
+    """A connection to the database not made (or not set up) within its time: said with
+    the database's host:port/database, never its credentials. A TimeoutError, as
+    asyncpg's own, so that every caller that handles one handles it; its words say it
+    was the connection, not a statement, that timed out."""
+
+    def __init__(self, message: str, *, answered: bool) -> None:
+        super().__init__(message)
+        self.answered = answered  # the server answered: it was the set-up that took long
+
+
+def describe(dsn: str) -> str:
+    """host:port/database of a connection URL, never its user or password: an IPv6
+    host in brackets, a Unix socket's folder (``?host=/run/postgresql``) as the host."""
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    host = unquote(parts.hostname or "") or query.get("host", ["localhost"])[0]
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port or query.get("port", [""])[0]
+    return f"{host}{f':{port}' if port else ''}{parts.path or '/'}"
+
+
+async def _connected(dsn: str, timeout: float, connect: Any, *args: Any, **kwargs: Any) -> Any:
+    """``connect(*args, **kwargs)`` within ``timeout``; its TimeoutError a ConnectTimeout."""
+    try:
+        return await connect(*args, timeout=timeout, **kwargs)
+    except TimeoutError as exc:
+        if isinstance(exc, ConnectTimeout):
+            raise
+        raise ConnectTimeout(
+            f"no connection to {describe(dsn)} within {timeout:g} s", answered=False
+        ) from exc
+
+
+async def _set_up(dsn: str, timeout: float, conn: asyncpg.Connection) -> None:
+    """``init_connection`` within ``timeout``, apart from the connect's."""
+    try:
+        async with asyncio.timeout(timeout):
+            await init_connection(conn)
+    except TimeoutError as exc:
+        raise ConnectTimeout(
+            f"the connection to {describe(dsn)} was made but not set up within {timeout:g} s",
+            answered=True,
+        ) from exc
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
+) -> asyncpg.Pool:
+    """The pool; each of its connections (at the start, and each reconnect while
+    serving) is made within ``connect_timeout`` and set up within as long again, else
+    ConnectTimeout."""
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("timeout", None)
+        return await _connected(dsn, connect_timeout, asyncpg.connect, *args, **kwargs)
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await _set_up(dsn, connect_timeout, conn)
+
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
-        init=init_connection,
+        init=init,
         reset=keep_session,
         command_timeout=60,
-        timeout=CONNECT_TIMEOUT_S,
+        connect=connect,
         # Named in pg_stat_activity beside "pulse listener", "pulse rollups", "pulse
         # sweeper"; an application_name in DATABASE_URL is the operator's, and stays.
         server_settings={
@@ -105,6 +173,11 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
 
 async def connect(dsn: str, **options: Any) -> asyncpg.Connection:
     """One connection outside any pool, with the pool's codecs; ``options`` go to asyncpg."""
-    conn = await asyncpg.connect(dsn, **{"timeout": CONNECT_TIMEOUT_S, **options})
-    await init_connection(conn)
+    timeout = options.pop("timeout", CONNECT_TIMEOUT_S)
+    conn = await _connected(dsn, timeout, asyncpg.connect, dsn, **options)
+    try:
+        await _set_up(dsn, timeout, conn)
+    except BaseException:
+        conn.terminate()
+        raise
     return conn

@@ -197,7 +197,8 @@ async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
         raise StartupError(said) from None
     except LifespanTimeoutError:
         # Its own words blame the ASGI lifespan protocol. The database's connect is
-        # bounded well below this (pulse.db.pool.CONNECT_TIMEOUT_S), and says so: this
+        # bounded well below this (PULSE_DB_CONNECT_TIMEOUT_S, at most 25 s, and its
+        # set-up as long again: pulse.db.pool), and says so: this
         # is a service that answered the connection, then stopped answering.
         raise StartupError(
             f"did not start within {config.startup_timeout:g} s: a service it starts with "

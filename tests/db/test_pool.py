@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 
 import asyncpg
@@ -12,7 +13,7 @@ import pytest
 from pulse.db import pool as pool_module
 from pulse.db.database import Database
 from pulse.db.errors import DatabaseUnavailable
-from pulse.db.pool import IDLE_IN_WRITE_S, KEEPALIVES
+from pulse.db.pool import IDLE_IN_WRITE_S, KEEPALIVES, create_pool
 from pulse.history import reads
 
 
@@ -162,3 +163,24 @@ async def test_a_writer_stopped_mid_write_does_not_hold_its_tenant_for_ever(
         async with db.connection() as conn, reads._snapshot(conn):
             await asyncio.sleep(2)
             assert await conn.fetchval("SELECT 1") == 1
+
+
+async def test_a_reconnect_that_times_out_says_it_was_the_connection() -> None:
+    """Review R2: a connection the pool makes while serving (here, its first) to a
+    server that takes it and never answers timed out with asyncpg's wordless
+    TimeoutError, which the translation worded "no answer within the statement's
+    timeout". Now it says it was the connection, to which database (never the
+    password), and within PULSE_DB_CONNECT_TIMEOUT_S."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        dsn = f"postgresql://pulse:s3cret@127.0.0.1:{port}/pulse_db"
+        pool = await create_pool(dsn, min_size=0, connect_timeout=1)
+        try:
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable) as unavailable:
+                await Database(pool, dsn).fetchval("SELECT 1")
+            took = time.monotonic() - started
+        finally:
+            pool.terminate()
+    assert str(unavailable.value) == f"no connection to 127.0.0.1:{port}/pulse_db within 1 s"
+    assert 1 <= took < 3, took
