@@ -90,17 +90,23 @@ async def test_a_refusal_that_needs_no_body_comes_without_100_continue(
         writer.close()
 
 
+async def sent_after_100(server: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+    """The final answer's head to a request that sends ``body`` once told 100 Continue
+    (which it must be)."""
+    reader, writer = await send_head(server, path, headers, len(body))
+    try:
+        assert (await next_head(reader)).startswith(b"HTTP/1.1 100 ")
+        writer.write(body)
+        return await next_head(reader)
+    finally:
+        writer.close()
+
+
 async def test_a_reading_within_limits_gets_100_continue_and_is_stored(
     server: str, token: str, pool: asyncpg.Pool
 ) -> None:
-    reader, writer = await send_head(server, READING, {"X-Provision-Token": token}, len(BODY))
-    try:
-        assert (await next_head(reader)).startswith(b"HTTP/1.1 100 ")
-        writer.write(BODY)
-        head = await next_head(reader)
-        assert head.startswith(b"HTTP/1.1 201 "), head
-    finally:
-        writer.close()
+    head = await sent_after_100(server, READING, {"X-Provision-Token": token}, BODY)
+    assert head.startswith(b"HTTP/1.1 201 "), head
     assert await stored_rows(pool) == 1
 
 
@@ -109,14 +115,8 @@ async def test_a_device_within_limits_gets_100_continue_and_is_created(
 ) -> None:
     admin = {"Authorization": f"Bearer {make_token('t1', roles=('tenant-admin',))}"}
     body = b'{"device_id": "expecting"}'
-    reader, writer = await send_head(server, DEVICES, admin, len(body))
-    try:
-        assert (await next_head(reader)).startswith(b"HTTP/1.1 100 ")
-        writer.write(body)
-        head = await next_head(reader)
-        assert head.startswith(b"HTTP/1.1 201 "), head
-    finally:
-        writer.close()
+    head = await sent_after_100(server, DEVICES, admin, body)
+    assert head.startswith(b"HTTP/1.1 201 "), head
 
 
 async def test_an_export_sent_with_expect_and_no_body_ends_when_its_client_leaves(
