@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
 
         _forget_gone_users(data_dir / "pgdata")
         try:
+            _system_user_made_once()
             server = get_server(data_dir / "pgdata", cleanup_mode="stop")
         except (subprocess.CalledProcessError, OSError) as exc:
             # initdb or pg_ctl failed (a file where the data folder goes, a folder of
@@ -64,6 +66,27 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
     finally:
         _forget_gone_users(data_dir / "pgdata")
         server.cleanup()
+
+
+def _system_user_made_once() -> None:
+    """As root, pgserver runs PostgreSQL as a system user `pgserver` that it creates with
+    `useradd` on first use. Two processes starting at once on a fresh machine (the test
+    suite's two workers, two instances) both ran `useradd`: both succeeded, one of them
+    with a uid the other's overwrote, and that one's initdb could not use the folder it
+    had given to that uid ("could not change permissions ... Operation not permitted").
+    So the user is made under a lock every process on the machine shares whatever its
+    TMPDIR: /etc/passwd itself, held with flock (useradd replaces the file by a rename,
+    so a process that opens it after the rename already sees the user)."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return
+    from pgserver.utils import ensure_user_exists
+
+    with open("/etc/passwd", "rb") as passwd:
+        fcntl.flock(passwd, fcntl.LOCK_EX)
+        try:
+            ensure_user_exists("pgserver")
+        finally:
+            fcntl.flock(passwd, fcntl.LOCK_UN)
 
 
 def _forget_gone_users(pgdata: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -72,3 +73,50 @@ def test_a_user_killed_outright_does_not_keep_the_server_running(tmp_path: Path)
     if postmaster.exists():  # the failure: stop it here, not leave it to the machine
         os.kill(server_pid, signal.SIGTERM)
         raise AssertionError("PostgreSQL still runs")
+
+
+# Run by two processes at once: makes the embedded server's system user as
+# pulse.db.embedded does, under another name, and prints the uid it was given.
+_MAKE_USER = """
+import sys, time, warnings
+warnings.simplefilter("ignore")
+import pgserver.utils
+from pulse.db import embedded
+name, start = sys.argv[1], float(sys.argv[2])
+made = pgserver.utils.ensure_user_exists
+given = []
+pgserver.utils.ensure_user_exists = lambda _pgserver: given.append(made(name)) or given[-1]
+while time.time() < start:
+    pass
+embedded._system_user_made_once()
+print(given[-1].pw_uid)
+"""
+
+
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() != 0 or not Path("/usr/sbin/useradd").exists(),
+    reason="pgserver makes a system user only when run as root (useradd)",
+)
+def test_two_processes_starting_at_once_as_root_agree_on_the_system_user() -> None:
+    """Two useradd at once both succeeded, one with a uid the other then overwrote: that
+    process's initdb failed ("could not change permissions ... Operation not permitted"),
+    as the suite's two workers did on a fresh machine. Three rounds (without the lock,
+    five of five lost the race here)."""
+    for round_ in range(3):
+        name = f"pulsetest{os.getpid() % 10000}r{round_}"
+        start = f"{time.time() + 1.5:.3f}"
+        try:
+            runs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", _MAKE_USER, name, start],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(2)
+            ]
+            uids = {int(run.communicate(timeout=60)[0]) for run in runs}
+            final = int(subprocess.check_output(["id", "-u", name], text=True))
+            assert uids == {final}, f"round {round_}: processes saw {uids}, the user is {final}"
+        finally:
+            subprocess.run(["userdel", name], capture_output=True)
+            subprocess.run(["groupdel", name], capture_output=True)
