@@ -52,9 +52,9 @@ class Subscription:
 
     ``position`` is the newest id this subscription has passed, sent or filtered
     out: a client that has received everything queued may resume from it.
-    The queue never holds more than ``limit`` events: when it would, the
+    When events come while ``limit`` events or more still wait in the queue, the
     subscription is marked lagging, its queue is dropped (the client resumes from
-    the table), and ``on_lagging`` is told.
+    the table), and the hub is told.
 
     ``sink``, when given, takes events straight to the client from the hub's own
     call, without waking the stream's task: only while that task is parked in
@@ -105,14 +105,21 @@ class Subscription:
         queued = 0
         accepts = self.filters.accepts
         queue = self._queue
+        # Behind: a whole queue of earlier events still waits as more come. Not "this
+        # call would pass the limit": one commit larger than the queue (a batch of
+        # PULSE_QUEUE_SIZE + 1, a fetch of FETCH_LIMIT after a gap) is taken whole by
+        # a subscriber that took everything before, as it comes in one piece, instead
+        # of cutting every subscriber of the tenant at once (the protocol audit). So
+        # a queue holds fewer than ``limit`` events plus one call's worth at most.
+        behind = len(queue) >= self._limit
         for event in events:
             if event.id <= self.position:
                 continue  # already replayed from the table
             self.position = event.id
             if accepts(event):
-                if len(queue) >= self._limit:
+                if behind:
                     self._mark_lagging()
-                    return queued, False
+                    return 0, False
                 queue.append(event)
                 queued += 1
         if not queued:

@@ -213,7 +213,9 @@ async def test_a_lagging_subscriber_is_aborted_by_its_sink_after_the_grace(
     async with running_hub(queue_size=3) as (hub, source, store):
         sink = Sink()
         async with hub.subscribe("t1", kind="test", sink=sink) as subscription:
-            source.committed("t1", store.commit("t1", count=5))
+            source.committed("t1", store.commit("t1", count=3))
+            await until(lambda: subscription.pending() == 3)  # a whole queue waits
+            source.committed("t1", store.commit("t1", count=1))
             await asyncio.wait_for(sink.aborted.wait(), 5)
             assert subscription.lagging
 
@@ -230,7 +232,9 @@ async def test_events_for_a_lagging_subscriber_are_counted_as_dropped() -> None:
         running_hub(queue_size=3) as (hub, source, store),
         hub.subscribe("t1", kind="test") as subscription,
     ):
-        source.committed("t1", store.commit("t1", count=5))
+        source.committed("t1", store.commit("t1", count=3))
+        await until(lambda: subscription.pending() == 3)
+        source.committed("t1", store.commit("t1", count=2))
         await until(lambda: subscription.lagging)
         assert sample("pulse_lagging_disconnects_total") == 1
         # 3 queued (then dropped with the queue), the 4th and 5th never queued.

@@ -42,7 +42,10 @@ def test_device_and_metric_filters_advance_position() -> None:
 
 def test_full_queue_marks_lagging_and_frees_memory() -> None:
     s = sub(limit=3)
-    s.offer([event(i, temp=i) for i in range(1, 10)])
+    s.offer([event(i, temp=i) for i in range(1, 3)])
+    s.offer([event(3, temp=3)])
+    assert not s.lagging  # a whole queue waits, nothing more came yet
+    s.offer([event(4, temp=4)])
     assert s.lagging
     assert s.pending() == 0
     with pytest.raises(Lagging):
@@ -90,3 +93,16 @@ def test_encoding_is_shared_and_filtered() -> None:
     assert e.encode() is e.encode()
     assert e.encode(frozenset({"none"})) is None
     assert e.as_dict()["data"]["metrics"] == {"temp": 21.5, "hum": 40}
+
+
+def test_one_offer_larger_than_the_queue_is_taken_whole_by_a_subscriber_not_behind() -> None:
+    """A commit of more events than PULSE_QUEUE_SIZE cut every subscriber of the tenant,
+    idle ones included (the protocol audit: one batch of 60 with a queue of 50)."""
+    s = sub(limit=3)
+    assert s.offer([event(i) for i in range(1, 10)]) == (9, False)
+    assert not s.lagging
+    assert [e.id for e in s.take()] == list(range(1, 10))
+    s.offer([event(i) for i in range(10, 20)])  # taken whole again: nothing waited
+    s.offer([event(20)])  # ten wait, more than a queue: behind
+    assert s.lagging
+    assert s.pending() == 0

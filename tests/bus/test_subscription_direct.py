@@ -131,7 +131,8 @@ async def test_the_lagging_end_is_never_bypassed() -> None:
     client.accepting = False
     s = subscription(client)
     waiting = await parked(s)
-    s.offer(events(1, 2, 3, 4, 5, 6))  # over the limit of 5
+    s.offer(events(1, 2, 3, 4, 5))  # the client takes nothing: a whole queue waits
+    s.offer(events(6))  # behind
     assert s.lagging
     client.accepting = True
     assert s.offer(events(7)) == (0, False) and client.written == []

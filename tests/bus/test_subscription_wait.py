@@ -47,7 +47,8 @@ async def test_taking_signals_does_not_hide_lagging_or_closing() -> None:
     subscription = Subscription("t1", Filters(), kind="test", limit=3, signals=frozenset({"s"}))
     subscription.offer(events(1, 2))
     assert len(subscription.take()) == 2
-    subscription.offer(events(3, 5))  # while the stream was writing: over the limit
+    subscription.offer(events(3, 3))  # while the stream was writing: a whole queue
+    subscription.offer(events(6, 1))  # and more: behind
     assert subscription.lagging
     subscription.take_signals()
     assert await subscription.wait(0.01) is True

@@ -96,3 +96,60 @@ async def test_a_client_cut_as_lagging_that_stopped_reading_is_dropped(
                     await asyncio.sleep(0.05)
             assert state == 7, f"the connection is not reset (TCP state {state})"
         sock.close()
+
+
+async def test_one_commit_larger_than_the_queue_reaches_idle_readers_whole(
+    settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """With PULSE_QUEUE_SIZE=50, one batch of 60 cut every reader of the tenant as
+    lagging, idle ones that read at once included (the protocol audit): the telemetry
+    WebSocket and v2 closed 4008 before any event, the SSE stream ended `lagging`.
+    A reader that took everything before now gets the commit whole, on every stream."""
+    import json
+
+    import httpx
+
+    from tests.streams.ws_support import V2_PATH, WS_PATH, open_ws, recv, request
+    from tests.support import sse_events
+
+    async with running_server(dataclasses.replace(settings, queue_size=50)) as base:
+        await provision_device(pool, "t1", "d1")
+        token = make_token("t1")
+        async with (
+            open_ws(base, WS_PATH, token=token) as telemetry,
+            open_ws(base, V2_PATH, token=token) as v2,
+            httpx.AsyncClient(base_url=base, timeout=30) as http,
+            http.stream("GET", SSE_PATH, params={"token": token}) as sse,
+        ):
+            assert (await recv(telemetry))["type"] == "connected"
+            subscribe = {"action": "subscribe", "type": "device", "device_id": "d1"}
+            assert (await request(v2, subscribe))["type"] == "subscribed"
+            lines = sse.aiter_lines()
+            async with asyncio.timeout(20):
+                while not (await anext(lines)).startswith("id:"):
+                    pass  # `retry:`, then the `id:` block: live from here
+            events = sse_events(sse, lines=lines)
+            ids = await insert_readings(pool, "t1", [("d1", {"temp": float(i)}) for i in range(60)])
+
+            async def ws_ids(ws: object) -> list[int]:
+                got: list[int] = []
+                while len(got) < len(ids):
+                    message = await recv(ws, timeout=20)  # type: ignore[arg-type]
+                    assert message["type"] == "telemetry", message
+                    got.append(message["id"])
+                return got
+
+            async def sse_ids() -> list[int]:
+                got: list[int] = []
+                while len(got) < len(ids):
+                    event = await asyncio.wait_for(anext(events), 20)
+                    assert event.event is None, event
+                    got.append(json.loads(event.data)["id"])
+                return got
+
+            assert await ws_ids(telemetry) == ids
+            assert await ws_ids(v2) == ids
+            assert await sse_ids() == ids
+            text = (await http.get("/metrics")).text
+            for kind in ("sse", "websocket", "legacy_v2"):
+                assert metric(text, "pulse_lagging_disconnects_total", kind) == 0
