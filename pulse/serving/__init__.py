@@ -83,9 +83,13 @@ def raise_open_files_limit(settings: Settings) -> int:
             soft = wanted
         except (ValueError, OSError) as exc:
             log.debug("could not raise the limit of open files to %d: %s", wanted, exc)
-    needed = 2 * settings.max_connections + RESERVED_FILES
+    open_at_once = settings.max_connections + RESERVED_FILES
+    needed = open_at_once + settings.max_connections
     if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning(
+        # A warning only when the connections allowed cannot even be open together; a
+        # limit that falls short only in a storm (a host's 20,000 against 20,200 for the
+        # default 10,000) is said once, not as a warning at every start.
+        (log.warning if soft < open_at_once else log.info)(
             "this process may open %d files (ulimit -n), and PULSE_MAX_CONNECTIONS=%d "
             "streams coming back at once need about %d: connections beyond the limit "
             "are closed unanswered. Raise the limit (LimitNOFILE in systemd, ulimit -n) "
