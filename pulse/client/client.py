@@ -15,7 +15,7 @@ from pulse.client.backoff import Backoff, BusyWait
 from pulse.client.credentials import Credentials, TokenRefresh
 from pulse.client.errors import AuthenticationFailed, ExportCut, PulseClientError
 from pulse.client.events import Alert, FleetSummary
-from pulse.client.history import History, Reading, history_params
+from pulse.client.history import History, Reading, after_cursor, history_params
 from pulse.client.resume import RawExportTail
 from pulse.client.sse import SSETelemetryStream, expect_type, http_failure, retry_after_s
 from pulse.client.stream import AuthRejected, NoticeHandler, ReconnectingStream, describe
@@ -258,7 +258,8 @@ class PulseClient:
         end: datetime | str | None = None,
         page_size: int = 1000,
     ) -> AsyncIterator[Reading]:
-        """A device's raw readings in (device time, id) order, a page at a time."""
+        """A device's raw readings in (device time, id) order, a page at a time. Without
+        ``start``: those of the hour before the server's now when the first page is read."""
         params = history_params(start, end, "raw", None)
         params["limit"] = str(page_size)
         if metrics:
@@ -270,7 +271,7 @@ class PulseClient:
                 yield Reading.from_wire(reading)
             if not page.get("next"):
                 return
-            params["cursor"] = str(page["next"])
+            params = after_cursor(params, str(page["next"]))
 
     async def export(
         self,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pulse.client.events import parse_time
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,3 +90,14 @@ def history_params(
     if aggregates:
         params["agg"] = ",".join(aggregates)
     return params
+
+
+def after_cursor(params: dict[str, str], cursor: str) -> dict[str, str]:
+    """The parameters that ask for the raw readings after ``cursor`` (a page's ``next``:
+    microseconds since 1970 and an id). Without a ``from``, each request would take the
+    server's default, an hour before its now, which moves on between requests: readings
+    after the cursor but older than the new default would be left out. The cursor's own
+    time is the ``from`` then: every reading after the cursor is at or after it."""
+    micros = int(cursor.partition(".")[0])
+    time = (_EPOCH + timedelta(microseconds=micros)).isoformat()
+    return {"from": time, **params, "cursor": cursor}

@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
+from pulse.client.history import after_cursor
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -64,8 +66,7 @@ class RawExportTail:
             return params  # no reading came whole: the export again, its header left out
         time = self._time.decode()
         micros = (datetime.fromisoformat(time) - _EPOCH) // timedelta(microseconds=1)
-        # Without a from, the server's default (an hour before its now) would have moved.
-        return {"from": time, **params, "cursor": f"{micros}.0"}
+        return after_cursor(params, f"{micros}.0")
 
     def _drop_seen(self, whole: bytes) -> bytes:
         """Leave out the lines of the resumed millisecond that were handed over."""

@@ -62,6 +62,39 @@ async def test_history_buckets_readings_and_fleet(
         assert failure.value.code == "unknown_device"
 
 
+async def test_iter_readings_without_start_keeps_its_first_window(
+    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """Without start, the server's default window (the hour before its now) moves on
+    between pages: a page after the first still gets every reading after its cursor,
+    those that left the default window meanwhile too."""
+    await provision_device(pool, "t1", "d3")
+    edge = datetime.now(UTC) - timedelta(hours=1)
+    # The first inside the default window for 3 s; the next two leave it within 4 s.
+    times = [edge + 3 * S, edge + 3.5 * S, edge + 4 * S, edge + 60 * S]
+    ids = await readings_at(pool, "t1", [("d3", t, {"n": float(n)}) for n, t in enumerate(times)])
+    got = []
+    async with PulseClient(server, make_token("t1")) as client:
+        async for reading in client.iter_readings("d3", page_size=1):
+            got.append(reading.id)
+            if len(got) == 1:
+                await default_window_starts_at(client, "d3", ids[3])
+    assert got == ids
+
+
+async def default_window_starts_at(client: PulseClient, device_id: str, first_id: int) -> None:
+    """Wait until the server's default window (no from) starts at the reading ``first_id``."""
+    url = f"/api/v1/customer/devices/{device_id}/telemetry"
+    headers = {"Authorization": f"Bearer {await client.credentials.current()}"}
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        page = await client.http.get(url, params={"bucket": "raw", "limit": "1"}, headers=headers)
+        if [r["id"] for r in page.json()["readings"]] == [first_id]:
+            return
+        assert asyncio.get_running_loop().time() < deadline, page.json()
+        await asyncio.sleep(0.1)
+
+
 async def test_export_streams_bytes(server: str, make_token: Callable[..., str]) -> None:
     async with PulseClient(server, make_token("t1")) as client:
         chunks = [

@@ -125,4 +125,4 @@ def test_the_resumed_range_keeps_its_from() -> None:
     tail = RawExportTail("ndjson")
     tail.take(b'{"id":5,"time":"2026-12-01T00:00:00.250Z","metrics":{"a":1}}\n')
     # Without a from, the server's default would move with its clock: the cut's time holds.
-    assert tail.resume({})["from"] == "2026-12-01T00:00:00.250Z"
+    assert datetime.fromisoformat(tail.resume({})["from"]) == T0 + timedelta(milliseconds=250)
