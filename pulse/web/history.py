@@ -64,8 +64,8 @@ class HistoryParams(BaseModel):
     bucket: Literal["auto", "raw", "1m", "5m", "15m", "1h", "1d"] = Field(
         default="auto",
         description="auto: raw points when the device has at most 1000 readings in the "
-        "range and retention keeps them all, else the narrowest width that keeps a series "
-        "within about 1000 points and the answer within 100,000.",
+        "range, of at most 100,000 points, and retention keeps them all, else the narrowest "
+        "width that keeps a series within about 1000 points and the answer within 100,000.",
     )
     agg: str | None = Field(
         default=None, description="Comma-separated avg,min,max,last,count; default all."

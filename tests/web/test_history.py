@@ -128,6 +128,29 @@ async def test_auto_picks_raw_points_then_buckets(
     assert [p["count"] for p in many["series"]["temp"]] == [903, 100]
 
 
+async def test_auto_picks_raw_points_only_when_their_points_fit(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the history audit: auto picked raw points by the readings alone, then
+    refused its own pick (1000 readings of 150 metrics: 150,000 points, 400) where
+    minutes fitted. It counts their points, and falls back to a width that fits the
+    metrics' series."""
+    for module in ("params", "reads"):
+        monkeypatch.setattr(f"pulse.history.{module}.MAX_ANSWER_POINTS", 50)
+    metrics = {f"m{i}": float(i) for i in range(6)}
+    await readings_at(pool, "t1", [("d1", T0 + i * 10 * S, metrics) for i in range(10)])
+    r = await http.get(DEVICE.format("d1"), params=window(agg="count"))  # raw: 60 points
+    assert r.status_code == 200, r.text
+    # 1m would be 6 series of up to 12 buckets, 72 points; 5m, 6 of up to 4.
+    assert r.json()["bucket"] == "5m"
+    assert {m: sum(p["count"] for p in s) for m, s in r.json()["series"].items()} == {
+        m: 10 for m in metrics
+    }
+    r = await http.get(DEVICE.format("d1"), params=window(metrics="m0,m1"))  # 20 points
+    assert r.status_code == 200 and r.json()["bucket"] == "raw", r.text
+    assert [len(s) for s in r.json()["series"].values()] == [10, 10]
+
+
 async def test_raw_readings_come_in_pages(http: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
     ids = await readings_at(
         pool,
