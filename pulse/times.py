@@ -1,8 +1,13 @@
-"""The one time format on the wire (CONTRACT: ISO-8601 UTC with a ``Z``)."""
+"""The one time format on the wire (CONTRACT: ISO-8601 UTC with a ``Z``), and how far a
+device's clock may run ahead of the server's."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+# Ingest refuses a reading whose device time is further ahead than this of its arrival
+# (pulse.ingest.validation); the history API counts on it (pulse.history.params).
+MAX_CLOCK_AHEAD = timedelta(minutes=5)
 
 
 def format_time(moment: datetime) -> str:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 from pulse.errors import INVALID_PARAMETER, ApiError
 from pulse.names import is_valid_name, unknown_parameter
+from pulse.times import MAX_CLOCK_AHEAD
 
 WIDTHS: dict[str, timedelta] = {
     "1m": timedelta(minutes=1),
@@ -32,15 +33,15 @@ MAX_POINTS = 1000
 # 15 minutes (1.3 million, 130 MB) held its process's event loop for seconds. Beyond
 # it, a wider bucket (auto picks one), fewer series, or a streamed export.
 MAX_ANSWER_POINTS = 100_000
-# In ``kept_since``: the oldest time raw readings are kept from (retention).
+# In ``kept_since``: the oldest receipt time raw readings are kept from (retention).
 RAW = 0
 DEFAULT_SPAN = timedelta(hours=1)
-# Ingest accepts device times up to 5 minutes ahead of its clock when a reading
-# arrives (pulse.ingest.validation): without ``to``, a range ends twice that far
-# ahead (room for readings still in flight), so that it holds every reading
+# Ingest accepts device times up to MAX_CLOCK_AHEAD (5 minutes) ahead of its clock
+# when a reading arrives (pulse.ingest.validation): without ``to``, a range ends twice
+# that far ahead (room for readings still in flight), so that it holds every reading
 # committed so far. A dashboard resuming its stream from the history's newest id
 # relies on it: nothing committed before is left out.
-CLOCK_AHEAD = timedelta(minutes=10)
+CLOCK_AHEAD = 2 * MAX_CLOCK_AHEAD
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10_000
 # bucket=raw: a page ends where its readings pass this many bytes of JSON, whatever the
@@ -97,8 +98,13 @@ class HistoryQuery:
 
     def raw_kept(self, kept_since: Mapping[int, datetime] | None) -> bool:
         """Whether retention still keeps every raw reading of the range: before its
-        horizon, raw points would be a part of them (bucket=auto then takes rollups)."""
-        return kept_since is None or RAW not in kept_since or self.start >= kept_since[RAW]
+        horizon, raw points would be a part of them (bucket=auto then takes rollups).
+        Retention drops readings by when they arrived, and a reading's device time may
+        be MAX_CLOCK_AHEAD ahead of that: only a range that starts that much after the
+        horizon surely has none of its readings dropped."""
+        if kept_since is None or RAW not in kept_since:
+            return True
+        return self.start >= kept_since[RAW] + MAX_CLOCK_AHEAD
 
     def buckets(self, name: str) -> int:
         """How many buckets of width ``name`` the range touches."""

@@ -18,8 +18,9 @@ from typing import Annotated
 import msgspec
 
 from pulse.ingest.model import Submission
-from pulse.ingest.validation import MAX_CLOCK_AHEAD, MAX_METRICS, Reading
+from pulse.ingest.validation import MAX_METRICS, Reading
 from pulse.names import is_valid_name
+from pulse.times import MAX_CLOCK_AHEAD
 
 MAX_BATCH = 1000
 

@@ -10,10 +10,9 @@ import msgspec
 import orjson
 
 from pulse.names import is_valid_name
-from pulse.times import format_time
+from pulse.times import MAX_CLOCK_AHEAD, format_time
 
 MAX_METRICS = 200
-MAX_CLOCK_AHEAD = timedelta(minutes=5)
 READING_FIELDS = ("ts", "metrics", "seq")
 
 # seq is stored as bigint. Metric values go through orjson, which encodes

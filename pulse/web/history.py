@@ -260,7 +260,7 @@ def _media_type() -> str:
 
 def _kept_since() -> dict[int, datetime]:
     """Per stored width, the oldest time the rollups are kept from, and the raw
-    readings' (RAW), by retention (bucket=auto)."""
+    readings' (RAW: a time of receipt), by retention (bucket=auto)."""
     settings, now = runtime().settings, datetime.now(UTC)
     kept = RollupSettings.of(settings).kept_since(now)
     kept[RAW] = now - timedelta(hours=settings.retention_hours)

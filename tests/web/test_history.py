@@ -7,16 +7,17 @@ import dataclasses
 import io
 import json
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 
 import asyncpg
 import httpx
 import pytest
 
 from pulse.config import Settings
+from pulse.db.retention import create_partitions, drop_expired
 from pulse.history.rollups import RollupSettings, roll_up_once, trim
 from tests.history.readings import readings_at
-from tests.support import provision_device, running_server
+from tests.support import provision_device, running_server, seam
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 S = timedelta(seconds=1)
@@ -361,6 +362,56 @@ async def test_auto_takes_rollups_for_a_range_older_than_retention(
     rows = list(csv.reader(io.StringIO(r.text)))
     assert rows[0] == ["device_id", "metric", "t", "avg", "min", "max", "last", "count"]
     assert sum(int(row[-1]) for row in rows[1:]) == 24
+
+
+async def test_auto_takes_rollups_until_retention_surely_keeps_every_reading(
+    settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """From the history audit: retention drops a day of readings by when they arrived,
+    and a device's clock may be 5 minutes ahead of that. Right after a day was dropped,
+    a range starting just after the horizon took raw points and left out a reading
+    that arrived before it with a device time after it; the rollups hold it."""
+    now = datetime.now(UTC)
+    horizon = datetime.combine(now.date() - timedelta(days=8), time(), UTC)
+    minute = timedelta(minutes=1)
+    await provision_device(pool, "t1", "d1")
+    await create_partitions(seam(pool), horizon.date() - timedelta(days=1), horizon.date())
+    # (device time, received at): the first arrived a minute before midnight, 4 minutes
+    # ahead.
+    arrivals = [(horizon + 3 * minute, horizon - minute), (horizon + 4 * minute, horizon)]
+    await readings_received(pool, "t1", "d1", arrivals)
+    async with pool.acquire() as conn:
+        await roll_up_once(conn)
+    assert await drop_expired(seam(pool), horizon) == [f"telemetry_p{horizon - minute:%Y%m%d}"]
+    # The server's retention horizon is that midnight (and moves on from it with time).
+    hours = (now - horizon) / timedelta(hours=1)
+    span = {"from": iso(horizon + 2 * minute), "to": iso(horizon + 10 * minute)}
+    async with (
+        running_server(dataclasses.replace(settings, retention_hours=hours)) as url,
+        httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {make_token('t1')}"}
+        ) as http,
+    ):
+        r = await http.get(DEVICE.format("d1"), params={**span, "agg": "count"})
+        assert r.status_code == 200, r.text
+        assert r.json()["bucket"] == "1m"
+        assert [p["count"] for p in r.json()["series"]["temp"]] == [1, 1]
+        # 5 minutes after the horizon, every reading is surely kept: raw points.
+        later = {**span, "from": iso(horizon + 6 * minute)}
+        assert (await http.get(DEVICE.format("d1"), params=later)).json()["bucket"] == "raw"
+
+
+async def readings_received(
+    pool: asyncpg.Pool, tenant: str, device: str, arrivals: list[tuple[datetime, datetime]]
+) -> None:
+    """Commit readings with these (device time, time of receipt)."""
+    async with pool.acquire() as conn, conn.transaction():
+        base = await conn.fetchval("SELECT pulse_reserve_event_ids($1, $2)", tenant, len(arrivals))
+        await conn.executemany(
+            """INSERT INTO telemetry (tenant_id, id, device_id, device_time, received_at, metrics)
+               VALUES ($1, $2, $3, $4, $5, '{"temp": 1}')""",
+            [(tenant, base + n, device, t, at) for n, (t, at) in enumerate(arrivals, 1)],
+        )
 
 
 async def test_a_json_answer_holds_at_most_max_answer_points(
