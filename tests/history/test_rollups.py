@@ -13,6 +13,8 @@ import pytest
 
 from pulse.db.database import Database
 from pulse.history import rollups
+from pulse.history.params import AGGREGATES, HistoryQuery
+from pulse.history.reads import series
 from pulse.history.rollups import ROLLUP_LOCK_KEY, Rollups, RollupSettings, roll_up_once
 from tests.history.readings import readings_at
 
@@ -87,13 +89,28 @@ async def test_later_rows_merge_into_counted_minutes(pool: asyncpg.Pool) -> None
 
 
 @pytest.mark.parametrize(
-    "base", [T0, datetime(1902, 1, 1, tzinfo=UTC), datetime(2105, 12, 31, 23, 58, tzinfo=UTC)]
+    "base",
+    [
+        T0,
+        datetime(1902, 1, 1, tzinfo=UTC),
+        datetime(2105, 12, 31, 23, 58, tzinfo=UTC),
+        # Past 2^53 microseconds from 1970, where a float8 of them is not exact: the
+        # history audit found `last` wrong there.
+        datetime(1000, 6, 1, 12, tzinfo=UTC),
+        datetime(1, 1, 3, tzinfo=UTC),
+        datetime(9999, 12, 30, 23, 58, tzinfo=UTC),
+    ],
 )
 async def test_last_is_the_latest_device_time_to_the_microsecond_then_the_latest_id(
-    pool: asyncpg.Pool, base: datetime
+    pool: asyncpg.Pool, db: Database, base: datetime
 ) -> None:
     us = timedelta(microseconds=1)
     t = base + timedelta(seconds=30, microseconds=123_457)
+    query = HistoryQuery(base, base + timedelta(minutes=1), "1m", AGGREGATES, None, 1000, None)
+
+    async def series_lasts() -> list[tuple[str, float]]:
+        return [(row[0], row[7]) for row in (await series(db, "t1", ["d1", "d2"], query)).rows]
+
     await readings_at(
         pool,
         "t1",
@@ -105,6 +122,7 @@ async def test_last_is_the_latest_device_time_to_the_microsecond_then_the_latest
             ("d2", t - us, {"temp": 5.0}),
         ],
     )
+    assert await series_lasts() == [("d1", 1.0), ("d2", 4.0)]  # from the rows
     async with pool.acquire() as conn:
         assert await roll_up_once(conn) == 5
     lasts = await pool.fetch(
@@ -112,6 +130,7 @@ async def test_last_is_the_latest_device_time_to_the_microsecond_then_the_latest
             WHERE width = 1 ORDER BY device_id"""
     )
     assert [tuple(r) for r in lasts] == [("d1", 1.0, t), ("d2", 4.0, t)]
+    assert await series_lasts() == [("d1", 1.0), ("d2", 4.0)]  # from the rollups
 
 
 async def test_a_backlog_is_counted_in_steps_that_commit(
