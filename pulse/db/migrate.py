@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 # Any constant shared by every runner: concurrent `pulse migrate` runs queue here.
 _LOCK_KEY = 0x70756C7365  # "pulse"
-# A migration holds every write while it runs: it locks `tenants` first, as writes do
-# (_lock_as_writers_do). So it waits at most this long for any one lock (in-flight
+# A migration holds every write while it runs: it locks `tenants` first, as most writes
+# do (_lock_as_writers_do). So it waits at most this long for any one lock (in-flight
 # writes end in milliseconds): a lock that another query holds longer (an export may
 # stream for an hour; a transaction left open) makes it roll back at once, so that
 # writes go on, and wait for that query without holding anything (_wait_for_holders).
@@ -74,12 +74,20 @@ async def pending(conn: asyncpg.Connection) -> list[str]:
 
 
 async def _lock_as_writers_do(conn: asyncpg.Connection) -> None:
-    """Take `tenants` before anything else, as every write does (its ids are reserved on
-    the tenant's row before it inserts): a migration that locks `telemetry` and then
-    `tenants` (0007 renames the one, then references the other) would otherwise
-    deadlock with a live write holding `tenants` and waiting for `telemetry`, and one of
-    the two would fail. Writes wait for the migration's transaction instead (and for
-    HOLD_WRITES_S at most while it waits for a lock); reads do not wait for this lock."""
+    """Take `tenants` before anything else, as a write that reserves its ids first does
+    (on the tenant's row, before it inserts): a migration that locks `telemetry` and
+    then `tenants` (0007 renames the one, then references the other) would otherwise
+    deadlock with such a write holding `tenants` and waiting for `telemetry`. Writes
+    wait for the migration's transaction instead (and for HOLD_WRITES_S at most while
+    it waits for a lock); reads do not wait for this lock.
+
+    A write that foresaw its ids (pulse.ingest.ids) inserts before it reserves: it
+    holds `telemetry` and waits for `tenants`, so a migration that then wants
+    `telemetry` exclusively waits for it, in a cycle. Within about a second either
+    PostgreSQL's deadlock check aborts the write (answered 503, nothing stored: the
+    client retries) or the migration's lock_timeout rolls it back to try again; no
+    order of the migration's locks avoids it, since writes take the two tables in
+    both orders."""
     if await conn.fetchval("SELECT to_regclass('tenants') IS NOT NULL"):
         await conn.execute("LOCK TABLE tenants IN SHARE ROW EXCLUSIVE MODE")
 
