@@ -175,10 +175,11 @@ class Settings:
                 "must be positive"
             )
         # Every count, rate, size and duration: none means anything at zero or below (a
-        # zero PULSE_STALE_AFTER_S made every reading a device's last before STALE).
+        # zero PULSE_STALE_AFTER_S made every reading a device's last before STALE),
+        # except those whose 0 is documented to mean something (checked below).
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            number = type(value) in (int, float) and field.name != "port"
+            number = type(value) in (int, float) and field.name not in _ZERO_MEANS_SOMETHING
             if number and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_env_key(field.name)}={value!r} must be positive")
         if not 0 <= self.port <= 65535:
@@ -232,7 +233,7 @@ class Settings:
                 f"PULSE_MQTT_CLIENT_ID={self.mqtt_client_id!r} must not contain '/': "
                 "<tenant_id>/<device_id> is the client id of a device"
             )
-        if self.alert_retention_days < 0:
+        if not (math.isfinite(self.alert_retention_days) and self.alert_retention_days >= 0):
             raise ConfigError(
                 f"PULSE_ALERT_RETENTION_DAYS={self.alert_retention_days:g} must be 0 (closed "
                 "alerts kept for ever) or more"
@@ -245,6 +246,12 @@ class Settings:
             raise ConfigError(
                 f"PULSE_LOG_FORMAT={self.log_format!r} is not one of {', '.join(FORMATS)}"
             )
+
+
+# Numbers the loop in Settings.check does not require to be positive: PORT 0 asks for
+# any free port, PULSE_ALERT_RETENTION_DAYS 0 keeps closed alerts for ever; each is
+# checked on its own there.
+_ZERO_MEANS_SOMETHING = frozenset({"port", "alert_retention_days"})
 
 
 def _bus_server(url: str) -> bool:

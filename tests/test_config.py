@@ -173,3 +173,20 @@ def test_the_database_connect_timeout_is_a_setting() -> None:
 def test_a_database_connect_timeout_that_cannot_work_is_refused(value: str) -> None:
     with pytest.raises(ConfigError, match="PULSE_DB_CONNECT_TIMEOUT_S"):
         Settings.from_env({"PULSE_DB_CONNECT_TIMEOUT_S": value})
+
+
+def test_an_alert_retention_of_zero_keeps_closed_alerts_for_ever() -> None:
+    """Found by an audit: the documented 0 (README) was refused at start by the check
+    that every number be positive."""
+    assert Settings.from_env({"PULSE_ALERT_RETENTION_DAYS": "0"}).alert_retention_days == 0
+    assert Settings.from_env({"PULSE_ALERT_RETENTION_DAYS": "0.5"}).alert_retention_days == 0.5
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_an_alert_retention_below_zero_or_not_finite_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="PULSE_ALERT_RETENTION_DAYS"):
+        Settings.from_env({"PULSE_ALERT_RETENTION_DAYS": value})
+
+
+def test_a_port_of_zero_asks_for_any_free_port() -> None:
+    assert Settings.from_env({"PORT": "0"}).port == 0
