@@ -172,6 +172,7 @@ async def run_migrations(settings: Settings) -> None:
     from pulse.db.database import Database
     from pulse.db.errors import DatabaseUnavailable
     from pulse.db.migrate import MigrationError, migrate
+    from pulse.db.pool import describe
 
     async def apply(dsn: str) -> None:
         try:
@@ -186,7 +187,9 @@ async def run_migrations(settings: Settings) -> None:
             fail(f"pulse migrate: cannot use the database {exc}")
         except MigrationError as exc:
             fail(f"pulse migrate: {exc}")
-        print("applied: " + ", ".join(applied) if applied else "database is up to date")
+        # Which database, never its user or password: the one DATABASE_URL meant?
+        where = describe(dsn)
+        print(f"applied to {where}: {', '.join(applied)}" if applied else f"{where} is up to date")
 
     if settings.database_url:
         await apply(settings.database_url)

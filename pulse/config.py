@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pulse.logs import FORMATS, LEVELS
 
@@ -148,11 +149,14 @@ class Settings:
                 continue
             values[name] = _parse(key, raw, str(field.type))
         settings = cls(**values)  # type: ignore[arg-type]
-        settings.check()
+        settings.check(env)
         return settings
 
-    def check(self) -> None:
-        """Refuse values that cannot work or are unsafe (ConfigError), before anything starts."""
+    def check(self, env: Mapping[str, str] | None = None) -> None:
+        """Refuse values that cannot work or are unsafe (ConfigError), before anything starts.
+
+        ``env``: where the database driver will look for PGHOST, PGDATABASE and
+        PGSERVICE (``os.environ`` unless given)."""
         # Any token it signed lets a short secret be guessed offline, and with it
         # operator-admin tokens forged. `pulse demo` makes a random one of its own.
         if self.jwt_secret is not None and len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
@@ -161,14 +165,10 @@ class Settings:
                 "can be guessed offline from any token it signed. Make one with: "
                 "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
-        # Never echoed: the URL may hold a password.
-        if self.database_url is not None and urlsplit(self.database_url).scheme not in (
-            "postgres",
-            "postgresql",
-        ):
-            raise ConfigError(
-                "DATABASE_URL must be a postgresql://USER:PASSWORD@HOST:PORT/DATABASE URL"
-            )
+        if self.database_url is not None:
+            problem = _database_url_problem(self.database_url, os.environ if env is None else env)
+            if problem:
+                raise ConfigError(problem)
         if self.max_exports < 1 or self.max_exports_per_tenant < 1 or self.export_max_s <= 0:
             raise ConfigError(
                 "PULSE_MAX_EXPORTS, PULSE_MAX_EXPORTS_PER_TENANT and PULSE_EXPORT_MAX_S "
@@ -252,6 +252,69 @@ class Settings:
 # any free port, PULSE_ALERT_RETENTION_DAYS 0 keeps closed alerts for ever; each is
 # checked on its own there.
 _ZERO_MEANS_SOMETHING = frozenset({"port", "alert_retention_days"})
+
+
+_DATABASE_URL_FORM = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+_PERCENT_ENCODE = (
+    "special characters in the user or password must be percent-encoded "
+    "(@ as %40, # as %23, / as %2F, ? as %3F, [ as %5B)"
+)
+_UNCLOSED_BRACKET = f"DATABASE_URL: an IPv6 host must be in brackets, [::1]; {_PERCENT_ENCODE}"
+_PORT = re.compile(r"[0-9]{1,5}")
+_IPV6_HOST = re.compile(r"\[[^\]]+\](?::(.*))?")
+
+
+def _database_url_problem(url: str, env: Mapping[str, str]) -> str | None:
+    """Why asyncpg could not use ``url`` as meant, in words that quote no part of it (it
+    may hold a password); None when it can. Read as asyncpg reads it (netloc split at
+    its first '@', hosts at ',', each host's port after its first ':'), whose own
+    errors here were tracebacks, and which falls back silently to a local socket and a
+    database named after the OS user for what a URL leaves out: ``postgres://$U:$P@$H/$DB``
+    with the variables unset migrated the machine's own database."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # Python's words would name the URL part
+        return _UNCLOSED_BRACKET
+    if parts.scheme not in ("postgres", "postgresql"):
+        return f"DATABASE_URL must be a {_DATABASE_URL_FORM} URL"
+    # What is left of a password with one of these cut short would otherwise be taken
+    # for the host, the port or the database, and said in the error that follows.
+    if "#" in url or url.count("@") > ("@" in parts.netloc):
+        return f"DATABASE_URL has a '#' or an '@' where none can be: {_PERCENT_ENCODE}"
+    try:
+        query = {k: v[-1] for k, v in parse_qs(parts.query, strict_parsing=True).items()}
+    except ValueError:
+        return f"DATABASE_URL: its query (after '?') must be NAME=VALUE pairs; {_PERCENT_ENCODE}"
+    hostspec = parts.netloc.rpartition("@")[2]
+    ports = [p for p in query.get("port", "").split(",") if p]
+    for host in hostspec.split(",") if hostspec else []:
+        if host.startswith("/"):  # a Unix socket's folder
+            continue
+        ipv6 = _IPV6_HOST.fullmatch(host)
+        if host.startswith("[") and not ipv6:
+            return _UNCLOSED_BRACKET
+        name, port = (host, ipv6.group(1) or "") if ipv6 else host.partition(":")[::2]
+        if not name:
+            return f"DATABASE_URL names an empty host: {_DATABASE_URL_FORM}"
+        ports += [unquote(port)] if port else []
+    if any(not (_PORT.fullmatch(port) and 1 <= int(port) <= 65535) for port in ports):
+        return f"DATABASE_URL: a port must be a number from 1 to 65535; {_PERCENT_ENCODE}"
+    if query.get("service") or env.get("PGSERVICE"):
+        return None  # the pg_service.conf section names the rest
+    if not (hostspec or query.get("host") or env.get("PGHOST")):
+        return (
+            f"DATABASE_URL names no host: {_DATABASE_URL_FORM} (a Unix socket's folder: "
+            "postgresql://USER@/DATABASE?host=/run/postgresql)"
+        )
+    # asyncpg takes "/" as the database "" (the server then uses the user's name), and
+    # reads ?dbname= and PGDATABASE only when the URL has no path at all.
+    if parts.path:
+        database = unquote(parts.path[1:])
+    else:
+        database = query.get("dbname") or query.get("database") or env.get("PGDATABASE", "")
+    if not database:
+        return f"DATABASE_URL names no database: {_DATABASE_URL_FORM}"
+    return None
 
 
 def _bus_server(url: str) -> bool:

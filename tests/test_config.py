@@ -111,9 +111,86 @@ def test_a_database_url_that_is_not_postgresql_is_refused_without_echoing_it(url
     )
 
 
-@pytest.mark.parametrize("url", ["postgresql://u:p@h:5432/db", "postgres://h/db"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:p@h:5432/db",
+        "postgres://h/db",
+        "postgres://alice:p%40ss%23w0rd@h/db",
+        "postgresql://alice@[::1]:5432/db",
+        "postgresql://h1:5432,h2:5433/db?sslmode=require",
+        # A Unix socket's folder as the host.
+        "postgresql:///db?host=/var/run/postgresql",
+        "postgresql://alice@/db?host=/run/postgresql&port=5433",
+        "postgresql://h?dbname=db",
+        "postgresql://?service=pulse",
+    ],
+)
 def test_a_postgresql_url_is_taken(url: str) -> None:
     assert Settings.from_env({"DATABASE_URL": url}).database_url == url
+
+
+# With the variables of postgres://$U:$P@$H/$DB unset, asyncpg fell back to a local
+# socket and a database named after the OS user: `pulse migrate` migrated `root`.
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("postgres://", "names no host"),
+        ("postgres://:@/", "names no host"),
+        ("postgresql:///db", "names no host"),
+        ("postgres://alice:s3cr3t@:5432/db", "names an empty host"),
+        ("postgres://alice:s3cr3t@h/", "names no database"),
+        ("postgres://alice:s3cr3t@h", "names no database"),
+        # asyncpg takes "/" as the database "" before it looks at ?dbname=.
+        ("postgres://alice:s3cr3t@h/?dbname=db", "names no database"),
+    ],
+)
+def test_a_database_url_without_host_or_database_is_refused(url: str, says: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"DATABASE_URL": url})
+    assert str(refused.value).startswith(f"DATABASE_URL {says}")
+    assert "alice" not in str(refused.value) and "s3cr3t" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "env"),
+    [
+        ("postgresql:///db", {"PGHOST": "/run/postgresql"}),
+        ("postgresql://h", {"PGDATABASE": "db"}),
+        ("postgres://", {"PGSERVICE": "pulse"}),
+    ],
+)
+def test_libpq_s_variables_may_name_the_host_or_the_database(url: str, env: dict[str, str]) -> None:
+    assert Settings.from_env({"DATABASE_URL": url, **env}).database_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        # Each was a traceback (asyncpg's ValueError, or hypercorn's "Port out of range"
+        # read as if PORT were wrong).
+        ("postgres://alice:s3cr3t@127.0.0.1:port/db", "a port must be a number"),
+        ("postgres://alice:s3cr3t@127.0.0.1:99999/db", "a port must be a number"),
+        ("postgres://alice:s3cr3t@127.0.0.1:0/db", "a port must be a number"),
+        ("postgres://alice:s3cr3t@h/db?port=x", "a port must be a number"),
+        ("postgres://alice:s3cr3t@[::1/db", "an IPv6 host must be in brackets"),
+        ("postgres://alice:s3cr3t@h/db?sslmode", "its query"),
+        # A password's special characters not percent-encoded: what followed them was
+        # taken for the host and said in the error ("cannot use the database ss/").
+        ("postgres://alice:s3cr3t@pw#XYZ@127.0.0.1/db", "has a '#' or an '@'"),
+        ("postgres://alice:s3cr3t@pw@127.0.0.1/db", "has a '#' or an '@'"),
+        ("postgres://alice:12/XYZ@127.0.0.1/db", "has a '#' or an '@'"),
+        ("postgres://alice:s3cr3t?XYZ@127.0.0.1/db", "has a '#' or an '@'"),
+        ("postgres://alice:s3cr3t[XYZ@127.0.0.1/db", "an IPv6 host must be in brackets"),
+    ],
+)
+def test_a_malformed_database_url_is_one_line_quoting_none_of_it(url: str, says: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"DATABASE_URL": url})
+    message = str(refused.value)
+    assert message.startswith("DATABASE_URL") and says in message
+    assert "\n" not in message
+    assert not any(part in message for part in ("alice", "s3cr3t", "XYZ", "pw", "127.0"))
 
 
 @pytest.mark.parametrize(

@@ -103,6 +103,43 @@ async def test_a_serve_option_that_cannot_work_is_refused_not_ignored(
     assert f"argument {option}: {value} is not" in the_one_line(lines)
 
 
+@pytest.mark.parametrize(
+    ("args", "url", "says"),
+    [
+        # postgres://$U:$P@$H/$DB with the variables unset: asyncpg filled in a local
+        # socket and the OS user's database, and migrate migrated that one.
+        (("migrate",), "postgres://", "DATABASE_URL names no database"),
+        (("migrate",), "postgres://alice:s3cr3t@127.0.0.1:port/db", "a port must be"),
+        # A 78-line traceback ending in "Port out of range", as if PORT were wrong.
+        (("serve",), "postgres://alice:s3cr3t@127.0.0.1:99999/db", "a port must"),
+        (("migrate",), "postgres://alice:s3cr3t@[::1/db", "an IPv6 host must be in brackets"),
+        # The password p@ss#w0rd was "cannot use the database ss/: [Errno -2] Name or ..."
+        (("migrate",), "postgres://alice:p@Zq#W0rd@127.0.0.1/db", "has a '#' or an '@'"),
+    ],
+)
+async def test_a_database_url_that_cannot_be_used_as_written_is_one_line_quoting_none_of_it(
+    args: tuple[str, ...], url: str, says: str
+) -> None:
+    # Where libpq's variables would send a URL without host or database: a port nothing
+    # listens on, so that a check that let the URL through could change no database.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        env = {
+            "DATABASE_URL": url,
+            "PULSE_JWT_SECRET": TEST_SECRET,
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(closed.getsockname()[1]),
+            "PGDATABASE": "",
+            "PGSERVICE": "",
+        }
+        port = ("--port", str(free_port())) if args == ("serve",) else ()
+        code, lines = await pulse(*args, *port, env=env)
+    assert code != 0 and len(lines) == 1, lines
+    line = the_one_line(lines)
+    assert line.startswith("pulse: DATABASE_URL") and says in line, line
+    assert not any(part in line for part in ("alice", "s3cr3t", "Zq", "W0rd", "127.0")), line
+
+
 async def test_a_port_in_use(database_url: str) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]

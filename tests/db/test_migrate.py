@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from pulse.db.migrate import Migration, MigrationError, discover, migrate
-from pulse.db.pool import connect
+from pulse.db.pool import connect, describe
 from tests.support import dsn_for, insert_readings
 
 
@@ -67,7 +67,10 @@ async def test_concurrent_cli_runs_apply_once(empty_db: str) -> None:
     results = await asyncio.gather(run(), run(), run())
     assert all(code == 0 for code, _ in results), results
     outputs = [out.decode() for _, out in results]
-    assert sum("applied: " in out for out in outputs) == 1, outputs
+    # Each says which database: the one DATABASE_URL meant?
+    where = describe(empty_db)
+    assert sum(f"applied to {where}: 0001_" in out for out in outputs) == 1, outputs
+    assert sum(f"{where} is up to date" in out.splitlines() for out in outputs) == 2, outputs
     conn = await connect(empty_db)
     try:
         rows = await conn.fetch("SELECT version FROM pulse_migrations ORDER BY version")
@@ -172,7 +175,7 @@ async def test_writes_go_on_while_a_migration_waits_for_another_tables_lock(
         out = await asyncio.wait_for(proc.stdout.read(), 30)
         await asyncio.wait_for(asyncio.gather(reading_log, proc.wait()), 30)
         assert proc.returncode == 0, said
-        assert "applied: 0019_closed_alerts_index.sql" in out.decode()
+        assert "applied to " in out.decode() and ": 0019_closed_alerts_index.sql" in out.decode()
         # Applied within moments of the transaction's end, not at a next try seconds later
         # (the process's start and exit included).
         assert time.monotonic() - ended < 5.0, said
