@@ -44,6 +44,10 @@ def _free_or_none(remembered: Path) -> int | None:
     try:
         port = int(remembered.read_text())
         with socket.socket() as probe:
+            # As mosquitto binds: the last broker's connections, closed by it, wait in
+            # TIME-WAIT for a minute after it stopped, and only a bind without
+            # SO_REUSEADDR fails on them (a new port at every ordinary restart).
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", port))
     except (OSError, ValueError, OverflowError):
         return None

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -125,15 +126,20 @@ async def test_a_broker_started_again_in_its_folder_keeps_its_port_while_free(
     first = Mosquitto(tmp_path / "mosquitto")
     await first.start()
     port = first.port
+    # A client connected as it stops: the broker closes the connection, which then
+    # waits in TIME-WAIT on that port (the port had moved at every ordinary restart).
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     await first.stop()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
     again = Mosquitto(tmp_path / "mosquitto")
     await again.start()
     try:
         assert again.port == port
     finally:
         await again.stop()
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", port))
+    # Another program listening there (the connection above is still in TIME-WAIT).
+    with socket.create_server(("127.0.0.1", port)):
         elsewhere = Mosquitto(tmp_path / "mosquitto")
         await elsewhere.start()
         try:
@@ -142,6 +148,37 @@ async def test_a_broker_started_again_in_its_folder_keeps_its_port_while_free(
             writer.close()
         finally:
             await elsewhere.stop()
+
+
+def test_a_port_whose_connections_wait_in_time_wait_is_free_again(tmp_path: Path) -> None:
+    """From the first-ten-minutes audit: the broker closes its clients' connections when
+    it stops, and they wait in TIME-WAIT for a minute; the probe of the last port, bound
+    without SO_REUSEADDR (which mosquitto binds with), failed on them, so an ordinary
+    restart of the demo moved its broker to a new port."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # SO_REUSEADDR, as mosquitto
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the server's side closes first: its side waits in TIME-WAIT
+            assert client.recv(1) == b""
+    assert _time_wait_on(port), f"no connection in TIME-WAIT on port {port}"
+    remembered = tmp_path / "port"
+    remembered.write_text(f"{port}\n")
+    assert broker._free_or_none(remembered) == port
+    with socket.create_server(("127.0.0.1", port)):  # but a port listened on is taken
+        assert broker._free_or_none(remembered) is None
+
+
+def _time_wait_on(port: int, within_s: float = 10.0) -> bool:
+    """Whether a TCP connection of 127.0.0.1:port is in TIME-WAIT, once it is (Linux)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if local == f"0100007F:{port:04X}" and state == "06":  # TCP_TIME_WAIT
+                return True
+        time.sleep(0.01)  # a kernel state, with nothing to await
+    return False
 
 
 async def test_ctrl_c_stops_the_demo_and_its_broker_without_a_warning(
