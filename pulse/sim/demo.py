@@ -317,8 +317,15 @@ def _only_demo_in(data_dir: Path) -> Iterator[None]:
     """One demo per data folder: a second would share its database and run a second
     simulator for the same devices. An advisory lock the system drops with the
     process, however it ends."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / "demo.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / "demo.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        # One line naming the setting, as `pulse serve` says it (a file there, /proc).
+        raise DemoError(
+            f"cannot keep its data in PULSE_DATA_DIR={data_dir.parent}: "
+            f"{exc.strerror or exc} ({exc.filename or data_dir})"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -41,6 +41,29 @@ async def test_a_taken_port_is_reported_before_anything_starts(settings: Setting
             await run_demo(settings, port=port, out=io.StringIO(), stop=asyncio.Event())
 
 
+@pytest.mark.parametrize("where", ["a-file", "a-file/below", "/proc/no-such-folder"])
+async def test_a_data_folder_that_cannot_be_used_is_one_line_naming_it(
+    tmp_path: Path, where: str
+) -> None:
+    """From the first-ten-minutes audit: a file (or /proc) as PULSE_DATA_DIR was a
+    NotADirectoryError traceback in `pulse demo`; `pulse serve` said it in one line."""
+    (tmp_path / "a-file").write_text("not a folder")
+    data_dir = tmp_path / where
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "DATABASE"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "pulse", "demo", "--port", str(free_port())),
+        env=env | {"PULSE_DATA_DIR": str(data_dir)},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    lines = stderr.decode().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"pulse demo: cannot keep its data in PULSE_DATA_DIR={data_dir}: ")
+    assert lines[0].endswith(")") and f" ({data_dir}" in lines[0], lines  # what failed
+
+
 async def test_demo_serves_a_provisioned_fleet_and_prints_working_examples(
     settings: Settings,
 ) -> None:
