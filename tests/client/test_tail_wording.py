@@ -1,4 +1,5 @@
-"""`pulse tail` says the same over SSE and the WebSocket.
+"""`pulse tail` says the same over SSE and the WebSocket: the same status and code, and for
+a refusal a sentence (the server's own over SSE, the contract's over the WebSocket).
 
 From the user-experience audit: an expired token ended SSE with `401 token_expired: The
 token has expired; a stream needs one that has not.` and the WebSocket with only `401
@@ -41,6 +42,36 @@ async def test_an_expired_token_is_said_the_same_way_over_both_transports(
             said.append(tail.stderr)
     expected = "pulse tail: 401 token_expired: The token has expired (or did while connected).\n"
     assert said == [expected, expected]
+
+
+@pytest.mark.parametrize(
+    ("lifetime_s", "token", "code", "over_sse"),
+    [
+        (-3600, None, "token_expired", "The token has expired."),
+        (None, "not-a-jwt", "invalid_token", "The token is not a well-formed JWT."),
+    ],
+)
+async def test_a_refused_token_has_the_same_status_and_code_over_both_transports(
+    server: str,
+    make_token: Callable[..., str],
+    lifetime_s: int | None,
+    token: str | None,
+    code: str,
+    over_sse: str,
+) -> None:
+    """As docs/client.md says (the first-ten-minutes audit found it promising the same
+    line): over SSE the server's own sentence, which may say more; over the WebSocket,
+    whose close carries only the code, the contract's sentence for it."""
+    token = token or make_token("t1", lifetime_s=lifetime_s)
+    said = []
+    for transport in TRANSPORTS:
+        async with pulse_tail("--url", server, "--token", token, "--transport", transport) as tail:
+            assert await tail.exit_status(within=30) == 1
+            said.append(tail.stderr)
+    assert said == [
+        f"pulse tail: 401 {code}: {over_sse}\n",
+        f"pulse tail: 401 {code}: {CLOSE_SENTENCES[code]}\n",
+    ]
 
 
 async def test_a_reset_is_the_same_line_over_both_transports(
