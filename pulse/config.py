@@ -238,11 +238,12 @@ class Settings:
                 f"PULSE_ALERT_RETENTION_DAYS={self.alert_retention_days:g} must be 0 (closed "
                 "alerts kept for ever) or more"
             )
-        if self.log_level.upper() not in LEVELS:
+        # Either case: `pulse`'s own last line (cli.fail) is JSON for PULSE_LOG_FORMAT=JSON.
+        if self.log_level.strip().upper() not in LEVELS:
             raise ConfigError(
                 f"PULSE_LOG_LEVEL={self.log_level!r} is not one of {', '.join(LEVELS)}"
             )
-        if self.log_format not in FORMATS:
+        if self.log_format.strip().lower() not in FORMATS:
             raise ConfigError(
                 f"PULSE_LOG_FORMAT={self.log_format!r} is not one of {', '.join(FORMATS)}"
             )

@@ -59,7 +59,8 @@ def configure_logging(
 ) -> None:
     """Install the one handler and the levels; calling it again replaces them. JSON
     lines always name their process; text lines do ``with_pid``."""
-    level = level.upper()
+    # Either case, as Settings.check takes them (and cli.fail reads PULSE_LOG_FORMAT).
+    level, log_format = level.strip().upper(), log_format.strip().lower()
     if level not in LEVELS:
         raise ValueError(f"unknown log level {level!r}; one of {', '.join(LEVELS)}")
     if log_format not in FORMATS:

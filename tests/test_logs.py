@@ -80,6 +80,17 @@ def test_unknown_level_or_format_is_a_config_error(variable: str, value: str) ->
         Settings.from_env({variable: value})
 
 
+@pytest.mark.parametrize(("level", "log_format"), [("info", "JSON"), (" Warning ", " Json ")])
+def test_the_level_and_the_format_are_taken_in_either_case(level: str, log_format: str) -> None:
+    """From the first-ten-minutes audit: PULSE_LOG_FORMAT=JSON made `pulse`'s own last line
+    JSON (cli.fail lower-cases it) saying `'JSON' is not one of text, json`."""
+    settings = Settings.from_env({"PULSE_LOG_LEVEL": level, "PULSE_LOG_FORMAT": log_format})
+    out = io.StringIO()
+    configure_logging(settings.log_level, settings.log_format, stream=out)
+    logging.getLogger("pulse.test").warning("in JSON")
+    assert json.loads(out.getvalue())["message"] == "in JSON"
+
+
 async def test_running_on_is_one_line_at_info_and_silent_at_warning(
     database_url: str, tmp_path: Path
 ) -> None:
