@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded PostgreSQL.",
     )
 
-    token = sub.add_parser("token", help="mint a development JWT with PULSE_JWT_SECRET")
+    token = sub.add_parser(
+        "token",
+        help="mint a development JWT with PULSE_JWT_SECRET",
+        description="Print a JWT signed with PULSE_JWT_SECRET (HS256), which a server with "
+        "the same secret accepts: for PULSE_TOKEN, `pulse tail`, curl.",
+    )
     token.add_argument(
         "--tenant", type=tenant_name, default=None, help="required but for operator roles"
     )
@@ -59,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--lifetime", type=token_lifetime, default=3600.0, help="seconds; default: 3600"
     )
-    token.add_argument("--subject", default="dev-user")
+    token.add_argument("--subject", default="dev-user", help="its sub claim; default: dev-user")
 
     from pulse.client.export import add_export_command
     from pulse.client.tail import add_tail_command
@@ -127,12 +132,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         asyncio.run(run_migrations(settings))
     elif args.command == "token":
         if not settings.jwt_secret:
-            sys.exit("PULSE_JWT_SECRET is not set")
+            sys.exit(
+                "pulse token: PULSE_JWT_SECRET is not set (the secret the server verifies "
+                "its tokens with)"
+            )
         from pulse.auth.dev_tokens import mint_token
 
         roles = args.roles or ["customer"]
         if args.tenant is None and not OPERATOR_ROLES.intersection(roles):
-            sys.exit("give --tenant: only operators have no tenant of their own")
+            sys.exit("pulse token: give --tenant: only operators have no tenant of their own")
         token = mint_token(
             settings.jwt_secret,
             tenant_id=args.tenant,

@@ -43,6 +43,22 @@ def test_mistakes_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert "invalid choice: 'admin'" in capsys.readouterr().err
 
 
+def test_its_help_says_what_it_does_and_its_mistakes_name_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From the first-ten-minutes audit: `pulse token --help` had no description, and
+    `PULSE_JWT_SECRET is not set` alone did not say which command stopped."""
+    with pytest.raises(SystemExit):
+        main(["token", "--help"])
+    usage = capsys.readouterr().out
+    assert "Print a JWT signed with PULSE_JWT_SECRET" in usage
+    with pytest.raises(SystemExit, match=r"^pulse token: give --tenant"):
+        main(["token"])
+    monkeypatch.delenv("PULSE_JWT_SECRET")
+    with pytest.raises(SystemExit, match=r"^pulse token: PULSE_JWT_SECRET is not set"):
+        main(["token", "--tenant", "acme"])
+
+
 def test_a_short_secret_is_refused_before_anything_runs(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
