@@ -271,22 +271,27 @@ def _database_url_problem(url: str, env: Mapping[str, str]) -> str | None:
     its first '@', hosts at ',', each host's port after its first ':'), whose own
     errors here were tracebacks, and which falls back silently to a local socket and a
     database named after the OS user for what a URL leaves out: ``postgres://$U:$P@$H/$DB``
-    with the variables unset migrated the machine's own database."""
+    with the variables unset migrated the machine's own database. What libpq users
+    write on purpose stays accepted: ``postgresql:///db`` (the local socket), no
+    database (the user's name), an '@' in a query value (``application_name=a@b``, the
+    embedded server's socket folder under a path with one)."""
     try:
         parts = urlsplit(url)
     except ValueError:  # Python's words would name the URL part
         return _UNCLOSED_BRACKET
     if parts.scheme not in ("postgres", "postgresql"):
         return f"DATABASE_URL must be a {_DATABASE_URL_FORM} URL"
-    # What is left of a password with one of these cut short would otherwise be taken
-    # for the host, the port or the database, and said in the error that follows.
-    if "#" in url or url.count("@") > ("@" in parts.netloc):
+    # A password with one of these not percent-encoded is cut short, and what is left
+    # of it would be taken for the host, the port or the database, and said in the
+    # error that follows: a second '@' before the path, an '@' in the path, or a '#'
+    # (the rest a fragment, which asyncpg ignores) with an '@' or a '/' after it.
+    if parts.netloc.count("@") > 1 or "@" in parts.path or any(c in parts.fragment for c in "@/"):
         return f"DATABASE_URL has a '#' or an '@' where none can be: {_PERCENT_ENCODE}"
     try:
         query = {k: v[-1] for k, v in parse_qs(parts.query, strict_parsing=True).items()}
     except ValueError:
         return f"DATABASE_URL: its query (after '?') must be NAME=VALUE pairs; {_PERCENT_ENCODE}"
-    hostspec = parts.netloc.rpartition("@")[2]
+    userinfo, at, hostspec = parts.netloc.rpartition("@")
     ports = [p for p in query.get("port", "").split(",") if p]
     for host in hostspec.split(",") if hostspec else []:
         if host.startswith("/"):  # a Unix socket's folder
@@ -302,18 +307,25 @@ def _database_url_problem(url: str, env: Mapping[str, str]) -> str | None:
         return f"DATABASE_URL: a port must be a number from 1 to 65535; {_PERCENT_ENCODE}"
     if query.get("service") or env.get("PGSERVICE"):
         return None  # the pg_service.conf section names the rest
-    if not (hostspec or query.get("host") or env.get("PGHOST")):
+    # No host is libpq's local socket (postgresql:///db); but a password and no host is
+    # a TCP URL whose host variable was empty (postgres://$U:$P@$H/$DB).
+    if not (hostspec or query.get("host") or env.get("PGHOST")) and ":" in userinfo:
         return (
             f"DATABASE_URL names no host: {_DATABASE_URL_FORM} (a Unix socket's folder: "
             "postgresql://USER@/DATABASE?host=/run/postgresql)"
         )
-    # asyncpg takes "/" as the database "" (the server then uses the user's name), and
-    # reads ?dbname= and PGDATABASE only when the URL has no path at all.
+    # asyncpg takes "/" as the database "" and reads ?dbname= and PGDATABASE only when
+    # the URL has no path at all; without a database the server takes the user's name,
+    # and without a user asyncpg takes the OS user's.
+    named = query.get("dbname") or query.get("database")
     if parts.path:
+        if parts.path == "/" and named:
+            return f"DATABASE_URL names no database (a '/' with ?dbname=): {_DATABASE_URL_FORM}"
         database = unquote(parts.path[1:])
     else:
-        database = query.get("dbname") or query.get("database") or env.get("PGDATABASE", "")
-    if not database:
+        database = named or env.get("PGDATABASE", "")
+    user = unquote(userinfo.partition(":")[0]) if at else ""
+    if not (database or user or query.get("user") or env.get("PGUSER")):
         return f"DATABASE_URL names no database: {_DATABASE_URL_FORM}"
     return None
 

@@ -99,14 +99,31 @@ class ConnectTimeout(TimeoutError):
 
 def describe(dsn: str) -> str:
     """host:port/database of a connection URL, never its user or password: an IPv6
-    host in brackets, a Unix socket's folder (``?host=/run/postgresql``) as the host."""
-    parts = urlsplit(dsn)
-    query = parse_qs(parts.query)
-    host = unquote(parts.hostname or "") or query.get("host", ["localhost"])[0]
-    if ":" in host:
-        host = f"[{host}]"
-    port = parts.port or query.get("port", [""])[0]
-    return f"{host}{f':{port}' if port else ''}{parts.path or '/'}"
+    host in brackets, a Unix socket's folder (``?host=/run/postgresql``) as the host,
+    several hosts (``h1:5432,h2``) as written. Read as asyncpg reads it; never raises
+    (it names the database in errors, and after `pulse migrate` has applied)."""
+    try:
+        parts = urlsplit(dsn)
+        query = parse_qs(parts.query)
+    except ValueError:
+        return "the database"
+    hostspec = parts.netloc.rpartition("@")[2]
+    hosts = []
+    for spec in hostspec.split(",") if hostspec else []:
+        if spec.startswith("["):
+            name, _, rest = spec[1:].partition("]")
+            name, port = f"[{name}]", rest[1:] if rest.startswith(":") else ""
+        else:
+            name, _, port = spec.partition(":")
+            name = unquote(name)
+            if ":" in name:
+                name = f"[{name}]"
+        hosts.append(name + (f":{port}" if port else ""))
+    if not hosts:
+        name = query.get("host", ["localhost"])[0]
+        port = query.get("port", [""])[0]
+        hosts.append(name + (f":{port}" if port else ""))
+    return f"{','.join(hosts)}{parts.path or '/'}"
 
 
 async def _connected(dsn: str, timeout: float, connect: Any, *args: Any, **kwargs: Any) -> Any:
