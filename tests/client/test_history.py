@@ -70,8 +70,9 @@ async def test_iter_readings_without_start_keeps_its_first_window(
     those that left the default window meanwhile too."""
     await provision_device(pool, "t1", "d3")
     edge = datetime.now(UTC) - timedelta(hours=1)
-    # The first inside the default window for 3 s; the next two leave it within 4 s.
-    times = [edge + 3 * S, edge + 3.5 * S, edge + 4 * S, edge + 60 * S]
+    # The first inside the default window for 8 s (the first page must come before it
+    # leaves, on a busy machine too); the next two leave it within 9 s.
+    times = [edge + 8 * S, edge + 8.5 * S, edge + 9 * S, edge + 60 * S]
     ids = await readings_at(pool, "t1", [("d3", t, {"n": float(n)}) for n, t in enumerate(times)])
     got = []
     async with PulseClient(server, make_token("t1")) as client:
@@ -86,7 +87,7 @@ async def default_window_starts_at(client: PulseClient, device_id: str, first_id
     """Wait until the server's default window (no from) starts at the reading ``first_id``."""
     url = f"/api/v1/customer/devices/{device_id}/telemetry"
     headers = {"Authorization": f"Bearer {await client.credentials.current()}"}
-    deadline = asyncio.get_running_loop().time() + 20
+    deadline = asyncio.get_running_loop().time() + 30
     while True:
         page = await client.http.get(url, params={"bucket": "raw", "limit": "1"}, headers=headers)
         if [r["id"] for r in page.json()["readings"]] == [first_id]:

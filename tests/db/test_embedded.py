@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -78,16 +77,16 @@ def test_a_user_killed_outright_does_not_keep_the_server_running(tmp_path: Path)
 # Run by two processes at once: makes the embedded server's system user as
 # pulse.db.embedded does, under another name, and prints the uid it was given.
 _MAKE_USER = """
-import sys, time, warnings
+import sys, warnings
 warnings.simplefilter("ignore")
 import pgserver.utils
 from pulse.db import embedded
-name, start = sys.argv[1], float(sys.argv[2])
+name = sys.argv[1]
 made = pgserver.utils.ensure_user_exists
 given = []
 pgserver.utils.ensure_user_exists = lambda _pgserver: given.append(made(name)) or given[-1]
-while time.time() < start:
-    pass
+print("ready", flush=True)
+sys.stdin.readline()  # both started: go together
 embedded._system_user_made_once()
 print(given[-1].pw_uid)
 """
@@ -104,16 +103,22 @@ def test_two_processes_starting_at_once_as_root_agree_on_the_system_user() -> No
     five of five lost the race here)."""
     for round_ in range(3):
         name = f"pulsetest{os.getpid() % 10000}r{round_}"
-        start = f"{time.time() + 1.5:.3f}"
         try:
             runs = [
                 subprocess.Popen(
-                    [sys.executable, "-c", _MAKE_USER, name, start],
+                    [sys.executable, "-c", _MAKE_USER, name],
+                    stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
                 )
                 for _ in range(2)
             ]
+            for run in runs:  # imported and waiting, however slowly each started
+                assert run.stdout is not None and run.stdout.readline() == "ready\n"
+            for run in runs:
+                assert run.stdin is not None
+                run.stdin.write("go\n")
+                run.stdin.flush()
             uids = {int(run.communicate(timeout=60)[0]) for run in runs}
             final = int(subprocess.check_output(["id", "-u", name], text=True))
             assert uids == {final}, f"round {round_}: processes saw {uids}, the user is {final}"
