@@ -10,13 +10,15 @@
 -- array): asyncpg encodes two text arrays element by element, at about twice
 -- the client CPU of the whole check otherwise; and a row answers with the
 -- device's index, not its ids. "fresh": ONLINE and marked seen less than $2
--- seconds ago, so the write need not mark it again (touch_devices leaves such
--- a device alone anyway; this spares the write sending it there). Each device
+-- seconds before this statement began (not the transaction: the writer times the
+-- judgement from when it sent this), so the write need not mark it again if it
+-- gets to marking soon enough (touch_devices leaves such a device alone anyway;
+-- this spares the write sending it there). Each device
 -- is looked up by the primary key: the OFFSET 0 keeps the planner from joining
 -- the whole devices table instead (it guesses 100 tenants of 10 devices, and
 -- chose a sequential scan of 200,000 devices, ten times the CPU).
 SELECT t.o + w.n - 1 AS i, d.token_hash,
-       d.status = 'ONLINE' AND d.last_seen_at > now() - make_interval(secs => $2) AS fresh
+       d.status = 'ONLINE' AND d.last_seen_at > statement_timestamp() - make_interval(secs => $2) AS fresh
   FROM jsonb_to_recordset($1::jsonb) AS t(t text, o int, d text[])
  CROSS JOIN LATERAL unnest(t.d) WITH ORDINALITY AS w(device_id, n)
  CROSS JOIN LATERAL (

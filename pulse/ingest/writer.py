@@ -7,6 +7,8 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import logging
+import math
 from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -23,6 +25,8 @@ from pulse.ingest.model import Accepted, Device, Outcome, Rejected, Submission
 from pulse.ingest.validation import Reading
 from pulse.names import is_valid_name
 
+log = logging.getLogger(__name__)
+
 Q = load_queries(__package__)
 
 S = TypeVar("S", bound="Sliceable")
@@ -34,6 +38,10 @@ CHECK_AHEAD_FROM = 32
 # How far a device's last_seen_at may lag its latest message: a write marks a
 # device seen only when it is not ONLINE or was last marked longer ago than this.
 # It keeps a fleet's readings from rewriting their devices' rows with every batch.
+# A device found fresh (ONLINE and marked within this) when its write was checked is
+# left unmarked only if the write gets to marking within this of the check, too: one
+# that waited longer (for its tenants' rows, or a slow database) may have been moved
+# to STALE by the sweeper meanwhile, and is handed to touch_devices to be judged anew.
 SEEN_PRECISION_S = 1.0
 # Transactions of one set of tenants in flight at once (_commit_waiting).
 IN_FLIGHT = 2
@@ -52,11 +60,11 @@ Admit = Callable[[Mapping[Device, int]], Mapping[Device, tuple[int, Rejected]]]
 @dataclasses.dataclass(slots=True, eq=False)
 class _Queued:
     """A write waiting for its tenants' next group (``TelemetryWriter._write_grouped``):
-    ``fresh``, its devices found fresh if it was checked already (``_check``), None if
-    not; ``expiry``, the timer that answers it unavailable if no group took it in time."""
+    ``checked``, its checks if it was checked already (``_check``), None if not;
+    ``expiry``, the timer that answers it unavailable if no group took it in time."""
 
     submissions: Sequence[Submission]
-    fresh: frozenset[Device] | None
+    checked: Checked | None
     future: asyncio.Future[list[Outcome]]
     deadline: float  # the loop's time by which its transaction must have a connection
     expiry: asyncio.TimerHandle | None = None
@@ -66,14 +74,17 @@ class _Queued:
 class Checked:
     """The token and rate checks of some submissions: one verdict each (None
     admits), and the devices that were ONLINE and marked seen within the precision
-    when checked, which the write need not mark again (``touch_devices``)."""
+    when checked, which the write need not mark again (``touch_devices``) if it
+    marks its devices within the precision of ``judged_at`` (the event loop's time,
+    taken before the check was sent)."""
 
     verdicts: list[Outcome | None]
     fresh: frozenset[Device]
+    judged_at: float
 
     def __getitem__(self, part: slice) -> Checked:
         """The checks of the submissions in ``part``; ``fresh`` is kept whole."""
-        return Checked(self.verdicts[part], self.fresh)
+        return Checked(self.verdicts[part], self.fresh, self.judged_at)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -185,15 +196,13 @@ class TelemetryWriter:
             return await self._write_grouped(tenants, submissions, None, deadline)
         checked = await self._check(submissions, deadline)
         if not any(checked.verdicts):  # every one admitted: the common case
-            return await self._write_grouped(tenants, submissions, checked.fresh, deadline)
+            return await self._write_grouped(tenants, submissions, checked, deadline)
         admitted = [
             s for s, outcome in zip(submissions, checked.verdicts, strict=True) if outcome is None
         ]
         tenants = frozenset(s.tenant_id for s in admitted if s.reading is not None)
         written = iter(
-            await self._write_grouped(tenants, admitted, checked.fresh, deadline)
-            if admitted
-            else []
+            await self._write_grouped(tenants, admitted, checked, deadline) if admitted else []
         )
         outcomes = [next(written) if outcome is None else outcome for outcome in checked.verdicts]
         if _limited_broker_seqs(submissions, outcomes):  # rare: a look of its own
@@ -287,7 +296,7 @@ class TelemetryWriter:
         self,
         tenants: frozenset[str],
         submissions: Sequence[Submission],
-        fresh: frozenset[Device] | None,
+        checked: Checked | None,
         deadline: float,
     ) -> list[Outcome]:
         """Group commit: the writes for the same tenants that arrive while a transaction
@@ -298,8 +307,8 @@ class TelemetryWriter:
         (``_commit_waiting``) takes the waiting writes a group at a time; a write
         only queues and waits for its answer, given once the group's transaction
         has committed. Writes whose tenants differ but overlap are not merged;
-        the gates still order their committers. ``fresh``: the write was checked
-        (``_check``) and found these devices fresh; None: not checked yet. A write
+        the gates still order their committers. ``checked``: the write's checks
+        (``_check``); None: not checked yet. A write
         still queued at ``deadline`` (the loop's time) is refused unwritten
         (``_expire``), and so is its group if no connection comes by then.
         """
@@ -307,7 +316,7 @@ class TelemetryWriter:
         future: asyncio.Future[list[Outcome]] = loop.create_future()
         # A caller that went away leaves its future unread: that is not an error.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        queued = _Queued(submissions, fresh, future, deadline)
+        queued = _Queued(submissions, checked, future, deadline)
         queued.expiry = loop.call_at(deadline, self._expire, tenants, queued)
         waiting = self._waiting.get(tenants)
         if waiting is not None:  # a committer is at work: its next group takes this write
@@ -363,17 +372,25 @@ class TelemetryWriter:
                     everything: list[Submission] = []
                     prechecked: list[bool] = []
                     fresh: set[Device] = set()
+                    judged_at = math.inf  # the oldest check's: their fresh are judged as one
                     for queued in group:
                         if queued.expiry is not None:
                             queued.expiry.cancel()
                         everything += queued.submissions
-                        prechecked += [queued.fresh is not None] * len(queued.submissions)
-                        fresh.update(queued.fresh or ())
+                        prechecked += [queued.checked is not None] * len(queued.submissions)
+                        if queued.checked is not None:
+                            fresh.update(queued.checked.fresh)
+                            judged_at = min(judged_at, queued.checked.judged_at)
                     inserted = asyncio.Event()
                     begin_by = min(queued.deadline for queued in group)
                     commit = asyncio.get_running_loop().create_task(
                         self._commit(
-                            everything, prechecked, fresh, inserted=inserted, begin_by=begin_by
+                            everything,
+                            prechecked,
+                            fresh,
+                            judged_at=judged_at,
+                            inserted=inserted,
+                            begin_by=begin_by,
                         )
                     )
                     callers = [(queued.submissions, queued.future) for queued in group]
@@ -418,11 +435,13 @@ class TelemetryWriter:
         prechecked: Sequence[bool] = (),
         fresh: Set[Device] = frozenset(),
         *,
+        judged_at: float = math.inf,
         inserted: asyncio.Event | None = None,
         begin_by: float | None = None,
     ) -> list[Outcome]:
         """One transaction. ``prechecked[i]``: submission i passed its checks already,
-        which found the devices ``fresh`` fresh. ``begin_by`` (the loop's time): the
+        which found the devices ``fresh`` fresh at ``judged_at`` (the loop's time).
+        ``begin_by`` (the loop's time): the
         transaction is given up unbegun, nothing written, if no pooled connection
         comes by then (every one held by statements a stuck database does not end).
 
@@ -437,6 +456,7 @@ class TelemetryWriter:
         try:
             while True:
                 claims: list[Claim] = []
+                late: list[Device] = []
                 try:
                     wait_s = (
                         None
@@ -452,9 +472,17 @@ class TelemetryWriter:
                             for i, outcome in zip(unchecked, checked.verdicts, strict=True):
                                 verdicts[i] = outcome
                             fresh = fresh | checked.fresh
+                            judged_at = min(judged_at, checked.judged_at)
                             unchecked = []  # a second attempt keeps them (and the rates)
                         outcomes = await self._write_in(
-                            conn, submissions, verdicts, fresh, claims, foresee, inserted
+                            conn,
+                            submissions,
+                            verdicts,
+                            (fresh, judged_at),
+                            claims,
+                            late,
+                            foresee,
+                            inserted,
                         )
                 except _Unforeseen as exc:
                     for claim in claims:
@@ -469,6 +497,8 @@ class TelemetryWriter:
                     raise
                 for claim in claims:
                     self.ids.end(claim, committed=True)
+                if late:
+                    await self._mark_seen_late(late)
                 return outcomes
         finally:
             if inserted is not None:
@@ -479,13 +509,15 @@ class TelemetryWriter:
         conn: asyncpg.Connection,
         submissions: Sequence[Submission],
         verdicts: Sequence[Outcome | None],
-        fresh: Set[Device],
+        fresh: tuple[Set[Device], float],
         claims: list[Claim],
+        late: list[Device],
         foresee: bool = False,
         inserted: asyncio.Event | None = None,
     ) -> list[Outcome]:
         """The transaction's work, the checks' ``verdicts`` given (None admits) and the
-        devices they found ``fresh``; the ids it takes are added to ``claims``."""
+        devices they found ``fresh`` (with when); the ids it takes are added to
+        ``claims``, and to ``late`` the devices to mark seen once it has committed."""
         outcomes = list(verdicts)
         admitted = [i for i, outcome in enumerate(outcomes) if outcome is None]
         for i in await self._repeated(conn, submissions, admitted):
@@ -502,7 +534,7 @@ class TelemetryWriter:
         # The devices to mark seen, known before the ids are taken: a write with none
         # (and no tenant with rules) may commit with its reservation.
         seen = _seen(submissions, admitted, outcomes)
-        unfresh = [device for device in seen if device not in fresh]
+        unfresh = self._to_mark(seen, *fresh)
         rows, ruled = await self._insert(
             conn,
             submissions,
@@ -522,7 +554,11 @@ class TelemetryWriter:
                     outcomes[i] = Accepted(event_id)
         if len(rows) < len(by_tenant):  # a tenant was deleted: its readings were refused
             seen = _seen(submissions, admitted, outcomes)
-            unfresh = [device for device in seen if device not in fresh]
+        # Judged again now that the write has its tenants' rows, after however long a wait.
+        unfresh = self._to_mark(seen, *fresh)
+        if not conn.is_in_transaction():  # committed with its reservation (_take_and_commit)
+            late += unfresh
+            return [Accepted(None) if outcome is None else outcome for outcome in outcomes]
         came_online = await self._touch(conn, unfresh)
         written = Written(rows=rows, seen=seen, came_online=came_online, ruled=ruled)
         # The seam for alert rules: they see the rows before anyone else can.
@@ -532,6 +568,36 @@ class TelemetryWriter:
             await hook(conn, written)
         # What is still undecided here is an admitted heartbeat.
         return [Accepted(None) if outcome is None else outcome for outcome in outcomes]
+
+    def _to_mark(
+        self, seen: Sequence[Device], fresh: Set[Device], judged_at: float
+    ) -> list[Device]:
+        """The devices of ``seen`` to hand to touch_devices: those not found fresh, or all
+        of them once their check is older than the precision (the sweeper may have moved
+        them since; touch_devices leaves alone those still ONLINE and seen recently)."""
+        if asyncio.get_running_loop().time() - judged_at > self._seen_precision_s:
+            return list(seen)
+        return [device for device in seen if device not in fresh]
+
+    async def _mark_seen_late(self, devices: list[Device]) -> None:
+        """Mark seen, in a transaction of its own, the devices of a write that committed
+        with its reservation (``_take_and_commit``: they were fresh when checked) but
+        waited for it past the precision: the sweeper may have moved them to STALE
+        meanwhile. Rare (a tenant's row held long, a slow database), and done before the
+        write is answered. The readings are stored whatever happens here, and the write's
+        answer says so: a failure is logged; the device's next message marks it."""
+        try:
+            async with self._db.transaction_ending_itself() as conn:
+                came_online = await self._touch(conn, devices)
+                if came_online and self._rules is not None:
+                    await self._rules(
+                        conn,
+                        Written(rows={}, seen=devices, came_online=came_online, ruled=frozenset()),
+                    )
+        except Exception:
+            log.warning(
+                "could not mark %d devices seen after their write", len(devices), exc_info=True
+            )
 
     async def check_token(
         self, tenant_id: str, device_id: str, token: str | None
@@ -568,6 +634,7 @@ class TelemetryWriter:
         for tenant_id, device_ids in by_tenant.items():
             asked.append({"t": tenant_id, "o": len(devices), "d": device_ids})
             devices += [(tenant_id, device_id) for device_id in device_ids]
+        judged_at = asyncio.get_running_loop().time()
         rows = await conn.fetch(Q["device_token_hashes"], asked, self._seen_precision_s)
         hashes = {devices[i]: token_hash for i, token_hash, _ in rows}
         fresh = frozenset(devices[i] for i, _, is_fresh in rows if is_fresh)
@@ -583,7 +650,7 @@ class TelemetryWriter:
             verdicts[(tenant_id, device_id, token, broker)] = verdict
         outcomes = [verdicts[key] for key in keys]
         if self._admit is None:
-            return Checked(outcomes, fresh)
+            return Checked(outcomes, fresh, judged_at)
         authenticated = collections.Counter(
             (tenant_id, device_id)
             for (tenant_id, device_id, _, _), outcome in zip(keys, outcomes, strict=True)
@@ -592,7 +659,7 @@ class TelemetryWriter:
         # Each device's first admitted messages pass; its later ones get the refusal.
         passes = dict(self._admit(authenticated))
         if not passes:  # every authenticated message is admitted: the common case
-            return Checked(outcomes, fresh)
+            return Checked(outcomes, fresh, judged_at)
         for i, outcome in enumerate(outcomes):
             if outcome is None and (device := submissions[i].device) in passes:
                 left, refusal = passes[device]
@@ -600,7 +667,7 @@ class TelemetryWriter:
                     passes[device] = (left - 1, refusal)
                 else:
                     outcomes[i] = refusal
-        return Checked(outcomes, fresh)
+        return Checked(outcomes, fresh, judged_at)
 
     async def _repeated(
         self, conn: asyncpg.Connection, submissions: Sequence[Submission], admitted: list[int]

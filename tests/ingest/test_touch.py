@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import httpx
+import pytest
 
+from pulse.config import Settings
+from pulse.fleet.rules import evaluate_alerts
 from pulse.fleet.sweeper import sweep_statuses
-from pulse.ingest.model import Submission
+from pulse.ingest.model import Accepted, Submission
 from pulse.ingest.validation import Reading
-from pulse.ingest.writer import TelemetryWriter, Written
-from tests.support import provision_device, seam
+from pulse.ingest.writer import CHECK_AHEAD_FROM, TelemetryWriter, Written
+from tests.support import provision_device, running_server, seam
 
 NOW = datetime(2026, 11, 27, 17, 0, tzinfo=UTC)
 
@@ -101,3 +109,106 @@ async def test_a_device_the_sweeper_moved_comes_online_with_its_next_message(
     assert (await row_version(pool))["status"] == "ONLINE"
     await writer.write([Submission("t1", "dev-1", token, reading(3))])
     assert came_online.writes == [[("t1", "dev-1")], [("t1", "dev-1")], []]
+
+
+async def until_a_backend_waits_for_a_lock(pool: asyncpg.Pool, for_s: float = 0) -> None:
+    """Until a backend of this database has waited for a lock, in a statement that began
+    over ``for_s`` seconds ago: the write, behind the tenant row, with the check that found
+    its device fresh (which came before that statement) older than ``for_s``."""
+    async with asyncio.timeout(10):
+        while not await pool.fetchval(  # noqa: ASYNC110
+            """SELECT count(*) FROM pg_stat_activity
+                WHERE datname = current_database() AND wait_event_type = 'Lock'
+                  AND query_start < clock_timestamp() - make_interval(secs => $1)""",
+            for_s,
+        ):
+            await asyncio.sleep(0.01)
+
+
+async def open_no_heartbeat(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return list(
+        await pool.fetch(
+            """SELECT * FROM alerts WHERE device_id = 'dev-1' AND alert_type = 'NO_HEARTBEAT'
+                  AND status IN ('OPEN', 'ACKNOWLEDGED')"""
+        )
+    )
+
+
+@contextlib.asynccontextmanager
+async def tenant_row_held(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """Tenant t1's row held, as a slow transaction of the tenant holds it, until the block
+    ends (then committed)."""
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM tenants WHERE tenant_id = 't1' FOR NO KEY UPDATE")
+            yield holder
+    finally:
+        await holder.close()
+
+
+@pytest.mark.parametrize("kind", ["fast", "ruled", "checked_ahead"])
+async def test_a_device_the_sweeper_moved_while_its_write_waited_is_online_when_it_commits(
+    pool: asyncpg.Pool, database_url: str, token: str, kind: str
+) -> None:
+    """Found fresh when authenticated, then STALE with NO_HEARTBEAT open while the write
+    waited for its tenant's row: the committed reading brings it back ONLINE. ``fast``: a
+    tenant without rules (the write commits with its reservation); ``ruled``: with a rule
+    (the device is marked seen after the reservation); ``checked_ahead``: a write large
+    enough to be checked before it queues."""
+    precision = 0.2
+    writer = TelemetryWriter(seam(pool), rules=evaluate_alerts, seen_precision_s=precision)
+    if kind == "ruled":
+        await pool.execute(
+            """INSERT INTO alert_rules (tenant_id, name, metric, operator, threshold, severity)
+               VALUES ('t1', 'hot', 'other', '>', 100, 3)"""
+        )
+    await writer.write([Submission("t1", "dev-1", token, reading(1))])  # the tenant's ids known
+    count = CHECK_AHEAD_FROM if kind == "checked_ahead" else 1
+    async with tenant_row_held(database_url):
+        await pool.execute(
+            "UPDATE devices SET last_seen_at = clock_timestamp() WHERE device_id = 'dev-1'"
+        )
+        write = asyncio.create_task(
+            writer.write([Submission("t1", "dev-1", token, reading(2))] * count)
+        )
+        await until_a_backend_waits_for_a_lock(pool, for_s=precision)
+        async with pool.acquire() as conn:  # the sweeper's clock a minute ahead
+            swept = await sweep_statuses(
+                conn,
+                stale_after_s=30,
+                offline_after_s=300,
+                now=datetime.now(UTC) + timedelta(minutes=1),
+            )
+        assert (swept.stale, swept.alerts_opened) == (1, 1)
+    outcomes = await write
+    assert all(isinstance(outcome, Accepted) for outcome in outcomes)
+    assert (await row_version(pool))["status"] == "ONLINE"
+    assert await open_no_heartbeat(pool) == []
+
+
+async def test_a_reading_committed_after_a_long_wait_leaves_its_device_online(
+    database_url: str, settings: Settings, pool: asyncpg.Pool, token: str
+) -> None:
+    """The audit's scenario, with the server's own sweeper and short thresholds: a reading
+    sent just after the previous one waits for its tenant's row (a slow transaction of the
+    tenant) while the device goes STALE and NO_HEARTBEAT opens; once it is committed the
+    device is ONLINE and the alert closed."""
+    fast = dataclasses.replace(settings, stale_after_s=2.0, offline_after_s=6.0)
+    headers = {"X-Provision-Token": token}
+    path = "/ingest/v1/tenant/t1/device/dev-1/telemetry"
+    async with running_server(fast) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        assert (await http.post(path, json={"metrics": {"v": 1}}, headers=headers)).is_success
+        async with tenant_row_held(database_url):
+            await pool.execute(
+                "UPDATE devices SET last_seen_at = clock_timestamp() WHERE device_id = 'dev-1'"
+            )
+            sent = asyncio.create_task(http.post(path, json={"metrics": {"v": 2}}, headers=headers))
+            await until_a_backend_waits_for_a_lock(pool)
+            async with asyncio.timeout(15):
+                while not await open_no_heartbeat(pool):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        response = await sent
+        assert response.status_code == 201, response.text
+        assert (await row_version(pool))["status"] == "ONLINE"
+        assert await open_no_heartbeat(pool) == []
