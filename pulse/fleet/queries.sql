@@ -302,8 +302,11 @@ SELECT (SELECT count(*) FROM raised) AS raised, (SELECT count(*) FROM recovered)
 
 -- name: close_no_heartbeat
 -- Devices that a write brought back ONLINE: their NO_HEARTBEAT alerts are over.
+-- Closed by the clock, as touch_devices marks them: the sweeper may have opened
+-- the alert while the write waited for its tenant's row, after it began.
 UPDATE alerts a
-   SET status = 'CLOSED', updated_at = now(), closed_at = now(), closed_reason = 'device_online'
+   SET status = 'CLOSED', updated_at = clock_timestamp(), closed_at = clock_timestamp(),
+       closed_reason = 'device_online'
   FROM unnest($1::text[], $2::text[]) AS d(tenant_id, device_id)
  WHERE a.tenant_id = d.tenant_id AND a.alert_type = 'NO_HEARTBEAT'
    AND a.device_id = d.device_id AND coalesce(a.rule_id, 0) = 0

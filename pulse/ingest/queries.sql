@@ -82,7 +82,12 @@ SELECT w.t, w.i + r.n - 1, r.e ->> 0, (r.e ->> 1)::timestamptz, r.e -> 2, (r.e -
 -- devices (the status sweeper) then cannot deadlock with this one, and the
 -- status read is the latest committed one (a row another write held is
 -- judged again once it is free). greatest() keeps last_seen_at from going back
--- when an older transaction commits after a newer one.
+-- when an older transaction commits after a newer one. The time is the clock's
+-- when the row is judged and marked, after any wait for a lock (the tenant's row,
+-- taken earlier in the transaction, or the device's, in this statement): now()
+-- and statement_timestamp() are from before such a wait, and would count it as
+-- the device's silence (a device marked after waiting longer than the sweeper's
+-- threshold was STALE the moment its write committed).
 WITH seen AS (
     SELECT DISTINCT tenant_id, device_id
       FROM unnest($1::text[], $2::text[]) AS s(tenant_id, device_id)
@@ -91,12 +96,12 @@ WITH seen AS (
       FROM devices d
       JOIN seen s ON d.tenant_id = s.tenant_id AND d.device_id = s.device_id
      WHERE d.status <> 'ONLINE' OR d.last_seen_at IS NULL
-        OR d.last_seen_at <= now() - make_interval(secs => $3)
+        OR d.last_seen_at <= clock_timestamp() - make_interval(secs => $3)
      ORDER BY d.tenant_id, d.device_id
        FOR UPDATE OF d
 )
 UPDATE devices d
-   SET last_seen_at = greatest(d.last_seen_at, now()),
+   SET last_seen_at = greatest(d.last_seen_at, clock_timestamp()),
        status = 'ONLINE'
   FROM prior p
  WHERE d.tenant_id = p.tenant_id AND d.device_id = p.device_id

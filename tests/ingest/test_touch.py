@@ -185,6 +185,11 @@ async def test_a_device_the_sweeper_moved_while_its_write_waited_is_online_when_
     assert all(isinstance(outcome, Accepted) for outcome in outcomes)
     assert (await row_version(pool))["status"] == "ONLINE"
     assert await open_no_heartbeat(pool) == []
+    # Closed once the write had its tenant's row, after the sweeper opened it.
+    closed = await pool.fetchrow(
+        "SELECT created_at, closed_at FROM alerts WHERE alert_type = 'NO_HEARTBEAT'"
+    )
+    assert closed["closed_at"] >= closed["created_at"]
 
 
 async def test_a_reading_committed_after_a_long_wait_leaves_its_device_online(
@@ -212,3 +217,28 @@ async def test_a_reading_committed_after_a_long_wait_leaves_its_device_online(
         assert response.status_code == 201, response.text
         assert (await row_version(pool))["status"] == "ONLINE"
         assert await open_no_heartbeat(pool) == []
+
+
+@pytest.mark.parametrize("kind", ["reading", "heartbeat"])
+async def test_a_device_is_marked_seen_when_its_write_had_waited_not_when_it_began(
+    pool: asyncpg.Pool, database_url: str, token: str, kind: str
+) -> None:
+    """last_seen_at is the time the row is marked, after the write waited for a lock (its
+    tenant's row; the device's row, for a heartbeat), not its transaction's start: the wait
+    is not the device's silence."""
+    writer = TelemetryWriter(seam(pool), rules=evaluate_alerts)
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with holder.transaction():
+            held = "tenants WHERE tenant_id = 't1'" if kind == "reading" else "devices"
+            await holder.execute(f"SELECT 1 FROM {held} FOR NO KEY UPDATE")
+            value = reading(1) if kind == "reading" else None
+            write = asyncio.create_task(writer.write([Submission("t1", "dev-1", token, value)]))
+            await until_a_backend_waits_for_a_lock(pool)
+            released_at = await holder.fetchval("SELECT clock_timestamp()")
+        await write
+    finally:
+        await holder.close()
+    row = await row_version(pool)
+    assert row["status"] == "ONLINE"
+    assert row["last_seen_at"] >= released_at
