@@ -124,7 +124,8 @@ async def get_device(db: Database, tenant_id: str, device_id: str) -> dict[str, 
 async def delete_device(
     db: Database, tenant_id: str, device_id: str, credentials: Credentials = NO_CREDENTIALS
 ) -> bool:
-    """Delete a device and close its active alerts; False when there is no such device."""
+    """Delete a device, its own alert rules, and close its active alerts; False when there
+    is no such device."""
     if not is_valid_name(device_id):  # from a URL: no such device (nor NUL for PostgreSQL)
         return False
     async with db.transaction() as conn:
@@ -134,6 +135,7 @@ async def delete_device(
         if await conn.fetchval(Q["delete_device"], tenant_id, device_id) is None:
             return False
         await conn.execute(Q["close_device_alerts"], tenant_id, device_id)
+        await conn.execute(Q["delete_device_rules"], tenant_id, device_id)
         await conn.execute(Q["forget_device_seqs"], tenant_id, device_id)
     await credentials.deleted(tenant_id, device_id)
     return True

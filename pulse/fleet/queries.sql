@@ -43,7 +43,8 @@ SELECT tenant_id, device_id, site_id, name, status, last_seen_at, created_at
 
 -- name: delete_device
 -- The device's telemetry stays: history outlives the device (see the schema).
--- Run after lock_tenant_writes, then close_device_alerts in the same transaction.
+-- Run after lock_tenant_writes, then close_device_alerts and delete_device_rules
+-- in the same transaction.
 DELETE FROM devices WHERE tenant_id = $1 AND device_id = $2 RETURNING device_id
 
 -- name: forget_device_seqs
@@ -51,6 +52,15 @@ DELETE FROM devices WHERE tenant_id = $1 AND device_id = $2 RETURNING device_id
 -- claim_broker_seqs): a device made again with its id starts its seqs anew, and
 -- would have its readings taken for second deliveries of the old one's.
 DELETE FROM broker_seqs WHERE tenant_id = $1 AND device_id = $2
+
+-- name: delete_device_rules
+-- A deleted device's own alert rules (alert_rules.device_id has no foreign key):
+-- left, they would be listed, count against the tenant's quota, and judge a new
+-- device made with the same id. Run after close_device_alerts, which closed their
+-- active alerts (every one is the device's) as device_deleted. A rule being made
+-- for the device holds its row (insert_rule), so the deletion waited for it, and
+-- this statement's snapshot, taken after the wait, holds that rule.
+DELETE FROM alert_rules WHERE tenant_id = $1 AND device_id = $2
 
 -- name: close_device_alerts
 -- A deleted device's active alerts close: nothing would ever close them. A
@@ -362,11 +372,15 @@ RETURNING *
 
 -- name: insert_rule
 -- No row when the rule names a device the tenant does not have: a typo would
--- otherwise be a rule that never fires.
+-- otherwise be a rule that never fires. The device's row is held (FOR KEY SHARE,
+-- to commit) as a foreign key would hold it: a deletion of the device waits for
+-- this rule, and deletes it (delete_device_rules); a deletion not yet committed
+-- makes this wait, then find no device.
 INSERT INTO alert_rules (tenant_id, name, metric, operator, threshold, severity, device_id)
 SELECT $1::text, $2::text, $3::text, $4::text, $5::float8, $6::smallint, $7::text
  WHERE $7::text IS NULL
-    OR EXISTS (SELECT 1 FROM devices WHERE tenant_id = $1::text AND device_id = $7::text)
+    OR EXISTS (SELECT 1 FROM devices WHERE tenant_id = $1::text AND device_id = $7::text
+                  FOR KEY SHARE)
 RETURNING *
 
 -- name: list_rules

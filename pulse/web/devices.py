@@ -158,7 +158,9 @@ async def get_device(device_id: str) -> Device:
 
 @blueprint.delete("/<device_id>")
 @document_querystring(TenantQuery)
-@openapi.answers(204, "Deleted, with its active alerts closed; the body is empty.")
+@openapi.answers(
+    204, "Deleted, with its own alert rules, and its active alerts closed; the body is empty."
+)
 @openapi.errors(*openapi.TENANT_WRITE, UNKNOWN_DEVICE)
 async def delete_device(device_id: str) -> Response:
     """Delete a device (tenant-admin); its telemetry stays."""

@@ -52,3 +52,21 @@ async def test_devices_and_rules_stop_at_the_tenant_quota(
     device_id = listed[0]["device_id"]
     assert (await http.delete(f"{DEVICES}/{device_id}", headers=admin)).status_code == 204
     assert (await http.post(DEVICES, json={"device_id": "again"}, headers=admin)).status_code == 201
+
+
+async def test_deleting_a_device_frees_the_places_of_its_rules(
+    http: httpx.AsyncClient, make_token: MakeToken
+) -> None:
+    """A rule for one device goes with it (it used to stay, counted against the quota)."""
+    admin = auth(make_token("t1", roles=("tenant-admin",)))
+    assert (await http.post(DEVICES, json={"device_id": "dd"}, headers=admin)).status_code == 201
+    rule = {"name": "hot", "metric": "temp", "operator": ">", "threshold": 50, "severity": 3}
+    for device in ("dd", None):
+        made = await http.post(RULES, json={**rule, "device_id": device}, headers=admin)
+        assert made.status_code == 201
+    assert (await http.post(RULES, json=rule, headers=admin)).status_code == 409
+    assert (await http.delete(f"{DEVICES}/dd", headers=admin)).status_code == 204
+    assert [r["device_id"] for r in (await http.get(RULES, headers=admin)).json()["rules"]] == [
+        None
+    ]
+    assert (await http.post(RULES, json=rule, headers=admin)).status_code == 201

@@ -15,8 +15,8 @@ import pytest
 from pulse.db.database import Database
 from pulse.db.pool import create_pool
 from pulse.fleet.devices import delete_device
+from pulse.fleet.rules import NewRule, UnknownDevice, create_rule, evaluate_alerts
 from pulse.fleet.rules import Q as FLEET_QUERIES
-from pulse.fleet.rules import evaluate_alerts
 from pulse.ingest.writer import TelemetryWriter, Written
 from tests.fleet.conftest import Fleet, MakeToken, Notifications, auth, kinds
 from tests.support import every_page, seam
@@ -297,8 +297,9 @@ async def test_deleting_a_device_closes_its_alerts(
     assert (alert["status"], alert["closed_reason"]) == ("CLOSED", "device_deleted")
 
 
-async def deletion_waits_or_ends(pool: asyncpg.Pool, deleting: asyncio.Task[bool]) -> None:
-    """Until the deletion waits on a lock (or has ended: then it did not wait)."""
+async def deletion_waits_or_ends(pool: asyncpg.Pool, deleting: asyncio.Task[Any]) -> None:
+    """Until the deletion (or creation) waits on a lock (or has ended: then it did not
+    wait)."""
     async with asyncio.timeout(10):
         while not deleting.done():
             waiting = await pool.fetchval(
@@ -370,6 +371,59 @@ async def test_a_device_deleted_while_the_sweeper_marks_it_keeps_no_alert_open(
         await deletion_waits_or_ends(fleet.pool, deleting)
     assert await deleting
     assert await fleet.pool.fetchval(ACTIVE) == 0
+
+
+async def test_a_deleted_devices_rules_go_with_it(
+    http: httpx.AsyncClient, fleet: Fleet, admin: dict[str, str]
+) -> None:
+    """Found by an audit: a rule for one device outlived it, listed, counted against the
+    quota, and judged the readings of a new device made with the same id."""
+    scoped = await http.post(RULES, json={**NEW_RULE, "device_id": "dev-1"}, headers=admin)
+    every = await http.post(RULES, json={**NEW_RULE, "name": "Any"}, headers=admin)
+    await fleet.send("dev-1", {"temp": 99})
+    assert len(await fleet.alerts(status="OPEN")) == 2
+    assert (await http.delete("/api/v1/customer/devices/dev-1", headers=admin)).status_code == 204
+    listed = (await http.get(RULES, headers=admin)).json()["rules"]
+    assert [r["rule_id"] for r in listed] == [every.json()["rule_id"]]
+    assert {(a["rule_id"], a["status"], a["closed_reason"]) for a in await fleet.alerts()} == {
+        (scoped.json()["rule_id"], "CLOSED", "device_deleted"),
+        (every.json()["rule_id"], "CLOSED", "device_deleted"),
+    }
+    await fleet.device("dev-1")  # made again: the old device's rule does not judge it
+    await fleet.send("dev-1", {"temp": 99})
+    [opened] = await fleet.alerts(status="OPEN")
+    assert opened["rule_id"] == every.json()["rule_id"]
+
+
+async def test_a_rule_for_a_device_being_deleted_waits_and_is_refused(
+    fleet: Fleet, db: Database
+) -> None:
+    """A rule naming a device whose deletion is not yet committed waits for it, then finds
+    no device: it is not left behind, for a device that is gone."""
+    async with fleet.pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM devices WHERE tenant_id = 't1' AND device_id = 'dev-1'")
+        creating = asyncio.create_task(
+            create_rule(db, "t1", NewRule.model_validate({**NEW_RULE, "device_id": "dev-1"}))
+        )
+        await deletion_waits_or_ends(fleet.pool, creating)
+    with pytest.raises(UnknownDevice):
+        await creating
+    assert await fleet.pool.fetchval("SELECT count(*) FROM alert_rules") == 0
+
+
+async def test_a_device_deleted_while_a_rule_for_it_is_made_takes_the_rule_with_it(
+    fleet: Fleet, db: Database
+) -> None:
+    """The other order: the rule is made first (not yet committed); the deletion waits
+    for it and deletes it with the device."""
+    async with fleet.pool.acquire() as conn, conn.transaction():
+        await conn.fetchrow(
+            FLEET_QUERIES["insert_rule"], "t1", "hot", "temp", ">", 80.0, 3, "dev-1"
+        )
+        deleting = asyncio.create_task(delete_device(db, "t1", "dev-1"))
+        await deletion_waits_or_ends(fleet.pool, deleting)
+    assert await deleting
+    assert await fleet.pool.fetchval("SELECT count(*) FROM alert_rules") == 0
 
 
 @pytest.mark.parametrize(
