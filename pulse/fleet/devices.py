@@ -17,7 +17,7 @@ from pulse.auth.device_tokens import new_device_token
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
 from pulse.fleet.fields import Name, Text
-from pulse.fleet.quota import check_quota
+from pulse.fleet.quota import check_quota, lock_quota
 from pulse.names import is_valid_name
 from pulse.times import format_time
 
@@ -93,13 +93,15 @@ async def create_device(
     token, token_hash = new_device_token()
     async with db.transaction() as conn:
         if limit is not None:
-            await check_quota(conn, tenant_id, "devices", limit)
+            await lock_quota(conn, tenant_id)
         await conn.execute(Q["ensure_tenant"], tenant_id)
         row = await conn.fetchrow(
             Q["insert_device"], tenant_id, device.device_id, device.site_id, device.name, token_hash
         )
-    if row is None:
-        raise DeviceExists(device.device_id)
+        if row is None:
+            raise DeviceExists(device.device_id)
+        if limit is not None:
+            await check_quota(conn, tenant_id, "devices", limit)
     await credentials.created(tenant_id, device.device_id, token)
     return {**device_json(row), "provision_token": token}
 

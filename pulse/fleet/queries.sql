@@ -3,10 +3,10 @@
 INSERT INTO tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING;
 
 -- name: lock_tenant_quota
--- Taken by every creation of a device or an alert rule before it counts the
--- tenant's (released at commit): two at once cannot both take the last place
--- under the quota. A statement of its own: the count after it must read a
--- snapshot taken once the lock is held.
+-- Taken by every creation of a device or an alert rule before it inserts, and
+-- then counts, the tenant's (released at commit): two at once cannot both take
+-- the last place under the quota. A statement of its own: the count after it
+-- must read a snapshot taken once the lock is held.
 SELECT pg_advisory_xact_lock(1886743668, hashtext($1));
 
 -- name: count_devices

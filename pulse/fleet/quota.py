@@ -20,13 +20,21 @@ class QuotaReached(Exception):
     """The tenant has as many devices (or rules) as it may."""
 
 
+async def lock_quota(conn: asyncpg.Connection, tenant_id: str) -> None:
+    """Taken by every creation of a device or an alert rule of the tenant before it
+    inserts, held to the end of the caller's transaction: two at once cannot both take
+    the last place under the quota (``check_quota``, after the insert)."""
+    await conn.execute(Q["lock_tenant_quota"], tenant_id)
+
+
 async def check_quota(
     conn: asyncpg.Connection, tenant_id: str, kind: Literal["devices", "rules"], limit: int
 ) -> None:
-    """Raise QuotaReached when the tenant has ``limit`` devices or alert rules; the lock
-    the count is made under is held to the end of the caller's transaction."""
-    await conn.execute(Q["lock_tenant_quota"], tenant_id)
+    """Raise QuotaReached, for the caller to roll back, when the tenant has more than
+    ``limit`` devices or alert rules with the one its transaction has just made (under
+    ``lock_quota``). Counted after the insert, so that a device the tenant already has,
+    or a rule for a device it does not have, is refused as such, not as one too many."""
     count = await conn.fetchval(Q[f"count_{kind}"], tenant_id)
-    if count >= limit:
+    if count > limit:
         what = "devices" if kind == "devices" else "alert rules"
-        raise QuotaReached(f"The tenant has {count} {what}, as many as it may ({limit}).")
+        raise QuotaReached(f"The tenant has {count - 1} {what}, as many as it may ({limit}).")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
 from pulse.fleet.fields import Name, Text
-from pulse.fleet.quota import check_quota
+from pulse.fleet.quota import check_quota, lock_quota
 from pulse.ingest.writer import Written
 from pulse.times import format_time
 
@@ -56,7 +56,7 @@ async def create_rule(
     """Create ``rule``; QuotaReached when the tenant has ``limit`` rules."""
     async with db.transaction() as conn:
         if limit is not None:
-            await check_quota(conn, tenant_id, "rules", limit)
+            await lock_quota(conn, tenant_id)
         await conn.execute(Q["ensure_tenant"], tenant_id)
         row = await conn.fetchrow(
             Q["insert_rule"],
@@ -68,8 +68,10 @@ async def create_rule(
             rule.severity,
             rule.device_id,
         )
-    if row is None:
-        raise UnknownDevice(rule.device_id)
+        if row is None:
+            raise UnknownDevice(rule.device_id)
+        if limit is not None:
+            await check_quota(conn, tenant_id, "rules", limit)
     return rule_json(row)
 
 

@@ -70,3 +70,31 @@ async def test_deleting_a_device_frees_the_places_of_its_rules(
         None
     ]
     assert (await http.post(RULES, json=rule, headers=admin)).status_code == 201
+
+
+async def test_at_the_quota_a_duplicate_or_an_unknown_device_is_answered_as_such(
+    http: httpx.AsyncClient, make_token: MakeToken
+) -> None:
+    """A device id the tenant has is device_exists, and a rule for a device it does not
+    have unknown_device, as below the quota: not tenant_quota, which said to delete
+    something when nothing would be made anyway."""
+    admin = auth(make_token("t1", roles=("tenant-admin",)))
+    for i in range(3):
+        made = await http.post(DEVICES, json={"device_id": f"d{i}"}, headers=admin)
+        assert made.status_code == 201
+    again = await http.post(DEVICES, json={"device_id": "d0"}, headers=admin)
+    assert (again.status_code, again.json()["error"]) == (409, "device_exists")
+    beyond = await http.post(DEVICES, json={"device_id": "d3"}, headers=admin)
+    assert (beyond.status_code, beyond.json()["error"]) == (409, "tenant_quota")
+    assert "has 3 devices" in beyond.json()["detail"]
+    rule = {"name": "hot", "metric": "temp", "operator": ">", "threshold": 50, "severity": 3}
+    for _ in range(2):
+        assert (await http.post(RULES, json=rule, headers=admin)).status_code == 201
+    unknown = await http.post(RULES, json={**rule, "device_id": "nope"}, headers=admin)
+    assert (unknown.status_code, unknown.json()["error"]) == (404, "unknown_device")
+    beyond = await http.post(RULES, json={**rule, "device_id": "d0"}, headers=admin)
+    assert (beyond.status_code, beyond.json()["error"]) == (409, "tenant_quota")
+    assert "has 2 alert rules" in beyond.json()["detail"]
+    listed = (await http.get(DEVICES, headers=admin)).json()["devices"]
+    assert [d["device_id"] for d in listed] == ["d0", "d1", "d2"]
+    assert len((await http.get(RULES, headers=admin)).json()["rules"]) == 2
