@@ -22,6 +22,7 @@ import functools
 import operator
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -171,7 +172,11 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         )
 
         ingest = Ingest(writer, metrics)
-        mqtt = _open_mqtt(settings, db, ingest, metrics) if settings.mqtt_url else None
+        mqtt = (
+            _open_mqtt(settings, db, ingest, metrics, limits.process_id)
+            if settings.mqtt_url
+            else None
+        )
 
         ingest_buffer = IngestBuffer(int(settings.ingest_buffer_mb * 1024 * 1024))
         metrics.sample(
@@ -298,7 +303,9 @@ async def _open_bus(
     )
 
 
-def _open_mqtt(settings: Settings, db: Database, ingest: Ingest, metrics: Metrics) -> Mqtt:
+def _open_mqtt(
+    settings: Settings, db: Database, ingest: Ingest, metrics: Metrics, process_id: uuid.UUID
+) -> Mqtt:
     """Devices over MQTT: the second intake, and the broker's device credentials."""
     # Imported here: a process without MQTT does not load its client.
     from pulse.mqtt.service import Mqtt
@@ -311,6 +318,7 @@ def _open_mqtt(settings: Settings, db: Database, ingest: Ingest, metrics: Metric
             db,
             ingest,
             metrics,
+            process_id=process_id,
             ca_file=settings.mqtt_ca_file,
         )
     except ValueError as exc:

@@ -11,8 +11,10 @@ The session is persistent (``clean_start`` false, a day's expiry) under a client
 id that survives restarts: what the broker had delivered but not seen
 acknowledged comes back when the process reconnects, and a message that arrives
 while no process is up waits in the session. A process that stops (``leave``)
-ends its session once it has acknowledged everything it took: the broker then
-drops it from the shared group, and hands what devices publish next to the others.
+while another stays subscribed ends its session once it has acknowledged everything
+it took: the broker then drops it from the shared group, and hands what devices
+publish next to the others. The last one keeps its subscription and its session:
+what devices publish next waits in the broker for its client id.
 """
 
 from __future__ import annotations
@@ -208,6 +210,8 @@ class MqttLink:
         self._ended: asyncio.Future[Any] | None = None  # the connection's end
         self._unsubscribed: asyncio.Future[None] | None = None
         self._leaving = False
+        # Stopping with the session kept: device messages are no longer taken.
+        self._holding = False
 
     @property
     def username(self) -> str:
@@ -222,7 +226,7 @@ class MqttLink:
         delay = 0.1
         down_since: float | None = None  # the first of the failures to connect in a row
         logged_at = 0.0
-        self._leaving = False
+        self._leaving = self._holding = False
         while not self._leaving:
             started = time.monotonic()
             try:
@@ -262,31 +266,42 @@ class MqttLink:
         """Its connection has ended: the broker will deliver it again, so it may be dropped."""
         return delivery.connection != self._connection or not self.connected
 
-    async def leave(self, idle: Callable[[], Awaitable[None]]) -> bool:
-        """The process stops: take no more messages (unsubscribe), let ``idle`` write and
-        settle those that came, and once a round trip to the broker brings no more,
-        DISCONNECT ending the session (Session Expiry Interval 0). The broker then drops
-        this process from the shared group: a client id that never comes back strands
-        nothing. What cannot be settled within LEAVE_TIMEOUT_S (the database is away)
-        keeps the session: it comes back when this client id connects again. Whether
-        the session was ended."""
+    async def leave(self, idle: Callable[[], Awaitable[None]], *, end_session: bool = True) -> bool:
+        """The process stops; whether the session was ended.
+
+        With ``end_session`` (another process stays in the group): take no more messages
+        (unsubscribe), let ``idle`` write and settle those that came, and once a round
+        trip to the broker brings no more, DISCONNECT ending the session (Session Expiry
+        Interval 0). The broker then drops this process from the shared group: a client
+        id that never comes back strands nothing. Without it (the last process of the
+        group), the subscription and the session stay, as after a crash: the broker
+        keeps what devices publish next for this client id (with no subscriber left it
+        would drop it). The messages that arrive from now on are left unacknowledged
+        (they come again when this client id connects), those taken before are settled.
+        What cannot be settled within LEAVE_TIMEOUT_S (the database is away) keeps the
+        session either way: it comes back when this client id connects again."""
         client, ended = self._client, self._ended
         if client is None or ended is None or not self.connected:
             return False
         self._leaving = True
-        drained = False
+        self._holding = not end_session
+        settled = False
         try:
             async with asyncio.timeout(LEAVE_TIMEOUT_S):
-                self._unsubscribed = asyncio.get_running_loop().create_future()
-                client.unsubscribe(self._subscriptions)
-                await self._unsubscribed
-                while not drained:
+                if end_session:
+                    self._unsubscribed = asyncio.get_running_loop().create_future()
+                    client.unsubscribe(self._subscriptions)
+                    await self._unsubscribed
+                while not settled:
                     await idle()
+                    if self._holding:
+                        break  # what the broker sends now is not taken
                     seen = self.deliveries
                     # The broker sends what the acknowledgements released (messages it held
                     # back beyond the Receive Maximum) before it answers a later command.
                     await self.control([dynsec.get_client(self.username)])
-                    drained = self.deliveries == seen and not self._unsettled
+                    settled = self.deliveries == seen and not self._unsettled
+                settled = True
         except (TimeoutError, BrokerUnavailable) as exc:
             log.warning(
                 "MQTT: stopping with messages not yet settled (%r): the session is kept, "
@@ -294,6 +309,7 @@ class MqttLink:
                 exc,
                 self._client_id,
             )
+        drained = settled and end_session
         properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
         if drained:
             properties.SessionExpiryInterval = 0
@@ -303,6 +319,12 @@ class MqttLink:
                 await asyncio.shield(ended)  # the DISCONNECT written
         if drained:
             log.info("MQTT: left the shared subscription; session %s ended", self._client_id)
+        elif settled:
+            log.info(
+                "MQTT: session %s kept: what devices publish waits in the broker until "
+                "that client id connects again",
+                self._client_id,
+            )
         return drained
 
     def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
@@ -493,6 +515,8 @@ class MqttLink:
         if message.topic == dynsec.RESPONSE:
             self._on_control_response(bytes(message.payload))
             return
+        if self._holding:
+            return  # never acknowledged: the session delivers it again at the next connection
         self.deliveries += 1
         delivery = Delivery(
             message.topic, bytes(message.payload), message.qos, message.mid, self._connection

@@ -24,3 +24,33 @@ SELECT tenant_id, device_id, marked_at FROM broker_unsynced ORDER BY tenant_id, 
 -- name: clear_broker_unsynced
 -- The mark read, unless it was made again since (another failure meanwhile).
 DELETE FROM broker_unsynced WHERE tenant_id = $1 AND device_id = $2 AND marked_at = $3;
+
+-- name: join_members
+-- This process's subscription is made: it counts as a member of the shared group
+-- (migrations/0020_mqtt_members.sql), and no longer as leaving if its client id
+-- was. The rows of processes gone (no lease left) are forgotten.
+WITH gone AS (
+    DELETE FROM mqtt_members m
+     WHERE m.client_id <> $1
+       AND NOT EXISTS (SELECT 1 FROM stream_processes p WHERE p.process_id = m.process_id)
+)
+INSERT INTO mqtt_members (client_id, process_id) VALUES ($1, $2)
+ON CONFLICT (client_id) DO UPDATE SET process_id = EXCLUDED.process_id, leaving = false;
+
+-- name: lock_members
+-- Held to the end of the transaction: the processes that stop decide one at a time.
+SELECT pg_advisory_xact_lock($1);
+
+-- name: may_leave
+-- Marks this member leaving, and says so, if another member stays subscribed: one
+-- not leaving, its process's lease valid. Under lock_members, in the same
+-- transaction: of two processes stopping together, the second sees the first leaving.
+UPDATE mqtt_members SET leaving = true
+ WHERE client_id = $1 AND process_id = $2
+   AND EXISTS (SELECT 1
+                 FROM mqtt_members m
+                 JOIN stream_processes p ON p.process_id = m.process_id
+                WHERE m.client_id <> $1
+                  AND NOT m.leaving
+                  AND p.expires_at > clock_timestamp())
+RETURNING true;

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from pulse.db.database import Database
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.queries import load_queries
 from pulse.ingest.service import Ingest
+from pulse.logs import Throttled
 from pulse.mqtt import topics
 from pulse.mqtt.intake import MqttIntake
 from pulse.mqtt.link import SESSION_EXPIRY_S, BrokerUnavailable, BrokerUrl, MqttLink
@@ -21,6 +23,11 @@ log = logging.getLogger(__name__)
 Q = load_queries(__package__)
 TRIM_INTERVAL_S = 600
 TRIM_BATCH = 5000
+# Any constant the processes of a cluster share (advisory locks are per database).
+MEMBERS_LOCK_KEY = 0x70756C73_65_6D71  # "pulse" "mq"
+# A process that stops asks the database this long at most whether another stays.
+MEMBERS_TIMEOUT_S = 3.0
+JOIN_RETRY_MAX_S = 5.0
 
 
 async def trim_claims(db: Database, cutoff: datetime, batch: int = TRIM_BATCH) -> int:
@@ -43,6 +50,7 @@ class Mqtt:
         ingest: Ingest,
         metrics: Metrics,
         *,
+        process_id: uuid.UUID,
         ca_file: str | None = None,
     ) -> None:
         self.intake = MqttIntake(ingest, metrics)
@@ -56,6 +64,9 @@ class Mqtt:
         self.intake.attach(self.link)
         self.provisioner = Provisioner(self.link, db, metrics)
         self._db = db
+        # This process's lease (pulse.streams.limits): while it is valid, and its
+        # membership row says it is not leaving, others may leave the group.
+        self._process_id = process_id
         assert metrics.mqtt_connected is not None, "made where MQTT is configured"
         metrics.sample(metrics.mqtt_connected, lambda: float(self.link.connected))
         self._reconciling: asyncio.Task[None] | None = None
@@ -67,12 +78,16 @@ class Mqtt:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.link.run())
                 tasks.create_task(self._trim_claims())
+                tasks.create_task(self._join())
                 try:
                     await asyncio.Event().wait()  # until the process stops
                 except asyncio.CancelledError:
-                    # Before the connection is cancelled: settle what was taken and
-                    # leave the shared group, so that nothing waits for this process.
-                    await self.link.leave(self.intake.idle)
+                    # Before the connection is cancelled: settle what was taken, and leave
+                    # the shared group if another process stays in it, so that nothing
+                    # waits for this one; the last one keeps its session, where what
+                    # devices publish waits for it (with no subscriber the broker drops it).
+                    end_session = await self._others_stay()
+                    await self.link.leave(self.intake.idle, end_session=end_session)
                     raise
         finally:
             if self._reconciling is not None:
@@ -91,6 +106,44 @@ class Mqtt:
             except DatabaseUnavailable as exc:
                 log.warning("MQTT: old seq claims could not be trimmed: %s", exc)
             await asyncio.sleep(TRIM_INTERVAL_S)
+
+    async def _join(self) -> None:
+        """Once subscribed, count as a member of the shared group
+        (migrations/0020_mqtt_members.sql): the others may then leave it. Until then,
+        or if it fails, the others keep their sessions when they stop (the safe side)."""
+        await self.link.subscribed.wait()
+        unavailable = Throttled(log)
+        delay = 0.1
+        while True:
+            try:
+                await self._db.execute(Q["join_members"], self.link.client_id, self._process_id)
+                return
+            except DatabaseUnavailable as exc:
+                unavailable.warning("MQTT: cannot record this process's subscription: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, JOIN_RETRY_MAX_S)
+
+    async def _others_stay(self) -> bool:
+        """Whether another process stays in the shared group, not leaving, its lease valid:
+        then this one is marked leaving, and may end its session. One at a time under a
+        lock, so that of processes stopping together (a ``--workers`` instance) the last
+        one keeps its session. If the database cannot say, the session is kept."""
+        if not self.link.connected:
+            return False  # nothing to leave: the session stays as it is
+        try:
+            async with asyncio.timeout(MEMBERS_TIMEOUT_S), self._db.transaction() as conn:
+                await conn.execute(Q["lock_members"], MEMBERS_LOCK_KEY)
+                return bool(
+                    await conn.fetchval(Q["may_leave"], self.link.client_id, self._process_id)
+                )
+        except (DatabaseUnavailable, TimeoutError) as exc:
+            log.warning(
+                "MQTT: cannot tell whether another Pulse process stays subscribed (%s): "
+                "session %s is kept, and what devices publish waits for it",
+                exc or "no answer in time",
+                self.link.client_id,
+            )
+            return False
 
     def _connected(self) -> None:
         if self._reconciling is None or self._reconciling.done():
