@@ -8,11 +8,14 @@ message that arrived since the one before began: a device's readings commit in
 the order the broker delivered them. What can never be stored (bad JSON, an unknown device, too many
 metrics, over the rate) is acknowledged too, so the broker does not deliver it
 forever, counted, and answered on the device's errors topic with the body HTTP
-would have answered. A write that fails because the database cannot serve it
-(it is away, it cancelled the statement, a deadlock) is tried again until it
-commits or the connection it came on ends (the broker then delivers it again);
-one that fails otherwise is tried a few times, then message by message, so that
-only a message that cannot be written on its own is refused (``internal_error``).
+would have answered. So is a retained message the broker replays to a new
+subscription (at every restart of a process, and to every process that joins): it
+was taken when it was published, or was never meant as a reading. A write that
+fails because the database cannot serve it (it is away, it cancelled the
+statement, a deadlock) is tried again until it commits or the connection it came
+on ends (the broker then delivers it again); one that fails otherwise is tried a
+few times, then message by message, so that only a message that cannot be written
+on its own is refused (``internal_error``).
 """
 
 from __future__ import annotations
@@ -152,6 +155,8 @@ class MqttIntake:
         topic = topics.parse(delivery.topic)
         if topic is None or topic.kind not in topics.INTAKE_KINDS:
             return Rejected(INVALID_PAYLOAD, f"Pulse does not read the topic {delivery.topic!r}.")
+        if delivery.retain:
+            return _RETAINED
         if topic.kind == topics.HEARTBEAT:
             return intake.broker_heartbeat(topic.tenant_id, topic.device_id)
         if len(delivery.payload) > MAX_PAYLOAD:
@@ -162,7 +167,7 @@ class MqttIntake:
         assert self._link is not None
         messages = self._metrics.mqtt_messages
         if isinstance(outcome, Rejected):
-            messages.labels("rejected").inc()
+            messages.labels("retained" if delivery.retain else "rejected").inc()
             topic = topics.parse(delivery.topic)
             if topic is not None:
                 # A rate_limited detail says the wait already ("retry in N s."); the
@@ -191,6 +196,12 @@ class _Failed(Exception):
 
 
 _REFUSED = Rejected(INTERNAL_ERROR, "The reading could not be stored; it will not be tried again.")
+_RETAINED = Rejected(
+    INVALID_PAYLOAD,
+    "Retained messages are not taken: the broker replays them to every new subscription, "
+    "so one reading would be stored again and again. Publish readings without the retain "
+    "flag, and clear this topic's retained message (an empty retained payload).",
+)
 
 
 def _seq_in(payload: bytes) -> int | None:

@@ -169,6 +169,9 @@ class Delivery:
     mid: int
     connection: int
     settled: bool = False
+    # Sent with the retain flag: a retained message replayed to a new subscription (a
+    # message published while subscribed arrives without it; Retain As Published is off).
+    retain: bool = False
 
 
 Handler = Callable[[Delivery], None]
@@ -474,7 +477,10 @@ class MqttLink:
                 "MQTT connected to %s:%d as %s", self._url.host, self._url.port, self._client_id
             )
             client.subscribe(dynsec.RESPONSE, qos=0)
-            client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self._subscriptions])
+            # Not Retain As Published: a message comes with the retain flag only when it is a
+            # retained one replayed to this subscription (MqttIntake refuses those).
+            options = SubscribeOptions(qos=1, retainAsPublished=False)
+            client.subscribe([(topic, options) for topic in self._subscriptions])
             self._on_connected()
             reason = await ended
             if self._leaving:
@@ -519,7 +525,12 @@ class MqttLink:
             return  # never acknowledged: the session delivers it again at the next connection
         self.deliveries += 1
         delivery = Delivery(
-            message.topic, bytes(message.payload), message.qos, message.mid, self._connection
+            message.topic,
+            bytes(message.payload),
+            message.qos,
+            message.mid,
+            self._connection,
+            retain=bool(message.retain),
         )
         if message.qos:
             self._unsettled.append(delivery)

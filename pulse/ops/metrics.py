@@ -150,7 +150,7 @@ class Metrics:
         # Devices over MQTT (PULSE_MQTT_URL): pulse.mqtt.
         self.mqtt_messages = Counter(
             "pulse_mqtt_messages",
-            "MQTT messages settled, by outcome (stored, duplicate, heartbeat, rejected)",
+            "MQTT messages settled, by outcome (stored, duplicate, heartbeat, rejected, retained)",
             ["outcome"],
             registry=r,
         )

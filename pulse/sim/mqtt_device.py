@@ -68,14 +68,17 @@ class MqttDevice:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def publish_nowait(self, topic: str, payload: bytes) -> Future[ReasonCode]:
+    def publish_nowait(
+        self, topic: str, payload: bytes, *, retain: bool = False
+    ) -> Future[ReasonCode]:
         """QoS 1; the future holds the PUBACK's reason (not authorised, for another's topic)."""
         # Not under the lock: paho calls on_publish holding a lock of its own.
-        info = self.client.publish(topic, payload, qos=1)
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         return self._meet(self._acks, info.mid)
 
-    async def publish(self, topic: str, payload: bytes) -> ReasonCode:
-        return await asyncio.wait_for(asyncio.wrap_future(self.publish_nowait(topic, payload)), 10)
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> ReasonCode:
+        future = self.publish_nowait(topic, payload, retain=retain)
+        return await asyncio.wait_for(asyncio.wrap_future(future), 10)
 
     async def subscribe(self, topic: str) -> list[ReasonCode]:
         _, mid = self.client.subscribe(topic, qos=1)

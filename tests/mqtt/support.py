@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 
+from pulse.auth.dev_tokens import mint_token
 from pulse.config import Settings
-from tests.mqtt.broker import Mosquitto
+from tests.mqtt.broker import Device, Mosquitto
+from tests.support import TEST_SECRET, ServeProcess, start_serve
 
 STATUS = "/api/v1/telemetry/stream/status"
 DEVICES = "/api/v1/customer/devices"
@@ -74,3 +77,30 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def serve_env(mosquitto: Mosquitto, client_id: str) -> dict[str, str]:
+    return {"PULSE_MQTT_URL": mosquitto.url, "PULSE_MQTT_CLIENT_ID": client_id}
+
+
+async def serving(tmp_path: Path, settings: Settings, env: dict[str, str]) -> ServeProcess:
+    """`pulse serve`, ready and consuming the device topics."""
+    server = await start_serve(data_dir=tmp_path, database_url=settings.database_url, env=env)
+    try:
+        await server.wait_ready()
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            await wait_subscribed(http)
+    except BaseException:
+        await server.stop()
+        raise
+    return server
+
+
+async def new_device(server: ServeProcess, mosquitto: Mosquitto, device_id: str) -> Device:
+    token = mint_token(TEST_SECRET, tenant_id="t1", roles=("tenant-admin",))
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        r = await http.post(
+            DEVICES, json={"device_id": device_id}, headers={"Authorization": f"Bearer {token}"}
+        )
+    assert r.status_code == 201, r.text
+    return Device(mosquitto, f"t1/{device_id}", r.json()["provision_token"])

@@ -16,12 +16,19 @@ import asyncpg
 import httpx
 import pytest
 
-from pulse.auth.dev_tokens import mint_token
 from pulse.config import Settings
 from pulse.mqtt.service import MEMBERS_LOCK_KEY
 from tests.mqtt.broker import Device, Mosquitto, closing
-from tests.mqtt.support import DEVICES, mqtt_settings, until_rows, wait_subscribed
-from tests.support import TEST_SECRET, ServeProcess, running_server, start_serve
+from tests.mqtt.support import (
+    DEVICES,
+    mqtt_settings,
+    new_device,
+    serve_env,
+    serving,
+    until_rows,
+    wait_subscribed,
+)
+from tests.support import ServeProcess, running_server, start_serve
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,39 +115,12 @@ async def test_a_process_stopped_mid_stream_loses_nothing(
     assert await pool.fetchval("SELECT count(DISTINCT seq) FROM telemetry") == count
 
 
-def serve_env(mosquitto: Mosquitto, client_id: str) -> dict[str, str]:
-    return {"PULSE_MQTT_URL": mosquitto.url, "PULSE_MQTT_CLIENT_ID": client_id}
-
-
-async def serving(tmp_path: Path, settings: Settings, env: dict[str, str]) -> ServeProcess:
-    """`pulse serve`, ready and consuming the device topics."""
-    server = await start_serve(data_dir=tmp_path, database_url=settings.database_url, env=env)
-    try:
-        await server.wait_ready()
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-            await wait_subscribed(http)
-    except BaseException:
-        await server.stop()
-        raise
-    return server
-
-
 async def until_members(pool: asyncpg.Pool, *client_ids: str) -> None:
     """Until each of ``client_ids`` counts in the shared group (migrations/0020)."""
     query = "SELECT count(*) FROM mqtt_members WHERE client_id = ANY($1) AND NOT leaving"
     async with asyncio.timeout(10):
         while await pool.fetchval(query, list(client_ids)) < len(client_ids):  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-
-
-async def new_device(server: ServeProcess, mosquitto: Mosquitto, device_id: str) -> Device:
-    token = mint_token(TEST_SECRET, tenant_id="t1", roles=("tenant-admin",))
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-        r = await http.post(
-            DEVICES, json={"device_id": device_id}, headers={"Authorization": f"Bearer {token}"}
-        )
-    assert r.status_code == 201, r.text
-    return Device(mosquitto, f"t1/{device_id}", r.json()["provision_token"])
 
 
 async def publish_while_down(device: Device, count: int) -> None:
