@@ -15,6 +15,11 @@ import time
 from pathlib import Path
 
 ADMIN = "pulse-admin"
+# The broker's limit on a message's payload, as docs/ingest.md asks of every broker Pulse
+# uses: a reading is at most 1 MiB (pulse.mqtt.intake.MAX_PAYLOAD), and the broker
+# refuses a larger one at the door (PUBACK 149, "packet too large"), where without it
+# it would acknowledge it and then drop it (over 16 MiB, Pulse's Maximum Packet Size).
+MESSAGE_SIZE_LIMIT = 1024 * 1024
 PLUGIN_NAME = "mosquitto_dynamic_security.so"
 MISSING = (
     "mosquitto is not installed: apt-get install mosquitto (Debian's package, with its "
@@ -71,7 +76,12 @@ class Mosquitto:
     live in ``directory``, so a broker started again there knows what it knew."""
 
     def __init__(
-        self, directory: Path, port: int | None = None, *, tls: tuple[Path, Path] | None = None
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        tls: tuple[Path, Path] | None = None,
+        message_size_limit: int | None = MESSAGE_SIZE_LIMIT,
     ) -> None:
         found = mosquitto_binaries()
         if found is None:
@@ -83,6 +93,8 @@ class Mosquitto:
         # A second listener, with TLS: (certificate chain, key), PEM files.
         self.tls = tls
         self.tls_port = free_port() if tls else None
+        # None: no limit (a test of what Pulse does on a broker configured without one).
+        self.message_size_limit = message_size_limit
         self.proc: asyncio.subprocess.Process | None = None
         self.password = ""
 
@@ -153,6 +165,11 @@ class Mosquitto:
             "max_queued_messages 100000\n"
             # Small messages go out at once, not held back by Nagle's algorithm.
             "set_tcp_nodelay true\n"
+            + (
+                f"message_size_limit {self.message_size_limit}\n"
+                if self.message_size_limit is not None
+                else ""
+            )
             + (
                 f"listener {self.tls_port} 127.0.0.1\n"
                 f"certfile {self.tls[0]}\nkeyfile {self.tls[1]}\n"

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from pulse.config import Settings
+from pulse.sim.broker import MESSAGE_SIZE_LIMIT
 from tests.mqtt.broker import MOSQUITTO_MISSING, Mosquitto, mosquitto_binaries
 from tests.mqtt.support import Pulse, mqtt_settings, wait_subscribed
 from tests.support import free_port, running_server
@@ -23,9 +24,17 @@ def mosquitto_binary() -> None:
 
 
 @pytest.fixture
-async def mosquitto(mosquitto_binary: None, tmp_path: Path) -> AsyncIterator[Mosquitto]:
-    """A Mosquitto of this test's own, started."""
-    broker = Mosquitto(tmp_path / "mosquitto", port=free_port())  # kept across its restarts
+async def mosquitto(
+    mosquitto_binary: None, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Mosquitto]:
+    """A Mosquitto of this test's own, started; configured as docs/ingest.md asks, or,
+    for a test marked broker_without_size_limit, without its message_size_limit."""
+    unlimited = request.node.get_closest_marker("broker_without_size_limit") is not None
+    broker = Mosquitto(
+        tmp_path / "mosquitto",
+        port=free_port(),  # kept across its restarts
+        message_size_limit=None if unlimited else MESSAGE_SIZE_LIMIT,
+    )
     await broker.start()
     try:
         yield broker

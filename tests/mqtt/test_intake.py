@@ -9,8 +9,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
+import shutil
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -282,6 +285,7 @@ async def test_readings_waiting_for_the_database_say_so_once_per_ten_seconds(
     assert [r.getMessage().split(":")[0] for r in said] == ["MQTT readings wait for the database"]
 
 
+@pytest.mark.broker_without_size_limit
 async def test_a_payload_over_the_limit_is_answered_unread(
     pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
 ) -> None:
@@ -303,6 +307,7 @@ async def test_a_payload_over_the_limit_is_answered_unread(
     assert [r["seq"] for r in await rows(pool)] == [8]
 
 
+@pytest.mark.broker_without_size_limit
 async def test_a_packet_over_pulse_s_maximum_is_not_delivered_to_it(
     pulse: Pulse, mosquitto: Mosquitto, pool: asyncpg.Pool
 ) -> None:
@@ -323,6 +328,33 @@ async def test_a_packet_over_pulse_s_maximum_is_not_delivered_to_it(
     assert metric(metrics, 'pulse_mqtt_messages_total{outcome="rejected"}') == 0
     assert metric(metrics, 'pulse_mqtt_messages_total{outcome="stored"}') == 1
     assert status["reconnects"] == reconnects  # not disconnected for it either
+
+
+async def test_the_broker_refuses_a_payload_over_the_limit_at_the_door(
+    pulse: Pulse, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The test's (and `pulse demo`'s) broker is configured as docs/ingest.md asks, with
+    message_size_limit: a payload over 1 MiB is refused in the device's PUBACK (149,
+    "packet too large"), never queued for Pulse. Without it the broker acknowledged a
+    17 MiB payload (Success) and then dropped it (the MQTT audit)."""
+    if shutil.which("mosquitto_pub") is None:
+        message = "mosquitto_pub is missing: apt-get install mosquitto-clients (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    token = await pulse.device("dev-1")
+    big = tmp_path / "big.json"
+    big.write_bytes(b"x" * (MAX_PAYLOAD + 1))
+    command = ["mosquitto_pub", "-d", "-V", "mqttv5", "-q", "1", "-h", "127.0.0.1"]
+    command += ["-p", str(mosquitto.port), "-i", "t1/dev-1", "-u", "t1/dev-1", "-P", token]
+    command += ["-t", "pulse/t1/dev-1/telemetry", "-f", str(big)]
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    said, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert "received PUBACK (Mid: 1, RC:149)" in said.decode(), said.decode()
+    metrics = (await pulse.http.get("/metrics")).text
+    assert metric(metrics, 'pulse_mqtt_messages_total{outcome="rejected"}') == 0
 
 
 async def test_an_unknown_device_is_answered(
