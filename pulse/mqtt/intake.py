@@ -110,17 +110,23 @@ class MqttIntake:
             return await self._written(deliveries, items, receipt)
         except _Failed:
             if len(deliveries) == 1:
-                return [_REFUSED]
+                return [self._refused()]
         outcomes: list[Outcome] = []
         for delivery, item in zip(deliveries, items, strict=True):
             try:
                 alone = await self._written([delivery], [item], receipt)
             except _Failed:
-                alone = [_REFUSED]
+                alone = [self._refused()]
             if alone is None:
                 return None
             outcomes += alone
         return outcomes
+
+    def _refused(self) -> Rejected:
+        """Refused here, where Ingest never answered: counted as Ingest counts the
+        refusals it answers (pulse_ingest_rejected_total, by reason)."""
+        self._metrics.ingest_rejected.labels(_REFUSED.reason.code).inc()
+        return _REFUSED
 
     async def _written(
         self, deliveries: list[Delivery], items: list[intake.Item], receipt: Receipt

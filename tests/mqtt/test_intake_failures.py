@@ -83,3 +83,31 @@ async def test_only_the_message_that_fails_alone_is_refused(pool: asyncpg.Pool) 
         "error": "internal_error",
         "seq": 1,
     }
+    assert refused(metrics) == 1
+
+
+def refused(metrics: Metrics) -> float | None:
+    """pulse_ingest_rejected_total{reason="internal_error"}, which counts MQTT readings too."""
+    return metrics.registry.get_sample_value(  # type: ignore[no-any-return]
+        "pulse_ingest_rejected_total", {"reason": "internal_error"}
+    )
+
+
+async def test_a_message_written_alone_that_fails_is_refused_and_counted(
+    pool: asyncpg.Pool,
+) -> None:
+    await provision_device(pool, "t1", "dev-2")
+    await pool.execute(POISON)
+    metrics = Metrics()
+    intake = MqttIntake(Ingest(TelemetryWriter(seam(pool)), metrics), metrics)
+    broker = Broker()
+    intake.attach(broker)  # type: ignore[arg-type]
+    message = delivery(1, "dev-2", {"poison": 1}, 1)
+    intake.on_delivery(message)
+    try:
+        await until(lambda: bool(broker.settled), 20)
+    finally:
+        await intake.stop()
+    assert broker.settled == [message]
+    assert json.loads(broker.published[0][1])["error"] == "internal_error"
+    assert refused(metrics) == 1
