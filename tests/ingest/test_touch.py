@@ -14,7 +14,7 @@ import pytest
 
 from pulse.config import Settings
 from pulse.fleet.rules import evaluate_alerts
-from pulse.fleet.sweeper import sweep_statuses
+from pulse.fleet.sweeper import Swept, sweep_statuses
 from pulse.ingest.model import Accepted, Submission
 from pulse.ingest.validation import Reading
 from pulse.ingest.writer import CHECK_AHEAD_FROM, TelemetryWriter, Written
@@ -96,13 +96,7 @@ async def test_a_device_the_sweeper_moved_comes_online_with_its_next_message(
     came_online = CameOnline()
     writer = TelemetryWriter(seam(pool), hooks=[came_online], seen_precision_s=3600)
     await writer.write([Submission("t1", "dev-1", token, reading(1))])
-    async with pool.acquire() as conn:  # the sweeper's clock a minute ahead
-        swept = await sweep_statuses(
-            conn,
-            stale_after_s=30,
-            offline_after_s=300,
-            now=datetime.now(UTC) + timedelta(minutes=1),
-        )
+    swept = await sweep_a_minute_ahead(pool)
     assert swept.stale == 1
     assert (await row_version(pool))["status"] == "STALE"
     await writer.write([Submission("t1", "dev-1", token, reading(2))])
@@ -173,13 +167,7 @@ async def test_a_device_the_sweeper_moved_while_its_write_waited_is_online_when_
             writer.write([Submission("t1", "dev-1", token, reading(2))] * count)
         )
         await until_a_backend_waits_for_a_lock(pool, for_s=precision)
-        async with pool.acquire() as conn:  # the sweeper's clock a minute ahead
-            swept = await sweep_statuses(
-                conn,
-                stale_after_s=30,
-                offline_after_s=300,
-                now=datetime.now(UTC) + timedelta(minutes=1),
-            )
+        swept = await sweep_a_minute_ahead(pool)
         assert (swept.stale, swept.alerts_opened) == (1, 1)
     outcomes = await write
     assert all(isinstance(outcome, Accepted) for outcome in outcomes)
@@ -242,3 +230,14 @@ async def test_a_device_is_marked_seen_when_its_write_had_waited_not_when_it_beg
     row = await row_version(pool)
     assert row["status"] == "ONLINE"
     assert row["last_seen_at"] >= released_at
+
+
+async def sweep_a_minute_ahead(pool: asyncpg.Pool) -> Swept:
+    """A sweep whose clock is a minute ahead: a device seen just now is STALE to it."""
+    async with pool.acquire() as conn:
+        return await sweep_statuses(
+            conn,
+            stale_after_s=30,
+            offline_after_s=300,
+            now=datetime.now(UTC) + timedelta(minutes=1),
+        )

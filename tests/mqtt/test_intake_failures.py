@@ -55,10 +55,7 @@ async def test_only_the_message_that_fails_alone_is_refused(pool: asyncpg.Pool) 
     await provision_device(pool, "t1", "dev-1")
     await provision_device(pool, "t1", "dev-2")
     await pool.execute(POISON)
-    metrics = Metrics()
-    intake = MqttIntake(Ingest(TelemetryWriter(seam(pool)), metrics), metrics)
-    broker = Broker()
-    intake.attach(broker)  # type: ignore[arg-type]
+    metrics, intake, broker = attached(pool)
     burst = [
         delivery(1, "dev-1", {"n": 1}, 1),
         delivery(2, "dev-2", {"poison": 1}, 1),
@@ -98,10 +95,7 @@ async def test_a_message_written_alone_that_fails_is_refused_and_counted(
 ) -> None:
     await provision_device(pool, "t1", "dev-2")
     await pool.execute(POISON)
-    metrics = Metrics()
-    intake = MqttIntake(Ingest(TelemetryWriter(seam(pool)), metrics), metrics)
-    broker = Broker()
-    intake.attach(broker)  # type: ignore[arg-type]
+    metrics, intake, broker = attached(pool)
     message = delivery(1, "dev-2", {"poison": 1}, 1)
     intake.on_delivery(message)
     try:
@@ -111,3 +105,12 @@ async def test_a_message_written_alone_that_fails_is_refused_and_counted(
     assert broker.settled == [message]
     assert json.loads(broker.published[0][1])["error"] == "internal_error"
     assert refused(metrics) == 1
+
+
+def attached(pool: asyncpg.Pool) -> tuple[Metrics, MqttIntake, Broker]:
+    """An intake writing to ``pool``, attached to a stand-in broker."""
+    metrics = Metrics()
+    intake = MqttIntake(Ingest(TelemetryWriter(seam(pool)), metrics), metrics)
+    broker = Broker()
+    intake.attach(broker)  # type: ignore[arg-type]
+    return metrics, intake, broker
