@@ -1,0 +1,63 @@
+"""What the device cards show: the filter's choice, each device's newest values, its
+chart in time order, and the alert rules as they are now.
+
+Found by an audit in a real browser: the filter hid no card (a class's `display` beat
+the `hidden` attribute).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.dashboard.browser import MISSING, chromium_installed, chromium_page
+from tests.support import insert_readings, provision_device
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not chromium_installed(), reason=MISSING),
+]
+
+
+async def test_the_filter_hides_the_cards_that_do_not_match(
+    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    from playwright.async_api import expect
+
+    for device in ("boiler-1", "boiler-2", "chiller-1", "pump-1"):
+        await provision_device(pool, "t1", device)
+    await pool.execute(
+        "UPDATE devices SET name = 'North chiller', site_id = 'plant-b'"
+        " WHERE device_id = 'chiller-1'"
+    )
+    await insert_readings(pool, "t1", [("pump-1", {"temp": 20.0})])
+    async with chromium_page() as page:
+        await page.goto(f"{server}/#token={make_token()}")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        cards = page.locator("#device-grid .device")
+        await expect(cards).to_have_count(4)
+
+        def card(device: str) -> Any:
+            return page.locator(f'.device[data-device-id="{device}"]')
+
+        await page.fill("#device-filter", "boil")
+        for device in ("boiler-1", "boiler-2"):
+            await expect(card(device)).to_be_visible()
+        for device in ("chiller-1", "pump-1"):
+            await expect(card(device)).to_be_hidden()
+        # The cards shown close up: the second boiler beside the first, not after gaps.
+        first, second = [await card(d).bounding_box() for d in ("boiler-1", "boiler-2")]
+        assert first and second and second["y"] == first["y"] and second["x"] > first["x"]
+
+        await page.fill("#device-filter", "NORTH")  # by name, whatever the case
+        await expect(card("chiller-1")).to_be_visible()
+        await expect(cards.filter(visible=True)).to_have_count(1)
+        await page.fill("#device-filter", "plant-b")  # by site
+        await expect(cards.filter(visible=True)).to_have_count(1)
+        await expect(card("chiller-1")).to_be_visible()
+
+        await page.fill("#device-filter", "")
+        await expect(cards.filter(visible=True)).to_have_count(4)
