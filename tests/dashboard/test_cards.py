@@ -2,18 +2,22 @@
 chart in time order, and the alert rules as they are now.
 
 Found by an audit in a real browser: the filter hid no card (a class's `display` beat
-the `hidden` attribute).
+the `hidden` attribute); a reading delivered late (a gateway's buffer, its time half an
+hour old) showed as the device's current value and was charted at the end, a line drawn
+back across the chart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
-from tests.dashboard.browser import MISSING, chromium_installed, chromium_page
+from tests.dashboard.browser import MISSING, chromium_installed, chromium_page, wait_until
+from tests.history.readings import readings_at
 from tests.support import insert_readings, provision_device
 
 pytestmark = [
@@ -61,3 +65,46 @@ async def test_the_filter_hides_the_cards_that_do_not_match(
 
         await page.fill("#device-filter", "")
         await expect(cards.filter(visible=True)).to_have_count(4)
+
+
+async def test_a_reading_delivered_late_is_charted_in_its_place_and_not_shown_as_latest(
+    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    from playwright.async_api import expect
+
+    await provision_device(pool, "t1", "gateway")
+    now = datetime.now(UTC)
+    await readings_at(pool, "t1", [("gateway", now - timedelta(minutes=20), {"temp": 20.0})])
+    chart = "window.pulseDashboard.chart('gateway')"
+    async with chromium_page() as page:
+        await page.goto(f"{server}/#token={make_token()}")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        await wait_until(page, f"{chart}?.[0].length === 1")  # its history
+
+        (current,) = await readings_at(pool, "t1", [("gateway", now, {"temp": 22.0})])
+        await wait_until(page, f"window.pulseDashboard.ids.includes({current})")
+        (late,) = await readings_at(
+            pool, "t1", [("gateway", now - timedelta(minutes=30), {"temp": 95.5})]
+        )
+        await wait_until(page, f"window.pulseDashboard.ids.includes({late})")
+        await wait_until(page, f"{chart}[0].length === 3")
+        times, values = await page.evaluate(chart)
+        assert times == sorted(times), times
+        assert values == [95.5, 20.0, 22.0], values
+        value = page.locator('.device[data-device-id="gateway"] .metric[data-metric="temp"] .value')
+        await expect(value).to_have_text("22.0")
+
+        # Older than the chart's range (an hour): in the table of events, not on the chart.
+        (old,) = await readings_at(
+            pool, "t1", [("gateway", now - timedelta(hours=2), {"temp": 50.0})]
+        )
+        (newer,) = await readings_at(
+            pool, "t1", [("gateway", now + timedelta(seconds=1), {"temp": 23.0})]
+        )
+        await wait_until(page, f"window.pulseDashboard.ids.includes({newer})")
+        assert old in await page.evaluate("window.pulseDashboard.ids")
+        await expect(value).to_have_text("23.0")
+        await wait_until(page, f"{chart}[1].at(-1) === 23")
+        times, values = await page.evaluate(chart)
+        assert times == sorted(times) and len(times) == 4, times
+        assert 50.0 not in values, values

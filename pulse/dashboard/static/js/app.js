@@ -362,22 +362,29 @@ class Dashboard {
     const index = new Map(times.map((t, i) => [t, i]));
     device.times = times;
     device.series = dict();
+    device.counts = dict();
     let counted = 0;
-    // Live readings go into buckets of the history's width (raw: a point each), the
-    // last one weighed by the readings the history counted in it.
+    // Live readings go into buckets of the history's width (raw: a point each), each
+    // weighed by the readings the history counted in it.
     device.widthS = own(WIDTHS_S, body.bucket, 0);
-    device.weights = dict();
     for (const points of Object.values(body.series)) {
       counted = Math.max(counted, points.reduce((sum, p) => sum + p.count, 0));
     }
     for (const name of kept) {
       const points = body.series[name];
       const values = times.map(() => null);
-      for (const point of points) values[index.get(toSeconds(point.t))] = point.avg;
-      const last = points.at(-1);
-      if (last && toSeconds(last.t) === times.at(-1)) device.weights[name] = last.count;
+      const counts = times.map(() => 0);
+      for (const point of points) {
+        const at = index.get(toSeconds(point.t));
+        values[at] = point.avg;
+        counts[at] = point.count;
+      }
       device.series[name] = values;
-      if (!(name in device.latest) && points.length) device.latest[name] = points.at(-1).last;
+      device.counts[name] = counts;
+      // Its last value, unless the stream gave one of a later time (its bucket's start:
+      // a live reading in that bucket is taken as the later).
+      const last = points.at(-1);
+      if (last) this.setLatest(device, name, last.last, toSeconds(last.t), 0);
     }
     device.seam = Math.max(device.seam ?? 0, body.last_event_id);
     // Live events charted while the history loaded: those after its seam, again.
@@ -516,9 +523,10 @@ class Dashboard {
         untracked: false, // the device sent more
         order: null, // the names its card shows, in order
         times: [],
+        latestAt: dict(), // by metric: [device time (s), event id] of its latest value
         series: dict(),
+        counts: dict(), // by metric, readings averaged into each point of its series
         widthS: this.liveWidth(), // the history's bucket width: live readings are averaged into such buckets
-        weights: dict(), // readings in the last bucket, by metric
         dirty: false,
         chartDirty: false,
         chartAt: 0,
@@ -605,10 +613,10 @@ class Dashboard {
       return;
     }
     const metrics = event.data.metrics;
-    for (const name of Object.keys(metrics)) {
-      if (this.tracks(device, name)) device.latest[name] = metrics[name];
-    }
     const t = Date.parse(event.data.time) / 1000;
+    for (const name of Object.keys(metrics)) {
+      if (this.tracks(device, name)) this.setLatest(device, name, metrics[name], t, event.id);
+    }
     const seen = Math.min(now, t * 1000);
     if (device.lastSeen === null || seen > device.lastSeen) device.lastSeen = seen;
     device.lastId = event.id;
@@ -628,34 +636,53 @@ class Dashboard {
     if (live) this.arrivals.push(now);
   }
 
-  // An event's readings on its device's chart.
+  // A metric's value as its device's latest, unless the device sent a later one: by
+  // device time, then by event id. A reading a gateway delivers late (buffered, its
+  // time older) arrives after newer ones, and showed as current.
+  setLatest(device, name, value, t, id) {
+    const [at, atId] = own(device.latestAt, name, [-Infinity, -1]);
+    if (t < at || (t === at && id < atId)) return;
+    device.latest[name] = value;
+    device.latestAt[name] = [t, id];
+  }
+
+  // An event's readings on its device's chart, at their place in time: a reading
+  // delivered late went at the end, and uPlot drew a line back across the chart.
   chartReading(device, event) {
     const metrics = event.data.metrics;
     const t = Date.parse(event.data.time) / 1000;
-    // In the bucket of the chart's last point: averaged into it. A point per reading
-    // over a range of days grew without end (604,800 a week per device at 1 a second).
+    // In the bucket of a point: averaged into it. A point per reading over a range of
+    // days grew without end (604,800 a week per device at 1 a second).
     const width = device.widthS;
     const start = width ? Math.floor(t / width) * width : t;
-    const into = width > 0 && device.times.length > 0 && device.times.at(-1) === start;
-    if (!into) {
-      device.times.push(start);
-      device.weights = dict();
+    const times = device.times;
+    const newest = times.length ? Math.max(times.at(-1), t) : t;
+    if (!(t >= newest - this.rangeS)) return; // older than the chart's range (or no time)
+    // After every point not later than it: a late reading is a few steps from the end.
+    let at = times.length;
+    while (at > 0 && times[at - 1] > start) at -= 1;
+    if (width > 0 && at > 0 && times[at - 1] === start) at -= 1;
+    else {
+      times.splice(at, 0, start);
+      for (const name of Object.keys(device.series)) {
+        device.series[name].splice(at, 0, null);
+        device.counts[name].splice(at, 0, 0);
+      }
     }
     for (const name of device.tracked) {
       const value = own(metrics, name, undefined);
       if (typeof value !== "number") continue;
-      if (!device.series[name]) device.series[name] = device.times.map(() => null);
+      if (!device.series[name]) {
+        device.series[name] = times.map(() => null);
+        device.counts[name] = times.map(() => 0);
+      }
       const values = device.series[name];
-      if (values.length < device.times.length) values.push(null);
-      const weight = own(device.weights, name, 0);
-      const before = values.at(-1);
-      values[values.length - 1] = weight && before !== null ? (before * weight + value) / (weight + 1) : value;
-      device.weights[name] = weight + 1;
+      const counts = device.counts[name];
+      const weight = counts[at];
+      values[at] = weight && values[at] !== null ? (values[at] * weight + value) / (weight + 1) : value;
+      counts[at] = weight + 1;
     }
-    for (const values of Object.values(device.series)) {
-      if (values.length < device.times.length) values.push(null);
-    }
-    this.trim(device, t);
+    this.trim(device, newest);
   }
 
   // A device with no history yet: the bucket width its range's history would have
@@ -678,6 +705,7 @@ class Dashboard {
     if (drop) {
       device.times.splice(0, drop);
       for (const values of Object.values(device.series)) values.splice(0, drop);
+      for (const counts of Object.values(device.counts)) counts.splice(0, drop);
     }
   }
 
@@ -1091,6 +1119,11 @@ async function open(session) {
     // How many points each device's chart holds.
     get points() {
       return dashboard ? Object.fromEntries([...dashboard.devices].map(([id, d]) => [id, d.times.length])) : null;
+    },
+    // What a device's chart was last given: its times and the charted metric's values.
+    chart(id) {
+      const device = dashboard && dashboard.devices.get(id);
+      return device && device.chart ? device.chart.plot.data.map((values) => Array.from(values)) : null;
     },
     // How many metrics each device's chart keeps.
     get metrics() {
