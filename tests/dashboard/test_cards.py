@@ -4,7 +4,8 @@ chart in time order, and the alert rules as they are now.
 Found by an audit in a real browser: the filter hid no card (a class's `display` beat
 the `hidden` attribute); a reading delivered late (a gateway's buffer, its time half an
 hour old) showed as the device's current value and was charted at the end, a line drawn
-back across the chart.
+back across the chart; a card's metric tiles kept the names it showed first, so that a
+fifth tile stood with its first value, never updated, among the four shown.
 """
 
 from __future__ import annotations
@@ -108,3 +109,32 @@ async def test_a_reading_delivered_late_is_charted_in_its_place_and_not_shown_as
         times, values = await page.evaluate(chart)
         assert times == sorted(times) and len(times) == 4, times
         assert 50.0 not in values, values
+
+
+async def test_a_card_shows_its_first_four_metrics_with_their_latest_values(
+    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    from playwright.async_api import expect
+
+    await provision_device(pool, "t1", "multi")
+
+    async def send(metrics: dict[str, float]) -> None:
+        (event,) = await insert_readings(pool, "t1", [("multi", metrics)])
+        await wait_until(page, f"window.pulseDashboard.ids.includes({event})")
+
+    async with chromium_page() as page:
+        tiles = page.locator('.device[data-device-id="multi"] .metric')
+        await page.goto(f"{server}/#token={make_token()}")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        await send({"zz": 1.0})
+        await expect(tiles.locator(".value")).to_have_text(["1.00"])
+        await send({"aa": 10.0, "bb": 20.0, "cc": 30.0, "dd": 40.0})
+        await send({"zz": 99.0})
+        # Four tiles, the first four names: zz's tile, with its first value, is gone.
+        await expect(tiles.locator(".name")).to_have_text(["aa", "bb", "cc", "dd"])
+        await expect(tiles.locator(".value")).to_have_text(["10.0", "20.0", "30.0", "40.0"])
+
+        # A preferred metric comes first; the last of the four makes room for it.
+        await send({"temp": 21.5, "cc": 31.0})
+        await expect(tiles.locator(".name")).to_have_text(["temp", "aa", "bb", "cc"])
+        await expect(tiles.locator(".value")).to_have_text(["21.5", "10.0", "20.0", "31.0"])

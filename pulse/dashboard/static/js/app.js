@@ -737,7 +737,18 @@ class Dashboard {
   renderValues(device) {
     device.dirty = false;
     const { metrics, values, seen, last, more } = device.nodes;
-    if (!device.order) device.order = Object.keys(device.latest).sort(preferredFirst).slice(0, 4);
+    // The names shown change as the device sends new ones (tracks() forgets the order):
+    // the tiles follow, those no longer among them go. A tile left behind kept its old
+    // value, shown as current, and a card had more than four.
+    const reorder = !device.order;
+    if (reorder) {
+      device.order = Object.keys(device.latest).sort(preferredFirst).slice(0, 4);
+      for (const [name, node] of Object.entries(values)) {
+        if (device.order.includes(name)) continue;
+        node.remove();
+        delete values[name];
+      }
+    }
     more.hidden = !device.untracked;
     for (const name of device.order) {
       let node = values[name];
@@ -759,6 +770,7 @@ class Dashboard {
       node.valueNode.textContent = formatValue(v);
       node.classList.toggle("breach", this.breaches(device.id, name, v));
     }
+    if (reorder) metrics.replaceChildren(...device.order.map((name) => values[name]));
     seen.textContent = `seen ${ago(device.lastSeen)}`;
     last.textContent = device.lastId ? `#${device.lastId}` : "";
   }
