@@ -5,16 +5,20 @@ Found by an audit in a real browser: the filter hid no card (a class's `display`
 the `hidden` attribute); a reading delivered late (a gateway's buffer, its time half an
 hour old) showed as the device's current value and was charted at the end, a line drawn
 back across the chart; a card's metric tiles kept the names it showed first, so that a
-fifth tile stood with its first value, never updated, among the four shown.
+fifth tile stood with its first value, never updated, among the four shown; the alert
+rules were read once, at load, so that a rule added while the page was open drew no
+threshold and no value in red, and a deleted one kept them.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from tests.dashboard.browser import MISSING, chromium_installed, chromium_page, wait_until
@@ -138,3 +142,46 @@ async def test_a_card_shows_its_first_four_metrics_with_their_latest_values(
         await send({"temp": 21.5, "cc": 31.0})
         await expect(tiles.locator(".name")).to_have_text(["temp", "aa", "bb", "cc"])
         await expect(tiles.locator(".value")).to_have_text(["21.5", "10.0", "20.0", "31.0"])
+
+
+async def test_rules_added_or_deleted_while_the_page_is_open_are_shown(
+    server: str, http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    from playwright.async_api import expect
+
+    admin = make_token(roles=("tenant-admin",))
+    headers = {"Authorization": f"Bearer {admin}"}
+    token = await provision_device(pool, "t1", "oven")
+
+    async def send(temp: float) -> None:
+        r = await http.post(
+            "/ingest/v1/tenant/t1/device/oven/telemetry",
+            json={"metrics": {"temp": temp}},
+            headers={"X-Provision-Token": token},
+        )
+        assert r.status_code == 201, r.text
+        await wait_until(page, f"window.pulseDashboard.ids.includes({r.json()['id']})")
+
+    async with chromium_page() as page:
+        temp = page.locator('.device[data-device-id="oven"] .metric[data-metric="temp"]')
+        alerts = page.locator("#alert-list .alert")
+        await page.goto(f"{server}/#token={admin}")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        await send(25.0)
+        await expect(temp.locator(".value")).to_have_text("25.0")
+
+        rule = {"name": "hot", "metric": "temp", "operator": ">", "threshold": 30, "severity": 4}
+        r = await http.post("/api/v1/customer/alert-rules", json=rule, headers=headers)
+        assert r.status_code == 201, r.text
+        await send(35.0)
+        await expect(alerts).to_have_count(1)
+        await expect(temp.locator(".value")).to_have_text("35.0")
+        await expect(temp).to_have_class(re.compile(r"\bbreach\b"))
+
+        # Deleted: its alert closes, and the value is no longer red.
+        r = await http.delete(
+            f"/api/v1/customer/alert-rules/{r.json()['rule_id']}", headers=headers
+        )
+        assert r.status_code == 204, r.text
+        await expect(alerts).to_have_count(0)
+        await expect(temp).not_to_have_class(re.compile(r"\bbreach\b"))

@@ -51,6 +51,10 @@ const DEVICE_REFRESH_MIN_MS = 5000;
 const DEVICE_REFRESH_MAX_MS = 60000;
 const DEVICE_REFRESH_PER_DEVICE_MS = 10;
 const DEVICE_REFRESH_EVERY_MS = 300000;
+// The alert rules (thresholds drawn, values in red) are read again when the active
+// alerts come and go (a rule added and broken, a rule deleted: its alerts close), and
+// every minute for the rules that raise none.
+const RULES_REFRESH_MS = 60000;
 const LOG_LIMIT = 200000;
 // The history's bucket widths (docs/history.md), in seconds.
 const WIDTHS_S = { "1m": 60, "5m": 300, "15m": 900, "1h": 3600, "1d": 86400 };
@@ -128,6 +132,10 @@ class Dashboard {
     this.devices = new Map();
     this.alerts = [];
     this.rules = [];
+    this.rulesText = "[]"; // as read: a read that changed nothing renders nothing
+    this.rulesReading = false;
+    this.rulesAgain = false; // asked for again while read
+    this.alertIds = null; // the active alerts' ids, as last pushed or read
     this.summary = null;
     this.pending = [];
     this.recent = [];
@@ -168,7 +176,10 @@ class Dashboard {
     });
     this.fleet = new FleetSocket(session, {
       onSummary: (summary) => this.setSummary(summary),
-      onAlerts: (alerts) => this.setAlerts(alerts, alerts.length >= ALERTS_PUSHED),
+      onAlerts: (alerts) => {
+        this.setAlerts(alerts, alerts.length >= ALERTS_PUSHED);
+        this.alertsMoved(alerts);
+      },
       onState: () => this.renderConnection(),
       onAuthError: (error) => signOut(error.message),
       onFatal: (error) => {
@@ -212,6 +223,7 @@ class Dashboard {
     this.timers.push(setInterval(() => this.flush(), FLUSH_MS));
     this.timers.push(setInterval(() => this.tick(), 1000));
     this.timers.push(setInterval(() => this.scheduleDeviceRefresh(), DEVICE_REFRESH_EVERY_MS));
+    this.timers.push(setInterval(() => this.refreshRules(), RULES_REFRESH_MS));
     this.onResize = () => this.resizeCharts();
     window.addEventListener("resize", this.onResize);
     // Without a position (the server could not say), a stream opened at "now" might
@@ -259,8 +271,11 @@ class Dashboard {
     // The fleet WebSocket sends the summary and the alerts too: without them here
     // the page waits for it. Without the rules, it cannot ask again.
     if (summary) this.setSummary(summary);
-    if (alerts) this.setAlerts(alerts.alerts, Boolean(alerts.next_cursor));
-    if (rules) this.rules = rules;
+    if (alerts) {
+      this.setAlerts(alerts.alerts, Boolean(alerts.next_cursor));
+      this.alertIds = alertIds(alerts.alerts);
+    }
+    if (rules) this.setRules(rules);
     else if (!optional(results[3].reason)) {
       problems.set("rules", `Could not load the alert rules: ${sentence(results[3].reason.message)}`);
     }
@@ -498,6 +513,50 @@ class Dashboard {
     // Device statuses moved in a way the cards do not show: fetch them so that the
     // cards agree with the numbers.
     if (this.disagrees(summary)) this.scheduleDeviceRefresh();
+  }
+
+  // Active alerts raised or gone (not only acknowledged): a rule may have been added or
+  // deleted. The rules were read once, at load: a rule added while the page was open
+  // drew no threshold and no red value, a deleted one kept them.
+  alertsMoved(alerts) {
+    const ids = alertIds(alerts);
+    if (ids === this.alertIds) return;
+    this.alertIds = ids;
+    this.refreshRules();
+  }
+
+  // The tenant's rules again, one read at a time (one more after it when asked meanwhile).
+  async refreshRules() {
+    if (this.rulesReading) {
+      this.rulesAgain = true;
+      return;
+    }
+    this.rulesReading = true;
+    try {
+      do {
+        this.rulesAgain = false;
+        const rules = await this.session.requestAll("/api/v1/customer/alert-rules", "rules");
+        if (this.stopped) return;
+        this.setRules(rules);
+      } while (this.rulesAgain);
+    } catch (error) {
+      // Else the rules shown stay, until the next change of the alerts or minute.
+      if (error instanceof AuthError && !this.stopped) signOut(error.message);
+    } finally {
+      this.rulesReading = false;
+    }
+  }
+
+  setRules(rules) {
+    problems.clear("rules");
+    const text = JSON.stringify(rules);
+    if (text === this.rulesText) return;
+    this.rules = rules;
+    this.rulesText = text;
+    for (const device of this.devices.values()) {
+      device.dirty = device.chartDirty = true;
+      device.chartAt = 0;
+    }
   }
 
   // `partial`: the newest of more (a page of the REST list, the WebSocket's 100).
@@ -1005,6 +1064,8 @@ class Dashboard {
     device.nodes.card.hidden = Boolean(this.filter) && !haystack.includes(this.filter);
   }
 }
+
+const alertIds = (alerts) => alerts.map((a) => String(a.alert_id)).sort().join(",");
 
 // A server without this API (404) leaves its part of the page empty, silently.
 function optional(error) {
