@@ -924,6 +924,9 @@ class Dashboard {
   alertButton(alert, action, label) {
     const button = el("button", "small", label);
     button.type = "button";
+    // Which alert, for a screen reader's list of buttons (a dozen say "Close").
+    const type = own(TYPE_LABELS, alert.alert_type, alert.alert_type);
+    button.setAttribute("aria-label", `${label} alert: ${alert.summary || type}${alert.device_id ? ` (${alert.device_id})` : ""}`);
     button.dataset.action = action;
     button.addEventListener("click", async () => {
       button.disabled = true;
@@ -1130,7 +1133,21 @@ function clearPage() {
   $("devices-empty").hidden = true;
   $("alerts-empty").textContent = "Loading alerts…";
   $("alerts-empty").hidden = false;
+  $("banner").hidden = true;
+  // The pill said "Live" behind the sign-in form after a token expired.
+  showConnection("signed-out", "Signed out");
   document.title = "Pulse · Fleet";
+}
+
+// The top bar's pill before a session's streams say more (renderConnection).
+function showConnection(state, label) {
+  const node = $("connection");
+  node.dataset.state = state;
+  delete node.dataset.telemetry;
+  delete node.dataset.fleet;
+  node.title = "";
+  $("connection-label").textContent = label;
+  $("connection-detail").textContent = "";
 }
 
 function signOut(message) {
@@ -1169,6 +1186,7 @@ function showLogin(message, session = null) {
 async function open(session) {
   $("login").hidden = true;
   problems.clear();
+  showConnection("connecting", "Connecting");
   dashboard = new Dashboard(session);
   window.pulseDashboard = {
     get ids() {

@@ -1,0 +1,63 @@
+"""What the top bar says once a session has ended, and names for what has no visible label.
+
+Found by an audit in a real browser: after the token expired the pill still said "Live"
+behind the sign-in form; the device filter had only a placeholder for a name; every
+alert's buttons were named "Acknowledge" and "Close", whichever alert they act on.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.dashboard.browser import MISSING, chromium_installed, chromium_page
+from tests.dashboard.fleet import seed_fleet
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not chromium_installed(), reason=MISSING),
+]
+
+
+async def test_the_pill_says_signed_out_once_the_token_has_expired(
+    server: str, make_token: Callable[..., str]
+) -> None:
+    from playwright.async_api import expect
+
+    token = make_token(roles=("tenant-admin",), exp=int(time.time()) + 6)
+    async with chromium_page() as page:
+        connection = page.locator("#connection")
+        await page.goto(f"{server}/#token={token}")
+        await expect(connection).to_have_attribute("data-state", "live")
+        await expect(page.locator("#login-error")).to_contain_text("expired")
+        await expect(page.locator("#login")).to_be_visible()
+        await expect(connection).to_have_attribute("data-state", "signed-out")
+        await expect(page.locator("#connection-label")).to_have_text("Signed out")
+        await expect(page.locator("#banner")).to_be_hidden()
+
+        # Signed in again: connecting, then live.
+        await page.fill("#login-token", make_token(roles=("tenant-admin",)))
+        await page.click("#login-form button[type=submit]")
+        await expect(connection).to_have_attribute("data-state", "live")
+
+
+async def test_the_filter_and_each_alert_button_have_a_name(
+    server: str, http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    from playwright.async_api import expect
+
+    admin = make_token(roles=("tenant-admin",))
+    await seed_fleet(pool, http, admin, devices=3, hot=2)
+    async with chromium_page() as page:
+        await page.goto(f"{server}/#token={admin}")
+        await expect(page.locator("#alert-list .alert")).to_have_count(2)
+        await expect(page.get_by_role("searchbox", name="Filter devices")).to_be_visible()
+        for device in ("dev-0001", "dev-0002"):
+            for action in ("Acknowledge", "Close"):
+                name = re.compile(rf"^{action} alert: .*\({device}\)$")
+                await expect(page.get_by_role("button", name=name)).to_have_count(1)
