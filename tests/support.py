@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -315,21 +316,31 @@ class NatsServer:
     """A nats-server of a test's own on free loopback ports (client and monitoring), which
     the test may stop, kill and start again on the same ports."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_payload: int | None = None) -> None:
         binary = nats_server_binary()
         assert binary is not None, NATS_MISSING
         self.binary = binary
         self.port = free_port()
         self.monitor_port = free_port()
+        self.max_payload = max_payload  # None: the server's default, 1 MiB
         self.proc: asyncio.subprocess.Process | None = None
+        self._config: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     async def start(self, timeout: float = 10) -> None:
+        options: list[str] = []
+        if self.max_payload is not None:  # a setting of the configuration file only
+            if self._config is None:
+                self._config = tempfile.TemporaryDirectory(prefix="pulse-nats-")
+            config = Path(self._config.name) / "nats.conf"
+            config.write_text(f"max_payload: {self.max_payload}\n")
+            options = ["-c", str(config)]
         self.proc = await asyncio.create_subprocess_exec(
             self.binary,
+            *options,
             "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -350,6 +361,9 @@ class NatsServer:
             self.proc.terminate()
             await self.proc.wait()
         self.proc = None
+        if self._config is not None:
+            self._config.cleanup()
+            self._config = None
 
     async def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

@@ -9,7 +9,11 @@ wildcard): both are escaped, so one tenant is always one subject token.
 
 Messages are JSON. Events: ``{"after": n, "events": [[id, device_id, time,
 metrics_json], ...]}``, every event of the tenant with an id in (after, last],
-each encoded once, by the relay, for every process. A signal: ``{"signal":
+each encoded once, by the relay, for every process, in messages no larger than
+the server takes (its ``max_payload``, from its INFO). An event that alone is
+larger is not published: the next message's ``after`` shows the gap, which the
+edges read from the table, and at once ``{"after": n, "events": []}`` says
+that the tenant has events up to n (``encode_wakeup``). A signal: ``{"signal":
 "alerts"}``. A heartbeat: ``{"relay": "<id of this reign>"}``.
 """
 
@@ -21,7 +25,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from nats.aio.client import Client
@@ -39,7 +43,8 @@ RECONNECT_WAIT_S = 0.5
 # within PING_INTERVAL_S x (MAX_OUTSTANDING_PINGS + 1).
 PING_INTERVAL_S = 2
 MAX_OUTSTANDING_PINGS = 2
-# A message stays well below the server's max_payload (1 MiB by default).
+# A message stays well below the server's max_payload (1 MiB by default), and never
+# above it (message_limit).
 MAX_MESSAGE_BYTES = 256 * 1024
 
 
@@ -64,22 +69,47 @@ def _token(tenant_id: str) -> str:
 # -- messages ---------------------------------------------------------------------
 
 
-def encode_events(after: int, events: list[TelemetryEvent]) -> Iterator[bytes]:
-    """Messages for ``events`` (every event in (after, last]), none above MAX_MESSAGE_BYTES
-    unless one event alone is."""
+class EventsMessage(NamedTuple):
+    data: bytes
+    last: int  # the id of its last event: the next message's ``after``
+    event_count: int
+
+
+def message_limit(max_payload: int) -> int:
+    """The largest message to publish to a server that takes ``max_payload`` bytes (what
+    nats-py read from its INFO: a larger one it refuses before sending)."""
+    return max(1, min(MAX_MESSAGE_BYTES, max_payload))
+
+
+def encode_events(
+    after: int, events: list[TelemetryEvent], limit: int = MAX_MESSAGE_BYTES
+) -> Iterator[EventsMessage]:
+    """Messages for ``events`` (every event in (after, last]), none above ``limit``
+    bytes unless one event alone is (then a message of that event only)."""
     parts: list[bytes] = []
-    size = 0
+    size = _envelope_size(after)
     last = after
     for event in events:
         part = orjson.dumps([event.id, event.device_id, event.time, event.metrics_json])
-        if parts and size + len(part) > MAX_MESSAGE_BYTES:
-            yield _events_message(after, parts)
-            after, parts, size = last, [], 0
+        if parts and size + 1 + len(part) > limit:  # 1: a comma
+            yield EventsMessage(_events_message(after, parts), last, len(parts))
+            after, parts = last, []
+            size = _envelope_size(after)
+        size += len(part) + (1 if parts else 0)
         parts.append(part)
-        size += len(part) + 1
         last = event.id
     if parts:
-        yield _events_message(after, parts)
+        yield EventsMessage(_events_message(after, parts), last, len(parts))
+
+
+def encode_wakeup(last: int) -> bytes:
+    """Events up to ``last`` are committed, and none of them are in this message (they
+    could not be published): edges read them from the table."""
+    return _events_message(last, [])
+
+
+def _envelope_size(after: int) -> int:
+    return len(_events_message(after, []))
 
 
 def _events_message(after: int, parts: list[bytes]) -> bytes:

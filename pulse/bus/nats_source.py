@@ -257,7 +257,11 @@ class NatsSource:
         except (orjson.JSONDecodeError, ValueError, TypeError, KeyError) as exc:
             log.error("bus: ignoring a message it cannot read (%s): %.100r", exc, msg.data)
             return
-        if isinstance(message, Events):
+        if isinstance(message, Events) and not message.events:
+            # Events the relay could not publish (nats_link.encode_wakeup): read them.
+            self._metrics.bus_messages_received.labels("wakeup").inc()
+            wakeups.events_after(tenant_id, message.after)
+        elif isinstance(message, Events):
             self._metrics.bus_messages_received.labels("events").inc()
             wakeups.deliver(tenant_id, message.after, message.events)
         elif isinstance(message, Signal):

@@ -14,6 +14,13 @@ that committed, it reads the rows after the last it published (one read per
 event for the whole cluster) and publishes them, encoded once, with the id
 they follow. Device and alert changes go out as signals on the same subject.
 
+Messages are sized to what the NATS server takes (``nats_link.message_limit``).
+A message it refuses all the same while connected (one event larger than its
+``max_payload``) is counted, said once per ``Throttled`` period, and passed
+over: the next message's ``after`` shows the edges the gap, and a wake-up
+(``nats_link.encode_wakeup``) makes them read it at once, so that one event
+never holds up its tenant's later ones.
+
 A reign is announced by a heartbeat with a fresh id, every ``HEARTBEAT_S``:
 what was committed before this relay listened, it never publishes, so an
 edge that sees a new id reads every tenant it serves from the table. A
@@ -57,6 +64,11 @@ FETCH_LIMIT = 2000
 WORKERS = 4  # tenants read and published at once
 
 
+class NatsAway(Exception):
+    """A publish failed because the NATS connection is down or going: the reign ends with
+    it, and the next one's new id makes the edges read the table, so nothing is owed."""
+
+
 class Relay:
     def __init__(
         self,
@@ -72,6 +84,8 @@ class Relay:
         self._db = db
         self._store = store
         self._unavailable = Throttled(log)  # a line per 10 s of an outage
+        self._refused = Throttled(log)  # messages the server refused, a line per 10 s
+        self._away = Throttled(log)
         self._link = link
         self._database_id = database_id
         self._metrics = metrics
@@ -139,11 +153,12 @@ class Relay:
                 # After LISTEN: whatever commits from now on is published, and what
                 # committed before, the edges read from the table on this new id.
                 try:
-                    await self._publish(
+                    if not await self._publish(
                         nats_link.relay_subject(self._database_id),
                         nats_link.encode_heartbeat(self._relay_id),
                         "heartbeat",
-                    )
+                    ):
+                        return  # refused (said): a relay that cannot be heard stands down
                 except Exception as exc:  # closed, or its buffer full while reconnecting
                     log.warning("relay: publishing a heartbeat failed (%s); standing down", exc)
                     return
@@ -202,9 +217,10 @@ class Relay:
                 await asyncio.sleep(0.5)
                 self._queue.put_nowait(tenant)
                 continue
+            except NatsAway as exc:
+                # The next reign's new id makes the edges read the table: nothing is owed.
+                self._away.warning("relay: NATS went away while publishing (%s)", exc)
             except Exception:
-                # Publishing failed (NATS went away): the next reign's new id makes
-                # the edges read the table, so nothing is owed.
                 log.exception("relay: publishing a tenant's changes failed")
             self._scheduled.discard(tenant)
             if tenant in self._due:  # came in while a failure was handled
@@ -212,21 +228,53 @@ class Relay:
                 self._queue.put_nowait(tenant)
 
     async def _publish_events(self, tenant: str, subject: str) -> None:
-        after = self._published[tenant]
         while True:
+            after = self._published[tenant]
             events = await self._store.events_after(tenant, after, limit=FETCH_LIMIT)
             if not events:
                 return
-            for message in nats_link.encode_events(after, events):
-                await self._publish(subject, message, "events")
-            self._metrics.bus_events_relayed.inc(len(events))
-            after = self._published[tenant] = events[-1].id
+            client = self._link.client
+            limit = nats_link.message_limit(
+                client.max_payload if client is not None else nats_link.MAX_MESSAGE_BYTES
+            )
+            refused = False
+            for message in nats_link.encode_events(after, events, limit):
+                refused = not await self._publish(subject, message.data, "events")
+                if not refused:
+                    self._metrics.bus_events_relayed.inc(message.event_count)
+                # Published, or refused while connected (counted and said): past it
+                # either way. The next message's ``after`` shows the edges the gap.
+                self._published[tenant] = message.last
+            if refused:
+                # No message followed the refused one: say there is something to read.
+                await self._publish(subject, nats_link.encode_wakeup(events[-1].id), "wakeup")
             if len(events) < FETCH_LIMIT:
                 return
 
-    async def _publish(self, subject: str, payload: bytes, kind: str) -> None:
+    async def _publish(self, subject: str, payload: bytes, kind: str) -> bool:
+        """Whether the message went out. False when the server refused it while connected
+        (larger than its max_payload): counted, said, and the caller moves past it.
+        Raises NatsAway when the connection is down or going."""
         client = self._link.client
-        if client is None:
-            raise ConnectionError("not connected to NATS")
-        await client.publish(subject, payload)
+        if client is None or not self._link.connected:
+            self._metrics.bus_publish_failures.labels(kind).inc()
+            raise NatsAway("not connected to NATS")
+        try:
+            await client.publish(subject, payload)
+        except Exception as exc:
+            self._metrics.bus_publish_failures.labels(kind).inc()
+            reason = str(exc) or type(exc).__name__
+            if not (self._link.connected and self._link.client is client and client.is_connected):
+                raise NatsAway(reason) from exc
+            self._refused.warning(
+                "relay: NATS refused a %s message of %d bytes on %s (%s; the server takes "
+                "%d); the edges read what it held from the table",
+                kind,
+                len(payload),
+                subject,
+                reason,
+                client.max_payload,
+            )
+            return False
         self._metrics.bus_messages_relayed.labels(kind).inc()
+        return True

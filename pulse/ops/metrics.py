@@ -83,12 +83,19 @@ class Metrics:
         self.bus_messages_relayed = Counter(
             "pulse_bus_messages_relayed",
             "Messages this process published on the bus as the relay, by kind "
-            "(events, signal, heartbeat)",
+            "(events, wakeup, signal, heartbeat)",
             ["kind"],
             registry=r,
         )
         self.bus_events_relayed = Counter(
             "pulse_bus_events_relayed", "Events this process published as the relay", registry=r
+        )
+        self.bus_publish_failures = Counter(
+            "pulse_bus_publish_failures",
+            "Messages this process could not publish as the relay, by kind: NATS was away, "
+            "or the server refused them (larger than its max_payload)",
+            ["kind"],
+            registry=r,
         )
         self.bus_messages_received = Counter(
             "pulse_bus_messages_received",

@@ -27,7 +27,8 @@ def test_events_survive_the_wire_exactly() -> None:
         TelemetryEvent(7, "dev-1", "2026-12-04T10:00:00.000Z", '{"temp": 21.5, "ok": true}'),
         TelemetryEvent(8, 'd"2', "2026-12-04T10:00:01.000Z", '{"v": 1}'),
     ]
-    (message,) = list(encode_events(6, events))
+    ((message, last, count),) = list(encode_events(6, events))
+    assert (last, count) == (8, 2)
     decoded = decode(message)
     assert isinstance(decoded, Events) and decoded.after == 6
     assert [e.encode() for e in decoded.events] == [e.encode() for e in events]
@@ -39,14 +40,34 @@ def test_events_survive_the_wire_exactly() -> None:
 def test_large_batches_are_split_into_messages_that_each_say_what_they_follow() -> None:
     metrics = orjson.dumps({f"m{i}": i for i in range(200)}).decode()
     events = [TelemetryEvent(i, "d", "2026-12-04T10:00:00.000Z", metrics) for i in range(11, 211)]
-    messages = list(encode_events(10, events))
-    assert len(messages) > 1
-    assert all(len(m) <= nats_link.MAX_MESSAGE_BYTES + 10_000 for m in messages)
-    after = 10
-    ids = []
-    for message in messages:
-        decoded = decode(message)
-        assert isinstance(decoded, Events) and decoded.after == after
-        ids += [e.id for e in decoded.events]
-        after = decoded.events[-1].id
-    assert ids == list(range(11, 211))
+    for limit in (nats_link.MAX_MESSAGE_BYTES, 8192, len(metrics) * 3):
+        messages = list(encode_events(10, events, limit))
+        assert len(messages) > 1
+        assert all(len(m.data) <= limit for m in messages)  # the server takes every one
+        after = 10
+        ids = []
+        for message in messages:
+            decoded = decode(message.data)
+            assert isinstance(decoded, Events) and decoded.after == after
+            ids += [e.id for e in decoded.events]
+            after = decoded.events[-1].id
+            assert (message.last, message.event_count) == (after, len(decoded.events))
+        assert ids == list(range(11, 211))
+
+
+def test_an_event_larger_than_the_limit_is_a_message_of_its_own() -> None:
+    small, large = '{"v": 1}', orjson.dumps({f"m{i}": i for i in range(1000)}).decode()
+    events = [
+        TelemetryEvent(i, "d", "2026-12-04T10:00:00.000Z", large if i == 3 else small)
+        for i in range(1, 6)
+    ]
+    messages = list(encode_events(0, events, 1000))
+    assert [(m.last, m.event_count) for m in messages] == [(2, 2), (3, 1), (5, 2)]
+    assert [len(m.data) > 1000 for m in messages] == [False, True, False]
+    wakeup = decode(nats_link.encode_wakeup(3))  # what the relay says when it cannot publish
+    assert isinstance(wakeup, Events) and wakeup.after == 3 and wakeup.events == []
+
+
+def test_the_limit_is_the_servers_when_it_takes_less() -> None:
+    assert nats_link.message_limit(1024 * 1024) == nats_link.MAX_MESSAGE_BYTES
+    assert nats_link.message_limit(8192) == 8192
