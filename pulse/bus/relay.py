@@ -100,6 +100,8 @@ class Relay:
         self._due: dict[str, set[str]] = {}
         self._scheduled: set[str] = set()
         self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._stop = asyncio.Event()  # the reign's end: its connection or NATS lost
+        link.on_change(self._on_link)
 
     async def run(self) -> None:
         """Stand by, relay when the lock is ours, forever (supervised)."""
@@ -131,7 +133,13 @@ class Relay:
 
     async def _lead(self, conn: asyncpg.Connection, generation: int) -> None:
         lost = asyncio.Event()
-        conn.add_termination_listener(lambda _c: lost.set())
+        self._stop = stop = asyncio.Event()
+
+        def on_lost(_conn: object) -> None:
+            lost.set()
+            stop.set()
+
+        conn.add_termination_listener(on_lost)
         # The listener's name in both modes, so that operators count listeners alike.
         await conn.execute(f"SET application_name = '{LISTENER_NAME}'", timeout=QUERY_TIMEOUT_S)
         channel = str(await conn.fetchval(Q["bus_channel"], timeout=QUERY_TIMEOUT_S))
@@ -164,7 +172,7 @@ class Relay:
                     return
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._heartbeat_s):
-                        await lost.wait()
+                        await stop.wait()
                 if lost.is_set():
                     log.warning("relay: the listening connection was lost")
                     return
@@ -178,6 +186,18 @@ class Relay:
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    def _on_link(self, change: str) -> None:
+        """NATS is down: from this moment this process relays no more (what it publishes
+        may be lost), which the status and ``pulse_bus_relay`` say together with the
+        connection, not at the next heartbeat; and its reign ends (``_lead``)."""
+        if change != "down":
+            return
+        self._stop.set()
+        if self.leading:
+            self.leading = False
+            self._metrics.bus_relay.set(0)
+            log.info("this process no longer relays: NATS is down")
 
     # -- notifications -> messages ----------------------------------------------------
 

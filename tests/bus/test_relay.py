@@ -129,3 +129,27 @@ async def _subscribed(http: httpx.AsyncClient) -> bool:
 async def _relayed(http: httpx.AsyncClient, events: int) -> bool:
     metrics = (await http.get("/metrics")).text
     return _metric(metrics, "pulse_bus_events_relayed_total") >= events
+
+
+async def test_a_relay_that_loses_nats_stops_saying_it_relays_with_the_connection(
+    settings: Settings, nats_server: NatsServer
+) -> None:
+    """From the cluster audit (L1): for up to a second after NATS was lost (until the
+    relay's next heartbeat), the status said ``"relay": true`` with ``"connected": false``,
+    and ``pulse_bus_relay`` stayed 1. Every answer read while NATS goes away must agree."""
+    on_nats = dataclasses.replace(settings, bus_url=nats_server.url)
+    async with running(on_nats) as (_, http):
+        await eventually(lambda: _relaying(http))
+        await nats_server.kill()
+        answers: list[dict[str, Any]] = []
+        scrapes: list[tuple[float, float]] = []
+        async with asyncio.timeout(20):
+            while not answers or answers[-1]["connected"] or scrapes[-1][0]:
+                answers.append((await status(http))["bus"])
+                metrics = (await http.get("/metrics")).text
+                scrapes.append(
+                    (_metric(metrics, "pulse_bus_connected"), _metric(metrics, "pulse_bus_relay"))
+                )
+        assert [a for a in answers if a["relay"] and not a["connected"]] == []
+        assert [s for s in scrapes if s[1] and not s[0]] == []
+        assert (answers[-1]["relay"], answers[-1]["connected"]) == (False, False)
