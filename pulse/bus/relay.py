@@ -287,10 +287,10 @@ class Relay:
             if not (self._link.connected and self._link.client is client and client.is_connected):
                 raise NatsAway(reason) from exc
             self._refused.warning(
-                "relay: NATS refused a %s message of %d bytes on %s (%s; the server takes "
+                "relay: NATS refused a %d-byte %s message on %s (%s; the server takes "
                 "%d); the edges read what it held from the table",
-                kind,
                 len(payload),
+                kind,
                 subject,
                 reason,
                 client.max_payload,
