@@ -154,6 +154,10 @@ async def test_dashboard_in_a_real_browser(
         # from the history API: every reading once, none of them replayed.
         await page.reload()
         await page.wait_for_selector("#connection[data-state=live]", timeout=20_000)
+        # Live comes before the histories: wait for them (asserted at once, this failed now
+        # and then).
+        loaded = " && ".join(f"window.pulseDashboard.history['{d}']" for d in DEVICES)
+        await wait_until(page, loaded)
         history = await page.evaluate("window.pulseDashboard.history")
         assert sum(history[d]["readings"] for d in DEVICES) == len(table)
         assert {history[d]["seam"] for d in DEVICES} == {newest}
