@@ -101,15 +101,13 @@ function ago(ms) {
   return `${Math.floor(s / 86400)} d ago`;
 }
 
-function timeOfDay(iso) {
-  const d = new Date(iso);
-  return d.toISOString().slice(11, 23);
-}
-
 // A moment in the viewer's locale and time zone: the time alone when it is today,
-// else with the date (and the year when it is not this year's).
-function localMoment(date, now = new Date()) {
+// else with the date (and the year when it is not this year's). Every time the page
+// shows is such (the latest events' were UTC, without a date, beside a token expiry in
+// local time); the exact UTC instant is in its title.
+function localMoment(date, { seconds = false } = {}, now = new Date()) {
   const options = { hour: "numeric", minute: "2-digit" };
+  if (seconds) options.second = "2-digit";
   if (date.toDateString() !== now.toDateString()) {
     Object.assign(options, { month: "short", day: "numeric" });
     if (date.getFullYear() !== now.getFullYear()) options.year = "numeric";
@@ -922,7 +920,13 @@ class Dashboard {
       const text = el("div", "event-metrics", metrics);
       text.title = metrics;
       cell.append(text);
-      tr.append(el("td", "num", String(event.id)), el("td", "", timeOfDay(event.data.time)), device, cell);
+      const time = el("td", "", "–");
+      const at = new Date(event.data.time);
+      if (!Number.isNaN(at.getTime())) {
+        time.textContent = localMoment(at, { seconds: true });
+        time.title = at.toISOString();
+      }
+      tr.append(el("td", "num", String(event.id)), time, device, cell);
       return tr;
     });
     $("event-rows").replaceChildren(...rows);
@@ -943,6 +947,8 @@ class Dashboard {
         el("span", "alert-device", alert.device_id || ""),
         el("span", "alert-age", ago(Date.parse(alert.created_at))),
       );
+      const created = new Date(alert.created_at);
+      if (!Number.isNaN(created.getTime())) head.lastChild.title = `Raised ${localMoment(created)}`;
       const foot = el("div", "alert-foot");
       foot.append(el("span", "alert-status", alert.status));
       if (this.session.canManage) {
