@@ -4,11 +4,23 @@ const HEIGHT = 56;
 const LINE = "#2dd4bf";
 const FILL = "rgba(45, 212, 191, 0.10)";
 const THRESHOLD = "rgba(248, 81, 73, 0.75)";
+const POINT = 5; // a reading with none beside it, drawn as a dot
 
 function paddedRange(_plot, min, max) {
   if (min === null || max === null) return [0, 1];
   const pad = Math.max(0.5, (max - min) * 0.15);
   return [min - pad, max + pad];
+}
+
+// The readings with no reading on either side (a device's only one, one alone between
+// gaps), which a line cannot show: drawn as dots. A single reading drew nothing.
+function lonePoints(plot, seriesIdx) {
+  const values = plot.data[seriesIdx];
+  const lone = [];
+  for (let i = 0; i < values.length; i++) {
+    if (values[i] !== null && values[i - 1] == null && values[i + 1] == null) lone.push(i);
+  }
+  return lone.length ? lone : null;
 }
 
 export class Sparkline {
@@ -24,7 +36,15 @@ export class Sparkline {
       select: { show: false },
       scales: { x: { time: true }, y: { range: paddedRange } },
       axes: [{ show: false }, { show: false }],
-      series: [{}, { stroke: LINE, width: 1.5, fill: FILL, points: { show: false } }],
+      series: [
+        {},
+        {
+          stroke: LINE,
+          width: 1.5,
+          fill: FILL,
+          points: { show: false, size: POINT, fill: LINE, stroke: LINE, filter: lonePoints },
+        },
+      ],
       hooks: { draw: [(plot) => this.drawThresholds(plot)] },
     };
     this.plot = new window.uPlot(options, [[], []], element);
