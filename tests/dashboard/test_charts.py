@@ -1,7 +1,9 @@
-"""What a card's chart draws, read from its canvas: a lone reading as a dot.
+"""What a card's chart draws, read from its canvas: a lone reading as a dot, and nothing
+across an outage.
 
 Found by an audit: a device with a single reading had an empty chart (a line needs two
-points, and points were never drawn).
+points, and points were never drawn), and an outage was drawn as a straight line from
+the last reading before it to the first after, as if the device had reported throughout.
 """
 
 from __future__ import annotations
@@ -58,3 +60,36 @@ async def test_a_single_reading_is_drawn(
                 break
             await page.wait_for_timeout(50)
         assert await drawn(page, "once") > 0
+
+
+async def test_an_outage_breaks_the_line(
+    server: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    from playwright.async_api import expect
+
+    await provision_device(pool, "t1", "gappy")
+    now = datetime.now(UTC)
+    # A reading a minute for ten minutes, nothing for half an hour, then ten more.
+    minutes = [*range(55, 45, -1), *range(15, 5, -1)]
+    rows = [("gappy", now - timedelta(minutes=m), {"temp": 20.0 + m % 3}) for m in minutes]
+    await readings_at(pool, "t1", rows)
+    chart = "window.pulseDashboard.chart('gappy')"
+    async with chromium_page() as page:
+        await page.goto(f"{server}/#token={make_token()}")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        await wait_until(page, f"{chart}?.[1].filter((v) => v !== null).length === 20")
+        times, values = await page.evaluate(chart)
+        # One null, in the outage: uPlot draws no line across it.
+        assert values.count(None) == 1, values
+        gap = values.index(None)
+        assert times[gap - 1] < times[gap] < times[gap + 1]
+        assert times[gap + 1] - times[gap - 1] == 31 * 60
+
+        for _ in range(40):
+            if await drawn(page, "gappy"):
+                break
+            await page.wait_for_timeout(50)
+        # Drawn on both sides; nothing in the middle of the chart (the outage's).
+        assert await drawn(page, "gappy", 0.0, 0.15) > 0
+        assert await drawn(page, "gappy", 0.85, 1.0) > 0
+        assert await drawn(page, "gappy", 0.4, 0.6) == 0

@@ -15,7 +15,7 @@
 // between is missed, nothing counted twice.
 
 import { ApiError, AuthError, Session, isTenantProblem } from "./api.js";
-import { Sparkline } from "./charts.js";
+import { Sparkline, withGaps } from "./charts.js";
 import { Backoff, FleetSocket, TelemetryStream, newestEventId } from "./streams.js";
 
 const DEFAULT_RANGE_S = 3600; // the range picker's (index.html) first choice
@@ -896,8 +896,8 @@ class Dashboard {
     const metric = this.chartMetric;
     if (!metric || !window.uPlot) return;
     if (!device.chart) device.chart = new Sparkline(device.nodes.chart);
-    const values = device.series[metric] || device.times.map(() => null);
-    device.chart.setData(device.times, values, this.thresholds(device.id, metric));
+    const [times, values] = withGaps(device.times, device.series[metric] || []);
+    device.chart.setData(times, values, this.thresholds(device.id, metric));
   }
 
   resizeCharts() {

@@ -5,11 +5,41 @@ const LINE = "#2dd4bf";
 const FILL = "rgba(45, 212, 191, 0.10)";
 const THRESHOLD = "rgba(248, 81, 73, 0.75)";
 const POINT = 5; // a reading with none beside it, drawn as a dot
+// Readings further apart than this many times a series' usual interval (its median
+// step): an outage, across which no line is drawn.
+const GAP_FACTOR = 5;
 
 function paddedRange(_plot, min, max) {
   if (min === null || max === null) return [0, 1];
   const pad = Math.max(0.5, (max - min) * 0.15);
   return [min - pad, max + pad];
+}
+
+// A series' readings (the times at which it has a value), with a null between two much
+// further apart than usual: uPlot draws no line across a null. An outage was drawn as a
+// straight line from the last reading before it to the first after.
+export function withGaps(times, values) {
+  const xs = [];
+  const ys = [];
+  times.forEach((t, i) => {
+    if (values[i] === null || values[i] === undefined) return;
+    xs.push(t);
+    ys.push(values[i]);
+  });
+  const steps = xs.slice(1).map((t, i) => t - xs[i]).filter((step) => step > 0);
+  steps.sort((a, b) => a - b);
+  const usual = steps[Math.floor((steps.length - 1) / 2)]; // the lower median
+  if (!(usual > 0)) return [xs, ys];
+  const gapped = [[], []];
+  xs.forEach((t, i) => {
+    if (i > 0 && t - xs[i - 1] > GAP_FACTOR * usual) {
+      gapped[0].push((xs[i - 1] + t) / 2);
+      gapped[1].push(null);
+    }
+    gapped[0].push(t);
+    gapped[1].push(ys[i]);
+  });
+  return gapped;
 }
 
 // The readings with no reading on either side (a device's only one, one alone between
