@@ -61,3 +61,28 @@ async def test_the_filter_and_each_alert_button_have_a_name(
             for action in ("Acknowledge", "Close"):
                 name = re.compile(rf"^{action} alert: .*\({device}\)$")
                 await expect(page.get_by_role("button", name=name)).to_have_count(1)
+
+
+async def test_the_cards_are_reached_by_tab_and_named_with_their_charts(
+    server: str, http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """Found by an audit: no card could be reached from the keyboard, and a chart (a
+    canvas) said nothing to a screen reader."""
+    from playwright.async_api import expect
+
+    admin = make_token(roles=("tenant-admin",))
+    await seed_fleet(pool, http, admin, devices=3, hot=1)
+    await pool.execute("UPDATE devices SET name = 'Boiler' WHERE device_id = 'dev-0002'")
+    async with chromium_page() as page:
+        await page.goto(f"{server}/#token={admin}")
+        first = page.get_by_role("article", name="dev-0001, online")
+        await expect(first).to_be_visible()
+        # From the filter, Tab goes through the cards in order.
+        await page.focus("#device-filter")
+        await page.keyboard.press("Tab")
+        await expect(first).to_be_focused()
+        await page.keyboard.press("Tab")
+        await expect(page.get_by_role("article", name="Boiler (dev-0002), online")).to_be_focused()
+        # Each chart says what it shows: the seed's one reading of temp.
+        chart = first.get_by_role("img", name=re.compile(r"^temp over the last 1 h: 1 point, "))
+        await expect(chart).to_have_count(1)

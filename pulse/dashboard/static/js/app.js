@@ -92,6 +92,11 @@ function formatValue(value) {
   return abs >= 1000 ? value.toFixed(0) : abs >= 100 ? value.toFixed(1) : value.toFixed(abs < 10 ? 2 : 1);
 }
 
+// A range of the picker, as it says it (600: "10 min").
+function duration(s) {
+  return s < 3600 ? `${s / 60} min` : s < 86400 ? `${s / 3600} h` : `${s / 86400} d`;
+}
+
 function ago(ms) {
   if (ms === null) return "never";
   const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
@@ -637,14 +642,19 @@ class Dashboard {
     const card = el("article", "device");
     card.dataset.deviceId = device.id;
     card.dataset.status = device.status;
+    // Reached by Tab, named by its device and status (a screen reader's list of cards).
+    card.tabIndex = 0;
     const head = el("div", "device-head");
-    head.append(el("span", "status-dot"));
+    const dot = el("span", "status-dot");
+    dot.setAttribute("aria-hidden", "true");
+    head.append(dot);
     const name = el("span", "device-name", device.id);
     const badge = el("span", "badge", device.status);
     head.append(name, badge);
     const id = el("div", "device-id");
     const metrics = el("div", "metrics");
     const chart = el("div", "chart");
+    chart.setAttribute("role", "img"); // named by what it shows (renderChart)
     const foot = el("div", "device-foot");
     const seen = el("span", "seen", "never seen");
     const last = el("span", "last-id");
@@ -686,6 +696,8 @@ class Dashboard {
     id.textContent = [info.name ? device.id : "", info.site_id || ""].filter(Boolean).join(" · ");
     card.dataset.status = device.status;
     badge.textContent = device.status;
+    const named = info.name ? `${info.name} (${device.id})` : device.id;
+    card.setAttribute("aria-label", `${named}, ${device.status.toLowerCase()}`);
     this.applyFilter(device);
   }
 
@@ -898,6 +910,15 @@ class Dashboard {
     if (!device.chart) device.chart = new Sparkline(device.nodes.chart);
     const [times, values] = withGaps(device.times, device.series[metric] || []);
     device.chart.setData(times, values, this.thresholds(device.id, metric));
+    // Its name, for a screen reader: what it shows, in words.
+    const shown = values.filter((v) => v !== null);
+    let what = "no readings";
+    if (shown.length) {
+      const low = formatValue(shown.reduce((a, b) => Math.min(a, b)));
+      const high = formatValue(shown.reduce((a, b) => Math.max(a, b)));
+      what = `${shown.length} ${shown.length === 1 ? "point" : "points"}, ${low} to ${high}`;
+    }
+    device.nodes.chart.setAttribute("aria-label", `${metric} over the last ${duration(this.rangeS)}: ${what}`);
   }
 
   resizeCharts() {
