@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,8 @@ async def wait_until(page: Any, expression: str, timeout_s: float = 20) -> None:
             return
         await asyncio.sleep(0.05)
     raise TimeoutError(f"{expression} did not become true within {timeout_s} s")
+
+
+def plain(text: str) -> str:
+    """Narrow and non-breaking spaces (as ICU puts before AM/PM) as plain ones."""
+    return re.sub(r"[\u00a0\u202f]", " ", text)

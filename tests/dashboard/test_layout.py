@@ -6,7 +6,6 @@ Geometry is read from the rendered page (getBoundingClientRect), with a fleet of
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -16,7 +15,13 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.dashboard.browser import MISSING, chromium_installed, chromium_page, wait_until
+from tests.dashboard.browser import (
+    MISSING,
+    chromium_installed,
+    chromium_page,
+    plain,
+    wait_until,
+)
 from tests.dashboard.fleet import seed_fleet
 from tests.support import ServeProcess, pulse_serve
 
@@ -118,11 +123,6 @@ def noon_zone() -> tuple[str, timezone]:
     offset = 12 - datetime.now(UTC).hour  # -11..12
     name = "Etc/GMT" if offset == 0 else f"Etc/GMT{-offset:+d}"  # the POSIX sign is inverted
     return name, timezone(timedelta(hours=offset))
-
-
-def plain(text: str) -> str:
-    """Narrow and non-breaking spaces (as ICU puts before AM/PM) as plain ones."""
-    return re.sub(r"[\u00a0\u202f]", " ", text)
 
 
 @pytest.mark.parametrize(

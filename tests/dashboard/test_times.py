@@ -14,8 +14,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 
-from tests.dashboard.browser import MISSING, chromium_installed, chromium_page
-from tests.dashboard.test_layout import plain
+from tests.dashboard.browser import MISSING, chromium_installed, chromium_page, plain
 from tests.history.readings import readings_at
 from tests.support import provision_device
 
