@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -14,6 +17,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,21 @@ from pulse.config import Settings
 from pulse.db.database import Database
 
 TEST_SECRET = "test-secret-please-change-0123456789"
+
+
+def deeply_nested_token(depth: int, secret: str = TEST_SECRET) -> str:
+    """An HS256 token signed with ``secret`` whose claims nest ``depth`` levels
+    (``json.dumps`` cannot write it: built by hand)."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    claims = b'{"exp": %d, "roles": ["customer"], "tenant_id": "t1", "x": ' % (time.time() + 300)
+    signing_input = (
+        b64(b'{"alg": "HS256"}') + "." + b64(claims + b"[" * depth + b"]" * depth + b"}")
+    )
+    mac = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(mac)
 
 
 def direct_writes() -> bool:

@@ -80,6 +80,11 @@ class TokenVerifier:
             # joserfc's, for a header of the wrong shape (a "crit" that is no list of
             # names), raised before the signature is looked at.
             raise ApiError(INVALID_TOKEN, "The token's header is not valid.") from exc
+        except RecursionError as exc:
+            # joserfc reads the claims with the standard library's json once the signature
+            # is verified, and that recursion ends around 1000 levels: claims nested deeper
+            # (a signed token from a misbehaving or compromised issuer) were a 500.
+            raise ApiError(INVALID_TOKEN, "The token's claims are nested too deeply.") from exc
         self._check_claims(claims)
         return principal_from_claims(claims)
 

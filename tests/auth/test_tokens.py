@@ -21,7 +21,7 @@ from pulse.auth.tokens import TokenVerifier, principal_from_claims
 from pulse.config import Settings
 from pulse.errors import ApiError
 from tests.auth.jwks_server import JwksServer, serve_jwks
-from tests.support import TEST_SECRET, until
+from tests.support import TEST_SECRET, deeply_nested_token, until
 
 RSA = RSAKey.generate_key(2048, parameters={"kid": "rsa-1", "alg": "RS256", "use": "sig"})
 EC = ECKey.generate_key("P-256", parameters={"kid": "ec-1", "alg": "ES256", "use": "sig"})
@@ -182,6 +182,17 @@ async def test_a_crit_header_of_the_wrong_shape_is_an_invalid_token(
     without the secret (the header is read before the signature)."""
     token = forge({"alg": "HS256", "crit": crit}, claims(), b"not-the-secret")
     assert (await rejected(hs256, token)).code == "invalid_token"
+
+
+@pytest.mark.parametrize("depth", [1000, 5000])
+async def test_validly_signed_claims_nested_too_deeply_are_an_invalid_token(
+    hs256: TokenVerifier, depth: int
+) -> None:
+    """joserfc reads the claims with the standard library's json after the signature
+    is checked: a RecursionError, a 500 with its traceback (security audit, L2)."""
+    error = await rejected(hs256, deeply_nested_token(depth))
+    detail = "The token's claims are nested too deeply."
+    assert (error.code, error.detail) == ("invalid_token", detail)
 
 
 async def test_alg_none_is_rejected(hs256: TokenVerifier) -> None:

@@ -18,6 +18,7 @@ from pulse.web.auth import (
     is_allowed_origin,
     request_tenant,
 )
+from tests.support import deeply_nested_token
 
 BEARER = Headers({"Authorization": "Bearer from-header"})
 COOKIE = {"pulse_session": "from-cookie"}
@@ -120,6 +121,8 @@ async def test_http_errors(app: Quart, make_token: Callable[..., str]) -> None:
 
     assert await call("GET", "/probe", None) == (401, "missing_token")
     assert await call("GET", "/probe", "nonsense") == (401, "invalid_token")
+    # Signed, with claims deeper than joserfc's json can read: was a 500 and a traceback.
+    assert await call("GET", "/probe", deeply_nested_token(5000)) == (401, "invalid_token")
     assert await call("GET", "/probe", make_token(lifetime_s=-60)) == (401, "token_expired")
     assert await call("GET", "/probe", make_token(roles=("nobody",))) == (403, "forbidden")
     assert await call("GET", "/probe", make_token(), "?tenant_id=t2") == (403, "forbidden")
@@ -154,6 +157,7 @@ async def test_websocket_auth_failures_close_with_contract_codes(
     for query, code in (
         ("", 4001),
         (f"?token={make_token(lifetime_s=-60)}", 4001),
+        (f"?token={deeply_nested_token(5000)}", 4001),
         (f"?token={make_token()}&tenant_id=t2", 4003),
         (f"?token={operator}", 4000),
     ):

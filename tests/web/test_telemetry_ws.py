@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 
 from pulse.config import Settings
 from tests.streams.ws_support import WS_PATH, closed, open_ws, recv, recv_raw, request, ws_url
-from tests.support import insert_readings, running_server
+from tests.support import deeply_nested_token, insert_readings, running_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -182,6 +182,8 @@ async def test_bad_input_gets_an_error_and_the_connection_stays(
             '{"action": "auth", "token": "' + make_token("t1", roles=()) + '"}',
             # Expired, if within the verifier's leeway: taken, it would close at once.
             '{"action": "auth", "token": "' + make_token("t1", lifetime_s=-10) + '"}',
+            # Signed, with claims nested deeper than joserfc's json can read: it was a 1011.
+            '{"action": "auth", "token": "' + deeply_nested_token(5000) + '"}',
             b'{"action": "ping"}',
             b"",  # an empty binary frame: a 1011 and a traceback, from the security audit
         ]:
