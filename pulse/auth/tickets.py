@@ -11,6 +11,7 @@ redeemed at the same time go to the database together, one statement for many.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,11 @@ Q = load_queries(__package__)
 
 TICKET_TTL_S = 30
 _PREFIX = "pst_"
-_MAX_LENGTH = 100
+_RANDOM_BYTES = 32
+# The shape ``issue`` gives every ticket: the prefix, then 32 random bytes in unpadded
+# base64url. Anything else is no ticket of ours, and is refused without a query (each
+# lookup is a write transaction, a DELETE: made-up tickets cost one each).
+_SHAPE = re.compile(r"pst_[A-Za-z0-9_-]{43}")
 
 
 class Tickets:
@@ -38,7 +43,7 @@ class Tickets:
         self._take: Batched[bytes, Any] = Batched(self._take_many)  # a row, or None
 
     async def issue(self, principal: Principal) -> str:
-        ticket = _PREFIX + secrets.token_urlsafe(32)
+        ticket = _PREFIX + secrets.token_urlsafe(_RANDOM_BYTES)
         await self._insert((_hash(ticket), principal))
         return ticket
 
@@ -53,7 +58,7 @@ class Tickets:
         unspent, for the corrected request (a redeemer of the same ticket meanwhile
         finds it gone). Raises invalid_ticket.
         """
-        if not (ticket.startswith(_PREFIX) and len(ticket) <= _MAX_LENGTH):
+        if not is_well_shaped(ticket):
             raise _invalid()
         # One statement takes the ticket (a round trip and a commit, where a transaction
         # that locked, then deleted it took four); a refusal puts it back.
@@ -91,6 +96,11 @@ class Tickets:
         taken = {row["ticket_hash"]: row for row in await self._db.fetch(Q["take_tickets"], hashes)}
         # A ticket asked for twice in one statement goes to the first asker only.
         return [taken.pop(ticket_hash, None) for ticket_hash in hashes]
+
+
+def is_well_shaped(ticket: str) -> bool:
+    """Whether ``ticket`` has the shape of the tickets ``Tickets.issue`` makes."""
+    return _SHAPE.fullmatch(ticket) is not None
 
 
 def _invalid() -> ApiError:

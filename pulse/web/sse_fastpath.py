@@ -11,7 +11,8 @@ checks, stream and body as the Quart route in ``pulse.web.sse``. A request refus
 before anything is spent goes on to Quart, which then decides it from the start and
 words the refusal. Once a ticket is spent, the answer is this door's: a refusal
 after it (the tenant at its limit, the database away) is answered here, worded by
-the same error mapping as Quart's handlers (``pulse.web.errors``).
+the same error mapping as Quart's handlers (``pulse.web.errors``); so is a ticket
+that is unknown, used or expired, which Quart would only look up again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from pulse.auth.access import require_unexpired, tenant_for
 from pulse.db.errors import DatabaseUnavailable
+from pulse.errors import INVALID_TICKET, ApiError
 from pulse.runtime import Runtime
 from pulse.streams.limits import LimitReached
 from pulse.streams.live import Live
@@ -35,7 +37,7 @@ from pulse.web.asgi import (
     header,
     query_args,
 )
-from pulse.web.auth import scope_credential
+from pulse.web.auth import authenticate, scope_credential
 from pulse.web.direct import DirectWrites, watch_inbound
 from pulse.web.fastpath import send_reply
 from pulse.web.ingest import Reply, error_reply
@@ -87,8 +89,15 @@ async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] 
     ticket = args.get("ticket")
     if not ticket:
         return None
-    # A refused redemption leaves the ticket unspent: Quart may then try it again.
-    principal = await rt.tickets.redeem(ticket, lambda p: tenant_for(p, requested))
+    # A refused redemption leaves the ticket unspent: Quart may then try it again. A
+    # ticket unknown, used or expired is refused here, as Quart's route words it: Quart
+    # would only look it up again (each lookup a write transaction, for any stranger).
+    try:
+        principal = await authenticate(rt, None, args, accept=lambda p: tenant_for(p, requested))
+    except ApiError as exc:
+        if exc.error is not INVALID_TICKET:
+            raise
+        return error_reply(exc)
     tenant_id = tenant_for(principal, requested)
     try:
         await rt.limits.check(tenant_id)

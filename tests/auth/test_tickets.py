@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -94,3 +95,39 @@ async def test_a_ticket_lives_30_seconds_and_never_past_its_token(db: Database) 
     assert [row["token_expires_at"] for row in lives] == [soon, ALICE.expires_at]
     assert lives[0]["left"] <= timedelta(seconds=5)
     assert timedelta(seconds=25) < lives[1]["left"] <= timedelta(seconds=30)
+
+
+@pytest.mark.parametrize(
+    "ticket",
+    [
+        "pst_never-issued",
+        "pst_" + "A" * 42,
+        "pst_" + "A" * 44,
+        "pst_" + "A" * 96,  # under the 100 characters that were the only other bound
+        "pst_" + "A" * 42 + "=",
+        "pst_" + "A" * 42 + ".",
+        "pst_" + "A" * 42 + "\u00e9",
+        "pst_" + "A" * 43 + "\n",
+        "PST_" + "A" * 43,
+        "tkt_" + "A" * 43,
+    ],
+)
+async def test_a_ticket_not_of_the_issued_shape_costs_no_query(db: Database, ticket: str) -> None:
+    """Each lookup is a write transaction (DELETE ... RETURNING), for anyone: a ticket
+    that cannot be one of ours is refused before it (security audit, L1)."""
+    tickets = Tickets(db)
+    with pytest.raises(ApiError) as info:
+        await tickets.redeem(ticket)
+    assert info.value.code == "invalid_ticket"
+    assert tickets._take.statements == 0
+
+
+async def test_a_well_shaped_unknown_ticket_costs_one_query(db: Database) -> None:
+    tickets = Tickets(db)
+    issued = await tickets.issue(ALICE)
+    for ticket in ("pst_" + secrets.token_urlsafe(32), "pst_" + "-" * 43):
+        with pytest.raises(ApiError) as info:
+            await tickets.redeem(ticket)
+        assert info.value.code == "invalid_ticket"
+    assert tickets._take.statements == 2
+    assert await tickets.redeem(issued) == ALICE

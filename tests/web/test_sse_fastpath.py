@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
+from pulse.auth.tickets import Q as TICKET_QUERIES
 from pulse.config import Settings
+from pulse.db.database import Database
 from pulse.web.sse_fastpath import SseFastPath
 from tests.streams.sse_client import SSE_PATH
 from tests.support import insert_readings, running_server
@@ -109,6 +114,44 @@ async def test_refusals_are_quarts(
     assert quart_requests.count(SSE_PATH) == 1
 
 
+@pytest.mark.parametrize(
+    "ticket",
+    ["pst_" + secrets.token_urlsafe(32), "pst_never-issued", "x" * 47],
+    ids=["well-shaped", "malformed", "no prefix"],
+)
+async def test_an_invalid_ticket_is_refused_once_by_the_fast_path_as_quart_words_it(
+    http: httpx.AsyncClient,
+    quart_requests: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    ticket: str,
+) -> None:
+    """A made-up ticket was looked up by the fast path, then again by Quart: two write
+    transactions per request for anyone (security audit, L1). Now at most one lookup
+    (none for a ticket of the wrong shape), and the fast path's answer is Quart's."""
+    lookups: list[str] = []
+    fetch = Database.fetch
+
+    async def counted(self: Database, query: str, *args: Any) -> Any:
+        if query == TICKET_QUERIES["take_tickets"]:
+            lookups.append(query)
+        return await fetch(self, query, *args)
+
+    monkeypatch.setattr(Database, "fetch", counted)
+
+    def answer(r: httpx.Response) -> tuple[int, dict[str, str], bytes]:
+        return r.status_code, {k: v for k, v in r.headers.items() if k != "date"}, r.content
+
+    fast = answer(await http.get(SSE_PATH, params={"ticket": ticket}))
+    assert SSE_PATH not in quart_requests
+    assert len(lookups) == (1 if ticket.startswith("pst_") and len(ticket) == 47 else 0)
+
+    only_quart(monkeypatch)
+    assert answer(await http.get(SSE_PATH, params={"ticket": ticket})) == fast
+    assert quart_requests.count(SSE_PATH) == 1
+    assert fast[0] == 401 and orjson.loads(fast[2])["error"] == "invalid_ticket"
+    assert fast[1]["www-authenticate"].startswith("Bearer")
+
+
 async def test_a_tenant_at_its_limit_is_refused_alike_by_both_doors(
     settings: Settings, make_token: Callable[..., str], quart_requests: list[str]
 ) -> None:
@@ -140,7 +183,7 @@ async def test_a_tenant_at_its_limit_is_refused_alike_by_both_doors(
         # As through Quart, the ticket was spent on the refused request.
         again = await http.get(SSE_PATH, params={"ticket": ticket})
         assert again.status_code == 401 and again.json()["error"] == "invalid_ticket"
-        assert quart_requests.count(SSE_PATH) == 2
+        assert quart_requests.count(SSE_PATH) == 1
 
 
 async def test_a_client_that_leaves_frees_its_slot_at_once(
