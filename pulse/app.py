@@ -18,6 +18,8 @@ from pulse.config import Settings
 from pulse.ingest.buffer import MAX_BODY_BYTES
 from pulse.runtime import StartupError, open_runtime
 from pulse.web import (
+    API_HEADERS,
+    API_PREFIX,
     RUNTIME,
     devices,
     fleet,
@@ -85,6 +87,15 @@ class PulseApp(PulseQuart):
             super().log_exception(exception_info)
 
 
+async def _api_not_stored(response: Response) -> Response:
+    """Answers under /api/ carry tenant data: ``API_HEADERS`` (the doors before Quart
+    send them too: ``pulse.web.fastpath.send_reply``)."""
+    if request.path.startswith(API_PREFIX):
+        for name, value in API_HEADERS.items():
+            response.headers.setdefault(name, value)
+    return response
+
+
 async def _static_revalidated(response: Response) -> Response:
     """The pages' scripts and styles are asked about again on every load (a 304 when
     unchanged): their names carry no version, and a browser that kept them for Quart's
@@ -107,6 +118,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     app.after_request(_static_revalidated)
+    app.after_request(_api_not_stored)
     # A device's readings and heartbeats are answered before Quart, and every ingest
     # body is read within the process's budget (pulse.web.fastpath); SSE streams are
     # opened and stream tickets issued before Quart too (pulse.web.sse_fastpath,

@@ -14,6 +14,13 @@ from pulse.runtime import Runtime
 
 RUNTIME = "pulse"  # the one app.extensions key
 
+API_PREFIX = "/api/"
+# On every answer under /api/ (tenant data: devices, alerts, rules, history, exports,
+# tickets, and the refusals): kept by no cache, a browser's included, and never
+# taken for anything but the type it says. An answer that sets its own Cache-Control
+# keeps it (an SSE stream's no-cache).
+API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
 
 def runtime() -> Runtime:
     """The running process's Runtime, inside a request or WebSocket."""

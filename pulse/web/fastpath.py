@@ -33,7 +33,7 @@ from pulse.ingest.buffer import Device
 from pulse.ingest.model import Rejected
 from pulse.ingest.service import Ingest, Receipt
 from pulse.ops.metrics import Metrics
-from pulse.web import runtime_of
+from pulse.web import API_HEADERS, runtime_of
 from pulse.web.asgi import ASGIReceiveCallable, ASGISendCallable, Scope
 from pulse.web.bodies import read_body, replay
 from pulse.web.errors import error_for
@@ -224,9 +224,11 @@ def _unread(answer: Reply, scope: Scope) -> Reply:
     return answer
 
 
-async def send_reply(send: ASGISendCallable, answer: Reply) -> None:
-    """An answer with a body known in full, sent the ASGI way."""
-    headers = [(name.lower().encode(), value.encode()) for name, value in answer.headers.items()]
+async def send_reply(send: ASGISendCallable, answer: Reply, *, api: bool = False) -> None:
+    """An answer with a body known in full, sent the ASGI way; ``api``: one under /api/,
+    with ``API_HEADERS`` as Quart's answers have them (``pulse.app``)."""
+    fields = {**API_HEADERS, **answer.headers} if api else answer.headers
+    headers = [(name.lower().encode(), value.encode()) for name, value in fields.items()]
     body = answer.body or b""
     if answer.body is not None:
         headers += [_JSON, (b"content-length", str(len(body)).encode())]

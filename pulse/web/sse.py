@@ -44,6 +44,7 @@ LIMIT_REACHED_EVENT = b'event: error\ndata: {"reason":"connection_limit"}\n\n'
 HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
     "X-Accel-Buffering": "no",
 }
 

@@ -64,7 +64,7 @@ class SseFastPath(OneRoute):
         if opened is None:
             await self._inner(scope, receive, send)
         elif isinstance(opened, Reply):
-            await send_reply(send, opened)
+            await send_reply(send, opened, api=True)
         else:
             await _stream(rt, *opened, scope, receive, send)
 
@@ -151,10 +151,10 @@ async def _stream(
                     rt.limits.hold("sse", stream.tenant_id, end=stream.end)
                 )
             except LimitReached as exc:
-                await send_reply(send, error_reply(limit_reached(exc)))
+                await send_reply(send, error_reply(limit_reached(exc)), api=True)
                 return
             except DatabaseUnavailable as exc:
-                await send_reply(send, error_reply(exc))
+                await send_reply(send, error_reply(exc), api=True)
                 return
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
             async with contextlib.aclosing(chunks(stream, writes)) as body:

@@ -58,7 +58,7 @@ class TicketFastPath(OneRoute):
             answer = Reply(200, ticket_body(await grant(rt, principal), principal), NO_STORE)
         except Exception as exc:
             answer = error_reply(exc)
-        await send_reply(send, answer)
+        await send_reply(send, answer, api=True)
 
 
 async def _caller(rt: Runtime, headers: Iterable[tuple[bytes, bytes]]) -> Principal | None:
