@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # C0 controls (NUL among them), DEL, C1 controls, the bidirectional embeddings,
 # overrides and isolates (U+202A-U+202E, U+2066-U+2069: "Overheat<U+202E>: temp > 61"
 # shows as "Overheat16 < pmet :" wherever the name is written), and UTF-16 surrogates,
-# which a JSON string can carry alone ("\ud800") but UTF-8 cannot encode. Right-to-left
-# text needs none of them (the marks U+200E and U+200F stay allowed).
+# which a JSON string can carry alone ("\ud800") but UTF-8 cannot encode.
 _NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# And the invisible: format characters (Cf: zero-width spaces and joiners, the
+# directional marks, the soft hyphen, U+FEFF, tag characters; "ad<U+200B>min" shows as
+# "admin") and the line and paragraph separators (Zl, Zp: U+2028 breaks a line
+# wherever the name is written, and ends a JavaScript string literal in older engines).
+_INVISIBLE = frozenset({"Cf", "Zl", "Zp"})
 
 
 def shown_name(value: str) -> str:
@@ -40,9 +45,13 @@ def _is_valid(value: str) -> bool:
 
 
 def is_plain_text(value: str) -> bool:
-    """True when ``value`` has no control character and no lone surrogate: PostgreSQL
-    refuses NUL and surrogates in text, and a terminal obeys escape sequences."""
-    return _NOT_TEXT.search(value) is None
+    """True when ``value`` has no control character, no lone surrogate and no invisible
+    character (Unicode categories Cf, Zl, Zp): PostgreSQL refuses NUL and surrogates in
+    text, a terminal obeys escape sequences, and a name with characters nobody sees
+    passes for another."""
+    if _NOT_TEXT.search(value) is not None:
+        return False
+    return value.isascii() or not any(unicodedata.category(c) in _INVISIBLE for c in value)
 
 
 def unknown_parameter(given: Iterable[str], known: Sequence[str]) -> str | None:

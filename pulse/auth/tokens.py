@@ -158,7 +158,7 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     subject = sub if isinstance(sub, str) else ""
     # The subject is stored (tickets, who acknowledged an alert): PostgreSQL refuses NUL.
     if not is_plain_text(subject):
-        raise ApiError(INVALID_TOKEN, "The token's sub contains control characters.")
+        raise ApiError(INVALID_TOKEN, "The token's sub contains control or invisible characters.")
     try:
         expires_at = datetime.fromtimestamp(exp, UTC)
     except (OverflowError, ValueError, OSError):

@@ -30,8 +30,9 @@ Name = Annotated[
 def _plain_text(value: str) -> str:
     if not is_plain_text(value):
         raise ValueError(
-            "must not contain control characters (such as NUL, ESC or the bidirectional "
-            "overrides U+202A-U+202E and U+2066-U+2069)"
+            "must not contain control or invisible characters (such as NUL, ESC, the "
+            "bidirectional overrides U+202A-U+202E and U+2066-U+2069, zero-width characters "
+            "or the line separator U+2028)"
         )
     return value
 

@@ -445,6 +445,10 @@ async def test_a_device_deleted_while_a_rule_for_it_is_made_takes_the_rule_with_
         # A right-to-left override reversed the alert's summary on the dashboard.
         {"name": "Overheat\u202e"},
         {"name": "a\u2067b"},
+        # Invisible: "ad<U+200B>min" shows as "admin"; U+2028 breaks the line it is in.
+        {"name": "ad\u200bmin"},
+        {"name": "a\u2028b"},
+        {"name": "hot\u00ad"},
     ],
 )
 async def test_invalid_rules_are_refused(

@@ -109,6 +109,11 @@ async def test_duplicate_device_is_a_conflict(
         {"device_id": "ok", "name": "\u001b]0;title\u0007"},
         {"device_id": "ok", "site_id": "line\nbreak"},
         {"device_id": "ok", "name": "\u202ereversed"},
+        # Invisible: "ad<U+200B>min" shows as "admin"; U+2028 breaks the line it is in.
+        {"device_id": "ok", "name": "ad\u200bmin"},
+        {"device_id": "ok", "name": "a\u2028b"},
+        {"device_id": "ok", "site_id": "a\u2029b"},
+        {"device_id": "ok", "site_id": "\ufeffsite"},
         ["dev-1"],
         # Unknown fields are refused, as for readings and rules: a typo is not ignored.
         {"device_id": "ok", "site": "s1"},
