@@ -15,12 +15,13 @@ from typing import Any
 import orjson
 from joserfc import jwt
 from joserfc.errors import (
+    BadSignatureError,
     ExpiredTokenError,
     InvalidClaimError,
     JoseError,
     MissingClaimError,
 )
-from joserfc.jwk import KeySet, OctKey
+from joserfc.jwk import Key, KeySet, OctKey
 from joserfc.jwt import ClaimsOption, JWTClaimsRegistry
 
 from pulse.auth.jwks import JwksCache, JwksUnavailable
@@ -36,6 +37,8 @@ SECRET_ALGORITHMS = ("HS256",)
 # With a JWKS, HMAC is never accepted: a verifier that did would take the
 # provider's *public* key as an HMAC secret (algorithm confusion).
 JWKS_ALGORITHMS = ("RS256", "ES256")
+# The keys that can sign for each of them: type and curve.
+_KEY_TYPES = {"RS256": ("RSA", None), "ES256": ("EC", "P-256")}
 
 
 class TokenVerifier:
@@ -69,11 +72,39 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         header = _header(token)
         alg = header.get("alg")
-        if alg not in self._algorithms:
+        if not isinstance(alg, str) or alg not in self._algorithms:
             raise ApiError(INVALID_TOKEN, f"Tokens signed with {alg!r} are not accepted.")
         key = await self._key_for(header)
+        if isinstance(key, KeySet) and header.get("kid") is None:
+            claims = self._decode_with_any(token, key, alg)
+        else:
+            claims = self._decode(token, key)
+        self._check_claims(claims)
+        return principal_from_claims(claims)
+
+    def _decode_with_any(self, token: str, keys: KeySet, alg: str) -> dict[str, Any]:
+        """The claims of a token that names no key (no ``kid``), signed by any key of the
+        JWKS that can sign for its algorithm: joserfc takes the only key of a set, but
+        refuses a set of more (a provider's keys during a rotation, an RSA and an EC
+        key). Each key is tried for its own algorithm only: of its type (and curve), and
+        a key that declares an ``alg`` for that one alone. At most the JWKS's keys."""
+        kty, crv = _KEY_TYPES[alg]
+        for key in keys:
+            if key.key_type != kty or (crv is not None and key.get("crv") != crv):
+                continue
+            if key.alg is not None and key.alg != alg:
+                continue
+            try:
+                return self._decode(token, key)
+            except _BadSignature:
+                continue
+        raise _BadSignature(INVALID_TOKEN, "The token's signature is not valid.")
+
+    def _decode(self, token: str, key: Key | KeySet) -> dict[str, Any]:
         try:
-            claims = jwt.decode(token, key, algorithms=self._algorithms).claims
+            return jwt.decode(token, key, algorithms=self._algorithms).claims
+        except BadSignatureError as exc:
+            raise _BadSignature(INVALID_TOKEN, "The token's signature is not valid.") from exc
         except (JoseError, ValueError) as exc:
             raise ApiError(INVALID_TOKEN, "The token's signature is not valid.") from exc
         except TypeError as exc:
@@ -85,8 +116,6 @@ class TokenVerifier:
             # is verified, and that recursion ends around 1000 levels: claims nested deeper
             # (a signed token from a misbehaving or compromised issuer) were a 500.
             raise ApiError(INVALID_TOKEN, "The token's claims are nested too deeply.") from exc
-        self._check_claims(claims)
-        return principal_from_claims(claims)
 
     async def _key_for(self, header: Mapping[str, Any]) -> OctKey | KeySet:
         if self._jwks is not None:
@@ -114,6 +143,10 @@ class TokenVerifier:
             raise ApiError(INVALID_TOKEN, f"The token lacks the claim {exc.claim}.") from exc
         except InvalidClaimError as exc:
             raise ApiError(INVALID_TOKEN, f"The token's {exc.claim} is not accepted.") from exc
+
+
+class _BadSignature(ApiError):
+    """invalid_token for a signature that this key did not make (another may have)."""
 
 
 def _header(token: str) -> dict[str, Any]:

@@ -284,6 +284,54 @@ async def test_wrong_key_signature_is_rejected(by_jwks: TokenVerifier) -> None:
     assert (await rejected(by_jwks, token)).code == "invalid_token"
 
 
+def unnamed(key: RSAKey | ECKey, alg: str, body: dict[str, Any]) -> str:
+    """A token signed by ``key`` whose header names no key (no ``kid``)."""
+    return jwt.encode({"alg": alg}, body, key)
+
+
+async def test_a_token_without_kid_is_verified_by_any_key_of_its_algorithm(
+    jwks: JwksServer,
+) -> None:
+    """With a JWKS of more than one key, a correctly signed token without a kid was
+    "signature not valid": joserfc takes the only key of a set and no other."""
+    jwks.publish(
+        RSA.as_dict(private=False), RSA_NEXT.as_dict(private=False), EC.as_dict(private=False)
+    )
+    verifier = TokenVerifier.from_settings(Settings(jwks_url=jwks.url))
+    for key, alg in ((RSA, "RS256"), (RSA_NEXT, "RS256"), (EC, "ES256")):
+        assert (await verifier.verify(unnamed(key, alg, claims()))).tenant_id == "t1", key.kid
+    assert jwks.hits == 1  # no kid, nothing to refetch for
+
+    stranger = RSAKey.generate_key(2048)
+    error = await rejected(verifier, unnamed(stranger, "RS256", claims()))
+    assert (error.code, error.detail) == ("invalid_token", "The token's signature is not valid.")
+    assert jwks.hits == 1
+
+
+async def test_without_kid_a_key_signs_only_for_its_own_algorithm(jwks: JwksServer) -> None:
+    rs512 = RSAKey.generate_key(2048, parameters={"kid": "rs512"})
+    p384 = ECKey.generate_key("P-384", parameters={"kid": "p384"})
+    jwks.publish(
+        {**rs512.as_dict(private=False), "alg": "RS512"},
+        p384.as_dict(private=False),
+        RSA.as_dict(private=False),
+        EC.as_dict(private=False),
+    )
+    verifier = TokenVerifier.from_settings(Settings(jwks_url=jwks.url))
+    # A key declared for RS512 is not tried for RS256 (nor a P-384 key for ES256, which
+    # joserfc would refuse outright): the keys after them are.
+    token = jwt.encode({"alg": "RS256"}, claims(), rs512)
+    assert (await rejected(verifier, token)).code == "invalid_token"
+    assert (await verifier.verify(unnamed(RSA, "RS256", claims()))).tenant_id == "t1"
+    assert (await verifier.verify(unnamed(EC, "ES256", claims()))).tenant_id == "t1"
+    # The public keys are no HMAC secrets, kid or not; nor is "none" an algorithm.
+    for public in (RSA.as_pem(private=False), EC.as_pem(private=False)):
+        token = forge({"alg": "HS256"}, claims(), public)
+        assert (await rejected(verifier, token)).code == "invalid_token"
+    token = forge({"alg": "none"}, claims(), None)
+    assert (await rejected(verifier, token)).code == "invalid_token"
+
+
 async def test_unknown_kid_triggers_exactly_one_refetch(
     by_jwks: TokenVerifier, jwks: JwksServer
 ) -> None:
