@@ -56,8 +56,14 @@ class _Batch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     messages: Annotated[list[_Message], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
+class _RawBatch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    messages: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+
+
 _READING = msgspec.json.Decoder(_Reading)
 _BATCH = msgspec.json.Decoder(_Batch)
+_RAW_BATCH = msgspec.json.Decoder(_RawBatch)
+_MESSAGE = msgspec.json.Decoder(_Message)
 
 
 def reading(
@@ -103,6 +109,49 @@ def batch(body: bytes, received_at: datetime) -> list[Submission] | None:
             )
         )
     return submissions
+
+
+# Messages refused here beyond those taken, after which the rest of a batch is left to
+# the slow path untried: a batch of nothing but invalid messages costs little more than
+# it did when any invalid message sent the whole batch the slow way.
+_MISSES = 8
+
+
+def messages(body: bytes, received_at: datetime) -> list[Submission | None] | None:
+    """A batch some of whose messages are not valid: each message's submission, taken
+    as ``batch`` would take it, or None where the slow path must judge that message.
+    None for a body whose envelope this cannot read (the slow path judges it all).
+
+    One message that ``batch`` refuses used to send its 999 neighbours the checked
+    way too, for anyone (the security audit, M1)."""
+    try:
+        raws = _RAW_BATCH.decode(body).messages
+    except msgspec.MsgspecError:
+        return None
+    taken: list[Submission | None] = []
+    balance = 0  # refused minus taken
+    for raw in raws:
+        submission = _message(raw, received_at) if balance < _MISSES else None
+        balance += 1 if submission is None else -1
+        taken.append(submission)
+    return taken
+
+
+def _message(raw: msgspec.Raw, received_at: datetime) -> Submission | None:
+    try:
+        m = _MESSAGE.decode(raw)
+    except msgspec.MsgspecError:
+        return None
+    if not (is_valid_name(m.tenant_id) and is_valid_name(m.device_id)):
+        return None
+    if not all(map(is_valid_name, m.metrics)):
+        return None
+    device_time = _device_time(m.ts, received_at)
+    if device_time is None:
+        return None
+    return Submission(
+        m.tenant_id, m.device_id, m.provision_token, Reading(device_time, m.metrics, m.seq)
+    )
 
 
 def _device_time(ts: datetime | None, received_at: datetime) -> datetime | None:
