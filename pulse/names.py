@@ -20,6 +20,10 @@ _NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udf
 # "admin") and the line and paragraph separators (Zl, Zp: U+2028 breaks a line
 # wherever the name is written, and ends a JavaScript string literal in older engines).
 _INVISIBLE = frozenset({"Cf", "Zl", "Zp"})
+# Except those real text needs: the zero-width non-joiner and joiner (Persian and Indic
+# words, emoji sequences such as 👩‍🔧) and the left-to-right and right-to-left marks
+# (a number after Hebrew or Arabic text).
+_NEEDED = frozenset("\u200c\u200d\u200e\u200f")
 
 
 def shown_name(value: str) -> str:
@@ -46,12 +50,14 @@ def _is_valid(value: str) -> bool:
 
 def is_plain_text(value: str) -> bool:
     """True when ``value`` has no control character, no lone surrogate and no invisible
-    character (Unicode categories Cf, Zl, Zp): PostgreSQL refuses NUL and surrogates in
-    text, a terminal obeys escape sequences, and a name with characters nobody sees
-    passes for another."""
+    character (Unicode categories Cf, Zl, Zp, but for the four real text needs):
+    PostgreSQL refuses NUL and surrogates in text, a terminal obeys escape sequences,
+    and a name with characters nobody sees passes for another."""
     if _NOT_TEXT.search(value) is not None:
         return False
-    return value.isascii() or not any(unicodedata.category(c) in _INVISIBLE for c in value)
+    return value.isascii() or not any(
+        unicodedata.category(c) in _INVISIBLE and c not in _NEEDED for c in value
+    )
 
 
 def unknown_parameter(given: Iterable[str], known: Sequence[str]) -> str | None:
