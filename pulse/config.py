@@ -193,9 +193,9 @@ class Settings:
         if self.jwks_url is not None:
             parts = urlsplit(self.jwks_url)
             if parts.scheme not in ("https", "http") or not parts.hostname:
+                # Not echoed: the URL may hold credentials.
                 raise ConfigError(
-                    f"PULSE_JWKS_URL={self.jwks_url!r} must be an https:// URL (your identity "
-                    "provider's jwks_uri)"
+                    "PULSE_JWKS_URL must be an https:// URL (your identity provider's jwks_uri)"
                 )
         # Never echoed either: a NATS URL may hold credentials.
         if self.bus_url is not None:

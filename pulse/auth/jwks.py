@@ -12,6 +12,10 @@ Keys past ``max_age_s`` are refreshed in the background while a token whose
 ``kid`` they know is verified with them: a provider that stopped answering
 stalled every request once the keys were an hour old (the security audit: one
 byte every 3 s kept requests waiting for over a minute).
+
+The URL is logged as ``shown_url`` makes it, without the credentials a provider's
+URL may hold (``user:password@``, an ``api_key`` in its query); and a provider's
+outage is said once per 10 s (``Throttled``), not at every retry.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ import math
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+
+from pulse.logs import Throttled
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,17 @@ MAX_DOCUMENT_BYTES = 1024 * 1024
 
 class JwksUnavailable(Exception):
     """No signing keys could be had from the JWKS URL."""
+
+
+def shown_url(url: str) -> str:
+    """``url`` as logs may show it: scheme, host, port and path, never the user,
+    password, query or fragment."""
+    parts = urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
 class JwksCache:
@@ -48,6 +66,8 @@ class JwksCache:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
+        self.shown_url = shown_url(url)
+        self._outage = Throttled(log)
         self._refetch_interval_s = refetch_interval_s
         self._max_age_s = max_age_s
         self._retry_after_failure_s = retry_after_failure_s
@@ -78,7 +98,7 @@ class JwksCache:
             if self._attempts == attempts_seen and self._should_fetch(kid):
                 await self._fetch()
         if self._keys is None:
-            raise JwksUnavailable(f"no signing keys from {self.url}")
+            raise JwksUnavailable(f"no signing keys from {self.shown_url}")
         return self._keys
 
     def _refresh_in_background(self) -> None:
@@ -133,19 +153,30 @@ class JwksCache:
             keys = signing_keys(json.loads(body))
         except TimeoutError:
             self._failed_at = self._clock()
-            log.warning(
-                "could not fetch signing keys from %s within %g s", self.url, self._timeout_s
+            self._outage.warning(
+                "could not fetch signing keys from %s within %g s", self.shown_url, self._timeout_s
             )
             return
         except (httpx.HTTPError, ValueError, JoseError) as exc:
             # Keep serving with the keys we had: a provider hiccup must not log everyone out.
             self._failed_at = self._clock()
-            log.warning("could not fetch signing keys from %s: %s", self.url, exc)
+            self._outage.warning(
+                "could not fetch signing keys from %s: %s", self.shown_url, _reason(exc, self.url)
+            )
             return
         self._keys = keys
         self._kids = frozenset(key.kid for key in keys if key.kid)
         self._fetched_at = self._clock()
-        log.info("fetched %d signing keys from %s", len(keys.keys), self.url)
+        log.info("fetched %d signing keys from %s", len(keys.keys), self.shown_url)
+
+
+def _reason(exc: Exception, url: str) -> str:
+    """What went wrong, without the URL (httpx's status errors quote it whole)."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code} {exc.response.reason_phrase}".rstrip()
+    return str(exc).replace(url, shown_url(url)) or type(exc).__name__
 
 
 def signing_keys(document: Any) -> KeySet:

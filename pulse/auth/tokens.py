@@ -28,6 +28,7 @@ from pulse.auth.jwks import JwksCache, JwksUnavailable
 from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES, Principal
 from pulse.config import Settings
 from pulse.errors import FORBIDDEN, INVALID_TOKEN, KEYS_UNAVAILABLE, TOKEN_EXPIRED, ApiError
+from pulse.logs import Throttled
 from pulse.names import is_plain_text, is_valid_name
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class TokenVerifier:
         audience: str | None = None,
     ) -> None:
         self._jwks = jwks
+        self._unavailable = Throttled(log)  # a line per 10 s of a provider's outage
         # A configured JWKS wins over the secret, so one deployment never
         # accepts both kinds of token.
         self._secret_key = OctKey.import_key(secret) if secret and jwks is None else None
@@ -124,7 +126,7 @@ class TokenVerifier:
                 return await self._jwks.keys_for(kid if isinstance(kid, str) else None)
             except JwksUnavailable as exc:
                 # Not the token's fault: a 401 would send a dashboard to its sign-in.
-                log.warning("%s", exc)
+                self._unavailable.warning("%s", exc)
                 raise ApiError(
                     KEYS_UNAVAILABLE,
                     "The identity provider's signing keys cannot be fetched; retry shortly.",

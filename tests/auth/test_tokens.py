@@ -5,6 +5,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -449,6 +450,28 @@ async def test_unreachable_jwks_is_unavailable_not_an_invalid_token(jwks: JwksSe
     error = await rejected(verifier, sign(RSA, "RS256", claims()))
     assert (error.code, error.status) == ("keys_unavailable", 503)
     assert "retry shortly" in error.detail and error.headers["Retry-After"]
+
+
+async def test_a_provider_outage_is_said_once_without_the_urls_credentials(
+    jwks: JwksServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operations audit: 200 requests during an outage wrote 202 warnings, each with
+    the URL's password and API key. Now a line per 10 s for the fetches and one for the
+    refusals, naming scheme, host and path only."""
+    jwks.status = 404
+    url = jwks.url.replace("http://", "http://idpuser:IDP-PASSWORD@") + "?api_key=JWKS-KEY"
+    now = [1000.0]
+    verifier = TokenVerifier(jwks=JwksCache(url, clock=lambda: now[0]))
+    with caplog.at_level(logging.WARNING, logger="pulse.auth"):
+        for _ in range(20):
+            now[0] += 2  # past the retry interval: every request fetches again
+            assert (await rejected(verifier, sign(RSA, "RS256", claims()))).status == 503
+    assert jwks.hits == 20
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 2, lines
+    assert all(jwks.url in line for line in lines), lines
+    assert not [line for line in lines if "IDP" in line or "idpuser" in line or "JWKS-KEY" in line]
+    assert "HTTP 404" in lines[0], lines
 
 
 async def test_provider_outage_keeps_the_cached_keys(jwks: JwksServer) -> None:
