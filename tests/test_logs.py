@@ -184,6 +184,40 @@ def test_a_throttled_warning_is_said_once_per_interval_with_what_it_left_out(
     ]
 
 
+def test_a_throttled_error_is_traced_once_then_counted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error that lasts (a permission revoked) wrote its whole traceback at every
+    try: its traceback once (and again when it changes), then a line per interval."""
+    from pulse import logs
+
+    clock = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    throttled = logs.Throttled(logging.getLogger("pulse.test"), every_s=10)
+
+    def fail(error: Exception) -> None:
+        try:
+            raise error
+        except Exception:
+            throttled.error("reading %s failed", "t1")
+
+    with caplog.at_level(logging.ERROR, logger="pulse.test"):
+        for _ in range(12):
+            fail(PermissionError("permission denied for table telemetry"))
+            clock[0] += 1
+        fail(KeyError("other"))
+    said = [(r.getMessage(), bool(r.exc_info)) for r in caplog.records]
+    assert said == [
+        ("reading t1 failed", True),
+        (
+            "reading t1 failed: PermissionError: permission denied for table telemetry "
+            "(again) (and 9 more times in the last 10 s)",
+            False,
+        ),
+        ("reading t1 failed", True),
+    ]
+
+
 def test_the_pools_reconnect_failures_are_one_short_line_per_ten_seconds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -14,16 +14,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
 from pulse.db.database import Database, partition_missing
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.queries import load_queries
+from pulse.logs import Throttled
 
 log = logging.getLogger(__name__)
 Q = load_queries(__package__)
+# A step failing for a reason that lasts (a permission revoked): its traceback once,
+# then a line per 10 minutes with how many passes failed so.
+_failed = Throttled(log, every_s=600.0)
 
 RETENTION_LOCK_KEY = 0x70756C73_65_7274  # "pulse" "rt"
 # Partitions exist this many days ahead of today, so that ingest never meets a
@@ -95,37 +101,79 @@ async def delete_closed_alerts(db: Database, cutoff: datetime, *, batch: int = 5
             await conn.fetchval(Q["retention_unlock"], RETENTION_LOCK_KEY)
 
 
+def window_start(now: datetime, window: timedelta | None) -> datetime | None:
+    """``now - window``, or None when that is before year 1 (nothing is that old: a
+    window meant as "for ever", PULSE_RETENTION_HOURS=99999999, is not a date)."""
+    if window is None:
+        return None
+    try:
+        return now - window
+    except OverflowError:
+        return None
+
+
+def _window(**amount: float) -> timedelta | None:
+    try:
+        return timedelta(**amount)
+    except OverflowError:  # beyond timedelta's 999,999,999 days: for ever too
+        return None
+
+
 async def run_retention(
     db: Database, retention_hours: float, interval_s: float, *, alert_retention_days: float = 0
 ) -> None:
     """Every ``interval_s``: days ahead created, days past the window dropped, alerts
     closed for longer than ``alert_retention_days`` (0: kept for ever) deleted; database
-    outages and lock timeouts are waited out until the next pass."""
+    outages and lock timeouts are waited out until the next pass.
+
+    Each step fails on its own: the days ahead are made first, whatever the others do
+    (a failing drop once left ingest with no partition for its day, answering 503)."""
+    telemetry_window = _window(hours=retention_hours)
+    alert_window = _window(days=alert_retention_days) if alert_retention_days > 0 else None
     while True:
+        await _retention_step("creating partitions ahead", _create_ahead(db))
         now = datetime.now(UTC)
-        cutoff = now - timedelta(hours=retention_hours)
-        try:
-            created = await ensure_partitions(db)
-            if created:
-                log.info("retention: created %d telemetry partitions ahead", created)
-            dropped = await drop_expired(db, cutoff)
-            if dropped:
-                log.info("retention: dropped telemetry partitions %s", ", ".join(dropped))
-            if alert_retention_days > 0:
-                gone = await delete_closed_alerts(db, now - timedelta(days=alert_retention_days))
-                if gone:
-                    log.info(
-                        "retention: deleted %d alerts closed more than %g days ago",
-                        gone,
-                        alert_retention_days,
-                    )
-        except DatabaseUnavailable as exc:
-            log.warning("retention pass failed: %s", exc)
-        except asyncpg.LockNotAvailableError as exc:
-            log.warning("retention pass put off: %s", exc)
+        cutoff = window_start(now, telemetry_window)
+        if cutoff is not None:
+            await _retention_step("dropping expired partitions", _drop(db, cutoff))
+        closed_before = window_start(now, alert_window)
+        if closed_before is not None:
+            await _retention_step(
+                "deleting closed alerts", _delete_alerts(db, closed_before, alert_retention_days)
+            )
         # The next pass after the interval, or within a second of a write that found
         # no partition for its rows.
         deadline = time.monotonic() + interval_s
         # A flag, not an asyncio.Event: translated() sets it from any loop (tests run many).
         while (left := deadline - time.monotonic()) > 0 and not partition_missing():  # noqa: ASYNC110
             await asyncio.sleep(min(1.0, left))
+
+
+async def _create_ahead(db: Database) -> None:
+    created = await ensure_partitions(db)
+    if created:
+        log.info("retention: created %d telemetry partitions ahead", created)
+
+
+async def _drop(db: Database, cutoff: datetime) -> None:
+    dropped = await drop_expired(db, cutoff)
+    if dropped:
+        log.info("retention: dropped telemetry partitions %s", ", ".join(dropped))
+
+
+async def _delete_alerts(db: Database, cutoff: datetime, days: float) -> None:
+    gone = await delete_closed_alerts(db, cutoff)
+    if gone:
+        log.info("retention: deleted %d alerts closed more than %g days ago", gone, days)
+
+
+async def _retention_step(what: str, step: Coroutine[Any, Any, None]) -> None:
+    """One step of a pass; whatever it raises is logged and the pass goes on."""
+    try:
+        await step
+    except DatabaseUnavailable as exc:
+        log.warning("retention pass failed (%s): %s", what, exc)
+    except asyncpg.LockNotAvailableError as exc:
+        log.warning("retention pass put off (%s): %s", what, exc)
+    except Exception:
+        _failed.error("retention pass failed (%s); trying again at the next pass", what)

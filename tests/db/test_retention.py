@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
@@ -293,3 +294,77 @@ async def test_the_server_deletes_alerts_closed_past_their_retention(
             while await pool.fetchval("SELECT count(*) FROM alerts") != 1:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
     assert await pool.fetchval("SELECT device_id FROM alerts") == "d2"
+
+
+@pytest.mark.parametrize(
+    ("hours", "alert_days"),
+    [(99_999_999, 90), (168, 1_000_000), (1e300, 1e300)],
+    ids=["telemetry-for-ever", "alerts-for-ever", "both-1e300"],
+)
+async def test_a_window_meant_as_for_ever_still_makes_the_days_ahead(
+    pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture, hours: float, alert_days: float
+) -> None:
+    """From the operations audit: PULSE_RETENTION_HOURS=99999999 (11,400 years) made
+    every pass fail with `OverflowError: date value out of range` before it created any
+    partition: a day dropped by hand (or a process down for days) was never made again,
+    and ingest answered 503 while /readyz said 200. PULSE_ALERT_RETENTION_DAYS=1000000
+    was a traceback a pass. A window reaching before year 1 now drops nothing, and the
+    days ahead are made first whatever the other steps do."""
+    await ensure_partitions(seam(pool))
+    missing = name(2)
+    await pool.execute(f'ALTER TABLE telemetry DETACH PARTITION "{missing}"')
+    await pool.execute(f'DROP TABLE "{missing}"')
+    old = await insert_readings(pool, "t1", [("d1", {"v": 1})])
+    await age(pool, old, days=9)
+    task = asyncio.create_task(
+        retention.run_retention(seam(pool), hours, 3600, alert_retention_days=alert_days)
+    )
+    try:
+        async with asyncio.timeout(10):
+            while missing not in await partitions(pool):
+                assert not task.done(), task
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # the rest of the pass
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    # Nothing is older than "for ever"; a week's window drops that day as before.
+    assert (name(-9) in await partitions(pool)) == (hours > 168)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_failing_step_does_not_stop_the_others(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step that fails for a reason that lasts (here the drop) is logged, once with its
+    traceback, and the pass goes on: the days ahead are made at every pass."""
+    calls = 0
+
+    async def broken(db: object, cutoff: datetime) -> list[str]:
+        nonlocal calls
+        calls += 1
+        raise asyncpg.InsufficientPrivilegeError("must be owner of table telemetry")
+
+    monkeypatch.setattr(retention, "drop_expired", broken)
+    made = 0
+
+    async def counted(db: object, **kwargs: int) -> int:
+        nonlocal made
+        made += 1
+        return 0
+
+    monkeypatch.setattr(retention, "ensure_partitions", counted)
+    task = asyncio.create_task(retention.run_retention(seam(pool), 168, 0.05))
+    try:
+        async with asyncio.timeout(10):
+            while calls < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert made >= 3
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info  # the traceback once, not a pass
+    assert "dropping expired partitions" in errors[0].getMessage()
