@@ -182,6 +182,15 @@ class Settings:
             number = type(value) in (int, float) and field.name not in _ZERO_MEANS_SOMETHING
             if number and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_env_key(field.name)}={value!r} must be positive")
+        # And none beyond what works: PULSE_CONNECTION_LEASE_TTL_S=1e300 was a startup
+        # traceback (an interval out of PostgreSQL's range), PULSE_RETENTION_HOURS=99999999
+        # a retention pass that failed every time.
+        for name, (most, unit) in _MAXIMA.items():
+            value = getattr(self, name)
+            if value > most:
+                raise ConfigError(
+                    f"{_env_key(name)}={value:.15g} must be at most {most:,.15g} ({unit})"
+                )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"PORT={self.port} is not a TCP port (0 to 65535)")
         if self.stale_after_s >= self.offline_after_s:
@@ -253,6 +262,52 @@ class Settings:
 # any free port, PULSE_ALERT_RETENTION_DAYS 0 keeps closed alerts for ever; each is
 # checked on its own there.
 _ZERO_MEANS_SOMETHING = frozenset({"port", "alert_retention_days"})
+
+_DAY_S = 86_400.0
+_CENTURY_DAYS = 36_525.0  # "for ever", as far as a retention is concerned
+# Every number's largest value (Settings.check; PORT and PULSE_DB_CONNECT_TIMEOUT_S
+# have their own checks there), generous, each one known to work
+# (tests/test_config.py runs a server with all of them at once): a value beyond is
+# almost surely a typo or "for ever", and was a traceback or a task failing for ever.
+_MAXIMA: dict[str, tuple[float, str]] = {
+    "max_connections": (10_000_000, "streams per process"),
+    "max_connections_per_tenant": (1_000_000, "streams per tenant"),
+    "max_device_filters": (1_000_000, "device ids in one filter"),
+    "max_rules_per_tenant": (1_000_000, "alert rules per tenant"),
+    "max_devices_per_tenant": (100_000_000, "devices per tenant"),
+    "max_exports": (1000, "exports at once"),
+    "max_exports_per_tenant": (1000, "exports at once"),
+    "export_max_s": (7 * _DAY_S, "seconds: 7 days"),
+    "max_history_reads": (10_000, "reads at once"),
+    "max_history_reads_per_tenant": (10_000, "reads at once"),
+    "queue_size": (1_000_000, "events per client"),
+    "connection_lease_ttl_s": (_DAY_S, "seconds: a day"),
+    "stale_after_s": (365 * _DAY_S, "seconds: a year"),
+    "offline_after_s": (365 * _DAY_S, "seconds: a year"),
+    "ws_keepalive_s": (_DAY_S, "seconds: a day"),
+    "ws_ping_s": (_DAY_S, "seconds: a day"),
+    "sse_keepalive_s": (_DAY_S, "seconds: a day"),
+    "retention_hours": (_CENTURY_DAYS * 24, "hours: 100 years, for ever in practice"),
+    "retention_interval_s": (_DAY_S, "seconds: a day"),
+    "alert_retention_days": (_CENTURY_DAYS, "days: 100 years; 0 keeps them for ever"),
+    "rollup_interval_s": (3600, "seconds: an hour"),
+    "rollup_minutes_days": (_CENTURY_DAYS, "days: 100 years"),
+    "rollup_quarters_days": (_CENTURY_DAYS, "days: 100 years"),
+    "rollup_hours_days": (_CENTURY_DAYS, "days: 100 years"),
+    "shutdown_timeout_s": (3600, "seconds: an hour"),
+    "http_idle_timeout_s": (_DAY_S, "seconds: a day"),
+    "http_first_request_timeout_s": (_DAY_S, "seconds: a day"),
+    "ingest_rate_per_device": (1_000_000_000, "readings a second"),
+    "ingest_burst_per_device": (1_000_000_000, "readings"),
+    "ingest_rate_per_tenant": (1_000_000_000, "readings a second"),
+    "ingest_burst_per_tenant": (1_000_000_000, "readings"),
+    "ticket_rate_per_s": (1_000_000, "tickets a second"),
+    "ticket_burst": (1_000_000, "tickets"),
+    "ingest_buffer_mb": (65_536, "MB: 64 GiB"),
+    "db_pool_size": (1000, "connections per process"),
+    "listener_backoff_max_s": (3600, "seconds: an hour"),
+    "workers": (1024, "processes"),
+}
 
 
 _DATABASE_URL_FORM = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import asyncpg
+import httpx
 import pytest
 
-from pulse.config import ConfigError, Settings
+from pulse.config import _MAXIMA, ConfigError, Settings
+from tests.support import provision_device, running_server, sse_events
 
 
 def test_an_empty_environment_gives_the_defaults() -> None:
@@ -280,3 +288,80 @@ def test_an_alert_retention_below_zero_or_not_finite_is_refused(value: str) -> N
 
 def test_a_port_of_zero_asks_for_any_free_port() -> None:
     assert Settings.from_env({"PORT": "0"}).port == 0
+
+
+def _numbers() -> list[str]:
+    return [
+        f.name
+        for f in dataclasses.fields(Settings)
+        if f.type in ("int", "float") and f.name not in ("port", "db_connect_timeout_s")
+    ]
+
+
+def at_their_maxima(settings: Settings) -> Settings:
+    """``settings`` with every number at its largest value (PULSE_STALE_AFTER_S below
+    PULSE_OFFLINE_AFTER_S, as it must be)."""
+    most = {name: type(getattr(settings, name))(m) for name, (m, _) in _MAXIMA.items()}
+    most["stale_after_s"] = most["offline_after_s"] / 2
+    return dataclasses.replace(settings, **most)  # type: ignore[arg-type]
+
+
+def test_every_number_has_a_largest_value() -> None:
+    assert sorted(_MAXIMA) == sorted(_numbers())
+
+
+@pytest.mark.parametrize("name", _numbers())
+def test_a_number_beyond_its_largest_value_is_one_line_naming_the_variable(name: str) -> None:
+    """From the operations audit (huge.sh): only lower bounds were checked.
+    PULSE_CONNECTION_LEASE_TTL_S=1e300 was a startup traceback
+    (DatetimeFieldOverflowError), PULSE_RETENTION_HOURS=99999999 a retention pass
+    failing for ever."""
+    key = "PULSE_" + name.upper()
+    huge = str(10**30) if name in _INTS else "1e300"
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({key: huge})
+    message = str(refused.value)
+    assert message.startswith(f"{key}=") and "must be at most" in message, message
+    assert "\n" not in message
+    largest = _MAXIMA[name][0]
+    over = str(int(largest) + 1) if name in _INTS else repr(largest * 1.01)
+    with pytest.raises(ConfigError, match=key):
+        Settings.from_env({key: over})
+
+
+def test_every_number_at_its_largest_value_is_taken() -> None:
+    at_their_maxima(Settings()).check()
+    assert Settings.from_env({"PULSE_RETENTION_HOURS": "876600"}).retention_hours == 876_600
+
+
+_INTS = {f.name for f in dataclasses.fields(Settings) if f.type == "int"}
+
+
+async def test_a_server_with_every_number_at_its_largest_value_works(
+    settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str], caplog: Any
+) -> None:
+    """The largest values are values that work: the server starts, is ready, takes a
+    reading, streams it and stops, with no error logged (the audit's huge.sh)."""
+    device = await provision_device(pool, "t1", "d1")
+    async with (
+        running_server(at_their_maxima(settings)) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        assert (await http.get("/readyz")).status_code == 200
+        async with http.stream(
+            "GET",
+            "/api/v1/customer/telemetry/stream/sse",
+            headers={"Authorization": f"Bearer {make_token('t1')}"},
+        ) as stream:
+            assert stream.status_code == 200
+            sent = await http.post(
+                "/ingest/v1/tenant/t1/device/d1/telemetry",
+                json={"metrics": {"v": 1}},
+                headers={"X-Provision-Token": device},
+            )
+            assert sent.status_code == 201, sent.text
+            async with asyncio.timeout(10):
+                async for event in sse_events(stream):
+                    if event.id == "1":
+                        break
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
