@@ -139,6 +139,10 @@ class OncePer(logging.Filter):
         return True
 
 
+# Different errors a Throttled remembers having traced (then it forgets them all).
+_TRACED_AT_MOST = 100
+
+
 class Throttled:
     """A warning said once per ``every_s`` seconds at most, with how many times it was
     not said in between: an outage answered request by request would otherwise write a
@@ -149,7 +153,7 @@ class Throttled:
         self._every_s = every_s
         self._said_at: float | None = None
         self._unsaid = 0
-        self._traced: tuple[type[BaseException], str] | None = None
+        self._traced: set[tuple[type[BaseException], str]] = set()
 
     def warning(self, message: str, *args: object) -> None:
         now = time.monotonic()
@@ -166,15 +170,17 @@ class Throttled:
 
     def error(self, message: str, *args: object, exc: BaseException | None = None) -> None:
         """An error that may last (a permission revoked: every try fails alike), said from
-        an ``except`` block (or of ``exc``): its traceback in full the first time, and
-        again when the error differs from the last one traced; else its exception's line,
-        once per ``every_s`` at most, with how many times it was not said in between.
-        Before, such an error wrote a 28-line traceback a second per tenant."""
+        an ``except`` block (or of ``exc``): the traceback of each different error (its
+        class and text) in full the first time; else its exception's line, once per
+        ``every_s`` at most, with how many times it was not said in between. Before,
+        such an error wrote a 28-line traceback a second per tenant."""
         error = exc if exc is not None else sys.exc_info()[1]
         now = time.monotonic()
         key = None if error is None else (type(error), str(error))
-        if key != self._traced:
-            self._traced = key
+        if key is not None and key not in self._traced:
+            if len(self._traced) >= _TRACED_AT_MOST:
+                self._traced.clear()
+            self._traced.add(key)
             self._logger.error(message, *args, exc_info=error)
             self._said_at, self._unsaid = now, 0
             return

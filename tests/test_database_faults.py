@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
-from urllib.parse import urlsplit
+import uuid
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -15,7 +17,7 @@ import pytest
 
 from pulse.config import Settings
 from tests.streams.sse_client import SSE_PATH, ResumingClient
-from tests.support import provision_device, running_server
+from tests.support import insert_readings, provision_device, running_server, sse_events
 from tests.web.db_proxy import database_proxy
 
 pytestmark = pytest.mark.timeout(120)
@@ -191,3 +193,109 @@ async def test_readyz_answers_within_its_timeout_when_the_database_stops_answeri
             async with asyncio.timeout(30):
                 while (await http.get("/readyz", timeout=10)).status_code != 200:  # noqa: ASYNC110
                     await asyncio.sleep(0.1)
+
+
+def _as_role(dsn: str, role: str) -> str:
+    """``dsn`` connecting as ``role`` (no password: the test servers trust)."""
+    parts = urlsplit(dsn)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{role}@{host}"))
+
+
+@contextlib.asynccontextmanager
+async def restricted_role(
+    database_url: str, pg_admin_dsn: str
+) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
+    """A login role with every privilege on the database's tables (as a deployment's
+    non-owner role has), named ``pulse_ro_...``; yields a superuser connection to the
+    database, for the test to revoke and grant, and the role's name. Dropped at the end."""
+    role = f"pulse_ro_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    owner = await asyncpg.connect(database_url)
+    try:
+        await owner.execute(
+            f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}";'
+            f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}";'
+            f'GRANT USAGE ON SCHEMA public TO "{role}"'
+        )
+        yield owner, role
+    finally:
+        await owner.execute(f'DROP OWNED BY "{role}"')
+        await owner.close()
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
+
+
+async def test_a_lasting_database_error_is_said_once_counted_and_degrades_the_status(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    pg_admin_dsn: str,
+    database_url: str,
+    make_token: Callable[..., str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """From the operations audit (revoke.sh): with SELECT on telemetry revoked from the
+    server's role, the hub logged `fetch for a tenant failed; retrying` and a 28-line
+    traceback every second per tenant with streams, for ever (868 lines in 30 s for one
+    tenant), streams silently got nothing, and /readyz and the status endpoint said all
+    was well; with INSERT revoked, each ingest request logged ~38 lines. Now: each
+    error's traceback once, then a line per 10 s; the reads back off to 5 s and are
+    counted; the status endpoint says degraded and why (/readyz stays 200: every process
+    would fail alike, and taking them all out of rotation helps no one); and streams get
+    the events once the grant is back."""
+    device = await provision_device(pool, "t1", "d1")
+    async with restricted_role(database_url, pg_admin_dsn) as (owner, role):
+        restricted = dataclasses.replace(settings, database_url=_as_role(database_url, role))
+        async with (
+            running_server(restricted) as url,
+            httpx.AsyncClient(base_url=url, timeout=10) as http,
+            http.stream(
+                "GET", SSE_PATH, headers={"Authorization": f"Bearer {make_token('t1')}"}
+            ) as stream,
+        ):
+            assert stream.status_code == 200
+            got: list[str] = []
+
+            async def read() -> None:
+                async for event in sse_events(stream):
+                    if event.id is not None:
+                        got.append(event.id)
+
+            reader = asyncio.create_task(read())
+            await owner.execute(f'REVOKE SELECT ON telemetry FROM "{role}"')
+            [first] = await insert_readings(pool, "t1", [("d1", {"v": 1})])
+            await asyncio.sleep(3)
+            status = (await http.get("/api/v1/telemetry/stream/status")).json()
+            assert status["status"] == "degraded", status
+            [reason] = status["reasons"]
+            assert "InsufficientPrivilegeError" in reason and "1 tenant " in reason, reason
+            assert (await http.get("/readyz")).status_code == 200
+            metrics = (await http.get("/metrics")).text
+            assert 'pulse_bus_read_failures_total{error="error"}' in metrics
+            hub_errors = [r for r in caplog.records if r.name == "pulse.bus.hub"]
+            assert len(hub_errors) == 1 and hub_errors[0].exc_info, hub_errors
+            assert "permission denied" in str(hub_errors[0].exc_info[1])
+            assert got == []
+
+            await owner.execute(f'GRANT SELECT ON telemetry TO "{role}"')
+            async with asyncio.timeout(10):  # the next try, 5 s at most after the last
+                while got != [str(first)]:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            status = (await http.get("/api/v1/telemetry/stream/status")).json()
+            assert (status["status"], status["reasons"]) == ("ok", [])
+
+            await owner.execute(f'REVOKE INSERT ON telemetry FROM "{role}"')
+            for _ in range(5):
+                r = await http.post(
+                    "/ingest/v1/tenant/t1/device/d1/telemetry",
+                    json={"metrics": {"v": 2}},
+                    headers={"X-Provision-Token": device},
+                )
+                assert r.status_code == 500 and r.json()["error"] == "internal_error", r.text
+            unhandled = [r for r in caplog.records if r.name == "pulse.web.errors"]
+            assert len(unhandled) == 1 and unhandled[0].exc_info, unhandled
+            metrics = (await http.get("/metrics")).text
+            assert 'pulse_ingest_failed_total{error="internal_error"} 5.0' in metrics
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)

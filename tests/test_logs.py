@@ -188,7 +188,7 @@ def test_a_throttled_error_is_traced_once_then_counted(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An error that lasts (a permission revoked) wrote its whole traceback at every
-    try: its traceback once (and again when it changes), then a line per interval."""
+    try: each different error's traceback once, then a line per interval."""
     from pulse import logs
 
     clock = [100.0]
@@ -206,6 +206,9 @@ def test_a_throttled_error_is_traced_once_then_counted(
             fail(PermissionError("permission denied for table telemetry"))
             clock[0] += 1
         fail(KeyError("other"))
+        fail(PermissionError("permission denied for table telemetry"))
+        clock[0] += 10
+        fail(KeyError("other"))
     said = [(r.getMessage(), bool(r.exc_info)) for r in caplog.records]
     assert said == [
         ("reading t1 failed", True),
@@ -215,6 +218,7 @@ def test_a_throttled_error_is_traced_once_then_counted(
             False,
         ),
         ("reading t1 failed", True),
+        ("reading t1 failed: KeyError: 'other' (again) (and 1 more times in the last 10 s)", False),
     ]
 
 

@@ -38,6 +38,10 @@ PENDING_LIMIT = 10_000
 # its sink is told to abort it (it may be stuck writing to a client that
 # stopped reading).
 LAGGING_GRACE_S = 5.0
+# A read of the table that failed is tried again after this long, doubling up to the
+# most (whatever the error: an outage, or a permission revoked).
+READ_BACKOFF_MIN_S = 0.1
+READ_BACKOFF_MAX_S = 5.0
 
 
 class Topic:
@@ -93,7 +97,7 @@ class Topic:
         await self._fetch_forever()
 
     async def _fetch_forever(self) -> None:
-        backoff = 0.1
+        backoff = READ_BACKOFF_MIN_S
         self._take_pending()
         while not self.closed:
             await self.dirty.wait()
@@ -110,18 +114,28 @@ class Topic:
                         self.hub.publish(self, events)
                     if len(events) < FETCH_LIMIT:
                         break
-                backoff = 0.1
+                backoff = READ_BACKOFF_MIN_S
+                self.hub.read_succeeded(self)
             except DatabaseUnavailable as exc:
+                self.hub.read_failed(self, exc)
                 self.hub.fetch_failures.warning(
                     "reading a tenant's new events failed (%s); retrying", exc
                 )
                 self.dirty.set()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:
-                log.exception("fetch for a tenant failed; retrying")
+                backoff = min(backoff * 2, READ_BACKOFF_MAX_S)
+            except Exception as exc:
+                # Lasting, most likely (SELECT revoked on telemetry): its traceback
+                # once, then a line per 10 s for every tenant together; before, 28
+                # lines a second per tenant for as long as it lasted.
+                self.hub.read_failed(self, exc)
+                self.hub.read_errors.error(
+                    "reading a tenant's new events failed; its streams get nothing until "
+                    "it succeeds, retrying"
+                )
                 self.dirty.set()
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, READ_BACKOFF_MAX_S)
             finally:
                 self._take_pending()
 
@@ -168,6 +182,7 @@ class Topic:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
+        self.hub.read_succeeded(self)  # nothing left to read for it
         if self.watching:
             try:
                 await self.hub.source.unwatch(self.tenant_id)
@@ -188,11 +203,37 @@ class Hub:
         self.draining = False
         # One line per 10 s for every tenant's reads together, not one per tenant and try.
         self.fetch_failures = Throttled(log)
+        self.read_errors = Throttled(log)
+        # The topics whose last read failed, and the error: while any, the streams of
+        # their tenants get nothing, and the status endpoint says "degraded".
+        self.failing_reads: dict[Topic, str] = {}
         # Labelled counters looked up once per kind: .labels() is not free, and
         # publish runs once per subscriber per batch.
         self._delivered = functools.cache(metrics.events_delivered.labels)
         self._delivered_directly = functools.cache(metrics.events_delivered_directly.labels)
         self._dropped = functools.cache(metrics.events_dropped_lagging.labels)
+
+    def read_failed(self, topic: Topic, exc: Exception) -> None:
+        unavailable = isinstance(exc, DatabaseUnavailable)
+        self.metrics.bus_read_failures.labels(
+            "database_unavailable" if unavailable else "error"
+        ).inc()
+        self.failing_reads[topic] = "database unavailable" if unavailable else type(exc).__name__
+
+    def read_succeeded(self, topic: Topic) -> None:
+        self.failing_reads.pop(topic, None)
+
+    def read_problem(self) -> str | None:
+        """Why streams get nothing, when reads of the table fail (no tenant named)."""
+        if not self.failing_reads:
+            return None
+        errors = sorted(set(self.failing_reads.values()))
+        count = len(self.failing_reads)
+        return (
+            f"reading new events from the table fails for {count} "
+            f"tenant{'s' if count > 1 else ''} ({', '.join(errors)}): their streams get "
+            "nothing; see the log"
+        )
 
     @contextlib.asynccontextmanager
     async def subscribe(

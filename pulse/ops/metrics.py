@@ -261,6 +261,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.bus_read_failures = Counter(
+            "pulse_bus_read_failures",
+            "Reads of a tenant's new events from the table that failed (each is tried "
+            "again, backing off to 5 s), by error: database_unavailable, or error (any "
+            "other: a permission revoked, a bug)",
+            ["error"],
+            registry=r,
+        )
         self.fetch_latency = Histogram(
             "pulse_listener_fetch_seconds",
             "Time to read notified rows from the table",

@@ -65,9 +65,12 @@ class Listener(BaseModel):
 
 
 class StreamStatus(BaseModel):
-    """This process's streams; degraded while its database listener is disconnected."""
+    """This process's streams; degraded while its database listener is disconnected, or
+    while reading tenants' new events from the table fails (a permission revoked, say:
+    /readyz stays 200 then, since every process would fail alike)."""
 
     status: Literal["ok", "degraded"]
+    reasons: list[str] = Field(description="Why degraded; empty when ok. No tenant ids.")
     connections: Connections
     limits: Limits
     listener: Listener
@@ -107,8 +110,12 @@ async def stream_status() -> dict[str, Any]:
     source = rt.source
     by_kind = {kind: rt.limits.by_kind[kind] for kind in STREAM_KINDS}
     last = source.last_wakeup_at
+    reasons = [] if source.connected else ["the listener is disconnected"]
+    if (problem := rt.hub.read_problem()) is not None:
+        reasons.append(problem)
     return {
-        "status": "ok" if source.connected else "degraded",
+        "status": "degraded" if reasons else "ok",
+        "reasons": reasons,
         "connections": {"total": sum(by_kind.values()), **by_kind},
         "limits": {
             "max_connections": rt.settings.max_connections,

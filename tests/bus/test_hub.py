@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -379,3 +381,49 @@ async def test_failing_reads_of_many_tenants_say_so_once(
     lines = [r for r in caplog.records if r.name == "pulse.bus.hub"]
     assert len(lines) == 1, [r.getMessage() for r in lines]
     assert "too many clients" in lines[0].getMessage()
+
+
+class RevokedStore(MemoryStore):
+    """Reads fail as with SELECT revoked: not an outage, an error that lasts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = False
+        self.tries: list[float] = []
+
+    async def events_after(self, tenant_id: str, after: int, **kw: Any) -> list[TelemetryEvent]:
+        if self.failing:
+            self.tries.append(time.monotonic())
+            raise PermissionError("permission denied for table telemetry")
+        return await super().events_after(tenant_id, after, **kw)
+
+
+async def test_a_read_failing_for_good_backs_off_is_counted_and_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """From the operations audit: a read failing for a reason that lasts was tried every
+    second, each with a 28-line traceback, and nothing else told of it. Now the tries
+    back off (0.1 s doubling to 5 s), each is counted, the traceback is logged once, and
+    the hub says why its streams get nothing until a read succeeds."""
+    store = RevokedStore()
+    async with (
+        running_hub(store=store) as (hub, source, _),
+        hub.subscribe("t1", kind="test") as subscription,
+    ):
+        store.failing = True
+        with caplog.at_level(logging.WARNING, logger="pulse.bus.hub"):
+            source.committed("t1", store.commit("t1"))
+            await asyncio.sleep(2.5)
+        gaps = [b - a for a, b in itertools.pairwise(store.tries)]
+        assert len(store.tries) <= 6 and gaps[-1] > 4 * gaps[0], gaps
+        failed = hub.metrics.bus_read_failures.labels("error")._value.get()
+        assert failed == len(store.tries)
+        assert hub.read_problem() == (
+            "reading new events from the table fails for 1 tenant (PermissionError): "
+            "their streams get nothing; see the log"
+        )
+        [said] = [r for r in caplog.records if r.name == "pulse.bus.hub"]
+        assert said.levelno == logging.ERROR and said.exc_info
+        store.failing = False
+        assert await received(subscription, 1) == [1]
+        assert hub.read_problem() is None
