@@ -177,8 +177,10 @@ def fail(message: str) -> NoReturn:
 
 
 async def run_migrations(settings: Settings) -> None:
+    import asyncpg
+
     from pulse.db.database import Database
-    from pulse.db.errors import DatabaseUnavailable
+    from pulse.db.errors import DatabaseUnavailable, refusal
     from pulse.db.migrate import MigrationError, migrate
     from pulse.db.pool import describe
 
@@ -195,6 +197,11 @@ async def run_migrations(settings: Settings) -> None:
             fail(f"pulse migrate: cannot use the database {exc}")
         except MigrationError as exc:
             fail(f"pulse migrate: {exc}")
+        except asyncpg.PostgresError as exc:  # a permission missing, say
+            fail(
+                f"pulse migrate: cannot use the database {describe(dsn)}: "
+                f"{refusal(exc, migrating=True)}"
+            )
         # Which database, never its user or password: the one DATABASE_URL meant?
         where = describe(dsn)
         print(f"applied to {where}: {', '.join(applied)}" if applied else f"{where} is up to date")

@@ -37,8 +37,9 @@ from pulse.bus.store import EventStore
 from pulse.config import Settings
 from pulse.db.database import Database
 from pulse.db.embedded import embedded_database
-from pulse.db.errors import DatabaseUnavailable
+from pulse.db.errors import DatabaseUnavailable, refusal
 from pulse.db.migrate import MigrationError, pending
+from pulse.db.pool import describe
 from pulse.db.retention import ensure_partitions, run_retention
 from pulse.fleet.devices import NO_CREDENTIALS, Credentials
 from pulse.fleet.rules import evaluate_alerts
@@ -333,6 +334,10 @@ async def _ensure_partitions(db: Database) -> None:
         raise StartupError(f"cannot use the database {db.describe()}: {exc}") from exc
     except asyncpg.LockNotAvailableError:
         pass  # another process is changing the partitions: they are days ahead already
+    except asyncpg.PostgresError as exc:  # a permission missing, say
+        raise StartupError(
+            f"cannot use the database {db.describe()}: {refusal(exc, migrating=False)}"
+        ) from exc
 
 
 async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -> Database:
@@ -352,11 +357,19 @@ async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -
         raise StartupError(f"cannot use the database {exc}") from exc
     except MigrationError as exc:
         raise StartupError(f"cannot migrate the embedded database: {exc}") from exc
+    except asyncpg.PostgresError as exc:  # the connections' set-up refused
+        raise StartupError(
+            f"cannot use the database {describe(dsn or '')}: {refusal(exc, migrating=False)}"
+        ) from exc
     try:
         async with db.connection() as conn:
             missing = await pending(conn)
     except DatabaseUnavailable as exc:
         raise StartupError(f"cannot use the database {db.describe()}: {exc}") from exc
+    except asyncpg.PostgresError as exc:  # no SELECT on pulse_migrations, say
+        raise StartupError(
+            f"cannot use the database {db.describe()}: {refusal(exc, migrating=False)}"
+        ) from exc
     if missing:
         raise StartupError(
             f"the database {db.describe()} is not migrated ({len(missing)} migrations to "

@@ -4,13 +4,16 @@ nothing running (issue #19 item 5, issue #22 items 2 and 3)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import sys
 import time
-from collections.abc import AsyncGenerator
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -19,7 +22,7 @@ from quart import Quart
 from pulse import serving
 from pulse.config import Settings
 from pulse.db.embedded import embedded_postgres
-from pulse.db.pool import CONNECT_TIMEOUT_S
+from pulse.db.pool import CONNECT_TIMEOUT_S, describe
 from pulse.runtime import StartupError
 from tests.support import TEST_SECRET, dsn_for, free_port
 
@@ -309,3 +312,55 @@ async def test_the_database_connect_timeout_is_pulse_db_connect_timeout_s() -> N
     ), lines
     assert "s3cret" not in "\n".join(lines)
     assert 2 <= took < CONNECT_TIMEOUT_S, took  # the process's start included
+
+
+@contextlib.asynccontextmanager
+async def a_role_of_no_privilege(pg_admin_dsn: str) -> AsyncIterator[str]:
+    """A login role (named ``pulse_np_...``) owning nothing, granted nothing."""
+    role = f"pulse_np_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        yield role
+    finally:
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
+
+
+def as_role(dsn: str, role: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+
+
+async def test_a_role_without_the_privileges_is_one_line_naming_the_database(
+    pg_admin_dsn: str, empty_database: str, database_url: str
+) -> None:
+    """From the operations audit (migrate_priv.log): `pulse migrate` as a role without
+    CREATE on schema public (PostgreSQL 15's default for a role that does not own the
+    database) printed a 27-line traceback ending `InsufficientPrivilegeError`, naming no
+    database; `pulse serve` as a role without SELECT on pulse_migrations logged `ERROR
+    pulse: Exception` and a traceback before its line. One line each now, naming the
+    database and what to do."""
+    async with a_role_of_no_privilege(pg_admin_dsn) as role:
+        owner = await asyncpg.connect(empty_database)
+        try:  # as PostgreSQL 15 and later have it
+            await owner.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        finally:
+            await owner.close()
+        env = {"DATABASE_URL": as_role(empty_database, role), "PULSE_JWT_SECRET": TEST_SECRET}
+        code, lines = await pulse("migrate", env=env)
+        line = the_one_line(lines)
+        assert code == 1 and len(lines) == 1, lines
+        where = describe(empty_database)
+        assert line.startswith(f"pulse migrate: cannot use the database {where}: "), line
+        assert "permission denied for schema public (InsufficientPrivilegeError)" in line
+        assert "run `pulse migrate` as the database's owner" in line
+
+        env["DATABASE_URL"] = as_role(database_url, role)
+        code, lines = await pulse("serve", "--port", str(free_port()), env=env)
+        line = the_one_line(lines)
+        assert code == 1 and not any(" ERROR " in said for said in lines), lines
+        where = describe(database_url)
+        assert line.startswith(f"pulse serve: cannot use the database {where}: "), line
+        assert "permission denied for table pulse_migrations (InsufficientPrivilegeError)" in line
+        assert "grant Pulse's role SELECT, INSERT, UPDATE and DELETE" in line

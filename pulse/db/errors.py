@@ -50,3 +50,23 @@ def passes(exc: BaseException) -> bool:
     """Whether the same statements, tried again later, may succeed: the database was
     unavailable, or a lock_timeout (55P03, which ``translated`` leaves to the caller)."""
     return isinstance(exc, DatabaseUnavailable | asyncpg.LockNotAvailableError)
+
+
+def refusal(exc: asyncpg.PostgresError, *, migrating: bool) -> str:
+    """A statement Pulse needs at its start refused by the server, in one line with what
+    to do: a permission missing (InsufficientPrivilegeError, 42501: a role that does not
+    own the schema has no CREATE on it from PostgreSQL 15; SELECT revoked on a table),
+    or any other error of the server. It was a traceback, ending in the driver's error."""
+    said = f"{exc} ({type(exc).__name__})"
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        if migrating:
+            return (
+                f"{said}: run `pulse migrate` as the database's owner (or a role that may "
+                "create tables in its schema: GRANT CREATE ON SCHEMA public TO the role)"
+            )
+        return (
+            f"{said}: grant Pulse's role SELECT, INSERT, UPDATE and DELETE on the tables of "
+            "the schema and USAGE on its sequences (GRANT ... ON ALL TABLES IN SCHEMA public "
+            "TO the role), or serve as the role that ran `pulse migrate`"
+        )
+    return f"{said}, SQLSTATE {exc.sqlstate}"
