@@ -32,6 +32,26 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# The label values the counters below are known to take (tests/ops/test_metrics.py
+# checks them against the code's error codes).
+INGEST_ENDPOINTS = ("telemetry", "heartbeat", "batch")  # and "mqtt" with MQTT
+INGEST_REJECTIONS = (
+    "invalid_device_token",
+    "unknown_device",
+    "invalid_payload",
+    "payload_too_large",
+    "rate_limited",
+    "internal_error",
+)
+INGEST_FAILURES = (
+    "database_unavailable",
+    "server_busy",
+    "request_timeout",
+    "payload_too_large",
+    "internal_error",
+)
+BUS_MESSAGE_KINDS = ("events", "wakeup", "signal", "heartbeat")
+MQTT_OUTCOMES = ("stored", "duplicate", "heartbeat", "rejected", "retained")
 REFRESH_S = 2.0
 
 
@@ -275,6 +295,29 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # Every known label value of a labelled counter made at 0 now: a series that
+        # appears at its first increment has no earlier value, and Prometheus's
+        # increase() and rate() miss that first step (the first internal_error, the
+        # first resync). Those of NATS and MQTT only where they are configured. The
+        # stream kinds' are made by pulse.runtime (pulse.streams.limits.STREAM_KINDS).
+        known: list[tuple[Counter, tuple[str, ...]]] = [
+            (self.ingest_rows, INGEST_ENDPOINTS),
+            (self.ingest_rejected, INGEST_REJECTIONS),
+            (self.ingest_failed, INGEST_FAILURES),
+            (self.bus_read_failures, ("database_unavailable", "error")),
+        ]
+        if bus:
+            known += [
+                (self.bus_resyncs, ("relay", "bus_back", "slow_consumer")),
+                (self.bus_messages_relayed, BUS_MESSAGE_KINDS),
+                (self.bus_publish_failures, BUS_MESSAGE_KINDS),
+                (self.bus_messages_received, BUS_MESSAGE_KINDS),
+            ]
+        if mqtt:
+            known += [(self.mqtt_messages, MQTT_OUTCOMES), (self.ingest_rows, ("mqtt",))]
+        for counter, values in known:
+            for value in values:
+                counter.labels(value)
 
     def sample(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Set ``gauge`` to ``read()`` at every scrape (and refresh)."""
