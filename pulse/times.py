@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 # Ingest refuses a reading whose device time is further ahead than this of its arrival
 # (pulse.ingest.validation); the history API counts on it (pulse.history.params).
 MAX_CLOCK_AHEAD = timedelta(minutes=5)
+# The earliest time there is: where a window meant as "for ever" keeps things from.
+EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 def format_time(moment: datetime) -> str:
@@ -18,3 +20,13 @@ def format_time(moment: datetime) -> str:
         f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
         f"{utc.second:02d}.{utc.microsecond // 1000:03d}Z"
     )
+
+
+def window_start(now: datetime, *, days: float = 0, hours: float = 0) -> datetime | None:
+    """``now`` less a retention window, or None when that is before year 1: nothing is
+    that old, so a window meant as "for ever" (PULSE_RETENTION_HOURS=99999999, or 1e300)
+    keeps everything instead of failing (OverflowError) wherever it is subtracted."""
+    try:
+        return now - timedelta(days=days, hours=hours)
+    except OverflowError:
+        return None

@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
-from pulse.config import _MAXIMA, ConfigError, Settings
+from pulse.config import _MAXIMA, _WINDOWS, ConfigError, Settings
 from tests.support import provision_device, running_server, sse_events
 
 
@@ -300,17 +300,26 @@ def _numbers() -> list[str]:
 
 def at_their_maxima(settings: Settings) -> Settings:
     """``settings`` with every number at its largest value (PULSE_STALE_AFTER_S below
-    PULSE_OFFLINE_AFTER_S, as it must be)."""
+    PULSE_OFFLINE_AFTER_S, as it must be), and every retention window for ever (1e300)."""
     most = {name: type(getattr(settings, name))(m) for name, (m, _) in _MAXIMA.items()}
     most["stale_after_s"] = most["offline_after_s"] / 2
+    most.update(dict.fromkeys(_WINDOWS, 1e300))
     return dataclasses.replace(settings, **most)  # type: ignore[arg-type]
 
 
-def test_every_number_has_a_largest_value() -> None:
-    assert sorted(_MAXIMA) == sorted(_numbers())
+def test_every_number_but_the_windows_has_a_largest_value() -> None:
+    assert sorted(_MAXIMA) == sorted(set(_numbers()) - _WINDOWS)
 
 
-@pytest.mark.parametrize("name", _numbers())
+@pytest.mark.parametrize("window", sorted(_WINDOWS))
+@pytest.mark.parametrize("value", ["999999", "99999999", "1e300"])
+def test_a_window_meant_as_for_ever_is_taken(window: str, value: str) -> None:
+    """The review of the maxima: PULSE_RETENTION_HOURS=999999 (114 years) worked, then
+    was refused at start by a maximum of 100 years."""
+    assert getattr(Settings.from_env({f"PULSE_{window.upper()}": value}), window) == float(value)
+
+
+@pytest.mark.parametrize("name", sorted(set(_numbers()) - _WINDOWS))
 def test_a_number_beyond_its_largest_value_is_one_line_naming_the_variable(name: str) -> None:
     """From the operations audit (huge.sh): only lower bounds were checked.
     PULSE_CONNECTION_LEASE_TTL_S=1e300 was a startup traceback
@@ -331,7 +340,6 @@ def test_a_number_beyond_its_largest_value_is_one_line_naming_the_variable(name:
 
 def test_every_number_at_its_largest_value_is_taken() -> None:
     at_their_maxima(Settings()).check()
-    assert Settings.from_env({"PULSE_RETENTION_HOURS": "876600"}).retention_hours == 876_600
 
 
 _INTS = {f.name for f in dataclasses.fields(Settings) if f.type == "int"}
@@ -364,4 +372,10 @@ async def test_a_server_with_every_number_at_its_largest_value_works(
                 async for event in sse_events(stream):
                     if event.id == "1":
                         break
+        # A history chart (bucket=auto weighs the windows) with every window for ever.
+        history = await http.get(
+            "/api/v1/customer/devices/d1/telemetry",
+            headers={"Authorization": f"Bearer {make_token('t1')}"},
+        )
+        assert history.status_code == 200, history.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -24,6 +24,7 @@ from pulse.db.database import Database, partition_missing
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.queries import load_queries
 from pulse.logs import Throttled
+from pulse.times import window_start
 
 log = logging.getLogger(__name__)
 Q = load_queries(__package__)
@@ -101,24 +102,6 @@ async def delete_closed_alerts(db: Database, cutoff: datetime, *, batch: int = 5
             await conn.fetchval(Q["retention_unlock"], RETENTION_LOCK_KEY)
 
 
-def window_start(now: datetime, window: timedelta | None) -> datetime | None:
-    """``now - window``, or None when that is before year 1 (nothing is that old: a
-    window meant as "for ever", PULSE_RETENTION_HOURS=99999999, is not a date)."""
-    if window is None:
-        return None
-    try:
-        return now - window
-    except OverflowError:
-        return None
-
-
-def _window(**amount: float) -> timedelta | None:
-    try:
-        return timedelta(**amount)
-    except OverflowError:  # beyond timedelta's 999,999,999 days: for ever too
-        return None
-
-
 async def run_retention(
     db: Database, retention_hours: float, interval_s: float, *, alert_retention_days: float = 0
 ) -> None:
@@ -128,16 +111,14 @@ async def run_retention(
 
     Each step fails on its own: the days ahead are made first, whatever the others do
     (a failing drop once left ingest with no partition for its day, answering 503)."""
-    telemetry_window = _window(hours=retention_hours)
-    alert_window = _window(days=alert_retention_days) if alert_retention_days > 0 else None
     while True:
         await _retention_step("creating partitions ahead", _create_ahead(db))
         now = datetime.now(UTC)
-        cutoff = window_start(now, telemetry_window)
+        cutoff = window_start(now, hours=retention_hours)
         if cutoff is not None:
             await _retention_step("dropping expired partitions", _drop(db, cutoff))
-        closed_before = window_start(now, alert_window)
-        if closed_before is not None:
+        closed_before = window_start(now, days=alert_retention_days)
+        if alert_retention_days > 0 and closed_before is not None:
             await _retention_step(
                 "deleting closed alerts", _delete_alerts(db, closed_before, alert_retention_days)
             )

@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -27,6 +27,7 @@ from pulse.db.errors import DatabaseUnavailable
 from pulse.db.leadership import lock_is_free
 from pulse.db.queries import load_queries
 from pulse.logs import Throttled
+from pulse.times import EARLIEST, window_start
 
 log = logging.getLogger(__name__)
 Q = load_queries(__package__)
@@ -74,17 +75,11 @@ class RollupSettings:
             hours_days=settings.rollup_hours_days,
         )
 
-    def windows(self) -> dict[int, timedelta]:
-        """How long the rollups of each width (in minutes) are kept."""
-        return {
-            1: timedelta(days=self.minutes_days),
-            15: timedelta(days=self.quarters_days),
-            60: timedelta(days=self.hours_days),
-        }
-
     def kept_since(self, now: datetime) -> dict[int, datetime]:
-        """Per width, the oldest time its rollups are kept from."""
-        return {width: now - window for width, window in self.windows().items()}
+        """Per width (in minutes), the oldest time its rollups are kept from (the
+        earliest time there is for a window meant as "for ever")."""
+        days = {1: self.minutes_days, 15: self.quarters_days, 60: self.hours_days}
+        return {width: window_start(now, days=d) or EARLIEST for width, d in days.items()}
 
 
 def pause_after(took_s: float, interval_s: float) -> float:

@@ -10,7 +10,7 @@ import csv
 import dataclasses
 import io
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -34,7 +34,7 @@ from pulse.history import reads
 from pulse.history.params import RAW, HistoryQuery, parse_history
 from pulse.history.rollups import RollupSettings
 from pulse.names import shown_name
-from pulse.times import format_time
+from pulse.times import EARLIEST, format_time, window_start
 from pulse.web import openapi, runtime
 from pulse.web.auth import authorize, tenant
 
@@ -263,7 +263,7 @@ def _kept_since() -> dict[int, datetime]:
     readings' (RAW: a time of receipt), by retention (bucket=auto)."""
     settings, now = runtime().settings, datetime.now(UTC)
     kept = RollupSettings.of(settings).kept_since(now)
-    kept[RAW] = now - timedelta(hours=settings.retention_hours)
+    kept[RAW] = window_start(now, hours=settings.retention_hours) or EARLIEST
     return kept
 
 
