@@ -97,6 +97,7 @@ class Runtime:
         PULSE_SHUTDOWN_TIMEOUT_S (the server's graceful timeout) from now, and the writes
         still waiting a second before it are ended (``TelemetryWriter.stop``): their
         callers get a 503 rather than a cut connection, and nothing commits after."""
+        self.limits.drain()  # the streams ending now are closed before their slots are freed
         self.hub.drain()
         timeout = self.settings.shutdown_timeout_s
         asyncio.get_running_loop().call_later(

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from pulse.bus.events import TelemetryEvent
 from pulse.bus.source import EventSource
@@ -180,8 +181,11 @@ class Topic:
         self.closed = True
         self.dirty.set()
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+        # Waited for, not awaited: a close that is itself cancelled (the runtime's stop
+        # out of time) must not take that for its task's end, and go on.
+        await asyncio.wait({self._task})
+        if not self._task.cancelled():
+            self._task.exception()  # retrieved: a failure of its own is not the close's
         self.hub.read_succeeded(self)  # nothing left to read for it
         if self.watching:
             try:
@@ -201,6 +205,7 @@ class Hub:
         self._topics: dict[str, Topic] = {}
         self._closing: dict[str, asyncio.Task[None]] = {}  # topics on their way out
         self.draining = False
+        self._drained = asyncio.Event()  # set with draining, by drain
         # One line per 10 s for every tenant's reads together, not one per tenant and try.
         self.fetch_failures = Throttled(log)
         self.read_errors = Throttled(log)
@@ -266,8 +271,12 @@ class Hub:
         )
         topic.subscribers.add(subscription)
         try:
-            await asyncio.shield(topic.opened)
-            subscription.position = max(subscription.position, topic.delivered)
+            if not topic.opened.done():
+                await self._opened_or_drained(topic)
+            if topic.opened.done():
+                topic.opened.result()  # its failure, DatabaseUnavailable
+                subscription.position = max(subscription.position, topic.delivered)
+            # else shutting down (drain closed it): the stream ends at once.
             yield subscription
         finally:
             topic.subscribers.discard(subscription)
@@ -275,8 +284,22 @@ class Hub:
                 del self._topics[tenant_id]
                 closing = self._closing[tenant_id] = asyncio.create_task(topic.close())
                 closing.add_done_callback(functools.partial(self._closed, tenant_id))
-                # Shielded: a cancelled stream must still unwatch.
-                await asyncio.shield(closing)
+                # Shielded: a cancelled stream must still unwatch. Not waited for when
+                # shutting down: the stream ends now, whatever the database does (its
+                # UNLISTEN); close() waits for the topic, within the runtime's stop.
+                if not self.draining:
+                    await asyncio.shield(closing)
+
+    async def _opened_or_drained(self, topic: Topic) -> None:
+        """Wait for ``topic`` to open (LISTEN, then a read), or the shutdown to begin: a
+        stream whose tenant's topic waits on a database that stopped answering ends
+        with the others."""
+        drained = asyncio.ensure_future(self._drained.wait())
+        try:
+            either: set[asyncio.Future[Any]] = {topic.opened, drained}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
 
     def newest_delivered(self, tenant_id: str) -> int | None:
         """The newest id handed to the tenant's subscribers, when its topic is open here
@@ -357,6 +380,7 @@ class Hub:
     def drain(self) -> None:
         """Shutting down: end every subscription now and refuse new ones."""
         self.draining = True
+        self._drained.set()
         for topic in self._topics.values():
             for subscription in list(topic.subscribers):
                 subscription.close()

@@ -82,6 +82,9 @@ class ConnectionLimits:
         # Releases waiting for the next statement, and the task that runs them.
         self._releasing: list[tuple[int, asyncio.Future[None]]] = []
         self._releaser: asyncio.Task[None] | None = None
+        # Shutting down (drain): a stream that ends releases its slot in the background.
+        self._draining = False
+        self._released_later: set[asyncio.Task[None]] = set()
         # tenant -> [when its count was read, the count since]: check's hint.
         self._known: dict[str, list[float]] = {}
         self._reading: dict[str, asyncio.Future[list[float]]] = {}  # reads in flight
@@ -93,6 +96,15 @@ class ConnectionLimits:
     async def start(self) -> None:
         """Register this process; from now on its connections count cluster-wide."""
         await self.renew()
+
+    def drain(self) -> None:
+        """Shutting down: from now on a stream that ends is closed at once, its slot
+        released in the background. Every stream ends now, and its close must not wait
+        for a statement: a database that stopped answering would hold each one until
+        the shutdown's time is up, then cut it. ``stop`` forgets them all anyway, and
+        should that not get through either, this process's lease lapses within
+        ``ttl_s``."""
+        self._draining = True
 
     async def stop(self) -> None:
         """Forget this process and its connections (a clean shutdown)."""
@@ -246,8 +258,20 @@ class ConnectionLimits:
             self._counted(tenant_id, -1)
             del self._open[connection_id]
             self._enders.pop(connection_id, None)
-            # Shielded: a cancelled stream (its client went away) still frees its slot.
-            await asyncio.shield(self._release(db, connection_id))
+            if self._draining:
+                self._release_later(db, connection_id)
+            else:
+                # Shielded: a cancelled stream (its client went away) still frees its
+                # slot. Awaited: a client that reconnects once closed finds it free.
+                await asyncio.shield(self._release(db, connection_id))
+
+    def _release_later(self, db: Database, connection_id: int) -> None:
+        """Release the connection in the background (shutting down: ``drain``)."""
+        task = asyncio.get_running_loop().create_task(self._release(db, connection_id))
+        self._released_later.add(task)
+        task.add_done_callback(self._released_later.discard)
+        # Its failure is said by _release_pending, or is the shutdown's own (cancelled).
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _admit(self, db: Database, connection_id: int, tenant_id: str, kind: str) -> bool:
         """Admitted or not, with the connections that arrive meanwhile: one statement for
