@@ -165,7 +165,9 @@ class TelemetryWriter:
         self.ids = EventIds()  # what this writer foresees, and how often it was right
         self._on_remade = on_remade
         self._committers: set[asyncio.Task[None]] = set()  # _commit_waiting, one per tenants
-        self._alone: set[asyncio.Task[list[Outcome]]] = set()  # writes without group commit
+        # Transactions in flight (a group's, or a write's without group commit), each
+        # with its callers: what ``stop`` ends and answers.
+        self._in_flight: dict[asyncio.Task[list[Outcome]], _Callers] = {}
         # The tenants found with alert rules by their latest reservation here: their
         # foreseen writes reserve apart from their COMMIT, for the rules in between.
         self._ruled: set[str] = set()
@@ -174,6 +176,7 @@ class TelemetryWriter:
         self._wakes: dict[frozenset[str], asyncio.Future[None]] = {}
         # Writes waiting for their tokens and rates to be checked (_check).
         self._unchecked: list[tuple[Sequence[Submission], asyncio.Future[Checked]]] = []
+        self._being_checked: list[tuple[Sequence[Submission], asyncio.Future[Checked]]] = []
         self._stopped = False  # the server's time for requests is up (stop)
         self._checking: asyncio.Task[None] | None = None
 
@@ -216,15 +219,14 @@ class TelemetryWriter:
     ) -> list[Outcome]:
         """A write in a transaction of its own (without group commit, or heartbeats
         only), in a task of its own, which ``stop`` may end."""
-        task = asyncio.get_running_loop().create_task(self._commit_alone(tenants, submissions))
-        self._alone.add(task)
-        task.add_done_callback(self._alone.discard)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._commit_alone(tenants, submissions))
+        answer: asyncio.Future[list[Outcome]] = loop.create_future()
+        self._track(task, [(submissions, answer)])
         try:
-            return await task
+            return await answer
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and self._stopped and not (current and current.cancelling()):
-                raise _stopping() from None  # ended by stop, not by its caller
+            task.cancel()  # its caller went away: so does the write
             raise
 
     async def _commit_alone(
@@ -240,9 +242,30 @@ class TelemetryWriter:
         like any write that comes later, get DatabaseUnavailable: a 503, not a cut
         connection, for a write that was not committed."""
         self._stopped = True
-        for task in (*self._committers, *self._alone, self._checking):
+        for task in (*self._committers, *self._in_flight, self._checking):
             if task is not None:
                 task.cancel()
+        # Answered now, not once their transactions have ended: a statement cancelled on
+        # a database that stopped answering (SIGSTOPped, a machine gone) is not done
+        # until the server answers the cancel, and its caller would be cut at the
+        # timeout, hypercorn's empty 500. Cancelled, a transaction was not committed
+        # (_settle says the same when it ends).
+        waiters: list[asyncio.Future[Any]] = [
+            waiter for callers in self._in_flight.values() for _, waiter in callers
+        ]
+        waiters += [future for _, future in (*self._being_checked, *self._unchecked)]
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(_stopping())
+
+    def _track(self, commit: asyncio.Task[list[Outcome]], callers: _Callers) -> None:
+        """``commit``'s outcome to its callers when it ends, or to ``stop``'s 503."""
+        for _, waiter in callers:
+            # A caller that went away leaves its answer unread: that is not an error.
+            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._in_flight[commit] = callers
+        commit.add_done_callback(functools.partial(_settle, callers))
+        commit.add_done_callback(self._in_flight.pop)
 
     async def _check(self, submissions: Sequence[Submission], deadline: float) -> Checked:
         """The first stage of a group commit for large writes: tokens and rates,
@@ -277,6 +300,7 @@ class TelemetryWriter:
         try:
             while self._unchecked:
                 group, self._unchecked = self._unchecked, []
+                self._being_checked = group
                 everything = [s for subs, _ in group for s in subs]
                 checking = asyncio.get_running_loop().create_future()
                 try:
@@ -291,6 +315,7 @@ class TelemetryWriter:
                     _settle(group, checking)
         finally:
             self._checking = None
+            self._being_checked = []
 
     async def _write_grouped(
         self,
@@ -393,8 +418,7 @@ class TelemetryWriter:
                             begin_by=begin_by,
                         )
                     )
-                    callers = [(queued.submissions, queued.future) for queued in group]
-                    commit.add_done_callback(functools.partial(_settle, callers))
+                    self._track(commit, [(queued.submissions, queued.future) for queued in group])
                     in_flight.append(commit)
                     await inserted.wait()
                 while len(in_flight) >= IN_FLIGHT:
@@ -865,6 +889,10 @@ class TelemetryWriter:
 
 class Sliceable(Protocol):
     def __getitem__(self: S, part: slice, /) -> S: ...
+
+
+# A transaction's callers: each one's submissions and its answer.
+_Callers = list[tuple[Sequence[Submission], "asyncio.Future[list[Outcome]]"]]
 
 
 def _settle(
