@@ -19,11 +19,12 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import operator
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -61,6 +62,31 @@ if TYPE_CHECKING:
     from pulse.bus.relay import Relay
     from pulse.mqtt.service import Mqtt
 
+log = logging.getLogger(__name__)
+
+# What the runtime's own stop gets at least, should the requests in flight have taken
+# the whole PULSE_SHUTDOWN_TIMEOUT_S: a healthy stop takes a tenth of it.
+MIN_STOP_S = 1.0
+
+
+class ShutdownClock:
+    """PULSE_SHUTDOWN_TIMEOUT_S, counted from the shutdown's start (SIGTERM: ``drain``),
+    or from the runtime's stop when nothing drained it first."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._deadline: float | None = None
+
+    def start(self) -> None:
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.timeout_s
+
+    def left(self) -> float:
+        """The seconds left for the runtime's stop, MIN_STOP_S at least."""
+        self.start()
+        assert self._deadline is not None
+        return max(self._deadline - time.monotonic(), MIN_STOP_S)
+
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
@@ -86,6 +112,7 @@ class Runtime:
     device_credentials: Credentials
     supervisor: Supervisor
     started_at: float
+    shutdown: ShutdownClock
 
     @property
     def draining(self) -> bool:
@@ -96,7 +123,9 @@ class Runtime:
         """Shutting down: streams end now; requests in flight have
         PULSE_SHUTDOWN_TIMEOUT_S (the server's graceful timeout) from now, and the writes
         still waiting a second before it are ended (``TelemetryWriter.stop``): their
-        callers get a 503 rather than a cut connection, and nothing commits after."""
+        callers get a 503 rather than a cut connection, and nothing commits after.
+        The runtime's stop then has what is left of that time (``_stop``)."""
+        self.shutdown.start()
         self.limits.drain()  # the streams ending now are closed before their slots are freed
         self.hub.drain()
         timeout = self.settings.shutdown_timeout_s
@@ -132,8 +161,13 @@ def check_settings(settings: Settings) -> None:
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     check_settings(settings)
     metrics = Metrics(bus=settings.bus_url is not None, mqtt=settings.mqtt_url is not None)
+    shutdown = ShutdownClock(settings.shutdown_timeout_s)
     async with contextlib.AsyncExitStack() as stack:
         db = await _open_database(stack, settings)
+        # What runs is stopped newest first, then the pool closed, all within the
+        # shutdown's time (_stop).
+        stops: list[Stop] = []
+        stack.push_async_callback(_stop, db, shutdown, stops, settings)
         await _ensure_partitions(db)
 
         limits = ConnectionLimits(
@@ -143,7 +177,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             ttl_s=settings.connection_lease_ttl_s,
         )
         await limits.start()
-        stack.push_async_callback(limits.stop)
+        stops.append(Stop("forgetting this process's stream connections", limits.stop))
 
         store = EventStore(db)
         listen = ListenSource(
@@ -154,7 +188,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         bus = await _open_bus(settings, db, store, listen, metrics) if settings.bus_url else None
         source: EventSource = listen if bus is None else bus.source
         hub = Hub(store, source, metrics, queue_size=settings.queue_size)
-        stack.push_async_callback(hub.close)
+        stops.append(Stop("closing the stream hub", hub.close))
 
         writer = TelemetryWriter(
             db,
@@ -197,7 +231,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         metrics.sample(metrics.history_reads, lambda: history_reads.held)
 
         supervisor = Supervisor()
-        stack.push_async_callback(supervisor.stop)
+        stops.append(Stop("stopping the side tasks", supervisor.stop, supervisor.stopping))
         if bus is not None:
             supervisor.start("bus", bus.link.run)
         supervisor.start("listener", functools.partial(source.run, hub))
@@ -249,7 +283,67 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             device_credentials=NO_CREDENTIALS if mqtt is None else mqtt.provisioner,
             supervisor=supervisor,
             started_at=time.monotonic(),
+            shutdown=shutdown,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """One step of the runtime's stop; ``left``: what it still waits on, when cut short."""
+
+    what: str
+    run: Callable[[], Awaitable[None]]
+    left: Callable[[], list[str]] | None = None
+
+
+async def _stop(
+    db: Database, shutdown: ShutdownClock, stops: list[Stop], settings: Settings
+) -> None:
+    """Run ``stops`` newest first, then close the pool, within what is left of the
+    shutdown's time (PULSE_SHUTDOWN_TIMEOUT_S from SIGTERM, MIN_STOP_S at least).
+
+    A database that stopped answering (SIGSTOPped, a machine gone: its connections open,
+    nothing answered) holds each step on a statement, and a task cancelled in the middle
+    of one waits for the server's answer to the cancel. When the time is up, what is left
+    is given up: the pool's connections are closed unanswered (every statement still
+    waiting on them ends), and this process's stream connections, not forgotten, stop
+    counting when its lease lapses (PULSE_CONNECTION_LEASE_TTL_S).
+    """
+    at = [len(stops)]  # the step under way (-1: closing the pool)
+
+    async def in_order() -> None:
+        for step in reversed(range(len(stops))):
+            at[0] = step
+            try:
+                await stops[step].run()
+            except Exception:  # the next steps still run, as on an exit stack
+                log.exception("shutting down: %s failed", stops[step].what)
+        at[0] = -1
+        await db.close()
+
+    # A task of its own, waited for rather than awaited under a timeout: a step that
+    # takes its cancellation for something else's cannot hold the process.
+    stopping = asyncio.get_running_loop().create_task(in_order())
+    try:
+        done, _ = await asyncio.wait({stopping}, timeout=shutdown.left())
+    finally:
+        stopping.cancel()
+    if done:
+        return stopping.result()
+    db.terminate()
+    given_up = []
+    for stop in reversed(stops[: at[0] + 1]):
+        still = stop.left() if stop.left is not None else []
+        given_up.append(f"{stop.what} ({', '.join(still)})" if still else stop.what)
+    log.warning(
+        "shutting down: did not stop within %g s: the database (or another service it "
+        "uses) stopped answering; gave up on %s, and closed the database connections "
+        "unanswered (this process's stream connections stop counting within "
+        "PULSE_CONNECTION_LEASE_TTL_S, %g s)",
+        shutdown.timeout_s,
+        "; ".join(given_up) or "closing the database pool",
+        settings.connection_lease_ttl_s,
+    )
 
 
 def _sample_process(

@@ -11,8 +11,10 @@ import httpx
 import pytest
 
 from tests.streams.sse_client import SSE_PATH, ResumingClient
-from tests.support import provision_device, pulse_serve, sse_events, until
+from tests.streams.ws_support import closed, open_ws, recv
+from tests.support import provision_device, pulse_serve, sse_events, start_serve, until
 from tests.uploads import slow_upload
+from tests.web.db_proxy import database_proxy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -193,3 +195,121 @@ async def test_a_request_cut_at_the_timeout_is_one_line_not_a_traceback(
     assert not [line for line in log.splitlines() if " ERROR " in line], log
     assert "shutting down: 1 request still in flight after 1 s was cut" in log, log
     assert await pool.fetchval("SELECT count(*) FROM telemetry") == 0
+
+
+async def test_sigterm_with_the_database_frozen_ends_streams_at_once_and_exits_in_time(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path, make_token
+) -> None:  # type: ignore[no-untyped-def]
+    """From the operations audit (HIGH): SIGTERM while the database had stopped answering
+    (SIGSTOPped: its connections open, nothing answered) closed the WebSocket after 5 s,
+    answered the write in flight hypercorn's empty 500 with no Retry-After, cut the SSE
+    stream, and exited after 75 s with status 1, the last line blaming the *start*
+    (`did not start within 60 s`). Each stream waited for its slot's release, a statement
+    the database never answered, before it was closed; the runtime's stop waited for
+    ever on tasks cancelled in the middle of a statement, until hypercorn's 60 s lifespan
+    timeout. Now streams end at once (1012, a clean SSE end), the write gets 503 with
+    Retry-After, and the process exits within about PULSE_SHUTDOWN_TIMEOUT_S, logging
+    what it gave up on and then `stopped`."""
+    device_token = await provision_device(pool, "t1", "d1")
+    timeout_s = 4
+    env = {"PULSE_SHUTDOWN_TIMEOUT_S": str(timeout_s)}
+    async with database_proxy(database_url) as proxy:
+        server = await start_serve(data_dir=tmp_path, database_url=proxy.dsn, env=env)
+        try:
+            await server.wait_ready()
+            async with (
+                httpx.AsyncClient(base_url=server.url, timeout=60) as http,
+                open_ws(server.url, token=make_token("t1")) as ws,
+                http.stream(
+                    "GET", SSE_PATH, headers={"Authorization": f"Bearer {make_token('t1')}"}
+                ) as stream,
+            ):
+                assert (await recv(ws))["type"] == "connected"
+                lines = stream.aiter_lines()
+                # Its first lines come once it holds its slot and has its start (two
+                # statements): it is live, and ends at SIGTERM whatever the database does.
+                assert (await anext(lines)).startswith("retry:")
+                while not (await anext(lines)).startswith("id:"):
+                    pass
+                proxy.freeze()
+                post = asyncio.create_task(
+                    http.post(
+                        "/ingest/v1/tenant/t1/device/d1/telemetry",
+                        json={"metrics": {"v": 1}},
+                        headers={"X-Provision-Token": device_token},
+                    )
+                )
+
+                async def in_flight() -> bool:
+                    metrics = (await http.get("/metrics")).text
+                    return "\npulse_ingest_in_flight 1.0\n" in metrics
+
+                async with asyncio.timeout(15):  # the write waits on the frozen database
+                    while not await in_flight():  # noqa: ASYNC110  (no event to wait on)
+                        await asyncio.sleep(0.05)
+                started = time.monotonic()
+                server.proc.terminate()
+
+                def since() -> float:
+                    return round(time.monotonic() - started, 2)
+
+                async def sse_end() -> tuple[str, float]:
+                    try:
+                        async for _ in sse_events(stream, comments=True, lines=lines):
+                            pass
+                    except httpx.HTTPError as exc:  # cut, not ended
+                        return type(exc).__name__, since()
+                    return "ended", since()
+
+                async def ws_end() -> tuple[int | None, float]:
+                    code, _ = await closed(ws, timeout=wait_s)
+                    return code, since()
+
+                async def answered() -> tuple[httpx.Response, float]:
+                    return await post, since()
+
+                async def exited() -> tuple[bytes, float]:
+                    _, stderr = await server.proc.communicate()
+                    return stderr, since()
+
+                # Well past the time it should take; long enough to see what it does.
+                wait_s = timeout_s + 10
+                tasks = [
+                    asyncio.ensure_future(c) for c in (ws_end(), sse_end(), answered(), exited())
+                ]
+                await asyncio.wait(tasks, timeout=wait_s)
+                if not tasks[-1].done():
+                    server.kill()
+                (code, ws_took), (sse_end_, sse_took), (answer, answer_took), (stderr, took) = [
+                    t.result() if t.done() and not t.exception() else (None, None)
+                    for t in tasks[:-1]
+                ] + [await tasks[-1]]
+                for task in tasks:
+                    task.cancel()
+        finally:
+            proxy.thaw()
+            if server.proc.returncode is None:
+                server.kill()
+                await server.proc.wait()
+    log = stderr.decode()
+    # Streams end at once, whatever the database does (a busy machine's second).
+    seen = {
+        "websocket": (code, ws_took),
+        "sse": (sse_end_, sse_took),
+        "write": (answer and (answer.status_code, answer.text), answer_took),
+        "exit": (server.proc.returncode, took),
+    }
+    assert code == 1012 and sse_end_ == "ended", (seen, log)
+    assert ws_took < 1.5 and sse_took < 1.5, (seen, log)
+    # The write, not committed, is refused in time for its client to retry elsewhere.
+    assert answer is not None and answer.status_code == 503, (seen, log)
+    assert answer.json()["error"] == "database_unavailable"
+    assert answer.headers.get("retry-after")
+    assert answer_took < timeout_s + 1, seen
+    # The whole process within about the timeout: a stop, not a failed start.
+    assert not server.killed and took < timeout_s + 3, (seen, log)
+    assert server.proc.returncode == 0, log
+    assert "did not start" not in log, log
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert lines[-1].endswith("INFO pulse.serving: stopped"), log
+    assert any(f"did not stop within {timeout_s} s" in line for line in lines), log

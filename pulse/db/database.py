@@ -139,12 +139,26 @@ class Database:
         try:
             yield cls(pool, dsn)
         finally:
+            # Bounded: a connection still busy (a statement waiting on a lock) would
+            # hold the process past its shutdown timeout. (Nothing to do when the
+            # runtime's stop closed it already: pulse.runtime._stop.)
             try:
-                # Bounded: a connection still busy (a statement waiting on a lock) would
-                # hold the process past its shutdown timeout.
                 await asyncio.wait_for(pool.close(), POOL_CLOSE_S)
             except TimeoutError:
                 pool.terminate()
+
+    async def close(self) -> None:
+        """Close the pool: wait for its connections to be released, for at most
+        POOL_CLOSE_S, then close the busy ones unanswered."""
+        try:
+            await asyncio.wait_for(self.pool.close(), POOL_CLOSE_S)
+        except TimeoutError:
+            self.pool.terminate()
+
+    def terminate(self) -> None:
+        """Close the pool's connections now, unanswered: every statement still waiting on
+        one ends (a database that stopped answering, at the shutdown's end)."""
+        self.pool.terminate()
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
         with translated():

@@ -40,13 +40,25 @@ class Supervisor:
         return {name: not task.done() for name, task in self._tasks.items()}
 
     async def stop(self) -> None:
-        """Cancel every task, newest first, and wait for each to finish."""
-        for name in reversed(list(self._tasks)):
-            task = self._tasks.pop(name)
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("task %s failed while stopping", name)
+        """Cancel every task, newest first, and wait for each to finish.
+
+        Bound it from outside (``asyncio.timeout``): a task cancelled in the middle of a
+        statement to a database that stopped answering does not finish. Cancelled
+        itself, ``stop`` cancels the tasks it had not come to, so that none goes on
+        working, and leaves those not finished to ``stopping``."""
+        try:
+            for name in reversed(list(self._tasks)):
+                task = self._tasks[name]
+                task.cancel()
+                await asyncio.wait({task})
+                del self._tasks[name]
+                if not task.cancelled() and (exc := task.exception()) is not None:
+                    log.error("task %s failed while stopping", name, exc_info=exc)
+        finally:
+            for task in self._tasks.values():
+                if not task.cancelling():
+                    task.cancel()
+
+    def stopping(self) -> list[str]:
+        """The tasks a ``stop`` cut short left cancelled but not finished, newest first."""
+        return [name for name, task in reversed(self._tasks.items()) if not task.done()]

@@ -46,6 +46,9 @@ LISTEN_BACKLOG = 2048
 # Open files a process needs beside its connections: the database pool, the
 # listener, logs, the libraries' own.
 RESERVED_FILES = 200
+# hypercorn's own limit on the app's stop, beyond PULSE_SHUTDOWN_TIMEOUT_S: a backstop
+# only, the runtime bounds its stop by what is left of that time (pulse.runtime._stop).
+SHUTDOWN_BACKSTOP_S = 5.0
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -114,6 +117,11 @@ def hypercorn_config(settings: Settings, bind: str) -> Any:
         config.access_log_format = ACCESS_LOG_FORMAT
         config.logger_class = access_logger_class()
     config.graceful_timeout = settings.shutdown_timeout_s
+    # The app's stop (the lifespan's shutdown) begins once the requests are done, and
+    # the runtime ends it within what is left of PULSE_SHUTDOWN_TIMEOUT_S. hypercorn's
+    # default of 60 s, were the runtime's bound missed, kept a process past the
+    # platform's SIGKILL (Heroku's 30 s).
+    config.shutdown_timeout = settings.shutdown_timeout_s + SHUTDOWN_BACKSTOP_S
     # After a restart every client reconnects at once. With hypercorn's listen
     # backlog of 100, the connections beyond it lose their SYN and retry a
     # second later; the workers' shared socket has the same 2048.
@@ -204,10 +212,17 @@ async def serve(app: Quart, config: Any, stop: asyncio.Event) -> None:
         # bounded well below this (PULSE_DB_CONNECT_TIMEOUT_S, at most 25 s, and its
         # set-up as long again: pulse.db.pool), and says so: this
         # is a service that answered the connection, then stopped answering.
-        raise StartupError(
-            f"did not start within {config.startup_timeout:g} s: a service it starts with "
-            "(the database, PULSE_BUS_URL's) stopped answering"
-        ) from None
+        if RUNTIME not in app.extensions:  # the runtime never started
+            raise StartupError(
+                f"did not start within {config.startup_timeout:g} s: a service it starts "
+                "with (the database, PULSE_BUS_URL's) stopped answering"
+            ) from None
+        # Started, then stopping: its stop outlasted hypercorn's backstop.
+        log.warning(
+            "shutting down: did not stop within %g s of the requests' end: a service it "
+            "stops with (the database, PULSE_BUS_URL's) stopped answering",
+            config.shutdown_timeout,
+        )
     finally:
         cut.close()
         watching.cancel()
