@@ -38,6 +38,8 @@ SECRET_ALGORITHMS = ("HS256",)
 # With a JWKS, HMAC is never accepted: a verifier that did would take the
 # provider's *public* key as an HMAC secret (algorithm confusion).
 JWKS_ALGORITHMS = ("RS256", "ES256")
+# A token without kid is tried against at most this many keys of its algorithm.
+MAX_KEYS_WITHOUT_KID = 3
 # The keys that can sign for each of them: type and curve.
 _KEY_TYPES = {"RS256": ("RSA", None), "ES256": ("EC", "P-256")}
 
@@ -89,13 +91,24 @@ class TokenVerifier:
         JWKS that can sign for its algorithm: joserfc takes the only key of a set, but
         refuses a set of more (a provider's keys during a rotation, an RSA and an EC
         key). Each key is tried for its own algorithm only: of its type (and curve), and
-        a key that declares an ``alg`` for that one alone. At most the JWKS's keys."""
+        a key that declares an ``alg`` for that one alone; and only when there are at most
+        MAX_KEYS_WITHOUT_KID such keys: anyone can send a token without ``kid``, and each
+        key tried is a signature check (16 keys: 20x a token naming its key)."""
         kty, crv = _KEY_TYPES[alg]
-        for key in keys:
-            if key.key_type != kty or (crv is not None and key.get("crv") != crv):
-                continue
-            if key.alg is not None and key.alg != alg:
-                continue
+        candidates = [
+            key
+            for key in keys
+            if key.key_type == kty
+            and (crv is None or key.get("crv") == crv)
+            and (key.alg is None or key.alg == alg)
+        ]
+        if len(candidates) > MAX_KEYS_WITHOUT_KID:
+            raise ApiError(
+                INVALID_TOKEN,
+                f"The token names no key (kid) and the identity provider has "
+                f"{len(candidates)} keys for {alg}: a token must name its key.",
+            )
+        for key in candidates:
             try:
                 return self._decode(token, key)
             except _BadSignature:

@@ -309,6 +309,24 @@ async def test_a_token_without_kid_is_verified_by_any_key_of_its_algorithm(
     assert jwks.hits == 1
 
 
+async def test_without_kid_at_most_three_keys_are_tried(jwks: JwksServer) -> None:
+    """The review: anyone may send a token without kid, and each key tried is a signature
+    check (16 RSA keys: 1.77 ms against 0.08 ms for a token naming its key). Beyond
+    MAX_KEYS_WITHOUT_KID keys of its algorithm, such a token is refused unchecked."""
+    more = [RSAKey.generate_key(2048, parameters={"kid": f"rsa-{i}"}) for i in range(3, 5)]
+    jwks.publish(*(k.as_dict(private=False) for k in (RSA, RSA_NEXT, *more, EC)))
+    verifier = TokenVerifier.from_settings(Settings(jwks_url=jwks.url))
+    error = await rejected(verifier, unnamed(RSA, "RS256", claims()))
+    assert error.code == "invalid_token"
+    assert error.detail == (
+        "The token names no key (kid) and the identity provider has 4 keys for RS256: "
+        "a token must name its key."
+    )
+    # A token naming its key is verified as ever; an ES256 one has one key to try.
+    assert (await verifier.verify(sign(RSA, "RS256", claims()))).tenant_id == "t1"
+    assert (await verifier.verify(unnamed(EC, "ES256", claims()))).tenant_id == "t1"
+
+
 async def test_without_kid_a_key_signs_only_for_its_own_algorithm(jwks: JwksServer) -> None:
     rs512 = RSAKey.generate_key(2048, parameters={"kid": "rs512"})
     p384 = ECKey.generate_key("P-384", parameters={"kid": "p384"})
