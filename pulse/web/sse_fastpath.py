@@ -22,6 +22,7 @@ import contextlib
 from typing import Any
 
 from pulse.auth.access import require_unexpired, tenant_for
+from pulse.auth.principal import Principal
 from pulse.db.errors import DatabaseUnavailable
 from pulse.errors import INVALID_TICKET, ApiError
 from pulse.runtime import Runtime
@@ -89,11 +90,16 @@ async def _admit(rt: Runtime, scope: Scope) -> tuple[Live, DirectWrites | None] 
     ticket = args.get("ticket")
     if not ticket:
         return None
+
     # A refused redemption leaves the ticket unspent: Quart may then try it again. A
     # ticket unknown, used or expired is refused here, as Quart's route words it: Quart
     # would only look it up again (each lookup a write transaction, for any stranger).
+    def accept(principal: Principal) -> None:  # as the route's (sse._accept)
+        require_unexpired(principal)
+        tenant_for(principal, requested)
+
     try:
-        principal = await authenticate(rt, None, args, accept=lambda p: tenant_for(p, requested))
+        principal = await authenticate(rt, None, args, accept=accept)
     except ApiError as exc:
         if exc.error is not INVALID_TICKET:
             raise

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from pulse.config import Settings
 from tests.streams.sse_client import SSE_PATH
 from tests.streams.ws_support import V2_PATH, WS_PATH, close_of, open_ws, recv, request
-from tests.support import running_server
+from tests.support import running_server, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -114,6 +114,24 @@ async def test_a_ticket_expires_and_keeps_its_identity(
     ticket = await new_ticket(http, operator)
     async with open_ws(server, WS_PATH, ticket=ticket, tenant_id="t9") as ws:
         assert (await recv(ws))["tenant_id"] == "t9"
+
+
+async def test_a_ticket_whose_token_has_expired_opens_no_stream_and_stays_unspent(
+    server: str, http: httpx.AsyncClient, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """The review: the SSE fast path redeemed a ticket without asking whether its token
+    had expired (Quart's route does): a stream opened, to end at once, and the ticket was
+    spent. A ticket never outlives its token, so this is a race at its last second; here
+    the row is made to outlive it."""
+    ticket = await new_ticket(http, make_token("t1", lifetime_s=2))
+    exp = await pool.fetchval("SELECT expires_at FROM stream_tickets")
+    await pool.execute(
+        "UPDATE stream_tickets SET expires_at = clock_timestamp() + interval '1 min'"
+    )
+    await until(lambda: time.time() > exp.timestamp() + 0.1, timeout=10)  # the token's exp
+    r = await http.get(SSE_PATH, params={"ticket": ticket})
+    assert r.status_code == 401 and r.json()["error"] == "token_expired", r.text
+    assert await pool.fetchval("SELECT count(*) FROM stream_tickets") == 1  # unspent
 
 
 async def test_a_token_past_its_exp_opens_no_stream_and_buys_no_ticket(
