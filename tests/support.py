@@ -475,3 +475,12 @@ async def every_page(
             return pages
         assert body["next_cursor"] == str(pages[-1][-1])
         params = {**params, "cursor": body["next_cursor"]}
+
+
+def metric(text: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels, as written) in a /metrics
+    answer; 0 when it is not there."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0

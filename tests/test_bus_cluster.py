@@ -23,7 +23,15 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.streams.sse_client import ResumingClient
 from tests.streams.ws_support import V2_PATH, WS_PATH, open_ws, recv, request, ws_url
-from tests.support import NatsServer, ServeProcess, free_port, provision_device, start_serve, until
+from tests.support import (
+    NatsServer,
+    ServeProcess,
+    free_port,
+    metric,
+    provision_device,
+    start_serve,
+    until,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -322,14 +330,14 @@ async def test_exactly_once_across_relay_kill_nats_restart_and_edge_restart(
     assert v2_ids == list(range(v2_ids[0], stored[-1] + 1))  # from its start, no gap
     assert roaming.connections > 3 and ws.connections > 1
     # c read gaps from the table (the relay's death, NATS away) and fell back once.
-    assert _metric(metrics, "pulse_bus_fallbacks_total") >= 1
-    assert _metric(metrics, 'pulse_bus_messages_received_total{kind="events"}') > 0
+    assert metric(metrics, "pulse_bus_fallbacks_total") >= 1
+    assert metric(metrics, 'pulse_bus_messages_received_total{kind="events"}') > 0
     assert b"Traceback" not in cluster.stderr, cluster.stderr.decode(errors="replace")[-3000:]
     print(
         f"relay takeover after {takeover_s:.2f} s; fallback {fallback_s:.2f} s after NATS "
         f"stopped; {len(stored)} events; acknowledged per "
         f"process {sorted(writers.acknowledged.values())}; "
-        f"gaps filled on c {_metric(metrics, 'pulse_bus_gaps_filled_total'):.0f}"
+        f"gaps filled on c {metric(metrics, 'pulse_bus_gaps_filled_total'):.0f}"
     )
 
 
@@ -364,10 +372,3 @@ async def _one_connection_per_job(pool: asyncpg.Pool) -> bool:
         "GROUP BY 1"
     )
     return {row[0]: row[1] for row in rows} == {"pulse rollups": 1, "pulse sweeper": 1}
-
-
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0

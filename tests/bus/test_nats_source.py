@@ -17,7 +17,7 @@ import pytest
 
 from pulse.config import Settings
 from tests.streams.sse_client import ResumingClient
-from tests.support import NatsServer, free_port, running_server, until
+from tests.support import NatsServer, free_port, metric, running_server, until
 from tests.web.test_sse import table_ids, writer
 
 pytestmark = pytest.mark.timeout(120)
@@ -110,16 +110,16 @@ async def test_a_process_subscribes_only_to_the_tenants_it_serves(
         async def all_relayed() -> bool:
             nonlocal metrics
             metrics = (await http.get("/metrics")).text
-            return _metric(metrics, "pulse_bus_events_relayed_total") >= rows
+            return metric(metrics, "pulse_bus_events_relayed_total") >= rows
 
         await eventually(all_relayed)
         await eventually(lambda: _has(subjects, t1, present=False))
         assert await subjects() == {relay}
 
     # Every t1 event came from the messages: the table was read for none of them.
-    assert _metric(metrics, "pulse_bus_gaps_filled_total") == 0
-    assert _metric(metrics, 'pulse_bus_messages_received_total{kind="events"}') > 0
-    assert _metric(metrics, "pulse_bus_events_relayed_total") == rows  # each once
+    assert metric(metrics, "pulse_bus_gaps_filled_total") == 0
+    assert metric(metrics, 'pulse_bus_messages_received_total{kind="events"}') > 0
+    assert metric(metrics, "pulse_bus_events_relayed_total") == rows  # each once
 
 
 async def test_without_nats_a_process_serves_through_listen_until_nats_comes(
@@ -166,7 +166,7 @@ async def test_without_nats_a_process_serves_through_listen_until_nats_comes(
             assert client.ids == await table_ids(pool, "t1")
             assert client.connections == 1  # the client saw no error, and no reconnect
             metrics = (await http.get("/metrics")).text
-            assert _metric(metrics, "pulse_bus_fallbacks_total") == 1
+            assert metric(metrics, "pulse_bus_fallbacks_total") == 1
     finally:
         await nats.stop()
     back = [r for r in caplog.records if "back on NATS" in r.getMessage()]
@@ -207,13 +207,6 @@ async def _ready(http: httpx.AsyncClient) -> bool:
 
 async def _has(subjects: Callable[[], Any], subject: str, *, present: bool = True) -> bool:
     return (subject in await subjects()) == present
-
-
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 async def test_a_process_that_may_not_relay_never_does(

@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from pulse.config import Settings
-from tests.bus.test_nats_source import _metric, _relaying, eventually, status
+from tests.bus.test_nats_source import _relaying, eventually, status
 from tests.streams.sse_client import ResumingClient
-from tests.support import NatsServer, running_server
+from tests.support import NatsServer, metric, running_server
 from tests.web.test_sse import table_ids
 
 pytestmark = pytest.mark.timeout(120)
@@ -89,13 +89,13 @@ async def test_a_commit_larger_than_the_servers_max_payload_holds_up_nothing(
             assert client.ids == await table_ids(pool, "t1")  # in order, exactly once
             assert len(client.ids) == 1 + 200 + 1 + 5 + 1
             metrics = (await relay.get("/metrics")).text
-            assert _metric(metrics, "pulse_bus_events_relayed_total") == 1 + 200 + 5
-            assert _metric(metrics, 'pulse_bus_publish_failures_total{kind="events"}') == 2
+            assert metric(metrics, "pulse_bus_events_relayed_total") == 1 + 200 + 5
+            assert metric(metrics, 'pulse_bus_publish_failures_total{kind="events"}') == 2
             # Each time, a wake-up said there was something to read (the last one had no
             # later message to show the gap).
-            assert _metric(metrics, 'pulse_bus_messages_relayed_total{kind="wakeup"}') == 2
+            assert metric(metrics, 'pulse_bus_messages_relayed_total{kind="wakeup"}') == 2
             received = (await edge.get("/metrics")).text
-            assert _metric(received, 'pulse_bus_messages_received_total{kind="wakeup"}') == 2
+            assert metric(received, 'pulse_bus_messages_received_total{kind="wakeup"}') == 2
             assert (await status(relay))["bus"] == {
                 "mode": "nats", "relay": True, "connected": True, "fallback": False
             }  # fmt: skip
@@ -128,7 +128,7 @@ async def _subscribed(http: httpx.AsyncClient) -> bool:
 
 async def _relayed(http: httpx.AsyncClient, events: int) -> bool:
     metrics = (await http.get("/metrics")).text
-    return _metric(metrics, "pulse_bus_events_relayed_total") >= events
+    return metric(metrics, "pulse_bus_events_relayed_total") >= events
 
 
 async def test_a_relay_that_loses_nats_stops_saying_it_relays_with_the_connection(
@@ -148,7 +148,7 @@ async def test_a_relay_that_loses_nats_stops_saying_it_relays_with_the_connectio
                 answers.append((await status(http))["bus"])
                 metrics = (await http.get("/metrics")).text
                 scrapes.append(
-                    (_metric(metrics, "pulse_bus_connected"), _metric(metrics, "pulse_bus_relay"))
+                    (metric(metrics, "pulse_bus_connected"), metric(metrics, "pulse_bus_relay"))
                 )
         assert [a for a in answers if a["relay"] and not a["connected"]] == []
         assert [s for s in scrapes if s[1] and not s[0]] == []

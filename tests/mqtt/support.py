@@ -14,6 +14,7 @@ from pulse.auth.dev_tokens import mint_token
 from pulse.config import Settings
 from tests.mqtt.broker import Device, Mosquitto
 from tests.support import TEST_SECRET, ServeProcess, start_serve
+from tests.support import metric as metric  # the MQTT tests take it from here
 
 STATUS = "/api/v1/telemetry/stream/status"
 DEVICES = "/api/v1/customer/devices"
@@ -70,13 +71,6 @@ async def until_rows(pool: asyncpg.Pool, count: int, timeout: float = 10) -> Non
     async with asyncio.timeout(timeout):
         while await pool.fetchval("SELECT count(*) FROM telemetry") < count:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def serve_env(mosquitto: Mosquitto, client_id: str) -> dict[str, str]:
