@@ -14,6 +14,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from pulse.errors import BAD_REQUEST, error_body
+from pulse.web import API_HEADERS
 from pulse.web.asgi import ASGIReceiveCallable, ASGISendCallable, Scope
 
 _DETAIL = (
@@ -55,6 +56,8 @@ async def _refuse(send: ASGISendCallable) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
+                # As every answer under /api/ (pulse.app): any path may be refused here.
+                *((name.lower().encode(), value.encode()) for name, value in API_HEADERS.items()),
             ],
         }
     )

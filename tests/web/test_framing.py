@@ -38,6 +38,9 @@ async def test_both_lengths_are_refused_and_the_connection_closed(server: str, p
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400"), answer
     assert b"\r\nconnection: close" in head.lower()
+    # Under /api/ or not, as every answer under /api/ (the review of 292fa4b).
+    assert b"\r\ncache-control: no-store" in head.lower()
+    assert b"\r\nx-content-type-options: nosniff" in head.lower()
     assert orjson.loads(body)["error"] == "bad_request"
     assert answer.count(b"HTTP/1.1") == 1, "the request after it was not served"
 
