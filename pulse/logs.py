@@ -171,12 +171,13 @@ class Throttled:
     def error(self, message: str, *args: object, exc: BaseException | None = None) -> None:
         """An error that may last (a permission revoked: every try fails alike), said from
         an ``except`` block (or of ``exc``): the traceback of each different error (its
-        class and text) in full the first time; else its exception's line, once per
-        ``every_s`` at most, with how many times it was not said in between. Before,
-        such an error wrote a 28-line traceback a second per tenant."""
+        class, text and the line that raised it) in full the first time; else its
+        exception's line, once per ``every_s`` at most, with how many times it was not
+        said in between. Before, such an error wrote a 28-line traceback a second per
+        tenant."""
         error = exc if exc is not None else sys.exc_info()[1]
         now = time.monotonic()
-        key = None if error is None else (type(error), str(error))
+        key = None if error is None else (type(error), str(error), _raised_at(error))
         if key is not None and key not in self._traced:
             if len(self._traced) >= _TRACED_AT_MOST:
                 self._traced.clear()
@@ -195,3 +196,14 @@ class Throttled:
             args = (*args, self._unsaid, now - self._said_at)
         self._logger.error(message, *args)
         self._said_at, self._unsaid = now, 0
+
+
+def _raised_at(error: BaseException) -> tuple[str, int] | None:
+    """The file and line an exception was raised at (its traceback's innermost frame):
+    the same error raised from two places is two errors to trace."""
+    tb = error.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename, tb.tb_lineno

@@ -222,6 +222,32 @@ def test_a_throttled_error_is_traced_once_then_counted(
     ]
 
 
+def test_the_same_error_from_another_place_is_traced_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The review of 9082e97: the errors traced were told apart by class and text only,
+    so a KeyError('x') from a second place in the code never showed where it came from."""
+    from pulse import logs
+
+    throttled = logs.Throttled(logging.getLogger("pulse.test"), every_s=10)
+
+    def here() -> None:
+        raise KeyError("x")
+
+    def there() -> None:
+        raise KeyError("x")
+
+    with caplog.at_level(logging.ERROR, logger="pulse.test"):
+        for place in (here, there, here):
+            try:
+                place()
+            except KeyError:
+                throttled.error("handling a request failed")
+    traced = [r.exc_info[2] for r in caplog.records if r.exc_info]
+    assert len(traced) == 2  # here's, there's; here's again within 10 s is counted
+    assert [tb.tb_next.tb_frame.f_code.co_name for tb in traced if tb.tb_next] == ["here", "there"]
+
+
 def test_the_pools_reconnect_failures_are_one_short_line_per_ten_seconds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
