@@ -153,7 +153,7 @@ class Throttled:
         self._every_s = every_s
         self._said_at: float | None = None
         self._unsaid = 0
-        self._traced: set[tuple[type[BaseException], str]] = set()
+        self._traced: set[tuple[type[BaseException], str, tuple[str, int] | None]] = set()
 
     def warning(self, message: str, *args: object) -> None:
         now = time.monotonic()
