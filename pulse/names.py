@@ -21,9 +21,9 @@ _NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udf
 # wherever the name is written, and ends a JavaScript string literal in older engines).
 _INVISIBLE = frozenset({"Cf", "Zl", "Zp"})
 # Except those real text needs: the zero-width non-joiner and joiner (Persian and Indic
-# words, emoji sequences such as 👩‍🔧) and the left-to-right and right-to-left marks
-# (a number after Hebrew or Arabic text).
-_NEEDED = frozenset("\u200c\u200d\u200e\u200f")
+# words, emoji sequences such as 👩‍🔧) and the left-to-right, right-to-left and Arabic
+# letter marks (a number after Hebrew or Arabic text).
+_NEEDED = frozenset("\u200c\u200d\u200e\u200f\u061c")
 
 
 def shown_name(value: str) -> str:

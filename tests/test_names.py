@@ -21,6 +21,7 @@ from pulse.names import is_plain_text, is_valid_name
         "\U0001f469\u200d\U0001f527 tech",  # a zero-width joiner: one emoji, 👩‍🔧
         "מדחום\u200e 2",  # a left-to-right mark before a number after Hebrew
         "2 \u200fמדחום",  # noqa: RUF001 (a right-to-left mark)
+        "حرارة \u061c2",  # an Arabic letter mark
         "tab-free; quotes \" ' and \\ backslash",
         "",
     ],
