@@ -50,7 +50,7 @@ def _is_valid(value: str) -> bool:
 
 def is_plain_text(value: str) -> bool:
     """True when ``value`` has no control character, no lone surrogate and no invisible
-    character (Unicode categories Cf, Zl, Zp, but for the four real text needs):
+    character (Unicode categories Cf, Zl, Zp, but for the five real text needs):
     PostgreSQL refuses NUL and surrogates in text, a terminal obeys escape sequences,
     and a name with characters nobody sees passes for another."""
     if _NOT_TEXT.search(value) is not None:
