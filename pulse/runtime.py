@@ -39,7 +39,7 @@ from pulse.config import Settings
 from pulse.db.database import Database
 from pulse.db.embedded import embedded_database
 from pulse.db.errors import DatabaseUnavailable, refusal
-from pulse.db.migrate import MigrationError, pending
+from pulse.db.migrate import MigrationError, pending, unknown, warn_unknown
 from pulse.db.pool import describe
 from pulse.db.retention import ensure_partitions, run_retention
 from pulse.fleet.devices import NO_CREDENTIALS, Credentials
@@ -459,6 +459,7 @@ async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -
     try:
         async with db.connection() as conn:
             missing = await pending(conn)
+            newer = await unknown(conn)
     except DatabaseUnavailable as exc:
         raise StartupError(f"cannot use the database {db.describe()}: {exc}") from exc
     except asyncpg.PostgresError as exc:  # no SELECT on pulse_migrations, say
@@ -470,4 +471,6 @@ async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -
             f"the database {db.describe()} is not migrated ({len(missing)} migrations to "
             f"apply, from {missing[0]}): run `pulse migrate` with the same DATABASE_URL"
         )
+    if settings.database_url:  # (the embedded one's migration said it)
+        warn_unknown(newer, db.describe())  # a rollback, or an old process restarted mid-deploy
     return db

@@ -364,3 +364,56 @@ async def test_a_role_without_the_privileges_is_one_line_naming_the_database(
         assert line.startswith(f"pulse serve: cannot use the database {where}: "), line
         assert "permission denied for table pulse_migrations (InsufficientPrivilegeError)" in line
         assert "grant Pulse's role SELECT, INSERT, UPDATE and DELETE" in line
+
+
+async def test_a_database_migrated_by_a_newer_release_is_said_once_and_served(
+    database_url: str,
+) -> None:
+    """From the upgrade audit: a release started against a database that a newer one
+    migrated (a rollback of the code) started and said nothing, its check looking only
+    at the migrations it knows; a release from before 0009 then answered history with
+    500s. Now `pulse serve` and `pulse migrate` name the migrations they do not know in
+    one warning, and go on (docs/operations.md, Rolling back)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO pulse_migrations (version, name, checksum) VALUES "
+            "(9998, '9998_from_a_newer_release.sql', 'x'), (9999, '9999_and_another.sql', 'y')"
+        )
+    finally:
+        await conn.close()
+    where = describe(database_url)
+    env = {"DATABASE_URL": database_url, "PULSE_JWT_SECRET": TEST_SECRET}
+    code, lines = await pulse("migrate", env=env)
+    assert code == 0, lines
+    warned = [line for line in lines if "migrated by a newer release" in line]
+    assert len(warned) == 1, lines
+    assert f"the database {where} " in warned[0] and " WARNING " in warned[0]
+    assert "9998_from_a_newer_release.sql, 9999_and_another.sql" in warned[0]
+
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "DATABASE"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pulse",
+        "serve",
+        "--port",
+        str(free_port()),
+        env=child_env | env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    said: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            while not any("Running on http" in line for line in said):
+                line = (await proc.stderr.readline()).decode()
+                assert line, said  # it stopped
+                said.append(line.rstrip())
+    finally:
+        proc.terminate()
+        await proc.wait()
+    warned = [line for line in said if "migrated by a newer release" in line]
+    assert len(warned) == 1, said
+    assert f"the database {where} " in warned[0] and "9998_from_a_newer_release.sql" in warned[0]

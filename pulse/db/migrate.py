@@ -13,6 +13,8 @@ from importlib import resources
 
 import asyncpg
 
+from pulse.db.pool import describe
+
 log = logging.getLogger(__name__)
 
 # Any constant shared by every runner: concurrent `pulse migrate` runs queue here.
@@ -64,13 +66,45 @@ def discover(package: str = "pulse.migrations") -> list[Migration]:
 
 async def pending(conn: asyncpg.Connection) -> list[str]:
     """The migrations this database still lacks (all of them when it never was migrated)."""
-    table = await conn.fetchval("SELECT to_regclass('pulse_migrations')")
-    applied = (
-        set()
-        if table is None
-        else {r[0] for r in await conn.fetch("SELECT version FROM pulse_migrations")}
-    )
+    applied = await _applied(conn)
     return [m.name for m in discover() if m.version not in applied]
+
+
+async def unknown(conn: asyncpg.Connection) -> list[str]:
+    """The migrations applied to this database that this code does not have: a newer
+    release migrated it (``warn_unknown``)."""
+    applied = await _applied(conn)
+    known = {m.version for m in discover()}
+    return [name for version, name in sorted(applied.items()) if version not in known]
+
+
+async def _applied(conn: asyncpg.Connection) -> dict[int, str]:
+    if await conn.fetchval("SELECT to_regclass('pulse_migrations')") is None:
+        return {}
+    return {r[0]: r[1] for r in await conn.fetch("SELECT version, name FROM pulse_migrations")}
+
+
+def warn_unknown(names: list[str], where: str | None) -> None:
+    """Say, once, that ``where`` was migrated by a newer release than this code.
+
+    A warning, not a refusal: while a release phase applies new migrations, the old
+    release's processes go on serving, and any that restarts then (a crash, a
+    worker replaced, a scale-up) starts against the newer database; most migrations
+    leave what older code uses in place (releases of three eras ran without an error
+    against a database migrated by a later one). Refusing would make those restarts
+    fail for the whole deploy, and would refuse the rollback of code that works. What
+    does not work is named here, for whoever reads the log of a rollback
+    (docs/operations.md, "Rolling back")."""
+    if not names:
+        return
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    log.warning(
+        "the database%s was migrated by a newer release than this one (%s, unknown to "
+        "this release): this release may not work with it; roll the release forward "
+        "again rather than the code back (docs/operations.md, Rolling back)",
+        f" {where}" if where else "",
+        shown,
+    )
 
 
 async def _lock_as_writers_do(conn: asyncpg.Connection) -> None:
@@ -120,6 +154,15 @@ async def migrate(
         )
         rows = await conn.fetch("SELECT version, name, checksum FROM pulse_migrations")
         applied = {row["version"]: row for row in rows}
+        known = {m.version for m in migrations}
+        warn_unknown(
+            [
+                r["name"]
+                for r in sorted(rows, key=lambda r: r["version"])
+                if r["version"] not in known
+            ],
+            describe(dsn) if dsn else None,
+        )
         for migration in migrations:
             done = applied.get(migration.version)
             if done is not None:
