@@ -186,13 +186,17 @@ async def run_migrations(settings: Settings) -> None:
 
     async def apply(dsn: str) -> None:
         try:
-            async with (
-                Database.open(
-                    dsn, pool_size=1, connect_timeout=settings.db_connect_timeout_s
-                ) as db,
-                db.connection() as conn,
-            ):
-                applied = await migrate(conn, dsn=dsn)
+            async with Database.open(
+                dsn, pool_size=1, connect_timeout=settings.db_connect_timeout_s
+            ) as db:  # its errors name the database
+                try:
+                    async with db.connection() as conn:
+                        applied = await migrate(conn, dsn=dsn)
+                except DatabaseUnavailable as exc:  # lost on the way: its errors do not
+                    raise DatabaseUnavailable(
+                        f"{describe(dsn)}: {exc} (each migration is applied whole or not "
+                        "at all: run `pulse migrate` again)"
+                    ) from exc
         except DatabaseUnavailable as exc:
             fail(f"pulse migrate: cannot use the database {exc}")
         except MigrationError as exc:

@@ -7,6 +7,8 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from typing import NoReturn
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -189,3 +191,95 @@ async def test_writes_go_on_while_a_migration_waits_for_another_tables_lock(
             await proc.wait()
         for c in (conn, blocker, writer):
             await c.close()
+
+
+# A migration that runs until it is stopped, for the tests of a runner that dies or
+# loses its connection mid-way (it never reaches pulse_migrations).
+SLOW = Migration(1, "0001_slow.sql", "SELECT pg_sleep(60)")
+
+
+async def _backend_of(admin: asyncpg.Connection, dsn: str, timeout: float = 20) -> int:
+    """The pid of the backend of ``dsn``'s database running SLOW, once it runs it."""
+    database = urlsplit(dsn).path.lstrip("/")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = await admin.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND query LIKE '%pg_sleep(60)%'"
+            " AND state = 'active'",
+            database,
+        )
+        if pid is not None:
+            return int(pid)
+        await asyncio.sleep(0.05)
+    raise AssertionError("the slow migration never ran")
+
+
+async def test_a_runner_killed_mid_migration_stops_its_statement_within_seconds(
+    empty_db: str, pg_admin_dsn: str
+) -> None:
+    """From the upgrade audit: `pulse migrate` killed (-9) 2 s into a long migration left
+    its backend running the statement, and holding its lock on `tenants` (every write
+    waits for it), for 15.5 s more. The migration's connection has PostgreSQL check
+    that its client is still there, every second (client_connection_check_interval,
+    PostgreSQL 14 and later): the server ends the backend within about a second."""
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        if admin.get_server_version().major < 14:
+            pytest.skip("client_connection_check_interval is PostgreSQL 14's")
+        script = (
+            "import asyncio, sys\n"
+            "from pulse.db.migrate import migrate\n"
+            "from pulse.db.pool import connect\n"
+            "from tests.db.test_migrate import SLOW\n"
+            "async def main():\n"
+            "    conn = await connect(sys.argv[1])\n"
+            "    await migrate(conn, [SLOW], dsn=sys.argv[1])\n"
+            "asyncio.run(main())\n"
+        )
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, empty_db)
+        try:
+            pid = await _backend_of(admin, empty_db)
+        finally:
+            proc.kill()
+            await proc.wait()
+        killed = time.monotonic()
+        while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+            assert time.monotonic() - killed < 5, "the backend outlived its runner by 5 s"
+            await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
+
+
+async def test_a_migration_whose_connection_is_lost_says_so_naming_the_database(
+    empty_db: str, pg_admin_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the upgrade audit: the backend of `pulse migrate` terminated mid-migration,
+    it said `pulse migrate: cannot use the database cannot call Connection.execute():
+    connection has been released back to the pool`: naming no database, and hiding the
+    cause (the advisory unlock, on the lost connection, raised over it)."""
+    from pulse import cli
+    from pulse.config import Settings
+    from pulse.db import migrate as migrate_module
+
+    class Failed(Exception):
+        pass
+
+    def fail(message: str) -> NoReturn:  # sys.exit in a task would stop the event loop
+        raise Failed(message)
+
+    monkeypatch.setattr(migrate_module, "discover", lambda: [SLOW])
+    monkeypatch.setattr(cli, "fail", fail)
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        running = asyncio.create_task(cli.run_migrations(Settings(database_url=empty_db)))
+        pid = await _backend_of(admin, empty_db)
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        with pytest.raises(Failed) as stopped:
+            await asyncio.wait_for(running, 20)
+    finally:
+        await admin.close()
+    said = str(stopped.value)
+    assert said.startswith(f"pulse migrate: cannot use the database {describe(empty_db)}: "), said
+    assert "terminating connection due to administrator command" in said, said
+    assert "released back to the pool" not in said, said
+    assert "run `pulse migrate` again" in said, said
