@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(180)
 
 ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-LANGUAGES = {"python", "sh", "json", "js", "text", "http", "mermaid"}
+LANGUAGES = {"python", "sh", "json", "js", "text", "http", "mermaid", "sql"}
 
 
 @dataclass(frozen=True)
@@ -375,3 +375,80 @@ async def test_readme_serve_block_runs_as_written(database_url: str, tmp_path: P
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
     # bash runs its last command in its own place, so its status is the server's.
     assert proc.returncode == 0, out.decode()
+
+
+async def test_the_rollups_repair_block_recounts_one_minute_as_the_keeper_did(
+    database_url: str, tmp_path: Path
+) -> None:
+    """docs/operations.md's repair of the 1-minute rollups of the minute migration 0009
+    ran in (the upgrade audit: about one keeper pass of them lost), run with psql as
+    written: the minute's buckets are the keeper's own again, and the readings the keeper
+    has not counted yet are left to it."""
+    from datetime import UTC, datetime, timedelta
+
+    from pulse.db.queries import load_queries
+
+    if shutil.which("psql") is None:
+        pytest.skip("no psql")
+    [block] = of("sql", "docs/operations.md")
+    (tmp_path / "repair.sql").write_text(block.code)
+    minute = datetime(2026, 12, 6, 10, 41, tzinfo=UTC)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO tenants (tenant_id) VALUES ('t1'), ('t2')")
+        rows = [
+            (
+                tenant,
+                i,
+                f"d{i % 3}",
+                minute + timedelta(seconds=(i * 7.3) % 150 - 50),
+                json.dumps({"temp": (i * 13) % 50 + 0.5, "on": "true" if i % 2 else "false"}),
+            )
+            for tenant in ("t1", "t2")
+            for i in range(1, 201)
+        ]
+        await conn.executemany(
+            "INSERT INTO telemetry (tenant_id, id, device_id, device_time, metrics)"
+            " VALUES ($1, $2, $3, $4, $5::jsonb)",
+            rows,
+        )
+        roll_up = load_queries("pulse.history")["roll_up"]
+        for tenant in ("t1", "t2"):  # the keeper counted up to 150; 151-200 are its next pass
+            await conn.execute(roll_up, tenant, 0, 150)
+            await conn.execute(
+                "INSERT INTO rollup_watermarks (tenant_id, last_id) VALUES ($1, 150)", tenant
+            )
+        query = (
+            "SELECT tenant_id, device_id, metric, count, min, max, round(sum::numeric, 6),"
+            " last, last_time, last_id FROM telemetry_rollups WHERE width = 1 AND bucket = $1"
+            " ORDER BY 1, 2, 3"
+        )
+        kept = await conn.fetch(query, minute)
+        assert kept
+        await conn.execute(  # what 0009's race left: counts lost, a bucket gone
+            "UPDATE telemetry_rollups SET count = count - 3 WHERE width = 1 AND bucket = $1;",
+            minute,
+        )
+        await conn.execute(
+            "DELETE FROM telemetry_rollups WHERE width = 1 AND bucket = $1 AND device_id = 'd0'",
+            minute,
+        )
+        proc = await asyncio.create_subprocess_exec(
+            "psql",
+            database_url,
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            f"m={minute.isoformat()}",
+            "-f",
+            str(tmp_path / "repair.sql"),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        assert await conn.fetch(query, minute) == kept
+    finally:
+        await conn.close()
