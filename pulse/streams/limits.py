@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 Q = load_queries(__package__)
 
 DEFAULT_TTL_S = 15.0
+# Shutting down, a stream's close waits this long at most for its slot's release.
+DRAIN_RELEASE_WAIT_S = 0.5
 STREAM_KINDS = ("websocket", "sse", "legacy_v2")  # the status endpoint's and the metrics'
 # How long a tenant's count, once read, answers ``check`` without a query, and for
 # how many tenants at most.
@@ -259,19 +261,24 @@ class ConnectionLimits:
             del self._open[connection_id]
             self._enders.pop(connection_id, None)
             if self._draining:
-                self._release_later(db, connection_id)
+                # Waited for a moment: a client that reconnects at once to another
+                # process finds its slot free (a healthy database answers within
+                # milliseconds); not longer: a frozen one must not hold the close.
+                release = self._release_later(db, connection_id)
+                await asyncio.wait({release}, timeout=DRAIN_RELEASE_WAIT_S)
             else:
                 # Shielded: a cancelled stream (its client went away) still frees its
                 # slot. Awaited: a client that reconnects once closed finds it free.
                 await asyncio.shield(self._release(db, connection_id))
 
-    def _release_later(self, db: Database, connection_id: int) -> None:
+    def _release_later(self, db: Database, connection_id: int) -> asyncio.Task[None]:
         """Release the connection in the background (shutting down: ``drain``)."""
         task = asyncio.get_running_loop().create_task(self._release(db, connection_id))
         self._released_later.add(task)
         task.add_done_callback(self._released_later.discard)
         # Its failure is said by _release_pending, or is the shutdown's own (cancelled).
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
 
     async def _admit(self, db: Database, connection_id: int, tenant_id: str, kind: str) -> bool:
         """Admitted or not, with the connections that arrive meanwhile: one statement for

@@ -413,3 +413,27 @@ async def test_a_batch_updates_each_tenants_counter_once(pool: asyncpg.Pool) -> 
             "SELECT tenant_id, connections FROM stream_tenant_counts ORDER BY tenant_id"
         )
         assert [tuple(r) for r in counts] == [("t1", 0), ("t2", 0)]
+
+
+async def test_a_stream_ended_by_a_drain_has_freed_its_slot_when_it_closes(
+    pool: asyncpg.Pool,
+) -> None:
+    """The review of 3cffe92: once draining, a stream's slot was released in the
+    background after its close, so a client reconnecting at once to another process was
+    counted against its own old slot and refused (95 of 100 in the reviewer's runs).
+    With a database that answers, the close waits for the release (a moment at most)."""
+    a, b = await started(pool, per_tenant=5), await started(pool, per_tenant=5)
+    try:
+        for _ in range(20):
+            async with contextlib.AsyncExitStack() as held:
+                for _ in range(5):
+                    await held.enter_async_context(a.hold("sse", "t1"))
+                a.drain()
+            # Closed: each client comes straight back, to the other process.
+            async with contextlib.AsyncExitStack() as back:
+                for _ in range(5):
+                    await back.enter_async_context(b.hold("sse", "t1"))
+            a._draining = False  # the next round drains again
+    finally:
+        await a.stop()
+        await b.stop()
