@@ -238,9 +238,10 @@ class TelemetryWriter:
     def stop(self) -> None:
         """The server is shutting down and its requests' time is nearly up: end the
         writes still in flight (a write waiting on a lock, a slow commit). Their
-        statements are cancelled, so their transactions roll back, and their callers,
-        like any write that comes later, get DatabaseUnavailable: a 503, not a cut
-        connection, for a write that was not committed."""
+        statements are cancelled, so their transactions roll back (unless a COMMIT had
+        reached the database already: a cancel cannot undo it), and their callers, like
+        any write that comes later, get DatabaseUnavailable: a 503, not a cut
+        connection, for a write not known to be committed."""
         self._stopped = True
         for task in (*self._committers, *self._in_flight, self._checking):
             if task is not None:
@@ -248,8 +249,8 @@ class TelemetryWriter:
         # Answered now, not once their transactions have ended: a statement cancelled on
         # a database that stopped answering (SIGSTOPped, a machine gone) is not done
         # until the server answers the cancel, and its caller would be cut at the
-        # timeout, hypercorn's empty 500. Cancelled, a transaction was not committed
-        # (_settle says the same when it ends).
+        # timeout, hypercorn's empty 500. Cancelled, a transaction is not known to be
+        # committed (_settle says the same when it ends).
         waiters: list[asyncio.Future[Any]] = [
             waiter for callers in self._in_flight.values() for _, waiter in callers
         ]
@@ -900,7 +901,7 @@ def _settle(
     commit: asyncio.Future[S],
 ) -> None:
     """Hand each caller of a group commit its own slice of the outcomes, or the error
-    (a commit cancelled: the server is stopping, and it was not committed)."""
+    (a commit cancelled: the server is stopping, and it is not known to be committed)."""
     error = _stopping() if commit.cancelled() else commit.exception()
     offset = 0
     for subs, waiter in group:
@@ -913,7 +914,10 @@ def _settle(
 
 
 def _stopping() -> DatabaseUnavailable:
-    return DatabaseUnavailable("the server is shutting down; the write was not committed")
+    # "Not known": a cancel cannot undo a COMMIT that has reached the database already.
+    return DatabaseUnavailable(
+        "the server is shutting down; the write is not known to be committed"
+    )
 
 
 class _Unforeseen(Exception):
