@@ -73,8 +73,9 @@ class ShutdownClock:
     """PULSE_SHUTDOWN_TIMEOUT_S, counted from the shutdown's start (SIGTERM: ``drain``),
     or from the runtime's stop when nothing drained it first."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, least_s: float = MIN_STOP_S) -> None:
         self.timeout_s = timeout_s
+        self.least_s = least_s
         self._deadline: float | None = None
 
     def start(self) -> None:
@@ -82,10 +83,21 @@ class ShutdownClock:
             self._deadline = time.monotonic() + self.timeout_s
 
     def left(self) -> float:
-        """The seconds left for the runtime's stop, MIN_STOP_S at least."""
+        """The seconds left for the runtime's stop, ``least_s`` at least."""
         self.start()
         assert self._deadline is not None
-        return max(self._deadline - time.monotonic(), MIN_STOP_S)
+        return max(self._deadline - time.monotonic(), self.least_s)
+
+
+def least_stop_s(settings: Settings) -> float:
+    """What the runtime's stop gets at least: MIN_STOP_S, or with MQTT the time it
+    gives the broker to settle what it took before leaving the shared subscription
+    (LEAVE_TIMEOUT_S, documented as up to 5 s), and a second."""
+    if settings.mqtt_url is None:
+        return MIN_STOP_S
+    from pulse.mqtt.link import LEAVE_TIMEOUT_S
+
+    return LEAVE_TIMEOUT_S + MIN_STOP_S
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +173,7 @@ def check_settings(settings: Settings) -> None:
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     check_settings(settings)
     metrics = Metrics(bus=settings.bus_url is not None, mqtt=settings.mqtt_url is not None)
-    shutdown = ShutdownClock(settings.shutdown_timeout_s)
+    shutdown = ShutdownClock(settings.shutdown_timeout_s, least_stop_s(settings))
     async with contextlib.AsyncExitStack() as stack:
         db = await _open_database(stack, settings)
         # What runs is stopped newest first, then the pool closed, all within the
@@ -300,7 +312,7 @@ async def _stop(
     db: Database, shutdown: ShutdownClock, stops: list[Stop], settings: Settings
 ) -> None:
     """Run ``stops`` newest first, then close the pool, within what is left of the
-    shutdown's time (PULSE_SHUTDOWN_TIMEOUT_S from SIGTERM, MIN_STOP_S at least).
+    shutdown's time (PULSE_SHUTDOWN_TIMEOUT_S from SIGTERM, least_stop_s at least).
 
     A database that stopped answering (SIGSTOPped, a machine gone: its connections open,
     nothing answered) holds each step on a statement, and a task cancelled in the middle

@@ -313,3 +313,20 @@ async def test_sigterm_with_the_database_frozen_ends_streams_at_once_and_exits_i
     lines = [line for line in log.splitlines() if line.strip()]
     assert lines[-1].endswith("INFO pulse.serving: stopped"), log
     assert any(f"did not stop within {timeout_s} s" in line for line in lines), log
+
+
+def test_the_stop_keeps_time_for_mqtt_to_leave() -> None:
+    """The review of 988acec: the runtime's stop got what was left of
+    PULSE_SHUTDOWN_TIMEOUT_S, 1 s at least, so requests that took the whole time left
+    MQTT's leave (up to LEAVE_TIMEOUT_S, 5 s) cut short, and the log blamed the
+    database."""
+    from pulse.config import Settings
+    from pulse.mqtt.link import LEAVE_TIMEOUT_S
+    from pulse.runtime import MIN_STOP_S, ShutdownClock, least_stop_s
+
+    assert least_stop_s(Settings()) == MIN_STOP_S
+    with_mqtt = least_stop_s(Settings(mqtt_url="mqtt://127.0.0.1:1883"))
+    assert with_mqtt > LEAVE_TIMEOUT_S
+    spent = ShutdownClock(0.0, with_mqtt)  # every second of it taken by the requests
+    spent.start()
+    assert spent.left() == with_mqtt
