@@ -383,14 +383,16 @@ async def test_the_rollups_repair_block_recounts_one_minute_as_the_keeper_did(
     """docs/operations.md's repair of the 1-minute rollups of the minute migration 0009
     ran in (the upgrade audit: about one keeper pass of them lost), run with psql as
     written: the minute's buckets are the keeper's own again, and the readings the keeper
-    has not counted yet are left to it."""
+    has not counted yet are left to it; and the query that finds such minutes finds the
+    damaged one's quarter before, nothing after."""
     from datetime import UTC, datetime, timedelta
 
     from pulse.db.queries import load_queries
 
     if shutil.which("psql") is None:
         pytest.skip("no psql")
-    [block] = of("sql", "docs/operations.md")
+    [check, block] = sorted(of("sql", "docs/operations.md"), key=lambda b: "BEGIN;" in b.code)
+    assert "HAVING" in check.code  # the query that finds the minutes to repair
     (tmp_path / "repair.sql").write_text(block.code)
     minute = datetime(2026, 12, 6, 10, 41, tzinfo=UTC)
     conn = await asyncpg.connect(database_url)
@@ -433,6 +435,8 @@ async def test_the_rollups_repair_block_recounts_one_minute_as_the_keeper_did(
             "DELETE FROM telemetry_rollups WHERE width = 1 AND bucket = $1 AND device_id = 'd0'",
             minute,
         )
+        quarter = minute.replace(minute=30)
+        assert {r["quarter"] for r in await conn.fetch(check.code)} == {quarter}
         proc = await asyncio.create_subprocess_exec(
             "psql",
             database_url,
@@ -450,5 +454,6 @@ async def test_the_rollups_repair_block_recounts_one_minute_as_the_keeper_did(
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
         assert await conn.fetch(query, minute) == kept
+        assert await conn.fetch(check.code) == []  # nothing left to repair
     finally:
         await conn.close()
