@@ -135,15 +135,16 @@ class Runtime:
         """Shutting down: streams end now; requests in flight have
         PULSE_SHUTDOWN_TIMEOUT_S (the server's graceful timeout) from now, and the writes
         still waiting a second before it are ended (``TelemetryWriter.stop``): their
-        callers get a 503 rather than a cut connection, and nothing commits after.
+        callers get a 503 rather than a cut connection, and nothing begins after (a
+        write whose COMMIT went out has half a second more to finish).
         The runtime's stop then has what is left of that time (``_stop``)."""
         self.shutdown.start()
         self.limits.drain()  # the streams ending now are closed before their slots are freed
         self.hub.drain()
         timeout = self.settings.shutdown_timeout_s
-        asyncio.get_running_loop().call_later(
-            max(timeout - 1.0, timeout / 2), self.ingest.writer.stop
-        )
+        at = max(timeout - 1.0, timeout / 2)
+        # A write whose COMMIT went out gets half of what is left to finish.
+        asyncio.get_running_loop().call_later(at, self.ingest.writer.stop, (timeout - at) / 2)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -168,6 +168,9 @@ class TelemetryWriter:
         # Transactions in flight (a group's, or a write's without group commit), each
         # with its callers: what ``stop`` ends and answers.
         self._in_flight: dict[asyncio.Task[list[Outcome]], _Callers] = {}
+        # Those of them whose COMMIT has gone out (None), or has come back (their
+        # outcomes, while the devices are marked seen): ``stop`` lets them finish.
+        self._committing: dict[asyncio.Task[Any], list[Outcome] | None] = {}
         # The tenants found with alert rules by their latest reservation here: their
         # foreseen writes reserve apart from their COMMIT, for the rules in between.
         self._ruled: set[str] = set()
@@ -235,15 +238,24 @@ class TelemetryWriter:
         async with self._tenant_gates.hold(tenants):
             return await self._commit(submissions)
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 0.5) -> None:
         """The server is shutting down and its requests' time is nearly up: end the
         writes still in flight (a write waiting on a lock, a slow commit). Their
-        statements are cancelled, so their transactions roll back (unless a COMMIT had
-        reached the database already: a cancel cannot undo it), and their callers, like
-        any write that comes later, get DatabaseUnavailable: a 503, not a cut
-        connection, for a write not known to be committed."""
+        statements are cancelled, so their transactions roll back, and their callers,
+        like any write that comes later, get DatabaseUnavailable: a 503, not a cut
+        connection, for a write not known to be committed.
+
+        A write whose COMMIT has gone out is not cancelled (a cancel cannot undo a
+        COMMIT that has reached the database; its caller would get a 503 for readings
+        stored all the same): it has ``grace_s`` to finish and answer. Only if it has
+        not by then (a database that stopped answering) is it ended as the others."""
         self._stopped = True
-        for task in (*self._committers, *self._in_flight, self._checking):
+        # Not one that has ended (committed, its callers told in a moment by _settle),
+        # nor one whose COMMIT went out.
+        ending = [
+            task for task in self._in_flight if not task.done() and task not in self._committing
+        ]
+        for task in (*self._committers, *ending, self._checking):
             if task is not None:
                 task.cancel()
         # Answered now, not once their transactions have ended: a statement cancelled on
@@ -252,12 +264,32 @@ class TelemetryWriter:
         # timeout, hypercorn's empty 500. Cancelled, a transaction is not known to be
         # committed (_settle says the same when it ends).
         waiters: list[asyncio.Future[Any]] = [
-            waiter for callers in self._in_flight.values() for _, waiter in callers
+            waiter for task in ending for _, waiter in self._in_flight[task]
         ]
         waiters += [future for _, future in (*self._being_checked, *self._unchecked)]
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(_stopping())
+        if self._committing:
+            asyncio.get_running_loop().call_later(grace_s, self._give_up)
+
+    def _give_up(self) -> None:
+        """``stop``'s grace is over: the writes still committing are ended. One whose
+        COMMIT came back (marking its devices seen now) has its callers' outcomes."""
+        for task, outcomes in list(self._committing.items()):
+            callers = self._in_flight.get(task, [])
+            if outcomes is not None:
+                _hand_out(callers, outcomes)
+            task.cancel()
+            for _, waiter in callers:
+                if not waiter.done():
+                    waiter.set_exception(_stopping())
+
+    def _committing_now(self) -> None:
+        """The calling transaction's COMMIT goes out now: ``stop`` lets it finish."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._committing[task] = None
 
     def _track(self, commit: asyncio.Task[list[Outcome]], callers: _Callers) -> None:
         """``commit``'s outcome to its callers when it ends, or to ``stop``'s 503."""
@@ -424,11 +456,14 @@ class TelemetryWriter:
                     await inserted.wait()
                 while len(in_flight) >= IN_FLIGHT:
                     with contextlib.suppress(Exception):
-                        await in_flight[0]
+                        # Shielded: a stop cancelling this committer is not passed on
+                        # to a transaction whose COMMIT went out (``stop``).
+                        await asyncio.shield(in_flight[0])
                     in_flight.popleft()
         finally:
             for task in in_flight:
-                task.cancel()
+                if task not in self._committing:  # stop lets a commit that went out finish
+                    task.cancel()
             # Stopped (the server is stopping): what still waits is not written.
             for queued in self._waiting.pop(tenants, []):
                 if queued.expiry is not None:
@@ -478,6 +513,8 @@ class TelemetryWriter:
         verdicts: list[Outcome | None] = [None] * len(submissions)
         unchecked = [i for i, was in enumerate(prechecked or [False] * len(submissions)) if not was]
         foresee = inserted is not None
+        task = asyncio.current_task()
+        assert task is not None
         try:
             while True:
                 claims: list[Claim] = []
@@ -509,7 +546,9 @@ class TelemetryWriter:
                             foresee,
                             inserted,
                         )
+                        self._committing_now()  # the block's end, unless done already
                 except _Unforeseen as exc:
+                    self._committing.pop(task, None)
                     for claim in claims:
                         self.ids.proven_wrong(claim, by_another=exc.by_another)
                     if self._on_remade is not None:
@@ -517,15 +556,18 @@ class TelemetryWriter:
                     foresee = False
                     continue
                 except BaseException:
+                    self._committing.pop(task, None)
                     for claim in claims:
                         self.ids.end(claim, committed=False)
                     raise
                 for claim in claims:
                     self.ids.end(claim, committed=True)
                 if late:
+                    self._committing[task] = outcomes
                     await self._mark_seen_late(late)
                 return outcomes
         finally:
+            self._committing.pop(task, None)
             if inserted is not None:
                 inserted.set()
 
@@ -839,6 +881,7 @@ class TelemetryWriter:
         names = ",".join(f"'{tenant}'" for tenant in tenants)
         numbers = ",".join(str(counts[tenant]) for tenant in tenants)
         bases = ",".join(str(claim.bases[tenant]) for tenant in tenants)
+        self._committing_now()
         try:
             await conn.execute(
                 f"SELECT pulse_take_foreseen_ids(ARRAY[{names}]::text[], "
@@ -903,13 +946,19 @@ def _settle(
     """Hand each caller of a group commit its own slice of the outcomes, or the error
     (a commit cancelled: the server is stopping, and it is not known to be committed)."""
     error = _stopping() if commit.cancelled() else commit.exception()
+    if error is None:
+        _hand_out(group, commit.result())
+    for _, waiter in group:
+        if not waiter.done():
+            waiter.set_exception(error or _stopping())
+
+
+def _hand_out(group: list[tuple[Sequence[Submission], asyncio.Future[S]]], outcomes: S) -> None:
+    """Each caller of a group its own slice of the ``outcomes``."""
     offset = 0
     for subs, waiter in group:
         if not waiter.done():
-            if error is not None:
-                waiter.set_exception(error)
-            else:
-                waiter.set_result(commit.result()[offset : offset + len(subs)])
+            waiter.set_result(outcomes[offset : offset + len(subs)])
         offset += len(subs)
 
 
