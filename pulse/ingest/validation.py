@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from datetime import UTC, datetime, timedelta, timezone
+from typing import NoReturn
 
 import msgspec
 import orjson
@@ -54,13 +56,87 @@ def decode_json(body: bytes) -> object:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         if "infinity" in exc.msg:  # valid JSON, but no double holds it (1e400, 10**400)
-            raise InvalidPayload(
-                f"A number at character {exc.pos} is beyond the range of a double "
-                "(about 1.8e308 either side of zero)."
-            ) from None
+            return _decode_beyond_doubles(body)
         if not _utf8(body):  # orjson would say "str is not valid UTF-8: surrogates ..."
             raise InvalidPayload("The payload is not valid UTF-8; send JSON in UTF-8.") from None
         raise InvalidPayload(f"The body is not valid JSON: {exc}.") from None
+
+
+class _BeyondDouble:
+    """What a number no double holds (1e400, an integer of 400 digits) is decoded as:
+    valid JSON, so only the value is refused (each check takes it for the wrong kind of
+    value, ``_json_kind``), not the whole body. A batch's other messages are judged as
+    usual; it was once the whole batch's 400 (the integrity audit, LOW-1)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "BEYOND_DOUBLE"
+
+
+_BEYOND_DOUBLE = _BeyondDouble()
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _decode_beyond_doubles(body: bytes) -> object:
+    """A body orjson refused only for a number no double holds, decoded again by the
+    standard library, each such number as ``_BEYOND_DOUBLE``; everything else as orjson
+    reads it. Only ever after orjson has refused the body: the common path is orjson's.
+
+    The standard library accepts what orjson refuses (NaN and Infinity, lone
+    surrogates in escapes, UTF-16): those stay refused as not JSON, as orjson, which
+    stopped at the first out-of-range number, would have refused them."""
+    try:
+        decoded = json.loads(
+            body.decode(),  # UTF-8 only, surrogates refused (json.loads would guess UTF-16)
+            parse_float=_double,
+            parse_int=_integer,
+            parse_constant=_not_json,
+        )
+    except UnicodeDecodeError:
+        raise InvalidPayload("The payload is not valid UTF-8; send JSON in UTF-8.") from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidPayload(f"The body is not valid JSON: {exc}.") from None
+    if _has_lone_surrogate(decoded):
+        raise InvalidPayload(
+            "The body is not valid JSON: a \\u escape is a lone surrogate (UTF-16 half)."
+        )
+    return decoded
+
+
+def _double(text: str) -> float | _BeyondDouble:
+    value = float(text)
+    return value if math.isfinite(value) else _BEYOND_DOUBLE
+
+
+def _integer(text: str) -> int | float | _BeyondDouble:
+    # As orjson reads one: an integer when 64 bits hold it (signed or unsigned, at most
+    # 21 characters with the sign), else a double, rounded. Never int() on hundreds of
+    # digits (Python refuses more than 4300, and takes its time below that).
+    if len(text) <= 21 and (value := int(text)) in _JSON_INT:
+        return value
+    return _double(text)
+
+
+def _not_json(literal: str) -> NoReturn:
+    raise ValueError(f"{literal} is not a JSON value")
+
+
+def _has_lone_surrogate(decoded: object) -> bool:
+    """Whether any string (a key or a value) holds a lone surrogate, which orjson
+    refuses and the standard library decodes (it cannot be encoded back to UTF-8)."""
+    stack = [decoded]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                return True
+        elif isinstance(value, dict):
+            stack += value
+            stack += value.values()
+        elif isinstance(value, list):
+            stack += value
+    return False
 
 
 def _utf8(body: bytes) -> bool:
@@ -200,6 +276,8 @@ def _json_kind(value: object) -> str:
         return "a number" if value.is_integer() else "a number with a fraction"
     if isinstance(value, int):
         return "an integer" if value in _JSON_INT else "an integer beyond 64 bits"
+    if isinstance(value, _BeyondDouble):
+        return "a number beyond the range of a double (about 1.8e308 either side of zero)"
     return type(value).__name__
 
 

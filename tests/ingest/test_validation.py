@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta, timezone
 
+import orjson
 import pytest
 
 from pulse.ingest.validation import (
@@ -188,9 +189,26 @@ def test_seq_accepted(seq: int) -> None:
 
 def test_decode_json() -> None:
     assert decode_json(b'{"a": 1}') == {"a": 1}
-    for body in (b"", b"  \n", b"{", b"NaN", b'{"a": Infinity}', b"1e400"):
+    for body in (b"", b"  \n", b"{", b"NaN", b'{"a": Infinity}', b"[1e400, NaN]"):
         with pytest.raises(InvalidPayload):
             decode_json(body)
+
+
+def test_a_number_beyond_a_double_is_refused_as_a_value_not_as_the_body() -> None:
+    """The integrity audit (LOW-1): ``1e400`` made the whole body invalid, and so a
+    whole batch; it is decoded as a value that the checks refuse by name."""
+    decoded = decode_json(b'{"metrics": {"a": 1, "b": 1e400}, "seq": 10000000000000000000000}')
+    assert isinstance(decoded, dict) and decoded["seq"] == 1e22  # as orjson reads it
+    with pytest.raises(InvalidPayload, match=r"Metric 'b' must be .* beyond the range of a double"):
+        parse({"metrics": decoded["metrics"]})
+    wide = decode_json(b"[18446744073709551615, -9223372036854775808, 18446744073709551616]")
+    assert wide == orjson.loads(
+        b"[18446744073709551615, -9223372036854775808, 18446744073709551616]"
+    )
+    assert [type(n) for n in wide] == [int, int, float]  # type: ignore[union-attr]
+    for after in (b"NaN", b"Infinity", b'"\\ud800"', b'{"\\udfff": 1}', b"[" * 5000):
+        with pytest.raises(InvalidPayload, match="not valid JSON"):
+            decode_json(b"[1e400, " + after + b"]")
 
 
 def test_format_time() -> None:

@@ -100,9 +100,16 @@ FUTURE = "2999-01-01T00:00:00+00:00"  # a fixed value: test ids must not change 
         (b'{"metrics": {"v": {"x": 1}}}', "finite number or a boolean"),
         (b'{"metrics": {"v": NaN}}', "not valid JSON"),
         (b'{"metrics": {"v\xff": 1}}', "The payload is not valid UTF-8"),
-        # Valid JSON that no double holds: said so, not "not valid JSON".
-        (b'{"metrics": {"v": 1e400}}', "beyond the range of a double"),
-        (b'{"metrics": {"v": 1' + b"0" * 400 + b"}}", "beyond the range of a double"),
+        # Valid JSON that no double holds: said so, and of which metric, not "not valid JSON".
+        (
+            b'{"metrics": {"v": 1e400}}',
+            "Metric 'v' must be a finite number or a boolean, not a number beyond the range",
+        ),
+        (
+            b'{"metrics": {"v": 1' + b"0" * 400 + b"}}",
+            "Metric 'v' must be a finite number or a boolean, not a number beyond the range",
+        ),
+        (b'{"metrics": {"v": 1}, "seq": -1e400}', "seq must be an integer, not a number beyond"),
         (orjson.dumps({"metrics": {f"m{i}": i for i in range(201)}}), "at most 200"),
         (orjson.dumps({"ts": FUTURE, "metrics": {"v": 1}}), "ahead of the server clock"),
         (b'{"ts": "soon", "metrics": {"v": 1}}', "ISO-8601"),
@@ -165,6 +172,73 @@ async def test_ts_beyond_the_calendar_rejects_only_its_batch_message(
         ],
     }
     assert await pool.fetchval("SELECT metrics FROM telemetry") == {"v": 1}
+
+
+BEYOND_A_DOUBLE = [b"1e400", b"-1e400", b"1" + b"0" * 400, b"1" + b"0" * 5000]
+
+
+@pytest.mark.parametrize(
+    "number", BEYOND_A_DOUBLE, ids=["1e400", "-1e400", "401 digits", "5001 digits"]
+)
+@pytest.mark.parametrize("field", ["metrics", "seq"])
+async def test_a_number_beyond_a_double_rejects_only_its_batch_message(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, token: str, number: bytes, field: str
+) -> None:
+    """From the integrity audit (LOW-1): one such number (valid JSON, but no double
+    holds it) made the whole batch a 400 envelope error, refusing every other device's
+    valid reading with it, where ``"hot"`` in its place refused only its own message."""
+    other = await provision_device(pool, "t1", "dev-2")
+    value = b'{"x": ' + number + b"}" if field == "metrics" else b'{"x": 1}, "seq": ' + number
+    poisoned = (
+        b'{"tenant_id": "t1", "device_id": "dev-1", "provision_token": "'
+        + token.encode()
+        + b'", "metrics": '
+        + value
+        + b"}"
+    )
+    valid = orjson.dumps(
+        {"tenant_id": "t1", "device_id": "dev-2", "provision_token": other, "metrics": {"x": 2}}
+    )
+    for body in (poisoned + b", " + valid, valid + b", " + poisoned):
+        response = await http.post(BATCH, content=b'{"messages": [' + body + b"]}")
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert (response.json()["accepted"], response.json()["rejected"]) == (1, 1)
+        assert {r["status"]: r.get("reason") for r in results} == {
+            "rejected": "invalid_payload",
+            "accepted": None,
+        }
+    rows = await pool.fetch("SELECT device_id, metrics FROM telemetry ORDER BY id")
+    assert [(row["device_id"], row["metrics"]) for row in rows] == [("dev-2", {"x": 2})] * 2
+    # Sent alone, the message is refused with what is wrong, and where.
+    alone = await http.post(
+        telemetry_url(),
+        content=b'{"metrics": ' + value + b"}",
+        headers={"X-Provision-Token": token, "Content-Type": "application/json"},
+    )
+    assert_error(alone, 400, "invalid_payload")
+    assert "beyond the range of a double" in alone.json()["detail"]
+    assert ("Metric 'x'" if field == "metrics" else "seq") in alone.json()["detail"]
+
+
+@pytest.mark.parametrize("after", [b"NaN", b"-Infinity", b'"\\ud800"', b'"\\udc00 and more"'])
+async def test_a_number_beyond_a_double_lets_in_nothing_else_that_is_not_json(
+    http: httpx.AsyncClient, pool: asyncpg.Pool, token: str, after: bytes
+) -> None:
+    """A body refused for such a number is decoded again, by a parser that takes what
+    orjson refuses (NaN, Infinity, a lone surrogate in an escape): with one of those
+    after the number, the body is still not JSON, and the envelope is refused whole."""
+    body = (
+        b'{"messages": [{"tenant_id": "t1", "device_id": "dev-1", "provision_token": "'
+        + token.encode()
+        + b'", "metrics": {"x": 1e400, "y": '
+        + after
+        + b"}}]}"
+    )
+    response = await http.post(BATCH, content=body)
+    assert_error(response, 400, "invalid_payload")
+    assert "not valid JSON" in response.json()["detail"]
+    assert await stored_rows(pool) == 0
 
 
 @pytest.mark.parametrize(
