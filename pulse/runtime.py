@@ -203,16 +203,18 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         hub = Hub(store, source, metrics, queue_size=settings.queue_size)
         stops.append(Stop("closing the stream hub", hub.close))
 
+        admission = Admission(
+            per_device=RateLimiter(
+                settings.ingest_rate_per_device, settings.ingest_burst_per_device
+            ),
+            per_tenant=RateLimiter(
+                settings.ingest_rate_per_tenant, settings.ingest_burst_per_tenant
+            ),
+        )
         writer = TelemetryWriter(
             db,
-            admit=Admission(
-                per_device=RateLimiter(
-                    settings.ingest_rate_per_device, settings.ingest_burst_per_device
-                ),
-                per_tenant=RateLimiter(
-                    settings.ingest_rate_per_tenant, settings.ingest_burst_per_tenant
-                ),
-            ).each,
+            admit=admission.each,
+            refund=admission.refund,  # what a write refused 503 (not stored) had taken
             rules=evaluate_alerts,
             group_commit=settings.group_commit,
             on_remade=metrics.ingest_writes_remade.inc,

@@ -81,7 +81,8 @@ class RateLimiter:
         return short
 
     def refund(self, key: Hashable, count: int = 1) -> None:
-        """Give back tokens taken by ``acquire`` (the messages were refused elsewhere)."""
+        """Give back tokens taken by ``acquire`` (the messages were refused elsewhere, or
+        not stored)."""
         bucket = self._buckets.get(key)
         if bucket is not None:
             bucket.tokens = min(float(self.burst), bucket.tokens + count)
@@ -141,6 +142,17 @@ class Admission:
                     self.per_device.refund(device, granted - kept)
                     refused[device] = (kept, refusal)
         return refused
+
+    def refund(self, counts: Mapping[Device, int]) -> None:
+        """Give back what ``each`` admitted for messages that were then not stored (their
+        write was refused unavailable, or rolled back): ``counts[device]`` to the device
+        and their sum to its tenant. A 503 is retried, and the retry is charged."""
+        by_tenant: dict[str, int] = {}
+        for device, count in counts.items():
+            self.per_device.refund(device, count)
+            by_tenant[device[0]] = by_tenant.get(device[0], 0) + count
+        for tenant, count in by_tenant.items():
+            self.per_tenant.refund(tenant, count)
 
 
 def _limited(who: str, wait_s: float) -> Rejected:

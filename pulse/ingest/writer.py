@@ -55,6 +55,9 @@ WAIT_S = 10.0
 # authenticated: the devices of which it admits fewer (the first ones), with how
 # many and the refusal for the others (rate_limited, with the seconds to wait).
 Admit = Callable[[Mapping[Device, int]], Mapping[Device, tuple[int, Rejected]]]
+# Gives back to admission control what it admitted, per device, for messages then not
+# stored: their write was refused unavailable or rolled back (TelemetryWriter._refund).
+Refund = Callable[[Mapping[Device, int]], object]
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -135,6 +138,7 @@ class TelemetryWriter:
         db: Database,
         *,
         admit: Admit | None = None,
+        refund: Refund | None = None,
         rules: TransactionHook | None = None,
         hooks: Sequence[TransactionHook] = (),
         group_commit: bool = True,
@@ -147,6 +151,7 @@ class TelemetryWriter:
         # A device ONLINE and seen this recently is not marked seen again (touch_devices).
         self._seen_precision_s = seen_precision_s
         self._admit = admit
+        self._refund_admitted = refund
         # The alert rules, run for a write with something for them: readings of a
         # tenant with rules (Written.ruled), or devices that came online. A write with
         # neither may commit with its reservation, in one round trip. ``hooks`` run
@@ -321,9 +326,15 @@ class TelemetryWriter:
         try:
             async with asyncio.timeout_at(deadline):
                 return await asyncio.shield(future)
-        except TimeoutError:
-            # Checks write nothing: the write is given up whether they ran or not.
+        except BaseException as exc:
+            # Checks write nothing: the write is given up whether they ran or not. Not
+            # checked yet, it is not checked; being checked, what the checks admit is
+            # given back when they come (_check_queued: its answer is not taken).
             self._unchecked = [other for other in self._unchecked if other is not entry]
+            if not future.cancel() and future.exception() is None:  # they came meanwhile
+                self._refund(submissions, future.result().verdicts)
+            if not isinstance(exc, TimeoutError):
+                raise  # its caller went away
             raise DatabaseUnavailable(
                 f"its tokens could not be checked within {self._wait_s:g} s (the database "
                 "is slow or stuck); nothing of it was stored"
@@ -345,10 +356,43 @@ class TelemetryWriter:
                 except Exception as exc:
                     checking.set_exception(exc)
                 finally:
+                    self._refund_unclaimed(group, checking)
                     _settle(group, checking)
         finally:
             self._checking = None
             self._being_checked = []
+
+    def _refund_unclaimed(
+        self,
+        group: list[tuple[Sequence[Submission], asyncio.Future[Checked]]],
+        checking: asyncio.Future[Checked],
+    ) -> None:
+        """Give back what ``checking`` admitted for the writes of ``group`` whose callers
+        no longer wait for it (gone past their deadline, or the server stopping): they
+        will not be written. A loop over the writes, not the readings, when none is gone."""
+        if not checking.done() or checking.cancelled() or checking.exception() is not None:
+            return
+        offset = 0
+        for submissions, waiter in group:
+            if waiter.done():
+                part = slice(offset, offset + len(submissions))
+                self._refund(submissions, checking.result().verdicts[part])
+            offset += len(submissions)
+
+    def _refund(
+        self, submissions: Sequence[Submission], verdicts: Sequence[Outcome | None] | None = None
+    ) -> None:
+        """Give back the rate tokens of ``submissions`` that their checks admitted (a
+        ``verdicts`` of None; all of them without ``verdicts``), for a write that is not
+        stored: refused unavailable before its transaction began, or rolled back. Never
+        for one whose COMMIT went out (``_committing``): it may be stored. Only on those
+        failures, never on the way of a write that commits."""
+        if self._refund_admitted is None:
+            return
+        if verdicts is not None:
+            submissions = [s for s, v in zip(submissions, verdicts, strict=True) if v is None]
+        if submissions:
+            self._refund_admitted(collections.Counter(s.device for s in submissions))
 
     async def _write_grouped(
         self,
@@ -394,6 +438,8 @@ class TelemetryWriter:
         for i, other in enumerate(waiting):
             if other is queued:
                 del waiting[i]
+                if queued.checked is not None:  # checked ahead: its admitted are given back
+                    self._refund(queued.submissions)
                 if not queued.future.done():
                     queued.future.set_exception(
                         DatabaseUnavailable(
@@ -468,6 +514,8 @@ class TelemetryWriter:
             for queued in self._waiting.pop(tenants, []):
                 if queued.expiry is not None:
                     queued.expiry.cancel()
+                if queued.checked is not None:
+                    self._refund(queued.submissions)
                 if not queued.future.done():
                     queued.future.set_exception(_stopping())
 
@@ -556,7 +604,10 @@ class TelemetryWriter:
                     foresee = False
                     continue
                 except BaseException:
-                    self._committing.pop(task, None)
+                    # A COMMIT that went out (given up at a stop, or lost with its
+                    # connection) may have stored the rows: their rates stay spent.
+                    if self._committing.pop(task, _NOT_COMMITTING) is _NOT_COMMITTING:
+                        self._refund_rolled_back(submissions, verdicts, prechecked, unchecked)
                     for claim in claims:
                         self.ids.end(claim, committed=False)
                     raise
@@ -570,6 +621,23 @@ class TelemetryWriter:
             self._committing.pop(task, None)
             if inserted is not None:
                 inserted.set()
+
+    def _refund_rolled_back(
+        self,
+        submissions: Sequence[Submission],
+        verdicts: Sequence[Outcome | None],
+        prechecked: Sequence[bool],
+        unchecked: Sequence[int],
+    ) -> None:
+        """``_commit``'s transaction rolled back, or never began: give back what its
+        submissions' checks admitted. Those made in the transaction count once made
+        (``unchecked`` empty); a write remade after a wrong foresight keeps them, and
+        is given back once, when it fails for good. Those made ahead (``prechecked``)
+        admitted every submission they let in: a write queues its admitted ones only."""
+        if not unchecked:
+            self._refund(submissions, verdicts)
+        elif any(prechecked):
+            self._refund([s for s, was in zip(submissions, prechecked, strict=True) if was])
 
     async def _write_in(
         self,
@@ -967,6 +1035,10 @@ def _stopping() -> DatabaseUnavailable:
     return DatabaseUnavailable(
         "the server is shutting down; the write is not known to be committed"
     )
+
+
+# What ``_committing`` holds for no transaction (its values are None or outcomes).
+_NOT_COMMITTING: Any = object()
 
 
 class _Unforeseen(Exception):

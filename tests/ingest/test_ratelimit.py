@@ -147,3 +147,17 @@ def test_a_tenant_short_of_tokens_admits_its_devices_in_order() -> None:
     assert all("tenant" in refusal.detail for _, refusal in refused.values())
     # The devices refused for their tenant got their own tokens back.
     assert admit.per_device.acquire_each({("t1", "b"): 3, ("t1", "c"): 5}) == {}
+
+
+def test_a_refund_gives_back_to_the_device_and_its_tenant_what_was_admitted() -> None:
+    """For messages admitted and then not stored (their write answered 503): the
+    integrity audit (LOW-2) found them charged all the same."""
+    admit = admission(Clock(), device_burst=3, tenant_burst=4)
+    assert admit.each({("t1", "d1"): 3, ("t1", "d2"): 1}) == {}
+    assert admit.each({("t1", "d1"): 1, ("t1", "d2"): 1}).keys() == {("t1", "d1"), ("t1", "d2")}
+    admit.refund({("t1", "d1"): 2, ("t1", "d2"): 1})
+    assert admit.each({("t1", "d1"): 2, ("t1", "d2"): 1}) == {}
+    # Never more than a full bucket.
+    admit.refund({("t1", "d1"): 100})
+    refused = admit.each({("t1", "d1"): 4})
+    assert refused[("t1", "d1")][0] == 3
