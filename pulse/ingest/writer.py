@@ -206,6 +206,9 @@ class TelemetryWriter:
         if len(submissions) < CHECK_AHEAD_FROM:
             return await self._write_grouped(tenants, submissions, None, deadline)
         checked = await self._check(submissions, deadline)
+        if self._stopped:  # stopped as its checks came back: nothing begins after a stop
+            self._refund(submissions, checked.verdicts)
+            raise _stopping()
         if not any(checked.verdicts):  # every one admitted: the common case
             return await self._write_grouped(tenants, submissions, checked, deadline)
         admitted = [

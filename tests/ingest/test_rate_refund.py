@@ -198,3 +198,28 @@ async def test_a_large_write_whose_checks_come_too_late_is_not_charged(
     assert budget.admitted == {DEVICE: CHECK_AHEAD_FROM}
     assert budget.refunded == budget.admitted
     assert await stored(pool) == []
+
+
+async def test_a_large_write_whose_checks_come_back_as_the_server_stops_is_not_written(
+    pool: asyncpg.Pool, token: str
+) -> None:
+    """Found while fixing LOW-2: a large write whose checks came back just before a stop
+    (its caller not yet resumed, so the stop could not answer it) went on to queue and
+    commit after the stop, when nothing may begin. Now it is answered 503, unwritten,
+    and its checks' admissions are given back. The stop comes here between the checks'
+    return and the write's next step."""
+    budget = Budget()
+    writer = budget.writer(pool)
+    check = writer._check
+
+    async def check_then_stop(*args: Any) -> Any:
+        checked = await check(*args)
+        writer.stop()
+        return checked
+
+    writer._check = check_then_stop  # type: ignore[method-assign]
+    with pytest.raises(DatabaseUnavailable, match="shutting down"):
+        await asyncio.wait_for(writer.write(readings(token, *range(CHECK_AHEAD_FROM))), 10)
+    assert await stored(pool) == []
+    assert budget.admitted == {DEVICE: CHECK_AHEAD_FROM}
+    assert budget.refunded == budget.admitted
