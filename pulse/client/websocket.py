@@ -293,7 +293,9 @@ class V2Stream(_WebSocketStream[V2Event]):
     the telemetry streams for that). Subscriptions are re-sent on reconnect,
     and the server answers them with the current fleet summary and alerts.
     Nor does it take a fresh token on the open connection: at the token's expiry
-    the server closes it (4001) and the stream reconnects with a new one.
+    the server closes it (4001) and the stream reconnects with a new one. It is
+    connected (the ``connected`` notice, the backoff reset) once the server answers
+    a subscription: a stream with none yet is at its first ``subscribe``.
     """
 
     renews_in_band = False
@@ -313,12 +315,18 @@ class V2Stream(_WebSocketStream[V2Event]):
         super().__init__(base_url, credentials, backoff, tenant_id=tenant_id, on_notice=on_notice)
         self.channels = {name for name, on in (("fleet", fleet), ("alerts", alerts)) if on}
         self.device_ids: set[str] = set(device_ids)
+        # Whether the server has answered a subscription on this connection.
+        self._answered = False
 
     def _url(self) -> str:
         return ws_url(self.base_url, V2_WS_PATH, {"tenant_id": self.tenant_id})
 
     async def _on_open(self, ws: ClientConnection) -> None:
-        self._connected("v2")
+        # Not connected yet: the server accepts every v2 handshake and only then refuses
+        # (1011 database_unavailable, 4029 at the tenant's limit). Counting the handshake
+        # as a connection reset the backoff before each refusal: 80 reconnects in a 30 s
+        # outage. The first answer to a subscription is the server's acceptance.
+        self._answered = False
         for channel in sorted(self.channels):
             await self.send({"action": "subscribe", "type": channel})
         for device_id in sorted(self.device_ids):
@@ -326,6 +334,9 @@ class V2Stream(_WebSocketStream[V2Event]):
 
     def _read(self, message: dict[str, Any]) -> V2Event | None:
         kind = message.get("type")
+        if not self._answered and kind in ("subscribed", "fleet_summary"):
+            self._answered = True
+            self._connected("v2")
         if kind == "telemetry":
             return Telemetry.from_wire(message)
         if kind == "alerts":

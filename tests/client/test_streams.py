@@ -378,3 +378,38 @@ async def test_closing_the_client_ends_its_streams_and_stop_ends_one_from_anywhe
     async with asyncio.timeout(30):  # an SSE stream ends at its next keepalive at most
         seen = await asyncio.gather(*consumers)  # each iteration ended, none raised
     assert seen[:2] == [0, 0]  # no reading was sent (v2 pushes its fleet summary)
+
+
+async def test_a_v2_stream_refused_after_its_handshake_backs_off(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server accepts every v2 handshake and only then refuses (1011
+    database_unavailable in an outage, 4029 at the tenant's limit). The stream counted the
+    handshake as a connection and reset its backoff before each refusal, so it
+    reconnected within 0.5 s for as long as the outage lasted (80 times in 30 s): now it
+    is connected at the server's answer to a subscription, and backs off until then."""
+    from pulse.db.errors import DatabaseUnavailable
+    from pulse.streams.limits import ConnectionLimits
+
+    @contextlib.asynccontextmanager
+    async def unavailable(*_args: object, **_kw: object) -> AsyncIterator[None]:
+        raise DatabaseUnavailable("[Errno 111] Connection refused")
+        yield
+
+    notices: list[Notice] = []
+    async with PulseClient(
+        url, make_token(), on_notice=notices.append, backoff_base_s=0.05, backoff_cap_s=2
+    ) as client:
+        stream = client.v2(fleet=True)
+        with monkeypatch.context() as patch:
+            patch.setattr(ConnectionLimits, "hold", unavailable)
+            reader = asyncio.create_task(take(stream, 1, timeout=30))
+            await until(lambda: [n.kind for n in notices].count("disconnected") >= 5)
+            # At HEAD: a "connected" before each refusal, and the backoff at 1 each time.
+            assert [n.kind for n in notices] == ["disconnected"] * len(notices), notices
+            assert all("1011 database_unavailable" in n.detail for n in notices), notices
+            assert stream.backoff.attempt >= 5  # delays doubling: 0.05 s, 0.1 s, ... 2 s
+        # Once the server answers, the stream is connected and its backoff starts over.
+        [summary] = await reader
+        assert isinstance(summary, FleetSummary)
+        assert stream.connections == 1 and stream.backoff.attempt == 0
