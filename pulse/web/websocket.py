@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from pulse.errors import (
     ApiError,
     ErrorCode,
 )
+from pulse.logs import Throttled
 from pulse.runtime import Runtime
 from pulse.streams.limits import LimitReached
 from pulse.streams.messages import MAX_INBOUND_BYTES, MESSAGE_TOO_BIG_REASON
@@ -51,6 +53,9 @@ from pulse.web.auth import authenticate, is_allowed_origin, scope_credential
 from pulse.web.direct import FRAMES, DirectWrites, direct_writes, ping_sender, text_frame
 
 log = logging.getLogger(__name__)
+# An outage refuses every WebSocket opened during it: a line per ten seconds for each
+# kind of WebSocket, not one per connection (165 in 30 s from two reconnecting clients).
+_UNAVAILABLE: defaultdict[str, Throttled] = defaultdict(lambda: Throttled(log))
 
 # Replies to a client's messages wait here while the client is not reading; a
 # client that sends this many without reading the answers, or whose unread answers
@@ -317,7 +322,7 @@ async def serve_websocket(
         if rt.draining:
             end = Close.of(SERVER_RESTARTING)
         else:
-            log.warning("closing a %s WebSocket: %s", kind, exc)
+            _UNAVAILABLE[kind].warning("closing a %s WebSocket: %s", kind, exc)
             end = Close.of(DATABASE_UNAVAILABLE)
     except Exception:
         log.exception("a %s WebSocket failed", kind)
