@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Iterable
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -36,6 +37,12 @@ from pulse.client.stream import (
 )
 
 E = TypeVar("E")
+
+# The server writes at least every PULSE_WS_PING_S (30 s by default) on the telemetry
+# WebSocket, every PULSE_WS_KEEPALIVE_S (10 s) on v2 (a summary, or a ping frame):
+# three silent periods while the stream waits mean the connection is dead even if no
+# FIN or RST arrived.
+READ_TIMEOUT_S = 90.0
 
 TELEMETRY_WS_PATH = "/api/v1/customer/telemetry/stream"
 V2_WS_PATH = "/api/v2/ws"
@@ -66,6 +73,18 @@ def close_failure(code: int | None, reason: str) -> Exception:
     return Reconnect(f"closed {code} {reason}".strip())
 
 
+class _Connection(ClientConnection):
+    """A client connection that knows when it last received anything, a ping frame too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_received = time.monotonic()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_received = time.monotonic()
+        super().data_received(data)
+
+
 class _WebSocketStream(ReconnectingStream[E]):
     """A connection loop over one WebSocket URL; subclasses read its messages."""
 
@@ -81,6 +100,7 @@ class _WebSocketStream(ReconnectingStream[E]):
         tenant_id: str | None,
         on_notice: NoticeHandler | None,
         open_timeout_s: float = 10.0,
+        read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
         super().__init__(credentials, backoff, on_notice)
         self.base_url = base_url
@@ -88,7 +108,11 @@ class _WebSocketStream(ReconnectingStream[E]):
         self.open_timeout_s = open_timeout_s
         # How long a closing handshake may wait for the server's close frame.
         self.close_timeout_s = 2.0
+        self.read_timeout_s = read_timeout_s
         self._ws: ClientConnection | None = None
+        # Since when the stream has waited for a message (None: its consumer is busy).
+        self._waiting_since: float | None = None
+        self._silent = False  # the connection was cut for read_timeout_s of silence
 
     def _url(self) -> str:
         raise NotImplementedError
@@ -107,6 +131,7 @@ class _WebSocketStream(ReconnectingStream[E]):
 
     async def _session(self, token: str) -> AsyncGenerator[E, None]:
         headers = {"Authorization": f"Bearer {token}"}
+        self._silent = False
         try:
             async with connect(
                 self._url(),
@@ -114,19 +139,32 @@ class _WebSocketStream(ReconnectingStream[E]):
                 open_timeout=self.open_timeout_s,
                 close_timeout=self.close_timeout_s,
                 max_size=2**22,
+                # No keepalive pings of the library's (every 20 s, closing 1011 when the
+                # pong is 20 s late): a consumer busy with a burst stops reading, the
+                # pong waits behind the unread frames, and the client cut its own
+                # connection ~40 s in (v2, which does not resume, lost the events
+                # between). The server pings and keeps the line busy; a dead server
+                # is found by its silence while the stream waits (_watch).
+                ping_interval=None,
+                create_connection=_Connection,
             ) as ws:
+                assert isinstance(ws, _Connection)
                 self._ws = ws
                 renew = asyncio.create_task(self._renew_token(ws))
+                watch = asyncio.create_task(self._watch(ws))
                 try:
                     await self._on_open(ws)
                     while True:
                         # recv(), not `async for raw in ws`: that is a generator of its
                         # own, which a consumer that stops would leave for the garbage
                         # collector to close (at exit, "already running").
+                        self._waiting_since = time.monotonic()
                         try:
                             raw = await ws.recv()
                         except ConnectionClosedOK:
                             break
+                        finally:
+                            self._waiting_since = None
                         message = orjson.loads(raw)
                         if not isinstance(message, dict):
                             continue
@@ -150,6 +188,7 @@ class _WebSocketStream(ReconnectingStream[E]):
                 finally:
                     self._ws = None
                     renew.cancel()
+                    watch.cancel()
                 raise self._closed(ws.close_code, ws.close_reason or "")
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -166,6 +205,9 @@ class _WebSocketStream(ReconnectingStream[E]):
             delay_s = float(wait) if wait.isascii() and wait.isdigit() else 0.0
             raise Reconnect(detail, min_delay_s=delay_s) from exc
         except ConnectionClosed as exc:
+            if self._silent:
+                detail = f"no data from the server in {self.read_timeout_s:g} s"
+                raise Reconnect(detail) from exc
             code = exc.rcvd.code if exc.rcvd else None
             raise self._closed(code, exc.rcvd.reason if exc.rcvd else "") from exc
         except (OSError, TimeoutError, InvalidHandshake) as exc:
@@ -180,6 +222,21 @@ class _WebSocketStream(ReconnectingStream[E]):
     def _interrupt(self) -> None:
         if self._ws is not None:
             self._ws.transport.abort()
+
+    async def _watch(self, ws: _Connection) -> None:
+        """Cut a connection on which nothing came for read_timeout_s while the stream
+        waited for a message: its server is gone (its machine, or the network between)
+        without a FIN or a RST. A consumer busy with what came is no silence of the
+        server's, however long it takes."""
+        while True:
+            await asyncio.sleep(self.read_timeout_s / 10)
+            waiting = self._waiting_since
+            if waiting is None:
+                continue
+            if time.monotonic() - max(waiting, ws.last_received) > self.read_timeout_s:
+                self._silent = True
+                ws.transport.abort()
+                return
 
     async def _renew_token(self, ws: ClientConnection) -> None:
         """Before the token expires, send a fresh one so the connection lives on."""
