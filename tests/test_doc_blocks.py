@@ -233,6 +233,34 @@ async def test_python_block_runs_as_written(
     )
 
 
+async def test_the_protocol_websocket_follower_stops_at_a_refused_token(
+    server: str, make_token: Callable[..., str], tmp_path: Path
+) -> None:
+    """docs/protocol.md's Python WebSocket follower took only 4000 and 4003 as final: with
+    an expired token it reconnected for ever, each try closed 4001 token_expired (the
+    audit's ran until killed). It has no way to a new token, so a 4001 ends it."""
+    script = tmp_path / "example.py"
+    script.write_text(python_block("docs/protocol.md", "websockets").code)
+    env = environment(server, make_token(tenant_id="acme", lifetime_s=-120))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        async with asyncio.timeout(30):
+            output, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    assert proc.returncode != 0
+    assert "4001" in output.decode() and "token_expired" in output.decode(), output.decode()
+
+
 def shell_block(page: str, word: str) -> Block:
     [block] = [b for b in of("sh", page) if word in b.code]
     return block
