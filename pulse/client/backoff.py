@@ -31,6 +31,15 @@ class Backoff:
         self.attempt += 1
         return delay
 
+    def after(self, retry_after_s: float) -> float:
+        """The next delay, but never sooner than a server's ``Retry-After``: that plus up to
+        half again, so that the clients it refused together do not all come back at the
+        same moment (they did, all at +5.0 s after a 4029)."""
+        delay = self.next_delay()
+        if retry_after_s <= 0:
+            return delay
+        return max(delay, retry_after_s + self._rng.uniform(0, retry_after_s / 2))
+
     def reset(self) -> None:
         """After a connection that worked: the next failure starts from ``base_s`` again."""
         self.attempt = 0

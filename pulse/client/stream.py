@@ -30,7 +30,8 @@ class Reconnect(Exception):
     """This connection is over; connect again after a delay.
 
     ``delay_s``: exactly this long (0: at once, e.g. after ``lagging``);
-    None: the next backoff delay, but at least ``min_delay_s`` (a Retry-After).
+    None: the next backoff delay, but at least ``min_delay_s`` (a Retry-After), plus
+    jitter (``Backoff.after``).
     """
 
     def __init__(
@@ -198,7 +199,7 @@ class ReconnectingStream(Generic[E]):
             if reason.delay_s is not None:
                 delay = reason.delay_s
             else:
-                delay = max(reason.min_delay_s, self.backoff.next_delay())
+                delay = self.backoff.after(reason.min_delay_s)
             self._notice("disconnected", reason.detail, delay)
             with contextlib.suppress(TimeoutError):  # the delay, or until stop()
                 await asyncio.wait_for(self._stopped.wait(), delay)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
+from collections.abc import AsyncIterator
 
 import pytest
 
 from pulse.client import Backoff, Notice, PulseClient
+from pulse.client.credentials import Credentials
+from pulse.client.stream import Reconnect, ReconnectingStream
 from tests.support import free_port
 
 
@@ -75,3 +78,40 @@ async def test_a_client_retries_a_dead_server_with_jittered_capped_delays() -> N
     assert len(set(delays)) == len(delays)  # jittered: no two alike
     ceilings = [min(0.04, 0.005 * 2**i) for i in range(len(delays))]
     assert all(d <= c for d, c in zip(delays, ceilings, strict=True))
+
+
+def test_a_retry_after_is_waited_with_jitter_on_top() -> None:
+    """On a 429 or a close 4029 the client and `pulse tail` retried at exactly the
+    Retry-After (5 s): clients refused together came back together, in lockstep at
+    +5.0 s. Now never sooner, and up to half again later."""
+    rng = random.Random(3)
+    delays = [Backoff(0.5, 30.0, rng=rng).after(5.0) for _ in range(200)]
+    assert all(5.0 <= d <= 7.5 for d in delays)
+    assert min(delays) < 5.2 and max(delays) > 7.3
+    backoff = Backoff(0.5, 30.0, rng=rng)
+    backoff.attempt = 10  # a ceiling of 30 s: the backoff's delay when it is the longer
+    assert all(d <= 30.0 for d in (backoff.after(5.0) for _ in range(50)))
+
+
+async def test_streams_refused_together_do_not_come_back_together() -> None:
+    """The reconnect loop itself: ten streams refused with the same Retry-After say ten
+    different delays, none below it."""
+
+    class Refused(ReconnectingStream[int]):
+        async def _session(self, token: str) -> AsyncIterator[int]:
+            raise Reconnect("429 connection_limit", min_delay_s=5.0)
+            yield 0
+
+    notices: list[Notice] = []
+    for _ in range(10):
+        stream = Refused(Credentials("token", None), Backoff())
+
+        def told(notice: Notice, stream: Refused = stream) -> None:
+            notices.append(notice)
+            stream.stop()  # one refusal is enough: the stream ends instead of waiting
+
+        stream.on_notice = told
+        async for _ in stream:
+            pass
+    delays = [n.retry_in_s for n in notices]
+    assert len(set(delays)) == 10 and all(d is not None and d >= 5.0 for d in delays), delays
