@@ -208,8 +208,16 @@ class _WebSocketStream(ReconnectingStream[E]):
             if self._silent:
                 detail = f"no data from the server in {self.read_timeout_s:g} s"
                 raise Reconnect(detail) from exc
-            code = exc.rcvd.code if exc.rcvd else None
-            raise self._closed(code, exc.rcvd.reason if exc.rcvd else "") from exc
+            if exc.sent is not None and (exc.rcvd is None or exc.rcvd_then_sent is False):
+                # This client closed first (a message over max_size: 1009), whatever
+                # the server echoed.
+                sent = f"{exc.sent.code} {exc.sent.reason}".strip()
+                raise Reconnect(f"this client closed the connection ({sent})") from exc
+            if exc.rcvd is None:
+                # No close frame either way: the server killed, the network cut. Not
+                # "closed None", as it was reported.
+                raise Reconnect("connection lost (no close frame)") from exc
+            raise self._closed(exc.rcvd.code, exc.rcvd.reason) from exc
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise Reconnect(f"cannot connect ({describe(exc)})") from exc
 

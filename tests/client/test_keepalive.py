@@ -114,3 +114,32 @@ async def test_a_server_silent_for_the_read_timeout_is_left(
             consumer.cancel()
     [notice, *_] = notices
     assert (notice.kind, notice.detail) == ("disconnected", "no data from the server in 1 s")
+
+
+async def test_a_connection_lost_or_closed_by_the_client_says_so() -> None:
+    """A connection that ended without a close frame (the server killed with -9, the
+    network cut), or one this client closed (its own keepalive's 1011 then), was reported
+    as "closed None": `pulse tail` printed "# disconnected: closed None; retrying...".
+    Now "connection lost (no close frame)", or the close the client sent."""
+    behaviours: list[str] = ["drop", "too big"]
+
+    async def server_side(ws: ServerConnection) -> None:
+        if behaviours.pop(0) == "drop":
+            ws.transport.abort()  # as a killed process's kernel does: no close frame
+        else:
+            await ws.send("x" * (2**22 + 1))  # over the client's max_size
+        await ws.wait_closed()
+
+    notices: list[Notice] = []
+    async with serve(server_side, "127.0.0.1", 0, max_size=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with PulseClient(
+            f"http://127.0.0.1:{port}", "token", on_notice=notices.append, backoff_cap_s=0.5
+        ) as client:
+            stream = client.websocket()
+            consumer = asyncio.create_task(anext(aiter(stream)))
+            await until(lambda: len(notices) >= 2)
+            consumer.cancel()
+    lost, closed = (n.detail for n in notices[:2])
+    assert lost == "connection lost (no close frame)"
+    assert closed.startswith("this client closed the connection (1009 "), closed
