@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import logging
 import operator
 import sys
@@ -389,6 +390,7 @@ def _sample_process(
     )
     metrics.sample(metrics.asyncio_tasks, lambda: len(asyncio.all_tasks()))
     metrics.sample(metrics.python_allocated_blocks, sys.getallocatedblocks)
+    metrics.sample(metrics.python_full_collections, lambda: gc.get_stats()[2]["collections"])
 
 
 async def _open_bus(

@@ -215,6 +215,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.python_full_collections = Gauge(
+            "pulse_python_full_collections",
+            "Full collections of Python's cyclic garbage collector since the process started",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.db_pool_connections = Gauge(
             "pulse_db_pool_connections",
             "Connections of the database pools, by state (idle, in_use)",

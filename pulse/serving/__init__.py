@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from pulse.db.errors import DatabaseUnavailable
 from pulse.logs import ACCESS_LOGGER, SERVER_LOGGER
 from pulse.ops.metrics import MULTIPROCESS_DIR
 from pulse.runtime import StartupError
-from pulse.serving import descriptors, idle, tuning
+from pulse.serving import collector, descriptors, idle, tuning
 from pulse.serving.workers import supervise
 from pulse.streams.messages import MAX_INBOUND_BYTES
 from pulse.web import RUNTIME, runtime_of
@@ -330,24 +329,12 @@ async def serve_forever(settings: Settings, bind: str) -> None:
             loop.add_signal_handler(sig, stop.set)
     app = create_app(settings)
     config = hypercorn_config(settings, bind)
-    tune_garbage_collector()
-    await serve(app, config, stop)
-
-
-def tune_garbage_collector() -> None:
-    """Fewer, cheaper collections: a streaming server holds many long-lived objects.
-
-    With CPython's defaults, a process serving 1000 SSE subscribers spent about
-    10% of its time in the cyclic collector, in pauses of up to 238 ms (full
-    collections walking every connection's objects), straight into the p99 of
-    every stream. What was imported and built before serving is frozen out of
-    collections for good, and young objects get more room before a collection
-    (most are gone by then). Same benchmark: no pause over 2 ms in gen 1 or 2, the
-    largest young collection 41 ms; fan-out p99 342 -> 220 ms at 20 events/s.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    collector.tune()
+    collecting = asyncio.create_task(collector.watch())
+    try:
+        await serve(app, config, stop)
+    finally:
+        collecting.cancel()
 
 
 def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int:
