@@ -278,6 +278,17 @@ class TelemetryWriter:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(_stopping())
+        # The writes still queued for a group, answered here: a committer cancelled
+        # before its first step never runs the finally that would answer them.
+        for queue in self._waiting.values():
+            for queued in queue:
+                if queued.expiry is not None:
+                    queued.expiry.cancel()
+                if queued.checked is not None:
+                    self._refund(queued.submissions)
+                if not queued.future.done():
+                    queued.future.set_exception(_stopping())
+            queue.clear()
         if self._committing:
             asyncio.get_running_loop().call_later(grace_s, self._give_up)
 
@@ -597,27 +608,43 @@ class TelemetryWriter:
                             foresee,
                             inserted,
                         )
-                        self._committing_now()  # the block's end, unless done already
+                        self._committing_now()
+                        if conn.is_in_transaction():  # else committed with its reservation
+                            await conn.execute("COMMIT")
+                        # Committed: its answer is known, even if giving the connection
+                        # back (below, or cancelled by stop's _give_up) fails.
+                        self._committing[task] = outcomes
                 except _Unforeseen as exc:
                     self._committing.pop(task, None)
                     for claim in claims:
                         self.ids.proven_wrong(claim, by_another=exc.by_another)
+                    if self._stopped:
+                        # Rolled back (the write ahead, ended by the stop, did not
+                        # commit, so its ids were not ours), and nothing begins after
+                        # a stop: not made again.
+                        self._refund_rolled_back(submissions, verdicts, prechecked, unchecked)
+                        raise _stopping() from None
                     if self._on_remade is not None:
                         self._on_remade()
                     foresee = False
                     continue
-                except BaseException:
-                    # A COMMIT that went out (given up at a stop, or lost with its
-                    # connection) may have stored the rows: their rates stay spent.
-                    if self._committing.pop(task, _NOT_COMMITTING) is _NOT_COMMITTING:
-                        self._refund_rolled_back(submissions, verdicts, prechecked, unchecked)
-                    for claim in claims:
-                        self.ids.end(claim, committed=False)
-                    raise
+                except BaseException as exc:
+                    done = self._committing.get(task, _NOT_COMMITTING)
+                    if not (isinstance(done, list) and isinstance(exc, Exception)):
+                        # A COMMIT that went out (given up at a stop, or lost with its
+                        # connection) may have stored the rows: their rates stay spent.
+                        if done is _NOT_COMMITTING:
+                            self._refund_rolled_back(submissions, verdicts, prechecked, unchecked)
+                        for claim in claims:
+                            self.ids.end(claim, committed=False)
+                        raise
+                    # Committed; only giving its connection back failed (asyncpg's
+                    # reset raised): the rows are stored, and the answer says so.
+                    log.warning("a write committed, then its connection failed (%s)", exc)
+                    outcomes = done
                 for claim in claims:
                     self.ids.end(claim, committed=True)
                 if late:
-                    self._committing[task] = outcomes
                     await self._mark_seen_late(late)
                 return outcomes
         finally:

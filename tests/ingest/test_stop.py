@@ -14,6 +14,7 @@ advisory lock the test holds: a COMMIT that has reached the database and not end
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -22,11 +23,12 @@ from typing import Any
 import asyncpg
 import pytest
 
+from pulse.db import database
 from pulse.db.errors import DatabaseUnavailable
 from pulse.ingest.model import Accepted, Outcome, Submission
 from pulse.ingest.validation import Reading
 from pulse.ingest.writer import TelemetryWriter, Written
-from tests.support import seam
+from tests.support import provision_device, seam
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 LOCK = 4242
@@ -129,11 +131,14 @@ async def test_a_commit_that_does_not_come_back_within_the_grace_is_answered_503
     with pytest.raises(DatabaseUnavailable, match="not known to be committed"):
         await asyncio.wait_for(write, 10)
     assert 0.25 <= time.monotonic() - started < 5
-    await held_commit.execute("SELECT pg_advisory_unlock($1)", LOCK)
-    # Cancelled while its COMMIT waited in the trigger: rolled back.
+    # Cancelled while its COMMIT waited in the trigger: rolled back once the cancel
+    # reaches the server (asyncpg sends it on a connection of its own, after the
+    # answer: a lock released before then would let the COMMIT through, which is why
+    # the answer is "not known").
     async with asyncio.timeout(10):
         while await pool.fetchval(COMMIT_WAITING) is not None:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
+    await held_commit.execute("SELECT pg_advisory_unlock($1)", LOCK)
     assert await stored(pool) == [0]
 
 
@@ -211,3 +216,118 @@ async def test_a_write_committed_and_still_marking_its_device_at_the_grace_is_an
     assert await asyncio.wait_for(write, 10) == [Accepted(2)]
     await row.rollback()
     assert await stored(pool) == [0, 1]
+
+
+async def test_a_write_spared_at_a_stop_is_not_made_again_after_it(
+    pool: asyncpg.Pool, token: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the review of the stop's grace (HIGH): write B, its reservation and COMMIT
+    sent in one string, waits in PostgreSQL for the tenant's row, held by write A, which
+    reserved apart from its COMMIT. The stop spares B and ends A; A's rollback makes B's
+    foreseen ids wrong, and B began a whole new transaction after the stop, which
+    ``_give_up`` no longer saw. Now B is answered 503 then, unwritten."""
+    token2 = await provision_device(pool, "t1", "dev-2")
+    writer = TelemetryWriter(seam(pool), seen_precision_s=3600)
+    begun_after_stop: list[object] = []
+    begin = writer._db.transaction_ending_itself
+
+    def spy(**options: Any) -> Any:
+        if writer._stopped:
+            begun_after_stop.append(options)
+        return begin(**options)
+
+    monkeypatch.setattr(writer._db, "transaction_ending_itself", spy)
+    assert await writer.write(one(token, 0)) == [Accepted(1)]  # dev-1 ONLINE and fresh
+    holder = await asyncpg.connect(database_url)
+    row = holder.transaction()
+    await row.start()
+    await holder.execute("SELECT 1 FROM devices WHERE device_id = 'dev-2' FOR UPDATE")
+    # A: dev-2 comes online, so it reserves apart from its COMMIT; then waits on its row.
+    a = asyncio.ensure_future(
+        writer.write([Submission("t1", "dev-2", token2, Reading(NOW, {"v": 1}, None))])
+    )
+    await lock_waits(pool, "WITH seen AS%")
+    b = asyncio.ensure_future(writer.write(one(token, 2)))
+    await lock_waits(pool, "SELECT pulse_take_foreseen_ids%")
+    writer.stop(grace_s=30)
+    with pytest.raises(DatabaseUnavailable, match="shutting down"):
+        await asyncio.wait_for(a, 10)
+    with pytest.raises(DatabaseUnavailable, match="shutting down"):
+        await asyncio.wait_for(b, 10)  # not at the grace's end: once A has rolled back
+    await row.rollback()
+    await holder.close()
+    assert begun_after_stop == []
+    assert await stored(pool) == [0]
+
+
+async def lock_waits(pool: asyncpg.Pool, query: str) -> None:
+    """Until a backend whose statement is like ``query`` waits for a lock (10 s at most)."""
+    async with asyncio.timeout(10):
+        while not await pool.fetchval(  # noqa: ASYNC110
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE $1",
+            query,
+        ):
+            await asyncio.sleep(0.005)
+
+
+async def test_a_write_queued_as_the_stop_comes_is_answered_by_it(
+    pool: asyncpg.Pool, token: str
+) -> None:
+    """From the review (MEDIUM): a write queued for its tenants' committer in the same
+    turn of the loop as the stop: the committer, cancelled before its first step, never
+    ran the finally that answers what waits, and the write waited for its wait_s (past
+    the server's timeout: a cut connection)."""
+    writer = TelemetryWriter(seam(pool), wait_s=30)
+    write = asyncio.ensure_future(writer.write(one(token, 1)))
+    await asyncio.sleep(0)  # one step: queued, its committer created, not yet run
+    assert len(writer._committers) == 1
+    writer.stop()
+    with pytest.raises(DatabaseUnavailable, match="shutting down"):
+        await asyncio.wait_for(write, 5)
+    assert await stored(pool) == []
+
+
+async def test_a_committed_write_is_answered_whatever_befalls_its_connection_after(
+    pool: asyncpg.Pool, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the review (LOW): a write was known committed only once its connection was
+    back in the pool; a stop's grace ending meanwhile answered it 503, and a release
+    that failed (asyncpg raises the reset's error) failed the write. Both are answered
+    what they are: committed."""
+    writer = TelemetryWriter(seam(pool), hooks=[no_op])  # COMMIT at the block's end
+    released = asyncio.Event()
+    held_back = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def slow_release(pool: asyncpg.Pool, conn: Any) -> AsyncIterator[Any]:
+        try:
+            yield conn
+        finally:
+            held_back.set()
+
+            async def when_released() -> None:
+                await released.wait()
+                await pool.release(conn)
+
+            # Shielded, as asyncpg's own release is: a cancel leaves it to finish.
+            await asyncio.shield(when_released())
+
+    monkeypatch.setattr(database, "_released", slow_release)
+    write = asyncio.ensure_future(writer.write(one(token, 1)))
+    await asyncio.wait_for(held_back.wait(), 10)
+    writer.stop(grace_s=0.2)
+    assert await asyncio.wait_for(write, 10) == [Accepted(1)]
+    released.set()
+
+    @contextlib.asynccontextmanager
+    async def failing_release(pool: asyncpg.Pool, conn: Any) -> AsyncIterator[Any]:
+        try:
+            yield conn
+        finally:
+            await pool.release(conn)
+            raise asyncpg.InterfaceError("the connection's reset failed")
+
+    monkeypatch.setattr(database, "_released", failing_release)
+    assert await TelemetryWriter(seam(pool), hooks=[no_op]).write(one(token, 2)) == [Accepted(2)]
+    assert await stored(pool) == [1, 2]
