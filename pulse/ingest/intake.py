@@ -17,7 +17,13 @@ from functools import partial
 from pulse.errors import INVALID_DEVICE_TOKEN, INVALID_PAYLOAD
 from pulse.ingest import fast
 from pulse.ingest.model import Rejected, Submission
-from pulse.ingest.validation import InvalidPayload, Reading, decode_json, parse_reading
+from pulse.ingest.validation import (
+    InvalidPayload,
+    Reading,
+    decode_json,
+    is_string,
+    parse_reading,
+)
 from pulse.names import is_valid_name
 
 MAX_BATCH = fast.MAX_BATCH
@@ -149,7 +155,7 @@ def _submission(
         tenant = _name("tenant_id", tenant_id)
         device = _name("device_id", device_id)
         parsed = None if read is None else read()
-        if token is not None and not isinstance(token, str):
+        if token is not None and not is_string(token):
             raise InvalidPayload("provision_token must be a string.")
     except InvalidPayload as exc:
         return Rejected(INVALID_PAYLOAD, exc.detail)
@@ -161,8 +167,8 @@ def _submission(
 def _name(field: str, value: object) -> str:
     if value is None:
         raise InvalidPayload(f"{field} is missing.")
-    if not isinstance(value, str) or not is_valid_name(value):
-        shown = value if isinstance(value, str) and len(value) <= 64 else "..."
+    if not is_string(value) or not is_valid_name(value):
+        shown = value if is_string(value) and len(value) <= 64 else "..."
         raise InvalidPayload(
             f"{field} {shown!r} is invalid; ids are 1 to 64 characters "
             "of letters, digits and _ . : -"

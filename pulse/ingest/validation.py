@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
+import secrets
 from datetime import UTC, datetime, timedelta, timezone
-from typing import NoReturn
+from typing import TypeGuard
 
 import msgspec
 import orjson
@@ -55,88 +55,117 @@ def decode_json(body: bytes) -> object:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        if "infinity" in exc.msg:  # valid JSON, but no double holds it (1e400, 10**400)
-            return _decode_beyond_doubles(body)
-        if not _utf8(body):  # orjson would say "str is not valid UTF-8: surrogates ..."
-            raise InvalidPayload("The payload is not valid UTF-8; send JSON in UTF-8.") from None
-        raise InvalidPayload(f"The body is not valid JSON: {exc}.") from None
-
-
-class _BeyondDouble:
-    """What a number no double holds (1e400, an integer of 400 digits) is decoded as:
-    valid JSON, so only the value is refused (each check takes it for the wrong kind of
-    value, ``_json_kind``), not the whole body. A batch's other messages are judged as
-    usual; it was once the whole batch's 400 (the integrity audit, LOW-1)."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "BEYOND_DOUBLE"
-
-
-_BEYOND_DOUBLE = _BeyondDouble()
-_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-def _decode_beyond_doubles(body: bytes) -> object:
-    """A body orjson refused only for a number no double holds, decoded again by the
-    standard library, each such number as ``_BEYOND_DOUBLE``; everything else as orjson
-    reads it. Only ever after orjson has refused the body: the common path is orjson's.
-
-    The standard library accepts what orjson refuses (NaN and Infinity, lone
-    surrogates in escapes, UTF-16): those stay refused as not JSON, as orjson, which
-    stopped at the first out-of-range number, would have refused them."""
+        if "infinity" not in exc.msg:
+            raise _not_json(body, str(exc)) from None
+    # Valid JSON, perhaps, but a number of it no double holds (1e400, 10**400).
     try:
-        decoded = json.loads(
-            body.decode(),  # UTF-8 only, surrogates refused (json.loads would guess UTF-16)
-            parse_float=_double,
-            parse_int=_integer,
-            parse_constant=_not_json,
-        )
-    except UnicodeDecodeError:
-        raise InvalidPayload("The payload is not valid UTF-8; send JSON in UTF-8.") from None
-    except (ValueError, RecursionError) as exc:
-        raise InvalidPayload(f"The body is not valid JSON: {exc}.") from None
-    if _has_lone_surrogate(decoded):
-        raise InvalidPayload(
-            "The body is not valid JSON: a \\u escape is a lone surrogate (UTF-16 half)."
-        )
-    return decoded
+        return orjson.loads(_beyond_doubles_replaced(body))
+    except orjson.JSONDecodeError as exc:
+        # Without the position: it would be one in the body as rewritten.
+        raise _not_json(body, exc.msg) from None
 
 
-def _double(text: str) -> float | _BeyondDouble:
-    value = float(text)
-    return value if math.isfinite(value) else _BEYOND_DOUBLE
+def _not_json(body: bytes, error: str) -> InvalidPayload:
+    if not _utf8(body):  # orjson would say "str is not valid UTF-8: surrogates ..."
+        return InvalidPayload("The payload is not valid UTF-8; send JSON in UTF-8.")
+    return InvalidPayload(f"The body is not valid JSON: {error}.")
 
 
-def _integer(text: str) -> int | float | _BeyondDouble:
-    # As orjson reads one: an integer when 64 bits hold it (signed or unsigned, at most
-    # 21 characters with the sign), else a double, rounded. Never int() on hundreds of
-    # digits (Python refuses more than 4300, and takes its time below that).
-    if len(text) <= 21 and (value := int(text)) in _JSON_INT:
-        return value
-    return _double(text)
+# What a number no double holds (1e400, an integer of 400 digits) is decoded as: valid
+# JSON, so only the value is refused, not the whole body, and in a batch only its message
+# (it was once the whole batch's 400: the integrity audit, LOW-1). A string, which orjson
+# decodes, that every check takes for what it stands for (``_json_kind``, ``is_string``):
+# a NUL and a secret drawn when the process starts. No device can send it, for it is
+# never shown: no check quotes it, and none reads it as a string (review MEDIUM-3).
+BEYOND_DOUBLE = "\x00" + secrets.token_urlsafe(16)
+_BEYOND_DOUBLE_JSON = orjson.dumps(BEYOND_DOUBLE)  # b'"\\u0000...'
+_BEYOND_DOUBLE_KIND = "a number beyond the range of a double (about 1.8e308 either side of zero)"
+
+# What may be a number beyond a double's range, outside strings: an exponent of 100 or
+# more, or a run of 200 digits (marked by a NUL, ``_digit_runs_marked``); a number with
+# neither is below 1e298. In one pass from the start of the body, everything else is
+# skipped: strings whole, e's of true, false and smaller exponents, and all the rest
+# (digits and all) in runs, so a body of small numbers costs no step per number. Every
+# quantifier is possessive: no backtracking, the pass is linear.
+_MAYBE_BEYOND = re.compile(
+    rb"""
+    (?:
+        [^"eE\x00]++                        # neither a string, nor an e, nor a long run
+      | "(?:[^"\\]++|\\.)*+"?             # a string, escapes and all (unclosed: the rest)
+      | [eE](?!\+?+0*+[1-9][0-9]{2})       # the e of true, false or of 1e99, 1e-400
+    )*+
+    ((?:[eE]\+?+0*+[1-9][0-9]{2}|\x00)[0-9.eE+\x00-]*+)?  # the rest of the number from there
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][+-]?+[0-9]++)?+")
+_NUMBER_CHARS = b"0123456789.eE+-"
+_DIGITS_AS_ZEROS = bytes.maketrans(b"123456789", b"000000000")
+_LONG_RUN = b"0" * 200
+# The numbers of 1e100 or more (or written so) beyond which a body that also holds one
+# no double holds is refused whole, as every such body once was: each costs a step in
+# Python, and a body of 170,000 of them (1 MB of "1e400,") would cost 100 ms.
+MAX_LARGE_NUMBERS = 10_000
 
 
-def _not_json(literal: str) -> NoReturn:
-    raise ValueError(f"{literal} is not a JSON value")
+def _beyond_doubles_replaced(body: bytes) -> bytes:
+    """The body with each number no double holds (outside strings) written as
+    ``BEYOND_DOUBLE``. Only ever after orjson has refused the body for such a number:
+    the common path is orjson's, and what orjson refuses besides (NaN, Infinity, lone
+    surrogates, UTF-16, a leading zero) it still refuses when it decodes this body.
+
+    A number is rewritten when it is a whole JSON number token (the longest run of
+    number characters there, valid as a number) and ``float`` takes it for an infinity,
+    as orjson does (an integer beyond 64 bits orjson reads as a double). Put a string
+    value in place of a valid number token and the body is valid only if it was valid
+    with the number: nothing makes JSON of what was not."""
+    if b"\x00" in body:  # never in JSON, raw; here it marks the long runs of digits
+        raise InvalidPayload("The body is not valid JSON: it holds a NUL byte.")
+    marked = _digit_runs_marked(body)
+    pieces: list[bytes] = []
+    copied = 0  # the body up to here is in pieces
+    verdicts: dict[bytes, bool] = {}
+    for count, match in enumerate(_MAYBE_BEYOND.finditer(marked)):
+        rest, end = match.span(1)
+        if rest < 0:  # the end of the body
+            break
+        if count == MAX_LARGE_NUMBERS:
+            raise InvalidPayload(
+                f"The body holds a number beyond the range of a double (about 1.8e308 "
+                f"either side of zero) and more than {MAX_LARGE_NUMBERS} numbers "
+                "written with an exponent of 100 or more or with 200 digits in a row; "
+                "such a body is refused whole."
+            )
+        skipped = marked[match.start() : rest]
+        start = match.start() + len(skipped.rstrip(_NUMBER_CHARS))
+        token = body[start:end]
+        beyond = verdicts.get(token)
+        if beyond is None:
+            beyond = verdicts[token] = bool(_NUMBER.fullmatch(token) and math.isinf(float(token)))
+        if beyond:
+            pieces += (body[copied:start], _BEYOND_DOUBLE_JSON)
+            copied = end
+    pieces.append(body[copied:])
+    return b"".join(pieces)
 
 
-def _has_lone_surrogate(decoded: object) -> bool:
-    """Whether any string (a key or a value) holds a lone surrogate, which orjson
-    refuses and the standard library decodes (it cannot be encoded back to UTF-8)."""
-    stack = [decoded]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, str):
-            if _LONE_SURROGATE.search(value):
-                return True
-        elif isinstance(value, dict):
-            stack += value
-            stack += value.values()
-        elif isinstance(value, list):
-            stack += value
-    return False
+def _digit_runs_marked(body: bytes) -> bytes:
+    """The body with a NUL for the first digit of every run of 200 digits (and every
+    200th digit after it), in strings or not: what ``_MAYBE_BEYOND`` stops at."""
+    zeros = body.translate(_DIGITS_AS_ZEROS)
+    at = zeros.find(_LONG_RUN)
+    if at < 0:
+        return body
+    marked = bytearray(body)
+    while at >= 0:  # at most one a 200 bytes
+        marked[at] = 0
+        at = zeros.find(_LONG_RUN, at + len(_LONG_RUN))
+    return bytes(marked)
+
+
+def is_string(value: object) -> TypeGuard[str]:
+    """Whether a decoded value is a JSON string of the body, not ``BEYOND_DOUBLE``."""
+    return isinstance(value, str) and value != BEYOND_DOUBLE
 
 
 def _utf8(body: bytes) -> bool:
@@ -168,7 +197,7 @@ def parse_reading(body: object, received_at: datetime) -> Reading:
 
 
 def parse_time(value: object, *, received_at: datetime) -> datetime:
-    if not isinstance(value, str):
+    if not is_string(value):
         raise InvalidPayload(f"ts must be an ISO-8601 string, not {_json_kind(value)}.")
     try:
         # What the fast path (pulse.ingest.fast) reads, read as it reads it: a
@@ -263,7 +292,7 @@ def _json_kind(value: object) -> str:
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, str):
-        return "a string"
+        return "a string" if value != BEYOND_DOUBLE else _BEYOND_DOUBLE_KIND
     if isinstance(value, dict):
         return "an object"
     if isinstance(value, list | tuple):
@@ -276,8 +305,6 @@ def _json_kind(value: object) -> str:
         return "a number" if value.is_integer() else "a number with a fraction"
     if isinstance(value, int):
         return "an integer" if value in _JSON_INT else "an integer beyond 64 bits"
-    if isinstance(value, _BeyondDouble):
-        return "a number beyond the range of a double (about 1.8e308 either side of zero)"
     return type(value).__name__
 
 

@@ -74,3 +74,32 @@ def test_batch_messages_are_judged_one_by_one() -> None:
 def test_batch_envelope(envelope: object) -> None:
     item = intake.batch(orjson.dumps(envelope), NOW)
     assert isinstance(item, Rejected) and item.reason.code == "invalid_payload"
+
+
+@pytest.mark.parametrize(
+    ("field", "detail"),
+    [
+        ("tenant_id", "tenant_id '...' is invalid; ids are 1 to 64 characters"),
+        ("device_id", "device_id '...' is invalid; ids are 1 to 64 characters"),
+        ("provision_token", "provision_token must be a string."),
+        ("ts", "ts must be an ISO-8601 string, not a number beyond the range of a double"),
+        ("seq", "seq must be an integer, not a number beyond the range of a double"),
+    ],
+)
+def test_a_number_beyond_a_double_is_named_in_any_field(field: str, detail: str) -> None:
+    """What stands for such a number (a string, review MEDIUM-3) is read as the number
+    by every check of a message, shown by none: not an id, not a token."""
+    message = {
+        "tenant_id": "t1",
+        "device_id": "d1",
+        "provision_token": "pdt_x",
+        "metrics": {"v": 1},
+    }
+    poisoned = orjson.dumps({**message, field: 0}).replace(
+        b'"' + field.encode() + b'":0', b'"' + field.encode() + b'":1e400'
+    )
+    body = b'{"messages": [' + poisoned + b", " + orjson.dumps(message) + b"]}"
+    items = intake.batch(body, NOW)
+    assert isinstance(items, list) and isinstance(items[1], Submission)
+    assert isinstance(items[0], Rejected) and items[0].reason.code == "invalid_payload"
+    assert items[0].detail.startswith(detail), items[0].detail

@@ -9,10 +9,13 @@ import orjson
 import pytest
 
 from pulse.ingest.validation import (
+    BEYOND_DOUBLE,
+    MAX_LARGE_NUMBERS,
     MAX_METRICS,
     InvalidPayload,
     Reading,
     decode_json,
+    is_string,
     parse_reading,
 )
 from pulse.times import format_time
@@ -209,6 +212,95 @@ def test_a_number_beyond_a_double_is_refused_as_a_value_not_as_the_body() -> Non
     for after in (b"NaN", b"Infinity", b'"\\ud800"', b'{"\\udfff": 1}', b"[" * 5000):
         with pytest.raises(InvalidPayload, match="not valid JSON"):
             decode_json(b"[1e400, " + after + b"]")
+
+
+def test_a_number_beyond_a_double_in_a_string_stays_a_string() -> None:
+    """Such a number is rewritten in the body as it stands before orjson decodes it
+    again (review MEDIUM-3): only numbers, never the text of a string, whatever its
+    escapes (an escaped quote, an escaped backslash before the closing quote)."""
+    decoded = decode_json(
+        b'{"ts": "1e400", "metrics": {"a": 1e400, "b": "1e400", "c": "x\\"1e400", '
+        b'"d": "\\\\", "e": 2e308, "f": "-1' + b"0" * 400 + b'", "1e400": -1e400}}'
+    )
+    assert isinstance(decoded, dict)
+    metrics = decoded["metrics"]
+    assert metrics == {
+        "a": BEYOND_DOUBLE,
+        "b": "1e400",
+        "c": 'x"1e400',
+        "d": "\\",
+        "e": BEYOND_DOUBLE,
+        "f": "-1" + "0" * 400,
+        "1e400": BEYOND_DOUBLE,
+    }
+    for name in ("b", "c", "f"):
+        assert rejected({"metrics": {name: metrics[name]}}).endswith("not a string.")
+    assert "'1e400' is not an ISO-8601 time" in rejected({"ts": decoded["ts"], "metrics": {"a": 1}})
+    assert decode_json(b'["\\\\", 1e400, "\\"", -1e400]') == [
+        "\\",
+        BEYOND_DOUBLE,
+        '"',
+        BEYOND_DOUBLE,
+    ]
+
+
+def test_what_stands_for_a_number_beyond_a_double_cannot_be_sent() -> None:
+    """It is a string (orjson must decode the rewritten body) that ends with a secret
+    drawn when the process starts: what a device sends in its place, even next to a
+    number beyond a double, is judged as what it is."""
+    assert BEYOND_DOUBLE.startswith("\x00") and len(BEYOND_DOUBLE) > 16
+    assert not is_string(BEYOND_DOUBLE) and is_string("") and is_string("\x00")
+    shape = b'"\\u0000' + b"A" * (len(BEYOND_DOUBLE) - 1) + b'"'  # its shape, not its secret
+    for forged in (b'"\\u0000"', b'"\\u0000beyond"', shape):
+        decoded = decode_json(b'{"metrics": {"a": ' + forged + b', "b": 1e400}}')
+        assert isinstance(decoded, dict) and is_string(decoded["metrics"]["a"])
+        assert rejected({"metrics": {"a": decoded["metrics"]["a"]}}).endswith("not a string.")
+    decoded = decode_json(b'{"metrics": {"a": {"\\u0000": 1}, "b": 1e400}}')
+    assert isinstance(decoded, dict)
+    assert rejected({"metrics": decoded["metrics"]}).endswith("not an object.")
+    # Where it is read as anything but a number, it is named, never shown.
+    assert rejected({"ts": BEYOND_DOUBLE, "metrics": {"a": 1}}) == (
+        "ts must be an ISO-8601 string, not a number beyond the range of a double "
+        "(about 1.8e308 either side of zero)."
+    )
+    assert "beyond the range" in rejected(BEYOND_DOUBLE)
+    assert "beyond the range" in rejected({"metrics": BEYOND_DOUBLE})
+
+
+def test_a_number_beyond_a_double_makes_json_of_nothing_that_is_not() -> None:
+    """The rewrite puts a string where a whole, valid number was: whatever else is
+    wrong with the body is still refused by orjson."""
+    for after in (
+        b"01e400",  # a leading zero
+        b"1e400e5",
+        b"--1e400",
+        b"1.e400",
+        b"1e400.5",
+        b'"not closed, 1e400',
+        b'"\\", \\1e400',
+        b"\x00",
+        b"tru1e400",
+    ):
+        with pytest.raises(InvalidPayload, match="not valid JSON"):
+            decode_json(b"[1e400, " + after + b"]")
+    # A double holds these, as orjson reads them (the largest double, rounded down).
+    assert decode_json(
+        b"[1e400, 1e308, 1.7976931348623158e308, 1.797693134862315808e308, 1e-400, "
+        b"0." + b"0" * 400 + b"1e400, 1" + b"0" * 300 + b"e-250]"
+    ) == [BEYOND_DOUBLE, 1e308, 1.7976931348623157e308, BEYOND_DOUBLE, 0.0, 0.1, 1e50]
+
+
+def test_a_body_of_many_numbers_near_a_double_is_refused_whole() -> None:
+    """Each number that may be beyond a double's range costs a step in Python: past
+    MAX_LARGE_NUMBERS of them, a body with one that is is refused whole."""
+    many = b",".join([b"1e300"] * (MAX_LARGE_NUMBERS - 1))
+    assert decode_json(b"[1e400, " + many + b"]") == [BEYOND_DOUBLE] + [1e300] * (
+        MAX_LARGE_NUMBERS - 1
+    )
+    with pytest.raises(InvalidPayload, match="refused whole"):
+        decode_json(b"[1e400, " + many + b", 1e300]")
+    # Without one (the common path, orjson's), there is no such limit.
+    assert decode_json(b"[" + many + b", 1e300, 1e300]") == [1e300] * (MAX_LARGE_NUMBERS + 1)
 
 
 def test_format_time() -> None:
