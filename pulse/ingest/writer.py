@@ -281,13 +281,7 @@ class TelemetryWriter:
         # The writes still queued for a group, answered here: a committer cancelled
         # before its first step never runs the finally that would answer them.
         for queue in self._waiting.values():
-            for queued in queue:
-                if queued.expiry is not None:
-                    queued.expiry.cancel()
-                if queued.checked is not None:
-                    self._refund(queued.submissions)
-                if not queued.future.done():
-                    queued.future.set_exception(_stopping())
+            self._not_written(queue)
             queue.clear()
         if self._committing:
             asyncio.get_running_loop().call_later(grace_s, self._give_up)
@@ -525,13 +519,18 @@ class TelemetryWriter:
                 if task not in self._committing:  # stop lets a commit that went out finish
                     task.cancel()
             # Stopped (the server is stopping): what still waits is not written.
-            for queued in self._waiting.pop(tenants, []):
-                if queued.expiry is not None:
-                    queued.expiry.cancel()
-                if queued.checked is not None:
-                    self._refund(queued.submissions)
-                if not queued.future.done():
-                    queued.future.set_exception(_stopping())
+            self._not_written(self._waiting.pop(tenants, []))
+
+    def _not_written(self, queue: list[_Queued]) -> None:
+        """The server is stopping: the writes of ``queue`` are answered 503, unwritten,
+        and what their checks admitted is given back."""
+        for queued in queue:
+            if queued.expiry is not None:
+                queued.expiry.cancel()
+            if queued.checked is not None:
+                self._refund(queued.submissions)
+            if not queued.future.done():
+                queued.future.set_exception(_stopping())
 
     async def _next_write_or_end(
         self, tenants: frozenset[str], commit: asyncio.Future[Any]
