@@ -43,6 +43,7 @@ from pulse.db.errors import DatabaseUnavailable, refusal
 from pulse.db.migrate import MigrationError, pending, unknown, warn_unknown
 from pulse.db.pool import describe
 from pulse.db.retention import ensure_partitions, run_retention
+from pulse.db.vacuum import left_unvacuumed, warn_unvacuumed
 from pulse.fleet.devices import NO_CREDENTIALS, Credentials
 from pulse.fleet.rules import evaluate_alerts
 from pulse.fleet.sweeper import StatusSweeper
@@ -477,6 +478,7 @@ async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -
         async with db.connection() as conn:
             missing = await pending(conn)
             newer = await unknown(conn)
+            unvacuumed = await left_unvacuumed(conn)
     except DatabaseUnavailable as exc:
         raise StartupError(f"cannot use the database {db.describe()}: {exc}") from exc
     except asyncpg.PostgresError as exc:  # no SELECT on pulse_migrations, say
@@ -490,4 +492,5 @@ async def _open_database(stack: contextlib.AsyncExitStack, settings: Settings) -
         )
     if settings.database_url:  # (the embedded one's migration said it)
         warn_unknown(newer, db.describe())  # a rollback, or an old process restarted mid-deploy
+    warn_unvacuumed(*unvacuumed, db.describe())
     return db

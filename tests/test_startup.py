@@ -391,6 +391,14 @@ async def test_a_database_migrated_by_a_newer_release_is_said_once_and_served(
     assert f"the database {where} " in warned[0] and " WARNING " in warned[0]
     assert "9998_from_a_newer_release.sql, 9999_and_another.sql" in warned[0]
 
+    said = await said_serving(env)
+    warned = [line for line in said if "migrated by a newer release" in line]
+    assert len(warned) == 1, said
+    assert f"the database {where} " in warned[0] and "9998_from_a_newer_release.sql" in warned[0]
+
+
+async def said_serving(env: dict[str, str]) -> list[str]:
+    """What `pulse serve` logs up to serving (then it is stopped)."""
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "DATABASE"))}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -414,6 +422,37 @@ async def test_a_database_migrated_by_a_newer_release_is_said_once_and_served(
     finally:
         proc.terminate()
         await proc.wait()
-    warned = [line for line in said if "migrated by a newer release" in line]
-    assert len(warned) == 1, said
-    assert f"the database {where} " in warned[0] and "9998_from_a_newer_release.sql" in warned[0]
+    return said
+
+
+async def test_a_database_that_autovacuum_does_not_clean_is_said_at_startup(
+    database_url: str, pg_admin_dsn: str
+) -> None:
+    """From the soak audit: the machine's PostgreSQL had autovacuum off, and in 32
+    minutes 5 tenant rows had 842 dead versions, the rollups 144,000, and nothing said
+    so. Pulse's writes update rows in place and need autovacuum: `pulse serve` now says,
+    in one warning, what keeps it from Pulse's tables (a table's autovacuum_enabled off,
+    or track_counts off, without which autovacuum has nothing to go by), and serves."""
+    env = {"DATABASE_URL": database_url, "PULSE_JWT_SECRET": TEST_SECRET}
+    assert not [line for line in await said_serving(env) if "not vacuumed" in line]
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("ALTER TABLE tenants SET (autovacuum_enabled = off)")
+        await conn.execute("ALTER TABLE devices SET (autovacuum_enabled = false)")
+    finally:
+        await conn.close()
+    warned = [line for line in await said_serving(env) if "not vacuumed" in line]
+    assert len(warned) == 1, warned
+    assert f"the database {describe(database_url)} " in warned[0] and " WARNING " in warned[0]
+    assert "autovacuum_enabled is off for devices, tenants" in warned[0]
+
+    name = urlsplit(database_url).path.lstrip("/")
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:  # a setting of the server's, made here for this database's sessions only
+        await admin.execute(f'ALTER DATABASE "{name}" SET track_counts = off')
+    finally:
+        await admin.close()
+    warned = [line for line in await said_serving(env) if "not vacuumed" in line]
+    assert len(warned) == 1, warned
+    assert "the server has track_counts = off" in warned[0]
