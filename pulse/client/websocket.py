@@ -120,6 +120,9 @@ class _WebSocketStream(ReconnectingStream[E]):
     async def _on_open(self, ws: ClientConnection) -> None:
         """Right after the handshake: re-send what this stream had asked for."""
 
+    def _received(self) -> None:
+        """The server sent a message (any kind) on this connection."""
+
     def _read(self, message: dict[str, Any]) -> E | None:
         raise NotImplementedError
 
@@ -168,6 +171,7 @@ class _WebSocketStream(ReconnectingStream[E]):
                         message = orjson.loads(raw)
                         if not isinstance(message, dict):
                             continue
+                        self._received()
                         kind = message.get("type")
                         if kind == "auth_ok":
                             expires = message.get("expires_at")
@@ -380,7 +384,8 @@ class V2Stream(_WebSocketStream[V2Event]):
         super().__init__(base_url, credentials, backoff, tenant_id=tenant_id, on_notice=on_notice)
         self.channels = {name for name, on in (("fleet", fleet), ("alerts", alerts)) if on}
         self.device_ids: set[str] = set(device_ids)
-        # Whether the server has answered a subscription on this connection.
+        # Whether the server has sent a message on this connection (its refusals are
+        # closes, never messages).
         self._answered = False
 
     def _url(self) -> str:
@@ -390,18 +395,21 @@ class V2Stream(_WebSocketStream[V2Event]):
         # Not connected yet: the server accepts every v2 handshake and only then refuses
         # (1011 database_unavailable, 4029 at the tenant's limit). Counting the handshake
         # as a connection reset the backoff before each refusal: 80 reconnects in a 30 s
-        # outage. The first answer to a subscription is the server's acceptance.
+        # outage. The server's first message, the answer to a subscription (``error``
+        # too: a device of another tenant), is its acceptance.
         self._answered = False
         for channel in sorted(self.channels):
             await self.send({"action": "subscribe", "type": channel})
         for device_id in sorted(self.device_ids):
             await self.send({"action": "subscribe", "type": "device", "device_id": device_id})
 
-    def _read(self, message: dict[str, Any]) -> V2Event | None:
-        kind = message.get("type")
-        if not self._answered and kind in ("subscribed", "fleet_summary"):
+    def _received(self) -> None:
+        if not self._answered:
             self._answered = True
             self._connected("v2")
+
+    def _read(self, message: dict[str, Any]) -> V2Event | None:
+        kind = message.get("type")
         if kind == "telemetry":
             return Telemetry.from_wire(message)
         if kind == "alerts":

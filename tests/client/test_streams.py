@@ -413,3 +413,23 @@ async def test_a_v2_stream_refused_after_its_handshake_backs_off(
         [summary] = await reader
         assert isinstance(summary, FleetSummary)
         assert stream.connections == 1 and stream.backoff.attempt == 0
+
+
+async def test_a_v2_stream_whose_only_subscription_is_refused_is_connected(
+    url: str, make_token: Callable[..., str]
+) -> None:
+    """From the review of the fix above: a v2 stream counted as connected only at a
+    `subscribed` or `fleet_summary`, so one whose subscriptions were all answered with
+    `error` (a device id not valid here) never said `connected` and never reset its
+    backoff. Any message is the server's acceptance: its refusals are closes."""
+    notices: list[Notice] = []
+    async with PulseClient(url, make_token(), on_notice=notices.append) as client:
+        stream = client.v2(device_ids=["not a valid id!"])
+        reader = asyncio.create_task(take(stream, 1, timeout=30))
+        try:
+            await until(lambda: any(n.kind == "connected" for n in notices))
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+    assert stream.connections == 1
