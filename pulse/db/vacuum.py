@@ -45,11 +45,11 @@ def warn_unvacuumed(settings: list[str], tables: list[str], where: str | None) -
     """One warning naming what keeps autovacuum from Pulse's tables, if anything does."""
     if not settings and not tables:
         return
-    if settings:
-        what = f"the server has {' and '.join(settings)}"
-    else:
+    said = [f"the server has {' and '.join(settings)}"] if settings else []
+    if tables:
         shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
-        what = f"autovacuum_enabled is off for {shown}"
+        said.append(f"autovacuum_enabled is off for {shown}")
+    what = "; ".join(said)
     log.warning(
         "the database%s is not vacuumed automatically (%s): every write leaves dead rows "
         "(its tenant's, its devices', the rollups'), which only autovacuum reclaims; "
