@@ -209,6 +209,24 @@ async def test_ctrl_c_stops_the_demo_and_its_broker_without_a_warning(
             await demo.wait()
     assert demo.returncode == 0, err.decode()
     assert b"Pulse demo stopped." in out
-    assert b"WARNING" not in err and b"Traceback" not in err, err.decode()
+    warnings = [line for line in err.splitlines() if b"WARNING" in line]
+    if not await autovacuumed(database_url):  # said, rightly (tests/test_startup.py)
+        warnings = [line for line in warnings if b"pulse.db.vacuum" not in line]
+    assert not warnings and b"Traceback" not in err, err.decode()
     with pytest.raises(ProcessLookupError):  # stopped and reaped by the demo
         os.kill(broker, 0)
+
+
+async def autovacuumed(database_url: str) -> bool:
+    """Whether the test's PostgreSQL runs autovacuum (this machine's does not: CI's second
+    pass runs the database tests against it)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT current_setting('autovacuum')::bool "
+                "AND current_setting('track_counts')::bool"
+            )
+        )
+    finally:
+        await conn.close()
