@@ -6,6 +6,8 @@ import hashlib
 import hmac
 import json
 import logging
+import ssl
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -412,6 +414,42 @@ async def test_refetch_is_allowed_again_after_the_interval(jwks: JwksServer) -> 
     now[0] += 6
     assert (await verifier.verify(token)).tenant_id == "t1"
     assert jwks.hits == 3
+
+
+async def test_the_fetches_share_one_tls_context_built_off_the_event_loop(
+    jwks: JwksServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    built: list[bool] = []
+    build = httpx.create_ssl_context
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built.append(threading.current_thread() is threading.main_thread())
+        return build(*args, **kwargs)
+
+    # httpx's clients build their own unless given one; the suite's conftest shares
+    # httpx's default one, so count what the clients are given instead.
+    given: list[object] = []
+    init = httpx.AsyncClient.__init__
+
+    def client(self: httpx.AsyncClient, *args: Any, **kwargs: Any) -> None:
+        given.append(kwargs.get("verify", True))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpx, "create_ssl_context", counted)
+    monkeypatch.setattr(httpx.AsyncClient, "__init__", client)
+    now = [1000.0]
+    cache = JwksCache(jwks.url, refetch_interval_s=10, clock=lambda: now[0])
+    verifier = TokenVerifier(jwks=cache)
+    token = sign(RSA_NEXT, "RS256", claims())
+    for _ in range(3):
+        await rejected(verifier, token)  # the first fetch, then unknown kids' refetches
+        now[0] += 11
+    assert jwks.hits == 3
+    assert built == [False]  # once, in a thread
+    assert len(given) == 3 and all(isinstance(v, ssl.SSLContext) for v in given)
+    assert given[0] is given[1] is given[2]
 
 
 async def test_keys_are_refreshed_when_old(jwks: JwksServer) -> None:
