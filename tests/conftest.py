@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import queue
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,6 +36,27 @@ from tests.support import (
     nats_server_binary,
     running_server,
 )
+
+
+def _share_the_default_ssl_context() -> None:
+    """httpx builds a new SSL context for every client (certifi's CA bundle loaded again:
+    about 50 ms of CPU), even for one that only ever speaks http:// on loopback; the
+    suite makes one per server it starts and one or more per test. The default one is
+    built once here and shared; a client asking for anything else gets its own."""
+    from httpx._transports import default
+
+    build = default.create_ssl_context
+    shared = build()
+
+    def create_ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+        if verify is True and cert is None and trust_env:
+            return shared
+        return build(verify=verify, cert=cert, trust_env=trust_env)
+
+    default.create_ssl_context = create_ssl_context  # type: ignore[assignment]
+
+
+_share_the_default_ssl_context()
 
 
 @pytest.fixture(scope="session")
@@ -89,20 +112,45 @@ async def _drop_database(admin_dsn: str, name: str) -> None:
         await admin.close()
 
 
+@pytest.fixture(scope="session")
+def dropped(pg_admin_dsn: str) -> Iterator[Callable[[str], None]]:
+    """Drops the databases it is given, one after another in a thread of its own, while
+    the next tests run (a DROP DATABASE waits 0.1-0.3 s for the disk); all of them
+    before the session's PostgreSQL goes."""
+    names: queue.Queue[str | None] = queue.Queue()
+    failed: list[str] = []
+
+    def drop_them() -> None:
+        while (name := names.get()) is not None:
+            try:
+                asyncio.run(_drop_database(pg_admin_dsn, name))
+            except Exception as exc:  # said at the session's end
+                failed.append(f"{name}: {exc!r}")
+
+    thread = threading.Thread(target=drop_them, name="drop-databases", daemon=True)
+    thread.start()
+    yield names.put
+    names.put(None)
+    thread.join()
+    assert not failed, failed
+
+
 @pytest.fixture
-async def database_url(pg_admin_dsn: str, template_db: str) -> AsyncIterator[str]:
+async def database_url(
+    pg_admin_dsn: str, template_db: str, dropped: Callable[[str], None]
+) -> AsyncIterator[str]:
     """A fresh database for this test, copied from the migrated template."""
     name = await _create_database(pg_admin_dsn, "pulse_test", f'TEMPLATE "{template_db}"')
     yield dsn_for(pg_admin_dsn, name)
-    await _drop_database(pg_admin_dsn, name)
+    dropped(name)
 
 
 @pytest.fixture
-async def empty_database(pg_admin_dsn: str) -> AsyncIterator[str]:
+async def empty_database(pg_admin_dsn: str, dropped: Callable[[str], None]) -> AsyncIterator[str]:
     """A fresh database with nothing in it, not migrated."""
     name = await _create_database(pg_admin_dsn, "pulse_empty")
     yield dsn_for(pg_admin_dsn, name)
-    await _drop_database(pg_admin_dsn, name)
+    dropped(name)
 
 
 @pytest.fixture

@@ -99,16 +99,17 @@ async def running_server(
     task = asyncio.create_task(serve(app, config, stop))
     url = f"http://127.0.0.1:{port}"
     try:
+        deadline = time.monotonic() + 30
         async with httpx.AsyncClient(base_url=url) as client:
-            for _ in range(200):
+            while True:
                 if task.done():
                     task.result()
                 with contextlib.suppress(httpx.TransportError):
                     if (await client.get("/healthz")).status_code == 200:
                         break
-                await asyncio.sleep(0.05)
-            else:
-                raise RuntimeError("server did not start")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not start")
+                await asyncio.sleep(0.01)
         yield url
     finally:
         stop.set()
