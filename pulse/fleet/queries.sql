@@ -165,19 +165,24 @@ SELECT (SELECT count(*) FROM moved WHERE status = 'STALE') AS stale,
 -- Alert rules at ingest (pulse.fleet.rules) ----------------------------------
 
 -- name: evaluate_rules
--- Every reading a write committed, against every rule of its tenant, in one
--- read-only statement. Only the (rule, device) pairs with something to do come
--- back: those with readings that broke the rule (how many, the first and the
--- last), and those with an active alert; each with the newest reading that
--- carries the metric, which decides (broken: the alert is raised; within
--- bounds: it closes). The common write -- nothing broken, nothing open -- ends
--- here, having written nothing and fired no trigger. $1 gives each tenant's
--- id range in the write (one tenant's ids in one write are consecutive), so
--- the readings are read back by primary key, not sent again. It is JSON rather
--- than arrays so that every plan of the statement looks alike to PostgreSQL,
--- which then plans it once per connection instead of once per write (planning
--- it costs several times what running it does).
+-- Every reading a write committed, against every rule of its tenant on a metric
+-- the reading carries, in one read-only statement. Only the (rule, device) pairs
+-- with something to do come back: those with readings that broke the rule (how
+-- many, the first and the last), and those with an active alert; each with the
+-- newest reading that carries the metric, which decides (broken: the alert is
+-- raised; within bounds: it closes). The common write -- nothing broken, nothing
+-- open -- ends here, having written nothing and fired no trigger. $1 gives each
+-- tenant's id range in the write (one tenant's ids in one write are
+-- consecutive), so the readings are read back by primary key, not sent again. It
+-- is JSON rather than arrays so that every plan of the statement looks alike to
+-- PostgreSQL, which then plans it once per connection instead of once per write
+-- (planning it costs several times what running it does).
 -- A reading without the metric does not count; booleans count as 1 and 0.
+-- The cost is the rules that can match (a reading's metrics looked up in
+-- alert_rules_tenant_metric), not the tenant's every rule for every reading: the
+-- security audit's 100 readings against 1000 rules took 24 s when each reading
+-- met each rule and each pair looked through the whole write for its newest
+-- reading (docs/performance.md, "Alert rules per reading").
 WITH batch AS MATERIALIZED (
     -- Each tenant's range read through the primary key, whatever the plan: the
     -- planner cannot know how few rows $1 names, and must never scan a
@@ -192,29 +197,47 @@ WITH batch AS MATERIALIZED (
           FROM telemetry t
          WHERE t.tenant_id = w.tenant_id AND t.id BETWEEN w.first_id AND w.last_id
         OFFSET 0) t
-     WHERE EXISTS (SELECT 1 FROM alert_rules r WHERE r.tenant_id = w.tenant_id)
-), broken AS MATERIALIZED (
-    -- The one pass over every (reading, rule) pair: a filter, nothing kept
-    -- but the few pairs that break their rule.
-    SELECT r.rule_id, b.tenant_id, b.device_id, b.id
+     -- OFFSET 0: a probe of the tenant's first rule, not a join with every rule.
+     WHERE EXISTS (SELECT 1 FROM alert_rules r WHERE r.tenant_id = w.tenant_id OFFSET 0)
+), carried AS MATERIALIZED (
+    -- Each reading's metrics, one row per name: what the rules are looked up by.
+    SELECT b.tenant_id, b.device_id, b.id, k.metric, b.metrics ->> k.metric AS raw
       FROM batch b
-      JOIN alert_rules r
-        ON r.tenant_id = b.tenant_id AND (r.device_id IS NULL OR r.device_id = b.device_id)
-     WHERE CASE r.operator
-               WHEN '>' THEN pulse_metric_value(b.metrics ->> r.metric) > r.threshold
-               WHEN '>=' THEN pulse_metric_value(b.metrics ->> r.metric) >= r.threshold
-               WHEN '<' THEN pulse_metric_value(b.metrics ->> r.metric) < r.threshold
-               WHEN '<=' THEN pulse_metric_value(b.metrics ->> r.metric) <= r.threshold
-               WHEN '==' THEN pulse_metric_value(b.metrics ->> r.metric) = r.threshold
-               ELSE pulse_metric_value(b.metrics ->> r.metric) <> r.threshold
+     CROSS JOIN LATERAL jsonb_object_keys(b.metrics) AS k(metric)
+), broken AS MATERIALIZED (
+    -- The one pass over the (reading, rule) pairs that can match: a filter,
+    -- nothing kept but the few pairs that break their rule. OFFSET 0: one probe
+    -- of (tenant_id, metric) per metric of a reading, whatever the planner
+    -- guesses of the table (no scan of every rule of every tenant).
+    SELECT r.rule_id, r.metric, c.tenant_id, c.device_id, c.id
+      FROM carried c
+     CROSS JOIN LATERAL (
+        SELECT r.rule_id, r.metric, r.operator, r.threshold, r.device_id
+          FROM alert_rules r
+         WHERE r.tenant_id = c.tenant_id AND r.metric = c.metric
+        OFFSET 0) r
+     WHERE (r.device_id IS NULL OR r.device_id = c.device_id)
+       AND CASE r.operator
+               WHEN '>' THEN pulse_metric_value(c.raw) > r.threshold
+               WHEN '>=' THEN pulse_metric_value(c.raw) >= r.threshold
+               WHEN '<' THEN pulse_metric_value(c.raw) < r.threshold
+               WHEN '<=' THEN pulse_metric_value(c.raw) <= r.threshold
+               WHEN '==' THEN pulse_metric_value(c.raw) = r.threshold
+               ELSE pulse_metric_value(c.raw) <> r.threshold
            END
+), newest AS MATERIALIZED (
+    -- Each device's newest reading carrying each metric, once: not a look through
+    -- the whole write for every pair.
+    SELECT tenant_id, device_id, metric, max(id) AS id
+      FROM carried
+     GROUP BY tenant_id, device_id, metric
 ), candidates AS (
-    SELECT rule_id, tenant_id, device_id, count(*) AS triggers,
+    SELECT rule_id, metric, tenant_id, device_id, count(*) AS triggers,
            min(id) AS first_event_id, max(id) AS last_event_id
       FROM broken
-     GROUP BY rule_id, tenant_id, device_id
+     GROUP BY rule_id, metric, tenant_id, device_id
     UNION ALL
-    SELECT a.rule_id, a.tenant_id, a.device_id, 0, NULL, NULL
+    SELECT a.rule_id, r.metric, a.tenant_id, a.device_id, 0, NULL, NULL
       FROM (SELECT DISTINCT tenant_id, device_id FROM batch) d
      CROSS JOIN LATERAL (
         -- OFFSET 0: one index probe per device written to, never a scan of
@@ -224,18 +247,17 @@ WITH batch AS MATERIALIZED (
          WHERE a.tenant_id = d.tenant_id AND a.alert_type = 'THRESHOLD'
            AND a.device_id = d.device_id AND a.status IN ('OPEN', 'ACKNOWLEDGED')
         OFFSET 0) a
+     CROSS JOIN LATERAL (
+        -- The alert's rule, by its primary key.
+        SELECT r.metric FROM alert_rules r WHERE r.rule_id = a.rule_id OFFSET 0) r
      WHERE NOT EXISTS (SELECT 1 FROM broken k
                         WHERE k.rule_id = a.rule_id AND k.device_id = a.device_id)
 )
-SELECT c.*, r.metric, newest.id AS newest_event_id
+SELECT c.rule_id, c.tenant_id, c.device_id, c.triggers, c.first_event_id, c.last_event_id,
+       c.metric, n.id AS newest_event_id
   FROM candidates c
-  JOIN alert_rules r ON r.rule_id = c.rule_id
- CROSS JOIN LATERAL (
-    SELECT max(b.id) AS id
-      FROM batch b
-     WHERE b.tenant_id = c.tenant_id AND b.device_id = c.device_id AND b.metrics ? r.metric
-    ) newest
- WHERE newest.id IS NOT NULL
+  JOIN newest n
+    ON n.tenant_id = c.tenant_id AND n.device_id = c.device_id AND n.metric = c.metric
 
 -- name: apply_verdicts
 -- What evaluate_rules found, in one statement: a pair whose newest reading
@@ -252,7 +274,14 @@ WITH verdict AS (
                triggers integer, first_value jsonb, first_event_id bigint,
                last_value jsonb, last_event_id bigint, newest_value jsonb,
                newest_event_id bigint)
-      JOIN alert_rules r ON r.rule_id = v.rule_id AND r.tenant_id = v.tenant_id
+     CROSS JOIN LATERAL (
+        -- Each verdict's rule by its primary key, whatever the planner guesses
+        -- (OFFSET 0): joined by tenant, a plan read the tenant's every rule for
+        -- each verdict, 499,500 rows for one reading against 1000 rules.
+        SELECT r.name, r.metric, r.operator, r.threshold, r.severity
+          FROM alert_rules r
+         WHERE r.rule_id = v.rule_id AND r.tenant_id = v.tenant_id
+        OFFSET 0) r
       -- A device deleted since the write authenticated it (the deletion committed
       -- before this statement began) gets no alert: nothing would close it.
       JOIN devices d ON d.tenant_id = v.tenant_id AND d.device_id = v.device_id
