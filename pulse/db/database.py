@@ -20,7 +20,13 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from pulse.db.errors import CONNECTION_ERRORS, TRANSIENT_ERRORS, DatabaseUnavailable
+from pulse.db.errors import (
+    CONNECTION_ERRORS,
+    TRANSIENT_ERRORS,
+    DatabaseTimeout,
+    DatabaseUnavailable,
+    statement_timed_out,
+)
 from pulse.db.pool import (
     CONNECT_TIMEOUT_S,
     KEEPALIVES,
@@ -67,6 +73,9 @@ def partition_missing() -> bool:
 def translated() -> Iterator[None]:
     """Driver errors that mean "unreachable" raised as DatabaseUnavailable: the one translation.
 
+    A statement's timeout is raised as DatabaseTimeout (a DatabaseUnavailable), so that
+    it is said as a timeout of a database that answers, not as an outage.
+
     Database's methods apply it; code holding a dedicated connection applies it
     to calls made outside the ``dedicated`` block's own task.
     """
@@ -75,7 +84,9 @@ def translated() -> Iterator[None]:
     except asyncpg.LockNotAvailableError:
         raise  # a lock_timeout the caller set: the caller handles it (retention, partitions)
     except _UNAVAILABLE as exc:
-        raise DatabaseUnavailable(str(exc) or _reason(exc)) from exc
+        if statement_timed_out(exc):
+            raise DatabaseTimeout(str(exc) or "no answer within the statement's timeout") from exc
+        raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
     except asyncpg.CheckViolationError as exc:
         if not str(exc).startswith("no partition of relation"):
             raise
@@ -85,14 +96,6 @@ def translated() -> Iterator[None]:
         global _partition_missing
         _partition_missing = True
         raise DatabaseUnavailable(f"{exc}; it is being made again") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    """What an exception without words means: a TimeoutError (a statement's timeout)
-    said nothing at all. (A connection's, ConnectTimeout, has its own words.)"""
-    if isinstance(exc, TimeoutError):
-        return "no answer within the statement's timeout"
-    return type(exc).__name__
 
 
 @contextlib.asynccontextmanager

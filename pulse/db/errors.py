@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import asyncpg
 
+from pulse.db.pool import ConnectTimeout
+
 
 class DatabaseUnavailable(Exception):
     """The database cannot serve the statement right now (it cannot be reached, or it
     cancelled or aborted the statement for a reason that passes); the caller may retry."""
+
+
+class DatabaseTimeout(DatabaseUnavailable):
+    """A statement ran past its timeout (asyncpg's command_timeout, or the server's
+    statement_timeout): the database answered, and is up, but this statement asked more
+    of it than the time allows. Said as such, not as "unreachable": the security audit's
+    batch against 1000 rules timed out and was logged as an outage, sending an operator
+    to a healthy PostgreSQL. A DatabaseUnavailable still (the statement may go through
+    when retried, and nothing of a write refused with it was stored)."""
 
 
 # Errors that mean "the connection or the server is gone", not "your query is wrong".
@@ -70,3 +81,13 @@ def refusal(exc: asyncpg.PostgresError, *, migrating: bool) -> str:
             "TO the role), or serve as the role that ran `pulse migrate`"
         )
     return f"{said}, SQLSTATE {exc.sqlstate}"
+
+
+def statement_timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is a statement's timeout: asyncpg's own (a TimeoutError without
+    words; a connection's, ConnectTimeout, has its own) or the server's statement_timeout
+    (57014, "canceling statement due to statement timeout"; the other 57014s, an
+    operator's pg_cancel_backend, are not)."""
+    if isinstance(exc, TimeoutError):
+        return not isinstance(exc, ConnectTimeout)
+    return isinstance(exc, asyncpg.QueryCanceledError) and "statement timeout" in str(exc)

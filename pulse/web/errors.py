@@ -15,7 +15,7 @@ from quart import Quart, Request, Response, request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from pulse.db.errors import DatabaseUnavailable
+from pulse.db.errors import DatabaseTimeout, DatabaseUnavailable
 from pulse.errors import (
     BAD_REQUEST,
     DATABASE_UNAVAILABLE,
@@ -40,6 +40,7 @@ from pulse.names import unknown_parameter
 log = logging.getLogger(__name__)
 # One line per ten seconds of an outage, not one per request refused.
 _UNAVAILABLE = Throttled(log)
+_TIMED_OUT = Throttled(log)
 _UNHANDLED = Throttled(log)
 
 # What an error raised by the HTTP layer itself (werkzeug) is called, by status.
@@ -65,6 +66,22 @@ def error_for(exc: Exception) -> ApiError:
         case UnicodeDecodeError():
             # Quart decodes a JSON body before parsing it, and lets this escape.
             return ApiError(INVALID_PAYLOAD, "The body is not UTF-8 text.")
+        case DatabaseTimeout():
+            # The same code and status as an outage (the catalogue's; a client retries
+            # both alike), but said as what it is: the database answers, and this
+            # request's statement ran past its timeout.
+            _TIMED_OUT.warning(
+                "database statement timed out (the database is up but did not finish "
+                "it in time): %s; answering 503",
+                exc,
+            )
+            return ApiError(
+                DATABASE_UNAVAILABLE,
+                "The database took too long to answer: a statement of this request ran "
+                "past its timeout (the database is up). Retry shortly; a large batch may "
+                "go through in smaller ones.",
+                {"Retry-After": "2"},
+            )
         case DatabaseUnavailable():
             _UNAVAILABLE.warning("database unavailable: %s; answering 503", exc)
             return ApiError(

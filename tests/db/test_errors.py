@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import asyncpg
 import pytest
 
 from pulse.db.errors import DatabaseUnavailable
+from pulse.logs import Throttled
+from pulse.web import errors as web_errors
 from tests.support import seam
 
 
@@ -23,3 +28,73 @@ async def test_a_statement_cancelled_or_aborted_for_a_reason_that_passes_is_unav
 async def test_a_wrong_statement_passes_through(pool: asyncpg.Pool) -> None:
     with pytest.raises(asyncpg.UndefinedTableError):
         await seam(pool).execute("SELECT * FROM no_such_table")
+
+
+async def test_a_statement_past_the_servers_statement_timeout_is_said_as_a_timeout(
+    pool: asyncpg.Pool, said: Said
+) -> None:
+    """Security audit L2: a statement that timed out was answered and logged as "the
+    database is unreachable", sending an operator to a healthy PostgreSQL. It waits here
+    for a lock the test holds, until its statement_timeout cancels it (57014)."""
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute("LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(DatabaseUnavailable) as raised:
+            async with seam(pool).transaction() as conn:
+                await conn.execute("SET LOCAL statement_timeout = '100ms'")
+                await conn.execute("SELECT count(*) FROM tenants")
+    assert isinstance(raised.value.__cause__, asyncpg.QueryCanceledError)
+    detail, line = said(raised.value)
+    assert detail.startswith("The database took too long to answer"), detail
+    assert line.startswith("database statement timed out"), line
+
+
+async def test_a_statement_past_the_drivers_timeout_is_said_as_a_timeout(
+    pool: asyncpg.Pool, said: Said
+) -> None:
+    """asyncpg's own timeout (command_timeout, 60 s for the pool: the audit's 340-reading
+    batch): it cancels the statement and raises a TimeoutError without words."""
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute("LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(DatabaseUnavailable) as raised:
+            await seam(pool).fetch("SELECT count(*) FROM tenants", timeout=0.1)
+    assert isinstance(raised.value.__cause__, TimeoutError)
+    detail, line = said(raised.value)
+    assert detail.startswith("The database took too long to answer"), detail
+    assert line.startswith("database statement timed out"), line
+
+
+async def test_a_statement_an_operator_cancelled_is_not_said_as_a_timeout(
+    pool: asyncpg.Pool, said: Said
+) -> None:
+    cancelled = (
+        "DO $$ BEGIN RAISE EXCEPTION 'canceling statement due to user request' "
+        "USING ERRCODE = '57014'; END $$"
+    )
+    with pytest.raises(DatabaseUnavailable) as raised:
+        await seam(pool).execute(cancelled)
+    detail, line = said(raised.value)
+    assert detail.startswith("The database is unreachable"), detail
+    assert line.startswith("database unavailable"), line
+
+
+Said = Callable[[DatabaseUnavailable], tuple[str, str]]
+
+
+@pytest.fixture
+def said(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Said:
+    """How the web layer answers an error and logs it: the client's detail and the log
+    line. Always the catalogue's 503 database_unavailable with
+    Retry-After (a client retries a timeout as any 503); the words say which it was."""
+    for throttle in ("_UNAVAILABLE", "_TIMED_OUT"):  # said once per 10 s: said here
+        monkeypatch.setattr(web_errors, throttle, Throttled(web_errors.log), raising=False)
+
+    def said(exc: DatabaseUnavailable) -> tuple[str, str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=web_errors.log.name):
+            error = web_errors.error_for(exc)
+        assert (error.status, error.error.code) == (503, "database_unavailable")
+        assert error.headers == {"Retry-After": "2"}
+        [line] = [r.getMessage() for r in caplog.records if r.name == web_errors.log.name]
+        return error.detail or "", line
+
+    return said

@@ -20,9 +20,11 @@ import pytest
 
 from pulse.db.errors import DatabaseUnavailable
 from pulse.errors import RATE_LIMITED
+from pulse.fleet.rules import evaluate_alerts
 from pulse.ingest.model import Accepted, Device, Rejected, Submission
 from pulse.ingest.ratelimit import Admission, RateLimiter
 from pulse.ingest.writer import CHECK_AHEAD_FROM, TelemetryWriter, Written
+from pulse.web.errors import error_for
 from tests.ingest.test_foresight import one_waits_after_its_insert
 from tests.ingest.test_stop import LOCK, commit_waits, held, no_op, stored
 from tests.ingest.test_stop import held_commit as held_commit  # a fixture
@@ -223,3 +225,34 @@ async def test_a_large_write_whose_checks_come_back_as_the_server_stops_is_not_w
     assert await stored(pool) == []
     assert budget.admitted == {DEVICE: CHECK_AHEAD_FROM}
     assert budget.refunded == budget.admitted
+
+
+async def test_a_write_whose_rules_run_past_the_statement_timeout_is_given_back_and_said_so(
+    pool: asyncpg.Pool, token: str
+) -> None:
+    """Security audit M1/L2: a batch whose rule evaluation ran past the statement's
+    timeout was answered "The database is unreachable". Its transaction never reached
+    COMMIT, so nothing was stored, and what it was charged is given back (that stays).
+    The evaluation waits here for a lock the test holds on ``alerts``, until the
+    statement_timeout cancels it."""
+    await pool.execute(
+        """INSERT INTO alert_rules (tenant_id, name, metric, operator, threshold, severity)
+           VALUES ('t1', 'hot', 'v', '>', 0, 3)"""
+    )
+
+    async def timed(conn: asyncpg.Connection, written: Written) -> None:
+        await conn.execute("SET LOCAL statement_timeout = '100ms'")
+        await evaluate_alerts(conn, written)
+
+    budget = Budget()
+    writer = budget.writer(pool, rules=timed)
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute("LOCK TABLE alerts IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(DatabaseUnavailable) as raised:
+            await asyncio.wait_for(writer.write(readings(token, 5)), 10)
+    error = error_for(raised.value)
+    assert (error.status, error.error.code) == (503, "database_unavailable")
+    assert error.detail is not None
+    assert error.detail.startswith("The database took too long to answer"), error.detail
+    assert budget.refunded == budget.admitted == {DEVICE: 1}
+    assert await stored(pool) == []
