@@ -5,6 +5,8 @@ query parameters an endpoint takes."""
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -46,6 +48,33 @@ def is_valid_name(value: object) -> bool:
 @functools.lru_cache(maxsize=8192)
 def _is_valid(value: str) -> bool:
     return _NAME.fullmatch(value) is not None
+
+
+# Names, each followed by a newline (which no name holds), as ``first_invalid_name``
+# joins them; possessive quantifiers: no backtracking, one pass.
+_JOINED_NAMES = re.compile(r"(?:[A-Za-z0-9_.:-]{1,64}+\n)*+")
+
+
+def first_invalid_name(values: Sequence[str]) -> int:
+    """The position of the first of ``values`` that ``is_valid_name`` refuses, or
+    ``len(values)`` when it takes them all: in a few passes of compiled code over them,
+    not a call of Python per value. A batch can hold 1000 messages of 120 metrics each,
+    and every name of a refused message was checked in Python: 0.35 s of the event
+    loop per request, for anyone (the security audit, H1)."""
+    if not values:
+        return 0
+    try:
+        joined = "\n".join(values) + "\n"
+    except TypeError:  # a value that is not a string: never a name decoded from JSON
+        checks = list(map(is_valid_name, values))
+        return checks.index(False) if False in checks else len(checks)
+    if joined.count("\n") != len(values):
+        # One of them holds a newline, so is invalid: the first such is the first
+        # invalid one, unless one before it is.
+        holding = list(map(operator.contains, values, itertools.repeat("\n"))).index(True)
+        return first_invalid_name(values[:holding])
+    valid = _JOINED_NAMES.match(joined)
+    return joined.count("\n", 0, valid.end() if valid else 0)
 
 
 def is_plain_text(value: str) -> bool:

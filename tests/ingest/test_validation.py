@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pulse.ingest.validation import (
     BEYOND_DOUBLE,
@@ -14,10 +18,15 @@ from pulse.ingest.validation import (
     MAX_METRICS,
     InvalidPayload,
     Reading,
+    _json_kind,
+    _quote,
     decode_json,
+    is_metric_value,
     is_string,
+    parse_metrics,
     parse_reading,
 )
+from pulse.names import is_valid_name
 from pulse.times import format_time
 
 NOW = datetime(2026, 11, 27, 17, 0, 0, 123456, tzinfo=UTC)
@@ -335,3 +344,75 @@ def test_what_a_wrong_value_is_called(body: dict[str, object], words: str) -> No
 )
 def test_times_are_read_as_the_fast_path_reads_them(ts: str, expected: datetime) -> None:
     assert parse({"metrics": {"t": 1}, "ts": ts}).device_time == expected
+
+
+def explained_one_by_one(metrics: dict[Any, object]) -> dict[str, object] | str:
+    """What parse_metrics answered when it checked each metric in Python, in order (as
+    before the security audit's H1): the metrics, or the detail of the first wrong one."""
+    for name, metric in metrics.items():
+        if not is_valid_name(name):
+            return (
+                f"Metric name {_quote(name)} is invalid; names are 1 to 64 characters "
+                "of letters, digits and _ . : -"
+            )
+        if not is_metric_value(metric):
+            return (
+                f"Metric {_quote(name)} must be a finite number or a boolean, "
+                f"not {_json_kind(metric)}."
+            )
+    return dict(metrics)
+
+
+good_names = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True)
+good_values = st.one_of(
+    st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False)
+)
+names = st.one_of(
+    good_names,
+    st.sampled_from(["", "x" * 64, "x" * 65, "a\nb", "\n", "a\n", "bad name", "é", "a\ud800"]),
+    st.text(max_size=70),
+    st.integers(),  # not from JSON, whose names are strings
+)
+values = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**65), max_value=2**65),
+    st.floats(),  # NaN and infinities too: not from JSON
+    st.sampled_from([2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**400, BEYOND_DOUBLE]),
+    st.text(max_size=3),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.one_of(
+        st.dictionaries(names, values, min_size=1, max_size=MAX_METRICS),
+        # Many good metrics before the first wrong one, if any.
+        st.builds(
+            operator.or_,
+            st.dictionaries(good_names, good_values, max_size=150),
+            st.dictionaries(names, values, min_size=1, max_size=50),
+        ),
+    )
+)
+def test_metrics_are_judged_as_when_checked_one_by_one(metrics: dict[Any, object]) -> None:
+    """The first wrong metric is found in compiled code, not metric by metric in Python
+    (security audit, H1): the same metrics, or the same first error, for any of them."""
+    expected = explained_one_by_one(metrics)
+    if isinstance(expected, dict):
+        assert parse_metrics(metrics) == expected
+    else:
+        with pytest.raises(InvalidPayload) as info:
+            parse_metrics(metrics)
+        assert info.value.detail == expected
+
+
+@pytest.mark.parametrize(
+    "wrong", [{"bad name": 1}, {"x" * 65: 1}, {"": 1}, {"a\nb": 1}, {"v": "x"}]
+)
+def test_the_first_wrong_metric_is_named_after_many_good_ones(wrong: dict[str, object]) -> None:
+    good = {f"m{i}": i for i in range(150)}
+    later = {"another bad name": None, "w": [1]}
+    assert explained_one_by_one(good | wrong | later) == rejected({"metrics": good | wrong | later})
