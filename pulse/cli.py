@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import NoReturn
 
 from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES
@@ -117,10 +118,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.supervisor is None:  # a worker has its supervisor's limit, and said
                 serving.raise_open_files_limit(settings)
             if args.fd is not None:  # a worker of serve --workers
-                from pulse.serving.workers import watch_parent
+                from pulse.serving.workers import tell_ready, watch_parent
 
-                watch_parent(args.supervisor or os.getppid())
-                serving.run(serving.serve_forever(settings, f"fd://{args.fd}"))
+                supervisor = args.supervisor or os.getppid()
+                watch_parent(supervisor)
+                ready = None if args.supervisor is None else partial(tell_ready, supervisor)
+                serving.run(serving.serve_forever(settings, f"fd://{args.fd}", ready))
             elif workers > 1:
                 sys.exit(serving.serve_workers(settings, args.host, port, workers))
             else:

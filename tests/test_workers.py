@@ -12,6 +12,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import asyncpg
@@ -23,6 +24,7 @@ from pulse.auth.dev_tokens import mint_token
 from pulse.ops.metrics import REFRESH_S
 from tests.support import TEST_SECRET, provision_device, pulse_serve, sse_events, start_serve
 from tests.uploads import slow_upload
+from tests.web.db_proxy import database_proxy
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -168,6 +170,56 @@ async def test_a_worker_that_dies_is_replaced_and_its_gauges_go_with_it(
         await server.wait_ready()
     said = server.stderr.decode()
     assert f"worker 0 (pid {dead}) exited" in said or f"(pid {dead}) exited" in said, said[-2000:]
+    assert server.proc.returncode == 0
+
+
+async def test_a_replacement_that_cannot_reach_the_database_is_tried_again_while_others_serve(
+    database_url: str, tmp_path: Path
+) -> None:
+    """From the operations audit (MEDIUM): during a database outage a worker died, its
+    replacement could not reach the database and exited 1 at once, and the supervisor
+    took that for an instance that cannot start ("worker 1 exited with status 1 as it
+    started; stopping"): it stopped the healthy worker too, and exited 1. Now the
+    replacement is started again with a backoff, the other worker serving meanwhile,
+    until the database is back."""
+    said = b""
+
+    async def until_said(text: bytes, besides: Collection[int] = ()) -> None:
+        """Until a line with ``text`` is said by a process other than ``besides``."""
+        nonlocal said
+        deadline = time.monotonic() + 60
+        while not any(
+            text in line and not any(f"[{pid}]".encode() in line for pid in besides)
+            for line in said.splitlines()
+        ):
+            assert server.proc.returncode is None, said.decode()[-2000:]
+            assert time.monotonic() < deadline, said.decode()[-2000:]
+            assert server.proc.stderr is not None
+            with contextlib.suppress(TimeoutError):
+                said += await asyncio.wait_for(server.proc.stderr.read(4096), 0.5)
+
+    async with (
+        database_proxy(database_url) as proxy,
+        pulse_serve(
+            data_dir=tmp_path, database_url=proxy.dsn, env={"PULSE_WORKERS": "2"}, stdout=-1
+        ) as server,
+    ):
+        before = worker_pids(server.proc.pid)
+        for pid in before:  # both serving, not only the one /readyz reached
+            await until_said(f"[{pid}] hypercorn.error: Running on".encode())
+        proxy.cut()
+        os.kill(max(before), signal.SIGKILL)
+        # Two failed starts in a row: the second said with a longer wait.
+        await until_said(b"(2 in a row); starting it again in 2 s")
+        # The worker that was serving still is: it answers, and for the outage.
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            assert (await http.get("/healthz")).status_code == 200
+            assert (await http.get("/readyz")).status_code == 503
+        proxy.mend()
+        # A replacement serves (one started before the mend may still fail first).
+        await until_said(b"hypercorn.error: Running on", besides=before)
+    said += server.stderr
+    assert b"as it started; stopping" not in said, said.decode()[-2000:]
     assert server.proc.returncode == 0
 
 

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from quart import Quart
@@ -320,14 +320,24 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_forever(settings: Settings, bind: str) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully (streams first)."""
+async def serve_forever(
+    settings: Settings, bind: str, ready: Callable[[], None] | None = None
+) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully (streams first).
+    ``ready`` is called once the app has started (its runtime open)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     app = create_app(settings)
+    if ready is not None:
+
+        @app.while_serving  # after the app's own, so once its runtime is open
+        async def started() -> AsyncGenerator[None, None]:
+            ready()
+            yield
+
     config = hypercorn_config(settings, bind)
     collector.tune()
     collecting = asyncio.create_task(collector.watch())
