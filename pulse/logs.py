@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -139,32 +140,37 @@ class OncePer(logging.Filter):
         return True
 
 
-# Different errors a Throttled remembers having traced (then it forgets them all).
+# Different errors a Throttled remembers having traced (the least recently seen forgotten).
 _TRACED_AT_MOST = 100
 
 
 class Throttled:
     """A warning said once per ``every_s`` seconds at most, with how many times it was
     not said in between: an outage answered request by request would otherwise write a
-    line per request (136 in 12 s for four clients), burying what the operator needs."""
+    line per request (136 in 12 s for four clients), burying what the operator needs.
+
+    The count belongs to its incident: when nothing was left unsaid for longer than
+    ``every_s`` (the incident ended), the next line does not carry it; it is said first,
+    on a line of its own with the last message left out, as "(N more times ... until S s
+    ago)". Before, the next incident's first line claimed it ("(and 17 more times in the
+    last 64 s)", 63 s after the last outage had ended), and the end of each incident
+    went uncounted."""
 
     def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
         self._logger = logger
         self._every_s = every_s
         self._said_at: float | None = None
         self._unsaid = 0
-        self._traced: set[tuple[type[BaseException], str, tuple[str, int] | None]] = set()
+        # The last call left out: when, at which level, its message and arguments.
+        self._left_out: tuple[float, int, str, tuple[object, ...]] | None = None
+        self._traced: OrderedDict[tuple[type[BaseException], str, tuple[str, int] | None], None]
+        self._traced = OrderedDict()
 
     def warning(self, message: str, *args: object) -> None:
         now = time.monotonic()
-        if self._said_at is not None:
-            since = now - self._said_at
-            if since < self._every_s:
-                self._unsaid += 1
-                return
-            if self._unsaid:
-                message += " (and %d more times in the last %.0f s)"
-                args = (*args, self._unsaid, since)
+        if self._held(now, logging.WARNING, message, args):
+            return
+        message, args = self._with_count(now, message, args)
         self._logger.warning(message, *args)
         self._said_at, self._unsaid = now, 0
 
@@ -180,22 +186,61 @@ class Throttled:
         key = None if error is None else (type(error), str(error), _raised_at(error))
         if key is not None and key not in self._traced:
             if len(self._traced) >= _TRACED_AT_MOST:
-                self._traced.clear()
-            self._traced.add(key)
+                self._traced.popitem(last=False)
+            self._traced[key] = None
+            message, args = self._with_count(now, message, args)
             self._logger.error(message, *args, exc_info=error)
             self._said_at, self._unsaid = now, 0
             return
-        if self._said_at is not None and now - self._said_at < self._every_s:
-            self._unsaid += 1
-            return
+        if key is not None:
+            self._traced.move_to_end(key)
         if error is not None:
             message += ": %s: %s (again)"
             args = (*args, type(error).__name__, error)
-        if self._unsaid and self._said_at is not None:
-            message += " (and %d more times in the last %.0f s)"
-            args = (*args, self._unsaid, now - self._said_at)
+        if self._held(now, logging.ERROR, message, args):
+            return
+        message, args = self._with_count(now, message, args)
         self._logger.error(message, *args)
         self._said_at, self._unsaid = now, 0
+
+    def _held(self, now: float, level: int, message: str, args: tuple[object, ...]) -> bool:
+        """Whether this call is within ``every_s`` of the last said, and so left out."""
+        if self._said_at is not None and now - self._said_at < self._every_s:
+            self._unsaid += 1
+            self._left_out = (now, level, message, args)
+            return True
+        return False
+
+    def _with_count(
+        self, now: float, message: str, args: tuple[object, ...]
+    ) -> tuple[str, tuple[object, ...]]:
+        """``message`` with the count left out since the last line, if it is this
+        incident's; an ended incident's count said on its own line first."""
+        if self._say_ended(now) or not self._unsaid or self._said_at is None:
+            return message, args
+        return (
+            message + " (and %d more times in the last %.0f s)",
+            (*args, self._unsaid, now - self._said_at),
+        )
+
+    def _say_ended(self, now: float) -> bool:
+        """Say the count of an incident that ended (nothing left out for ``every_s``):
+        True if it did."""
+        if not self._unsaid or self._left_out is None or self._said_at is None:
+            return False
+        at, level, message, args = self._left_out
+        if now - at <= self._every_s:
+            return False
+        self._logger.log(
+            level,
+            message + " (%d more times in the %.0f s after the line before, until %.0f s ago)",
+            *args,
+            self._unsaid,
+            at - self._said_at,
+            now - at,
+        )
+        self._unsaid = 0
+        return True
 
 
 def _raised_at(error: BaseException) -> tuple[str, int] | None:

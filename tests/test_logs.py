@@ -184,6 +184,53 @@ def test_a_throttled_warning_is_said_once_per_interval_with_what_it_left_out(
     ]
 
 
+def test_a_throttled_count_is_said_as_its_incidents_not_the_next_ones(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From the operations audit: the count left out at the end of an outage went onto
+    the next outage's first line ("(and 17 more times in the last 64 s)", a minute
+    later), under-counting one and over-counting the other."""
+    from pulse import logs
+
+    clock = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    throttled = logs.Throttled(logging.getLogger("pulse.test"), every_s=10)
+    with caplog.at_level(logging.WARNING, logger="pulse.test"):
+        for _ in range(4):  # an outage: at 100, 101, 102 and 103 s
+            throttled.warning("database unavailable: %s", "refused")
+            clock[0] += 1
+        clock[0] += 60  # quiet, then the next outage at 164 s
+        throttled.warning("database unavailable: %s", "shutting down")
+        clock[0] += 1
+        throttled.warning("database unavailable: %s", "shutting down")
+    assert [r.getMessage() for r in caplog.records] == [
+        "database unavailable: refused",
+        "database unavailable: refused (3 more times in the 3 s after the line before, "
+        "until 61 s ago)",
+        "database unavailable: shutting down",
+    ]
+
+
+def test_a_throttled_error_traced_is_remembered_past_a_hundred_others(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The errors traced were forgotten all at once past 100 different ones, and each
+    was then traced in full again: the one that lasts is kept, as the latest seen."""
+    from pulse import logs
+
+    clock = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    throttled = logs.Throttled(logging.getLogger("pulse.test"), every_s=10)
+    lasting = PermissionError("permission denied for table telemetry")
+    with caplog.at_level(logging.ERROR, logger="pulse.test"):
+        for n in range(150):
+            throttled.error("reading failed", exc=lasting)
+            throttled.error("reading failed", exc=KeyError(n))
+            clock[0] += 20
+    traced = [r for r in caplog.records if r.exc_info and r.exc_info[1] is lasting]
+    assert len(traced) == 1
+
+
 def test_a_throttled_error_is_traced_once_then_counted(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -217,7 +264,7 @@ def test_a_throttled_error_is_traced_once_then_counted(
             "(again) (and 9 more times in the last 10 s)",
             False,
         ),
-        ("reading t1 failed", True),
+        ("reading t1 failed (and 1 more times in the last 2 s)", True),
         ("reading t1 failed: KeyError: 'other' (again) (and 1 more times in the last 10 s)", False),
     ]
 
