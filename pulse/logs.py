@@ -70,7 +70,7 @@ def configure_logging(
     handler.setFormatter(
         JsonFormatter()
         if log_format == "json"
-        else logging.Formatter(TEXT_FORMAT_PID if with_pid else TEXT_FORMAT)
+        else TextFormatter(TEXT_FORMAT_PID if with_pid else TEXT_FORMAT)
     )
     handler.set_name(_HANDLER)
     root = logging.getLogger()
@@ -90,6 +90,18 @@ def configure_logging(
     for old_filter in [f for f in pool.filters if isinstance(f, OncePer)]:
         pool.removeFilter(old_filter)
     pool.addFilter(OncePer())
+
+
+class TextFormatter(logging.Formatter):
+    """A record's message on its one line, its line breaks written ``\\n``: an error's
+    text put into a message may hold them (the server's DETAIL after the driver's
+    message), and a line with no time or level is a stray line to a log shipper. A
+    traceback, when there is one, still follows on lines of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if "\n" in record.message or "\r" in record.message:
+            record.message = record.message.replace("\r", "\\r").replace("\n", "\\n")
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):

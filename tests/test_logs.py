@@ -62,6 +62,17 @@ def test_text_lines_name_their_process_when_asked() -> None:
     assert f"INFO [{os.getpid()}] pulse.test: which one" in out.getvalue()
 
 
+def test_a_text_line_is_one_line_whatever_its_message_holds() -> None:
+    """From the operations audit: a driver's error in a message (its DETAIL after a
+    newline) wrote a second line with no time or level, a stray line to a log shipper."""
+    out = io.StringIO()
+    configure_logging("INFO", "text", stream=out)
+    logging.getLogger("pulse.test").warning("unavailable: %s", "no partition\nDETAIL:  key\r")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].endswith("WARNING pulse.test: unavailable: no partition\\nDETAIL:  key\\r")
+
+
 def test_configuring_again_replaces_the_handler() -> None:
     first, second = io.StringIO(), io.StringIO()
     configure_logging("INFO", "text", stream=first)

@@ -85,8 +85,10 @@ def translated() -> Iterator[None]:
         raise  # a lock_timeout the caller set: the caller handles it (retention, partitions)
     except _UNAVAILABLE as exc:
         if statement_timed_out(exc):
-            raise DatabaseTimeout(str(exc) or "no answer within the statement's timeout") from exc
-        raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+            raise DatabaseTimeout(
+                _one_line(str(exc)) or "no answer within the statement's timeout"
+            ) from exc
+        raise DatabaseUnavailable(_one_line(str(exc)) or type(exc).__name__) from exc
     except asyncpg.CheckViolationError as exc:
         if not str(exc).startswith("no partition of relation"):
             raise
@@ -95,7 +97,14 @@ def translated() -> Iterator[None]:
         # write is refused as unavailable, to be retried, not as a server error.
         global _partition_missing
         _partition_missing = True
-        raise DatabaseUnavailable(f"{exc}; it is being made again") from exc
+        raise DatabaseUnavailable(f"{_one_line(str(exc))}; it is being made again") from exc
+
+
+def _one_line(text: str) -> str:
+    """The driver's words on one line: asyncpg puts the server's DETAIL and HINT after
+    a newline, and this text goes into log lines (a missing partition's warning was
+    two lines, its second with no time or level) and error bodies."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 @contextlib.asynccontextmanager

@@ -8,12 +8,15 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 
+from pulse.db.database import partition_missing
+from pulse.db.errors import DatabaseUnavailable
 from pulse.db.migrate import discover, migrate
 from pulse.db.pool import connect
 from pulse.db.queries import load_queries
 from pulse.db.retention import utc_today
-from tests.support import dsn_for, insert_readings, until
+from tests.support import dsn_for, insert_readings, seam, until
 
 BUS = load_queries("pulse.bus")
 
@@ -140,3 +143,21 @@ async def test_live_writes_and_the_migration_both_go_through(
             "SELECT id FROM telemetry WHERE tenant_id = $1 ORDER BY id", tenant
         )]  # fmt: skip
         assert ids == list(range(1, n + 1))
+
+
+async def test_a_missing_partition_is_unavailable_in_one_line(pool: asyncpg.Pool) -> None:
+    """From the operations audit: the driver's text puts the server's DETAIL after a
+    newline, so the warning of a missing partition was two lines, its second ("DETAIL:
+    Partition key of the failing row ...") with no time or level."""
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+    with pytest.raises(DatabaseUnavailable) as raised:
+        await seam(pool).execute(
+            """INSERT INTO telemetry (tenant_id, id, device_id, device_time, metrics,
+                                      received_at)
+               VALUES ('t1', 1, 'd1', now(), '{}', now() + interval '10 years')"""
+        )
+    said = str(raised.value)
+    assert "\n" not in said, said
+    assert said.startswith('no partition of relation "telemetry" found for row DETAIL:'), said
+    assert said.endswith("; it is being made again"), said
+    assert partition_missing()
