@@ -11,6 +11,12 @@ from pulse.db.shared import SharedReads
 
 Q = load_queries(__package__)
 MAX_ID = 2**63 - 1
+# How long the read of a tenant's newest id may wait (a lock on ``tenants``, a database
+# that stopped answering) before the stream opening on it is refused as unavailable
+# (a WebSocket closed 1011 database_unavailable, to reconnect and resume): the budget
+# a write has to begin (pulse.ingest.writer.WAIT_S). A new WebSocket waited for a 30 s
+# lock's end, 26.5 s, for its `connected` message, where ingest gave up after 10 s.
+NEWEST_WAIT_S = 10.0
 
 
 class EventStore:
@@ -24,7 +30,10 @@ class EventStore:
         return await self._newest.fresh(tenant_id)
 
     async def _read_newest(self, tenant_id: str) -> int:
-        return int(await self._db.fetchval(Q["newest_event_id"], tenant_id))
+        # Timed out, asyncpg cancels the statement on the server; the seam says it as
+        # DatabaseUnavailable.
+        value = await self._db.fetchval(Q["newest_event_id"], tenant_id, timeout=NEWEST_WAIT_S)
+        return int(value)
 
     async def earliest_id(self, tenant_id: str) -> int | None:
         value = await self._db.fetchval(Q["earliest_event_id"], tenant_id)

@@ -324,3 +324,32 @@ async def test_a_parameter_given_twice_is_one_comma_separated_list(
         ws_url(url, WS_PATH, token=make_token("t1"), last_event_id=0) + "&last_event_id=1"
     ) as ws:
         assert await closed(ws) == (4000, "invalid_parameter")
+
+
+async def test_a_new_websocket_held_by_a_lock_on_tenants_is_closed_unavailable_in_time(
+    url: str,
+    pool: asyncpg.Pool,
+    database_url: str,
+    make_token: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From the operations audit: under a 30 s lock on `tenants` (the database still
+    answering) a new WebSocket waited 26.5 s for its `connected` message, unbounded,
+    where ingest gives up after 10 s. Now the read of the tenant's newest id has that
+    budget (shortened here), then the connection is closed 1011 database_unavailable,
+    for the client to reconnect and resume."""
+    monkeypatch.setattr("pulse.bus.store.NEWEST_WAIT_S", 0.5)
+    await insert_readings(pool, "t1", [("d1", {"a": 1})])
+    # On a connection of its own: a pooled one idle in its transaction is ended after 15 s.
+    locker = await asyncpg.connect(database_url)
+    lock = locker.transaction()
+    await lock.start()
+    await locker.execute("LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE")
+    try:
+        async with open_ws(url, token=make_token("t1")) as ws:
+            assert await closed(ws, timeout=20) == (1011, "database_unavailable")
+    finally:
+        await lock.rollback()
+        await locker.close()
+    async with open_ws(url, token=make_token("t1")) as ws:  # the lock gone: served again
+        assert (await recv(ws))["type"] == "connected"
