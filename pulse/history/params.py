@@ -48,6 +48,11 @@ MAX_LIMIT = 10_000
 # limit (10,000 readings of 200 metrics were 16.5 MB, held until the client took it).
 MAX_PAGE_BYTES = 1024 * 1024
 MAX_METRICS = 100
+# A device's JSON answer's most series (one per metric): as many as `metrics` may name,
+# so that any answer can be asked for again metric by metric. Without it a device that
+# sent 100,000 metric names once each answered 100,000 series of one point, 9.7 MB
+# (audit H2); past it, name the metrics, or export.
+MAX_ANSWER_SERIES = MAX_METRICS
 MAX_DEVICES = 1000
 # What each history URL takes (tenant_id: an operator's tenant).
 DEVICE_PARAMETERS = ("from", "to", "bucket", "agg", "metrics", "limit", "cursor", "tenant_id")
@@ -124,6 +129,14 @@ def too_many_points(what: str) -> ApiError:
     return _bad(
         f"{what}: ask for a wider bucket, fewer devices or metrics, a shorter range, or an "
         "export (Accept: text/csv or application/x-ndjson)."
+    )
+
+
+def too_many_series() -> ApiError:
+    return _bad(
+        f"the device has more than {MAX_ANSWER_SERIES} metrics in the range, a series "
+        f"each: name at most {MAX_METRICS} in metrics (a request per set of them), or ask "
+        "for an export (Accept: text/csv or application/x-ndjson)."
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -31,7 +31,13 @@ from pulse.errors import (
     ApiError,
 )
 from pulse.history import reads
-from pulse.history.params import RAW, HistoryQuery, parse_history
+from pulse.history.params import (
+    MAX_ANSWER_SERIES,
+    RAW,
+    HistoryQuery,
+    parse_history,
+    too_many_series,
+)
 from pulse.history.rollups import RollupSettings
 from pulse.names import shown_name
 from pulse.times import EARLIEST, format_time, window_start
@@ -73,7 +79,11 @@ class HistoryParams(BaseModel):
 
 
 class DeviceParams(HistoryParams):
-    metrics: str | None = Field(default=None, description="Comma-separated; default every one.")
+    metrics: str | None = Field(
+        default=None,
+        description="Comma-separated, at most 100; default every one (an answer of more "
+        "than 100 series is refused: name them).",
+    )
     limit: int = Field(
         default=1000,
         ge=1,
@@ -194,16 +204,13 @@ async def _page(tenant_id: str, device_id: str, query: HistoryQuery) -> bytes:
 async def _device_series(
     tenant_id: str, device_id: str, query: HistoryQuery, kept: dict[int, datetime]
 ) -> bytes:
-    found = await reads.series(runtime().db, tenant_id, [device_id], query, kept)
-    return orjson.dumps(
-        {
-            "device_id": device_id,
-            "bucket": found.bucket,
-            **_range(query),
-            "series": _grouped(found.rows, 1, query),
-            "last_event_id": found.newest_id,
-        }
+    db = runtime().db
+    found = await reads.series_json(
+        db, tenant_id, [device_id], query, kept, key="metric", max_series=MAX_ANSWER_SERIES
     )
+    if found.series > MAX_ANSWER_SERIES:
+        raise too_many_series()
+    return _series_answer({"device_id": device_id}, found, query)
 
 
 @blueprint.get("/telemetry/history")
@@ -237,17 +244,11 @@ async def fleet_history() -> Response:
 
 
 async def _fleet_series(tenant_id: str, devices: list[str], query: HistoryQuery) -> bytes:
-    found = await reads.series(runtime().db, tenant_id, devices, query)
-    assert query.metrics is not None
-    return orjson.dumps(
-        {
-            "metric": query.metrics[0],
-            "bucket": found.bucket,
-            **_range(query),
-            "series": _grouped(found.rows, 0, query),
-            "last_event_id": found.newest_id,
-        }
+    found = await reads.series_json(
+        runtime().db, tenant_id, devices, query, key="device_id", max_series=len(devices)
     )
+    assert query.metrics is not None
+    return _series_answer({"metric": query.metrics[0]}, found, query)
 
 
 # -- encoding -----------------------------------------------------------------------
@@ -271,12 +272,11 @@ def _range(query: HistoryQuery) -> dict[str, str]:
     return {"from": format_time(query.start), "to": format_time(query.end)}
 
 
-def _grouped(rows: Sequence[Any], key: int, query: HistoryQuery) -> dict[str, list[Any]]:
-    """Points by metric (key 1) or by device (key 0), in time order."""
-    grouped: dict[str, list[Any]] = {}
-    for row in rows:
-        grouped.setdefault(row[key], []).append(reads.point(row, query.aggregates))
-    return grouped
+def _series_answer(head: dict[str, str], found: reads.SeriesJson, query: HistoryQuery) -> bytes:
+    """The answer around the series PostgreSQL built: only its head is encoded here."""
+    start = orjson.dumps({**head, "bucket": found.bucket, **_range(query)})[:-1]
+    series = found.json.encode()
+    return b'%s,"series":{%s},"last_event_id":%d}' % (start, series, found.newest_id)
 
 
 async def _answer(tenant_id: str, build: Coroutine[Any, Any, bytes]) -> Response:

@@ -438,6 +438,38 @@ async def test_a_json_answer_holds_at_most_max_answer_points(
     assert r.status_code == 200 and r.json()["series"]["temp"][0]["count"] == 1
 
 
+async def test_a_device_answer_holds_at_most_100_series(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    """From the hostile audit (H2): a device that sent 200 new metric names in each of
+    500 readings answered its default history as 100,000 series of one point, 9.7 MB
+    built on the event loop for 4 s, while every other tenant waited. A device's answer
+    holds at most as many series as metrics may name (100): past it, the same 400 as
+    too many points, saying to name them; the fleet form and exports are unchanged."""
+    names = [f"m{i:03d}" for i in range(101)]
+    await readings_at(
+        pool, "t1", [("d1", T0, dict.fromkeys(names[:100], 1.0)), ("d1", T0 + S, {"m100": 2.0})]
+    )
+    # auto: raw points of the two readings; 1m: buckets.
+    for params in (window(agg="count"), window(agg="count", bucket="1m")):
+        r = await http.get(DEVICE.format("d1"), params=params)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_parameter", r.text
+        detail = r.json()["detail"]
+        assert "more than 100 metrics" in detail and "metrics" in detail and "export" in detail
+    r = await http.get(DEVICE.format("d1"), params=window(agg="count", metrics=",".join(names[1:])))
+    assert r.status_code == 200, r.text
+    series = r.json()["series"]
+    assert list(series) == names[1:] and series["m100"] == [
+        {"t": "2026-12-01T10:00:01.000Z", "count": 1}
+    ]
+    r = await http.get(DEVICE.format("d1"), params=window(metrics=",".join(names[:100])))
+    assert r.status_code == 200 and len(r.json()["series"]) == 100
+    r = await http.get(FLEET, params={**window(), "metric": "m100"})
+    assert r.status_code == 200 and list(r.json()["series"]) == ["d1"]
+    r = await http.get(DEVICE.format("d1"), params=window(), headers={"Accept": "text/csv"})
+    assert r.status_code == 200 and len(r.text.splitlines()) == 1 + 101
+
+
 async def test_a_device_answer_without_metrics_counts_every_metric_s_points(
     http: httpx.AsyncClient, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
