@@ -167,6 +167,58 @@ async def test_tenants_behind_take_turns_a_batch_each(
     assert turns == ["big", "small", "big", "big"], turns
 
 
+async def test_a_tenant_s_backlog_holds_back_another_s_rollups_by_a_step_at_most(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the hostile audit (M2): 5000 readings of 200 new metric names each were one
+    step of the one rollup keeper, 1 M metric values, and another tenant's rollups
+    stood still for about 60 s (634 ids behind) until it was done. A tenant's steps
+    are sized by what they cost, the tenants behind take turns a step each, and they
+    are read again for each round: the quiet tenant's reading committed while the
+    other's backlog is being counted is counted before that backlog is done."""
+    names = 5  # new names in every reading
+    await readings_at(
+        pool,
+        "a-noisy",
+        [("n1", T0, {f"m{i}_{k}": 1.5 for k in range(names)}) for i in range(2000)],
+    )
+    await readings_at(pool, "b-quiet", [("q1", T0, {"v": 1.0})])
+    steps: list[tuple[str, int]] = []  # (tenant, its watermark after the step), in turn
+    quiet_counted, quiet_committed = asyncio.Event(), asyncio.Event()
+    roll_up_tenant = rollups.roll_up_tenant
+
+    async def noted(conn: asyncpg.Connection, tenant_id: str, newest: int) -> int:
+        if steps.count(("b-quiet", 1)) and tenant_id == "a-noisy":
+            await quiet_committed.wait()  # the quiet tenant's second reading is in
+        upto = await roll_up_tenant(conn, tenant_id, newest)
+        steps.append((tenant_id, upto))
+        if tenant_id == "b-quiet":
+            quiet_counted.set()
+        return upto
+
+    monkeypatch.setattr(rollups, "roll_up_tenant", noted)
+    async with pool.acquire() as conn:
+        counting = asyncio.create_task(roll_up_once(conn))
+        async with asyncio.timeout(60):
+            await quiet_counted.wait()
+        await readings_at(pool, "b-quiet", [("q1", T0, {"v": 2.0})])
+        quiet_committed.set()
+        async with asyncio.timeout(60):
+            assert await counting == 2002
+    assert ("b-quiet", 2) in steps, steps
+    # Both of the quiet tenant's readings were counted before the other's last step.
+    assert steps.index(("b-quiet", 2)) < steps.index(("a-noisy", 2000)), steps
+    assert len([t for t, _ in steps if t == "a-noisy"]) > 2, steps
+    # And exactly: every value once.
+    counts = await pool.fetch(
+        """SELECT tenant_id, width, sum(count) AS values FROM telemetry_rollups
+            GROUP BY 1, 2 ORDER BY 1, 2"""
+    )
+    assert [tuple(r) for r in counts] == [("a-noisy", w, 2000 * names) for w in (1, 15, 60)] + [
+        ("b-quiet", w, 2) for w in (1, 15, 60)
+    ]
+
+
 async def test_a_failed_pass_counts_nothing(pool: asyncpg.Pool) -> None:
     await readings_at(pool, "t1", [("d1", T0, {"v": 1.0})] * 3)
     async with pool.acquire() as conn:
@@ -322,11 +374,13 @@ async def test_a_long_pass_is_followed_by_a_longer_pause(
     passes: list[tuple[float, float]] = []
     counted = rollups.roll_up_once
 
-    async def slow_pass(conn: asyncpg.Connection, failing: dict[str, float]) -> int:
+    async def slow_pass(
+        conn: asyncpg.Connection, failing: dict[str, float], steps: dict[str, int]
+    ) -> int:
         started = time.monotonic()
         try:
             await asyncio.sleep(0.05)  # a pass that takes 50 ms at least
-            return await counted(conn, failing)
+            return await counted(conn, failing, steps)
         finally:
             passes.append((started, time.monotonic()))
 
@@ -349,3 +403,13 @@ def test_the_pause_after_a_backlog_is_bounded() -> None:
     assert rollups.pause_after(0.5, 0.5) == 2.0
     # A pass over a backlog of minutes: the next one comes within seconds.
     assert rollups.pause_after(120.0, 0.5) == rollups.MAX_PAUSE_S <= 5.0
+
+
+def test_a_tenant_s_steps_are_sized_by_what_they_cost() -> None:
+    step = rollups.STEP_S
+    assert rollups.next_step(100, 100, step / 4) == 200  # a quick full step: doubled
+    assert rollups.next_step(100, 40, step / 4) == 100  # it was not full: no news
+    assert rollups.next_step(100, 100, step * 4) == 25  # 4x too long: a quarter
+    assert rollups.next_step(1, 1, 60.0) == 1  # at least one id
+    top = rollups.BATCH_IDS
+    assert rollups.next_step(top, top, 0.0) == top
