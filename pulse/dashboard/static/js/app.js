@@ -361,7 +361,13 @@ class Dashboard {
           continue;
         }
         if (!named && error instanceof ApiError && error.status === 400) {
-          // Too many points in all its series (docs/history.md): those it can show.
+          // Too many points in all its series, or more metrics than an answer holds
+          // (100, more than the page keeps: its card says there are more; see
+          // docs/history.md): those it can show.
+          if (/more than \d+ metrics/.test(error.message) && !device.untracked) {
+            device.untracked = true;
+            device.dirty = true;
+          }
           named = this.historyMetrics(device, true);
           continue;
         }
