@@ -385,7 +385,7 @@ values = st.one_of(
 )
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     st.one_of(
         st.dictionaries(names, values, min_size=1, max_size=MAX_METRICS),
