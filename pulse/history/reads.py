@@ -177,10 +177,15 @@ async def _rows(conn: asyncpg.Connection, statement: str, args: Sequence[Any]) -
 
 # A point's aggregates as JSON text, from a row of `series` or `raw_points`. A float8
 # is shown in its shortest exact form (extra_float_digits = 1, set by the reader). A
-# sum past the double's range is +-Infinity (migration 0015): no average then.
+# sum past the double's range is +-Infinity (migration 0015): no average then. An
+# average below the least double is what IEEE division (Python's) makes of it, 0 or
+# +-5e-324, where PostgreSQL's division raises an underflow error (the review: one
+# reading of 5e-324 and one of 0 in a minute made every answer holding it a 500).
 _AGGREGATE_SQL = {
-    "avg": "CASE WHEN sum > '-Infinity' AND sum < 'Infinity' THEN (sum / count)::text "
-    "ELSE 'null' END",
+    "avg": "CASE WHEN NOT (sum > '-Infinity' AND sum < 'Infinity') THEN 'null' "
+    "WHEN abs(sum) >= count * '5e-324'::float8 THEN (sum / count)::text "
+    "WHEN 2 * abs(sum) > count * '5e-324'::float8 THEN (sign(sum) * '5e-324'::float8)::text "
+    "ELSE '0' END",
     "min": "coalesce(min::text, 'null')",
     "max": "coalesce(max::text, 'null')",
     "last": "coalesce(last::text, 'null')",

@@ -124,7 +124,13 @@ async def test_a_json_answer_shows_each_row_as_its_point(
         (
             rng.choice(DEVICES),
             T0 + timedelta(seconds=rng.randrange(0, 3 * 3600), microseconds=rng.randrange(10**6)),
-            {"temp": rng.choice(values), "huge": 1.5e308, "n": rng.randrange(-5, 5)},
+            {
+                "temp": rng.choice(values),
+                "huge": 1.5e308,
+                "n": rng.randrange(-5, 5),
+                # Averages below the least double: 0 or +-5e-324, never an error.
+                "tiny": rng.choice([5e-324, 0.0, -5e-324, 1e-323]),
+            },
         )
         for _ in range(120)
     ]
@@ -146,7 +152,7 @@ async def test_a_json_answer_shows_each_row_as_its_point(
         rows = (await reads.series(db, "t1", [device], query)).rows
         got = await reads.series_json(db, "t1", [device], query, key="metric", max_series=100)
         shown = json.loads("{" + got.json + "}")
-        assert shown == shown_by(rows, 1) and got.series == len(shown) == 3
+        assert shown == shown_by(rows, 1) and got.series == len(shown) == 4
         assert list(shown) == sorted(shown)
         assert {tuple(p) for s in shown.values() for p in s} == {("t", *aggregates)}
         nulls += sum(p["avg"] is None for p in shown["huge"])
