@@ -196,7 +196,12 @@ _AGGREGATE_SQL = {
 def _point_sql(aggregates: Sequence[str]) -> str:
     """A point's JSON as SQL: its start and the aggregates asked for, in their order
     (each a name of AGGREGATES: no text from the request is put in the statement)."""
-    time = """to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
+    # A device time of 0001-01-01T00:00:00Z is stored as -infinity (asyncpg's encoding
+    # of datetime.min), which to_char makes NULL: the point would vanish.
+    time = (
+        """coalesce(to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), """
+        """'0001-01-01T00:00:00.000Z')"""
+    )
     parts = [f"""'{{"t":"' || {time} || '"'"""]
     parts += [f"""',"{name}":' || {_AGGREGATE_SQL[name]}""" for name in aggregates]
     return " || ".join(parts) + " || '}'"

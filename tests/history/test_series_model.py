@@ -162,3 +162,22 @@ async def test_a_json_answer_shows_each_row_as_its_point(
         rows = (await reads.series(db, "t1", list(DEVICES), query)).rows
         got = await reads.series_json(db, "t1", list(DEVICES), query, key="device_id", max_series=3)
         assert json.loads("{" + got.json + "}") == shown_by(rows, 0)
+
+
+async def test_a_reading_at_the_first_instant_of_year_one_keeps_its_point(
+    pool: asyncpg.Pool, db: Database
+) -> None:
+    """Ingest takes 0001-01-01T00:00:00Z, which asyncpg stores as -infinity; the JSON
+    built by PostgreSQL dropped its point (the review)."""
+    first = datetime(1, 1, 1, tzinfo=UTC)
+    await readings_at(
+        pool, "t1", [("d1", first, {"v": 1.0}), ("d1", first + timedelta(seconds=1), {"v": 2.0})]
+    )
+    query = HistoryQuery(first, first + timedelta(hours=1), "raw", ("last",), None, 1000, None)
+    got = await reads.series_json(db, "t1", ["d1"], query, key="metric", max_series=100)
+    assert json.loads("{" + got.json + "}") == {
+        "v": [
+            {"t": "0001-01-01T00:00:00.000Z", "last": 1.0},
+            {"t": "0001-01-01T00:00:01.000Z", "last": 2.0},
+        ]
+    }
