@@ -132,11 +132,15 @@ async def roll_up_once(
 
     In rounds: a step of each tenant behind, in turn, each sized by ``steps`` (the
     tenant's next step in ids, kept from pass to pass; next_step), and the tenants
-    behind read again before each round, until a round leaves none of them with rows
-    it could not take. So a tenant's backlog (a bulk load, a long outage, readings of
-    many new metric names) holds back every other tenant's rollups by one of its steps,
-    about STEP_S, and not until it is all counted; and a pass with no backlog is one
-    round, as before.
+    behind read again before each round, until each tenant that was behind in one of
+    them has counted up to its newest id of the round it joined in. So a tenant's
+    backlog (a bulk load, a long outage, readings of many new metric names) holds back
+    every other tenant's rollups by one of its steps, about STEP_S, and not until it is
+    all counted; and a pass with no backlog is one round, as before. The pass ends on
+    those ids, not on the newest ones: a tenant writing faster than its steps count
+    would otherwise keep it in its rounds for ever, and the keeper would never trim nor
+    pause. Each tenant joins once and its target stays put, so a pass lasts as long as
+    the backlogs it found, as the passes before the rounds did.
 
     A tenant whose rows PostgreSQL cannot count (a data error: a row that no
     release of Pulse writes, put in by hand, say) is logged and left out until the
@@ -146,6 +150,7 @@ async def roll_up_once(
     failing = {} if failing is None else failing
     steps = {} if steps is None else steps
     total = 0
+    targets: dict[str, int] = {}  # each tenant's newest id in the round it joined in
     more = True
     while more:
         more = False
@@ -154,6 +159,7 @@ async def roll_up_once(
             tenant_id, counted, newest = row["tenant_id"], row["counted"], row["newest"]
             if failing.get(tenant_id, now) > now:
                 continue
+            target = targets.setdefault(tenant_id, newest)
             size = min(steps.get(tenant_id, FIRST_STEP_IDS), BATCH_IDS)
             started = time.monotonic()
             try:
@@ -171,7 +177,7 @@ async def roll_up_once(
             failing.pop(tenant_id, None)
             total += max(0, upto - counted)
             steps[tenant_id] = next_step(size, upto - counted, time.monotonic() - started)
-            more = more or counted < upto < newest
+            more = more or counted < upto < target
     return total
 
 

@@ -219,6 +219,39 @@ async def test_a_tenant_s_backlog_holds_back_another_s_rollups_by_a_step_at_most
     ]
 
 
+async def test_a_pass_ends_while_a_tenant_writes_faster_than_its_steps_count(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the review of bcbb56a: a pass that read the tenants behind again every round
+    ended only when a round left none of them short, so a tenant writing faster than its
+    steps count (20 ids committed per step of 10) kept it in its rounds for ever, and the
+    keeper never trimmed the rollups nor paused. A tenant's rows are counted in the pass
+    up to its newest id when it joined the pass; what comes later is the next pass's."""
+    monkeypatch.setattr(rollups, "BATCH_IDS", 10)
+    await readings_at(pool, "a", [("d1", T0, {"v": 1.0})] * 30)
+    roll_up_tenant = rollups.roll_up_tenant
+    steps = 0
+
+    async def meanwhile_more(conn: asyncpg.Connection, tenant_id: str, newest: int) -> int:
+        nonlocal steps
+        steps += 1
+        assert steps <= 100, "the pass is still in its rounds after 100 steps"
+        upto = await roll_up_tenant(conn, tenant_id, newest)
+        await readings_at(pool, "a", [("d1", T0, {"v": 1.0})] * 20)
+        return upto
+
+    monkeypatch.setattr(rollups, "roll_up_tenant", meanwhile_more)
+    async with pool.acquire() as conn:
+        async with asyncio.timeout(60):
+            assert await roll_up_once(conn) == 30  # three steps, to its newest id at the start
+        assert steps == 3
+        monkeypatch.setattr(rollups, "roll_up_tenant", roll_up_tenant)  # the writes stop
+        async with asyncio.timeout(60):
+            assert await roll_up_once(conn) == 60  # the next pass counts the rest
+    # Exactly: every reading once.
+    assert (await minutes(pool))[0][4] == 30 + 3 * 20
+
+
 async def test_a_failed_pass_counts_nothing(pool: asyncpg.Pool) -> None:
     await readings_at(pool, "t1", [("d1", T0, {"v": 1.0})] * 3)
     async with pool.acquire() as conn:
