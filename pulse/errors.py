@@ -170,7 +170,7 @@ DATABASE_UNAVAILABLE = _error(
     "database_unavailable",
     503,
     INTERNAL_ERROR_CLOSE,
-    "The database is unreachable, or too slow to answer in time, or the server is shutting "
+    "The database is unreachable, or did not answer in time, or the server is shutting "
     "down; retry shortly.",
 )
 KEYS_UNAVAILABLE = _error(

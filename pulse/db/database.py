@@ -25,6 +25,7 @@ from pulse.db.errors import (
     TRANSIENT_ERRORS,
     DatabaseTimeout,
     DatabaseUnavailable,
+    cancelled_by_statement_timeout,
     statement_timed_out,
 )
 from pulse.db.pool import (
@@ -74,7 +75,9 @@ def translated() -> Iterator[None]:
     """Driver errors that mean "unreachable" raised as DatabaseUnavailable: the one translation.
 
     A statement's timeout is raised as DatabaseTimeout (a DatabaseUnavailable), so that
-    it is said as a timeout of a database that answers, not as an outage.
+    it is said as a timeout, not as an outage; as a timeout of a database that is up
+    only when the server cancelled it (its statement_timeout), since asyncpg's own
+    timeout fires alike when the server stopped answering.
 
     Database's methods apply it; code holding a dedicated connection applies it
     to calls made outside the ``dedicated`` block's own task.
@@ -86,7 +89,8 @@ def translated() -> Iterator[None]:
     except _UNAVAILABLE as exc:
         if statement_timed_out(exc):
             raise DatabaseTimeout(
-                _one_line(str(exc)) or "no answer within the statement's timeout"
+                _one_line(str(exc)) or "no answer within the statement's timeout",
+                database_up=cancelled_by_statement_timeout(exc),
             ) from exc
         raise DatabaseUnavailable(_one_line(str(exc)) or type(exc).__name__) from exc
     except asyncpg.CheckViolationError as exc:

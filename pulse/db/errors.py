@@ -13,12 +13,22 @@ class DatabaseUnavailable(Exception):
 
 
 class DatabaseTimeout(DatabaseUnavailable):
-    """A statement ran past its timeout (asyncpg's command_timeout, or the server's
-    statement_timeout): the database answered, and is up, but this statement asked more
-    of it than the time allows. Said as such, not as "unreachable": the security audit's
-    batch against 1000 rules timed out and was logged as an outage, sending an operator
-    to a healthy PostgreSQL. A DatabaseUnavailable still (the statement may go through
-    when retried, and nothing of a write refused with it was stored)."""
+    """A statement ran past its timeout: asyncpg's command_timeout or ``timeout=`` (the
+    client's), or the server's statement_timeout. Said as a timeout, not as
+    "unreachable": the security audit's batch against 1000 rules timed out and was
+    logged as an outage, sending an operator to a healthy PostgreSQL. A
+    DatabaseUnavailable still (the statement may go through when retried, and nothing of
+    a write refused with it was stored).
+
+    ``database_up``: the server itself cancelled the statement for its statement_timeout
+    (57014), so it is up and answering. The client's timeout fires alike whether the
+    statement is slow or the server stopped answering (frozen, its machine gone, the
+    network cut), so it says neither: the review of 4aaecd5 froze the database and was
+    told "the database is up"."""
+
+    def __init__(self, message: str, *, database_up: bool = False) -> None:
+        super().__init__(message)
+        self.database_up = database_up
 
 
 # Errors that mean "the connection or the server is gone", not "your query is wrong".
@@ -86,8 +96,14 @@ def refusal(exc: asyncpg.PostgresError, *, migrating: bool) -> str:
 def statement_timed_out(exc: BaseException) -> bool:
     """Whether ``exc`` is a statement's timeout: asyncpg's own (a TimeoutError without
     words; a connection's, ConnectTimeout, has its own) or the server's statement_timeout
-    (57014, "canceling statement due to statement timeout"; the other 57014s, an
-    operator's pg_cancel_backend, are not)."""
+    (``cancelled_by_statement_timeout``)."""
     if isinstance(exc, TimeoutError):
         return not isinstance(exc, ConnectTimeout)
+    return cancelled_by_statement_timeout(exc)
+
+
+def cancelled_by_statement_timeout(exc: BaseException) -> bool:
+    """Whether the server cancelled the statement for its statement_timeout (57014,
+    "canceling statement due to statement timeout"; the other 57014s, an operator's
+    pg_cancel_backend, are not): the one timeout that shows the server is up."""
     return isinstance(exc, asyncpg.QueryCanceledError) and "statement timeout" in str(exc)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # One line per ten seconds of an outage, not one per request refused.
 _UNAVAILABLE = Throttled(log)
 _TIMED_OUT = Throttled(log)
+_NO_ANSWER = Throttled(log)
 _UNHANDLED = Throttled(log)
 
 # What an error raised by the HTTP layer itself (werkzeug) is called, by status.
@@ -66,10 +67,10 @@ def error_for(exc: Exception) -> ApiError:
         case UnicodeDecodeError():
             # Quart decodes a JSON body before parsing it, and lets this escape.
             return ApiError(INVALID_PAYLOAD, "The body is not UTF-8 text.")
-        case DatabaseTimeout():
+        case DatabaseTimeout(database_up=True):
             # The same code and status as an outage (the catalogue's; a client retries
-            # both alike), but said as what it is: the database answers, and this
-            # request's statement ran past its timeout.
+            # both alike), but said as what it is: the server cancelled this request's
+            # statement for its statement_timeout, so it is up and answering.
             _TIMED_OUT.warning(
                 "database statement timed out (the database is up but did not finish "
                 "it in time): %s; answering 503",
@@ -80,6 +81,20 @@ def error_for(exc: Exception) -> ApiError:
                 "The database took too long to answer: a statement of this request ran "
                 "past its timeout (the database is up). Retry shortly; a large batch may "
                 "go through in smaller ones.",
+                {"Retry-After": "2"},
+            )
+        case DatabaseTimeout():
+            # asyncpg's own timeout: it fires alike for a slow statement and a server
+            # that stopped answering (frozen, its machine gone), so neither is claimed.
+            _NO_ANSWER.warning(
+                "database did not answer within the statement's timeout (slow, or not "
+                "answering): %s; answering 503",
+                exc,
+            )
+            return ApiError(
+                DATABASE_UNAVAILABLE,
+                "The database did not answer in time (slow, or not answering). Retry "
+                "shortly; a large batch may go through in smaller ones.",
                 {"Retry-After": "2"},
             )
         case DatabaseUnavailable():

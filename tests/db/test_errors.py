@@ -8,10 +8,12 @@ from collections.abc import Callable
 import asyncpg
 import pytest
 
-from pulse.db.errors import DatabaseUnavailable
+from pulse.db.errors import DatabaseTimeout, DatabaseUnavailable
+from pulse.db.pool import create_pool
 from pulse.logs import Throttled
 from pulse.web import errors as web_errors
 from tests.support import seam
+from tests.web.db_proxy import database_proxy
 
 
 @pytest.mark.parametrize("sqlstate", ["57014", "40P01", "40001"])
@@ -45,6 +47,7 @@ async def test_a_statement_past_the_servers_statement_timeout_is_said_as_a_timeo
     assert isinstance(raised.value.__cause__, asyncpg.QueryCanceledError)
     detail, line = said(raised.value)
     assert detail.startswith("The database took too long to answer"), detail
+    assert detail.find("(the database is up)") > 0, detail
     assert line.startswith("database statement timed out"), line
 
 
@@ -59,8 +62,28 @@ async def test_a_statement_past_the_drivers_timeout_is_said_as_a_timeout(
             await seam(pool).fetch("SELECT count(*) FROM tenants", timeout=0.1)
     assert isinstance(raised.value.__cause__, TimeoutError)
     detail, line = said(raised.value)
-    assert detail.startswith("The database took too long to answer"), detail
-    assert line.startswith("database statement timed out"), line
+    assert detail.startswith("The database did not answer in time"), detail
+    assert line.startswith("database did not answer within the statement's timeout"), line
+    assert "is up" not in detail + line
+
+
+async def test_a_frozen_database_is_not_said_to_be_up(database_url: str, said: Said) -> None:
+    """Review of 4aaecd5: asyncpg's timeout fires alike when the server stopped answering
+    (SIGSTOPped, its machine gone, the network cut), and the client was told "(the
+    database is up)". Only the server's own statement_timeout shows it is up."""
+    async with database_proxy(database_url) as proxy:
+        pool = await create_pool(proxy.dsn, min_size=1, max_size=1)
+        try:
+            assert await seam(pool).fetchval("SELECT 1") == 1
+            proxy.freeze()
+            with pytest.raises(DatabaseTimeout) as raised:
+                await seam(pool).fetchval("SELECT 1", timeout=0.5)
+        finally:
+            proxy.thaw()
+            pool.terminate()
+    detail, line = said(raised.value)
+    assert "is up" not in detail + line, (detail, line)
+    assert detail.startswith("The database did not answer in time"), detail
 
 
 async def test_a_statement_an_operator_cancelled_is_not_said_as_a_timeout(
@@ -85,7 +108,7 @@ def said(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> S
     """How the web layer answers an error and logs it: the client's detail and the log
     line. Always the catalogue's 503 database_unavailable with
     Retry-After (a client retries a timeout as any 503); the words say which it was."""
-    for throttle in ("_UNAVAILABLE", "_TIMED_OUT"):  # said once per 10 s: said here
+    for throttle in ("_UNAVAILABLE", "_TIMED_OUT", "_NO_ANSWER"):  # said once per 10 s: said here
         monkeypatch.setattr(web_errors, throttle, Throttled(web_errors.log), raising=False)
 
     def said(exc: DatabaseUnavailable) -> tuple[str, str]:
