@@ -95,15 +95,23 @@ def refusal(exc: asyncpg.PostgresError, *, migrating: bool) -> str:
 
 def statement_timed_out(exc: BaseException) -> bool:
     """Whether ``exc`` is a statement's timeout: asyncpg's own (a TimeoutError without
-    words; a connection's, ConnectTimeout, has its own) or the server's statement_timeout
-    (``cancelled_by_statement_timeout``)."""
+    words; a connection's, ConnectTimeout, has its own) or a 57014 other than an
+    operator's pg_cancel_backend ("canceling statement due to user request"): the
+    server's statement_timeout, said as up when ``cancelled_by_statement_timeout``
+    recognises it, and otherwise in neutral words.
+
+    57014 has no code of its own for either: they are told by the server's English
+    words. Under a non-English ``lc_messages`` (Pulse sets none) neither is recognised,
+    so a server-side statement timeout is said in the client timeout's neutral words
+    ("did not answer in time (slow, or not answering)": true, if less than the server
+    could say), and so is an operator's cancel (not "unreachable", as in English)."""
     if isinstance(exc, TimeoutError):
         return not isinstance(exc, ConnectTimeout)
-    return cancelled_by_statement_timeout(exc)
+    return isinstance(exc, asyncpg.QueryCanceledError) and "user request" not in str(exc)
 
 
 def cancelled_by_statement_timeout(exc: BaseException) -> bool:
     """Whether the server cancelled the statement for its statement_timeout (57014,
-    "canceling statement due to statement timeout"; the other 57014s, an operator's
-    pg_cancel_backend, are not): the one timeout that shows the server is up."""
+    "canceling statement due to statement timeout"): the one timeout that shows the
+    server is up. Told by English words only (``statement_timed_out``)."""
     return isinstance(exc, asyncpg.QueryCanceledError) and "statement timeout" in str(exc)

@@ -100,6 +100,23 @@ async def test_a_statement_an_operator_cancelled_is_not_said_as_a_timeout(
     assert line.startswith("database unavailable"), line
 
 
+async def test_a_statement_timeout_in_words_not_known_is_said_in_neutral_words(
+    pool: asyncpg.Pool, said: Said
+) -> None:
+    """Review finding 7: the server's statement timeout is told by its English message.
+    Under another lc_messages (German here) it was said as "unreachable"; it is said in
+    the neutral words, which are still true, never as "the database is up"."""
+    german = (
+        "DO $$ BEGIN RAISE EXCEPTION 'storniere Anfrage wegen Zeitüberschreitung der "
+        "Anweisung' USING ERRCODE = '57014'; END $$"
+    )
+    with pytest.raises(DatabaseTimeout) as raised:
+        await seam(pool).execute(german)
+    detail, line = said(raised.value)
+    assert detail.startswith("The database did not answer in time"), detail
+    assert "is up" not in detail + line, (detail, line)
+
+
 Said = Callable[[DatabaseUnavailable], tuple[str, str]]
 
 
