@@ -1,0 +1,71 @@
+"""The read of a tenant's newest id: one deadline (NEWEST_WAIT_S) per caller."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from pulse.bus import store as store_module
+from pulse.bus.store import EventStore
+from pulse.db.errors import DatabaseUnavailable
+from tests.support import seam
+
+
+async def test_a_newest_id_waiting_for_a_pooled_connection_is_refused_at_its_deadline(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of d13e826: the deadline covered the statement only, and acquiring the
+    connection waited on: with every pooled connection held (as each is while the
+    database does not answer, up to command_timeout, 60 s) the read waited past it."""
+    monkeypatch.setattr(store_module, "NEWEST_WAIT_S", 0.2)
+    held = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        async with asyncio.timeout(10):  # unbounded before: held until released
+            with pytest.raises(DatabaseUnavailable):
+                await EventStore(seam(pool)).newest_id("t1")
+    finally:
+        for conn in held:
+            await pool.release(conn)
+
+
+async def test_a_caller_arriving_during_a_read_gives_up_at_its_own_deadline(
+    pool: asyncpg.Pool, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of d13e826: a caller arriving while a read is in flight waited for that read
+    to end, then for a read of its own, each with the whole budget (2x NEWEST_WAIT_S).
+    Now it gives up at its own deadline, whatever its own read is doing then."""
+    monkeypatch.setattr(store_module, "NEWEST_WAIT_S", 1.0)
+    store = EventStore(seam(pool))
+    locker = await asyncpg.connect(database_url)
+    lock = locker.transaction()
+    await lock.start()
+    await locker.execute("LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE")
+    try:
+        first = asyncio.create_task(store.newest_id("t1"))
+        # The first read is waiting on the lock before the second caller comes.
+        async with asyncio.timeout(10):
+            while not await waiting_on_the_lock(locker):  # noqa: ASYNC110  the server's view
+                await asyncio.sleep(0)
+        with pytest.raises(DatabaseUnavailable):
+            await asyncio.wait_for(store.newest_id("t1"), 10)
+        # Given up before its own read began (the first one still ending: its connection
+        # given back), or while it waits; before, only when it had ended.
+        reads = store._newest
+        assert reads.reads == 1 or "t1" in reads._flights, "it waited for its own read's end"
+        with pytest.raises(DatabaseUnavailable):
+            await asyncio.wait_for(first, 10)
+    finally:
+        await lock.rollback()
+        await locker.close()
+
+
+async def waiting_on_the_lock(conn: asyncpg.Connection) -> bool:
+    """Whether a read of a tenant's newest id waits on a lock on the server."""
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%last_event_id FROM tenants%'"
+        )
+    )
