@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import queue
+import signal
 import socket
 import subprocess
 import threading
@@ -57,6 +58,19 @@ def _share_the_default_ssl_context() -> None:
 
 
 _share_the_default_ssl_context()
+
+
+def _take_ctrl_c_as_a_terminal_does() -> None:
+    """A shell starts a background job (`.ci/run ... &`, a script's `cmd &`) with SIGINT
+    ignored, and an ignored signal stays ignored in every program it starts: the scripts
+    the tests stop with Ctrl-C (the README's, which count on Python's KeyboardInterrupt)
+    then ran on, and their tests failed on a timeout. The suite puts back the default
+    that a terminal gives, so that its programs get the Ctrl-C their users would."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_take_ctrl_c_as_a_terminal_does()
 
 
 @pytest.fixture(scope="session")

@@ -446,9 +446,14 @@ async def run_until(
         assert printed(), "".join(lines)
         if interrupt and proc.returncode is None:
             os.killpg(proc.pid, signal.SIGINT)
-            async with asyncio.timeout(timeout):
-                await proc.wait()
-                await reader
+            try:
+                async with asyncio.timeout(timeout):
+                    await proc.wait()
+                    await reader
+            except TimeoutError:
+                raise AssertionError(
+                    f"still running {timeout} s after Ctrl-C; it printed:\n{''.join(lines)}"
+                ) from None
             assert proc.returncode == 0, "".join(lines)
             assert not any(line.startswith("Traceback") for line in lines), "".join(lines)
     finally:
