@@ -111,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         port = settings.port if args.port is None else args.port
         workers = settings.workers if args.workers is None else args.workers
-        if args.fd is not None or workers > 1:  # one of several processes
+        several = args.fd is not None or workers > 1  # one of several processes
+        if several:
             configure_logging(settings.log_level, settings.log_format, with_pid=True)
         try:
             check_settings(settings)
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 sock = serving.listen(args.host, port)
                 serving.run(serving.serve_forever(settings, f"fd://{sock.fileno()}"))
         except StartupError as exc:
-            fail(f"pulse serve: {exc}")
+            fail(f"pulse serve: {exc}", logged=several)
     elif args.command == "migrate":
         asyncio.run(run_migrations(settings))
     elif args.command == "token":
@@ -168,12 +169,16 @@ def tcp_port(value: str) -> int:
     return number
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, *, logged: bool = False) -> NoReturn:
     """Stop with status 1 and ``message``: a plain line on stderr, or with
     PULSE_LOG_FORMAT=json a JSON log line like every other (a log shipper that reads
-    JSON would drop the one line that says why the process did not start)."""
+    JSON would drop the one line that says why the process did not start). ``logged``:
+    a log line in any format, for one of several processes, whose lines carry the time,
+    the level and the pid (as a plain line it could not be told from the others')."""
     if os.environ.get("PULSE_LOG_FORMAT", "").strip().lower() == "json":
         configure_logging("INFO", "json")  # again: the settings may be what failed
+        logged = True
+    if logged:
         logging.getLogger("pulse").critical(message)
         sys.exit(1)
     sys.exit(message)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -464,3 +465,28 @@ async def test_a_database_that_autovacuum_does_not_clean_is_said_at_startup(
     warned = [line for line in await said_serving(env) if "not vacuumed" in line]
     assert len(warned) == 1, warned
     assert "track_counts = off" in warned[0]
+
+
+async def test_with_workers_the_reason_a_worker_stops_is_a_log_line_with_its_pid() -> None:
+    """From the operations audit: under --workers each worker that could not start said
+    `pulse serve: cannot use the database ...` as a bare line, between the supervisor's
+    lines that carry the time, the level and a pid: which worker, and when, was lost.
+    Each such line is now a log line like the others, CRITICAL, with its worker's pid."""
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env = {
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/pulse_db",
+        "PULSE_JWT_SECRET": TEST_SECRET,
+    }
+    code, lines = await pulse("serve", "--port", str(free_port()), "--workers", "2", env=env)
+    assert code == 1, lines
+    assert not any("Traceback" in line for line in lines), lines
+    logged = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (\w+) \[(\d+)\] ")
+    assert all(logged.match(line) for line in lines), lines
+    reasons = [line for line in lines if "pulse serve: cannot use the database" in line]
+    assert reasons, lines
+    supervisor = {m[2] for line in lines if (m := logged.match(line)) and "worker" in line}
+    for line in reasons:
+        level, pid = logged.match(line).groups()  # type: ignore[union-attr]
+        assert level == "CRITICAL" and pid not in supervisor, line
