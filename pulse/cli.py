@@ -111,8 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         port = settings.port if args.port is None else args.port
         workers = settings.workers if args.workers is None else args.workers
-        several = args.fd is not None or workers > 1  # one of several processes
-        if several:
+        if args.fd is not None or workers > 1:  # one of several processes
             configure_logging(settings.log_level, settings.log_format, with_pid=True)
         try:
             check_settings(settings)
@@ -131,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 sock = serving.listen(args.host, port)
                 serving.run(serving.serve_forever(settings, f"fd://{sock.fileno()}"))
         except StartupError as exc:
-            fail(f"pulse serve: {exc}", logged=several)
+            # A worker's reason is a log line like its others (the supervisor's, before
+            # any worker runs, is the one line a single process says).
+            fail(f"pulse serve: {exc}", logged=args.fd is not None)
     elif args.command == "migrate":
         asyncio.run(run_migrations(settings))
     elif args.command == "token":
