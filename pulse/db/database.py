@@ -124,6 +124,7 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
         self.dsn = dsn
+        self._releasing: set[asyncio.Task[None]] = set()  # see _statement
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -178,19 +179,49 @@ class Database:
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
         with translated():
-            return await self.pool.fetch(query, *args, timeout=timeout)  # type: ignore[no-any-return]
+            async with self._statement() as conn:
+                return await conn.fetch(query, *args, timeout=timeout)  # type: ignore[no-any-return]
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
         with translated():
-            return await self.pool.fetchrow(query, *args, timeout=timeout)
+            async with self._statement() as conn:
+                return await conn.fetchrow(query, *args, timeout=timeout)
 
     async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any:
         with translated():
-            return await self.pool.fetchval(query, *args, timeout=timeout)
+            async with self._statement() as conn:
+                return await conn.fetchval(query, *args, timeout=timeout)
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         with translated():
-            return await self.pool.execute(query, *args, timeout=timeout)  # type: ignore[no-any-return]
+            async with self._statement() as conn:
+                return await conn.execute(query, *args, timeout=timeout)  # type: ignore[no-any-return]
+
+    @contextlib.asynccontextmanager
+    async def _statement(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for one statement, whose timeout is the caller's wait.
+
+        A statement that timed out (or whose caller was cancelled) is cancelled by
+        asyncpg over a connection of its own, and the pool takes the connection back only
+        once the server has answered that: a server that stopped answering (SIGSTOPped,
+        its machine gone) held the caller of a 0.5 s statement for command_timeout, 60 s.
+        The connection goes back to the pool in the background instead."""
+        conn = await self.pool.acquire()
+        try:
+            yield conn
+        except (TimeoutError, asyncio.CancelledError):
+            released = asyncio.get_running_loop().create_task(self._release(conn))
+            self._releasing.add(released)
+            released.add_done_callback(self._releasing.discard)
+            raise
+        except BaseException:
+            await self.pool.release(conn)
+            raise
+        await self.pool.release(conn)
+
+    async def _release(self, conn: asyncpg.Connection) -> None:
+        with contextlib.suppress(Exception):  # the pool, closed meanwhile, closed it
+            await self.pool.release(conn)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import asyncpg
@@ -70,17 +72,30 @@ async def test_a_statement_past_the_drivers_timeout_is_said_as_a_timeout(
 async def test_a_frozen_database_is_not_said_to_be_up(database_url: str, said: Said) -> None:
     """Review of 4aaecd5: asyncpg's timeout fires alike when the server stopped answering
     (SIGSTOPped, its machine gone, the network cut), and the client was told "(the
-    database is up)". Only the server's own statement_timeout shows it is up."""
+    database is up)". Only the server's own statement_timeout shows it is up.
+
+    And the statement's timeout is its caller's wait: asyncpg cancels a timed-out
+    statement over a connection of its own, and its pool took the connection back (and
+    let the caller go) only once the frozen server answered that, or after its
+    command_timeout: this 0.5 s statement raised after 60 s. The connection goes back
+    to the pool once the server answers again."""
     async with database_proxy(database_url) as proxy:
         pool = await create_pool(proxy.dsn, min_size=1, max_size=1)
+        db = seam(pool)
         try:
-            assert await seam(pool).fetchval("SELECT 1") == 1
+            assert await db.fetchval("SELECT 1") == 1
             proxy.freeze()
+            started = time.monotonic()
             with pytest.raises(DatabaseTimeout) as raised:
-                await seam(pool).fetchval("SELECT 1", timeout=0.5)
+                await db.fetchval("SELECT 1", timeout=0.5)
+            took = time.monotonic() - started
+            proxy.thaw()
+            # The pool's one connection, back once the cancel went through.
+            assert await asyncio.wait_for(db.fetchval("SELECT 2"), 30) == 2
         finally:
             proxy.thaw()
             pool.terminate()
+    assert took < 10, took  # command_timeout's 60 s before
     detail, line = said(raised.value)
     assert "is up" not in detail + line, (detail, line)
     assert detail.startswith("The database did not answer in time"), detail
