@@ -4,7 +4,7 @@ open streams return to their baseline once the clients are gone; nothing errs, n
 acknowledged is lost.
 
 Environment:
-- PULSE_SOAK_S: the load's duration in seconds (default 75, so the suite stays short;
+- PULSE_SOAK_S: the load's duration in seconds (default 45, so the suite stays short;
   PULSE_SOAK_S=1800 is the long run, see docs/operations.md).
 - PULSE_SOAK_REPORT: a file to write the figures to, as JSON.
 - PULSE_SOAK_SERVER_ENV: a JSON object of extra environment for the server: other
@@ -46,7 +46,7 @@ from tests.soak_support import (
 )
 from tests.support import provision_device, pulse_serve
 
-SOAK_S = float(os.environ.get("PULSE_SOAK_S", "75"))
+SOAK_S = float(os.environ.get("PULSE_SOAK_S", "45"))
 POOL_SIZE = 10
 SERVER_ENV = {
     "PULSE_WORKERS": "1",
