@@ -127,25 +127,41 @@ class JsonFormatter(logging.Formatter):
 class OncePer(logging.Filter):
     """A logger's filter: one record per ``every_s`` seconds, its traceback cut to the
     exception's line. asyncpg's pool logs "Failed to restore the pool connection floor"
-    with a 20-line traceback every 2 to 4 s of a database outage."""
+    with a 20-line traceback every 2 to 4 s of a database outage.
+
+    The count of records left out belongs to its incident, as with Throttled: when the
+    last was left out more than ``every_s`` before (that incident ended), the next line
+    says the count as the earlier incident's, until when. Before, the next outage's
+    first line claimed it ("(and 4 more times in the last 70 s)")."""
 
     def __init__(self, every_s: float = 10.0) -> None:
         super().__init__()
         self._every_s = every_s
         self._said_at: float | None = None
         self._unsaid = 0
+        self._left_out_at = 0.0
 
     def filter(self, record: logging.LogRecord) -> bool:
         now = time.monotonic()
         if self._said_at is not None and now - self._said_at < self._every_s:
             self._unsaid += 1
+            self._left_out_at = now
             return False
         message = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             error = record.exc_info[1]
             message += f": {type(error).__name__}: {error}"
         if self._unsaid and self._said_at is not None:
-            message += f" (and {self._unsaid} more times in the last {now - self._said_at:.0f} s)"
+            if now - self._left_out_at <= self._every_s:
+                message += (
+                    f" (and {self._unsaid} more times in the last {now - self._said_at:.0f} s)"
+                )
+            else:
+                message += (
+                    f" (the last incident: {self._unsaid} more times in the "
+                    f"{self._left_out_at - self._said_at:.0f} s after its line, until "
+                    f"{now - self._left_out_at:.0f} s ago)"
+                )
         record.msg, record.args = message, None
         record.exc_info = record.exc_text = None
         self._said_at, self._unsaid = now, 0

@@ -329,3 +329,23 @@ def test_the_pools_reconnect_failures_are_one_short_line_per_ten_seconds(
         "[Errno 111] Connect call failed"
     )
     assert lines[1].endswith("(and 3 more times in the last 12 s)")
+
+
+def test_the_pools_count_belongs_to_its_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the operator audit: as Throttled's did, the pool's filter gave an outage's
+    count to the next outage's first line ("(and 2 more times in the last 64 s)", a
+    minute after the first had ended). It is said as the last incident's now."""
+    clock = [1000.0]
+    monkeypatch.setattr("pulse.logs.time.monotonic", lambda: clock[0])
+    out = io.StringIO()
+    configure_logging("INFO", "text", stream=out)
+    pool = logging.getLogger("asyncpg.pool")
+    for at in (0, 3, 6, 64):  # an outage of 6 s, then another a minute later
+        clock[0] = 1000.0 + at
+        pool.warning("Failed to restore the pool connection floor")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[1].endswith(
+        "Failed to restore the pool connection floor "
+        "(the last incident: 2 more times in the 6 s after its line, until 58 s ago)"
+    ), lines
