@@ -19,12 +19,13 @@ READING_FIELDS = ("ts", "metrics", "seq")
 
 # seq is stored as bigint. Metric values go through orjson, which encodes
 # integers up to 64 bits (signed or unsigned) and refuses anything larger.
-_BIGINT = range(-(2**63), 2**63)
+# (Compared, not `in range(...)`: for an int subclass that is a walk through the range.)
+_BIGINT = (-(2**63), 2**63)
 # A UTC offset down to the microsecond, as datetime.isoformat() writes one.
 _OFFSET_WITH_FRACTION = re.compile(
     r"(?P<sign>[+-])(?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)\.(?P<us>\d{1,6})$"
 )
-_JSON_INT = range(-(2**63), 2**64)
+_JSON_INT = (-(2**63), 2**64)
 
 MetricValue = int | float | bool
 
@@ -276,7 +277,7 @@ def is_metric_value(value: object) -> bool:
     if isinstance(value, bool):
         return True
     if isinstance(value, int):
-        return value in _JSON_INT
+        return _JSON_INT[0] <= value < _JSON_INT[1]
     return isinstance(value, float) and math.isfinite(value)
 
 
@@ -311,7 +312,7 @@ def parse_seq(value: object) -> int | None:
     # bool is a subclass of int in Python, but true is not a sequence number.
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidPayload(f"seq must be an integer, not {_json_kind(value)}.")
-    if value not in _BIGINT:
+    if not _BIGINT[0] <= value < _BIGINT[1]:
         raise InvalidPayload("seq must fit in a signed 64-bit integer.")
     return value
 
@@ -334,7 +335,7 @@ def _json_kind(value: object) -> str:
             return "an infinite number"
         return "a number" if value.is_integer() else "a number with a fraction"
     if isinstance(value, int):
-        return "an integer" if value in _JSON_INT else "an integer beyond 64 bits"
+        return "an integer" if _JSON_INT[0] <= value < _JSON_INT[1] else "an integer beyond 64 bits"
     return type(value).__name__
 
 

@@ -25,6 +25,7 @@ from pulse.ingest.validation import (
     is_string,
     parse_metrics,
     parse_reading,
+    parse_seq,
 )
 from pulse.names import is_valid_name
 from pulse.times import format_time
@@ -416,3 +417,16 @@ def test_the_first_wrong_metric_is_named_after_many_good_ones(wrong: dict[str, o
     good = {f"m{i}": i for i in range(150)}
     later = {"another bad name": None, "w": [1]}
     assert explained_one_by_one(good | wrong | later) == rejected({"metrics": good | wrong | later})
+
+
+def test_an_int_subclass_is_checked_at_once() -> None:
+    """`value in range(...)` walks the range for a subclass of int (no JSON decoder makes
+    one, but an embedding program might): is_metric_value and parse_seq hung on one."""
+
+    class Count(int):
+        pass
+
+    assert is_metric_value(Count(2**63)) and not is_metric_value(Count(2**64))
+    assert parse_seq(Count(2**63 - 1)) == 2**63 - 1
+    with pytest.raises(InvalidPayload, match="signed 64-bit"):
+        parse_seq(Count(2**63))
