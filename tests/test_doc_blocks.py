@@ -463,6 +463,14 @@ async def test_the_rollups_repair_block_recounts_one_minute_as_the_keeper_did(
             "DELETE FROM telemetry_rollups WHERE width = 1 AND bucket = $1 AND device_id = 'd0'",
             minute,
         )
+        # A device whose readings of the minute retention has dropped: its rollups are
+        # all that is left of them, and the repair keeps them (it deleted them).
+        gone = (
+            "INSERT INTO telemetry_rollups (tenant_id, device_id, width, bucket, metric, count,"
+            " min, max, sum, last, last_time, last_id)"
+            " VALUES ('t1', 'gone', 1, $1, 'temp', 5, 1, 9, 25, 9, $1, 7)"
+        )
+        await conn.execute(gone, minute)
         quarter = minute.replace(minute=30)
         assert {r["quarter"] for r in await conn.fetch(check.code)} == {quarter}
         proc = await asyncio.create_subprocess_exec(
@@ -481,7 +489,9 @@ async def test_the_rollups_repair_block_recounts_one_minute_as_the_keeper_did(
         )
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
-        assert await conn.fetch(query, minute) == kept
+        after = await conn.fetch(query, minute)
+        assert [r for r in after if r["device_id"] != "gone"] == kept
+        assert [(r["count"], r["last_id"]) for r in after if r["device_id"] == "gone"] == [(5, 7)]
         assert await conn.fetch(check.code) == []  # nothing left to repair
     finally:
         await conn.close()
