@@ -115,23 +115,37 @@ RETURNING counts_from
 -- At most $6 devices move per statement (the first in key order): a site's
 -- thousands going silent together are moved in several short statements, each
 -- holding its rows' locks (which ingest of those devices waits for) briefly.
+-- Stalled: a statement of this database's user (Pulse's writes) has waited over $7
+-- seconds for a lock (a tenant's row held by a long transaction, a DDL in the way):
+-- the devices' readings are waiting to be written, so their silence is not theirs.
+-- Then nothing moves, and silence counts from now on (stalled_at, which the sweeper
+-- keeps as $5 from then on; and counts_from, for whoever leads next).
 WITH clock AS (
     SELECT coalesce($1::timestamptz, now()) AS now,
            make_interval(secs => $2::float8) AS stale_after,
            make_interval(secs => $3::float8) AS offline_after,
            $5::timestamptz AS since
+), stall AS (
+    SELECT EXISTS (
+        SELECT 1 FROM pg_stat_activity a
+         WHERE a.datname = current_database() AND a.usename = current_user
+           AND a.pid <> pg_backend_pid() AND a.state = 'active'
+           AND a.wait_event_type = 'Lock'
+           AND a.query_start < clock_timestamp() - make_interval(secs => $7::float8)
+    ) AS stalled
 ), due AS (
     SELECT d.tenant_id, d.device_id, d.status AS previous, d.last_seen_at,
            CASE WHEN d.last_seen_at IS NULL
                   OR greatest(d.last_seen_at, c.since) < c.now - c.offline_after
                 THEN 'OFFLINE' ELSE 'STALE' END AS status
-      FROM devices d, clock c
-     WHERE (d.status = 'ONLINE'
-            AND (d.last_seen_at IS NULL
-                 OR greatest(d.last_seen_at, c.since) < c.now - c.stale_after))
-        OR (d.status = 'STALE'
-            AND (d.last_seen_at IS NULL
-                 OR greatest(d.last_seen_at, c.since) < c.now - c.offline_after))
+      FROM devices d, clock c, stall
+     WHERE NOT stall.stalled
+       AND ((d.status = 'ONLINE'
+             AND (d.last_seen_at IS NULL
+                  OR greatest(d.last_seen_at, c.since) < c.now - c.stale_after))
+         OR (d.status = 'STALE'
+             AND (d.last_seen_at IS NULL
+                  OR greatest(d.last_seen_at, c.since) < c.now - c.offline_after)))
      ORDER BY d.tenant_id, d.device_id
      LIMIT $6
        FOR UPDATE OF d SKIP LOCKED
@@ -142,7 +156,10 @@ WITH clock AS (
      WHERE d.tenant_id = due.tenant_id AND d.device_id = due.device_id
     RETURNING d.tenant_id, d.device_id, due.previous, d.status, d.last_seen_at
 ), swept AS (
-    UPDATE status_sweeps s SET swept_at = c.now FROM clock c
+    UPDATE status_sweeps s
+       SET swept_at = c.now,
+           counts_from = CASE WHEN stall.stalled THEN c.now ELSE s.counts_from END
+      FROM clock c, stall
 ), silent AS (
     INSERT INTO alerts (tenant_id, device_id, alert_type, severity, summary, details)
     SELECT m.tenant_id, m.device_id, 'NO_HEARTBEAT', $4::smallint,
@@ -160,7 +177,8 @@ WITH clock AS (
 )
 SELECT (SELECT count(*) FROM moved WHERE status = 'STALE') AS stale,
        (SELECT count(*) FROM moved WHERE status = 'OFFLINE') AS offline,
-       (SELECT count(*) FROM silent) AS alerts_opened
+       (SELECT count(*) FROM silent) AS alerts_opened,
+       (SELECT c.now FROM clock c, stall WHERE stall.stalled) AS stalled_at
 
 -- Alert rules at ingest (pulse.fleet.rules) ----------------------------------
 

@@ -52,6 +52,9 @@ class Swept:
     stale: int
     offline: int
     alerts_opened: int
+    # When the pass found Pulse's writes stuck behind a lock, and so moved nothing
+    # (see sweep_statuses); silence counts from then.
+    stalled_at: datetime | None = None
 
 
 async def sweep_statuses(
@@ -62,10 +65,19 @@ async def sweep_statuses(
     now: datetime | None = None,
     since: datetime | None = None,
     batch: int = SWEEP_BATCH,
+    stall_after_s: float | None = None,
 ) -> Swept:
     """One set-based pass over every device of every tenant, in statements of at most
     ``batch`` devices moved; silence before ``since`` (when sweeping began) is not
-    counted."""
+    counted.
+
+    Nothing moves while a statement of Pulse's (of the database's user) has waited more
+    than ``stall_after_s`` for a lock: an operations audit held a lock on a tenant's row
+    for 30 s, and every device went STALE with a NO_HEARTBEAT alert, each closed 0.6 s
+    after the lock's end, when the readings that had waited were written. The pass
+    says when it found that (``stalled_at``), from which silence then counts."""
+    if stall_after_s is None:
+        stall_after_s = default_stall(stale_after_s)
     stale = offline = alerts_opened = 0
     while True:
         row = await conn.fetchrow(
@@ -76,18 +88,27 @@ async def sweep_statuses(
             NO_HEARTBEAT_SEVERITY,
             since,
             batch,
+            stall_after_s,
             timeout=QUERY_TIMEOUT_S,
         )
         stale += row["stale"]
         offline += row["offline"]
         alerts_opened += row["alerts_opened"]
-        if row["stale"] + row["offline"] < batch:
-            return Swept(stale, offline, alerts_opened)
+        if row["stalled_at"] is not None or row["stale"] + row["offline"] < batch:
+            return Swept(stale, offline, alerts_opened, row["stalled_at"])
 
 
 def default_interval(stale_after_s: float) -> float:
     """Often enough that a status is at most a small part of a threshold late."""
     return max(0.05, min(1.0, stale_after_s / 10))
+
+
+def default_stall(stale_after_s: float) -> float:
+    """How long a write of Pulse's may wait for a lock before the sweeper takes the
+    writes to be stuck: far longer than writes wait on each other (a tenant's writes
+    take turns on its row), well within a threshold, so that it is seen before the
+    devices whose readings wait would be taken for silent."""
+    return max(1.0, min(5.0, stale_after_s / 4))
 
 
 class StatusSweeper:
@@ -155,6 +176,7 @@ class StatusSweeper:
             )
         self.leading.set()
         log.info("this process now sweeps device statuses")
+        stalled = False
         while True:
             swept = await sweep_statuses(
                 conn,
@@ -164,6 +186,18 @@ class StatusSweeper:
                 since=since,
             )
             self.sweeps += 1
+            if swept.stalled_at is not None:
+                since = swept.stalled_at if since is None else max(since, swept.stalled_at)
+            if swept.stalled_at is not None and not stalled:
+                log.warning(
+                    "device statuses held: a write has waited over %g s for a lock in the "
+                    "database, so devices whose readings wait are not taken for silent; "
+                    "their silence counts from when writes go through again",
+                    default_stall(self._stale_after_s),
+                )
+            elif stalled and swept.stalled_at is None:
+                log.info("device statuses: writes go through again; silence counts from now")
+            stalled = swept.stalled_at is not None
             if swept.stale or swept.offline:
                 log.info(
                     "device statuses: %d now STALE, %d now OFFLINE, %d NO_HEARTBEAT alerts",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 import httpx
+import pytest
 
 from pulse.config import Settings
 from pulse.fleet.sweeper import (
@@ -520,6 +522,77 @@ async def test_the_server_sweeps(
                 assert leads <= await metric_lines(http)
     finally:
         await listener.close()
+
+
+async def test_devices_whose_readings_wait_for_a_lock_are_not_taken_for_silent(
+    database_url: str, settings: Settings, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operations audit held a lock on `tenants` for 30 s (database up): every
+    device's readings waited, and every device went STALE with a NO_HEARTBEAT alert,
+    all closed 0.6 s after the lock's end when the readings went in. The sweeper now
+    holds statuses while a write waits for a lock, and counts silence from the stall's
+    end; a device that was silent before it still goes STALE and gets its alert."""
+    fast = Settings(
+        database_url=database_url,
+        jwt_secret=settings.jwt_secret,
+        data_dir=settings.data_dir,
+        stale_after_s=2.0,
+        offline_after_s=60.0,
+    )
+    fleet = Fleet(pool)
+    reporting = ("dev-1", "dev-2")
+    for device in (*reporting, "quiet"):
+        await fleet.device(device)
+    stop = asyncio.Event()
+    holder = await asyncpg.connect(database_url)
+    caplog.set_level(logging.INFO, logger="pulse.fleet.sweeper")
+    async with running_server(fast) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+
+        async def post(device: str) -> int:
+            r = await http.post(
+                f"/ingest/v1/tenant/t1/device/{device}/telemetry",
+                json={"metrics": {"temp": 20}},
+                headers={"X-Provision-Token": fleet.tokens[("t1", device)]},
+            )
+            assert r.status_code in (201, 503), r.text  # a device retries a 503
+            return r.status_code
+
+        async def report(device: str) -> None:
+            while not stop.is_set():
+                await post(device)
+                await asyncio.sleep(0.2)  # the devices' pace
+
+        assert await post("quiet") == 201  # once, then silent
+        reporters = [asyncio.create_task(report(d)) for d in reporting]
+        try:
+            async with asyncio.timeout(30):
+                while {await status(pool, d) for d in reporting} != {"ONLINE"}:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            # The tenant's row held, as a long transaction updating it would: every
+            # write of the tenant waits for it, for three thresholds.
+            async with holder.transaction():
+                await holder.execute(
+                    "SELECT 1 FROM tenants WHERE tenant_id = 't1' FOR NO KEY UPDATE"
+                )
+                await asyncio.sleep(3 * fast.stale_after_s)  # the lock's length, the scenario
+            released = await pool.fetchval("SELECT now()")
+            # Until both report again (their readings written after the lock's end).
+            async with asyncio.timeout(30):
+                while min([await last_seen(pool, d) for d in reporting]) <= released:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            # The silent one: STALE, a threshold after the stall at the latest.
+            async with asyncio.timeout(30):
+                while await status(pool, "quiet") != "STALE":  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.gather(*reporters)
+            await holder.close()
+    alerted = {a["device_id"] for a in await fleet.alerts(alert_type="NO_HEARTBEAT")}
+    assert alerted == {"quiet"}, alerted
+    assert {await status(pool, d) for d in reporting} == {"ONLINE"}
+    said = [r.getMessage() for r in caplog.records if r.name == "pulse.fleet.sweeper"]
+    assert sum(m.startswith("device statuses held: ") for m in said) == 1, said
 
 
 def test_default_interval_is_a_fraction_of_the_threshold() -> None:
