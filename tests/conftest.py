@@ -283,9 +283,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-# The slowest files, run first: with two workers (pyproject's addopts), one of them
-# runs the soak while the other gets through the rest, instead of the soak running
-# alone at the end.
+# The slowest files, run first: with several workers (pyproject's addopts), one of
+# them runs the soak while the others get through the rest, instead of the soak
+# running alone at the end.
 SLOW_FILES = ("tests/test_soak.py", "tests/test_bus_cluster.py", "tests/demo/test_readme.py")
 
 
