@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections import OrderedDict
 from datetime import UTC, datetime
+from time import monotonic  # a name of this module's own: tests set it
 from typing import TextIO
 
 import orjson
@@ -142,7 +142,7 @@ class OncePer(logging.Filter):
         self._left_out_at = 0.0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
+        now = monotonic()
         if self._said_at is not None and now - self._said_at < self._every_s:
             self._unsaid += 1
             self._left_out_at = now
@@ -191,11 +191,11 @@ class Throttled:
         self._unsaid = 0
         # The last call left out: when, at which level, its message and arguments.
         self._left_out: tuple[float, int, str, tuple[object, ...]] | None = None
-        self._traced: OrderedDict[tuple[type[BaseException], str, tuple[str, int] | None], None]
+        self._traced: OrderedDict[tuple[type[BaseException], str | tuple[str, int]], None]
         self._traced = OrderedDict()
 
     def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
+        now = monotonic()
         if self._held(now, logging.WARNING, message, args):
             return
         message, args = self._with_count(now, message, args)
@@ -205,13 +205,13 @@ class Throttled:
     def error(self, message: str, *args: object, exc: BaseException | None = None) -> None:
         """An error that may last (a permission revoked: every try fails alike), said from
         an ``except`` block (or of ``exc``): the traceback of each different error (its
-        class, text and the line that raised it) in full the first time; else its
+        class and the line that raised it) in full the first time; else its
         exception's line, once per ``every_s`` at most, with how many times it was not
         said in between. Before, such an error wrote a 28-line traceback a second per
         tenant."""
         error = exc if exc is not None else sys.exc_info()[1]
-        now = time.monotonic()
-        key = None if error is None else (type(error), str(error), _raised_at(error))
+        now = monotonic()
+        key = None if error is None else _error_key(error)
         if key is not None and key not in self._traced:
             if len(self._traced) >= _TRACED_AT_MOST:
                 self._traced.popitem(last=False)
@@ -269,6 +269,14 @@ class Throttled:
         )
         self._unsaid = 0
         return True
+
+
+def _error_key(error: BaseException) -> tuple[type[BaseException], str | tuple[str, int]]:
+    """What tells two errors apart for tracing: their class and where they were raised;
+    their text only when that is not known. The text alone told apart errors that differ
+    by an id or a time in it: one raised with a new text each time was traced each time."""
+    raised_at = _raised_at(error)
+    return type(error), str(error) if raised_at is None else raised_at
 
 
 def _raised_at(error: BaseException) -> tuple[str, int] | None:

@@ -180,7 +180,7 @@ def test_a_throttled_warning_is_said_once_per_interval_with_what_it_left_out(
     from pulse import logs
 
     clock = [100.0]
-    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(logs, "monotonic", lambda: clock[0])
     throttled = logs.Throttled(logging.getLogger("pulse.test"), every_s=10)
     with caplog.at_level(logging.WARNING, logger="pulse.test"):
         for _ in range(5):
@@ -204,7 +204,7 @@ def test_a_throttled_count_is_said_as_its_incidents_not_the_next_ones(
     from pulse import logs
 
     clock = [100.0]
-    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(logs, "monotonic", lambda: clock[0])
     throttled = logs.Throttled(logging.getLogger("pulse.test"), every_s=10)
     with caplog.at_level(logging.WARNING, logger="pulse.test"):
         for _ in range(4):  # an outage: at 100, 101, 102 and 103 s
@@ -230,7 +230,7 @@ def test_a_throttled_error_traced_is_remembered_past_a_hundred_others(
     from pulse import logs
 
     clock = [100.0]
-    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(logs, "monotonic", lambda: clock[0])
     throttled = logs.Throttled(logging.getLogger("pulse.test"), every_s=10)
     lasting = PermissionError("permission denied for table telemetry")
     with caplog.at_level(logging.ERROR, logger="pulse.test"):
@@ -250,7 +250,7 @@ def test_a_throttled_error_is_traced_once_then_counted(
     from pulse import logs
 
     clock = [100.0]
-    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(logs, "monotonic", lambda: clock[0])
     throttled = logs.Throttled(logging.getLogger("pulse.test"), every_s=10)
 
     def fail(error: Exception) -> None:
@@ -312,7 +312,7 @@ def test_the_pools_reconnect_failures_are_one_short_line_per_ten_seconds(
     """During a database outage asyncpg's pool logged "Failed to restore the pool
     connection floor" with a 20-line traceback every 2 to 4 s."""
     clock = [1000.0]
-    monkeypatch.setattr("pulse.logs.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("pulse.logs.monotonic", lambda: clock[0])
     out = io.StringIO()
     configure_logging("INFO", "text", stream=out)
     pool = logging.getLogger("asyncpg.pool")
@@ -336,7 +336,7 @@ def test_the_pools_count_belongs_to_its_outage(monkeypatch: pytest.MonkeyPatch) 
     count to the next outage's first line ("(and 2 more times in the last 64 s)", a
     minute after the first had ended). It is said as the last incident's now."""
     clock = [1000.0]
-    monkeypatch.setattr("pulse.logs.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("pulse.logs.monotonic", lambda: clock[0])
     out = io.StringIO()
     configure_logging("INFO", "text", stream=out)
     pool = logging.getLogger("asyncpg.pool")
@@ -349,3 +349,28 @@ def test_the_pools_count_belongs_to_its_outage(monkeypatch: pytest.MonkeyPatch) 
         "Failed to restore the pool connection floor "
         "(the last incident: 2 more times in the 6 s after its line, until 58 s ago)"
     ), lines
+
+
+def test_an_error_whose_text_changes_is_traced_once(caplog: pytest.LogCaptureFixture) -> None:
+    """From the operator audit's notes: errors were told apart by their text too, so one
+    that carries an id or a time (a new text each time) wrote its whole traceback at
+    every try. Its class and the line that raised it tell it apart now; each line still
+    says its own text."""
+    from pulse import logs
+
+    throttled = logs.Throttled(logging.getLogger("pulse.test"), every_s=0)
+
+    def lookup(device: str) -> None:
+        raise LookupError(f"no such device {device}")
+
+    with caplog.at_level(logging.ERROR, logger="pulse.test"):
+        for n in range(5):
+            try:
+                lookup(f"d{n}")
+            except LookupError:
+                throttled.error("handling a reading failed")
+    traced = [r for r in caplog.records if r.exc_info]
+    assert len(traced) == 1, [r.getMessage() for r in caplog.records]
+    assert caplog.records[-1].getMessage() == (
+        "handling a reading failed: LookupError: no such device d4 (again)"
+    )
