@@ -64,6 +64,14 @@ async def test_ingest_over_two_workers_keeps_ids_exact(
     ) as server:
         workers = worker_pids(server.proc.pid)
         assert len(workers) == 2
+        # Both serving before the load: the server answers once one does, and on a busy
+        # machine the other, still starting, took none of the 128 connections.
+        assert server.proc.stderr is not None
+        async with asyncio.timeout(60):
+            while not all(
+                f"[{pid}] hypercorn.error: Running on".encode() in server.stderr for pid in workers
+            ):
+                server.stderr += await server.proc.stderr.readline()
         accepted: list[int] = []
 
         async def device(device_id: str) -> None:
