@@ -115,31 +115,42 @@ RETURNING counts_from
 -- At most $6 devices move per statement (the first in key order): a site's
 -- thousands going silent together are moved in several short statements, each
 -- holding its rows' locks (which ingest of those devices waits for) briefly.
--- Stalled: a statement of this database's user (Pulse's writes) has waited over $7
--- seconds for a lock (a tenant's row held by a long transaction, a DDL in the way):
--- the devices' readings are waiting to be written, so their silence is not theirs.
--- Then nothing moves, and silence counts from now on (stalled_at, which the sweeper
--- keeps as $5 from then on; and counts_from, for whoever leads next).
+-- Held: another session of the database's user (Pulse's writes) has waited over $7
+-- seconds for a lock that holds up writes (a row, a transaction, a table: a tenant's
+-- row held by a long transaction, a schema change in the way; not an advisory lock,
+-- nor a wait for other transactions to end, as DETACH CONCURRENTLY's): the devices'
+-- readings are waiting to be written, so their silence is not theirs. Unless $8 is
+-- false (the sweeper has held long enough), nothing moves then, and silence counts from
+-- now on (held_at, which the sweeper keeps as $5 from then on; and counts_from, for
+-- whoever leads next). ``waiter`` says which session, whether held or not.
 WITH clock AS (
     SELECT coalesce($1::timestamptz, now()) AS now,
            make_interval(secs => $2::float8) AS stale_after,
            make_interval(secs => $3::float8) AS offline_after,
            $5::timestamptz AS since
 ), stall AS (
-    SELECT EXISTS (
-        SELECT 1 FROM pg_stat_activity a
-         WHERE a.datname = current_database() AND a.usename = current_user
-           AND a.pid <> pg_backend_pid() AND a.state = 'active'
-           AND a.wait_event_type = 'Lock'
-           AND a.query_start < clock_timestamp() - make_interval(secs => $7::float8)
-    ) AS stalled
+    SELECT w.waiter, w.waiter IS NOT NULL AND $8::boolean AS held
+      FROM (SELECT (
+                SELECT format('pid %s (%s) has waited %s s for a %s lock', a.pid,
+                              coalesce(nullif(a.application_name, ''), 'no application_name'),
+                              round(extract(epoch FROM clock_timestamp() - l.waitstart)::numeric, 1),
+                              l.locktype)
+                  FROM pg_locks l
+                  JOIN pg_stat_activity a ON a.pid = l.pid
+                 WHERE NOT l.granted
+                   AND l.locktype IN ('relation', 'tuple', 'transactionid')
+                   AND l.waitstart < clock_timestamp() - make_interval(secs => $7::float8)
+                   AND a.datname = current_database() AND a.usename = current_user
+                   AND a.pid <> pg_backend_pid()
+                 ORDER BY l.waitstart
+                 LIMIT 1) AS waiter) w
 ), due AS (
     SELECT d.tenant_id, d.device_id, d.status AS previous, d.last_seen_at,
            CASE WHEN d.last_seen_at IS NULL
                   OR greatest(d.last_seen_at, c.since) < c.now - c.offline_after
                 THEN 'OFFLINE' ELSE 'STALE' END AS status
       FROM devices d, clock c, stall
-     WHERE NOT stall.stalled
+     WHERE NOT stall.held
        AND ((d.status = 'ONLINE'
              AND (d.last_seen_at IS NULL
                   OR greatest(d.last_seen_at, c.since) < c.now - c.stale_after))
@@ -158,7 +169,7 @@ WITH clock AS (
 ), swept AS (
     UPDATE status_sweeps s
        SET swept_at = c.now,
-           counts_from = CASE WHEN stall.stalled THEN c.now ELSE s.counts_from END
+           counts_from = CASE WHEN stall.held THEN c.now ELSE s.counts_from END
       FROM clock c, stall
 ), silent AS (
     INSERT INTO alerts (tenant_id, device_id, alert_type, severity, summary, details)
@@ -178,7 +189,8 @@ WITH clock AS (
 SELECT (SELECT count(*) FROM moved WHERE status = 'STALE') AS stale,
        (SELECT count(*) FROM moved WHERE status = 'OFFLINE') AS offline,
        (SELECT count(*) FROM silent) AS alerts_opened,
-       (SELECT c.now FROM clock c, stall WHERE stall.stalled) AS stalled_at
+       (SELECT c.now FROM clock c, stall WHERE stall.held) AS held_at,
+       (SELECT waiter FROM stall) AS waiter
 
 -- Alert rules at ingest (pulse.fleet.rules) ----------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -52,9 +53,10 @@ class Swept:
     stale: int
     offline: int
     alerts_opened: int
-    # When the pass found Pulse's writes stuck behind a lock, and so moved nothing
-    # (see sweep_statuses); silence counts from then.
-    stalled_at: datetime | None = None
+    # A session whose writes wait for a lock (see sweep_statuses), in words, and when
+    # the pass held the statuses for it (silence counts from then).
+    waiter: str | None = None
+    held_at: datetime | None = None
 
 
 async def sweep_statuses(
@@ -66,16 +68,18 @@ async def sweep_statuses(
     since: datetime | None = None,
     batch: int = SWEEP_BATCH,
     stall_after_s: float | None = None,
+    may_hold: bool = True,
 ) -> Swept:
     """One set-based pass over every device of every tenant, in statements of at most
     ``batch`` devices moved; silence before ``since`` (when sweeping began) is not
     counted.
 
-    Nothing moves while a statement of Pulse's (of the database's user) has waited more
-    than ``stall_after_s`` for a lock: an operations audit held a lock on a tenant's row
-    for 30 s, and every device went STALE with a NO_HEARTBEAT alert, each closed 0.6 s
-    after the lock's end, when the readings that had waited were written. The pass
-    says when it found that (``stalled_at``), from which silence then counts."""
+    Nothing moves (with ``may_hold``) while another session of the database's user has
+    waited more than ``stall_after_s`` for a lock that holds up writes: an operations
+    audit held a tenant's row for 30 s, and every device went STALE with a NO_HEARTBEAT
+    alert, each closed 0.6 s after the lock's end, when the readings that had waited
+    were written. The pass says which session waits (``waiter``), and when it held the
+    statuses for it (``held_at``), from which silence then counts."""
     if stall_after_s is None:
         stall_after_s = default_stall(stale_after_s)
     stale = offline = alerts_opened = 0
@@ -89,13 +93,14 @@ async def sweep_statuses(
             since,
             batch,
             stall_after_s,
+            may_hold,
             timeout=QUERY_TIMEOUT_S,
         )
         stale += row["stale"]
         offline += row["offline"]
         alerts_opened += row["alerts_opened"]
-        if row["stalled_at"] is not None or row["stale"] + row["offline"] < batch:
-            return Swept(stale, offline, alerts_opened, row["stalled_at"])
+        if row["held_at"] is not None or row["stale"] + row["offline"] < batch:
+            return Swept(stale, offline, alerts_opened, row["waiter"], row["held_at"])
 
 
 def default_interval(stale_after_s: float) -> float:
@@ -104,11 +109,21 @@ def default_interval(stale_after_s: float) -> float:
 
 
 def default_stall(stale_after_s: float) -> float:
-    """How long a write of Pulse's may wait for a lock before the sweeper takes the
-    writes to be stuck: far longer than writes wait on each other (a tenant's writes
-    take turns on its row), well within a threshold, so that it is seen before the
-    devices whose readings wait would be taken for silent."""
+    """How long a session may wait for a lock before the sweeper takes Pulse's writes to
+    be stuck: far longer than writes wait on each other (a tenant's writes take turns on
+    its row), well within a threshold, so that it is seen before the devices whose
+    readings wait would be taken for silent."""
     return max(1.0, min(5.0, stale_after_s / 4))
+
+
+@dataclasses.dataclass
+class _Hold:
+    """Statuses held for sessions waiting for locks: since when, and the last wait seen
+    (the sweeper's process clock)."""
+
+    began: float | None = None
+    waited_at: float = 0.0
+    ended: bool = False  # by its length, the waits going on
 
 
 class StatusSweeper:
@@ -137,6 +152,12 @@ class StatusSweeper:
         # takeover within ``handover_s`` of the last sweep carries on from it.
         self._forgive_downtime = forgive_downtime
         self.handover_s = max(HANDOVER_S, 5 * self.interval_s)
+        # Statuses are held for a wait for a lock (sweep_statuses) for at most this long:
+        # past that it is an incident of its own, and silent devices are said again,
+        # whatever the reason (a session left idle in a transaction holding a tenant's
+        # row would otherwise keep every dead device ONLINE for as long).
+        self.hold_at_most_s = offline_after_s
+        self._held = Throttled(log)  # a line per 10 s at most, however the waits come
         self.leading = asyncio.Event()
         self.sweeps = 0
         self.rounds = 0  # lock attempts and sweeps
@@ -176,28 +197,21 @@ class StatusSweeper:
             )
         self.leading.set()
         log.info("this process now sweeps device statuses")
-        stalled = False
+        hold = _Hold()
         while True:
+            may_hold = hold.began is None or time.monotonic() - hold.began < self.hold_at_most_s
             swept = await sweep_statuses(
                 conn,
                 stale_after_s=self._stale_after_s,
                 offline_after_s=self._offline_after_s,
                 now=self._clock(),
                 since=since,
+                may_hold=may_hold,
             )
             self.sweeps += 1
-            if swept.stalled_at is not None:
-                since = swept.stalled_at if since is None else max(since, swept.stalled_at)
-            if swept.stalled_at is not None and not stalled:
-                log.warning(
-                    "device statuses held: a write has waited over %g s for a lock in the "
-                    "database, so devices whose readings wait are not taken for silent; "
-                    "their silence counts from when writes go through again",
-                    default_stall(self._stale_after_s),
-                )
-            elif stalled and swept.stalled_at is None:
-                log.info("device statuses: writes go through again; silence counts from now")
-            stalled = swept.stalled_at is not None
+            if swept.held_at is not None:
+                since = swept.held_at if since is None else max(since, swept.held_at)
+            self._follow_hold(hold, swept)
             if swept.stale or swept.offline:
                 log.info(
                     "device statuses: %d now STALE, %d now OFFLINE, %d NO_HEARTBEAT alerts",
@@ -207,6 +221,34 @@ class StatusSweeper:
                 )
             await self._round_finished()
             await asyncio.sleep(self.interval_s)
+
+    def _follow_hold(self, hold: _Hold, swept: Swept) -> None:
+        """Keep and say a hold (sweep_statuses) as it begins, lasts and ends. It ends once
+        no session has waited for a threshold (PULSE_STALE_AFTER_S): waits that come and
+        go make one hold, which lasts at most ``hold_at_most_s`` in all."""
+        now = time.monotonic()
+        if swept.waiter is None:
+            if hold.began is not None and now - hold.waited_at >= self._stale_after_s:
+                hold.began = None
+                log.info("device statuses move again: no write waits for a lock any more")
+            return
+        if hold.began is None:
+            hold.began, hold.ended = now, False
+        hold.waited_at = now
+        if swept.held_at is not None:
+            self._held.warning(
+                "device statuses held: %s, so devices whose readings wait are not taken "
+                "for silent; their silence counts from when writes go through again",
+                swept.waiter,
+            )
+        elif not hold.ended:
+            hold.ended = True
+            log.warning(
+                "device statuses move again although %s: they were held for %g s, the "
+                "longest allowed (PULSE_OFFLINE_AFTER_S)",
+                swept.waiter,
+                self.hold_at_most_s,
+            )
 
     async def _round_finished(self) -> None:
         self.rounds += 1

@@ -536,7 +536,7 @@ async def test_devices_whose_readings_wait_for_a_lock_are_not_taken_for_silent(
         database_url=database_url,
         jwt_secret=settings.jwt_secret,
         data_dir=settings.data_dir,
-        stale_after_s=2.0,
+        stale_after_s=3.0,  # a wait is taken for a stall after 1 s
         offline_after_s=60.0,
     )
     fleet = Fleet(pool)
@@ -574,7 +574,7 @@ async def test_devices_whose_readings_wait_for_a_lock_are_not_taken_for_silent(
                 await holder.execute(
                     "SELECT 1 FROM tenants WHERE tenant_id = 't1' FOR NO KEY UPDATE"
                 )
-                await asyncio.sleep(3 * fast.stale_after_s)  # the lock's length, the scenario
+                await asyncio.sleep(2 * fast.stale_after_s)  # the lock's length, the scenario
             released = await pool.fetchval("SELECT now()")
             # Until both report again (their readings written after the lock's end).
             async with asyncio.timeout(30):
@@ -592,7 +592,89 @@ async def test_devices_whose_readings_wait_for_a_lock_are_not_taken_for_silent(
     assert alerted == {"quiet"}, alerted
     assert {await status(pool, d) for d in reporting} == {"ONLINE"}
     said = [r.getMessage() for r in caplog.records if r.name == "pulse.fleet.sweeper"]
-    assert sum(m.startswith("device statuses held: ") for m in said) == 1, said
+    held = [m for m in said if m.startswith("device statuses held: pid ")]
+    assert len(held) == 1 and "for a transactionid lock" in held[0], said
+    assert sum(m.startswith("device statuses move again: ") for m in said) == 1, said
+
+
+@contextlib.asynccontextmanager
+async def a_session_waiting(database_url: str, take: str) -> AsyncIterator[None]:
+    """Another session of the database's user waiting for a lock, ``take``, which a third
+    holds, for over a second when the block begins."""
+    holder = await asyncpg.connect(database_url)
+    waiter = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute(take)
+        waiting = asyncio.create_task(waiter.execute(take))
+        pid = waiter.get_server_pid()
+        waited = (
+            "SELECT clock_timestamp() - waitstart > interval '1.2 s' FROM pg_locks"
+            " WHERE pid = $1 AND NOT granted"
+        )
+        async with asyncio.timeout(30):
+            while not await holder.fetchval(waited, pid):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        yield
+        assert not waiting.done(), "still waiting at the end"
+    finally:
+        holder.terminate()
+        waiter.terminate()
+
+
+async def a_long_silent_device(fleet: Fleet) -> None:
+    await fleet.send("dev-1", {"temp": 20})
+    await fleet.pool.execute("UPDATE devices SET last_seen_at = now() - interval '1 hour'")
+
+
+async def test_a_wait_for_an_advisory_lock_holds_no_status(fleet: Fleet, database_url: str) -> None:
+    """The review of 36b8097: any session waiting for any lock held every status: a
+    second `pulse migrate` queued on the migrations' advisory lock, a psql. Only waits
+    for locks that hold up writes (rows, transactions, tables) hold them now."""
+    await a_long_silent_device(fleet)
+    sweeper = StatusSweeper(
+        seam(fleet.pool, database_url),
+        stale_after_s=2.0,
+        offline_after_s=7200.0,
+        interval_s=0.05,
+        forgive_downtime=False,
+    )
+    async with (
+        a_session_waiting(database_url, "SELECT pg_advisory_lock(77)"),
+        sweeping(sweeper),
+    ):
+        await asyncio.wait_for(sweeper.leading.wait(), 10)
+        await asyncio.wait_for(sweeper.wait_rounds(sweeper.rounds + 2), 10)
+        assert await status(fleet.pool) == "STALE"
+
+
+async def test_statuses_are_held_for_a_wait_at_most_for_a_while(
+    fleet: Fleet, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The review of 36b8097: a hold had no end, so a session left idle in a transaction
+    holding a tenant's row kept every dead device ONLINE for as long. It lasts at most
+    ``hold_at_most_s`` (PULSE_OFFLINE_AFTER_S), then statuses move again, said once."""
+    await a_long_silent_device(fleet)
+    sweeper = StatusSweeper(
+        seam(fleet.pool, database_url),
+        stale_after_s=2.0,
+        offline_after_s=7200.0,
+        interval_s=0.05,
+        forgive_downtime=False,
+    )
+    sweeper.hold_at_most_s = 2.0
+    caplog.set_level(logging.INFO, logger="pulse.fleet.sweeper")
+    take = "SELECT 1 FROM tenants WHERE tenant_id = 't1' FOR NO KEY UPDATE"
+    async with a_session_waiting(database_url, take), sweeping(sweeper):
+        await asyncio.wait_for(sweeper.leading.wait(), 10)
+        await asyncio.wait_for(sweeper.wait_rounds(sweeper.rounds + 2), 10)
+        assert await status(fleet.pool) == "ONLINE"  # held
+        async with asyncio.timeout(30):
+            while await status(fleet.pool) != "STALE":  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    said = [r.getMessage() for r in caplog.records if r.name == "pulse.fleet.sweeper"]
+    moved = [m for m in said if m.startswith("device statuses move again although pid ")]
+    assert len(moved) == 1 and "held for 2 s, the longest allowed" in moved[0], said
 
 
 def test_default_interval_is_a_fraction_of_the_threshold() -> None:
