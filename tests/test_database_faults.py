@@ -177,19 +177,22 @@ async def test_readyz_answers_within_its_timeout_when_the_database_stops_answeri
     over 5 s, though its probe has a 2 s timeout: the cancelled query's cleanup (the
     cancel request, to a postmaster that does not answer either) was waited for. An
     orchestrator's probe with a 5 s timeout saw no answer at all. Now each answers 503
-    within about 2 s, and probes do not pile up on a database that does not answer."""
+    within about 2 s, and probes do not pile up on a database that does not answer: the
+    next ones answer at once while the first one's cancel is unanswered (the review of
+    994a1a8: each took a pooled connection of its own and 2 s)."""
     async with database_proxy(database_url) as proxy:
         served = dataclasses.replace(settings, database_url=proxy.dsn)
         async with running_server(served) as url, httpx.AsyncClient(base_url=url) as http:
             assert (await http.get("/readyz", timeout=10)).status_code == 200
             proxy.freeze()
             try:
-                for _ in range(3):
+                for n in range(3):
                     started = time.monotonic()
                     ready = await http.get("/readyz", timeout=10)
                     took = time.monotonic() - started
                     assert ready.status_code == 503 and ready.json()["database"] is False
-                    assert took < 4, took  # the probe's 2 s, and a busy machine's margin
+                    # The probe's 2 s, and a busy machine's margin; then no probe.
+                    assert took < (4 if n == 0 else 1.5), (n, took)
             finally:
                 proxy.thaw()
             async with asyncio.timeout(30):

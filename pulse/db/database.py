@@ -179,36 +179,43 @@ class Database:
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
         with translated():
-            async with self._statement() as conn:
-                return await conn.fetch(query, *args, timeout=timeout)  # type: ignore[no-any-return]
+            async with self._statement(timeout) as (conn, left):
+                return await conn.fetch(query, *args, timeout=left)  # type: ignore[no-any-return]
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
         with translated():
-            async with self._statement() as conn:
-                return await conn.fetchrow(query, *args, timeout=timeout)
+            async with self._statement(timeout) as (conn, left):
+                return await conn.fetchrow(query, *args, timeout=left)
 
     async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any:
         with translated():
-            async with self._statement() as conn:
-                return await conn.fetchval(query, *args, timeout=timeout)
+            async with self._statement(timeout) as (conn, left):
+                return await conn.fetchval(query, *args, timeout=left)
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         with translated():
-            async with self._statement() as conn:
-                return await conn.execute(query, *args, timeout=timeout)  # type: ignore[no-any-return]
+            async with self._statement(timeout) as (conn, left):
+                return await conn.execute(query, *args, timeout=left)  # type: ignore[no-any-return]
 
     @contextlib.asynccontextmanager
-    async def _statement(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection for one statement, whose timeout is the caller's wait.
+    async def _statement(
+        self, timeout: float | None
+    ) -> AsyncIterator[tuple[asyncpg.Connection, float | None]]:
+        """A pooled connection for one statement, and what is left of ``timeout`` for the
+        statement once the connection came: the caller's whole wait.
 
         A statement that timed out (or whose caller was cancelled) is cancelled by
         asyncpg over a connection of its own, and the pool takes the connection back only
         once the server has answered that: a server that stopped answering (SIGSTOPped,
         its machine gone) held the caller of a 0.5 s statement for command_timeout, 60 s.
-        The connection goes back to the pool in the background instead."""
-        conn = await self.pool.acquire()
+        The connection goes back to the pool in the background instead. (The next
+        caller may find the pool's connections all held so: the timeout bounds its wait
+        for one too.)"""
+        started = time.monotonic()
+        conn = await self.pool.acquire(timeout=timeout)
+        left = None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
         try:
-            yield conn
+            yield conn, left
         except (TimeoutError, asyncio.CancelledError):
             released = asyncio.get_running_loop().create_task(self._release(conn))
             self._releasing.add(released)
@@ -218,6 +225,12 @@ class Database:
             await self.pool.release(conn)
             raise
         await self.pool.release(conn)
+
+    @property
+    def releasing(self) -> bool:
+        """Whether a statement given up on (_statement) is still being cancelled: the
+        database has not answered that cancel yet."""
+        return bool(self._releasing)
 
     async def _release(self, conn: asyncpg.Connection) -> None:
         with contextlib.suppress(Exception):  # the pool, closed meanwhile, closed it

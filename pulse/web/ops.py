@@ -197,13 +197,14 @@ async def _database_answers(rt: Runtime) -> bool:
     own, which is not waited for past that. A query cancelled against a database that
     stopped answering (SIGSTOP, a machine gone) is cleaned up by asyncpg with a cancel
     request, which goes unanswered too: waited for, the answer took over 10 s. Probes
-    do not pile up: while one is in flight, the next waits on it, and while one given up
-    on is still being cleaned up, the database has not answered yet."""
+    do not pile up: while one is in flight, the next waits on it, and while a statement
+    given up on (this probe's or another's) is still being cancelled, the database has
+    not answered yet (each probe took a pooled connection of its own and 2 s, else)."""
     probe = _probes.get(rt)
     if probe is None or probe.done():
+        if rt.db.releasing:
+            return False
         probe = _probes[rt] = asyncio.get_running_loop().create_task(_probe(rt))
-    elif probe.cancelling():
-        return False
     await asyncio.wait({probe}, timeout=PROBE_TIMEOUT_S)
     if not probe.done():
         probe.cancel()  # its cleanup goes on without us
