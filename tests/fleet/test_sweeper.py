@@ -622,23 +622,24 @@ async def a_session_waiting(database_url: str, take: str) -> AsyncIterator[None]
         waiter.terminate()
 
 
-async def a_long_silent_device(fleet: Fleet) -> None:
+async def silent_for_an_hour(fleet: Fleet, database_url: str) -> StatusSweeper:
+    """dev-1, last seen an hour ago, and a sweeper on the real clock (no grace)."""
     await fleet.send("dev-1", {"temp": 20})
     await fleet.pool.execute("UPDATE devices SET last_seen_at = now() - interval '1 hour'")
-
-
-async def test_a_wait_for_an_advisory_lock_holds_no_status(fleet: Fleet, database_url: str) -> None:
-    """The review of 36b8097: any session waiting for any lock held every status: a
-    second `pulse migrate` queued on the migrations' advisory lock, a psql. Only waits
-    for locks that hold up writes (rows, transactions, tables) hold them now."""
-    await a_long_silent_device(fleet)
-    sweeper = StatusSweeper(
+    return StatusSweeper(
         seam(fleet.pool, database_url),
         stale_after_s=2.0,
         offline_after_s=7200.0,
         interval_s=0.05,
         forgive_downtime=False,
     )
+
+
+async def test_a_wait_for_an_advisory_lock_holds_no_status(fleet: Fleet, database_url: str) -> None:
+    """The review of 36b8097: any session waiting for any lock held every status: a
+    second `pulse migrate` queued on the migrations' advisory lock, a psql. Only waits
+    for locks that hold up writes (rows, transactions, tables) hold them now."""
+    sweeper = await silent_for_an_hour(fleet, database_url)
     async with (
         a_session_waiting(database_url, "SELECT pg_advisory_lock(77)"),
         sweeping(sweeper),
@@ -654,14 +655,7 @@ async def test_statuses_are_held_for_a_wait_at_most_for_a_while(
     """The review of 36b8097: a hold had no end, so a session left idle in a transaction
     holding a tenant's row kept every dead device ONLINE for as long. It lasts at most
     ``hold_at_most_s`` (PULSE_OFFLINE_AFTER_S), then statuses move again, said once."""
-    await a_long_silent_device(fleet)
-    sweeper = StatusSweeper(
-        seam(fleet.pool, database_url),
-        stale_after_s=2.0,
-        offline_after_s=7200.0,
-        interval_s=0.05,
-        forgive_downtime=False,
-    )
+    sweeper = await silent_for_an_hour(fleet, database_url)
     sweeper.hold_at_most_s = 2.0
     caplog.set_level(logging.INFO, logger="pulse.fleet.sweeper")
     take = "SELECT 1 FROM tenants WHERE tenant_id = 't1' FOR NO KEY UPDATE"
