@@ -178,31 +178,22 @@ class Database:
         self.pool.terminate()
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        with translated():
-            async with self._statement(timeout) as (conn, left):
-                return await conn.fetch(query, *args, timeout=left)  # type: ignore[no-any-return]
+        return await self._statement("fetch", query, args, timeout)  # type: ignore[no-any-return]
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
-        with translated():
-            async with self._statement(timeout) as (conn, left):
-                return await conn.fetchrow(query, *args, timeout=left)
+        return await self._statement("fetchrow", query, args, timeout)
 
     async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any:
-        with translated():
-            async with self._statement(timeout) as (conn, left):
-                return await conn.fetchval(query, *args, timeout=left)
+        return await self._statement("fetchval", query, args, timeout)
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
-        with translated():
-            async with self._statement(timeout) as (conn, left):
-                return await conn.execute(query, *args, timeout=left)  # type: ignore[no-any-return]
+        return await self._statement("execute", query, args, timeout)  # type: ignore[no-any-return]
 
-    @contextlib.asynccontextmanager
     async def _statement(
-        self, timeout: float | None
-    ) -> AsyncIterator[tuple[asyncpg.Connection, float | None]]:
-        """A pooled connection for one statement, and what is left of ``timeout`` for the
-        statement once the connection came: the caller's whole wait.
+        self, method: str, query: str, args: tuple[Any, ...], timeout: float | None
+    ) -> Any:
+        """One statement, by the connection's ``method``, on a pooled connection; its
+        ``timeout`` is the caller's whole wait: for the connection, then the statement.
 
         A statement that timed out (or whose caller was cancelled) is cancelled by
         asyncpg over a connection of its own, and the pool takes the connection back only
@@ -211,20 +202,25 @@ class Database:
         The connection goes back to the pool in the background instead. (The next
         caller may find the pool's connections all held so: the timeout bounds its wait
         for one too.)"""
-        started = time.monotonic()
-        conn = await self.pool.acquire(timeout=timeout)
-        left = None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
-        try:
-            yield conn, left
-        except (TimeoutError, asyncio.CancelledError):
-            released = asyncio.get_running_loop().create_task(self._release(conn))
-            self._releasing.add(released)
-            released.add_done_callback(self._releasing.discard)
-            raise
-        except BaseException:
+        with translated():
+            if timeout is None:
+                conn, left = await self.pool.acquire(), None
+            else:
+                started = time.monotonic()
+                conn = await self.pool.acquire(timeout=timeout)
+                left = max(0.001, timeout - (time.monotonic() - started))
+            try:
+                result = await getattr(conn, method)(query, *args, timeout=left)
+            except (TimeoutError, asyncio.CancelledError):
+                released = asyncio.get_running_loop().create_task(self._release(conn))
+                self._releasing.add(released)
+                released.add_done_callback(self._releasing.discard)
+                raise
+            except BaseException:
+                await self.pool.release(conn)
+                raise
             await self.pool.release(conn)
-            raise
-        await self.pool.release(conn)
+            return result
 
     @property
     def releasing(self) -> bool:
