@@ -115,35 +115,42 @@ RETURNING counts_from
 -- At most $6 devices move per statement (the first in key order): a site's
 -- thousands going silent together are moved in several short statements, each
 -- holding its rows' locks (which ingest of those devices waits for) briefly.
--- Held: another session of the database's user (Pulse's writes) has waited over $7
--- seconds for a lock that holds up writes (a row, a transaction, a table: a tenant's
--- row held by a long transaction, a schema change in the way; not an advisory lock,
--- nor a wait for other transactions to end, as DETACH CONCURRENTLY's): the devices'
--- readings are waiting to be written, so their silence is not theirs. Unless $8 is
--- false (the sweeper has held long enough), nothing moves then, and silence counts from
--- now on (held_at, which the sweeper keeps as $5 from then on; and counts_from, for
--- whoever leads next). ``waiter`` says which session, whether held or not.
+-- Held: a session of Pulse's pool ($9, its application_name; NULL when DATABASE_URL
+-- names its own, and then any session of the database's user) has waited over $7
+-- seconds for a lock on a row, a transaction or a table (a long transaction holding a
+-- tenant's row, a schema change in the way; not an advisory lock, nor DETACH
+-- CONCURRENTLY's wait for other transactions): the devices' readings are waiting to be
+-- written, so their silence is not theirs. Unless $8 is false (the sweeper has held
+-- long enough), nothing moves then, and silence counts from now on (held_at, which the
+-- sweeper keeps as $5 from then on; and counts_from, for whoever leads next).
+-- ``waiter`` says which session, whether held or not. pg_locks (which takes the lock
+-- manager's locks) is read only when pg_stat_activity shows such a wait.
 WITH clock AS (
     SELECT coalesce($1::timestamptz, now()) AS now,
            make_interval(secs => $2::float8) AS stale_after,
            make_interval(secs => $3::float8) AS offline_after,
            $5::timestamptz AS since
+), waiting AS (
+    SELECT a.pid, a.application_name
+      FROM pg_stat_activity a
+     WHERE a.wait_event_type = 'Lock' AND a.wait_event IN ('relation', 'tuple', 'transactionid')
+       AND a.datname = current_database() AND a.usename = current_user
+       AND a.pid <> pg_backend_pid()
+       AND ($9::text IS NULL OR a.application_name = $9::text)
 ), stall AS (
     SELECT w.waiter, w.waiter IS NOT NULL AND $8::boolean AS held
-      FROM (SELECT (
+      FROM (SELECT CASE WHEN EXISTS (SELECT 1 FROM waiting) THEN (
                 SELECT format('pid %s (%s) has waited %s s for a %s lock', a.pid,
                               coalesce(nullif(a.application_name, ''), 'no application_name'),
                               round(extract(epoch FROM clock_timestamp() - l.waitstart)::numeric, 1),
                               l.locktype)
                   FROM pg_locks l
-                  JOIN pg_stat_activity a ON a.pid = l.pid
+                  JOIN waiting a ON a.pid = l.pid
                  WHERE NOT l.granted
                    AND l.locktype IN ('relation', 'tuple', 'transactionid')
                    AND l.waitstart < clock_timestamp() - make_interval(secs => $7::float8)
-                   AND a.datname = current_database() AND a.usename = current_user
-                   AND a.pid <> pg_backend_pid()
                  ORDER BY l.waitstart
-                 LIMIT 1) AS waiter) w
+                 LIMIT 1) END AS waiter) w
 ), due AS (
     SELECT d.tenant_id, d.device_id, d.status AS previous, d.last_seen_at,
            CASE WHEN d.last_seen_at IS NULL

@@ -22,6 +22,7 @@ import asyncpg
 from pulse.db.database import Database
 from pulse.db.errors import DatabaseUnavailable
 from pulse.db.leadership import lock_is_free
+from pulse.db.pool import POOL_NAME
 from pulse.db.queries import load_queries
 from pulse.logs import Throttled
 
@@ -69,13 +70,15 @@ async def sweep_statuses(
     batch: int = SWEEP_BATCH,
     stall_after_s: float | None = None,
     may_hold: bool = True,
+    pool_name: str | None = POOL_NAME,
 ) -> Swept:
     """One set-based pass over every device of every tenant, in statements of at most
     ``batch`` devices moved; silence before ``since`` (when sweeping began) is not
     counted.
 
-    Nothing moves (with ``may_hold``) while another session of the database's user has
-    waited more than ``stall_after_s`` for a lock that holds up writes: an operations
+    Nothing moves (with ``may_hold``) while a session of Pulse's pool (application_name
+    ``pool_name``; None: any of the database's user) has waited more than
+    ``stall_after_s`` for a lock on a row, a transaction or a table: an operations
     audit held a tenant's row for 30 s, and every device went STALE with a NO_HEARTBEAT
     alert, each closed 0.6 s after the lock's end, when the readings that had waited
     were written. The pass says which session waits (``waiter``), and when it held the
@@ -94,6 +97,7 @@ async def sweep_statuses(
             batch,
             stall_after_s,
             may_hold,
+            pool_name,
             timeout=QUERY_TIMEOUT_S,
         )
         stale += row["stale"]
@@ -158,6 +162,11 @@ class StatusSweeper:
         # row would otherwise keep every dead device ONLINE for as long).
         self.hold_at_most_s = offline_after_s
         self._held = Throttled(log)  # a line per 10 s at most, however the waits come
+        # Kept across this process's leads (it leads again after a database error); a
+        # hold carried to another process (counts_from) is counted there from its start.
+        self._hold = _Hold()
+        # The pool's application_name, by which its sessions are told (pulse.db.pool).
+        self._pool_name = None if "application_name=" in db.dsn else POOL_NAME
         self.leading = asyncio.Event()
         self.sweeps = 0
         self.rounds = 0  # lock attempts and sweeps
@@ -197,7 +206,7 @@ class StatusSweeper:
             )
         self.leading.set()
         log.info("this process now sweeps device statuses")
-        hold = _Hold()
+        hold = self._hold
         while True:
             may_hold = hold.began is None or time.monotonic() - hold.began < self.hold_at_most_s
             swept = await sweep_statuses(
@@ -207,6 +216,7 @@ class StatusSweeper:
                 now=self._clock(),
                 since=since,
                 may_hold=may_hold,
+                pool_name=self._pool_name,
             )
             self.sweeps += 1
             if swept.held_at is not None:
@@ -229,11 +239,12 @@ class StatusSweeper:
         now = time.monotonic()
         if swept.waiter is None:
             if hold.began is not None and now - hold.waited_at >= self._stale_after_s:
+                if not hold.ended:  # else said when it did
+                    log.info("device statuses move again: no session of Pulse's waits any more")
                 hold.began = None
-                log.info("device statuses move again: no write waits for a lock any more")
             return
-        if hold.began is None:
-            hold.began, hold.ended = now, False
+        if hold.began is None or now - hold.waited_at >= self._stale_after_s:
+            hold.began, hold.ended = now, False  # a new hold (the last ended unseen)
         hold.waited_at = now
         if swept.held_at is not None:
             self._held.warning(

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from pulse.config import Settings
+from pulse.db.pool import POOL_NAME
 from pulse.fleet.sweeper import (
     APPLICATION_NAME,
     SWEEPER_LOCK_KEY,
@@ -598,11 +599,13 @@ async def test_devices_whose_readings_wait_for_a_lock_are_not_taken_for_silent(
 
 
 @contextlib.asynccontextmanager
-async def a_session_waiting(database_url: str, take: str) -> AsyncIterator[None]:
-    """Another session of the database's user waiting for a lock, ``take``, which a third
-    holds, for over a second when the block begins."""
+async def a_session_waiting(
+    database_url: str, take: str, name: str = POOL_NAME
+) -> AsyncIterator[None]:
+    """A session named ``name`` (by default as Pulse's pool's are) waiting for a lock,
+    ``take``, which another holds, for over a second when the block begins."""
     holder = await asyncpg.connect(database_url)
-    waiter = await asyncpg.connect(database_url)
+    waiter = await asyncpg.connect(database_url, server_settings={"application_name": name})
     try:
         await holder.execute("BEGIN")
         await holder.execute(take)
@@ -635,15 +638,23 @@ async def silent_for_an_hour(fleet: Fleet, database_url: str) -> StatusSweeper:
     )
 
 
-async def test_a_wait_for_an_advisory_lock_holds_no_status(fleet: Fleet, database_url: str) -> None:
-    """The review of 36b8097: any session waiting for any lock held every status: a
-    second `pulse migrate` queued on the migrations' advisory lock, a psql. Only waits
-    for locks that hold up writes (rows, transactions, tables) hold them now."""
+@pytest.mark.parametrize(
+    ("take", "name"),
+    [
+        ("SELECT pg_advisory_lock(77)", POOL_NAME),
+        ("SELECT 1 FROM tenants WHERE tenant_id = 't1' FOR NO KEY UPDATE", "psql"),
+    ],
+    ids=["an advisory lock", "another program"],
+)
+async def test_a_wait_that_holds_up_no_write_holds_no_status(
+    fleet: Fleet, database_url: str, take: str, name: str
+) -> None:
+    """The reviews of 36b8097 and 1dfa41b: any session of the user waiting for any lock
+    held every status: a second `pulse migrate` queued on the migrations' advisory lock,
+    a psql. Only the pool's sessions (Pulse's writes) waiting on a row, a transaction
+    or a table hold them now."""
     sweeper = await silent_for_an_hour(fleet, database_url)
-    async with (
-        a_session_waiting(database_url, "SELECT pg_advisory_lock(77)"),
-        sweeping(sweeper),
-    ):
+    async with a_session_waiting(database_url, take, name), sweeping(sweeper):
         await asyncio.wait_for(sweeper.leading.wait(), 10)
         await asyncio.wait_for(sweeper.wait_rounds(sweeper.rounds + 2), 10)
         assert await status(fleet.pool) == "STALE"
