@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from pulse.config import Settings
+from pulse.web import ops
 from tests.streams.sse_client import SSE_PATH, ResumingClient
 from tests.support import insert_readings, metric, provision_device, running_server, sse_events
 from tests.web.db_proxy import database_proxy
@@ -171,7 +172,7 @@ async def test_a_database_refusing_for_a_while_is_unavailable_not_an_error(
 
 
 async def test_readyz_answers_within_its_timeout_when_the_database_stops_answering(
-    settings: Settings, database_url: str, pool: asyncpg.Pool
+    settings: Settings, database_url: str, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """From the operations audit: against a PostgreSQL stopped (SIGSTOP), /readyz took
     over 5 s, though its probe has a 2 s timeout: the cancelled query's cleanup (the
@@ -180,6 +181,7 @@ async def test_readyz_answers_within_its_timeout_when_the_database_stops_answeri
     within about 2 s, and probes do not pile up on a database that does not answer: the
     next ones answer at once while the first one's cancel is unanswered (the review of
     994a1a8: each took a pooled connection of its own and 2 s)."""
+    monkeypatch.setattr(ops, "REPROBE_S", 3.0)
     async with database_proxy(database_url) as proxy:
         served = dataclasses.replace(settings, database_url=proxy.dsn)
         async with running_server(served) as url, httpx.AsyncClient(base_url=url) as http:
@@ -193,6 +195,12 @@ async def test_readyz_answers_within_its_timeout_when_the_database_stops_answeri
                     assert ready.status_code == 503 and ready.json()["database"] is False
                     # The probe's 2 s, and a busy machine's margin; then no probe.
                     assert took < (4 if n == 0 else 1.5), (n, took)
+                # Not for ever (the review of c073616: one dead pooled connection, the
+                # others answering, kept it at 503 for the cancel's 60 s): a probe again.
+                await asyncio.sleep(ops.REPROBE_S)  # the time it waits, the scenario
+                started = time.monotonic()
+                assert (await http.get("/readyz", timeout=10)).status_code == 503
+                assert time.monotonic() - started >= ops.PROBE_TIMEOUT_S * 0.95
             finally:
                 proxy.thaw()
             async with asyncio.timeout(30):

@@ -54,6 +54,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 # rollups each pass or ``pause``, the relay and the listener a health check).
 DEDICATED_SILENCE_S = 15
 POOL_CLOSE_S = 2.0
+# Less time than this left for a statement once its connection came is none at all.
+MIN_STATEMENT_S = 0.01
 ALIVE_EVERY_S = 5.0
 DEDICATED_KEEPALIVES = KEEPALIVES
 
@@ -206,9 +208,7 @@ class Database:
             if timeout is None:
                 conn, left = await self.pool.acquire(), None
             else:
-                started = time.monotonic()
-                conn = await self.pool.acquire(timeout=timeout)
-                left = max(0.001, timeout - (time.monotonic() - started))
+                conn, left = await self._acquire_within(timeout)
             try:
                 result = await getattr(conn, method)(query, *args, timeout=left)
             except (TimeoutError, asyncio.CancelledError):
@@ -221,6 +221,27 @@ class Database:
                 raise
             await self.pool.release(conn)
             return result
+
+    async def _acquire_within(self, timeout: float) -> tuple[asyncpg.Connection, float]:
+        """A pooled connection within ``timeout``, and the time left for a statement.
+        asyncpg keeps that timeout as the connection's release budget: a statement given
+        up on whose cancel is not answered within it has its connection closed, not
+        given back."""
+        started = time.monotonic()
+        try:
+            conn = await self.pool.acquire(timeout=timeout)
+        except TimeoutError:
+            conn = None
+        left = timeout - (time.monotonic() - started)
+        if conn is not None and left < MIN_STATEMENT_S:  # it could not finish
+            await self.pool.release(conn)
+            conn = None
+        if conn is None:
+            raise DatabaseUnavailable(
+                f"no database connection within {timeout:g} s (none came free, or a new "
+                "one was not made in time)"
+            )
+        return conn, left
 
     @property
     def releasing(self) -> bool:

@@ -183,9 +183,15 @@ async def metrics() -> Response:
 _WRITABLE = "SELECT current_setting('transaction_read_only') = 'off'"
 
 
-# Each runtime's probe of the database, while one is in flight (_database_answers).
+# Each runtime's probe of the database, while one is in flight (_database_answers), and
+# when one was last given up on.
 _probes: weakref.WeakKeyDictionary[Runtime, asyncio.Task[bool]] = weakref.WeakKeyDictionary()
+_given_up: weakref.WeakKeyDictionary[Runtime, float] = weakref.WeakKeyDictionary()
 PROBE_TIMEOUT_S = 2.0
+# After a probe given up on, no other while a statement is still being cancelled, for
+# at most this long: one pooled connection dead on its own (the others answering) keeps
+# /readyz at 503 for that long, not for as long as the cancel waits (60 s).
+REPROBE_S = 10.0
 
 
 async def _database_answers(rt: Runtime) -> bool:
@@ -197,17 +203,18 @@ async def _database_answers(rt: Runtime) -> bool:
     own, which is not waited for past that. A query cancelled against a database that
     stopped answering (SIGSTOP, a machine gone) is cleaned up by asyncpg with a cancel
     request, which goes unanswered too: waited for, the answer took over 10 s. Probes
-    do not pile up: while one is in flight, the next waits on it, and while a statement
-    given up on (this probe's or another's) is still being cancelled, the database has
+    do not pile up: while one is in flight, the next waits on it, and after one given up
+    on, while a statement is still being cancelled (within REPROBE_S), the database has
     not answered yet (each probe took a pooled connection of its own and 2 s, else)."""
     probe = _probes.get(rt)
     if probe is None or probe.done():
-        if rt.db.releasing:
+        if rt.db.releasing and time.monotonic() - _given_up.get(rt, -REPROBE_S) < REPROBE_S:
             return False
         probe = _probes[rt] = asyncio.get_running_loop().create_task(_probe(rt))
     await asyncio.wait({probe}, timeout=PROBE_TIMEOUT_S)
     if not probe.done():
         probe.cancel()  # its cleanup goes on without us
+        _given_up[rt] = time.monotonic()
         return False
     return not probe.cancelled() and probe.result()
 
