@@ -208,7 +208,12 @@ class StatusSweeper:
         log.info("this process now sweeps device statuses")
         hold = self._hold
         while True:
-            may_hold = hold.began is None or time.monotonic() - hold.began < self.hold_at_most_s
+            now = time.monotonic()
+            may_hold = (
+                hold.began is None
+                or now - hold.waited_at >= self._stale_after_s  # that one ended: a new one
+                or now - hold.began < self.hold_at_most_s
+            )
             swept = await sweep_statuses(
                 conn,
                 stale_after_s=self._stale_after_s,
