@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     # A worker's supervisor: given, not read with getppid(), which is already 1 in a
     # worker whose supervisor died while it started.
     serve.add_argument("--supervisor", type=int, default=None, help=argparse.SUPPRESS)
+    # Which worker of the supervisor's: the first says what is true of the whole
+    # instance (pulse.logs.INSTANCE_WIDE), the others do not repeat it.
+    serve.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
 
     sub.add_parser(
         "migrate",
@@ -112,7 +115,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         port = settings.port if args.port is None else args.port
         workers = settings.workers if args.workers is None else args.workers
         if args.fd is not None or workers > 1:  # one of several processes
-            configure_logging(settings.log_level, settings.log_format, with_pid=True)
+            configure_logging(
+                settings.log_level,
+                settings.log_format,
+                with_pid=True,
+                says_instance_wide=args.worker == 0,
+            )
         try:
             check_settings(settings)
             if args.supervisor is None:  # a worker has its supervisor's limit, and said

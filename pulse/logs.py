@@ -50,6 +50,11 @@ ACCESS_LOGGER = "hypercorn.access"
 POOL_LOGGER = "asyncpg.pool"
 _HANDLER = "pulse"
 
+# ``extra`` of a record about the whole instance, not the process that finds it (the
+# database's state at start, say): under ``serve --workers`` only the first worker
+# says it, where every worker finds it.
+INSTANCE_WIDE = {"instance_wide": True}
+
 
 def configure_logging(
     level: str = "INFO",
@@ -57,9 +62,12 @@ def configure_logging(
     *,
     stream: TextIO | None = None,
     with_pid: bool = False,
+    says_instance_wide: bool = True,
 ) -> None:
     """Install the one handler and the levels; calling it again replaces them. JSON
-    lines always name their process; text lines do ``with_pid``."""
+    lines always name their process; text lines do ``with_pid``. Without
+    ``says_instance_wide`` (a worker of several, not the first), records marked
+    ``INSTANCE_WIDE`` are not written."""
     # Either case, as Settings.check takes them (and cli.fail reads PULSE_LOG_FORMAT).
     level, log_format = level.strip().upper(), log_format.strip().lower()
     if level not in LEVELS:
@@ -73,6 +81,8 @@ def configure_logging(
         else TextFormatter(TEXT_FORMAT_PID if with_pid else TEXT_FORMAT)
     )
     handler.set_name(_HANDLER)
+    if not says_instance_wide:
+        handler.addFilter(_said_by_another)
     root = logging.getLogger()
     # Only ours: others (pytest's, an embedding program's) stay.
     for old in [h for h in root.handlers if h.get_name() == _HANDLER]:
@@ -122,6 +132,10 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return orjson.dumps(entry, default=str).decode()
+
+
+def _said_by_another(record: logging.LogRecord) -> bool:
+    return not getattr(record, "instance_wide", False)
 
 
 class OncePer(logging.Filter):

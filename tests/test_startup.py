@@ -398,8 +398,9 @@ async def test_a_database_migrated_by_a_newer_release_is_said_once_and_served(
     assert f"the database {where} " in warned[0] and "9998_from_a_newer_release.sql" in warned[0]
 
 
-async def said_serving(env: dict[str, str]) -> list[str]:
-    """What `pulse serve` logs up to serving (then it is stopped)."""
+async def said_serving(env: dict[str, str], workers: int = 1) -> list[str]:
+    """What `pulse serve` logs up to serving, every worker of ``workers`` (then it is
+    stopped)."""
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "DATABASE"))}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -408,6 +409,8 @@ async def said_serving(env: dict[str, str]) -> list[str]:
         "serve",
         "--port",
         str(free_port()),
+        "--workers",
+        str(workers),
         env=child_env | env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -415,8 +418,8 @@ async def said_serving(env: dict[str, str]) -> list[str]:
     assert proc.stderr is not None
     said: list[str] = []
     try:
-        async with asyncio.timeout(60):
-            while not any("Running on http" in line for line in said):
+        async with asyncio.timeout(60 * workers):
+            while sum("Running on http" in line for line in said) < workers:
                 line = (await proc.stderr.readline()).decode()
                 assert line, said  # it stopped
                 said.append(line.rstrip())
@@ -465,6 +468,31 @@ async def test_a_database_that_autovacuum_does_not_clean_is_said_at_startup(
     warned = [line for line in await said_serving(env) if "not vacuumed" in line]
     assert len(warned) == 1, warned
     assert "track_counts = off" in warned[0]
+
+
+async def test_with_workers_what_is_true_of_the_database_is_said_by_one_of_them(
+    database_url: str,
+) -> None:
+    """From the last session's note: under `pulse serve --workers 3` each worker found the
+    database migrated by a newer release and not vacuumed, and said so: three copies of
+    each warning at every start, as if three problems. The first worker says them now,
+    once each; the others serve as before."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO pulse_migrations (version, name, checksum) VALUES "
+            "(9998, '9998_from_a_newer_release.sql', 'x')"
+        )
+        await conn.execute("ALTER TABLE tenants SET (autovacuum_enabled = off)")
+    finally:
+        await conn.close()
+    env = {"DATABASE_URL": database_url, "PULSE_JWT_SECRET": TEST_SECRET}
+    said = await said_serving(env, workers=3)
+    for warning in ("migrated by a newer release", "not vacuumed"):
+        warned = [line for line in said if warning in line]
+        assert len(warned) == 1, said
+        assert " WARNING [" in warned[0]  # with the pid of the worker that said it
+    assert sum("Running on http" in line for line in said) == 3, said
 
 
 async def test_with_workers_the_reason_a_worker_stops_is_a_log_line_with_its_pid() -> None:

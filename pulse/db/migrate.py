@@ -16,6 +16,7 @@ import asyncpg
 
 from pulse.db.errors import CONNECTION_ERRORS
 from pulse.db.pool import describe
+from pulse.logs import INSTANCE_WIDE
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def warn_unknown(names: list[str], where: str | None) -> None:
         "again rather than the code back (docs/operations.md, Rolling back)",
         f" {where}" if where else "",
         shown,
+        extra=INSTANCE_WIDE,
     )
 
 

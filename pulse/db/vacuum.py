@@ -15,6 +15,8 @@ import logging
 
 import asyncpg
 
+from pulse.logs import INSTANCE_WIDE
+
 log = logging.getLogger(__name__)
 
 # The server's settings that stop autovacuum for every table (track_counts: autovacuum
@@ -57,4 +59,5 @@ def warn_unvacuumed(settings: list[str], tables: list[str], where: str | None) -
         "VACUUM them on a schedule (docs/operations.md, Vacuum)",
         f" {where}" if where else "",
         what,
+        extra=INSTANCE_WIDE,
     )

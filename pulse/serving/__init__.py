@@ -373,8 +373,9 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
 
         def spawn(index: int) -> subprocess.Popen[bytes]:
             fd, supervisor = str(sock.fileno()), str(os.getpid())
+            worker = ["--fd", fd, "--supervisor", supervisor, "--worker", str(index)]
             return subprocess.Popen(
-                [sys.executable, "-m", "pulse", "serve", "--fd", fd, "--supervisor", supervisor],
+                [sys.executable, "-m", "pulse", "serve", *worker],
                 env=_worker_env(env, settings, index),
                 pass_fds=[sock.fileno()],
             )
