@@ -94,3 +94,45 @@ async def test_only_the_cards_on_screen_get_a_chart_and_a_history(
         history = await page.evaluate(f"window.pulseDashboard.history['{last}']")
         assert history["readings"] == 1
         assert asked.count(last) == 1
+
+
+# Every card's "seen ..." node, counting the changes made to its text from now on.
+WATCH_SEEN = """(() => {
+  window.seenChanges = {};
+  for (const card of document.querySelectorAll('#device-grid .device')) {
+    const id = card.dataset.deviceId;
+    window.seenChanges[id] = 0;
+    new MutationObserver((records) => { window.seenChanges[id] += records.length; })
+      .observe(card.querySelector('.seen'), {childList: true, characterData: true, subtree: true});
+  }
+})()"""
+
+
+async def test_the_clock_touches_only_the_cards_whose_seen_ago_changes(
+    settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """From a note: the dashboard's clock wrote every card's "seen ... ago" every second,
+    the same text or not, and each write had the page laid out again: with thousands of
+    devices, a second's work for one word that changes once a minute. It writes only the
+    cards whose text changes now (one device seen just now, whose seconds count; the
+    others seen half an hour ago)."""
+    for device in DEVICES:
+        await provision_device(pool, "t1", device)
+    await pool.execute(
+        "UPDATE devices SET last_seen_at = now() - CASE WHEN device_id = $2 THEN interval '0'"
+        " ELSE interval '30 min 5 s' END WHERE tenant_id = $1",
+        "t1",
+        DEVICES[0],
+    )
+    async with running_server(settings) as url, chromium_page(1440, 1000) as page:
+        await page.goto(f"{url}/#token={make_token('t1')}")
+        seen = "[...document.querySelectorAll('#device-grid .seen')].map((n) => n.textContent)"
+        await wait_until(page, f"{seen}.filter((t) => t.endsWith(' ago')).length == {len(DEVICES)}")
+        await page.evaluate(WATCH_SEEN)
+        # Three ticks of the clock: the device seen just now has had three new texts.
+        await wait_until(page, f"window.seenChanges['{DEVICES[0]}'] >= 3")
+        changes = await page.evaluate("window.seenChanges")
+        assert changes.pop(DEVICES[0]) >= 3
+        assert set(changes.values()) == {0}, changes
+        said = await page.locator(f'.device[data-device-id="{DEVICES[1]}"] .seen').inner_text()
+        assert said == "seen 30 min ago"

@@ -78,6 +78,12 @@ const $ = (id) => document.getElementById(id);
 const dict = () => Object.create(null);
 const own = (table, key, otherwise) => (Object.hasOwn(table, key) ? table[key] : otherwise);
 
+// A node's text, written only when it changes: a write of the same text still
+// replaces the node's text and has the page laid out again.
+function setText(node, text) {
+  if (node.textContent !== text) node.textContent = text;
+}
+
 function el(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
@@ -904,7 +910,7 @@ class Dashboard {
       node.classList.toggle("breach", this.breaches(device.id, name, v));
     }
     if (reorder) metrics.replaceChildren(...device.order.map((name) => values[name]));
-    seen.textContent = `seen ${ago(device.lastSeen)}`;
+    setText(seen, `seen ${ago(device.lastSeen)}`);
     last.textContent = device.lastId ? `#${device.lastId}` : "";
   }
 
@@ -1042,13 +1048,14 @@ class Dashboard {
   tick() {
     const now = Date.now();
     for (const device of this.devices.values()) {
-      device.nodes.seen.textContent = `seen ${ago(device.lastSeen)}`;
+      setText(device.nodes.seen, `seen ${ago(device.lastSeen)}`);
     }
     while (this.arrivals.length && this.arrivals[0] < now - 5000) this.arrivals.shift();
-    $("rate").textContent = `${(this.arrivals.length / 5).toFixed(1)} events/s`;
+    setText($("rate"), `${(this.arrivals.length / 5).toFixed(1)} events/s`);
+    const alerts = new Map(this.alerts.map((a) => [String(a.alert_id), a]));
     for (const node of document.querySelectorAll(".alert")) {
-      const alert = this.alerts.find((a) => String(a.alert_id) === node.dataset.alertId);
-      if (alert) node.querySelector(".alert-age").textContent = ago(Date.parse(alert.created_at));
+      const alert = alerts.get(node.dataset.alertId);
+      if (alert) setText(node.querySelector(".alert-age"), ago(Date.parse(alert.created_at)));
     }
     this.renderConnection();
   }
