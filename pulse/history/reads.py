@@ -158,7 +158,7 @@ async def _series(
                 series = max(series, raw.series)
             bucket = query.width_for_span(kept_since, series=series)
         elif bucket == "auto":
-            bucket = query.width_for_span(kept_since)
+            bucket = query.width_for_span(kept_since, series=series)
         if bucket == "raw":
             found = await read(conn, Q["raw_points"], raw_args)
         else:

@@ -177,7 +177,8 @@ async def device_history(device_id: str) -> Response:
     if query.bucket == "auto" and not query.raw_kept(kept):
         # Older than retention: raw readings would be a part of the range's; the
         # rollups hold all of it.
-        query = dataclasses.replace(query, bucket=query.width_for_span(kept))
+        series = len(query.metrics or ()) or 1
+        query = dataclasses.replace(query, bucket=query.width_for_span(kept, series=series))
     if kind != JSON:
         if query.bucket in ("raw", "auto"):
             return _stream(

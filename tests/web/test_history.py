@@ -364,6 +364,27 @@ async def test_auto_takes_rollups_for_a_range_older_than_retention(
     assert sum(int(row[-1]) for row in rows[1:]) == 24
 
 
+async def test_auto_counts_the_metrics_asked_for_in_a_range_older_than_retention(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    """From the review of 7 December: past raw retention, bucket=auto picked its width
+    for one series, then refused the answer for the 100 metrics asked for (`100 series of
+    up to 1001 buckets of 15m would be more than 100000 points`) where hours fitted."""
+    start = (datetime.now(UTC) - timedelta(days=20)).replace(minute=0, second=0, microsecond=0)
+    names = [f"m{i:03d}" for i in range(100)]
+    await readings_at(pool, "t1", [("d1", start + timedelta(minutes=1), dict.fromkeys(names, 1.0))])
+    async with pool.acquire() as conn:
+        await roll_up_once(conn)
+    await pool.execute("DELETE FROM telemetry WHERE tenant_id = 't1'")  # as retention does
+    end = start + 999.5 * timedelta(minutes=15)  # 15-minute buckets for one series
+    span = {"from": iso(start), "to": iso(end), "metrics": ",".join(names)}
+    r = await http.get(DEVICE.format("d1"), params=span)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["bucket"] == "1h"
+    assert [sum(p["count"] for p in body["series"][name]) for name in names] == [1] * 100
+
+
 async def test_auto_takes_rollups_until_retention_surely_keeps_every_reading(
     settings: Settings, pool: asyncpg.Pool, make_token: Callable[..., str]
 ) -> None:
