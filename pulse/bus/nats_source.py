@@ -127,22 +127,8 @@ class NatsSource:
         self._watched.add(tenant_id)
         # Registered with the fallback too, which listens whenever it runs.
         await self._fallback.want(tenant_id)
-        client = await self._ensure_subscribed()
-        async with self._lock:
-            if (
-                client is not None
-                and client is self._subscribed_on
-                and tenant_id in self._watched
-                and tenant_id not in self._subscriptions
-            ):
-                self._subscriptions[tenant_id] = await self._subscribe(client, tenant_id)
-        if client is not None:
-            # The server has the interest once it answers: what the relay publishes
-            # from then on comes here.
-            try:
-                await client.flush(timeout=FLUSH_TIMEOUT_S)
-            except Exception as exc:
-                log.debug("bus: flush after subscribing failed: %s", exc)
+        # Subscribed on a connected bus; else when it connects (``run``).
+        await self._ensure_subscribed()
         try:
             async with asyncio.timeout(WATCH_TIMEOUT_S):
                 while not self.connected:  # noqa: ASYNC110  rare: neither bus nor listener is up
@@ -168,8 +154,9 @@ class NatsSource:
         try:
             while True:
                 self._changed.clear()
-                await self._ensure_subscribed()
-                if self.on_bus:
+                # Back on NATS only with every tenant subscribed: until then the
+                # fallback delivers.
+                if await self._ensure_subscribed() is not None and self.on_bus:
                     self._ever_on_bus = True
                     if self._fallback_task is not None:
                         await self._stop_fallback()
@@ -205,29 +192,36 @@ class NatsSource:
     # -- subscriptions --------------------------------------------------------------------
 
     async def _ensure_subscribed(self) -> Client | None:
-        """The current client, with every subscription made on it (a new client, after
-        a restart of the link, has none)."""
+        """The current client, with a subscription for every tenant watched, which the
+        server has (it answered a flush): what the relay publishes from then on comes
+        here. None while NATS is away, or when subscribing failed (tried again at the
+        next tick of ``run``). A new client, after a restart of the link, has no
+        subscription; a client that reconnected has those it had, and none for the
+        tenants watched while it was away."""
         client = self._link.client if self._link.connected else None
-        if client is None or client is self._subscribed_on:
+        if client is None:
+            return None
+        if client is self._subscribed_on and self._subscriptions.keys() >= self._watched:
             return client
         async with self._lock:
-            if client is self._subscribed_on:
-                return client
-            await self._unsubscribe_all()  # those of a client gone, if any
-            made: dict[str, Subscription] = {}
             try:
-                self._heartbeats = await client.subscribe(
-                    nats_link.relay_subject(self._database_id), cb=self._on_heartbeat
-                )
-                for tenant_id in sorted(self._watched):
-                    made[tenant_id] = await self._subscribe(client, tenant_id)
+                if client is not self._subscribed_on:
+                    await self._unsubscribe_all()  # those of a client gone, if any
+                    self._heartbeats = await client.subscribe(
+                        nats_link.relay_subject(self._database_id), cb=self._on_heartbeat
+                    )
+                    self._subscribed_on = client
+                for tenant_id in sorted(self._watched - self._subscriptions.keys()):
+                    self._subscriptions[tenant_id] = await self._subscribe(client, tenant_id)
             except Exception as exc:
                 log.warning("bus: subscribing failed (%s); trying again", exc)
-                self._subscriptions = made
                 await self._unsubscribe_all()
                 return None
-            self._subscriptions = made
-            self._subscribed_on = client
+        try:
+            await client.flush(timeout=FLUSH_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("bus: subscribing failed: no answer to a flush (%s); trying again", exc)
+            return None
         return client
 
     async def _subscribe(self, client: Client, tenant_id: str) -> Subscription:

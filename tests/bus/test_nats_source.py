@@ -173,6 +173,53 @@ async def test_without_nats_a_process_serves_through_listen_until_nats_comes(
     assert len(back) == 1, back  # when it was, and not again as the process stopped
 
 
+async def test_a_tenant_first_watched_while_nats_was_away_is_subscribed_when_it_is_back(
+    bus_settings: Settings,
+    nats_server: NatsServer,
+    pool: asyncpg.Pool,
+    make_token: Callable[..., str],
+) -> None:
+    """From the review of 7 December (HIGH): a stream opened while NATS was away made no
+    subscription (there was no connection), and the client that reconnected kept only
+    the subscriptions it had had: back on NATS, the fallback closed, the tenant's
+    readings came only with the audit, up to 5 s late, and its alerts and device changes
+    not at all, with the status saying all was well. The process now subscribes, on the
+    connection that came back, every tenant it watches."""
+    database = await pool.fetchval("SELECT pulse_bus_database_id()")
+    t1 = f"pulse.{database}.t.t1"
+    await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+
+    async def subjects() -> set[str]:
+        (ours,) = [
+            s for n, s in (await nats_server.subscriptions()).items() if n.startswith("pulse ")
+        ]
+        return ours
+
+    async with running_server(bus_settings) as url, httpx.AsyncClient(base_url=url) as http:
+        await eventually(lambda: _relaying(http))
+        await nats_server.kill()
+        await eventually(lambda: _on_fallback(http), timeout=20)
+        final: list[int] = []
+        client = ResumingClient(url, make_token("t1"), seed=4)
+        reading = asyncio.create_task(
+            client.run(
+                lambda c: bool(final) and (c.last_id or 0) >= final[0],
+                drop_after=(10**6, 10**6),  # stays on one connection throughout
+            )
+        )
+        await writer(pool, "t1", random.Random(5), 5)
+        listened = len(await table_ids(pool, "t1"))
+        await until(lambda: len(client.ids) == listened, timeout=20)  # through LISTEN
+        await nats_server.start()
+        await eventually(lambda: _relaying(http), timeout=30)
+        await eventually(lambda: _has(subjects, t1), timeout=20)
+        await writer(pool, "t1", random.Random(6), 20)
+        final.append(await pool.fetchval("SELECT last_event_id FROM tenants WHERE tenant_id='t1'"))
+        await asyncio.wait_for(reading, 30)
+        assert client.ids == await table_ids(pool, "t1")
+        assert client.connections == 1
+
+
 async def test_a_process_that_never_reached_nats_does_not_say_it_is_back_on_it(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
