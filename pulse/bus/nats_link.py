@@ -231,9 +231,9 @@ class NatsLink:
                 return
             self._failures += 1
             if self._failures == 1:
-                log.warning("bus: NATS at %s: %s", self.url, exc or type(exc).__name__)
+                log.warning("bus: NATS at %s: %s", self.url, str(exc) or type(exc).__name__)
             else:
-                log.debug("bus: NATS at %s: %s", self.url, exc or type(exc).__name__)
+                log.debug("bus: NATS at %s: %s", self.url, str(exc) or type(exc).__name__)
 
         try:
             await client.connect(

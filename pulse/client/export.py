@@ -99,7 +99,7 @@ async def run_export(args: argparse.Namespace, url: str, refresh: Any, stdout: i
                 await out.drain()
         return _failed(str(exc))
     except httpx.TransportError as exc:
-        return _failed(f"cannot reach {url}: {exc or type(exc).__name__}")
+        return _failed(f"cannot reach {url}: {str(exc) or type(exc).__name__}")
     return 0
 
 

@@ -146,7 +146,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
     except SimulatorError as exc:
         sys.exit(f"pulse simulate: {exc}")
     except httpx.TransportError as exc:
-        sys.exit(f"pulse simulate: cannot reach {url}: {exc or type(exc).__name__}")
+        sys.exit(f"pulse simulate: cannot reach {url}: {str(exc) or type(exc).__name__}")
 
 
 def _admin_token(settings: Settings, tenant: str) -> str:

@@ -1,12 +1,18 @@
-"""The bus's subjects and messages (pulse.bus.nats_link), without a server."""
+"""The bus's subjects and messages (pulse.bus.nats_link), without a server; and what
+the link says of a server that does not answer."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 import orjson
+import pytest
 
 from pulse.bus import nats_link
 from pulse.bus.events import TelemetryEvent
-from pulse.bus.nats_link import Events, Signal, decode, encode_events, encode_signal
+from pulse.bus.nats_link import Events, NatsLink, Signal, decode, encode_events, encode_signal
 
 
 def test_one_tenant_is_one_subject_token_whatever_its_id() -> None:
@@ -71,3 +77,28 @@ def test_an_event_larger_than_the_limit_is_a_message_of_its_own() -> None:
 def test_the_limit_is_the_servers_when_it_takes_less() -> None:
     assert nats_link.message_limit(1024 * 1024) == nats_link.MAX_MESSAGE_BYTES
     assert nats_link.message_limit(8192) == 8192
+
+
+async def test_a_failure_without_words_is_named_by_its_kind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """From the review of 7 December: a NATS server that took the connection and said
+    nothing (SIGSTOPped) was logged as `bus: NATS at nats://...: ` and nothing more, the
+    one line an operator got for the whole outage: a TimeoutError has no text."""
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    link = NatsLink(f"nats://127.0.0.1:{port}")
+    caplog.set_level(logging.WARNING, logger="pulse.bus.nats_link")
+    running = asyncio.create_task(link.run())
+    try:
+        async with asyncio.timeout(30):
+            while not caplog.records:  # noqa: ASYNC110  a log record has no event to wait on
+                await asyncio.sleep(0.05)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        silent.close()
+    said = caplog.records[0].getMessage()
+    assert said.startswith(f"bus: NATS at nats://127.0.0.1:{port}: "), said
+    assert said.rstrip().endswith("Error"), said  # TimeoutError, named
