@@ -24,14 +24,12 @@ import asyncio
 import contextlib
 import logging
 
-import orjson
-
 from pulse.db.errors import passes
 from pulse.errors import INTERNAL_ERROR, INVALID_PAYLOAD, PAYLOAD_TOO_LARGE, error_body
 from pulse.ingest import intake
 from pulse.ingest.model import Accepted, Outcome, Rejected
 from pulse.ingest.service import Ingest, Receipt
-from pulse.ingest.validation import InvalidPayload, parse_seq
+from pulse.ingest.validation import InvalidPayload, decode_json, parse_seq
 from pulse.logs import Throttled
 from pulse.mqtt import topics
 from pulse.mqtt.link import Delivery, MqttLink
@@ -218,7 +216,7 @@ def _seq_in(payload: bytes) -> int | None:
     if len(payload) > MAX_PAYLOAD:
         return None
     try:
-        body = orjson.loads(payload)
+        body = decode_json(payload)  # as ingest reads it: a value beyond a double too
         return parse_seq(body.get("seq")) if isinstance(body, dict) else None
-    except (orjson.JSONDecodeError, InvalidPayload):
+    except InvalidPayload:
         return None

@@ -105,6 +105,8 @@ async def test_heartbeat_marks_the_device_seen(
         # Refused before it was read, it still says which reading it was.
         (b'{"metrics": {"temp": "warm"}, "seq": 7}', "invalid_payload"),
         (b'{"metrics": {"temp": 1}, "colour": "red", "seq": 8}', "invalid_payload"),
+        # A number beyond a double: its seq was lost with it (the review of 7 December).
+        (b'{"metrics": {"temp": 1e400}, "seq": 17}', "invalid_payload"),
     ],
 )
 async def test_bad_input_is_acknowledged_answered_and_counted(
