@@ -193,9 +193,11 @@ def _as_utf8(header_value: str) -> str:
 
 
 def request_tenant(principal: Principal) -> str:
-    """The tenant the current request or WebSocket acts on (its ``tenant_id`` argument)."""
+    """The tenant the current request or WebSocket acts on (its ``tenant_id`` argument).
+    Given twice, its values are joined (as ``query_args`` does), which no tenant id is:
+    refused, rather than the first taken and the other ignored."""
     source = websocket if has_websocket_context() else request
-    return tenant_for(principal, source.args.get("tenant_id"))
+    return tenant_for(principal, ",".join(source.args.getlist("tenant_id")) or None)
 
 
 async def authorize(*, cross_tenant_reads: bool = False) -> None:

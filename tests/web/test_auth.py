@@ -130,8 +130,12 @@ async def test_http_errors(app: Quart, make_token: Callable[..., str]) -> None:
         400,
         "invalid_tenant_id",
     )
+    # Given twice, refused: not the first taken and the other ignored.
+    twice = "?tenant_id=t1&tenant_id=t2"
+    assert await call("GET", "/probe", make_token(), twice) == (400, "invalid_tenant_id")
     operator = make_token(None, roles=("operator",))
     assert await call("GET", "/probe", operator) == (400, "tenant_required")
+    assert await call("GET", "/probe", operator, twice) == (400, "invalid_tenant_id")
     assert await call("POST", "/probe-admin", make_token()) == (403, "forbidden")
     assert await call("POST", "/probe-admin", operator) == (403, "forbidden")
     response = await client.get("/probe")

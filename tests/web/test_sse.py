@@ -157,6 +157,13 @@ async def test_wire_format_is_exact(
                 params=[*credential.items(), ("last_event_id", "1"), ("last_event_id", "2")],
             )
             assert r.status_code == 400 and r.json()["error"] == "invalid_parameter"
+        # So is a tenant given twice, as on both WebSockets (the review of 7 December:
+        # the first was taken, so a customer of t1 asking for t1 and t2 had t1's stream).
+        operator = make_token(None, roles=("operator",))
+        for token, tenants in ((make_token("t1"), ("t1", "t2")), (operator, ("t2", "t1"))):
+            params = [("token", token), *(("tenant_id", tenant) for tenant in tenants)]
+            r = await client.get(SSE_PATH, params=params)
+            assert r.status_code == 400 and r.json()["error"] == "invalid_tenant_id", tenants
 
         # Positions no bigint holds are as far ahead (they were refused as malformed).
         for far in ("9223372036854775807", "9223372036854775808", "1" + "0" * 30):
