@@ -396,7 +396,7 @@ class V2Stream(_WebSocketStream[V2Event]):
         # (1011 database_unavailable, 4029 at the tenant's limit). Counting the handshake
         # as a connection reset the backoff before each refusal: 80 reconnects in a 30 s
         # outage. The server's first message, the answer to a subscription (``error``
-        # too: a device of another tenant), is its acceptance.
+        # too: a malformed device id), is its acceptance.
         self._answered = False
         for channel in sorted(self.channels):
             await self.send({"action": "subscribe", "type": channel})
