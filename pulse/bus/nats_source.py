@@ -128,7 +128,15 @@ class NatsSource:
         # Registered with the fallback too, which listens whenever it runs.
         await self._fallback.want(tenant_id)
         # Subscribed on a connected bus; else when it connects (``run``).
-        await self._ensure_subscribed()
+        client = await self._ensure_subscribed()
+        if client is not None:
+            # The server has the interest once it answers, also where another call
+            # made the subscription and may not have had its answer yet: what the
+            # relay publishes from then on comes here.
+            try:
+                await client.flush(timeout=FLUSH_TIMEOUT_S)
+            except Exception as exc:
+                log.debug("bus: flush after subscribing failed: %s", exc)
         try:
             async with asyncio.timeout(WATCH_TIMEOUT_S):
                 while not self.connected:  # noqa: ASYNC110  rare: neither bus nor listener is up
@@ -192,12 +200,11 @@ class NatsSource:
     # -- subscriptions --------------------------------------------------------------------
 
     async def _ensure_subscribed(self) -> Client | None:
-        """The current client, with a subscription for every tenant watched, which the
-        server has (it answered a flush): what the relay publishes from then on comes
-        here. None while NATS is away, or when subscribing failed (tried again at the
-        next tick of ``run``). A new client, after a restart of the link, has no
-        subscription; a client that reconnected has those it had, and none for the
-        tenants watched while it was away."""
+        """The current client, with a subscription for every tenant watched (those it
+        makes, flushed: the server has them). None while NATS is away, or when
+        subscribing failed (tried again at the next tick of ``run``). A new client,
+        after a restart of the link, has no subscription; a client that reconnected
+        has those it had, and none for the tenants watched while it was away."""
         client = self._link.client if self._link.connected else None
         if client is None:
             return None
