@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import random
 from collections.abc import Callable
@@ -45,6 +46,12 @@ async def listeners(pool: asyncpg.Pool) -> int:
     )
 
 
+async def pulse_subjects(nats_server: NatsServer) -> set[str]:
+    """The subjects the (one) Pulse process's connection is subscribed to."""
+    (ours,) = [s for n, s in (await nats_server.subscriptions()).items() if n.startswith("pulse ")]
+    return ours
+
+
 @pytest.fixture
 def bus_settings(settings: Settings, nats_server: NatsServer) -> Settings:
     return dataclasses.replace(settings, bus_url=nats_server.url, sse_keepalive_s=0.3)
@@ -73,11 +80,7 @@ async def test_a_process_subscribes_only_to_the_tenants_it_serves(
     for tenant in ("t1", "t2", "t3"):
         await pool.execute("INSERT INTO tenants (tenant_id) VALUES ($1)", tenant)
 
-    async def subjects() -> set[str]:
-        (ours,) = [
-            s for n, s in (await nats_server.subscriptions()).items() if n.startswith("pulse ")
-        ]
-        return ours
+    subjects = functools.partial(pulse_subjects, nats_server)
 
     async with running_server(bus_settings) as url, httpx.AsyncClient(base_url=url) as http:
         await eventually(lambda: _relaying(http))
@@ -189,11 +192,7 @@ async def test_a_tenant_first_watched_while_nats_was_away_is_subscribed_when_it_
     t1 = f"pulse.{database}.t.t1"
     await pool.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
 
-    async def subjects() -> set[str]:
-        (ours,) = [
-            s for n, s in (await nats_server.subscriptions()).items() if n.startswith("pulse ")
-        ]
-        return ours
+    subjects = functools.partial(pulse_subjects, nats_server)
 
     async with running_server(bus_settings) as url, httpx.AsyncClient(base_url=url) as http:
         await eventually(lambda: _relaying(http))
