@@ -210,6 +210,16 @@ class PulseServer:
             return []
         return [self.proc.pid, *(child.pid for child in self.ps.children())]
 
+    def connections_per_process(self) -> list[int]:
+        """Established client connections each server process holds, fewest first:
+        with workers sharing one listening socket, the kernel gives each connection to
+        whichever process accepts first, so a few kept-alive clients may all land on one."""
+        serving = self.ps.children() or [self.ps]  # the workers, or the one process
+        return sorted(
+            sum(c.status == "ESTABLISHED" and c.laddr.port == self.port for c in conns)
+            for conns in (process.net_connections("tcp") for process in serving)
+        )
+
     @property
     def ps(self) -> psutil.Process:
         assert self.proc is not None

@@ -239,6 +239,7 @@ async def ingest_batch_workers(pg: Postgres, quick: bool) -> list[Figure]:
         rng = random.Random(3)
         rates: dict[int, list[float]] = {1: [], 2: []}
         cpu: dict[int, list[float]] = {1: [], 2: []}
+        splits: list[list[int]] = []  # each two-process run's clients per process
         for _ in range(1 if quick else 2):
             for workers in (1, 2):
                 dsn = await pg.fresh_database()
@@ -247,9 +248,14 @@ async def ingest_batch_workers(pg: Postgres, quick: bool) -> list[Figure]:
                     load = _batch_bodies(rng, devices, batch)
                     with cpu_meter(server.pids()) as used:
                         stop = time.perf_counter() + seconds
-                        counts = await asyncio.gather(
-                            *(post_batches(server.url, load, stop) for _ in range(clients))
+                        counts, split = await asyncio.gather(
+                            asyncio.gather(
+                                *(post_batches(server.url, load, stop) for _ in range(clients))
+                            ),
+                            _split_of(server),
                         )
+                    if workers == 2:
+                        splits.append(split)
                     rows = sum(counts)
                     rates[workers].append(rows / used["wall_s"])
                     cpu[workers].append(used["others_cpu_s"] / max(1, rows))
@@ -271,10 +277,17 @@ async def ingest_batch_workers(pg: Postgres, quick: bool) -> list[Figure]:
                 "rows/s",
                 target="scales",
                 baseline=one,
-                note=f"server {statistics.median(cpu[2]) * 1e6:.1f} us CPU/row",
+                note=f"server {statistics.median(cpu[2]) * 1e6:.1f} us CPU/row; clients per "
+                f"process {' and '.join('/'.join(map(str, split)) for split in splits)}",
             ),
         ]
     return figures
+
+
+async def _split_of(server: PulseServer) -> list[int]:
+    """The clients each server process holds, a second into a run (all connected)."""
+    await asyncio.sleep(1.0)
+    return server.connections_per_process()
 
 
 async def _direct_sql_ceiling(
