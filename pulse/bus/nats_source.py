@@ -73,6 +73,9 @@ class NatsSource:
         self._audit_s = audit_s
         self._watched: set[str] = set()
         self._subscriptions: dict[str, Subscription] = {}
+        # Watched, and no subscription on the current client yet: a set of its own, so
+        # that a storm of N tenants' watches costs N steps, not N times the watched.
+        self._unsubscribed: set[str] = set()
         self._heartbeats: Subscription | None = None
         self._subscribed_on: Client | None = None  # the client those belong to
         self._lock = asyncio.Lock()  # subscription changes, one at a time
@@ -125,18 +128,14 @@ class NatsSource:
     async def watch(self, tenant_id: str) -> None:
         """Subscribed from the return on, or listening when the bus is away."""
         self._watched.add(tenant_id)
+        if tenant_id not in self._subscriptions:
+            self._unsubscribed.add(tenant_id)
         # Registered with the fallback too, which listens whenever it runs.
         await self._fallback.want(tenant_id)
         # Subscribed on a connected bus; else when it connects (``run``).
         client = await self._ensure_subscribed()
         if client is not None:
-            # The server has the interest once it answers, also where another call
-            # made the subscription and may not have had its answer yet: what the
-            # relay publishes from then on comes here.
-            try:
-                await client.flush(timeout=FLUSH_TIMEOUT_S)
-            except Exception as exc:
-                log.debug("bus: flush after subscribing failed: %s", exc)
+            await self._flushed(client)
         try:
             async with asyncio.timeout(WATCH_TIMEOUT_S):
                 while not self.connected:  # noqa: ASYNC110  rare: neither bus nor listener is up
@@ -146,6 +145,7 @@ class NatsSource:
 
     async def unwatch(self, tenant_id: str) -> None:
         self._watched.discard(tenant_id)
+        self._unsubscribed.discard(tenant_id)
         async with self._lock:
             subscription = self._subscriptions.pop(tenant_id, None)
             if subscription is not None:
@@ -164,9 +164,10 @@ class NatsSource:
                 self._changed.clear()
                 # Back on NATS only with every tenant subscribed: until then the
                 # fallback delivers.
-                if await self._ensure_subscribed() is not None and self.on_bus:
+                client = await self._ensure_subscribed()
+                if client is not None and self.on_bus:
                     self._ever_on_bus = True
-                    if self._fallback_task is not None:
+                    if self._fallback_task is not None and await self._flushed(client):
                         await self._stop_fallback()
                         log.info("bus: back on NATS; the fallback listener is closed")
                         # What committed while switching back is in the table.
@@ -200,15 +201,16 @@ class NatsSource:
     # -- subscriptions --------------------------------------------------------------------
 
     async def _ensure_subscribed(self) -> Client | None:
-        """The current client, with a subscription for every tenant watched (those it
-        makes, flushed: the server has them). None while NATS is away, or when
-        subscribing failed (tried again at the next tick of ``run``). A new client,
-        after a restart of the link, has no subscription; a client that reconnected
-        has those it had, and none for the tenants watched while it was away."""
+        """The current client, with a subscription for every tenant watched (which the
+        server has once it answers a flush: ``_flushed``). None while NATS is away, or
+        when subscribing failed (tried again at the next tick of ``run``). A new
+        client, after a restart of the link, has no subscription; a client that
+        reconnected has those it had, and none for the tenants watched while it was
+        away."""
         client = self._link.client if self._link.connected else None
         if client is None:
             return None
-        if client is self._subscribed_on and self._subscriptions.keys() >= self._watched:
+        if client is self._subscribed_on and not self._unsubscribed:
             return client
         async with self._lock:
             try:
@@ -218,18 +220,24 @@ class NatsSource:
                         nats_link.relay_subject(self._database_id), cb=self._on_heartbeat
                     )
                     self._subscribed_on = client
-                for tenant_id in sorted(self._watched - self._subscriptions.keys()):
+                for tenant_id in sorted(self._unsubscribed):
                     self._subscriptions[tenant_id] = await self._subscribe(client, tenant_id)
+                    self._unsubscribed.discard(tenant_id)
             except Exception as exc:
                 log.warning("bus: subscribing failed (%s); trying again", exc)
                 await self._unsubscribe_all()
                 return None
+        return client
+
+    async def _flushed(self, client: Client) -> bool:
+        """Whether the server answered: it then has every subscription made before,
+        and what the relay publishes from then on comes here."""
         try:
             await client.flush(timeout=FLUSH_TIMEOUT_S)
         except Exception as exc:
-            log.warning("bus: subscribing failed: no answer to a flush (%s); trying again", exc)
-            return None
-        return client
+            log.debug("bus: no answer to a flush: %s", str(exc) or type(exc).__name__)
+            return False
+        return True
 
     async def _subscribe(self, client: Client, tenant_id: str) -> Subscription:
         return await client.subscribe(
@@ -241,6 +249,7 @@ class NatsSource:
         """Best effort (the lock held): on a closed connection they are gone already."""
         subscriptions = [*self._subscriptions.values(), self._heartbeats]
         self._subscriptions, self._heartbeats, self._subscribed_on = {}, None, None
+        self._unsubscribed = set(self._watched)
         for subscription in subscriptions:
             if subscription is not None:
                 with contextlib.suppress(Exception):
