@@ -212,7 +212,8 @@ async def authorize(*, cross_tenant_reads: bool = False) -> None:
     principal = await authenticate_request(roles=ADMIN_ROLES if writes else None)
     g.principal = principal
     if cross_tenant_reads and not writes and principal.is_operator:
-        g.tenant_id = request_tenant(principal) if request.args.get("tenant_id") else None
+        named = any(request.args.getlist("tenant_id"))  # any value: given twice is refused
+        g.tenant_id = request_tenant(principal) if named else None
     else:
         g.tenant_id = request_tenant(principal)
     if writes:

@@ -69,3 +69,9 @@ async def test_the_route_serves_the_same_numbers(
     assert (await http.get(SUMMARY + "?tenant_id=t2", headers=operator)).json() == (
         await fleet_summary(seam(pool), "t2")
     )
+    # A tenant given twice is refused, whichever comes first (the review of 7 December:
+    # an empty one first answered for every tenant).
+    for twice in ("?tenant_id=&tenant_id=t2", "?tenant_id=t2&tenant_id="):
+        response = await http.get(SUMMARY + twice, headers=operator)
+        assert response.status_code == 400, twice
+        assert response.json()["error"] == "invalid_tenant_id"
