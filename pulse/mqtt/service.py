@@ -140,7 +140,7 @@ class Mqtt:
             log.warning(
                 "MQTT: cannot tell whether another Pulse process stays subscribed (%s): "
                 "session %s is kept, and what devices publish waits for it",
-                exc or "no answer in time",
+                str(exc) or "no answer in time",
                 self.link.client_id,
             )
             return False
