@@ -78,6 +78,8 @@ const $ = (id) => document.getElementById(id);
 const dict = () => Object.create(null);
 const own = (table, key, otherwise) => (Object.hasOwn(table, key) ? table[key] : otherwise);
 
+const seenText = (device) => (device.lastSeen === null ? "never seen" : `seen ${ago(device.lastSeen)}`);
+
 // A node's text, written only when it changes: a write of the same text still
 // replaces the node's text and has the page laid out again.
 function setText(node, text) {
@@ -668,7 +670,7 @@ class Dashboard {
     const chart = el("div", "chart");
     chart.setAttribute("role", "img"); // named by what it shows (renderChart)
     const foot = el("div", "device-foot");
-    const seen = el("span", "seen", "never seen");
+    const seen = el("span", "seen", seenText(device));
     const last = el("span", "last-id");
     foot.append(seen, last);
     const more = el("div", "more-metrics", `It sends more than ${METRICS_PER_DEVICE} metrics: the first ${METRICS_PER_DEVICE} are shown.`);
@@ -910,7 +912,7 @@ class Dashboard {
       node.classList.toggle("breach", this.breaches(device.id, name, v));
     }
     if (reorder) metrics.replaceChildren(...device.order.map((name) => values[name]));
-    setText(seen, `seen ${ago(device.lastSeen)}`);
+    setText(seen, seenText(device));
     last.textContent = device.lastId ? `#${device.lastId}` : "";
   }
 
@@ -1048,7 +1050,7 @@ class Dashboard {
   tick() {
     const now = Date.now();
     for (const device of this.devices.values()) {
-      setText(device.nodes.seen, `seen ${ago(device.lastSeen)}`);
+      setText(device.nodes.seen, seenText(device));
     }
     while (this.arrivals.length && this.arrivals[0] < now - 5000) this.arrivals.shift();
     setText($("rate"), `${(this.arrivals.length / 5).toFixed(1)} events/s`);
