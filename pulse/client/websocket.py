@@ -126,6 +126,9 @@ class _WebSocketStream(ReconnectingStream[E]):
     def _read(self, message: dict[str, Any]) -> E | None:
         raise NotImplementedError
 
+    async def _reply(self, message: dict[str, Any]) -> None:
+        """After ``_read``: what the stream sends the server in answer to ``message``."""
+
     async def send(self, message: dict[str, Any]) -> None:
         """Send now if connected; the subclasses keep state so a reconnect re-sends it."""
         if self._ws is not None:
@@ -180,6 +183,7 @@ class _WebSocketStream(ReconnectingStream[E]):
                             self._notice("error", str(message.get("message", "")))
                         else:
                             event = self._read(message)
+                            await self._reply(message)
                             if event is not None:
                                 yield event
                 except (GeneratorExit, asyncio.CancelledError):
@@ -272,7 +276,12 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
     """Telemetry events in id order, exactly once, across reconnects and server restarts.
 
     Filters changed with ``subscribe``/``unsubscribe``/``set_metrics``/
-    ``clear_filters`` are remembered and carried into every reconnect.
+    ``clear_filters`` are remembered and carried into every reconnect: a reconnect's
+    URL holds the filters the server granted (a change it refused, a device id it
+    takes for malformed or one device too many, would refuse the reconnect), and
+    once connected the stream asks again for what it wants beyond them (a change
+    made while the connection was being made, which no connection carried; or the
+    refused one, refused again: an ``error`` notice, the stream goes on).
     """
 
     def __init__(
@@ -291,17 +300,21 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
         # None: every device (metric). An empty device set: no device at all.
         self.device_ids = frozenset(device_ids) if device_ids is not None else None
         self.metrics = frozenset(metrics) if metrics is not None else None
+        # The filters as the server has them (its `connected` message and its replies
+        # to the actions): a reconnect's URL.
+        self._granted = (self.device_ids, self.metrics)
         self.last_event_id = last_event_id
         self.duplicates_dropped = 0
 
     def _url(self) -> str:
         last = None if self.last_event_id is None else str(self.last_event_id)
+        devices, metrics = self._granted
         return ws_url(
             self.base_url,
             TELEMETRY_WS_PATH,
             {
-                "device_id": csv(self.device_ids),
-                "metric": csv(self.metrics),
+                "device_id": csv(devices),
+                "metric": csv(metrics),
                 "last_event_id": last,
                 "tenant_id": self.tenant_id,
             },
@@ -331,7 +344,26 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
                 self.last_event_id = int(message["last_event_id"])
         elif kind == "ping" and message.get("last_event_id") is not None:
             self.last_event_id = max(self.last_event_id or 0, int(message["last_event_id"]))
+        self._granted = _granted(message, *self._granted)
         return None
+
+    async def _reply(self, message: dict[str, Any]) -> None:
+        if message.get("type") != "connected":
+            return
+        # Bring the server's filters to the stream's: what changed while the connection
+        # was being made was sent on no connection.
+        devices, metrics = self._granted
+        if self.device_ids is None and devices is not None:
+            await self.send({"action": "clear_filters"})
+            devices = metrics = None
+        elif self.device_ids is not None:
+            if wanted := sorted(self.device_ids - (devices or frozenset())):
+                await self.send({"action": "subscribe", "device_ids": wanted})
+            if devices is not None and devices - self.device_ids:
+                dropped = sorted(devices - self.device_ids)
+                await self.send({"action": "unsubscribe", "device_ids": dropped})
+        if self.metrics != metrics:
+            await self.send({"action": "set_metrics", "metrics": sorted(self.metrics or ())})
 
     async def subscribe(self, device_ids: Iterable[str]) -> None:
         # From "every device", subscribing narrows the stream to the devices named.
@@ -353,6 +385,31 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
     async def clear_filters(self) -> None:
         self.device_ids = self.metrics = None
         await self.send({"action": "clear_filters"})
+
+
+Filters = tuple[frozenset[str] | None, frozenset[str] | None]
+
+
+def _granted(
+    message: dict[str, Any], devices: frozenset[str] | None, metrics: frozenset[str] | None
+) -> Filters:
+    """The filters (devices, metrics; None: every one) the server has once it sent
+    ``message``, from those it had before."""
+    kind = message.get("type")
+    if kind == "connected":
+        given = message.get("filters") or {}
+        return frozenset(given.get("device_ids") or ()) or None, frozenset(
+            given.get("metrics") or ()
+        ) or None
+    if kind == "subscribed":
+        return (devices or frozenset()) | set(message.get("device_ids") or ()), metrics
+    if kind == "unsubscribed" and devices is not None:
+        return devices - set(message.get("device_ids") or ()), metrics
+    if kind == "metrics_updated":
+        return devices, frozenset(message.get("metrics") or ()) or None
+    if kind == "filters_cleared":
+        return None, None
+    return devices, metrics
 
 
 class V2Stream(_WebSocketStream[V2Event]):

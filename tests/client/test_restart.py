@@ -16,7 +16,7 @@ import asyncpg
 import orjson
 import pytest
 
-from pulse.client import FleetSummary, PulseClient, Telemetry
+from pulse.client import FleetSummary, Notice, PulseClient, Telemetry
 from tests.client.conftest import table_events
 from tests.client.restartable import restartable_server
 from tests.support import insert_readings
@@ -205,3 +205,39 @@ async def test_filters_and_subscriptions_are_sent_again_after_a_restart(
     assert [(e.id, e.device_id, e.metrics) for e in filtered if e.id >= first] == expected
     assert ws.connections >= 2 and v2.connections >= 2
     assert (ws.device_ids, ws.metrics) == ({"dev-1", "dev-2"}, {"temp"})
+
+
+async def test_a_filter_the_server_refused_does_not_refuse_the_reconnect(
+    database_url: str, pool: asyncpg.Pool, make_token: Callable[..., str], tmp_path: Path
+) -> None:
+    """From the client review of 7 December: a `subscribe` the server refused on the
+    open connection (a malformed device id; or past PULSE_MAX_DEVICE_FILTERS) was an
+    `error` notice, but the stream kept it and put it in the next reconnect's URL, which
+    the server refused: after a restart the stream raised `400 invalid_parameter`. Its
+    URL now holds what the server granted; the refused id is asked for again once
+    connected, and refused again, as a notice."""
+    notices: list[Notice] = []
+    got: list[Telemetry] = []
+    async with (
+        restartable_server(database_url, tmp_path, env=FAST) as server,
+        PulseClient(
+            server.url, make_token(), backoff_base_s=0.05, backoff_cap_s=0.5,
+            on_notice=notices.append,
+        ) as client,
+    ):  # fmt: skip
+        ws = client.websocket(device_ids=["dev-1"])
+        task = asyncio.create_task(collect(ws, got))
+        try:
+            await eventually(lambda: any(n.kind == "connected" for n in notices))
+            await ws.subscribe(["no such id!"])
+            await eventually(lambda: any(n.kind == "error" for n in notices))
+            await server.kill()
+            await server.start()
+            await eventually(lambda: sum(n.kind == "connected" for n in notices) == 2)
+            await eventually(lambda: sum(n.kind == "error" for n in notices) == 2)
+            ids = await insert_readings(pool, "t1", [("dev-1", {"temp": 1.0})])
+            await eventually(lambda: bool(got) and got[-1].id == ids[-1])
+            assert not task.done()  # still streaming
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

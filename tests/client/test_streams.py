@@ -129,6 +129,48 @@ async def test_websocket_filters_follow_the_client(
     assert all(set(e.metrics) == {"hum"} for e in later)
 
 
+async def test_a_filter_changed_while_connecting_is_asked_for_once_connected(
+    url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
+) -> None:
+    """From the client review of 7 December: a `subscribe` made while a connection was
+    being made went out on no connection (the URL was built, the socket not yet kept),
+    and the stream took it for done: d3's readings never came. Once connected, the
+    stream now asks the server for what it wants beyond what the URL carried."""
+
+    class Racing(WebSocketTelemetryStream):
+        raced = False
+
+        def _url(self) -> str:
+            address = super()._url()
+            if not self.raced:  # the change lands while the handshake is under way
+                self.raced = True
+                asyncio.get_running_loop().create_task(self.subscribe(["d3"]))
+            return address
+
+    async with PulseClient(url, make_token()) as client:
+        stream = client._made(Racing, url, device_ids=["d1"])
+        iterator = aiter(stream)
+        got: list[Telemetry] = []
+
+        async def collect() -> None:
+            async for event in iterator:
+                got.append(event)
+
+        collecting = asyncio.create_task(collect())
+        try:
+            async with asyncio.timeout(15):
+                while not any(e.device_id == "d3" for e in got):
+                    await insert_readings(pool, "t1", [("d3", {"temp": 1.0})])
+                    with contextlib.suppress(TimeoutError):
+                        await until(lambda: any(e.device_id == "d3" for e in got), 0.5)
+        finally:
+            collecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collecting
+            await stream.aclose()
+        assert stream.raced and stream.device_ids == {"d1", "d3"}
+
+
 async def test_v2_channels_yield_typed_fleet_alert_and_device_events(
     url: str, pool: asyncpg.Pool, make_token: Callable[..., str]
 ) -> None:
