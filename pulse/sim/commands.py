@@ -101,6 +101,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
         # Filled in as devices are made: a run stopped while provisioning (Ctrl-C, or a
         # device it must not take over) still removes what it created.
         provisioned = Provisioned()
+        failed: list[str] = []  # what --clean-up could not delete
         try:
             await simulator.provision(done=provisioned)
             first, last = simulator.devices[0].device_id, simulator.devices[-1].device_id
@@ -131,13 +132,14 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
             if simulator.sent:
                 print(f"sent {simulator.sent} readings", file=sys.stderr)
             if args.clean_up:
-                await simulator.remove(provisioned, simulator.created_rules)
-                print(
-                    f"deleted {len(provisioned.created)} devices and "
-                    f"{len(simulator.created_rules)} alert rules",
-                    file=sys.stderr,
-                )
+                if not args.token:  # minted here: a fresh one, whatever the run's length
+                    simulator.use_token(_admin_token(settings, args.tenant))
+                removed = await simulator.remove(provisioned, simulator.created_rules)
+                print(removed.describe(), file=sys.stderr)
+                failed.extend(removed.failed)
             await simulator.aclose()
+        if failed:
+            raise SimulatorError(f"--clean-up left {len(failed)} things in place (above)")
 
     try:
         asyncio.run(main())

@@ -53,6 +53,28 @@ class RuleRefused(SimulatorError):
     the simulator can run without its rules."""
 
 
+@dataclasses.dataclass
+class Removed:
+    """What a clean-up deleted (or found gone already), and what it could not, why."""
+
+    devices: int = 0
+    rules: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)
+
+    def count(self, r: httpx.Response, what: str, kind: str) -> None:
+        if r.is_success or r.status_code == 404:
+            setattr(self, kind, getattr(self, kind) + 1)
+        else:
+            self.failed.append(f"{what}: {refusal(r)}")
+
+    def describe(self) -> str:
+        said = f"deleted {self.devices} devices and {self.rules} alert rules"
+        if self.failed:
+            said += f"; could not delete {len(self.failed)} ({'; '.join(self.failed[:3])}"
+            said += f" and {len(self.failed) - 3} more)" if len(self.failed) > 3 else ")"
+        return said
+
+
 def refusal(r: httpx.Response) -> str:
     """A refused answer in one line: ``409 tenant_quota: The tenant has ...``, or its
     status and text when it is not Pulse's JSON error."""
@@ -242,16 +264,24 @@ class Simulator:
         )
         return r.status_code == 204
 
-    async def remove(self, provisioned: Provisioned, rule_ids: Sequence[int]) -> None:
+    def use_token(self, admin_token: str) -> None:
+        """Act with ``admin_token`` from now on (a fresh one, for a long run's clean-up)."""
+        self._admin = {"Authorization": f"Bearer {admin_token}"}
+
+    async def remove(self, provisioned: Provisioned, rule_ids: Sequence[int]) -> Removed:
         """Delete the devices this simulator created, and the rules ``rule_ids``."""
+        removed = Removed()
         for device_id in provisioned.created:
-            await self.http.delete(
+            r = await self.http.delete(
                 f"{DEVICES_PATH}/{device_id}", headers=self._admin, params=self._params
             )
+            removed.count(r, f"device {device_id}", "devices")
         for rule_id in rule_ids:
-            await self.http.delete(
+            r = await self.http.delete(
                 f"{RULES_PATH}/{rule_id}", headers=self._admin, params=self._params
             )
+            removed.count(r, f"alert rule {rule_id}", "rules")
+        return removed
 
     async def ensure_rules(self, rules: Sequence[dict[str, Any]] = DEFAULT_RULES) -> list[str]:
         """Create the rules missing (by name); the names of ``rules`` now in place.

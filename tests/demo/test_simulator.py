@@ -65,16 +65,16 @@ async def test_a_second_run_takes_over_the_existing_devices(
     assert first.sent == 0 and first.rejected > 0
 
 
-async def simulate(server: str, *args: str, status: int = 0) -> str:
+async def simulate(server: str, *args: str, status: int = 0, timeout: float = 60) -> str:
     """`pulse simulate` against the server, ending with ``status``; what it wrote to
     stderr."""
     env = dict(os.environ, PULSE_JWT_SECRET=TEST_SECRET)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pulse", "simulate", "--url", server, "--tenant", "sim",
-        "--devices", "3", "--rate", "5", "--duration", "1", *args,
+        "--devices", "3", "--rate", "5", "--duration", "1", *args,  # a later one wins
         env=env, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    _, stderr = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode == status, stderr
     return stderr.decode()
 
@@ -94,6 +94,26 @@ async def test_simulate_says_what_it_created_and_can_remove_it(
     assert "3 created" in said and "deleted" not in said
     said = await simulate(server, "--clean-up")  # the devices were there: they stay
     assert "3 already there, with a new token" in said and "0 added" in said
+    async with httpx.AsyncClient(base_url=server, headers=admin) as http:
+        assert len((await http.get("/api/v1/customer/devices")).json()["devices"]) == 3
+
+
+async def test_a_clean_up_that_cannot_delete_says_so_and_fails(
+    server: str, make_token: Callable[..., str]
+) -> None:
+    """From the client review of 7 December: --clean-up said "deleted N devices" whatever
+    the server answered; a token that expired during the run (the one it mints lived an
+    hour) left every device in place. It counts what the server deleted now, says what
+    it could not, and exits 1. (A token it minted itself is minted again for it.)"""
+    # Expired 15 s ago: taken for 15 s more (HTTP's 30 s leeway), then refused.
+    token = make_token("sim", roles=("tenant-admin",), lifetime_s=-15)
+    said = await simulate(
+        server, "--token", token, "--duration", "20", "--clean-up", status=1, timeout=90
+    )
+    assert "deleted 0 devices and 0 alert rules; could not delete 5" in said, said
+    assert "device dev-0001: 401 token_expired" in said, said
+    assert "pulse simulate: --clean-up left 5 things in place (above)" in said, said
+    admin = {"Authorization": f"Bearer {make_token('sim', roles=('tenant-admin',))}"}
     async with httpx.AsyncClient(base_url=server, headers=admin) as http:
         assert len((await http.get("/api/v1/customer/devices")).json()["devices"]) == 3
 
