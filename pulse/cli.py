@@ -13,7 +13,7 @@ from functools import partial
 from typing import NoReturn
 
 from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES
-from pulse.client.arguments import positive_float, positive_int
+from pulse.client.arguments import positive_float, positive_int, tcp_port
 from pulse.config import ConfigError, Settings
 from pulse.logs import configure_logging
 from pulse.names import is_valid_name
@@ -169,13 +169,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         except OSError as exc:  # a full disk, /dev/full
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(f"pulse token: cannot write the token: {exc}")
-
-
-def tcp_port(value: str) -> int:
-    number = int(value)
-    if not 1 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1 to 65535)")
-    return number
 
 
 def fail(message: str, *, logged: bool = False) -> NoReturn:

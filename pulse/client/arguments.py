@@ -51,6 +51,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def tcp_port(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1 to 65535)")
+    return number
+
+
 def seconds_or_zero(value: str) -> float:
     """A duration where 0 has a meaning of its own (never, don't): nothing below it."""
     number = float(value)

@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Any
 
-from pulse.client.arguments import add_server_arguments, positive_float, positive_int
+from pulse.client.arguments import add_server_arguments, positive_float, positive_int, tcp_port
 from pulse.config import Settings
 
 
@@ -17,7 +17,7 @@ def add_sim_commands(sub: Any) -> None:
         "demo", help="run the server, a simulated fleet and the dashboard in one process"
     )
     demo.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
-    demo.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
+    demo.add_argument("--port", type=tcp_port, default=None, help="default: $PORT or 8000")
     _fleet_arguments(demo)
     demo.set_defaults(run=_demo)
 
@@ -56,6 +56,7 @@ def _fleet_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> None:
+    from pulse.runtime import StartupError
     from pulse.sim.demo import DemoError, run_demo
     from pulse.sim.simulator import SimulatorError
 
@@ -71,7 +72,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> None:
                 program=sys.argv[0] if sys.argv[0].endswith("pulse") else "pulse",
             )
         )
-    except (DemoError, SimulatorError) as exc:
+    except (DemoError, SimulatorError, StartupError) as exc:
         sys.exit(f"pulse demo: {exc}")
 
 

@@ -214,9 +214,11 @@ async def _run_demo(
                 await simulating
         if simulator is not None:
             await simulator.aclose()
-        await server
-        if broker is not None:
-            await broker.stop()
+        try:
+            await server
+        finally:  # also when the server did not start (its error is raised)
+            if broker is not None:
+                await broker.stop()
     print("Pulse demo stopped.", file=out, flush=True)
 
 

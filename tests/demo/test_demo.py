@@ -64,6 +64,42 @@ async def test_a_data_folder_that_cannot_be_used_is_one_line_naming_it(
     assert lines[0].endswith(")") and f" ({data_dir}" in lines[0], lines  # what failed
 
 
+async def test_a_database_not_migrated_is_one_line_and_leaves_no_broker_running(
+    tmp_path: Path, empty_database: str
+) -> None:
+    """From the client review of 7 December: with a DATABASE_URL not migrated (or not
+    reachable) `pulse demo` printed a traceback, and the Mosquitto it had started stayed
+    running (its stop came after the server's error). And --port 70000 was a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "DATABASE"))}
+    env |= {"PULSE_DATA_DIR": str(tmp_path), "DATABASE_URL": empty_database}
+    code, said = await stderr_of(
+        sys.executable, "-m", "pulse", "demo", "--port", str(free_port()), env=env
+    )
+    assert code == 1 and "Traceback" not in said, said
+    assert said.splitlines()[-1].startswith("pulse demo: the database "), said
+    assert "is not migrated" in said
+    # Nothing of the demo's own is left running (its broker keeps its data in the folder).
+    code, left = await stderr_of("pgrep", "-f", str(tmp_path), env=env, stdout=True)
+    assert code == 1 and left == "", left  # pgrep: 1, none
+
+    code, said = await stderr_of(sys.executable, "-m", "pulse", "demo", "--port", "70000", env=env)
+    assert code == 2 and "Traceback" not in said, said
+    assert "70000 is not a TCP port (1 to 65535)" in said
+
+
+async def stderr_of(*command: str, env: dict[str, str], stdout: bool = False) -> tuple[int, str]:
+    """A command's exit status and what it wrote to stderr (or to stdout)."""
+    proc = await asyncio.create_subprocess_exec(
+        *command,
+        env=env,
+        stdout=asyncio.subprocess.PIPE if stdout else asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL if stdout else asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, (out if stdout else err).decode()
+
+
 async def test_demo_serves_a_provisioned_fleet_and_prints_working_examples(
     settings: Settings,
 ) -> None:
