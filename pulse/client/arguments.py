@@ -24,6 +24,14 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, token: str) -> None
 
 
 def http_url(value: str) -> str:
+    problem = address_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def address_problem(value: str) -> str | None:
+    """Why ``value`` is not a server's address (None: it is one)."""
     parts = urlsplit(value)
     try:
         port = parts.port  # ValueError for a port that is not a number from 0 to 65535
@@ -38,10 +46,8 @@ def http_url(value: str) -> str:
         or parts.query
         or parts.fragment
     ):
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a server's address: give http://HOST:PORT or https://HOST"
-        )
-    return value
+        return f"{value!r} is not a server's address: give http://HOST:PORT or https://HOST"
+    return None
 
 
 def positive_int(value: str) -> int:

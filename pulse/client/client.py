@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from pulse.client.arguments import address_problem
 from pulse.client.backoff import Backoff, BusyWait
 from pulse.client.credentials import Credentials, TokenRefresh
 from pulse.client.errors import AuthenticationFailed, ExportCut, PulseClientError
@@ -83,6 +84,10 @@ class PulseClient:
     ) -> None:
         if busy_wait_s < 0:
             raise ValueError("busy_wait_s must be 0 or more")
+        # Checked here: a URL without a scheme was a lost connection to the SSE stream,
+        # tried again for ever.
+        if (problem := address_problem(base_url)) is not None:
+            raise ValueError(problem)
         self.base_url = base_url.rstrip("/")
         self.credentials = Credentials(token, refresh_token)
         self.tenant_id = tenant_id

@@ -71,13 +71,11 @@ async def test_a_change_is_not_sent_again(make_token: Callable[..., str]) -> Non
     assert waits == []
 
 
-async def test_a_url_without_a_scheme_is_raised_at_once(make_token: Callable[..., str]) -> None:
-    """From the review of the retries: every httpx.TransportError was retried, so a
-    PULSE_URL without http:// (UnsupportedProtocol) hung for busy_wait_s first."""
-    waits: list[tuple[PulseClientError, float]] = []
-    async with PulseClient(
-        f"127.0.0.1:{free_port()}", make_token("t1"), on_busy=lambda e, s: waits.append((e, s))
-    ) as client:
-        with pytest.raises(httpx.UnsupportedProtocol):
-            await asyncio.wait_for(client.fleet_summary(), 5)
-    assert waits == []
+@pytest.mark.parametrize("address", ["127.0.0.1:8000", "localhost", "ftp://h", "http://"])
+def test_an_address_that_is_no_server_s_is_refused_at_once(address: str) -> None:
+    """From the client review of 7 December: `PulseClient("127.0.0.1:8000", ...)` made an
+    SSE stream that took httpx's UnsupportedProtocol for a lost connection and tried
+    again for ever, where the REST helpers and WebSockets failed at once (and, before the
+    review of the retries, waited busy_wait_s first)."""
+    with pytest.raises(ValueError, match="is not a server's address: give http://HOST:PORT"):
+        PulseClient(address, "token")
