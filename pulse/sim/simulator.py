@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ DEFAULT_RULES: tuple[dict[str, Any], ...] = (
 
 # With an MQTT sender, every MQTT_EVERY-th device publishes over MQTT.
 MQTT_EVERY = 5
+CATCH_UP_S = 5.0  # readings a device owes, at most, sent late rather than never
 
 
 class SimulatorError(RuntimeError):
@@ -324,19 +326,25 @@ class Simulator:
         for i, device in enumerate(self.devices):
             # Spread the devices over the interval rather than sending all at once.
             device.next_due = start + interval * i / len(self.devices)
+        # A device behind by at most this many readings (the loop's sends and sleeps
+        # take time) sends them all now; further behind (a stall), it skips the rest.
+        catch_up = max(1, math.ceil(self.rate * CATCH_UP_S))
         while duration_s is None or time.monotonic() - start < duration_s:
             now = time.monotonic()
-            due = [d for d in self.devices if d.next_due <= now]
             messages = []
-            for device in due:
-                device.next_due = max(device.next_due + interval, now)
-                metrics = device.model.advance(interval)
-                if metrics is None:
-                    continue
-                if device.over_mqtt:
-                    self._publish(device, metrics)
-                else:
-                    messages.append(self._message(device, metrics))
+            for device in self.devices:
+                for _ in range(catch_up):
+                    if device.next_due > now:
+                        break
+                    device.next_due += interval
+                    metrics = device.model.advance(interval)
+                    if metrics is None:
+                        continue
+                    if device.over_mqtt:
+                        self._publish(device, metrics)
+                    else:
+                        messages.append(self._message(device, metrics))
+                device.next_due = max(device.next_due, now)
             if messages:
                 await self._send(messages)
             await asyncio.sleep(max(0.0, tick - (time.monotonic() - now)))
