@@ -35,6 +35,7 @@ from pulse.client.stream import (
     describe,
     reset_detail,
 )
+from pulse.names import is_valid_name
 
 E = TypeVar("E")
 
@@ -276,12 +277,13 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
     """Telemetry events in id order, exactly once, across reconnects and server restarts.
 
     Filters changed with ``subscribe``/``unsubscribe``/``set_metrics``/
-    ``clear_filters`` are remembered and carried into every reconnect: a reconnect's
-    URL holds the filters the server granted (a change it refused, a device id it
-    takes for malformed or one device too many, would refuse the reconnect), and
-    once connected the stream asks again for what it wants beyond them (a change
-    made while the connection was being made, which no connection carried; or the
-    refused one, refused again: an ``error`` notice, the stream goes on).
+    ``clear_filters`` are remembered and carried into every reconnect's URL, so that
+    the replay of what was missed uses them. A malformed device id is sent (the
+    server answers an ``error`` notice) but never kept. A URL the server refuses
+    (more devices than its PULSE_MAX_DEVICE_FILTERS) is tried once more with the
+    filters it last granted. Once connected, the stream asks for what it wants
+    beyond what the URL carried (a change made while the connection was being made,
+    which went out on no connection).
     """
 
     def __init__(
@@ -301,14 +303,15 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
         self.device_ids = frozenset(device_ids) if device_ids is not None else None
         self.metrics = frozenset(metrics) if metrics is not None else None
         # The filters as the server has them (its `connected` message and its replies
-        # to the actions): a reconnect's URL.
+        # to the actions): the URL of a reconnect whose own filters were refused.
         self._granted = (self.device_ids, self.metrics)
+        self._granted_only = False
         self.last_event_id = last_event_id
         self.duplicates_dropped = 0
 
     def _url(self) -> str:
         last = None if self.last_event_id is None else str(self.last_event_id)
-        devices, metrics = self._granted
+        devices, metrics = self._granted if self._granted_only else (self.device_ids, self.metrics)
         return ws_url(
             self.base_url,
             TELEMETRY_WS_PATH,
@@ -347,9 +350,22 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
         self._granted = _granted(message, *self._granted)
         return None
 
+    def _closed(self, code: int | None, reason: str) -> Exception:
+        if code == 4000 and not self._granted_only and self._granted != self._wanted():
+            # The URL's filters were refused (one device too many): once more with
+            # those granted, then asked for again once connected (refused again: an
+            # error notice, and the stream goes on).
+            self._granted_only = True
+            return Reconnect(f"filters refused ({reason}); connecting with the last granted")
+        return super()._closed(code, reason)
+
+    def _wanted(self) -> Filters:
+        return self.device_ids, self.metrics or None
+
     async def _reply(self, message: dict[str, Any]) -> None:
         if message.get("type") != "connected":
             return
+        self._granted_only = False
         # Bring the server's filters to the stream's: what changed while the connection
         # was being made was sent on no connection.
         devices, metrics = self._granted
@@ -362,13 +378,16 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
             if devices is not None and devices - self.device_ids:
                 dropped = sorted(devices - self.device_ids)
                 await self.send({"action": "unsubscribe", "device_ids": dropped})
-        if self.metrics != metrics:
+        if (self.metrics or None) != metrics:
             await self.send({"action": "set_metrics", "metrics": sorted(self.metrics or ())})
 
     async def subscribe(self, device_ids: Iterable[str]) -> None:
-        # From "every device", subscribing narrows the stream to the devices named.
+        # From "every device", subscribing narrows the stream to the devices named. A
+        # malformed id is the server's to refuse (an error notice), not kept for the
+        # next URL, which the server would refuse whole.
         ids = sorted(device_ids)
-        self.device_ids = (self.device_ids or frozenset()) | set(ids)
+        if valid := set(filter(is_valid_name, ids)):
+            self.device_ids = (self.device_ids or frozenset()) | valid
         await self.send({"action": "subscribe", "device_ids": ids})
 
     async def unsubscribe(self, device_ids: Iterable[str]) -> None:

@@ -207,19 +207,24 @@ async def test_filters_and_subscriptions_are_sent_again_after_a_restart(
     assert (ws.device_ids, ws.metrics) == ({"dev-1", "dev-2"}, {"temp"})
 
 
-async def test_a_filter_the_server_refused_does_not_refuse_the_reconnect(
+async def test_filters_changed_or_refused_while_apart_keep_the_stream_exact(
     database_url: str, pool: asyncpg.Pool, make_token: Callable[..., str], tmp_path: Path
 ) -> None:
-    """From the client review of 7 December: a `subscribe` the server refused on the
-    open connection (a malformed device id; or past PULSE_MAX_DEVICE_FILTERS) was an
-    `error` notice, but the stream kept it and put it in the next reconnect's URL, which
-    the server refused: after a restart the stream raised `400 invalid_parameter`. Its
-    URL now holds what the server granted; the refused id is asked for again once
-    connected, and refused again, as a notice."""
+    """From the client reviews of 7 December.
+
+    - A `subscribe` the server refused stayed in the stream's filters and in the next
+      reconnect's URL, which the server refused: after a restart the stream died with
+      `400 invalid_parameter`. A malformed id is no longer kept; a URL refused for one
+      device too many is tried once more with the filters the server last granted.
+    - A reconnect's URL must carry the filters wanted, not only those granted: a
+      `subscribe` made while the server was down reached it only after `connected`,
+      when the replay of what was missed had begun without it (review 6 lost d3's
+      readings that way)."""
     notices: list[Notice] = []
     got: list[Telemetry] = []
+    env = FAST | {"PULSE_MAX_DEVICE_FILTERS": "2"}
     async with (
-        restartable_server(database_url, tmp_path, env=FAST) as server,
+        restartable_server(database_url, tmp_path, env=env) as server,
         PulseClient(
             server.url, make_token(), backoff_base_s=0.05, backoff_cap_s=0.5,
             on_notice=notices.append,
@@ -227,17 +232,35 @@ async def test_a_filter_the_server_refused_does_not_refuse_the_reconnect(
     ):  # fmt: skip
         ws = client.websocket(device_ids=["dev-1"])
         task = asyncio.create_task(collect(ws, got))
+
+        def said(kind: str) -> int:
+            return sum(n.kind == kind for n in notices)
+
         try:
-            await eventually(lambda: any(n.kind == "connected" for n in notices))
-            await ws.subscribe(["no such id!"])
-            await eventually(lambda: any(n.kind == "error" for n in notices))
+            await eventually(lambda: said("connected") == 1)
+            await ws.subscribe(["no such id!"])  # malformed: refused, not kept
+            await eventually(lambda: said("error") == 1)
+            assert ws.device_ids == {"dev-1"}
+
             await server.kill()
+            await ws.subscribe(["dev-3"])  # while apart, with readings it must replay
+            apart = await insert_readings(pool, "t1", [("dev-3", {"n": 1}), ("dev-2", {"n": 2})])
+            apart += await insert_readings(pool, "t1", [("dev-3", {"n": 3})])
             await server.start()
-            await eventually(lambda: sum(n.kind == "connected" for n in notices) == 2)
-            await eventually(lambda: sum(n.kind == "error" for n in notices) == 2)
-            ids = await insert_readings(pool, "t1", [("dev-1", {"temp": 1.0})])
+            await eventually(lambda: said("connected") == 2)
+            await eventually(lambda: bool(got) and got[-1].id >= apart[-1])
+            assert [e.id for e in got if e.id in apart] == [apart[0], apart[2]]  # not dev-2
+
+            await ws.subscribe(["dev-4"])  # a third device: over the server's limit
+            await eventually(lambda: said("error") == 2)
+            await server.kill()
+            await server.start()  # the URL's three devices refused; then the granted two
+            await eventually(lambda: said("connected") == 3)
+            await eventually(lambda: said("error") == 3)  # dev-4 asked for again, refused
+            ids = await insert_readings(pool, "t1", [("dev-3", {"n": 4}), ("dev-1", {"n": 5})])
             await eventually(lambda: bool(got) and got[-1].id == ids[-1])
             assert not task.done()  # still streaming
+            assert [e.id for e in got if e.id in ids] == ids
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
