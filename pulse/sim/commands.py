@@ -83,6 +83,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
 
     token = args.token or _admin_token(settings, args.tenant)
     url = args.url or f"http://127.0.0.1:{settings.port}"
+    failed: list[str] = []  # what --clean-up could not delete, however the run ended
 
     async def main() -> None:
         # SIGTERM (a process manager, `timeout`) stops the run as Ctrl-C does, and
@@ -102,7 +103,6 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
         # Filled in as devices are made: a run stopped while provisioning (Ctrl-C, or a
         # device it must not take over) still removes what it created.
         provisioned = Provisioned()
-        failed: list[str] = []  # what --clean-up could not delete
         try:
             await simulator.provision(done=provisioned)
             first, last = simulator.devices[0].device_id, simulator.devices[-1].device_id
@@ -139,17 +139,17 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
                 print(removed.describe(), file=sys.stderr)
                 failed.extend(removed.failed)
             await simulator.aclose()
-        if failed:
-            raise SimulatorError(f"--clean-up left {len(failed)} things in place (above)")
 
     try:
         asyncio.run(main())
     except (KeyboardInterrupt, asyncio.CancelledError):
-        pass
+        pass  # stopped (Ctrl-C, SIGTERM): what --clean-up left is said below
     except SimulatorError as exc:
         sys.exit(f"pulse simulate: {exc}")
     except httpx.TransportError as exc:
         sys.exit(f"pulse simulate: cannot reach {url}: {str(exc) or type(exc).__name__}")
+    if failed:
+        sys.exit(f"pulse simulate: --clean-up left {len(failed)} things in place (above)")
 
 
 def _admin_token(settings: Settings, tenant: str) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 
 import asyncpg
@@ -136,6 +137,33 @@ async def test_a_clean_up_that_cannot_delete_says_so_and_fails(
     admin = {"Authorization": f"Bearer {make_token('sim', roles=('tenant-admin',))}"}
     async with httpx.AsyncClient(base_url=server, headers=admin) as http:
         assert len((await http.get("/api/v1/customer/devices")).json()["devices"]) == 3
+
+
+async def test_a_run_stopped_by_sigterm_whose_clean_up_fails_exits_1(
+    server: str, make_token: Callable[..., str]
+) -> None:
+    """From the review of fadd828: a run stopped by Ctrl-C or SIGTERM (the usual end of a
+    run without --duration) exited 0 whatever its clean-up left."""
+    # Expired 22 s ago: taken for 8 s more (HTTP's 30 s leeway), then refused.
+    token = make_token("sim", roles=("tenant-admin",), lifetime_s=-22)
+    refused_from = time.monotonic() + 9
+    env = dict(os.environ, PULSE_JWT_SECRET=TEST_SECRET)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pulse", "simulate", "--url", server, "--tenant", "sim",
+        "--devices", "2", "--rate", "1", "--no-rules", "--duration", "60", "--clean-up",
+        "--token", token, env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    said = b""
+    async with asyncio.timeout(30):
+        while b"simulating 2 devices" not in said:
+            said += await proc.stderr.readline()
+    await asyncio.sleep(max(0.0, refused_from - time.monotonic()))  # the token refused now
+    proc.terminate()
+    _, rest = await asyncio.wait_for(proc.communicate(), 30)
+    said += rest or b""
+    assert proc.returncode == 1, said
+    assert b"could not delete 2 (device dev-0001: 401 token_expired" in said, said
 
 
 async def test_sigterm_stops_a_run_and_cleans_up_as_ctrl_c_does(
