@@ -139,6 +139,22 @@ async def test_a_clean_up_that_cannot_delete_says_so_and_fails(
         assert len((await http.get("/api/v1/customer/devices")).json()["devices"]) == 3
 
 
+async def simulating(server: str, *args: str) -> tuple[asyncio.subprocess.Process, bytes]:
+    """`pulse simulate --clean-up` for a minute, once it says it is simulating; what it
+    wrote to stderr so far."""
+    env = dict(os.environ, PULSE_JWT_SECRET=TEST_SECRET)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pulse", "simulate", "--url", server, "--tenant", "sim",
+        "--duration", "60", "--clean-up", *args, env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    said = b""
+    async with asyncio.timeout(30):
+        while b"simulating " not in said:
+            said += await proc.stderr.readline()
+    return proc, said
+
+
 async def test_a_run_stopped_by_sigterm_whose_clean_up_fails_exits_1(
     server: str, make_token: Callable[..., str]
 ) -> None:
@@ -147,17 +163,9 @@ async def test_a_run_stopped_by_sigterm_whose_clean_up_fails_exits_1(
     # Expired 22 s ago: taken for 8 s more (HTTP's 30 s leeway), then refused.
     token = make_token("sim", roles=("tenant-admin",), lifetime_s=-22)
     refused_from = time.monotonic() + 9
-    env = dict(os.environ, PULSE_JWT_SECRET=TEST_SECRET)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pulse", "simulate", "--url", server, "--tenant", "sim",
-        "--devices", "2", "--rate", "1", "--no-rules", "--duration", "60", "--clean-up",
-        "--token", token, env=env, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    said = b""
-    async with asyncio.timeout(30):
-        while b"simulating 2 devices" not in said:
-            said += await proc.stderr.readline()
+    proc, said = await simulating(
+        server, "--devices", "2", "--rate", "1", "--no-rules", "--token", token
+    )
     await asyncio.sleep(max(0.0, refused_from - time.monotonic()))  # the token refused now
     proc.terminate()
     _, rest = await asyncio.wait_for(proc.communicate(), 30)
@@ -171,17 +179,7 @@ async def test_sigterm_stops_a_run_and_cleans_up_as_ctrl_c_does(
 ) -> None:
     """From the operations audit: `timeout 12 pulse simulate --clean-up` (SIGTERM) left
     its devices, which then raised no-heartbeat alerts; only Ctrl-C cleaned up."""
-    env = dict(os.environ, PULSE_JWT_SECRET=TEST_SECRET)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pulse", "simulate", "--url", server, "--tenant", "sim",
-        "--devices", "3", "--rate", "5", "--duration", "60", "--clean-up",
-        env=env, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    said = b""
-    async with asyncio.timeout(30):
-        while b"simulating 3 devices" not in said:
-            said += await proc.stderr.readline()
+    proc, said = await simulating(server, "--devices", "3", "--rate", "5")
     proc.terminate()
     _, rest = await asyncio.wait_for(proc.communicate(), 30)
     said += rest or b""
