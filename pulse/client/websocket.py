@@ -278,12 +278,10 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
 
     Filters changed with ``subscribe``/``unsubscribe``/``set_metrics``/
     ``clear_filters`` are remembered and carried into every reconnect's URL, so that
-    the replay of what was missed uses them. A malformed device id is sent (the
-    server answers an ``error`` notice) but never kept. A URL the server refuses
-    (more devices than its PULSE_MAX_DEVICE_FILTERS) is tried once more with the
-    filters it last granted. Once connected, the stream asks for what it wants
-    beyond what the URL carried (a change made while the connection was being made,
-    which went out on no connection).
+    the replay of what was missed uses them. A malformed device id or metric name is
+    refused at once (ValueError), never sent or kept. Once connected, the stream asks
+    for what it wants beyond what the URL carried (a change made while the connection
+    was being made, which went out on no connection).
     """
 
     def __init__(
@@ -303,21 +301,19 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
         self.device_ids = frozenset(device_ids) if device_ids is not None else None
         self.metrics = frozenset(metrics) if metrics is not None else None
         # The filters as the server has them (its `connected` message and its replies
-        # to the actions): the URL of a reconnect whose own filters were refused.
-        self._granted = (self.device_ids, self.metrics)
-        self._granted_only = False
+        # to the actions), to ask once connected for what the URL did not carry.
+        self._granted: Filters = (self.device_ids, self.metrics or None)
         self.last_event_id = last_event_id
         self.duplicates_dropped = 0
 
     def _url(self) -> str:
         last = None if self.last_event_id is None else str(self.last_event_id)
-        devices, metrics = self._granted if self._granted_only else (self.device_ids, self.metrics)
         return ws_url(
             self.base_url,
             TELEMETRY_WS_PATH,
             {
-                "device_id": csv(devices),
-                "metric": csv(metrics),
+                "device_id": csv(self.device_ids),
+                "metric": csv(self.metrics),
                 "last_event_id": last,
                 "tenant_id": self.tenant_id,
             },
@@ -350,22 +346,9 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
         self._granted = _granted(message, *self._granted)
         return None
 
-    def _closed(self, code: int | None, reason: str) -> Exception:
-        if code == 4000 and not self._granted_only and self._granted != self._wanted():
-            # The URL's filters were refused (one device too many): once more with
-            # those granted, then asked for again once connected (refused again: an
-            # error notice, and the stream goes on).
-            self._granted_only = True
-            return Reconnect(f"filters refused ({reason}); connecting with the last granted")
-        return super()._closed(code, reason)
-
-    def _wanted(self) -> Filters:
-        return self.device_ids, self.metrics or None
-
     async def _reply(self, message: dict[str, Any]) -> None:
         if message.get("type") != "connected":
             return
-        self._granted_only = False
         # Bring the server's filters to the stream's: what changed while the connection
         # was being made was sent on no connection.
         devices, metrics = self._granted
@@ -382,12 +365,9 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
             await self.send({"action": "set_metrics", "metrics": sorted(self.metrics or ())})
 
     async def subscribe(self, device_ids: Iterable[str]) -> None:
-        # From "every device", subscribing narrows the stream to the devices named. A
-        # malformed id is the server's to refuse (an error notice), not kept for the
-        # next URL, which the server would refuse whole.
-        ids = sorted(device_ids)
-        if valid := set(filter(is_valid_name, ids)):
-            self.device_ids = (self.device_ids or frozenset()) | valid
+        # From "every device", subscribing narrows the stream to the devices named.
+        ids = _names(device_ids, "device id")
+        self.device_ids = (self.device_ids or frozenset()) | set(ids)
         await self.send({"action": "subscribe", "device_ids": ids})
 
     async def unsubscribe(self, device_ids: Iterable[str]) -> None:
@@ -398,7 +378,7 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
         await self.send({"action": "unsubscribe", "device_ids": ids})
 
     async def set_metrics(self, metrics: Iterable[str]) -> None:
-        self.metrics = frozenset(metrics)
+        self.metrics = frozenset(_names(metrics, "metric name"))
         await self.send({"action": "set_metrics", "metrics": sorted(self.metrics)})
 
     async def clear_filters(self) -> None:
@@ -407,6 +387,16 @@ class WebSocketTelemetryStream(_WebSocketStream[Telemetry]):
 
 
 Filters = tuple[frozenset[str] | None, frozenset[str] | None]
+
+
+def _names(values: Iterable[str], what: str) -> list[str]:
+    """``values`` sorted, or ValueError for one the server would refuse: kept, it would be
+    in the next reconnect's URL, which the server would refuse whole."""
+    names = sorted(values)
+    for name in names:
+        if not is_valid_name(name):
+            raise ValueError(f"{name!r} is not a {what}: 1 to 64 characters of [A-Za-z0-9_.:-]")
+    return names
 
 
 def _granted(

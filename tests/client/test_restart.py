@@ -16,7 +16,7 @@ import asyncpg
 import orjson
 import pytest
 
-from pulse.client import FleetSummary, Notice, PulseClient, Telemetry
+from pulse.client import BadRequest, FleetSummary, Notice, PulseClient, Telemetry
 from tests.client.conftest import table_events
 from tests.client.restartable import restartable_server
 from tests.support import insert_readings
@@ -207,19 +207,22 @@ async def test_filters_and_subscriptions_are_sent_again_after_a_restart(
     assert (ws.device_ids, ws.metrics) == ({"dev-1", "dev-2"}, {"temp"})
 
 
-async def test_filters_changed_or_refused_while_apart_keep_the_stream_exact(
+async def test_filters_changed_while_apart_are_replayed_and_malformed_ones_refused_at_once(
     database_url: str, pool: asyncpg.Pool, make_token: Callable[..., str], tmp_path: Path
 ) -> None:
     """From the client reviews of 7 December.
 
-    - A `subscribe` the server refused stayed in the stream's filters and in the next
-      reconnect's URL, which the server refused: after a restart the stream died with
-      `400 invalid_parameter`. A malformed id is no longer kept; a URL refused for one
-      device too many is tried once more with the filters the server last granted.
-    - A reconnect's URL must carry the filters wanted, not only those granted: a
-      `subscribe` made while the server was down reached it only after `connected`,
-      when the replay of what was missed had begun without it (review 6 lost d3's
-      readings that way)."""
+    - A malformed id given to `subscribe` was sent, refused by the server (an `error`
+      notice), and kept: the next reconnect's URL held it, which the server refused, and
+      after a restart the stream died with `400 invalid_parameter`. It is refused at once
+      now (ValueError), never sent or kept.
+    - A reconnect's URL carries the filters wanted, so a `subscribe` made while the
+      server was down is in the replay of what was missed (review 6 lost d3's readings
+      when only the filters the server had granted were carried).
+    - More devices than PULSE_MAX_DEVICE_FILTERS, asked for on an open connection, are an
+      `error` notice; kept, they end the stream at its next reconnect, `400
+      invalid_parameter` (a clear error, where a fallback to fewer filters lost events:
+      review 7)."""
     notices: list[Notice] = []
     got: list[Telemetry] = []
     env = FAST | {"PULSE_MAX_DEVICE_FILTERS": "2"}
@@ -238,9 +241,11 @@ async def test_filters_changed_or_refused_while_apart_keep_the_stream_exact(
 
         try:
             await eventually(lambda: said("connected") == 1)
-            await ws.subscribe(["no such id!"])  # malformed: refused, not kept
-            await eventually(lambda: said("error") == 1)
-            assert ws.device_ids == {"dev-1"}
+            with pytest.raises(ValueError, match="'no such id!' is not a device id"):
+                await ws.subscribe(["dev-2", "no such id!"])
+            with pytest.raises(ValueError, match="'bad metric' is not a metric name"):
+                await ws.set_metrics(["temp", "bad metric"])
+            assert ws.device_ids == {"dev-1"} and ws.metrics is None
 
             await server.kill()
             await ws.subscribe(["dev-3"])  # while apart, with readings it must replay
@@ -250,17 +255,15 @@ async def test_filters_changed_or_refused_while_apart_keep_the_stream_exact(
             await eventually(lambda: said("connected") == 2)
             await eventually(lambda: bool(got) and got[-1].id >= apart[-1])
             assert [e.id for e in got if e.id in apart] == [apart[0], apart[2]]  # not dev-2
+            assert said("error") == 0
 
             await ws.subscribe(["dev-4"])  # a third device: over the server's limit
-            await eventually(lambda: said("error") == 2)
+            await eventually(lambda: said("error") == 1)
             await server.kill()
-            await server.start()  # the URL's three devices refused; then the granted two
-            await eventually(lambda: said("connected") == 3)
-            await eventually(lambda: said("error") == 3)  # dev-4 asked for again, refused
-            ids = await insert_readings(pool, "t1", [("dev-3", {"n": 4}), ("dev-1", {"n": 5})])
-            await eventually(lambda: bool(got) and got[-1].id == ids[-1])
-            assert not task.done()  # still streaming
-            assert [e.id for e in got if e.id in ids] == ids
+            await server.start()
+            await eventually(task.done)
+            with pytest.raises(BadRequest, match="400 invalid_parameter"):
+                task.result()
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
