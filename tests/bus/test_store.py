@@ -64,7 +64,12 @@ async def test_a_caller_arriving_during_a_read_gives_up_at_its_own_deadline(
 
 
 async def waiting_on_the_lock(conn: asyncpg.Connection) -> bool:
-    """Whether a read of a tenant's newest id waits on a lock on the server."""
+    """Whether a read of a tenant's newest id waits on a lock on the server.
+
+    ``conn`` holds the lock in a transaction, and PostgreSQL shows a transaction the
+    same pg_stat_activity throughout: taken before the read came, that snapshot never
+    showed it waiting (a clean-clone CI run polled it for 30 s). Each poll drops it."""
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
     return bool(
         await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
