@@ -230,14 +230,20 @@ async def pulse_serve(
     """`python -m pulse serve` in a subprocess on a free loopback port, until ready.
 
     With no ``database_url`` it runs on an embedded PostgreSQL in ``data_dir``.
-    On exit it is sent SIGTERM (unless already stopped) and must exit with 0.
+    On exit it is sent SIGTERM (unless already stopped) and must exit with 0; killed
+    when the test failed.
     """
     server = await start_serve(data_dir=data_dir, database_url=database_url, env=env, stdout=stdout)
     try:
         await server.wait_ready()
         yield server
-    finally:
+    except BaseException:
+        # The test failed: its error is the one to see, not a graceful stop's wait on a
+        # request it left in flight.
+        server.kill(with_workers=True)
         await server.stop()
+        raise
+    await server.stop()
 
 
 async def start_serve(
@@ -293,17 +299,32 @@ class ServeProcess:
         """SIGTERM, then wait; returns the exit code (asserting a clean exit)."""
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
-        stdout, stderr = await asyncio.wait_for(self.proc.communicate(), timeout)
+        try:
+            stdout, stderr = await asyncio.wait_for(self.proc.communicate(), timeout)
+        except TimeoutError:
+            # Killed, with what it said: a bare TimeoutError hid the reason (and, when a
+            # test had failed first, took the summary's line from its own error).
+            self.kill(with_workers=True)
+            stdout, stderr = await self.proc.communicate()
+            said = (self.stderr + (stderr or b"")).decode(errors="replace")[-3000:]
+            raise AssertionError(f"did not stop within {timeout:g} s:\n{said}") from None
         self.stdout += stdout or b""
         self.stderr += stderr or b""
         clean = self.proc.returncode == 0 or self.killed
         assert clean, self.stderr.decode(errors="replace")[-3000:]
         return self.proc.returncode
 
-    def kill(self) -> None:
-        """SIGKILL: a crash, with no cleanup (stop() then accepts the exit)."""
+    def kill(self, *, with_workers: bool = False) -> None:
+        """SIGKILL: a crash, with no cleanup (stop() then accepts the exit). Workers
+        outlive their supervisor for a moment (``with_workers``: not even that)."""
         self.killed = True
-        self.proc.kill()
+        if with_workers:
+            with contextlib.suppress(OSError):  # gone already
+                children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+                for pid in map(int, children.read_text().split()):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # exited already
+            self.proc.kill()
 
 
 def seam(pool: asyncpg.Pool, dsn: str = "") -> Database:

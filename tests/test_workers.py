@@ -22,7 +22,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pulse.auth.dev_tokens import mint_token
 from pulse.ops.metrics import REFRESH_S
-from tests.support import TEST_SECRET, provision_device, pulse_serve, sse_events, start_serve
+from tests.support import (
+    TEST_SECRET,
+    ServeProcess,
+    provision_device,
+    pulse_serve,
+    sse_events,
+    start_serve,
+)
 from tests.uploads import slow_upload
 from tests.web.db_proxy import database_proxy
 
@@ -50,6 +57,32 @@ async def scrape(url: str) -> dict[str, float]:
 def worker_pids(pid: int) -> set[int]:
     """The children (workers) of the server process ``pid``."""
     return set(map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()))
+
+
+RUNNING = b"hypercorn.error: Running on"
+
+
+async def both_serving(server: ServeProcess) -> set[int]:
+    """Until each worker serves, not only the one /readyz reached; their pids."""
+    workers = worker_pids(server.proc.pid)
+    for pid in workers:
+        await until_said(server, f"[{pid}] ".encode() + RUNNING)
+    return workers
+
+
+async def until_said(server: ServeProcess, text: bytes, besides: Collection[int] = ()) -> None:
+    """Until the server's stderr (kept in ``server.stderr``) has a line with ``text``
+    said by a process other than ``besides``."""
+    deadline = time.monotonic() + 60
+    while not any(
+        text in line and not any(f"[{pid}]".encode() in line for pid in besides)
+        for line in server.stderr.splitlines()
+    ):
+        assert server.proc.returncode is None, server.stderr.decode()[-2000:]
+        assert time.monotonic() < deadline, server.stderr.decode()[-2000:]
+        assert server.proc.stderr is not None
+        with contextlib.suppress(TimeoutError):
+            server.stderr += await asyncio.wait_for(server.proc.stderr.read(4096), 0.5)
 
 
 async def test_ingest_over_two_workers_keeps_ids_exact(
@@ -190,44 +223,25 @@ async def test_a_replacement_that_cannot_reach_the_database_is_tried_again_while
     started; stopping"): it stopped the healthy worker too, and exited 1. Now the
     replacement is started again with a backoff, the other worker serving meanwhile,
     until the database is back."""
-    said = b""
-
-    async def until_said(text: bytes, besides: Collection[int] = ()) -> None:
-        """Until a line with ``text`` is said by a process other than ``besides``."""
-        nonlocal said
-        deadline = time.monotonic() + 60
-        while not any(
-            text in line and not any(f"[{pid}]".encode() in line for pid in besides)
-            for line in said.splitlines()
-        ):
-            assert server.proc.returncode is None, said.decode()[-2000:]
-            assert time.monotonic() < deadline, said.decode()[-2000:]
-            assert server.proc.stderr is not None
-            with contextlib.suppress(TimeoutError):
-                said += await asyncio.wait_for(server.proc.stderr.read(4096), 0.5)
-
     async with (
         database_proxy(database_url) as proxy,
         pulse_serve(
             data_dir=tmp_path, database_url=proxy.dsn, env={"PULSE_WORKERS": "2"}, stdout=-1
         ) as server,
     ):
-        before = worker_pids(server.proc.pid)
-        for pid in before:  # both serving, not only the one /readyz reached
-            await until_said(f"[{pid}] hypercorn.error: Running on".encode())
+        before = await both_serving(server)
         proxy.cut()
         os.kill(max(before), signal.SIGKILL)
         # Two failed starts in a row: the second said with a longer wait.
-        await until_said(b"(2 in a row); starting it again in 2 s")
+        await until_said(server, b"(2 in a row); starting it again in 2 s")
         # The worker that was serving still is: it answers, and for the outage.
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             assert (await http.get("/healthz")).status_code == 200
             assert (await http.get("/readyz")).status_code == 503
         proxy.mend()
         # A replacement serves (one started before the mend may still fail first).
-        await until_said(b"hypercorn.error: Running on", besides=before)
-    said += server.stderr
-    assert b"as it started; stopping" not in said, said.decode()[-2000:]
+        await until_said(server, RUNNING, besides=before)
+    assert b"as it started; stopping" not in server.stderr, server.stderr.decode()[-2000:]
     assert server.proc.returncode == 0
 
 
@@ -277,17 +291,23 @@ async def test_sigterm_closes_the_shared_socket_at_once_and_in_flight_requests_f
     # A timeout far beyond the test's deadlines: the socket must close without waiting for it.
     env = {"PULSE_WORKERS": "2", "PULSE_SHUTDOWN_TIMEOUT_S": "30"}
     async with pulse_serve(data_dir=tmp_path, database_url=database_url, env=env) as server:
+        await both_serving(server)  # one still starting would hold the socket as it starts
         port = int(server.url.rsplit(":", 1)[1])
         upload = await slow_upload(server.url, "t1", "d1", token)
         started = time.monotonic()
         server.proc.terminate()
         refused_after = None
+        failed: list[str] = []  # neither taken nor refused: said if the test fails
         while refused_after is None:
-            assert time.monotonic() - started < 5, "new connections were still accepted"
+            assert time.monotonic() - started < 5, f"new connections still accepted: {failed}"
             try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                # Bounded: a connection the kernel could not queue waits for its retry.
+                opening = asyncio.open_connection("127.0.0.1", port)
+                _, writer = await asyncio.wait_for(opening, 1)
             except ConnectionRefusedError:
                 refused_after = time.monotonic() - started
+            except OSError as exc:  # TimeoutError among them
+                failed.append(repr(exc))
             else:
                 writer.close()  # taken by a worker not yet stopping, or queued: again
                 await asyncio.sleep(0.01)
