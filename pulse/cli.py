@@ -16,7 +16,7 @@ from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES
 from pulse.client.arguments import positive_float, positive_int, tcp_port
 from pulse.config import ConfigError, Settings
 from pulse.logs import configure_logging
-from pulse.names import is_valid_name
+from pulse.names import is_valid_id
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def tenant_name(value: str) -> str:
     """A tenant id the server takes (it refused the tokens minted for any other)."""
-    if not is_valid_name(value):
-        raise argparse.ArgumentTypeError(f"{value!r} is not 1 to 64 of [A-Za-z0-9_.:-]")
+    if not is_valid_id(value):
+        raise argparse.ArgumentTypeError(
+            f'{value!r} is not a tenant id: 1 to 64 of [A-Za-z0-9_.:-], other than "." and ".."'
+        )
     return value
 
 

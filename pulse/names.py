@@ -43,6 +43,18 @@ def is_valid_name(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and _is_valid(value)
 
 
+# "." and ".." fit the pattern, but no URL can carry them as a path segment: browsers,
+# curl and httpx remove such dot segments (RFC 3986, 5.2.4), percent-encoded too. A
+# device so named was created with its token, then could post nothing and be neither
+# deleted nor given a new token (a review, 8 December); a tenant so named, the same.
+DOT_SEGMENTS = frozenset({".", ".."})
+
+
+def is_valid_id(value: object) -> bool:
+    """A tenant or device id a new one may take: a valid name, not "." nor ".."."""
+    return is_valid_name(value) and value not in DOT_SEGMENTS
+
+
 # The same few names come in every batch: remembering the answers halves the cost
 # of checking them. Only strings of at most 64 characters are kept, 8192 at most.
 @functools.lru_cache(maxsize=8192)

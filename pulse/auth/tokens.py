@@ -29,7 +29,7 @@ from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES, Principal
 from pulse.config import Settings
 from pulse.errors import FORBIDDEN, INVALID_TOKEN, KEYS_UNAVAILABLE, TOKEN_EXPIRED, ApiError
 from pulse.logs import Throttled
-from pulse.names import is_plain_text, is_valid_name
+from pulse.names import is_plain_text, is_valid_id
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +197,11 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
             raise ApiError(
                 FORBIDDEN, "The token names no tenant (claim organization or tenant_id)."
             )
-        if not is_valid_name(tenant):
+        if not is_valid_id(tenant):
             raise ApiError(
                 FORBIDDEN,
-                "The token's tenant is not a valid tenant id (1 to 64 of [A-Za-z0-9_.:-]).",
+                "The token's tenant is not a valid tenant id (1 to 64 of [A-Za-z0-9_.:-], "
+                'not "." nor "..", which no URL can carry).',
             )
     sub = claims.get("sub")
     subject = sub if isinstance(sub, str) else ""

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pulse.auth.device_tokens import new_device_token
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
-from pulse.fleet.fields import Name, Text
+from pulse.fleet.fields import DeviceId, Text
 from pulse.fleet.quota import check_quota, lock_quota
 from pulse.names import is_valid_name
 from pulse.times import format_time
@@ -29,7 +29,7 @@ class NewDevice(BaseModel):
     # reported rather than silently dropped.
     model_config = ConfigDict(extra="forbid")
 
-    device_id: Name
+    device_id: DeviceId
     site_id: Text | None = Field(default=None, max_length=64)
     name: Text | None = Field(default=None, max_length=200)
 

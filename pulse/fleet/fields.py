@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
-from pulse.names import is_plain_text, is_valid_name
+from pulse.names import DOT_SEGMENTS, is_plain_text, is_valid_name
 
 
 def _valid_name(value: str) -> str:
@@ -23,6 +23,23 @@ Name = Annotated[
     Field(
         description="1 to 64 characters of [A-Za-z0-9_.:-]",
         json_schema_extra={"pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
+    ),
+]
+
+
+def _valid_id(value: str) -> str:
+    if value in DOT_SEGMENTS:
+        raise ValueError(f"must not be {value!r}: no URL can address it (pulse.names)")
+    return _valid_name(value)
+
+
+# A new device's id: a Name a URL can carry.
+DeviceId = Annotated[
+    str,
+    AfterValidator(_valid_id),
+    Field(
+        description='1 to 64 characters of [A-Za-z0-9_.:-], not "." nor ".."',
+        json_schema_extra={"pattern": r"^(?!\.{1,2}$)[A-Za-z0-9_.:-]{1,64}$"},
     ),
 ]
 

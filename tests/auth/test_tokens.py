@@ -598,9 +598,10 @@ def test_a_non_operator_needs_a_tenant() -> None:
         principal_from_claims(body)
 
 
-def test_a_non_operator_needs_a_valid_tenant() -> None:
+@pytest.mark.parametrize("tenant", ["Acme Corporation", ".", ".."])
+def test_a_non_operator_needs_a_valid_tenant(tenant: str) -> None:
     with pytest.raises(ApiError, match="not a valid tenant id"):
-        principal_from_claims(claims(organization="Acme Corporation"))
+        principal_from_claims(claims(organization=tenant))
 
 
 def test_operators_have_no_tenant_of_their_own() -> None:

@@ -57,8 +57,9 @@ def test_without_the_environment_there_is_no_default(
         (["simulate", "--duration", "-3"], "--duration: -3 is not a positive number"),
         (["token", "--lifetime", "-5"], "--lifetime: -5 is not a positive number"),
         # Minted, and refused by the server (exit 0 before).
-        (["token", "--tenant", "bad tenant!"], "is not 1 to 64 of [A-Za-z0-9_.:-]"),
-        (["token", "--tenant", ""], "is not 1 to 64 of [A-Za-z0-9_.:-]"),
+        (["token", "--tenant", "bad tenant!"], "is not a tenant id: 1 to 64 of [A-Za-z0-9_.:-]"),
+        (["token", "--tenant", ".."], "is not a tenant id"),
+        (["token", "--tenant", ""], "is not a tenant id"),
         (["token", "--lifetime", "1e300"], "would end past the year 9999"),
     ],
 )

@@ -82,6 +82,14 @@ async def test_create_in_an_existing_tenant(
     assert await pool.fetchval("SELECT last_event_id FROM tenants WHERE tenant_id = 't1'") == 41
 
 
+async def test_an_id_of_three_dots_is_a_device_like_any_other(
+    http: httpx.AsyncClient, admin: dict[str, str]
+) -> None:
+    response = await http.post(DEVICES, json={"device_id": "..."}, headers=admin)
+    assert response.status_code == 201, response.text
+    assert (await http.get(f"{DEVICES}/...", headers=admin)).status_code == 200
+
+
 async def test_duplicate_device_is_a_conflict(
     http: httpx.AsyncClient, pool: asyncpg.Pool, admin: dict[str, str]
 ) -> None:
@@ -118,6 +126,10 @@ async def test_duplicate_device_is_a_conflict(
         # Unknown fields are refused, as for readings and rules: a typo is not ignored.
         {"device_id": "ok", "site": "s1"},
         {"device_id": "ok", "tenant_id": "t2"},
+        # Dot segments: a URL cannot carry them (a device created so could post nothing
+        # and be neither deleted nor given a new token). "..." is an id like any other.
+        {"device_id": "."},
+        {"device_id": ".."},
     ],
 )
 async def test_invalid_payload(
