@@ -11,12 +11,12 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from pulse.auth.device_tokens import new_device_token
 from pulse.db.database import Database
 from pulse.db.queries import load_queries
-from pulse.fleet.fields import DeviceId, Text
+from pulse.fleet.fields import DeviceId, TextUpTo64, TextUpTo200
 from pulse.fleet.quota import check_quota, lock_quota
 from pulse.names import is_valid_name
 from pulse.times import format_time
@@ -30,8 +30,8 @@ class NewDevice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     device_id: DeviceId
-    site_id: Text | None = Field(default=None, max_length=64)
-    name: Text | None = Field(default=None, max_length=200)
+    site_id: TextUpTo64 | None = None
+    name: TextUpTo200 | None = None
 
 
 class DeviceExists(Exception):

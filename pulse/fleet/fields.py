@@ -56,3 +56,7 @@ def _plain_text(value: str) -> str:
 
 # A label people type (a device's name or site, a rule's name); its length is the field's.
 Text = Annotated[str, AfterValidator(_plain_text)]
+# The same, bounded, for an optional field: the bound before the check, on the string
+# (on the optional, pydantic says "at most 200 items after validation").
+TextUpTo64 = Annotated[str, Field(max_length=64), AfterValidator(_plain_text)]
+TextUpTo200 = Annotated[str, Field(max_length=200), AfterValidator(_plain_text)]

@@ -82,6 +82,19 @@ async def test_create_in_an_existing_tenant(
     assert await pool.fetchval("SELECT last_event_id FROM tenants WHERE tenant_id = 't1'") == 41
 
 
+@pytest.mark.parametrize(("field", "most"), [("name", 200), ("site_id", 64)])
+async def test_a_label_too_long_is_said_in_characters(
+    http: httpx.AsyncClient, admin: dict[str, str], field: str, most: int
+) -> None:
+    """Review 2 of 8 December: it read "at most 200 items after validation, not 201"."""
+    body = {"device_id": "d1", field: "x" * (most + 1)}
+    response = await http.post(DEVICES, json=body, headers=admin)
+    assert response.status_code == 400
+    assert response.json()["detail"] == f"{field}: String should have at most {most} characters"
+    body[field] = "x" * most
+    assert (await http.post(DEVICES, json=body, headers=admin)).status_code == 201
+
+
 async def test_an_id_of_three_dots_is_a_device_like_any_other(
     http: httpx.AsyncClient, admin: dict[str, str]
 ) -> None:
