@@ -340,7 +340,7 @@ async def serve_forever(
 
     config = hypercorn_config(settings, bind)
     collector.tune()
-    collecting = asyncio.create_task(collector.watch())
+    collecting = asyncio.create_task(collector.watch(arrivals=idle.connections_made))
     try:
         await serve(app, config, stop)
     finally:

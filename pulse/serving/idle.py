@@ -25,6 +25,10 @@ it came (docs/operations.md), and that delay is the server's, not the client's.
 Whether anything came is the kernel's count of the bytes received on the
 connection (Linux's ``TCP_INFO``), which includes what no one has read yet;
 where it cannot be asked, the idle timeout applies.
+
+Each connection gets one IdleTimer, so they count the connections made
+(``connections_made``): the garbage collector's watch puts a full collection off while
+connections arrive (``pulse.serving.collector``).
 """
 
 from __future__ import annotations
@@ -56,8 +60,10 @@ class IdleTimer:
     """One connection's idle timeout (hypercorn's ``AsyncioSingleTask`` for it)."""
 
     __slots__ = ("_closing", "_group", "_handle", "_server")
+    made = 0  # since the process started: one per connection
 
     def __init__(self) -> None:
+        IdleTimer.made += 1
         self._server: Any = None  # hypercorn's TCPServer, known from the first restart
         self._handle: asyncio.TimerHandle | None = None
         self._group: Any = None
@@ -161,6 +167,11 @@ def _watch(context: Any, loop: asyncio.AbstractEventLoop) -> set[IdleTimer]:
         _waiters.add(waiter)
         waiter.add_done_callback(_waiters.discard)
     return idle
+
+
+def connections_made() -> int:
+    """hypercorn's connections since the process started (0 without the tuning)."""
+    return IdleTimer.made
 
 
 def time_idle_connections() -> None:

@@ -12,6 +12,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -197,3 +198,40 @@ def test_bytes_waiting_to_be_read_are_counted_where_tcp_info_is_silent() -> None
         assert idle._unread(b) == 0
         a.sendall(b"GET / HTTP/1.1\r\n")
         assert idle._unread(b) == 16
+
+
+async def test_each_connection_counts_as_made() -> None:
+    """The garbage collector's watch learns of a reconnect storm from this count
+    (pulse.serving.collector): one per connection hypercorn serves, requests or not."""
+    if not tuning.apply():
+        pytest.skip("hypercorn's version differs: the tunings do not apply")
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    async def app(scope: dict[str, object], receive: object, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = [(b"content-length", b"2")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    config = Config()
+    config.bind = [f"fd://{listening.fileno()}"]
+    config.accesslog = config.errorlog = None
+    stop = asyncio.Event()
+    serving = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait, mode="asgi"))
+    try:
+        url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+        before = idle.connections_made()
+        opened = [await connect(url) for _ in range(5)]
+        reader, writer = opened[0]
+        assert await answered(reader, writer)  # one with a request, four without
+        async with asyncio.timeout(10):  # each is counted as the server takes it
+            while idle.connections_made() - before < 5:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert idle.connections_made() - before == 5
+        for _, writer in opened:
+            writer.close()
+    finally:
+        stop.set()
+        await serving
