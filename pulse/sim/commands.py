@@ -28,7 +28,10 @@ def add_sim_commands(sub: Any) -> None:
         "PULSE_JWT_SECRET)",
     )
     simulate.add_argument("--tenant", default="demo", help="default: demo")
-    simulate.add_argument("--prefix", default="dev", help="device ids are <prefix>-0001, ...")
+    # Not the demo's "dev": a run with the defaults would take over a running demo's devices.
+    simulate.add_argument(
+        "--prefix", default="sim", help="device ids are <prefix>-0001, ...; default: sim"
+    )
     simulate.add_argument(
         "--duration", type=positive_float, default=None, help="seconds; default: forever"
     )
@@ -48,11 +51,26 @@ def _fleet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=positive_int, default=25, help="default: 25")
     parser.add_argument(
         "--rate",
-        type=positive_float,
+        type=simulated_rate,
         default=1.0,
-        help="readings per second per device; default: 1",
+        help=f"readings per second per device, at most {MAX_RATE:g}; default: 1",
     )
     parser.add_argument("--seed", type=int, default=None, help="repeatable signals")
+
+
+# Readings a second per device: ten times the server's default limit per device
+# (PULSE_INGEST_RATE_PER_DEVICE). Beyond, one pass of the run built millions of readings
+# (1e9 took all the memory and never stopped at --duration).
+MAX_RATE = 1000.0
+
+
+def simulated_rate(value: str) -> float:
+    rate = positive_float(value)
+    if rate > MAX_RATE:
+        raise argparse.ArgumentTypeError(
+            f"{value} is more than {MAX_RATE:g} readings a second per device"
+        )
+    return rate
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> None:
@@ -130,8 +148,9 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> None:
             )
             await simulator.run(args.duration)
         finally:
-            if simulator.sent:
-                print(f"sent {simulator.sent} readings", file=sys.stderr)
+            if simulator.sent or simulator.rejected:
+                said = simulator.describe_rejections()
+                print(f"sent {simulator.sent} readings{said}", file=sys.stderr)
             if args.clean_up:
                 if not args.token:  # minted here: a fresh one, whatever the run's length
                     simulator.use_token(_admin_token(settings, args.tenant))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import math
@@ -40,6 +41,13 @@ DEFAULT_RULES: tuple[dict[str, Any], ...] = (
     },
 )
 
+
+# A device of one of the simulator's ids that was seen this recently may be fed by
+# another run (a `pulse demo`, whose devices are dev-0001...): it is watched for FED_S
+# and left alone if it is seen again meanwhile. Taking it over rotated its token, and
+# the other run's readings were refused from then on, without a word.
+RECENT_S = 60.0  # generous: the server's clock may differ from this machine's
+FED_S = 5.0
 
 # With an MQTT sender, every MQTT_EVERY-th device publishes over MQTT.
 MQTT_EVERY = 5
@@ -162,23 +170,46 @@ class Simulator:
         self.published = 0  # readings handed to the MQTT sender
         self.sent = 0
         self.rejected = 0
+        self.rejections: collections.Counter[str] = collections.Counter()  # by reason
         self.created_rules: list[int] = []
         self._down_since: float | None = None
 
-    async def _check_simulated(self, device: SimDevice) -> None:
+    async def _check_simulated(self, device: SimDevice) -> float | None:
         """Raise SimulatorError unless the existing device of this id is a simulated one:
-        rotating a real device's token would cut it off."""
-        r = await self.http.get(
-            f"{DEVICES_PATH}/{device.device_id}", headers=self._admin, params=self._params
-        )
-        if not r.is_success:
-            raise SimulatorError(f"cannot read {device.device_id}: {refusal(r)}")
-        found = r.json()
+        rotating a real device's token would cut it off. Its last reading's time (epoch
+        seconds), None if it has sent none."""
+        found = await self._read_device(device.device_id)
         if (found.get("name"), found.get("site_id")) != (device.name, device.site_id):
             raise SimulatorError(
                 f"{device.device_id} exists and is not a simulated device (named "
                 f"{found.get('name')!r}): its token is left alone; give another --prefix"
             )
+        return _epoch(found.get("last_seen_at"))
+
+    async def _read_device(self, device_id: str) -> dict[str, Any]:
+        r = await self.http.get(
+            f"{DEVICES_PATH}/{device_id}", headers=self._admin, params=self._params
+        )
+        if not r.is_success:
+            raise SimulatorError(f"cannot read {device_id}: {refusal(r)}")
+        found: dict[str, Any] = r.json()
+        return found
+
+    async def _check_not_fed(self, seen: Mapping[str, float | None]) -> None:
+        """Raise SimulatorError if a device seen within RECENT_S is seen again within
+        FED_S: another run feeds it. One wait for them all (a run restarted at once)."""
+        recent = {d: at for d, at in seen.items() if at is not None and time.time() - at < RECENT_S}
+        if not recent:
+            return
+        await asyncio.sleep(FED_S)
+        for device_id, at in recent.items():
+            again = _epoch((await self._read_device(device_id)).get("last_seen_at"))
+            if again is not None and again > at:
+                raise SimulatorError(
+                    f"{device_id} is fed by another run (a pulse demo, another pulse simulate: "
+                    f"it sent a reading within the last {FED_S:g} s): its token is left alone; "
+                    "give another --prefix, or stop the other run first"
+                )
 
     async def aclose(self) -> None:
         if self.mqtt is not None:
@@ -195,6 +226,7 @@ class Simulator:
         refused, its token left alone). ``done``: where to note what was done as it is
         done, so that a run stopped midway can still remove what it created."""
         done = Provisioned() if done is None else done
+        existing: list[SimDevice] = []
         for device in self.devices:
             known = (known_tokens or {}).get(device.device_id)
             if known is not None and await self._token_works(device.device_id, known):
@@ -205,21 +237,26 @@ class Simulator:
             r = await self.http.post(
                 DEVICES_PATH, json=body, headers=self._admin, params=self._params
             )
-            made = done.created
             if r.status_code == 409 and error_code(r) == "tenant_quota":
                 raise SimulatorError(self._device_quota(device, r, done))
             if r.status_code == 409 and error_code(r) == "device_exists":
-                await self._check_simulated(device)
-                r = await self.http.post(
-                    f"{DEVICES_PATH}/{device.device_id}/rotate-token",
-                    headers=self._admin,
-                    params=self._params,
-                )
-                made = done.rotated
+                existing.append(device)  # taken over below, once none is another run's
+                continue
             if not r.is_success:
                 raise SimulatorError(f"cannot provision {device.device_id}: {refusal(r)}")
             device.provision_token = r.json()["provision_token"]
-            made.append(device.device_id)
+            done.created.append(device.device_id)
+        await self._check_not_fed({d.device_id: await self._check_simulated(d) for d in existing})
+        for device in existing:
+            r = await self.http.post(
+                f"{DEVICES_PATH}/{device.device_id}/rotate-token",
+                headers=self._admin,
+                params=self._params,
+            )
+            if not r.is_success:
+                raise SimulatorError(f"cannot provision {device.device_id}: {refusal(r)}")
+            device.provision_token = r.json()["provision_token"]
+            done.rotated.append(device.device_id)
         for device in self.devices:
             if device.over_mqtt:
                 await self._connect_mqtt(device, done)
@@ -349,6 +386,20 @@ class Simulator:
                 await self._send(messages)
             await asyncio.sleep(max(0.0, tick - (time.monotonic() - now)))
 
+    def _rejected(self, reason: str) -> None:
+        """Counted by reason, said once each: a line per reading flooded the terminal
+        (2,598 lines in 4 s at a rate beyond the server's limit per device)."""
+        if not self.rejections[reason]:
+            log.warning("readings rejected: %s (said once; counted until the run ends)", reason)
+        self.rejections[reason] += 1
+
+    def describe_rejections(self) -> str:
+        """ "" or, e.g., "; 1200 rejected (rate_limited: 1200)"."""
+        if not self.rejected:
+            return ""
+        reasons = ", ".join(f"{r}: {n}" for r, n in self.rejections.most_common())
+        return f"; {self.rejected} rejected" + (f" ({reasons})" if reasons else "")
+
     def _publish(self, device: SimDevice, metrics: dict[str, float]) -> None:
         assert self.mqtt is not None
         device.seq += 1
@@ -386,7 +437,7 @@ class Simulator:
                 self.rejected += body["rejected"]
                 for result in body["results"]:
                     if result["status"] == "rejected":
-                        log.info("reading rejected: %s", result["reason"])
+                        self._rejected(str(result["reason"]))
             else:
                 self.rejected += len(chunk)
                 log.warning("batch refused: %s %s", r.status_code, r.text[:200])
@@ -411,6 +462,16 @@ class Provisioned:
             if ids
         ]
         return ", ".join(parts)
+
+
+def _epoch(value: object) -> float | None:
+    """An ISO 8601 time from the server (``last_seen_at``) in epoch seconds."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _now() -> str:

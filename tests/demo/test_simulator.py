@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -105,7 +107,7 @@ async def test_simulate_says_what_it_created_and_can_remove_it(
 ) -> None:
     """Issue #22 item 7: nothing is left in the tenant without saying so."""
     said = await simulate(server, "--clean-up")
-    assert "devices dev-0001 to dev-0003 of tenant 'sim': 3 created" in said
+    assert "devices sim-0001 to sim-0003 of tenant 'sim': 3 created" in said
     assert "2 added" in said and "deleted 3 devices and 2 alert rules" in said
     admin = {"Authorization": f"Bearer {make_token('sim', roles=('tenant-admin',))}"}
     async with httpx.AsyncClient(base_url=server, headers=admin) as http:
@@ -132,7 +134,7 @@ async def test_a_clean_up_that_cannot_delete_says_so_and_fails(
         server, "--token", token, "--duration", "20", "--clean-up", status=1, timeout=90
     )
     assert "deleted 0 devices and 0 alert rules; could not delete 5" in said, said
-    assert "device dev-0001: 401 token_expired" in said, said
+    assert "device sim-0001: 401 token_expired" in said, said
     assert "pulse simulate: --clean-up left 5 things in place (above)" in said, said
     admin = {"Authorization": f"Bearer {make_token('sim', roles=('tenant-admin',))}"}
     async with httpx.AsyncClient(base_url=server, headers=admin) as http:
@@ -171,7 +173,7 @@ async def test_a_run_stopped_by_sigterm_whose_clean_up_fails_exits_1(
     _, rest = await asyncio.wait_for(proc.communicate(), 30)
     said += rest or b""
     assert proc.returncode == 1, said
-    assert b"could not delete 2 (device dev-0001: 401 token_expired" in said, said
+    assert b"could not delete 2 (device sim-0001: 401 token_expired" in said, said
 
 
 async def test_sigterm_stops_a_run_and_cleans_up_as_ctrl_c_does(
@@ -196,20 +198,20 @@ async def test_a_device_of_that_id_that_is_not_simulated_keeps_its_token(
     """From the client audit: `pulse simulate` (prefix dev, the README's own example
     device dev-0001) rotated the tokens of the tenant's real devices of those ids, and
     they were refused from then on. It stops instead, and removes what it made."""
-    token = await provision_device(pool, "sim", "dev-0002")  # a real device, no name
+    token = await provision_device(pool, "sim", "sim-0002")  # a real device, no name
     said = await simulate(server, "--clean-up", status=1)
-    assert "dev-0002 exists and is not a simulated device" in said, said
-    assert "deleted 1 devices" in said  # dev-0001, made before it stopped
+    assert "sim-0002 exists and is not a simulated device" in said, said
+    assert "deleted 2 devices" in said  # sim-0001 and sim-0003, made before it stopped
     async with httpx.AsyncClient(base_url=server) as http:
         r = await http.post(
-            "/ingest/v1/tenant/sim/device/dev-0002/telemetry",
+            "/ingest/v1/tenant/sim/device/sim-0002/telemetry",
             json={"metrics": {"v": 1}},
             headers={"X-Provision-Token": token},
         )
         assert r.status_code == 201, r.text  # its token still works
         admin = {"Authorization": f"Bearer {make_token('sim', roles=('tenant-admin',))}"}
         devices = (await http.get("/api/v1/customer/devices", headers=admin)).json()["devices"]
-    assert [d["device_id"] for d in devices] == ["dev-0002"]
+    assert [d["device_id"] for d in devices] == ["sim-0002"]
 
 
 async def test_rules_past_the_first_page_are_found(
@@ -258,7 +260,7 @@ async def test_the_device_quota_is_said_as_such(small_quotas: str) -> None:
     said = await simulate(small_quotas, "--clean-up", status=1)
     assert "unknown_device" not in said and "404" not in said, said
     assert (
-        "pulse simulate: cannot create dev-0003: 409 tenant_quota: The tenant has 2 devices, "
+        "pulse simulate: cannot create sim-0003: 409 tenant_quota: The tenant has 2 devices, "
         "as many as it may (2). Delete some, or raise PULSE_MAX_DEVICES_PER_TENANT. 2 of "
         "the 3 simulated devices were ready before the quota (2 created): simulate at most "
         "2 (--devices 2), or make room in tenant 'sim'.\n"
@@ -279,3 +281,65 @@ async def test_a_full_rule_quota_says_so_in_one_line_naming_no_rules(small_quota
     assert '{"error"' not in said, said
     said = await simulate(small_quotas, "--devices", "2", "--no-rules", "--clean-up")
     assert "simulating 2 devices" in said, said
+
+
+async def test_devices_another_run_feeds_are_left_alone(
+    server: str, make_token: Callable[..., str]
+) -> None:
+    """From the client review of 8 December: `pulse simulate` with its defaults (then
+    prefix dev, the demo's) took over a running demo's devices: it rotated their tokens,
+    and the demo's readings were refused from then on, without a word. A device seen
+    again while the new run watches it is another run's: the new run stops instead."""
+    admin = make_token(tenant_id="sim", roles=("tenant-admin",))
+    feeder = Simulator(server, admin, tenant_id="sim", devices=2, rate=5.0)
+    await feeder.provision()
+    feeding = asyncio.create_task(feeder.run(duration_s=30))
+    try:
+        async with asyncio.timeout(10):
+            while feeder.sent < 2:  # noqa: ASYNC110  both devices seen
+                await asyncio.sleep(0.05)
+        said = await simulate(server, "--prefix", "dev", "--devices", "2", status=1)
+        assert "dev-0001 is fed by another run" in said, said
+        sent = feeder.sent
+        async with asyncio.timeout(10):
+            while feeder.sent < sent + 4:  # noqa: ASYNC110  its tokens still work
+                await asyncio.sleep(0.05)
+    finally:
+        feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding
+        await feeder.aclose()
+    assert feeder.rejected == 0
+
+
+@pytest.fixture
+async def one_reading_a_second(settings: Settings) -> AsyncIterator[str]:
+    """A server that takes one reading a second per device (a burst of one)."""
+    limits = dataclasses.replace(settings, ingest_rate_per_device=1.0, ingest_burst_per_device=1)
+    async with running_server(limits) as url:
+        yield url
+
+
+async def test_rejected_readings_are_said_once_and_counted(one_reading_a_second: str) -> None:
+    """From the same review: beyond the server's rate per device, every rejected reading
+    was a line (2,598 in 4 s), and the run ended saying only what was sent."""
+    said = await simulate(
+        one_reading_a_second, "--devices", "1", "--rate", "20", "--duration", "2", "--no-rules"
+    )
+    assert said.count("readings rejected: rate_limited") == 1, said
+    [summary] = [line for line in said.splitlines() if line.startswith("sent ")]
+    sent, rejected = map(int, re.findall(r"\d+", summary.split("(")[0]))
+    assert rejected >= 20 and sent >= 1, summary
+    assert summary.endswith(f"rejected (rate_limited: {rejected})"), summary
+
+
+@pytest.mark.parametrize("command", ["simulate", "demo"])
+async def test_a_rate_beyond_a_thousand_a_second_is_refused(command: str) -> None:
+    """From the same review: --rate 1e9 built millions of readings a turn, took all the
+    memory and never stopped at --duration."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pulse", command, "--rate", "1e9", stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert b"--rate: 1e9 is more than 1000 readings a second per device" in stderr, stderr
