@@ -42,7 +42,12 @@ from pulse.db.embedded import embedded_database
 from pulse.db.errors import DatabaseUnavailable, refusal
 from pulse.db.migrate import MigrationError, pending, unknown, warn_unknown
 from pulse.db.pool import describe
-from pulse.db.retention import ensure_partitions, run_retention
+from pulse.db.retention import (
+    PartitionsNotManageable,
+    check_partitions_manageable,
+    ensure_partitions,
+    run_retention,
+)
 from pulse.db.vacuum import left_unvacuumed, warn_unvacuumed
 from pulse.fleet.devices import NO_CREDENTIALS, Credentials
 from pulse.fleet.rules import evaluate_alerts
@@ -440,9 +445,13 @@ def _open_mqtt(
 
 
 async def _ensure_partitions(db: Database) -> None:
-    """Ingest's days exist before it starts (the retention task keeps them ahead)."""
+    """Ingest's days exist before it starts (the retention task keeps them ahead, which
+    this role must be allowed to)."""
     try:
+        await check_partitions_manageable(db)
         await ensure_partitions(db)
+    except PartitionsNotManageable as exc:
+        raise StartupError(f"cannot use the database {db.describe()}: {exc}") from None
     except DatabaseUnavailable as exc:
         raise StartupError(f"cannot use the database {db.describe()}: {exc}") from exc
     except asyncpg.LockNotAvailableError:

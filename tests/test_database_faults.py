@@ -219,9 +219,10 @@ def _as_role(dsn: str, role: str) -> str:
 async def restricted_role(
     database_url: str, pg_admin_dsn: str
 ) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
-    """A login role with every privilege on the database's tables (as a deployment's
-    non-owner role has), named ``pulse_ro_...``; yields a superuser connection to the
-    database, for the test to revoke and grant, and the role's name. Dropped at the end."""
+    """A login role with every privilege on the database's tables, named ``pulse_ro_...``,
+    owning telemetry (which it must, to make and drop its days: pulse.db.retention) with
+    CREATE on the schema; yields a superuser connection to the database, for the test to
+    revoke and grant, and the role's name. Dropped at the end."""
     role = f"pulse_ro_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(pg_admin_dsn)
     await admin.execute(f'CREATE ROLE "{role}" LOGIN')
@@ -230,7 +231,8 @@ async def restricted_role(
         await owner.execute(
             f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}";'
             f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}";'
-            f'GRANT USAGE ON SCHEMA public TO "{role}"'
+            f'GRANT USAGE, CREATE ON SCHEMA public TO "{role}";'
+            f'ALTER TABLE telemetry OWNER TO "{role}"'
         )
         yield owner, role
     finally:

@@ -364,7 +364,56 @@ async def test_a_role_without_the_privileges_is_one_line_naming_the_database(
         where = describe(database_url)
         assert line.startswith(f"pulse serve: cannot use the database {where}: "), line
         assert "permission denied for table pulse_migrations (InsufficientPrivilegeError)" in line
-        assert "grant Pulse's role SELECT, INSERT, UPDATE and DELETE" in line
+        assert "serve as the role that ran `pulse migrate`, or as a member of it" in line
+
+
+async def test_a_role_granted_the_tables_but_not_their_days_is_refused_at_start(
+    pg_admin_dsn: str, database_url: str
+) -> None:
+    """From the operations review of 8 December: served as a role granted SELECT,
+    INSERT, UPDATE and DELETE on the tables (as docs/operations.md advised), Pulse could
+    neither make telemetry's daily partitions nor drop them; it served while the days
+    the owner's last run had made lasted, then answered every reading 503 while /readyz
+    said ready, and refused to restart with advice the role already followed. Refused
+    at once now, saying what PostgreSQL needs."""
+    async with a_role_of_no_privilege(pg_admin_dsn) as role:
+        owner = await asyncpg.connect(database_url)
+        try:
+            await owner.execute(
+                f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}";'
+                f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}"'
+            )
+            owner_name = await owner.fetchval("SELECT current_user")
+            env = {"DATABASE_URL": as_role(database_url, role), "PULSE_JWT_SECRET": TEST_SECRET}
+            code, lines = await pulse("serve", "--port", str(free_port()), env=env)
+            line = the_one_line(lines)
+            assert code == 1 and not any(" ERROR " in said for said in lines), lines
+            assert line == (
+                f"pulse serve: cannot use the database {describe(database_url)}: role {role} "
+                "may not make or drop telemetry's daily partitions, which PostgreSQL lets only "
+                f"its owner ({owner_name}) and the owner's members do: serve as {owner_name}, "
+                f"the role that ran `pulse migrate`, or GRANT {owner_name} TO {role}; grants "
+                "on the tables are not enough"
+            ), line
+            # As the advice says: a member of the owner serves.
+            await owner.execute(f'GRANT "{owner_name}" TO "{role}"')
+            port = free_port()
+            serving = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pulse", "serve", "--port", str(port),
+                env={**os.environ, **env}, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                assert serving.stderr is not None
+                async with asyncio.timeout(60):
+                    while b"Running on" not in (said := await serving.stderr.readline()):
+                        assert said, "it stopped"
+            finally:
+                serving.terminate()
+                await serving.wait()
+            await owner.execute(f'REVOKE "{owner_name}" FROM "{role}"')
+        finally:
+            await owner.execute(f'DROP OWNED BY "{role}"')
+            await owner.close()
 
 
 async def test_a_database_migrated_by_a_newer_release_is_said_once_and_served(

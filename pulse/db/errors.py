@@ -85,10 +85,11 @@ def refusal(exc: asyncpg.PostgresError, *, migrating: bool) -> str:
                 f"{said}: run `pulse migrate` as the database's owner (or a role that may "
                 "create tables in its schema: GRANT CREATE ON SCHEMA public TO the role)"
             )
+        # Not grants on the tables: the role makes and drops telemetry's days, which
+        # only the table's owner and its members may (pulse.db.retention).
         return (
-            f"{said}: grant Pulse's role SELECT, INSERT, UPDATE and DELETE on the tables of "
-            "the schema and USAGE on its sequences (GRANT ... ON ALL TABLES IN SCHEMA public "
-            "TO the role), or serve as the role that ran `pulse migrate`"
+            f"{said}: serve as the role that ran `pulse migrate`, or as a member of it "
+            "(GRANT that role TO this one)"
         )
     return f"{said}, SQLSTATE {exc.sqlstate}"
 

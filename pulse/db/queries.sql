@@ -29,3 +29,13 @@ WITH gone AS (
      LIMIT $2
 )
 DELETE FROM alerts a USING gone WHERE a.alert_id = gone.alert_id
+
+-- name: partitions_not_manageable
+-- Who owns telemetry, when the current role may not make or drop its daily partitions
+-- (PostgreSQL lets only the owner and its members, who also need CREATE on the
+-- schema); NULL when it may.
+SELECT pg_get_userbyid(c.relowner)
+  FROM pg_class c
+ WHERE c.oid = 'telemetry'::regclass
+   AND NOT (pg_has_role(current_user, c.relowner, 'USAGE')
+            AND has_schema_privilege(current_user, c.relnamespace, 'CREATE'))

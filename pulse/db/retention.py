@@ -53,6 +53,28 @@ async def create_partitions(db: Database, first_day: date, last_day: date) -> in
     return created
 
 
+class PartitionsNotManageable(Exception):
+    """The serving role may not make or drop telemetry's daily partitions."""
+
+
+async def check_partitions_manageable(db: Database) -> None:
+    """Raise PartitionsNotManageable unless this role may make and drop the days.
+
+    A role granted only SELECT, INSERT, UPDATE and DELETE on the tables (as
+    docs/operations.md once advised) served while the days made by the owner's last
+    run lasted: no day was made past them nor dropped, and three days later every
+    reading was refused with 503 while /readyz said ready (a review, 8 December)."""
+    owner = await db.fetchval(Q["partitions_not_manageable"])
+    if owner is not None:
+        role = await db.fetchval("SELECT current_user")
+        raise PartitionsNotManageable(
+            f"role {role} may not make or drop telemetry's daily partitions, which PostgreSQL "
+            f"lets only its owner ({owner}) and the owner's members do: serve as {owner}, the "
+            f"role that ran `pulse migrate`, or GRANT {owner} TO {role}; grants on the tables "
+            "are not enough"
+        )
+
+
 async def ensure_partitions(db: Database, *, days_ahead: int = DAYS_AHEAD) -> int:
     """Today and the next ``days_ahead`` days have a partition."""
     today = utc_today()
