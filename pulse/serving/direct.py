@@ -37,6 +37,7 @@ from typing import Any
 
 from pulse.serving.expect import continue_on_first_receive
 from pulse.serving.inbound import InboundQueue
+from pulse.serving.protocol_errors import answer_cut
 from pulse.web.direct import CHUNKS, FRAMES, INBOUND, PING, chunk
 
 
@@ -243,6 +244,10 @@ def bound_inbound_queues() -> None:
             async def run_app(*args: Any) -> None:
                 try:
                     await app(*args)
+                except asyncio.CancelledError:
+                    if scope["type"] == "http":  # cut by the shutdown: 503, not hypercorn's 500
+                        await answer_cut(send)
+                    raise
                 finally:
                     # Nobody reads it any more: a put waiting for room returns. The
                     # disconnect hypercorn then queues (in the send that ends the app)

@@ -3,9 +3,18 @@ body. Applied by ``pulse.serving.tuning`` only under the versions it was written
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from itertools import chain
+from typing import Any
 
-from pulse.errors import BAD_REQUEST, HEADERS_TOO_LARGE, HTTP_ERROR, error_body
+from pulse.errors import (
+    BAD_REQUEST,
+    DATABASE_UNAVAILABLE,
+    HEADERS_TOO_LARGE,
+    HTTP_ERROR,
+    error_body,
+)
 
 _DETAILS = {
     400: (BAD_REQUEST, "The request is not valid HTTP/1.1 (its request line or headers)."),
@@ -55,3 +64,39 @@ def answer_protocol_errors_with_a_body() -> None:
             await self._send_h11_event(h11.EndOfMessage())
 
     protocol.H11Protocol = _H11Protocol  # type: ignore[attr-defined]
+
+
+# A request the shutdown's time cut before it was answered (its body still arriving,
+# say): hypercorn answered it an empty 500, which a device takes for a failure of its
+# own and drops the reading (a review, 8 December). It is the server's stop: 503, as
+# ingest answers one, with its Retry-After.
+_CUT = error_body(
+    DATABASE_UNAVAILABLE,
+    "The server is shutting down and stopped this request before answering it; retry shortly.",
+)
+_CUT_HEAD = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(_CUT)),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ],
+}
+_CUT_BODY = {"type": "http.response.body", "body": _CUT}
+CUT_ANSWER_S = 1.0  # at most: a client that does not read gets the close instead
+
+
+async def answer_cut(send: Any) -> None:
+    """Answer an HTTP request whose app was cancelled, unless it has begun its answer:
+    ``send`` is hypercorn's ``HTTPStream.app_send`` (its stream's state says)."""
+    from hypercorn.protocol.http_stream import ASGIHTTPState
+
+    stream = getattr(send, "__self__", None)
+    if stream is None or stream.closed or stream.state is not ASGIHTTPState.REQUEST:
+        return
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(CUT_ANSWER_S):
+            await send(_CUT_HEAD)
+            await send(_CUT_BODY)
