@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from pulse.auth.principal import KNOWN_ROLES, OPERATOR_ROLES
 from pulse.client.arguments import positive_float, positive_int, tcp_port
-from pulse.config import ConfigError, Settings
+from pulse.config import MAX_WORKERS, ConfigError, Settings
 from pulse.logs import configure_logging
 from pulse.names import is_valid_id
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=tcp_port, default=None, help="default: $PORT or 8000")
     serve.add_argument(
         "--workers",
-        type=positive_int,
+        type=worker_count,
         default=None,
         help="server processes (default: $PULSE_WORKERS or 1)",
     )
@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_tail_command(sub)
     add_export_command(sub)
     return parser
+
+
+def worker_count(value: str) -> int:
+    """As PULSE_WORKERS is checked: 5000 forked that many processes, each with its pool."""
+    count = positive_int(value)
+    if count > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_WORKERS:,} processes")
+    return count
 
 
 def tenant_name(value: str) -> str:

@@ -181,7 +181,13 @@ class Settings:
             value = getattr(self, field.name)
             number = type(value) in (int, float) and field.name not in _ZERO_MEANS_SOMETHING
             if number and not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{_env_key(field.name)}={value!r} must be positive")
+                # "inf" is how "for ever" is often written: say how to write it here.
+                forever = (
+                    " (a large one, 1e300, keeps everything)" if field.name in _WINDOWS else ""
+                )
+                raise ConfigError(
+                    f"{_env_key(field.name)}={value!r} must be a positive finite number{forever}"
+                )
         # And none beyond what works: PULSE_CONNECTION_LEASE_TTL_S=1e300 was a startup
         # traceback (an interval out of PostgreSQL's range), PULSE_RETENTION_HOURS=99999999
         # a retention pass that failed every time.
@@ -245,7 +251,7 @@ class Settings:
         if not (math.isfinite(self.alert_retention_days) and self.alert_retention_days >= 0):
             raise ConfigError(
                 f"PULSE_ALERT_RETENTION_DAYS={self.alert_retention_days:g} must be 0 (closed "
-                "alerts kept for ever) or more"
+                "alerts kept for ever) or a positive finite number"
             )
         # Either case: `pulse`'s own last line (cli.fail) is JSON for PULSE_LOG_FORMAT=JSON.
         if self.log_level.strip().upper() not in LEVELS:
@@ -264,6 +270,7 @@ class Settings:
 _ZERO_MEANS_SOMETHING = frozenset({"port", "alert_retention_days"})
 
 _DAY_S = 86_400.0
+MAX_WORKERS = 1024  # PULSE_WORKERS and `pulse serve --workers`
 # Every number's largest value (Settings.check; PORT and PULSE_DB_CONNECT_TIMEOUT_S
 # have their own checks there), generous, each one known to work
 # (tests/test_config.py runs a server with all of them at once): a value beyond is
@@ -311,7 +318,7 @@ _MAXIMA: dict[str, tuple[float, str]] = {
     "ingest_buffer_mb": (65_536, "MB: 64 GiB"),
     "db_pool_size": (1000, "connections per process"),
     "listener_backoff_max_s": (3600, "seconds: an hour"),
-    "workers": (1024, "processes"),
+    "workers": (MAX_WORKERS, "processes"),
 }
 
 

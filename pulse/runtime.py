@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -58,6 +59,7 @@ from pulse.ingest.buffer import IngestBuffer
 from pulse.ingest.ratelimit import Admission, RateLimiter
 from pulse.ingest.service import Ingest
 from pulse.ingest.writer import SEEN_PRECISION_S, TelemetryWriter
+from pulse.logs import INSTANCE_WIDE
 from pulse.ops.metrics import Metrics
 from pulse.ops.supervisor import Supervisor
 from pulse.streams.legacy_v2.reads import FleetReads
@@ -180,6 +182,16 @@ def check_settings(settings: Settings) -> None:
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     check_settings(settings)
+    if settings.jwks_url and urlsplit(settings.jwks_url).scheme == "http":
+        # Taken (a local identity provider, a test), not silently: keys fetched in the
+        # clear can be swapped on the way, and with them any token forged, an
+        # operator's included (a review, 8 December).
+        log.warning(
+            "PULSE_JWKS_URL is http://: the signing keys travel unencrypted, and whoever "
+            "can change them on the way can forge any token; use https:// beyond a "
+            "trusted network",
+            extra=INSTANCE_WIDE,
+        )
     metrics = Metrics(bus=settings.bus_url is not None, mqtt=settings.mqtt_url is not None)
     shutdown = ShutdownClock(settings.shutdown_timeout_s, least_stop_s(settings))
     async with contextlib.AsyncExitStack() as stack:

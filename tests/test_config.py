@@ -379,3 +379,17 @@ async def test_a_server_with_every_number_at_its_largest_value_works(
         )
         assert history.status_code == 200, history.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    "key", ["PULSE_RETENTION_HOURS", "PULSE_ROLLUP_MINUTES_DAYS", "PULSE_ROLLUP_HOURS_DAYS"]
+)
+def test_an_infinite_window_is_refused_saying_how_to_keep_everything(key: str) -> None:
+    """From the operations review of 8 December: "inf", the obvious way to write for
+    ever, was refused as "must be positive", which it is."""
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({key: "inf"})
+    assert str(refused.value) == (
+        f"{key}=inf must be a positive finite number (a large one, 1e300, keeps everything)"
+    )
+    assert Settings.from_env({key: "1e300"})  # as said

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -74,6 +75,22 @@ async def test_sigterm_ends_streams_and_finishes_ingest(
     committed = {r["id"] for r in await pool.fetch("SELECT id FROM telemetry")}
     assert set(acknowledged) <= committed  # every 201 was committed
     assert len(acknowledged) >= 50
+
+
+async def test_sighup_stops_one_process_as_sigterm_does(
+    database_url: str, tmp_path: Path, make_token
+) -> None:  # type: ignore[no-untyped-def]
+    """From the operations review of 8 December: under --workers SIGHUP (a closed
+    terminal, a process manager's) was a graceful stop; one process died of it at once
+    with status 129, saying nothing, its streams cut without their 1012."""
+    async with pulse_serve(data_dir=tmp_path, database_url=database_url) as server:
+        async with open_ws(server.url, token=make_token("t1")) as ws:
+            assert (await recv(ws))["type"] == "connected"
+            server.proc.send_signal(signal.SIGHUP)
+            code, _ = await closed(ws, timeout=20)
+            assert code == 1012
+        assert await server.stop() == 0
+    assert "stopped" in server.stderr.decode(), server.stderr.decode()[-2000:]
 
 
 async def test_rolling_restart_loses_nothing(

@@ -221,7 +221,7 @@ async def test_with_json_logs_the_reason_a_process_stops_is_a_json_line(
     busy.listen()
     taken = busy.getsockname()[1]
     cases = [
-        (("serve",), {"PULSE_QUEUE_SIZE": "0"}, "pulse: PULSE_QUEUE_SIZE=0 must be positive"),
+        (("serve",), {"PULSE_QUEUE_SIZE": "0"}, "pulse: PULSE_QUEUE_SIZE=0 must be a positive"),
         (
             ("serve", "--port", str(taken)),
             {"DATABASE_URL": database_url, "PULSE_JWT_SECRET": TEST_SECRET},
@@ -567,3 +567,26 @@ async def test_with_workers_the_reason_a_worker_stops_is_a_log_line_with_its_pid
     for line in reasons:
         level, pid = logged.match(line).groups()  # type: ignore[union-attr]
         assert level == "CRITICAL" and pid not in supervisor, line
+
+
+async def test_workers_beyond_the_ceiling_are_refused_on_the_command_line_too() -> None:
+    """From the operations review of 8 December: PULSE_WORKERS=1025 was refused, but
+    `--workers 5000` forked 5000 processes, each with its pool."""
+    code, lines = await pulse("serve", "--workers", "1025", env={})
+    assert code == 2, lines
+    assert lines[-1].endswith("argument --workers: 1025 is more than 1,024 processes"), lines
+    code, lines = await pulse("serve", env={"PULSE_WORKERS": "1025"})
+    assert (code, lines[-1]) == (1, "pulse: PULSE_WORKERS=1025 must be at most 1,024 (processes)")
+
+
+async def test_keys_fetched_over_plain_http_are_warned_of(database_url: str) -> None:
+    """From the same review: PULSE_JWKS_URL=http://... was taken without a word, and whoever
+    can change the keys on the way can forge any token, an operator's included."""
+    env = {"DATABASE_URL": database_url + "-missing", "PULSE_JWKS_URL": "http://idp.test/jwks"}
+    code, lines = await pulse("serve", "--port", str(free_port()), env=env)
+    assert code == 1, lines  # the database is missing: it stops after the warning
+    [warning] = [line for line in lines if "PULSE_JWKS_URL" in line]
+    assert "WARNING" in warning and "can forge any token" in warning, warning
+    env["PULSE_JWKS_URL"] = "https://idp.test/jwks"
+    code, lines = await pulse("serve", "--port", str(free_port()), env=env)
+    assert not [line for line in lines if "PULSE_JWKS_URL" in line], lines

@@ -31,7 +31,7 @@ from pulse.logs import ACCESS_LOGGER, SERVER_LOGGER
 from pulse.ops.metrics import MULTIPROCESS_DIR
 from pulse.runtime import StartupError
 from pulse.serving import collector, descriptors, idle, tuning
-from pulse.serving.workers import supervise
+from pulse.serving.workers import STOP_SIGNALS, supervise
 from pulse.streams.messages import MAX_INBOUND_BYTES
 from pulse.web import RUNTIME, runtime_of
 
@@ -62,7 +62,7 @@ def run(main: Coroutine[Any, Any, None]) -> None:
     # Shut down already: closing the loop restored the default signal actions,
     # and a second SIGTERM (a supervisor repeating itself) must not turn a clean
     # exit into a kill while the interpreter finishes.
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -323,11 +323,13 @@ def listen(host: str, port: int) -> socket.socket:
 async def serve_forever(
     settings: Settings, bind: str, ready: Callable[[], None] | None = None
 ) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully (streams first).
+    """Serve until SIGINT, SIGTERM or SIGHUP, then shut down gracefully (streams first).
     ``ready`` is called once the app has started (its runtime open)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP (a closed terminal or SSH session, a process manager's) stops it as the
+    # supervisor of `--workers` does: one process died of it at once, saying nothing.
+    for sig in STOP_SIGNALS:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     app = create_app(settings)
