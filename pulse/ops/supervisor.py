@@ -6,6 +6,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from pulse.logs import Throttled
+
 log = logging.getLogger(__name__)
 
 
@@ -24,6 +26,10 @@ class Supervisor:
 
     async def _watch(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         delay = 0.1
+        # An error that lasts (a permission revoked) kills the task at every try: its
+        # traceback once, then a line per try at most every 10 s, as docs/operations.md
+        # says of such errors (it was a 28-line traceback per try, for ever).
+        died = Throttled(log)
         while True:
             try:
                 await run()
@@ -31,7 +37,7 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("task %s died; restarting it in %.1f s", name, delay)
+                died.error("task %s died; restarting it in %.1f s", name, delay)
             self.restarts[name] += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._max_backoff_s)

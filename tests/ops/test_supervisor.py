@@ -58,3 +58,28 @@ async def test_a_name_runs_once() -> None:
     with pytest.raises(ValueError, match="already running"):
         supervisor.start("x", asyncio.Event().wait)  # type: ignore[arg-type]
     await supervisor.stop()
+
+
+async def test_a_task_that_dies_alike_again_and_again_is_traced_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """From the operations review of 8 December: the rollups task, its SELECT revoked,
+    died at every try, and each try logged a 28-line traceback (every 30 s for ever),
+    where docs/operations.md promises such an error's traceback once, then a line."""
+    tries = 0
+    fifth = asyncio.Event()
+
+    async def failing() -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 5:
+            fifth.set()
+        raise PermissionError("permission denied for table telemetry")
+
+    supervisor = Supervisor(max_backoff_s=0.01)
+    supervisor.start("rollups", failing)
+    await asyncio.wait_for(fifth.wait(), 5)
+    await supervisor.stop()
+    died = [r for r in caplog.records if "task rollups died" in r.getMessage()]
+    assert died and died[0].exc_info is not None, died
+    assert not [r for r in died[1:] if r.exc_info], "a traceback after the first"
