@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         BadRequest,
         ExportCut,
         Forbidden,
+        NotPulse,
         PulseClientError,
     )
     from pulse.client.events import (
@@ -42,6 +43,7 @@ _WHERE = {
     "BadRequest": "errors",
     "ExportCut": "errors",
     "Forbidden": "errors",
+    "NotPulse": "errors",
     "PulseClientError": "errors",
     "Alert": "events",
     "AlertsUpdate": "events",
@@ -62,6 +64,7 @@ __all__ = [
     "ExportCut",
     "FleetSummary",
     "Forbidden",
+    "NotPulse",
     "Notice",
     "PulseClient",
     "PulseClientError",

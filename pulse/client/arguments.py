@@ -10,6 +10,8 @@ import argparse
 import os
 from urllib.parse import urlsplit
 
+from pulse.client.credentials import clean_token
+
 
 def add_server_arguments(parser: argparse.ArgumentParser, *, token: str) -> None:
     """--url and --token; ``token`` says which JWT the command wants and how it gets one
@@ -20,7 +22,20 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, token: str) -> None
         default=os.environ.get("PULSE_URL") or None,
         help="the server (default: $PULSE_URL, else http://127.0.0.1:$PORT)",
     )
-    parser.add_argument("--token", default=os.environ.get("PULSE_TOKEN") or None, help=token)
+    parser.add_argument(
+        "--token", type=token_argument, default=os.environ.get("PULSE_TOKEN") or None, help=token
+    )
+
+
+def token_argument(value: str) -> str:
+    """The token without the whitespace around it (``PULSE_TOKEN`` from a CRLF .env file,
+    or ``$(cat token.txt)``), or argparse's one line, without the token, for one that
+    cannot be a token: it was taken for an unreachable server and retried for ever, with
+    the whole token in the messages. (argparse converts the environment's default too.)"""
+    try:
+        return clean_token(value, "the token (--token, or PULSE_TOKEN)")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def http_url(value: str) -> str:

@@ -4,23 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 
 from pulse.client.arguments import address_problem
 from pulse.client.backoff import Backoff, BusyWait
 from pulse.client.credentials import Credentials, TokenRefresh
-from pulse.client.errors import AuthenticationFailed, ExportCut, PulseClientError
+from pulse.client.errors import AuthenticationFailed, ExportCut, NotPulse, PulseClientError
 from pulse.client.events import Alert, FleetSummary
-from pulse.client.history import History, Reading, after_cursor, history_params
+from pulse.client.history import (
+    EXPORT_READ_TIMEOUT_S,
+    History,
+    Reading,
+    history_params,
+    readings_page,
+)
 from pulse.client.resume import RawExportTail
 from pulse.client.sse import SSETelemetryStream, expect_type, http_failure, retry_after_s
 from pulse.client.stream import AuthRejected, NoticeHandler, ReconnectingStream, describe
 from pulse.client.websocket import V2Stream, WebSocketTelemetryStream
+from pulse.names import is_valid_id, is_valid_name, shown_name
 
 ALERTS_PATH = "/api/v1/customer/alerts"
 DEVICES_PATH = "/api/v1/customer/devices"
@@ -49,6 +58,7 @@ RETRIED_ERRORS = (
 BUSY_WAIT_S = 30.0
 OnWait = Callable[[PulseClientError, float], object]
 S = TypeVar("S", bound=ReconnectingStream[Any])
+T = TypeVar("T")
 
 
 class PulseClient:
@@ -182,7 +192,9 @@ class PulseClient:
     # REST
 
     async def fleet_summary(self) -> FleetSummary:
-        return FleetSummary.from_wire(await self._request("GET", "/api/v1/customer/fleet/summary"))
+        return await self._request(
+            "GET", "/api/v1/customer/fleet/summary", parse=FleetSummary.from_wire
+        )
 
     async def alerts(self, status: str | None = "active", *, page_size: int = 50) -> list[Alert]:
         """Every alert with this ``status`` (None: every status), newest first.
@@ -200,20 +212,24 @@ class PulseClient:
         if status:
             params["status"] = status
         while True:
-            page = await self._request("GET", ALERTS_PATH, params=params)
-            for alert in page["alerts"]:
-                yield Alert.from_wire(alert)
-            if not page.get("next_cursor"):
+            alerts, cursor = await self._request(
+                "GET", ALERTS_PATH, params=params, parse=alerts_page
+            )
+            for alert in alerts:
+                yield alert
+            if cursor is None:
                 return
-            params["cursor"] = str(page["next_cursor"])
+            params["cursor"] = cursor
 
     async def acknowledge_alert(self, alert_id: int | str) -> Alert:
         """Mark it ``ACKNOWLEDGED`` (tenant-admin); returns the alert as it is now."""
-        return Alert.from_wire(await self._request("POST", f"{ALERTS_PATH}/{alert_id}/acknowledge"))
+        path = f"{ALERTS_PATH}/{quote(str(alert_id), safe='')}/acknowledge"
+        return await self._request("POST", path, parse=Alert.from_wire)
 
     async def close_alert(self, alert_id: int | str) -> Alert:
         """Mark it ``CLOSED`` (tenant-admin); returns the alert as it is now."""
-        return Alert.from_wire(await self._request("POST", f"{ALERTS_PATH}/{alert_id}/close"))
+        path = f"{ALERTS_PATH}/{quote(str(alert_id), safe='')}/close"
+        return await self._request("POST", path, parse=Alert.from_wire)
 
     # History (docs/history.md)
 
@@ -231,11 +247,11 @@ class PulseClient:
         buckets (``bucket``: auto, 1m, 5m, 15m, 1h or 1d; auto may give raw points)."""
         if bucket == "raw":
             raise ValueError("bucket='raw' pages readings: use iter_readings")
+        path = telemetry_path(device_id)
         params = history_params(start, end, bucket, list(aggregates or ()))
         if metrics:
             params["metrics"] = ",".join(metrics)
-        path = f"{DEVICES_PATH}/{device_id}/telemetry"
-        return History.from_wire(await self._request("GET", path, params=params))
+        return await self._request("GET", path, params=params, parse=History.from_wire)
 
     async def fleet_history(
         self,
@@ -252,7 +268,9 @@ class PulseClient:
         params["metric"] = metric
         if device_ids:
             params["device_id"] = ",".join(device_ids)
-        return History.from_wire(await self._request("GET", FLEET_HISTORY_PATH, params=params))
+        return await self._request(
+            "GET", FLEET_HISTORY_PATH, params=params, parse=History.from_wire
+        )
 
     async def iter_readings(
         self,
@@ -265,18 +283,19 @@ class PulseClient:
     ) -> AsyncIterator[Reading]:
         """A device's raw readings in (device time, id) order, a page at a time. Without
         ``start``: those of the hour before the server's now when the first page is read."""
+        path = telemetry_path(device_id)
         params = history_params(start, end, "raw", None)
         params["limit"] = str(page_size)
         if metrics:
             params["metrics"] = ",".join(metrics)
-        path = f"{DEVICES_PATH}/{device_id}/telemetry"
         while True:
-            page = await self._request("GET", path, params=params)
-            for reading in page["readings"]:
-                yield Reading.from_wire(reading)
-            if not page.get("next"):
+            read = functools.partial(readings_page, params=params)
+            readings, next_params = await self._request("GET", path, params=params, parse=read)
+            for reading in readings:
+                yield reading
+            if next_params is None:
                 return
-            params = after_cursor(params, str(page["next"]))
+            params = next_params
 
     async def export(
         self,
@@ -292,6 +311,7 @@ class PulseClient:
         on_wait: OnWait | None = None,
         resume: int = 0,
         on_resume: Callable[[ExportCut, float], object] | None = None,
+        read_timeout_s: float | None = EXPORT_READ_TIMEOUT_S,
     ) -> AsyncIterator[bytes]:
         """A device's export as it streams in: CSV or NDJSON bytes, of any size.
 
@@ -305,12 +325,18 @@ class PulseClient:
         for again from where it stopped, up to ``resume`` times in a row, after a
         backoff delay that ``on_resume`` is told with the cut. Then only whole lines
         are yielded, none twice.
+
+        Nothing from the server for ``read_timeout_s`` (its answer's head, or the next
+        chunk; None: no limit) while the export waits is taken for a server gone: a
+        cut, as a lost connection is (before any answer: httpx.ReadTimeout).
         """
+        path = telemetry_path(device_id)
+        if read_timeout_s is not None and not read_timeout_s > 0:
+            raise ValueError("read_timeout_s must be more than 0, or None")
         params = history_params(start, end, bucket, list(aggregates or ()))
         if metrics:
             params["metrics"] = ",".join(metrics)
         headers = {"Accept": EXPORT_TYPES[format]}
-        path = f"{DEVICES_PATH}/{device_id}/telemetry"
         tail = RawExportTail(format) if resume > 0 and bucket == "raw" else None
         backoff = self._backoff()
         received = 0
@@ -319,7 +345,7 @@ class PulseClient:
             try:
                 async with self._stream(
                     "GET", path, params=params, headers=headers, busy_wait_s=wait_s,
-                    on_wait=on_wait,
+                    on_wait=on_wait, read_timeout_s=read_timeout_s,
                 ) as response:  # fmt: skip
                     status = response.status_code
                     async for chunk in response.aiter_bytes():
@@ -339,11 +365,12 @@ class PulseClient:
                     raise  # never answered: not a cut
                 if isinstance(exc, PulseClientError) and exc.status not in RESUMED_STATUS:
                     raise
+                silent_s = read_timeout_s if isinstance(exc, httpx.ReadTimeout) else None
                 if tail is None or backoff.attempt >= resume:
-                    raise ExportCut(status, received) from exc
+                    raise ExportCut(status, received, silent_s=silent_s) from exc
                 delay_s = backoff.next_delay()
                 if on_resume is not None:
-                    on_resume(ExportCut(status, received), delay_s)
+                    on_resume(ExportCut(status, received, silent_s=silent_s), delay_s)
                 await asyncio.sleep(delay_s)
                 params = tail.resume(params)
 
@@ -357,9 +384,11 @@ class PulseClient:
         headers: dict[str, str],
         busy_wait_s: float = 0.0,
         on_wait: OnWait | None = None,
+        read_timeout_s: float | None = EXPORT_READ_TIMEOUT_S,
     ) -> AsyncIterator[httpx.Response]:
         """A request whose answer is read as it comes; failures raised as _request does.
-        A busy answer is asked again after its Retry-After while ``busy_wait_s`` lasts."""
+        A busy answer is asked again after its Retry-After while ``busy_wait_s`` lasts.
+        ``read_timeout_s`` bounds the wait for the head and for each next chunk."""
         params = {**params, **({"tenant_id": self.tenant_id} if self.tenant_id else {})}
         busy = BusyWait(busy_wait_s)
         refreshed = False
@@ -370,7 +399,7 @@ class PulseClient:
                 path,
                 params=params,
                 headers={**headers, "Authorization": f"Bearer {token}"},
-                timeout=httpx.Timeout(10.0, read=None),
+                timeout=httpx.Timeout(10.0, read=read_timeout_s),
             )
             response = await self.http.send(request, stream=True)
             try:
@@ -392,10 +421,16 @@ class PulseClient:
             await asyncio.sleep(delay_s)
 
     async def _request(
-        self, method: str, path: str, *, params: dict[str, str] | None = None
-    ) -> Any:
-        """One call's JSON answer. A read the server is busy for is asked again (the
-        same request: a page of readings goes on from its cursor) while ``busy_wait_s``
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        parse: Callable[[Any], T],
+    ) -> T:
+        """One call's JSON answer, as ``parse`` reads it (NotPulse when it cannot: not
+        an answer of Pulse's). A read the server is busy for is asked again (the same
+        request: a page of readings goes on from its cursor) while ``busy_wait_s``
         lasts; anything else refused is raised."""
         params = dict(params or {})
         if self.tenant_id:
@@ -416,7 +451,7 @@ class PulseClient:
                 await self.credentials.refresh()
                 continue
             if response.is_success:
-                return response.json() if response.content else None
+                return parsed(response, parse)
             await asyncio.sleep(self._wait_again(response, busy, self.on_busy))
 
     def _wait_again(
@@ -468,3 +503,34 @@ class PulseClient:
             )
         except (ValueError, KeyError, TypeError):
             return PulseClientError(response.status_code, str(response.status_code), str(failure))
+
+
+def telemetry_path(device_id: str) -> str:
+    """A device's telemetry URL path, or ValueError before any request for an id that
+    is none: pasted in as given, `h2?x=1` or `../devices` reached other endpoints, and
+    httpx removed `.` and `..` (another endpoint answered, about its own parameters)."""
+    if not is_valid_id(device_id):
+        shown = repr(device_id) if is_valid_name(device_id) else shown_name(str(device_id))
+        raise ValueError(
+            f"{shown} is not a device id: 1 to 64 of [A-Za-z0-9_.:-], not '.' nor '..'"
+        )
+    return f"{DEVICES_PATH}/{quote(device_id, safe='')}/telemetry"
+
+
+def alerts_page(page: dict[str, Any]) -> tuple[list[Alert], str | None]:
+    """A page of alerts and the cursor of the next (None: the last page)."""
+    alerts = [Alert.from_wire(alert) for alert in page["alerts"]]
+    return alerts, str(page["next_cursor"]) if page.get("next_cursor") else None
+
+
+def parsed(response: httpx.Response, parse: Callable[[Any], T]) -> T:
+    """``parse`` of a 2xx answer's JSON; NotPulse when it is none of Pulse's (another
+    server's page at that URL): json's or a KeyError, as it was, said nothing of why."""
+    expect_type(response, "application/json")
+    try:
+        return parse(response.json())
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # json's: ValueErrors
+        raise NotPulse(
+            f"{response.request.url.copy_with(query=None)} answered JSON Pulse does not "
+            f"send ({type(exc).__name__}: {str(exc)[:100]}): is the URL Pulse's?"
+        ) from None

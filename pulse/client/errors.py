@@ -46,25 +46,33 @@ class BadRequest(PulseClientError):
 
 class NotPulse(PulseClientError):
     """What answered is not a Pulse server (an HTML page, a proxy's answer, another
-    service on that address): retrying could not make it one. Check the URL."""
+    service on that address): retrying could not make it one. Check the URL.
+    ``status``: the answer's (200 for a page where a stream or an answer was expected,
+    404 for another server's "not found"...)."""
 
-    def __init__(self, what: str) -> None:
-        super().__init__(200, "not_pulse", what)
+    def __init__(self, what: str, status: int = 200) -> None:
+        super().__init__(status, "not_pulse", what)
 
 
 class ExportCut(PulseClientError):
-    """An export ended before its end: the server cut it (``PULSE_EXPORT_MAX_S``), or
-    the connection was lost. ``received``: how many of its bytes came, all of them
-    already handed over; they are not the whole export."""
+    """An export ended before its end: the server cut it (``PULSE_EXPORT_MAX_S``), the
+    connection was lost, or nothing came for ``silent_s`` seconds (the export's read
+    timeout). ``received``: how many of its bytes came, all of them already handed
+    over; they are not the whole export."""
 
-    def __init__(self, status: int, received: int) -> None:
+    def __init__(self, status: int, received: int, *, silent_s: float | None = None) -> None:
+        why = (
+            "the server cuts an export that streams longer than its PULSE_EXPORT_MAX_S, or "
+            "the connection was lost"
+            if silent_s is None
+            else f"nothing came from the server for {silent_s:g} s (its read timeout)"
+        )
         super().__init__(
             status,
             "export_cut",
-            f"the export ended after {received:,} bytes, before its end: the server cuts "
-            "an export that streams longer than its PULSE_EXPORT_MAX_S, or the "
-            "connection was lost. What came is incomplete: a raw export goes on from "
-            "where it stopped with resume (pulse export --resume); or ask for a shorter "
-            "range.",
+            f"the export ended after {received:,} bytes, before its end: {why}. What came "
+            "is incomplete: a raw export goes on from where it stopped with resume (pulse "
+            "export --resume); or ask for a shorter range.",
         )
         self.received = received
+        self.silent_s = silent_s

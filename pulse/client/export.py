@@ -9,9 +9,11 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from pulse.client.arguments import add_server_arguments, seconds_or_zero
+from pulse.client.history import EXPORT_READ_TIMEOUT_S
 from pulse.client.tail import minted_tokens
 from pulse.client.terminal import Output, one_line, run_until_signal
 from pulse.config import Settings
+from pulse.names import is_valid_id
 
 if TYPE_CHECKING:
     from pulse.client.errors import ExportCut
@@ -30,7 +32,7 @@ def add_export_command(sub: Any) -> None:
         token="a JWT (default: $PULSE_TOKEN, else one minted for --tenant with PULSE_JWT_SECRET)",
     )
     export.add_argument("--tenant", default=None, help="the tenant (operators: the one to read)")
-    export.add_argument("--device", required=True, help="the device id")
+    export.add_argument("--device", required=True, type=device_id_argument, help="the device id")
     export.add_argument("--from", dest="start", default=None, help="ISO 8601; default: --to - 1 h")
     export.add_argument("--to", dest="end", default=None, help="ISO 8601; default: now")
     export.add_argument("--format", choices=FORMATS, default="csv")
@@ -56,7 +58,26 @@ def add_export_command(sub: Any) -> None:
         " restart, a lost connection) is asked for again from where it stopped, with"
         " nothing written twice; 0: never; default: 5",
     )
+    export.add_argument(
+        "--read-timeout",
+        type=seconds_or_zero,
+        default=EXPORT_READ_TIMEOUT_S,
+        metavar="SECONDS",
+        help="take the server for gone when nothing comes for this long (the answer, or"
+        " the export's next bytes): a cut, resumed as one; 0: wait for ever; default:"
+        f" {EXPORT_READ_TIMEOUT_S:g}",
+    )
     export.set_defaults(run=run_export_command)
+
+
+def device_id_argument(value: str) -> str:
+    """A device id, refused in argparse's one line when it is none (the client's
+    ValueError was a traceback)."""
+    if not is_valid_id(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a device id: 1 to 64 of [A-Za-z0-9_.:-], not '.' nor '..'"
+        )
+    return value
 
 
 DRAIN_S = 30.0  # what came, written before the reason it stopped (a reader that reads)
@@ -98,6 +119,8 @@ async def run_export(args: argparse.Namespace, url: str, refresh: Any, stdout: i
             async with asyncio.timeout(DRAIN_S):
                 await out.drain()
         return _failed(str(exc))
+    except httpx.ReadTimeout:  # a cut once it has answered: raised as ExportCut then
+        return _failed(f"no answer from {url} in {args.read_timeout:g} s (--read-timeout)")
     except httpx.TransportError as exc:
         return _failed(f"cannot reach {url}: {str(exc) or type(exc).__name__}")
     return 0
@@ -130,6 +153,7 @@ async def export(args: argparse.Namespace, url: str, refresh: Any, out: Output) 
             on_wait=_waiting,
             resume=args.resume,
             on_resume=_resuming,
+            read_timeout_s=args.read_timeout or None,
         ):
             await out.write(chunk)
     await out.drain()
@@ -141,8 +165,10 @@ def _waiting(refusal: Exception, delay_s: float) -> None:
 
 
 def _resuming(cut: ExportCut, delay_s: float) -> None:
+    silent = "" if cut.silent_s is None else f" (nothing came for {cut.silent_s:g} s)"
     print(
-        f"pulse export: cut after {cut.received:,} bytes; asking for the rest in {delay_s:.1f} s",
+        f"pulse export: cut after {cut.received:,} bytes{silent}; asking for the rest in "
+        f"{delay_s:.1f} s",
         file=sys.stderr,
         flush=True,
     )

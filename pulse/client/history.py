@@ -10,6 +10,19 @@ from pulse.client.events import parse_time
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+# How long an export waits for its answer's head, and for each next chunk, before it
+# takes the server for gone (a machine or a network lost without a FIN or a RST): then
+# it is cut (ExportCut), and a raw export with resume goes on from where it stopped.
+# The server writes no keepalive in an export: a chunk comes when PostgreSQL has read
+# the next thousand rows, at once for raw readings, but a bucketed export of a long
+# range may aggregate for a while before its first row. Nor does a consumer that reads
+# slowly count: the wait is only while a read is pending. Five minutes is far above
+# both, and still a fraction of the hour (PULSE_EXPORT_MAX_S) a server lets an export
+# stream before it cuts it; an export that streams for that hour is never silent that
+# long. (Here, not in client.py: `pulse export` shows it in its --help without loading
+# httpx.)
+EXPORT_READ_TIMEOUT_S = 300.0
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Bucket:
@@ -90,6 +103,16 @@ def history_params(
     if aggregates:
         params["agg"] = ",".join(aggregates)
     return params
+
+
+def readings_page(
+    page: dict[str, Any], params: dict[str, str]
+) -> tuple[list[Reading], dict[str, str] | None]:
+    """A page of readings, and the parameters that ask for the next (None: the last
+    page) from those that asked for this one."""
+    readings = [Reading.from_wire(reading) for reading in page["readings"]]
+    cursor = page.get("next")
+    return readings, after_cursor(params, str(cursor)) if cursor else None
 
 
 def after_cursor(params: dict[str, str], cursor: str) -> dict[str, str]:

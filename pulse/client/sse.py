@@ -217,20 +217,47 @@ def expect_type(response: httpx.Response, media_type: str) -> None:
         )
 
 
+def pulse_error(body: bytes | bytearray) -> tuple[str, str] | None:
+    """The code and sentence of Pulse's error body (``{"error": ..., "detail": ...}``);
+    None for any other body: another server's page, a proxy's answer."""
+    try:
+        error = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(error, dict) or not isinstance(error.get("error"), str):
+        return None
+    return error["error"], str(error.get("detail") or "")
+
+
+def not_pulse_answer(response: httpx.Response) -> NotPulse:
+    """A refusal whose body is not Pulse's error: what answered is something else."""
+    given = response.headers.get("content-type", "").split(";")[0].strip() or "no type"
+    moved = response.headers.get("location")
+    to = f" (to {moved[:200]})" if moved else ""  # an http:// URL of an https:// server
+    return NotPulse(
+        f"{response.request.url.copy_with(query=None)} answered {response.status_code}{to} "
+        f"with {given}, not Pulse's JSON error: is the URL Pulse's?",
+        response.status_code,
+    )
+
+
 def http_failure(response: httpx.Response) -> Exception:
     """A non-200 answer: what to do about it (raise the result)."""
     status = response.status_code
-    try:
-        body = response.json()
-        code, detail = str(body.get("error", status)), str(body.get("detail", ""))
-    except ValueError:
-        code, detail = str(status), response.text[:200]
+    error = pulse_error(response.content)
+    if status == 429 or status >= 500:
+        # Busy or failing: asked again, whoever said it (a proxy in front of a Pulse
+        # that restarts answers 502 with a page of its own).
+        code = error[0] if error else str(status)
+        return Reconnect(f"{status} {code}", min_delay_s=retry_after_s(response) or 0.0)
+    if error is None:
+        # Not the page itself as the reason (`pulse tail: 404 404: <!DOCTYPE HTML>...`).
+        return not_pulse_answer(response)
+    code, detail = error
     if status == 401:
         return AuthRejected(code, detail)
     if status == 403:
         return Forbidden(status, code, detail)
     if status == 400:
         return BadRequest(status, code, detail)
-    if status == 429 or status >= 500:
-        return Reconnect(f"{status} {code}", min_delay_s=retry_after_s(response) or 0.0)
     return PulseClientError(status, code, detail)

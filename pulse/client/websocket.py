@@ -24,9 +24,15 @@ from websockets.exceptions import (
 
 from pulse.client.backoff import Backoff
 from pulse.client.credentials import REFRESH_MARGIN_S, Credentials
-from pulse.client.errors import CLOSE_SENTENCES, BadRequest, Forbidden, PulseClientError
+from pulse.client.errors import (
+    CLOSE_SENTENCES,
+    BadRequest,
+    Forbidden,
+    NotPulse,
+    PulseClientError,
+)
 from pulse.client.events import AlertsUpdate, FleetSummary, Telemetry, V2Event
-from pulse.client.sse import csv, describe_position
+from pulse.client.sse import csv, describe_position, pulse_error
 from pulse.client.stream import (
     AuthRejected,
     NoticeHandler,
@@ -47,6 +53,8 @@ READ_TIMEOUT_S = 90.0
 
 TELEMETRY_WS_PATH = "/api/v1/customer/telemetry/stream"
 V2_WS_PATH = "/api/v2/ws"
+# What a v2 server sends but events (CONTRACT 5.3): replies to the actions.
+V2_REPLIES = frozenset({"subscribed", "unsubscribed"})
 
 
 def ws_url(base_url: str, path: str, params: dict[str, str | None]) -> str:
@@ -72,6 +80,23 @@ def close_failure(code: int | None, reason: str) -> Exception:
     if code == 4029:
         return Reconnect("connection limit reached", min_delay_s=5.0)
     return Reconnect(f"closed {code} {reason}".strip())
+
+
+def pulse_message(raw: str | bytes) -> dict[str, Any]:
+    """A message of Pulse's: a JSON object with a ``type``; NotPulse for anything else
+    (another WebSocket service at that URL), which retrying would not change."""
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise not_pulse("a message that is not JSON", exc) from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise not_pulse("a message Pulse does not send", None)
+    return message
+
+
+def not_pulse(what: str, exc: Exception | None) -> NotPulse:
+    cause = f" ({type(exc).__name__}: {str(exc)[:100]})" if exc is not None else ""
+    return NotPulse(f"the WebSocket sent {what}{cause}: is the URL Pulse's?")
 
 
 class _Connection(ClientConnection):
@@ -172,18 +197,16 @@ class _WebSocketStream(ReconnectingStream[E]):
                             break
                         finally:
                             self._waiting_since = None
-                        message = orjson.loads(raw)
-                        if not isinstance(message, dict):
-                            continue
+                        message = pulse_message(raw)
                         self._received()
-                        kind = message.get("type")
+                        kind = message["type"]
                         if kind == "auth_ok":
                             expires = message.get("expires_at")
                             self._notice("token_refreshed", f"accepted, expires {expires}")
                         elif kind == "error":
                             self._notice("error", str(message.get("message", "")))
                         else:
-                            event = self._read(message)
+                            event = self._handle(message)
                             await self._reply(message)
                             if event is not None:
                                 yield event
@@ -202,6 +225,14 @@ class _WebSocketStream(ReconnectingStream[E]):
         except InvalidStatus as exc:
             status = exc.response.status_code
             detail = f"handshake refused ({status})"
+            error = pulse_error(exc.response.body or b"")
+            if status < 400 or (status == 404 and error is None):
+                # A page, a redirect, another server's "not found": no WebSocket of Pulse's.
+                raise NotPulse(
+                    f"{self._url().split('?')[0]} answered {status}, not a WebSocket "
+                    "handshake of Pulse's: is the URL Pulse's?",
+                    status,
+                ) from None
             if status == 401:
                 raise AuthRejected("unauthorized") from exc
             if status == 403:
@@ -209,7 +240,7 @@ class _WebSocketStream(ReconnectingStream[E]):
             if status == 400:
                 raise BadRequest(status, "bad_request", detail) from exc
             if status == 404:
-                raise PulseClientError(status, "not_found", detail) from exc
+                raise PulseClientError(status, error[0] if error else "not_found", detail) from exc
             wait = exc.response.headers.get("Retry-After", "")
             delay_s = float(wait) if wait.isascii() and wait.isdigit() else 0.0
             raise Reconnect(detail, min_delay_s=delay_s) from exc
@@ -229,6 +260,13 @@ class _WebSocketStream(ReconnectingStream[E]):
             raise self._closed(exc.rcvd.code, exc.rcvd.reason) from exc
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise Reconnect(f"cannot connect ({describe(exc)})") from exc
+
+    def _handle(self, message: dict[str, Any]) -> E | None:
+        try:
+            return self._read(message)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            kind = message["type"][:40]
+            raise not_pulse(f"a {kind!r} message Pulse does not send", exc) from None
 
     def _closed(self, code: int | None, reason: str) -> Exception:
         """close_failure, and the notice an SSE stream gives for the same (lagging)."""
@@ -482,6 +520,9 @@ class V2Stream(_WebSocketStream[V2Event]):
             return AlertsUpdate.from_wire(message)
         if kind == "fleet_summary":
             return FleetSummary.from_wire(message["data"])
+        if kind not in V2_REPLIES:
+            # A frozen protocol: a type it never had is another service's message.
+            raise ValueError("not a message of Pulse's v2 channels")
         return None
 
     async def subscribe(self, channel: str, device_id: str | None = None) -> None:

@@ -51,6 +51,12 @@ def test_without_the_environment_there_is_no_default(
         (["tail", "--connect-timeout", "-1"], "is not 0 or a positive number of seconds"),
         (["export", "--device", "d", "--wait", "-5"], "is not 0 or a positive number"),
         (["tail", "--count", "0"], "--count: 0 is not a positive whole number"),
+        # Pasted into the URL's path: other endpoints answered (the review of 8 December).
+        (["export", "--device", ".."], "--device: '..' is not a device id: 1 to 64 of"),
+        (["export", "--device", "h2?x=1"], "'h2?x=1' is not a device id"),
+        (["export", "--device", "../devices"], "'../devices' is not a device id"),
+        # A read timeout of its own (--read-timeout 0: wait for ever).
+        (["export", "--device", "d", "--read-timeout", "-1"], "is not 0 or a positive number"),
         (["demo", "--rate", "0"], "--rate: 0 is not a positive number"),
         (["demo", "--rate", "nan"], "--rate: nan is not a positive number"),
         (["simulate", "--devices", "-1"], "--devices: -1 is not a positive whole number"),

@@ -34,8 +34,8 @@ WINDOW = {"start": "2026-12-01T00:00:00Z", "end": "2026-12-03T00:00:00Z"}
 READINGS = 100_000  # x 4 metrics: about 18 MB of CSV
 
 
-async def readings_sharing_milliseconds(pool: asyncpg.Pool, n: int) -> None:
-    """n readings of t1/d1 with four metrics, four a millisecond from T0."""
+async def readings_sharing_milliseconds(pool: asyncpg.Pool, n: int, start: datetime = T0) -> None:
+    """n readings of t1/d1 with four metrics, four a millisecond from ``start``."""
     await provision_device(pool, "t1", "d1")
     await pool.execute(
         """INSERT INTO telemetry (tenant_id, id, device_id, device_time, metrics)
@@ -44,7 +44,7 @@ async def readings_sharing_milliseconds(pool: asyncpg.Pool, n: int) -> None:
                                   + (3 - g % 4) * interval '1 microsecond',
                   jsonb_build_object('a', g, 'b', g * 0.5, 'c', g % 2 = 0, 'd', -g)
              FROM generate_series(1, $2) AS g""",
-        T0,
+        start,
         n,
     )
     await pool.execute("UPDATE tenants SET last_event_id = $1 WHERE tenant_id = 't1'", n)
@@ -55,7 +55,9 @@ async def whole_export(url: str, token: str, format: str) -> bytes:
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         answer = await http.get(
             EXPORT,
-            params={"from": WINDOW["start"], "to": WINDOW["end"]},
+            # raw, as the client's: `auto` exports the buckets of a range older than the
+            # server's retention, which this one is since 8 December 2026.
+            params={"from": WINDOW["start"], "to": WINDOW["end"], "bucket": "raw"},
             headers={"Accept": accept, "Authorization": f"Bearer {token}"},
         )
     assert answer.status_code == 200, answer.text

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from pulse.client import PulseClient
 from pulse.client.errors import Forbidden, NotPulse
@@ -177,3 +178,126 @@ async def test_a_refused_websocket_handshake_says_why_and_waits_as_asked() -> No
                     pass
     assert 2 <= len(asked) <= 3, asked
     assert all(b - a >= 2 for a, b in itertools.pairwise(asked)), asked
+
+
+@contextlib.asynccontextmanager
+async def other_websocket_service(greeting: str) -> AsyncIterator[str]:
+    """A WebSocket service that is not Pulse, on a loopback port: it takes any path,
+    sends ``greeting`` and stays until the client goes."""
+
+    async def greet(ws: ServerConnection) -> None:
+        await ws.send(greeting)
+        await ws.wait_closed()
+
+    async with serve(greet, "127.0.0.1", 0) as service:
+        port = service.sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("greeting", "said"),
+    [
+        ("hello", "sent a message that is not JSON"),
+        # Vite's HMR socket: was a KeyError ('last_event_id') out of the stream.
+        ('{"type":"connected"}', "sent a 'connected' message Pulse does not send (KeyError"),
+        ('["connected"]', "sent a message Pulse does not send"),
+    ],
+)
+async def test_a_websocket_service_that_is_not_pulse_is_refused_for_good(
+    greeting: str, said: str
+) -> None:
+    """From the client review of 8 December (finding 4): the WebSocket streams raised
+    orjson's JSONDecodeError or a KeyError, and `pulse tail --transport ws` died with a
+    traceback, where SSE says "is the URL Pulse's?"."""
+    async with other_websocket_service(greeting) as url:
+        async with PulseClient(url, "any-token") as client:
+            with pytest.raises(NotPulse) as refused:
+                async with asyncio.timeout(10), client.websocket() as stream:
+                    async for _ in stream:
+                        pass
+            assert said in str(refused.value) and "is the URL Pulse's?" in str(refused.value)
+            # The v2 channels: a message of no type they have is another service's too.
+            with pytest.raises(NotPulse, match="is the URL Pulse's"):
+                async with asyncio.timeout(10), client.v2(fleet=True) as v2:
+                    async for _ in v2:
+                        pass
+        status, err = await command(
+            "tail", "--url", url, "--token", "x", "--transport", "ws", "--connect-timeout", "5"
+        )
+    assert status == 1 and "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("pulse tail: 200 not_pulse: the WebSocket sent ") and said in last
+
+
+@pytest.mark.parametrize(
+    ("status_line", "said"),
+    [
+        (b"200 OK", "answered 200, not a WebSocket handshake of Pulse's"),  # was retried
+        (b"404 Not Found", "answered 404, not a WebSocket handshake of Pulse's"),
+    ],
+)
+async def test_a_page_where_a_websocket_was_asked_for_is_not_pulse(
+    status_line: bytes, said: str
+) -> None:
+    page = answering(status_line, b"text/html", PAGE)
+    async with page as url, PulseClient(url, "any-token") as client:
+        with pytest.raises(NotPulse) as refused:
+            async with asyncio.timeout(10), client.websocket() as stream:
+                async for _ in stream:
+                    pass
+    assert said in str(refused.value) and "is the URL Pulse's?" in str(refused.value)
+    assert refused.value.status == int(status_line[:3])
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "said"),
+    [
+        (b"text/html", PAGE, "answered text/html, not application/json: is the URL Pulse's?"),
+        (b"application/json", b'{"ok": true}', "answered JSON Pulse does not send (KeyError"),
+        (b"application/json", b"[]", "answered JSON Pulse does not send (TypeError"),
+        (b"application/json", b"{not json", "answered JSON Pulse does not send (JSONDecodeErr"),
+    ],
+)
+async def test_the_rest_helpers_say_what_answered_is_not_pulse(
+    content_type: bytes, body: bytes, said: str
+) -> None:
+    """From the client review of 8 December (finding 5): a dev server's catch-all page
+    (200 text/html for everything) made fleet_summary(), history() and alerts() raise
+    json's JSONDecodeError; a JSON answer of another shape, a KeyError."""
+    other = answering(b"200 OK", content_type, body)
+    async with other as url, PulseClient(url, "any-token", busy_wait_s=0) as client:
+        calls = {
+            "fleet_summary": client.fleet_summary,
+            "alerts": client.alerts,
+            "history": lambda: client.history("d1"),
+            "fleet_history": lambda: client.fleet_history("temp"),
+            "iter_readings": lambda: anext(aiter(client.iter_readings("d1"))),
+            "acknowledge_alert": lambda: client.acknowledge_alert(1),
+        }
+        for name, call in calls.items():
+            with pytest.raises(NotPulse) as refused:
+                await call()
+            assert said in str(refused.value), (name, str(refused.value))
+            assert refused.value.code == "not_pulse"
+
+
+async def test_a_page_not_found_is_not_printed_as_the_error() -> None:
+    """From the client review of 8 December (finding 5): against another server's 404
+    page (`python -m http.server`), `pulse tail` and `pulse export` printed the page as
+    the error (`pulse tail: 404 404: <!DOCTYPE HTML> <html lang="en"> ...`)."""
+    async with answering(b"404 Not Found", b"text/html", PAGE) as url:
+        async with PulseClient(url, "any-token") as client:
+            with pytest.raises(NotPulse) as refused:
+                async with asyncio.timeout(10), client.sse() as stream:
+                    async for _ in stream:
+                        pass
+        assert refused.value.status == 404
+        tail = await command("tail", "--url", url, "--token", "x", "--connect-timeout", "5")
+        export = await command("export", "--url", url, "--token", "x", "--device", "d1")
+    for (status, err), path in [(tail, "/stream/sse"), (export, "/devices/d1/telemetry")]:
+        assert status == 1 and len(err.splitlines()) == 1, err
+        assert path in err and "404 not_pulse: " in err, err
+        assert err.endswith(
+            " answered 404 with text/html, not Pulse's JSON error: is the URL Pulse's?\n"
+        )
+        assert "<title>" not in err
