@@ -6,7 +6,7 @@ import time
 
 from pulse.auth.principal import OPERATOR_ADMIN, TENANT_ADMIN, Principal
 from pulse.errors import FORBIDDEN, INVALID_TENANT_ID, TENANT_REQUIRED, TOKEN_EXPIRED, ApiError
-from pulse.names import is_valid_name
+from pulse.names import is_valid_id
 
 
 def tenant_for(principal: Principal, requested: str | None) -> str:
@@ -16,9 +16,11 @@ def tenant_for(principal: Principal, requested: str | None) -> str:
     ``...&tenant_id=`` whether or not they name a tenant.
     """
     requested = requested or None
-    if requested is not None and not is_valid_name(requested):
+    # Not "." nor "..": a device made in such a tenant could post nothing (pulse.names).
+    if requested is not None and not is_valid_id(requested):
         raise ApiError(
-            INVALID_TENANT_ID, "tenant_id must be 1 to 64 characters of [A-Za-z0-9_.:-]."
+            INVALID_TENANT_ID,
+            'tenant_id must be 1 to 64 characters of [A-Za-z0-9_.:-], other than "." and "..".',
         )
     if principal.is_operator:
         if requested is None:

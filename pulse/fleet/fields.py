@@ -29,7 +29,7 @@ Name = Annotated[
 
 def _valid_id(value: str) -> str:
     if value in DOT_SEGMENTS:
-        raise ValueError(f"must not be {value!r}: no URL can address it (pulse.names)")
+        raise ValueError(f"must not be {value!r}: no URL can address it")
     return _valid_name(value)
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from pulse.logs import Throttled
 
 log = logging.getLogger(__name__)
+
+FIRST_DELAY_S = 0.1
+HEALTHY_S = 60.0  # a task that ran this long before it died begins a new streak
 
 
 class Supervisor:
@@ -25,18 +29,23 @@ class Supervisor:
         self._tasks[name] = asyncio.create_task(self._watch(name, run), name=f"pulse:{name}")
 
     async def _watch(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
-        delay = 0.1
+        delay = FIRST_DELAY_S
         # An error that lasts (a permission revoked) kills the task at every try: its
         # traceback once, then a line per try at most every 10 s, as docs/operations.md
-        # says of such errors (it was a 28-line traceback per try, for ever).
+        # says of such errors (it was a 28-line traceback per try, for ever). A task
+        # that ran HEALTHY_S before it died begins a new streak: its traceback again
+        # (the first may have left the logs since), and the first delay again.
         died = Throttled(log)
         while True:
+            started = time.monotonic()
             try:
                 await run()
                 log.error("task %s returned; restarting it", name)
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if time.monotonic() - started >= HEALTHY_S:
+                    died, delay = Throttled(log), FIRST_DELAY_S
                 died.error("task %s died; restarting it in %.1f s", name, delay)
             self.restarts[name] += 1
             await asyncio.sleep(delay)

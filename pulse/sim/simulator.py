@@ -174,17 +174,24 @@ class Simulator:
         self.created_rules: list[int] = []
         self._down_since: float | None = None
 
-    async def _check_simulated(self, device: SimDevice) -> float | None:
-        """Raise SimulatorError unless the existing device of this id is a simulated one:
-        rotating a real device's token would cut it off. Its last reading's time (epoch
-        seconds), None if it has sent none."""
-        found = await self._read_device(device.device_id)
+    async def _existing(self, device: SimDevice) -> tuple[float | None] | None:
+        """None when no device has this id; else, once it is known to be a simulated
+        one (SimulatorError otherwise: rotating a real device's token would cut it off),
+        its last reading's time (epoch seconds; None if it has sent none)."""
+        r = await self.http.get(
+            f"{DEVICES_PATH}/{device.device_id}", headers=self._admin, params=self._params
+        )
+        if r.status_code == 404 and error_code(r) == "unknown_device":
+            return None
+        if not r.is_success:
+            raise SimulatorError(f"cannot read {device.device_id}: {refusal(r)}")
+        found: dict[str, Any] = r.json()
         if (found.get("name"), found.get("site_id")) != (device.name, device.site_id):
             raise SimulatorError(
                 f"{device.device_id} exists and is not a simulated device (named "
                 f"{found.get('name')!r}): its token is left alone; give another --prefix"
             )
-        return _epoch(found.get("last_seen_at"))
+        return (_epoch(found.get("last_seen_at")),)
 
     async def _read_device(self, device_id: str) -> dict[str, Any]:
         r = await self.http.get(
@@ -226,12 +233,23 @@ class Simulator:
         refused, its token left alone). ``done``: where to note what was done as it is
         done, so that a run stopped midway can still remove what it created."""
         done = Provisioned() if done is None else done
-        existing: list[SimDevice] = []
+        kept: set[str] = set()
         for device in self.devices:
             known = (known_tokens or {}).get(device.device_id)
             if known is not None and await self._token_works(device.device_id, known):
                 device.provision_token = known
                 done.kept.append(device.device_id)
+                kept.add(device.device_id)
+        # The devices there already are checked before any is made: a run refused for
+        # one of them (not simulated, another run's) left those it had made meanwhile.
+        seen: dict[str, float | None] = {}
+        for device in self.devices:
+            if device.device_id not in kept and (at := await self._existing(device)) is not None:
+                seen[device.device_id] = at[0]
+        await self._check_not_fed(seen)
+        existing = [device for device in self.devices if device.device_id in seen]
+        for device in self.devices:
+            if device.device_id in kept or device.device_id in seen:
                 continue
             body = {"device_id": device.device_id, "site_id": device.site_id, "name": device.name}
             r = await self.http.post(
@@ -240,13 +258,14 @@ class Simulator:
             if r.status_code == 409 and error_code(r) == "tenant_quota":
                 raise SimulatorError(self._device_quota(device, r, done))
             if r.status_code == 409 and error_code(r) == "device_exists":
-                existing.append(device)  # taken over below, once none is another run's
-                continue
+                raise SimulatorError(
+                    f"{device.device_id} was made by someone else while this run started: "
+                    "its token is left alone; give another --prefix"
+                )
             if not r.is_success:
                 raise SimulatorError(f"cannot provision {device.device_id}: {refusal(r)}")
             device.provision_token = r.json()["provision_token"]
             done.created.append(device.device_id)
-        await self._check_not_fed({d.device_id: await self._check_simulated(d) for d in existing})
         for device in existing:
             r = await self.http.post(
                 f"{DEVICES_PATH}/{device.device_id}/rotate-token",
@@ -439,8 +458,17 @@ class Simulator:
                     if result["status"] == "rejected":
                         self._rejected(str(result["reason"]))
             else:
+                # Counted by its reason too: a line per batch flooded a database
+                # outage's terminal (five a second at the defaults).
                 self.rejected += len(chunk)
-                log.warning("batch refused: %s %s", r.status_code, r.text[:200])
+                code = error_code(r) or str(r.status_code)
+                if not self.rejections[code]:
+                    log.warning(
+                        "batches refused: %s %s (said once; counted until the run ends)",
+                        r.status_code,
+                        r.text[:200],
+                    )
+                self.rejections[code] += len(chunk)
 
 
 @dataclasses.dataclass

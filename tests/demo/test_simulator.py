@@ -199,9 +199,10 @@ async def test_a_device_of_that_id_that_is_not_simulated_keeps_its_token(
     device dev-0001) rotated the tokens of the tenant's real devices of those ids, and
     they were refused from then on. It stops instead, and removes what it made."""
     token = await provision_device(pool, "sim", "sim-0002")  # a real device, no name
-    said = await simulate(server, "--clean-up", status=1)
+    said = await simulate(server, status=1)  # no --clean-up: nothing to clean up
     assert "sim-0002 exists and is not a simulated device" in said, said
-    assert "deleted 2 devices" in said  # sim-0001 and sim-0003, made before it stopped
+    # Refused before it made any (review 4 of 8 December: it had made sim-0001 and
+    # sim-0003 first, and without --clean-up left them).
     async with httpx.AsyncClient(base_url=server) as http:
         r = await http.post(
             "/ingest/v1/tenant/sim/device/sim-0002/telemetry",
@@ -343,3 +344,47 @@ async def test_a_rate_beyond_a_thousand_a_second_is_refused(command: str) -> Non
     _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2
     assert b"--rate: 1e9 is more than 1000 readings a second per device" in stderr, stderr
+
+
+async def test_a_fleet_beyond_a_hundred_thousand_readings_a_second_is_refused() -> None:
+    """Review 4 of 8 December: the ceiling per device left the fleet's open: 1,000
+    devices at 1,000 a second held 905 MiB and ran 82 s of a 3 s --duration."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pulse", "simulate", "--devices", "1000", "--rate", "101",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert stderr.decode().strip() == (
+        "pulse simulate: --devices 1000 at --rate 101 is 101,000 readings a second: at most 100,000"
+    )
+
+
+async def test_refused_batches_are_said_once_and_counted_by_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review 4 of 8 December: a batch the server refused whole (503 in a database
+    outage) was a line per batch, five a second, and the run's end gave no reason."""
+    body = b'{"error":"database_unavailable","detail":"The database is unreachable."}'
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        headers = {"content-type": "application/json"}
+        return httpx.Response(503, content=body, headers=headers)
+
+    http = httpx.AsyncClient(base_url="http://pulse.test", transport=httpx.MockTransport(answer))
+    simulator = Simulator(
+        "http://pulse.test", "token", tenant_id="sim", devices=5, rate=20.0, http=http
+    )
+    for device in simulator.devices:
+        device.provision_token = "t"
+    try:
+        await simulator.run(duration_s=0.5)
+    finally:
+        await simulator.aclose()
+        await http.aclose()
+    said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("batches refused: 503"), said
+    assert simulator.rejected >= 10 and simulator.sent == 0
+    assert simulator.describe_rejections() == (
+        f"; {simulator.rejected} rejected (database_unavailable: {simulator.rejected})"
+    )

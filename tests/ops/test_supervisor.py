@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from pulse.ops import supervisor as supervisor_module
 from pulse.ops.supervisor import Supervisor
 
 
@@ -83,3 +84,31 @@ async def test_a_task_that_dies_alike_again_and_again_is_traced_once(
     died = [r for r in caplog.records if "task rollups died" in r.getMessage()]
     assert died and died[0].exc_info is not None, died
     assert not [r for r in died[1:] if r.exc_info], "a traceback after the first"
+
+
+async def test_the_same_error_after_a_healthy_run_is_traced_again(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 4 of 8 December: once traced, an error came back after hours of health as
+    one "(again)" line for the life of the process, its traceback long gone from the
+    logs. A task that ran HEALTHY_S before it died begins a new streak."""
+    monkeypatch.setattr(supervisor_module, "HEALTHY_S", 0.2)
+    tries = 0
+    third = asyncio.Event()
+
+    async def failing() -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 2:
+            await asyncio.sleep(0.3)  # healthy for longer than HEALTHY_S, then the same
+        if tries == 3:
+            third.set()
+            await asyncio.Event().wait()
+        raise PermissionError("permission denied for table telemetry")
+
+    supervisor = Supervisor(max_backoff_s=0.01)
+    supervisor.start("rollups", failing)
+    await asyncio.wait_for(third.wait(), 5)
+    await supervisor.stop()
+    died = [r for r in caplog.records if "task rollups died" in r.getMessage()]
+    assert [r.exc_info is not None for r in died] == [True, True], died
