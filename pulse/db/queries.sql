@@ -12,8 +12,12 @@ SELECT pg_advisory_unlock($1)
 SELECT pulse_create_telemetry_partitions($1::date, $2::date)
 
 -- name: expired_telemetry_partitions
--- The partitions whose every row was received before the cutoff, oldest first.
-SELECT name, detach_pending FROM pulse_expired_telemetry_partitions($1)
+-- The partitions whose every row was received before the cutoff, oldest first, with
+-- their owner and whether this role may drop them (the owner or a member of it).
+SELECT e.name, e.detach_pending, pg_get_userbyid(c.relowner) AS owner,
+       pg_has_role(current_user, c.relowner, 'USAGE') AS droppable
+  FROM pulse_expired_telemetry_partitions($1) e
+  JOIN pg_class c ON c.oid = e.name::regclass
 
 -- name: lock_is_free
 -- Whether no session holds the advisory lock $1: taken and let go in the same

@@ -31,6 +31,7 @@ Q = load_queries(__package__)
 # A step failing for a reason that lasts (a permission revoked): its traceback once,
 # then a line per 10 minutes with how many passes failed so.
 _failed = Throttled(log, every_s=600.0)
+_not_droppable = Throttled(log, every_s=600.0)
 
 RETENTION_LOCK_KEY = 0x70756C73_65_7274  # "pulse" "rt"
 # Partitions exist this many days ahead of today, so that ingest never meets a
@@ -94,6 +95,19 @@ async def drop_expired(db: Database, cutoff: datetime) -> list[str]:
             await conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
             for row in await conn.fetch(Q["expired_telemetry_partitions"], cutoff):
                 name = row["name"]
+                if not row["droppable"]:
+                    # Detached, it could not be dropped, and was never listed again: its
+                    # rows kept for ever (a partition made by another role, before 0021).
+                    _not_droppable.warning(
+                        "retention: partition %s is owned by %s, which this role is not "
+                        "a member of: it is kept; drop it as %s (or ALTER TABLE %s OWNER "
+                        "TO telemetry's owner)",
+                        name,
+                        row["owner"],
+                        row["owner"],
+                        name,
+                    )
+                    continue
                 # DETACH CONCURRENTLY cannot run in a transaction; one that was
                 # interrupted left the partition "detach pending": FINALIZE ends it.
                 how = "FINALIZE" if row["detach_pending"] else "CONCURRENTLY"

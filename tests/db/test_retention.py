@@ -11,8 +11,10 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -368,3 +370,59 @@ async def test_a_failing_step_does_not_stop_the_others(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info  # the traceback once, not a pass
     assert "dropping expired partitions" in errors[0].getMessage()
+
+
+async def test_a_day_made_by_a_member_of_the_owner_belongs_to_the_owner_and_is_dropped(
+    database_url: str, pg_admin_dsn: str, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review 4 of 8 December: a role serving as a member of telemetry's owner made each
+    day as itself; another member, or the owner, could detach such a day at its expiry
+    but not drop it, and a detached table was never listed again: kept for ever. A day
+    is the owner's now (migration 0021), and one that is still another role's is left
+    attached, said, rather than detached and lost."""
+    owner = await pool.fetchval("SELECT pg_get_userbyid(relowner) FROM pg_class "
+                                "WHERE oid = 'telemetry'::regclass")  # fmt: skip
+    member, stranger = (f"pulse_m_{uuid.uuid4().hex[:10]}" for _ in range(2))
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'CREATE ROLE "{member}" LOGIN; CREATE ROLE "{stranger}"')
+    await admin.execute(f'GRANT "{owner}" TO "{member}"')
+    old = date(2026, 1, 1)
+    try:
+        as_member = await asyncpg.connect(as_role(database_url, member))
+        try:
+            await as_member.fetchval("SELECT pulse_create_telemetry_partitions($1, $1)", old)
+        finally:
+            await as_member.close()
+        made_by = "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = $1"
+        assert await pool.fetchval(made_by, "telemetry_p20260101") == owner
+        # A day another role still owns (made before 0021): kept attached, and said.
+        await pool.fetchval("SELECT pulse_create_telemetry_partitions($1, $1)", old + timedelta(1))
+        await admin.close()
+        admin = await asyncpg.connect(database_url)
+        await admin.execute(f'ALTER TABLE telemetry_p20260102 OWNER TO "{stranger}"')
+        member_pool = await asyncpg.create_pool(
+            as_role(database_url, member), min_size=1, max_size=2
+        )
+        try:
+            with caplog.at_level(logging.WARNING, logger="pulse.db.retention"):
+                dropped = await drop_expired(seam(member_pool), datetime(2026, 1, 3, tzinfo=UTC))
+        finally:
+            await member_pool.close()
+        assert dropped == ["telemetry_p20260101"]
+        attached = (
+            "SELECT count(*) FROM pg_inherits WHERE inhrelid = 'telemetry_p20260102'::regclass"
+        )
+        assert await pool.fetchval(attached) == 1
+        [said] = [r.getMessage() for r in caplog.records if "is owned by" in r.getMessage()]
+        assert f"partition telemetry_p20260102 is owned by {stranger}" in said, said
+    finally:
+        await admin.execute("DROP TABLE IF EXISTS telemetry_p20260102")
+        await admin.close()
+        cleanup = await asyncpg.connect(pg_admin_dsn)
+        await cleanup.execute(f'DROP ROLE "{member}"; DROP ROLE "{stranger}"')
+        await cleanup.close()
+
+
+def as_role(dsn: str, role: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
