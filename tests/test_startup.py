@@ -416,6 +416,33 @@ async def test_a_role_granted_the_tables_but_not_their_days_is_refused_at_start(
             await owner.close()
 
 
+async def test_an_owner_of_telemetry_without_create_on_the_schema_is_told_so(
+    pg_admin_dsn: str, database_url: str
+) -> None:
+    """Review 4 of 8 December: an owner of telemetry without CREATE on the schema was
+    told "GRANT O TO O": what it lacks is CREATE, where the days are made."""
+    async with a_role_of_no_privilege(pg_admin_dsn) as role:
+        owner = await asyncpg.connect(database_url)
+        try:
+            await owner.execute(
+                f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}";'
+                f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}";'
+                f'ALTER TABLE telemetry OWNER TO "{role}";'
+                "REVOKE CREATE ON SCHEMA public FROM PUBLIC"
+            )
+            env = {"DATABASE_URL": as_role(database_url, role), "PULSE_JWT_SECRET": TEST_SECRET}
+            code, lines = await pulse("serve", "--port", str(free_port()), env=env)
+            assert code == 1, lines
+            assert the_one_line(lines) == (
+                f"pulse serve: cannot use the database {describe(database_url)}: role {role} "
+                "may not create tables in schema public, where telemetry's daily partitions "
+                f"are made: GRANT CREATE ON SCHEMA public TO {role}"
+            ), lines
+        finally:
+            await owner.execute(f'DROP OWNED BY "{role}"')
+            await owner.close()
+
+
 async def test_a_database_migrated_by_a_newer_release_is_said_once_and_served(
     database_url: str,
 ) -> None:

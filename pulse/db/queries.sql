@@ -35,10 +35,12 @@ WITH gone AS (
 DELETE FROM alerts a USING gone WHERE a.alert_id = gone.alert_id
 
 -- name: partitions_not_manageable
--- Who owns telemetry, when the current role may not make or drop its daily partitions
--- (PostgreSQL lets only the owner and its members, who also need CREATE on the
--- schema); NULL when it may.
-SELECT pg_get_userbyid(c.relowner)
+-- When the current role may not make or drop telemetry's daily partitions (PostgreSQL
+-- lets only the owner and its members, who also need CREATE on the schema): the
+-- owner, whether this role is it or a member of it, and the schema; no row when it may.
+SELECT pg_get_userbyid(c.relowner) AS owner,
+       pg_has_role(current_user, c.relowner, 'USAGE') AS member,
+       c.relnamespace::regnamespace::text AS schema
   FROM pg_class c
  WHERE c.oid = 'telemetry'::regclass
    AND NOT (pg_has_role(current_user, c.relowner, 'USAGE')

@@ -65,15 +65,21 @@ async def check_partitions_manageable(db: Database) -> None:
     docs/operations.md once advised) served while the days made by the owner's last
     run lasted: no day was made past them nor dropped, and three days later every
     reading was refused with 503 while /readyz said ready (a review, 8 December)."""
-    owner = await db.fetchval(Q["partitions_not_manageable"])
-    if owner is not None:
-        role = await db.fetchval("SELECT current_user")
+    row = await db.fetchrow(Q["partitions_not_manageable"])
+    if row is None:
+        return
+    role, owner, schema = await db.fetchval("SELECT current_user"), row["owner"], row["schema"]
+    if row["member"]:  # the owner, or a member: CREATE on the schema is what is missing
         raise PartitionsNotManageable(
-            f"role {role} may not make or drop telemetry's daily partitions, which PostgreSQL "
-            f"lets only its owner ({owner}) and the owner's members do: serve as {owner}, the "
-            f"role that ran `pulse migrate`, or GRANT {owner} TO {role}; grants on the tables "
-            "are not enough"
+            f"role {role} may not create tables in schema {schema}, where telemetry's "
+            f"daily partitions are made: GRANT CREATE ON SCHEMA {schema} TO {owner}"
         )
+    raise PartitionsNotManageable(
+        f"role {role} may not make or drop telemetry's daily partitions, which PostgreSQL "
+        f"lets only its owner ({owner}) and the owner's members do: serve as {owner}, the "
+        f"role that ran `pulse migrate`, or GRANT {owner} TO {role}; grants on the tables "
+        "are not enough"
+    )
 
 
 async def ensure_partitions(db: Database, *, days_ahead: int = DAYS_AHEAD) -> int:
