@@ -267,14 +267,7 @@ class Simulator:
             device.provision_token = r.json()["provision_token"]
             done.created.append(device.device_id)
         for device in existing:
-            r = await self.http.post(
-                f"{DEVICES_PATH}/{device.device_id}/rotate-token",
-                headers=self._admin,
-                params=self._params,
-            )
-            if not r.is_success:
-                raise SimulatorError(f"cannot provision {device.device_id}: {refusal(r)}")
-            device.provision_token = r.json()["provision_token"]
+            await self._rotate(device)
             done.rotated.append(device.device_id)
         for device in self.devices:
             if device.over_mqtt:
@@ -288,6 +281,15 @@ class Simulator:
         tenant = self.tenant_id
         if await self.mqtt.connect(tenant, device.device_id, device.provision_token):
             return
+        await self._rotate(device)
+        if device.device_id in done.kept:
+            done.kept.remove(device.device_id)
+            done.rotated.append(device.device_id)
+        if not await self.mqtt.connect(tenant, device.device_id, device.provision_token):
+            raise SimulatorError(f"the MQTT broker refuses {device.device_id}'s new token")
+
+    async def _rotate(self, device: SimDevice) -> None:
+        """A new token for the device."""
         r = await self.http.post(
             f"{DEVICES_PATH}/{device.device_id}/rotate-token",
             headers=self._admin,
@@ -296,11 +298,6 @@ class Simulator:
         if not r.is_success:
             raise SimulatorError(f"cannot rotate {device.device_id}: {refusal(r)}")
         device.provision_token = r.json()["provision_token"]
-        if device.device_id in done.kept:
-            done.kept.remove(device.device_id)
-            done.rotated.append(device.device_id)
-        if not await self.mqtt.connect(tenant, device.device_id, device.provision_token):
-            raise SimulatorError(f"the MQTT broker refuses {device.device_id}'s new token")
 
     def _device_quota(self, device: SimDevice, r: httpx.Response, done: Provisioned) -> str:
         """What to say when the tenant may have no more devices (409 tenant_quota): the
