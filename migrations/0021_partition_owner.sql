@@ -11,8 +11,9 @@ CREATE OR REPLACE FUNCTION pulse_create_telemetry_partitions(first_day date, las
         day date;
         name text;
         created integer := 0;
-        owner text := (SELECT pg_get_userbyid(relowner) FROM pg_class
-                        WHERE oid = 'telemetry'::regclass);
+        owner_role text := (SELECT pg_get_userbyid(relowner) FROM pg_class
+                             WHERE oid = 'telemetry'::regclass);
+        home oid := (SELECT relnamespace FROM pg_class WHERE oid = 'telemetry'::regclass);
     BEGIN
         -- Processes starting together would both create the same day: one at a time
         -- (each statement below then sees what the one before committed).
@@ -21,8 +22,10 @@ CREATE OR REPLACE FUNCTION pulse_create_telemetry_partitions(first_day date, las
             CONTINUE WHEN pulse_telemetry_day_covered(day);
             name := 'telemetry_p' || to_char(day, 'YYYYMMDD');
             EXECUTE format('CREATE TABLE %I (LIKE telemetry INCLUDING DEFAULTS)', name);
-            IF owner <> current_user THEN
-                EXECUTE format('ALTER TABLE %I OWNER TO %I', name, owner);
+            -- PostgreSQL gives a table only to a role with CREATE on its schema: an
+            -- owner without it leaves the day its maker's, as before.
+            IF owner_role <> current_user AND has_schema_privilege(owner_role, home, 'CREATE') THEN
+                EXECUTE format('ALTER TABLE %I OWNER TO %I', name, owner_role);
             END IF;
             EXECUTE format('ALTER TABLE telemetry ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
                            name, day::timestamp AT TIME ZONE 'UTC',

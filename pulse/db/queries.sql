@@ -19,6 +19,21 @@ SELECT e.name, e.detach_pending, pg_get_userbyid(c.relowner) AS owner,
   FROM pulse_expired_telemetry_partitions($1) e
   JOIN pg_class c ON c.oid = e.name::regclass
 
+-- name: expired_detached_days
+-- Expired days left out of telemetry: detached by a retention pass that then could not
+-- drop them (a day another role owned, before migration 0021), never listed again.
+SELECT c.relname AS name, pg_get_userbyid(c.relowner) AS owner,
+       pg_has_role(current_user, c.relowner, 'USAGE') AS droppable
+  FROM pg_class c
+ WHERE c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'telemetry'::regclass)
+   AND c.relkind = 'r' AND NOT c.relispartition
+   AND c.relname ~ '^telemetry_p[0-9]{8}$'
+   AND (to_date(right(c.relname, 8), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC' <= $1
+ ORDER BY c.relname
+
+-- name: telemetry_owner
+SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'telemetry'::regclass
+
 -- name: lock_is_free
 -- Whether no session holds the advisory lock $1: taken and let go in the same
 -- statement, so the pooled connection that asks keeps nothing of it.

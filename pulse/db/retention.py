@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Coroutine
 from datetime import UTC, date, datetime, timedelta
@@ -54,6 +55,14 @@ async def create_partitions(db: Database, first_day: date, last_day: date) -> in
     return created
 
 
+def quoted(identifier: str) -> str:
+    """A role's or table's name as a statement to paste takes it: bare when plain,
+    else double-quoted ("GRANT CREATE ... TO Ops" names the role ops)."""
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", identifier):
+        return identifier
+    return '"' + identifier.replace('"', '""') + '"'
+
+
 class PartitionsNotManageable(Exception):
     """The serving role may not make or drop telemetry's daily partitions."""
 
@@ -68,7 +77,8 @@ async def check_partitions_manageable(db: Database) -> None:
     row = await db.fetchrow(Q["partitions_not_manageable"])
     if row is None:
         return
-    role, owner, schema = await db.fetchval("SELECT current_user"), row["owner"], row["schema"]
+    role, owner = quoted(await db.fetchval("SELECT current_user")), quoted(row["owner"])
+    schema = row["schema"]  # regnamespace's text: quoted already where it must be
     if row["member"]:  # the owner, or a member: CREATE on the schema is what is missing
         raise PartitionsNotManageable(
             f"role {role} may not create tables in schema {schema}, where telemetry's "
@@ -99,20 +109,13 @@ async def drop_expired(db: Database, cutoff: datetime) -> list[str]:
             return dropped
         try:
             await conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+            kept: list[str] = []  # expired, but owned by a role this one may not act as
             for row in await conn.fetch(Q["expired_telemetry_partitions"], cutoff):
                 name = row["name"]
                 if not row["droppable"]:
                     # Detached, it could not be dropped, and was never listed again: its
-                    # rows kept for ever (a partition made by another role, before 0021).
-                    _not_droppable.warning(
-                        "retention: partition %s is owned by %s, which this role is not "
-                        "a member of: it is kept; drop it as %s (or ALTER TABLE %s OWNER "
-                        "TO telemetry's owner)",
-                        name,
-                        row["owner"],
-                        row["owner"],
-                        name,
-                    )
+                    # rows kept for ever (a day made by another role, before 0021).
+                    kept.append(f"{name} ({row['owner']})")
                     continue
                 # DETACH CONCURRENTLY cannot run in a transaction; one that was
                 # interrupted left the partition "detach pending": FINALIZE ends it.
@@ -120,6 +123,22 @@ async def drop_expired(db: Database, cutoff: datetime) -> list[str]:
                 await conn.execute(f'ALTER TABLE telemetry DETACH PARTITION "{name}" {how}')
                 await conn.execute(f'DROP TABLE "{name}"')
                 dropped.append(name)
+            for row in await conn.fetch(Q["expired_detached_days"], cutoff):
+                if row["droppable"]:
+                    await conn.execute(f'DROP TABLE "{row["name"]}"')
+                    dropped.append(row["name"])
+                else:
+                    kept.append(f"{row['name']} ({row['owner']}, out of telemetry)")
+            if kept:
+                owner = quoted(await conn.fetchval(Q["telemetry_owner"]))
+                _not_droppable.warning(
+                    "retention: kept %d expired day(s) owned by roles this one is not a "
+                    "member of: %s; drop each as its owner, or give it to telemetry's owner "
+                    "(ALTER TABLE <day> OWNER TO %s) for the next pass to drop",
+                    len(kept),
+                    ", ".join(kept),
+                    owner,
+                )
         finally:
             await conn.execute("RESET lock_timeout")
             await conn.fetchval(Q["retention_unlock"], RETENTION_LOCK_KEY)

@@ -400,23 +400,36 @@ async def test_a_day_made_by_a_member_of_the_owner_belongs_to_the_owner_and_is_d
         await admin.close()
         admin = await asyncpg.connect(database_url)
         await admin.execute(f'ALTER TABLE telemetry_p20260102 OWNER TO "{stranger}"')
+        # Days a pass before 0021 detached and could not drop: out of telemetry for ever.
+        await admin.execute(
+            "CREATE TABLE telemetry_p20260103 (LIKE telemetry);"
+            "CREATE TABLE telemetry_p20260104 (LIKE telemetry);"
+            f'ALTER TABLE telemetry_p20260104 OWNER TO "{stranger}"'
+        )
         member_pool = await asyncpg.create_pool(
             as_role(database_url, member), min_size=1, max_size=2
         )
         try:
             with caplog.at_level(logging.WARNING, logger="pulse.db.retention"):
-                dropped = await drop_expired(seam(member_pool), datetime(2026, 1, 3, tzinfo=UTC))
+                dropped = await drop_expired(seam(member_pool), datetime(2026, 1, 5, tzinfo=UTC))
         finally:
             await member_pool.close()
-        assert dropped == ["telemetry_p20260101"]
+        assert dropped == ["telemetry_p20260101", "telemetry_p20260103"]
         attached = (
             "SELECT count(*) FROM pg_inherits WHERE inhrelid = 'telemetry_p20260102'::regclass"
         )
         assert await pool.fetchval(attached) == 1
-        [said] = [r.getMessage() for r in caplog.records if "is owned by" in r.getMessage()]
-        assert f"partition telemetry_p20260102 is owned by {stranger}" in said, said
+        [said] = [r.getMessage() for r in caplog.records if "expired day" in r.getMessage()]
+        assert (
+            f"kept 2 expired day(s) owned by roles this one is not a member of: "
+            f"telemetry_p20260102 ({stranger}), telemetry_p20260104 ({stranger}, out of "
+            f"telemetry); drop each as its owner, or give it to telemetry's owner (ALTER "
+            f"TABLE <day> OWNER TO {owner})"
+        ) in said, said
     finally:
-        await admin.execute("DROP TABLE IF EXISTS telemetry_p20260102")
+        await admin.execute(
+            "DROP TABLE IF EXISTS telemetry_p20260102; DROP TABLE IF EXISTS telemetry_p20260104"
+        )
         await admin.close()
         cleanup = await asyncpg.connect(pg_admin_dsn)
         await cleanup.execute(f'DROP ROLE "{member}"; DROP ROLE "{stranger}"')
@@ -426,3 +439,36 @@ async def test_a_day_made_by_a_member_of_the_owner_belongs_to_the_owner_and_is_d
 def as_role(dsn: str, role: str) -> str:
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+
+
+async def test_a_member_makes_days_for_an_owner_without_create_on_the_schema(
+    database_url: str, pg_admin_dsn: str, pool: asyncpg.Pool
+) -> None:
+    """Review 6 of 8 December: migration 0021 gave each new day to telemetry's owner,
+    which PostgreSQL allows only when the owner may create in the schema: a member
+    granted CREATE itself, serving for an owner without it, could make no day. The day
+    stays its maker's then, as before 0021."""
+    owner, member = (f"pulse_o_{uuid.uuid4().hex[:10]}" for _ in range(2))
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'CREATE ROLE "{owner}"; CREATE ROLE "{member}" LOGIN')
+    await admin.execute(f'GRANT "{owner}" TO "{member}"')
+    db = await asyncpg.connect(database_url)
+    try:
+        await db.execute(
+            f'ALTER TABLE telemetry OWNER TO "{owner}";'
+            "REVOKE CREATE ON SCHEMA public FROM PUBLIC;"
+            f'GRANT CREATE ON SCHEMA public TO "{member}"'
+        )
+        as_member = await asyncpg.connect(as_role(database_url, member))
+        try:
+            made = "SELECT pulse_create_telemetry_partitions($1, $1)"
+            assert await as_member.fetchval(made, date(2026, 1, 1)) == 1
+        finally:
+            await as_member.close()
+        made_by = "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = $1"
+        assert await pool.fetchval(made_by, "telemetry_p20260101") == member
+    finally:
+        await db.execute(f'DROP OWNED BY "{member}"; DROP OWNED BY "{owner}"')
+        await db.close()
+        await admin.execute(f'DROP ROLE "{member}"; DROP ROLE "{owner}"')
+        await admin.close()
