@@ -17,8 +17,8 @@ for full collections intends (it waits for a quarter more), at a pause of ~90 ms
 Not while connections arrive, though: in a reconnect storm the heap grows by the
 connections coming in, live objects, and a collection would stop the event loop in the
 middle of their admission to walk them, every client arriving meanwhile left waiting.
-Timed in a server during `python -m benchmarks reconnect-sse` (a busy machine): 1.3-3.3
-s for one that found no garbage at all, mid-storm, and 2.8-6.6 s in the blip after it
+Timed in a server during `python -m benchmarks reconnect-sse` (a busy machine): 1.2-3.4
+s for one that found no garbage at all, mid-storm, and 1.8-6.6 s in the blip after it
 (every client dropping and coming back: garbage and new connections together, the heap
 hardly growing). A due collection waits for a check with fewer than BUSY_ARRIVALS new
 connections since the one before (``arrivals``: hypercorn's connections, counted by
